@@ -1,0 +1,75 @@
+"""Resolved device definitions: a Device merged with its DeviceModel, ready for a driver."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from devices.ids import DeviceId
+from devices.schema import Device, DeviceModel, PushMethodMQTT, effective_cycle_ms
+from devices.values import PropertyType, Value
+
+
+@dataclass(frozen=True, slots=True)
+class PropertyDefinition:
+    name: str
+    type: PropertyType
+    writable: bool
+    minimum: float | None
+    maximum: float | None
+    unit: str
+    collect_cycle_ms: int
+    report_cycle_ms: int
+    report_to_cloud: bool
+    desired: Value | None
+    # Driver visitor config after validation by the driver's Visitor model (a dict when no driver).
+    visitor: Any = None
+    push_mqtt: PushMethodMQTT | None = None
+    anomaly_detection: dict[str, Any] | None = None
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceDefinition:
+    id: DeviceId
+    model_name: str
+    protocol: str
+    # Protocol config after validation by the driver's Config model (a dict when no driver).
+    protocol_config: Any
+    properties: tuple[PropertyDefinition, ...]
+    source: str
+    device: Device = field(repr=False, compare=False)
+    model: DeviceModel = field(repr=False, compare=False)
+
+    def prop(self, name: str) -> PropertyDefinition:
+        for prop in self.properties:
+            if prop.name == name:
+                return prop
+        raise KeyError(f"device {self.id} has no property {name!r}")
+
+    def has_property(self, name: str) -> bool:
+        return any(p.name == name for p in self.properties)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes exactly when the device or its model changes (used to restart only what changed)."""
+        blob = orjson.dumps(
+            [self.device.model_dump(mode="json"), self.model.model_dump(mode="json")],
+            option=orjson.OPT_SORT_KEYS,
+        )
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @property
+    def state_report_cycle_ms(self) -> int:
+        report = self.device.spec.state_report
+        return effective_cycle_ms(report.report_cycle if report else 0)
+
+
+def merged_config(model_level: dict[str, Any] | None, device_level: dict[str, Any] | None) -> dict[str, Any]:
+    """Model defaults overridden key by key by the device (edgecore's GetOverriddenDevice)."""
+    merged = dict(model_level or {})
+    merged.update(device_level or {})
+    return merged

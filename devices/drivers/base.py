@@ -1,0 +1,120 @@
+"""The driver contract and the registry of drivers by protocol name.
+
+A driver is a class with a `protocol` name, optional pydantic `Config` (the device's
+`spec.protocol.configData`) and `Visitor` (each property's `visitors.configData`) models,
+and five methods: `open`, `read`, `write`, `close`, `health`.
+
+Third parties register a driver without touching this package::
+
+    [project.entry-points."mapper.drivers"]
+    modbus = "mapper_modbus:ModbusDriver"
+
+Drivers with `blocking = True` (a DHT11 read sleeps ~250 ms) are called from a worker
+thread with a timeout by the device loop, so one slow sensor never stalls the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Iterable
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from devices.errors import DriverNotFound, WriteError
+
+if TYPE_CHECKING:
+    from devices.definitions import DeviceDefinition, PropertyDefinition
+
+ENTRY_POINT_GROUP = "mapper.drivers"
+
+# Built-ins are listed here too so a source checkout works without `pip install`.
+_BUILTIN = {
+    "simulated": "devices.drivers.simulated:SimulatedDriver",
+    "replay": "devices.drivers.replay:ReplayDriver",
+    "dht": "devices.drivers.dht:DhtDriver",
+    "gpio": "devices.drivers.gpio:GpioDriver",
+}
+
+
+class AnyConfig(BaseModel):
+    """Default config model: accepts any keys (for drivers that take no configuration)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+class Driver:
+    """Base class for drivers. Override what the device supports."""
+
+    protocol: ClassVar[str] = ""
+    Config: ClassVar[type[BaseModel]] = AnyConfig
+    Visitor: ClassVar[type[BaseModel]] = AnyConfig
+    # True when read/write block (sleep, bus I/O): the loop then calls them in a thread.
+    blocking: ClassVar[bool] = False
+    # Seconds a blocking read may take before it counts as failed.
+    timeout_s: ClassVar[float] = 5.0
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        self.device = device
+        self.config: Any = device.protocol_config
+
+    def open(self) -> None:
+        """Acquire the hardware. Called once before the first read."""
+
+    def read(self, prop: PropertyDefinition) -> Any:
+        """Return the property's current raw value; raise ReadError on failure."""
+        raise NotImplementedError
+
+    def write(self, prop: PropertyDefinition, value: Any) -> None:
+        """Apply a (validated, typed) desired value."""
+        raise WriteError(f"driver {self.protocol!r} cannot write {self.device.id}/{prop.name}")
+
+    def close(self) -> None:
+        """Release the hardware. Must be safe to call more than once."""
+
+    def health(self) -> str:
+        """`ok` or a short reason the device is unhealthy."""
+        return "ok"
+
+    @classmethod
+    def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """Exclusive resources (e.g. `gpio:17`) with the YAML field that claims each.
+
+        The loader rejects two devices that claim the same resource.
+        """
+        return ()
+
+
+def _entry_points() -> dict[str, str]:
+    return {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def available_protocols() -> list[str]:
+    """Protocols with an importable driver module."""
+    builtin = {name for name, target in _BUILTIN.items() if _module_exists(target.partition(":")[0])}
+    return sorted({*builtin, *_entry_points()})
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def load_driver(protocol: str) -> type[Driver]:
+    """The driver class for `protocol`; raises DriverNotFound naming what is installed."""
+    target = _entry_points().get(protocol) or _BUILTIN.get(protocol)
+    if target is None:
+        raise DriverNotFound(protocol, available_protocols())
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise DriverNotFound(protocol, available_protocols()) from exc
+    cls = getattr(module, attr)
+    if not (isinstance(cls, type) and issubclass(cls, Driver)):
+        raise TypeError(f"{target} registered for protocol {protocol!r} is not a devices.drivers.Driver")
+    return cls

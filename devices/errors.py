@@ -1,0 +1,63 @@
+"""Errors raised by device definitions and drivers.
+
+    DeviceError
+     ├── DefinitionError (ValueError)   bad YAML or config: every problem, each FILE:LINE: FIELD: PROBLEM
+     └── DriverError
+          ├── DriverNotFound (LookupError)   no driver installed for a protocol
+          ├── ReadError                       a read failed; `retryable` says whether to try again
+          └── WriteError                      a write failed or is not allowed
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class DeviceError(Exception):
+    """Base of everything raised by `devices`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One problem in a definition file."""
+
+    file: str
+    line: int | None
+    field: str
+    message: str
+    severity: str = "error"
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
+
+
+class DefinitionError(DeviceError, ValueError):
+    """One or more definition files are invalid; `problems` lists every one."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(str(p) for p in problems))
+
+
+class DriverError(DeviceError):
+    """A driver could not be found, opened, read or written."""
+
+
+class DriverNotFound(DriverError, LookupError):
+    def __init__(self, protocol: str, known: list[str]) -> None:
+        self.protocol = protocol
+        super().__init__(
+            f"no driver installed for protocol {protocol!r} (installed: {', '.join(sorted(known)) or 'none'});"
+            " install the package that provides it or fix spec.protocol.protocolName"
+        )
+
+
+class ReadError(DriverError):
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)
+
+
+class WriteError(DriverError):
+    pass

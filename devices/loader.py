@@ -1,0 +1,353 @@
+"""Load KubeEdge Device/DeviceModel YAML into validated DeviceDefinitions.
+
+Every problem in the whole set of files is collected and reported at once, each as
+`FILE:LINE: FIELD: PROBLEM`; nothing is returned unless everything is valid, so a
+mapper never starts half-configured. Unknown protocols are warnings here (the YAML
+is valid); `mapper run` refuses just those devices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from devices.definitions import DeviceDefinition, PropertyDefinition, merged_config
+from devices.drivers.base import Driver, load_driver
+from devices.errors import DefinitionError, DriverNotFound, Problem
+from devices.ids import DeviceId
+from devices.schema import API_VERSION, Device, DeviceModel
+from devices.values import coerce, range_problem
+
+Path_ = tuple[str | int, ...]
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+@dataclass(slots=True)
+class _Doc:
+    file: str
+    data: Any
+    lines: dict[Path_, int]
+    line: int
+
+    def line_of(self, path: Iterable[str | int]) -> int:
+        """Line of the deepest node on `path` that exists in the file."""
+        key = tuple(path)
+        while key:
+            if key in self.lines:
+                return self.lines[key]
+            key = key[:-1]
+        return self.line
+
+
+@dataclass(slots=True)
+class LoadResult:
+    devices: dict[DeviceId, DeviceDefinition] = field(default_factory=dict)
+    models: dict[tuple[str, str], DeviceModel] = field(default_factory=dict)
+    warnings: list[Problem] = field(default_factory=list)
+    # Devices whose protocol has no installed driver: valid YAML, but they cannot run.
+    unrunnable: dict[DeviceId, Problem] = field(default_factory=dict)
+
+
+def field_name(path: Iterable[str | int]) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def yaml_files(paths: Iterable[str | Path]) -> list[Path]:
+    """The YAML files named by `paths`; a directory means its own *.yaml/*.yml files (not sub-directories)."""
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file()))
+        else:
+            found.append(path)
+    return found
+
+
+def _index(node: yaml.Node, path: Path_, lines: dict[Path_, int]) -> None:
+    lines[path] = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+            _index(value_node, (*path, key), lines)
+            lines[(*path, key)] = key_node.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _index(item, (*path, i), lines)
+
+
+def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[_Doc]:
+    """Parse every YAML document of a file, remembering the line of each node."""
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        problems.append(Problem(label, None, "", f"cannot read file: {exc}"))
+        return
+    loader = yaml.SafeLoader(text)
+    try:
+        while loader.check_node():
+            node = loader.get_node()
+            if node is None:
+                continue
+            data = loader.construct_document(node)
+            lines: dict[Path_, int] = {}
+            _index(node, (), lines)
+            yield _Doc(label, data, lines, node.start_mark.line + 1)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        problems.append(Problem(label, line, "", f"invalid YAML: {problem}"))
+    finally:
+        loader.dispose()
+
+
+_MESSAGES = {
+    "missing": lambda e: "required field is missing",
+    "greater_than_equal": lambda e: f"must be >= {e['ctx']['ge']}",
+    "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}",
+    "greater_than": lambda e: f"must be > {e['ctx']['gt']}",
+    "less_than": lambda e: f"must be < {e['ctx']['lt']}",
+    "literal_error": lambda e: f"{e['input']!r} is not allowed: must be {e['ctx']['expected']}",
+    "enum": lambda e: f"unknown value {e['input']!r}: must be one of {e['ctx']['expected']}",
+    "int_parsing": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_type": lambda e: f"must be an integer, got {e['input']!r}",
+    "int_from_float": lambda e: f"must be an integer, got {e['input']!r}",
+    "float_parsing": lambda e: f"must be a number, got {e['input']!r}",
+    "float_type": lambda e: f"must be a number, got {e['input']!r}",
+    "bool_parsing": lambda e: f"must be true or false, got {e['input']!r}",
+    "bool_type": lambda e: f"must be true or false, got {e['input']!r}",
+    "string_type": lambda e: f"must be a string, got {e['input']!r}",
+    "string_too_short": lambda e: "must not be empty",
+    "dict_type": lambda e: "must be a mapping",
+    "model_type": lambda e: "must be a mapping",
+    "model_attributes_type": lambda e: "must be a mapping",
+    "list_type": lambda e: "must be a list",
+    "extra_forbidden": lambda e: "unknown field",
+}
+
+
+def describe(error: dict[str, Any]) -> str:
+    """A short, actionable message for one pydantic error."""
+    kind = error["type"]
+    if kind == "value_error":
+        return str(error["ctx"]["error"])
+    render = _MESSAGES.get(kind)
+    return render(error) if render else error["msg"]
+
+
+def validation_problems(
+    exc: ValidationError, doc: _Doc, prefix: Path_ = (), severity: str = "error"
+) -> list[Problem]:
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = (*prefix, *error["loc"])
+        problems.append(Problem(doc.file, doc.line_of(loc), field_name(loc), describe(error), severity))
+    return problems
+
+
+@dataclass(slots=True)
+class _Entry:
+    doc: _Doc
+    obj: Any
+
+
+def load(paths: Iterable[str | Path], *, base: Path | None = None) -> LoadResult:
+    """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad."""
+    problems: list[Problem] = []
+    models: dict[tuple[str, str], _Entry] = {}
+    devices: dict[tuple[str, str], _Entry] = {}
+    files = yaml_files(paths)
+    if not files:
+        raise DefinitionError([Problem(", ".join(map(str, paths)) or "(none)", None, "", "no device files found")])
+    for file in files:
+        label = _label(file, base)
+        if not file.exists():
+            problems.append(Problem(label, None, "", "file not found"))
+            continue
+        for doc in read_documents(file, label, problems):
+            _parse(doc, models, devices, problems)
+    result = LoadResult(models={k: e.obj for k, e in models.items()})
+    for key, entry in devices.items():
+        _resolve(entry, models, result, problems)
+    _check_claims(result, devices, problems)
+    errors = [p for p in problems if p.severity == "error"]
+    result.warnings.extend(p for p in problems if p.severity != "error")
+    if errors:
+        raise DefinitionError(errors)
+    return result
+
+
+def _label(file: Path, base: Path | None) -> str:
+    try:
+        return str(file.resolve().relative_to((base or Path.cwd()).resolve()))
+    except ValueError:
+        return str(file)
+
+
+def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> None:
+    data = doc.data
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        problems.append(Problem(doc.file, doc.line, "", "a document must be a mapping with apiVersion and kind"))
+        return
+    kind = data.get("kind")
+    if kind not in ("Device", "DeviceModel"):
+        problems.append(
+            Problem(doc.file, doc.line_of(("kind",)), "kind", f"{kind!r} is not supported: use Device or DeviceModel")
+        )
+        return
+    if data.get("apiVersion") != API_VERSION:
+        problems.append(
+            Problem(doc.file, doc.line_of(("apiVersion",)), "apiVersion",
+                    f"{data.get('apiVersion')!r} is not supported: use {API_VERSION}")
+        )
+        return
+    cls = Device if kind == "Device" else DeviceModel
+    try:
+        obj = cls.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(validation_problems(exc, doc))
+        return
+    table = devices if kind == "Device" else models
+    key = (obj.metadata.namespace, obj.metadata.name)
+    if key in table:
+        first = table[key].doc
+        problems.append(
+            Problem(doc.file, doc.line_of(("metadata", "name")), "metadata.name",
+                    f"duplicate {kind} {key[0]}/{key[1]} (first defined at {first.file}:{first.line_of(('metadata', 'name'))})")
+        )
+        return
+    table[key] = _Entry(doc, obj)
+    _check_unique_properties(doc, obj, problems)
+
+
+def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: list[Problem]) -> None:
+    seen: set[str] = set()
+    for i, prop in enumerate(obj.spec.properties):
+        if prop.name in seen:
+            path = ("spec", "properties", i, "name")
+            problems.append(Problem(doc.file, doc.line_of(path), field_name(path), f"duplicate property name {prop.name!r}"))
+        seen.add(prop.name)
+
+
+def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem]) -> None:
+    device: Device = entry.obj
+    doc = entry.doc
+    ns = device.metadata.namespace
+    device_id = DeviceId(ns, device.metadata.name)
+    model_entry = models.get((ns, device.spec.device_model_ref.name))
+    if model_entry is None:
+        path = ("spec", "deviceModelRef", "name")
+        known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                f"DeviceModel {ns}/{device.spec.device_model_ref.name} not found (known: {known})"))
+        return
+    model: DeviceModel = model_entry.obj
+    protocol = device.spec.protocol.protocol_name
+    driver: type[Driver] | None
+    try:
+        driver = load_driver(protocol)
+    except DriverNotFound as exc:
+        driver = None
+        path = ("spec", "protocol", "protocolName")
+        problem = Problem(doc.file, doc.line_of(path), field_name(path), f"device {device_id}: {exc}", "warning")
+        problems.append(problem)
+        result.unrunnable[device_id] = problem
+    errors_before = sum(p.severity == "error" for p in problems)
+    config = _validate_driver_model(
+        driver.Config if driver else None,
+        merged_config(model.spec.protocol_config_data, device.spec.protocol.config_data),
+        doc, ("spec", "protocol", "configData"), problems,
+    )
+    props = []
+    model_props = {p.name: p for p in model.spec.properties}
+    for i, dprop in enumerate(device.spec.properties):
+        mprop = model_props.get(dprop.name)
+        if mprop is None:
+            path = ("spec", "properties", i, "name")
+            problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                    f"property {dprop.name!r} is not declared in DeviceModel {ns}/{model.metadata.name}"))
+            continue
+        visitor = _validate_driver_model(
+            driver.Visitor if driver else None,
+            merged_config(mprop.visitors.config_data if mprop.visitors else None,
+                          dprop.visitors.config_data if dprop.visitors else None),
+            doc, ("spec", "properties", i, "visitors", "configData"), problems,
+        )
+        desired = _desired(dprop, mprop, doc, i, problems)
+        push = dprop.push_method
+        props.append(PropertyDefinition(
+            name=dprop.name, type=mprop.type, writable=mprop.writable,
+            minimum=mprop.min_value, maximum=mprop.max_value, unit=mprop.unit,
+            collect_cycle_ms=dprop.collect_cycle or 1000, report_cycle_ms=dprop.report_cycle or 1000,
+            report_to_cloud=dprop.report_to_cloud, desired=desired, visitor=visitor,
+            push_mqtt=push.mqtt if push else None,
+            anomaly_detection=push.anomaly_detection if push else None,
+            description=mprop.description,
+        ))
+    if sum(p.severity == "error" for p in problems) > errors_before:
+        return
+    result.devices[device_id] = DeviceDefinition(
+        id=device_id, model_name=model.metadata.name, protocol=protocol, protocol_config=config,
+        properties=tuple(props), source=f"{doc.file}:{doc.line}", device=device, model=model,
+    )
+
+
+def _validate_driver_model(
+    model: type[BaseModel] | None, data: dict[str, Any], doc: _Doc, path: Path_, problems: list[Problem]
+) -> Any:
+    if model is None:
+        return data
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems.extend(validation_problems(exc, doc, path))
+        return None
+
+
+def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem]):
+    if dprop.desired is None or dprop.desired.value == "":
+        return None
+    path = ("spec", "properties", i, "desired", "value")
+    if not mprop.writable:
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                f"property {dprop.name!r} is ReadOnly in its model: the desired value is ignored",
+                                "warning"))
+        return None
+    try:
+        value = coerce(mprop.type, dprop.desired.value)
+    except ValueError as exc:
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path), f"{exc} for type {mprop.type.value}"))
+        return None
+    why = range_problem(value, mprop.min_value, mprop.max_value)
+    if why:
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path), why))
+        return None
+    return value
+
+
+def _check_claims(result: LoadResult, devices: dict[tuple[str, str], _Entry], problems: list[Problem]) -> None:
+    """Reject two devices that claim one exclusive resource (a GPIO pin, a serial port ...)."""
+    owners: dict[str, tuple[DeviceId, str]] = {}
+    for device_id, definition in sorted(result.devices.items()):
+        if device_id in result.unrunnable:
+            continue
+        doc = devices[(device_id.namespace, device_id.name)].doc
+        for resource, path in load_driver(definition.protocol).claims(definition):
+            parts = tuple(int(p) if p.isdigit() else p for p in path.replace("[", ".").replace("]", "").split("."))
+            if resource in owners:
+                other, where = owners[resource]
+                problems.append(Problem(doc.file, doc.line_of(parts), path,
+                                        f"{resource} is already used by device {other} ({where})"))
+            else:
+                owners[resource] = (device_id, f"{doc.file}:{doc.line_of(parts)}")

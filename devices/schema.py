@@ -1,0 +1,203 @@
+"""Pydantic models of KubeEdge `devices.kubeedge.io/v1beta1` DeviceModel and Device documents.
+
+Field names follow the CRD (camelCase in YAML). Unknown fields are kept, not rejected
+(`extra="allow"`): the CRD accepts them, so the same files work under KubeEdge and here.
+Everything is frozen once validated.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from devices import ids
+from devices.values import PropertyType
+
+API_VERSION = "devices.kubeedge.io/v1beta1"
+
+
+def _name(value: str) -> str:
+    if not ids.is_name(value):
+        raise ValueError(f"{value!r} is not a Kubernetes name ({ids.NAME_RULE})")
+    return value
+
+
+def _namespace(value: str) -> str:
+    if not ids.is_namespace(value):
+        raise ValueError(f"{value!r} is not a Kubernetes namespace ({ids.NAMESPACE_RULE})")
+    return value
+
+
+def _property(value: str) -> str:
+    if not ids.is_property_name(value):
+        raise ValueError(f"{value!r} is not a valid property name ({ids.PROPERTY_RULE})")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+Namespace = Annotated[str, AfterValidator(_namespace)]
+PropertyName = Annotated[str, AfterValidator(_property)]
+Cycle = Annotated[int, Field(ge=0, strict=False)]
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(
+        frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
+    )
+
+
+class ObjectMeta(_Base):
+    name: Name
+    namespace: Namespace = "default"
+    labels: dict[str, str] = {}
+    annotations: dict[str, str] = {}
+
+
+class Visitors(_Base):
+    protocol_name: str | None = None
+    config_data: dict[str, Any] = {}
+
+
+class ModelProperty(_Base):
+    name: PropertyName
+    description: str = ""
+    type: PropertyType
+    # Not declared means read-only: a device may only be written where its definition says so.
+    access_mode: Literal["ReadWrite", "ReadOnly"] = "ReadOnly"
+    minimum: str | None = None
+    maximum: str | None = None
+    unit: str = ""
+    visitors: Visitors | None = None
+
+    @field_validator("minimum", "maximum", mode="before")
+    @classmethod
+    def _bound_as_string(cls, value: Any) -> Any:
+        # The CRD declares these as strings, but hand-written YAML often has bare numbers.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+        return value
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ModelProperty:
+        low = _number(self.minimum, "minimum")
+        high = _number(self.maximum, "maximum")
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"minimum {self.minimum} is greater than maximum {self.maximum}")
+        return self
+
+    @property
+    def writable(self) -> bool:
+        return self.access_mode == "ReadWrite"
+
+    @property
+    def min_value(self) -> float | None:
+        return _number(self.minimum, "minimum")
+
+    @property
+    def max_value(self) -> float | None:
+        return _number(self.maximum, "maximum")
+
+
+def _number(text: str | None, field: str) -> float | None:
+    if text is None or text == "":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{field} {text!r} is not a number") from None
+
+
+class DeviceModelSpec(_Base):
+    protocol: str | None = None
+    protocol_config_data: dict[str, Any] = {}
+    properties: list[ModelProperty] = []
+
+
+class DeviceModel(_Base):
+    api_version: Literal["devices.kubeedge.io/v1beta1"]
+    kind: Literal["DeviceModel"]
+    metadata: ObjectMeta
+    spec: DeviceModelSpec = DeviceModelSpec()
+
+
+class TwinProperty(_Base):
+    value: str
+    metadata: dict[str, str] = {}
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _scalar_as_string(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, int | float):
+            return str(value)
+        return value
+
+
+class PushMethodMQTT(_Base):
+    address: str = ""
+    topic: str = ""
+    qos: int = Field(default=0, ge=0, le=2)
+    retained: bool = False
+
+
+class PushMethod(_Base):
+    mqtt: PushMethodMQTT | None = None
+    http: dict[str, Any] | None = None
+    otel: dict[str, Any] | None = None
+    db_method: dict[str, Any] | None = None
+    anomaly_detection: dict[str, Any] | None = None
+
+
+class DeviceProperty(_Base):
+    name: PropertyName
+    desired: TwinProperty | None = None
+    visitors: Visitors | None = None
+    collect_cycle: Cycle = 0
+    report_cycle: Cycle = 0
+    report_to_cloud: bool = False
+    push_method: PushMethod | None = None
+
+
+class ModelRef(_Base):
+    name: Name
+
+
+class ProtocolConfig(_Base):
+    protocol_name: str = Field(min_length=1)
+    config_data: dict[str, Any] = {}
+
+
+class DeviceMethod(_Base):
+    name: str
+    description: str = ""
+    property_names: list[str] = []
+
+
+class StateReport(_Base):
+    report_to_cloud: bool = False
+    report_cycle: Cycle = 0
+
+
+class DeviceSpec(_Base):
+    device_model_ref: ModelRef
+    node_name: str | None = None
+    protocol: ProtocolConfig
+    properties: list[DeviceProperty] = []
+    methods: list[DeviceMethod] = []
+    state_report: StateReport | None = None
+
+
+class Device(_Base):
+    api_version: Literal["devices.kubeedge.io/v1beta1"]
+    kind: Literal["Device"]
+    metadata: ObjectMeta
+    spec: DeviceSpec
+    status: dict[str, Any] | None = None
+
+
+def effective_cycle_ms(cycle: int) -> int:
+    """KubeEdge's rule: cycles are milliseconds and 0 means 1000 ms."""
+    return cycle if cycle > 0 else 1000

@@ -1,0 +1,137 @@
+"""Property types and value conversion: pure functions, no I/O.
+
+KubeEdge carries every twin value as a string; inside the mapper values are typed
+(int, float, bool, str). These functions convert between the two and check ranges.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+from typing import Any
+
+Value = int | float | bool | str
+
+
+class PropertyType(str, Enum):
+    INT = "INT"
+    FLOAT = "FLOAT"
+    DOUBLE = "DOUBLE"
+    STRING = "STRING"
+    BOOLEAN = "BOOLEAN"
+    BYTES = "BYTES"
+    STREAM = "STREAM"
+
+    @property
+    def numeric(self) -> bool:
+        return self in (PropertyType.INT, PropertyType.FLOAT, PropertyType.DOUBLE)
+
+    @property
+    def twin_type(self) -> str:
+        """The `metadata.type` edgecore's twin validation understands."""
+        return {"INT": "int", "FLOAT": "float", "DOUBLE": "float", "BOOLEAN": "boolean"}.get(self.value, "string")
+
+
+_TRUE = {"true", "on", "1", "yes"}
+_FALSE = {"false", "off", "0", "no"}
+
+
+def coerce(kind: PropertyType, raw: Any) -> Value:
+    """Convert `raw` (a driver result, a YAML string, a JSON value) to the property's type.
+
+    Raises ValueError with a message that names the expected type.
+    """
+    if kind is PropertyType.INT:
+        return _to_int(raw)
+    if kind in (PropertyType.FLOAT, PropertyType.DOUBLE):
+        return _to_float(raw)
+    if kind is PropertyType.BOOLEAN:
+        return _to_bool(raw)
+    if isinstance(raw, bool):
+        return "true" if raw else "false"
+    if isinstance(raw, int | float | str):
+        return str(raw)
+    raise ValueError(f"expected a string, got {type(raw).__name__}")
+
+
+def _to_int(raw: Any) -> int:
+    if isinstance(raw, bool):
+        raise ValueError("expected an integer, got a boolean")
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, float):
+        if raw.is_integer():
+            return int(raw)
+        raise ValueError(f"expected an integer, got {raw!r}")
+    if isinstance(raw, str):
+        text = raw.strip()
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                number = float(text)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {raw!r}") from None
+            if math.isfinite(number) and number.is_integer():
+                return int(number)
+            raise ValueError(f"expected an integer, got {raw!r}") from None
+    raise ValueError(f"expected an integer, got {type(raw).__name__}")
+
+
+def _to_float(raw: Any) -> float:
+    if isinstance(raw, bool):
+        raise ValueError("expected a number, got a boolean")
+    if isinstance(raw, int | float):
+        number = float(raw)
+    elif isinstance(raw, str):
+        try:
+            number = float(raw.strip())
+        except ValueError:
+            raise ValueError(f"expected a number, got {raw!r}") from None
+    else:
+        raise ValueError(f"expected a number, got {type(raw).__name__}")
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {raw!r}")
+    return number
+
+
+def _to_bool(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, int) and raw in (0, 1):
+        return bool(raw)
+    if isinstance(raw, str):
+        text = raw.strip().lower()
+        if text in _TRUE:
+            return True
+        if text in _FALSE:
+            return False
+    raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+
+
+def to_twin_string(value: Value) -> str:
+    """The string KubeEdge carries for a value; numbers never use exponent notation.
+
+    edgecore validates twin values against `^[a-zA-Z0-9-_.,:/@#]{1,512}$`, which rejects `1e+05`.
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        text = repr(value)
+        if "e" in text or "E" in text:
+            text = f"{value:.10f}".rstrip("0").rstrip(".")
+        return text
+    return str(value)
+
+
+def range_problem(value: Value, minimum: float | None, maximum: float | None) -> str | None:
+    """Why `value` is out of the declared range, or None when it is inside (or not numeric)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if minimum is not None and value < minimum:
+        return f"{value} is below the minimum {minimum:g}"
+    if maximum is not None and value > maximum:
+        return f"{value} is above the maximum {maximum:g}"
+    return None

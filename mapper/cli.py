@@ -1,0 +1,182 @@
+"""The `mapper` command line."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import orjson
+
+from devices.errors import DefinitionError
+from devices.ids import DeviceId
+from devices.loader import load
+from mapper import __version__, logs
+from mapper.config import MapperConfig, load_config
+from twin.store import TwinError, TwinStore
+
+
+def _config(path: str) -> MapperConfig:
+    return load_config(path)
+
+
+def _fmt_ts(ms: int | None) -> str:
+    if not ms:
+        return "-"
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    try:
+        result = load(args.paths)
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        return 1
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mapper.runtime import build_service
+
+    config = _config(args.config)
+    logs.setup(config.log_level)
+    service = build_service(config)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _open_twin(config: MapperConfig) -> TwinStore:
+    return TwinStore.open(config.twin.path, synchronous=config.twin.synchronous)
+
+
+def _twin_json(twin) -> dict:  # noqa: ANN001
+    return {
+        "id": str(twin.id), "model": twin.model, "protocol": twin.protocol, "state": twin.state,
+        "stateDetail": twin.state_detail, "lastOnline": twin.last_online, "lastReading": twin.last_reading_ts,
+        "properties": {
+            name: {
+                "type": p.type, "writable": p.writable, "unit": p.unit,
+                "desired": p.desired, "desiredVersion": p.desired_version, "desiredTs": p.desired_ts,
+                "reported": p.reported, "reportedVersion": p.reported_version, "reportedTs": p.reported_ts,
+                "quality": p.quality, "qualityDetail": p.quality_detail, "applyError": p.apply_error,
+                "delta": p.delta,
+            }
+            for name, p in twin.properties.items()
+        },
+        "delta": twin.delta(),
+    }
+
+
+def cmd_twin_get(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    with _open_twin(config) as store:
+        twin = store.device(DeviceId.parse(args.device))
+    if args.json:
+        print(orjson.dumps(_twin_json(twin), option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"{twin.id}  model={twin.model}  protocol={twin.protocol}  state={twin.state}"
+          + (f" ({twin.state_detail})" if twin.state_detail else ""))
+    print(f"{'property':<16} {'reported':>12} {'desired':>10} {'delta':>6}  {'quality':<12} reported at")
+    for p in twin.properties.values():
+        reported = "-" if p.reported is None else f"{p.reported}{(' ' + p.unit) if p.unit else ''}"
+        desired = "-" if p.desired is None else str(p.desired)
+        print(f"{p.name:<16} {reported:>12} {desired:>10} {('yes' if p.delta else ''):>6}  "
+              f"{(p.quality or '-'):<12} {_fmt_ts(p.reported_ts)}"
+              + (f"  [{p.quality_detail}]" if p.quality_detail and p.quality != 'good' else "")
+              + (f"  [apply error: {p.apply_error}]" if p.apply_error else ""))
+    return 0
+
+
+def cmd_twin_set(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    device = DeviceId.parse(args.device)
+    with _open_twin(config) as store:
+        value, version = store.set_desired(device, args.property, args.value)
+    print(f"{device}/{args.property}: desired = {orjson.dumps(value).decode()} (version {version});"
+          " the running mapper applies it")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    config = _config(args.config)
+    with _open_twin(config) as store:
+        rows = [store.device(d) for d in store.device_ids()]
+        outbox = store.outbox_stats()
+    if args.json:
+        print(orjson.dumps({"devices": [_twin_json(t) for t in rows], "outbox": outbox},
+                           option=orjson.OPT_INDENT_2).decode())
+        return 0
+    print(f"{'device':<32} {'state':<10} {'last reading':<24} detail")
+    for t in rows:
+        print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
+    print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mapper", description="KubeEdge-compatible device mapper and edge gateway")
+    p.add_argument("--version", action="version", version=f"mapper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check device YAML files or directories")
+    v.add_argument("paths", nargs="+")
+    v.set_defaults(fn=cmd_validate)
+
+    r = sub.add_parser("run", help="run the mapper until SIGINT/SIGTERM")
+    r.add_argument("--config", "-c", required=True)
+    r.set_defaults(fn=cmd_run)
+
+    t = sub.add_parser("twin", help="read or set a device twin")
+    tsub = t.add_subparsers(dest="twin_command", required=True)
+    g = tsub.add_parser("get", help="show a device's twin (DEVICE is namespace/name or name)")
+    g.add_argument("device")
+    g.add_argument("--config", "-c", required=True)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_twin_get)
+    s = tsub.add_parser("set", help="set a desired value; the running mapper applies it")
+    s.add_argument("device")
+    s.add_argument("property")
+    s.add_argument("value")
+    s.add_argument("--config", "-c", required=True)
+    s.set_defaults(fn=cmd_twin_set)
+
+    d = sub.add_parser("devices", help="list devices with their state and last reading")
+    d.add_argument("--config", "-c", required=True)
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_devices)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    except (TwinError, ValueError, PermissionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

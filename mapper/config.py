@@ -1,0 +1,120 @@
+"""The mapper's config file: YAML, validated once with pydantic, passed down typed.
+
+Environment variables override the file: `MAPPER_<SECTION>__<KEY>` (double underscore
+between levels), for example `MAPPER_TWIN__PATH=/tmp/twin.db` or `MAPPER_NODE=pi-1`.
+Relative paths in the file are relative to the file's directory.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+
+from devices import ids
+from devices.errors import DefinitionError, Problem
+from devices.loader import read_documents, validation_problems
+
+ENV_PREFIX = "MAPPER_"
+
+
+def _node(value: str) -> str:
+    if not ids.is_name(value):
+        raise ValueError(f"{value!r} is not a valid node name ({ids.NAME_RULE})")
+    return value
+
+
+NodeName = Annotated[str, AfterValidator(_node)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TwinSettings(_Section):
+    path: Path = Path("mapper-twin.db")
+    # FULL: a committed reading survives power loss. NORMAL: survives a crash of the process only.
+    synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
+    history_rows: int = Field(default=200_000, ge=100)
+    history_age_s: int = Field(default=7 * 86_400, ge=60)
+    # A batch is committed when it holds batch_max readings or is batch_delay_ms old.
+    batch_max: int = Field(default=500, ge=1)
+    batch_delay_ms: int = Field(default=20, ge=0)
+    outbox_max_rows: int = Field(default=200_000, ge=100)
+    outbox_max_bytes: int = Field(default=128 * 1024 * 1024, ge=65_536)
+
+
+class DeviceLoopSettings(_Section):
+    # After this many failed reads in a row a device is `unhealthy`.
+    failure_threshold: int = Field(default=3, ge=1)
+    # Retry backoff for an unhealthy device, capped.
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    # How often the running mapper looks for desired values set by other processes (`mapper twin set`).
+    desired_poll_ms: int = Field(default=250, ge=10)
+
+
+class MapperConfig(_Section):
+    node: NodeName = "edge-node"
+    mode: Literal["standalone", "kubeedge"] = "standalone"
+    devices: list[Path] = []
+    twin: TwinSettings = TwinSettings()
+    loop: DeviceLoopSettings = DeviceLoopSettings()
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Later sections (mqtt, inference, kubeedge) are added by the modules that own them.
+    mqtt: dict[str, Any] | None = None
+    inference: list[dict[str, Any]] | None = None
+    kubeedge: dict[str, Any] | None = None
+    systemd: dict[str, Any] | None = None
+    api: dict[str, Any] | None = None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+    for key, raw in env.items():
+        if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX:
+            continue
+        parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
+        if not all(parts):
+            continue
+        target = data
+        for part in parts[:-1]:
+            nxt = target.get(part)
+            if not isinstance(nxt, dict):
+                nxt = {}
+                target[part] = nxt
+            target = nxt
+        try:
+            target[parts[-1]] = yaml.safe_load(raw) if raw else raw
+        except yaml.YAMLError:
+            target[parts[-1]] = raw
+
+
+def _absolute(base: Path, value: Path) -> Path:
+    return value if value.is_absolute() else (base / value)
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> MapperConfig:
+    """Read and validate a config file; raises DefinitionError (FILE:LINE: FIELD: PROBLEM)."""
+    path = Path(path)
+    label = str(path)
+    problems: list[Problem] = []
+    if not path.exists():
+        raise DefinitionError([Problem(label, None, "", "config file not found")])
+    docs = list(read_documents(path, label, problems))
+    if problems:
+        raise DefinitionError(problems)
+    if len(docs) != 1 or not isinstance(docs[0].data, dict):
+        raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
+    doc = docs[0]
+    data = dict(doc.data)
+    _apply_env(data, os.environ if env is None else env)
+    try:
+        config = MapperConfig.model_validate(data)
+    except ValidationError as exc:
+        raise DefinitionError(validation_problems(exc, doc)) from None
+    base = path.parent
+    twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
+    return config.model_copy(update={"devices": [_absolute(base, d) for d in config.devices], "twin": twin})

@@ -1,0 +1,81 @@
+"""Batches readings into twin transactions: the hand-off from device loops to everything else.
+
+A batch is committed when it holds `batch_max` readings or its oldest reading has waited
+`batch_delay`. The same transaction queues the telemetry those readings cause in the
+outbox; the committed outbox rows then go to the publisher (if any) straight from memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+
+from mapper.store_worker import StoreWorker
+from twin.records import Reading
+from twin.store import OutboxRow, OutMessage
+
+log = logging.getLogger("mapper.recorder")
+
+MessageFactory = Callable[[list[Reading]], Iterable[OutMessage]]
+
+
+class Recorder:
+    def __init__(self, worker: StoreWorker, *, batch_max: int = 500, batch_delay_s: float = 0.02) -> None:
+        self._worker = worker
+        self._batch_max = batch_max
+        self._batch_delay_s = batch_delay_s
+        self._pending: list[Reading] = []
+        self._has_data = asyncio.Event()
+        self._full = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self.committed = 0
+        self.message_factory: MessageFactory | None = None
+        self.on_outbox: Callable[[list[OutboxRow]], None] | None = None
+        self.on_commit: Callable[[list[Reading]], None] | None = None
+
+    def add(self, reading: Reading) -> None:
+        self._pending.append(reading)
+        self._has_data.set()
+        if len(self._pending) >= self._batch_max:
+            self._full.set()
+
+    async def run(self) -> None:
+        while True:
+            await self._has_data.wait()
+            if len(self._pending) < self._batch_max and self._batch_delay_s > 0:
+                try:
+                    await asyncio.wait_for(self._full.wait(), self._batch_delay_s)
+                except TimeoutError:
+                    pass
+            try:
+                await self.flush()
+            except Exception as exc:  # noqa: BLE001 - a full disk must not kill the loop; readings stay queued
+                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", len(self._pending), exc)
+                await asyncio.sleep(1.0)
+
+    async def flush(self) -> None:
+        """Commit everything pending now."""
+        async with self._lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
+            if not self._pending:
+                self._has_data.clear()
+                self._full.clear()
+            messages = list(self.message_factory(batch)) if self.message_factory else []
+            try:
+                rows = await self._worker.call(lambda store: store.record(batch, messages))
+            except BaseException:
+                self._pending[:0] = batch  # not committed: keep it, in order
+                self._has_data.set()
+                raise
+            self.committed += len(batch)
+            if self.on_commit:
+                self.on_commit(batch)
+            if rows and self.on_outbox:
+                self.on_outbox(rows)
+        self._has_data.clear()
+        self._full.clear()

@@ -1,0 +1,17 @@
+"""Builds a MapperService with the extensions the config asks for (event bus, inference, DMI, systemd)."""
+
+from __future__ import annotations
+
+import logging
+
+from mapper.config import MapperConfig
+from mapper.service import MapperService
+
+log = logging.getLogger("mapper")
+
+
+def build_service(config: MapperConfig) -> MapperService:
+    service = MapperService(config)
+    if config.mqtt is None:
+        log.warning("no `mqtt` section in the config: running local-only (twin, CLI, drivers; nothing is published)")
+    return service

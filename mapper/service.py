@@ -1,0 +1,183 @@
+"""The running mapper: definitions -> drivers -> device loops -> twin (-> event bus).
+
+Owns the task group. A device whose driver is missing is refused with the loader's
+message; the others run. A device loop that crashes is logged and restarted, so one
+device never takes the mapper down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from devices.definitions import DeviceDefinition
+from devices.drivers.base import load_driver
+from devices.ids import DeviceId
+from devices.loader import LoadResult, load
+from mapper.config import MapperConfig
+from mapper.device_loop import OFFLINE, DeviceRunner
+from mapper.recorder import Recorder
+from mapper.store_worker import StoreWorker
+from twin.store import DesiredChange, OutboxLimits, TwinStore
+
+log = logging.getLogger("mapper.service")
+
+Hook = Callable[["MapperService"], Awaitable[None]]
+
+
+class MapperService:
+    def __init__(self, config: MapperConfig, definitions: LoadResult | None = None) -> None:
+        self.config = config
+        self.definitions = definitions
+        self.runners: dict[DeviceId, DeviceRunner] = {}
+        self.refused: dict[DeviceId, str] = {}
+        self.ready = asyncio.Event()
+        self.worker: StoreWorker | None = None
+        self.recorder: Recorder | None = None
+        self._desired_wake = asyncio.Event()
+        self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
+        # Extensions (event bus, inference, DMI, systemd) hook in here.
+        self.extensions: list[Any] = []
+        self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Awaitable[None]]] = []
+        self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
+
+    # -- the twin --------------------------------------------------------------------------
+
+    def _open_store(self) -> TwinStore:
+        t = self.config.twin
+        return TwinStore.open(
+            t.path, synchronous=t.synchronous, check_same_thread=False,
+            outbox=OutboxLimits(max_rows=t.outbox_max_rows, max_bytes=t.outbox_max_bytes),
+        )
+
+    async def twin(self, fn):  # noqa: ANN001, ANN201 - thin pass-through to the worker
+        assert self.worker is not None
+        return await self.worker.call(fn)
+
+    def desired_changed(self) -> None:
+        """Tell the service a desired value was stored in this process (apply it now)."""
+        self._desired_wake.set()
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        if self.definitions is None:
+            self.definitions = load(self.config.devices) if self.config.devices else LoadResult()
+        for warning in self.definitions.warnings:
+            log.warning("%s", warning)
+        async with StoreWorker(self._open_store) as worker:
+            self.worker = worker
+            runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
+            for device_id, problem in self.definitions.unrunnable.items():
+                self.refused[device_id] = str(problem)
+                log.error("refusing device %s: %s", device_id, problem)
+            await worker.call(lambda s: s.sync_devices(self.definitions.devices.values()))
+            await worker.call(lambda s: s.deactivate_devices(self.definitions.devices))
+            for device_id, problem in self.refused.items():
+                await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
+            t = self.config.twin
+            self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000)
+            for ext in self.extensions:
+                await ext.setup(self)
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self.recorder.run(), name="recorder")
+                    tg.create_task(self._desired_loop(), name="desired")
+                    tg.create_task(self._prune_loop(), name="prune-history")
+                    for definition in runnable.values():
+                        self.start_device(definition, tg)
+                    for ext in self.extensions:
+                        tg.create_task(ext.run(self), name=type(ext).__name__)
+                    log.info(
+                        "mapper %s running: %d device(s), %d refused, twin %s",
+                        self.config.node, len(self.runners), len(self.refused), t.path,
+                    )
+                    self.ready.set()
+                    await stop.wait()
+                    raise _Stop
+            except* _Stop:
+                pass
+            finally:
+                await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        for runner in self.runners.values():
+            runner.close()
+        if self.recorder is not None:
+            with contextlib.suppress(Exception):
+                await self.recorder.flush()
+        for ext in reversed(self.extensions):
+            with contextlib.suppress(Exception):
+                await ext.shutdown(self)
+        log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
+
+    def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
+        driver_cls = load_driver(definition.protocol)
+        runner = DeviceRunner(
+            definition, driver_cls(definition), self._record,
+            settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied,
+        )
+        self.runners[definition.id] = runner
+        self._tasks[definition.id] = tg.create_task(self._supervise(runner), name=f"device[{definition.id}]")
+
+    def _record(self, reading) -> None:  # noqa: ANN001
+        assert self.recorder is not None
+        self.recorder.add(reading)
+
+    async def _supervise(self, runner: DeviceRunner) -> None:
+        attempt = 0
+        while True:
+            try:
+                await runner.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep the other devices running
+                attempt += 1
+                log.exception("%s: device loop crashed (%s); restarting", runner.id, exc)
+                runner.close()
+                await asyncio.sleep(min(30.0, 2**attempt))
+
+    async def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
+        messages = []
+        for listener in self.state_listeners:
+            await listener(definition, state, detail)
+        await self.twin(lambda s: s.set_state(definition.id, state, detail, messages))
+
+    async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
+        await self.twin(lambda s: s.mark_applied(change.device_id, change.property, change.version, error))
+        for listener in self.applied_listeners:
+            await listener(change, error)
+
+    async def _desired_loop(self) -> None:
+        """Hand desired values to their devices: at once for this process, by polling for the CLI."""
+        interval = self.config.loop.desired_poll_ms / 1000
+        last_version = None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._desired_wake.wait(), interval)
+            woken = self._desired_wake.is_set()
+            self._desired_wake.clear()
+            version = await self.twin(lambda s: s.conn.execute("PRAGMA data_version").fetchone()[0])
+            if not woken and version == last_version:
+                continue
+            last_version = version
+            for change in await self.twin(lambda s: s.pending_desired()):
+                runner = self.runners.get(change.device_id)
+                if runner is not None:
+                    runner.submit_desired(change)
+
+    async def _prune_loop(self) -> None:
+        t = self.config.twin
+        while True:
+            deleted = await self.twin(lambda s: s.prune_history(t.history_rows, t.history_age_s * 1000))
+            if deleted:
+                log.debug("pruned %d old readings", deleted)
+            await asyncio.sleep(30)
+
+
+class _Stop(Exception):
+    """Raised inside the task group to cancel every task on shutdown."""

@@ -1,0 +1,62 @@
+"""Value objects that cross the twin boundary."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices.ids import DeviceId
+from devices.values import Value
+
+GOOD = "good"
+OUT_OF_RANGE = "out_of_range"
+ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One measurement of one property. `quality` is good, out_of_range or error."""
+
+    device_id: DeviceId
+    property: str
+    value: Value | None
+    taken_at_ms: int
+    quality: str = GOOD
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PropertyTwin:
+    name: str
+    type: str
+    writable: bool
+    unit: str
+    desired: Value | None
+    desired_version: int
+    desired_ts: int | None
+    reported: Value | None
+    reported_version: int
+    reported_ts: int | None
+    quality: str | None
+    quality_detail: str | None
+    apply_error: str | None
+
+    @property
+    def delta(self) -> bool:
+        """A desired value is set and differs from the reported one."""
+        return self.desired is not None and self.desired != self.reported
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceTwin:
+    id: DeviceId
+    model: str
+    protocol: str
+    state: str
+    state_detail: str | None
+    state_ts: int | None
+    last_online: int | None
+    last_reading_ts: int | None
+    properties: dict[str, PropertyTwin]
+
+    def delta(self) -> dict[str, Value]:
+        return {name: p.desired for name, p in self.properties.items() if p.delta and p.desired is not None}
