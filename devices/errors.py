@@ -28,7 +28,7 @@ class Problem:
     severity: str = "error"
 
     def __str__(self) -> str:
-        where = f"{self.file}:{self.line}" if self.line else self.file
+        where = f"{self.file}:{self.line}" if self.line else self.file  # no line for in-memory documents
         return f"{where}: {self.field}: {self.message}" if self.field else f"{where}: {self.message}"
 
 

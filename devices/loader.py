@@ -162,9 +162,9 @@ class _Entry:
 
 def load(paths: Iterable[str | Path], *, base: Path | None = None) -> LoadResult:
     """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad."""
+    paths = list(paths)
     problems: list[Problem] = []
-    models: dict[tuple[str, str], _Entry] = {}
-    devices: dict[tuple[str, str], _Entry] = {}
+    docs: list[_Doc] = []
     files = yaml_files(paths)
     if not files:
         raise DefinitionError([Problem(", ".join(map(str, paths)) or "(none)", None, "", "no device files found")])
@@ -173,8 +173,21 @@ def load(paths: Iterable[str | Path], *, base: Path | None = None) -> LoadResult
         if not file.exists():
             problems.append(Problem(label, None, "", "file not found"))
             continue
-        for doc in read_documents(file, label, problems):
-            _parse(doc, models, devices, problems)
+        docs.extend(read_documents(file, label, problems))
+    return _validate(docs, problems)
+
+
+def load_objects(objects: Iterable[tuple[str, dict[str, Any]]]) -> LoadResult:
+    """Validate in-memory documents (e.g. from KubeEdge DMI), each labelled for error messages."""
+    docs = [_Doc(label, data, {}, 0) for label, data in objects]
+    return _validate(docs, [])
+
+
+def _validate(docs: list[_Doc], problems: list[Problem]) -> LoadResult:
+    models: dict[tuple[str, str], _Entry] = {}
+    devices: dict[tuple[str, str], _Entry] = {}
+    for doc in docs:
+        _parse(doc, models, devices, problems)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
         _resolve(entry, models, result, problems)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from devices.definitions import DeviceDefinition
@@ -21,7 +21,7 @@ from mapper.config import MapperConfig
 from mapper.device_loop import OFFLINE, DeviceRunner
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
-from twin.store import DesiredChange, OutboxLimits, TwinStore
+from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore
 
 log = logging.getLogger("mapper.service")
 
@@ -39,9 +39,13 @@ class MapperService:
         self.recorder: Recorder | None = None
         self._desired_wake = asyncio.Event()
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
-        # Extensions (event bus, inference, DMI, systemd) hook in here.
+        self._tg: asyncio.TaskGroup | None = None
+        # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
+        # `async setup(service)` (before devices start), `async run(service)` (a task in the
+        # service's task group) and `async shutdown(service)` (after devices stopped).
         self.extensions: list[Any] = []
-        self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Awaitable[None]]] = []
+        # Called on every device state change; the messages they return are queued in the same transaction.
+        self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Iterable[OutMessage]]] = []
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
 
     # -- the twin --------------------------------------------------------------------------
@@ -84,6 +88,7 @@ class MapperService:
                 await ext.setup(self)
             try:
                 async with asyncio.TaskGroup() as tg:
+                    self._tg = tg
                     tg.create_task(self.recorder.run(), name="recorder")
                     tg.create_task(self._desired_loop(), name="desired")
                     tg.create_task(self._prune_loop(), name="prune-history")
@@ -114,6 +119,43 @@ class MapperService:
                 await ext.shutdown(self)
         log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 
+    async def update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
+        """Switch to a new set of definitions, touching only devices that were added, changed or removed.
+
+        Used by SIGHUP reloads and by KubeEdge DMI updates. Returns what happened to whom.
+        """
+        assert self._tg is not None and self.definitions is not None
+        old = {k: v for k, v in self.runners.items()}
+        new = {k: v for k, v in result.devices.items() if k not in result.unrunnable}
+        removed = [k for k in old if k not in new]
+        added = [k for k in new if k not in old]
+        changed = [k for k in new if k in old and old[k].definition.fingerprint != new[k].fingerprint]
+        for device_id in removed + changed:
+            await self.stop_device(device_id)
+        self.definitions = result
+        self.refused = {k: str(p) for k, p in result.unrunnable.items()}
+        await self.twin(lambda s: s.sync_devices(result.devices.values()))
+        await self.twin(lambda s: s.deactivate_devices(result.devices))
+        for device_id in added + changed:
+            self.start_device(new[device_id], self._tg)
+        for device_id, problem in self.refused.items():
+            log.error("refusing device %s: %s", device_id, problem)
+        if added or changed:
+            self.desired_changed()
+        log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
+        return {"added": added, "changed": changed, "removed": removed}
+
+    async def stop_device(self, device_id: DeviceId) -> None:
+        """Stop one device's loop and release its driver."""
+        task = self._tasks.pop(device_id, None)
+        runner = self.runners.pop(device_id, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if runner is not None:
+            runner.close()
+
     def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
         driver_cls = load_driver(definition.protocol)
         runner = DeviceRunner(
@@ -142,10 +184,12 @@ class MapperService:
                 await asyncio.sleep(min(30.0, 2**attempt))
 
     async def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
-        messages = []
+        messages: list[OutMessage] = []
         for listener in self.state_listeners:
-            await listener(definition, state, detail)
-        await self.twin(lambda s: s.set_state(definition.id, state, detail, messages))
+            messages.extend(listener(definition, state, detail))
+        rows = await self.twin(lambda s: s.set_state(definition.id, state, detail, messages))
+        if rows and self.recorder is not None and self.recorder.on_outbox:
+            self.recorder.on_outbox(rows)
 
     async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
         await self.twin(lambda s: s.mark_applied(change.device_id, change.property, change.version, error))
