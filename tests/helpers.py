@@ -1,0 +1,127 @@
+"""Small helpers shared by tests: YAML documents and waiting for conditions with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from pathlib import Path
+from textwrap import dedent
+from typing import TypeVar
+
+T = TypeVar("T")
+
+MODEL = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata:
+  name: {model}
+  namespace: default
+spec:
+  protocol: simulated
+  properties:
+    - name: temperature
+      type: FLOAT
+      accessMode: ReadOnly
+      minimum: "0"
+      maximum: "50"
+      unit: Celsius
+    - name: power
+      type: BOOLEAN
+      accessMode: ReadWrite
+    - name: count
+      type: INT
+      accessMode: ReadWrite
+"""
+
+DEVICE = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata:
+  name: {name}
+  namespace: default
+spec:
+  deviceModelRef:
+    name: {model}
+  protocol:
+    protocolName: simulated
+    configData: {config}
+  properties:
+    - name: temperature
+      visitors:
+        protocolName: simulated
+        configData: {{kind: temperature, base: 21, amplitude: 1, noise: 0.1}}
+      collectCycle: {cycle}
+      reportCycle: {cycle}
+      reportToCloud: true
+    - name: power
+      visitors:
+        protocolName: simulated
+        configData: {{kind: switch}}
+      collectCycle: {cycle}
+      reportToCloud: true
+    - name: count
+      visitors:
+        protocolName: simulated
+        configData: {{kind: counter}}
+      collectCycle: {cycle}
+      reportCycle: {cycle}
+      reportToCloud: true
+"""
+
+
+def device_yaml(name: str, *, model: str = "thing-model", cycle: int = 50, config: str = "{}") -> str:
+    return DEVICE.format(name=name, model=model, cycle=cycle, config=config)
+
+
+def write_devices(directory: Path, names: list[str], *, cycle: int = 50, configs: dict[str, str] | None = None) -> Path:
+    """A device directory with one model and a simulated device per name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "model.yaml").write_text(MODEL.format(model="thing-model"))
+    for name in names:
+        config = (configs or {}).get(name, "{}")
+        (directory / f"{name}.yaml").write_text(device_yaml(name, cycle=cycle, config=config))
+    return directory
+
+
+def write_config(path: Path, devices: Path, twin: Path, *, node: str = "test-node", extra: str = "") -> Path:
+    path.write_text(dedent(f"""\
+        node: {node}
+        devices: [{devices}]
+        twin:
+          path: {twin}
+          batch_delay_ms: 5
+        loop:
+          failure_threshold: 3
+          max_backoff_s: 0.2
+          desired_poll_ms: 50
+        log_level: info
+        """) + extra)
+    return path
+
+
+def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    """Poll `check` until it returns something truthy; fail after `timeout` seconds.
+
+    Used where the event happens in another process (the mapper writing its twin file),
+    so there is nothing in this process to await.
+    """
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def async_wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        await asyncio.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")

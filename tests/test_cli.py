@@ -1,0 +1,159 @@
+"""The `mapper` command line, run as a user would run it (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import MODEL, device_yaml, wait_for, write_config, write_devices
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mapper(*args: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mapper", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})})
+
+
+def start_mapper(config: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)],
+                                stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+
+
+def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
+    """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("d").replace("protocolName: simulated\n    configData",
+                                                              "protocolName: modbus\n    configData"))
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "warning:" in result.stderr and "'modbus'" in result.stderr
+    assert "ok: 1 device(s), 1 model(s)" in result.stdout
+
+
+def test_validate_lists_every_error_and_exits_1(tmp_path):
+    """`mapper validate` exits 1 and prints each problem as FILE:LINE: FIELD: PROBLEM."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model").replace('minimum: "0"', 'minimum: "99"'))
+    (tmp_path / "d.yaml").write_text(device_yaml("d", cycle=-1))
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 1
+    lines = [l for l in result.stderr.splitlines() if ".yaml:" in l]
+    assert any(l.endswith("m.yaml:9: spec.properties[0]: minimum 99 is greater than maximum 50") for l in lines)
+    assert sum("collectCycle: must be >= 0" in l for l in lines) == 3
+    assert "error(s)" in result.stderr.splitlines()[-1]
+
+
+def test_shipped_examples_validate():
+    """The shipped examples pass `mapper validate`."""
+    assert mapper("validate", "devices/examples").returncode == 0
+
+
+def test_bad_config_file_is_reported_with_line(tmp_path):
+    """A config file with a wrong field gets FILE:LINE too."""
+    config = tmp_path / "c.yaml"
+    config.write_text("node: n1\ntwin:\n  path: x.db\n  batch_max: 0\n")
+    result = mapper("devices", "--config", str(config))
+    assert result.returncode == 1
+    assert f"{config}:4: twin.batch_max: must be >= 1" in result.stderr
+
+
+def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
+    """run -> readings visible with `twin get`/`devices`; `twin set` is applied; SIGTERM stops cleanly."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        def reported():
+            r = mapper("twin", "get", "lamp", "--config", str(config), "--json")
+            return r.returncode == 0 and json.loads(r.stdout)["properties"]["count"]["reported"] is not None and json.loads(r.stdout)
+        twin = wait_for(reported, what="first readings")
+        assert twin["state"] == "ok" and twin["id"] == "default/lamp"
+        set_result = mapper("twin", "set", "default/lamp", "power", "on", "--config", str(config))
+        assert set_result.returncode == 0 and "desired = true" in set_result.stdout
+        wait_for(lambda: json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
+                 ["properties"]["power"]["reported"] is True, what="power reported true")
+        human = mapper("devices", "--config", str(config))
+        assert "default/lamp" in human.stdout and " ok " in human.stdout
+        refused = mapper("twin", "set", "lamp", "temperature", "3", "--config", str(config))
+        assert refused.returncode == 1 and "ReadOnly" in refused.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    log = (tmp_path / "log").read_text()
+    assert "drivers closed, twin flushed" in log
+
+
+def test_run_refuses_only_the_device_without_driver(tmp_path):
+    """`mapper run` refuses a device whose protocol has no driver, with the validate message, and runs the rest."""
+    devices = write_devices(tmp_path / "dev", ["fine"], cycle=100)
+    (devices / "odd.yaml").write_text(device_yaml("odd").replace("protocolName: simulated\n    configData",
+                                                                 "protocolName: bacnet\n    configData"))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: "state ok" in (tmp_path / "log").read_text(), what="fine device ok")
+        log = (tmp_path / "log").read_text()
+        assert "refusing device default/odd" in log and "'bacnet'" in log
+        devices_out = mapper("devices", "--config", str(config)).stdout
+        assert "default/odd" in devices_out and "offline" in devices_out
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 0
+
+
+def test_env_overrides_config(tmp_path):
+    """MAPPER_TWIN__PATH overrides twin.path from the file."""
+    devices = write_devices(tmp_path / "dev", ["x"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    other = tmp_path / "other.db"
+    result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other)})
+    assert result.returncode == 0 and other.exists() and not (tmp_path / "twin.db").exists()
+
+
+def test_sigkill_loses_nothing_committed(tmp_path):
+    """kill -9 mid-run: the file passes integrity_check and every reading seen as committed is still there."""
+    names = [f"s{i}" for i in range(8)]
+    devices = write_devices(tmp_path / "dev", names, cycle=10)
+    twin_path = tmp_path / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin_path)
+    proc = start_mapper(config, tmp_path / "log")
+    seen: dict[int, tuple] = {}
+    try:
+        wait_for(lambda: twin_path.exists(), what="twin file")
+        observer = sqlite3.connect(f"file:{twin_path}?mode=ro", uri=True, timeout=10)
+
+        def observe():
+            try:
+                rows = observer.execute("SELECT id, device_id, property, value, ts, quality FROM readings "
+                                        "WHERE id > ? ORDER BY id", (max(seen, default=0),)).fetchall()
+            except sqlite3.OperationalError:
+                return False  # schema not created yet
+            seen.update({r[0]: r for r in rows})
+            return len(seen) >= 3000
+        wait_for(observe, timeout=60, interval=0.01, what="3000 committed readings")
+        observer.close()
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    assert proc.returncode == -signal.SIGKILL
+    check = sqlite3.connect(twin_path)
+    assert check.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    after = {r[0]: r for r in check.execute("SELECT id, device_id, property, value, ts, quality FROM readings")}
+    missing = [i for i in seen if after.get(i) != seen[i]]
+    assert missing == [], f"{len(missing)} committed readings lost"
+    # The mapper starts again on the same file and keeps going.
+    proc = start_mapper(config, tmp_path / "log2")
+    try:
+        top = max(after)
+        wait_for(lambda: check.execute("SELECT max(id) FROM readings").fetchone()[0] > top + 100, what="new readings")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0

@@ -1,0 +1,165 @@
+"""Device YAML: KubeEdge v1beta1 documents validated with FILE:LINE: FIELD: PROBLEM errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from devices.errors import DefinitionError
+from devices.ids import DeviceId
+from devices.loader import load
+from helpers import MODEL, device_yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def problems_of(tmp_path: Path, files: dict[str, str]) -> list[str]:
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    return [str(p) for p in info.value.problems]
+
+
+def test_examples_load():
+    """The shipped simulated examples load: room sensor, switch and counter."""
+    result = load([REPO / "devices/examples"])
+    assert set(result.devices) == {DeviceId("default", "room-sensor"), DeviceId("default", "fan-relay"),
+                                   DeviceId("default", "counter")}
+    relay = result.devices[DeviceId("default", "fan-relay")]
+    assert relay.prop("power").writable and relay.prop("power").desired is False
+    sensor = result.devices[DeviceId("default", "room-sensor")]
+    assert sensor.prop("temperature").collect_cycle_ms == 2000
+    assert sensor.prop("temperature").maximum == 50.0
+
+
+def test_negative_cycle_names_file_line_and_field(tmp_path):
+    """A negative collectCycle is reported with its file, line and field path."""
+    text = device_yaml("d1").replace("collectCycle: 50\n      reportCycle: 50\n      reportToCloud: true\n    - name: power",
+                                     "collectCycle: -5\n      reportCycle: 50\n      reportToCloud: true\n    - name: power")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "collectCycle: -5" in l)
+    assert problems == [f"d.yaml:{line}: spec.properties[0].collectCycle: must be >= 0"]
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    """Errors in several files and documents all come back in one report."""
+    bad_model = MODEL.format(model="thing-model").replace("type: INT", "type: INTEGER")
+    bad_device = device_yaml("Bad Name")
+    missing_model = device_yaml("d2", model="nope")
+    problems = problems_of(tmp_path, {"a.yaml": bad_model, "b.yaml": bad_device, "c.yaml": missing_model})
+    joined = "\n".join(problems)
+    assert "a.yaml:19: spec.properties[2].type: unknown value 'INTEGER'" in joined
+    assert "b.yaml:4: metadata.name: 'Bad Name' is not a Kubernetes name" in joined
+    assert "c.yaml:8: spec.deviceModelRef.name: DeviceModel default/nope not found" in joined
+    assert len(problems) == 3
+
+
+@pytest.mark.parametrize("name", ["a+b", "a#b", "a/b", "a b", "UPPER", "-lead", ""])
+def test_names_that_would_break_topics_are_rejected(tmp_path, name):
+    """Device names become MQTT topic segments: +, #, / and spaces never pass."""
+    text = device_yaml("placeholder").replace("name: placeholder", f"name: '{name}'")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert len(problems) == 1 and problems[0].startswith("d.yaml:4: metadata.name: ")
+
+
+@pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp"])
+def test_property_names_that_would_break_topics_are_rejected(tmp_path, prop):
+    """Property names are topic segments too."""
+    text = MODEL.format(model="thing-model").replace("name: temperature", f"name: '{prop}'")
+    problems = problems_of(tmp_path, {"m.yaml": text})
+    assert len(problems) == 1 and "m.yaml:9: spec.properties[0].name: " in problems[0]
+
+
+def test_yaml_syntax_error_has_the_line(tmp_path):
+    """A YAML syntax error names the line where the parser stopped."""
+    problems = problems_of(tmp_path, {"broken.yaml": "apiVersion: x\nkind: [unclosed\nmetadata: {}\n"})
+    assert len(problems) == 1
+    assert problems[0].startswith("broken.yaml:3: invalid YAML")
+
+
+def test_duplicate_device_names(tmp_path):
+    """Two Devices with one namespace/name: the second is rejected and the first named."""
+    problems = problems_of(tmp_path, {
+        "m.yaml": MODEL.format(model="thing-model"), "a.yaml": device_yaml("same"), "b.yaml": device_yaml("same")})
+    assert problems == ["b.yaml:4: metadata.name: duplicate Device default/same (first defined at a.yaml:4)"]
+
+
+def test_duplicate_property_in_a_device(tmp_path):
+    """A property listed twice in one device is rejected at the second entry."""
+    text = device_yaml("d").replace("    - name: count", "    - name: power")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert any("spec.properties[2].name: duplicate property name 'power'" in p for p in problems)
+
+
+def test_min_greater_than_max(tmp_path):
+    """minimum > maximum is rejected at that property."""
+    text = MODEL.format(model="thing-model").replace('minimum: "0"', 'minimum: "60"')
+    problems = problems_of(tmp_path, {"m.yaml": text})
+    assert problems == ["m.yaml:9: spec.properties[0]: minimum 60 is greater than maximum 50"]
+
+
+def test_device_property_missing_from_model(tmp_path):
+    """A device property its model does not declare is rejected."""
+    text = device_yaml("d").replace("    - name: count", "    - name: pressure")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert any("spec.properties[2].name: property 'pressure' is not declared in DeviceModel default/thing-model" in p
+               for p in problems)
+
+
+def test_driver_config_is_validated_with_lines(tmp_path):
+    """Driver configData is checked by the driver's own model, with FILE:LINE."""
+    text = device_yaml("d", config="{failure_rate: 3}")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert problems == ["d.yaml:11: spec.protocol.configData.failure_rate: must be <= 1.0"]
+
+
+def test_desired_value_of_wrong_type(tmp_path):
+    """A desired value that does not fit the property type is rejected."""
+    text = device_yaml("d").replace("    - name: count\n", "    - name: count\n      desired: {value: 'many'}\n")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert len(problems) == 1 and "spec.properties[2].desired.value: expected an integer, got 'many'" in problems[0]
+
+
+def test_unknown_protocol_is_a_warning_not_an_error(tmp_path):
+    """A protocol with no installed driver is valid YAML: a warning naming the protocol."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("modbus-thing").replace("protocolName: simulated\n    configData",
+                                                                        "protocolName: modbus\n    configData"))
+    (tmp_path / "ok.yaml").write_text(device_yaml("fine"))
+    result = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "modbus-thing") in result.unrunnable
+    assert DeviceId("default", "fine") not in result.unrunnable
+    (warning,) = result.warnings
+    assert "d.yaml:10: spec.protocol.protocolName" in str(warning) and "'modbus'" in str(warning)
+
+
+def test_fields_we_do_not_use_are_kept(tmp_path):
+    """pushMethod db methods, methods and stateReport are accepted and kept."""
+    text = device_yaml("d").replace("      reportCycle: 50\n      reportToCloud: true\n    - name: power", """\
+      reportCycle: 50
+      reportToCloud: true
+      pushMethod:
+        mqtt: {address: tcp://127.0.0.1:1883, topic: t, qos: 1, retained: true}
+        dbMethod:
+          influxdb2:
+            influxdb2ClientConfig: {url: http://127.0.0.1:8086, org: o, bucket: b}
+            influxdb2DataConfig: {measurement: m, tag: {k: v}, fieldKey: f}
+    - name: power""") + "  methods:\n    - {name: Reset, propertyNames: [count]}\n  stateReport: {reportToCloud: true, reportCycle: 0}\n  futureField: 1\n"
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert device.prop("temperature").push_mqtt.qos == 1
+    assert device.device.spec.properties[0].push_method.db_method["influxdb2"]["influxdb2DataConfig"]["fieldKey"] == "f"
+    assert device.device.spec.methods[0].property_names == ["count"]
+    assert device.state_report_cycle_ms == 1000  # 0 means 1000 ms
+    assert device.device.spec.model_extra == {"futureField": 1}
+
+
+def test_zero_cycle_means_one_second(tmp_path):
+    """KubeEdge's rule: a cycle of 0 means 1000 ms."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("d", cycle=0))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert device.prop("temperature").collect_cycle_ms == 1000

@@ -1,0 +1,110 @@
+"""The device loop end to end in one process: drivers -> readings -> twin; desired -> driver -> reported."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from devices.ids import DeviceId
+from mapper.config import load_config
+from mapper.service import MapperService
+from twin.store import TwinStore
+from helpers import async_wait_for, write_config, write_devices
+
+GOOD1, GOOD2, BROKEN = DeviceId("default", "good1"), DeviceId("default", "good2"), DeviceId("default", "broken")
+
+
+@contextlib.asynccontextmanager
+async def running(config, prepare=None):
+    service = MapperService(config)
+    if prepare:
+        prepare(service)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+def reader(config) -> TwinStore:
+    return TwinStore.open(config.twin.path)
+
+
+async def test_readings_fill_the_twin_and_one_broken_device_does_not_stop_others(tmp_path):
+    """Healthy devices keep reporting while a broken one becomes unhealthy; its state is in the twin."""
+    devices = write_devices(tmp_path / "dev", ["good1", "good2", "broken"], configs={"broken": "{broken: true}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running(config) as service:
+        with reader(config) as twin:
+            def states():
+                return {d: twin.device(d).state for d in (GOOD1, GOOD2, BROKEN)}
+            await async_wait_for(lambda: states() == {GOOD1: "ok", GOOD2: "ok", BROKEN: "unhealthy"}, what="states")
+            await async_wait_for(lambda: twin.device(GOOD1).properties["count"].reported_version >= 5, what="readings")
+            good = twin.device(GOOD2)
+            assert 15 <= good.properties["temperature"].reported <= 27
+            assert twin.device(BROKEN).properties["temperature"].reported is None
+            assert "not responding" in twin.device(BROKEN).state_detail
+        assert service.runners[BROKEN].failures >= 3
+
+
+async def test_unhealthy_device_recovers_by_itself(tmp_path):
+    """A device that fails N reads in a row is unhealthy, is retried, and returns to ok."""
+    devices = write_devices(tmp_path / "dev", ["flaky"], configs={"flaky": "{fail_first: 9}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    seen = []
+
+    def listen(service):
+        service.state_listeners.append(lambda definition, state, detail: seen.append(state) or [])
+
+    async with running(config, listen):
+        with reader(config) as twin:
+            await async_wait_for(lambda: "ok" in seen and "unhealthy" in seen, what="unhealthy then ok")
+            await async_wait_for(lambda: twin.device(DeviceId("default", "flaky")).state == "ok", what="ok in twin")
+    assert seen.index("unhealthy") < len(seen) - 1 - seen[::-1].index("ok")
+
+
+async def test_desired_is_written_read_back_and_reported(tmp_path):
+    """A desired value set in the twin reaches the driver and comes back as reported; the delta goes."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=200)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running(config) as service:
+        with reader(config) as twin:
+            twin.set_desired(GOOD1, "power", True)  # another connection, like `mapper twin set`
+            assert twin.device(GOOD1).delta() == {"power": True}
+            await async_wait_for(lambda: twin.device(GOOD1).properties["power"].reported is True, what="reported")
+            assert twin.device(GOOD1).delta() == {}
+            assert twin.pending_desired() == []
+            driver = service.runners[GOOD1].driver
+            assert driver.read(service.runners[GOOD1].definition.prop("power")) is True
+
+
+async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatch):
+    """A driver whose read blocks for seconds is timed out in a thread; other devices keep their cycle."""
+    import time
+    from devices.drivers.simulated import SimulatedDriver
+
+    class Slow(SimulatedDriver):
+        blocking = True
+        timeout_s = 0.2
+
+        def read(self, prop):
+            if self.device.id.name == "slow":
+                time.sleep(1.0)
+            return super().read(prop)
+
+    import devices.drivers.base as base
+    monkeypatch.setattr(base, "load_driver", lambda protocol: Slow)
+    import mapper.service as service_module
+    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
+    devices = write_devices(tmp_path / "dev", ["slow", "fast"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running(config) as service:
+        fast = service.runners[DeviceId("default", "fast")]
+        await async_wait_for(lambda: fast.reads >= 30, timeout=5, what="fast device reads")
+        slow = service.runners[DeviceId("default", "slow")]
+        assert slow.reads == 0 and slow.read_errors >= 1

@@ -1,0 +1,128 @@
+"""The SQLite device twin: desired/reported with versions, delta, history bounds, outbox policy."""
+
+from __future__ import annotations
+
+import pytest
+
+from devices.ids import DeviceId
+from devices.loader import load
+from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
+from twin.store import NotWritable, OutboxLimits, OutMessage, TwinStore, UnknownDevice, UnknownProperty, VersionConflict
+from helpers import write_devices
+
+D1 = DeviceId("default", "d1")
+
+
+@pytest.fixture
+def twin(tmp_path):
+    result = load([write_devices(tmp_path / "devices", ["d1", "d2"])])
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(result.devices.values())
+        yield store
+
+
+def test_wal_and_schema_version(twin):
+    """The twin file is in WAL mode and migrated to the latest schema."""
+    assert twin.conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert twin.conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+
+
+def test_reading_updates_reported_value_version_and_history(twin):
+    """A good reading becomes the reported value, bumps its version and lands in history."""
+    twin.record([Reading(D1, "temperature", 21.5, 1000), Reading(D1, "temperature", 21.7, 2000)])
+    prop = twin.device(D1).properties["temperature"]
+    assert (prop.reported, prop.reported_version, prop.reported_ts, prop.quality) == (21.7, 2, 2000, GOOD)
+    assert twin.history(D1, "temperature") == [(1000, 21.5, GOOD), (2000, 21.7, GOOD)]
+
+
+def test_out_of_range_and_errors_do_not_become_reported(twin):
+    """Bad readings are recorded as such; the reported value stays the last good one."""
+    twin.record([Reading(D1, "temperature", 20.0, 1000)])
+    twin.record([Reading(D1, "temperature", 99.0, 2000, OUT_OF_RANGE, "99.0 is above the maximum 50"),
+                 Reading(D1, "temperature", None, 3000, ERROR, "timeout")])
+    prop = twin.device(D1).properties["temperature"]
+    assert prop.reported == 20.0 and prop.quality == ERROR and prop.quality_detail == "timeout"
+    assert [q for _, _, q in twin.history(D1, "temperature")] == [GOOD, OUT_OF_RANGE, ERROR]
+
+
+def test_desired_value_delta_and_versions(twin):
+    """Setting desired creates a delta that disappears once reported matches."""
+    value, version = twin.set_desired(D1, "power", "true")
+    assert (value, version) == (True, 1)
+    assert twin.device(D1).delta() == {"power": True}
+    assert [c.property for c in twin.pending_desired()] == ["power"]
+    twin.mark_applied(D1, "power", version)
+    assert twin.pending_desired() == []
+    twin.record([Reading(D1, "power", True, 5000)])
+    assert twin.device(D1).delta() == {}
+
+
+def test_desired_refused_for_read_only_unknown_and_wrong_type(twin):
+    """Read-only, unknown and badly typed desired values are refused with a clear error."""
+    with pytest.raises(NotWritable, match="'temperature' of default/d1 is ReadOnly"):
+        twin.set_desired(D1, "temperature", 5)
+    with pytest.raises(UnknownProperty, match="has no property 'nope'"):
+        twin.set_desired(D1, "nope", 5)
+    with pytest.raises(UnknownDevice):
+        twin.set_desired(DeviceId("default", "ghost"), "power", True)
+    with pytest.raises(ValueError, match="expected an integer"):
+        twin.set_desired(D1, "count", "lots")
+
+
+def test_older_version_is_a_conflict(twin):
+    """An update carrying a version older than the stored one is refused (409)."""
+    twin.set_desired(D1, "count", 1)
+    twin.set_desired(D1, "count", 2)
+    with pytest.raises(VersionConflict):
+        twin.set_desired(D1, "count", 3, expected_version=1)
+    assert twin.set_desired(D1, "count", 3, expected_version=2) == (3, 3)
+
+
+def test_history_is_bounded_by_rows_and_age(twin):
+    """History keeps at most N rows and nothing older than the age limit."""
+    import time
+    now = int(time.time() * 1000)
+    twin.record([Reading(D1, "count", i, now - 10_000_000 + i) for i in range(10)])
+    twin.record([Reading(D1, "count", i, now + i) for i in range(200)])
+    twin.prune_history(max_rows=150, max_age_ms=1_000_000)
+    rows = twin.history(D1, "count", limit=1000)
+    assert len(rows) == 150 and rows[-1][1] == 199
+
+
+def test_outbox_sequences_survive_reopen(tmp_path, twin):
+    """Per-topic sequence numbers count up by one and continue after a restart."""
+    rows = twin.record([], [OutMessage("t/a", {"v": 1}), OutMessage("t/a", {"v": 2}), OutMessage("t/b", {"v": 3})])
+    assert [r.payload for r in rows] == [b'{"v":1,"seq":1}', b'{"v":2,"seq":2}', b'{"v":3,"seq":1}']
+    twin.close()
+    with TwinStore.open(tmp_path / "twin.db") as again:
+        (row,) = again.record([], [OutMessage("t/a", {"v": 4})])
+        assert row.payload == b'{"v":4,"seq":3}'
+        assert [r.topic for r in again.outbox_pending()] == ["t/a", "t/a", "t/b", "t/a"]
+
+
+def test_outbox_limit_drops_oldest_telemetry_only(tmp_path):
+    """Over the row limit the oldest telemetry goes; twin replies are never dropped; drops are counted."""
+    with TwinStore.open(tmp_path / "o.db", outbox=OutboxLimits(max_rows=5)) as store:
+        store.record([], [OutMessage("reply", {"n": 0}, kind="twin")])
+        store.record([], [OutMessage("tele", {"n": i}) for i in range(1, 8)])
+        kept = store.outbox_pending()
+        assert [r.kind for r in kept][0] == "twin"
+        assert [r.payload for r in kept[1:]] == [b'{"n":%d,"seq":%d}' % (i, i) for i in range(4, 8)]
+        assert store.outbox_stats() == {"depth": 5, "bytes": sum(len(r.payload) for r in kept), "dropped": 3}
+        store.outbox_sent([r.id for r in kept[:2]])
+        assert store.outbox_stats()["depth"] == 3
+
+
+def test_edited_definition_wins_over_old_desired(tmp_path):
+    """A desired value from YAML is applied when the device is new or its definition changed."""
+    devices = write_devices(tmp_path / "devices", ["d1"])
+    text = (devices / "d1.yaml").read_text().replace("    - name: count\n", "    - name: count\n      desired: {value: '7'}\n")
+    (devices / "d1.yaml").write_text(text)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.set_desired(D1, "count", 9)
+        store.sync_devices(load([devices]).devices.values())  # unchanged: keeps 9
+        assert store.device(D1).properties["count"].desired == 9
+        (devices / "d1.yaml").write_text(text.replace("'7'", "'8'"))
+        store.sync_devices(load([devices]).devices.values())
+        assert store.device(D1).properties["count"].desired == 8
