@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from devices import ids
 from devices.errors import DefinitionError, Problem
 from devices.loader import read_documents, validation_problems
+from eventbus.settings import MqttSettings
+from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
 
 ENV_PREFIX = "MAPPER_"
 
@@ -65,11 +67,18 @@ class MapperConfig(_Section):
     loop: DeviceLoopSettings = DeviceLoopSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Later sections (mqtt, inference, kubeedge) are added by the modules that own them.
-    mqtt: dict[str, Any] | None = None
+    mqtt: MqttSettings | None = None
     inference: list[dict[str, Any]] | None = None
-    kubeedge: dict[str, Any] | None = None
+    # Required in `mode: kubeedge`; `devices` may then be empty (edgecore supplies them).
+    kubeedge: KubeEdgeSettings | None = None
     systemd: dict[str, Any] | None = None
-    api: dict[str, Any] | None = None
+    api: ApiSettings | None = None
+
+    @model_validator(mode="after")
+    def _kubeedge_section(self) -> MapperConfig:
+        if self.mode == "kubeedge" and self.kubeedge is None:
+            raise ValueError("mode: kubeedge needs a `kubeedge:` section with at least `name` and `protocol`")
+        return self
 
 
 def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -117,4 +126,17 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         raise DefinitionError(validation_problems(exc, doc)) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
-    return config.model_copy(update={"devices": [_absolute(base, d) for d in config.devices], "twin": twin})
+    update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}
+    if config.mqtt is not None:
+        update["mqtt"] = _absolute_mqtt(base, config.mqtt)
+    return config.model_copy(update=update)
+
+
+def _absolute_mqtt(base: Path, mqtt: MqttSettings) -> MqttSettings:
+    changes: dict[str, Any] = {}
+    if mqtt.password_file is not None:
+        changes["password_file"] = _absolute(base, mqtt.password_file)
+    if mqtt.tls is not None:
+        tls = {k: _absolute(base, v) for k, v in mqtt.tls.model_dump().items() if isinstance(v, Path)}
+        changes["tls"] = mqtt.tls.model_copy(update=tls)
+    return mqtt.model_copy(update=changes)

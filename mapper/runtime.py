@@ -14,4 +14,8 @@ def build_service(config: MapperConfig) -> MapperService:
     service = MapperService(config)
     if config.mqtt is None:
         log.warning("no `mqtt` section in the config: running local-only (twin, CLI, drivers; nothing is published)")
+    else:
+        from eventbus.extension import EventBusExtension
+
+        service.extensions.append(EventBusExtension(config.mqtt))
     return service

@@ -47,6 +47,10 @@ class MapperService:
         # Called on every device state change; the messages they return are queued in the same transaction.
         self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Iterable[OutMessage]]] = []
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
+        # Called with the new definitions whenever the running device set changes.
+        self.device_listeners: list[Callable[[dict[DeviceId, DeviceDefinition]], None]] = []
+        # Set by the event bus once its first connection attempt finished (systemd READY waits for it).
+        self.bus_first_attempt: asyncio.Event | None = None
 
     # -- the twin --------------------------------------------------------------------------
 
@@ -133,6 +137,8 @@ class MapperService:
         for device_id in removed + changed:
             await self.stop_device(device_id)
         self.definitions = result
+        for listener in self.device_listeners:
+            listener(result.devices)
         self.refused = {k: str(p) for k, p in result.unrunnable.items()}
         await self.twin(lambda s: s.sync_devices(result.devices.values()))
         await self.twin(lambda s: s.deactivate_devices(result.devices))
@@ -192,6 +198,8 @@ class MapperService:
             self.recorder.on_outbox(rows)
 
     async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
+        if self.recorder is not None:
+            await self.recorder.flush()  # the read-back reading is in the twin before anyone looks
         await self.twin(lambda s: s.mark_applied(change.device_id, change.property, change.version, error))
         for listener in self.applied_listeners:
             await listener(change, error)

@@ -68,7 +68,9 @@ def m002_outbox(conn: sqlite3.Connection) -> None:
     _run(conn, 
         """
         CREATE TABLE outbox (
-            id INTEGER PRIMARY KEY,
+            -- AUTOINCREMENT: ids are never reused after rows are deleted, so the publisher
+            -- can tell new rows from old by id alone.
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
             topic TEXT NOT NULL,
             payload BLOB NOT NULL,
             qos INTEGER NOT NULL,

@@ -113,6 +113,7 @@ class TwinStore:
         self._seq: dict[str, int] = {}
         self._outbox_rows = 0
         self._outbox_bytes = 0
+        self._next_outbox_id = 1
 
     @classmethod
     def open(
@@ -137,6 +138,9 @@ class TwinStore:
         store._seq = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
         rows, size = conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         store._outbox_rows, store._outbox_bytes = rows, size
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        top = conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
+        store._next_outbox_id = max(seq[0] if seq else 0, top) + 1
         return store
 
     def close(self) -> None:
@@ -189,7 +193,7 @@ class TwinStore:
                     if is_changed and p.desired is not None and p.writable:
                         self._set_desired(d.id, p.name, p.desired, now_ms())
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
         return changed
@@ -213,7 +217,7 @@ class TwinStore:
                 raise UnknownDevice(device_id)
             rows = self._enqueue(messages, ts)
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
         return rows
@@ -256,14 +260,17 @@ class TwinStore:
             )
             rows = self._enqueue(messages, ts)
         except BaseException:
-            self.conn.execute("ROLLBACK")
-            self._reload_seq()
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
         return rows
 
-    def _reload_seq(self) -> None:
+    def _rollback(self) -> None:
+        """Undo the transaction, and the sequence numbers and outbox counts handed out in it."""
+        self.conn.execute("ROLLBACK")
         self._seq = dict(self.conn.execute("SELECT topic, seq FROM topic_seq"))
+        rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        self._outbox_rows, self._outbox_bytes = rows, size
 
     def _enqueue(self, messages: Sequence[OutMessage], ts: int) -> list[OutboxRow]:
         if not messages:
@@ -286,11 +293,12 @@ class TwinStore:
                 "INSERT INTO topic_seq (topic, seq) VALUES (?,?) ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq",
                 list(seq_updates.items()),
             )
-        first = self.conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0] + 1
+        first = self._next_outbox_id
         self.conn.executemany(
             "INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) VALUES (?,?,?,?,?,?,?)",
             [(first + i, *row) for i, row in enumerate(encoded)],
         )
+        self._next_outbox_id = first + len(encoded)
         self._outbox_rows += len(encoded)
         self._outbox_bytes += sum(len(e[1]) for e in encoded)
         self._enforce_outbox_limits()
@@ -353,7 +361,7 @@ class TwinStore:
                 deleted_bytes += row[1]
             self._outbox_bytes -= deleted_bytes
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
 
@@ -385,7 +393,7 @@ class TwinStore:
             new_version = self._set_desired(device_id, name, value, now_ms())
             self._enqueue(messages, now_ms())
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
         return value, new_version
@@ -473,7 +481,7 @@ class TwinStore:
             if top is not None:
                 deleted += self.conn.execute("DELETE FROM readings WHERE id <= ?", (top - max_rows,)).rowcount
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            self._rollback()
             raise
         self.conn.execute("COMMIT")
         return deleted

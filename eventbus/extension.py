@@ -1,0 +1,125 @@
+"""Wires the event bus into a running MapperService."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+import aiomqtt
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from eventbus import payloads
+from eventbus.bus import MqttBus
+from eventbus.publisher import OutboxPublisher
+from eventbus.router import Router
+from eventbus.settings import MqttSettings
+from eventbus.telemetry import Telemetry
+from eventbus.topics import Topics
+from twin.store import DesiredChange, OutMessage
+
+if TYPE_CHECKING:
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.eventbus")
+
+ONLINE_STATES = ("ok", "online")
+
+
+class EventBusExtension:
+    def __init__(self, settings: MqttSettings) -> None:
+        self.settings = settings
+        self.bus: MqttBus | None = None
+        self.publisher: OutboxPublisher | None = None
+        self.router: Router | None = None
+        self.telemetry: Telemetry | None = None
+        self.topics: Topics | None = None
+
+    async def setup(self, service: MapperService) -> None:
+        config = service.config
+        self.topics = Topics(config.node, self.settings.topic_prefix)
+        definitions = service.definitions.devices if service.definitions else {}
+        self.telemetry = Telemetry(self.topics, definitions)
+        serve = self.settings.serve_twin_protocol and config.mode == "standalone"
+        self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve)
+        self.bus = MqttBus(
+            self.settings,
+            client_id=self.settings.client_id or f"mapper-{config.node}",
+            will_topic=self.topics.node_availability(),
+            subscriptions=self.router.subscriptions(),
+            on_message=self._on_message,
+            on_connect=lambda: self._on_connect(service),
+        )
+        assert service.worker is not None and service.recorder is not None
+        self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight)
+        service.recorder.message_factory = self.telemetry
+        service.recorder.on_outbox = self.publisher.offer
+        service.state_listeners.append(self._on_state)
+        service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))
+        service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
+        service.device_listeners.append(self._on_devices)
+        for device in definitions:
+            twin = await service.twin(lambda s, d=device: s.device(d))
+            self.telemetry.remember(device, {n: p.reported for n, p in twin.properties.items()})
+            self.telemetry.set_state(device, twin.state)
+        log.info("event bus: %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
+                 self.topics.base, "served" if serve else "left to edgecore")
+
+    def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
+        if self.telemetry is not None:
+            self.telemetry.definitions = definitions
+
+    async def run(self, service: MapperService) -> None:
+        assert self.bus is not None and self.publisher is not None
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.bus.run(), name="mqtt-connection")
+            tg.create_task(self.publisher.run(), name="outbox-publisher")
+
+    async def shutdown(self, service: MapperService) -> None:
+        """Publish `offline` for the node before leaving (the last will covers a crash)."""
+        if self.bus is None or self.topics is None:
+            return
+        with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+            await asyncio.wait_for(self.bus.publish(self.topics.node_availability(), b"offline", retain=True), 3)
+
+    async def _on_message(self, message: aiomqtt.Message) -> None:
+        assert self.router is not None
+        payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
+        await self.router.handle(message.topic.value, payload)
+
+    async def _on_connect(self, service: MapperService) -> None:
+        """After every (re)connect: node online, and every device's availability and state again."""
+        assert self.bus is not None and self.topics is not None and self.telemetry is not None
+        await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
+        messages: list[OutMessage] = []
+        for device, runner in service.runners.items():
+            messages.append(self._availability(device, runner.state))
+            messages.append(self.telemetry.state_message(device, payloads.now_ms()))
+        if messages:
+            rows = await service.twin(lambda s: s.record([], messages))
+            if rows and self.publisher:
+                self.publisher.offer(rows)
+
+    def _availability(self, device: DeviceId, state: str) -> OutMessage:
+        value = b"online" if state in ONLINE_STATES else b"offline"
+        return OutMessage(self.topics.device_availability(device), value, retain=True, kind="state")
+
+    def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> list[OutMessage]:
+        assert self.telemetry is not None
+        self.telemetry.set_state(definition.id, state)
+        return [self._availability(definition.id, state)]
+
+    async def _on_applied(self, service: MapperService, change: DesiredChange, error: str | None) -> None:
+        """After a desired value was written: the twin document (and a delta if one remains)."""
+        if self.router is None or not self.router.serve_twin_protocol:
+            return
+        device = change.device_id
+        twin = await service.twin(lambda s: s.device(device))
+        messages = [OutMessage(Topics.hw(device, "twin/update/document"),
+                               payloads.update_document("", None, twin, [change.property]), kind="twin", sequenced=False)]
+        delta = payloads.delta(twin)
+        if delta is not None:
+            messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="twin", sequenced=False))
+        await self.router._send(messages)

@@ -1,0 +1,197 @@
+"""JSON payloads of KubeEdge's twin protocol (shapes as edgecore sends them) and of our telemetry.
+
+Builders are pure functions; parsers validate untrusted input with pydantic and raise
+`BadRequest(code, reason)` that the router turns into edgecore's error reply.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from devices.definitions import DeviceDefinition
+from devices.values import Value, to_twin_string
+from twin.records import DeviceTwin, PropertyTwin
+
+
+class BadRequest(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+# -- incoming -------------------------------------------------------------------------------
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class VersionIn(_In):
+    cloud: int | None = None
+    edge: int | None = None
+
+
+class ValueIn(_In):
+    value: str | int | float | bool | None = None
+
+
+class TwinIn(_In):
+    expected: ValueIn | None = None
+    actual: ValueIn | None = None
+    expected_version: VersionIn | None = None
+    metadata: dict[str, Any] | None = None
+
+
+class TwinUpdateIn(_In):
+    event_id: str = Field(default="", max_length=128)
+    timestamp: int | None = None
+    twin: dict[str, TwinIn | None] = Field(max_length=256)
+
+    @field_validator("event_id", mode="before")
+    @classmethod
+    def _event_id(cls, value: Any) -> Any:
+        return "" if value is None else value
+
+
+class EventIn(_In):
+    event_id: str = Field(default="", max_length=128)
+    timestamp: int | None = None
+
+
+class StateIn(EventIn):
+    state: str = Field(max_length=32)
+
+
+def decode(payload: bytes, model: type[BaseModel], max_bytes: int) -> Any:
+    if len(payload) > max_bytes:
+        raise BadRequest(400, f"payload of {len(payload)} bytes is larger than the limit of {max_bytes}")
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(400, f"malformed JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(400, "the payload must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise BadRequest(400, f"{where}: {first['msg']}") from None
+
+
+def event_id_of(payload: bytes) -> str:
+    """Best-effort event_id of a payload that failed validation, so the error reply can echo it."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return ""
+    value = data.get("event_id") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and len(value) <= 128 else ""
+
+
+# -- outgoing: KubeEdge ----------------------------------------------------------------------
+
+def _value(value: Value | None, ts: int | None) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    return {"value": to_twin_string(value), "metadata": {"timestamp": ts or 0}}
+
+
+def msg_twin(prop: PropertyTwin, *, versions: bool = False) -> dict[str, Any]:
+    twin: dict[str, Any] = {"optional": False, "metadata": {"type": _twin_type(prop.type)}}
+    expected = _value(prop.desired, prop.desired_ts)
+    actual = _value(prop.reported, prop.reported_ts)
+    if expected is not None:
+        twin["expected"] = expected
+    if actual is not None:
+        twin["actual"] = actual
+    if versions:
+        twin["expected_version"] = {"cloud": 0, "edge": prop.desired_version}
+        twin["actual_version"] = {"cloud": 0, "edge": prop.reported_version}
+    return twin
+
+
+def _twin_type(ptype: str) -> str:
+    return {"INT": "int", "FLOAT": "float", "DOUBLE": "float", "BOOLEAN": "boolean"}.get(ptype, "string")
+
+
+def error_reply(event_id: str, code: int, reason: str) -> dict[str, Any]:
+    return {"event_id": event_id, "timestamp": now_ms(), "code": code, "reason": reason}
+
+
+def update_result(event_id: str, twin: DeviceTwin, names: list[str]) -> dict[str, Any]:
+    return {"event_id": event_id, "timestamp": now_ms(),
+            "twin": {n: msg_twin(twin.properties[n]) for n in names}}
+
+
+def update_document(event_id: str, before: DeviceTwin | None, after: DeviceTwin, names: list[str]) -> dict[str, Any]:
+    def last(name: str) -> dict[str, Any] | None:
+        if before is None or name not in before.properties:
+            return None
+        return msg_twin(before.properties[name], versions=True)
+    return {"event_id": event_id, "timestamp": now_ms(),
+            "twin": {n: {"last": last(n), "current": msg_twin(after.properties[n], versions=True)} for n in names}}
+
+
+def delta(twin: DeviceTwin) -> dict[str, Any] | None:
+    """edgecore publishes a delta only when some twin's expected differs from its actual."""
+    wanted = twin.delta()
+    if not wanted:
+        return None
+    return {
+        "event_id": str(uuid.uuid4()), "timestamp": now_ms(),
+        "twin": {n: msg_twin(p) for n, p in twin.properties.items() if p.desired is not None},
+        "delta": {n: to_twin_string(v) for n, v in wanted.items()},
+    }
+
+
+def get_result(event_id: str, twin: DeviceTwin) -> dict[str, Any]:
+    return {"event_id": event_id, "timestamp": now_ms(),
+            "twin": {n: msg_twin(p) for n, p in twin.properties.items()}}
+
+
+def _rfc3339(ms: int | None) -> str:
+    if not ms:
+        return ""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
+
+
+def state_result(twin: DeviceTwin) -> dict[str, Any]:
+    return {"event_id": str(uuid.uuid4()), "timestamp": now_ms(),
+            "device": {"name": twin.id.name, "state": twin.state, "lastOnlineTime": _rfc3339(twin.last_online)}}
+
+
+def membership(event_id: str, twins: list[DeviceTwin], definitions: dict[Any, DeviceDefinition]) -> dict[str, Any]:
+    devices = []
+    for twin in twins:
+        definition = definitions.get(twin.id)
+        devices.append({
+            "id": str(twin.id), "name": twin.id.name,
+            "description": f"{twin.model} on {twin.protocol}" if definition is None else
+                           f"{definition.model_name} on {definition.protocol}",
+            "state": twin.state, "last_online": _rfc3339(twin.last_online),
+            "attributes": {"model": {"value": twin.model, "optional": False, "metadata": {"type": "string"}},
+                           "protocol": {"value": twin.protocol, "optional": False, "metadata": {"type": "string"}}},
+        })
+    return {"event_id": event_id, "timestamp": now_ms(), "devices": devices}
+
+
+# -- outgoing: our telemetry -----------------------------------------------------------------
+
+def telemetry(value: Value, unit: str, ts: int, quality: str = "good") -> dict[str, Any]:
+    """Per-property telemetry; `seq` is added by the outbox. `ts` is the measurement time in ms."""
+    body: dict[str, Any] = {"value": value, "ts": ts}
+    if unit:
+        body["unit"] = unit
+    if quality != "good":
+        body["quality"] = quality
+    return body

@@ -1,0 +1,195 @@
+"""Handles what clients send: KubeEdge's twin protocol and plain `.../set` topics.
+
+Nothing a client sends reaches a driver unvalidated: the device must exist, the property must
+be declared and writable, the value must have the property's type and range. Every request
+with a valid device topic gets edgecore's reply (`code` + `reason` on errors); topics with
+invalid segments are ignored, since no reply topic may be built from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from devices.ids import DeviceId
+from devices.values import coerce, range_problem
+from eventbus import payloads
+from eventbus.payloads import BadRequest
+from eventbus.topics import Incoming, Topics, parse
+from twin.store import OutMessage, UnknownDevice, VersionConflict
+
+if TYPE_CHECKING:
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.router")
+
+STATES = ("online", "offline", "ok", "unknown", "unhealthy")
+
+
+class Router:
+    def __init__(self, service: MapperService, topics: Topics, *, max_payload: int, serve_twin_protocol: bool) -> None:
+        self.service = service
+        self.topics = topics
+        self.max_payload = max_payload
+        self.serve_twin_protocol = serve_twin_protocol
+        self.counts: Counter[str] = Counter()
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        subs = [(self.topics.set_filter(), 1)]
+        if self.serve_twin_protocol:
+            subs += [(f, 1) for f in Topics.HW_FILTERS] + [(self.topics.membership_get(), 1)]
+        return subs
+
+    async def handle(self, topic: str, payload: bytes) -> None:
+        """Entry point for every incoming message; never raises."""
+        try:
+            incoming = parse(topic, self.topics)
+            if incoming is None:
+                self.counts["ignored"] += 1
+                return
+            if incoming.kind != "set" and not self.serve_twin_protocol:
+                return
+            await self._dispatch(incoming, payload)
+        except Exception:  # noqa: BLE001 - a client must never crash the mapper
+            self.counts["internal_error"] += 1
+            log.exception("error while handling a message on %r", topic[:200])
+
+    async def _dispatch(self, incoming: Incoming, payload: bytes) -> None:
+        handler = {
+            "twin/update": self._twin_update, "twin/get": self._twin_get, "state/update": self._state_update,
+            "membership/get": self._membership, "set": self._set,
+        }[incoming.kind]
+        try:
+            await handler(incoming, payload)
+            self.counts[incoming.kind] += 1
+        except BadRequest as exc:
+            self.counts[f"rejected_{exc.code}"] += 1
+            log.info("refused %s for %s: %s %s", incoming.kind, incoming.device, exc.code, exc.reason)
+            if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
+                reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
+                await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
+                                             kind="twin", sequenced=False)])
+
+    async def _send(self, messages: list[OutMessage]) -> None:
+        rows = await self.service.twin(lambda s: s.record([], messages))
+        if rows and self.service.recorder and self.service.recorder.on_outbox:
+            self.service.recorder.on_outbox(rows)
+
+    def _definition(self, device: DeviceId | None):  # noqa: ANN202
+        definitions = self.service.definitions.devices if self.service.definitions else {}
+        if device is None or device not in definitions:
+            raise BadRequest(404, f"device {device} is not on node {self.topics.node}")
+        return definitions[device]
+
+    def _validated(self, device: DeviceId, name: str, raw: Any) -> Any:
+        definition = self._definition(device)
+        if not definition.has_property(name):
+            raise BadRequest(400, f"device {device} has no property {name!r}")
+        prop = definition.prop(name)
+        if not prop.writable:
+            raise BadRequest(400, f"property {name!r} of {device} is ReadOnly")
+        if raw is None:
+            raise BadRequest(400, f"property {name!r}: no expected value")
+        try:
+            value = coerce(prop.type, raw)
+        except ValueError as exc:
+            raise BadRequest(400, f"property {name!r}: {exc}") from None
+        why = range_problem(value, prop.minimum, prop.maximum)
+        if why:
+            raise BadRequest(400, f"property {name!r}: {why}")
+        return value
+
+    async def _twin_update(self, incoming: Incoming, payload: bytes) -> None:
+        device = incoming.device
+        self._definition(device)
+        request = payloads.decode(payload, payloads.TwinUpdateIn, self.max_payload)
+        if not request.twin:
+            raise BadRequest(400, "twin is empty")
+        wanted: dict[str, tuple[Any, int | None]] = {}
+        for name, twin in request.twin.items():
+            if twin is None:
+                raise BadRequest(400, f"property {name!r} cannot be deleted: it is declared in the device model")
+            if twin.actual is not None:
+                raise BadRequest(400, f"property {name!r}: actual values are reported by the device, not set")
+            if twin.expected is None:
+                raise BadRequest(400, f"property {name!r}: no expected value")
+            version = twin.expected_version.edge if twin.expected_version else None
+            wanted[name] = (self._validated(device, name, twin.expected.value), version)
+        names = sorted(wanted)
+
+        def apply(store):  # noqa: ANN001, ANN202 - runs in the twin thread, all or nothing
+            before = store.device(device)
+            for name, (value, version) in wanted.items():
+                stored = before.properties[name].desired_version
+                if version is not None and version < stored:
+                    raise VersionConflict(device, name, version, stored)
+            for name, (value, _) in wanted.items():
+                store.set_desired(device, name, value)
+            return before, store.device(device)
+        try:
+            before, after = await self.service.twin(apply)
+        except VersionConflict as exc:
+            raise BadRequest(409, str(exc)) from None
+        messages = [
+            OutMessage(Topics.hw(device, "twin/update/result"), payloads.update_result(request.event_id, after, names),
+                       kind="twin", sequenced=False),
+            OutMessage(Topics.hw(device, "twin/update/document"),
+                       payloads.update_document(request.event_id, before, after, names), kind="twin", sequenced=False),
+        ]
+        delta = payloads.delta(after)
+        if delta is not None:
+            messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="twin", sequenced=False))
+        await self._send(messages)
+        self.service.desired_changed()
+
+    async def _twin_get(self, incoming: Incoming, payload: bytes) -> None:
+        device = incoming.device
+        self._definition(device)
+        request = payloads.decode(payload, payloads.EventIn, self.max_payload)
+        twin = await self.service.twin(lambda s: s.device(device))
+        await self._send([OutMessage(Topics.hw(device, "twin/get/result"), payloads.get_result(request.event_id, twin),
+                                     kind="twin", sequenced=False)])
+
+    async def _state_update(self, incoming: Incoming, payload: bytes) -> None:
+        device = incoming.device
+        self._definition(device)
+        request = payloads.decode(payload, payloads.StateIn, self.max_payload)
+        state = request.state.lower()
+        if state not in STATES:
+            raise BadRequest(400, f"state {request.state!r} is not one of {', '.join(STATES)}")
+        try:
+            await self.service.twin(lambda s: s.set_state(device, state, "set over MQTT"))
+        except UnknownDevice:
+            raise BadRequest(404, f"device {device} is not on node {self.topics.node}") from None
+        twin = await self.service.twin(lambda s: s.device(device))
+        await self._send([OutMessage(Topics.hw(device, "state/update/result"), payloads.state_result(twin),
+                                     kind="state", sequenced=False)])
+
+    async def _membership(self, incoming: Incoming, payload: bytes) -> None:
+        request = payloads.decode(payload, payloads.EventIn, self.max_payload)
+        definitions = self.service.definitions.devices if self.service.definitions else {}
+        twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])
+        body = payloads.membership(request.event_id, twins, definitions)
+        await self._send([OutMessage(self.topics.membership_result(), body, kind="twin", sequenced=False)])
+
+    async def _set(self, incoming: Incoming, payload: bytes) -> None:
+        """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text."""
+        if len(payload) > self.max_payload:
+            raise BadRequest(400, "payload too large")
+        try:
+            raw = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            try:
+                raw = payload.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                raise BadRequest(400, "payload is neither JSON nor UTF-8 text") from None
+        if isinstance(raw, dict) and "value" in raw:
+            raw = raw["value"]
+        if isinstance(raw, dict | list):
+            raise BadRequest(400, "the value must be a scalar")
+        value = self._validated(incoming.device, incoming.prop, raw)
+        await self.service.twin(lambda s: s.set_desired(incoming.device, incoming.prop, value))
+        self.service.desired_changed()

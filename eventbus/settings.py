@@ -1,0 +1,88 @@
+"""The `mqtt:` section of the mapper config."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+
+class TlsSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    ca_file: Path | None = None          # CA bundle that signed the broker's certificate (default: system CAs)
+    cert_file: Path | None = None        # client certificate, for brokers that want mutual TLS
+    key_file: Path | None = None         # its private key
+    key_password_file: Path | None = None
+    # Only for testing against a broker whose certificate does not match its host name.
+    insecure_skip_hostname_check: bool = False
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+    ciphers: str | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsSettings:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        return self
+
+
+class MqttSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    url: str = "mqtt://127.0.0.1:1883"
+    client_id: str | None = None         # default: mapper-<node>
+    username: str | None = None
+    # The password comes from a file or an environment variable, never from this file, and is never logged.
+    password_file: Path | None = None
+    password_env: str | None = None
+    tls: TlsSettings | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=65535)
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    topic_prefix: str = Field(default="mapper", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # QoS 1 messages in flight at once (paho's window; 20-100 is fastest on these machines).
+    max_inflight: int = Field(default=100, ge=1, le=1000)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    # Incoming payloads larger than this are refused unread.
+    max_payload_bytes: int = Field(default=65_536, ge=256)
+    # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
+    serve_twin_protocol: bool = True
+    # Session kept by the broker while the mapper is away, so desired values sent meanwhile are delivered.
+    session_expiry_s: int = Field(default=86_400, ge=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("mqtt", "mqtts"):
+            raise ValueError(f"{value!r}: use mqtt://host:port or mqtts://host:port")
+        if not parts.hostname:
+            raise ValueError(f"{value!r}: no host name")
+        if parts.username or parts.password:
+            raise ValueError("put credentials in username and password_file/password_env, not in the URL")
+        return value
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def uses_tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts" or self.tls is not None
+
+    def password(self) -> SecretStr | None:
+        """Read the password from its file or environment variable."""
+        if self.password_file is not None:
+            return SecretStr(self.password_file.read_text(encoding="utf-8").rstrip("\n"))
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is not set")
+            return SecretStr(value)
+        return None

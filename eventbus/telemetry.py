@@ -1,0 +1,74 @@
+"""Which readings are published, where, and in what form (the recorder's message factory)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.ids import DeviceId
+from eventbus import payloads
+from eventbus.topics import Topics
+from twin.records import GOOD, Reading
+from twin.store import OutMessage
+
+
+class Telemetry:
+    """Builds the outbox messages for a batch of readings.
+
+    A property with `reportToCloud` is published at most once per `reportCycle` (a reading
+    a little early, within half a collect cycle, counts as on time). `pushMethod.mqtt`
+    overrides topic, QoS and retain. Each device that published gets one retained state
+    message with the latest value of every property.
+    """
+
+    def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition]) -> None:
+        self.topics = topics
+        self.definitions = definitions
+        self._last_sent: dict[tuple[DeviceId, str], int] = {}
+        self._latest: dict[DeviceId, dict[str, Any]] = {}
+        self._states: dict[DeviceId, str] = {}
+
+    def set_state(self, device: DeviceId, state: str) -> None:
+        self._states[device] = state
+
+    def _due(self, prop: PropertyDefinition, reading: Reading) -> bool:
+        key = (reading.device_id, prop.name)
+        last = self._last_sent.get(key)
+        slack = prop.collect_cycle_ms // 2
+        if last is None or reading.taken_at_ms - last >= prop.report_cycle_ms - slack:
+            self._last_sent[key] = reading.taken_at_ms
+            return True
+        return False
+
+    def __call__(self, readings: list[Reading]) -> Iterable[OutMessage]:
+        messages: list[OutMessage] = []
+        touched: dict[DeviceId, int] = {}
+        for reading in readings:
+            if reading.quality != GOOD:
+                continue
+            definition = self.definitions.get(reading.device_id)
+            if definition is None:
+                continue
+            prop = definition.prop(reading.property)
+            self._latest.setdefault(reading.device_id, {})[prop.name] = reading.value
+            if not prop.report_to_cloud or not self._due(prop, reading):
+                continue
+            body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)
+            push = prop.push_mqtt
+            if push is not None and push.topic:
+                messages.append(OutMessage(push.topic, body, qos=push.qos, retain=push.retained))
+            else:
+                messages.append(OutMessage(self.topics.telemetry(reading.device_id, prop.name), body))
+            touched[reading.device_id] = max(touched.get(reading.device_id, 0), reading.taken_at_ms)
+        for device, ts in touched.items():
+            messages.append(self.state_message(device, ts))
+        return messages
+
+    def state_message(self, device: DeviceId, ts: int) -> OutMessage:
+        body = {**self._latest.get(device, {}), "ts": ts, "state": self._states.get(device, "unknown")}
+        return OutMessage(self.topics.device_state(device), body, retain=True)
+
+    def remember(self, device: DeviceId, values: dict[str, Any]) -> None:
+        """Seed the latest values (from the twin) so the first state message is complete."""
+        self._latest.setdefault(device, {}).update({k: v for k, v in values.items() if v is not None})

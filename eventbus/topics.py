@@ -1,0 +1,96 @@
+"""Topic names, built only from validated ids (never from raw input), and parsed from incoming topics.
+
+Default scheme (prefix `mapper`, configurable):
+
+    mapper/<node>/availability                          online|offline, retained, last will
+    mapper/<node>/<namespace>/<device>/state            retained JSON: every property's latest value + state
+    mapper/<node>/<namespace>/<device>/availability     online|offline, retained
+    mapper/<node>/<namespace>/<device>/<property>       telemetry JSON {value, unit, ts, seq, quality}
+    mapper/<node>/<namespace>/<device>/<property>/set   apps publish a desired value here
+
+KubeEdge's twin protocol: `$hw/events/device/<namespace>/<device>/...` and `$hw/events/node/<node>/...`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from devices import ids
+from devices.ids import DeviceId
+
+HW = "$hw/events/device"
+
+
+class Topics:
+    def __init__(self, node: str, prefix: str = "mapper") -> None:
+        self.node = ids.check_name(node)
+        self.prefix = prefix
+        self.base = f"{prefix}/{node}"
+
+    # -- our scheme ------------------------------------------------------------------------
+    def node_availability(self) -> str:
+        return f"{self.base}/availability"
+
+    def device_base(self, device: DeviceId) -> str:
+        assert isinstance(device, DeviceId)
+        return f"{self.base}/{device.namespace}/{device.name}"
+
+    def device_state(self, device: DeviceId) -> str:
+        return f"{self.device_base(device)}/state"
+
+    def device_availability(self, device: DeviceId) -> str:
+        return f"{self.device_base(device)}/availability"
+
+    def telemetry(self, device: DeviceId, prop: str) -> str:
+        return f"{self.device_base(device)}/{ids.check_property_name(prop)}"
+
+    def set_filter(self) -> str:
+        return f"{self.base}/+/+/+/set"
+
+    def offload_request(self) -> str:
+        return f"{self.base}/offload/request"
+
+    def offload_result(self) -> str:
+        return f"{self.base}/offload/result"
+
+    # -- KubeEdge --------------------------------------------------------------------------
+    @staticmethod
+    def hw(device: DeviceId, suffix: str) -> str:
+        assert isinstance(device, DeviceId)
+        return f"{HW}/{device.namespace}/{device.name}/{suffix}"
+
+    def membership_get(self) -> str:
+        return f"$hw/events/node/{self.node}/membership/get"
+
+    def membership_result(self) -> str:
+        return f"$hw/events/node/{self.node}/membership/get/result"
+
+    HW_FILTERS = (f"{HW}/+/+/twin/update", f"{HW}/+/+/twin/get", f"{HW}/+/+/state/update")
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """What an incoming topic addresses; only built when every segment is a valid id."""
+
+    kind: str  # twin/update | twin/get | state/update | membership/get | set
+    device: DeviceId | None = None
+    prop: str | None = None
+
+
+def parse(topic: str, topics: Topics) -> Incoming | None:
+    """Classify an incoming topic; None for anything we do not serve or with invalid segments."""
+    parts = topic.split("/")
+    if topic.startswith(HW + "/") and len(parts) in (7, 8):
+        ns, name = parts[3], parts[4]
+        kind = "/".join(parts[5:])
+        if kind in ("twin/update", "twin/get", "state/update") and ids.is_namespace(ns) and ids.is_name(name):
+            return Incoming(kind, DeviceId(ns, name))
+        return None
+    if topic == topics.membership_get():
+        return Incoming("membership/get")
+    base = topics.base.split("/")
+    if len(parts) == len(base) + 4 and parts[: len(base)] == base and parts[-1] == "set":
+        ns, name, prop = parts[len(base)], parts[len(base) + 1], parts[len(base) + 2]
+        if ids.is_namespace(ns) and ids.is_name(name) and ids.is_property_name(prop):
+            return Incoming("set", DeviceId(ns, name), prop)
+    return None

@@ -1,0 +1,106 @@
+"""Typed config sections for KubeEdge mode (`kubeedge:`) and the optional REST API (`api:`).
+
+No grpc import here: mapper.config uses these models in standalone mode too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from mapper import __version__
+
+KUBEEDGE_DIR = Path("/etc/kubeedge")
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
+MAX_SOCKET_PATH = 107
+_MAPPER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _socket_path(value: Path) -> Path:
+    if len(str(value).encode()) > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {str(value)!r} is longer than {MAX_SOCKET_PATH} bytes (a unix socket limit)")
+    return value
+
+
+class KubeEdgeSettings(_Section):
+    """`kubeedge:` — how this mapper meets edgecore over DMI (see docs/kubeedge.md)."""
+
+    # MapperInfo.name; also names the default socket /etc/kubeedge/<name>.sock.
+    name: str
+    # MapperInfo.protocol: edgecore routes every Device whose spec.protocol.protocolName equals it here.
+    protocol: str = Field(min_length=1)
+    version: str = f"v{__version__}"
+    api_version: str = "v1.0.0"
+    # edgecore's DMI socket (modules.deviceTwin.dmiSockPath). A directory means <dir>/dmi.sock (v1.23).
+    edgecore_socket: Path = KUBEEDGE_DIR / "dmi.sock"
+    # Our DeviceMapperService socket, sent to edgecore as MapperInfo.address. Default /etc/kubeedge/<name>.sock.
+    socket: Path = Path()
+    # Per-call deadline for our calls to edgecore.
+    call_timeout_s: float = Field(default=5.0, gt=0)
+    # Registration retries back off (jittered) up to this.
+    register_backoff_max_s: float = Field(default=30.0, gt=0)
+    # How long RegisterDevice waits for a model that has not arrived yet.
+    model_wait_s: float = Field(default=3.0, ge=0)
+    # Unchanged twins and states are re-sent this often (0: only on change).
+    report_interval_s: float = Field(default=60.0, ge=0)
+    # edgecore's limiter: 1 call/s sustained, burst 100, shared by all DMI calls of the node.
+    # Do not raise these against a real edgecore: calls over its limit are refused.
+    rate_per_s: float = Field(default=1.0, gt=0)
+    burst: int = Field(default=100, ge=1)
+    # Last known devices and models from edgecore (JSON). Default: beside the twin file.
+    state_file: Path | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_socket(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("socket") and isinstance(data.get("name"), str):
+            data = {**data, "socket": str(KUBEEDGE_DIR / f"{data['name']}.sock")}
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _MAPPER_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid mapper name: letters, digits, '_', '.', '-', at most 63")
+        return value
+
+    @field_validator("socket")
+    @classmethod
+    def _socket(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"socket {str(value)!r} must be an absolute path (edgecore dials it as given)")
+        return _socket_path(value)
+
+    @field_validator("state_file")
+    @classmethod
+    def _state_file(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError(f"state_file {str(value)!r} must be an absolute path")
+        return value
+
+    @field_validator("edgecore_socket")
+    @classmethod
+    def _edgecore_socket(cls, value: Path) -> Path:
+        return _socket_path(value)
+
+    def edgecore_socket_file(self) -> Path:
+        """The socket file to dial: edgecore v1.23 configures a directory holding dmi.sock."""
+        path = self.edgecore_socket
+        return path / "dmi.sock" if path.is_dir() else path
+
+
+class ApiSettings(_Section):
+    """`api:` — the optional REST API of KubeEdge's Go mapper framework (read paths; writes opt-in)."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=7777, ge=0, le=65535)
+    # Allow /api/v1/devicemethod/... writes (to writable properties only, through the twin).
+    writes: bool = False
