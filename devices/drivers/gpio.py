@@ -1,0 +1,224 @@
+"""The `gpio` protocol: relays, LEDs, buttons, reed switches and PIR sensors on GPIO pins.
+
+Each property is one pin, described by its `visitors.configData`::
+
+    pin: 17              # BCM number, 0-27
+    direction: out       # out: a writable property drives the pin; in: the pin is read
+    active_low: true     # logical true = electrical low (most relay boards, buttons to ground)
+    initial: false       # outputs: the logical state set when the mapper opens the pin
+    auto_off_s: 600      # outputs: switch back off this long after being switched on (safety)
+    pull: up             # inputs: up, down or off
+    debounce_ms: 30      # inputs: a level counts only once it has been stable this long
+
+Outputs report the level read back from the pin. Inputs are polled on the property's
+collectCycle (reads cost microseconds, so a short cycle is fine); edge callbacks record
+when the line last moved, so a bouncing contact is reported only once it has settled.
+
+Only the declared pins are touched, each device claims its pins (two devices on one pin
+is a definition error) and `close()` releases every pin. The pin backend is passed in
+(`GpioDriver(definition, pins=FakePins())`); by default `configData.pins` picks it:
+`rpi-gpio` (RPi.GPIO, or rpi-lgpio on a Pi 5) or `fake` (a modelled wire, for demos).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.drivers.base import Driver
+from devices.errors import ReadError, WriteError
+from devices.pins import BcmPin, Pins, PinError, Pull, make_pins
+
+log = logging.getLogger("mapper.gpio")
+
+
+class GpioConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pins: Literal["rpi-gpio", "fake"] = "rpi-gpio"
+
+
+class GpioVisitor(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    pin: BcmPin
+    direction: Literal["in", "out"]
+    active_low: bool = False
+    initial: bool | None = None
+    auto_off_s: float | None = Field(default=None, gt=0)
+    pull: Pull = "off"
+    debounce_ms: int = Field(default=0, ge=0, le=60_000)
+
+    @model_validator(mode="after")
+    def _fits_direction(self) -> GpioVisitor:
+        if self.direction == "out":
+            if self.pull != "off":
+                raise ValueError(f"pull {self.pull!r} applies to inputs only: remove it or use direction: in")
+            if self.debounce_ms:
+                raise ValueError("debounce_ms applies to inputs only: remove it or use direction: in")
+        else:
+            if self.initial is not None:
+                raise ValueError("initial applies to outputs only: remove it or use direction: out")
+            if self.auto_off_s is not None:
+                raise ValueError("auto_off_s applies to outputs only: remove it or use direction: out")
+        return self
+
+
+@dataclass
+class _Input:
+    stable: bool
+    last_edge: float | None = None
+
+
+@dataclass
+class _Output:
+    # Bumped on every write, so a pending auto-off never undoes a newer write.
+    generation: int = 0
+    off_at: float | None = None
+    timer: threading.Timer | None = None
+
+
+class GpioDriver(Driver):
+    protocol = "gpio"
+    Config = GpioConfig
+    Visitor = GpioVisitor
+
+    def __init__(self, device: DeviceDefinition, *, pins: Pins | None = None) -> None:
+        super().__init__(device)
+        self.config: GpioConfig
+        self.pins: Pins = pins if pins is not None else make_pins(self.config.pins)
+        self._lock = threading.RLock()
+        self._inputs: dict[int, _Input] = {}
+        self._outputs: dict[int, _Output] = {}
+        self._opened: list[int] = []
+
+    @classmethod
+    def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        for i, prop in enumerate(device.properties):
+            yield f"gpio:{prop.visitor.pin}", f"spec.properties[{i}].visitors.configData.pin"
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        try:
+            for prop in self.device.properties:
+                self._open_pin(prop.visitor)
+        except PinError:
+            self.close()
+            raise
+
+    def _open_pin(self, v: GpioVisitor) -> None:
+        if v.direction == "out":
+            self.pins.setup_output(v.pin, level=bool(v.initial) != v.active_low)
+            self._opened.append(v.pin)
+            self._outputs[v.pin] = _Output()
+            return
+        self.pins.setup_input(v.pin, pull=v.pull)
+        self._opened.append(v.pin)
+        self._inputs[v.pin] = _Input(stable=self.pins.read(v.pin) != v.active_low)
+        self.pins.watch(v.pin, "both", self._on_edge)
+
+    def close(self) -> None:
+        with self._lock:
+            for out in self._outputs.values():
+                if out.timer is not None:
+                    out.timer.cancel()
+            opened, self._opened = self._opened, []
+            self._inputs.clear()
+            self._outputs.clear()
+        for pin in opened:
+            try:
+                self.pins.release(pin)
+            except PinError as exc:
+                log.warning("%s: cannot release GPIO%d: %s", self.device.id, pin, exc)
+
+    # -- inputs ----------------------------------------------------------------------------
+
+    def _on_edge(self, pin: int, level: bool, ticks: float) -> None:
+        # Runs on the backend's thread: only note when the line moved; read() decides the level.
+        with self._lock:
+            line = self._inputs.get(pin)
+            if line is not None:
+                line.last_edge = ticks
+
+    def _read_input(self, v: GpioVisitor) -> bool:
+        level = self.pins.read(v.pin) != v.active_low
+        with self._lock:
+            line = self._inputs[v.pin]
+            settled = line.last_edge is None or self.pins.ticks() - line.last_edge >= v.debounce_ms / 1000
+            if settled:
+                line.stable = level
+            return line.stable
+
+    # -- outputs ---------------------------------------------------------------------------
+
+    def read(self, prop: PropertyDefinition) -> bool:
+        v: GpioVisitor = prop.visitor
+        try:
+            if v.direction == "in":
+                return self._read_input(v)
+            self._auto_off_due(prop)
+            return self.pins.read(v.pin) != v.active_low
+        except KeyError:
+            raise ReadError(f"{self.device.id}/{prop.name}: GPIO{v.pin} is not open", retryable=True) from None
+        except PinError as exc:
+            raise ReadError(f"{self.device.id}/{prop.name}: {exc}", retryable=True) from exc
+
+    def write(self, prop: PropertyDefinition, value: object) -> None:
+        v: GpioVisitor = prop.visitor
+        if v.direction != "out":
+            raise WriteError(f"{self.device.id}/{prop.name}: GPIO{v.pin} is an input; it cannot be set")
+        on = bool(value)
+        with self._lock:
+            out = self._outputs.get(v.pin)
+            if out is None:
+                raise WriteError(f"{self.device.id}/{prop.name}: GPIO{v.pin} is not open")
+            try:
+                self.pins.write(v.pin, on != v.active_low)
+            except PinError as exc:
+                raise WriteError(f"{self.device.id}/{prop.name}: {exc}") from exc
+            self._arm_auto_off(prop, out, on)
+
+    def _arm_auto_off(self, prop: PropertyDefinition, out: _Output, on: bool) -> None:
+        v: GpioVisitor = prop.visitor
+        out.generation += 1
+        if out.timer is not None:
+            out.timer.cancel()
+        out.timer = out.off_at = None
+        if on and v.auto_off_s is not None:
+            out.off_at = self.pins.ticks() + v.auto_off_s
+            # The timer switches off even if nobody reads; read() also checks the deadline,
+            # which is what moves a backend with a simulated clock.
+            out.timer = threading.Timer(v.auto_off_s, self._auto_off, (prop, out.generation))
+            out.timer.daemon = True
+            out.timer.name = f"gpio-auto-off[{self.device.id}/{prop.name}]"
+            out.timer.start()
+
+    def _auto_off_due(self, prop: PropertyDefinition) -> None:
+        with self._lock:
+            out = self._outputs[prop.visitor.pin]
+            if out.off_at is not None and self.pins.ticks() >= out.off_at:
+                self._switch_off(prop, out)
+
+    def _auto_off(self, prop: PropertyDefinition, generation: int) -> None:
+        with self._lock:
+            out = self._outputs.get(prop.visitor.pin)
+            if out is not None and out.generation == generation and out.off_at is not None:
+                self._switch_off(prop, out)
+
+    def _switch_off(self, prop: PropertyDefinition, out: _Output) -> None:
+        v: GpioVisitor = prop.visitor
+        try:
+            self.pins.write(v.pin, v.active_low)
+        except PinError as exc:
+            log.error("%s/%s: auto-off of GPIO%d failed: %s", self.device.id, prop.name, v.pin, exc)
+            return
+        if out.timer is not None:
+            out.timer.cancel()
+        out.generation += 1
+        out.off_at = out.timer = None
+        log.warning("%s/%s: switched off after auto_off_s=%g", self.device.id, prop.name, v.auto_off_s)

@@ -1,0 +1,319 @@
+"""The `gpio` driver against FakePins, a backend that models the wire and keeps each pin's history."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from textwrap import dedent
+
+import pytest
+
+from devices.definitions import DeviceDefinition
+from devices.drivers.gpio import GpioDriver
+from devices.errors import DefinitionError, WriteError
+from devices.ids import DeviceId
+from devices.loader import load
+from devices.pins import FakePins, PinInUse, PinInvalid, RPiGPIOPins
+
+MODEL = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: io-model, namespace: default}
+spec:
+  protocol: gpio
+  properties:
+    - {name: relay, type: BOOLEAN, accessMode: ReadWrite}
+    - {name: button, type: BOOLEAN, accessMode: ReadOnly}
+"""
+
+
+def device_yaml(name: str, props: str) -> str:
+    return dedent("""\
+        apiVersion: devices.kubeedge.io/v1beta1
+        kind: Device
+        metadata: {name: %s, namespace: default}
+        spec:
+          deviceModelRef: {name: io-model}
+          protocol: {protocolName: gpio, configData: {pins: fake}}
+          properties:
+        """) % name + props
+
+
+RELAY = """\
+  - name: relay
+    visitors: {protocolName: gpio, configData: %s}
+"""
+BUTTON = """\
+  - name: button
+    visitors: {protocolName: gpio, configData: %s}
+"""
+
+
+def definition(tmp_path: Path, relay: str | None = None, button: str | None = None) -> DeviceDefinition:
+    props = (RELAY % relay if relay else "") + (BUTTON % button if button else "")
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", props))
+    return load([tmp_path]).devices[DeviceId("default", "io")]
+
+
+@pytest.fixture
+def fake() -> FakePins:
+    return FakePins()
+
+
+def opened(defn: DeviceDefinition, fake: FakePins) -> GpioDriver:
+    driver = GpioDriver(defn, pins=fake)
+    driver.open()
+    return driver
+
+
+def test_output_drives_pin_and_reads_back(tmp_path: Path, fake: FakePins) -> None:
+    """A write drives the pin; read returns the level read back from the wire."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out}")
+    driver = opened(defn, fake)
+    relay = defn.prop("relay")
+    assert driver.read(relay) is False
+    driver.write(relay, True)
+    assert driver.read(relay) is True
+    driver.write(relay, False)
+    assert fake.pin(18).states == [False, True, False]
+    assert ("read",) in fake.pin(18).calls
+
+
+def test_active_low_inverts_logic(tmp_path: Path, fake: FakePins) -> None:
+    """active_low: logical on is electrical low, and read-back is inverted too."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, active_low: true}")
+    driver = opened(defn, fake)
+    relay = defn.prop("relay")
+    assert fake.pin(18).level is True  # off = high for an active-low relay board
+    driver.write(relay, True)
+    assert fake.pin(18).level is False
+    assert driver.read(relay) is True
+    assert fake.pin(18).states == [True, False]
+
+
+def test_boot_state_is_applied_at_open(tmp_path: Path, fake: FakePins) -> None:
+    """`initial: true` sets the output on when the pin is opened, with no glitch through off."""
+    defn = definition(tmp_path, relay="{pin: 23, direction: out, initial: true, active_low: true}")
+    driver = opened(defn, fake)
+    assert fake.pin(23).calls[0] == ("setup_output", False)
+    assert fake.pin(23).states == [False]
+    assert driver.read(defn.prop("relay")) is True
+
+
+def test_auto_off_on_the_backend_clock(tmp_path: Path, fake: FakePins) -> None:
+    """An output switched on reverts after auto_off_s; a read after the deadline sees it off."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
+    driver = opened(defn, fake)
+    relay = defn.prop("relay")
+    driver.write(relay, True)
+    fake.advance(59.9)
+    assert driver.read(relay) is True
+    fake.advance(0.2)
+    assert driver.read(relay) is False
+    assert fake.pin(18).states == [False, True, False]
+    driver.close()
+
+
+def test_auto_off_fires_without_reads(tmp_path: Path, fake: FakePins) -> None:
+    """The safety timer switches the output off even when nothing reads it."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 0.05}")
+    driver = opened(defn, fake)
+    driver.write(defn.prop("relay"), True)
+    assert fake.pin(18).wait_for(False, timeout=5)
+    assert fake.pin(18).states == [False, True, False]
+    driver.close()
+
+
+def test_newer_write_cancels_pending_auto_off(tmp_path: Path, fake: FakePins) -> None:
+    """Switching off and on again restarts the auto-off deadline from the new write."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
+    driver = opened(defn, fake)
+    relay = defn.prop("relay")
+    driver.write(relay, True)
+    fake.advance(50)
+    driver.write(relay, False)
+    driver.write(relay, True)
+    fake.advance(50)
+    assert driver.read(relay) is True
+    fake.advance(11)
+    assert driver.read(relay) is False
+    driver.close()
+
+
+def test_input_pull_up_reads_high_until_pressed(tmp_path: Path, fake: FakePins) -> None:
+    """A button to ground on a pulled-up input: released reads false, pressed reads true (active_low)."""
+    defn = definition(tmp_path, button="{pin: 27, direction: in, pull: up, active_low: true}")
+    driver = opened(defn, fake)
+    button = defn.prop("button")
+    assert fake.pin(27).level is True  # the pull-up holds the line high
+    assert driver.read(button) is False
+    fake.pin(27).drive_low()
+    assert driver.read(button) is True
+    fake.pin(27).disconnect()
+    assert driver.read(button) is False
+
+
+def test_input_debounce_reports_only_settled_level(tmp_path: Path, fake: FakePins) -> None:
+    """A bouncing contact is reported only after the line has been stable for debounce_ms."""
+    defn = definition(tmp_path, button="{pin: 27, direction: in, pull: up, active_low: true, debounce_ms: 20}")
+    driver = opened(defn, fake)
+    button = defn.prop("button")
+    fake.pin(27).bounce(False, True, False, True, False, every_s=0.002)
+    assert driver.read(button) is False  # still bouncing: the last settled level is "released"
+    fake.advance(0.010)
+    assert driver.read(button) is False
+    fake.advance(0.011)
+    assert driver.read(button) is True  # 21 ms without an edge: pressed
+    fake.pin(27).drive_high()
+    fake.advance(0.005)
+    assert driver.read(button) is True
+    fake.advance(0.020)
+    assert driver.read(button) is False
+
+
+def test_input_cannot_be_written(tmp_path: Path, fake: FakePins) -> None:
+    """Writing an input is refused with a message naming the pin."""
+    defn = definition(tmp_path, button="{pin: 27, direction: in}")
+    driver = opened(defn, fake)
+    with pytest.raises(WriteError, match="GPIO27 is an input"):
+        driver.write(defn.prop("button"), True)
+
+
+def test_only_declared_pins_touched_and_released_on_close(tmp_path: Path, fake: FakePins) -> None:
+    """open() sets up exactly the declared pins; close() releases all of them, twice is harmless."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out}", button="{pin: 27, direction: in, pull: up}")
+    driver = opened(defn, fake)
+    assert fake.in_use() == [18, 27]
+    driver.close()
+    driver.close()
+    assert fake.in_use() == []
+    assert fake.pin(18).calls[-1] == ("release",)
+    assert fake.pin(27).callback is None
+
+
+def test_failed_open_releases_pins_already_set_up(tmp_path: Path, fake: FakePins) -> None:
+    """If one pin is busy, the pins set up before it are released again."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out}", button="{pin: 27, direction: in}")
+    fake.setup_input(27, pull="off")  # someone else holds GPIO27
+    driver = GpioDriver(defn, pins=fake)
+    with pytest.raises(PinInUse, match="GPIO27"):
+        driver.open()
+    assert fake.in_use() == [27]
+    assert fake.pin(18).calls[-1] == ("release",)
+
+
+def test_two_devices_on_one_pin_is_a_definition_error(tmp_path: Path) -> None:
+    """Two devices claiming GPIO17 fail validation with FILE:LINE of the second claim."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "a.yaml").write_text(device_yaml("a", RELAY % "{pin: 17, direction: out}"))
+    block = "  - name: relay\n    visitors:\n      protocolName: gpio\n      configData:\n        direction: out\n        pin: 17\n"
+    (tmp_path / "b.yaml").write_text(device_yaml("b", block))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    [problem] = info.value.problems
+    assert str(problem) == (
+        "b.yaml:13: spec.properties[0].visitors.configData.pin: gpio:17 is already used by device"
+        " default/a (a.yaml:9)"
+    )
+
+
+def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
+    """The DHT driver claims its pin in the same namespace as gpio, so a relay cannot reuse it."""
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "relay.yaml").write_text(device_yaml("relay", RELAY % "{pin: 4, direction: out}"))
+    sensor = (repo / "devices/examples/pi/room-sensor-dht.yaml").read_text()
+    (tmp_path / "sensor.yaml").write_text(sensor)
+    with pytest.raises(DefinitionError, match=r"gpio:4 is already used by device default/relay"):
+        load([tmp_path], base=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{pin: 28, direction: out}", "pin: GPIO28 is not a BCM pin on the 40-pin header: use 0-27"),
+        ("{pin: 5, direction: sideways}", "'sideways' is not allowed"),
+        ("{pin: 5, direction: out, pull: up}", "pull 'up' applies to inputs only"),
+        ("{pin: 5, direction: in, auto_off_s: 3}", "auto_off_s applies to outputs only"),
+        ("{pin: 5, direction: out, colour: red}", "colour: unknown field"),
+    ],
+)
+def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
+    """Bad pin settings are definition errors that name the field and the fix."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % config))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert message in str(info.value)
+    assert "io.yaml:9:" in str(info.value)
+
+
+def test_fake_pins_refuse_what_a_pi_refuses(fake: FakePins) -> None:
+    """The fake rejects pins outside 0-27, double set-up and writes to inputs, like the hardware."""
+    with pytest.raises(PinInvalid):
+        fake.pin(40)
+    fake.setup_input(5, pull="down")
+    assert fake.read(5) is False
+    with pytest.raises(PinInUse):
+        fake.setup_output(5, level=True)
+    with pytest.raises(Exception, match="set up as 'in'"):
+        fake.write(5, True)
+
+
+class _RecordingGPIO:
+    """Stand-in for the RPi.GPIO module's API surface (constants and calls), to check the adapter's tables."""
+
+    BCM, OUT, IN, HIGH, LOW = "BCM", "OUT", "IN", 1, 0
+    PUD_UP, PUD_DOWN, PUD_OFF = 22, 21, 20
+    RISING, FALLING, BOTH = 31, 32, 33
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):
+        def record(*args, **kwargs):
+            self.calls.append((name, args, kwargs))
+            if name == "setup" and args[0] == 13:
+                raise RuntimeError("No access to /dev/mem.  Try running as root!")
+            if name == "setup" and args[0] == 14:
+                raise ValueError("The channel sent is invalid on a Raspberry Pi")
+            return 1
+
+        return record
+
+
+def test_rpigpio_adapter_translates_and_maps_errors() -> None:
+    """RPiGPIOPins translates pulls/levels to RPi.GPIO constants and maps its bare errors to ours."""
+    gpio = _RecordingGPIO()
+    pins = RPiGPIOPins(gpio)
+    pins.setup_input(5, pull="up")
+    pins.setup_output(6, level=True)
+    assert ("setup", (5, "IN"), {"pull_up_down": 22}) in gpio.calls
+    assert ("setup", (6, "OUT"), {"initial": 1}) in gpio.calls
+    assert pins.read(5) is True
+    with pytest.raises(PinInUse):
+        pins.setup_output(5, level=False)
+    with pytest.raises(Exception, match="gpio` group") as info:
+        pins.setup_output(13, level=False)
+    assert type(info.value).__name__ == "PinUnavailable"
+    with pytest.raises(PinInvalid, match="invalid on a Raspberry Pi"):
+        pins.setup_output(14, level=False)
+    with pytest.raises(PinInvalid, match="unknown pull 'sideways'"):
+        pins.setup_input(7, pull="sideways")  # type: ignore[arg-type]
+    pins.release(5)
+    pins.release(99 - 90)  # never set up: nothing is touched
+    assert ("cleanup", (5,), {}) in gpio.calls
+    assert not any(c[0] == "cleanup" and c[1] == (9,) for c in gpio.calls)
+
+
+def test_shipped_relay_example_runs_on_fake_pins() -> None:
+    """The Pi relay example validates and drives an active-low GPIO17 that starts off."""
+    repo = Path(__file__).resolve().parents[1]
+    defn = load([repo / "devices/examples/pi/relay-gpio.yaml"]).devices[DeviceId("default", "fan-relay-pi")]
+    fake = FakePins()
+    driver = opened(defn, fake)
+    assert fake.pin(17).states == [True]
+    driver.write(defn.prop("power"), True)
+    assert fake.pin(17).states == [True, False]
+    driver.close()
+    assert fake.in_use() == []
