@@ -1,0 +1,255 @@
+"""The `dht` protocol: DHT11 / DHT22 temperature and humidity sensors, via adafruit-circuitpython-dht.
+
+Device `configData`::
+
+    sensor: DHT11          # or DHT22 (AM2302)
+    pin: 4                 # BCM number (physical pin 7)
+    use_pulseio: false     # false = bit-banged reads: what works on a Pi 5
+    min_interval_s: 2.5    # never measure more often than this
+    max_age_s: 10          # a measurement older than this is never served
+
+Each property's visitor names its half of the measurement: `{measurement: temperature}`
+or `{measurement: humidity}`.
+
+One sensor object lives as long as the device (`exit()` on close). One measurement fills
+both properties: a read within `min_interval_s` of the last measurement is served from it,
+if that measurement succeeded and is younger than `max_age_s`; after a failed attempt
+nothing is served until the next measurement. This matters because adafruit_dht silently
+returns its *previous* values when asked again within 2 s, even if the last attempt failed;
+the driver never asks within 2 s, so a stale value is never reported as fresh.
+
+adafruit_dht raises bare RuntimeErrors; they are mapped in one place to `DhtReadError`
+(a retryable ReadError) with a `kind` (checksum, incomplete, not_found, implausible, io)
+that is counted in `failures`. Readings no DHT can produce (below -40 or above 80 C,
+outside 0-100 %RH) are refused; readings outside the sensor's rated range are returned,
+and the device loop flags them out_of_range against the model's minimum/maximum (the
+shipped example model uses the DHT11's rated range).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.drivers.base import Driver
+from devices.errors import DriverError, ReadError
+from devices.pins import BcmPin
+
+log = logging.getLogger("mapper.dht")
+
+# adafruit_dht re-measures only if more than this has passed since its previous call.
+LIBRARY_INTERVAL_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class SensorRange:
+    temperature: tuple[float, float]
+    humidity: tuple[float, float]
+
+
+# Datasheet operating ranges.
+RATED = {"DHT11": SensorRange((0.0, 50.0), (20.0, 90.0)), "DHT22": SensorRange((-40.0, 80.0), (0.0, 100.0))}
+# What any DHT can report at all; beyond this a reading is corruption that passed the checksum.
+PHYSICAL = SensorRange((-40.0, 80.0), (0.0, 100.0))
+
+# adafruit_dht's messages -> our failure kinds.
+_KINDS = (
+    ("checksum", "checksum"),
+    ("full buffer", "incomplete"),
+    ("not found", "not_found"),
+    ("unplausible", "implausible"),
+)
+
+
+class DhtReadError(ReadError):
+    """A DHT read failed; `kind` is checksum, incomplete, not_found, implausible, io or other."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        self.kind = kind
+        super().__init__(message, retryable=True)
+
+
+class DhtConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    sensor: Literal["DHT11", "DHT22"] = "DHT11"
+    pin: BcmPin
+    use_pulseio: bool = False
+    min_interval_s: float = Field(default=2.5, gt=LIBRARY_INTERVAL_S)
+    max_age_s: float = Field(default=10.0, gt=0)
+
+
+class DhtVisitor(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    measurement: Literal["temperature", "humidity"]
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    temperature: float
+    humidity: float
+    taken_at: float
+
+
+def board_pin(bcm: int) -> Any:
+    """The Blinka pin object for a BCM number (`board.D4` for 4)."""
+    try:
+        import board  # noqa: PLC0415 - lazy: Blinka detects the board on import
+    except (ImportError, NotImplementedError, RuntimeError) as exc:
+        raise DriverError(f"cannot load Blinka's `board` ({exc}); install the `pi` extra on a Raspberry Pi") from exc
+    try:
+        return getattr(board, f"D{bcm}")
+    except AttributeError:
+        raise DriverError(f"this board ({getattr(board, 'board_id', '?')}) has no pin D{bcm}") from None
+
+
+def _import_library() -> Any:
+    try:
+        import adafruit_dht  # noqa: PLC0415 - lazy: a laptop runs without the Pi extra
+    except ImportError as exc:
+        raise DriverError(f"adafruit_dht is not installed ({exc}): pip install 'mapper[pi]'") from exc
+    return adafruit_dht
+
+
+@contextlib.contextmanager
+def adafruit_errors(where: str) -> Iterator[None]:
+    """Map adafruit_dht's bare exceptions to DhtReadError (the one boundary)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        text = str(exc)
+        kind = next((k for needle, k in _KINDS if needle in text.lower()), "other")
+        raise DhtReadError(kind, f"{where}: {text}") from exc
+    except OSError as exc:
+        raise DhtReadError("io", f"{where}: {exc}") from exc
+
+
+class DhtDriver(Driver):
+    protocol = "dht"
+    Config = DhtConfig
+    Visitor = DhtVisitor
+    blocking = True
+    # A bit-banged read takes ~0.4 s (0.1 s wake-up, 18 ms start, 0.25 s listening).
+    timeout_s = 3.0
+
+    def __init__(
+        self,
+        device: DeviceDefinition,
+        *,
+        library: Any = None,
+        pin_factory: Callable[[int], Any] = board_pin,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """Args:
+        library: the adafruit_dht module (imported on open when not given); tests pass a
+            copy whose lowest hardware layer is fake.
+        pin_factory: BCM number -> the pin object the library takes.
+        clock: must be the clock the library uses (time.monotonic), see LIBRARY_INTERVAL_S.
+        """
+        super().__init__(device)
+        self.config: DhtConfig
+        self._library = library
+        self._pin_factory = pin_factory
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._sensor: Any = None
+        self._measurement: Measurement | None = None
+        self._last_attempt: float | None = None
+        self._last_error: DhtReadError | None = None
+        self.measurements = 0
+        self.failures: Counter[str] = Counter()
+
+    @classmethod
+    def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        yield f"gpio:{device.protocol_config.pin}", "spec.protocol.configData.pin"
+
+    def open(self) -> None:
+        library = self._library if self._library is not None else _import_library()
+        pin = self._pin_factory(self.config.pin)
+        sensor_cls = getattr(library, self.config.sensor)
+        with adafruit_errors(f"{self.device.id}: cannot open {self.config.sensor} on GPIO{self.config.pin}"):
+            self._sensor = sensor_cls(pin, use_pulseio=self.config.use_pulseio)
+        self._warn_about_model_ranges()
+
+    def close(self) -> None:
+        with self._lock:
+            sensor, self._sensor = self._sensor, None
+        if sensor is not None:
+            sensor.exit()
+
+    def read(self, prop: PropertyDefinition) -> float:
+        measurement = self._current()
+        return measurement.temperature if prop.visitor.measurement == "temperature" else measurement.humidity
+
+    def health(self) -> str:
+        if self._last_error is None:
+            return "ok"
+        counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self.failures.items()))
+        return f"last read failed ({self._last_error.kind}); failures so far: {counts}"
+
+    # -- measuring -------------------------------------------------------------------------
+
+    def _current(self) -> Measurement:
+        with self._lock:
+            if self._sensor is None:
+                raise ReadError(f"{self.device.id}: sensor is not open", retryable=True)
+            now = self._clock()
+            if self._last_attempt is None or now - self._last_attempt >= self.config.min_interval_s:
+                return self._measure()
+            wait = self.config.min_interval_s - (now - self._last_attempt)
+            if self._last_error is not None or self._measurement is None:
+                raise ReadError(f"{self._last_error}; next attempt in {wait:.1f} s", retryable=True)
+            age = now - self._measurement.taken_at
+            if age > self.config.max_age_s:
+                raise ReadError(
+                    f"{self.device.id}: last measurement is {age:.1f} s old (max_age_s {self.config.max_age_s:g});"
+                    f" next attempt in {wait:.1f} s", retryable=True)
+            return self._measurement
+
+    def _measure(self) -> Measurement:
+        try:
+            with adafruit_errors(f"{self.device.id}: {self.config.sensor} on GPIO{self.config.pin}"):
+                # The first property starts a measurement; the second is the library's cache of it.
+                temperature = self._sensor.temperature
+                humidity = self._sensor.humidity
+            measurement = Measurement(float(temperature), float(humidity), self._clock())
+            self._check_physical(measurement)
+        except DhtReadError as exc:
+            self._last_error = exc
+            self.failures[exc.kind] += 1
+            raise
+        finally:
+            # Taken after the call: the library stamps its own start earlier, so "more than
+            # min_interval_s since this" is always more than 2 s for the library too.
+            self._last_attempt = self._clock()
+        self._measurement, self._last_error = measurement, None
+        self.measurements += 1
+        return measurement
+
+    def _check_physical(self, m: Measurement) -> None:
+        (t_lo, t_hi), (h_lo, h_hi) = PHYSICAL.temperature, PHYSICAL.humidity
+        if not (t_lo <= m.temperature <= t_hi and h_lo <= m.humidity <= h_hi):
+            raise DhtReadError(
+                "implausible",
+                f"{self.device.id}: {m.temperature:g} C / {m.humidity:g} %RH is not a possible DHT reading"
+                f" (limits {t_lo:g}-{t_hi:g} C, {h_lo:g}-{h_hi:g} %RH): check the wiring and the pull-up",
+            )
+
+    def _warn_about_model_ranges(self) -> None:
+        rated = RATED[self.config.sensor]
+        for prop in self.device.properties:
+            lo, hi = getattr(rated, prop.visitor.measurement)
+            if prop.minimum is None or prop.maximum is None or prop.minimum < lo or prop.maximum > hi:
+                log.warning(
+                    "%s/%s: model range %s-%s is wider than the %s's rated %g-%g: readings outside the"
+                    " sensor's range will not be flagged out_of_range", self.device.id, prop.name,
+                    prop.minimum, prop.maximum, self.config.sensor, lo, hi,
+                )
