@@ -18,4 +18,10 @@ def build_service(config: MapperConfig) -> MapperService:
         from eventbus.extension import EventBusExtension
 
         service.extensions.append(EventBusExtension(config.mqtt))
+    # Last, so READY=1 can wait for what the other extensions set up (the bus's first attempt).
+    from mapper.systemd import SystemdExtension
+
+    notify = SystemdExtension.from_environ(settings=config.systemd)
+    if notify is not None:
+        service.extensions.append(notify)
     return service

@@ -1,0 +1,155 @@
+"""systemd integration for `Type=notify` units: readiness, status, watchdog, stopping.
+
+A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=notify):
+
+- `READY=1` once the service is ready (twin open, drivers started) and, when the event bus
+  is configured, its first broker connection attempt has finished (`service.bus_first_attempt`);
+- `STATUS=` a one-line summary (devices ok/unhealthy/refused, outbox depth), refreshed when it changes;
+- `WATCHDOG=1` every `WATCHDOG_USEC / 2` from a task on the event loop, so the pings stop
+  when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit);
+- `STOPPING=1` as soon as shutdown starts.
+
+The messages use the documented datagram protocol (sd_notify(3)): one AF_UNIX datagram of
+`KEY=VALUE` lines to the socket named in `NOTIFY_SOCKET`; a leading `@` names an abstract socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.systemd")
+
+
+class Notifier:
+    """Sends sd_notify messages; never raises (a missing systemd must not stop the mapper)."""
+
+    def __init__(self, address: str) -> None:
+        if not address or address[0] not in "/@":
+            raise ValueError(f"NOTIFY_SOCKET {address!r} is not an absolute path or an @abstract name")
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.setblocking(False)  # a full socket buffer must not block the event loop
+
+    def notify(self, *lines: str) -> bool:
+        try:
+            self._sock.sendto("\n".join(lines).encode(), self.address)
+        except OSError as exc:
+            log.debug("sd_notify %s failed: %s", lines, exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
+    """Half of WATCHDOG_USEC, if the watchdog is meant for this process (WATCHDOG_PID)."""
+    usec = env.get("WATCHDOG_USEC", "")
+    owner = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (owner and owner != str(pid)):
+        return None
+    return int(usec) / 2 / 1_000_000
+
+
+def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None) -> str:
+    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued` (pure, for STATUS=)."""
+    counts = Counter(states)
+    total = sum(counts.values()) + refused
+    parts = [f"{n} {state}" for state, n in sorted(counts.items())]
+    if refused:
+        parts.append(f"{refused} refused")
+    text = f"{total} device{'s' if total != 1 else ''}" + (f": {', '.join(parts)}" if parts else "")
+    if outbox is not None:
+        text += f"; outbox {outbox.get('depth', 0)} queued"
+        if outbox.get("dropped"):
+            text += f", {outbox['dropped']} dropped"
+    return text
+
+
+class SystemdExtension:
+    """Args:
+    notifier: where messages go.
+    watchdog_s: seconds between WATCHDOG=1 pings (None: no watchdog).
+    status_every_s: how often the STATUS= summary is recomputed.
+    """
+
+    def __init__(self, notifier: Notifier, *, watchdog_s: float | None = None, status_every_s: float = 5.0) -> None:
+        self.notifier = notifier
+        self.watchdog_s = watchdog_s
+        self.status_every_s = status_every_s
+        self.ready_sent = asyncio.Event()
+        self._stopping_sent = False
+
+    @classmethod
+    def from_environ(cls, env: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None) -> SystemdExtension | None:
+        """The extension for this process, or None when not started by systemd with Type=notify."""
+        env = os.environ if env is None else env
+        address = env.get("NOTIFY_SOCKET")
+        if not address:
+            return None
+        return cls(Notifier(address), watchdog_s=watchdog_interval(env, os.getpid()),
+                   status_every_s=float((settings or {}).get("status_every_s", 5.0)))
+
+    async def setup(self, service: MapperService) -> None:
+        self.notifier.notify("STATUS=starting: twin open, starting devices")
+
+    async def run(self, service: MapperService) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                if self.watchdog_s:
+                    tg.create_task(self._watchdog(), name="systemd-watchdog")
+                tg.create_task(self._ready_then_status(service), name="systemd-status")
+        except asyncio.CancelledError:
+            self._stopping()
+            raise
+
+    async def shutdown(self, service: MapperService) -> None:
+        self._stopping()
+        self.notifier.notify("STATUS=stopped")
+        self.notifier.close()
+
+    def _stopping(self) -> None:
+        if not self._stopping_sent:
+            self._stopping_sent = True
+            self.notifier.notify("STOPPING=1", "STATUS=stopping: closing drivers, flushing the twin")
+
+    async def _watchdog(self) -> None:
+        # Runs on the event loop: if the loop hangs, the pings stop and systemd restarts us.
+        assert self.watchdog_s is not None
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(self.watchdog_s)
+
+    async def _ready_then_status(self, service: MapperService) -> None:
+        await service.ready.wait()
+        first_attempt = getattr(service, "bus_first_attempt", None)
+        if first_attempt is not None and not first_attempt.is_set():
+            self.notifier.notify("STATUS=devices started; waiting for the first broker connection attempt")
+            await first_attempt.wait()
+        status = await self._status(service)
+        self.notifier.notify("READY=1", f"STATUS={status}")
+        self.ready_sent.set()
+        log.info("told systemd we are ready: %s", status)
+        while True:
+            await asyncio.sleep(self.status_every_s)
+            latest = await self._status(service)
+            if latest != status:
+                status = latest
+                self.notifier.notify(f"STATUS={status}")
+
+    async def _status(self, service: MapperService) -> str:
+        outbox = None
+        with contextlib.suppress(Exception):  # the summary must never stop the notifications
+            outbox = await service.twin(lambda s: s.outbox_stats())
+        states = [runner.state for runner in service.runners.values()]
+        return status_line(states, len(service.refused), outbox)
