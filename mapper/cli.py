@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 
 import orjson
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from devices.loader import load
+from devices.loader import LoadResult, load
 from mapper import __version__, logs
 from mapper.config import MapperConfig, load_config
 from twin.store import TwinError, TwinStore
@@ -52,12 +55,71 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         stop = asyncio.Event()
+        hup = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await service.run(stop)
+        loop.add_signal_handler(signal.SIGHUP, hup.set)
+        reloader = asyncio.create_task(_reload_on_sighup(service, config, hup, stop), name="sighup-reload")
+        try:
+            await service.run(stop)
+        finally:
+            reloader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reloader
 
     asyncio.run(main())
+    return 0
+
+
+async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
+    """SIGHUP: reload the device files; restart only devices whose definition changed."""
+    await service.ready.wait()
+    while True:
+        await hup.wait()
+        hup.clear()
+        if not stop.is_set():
+            await reload_devices(service, config)
+
+
+async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
+    """Load the device files again and switch to them; an invalid set keeps the running one."""
+    reload_log = logging.getLogger("mapper.reload")
+    reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
+    try:
+        result = await asyncio.to_thread(load, config.devices) if config.devices else LoadResult()
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            reload_log.error("reload refused: %s", problem)
+        reload_log.error("reload refused: %d error(s); still running the previous devices", len(exc.problems))
+        return False
+    for warning in result.warnings:
+        reload_log.warning("%s", warning)
+    changes = await service.update_devices(result)
+    reload_log.info("reload done: %s", "; ".join(
+        f"{what} {', '.join(map(str, ids))}" for what, ids in changes.items() if ids) or "nothing changed")
+    return True
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    from mapper.systemd import UnitSettings, existing_groups, install_service, render_unit
+
+    config_path = Path(args.config).resolve()
+    _config(str(config_path))  # refuse to install a service that cannot start
+    groups, missing = existing_groups(args.groups)
+    for group in missing:
+        print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
+              file=sys.stderr)
+    settings = UnitSettings(config=config_path, user=args.user, groups=tuple(groups),
+                            watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec)
+    unit = render_unit(settings)
+    if args.dry_run:
+        print(unit, end="")
+        return 0
+    for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only):
+        print(line)
+    if not args.unit_only:
+        print("next: sudo systemctl enable --now mapper; then: systemctl status mapper; journalctl -u mapper -f")
     return 0
 
 
@@ -155,6 +217,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("value")
     s.add_argument("--config", "-c", required=True)
     s.set_defaults(fn=cmd_twin_set)
+
+    i = sub.add_parser("install-service", help="write a systemd unit for this installation (run with sudo)")
+    i.add_argument("--config", "-c", required=True, help="the config file the service runs with")
+    i.add_argument("--dry-run", action="store_true", help="print the unit and change nothing")
+    i.add_argument("--user", default="mapper", help="the service user, created if missing (default: mapper)")
+    i.add_argument("--groups", nargs="*", default=["gpio"], help="extra groups for the user (default: gpio)")
+    i.add_argument("--unit-file", default="/etc/systemd/system/mapper.service")
+    i.add_argument("--watchdog-sec", type=int, default=30)
+    i.add_argument("--stop-timeout-sec", type=int, default=30)
+    i.add_argument("--unit-only", action="store_true", help="only write the unit file (no user, no systemctl)")
+    i.set_defaults(fn=cmd_install_service)
 
     d = sub.add_parser("devices", help="list devices with their state and last reading")
     d.add_argument("--config", "-c", required=True)

@@ -9,6 +9,8 @@ A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=
   when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit);
 - `STOPPING=1` as soon as shutdown starts.
 
+`render_unit` / `install_service` write the unit for `mapper install-service`.
+
 The messages use the documented datagram protocol (sd_notify(3)): one AF_UNIX datagram of
 `KEY=VALUE` lines to the socket named in `NOTIFY_SOCKET`; a leading `@` names an abstract socket.
 """
@@ -17,11 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import grp
 import logging
 import os
+import pwd
 import socket
+import subprocess
+import sys
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from string import Template
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -153,3 +163,103 @@ class SystemdExtension:
             outbox = await service.twin(lambda s: s.outbox_stats())
         states = [runner.state for runner in service.runners.values()]
         return status_line(states, len(service.refused), outbox)
+
+
+# -- the unit file (`mapper install-service`) --------------------------------------------------
+
+UNIT_TEMPLATE = "mapper.service"  # shipped in this package
+STATE_DIR = Path("/var/lib/mapper")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnitSettings:
+    config: Path
+    python: str = sys.executable
+    user: str = "mapper"
+    groups: tuple[str, ...] = ("gpio",)
+    watchdog_sec: int = 30
+    stop_timeout_sec: int = 30
+
+
+def systemd_quote(arg: str) -> str:
+    """One ExecStart= word: `%` and `$` escaped, quoted when it holds spaces or quotes."""
+    escaped = arg.replace("%", "%%").replace("$", "$$")
+    if any(c.isspace() or c in "\"'\\;" for c in escaped):
+        return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return escaped
+
+
+def render_unit(settings: UnitSettings) -> str:
+    """The unit for this installation, from the template shipped in the package."""
+    template = resources.files("mapper").joinpath(UNIT_TEMPLATE).read_text(encoding="utf-8")
+    command = [settings.python, "-m", "mapper", "run", "--config", str(settings.config)]
+    return Template(template).substitute(
+        exec_start=" ".join(systemd_quote(word) for word in command),
+        user=settings.user,
+        groups=" ".join(settings.groups),
+        watchdog_sec=settings.watchdog_sec,
+        stop_timeout_sec=settings.stop_timeout_sec,
+    )
+
+
+def existing_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(groups that exist on this system, groups that do not)."""
+    found, missing = [], []
+    for name in names:
+        try:
+            grp.getgrnam(name)
+            found.append(name)
+        except KeyError:
+            missing.append(name)
+    return found, missing
+
+
+def unreachable_for_others(path: Path) -> Path | None:
+    """The first directory above `path` that other users cannot enter (Bookworm homes are 0700)."""
+    for parent in reversed(path.parents):
+        with contextlib.suppress(OSError):
+            if not parent.stat().st_mode & 0o001:
+                return parent
+    return None
+
+
+def install_service(
+    unit: str, settings: UnitSettings, unit_file: Path, *, system: bool = True,
+    run: Callable[[list[str]], object] = lambda cmd: subprocess.run(cmd, check=True),
+) -> Iterator[str]:
+    """Create the service user, write the unit, reload systemd; yields a line per thing done.
+
+    With `system=False` only the unit file is written (no user, no systemctl).
+    """
+    if system:
+        try:
+            pwd.getpwnam(settings.user)
+        except KeyError:
+            run(["useradd", "--system", "--user-group", "--home-dir", str(STATE_DIR), "--no-create-home",
+                 "--shell", "/usr/sbin/nologin", settings.user])
+            yield f"created system user {settings.user!r}"
+        for group in settings.groups:
+            run(["usermod", "--append", "--groups", group, settings.user])
+            yield f"added {settings.user!r} to group {group!r}"
+    unit_file.parent.mkdir(parents=True, exist_ok=True)
+    unit_file.write_text(unit, encoding="utf-8")
+    yield f"wrote {unit_file}"
+    if system:
+        run(["systemctl", "daemon-reload"])
+        yield "ran systemctl daemon-reload"
+    if not _installed():
+        yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
+               " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")
+    for path in (Path(settings.python), settings.config):
+        blocked = unreachable_for_others(path)
+        if blocked is not None:
+            yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path};"
+                   " move the installation (e.g. to /opt/mapper) or open that directory")
+
+
+def _installed() -> bool:
+    try:
+        metadata.distribution("mapper")
+    except metadata.PackageNotFoundError:
+        return False
+    return True

@@ -1,0 +1,94 @@
+"""`mapper install-service`: the unit rendered from the packaged template, checked by systemd-analyze where it exists."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import write_config, write_devices
+from mapper.cli import main
+from mapper.systemd import UnitSettings, install_service, render_unit, systemd_quote
+
+ANALYZE = shutil.which("systemd-analyze")
+
+
+def unit_lines(unit: str) -> list[str]:
+    return [line for line in unit.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    devices = write_devices(tmp_path / "dev", ["a"])
+    return write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+
+
+def test_dry_run_prints_unit_for_this_interpreter_and_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--dry-run prints a unit whose ExecStart runs this Python on the given config, and changes nothing."""
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    lines = unit_lines(capsys.readouterr().out)
+    assert f"ExecStart={sys.executable} -m mapper run --config {config.resolve()}" in lines
+    for expected in ("Type=notify", "WatchdogSec=30", "User=mapper", "StateDirectory=mapper",
+                     "ReadWritePaths=/var/lib/mapper", "NoNewPrivileges=yes", "ProtectSystem=strict",
+                     "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5", "TimeoutStopSec=30",
+                     "ExecReload=/bin/kill -HUP $MAINPID", "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db"):
+        assert expected in lines, expected
+
+
+def test_install_refuses_an_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config that would not start is reported with FILE:LINE, and no unit is written."""
+    bad = tmp_path / "mapper.yaml"
+    bad.write_text("node: pi\ntwin:\n  synchronous: SOMETIMES\n")
+    unit_file = tmp_path / "mapper.service"
+    assert main(["install-service", "--config", str(bad), "--unit-file", str(unit_file), "--unit-only"]) == 1
+    assert "mapper.yaml:3" in capsys.readouterr().err
+    assert not unit_file.exists()
+
+
+def test_unit_only_writes_the_file_and_says_so(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--unit-only writes the unit where asked and prints what it did."""
+    unit_file = tmp_path / "units" / "mapper.service"
+    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--groups"]) == 0
+    assert f"wrote {unit_file}" in capsys.readouterr().out
+    assert "Type=notify" in unit_file.read_text()
+
+
+def test_install_creates_user_and_reloads_systemd(config: Path, tmp_path: Path) -> None:
+    """Without --unit-only: a missing user is created (system user, own group), groups added, daemon-reload run."""
+    commands: list[list[str]] = []
+    settings = UnitSettings(config=config, user="mapper-test-nonexistent", groups=("gpio",))
+    unit_file = tmp_path / "mapper.service"
+    done = list(install_service(render_unit(settings), settings, unit_file, run=commands.append))
+    assert commands[0][:3] == ["useradd", "--system", "--user-group"]
+    assert commands[0][-1] == "mapper-test-nonexistent"
+    assert commands[1] == ["usermod", "--append", "--groups", "gpio", "mapper-test-nonexistent"]
+    assert commands[2] == ["systemctl", "daemon-reload"]
+    assert done[:4] == ["created system user 'mapper-test-nonexistent'",
+                        "added 'mapper-test-nonexistent' to group 'gpio'", f"wrote {unit_file}",
+                        "ran systemctl daemon-reload"]
+
+
+def test_paths_with_spaces_and_percent_are_quoted(tmp_path: Path) -> None:
+    """ExecStart words are escaped for systemd: spaces quoted, % and $ doubled."""
+    assert systemd_quote("/opt/my mapper/conf.yaml") == '"/opt/my mapper/conf.yaml"'
+    assert systemd_quote("/etc/100%/$HOME") == "/etc/100%%/$$HOME"
+    unit = render_unit(UnitSettings(config=Path("/opt/my mapper/mapper.yaml"), python="/usr/bin/python3", groups=()))
+    assert 'ExecStart=/usr/bin/python3 -m mapper run --config "/opt/my mapper/mapper.yaml"' in unit_lines(unit)
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+def test_rendered_unit_passes_systemd_analyze_verify(config: Path, tmp_path: Path) -> None:
+    """`systemd-analyze verify` accepts the generated unit (and rejects a broken one, so the check can fail)."""
+    good = tmp_path / "mapper.service"
+    good.write_text(render_unit(UnitSettings(config=config, groups=())))
+    result = subprocess.run([ANALYZE, "verify", "--man=no", str(good)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "mapper.service" not in result.stderr, result.stderr
+    broken = tmp_path / "broken.service"
+    broken.write_text(good.read_text().replace("ExecStart=", "ExecStart=relative/python "))
+    result = subprocess.run([ANALYZE, "verify", "--man=no", str(broken)], capture_output=True, text=True, check=False)
+    assert result.returncode != 0 or "broken.service" in result.stderr

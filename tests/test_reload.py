@@ -1,0 +1,91 @@
+"""SIGHUP reloads device files in a running `mapper run`: only changed devices restart; invalid files are refused."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.ids import DeviceId
+from helpers import device_yaml, wait_for, write_config, write_devices
+from twin.store import TwinStore
+
+REPO = Path(__file__).resolve().parents[1]
+A, B = DeviceId("default", "a"), DeviceId("default", "b")
+
+
+class Mapper:
+    """`python -m mapper run` in tmp_path (so problems are labelled dev/...), its log in a file."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.devices = write_devices(tmp / "dev", ["a", "b"], cycle=20)
+        self.twin = tmp / "twin.db"
+        config = write_config(tmp / "mapper.yaml", self.devices, self.twin)
+        self.log_path = tmp / "mapper.log"
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        with self.log_path.open("w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)],
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, pattern: str, count: int = 1) -> str:
+        return wait_for(lambda: len(re.findall(pattern, self.log())) >= count and self.log(),
+                        what=f"{count} x {pattern!r} in the log")
+
+    def count(self, device: DeviceId) -> int:
+        """The counter property's reported value: it restarts from 0 when the device's driver is recreated."""
+        with TwinStore.open(self.twin) as store:
+            value = store.device(device).properties["count"].reported
+        return -1 if value is None else int(value)
+
+    def counts_above(self, minimum: dict[DeviceId, int]) -> dict[DeviceId, int]:
+        counts = {d: self.count(d) for d in minimum}
+        return counts if all(counts[d] > m for d, m in minimum.items()) else {}
+
+
+@pytest.fixture
+def mapper(tmp_path: Path) -> Iterator[Mapper]:
+    running = Mapper(tmp_path)
+    yield running
+    if running.proc.poll() is None:
+        running.proc.kill()
+        running.proc.wait()
+
+
+def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: Mapper) -> None:
+    """Edit b, SIGHUP: b restarts (its counter resets), a keeps counting; an invalid edit is refused; SIGTERM exits 0."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    before = wait_for(lambda: mapper.counts_above({A: 10, B: 10}), what="both devices counting")
+
+    (mapper.devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{seed: 7}"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload done: ")
+    assert "reload done: changed default/b" in log
+    assert "devices updated: 0 added, 1 changed, 0 removed" in log
+    restarted = wait_for(lambda: (b := mapper.count(B)) < before[B] and {A: mapper.count(A), B: b},
+                         what="b's counter to restart")
+    assert restarted[A] >= before[A], "device a was restarted although its file did not change"
+
+    good_b = (mapper.devices / "b.yaml").read_text()
+    (mapper.devices / "b.yaml").write_text(good_b.replace("collectCycle: 20", "collectCycle: -5", 1))
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: \d+ error")
+    line = next(n for n, text in enumerate((mapper.devices / "b.yaml").read_text().splitlines(), 1)
+                if "collectCycle: -5" in text)
+    assert re.search(rf"reload refused: dev/b\.yaml:{line}: spec\.properties\[0\]\.collectCycle: ", log), log
+    refused_at = {A: mapper.count(A), B: mapper.count(B)}
+    wait_for(lambda: mapper.counts_above({A: refused_at[A] + 5, B: refused_at[B] + 5}),
+             what="both devices still counting after the refused reload")
+    assert len(re.findall(r"reload done: ", mapper.log())) == 1
+
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0
+    assert "stopped: drivers closed, twin flushed" in mapper.log()
