@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from textwrap import dedent
 
@@ -13,6 +14,10 @@ from devices.errors import DefinitionError, WriteError
 from devices.ids import DeviceId
 from devices.loader import load
 from devices.pins import FakePins, PinInUse, PinInvalid, RPiGPIOPins
+from helpers import async_wait_for, write_config
+from mapper.config import load_config
+from mapper.service import MapperService
+from twin.store import TwinStore
 
 MODEL = """\
 apiVersion: devices.kubeedge.io/v1beta1
@@ -317,3 +322,36 @@ def test_shipped_relay_example_runs_on_fake_pins() -> None:
     assert fake.pin(17).states == [True, False]
     driver.close()
     assert fake.in_use() == []
+
+
+async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -> None:
+    """In a running service, a desired `power: true` drives the (fake) pin and is reported back as applied."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "model.yaml").write_text(MODEL)
+    (devices / "io.yaml").write_text(
+        device_yaml("io", RELAY % "{pin: 18, direction: out, active_low: true}").replace(
+            "visitors:", "collectCycle: 50\n    visitors:"))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    device = DeviceId("default", "io")
+    try:
+        driver = service.runners[device].driver
+        assert isinstance(driver.pins, FakePins)
+        with TwinStore.open(config.twin.path) as store:
+            store.set_desired(device, "relay", "true")
+
+        def applied() -> bool:
+            with TwinStore.open(config.twin.path) as store:
+                prop = store.device(device).properties["relay"]
+            return prop.reported is True and not prop.delta
+
+        await async_wait_for(applied, what="relay reported on")
+        assert driver.pins.pin(18).level is False  # active low: on = electrical low
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert driver.pins.in_use() == []  # released on shutdown
