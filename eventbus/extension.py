@@ -82,7 +82,8 @@ class EventBusExtension:
         if self.bus is None or self.topics is None:
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
-            await asyncio.wait_for(self.bus.publish(self.topics.node_availability(), b"offline", retain=True), 3)
+            async with asyncio.timeout(3):
+                await self.bus.publish(self.topics.node_availability(), b"offline", retain=True)
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None

@@ -75,7 +75,8 @@ class OutboxPublisher:
         self._last_queued = 0
         self._failed.clear()
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._bus.disconnected.wait(), 5)
+            async with asyncio.timeout(5):
+                await self._bus.disconnected.wait()
 
     async def _next_rows(self) -> list[OutboxRow]:
         while True:
@@ -140,7 +141,8 @@ class OutboxPublisher:
     async def _ack_loop(self) -> None:
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._ack_wake.wait(), self._ack_delay_s)
+                async with asyncio.timeout(self._ack_delay_s):
+                    await self._ack_wake.wait()
             self._ack_wake.clear()
             await self._flush_acks()
 

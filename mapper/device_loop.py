@@ -79,7 +79,8 @@ class DeviceRunner:
         future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
         self._inflight = future
         try:
-            return await asyncio.wait_for(asyncio.shield(future), self.driver.timeout_s)
+            async with asyncio.timeout(self.driver.timeout_s):
+                return await asyncio.shield(future)
         except TimeoutError:
             raise DriverError(f"{self.id}: no answer within {self.driver.timeout_s:g} s") from None
 

@@ -45,7 +45,8 @@ class Recorder:
             await self._has_data.wait()
             if len(self._pending) < self._batch_max and self._batch_delay_s > 0:
                 try:
-                    await asyncio.wait_for(self._full.wait(), self._batch_delay_s)
+                    async with asyncio.timeout(self._batch_delay_s):
+                        await self._full.wait()
                 except TimeoutError:
                     pass
             try:

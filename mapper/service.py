@@ -210,7 +210,8 @@ class MapperService:
         last_version = None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._desired_wake.wait(), interval)
+                async with asyncio.timeout(interval):  # not wait_for: 3.11's can swallow a cancel
+                    await self._desired_wake.wait()
             woken = self._desired_wake.is_set()
             self._desired_wake.clear()
             version = await self.twin(lambda s: s.conn.execute("PRAGMA data_version").fetchone()[0])

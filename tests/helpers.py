@@ -32,6 +32,8 @@ spec:
     - name: count
       type: INT
       accessMode: ReadWrite
+      minimum: "0"
+      maximum: "100000000"
 """
 
 DEVICE = """\

@@ -1,0 +1,70 @@
+"""Run the mapper as a user would (`python -m mapper run`), connected to a test broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from brokers import MosquittoBroker
+from helpers import wait_for, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def mqtt_block(broker: MosquittoBroker, tmp: Path, *, user: str = "mapper", extra: str = "") -> str:
+    secret = tmp / f"{user}.password"
+    secret.write_text(broker.users[user])
+    secret.chmod(0o600)
+    return (f"mqtt:\n  url: mqtt://{broker.host}:{broker.port}\n  username: {user}\n"
+            f"  password_file: {secret}\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n{extra}")
+
+
+class MapperProcess:
+    """`python -m mapper run --config ...` in a subprocess, log to a file, always stopped."""
+
+    def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, *, node: str = "test-node",
+                 extra: str = "", name: str = "mapper") -> None:
+        self.tmp = tmp
+        self.twin_path = tmp / f"{name}-twin.db"
+        mqtt = mqtt_block(broker, tmp, extra=extra) if broker else ""
+        self.config = write_config(tmp / f"{name}.yaml", devices, self.twin_path, node=node, extra=mqtt)
+        self.log_path = tmp / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> MapperProcess:
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ.copy())
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def wait_log(self, text: str, timeout: float = 15.0, count: int = 1) -> None:
+        wait_for(lambda: self.log().count(text) >= count, timeout=timeout, what=f"{text!r} in the mapper log")
+
+    def stop(self) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=20)
+        self.process = None
+        return code
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=10)
+        self.process = None
+
+    def __enter__(self) -> MapperProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)

@@ -1,0 +1,164 @@
+"""KubeEdge's $hw/events twin protocol over a real Mosquitto, driven the way an app author would."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+import queue
+import uuid
+
+import pytest
+
+from helpers import write_devices
+from mapper_proc import MapperProcess
+
+HW = "$hw/events/device/default/lamp"
+
+
+class Sub:
+    """`mosquitto_sub -v` in the background; lines arrive in a queue."""
+
+    def __init__(self, broker, user: str, *topics: str) -> None:
+        args = ["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-u", user, "-P", broker.users[user],
+                "-i", f"sub-{uuid.uuid4().hex[:8]}", "-q", "1", "-F", "%t %p"]
+        for topic in topics:
+            args += ["-t", topic]
+        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            topic, _, payload = line.rstrip("\n").partition(" ")
+            self.lines.put((topic, payload))
+
+    def expect(self, topic: str, predicate=lambda body: True, timeout: float = 10.0) -> dict:
+        """The next message on `topic` whose JSON body satisfies `predicate` (others are skipped)."""
+        import time
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                got, payload = self.lines.get(timeout=left)
+            except queue.Empty:
+                break
+            if got == topic:
+                body = json.loads(payload)
+                if predicate(body):
+                    return body
+        raise AssertionError(f"no matching message on {topic} within {timeout} s")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=5)
+        self.proc.stdout.close()
+
+
+def pub(broker, topic: str, payload: str, user: str = "app") -> None:
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", user, "-P", broker.users[user],
+                    "-i", f"pub-{uuid.uuid4().hex[:8]}", "-q", "1", "-t", topic, "-m", payload],
+                   check=True, timeout=10)
+
+
+@pytest.fixture
+def lamp(broker, tmp_path):
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "$hw/events/device/default/+/#", "mapper/test-node/#", "$hw/events/node/#")
+        try:
+            yield mapper, sub
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
+
+
+def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
+    """twin/update with expected -> result, document, delta; then the device reports it and the delta is gone."""
+    mapper, sub = lamp
+    sub.expect("mapper/test-node/default/lamp/power", lambda b: b["value"] is False)
+    pub(broker, f"{HW}/twin/update", '{"event_id":"e1","timestamp":0,"twin":{"power":{"expected":{"value":"true"}}}}')
+    result = sub.expect(f"{HW}/twin/update/result")
+    assert result["event_id"] == "e1" and result["twin"]["power"]["expected"]["value"] == "true"
+    document = sub.expect(f"{HW}/twin/update/document", lambda b: b["event_id"] == "e1")
+    assert document["twin"]["power"]["current"]["expected_version"]["edge"] == 1
+    delta = sub.expect(f"{HW}/twin/update/delta")
+    assert delta["delta"] == {"power": "true"}
+    final = sub.expect(f"{HW}/twin/update/document",
+                       lambda b: b["twin"]["power"]["current"].get("actual", {}).get("value") == "true")
+    assert final["twin"]["power"]["current"]["expected"]["value"] == "true"
+    pub(broker, f"{HW}/twin/get", '{"event_id":"g1"}')
+    got = sub.expect(f"{HW}/twin/get/result")
+    assert got["event_id"] == "g1"
+    assert got["twin"]["power"]["actual"]["value"] == "true" == got["twin"]["power"]["expected"]["value"]
+    assert float(got["twin"]["temperature"]["actual"]["value"]) > 0  # readings appear as actual
+    assert got["twin"]["temperature"]["metadata"] == {"type": "float"}
+    sub.expect("mapper/test-node/default/lamp/power", lambda b: b["value"] is True)
+
+
+@pytest.mark.parametrize(("payload", "code", "reason"), [
+    ('{"event_id":"x1","twin":{"power":{"expected":{"value":"maybe"}}}}', 400, "expected a boolean"),
+    ('{"event_id":"x2","twin":{"temperature":{"expected":{"value":"5"}}}}', 400, "ReadOnly"),
+    ('{"event_id":"x3","twin":{"nope":{"expected":{"value":"5"}}}}', 400, "has no property 'nope'"),
+    ('{"event_id":"x4","twin":{"count":{"expected":{"value":"-4"}}}}', 400, "below the minimum"),
+    ('{"event_id":"x5","twin":{"power":{"actual":{"value":"true"}}}}', 400, "reported by the device"),
+    ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
+    ('[1,2,3]', 400, "must be a JSON object"),
+])
+def test_bad_updates_get_edgecore_errors(broker, lamp, payload, code, reason):
+    """Wrong type, read-only, unknown property, out of range, actual, malformed JSON: 400 with a reason."""
+    mapper, sub = lamp
+    pub(broker, f"{HW}/twin/update", payload)
+    reply = sub.expect(f"{HW}/twin/update/result")
+    assert reply["code"] == code and reason in reply["reason"], reply
+    expected_id = json.loads(payload)["event_id"] if payload.startswith('{"event_id":"x') and "x6" not in payload else ""
+    assert reply["event_id"] == expected_id
+
+
+def test_unknown_device_is_404_and_old_version_is_409(broker, lamp):
+    """An unknown device gets 404; an update with a version older than stored gets 409."""
+    mapper, sub = lamp
+    pub(broker, "$hw/events/device/default/ghost/twin/update", '{"event_id":"u1","twin":{"power":{"expected":{"value":"true"}}}}')
+    reply = sub.expect("$hw/events/device/default/ghost/twin/update/result")
+    assert (reply["code"], reply["event_id"]) == (404, "u1")
+    for i in range(2):
+        pub(broker, f"{HW}/twin/update", '{"event_id":"v%d","twin":{"count":{"expected":{"value":"%d"}}}}' % (i, i + 10))
+        sub.expect(f"{HW}/twin/update/result", lambda b, i=i: b["event_id"] == f"v{i}")
+    pub(broker, f"{HW}/twin/update",
+        '{"event_id":"old","twin":{"count":{"expected":{"value":"1"},"expected_version":{"edge":1}}}}')
+    reply = sub.expect(f"{HW}/twin/update/result", lambda b: b["event_id"] == "old")
+    assert reply["code"] == 409 and "older than the stored version 2" in reply["reason"]
+
+
+def test_oversized_payload_is_refused(broker, lamp):
+    """A payload over the limit is refused with 400 and never parsed."""
+    mapper, sub = lamp
+    big = '{"event_id":"big","twin":{"power":{"expected":{"value":"' + "x" * 70_000 + '"}}}}'
+    pub(broker, f"{HW}/twin/update", big)
+    reply = sub.expect(f"{HW}/twin/update/result")
+    assert reply["code"] == 400 and "larger than the limit" in reply["reason"]
+
+
+def test_membership_state_and_plain_set_topic(broker, lamp):
+    """membership/get lists the node's devices; state/update is answered; `.../set` applies a value."""
+    mapper, sub = lamp
+    pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m1"}', user="mapper")
+    members = sub.expect("$hw/events/node/test-node/membership/get/result")
+    assert members["event_id"] == "m1" and [d["id"] for d in members["devices"]] == ["default/lamp"]
+    pub(broker, "mapper/test-node/default/lamp/count/set", "500")
+    sub.expect("mapper/test-node/default/lamp/count", lambda b: 500 <= b["value"] < 600)
+    pub(broker, f"{HW}/state/update", '{"event_id":"s1","state":"online"}', user="mapper")
+    state = sub.expect(f"{HW}/state/update/result")
+    assert state["device"]["name"] == "lamp" and state["device"]["state"] == "online"
+    assert state["device"]["lastOnlineTime"].endswith("Z")
+
+
+def test_telemetry_payload_and_sequence(broker, lamp):
+    """Telemetry carries value, unit, ts (ms) and a seq that counts up by one per topic."""
+    mapper, sub = lamp
+    first = sub.expect("mapper/test-node/default/lamp/temperature")
+    second = sub.expect("mapper/test-node/default/lamp/temperature")
+    assert second["seq"] == first["seq"] + 1
+    assert first["unit"] == "Celsius" and 1_700_000_000_000 < first["ts"] <= second["ts"]
+    state = sub.expect("mapper/test-node/default/lamp/state")
+    assert set(state) >= {"temperature", "power", "count", "ts", "state", "seq"}
