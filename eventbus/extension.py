@@ -77,13 +77,24 @@ class EventBusExtension:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
 
-    async def shutdown(self, service: MapperService) -> None:
-        """Publish `offline` for the node before leaving (the last will covers a crash)."""
-        if self.bus is None or self.topics is None:
+    async def before_stop(self, service: MapperService) -> None:
+        """On a clean stop: send what is queued (bounded), then `offline` for the node.
+
+        The last will covers a crash; anything not sent in time stays in the outbox for the next start.
+        """
+        if self.bus is None or self.topics is None or self.publisher is None or not self.bus.connected.is_set():
             return
+        try:
+            async with asyncio.timeout(self.settings.drain_on_stop_s):
+                await self.publisher.drain()
+        except TimeoutError:
+            log.warning("stopping with messages still queued in the outbox; they are sent at the next start")
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(3):
                 await self.bus.publish(self.topics.node_availability(), b"offline", retain=True)
+
+    async def shutdown(self, service: MapperService) -> None:
+        return None
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None

@@ -123,7 +123,12 @@ class OutboxPublisher:
                 self._last_queued = row.id
                 task = asyncio.create_task(self._publish(row, window))
                 self._inflight.add(task)
-                task.add_done_callback(self._inflight.discard)
+                task.add_done_callback(self._settled)
+
+    def _settled(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        if not self._inflight and not self._live and not self._backlog:
+            self.idle.set()
 
     async def _publish(self, row: OutboxRow, window: asyncio.Semaphore) -> None:
         try:
@@ -152,5 +157,7 @@ class OutboxPublisher:
         ids, self._acked = self._acked, []
         await self._worker.call(lambda s: s.outbox_sent(ids))
 
-    async def wait_idle(self) -> None:
+    async def drain(self) -> None:
+        """Wait until everything committed so far was acknowledged and deleted from the outbox."""
         await self.idle.wait()
+        await self._flush_acks()

@@ -48,6 +48,8 @@ class MqttSettings(BaseModel):
     max_payload_bytes: int = Field(default=65_536, ge=256)
     # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
     serve_twin_protocol: bool = True
+    # On a clean stop, wait this long for queued messages to be acknowledged.
+    drain_on_stop_s: float = Field(default=5.0, ge=0)
     # Session kept by the broker while the mapper is away, so desired values sent meanwhile are delivered.
     session_expiry_s: int = Field(default=86_400, ge=0)
 

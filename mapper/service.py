@@ -106,11 +106,27 @@ class MapperService:
                     )
                     self.ready.set()
                     await stop.wait()
+                    await self._wind_down()
                     raise _Stop
             except* _Stop:
                 pass
             finally:
                 await self._shutdown()
+
+    async def _wind_down(self) -> None:
+        """Before the task group is cancelled: stop devices, commit their last readings, and let
+        extensions that need the running tasks (the event bus draining its outbox) finish."""
+        for device_id in list(self._tasks):
+            await self.stop_device(device_id)
+        if self.recorder is not None:
+            await self.recorder.flush()
+        for ext in self.extensions:
+            before_stop = getattr(ext, "before_stop", None)
+            if before_stop is not None:
+                try:
+                    await before_stop(self)
+                except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
+                    log.warning("%s: error while stopping: %s", type(ext).__name__, exc)
 
     async def _shutdown(self) -> None:
         for runner in self.runners.values():

@@ -1,0 +1,134 @@
+"""Store-and-forward with real brokers: a broker outage and a SIGKILL lose no committed reading."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from brokers import MosquittoBroker, ensure_mosquitto_installed
+from helpers import wait_for, write_devices
+from mapper_proc import MapperProcess
+
+DEVICES = ["s1", "s2", "s3"]
+TOPIC = "mapper/test-node/default/{}/count"
+
+
+class Collector:
+    """A durable QoS 1 subscriber (session kept across disconnects and broker restarts)."""
+
+    def __init__(self, broker: MosquittoBroker, topic: str) -> None:
+        self.received: dict[str, list[dict]] = {}
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="collector", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set("app", broker.users["app"])
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topic, qos=1)
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        self.client.connect(broker.host, broker.port, clean_start=False, properties=props)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        body = json.loads(message.payload)
+        with self.lock:
+            self.received.setdefault(message.topic, []).append(body)
+
+    def seqs(self, topic: str) -> list[int]:
+        with self.lock:
+            return [b["seq"] for b in self.received.get(topic, [])]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def committed_seq(twin_path, topic: str) -> int:
+    with sqlite3.connect(twin_path) as db:
+        row = db.execute("SELECT seq FROM topic_seq WHERE topic=?", (topic,)).fetchone()
+    return row[0] if row else 0
+
+
+def outbox_depth(twin_path) -> int:
+    with sqlite3.connect(twin_path) as db:
+        return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
+@pytest.fixture
+def own_broker():
+    """A broker of this test's own, which it may stop and restart (persistence on, as shipped)."""
+    ensure_mosquitto_installed()
+    with MosquittoBroker() as broker:
+        yield broker
+
+
+def assert_complete(collector: Collector, twin_path, *, duplicates_allowed: bool) -> None:
+    for name in DEVICES:
+        topic = TOPIC.format(name)
+        seqs = collector.seqs(topic)
+        last = committed_seq(twin_path, topic)
+        assert last > 0 and set(seqs) == set(range(1, last + 1)), f"{topic}: missing {sorted(set(range(1, last + 1)) - set(seqs))[:20]}"
+        if not duplicates_allowed:
+            assert seqs == sorted(seqs) and len(seqs) == last, f"{topic}: out of order or duplicated"
+        taken = dict(zip(seqs, [b["ts"] for b in collector.received[topic]]))
+        in_seq_order = [taken[s] for s in sorted(taken)]
+        assert in_seq_order == sorted(in_seq_order), f"{topic}: measurement times out of order"
+
+
+def test_broker_outage_loses_nothing_and_keeps_order(own_broker, tmp_path):
+    """The broker stops for a while as readings flow; after it returns every reading arrives, in order."""
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=20)
+    collector = Collector(own_broker, "mapper/test-node/default/+/count")
+    mapper = MapperProcess(tmp_path, devices, own_broker).start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        wait_for(lambda: len(collector.seqs(TOPIC.format("s1"))) >= 20, what="telemetry before the outage")
+        own_broker.stop()
+        before = committed_seq(mapper.twin_path, TOPIC.format("s1"))
+        # About ten seconds of readings pile up in the outbox while the broker is away.
+        wait_for(lambda: outbox_depth(mapper.twin_path) > 6000, timeout=60, what="a backlog while the broker is down")
+        assert committed_seq(mapper.twin_path, TOPIC.format("s1")) > before + 300  # readings kept flowing
+        own_broker.start()
+        mapper.wait_log("connected to mqtt://", count=2, timeout=30)
+        wait_for(lambda: outbox_depth(mapper.twin_path) < 50, timeout=60, what="the backlog drained")
+        assert mapper.stop() == 0
+        final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+        wait_for(lambda: all(max(collector.seqs(TOPIC.format(n)), default=0) >= final[n] for n in DEVICES),
+                 timeout=30, what="the collector received everything")
+        assert outbox_depth(mapper.twin_path) == 0
+        assert_complete(collector, mapper.twin_path, duplicates_allowed=True)
+        ts = [b["ts"] for b in collector.received[TOPIC.format("s1")]]
+        assert ts == sorted(ts)  # measurement times intact, in order
+    finally:
+        collector.close()
+        mapper.stop()
+
+
+def test_sigkill_mid_stream_then_restart(own_broker, tmp_path):
+    """The mapper is SIGKILLed while publishing and restarted: every committed reading arrives; dupes only per QoS 1."""
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
+    collector = Collector(own_broker, "mapper/test-node/default/+/count")
+    mapper = MapperProcess(tmp_path, devices, own_broker).start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        wait_for(lambda: len(collector.seqs(TOPIC.format("s1"))) >= 200, what="telemetry flowing")
+        mapper.kill()
+        killed_at = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+        mapper.start()
+        mapper.wait_log("connected to mqtt://", count=2)
+        wait_for(lambda: all(committed_seq(mapper.twin_path, TOPIC.format(n)) > killed_at[n] + 50 for n in DEVICES),
+                 what="new readings after the restart")
+        assert mapper.stop() == 0
+        final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+        wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, final[n] + 1)) for n in DEVICES),
+                 timeout=30, what="every committed reading at the subscriber")
+        assert_complete(collector, mapper.twin_path, duplicates_allowed=True)
+    finally:
+        collector.close()
+        mapper.stop()
