@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import aiomqtt
+from paho.mqtt.client import topic_matches_sub
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
@@ -36,6 +38,17 @@ class EventBusExtension:
         self.router: Router | None = None
         self.telemetry: Telemetry | None = None
         self.topics: Topics | None = None
+        # Extra subscriptions of other extensions (e.g. inference results): (filter, qos, handler).
+        self._extra: list[tuple[str, int, Callable[[str, bytes], Awaitable[None]]]] = []
+
+    def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
+        """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
+
+        The handler must not raise for bad input (it gets untrusted payloads); errors are logged.
+        """
+        self._extra.append((topic_filter, qos, handler))
+        if self.bus is not None:
+            self.bus.subscriptions.append((topic_filter, qos))
 
     async def setup(self, service: MapperService) -> None:
         config = service.config
@@ -48,7 +61,7 @@ class EventBusExtension:
             self.settings,
             client_id=self.settings.client_id or f"mapper-{config.node}",
             will_topic=self.topics.node_availability(),
-            subscriptions=self.router.subscriptions(),
+            subscriptions=self.router.subscriptions() + [(f, q) for f, q, _ in self._extra],
             on_message=self._on_message,
             on_connect=lambda: self._on_connect(service),
         )
@@ -59,6 +72,7 @@ class EventBusExtension:
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
+        service.bus = self
         service.device_listeners.append(self._on_devices)
         for device in definitions:
             twin = await service.twin(lambda s, d=device: s.device(d))
@@ -99,7 +113,15 @@ class EventBusExtension:
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
-        await self.router.handle(message.topic.value, payload)
+        topic = message.topic.value
+        for topic_filter, _, handler in self._extra:
+            if topic_matches_sub(topic_filter, topic):
+                try:
+                    await handler(topic, payload)
+                except Exception:  # noqa: BLE001 - a message must never take the connection down
+                    log.exception("error while handling a message on %r", topic[:200])
+                return
+        await self.router.handle(topic, payload)
 
     async def _on_connect(self, service: MapperService) -> None:
         """After every (re)connect: node online, and every device's availability and state again."""

@@ -51,6 +51,8 @@ class MapperService:
         self.device_listeners: list[Callable[[dict[DeviceId, DeviceDefinition]], None]] = []
         # Set by the event bus once its first connection attempt finished (systemd READY waits for it).
         self.bus_first_attempt: asyncio.Event | None = None
+        # The EventBusExtension when MQTT is configured (others use it to publish and subscribe).
+        self.bus: Any = None
 
     # -- the twin --------------------------------------------------------------------------
 
