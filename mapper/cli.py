@@ -175,6 +175,28 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_twin_history(args: argparse.Namespace) -> int:
+    """Recent readings of one property (read with sqlite-utils: convenience, not the hot path)."""
+    import sqlite_utils
+
+    config = _config(args.config)
+    device = DeviceId.parse(args.device)
+    db = sqlite_utils.Database(config.twin.path)
+    rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
+                                          order_by="id desc", limit=args.limit))
+    rows.reverse()
+    if not rows:
+        print(f"no readings of {device}/{args.property} in {config.twin.path}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(orjson.dumps([{"ts": r["ts"], "value": orjson.loads(r["value"]) if r["value"] else None,
+                             "quality": r["quality"]} for r in rows]).decode())
+        return 0
+    for r in rows:
+        print(f"{_fmt_ts(r['ts'])}  {r['value'] if r['value'] is not None else '-':>12}  {r['quality']}")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     config = _config(args.config)
     with _open_twin(config) as store:
@@ -228,6 +250,14 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--stop-timeout-sec", type=int, default=30)
     i.add_argument("--unit-only", action="store_true", help="only write the unit file (no user, no systemctl)")
     i.set_defaults(fn=cmd_install_service)
+
+    h = tsub.add_parser("history", help="recent readings of one property, oldest first")
+    h.add_argument("device")
+    h.add_argument("property")
+    h.add_argument("--limit", "-n", type=int, default=20)
+    h.add_argument("--config", "-c", required=True)
+    h.add_argument("--json", action="store_true")
+    h.set_defaults(fn=cmd_twin_history)
 
     d = sub.add_parser("devices", help="list devices with their state and last reading")
     d.add_argument("--config", "-c", required=True)

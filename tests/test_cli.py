@@ -80,6 +80,9 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         assert set_result.returncode == 0 and "desired = true" in set_result.stdout
         wait_for(lambda: json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
                  ["properties"]["power"]["reported"] is True, what="power reported true")
+        history = json.loads(mapper("twin", "history", "lamp", "count", "-n", "3", "--config", str(config),
+                                    "--json").stdout)
+        assert len(history) == 3 and [h["ts"] for h in history] == sorted(h["ts"] for h in history)
         human = mapper("devices", "--config", str(config))
         assert "default/lamp" in human.stdout and " ok " in human.stdout
         refused = mapper("twin", "set", "lamp", "temperature", "3", "--config", str(config))

@@ -11,7 +11,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CRDS = REPO.parent / "shared" / "kubeedge" / "crds"
 SHIPPED = sorted(
-    p for folder in ("devices/examples", "devices/examples/pi", "deploy/kubeedge")
+    p for folder in ("devices/examples", "devices/examples/pi", "devices/examples/replay", "deploy/kubeedge")
     for p in (REPO / folder).glob("*.yaml") if (REPO / folder).is_dir()
 )
 
