@@ -1,0 +1,51 @@
+"""The MQTT connection: TLS with the configured CA, credentials never logged, local-only without `mqtt`."""
+
+from __future__ import annotations
+
+from helpers import wait_for, write_devices
+from mapper_proc import MapperProcess
+
+
+def tls_block(broker, tmp_path, ca_file) -> str:
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    return (f"mqtt:\n  url: mqtts://localhost:{broker.tls_port}\n  username: mapper\n  password_file: {secret}\n"
+            f"  reconnect_min_s: 0.2\n  reconnect_max_s: 0.5\n  tls:\n    ca_file: {ca_file}\n")
+
+
+def test_tls_connection_with_the_configured_ca(broker, tmp_path):
+    """Over mqtts:// with the broker's CA the mapper connects and publishes; the password is never logged."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    mapper = MapperProcess(tmp_path, devices, None)
+    mapper.config.write_text(mapper.config.read_text() + tls_block(broker, tmp_path, broker.ca_file))
+    with mapper, broker.client("app") as app:
+        app.subscribe("mapper/test-node/default/lamp/count")
+        mapper.wait_log("connected to mqtts://")
+        assert app.next_message(timeout=10).topic == "mapper/test-node/default/lamp/count"
+        assert mapper.stop() == 0
+    assert broker.users["mapper"] not in mapper.log()
+
+
+def test_tls_with_a_wrong_ca_is_refused_and_retried(broker, tmp_path):
+    """A broker certificate not signed by the configured CA is refused, logged, and retried with backoff."""
+    other_ca = tmp_path / "other-ca.pem"
+    import subprocess
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
+                    "-out", str(other_ca), "-days", "1", "-subj", "/CN=other"], check=True, capture_output=True)
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    mapper = MapperProcess(tmp_path, devices, None)
+    mapper.config.write_text(mapper.config.read_text() + tls_block(broker, tmp_path, other_ca))
+    with mapper:
+        wait_for(lambda: mapper.log().count("MQTT connection to mqtts://") >= 2, timeout=20, what="retries")
+        assert "certificate verify failed" in mapper.log()
+        assert "connected to mqtts://" not in mapper.log()
+        assert mapper.stop() == 0
+
+
+def test_without_mqtt_the_mapper_runs_local_only(tmp_path):
+    """No `mqtt` section: the mapper says so and the twin still fills."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    with MapperProcess(tmp_path, devices, None) as mapper:
+        mapper.wait_log("running local-only")
+        mapper.wait_log("state ok")
+        assert mapper.stop() == 0
