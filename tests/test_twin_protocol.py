@@ -142,7 +142,7 @@ def test_oversized_payload_is_refused(broker, lamp):
 def test_membership_state_and_plain_set_topic(broker, lamp):
     """membership/get lists the node's devices; state/update is answered; `.../set` applies a value."""
     mapper, sub = lamp
-    pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m1"}', user="mapper")
+    pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m1"}')
     members = sub.expect("$hw/events/node/test-node/membership/get/result")
     assert members["event_id"] == "m1" and [d["id"] for d in members["devices"]] == ["default/lamp"]
     pub(broker, "mapper/test-node/default/lamp/count/set", "500")

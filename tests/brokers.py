@@ -1,0 +1,539 @@
+"""Real Mosquitto brokers built from the shipped configs in ``mosquitto/``.
+
+For tests, benchmarks and the demo. A :class:`MosquittoBroker` renders a
+shipped config (``mosquitto.conf`` for the Pi, ``cloud.conf`` for the cloud)
+into a temporary directory, rewriting only ports, paths, the run-as user and
+credentials; the ACL, queue limits, persistence and bridge topics under test
+are the shipped ones. Every listener is moved to a free port on 127.0.0.1.
+
+    with MosquittoBroker() as edge:                 # shipped mosquitto.conf
+        edge.port, edge.tls_port, edge.users["app"], edge.ca_file
+    with MosquittoBroker("cloud.conf") as cloud, \\
+         MosquittoBroker(bridge_to=cloud, node="pi1") as edge:
+        wait_until_bridged(cloud, edge)
+
+Users are the ones the shipped ACL names, each with a random password, and
+the password file is made by the shipped ``mkpasswd.sh``. Brokers that are
+still running when the interpreter exits are stopped by an ``atexit`` hook,
+and they get SIGTERM if the thread that started them dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import pwd
+import queue
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from paho.mqtt.reasoncodes import ReasonCode
+
+SHIPPED = Path(__file__).resolve().parent.parent / "mosquitto"
+HOST = "127.0.0.1"
+_SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
+_RUNNING: set[MosquittoBroker] = set()
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto is missing, did not start, or a shipped config cannot be rendered."""
+
+
+def _which(program: str) -> str | None:
+    path = os.pathsep.join([os.environ.get("PATH", ""), *_SBIN])
+    return shutil.which(program, path=path)
+
+
+def ensure_mosquitto_installed() -> None:
+    """Install Debian's mosquitto and mosquitto-clients with apt-get if missing.
+
+    Note: on a machine with systemd, installing the package also starts the
+    system broker on 127.0.0.1:1883; the tests never use that port.
+    """
+    needed = ("mosquitto", "mosquitto_passwd", "mosquitto_pub", "openssl")
+    if all(_which(p) for p in needed):
+        return
+    if not _which("apt-get"):
+        msg = f"Mosquitto is not installed and there is no apt-get; install {needed} by hand."
+        raise BrokerError(msg)
+    sudo: list[str] = []
+    if os.geteuid() != 0:
+        if not _which("sudo"):
+            msg = "Mosquitto is not installed; run: sudo apt-get install mosquitto mosquitto-clients"
+            raise BrokerError(msg)
+        sudo = ["sudo", "-n"]  # never prompt: a test run cannot answer
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update"],
+                    ["apt-get", "install", "-y", "mosquitto", "mosquitto-clients", "openssl"]):
+        done = subprocess.run([*sudo, *command], env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            msg = f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-500:]}"
+            raise BrokerError(msg)
+    if not all(_which(p) for p in needed):
+        msg = f"apt-get ran but {needed} are still not all on PATH or in /usr/sbin"
+        raise BrokerError(msg)
+
+
+def free_port(host: str = HOST) -> int:
+    """A TCP port nobody listens on right now (another process may still take it)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True, slots=True)
+class Pki:
+    """A throwaway CA and a server certificate for 127.0.0.1, ::1 and localhost."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    @classmethod
+    def create(cls, directory: Path) -> Pki:
+        """Make the CA and server certificate in ``directory`` with the openssl CLI."""
+        directory.mkdir(parents=True, exist_ok=True)
+        ca, ca_key = directory / "ca.crt", directory / "ca.key"
+        cert, key, csr = directory / "server.crt", directory / "server.key", directory / "server.csr"
+        ext = directory / "server.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,IP:::1,DNS:localhost\n"
+                       "basicConstraints=critical,CA:FALSE\nextendedKeyUsage=serverAuth\n")
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        for command in (
+            ["req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2",
+             "-subj", "/CN=mapper test CA"],
+            ["req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=localhost"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial",
+             "-out", cert, "-days", "2", "-extfile", ext],
+        ):
+            done = subprocess.run(["openssl", *map(str, command)], capture_output=True, text=True,
+                                  check=False)
+            if done.returncode != 0:
+                msg = f"openssl {command[0]} failed: {done.stderr.strip()[-500:]}"
+                raise BrokerError(msg)
+        return cls(ca, cert, key)
+
+
+def acl_users(acl: Path) -> list[str]:
+    """The user names an ACL file grants anything to, in file order."""
+    lines = (line.split() for line in acl.read_text().splitlines())
+    return [words[1] for words in lines if len(words) == 2 and words[0] == "user"]  # noqa: PLR2004
+
+
+def write_password_file(path: Path, users: Mapping[str, str]) -> None:
+    """Create ``path`` with the shipped mkpasswd.sh (passwords go through its environment)."""
+    env = dict(os.environ)
+    for user, password in users.items():
+        env["MOSQ_PASSWORD_" + "".join(c if c.isalnum() else "_" for c in user.upper())] = password
+    done = subprocess.run(["bash", str(SHIPPED / "mkpasswd.sh"), "-f", str(path), *users], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        msg = f"mkpasswd.sh failed ({done.returncode}): {done.stderr.strip()}"
+        raise BrokerError(msg)
+
+
+def render(source: Path, replace: Mapping[str, str | None], *, ports: Mapping[int, int],
+           optional: frozenset[str] = frozenset()) -> tuple[str, set[int]]:
+    """Rewrite a shipped config: one directive per line, values replaced, listeners moved.
+
+    Args:
+        source: the shipped file.
+        replace: directive -> new value, or None to drop the line. Every directive
+            not in ``optional`` must occur in the file, so a renamed or deleted
+            directive fails loudly instead of silently testing something else.
+        ports: shipped listener port -> port to use; listeners bind to 127.0.0.1.
+        optional: directives that may be absent.
+
+    Returns:
+        The rendered text and the set of shipped ports whose listener has TLS.
+    """
+    out, seen, tls, listener = [], set(), set(), None
+    for line in source.read_text().splitlines():
+        key, _, value = line.strip().partition(" ")
+        if key == "listener":
+            listener = int(value.split()[0])
+            line = f"listener {ports[listener]} {HOST}"  # noqa: PLW2901
+        elif key in replace:
+            seen.add(key)
+            if replace[key] is None:
+                continue
+            line = f"{key} {replace[key]}"  # noqa: PLW2901
+        if key == "certfile" and listener is not None:
+            tls.add(listener)
+        out.append(line)
+    missing = set(replace) - seen - optional
+    if missing:
+        msg = f"{source}: directives {sorted(missing)} not found; update tests/brokers.py"
+        raise BrokerError(msg)
+    return "\n".join(out) + "\n", tls
+
+
+def _listener_ports(conf: Path) -> list[int]:
+    lines = (line.split() for line in conf.read_text().splitlines())
+    return [int(words[1]) for words in lines if len(words) >= 2 and words[0] == "listener"]  # noqa: PLR2004
+
+
+def _die_with_parent() -> None:
+    # [Linux] SIGTERM the broker if the thread that started it dies, e.g. a killed pytest.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class MosquittoBroker:
+    """A Mosquitto process running a shipped config on free 127.0.0.1 ports.
+
+    Attributes:
+        host: always 127.0.0.1.
+        port: the first listener without TLS (the Pi's loopback listener), else the first.
+        tls_port: the first TLS listener (the Pi's LAN listener, the cloud's only one).
+        ports: shipped listener port -> actual port, e.g. ``{1883: 41234, 8883: 41235}``.
+        users: user -> password, one for every user the shipped ACL names.
+        ca_file: CA that signed the TLS listeners' certificate.
+        pki: the throwaway CA, server certificate and key.
+        log_path: the broker's whole log (all log types), appended across restarts.
+        node: the node name used in the bridge config (edge brokers).
+    """
+
+    def __init__(self, conf: str = "mosquitto.conf", *, acl: str | None = None,
+                 bridge_to: MosquittoBroker | None = None, node: str = "pi-test",
+                 overrides: Mapping[str, str] | None = None, workdir: Path | None = None) -> None:
+        """Render ``mosquitto/<conf>`` (nothing is started yet).
+
+        Args:
+            conf: shipped config file name in mosquitto/.
+            acl: shipped ACL file name; default: the one ``acl_file`` names.
+            bridge_to: a running cloud broker; renders the shipped bridge.conf into
+                this broker's include_dir, pointing at it with its `bridge` user.
+            node: replaces @NODE@ in bridge.conf.
+            overrides: directive -> value, for experiments that must differ from
+                the shipped config (e.g. Mosquitto's default queue limit).
+            workdir: where to render; default a fresh temp dir removed by close().
+        """
+        self.host, self.node = HOST, node
+        self._own_workdir = workdir is None
+        self.workdir = Path(tempfile.mkdtemp(prefix="mosquitto-")) if workdir is None else workdir
+        source = SHIPPED / conf
+        acl_name = acl or Path(_directive(source, "acl_file")).name
+        self.users = {user: secrets.token_urlsafe(18) for user in acl_users(SHIPPED / acl_name)}
+        self.ports = {p: free_port() for p in _listener_ports(source)}
+        self.pki = Pki.create(self.workdir / "pki")
+        self.ca_file = self.pki.ca_file
+        self.log_path = self.workdir / "mosquitto.log"
+        self.conf_path = self.workdir / conf
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log: IO[bytes] | None = None
+
+        (self.workdir / "data").mkdir()
+        (self.workdir / "conf.d").mkdir()
+        shutil.copyfile(SHIPPED / acl_name, self.workdir / "acl")
+        write_password_file(self.workdir / "passwd", self.users)
+        replace = {
+            "pid_file": None,
+            "password_file": str(self.workdir / "passwd"),
+            "acl_file": str(self.workdir / "acl"),
+            "persistence_location": f"{self.workdir / 'data'}/",
+            "log_dest": "stderr",
+            "certfile": str(self.pki.cert_file),
+            "keyfile": str(self.pki.key_file),
+            "include_dir": str(self.workdir / "conf.d"),
+            **(overrides or {}),
+        }
+        text, tls = render(source, replace, ports=self.ports,
+                           optional=frozenset({"certfile", "keyfile", "include_dir"}))
+        # Run as ourselves (no drop to user mosquitto, which could not read the
+        # temp dir) and log everything, so a failing test has the whole story.
+        user = pwd.getpwuid(os.getuid()).pw_name
+        self.conf_path.write_text(f"user {user}\nlog_type all\n{text}")
+        plain = [self.ports[p] for p in self.ports if p not in tls]
+        self.port = (plain or list(self.ports.values()))[0]
+        self.tls_port = next((self.ports[p] for p in self.ports if p in tls), None)
+        if bridge_to is not None:
+            self._render_bridge(bridge_to)
+
+    def _render_bridge(self, cloud: MosquittoBroker) -> None:
+        if cloud.tls_port is None:
+            msg = "the cloud broker has no TLS listener for the bridge"
+            raise BrokerError(msg)
+        text, _ = render(SHIPPED / "bridge.conf", {
+            "address": f"{cloud.host}:{cloud.tls_port}",
+            "bridge_cafile": str(cloud.ca_file),
+        }, ports={})
+        text = text.replace("@NODE@", self.node).replace("@BRIDGE_PASSWORD@", cloud.users["bridge"])
+        unfilled = {m for line in text.splitlines() if not line.lstrip().startswith("#")
+                    for m in re.findall(r"@[A-Z_]+@", line)}
+        if unfilled:
+            msg = f"bridge.conf placeholders {sorted(unfilled)} are not filled by tests/brokers.py"
+            raise BrokerError(msg)
+        (self.workdir / "conf.d" / "bridge.conf").write_text(text)
+
+    # --- lifecycle ---------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> MosquittoBroker:
+        """Start mosquitto and return once every listener accepts TCP connections."""
+        if self._process is not None:
+            msg = "broker already running"
+            raise BrokerError(msg)
+        binary = _which("mosquitto")
+        if binary is None:
+            msg = "mosquitto not found; call ensure_mosquitto_installed() first"
+            raise BrokerError(msg)
+        self._log = self.log_path.open("ab")
+        self._process = subprocess.Popen(  # noqa: S603
+            [binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL, stdout=self._log,
+            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # noqa: PLW1509
+        _RUNNING.add(self)
+        deadline = time.monotonic() + timeout
+        for port in self.ports.values():
+            self._await_listener(port, deadline)
+        return self
+
+    def _await_listener(self, port: int, deadline: float) -> None:
+        # Polling is only for process start-up: there is no event to wait on.
+        while True:
+            if self._process is not None and self._process.poll() is not None:
+                self._fail(f"mosquitto exited with {self._process.returncode} during start-up")
+            try:
+                socket.create_connection((self.host, port), timeout=0.5).close()
+            except OSError:
+                if time.monotonic() > deadline:
+                    self._fail(f"port {port} did not accept connections in time")
+                time.sleep(0.02)
+            else:
+                return
+
+    def _fail(self, problem: str) -> None:
+        self.stop()
+        msg = f"{problem}; log {self.log_path}:\n{self.log_tail()}"
+        raise BrokerError(msg)
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the broker log (for assertion messages)."""
+        if not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Mosquitto saves its persistence file), SIGKILL if it hangs."""
+        process, self._process = self._process, None
+        _RUNNING.discard(self)
+        if process is not None and process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def restart(self) -> MosquittoBroker:
+        """Stop and start again on the same ports with the same persistence directory."""
+        self.stop()
+        return self.start()
+
+    def close(self) -> None:
+        """Stop and remove the temp dir (if this broker made it)."""
+        self.stop()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    @property
+    def running(self) -> bool:
+        """Whether the mosquitto process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def __enter__(self) -> MosquittoBroker:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- clients -----------------------------------------------------------
+    def client(self, user: str | None, **options: object) -> MqttProbe:
+        """A connected :class:`MqttProbe` as ``user`` (None: anonymous); see MqttProbe."""
+        return MqttProbe.connected(self, user, **options)  # type: ignore[arg-type]
+
+
+def _directive(conf: Path, key: str) -> str:
+    for line in conf.read_text().splitlines():
+        words = line.split(maxsplit=1)
+        if len(words) == 2 and words[0] == key:  # noqa: PLR2004
+            return words[1]
+    msg = f"{conf}: no {key}"
+    raise BrokerError(msg)
+
+
+class MqttProbe:
+    """A paho-mqtt 2.x client whose callbacks become results to wait for, with timeouts.
+
+    Messages land in ``messages`` (a queue.Queue); ``connect``, ``subscribe`` and
+    ``publish`` (QoS 1/2) return the broker's reason codes instead of raising, so a
+    test can assert on a refusal. Use as a context manager, or call close().
+    """
+
+    def __init__(self, broker: MosquittoBroker, user: str | None, *, password: str | None = None,
+                 tls: bool = False, client_id: str | None = None, clean: bool = True,
+                 protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5) -> None:
+        """Prepare a client of ``broker`` (TLS: its TLS listener); nothing is sent yet.
+
+        Args:
+            broker: where to connect.
+            user: user name, None for an anonymous client.
+            password: default: the broker's password for ``user``.
+            tls: use the TLS listener, verifying it against ``broker.ca_file``.
+            client_id: default: a random one.
+            clean: False asks for a durable session (MQTT 5: expiry one hour).
+            protocol: mqtt.MQTTv5 (default) or mqtt.MQTTv311.
+        """
+        self._address = (broker.host, broker.tls_port if tls else broker.port)
+        self._clean, self._v5 = clean, protocol == mqtt.MQTTv5
+        self._client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{secrets.token_hex(6)}",
+            clean_session=None if self._v5 else clean, protocol=protocol, reconnect_on_failure=False)
+        if user is not None:
+            self._client.username_pw_set(user, broker.users[user] if password is None else password)
+        if tls:
+            self._client.tls_set(ca_certs=str(broker.ca_file))
+        self.messages: queue.Queue[mqtt.MQTTMessage] = queue.Queue()
+        self._done = threading.Condition()
+        self._results: dict[tuple[str, int], object] = {}
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_publish = self._on_publish
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = lambda _c, _u, message: self.messages.put(message)
+
+    @classmethod
+    def connected(cls, broker: MosquittoBroker, user: str | None, **options: object) -> MqttProbe:
+        """A probe that is connected, or BrokerError with the broker's reason."""
+        probe = cls(broker, user, **options)  # type: ignore[arg-type]
+        code = probe.connect()
+        if code.is_failure:
+            probe.close()
+            msg = f"{user} could not connect: {code}; log:\n{broker.log_tail()}"
+            raise BrokerError(msg)
+        return probe
+
+    # Callbacks run on paho's loop thread; each files its result under a key.
+    def _put(self, key: tuple[str, int], value: object) -> None:
+        with self._done:
+            self._results[key] = value
+            self._done.notify_all()
+
+    def _on_connect(self, _c: object, _u: object, _f: object, code: ReasonCode,
+                    _p: Properties | None) -> None:
+        self._put(("connack", 0), code)
+
+    def _on_subscribe(self, _c: object, _u: object, mid: int, codes: list[ReasonCode],
+                      _p: Properties | None) -> None:
+        self._put(("suback", mid), codes)
+
+    def _on_publish(self, _c: object, _u: object, mid: int, code: ReasonCode,
+                    _p: Properties | None) -> None:
+        self._put(("puback", mid), code)
+
+    def _on_disconnect(self, _c: object, _u: object, _f: object, code: ReasonCode,
+                       _p: Properties | None) -> None:
+        self._put(("disconnect", 0), code)
+
+    def _wait(self, key: tuple[str, int], timeout: float) -> object:
+        with self._done:
+            if not self._done.wait_for(lambda: key in self._results, timeout):
+                msg = f"no {key[0]} within {timeout} s"
+                raise TimeoutError(msg)
+            return self._results.pop(key)
+
+    def connect(self, timeout: float = 10.0) -> ReasonCode:
+        """Connect and return the CONNACK reason code (success or refusal)."""
+        if self._v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if self._clean else 3600
+            self._client.connect(*self._address, clean_start=self._clean, properties=props)
+        else:
+            self._client.connect(*self._address)
+        self._client.loop_start()
+        return self._wait(("connack", 0), timeout)  # type: ignore[return-value]
+
+    def subscribe(self, topic: str, qos: int = 1, timeout: float = 10.0) -> ReasonCode:
+        """Subscribe and return the SUBACK reason code (a granted QoS or a refusal)."""
+        _, mid = self._client.subscribe(topic, qos)
+        return self._wait(("suback", mid), timeout)[0]  # type: ignore[index]
+
+    def publish(self, topic: str, payload: bytes | str, qos: int = 1, *, retain: bool = False,
+                timeout: float = 10.0) -> ReasonCode | None:
+        """Publish; for QoS 1/2 wait for the acknowledgement and return its reason code."""
+        info = self._client.publish(topic, payload, qos, retain=retain)
+        if qos == 0:
+            info.wait_for_publish(timeout)
+            return None
+        return self._wait(("puback", info.mid), timeout)  # type: ignore[return-value]
+
+    def next_message(self, timeout: float = 10.0) -> mqtt.MQTTMessage:
+        """The next message received, or TimeoutError."""
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            msg = f"no message within {timeout} s"
+            raise TimeoutError(msg) from None
+
+    def disconnect(self, timeout: float = 10.0) -> None:
+        """Send DISCONNECT, wait until the connection is closed, stop the loop thread."""
+        if self._client.disconnect() == mqtt.MQTT_ERR_SUCCESS:
+            self._wait(("disconnect", 0), timeout)
+        self._client.loop_stop()
+
+    close = disconnect
+
+    def __enter__(self) -> MqttProbe:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def wait_until_bridged(cloud: MosquittoBroker, edge: MosquittoBroker, timeout: float = 15.0) -> None:
+    """Return once the edge's bridge is connected and its cloud subscriptions are in place.
+
+    A probe goes edge -> cloud at QoS 1. The bridge sends its SUBSCRIBEs for the
+    `in` topics right after connecting, on the same connection and before any
+    forwarded message, so once the probe reaches the cloud they are processed.
+    """
+    topic = f"mapper/{edge.node}/default/bridge-probe-{secrets.token_hex(4)}/ready"
+    with cloud.client("app", tls=True) as watcher, edge.client("mapper") as mapper:
+        watcher.subscribe(topic)
+        mapper.publish(topic, b"1")
+        try:
+            watcher.next_message(timeout)
+        except TimeoutError:
+            msg = f"bridge not up after {timeout} s; edge log:\n{edge.log_tail()}"
+            raise BrokerError(msg) from None
+
+
+@atexit.register
+def _stop_all() -> None:
+    for broker in list(_RUNNING):
+        broker.close()

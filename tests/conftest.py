@@ -1,0 +1,47 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import pytest
+
+# ----------------------------------------------------------------------------
+# Mosquitto brokers (tests/brokers.py renders the shipped mosquitto/ configs).
+#   broker         session: the Pi's broker, shipped mosquitto.conf + acl.
+#                  broker.host, .port (loopback listener), .tls_port (LAN, TLS,
+#                  verify with .ca_file), .users {"mapper": pw, "app": pw},
+#                  .client("app") -> connected MqttProbe, .log_path.
+#   cloud_and_edge function: cloud (cloud.conf + cloud-acl: bridge, worker,
+#                  app; TLS only, use .client(user, tls=True)) and edge (the Pi's
+#                  config + bridge.conf into cloud), bridge already connected.
+# ----------------------------------------------------------------------------
+from brokers import MosquittoBroker, ensure_mosquitto_installed, wait_until_bridged
+
+
+class CloudAndEdge(NamedTuple):
+    """A cloud broker and an edge broker whose shipped bridge is connected to it."""
+
+    cloud: MosquittoBroker
+    edge: MosquittoBroker
+    node: str
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[MosquittoBroker]:
+    """The Pi's local broker with the shipped config, users from the shipped ACL."""
+    ensure_mosquitto_installed()
+    with MosquittoBroker("mosquitto.conf") as running:
+        yield running
+
+
+@pytest.fixture
+def cloud_and_edge() -> Iterator[CloudAndEdge]:
+    """Fresh cloud + edge brokers, bridged with the shipped bridge.conf (node "pi-test")."""
+    ensure_mosquitto_installed()
+    with MosquittoBroker("cloud.conf") as cloud, \
+         MosquittoBroker("mosquitto.conf", bridge_to=cloud, node="pi-test") as edge:
+        wait_until_bridged(cloud, edge)
+        yield CloudAndEdge(cloud, edge, edge.node)
+# ------------------------------------------------------------ end Mosquitto --

@@ -1,0 +1,265 @@
+"""The shipped Mosquitto configs (mosquitto/) against real brokers: auth, ACL, queues, bridge."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import stat
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import paho.mqtt.client as mqtt
+import pytest
+from brokers import SHIPPED, MosquittoBroker, MqttProbe
+
+if TYPE_CHECKING:
+    from conftest import CloudAndEdge
+
+NOT_AUTHORIZED = 0x87  # MQTT 5 reason code; Mosquitto maps a refused MQTT 3 CONNACK to it too
+DURABLE = {"clean": False, "protocol": mqtt.MQTTv311}
+
+
+@pytest.fixture
+def name(request: pytest.FixtureRequest) -> str:
+    """A topic-safe name unique to this test run (test name + random hex)."""
+    return re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-") + "-" + secrets.token_hex(3)
+
+
+def topics_of(probe: MqttProbe, count: int) -> list[str]:
+    """The topics of the next ``count`` messages, in arrival order."""
+    return [probe.next_message().topic for _ in range(count)]
+
+
+# --- authentication -----------------------------------------------------------------
+def test_shipped_listeners_are_loopback_and_lan(broker: MosquittoBroker) -> None:
+    """The Pi's config has exactly two listeners, the LAN one with TLS (so the tests below cover all)."""
+    assert sorted(broker.ports) == [1883, 8883]
+    assert broker.tls_port == broker.ports[8883]
+    assert broker.port == broker.ports[1883]
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["loopback", "lan-tls"])
+def test_anonymous_refused_on_every_listener(broker: MosquittoBroker, tls: bool) -> None:
+    """A client without credentials is refused where a client with them gets in."""
+    with broker.client("app", tls=tls):
+        pass  # the listener works: the refusal below is about credentials
+    anonymous = MqttProbe(broker, None, tls=tls)
+    try:
+        assert anonymous.connect() == NOT_AUTHORIZED
+    finally:
+        anonymous.close()
+
+
+@pytest.mark.parametrize(("user", "password"), [("app", "wrong"), ("mapper", ""), ("nobody", "x")])
+def test_wrong_credentials_refused(broker: MosquittoBroker, user: str, password: str) -> None:
+    """A wrong password, an empty one, or an unknown user is refused."""
+    probe = MqttProbe(broker, None)
+    probe._client.username_pw_set(user, password)  # noqa: SLF001 - any user name, known or not
+    try:
+        assert probe.connect() == NOT_AUTHORIZED
+    finally:
+        probe.close()
+
+
+def test_mkpasswd_hides_passwords_and_restricts_the_file(tmp_path: Path) -> None:
+    """mkpasswd.sh never prints a password, stores only hashes, updates in place, file not world-readable."""
+    path = f"{tmp_path}/passwd"
+    secret = secrets.token_urlsafe(12)
+    env = {**os.environ, "MOSQ_PASSWORD_MAPPER": secret, "MOSQ_PASSWORD_APP_2": secret + "x"}
+    for _ in range(2):  # the second run updates the same entries
+        done = subprocess.run(["bash", str(SHIPPED / "mkpasswd.sh"), "-f", path, "mapper", "app-2"],
+                              env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=20, check=True)
+        assert secret not in done.stdout + done.stderr
+    text = Path(path).read_text()
+    assert secret not in text
+    assert [line.split(":")[0] for line in text.splitlines()] == ["mapper", "app-2"]
+    assert stat.S_IMODE(os.stat(path).st_mode) & 0o007 == 0
+
+
+# --- ACL -------------------------------------------------------------------------------
+def test_mapper_publishes_twin_protocol_and_telemetry(broker: MosquittoBroker, name: str) -> None:
+    """The mapper may publish $hw/events/... and mapper/... ; an app reading them receives them."""
+    telemetry = f"mapper/{name}/default/dht/temperature"
+    result = f"$hw/events/device/default/{name}/twin/update/result"
+    with broker.client("app") as app, broker.client("mapper") as mapper:
+        assert not app.subscribe(telemetry).is_failure
+        assert not app.subscribe(result).is_failure
+        assert not mapper.publish(telemetry, b'{"value": 21.5}').is_failure
+        assert not mapper.publish(result, b'{"event_id": "e1"}').is_failure
+        assert topics_of(app, 2) == [telemetry, result]
+
+
+def test_app_reads_telemetry_but_cannot_publish_it(broker: MosquittoBroker, name: str) -> None:
+    """An app gets PUBACK 'Not authorized' for telemetry, state and twin results; reading works."""
+    device = f"mapper/{name}/default/dht"
+    with broker.client("app") as app, broker.client("mapper") as mapper:
+        app.subscribe(f"{device}/+")
+        for topic in (f"{device}/temperature", f"{device}/state",
+                      f"$hw/events/device/default/{name}/twin/update/result"):
+            assert app.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        mapper.publish(f"{device}/temperature", b"real")
+        # Had the forged publish gone through, the app would have received it first.
+        assert app.next_message().payload == b"real"
+
+
+def test_app_reads_only_its_namespace(broker: MosquittoBroker, name: str) -> None:
+    """Subscribing to everything, the app still receives only namespace `default`."""
+    with broker.client("app") as app, broker.client("mapper") as mapper:
+        app.subscribe(f"mapper/{name}/#")
+        mapper.publish(f"mapper/{name}/other/dht/temperature", b"not yours")
+        mapper.publish(f"mapper/{name}/default/dht/temperature", b"yours")
+        assert app.next_message().payload == b"yours"
+
+
+def test_app_writes_desired_values_only_for_its_devices(broker: MosquittoBroker, name: str) -> None:
+    """`.../set`, twin/update and twin/get are allowed in the app's namespace and refused elsewhere."""
+    allowed = [f"mapper/{name}/default/led/power/set",
+               f"$hw/events/device/default/{name}/twin/update",
+               f"$hw/events/device/default/{name}/twin/get"]
+    refused = [t.replace("default", "other") for t in allowed]
+    with broker.client("app") as app, broker.client("mapper") as mapper:
+        mapper.subscribe(f"mapper/{name}/+/+/+/set")
+        mapper.subscribe(f"$hw/events/device/+/{name}/twin/+")
+        for denied, granted in zip(refused, allowed, strict=True):
+            assert app.publish(denied, b"1") == NOT_AUTHORIZED, denied
+            assert not app.publish(granted, b"1").is_failure, granted
+        # Refused publishes interleave the allowed ones: any leak shows in the order.
+        assert topics_of(mapper, 3) == allowed
+
+
+# --- queue limits and persistence ------------------------------------------------------
+def deliver_to_offline_subscriber(broker: MosquittoBroker, topic: str, count: int) -> int:
+    """Queue ``count`` QoS 1 messages for a durable subscriber while it is offline; return how many it gets."""
+    durable = {"client_id": f"durable-{secrets.token_hex(4)}", **DURABLE}
+    with broker.client("app", **durable) as subscriber:
+        subscriber.subscribe(topic)
+    seen: set[bytes] = set()
+    try:
+        with broker.client("mapper") as mapper:
+            for i in range(count):  # each one PUBACKed: the broker has accepted it
+                assert not mapper.publish(topic, str(i)).is_failure
+            with broker.client("app", **durable) as subscriber:
+                # Once the first 900 are in, the queue has room for a marker behind the rest.
+                while len(seen) < min(count, 900):
+                    seen.add(subscriber.next_message().payload)
+                mapper.publish(topic, b"end")
+                while (payload := subscriber.next_message().payload) != b"end":
+                    seen.add(payload)
+    finally:
+        broker.client("app", client_id=durable["client_id"]).close()  # clean session: drop it
+    return len(seen)
+
+
+def test_offline_subscriber_gets_all_3000_queued_messages(broker: MosquittoBroker, name: str) -> None:
+    """With the shipped queue limits, 3000 QoS 1 messages wait for an offline durable subscriber."""
+    assert deliver_to_offline_subscriber(broker, f"mapper/{name}/default/dht/seq", 3000) == 3000
+
+
+def test_mosquitto_default_queue_limit_would_drop_them(name: str) -> None:
+    """Control: with Mosquitto's default max_queued_messages 1000 the same experiment loses messages."""
+    with MosquittoBroker(overrides={"max_queued_messages": "1000"}) as default_limit:
+        assert deliver_to_offline_subscriber(default_limit, f"mapper/{name}/default/d/seq", 3000) < 3000
+
+
+def test_queue_and_retained_state_survive_restart(name: str) -> None:
+    """Persistence: queued messages and retained state are still there after a broker restart."""
+    state = f"mapper/{name}/default/dht/state"
+    telemetry = f"mapper/{name}/default/dht/temperature"
+    durable = {"client_id": f"durable-{name}", **DURABLE}
+    with MosquittoBroker() as broker:
+        with broker.client("app", **durable) as subscriber:
+            subscriber.subscribe(telemetry)
+        with broker.client("mapper") as mapper:
+            mapper.publish(state, b'{"state": "online"}', retain=True)
+            for i in range(10):
+                mapper.publish(telemetry, str(i))
+        port = broker.port
+        broker.restart()
+        assert broker.port == port
+        with broker.client("app", **durable) as subscriber, broker.client("app") as reader:
+            assert [subscriber.next_message().payload for _ in range(10)] == [b"%d" % i for i in range(10)]
+            reader.subscribe(state)
+            assert reader.next_message().payload == b'{"state": "online"}'
+
+
+# --- bridge ------------------------------------------------------------------------------
+def test_cloud_refuses_anonymous_and_wrong_password(cloud_and_edge: CloudAndEdge) -> None:
+    """The cloud listener, like the Pi's, lets in known users only."""
+    cloud = cloud_and_edge.cloud
+    with cloud.client("worker", tls=True):
+        pass
+    for probe in (MqttProbe(cloud, None, tls=True), MqttProbe(cloud, "app", password="x", tls=True)):
+        try:
+            assert probe.connect() == NOT_AUTHORIZED
+        finally:
+            probe.close()
+
+
+def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: CloudAndEdge) -> None:
+    """mapper/ topics keep their names on the cloud; $hw/ topics get the edge/{node}/ prefix."""
+    cloud, edge, node = cloud_and_edge
+    local = [f"mapper/{node}/default/dht/temperature", f"mapper/{node}/default/dht/state",
+             f"mapper/{node}/default/dht/availability", f"mapper/{node}/availability",
+             "$hw/events/device/default/dht/twin/update/result",
+             "$hw/events/device/default/dht/twin/update/document",
+             "$hw/events/device/default/dht/twin/get/result"]
+    with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
+        app.subscribe(f"mapper/{node}/availability")  # not mapper/{node}/#: bridge/state is retained there
+        app.subscribe(f"mapper/{node}/default/dht/+")
+        app.subscribe(f"edge/{node}/$hw/events/device/default/dht/#")
+        for topic in local:
+            mapper.publish(topic, b"{}")
+        expected = [t.replace("$hw/", f"edge/{node}/$hw/") for t in local]
+        assert topics_of(app, len(local)) == expected
+
+
+def test_bridge_brings_desired_values_from_cloud(cloud_and_edge: CloudAndEdge) -> None:
+    """Desired values for this node come in (prefix removed); those for another node do not."""
+    cloud, edge, node = cloud_and_edge
+    with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
+        mapper.subscribe("mapper/+/+/+/+/set")
+        mapper.subscribe("$hw/events/device/+/+/twin/update")
+        app.publish("mapper/pi-other/default/led/power/set", b"on")
+        app.publish(f"mapper/{node}/default/led/power/set", b"on")
+        app.publish("edge/pi-other/$hw/events/device/default/led/twin/update", b"{}")
+        app.publish(f"edge/{node}/$hw/events/device/default/led/twin/update", b"{}")
+        assert topics_of(mapper, 2) == [f"mapper/{node}/default/led/power/set",
+                                        "$hw/events/device/default/led/twin/update"]
+
+
+def test_offload_round_trip_through_shared_subscription(cloud_and_edge: CloudAndEdge) -> None:
+    """A request goes out to a cloud worker on $share/workers/...; its result comes back in."""
+    cloud, edge, node = cloud_and_edge
+    with cloud.client("worker", tls=True) as worker, edge.client("mapper") as mapper:
+        assert not worker.subscribe("$share/workers/mapper/+/offload/request").is_failure
+        mapper.subscribe(f"mapper/{node}/offload/result")
+        mapper.publish(f"mapper/{node}/offload/request", b'{"id": 7}')
+        request = worker.next_message()
+        assert (request.topic, request.payload) == (f"mapper/{node}/offload/request", b'{"id": 7}')
+        assert not worker.publish(f"mapper/{node}/offload/result", b'{"id": 7, "label": 3}').is_failure
+        assert mapper.next_message().payload == b'{"id": 7, "label": 3}'
+
+
+def test_telemetry_survives_cloud_outage_and_edge_restart(cloud_and_edge: CloudAndEdge) -> None:
+    """While the cloud is down, QoS 1 telemetry waits in the bridge's session, across an edge restart."""
+    cloud, edge, node = cloud_and_edge
+    topic = f"mapper/{node}/default/dht/seq"
+    durable = {"client_id": "cloud-dashboard", "tls": True, **DURABLE}
+    with cloud.client("app", **durable) as dashboard:
+        dashboard.subscribe(topic)
+    cloud.stop()
+    with edge.client("mapper") as mapper:
+        for i in range(500):
+            mapper.publish(topic, str(i))
+    edge.stop()
+    cloud.start()
+    edge.start()  # the bridge connects at start-up; no reconnect back-off to wait for
+    with cloud.client("app", **durable) as dashboard, edge.client("mapper") as mapper:
+        mapper.publish(topic, b"end")
+        seen = set()
+        while (payload := dashboard.next_message(30).payload) != b"end":
+            seen.add(payload)
+    assert seen == {str(i).encode() for i in range(500)}
