@@ -49,3 +49,13 @@ def test_without_mqtt_the_mapper_runs_local_only(tmp_path):
         mapper.wait_log("running local-only")
         mapper.wait_log("state ok")
         assert mapper.stop() == 0
+
+
+def test_mqtt_311_when_asked(broker, tmp_path):
+    """`protocol: "3.1.1"` connects with MQTT 3.1.1 and works the same."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    with MapperProcess(tmp_path, devices, broker, extra='  protocol: "3.1.1"\n') as mapper, broker.client("app") as app:
+        app.subscribe("mapper/test-node/default/lamp/count")
+        mapper.wait_log("(MQTT 3.1.1)")
+        assert app.next_message(timeout=10).topic == "mapper/test-node/default/lamp/count"
+        assert mapper.stop() == 0
