@@ -30,9 +30,15 @@ def _namespace(value: str) -> str:
     return value
 
 
+# Device-level topics share the shape of property topics (mapper/<node>/<ns>/<device>/<x>).
+RESERVED_PROPERTY_NAMES = frozenset({"state", "availability"})
+
+
 def _property(value: str) -> str:
     if not ids.is_property_name(value):
         raise ValueError(f"{value!r} is not a valid property name ({ids.PROPERTY_RULE})")
+    if value in RESERVED_PROPERTY_NAMES:
+        raise ValueError(f"{value!r} is reserved for the device's own topics: rename the property")
     return value
 
 

@@ -64,7 +64,7 @@ def test_names_that_would_break_topics_are_rejected(tmp_path, name):
     assert len(problems) == 1 and problems[0].startswith("d.yaml:4: metadata.name: ")
 
 
-@pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp"])
+@pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp", "state", "availability"])
 def test_property_names_that_would_break_topics_are_rejected(tmp_path, prop):
     """Property names are topic segments too."""
     text = MODEL.format(model="thing-model").replace("name: temperature", f"name: '{prop}'")
