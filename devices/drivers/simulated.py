@@ -10,6 +10,11 @@ Each property's `visitors.configData.kind` picks a behaviour:
 
 `configData.failure_rate` (0-1) makes that share of reads fail the way a DHT11 does
 ("Checksum did not validate"), so retry and health logic can be exercised.
+
+`configData.faults: {rate, seed, kinds}` injects the sensor faults of `models/faults.py`
+(spike, stuck, drift, noise) into the temperature/humidity pair: at each temperature read
+with no fault running, a new fault event starts with probability `rate`; the humidity read
+that follows returns the humidity of the same (faulty) step. `fault_log` keeps what started.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ class SimulatedConfig(BaseModel):
     fail_first: int = Field(default=0, ge=0)
     # Reads fail while this file exists: lets a person or a test unplug the device at run time.
     fail_while_exists: str | None = None
+    # Inject labelled sensor faults (models/faults.py) into temperature + humidity.
+    faults: FaultSettings | None = None
+
+
+class FaultSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    seed: int | None = None
+    kinds: list[Literal["spike", "stuck", "drift", "noise"]] = ["spike", "stuck", "drift", "noise"]
 
 
 class SimulatedVisitor(BaseModel):
@@ -70,6 +84,12 @@ class SimulatedDriver(Driver):
         self._to_fail = self.config.fail_first
         self._values: dict[str, Any] = {}
         self.opened = False
+        faults = self.config.faults
+        self._fault_rng = random.Random(faults.seed if faults else None)
+        self._fault = None  # models.faults.FaultState while an event runs
+        self._last_pair: tuple[float, float] | None = None
+        self._held_humidity: dict[str, float] = {}
+        self.fault_log: list[tuple[str, int]] = []  # (kind, length) of every event started
 
     def open(self) -> None:
         self.opened = True
@@ -99,6 +119,8 @@ class SimulatedDriver(Driver):
             raise ReadError("Checksum did not validate. Try again.", retryable=True)
         visitor: SimulatedVisitor = prop.visitor
         if visitor.kind in ("temperature", "humidity"):
+            if self.config.faults is not None:
+                return self._faulty(prop, visitor)
             return self._signal(prop.name, visitor)
         if visitor.kind == "counter":
             value = self._counters.get(prop.name, visitor.start)
@@ -116,6 +138,35 @@ class SimulatedDriver(Driver):
         daily = v.amplitude * math.sin(2 * math.pi * (time.time() % v.period_s) / v.period_s)
         raw = v.base + daily + walk + self._rng.gauss(0, v.noise)
         return round(round(raw / v.resolution) * v.resolution, 6)
+
+    def _faulty(self, prop: PropertyDefinition, v: SimulatedVisitor) -> float:
+        """One step of the (temperature, humidity) pair through the fault model."""
+        if v.kind == "humidity" and prop.name in self._held_humidity:
+            return self._held_humidity.pop(prop.name)
+        humidity = next((p for p in self.device.properties if p.visitor.kind == "humidity"), None)
+        temperature = next((p for p in self.device.properties if p.visitor.kind == "temperature"), None)
+        t = self._signal(temperature.name, temperature.visitor) if temperature else 0.0
+        h = self._signal(humidity.name, humidity.visitor) if humidity else 0.0
+        from models import faults as fault_model
+
+        settings = self.config.faults
+        assert settings is not None
+        if (self._fault is None or self._fault.done) and self._fault_rng.random() < settings.rate:
+            kind = self._fault_rng.choice(settings.kinds)
+            self._fault = fault_model.FaultState(kind, self._fault_rng, last=self._last_pair)
+            self.fault_log.append((kind, self._fault.length))
+        if self._fault is not None and not self._fault.done:
+            ft, fh = self._fault.apply(t, h)
+        else:
+            ft, fh = t, h
+            self._last_pair = (t, h)
+        ft = round(round(ft / temperature.visitor.resolution) * temperature.visitor.resolution, 6) if temperature else ft
+        fh = round(round(fh / humidity.visitor.resolution) * humidity.visitor.resolution, 6) if humidity else fh
+        if v.kind == "temperature":
+            if humidity is not None:
+                self._held_humidity[humidity.name] = fh
+            return ft
+        return fh
 
     def write(self, prop: PropertyDefinition, value: Any) -> None:
         visitor: SimulatedVisitor = prop.visitor
