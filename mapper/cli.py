@@ -213,6 +213,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cloud_worker(args: argparse.Namespace) -> int:
+    """Run the cloud half of early-exit inference (needs the `ml` extra)."""
+    from mapper.inference.worker import main as worker_main
+
+    return worker_main(args.config)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mapper", description="KubeEdge-compatible device mapper and edge gateway")
     p.add_argument("--version", action="version", version=f"mapper {__version__}")
@@ -263,6 +270,10 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--config", "-c", required=True)
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_devices)
+
+    w = sub.add_parser("cloud-worker", help="answer offloaded inference requests with cloud.onnx (MQTT 5 shared subscription)")
+    w.add_argument("--config", "-c", required=True, help="worker config: mqtt section + models_dir (docs/inference.md)")
+    w.set_defaults(fn=cmd_cloud_worker)
     return p
 
 

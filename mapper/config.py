@@ -20,6 +20,7 @@ from devices.errors import DefinitionError, Problem
 from devices.loader import read_documents, validation_problems
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
+from mapper.inference.settings import InferenceSettings
 
 ENV_PREFIX = "MAPPER_"
 
@@ -68,7 +69,8 @@ class MapperConfig(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # Later sections (mqtt, inference, kubeedge) are added by the modules that own them.
     mqtt: MqttSettings | None = None
-    inference: list[dict[str, Any]] | None = None
+    # Early-exit inference pipelines (mapper/inference; docs/inference.md); a bare list means `pipelines:`.
+    inference: InferenceSettings | None = None
     # Required in `mode: kubeedge`; `devices` may then be empty (edgecore supplies them).
     kubeedge: KubeEdgeSettings | None = None
     systemd: dict[str, Any] | None = None
@@ -129,6 +131,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}
     if config.mqtt is not None:
         update["mqtt"] = _absolute_mqtt(base, config.mqtt)
+    if config.inference is not None:
+        update["inference"] = _absolute_inference(base, config.inference)
     return config.model_copy(update=update)
 
 
@@ -140,3 +144,13 @@ def _absolute_mqtt(base: Path, mqtt: MqttSettings) -> MqttSettings:
         tls = {k: _absolute(base, v) for k, v in mqtt.tls.model_dump().items() if isinstance(v, Path)}
         changes["tls"] = mqtt.tls.model_copy(update=tls)
     return mqtt.model_copy(update=changes)
+
+
+def _absolute_inference(base: Path, inference: InferenceSettings) -> InferenceSettings:
+    """models_dir and model paths (not bare model names) are relative to the config file."""
+    pipelines = [p.model_copy(update={"model": str(_absolute(base, Path(p.model)))}) if "/" in p.model else p
+                 for p in inference.pipelines]
+    changes: dict[str, Any] = {"pipelines": pipelines}
+    if inference.models_dir is not None:
+        changes["models_dir"] = _absolute(base, inference.models_dir)
+    return inference.model_copy(update=changes)

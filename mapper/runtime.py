@@ -18,6 +18,12 @@ def build_service(config: MapperConfig) -> MapperService:
         from eventbus.extension import EventBusExtension
 
         service.extensions.append(EventBusExtension(config.mqtt))
+    # After the event bus (it subscribes to offload results through it). Inert, and without
+    # onnxruntime, when neither the config nor any device's pushMethod.anomalyDetection asks for a pipeline.
+    if config.inference is None or config.inference.pipelines or config.inference.from_devices:
+        from mapper.inference.extension import InferenceExtension
+
+        service.extensions.append(InferenceExtension(config.inference))
     # Last, so READY=1 can wait for what the other extensions set up (the bus's first attempt).
     from mapper.systemd import SystemdExtension
 

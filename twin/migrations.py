@@ -90,6 +90,43 @@ def m002_outbox(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m003_inference(conn: sqlite3.Connection) -> None:
+    """Decisions of inference pipelines (mapper/inference), one row per window decided or offloaded.
+
+    `status`: pending (offloaded, no answer yet, nothing decided), provisional (the deadline
+    passed: the edge answer stands), final (edge exit, or the cloud's answer). A pending or
+    provisional row with a request_id is an offload still waiting for its result.
+    """
+    _run(conn,
+        """
+        CREATE TABLE inference_decisions (
+            id INTEGER PRIMARY KEY,
+            pipeline TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            window_start_ts INTEGER NOT NULL,
+            window_end_ts INTEGER NOT NULL,
+            request_id TEXT UNIQUE,
+            audit INTEGER NOT NULL DEFAULT 0,
+            status TEXT NOT NULL,
+            label TEXT,
+            confidence REAL,
+            exit TEXT,
+            edge_label TEXT NOT NULL,
+            edge_confidence REAL NOT NULL,
+            cloud_label TEXT,
+            cloud_confidence REAL,
+            created_ts INTEGER NOT NULL,
+            decided_ts INTEGER,
+            final_ts INTEGER,
+            request BLOB
+        );
+        CREATE INDEX inference_by_pipeline ON inference_decisions (pipeline, id);
+        CREATE INDEX inference_waiting ON inference_decisions (status) WHERE request_id IS NOT NULL
+        """
+    )
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

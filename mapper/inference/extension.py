@@ -1,0 +1,470 @@
+"""InferenceExtension: early-exit inference inside a running MapperService.
+
+Committed readings (recorder.on_commit, chained after any earlier callback) go to a queue;
+one task forms windows, runs the edge graph and records what happened:
+
+* confident window: a final decision at the edge, published and acted on at once; a random
+  `audit_share` of them is offloaded too (the answer is only compared, never replaces it);
+* uncertain window: an offload request through the outbox (QoS 1) with a request id, a row
+  `pending` in the twin. After `deadline_s` without a result the edge answer stands, marked
+  provisional (published, acted on); the request stays pending and is sent again every
+  `resend_s` until a result comes or `result_max_age_s` passes. The result's answer then
+  replaces the provisional one (published again, `exit: cloud`).
+
+Results are validated strictly; malformed, wrong-node, unknown, duplicated, late or mismatched
+ones are counted by reason and dropped. Nothing a worker sends can raise out of the handler.
+onnxruntime and numpy are imported only when a pipeline exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
+from twin.records import Reading
+from twin.store import OutboxRow, OutMessage
+
+if TYPE_CHECKING:
+    from mapper.inference.pipeline import Decision, EdgeOutcome, Pipeline
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.inference")
+
+QUEUE_LIMIT = 50_000
+DONE_MEMORY = 20_000
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass
+class Waiting:
+    """An offload (or audit) waiting for its result."""
+
+    request_id: str
+    pipeline: Pipeline
+    row_id: int
+    created_ms: int
+    deadline_ms: int
+    expires_ms: int
+    next_send_ms: int
+    edge_label: str
+    edge_confidence: float
+    audit: bool
+    status: str                      # pending | provisional | final (audits)
+    body: dict[str, Any] | None      # the request, for resending; None: do not resend
+    window_start: int
+    window_end: int
+
+
+def collect_settings(settings: InferenceSettings | None, definitions: dict[DeviceId, DeviceDefinition]
+                     ) -> tuple[list[PipelineSettings], list[str]]:
+    """Pipelines of the mapper config plus those of devices' anomalyDetection maps; and problems."""
+    found = list(settings.pipelines) if settings else []
+    problems: list[str] = []
+    if settings is None or settings.from_devices:
+        for device_id, definition in definitions.items():
+            for prop in definition.properties:
+                data = prop.anomaly_detection
+                if not data:
+                    continue
+                data = data.get("data", data) if isinstance(data.get("data"), dict) else data
+                try:
+                    found.append(from_anomaly_detection(device_id, prop.name, data))
+                except ValueError as exc:
+                    problems.append(f"{definition.source}: {device_id}/{prop.name} pushMethod.anomalyDetection: {exc}")
+    return found, problems
+
+
+class InferenceExtension:
+    def __init__(self, settings: InferenceSettings | None = None) -> None:
+        self.settings = settings or InferenceSettings()
+        self.pipelines: dict[DeviceId, Pipeline] = {}
+        self.problems: list[str] = []
+        self.counts: Counter[str] = Counter()      # results not tied to a pipeline, queue drops
+        self._by_device: dict[DeviceId, list[Pipeline]] = {}
+        self._queue: asyncio.Queue[Reading] | None = None
+        self._waiting: dict[str, Waiting] = {}
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._expired: OrderedDict[str, None] = OrderedDict()
+        self._wake = asyncio.Event()
+        self._service: MapperService | None = None
+        self._topics = None
+        self._result_topic: str | None = None
+        self.idle = asyncio.Event()                # set while the reading queue is empty and processed
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def setup(self, service: MapperService) -> None:
+        self._service = service
+        definitions = service.definitions.devices if service.definitions else {}
+        wanted, self.problems = collect_settings(self.settings, definitions)
+        for problem in self.problems:
+            log.error("inference: %s", problem)
+        if not wanted:
+            log.debug("inference: no pipeline configured")
+            return
+        await asyncio.to_thread(self._build, wanted, definitions)
+        if not self.pipelines:
+            return
+        self._queue = asyncio.Queue(QUEUE_LIMIT)
+        recorder = service.recorder
+        assert recorder is not None
+        previous = recorder.on_commit
+
+        def on_commit(batch: list[Reading]) -> None:
+            if previous is not None:
+                previous(batch)
+            self._feed(batch)
+
+        recorder.on_commit = on_commit
+        if service.bus is not None and service.bus.topics is not None:
+            self._topics = service.bus.topics
+            self._result_topic = self._topics.offload_result()
+            service.bus.subscribe(self._result_topic, 1, self.handle_result)
+        else:
+            log.warning("inference: no event bus: decisions stay in the twin and nothing is offloaded")
+        await self._restore()
+        for p in self.pipelines.values():
+            log.info("inference pipeline %s: device %s properties %s, model %s (%s %s %.2f), window %d stride %d,"
+                     " audit %.0f%%, deadline %gs", p.id, p.source, ",".join(p.properties), p.model.info.name,
+                     p.score, ">=" if p.score == "max_prob" else "<=", p.threshold, p.model.info.window_length,
+                     p.settings.stride, 100 * p.settings.audit_share, p.settings.deadline_s)
+
+    def _build(self, wanted: list[PipelineSettings], definitions: dict[DeviceId, DeviceDefinition]) -> None:
+        from mapper.inference.model import ModelError, load_model
+        from mapper.inference.pipeline import Pipeline, PipelineError
+
+        for s in wanted:
+            model_dir = self.settings.resolve_model(s.model)
+            try:
+                model = load_model(model_dir)
+                pipeline = Pipeline(s, model, definitions.get(s.device_id), definitions=definitions)
+            except (ModelError, PipelineError, ValueError, OSError) as exc:
+                self.problems.append(str(exc))
+                log.error("inference: pipeline for %s disabled: %s", s.device, exc)
+                continue
+            if pipeline.id in self.pipelines:
+                self.problems.append(f"pipeline {pipeline.id} is configured twice; the first one is used")
+                log.error("inference: pipeline %s is configured twice; the first one is used", pipeline.id)
+                continue
+            self.pipelines[pipeline.id] = pipeline
+            self._by_device.setdefault(pipeline.source, []).append(pipeline)
+
+    async def _restore(self) -> None:
+        """Requests still waiting when the mapper last stopped wait again (and are sent again)."""
+        from mapper.inference import records
+        from mapper.inference.window import Window
+
+        oldest = _now_ms() - int(max(p.settings.result_max_age_s for p in self.pipelines.values()) * 1000)
+        rows = await self._twin(lambda s: records.waiting(s, oldest))
+        now = _now_ms()
+        for row in rows:
+            pipeline = self.pipelines.get(DeviceId.parse(row["pipeline"]))
+            if pipeline is None or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000:
+                continue
+            outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
+            request = orjson.loads(row["request"]) if row["request"] and self._can_send() else None
+            self._waiting[row["request_id"]] = Waiting(
+                row["request_id"], pipeline, row["id"], row["created_ts"],
+                row["created_ts"] + int(pipeline.settings.deadline_s * 1000),
+                row["created_ts"] + int(pipeline.settings.result_max_age_s * 1000), now,
+                row["edge_label"], row["edge_confidence"], bool(row["audit"]), row["status"], request,
+                outcome_window.start_ms, outcome_window.end_ms)
+        if self._waiting:
+            log.info("inference: %d offload(s) from the previous run still wait for a result", len(self._waiting))
+
+    async def run(self, service: MapperService) -> None:
+        if not self.pipelines:
+            return
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._consume(), name="inference-windows")
+            tg.create_task(self._timers(), name="inference-timers")
+            tg.create_task(self._prune(), name="inference-prune")
+
+    async def shutdown(self, service: MapperService) -> None:
+        return None
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _twin(self, fn):  # noqa: ANN001, ANN202
+        assert self._service is not None
+        return await self._service.twin(fn)
+
+    def _offer(self, rows: list[OutboxRow]) -> None:
+        recorder = self._service.recorder if self._service else None
+        if rows and recorder is not None and recorder.on_outbox:
+            recorder.on_outbox(rows)
+
+    def _can_send(self) -> bool:
+        return self._topics is not None
+
+    # -- windows ---------------------------------------------------------------------------
+
+    def _feed(self, batch: list[Reading]) -> None:
+        assert self._queue is not None
+        for reading in batch:
+            if reading.device_id in self._by_device:
+                try:
+                    self._queue.put_nowait(reading)
+                    self.idle.clear()
+                except asyncio.QueueFull:
+                    self.counts["readings_dropped"] += 1
+
+    async def _consume(self) -> None:
+        assert self._queue is not None
+        while True:
+            if self._queue.empty():
+                self.idle.set()
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            outcomes: list[tuple[Pipeline, EdgeOutcome]] = []
+            for reading in batch:
+                for pipeline in self._by_device.get(reading.device_id, ()):
+                    try:
+                        window = pipeline.builder.add(reading)
+                        if window is not None:
+                            outcomes.append((pipeline, pipeline.edge(window)))
+                    except Exception:  # noqa: BLE001 - one bad window must not stop inference
+                        pipeline.stats.counts["errors"] += 1
+                        log.exception("inference: %s: error on a window", pipeline.id)
+            if outcomes:
+                try:
+                    await self._record(outcomes)
+                except Exception:  # noqa: BLE001 - a full disk: log, keep going with the next windows
+                    log.exception("inference: cannot record %d decision(s)", len(outcomes))
+
+    async def _record(self, outcomes: list[tuple[Pipeline, EdgeOutcome]]) -> None:
+        from mapper.inference import records
+        from mapper.inference.pipeline import Decision
+
+        assert self._service is not None
+        created = _now_ms()
+        new: list[records.NewDecision] = []
+        messages: list[OutMessage] = []
+        desired = []
+        requests: list[dict[str, Any] | None] = []
+        for pipeline, o in outcomes:
+            request = None
+            if not o.exit or (o.audit and self._can_send()):
+                request = pipeline.request(o, self._service.config.node, created).to_json()
+            requests.append(request)
+            if request is not None and self._can_send():
+                messages.append(OutMessage(self._topics.offload_request(), request, kind="offload", sequenced=False))
+            if o.exit:
+                d = Decision(o.label, o.confidence, "edge", False, o.window)
+                m, ds = pipeline.act(d, self._topics)
+                messages += m
+                desired += ds
+            new.append(records.NewDecision(
+                str(pipeline.id), str(pipeline.source), o.window.start_ms, o.window.end_ms,
+                request["id"] if request else None, o.audit, records.FINAL if o.exit else records.PENDING,
+                o.label if o.exit else None, o.confidence if o.exit else None, "edge" if o.exit else None,
+                o.label, o.confidence, orjson.dumps(request) if request else None))
+        row_ids, rows = await self._twin(lambda s: records.insert(s, new, messages))
+        for (pipeline, o), row_id, request in zip(outcomes, row_ids, requests, strict=True):
+            if request is None:
+                continue
+            s = pipeline.settings
+            self._waiting[request["id"]] = Waiting(
+                request["id"], pipeline, row_id, created, created + int(s.deadline_s * 1000),
+                created + int(s.result_max_age_s * 1000), created + int(s.resend_s * 1000),
+                o.label, o.confidence, o.audit, records.FINAL if o.exit else records.PENDING,
+                request if self._can_send() else None, o.window.start_ms, o.window.end_ms)
+        self._limit_waiting()
+        self._offer(rows)
+        await self._set_desired(desired)
+        self._wake.set()
+
+    def _limit_waiting(self) -> None:
+        while len(self._waiting) > self.settings.max_pending:
+            request_id, w = next(iter(self._waiting.items()))
+            del self._waiting[request_id]
+            self._remember(self._expired, request_id)
+            w.pipeline.stats.counts["expired"] += 1
+
+    async def _set_desired(self, desired: list) -> None:  # noqa: ANN001 - list[DesiredSet]
+        if not desired:
+            return
+        assert self._service is not None
+        for d in desired:
+            try:
+                await self._twin(lambda s, d=d: s.set_desired(d.device, d.property, d.value))
+            except Exception as exc:  # noqa: BLE001 - a wrong value must not stop inference
+                log.error("inference: cannot set %s/%s = %r: %s", d.device, d.property, d.value, exc)
+                continue
+            log.info("inference: set %s/%s = %r", d.device, d.property, d.value)
+            self.counts["desired_set"] += 1
+        self._service.desired_changed()
+
+    # -- deadlines, resends, expiry --------------------------------------------------------
+
+    async def _timers(self) -> None:
+        while True:
+            now = _now_ms()
+            await self._due(now)
+            upcoming = [w.expires_ms for w in self._waiting.values()]
+            upcoming += [w.deadline_ms for w in self._waiting.values() if w.status == "pending"]
+            upcoming += [w.next_send_ms for w in self._waiting.values() if w.body is not None]
+            wait_s = max(0.01, (min(upcoming) - _now_ms()) / 1000) if upcoming else 60.0
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(wait_s, 60.0)):
+                    await self._wake.wait()
+
+    async def _due(self, now: int) -> None:
+        from mapper.inference import records
+        from mapper.inference.pipeline import Decision
+        from mapper.inference.window import Window
+
+        updates, messages, desired = [], [], []
+        for request_id, w in list(self._waiting.items()):
+            if now >= w.expires_ms:
+                del self._waiting[request_id]
+                self._remember(self._expired, request_id)
+                w.pipeline.stats.counts["expired"] += 1
+                if w.status == "pending":  # the deadline never ran (restored late): the edge answer stands
+                    w.status = "provisional"
+                    w.pipeline.stats.counts["provisional"] += 1
+                    d = Decision(w.edge_label, w.edge_confidence, "edge", True, Window((), w.window_start, w.window_end),
+                                 request_id)
+                    m, ds = w.pipeline.act(d, self._topics)
+                    messages += m
+                    desired += ds
+                    updates.append(records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
+                                                          confidence=w.edge_confidence, exit="edge"))
+                continue
+            if w.status == "pending" and now >= w.deadline_ms:
+                w.status = "provisional"
+                w.pipeline.stats.counts["provisional"] += 1
+                d = Decision(w.edge_label, w.edge_confidence, "edge", True, Window((), w.window_start, w.window_end),
+                             request_id)
+                m, ds = w.pipeline.act(d, self._topics)
+                messages += m
+                desired += ds
+                updates.append(records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
+                                                      confidence=w.edge_confidence, exit="edge"))
+            if w.body is not None and now >= w.next_send_ms and self._bus_connected():
+                w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
+                w.pipeline.stats.counts["resent"] += 1
+                messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload", sequenced=False))
+        if updates or messages:
+            rows = await self._twin(lambda s: records.update(s, updates, messages))
+            self._offer(rows)
+        await self._set_desired(desired)
+
+    def _bus_connected(self) -> bool:
+        bus = self._service.bus if self._service else None
+        return bool(bus is not None and bus.bus is not None and bus.bus.connected.is_set())
+
+    async def _prune(self) -> None:
+        from mapper.inference import records
+
+        while True:
+            await asyncio.sleep(60)
+            with contextlib.suppress(Exception):
+                await self._twin(lambda s: records.prune(s, self.settings.keep_decisions))
+
+    @staticmethod
+    def _remember(memory: OrderedDict[str, None], request_id: str) -> None:
+        memory[request_id] = None
+        while len(memory) > DONE_MEMORY:
+            memory.popitem(last=False)
+
+    # -- results ---------------------------------------------------------------------------
+
+    def _reject(self, reason: str, pipeline: Pipeline | None = None, detail: str = "") -> None:
+        (pipeline.stats.counts if pipeline else self.counts)[f"rejected_{reason}"] += 1
+        log.info("inference: result refused (%s)%s", reason, f": {detail[:200]}" if detail else "")
+
+    async def handle_result(self, topic: str, payload: bytes) -> None:
+        """A message on our result topic; never raises."""
+        try:
+            await self._handle_result(topic, payload)
+        except Exception:  # noqa: BLE001 - a worker must never crash the mapper
+            self.counts["rejected_internal_error"] += 1
+            log.exception("inference: error while handling a result")
+
+    async def _handle_result(self, topic: str, payload: bytes) -> None:
+        from mapper.inference import records
+        from mapper.inference.codec import CodecError, decode_result
+        from mapper.inference.pipeline import Decision
+        from mapper.inference.window import Window
+
+        assert self._service is not None
+        if topic != self._result_topic:
+            return self._reject("wrong_topic", None, topic)
+        try:
+            result = decode_result(payload)
+        except CodecError as exc:
+            return self._reject(exc.reason, None, str(exc))
+        if result.node != self._service.config.node:
+            return self._reject("wrong_node", None, result.node)
+        w = self._waiting.get(result.id)
+        if w is None:
+            reason = "duplicate" if result.id in self._done else "late" if result.id in self._expired else "unknown"
+            return self._reject(reason, None, result.id)
+        info = w.pipeline.model.info
+        if result.model != info.name or result.created != w.created_ms:
+            return self._reject("mismatch", w.pipeline, f"{result.model} {result.created}")
+        now = _now_ms()
+        if now > w.expires_ms:
+            del self._waiting[result.id]
+            self._remember(self._expired, result.id)
+            return self._reject("late", w.pipeline, result.id)
+        if result.error is not None:
+            w.body = None  # the worker cannot serve it: sending again will not help
+            return self._reject("worker_error", w.pipeline, result.error)
+        if result.logits is None or len(result.logits) != len(info.classes):
+            return self._reject("mismatch", w.pipeline, "number of logits")
+        del self._waiting[result.id]
+        self._remember(self._done, result.id)
+        label, confidence = w.pipeline.cloud_answer(result.logits)
+        stats = w.pipeline.stats
+        stats.counts["results_ok"] += 1
+        stats.round_trip_ms_total += now - w.created_ms
+        messages: list[OutMessage] = []
+        desired = []
+        if w.audit:
+            stats.counts["audit_agree" if label == w.edge_label else "audit_disagree"] += 1
+            update = records.DecisionUpdate(w.row_id, cloud_label=label, cloud_confidence=confidence)
+        else:
+            replaces = w.status == "provisional"
+            stats.counts["replaced"] += int(replaces)
+            d = Decision(label, confidence, "cloud", False, Window((), w.window_start, w.window_end), result.id,
+                         replaces_provisional=replaces)
+            messages, desired = w.pipeline.act(d, self._topics)
+            update = records.DecisionUpdate(w.row_id, status=records.FINAL, label=label, confidence=confidence,
+                                            exit="cloud", cloud_label=label, cloud_confidence=confidence)
+        rows = await self._twin(lambda s: records.update(s, [update], messages))
+        self._offer(rows)
+        await self._set_desired(desired)
+        return None
+
+    # -- status ----------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Counters per pipeline, plus results that matched no request (by reason)."""
+        pipelines = {}
+        for pid, p in self.pipelines.items():
+            s = p.stats.as_dict()
+            s["pending"] = sum(1 for w in self._waiting.values() if w.pipeline is p and w.status == "pending")
+            s["waiting"] = sum(1 for w in self._waiting.values() if w.pipeline is p)
+            s["gaps"] = p.builder.gaps
+            pipelines[str(pid)] = s
+        return {"pipelines": pipelines, "problems": list(self.problems),
+                "results_rejected": {k[len("rejected_"):]: v for k, v in self.counts.items()
+                                     if k.startswith("rejected_")},
+                "readings_dropped": self.counts["readings_dropped"], "desired_set": self.counts["desired_set"]}

@@ -1,0 +1,160 @@
+"""An early-exit model pair on onnxruntime: `edge.onnx` (window -> exit logits + cut) and
+`cloud.onnx` (cut -> final logits), described by `model.json`.
+
+Sessions are created once per model directory (`load_model` caches them), after the sha256
+of each graph was checked against model.json, with one intra-op and one inter-op thread,
+sequential execution and thread spinning off: at sensor rates a spinning pool burns more
+than a core for microseconds of work (shared/research/edge-inference.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class ModelError(Exception):
+    """A model directory is missing, damaged, or does not compute what model.json says."""
+
+
+def session_options():  # noqa: ANN201 - onnxruntime.SessionOptions
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return so
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime needs from model.json."""
+
+    name: str
+    directory: Path
+    classes: tuple[str, ...]
+    properties: tuple[str, ...]
+    window_length: int
+    input_name: str
+    cut_name: str
+    cut_width: int
+    threshold: float
+    score: str
+    cloud_sha256: str
+    meta: dict[str, Any]
+
+    @classmethod
+    def read(cls, directory: Path) -> ModelInfo:
+        path = directory / "model.json"
+        try:
+            meta = json.loads(path.read_text())
+            inp = meta["input"]
+            return cls(
+                name=str(meta["name"]), directory=directory, classes=tuple(meta["classes"]),
+                properties=tuple(inp["properties"]), window_length=int(inp["window_length"]),
+                input_name=str(inp.get("name", "window")), cut_name=str(meta["cut"]["name"]),
+                cut_width=int(meta["cut"]["width"]), threshold=float(meta["exit"]["threshold"]),
+                score=str(meta["exit"].get("score", "max_prob")),
+                cloud_sha256=str(meta["sha256"][meta["files"]["cloud"]]), meta=meta,
+            )
+        except FileNotFoundError:
+            raise ModelError(f"{path}: not found (a model directory holds model.json, edge.onnx, cloud.onnx)") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: not a usable model description ({type(exc).__name__}: {exc})") from None
+
+    @property
+    def width(self) -> int:
+        return self.window_length * len(self.properties)
+
+
+class EarlyExitModel:
+    """Both graphs of one model. `edge` and `cloud` run one window / one cut (or a batch)."""
+
+    def __init__(self, info: ModelInfo, edge, cloud) -> None:  # noqa: ANN001 - InferenceSession
+        self.info = info
+        self._edge = edge
+        self._cloud = cloud
+
+    @classmethod
+    def load(cls, directory: str | Path, *, parts: tuple[str, ...] = ("edge", "cloud")) -> EarlyExitModel:
+        """Open the sessions after checking each graph's sha256 against model.json."""
+        import onnxruntime as ort
+
+        directory = Path(directory)
+        info = ModelInfo.read(directory)
+        sessions: dict[str, Any] = {}
+        for part in parts:
+            name = info.meta["files"][part]
+            path = directory / name
+            try:
+                blob = path.read_bytes()
+            except FileNotFoundError:
+                raise ModelError(f"{path}: not found") from None
+            digest = hashlib.sha256(blob).hexdigest()
+            if digest != info.meta["sha256"].get(name):
+                raise ModelError(f"{path}: sha256 {digest[:16]}... does not match model.json; refusing to load it")
+            sessions[part] = ort.InferenceSession(blob, session_options(), providers=["CPUExecutionProvider"])
+        return cls(info, sessions.get("edge"), sessions.get("cloud"))
+
+    def edge(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Window(s) [W*P] or [N, W*P] -> (exit_logits [N, K], cut [N, C])."""
+        x = np.asarray(window, dtype=np.float32)
+        if x.ndim == 1:
+            x = x[None]
+        if x.shape[1] != self.info.width:
+            raise ValueError(f"window has {x.shape[1]} values; model {self.info.name} takes {self.info.width}")
+        exit_logits, cut = self._edge.run(["exit_logits", self.info.cut_name], {self.info.input_name: x})
+        return exit_logits, cut
+
+    def cloud(self, cut: np.ndarray) -> np.ndarray:
+        """Cut(s) [C] or [N, C] -> final logits [N, K]."""
+        c = np.asarray(cut, dtype=np.float32)
+        if c.ndim == 1:
+            c = c[None]
+        if c.shape[1] != self.info.cut_width:
+            raise ValueError(f"cut has {c.shape[1]} values; model {self.info.name} takes {self.info.cut_width}")
+        (final,) = self._cloud.run(["final_logits"], {self.info.cut_name: c})
+        return final
+
+    def self_test(self, atol: float = 1e-3) -> int:
+        """Run model.json's self-test rows through the loaded graphs; returns how many passed.
+
+        Raises ModelError when any output differs from the recorded one by more than `atol`.
+        """
+        rows = self.info.meta.get("self_test") or []
+        for i, row in enumerate(rows):
+            window = np.asarray(row["window"], dtype=np.float32)
+            if self._edge is not None:
+                exit_logits, cut = self.edge(window)
+                if not np.allclose(exit_logits[0], row["exit_logits"], atol=atol):
+                    raise ModelError(f"{self.info.directory}: self-test row {i}: edge exit logits differ from model.json")
+                if self._cloud is not None:
+                    final = self.cloud(cut)
+                    if not np.allclose(final[0], row["final_logits"], atol=atol):
+                        raise ModelError(f"{self.info.directory}: self-test row {i}: final logits differ from model.json")
+        return len(rows)
+
+
+_CACHE: dict[tuple[Path, tuple[str, ...]], EarlyExitModel] = {}
+_LOCK = threading.Lock()
+
+
+def load_model(directory: str | Path, *, parts: tuple[str, ...] = ("edge", "cloud")) -> EarlyExitModel:
+    """Load (once per process and directory) and self-test a model."""
+    key = (Path(directory).resolve(), parts)
+    with _LOCK:
+        model = _CACHE.get(key)
+        if model is None:
+            model = EarlyExitModel.load(key[0], parts=parts)
+            model.self_test()
+            _CACHE[key] = model
+        return model

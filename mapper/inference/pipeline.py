@@ -1,0 +1,211 @@
+"""One inference pipeline: a device's readings -> windows -> edge exit or offload -> actions.
+
+The I/O (twin, outbox, timers, results) is the extension's; this module holds what one
+pipeline knows and decides: its window builder, its model and rule, the edge outcome of a
+window, and what a decision does (the messages and desired values of its actions).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import secrets
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from eventbus.topics import Topics
+from mapper.inference import policy
+from mapper.inference.codec import OffloadRequest
+from mapper.inference.model import EarlyExitModel
+from mapper.inference.settings import AlertAction, PipelineSettings, PublishAction, SetDesiredAction
+from mapper.inference.window import Window, WindowBuilder
+from twin.store import OutMessage
+
+log = logging.getLogger("mapper.inference")
+
+
+class PipelineError(ValueError):
+    """A pipeline's settings do not fit its device or its model."""
+
+
+@dataclass(frozen=True, slots=True)
+class EdgeOutcome:
+    window: Window
+    label: str
+    confidence: float          # max softmax probability of the first exit
+    score: float               # what the threshold was compared with
+    exit: bool                 # decided at the edge
+    audit: bool                # offloaded although decided at the edge
+    cut: np.ndarray
+    latency_us: float
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What gets published and acted on."""
+
+    label: str
+    confidence: float
+    exit: str                  # edge | cloud
+    provisional: bool
+    window: Window
+    request_id: str | None = None
+    replaces_provisional: bool = False
+
+
+@dataclass
+class DesiredSet:
+    device: DeviceId
+    property: str
+    value: Any
+
+
+@dataclass
+class Stats:
+    counts: Counter[str] = field(default_factory=Counter)
+    edge_us_total: float = 0.0
+    round_trip_ms_total: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        c = self.counts
+        out: dict[str, Any] = {k: c[k] for k in ("windows", "edge_exits", "offloads", "audits", "results_ok",
+                                                   "provisional", "replaced", "resent", "expired", "published",
+                                                   "alerts", "errors", "audit_agree", "audit_disagree")}
+        out["results_rejected"] = {k[len("rejected_"):]: v for k, v in sorted(c.items()) if k.startswith("rejected_")}
+        out["mean_edge_latency_us"] = round(self.edge_us_total / c["windows"], 1) if c["windows"] else None
+        out["mean_round_trip_ms"] = (round(self.round_trip_ms_total / c["results_ok"], 1)
+                                     if c["results_ok"] else None)
+        return out
+
+
+class Pipeline:
+    def __init__(self, settings: PipelineSettings, model: EarlyExitModel, definition: DeviceDefinition | None,
+                 *, definitions: dict[DeviceId, DeviceDefinition], rng: random.Random | None = None) -> None:
+        self.settings = settings
+        self.model = model
+        info = model.info
+        self.source = settings.device_id
+        self.id = settings.pipeline_id(info.directory)
+        self.properties = tuple(settings.properties or info.properties)
+        if len(self.properties) != len(info.properties):
+            raise PipelineError(f"pipeline {self.id}: model {info.name} takes {len(info.properties)} properties "
+                                f"({', '.join(info.properties)}), got {', '.join(self.properties)}")
+        if settings.window is not None and settings.window != info.window_length:
+            raise PipelineError(f"pipeline {self.id}: window {settings.window} but model {info.name} was built "
+                                f"for {info.window_length} steps")
+        self.score: policy.Score = settings.score or info.score  # type: ignore[assignment]
+        if settings.score == "entropy" and info.score != "entropy" and settings.threshold is None:
+            raise PipelineError(f"pipeline {self.id}: score entropy needs its own threshold "
+                                f"(model.json's {info.threshold} is a {info.score} threshold)")
+        self.threshold = settings.threshold if settings.threshold is not None else info.threshold
+        if definition is None:
+            raise PipelineError(f"pipeline {self.id}: device {self.source} is not defined on this node")
+        cycles = []
+        for name in self.properties:
+            if not definition.has_property(name):
+                raise PipelineError(f"pipeline {self.id}: device {self.source} has no property {name!r}")
+            cycles.append(definition.prop(name).collect_cycle_ms)
+        gap_ms = int(settings.max_gap_s * 1000) if settings.max_gap_s else 3 * max(cycles) + 1000
+        self.builder = WindowBuilder(self.properties, length=info.window_length, stride=settings.stride,
+                                     max_gap_ms=gap_ms, min_step_ms=int(settings.min_step_s * 1000))
+        self.rng = rng or random.Random(settings.audit_seed)
+        self.stats = Stats()
+        self.actions = self._check_actions(definitions)
+        self._last_label: str | None = None
+        self._last_desired: dict[tuple[DeviceId, str], Any] = {}
+
+    def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
+        classes = set(self.model.info.classes)
+        actions = []
+        for action in self.settings.actions:
+            when = getattr(action, "when", None)
+            if when is not None and not set(when) <= classes:
+                raise PipelineError(f"pipeline {self.id}: {action.type} `when` names unknown classes "
+                                    f"{sorted(set(when) - classes)}; the model's are {sorted(classes)}")
+            if isinstance(action, SetDesiredAction):
+                target = DeviceId.parse(action.device)
+                d = definitions.get(target)
+                if d is None or not d.has_property(action.property):
+                    raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
+                                        "does not exist")
+                if not d.prop(action.property).writable:
+                    raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
+                                        "is ReadOnly")
+            actions.append(action)
+        return actions
+
+    def _when(self, when: list[str] | None) -> set[str]:
+        return set(when) if when is not None else set(self.model.info.classes[1:])
+
+    # -- the edge --------------------------------------------------------------------------
+
+    def edge(self, window: Window) -> EdgeOutcome:
+        t0 = time.perf_counter_ns()
+        exit_logits, cut = self.model.edge(np.asarray(window.values, dtype=np.float32))
+        probs = policy.softmax(exit_logits[0])
+        decided = policy.should_exit(probs, self.threshold, self.score)
+        elapsed = (time.perf_counter_ns() - t0) / 1000
+        audit = decided and policy.should_audit(self.rng, self.settings.audit_share)
+        index = int(np.argmax(probs))
+        c = self.stats.counts
+        c["windows"] += 1
+        c["edge_exits" if decided else "offloads"] += 1
+        c["audits"] += int(audit)
+        self.stats.edge_us_total += elapsed
+        return EdgeOutcome(window, self.model.info.classes[index], float(probs[index]),
+                           policy.score_value(probs, self.score), decided, audit, cut[0], elapsed)
+
+    def request(self, outcome: EdgeOutcome, node: str, created_ms: int) -> OffloadRequest:
+        info = self.model.info
+        return OffloadRequest(secrets.token_hex(8), node, str(self.source), str(self.id), info.name,
+                              info.cloud_sha256[:16], created_ms, outcome.audit, self.settings.encoding, outcome.cut)
+
+    def cloud_answer(self, logits: tuple[float, ...]) -> tuple[str, float]:
+        probs = policy.softmax(np.asarray(logits))
+        index = int(np.argmax(probs))
+        return self.model.info.classes[index], float(probs[index])
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def act(self, decision: Decision, topics: Topics | None) -> tuple[list[OutMessage], list[DesiredSet]]:
+        """Messages (publish, alert) and desired values (closed loop) for one decision."""
+        messages: list[OutMessage] = []
+        desired: list[DesiredSet] = []
+        changed = decision.label != self._last_label
+        self._last_label = decision.label
+        body = decision_body(self, decision)
+        for action in self.actions:
+            if isinstance(action, PublishAction):
+                if topics is not None and (changed or decision.replaces_provisional or not action.only_changes):
+                    messages.append(OutMessage(f"{topics.device_base(self.id)}/decision", body))
+                    self.stats.counts["published"] += 1
+            elif isinstance(action, AlertAction):
+                if decision.label in self._when(action.when):
+                    self.stats.counts["alerts"] += 1
+                    log.warning("inference alert: %s says %s (confidence %.2f, %s exit%s) for %s", self.id,
+                                decision.label, decision.confidence, decision.exit,
+                                ", provisional" if decision.provisional else "", self.source)
+                    if topics is not None:
+                        messages.append(OutMessage(f"{topics.device_base(self.id)}/alert", body, kind="alert"))
+            elif isinstance(action, SetDesiredAction):
+                value = action.value if decision.label in self._when(action.when) else action.otherwise
+                target = DeviceId.parse(action.device)
+                key = (target, action.property)
+                if value is not None and self._last_desired.get(key) != value:
+                    self._last_desired[key] = value
+                    desired.append(DesiredSet(target, action.property, value))
+        return messages, desired
+
+
+def decision_body(pipeline: Pipeline, d: Decision) -> dict[str, Any]:
+    """Telemetry-shaped: `value` is the label, so a telemetry consumer shows something useful."""
+    return {"value": d.label, "label": d.label, "confidence": round(d.confidence, 4), "exit": d.exit,
+            "provisional": d.provisional, "request_id": d.request_id, "device": str(pipeline.source),
+            "model": pipeline.model.info.name, "window_start": d.window.start_ms, "window_end": d.window.end_ms,
+            "ts": int(time.time() * 1000), "quality": "good"}

@@ -1,0 +1,210 @@
+"""Inference configuration: the mapper config's `inference:` section and, as an alternative
+source for the same settings, a device property's KubeEdge v1.23 `pushMethod.anomalyDetection`
+flat `data` map (see docs/inference.md for both, with every key).
+
+Pure pydantic: importing this module needs neither numpy nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from devices import ids
+from devices.ids import DeviceId
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PublishAction(_Base):
+    """Publish every decision like telemetry on `<prefix>/<node>/<ns>/<pipeline>/decision`."""
+
+    type: Literal["publish"] = "publish"
+    # Publish only when the label differs from the previous decision's (final answers that
+    # replace a provisional one are always published).
+    only_changes: bool = False
+
+
+class SetDesiredAction(_Base):
+    """Closed loop: set a desired value on a (writable) property of another device."""
+
+    type: Literal["set_desired"]
+    device: str
+    property: str
+    value: Any
+    # Labels that set `value` (default: every class but the model's first, e.g. all but `normal`).
+    when: list[str] | None = None
+    # Set for any other label (default: leave the property alone).
+    otherwise: Any = None
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        DeviceId.parse(value)
+        return value
+
+
+class AlertAction(_Base):
+    """A warning log line and a message on `<prefix>/<node>/<ns>/<pipeline>/alert`."""
+
+    type: Literal["alert"]
+    when: list[str] | None = None
+
+
+Action = Annotated[PublishAction | SetDesiredAction | AlertAction, Field(discriminator="type")]
+
+
+class PipelineSettings(_Base):
+    # The device whose readings are windowed: `namespace/name` or `name` (namespace default).
+    device: str
+    # The derived device the decisions belong to (default `<device>-<model dir with - for _>`).
+    name: str | None = None
+    # A model directory: a name under `inference.models_dir`, or a path.
+    model: str
+    # Device properties fed to the model, in the model's order (default: model.json's names).
+    properties: list[str] | None = None
+    # Window length in steps: must equal the model's (default: model.json's window_length).
+    window: int | None = Field(default=None, ge=1)
+    stride: int = Field(default=1, ge=1)
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0)   # default: model.json's
+    score: Literal["max_prob", "entropy"] | None = None              # default: model.json's
+    audit_share: float = Field(default=0.0, ge=0.0, le=1.0)
+    audit_seed: int | None = None
+    # After this long without a result, the edge answer stands, marked provisional.
+    deadline_s: float = Field(default=5.0, ge=0.0)
+    # Pending requests are sent again this often until a result comes or they expire.
+    resend_s: float = Field(default=30.0, gt=0.0)
+    # Results for requests older than this are refused as late, and the request is dropped.
+    result_max_age_s: float = Field(default=600.0, gt=0.0)
+    # A step more than this after the previous one restarts the window (default: 3 collect cycles).
+    max_gap_s: float | None = Field(default=None, gt=0.0)
+    # Take at most one step per this many seconds (subsampling to the model's cadence).
+    min_step_s: float = Field(default=0.0, ge=0.0)
+    encoding: Literal["int8", "float16"] = "int8"
+    actions: list[Action] = [PublishAction()]
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        DeviceId.parse(value)
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return None if value is None else ids.check_name(value)
+
+    @property
+    def device_id(self) -> DeviceId:
+        return DeviceId.parse(self.device)
+
+    def pipeline_id(self, model_dir: Path) -> DeviceId:
+        device = self.device_id
+        name = self.name or f"{device.name}-{model_dir.name.replace('_', '-').lower()}"
+        return DeviceId(device.namespace, ids.check_name(name))
+
+
+class InferenceSettings(_Base):
+    # Where model names are looked up (default: the shipped `models/` package directory).
+    models_dir: Path | None = None
+    pipelines: list[PipelineSettings] = []
+    # Also build pipelines from devices' `pushMethod.anomalyDetection` data maps.
+    from_devices: bool = True
+    # At most this many requests wait for a result; beyond, the oldest is given up.
+    max_pending: int = Field(default=10_000, ge=1)
+    # Decisions kept in the twin per pipeline (older rows are pruned).
+    keep_decisions: int = Field(default=100_000, ge=10)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _list(cls, data: Any) -> Any:
+        # `inference:` may be just the list of pipelines.
+        return {"pipelines": data} if isinstance(data, list) else data
+
+    def resolve_model(self, model: str) -> Path:
+        path = Path(model)
+        if path.is_absolute() or "/" in model:
+            return path
+        return (self.models_dir or default_models_dir()) / model
+
+
+def default_models_dir() -> Path:
+    spec = importlib.util.find_spec("models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path("models")
+
+
+# -- KubeEdge pushMethod.anomalyDetection ---------------------------------------------------
+
+# Flat data-map key -> PipelineSettings field. Values arrive as strings or numbers (edgecore
+# turns every YAML number into a float32 FloatValue), never as maps or lists.
+ANOMALY_KEYS = {
+    "model": "model", "name": "name", "properties": "properties", "window": "window", "stride": "stride",
+    "threshold": "threshold", "score": "score", "auditShare": "audit_share", "auditSeed": "audit_seed",
+    "deadlineS": "deadline_s", "resendS": "resend_s", "resultMaxAgeS": "result_max_age_s",
+    "maxGapS": "max_gap_s", "minStepS": "min_step_s", "encoding": "encoding",
+}
+_INTS = {"window", "stride", "audit_seed"}
+ACTION_KEYS = ("publish", "onlyChanges", "alert", "alertOn", "setDevice", "setProperty", "setValue", "setOn",
+               "setOtherwise")
+
+
+def _csv(value: Any) -> list[str]:
+    return [part.strip() for part in str(value).split(",") if part.strip()]
+
+
+def _int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return value
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) -> PipelineSettings:
+    """PipelineSettings from a property's `pushMethod.anomalyDetection.data` (flat map).
+
+    Raises ValueError (pydantic's ValidationError included) naming the bad key.
+    """
+    unknown = set(data) - set(ANOMALY_KEYS) - set(ACTION_KEYS)
+    if unknown:
+        raise ValueError(f"anomalyDetection: unknown key(s) {', '.join(sorted(unknown))}; "
+                         f"known: {', '.join([*ANOMALY_KEYS, *ACTION_KEYS])}")
+    fields: dict[str, Any] = {"device": str(device)}
+    for key, field in ANOMALY_KEYS.items():
+        if key in data and data[key] is not None and data[key] != "":
+            value = data[key]
+            if field == "properties":
+                value = _csv(value)
+            elif field in _INTS:
+                value = _int(value)
+            elif field in ("model", "name", "score", "encoding"):
+                value = str(value)
+            fields[field] = value
+    if "model" not in fields:
+        raise ValueError(f"anomalyDetection on {device}/{prop}: `model` is required")
+    actions: list[dict[str, Any]] = []
+    if _bool(data.get("publish", True)):
+        actions.append({"type": "publish", "only_changes": _bool(data.get("onlyChanges", False))})
+    if _bool(data.get("alert", False)) or "alertOn" in data:
+        actions.append({"type": "alert", "when": _csv(data["alertOn"]) if "alertOn" in data else None})
+    if "setDevice" in data or "setProperty" in data:
+        if "setDevice" not in data or "setProperty" not in data or "setValue" not in data:
+            raise ValueError("anomalyDetection: setDevice, setProperty and setValue go together")
+        actions.append({"type": "set_desired", "device": str(data["setDevice"]), "property": str(data["setProperty"]),
+                        "value": data["setValue"], "when": _csv(data["setOn"]) if "setOn" in data else None,
+                        "otherwise": data.get("setOtherwise")})
+    fields["actions"] = actions
+    return PipelineSettings.model_validate(fields)

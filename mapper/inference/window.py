@@ -1,0 +1,87 @@
+"""Sliding windows of a device's readings, one step = one good reading of every property.
+
+Readings of different properties arrive separately (each has its own collect task). A
+*step* is complete when every property of the pipeline has a good reading newer than the
+previous step; it holds the latest value of each. Readings of bad quality are skipped (a
+failed DHT read just delays the step).
+
+Gap policy: when a step comes more than `max_gap_ms` after the previous one (the device was
+unhealthy, the mapper was stopped, readings were bad for a while), the buffer starts over,
+so a window never spans a gap. `min_step_ms` subsamples: a step closer than that to the
+previous one is dropped (for a model trained at a slower cadence than the collect cycle).
+
+Once the buffer holds `length` steps, every `stride`-th step yields a window: a flat list,
+time-major, oldest first: [p0[t-W+1], p1[t-W+1], ..., p0[t], p1[t]].
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from twin.records import GOOD, Reading
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    values: tuple[float, ...]
+    start_ms: int
+    end_ms: int
+
+
+class WindowBuilder:
+    def __init__(self, properties: tuple[str, ...], *, length: int, stride: int = 1,
+                 max_gap_ms: int | None = None, min_step_ms: int = 0) -> None:
+        if length < 1 or stride < 1:
+            raise ValueError("length and stride must be >= 1")
+        self.properties = properties
+        self.length = length
+        self.stride = stride
+        self.max_gap_ms = max_gap_ms
+        self.min_step_ms = min_step_ms
+        self._steps: deque[tuple[int, tuple[float, ...]]] = deque(maxlen=length)
+        self._current: dict[str, tuple[int, float]] = {}
+        self._countdown = 1  # steps until the next window, once the buffer is full
+        self._last_step_ms: int | None = None
+        self.gaps = 0
+        self.skipped = 0
+
+    def add(self, reading: Reading) -> Window | None:
+        """Feed one reading of this device; returns a window when one is due."""
+        if reading.property not in self.properties:
+            return None
+        if reading.quality != GOOD or isinstance(reading.value, bool) or not isinstance(reading.value, int | float):
+            self.skipped += 1
+            return None
+        self._current[reading.property] = (reading.taken_at_ms, float(reading.value))
+        if len(self._current) < len(self.properties):
+            return None
+        ts = max(t for t, _ in self._current.values())
+        values = tuple(self._current[p][1] for p in self.properties)
+        self._current.clear()
+        return self._step(ts, values)
+
+    def _step(self, ts: int, values: tuple[float, ...]) -> Window | None:
+        last = self._last_step_ms
+        if last is not None and self.min_step_ms and ts - last < self.min_step_ms:
+            return None
+        if last is not None and self.max_gap_ms is not None and ts - last > self.max_gap_ms:
+            self.gaps += 1
+            self._steps.clear()
+            self._countdown = 1
+        self._last_step_ms = ts
+        self._steps.append((ts, values))
+        if len(self._steps) < self.length:
+            return None
+        if self._countdown > 1:
+            self._countdown -= 1
+            return None
+        self._countdown = self.stride
+        flat = tuple(v for _, step in self._steps for v in step)
+        return Window(flat, self._steps[0][0], self._steps[-1][0])
+
+    def reset(self) -> None:
+        self._steps.clear()
+        self._current.clear()
+        self._countdown = 1
+        self._last_step_ms = None

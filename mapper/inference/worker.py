@@ -1,0 +1,187 @@
+"""`mapper cloud-worker --config FILE`: the cloud half of early-exit inference.
+
+Subscribes (MQTT 5 shared subscription) to `$share/<group>/<prefix>/+/offload/request`, so
+several workers share the requests of every node; runs `cloud.onnx` on each decoded cut and
+publishes the result (QoS 1) to `<prefix>/<node>/offload/result`, the node taken from the
+request's topic and checked against the request body. See mapper/inference/codec.py for the
+message formats.
+
+Config file (YAML)::
+
+    mqtt:                      # the mapper's MqttSettings (eventbus/settings.py)
+      url: mqtts://cloud.example:8883
+      username: worker
+      password_file: /etc/mapper/worker.password
+    models_dir: /opt/mapper/models   # default: the shipped models/ directory
+    models: [sensor_faults]          # default: every sub-directory with a model.json
+    group: workers                   # shared-subscription group
+    worker_id: w-1                   # reported in results (default: host-pid)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import socket
+import time
+from pathlib import Path
+
+import aiomqtt
+import orjson
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from devices import ids
+from eventbus.bus import tls_context
+from eventbus.settings import MqttSettings
+from mapper.inference.codec import CodecError, OffloadResult, decode_request
+from mapper.inference.settings import default_models_dir
+
+log = logging.getLogger("mapper.worker")
+
+
+class WorkerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    mqtt: MqttSettings = MqttSettings()
+    models_dir: Path | None = None
+    models: list[str] | None = None
+    group: str = Field(default="workers", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    worker_id: str | None = Field(default=None, max_length=64)
+    log_level: str = "info"
+
+
+def load_worker_config(path: str | Path) -> WorkerSettings:
+    path = Path(path)
+    data = yaml.safe_load(path.read_text()) or {}
+    settings = WorkerSettings.model_validate(data)
+    base = path.parent
+    changes: dict = {}
+    if settings.models_dir is not None and not settings.models_dir.is_absolute():
+        changes["models_dir"] = base / settings.models_dir
+    mqtt = settings.mqtt
+    if mqtt.password_file is not None and not mqtt.password_file.is_absolute():
+        changes["mqtt"] = mqtt.model_copy(update={"password_file": base / mqtt.password_file})
+    return settings.model_copy(update=changes)
+
+
+class CloudWorker:
+    def __init__(self, settings: WorkerSettings) -> None:
+        from mapper.inference.model import load_model
+
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        models_dir = settings.models_dir or default_models_dir()
+        names = settings.models or sorted(p.name for p in models_dir.iterdir() if (p / "model.json").exists())
+        self.models = {}
+        for name in names:
+            model = load_model(models_dir / name)
+            self.models[model.info.name] = model
+            log.info("worker %s: model %s from %s (cloud sha256 %s)", self.worker_id, model.info.name,
+                     models_dir / name, model.info.cloud_sha256[:16])
+        prefix = settings.mqtt.topic_prefix
+        self.prefix = prefix
+        self.subscription = f"$share/{settings.group}/{prefix}/+/offload/request"
+        self.served = 0
+        self.refused = 0
+        self.ready = asyncio.Event()
+
+    def answer(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
+        """The result topic and payload for one request; None when it must be dropped."""
+        parts = topic.split("/")
+        if len(parts) != 4 or parts[0] != self.prefix or parts[2:] != ["offload", "request"] \
+                or not ids.is_name(parts[1]):
+            self.refused += 1
+            log.info("dropped a request on an unexpected topic %r", topic[:200])
+            return None
+        node = parts[1]
+        try:
+            request = decode_request(payload)
+        except CodecError as exc:
+            self.refused += 1
+            log.info("dropped a request from %s: %s", node, exc)
+            return None
+        if request.node != node:
+            self.refused += 1
+            log.info("dropped a request on %s's topic that claims node %r", node, request.node[:64])
+            return None
+        result_topic = f"{self.prefix}/{node}/offload/result"
+        model = self.models.get(request.model)
+        base = {"id": request.id, "node": node, "model": request.model, "created": request.created,
+                "worker": self.worker_id, "ts": time.time_ns() // 1_000_000}
+        if model is None or not model.info.cloud_sha256.startswith(request.cloud_sha256):
+            self.refused += 1
+            why = "unknown model" if model is None else "different cloud graph (sha256)"
+            return result_topic, orjson.dumps(OffloadResult(**base, error=why).to_json())
+        try:
+            logits = model.cloud(request.cut)[0]
+        except ValueError as exc:
+            self.refused += 1
+            return result_topic, orjson.dumps(OffloadResult(**base, error=str(exc)[:200]).to_json())
+        self.served += 1
+        result = OffloadResult(**base, logits=tuple(float(v) for v in logits))
+        return result_topic, orjson.dumps(result.to_json())
+
+    def _client(self) -> aiomqtt.Client:
+        s = self.settings.mqtt
+        password = s.password()
+        return aiomqtt.Client(
+            s.host, s.port, identifier=s.client_id or f"worker-{self.worker_id}",
+            username=s.username, password=password.get_secret_value() if password else None,
+            protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=s.keepalive_s,
+            tls_context=tls_context(s),
+            tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
+            timeout=10, logger=logging.getLogger("mapper.worker.client"))
+
+    async def run(self) -> None:
+        attempt = 0
+        while True:
+            try:
+                async with self._client() as client:
+                    await client.subscribe(self.subscription, qos=1)
+                    attempt = 0
+                    log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
+                             self.settings.mqtt.url, self.subscription)
+                    self.ready.set()
+                    async for message in client.messages:
+                        payload = message.payload if isinstance(message.payload, bytes) else b""
+                        if len(payload) > self.settings.mqtt.max_payload_bytes:
+                            self.refused += 1
+                            continue
+                        answer = self.answer(message.topic.value, payload)
+                        if answer is not None:
+                            await client.publish(answer[0], answer[1], qos=1, timeout=30)
+            except aiomqtt.MqttError as exc:
+                self.ready.clear()
+                attempt += 1
+                s = self.settings.mqtt
+                delay = random.uniform(s.reconnect_min_s, min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16)))
+                log.warning("worker: connection to %s lost or refused: %s; retrying in %.1f s", s.url, exc, delay)
+                await asyncio.sleep(delay)
+
+
+def main(config_path: str) -> int:
+    from mapper import logs
+
+    settings = load_worker_config(config_path)
+    logs.setup(settings.log_level)
+    worker = CloudWorker(settings)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        task = asyncio.create_task(worker.run(), name="cloud-worker")
+        await stop.wait()
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        log.info("worker %s stopped: %d served, %d refused", worker.worker_id, worker.served, worker.refused)
+
+    asyncio.run(run())
+    return 0

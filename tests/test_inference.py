@@ -1,0 +1,591 @@
+"""Early-exit inference: the decision rule, the codec, windows, settings, the shipped models on
+real onnxruntime, and the extension inside a running MapperService (no broker: offload
+requests are read from the outbox and answered by the worker's own code)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from devices.ids import DeviceId
+from eventbus.topics import Topics
+from mapper.config import MapperConfig, TwinSettings, load_config
+from mapper.inference import codec, policy, records
+from mapper.inference.codec import CodecError, OffloadResult
+from mapper.inference.extension import InferenceExtension
+from mapper.inference.model import EarlyExitModel, ModelError, load_model, session_options
+from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
+from mapper.inference.window import WindowBuilder
+from mapper.inference.worker import CloudWorker, WorkerSettings
+from mapper.service import MapperService
+from twin.records import ERROR, Reading
+from helpers import async_wait_for
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+SENSOR = DeviceId("default", "probe")
+RELAY = DeviceId("default", "relay")
+
+# --- the decision rule -------------------------------------------------------------------
+
+
+def test_softmax_is_a_distribution_and_stable():
+    """softmax sums to 1 per row, keeps the order, and survives huge logits."""
+    p = policy.softmax(np.array([[1000.0, 999.0, -1000.0], [0.0, 0.0, 0.0]]))
+    assert np.allclose(p.sum(axis=1), 1.0) and np.all(np.isfinite(p))
+    assert p[0, 0] > p[0, 1] > p[0, 2]
+    assert np.allclose(p[1], 1 / 3)
+
+
+def test_scores():
+    """max_prob is the top probability; normalised entropy is 0 for one-hot and 1 for uniform."""
+    assert policy.max_prob(np.array([0.1, 0.7, 0.2])) == pytest.approx(0.7)
+    assert policy.normalised_entropy(np.array([0.0, 1.0, 0.0])) == 0.0
+    assert policy.normalised_entropy(np.full(5, 0.2)) == pytest.approx(1.0)
+    two = policy.normalised_entropy(np.array([0.5, 0.5]))
+    skew = policy.normalised_entropy(np.array([0.9, 0.1]))
+    assert two == pytest.approx(1.0) and 0 < skew < two
+
+
+def test_should_exit_both_scores_at_the_boundary():
+    """max_prob exits at >= threshold; entropy exits at <= threshold (DDNN's direction)."""
+    p = np.array([0.6, 0.3, 0.1])
+    assert policy.should_exit(p, 0.6, "max_prob")
+    assert not policy.should_exit(p, 0.61, "max_prob")
+    h = policy.normalised_entropy(p)
+    assert policy.should_exit(p, h, "entropy")
+    assert not policy.should_exit(p, h - 0.01, "entropy")
+    with pytest.raises(ValueError, match="unknown score"):
+        policy.should_exit(p, 0.5, "margin")  # type: ignore[arg-type]
+
+
+class _FixedRng:
+    def __init__(self, values):
+        self.values = list(values)
+
+    def random(self):
+        return self.values.pop(0)
+
+
+def test_audit_sampling_uses_the_injected_rng():
+    """The audit draws from the RNG it is given: below the share audits, at or above does not."""
+    rng = _FixedRng([0.01, 0.05, 0.049])
+    assert [policy.should_audit(rng, 0.05) for _ in range(3)] == [True, False, True]
+    assert not policy.should_audit(_FixedRng([]), 0.0)   # never draws
+    assert policy.should_audit(_FixedRng([]), 1.0)
+    seeded = random.Random(42)
+    share = sum(policy.should_audit(seeded, 0.1) for _ in range(20_000)) / 20_000
+    assert 0.09 < share < 0.11
+
+
+# --- the shipped models on onnxruntime ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sensor_faults", "rain"])
+def test_shipped_models_load_and_pass_their_self_test(name):
+    """Both shipped pairs load with their sha256 checked and reproduce model.json's self-test rows."""
+    model = EarlyExitModel.load(MODELS / name)
+    assert model.self_test() >= 1
+    row = model.info.meta["self_test"][0]
+    exit_logits, cut = model.edge(np.array(row["window"]))
+    assert cut.shape == (1, model.info.cut_width)
+    assert np.allclose(model.cloud(cut)[0], row["final_logits"], atol=1e-4)
+    assert np.allclose(exit_logits[0], row["exit_logits"], atol=1e-4)
+
+
+def test_session_options_are_single_threaded_without_spinning():
+    """One intra-op and one inter-op thread, sequential, spinning off."""
+    import onnxruntime as ort
+
+    so = session_options()
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (1, 1)
+    assert so.execution_mode == ort.ExecutionMode.ORT_SEQUENTIAL
+    assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_a_tampered_graph_is_refused(tmp_path):
+    """A graph whose sha256 differs from model.json is not loaded."""
+    copy = tmp_path / "sf"
+    shutil.copytree(MODELS / "sensor_faults", copy)
+    blob = bytearray((copy / "cloud.onnx").read_bytes())
+    blob[-1] ^= 0x01
+    (copy / "cloud.onnx").write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match="sha256"):
+        EarlyExitModel.load(copy)
+    with pytest.raises(ModelError, match="not found"):
+        EarlyExitModel.load(tmp_path / "nothing")
+
+
+def test_edge_decisions_match_the_model_card_rule():
+    """On the self-test windows, policy.should_exit agrees with the card's rule (max_prob >= T)."""
+    model = load_model(MODELS / "sensor_faults")
+    windows = np.array([r["window"] for r in model.info.meta["self_test"]], dtype=np.float32)
+    exit_logits, cut = model.edge(windows)
+    final = model.cloud(cut)
+    for logits in exit_logits:
+        p = policy.softmax(logits)
+        assert policy.should_exit(p, model.info.threshold) == (p.max() >= model.info.threshold)
+    assert final.shape == (len(windows), len(model.info.classes))
+
+
+# --- the codec ---------------------------------------------------------------------------
+
+
+def test_cut_round_trip_int8_and_float16():
+    """int8 + scale is within half a step of the original; float16 within its precision."""
+    cut = np.abs(np.random.default_rng(1).normal(0, 2, 32)).astype(np.float32)
+    i8 = codec.encode_cut(cut, "int8")
+    assert len(i8) == 4 + 32
+    scale = float(np.frombuffer(i8[:4], "<f4")[0])
+    assert np.max(np.abs(codec.decode_cut(i8, "int8", 32) - cut)) <= scale / 2 + 1e-6
+    f16 = codec.encode_cut(cut, "float16")
+    assert len(f16) == 64
+    assert np.allclose(codec.decode_cut(f16, "float16", 32), cut, rtol=1e-3)
+    zero = codec.decode_cut(codec.encode_cut(np.zeros(8), "int8"), "int8", 8)
+    assert np.all(zero == 0)
+
+
+def test_request_round_trip():
+    """A request survives JSON and base64, ids are 16 hex digits."""
+    cut = np.linspace(0, 3, 32).astype(np.float32)
+    req = codec.OffloadRequest("0123456789abcdef", "pi-1", "default/probe", "default/probe-x", "m", "abc", 5,
+                               False, "float16", cut)
+    back = codec.decode_request(orjson.dumps(req.to_json()))
+    assert (back.id, back.node, back.model, back.created, back.enc) == ("0123456789abcdef", "pi-1", "m", 5, "float16")
+    assert np.allclose(back.cut, cut, atol=2e-3)
+
+
+GOOD = {"v": 1, "id": "0123456789abcdef", "node": "pi-1", "model": "m", "created": 5, "logits": [0.1, 2.0, -1.0]}
+
+
+@pytest.mark.parametrize(("payload", "reason"), [
+    (b"not json", "malformed"),
+    (b"[1, 2]", "malformed"),
+    (b"{}", "malformed"),
+    (orjson.dumps({**GOOD, "extra": 1}), "malformed"),
+    (orjson.dumps({**GOOD, "id": "../../etc"}), "malformed"),
+    (orjson.dumps({**GOOD, "id": "0123456789ABCDEF"}), "malformed"),
+    (orjson.dumps({**GOOD, "created": True}), "malformed"),
+    (orjson.dumps({**GOOD, "created": "5"}), "malformed"),
+    (orjson.dumps({**GOOD, "v": 2}), "malformed"),
+    (orjson.dumps({**GOOD, "logits": [1.0]}), "malformed"),
+    (orjson.dumps({**GOOD, "logits": [1.0, "2"]}), "malformed"),
+    (orjson.dumps({**GOOD, "logits": [1.0, True]}), "malformed"),
+    (orjson.dumps({**GOOD, "logits": [1.0, 2.0], "error": "x"}), "malformed"),
+    (orjson.dumps({k: v for k, v in GOOD.items() if k != "logits"}), "malformed"),
+    (b"[1e999]", "malformed"),
+    (b'{"v": 1, "id": "0123456789abcdef", "node": "pi-1", "model": "m", "created": 5, "logits": [NaN, 1]}',
+     "malformed"),
+    (orjson.dumps({**GOOD, "logits": [0.0] * 4}), "mismatch"),
+    (orjson.dumps({**GOOD, "worker": "w" * 1000}), "malformed"),
+    (b" " * (codec.MAX_MESSAGE + 1), "too_large"),
+])
+def test_hostile_results_are_refused_with_a_reason(payload, reason):
+    """Every malformed result raises CodecError with the reason the mapper counts."""
+    with pytest.raises(CodecError) as info:
+        codec.decode_result(payload, n_classes=3)
+    assert info.value.reason == reason
+
+
+def test_a_good_result_decodes():
+    """The reference result decodes; an error result too."""
+    r = codec.decode_result(orjson.dumps(GOOD), n_classes=3)
+    assert r.logits == (0.1, 2.0, -1.0) and r.error is None
+    e = codec.decode_result(orjson.dumps({**{k: v for k, v in GOOD.items() if k != "logits"}, "error": "nope"}))
+    assert e.error == "nope" and e.logits is None
+
+
+def test_hostile_requests_are_refused():
+    """The worker's decoder refuses bad base64, wrong sizes and non-finite scales."""
+    req = codec.OffloadRequest("0123456789abcdef", "n", "d", "p", "m", "s", 1, False, "int8",
+                               np.ones(4, np.float32)).to_json()
+    for bad in ({**req, "payload": "!!!"}, {**req, "n": 5}, {**req, "n": 0}, {**req, "enc": "int4"},
+                {**req, "payload": base64.b64encode(b"\x00\x00\xc0\x7f" + b"\x01" * 4).decode()}):
+        with pytest.raises(CodecError):
+            codec.decode_request(orjson.dumps(bad))
+
+
+# --- windows -----------------------------------------------------------------------------
+
+PROPS = ("temperature", "humidity")
+
+
+def _step(builder, ts, t, h, *, quality_t="good"):
+    out = builder.add(Reading(SENSOR, "temperature", t, ts, quality_t))
+    assert out is None
+    return builder.add(Reading(SENSOR, "humidity", h, ts + 1))
+
+
+def test_windows_are_time_major_oldest_first_with_stride():
+    """A window is W steps of every property, oldest first; then one per `stride` steps."""
+    b = WindowBuilder(PROPS, length=3, stride=2)
+    got = [_step(b, 1000 * i, float(i), 50.0 + i) for i in range(8)]
+    windows = [w for w in got if w is not None]
+    assert [i for i, w in enumerate(got) if w is not None] == [2, 4, 6]
+    assert windows[0].values == (0.0, 50.0, 1.0, 51.0, 2.0, 52.0)
+    assert (windows[0].start_ms, windows[0].end_ms) == (1, 2001)  # a step is stamped with its newest reading
+
+
+def test_bad_readings_are_skipped_and_gaps_restart_the_window():
+    """An error reading delays the step; a gap longer than max_gap_ms starts a new window."""
+    b = WindowBuilder(PROPS, length=2, stride=1, max_gap_ms=5000)
+    assert b.add(Reading(SENSOR, "temperature", None, 0, ERROR, "checksum")) is None
+    assert _step(b, 0, 20.0, 50.0) is None
+    assert _step(b, 1000, 20.1, 50.1) is not None
+    assert _step(b, 60_000, 20.2, 50.2) is None          # gap: the buffer starts over
+    assert b.gaps == 1 and b.skipped == 1
+    assert _step(b, 61_000, 20.3, 50.3).values == (20.2, 50.2, 20.3, 50.3)
+
+
+def test_min_step_subsamples():
+    """Steps closer than min_step_ms to the previous one are dropped."""
+    b = WindowBuilder(PROPS, length=2, min_step_ms=10_000)
+    results = [_step(b, 1000 * i, float(i), 0.0) for i in range(25)]
+    w = [r for r in results if r is not None]
+    assert w[0].values == (0.0, 0.0, 10.0, 0.0) and w[1].values == (10.0, 0.0, 20.0, 0.0)
+
+
+# --- settings ----------------------------------------------------------------------------
+
+
+def test_anomaly_detection_flat_map_becomes_pipeline_settings():
+    """KubeEdge's flat data map (numbers arrive as floats, lists as comma strings) maps onto the settings."""
+    s = from_anomaly_detection(SENSOR, "temperature", {
+        "model": "sensor_faults", "properties": "temperature, humidity", "window": 16.0, "stride": 2.0,
+        "threshold": 0.7, "auditShare": 0.05, "deadlineS": 3.0, "alertOn": "spike,stuck",
+        "setDevice": "default/relay", "setProperty": "power", "setValue": True, "setOtherwise": False})
+    assert (s.device, s.properties, s.window, s.stride, s.threshold, s.audit_share, s.deadline_s) == (
+        "default/probe", ["temperature", "humidity"], 16, 2, 0.7, 0.05, 3.0)
+    kinds = [a.type for a in s.actions]
+    assert kinds == ["publish", "alert", "set_desired"]
+    assert s.actions[1].when == ["spike", "stuck"] and s.actions[2].otherwise is False
+    with pytest.raises(ValueError, match="unknown key"):
+        from_anomaly_detection(SENSOR, "temperature", {"model": "x", "treshold": 0.5})
+    with pytest.raises(ValueError, match="model"):
+        from_anomaly_detection(SENSOR, "temperature", {"window": 16})
+
+
+def test_config_file_inference_section(tmp_path):
+    """`inference:` may be a bare list; model paths are relative to the config file, names to models_dir."""
+    path = tmp_path / "m.yaml"
+    path.write_text("inference:\n  - {device: probe, model: sensor_faults}\n  - {device: probe, model: ./mine}\n")
+    config = load_config(path, env={})
+    assert isinstance(config.inference, InferenceSettings)
+    first, second = config.inference.pipelines
+    assert config.inference.resolve_model(first.model) == MODELS / "sensor_faults"
+    assert config.inference.resolve_model(second.model) == tmp_path / "mine"
+    path.write_text("inference:\n  pipelines: [{device: probe, model: x, audit_share: 2}]\n")
+    with pytest.raises(Exception, match="audit_share"):
+        load_config(path, env={})
+
+
+def test_mapper_runs_without_onnxruntime_when_no_pipeline(tmp_path):
+    """With numpy and onnxruntime unimportable, a mapper without pipelines starts and stops."""
+    devices = _devices(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys, asyncio
+        sys.modules['onnxruntime'] = None
+        sys.modules['numpy'] = None
+        from mapper.config import MapperConfig
+        from mapper.runtime import build_service
+        config = MapperConfig.model_validate({{'devices': [{str(devices)!r}], 'twin': {{'path': {str(tmp_path / 't.db')!r}}}}})
+        service = build_service(config)
+        async def main():
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            await asyncio.wait_for(service.ready.wait(), 10)
+            stop.set()
+            await task
+        asyncio.run(main())
+        print('ran', [type(e).__name__ for e in service.extensions])
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ran" in done.stdout
+
+
+# --- the extension in a running service (no broker) --------------------------------------
+
+DEVICES = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: dht-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+    - {{name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}}
+    - {{name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: probe, namespace: default}}
+spec:
+  deviceModelRef: {{name: dht-model}}
+  protocol:
+    protocolName: simulated
+    configData: {{seed: 3, faults: {{rate: {rate}, seed: 5}}}}
+  properties:
+    - name: temperature
+      visitors: {{protocolName: simulated, configData: {{kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}}}
+      collectCycle: {cycle}
+{push}
+    - name: humidity
+      visitors: {{protocolName: simulated, configData: {{kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}}}
+      collectCycle: {cycle}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: relay-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+    - {{name: power, type: BOOLEAN, accessMode: ReadWrite}}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: relay, namespace: default}}
+spec:
+  deviceModelRef: {{name: relay-model}}
+  protocol: {{protocolName: simulated, configData: {{}}}}
+  properties:
+    - name: power
+      visitors: {{protocolName: simulated, configData: {{kind: switch}}}}
+      collectCycle: 1000
+"""
+
+
+def _devices(tmp_path: Path, *, rate: float = 0.05, cycle: int = 10, push: str = "") -> Path:
+    d = tmp_path / "devices"
+    d.mkdir(exist_ok=True)
+    (d / "devices.yaml").write_text(DEVICES.format(rate=rate, cycle=cycle, push=push))
+    return d
+
+
+class FakeBus:
+    """Stands in for the event bus: topics and subscriptions, never connected (no publisher)."""
+
+    def __init__(self, node: str) -> None:
+        self.topics = Topics(node)
+        self.subscriptions: list[tuple[str, int, object]] = []
+        self.bus = None
+
+    async def setup(self, service):
+        service.bus = self
+
+    def subscribe(self, topic_filter, qos, handler):
+        self.subscriptions.append((topic_filter, qos, handler))
+
+    async def run(self, service):
+        return None
+
+    async def shutdown(self, service):
+        return None
+
+
+class Running:
+    def __init__(self, service, ext, task, stop):
+        self.service, self.ext, self.task, self.stop = service, ext, task, stop
+
+    async def outbox(self, suffix: str):
+        rows = await self.service.twin(lambda s: s.outbox_pending(limit=100_000))
+        return [(r.topic, orjson.loads(r.payload)) for r in rows if r.topic.endswith(suffix)]
+
+    async def decisions(self, pipeline: str = "default/probe-sensor-faults"):
+        return await self.service.twin(lambda s: records.recent(s, pipeline, 100_000))
+
+    def pipeline(self):
+        return next(iter(self.ext.pipelines.values()))
+
+
+async def _start(tmp_path, pipeline: dict, *, with_bus: bool = True, push: str = "", inference: dict | None = None):
+    settings = InferenceSettings.model_validate(inference if inference is not None else {"pipelines": [pipeline]})
+    config = MapperConfig(node="n1", devices=[_devices(tmp_path, push=push)],
+                          twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings)
+    service = MapperService(config)
+    ext = InferenceExtension(config.inference)
+    if with_bus:
+        service.extensions.append(FakeBus("n1"))
+    service.extensions.append(ext)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    return Running(service, ext, task, stop)
+
+
+async def _stop(r: Running):
+    r.stop.set()
+    await asyncio.wait_for(r.task, 20)
+
+
+def _answer(worker: CloudWorker, body: dict, **change) -> bytes:
+    topic, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
+    assert topic == "mapper/n1/offload/result"
+    return orjson.dumps({**orjson.loads(payload), **change}) if change else payload
+
+
+@pytest.fixture(scope="module")
+def worker():
+    return CloudWorker(WorkerSettings(models=["sensor_faults"], worker_id="t"))
+
+
+async def test_offload_provisional_final_and_rejections(tmp_path, worker):
+    """Uncertain windows are offloaded; after the deadline the edge answer stands provisionally; the
+    cloud answer replaces it; duplicates, unknown, wrong-node, mismatched and malformed results are counted."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.3, "resend_s": 60})
+    try:
+        ext = r.ext
+        stats = lambda: ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        assert [s[0] for s in r.service.bus.subscriptions] == ["mapper/n1/offload/result"]
+        await async_wait_for(lambda: stats()["provisional"] >= 2 and stats()["edge_exits"] >= 2, timeout=20,
+                             what="provisional decisions and edge exits")
+        requests = [b for _, b in await r.outbox("/offload/request")]
+        assert requests and all(not b["audit"] and b["node"] == "n1" and b["enc"] == "int8" for b in requests)
+        rows = {row["request_id"]: row for row in await r.decisions()}
+        provisional = [b for b in requests if rows[b["id"]]["status"] == "provisional"]
+        assert provisional, "deadline passed but no row is provisional"
+        edge_rows = [row for row in rows.values() if row["exit"] == "edge" and row["status"] == "final"]
+        assert all(row["request_id"] is None for row in edge_rows)
+
+        target = provisional[0]
+        before = stats()["replaced"]
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))
+        assert stats()["results_ok"] == 1 and stats()["replaced"] == before + 1
+        row = {x["request_id"]: x for x in await r.decisions()}[target["id"]]
+        assert (row["status"], row["exit"]) == ("final", "cloud")
+        expected_cloud = r.pipeline().cloud_answer(tuple(orjson.loads(_answer(worker, target))["logits"]))
+        assert (row["label"], row["cloud_label"]) == (expected_cloud[0], expected_cloud[0])
+        published = [b for _, b in await r.outbox("/decision") if b["request_id"] == target["id"]]
+        assert [(b["exit"], b["provisional"]) for b in published] == [("edge", True), ("cloud", False)]
+
+        # hostile or stray results: counted, never applied
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))            # duplicate
+        other = provisional[1] if len(provisional) > 1 else requests[-1]
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, node="n2"))  # wrong node
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, model="x"))  # mismatch
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, id="f" * 16))  # unknown
+        await ext.handle_result("mapper/n1/offload/result", b"\xff\x00garbage")                 # malformed
+        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, logits=[1.0, 2.0]))
+        status = ext.status()
+        assert status["results_rejected"] == {"duplicate": 1, "wrong_node": 1, "unknown": 1, "malformed": 1}
+        assert stats()["results_rejected"] == {"mismatch": 2}
+        assert stats()["results_ok"] == 1
+        assert {x["request_id"]: x for x in await r.decisions()}[other["id"]]["exit"] != "cloud"
+        assert stats()["mean_edge_latency_us"] > 0 and stats()["mean_round_trip_ms"] >= 0
+    finally:
+        await _stop(r)
+
+
+async def test_late_results_are_refused_after_max_age(tmp_path, worker):
+    """A result after result_max_age_s is refused as late and the provisional answer stays."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,
+                                "result_max_age_s": 0.4, "resend_s": 60})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["expired"] >= 1, timeout=20, what="an expired request")
+        rows = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
+        requests = [b for _, b in await r.outbox("/offload/request")]
+        expired = next(b for b in requests if b["id"] not in r.ext._waiting)
+        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, expired))
+        assert r.ext.status()["results_rejected"] == {"late": 1}
+        assert rows[expired["id"]]["status"] == "provisional"
+    finally:
+        await _stop(r)
+
+
+async def test_audits_closed_loop_and_alerts(tmp_path, worker):
+    """With audit_share 1 every edge exit is offloaded as an audit (compared, not replaced); decisions set the
+    relay's desired value (only when it changes) and raise alerts for fault labels."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "audit_share": 1.0, "deadline_s": 30,
+                                "threshold": 0.5, "actions": [
+                                    {"type": "publish", "only_changes": True},
+                                    {"type": "alert"},
+                                    {"type": "set_desired", "device": "relay", "property": "power",
+                                     "value": True, "otherwise": False}]})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["audits"] >= 3, timeout=20, what="audits")
+        audits = [b for _, b in await r.outbox("/offload/request") if b["audit"]]
+        rows = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
+        for body in audits[:3]:
+            await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, body))
+        after = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
+        for body in audits[:3]:
+            assert after[body["id"]]["exit"] == "edge" and after[body["id"]]["label"] == rows[body["id"]]["edge_label"]
+            assert after[body["id"]]["cloud_label"] is not None
+        assert stats()["audit_agree"] + stats()["audit_disagree"] == 3
+
+        await async_wait_for(lambda: stats()["windows"] >= 60, timeout=20, what="more windows")
+    finally:
+        await _stop(r)
+    from twin.store import TwinStore
+
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        labels = [x["label"] for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["label"]]
+        power = store.device(RELAY).properties["power"]
+        outbox = store.outbox_pending(limit=100_000)
+    alerts = [orjson.loads(row.payload) for row in outbox if row.topic.endswith("/alert")]
+    published = [orjson.loads(row.payload)["label"] for row in outbox if row.topic.endswith("/decision")]
+    faulty = [label != "normal" for label in labels]
+    flips = sum(1 for a, b in zip(faulty, faulty[1:]) if a != b)
+    assert power.desired is faulty[-1]
+    assert power.desired_version == 1 + flips        # set once, then only when the answer flips
+    assert len(alerts) == sum(faulty) and all(b["label"] != "normal" for b in alerts)
+    assert any(faulty) and not all(faulty), labels
+    assert published == [b for a, b in zip([None, *labels], labels) if a != b]   # only changes
+
+
+async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_path):
+    """A pipeline configured on the device (pushMethod.anomalyDetection) runs; a read-only target disables
+    its pipeline with a message instead of crashing the mapper."""
+    push = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"
+            " name: probe-ad}\n")
+    r = await _start(tmp_path, {}, push=push, inference={"pipelines": [
+        {"device": "probe", "model": "sensor_faults", "actions": [
+            {"type": "set_desired", "device": "probe", "property": "temperature", "value": 1}]}]})
+    try:
+        assert list(map(str, r.ext.pipelines)) == ["default/probe-ad"]
+        assert any("ReadOnly" in p for p in r.ext.status()["problems"])
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-ad"]  # noqa: E731
+        await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows")
+        rows = await r.decisions("default/probe-ad")
+        assert rows and all(x["label"] is not None for x in rows if x["status"] != "pending")
+    finally:
+        await _stop(r)
+
+
+async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
+    """No MQTT: windows are still decided and recorded, nothing is queued for publishing."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}, with_bus=False)
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["windows"] >= 5, timeout=20, what="windows")
+        assert await r.outbox("") == []
+        rows = await r.decisions()
+        assert len(rows) >= 5
+    finally:
+        await _stop(r)
+
+
+def test_worker_refuses_bad_topics_and_unknown_models(worker):
+    """The worker answers only on a valid node's result topic, and says so when it lacks the model."""
+    body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", "sensor-faults-early-exit",
+                                worker.models["sensor-faults-early-exit"].info.cloud_sha256[:16], 1, False, "int8",
+                                np.ones(32, np.float32)).to_json()
+    assert worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "node": "n2"})) is None
+    assert worker.answer("mapper/N1!/offload/request", orjson.dumps(body)) is None
+    assert worker.answer("mapper/n1/offload/other", orjson.dumps(body)) is None
+    _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "model": "other"}))
+    assert orjson.loads(payload)["error"] == "unknown model"
+    _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
+    result = codec.decode_result(payload, n_classes=5)
+    assert result.id == body["id"] and len(result.logits) == 5
