@@ -1,0 +1,196 @@
+"""Early-exit inference end to end over the shipped Mosquitto: a simulated sensor with injected
+faults -> windows -> uncertain ones offloaded -> `mapper cloud-worker` subprocess(es) -> results
+-> the twin, and what an app sees on the decision topic.
+
+The collect cycle is 25 ms so windows of 16 readings fill in well under a second: these tests
+check the plumbing, not the model (which was trained at one reading per 16 minutes).
+The worker logs in as `mapper`: the shipped edge ACL has no `worker` user (cloud-acl has one).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import pytest
+
+from helpers import wait_for
+from mapper_proc import REPO, MapperProcess
+
+NODE = "e2e-node"
+PIPELINE = "default/probe-sensor-faults"
+
+DEVICES = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: dht-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
+    - {name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: dht-model}
+  protocol:
+    protocolName: simulated
+    configData: {seed: 3, faults: {rate: 0.05, seed: 5}}
+  properties:
+    - name: temperature
+      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}
+      collectCycle: 25
+    - name: humidity
+      visitors: {protocolName: simulated, configData: {kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}
+      collectCycle: 25
+"""
+
+
+def inference_block(deadline_s: float, resend_s: float) -> str:
+    return (f"inference:\n  pipelines:\n    - device: probe\n      model: sensor_faults\n"
+            f"      deadline_s: {deadline_s}\n      resend_s: {resend_s}\n      audit_share: 0.05\n"
+            f"      audit_seed: 1\n")
+
+
+class Worker:
+    """`python -m mapper cloud-worker --config FILE` as a subprocess, logged to a file."""
+
+    def __init__(self, tmp: Path, broker, name: str) -> None:
+        secret = tmp / f"{name}.password"
+        secret.write_text(broker.users["mapper"])
+        secret.chmod(0o600)
+        self.config = tmp / f"{name}.yaml"
+        self.config.write_text(f"mqtt:\n  url: mqtt://{broker.host}:{broker.port}\n  username: mapper\n"
+                               f"  password_file: {secret}\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n"
+                               f"models: [sensor_faults]\nworker_id: {name}\n")
+        self.log_path = tmp / f"{name}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Worker:
+        with self.log_path.open("a") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config",
+                                             str(self.config)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                            env=os.environ.copy())
+        wait_for(lambda: "subscribed to $share/workers/mapper/+/offload/request" in self.log(), timeout=20,
+                 what="the worker's subscription")
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def stop(self) -> int:
+        """SIGTERM; returns how many requests the worker says it served."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        assert self.process.wait(timeout=20) == 0, self.log()[-2000:]
+        self.process = None
+        line = next(x for x in self.log().splitlines() if " stopped: " in x)
+        return int(line.split(" stopped: ")[1].split(" served")[0])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def rows(twin: Path) -> list[dict]:
+    if not twin.exists():
+        return []
+    with sqlite3.connect(f"file:{twin}?mode=ro", uri=True, timeout=5) as conn:
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute("SELECT * FROM inference_decisions WHERE pipeline=? ORDER BY id",
+                                                  (PIPELINE,))]
+        except sqlite3.OperationalError:  # not migrated yet
+            return []
+
+
+def decisions_seen(app, until, timeout: float = 30.0) -> list[dict]:
+    """Decision messages the app receives, until `until(seen)` is true."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while not until(seen):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"timed out; saw {len(seen)} decisions, last {seen[-3:]}")
+        try:
+            message = app.next_message(timeout=remaining)
+        except TimeoutError:
+            continue
+        if message.topic == f"mapper/{NODE}/default/probe-sensor-faults/decision":
+            seen.append(orjson.loads(message.payload))
+    return seen
+
+
+@pytest.fixture
+def devices(tmp_path):
+    d = tmp_path / "devices"
+    d.mkdir()
+    (d / "probe.yaml").write_text(DEVICES)
+    return d
+
+
+def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_path, devices):
+    """Two workers share the offloads; cloud answers reach the twin and the app; confident windows stay local."""
+    app = broker.client("app")
+    app.subscribe(f"mapper/{NODE}/default/+/decision")
+    workers = [Worker(tmp_path, broker, "w1").start(), Worker(tmp_path, broker, "w2").start()]
+    mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(5.0, 30.0))
+    try:
+        with mapper:
+            seen = decisions_seen(app, lambda s: sum(d["exit"] == "cloud" for d in s) >= 12
+                                  and any(d["exit"] == "edge" for d in s))
+            mapper.stop()
+        served = [w.stop() for w in workers]
+    finally:
+        for w in workers:
+            w.kill()
+        app.close()
+    cloud = [d for d in seen if d["exit"] == "cloud"]
+    assert all(not d["provisional"] and d["request_id"] for d in cloud)
+    assert all(d["request_id"] is None for d in seen if d["exit"] == "edge" and not d["provisional"])
+    table = rows(mapper.twin_path)
+    final_cloud = {r["request_id"] for r in table if r["exit"] == "cloud" and r["status"] == "final"}
+    assert {d["request_id"] for d in cloud} <= final_cloud
+    edge = [r for r in table if r["exit"] == "edge" and r["status"] == "final"]
+    assert len(edge) > len(final_cloud) / 2, "the edge should decide a good share of windows"
+    assert min(served) >= 1, f"the shared subscription did not spread the load: {served}"
+    assert sum(served) >= len(final_cloud)
+    assert "Traceback" not in mapper.log()
+
+
+def test_worker_down_provisional_then_final(broker, tmp_path, devices):
+    """With no worker the edge answer stands provisionally; a worker started later answers the pending
+    requests (sent again) and its final answers replace the provisional ones."""
+    app = broker.client("app")
+    app.subscribe(f"mapper/{NODE}/default/+/decision")
+    mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(0.3, 0.5))
+    worker = Worker(tmp_path, broker, "late-worker")
+    try:
+        with mapper:
+            first = decisions_seen(app, lambda s: sum(d["provisional"] for d in s) >= 3)
+            provisional = {d["request_id"] for d in first if d["provisional"]}
+            assert all(d["exit"] == "edge" for d in first if d["provisional"])
+            assert not any(d["exit"] == "cloud" for d in first)
+            worker.start()
+            later = decisions_seen(app, lambda s: any(d["exit"] == "cloud" and d["request_id"] in provisional
+                                                      for d in s))
+            mapper.stop()
+        worker.stop()
+    finally:
+        worker.kill()
+        app.close()
+    replaced = {d["request_id"] for d in later if d["exit"] == "cloud"} & provisional
+    table = {r["request_id"]: r for r in rows(mapper.twin_path) if r["request_id"]}
+    for request_id in replaced:
+        r = table[request_id]
+        assert (r["status"], r["exit"], r["label"]) == ("final", "cloud", r["cloud_label"])
+    assert "Traceback" not in mapper.log()
