@@ -24,6 +24,15 @@ def build_service(config: MapperConfig) -> MapperService:
         from mapper.inference.extension import InferenceExtension
 
         service.extensions.append(InferenceExtension(config.inference))
+    if config.mode == "kubeedge":
+        from mapper.dmi.extension import KubeEdgeExtension
+
+        assert config.kubeedge is not None  # MapperConfig requires it in this mode
+        service.extensions.append(KubeEdgeExtension(config.kubeedge))
+    if config.api is not None and config.api.enabled:
+        from mapper.dmi.rest import RestApiExtension
+
+        service.extensions.append(RestApiExtension(config.api))
     # Last, so READY=1 can wait for what the other extensions set up (the bus's first attempt).
     from mapper.systemd import SystemdExtension
 

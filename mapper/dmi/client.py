@@ -1,0 +1,204 @@
+"""Calls to edgecore's DeviceManagerService: registration and the twin/state reporter.
+
+Every call opens a fresh connection to edgecore's socket (as the Go framework does), so an
+edgecore restart needs no reconnect logic; every call first takes a token from the mapper's
+one TokenBucket, so the mapper stays under edgecore's limiter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from mapper.dmi import api_pb2 as pb
+from mapper.dmi import api_pb2_grpc as pb_grpc
+from mapper.dmi.convert import device_status, edgecore_state
+from mapper.dmi.ratelimit import TokenBucket
+from mapper.dmi.settings import KubeEdgeSettings
+from twin.records import DeviceTwin
+
+log = logging.getLogger("mapper.dmi")
+
+# Errors that mean "edgecore is not there (any more)": registration is redone once it is back.
+GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+
+def backoff_s(attempt: int, cap: float) -> float:
+    """Full jitter, bounded: uniform(0, min(cap, 0.25 * 2**attempt))."""
+    return random.uniform(0, min(cap, 0.25 * 2 ** min(attempt, 16)))
+
+
+class EdgecoreClient:
+    def __init__(self, settings: KubeEdgeSettings, bucket: TokenBucket) -> None:
+        self.settings = settings
+        self.bucket = bucket
+
+    def mapper_info(self) -> pb.MapperInfo:
+        s = self.settings
+        return pb.MapperInfo(
+            name=s.name, version=s.version, api_version=s.api_version, protocol=s.protocol,
+            address=str(s.socket).encode(), state="ok",
+        )
+
+    async def _call(self, method: str, request: Any, *, token: bool = True) -> Any:
+        if token:  # False when the caller took it already (to build the request after waiting)
+            await self.bucket.take()
+        target = f"unix:{self.settings.edgecore_socket_file()}"
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.DeviceManagerServiceStub(channel)
+            return await getattr(stub, method)(request, timeout=self.settings.call_timeout_s)
+
+    async def register(self) -> pb.MapperRegisterResponse:
+        # withData=true: otherwise edgecore neither sends devices nor creates its client for us.
+        return await self._call("MapperRegister", pb.MapperRegisterRequest(withData=True, mapper=self.mapper_info()))
+
+    async def report_status(self, device_id: DeviceId, status: pb.DeviceStatus, *, token: bool = True) -> None:
+        await self._call("ReportDeviceStatus", pb.ReportDeviceStatusRequest(
+            deviceName=device_id.name, deviceNamespace=device_id.namespace, reportedDevice=status,
+        ), token=token)
+
+    async def report_state(self, device_id: DeviceId, state: str, *, token: bool = True) -> None:
+        await self._call("ReportDeviceStates", pb.ReportDeviceStatesRequest(
+            deviceName=device_id.name, deviceNamespace=device_id.namespace, state=edgecore_state(state),
+        ), token=token)
+
+    async def register_until_done(self) -> pb.MapperRegisterResponse:
+        """MapperRegister, retried with jittered backoff until edgecore answers."""
+        attempt = 0
+        while True:
+            try:
+                return await self.register()
+            except grpc.aio.AioRpcError as exc:
+                attempt += 1
+                delay = backoff_s(attempt, self.settings.register_backoff_max_s)
+                log.warning("MapperRegister to %s failed (%s: %s); attempt %d, retrying in %.1f s",
+                            self.settings.edgecore_socket_file(), exc.code().name, exc.details(), attempt, delay)
+                await asyncio.sleep(delay)
+
+
+TwinReader = Callable[[DeviceId], Awaitable[tuple[DeviceDefinition, DeviceTwin] | None]]
+
+
+class Reporter:
+    """Sends twins and states to edgecore: coalesced per device, one bucket token per call.
+
+    A device marked dirty again before its report went out is reported once, with the latest
+    values (read from the twin when the call is made); a failed report stays queued.
+    """
+
+    def __init__(
+        self, client: EdgecoreClient, read_twin: TwinReader, *, interval_s: float, on_gone: Callable[[], None]
+    ) -> None:
+        self.client = client
+        self._read_twin = read_twin
+        self._interval_s = interval_s
+        self._on_gone = on_gone
+        # (kind, device) -> None, in the order first marked; kind is "twins" or "state".
+        self._dirty: dict[tuple[str, DeviceId], None] = {}
+        self._states: dict[DeviceId, str] = {}
+        self._last: dict[tuple[str, DeviceId], tuple[Any, float]] = {}
+        self._wake = asyncio.Event()
+        self.allowed: set[DeviceId] = set()
+        self.sent = 0
+        self.failures = 0
+
+    def twins_changed(self, device_ids: set[DeviceId]) -> None:
+        for device_id in device_ids:
+            if device_id in self.allowed:
+                self._dirty.setdefault(("twins", device_id), None)
+        self._wake.set()
+
+    def state_changed(self, device_id: DeviceId, state: str) -> None:
+        if device_id in self.allowed:
+            self._states[device_id] = state
+            self._dirty.setdefault(("state", device_id), None)
+            self._wake.set()
+
+    def forget(self, keep: set[DeviceId]) -> None:
+        """Stop reporting devices edgecore no longer gives us."""
+        self.allowed = set(keep)
+        for key in [k for k in self._dirty if k[1] not in keep]:
+            del self._dirty[key]
+
+    async def run(self) -> None:
+        tasks = [asyncio.create_task(self._send_loop(), name="dmi.reporter")]
+        if self._interval_s > 0:
+            tasks.append(asyncio.create_task(self._heartbeat(), name="dmi.reporter.heartbeat"))
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            self.twins_changed(set(self.allowed))
+            for device_id in self.allowed:
+                if device_id in self._states:
+                    self._dirty.setdefault(("state", device_id), None)
+
+    async def _send_loop(self) -> None:
+        attempt = 0
+        while True:
+            if not self._dirty:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            key = next(iter(self._dirty))
+            del self._dirty[key]
+            try:
+                await self._send(key)
+                attempt = 0
+            except grpc.aio.AioRpcError as exc:
+                self.failures += 1
+                self._dirty.setdefault(key, None)  # keep it; coalesces with anything newer
+                attempt += 1
+                log.warning("report %s of %s failed: %s: %s", key[0], key[1], exc.code().name, exc.details())
+                if exc.code() in GONE:
+                    self._on_gone()
+                await asyncio.sleep(backoff_s(attempt, self.client.settings.register_backoff_max_s))
+
+    async def _payload(self, key: tuple[str, DeviceId]) -> Any:
+        kind, device_id = key
+        if kind == "state":
+            return self._states.get(device_id)
+        found = await self._read_twin(device_id)
+        if found is None:
+            return None
+        status = device_status(*found)
+        return status if status.twins else None  # edgecore refuses a report without twins
+
+    @staticmethod
+    def _comparable(payload: Any) -> Any:
+        if isinstance(payload, pb.DeviceStatus):  # values only: timestamps change on every reading
+            return [(t.propertyName, t.observedDesired.value, t.reported.value) for t in payload.twins]
+        return payload
+
+    async def _send(self, key: tuple[str, DeviceId]) -> None:
+        payload = await self._payload(key)
+        if payload is None:
+            return
+        last = self._last.get(key)
+        now = time.monotonic()
+        if last and last[0] == self._comparable(payload) and (
+            self._interval_s <= 0 or now - last[1] < self._interval_s
+        ):
+            return  # nothing new, heartbeat not due: no call, no token
+        await self.client.bucket.take()
+        payload = await self._payload(key) or payload  # the latest values at the moment we may send
+        kind, device_id = key
+        if kind == "state":
+            await self.client.report_state(device_id, payload, token=False)
+        else:
+            await self.client.report_status(device_id, payload, token=False)
+        self.sent += 1
+        self._last[key] = (self._comparable(payload), time.monotonic())

@@ -1,0 +1,278 @@
+"""KubeEdgeExtension: the mapper as a KubeEdge DMI mapper (`mode: kubeedge`).
+
+At start it restores the last known devices (so they keep running while edgecore is away),
+serves DeviceMapperService on our socket, then registers with edgecore (retrying with
+jittered backoff) and adopts the devices and models in the reply. edgecore's later calls
+change the catalog; every change goes through `service.update_devices`, which restarts only
+devices whose definition changed. Twins and states go back through the Reporter.
+
+Registration is redone when edgecore comes back: its socket file was replaced, or a report
+failed because it was unreachable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from devices.loader import LoadResult
+from mapper.dmi import api_pb2 as pb
+from mapper.dmi.catalog import Catalog, device_key, model_of
+from mapper.dmi.client import EdgecoreClient, Reporter
+from mapper.dmi.convert import fresh_status
+from mapper.dmi.ratelimit import TokenBucket
+from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
+from mapper.dmi.settings import KubeEdgeSettings
+from twin.records import ERROR, DeviceTwin, Reading
+from twin.store import DesiredChange, OutMessage, UnknownDevice
+
+if TYPE_CHECKING:
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.dmi")
+
+# How often edgecore's socket file is checked for a restart (a new inode).
+WATCH_INTERVAL_S = 1.0
+
+
+class KubeEdgeExtension:
+    def __init__(self, settings: KubeEdgeSettings) -> None:
+        self.settings = settings
+        self.bucket = TokenBucket(settings.rate_per_s, settings.burst)
+        self.client = EdgecoreClient(settings, self.bucket)
+        self.catalog = Catalog(settings.protocol)
+        self.server = UnixServer(DeviceMapperServicer(self), settings.socket)
+        self.reporter = Reporter(self.client, self._read_twin, interval_s=settings.report_interval_s,
+                                 on_gone=self._registration_lost)
+        self.registrations = 0
+        self.service: MapperService | None = None
+        self.state_path: Path | None = None
+        self._local = LoadResult()
+        self._lock = asyncio.Lock()
+        self._models_changed = asyncio.Condition()
+        self.registered = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._registered_socket: tuple[int, int] | None = None
+
+    # -- extension hooks -------------------------------------------------------------------
+
+    async def setup(self, service: MapperService) -> None:
+        self.service = service
+        self._local = service.definitions or LoadResult()
+        twin_path = service.config.twin.path
+        self.state_path = self.settings.state_file or twin_path.with_name(twin_path.name + ".kubeedge.json")
+        recorder = service.recorder
+        assert recorder is not None
+        previous = recorder.on_commit
+
+        def on_commit(batch: list[Reading]) -> None:
+            if previous is not None:
+                previous(batch)
+            self.reporter.twins_changed({r.device_id for r in batch})
+
+        recorder.on_commit = on_commit
+        service.state_listeners.append(self._on_state)
+        service.applied_listeners.append(self._on_applied)
+
+    async def run(self, service: MapperService) -> None:
+        assert self.state_path is not None
+        if self.catalog.restore(self.state_path):
+            log.info("restored %d device(s) and %d model(s) from %s until edgecore answers",
+                     len(self.catalog.devices), len(self.catalog.models), self.state_path)
+            async with self._lock:
+                await self._apply()
+        await self.server.start()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self._registration_loop(), name="dmi.register")
+            tg.create_task(self.reporter.run(), name="dmi.reporter")
+            tg.create_task(self._watch_edgecore(), name="dmi.watch-edgecore")
+
+    async def before_stop(self, service: MapperService) -> None:
+        await self.server.stop()
+
+    async def shutdown(self, service: MapperService) -> None:
+        await self.server.stop(None)
+
+    # -- registration ----------------------------------------------------------------------
+
+    async def _registration_loop(self) -> None:
+        while True:
+            reply = await self.client.register_until_done()
+            await self._adopt(reply)
+            self._registered_socket = self._socket_id()
+            self.registrations += 1
+            self.registered.set()
+            log.info("registered with edgecore as %s (protocol %s): %d device(s), %d model(s)",
+                     self.settings.name, self.settings.protocol, len(reply.deviceList), len(self.catalog.models))
+            await self._lost.wait()
+            self._lost.clear()
+            self.registered.clear()
+            log.info("edgecore went away or restarted: registering again")
+
+    def _registration_lost(self) -> None:
+        if self.registered.is_set():
+            self._lost.set()
+
+    def _socket_id(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.settings.edgecore_socket_file())
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
+
+    async def _watch_edgecore(self) -> None:
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            now = self._socket_id()
+            if self.registered.is_set() and now is not None and now != self._registered_socket:
+                self._lost.set()
+
+    async def _adopt(self, reply: pb.MapperRegisterResponse) -> None:
+        if len(reply.modelList) != len(reply.deviceList):
+            log.warning("MapperRegister reply has %d models for %d devices (expected parallel lists)",
+                        len(reply.modelList), len(reply.deviceList))
+        async with self._lock:
+            self.catalog.replace(list(reply.deviceList), list(reply.modelList))
+            await self._apply()
+        async with self._models_changed:
+            self._models_changed.notify_all()
+
+    # -- the catalog -> the running devices ------------------------------------------------
+
+    async def _apply(self) -> None:
+        """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock."""
+        assert self.service is not None and self.state_path is not None
+        built = self.catalog.build()
+        merged = LoadResult(
+            devices={**self._local.devices, **built.devices},
+            models={**self._local.models, **built.models},
+            warnings=[*self._local.warnings, *built.warnings],
+            unrunnable={**self._local.unrunnable, **built.unrunnable},
+        )
+        self.reporter.forget(set(built.devices) - set(built.unrunnable))
+        await self.service.update_devices(merged)
+        try:
+            self.catalog.save(self.state_path)
+        except OSError as exc:
+            log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
+
+    async def _put_device(self, device: pb.Device, *, wait_for_model: bool) -> None:
+        if not device.name or not device.spec.deviceModelReference:
+            raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "device name and spec.deviceModelReference are required")
+        key = device_key(device)
+        DeviceId(*key)  # ValueError -> INVALID_ARGUMENT
+        async with self._lock:
+            if self.catalog.put_device(device):
+                await self._apply()
+        if wait_for_model and model_of(device) not in self.catalog.models:
+            await self._wait_for_model(device)
+        problem = self.catalog.problems.get(key)
+        if problem and model_of(device) in self.catalog.models:
+            raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, problem)
+
+    async def _wait_for_model(self, device: pb.Device) -> None:
+        """edgecore may send a device before its model: wait (bounded); the device starts when it comes."""
+        wanted = model_of(device)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.settings.model_wait_s), self._models_changed:
+                await self._models_changed.wait_for(lambda: wanted in self.catalog.models)
+        if wanted not in self.catalog.models:
+            raise DmiError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"DeviceModel {wanted[0]}/{wanted[1]} not received within {self.settings.model_wait_s:g} s; "
+                f"device {device_key(device)[0]}/{device.name} is kept and starts when the model arrives",
+            )
+
+    # -- DeviceMapperService handlers (mapper.dmi.server.Handler) --------------------------
+
+    async def register_device(self, device: pb.Device) -> None:
+        await self._put_device(device, wait_for_model=True)
+
+    async def update_device(self, device: pb.Device) -> None:
+        await self._put_device(device, wait_for_model=False)
+
+    async def remove_device(self, namespace: str, name: str) -> None:
+        async with self._lock:
+            if self.catalog.devices.pop((namespace or "default", name), None) is not None:
+                await self._apply()
+
+    async def put_model(self, model: pb.DeviceModel) -> None:
+        if not model.name:
+            raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+        async with self._lock:
+            if self.catalog.put_model(model):
+                await self._apply()
+        async with self._models_changed:
+            self._models_changed.notify_all()
+
+    async def remove_model(self, namespace: str, name: str) -> None:
+        async with self._lock:
+            if self.catalog.models.pop((namespace or "default", name), None) is not None:
+                await self._apply()
+
+    async def get_device(self, namespace: str, name: str) -> pb.Device:
+        key = (namespace or "default", name)
+        device = self.catalog.devices.get(key)
+        if device is None:
+            raise DmiError(grpc.StatusCode.NOT_FOUND, f"device {key[0]}/{name} is not known to this mapper")
+        assert self.service is not None
+        device_id = DeviceId(*key)
+        definition = self.service.definitions.devices.get(device_id) if self.service.definitions else None
+        if definition is None:
+            raise DmiError(grpc.StatusCode.FAILED_PRECONDITION,
+                           f"device {device_id} is not running: {self.catalog.problems.get(key, 'unknown reason')}")
+        readings = await self._read_now(definition)
+        found = await self._read_twin(device_id, running_only=False)
+        out = pb.Device()
+        out.CopyFrom(device)
+        status = fresh_status(definition, found[1] if found else None, readings)
+        status.reportToCloud, status.reportCycle = device.status.reportToCloud, device.status.reportCycle
+        out.status.CopyFrom(status)
+        return out
+
+    async def _read_now(self, definition: DeviceDefinition) -> dict[str, tuple[object, int]]:
+        assert self.service is not None
+        runner = self.service.runners.get(definition.id)
+        readings = {}
+        if runner is None:
+            return readings
+        for prop in definition.properties:
+            reading = await runner.read_once(prop)
+            if self.service.recorder is not None:
+                self.service.recorder.add(reading)
+            if reading.quality != ERROR and reading.value is not None:
+                readings[prop.name] = (reading.value, reading.taken_at_ms)
+        return readings
+
+    # -- feeding the reporter --------------------------------------------------------------
+
+    async def _read_twin(
+        self, device_id: DeviceId, *, running_only: bool = True
+    ) -> tuple[DeviceDefinition, DeviceTwin] | None:
+        service = self.service
+        if service is None or service.definitions is None:
+            return None
+        definition = service.definitions.devices.get(device_id)
+        if definition is None or (running_only and device_id not in service.runners):
+            return None
+        try:
+            twin = await service.twin(lambda s: s.device(device_id))
+        except UnknownDevice:
+            return None
+        return definition, twin
+
+    def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> list[OutMessage]:
+        self.reporter.state_changed(definition.id, state)
+        return []
+
+    async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
+        self.reporter.twins_changed({change.device_id})
+
