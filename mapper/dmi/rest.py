@@ -1,0 +1,207 @@
+"""The Go mapper framework's REST API (FACTS §3.4), for KubeEdge demo dashboards.
+
+Stdlib http.server in one thread; device reads and twin writes hop onto the service's event
+loop. Bound to loopback unless `api.host` says otherwise. Writes
+(`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
+true, only to properties the method lists, and only through the twin's set_desired, which
+refuses ReadOnly properties and values of the wrong type or out of range.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from concurrent.futures import TimeoutError as FutureTimeout
+from datetime import UTC, datetime
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+from devices.definitions import DeviceDefinition
+from devices.ids import DeviceId
+from devices.values import to_twin_string
+from mapper.dmi.settings import ApiSettings
+from twin.records import ERROR
+from twin.store import TwinError
+
+if TYPE_CHECKING:
+    from mapper.service import MapperService
+
+log = logging.getLogger("mapper.api")
+
+CALL_TIMEOUT_S = 10.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        self.status = status
+        super().__init__(message)
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _base(status: int = 200) -> dict[str, Any]:
+    return {"apiVersion": "v1", "statusCode": status, "timeStamp": _now()}
+
+
+class RestApi:
+    """The routes; each returns a JSON-able dict or raises ApiError. Runs in the HTTP thread."""
+
+    def __init__(self, settings: ApiSettings, service: MapperService, loop: asyncio.AbstractEventLoop) -> None:
+        self.settings = settings
+        self.service = service
+        self.loop = loop
+
+    def _on_loop(self, coro) -> Any:  # noqa: ANN001
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(CALL_TIMEOUT_S)
+        except FutureTimeout:
+            future.cancel()
+            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT, f"no answer within {CALL_TIMEOUT_S:g} s") from None
+
+    def _definition(self, namespace: str, name: str) -> DeviceDefinition:
+        try:
+            device_id = DeviceId(namespace, name)
+        except ValueError as exc:
+            raise ApiError(HTTPStatus.NOT_FOUND, str(exc)) from None
+        definitions = self.service.definitions
+        definition = definitions.devices.get(device_id) if definitions else None
+        if definition is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"device {device_id} not found")
+        return definition
+
+    def route(self, path: str) -> dict[str, Any]:
+        parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
+        if parts[:2] != ["api", "v1"]:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
+        match parts[2:]:
+            case ["ping"]:
+                return {**_base(), "Message": "This is v1 API, the server is running normally."}
+            case ["device", ns, name, prop]:
+                return self.read_property(ns, name, prop)
+            case ["meta", "model", ns, name]:
+                return self.model(ns, name)
+            case ["devicemethod", ns, name]:
+                return self.methods(ns, name)
+            case ["devicemethod", ns, name, method, prop, data]:
+                return self.write(ns, name, method, prop, data)
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
+
+    def read_property(self, namespace: str, name: str, prop_name: str) -> dict[str, Any]:
+        definition = self._definition(namespace, name)
+        if not definition.has_property(prop_name):
+            raise ApiError(HTTPStatus.NOT_FOUND, f"device {definition.id} has no property {prop_name!r}")
+        prop = definition.prop(prop_name)
+        runner = self.service.runners.get(definition.id)
+        if runner is None:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"device {definition.id} is not running")
+        reading = self._on_loop(runner.read_once(prop))
+        if reading.quality == ERROR or reading.value is None:
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
+        if self.service.recorder is not None:
+            self.loop.call_soon_threadsafe(self.service.recorder.add, reading)
+        return {**_base(), "Data": {
+            "DeviceName": name, "PropertyName": prop_name, "Namespace": namespace,
+            "Value": to_twin_string(reading.value), "Type": prop.type.value.lower(), "TimeStamp": reading.taken_at_ms,
+        }}
+
+    def model(self, namespace: str, name: str) -> dict[str, Any]:
+        model = self._definition(namespace, name).model
+        return {
+            **_base(),
+            "id": model.metadata.name, "name": model.metadata.name, "namespace": model.metadata.namespace,
+            "description": "",
+            "properties": [
+                {"name": p.name, "dataType": p.type.value.lower(), "description": p.description,
+                 "accessMode": p.access_mode, "minimum": p.minimum or "", "maximum": p.maximum or "", "unit": p.unit}
+                for p in model.spec.properties
+            ],
+        }
+
+    def methods(self, namespace: str, name: str) -> dict[str, Any]:
+        definition = self._definition(namespace, name)
+        methods = []
+        for method in definition.device.spec.methods:
+            params = [{"PropertyName": p, "ValueType": definition.prop(p).type.value.lower()}
+                      for p in method.property_names if definition.has_property(p)]
+            methods.append({"Name": method.name, "Parameters": params,
+                            "Path": f"/api/v1/devicemethod/{namespace}/{name}/{method.name}/{{propertyName}}/{{data}}"})
+        return {**_base(), "Data": {"Methods": methods}}
+
+    def write(self, namespace: str, name: str, method_name: str, prop: str, data: str) -> dict[str, Any]:
+        if not self.settings.writes:
+            raise ApiError(HTTPStatus.FORBIDDEN, "writes through the REST API are disabled (set api.writes: true)")
+        definition = self._definition(namespace, name)
+        method = next((m for m in definition.device.spec.methods if m.name == method_name), None)
+        if method is None or prop not in method.property_names:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"device {definition.id} has no method {method_name!r} for {prop!r}")
+        try:
+            self._on_loop(self.service.twin(lambda s: s.set_desired(definition.id, prop, data)))
+        except PermissionError as exc:
+            raise ApiError(HTTPStatus.FORBIDDEN, str(exc)) from None
+        except (TwinError, ValueError) as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
+        self.loop.call_soon_threadsafe(self.service.desired_changed)
+        return {**_base(), "Message": f"Write data {data} to device {definition.id} successfully."}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    api: RestApi  # set on the subclass made per server
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        try:
+            body, status, kind = orjson.dumps(self.api.route(self.path)), HTTPStatus.OK, "application/json"
+        except ApiError as exc:
+            body, status, kind = f"{exc}\n".encode(), exc.status, "text/plain; charset=utf-8"
+        except Exception as exc:  # noqa: BLE001 - the Go server answers 500 with the error text too
+            log.exception("GET %s failed", self.path)
+            body, status, kind = f"{exc}\n".encode(), HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8"
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+        log.debug("%s " + format, self.address_string(), *args)
+
+
+class RestApiExtension:
+    def __init__(self, settings: ApiSettings) -> None:
+        self.settings = settings
+        self.server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.server_address[1]
+
+    async def setup(self, service: MapperService) -> None:
+        api = RestApi(self.settings, service, asyncio.get_running_loop())
+        handler = type("Handler", (_Handler,), {"api": api})
+        self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
+        self.server.daemon_threads = True
+        self._thread = threading.Thread(target=self.server.serve_forever, name="mapper.api", daemon=True)
+        self._thread.start()
+        log.info("REST API on http://%s:%d/api/v1 (writes %s)", self.settings.host, self.port,
+                 "enabled" if self.settings.writes else "disabled")
+
+    async def run(self, service: MapperService) -> None:
+        return None
+
+    async def before_stop(self, service: MapperService) -> None:
+        await self.shutdown(service)
+
+    async def shutdown(self, service: MapperService) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await asyncio.to_thread(server.shutdown)
+            server.server_close()

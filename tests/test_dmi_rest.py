@@ -1,0 +1,120 @@
+"""The optional REST API (Go mapper framework paths) on 127.0.0.1, reads and opt-in writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from devices.ids import DeviceId
+from mapper.config import MapperConfig, TwinSettings
+from mapper.dmi.rest import RestApiExtension
+from mapper.dmi.settings import ApiSettings
+from mapper.runtime import build_service
+
+DEVICES = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: lamp-model, namespace: default}
+spec:
+  properties:
+    - {name: power, type: BOOLEAN, accessMode: ReadWrite, description: relay}
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, minimum: "0", maximum: "50", unit: Celsius}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: lamp, namespace: default}
+spec:
+  deviceModelRef: {name: lamp-model}
+  protocol: {protocolName: simulated, configData: {}}
+  methods:
+    - {name: SetPower, propertyNames: [power]}
+    - {name: SetTemperature, propertyNames: [temperature]}
+  properties:
+    - {name: power, collectCycle: 50, visitors: {configData: {kind: switch}}}
+    - {name: temperature, collectCycle: 50, visitors: {configData: {kind: constant, value: 21.5}}}
+"""
+
+
+def get(port: int, path: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def scenario(tmp_path: Path, writes: bool, check) -> None:  # noqa: ANN001
+    (tmp_path / "devices.yaml").write_text(DEVICES)
+    config = MapperConfig(devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
+                          api=ApiSettings(port=0, writes=writes))
+
+    async def main() -> None:
+        service = build_service(config)
+        api = next(e for e in service.extensions if isinstance(e, RestApiExtension))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            async with asyncio.timeout(10):
+                await service.ready.wait()
+            assert api.server is not None and api.server.server_address[0] == "127.0.0.1"
+            await check(service, api.port)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(main())
+
+
+def test_read_paths(tmp_path: Path) -> None:
+    """ping, a fresh property read and the model, with the Go framework's JSON keys."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        status, body = await asyncio.to_thread(get, port, "/api/v1/ping")
+        assert status == 200 and body["statusCode"] == 200 and body["apiVersion"] == "v1" and "Message" in body
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/lamp/temperature")
+        assert status == 200
+        assert body["Data"]["Value"] == "21.5" and body["Data"]["Type"] == "float"
+        assert set(body["Data"]) == {"DeviceName", "PropertyName", "Namespace", "Value", "Type", "TimeStamp"}
+        status, body = await asyncio.to_thread(get, port, "/api/v1/meta/model/default/lamp")
+        assert status == 200 and body["name"] == "lamp-model"
+        temperature = next(p for p in body["properties"] if p["name"] == "temperature")
+        assert temperature == {"name": "temperature", "dataType": "float", "description": "", "accessMode": "ReadOnly",
+                               "minimum": "0", "maximum": "50", "unit": "Celsius"}
+        status, _ = await asyncio.to_thread(get, port, "/api/v1/device/default/nope/power")
+        assert status == 404
+    scenario(tmp_path, False, check)
+
+
+def test_writes_disabled_by_default(tmp_path: Path) -> None:
+    """Without api.writes the write path is refused and the twin is untouched."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+        assert status == 403 and "disabled" in body
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is None
+    scenario(tmp_path, False, check)
+
+
+def test_writes_go_through_the_twin(tmp_path: Path) -> None:
+    """With writes on, a writable property is set through the twin and applied; ReadOnly is refused."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        applied = asyncio.Event()
+
+        async def on_applied(change, error) -> None:  # noqa: ANN001
+            if change.property == "power" and change.value is True and error is None:
+                applied.set()
+
+        service.applied_listeners.append(on_applied)
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+        assert status == 200, body
+        async with asyncio.timeout(5):
+            await applied.wait()
+        status, body = await asyncio.to_thread(
+            get, port, "/api/v1/devicemethod/default/lamp/SetTemperature/temperature/30")
+        assert status == 403 and "ReadOnly" in body
+        status, _ = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/temperature/1")
+        assert status == 404
+    scenario(tmp_path, True, check)
