@@ -80,12 +80,16 @@ async def running_mapper(sockdir: Path, **kw) -> AsyncIterator[Mapper]:  # noqa:
         await task
 
 
+async def until(predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
+    """Wait for a condition inside the mapper (no event to await there); bounded."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
 async def registered(mapper: Mapper, count: int = 1) -> None:
-    async with asyncio.timeout(10):
-        while mapper.ext.registrations < count:
-            await mapper.ext.registered.wait()
-            if mapper.ext.registrations < count:
-                mapper.ext.registered.clear()
+    """Wait until the mapper has registered `count` times (and adopted the reply)."""
+    await until(lambda: mapper.ext.registrations >= count, timeout=10)
 
 
 def run(coro) -> None:  # noqa: ANN001
@@ -148,3 +152,317 @@ def test_register_refused_without_protocol() -> None:
     """Our settings refuse an empty protocol, which edgecore would reject."""
     with pytest.raises(ValueError, match="protocol"):
         KubeEdgeSettings.model_validate({"name": "x", "protocol": ""})
+
+
+def grpc_code(exc_info: pytest.ExceptionInfo) -> grpc.StatusCode:
+    return exc_info.value.code()
+
+
+# -- edgecore -> mapper ---------------------------------------------------------------------
+
+def test_add_update_remove_devices_and_models(sockdir: Path) -> None:
+    """Register is idempotent; an update restarts only that device and only on a spec change; removal frees the driver."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            await edgecore.add(room("room-b"), TEMP)
+            await edgecore.add(switch("lamp", desired={"power": "true"}), SWITCH)
+            assert [c.method for c in edgecore.calls if c.method == "CreateDeviceModel"] == []  # edgecore -> mapper
+            a, b, lamp = mapper.runner("room-a"), mapper.runner("room-b"), mapper.runner("lamp")
+            assert a and b and lamp
+
+            await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-a")))
+            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a")))
+            assert mapper.runner("room-a") is a, "an unchanged spec must not restart the device"
+
+            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=80)))
+            assert mapper.runner("room-a") is not a and not a.driver.opened
+            assert mapper.runner("room-a").definition.prop("temperature").collect_cycle_ms == 80
+            assert mapper.runner("room-b") is b and mapper.runner("lamp") is lamp
+
+            bigger = model("temp-model", {"temperature": ("FLOAT", "ReadOnly"), "humidity": ("FLOAT", "ReadOnly"),
+                                          "pressure": ("FLOAT", "ReadOnly")})
+            a2 = mapper.runner("room-a")
+            await edgecore.call_mapper("UpdateDeviceModel", pb.UpdateDeviceModelRequest(model=bigger))
+            assert mapper.runner("room-a") is not a2 and mapper.runner("room-b") is not b
+            assert mapper.runner("lamp") is lamp
+
+            # The desired value from the spec is applied and reported as observedDesired + reported.
+            await edgecore.wait_for(lambda: (s := latest_status(edgecore, "lamp")) is not None
+                                    and s.reportedDevice.twins[0].observedDesired.value == "true"
+                                    and s.reportedDevice.twins[0].reported.value == "true")
+            reply = await edgecore.call_mapper("GetDevice", pb.GetDeviceRequest(deviceName="lamp",
+                                                                                deviceNamespace="default"))
+            (twin,) = reply.device.status.twins
+            assert (twin.propertyName, twin.reported.value, twin.reported.metadata["type"]) == ("power", "true", "boolean")
+            assert reply.device.spec == switch("lamp", desired={"power": "true"}).spec
+
+            b2 = mapper.runner("room-b")
+            await edgecore.remove("room-a")  # room-b still uses the model: RemoveDevice only
+            assert mapper.runner("room-a") is None and ("default", "temp-model") in mapper.ext.catalog.models
+            await edgecore.remove("room-b")  # last user: RemoveDeviceModel, then RemoveDevice
+            assert mapper.runner("room-b") is None and not b2.driver.opened
+            assert set(mapper.ext.catalog.models) == {("default", "switch-model")}
+            assert {str(d) for d in mapper.service.runners} == {"default/lamp"}
+
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await edgecore.call_mapper("GetDevice", pb.GetDeviceRequest(deviceName="room-a",
+                                                                            deviceNamespace="default"))
+            assert grpc_code(missing) == grpc.StatusCode.NOT_FOUND
+            saved = (sockdir / "twin.db.kubeedge.json").read_text()
+            assert '"lamp"' in saved and '"room-a"' not in saved
+    run(scenario())
+
+
+def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
+    """configData that fails the driver's validation is INVALID_ARGUMENT naming the field; others keep running."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(switch("lamp"), SWITCH)
+            bad = device("bad", "switch-model", {"power": {"kind": "switch"}}, config={"failure_rate": 5})
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=bad))
+            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "spec.protocol.configData.failure_rate" in refused.value.details()
+            assert mapper.runner("bad") is None and mapper.runner("lamp") is not None
+    run(scenario())
+
+
+def test_device_before_model(sockdir: Path) -> None:
+    """RegisterDevice waits for a late model; past the bound it fails but the device starts when the model comes."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, model_wait_s=0.5) as mapper:
+            await registered(mapper)
+            call = asyncio.create_task(edgecore.call_mapper("RegisterDevice",
+                                                            pb.RegisterDeviceRequest(device=room("room-a"))))
+            await until(lambda: ("default", "room-a") in mapper.ext.catalog.devices)
+            assert mapper.runner("room-a") is None and not call.done()
+            await edgecore.call_mapper("CreateDeviceModel", pb.CreateDeviceModelRequest(model=TEMP))
+            await call  # OK: the model arrived in time
+            assert mapper.runner("room-a") is not None
+
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=switch("lamp")))
+            assert grpc_code(late) == grpc.StatusCode.FAILED_PRECONDITION
+            assert mapper.runner("lamp") is None
+            await edgecore.call_mapper("CreateDeviceModel", pb.CreateDeviceModelRequest(model=SWITCH))
+            assert mapper.runner("lamp") is not None
+    run(scenario())
+
+
+# -- edgecore restarts and outages ----------------------------------------------------------
+
+def test_edgecore_restart_reregisters(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new edgecore on the socket gets MapperRegister again; its reply replaces the device set."""
+    monkeypatch.setattr(ext_module, "WATCH_INTERVAL_S", 0.05)
+
+    async def scenario() -> None:
+        async with running_mapper(sockdir) as mapper:
+            async with FakeEdgecore(sockdir / "dmi.sock") as first:
+                first.devices = [(room("room-a"), TEMP)]
+                await registered(mapper)
+                assert mapper.runner("room-a") is not None
+            async with FakeEdgecore(sockdir / "dmi.sock") as second:
+                second.devices = [(switch("lamp"), SWITCH)]
+                await registered(mapper, 2)
+                assert len(second.of("MapperRegister")) == 1
+                assert {str(d) for d in mapper.service.runners} == {"default/lamp"}
+                await second.wait_for(lambda: latest_status(second, "lamp") is not None)
+    run(scenario())
+
+
+def test_edgecore_down_at_start_keeps_last_known_devices(sockdir: Path) -> None:
+    """Devices from the last registration run while edgecore is away; registering later restarts nothing unchanged."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            edgecore.devices = [(room("room-a"), TEMP)]
+            await registered(mapper)
+        async with running_mapper(sockdir) as mapper:
+            async with asyncio.timeout(10):
+                await mapper.ext.started.wait()
+            kept = mapper.runner("room-a")
+            assert kept is not None and mapper.ext.registrations == 0
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+                edgecore.devices = [(room("room-a"), TEMP), (switch("lamp"), SWITCH)]
+                await registered(mapper)
+                assert mapper.runner("room-a") is kept and mapper.runner("lamp") is not None
+    run(scenario())
+
+
+# -- reporting: rate limit, coalescing, formats ---------------------------------------------
+
+def test_rate_limit_coalesces_without_losing_the_latest(sockdir: Path) -> None:
+    """Many twin changes: calls stay within the bucket (edgecore refuses none) and the final values arrive."""
+    rate, burst, n = 10.0, 5, 12
+    freeze = sockdir / "freeze"
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock", rate=rate, burst=burst) as edgecore:
+            edgecore.devices = [
+                (device(f"c{i}", "count-model", {"count": {"kind": "counter"}}, cycle_ms=20,
+                        config={"fail_while_exists": str(freeze)}),
+                 model("count-model", {"count": ("INT", "ReadOnly")}))
+                for i in range(n)
+            ]
+            async with running_mapper(sockdir, rate_per_s=rate, burst=burst) as mapper:
+                await registered(mapper)
+                await edgecore.wait_for(lambda: len(edgecore.of("ReportDeviceStatus")) >= 20)
+                freeze.touch()  # every read fails from now on: the reported values stop changing
+                await until(lambda: all(r.state == "unhealthy" for r in mapper.service.runners.values()))
+                await mapper.service.recorder.flush()
+                final = {}
+                for i in range(n):
+                    twin = await mapper.service.twin(lambda s, i=i: s.device(DeviceId("default", f"c{i}")))
+                    final[f"c{i}"] = str(twin.properties["count"].reported)
+                await edgecore.wait_for(lambda: all(
+                    (s := latest_status(edgecore, name)) is not None and s.reportedDevice.twins[0].reported.value == v
+                    for name, v in final.items()), timeout=20)
+                states = {r.deviceName: r.state for r in edgecore.of("ReportDeviceStates")}
+                await edgecore.wait_for(lambda: all(
+                    {r.deviceName: r.state for r in edgecore.of("ReportDeviceStates")}.get(f"c{i}") == "unhealthy"
+                    for i in range(n)), timeout=20)
+                committed = mapper.service.recorder.committed
+        assert edgecore.refused == []
+        times = [c.at for c in edgecore.calls]
+        for i, start in enumerate(times):
+            for j in range(i, len(times)):
+                assert j - i + 1 <= burst + rate * (times[j] - start) + 1e-6
+        reports = len(edgecore.of("ReportDeviceStatus"))
+        assert reports < committed / 2, f"{reports} reports for {committed} readings: not coalesced"
+        assert states  # state reports went out while values were changing too
+    run(scenario())
+
+
+# -- pure parts: configData, formats, limiter, socket, config -------------------------------
+
+def test_config_data_any_wrappers_become_driver_config() -> None:
+    """String/Int32/Int64/Float/Bool unpack; FloatValue 7.0 is the int 7 and 0.1 stays 0.1 (not float32 noise)."""
+    from google.protobuf import duration_pb2, wrappers_pb2
+    from google.protobuf.any_pb2 import Any as AnyPb
+
+    from devices.loader import load_objects
+    from mapper.dmi.convert import ConversionError, device_document, model_document, unpack_any
+
+    def boxed(box) -> AnyPb:  # noqa: ANN001
+        out = AnyPb()
+        out.Pack(box)
+        return out
+
+    assert unpack_any(boxed(wrappers_pb2.StringValue(value="5502")), "x") == "5502"
+    assert unpack_any(boxed(wrappers_pb2.Int32Value(value=-3)), "x") == -3
+    assert unpack_any(boxed(wrappers_pb2.Int64Value(value=2**40)), "x") == 2**40
+    assert unpack_any(boxed(wrappers_pb2.BoolValue(value=True)), "x") is True
+    seven = unpack_any(boxed(wrappers_pb2.FloatValue(value=7.0)), "x")
+    assert seven == 7 and type(seven) is int
+    assert unpack_any(boxed(wrappers_pb2.FloatValue(value=0.1)), "x") == 0.1
+    assert unpack_any(boxed(wrappers_pb2.FloatValue(value=21.5)), "x") == 21.5
+    with pytest.raises(ConversionError, match="spec.protocol.configData.when"):
+        unpack_any(boxed(duration_pb2.Duration(seconds=1)), "spec.protocol.configData.when")
+
+    # Through the loader: the same validated driver config as from YAML.
+    dev = device("d", "m", {"t": {"kind": "temperature", "base": 21.5, "resolution": 0.1}},
+                 config={"seed": 7, "failure_rate": 0.25, "broken": False})
+    result = load_objects([("m", model_document(model("m", {"t": ("float", "readonly")}))),
+                           ("d", device_document(dev))])
+    definition = result.devices[DeviceId("default", "d")]
+    assert definition.protocol_config.seed == 7 and definition.protocol_config.failure_rate == 0.25
+    visitor = definition.prop("t").visitor
+    assert (visitor.kind, visitor.base, visitor.resolution) == ("temperature", 21.5, 0.1)
+    assert definition.prop("t").type.value == "FLOAT" and not definition.prop("t").writable
+    # pydantic's lax mode alone would also take 7.0 for an int field, but not 7.5:
+    bad = device("d", "m", {"t": {"kind": "counter", "step": 7.5}})
+    with pytest.raises(ValueError, match=r"visitors\.configData\.step"):
+        load_objects([("m", model_document(model("m", {"t": ("INT", "ReadOnly")}))), ("d", device_document(bad))])
+
+
+def test_twin_values_match_edgecore_pattern() -> None:
+    """Numbers never use exponents; unrepresentable strings are refused; no value is ""."""
+    from mapper.dmi.convert import twin_value
+
+    for value, text in [(1e5, "100000.0"), (1e-7, "0.0000001"), (-3, "-3"), (True, "true"), (24.5, "24.5"),
+                        ("ON", "ON"), (None, ""), (12345678901234567890.0, None)]:
+        out = twin_value(value)
+        if text is not None:
+            assert out == text
+        assert out == "" or TWIN_VALUE.match(out), out
+    for bad in ("hello world", "100%", "a;b", "x" * 513, "température"):
+        with pytest.raises(ValueError, match="pattern"):
+            twin_value(bad)
+
+
+def test_device_status_always_sets_both_sides() -> None:
+    """Every reportToCloud twin has observedDesired and reported, even before the first reading."""
+    from devices.loader import load_objects
+    from mapper.dmi.convert import device_document, device_status, model_document
+    from twin.records import DeviceTwin
+
+    result = load_objects([("m", model_document(TEMP)), ("d", device_document(room("room-a")))])
+    definition = result.devices[DeviceId("default", "room-a")]
+    empty = DeviceTwin(definition.id, "temp-model", "simulated", "unknown", None, None, None, None, {})
+    status = device_status(definition, empty)
+    assert [t.propertyName for t in status.twins] == ["temperature", "humidity"]
+    for t in status.twins:
+        assert t.HasField("observedDesired") and t.HasField("reported")
+        assert (t.observedDesired.value, t.reported.value) == ("", "")
+    assert status.reportToCloud is True and status.reportCycle == 1000
+
+
+def test_states_only_those_edgecore_accepts() -> None:
+    """Our states and the Go framework's map onto ok/online/offline/unknown/unhealthy."""
+    from mapper.dmi.convert import edgecore_state
+
+    mapped = {s: edgecore_state(s) for s in ("ok", "OK", "online", "offline", "unhealthy", "unknown",
+                                              "disconnected", "error", "starting")}
+    assert set(mapped.values()) <= EDGECORE_STATES
+    assert mapped["OK"] == "ok" and mapped["disconnected"] == "offline" and mapped["starting"] == "unknown"
+
+
+def test_token_bucket_burst_then_sustained_rate() -> None:
+    """1/s with burst 100 (edgecore's limiter): 100 at once, then one per second."""
+    from mapper.dmi.ratelimit import TokenBucket
+
+    now = [0.0]
+    bucket = TokenBucket(1.0, 100, clock=lambda: now[0])
+    assert all(bucket.try_take() == 0.0 for _ in range(100))
+    assert bucket.try_take() == pytest.approx(1.0)
+    now[0] = 0.5
+    assert bucket.try_take() == pytest.approx(0.5)
+    now[0] = 1.0
+    assert bucket.try_take() == 0.0 and bucket.try_take() > 0
+    now[0] = 1000.0  # a long idle refills to the burst, not beyond
+    assert sum(bucket.try_take() == 0.0 for _ in range(150)) == 100
+
+
+def test_stale_socket_removed_other_files_kept(sockdir: Path) -> None:
+    """A leftover socket file is removed before binding; a regular file at that path is never deleted."""
+    import socket as socketlib
+
+    from mapper.dmi.server import remove_stale_socket
+
+    path = sockdir / "old.sock"
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.bind(str(path))
+    remove_stale_socket(path)
+    assert not path.exists()
+    (sockdir / "file.sock").write_text("not a socket")
+    with pytest.raises(FileExistsError, match="not a socket"):
+        remove_stale_socket(sockdir / "file.sock")
+    assert (sockdir / "file.sock").exists()
+
+
+def test_kubeedge_config_section() -> None:
+    """mode: kubeedge needs the section; defaults follow KubeEdge's paths; devices may be empty."""
+    config = MapperConfig.model_validate({"mode": "kubeedge", "kubeedge": {"name": "dht", "protocol": "dht"}})
+    assert config.devices == []
+    assert config.kubeedge.socket == Path("/etc/kubeedge/dht.sock")
+    assert config.kubeedge.edgecore_socket == Path("/etc/kubeedge/dmi.sock")
+    assert (config.kubeedge.rate_per_s, config.kubeedge.burst) == (1.0, 100)
+    with pytest.raises(ValueError, match="kubeedge"):
+        MapperConfig.model_validate({"mode": "kubeedge"})
+    with pytest.raises(ValueError, match="absolute"):
+        KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "x.sock"})
+    with pytest.raises(ValueError, match="107"):
+        KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "/" + "a" * 120})

@@ -46,7 +46,9 @@ WATCH_INTERVAL_S = 1.0
 class KubeEdgeExtension:
     def __init__(self, settings: KubeEdgeSettings) -> None:
         self.settings = settings
-        self.bucket = TokenBucket(settings.rate_per_s, settings.burst)
+        # One token short of edgecore's burst: our token is taken a moment before the call reaches
+        # edgecore, and that moment varies; the spare token absorbs up to 1/rate s of such jitter.
+        self.bucket = TokenBucket(settings.rate_per_s, max(1, settings.burst - 1))
         self.client = EdgecoreClient(settings, self.bucket)
         self.catalog = Catalog(settings.protocol)
         self.server = UnixServer(DeviceMapperServicer(self), settings.socket)
@@ -60,7 +62,9 @@ class KubeEdgeExtension:
         self._models_changed = asyncio.Condition()
         self.registered = asyncio.Event()
         self._lost = asyncio.Event()
-        self._registered_socket: tuple[int, int] | None = None
+        self._registered_socket: tuple[int, int, int] | None = None
+        # Set once the last known devices are restored and our socket is served.
+        self.started = asyncio.Event()
 
     # -- extension hooks -------------------------------------------------------------------
 
@@ -90,6 +94,7 @@ class KubeEdgeExtension:
             async with self._lock:
                 await self._apply()
         await self.server.start()
+        self.started.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._registration_loop(), name="dmi.register")
             tg.create_task(self.reporter.run(), name="dmi.reporter")
@@ -121,12 +126,13 @@ class KubeEdgeExtension:
         if self.registered.is_set():
             self._lost.set()
 
-    def _socket_id(self) -> tuple[int, int] | None:
+    def _socket_id(self) -> tuple[int, int, int] | None:
+        # ctime too: a socket re-created at once may get the freed inode number back.
         try:
             st = os.stat(self.settings.edgecore_socket_file())
         except OSError:
             return None
-        return (st.st_dev, st.st_ino)
+        return (st.st_dev, st.st_ino, st.st_ctime_ns)
 
     async def _watch_edgecore(self) -> None:
         while True:
