@@ -185,3 +185,35 @@ class FakeEdgecore(pb_grpc.DeviceManagerServiceServicer):
                 await self.call_mapper("RemoveDeviceModel", pb.RemoveDeviceModelRequest(
                     modelName=mod.name, modelNamespace=mod.namespace))
         await self.call_mapper("RemoveDevice", pb.RemoveDeviceRequest(deviceName=name, deviceNamespace=namespace))
+
+
+def from_crd(doc: dict[str, Any]) -> pb.Device:
+    """A Device CRD as edgecore's ConvertDevice sends it (every number a FloatValue)."""
+    spec = doc["spec"]
+    protocol = spec["protocol"]
+    return pb.Device(
+        name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace", "default"),
+        spec=pb.DeviceSpec(
+            deviceModelReference=spec["deviceModelRef"]["name"],
+            protocol=pb.ProtocolConfig(protocolName=protocol["protocolName"], configData=pb.CustomizedValue(
+                data={k: packed(v) for k, v in protocol.get("configData", {}).items()})),
+            properties=[
+                pb.DeviceProperty(
+                    name=p["name"], collectCycle=p.get("collectCycle", 0), reportCycle=p.get("reportCycle", 0),
+                    reportToCloud=p.get("reportToCloud", False),
+                    visitors=pb.VisitorConfig(protocolName=p["visitors"].get("protocolName", ""),
+                                              configData=pb.CustomizedValue(data={
+                                                  k: packed(v) for k, v in p["visitors"].get("configData", {}).items()})),
+                )
+                for p in spec.get("properties", [])
+            ],
+        ),
+        status=pb.DeviceStatus(**{k: v for k, v in spec.get("stateReport", {}).items()}),
+    )
+
+
+def model_from_crd(doc: dict[str, Any]) -> pb.DeviceModel:
+    return pb.DeviceModel(name=doc["metadata"]["name"], namespace=doc["metadata"].get("namespace", "default"),
+                          spec=pb.DeviceModelSpec(properties=[
+                              pb.ModelProperty(**{k: str(v) for k, v in p.items() if k != "visitors"})
+                              for p in doc["spec"].get("properties", [])]))

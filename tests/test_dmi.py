@@ -466,3 +466,22 @@ def test_kubeedge_config_section() -> None:
         KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "x.sock"})
     with pytest.raises(ValueError, match="107"):
         KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "/" + "a" * 120})
+
+
+def test_dht_device_over_dmi_equals_yaml() -> None:
+    """The deployed DHT11 Device, sent the way edgecore does (FloatValue numbers), validates to the YAML's config."""
+    import yaml
+
+    from devices.loader import load, load_objects
+    from dmi_edgecore import from_crd, model_from_crd
+    from mapper.dmi.convert import device_document, model_document
+
+    path = Path(__file__).parents[1] / "deploy" / "kubeedge" / "room-sensor-dht.yaml"
+    docs = {d["kind"]: d for d in yaml.safe_load_all(path.read_text())}
+    over_dmi = load_objects([("m", model_document(model_from_crd(docs["DeviceModel"]), "dht")),
+                             ("d", device_document(from_crd(docs["Device"])))])
+    from_yaml = load([path])
+    key = DeviceId("default", "room-sensor-pi")
+    dmi, ref = over_dmi.devices[key], from_yaml.devices[key]
+    assert dmi.protocol_config == ref.protocol_config
+    assert dmi.properties == ref.properties

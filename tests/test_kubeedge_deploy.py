@@ -1,0 +1,72 @@
+"""deploy/kubeedge: the DHT11 DeviceModel + Device are valid against KubeEdge's CRDs; manifests are consistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from devices.loader import load
+from mapper.config import MapperConfig
+
+REPO = Path(__file__).parents[1]
+DEPLOY = REPO / "deploy" / "kubeedge"
+CRDS = Path(__file__).parents[1].parent / "shared" / "kubeedge" / "crds"
+CRD_FILES = {
+    "Device": ["master_devices_v1beta1_device.yaml", "v1.22.0_devices_v1beta1_device.yaml"],
+    "DeviceModel": ["master_devices_v1beta1_devicemodel.yaml", "v1.22.0_devices_v1beta1_devicemodel.yaml"],
+}
+
+
+def _documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def _schema(file: str) -> dict:
+    crd = yaml.safe_load((CRDS / file).read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1beta1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeEdge CRDs not found at {CRDS} (../shared/kubeedge/crds)")
+@pytest.mark.parametrize("kind", ["Device", "DeviceModel"])
+def test_dht_objects_valid_against_crds(kind: str) -> None:
+    """room-sensor-dht.yaml validates against the v1beta1 openAPIV3Schema of master and v1.22."""
+    docs = [d for d in _documents(DEPLOY / "room-sensor-dht.yaml") if d["kind"] == kind]
+    assert len(docs) == 1
+    for file in CRD_FILES[kind]:
+        jsonschema.validate(docs[0], _schema(file))
+
+
+@pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeEdge CRDs not found at {CRDS} (../shared/kubeedge/crds)")
+def test_crd_validation_can_fail() -> None:
+    """The schema check is real: a wrong type for collectCycle is rejected."""
+    device = next(d for d in _documents(DEPLOY / "room-sensor-dht.yaml") if d["kind"] == "Device")
+    device["spec"]["properties"][0]["collectCycle"] = "often"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(device, _schema(CRD_FILES["Device"][0]))
+
+
+def test_dht_objects_match_the_pi_example() -> None:
+    """Same model, protocol and config keys as devices/examples/pi/room-sensor-dht.yaml; our loader accepts them."""
+    deployed = load([DEPLOY / "room-sensor-dht.yaml"]).devices
+    example = load([REPO / "devices" / "examples" / "pi" / "room-sensor-dht.yaml"]).devices
+    (d,), (e,) = deployed.values(), example.values()
+    assert d.protocol == e.protocol == "dht"
+    assert d.device.spec.protocol.config_data == e.device.spec.protocol.config_data
+    assert [(p.name, p.type, p.visitor) for p in d.properties] == [(p.name, p.type, p.visitor) for p in e.properties]
+
+
+def test_daemonset_config_is_a_valid_kubeedge_config() -> None:
+    """The ConfigMap holds a kubeedge-mode config for protocol dht on /etc/kubeedge, mounted by the DaemonSet."""
+    configmap, daemonset = _documents(DEPLOY / "daemonset.yaml")
+    config = MapperConfig.model_validate(yaml.safe_load(configmap["data"]["config.yaml"]))
+    assert config.mode == "kubeedge" and config.kubeedge.protocol == "dht"
+    assert str(config.kubeedge.socket).startswith("/etc/kubeedge/")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["nodeSelector"]["node-role.kubernetes.io/edge"] == ""
+    host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert {"/etc/kubeedge", "/dev/gpiomem"} <= host_paths and any(p.startswith("/dev/gpiochip") for p in host_paths)
+    assert any(v.get("configMap", {}).get("name") == configmap["metadata"]["name"] for v in pod["volumes"])
