@@ -18,6 +18,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 
 import aiomqtt
+from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -70,6 +71,11 @@ class MqttBus:
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
         self.messages_in = 0
+        # Fast path for the outbox (see publish_nowait): called on the event loop with the message
+        # id of every acknowledged publish of the current connection (returns True for its own
+        # messages), and when the connection is lost.
+        self.on_ack: Callable[[int], bool] | None = None
+        self.on_lost: Callable[[], None] | None = None
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
@@ -79,7 +85,7 @@ class MqttBus:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = s.session_expiry_s
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host, s.port,
             identifier=self.client_id,
             username=s.username,
@@ -90,13 +96,37 @@ class MqttBus:
             clean_start=False if v5 else 3,
             properties=properties,
             keepalive=s.keepalive_s,
-            max_inflight_messages=s.max_inflight,
+            # The outbox publisher keeps the window (max_inflight - 1, leaving one for the awaited
+            # availability messages); paho's own window rescans every queued message on each PUBACK.
+            max_inflight_messages=0,
             max_concurrent_outgoing_calls=None,
             tls_context=tls_context(s),
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10,
             logger=logging.getLogger("mapper.mqtt.client"),
         )
+        # aiomqtt logs a WARNING per publish while more than 10 of its calls are pending.
+        client.pending_calls_threshold = s.max_inflight + 10
+        self._hook_acks(client)
+        return client
+
+    def _hook_acks(self, client: aiomqtt.Client) -> None:
+        """Also report every PUBACK to `on_ack`, so the outbox can publish without awaiting each message.
+
+        aiomqtt's own publish creates an event, a timeout task and a pending-call entry per message and
+        wakes one coroutine per PUBACK; the outbox needs only the message id. paho calls this on the event
+        loop (aiomqtt reads the socket from an asyncio reader callback): no thread hop.
+        """
+        paho_client = client._client  # noqa: SLF001 - aiomqtt keeps paho's client here and has no ack hook
+        original = paho_client.on_publish
+
+        def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
+            on_ack = self.on_ack
+            if on_ack is not None and self.client is client and on_ack(mid):
+                return  # an outbox message: nobody awaits it in aiomqtt
+            original(c, userdata, mid, reason_code, properties)
+
+        paho_client.on_publish = on_publish
 
     async def run(self) -> None:
         attempt = 0
@@ -131,6 +161,8 @@ class MqttBus:
                 self.disconnected.set()
                 self.client = None
                 self.first_attempt.set()
+                if self.on_lost is not None:
+                    self.on_lost()
             if was_connected and attempt == 0:
                 attempt = 1
                 delay = self._backoff(attempt)
@@ -151,3 +183,16 @@ class MqttBus:
         if client is None:
             raise aiomqtt.MqttError("not connected")
         await client.publish(topic, payload, qos=qos, retain=retain, timeout=30)
+
+    def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
+        """Hand a message to the connection and return its message id; `on_ack(mid)` follows.
+
+        Raises MqttError when offline. The caller keeps the number in flight within `max_inflight`.
+        """
+        client = self.client
+        if client is None:
+            raise aiomqtt.MqttError("not connected")
+        info = client._client.publish(topic, payload, qos, retain)  # noqa: SLF001 - see _hook_acks
+        if info.rc != MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttError(f"could not publish: {error_string(info.rc)}")
+        return info.mid

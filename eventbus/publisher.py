@@ -5,6 +5,10 @@ a restart or a reconnect, or while the broker was away) is read back from SQLite
 order, so the backlog drains in order with its original measurement timestamps. Deletes
 of acknowledged rows are batched. After a reconnect everything not yet deleted is sent
 again: duplicates are possible (QoS 1 allows them) and the `seq` field reveals them.
+
+Publishing does not await each message: rows are handed to the connection (`publish_nowait`)
+while fewer than `max_inflight` are unacknowledged, and PUBACKs come back as message ids
+(`on_ack`), so a message costs no task, event or timer of its own.
 """
 
 from __future__ import annotations
@@ -27,11 +31,13 @@ PAGE = 1_000
 
 
 class OutboxPublisher:
-    def __init__(self, bus: MqttBus, worker: StoreWorker, *, max_inflight: int = 100, ack_delay_s: float = 0.05) -> None:
+    def __init__(self, bus: MqttBus, worker: StoreWorker, *, max_inflight: int = 100, ack_delay_s: float = 0.05,
+                 ack_timeout_s: float = 30.0) -> None:
         self._bus = bus
         self._worker = worker
-        self._max_inflight = max_inflight
+        self._max_inflight = max(1, max_inflight - 1)  # one left for the awaited availability messages
         self._ack_delay_s = ack_delay_s
+        self._ack_timeout_s = ack_timeout_s
         self._live: deque[OutboxRow] = deque()
         self._backlog = True            # the outbox may hold rows not in `_live`
         self._last_queued = 0           # highest id handed to the broker in this connection
@@ -39,10 +45,15 @@ class OutboxPublisher:
         self._acked: list[int] = []
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._inflight: dict[int, int] = {}  # message id -> outbox row id, this connection only
+        self._early: set[int] = set()   # acks that arrived before publish_nowait returned (QoS 0)
+        self._sending = False
+        self._room = asyncio.Event()    # set by acks and by a lost connection
         self._failed = asyncio.Event()
         self.published = 0
         self.idle = asyncio.Event()     # set while nothing is queued or in flight
+        bus.on_ack = self._on_ack
+        bus.on_lost = self._on_lost
 
     def offer(self, rows: list[OutboxRow]) -> None:
         """Rows just committed (called on the event loop right after the commit)."""
@@ -65,10 +76,34 @@ class OutboxPublisher:
                     log.debug("publishing stopped: %s", exc)
                 await self._reset()
 
+    def _on_ack(self, mid: int) -> bool:
+        row_id = self._inflight.pop(mid, None)
+        if row_id is None:
+            if self._sending:
+                self._early.add(mid)
+                return True
+            return False  # a publish of someone else (availability, twin replies)
+        self._acked_row(row_id)
+        return True
+
+    def _acked_row(self, row_id: int) -> None:
+        self.published += 1
+        self._acked.append(row_id)
+        if len(self._acked) >= 500:
+            self._ack_wake.set()
+        self._room.set()
+        if not self._inflight and not self._live and not self._backlog:
+            self.idle.set()
+
+    def _on_lost(self) -> None:
+        self._failed.set()
+        self._room.set()
+        self._wake.set()
+
     async def _reset(self) -> None:
-        """After a disconnect: settle in-flight publishes, delete what was acked, resend the rest."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight, return_exceptions=True)
+        """After a disconnect: forget what is in flight (it stays in the outbox), delete what was acked, resend the rest."""
+        self._inflight.clear()
+        self._early.clear()
         await self._flush_acks()
         self._live.clear()
         self._backlog = True
@@ -101,47 +136,46 @@ class OutboxPublisher:
             if not self._inflight:
                 self.idle.set()
             self._wake.clear()
-            waiter = asyncio.ensure_future(self._wake.wait())
-            failed = asyncio.ensure_future(self._failed.wait())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._wake.wait()  # offer() and a lost connection set it
+
+    async def _wait_room(self) -> None:
+        """Wait until fewer than `max_inflight` are unacknowledged (or the connection is gone)."""
+        while len(self._inflight) >= self._max_inflight:
+            if self._failed.is_set():
+                raise aiomqtt.MqttError("disconnected")
+            self._room.clear()
             try:
-                await asyncio.wait({waiter, failed}, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                failed.cancel()
+                async with asyncio.timeout(self._ack_timeout_s):
+                    await self._room.wait()
+            except TimeoutError:
+                raise aiomqtt.MqttError(f"no acknowledgement within {self._ack_timeout_s:g} s") from None
 
     async def _drain(self) -> None:
-        window = asyncio.Semaphore(self._max_inflight)
+        bus = self._bus
+        inflight = self._inflight
+        window = self._max_inflight
         while True:
             rows = await self._next_rows()
             for row in rows:
                 if row.id <= self._last_queued:
                     continue
-                await window.acquire()
+                if len(inflight) >= window:
+                    await self._wait_room()
                 if self._failed.is_set():
-                    window.release()
                     raise aiomqtt.MqttError("disconnected")
                 self._last_queued = row.id
-                task = asyncio.create_task(self._publish(row, window))
-                self._inflight.add(task)
-                task.add_done_callback(self._settled)
-
-    def _settled(self, task: asyncio.Task[None]) -> None:
-        self._inflight.discard(task)
-        if not self._inflight and not self._live and not self._backlog:
-            self.idle.set()
-
-    async def _publish(self, row: OutboxRow, window: asyncio.Semaphore) -> None:
-        try:
-            await self._bus.publish(row.topic, row.payload, qos=row.qos, retain=row.retain)
-        except aiomqtt.MqttError:
-            self._failed.set()
-            return
-        finally:
-            window.release()
-        self.published += 1
-        self._acked.append(row.id)
-        if len(self._acked) >= 500:
-            self._ack_wake.set()
+                self._sending = True
+                try:
+                    mid = bus.publish_nowait(row.topic, row.payload, qos=row.qos, retain=row.retain)
+                finally:
+                    self._sending = False
+                if mid in self._early:
+                    self._early.discard(mid)
+                    self._acked_row(row.id)
+                else:
+                    inflight[mid] = row.id
 
     async def _ack_loop(self) -> None:
         while True:
