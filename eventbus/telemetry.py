@@ -24,10 +24,34 @@ class Telemetry:
 
     def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition]) -> None:
         self.topics = topics
-        self.definitions = definitions
+        self._definitions = definitions
         self._last_sent: dict[tuple[DeviceId, str], int] = {}
         self._latest: dict[DeviceId, dict[str, Any]] = {}
         self._states: dict[DeviceId, str] = {}
+        # (device, property) -> (definition, topic, qos, retain): built once, not per reading.
+        self._routes: dict[tuple[DeviceId, str], tuple[PropertyDefinition, str, int, bool]] = {}
+
+    @property
+    def definitions(self) -> dict[DeviceId, DeviceDefinition]:
+        return self._definitions
+
+    @definitions.setter
+    def definitions(self, value: dict[DeviceId, DeviceDefinition]) -> None:
+        self._definitions = value
+        self._routes.clear()
+
+    def _route(self, key: tuple[DeviceId, str]) -> tuple[PropertyDefinition, str, int, bool] | None:
+        definition = self._definitions.get(key[0])
+        if definition is None:
+            return None
+        prop = definition.prop(key[1])
+        push = prop.push_mqtt
+        if push is not None and push.topic:
+            route = (prop, push.topic, push.qos, push.retained)
+        else:
+            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False)
+        self._routes[key] = route
+        return route
 
     def set_state(self, device: DeviceId, state: str) -> None:
         self._states[device] = state
@@ -44,23 +68,27 @@ class Telemetry:
     def __call__(self, readings: list[Reading]) -> Iterable[OutMessage]:
         messages: list[OutMessage] = []
         touched: dict[DeviceId, int] = {}
+        routes = self._routes
+        latest = self._latest
         for reading in readings:
             if reading.quality != GOOD:
                 continue
-            definition = self.definitions.get(reading.device_id)
-            if definition is None:
+            device = reading.device_id
+            key = (device, reading.property)
+            route = routes.get(key) or self._route(key)
+            if route is None:
                 continue
-            prop = definition.prop(reading.property)
-            self._latest.setdefault(reading.device_id, {})[prop.name] = reading.value
+            prop, topic, qos, retain = route
+            values = latest.get(device)
+            if values is None:
+                values = latest[device] = {}
+            values[prop.name] = reading.value
             if not prop.report_to_cloud or not self._due(prop, reading):
                 continue
             body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)
-            push = prop.push_mqtt
-            if push is not None and push.topic:
-                messages.append(OutMessage(push.topic, body, qos=push.qos, retain=push.retained))
-            else:
-                messages.append(OutMessage(self.topics.telemetry(reading.device_id, prop.name), body))
-            touched[reading.device_id] = max(touched.get(reading.device_id, 0), reading.taken_at_ms)
+            messages.append(OutMessage(topic, body, qos, retain))
+            if device not in touched or touched[device] < reading.taken_at_ms:
+                touched[device] = reading.taken_at_ms
         for device, ts in touched.items():
             messages.append(self.state_message(device, ts))
         return messages

@@ -227,18 +227,27 @@ class TwinStore:
     def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = ()) -> list[OutboxRow]:
         """Commit a batch of readings and the messages they cause, in one transaction."""
         ts = now_ms()
-        good = [
-            (_dump(r.value), r.taken_at_ms, str(r.device_id), r.property)
-            for r in readings
-            if r.quality == GOOD
-        ]
-        bad = [(r.quality, r.detail, str(r.device_id), r.property) for r in readings if r.quality != GOOD]
-        history = [
-            (str(r.device_id), r.property, _dump(r.value), r.taken_at_ms, r.quality) for r in readings
-        ]
-        last = {}
+        good = []
+        bad = []
+        history = []
+        last: dict[str, int] = {}
+        keys: dict[DeviceId, str] = {}  # str(DeviceId) once per device, not per reading
+        dumps = orjson.dumps
         for r in readings:
-            last[str(r.device_id)] = max(last.get(str(r.device_id), 0), r.taken_at_ms)
+            device = keys.get(r.device_id)
+            if device is None:
+                device = keys[r.device_id] = str(r.device_id)
+            value = None if r.value is None else dumps(r.value).decode()
+            taken = r.taken_at_ms
+            if r.quality == GOOD:
+                good.append((value, taken, device, r.property))
+            else:
+                bad.append((r.quality, r.detail, device, r.property))
+            history.append((device, r.property, value, taken, r.quality))
+            if last.get(device, 0) < taken:
+                last[device] = taken
+            else:
+                last.setdefault(device, 0)
         self._begin()
         try:
             if good:
@@ -275,34 +284,40 @@ class TwinStore:
     def _enqueue(self, messages: Sequence[OutMessage], ts: int) -> list[OutboxRow]:
         if not messages:
             return []
-        encoded = []
+        params = []
+        rows = []
         seq_updates = {}
-        for m in messages:
+        seqs = self._seq
+        dumps = orjson.dumps
+        row_id = self._next_outbox_id
+        size = 0
+        for m in messages:  # one encode per message, here, with its seq
+            topic = m.topic
             if isinstance(m.body, bytes):
                 payload = m.body
             elif m.sequenced:
-                seq = self._seq.get(m.topic, 0) + 1
-                self._seq[m.topic] = seq
-                seq_updates[m.topic] = seq
-                payload = orjson.dumps({**m.body, "seq": seq})
+                seq = seqs.get(topic, 0) + 1
+                seqs[topic] = seq_updates[topic] = seq
+                payload = dumps({**m.body, "seq": seq})
             else:
-                payload = orjson.dumps(m.body)
-            encoded.append((m.topic, payload, m.qos, int(m.retain), m.kind, ts))
+                payload = dumps(m.body)
+            params.append((row_id, topic, payload, m.qos, int(m.retain), m.kind, ts))
+            rows.append(OutboxRow(row_id, topic, payload, m.qos, bool(m.retain), m.kind))
+            size += len(payload)
+            row_id += 1
         if seq_updates:
             self.conn.executemany(
                 "INSERT INTO topic_seq (topic, seq) VALUES (?,?) ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq",
                 list(seq_updates.items()),
             )
-        first = self._next_outbox_id
         self.conn.executemany(
-            "INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) VALUES (?,?,?,?,?,?,?)",
-            [(first + i, *row) for i, row in enumerate(encoded)],
+            "INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) VALUES (?,?,?,?,?,?,?)", params
         )
-        self._next_outbox_id = first + len(encoded)
-        self._outbox_rows += len(encoded)
-        self._outbox_bytes += sum(len(e[1]) for e in encoded)
+        self._next_outbox_id = row_id
+        self._outbox_rows += len(params)
+        self._outbox_bytes += size
         self._enforce_outbox_limits()
-        return [OutboxRow(first + i, e[0], e[1], e[2], bool(e[3]), e[4]) for i, e in enumerate(encoded)]
+        return rows
 
     def _enforce_outbox_limits(self) -> None:
         """Over the limit, the oldest telemetry goes first; twin replies and state are never dropped."""
