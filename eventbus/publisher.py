@@ -70,6 +70,8 @@ class OutboxPublisher:
             tg.create_task(self._ack_loop(), name="outbox-acks")
             while True:
                 await self._bus.connected.wait()
+                # Failed connection attempts while we waited also report a loss: this one is fresh.
+                self._failed.clear()
                 try:
                     await self._drain()
                 except aiomqtt.MqttError as exc:
