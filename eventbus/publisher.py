@@ -44,7 +44,8 @@ class OutboxPublisher:
         self._max_committed = 0         # highest id known to be committed
         self._acked: list[int] = []
         self._wake = asyncio.Event()
-        self._ack_wake = asyncio.Event()
+        self._ack_wake = asyncio.Event()   # 500 acks waiting: delete them now
+        self._ack_first = asyncio.Event()  # some acks waiting: delete them after ack_delay_s
         self._inflight: dict[int, int] = {}  # message id -> outbox row id, this connection only
         self._early: set[int] = set()   # acks that arrived before publish_nowait returned (QoS 0)
         self._sending = False
@@ -91,6 +92,7 @@ class OutboxPublisher:
     def _acked_row(self, row_id: int) -> None:
         self.published += 1
         self._acked.append(row_id)
+        self._ack_first.set()
         if len(self._acked) >= 500:
             self._ack_wake.set()
         self._room.set()
@@ -180,11 +182,17 @@ class OutboxPublisher:
                     inflight[mid] = row.id
 
     async def _ack_loop(self) -> None:
+        """Delete acknowledged rows `ack_delay_s` after the first ack of a batch, or at 500 acks.
+
+        Sleeps while nothing was acknowledged: an idle mapper must not wake 20 times a second.
+        """
         while True:
+            await self._ack_first.wait()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._ack_delay_s):
                     await self._ack_wake.wait()
             self._ack_wake.clear()
+            self._ack_first.clear()
             await self._flush_acks()
 
     async def _flush_acks(self) -> None:
