@@ -1,0 +1,124 @@
+"""`python -m tests.benchmarks [--quick] [--json out.json] [--only NAME[,NAME]]`: see docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+
+from .common import Metric, ScenarioResult, bench_broker, machine_info
+from .scenarios import SCENARIOS, Context, Plan
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or value != value:  # noqa: PLR0124 - NaN
+        return "-"
+    a = abs(value)
+    if a >= 1000:
+        return f"{value:,.0f}"
+    if a >= 100:
+        return f"{value:.0f}"
+    if a >= 10:
+        return f"{value:.1f}"
+    if a >= 1:
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+def _cell(values: list[float]) -> str:
+    s = Metric.summary(values)
+    if s is None:
+        return "-"
+    if s["n"] == 1:
+        return _fmt(s["median"])
+    return f"{_fmt(s['median'])} [{_fmt(s['min'])}-{_fmt(s['max'])}]"
+
+
+def table(results: list[ScenarioResult]) -> str:
+    """A markdown table: median [min-max] over the repetitions, baseline, ratio of medians, target."""
+    lines = ["| scenario | metric | mapper: median [min-max] | baseline (same run) | ratio | target |",
+             "|---|---|---|---|---|---|"]
+    for r in results:
+        if r.skipped:
+            lines.append(f"| {r.name} | skipped: {r.skipped} | | | | |")
+            continue
+        for m in r.metrics:
+            base = f"{m.baseline_name}: {_cell(m.baseline)}" if m.baseline else ""
+            ratio = m.ratio()
+            unit = f" ({m.unit})" if m.unit else ""
+            lines.append(f"| {r.name} | {m.name}{unit} | {_cell(m.values) if m.values else m.note or '-'} | {base} | "
+                         f"{f'{ratio:.2f}x' if ratio is not None else ''} | {m.target} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (about a minute)")
+    p.add_argument("--json", type=Path, help="write every figure, the details and the machine here")
+    p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, twin files, arrivals)")
+    args = p.parse_args(argv)
+    names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",")]
+    unknown = [n for n in names if n not in SCENARIOS]
+    if unknown:
+        p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    plan = Plan.make(args.quick)
+    workdir = Path(tempfile.mkdtemp(prefix="mapper-bench-"))
+    started = time.monotonic()
+    results: list[ScenarioResult] = []
+    broker = bench_broker()
+    try:
+        with broker:
+            ctx = Context(broker, plan, workdir)
+            for name in names:
+                t = time.monotonic()
+                print(f"== {name} ...", file=sys.stderr, flush=True)
+                try:
+                    result = SCENARIOS[name](ctx)
+                except Exception as exc:  # noqa: BLE001 - report it and go on with the others
+                    traceback.print_exc()
+                    result = ScenarioResult(name, name, "", skipped=f"failed: {exc}")
+                results.append(result)
+                print(f"   {name}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+    finally:
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            print(f"work directory kept: {workdir}", file=sys.stderr)
+    info = machine_info()
+    print()
+    print(f"mapper benchmarks ({'quick' if args.quick else 'full'}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+          f"{info['cpu']} x{info['cores']}, Python {info['python']}, Mosquitto {info['mosquitto']}, "
+          f"{time.monotonic() - started:.0f} s")
+    print()
+    print(table(results))
+    print()
+    for r in results:
+        if r.how:
+            print(f"- {r.name}: {r.how}")
+    for r in results:
+        for d in r.details:
+            if r.name == "scale":
+                print(f"  scale step: {d}")
+    if args.json:
+        doc = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+               "command": "python -m tests.benchmarks" + (" --quick" if args.quick else "")
+               + (f" --only {args.only}" if args.only else ""),
+               "mode": "quick" if args.quick else "full", "duration_s": time.monotonic() - started,
+               "machine": info,
+               "scenarios": [{"name": r.name, "title": r.title, "how": r.how, "skipped": r.skipped,
+                              "metrics": [m.as_json() for m in r.metrics], "details": r.details} for r in results]}
+        args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+        print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

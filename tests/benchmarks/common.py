@@ -1,0 +1,441 @@
+"""Building blocks shared by the scenarios: broker, subscriber, mapper process, /proc figures, stats."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import secrets
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from brokers import MosquittoBroker, _which, ensure_mosquitto_installed  # noqa: F401 - re-exported
+from mapper_proc import mqtt_block
+
+REPO = Path(__file__).resolve().parents[2]
+NODE = "bench"
+TOPIC_BASE = f"mapper/{NODE}/default"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+# -- the broker -------------------------------------------------------------------------------
+
+def bench_broker() -> MosquittoBroker:
+    """The shipped mosquitto.conf on free loopback ports, without the per-message debug log that
+    tests/brokers.py turns on (it would make the broker log every PUBLISH and PUBACK)."""
+    ensure_mosquitto_installed()
+    broker = MosquittoBroker("mosquitto.conf")
+    text = broker.conf_path.read_text()
+    broker.conf_path.write_text(text.replace("log_type all\n", "", 1))
+    return broker
+
+
+def write_secret(broker: MosquittoBroker, tmp: Path, user: str) -> Path:
+    path = tmp / f"{user}.password"
+    path.write_text(broker.users[user])
+    path.chmod(0o600)
+    return path
+
+
+# -- the subscriber process -------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Arrival:
+    at: float        # wall-clock seconds when mosquitto_sub received it
+    topic: str
+    ts: int          # payload `ts`: when the reading was taken (ms)
+    seq: int
+    t: float | None  # raw publisher only: exact send time (s)
+
+
+class Subscriber:
+    """`mosquitto_sub` (C, so it is never the bottleneck) in its own process, QoS 1, persistent
+    session; every message lands in a file as `<arrival unix time in ns> <topic> <payload>`."""
+
+    def __init__(self, broker: MosquittoBroker, topic: str, out: Path) -> None:
+        self.broker = broker
+        self.topic = topic
+        self.out = out
+        self.client_id = f"bench-sub-{secrets.token_hex(4)}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _args(self) -> list[str]:
+        binary = _which("mosquitto_sub")
+        assert binary is not None
+        return [binary, "-h", self.broker.host, "-p", str(self.broker.port), "-u", "app",
+                "-P", self.broker.users["app"], "-V", "mqttv311", "-c", "-i", self.client_id,
+                "-q", "1", "-t", self.topic]
+
+    def start(self) -> Subscriber:
+        # First make the persistent session and its subscription and wait for the SUBACK (-E),
+        # so nothing published after start() returns can be missed; then receive in that session.
+        subprocess.run([*self._args(), "-E"], check=True, timeout=20, stdout=subprocess.DEVNULL)
+        with self.out.open("wb") as sink:
+            self.process = subprocess.Popen([*self._args(), "-F", "%U %t %p"], stdout=sink,
+                                            stderr=subprocess.DEVNULL)
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            if self.process.poll() is None:
+                self.process.send_signal(signal.SIGTERM)
+                try:
+                    self.process.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.process.kill()
+                    self.process.wait()
+            self.process = None
+
+    def arrivals(self) -> list[Arrival]:
+        result = []
+        with self.out.open("rb") as f:
+            for line in f:
+                at, topic, payload = line.rstrip(b"\n").split(b" ", 2)
+                try:
+                    body = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                if not isinstance(body, dict) or "seq" not in body:
+                    continue
+                result.append(Arrival(float(at), topic.decode(), int(body.get("ts", 0)), int(body["seq"]), body.get("t")))
+        return result
+
+    def __enter__(self) -> Subscriber:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def count_after(arrivals: Sequence[Arrival], start: float, end: float) -> int:
+    return sum(1 for a in arrivals if start <= a.at < end)
+
+
+def continuity(arrivals: Sequence[Arrival], committed: dict[str, int]) -> dict[str, int]:
+    """Per topic, every seq from 1 to the committed one must have arrived: lost, duplicates, received."""
+    seen: dict[str, set[int]] = {}
+    total = 0
+    for a in arrivals:
+        seen.setdefault(a.topic, set()).add(a.seq)
+        total += 1
+    lost = 0
+    for topic, last in committed.items():
+        got = seen.get(topic, set())
+        lost += sum(1 for s in range(1, last + 1) if s not in got)
+    distinct = sum(len(s) for s in seen.values())
+    return {"lost": lost, "duplicates": total - distinct, "received": distinct,
+            "committed": sum(committed.values())}
+
+
+# -- device files and the mapper process ------------------------------------------------------
+
+MODEL = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: bench-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+{props}
+"""
+
+DEVICE = """\
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: {name}, namespace: default}}
+spec:
+  deviceModelRef: {{name: bench-model}}
+  protocol: {{protocolName: simulated, configData: {{seed: {seed}}}}}
+  properties:
+{props}
+"""
+
+
+KINDS = {
+    "counter": ("type: INT, accessMode: ReadOnly", "{kind: counter}"),
+    "temperature": ("type: FLOAT, accessMode: ReadOnly, minimum: '-40', maximum: '80', unit: Celsius",
+                    "{kind: temperature, base: 21, amplitude: 1, noise: 0.1}"),
+    "humidity": ("type: FLOAT, accessMode: ReadOnly, minimum: '0', maximum: '100', unit: '%'",
+                 "{kind: humidity, base: 45, amplitude: 5, noise: 0.5}"),
+}
+
+
+def write_devices(directory: Path, devices: int, properties: int | list[tuple[str, str]] = 1, *,
+                  cycle_ms: int = 1000, kind: str = "counter") -> Path:
+    """One YAML file: a model and `devices` simulated devices (d0, d1, ...) reading every property each
+    `cycle_ms` and reporting every reading. `properties`: a count (p0, p1, ... of `kind`) or
+    [(name, kind)] with kinds from KINDS."""
+    directory.mkdir(parents=True, exist_ok=True)
+    props = [(f"p{i}", kind) for i in range(properties)] if isinstance(properties, int) else properties
+    model_props = "\n".join(f"    - {{name: {name}, {KINDS[k][0]}}}" for name, k in props)
+    device_props = "\n".join(
+        f"    - name: {name}\n      visitors: {{protocolName: simulated, configData: {KINDS[k][1]}}}\n"
+        f"      collectCycle: {cycle_ms}\n      reportCycle: {cycle_ms}\n      reportToCloud: true"
+        for name, k in props)
+    parts = [MODEL.format(props=model_props)]
+    parts += [DEVICE.format(name=f"d{n}", seed=n, props=device_props) for n in range(devices)]
+    (directory / "devices.yaml").write_text("".join(parts))
+    return directory
+
+
+@dataclass
+class MapperOptions:
+    synchronous: str = "FULL"
+    batch_max: int = 500
+    batch_delay_ms: int = 20
+    outbox_max_rows: int = 200_000
+    max_inflight: int = 100
+    log_level: str = "info"
+    drain_on_stop_s: float = 20.0
+    extra: str = ""
+
+
+class Mapper:
+    """`python -m mapper run` as a user runs it; optionally pinned to CPUs; always stopped."""
+
+    def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, options: MapperOptions | None = None,
+                 *, cpus: set[int] | None = None) -> None:
+        self.tmp = tmp
+        self.options = o = options or MapperOptions()
+        self.twin_path = tmp / "twin.db"
+        self.log_path = tmp / "mapper.log"
+        self.cpus = cpus
+        mqtt = ""
+        if broker is not None:
+            mqtt = mqtt_block(broker, tmp, extra=f"  max_inflight: {o.max_inflight}\n  drain_on_stop_s: {o.drain_on_stop_s}\n")
+        self.config = tmp / "mapper.yaml"
+        self.config.write_text(
+            f"node: {NODE}\ndevices: [{devices}]\n"
+            f"twin:\n  path: {self.twin_path}\n  synchronous: {o.synchronous}\n  batch_max: {o.batch_max}\n"
+            f"  batch_delay_ms: {o.batch_delay_ms}\n  outbox_max_rows: {o.outbox_max_rows}\n"
+            f"log_level: {o.log_level}\n{o.extra}{mqtt}")
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+
+    def start(self) -> Mapper:
+        cpus = self.cpus
+        preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}
+        with self.log_path.open("ab") as log:
+            self.started_at = time.monotonic()
+            self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                                            preexec_fn=preexec)  # noqa: PLW1509
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_log(self, *texts: str, timeout: float = 60.0, count: int = 1, interval: float = 0.01) -> float:
+        """Poll the log until every text occurs `count` times; returns seconds since start()."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.log()
+            if all(log.count(t) >= count for t in texts):
+                return time.monotonic() - self.started_at
+            if self.process is not None and self.process.poll() is not None:
+                raise RuntimeError(f"the mapper exited with {self.process.returncode}:\n{log[-2000:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{texts} not in the mapper log after {timeout} s:\n{log[-2000:]}")
+            time.sleep(interval)
+
+    def wait_ready(self, timeout: float = 60.0) -> float:
+        return self.wait_log("connected to mqtt://", "running:", timeout=timeout)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+    def __enter__(self) -> Mapper:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- the twin file, read from outside (WAL: readers never block the mapper) --------------
+
+    @contextlib.contextmanager
+    def db(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(self.twin_path, timeout=30)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def outbox_depth(self) -> int:
+        with self.db() as db:
+            return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    def committed_seqs(self, prefix: str = TOPIC_BASE) -> dict[str, int]:
+        """Telemetry topics and the last seq committed for each."""
+        with self.db() as db:
+            rows = db.execute("SELECT topic, seq FROM topic_seq WHERE topic LIKE ?", (prefix + "/%",)).fetchall()
+        return {t: s for t, s in rows if not t.endswith("/state")}
+
+    def dropped(self) -> int:
+        with self.db() as db:
+            row = db.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()
+        return row[0] if row else 0
+
+
+def telemetry_topics(devices: int, properties: int = 1) -> list[str]:
+    return [f"{TOPIC_BASE}/d{n}/p{i}" for n in range(devices) for i in range(properties)]
+
+
+# -- figures from /proc -----------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/<pid>/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    fields = text[text.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MiB, from /proc/<pid>/status."""
+    values = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0]) / 1024
+    return values.get("VmRSS", 0.0), values.get("VmHWM", 0.0)
+
+
+def sample(every: float, duration: float, fn: Callable[[], Any]) -> list[tuple[float, Any]]:
+    """Call fn every `every` seconds for `duration` seconds: [(t, value)]."""
+    out = []
+    start = time.monotonic()
+    while (now := time.monotonic()) - start < duration:
+        out.append((now - start, fn()))
+        time.sleep(max(0.0, every - (time.monotonic() - now)))
+    return out
+
+
+def slope(points: Sequence[tuple[float, float]]) -> float:
+    """Least-squares slope of (t, y)."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mt = sum(p[0] for p in points) / n
+    my = sum(p[1] for p in points) / n
+    den = sum((p[0] - mt) ** 2 for p in points)
+    return 0.0 if den == 0 else sum((p[0] - mt) * (p[1] - my) for p in points) / den
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q
+    lo = int(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+# -- results ----------------------------------------------------------------------------------
+
+@dataclass
+class Metric:
+    """One figure of a scenario over its repetitions, with its baseline from the same run."""
+
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+    baseline: list[float] = field(default_factory=list)
+    baseline_name: str = ""
+    target: str = ""
+    higher_is_better: bool = True
+    note: str = ""
+
+    @staticmethod
+    def summary(values: Sequence[float]) -> dict[str, float] | None:
+        clean = [v for v in values if v == v]  # noqa: PLR0124 - drop NaN
+        if not clean:
+            return None
+        q = statistics.quantiles(clean, n=4, method="inclusive") if len(clean) > 1 else [clean[0]] * 3
+        return {"median": statistics.median(clean), "min": min(clean), "max": max(clean),
+                "q1": q[0], "q3": q[2], "n": len(clean)}
+
+    def ratio(self) -> float | None:
+        m, b = self.summary(self.values), self.summary(self.baseline)
+        if m is None or b is None or b["median"] == 0:
+            return None
+        return m["median"] / b["median"]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "unit": self.unit, "values": self.values, "summary": self.summary(self.values),
+                "baseline_name": self.baseline_name, "baseline": self.baseline,
+                "baseline_summary": self.summary(self.baseline), "ratio": self.ratio(), "target": self.target,
+                "note": self.note}
+
+
+@dataclass
+class ScenarioResult:
+    name: str
+    title: str
+    how: str
+    metrics: list[Metric] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+
+    def metric(self, name: str, unit: str, **kw: Any) -> Metric:
+        for m in self.metrics:
+            if m.name == name:
+                return m
+        m = Metric(name, unit, **kw)
+        self.metrics.append(m)
+        return m
+
+
+def machine_info(broker_version: str | None = None) -> dict[str, Any]:
+    cpu = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions: dict[str, str | None] = {}
+    for module in ("paho.mqtt", "aiomqtt", "orjson", "pydantic", "onnxruntime"):
+        try:
+            from importlib.metadata import version
+            versions[module] = version({"paho.mqtt": "paho-mqtt"}.get(module, module))
+        except Exception:  # noqa: BLE001 - not installed
+            versions[module] = None
+    mosquitto = None
+    binary = _which("mosquitto")
+    if binary:
+        with contextlib.suppress(Exception):
+            out = subprocess.run([binary, "-h"], capture_output=True, text=True, timeout=5).stdout
+            mosquitto = out.splitlines()[0].replace("mosquitto version ", "").strip()
+    mem = 0
+    with contextlib.suppress(OSError):
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_mib": mem, "kernel": platform.release(),
+            "python": platform.python_version(), "sqlite": sqlite3.sqlite_version, "mosquitto": mosquitto,
+            **versions}
