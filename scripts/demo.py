@@ -31,6 +31,18 @@ def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
 
 
+def write_worker_config(broker: MosquittoBroker) -> Path:
+    """The cloud worker, here on the local broker as user `worker` (a LAN box in real life)."""
+    secret = STATE / "worker.password"
+    secret.write_text(broker.users["worker"])
+    secret.chmod(0o600)
+    path = STATE / "worker.yaml"
+    path.write_text(yaml.safe_dump({
+        "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "username": "worker", "password_file": str(secret)},
+        "models": ["sensor_faults"], "worker_id": "demo-worker"}, sort_keys=False))
+    return path
+
+
 def write_config(broker: MosquittoBroker) -> Path:
     config = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     config["devices"] = [str((ROOT / "examples" / d).resolve()) for d in config["devices"]]
@@ -56,6 +68,7 @@ class LiveView:
 
     def __init__(self, broker: MosquittoBroker) -> None:
         self.seen: dict[str, int] = {}
+        self.decisions: dict[str, int] = {}
         self.events: list[str] = []
         self.applied = threading.Event()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-view", protocol=mqtt.MQTTv5)
@@ -91,15 +104,16 @@ class LiveView:
                 say(f"  twin   {device}: {kind} {('error ' + str(body['code'])) if 'code' in body else 'ok'}")
             return
         parts = topic.split("/")
-        if len(parts) == 5 and isinstance(body, dict) and "value" in body:
+        if len(parts) == 5 and parts[4] == "decision" and isinstance(body, dict):
+            self.decisions[body.get("exit")] = self.decisions.get(body.get("exit"), 0) + 1
+            how = "provisional, asked the worker" if body.get("provisional") else "final"
+            say(f"  infer  {parts[3]}: {body.get('label')} ({body.get('exit')} exit, "
+                f"confidence {body.get('confidence')}, {how})")
+        elif len(parts) == 5 and isinstance(body, dict) and "value" in body:
             device, prop = parts[3], parts[4]
             self.seen[topic] = self.seen.get(topic, 0) + 1
             unit = f" {body['unit']}" if body.get("unit") else ""
             say(f"  data   {device}.{prop} = {body['value']}{unit}  (seq {body['seq']})")
-        elif len(parts) >= 4 and parts[2] == "offload":
-            say(f"  infer  {parts[3]} {str(body)[:100]}")
-        elif len(parts) == 5 and parts[4] == "decision" and isinstance(body, dict):
-            say(f"  infer  {parts[3]}: {body}")
 
     def close(self) -> None:
         self.client.disconnect()
@@ -123,6 +137,9 @@ def main() -> int:
         config = write_config(broker)
         view = LiveView(broker)
         try:
+            worker = write_worker_config(broker)
+            processes.append(start(["cloud-worker", "--config", str(worker)], STATE / "worker.log"))
+            say(f"cloud worker running (deep half of models/sensor_faults, log {(STATE / 'worker.log').relative_to(ROOT)})")
             processes.append(start(["run", "--config", str(config)], STATE / "mapper.log"))
             say(f"mapper running (config {config.relative_to(ROOT)}, log {(STATE / 'mapper.log').relative_to(ROOT)})")
             deadline = time.monotonic() + 8
@@ -151,7 +168,9 @@ def main() -> int:
         twin = subprocess.run([sys.executable, "-m", "mapper", "twin", "get", "room-sensor", "--config", str(config)],
                               capture_output=True, text=True, cwd=ROOT)
         print(twin.stdout, end="")
-    say("demo stopped: mapper, broker (and worker) stopped; the twin stays in state/demo/twin.db")
+        if view.decisions:
+            say("inference decisions seen: " + ", ".join(f"{n} at the {k} exit" for k, n in sorted(view.decisions.items())))
+    say("demo stopped: mapper, worker and broker stopped; the twin stays in state/demo/twin.db")
     return 0
 
 

@@ -10,8 +10,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_shows_telemetry_and_an_applied_desired_value():
-    """`scripts/demo.py --duration 3` prints live readings, the twin exchange and a clean stop."""
-    result = subprocess.run([sys.executable, "scripts/demo.py", "--duration", "3"], cwd=REPO,
+    """`scripts/demo.py --duration 5` prints live readings, the twin exchange, decisions and a clean stop."""
+    result = subprocess.run([sys.executable, "scripts/demo.py", "--duration", "5"], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     out = result.stdout
     assert result.returncode == 0, result.stderr[-2000:]
@@ -20,4 +20,8 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     assert "fan-relay: the desired value reached the driver and came back as reported" in out
     assert "data   fan-relay.power = True" in out
     assert "outbox: 0 message(s)" in out
+    # Inference: windows decided on the Pi, and uncertain ones answered by the worker the demo runs.
+    assert "infer  room-sensor-faulty-sensor-faults: " in out
+    assert "(edge exit, confidence " in out
+    assert "(cloud exit, confidence " in out
     assert "demo stopped" in out

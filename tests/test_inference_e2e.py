@@ -65,10 +65,10 @@ class Worker:
 
     def __init__(self, tmp: Path, broker, name: str) -> None:
         secret = tmp / f"{name}.password"
-        secret.write_text(broker.users["mapper"])
+        secret.write_text(broker.users["worker"])
         secret.chmod(0o600)
         self.config = tmp / f"{name}.yaml"
-        self.config.write_text(f"mqtt:\n  url: mqtt://{broker.host}:{broker.port}\n  username: mapper\n"
+        self.config.write_text(f"mqtt:\n  url: mqtt://{broker.host}:{broker.port}\n  username: worker\n"
                                f"  password_file: {secret}\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n"
                                f"models: [sensor_faults]\nworker_id: {name}\n")
         self.log_path = tmp / f"{name}.log"
