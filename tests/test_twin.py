@@ -7,7 +7,16 @@ import pytest
 from devices.ids import DeviceId
 from devices.loader import load
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
-from twin.store import NotWritable, OutboxLimits, OutMessage, TwinStore, UnknownDevice, UnknownProperty, VersionConflict
+from twin.store import (
+    NotWritable,
+    OutboxLimits,
+    OutMessage,
+    TwinError,
+    TwinStore,
+    UnknownDevice,
+    UnknownProperty,
+    VersionConflict,
+)
 from helpers import write_devices
 
 D1 = DeviceId("default", "d1")
@@ -126,3 +135,88 @@ def test_edited_definition_wins_over_old_desired(tmp_path):
         (devices / "d1.yaml").write_text(text.replace("'7'", "'8'"))
         store.sync_devices(load([devices]).devices.values())
         assert store.device(D1).properties["count"].desired == 8
+
+
+def test_batch_folds_per_property_and_last_quality_wins(twin):
+    """In one batch: the version counts every good reading, the last good one is reported,
+    and the property's quality is that of its last reading."""
+    twin.record([Reading(D1, "temperature", 20.0, 1000), Reading(D1, "temperature", 21.0, 2000),
+                 Reading(D1, "temperature", None, 3000, ERROR, "timeout"),
+                 Reading(D1, "count", None, 1000, ERROR, "timeout"), Reading(D1, "count", 4, 2000)])
+    twin_doc = twin.device(D1)
+    temperature, count = twin_doc.properties["temperature"], twin_doc.properties["count"]
+    assert (temperature.reported, temperature.reported_version, temperature.reported_ts) == (21.0, 2, 2000)
+    assert (temperature.quality, temperature.quality_detail) == (ERROR, "timeout")
+    assert (count.reported, count.reported_version, count.quality, count.quality_detail) == (4, 1, GOOD, None)
+    assert twin_doc.last_reading_ts == 3000
+    assert len(twin.history(D1, "temperature")) == 3 and len(twin.history(D1, "count")) == 2
+
+
+def test_outbox_ids_never_repeat_after_the_outbox_emptied_and_a_restart(tmp_path):
+    """The publisher tells new rows from old by id: an emptied outbox must not start again at 1."""
+    path = tmp_path / "o.db"
+    with TwinStore.open(path) as store:
+        rows = store.record([], [OutMessage("t", {"n": i}) for i in range(10)])
+        store.outbox_sent([r.id for r in rows])
+        assert store.outbox_stats()["depth"] == 0
+    with TwinStore.open(path) as store:
+        (row,) = store.record([], [OutMessage("t", {"n": 10})])
+        assert row.id > rows[-1].id
+        assert row.payload == b'{"n":10,"seq":11}'
+
+
+def test_migration_keeps_outbox_rows_and_the_old_id_high_water_mark(tmp_path):
+    """A twin file from before m004 (AUTOINCREMENT outbox) keeps its rows, and ids go on above
+    any id it ever handed out, even ones already deleted."""
+    import sqlite3
+
+    from twin import migrations
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, step in enumerate(migrations.MIGRATIONS[:3], start=1):
+        step(conn)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.executemany("INSERT INTO outbox (topic, payload, qos, retain, kind, created_ts) VALUES (?,?,1,0,'telemetry',0)",
+                     [("t", b"x%d" % i) for i in range(50)])
+    conn.execute("DELETE FROM outbox WHERE id > 5")
+    conn.close()
+    with TwinStore.open(path) as store:
+        assert [r.id for r in store.outbox_pending()] == [1, 2, 3, 4, 5]
+        (row,) = store.record([], [OutMessage("t", b"new")])
+        assert row.id > 50
+        assert store.integrity_ok()
+        indexes = {r[0] for r in store.conn.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+        assert "readings_by_property" not in indexes
+
+
+def test_transaction_with_outbox_messages_commits_or_rolls_back_together(tmp_path):
+    """transaction() + enqueue(): own rows and outbox rows are all or nothing, seqs included."""
+    with TwinStore.open(tmp_path / "t.db") as store:
+        store.conn.execute("CREATE TABLE mine (x INTEGER)")
+        with store.transaction():
+            store.conn.execute("INSERT INTO mine VALUES (1)")
+            (first,) = store.enqueue([OutMessage("t", {"v": 1})])
+        with pytest.raises(RuntimeError), store.transaction():
+            store.conn.execute("INSERT INTO mine VALUES (2)")
+            store.enqueue([OutMessage("t", {"v": 2})])
+            raise RuntimeError("boom")
+        with store.transaction():
+            (again,) = store.enqueue([OutMessage("t", {"v": 3})])
+        assert [r[0] for r in store.conn.execute("SELECT x FROM mine")] == [1]
+        assert (first.payload, again.payload) == (b'{"v":1,"seq":1}', b'{"v":3,"seq":2}')
+        assert [r.id for r in store.outbox_pending()] == [first.id, again.id]
+        assert store.outbox_stats()["depth"] == 2
+        with pytest.raises(TwinError, match="inside transaction"):
+            store.enqueue([OutMessage("t", {"v": 4})])
+
+
+def test_failed_record_leaves_no_trace(twin):
+    """A batch that fails half way (readings written, one message not encodable) commits nothing
+    and hands out no seq."""
+    with pytest.raises(TypeError):
+        twin.record([Reading(D1, "temperature", 20.0, 1000)], [OutMessage("t", {"v": 1}), OutMessage("t", {"v": object()})])
+    assert twin.device(D1).properties["temperature"].reported_version == 0
+    assert twin.history(D1, "temperature") == []
+    (row,) = twin.record([], [OutMessage("t", {"v": 2})])
+    assert row.payload == b'{"v":2,"seq":1}'

@@ -127,6 +127,48 @@ def m003_inference(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m004_cheaper_commits(conn: sqlite3.Connection) -> None:
+    """Fewer B-tree pages written per reading batch (TwinStore.record, the hot path).
+
+    - The index readings (device_id, property, id) goes. It cost one write per reading at a
+      scattered place (one page per property per batch once the history is large), and its
+      only users are `mapper twin history` and TwinStore.history, which now scan the history
+      backwards by id and stop at `limit` matches.
+    - The outbox is rebuilt without AUTOINCREMENT, which rewrote sqlite_sequence once per
+      inserted row. TwinStore assigns outbox ids itself and keeps the guarantee AUTOINCREMENT
+      gave (an id is never used twice, even after the outbox was emptied and the mapper
+      restarted) with a high-water mark, counters('outbox_id_reserved'), advanced in blocks
+      in the same transaction as the rows it covers. It starts at the old sqlite_sequence.
+    """
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+    top = max(row[0] if row else 0, conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+    _run(conn,
+        """
+        CREATE TABLE outbox_m004 (
+            -- ids are assigned by TwinStore, never reused: see counters('outbox_id_reserved').
+            id INTEGER PRIMARY KEY,
+            topic TEXT NOT NULL,
+            payload BLOB NOT NULL,
+            qos INTEGER NOT NULL,
+            retain INTEGER NOT NULL,
+            kind TEXT NOT NULL,
+            created_ts INTEGER NOT NULL
+        );
+        INSERT INTO outbox_m004 (id, topic, payload, qos, retain, kind, created_ts)
+            SELECT id, topic, payload, qos, retain, kind, created_ts FROM outbox;
+        DROP TABLE outbox;
+        ALTER TABLE outbox_m004 RENAME TO outbox;
+        DROP INDEX readings_by_property
+        """
+    )
+    conn.execute(
+        "INSERT INTO counters (name, value) VALUES ('outbox_id_reserved', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value=max(value, excluded.value)",
+        (top,),
+    )
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

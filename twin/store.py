@@ -10,12 +10,13 @@ processes (the CLI) open their own and see committed data thanks to WAL.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -81,8 +82,9 @@ class OutMessage:
     sequenced: bool = True
 
 
-@dataclass(frozen=True, slots=True)
-class OutboxRow:
+class OutboxRow(NamedTuple):
+    """One queued message, as the publisher sends it (a named tuple: cheap to build per message)."""
+
     id: int
     topic: str
     payload: bytes
@@ -105,6 +107,12 @@ class OutboxLimits:
     max_bytes: int = 64 * 1024 * 1024
 
 
+_GOOD_QUALITY = (GOOD, None)
+
+# Outbox ids are reserved on disk this many at a time (see m004 in twin/migrations.py).
+OUTBOX_ID_BLOCK = 4096
+
+
 class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
         self.conn = conn
@@ -114,6 +122,7 @@ class TwinStore:
         self._outbox_rows = 0
         self._outbox_bytes = 0
         self._next_outbox_id = 1
+        self._outbox_reserved = 0  # ids up to this one may have been used: never hand them out again
 
     @classmethod
     def open(
@@ -138,10 +147,14 @@ class TwinStore:
         store._seq = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
         rows, size = conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         store._outbox_rows, store._outbox_bytes = rows, size
-        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone()
+        store._outbox_reserved = store._reserved_outbox_id()
         top = conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
-        store._next_outbox_id = max(seq[0] if seq else 0, top) + 1
+        store._next_outbox_id = max(store._outbox_reserved, top) + 1
         return store
+
+    def _reserved_outbox_id(self) -> int:
+        row = self.conn.execute("SELECT value FROM counters WHERE name='outbox_id_reserved'").fetchone()
+        return row[0] if row else 0
 
     def close(self) -> None:
         self.conn.close()
@@ -154,6 +167,42 @@ class TwinStore:
 
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+
+    def _commit(self) -> None:
+        try:
+            self.conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[TwinStore]:
+        """One write transaction: your own statements on `conn` plus `enqueue(...)`, all or nothing.
+
+            with store.transaction():
+                store.conn.execute("INSERT INTO my_table ...")
+                rows = store.enqueue(messages)
+
+        Committed on a normal exit. On an exception it is rolled back, and so are the per-topic
+        sequence numbers and outbox counts handed out inside it. Not re-entrant.
+        """
+        self._begin()
+        try:
+            yield self
+        except BaseException:
+            self._rollback()
+            raise
+        self._commit()
+
+    def enqueue(self, messages: Sequence[OutMessage], ts: int | None = None) -> list[OutboxRow]:
+        """Queue messages in the outbox (with their seq) inside the current `transaction()`.
+
+        The returned rows are committed only when the transaction is: hand them to the
+        publisher after it ends. Outbox limits apply (the oldest telemetry may be dropped).
+        """
+        if not self.conn.in_transaction:
+            raise TwinError("enqueue() must run inside transaction()")
+        return self._enqueue(messages, now_ms() if ts is None else ts)
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -195,7 +244,7 @@ class TwinStore:
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
         return changed
 
     def deactivate_devices(self, keep: Iterable[DeviceId]) -> None:
@@ -219,100 +268,139 @@ class TwinStore:
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
         return rows
 
     # -- the hot path ----------------------------------------------------------------------
 
     def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = ()) -> list[OutboxRow]:
-        """Commit a batch of readings and the messages they cause, in one transaction."""
+        """Commit a batch of readings and the messages they cause, in one transaction.
+
+        Every reading is a history row. Per property, the batch is folded into one UPDATE:
+        the last good reading is the reported value, `reported_version` grows by the number
+        of good readings (as if each had been applied in turn), and the quality is that of
+        the property's last reading. Each device's `last_reading_ts` becomes the newest
+        reading time seen.
+        """
         ts = now_ms()
-        good = []
-        bad = []
         history = []
+        good: dict[tuple[str, str], list[Any]] = {}  # (device, property) -> [value, taken, count]
+        bad: dict[tuple[str, str], tuple[str, str | None]] = {}  # -> (quality, detail) of a last bad reading
         last: dict[str, int] = {}
         keys: dict[DeviceId, str] = {}  # str(DeviceId) once per device, not per reading
         dumps = orjson.dumps
+        append = history.append
         for r in readings:
             device = keys.get(r.device_id)
             if device is None:
                 device = keys[r.device_id] = str(r.device_id)
-            value = None if r.value is None else dumps(r.value).decode()
+                last[device] = 0
+            value = r.value
+            if value is not None:
+                value = dumps(value).decode()
             taken = r.taken_at_ms
-            if r.quality == GOOD:
-                good.append((value, taken, device, r.property))
-            else:
-                bad.append((r.quality, r.detail, device, r.property))
-            history.append((device, r.property, value, taken, r.quality))
-            if last.get(device, 0) < taken:
+            quality = r.quality
+            name = r.property
+            append((device, name, value, taken, quality))
+            if last[device] < taken:
                 last[device] = taken
+            if quality == GOOD:
+                key = (device, name)
+                g = good.get(key)
+                if g is None:
+                    good[key] = [value, taken, 1]
+                else:
+                    g[0] = value
+                    g[1] = taken
+                    g[2] += 1
+                if bad:
+                    bad.pop(key, None)
             else:
-                last.setdefault(device, 0)
+                bad[(device, name)] = (quality, r.detail)
         self._begin()
         try:
+            execmany = self.conn.executemany
             if good:
-                self.conn.executemany(
-                    "UPDATE properties SET reported=?, reported_version=reported_version+1, reported_ts=?,"
-                    " quality='good', quality_detail=NULL WHERE device_id=? AND name=?",
-                    good,
+                execmany(
+                    "UPDATE properties SET reported=?, reported_version=reported_version+?, reported_ts=?,"
+                    " quality=?, quality_detail=? WHERE device_id=? AND name=?",
+                    [
+                        (g[0], g[2], g[1], *bad.pop(key, _GOOD_QUALITY), *key) if bad else
+                        (g[0], g[2], g[1], GOOD, None, *key)
+                        for key, g in good.items()
+                    ],
                 )
             if bad:
-                self.conn.executemany(
-                    "UPDATE properties SET quality=?, quality_detail=? WHERE device_id=? AND name=?", bad
+                execmany(
+                    "UPDATE properties SET quality=?, quality_detail=? WHERE device_id=? AND name=?",
+                    [(*q, *key) for key, q in bad.items()],
                 )
-            self.conn.executemany(
-                "INSERT INTO readings (device_id, property, value, ts, quality) VALUES (?,?,?,?,?)", history
-            )
-            self.conn.executemany(
+            execmany("INSERT INTO readings (device_id, property, value, ts, quality) VALUES (?,?,?,?,?)", history)
+            execmany(
                 "UPDATE devices SET last_reading_ts=max(coalesce(last_reading_ts, 0), ?) WHERE id=?",
                 [(t, k) for k, t in last.items()],
             )
-            rows = self._enqueue(messages, ts)
+            rows = self._enqueue(messages, ts) if messages else []
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
         return rows
 
     def _rollback(self) -> None:
         """Undo the transaction, and the sequence numbers and outbox counts handed out in it."""
-        self.conn.execute("ROLLBACK")
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
         self._seq = dict(self.conn.execute("SELECT topic, seq FROM topic_seq"))
         rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         self._outbox_rows, self._outbox_bytes = rows, size
+        # Ids handed out in the failed transaction are simply skipped (_next_outbox_id only grows).
+        self._outbox_reserved = self._reserved_outbox_id()
 
     def _enqueue(self, messages: Sequence[OutMessage], ts: int) -> list[OutboxRow]:
         if not messages:
             return []
         params = []
         rows = []
-        seq_updates = {}
+        seq_updates: dict[str, int] = {}
         seqs = self._seq
         dumps = orjson.dumps
         row_id = self._next_outbox_id
         size = 0
+        new_row = tuple.__new__  # OutboxRow(...) without the Python-level __new__ per message
         for m in messages:  # one encode per message, here, with its seq
             topic = m.topic
-            if isinstance(m.body, bytes):
-                payload = m.body
+            body = m.body
+            if isinstance(body, bytes):
+                payload = body
             elif m.sequenced:
                 seq = seqs.get(topic, 0) + 1
                 seqs[topic] = seq_updates[topic] = seq
-                payload = dumps({**m.body, "seq": seq})
+                payload = dumps({**body, "seq": seq})
             else:
-                payload = dumps(m.body)
-            params.append((row_id, topic, payload, m.qos, int(m.retain), m.kind, ts))
-            rows.append(OutboxRow(row_id, topic, payload, m.qos, bool(m.retain), m.kind))
+                payload = dumps(body)
+            retain = bool(m.retain)
+            params.append((row_id, topic, payload, m.qos, retain, m.kind, ts))
+            rows.append(new_row(OutboxRow, (row_id, topic, payload, m.qos, retain, m.kind)))
             size += len(payload)
             row_id += 1
         if seq_updates:
             self.conn.executemany(
                 "INSERT INTO topic_seq (topic, seq) VALUES (?,?) ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq",
-                list(seq_updates.items()),
+                seq_updates.items(),
             )
         self.conn.executemany(
             "INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) VALUES (?,?,?,?,?,?,?)", params
         )
+        if row_id - 1 > self._outbox_reserved:
+            # Ids are never reused, not even after the outbox emptied and the mapper restarted:
+            # the mark on disk moves ahead of the ids in use, once per OUTBOX_ID_BLOCK ids.
+            self._outbox_reserved = row_id - 1 + OUTBOX_ID_BLOCK
+            self.conn.execute(
+                "INSERT INTO counters (name, value) VALUES ('outbox_id_reserved', ?)"
+                " ON CONFLICT (name) DO UPDATE SET value=excluded.value",
+                (self._outbox_reserved,),
+            )
         self._next_outbox_id = row_id
         self._outbox_rows += len(params)
         self._outbox_bytes += size
@@ -378,7 +466,7 @@ class TwinStore:
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
 
     def outbox_stats(self) -> dict[str, int]:
         rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
@@ -410,7 +498,7 @@ class TwinStore:
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
         return value, new_version
 
     def _property_row(self, device_id: DeviceId, name: str) -> tuple[str, int, int]:
@@ -498,7 +586,7 @@ class TwinStore:
         except BaseException:
             self._rollback()
             raise
-        self.conn.execute("COMMIT")
+        self._commit()
         return deleted
 
     def integrity_ok(self) -> bool:

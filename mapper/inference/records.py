@@ -2,8 +2,7 @@
 
 Every function takes the TwinStore and runs on the twin thread (`service.twin(fn)`). A change
 to a decision and the messages it causes are one transaction, like a reading and its
-telemetry. TwinStore has no public hook for "my own rows + outbox messages" yet, so this
-module uses its transaction helpers (`_begin`, `_enqueue`, `_rollback`).
+telemetry: `TwinStore.transaction()` around the decision rows and `TwinStore.enqueue(...)`.
 """
 
 from __future__ import annotations
@@ -46,14 +45,9 @@ class DecisionUpdate:
 
 
 def _transaction(store: TwinStore, work, messages: Sequence[OutMessage]) -> tuple[Any, list[OutboxRow]]:  # noqa: ANN001
-    store._begin()
-    try:
+    with store.transaction():
         result = work()
-        rows = store._enqueue(messages, now_ms())
-    except BaseException:
-        store._rollback()
-        raise
-    store.conn.execute("COMMIT")
+        rows = store.enqueue(messages)
     return result, rows
 
 
