@@ -220,3 +220,15 @@ def test_failed_record_leaves_no_trace(twin):
     assert twin.history(D1, "temperature") == []
     (row,) = twin.record([], [OutMessage("t", {"v": 2})])
     assert row.payload == b'{"v":2,"seq":1}'
+
+
+def test_outbox_limit_keeps_state_rows_between_dropped_telemetry(tmp_path):
+    """Dropped telemetry may surround state rows: those stay, in order, and only telemetry is counted."""
+    with TwinStore.open(tmp_path / "o.db", outbox=OutboxLimits(max_rows=4)) as store:
+        store.record([], [OutMessage("tele", {"n": 1}), OutMessage("state", {"n": 2}, kind="state"),
+                          OutMessage("tele", {"n": 3}), OutMessage("tele", {"n": 4}), OutMessage("tele", {"n": 5}),
+                          OutMessage("tele", {"n": 6})])
+        assert [(r.topic, r.payload) for r in store.outbox_pending()] == [
+            ("state", b'{"n":2,"seq":1}'), ("tele", b'{"n":4,"seq":3}'), ("tele", b'{"n":5,"seq":4}'),
+            ("tele", b'{"n":6,"seq":5}')]
+        assert store.outbox_stats()["dropped"] == 2
