@@ -57,7 +57,7 @@ class DeviceLoopSettings(_Section):
     # Retry backoff for an unhealthy device, capped.
     max_backoff_s: float = Field(default=30.0, gt=0)
     # How often the running mapper looks for desired values set by other processes (`mapper twin set`).
-    desired_poll_ms: int = Field(default=250, ge=10)
+    desired_poll_ms: int = Field(default=1000, ge=10)
 
 
 class MapperConfig(_Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -134,9 +135,12 @@ class DeviceRunner:
 
     async def run(self) -> None:
         await self._open()
+        by_cycle: dict[int, list[PropertyDefinition]] = {}
+        for prop in self.definition.properties:
+            by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
         async with asyncio.TaskGroup() as tg:
-            for prop in self.definition.properties:
-                tg.create_task(self._collect(prop), name=f"collect[{self.id}/{prop.name}]")
+            for cycle_ms, props in by_cycle.items():
+                tg.create_task(self._collect(cycle_ms, props), name=f"collect[{self.id}/{cycle_ms}ms]")
             tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
 
     async def read_once(self, prop: PropertyDefinition) -> Reading:
@@ -153,19 +157,23 @@ class DeviceRunner:
         why = range_problem(value, prop.minimum, prop.maximum)
         return Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
 
-    async def _collect(self, prop: PropertyDefinition) -> None:
+    async def _collect(self, cycle_ms: int, props: list[PropertyDefinition]) -> None:
+        """Read the properties that share a cycle, one after another, once per cycle.
+
+        One timer per device and cycle, not per property; and cycles are aligned to multiples
+        of their length on the loop's clock, so devices with the same cycle wake together:
+        a Pi with 20 sensors at 1 Hz wakes once a second, not 20 times.
+        """
         loop = asyncio.get_running_loop()
-        cycle = prop.collect_cycle_ms / 1000
-        next_at = loop.time()
+        cycle = cycle_ms / 1000
         while True:
-            reading = await self.read_once(prop)
-            self._record(reading)
-            delay = cycle if self.state != UNHEALTHY else max(cycle, self._backoff(self.failures))
-            next_at += delay
+            for prop in props:
+                self._record(await self.read_once(prop))
             now = loop.time()
-            if next_at < now:  # overran the cycle: skip the missed slots rather than burst
-                next_at = now + delay
-            await asyncio.sleep(next_at - now)
+            if self.state == UNHEALTHY:
+                await asyncio.sleep(max(cycle, self._backoff(self.failures)))
+            else:  # the next slot of the grid; a read that overran its cycle skips the missed slots
+                await asyncio.sleep((math.floor(now / cycle) + 1) * cycle - now)
 
     # -- desired values --------------------------------------------------------------------
 

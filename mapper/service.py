@@ -223,16 +223,27 @@ class MapperService:
             await listener(change, error)
 
     async def _desired_loop(self) -> None:
-        """Hand desired values to their devices: at once for this process, by polling for the CLI."""
+        """Hand desired values to their devices: at once for this process, by polling for the CLI.
+
+        A poll is two stat() calls: only when the twin files changed since the twin thread's
+        last call (another process committed) does it ask SQLite, plus a backstop every 10 s.
+        """
+        assert self.worker is not None
+        loop = asyncio.get_running_loop()
         interval = self.config.loop.desired_poll_ms / 1000
-        last_version = None
+        backstop = max(10.0, interval)
+        last_version: int | None = None
+        asked_at = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(interval):  # not wait_for: 3.11's can swallow a cancel
                     await self._desired_wake.wait()
             woken = self._desired_wake.is_set()
             self._desired_wake.clear()
-            version = await self.twin(lambda s: s.conn.execute("PRAGMA data_version").fetchone()[0])
+            version = None if woken or loop.time() - asked_at > backstop else self.worker.known_version()
+            if version is None:
+                version = await self.worker.data_version()
+                asked_at = loop.time()
             if not woken and version == last_version:
                 continue
             last_version = version
