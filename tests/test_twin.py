@@ -109,6 +109,19 @@ def test_outbox_sequences_survive_reopen(tmp_path, twin):
         assert [r.topic for r in again.outbox_pending()] == ["t/a", "t/a", "t/b", "t/a"]
 
 
+@pytest.mark.parametrize(("configured", "code"), [("FULL", 2), ("EXTRA", 3), ("NORMAL", 1)])
+def test_acknowledged_rows_are_deleted_and_durability_is_restored(tmp_path, configured, code):
+    """outbox_sent skips its own fsync, then the connection is back at the configured level."""
+    with TwinStore.open(tmp_path / "twin.db", synchronous=configured) as store:
+        rows = store.record([], [OutMessage("t/a", {"v": i}) for i in range(3)])
+        store.outbox_sent([rows[0].id, rows[2].id])
+        assert [r.id for r in store.outbox_pending()] == [rows[1].id]
+        assert store.outbox_stats()["depth"] == 1
+        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
+        store.record([], [OutMessage("t/a", {"v": 9})])  # the next commit is durable again
+        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
+
+
 def test_outbox_limit_drops_oldest_telemetry_only(tmp_path):
     """Over the row limit the oldest telemetry goes; twin replies are never dropped; drops are counted."""
     with TwinStore.open(tmp_path / "o.db", outbox=OutboxLimits(max_rows=5)) as store:
