@@ -8,7 +8,7 @@ is valid); `mapper run` refuses just those devices.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,18 +349,68 @@ def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem]):
     return value
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimConflict:
+    """`device` claims `resource` (through its field `field`), which `owner` claimed first (at `owner_where`)."""
+
+    device: DeviceId
+    resource: str
+    field: str
+    owner: DeviceId
+    owner_where: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.resource} is already used by device {self.owner} ({self.owner_where})"
+
+
+def check_claims(
+    definitions: Iterable[DeviceDefinition],
+    *,
+    where: Callable[[DeviceDefinition, str], str] | None = None,
+    losers_keep_claims: bool = False,
+) -> list[ClaimConflict]:
+    """One pass over `definitions` in the order given: the first device to claim an exclusive
+    resource (a GPIO pin, a serial port ...) keeps it; every later claim of it is a conflict.
+
+    `where(definition, field)` describes a claim for the messages (default: the device's
+    source). A device with a conflict holds none of its claims (it will not run), unless
+    `losers_keep_claims` (the YAML check, which reports every clash in one go). Every
+    definition's protocol must have a driver.
+    """
+    where = where or (lambda definition, field: definition.source)
+    owners: dict[str, tuple[DeviceId, str]] = {}
+    conflicts: list[ClaimConflict] = []
+    for definition in definitions:
+        mine: dict[str, tuple[DeviceId, str]] = {}
+        found = []
+        for resource, path in load_driver(definition.protocol).claims(definition):
+            owner = owners.get(resource) or mine.get(resource)
+            if owner is not None:
+                found.append(ClaimConflict(definition.id, resource, path, owner[0], owner[1]))
+            else:
+                mine[resource] = (definition.id, where(definition, path))
+        conflicts.extend(found)
+        if not found or losers_keep_claims:
+            owners.update(mine)
+    return conflicts
+
+
+def _field_path(path: str) -> Path_:
+    return tuple(int(p) if p.isdigit() else p for p in path.replace("[", ".").replace("]", "").split("."))
+
+
 def _check_claims(result: LoadResult, devices: dict[tuple[str, str], _Entry], problems: list[Problem]) -> None:
     """Reject two devices that claim one exclusive resource (a GPIO pin, a serial port ...)."""
-    owners: dict[str, tuple[DeviceId, str]] = {}
-    for device_id, definition in sorted(result.devices.items()):
-        if device_id in result.unrunnable:
-            continue
-        doc = devices[(device_id.namespace, device_id.name)].doc
-        for resource, path in load_driver(definition.protocol).claims(definition):
-            parts = tuple(int(p) if p.isdigit() else p for p in path.replace("[", ".").replace("]", "").split("."))
-            if resource in owners:
-                other, where = owners[resource]
-                problems.append(Problem(doc.file, doc.line_of(parts), path,
-                                        f"{resource} is already used by device {other} ({where})"))
-            else:
-                owners[resource] = (device_id, f"{doc.file}:{doc.line_of(parts)}")
+
+    def doc_of(device_id: DeviceId) -> _Doc:
+        return devices[(device_id.namespace, device_id.name)].doc
+
+    def where(definition: DeviceDefinition, path: str) -> str:
+        doc = doc_of(definition.id)
+        return f"{doc.file}:{doc.line_of(_field_path(path))}"
+
+    runnable = [d for device_id, d in sorted(result.devices.items()) if device_id not in result.unrunnable]
+    for conflict in check_claims(runnable, where=where, losers_keep_claims=True):
+        doc = doc_of(conflict.device)
+        problems.append(Problem(doc.file, doc.line_of(_field_path(conflict.field)), conflict.field, conflict.message))
