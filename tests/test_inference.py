@@ -589,3 +589,136 @@ def test_worker_refuses_bad_topics_and_unknown_models(worker):
     _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
     result = codec.decode_result(payload, n_classes=5)
     assert result.id == body["id"] and len(result.logits) == 5
+
+
+# --- device updates (SIGHUP reload, KubeEdge DMI), max_pending, the counters in the log ----
+
+AD_PUSH = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"
+           " name: probe-ad}\n")
+
+RELAY2 = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: relay2, namespace: default}
+spec:
+  deviceModelRef: {name: relay-model}
+  protocol: {protocolName: simulated, configData: {}}
+  properties:
+    - name: power
+      visitors: {protocolName: simulated, configData: {kind: switch}}
+      collectCycle: 1000
+"""
+
+
+async def _until(fetch, ok, timeout: float = 20.0, what: str = "condition"):
+    """async_wait_for for a check that needs the twin (polls; no sleep as synchronisation)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.02)
+
+
+async def _update(r: Running, tmp_path: Path, *, push: str, extra: bool = False) -> None:
+    from devices.loader import load
+
+    devices = _devices(tmp_path, push=push)
+    if extra:
+        (devices / "relay2.yaml").write_text(RELAY2)
+    else:
+        (devices / "relay2.yaml").unlink(missing_ok=True)
+    before = r.ext.reloads
+    await r.service.update_devices(load([devices]))
+    await async_wait_for(lambda: r.ext.reloads > before, timeout=20, what="the pipelines rebuilt")
+
+
+async def test_device_updates_build_keep_and_drop_pipelines(tmp_path):
+    """Devices that arrive after setup (KubeEdge DMI, SIGHUP reload) get their anomalyDetection pipeline;
+    an update that leaves the device alone keeps the pipeline with its window; removing the map drops it."""
+    r = await _start(tmp_path, {}, inference={"pipelines": []})
+    try:
+        assert r.ext.pipelines == {}
+        await _update(r, tmp_path, push=AD_PUSH)
+        assert list(map(str, r.ext.pipelines)) == ["default/probe-ad"]
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-ad"]  # noqa: E731
+        await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows of the new pipeline")
+        rows = await r.decisions("default/probe-ad")
+        assert rows and all(x["label"] is not None for x in rows if x["status"] != "pending")
+        assert [b for _, b in await r.outbox("/probe-ad/decision")], "no decision published"
+
+        kept = r.pipeline()
+        windows = stats()["windows"]
+        await _update(r, tmp_path, push=AD_PUSH, extra=True)     # another device added, probe unchanged
+        assert r.pipeline() is kept and stats()["windows"] >= windows
+        await async_wait_for(lambda: stats()["windows"] > windows, timeout=20, what="windows after the update")
+
+        await _update(r, tmp_path, push="")                     # the map is gone: so is the pipeline
+        assert r.ext.pipelines == {} and r.ext.status()["pipelines"] == {}
+        assert not any(w.pipeline is kept for w in r.ext._waiting.values())
+    finally:
+        await _stop(r)
+
+
+async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path):
+    """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
+    provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""
+    r = await _start(tmp_path, {}, inference={"max_pending": 2, "pipelines": [
+        {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600,
+         "result_max_age_s": 1200, "resend_s": 600}]})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+
+        async def given_up():
+            return [x for x in await r.decisions() if x["status"] == "provisional"]
+
+        await async_wait_for(lambda: stats()["provisional"] >= 3, timeout=20, what="requests given up")
+        await _until(lambda: given_up(), lambda rows: len(rows) >= 3, what="their rows provisional")
+        assert len(r.ext._waiting) <= 2
+        assert stats()["edge_exits"] == 0 and stats()["provisional"] >= 3 and stats()["expired"] >= 3
+        rows = await given_up()
+        assert all((x["label"], x["confidence"], x["exit"]) == (x["edge_label"], x["edge_confidence"], "edge")
+                   for x in rows)
+        published = {b["request_id"]: b for _, b in await r.outbox("/decision")}
+        for x in rows:
+            assert published[x["request_id"]]["provisional"] is True
+            assert published[x["request_id"]]["label"] == x["edge_label"]
+    finally:
+        await _stop(r)
+
+
+async def test_counters_are_logged_when_they_change_and_at_shutdown(tmp_path, worker, caplog):
+    """One INFO line with the counters (rejections included) every log_counters_s when they changed,
+    and one at shutdown."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    r = await _start(tmp_path, {}, inference={"log_counters_s": 0.05, "pipelines": [
+        {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}]})
+    lines = lambda: [x.getMessage() for x in caplog.records if x.getMessage().startswith("inference counters")]  # noqa: E731
+    try:
+        await async_wait_for(lambda: any("windows=" in x and "edge_us_p99=" in x for x in lines()), timeout=20,
+                             what="a counters line")
+        await r.ext.handle_result("mapper/n1/offload/result", b"garbage")
+        await async_wait_for(lambda: any("unmatched results rejected=malformed:1" in x for x in lines()),
+                             timeout=20, what="the rejection in the counters line")
+    finally:
+        await _stop(r)
+    assert lines()[-1].startswith("inference counters at shutdown: default/probe-sensor-faults: windows=")
+    assert len(set(lines())) == len(lines()) or lines()[-1] == lines()[-2]  # a periodic line only on a change
+    assert not r.ext.report()                                               # nothing changed since
+
+
+def test_latency_percentiles_nearest_rank():
+    from mapper.inference.pipeline import Stats, percentile
+
+    assert percentile([], 50) is None
+    assert percentile([5.0], 99) == 5.0
+    assert percentile(range(1, 101), 50) == 50 and percentile(range(1, 101), 99) == 99
+    s = Stats()
+    s.edge_us.extend(float(x) for x in range(1, 10_001))
+    assert len(s.edge_us) == 4096 and s.latency()["edge_latency_us_p50"] == percentile(range(5905, 10_001), 50)

@@ -24,6 +24,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -103,21 +104,19 @@ class InferenceExtension:
         self._topics = None
         self._result_topic: str | None = None
         self.idle = asyncio.Event()                # set while the reading queue is empty and processed
+        self._models: dict[Path, Any] = {}         # resolved model directory -> EarlyExitModel (loaded once)
+        self._next_definitions: dict[DeviceId, DeviceDefinition] | None = None
+        self._reload_task: asyncio.Task[None] | None = None
+        self.reloads = 0                           # device updates applied to the pipelines
+        self.report_interval_s = self.settings.log_counters_s
+        self._last_report: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
     async def setup(self, service: MapperService) -> None:
         self._service = service
-        definitions = service.definitions.devices if service.definitions else {}
-        wanted, self.problems = collect_settings(self.settings, definitions)
-        for problem in self.problems:
-            log.error("inference: %s", problem)
-        if not wanted:
-            log.debug("inference: no pipeline configured")
-            return
-        await asyncio.to_thread(self._build, wanted, definitions)
-        if not self.pipelines:
-            return
+        # Hooks first, pipelines or not: in `mode: kubeedge` the devices (and their
+        # anomalyDetection maps) arrive from edgecore later, through service.update_devices.
         self._queue = asyncio.Queue(QUEUE_LIMIT)
         recorder = service.recorder
         assert recorder is not None
@@ -129,50 +128,131 @@ class InferenceExtension:
             self._feed(batch)
 
         recorder.on_commit = on_commit
+        service.device_listeners.append(self._on_devices)
         if service.bus is not None and service.bus.topics is not None:
             self._topics = service.bus.topics
             self._result_topic = self._topics.offload_result()
             service.bus.subscribe(self._result_topic, 1, self.handle_result)
-        else:
-            log.warning("inference: no event bus: decisions stay in the twin and nothing is offloaded")
-        await self._restore()
-        for p in self.pipelines.values():
+        definitions = service.definitions.devices if service.definitions else {}
+        await self._apply(definitions, first=True)
+
+    async def _apply(self, definitions: dict[DeviceId, DeviceDefinition], *, first: bool = False) -> None:
+        """(Re)build the pipelines for this set of devices.
+
+        A pipeline whose settings and devices (source and set_desired targets) did not change is
+        kept with its window and counters; the others are built anew; pipelines of removed devices
+        are dropped, with the requests still waiting for them.
+        """
+        wanted, problems = collect_settings(self.settings, definitions)
+        for problem in problems:
+            if first or problem not in self.problems:
+                log.error("inference: %s", problem)
+        if not wanted and not self.pipelines:
+            self.problems = problems
+            if first:
+                log.debug("inference: no pipeline configured")
+            return
+        old = self.pipelines
+        self.problems = problems
+        built = await asyncio.to_thread(self._build, wanted, definitions, old)
+        added = [pid for pid, p in built.items() if old.get(pid) is not p]
+        removed = [pid for pid, p in old.items() if built.get(pid) is not p]
+        self.pipelines = built
+        self._by_device = {}
+        for pipeline in built.values():
+            self._by_device.setdefault(pipeline.source, []).append(pipeline)
+        gone = {id(old[pid]) for pid in removed}
+        dropped = [rid for rid, w in self._waiting.items() if id(w.pipeline) in gone]
+        for request_id in dropped:
+            del self._waiting[request_id]
+            self._remember(self._expired, request_id)
+        if not first:
+            log.info("inference: pipelines updated: %d built, %d kept, %d dropped%s", len(added),
+                     len(built) - len(added), len(set(removed) - set(added)),
+                     f" ({len(dropped)} waiting request(s) given up)" if dropped else "")
+        if added:
+            await self._restore({pid for pid in added})
+        for pid in added:
+            p = built[pid]
             log.info("inference pipeline %s: device %s properties %s, model %s (%s %s %.2f), window %d stride %d,"
                      " audit %.0f%%, deadline %gs", p.id, p.source, ",".join(p.properties), p.model.info.name,
                      p.score, ">=" if p.score == "max_prob" else "<=", p.threshold, p.model.info.window_length,
                      p.settings.stride, 100 * p.settings.audit_share, p.settings.deadline_s)
+        if added and self._topics is None:
+            log.warning("inference: no event bus: decisions stay in the twin and nothing is offloaded")
+        self._wake.set()
 
-    def _build(self, wanted: list[PipelineSettings], definitions: dict[DeviceId, DeviceDefinition]) -> None:
+    def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
+        """service.device_listeners hook (SIGHUP reload, KubeEdge DMI): rebuild pipelines in a task.
+
+        Reloads that come while one is being applied collapse into the latest set of devices.
+        """
+        self._next_definitions = definitions
+        if self._reload_task is None or self._reload_task.done():
+            self._reload_task = asyncio.get_running_loop().create_task(self._reload(), name="inference-reload")
+
+    async def _reload(self) -> None:
+        while self._next_definitions is not None:
+            definitions, self._next_definitions = self._next_definitions, None
+            try:
+                await self._apply(definitions)
+            except Exception:  # noqa: BLE001 - a bad reload must not stop the pipelines that run
+                log.exception("inference: cannot rebuild the pipelines after a device update")
+            self.reloads += 1
+
+    @staticmethod
+    def _depends(s: PipelineSettings, definitions: dict[DeviceId, DeviceDefinition]) -> tuple[Any, ...]:
+        """What a built pipeline depends on besides its settings: its devices' definitions."""
+        targets = [DeviceId.parse(a.device) for a in s.actions if getattr(a, "type", None) == "set_desired"]
+        return tuple((str(d), getattr(definitions.get(d), "fingerprint", None)) for d in [s.device_id, *targets])
+
+    def _build(self, wanted: list[PipelineSettings], definitions: dict[DeviceId, DeviceDefinition],
+               old: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
         from mapper.inference.model import ModelError, load_model
         from mapper.inference.pipeline import Pipeline, PipelineError
 
+        built: dict[DeviceId, Pipeline] = {}
+        reusable = list(old.values())
         for s in wanted:
-            model_dir = self.settings.resolve_model(s.model)
-            try:
-                model = load_model(model_dir)
-                pipeline = Pipeline(s, model, definitions.get(s.device_id), definitions=definitions)
-            except (ModelError, PipelineError, ValueError, OSError) as exc:
-                self.problems.append(str(exc))
-                log.error("inference: pipeline for %s disabled: %s", s.device, exc)
-                continue
-            if pipeline.id in self.pipelines:
+            depends = self._depends(s, definitions)
+            keep = next((p for p in reusable if p.settings == s and p.depends == depends), None)
+            if keep is not None:
+                reusable.remove(keep)
+                pipeline = keep
+            else:
+                model_dir = self.settings.resolve_model(s.model)
+                try:
+                    model = self._models.get(model_dir.resolve())
+                    if model is None:
+                        model = self._models[model_dir.resolve()] = load_model(model_dir)
+                    pipeline = Pipeline(s, model, definitions.get(s.device_id), definitions=definitions)
+                except (ModelError, PipelineError, ValueError, OSError) as exc:
+                    self.problems.append(str(exc))
+                    log.error("inference: pipeline for %s disabled: %s", s.device, exc)
+                    continue
+                pipeline.depends = depends
+            if pipeline.id in built:
                 self.problems.append(f"pipeline {pipeline.id} is configured twice; the first one is used")
                 log.error("inference: pipeline %s is configured twice; the first one is used", pipeline.id)
                 continue
-            self.pipelines[pipeline.id] = pipeline
-            self._by_device.setdefault(pipeline.source, []).append(pipeline)
+            built[pipeline.id] = pipeline
+        return built
 
-    async def _restore(self) -> None:
-        """Requests still waiting when the mapper last stopped wait again (and are sent again)."""
+    async def _restore(self, only: set[DeviceId]) -> None:
+        """Requests still waiting when the mapper last stopped (for these newly built pipelines) wait
+        again (and are sent again)."""
         from mapper.inference import records
         from mapper.inference.window import Window
 
-        oldest = _now_ms() - int(max(p.settings.result_max_age_s for p in self.pipelines.values()) * 1000)
+        oldest = _now_ms() - int(max(self.pipelines[p].settings.result_max_age_s for p in only) * 1000)
         rows = await self._twin(lambda s: records.waiting(s, oldest))
         now = _now_ms()
+        before = len(self._waiting)
         for row in rows:
-            pipeline = self.pipelines.get(DeviceId.parse(row["pipeline"]))
-            if pipeline is None or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000:
+            pid = DeviceId.parse(row["pipeline"])
+            pipeline = self.pipelines.get(pid)
+            if (pipeline is None or pid not in only or row["request_id"] in self._waiting
+                    or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000):
                 continue
             outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
             request = orjson.loads(row["request"]) if row["request"] and self._can_send() else None
@@ -182,19 +262,70 @@ class InferenceExtension:
                 row["created_ts"] + int(pipeline.settings.result_max_age_s * 1000), now,
                 row["edge_label"], row["edge_confidence"], bool(row["audit"]), row["status"], request,
                 outcome_window.start_ms, outcome_window.end_ms)
-        if self._waiting:
-            log.info("inference: %d offload(s) from the previous run still wait for a result", len(self._waiting))
+        if len(self._waiting) > before:
+            log.info("inference: %d offload(s) from the previous run still wait for a result",
+                     len(self._waiting) - before)
 
     async def run(self, service: MapperService) -> None:
-        if not self.pipelines:
-            return
+        # Also without pipelines: a device update may bring some (the tasks idle until then).
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(), name="inference-windows")
             tg.create_task(self._timers(), name="inference-timers")
             tg.create_task(self._prune(), name="inference-prune")
+            tg.create_task(self._report_loop(), name="inference-report")
 
     async def shutdown(self, service: MapperService) -> None:
-        return None
+        if self._reload_task is not None and not self._reload_task.done():
+            self._reload_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._reload_task
+        if self.pipelines:
+            self.report(final=True)
+
+    # -- the counters in the log -----------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line: every pipeline's counters (zeros left out) and the results that matched no request."""
+        status = self.status()
+        parts = []
+        for pid, s in status["pipelines"].items():
+            counts = " ".join(f"{k}={v}" for k, v in s.items()
+                              if isinstance(v, int) and not isinstance(v, bool) and v and k != "pending")
+            rejected = ",".join(f"{k}:{v}" for k, v in s["results_rejected"].items())
+            extra = f" rejected={rejected}" if rejected else ""
+            if s.get("edge_latency_us_p50") is not None:
+                extra += f" edge_us_p50={s['edge_latency_us_p50']} edge_us_p99={s['edge_latency_us_p99']}"
+            if s.get("round_trip_ms_p50") is not None:
+                extra += f" round_trip_ms_p50={s['round_trip_ms_p50']} round_trip_ms_p99={s['round_trip_ms_p99']}"
+            parts.append(f"{pid}: {counts or 'windows=0'}{extra}")
+        other = ",".join(f"{k}:{v}" for k, v in status["results_rejected"].items())
+        if other:
+            parts.append(f"unmatched results rejected={other}")
+        for key in ("readings_dropped", "desired_set"):
+            if status[key]:
+                parts.append(f"{key}={status[key]}")
+        return "; ".join(parts)
+
+    def report(self, *, final: bool = False) -> bool:
+        """Log the counters (INFO) if they changed since the last line, or always when `final`."""
+        if not self.pipelines and not self.counts:
+            return False
+        line = self.summary()
+        if not final and line == self._last_report:
+            return False
+        self._last_report = line
+        log.info("inference counters%s: %s", " at shutdown" if final else "", line)
+        return True
+
+    async def _report_loop(self) -> None:
+        if self.report_interval_s <= 0:
+            return
+        while True:
+            await asyncio.sleep(self.report_interval_s)
+            try:
+                self.report()
+            except Exception:  # noqa: BLE001 - a log line must not stop inference
+                log.exception("inference: cannot log the counters")
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -283,17 +414,23 @@ class InferenceExtension:
                 created + int(s.result_max_age_s * 1000), created + int(s.resend_s * 1000),
                 o.label, o.confidence, o.audit, records.FINAL if o.exit else records.PENDING,
                 request if self._can_send() else None, o.window.start_ms, o.window.end_ms)
-        self._limit_waiting()
         self._offer(rows)
         await self._set_desired(desired)
+        await self._limit_waiting()
         self._wake.set()
 
-    def _limit_waiting(self) -> None:
+    async def _limit_waiting(self) -> None:
+        """Give up the oldest requests beyond max_pending; a still-pending one gets its edge answer,
+        provisional (as at expiry), so its row is decided and the decision published and acted on."""
+        given_up: list[tuple[str, Waiting]] = []
         while len(self._waiting) > self.settings.max_pending:
             request_id, w = next(iter(self._waiting.items()))
             del self._waiting[request_id]
             self._remember(self._expired, request_id)
             w.pipeline.stats.counts["expired"] += 1
+            given_up.append((request_id, w))
+        if given_up:
+            await self._provisional(given_up)
 
     async def _set_desired(self, desired: list) -> None:  # noqa: ANN001 - list[DesiredSet]
         if not desired:
@@ -324,10 +461,40 @@ class InferenceExtension:
                 async with asyncio.timeout(min(wait_s, 60.0)):
                     await self._wake.wait()
 
-    async def _due(self, now: int) -> None:
+    def _stand(self, request_id: str, w: Waiting) -> tuple[list[OutMessage], list[Any], Any]:
+        """The edge answer of a pending request stands, provisional: messages, desired values, row update."""
         from mapper.inference import records
         from mapper.inference.pipeline import Decision
         from mapper.inference.window import Window
+
+        w.status = "provisional"
+        w.pipeline.stats.counts["provisional"] += 1
+        d = Decision(w.edge_label, w.edge_confidence, "edge", True, Window((), w.window_start, w.window_end),
+                     request_id)
+        m, ds = w.pipeline.act(d, self._topics)
+        return m, ds, records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
+                                             confidence=w.edge_confidence, exit="edge")
+
+    async def _provisional(self, given_up: list[tuple[str, Waiting]]) -> None:
+        """Requests no longer waited for: those still pending get their edge answer, provisional."""
+        from mapper.inference import records
+
+        updates, messages, desired = [], [], []
+        for request_id, w in given_up:
+            if w.status == "pending":
+                m, ds, u = self._stand(request_id, w)
+                messages += m
+                desired += ds
+                updates.append(u)
+        if updates or messages:
+            rows = await self._twin(lambda s: records.update(s, updates, messages))
+            self._offer(rows)
+        await self._set_desired(desired)
+
+    async def _due(self, now: int) -> None:
+        if not self._waiting:
+            return
+        from mapper.inference import records
 
         updates, messages, desired = [], [], []
         for request_id, w in list(self._waiting.items()):
@@ -336,26 +503,16 @@ class InferenceExtension:
                 self._remember(self._expired, request_id)
                 w.pipeline.stats.counts["expired"] += 1
                 if w.status == "pending":  # the deadline never ran (restored late): the edge answer stands
-                    w.status = "provisional"
-                    w.pipeline.stats.counts["provisional"] += 1
-                    d = Decision(w.edge_label, w.edge_confidence, "edge", True, Window((), w.window_start, w.window_end),
-                                 request_id)
-                    m, ds = w.pipeline.act(d, self._topics)
+                    m, ds, u = self._stand(request_id, w)
                     messages += m
                     desired += ds
-                    updates.append(records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
-                                                          confidence=w.edge_confidence, exit="edge"))
+                    updates.append(u)
                 continue
             if w.status == "pending" and now >= w.deadline_ms:
-                w.status = "provisional"
-                w.pipeline.stats.counts["provisional"] += 1
-                d = Decision(w.edge_label, w.edge_confidence, "edge", True, Window((), w.window_start, w.window_end),
-                             request_id)
-                m, ds = w.pipeline.act(d, self._topics)
+                m, ds, u = self._stand(request_id, w)
                 messages += m
                 desired += ds
-                updates.append(records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
-                                                      confidence=w.edge_confidence, exit="edge"))
+                updates.append(u)
             if w.body is not None and now >= w.next_send_ms and self._bus_connected():
                 w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
                 w.pipeline.stats.counts["resent"] += 1
@@ -374,6 +531,8 @@ class InferenceExtension:
 
         while True:
             await asyncio.sleep(60)
+            if not self.pipelines:
+                continue
             with contextlib.suppress(Exception):
                 await self._twin(lambda s: records.prune(s, self.settings.keep_decisions))
 
@@ -406,6 +565,8 @@ class InferenceExtension:
         assert self._service is not None
         if topic != self._result_topic:
             return self._reject("wrong_topic", None, topic)
+        if not self.pipelines and not self._waiting:  # nothing asked (and numpy may not even be installed)
+            return self._reject("unknown", None, "no pipeline")
         try:
             result = decode_result(payload)
         except CodecError as exc:
@@ -435,6 +596,7 @@ class InferenceExtension:
         stats = w.pipeline.stats
         stats.counts["results_ok"] += 1
         stats.round_trip_ms_total += now - w.created_ms
+        stats.round_trip_ms.append(now - w.created_ms)
         messages: list[OutMessage] = []
         desired = []
         if w.audit:

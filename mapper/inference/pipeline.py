@@ -11,7 +11,7 @@ import logging
 import random
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,11 +66,33 @@ class DesiredSet:
     value: Any
 
 
+# Per-window edge times and round trips kept for the percentiles (the most recent ones).
+LATENCY_RING = 4096
+
+
+def percentile(values: Any, q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of the values; None when there are none."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, -(-len(ordered) * q // 100))  # ceil(n q / 100), at least 1
+    return float(ordered[int(min(rank, len(ordered))) - 1])
+
+
 @dataclass
 class Stats:
     counts: Counter[str] = field(default_factory=Counter)
     edge_us_total: float = 0.0
     round_trip_ms_total: float = 0.0
+    # The last LATENCY_RING edge times (graph + rule, us) and round trips (request to result, ms).
+    edge_us: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_RING))
+    round_trip_ms: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_RING))
+
+    def latency(self) -> dict[str, float | None]:
+        edge, rt = list(self.edge_us), list(self.round_trip_ms)
+        r = lambda v: None if v is None else round(v, 1)  # noqa: E731
+        return {"edge_latency_us_p50": r(percentile(edge, 50)), "edge_latency_us_p99": r(percentile(edge, 99)),
+                "round_trip_ms_p50": r(percentile(rt, 50)), "round_trip_ms_p99": r(percentile(rt, 99))}
 
     def as_dict(self) -> dict[str, Any]:
         c = self.counts
@@ -81,6 +103,7 @@ class Stats:
         out["mean_edge_latency_us"] = round(self.edge_us_total / c["windows"], 1) if c["windows"] else None
         out["mean_round_trip_ms"] = (round(self.round_trip_ms_total / c["results_ok"], 1)
                                      if c["results_ok"] else None)
+        out.update(self.latency())
         return out
 
 
@@ -117,6 +140,9 @@ class Pipeline:
         self.rng = rng or random.Random(settings.audit_seed)
         self.stats = Stats()
         self.actions = self._check_actions(definitions)
+        # What the pipeline was built from besides its settings (set by the extension; a device
+        # update that leaves it unchanged keeps the pipeline, its window and its counters).
+        self.depends: tuple[Any, ...] = ()
         self._last_label: str | None = None
         self._last_desired: dict[tuple[DeviceId, str], Any] = {}
 
@@ -158,6 +184,7 @@ class Pipeline:
         c["edge_exits" if decided else "offloads"] += 1
         c["audits"] += int(audit)
         self.stats.edge_us_total += elapsed
+        self.stats.edge_us.append(elapsed)
         return EdgeOutcome(window, self.model.info.classes[index], float(probs[index]),
                            policy.score_value(probs, self.score), decided, audit, cut[0], elapsed)
 

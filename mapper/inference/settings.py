@@ -119,6 +119,9 @@ class InferenceSettings(_Base):
     max_pending: int = Field(default=10_000, ge=1)
     # Decisions kept in the twin per pipeline (older rows are pruned).
     keep_decisions: int = Field(default=100_000, ge=10)
+    # The counters are logged as one INFO line this often (only when they changed) and at
+    # shutdown; 0: only at shutdown.
+    log_counters_s: float = Field(default=60.0, ge=0.0)
 
     @model_validator(mode="before")
     @classmethod
