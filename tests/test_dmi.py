@@ -230,6 +230,79 @@ def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
     run(scenario())
 
 
+DHT = model("dht-model", {"temperature": ("FLOAT", "ReadOnly"), "humidity": ("FLOAT", "ReadOnly")})
+
+
+def dht(name: str, pin: int) -> pb.Device:
+    return device(name, "dht-model", {"temperature": {"measurement": "temperature"},
+                                      "humidity": {"measurement": "humidity"}},
+                  config={"sensor": "DHT11", "pin": pin}, protocol="dht", cycle_ms=3000)
+
+
+def test_two_devices_on_one_pin_second_is_refused(sockdir: Path) -> None:
+    """Claims are checked across edgecore's devices: the second DHT on GPIO4 is refused naming the first
+    and the pin; the first keeps running; an update cannot take the pin either; freeing it starts the second."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, name="dht", protocol="dht") as mapper:
+            await registered(mapper)
+            # Named so that sorting alone would favour the newcomer: the running device must win anyway.
+            await edgecore.add(dht("z-first", 4), DHT)
+            first = mapper.runner("z-first")
+            assert first is not None
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.add(dht("a-second", 4), DHT)
+            assert grpc_code(refused) == grpc.StatusCode.FAILED_PRECONDITION
+            details = refused.value.details()
+            assert "gpio:4" in details and "default/z-first" in details and "a-second" in details, details
+            assert mapper.runner("a-second") is None
+            assert mapper.runner("z-first") is first, "the device holding the pin must not restart"
+            assert ("default", "a-second") in mapper.ext.catalog.problems
+
+            # Idempotent RegisterDevice and UpdateDevice of the loser are refused the same way.
+            with pytest.raises(grpc.aio.AioRpcError) as again:
+                await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=dht("a-second", 4)))
+            assert grpc_code(again) == grpc.StatusCode.FAILED_PRECONDITION
+
+            # A third device on another pin runs; moving it onto GPIO4 is refused and the holder stays.
+            await edgecore.add(dht("m-third", 17), DHT)
+            assert mapper.runner("m-third") is not None
+            with pytest.raises(grpc.aio.AioRpcError) as moved:
+                await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=dht("m-third", 4)))
+            assert "gpio:4" in moved.value.details() and "default/z-first" in moved.value.details()
+            assert mapper.runner("z-first") is first and mapper.runner("m-third") is None
+
+            # The holder goes away: the kept device starts (the pin is free again).
+            await edgecore.call_mapper("RemoveDevice", pb.RemoveDeviceRequest(deviceName="z-first",
+                                                                              deviceNamespace="default"))
+            assert mapper.runner("z-first") is None
+            # Neither ran before, so namespace/name order decides: a-second gets the pin.
+            assert mapper.runner("a-second") is not None and mapper.runner("m-third") is None
+            assert "default/a-second" in mapper.ext.catalog.problems[("default", "m-third")]
+    run(scenario())
+
+
+def test_edgecore_device_cannot_take_a_pin_of_a_local_yaml_device(sockdir: Path) -> None:
+    """The claims pass includes the local YAML devices, which always keep their pins."""
+    from devices.loader import load_objects
+    from mapper.dmi.catalog import Catalog
+    from mapper.dmi.convert import device_document, model_document
+
+    local = load_objects([("local.yaml", model_document(DHT, "dht")),
+                          ("local.yaml", {**device_document(dht("yaml-dht", 4)), "metadata": {"name": "yaml-dht"}})])
+    catalog = Catalog("dht")
+    catalog.replace([dht("edge-dht", 4), dht("edge-other", 5)], [DHT, DHT])
+    built = catalog.build(local)
+    assert set(built.devices) == {DeviceId("default", "edge-other")}
+    problem = catalog.problems[("default", "edge-dht")]
+    assert "gpio:4 is already used by device default/yaml-dht (local.yaml" in problem, problem
+    # Order is fixed: two edgecore devices on one pin, nothing running yet -> namespace/name order.
+    fresh = Catalog("dht")
+    fresh.replace([dht("b", 6), dht("a", 6)], [DHT, DHT])
+    assert set(fresh.build().devices) == {DeviceId("default", "a")}
+    assert "default/a" in fresh.problems[("default", "b")]
+
+
 def test_device_before_model(sockdir: Path) -> None:
     """RegisterDevice waits for a late model; past the bound it fails but the device starts when the model comes."""
     async def scenario() -> None:

@@ -2,7 +2,12 @@
 
 Each device is validated on its own (with its model), so one bad device never blocks the
 others; a device whose model has not arrived yet waits in the catalog and starts when it
-does. The catalog persists to a JSON file so a restarted mapper keeps running the last known
+does. Then one claims pass (GPIO pins and other exclusive resources) runs over the local
+YAML devices and all valid edgecore devices in a fixed order: local devices first, then
+edgecore devices that ran after the previous build with the same spec, then the rest, each
+group sorted by namespace/name. So a running device is never displaced by a newcomer or by
+an update of another device; a device that loses stays in the catalog (edgecore still
+counts it as ours) with the conflict as its problem, and starts once the resource is free. The catalog persists to a JSON file so a restarted mapper keeps running the last known
 devices while edgecore is unreachable.
 """
 
@@ -18,7 +23,9 @@ from google.protobuf import json_format
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from devices.loader import LoadResult, load_objects
+from devices.definitions import DeviceDefinition
+from devices.errors import Problem
+from devices.loader import LoadResult, check_claims, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.convert import ConversionError, dedupe_models, device_document, model_document
 
@@ -47,6 +54,10 @@ class Catalog:
     models: dict[Key, pb.DeviceModel] = field(default_factory=dict)
     # Why a device is not running: waiting for its model, or invalid (the loader's message).
     problems: dict[Key, str] = field(default_factory=dict)
+    # Devices left out because another device holds a resource they claim (a subset of problems).
+    conflicts: set[Key] = field(default_factory=set)
+    # The devices that validated and won their claims in the last build, as they were then.
+    _admitted: dict[Key, pb.Device] = field(default_factory=dict)
 
     def replace(self, devices: list[pb.Device], models: list[pb.DeviceModel]) -> None:
         """Adopt a MapperRegister reply: exactly these devices and (deduplicated) models."""
@@ -68,10 +79,13 @@ class Catalog:
         self.models[key] = model
         return True
 
-    def build(self) -> LoadResult:
-        """Validate every device with its model, exactly as YAML files are validated."""
+    def build(self, local: LoadResult | None = None) -> LoadResult:
+        """Validate every device with its model, exactly as YAML files are validated, then
+        leave out devices that claim a resource already held (by a `local` YAML device or an
+        edgecore device earlier in the fixed order, see the module doc)."""
         result = LoadResult()
         self.problems = {}
+        self.conflicts = set()
         for key, device in sorted(self.devices.items()):
             model = self.models.get(model_of(device))
             if model is None:
@@ -90,7 +104,46 @@ class Catalog:
             result.models.update(one.models)
             result.warnings.extend(one.warnings)
             result.unrunnable.update(one.unrunnable)
+        self._check_claims(result, local or LoadResult())
+        self._admitted = {
+            key: device for key, device in self.devices.items() if DeviceId(*key) in result.devices
+        }
         return result
+
+    def _check_claims(self, result: LoadResult, local: LoadResult) -> None:
+        ours = {DeviceId(*key) for key in self.devices}
+
+        def runnable(loaded: LoadResult, ids: list[DeviceId]) -> list[DeviceDefinition]:
+            return [loaded.devices[i] for i in ids if i not in loaded.unrunnable]
+
+        def rank(device_id: DeviceId) -> tuple[int, DeviceId]:
+            key = (device_id.namespace, device_id.name)
+            return (0 if self._admitted.get(key) == self.devices[key] else 1, device_id)
+
+        order = [
+            *runnable(local, sorted(set(local.devices) - ours)),
+            *runnable(result, sorted(result.devices, key=rank)),
+        ]
+
+        def where(definition: DeviceDefinition, path: str) -> str:
+            if definition.id in ours:
+                return f"from edgecore, {path}"
+            return f"{definition.source}, {path}"
+
+        for conflict in check_claims(order, where=where):
+            if conflict.device not in result.devices:
+                continue  # a local device: the YAML loader has reported its own clashes
+            key = (conflict.device.namespace, conflict.device.name)
+            if key in self.conflicts:
+                continue  # one message per device: its first conflict
+            del result.devices[conflict.device]
+            self.conflicts.add(key)
+            self.problems[key] = str(Problem(
+                f"dmi:Device {key[0]}/{key[1]}", None, conflict.field,
+                f"{conflict.message}; device {key[0]}/{key[1]} is kept and starts when that device "
+                "is removed or no longer claims it",
+            ))
+            log.error("device %s/%s from edgecore is not started: %s", key[0], key[1], self.problems[key])
 
     def device_ids(self) -> set[DeviceId]:
         return {DeviceId(ns, name) for ns, name in self.devices}

@@ -156,7 +156,7 @@ class KubeEdgeExtension:
     async def _apply(self) -> None:
         """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock."""
         assert self.service is not None and self.state_path is not None
-        built = self.catalog.build()
+        built = self.catalog.build(self._local)
         merged = LoadResult(
             devices={**self._local.devices, **built.devices},
             models={**self._local.models, **built.models},
@@ -181,6 +181,11 @@ class KubeEdgeExtension:
         if wait_for_model and model_of(device) not in self.catalog.models:
             await self._wait_for_model(device)
         problem = self.catalog.problems.get(key)
+        if problem and key in self.catalog.conflicts:
+            # Valid, but a resource it claims (a GPIO pin ...) is held by another device. It stays in
+            # the catalog and starts when that frees up, hence not INVALID_ARGUMENT. edgecore only
+            # logs the error (it does not retry), so the message names the device and the resource.
+            raise DmiError(grpc.StatusCode.FAILED_PRECONDITION, problem)
         if problem and model_of(device) in self.catalog.models:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, problem)
 
