@@ -722,3 +722,42 @@ def test_latency_percentiles_nearest_rank():
     s = Stats()
     s.edge_us.extend(float(x) for x in range(1, 10_001))
     assert len(s.edge_us) == 4096 and s.latency()["edge_latency_us_p50"] == percentile(range(5905, 10_001), 50)
+
+
+def test_kubeedge_device_with_anomaly_detection_gets_a_pipeline():
+    """mode: kubeedge: a Device with pushMethod.anomalyDetection that edgecore sends after the mapper
+    started (RegisterDevice over DMI, numbers as FloatValue) gets its pipeline and decisions; an update
+    that drops the map drops the pipeline."""
+    import shutil as _shutil
+    import tempfile
+
+    from dmi_edgecore import FakeEdgecore, packed
+    from mapper.dmi import api_pb2 as pb
+    from test_dmi import TEMP, registered, room, running_mapper
+
+    def with_map(dev: pb.Device) -> pb.Device:
+        data = dev.spec.properties[0].pushMethod.anomalyDetection.data
+        for key, value in {"model": "sensor_faults", "deadlineS": 0.0, "name": "room-ad"}.items():
+            data[key].CopyFrom(packed(value))
+        return dev
+
+    async def scenario(sockdir: Path) -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            ext = next(e for e in mapper.service.extensions if isinstance(e, InferenceExtension))
+            await registered(mapper)
+            assert ext.pipelines == {}
+            await edgecore.add(with_map(room("room-a", cycle_ms=10)), TEMP)
+            await async_wait_for(lambda: "default/room-ad" in ext.status()["pipelines"], timeout=20,
+                                 what="the pipeline of the DMI device")
+            stats = lambda: ext.status()["pipelines"]["default/room-ad"]  # noqa: E731
+            await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows")
+            rows = await mapper.service.twin(lambda s: records.recent(s, "default/room-ad", 1000))
+            assert len(rows) >= 3 and all(x["label"] is not None for x in rows if x["status"] != "pending")
+            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=10)))
+            await async_wait_for(lambda: not ext.pipelines, timeout=20, what="the pipeline dropped")
+
+    sockdir = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp"))
+    try:
+        asyncio.run(scenario(sockdir))
+    finally:
+        _shutil.rmtree(sockdir, ignore_errors=True)
