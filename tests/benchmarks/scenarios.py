@@ -1,4 +1,4 @@
-"""The seven scenarios. Each runs the mapper (a real `python -m mapper run` subprocess unless said
+"""The eight scenarios. Each runs the mapper (a real `python -m mapper run` subprocess unless said
 otherwise) and its raw baseline against the same broker, several times, and returns figures only:
 nothing here asserts a time."""
 
@@ -503,6 +503,168 @@ def recovery(ctx: Context) -> ScenarioResult:
     return r
 
 
+
+# -- 8. edge inference ---------------------------------------------------------------------------
+
+INFERENCE_DEVICES = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: dht-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
+    - {name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: dht-model}
+  protocol:
+    protocolName: simulated
+    configData: {seed: 3, faults: {rate: 0.05, seed: 5}}
+  properties:
+    - name: temperature
+      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}
+      collectCycle: 50
+    - name: humidity
+      visitors: {protocolName: simulated, configData: {kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}
+      collectCycle: 50
+"""
+
+
+def _counters(log: str) -> dict[str, float]:
+    """The numbers of the mapper's `inference counters at shutdown:` line (one pipeline)."""
+    line = next((x for x in log.splitlines() if "inference counters at shutdown: " in x), "")
+    out: dict[str, float] = {}
+    for part in line.split("inference counters at shutdown: ", 1)[-1].replace(";", " ").split():
+        key, _, value = part.partition("=")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            continue
+    return out
+
+
+def _bare_edge_us(runs: int, every_s: float = 0.0) -> list[float]:
+    """The baseline: edge.onnx alone in a bare onnxruntime session (same single-thread, no-spin
+    options), one window per run() as the mapper does, in this process; one run every `every_s`
+    (the mapper's window rate: caches and the core go cold in between) or back to back (0)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from mapper.inference.model import session_options
+
+    model_dir = REPO / "models" / "sensor_faults"
+    session = ort.InferenceSession(str(model_dir / "edge.onnx"), sess_options=session_options(),
+                                   providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    width = session.get_inputs()[0].shape[1]
+    rng = np.random.default_rng(1)
+    windows = (np.tile([21.5, 48.0], width // 2) + rng.normal(0, 0.1, (runs, width))).astype(np.float32)
+    for w in windows[:50]:
+        session.run(None, {name: w[None]})  # warm up
+    out = []
+    for w in windows:
+        if every_s:
+            time.sleep(every_s)  # pacing, not synchronisation
+        t0 = time.perf_counter_ns()
+        session.run(None, {name: w[None]})
+        out.append((time.perf_counter_ns() - t0) / 1000)
+    return out
+
+
+def inference(ctx: Context) -> ScenarioResult:
+    plan = ctx.plan
+    duration = 4.0 if plan.quick else 30.0
+    r = ScenarioResult(
+        "inference", "Edge inference: decision latency and offload round trip",
+        "mapper: 1 simulated temperature+humidity sensor every 50 ms (20 windows/s), one sensor_faults pipeline "
+        "with threshold 1.0 so every window is offloaded, one `mapper cloud-worker` subprocess on the same broker. "
+        "Edge: the mapper's own per-window time (edge.onnx + rule; p50/p99 of its last <= 4096 windows, from its "
+        "shutdown counters line); baseline: edge.onnx alone in a bare onnxruntime session in the benchmark "
+        "process (same options), one run every 50 ms like the mapper's windows; 'back to back' is the same "
+        "session run in a tight loop (hot caches: the floor, not what a 20 Hz sensor sees). Round trip: request created (twin created_ts) -> the cloud decision arriving at "
+        "mosquitto_sub; 'in mapper' is request created -> result accepted (mapper counters). "
+        f"{duration:g} s per run.")
+    edge50 = r.metric("edge decision p50", "us", baseline_name="bare edge.onnx run p50", higher_is_better=False)
+    edge99 = r.metric("edge decision p99", "us", baseline_name="bare edge.onnx run p99", higher_is_better=False)
+    hot50 = r.metric("bare edge.onnx back to back p50", "us", higher_is_better=False)
+    hot99 = r.metric("bare edge.onnx back to back p99", "us", higher_is_better=False)
+    rt50 = r.metric("offload round trip p50", "ms", higher_is_better=False)
+    rt99 = r.metric("offload round trip p99", "ms", higher_is_better=False)
+    in50 = r.metric("round trip in mapper p50", "ms", higher_is_better=False)
+    in99 = r.metric("round trip in mapper p99", "ms", higher_is_better=False)
+    import orjson
+
+    from .common import NODE
+
+    topic = f"mapper/{NODE}/default/+/decision"
+    for i in range(plan.repeats):
+        bare = _bare_edge_us(int(duration * 20), 0.05)
+        edge50.baseline.append(percentile(bare, 0.5))
+        edge99.baseline.append(percentile(bare, 0.99))
+        hot = _bare_edge_us(2000)
+        hot50.values.append(percentile(hot, 0.5))
+        hot99.values.append(percentile(hot, 0.99))
+        tmp = ctx.tmp(f"inference-{i}")
+        dev = tmp / "devices"
+        dev.mkdir()
+        (dev / "probe.yaml").write_text(INFERENCE_DEVICES)
+        worker_cfg = tmp / "worker.yaml"
+        worker_cfg.write_text(f"mqtt:\n  url: mqtt://{ctx.broker.host}:{ctx.broker.port}\n  username: worker\n"
+                              f"  password_file: {write_secret(ctx.broker, tmp, 'worker')}\n"
+                              "models: [sensor_faults]\nworker_id: bench-w1\n")
+        worker_log = tmp / "worker.log"
+        extra = ("inference:\n  log_counters_s: 0\n  pipelines:\n    - device: probe\n      model: sensor_faults\n"
+                 "      threshold: 1.0\n      deadline_s: 5\n      resend_s: 60\n")
+        sub = ctx.subscriber(f"inference-sub-{i}", topic)
+        with worker_log.open("ab") as wl:
+            worker = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config", str(worker_cfg)],
+                                      stdout=wl, stderr=subprocess.STDOUT, cwd=REPO)
+        mapper = Mapper(tmp, dev, ctx.broker, MapperOptions(extra=extra))
+        try:
+            deadline = time.monotonic() + 30
+            while "subscribed to $share/" not in worker_log.read_text(errors="replace"):
+                if worker.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"cloud worker did not start: {worker_log.read_text()[-2000:]}")
+                time.sleep(0.05)
+            mapper.start()
+            mapper.wait_ready()
+            mapper.wait_log("inference pipeline ")
+            time.sleep(duration)
+        finally:
+            mapper.stop()
+            worker.terminate()
+            worker.wait(20)
+            sub.stop()
+        counters = _counters(mapper.log())
+        edge50.values.append(counters.get("edge_us_p50", float("nan")))
+        edge99.values.append(counters.get("edge_us_p99", float("nan")))
+        in50.values.append(counters.get("round_trip_ms_p50", float("nan")))
+        in99.values.append(counters.get("round_trip_ms_p99", float("nan")))
+        with mapper.db() as db:
+            created = dict(db.execute("SELECT request_id, created_ts FROM inference_decisions "
+                                      "WHERE request_id IS NOT NULL").fetchall())
+        trips = []
+        with sub.out.open("rb") as f:
+            for line in f:
+                at, _, payload = line.rstrip(b"\n").split(b" ", 2)
+                try:
+                    body = orjson.loads(payload)
+                except orjson.JSONDecodeError:
+                    continue
+                if body.get("exit") == "cloud" and body.get("request_id") in created:
+                    trips.append(float(at) * 1000 - created[body["request_id"]])
+        rt50.values.append(percentile(trips, 0.5))
+        rt99.values.append(percentile(trips, 0.99))
+        r.details.append({"run": i, "windows": counters.get("windows"), "offloads": counters.get("offloads"),
+                          "results_ok": counters.get("results_ok"), "cloud_decisions_received": len(trips),
+                          "provisional": counters.get("provisional", 0)})
+    return r
+
+
 SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "throughput": throughput,
     "latency": latency,
@@ -511,6 +673,7 @@ SCENARIOS: dict[str, Callable[[Context], ScenarioResult]] = {
     "scale": scale,
     "startup": startup,
     "recovery": recovery,
+    "inference": inference,
 }
 
 
