@@ -6,6 +6,8 @@ from collections.abc import Iterable
 from typing import Any
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.drivers.base import load_driver
+from devices.errors import DriverNotFound
 from devices.ids import DeviceId
 from eventbus import payloads
 from eventbus.topics import Topics
@@ -13,11 +15,17 @@ from twin.records import GOOD, Reading
 from twin.store import OutMessage
 
 
+_NOTHING = object()
+
+
 class Telemetry:
     """Builds the outbox messages for a batch of readings.
 
     A property with `reportToCloud` is published at most once per `reportCycle` (a reading
-    a little early, within half a collect cycle, counts as on time). `pushMethod.mqtt`
+    a little early, within half a collect cycle, counts as on time), except that for a
+    property whose driver reports changes (`Driver.reports_changes`: GPIO inputs and
+    outputs) a reading whose value differs from the last one published is published at once,
+    so a button press and its release both go out. `pushMethod.mqtt`
     overrides topic, QoS and retain. Each device that published gets one retained state
     message with the latest value of every property.
     """
@@ -26,10 +34,12 @@ class Telemetry:
         self.topics = topics
         self._definitions = definitions
         self._last_sent: dict[tuple[DeviceId, str], int] = {}
+        # Last value published, for properties fed by change events only.
+        self._last_value: dict[tuple[DeviceId, str], Any] = {}
         self._latest: dict[DeviceId, dict[str, Any]] = {}
         self._states: dict[DeviceId, str] = {}
-        # (device, property) -> (definition, topic, qos, retain): built once, not per reading.
-        self._routes: dict[tuple[DeviceId, str], tuple[PropertyDefinition, str, int, bool]] = {}
+        # (device, property) -> (definition, topic, qos, retain, fed by change events): built once.
+        self._routes: dict[tuple[DeviceId, str], tuple[PropertyDefinition, str, int, bool, bool]] = {}
 
     @property
     def definitions(self) -> dict[DeviceId, DeviceDefinition]:
@@ -40,16 +50,20 @@ class Telemetry:
         self._definitions = value
         self._routes.clear()
 
-    def _route(self, key: tuple[DeviceId, str]) -> tuple[PropertyDefinition, str, int, bool] | None:
+    def _route(self, key: tuple[DeviceId, str]) -> tuple[PropertyDefinition, str, int, bool, bool] | None:
         definition = self._definitions.get(key[0])
         if definition is None:
             return None
         prop = definition.prop(key[1])
+        try:
+            on_change = load_driver(definition.protocol).reports_changes(prop)
+        except DriverNotFound:
+            on_change = False
         push = prop.push_mqtt
         if push is not None and push.topic:
-            route = (prop, push.topic, push.qos, push.retained)
+            route = (prop, push.topic, push.qos, push.retained, on_change)
         else:
-            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False)
+            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False, on_change)
         self._routes[key] = route
         return route
 
@@ -78,12 +92,21 @@ class Telemetry:
             route = routes.get(key) or self._route(key)
             if route is None:
                 continue
-            prop, topic, qos, retain = route
+            prop, topic, qos, retain, on_change = route
             values = latest.get(device)
             if values is None:
                 values = latest[device] = {}
             values[prop.name] = reading.value
-            if not prop.report_to_cloud or not self._due(prop, reading):
+            if not prop.report_to_cloud:
+                continue
+            if on_change:
+                changed = self._last_value.get(key, _NOTHING) != reading.value
+                if not (self._due(prop, reading) or changed):
+                    continue
+                if changed:
+                    self._last_sent[key] = reading.taken_at_ms
+                self._last_value[key] = reading.value
+            elif not self._due(prop, reading):
                 continue
             body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)
             messages.append(OutMessage(topic, body, qos, retain))

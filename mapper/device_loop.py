@@ -2,8 +2,25 @@
 
 Drivers never see the event loop: a blocking driver is called in a worker thread with a
 timeout, so a 250 ms sensor read never delays another device. A device that fails
-`failure_threshold` reads in a row is `unhealthy` and retried with capped, jittered backoff;
-it is `ok` again after its first good read.
+`failure_threshold` reads in a row is `unhealthy` (the detail includes the driver's
+`health()` summary) and retried with capped, jittered backoff; it is `ok` again after its
+first good read.
+
+Besides the collectCycle poll, a driver can push (`Driver.changed`, from any thread): the
+property is then read as soon as it has settled and recorded at once. A driver that sets a
+writable property back by itself (`Driver.reverted`, a timed auto-off) makes that value the
+new desired value (a new version, already applied), so the twin shows no delta and the old
+desired value is never written again.
+
+At start (and after every re-open) a writable property with a `boot_value` (a GPIO output's
+`initial`) starts in that state, and a desired value that was already applied before is
+*not* re-applied: it is replaced by the boot value as a new desired version, so the twin
+tells the truth and a relay never switches itself on after a restart or a power cut. A
+desired value not applied yet (set while the mapper was down, or the YAML's `desired` of a
+new or changed device) is applied as usual.
+
+Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
+recorded `out_of_range`.
 """
 
 from __future__ import annotations
@@ -19,10 +36,11 @@ from typing import Any
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import DriverError
+from devices.ids import DeviceId
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
-from twin.store import DesiredChange
+from twin.store import DesiredChange, TwinStore, VersionConflict
 
 log = logging.getLogger("mapper.device")
 
@@ -32,6 +50,12 @@ OFFLINE = "offline"
 
 StateCallback = Callable[[DeviceDefinition, str, str | None], Awaitable[None]]
 AppliedCallback = Callable[[DesiredChange, str | None], Awaitable[None]]
+# Runs a function in the twin's thread (MapperService.twin).
+TwinCall = Callable[[Callable[[TwinStore], Any]], Awaitable[Any]]
+
+# A change-driven read waits this much longer than the driver's settle time, so it never
+# lands a hair before the debounce window ends (timer and clock resolution).
+SETTLE_MARGIN_S = 0.002
 
 
 def now_ms() -> int:
@@ -48,6 +72,7 @@ class DeviceRunner:
         settings: DeviceLoopSettings,
         on_state: StateCallback,
         on_applied: AppliedCallback,
+        twin: TwinCall | None = None,
     ) -> None:
         self.definition = definition
         self.driver = driver
@@ -65,6 +90,14 @@ class DeviceRunner:
         self._desired_event = asyncio.Event()
         self._io_lock = asyncio.Lock()
         self._opened = False
+        self._twin = twin
+        # Change-driven reads: settle timers per property, then the properties due for a read.
+        self._settling: dict[str, asyncio.TimerHandle] = {}
+        self._changed: dict[str, PropertyDefinition] = {}
+        self._changed_event = asyncio.Event()
+        # Values the driver set back by itself, waiting to become desired values.
+        self._reverts: dict[str, tuple[PropertyDefinition, Any, str]] = {}
+        self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
 
     @property
     def id(self):  # noqa: ANN201 - DeviceId
@@ -99,6 +132,10 @@ class DeviceRunner:
                 await asyncio.sleep(self._backoff(attempt))
 
     def close(self) -> None:
+        self.driver.on_change = self.driver.on_revert = None
+        for handle in self._settling.values():
+            handle.cancel()
+        self._settling.clear()
         try:
             self.driver.close()
         except Exception as exc:  # noqa: BLE001 - closing must not stop the other devices closing
@@ -129,12 +166,25 @@ class DeviceRunner:
         self.read_errors += 1
         log.debug("%s: read failed (%d in a row): %s", self.id, self.failures, exc)
         if self.failures >= self._settings.failure_threshold:
-            await self._set_state(UNHEALTHY, f"{self.failures} failures in a row, last: {exc}")
+            await self._set_state(UNHEALTHY, self._unhealthy_detail(exc))
+
+    def _unhealthy_detail(self, exc: BaseException) -> str:
+        """`3 failures in a row (checksum 2, incomplete 1 since the last good measurement); last: ...`."""
+        try:
+            summary = self.driver.health()
+        except Exception as health_exc:  # noqa: BLE001 - a broken health() must not hide the failure
+            summary = f"health() failed: {health_exc}"
+        summary = "" if not summary or summary == OK else f" ({summary})"
+        return f"{self.failures} failures in a row{summary}; last: {exc}"
 
     # -- loops -----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.driver.on_change = lambda prop, settle_s: _soon(loop, self._note_change, prop, settle_s)
+        self.driver.on_revert = lambda prop, value, reason: _soon(loop, self._note_revert, prop, value, reason)
         await self._open()
+        await self._sync_boot_values()
         by_cycle: dict[int, list[PropertyDefinition]] = {}
         for prop in self.definition.properties:
             by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
@@ -142,6 +192,7 @@ class DeviceRunner:
             for cycle_ms, props in by_cycle.items():
                 tg.create_task(self._collect(cycle_ms, props), name=f"collect[{self.id}/{cycle_ms}ms]")
             tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
+            tg.create_task(self._change_loop(), name=f"changes[{self.id}]")
 
     async def read_once(self, prop: PropertyDefinition) -> Reading:
         try:
@@ -155,6 +206,9 @@ class DeviceRunner:
         self.reads += 1
         await self._succeeded()
         why = range_problem(value, prop.minimum, prop.maximum)
+        rated = self._rated.get(prop.name)
+        if why is None and rated is not None and range_problem(value, *rated):
+            why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
         return Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
 
     async def _collect(self, cycle_ms: int, props: list[PropertyDefinition]) -> None:
@@ -175,6 +229,32 @@ class DeviceRunner:
             else:  # the next slot of the grid; a read that overran its cycle skips the missed slots
                 await asyncio.sleep((math.floor(now / cycle) + 1) * cycle - now)
 
+    # -- change-driven reads ---------------------------------------------------------------
+
+    def _note_change(self, prop: PropertyDefinition, settle_s: float) -> None:
+        """On the loop: (re)start the property's settle timer; every new change restarts it."""
+        handle = self._settling.pop(prop.name, None)
+        if handle is not None:
+            handle.cancel()
+        if settle_s <= 0:
+            self._change_due(prop)
+        else:
+            loop = asyncio.get_running_loop()
+            self._settling[prop.name] = loop.call_later(settle_s + SETTLE_MARGIN_S, self._change_due, prop)
+
+    def _change_due(self, prop: PropertyDefinition) -> None:
+        self._settling.pop(prop.name, None)
+        self._changed[prop.name] = prop
+        self._changed_event.set()
+
+    async def _change_loop(self) -> None:
+        while True:
+            await self._changed_event.wait()
+            self._changed_event.clear()
+            due, self._changed = self._changed, {}
+            for prop in due.values():
+                self._record(await self.read_once(prop))
+
     # -- desired values --------------------------------------------------------------------
 
     def submit_desired(self, change: DesiredChange) -> None:
@@ -190,8 +270,60 @@ class DeviceRunner:
             await self._desired_event.wait()
             self._desired_event.clear()
             pending, self._desired = self._desired, {}
+            reverts, self._reverts = self._reverts, {}
             for change in pending.values():
                 await self._apply(change)
+            for name, (prop, value, reason) in reverts.items():
+                if name in pending or name in self._desired:
+                    continue  # a newer desired value was written (or is about to be): it wins
+                await self._revert(prop, value, reason)
+
+    def _note_revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
+        """On the loop: the driver set `prop` back by itself; handled in the apply loop, in order."""
+        self._reverts[prop.name] = (prop, value, reason)
+        self._desired_event.set()
+
+    async def _revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
+        """Make the value the driver set by itself the desired value (a new version, already applied)."""
+        reading = await self.read_once(prop)
+        self._record(reading)
+        if reading.quality != GOOD or reading.value != value:
+            log.warning("%s/%s: %s, but the read-back is %r; the desired value is left as it is",
+                        self.id, prop.name, reason, reading.value)
+            return
+        if self._twin is None:
+            return
+        expected = self._desired_seen.get(prop.name, 0)
+        try:
+            version = await self._twin(
+                lambda s: _store_applied_desired(s, self.id, prop.name, value, expected_version=expected))
+        except VersionConflict:
+            log.info("%s/%s: %s, but a newer desired value is waiting; it is applied next", self.id, prop.name, reason)
+            return
+        log.warning("%s/%s: %s: desired value is now %r (version %d)", self.id, prop.name, reason, value, version)
+        await self._settled_desired(prop.name, value, version)
+
+    async def _settled_desired(self, name: str, value: Any, version: int) -> None:
+        self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
+        await self._on_applied(DesiredChange(self.id, name, value, version), None)
+
+    async def _sync_boot_values(self) -> None:
+        """After open: an applied desired value that differs from the boot state becomes the boot state."""
+        boot: dict[str, Any] = {}
+        for prop in self.definition.properties:
+            value = self.driver.boot_value(prop) if prop.writable else None
+            if value is not None:
+                boot[prop.name] = coerce(prop.type, value)
+        if not boot or self._twin is None:
+            return
+        seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot))
+        for name, version in seen.items():
+            self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
+        for name, old, version in reset:
+            log.warning("%s/%s: started in its boot state %r; the desired value %r applied before the restart"
+                        " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name], old,
+                        boot[name], version)
+            await self._settled_desired(name, boot[name], version)
 
     async def _apply(self, change: DesiredChange) -> None:
         prop = self.definition.prop(change.property)
@@ -223,3 +355,41 @@ class DeviceRunner:
             await asyncio.sleep(0.05)
             reading = await self.read_once(prop)
         return reading
+
+
+def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
+    """Run `fn(*args)` on `loop` from any thread; dropped once the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop is closed: the mapper is stopping
+        pass
+
+
+def _store_applied_desired(
+    store: TwinStore, device_id: DeviceId, name: str, value: Value, *, expected_version: int | None = None,
+) -> int:
+    """In the twin thread: store a desired value the device already has, as a new, applied version."""
+    _, version = store.set_desired(device_id, name, value, expected_version=expected_version)
+    store.mark_applied(device_id, name, version)
+    return version
+
+
+def _reset_to_boot(
+    store: TwinStore, device_id: DeviceId, boot: dict[str, Value],
+) -> tuple[dict[str, int], list[tuple[str, Value, int]]]:
+    """In the twin thread: for each property not waiting for a desired value, its desired version
+    (after replacing an applied desired value that differs from the boot state), and the replaced ones."""
+    pending = {c.property for c in store.pending_desired() if c.device_id == device_id}
+    twin = store.device(device_id)
+    seen: dict[str, int] = {}
+    reset: list[tuple[str, Value, int]] = []
+    for name, value in boot.items():
+        prop = twin.properties.get(name)
+        if prop is None or name in pending:
+            continue
+        if prop.desired is None or prop.desired == value:
+            seen[name] = prop.desired_version
+            continue
+        seen[name] = _store_applied_desired(store, device_id, name, value)
+        reset.append((name, prop.desired, seen[name]))
+    return seen, reset

@@ -184,7 +184,7 @@ class MapperService:
         driver_cls = load_driver(definition.protocol)
         runner = DeviceRunner(
             definition, driver_cls(definition), self._record,
-            settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied,
+            settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied, twin=self.twin,
         )
         self.runners[definition.id] = runner
         self._tasks[definition.id] = tg.create_task(self._supervise(runner), name=f"device[{definition.id}]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 from pathlib import Path
 from textwrap import dedent
 
@@ -14,9 +15,12 @@ from devices.errors import DefinitionError, WriteError
 from devices.ids import DeviceId
 from devices.loader import load
 from devices.pins import FakePins, PinInUse, PinInvalid, RPiGPIOPins
+from eventbus.telemetry import Telemetry
+from eventbus.topics import Topics
 from helpers import async_wait_for, write_config
 from mapper.config import load_config
 from mapper.service import MapperService
+from twin.records import Reading
 from twin.store import TwinStore
 
 MODEL = """\
@@ -355,3 +359,177 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
         stop.set()
         await asyncio.wait_for(task, 10)
     assert driver.pins.in_use() == []  # released on shutdown
+
+
+# -- reported on change ---------------------------------------------------------------------
+
+
+def write_io(devices: Path, props: str) -> Path:
+    devices.mkdir(exist_ok=True)
+    (devices / "model.yaml").write_text(MODEL)
+    (devices / "io.yaml").write_text(device_yaml("io", props))
+    return devices
+
+
+def cycles(props: str, collect_ms: int, report_ms: int | None = None) -> str:
+    """Put collectCycle/reportCycle/reportToCloud in front of every `visitors:` of `props`."""
+    report = report_ms if report_ms is not None else collect_ms
+    return props.replace(
+        "visitors:", f"collectCycle: {collect_ms}\n    reportCycle: {report}\n    reportToCloud: true\n    visitors:")
+
+
+@asynccontextmanager
+async def running_service(config):  # noqa: ANN001, ANN201
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    try:
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+IO = DeviceId("default", "io")
+
+
+def history(config, name: str) -> list:  # noqa: ANN001
+    with TwinStore.open(config.twin.path) as store:
+        return [value for _, value, _ in store.history(IO, name)]
+
+
+def twin_prop(config, name: str):  # noqa: ANN001, ANN201
+    with TwinStore.open(config.twin.path) as store:
+        return store.device(IO).properties[name]
+
+
+def test_edges_ask_the_device_loop_to_read_once_settled(tmp_path: Path, fake: FakePins) -> None:
+    """Every edge calls `changed(button, debounce_s)`; outputs never do, and no listener is harmless."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out}",
+                      button="{pin: 27, direction: in, pull: up, active_low: true, debounce_ms: 25}")
+    driver = opened(defn, fake)
+    fake.pin(27).drive_low()  # nobody listens yet: nothing happens
+    calls: list[tuple[str, float]] = []
+    driver.on_change = lambda prop, settle_s: calls.append((prop.name, settle_s))
+    fake.pin(27).bounce(True, False, every_s=0.002)
+    driver.write(defn.prop("relay"), True)
+    assert calls == [("button", 0.025), ("button", 0.025)]
+    assert GpioDriver.reports_changes(defn.prop("button"))
+    driver.close()
+
+
+async def test_short_press_between_polls_is_reported_on_change(tmp_path: Path) -> None:
+    """A bouncing press and release, both between two polls an hour apart, reach the twin as pressed then released."""
+    button = "{pin: 27, direction: in, pull: up, active_low: true, debounce_ms: 20}"
+    devices = write_io(tmp_path / "dev", cycles(BUTTON % button, 3_600_000))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[IO]
+        fake = runner.driver.pins
+        await async_wait_for(lambda: history(config, "button") == [False], what="the first poll: released")
+        polls = runner.reads
+        line = fake.pin(27)
+        line.bounce(False, True, False, every_s=0.002)  # pressed (to ground), with contact bounce
+        fake.advance(0.021)  # the line has been quiet for debounce_ms on the backend's clock
+        await async_wait_for(lambda: history(config, "button") == [False, True], what="pressed in the twin")
+        line.bounce(True, False, True, every_s=0.002)  # released
+        fake.advance(0.021)
+        await async_wait_for(lambda: history(config, "button") == [False, True, False], what="released in the twin")
+        assert runner.reads == polls + 2  # one read per settled change, none per bounce
+        assert twin_prop(config, "button").reported is False
+
+
+def test_changed_values_skip_the_report_cycle_throttle(tmp_path: Path) -> None:
+    """Inside one reportCycle a button's press and release are both published; an unchanged value is not."""
+    devices = write_io(tmp_path / "dev", cycles(BUTTON % "{pin: 27, direction: in}", 1000, 60_000))
+    defn = load([devices]).devices[IO]
+    telemetry = Telemetry(Topics("n1"), {IO: defn})
+    topic = Topics("n1").telemetry(IO, "button")
+
+    def published(value: bool, ts: int) -> list:
+        return [m for m in telemetry([Reading(IO, "button", value, ts)]) if m.topic == topic]
+
+    assert len(published(False, 1_000)) == 1  # the first reading
+    assert published(False, 2_000) == []  # unchanged, inside the reportCycle
+    assert len(published(True, 2_100)) == 1  # pressed
+    assert len(published(False, 2_200)) == 1  # released
+    assert published(False, 3_000) == []
+    assert len(published(False, 62_200)) == 1  # the reportCycle still reports an unchanged value
+
+
+# -- auto-off and the twin ------------------------------------------------------------------
+
+
+def test_boot_state_on_starts_the_auto_off_timer(tmp_path: Path, fake: FakePins) -> None:
+    """`initial: true` with auto_off_s: switched off that long after open, and the driver says so."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, initial: true, auto_off_s: 60}")
+    driver = opened(defn, fake)
+    reverts: list[tuple[str, object, str]] = []
+    driver.on_revert = lambda prop, value, reason: reverts.append((prop.name, value, reason))
+    relay = defn.prop("relay")
+    assert driver.boot_value(relay) is True
+    fake.advance(60.1)
+    assert driver.read(relay) is False
+    assert reverts == [("relay", False, "auto-off after 60 s")]
+    driver.close()
+
+
+async def test_auto_off_makes_off_the_desired_value(tmp_path: Path) -> None:
+    """When auto-off fires, desired becomes false as a new, applied version: no delta, and the relay stays off."""
+    relay = "{pin: 18, direction: out, active_low: true, auto_off_s: 0.05}"
+    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        pin = service.runners[IO].driver.pins.pin(18)
+        with TwinStore.open(config.twin.path) as store:
+            _, version = store.set_desired(IO, "relay", True)
+
+        def reverted():  # noqa: ANN202
+            prop = twin_prop(config, "relay")
+            return prop.desired_version > version and prop
+
+        prop = await async_wait_for(reverted, what="auto-off stored as the desired value")
+        assert (prop.desired, prop.reported, prop.delta) == (False, False, False)
+        assert prop.desired_version == version + 1
+        assert prop.apply_error is None
+        with TwinStore.open(config.twin.path) as store:
+            assert store.pending_desired() == []
+        assert True in history(config, "relay")  # it was on, and reported on
+        # The next polls read it off and nothing writes it on again.
+        polls = service.runners[IO].reads
+        await async_wait_for(lambda: service.runners[IO].reads >= polls + 3, what="three more polls")
+        assert pin.states == [True, False, True]  # active low: off, on, off
+        assert twin_prop(config, "relay").desired_version == version + 1
+
+
+async def test_restart_does_not_reapply_an_applied_on(tmp_path: Path) -> None:
+    """After a restart the relay stays in its boot state and desired becomes that state; a value set
+    while the mapper was down is still applied."""
+    devices = write_io(tmp_path / "dev", cycles(RELAY % "{pin: 18, direction: out, active_low: true}", 50))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+
+    def applied(value: bool):  # noqa: ANN202
+        def check() -> bool:
+            prop = twin_prop(config, "relay")
+            return prop.desired is value and prop.reported is value and not prop.delta
+        return check
+
+    async with running_service(config):
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(applied(True), what="relay on")
+
+    async with running_service(config) as service:
+        await async_wait_for(applied(False), what="desired reset to the boot state")
+        prop = twin_prop(config, "relay")
+        assert prop.desired_version == on_version + 1
+        polls = service.runners[IO].reads
+        await async_wait_for(lambda: service.runners[IO].reads >= polls + 3, what="three more polls")
+        assert service.runners[IO].driver.pins.pin(18).states == [True]  # booted off, never switched on
+
+    with TwinStore.open(config.twin.path) as store:
+        store.set_desired(IO, "relay", True)  # set while the mapper is down: not applied yet
+    async with running_service(config) as service:
+        await async_wait_for(applied(True), what="pending desired applied at start")
+        assert service.runners[IO].driver.pins.pin(18).states == [True, False]

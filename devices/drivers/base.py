@@ -2,7 +2,19 @@
 
 A driver is a class with a `protocol` name, optional pydantic `Config` (the device's
 `spec.protocol.configData`) and `Visitor` (each property's `visitors.configData`) models,
-and five methods: `open`, `read`, `write`, `close`, `health`.
+and five methods: `open`, `read`, `write`, `close`, `health`. Optional extras the device
+loop uses when a driver has them:
+
+- `changed(prop)`: a driver whose hardware reports changes (GPIO edges, an output switched
+  off by a timer) calls it from any thread; the loop then reads that property at once
+  (after `settle_s`) instead of waiting for the next collectCycle. Such drivers say so in
+  `reports_changes(prop)`, which also exempts changed values from the reportCycle throttle.
+- `reverted(prop, value, reason)`: the driver itself set a writable property back (a timed
+  auto-off); the loop stores `value` as the new desired value so the twin shows no delta.
+- `boot_value(prop)`: the value a writable property has right after `open()` (the pin's
+  configured initial state); see the device loop for what happens to a stored desired value.
+- `rated_range(prop)`: the range the hardware is rated for; readings outside it are
+  recorded `out_of_range` even when the device model declares no minimum/maximum.
 
 Third parties register a driver without touching this package::
 
@@ -17,7 +29,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +41,11 @@ if TYPE_CHECKING:
     from devices.definitions import DeviceDefinition, PropertyDefinition
 
 ENTRY_POINT_GROUP = "mapper.drivers"
+
+# (property, seconds to wait before reading it): called from any thread.
+ChangeCallback = Callable[["PropertyDefinition", float], None]
+# (property, the value the driver set, why): called from any thread.
+RevertCallback = Callable[["PropertyDefinition", Any, str], None]
 
 # Built-ins are listed here too so a source checkout works without `pip install`.
 _BUILTIN = {
@@ -55,6 +72,9 @@ class Driver:
     blocking: ClassVar[bool] = False
     # Seconds a blocking read may take before it counts as failed.
     timeout_s: ClassVar[float] = 5.0
+    # Set on the instance by the device loop (thread-safe callables); None when nobody listens.
+    on_change: ChangeCallback | None = None
+    on_revert: RevertCallback | None = None
 
     def __init__(self, device: DeviceDefinition) -> None:
         self.device = device
@@ -75,8 +95,35 @@ class Driver:
         """Release the hardware. Must be safe to call more than once."""
 
     def health(self) -> str:
-        """`ok` or a short reason the device is unhealthy."""
+        """`ok`, or a short summary of what went wrong (added to the `unhealthy` state's detail)."""
         return "ok"
+
+    def rated_range(self, prop: PropertyDefinition) -> tuple[float, float] | None:
+        """(low, high) the hardware is rated for, or None; checked besides the model's min/max."""
+        return None
+
+    def boot_value(self, prop: PropertyDefinition) -> Any:
+        """The value a writable property has right after open(), or None if the hardware keeps its state."""
+        return None
+
+    @classmethod
+    def reports_changes(cls, prop: PropertyDefinition) -> bool:
+        """True when this driver calls `changed()` for `prop`: its changed values skip the reportCycle throttle."""
+        return False
+
+    # -- for drivers: pushing to the device loop ------------------------------------------------
+
+    def changed(self, prop: PropertyDefinition, settle_s: float = 0.0) -> None:
+        """Ask the device loop to read `prop` once it has been quiet for `settle_s`. Any thread."""
+        callback = self.on_change
+        if callback is not None:
+            callback(prop, settle_s)
+
+    def reverted(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
+        """Tell the device loop the driver set `prop` to `value` by itself. Any thread."""
+        callback = self.on_revert
+        if callback is not None:
+            callback(prop, value, reason)
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:

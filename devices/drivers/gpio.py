@@ -10,9 +10,16 @@ Each property is one pin, described by its `visitors.configData`::
     pull: up             # inputs: up, down or off
     debounce_ms: 30      # inputs: a level counts only once it has been stable this long
 
-Outputs report the level read back from the pin. Inputs are polled on the property's
-collectCycle (reads cost microseconds, so a short cycle is fine); edge callbacks record
-when the line last moved, so a bouncing contact is reported only once it has settled.
+Outputs report the level read back from the pin. Inputs are reported on change: every
+edge asks the device loop (`Driver.changed`) to read the pin once it has been quiet for
+`debounce_ms`, so a 100 ms button press between two collectCycle polls is recorded as
+pressed and then released; a bouncing contact is reported only once it has settled. The
+collectCycle poll still runs, as a backstop and for the periodic report.
+
+An output with `auto_off_s` is switched off by a timer that long after it was switched on
+(also when `initial: true` switched it on at open); the driver then tells the device loop
+(`Driver.reverted`), which makes `false` the new desired value, so the twin shows no delta
+and nothing switches the output on again until someone asks for it.
 
 Only the declared pins are touched, each device claims its pins (two devices on one pin
 is a definition error) and `close()` releases every pin. The pin backend is passed in
@@ -95,6 +102,7 @@ class GpioDriver(Driver):
         self._inputs: dict[int, _Input] = {}
         self._outputs: dict[int, _Output] = {}
         self._opened: list[int] = []
+        self._props: dict[int, PropertyDefinition] = {p.visitor.pin: p for p in device.properties}
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
@@ -106,16 +114,20 @@ class GpioDriver(Driver):
     def open(self) -> None:
         try:
             for prop in self.device.properties:
-                self._open_pin(prop.visitor)
+                self._open_pin(prop)
         except PinError:
             self.close()
             raise
 
-    def _open_pin(self, v: GpioVisitor) -> None:
+    def _open_pin(self, prop: PropertyDefinition) -> None:
+        v: GpioVisitor = prop.visitor
         if v.direction == "out":
             self.pins.setup_output(v.pin, level=bool(v.initial) != v.active_low)
             self._opened.append(v.pin)
-            self._outputs[v.pin] = _Output()
+            out = self._outputs[v.pin] = _Output()
+            if v.initial:  # on from the start: the safety timer runs from now
+                with self._lock:
+                    self._arm_auto_off(prop, out, True)
             return
         self.pins.setup_input(v.pin, pull=v.pull)
         self._opened.append(v.pin)
@@ -138,12 +150,25 @@ class GpioDriver(Driver):
 
     # -- inputs ----------------------------------------------------------------------------
 
+    def boot_value(self, prop: PropertyDefinition) -> bool | None:
+        v: GpioVisitor = prop.visitor
+        return bool(v.initial) if v.direction == "out" else None
+
+    @classmethod
+    def reports_changes(cls, prop: PropertyDefinition) -> bool:
+        # Inputs on every edge, outputs on auto-off: every property of this driver.
+        return True
+
     def _on_edge(self, pin: int, level: bool, ticks: float) -> None:
-        # Runs on the backend's thread: only note when the line moved; read() decides the level.
+        # Runs on the backend's thread: note when the line moved and ask the device loop to read
+        # the pin once it has been quiet for debounce_ms; read() decides the settled level.
         with self._lock:
             line = self._inputs.get(pin)
-            if line is not None:
-                line.last_edge = ticks
+            if line is None:
+                return
+            line.last_edge = ticks
+        prop = self._props[pin]
+        self.changed(prop, prop.visitor.debounce_ms / 1000)
 
     def _read_input(self, v: GpioVisitor) -> bool:
         level = self.pins.read(v.pin) != v.active_low
@@ -222,3 +247,4 @@ class GpioDriver(Driver):
         out.generation += 1
         out.off_at = out.timer = None
         log.warning("%s/%s: switched off after auto_off_s=%g", self.device.id, prop.name, v.auto_off_s)
+        self.reverted(prop, False, f"auto-off after {v.auto_off_s:g} s")
