@@ -409,6 +409,51 @@ def test_rate_limit_coalesces_without_losing_the_latest(sockdir: Path) -> None:
     run(scenario())
 
 
+def with_state_report(dev: pb.Device, report_to_cloud: bool, cycle_ms: int) -> pb.Device:
+    dev.status.CopyFrom(pb.DeviceStatus(reportToCloud=report_to_cloud, reportCycle=cycle_ms))
+    return dev
+
+
+def test_state_report_per_device(sockdir: Path) -> None:
+    """spec.stateReport per device: reportToCloud false means no ReportDeviceStates (twins still go out);
+    reportCycle (ms) re-sends an unchanged state at that device's cycle, not the global interval (here 1 h)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [
+                (with_state_report(switch("quiet"), False, 50), SWITCH),
+                (with_state_report(switch("chatty"), True, 50), SWITCH),
+                (with_state_report(switch("steady"), True, 0), SWITCH),  # 0: the global interval
+            ]
+            async with running_mapper(sockdir, report_interval_s=3600) as mapper:
+                await registered(mapper)
+
+                def states(name: str) -> list[str]:
+                    return [r.state for r in edgecore.of("ReportDeviceStates") if r.deviceName == name]
+
+                def repeats(name: str) -> int:
+                    seen = states(name)
+                    return sum(a == b for a, b in zip(seen, seen[1:], strict=False))
+
+                # chatty's unchanged state is re-sent again and again at its 50 ms cycle.
+                await edgecore.wait_for(lambda: repeats("chatty") >= 4, timeout=10)
+                # Positive controls: quiet runs and its twins are reported; steady reports its state.
+                await edgecore.wait_for(lambda: latest_status(edgecore, "quiet") is not None and states("steady"))
+                assert mapper.runner("quiet") is not None
+                assert states("quiet") == []
+                assert repeats("steady") == 0, states("steady")  # only changes, no 50 ms or 1 s re-sends
+
+                # An update turning quiet's stateReport on makes it report; turning chatty's off stops it.
+                await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(
+                    device=with_state_report(switch("quiet"), True, 50)))
+                await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(
+                    device=with_state_report(switch("chatty"), False, 50)))
+                before = len(states("chatty"))
+                await edgecore.wait_for(lambda: repeats("quiet") >= 3, timeout=10)
+                assert len(states("chatty")) <= before + 1  # at most one already in flight
+        assert edgecore.refused == []
+    run(scenario())
+
+
 # -- pure parts: configData, formats, limiter, socket, config -------------------------------
 
 def test_config_data_any_wrappers_become_driver_config() -> None:

@@ -8,6 +8,7 @@ one TokenBucket, so the mapper stays under edgecore's limiter.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -92,6 +93,10 @@ class Reporter:
 
     A device marked dirty again before its report went out is reported once, with the latest
     values (read from the twin when the call is made); a failed report stays queued.
+
+    Twins are re-sent unchanged every `interval_s` (0: only on change). Device states follow
+    each device's `spec.stateReport` (see `forget`): none at all for `reportToCloud: false`,
+    and re-sent unchanged every `reportCycle` of that device.
     """
 
     def __init__(
@@ -107,6 +112,11 @@ class Reporter:
         self._last: dict[tuple[str, DeviceId], tuple[Any, float]] = {}
         self._wake = asyncio.Event()
         self.allowed: set[DeviceId] = set()
+        # Devices whose states are reported -> their re-send period in seconds (0: only on change).
+        self.state_every: dict[DeviceId, float] = {}
+        # When each device's unchanged state is next due again (monotonic).
+        self._state_due: dict[DeviceId, float] = {}
+        self._state_wake = asyncio.Event()
         self.sent = 0
         self.failures = 0
 
@@ -117,19 +127,29 @@ class Reporter:
         self._wake.set()
 
     def state_changed(self, device_id: DeviceId, state: str) -> None:
-        if device_id in self.allowed:
+        if device_id in self.state_every:
             self._states[device_id] = state
             self._dirty.setdefault(("state", device_id), None)
             self._wake.set()
+            self._state_wake.set()
 
-    def forget(self, keep: set[DeviceId]) -> None:
-        """Stop reporting devices edgecore no longer gives us."""
+    def forget(self, keep: set[DeviceId], state_every: dict[DeviceId, float] | None = None) -> None:
+        """Report only `keep` (the devices edgecore gives us); states only for the devices in
+        `state_every` (default: all of `keep`, every `interval_s`), each re-sent at its period."""
         self.allowed = set(keep)
-        for key in [k for k in self._dirty if k[1] not in keep]:
+        if state_every is None:
+            state_every = dict.fromkeys(keep, self._interval_s)
+        self.state_every = {d: every for d, every in state_every.items() if d in self.allowed}
+        for key in [k for k in self._dirty if k[1] not in keep or (k[0] == "state" and k[1] not in self.state_every)]:
             del self._dirty[key]
+        for device_id in [d for d in self._states if d not in self.state_every]:
+            del self._states[device_id]
+            self._state_due.pop(device_id, None)
+        self._state_wake.set()
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._send_loop(), name="dmi.reporter")]
+        tasks = [asyncio.create_task(self._send_loop(), name="dmi.reporter"),
+                 asyncio.create_task(self._state_heartbeat(), name="dmi.reporter.states")]
         if self._interval_s > 0:
             tasks.append(asyncio.create_task(self._heartbeat(), name="dmi.reporter.heartbeat"))
         try:
@@ -142,9 +162,26 @@ class Reporter:
         while True:
             await asyncio.sleep(self._interval_s)
             self.twins_changed(set(self.allowed))
-            for device_id in self.allowed:
-                if device_id in self._states:
+
+    async def _state_heartbeat(self) -> None:
+        """Mark each device's known state dirty once its own period has passed since it was last sent."""
+        while True:
+            self._state_wake.clear()
+            now = time.monotonic()
+            next_due = None
+            for device_id, every in self.state_every.items():
+                if every <= 0 or device_id not in self._states:
+                    continue
+                due = self._state_due.setdefault(device_id, now + every)
+                if due <= now:
                     self._dirty.setdefault(("state", device_id), None)
+                    self._wake.set()
+                    due = self._state_due[device_id] = now + every  # pushed on again when it is sent
+                next_due = due if next_due is None else min(next_due, due)
+            timeout = None if next_due is None else max(0.0, next_due - time.monotonic())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await self._state_wake.wait()
 
     async def _send_loop(self) -> None:
         attempt = 0
@@ -187,18 +224,22 @@ class Reporter:
         payload = await self._payload(key)
         if payload is None:
             return
+        kind, device_id = key
+        if kind == "state" and device_id not in self.state_every:
+            return  # stateReport.reportToCloud is false (or the device is gone)
         last = self._last.get(key)
         now = time.monotonic()
-        if last and last[0] == self._comparable(payload) and (
-            self._interval_s <= 0 or now - last[1] < self._interval_s
-        ):
+        every = self.state_every[device_id] if kind == "state" else self._interval_s
+        if last and last[0] == self._comparable(payload) and (every <= 0 or now - last[1] < every):
             return  # nothing new, heartbeat not due: no call, no token
         await self.client.bucket.take()
         payload = await self._payload(key) or payload  # the latest values at the moment we may send
-        kind, device_id = key
         if kind == "state":
             await self.client.report_state(device_id, payload, token=False)
         else:
             await self.client.report_status(device_id, payload, token=False)
         self.sent += 1
         self._last[key] = (self._comparable(payload), time.monotonic())
+        if kind == "state" and self.state_every.get(device_id, 0) > 0:
+            self._state_due[device_id] = self._last[key][1] + self.state_every[device_id]
+            self._state_wake.set()

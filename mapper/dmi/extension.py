@@ -163,12 +163,28 @@ class KubeEdgeExtension:
             warnings=[*self._local.warnings, *built.warnings],
             unrunnable={**self._local.unrunnable, **built.unrunnable},
         )
-        self.reporter.forget(set(built.devices) - set(built.unrunnable))
+        reported = set(built.devices) - set(built.unrunnable)
+        self.reporter.forget(reported, {d: every for d in reported
+                                        if (every := self._state_every(built.devices[d])) is not None})
         await self.service.update_devices(merged)
         try:
             self.catalog.save(self.state_path)
         except OSError as exc:
             log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
+
+    def _state_every(self, definition: DeviceDefinition) -> float | None:
+        """The device's state re-send period in seconds, or None for `stateReport.reportToCloud: false`.
+
+        `reportCycle` is in milliseconds; 0 (or no stateReport at all) means the global
+        `report_interval_s`, so a CRD without a cycle does not spend edgecore's node-wide
+        1 call/s on states.
+        """
+        report = definition.device.spec.state_report
+        if report is None:
+            return self.settings.report_interval_s
+        if not report.report_to_cloud:
+            return None
+        return report.report_cycle / 1000 if report.report_cycle > 0 else self.settings.report_interval_s
 
     async def _put_device(self, device: pb.Device, *, wait_for_model: bool) -> None:
         if not device.name or not device.spec.deviceModelReference:
