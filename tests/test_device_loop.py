@@ -108,3 +108,27 @@ async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatc
         await async_wait_for(lambda: fast.reads >= 30, timeout=5, what="fast device reads")
         slow = service.runners[DeviceId("default", "slow")]
         assert slow.reads == 0 and slow.read_errors >= 1
+
+
+async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, monkeypatch):
+    """The driver's health() summary is part of the unhealthy state's detail stored in the twin."""
+    from devices.drivers.simulated import SimulatedDriver
+    from devices.errors import ReadError
+
+    class Failing(SimulatedDriver):
+        def read(self, prop):
+            self.timeouts = getattr(self, "timeouts", 0) + 1
+            raise ReadError("bus did not answer", retryable=True)
+
+        def health(self):
+            return f"bus timeouts {self.timeouts}"
+
+    import mapper.service as service_module
+    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Failing)
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running(config):
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="unhealthy")
+            assert twin.device(GOOD1).state_detail == (
+                "3 failures in a row (bus timeouts 3); last: bus did not answer")

@@ -220,9 +220,14 @@ def adafruit_dht_on(wire: DhtWire) -> ModuleType:
     return module
 
 
-def sensor_definition(tmp_path: Path, **config: Any) -> DeviceDefinition:
-    """The shipped example device, with `configData` keys overridden (written to tmp_path/sensor.yaml)."""
+def sensor_definition(tmp_path: Path, *, model_range: bool = True, **config: Any) -> DeviceDefinition:
+    """The shipped example device, with `configData` keys overridden (written to tmp_path/sensor.yaml).
+
+    `model_range=False` drops the model's minimum/maximum.
+    """
     text = EXAMPLE.read_text()
+    if not model_range:
+        text = re.sub(r"\n +(minimum|maximum): .*", "", text)
     block = re.search(r"\n    configData:\n((?:      .*\n)+)", text)
     assert block is not None
     lines = [line for line in block.group(1).splitlines(keepends=True) if line.split(":")[0].strip() not in config]
@@ -444,3 +449,75 @@ def test_open_without_board_support_is_a_driver_error(tmp_path: Path, wire: DhtW
     with pytest.raises(DriverError, match="no pin D4"):
         driver.open()
 
+
+
+async def _nothing(*_: Any) -> None:
+    return None
+
+
+def read_in_loop(defn: DeviceDefinition, driver: DhtDriver) -> list[Any]:
+    """Both properties through DeviceRunner.read_once, as the device loop reads them."""
+    async def collect() -> list[Any]:
+        runner = DeviceRunner(defn, driver, lambda _: None, settings=DeviceLoopSettings(),
+                              on_state=_nothing, on_applied=_nothing)
+        return [await runner.read_once(defn.prop("temperature")), await runner.read_once(defn.prop("humidity"))]
+
+    return asyncio.run(collect())
+
+
+def test_rated_range_is_flagged_without_a_model_range(tmp_path: Path, wire: DhtWire) -> None:
+    """A model with no minimum/maximum: 55 C and 95 %RH from a DHT11 are out_of_range by its rating."""
+    defn = sensor_definition(tmp_path, model_range=False)
+    assert defn.prop("temperature").maximum is None and defn.prop("humidity").maximum is None
+    wire.frame = dht11_frame(95, 55)
+    driver = open_driver(defn, wire)
+    assert driver.rated_range(defn.prop("temperature")) == (0.0, 50.0)
+    temperature, humidity = read_in_loop(defn, driver)
+    assert (temperature.value, temperature.quality) == (55.0, OUT_OF_RANGE)
+    assert temperature.detail == "55.0 is outside the sensor's rated range 0 to 50"
+    assert (humidity.value, humidity.quality) == (95.0, OUT_OF_RANGE)
+    assert humidity.detail == "95.0 is outside the sensor's rated range 20 to 90"
+
+
+def test_rated_range_follows_the_sensor_type(tmp_path: Path, clock: VirtualClock) -> None:
+    """The same 55 C is within a DHT22's rating (-40 to 80 C): good."""
+    wire = DhtWire(clock, sensor="DHT22")
+    wire.frame = dht22_frame(45.0, 55.0)
+    defn = sensor_definition(tmp_path, model_range=False, sensor="DHT22")
+    temperature, humidity = read_in_loop(defn, open_driver(defn, wire))
+    assert (temperature.value, temperature.quality) == (55.0, GOOD)
+    assert (humidity.value, humidity.quality) == (45.0, GOOD)
+
+
+def test_unhealthy_detail_summarises_the_failed_measurements(tmp_path: Path, wire: DhtWire, clock: VirtualClock) -> None:
+    """Three failed measurements in a row: the unhealthy detail counts them by kind; a good read clears it."""
+    defn = sensor_definition(tmp_path)
+    driver = open_driver(defn, wire)
+    prop = defn.prop("temperature")
+    states: list[tuple[str, str | None]] = []
+
+    async def on_state(_: Any, state: str, detail: str | None) -> None:
+        states.append((state, detail))
+
+    async def scenario() -> None:
+        runner = DeviceRunner(defn, driver, lambda _: None, settings=DeviceLoopSettings(failure_threshold=3),
+                              on_state=on_state, on_applied=_nothing)
+        assert (await runner.read_once(prop)).quality == GOOD
+        bad = dht11_frame(45, 23)
+        bad[4] ^= 0x01
+        for frame, bits in ((bad, 40), (bad, 40), (dht11_frame(45, 23), 24)):
+            clock.advance(3.0)
+            wire.frame, wire.bits = frame, bits
+            await runner.read_once(prop)
+        clock.advance(3.0)
+        wire.bits = 40
+        assert (await runner.read_once(prop)).quality == GOOD
+
+    asyncio.run(scenario())
+    assert [state for state, _ in states] == ["ok", "unhealthy", "ok"]
+    detail = states[1][1]
+    assert detail is not None
+    assert detail.startswith("3 failures in a row (checksum 2, incomplete 1 since the last good measurement); last: ")
+    assert "A full buffer was not returned" in detail
+    assert driver.health() == "ok"
+    assert driver.failures == {"checksum": 2, "incomplete": 1}

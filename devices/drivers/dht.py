@@ -20,10 +20,11 @@ the driver never asks within 2 s, so a stale value is never reported as fresh.
 
 adafruit_dht raises bare RuntimeErrors; they are mapped in one place to `DhtReadError`
 (a retryable ReadError) with a `kind` (checksum, incomplete, not_found, implausible, io)
-that is counted in `failures`. Readings no DHT can produce (below -40 or above 80 C,
-outside 0-100 %RH) are refused; readings outside the sensor's rated range are returned,
-and the device loop flags them out_of_range against the model's minimum/maximum (the
-shipped example model uses the DHT11's rated range).
+that is counted in `failures` (all time) and in the current run of failures, which
+`health()` summarises for the `unhealthy` state's detail. Readings no DHT can produce (below
+-40 or above 80 C, outside 0-100 %RH) are refused; readings outside the sensor's rated range
+(DHT11 0-50 C, 20-90 %RH; DHT22 -40-80 C, 0-100 %RH) are returned, and the device loop
+records them out_of_range through `rated_range()`, whatever the model's minimum/maximum say.
 """
 
 from __future__ import annotations
@@ -166,6 +167,8 @@ class DhtDriver(Driver):
         self._last_error: DhtReadError | None = None
         self.measurements = 0
         self.failures: Counter[str] = Counter()
+        # Failed measurements since the last good one, by kind.
+        self._streak: Counter[str] = Counter()
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
@@ -177,7 +180,6 @@ class DhtDriver(Driver):
         sensor_cls = getattr(library, self.config.sensor)
         with adafruit_errors(f"{self.device.id}: cannot open {self.config.sensor} on GPIO{self.config.pin}"):
             self._sensor = sensor_cls(pin, use_pulseio=self.config.use_pulseio)
-        self._warn_about_model_ranges()
 
     def close(self) -> None:
         with self._lock:
@@ -190,10 +192,15 @@ class DhtDriver(Driver):
         return measurement.temperature if prop.visitor.measurement == "temperature" else measurement.humidity
 
     def health(self) -> str:
+        """`ok`, or the failed measurements since the last good one: `checksum 2, incomplete 1 since ...`."""
         if self._last_error is None:
             return "ok"
-        counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self.failures.items()))
-        return f"last read failed ({self._last_error.kind}); failures so far: {counts}"
+        counts = ", ".join(f"{kind} {n}" for kind, n in sorted(self._streak.items()))
+        since = "the last good measurement" if self.measurements else "the sensor was opened"
+        return f"{counts} since {since}"
+
+    def rated_range(self, prop: PropertyDefinition) -> tuple[float, float]:
+        return getattr(RATED[self.config.sensor], prop.visitor.measurement)
 
     # -- measuring -------------------------------------------------------------------------
 
@@ -225,12 +232,14 @@ class DhtDriver(Driver):
         except DhtReadError as exc:
             self._last_error = exc
             self.failures[exc.kind] += 1
+            self._streak[exc.kind] += 1
             raise
         finally:
             # Taken after the call: the library stamps its own start earlier, so "more than
             # min_interval_s since this" is always more than 2 s for the library too.
             self._last_attempt = self._clock()
         self._measurement, self._last_error = measurement, None
+        self._streak.clear()
         self.measurements += 1
         return measurement
 
@@ -242,14 +251,3 @@ class DhtDriver(Driver):
                 f"{self.device.id}: {m.temperature:g} C / {m.humidity:g} %RH is not a possible DHT reading"
                 f" (limits {t_lo:g}-{t_hi:g} C, {h_lo:g}-{h_hi:g} %RH): check the wiring and the pull-up",
             )
-
-    def _warn_about_model_ranges(self) -> None:
-        rated = RATED[self.config.sensor]
-        for prop in self.device.properties:
-            lo, hi = getattr(rated, prop.visitor.measurement)
-            if prop.minimum is None or prop.maximum is None or prop.minimum < lo or prop.maximum > hi:
-                log.warning(
-                    "%s/%s: model range %s-%s is wider than the %s's rated %g-%g: readings outside the"
-                    " sensor's range will not be flagged out_of_range", self.device.id, prop.name,
-                    prop.minimum, prop.maximum, self.config.sensor, lo, hi,
-                )
