@@ -1,4 +1,4 @@
-"""A test edgecore: DeviceManagerService on a unix socket, recording every call.
+"""A test edgecore: DeviceManagerService on a unix socket, recording every call (both ways).
 
 It behaves as edgecore's dmiserver does where the mapper can tell: one rate limiter for
 all three RPCs (calls over it are refused with edgecore's message), MapperRegister refused
@@ -102,6 +102,8 @@ class FakeEdgecore(pb_grpc.DeviceManagerServiceServicer):
         self.limiter = GoLimiter(rate, burst)
         self.calls: list[Call] = []
         self.refused: list[Call] = []
+        # edgecore -> mapper calls (DeviceMapperService), recorded before they are made.
+        self.sent: list[Call] = []
         self.devices: list[tuple[pb.Device, pb.DeviceModel]] = []
         self.mapper_address: str | None = None
         self._changed = asyncio.Condition()
@@ -135,7 +137,12 @@ class FakeEdgecore(pb_grpc.DeviceManagerServiceServicer):
         return predicate()
 
     def of(self, method: str) -> list[Any]:
+        """Requests the mapper made to us (DeviceManagerService)."""
         return [c.request for c in self.calls if c.method == method]
+
+    def mapper_calls(self, method: str) -> list[Any]:
+        """Requests we made to the mapper (DeviceMapperService)."""
+        return [c.request for c in self.sent if c.method == method]
 
     # -- DeviceManagerService --------------------------------------------------------------
 
@@ -165,6 +172,7 @@ class FakeEdgecore(pb_grpc.DeviceManagerServiceServicer):
 
     async def call_mapper(self, method: str, request: Any) -> Any:
         assert self.mapper_address, "the mapper has not registered"
+        self.sent.append(Call(time.monotonic(), method, request))
         async with grpc.aio.insecure_channel(f"unix:{self.mapper_address}") as channel:
             stub = pb_grpc.DeviceMapperServiceStub(channel)
             return await getattr(stub, method)(request, timeout=10)
@@ -181,7 +189,7 @@ class FakeEdgecore(pb_grpc.DeviceManagerServiceServicer):
         gone = [(d, m) for d, m in self.devices if d.name == name and d.namespace == namespace]
         self.devices = [(d, m) for d, m in self.devices if (d.name, d.namespace) != (name, namespace)]
         for _, mod in gone:
-            if not any(m.name == mod.name for _, m in self.devices):
+            if not any((m.namespace, m.name) == (mod.namespace, mod.name) for _, m in self.devices):
                 await self.call_mapper("RemoveDeviceModel", pb.RemoveDeviceModelRequest(
                     modelName=mod.name, modelNamespace=mod.namespace))
         await self.call_mapper("RemoveDevice", pb.RemoveDeviceRequest(deviceName=name, deviceNamespace=namespace))

@@ -168,7 +168,10 @@ def test_add_update_remove_devices_and_models(sockdir: Path) -> None:
             await edgecore.add(room("room-a"), TEMP)
             await edgecore.add(room("room-b"), TEMP)
             await edgecore.add(switch("lamp", desired={"power": "true"}), SWITCH)
-            assert [c.method for c in edgecore.calls if c.method == "CreateDeviceModel"] == []  # edgecore -> mapper
+            # CreateDeviceModel goes edgecore -> mapper, once per model; the mapper holds and uses both models.
+            assert [r.model.name for r in edgecore.mapper_calls("CreateDeviceModel")] == ["temp-model", "switch-model"]
+            assert set(mapper.ext.catalog.models) == {("default", "temp-model"), ("default", "switch-model")}
+            assert set(mapper.service.definitions.models) >= {("default", "temp-model"), ("default", "switch-model")}
             a, b, lamp = mapper.runner("room-a"), mapper.runner("room-b"), mapper.runner("lamp")
             assert a and b and lamp
 
@@ -301,6 +304,49 @@ def test_edgecore_device_cannot_take_a_pin_of_a_local_yaml_device(sockdir: Path)
     fresh.replace([dht("b", 6), dht("a", 6)], [DHT, DHT])
     assert set(fresh.build().devices) == {DeviceId("default", "a")}
     assert "default/a" in fresh.problems[("default", "b")]
+
+
+def test_get_device_reads_the_device_now(sockdir: Path) -> None:
+    """GetDevice reads every property from the device: a counter polled once a minute still moves per call."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            meter = device("meter", "count-model", {"count": {"kind": "counter"}}, cycle_ms=60_000)
+            await edgecore.add(meter, model("count-model", {"count": ("INT", "ReadOnly")}))
+            await edgecore.wait_for(lambda: latest_status(edgecore, "meter") is not None
+                                    and latest_status(edgecore, "meter").reportedDevice.twins[0].reported.value)
+            polled = int(latest_status(edgecore, "meter").reportedDevice.twins[0].reported.value)
+
+            async def get() -> int:
+                reply = await edgecore.call_mapper("GetDevice", pb.GetDeviceRequest(deviceName="meter",
+                                                                                    deviceNamespace="default"))
+                (twin,) = reply.device.status.twins
+                assert twin.propertyName == "count" and twin.reported.metadata["type"] == "int"
+                return int(twin.reported.value)
+
+            first = await get()
+            second = await get()
+            # The loop read the counter once (next read in a minute); each GetDevice reads it again.
+            assert polled < first < second, (polled, first, second)
+    run(scenario())
+
+
+def test_models_are_per_namespace(sockdir: Path) -> None:
+    """Two namespaces with a model of the same name: removing one namespace's last device removes only its model."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            lab_model = model("temp-model", {"temperature": ("FLOAT", "ReadOnly"), "humidity": ("FLOAT", "ReadOnly")},
+                              namespace="lab")
+            await edgecore.add(room("room-a"), TEMP)
+            await edgecore.add(room("room-b", namespace="lab"), lab_model)
+            assert set(mapper.ext.catalog.models) == {("default", "temp-model"), ("lab", "temp-model")}
+            await edgecore.remove("room-a")  # the last user in default; lab still has its own temp-model
+            removed = [(r.modelNamespace, r.modelName) for r in edgecore.mapper_calls("RemoveDeviceModel")]
+            assert removed == [("default", "temp-model")]
+            assert set(mapper.ext.catalog.models) == {("lab", "temp-model")}
+            assert DeviceId("lab", "room-b") in mapper.service.runners and mapper.runner("room-a") is None
+    run(scenario())
 
 
 def test_device_before_model(sockdir: Path) -> None:
