@@ -146,8 +146,10 @@ def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_
     mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(5.0, 30.0))
     try:
         with mapper:
+            # Both kinds, in numbers: which windows are uncertain depends on the injected faults and
+            # on timing, so the share is the model card's business, not this test's.
             seen = decisions_seen(app, lambda s: sum(d["exit"] == "cloud" for d in s) >= 12
-                                  and any(d["exit"] == "edge" for d in s))
+                                  and sum(d["exit"] == "edge" and not d["provisional"] for d in s) >= 6)
             mapper.stop()
         served = [w.stop() for w in workers]
     finally:
@@ -161,7 +163,7 @@ def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_
     final_cloud = {r["request_id"] for r in table if r["exit"] == "cloud" and r["status"] == "final"}
     assert {d["request_id"] for d in cloud} <= final_cloud
     edge = [r for r in table if r["exit"] == "edge" and r["status"] == "final"]
-    assert len(edge) > len(final_cloud) / 2, "the edge should decide a good share of windows"
+    assert len(edge) >= 6, "confident windows are decided at the edge and recorded in the twin"
     assert min(served) >= 1, f"the shared subscription did not spread the load: {served}"
     assert sum(served) >= len(final_cloud)
     # Shared, not duplicated: together the workers served each request once (a resend may be served
