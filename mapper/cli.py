@@ -95,7 +95,8 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
         return False
     for warning in result.warnings:
         reload_log.warning("%s", warning)
-    changes = await service.update_devices(result)
+    apply = service.local_devices_handler or service.update_devices
+    changes = await apply(result)
     reload_log.info("reload done: %s", "; ".join(
         f"{what} {', '.join(map(str, ids))}" for what, ids in changes.items() if ids) or "nothing changed")
     return True

@@ -53,6 +53,9 @@ class MapperService:
         self.bus_first_attempt: asyncio.Event | None = None
         # The EventBusExtension when MQTT is configured (others use it to publish and subscribe).
         self.bus: Any = None
+        # Where a SIGHUP reload sends the new YAML devices; an extension that adds devices of its
+        # own (KubeEdge: edgecore's) merges them. None: `update_devices` with the YAML alone.
+        self.local_devices_handler: Callable[[LoadResult], Awaitable[dict[str, list[DeviceId]]]] | None = None
 
     # -- the twin --------------------------------------------------------------------------
 

@@ -218,6 +218,40 @@ def test_add_update_remove_devices_and_models(sockdir: Path) -> None:
     run(scenario())
 
 
+def test_sighup_reload_keeps_edgecore_devices_running(sockdir: Path) -> None:
+    """A reload of the local YAML in kubeedge mode adds the new local device and leaves edgecore's alone."""
+    from helpers import device_yaml, write_devices
+    from mapper.cli import reload_devices
+
+    async def scenario() -> None:
+        local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
+        config = MapperConfig(mode="kubeedge", node="test-node", devices=[local],
+                              twin=TwinSettings(path=sockdir / "twin.db"), kubeedge=settings(sockdir))
+        service = build_service(config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+                async with asyncio.timeout(10):
+                    await service.ready.wait()
+                mapper = Mapper(service)
+                await registered(mapper)
+                await edgecore.add(room("room-a"), TEMP)
+                room_a, one = mapper.runner("room-a"), mapper.runner("yaml-one")
+                assert room_a is not None and one is not None
+
+                (local / "yaml-two.yaml").write_text(device_yaml("yaml-two", cycle=100))
+                assert await reload_devices(service, config)
+                assert mapper.runner("room-a") is room_a, "edgecore's device must keep running untouched"
+                assert mapper.runner("yaml-one") is one
+                assert mapper.runner("yaml-two") is not None
+                assert {str(d) for d in service.runners} == {"default/room-a", "default/yaml-one", "default/yaml-two"}
+        finally:
+            stop.set()
+            await task
+    run(scenario())
+
+
 def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
     """configData that fails the driver's validation is INVALID_ARGUMENT naming the field; others keep running."""
     async def scenario() -> None:

@@ -83,6 +83,7 @@ class KubeEdgeExtension:
             self.reporter.twins_changed({r.device_id for r in batch})
 
         recorder.on_commit = on_commit
+        service.local_devices_handler = self.local_devices_changed
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(self._on_applied)
 
@@ -153,7 +154,13 @@ class KubeEdgeExtension:
 
     # -- the catalog -> the running devices ------------------------------------------------
 
-    async def _apply(self) -> None:
+    async def local_devices_changed(self, local: LoadResult) -> dict[str, list[DeviceId]]:
+        """SIGHUP: new local YAML devices; edgecore's devices keep running next to them."""
+        async with self._lock:
+            self._local = local
+            return await self._apply()
+
+    async def _apply(self) -> dict[str, list[DeviceId]]:
         """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock."""
         assert self.service is not None and self.state_path is not None
         built = self.catalog.build(self._local)
@@ -166,11 +173,12 @@ class KubeEdgeExtension:
         reported = set(built.devices) - set(built.unrunnable)
         self.reporter.forget(reported, {d: every for d in reported
                                         if (every := self._state_every(built.devices[d])) is not None})
-        await self.service.update_devices(merged)
+        changes = await self.service.update_devices(merged)
         try:
             self.catalog.save(self.state_path)
         except OSError as exc:
             log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
+        return changes
 
     def _state_every(self, definition: DeviceDefinition) -> float | None:
         """The device's state re-send period in seconds, or None for `stateReport.reportToCloud: false`.
