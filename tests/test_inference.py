@@ -427,6 +427,19 @@ async def _stop(r: Running):
     await asyncio.wait_for(r.task, 20)
 
 
+def _assert_derived_shows_the_newest_decision(store, pipeline: str = "default/probe-sensor-faults") -> None:
+    """The derived device's properties are the decision of the newest decided window (runs on the twin thread)."""
+    decided = [x for x in records.recent(store, pipeline, 100_000) if x["label"] is not None]
+    assert decided, "nothing decided yet"
+    newest = max(decided, key=lambda x: x["window_end_ts"])
+    twin = store.device(DeviceId.parse(pipeline))
+    shown = {name: p.reported for name, p in twin.properties.items()}
+    assert shown == {"label": newest["label"], "confidence": newest["confidence"], "exit": newest["exit"],
+                     "provisional": newest["status"] == records.PROVISIONAL, "window_end": newest["window_end_ts"]}
+    assert twin.protocol == "derived" and twin.state == "ok"
+    assert not any(p.writable for p in twin.properties.values())
+
+
 def _answer(worker: CloudWorker, body: dict, **change) -> bytes:
     topic, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
     assert topic == "mapper/n1/offload/result"
@@ -466,6 +479,7 @@ async def test_offload_provisional_final_and_rejections(tmp_path, worker):
         assert (row["label"], row["cloud_label"]) == (expected_cloud[0], expected_cloud[0])
         published = [b for _, b in await r.outbox("/decision") if b["request_id"] == target["id"]]
         assert [(b["exit"], b["provisional"]) for b in published] == [("edge", True), ("cloud", False)]
+        await r.service.twin(_assert_derived_shows_the_newest_decision)
 
         # hostile or stray results: counted, never applied
         await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))            # duplicate
@@ -483,6 +497,69 @@ async def test_offload_provisional_final_and_rejections(tmp_path, worker):
         assert stats()["mean_edge_latency_us"] > 0 and stats()["mean_round_trip_ms"] >= 0
     finally:
         await _stop(r)
+
+
+def test_recorded_decisions_are_the_derived_devices_properties(tmp_path):
+    """Recording a decision reports it, in the same transaction, as the derived device's read-only properties:
+    an edge exit; an offload (nothing yet); its provisional edge answer; the cloud's final answer replacing it.
+    A late answer for an older window than the one shown updates its row, not the properties."""
+    from devices.loader import load
+    from twin.store import NotWritable, TwinStore
+
+    pid = "default/probe-sensor-faults"
+    derived = DeviceId.parse(pid)
+
+    def decision(end: int, status: str, label: str | None, exit: str | None, request_id: str | None = None):
+        return records.NewDecision(pid, "default/probe", end - 100, end, request_id, False, status, label,
+                                   0.9 if label else None, exit, "normal", 0.55)
+
+    def report(end: int, label: str, exit: str, provisional: bool = False, confidence: float = 0.9):
+        return records.Report(pid, label, confidence, exit, provisional, end)
+
+    def shown(store):
+        twin = store.device(derived)
+        return {name: p.reported for name, p in twin.properties.items()}
+
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([_devices(tmp_path)]).devices.values())
+        assert records.sync_derived(store, [records.derived_device(pid, "sensor-faults-early-exit",
+                                                                   "default/probe")]) == []
+        assert shown(store) == dict.fromkeys(["confidence", "exit", "label", "provisional", "window_end"])
+
+        records.insert(store, [decision(1000, records.FINAL, "spike", "edge")], [], [report(1000, "spike", "edge")])
+        assert shown(store) == {"label": "spike", "confidence": 0.9, "exit": "edge", "provisional": False,
+                                "window_end": 1000}
+        (pending,), _ = records.insert(store, [decision(2000, records.PENDING, None, None, "a" * 16)], [])
+        assert shown(store)["window_end"] == 1000                       # offloaded: nothing decided yet
+        records.update(store, [records.DecisionUpdate(pending, status=records.PROVISIONAL, label="normal",
+                                                      confidence=0.55, exit="edge")], [],
+                       [report(2000, "normal", "edge", True, 0.55)])
+        assert shown(store) == {"label": "normal", "confidence": 0.55, "exit": "edge", "provisional": True,
+                                "window_end": 2000}
+        records.update(store, [records.DecisionUpdate(pending, status=records.FINAL, label="stuck", confidence=0.7,
+                                                      exit="cloud", cloud_label="stuck", cloud_confidence=0.7)],
+                       [], [report(2000, "stuck", "cloud", False, 0.7)])
+        assert shown(store) == {"label": "stuck", "confidence": 0.7, "exit": "cloud", "provisional": False,
+                                "window_end": 2000}
+        assert [(v, q) for _, v, q in store.history(derived, "label")] == [
+            ("spike", "good"), ("normal", "good"), ("stuck", "good")]
+        assert store.device(derived).properties["label"].reported_version == 3
+
+        # an older window (3000) still waits while a newer one (4000) is decided at the edge
+        (older,), _ = records.insert(store, [decision(3000, records.PENDING, None, None, "b" * 16)], [])
+        records.insert(store, [decision(4000, records.FINAL, "drift", "edge")], [], [report(4000, "drift", "edge")])
+        records.update(store, [records.DecisionUpdate(older, status=records.FINAL, label="noise", confidence=0.8,
+                                                      exit="cloud", cloud_label="noise", cloud_confidence=0.8)],
+                       [], [report(3000, "noise", "cloud", False, 0.8)])
+        assert shown(store)["label"] == "drift" and shown(store)["window_end"] == 4000
+        assert {x["id"]: x for x in records.recent(store, pid)}[older]["label"] == "noise"   # the row has it
+        _assert_derived_shows_the_newest_decision(store, pid)
+
+        with pytest.raises(NotWritable):
+            store.set_desired(derived, "label", "normal")
+        assert records.sync_derived(store, []) == []                     # the pipeline is gone
+        assert derived not in store.device_ids() and store.device(derived).state == "offline"
+        assert shown(store)["label"] == "drift"
 
 
 async def test_late_results_are_refused_after_max_age(tmp_path, worker):
@@ -576,6 +653,63 @@ async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
         await _stop(r)
 
 
+async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, capsys):
+    """A desired value for the derived device over KubeEdge's twin protocol or a /set topic is refused (404: the
+    router serves the devices of the YAML only) and nothing changes. `mapper twin get`, `twin history` and
+    `devices` show it; `mapper twin set` refuses it (ReadOnly)."""
+    from eventbus.router import Router
+    from helpers import write_config
+    from mapper import cli
+    from twin.store import NotWritable
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0})
+    derived = DeviceId("default", "probe-sensor-faults")
+    try:
+        router = Router(r.service, Topics("n1"), max_payload=4096, serve_twin_protocol=True)
+        await router.handle("$hw/events/device/default/probe-sensor-faults/twin/update",
+                            b'{"event_id":"d1","twin":{"label":{"expected":{"value":"normal"}}}}')
+        await router.handle("mapper/n1/default/probe-sensor-faults/label/set", b'"normal"')
+        await router.handle("mapper/n1/default/probe-sensor-faults/decision/set", b'"normal"')
+        replies = [b for _, b in await r.outbox("/twin/update/result")]
+        assert [(b["event_id"], b["code"]) for b in replies] == [("d1", 404)]
+        assert router.counts["rejected_404"] == 3 and router.counts["internal_error"] == 0
+        with pytest.raises(NotWritable):
+            await r.service.twin(lambda s: s.set_desired(derived, "label", "normal"))
+        twin = await r.service.twin(lambda s: s.device(derived))
+        assert all(p.desired is None and not p.writable for p in twin.properties.values())
+        await async_wait_for(lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]["windows"] >= 2,
+                             timeout=20, what="decisions")
+    finally:
+        await _stop(r)
+
+    config = str(write_config(tmp_path / "c.yaml", tmp_path / "devices", tmp_path / "twin.db"))
+    capsys.readouterr()
+    assert cli.main(["twin", "get", "probe-sensor-faults", "--config", config]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("default/probe-sensor-faults  model=sensor-faults-early-exit  protocol=derived  state=ok")
+    assert all(f"\n{name} " in out for name in ("label", "confidence", "exit", "provisional", "window_end"))
+    assert cli.main(["twin", "get", "probe-sensor-faults", "--config", config, "--json"]) == 0
+    shown = orjson.loads(capsys.readouterr().out)["properties"]
+    assert shown["exit"]["reported"] in ("edge", "cloud") and shown["label"]["writable"] is False
+    assert cli.main(["twin", "history", "probe-sensor-faults", "label", "--config", config, "--json"]) == 0
+    assert len(orjson.loads(capsys.readouterr().out)) >= 1
+    assert cli.main(["devices", "--config", config]) == 0
+    assert "default/probe-sensor-faults" in capsys.readouterr().out
+    assert cli.main(["twin", "set", "probe-sensor-faults", "label", "normal", "--config", config]) == 1
+    assert "ReadOnly" in capsys.readouterr().err
+
+
+def test_a_pipeline_named_like_a_device_is_refused(tmp_path):
+    """The derived device must not take a device's name."""
+    from devices.loader import load
+    from mapper.inference.pipeline import Pipeline, PipelineError
+
+    definitions = load([_devices(tmp_path)]).devices
+    settings = PipelineSettings(device="probe", model="sensor_faults", name="relay")
+    with pytest.raises(PipelineError, match="name of a device"):
+        Pipeline(settings, load_model(MODELS / "sensor_faults"), definitions[SENSOR], definitions=definitions)
+
+
 def test_worker_refuses_bad_topics_and_unknown_models(worker):
     """The worker answers only on a valid node's result topic, and says so when it lacks the model."""
     body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", "sensor-faults-early-exit",
@@ -657,9 +791,16 @@ async def test_device_updates_build_keep_and_drop_pipelines(tmp_path):
         assert r.pipeline() is kept and stats()["windows"] >= windows
         await async_wait_for(lambda: stats()["windows"] > windows, timeout=20, what="windows after the update")
 
+        derived = DeviceId("default", "probe-ad")
+        assert derived in await r.service.twin(lambda s: s.device_ids())
+        await r.service.twin(lambda s: _assert_derived_shows_the_newest_decision(s, "default/probe-ad"))
+
         await _update(r, tmp_path, push="")                     # the map is gone: so is the pipeline
         assert r.ext.pipelines == {} and r.ext.status()["pipelines"] == {}
         assert not any(w.pipeline is kept for w in r.ext._waiting.values())
+        ids = await r.service.twin(lambda s: s.device_ids())
+        assert derived not in ids and SENSOR in ids, "a dropped pipeline's derived device is inactive"
+        assert (await r.service.twin(lambda s: s.device(derived))).state == "offline"
     finally:
         await _stop(r)
 

@@ -113,6 +113,20 @@ def rows(twin: Path) -> list[dict]:
             return []
 
 
+def assert_derived_device_shows_the_last_decision(twin: Path, table: list[dict]) -> None:
+    """The pipeline's derived device in the twin file: active, read-only, showing the newest window's decision."""
+    newest = max((r for r in table if r["label"] is not None), key=lambda r: r["window_end_ts"])
+    with sqlite3.connect(f"file:{twin}?mode=ro", uri=True, timeout=5) as conn:
+        device = conn.execute("SELECT protocol, active, state FROM devices WHERE id=?", (PIPELINE,)).fetchone()
+        props = {name: (orjson.loads(value) if value is not None else None, writable)
+                 for name, value, writable in conn.execute(
+                     "SELECT name, reported, writable FROM properties WHERE device_id=?", (PIPELINE,))}
+    assert device == ("derived", 1, "ok")
+    assert props == {"label": (newest["label"], 0), "confidence": (newest["confidence"], 0),
+                     "exit": (newest["exit"], 0), "provisional": (newest["status"] == "provisional", 0),
+                     "window_end": (newest["window_end_ts"], 0)}
+
+
 def decisions_seen(app, until, timeout: float = 30.0) -> list[dict]:
     """Decision messages the app receives, until `until(seen)` is true."""
     seen: list[dict] = []
@@ -164,6 +178,7 @@ def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_
     assert {d["request_id"] for d in cloud} <= final_cloud
     edge = [r for r in table if r["exit"] == "edge" and r["status"] == "final"]
     assert len(edge) >= 6, "confident windows are decided at the edge and recorded in the twin"
+    assert_derived_device_shows_the_last_decision(mapper.twin_path, table)
     assert min(served) >= 1, f"the shared subscription did not spread the load: {served}"
     assert sum(served) >= len(final_cloud)
     # Shared, not duplicated: together the workers served each request once (a resend may be served
@@ -203,4 +218,5 @@ def test_worker_down_provisional_then_final(broker, tmp_path, devices):
     for request_id in replaced:
         r = table[request_id]
         assert (r["status"], r["exit"], r["label"]) == ("final", "cloud", r["cloud_label"])
+    assert_derived_device_shows_the_last_decision(mapper.twin_path, rows(mapper.twin_path))
     assert "Traceback" not in mapper.log()

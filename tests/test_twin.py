@@ -7,7 +7,10 @@ import pytest
 from devices.ids import DeviceId
 from devices.loader import load
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
+from devices.values import PropertyType
 from twin.store import (
+    DERIVED_PROTOCOL,
+    DerivedDevice,
     NotWritable,
     OutboxLimits,
     OutMessage,
@@ -245,3 +248,49 @@ def test_outbox_limit_keeps_state_rows_between_dropped_telemetry(tmp_path):
             ("state", b'{"n":2,"seq":1}'), ("tele", b'{"n":4,"seq":3}'), ("tele", b'{"n":5,"seq":4}'),
             ("tele", b'{"n":6,"seq":5}')]
         assert store.outbox_stats()["dropped"] == 2
+
+
+DERIVED = DerivedDevice(DeviceId("default", "d1-faults"), "some-model",
+                        (("label", PropertyType.STRING, ""), ("window_end", PropertyType.INT, "ms")), "from d1")
+
+
+def test_derived_devices_are_read_only_reported_with_versions_and_retired_by_their_owner(twin):
+    """A derived device: registered by sync_derived, its values reported like readings inside a transaction
+    (versions, history), an older `newer` value refused, never writable, left alone by deactivate_devices and
+    retired by the next sync_derived without it. An active device of the YAML keeps its name."""
+    derived = DERIVED.id
+    assert twin.sync_derived([DERIVED]) == []
+    t = twin.device(derived)
+    assert (t.model, t.protocol, t.state, t.state_detail) == ("some-model", DERIVED_PROTOCOL, "ok", "from d1")
+    assert {n: (p.type, p.writable, p.unit) for n, p in t.properties.items()} == {
+        "label": ("STRING", False, ""), "window_end": ("INT", False, "ms")}
+    with pytest.raises(TwinError):
+        twin.report_derived(derived, {"label": "x", "window_end": 1})
+    with twin.transaction():
+        assert twin.report_derived(derived, {"label": "spike", "window_end": 2000}, ts=5000, newer="window_end")
+        assert twin.report_derived(derived, {"label": "normal", "window_end": 2000}, ts=6000, newer="window_end")
+        assert not twin.report_derived(derived, {"label": "stuck", "window_end": 1000}, ts=7000, newer="window_end")
+        assert not twin.report_derived(D1, {"temperature": 1.0})  # not a derived device: untouched
+    label = twin.device(derived).properties["label"]
+    assert (label.reported, label.reported_version, label.reported_ts, label.quality) == ("normal", 2, 6000, GOOD)
+    assert twin.history(derived, "label") == [(5000, "spike", GOOD), (6000, "normal", GOOD)]
+    assert twin.device(derived).last_reading_ts == 6000
+    assert twin.device(D1).properties["temperature"].reported is None
+    with pytest.raises(NotWritable):
+        twin.set_desired(derived, "label", "stuck")
+
+    with twin.transaction():  # a failure rolls the report back with the rest
+        twin.report_derived(derived, {"label": "drift", "window_end": 3000}, newer="window_end")
+    with pytest.raises(RuntimeError), twin.transaction():
+        twin.report_derived(derived, {"label": "noise", "window_end": 4000}, newer="window_end")
+        raise RuntimeError("boom")
+    assert twin.device(derived).properties["label"].reported == "drift"
+
+    twin.deactivate_devices([D1])
+    assert derived in twin.device_ids() and DeviceId("default", "d2") not in twin.device_ids()
+    assert twin.sync_derived([]) == []
+    assert derived not in twin.device_ids() and twin.device(derived).state == "offline"
+    assert twin.sync_derived([DERIVED]) == [] and derived in twin.device_ids()
+    assert twin.device(derived).properties["label"].reported == "drift"  # values survive a re-registration
+    assert twin.sync_derived([DerivedDevice(D1, "m", (), None)]) == [D1]
+    assert twin.device(D1).protocol != DERIVED_PROTOCOL and derived not in twin.device_ids()

@@ -117,6 +117,21 @@ _CHUNKS = (128, 64, 32, 16, 8, 4, 2, 1)
 # Outbox ids are reserved on disk this many at a time (see m004 in twin/migrations.py).
 OUTBOX_ID_BLOCK = 4096
 
+# The protocol of devices the mapper derives itself (an inference pipeline's decisions, see
+# docs/inference.md): no driver, no YAML, read-only properties. Their owner registers and
+# retires them (sync_derived); deactivate_devices() leaves them alone.
+DERIVED_PROTOCOL = "derived"
+
+
+@dataclass(frozen=True, slots=True)
+class DerivedDevice:
+    """A device the mapper derives itself: its properties are (name, type, unit), all read-only."""
+
+    id: DeviceId
+    model: str
+    properties: tuple[tuple[str, PropertyType, str], ...]
+    detail: str | None = None
+
 
 class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
@@ -271,8 +286,10 @@ class TwinStore:
         return changed
 
     def deactivate_devices(self, keep: Iterable[DeviceId]) -> None:
+        """Devices not in `keep` become inactive (offline); derived devices are left to sync_derived()."""
         keep_ids = {str(k) for k in keep}
-        for (key,) in self.conn.execute("SELECT id FROM devices WHERE active=1").fetchall():
+        for (key,) in self.conn.execute(
+                "SELECT id FROM devices WHERE active=1 AND protocol!=?", (DERIVED_PROTOCOL,)).fetchall():
             if key not in keep_ids:
                 self.conn.execute("UPDATE devices SET active=0, state='offline' WHERE id=?", (key,))
 
@@ -294,6 +311,77 @@ class TwinStore:
         self._commit()
         return rows
 
+    # -- derived devices -------------------------------------------------------------------
+
+    def sync_derived(self, devices: Iterable[DerivedDevice]) -> list[DeviceId]:
+        """Register these derived devices (active, state ok; stored values kept) and retire the
+        other derived devices (inactive, offline), in one transaction.
+
+        Returns the ids refused because an active device of the YAML has that name.
+        """
+        refused = []
+        ts = now_ms()
+        keep: set[str] = set()
+        self._begin()
+        try:
+            for d in devices:
+                key = str(d.id)
+                row = self.conn.execute("SELECT protocol, active FROM devices WHERE id=?", (key,)).fetchone()
+                if row is not None and row[0] != DERIVED_PROTOCOL and row[1]:
+                    refused.append(d.id)
+                    continue
+                keep.add(key)
+                self.conn.execute(
+                    "INSERT INTO devices (id, namespace, name, model, protocol, fingerprint, state, state_detail,"
+                    " state_ts, last_online) VALUES (?,?,?,?,?,NULL,'ok',?,?,?) ON CONFLICT (id) DO UPDATE SET"
+                    " model=excluded.model, protocol=excluded.protocol, fingerprint=NULL, active=1, state='ok',"
+                    " state_detail=excluded.state_detail, state_ts=excluded.state_ts, last_online=excluded.last_online",
+                    (key, d.id.namespace, d.id.name, d.model, DERIVED_PROTOCOL, d.detail, ts, ts),
+                )
+                for name, ptype, unit in d.properties:
+                    self.conn.execute(
+                        "INSERT INTO properties (device_id, name, type, writable, unit) VALUES (?,?,?,0,?)"
+                        " ON CONFLICT (device_id, name) DO UPDATE SET type=excluded.type, writable=0,"
+                        " unit=excluded.unit",
+                        (key, name, ptype.value, unit),
+                    )
+            for (key,) in self.conn.execute(
+                    "SELECT id FROM devices WHERE active=1 AND protocol=?", (DERIVED_PROTOCOL,)).fetchall():
+                if key not in keep:
+                    self.conn.execute(
+                        "UPDATE devices SET active=0, state='offline', state_detail='no longer derived', state_ts=?"
+                        " WHERE id=?", (ts, key))
+        except BaseException:
+            self._rollback()
+            raise
+        self._commit()
+        return refused
+
+    def report_derived(self, device_id: DeviceId, values: dict[str, Value], *, ts: int | None = None,
+                       newer: str | None = None) -> bool:
+        """Report values of a derived device inside the current `transaction()`, like readings
+        (record(): reported value, version + 1, timestamp, good quality, a history row each).
+
+        With `newer` (one of the names), nothing is reported when the stored value of that
+        property is greater than the new one (an older answer arriving late). Returns whether
+        the values were reported; False also when the device is not a derived device.
+        """
+        if not self.conn.in_transaction:
+            raise TwinError("report_derived() must run inside transaction()")
+        key = str(device_id)
+        row = self.conn.execute(
+            "SELECT d.protocol, p.reported FROM devices d LEFT JOIN properties p ON p.device_id=d.id AND p.name=?"
+            " WHERE d.id=?", (newer or "", key)).fetchone()
+        if row is None or row[0] != DERIVED_PROTOCOL:
+            return False
+        if newer is not None and row[1] is not None:
+            stored = _load(row[1])
+            if isinstance(stored, int | float) and stored > values[newer]:
+                return False
+        taken = now_ms() if ts is None else ts
+        self.record([Reading(device_id, name, value, taken) for name, value in values.items()])
+        return True
+
     # -- the hot path ----------------------------------------------------------------------
 
     def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = ()) -> list[OutboxRow]:
@@ -304,6 +392,8 @@ class TwinStore:
         of good readings (as if each had been applied in turn), and the quality is that of
         the property's last reading. Each device's `last_reading_ts` becomes the newest
         reading time seen.
+
+        Inside `transaction()` it joins that transaction (committed or rolled back with it).
         """
         ts = now_ms()
         history: list[Any] = []  # flat: 5 values per reading
@@ -339,7 +429,9 @@ class TwinStore:
                     bad.pop(key, None)
             else:
                 bad[(device, name)] = (quality, r.detail)
-        self._begin()
+        joined = self.conn.in_transaction
+        if not joined:
+            self._begin()
         try:
             execmany = self.conn.executemany
             if good:
@@ -365,9 +457,11 @@ class TwinStore:
             )
             rows = self._enqueue(messages, ts) if messages else []
         except BaseException:
-            self._rollback()
+            if not joined:
+                self._rollback()
             raise
-        self._commit()
+        if not joined:
+            self._commit()
         return rows
 
     def _rollback(self) -> None:

@@ -150,11 +150,13 @@ class InferenceExtension:
         if not wanted and not self.pipelines:
             self.problems = problems
             if first:
+                await self._register({})  # retire the derived devices of a previous run's pipelines
                 log.debug("inference: no pipeline configured")
             return
         old = self.pipelines
         self.problems = problems
         built = await asyncio.to_thread(self._build, wanted, definitions, old)
+        built = await self._register(built)
         added = [pid for pid, p in built.items() if old.get(pid) is not p]
         removed = [pid for pid, p in old.items() if built.get(pid) is not p]
         self.pipelines = built
@@ -181,6 +183,24 @@ class InferenceExtension:
         if added and self._topics is None:
             log.warning("inference: no event bus: decisions stay in the twin and nothing is offloaded")
         self._wake.set()
+
+    async def _register(self, built: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
+        """Each pipeline's derived device in the twin (active, read-only properties); the derived devices
+        of pipelines that are gone become inactive. A pipeline whose name is taken by a device is dropped."""
+        from mapper.inference import records
+
+        devices = [records.derived_device(str(p.id), p.model.info.name, str(p.source)) for p in built.values()]
+        try:
+            refused = await self._twin(lambda s: records.sync_derived(s, devices))
+        except Exception:  # noqa: BLE001 - decisions are still recorded (the table), just not as properties
+            log.exception("inference: cannot register the pipelines' derived devices in the twin")
+            return built
+        for pid in refused:
+            problem = f"pipeline {pid}: a device of that name exists in the twin; give the pipeline another `name`"
+            self.problems.append(problem)
+            log.error("inference: %s; pipeline disabled", problem)
+            built.pop(pid, None)
+        return built
 
     def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
         """service.device_listeners hook (SIGHUP reload, KubeEdge DMI): rebuild pipelines in a task.
@@ -215,7 +235,8 @@ class InferenceExtension:
         reusable = list(old.values())
         for s in wanted:
             depends = self._depends(s, definitions)
-            keep = next((p for p in reusable if p.settings == s and p.depends == depends), None)
+            keep = next((p for p in reusable if p.settings == s and p.depends == depends
+                         and p.id not in definitions), None)
             if keep is not None:
                 reusable.remove(keep)
                 pipeline = keep
@@ -385,6 +406,7 @@ class InferenceExtension:
         created = _now_ms()
         new: list[records.NewDecision] = []
         messages: list[OutMessage] = []
+        reports: list[records.Report] = []
         desired = []
         requests: list[dict[str, Any] | None] = []
         for pipeline, o in outcomes:
@@ -399,14 +421,18 @@ class InferenceExtension:
                 m, ds = pipeline.act(d, self._topics)
                 messages += m
                 desired += ds
+                reports.append(pipeline.report(d))
             new.append(records.NewDecision(
                 str(pipeline.id), str(pipeline.source), o.window.start_ms, o.window.end_ms,
                 request["id"] if request else None, o.audit, records.FINAL if o.exit else records.PENDING,
                 o.label if o.exit else None, o.confidence if o.exit else None, "edge" if o.exit else None,
                 o.label, o.confidence, orjson.dumps(request) if request else None))
-        row_ids, rows = await self._twin(lambda s: records.insert(s, new, messages))
+        row_ids, rows = await self._twin(lambda s: records.insert(s, new, messages, reports))
         for (pipeline, o), row_id, request in zip(outcomes, row_ids, requests, strict=True):
             if request is None:
+                continue
+            if self.pipelines.get(pipeline.id) is not pipeline:  # dropped by a device update meanwhile
+                self._remember(self._expired, request["id"])
                 continue
             s = pipeline.settings
             self._waiting[request["id"]] = Waiting(
@@ -461,8 +487,9 @@ class InferenceExtension:
                 async with asyncio.timeout(min(wait_s, 60.0)):
                     await self._wake.wait()
 
-    def _stand(self, request_id: str, w: Waiting) -> tuple[list[OutMessage], list[Any], Any]:
-        """The edge answer of a pending request stands, provisional: messages, desired values, row update."""
+    def _stand(self, request_id: str, w: Waiting) -> tuple[list[OutMessage], list[Any], Any, Any]:
+        """The edge answer of a pending request stands, provisional: messages, desired values, row update,
+        derived device report."""
         from mapper.inference import records
         from mapper.inference.pipeline import Decision
         from mapper.inference.window import Window
@@ -473,21 +500,22 @@ class InferenceExtension:
                      request_id)
         m, ds = w.pipeline.act(d, self._topics)
         return m, ds, records.DecisionUpdate(w.row_id, status=records.PROVISIONAL, label=w.edge_label,
-                                             confidence=w.edge_confidence, exit="edge")
+                                             confidence=w.edge_confidence, exit="edge"), w.pipeline.report(d)
 
     async def _provisional(self, given_up: list[tuple[str, Waiting]]) -> None:
         """Requests no longer waited for: those still pending get their edge answer, provisional."""
         from mapper.inference import records
 
-        updates, messages, desired = [], [], []
+        updates, messages, desired, reports = [], [], [], []
         for request_id, w in given_up:
             if w.status == "pending":
-                m, ds, u = self._stand(request_id, w)
+                m, ds, u, r = self._stand(request_id, w)
                 messages += m
                 desired += ds
                 updates.append(u)
+                reports.append(r)
         if updates or messages:
-            rows = await self._twin(lambda s: records.update(s, updates, messages))
+            rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
             self._offer(rows)
         await self._set_desired(desired)
 
@@ -496,29 +524,31 @@ class InferenceExtension:
             return
         from mapper.inference import records
 
-        updates, messages, desired = [], [], []
+        updates, messages, desired, reports = [], [], [], []
         for request_id, w in list(self._waiting.items()):
             if now >= w.expires_ms:
                 del self._waiting[request_id]
                 self._remember(self._expired, request_id)
                 w.pipeline.stats.counts["expired"] += 1
                 if w.status == "pending":  # the deadline never ran (restored late): the edge answer stands
-                    m, ds, u = self._stand(request_id, w)
+                    m, ds, u, r = self._stand(request_id, w)
                     messages += m
                     desired += ds
                     updates.append(u)
+                    reports.append(r)
                 continue
             if w.status == "pending" and now >= w.deadline_ms:
-                m, ds, u = self._stand(request_id, w)
+                m, ds, u, r = self._stand(request_id, w)
                 messages += m
                 desired += ds
                 updates.append(u)
+                reports.append(r)
             if w.body is not None and now >= w.next_send_ms and self._bus_connected():
                 w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
                 w.pipeline.stats.counts["resent"] += 1
                 messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload", sequenced=False))
         if updates or messages:
-            rows = await self._twin(lambda s: records.update(s, updates, messages))
+            rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
             self._offer(rows)
         await self._set_desired(desired)
 
@@ -599,6 +629,7 @@ class InferenceExtension:
         stats.round_trip_ms.append(now - w.created_ms)
         messages: list[OutMessage] = []
         desired = []
+        reports = []
         if w.audit:
             stats.counts["audit_agree" if label == w.edge_label else "audit_disagree"] += 1
             update = records.DecisionUpdate(w.row_id, cloud_label=label, cloud_confidence=confidence)
@@ -608,9 +639,10 @@ class InferenceExtension:
             d = Decision(label, confidence, "cloud", False, Window((), w.window_start, w.window_end), result.id,
                          replaces_provisional=replaces)
             messages, desired = w.pipeline.act(d, self._topics)
+            reports.append(w.pipeline.report(d))
             update = records.DecisionUpdate(w.row_id, status=records.FINAL, label=label, confidence=confidence,
                                             exit="cloud", cloud_label=label, cloud_confidence=confidence)
-        rows = await self._twin(lambda s: records.update(s, [update], messages))
+        rows = await self._twin(lambda s: records.update(s, [update], messages, reports))
         self._offer(rows)
         await self._set_desired(desired)
         return None

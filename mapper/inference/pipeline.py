@@ -23,6 +23,7 @@ from eventbus.topics import Topics
 from mapper.inference import policy
 from mapper.inference.codec import OffloadRequest
 from mapper.inference.model import EarlyExitModel
+from mapper.inference.records import Report
 from mapper.inference.settings import AlertAction, PipelineSettings, PublishAction, SetDesiredAction
 from mapper.inference.window import Window, WindowBuilder
 from twin.store import OutMessage
@@ -129,6 +130,9 @@ class Pipeline:
         self.threshold = settings.threshold if settings.threshold is not None else info.threshold
         if definition is None:
             raise PipelineError(f"pipeline {self.id}: device {self.source} is not defined on this node")
+        if self.id in definitions:
+            raise PipelineError(f"pipeline {self.id}: its derived device would have the name of a device "
+                                "on this node; give the pipeline another `name`")
         cycles = []
         for name in self.properties:
             if not definition.has_property(name):
@@ -199,6 +203,11 @@ class Pipeline:
         return self.model.info.classes[index], float(probs[index])
 
     # -- actions ---------------------------------------------------------------------------
+
+    def report(self, decision: Decision) -> Report:
+        """The decision as the derived device's properties (recorded with the decision)."""
+        return Report(str(self.id), decision.label, decision.confidence, decision.exit, decision.provisional,
+                      decision.window.end_ms)
 
     def act(self, decision: Decision, topics: Topics | None) -> tuple[list[OutMessage], list[DesiredSet]]:
         """Messages (publish, alert) and desired values (closed loop) for one decision."""

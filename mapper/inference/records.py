@@ -1,8 +1,14 @@
-"""Decisions in the twin file (table `inference_decisions`, migration m003 in twin/migrations.py).
+"""Decisions in the twin file (table `inference_decisions`, migration m003 in twin/migrations.py),
+and the latest one as read-only properties of the pipeline's derived device.
 
 Every function takes the TwinStore and runs on the twin thread (`service.twin(fn)`). A change
-to a decision and the messages it causes are one transaction, like a reading and its
-telemetry: `TwinStore.transaction()` around the decision rows and `TwinStore.enqueue(...)`.
+to a decision, the derived device's properties and the messages it causes are one transaction,
+like a reading and its telemetry: `TwinStore.transaction()` around the decision rows,
+`TwinStore.report_derived(...)` and `TwinStore.enqueue(...)`.
+
+The derived device (`<ns>/<pipeline name>`, protocol `derived`) shows the decision of the newest
+window: a decision for an older window than the one shown (a final cloud answer arriving after
+later windows were decided) updates its row but not the properties.
 """
 
 from __future__ import annotations
@@ -11,9 +17,41 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twin.store import OutboxRow, OutMessage, TwinStore, now_ms
+from devices.ids import DeviceId
+from devices.values import PropertyType, Value
+from twin.store import DerivedDevice, OutboxRow, OutMessage, TwinStore, now_ms
 
 PENDING, PROVISIONAL, FINAL = "pending", "provisional", "final"
+
+# The derived device's properties (all read-only): the latest decision.
+DERIVED_PROPERTIES: tuple[tuple[str, PropertyType, str], ...] = (
+    ("label", PropertyType.STRING, ""),
+    ("confidence", PropertyType.FLOAT, ""),
+    ("exit", PropertyType.STRING, ""),            # edge | cloud
+    ("provisional", PropertyType.BOOLEAN, ""),
+    ("window_end", PropertyType.INT, "ms"),       # the window's last step: newer windows win
+)
+ORDER_BY = "window_end"
+
+
+def derived_device(pipeline: str, model: str, source: str) -> DerivedDevice:
+    return DerivedDevice(DeviceId.parse(pipeline), model, DERIVED_PROPERTIES, f"inference pipeline on {source}")
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    """A decision as the derived device's properties."""
+
+    pipeline: str
+    label: str
+    confidence: float
+    exit: str
+    provisional: bool
+    window_end: int
+
+    def values(self) -> dict[str, Value]:
+        return {"label": self.label, "confidence": self.confidence, "exit": self.exit,
+                "provisional": self.provisional, "window_end": self.window_end}
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,16 +82,30 @@ class DecisionUpdate:
     cloud_confidence: float | None = None
 
 
-def _transaction(store: TwinStore, work, messages: Sequence[OutMessage]) -> tuple[Any, list[OutboxRow]]:  # noqa: ANN001
+def _transaction(store: TwinStore, work, messages: Sequence[OutMessage], reports: Sequence[Report] = ()  # noqa: ANN001
+                 ) -> tuple[Any, list[OutboxRow]]:
     with store.transaction():
         result = work()
+        report(store, reports)
         rows = store.enqueue(messages)
     return result, rows
 
 
-def insert(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequence[OutMessage]
-           ) -> tuple[list[int], list[OutboxRow]]:
-    """Insert decisions (and queue their messages); returns the new row ids and outbox rows."""
+def report(store: TwinStore, reports: Sequence[Report]) -> int:
+    """Inside a transaction: decisions as their derived devices' properties (unless a newer window's
+    decision is shown already). Returns how many were applied."""
+    ts = now_ms()
+    return sum(store.report_derived(DeviceId.parse(r.pipeline), r.values(), ts=ts, newer=ORDER_BY) for r in reports)
+
+
+def sync_derived(store: TwinStore, devices: Sequence[DerivedDevice]) -> list[DeviceId]:
+    """Register the pipelines' derived devices, retire the others; returns names refused (a device's)."""
+    return store.sync_derived(devices)
+
+
+def insert(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequence[OutMessage],
+           reports: Sequence[Report] = ()) -> tuple[list[int], list[OutboxRow]]:
+    """Insert decisions (report them, queue their messages); returns the new row ids and outbox rows."""
     ts = now_ms()
 
     def work() -> list[int]:
@@ -69,10 +121,11 @@ def insert(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequenc
             ids.append(int(cur.lastrowid))
         return ids
 
-    return _transaction(store, work, messages)
+    return _transaction(store, work, messages, reports)
 
 
-def update(store: TwinStore, updates: Sequence[DecisionUpdate], messages: Sequence[OutMessage]) -> list[OutboxRow]:
+def update(store: TwinStore, updates: Sequence[DecisionUpdate], messages: Sequence[OutMessage],
+           reports: Sequence[Report] = ()) -> list[OutboxRow]:
     ts = now_ms()
 
     def work() -> None:
@@ -87,7 +140,7 @@ def update(store: TwinStore, updates: Sequence[DecisionUpdate], messages: Sequen
                 (u.status, u.label, u.confidence, u.exit, u.cloud_label, u.cloud_confidence, u.cloud_label,
                  u.label, ts, u.status, ts, u.row_id))
 
-    return _transaction(store, work, messages)[1]
+    return _transaction(store, work, messages, reports)[1]
 
 
 def enqueue(store: TwinStore, messages: Sequence[OutMessage]) -> list[OutboxRow]:
