@@ -44,7 +44,8 @@ class TwinSettings(_Section):
     synchronous: Literal["FULL", "NORMAL", "EXTRA"] = "FULL"
     history_rows: int = Field(default=200_000, ge=100)
     history_age_s: int = Field(default=7 * 86_400, ge=60)
-    # A batch is committed when it holds batch_max readings or is batch_delay_ms old.
+    # Group commit (mapper/recorder.py): at once while the mapper is not busy; when busy, a batch is
+    # committed when it holds batch_max readings or is batch_delay_ms old.
     batch_max: int = Field(default=500, ge=1)
     batch_delay_ms: int = Field(default=20, ge=0)
     outbox_max_rows: int = Field(default=200_000, ge=100)

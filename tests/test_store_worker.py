@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 from devices.ids import DeviceId
 from devices.loader import load
 from mapper.store_worker import StoreWorker
@@ -34,3 +36,40 @@ async def test_known_version_changes_only_when_another_process_commits(tmp_path)
         assert worker.known_version() == second
         assert [(c.device_id, c.property, c.value) for c in await worker.call(lambda s: s.pending_desired())] == [
             (LAMP, "power", True)]
+
+
+async def test_group_commit_does_not_wait_for_the_batch_timer_unless_busy(tmp_path):
+    """Not busy: a lone reading is committed at once, though batch_delay is a minute. Busy (a batch
+    of BUSY_BATCH or more just went by): small batches wait for company, a full one goes at once."""
+    import asyncio
+
+    from mapper.recorder import BUSY_BATCH, Recorder
+
+    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as setup:
+        setup.sync_devices(definitions.values())
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        recorder = Recorder(worker, batch_max=BUSY_BATCH * 2, batch_delay_s=60.0)
+        commits: asyncio.Queue[int] = asyncio.Queue()
+        recorder.on_commit = lambda batch: commits.put_nowait(len(batch))
+        task = asyncio.create_task(recorder.run())
+        try:
+            recorder.add(Reading(LAMP, "count", 1, 1_000))
+            assert await asyncio.wait_for(commits.get(), 5) == 1  # far sooner than the 60 s delay
+            for i in range(BUSY_BATCH):
+                recorder.add(Reading(LAMP, "count", i, 2_000 + i))
+            assert await asyncio.wait_for(commits.get(), 5) == BUSY_BATCH  # added at once: one batch
+            # Busy now: a lone reading waits for company (the loop runs the recorder in between,
+            # which would commit it alone if it did not wait), and a full batch goes at once.
+            recorder.add(Reading(LAMP, "count", 0, 3_000))
+            for _ in range(5):
+                await asyncio.sleep(0)
+            for i in range(1, BUSY_BATCH * 2):
+                recorder.add(Reading(LAMP, "count", i, 3_000 + i))
+            assert await asyncio.wait_for(commits.get(), 5) == BUSY_BATCH * 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [BUSY_BATCH * 2 - 1]
