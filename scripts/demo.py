@@ -168,6 +168,9 @@ def main() -> int:
         twin = subprocess.run([sys.executable, "-m", "mapper", "twin", "get", "room-sensor", "--config", str(config)],
                               capture_output=True, text=True, cwd=ROOT)
         print(twin.stdout, end="")
+        derived = subprocess.run([sys.executable, "-m", "mapper", "twin", "get", "room-sensor-faulty-sensor-faults",
+                                  "--config", str(config)], capture_output=True, text=True, cwd=ROOT)
+        print(derived.stdout, end="")
         if view.decisions:
             say("inference decisions seen: " + ", ".join(f"{n} at the {k} exit" for k, n in sorted(view.decisions.items())))
     say("demo stopped: mapper, worker and broker stopped; the twin stays in state/demo/twin.db")

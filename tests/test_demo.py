@@ -24,4 +24,6 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     assert "infer  room-sensor-faulty-sensor-faults: " in out
     assert "(edge exit, confidence " in out
     assert "(cloud exit, confidence " in out
+    # The latest decision is also in the twin, as the pipeline's derived device.
+    assert "default/room-sensor-faulty-sensor-faults  model=" in out and "protocol=derived" in out
     assert "demo stopped" in out
