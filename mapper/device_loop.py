@@ -90,6 +90,8 @@ class DeviceRunner:
         self._desired_event = asyncio.Event()
         self._io_lock = asyncio.Lock()
         self._opened = False
+        # Set once the driver's first open() attempt has returned, opened or not (systemd READY waits for it).
+        self.first_open_done = asyncio.Event()
         self._twin = twin
         # Change-driven reads: settle timers per property, then the properties due for a read.
         self._settling: dict[str, asyncio.TimerHandle] = {}
@@ -125,10 +127,12 @@ class DeviceRunner:
                 async with self._io_lock:
                     await self._call(self.driver.open)
                 self._opened = True
+                self.first_open_done.set()
                 return
             except Exception as exc:  # noqa: BLE001 - any driver failure: report, back off, retry
                 attempt += 1
                 await self._set_state(OFFLINE, f"cannot open: {exc}")
+                self.first_open_done.set()
                 await asyncio.sleep(self._backoff(attempt))
 
     def close(self) -> None:

@@ -105,6 +105,7 @@ class MapperService:
                         self.start_device(definition, tg)
                     for ext in self.extensions:
                         tg.create_task(ext.run(self), name=type(ext).__name__)
+                    await self._first_opens()
                     log.info(
                         "mapper %s running: %d device(s), %d refused, twin %s",
                         self.config.node, len(self.runners), len(self.refused), t.path,
@@ -117,6 +118,17 @@ class MapperService:
                 pass
             finally:
                 await self._shutdown()
+
+    async def _first_opens(self, limit_s: float = 30.0) -> None:
+        """Wait (bounded) until every driver's first open() attempt returned: "running" means started."""
+        waits = [r.first_open_done.wait() for r in self.runners.values()]
+        if waits:
+            try:
+                async with asyncio.timeout(limit_s):
+                    await asyncio.gather(*waits)
+            except TimeoutError:
+                slow = [str(d) for d, r in self.runners.items() if not r.first_open_done.is_set()]
+                log.warning("still opening after %g s: %s", limit_s, ", ".join(slow))
 
     async def _wind_down(self) -> None:
         """Before the task group is cancelled: stop devices, commit their last readings, and let

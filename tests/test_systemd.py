@@ -186,3 +186,32 @@ def test_bad_notify_socket_is_refused() -> None:
     """A relative NOTIFY_SOCKET is a configuration error, not silently ignored."""
     with pytest.raises(ValueError, match="not an absolute path"):
         Notifier("relative/socket")
+
+
+async def test_service_is_ready_only_after_every_driver_was_opened(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """READY means devices started: a driver still inside open() (a slow sensor bus) holds it back."""
+    from devices.drivers.simulated import SimulatedDriver
+
+    entered, gate = threading.Event(), threading.Event()
+    real_open = SimulatedDriver.open
+
+    def slow_open(self) -> None:  # noqa: ANN001
+        entered.set()
+        assert gate.wait(10), "the test never opened the gate"
+        real_open(self)
+
+    monkeypatch.setattr(SimulatedDriver, "blocking", True)  # open() runs in a worker thread
+    monkeypatch.setattr(SimulatedDriver, "open", slow_open)
+    service = MapperService(config_for(tmp_path))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await to_thread(entered.wait, 10)
+        assert not service.ready.is_set(), "ready while a driver was still opening"
+        gate.set()
+        await asyncio.wait_for(service.ready.wait(), 10)
+        assert all(r.first_open_done.is_set() and r.driver.opened for r in service.runners.values())
+    finally:
+        gate.set()
+        stop.set()
+        await asyncio.wait_for(task, 10)
