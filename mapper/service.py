@@ -42,7 +42,8 @@ class MapperService:
         self._tg: asyncio.TaskGroup | None = None
         # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
-        # service's task group) and `async shutdown(service)` (after devices stopped).
+        # service's task group) and `async shutdown(service)` (after devices stopped); optionally
+        # `stop_requested` (first thing on a stop) and `before_stop` (devices stopped, tasks running).
         self.extensions: list[Any] = []
         # Called on every device state change; the messages they return are queued in the same transaction.
         self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Iterable[OutMessage]]] = []
@@ -133,6 +134,11 @@ class MapperService:
     async def _wind_down(self) -> None:
         """Before the task group is cancelled: stop devices, commit their last readings, and let
         extensions that need the running tasks (the event bus draining its outbox) finish."""
+        for ext in self.extensions:
+            stop_requested = getattr(ext, "stop_requested", None)
+            if stop_requested is not None:
+                with contextlib.suppress(Exception):
+                    await stop_requested(self)
         for device_id in list(self._tasks):
             await self.stop_device(device_id)
         if self.recorder is not None:

@@ -123,6 +123,10 @@ class SystemdExtension:
             self._stopping()
             raise
 
+    async def stop_requested(self, service: MapperService) -> None:
+        """SIGTERM arrived: tell systemd before the devices are stopped and the outbox drains."""
+        self._stopping()
+
     async def shutdown(self, service: MapperService) -> None:
         self._stopping()
         self.notifier.notify("STATUS=stopped")

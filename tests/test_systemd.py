@@ -215,3 +215,60 @@ async def test_service_is_ready_only_after_every_driver_was_opened(tmp_path: Pat
         gate.set()
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_stopping_is_sent_before_the_devices_are_stopped(tmp_path: Path, listener: NotifyListener,
+                                                               monkeypatch) -> None:  # noqa: ANN001
+    """STOPPING=1 goes out as soon as the stop is requested, while drivers are still being closed."""
+    from devices.drivers.simulated import SimulatedDriver
+
+    stopping_seen, gate = threading.Event(), threading.Event()
+    seen_when_closing: list[bool] = []
+    real_close = SimulatedDriver.close
+
+    def watch() -> None:
+        try:
+            listener.wait_for("STOPPING=1", timeout=10)
+            stopping_seen.set()
+        finally:
+            gate.set()
+
+    def close(self) -> None:  # noqa: ANN001 - runs on the loop: holds the stop until STOPPING=1 is out
+        gate.wait(15)
+        seen_when_closing.append(stopping_seen.is_set())
+        real_close(self)
+
+    monkeypatch.setattr(SimulatedDriver, "close", close)
+    service = MapperService(config_for(tmp_path))
+    service.extensions.append(SystemdExtension(Notifier(listener.address), status_every_s=60))
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    watcher.join(15)
+    assert seen_when_closing and all(seen_when_closing), seen_when_closing
+
+
+@pytest.mark.parametrize(("journal", "first"), [("8:1234", "<3>ERROR mapper.device: sensor gone"), (None, None)])
+def test_log_lines_carry_the_journal_priority_under_systemd(journal: str | None, first: str | None) -> None:
+    """Under journald each line starts with its syslog priority (so `journalctl -p err` filters);
+    elsewhere lines carry a timestamp and no prefix."""
+    env = {k: v for k, v in os.environ.items() if k != "JOURNAL_STREAM"}
+    if journal:
+        env["JOURNAL_STREAM"] = journal
+    code = ("import logging; from mapper import logs; logs.setup('info');"
+            "logging.getLogger('mapper.device').error('sensor gone');"
+            "logging.getLogger('mapper.device').warning('slow');"
+            "logging.getLogger('mapper.device').info('ok');"
+            "logging.getLogger('mapper.device').debug('hidden')")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=30, check=True)
+    lines = done.stderr.splitlines()
+    assert len(lines) == 3, lines
+    if first:
+        assert lines == [first, "<4>WARNING mapper.device: slow", "<6>INFO mapper.device: ok"]
+    else:
+        assert all(not line.startswith("<") and " ERROR " in lines[0] for line in lines), lines
