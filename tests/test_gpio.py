@@ -361,6 +361,37 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
     assert driver.pins.in_use() == []  # released on shutdown
 
 
+async def test_reload_releases_the_pins_of_a_changed_device(tmp_path: Path) -> None:
+    """SIGHUP with the relay moved from pin 18 to 19: the old driver lets go of 18, the new one holds 19."""
+    from mapper.cli import reload_devices
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "model.yaml").write_text(MODEL)
+    relay = device_yaml("io", RELAY % "{pin: 18, direction: out}").replace("visitors:", "collectCycle: 50\n    visitors:")
+    (devices / "io.yaml").write_text(relay)
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    await asyncio.wait_for(service.ready.wait(), 10)
+    device = DeviceId("default", "io")
+    try:
+        old = service.runners[device].driver
+        assert old.pins.in_use() == [18]
+        (devices / "io.yaml").write_text(relay.replace("pin: 18", "pin: 19"))
+        assert await reload_devices(service, config)
+        await asyncio.wait_for(service.runners[device].first_open_done.wait(), 10)
+        new = service.runners[device].driver
+        assert new is not old
+        assert old.pins.in_use() == []
+        assert new.pins.in_use() == [19]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    assert new.pins.in_use() == []
+
+
 # -- reported on change ---------------------------------------------------------------------
 
 
