@@ -69,6 +69,8 @@ class EventBusExtension:
         self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight)
         service.recorder.message_factory = self.telemetry
         service.recorder.on_outbox = self.publisher.offer
+        service.recorder.take_acks = self.publisher.take_acked
+        service.recorder.return_acks = self.publisher.return_acked
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it

@@ -31,7 +31,7 @@ PAGE = 1_000
 
 
 class OutboxPublisher:
-    def __init__(self, bus: MqttBus, worker: StoreWorker, *, max_inflight: int = 100, ack_delay_s: float = 0.05,
+    def __init__(self, bus: MqttBus, worker: StoreWorker, *, max_inflight: int = 100, ack_delay_s: float = 2.0,
                  ack_timeout_s: float = 30.0) -> None:
         self._bus = bus
         self._worker = worker
@@ -98,6 +98,16 @@ class OutboxPublisher:
         self._room.set()
         if not self._inflight and not self._live and not self._backlog:
             self.idle.set()
+
+    def take_acked(self) -> list[int]:
+        """Hand over the acknowledged row ids, for the recorder to delete in its next transaction."""
+        ids, self._acked = self._acked, []
+        return ids
+
+    def return_acked(self, ids: list[int]) -> None:
+        """The transaction that took them failed: they are deleted later, here or by the next one."""
+        self._acked[:0] = ids
+        self._ack_first.set()
 
     def _on_lost(self) -> None:
         self._failed.set()
@@ -184,7 +194,9 @@ class OutboxPublisher:
     async def _ack_loop(self) -> None:
         """Delete acknowledged rows `ack_delay_s` after the first ack of a batch, or at 500 acks.
 
-        Sleeps while nothing was acknowledged: an idle mapper must not wake 20 times a second.
+        While readings flow, the recorder takes the acknowledged ids into its own transaction
+        first (take_acked), so this loop mostly finds nothing to do: it is the fallback for a
+        mapper that stopped recording. Sleeps while nothing was acknowledged.
         """
         while True:
             await self._ack_first.wait()

@@ -41,6 +41,9 @@ class Recorder:
         self.message_factory: MessageFactory | None = None
         self.on_outbox: Callable[[list[OutboxRow]], None] | None = None
         self.on_commit: Callable[[list[Reading]], None] | None = None
+        # The publisher's acknowledged outbox rows ride along in the next transaction.
+        self.take_acks: Callable[[], list[int]] | None = None
+        self.return_acks: Callable[[list[int]], None] | None = None
 
     def add(self, reading: Reading) -> None:
         self._pending.append(reading)
@@ -76,11 +79,14 @@ class Recorder:
                 self._has_data.clear()
                 self._full.clear()
             messages = list(self.message_factory(batch)) if self.message_factory else []
+            sent = self.take_acks() if self.take_acks else []
             try:
-                rows = await self._worker.call(lambda store: store.record(batch, messages))
+                rows = await self._worker.call(lambda store: store.record(batch, messages, sent))
             except BaseException:
                 self._pending[:0] = batch  # not committed: keep it, in order
                 self._has_data.set()
+                if sent and self.return_acks:
+                    self.return_acks(sent)
                 raise
             self.committed += len(batch)
             self._last_batch = len(batch)

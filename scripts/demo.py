@@ -139,6 +139,11 @@ def main() -> int:
         try:
             worker = write_worker_config(broker)
             processes.append(start(["cloud-worker", "--config", str(worker)], STATE / "worker.log"))
+            # Requests sent before the worker subscribed would wait for the mapper's resend (10 s).
+            deadline = time.monotonic() + 30
+            while (time.monotonic() < deadline and not stop.is_set()
+                   and "subscribed to" not in (STATE / "worker.log").read_text(errors="replace")):
+                stop.wait(0.1)
             say(f"cloud worker running (deep half of models/sensor_faults, log {(STATE / 'worker.log').relative_to(ROOT)})")
             processes.append(start(["run", "--config", str(config)], STATE / "mapper.log"))
             say(f"mapper running (config {config.relative_to(ROOT)}, log {(STATE / 'mapper.log').relative_to(ROOT)})")

@@ -125,6 +125,18 @@ def test_acknowledged_rows_are_deleted_and_durability_is_restored(tmp_path, conf
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
 
 
+def test_record_deletes_acknowledged_rows_in_the_same_transaction(tmp_path, twin):
+    """Acks ride along with the next batch: one commit, the outbox and its counts follow."""
+    first = twin.record([], [OutMessage("t/a", {"v": i}) for i in range(3)])
+    rows = twin.record([Reading(D1, "count", 7, 1_000)], [OutMessage("t/a", {"v": 3})],
+                       sent=[first[0].id, first[1].id])
+    assert [r.id for r in twin.outbox_pending()] == [first[2].id, rows[0].id]
+    assert twin.outbox_stats()["depth"] == 2 == twin._outbox_rows  # noqa: SLF001 - the in-memory count matches
+    with pytest.raises(TypeError):  # a batch that fails after the delete rolls it back too
+        twin.record([Reading(D1, "count", 8, 2_000)], [OutMessage("t/a", {"v": object()})], sent=[first[2].id])
+    assert [r.id for r in twin.outbox_pending()] == [first[2].id, rows[0].id]
+
+
 def test_outbox_limit_drops_oldest_telemetry_only(tmp_path):
     """Over the row limit the oldest telemetry goes; twin replies are never dropped; drops are counted."""
     with TwinStore.open(tmp_path / "o.db", outbox=OutboxLimits(max_rows=5)) as store:

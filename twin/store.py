@@ -384,7 +384,8 @@ class TwinStore:
 
     # -- the hot path ----------------------------------------------------------------------
 
-    def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = ()) -> list[OutboxRow]:
+    def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = (),
+               sent: Sequence[int] = ()) -> list[OutboxRow]:
         """Commit a batch of readings and the messages they cause, in one transaction.
 
         Every reading is a history row. Per property, the batch is folded into one UPDATE:
@@ -394,6 +395,8 @@ class TwinStore:
         reading time seen.
 
         Inside `transaction()` it joins that transaction (committed or rolled back with it).
+        `sent`: outbox rows the broker acknowledged meanwhile, deleted in the same transaction
+        (one commit a second instead of two on a quiet Pi).
         """
         ts = now_ms()
         history: list[Any] = []  # flat: 5 values per reading
@@ -455,6 +458,8 @@ class TwinStore:
                 "UPDATE devices SET last_reading_ts=max(coalesce(last_reading_ts, 0), ?) WHERE id=?",
                 [(t, k) for k, t in last.items()],
             )
+            if sent:
+                self._delete_rows(sent)
             rows = self._enqueue(messages, ts) if messages else []
         except BaseException:
             if not joined:
@@ -581,21 +586,25 @@ class TwinStore:
     def _delete_sent(self, ids: Sequence[int]) -> None:
         self._begin()
         try:
-            deleted_bytes = 0
-            for chunk_start in range(0, len(ids), 500):
-                chunk = ids[chunk_start : chunk_start + 500]
-                marks = ",".join("?" * len(chunk))
-                row = self.conn.execute(
-                    f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE id IN ({marks})", chunk
-                ).fetchone()
-                self.conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
-                self._outbox_rows -= row[0]
-                deleted_bytes += row[1]
-            self._outbox_bytes -= deleted_bytes
+            self._delete_rows(ids)
         except BaseException:
             self._rollback()
             raise
         self._commit()
+
+    def _delete_rows(self, ids: Sequence[int]) -> None:
+        """Delete outbox rows inside the current transaction (the caller rolls back on error)."""
+        deleted_bytes = 0
+        for chunk_start in range(0, len(ids), 500):
+            chunk = ids[chunk_start : chunk_start + 500]
+            marks = ",".join("?" * len(chunk))
+            row = self.conn.execute(
+                f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE id IN ({marks})", chunk
+            ).fetchone()
+            self.conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+            self._outbox_rows -= row[0]
+            deleted_bytes += row[1]
+        self._outbox_bytes -= deleted_bytes
 
     def outbox_stats(self) -> dict[str, int]:
         rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
