@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from textwrap import dedent
 from typing import TypeVar
@@ -72,6 +73,40 @@ spec:
 """
 
 
+# A DHT-like probe with injected faults (models/faults.py), the input of the sensor_faults pipeline.
+FAULTY_PROBE = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: dht-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
+    - {name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: dht-model}
+  protocol:
+    protocolName: simulated
+    configData: {seed: 3, faults: {rate: 0.05, seed: 5}}
+  properties:
+    - name: temperature
+      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}
+      collectCycle: {cycle}
+    - name: humidity
+      visitors: {protocolName: simulated, configData: {kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}
+      collectCycle: {cycle}
+"""
+
+
+def faulty_probe_yaml(cycle: int) -> str:
+    """The faulty probe read every `cycle` ms (the inference tests and benchmark)."""
+    return FAULTY_PROBE.replace("{cycle}", str(cycle))
+
+
 def device_yaml(name: str, *, model: str = "thing-model", cycle: int = 50, config: str = "{}") -> str:
     return DEVICE.format(name=name, model=model, cycle=cycle, config=config)
 
@@ -127,3 +162,27 @@ async def async_wait_for(check: Callable[[], T], timeout: float = 10.0, interval
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+@contextlib.asynccontextmanager
+async def running_service(config, *, prepare: Callable | None = None, build: Callable | None = None,  # noqa: ANN001
+                          timeout: float = 10.0) -> AsyncIterator:
+    """A MapperService (or `build(config)`) running in this event loop until the block ends.
+
+    `prepare(service)` runs before it starts (to add listeners). Ready within `timeout`, and
+    stopped and awaited on the way out.
+    """
+    from mapper.service import MapperService
+
+    service = (build or MapperService)(config)
+    if prepare is not None:
+        prepare(service)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        async with asyncio.timeout(timeout):
+            await service.ready.wait()
+        yield service
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, timeout)

@@ -43,7 +43,9 @@ def retained(broker: MosquittoBroker, topic: str) -> bytes:
         return fresh.next_message(10).payload
 
 
-def test_node_online_while_running_and_offline_after_a_clean_stop(broker, tmp_path, node):
+@pytest.mark.parametrize("ending", ["clean stop", "crash"])
+def test_node_online_while_running_and_offline_after_it_ends(broker, tmp_path, node, ending):
+    """A clean stop publishes `offline` itself; after SIGKILL the broker publishes the last will."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
     node_topic = f"mapper/{node}/availability"
     with broker.client("app") as app:
@@ -51,19 +53,10 @@ def test_node_online_while_running_and_offline_after_a_clean_stop(broker, tmp_pa
         with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
             assert next_payload(app, node_topic) == b"online"
             assert retained(broker, f"mapper/{node}/default/lamp/availability") == b"online"
-            assert mapper.stop() == 0
-        assert next_payload(app, node_topic) == b"offline"
-    assert retained(broker, node_topic) == b"offline"
-
-
-def test_a_crash_leaves_the_last_will(broker, tmp_path, node):
-    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
-    node_topic = f"mapper/{node}/availability"
-    with broker.client("app") as app:
-        app.subscribe(node_topic)
-        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
-            assert next_payload(app, node_topic) == b"online"
-            mapper.kill()  # SIGKILL: no clean stop; the broker publishes the will
+            if ending == "clean stop":
+                assert mapper.stop() == 0
+            else:
+                mapper.kill()
             assert next_payload(app, node_topic) == b"offline"
     assert retained(broker, node_topic) == b"offline"
 

@@ -2,33 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 
-import pytest
 
 from devices.ids import DeviceId
 from mapper.config import load_config
-from mapper.service import MapperService
 from twin.store import TwinStore
-from helpers import async_wait_for, write_config, write_devices
+from helpers import async_wait_for, running_service, write_config, write_devices
 
 GOOD1, GOOD2, BROKEN = DeviceId("default", "good1"), DeviceId("default", "good2"), DeviceId("default", "broken")
-
-
-@contextlib.asynccontextmanager
-async def running(config, prepare=None):
-    service = MapperService(config)
-    if prepare:
-        prepare(service)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    try:
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 def reader(config) -> TwinStore:
@@ -39,7 +20,7 @@ async def test_readings_fill_the_twin_and_one_broken_device_does_not_stop_others
     """Healthy devices keep reporting while a broken one becomes unhealthy; its state is in the twin."""
     devices = write_devices(tmp_path / "dev", ["good1", "good2", "broken"], configs={"broken": "{broken: true}"})
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    async with running(config) as service:
+    async with running_service(config) as service:
         with reader(config) as twin:
             def states():
                 return {d: twin.device(d).state for d in (GOOD1, GOOD2, BROKEN)}
@@ -61,7 +42,7 @@ async def test_unhealthy_device_recovers_by_itself(tmp_path):
     def listen(service):
         service.state_listeners.append(lambda definition, state, detail: seen.append(state) or [])
 
-    async with running(config, listen):
+    async with running_service(config, prepare=listen):
         with reader(config) as twin:
             await async_wait_for(lambda: "ok" in seen and "unhealthy" in seen, what="unhealthy then ok")
             await async_wait_for(lambda: twin.device(DeviceId("default", "flaky")).state == "ok", what="ok in twin")
@@ -72,7 +53,7 @@ async def test_desired_is_written_read_back_and_reported(tmp_path):
     """A desired value set in the twin reaches the driver and comes back as reported; the delta goes."""
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=200)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    async with running(config) as service:
+    async with running_service(config) as service:
         with reader(config) as twin:
             twin.set_desired(GOOD1, "power", True)  # another connection, like `mapper twin set`
             assert twin.device(GOOD1).delta() == {"power": True}
@@ -103,7 +84,7 @@ async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatc
     monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
     devices = write_devices(tmp_path / "dev", ["slow", "fast"], cycle=50)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    async with running(config) as service:
+    async with running_service(config) as service:
         fast = service.runners[DeviceId("default", "fast")]
         await async_wait_for(lambda: fast.reads >= 30, timeout=5, what="fast device reads")
         slow = service.runners[DeviceId("default", "slow")]
@@ -127,7 +108,7 @@ async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, 
     monkeypatch.setattr(service_module, "load_driver", lambda protocol: Failing)
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    async with running(config):
+    async with running_service(config):
         with reader(config) as twin:
             await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="unhealthy")
             assert twin.device(GOOD1).state_detail == (

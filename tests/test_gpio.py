@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from contextlib import asynccontextmanager
 from pathlib import Path
 from textwrap import dedent
 
@@ -17,9 +16,8 @@ from devices.loader import load
 from devices.pins import FakePins, PinInUse, PinInvalid, RPiGPIOPins
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
-from helpers import async_wait_for, write_config
+from helpers import async_wait_for, running_service, write_config
 from mapper.config import load_config
-from mapper.service import MapperService
 from twin.records import Reading
 from twin.store import TwinStore
 
@@ -337,12 +335,8 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
         device_yaml("io", RELAY % "{pin: 18, direction: out, active_low: true}").replace(
             "visitors:", "collectCycle: 50\n    visitors:"))
     config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
-    service = MapperService(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
     device = DeviceId("default", "io")
-    try:
+    async with running_service(config) as service:
         driver = service.runners[device].driver
         assert isinstance(driver.pins, FakePins)
         with TwinStore.open(config.twin.path) as store:
@@ -355,9 +349,6 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
 
         await async_wait_for(applied, what="relay reported on")
         assert driver.pins.pin(18).level is False  # active low: on = electrical low
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
     assert driver.pins.in_use() == []  # released on shutdown
 
 
@@ -371,12 +362,8 @@ async def test_reload_releases_the_pins_of_a_changed_device(tmp_path: Path) -> N
     relay = device_yaml("io", RELAY % "{pin: 18, direction: out}").replace("visitors:", "collectCycle: 50\n    visitors:")
     (devices / "io.yaml").write_text(relay)
     config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
-    service = MapperService(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
     device = DeviceId("default", "io")
-    try:
+    async with running_service(config) as service:
         old = service.runners[device].driver
         assert old.pins.in_use() == [18]
         (devices / "io.yaml").write_text(relay.replace("pin: 18", "pin: 19"))
@@ -386,9 +373,6 @@ async def test_reload_releases_the_pins_of_a_changed_device(tmp_path: Path) -> N
         assert new is not old
         assert old.pins.in_use() == []
         assert new.pins.in_use() == [19]
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
     assert new.pins.in_use() == []
 
 
@@ -407,19 +391,6 @@ def cycles(props: str, collect_ms: int, report_ms: int | None = None) -> str:
     report = report_ms if report_ms is not None else collect_ms
     return props.replace(
         "visitors:", f"collectCycle: {collect_ms}\n    reportCycle: {report}\n    reportToCloud: true\n    visitors:")
-
-
-@asynccontextmanager
-async def running_service(config):  # noqa: ANN001, ANN201
-    service = MapperService(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    try:
-        yield service
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 10)
 
 
 IO = DeviceId("default", "io")

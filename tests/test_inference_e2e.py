@@ -20,38 +20,12 @@ from pathlib import Path
 import orjson
 import pytest
 
-from helpers import wait_for
+from helpers import faulty_probe_yaml, wait_for
 from mapper_proc import REPO, MapperProcess
 
 NODE = "e2e-node"
 PIPELINE = "default/probe-sensor-faults"
 
-DEVICES = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: dht-model, namespace: default}
-spec:
-  protocol: simulated
-  properties:
-    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
-    - {name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: probe, namespace: default}
-spec:
-  deviceModelRef: {name: dht-model}
-  protocol:
-    protocolName: simulated
-    configData: {seed: 3, faults: {rate: 0.05, seed: 5}}
-  properties:
-    - name: temperature
-      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}
-      collectCycle: 25
-    - name: humidity
-      visitors: {protocolName: simulated, configData: {kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}
-      collectCycle: 25
-"""
 
 
 def inference_block(deadline_s: float, resend_s: float) -> str:
@@ -148,7 +122,7 @@ def decisions_seen(app, until, timeout: float = 30.0) -> list[dict]:
 def devices(tmp_path):
     d = tmp_path / "devices"
     d.mkdir()
-    (d / "probe.yaml").write_text(DEVICES)
+    (d / "probe.yaml").write_text(faulty_probe_yaml(25))
     return d
 
 

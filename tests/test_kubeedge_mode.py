@@ -14,7 +14,7 @@ import contextlib
 import json
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import pytest
 from brokers import MosquittoBroker, MqttProbe
 from devices.ids import DeviceId
 from dmi_edgecore import FakeEdgecore, device, model
-from helpers import write_devices
+from helpers import running_service, write_devices
 from mapper.config import MapperConfig
 from mapper.dmi.extension import KubeEdgeExtension
 from mapper.runtime import build_service
@@ -62,18 +62,8 @@ def config(mode: str, broker: MosquittoBroker, sockdir: Path) -> MapperConfig:
     return MapperConfig.model_validate(data)
 
 
-@contextlib.asynccontextmanager
-async def running(cfg: MapperConfig) -> AsyncIterator[MapperService]:
-    service = build_service(cfg)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        async with asyncio.timeout(15):
-            await service.ready.wait()
-        yield service
-    finally:
-        stop.set()
-        await task
+def running(cfg: MapperConfig):  # noqa: ANN201 - an async context manager
+    return running_service(cfg, build=build_service, timeout=15)
 
 
 class App:

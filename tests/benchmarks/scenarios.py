@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from helpers import faulty_probe_yaml
+
 from .common import (
     REPO,
     TOPIC_BASE,
@@ -511,32 +513,6 @@ def recovery(ctx: Context) -> ScenarioResult:
 
 # -- 8. edge inference ---------------------------------------------------------------------------
 
-INFERENCE_DEVICES = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: dht-model, namespace: default}
-spec:
-  protocol: simulated
-  properties:
-    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
-    - {name: humidity, type: FLOAT, accessMode: ReadOnly, unit: Percent}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: probe, namespace: default}
-spec:
-  deviceModelRef: {name: dht-model}
-  protocol:
-    protocolName: simulated
-    configData: {seed: 3, faults: {rate: 0.05, seed: 5}}
-  properties:
-    - name: temperature
-      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}
-      collectCycle: 50
-    - name: humidity
-      visitors: {protocolName: simulated, configData: {kind: humidity, base: 48, noise: 0.1, resolution: 0.1}}
-      collectCycle: 50
-"""
 
 
 def _counters(log: str) -> dict[str, float]:
@@ -616,7 +592,7 @@ def inference(ctx: Context) -> ScenarioResult:
         tmp = ctx.tmp(f"inference-{i}")
         dev = tmp / "devices"
         dev.mkdir()
-        (dev / "probe.yaml").write_text(INFERENCE_DEVICES)
+        (dev / "probe.yaml").write_text(faulty_probe_yaml(50))
         worker_cfg = tmp / "worker.yaml"
         worker_cfg.write_text(f"mqtt:\n  url: mqtt://{ctx.broker.host}:{ctx.broker.port}\n  username: worker\n"
                               f"  password_file: {write_secret(ctx.broker, tmp, 'worker')}\n"
