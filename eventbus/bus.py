@@ -22,6 +22,7 @@ from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
 
 log = logging.getLogger("mapper.mqtt")
@@ -76,6 +77,7 @@ class MqttBus:
         # messages), and when the connection is lost.
         self.on_ack: Callable[[int], bool] | None = None
         self.on_lost: Callable[[], None] | None = None
+        self.fastpath: paho_fastpath.FastPath | None = None  # of the latest connection
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
@@ -127,6 +129,8 @@ class MqttBus:
             original(c, userdata, mid, reason_code, properties)
 
         paho_client.on_publish = on_publish
+        self.fastpath = paho_fastpath.install(
+            paho_client, lambda mid: self.on_ack is not None and self.client is client and self.on_ack(mid))
 
     async def run(self) -> None:
         attempt = 0

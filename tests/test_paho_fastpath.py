@@ -1,0 +1,78 @@
+"""The leaner paho receive path (eventbus/paho_fastpath.py), against a real Mosquitto.
+
+It must be active with the paho we pin (or the figures in docs/benchmarks.md no longer
+hold), deliver every outbox message exactly as paho's own path does, and leave publishes
+that aiomqtt awaits to paho.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from eventbus.bus import MqttBus
+from eventbus.publisher import OutboxPublisher
+from eventbus.settings import MqttSettings
+from mapper.store_worker import StoreWorker
+from twin.store import OutMessage, TwinStore
+
+COUNT = 3_000
+
+
+async def _connected_bus(broker, tmp_path, protocol: str) -> tuple[MqttBus, asyncio.Task]:
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                            protocol=protocol, reconnect_min_s=0.2, reconnect_max_s=0.5)
+
+    async def nothing(*_args: object) -> None:
+        return None
+
+    bus = MqttBus(settings, client_id=f"fastpath-{protocol}", will_topic="mapper/fastpath/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    task = asyncio.create_task(bus.run())
+    async with asyncio.timeout(10):
+        await bus.connected.wait()
+    return bus, task
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_path, protocol):
+    """3,000 outbox messages: all arrive in order, all acks are handled by the fast path, the
+    outbox ends empty, and the acks were read with far fewer recv() calls than messages."""
+    with broker.client("app") as app:
+        app.subscribe("mapper/fastpath/default/+/+")
+        bus, bus_task = await _connected_bus(broker, tmp_path, protocol)
+        try:
+            fast = bus.fastpath
+            assert fast is not None, "the fast path did not install with this paho-mqtt"
+            async with StoreWorker(lambda: TwinStore.open(tmp_path / "twin.db", check_same_thread=False)) as worker:
+                publisher = OutboxPublisher(bus, worker, max_inflight=100)
+                pub_task = asyncio.create_task(publisher.run())
+                messages = [OutMessage(f"mapper/fastpath/default/dev/m{i % 7}", {"i": i}) for i in range(COUNT)]
+                rows = await worker.call(lambda s: s.record([], messages))
+                publisher.offer(rows)
+                async with asyncio.timeout(30):
+                    await publisher.drain()
+                pub_task.cancel()
+                left = await worker.call(lambda s: s.outbox_pending(limit=10))
+            assert left == []
+            assert fast.fast_acks == COUNT and publisher.published == COUNT
+            assert fast.reads < COUNT / 5, f"{fast.reads} recv() calls for {COUNT} acknowledgements"
+
+            # A publish that aiomqtt awaits is not the outbox's: paho's own path completes it.
+            slow_before = fast.slow_acks
+            async with asyncio.timeout(10):
+                await bus.publish("mapper/fastpath/default/dev/awaited", b"x")
+            assert fast.slow_acks == slow_before + 1
+        finally:
+            bus_task.cancel()
+            await asyncio.gather(bus_task, return_exceptions=True)
+
+        received = [app.next_message(timeout=10) for _ in range(COUNT + 1)]
+    import orjson
+
+    numbers = [orjson.loads(m.payload)["i"] for m in received if m.topic != "mapper/fastpath/default/dev/awaited"]
+    assert numbers == list(range(COUNT))
+    assert received[-1].topic == "mapper/fastpath/default/dev/awaited"
