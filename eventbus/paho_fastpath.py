@@ -11,13 +11,17 @@ What it changes, on one paho `Client` instance (instance attributes, nothing glo
 - `recv` is buffered: one `recv(4 KiB)` and paho's small reads are served from it.
   `loop_read` drains the buffer before it returns, because the event loop's reader is woken
   only by bytes still in the socket, not by bytes already in our buffer.
+- Queued packets are joined before paho writes them: a burst of publishes is one `send()`,
+  so the broker reads the burst at once and its acknowledgements come back together,
+  instead of one wake-up of the mapper per PUBACK.
 - A plain successful PUBACK (reason code below 0x80, no properties) for a message that
   `on_ack(mid)` claims is handled in a few lines: paho's record of the message is removed
   and its in-flight count lowered, exactly as paho's own handler does. Everything else
   (other packets, errors, properties, publishes that aiomqtt awaits) goes through paho.
 
 It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_out_messages`,
-`_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `loop_read`); `install()`
+`_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `loop_read`, `_out_packet`,
+`loop_write`); `install()`
 checks for them and leaves the client untouched if a paho release renamed any of them.
 `tests/test_paho_fastpath.py` checks it is active with the paho version we pin.
 """
@@ -28,13 +32,13 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from paho.mqtt.client import MQTT_ERR_SUCCESS, Client
+from paho.mqtt.client import DISCONNECT, MQTT_ERR_SUCCESS, PUBLISH, Client
 
 log = logging.getLogger("mapper.mqtt")
 
 READ_SIZE = 4_096
 _REQUIRED = ("_sock", "_sock_recv", "_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages",
-             "_handle_pubackcomp", "loop_read")
+             "_handle_pubackcomp", "loop_read", "_out_packet", "loop_write")
 
 
 class FastPath:
@@ -49,6 +53,7 @@ class FastPath:
         self.fast_acks = 0             # PUBACKs handled here
         self.slow_acks = 0             # PUBACKs handed to paho's own handler
         self.reads = 0                 # recv() calls on the socket
+        self.joined_writes = 0         # sends that carried several queued packets
 
     def buffered(self) -> int:
         return len(self._data) - self._pos
@@ -75,6 +80,25 @@ class FastPath:
             rc = original(max_packets)
         return rc
 
+    def loop_write(self, original: Callable[[], Any]) -> Any:
+        """Join the queued packets into one, so a burst of publishes is one send(), not one each.
+
+        Only packets whose completion paho ignores are joined: every packet but a QoS 0
+        PUBLISH (completion calls on_publish) and DISCONNECT (completion closes the socket).
+        paho then writes the joined packet as it writes any packet, partial writes included.
+        """
+        queue = self._client._out_packet  # noqa: SLF001
+        if len(queue) > 1 and queue[0]["pos"] == 0:
+            parts = []
+            while queue and _joinable(queue[0]):
+                parts.append(queue.popleft()["packet"])
+            if len(parts) == 1:
+                queue.appendleft(_packet(parts[0]))
+            elif parts:
+                self.joined_writes += 1
+                queue.appendleft(_packet(b"".join(parts)))
+        return original()
+
     def handle_pubackcomp(self, original: Callable[[str], Any], cmd: str) -> Any:
         client = self._client
         packet = client._in_packet["packet"]  # noqa: SLF001
@@ -100,6 +124,17 @@ class FastPath:
         return MQTT_ERR_SUCCESS
 
 
+def _joinable(packet: dict[str, Any]) -> bool:
+    kind = packet["command"] & 0xF0
+    return packet["pos"] == 0 and kind != DISCONNECT and not (kind == PUBLISH and packet["qos"] == 0)
+
+
+def _packet(data: bytes) -> dict[str, Any]:
+    """A queued packet as paho keeps them; QoS 1 so that its completion is ignored."""
+    return {"command": PUBLISH | 0x02, "mid": 0, "qos": 1, "pos": 0, "to_process": len(data), "packet": data,
+            "info": None}
+
+
 def install(client: Client, on_ack: Callable[[int], bool]) -> FastPath | None:
     """Give `client` the buffered reads and the PUBACK shortcut; None (and paho as it is) if it cannot."""
     missing = [name for name in _REQUIRED if not hasattr(client, name)]
@@ -110,7 +145,9 @@ def install(client: Client, on_ack: Callable[[int], bool]) -> FastPath | None:
         return None
     fast = FastPath(client, on_ack)
     sock_recv, loop_read, handle = client._sock_recv, client.loop_read, client._handle_pubackcomp  # noqa: SLF001
+    loop_write = client.loop_write
     client._sock_recv = lambda bufsize: fast.sock_recv(sock_recv, bufsize)  # noqa: SLF001
     client.loop_read = lambda max_packets=1: fast.loop_read(loop_read, max_packets)
     client._handle_pubackcomp = lambda cmd: fast.handle_pubackcomp(handle, cmd)  # noqa: SLF001
+    client.loop_write = lambda: fast.loop_write(loop_write)
     return fast

@@ -40,7 +40,8 @@ async def _connected_bus(broker, tmp_path, protocol: str) -> tuple[MqttBus, asyn
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
 async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_path, protocol):
     """3,000 outbox messages: all arrive in order, all acks are handled by the fast path, the
-    outbox ends empty, and the acks were read with far fewer recv() calls than messages."""
+    outbox ends empty, the acks were read with far fewer recv() calls than messages, and
+    publishes were joined into fewer sends."""
     with broker.client("app") as app:
         app.subscribe("mapper/fastpath/default/+/+")
         bus, bus_task = await _connected_bus(broker, tmp_path, protocol)
@@ -60,6 +61,7 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
             assert left == []
             assert fast.fast_acks == COUNT and publisher.published == COUNT
             assert fast.reads < COUNT / 5, f"{fast.reads} recv() calls for {COUNT} acknowledgements"
+            assert fast.joined_writes > 0  # bursts of publishes went out as one send
 
             # A publish that aiomqtt awaits is not the outbox's: paho's own path completes it.
             slow_before = fast.slow_acks
