@@ -12,10 +12,11 @@ away are delivered when it returns. A retained last will marks the node `offline
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiomqtt
 from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
@@ -24,6 +25,7 @@ from paho.mqtt.properties import Properties
 
 from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
+from mapper.ticks import sleep_to_tick
 
 log = logging.getLogger("mapper.mqtt")
 
@@ -132,11 +134,36 @@ class MqttBus:
         self.fastpath = paho_fastpath.install(
             paho_client, lambda mid: self.on_ack is not None and self.client is client and self.on_ack(mid))
 
+    @contextlib.asynccontextmanager
+    async def _keepalive_on_grid(self, client: aiomqtt.Client) -> AsyncIterator[None]:
+        """Run paho's keepalive check (`loop_misc`) on the clock grid instead of aiomqtt's own loop.
+
+        aiomqtt calls it every second counted from the moment it connected; on the grid of
+        mapper.ticks it shares the wake-up of the devices' reads instead of adding its own.
+        If aiomqtt no longer has its `_misc_task`, its loop is left to run.
+        """
+        theirs = getattr(client, "_misc_task", None)
+        if theirs is None:
+            yield
+            return
+        theirs.cancel()
+        paho_client = client._client  # noqa: SLF001
+
+        async def keepalive() -> None:
+            while paho_client.loop_misc() == MQTT_ERR_SUCCESS:
+                await sleep_to_tick(1.0)
+
+        task = asyncio.create_task(keepalive(), name="mqtt-keepalive")
+        try:
+            yield
+        finally:
+            task.cancel()
+
     async def run(self) -> None:
         attempt = 0
         while True:
             try:
-                async with self._client() as client:
+                async with self._client() as client, self._keepalive_on_grid(client):
                     attempt = 0
                     self.client = client
                     self.connects += 1

@@ -22,6 +22,7 @@ import aiomqtt
 
 from eventbus.bus import MqttBus
 from mapper.store_worker import StoreWorker
+from mapper.ticks import next_tick
 from twin.store import OutboxRow
 
 log = logging.getLogger("mapper.publisher")
@@ -150,9 +151,7 @@ class OutboxPublisher:
             if not self._inflight:
                 self.idle.set()
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._wake.wait()  # offer() and a lost connection set it
+            await self._wake.wait()  # offer() and a lost connection set it
 
     async def _wait_room(self) -> None:
         """Wait until fewer than `max_inflight` are unacknowledged (or the connection is gone)."""
@@ -198,10 +197,13 @@ class OutboxPublisher:
         first (take_acked), so this loop mostly finds nothing to do: it is the fallback for a
         mapper that stopped recording. Sleeps while nothing was acknowledged.
         """
+        loop = asyncio.get_running_loop()
         while True:
             await self._ack_first.wait()
+            # On the clock grid (mapper.ticks), so that the fallback shares a wake-up with the reads.
+            deadline = next_tick(loop.time() + self._ack_delay_s, min(1.0, self._ack_delay_s))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._ack_delay_s):
+                async with asyncio.timeout_at(deadline):
                     await self._ack_wake.wait()
             self._ack_wake.clear()
             self._ack_first.clear()

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -39,6 +38,7 @@ from devices.errors import DriverError
 from devices.ids import DeviceId
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
+from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
 from twin.store import DesiredChange, TwinStore, VersionConflict
 
@@ -231,7 +231,7 @@ class DeviceRunner:
             if self.state == UNHEALTHY:
                 await asyncio.sleep(max(cycle, self._backoff(self.failures)))
             else:  # the next slot of the grid; a read that overran its cycle skips the missed slots
-                await asyncio.sleep((math.floor(now / cycle) + 1) * cycle - now)
+                await sleep_until(next_tick(now, cycle))
 
     # -- change-driven reads ---------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from mapper.config import MapperConfig
 from mapper.device_loop import OFFLINE, DeviceRunner
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
+from mapper.ticks import next_tick, sleep_to_tick
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore
 
 log = logging.getLogger("mapper.service")
@@ -257,7 +258,8 @@ class MapperService:
         asked_at = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):  # not wait_for: 3.11's can swallow a cancel
+                # On the clock grid (mapper.ticks): the same wake-up as the devices' reads.
+                async with asyncio.timeout_at(next_tick(loop.time(), interval)):  # not wait_for: 3.11's can swallow a cancel
                     await self._desired_wake.wait()
             woken = self._desired_wake.is_set()
             self._desired_wake.clear()
@@ -279,7 +281,7 @@ class MapperService:
             deleted = await self.twin(lambda s: s.prune_history(t.history_rows, t.history_age_s * 1000))
             if deleted:
                 log.debug("pruned %d old readings", deleted)
-            await asyncio.sleep(30)
+            await sleep_to_tick(30)
 
 
 class _Stop(Exception):

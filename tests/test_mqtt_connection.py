@@ -59,3 +59,23 @@ def test_mqtt_311_when_asked(broker, tmp_path):
         mapper.wait_log("(MQTT 3.1.1)")
         assert app.next_message(timeout=10).topic == "mapper/test-node/default/lamp/count"
         assert mapper.stop() == 0
+
+
+def test_a_frozen_broker_is_noticed_by_keepalive_and_the_mapper_reconnects(broker, tmp_path):
+    """A broker that stops answering but keeps the connection open (SIGSTOP) is noticed by the
+    keepalive check (a ping unanswered for keepalive_s), and the mapper reconnects once it answers."""
+    import os
+    import signal
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    extra = "  keepalive_s: 5\n  reconnect_min_s: 0.2\n  reconnect_max_s: 0.5\n"
+    with MapperProcess(tmp_path, devices, broker, extra=extra) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        pid = broker._process.pid  # noqa: SLF001
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            mapper.wait_log("lost or refused", timeout=30)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        mapper.wait_log("connected to mqtt://", count=2, timeout=30)
+        assert mapper.stop() == 0
