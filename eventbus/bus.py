@@ -223,6 +223,11 @@ class MqttBus:
         client = self.client
         if client is None:
             raise aiomqtt.MqttError("not connected")
+        fast = self.fastpath
+        if fast is not None:
+            mid = fast.publish(topic, payload, qos, retain)
+            if mid is not None:
+                return mid
         info = client._client.publish(topic, payload, qos, retain)  # noqa: SLF001 - see _hook_acks
         if info.rc != MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttError(f"could not publish: {error_string(info.rc)}")

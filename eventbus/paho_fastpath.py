@@ -1,84 +1,106 @@
-"""A leaner receive path for paho-mqtt's client, installed per connection by the bus.
+"""A leaner path through paho-mqtt for the outbox's QoS 1 messages, installed per connection.
 
-Why: paho 2.x reads every incoming packet with three or four `recv()` calls (the command
-byte, each length byte, then the body), and turns every PUBACK into a ReasonCode and a
-Properties object, a debug log call and a Condition wake-up for a waiter nobody has. For
-the outbox, which only needs the message id, that was about a third of the mapper's CPU on
-the Pi workload (py-spy, 20 readings/s) and the largest single cost at full throughput.
+Why: for each QoS 1 message paho 2.x builds an MQTTMessage, an MQTTMessageInfo with its own
+threading.Condition, logs, and writes it with a send() of its own; it reads each PUBACK with
+three or four recv() calls and turns it into a ReasonCode and a Properties object. The
+outbox needs none of that: it has the bytes and wants the message id back. That bookkeeping
+was the largest single cost at full throughput, and on a quiet Pi each PUBACK group meant
+a wake-up of its own (on this VM a wake-up costs 100-250 us of CPU).
 
 What it changes, on one paho `Client` instance (instance attributes, nothing global):
 
-- `recv` is buffered: one `recv(4 KiB)` and paho's small reads are served from it.
-  `loop_read` drains the buffer before it returns, because the event loop's reader is woken
-  only by bytes still in the socket, not by bytes already in our buffer.
-- Queued packets are joined before paho writes them: a burst of publishes is one `send()`,
-  so the broker reads the burst at once and its acknowledgements come back together,
-  instead of one wake-up of the mapper per PUBACK.
-- A plain successful PUBACK (reason code below 0x80, no properties) for a message that
-  `on_ack(mid)` claims is handled in a few lines: paho's record of the message is removed
-  and its in-flight count lowered, exactly as paho's own handler does. Everything else
-  (other packets, errors, properties, publishes that aiomqtt awaits) goes through paho.
+- `publish()` builds the PUBLISH packet itself and queues it with paho's own `_packet_queue`,
+  with a message id from paho's own counter. Only QoS 1/2 messages on a plain topic take
+  this path; the caller uses paho's publish for anything else.
+- Queued packets are joined before paho writes them: a burst of publishes is one send(), so
+  the broker reads the burst at once and its acknowledgements come back together.
+- `recv` is buffered: one recv(4 KiB), and paho's small reads are served from it. Before
+  paho sees the buffer, plain successful PUBACKs (reason code below 0x80, no properties)
+  for messages published here are taken off its head and reported with `on_ack(mid)`.
+  Everything else (other packets, errors, properties, publishes aiomqtt awaits) is left
+  to paho, which reads it from the same buffer. `loop_read` drains the buffer before it
+  returns, because the event loop's reader is woken only by bytes still in the socket.
 
 It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_out_messages`,
-`_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `loop_read`, `_out_packet`,
-`loop_write`); `install()`
-checks for them and leaves the client untouched if a paho release renamed any of them.
-`tests/test_paho_fastpath.py` checks it is active with the paho version we pin.
+`_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `_packet_queue`,
+`_mid_generate`, `_out_packet`, `_protocol`, `_msgtime_mutex`, `_last_bytes_received`,
+`loop_read`, `loop_write`); `install()` checks for them and leaves the client untouched if
+a paho release renamed any of them. `tests/test_paho_fastpath.py` checks it is active with
+the paho version we pin, and that every part of it is used.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
-from paho.mqtt.client import DISCONNECT, MQTT_ERR_SUCCESS, PUBLISH, Client
+from paho.mqtt import client as paho
+from paho.mqtt.client import DISCONNECT, MQTT_ERR_SUCCESS, MQTTv5, PUBLISH, Client
 
 log = logging.getLogger("mapper.mqtt")
 
 READ_SIZE = 4_096
+TOPIC_CACHE = 10_000
+PUBACK = 0x40
+_now = getattr(paho, "time_func", time.monotonic)  # the clock paho's keepalive compares with
 _REQUIRED = ("_sock", "_sock_recv", "_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages",
-             "_handle_pubackcomp", "loop_read", "_out_packet", "loop_write")
+             "_handle_pubackcomp", "_packet_queue", "_mid_generate", "_out_packet", "_protocol", "_msgtime_mutex",
+             "_last_bytes_received", "loop_read", "loop_write")
+
+
+def _remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | 0x80 if n else byte)
+        if not n:
+            return bytes(out)
 
 
 class FastPath:
-    """The state of one installed client: the read buffer and counters."""
+    """The state of one installed client: the read buffer, its own message ids, counters."""
 
     def __init__(self, client: Client, on_ack: Callable[[int], bool]) -> None:
         self._client = client
         self._on_ack = on_ack
+        self._v5 = client._protocol == MQTTv5  # noqa: SLF001
         self._sock: object = None      # the socket the buffered bytes came from
         self._data = b""
         self._pos = 0
+        self._mine: set[int] = set()   # ids of messages published here and not yet acknowledged
+        self._topics: dict[str, bytes] = {}  # topic -> its length-prefixed UTF-8
+        self.fast_publishes = 0        # PUBLISH packets built here
         self.fast_acks = 0             # PUBACKs handled here
         self.slow_acks = 0             # PUBACKs handed to paho's own handler
         self.reads = 0                 # recv() calls on the socket
         self.joined_writes = 0         # sends that carried several queued packets
 
-    def buffered(self) -> int:
-        return len(self._data) - self._pos
+    # -- publishing --------------------------------------------------------------------------
 
-    def sock_recv(self, original: Callable[[int], bytes], bufsize: int) -> bytes:
-        sock = self._client._sock  # noqa: SLF001
-        if sock is not self._sock:   # a new connection: nothing of the old one may leak into it
-            self._sock, self._data, self._pos = sock, b"", 0
-        if self._pos >= len(self._data):
-            data = original(READ_SIZE)  # raises BlockingIOError when there is nothing to read
-            self.reads += 1
-            if len(data) <= bufsize:
-                self._data, self._pos = b"", 0
-                return data
-            self._data, self._pos = data, 0
-        start = self._pos
-        end = min(start + bufsize, len(self._data))
-        self._pos = end
-        return self._data[start:end]
-
-    def loop_read(self, original: Callable[[int], Any], max_packets: int = 1) -> Any:
-        rc = original(max_packets)
-        while rc == MQTT_ERR_SUCCESS and self.buffered() and self._client._sock is not None:  # noqa: SLF001
-            rc = original(max_packets)
-        return rc
+    def publish(self, topic: str, payload: bytes, qos: int, retain: bool) -> int | None:
+        """Queue a QoS 1/2 PUBLISH and return its message id; None: use paho's publish instead."""
+        client = self._client
+        if qos == 0 or client._sock is None:  # noqa: SLF001 - paho reports "not connected" its own way
+            return None
+        head = self._topics.get(topic)
+        if head is None:
+            raw = topic.encode()
+            if not raw or len(raw) > 65_535 or "+" in topic or "#" in topic or "\0" in topic:
+                return None  # paho raises its own, clear error for these
+            if len(self._topics) >= TOPIC_CACHE:
+                self._topics.clear()
+            head = self._topics[topic] = len(raw).to_bytes(2, "big") + raw
+        mid = client._mid_generate()  # noqa: SLF001
+        properties = b"\x00" if self._v5 else b""
+        body = head + mid.to_bytes(2, "big") + properties
+        packet = b"".join((bytes((PUBLISH | qos << 1 | bool(retain),)),
+                           _remaining_length(len(body) + len(payload)), body, payload))
+        self._mine.add(mid)
+        self.fast_publishes += 1
+        client._packet_queue(PUBLISH, packet, mid, qos)  # noqa: SLF001
+        return mid
 
     def loop_write(self, original: Callable[[], Any]) -> Any:
         """Join the queued packets into one, so a burst of publishes is one send(), not one each.
@@ -99,29 +121,105 @@ class FastPath:
                 queue.appendleft(_packet(b"".join(parts)))
         return original()
 
+    # -- reading -----------------------------------------------------------------------------
+
+    def buffered(self) -> int:
+        return len(self._data) - self._pos
+
+    def _same_socket(self) -> None:
+        sock = self._client._sock  # noqa: SLF001
+        if sock is not self._sock:   # a new connection: nothing of the old one may leak into it
+            self._sock, self._data, self._pos = sock, b"", 0
+
+    def sock_recv(self, original: Callable[[int], bytes], bufsize: int) -> bytes:
+        self._same_socket()
+        if self._pos >= len(self._data):
+            data = original(READ_SIZE)  # raises BlockingIOError when there is nothing to read
+            self.reads += 1
+            if len(data) <= bufsize:
+                self._data, self._pos = b"", 0
+                return data
+            self._data, self._pos = data, 0
+        start = self._pos
+        end = min(start + bufsize, len(self._data))
+        self._pos = end
+        return self._data[start:end]
+
+    def loop_read(self, original_read: Callable[[int], Any], original_recv: Callable[[int], bytes],
+                  max_packets: int = 1) -> Any:
+        client = self._client
+        if client._in_packet["command"] == 0 and client._sock is not None:  # noqa: SLF001 - between packets
+            self._same_socket()
+            if self._pos >= len(self._data):
+                try:
+                    data = original_recv(READ_SIZE)
+                except BlockingIOError:
+                    return MQTT_ERR_SUCCESS  # nothing to read after all
+                except OSError:
+                    data = None  # paho reads again and reports the error its own way
+                if not data:  # an error, or the broker closed the connection: paho handles it
+                    return original_read(max_packets)
+                self.reads += 1
+                self._data, self._pos = data, 0
+            self._take_acks()
+            if self._pos >= len(self._data):
+                return MQTT_ERR_SUCCESS
+        rc = original_read(max_packets)
+        while rc == MQTT_ERR_SUCCESS and self.buffered() and client._sock is not None:  # noqa: SLF001
+            rc = original_read(max_packets)
+        return rc
+
+    def _take_acks(self) -> None:
+        """Report the plain PUBACKs of our own messages at the head of the buffer."""
+        data, pos, end = self._data, self._pos, len(self._data)
+        mine, on_ack = self._mine, self._on_ack
+        start = pos
+        while pos + 4 <= end and data[pos] == PUBACK:
+            length = data[pos + 1]
+            if length > 4 or length < 2 or pos + 2 + length > end:
+                break  # not a plain PUBACK, or not all of it here: paho reads it
+            if length >= 3 and (data[pos + 4] >= 0x80 or (length == 4 and data[pos + 5] != 0)):
+                break  # an error reason code, or properties
+            mid = data[pos + 2] << 8 | data[pos + 3]
+            if mid not in mine:
+                break  # someone else's (aiomqtt awaits it): paho's handler
+            mine.discard(mid)
+            on_ack(mid)
+            self.fast_acks += 1
+            pos += 2 + length
+        if pos != start:
+            self._pos = pos
+            client = self._client
+            with client._msgtime_mutex:  # noqa: SLF001 - what paho does after each packet it reads
+                client._last_bytes_received = _now()  # noqa: SLF001
+
     def handle_pubackcomp(self, original: Callable[[str], Any], cmd: str) -> Any:
+        """PUBACKs that paho itself read (split across reads, or behind another packet)."""
         client = self._client
         packet = client._in_packet["packet"]  # noqa: SLF001
         n = len(packet)
         # MQTT 3.1.1: the id only. MQTT 5: the id, a reason code, then a property length (0: none).
-        plain = n == 2 or (packet[2] < 0x80 and (n == 3 or (n == 4 and packet[3] == 0)))
-        if cmd != "PUBACK" or not plain:
-            self.slow_acks += 1
-            return original(cmd)
-        mid = (packet[0] << 8) | packet[1]
-        with client._out_message_mutex:  # noqa: SLF001
-            messages = client._out_messages  # noqa: SLF001
-            message = messages.get(mid)
-            if message is None:
-                return MQTT_ERR_SUCCESS  # not ours, or acknowledged twice: paho ignores it too
-            if not self._on_ack(mid):
-                self.slow_acks += 1
-                return original(cmd)  # somebody awaits this one (aiomqtt's own publish)
-            del messages[mid]
-            if message.qos > 0:
-                client._inflight_messages -= 1  # noqa: SLF001
-        self.fast_acks += 1
-        return MQTT_ERR_SUCCESS
+        plain = n == 2 or (n >= 3 and packet[2] < 0x80 and (n == 3 or (n == 4 and packet[3] == 0)))
+        if cmd == "PUBACK" and plain and n >= 2:
+            mid = (packet[0] << 8) | packet[1]
+            if mid in self._mine:
+                self._mine.discard(mid)
+                self._on_ack(mid)
+                self.fast_acks += 1
+                return MQTT_ERR_SUCCESS
+            with client._out_message_mutex:  # noqa: SLF001
+                messages = client._out_messages  # noqa: SLF001
+                message = messages.get(mid)
+                if message is None:
+                    return MQTT_ERR_SUCCESS  # acknowledged twice, or unknown: paho ignores it too
+                if self._on_ack(mid):  # paho published it for the outbox (publish() declined)
+                    del messages[mid]
+                    if message.qos > 0:
+                        client._inflight_messages -= 1  # noqa: SLF001
+                    self.fast_acks += 1
+                    return MQTT_ERR_SUCCESS
+        self.slow_acks += 1
+        return original(cmd)
 
 
 def _joinable(packet: dict[str, Any]) -> bool:
@@ -136,18 +234,21 @@ def _packet(data: bytes) -> dict[str, Any]:
 
 
 def install(client: Client, on_ack: Callable[[int], bool]) -> FastPath | None:
-    """Give `client` the buffered reads and the PUBACK shortcut; None (and paho as it is) if it cannot."""
+    """Give `client` the lean publish, joined writes, buffered reads and PUBACK shortcut.
+
+    None (and paho left as it is) if paho lacks an internal this relies on.
+    """
     missing = [name for name in _REQUIRED if not hasattr(client, name)]
     if missing or getattr(client, "_max_inflight_messages", 1) != 0:
         # paho's own in-flight window would need _update_inflight() after each ack: leave it to paho.
-        log.warning("paho-mqtt fast path not installed (missing %s); using paho's own receive path",
+        log.warning("paho-mqtt fast path not installed (missing %s); using paho's own paths",
                     ", ".join(missing) or "an unlimited in-flight window")
         return None
     fast = FastPath(client, on_ack)
     sock_recv, loop_read, handle = client._sock_recv, client.loop_read, client._handle_pubackcomp  # noqa: SLF001
     loop_write = client.loop_write
     client._sock_recv = lambda bufsize: fast.sock_recv(sock_recv, bufsize)  # noqa: SLF001
-    client.loop_read = lambda max_packets=1: fast.loop_read(loop_read, max_packets)
+    client.loop_read = lambda max_packets=1: fast.loop_read(loop_read, sock_recv, max_packets)
     client._handle_pubackcomp = lambda cmd: fast.handle_pubackcomp(handle, cmd)  # noqa: SLF001
     client.loop_write = lambda: fast.loop_write(loop_write)
     return fast
