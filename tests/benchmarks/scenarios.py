@@ -325,7 +325,7 @@ def cost(ctx: Context) -> ScenarioResult:
         "cost", "Cost of a Pi-sized workload",
         f"mapper: one simulated device with 20 properties read and published every second, shipped settings "
         f"(twin synchronous FULL, QoS 1, log level info); raw: a bare paho script publishing 20 values/s (QoS 1). "
-        f"CPU = utime+stime from /proc/<pid>/stat over a {plan.cost_s:g} s window after warm-up, scaled to an "
+        f"CPU = time on a CPU of all threads (/proc/<pid>/task/*/schedstat, ns) over a {plan.cost_s:g} s window after warm-up, scaled to an "
         f"hour; RSS = VmRSS from /proc/<pid>/status. One process at a time; the inference variant is a "
         f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1).")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
