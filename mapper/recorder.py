@@ -7,6 +7,10 @@ mapper is busy, and a batch then also waits up to `batch_delay` (or until `batch
 company: fewer, larger transactions and fewer wake-ups where throughput matters. The same
 transaction queues the telemetry those readings cause in the outbox; the committed outbox
 rows then go to the publisher (if any) straight from memory.
+
+Work that belongs with a batch (an inference decision on the window those readings closed)
+can ride in the same transaction through `pre_commit` hooks: one commit and one fsync
+instead of two, and the decision is exactly as durable as the readings it was made from.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
 
 from mapper.store_worker import StoreWorker
 from twin.records import Reading
-from twin.store import OutboxRow, OutMessage
+from twin.store import OutboxRow, OutMessage, TwinStore
 
 log = logging.getLogger("mapper.recorder")
 
@@ -25,6 +31,18 @@ MessageFactory = Callable[[list[Reading]], Iterable[OutMessage]]
 
 # A batch at least this large means readings arrive faster than commits finish.
 BUSY_BATCH = 64
+
+
+@dataclass
+class Extra:
+    """Work to commit with a batch: `work(store)` runs inside its transaction (in the twin
+    thread), then `done(result)` on the event loop once it is committed."""
+
+    work: Callable[[TwinStore], Any]
+    done: Callable[[Any], None]
+
+
+PreCommit = Callable[[list[Reading]], "Extra | None"]
 
 
 class Recorder:
@@ -44,6 +62,9 @@ class Recorder:
         # The publisher's acknowledged outbox rows ride along in the next transaction.
         self.take_acks: Callable[[], list[int]] | None = None
         self.return_acks: Callable[[list[int]], None] | None = None
+        # Called once per batch before its transaction; an Extra it returns commits with the batch.
+        self.pre_commit: list[PreCommit] = []
+        self._retry: tuple[list[Reading], list[Extra]] | None = None  # a batch whose commit failed
 
     def add(self, reading: Reading) -> None:
         self._pending.append(reading)
@@ -64,7 +85,8 @@ class Recorder:
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - a full disk must not kill the loop; readings stay queued
-                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", len(self._pending), exc)
+                waiting = len(self._pending) + (len(self._retry[0]) if self._retry else 0)
+                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", waiting, exc)
                 await asyncio.sleep(1.0)
 
     async def flush(self) -> None:
@@ -72,18 +94,44 @@ class Recorder:
         async with self._lock:
             await self._flush()
 
+    def _extras(self, batch: list[Reading]) -> list[Extra]:
+        extras = []
+        for hook in self.pre_commit:
+            try:
+                extra = hook(batch)
+            except Exception:  # noqa: BLE001 - a failing hook must not keep readings from the twin
+                log.exception("pre-commit hook %r failed; the readings are committed without it", hook)
+                continue
+            if extra is not None:
+                extras.append(extra)
+        return extras
+
+    @staticmethod
+    def _commit(store: TwinStore, batch: list[Reading], messages: list[OutMessage], sent: list[int],
+                extras: list[Extra]) -> tuple[list[OutboxRow], list[Any]]:
+        if not extras:
+            return store.record(batch, messages, sent), []
+        with store.transaction():
+            rows = store.record(batch, messages, sent)
+            return rows, [extra.work(store) for extra in extras]
+
     async def _flush(self) -> None:
-        while self._pending:
-            batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
+        while self._retry is not None or self._pending:
+            if self._retry is not None:  # the same batch and the same extras: hooks see each reading once
+                (batch, extras), self._retry = self._retry, None
+            else:
+                batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
+                extras = self._extras(batch) if self.pre_commit else []
             if not self._pending:
                 self._has_data.clear()
                 self._full.clear()
             messages = list(self.message_factory(batch)) if self.message_factory else []
             sent = self.take_acks() if self.take_acks else []
             try:
-                rows = await self._worker.call(lambda store: store.record(batch, messages, sent))
+                rows, results = await self._worker.call(
+                    lambda store: self._commit(store, batch, messages, sent, extras))
             except BaseException:
-                self._pending[:0] = batch  # not committed: keep it, in order
+                self._retry = (batch, extras)  # not committed: first again, in order
                 self._has_data.set()
                 if sent and self.return_acks:
                     self.return_acks(sent)
@@ -94,5 +142,10 @@ class Recorder:
                 self.on_commit(batch)
             if rows and self.on_outbox:
                 self.on_outbox(rows)
+            for extra, result in zip(extras, results, strict=True):
+                try:
+                    extra.done(result)
+                except Exception:  # noqa: BLE001
+                    log.exception("after the commit: %r failed", extra.done)
         self._has_data.clear()
         self._full.clear()

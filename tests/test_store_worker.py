@@ -73,3 +73,55 @@ async def test_group_commit_does_not_wait_for_the_batch_timer_unless_busy(tmp_pa
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [BUSY_BATCH * 2 - 1]
+
+
+async def test_pre_commit_work_commits_with_its_batch_and_a_failed_batch_is_retried_as_it_was(tmp_path):
+    """A pre-commit hook's work (an inference decision) is in the readings' own transaction: when it
+    fails, neither the readings nor the work are committed; the retry commits that same batch with
+    the same work, and the hook saw each reading exactly once."""
+    import pytest
+
+    from mapper.recorder import Extra, Recorder
+    from twin.store import OutMessage
+
+    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as setup:
+        setup.sync_devices(definitions.values())
+    seen: list[int] = []
+    attempts: list[int] = []
+    done: list[list[str]] = []
+
+    def hook(batch: list[Reading]) -> Extra:
+        seen.extend(r.value for r in batch)
+
+        def work(store: TwinStore) -> list[str]:
+            attempts.append(len(batch))
+            rows = store.enqueue([OutMessage("mapper/test/decision", {"n": len(batch)})])
+            if len(attempts) == 1:
+                raise OSError("disk full")  # after the readings and the message were written
+            return [row.topic for row in rows]
+
+        return Extra(work, done.append)
+
+    def count(sql: str) -> int:
+        return worker.call(lambda s: s.conn.execute(sql).fetchone()[0])
+
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        recorder = Recorder(worker)
+        recorder.pre_commit.append(hook)
+        for i in range(3):
+            recorder.add(Reading(LAMP, "count", i, 1_000 + i))
+        with pytest.raises(OSError, match="disk full"):
+            await recorder.flush()
+        assert await count("SELECT count(*) FROM readings") == 0
+        assert await count("SELECT count(*) FROM outbox") == 0
+        assert done == []
+        recorder.add(Reading(LAMP, "count", 3, 1_003))  # arrives meanwhile: a batch of its own, after
+        await recorder.flush()
+        assert seen == [0, 1, 2, 3]                       # each reading through the hook once
+        assert attempts == [3, 3, 1]                      # the failed batch again, whole, then the new one
+        assert done == [["mapper/test/decision"], ["mapper/test/decision"]]
+        assert await count("SELECT count(*) FROM readings") == 4
+        assert await count("SELECT count(*) FROM outbox") == 2
+        assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [3]

@@ -1,7 +1,8 @@
 """InferenceExtension: early-exit inference inside a running MapperService.
 
-Committed readings (recorder.on_commit, chained after any earlier callback) go to a queue;
-one task forms windows, runs the edge graph and records what happened:
+Each batch of readings passes through the recorder's pre-commit hook before its twin
+transaction: the windows it closes are cut, the edge graph runs, and what happened is
+recorded in that same transaction (one commit and fsync for readings and decisions):
 
 * confident window: a final decision at the edge, published and acted on at once; a random
   `audit_share` of them is offloaded too (the answer is only compared, never replaces it);
@@ -23,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,21 +33,39 @@ import orjson
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
-from twin.records import Reading
+from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
 
 if TYPE_CHECKING:
     from mapper.inference.pipeline import Decision, EdgeOutcome, Pipeline
     from mapper.service import MapperService
+    from twin.records import Reading
+    from twin.store import TwinStore
 
 log = logging.getLogger("mapper.inference")
 
-QUEUE_LIMIT = 50_000
 DONE_MEMORY = 20_000
+# Deadlines and resends fall due in the readings' transactions (see _decide); the timer task
+# only acts when no batch came by within this long after the due time (no readings flowing).
+TIMER_GRACE_S = 1.0
 
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclass
+class _Prepared:
+    """The decisions on the windows one batch of readings closed, ready for the batch's transaction."""
+
+    outcomes: list[tuple[Pipeline, EdgeOutcome]]
+    created: int
+    new: list[Any] = field(default_factory=list)          # records.NewDecision per outcome
+    messages: list[OutMessage] = field(default_factory=list)
+    reports: list[Any] = field(default_factory=list)      # records.Report per edge exit
+    desired: list[Any] = field(default_factory=list)      # DesiredSet of closed-loop actions
+    requests: list[dict[str, Any] | None] = field(default_factory=list)
+    updates: list[Any] = field(default_factory=list)      # records.DecisionUpdate of what fell due
 
 
 @dataclass
@@ -93,17 +112,19 @@ class InferenceExtension:
         self.settings = settings or InferenceSettings()
         self.pipelines: dict[DeviceId, Pipeline] = {}
         self.problems: list[str] = []
-        self.counts: Counter[str] = Counter()      # results not tied to a pipeline, queue drops
+        self.counts: Counter[str] = Counter()      # results not tied to a pipeline, desired values set
         self._by_device: dict[DeviceId, list[Pipeline]] = {}
-        self._queue: asyncio.Queue[Reading] | None = None
+        # Desired values and the max_pending limit, after a decision's commit: they need twin calls.
+        self._follow_ups: asyncio.Queue[list[Any]] | None = None
         self._waiting: dict[str, Waiting] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
+        self._next_due_ms: int | None = None       # the earliest deadline, resend or expiry (timer task)
         self._service: MapperService | None = None
         self._topics = None
         self._result_topic: str | None = None
-        self.idle = asyncio.Event()                # set while the reading queue is empty and processed
+        self.idle = asyncio.Event()                # set while no decision's follow-up is waiting
         self._models: dict[Path, Any] = {}         # resolved model directory -> EarlyExitModel (loaded once)
         self._next_definitions: dict[DeviceId, DeviceDefinition] | None = None
         self._reload_task: asyncio.Task[None] | None = None
@@ -117,17 +138,11 @@ class InferenceExtension:
         self._service = service
         # Hooks first, pipelines or not: in `mode: kubeedge` the devices (and their
         # anomalyDetection maps) arrive from edgecore later, through service.update_devices.
-        self._queue = asyncio.Queue(QUEUE_LIMIT)
+        self._follow_ups = asyncio.Queue()
         recorder = service.recorder
         assert recorder is not None
-        previous = recorder.on_commit
-
-        def on_commit(batch: list[Reading]) -> None:
-            if previous is not None:
-                previous(batch)
-            self._feed(batch)
-
-        recorder.on_commit = on_commit
+        # Windows are cut from each batch before its commit, and their decisions commit with it.
+        recorder.pre_commit.append(self._decide)
         service.device_listeners.append(self._on_devices)
         if service.bus is not None and service.bus.topics is not None:
             self._topics = service.bus.topics
@@ -290,7 +305,7 @@ class InferenceExtension:
     async def run(self, service: MapperService) -> None:
         # Also without pipelines: a device update may bring some (the tasks idle until then).
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._consume(), name="inference-windows")
+            tg.create_task(self._follow_up(), name="inference-follow-ups")
             tg.create_task(self._timers(), name="inference-timers")
             tg.create_task(self._prune(), name="inference-prune")
             tg.create_task(self._report_loop(), name="inference-report")
@@ -322,7 +337,7 @@ class InferenceExtension:
         other = ",".join(f"{k}:{v}" for k, v in status["results_rejected"].items())
         if other:
             parts.append(f"unmatched results rejected={other}")
-        for key in ("readings_dropped", "desired_set"):
+        for key in ("desired_set",):
             if status[key]:
                 parts.append(f"{key}={status[key]}")
         return "; ".join(parts)
@@ -364,71 +379,75 @@ class InferenceExtension:
 
     # -- windows ---------------------------------------------------------------------------
 
-    def _feed(self, batch: list[Reading]) -> None:
-        assert self._queue is not None
+    def _decide(self, batch: list[Reading]) -> Extra | None:
+        """Before a batch of readings commits: the windows it closes, their edge decisions, and
+        the twin work that records them in the batch's own transaction (one commit, not two)."""
+        outcomes: list[tuple[Pipeline, EdgeOutcome]] = []
+        by_device = self._by_device
         for reading in batch:
-            if reading.device_id in self._by_device:
+            for pipeline in by_device.get(reading.device_id, ()):
                 try:
-                    self._queue.put_nowait(reading)
-                    self.idle.clear()
-                except asyncio.QueueFull:
-                    self.counts["readings_dropped"] += 1
+                    window = pipeline.builder.add(reading)
+                    if window is not None:
+                        outcomes.append((pipeline, pipeline.edge(window)))
+                except Exception:  # noqa: BLE001 - one bad window must not stop inference
+                    pipeline.stats.counts["errors"] += 1
+                    log.exception("inference: %s: error on a window", pipeline.id)
+        now = _now_ms()
+        due = self._next_due_ms is not None and now >= self._next_due_ms
+        if not outcomes and not due:
+            return None
+        from mapper.inference import records
 
-    async def _consume(self) -> None:
-        assert self._queue is not None
-        while True:
-            if self._queue.empty():
-                self.idle.set()
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            outcomes: list[tuple[Pipeline, EdgeOutcome]] = []
-            for reading in batch:
-                for pipeline in self._by_device.get(reading.device_id, ()):
-                    try:
-                        window = pipeline.builder.add(reading)
-                        if window is not None:
-                            outcomes.append((pipeline, pipeline.edge(window)))
-                    except Exception:  # noqa: BLE001 - one bad window must not stop inference
-                        pipeline.stats.counts["errors"] += 1
-                        log.exception("inference: %s: error on a window", pipeline.id)
-            if outcomes:
-                try:
-                    await self._record(outcomes)
-                except Exception:  # noqa: BLE001 - a full disk: log, keep going with the next windows
-                    log.exception("inference: cannot record %d decision(s)", len(outcomes))
+        prepared = self._prepare(outcomes)
+        if due:  # deadlines and resends ride along too: no commit (and no wake-up) of their own
+            updates, messages, desired, reports = self._collect_due(now)
+            prepared.updates += updates
+            prepared.messages += messages
+            prepared.desired += desired
+            prepared.reports += reports
+            self._next_due_ms = None  # the timer task computes the next one after _recorded wakes it
 
-    async def _record(self, outcomes: list[tuple[Pipeline, EdgeOutcome]]) -> None:
+        def work(store: TwinStore) -> tuple[list[int], list[OutboxRow]]:
+            if prepared.updates:
+                records.update_rows(store, prepared.updates)
+            return records.insert_within(store, prepared.new, prepared.messages, prepared.reports)
+
+        return Extra(work, lambda result: self._recorded(prepared, result))
+
+    def _prepare(self, outcomes: list[tuple[Pipeline, EdgeOutcome]]) -> _Prepared:
         from mapper.inference import records
         from mapper.inference.pipeline import Decision
 
         assert self._service is not None
-        created = _now_ms()
-        new: list[records.NewDecision] = []
-        messages: list[OutMessage] = []
-        reports: list[records.Report] = []
-        desired = []
-        requests: list[dict[str, Any] | None] = []
+        p = _Prepared(outcomes, _now_ms())
         for pipeline, o in outcomes:
             request = None
             if not o.exit or (o.audit and self._can_send()):
-                request = pipeline.request(o, self._service.config.node, created).to_json()
-            requests.append(request)
+                request = pipeline.request(o, self._service.config.node, p.created).to_json()
+            p.requests.append(request)
             if request is not None and self._can_send():
-                messages.append(OutMessage(self._topics.offload_request(), request, kind="offload", sequenced=False))
+                p.messages.append(OutMessage(self._topics.offload_request(), request, kind="offload", sequenced=False))
             if o.exit:
                 d = Decision(o.label, o.confidence, "edge", False, o.window)
                 m, ds = pipeline.act(d, self._topics)
-                messages += m
-                desired += ds
-                reports.append(pipeline.report(d))
-            new.append(records.NewDecision(
+                p.messages += m
+                p.desired += ds
+                p.reports.append(pipeline.report(d))
+            p.new.append(records.NewDecision(
                 str(pipeline.id), str(pipeline.source), o.window.start_ms, o.window.end_ms,
                 request["id"] if request else None, o.audit, records.FINAL if o.exit else records.PENDING,
                 o.label if o.exit else None, o.confidence if o.exit else None, "edge" if o.exit else None,
                 o.label, o.confidence, orjson.dumps(request) if request else None))
-        row_ids, rows = await self._twin(lambda s: records.insert(s, new, messages, reports))
-        for (pipeline, o), row_id, request in zip(outcomes, row_ids, requests, strict=True):
+        return p
+
+    def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
+        """On the loop, once the decisions are committed: wait for the offloaded ones, publish."""
+        from mapper.inference import records
+
+        row_ids, rows = result
+        created = p.created
+        for (pipeline, o), row_id, request in zip(p.outcomes, row_ids, p.requests, strict=True):
             if request is None:
                 continue
             if self.pipelines.get(pipeline.id) is not pipeline:  # dropped by a device update meanwhile
@@ -441,9 +460,23 @@ class InferenceExtension:
                 o.label, o.confidence, o.audit, records.FINAL if o.exit else records.PENDING,
                 request if self._can_send() else None, o.window.start_ms, o.window.end_ms)
         self._offer(rows)
-        await self._set_desired(desired)
-        await self._limit_waiting()
+        if p.desired or len(self._waiting) > self.settings.max_pending:
+            assert self._follow_ups is not None
+            self.idle.clear()
+            self._follow_ups.put_nowait(p.desired)
         self._wake.set()
+
+    async def _follow_up(self) -> None:
+        assert self._follow_ups is not None
+        while True:
+            if self._follow_ups.empty():
+                self.idle.set()
+            desired = await self._follow_ups.get()
+            try:
+                await self._set_desired(desired)
+                await self._limit_waiting()
+            except Exception:  # noqa: BLE001 - a full disk: log, keep going with the next decisions
+                log.exception("inference: cannot act on %d decision(s)", len(desired))
 
     async def _limit_waiting(self) -> None:
         """Give up the oldest requests beyond max_pending; a still-pending one gets its edge answer,
@@ -481,7 +514,8 @@ class InferenceExtension:
             upcoming = [w.expires_ms for w in self._waiting.values()]
             upcoming += [w.deadline_ms for w in self._waiting.values() if w.status == "pending"]
             upcoming += [w.next_send_ms for w in self._waiting.values() if w.body is not None]
-            wait_s = max(0.01, (min(upcoming) - _now_ms()) / 1000) if upcoming else 60.0
+            self._next_due_ms = min(upcoming) if upcoming else None
+            wait_s = max(0.01, (min(upcoming) - _now_ms()) / 1000 + TIMER_GRACE_S) if upcoming else 60.0
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait_s, 60.0)):
@@ -520,11 +554,23 @@ class InferenceExtension:
         await self._set_desired(desired)
 
     async def _due(self, now: int) -> None:
-        if not self._waiting:
-            return
+        """What fell due and no batch of readings took along (see _decide): in its own transaction."""
         from mapper.inference import records
 
-        updates, messages, desired, reports = [], [], [], []
+        updates, messages, desired, reports = self._collect_due(now)
+        if updates or messages:
+            rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+            self._offer(rows)
+        await self._set_desired(desired)
+
+    def _collect_due(self, now: int) -> tuple[list[Any], list[OutMessage], list[Any], list[Any]]:
+        """Deadlines passed, resends due, expiries: row updates, messages, desired values, reports."""
+        updates: list[Any] = []
+        messages: list[OutMessage] = []
+        desired: list[Any] = []
+        reports: list[Any] = []
+        if not self._waiting:
+            return updates, messages, desired, reports
         for request_id, w in list(self._waiting.items()):
             if now >= w.expires_ms:
                 del self._waiting[request_id]
@@ -547,10 +593,7 @@ class InferenceExtension:
                 w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
                 w.pipeline.stats.counts["resent"] += 1
                 messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload", sequenced=False))
-        if updates or messages:
-            rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
-            self._offer(rows)
-        await self._set_desired(desired)
+        return updates, messages, desired, reports
 
     def _bus_connected(self) -> bool:
         bus = self._service.bus if self._service else None
@@ -661,4 +704,4 @@ class InferenceExtension:
         return {"pipelines": pipelines, "problems": list(self.problems),
                 "results_rejected": {k[len("rejected_"):]: v for k, v in self.counts.items()
                                      if k.startswith("rejected_")},
-                "readings_dropped": self.counts["readings_dropped"], "desired_set": self.counts["desired_set"]}
+                "desired_set": self.counts["desired_set"]}

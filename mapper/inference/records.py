@@ -106,41 +106,50 @@ def sync_derived(store: TwinStore, devices: Sequence[DerivedDevice]) -> list[Dev
 def insert(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequence[OutMessage],
            reports: Sequence[Report] = ()) -> tuple[list[int], list[OutboxRow]]:
     """Insert decisions (report them, queue their messages); returns the new row ids and outbox rows."""
+    return _transaction(store, lambda: _insert_rows(store, decisions), messages, reports)
+
+
+def _insert_rows(store: TwinStore, decisions: Sequence[NewDecision]) -> list[int]:
     ts = now_ms()
+    ids = []
+    for d in decisions:
+        cur = store.conn.execute(
+            "INSERT INTO inference_decisions (pipeline, device_id, window_start_ts, window_end_ts, request_id,"
+            " audit, status, label, confidence, exit, edge_label, edge_confidence, created_ts, decided_ts,"
+            " final_ts, request) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+            (d.pipeline, d.device_id, d.window_start_ts, d.window_end_ts, d.request_id, int(d.audit), d.status,
+             d.label, d.confidence, d.exit, d.edge_label, d.edge_confidence, ts,
+             ts if d.label is not None else None, ts if d.status == FINAL else None, d.request))
+        ids.append(int(cur.lastrowid))
+    return ids
 
-    def work() -> list[int]:
-        ids = []
-        for d in decisions:
-            cur = store.conn.execute(
-                "INSERT INTO inference_decisions (pipeline, device_id, window_start_ts, window_end_ts, request_id,"
-                " audit, status, label, confidence, exit, edge_label, edge_confidence, created_ts, decided_ts,"
-                " final_ts, request) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (d.pipeline, d.device_id, d.window_start_ts, d.window_end_ts, d.request_id, int(d.audit), d.status,
-                 d.label, d.confidence, d.exit, d.edge_label, d.edge_confidence, ts,
-                 ts if d.label is not None else None, ts if d.status == FINAL else None, d.request))
-            ids.append(int(cur.lastrowid))
-        return ids
 
-    return _transaction(store, work, messages, reports)
+def insert_within(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequence[OutMessage],
+                  reports: Sequence[Report] = ()) -> tuple[list[int], list[OutboxRow]]:
+    """`insert` inside a transaction the caller holds (the readings' own, see Recorder.pre_commit)."""
+    ids = _insert_rows(store, decisions)
+    report(store, reports)
+    return ids, store.enqueue(messages)
 
 
 def update(store: TwinStore, updates: Sequence[DecisionUpdate], messages: Sequence[OutMessage],
            reports: Sequence[Report] = ()) -> list[OutboxRow]:
+    return _transaction(store, lambda: update_rows(store, updates), messages, reports)[1]
+
+
+def update_rows(store: TwinStore, updates: Sequence[DecisionUpdate]) -> None:
+    """The decision rows' updates alone, inside a transaction the caller holds."""
     ts = now_ms()
-
-    def work() -> None:
-        for u in updates:
-            store.conn.execute(
-                "UPDATE inference_decisions SET status=coalesce(?, status), label=coalesce(?, label),"
-                " confidence=coalesce(?, confidence), exit=coalesce(?, exit), cloud_label=coalesce(?, cloud_label),"
-                " cloud_confidence=coalesce(?, cloud_confidence),"
-                " request=CASE WHEN ? IS NOT NULL THEN NULL ELSE request END,"
-                " decided_ts=CASE WHEN ? IS NOT NULL THEN ? ELSE decided_ts END,"
-                " final_ts=CASE WHEN ?='final' THEN ? ELSE final_ts END WHERE id=?",
-                (u.status, u.label, u.confidence, u.exit, u.cloud_label, u.cloud_confidence, u.cloud_label,
-                 u.label, ts, u.status, ts, u.row_id))
-
-    return _transaction(store, work, messages, reports)[1]
+    for u in updates:
+        store.conn.execute(
+            "UPDATE inference_decisions SET status=coalesce(?, status), label=coalesce(?, label),"
+            " confidence=coalesce(?, confidence), exit=coalesce(?, exit), cloud_label=coalesce(?, cloud_label),"
+            " cloud_confidence=coalesce(?, cloud_confidence),"
+            " request=CASE WHEN ? IS NOT NULL THEN NULL ELSE request END,"
+            " decided_ts=CASE WHEN ? IS NOT NULL THEN ? ELSE decided_ts END,"
+            " final_ts=CASE WHEN ?='final' THEN ? ELSE final_ts END WHERE id=?",
+            (u.status, u.label, u.confidence, u.exit, u.cloud_label, u.cloud_confidence, u.cloud_label,
+             u.label, ts, u.status, ts, u.row_id))
 
 
 def enqueue(store: TwinStore, messages: Sequence[OutMessage]) -> list[OutboxRow]:
