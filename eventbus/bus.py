@@ -215,10 +215,17 @@ class MqttBus:
             raise aiomqtt.MqttError("not connected")
         await client.publish(topic, payload, qos=qos, retain=retain, timeout=30)
 
+    def flush(self) -> None:
+        """Write the messages handed over by publish_nowait now (call it before awaiting their acks)."""
+        fast = self.fastpath
+        if fast is not None and self.client is not None:
+            fast.flush()
+
     def publish_nowait(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> int:
         """Hand a message to the connection and return its message id; `on_ack(mid)` follows.
 
-        Raises MqttError when offline. The caller keeps the number in flight within `max_inflight`.
+        Raises MqttError when offline. The caller keeps the number in flight within `max_inflight`,
+        and calls flush() after a burst (the fast path queues without writing).
         """
         client = self.client
         if client is None:

@@ -175,6 +175,7 @@ class OutboxPublisher:
                 if row.id <= self._last_queued:
                     continue
                 if len(inflight) >= window:
+                    bus.flush()
                     await self._wait_room()
                 if self._failed.is_set():
                     raise aiomqtt.MqttError("disconnected")
@@ -189,6 +190,7 @@ class OutboxPublisher:
                     self._acked_row(row.id)
                 else:
                     inflight[mid] = row.id
+            bus.flush()  # the fast path queues without writing: one write for the burst
 
     async def _ack_loop(self) -> None:
         """Delete acknowledged rows `ack_delay_s` after the first ack of a batch, or at 500 acks.

@@ -66,6 +66,7 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
             assert publisher.published == COUNT + 5
             assert fast.reads < COUNT / 5, f"{fast.reads} recv() calls for {COUNT} acknowledgements"
             assert fast.joined_writes > 0  # bursts of publishes went out as one send
+            assert fast.flushes > 0        # written by the publisher's flush, not a later "writable" wake-up
 
             # A publish that aiomqtt awaits is not the outbox's: paho's own path completes it.
             slow_before = fast.slow_acks
