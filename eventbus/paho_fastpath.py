@@ -25,7 +25,7 @@ What it changes, on one paho `Client` instance (instance attributes, nothing glo
 
 It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_out_messages`,
 `_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `_mid_generate`, `_out_packet`, `_protocol`, `_msgtime_mutex`, `_last_bytes_received`,
-`loop_read`, `loop_write`); `install()` checks for them and leaves the client untouched if
+`_registered_write`, `loop_read`, `loop_write`); `install()` checks for them and leaves the client untouched if
 a paho release renamed any of them. `tests/test_paho_fastpath.py` checks it is active with
 the paho version we pin, and that every part of it is used.
 """
@@ -48,7 +48,7 @@ PUBACK = 0x40
 _now = getattr(paho, "time_func", time.monotonic)  # the clock paho's keepalive compares with
 _REQUIRED = ("_sock", "_sock_recv", "_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages",
              "_handle_pubackcomp", "_mid_generate", "_out_packet", "_protocol", "_msgtime_mutex",
-             "_last_bytes_received", "loop_read", "loop_write")
+             "_last_bytes_received", "_registered_write", "loop_read", "loop_write")
 
 
 def _remaining_length(n: int) -> bytes:
@@ -109,9 +109,14 @@ class FastPath:
 
     def flush(self) -> None:
         """Write what is queued now. What the socket does not take, paho writes when it is writable
-        (its loop_write registers for that itself)."""
+        (its loop_write registers for that itself).
+
+        Not while paho has asked for a "writable" wake-up itself (a packet of its own, a reply):
+        that wake-up writes our packets too, and writing here first would have paho drop its
+        registration while the event loop is still about to add the writer, which would then stay.
+        """
         client = self._client
-        if client._out_packet and client._sock is not None:  # noqa: SLF001
+        if client._out_packet and client._sock is not None and not client._registered_write:  # noqa: SLF001
             self.flushes += 1
             client.loop_write()
 
