@@ -56,6 +56,8 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
                 messages = [OutMessage(f"mapper/fastpath/default/dev/m{i % 7}", {"i": i}) for i in range(COUNT)]
                 # QoS 0 rows are not the fast path's: paho publishes them, and they leave the outbox too.
                 messages += [OutMessage("mapper/fastpath/default/dev/q0", {"i": i}, qos=0) for i in range(COUNT, COUNT + 5)]
+                # QoS 2 needs paho's record of the message for PUBREC/PUBREL: paho's path too.
+                messages += [OutMessage("mapper/fastpath/default/dev/q2", {"i": i}, qos=2) for i in range(3)]
                 rows = await worker.call(lambda s: s.record([], messages))
                 # paho's own publishes (here one aiomqtt awaits) interleave with the outbox's bursts.
                 awaited = [asyncio.create_task(bus.publish("mapper/fastpath/default/dev/awaited", b"x"))]
@@ -75,7 +77,7 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
                 left = await worker.call(lambda s: s.outbox_pending(limit=10))
             assert left == []
             assert fast.fast_publishes == COUNT and fast.fast_acks == COUNT
-            assert publisher.published == COUNT + 5
+            assert publisher.published == COUNT + 5 + 3
             # paho alone reads 3-4 times per PUBACK; buffered, a read carries several.
             assert fast.reads < COUNT / 2, f"{fast.reads} recv() calls for {COUNT} acknowledgements"
             assert fast.joined_writes > 0  # bursts of publishes went out as one send
@@ -90,11 +92,12 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
             bus_task.cancel()
             await asyncio.gather(bus_task, return_exceptions=True)
 
-        received = [app.next_message(timeout=10) for _ in range(COUNT + 8)]
+        received = [app.next_message(timeout=10) for _ in range(COUNT + 11)]
 
     numbers = [orjson.loads(m.payload)["i"] for m in received if m.topic.split("/")[-1][0] == "m"]
     assert numbers == list(range(COUNT))
     # The broker may let QoS 0 overtake QoS 1 messages queued for the subscriber: no order across them.
     assert sorted(orjson.loads(m.payload)["i"] for m in received if m.topic.endswith("/q0")) == list(
         range(COUNT, COUNT + 5))
+    assert sorted(orjson.loads(m.payload)["i"] for m in received if m.topic.endswith("/q2")) == [0, 1, 2]
     assert [m.topic for m in received if m.topic.endswith("/awaited")] == ["mapper/fastpath/default/dev/awaited"] * 3
