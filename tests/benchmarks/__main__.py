@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -64,12 +65,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write every figure, the details and the machine here")
     p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, twin files, arrivals)")
+    p.add_argument("--repeats", type=int, help="runs per scenario (default: 3 full, 2 quick)")
+    p.add_argument("--latency-s", type=float, help="latency run length, e.g. 300 for a soak (default: 25 full, 3 quick)")
     args = p.parse_args(argv)
     names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
     plan = Plan.make(args.quick)
+    if args.repeats is not None:
+        plan = dataclasses.replace(plan, repeats=max(1, args.repeats))
+    if args.latency_s is not None:
+        plan = dataclasses.replace(plan, latency_s=args.latency_s)
     workdir = Path(tempfile.mkdtemp(prefix="mapper-bench-"))
     started = time.monotonic()
     results: list[ScenarioResult] = []
