@@ -8,7 +8,8 @@ again: duplicates are possible (QoS 1 allows them) and the `seq` field reveals t
 
 Publishing does not await each message: rows are handed to the connection (`publish_nowait`)
 while fewer than `max_inflight` are unacknowledged, and PUBACKs come back as message ids
-(`on_ack`), so a message costs no task, event or timer of its own.
+(`on_ack`), so a message costs no task, event or timer of its own. Each burst ends with
+`flush()`, which writes it in one go.
 """
 
 from __future__ import annotations

@@ -54,6 +54,16 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+def _due_ms(w: Waiting) -> int:
+    """When a waiting request next needs the timer: expiry, its deadline (pending), a resend."""
+    due = w.expires_ms
+    if w.status == "pending":
+        due = min(due, w.deadline_ms)
+    if w.body is not None:
+        due = min(due, w.next_send_ms)
+    return due
+
+
 @dataclass
 class _Prepared:
     """The decisions on the windows one batch of readings closed, ready for the batch's transaction."""
@@ -114,8 +124,9 @@ class InferenceExtension:
         self.problems: list[str] = []
         self.counts: Counter[str] = Counter()      # results not tied to a pipeline, desired values set
         self._by_device: dict[DeviceId, list[Pipeline]] = {}
-        # Desired values and the max_pending limit, after a decision's commit: they need twin calls.
-        self._follow_ups: asyncio.Queue[list[Any]] | None = None
+        # After a decision's commit, what needs twin calls of its own: desired values to set, and
+        # requests given up at max_pending to answer provisionally.
+        self._follow_ups: asyncio.Queue[tuple[list[Any], list[tuple[str, Waiting]]]] | None = None
         self._waiting: dict[str, Waiting] = {}
         self._done: OrderedDict[str, None] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()
@@ -447,6 +458,7 @@ class InferenceExtension:
 
         row_ids, rows = result
         created = p.created
+        earliest: int | None = None  # of the new entries' due times
         for (pipeline, o), row_id, request in zip(p.outcomes, row_ids, p.requests, strict=True):
             if request is None:
                 continue
@@ -454,33 +466,39 @@ class InferenceExtension:
                 self._remember(self._expired, request["id"])
                 continue
             s = pipeline.settings
-            self._waiting[request["id"]] = Waiting(
+            w = self._waiting[request["id"]] = Waiting(
                 request["id"], pipeline, row_id, created, created + int(s.deadline_s * 1000),
                 created + int(s.result_max_age_s * 1000), created + int(s.resend_s * 1000),
                 o.label, o.confidence, o.audit, records.FINAL if o.exit else records.PENDING,
                 request if self._can_send() else None, o.window.start_ms, o.window.end_ms)
+            earliest = _due_ms(w) if earliest is None else min(earliest, _due_ms(w))
         self._offer(rows)
-        if p.desired or len(self._waiting) > self.settings.max_pending:
+        given_up = self._over_limit()  # at once: never more than max_pending waiting
+        if p.desired or given_up:
             assert self._follow_ups is not None
             self.idle.clear()
-            self._follow_ups.put_nowait(p.desired)
-        self._wake.set()
+            self._follow_ups.put_nowait((p.desired, given_up))
+        # The timer task rescans every waiting request when woken: only when its next wake-up moves.
+        if self._next_due_ms is None or (earliest is not None and earliest < self._next_due_ms):
+            self._wake.set()
 
     async def _follow_up(self) -> None:
         assert self._follow_ups is not None
         while True:
             if self._follow_ups.empty():
                 self.idle.set()
-            desired = await self._follow_ups.get()
+            desired, given_up = await self._follow_ups.get()
             try:
                 await self._set_desired(desired)
-                await self._limit_waiting()
+                if given_up:
+                    await self._provisional(given_up)
             except Exception:  # noqa: BLE001 - a full disk: log, keep going with the next decisions
-                log.exception("inference: cannot act on %d decision(s)", len(desired))
+                log.exception("inference: cannot act on %d decision(s)", len(desired) + len(given_up))
 
-    async def _limit_waiting(self) -> None:
-        """Give up the oldest requests beyond max_pending; a still-pending one gets its edge answer,
-        provisional (as at expiry), so its row is decided and the decision published and acted on."""
+    def _over_limit(self) -> list[tuple[str, Waiting]]:
+        """Stop waiting for the oldest requests beyond max_pending and return them: _provisional then
+        gives a still-pending one its edge answer (as at expiry), so its row is decided and the
+        decision published and acted on."""
         given_up: list[tuple[str, Waiting]] = []
         while len(self._waiting) > self.settings.max_pending:
             request_id, w = next(iter(self._waiting.items()))
@@ -488,8 +506,7 @@ class InferenceExtension:
             self._remember(self._expired, request_id)
             w.pipeline.stats.counts["expired"] += 1
             given_up.append((request_id, w))
-        if given_up:
-            await self._provisional(given_up)
+        return given_up
 
     async def _set_desired(self, desired: list) -> None:  # noqa: ANN001 - list[DesiredSet]
         if not desired:
@@ -511,11 +528,9 @@ class InferenceExtension:
         while True:
             now = _now_ms()
             await self._due(now)
-            upcoming = [w.expires_ms for w in self._waiting.values()]
-            upcoming += [w.deadline_ms for w in self._waiting.values() if w.status == "pending"]
-            upcoming += [w.next_send_ms for w in self._waiting.values() if w.body is not None]
-            self._next_due_ms = min(upcoming) if upcoming else None
-            wait_s = max(0.01, (min(upcoming) - _now_ms()) / 1000 + TIMER_GRACE_S) if upcoming else 60.0
+            self._next_due_ms = min(map(_due_ms, self._waiting.values()), default=None)
+            wait_s = (60.0 if self._next_due_ms is None
+                      else max(0.01, (self._next_due_ms - _now_ms()) / 1000 + TIMER_GRACE_S))
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(min(wait_s, 60.0)):
