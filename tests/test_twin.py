@@ -101,6 +101,32 @@ def test_history_is_bounded_by_rows_and_age(twin):
     assert len(rows) == 150 and rows[-1][1] == 199
 
 
+def test_age_pruning_reads_only_the_old_end_of_history(twin):
+    """Age pruning stops at the first young reading instead of scanning all of history (there is no
+    index on ts): counted in SQLite VM instructions, not time. A reading that arrives with an old
+    timestamp behind young ones stays until it reaches the old end (documented)."""
+    import time
+    now = int(time.time() * 1000)
+    twin.record([Reading(D1, "count", i, now - 10_000_000 + i) for i in range(50)])      # old
+    twin.record([Reading(D1, "count", i, now + i) for i in range(20_000)])               # young
+    twin.record([Reading(D1, "count", -1, now - 10_000_000)])                            # old, late
+    instructions = [0]
+
+    def count() -> int:
+        instructions[0] += 1000
+        return 0
+
+    twin.conn.set_progress_handler(count, 1000)
+    try:
+        deleted = twin.prune_history(max_rows=1_000_000, max_age_ms=1_000_000)
+    finally:
+        twin.conn.set_progress_handler(None, 0)
+    assert deleted == 50
+    assert instructions[0] < 20_000, f"{instructions[0]} VM instructions: the young rows were scanned"
+    values = [v for _ts, v, *_ in twin.history(D1, "count", limit=30_000)]
+    assert len(values) == 20_001 and values[-1] == -1  # the late one, newest by arrival
+
+
 def test_outbox_sequences_survive_reopen(tmp_path, twin):
     """Per-topic sequence numbers count up by one and continue after a restart."""
     rows = twin.record([], [OutMessage("t/a", {"v": 1}), OutMessage("t/a", {"v": 2}), OutMessage("t/b", {"v": 3})])

