@@ -73,8 +73,10 @@ class DeviceRunner:
         on_state: StateCallback,
         on_applied: AppliedCallback,
         twin: TwinCall | None = None,
+        flush: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.definition = definition
+        self._flush = flush  # commit the readings recorded so far (the recorder's flush)
         self.driver = driver
         self._record = record
         self._settings = settings
@@ -291,6 +293,15 @@ class DeviceRunner:
         """Make the value the driver set by itself the desired value (a new version, already applied)."""
         reading = await self.read_once(prop)
         self._record(reading)
+        if self._flush is not None:
+            # The read-back first, then the desired value: the twin never shows the new desired
+            # version next to the old reported value.
+            try:
+                await self._flush()
+            except Exception as exc:  # noqa: BLE001 - the recorder keeps the reading and retries
+                log.warning("%s/%s: cannot commit the read-back yet (%s); the desired value is left as it is",
+                            self.id, prop.name, exc)
+                return
         if reading.quality != GOOD or reading.value != value:
             log.warning("%s/%s: %s, but the read-back is %r; the desired value is left as it is",
                         self.id, prop.name, reason, reading.value)
