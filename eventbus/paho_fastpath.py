@@ -23,11 +23,11 @@ What it changes, on one paho `Client` instance (instance attributes, nothing glo
   to paho, which reads it from the same buffer. `loop_read` drains the buffer before it
   returns, because the event loop's reader is woken only by bytes still in the socket.
 
-It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_out_messages`,
-`_out_message_mutex`, `_inflight_messages`, `_handle_pubackcomp`, `_mid_generate`, `_out_packet`, `_protocol`, `_msgtime_mutex`, `_last_bytes_received`,
-`_registered_write`, `loop_read`, `loop_write`); `install()` checks for them and leaves the client untouched if
-a paho release renamed any of them. `tests/test_paho_fastpath.py` checks it is active with
-the paho version we pin, and that every part of it is used.
+It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_handle_pubackcomp`,
+`_mid_generate`, `_out_packet`, `_protocol`, `_msgtime_mutex`, `_last_bytes_received`,
+`_registered_write`, `loop_read`, `loop_write`); `install()` checks for them and leaves the
+client untouched if a paho release renamed any of them. `tests/test_paho_fastpath.py` checks
+it is active with the paho version we pin, and that every part of it is used.
 """
 
 from __future__ import annotations
@@ -46,9 +46,17 @@ READ_SIZE = 4_096
 TOPIC_CACHE = 10_000
 PUBACK = 0x40
 _now = getattr(paho, "time_func", time.monotonic)  # the clock paho's keepalive compares with
-_REQUIRED = ("_sock", "_sock_recv", "_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages",
-             "_handle_pubackcomp", "_mid_generate", "_out_packet", "_protocol", "_msgtime_mutex",
-             "_last_bytes_received", "_registered_write", "loop_read", "loop_write")
+_REQUIRED = ("_sock", "_sock_recv", "_in_packet", "_handle_pubackcomp", "_mid_generate", "_out_packet", "_protocol",
+             "_msgtime_mutex", "_last_bytes_received", "_registered_write", "loop_read", "loop_write")
+
+
+def _plain_ack_mid(data: bytes | bytearray, start: int, length: int) -> int | None:
+    """The message id of a successful PUBACK body without properties at data[start:start+length]:
+    MQTT 3.1.1 is the id alone; MQTT 5 adds a reason code (< 0x80: success) and a property length
+    (0). None for anything else."""
+    if length == 2 or (length in (3, 4) and data[start + 2] < 0x80 and (length == 3 or data[start + 3] == 0)):
+        return data[start] << 8 | data[start + 1]
+    return None
 
 
 def _remaining_length(n: int) -> bytes:
@@ -150,15 +158,17 @@ class FastPath:
         if sock is not self._sock:   # a new connection: nothing of the old one may leak into it
             self._sock, self._data, self._pos = sock, b"", 0
 
+    def _fill(self, original_recv: Callable[[int], bytes]) -> bytes:
+        """One read into the (empty) buffer; raises BlockingIOError when there is nothing to read."""
+        data = original_recv(READ_SIZE)
+        self.reads += 1
+        self._data, self._pos = data, 0
+        return data
+
     def sock_recv(self, original: Callable[[int], bytes], bufsize: int) -> bytes:
         self._same_socket()
         if self._pos >= len(self._data):
-            data = original(READ_SIZE)  # raises BlockingIOError when there is nothing to read
-            self.reads += 1
-            if len(data) <= bufsize:
-                self._data, self._pos = b"", 0
-                return data
-            self._data, self._pos = data, 0
+            self._fill(original)
         start = self._pos
         end = min(start + bufsize, len(self._data))
         self._pos = end
@@ -171,15 +181,13 @@ class FastPath:
             self._same_socket()
             if self._pos >= len(self._data):
                 try:
-                    data = original_recv(READ_SIZE)
+                    data = self._fill(original_recv)
                 except BlockingIOError:
                     return MQTT_ERR_SUCCESS  # nothing to read after all
                 except OSError:
-                    data = None  # paho reads again and reports the error its own way
+                    data = b""  # paho reads again and reports the error its own way
                 if not data:  # an error, or the broker closed the connection: paho handles it
                     return original_read(max_packets)
-                self.reads += 1
-                self._data, self._pos = data, 0
             self._take_acks()
             if self._pos >= len(self._data):
                 return MQTT_ERR_SUCCESS
@@ -195,13 +203,11 @@ class FastPath:
         start = pos
         while pos + 4 <= end and data[pos] == PUBACK:
             length = data[pos + 1]
-            if length > 4 or length < 2 or pos + 2 + length > end:
-                break  # not a plain PUBACK, or not all of it here: paho reads it
-            if length >= 3 and (data[pos + 4] >= 0x80 or (length == 4 and data[pos + 5] != 0)):
-                break  # an error reason code, or properties
-            mid = data[pos + 2] << 8 | data[pos + 3]
-            if mid not in mine:
-                break  # someone else's (aiomqtt awaits it): paho's handler
+            if pos + 2 + length > end:
+                break  # not all of it here: paho reads the rest
+            mid = _plain_ack_mid(data, pos + 2, length)
+            if mid is None or mid not in mine:
+                break  # an error, properties, or someone else's (aiomqtt awaits it): paho's handler
             mine.discard(mid)
             on_ack(mid)
             self.fast_acks += 1
@@ -213,30 +219,15 @@ class FastPath:
                 client._last_bytes_received = _now()  # noqa: SLF001
 
     def handle_pubackcomp(self, original: Callable[[str], Any], cmd: str) -> Any:
-        """PUBACKs that paho itself read (split across reads, or behind another packet)."""
-        client = self._client
-        packet = client._in_packet["packet"]  # noqa: SLF001
-        n = len(packet)
-        # MQTT 3.1.1: the id only. MQTT 5: the id, a reason code, then a property length (0: none).
-        plain = n == 2 or (n >= 3 and packet[2] < 0x80 and (n == 3 or (n == 4 and packet[3] == 0)))
-        if cmd == "PUBACK" and plain and n >= 2:
-            mid = (packet[0] << 8) | packet[1]
-            if mid in self._mine:
-                self._mine.discard(mid)
-                self._on_ack(mid)
-                self.fast_acks += 1
-                return MQTT_ERR_SUCCESS
-            with client._out_message_mutex:  # noqa: SLF001
-                messages = client._out_messages  # noqa: SLF001
-                message = messages.get(mid)
-                if message is None:
-                    return MQTT_ERR_SUCCESS  # acknowledged twice, or unknown: paho ignores it too
-                if self._on_ack(mid):  # paho published it for the outbox (publish() declined)
-                    del messages[mid]
-                    if message.qos > 0:
-                        client._inflight_messages -= 1  # noqa: SLF001
-                    self.fast_acks += 1
-                    return MQTT_ERR_SUCCESS
+        """Plain PUBACKs of our own messages that paho itself read (split across reads, or behind
+        another packet); everything else is paho's (the bus's on_publish hook reports those)."""
+        packet = self._client._in_packet["packet"]  # noqa: SLF001
+        mid = _plain_ack_mid(packet, 0, len(packet)) if cmd == "PUBACK" else None
+        if mid is not None and mid in self._mine:
+            self._mine.discard(mid)
+            self._on_ack(mid)
+            self.fast_acks += 1
+            return MQTT_ERR_SUCCESS
         self.slow_acks += 1
         return original(cmd)
 
@@ -258,10 +249,8 @@ def install(client: Client, on_ack: Callable[[int], bool]) -> FastPath | None:
     None (and paho left as it is) if paho lacks an internal this relies on.
     """
     missing = [name for name in _REQUIRED if not hasattr(client, name)]
-    if missing or getattr(client, "_max_inflight_messages", 1) != 0:
-        # paho's own in-flight window would need _update_inflight() after each ack: leave it to paho.
-        log.warning("paho-mqtt fast path not installed (missing %s); using paho's own paths",
-                    ", ".join(missing) or "an unlimited in-flight window")
+    if missing:
+        log.warning("paho-mqtt fast path not installed (missing %s); using paho's own paths", ", ".join(missing))
         return None
     fast = FastPath(client, on_ack)
     sock_recv, loop_read, handle = client._sock_recv, client.loop_read, client._handle_pubackcomp  # noqa: SLF001

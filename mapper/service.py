@@ -258,9 +258,10 @@ class MapperService:
         last_version: int | None = None
         asked_at = loop.time()
         while True:
+            # On the clock grid (mapper.ticks): the same wake-up as the devices' reads.
+            # asyncio.timeout_at, not wait_for: 3.11's wait_for can swallow a cancel.
             with contextlib.suppress(TimeoutError):
-                # On the clock grid (mapper.ticks): the same wake-up as the devices' reads.
-                async with asyncio.timeout_at(next_tick(loop.time(), interval)):  # not wait_for: 3.11's can swallow a cancel
+                async with asyncio.timeout_at(next_tick(loop.time(), interval)):
                     await self._desired_wake.wait()
             woken = self._desired_wake.is_set()
             self._desired_wake.clear()

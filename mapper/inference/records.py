@@ -85,10 +85,16 @@ class DecisionUpdate:
 def _transaction(store: TwinStore, work, messages: Sequence[OutMessage], reports: Sequence[Report] = ()  # noqa: ANN001
                  ) -> tuple[Any, list[OutboxRow]]:
     with store.transaction():
-        result = work()
-        report(store, reports)
-        rows = store.enqueue(messages)
-    return result, rows
+        return _within(store, work, messages, reports)
+
+
+def _within(store: TwinStore, work, messages: Sequence[OutMessage], reports: Sequence[Report]  # noqa: ANN001
+            ) -> tuple[Any, list[OutboxRow]]:
+    """The decision rows (`work`), the derived devices' properties and the messages, in the
+    transaction the caller holds."""
+    result = work()
+    report(store, reports)
+    return result, store.enqueue(messages)
 
 
 def report(store: TwinStore, reports: Sequence[Report]) -> int:
@@ -127,9 +133,7 @@ def _insert_rows(store: TwinStore, decisions: Sequence[NewDecision]) -> list[int
 def insert_within(store: TwinStore, decisions: Sequence[NewDecision], messages: Sequence[OutMessage],
                   reports: Sequence[Report] = ()) -> tuple[list[int], list[OutboxRow]]:
     """`insert` inside a transaction the caller holds (the readings' own, see Recorder.pre_commit)."""
-    ids = _insert_rows(store, decisions)
-    report(store, reports)
-    return ids, store.enqueue(messages)
+    return _within(store, lambda: _insert_rows(store, decisions), messages, reports)
 
 
 def update(store: TwinStore, updates: Sequence[DecisionUpdate], messages: Sequence[OutMessage],
