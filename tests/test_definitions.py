@@ -135,6 +135,50 @@ def test_unknown_protocol_is_a_warning_not_an_error(tmp_path):
     assert "d.yaml:10: spec.protocol.protocolName" in str(warning) and "'modbus'" in str(warning)
 
 
+def test_driver_registry_is_read_once_and_reread_for_a_new_protocol(tmp_path, monkeypatch):
+    """Installed drivers are looked up once for many devices; one installed later is still found.
+
+    The driver is a real distribution on sys.path (a .dist-info with an entry point), the
+    way a third party would ship one.
+    """
+    import importlib.metadata
+    import sys
+
+    from devices.drivers import base
+
+    scans = []
+
+    def counting(**kwargs):
+        scans.append(kwargs)
+        return importlib.metadata.entry_points(**kwargs)
+
+    monkeypatch.setattr(base, "entry_points", counting)
+    monkeypatch.setattr(base, "_registered", None)
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    for i in range(20):
+        (tmp_path / f"d{i}.yaml").write_text(device_yaml(f"d{i}"))
+    assert len(load([tmp_path], base=tmp_path).devices) == 20
+    assert len(scans) == 1
+
+    (tmp_path / "d0.yaml").write_text(device_yaml("d0").replace("protocolName: simulated", "protocolName: latecomer"))
+    first = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "d0") in first.unrunnable
+
+    plugin = tmp_path / "site"
+    (plugin / "latecomer_driver").mkdir(parents=True)
+    (plugin / "latecomer_driver" / "__init__.py").write_text(
+        "from devices.drivers.simulated import SimulatedDriver\n\nclass Latecomer(SimulatedDriver):\n    pass\n")
+    meta = plugin / "latecomer_driver-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: latecomer-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[mapper.drivers]\nlatecomer = latecomer_driver:Latecomer\n")
+    monkeypatch.syspath_prepend(str(plugin))
+    monkeypatch.delitem(sys.modules, "latecomer_driver", raising=False)
+    later = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "d0") not in later.unrunnable
+    assert base.load_driver("latecomer").__name__ == "Latecomer"
+
+
 def test_fields_we_do_not_use_are_kept(tmp_path):
     """pushMethod db methods, methods and stateReport are accepted and kept."""
     text = device_yaml("d").replace("      reportCycle: 50\n      reportToCloud: true\n    - name: power", """\
