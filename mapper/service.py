@@ -26,6 +26,9 @@ from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore
 
 log = logging.getLogger("mapper.service")
 
+# Readings deleted per twin transaction when pruning history: about 0.4 ms of the twin thread here.
+PRUNE_STEP = 1000
+
 Hook = Callable[["MapperService"], Awaitable[None]]
 
 
@@ -280,10 +283,22 @@ class MapperService:
     async def _prune_loop(self) -> None:
         t = self.config.twin
         while True:
-            deleted = await self.twin(lambda s: s.prune_history(t.history_rows, t.history_age_s * 1000))
+            deleted = await self.prune_history()
             if deleted:
                 log.debug("pruned %d old readings", deleted)
             await sleep_to_tick(30)
+
+    async def prune_history(self) -> int:
+        """Prune in steps of PRUNE_STEP rows, each its own twin call: readings committed meanwhile
+        wait for one step, not for the whole delete (30,000 rows every 30 s at 1,000 readings/s,
+        about 6 ms in one transaction)."""
+        t = self.config.twin
+        total = 0
+        while True:
+            deleted = await self.twin(lambda s: s.prune_history(t.history_rows, t.history_age_s * 1000, PRUNE_STEP))
+            total += deleted
+            if deleted < PRUNE_STEP:
+                return total
 
 
 class _Stop(Exception):

@@ -125,3 +125,40 @@ async def test_pre_commit_work_commits_with_its_batch_and_a_failed_batch_is_retr
         assert await count("SELECT count(*) FROM readings") == 4
         assert await count("SELECT count(*) FROM outbox") == 2
         assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [3]
+
+
+async def test_pruning_goes_in_steps_and_readings_commit_between_them(tmp_path, monkeypatch):
+    """A large prune is many small transactions on the twin thread: a reading committed while it
+    runs waits for one step, not for the whole delete. The result is the same as one delete."""
+    import asyncio
+    import time
+
+    from mapper import service as service_module
+    from mapper.config import load_config
+    from mapper.service import MapperService
+    from helpers import write_config
+
+    monkeypatch.setattr(service_module, "PRUNE_STEP", 100)
+    devices = write_devices(tmp_path / "devices", ["lamp"])
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    config = config.model_copy(update={"twin": config.twin.model_copy(update={"history_rows": 1000})})
+    path = config.twin.path
+    now = int(time.time() * 1000)
+    with TwinStore.open(path) as setup:
+        setup.sync_devices(load([devices]).devices.values())
+        setup.record([Reading(LAMP, "count", i, now + i) for i in range(5000)])  # none too old
+    service = MapperService(config)
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        service.worker = worker
+        pruning = asyncio.create_task(service.prune_history())
+        await asyncio.sleep(0)  # one loop iteration: the first step is queued on the twin thread
+
+        def record_and_count(store: TwinStore) -> int:
+            store.record([Reading(LAMP, "count", -1, now + 5000)])
+            return store.conn.execute("SELECT count(*) FROM readings").fetchone()[0]
+
+        assert await worker.call(record_and_count) == 5000 - 100 + 1  # after exactly one step
+        assert not pruning.done()
+        assert await pruning == 4001
+        history = await worker.call(lambda s: s.history(LAMP, "count", limit=10_000))
+    assert len(history) == 1000 and history[-1][1] == -1 and history[0][1] == 4001

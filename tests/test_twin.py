@@ -332,3 +332,19 @@ def test_derived_devices_are_read_only_reported_with_versions_and_retired_by_the
     assert twin.device(derived).properties["label"].reported == "drift"  # values survive a re-registration
     assert twin.sync_derived([DerivedDevice(D1, "m", (), None)]) == [D1]
     assert twin.device(D1).protocol != DERIVED_PROTOCOL and derived not in twin.device_ids()
+
+
+def test_pruning_in_steps_deletes_the_oldest_rows_a_step_at_a_time(twin):
+    """With `step`, each call deletes at most that many of the oldest rows; calling until it
+    returns less leaves what one unlimited call leaves."""
+    import time
+    now = int(time.time() * 1000)
+    twin.record([Reading(D1, "count", i, now - 10_000_000 + i) for i in range(250)])   # too old
+    twin.record([Reading(D1, "count", i, now + i) for i in range(1000)])                # young
+    steps = []
+    while not steps or steps[-1] == 300:
+        steps.append(twin.prune_history(max_rows=600, max_age_ms=1_000_000, step=300))
+    assert steps == [300, 300, 50]
+    values = [v for _ts, v, *_ in twin.history(D1, "count", limit=10_000)]
+    assert values == list(range(400, 1000))
+    assert twin.prune_history(max_rows=600, max_age_ms=1_000_000, step=300) == 0

@@ -712,7 +712,7 @@ class TwinStore:
         ).fetchall()
         return [(ts, _load(v), q) for ts, v, q in reversed(rows)]
 
-    def prune_history(self, max_rows: int, max_age_ms: int) -> int:
+    def prune_history(self, max_rows: int, max_age_ms: int, step: int | None = None) -> int:
         """Keep at most `max_rows` readings, none older than `max_age_ms`. Returns rows deleted.
 
         History is in arrival order (id), and age is judged from its old end: everything before
@@ -720,18 +720,27 @@ class TwinStore:
         table (there is no index on ts, and a full scan of 200,000 rows every 30 s was 14 ms of
         CPU, ~2 CPU-s/hour on a Pi's steady state). A reading that arrived with an older
         timestamp than one before it goes when it reaches the old end.
+
+        `step`: delete at most this many of the oldest rows in this call (one transaction);
+        a caller sharing the twin thread with readings calls again while it returns `step`,
+        so readings' commits run in between instead of waiting for one large delete.
         """
         self._begin()
         try:
+            # Two queries: SQLite answers a lone min() or max() from the end of the B-tree, both
+            # together by scanning the table.
+            oldest = self.conn.execute("SELECT min(id) FROM readings").fetchone()[0]
+            top = self.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
+            if top is None:
+                self._commit()
+                return 0
             cutoff = now_ms() - max_age_ms
             young = self.conn.execute("SELECT id FROM readings WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)).fetchone()
-            if young is None:
-                deleted = self.conn.execute("DELETE FROM readings").rowcount
-            else:
-                deleted = self.conn.execute("DELETE FROM readings WHERE id < ?", (young[0],)).rowcount
-            top = self.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
-            if top is not None:
-                deleted += self.conn.execute("DELETE FROM readings WHERE id <= ?", (top - max_rows,)).rowcount
+            last = top if young is None else young[0] - 1  # the last too-old row
+            last = max(last, top - max_rows)  # ... or the last row over the count
+            if step is not None:
+                last = min(last, oldest + step - 1)  # at most `step` rows
+            deleted = self.conn.execute("DELETE FROM readings WHERE id <= ?", (last,)).rowcount if last >= oldest else 0
         except BaseException:
             self._rollback()
             raise
