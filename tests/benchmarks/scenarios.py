@@ -4,6 +4,7 @@ nothing here asserts a time."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -11,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -293,6 +294,29 @@ def twin_store(ctx: Context) -> ScenarioResult:
 
 # -- 4. cost on a Pi-sized workload ------------------------------------------------------------
 
+@contextlib.contextmanager
+def cloud_worker(ctx: Context, tmp: Path) -> Iterator[None]:
+    """`mapper cloud-worker` on the benchmark broker, subscribed before the body runs; stopped after."""
+    worker_cfg = tmp / "worker.yaml"
+    worker_cfg.write_text(f"mqtt:\n  url: mqtt://{ctx.broker.host}:{ctx.broker.port}\n  username: worker\n"
+                          f"  password_file: {write_secret(ctx.broker, tmp, 'worker')}\n"
+                          "models: [sensor_faults]\nworker_id: bench-w1\n")
+    worker_log = tmp / "worker.log"
+    with worker_log.open("ab") as wl:
+        worker = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config", str(worker_cfg)],
+                                  stdout=wl, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 30
+        while "subscribed to $share/" not in worker_log.read_text(errors="replace"):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"cloud worker did not start: {worker_log.read_text()[-2000:]}")
+            time.sleep(0.05)
+        yield
+    finally:
+        worker.terminate()
+        worker.wait(20)
+
+
 def _inference_extra() -> str | None:
     """Config for one inference window per second on d0's temperature + humidity, or None when this
     install cannot run one (no `inference:` support in the config, or no onnxruntime)."""
@@ -327,13 +351,17 @@ def cost(ctx: Context) -> ScenarioResult:
         f"(twin synchronous FULL, QoS 1, log level info); raw: a bare paho script publishing 20 values/s (QoS 1). "
         f"CPU = time on a CPU of all threads (/proc/<pid>/task/*/schedstat, ns) over a {plan.cost_s:g} s window after warm-up, scaled to an "
         f"hour; RSS = VmRSS from /proc/<pid>/status. One process at a time; the inference variant is a "
-        f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1).")
+        f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1), "
+        f"with a `mapper cloud-worker` on the broker answering its offloads (in the cloud, not measured), "
+        f"and once more with no worker.")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
                    higher_is_better=False, target="< 10 CPU-s/h")
     rss = r.metric("RSS [20 props]", "MiB", baseline_name="bare paho RSS", higher_is_better=False, target="< 40 MiB")
     inference = _inference_extra()
     icpu = r.metric("CPU-s/hour [+1 inference window/s]", "s/h", higher_is_better=False,
                     target="adds < 2 CPU-s/h", note="" if inference else "skipped: no inference support here")
+    iworkerless = r.metric("CPU-s/hour [+1 inference window/s, no cloud worker]", "s/h", higher_is_better=False,
+                           note="offloaded windows wait for their deadline and are resent until they expire")
     irss = r.metric("RSS [+inference]", "MiB", higher_is_better=False, target="< 80 MiB")
     for i in range(max(1, plan.repeats - 1)):
         results: dict[str, tuple[float, float, float]] = {}
@@ -351,16 +379,22 @@ def cost(ctx: Context) -> ScenarioResult:
             raw.terminate()
             raw.wait(10)
         if inference:
-            itmp = ctx.tmp(f"cost-inference-{i}")
-            with Mapper(itmp, _pi_devices(itmp / "devices"), ctx.broker, MapperOptions(extra=inference)) as extra:
-                extra.wait_ready()
-                results["inference"] = _measure(extra.pid, 3.0, plan.cost_s)
+            for label, worker in (("inference", True), ("inference-no-worker", False)):
+                itmp = ctx.tmp(f"cost-{label}-{i}")
+                with contextlib.ExitStack() as stack:
+                    if worker:
+                        stack.enter_context(cloud_worker(ctx, itmp))
+                    extra = stack.enter_context(
+                        Mapper(itmp, _pi_devices(itmp / "devices"), ctx.broker, MapperOptions(extra=inference)))
+                    extra.wait_ready()
+                    results[label] = _measure(extra.pid, 3.0, plan.cost_s)
         cpu.values.append(results["mapper"][0])
         cpu.baseline.append(results["raw"][0])
         rss.values.append(results["mapper"][1])
         rss.baseline.append(results["raw"][1])
         if "inference" in results:
             icpu.values.append(results["inference"][0] - results["mapper"][0])
+            iworkerless.values.append(results["inference-no-worker"][0] - results["mapper"][0])
             irss.values.append(results["inference"][1])
         r.details.append({"run": i, **{k: {"cpu_s_per_hour": v[0], "rss_mib": v[1], "hwm_mib": v[2]}
                                        for k, v in results.items()}})
@@ -593,32 +627,19 @@ def inference(ctx: Context) -> ScenarioResult:
         dev = tmp / "devices"
         dev.mkdir()
         (dev / "probe.yaml").write_text(faulty_probe_yaml(50))
-        worker_cfg = tmp / "worker.yaml"
-        worker_cfg.write_text(f"mqtt:\n  url: mqtt://{ctx.broker.host}:{ctx.broker.port}\n  username: worker\n"
-                              f"  password_file: {write_secret(ctx.broker, tmp, 'worker')}\n"
-                              "models: [sensor_faults]\nworker_id: bench-w1\n")
-        worker_log = tmp / "worker.log"
         extra = ("inference:\n  log_counters_s: 0\n  pipelines:\n    - device: probe\n      model: sensor_faults\n"
                  "      threshold: 1.0\n      deadline_s: 5\n      resend_s: 60\n")
         sub = ctx.subscriber(f"inference-sub-{i}", topic)
-        with worker_log.open("ab") as wl:
-            worker = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config", str(worker_cfg)],
-                                      stdout=wl, stderr=subprocess.STDOUT, cwd=REPO)
         mapper = Mapper(tmp, dev, ctx.broker, MapperOptions(extra=extra))
         try:
-            deadline = time.monotonic() + 30
-            while "subscribed to $share/" not in worker_log.read_text(errors="replace"):
-                if worker.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"cloud worker did not start: {worker_log.read_text()[-2000:]}")
-                time.sleep(0.05)
-            mapper.start()
-            mapper.wait_ready()
-            mapper.wait_log("inference pipeline ")
-            time.sleep(duration)
+            with cloud_worker(ctx, tmp):
+                mapper.start()
+                mapper.wait_ready()
+                mapper.wait_log("inference pipeline ")
+                time.sleep(duration)
+                mapper.stop()
         finally:
             mapper.stop()
-            worker.terminate()
-            worker.wait(20)
             sub.stop()
         counters = _counters(mapper.log())
         edge50.values.append(counters.get("edge_us_p50", float("nan")))
