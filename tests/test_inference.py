@@ -29,6 +29,7 @@ from mapper.inference.window import WindowBuilder
 from mapper.inference.worker import CloudWorker, WorkerSettings
 from mapper.service import MapperService
 from twin.records import ERROR, Reading
+from twin.store import TwinStore
 from helpers import async_wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,6 +474,8 @@ async def test_offload_provisional_final_and_rejections(tmp_path, worker):
         before = stats()["replaced"]
         await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))
         assert stats()["results_ok"] == 1 and stats()["replaced"] == before + 1
+        # It commits with the next batch of readings (or on its own within TIMER_GRACE_S).
+        await async_wait_for(lambda: ext.results_applied == 1, what="the cloud answer committed")
         row = {x["request_id"]: x for x in await r.decisions()}[target["id"]]
         assert (row["status"], row["exit"]) == ("final", "cloud")
         expected_cloud = r.pipeline().cloud_answer(tuple(orjson.loads(_answer(worker, target))["logits"]))
@@ -562,6 +565,48 @@ def test_recorded_decisions_are_the_derived_devices_properties(tmp_path):
         assert shown(store)["label"] == "drift"
 
 
+async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_path, worker, monkeypatch):
+    """While readings flow, a cloud answer commits in the next batch's transaction (no transaction of
+    its own); with no readings it commits within TIMER_GRACE_S; one still waiting at a stop is
+    committed before the mapper exits."""
+    own_transactions: list[int] = []
+    real_update = records.update
+
+    def counting_update(store, updates, *args, **kwargs):  # noqa: ANN001, ANN202
+        own_transactions.append(len(updates))
+        return real_update(store, updates, *args, **kwargs)
+
+    monkeypatch.setattr(records, "update", counting_update)
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                "deadline_s": 60, "resend_s": 60})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["offloads"] >= 3, timeout=20, what="offloaded windows")
+        first, second, third = [b for _, b in await r.outbox("/offload/request")][:3]
+
+        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, first))
+        await async_wait_for(lambda: r.ext.results_applied == 1, what="the first answer committed")
+        assert own_transactions == []  # it rode with a batch of readings
+        rows = {x["request_id"]: x for x in await r.decisions()}
+        assert (rows[first["id"]]["status"], rows[first["id"]]["exit"]) == ("final", "cloud")
+
+        for device in list(r.service.runners):  # no more readings, from any device
+            await r.service.stop_device(device)
+        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, second))
+        await async_wait_for(lambda: r.ext.results_applied == 2, timeout=5, what="the second answer committed")
+        assert own_transactions == [1]
+        assert {x["request_id"]: x for x in await r.decisions()}[second["id"]]["exit"] == "cloud"
+
+        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, third))
+        assert r.ext.results_applied == 2
+    finally:
+        await _stop(r)  # at once: well within TIMER_GRACE_S of the third answer
+    assert r.ext.results_applied == 3
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        row = {x["request_id"]: x for x in records.recent(store, "default/probe-sensor-faults", 100_000)}[third["id"]]
+    assert (row["status"], row["exit"]) == ("final", "cloud")
+
+
 async def test_late_results_are_refused_after_max_age(tmp_path, worker):
     """A result after result_max_age_s is refused as late and the provisional answer stays."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,
@@ -595,6 +640,7 @@ async def test_audits_closed_loop_and_alerts(tmp_path, worker):
         rows = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
         for body in audits[:3]:
             await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, body))
+        await async_wait_for(lambda: r.ext.results_applied == 3, what="the cloud answers committed")
         after = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
         for body in audits[:3]:
             assert after[body["id"]]["exit"] == "edge" and after[body["id"]]["label"] == rows[body["id"]]["edge_label"]

@@ -76,6 +76,7 @@ class _Prepared:
     desired: list[Any] = field(default_factory=list)      # DesiredSet of closed-loop actions
     requests: list[dict[str, Any] | None] = field(default_factory=list)
     updates: list[Any] = field(default_factory=list)      # records.DecisionUpdate of what fell due
+    results: int = 0                                       # cloud answers among the updates
 
 
 @dataclass
@@ -132,6 +133,11 @@ class InferenceExtension:
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
         self._next_due_ms: int | None = None       # the earliest deadline, resend or expiry (timer task)
+        # Cloud answers accepted but not yet committed: (row update, messages, reports, desired values).
+        # They ride in the next batch of readings' transaction, or the timer's after TIMER_GRACE_S.
+        self._results: list[tuple[Any, list[OutMessage], list[Any], list[Any]]] = []
+        self._results_since_ms: int | None = None  # when the oldest of them arrived
+        self.results_applied = 0                   # cloud answers committed to the twin
         self._service: MapperService | None = None
         self._topics = None
         self._result_topic: str | None = None
@@ -321,7 +327,13 @@ class InferenceExtension:
             tg.create_task(self._prune(), name="inference-prune")
             tg.create_task(self._report_loop(), name="inference-report")
 
+    async def stop_requested(self, service: MapperService) -> None:
+        """Before the event bus drains the outbox: cloud answers still waiting for a batch go in."""
+        await self.commit_results()
+
     async def shutdown(self, service: MapperService) -> None:
+        with contextlib.suppress(Exception):  # answers that came while stopping: sent at the next start
+            await self.commit_results()
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -405,14 +417,14 @@ class InferenceExtension:
                     pipeline.stats.counts["errors"] += 1
                     log.exception("inference: %s: error on a window", pipeline.id)
         now = _now_ms()
-        due = self._next_due_ms is not None and now >= self._next_due_ms
+        due = (self._next_due_ms is not None and now >= self._next_due_ms) or bool(self._results)
         if not outcomes and not due:
             return None
         from mapper.inference import records
 
         prepared = self._prepare(outcomes)
-        if due:  # deadlines and resends ride along too: no commit (and no wake-up) of their own
-            updates, messages, desired, reports = self._collect_due(now)
+        if due:  # deadlines, resends and cloud answers ride along too: no commit (and no wake-up) of their own
+            updates, messages, desired, reports, prepared.results = self._collect_due(now, results=True)
             prepared.updates += updates
             prepared.messages += messages
             prepared.desired += desired
@@ -457,6 +469,7 @@ class InferenceExtension:
         from mapper.inference import records
 
         row_ids, rows = result
+        self.results_applied += p.results
         created = p.created
         earliest: int | None = None  # of the new entries' due times
         for (pipeline, o), row_id, request in zip(p.outcomes, row_ids, p.requests, strict=True):
@@ -525,16 +538,26 @@ class InferenceExtension:
     # -- deadlines, resends, expiry --------------------------------------------------------
 
     async def _timers(self) -> None:
+        """What fell due and no batch of readings took along within TIMER_GRACE_S."""
+        timed_out = False
         while True:
             now = _now_ms()
-            await self._due(now)
-            self._next_due_ms = min(map(_due_ms, self._waiting.values()), default=None)
+            # Cloud answers only when the wait ran out: a wake-up from the loop (a new result, a
+            # commit) leaves them for the next batch.
+            await self._due(now, results=timed_out)
+            dues = [_due_ms(w) for w in self._waiting.values()]
+            if self._results_since_ms is not None:
+                dues.append(self._results_since_ms)
+            self._next_due_ms = min(dues, default=None)
             wait_s = (60.0 if self._next_due_ms is None
                       else max(0.01, (self._next_due_ms - _now_ms()) / 1000 + TIMER_GRACE_S))
             self._wake.clear()
-            with contextlib.suppress(TimeoutError):
+            timed_out = False
+            try:
                 async with asyncio.timeout(min(wait_s, 60.0)):
                     await self._wake.wait()
+            except TimeoutError:
+                timed_out = True
 
     def _stand(self, request_id: str, w: Waiting) -> tuple[list[OutMessage], list[Any], Any, Any]:
         """The edge answer of a pending request stands, provisional: messages, desired values, row update,
@@ -568,24 +591,36 @@ class InferenceExtension:
             self._offer(rows)
         await self._set_desired(desired)
 
-    async def _due(self, now: int) -> None:
+    async def _due(self, now: int, *, results: bool = False) -> None:
         """What fell due and no batch of readings took along (see _decide): in its own transaction."""
         from mapper.inference import records
 
-        updates, messages, desired, reports = self._collect_due(now)
+        updates, messages, desired, reports, taken = self._collect_due(now, results=results)
         if updates or messages:
             rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+            self.results_applied += taken
             self._offer(rows)
         await self._set_desired(desired)
 
-    def _collect_due(self, now: int) -> tuple[list[Any], list[OutMessage], list[Any], list[Any]]:
-        """Deadlines passed, resends due, expiries: row updates, messages, desired values, reports."""
+    def _collect_due(self, now: int, *, results: bool = False
+                     ) -> tuple[list[Any], list[OutMessage], list[Any], list[Any], int]:
+        """Deadlines passed, resends due, expiries, and (`results`) the cloud answers accepted so far:
+        row updates, messages, desired values, reports, and how many cloud answers are among them."""
         updates: list[Any] = []
         messages: list[OutMessage] = []
         desired: list[Any] = []
         reports: list[Any] = []
+        taken = len(self._results) if results else 0
+        if taken:
+            for update, m, r, ds in self._results:
+                updates.append(update)
+                messages += m
+                reports += r
+                desired += ds
+            self._results = []
+            self._results_since_ms = None
         if not self._waiting:
-            return updates, messages, desired, reports
+            return updates, messages, desired, reports, taken
         for request_id, w in list(self._waiting.items()):
             if now >= w.expires_ms:
                 del self._waiting[request_id]
@@ -608,7 +643,7 @@ class InferenceExtension:
                 w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
                 w.pipeline.stats.counts["resent"] += 1
                 messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload", sequenced=False))
-        return updates, messages, desired, reports
+        return updates, messages, desired, reports, taken
 
     def _bus_connected(self) -> bool:
         bus = self._service.bus if self._service else None
@@ -700,10 +735,27 @@ class InferenceExtension:
             reports.append(w.pipeline.report(d))
             update = records.DecisionUpdate(w.row_id, status=records.FINAL, label=label, confidence=confidence,
                                             exit="cloud", cloud_label=label, cloud_confidence=confidence)
-        rows = await self._twin(lambda s: records.update(s, [update], messages, reports))
+        # Committed with the next batch of readings (one transaction, one burst of messages), or by
+        # the timer task after TIMER_GRACE_S if no batch comes: not a commit and a wake-up of its own.
+        self._results.append((update, messages, reports, desired))
+        if self._results_since_ms is None:
+            self._results_since_ms = now
+            if self._next_due_ms is None or now < self._next_due_ms:
+                self._next_due_ms = now
+                self._wake.set()  # the timer task moves its fallback (on the loop: no wake-up of the process)
+        return None
+
+    async def commit_results(self) -> None:
+        """Commit the cloud answers accepted so far now (at shutdown), with whatever else fell due."""
+        from mapper.inference import records
+
+        if not self._results:
+            return
+        updates, messages, desired, reports, taken = self._collect_due(_now_ms(), results=True)
+        rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+        self.results_applied += taken
         self._offer(rows)
         await self._set_desired(desired)
-        return None
 
     # -- status ----------------------------------------------------------------------------
 
