@@ -160,3 +160,24 @@ def test_sigkill_loses_nothing_committed(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
+
+
+async def test_run_freezes_the_start_up_heap_once_ready():
+    """`mapper run` moves what exists at readiness out of the garbage collector's walks, not before."""
+    import asyncio
+    import gc
+    import types
+
+    from mapper.cli import freeze_heap_when_ready
+
+    service = types.SimpleNamespace(ready=asyncio.Event())
+    assert gc.get_freeze_count() == 0
+    task = asyncio.create_task(freeze_heap_when_ready(service))
+    try:
+        await asyncio.sleep(0)
+        assert gc.get_freeze_count() == 0 and not task.done()  # still starting: nothing frozen
+        service.ready.set()
+        await asyncio.wait_for(task, 10)
+        assert gc.get_freeze_count() > 10_000  # this test process's modules and objects
+    finally:
+        gc.unfreeze()
