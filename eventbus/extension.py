@@ -54,7 +54,7 @@ class EventBusExtension:
         config = service.config
         self.topics = Topics(config.node, self.settings.topic_prefix)
         definitions = service.definitions.devices if service.definitions else {}
-        self.telemetry = Telemetry(self.topics, definitions)
+        self.telemetry = Telemetry(self.topics, definitions, state_interval_ms=self.settings.state_interval_ms)
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
         self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve)
         self.bus = MqttBus(

@@ -48,6 +48,9 @@ class MqttSettings(BaseModel):
     max_payload_bytes: int = Field(default=65_536, ge=256)
     # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
     serve_twin_protocol: bool = True
+    # A device's retained state message goes out at most once per this many ms of readings
+    # (and at once on a change-driven reading or a state change); 0: with every batch.
+    state_interval_ms: int = Field(default=1000, ge=0)
     # On a clean stop, wait this long for queued messages to be acknowledged.
     drain_on_stop_s: float = Field(default=5.0, ge=0)
     # Session kept by the broker while the mapper is away, so desired values sent meanwhile are delivered.

@@ -27,11 +27,18 @@ class Telemetry:
     outputs) a reading whose value differs from the last one published is published at once,
     so a button press and its release both go out. `pushMethod.mqtt`
     overrides topic, QoS and retain. Each device that published gets one retained state
-    message with the latest value of every property.
+    message with the latest value of every property, at most once per `state_interval_ms`
+    of reading time (a dashboard's view; the property topics carry every reading), and at
+    once when a change-driven property published. With readings still coming, the retained
+    state is never older than the interval plus one collect cycle; a device whose state
+    changes (offline, stopped) gets its state message then, from the event bus.
     """
 
-    def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition]) -> None:
+    def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition], *,
+                 state_interval_ms: int = 0) -> None:
         self.topics = topics
+        self.state_interval_ms = state_interval_ms
+        self._state_sent: dict[DeviceId, int] = {}  # reading time of each device's last state message
         self._definitions = definitions
         self._last_sent: dict[tuple[DeviceId, str], int] = {}
         # Last value published, for properties fed by change events only.
@@ -81,7 +88,8 @@ class Telemetry:
 
     def __call__(self, readings: list[Reading]) -> Iterable[OutMessage]:
         messages: list[OutMessage] = []
-        touched: dict[DeviceId, int] = {}
+        touched: dict[DeviceId, tuple[int, int]] = {}  # device -> (newest reading time, slack)
+        changed_devices: set[DeviceId] = set()  # published a change-driven property: state goes out at once
         routes = self._routes
         latest = self._latest
         for reading in readings:
@@ -106,14 +114,22 @@ class Telemetry:
                 if changed:
                     self._last_sent[key] = reading.taken_at_ms
                 self._last_value[key] = reading.value
+                changed_devices.add(device)
             elif not self._due(prop, reading):
                 continue
             body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)
             messages.append(OutMessage(topic, body, qos, retain))
-            if device not in touched or touched[device] < reading.taken_at_ms:
-                touched[device] = reading.taken_at_ms
-        for device, ts in touched.items():
-            messages.append(self.state_message(device, ts))
+            if device not in touched or touched[device][0] < reading.taken_at_ms:
+                touched[device] = (reading.taken_at_ms, prop.collect_cycle_ms // 2)
+        interval = self.state_interval_ms
+        sent = self._state_sent
+        for device, (ts, slack) in touched.items():
+            last = sent.get(device)
+            # A reading up to half a collect cycle early counts as on time (as in _due): a 1 Hz
+            # device whose tick lands at 999 ms still sends its state every second, not every two.
+            if last is None or ts - last >= interval - slack or device in changed_devices or ts < last:
+                sent[device] = ts
+                messages.append(self.state_message(device, ts))
         return messages
 
     def state_message(self, device: DeviceId, ts: int) -> OutMessage:

@@ -1,0 +1,59 @@
+"""The message factory: which readings become telemetry, and when a device's state message goes out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import orjson
+
+from devices.ids import DeviceId
+from devices.loader import load
+from eventbus.telemetry import Telemetry
+from eventbus.topics import Topics
+from twin.records import Reading
+from helpers import write_devices
+
+D = DeviceId("default", "d")
+
+
+def _factory(tmp_path: Path, cycle: int, interval: int) -> tuple[Telemetry, Topics]:
+    definitions = load([write_devices(tmp_path / "devices", ["d"], cycle=cycle)]).devices
+    topics = Topics("n1")
+    return Telemetry(topics, definitions, state_interval_ms=interval), topics
+
+
+def _states(telemetry: Telemetry, topics: Topics, batches: list[tuple[int, int]]) -> list[dict]:
+    """Feed (ts, count) readings one batch each; the state messages that came out, decoded."""
+    out = []
+    for ts, count in batches:
+        for m in telemetry([Reading(D, "count", count, ts), Reading(D, "temperature", 20.0, ts)]):
+            if m.topic == topics.device_state(D):
+                assert m.retain
+                out.append(orjson.loads(orjson.dumps(m.body)))
+    return out
+
+
+def test_state_goes_out_once_per_interval_with_the_latest_values(tmp_path):
+    """A device read every 100 ms: telemetry for every reading, the retained state once a second,
+    carrying the newest values."""
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=1000)
+    batches = [(1_000_000 + 100 * k, k) for k in range(25)]  # 2.4 s of readings
+    states = _states(telemetry, topics, batches)
+    assert [(s["ts"], s["count"]) for s in states] == [(1_000_000, 0), (1_001_000, 10), (1_002_000, 20)]
+    telemetry_count = sum(1 for ts, k in batches
+                          for m in telemetry([Reading(D, "count", k, ts + 10_000)])
+                          if m.topic == topics.telemetry(D, "count"))
+    assert telemetry_count == 25  # every reading is still published on its own topic
+
+
+def test_a_tick_that_lands_early_still_counts(tmp_path):
+    """A 1 Hz device whose reading lands a millisecond early keeps its state message every second."""
+    telemetry, topics = _factory(tmp_path, cycle=1000, interval=1000)
+    states = _states(telemetry, topics, [(5_000, 1), (5_999, 2), (6_998, 3), (8_000, 4)])
+    assert [s["count"] for s in states] == [1, 2, 3, 4]
+
+
+def test_interval_zero_sends_state_with_every_batch(tmp_path):
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=0)
+    states = _states(telemetry, topics, [(1_000 + 100 * k, k) for k in range(5)])
+    assert [s["count"] for s in states] == [0, 1, 2, 3, 4]
