@@ -89,7 +89,7 @@ class Telemetry:
     def __call__(self, readings: list[Reading]) -> Iterable[OutMessage]:
         messages: list[OutMessage] = []
         touched: dict[DeviceId, tuple[int, int]] = {}  # device -> (newest reading time, slack)
-        changed_devices: set[DeviceId] = set()  # published a change-driven property: state goes out at once
+        changed_devices: set[DeviceId] = set()  # a change-driven property changed: state goes out at once
         routes = self._routes
         latest = self._latest
         for reading in readings:
@@ -113,8 +113,8 @@ class Telemetry:
                     continue
                 if changed:
                     self._last_sent[key] = reading.taken_at_ms
+                    changed_devices.add(device)
                 self._last_value[key] = reading.value
-                changed_devices.add(device)
             elif not self._due(prop, reading):
                 continue
             body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)

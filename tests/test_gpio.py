@@ -464,16 +464,18 @@ def test_a_changed_input_sends_the_device_state_at_once(tmp_path: Path) -> None:
     """The state message's interval does not hold back a button press: its state goes out with it."""
     devices = write_io(tmp_path / "dev", cycles(BUTTON % "{pin: 27, direction: in}", 1000, 60_000))
     defn = load([devices]).devices[IO]
-    telemetry = Telemetry(Topics("n1"), {IO: defn}, state_interval_ms=60_000)
+    telemetry = Telemetry(Topics("n1"), {IO: defn}, state_interval_ms=120_000)
     state = Topics("n1").device_state(IO)
 
     def states(value: bool, ts: int) -> list:
         return [m.body["button"] for m in telemetry([Reading(IO, "button", value, ts)]) if m.topic == state]
 
     assert states(False, 1_000) == [False]  # the first reading
-    assert states(False, 2_000) == []  # unchanged: the interval holds it back
+    assert states(False, 2_000) == []  # unchanged: not published at all
     assert states(True, 2_100) == [True]  # pressed
     assert states(False, 2_200) == [False]  # released
+    assert states(False, 62_200) == []  # published for its reportCycle, unchanged: the interval holds the state
+    assert states(True, 63_300) == [True]  # pressed again: at once
 
 
 # -- auto-off and the twin ------------------------------------------------------------------
