@@ -607,6 +607,33 @@ async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_pat
     assert (row["status"], row["exit"]) == ("final", "cloud")
 
 
+async def test_resends_wait_quietly_while_the_bus_is_down(tmp_path):
+    """A resend that falls due while the bus is disconnected is not sent (it would only pile up in the
+    outbox) and does not make the timer task spin: it waits for the next resend time."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                "deadline_s": 600, "resend_s": 0.2})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["offloads"] >= 3, timeout=20, what="offloaded windows")
+        for device in list(r.service.runners):  # no more windows: only the timer task is left
+            await r.service.stop_device(device)
+        scans = 0
+        real = r.ext._collect_due
+
+        def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            nonlocal scans
+            scans += 1
+            return real(*args, **kwargs)
+
+        await asyncio.sleep(1.5)  # the resends are now more than TIMER_GRACE_S overdue
+        r.ext._collect_due = counting
+        await asyncio.sleep(1.0)  # an observation window: what the timer does on its own for a second
+        assert scans <= 10, f"the timer task scanned {scans} times in a second (resends due every 0.2 s)"
+        assert stats()["resent"] == 0  # the bus is down: nothing was queued twice
+    finally:
+        await _stop(r)
+
+
 async def test_late_results_are_refused_after_max_age(tmp_path, worker):
     """A result after result_max_age_s is refused as late and the provisional answer stays."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,

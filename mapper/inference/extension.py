@@ -639,10 +639,14 @@ class InferenceExtension:
                 desired += ds
                 updates.append(u)
                 reports.append(r)
-            if w.body is not None and now >= w.next_send_ms and self._bus_connected():
+            if w.body is not None and now >= w.next_send_ms:
                 w.next_send_ms = now + int(w.pipeline.settings.resend_s * 1000)
-                w.pipeline.stats.counts["resent"] += 1
-                messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload", sequenced=False))
+                # With the bus down a resend would only pile up in the outbox behind the request
+                # itself: it waits for the next resend time (and the timer does not spin on it).
+                if self._bus_connected():
+                    w.pipeline.stats.counts["resent"] += 1
+                    messages.append(OutMessage(self._topics.offload_request(), w.body, kind="offload",
+                                               sequenced=False))
         return updates, messages, desired, reports, taken
 
     def _bus_connected(self) -> bool:
