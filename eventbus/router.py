@@ -19,6 +19,7 @@ from devices.values import coerce, range_problem
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
+from mapper.logs import Throttle, held_note
 from twin.store import OutMessage, UnknownDevice, VersionConflict
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class Router:
         self.max_payload = max_payload
         self.serve_twin_protocol = serve_twin_protocol
         self.counts: Counter[str] = Counter()
+        self._log_throttle = Throttle()  # refusals: the counts keep every one, the log a few a minute
 
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = [(self.topics.set_filter(), 1)]
@@ -67,7 +69,10 @@ class Router:
             self.counts[incoming.kind] += 1
         except BadRequest as exc:
             self.counts[f"rejected_{exc.code}"] += 1
-            log.info("refused %s for %s: %s %s", incoming.kind, incoming.device, exc.code, exc.reason)
+            held = self._log_throttle((incoming.kind, exc.code))
+            if held is not None:
+                log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code, exc.reason,
+                         held_note(held))
             if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
                 reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
                 await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
+from collections.abc import Callable, Hashable
 
 _PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
 
@@ -29,3 +31,39 @@ def setup(level: str = "info") -> None:
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+
+
+class Throttle:
+    """At most `burst` log lines per key in each `interval_s`.
+
+    Refused input (a malformed payload, an unknown device) is logged one line each, and a
+    client sending thousands a second must not turn the log, on a Pi an SD card, into its
+    echo; the counters keep every refusal. Keys must come from a fixed set (a reason, a
+    message kind), never from the input. Call it per line: None means hold the line back,
+    a number means log it, noting that many lines of the same key held back before it.
+    """
+
+    def __init__(self, burst: int = 10, interval_s: float = 60.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.interval_s = interval_s
+        self._clock = clock
+        self._windows: dict[Hashable, list[float]] = {}  # key -> [window start, lines let through, held back]
+
+    def __call__(self, key: Hashable) -> int | None:
+        now = self._clock()
+        window = self._windows.get(key)
+        if window is None or now - window[0] >= self.interval_s:
+            held = int(window[2]) if window is not None else 0
+            self._windows[key] = [now, 1, 0]
+            return held
+        if window[1] < self.burst:
+            window[1] += 1
+            held, window[2] = int(window[2]), 0
+            return held
+        window[2] += 1
+        return None
+
+
+def held_note(held: int) -> str:
+    """The suffix of a line let through after `held` of its kind were not logged."""
+    return f" ({held} more like this not logged)" if held else ""

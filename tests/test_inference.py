@@ -634,6 +634,22 @@ async def test_resends_wait_quietly_while_the_bus_is_down(tmp_path):
         await _stop(r)
 
 
+async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_path, caplog):
+    """1,000 malformed results: every one is counted, ten are logged (mapper.logs.Throttle)."""
+    import logging
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"})
+    try:
+        with caplog.at_level(logging.INFO, logger="mapper.inference"):
+            for _ in range(1000):
+                await r.ext.handle_result("mapper/n1/offload/result", b"\xff\x00garbage")
+        assert r.ext.status()["results_rejected"] == {"malformed": 1000}
+        refused = [x for x in caplog.records if "result refused (malformed)" in x.getMessage()]
+        assert len(refused) == 10
+    finally:
+        await _stop(r)
+
+
 async def test_late_results_are_refused_after_max_age(tmp_path, worker):
     """A result after result_max_age_s is refused as late and the provisional answer stays."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,

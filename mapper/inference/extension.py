@@ -33,6 +33,7 @@ import orjson
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
+from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
 
@@ -124,6 +125,7 @@ class InferenceExtension:
         self.pipelines: dict[DeviceId, Pipeline] = {}
         self.problems: list[str] = []
         self.counts: Counter[str] = Counter()      # results not tied to a pipeline, desired values set
+        self._log_throttle = Throttle()            # refused results: counted each, logged a few a minute
         self._by_device: dict[DeviceId, list[Pipeline]] = {}
         # After a decision's commit, what needs twin calls of its own: desired values to set, and
         # requests given up at max_pending to answer provisionally.
@@ -673,7 +675,10 @@ class InferenceExtension:
 
     def _reject(self, reason: str, pipeline: Pipeline | None = None, detail: str = "") -> None:
         (pipeline.stats.counts if pipeline else self.counts)[f"rejected_{reason}"] += 1
-        log.info("inference: result refused (%s)%s", reason, f": {detail[:200]}" if detail else "")
+        held = self._log_throttle(reason)
+        if held is not None:
+            log.info("inference: result refused (%s)%s%s", reason, f": {detail[:200]}" if detail else "",
+                     held_note(held))
 
     async def handle_result(self, topic: str, payload: bytes) -> None:
         """A message on our result topic; never raises."""
