@@ -214,7 +214,10 @@ class Mapper:
         self.cpus = cpus
         mqtt = ""
         if broker is not None:
-            mqtt = mqtt_block(broker, tmp, extra=f"  max_inflight: {o.max_inflight}\n  drain_on_stop_s: {o.drain_on_stop_s}\n")
+            # Its own MQTT session: a persistent session shared by every mapper of a run would hand
+            # one scenario's unacknowledged messages to the next one's mapper.
+            mqtt = mqtt_block(broker, tmp, extra=f"  max_inflight: {o.max_inflight}\n  drain_on_stop_s: {o.drain_on_stop_s}\n"
+                                                 f"  client_id: mapper-bench-{tmp.name}\n")
         self.config = tmp / "mapper.yaml"
         self.config.write_text(
             f"node: {NODE}\ndevices: [{devices}]\n"
