@@ -71,8 +71,9 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
     return int(usec) / 2 / 1_000_000
 
 
-def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None) -> str:
-    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued` (pure, for STATUS=)."""
+def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
+                rejected_messages: int = 0) -> str:
+    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued; 4 MQTT messages refused` (pure, for STATUS=)."""
     counts = Counter(states)
     total = sum(counts.values()) + refused
     parts = [f"{n} {state}" for state, n in sorted(counts.items())]
@@ -83,6 +84,8 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
         text += f"; outbox {outbox.get('depth', 0)} queued"
         if outbox.get("dropped"):
             text += f", {outbox['dropped']} dropped"
+    if rejected_messages:  # the log shows only a few a minute (mapper.logs.Throttle): the total is here
+        text += f"; {rejected_messages} MQTT message{'s' if rejected_messages != 1 else ''} refused"
     return text
 
 
@@ -166,7 +169,9 @@ class SystemdExtension:
         with contextlib.suppress(Exception):  # the summary must never stop the notifications
             outbox = await service.twin(lambda s: s.outbox_stats())
         states = [runner.state for runner in service.runners.values()]
-        return status_line(states, len(service.refused), outbox)
+        router = getattr(service.bus, "router", None)
+        rejected = sum(n for kind, n in router.counts.items() if kind.startswith("rejected_")) if router else 0
+        return status_line(states, len(service.refused), outbox, rejected)
 
 
 # -- the unit file (`mapper install-service`) --------------------------------------------------

@@ -180,6 +180,40 @@ def test_status_line() -> None:
         "4 devices: 2 ok, 1 unhealthy, 1 refused; outbox 12 queued")
     assert status_line([], 0, None) == "0 devices"
     assert status_line(["ok"], 0, {"depth": 0, "dropped": 3}) == "1 device: 1 ok; outbox 0 queued, 3 dropped"
+    assert status_line(["ok"], 0, None, 1) == "1 device: 1 ok; 1 MQTT message refused"
+    assert status_line(["ok"], 0, {"depth": 0}, 250) == "1 device: 1 ok; outbox 0 queued; 250 MQTT messages refused"
+
+
+async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener: NotifyListener) -> None:
+    """The log shows a few refusals a minute; STATUS= carries the total (the router's real counters)."""
+    from eventbus.router import Router
+    from eventbus.topics import Topics
+
+    class RouterOnly:  # the event bus's router, without a broker: messages are handed to it directly
+        async def setup(self, service: MapperService) -> None:
+            service.bus = self
+            self.router = Router(service, Topics("test-node"), max_payload=4096, serve_twin_protocol=True)
+
+        async def run(self, service: MapperService) -> None:
+            return None
+
+        async def shutdown(self, service: MapperService) -> None:
+            return None
+
+    service = MapperService(config_for(tmp_path))
+    bus = RouterOnly()
+    service.extensions += [bus, SystemdExtension(Notifier(listener.address), status_every_s=0.05)]
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await to_thread(listener.wait_for, "READY=1")
+        for _ in range(25):  # temperature is read-only: each is refused with a 400
+            await bus.router.handle("mapper/test-node/default/a/temperature/set", b"21.5")
+        await to_thread(listener.wait_for, "STATUS=2 devices: 2 ok; outbox 0 queued; 25 MQTT messages refused")
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 def test_bad_notify_socket_is_refused() -> None:
