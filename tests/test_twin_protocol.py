@@ -67,6 +67,9 @@ def lamp(broker, tmp_path):
         mapper.wait_log("connected to mqtt://")
         sub = Sub(broker, "app", "$hw/events/device/default/+/#", "mapper/test-node/#", "$hw/events/node/#")
         try:
+            # The retained device state arrives once mosquitto_sub's subscriptions are in place: a
+            # reply published before that would be missed (seen once in CI).
+            sub.expect("mapper/test-node/default/lamp/state")
             yield mapper, sub
         finally:
             sub.close()
