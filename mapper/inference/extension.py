@@ -756,15 +756,8 @@ class InferenceExtension:
 
     async def commit_results(self) -> None:
         """Commit the cloud answers accepted so far now (at shutdown), with whatever else fell due."""
-        from mapper.inference import records
-
-        if not self._results:
-            return
-        updates, messages, desired, reports, taken = self._collect_due(_now_ms(), results=True)
-        rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
-        self.results_applied += taken
-        self._offer(rows)
-        await self._set_desired(desired)
+        if self._results:
+            await self._due(_now_ms(), results=True)
 
     # -- status ----------------------------------------------------------------------------
 
