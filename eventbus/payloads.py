@@ -190,8 +190,16 @@ def membership(event_id: str, twins: list[DeviceTwin], definitions: dict[Any, De
 def telemetry(value: Value, unit: str, ts: int, quality: str = "good") -> dict[str, Any]:
     """Per-property telemetry; `seq` is added by the outbox. `ts` is the measurement time in ms."""
     body: dict[str, Any] = {"value": value, "ts": ts}
-    if unit:
-        body["unit"] = unit
-    if quality != "good":
-        body["quality"] = quality
+    body.update(telemetry_fields(unit, quality))
     return body
+
+
+def telemetry_fields(unit: str, quality: str = "good") -> dict[str, Any]:
+    """The fields of `telemetry()` after value and ts: what an OutMessage carried by its reading
+    (twin.store.OutMessage.reading) holds as its body."""
+    fields: dict[str, Any] = {}
+    if unit:
+        fields["unit"] = unit
+    if quality != "good":
+        fields["quality"] = quality
+    return fields

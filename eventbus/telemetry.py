@@ -17,6 +17,9 @@ from twin.store import OutMessage
 
 _NOTHING = object()
 
+# (definition, topic, qos, retain, fed by change events, the body of its messages)
+_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any]]
+
 
 class Telemetry:
     """Builds the outbox messages for a batch of readings.
@@ -45,8 +48,8 @@ class Telemetry:
         self._last_value: dict[tuple[DeviceId, str], Any] = {}
         self._latest: dict[DeviceId, dict[str, Any]] = {}
         self._states: dict[DeviceId, str] = {}
-        # (device, property) -> (definition, topic, qos, retain, fed by change events): built once.
-        self._routes: dict[tuple[DeviceId, str], tuple[PropertyDefinition, str, int, bool, bool]] = {}
+        # (device, property) -> (definition, topic, qos, retain, fed by change events, body): built once.
+        self._routes: dict[tuple[DeviceId, str], _Route] = {}
 
     @property
     def definitions(self) -> dict[DeviceId, DeviceDefinition]:
@@ -57,7 +60,7 @@ class Telemetry:
         self._definitions = value
         self._routes.clear()
 
-    def _route(self, key: tuple[DeviceId, str]) -> tuple[PropertyDefinition, str, int, bool, bool] | None:
+    def _route(self, key: tuple[DeviceId, str]) -> _Route | None:
         definition = self._definitions.get(key[0])
         if definition is None:
             return None
@@ -67,10 +70,13 @@ class Telemetry:
         except DriverNotFound:
             on_change = False
         push = prop.push_mqtt
+        # The body of a message carried by its reading: the store adds value, ts and seq. One
+        # dict per route, shared by its messages.
+        body = payloads.telemetry_fields(prop.unit)
         if push is not None and push.topic:
-            route = (prop, push.topic, push.qos, push.retained, on_change)
+            route = (prop, push.topic, push.qos, push.retained, on_change, body)
         else:
-            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False, on_change)
+            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False, on_change, body)
         self._routes[key] = route
         return route
 
@@ -100,7 +106,7 @@ class Telemetry:
             route = routes.get(key) or self._route(key)
             if route is None:
                 continue
-            prop, topic, qos, retain, on_change = route
+            prop, topic, qos, retain, on_change, body = route
             values = latest.get(device)
             if values is None:
                 values = latest[device] = {}
@@ -117,8 +123,7 @@ class Telemetry:
                 self._last_value[key] = reading.value
             elif not self._due(prop, reading):
                 continue
-            body = payloads.telemetry(reading.value, prop.unit, reading.taken_at_ms)
-            messages.append(OutMessage(topic, body, qos, retain))
+            messages.append(OutMessage(topic, body, qos, retain, reading=reading))
             if device not in touched or touched[device][0] < reading.taken_at_ms:
                 touched[device] = (reading.taken_at_ms, prop.collect_cycle_ms // 2)
         interval = self.state_interval_ms

@@ -14,6 +14,7 @@ from paho.mqtt.properties import Properties
 from brokers import MosquittoBroker, ensure_mosquitto_installed
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
+from twin.store import OUTBOX_DEPTH_SQL, committed_seqs
 
 DEVICES = ["s1", "s2", "s3"]
 TOPIC = "mapper/test-node/default/{}/count"
@@ -51,13 +52,12 @@ class Collector:
 
 def committed_seq(twin_path, topic: str) -> int:
     with sqlite3.connect(twin_path) as db:
-        row = db.execute("SELECT seq FROM topic_seq WHERE topic=?", (topic,)).fetchone()
-    return row[0] if row else 0
+        return committed_seqs(db).get(topic, 0)
 
 
 def outbox_depth(twin_path) -> int:
     with sqlite3.connect(twin_path) as db:
-        return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+        return db.execute(OUTBOX_DEPTH_SQL).fetchone()[0]
 
 
 @pytest.fixture

@@ -169,6 +169,46 @@ def m004_cheaper_commits(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m005_history_carries_telemetry(conn: sqlite3.Connection) -> None:
+    """A batch is stored as little more than its history rows (see twin/store.py).
+
+    - A reading's telemetry message lives in its history row: `route` (topic, QoS, retain and
+      the payload's other fields, each combination once in `routes`) and `seq`; the payload
+      is rebuilt from the row when it has to be sent again. counters('published_through'):
+      every such message up to this history id is acknowledged (or dropped by policy).
+    - `detail` keeps a bad reading's detail, so that `properties` can be rebuilt from history:
+      counters('folded_through') is the last history id folded into `properties`.
+    - counters('seq_saved_through'): `topic_seq` holds the seqs of history rows up to here.
+    - History ids come from the outbox's id sequence from now on (one order for the publisher).
+
+    Existing history is folded and sent already: all three counters start at its last id.
+    """
+    _run(conn,
+        """
+        ALTER TABLE readings ADD COLUMN detail TEXT;
+        ALTER TABLE readings ADD COLUMN route INTEGER;
+        ALTER TABLE readings ADD COLUMN seq INTEGER;
+        CREATE TABLE routes (
+            id INTEGER PRIMARY KEY,
+            topic TEXT NOT NULL,
+            qos INTEGER NOT NULL,
+            retain INTEGER NOT NULL,
+            fields TEXT NOT NULL,  -- the payload after value and ts, e.g. ,"unit":"C"
+            UNIQUE (topic, qos, retain, fields)
+        )
+        """
+    )
+    top = conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0]
+    for name in ("folded_through", "published_through", "seq_saved_through"):
+        conn.execute("INSERT INTO counters (name, value) VALUES (?, ?)", (name, top))
+    conn.execute(
+        "INSERT INTO counters (name, value) VALUES ('outbox_id_reserved', ?)"
+        " ON CONFLICT (name) DO UPDATE SET value=max(value, excluded.value)",
+        (top,),
+    )
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

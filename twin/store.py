@@ -1,8 +1,23 @@
 """TwinStore: the device twin in one SQLite file (WAL), plain sqlite3 on the hot path.
 
-One reading, or one batch of readings, is one transaction writing the reported value,
-the history row and any outbox rows together: either all of it survives a crash or none.
-With `synchronous=FULL` (the default) a committed transaction also survives power loss.
+One reading, or one batch of readings, is one transaction writing the history rows and any
+outbox messages together: either all of it survives a crash or none. With
+`synchronous=FULL` (the default) a committed transaction also survives power loss.
+
+The history is the log the rest is derived from, so that a batch is little more than its
+history rows (README, "How it fits together"):
+
+- A reading's telemetry message rides in the reading's own history row (`route`, `seq`; the
+  payload is rebuilt from the row when it has to be sent again) instead of a copy in the
+  outbox table; the `outbox` table keeps the other messages (state, twin replies,
+  offloads). Acknowledged telemetry moves a cursor, counters('published_through'), instead
+  of deleting rows.
+- The reported values in `properties` (and each device's `last_reading_ts`) are folded from
+  the history at most once per CHECKPOINT_MS, and up to counters('folded_through');
+  `device()` adds the readings after that point, so every reader sees every committed
+  reading, in this process or another.
+- Per-topic `seq` of those messages is saved to `topic_seq` when history is pruned and at
+  close(); on open it is recovered from the rows after counters('seq_saved_through').
 
 A running mapper uses one TwinStore from one thread (see mapper.store_worker); other
 processes (the CLI) open their own and see committed data thanks to WAL.
@@ -13,7 +28,8 @@ from __future__ import annotations
 import contextlib
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -67,11 +83,16 @@ def _load(text: str | None) -> Value | None:
 
 @dataclass(frozen=True, slots=True)
 class OutMessage:
-    """A message to publish, queued in the outbox in the same transaction as its cause.
+    """A message to publish, queued in the same transaction as its cause.
 
     `body` gets a `seq` (per topic, +1 per message, surviving restarts) when `sequenced`.
     `kind` is telemetry (may be dropped when the outbox is full, oldest first) or
     anything else (twin replies, state: never dropped).
+
+    `reading`: this message publishes that reading, as `{"value": reading.value, "ts":
+    reading.taken_at_ms, **body, "seq": seq}` (`body` holds only the other fields, e.g.
+    the unit). Recorded in the same batch, it is kept in the reading's history row and
+    rebuilt from it when it has to be sent again, instead of a copy in the outbox.
     """
 
     topic: str
@@ -80,6 +101,7 @@ class OutMessage:
     retain: bool = False
     kind: str = "telemetry"
     sequenced: bool = True
+    reading: Reading | None = None
 
 
 class OutboxRow(NamedTuple):
@@ -111,16 +133,61 @@ _GOOD_QUALITY = (GOOD, None)
 
 # Rows are inserted with multi-row VALUES statements of these sizes (a batch of 110 rows is
 # 64 + 32 + 8 + 4 + 2): per row that is ~2x cheaper in SQLite than one executemany step,
-# and the handful of statement texts stays in the connection's statement cache.
+# and the handful of statement texts stays in the connection's statement cache. A statement
+# holds at most 999 values (SQLite before 3.32).
 _CHUNKS = (128, 64, 32, 16, 8, 4, 2, 1)
+_MAX_VARIABLES = 999
 
-# Outbox ids are reserved on disk this many at a time (see m004 in twin/migrations.py).
-OUTBOX_ID_BLOCK = 4096
+# History rows and outbox rows take their ids from one sequence, so that the publisher sends
+# both in commit order. Ids are reserved on disk this many at a time (see m004 in
+# twin/migrations.py): one write per block, never an id used twice.
+OUTBOX_ID_BLOCK = 65_536
+
+# Reported values are folded from the history into `properties` at most this often (and at
+# close() and before pruning); readers add the readings after the last fold themselves.
+CHECKPOINT_MS = 1000
 
 # The protocol of devices the mapper derives itself (an inference pipeline's decisions, see
 # docs/inference.md): no driver, no YAML, read-only properties. Their owner registers and
 # retires them (sync_derived); deactivate_devices() leaves them alone.
 DERIVED_PROTOCOL = "derived"
+
+# What is still to publish, for readers in any process: the outbox table plus the telemetry
+# in history rows after the published cursor.
+OUTBOX_DEPTH_SQL = (
+    "SELECT (SELECT count(*) FROM outbox) + (SELECT count(*) FROM readings WHERE seq IS NOT NULL"
+    " AND id > coalesce((SELECT value FROM counters WHERE name='published_through'), 0))")
+
+
+def committed_seqs(conn: sqlite3.Connection) -> dict[str, int]:
+    """The last committed `seq` of every topic (saved ones, and those only in history rows yet)."""
+    seqs = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
+    saved = _counter(conn, "seq_saved_through")
+    for topic, seq in conn.execute(
+            "SELECT r.topic, max(h.seq) FROM readings h JOIN routes r ON r.id = h.route"
+            " WHERE h.id > ? AND h.seq IS NOT NULL GROUP BY h.route", (saved,)):
+        if seq > seqs.get(topic, 0):
+            seqs[topic] = seq
+    return seqs
+
+
+def _carried_payload(value: str | None, ts: int, fields: bytes, seq: int) -> bytes:
+    """The payload of a message carried by its reading (OutMessage.reading): the same bytes as
+    orjson.dumps({"value": value, "ts": ts, **fields, "seq": seq}), built from the history row."""
+    return b'{"value":%b,"ts":%d%b,"seq":%d}' % (b"null" if value is None else value.encode(), ts, fields, seq)
+
+
+def _counter(conn: sqlite3.Connection, name: str) -> int:
+    row = conn.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+    return row[0] if row else 0
+
+
+def _expanded(m: OutMessage) -> OutMessage:
+    """A message carried by its reading, as a message of its own (whole body, no reading)."""
+    r = m.reading
+    if r is None or not isinstance(m.body, dict):
+        return m
+    return OutMessage(m.topic, {"value": r.value, "ts": r.taken_at_ms, **m.body}, m.qos, m.retain, m.kind, m.sequenced)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,18 +200,78 @@ class DerivedDevice:
     detail: str | None = None
 
 
+class _Fold:
+    """Readings folded per property: what an UPDATE of `properties` would write.
+
+    good: (device, property) -> [value JSON, taken, good readings]; bad: (device, property) ->
+    (quality, detail) when the last reading was not good; last: device -> newest reading time.
+    """
+
+    __slots__ = ("good", "bad", "last")
+
+    def __init__(self) -> None:
+        self.good: dict[tuple[str, str], list[Any]] = {}
+        self.bad: dict[tuple[str, str], tuple[str, str | None]] = {}
+        self.last: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.good or self.bad or self.last)
+
+    def add(self, device: str, name: str, value: str | None, taken: int, quality: str, detail: str | None) -> None:
+        key = (device, name)
+        if quality == GOOD:
+            g = self.good.get(key)
+            if g is None:
+                self.good[key] = [value, taken, 1]
+            else:
+                g[0] = value
+                g[1] = taken
+                g[2] += 1
+            if self.bad:
+                self.bad.pop(key, None)
+        else:
+            self.bad[key] = (quality, detail)
+        if self.last.get(device, 0) < taken:
+            self.last[device] = taken
+
+
 class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
         self.conn = conn
         self.path = path
         self.limits = limits
         self._seq: dict[str, int] = {}
-        self._outbox_rows = 0
+        self._seq_undo: dict[str, int | None] = {}  # seqs before the open transaction touched them
+        self._seq_unsaved: set[str] = set()  # topics whose last seq is only in history rows
+        self._seqs_saving: dict[str, int] = {}  # what the open transaction writes to topic_seq
+        self._route_undo: list[tuple[str, int, bool]] = []  # routes added by the open transaction
+        self._outbox_rows = 0  # the outbox table's
         self._outbox_bytes = 0
-        self._next_outbox_id = 1
-        self._outbox_reserved = 0  # ids up to this one may have been used: never hand them out again
+        self._next_id = 1  # of history and outbox rows alike
+        self._reserved = 0  # ids up to this one may have been used: never hand them out again
+        self._tx_first_id = 1  # ids from this one on were handed out in the open transaction
         self._statements: dict[tuple[str, int], str] = {}
         self._synchronous = "FULL"
+        # Routes of telemetry carried in history rows: (topic, qos, retain, fields) <-> id, where
+        # fields is the payload between ts and seq (b',"unit":"C"'), and the fields of each
+        # message body seen, by identity (the telemetry factory shares one body per route).
+        self._route_ids: dict[tuple[str, int, bool, bytes], int] = {}
+        self._routes: dict[int, tuple[str, int, bool, bytes]] = {}
+        self._route_cache: dict[int, tuple[Any, ...]] = {}  # see _route_for
+        # History rows whose telemetry is not yet acknowledged: ids in order (acknowledged ones
+        # leave `_carried_size` at once, the deque from its front), and their payload sizes.
+        self._carried: deque[int] = deque()
+        self._carried_size: dict[int, int] = {}
+        self._carried_bytes = 0
+        self._published_through = 0  # every carried message up to this history id is done
+        self._published_saved = 0    # ... as saved in counters
+        # Readings not yet folded into `properties`, the open transaction's included (None until
+        # read back from the history, see _load_fold; after a rollback it is read back again).
+        self._fold: _Fold | None = None
+        self._tx_checkpointed = False
+        self._last_checkpoint_ms = 0
+        self._history_count: int | None = None  # rows in history, once counted (prune_history)
+        self._tx_history = 0  # rows the open transaction added to history
 
     @classmethod
     def open(
@@ -167,13 +294,29 @@ class TwinStore:
         migrations.apply(conn)
         store = cls(conn, path, outbox or OutboxLimits())
         store._synchronous = synchronous.upper()
-        store._seq = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
-        rows, size = conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        store._outbox_rows, store._outbox_bytes = rows, size
-        store._outbox_reserved = store._reserved_outbox_id()
-        top = conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0]
-        store._next_outbox_id = max(store._outbox_reserved, top) + 1
+        store._seq = committed_seqs(conn)
+        for route_id, topic, qos, retain, fields in conn.execute("SELECT id, topic, qos, retain, fields FROM routes"):
+            route = (topic, qos, bool(retain), fields.encode())
+            store._routes[route_id] = route
+            store._route_ids[route] = route_id
+        store._count_outbox_table()
+        store._published_through = store._published_saved = _counter(conn, "published_through")
+        for row_id, route_id, value, ts, seq in conn.execute(
+                "SELECT id, route, value, ts, seq FROM readings WHERE id > ? AND seq IS NOT NULL ORDER BY id",
+                (store._published_through,)):
+            size = len(_carried_payload(value, ts, store._routes[route_id][3], seq))
+            store._carried.append(row_id)
+            store._carried_size[row_id] = size
+            store._carried_bytes += size
+        store._reserved = _counter(conn, "outbox_id_reserved")
+        top = max(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0],
+                  conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0])
+        store._next_id = max(store._reserved, top) + 1
         return store
+
+    def _count_outbox_table(self) -> None:
+        rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
+        self._outbox_rows, self._outbox_bytes = rows, size
 
     def _insert_rows(self, head: str, width: int, flat: list[Any], tail: str = "") -> None:
         """`head` VALUES (row), (row), ... `tail`, for rows given as one flat list of `width` values each."""
@@ -182,6 +325,8 @@ class TwinStore:
         texts = self._statements
         execute = self.conn.execute
         for size in _CHUNKS:
+            if size * width > _MAX_VARIABLES and size > 1:
+                continue
             while n - done >= size:
                 sql = texts.get((head, size))
                 if sql is None:
@@ -190,12 +335,28 @@ class TwinStore:
                 execute(sql, flat[done * width:(done + size) * width])
                 done += size
 
-    def _reserved_outbox_id(self) -> int:
-        row = self.conn.execute("SELECT value FROM counters WHERE name='outbox_id_reserved'").fetchone()
-        return row[0] if row else 0
+    def _set_counter(self, name: str, value: int) -> None:
+        self.conn.execute("INSERT INTO counters (name, value) VALUES (?, ?)"
+                          " ON CONFLICT (name) DO UPDATE SET value=excluded.value", (name, value))
 
     def close(self) -> None:
-        self.conn.close()
+        """Fold the history into `properties` and save the seqs (so that the next open has
+        nothing to recover), then close. Skipped when it cannot be written: nothing is lost,
+        the next open recovers it from the history."""
+        try:
+            if self._fold or self._seq_unsaved:
+                self._begin()
+                try:
+                    self._checkpoint()
+                    self._save_seqs()
+                except BaseException:
+                    self._rollback()
+                    raise
+                self._commit()
+        except sqlite3.Error:
+            pass
+        finally:
+            self.conn.close()
 
     def __enter__(self) -> TwinStore:
         return self
@@ -203,15 +364,63 @@ class TwinStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- transactions ----------------------------------------------------------------------
+
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
+        self._tx_first_id = self._next_id
+        self._seq_undo = {}
+        self._route_undo = []
+        self._tx_checkpointed = False
+        self._tx_history = 0
 
     def _commit(self) -> None:
         try:
+            if self._fold and not self._tx_checkpointed and now_ms() - self._last_checkpoint_ms >= CHECKPOINT_MS:
+                self._checkpoint()
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
+        if self._tx_checkpointed:
+            self._last_checkpoint_ms = now_ms()
+        self._tx_checkpointed = False
+        self._seq_unsaved.update(self._seq_undo)  # topic_seq has the table's; a superset does no harm
+        self._seq_undo = {}
+        if self._history_count is not None:
+            self._history_count += self._tx_history
+        self._tx_history = 0
+        if self._seqs_saving:
+            self._seq_unsaved = {t for t in self._seq_unsaved if self._seq.get(t) != self._seqs_saving.get(t)}
+            self._seqs_saving = {}
+
+    def _rollback(self) -> None:
+        """Undo the transaction, and what it changed in memory: seqs, carried messages, counts."""
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+        for topic, seq in self._seq_undo.items():
+            if seq is None:
+                self._seq.pop(topic, None)
+            else:
+                self._seq[topic] = seq
+        self._seq_undo = {}
+        self._seqs_saving = {}
+        for route in self._route_undo:
+            self._routes.pop(self._route_ids.pop(route), None)
+        if self._route_undo:
+            self._route_cache.clear()
+        self._route_undo = []
+        carried, sizes = self._carried, self._carried_size
+        while carried and carried[-1] >= self._tx_first_id:
+            self._carried_bytes -= sizes.pop(carried.pop(), 0)
+        if self._tx_history or self._tx_checkpointed:
+            self._fold = None  # it holds rolled-back readings: read it back from what was committed
+        self._tx_checkpointed = False
+        self._tx_history = 0
+        self._count_outbox_table()
+        # Ids handed out in the failed transaction are simply skipped (_next_id only grows).
+        self._reserved = _counter(self.conn, "outbox_id_reserved")
+        self._published_saved = _counter(self.conn, "published_through")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[TwinStore]:
@@ -241,6 +450,57 @@ class TwinStore:
         if not self.conn.in_transaction:
             raise TwinError("enqueue() must run inside transaction()")
         return self._enqueue(messages, now_ms() if ts is None else ts)
+
+    # -- the fold of history into properties ----------------------------------------------
+
+    def _load_fold(self) -> _Fold:
+        """The committed readings not yet in `properties`, read back from history once (after a
+        crash they are in the history only). Read lazily, by the store that records: a CLI
+        process that only looks never takes over the fold."""
+        if self._fold is None:
+            fold = _Fold()
+            for device, name, value, taken, quality, detail in self.conn.execute(
+                    "SELECT device_id, property, value, ts, quality, detail FROM readings WHERE id > ? ORDER BY id",
+                    (_counter(self.conn, "folded_through"),)):
+                fold.add(device, name, value, taken, quality, detail)
+            self._fold = fold
+        return self._fold
+
+    def _checkpoint(self) -> None:
+        """Inside a transaction: write every reading so far into `properties` and `devices`."""
+        fold = self._load_fold()
+        execmany = self.conn.executemany
+        good, bad = fold.good, fold.bad
+        if good:
+            execmany(
+                "UPDATE properties SET reported=?, reported_version=reported_version+?, reported_ts=?,"
+                " quality=?, quality_detail=? WHERE device_id=? AND name=?",
+                [(g[0], g[2], g[1], *bad.get(key, _GOOD_QUALITY), *key) for key, g in good.items()],
+            )
+        if bad:
+            execmany(
+                "UPDATE properties SET quality=?, quality_detail=? WHERE device_id=? AND name=?",
+                [(*q, *key) for key, q in bad.items() if key not in good],
+            )
+        if fold.last:
+            execmany(
+                "UPDATE devices SET last_reading_ts=max(coalesce(last_reading_ts, 0), ?) WHERE id=?",
+                [(t, k) for k, t in fold.last.items()],
+            )
+        self._set_counter("folded_through", self._next_id - 1)
+        self._fold = _Fold()  # readings from here on (a rollback reads them back from history)
+        self._tx_checkpointed = True
+
+    def _save_seqs(self) -> None:
+        """Inside a transaction: the seqs kept only in history rows go to `topic_seq` (before
+        those rows may be pruned)."""
+        topics = sorted(self._seq_unsaved.union(self._seq_undo))
+        if not topics:
+            return
+        self._insert_rows("INSERT INTO topic_seq (topic, seq)", 2, [x for t in topics for x in (t, self._seq[t])],
+                          " ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq")
+        self._set_counter("seq_saved_through", self._next_id - 1)
+        self._seqs_saving = {t: self._seq[t] for t in topics}  # no longer unsaved once committed
 
     # -- devices ---------------------------------------------------------------------------
 
@@ -374,8 +634,13 @@ class TwinStore:
             " WHERE d.id=?", (newer or "", key)).fetchone()
         if row is None or row[0] != DERIVED_PROTOCOL:
             return False
-        if newer is not None and row[1] is not None:
-            stored = _load(row[1])
+        if newer is not None:
+            # The newest value is that of the last readings not yet in `properties`, if any.
+            key_newer = (key, newer)
+            shown = self._load_fold().good.get(key_newer)
+            stored_text = shown[0] if shown else row[1]
+        if newer is not None and stored_text is not None:
+            stored = _load(stored_text)
             if isinstance(stored, int | float) and stored > values[newer]:
                 return False
         taken = now_ms() if ts is None else ts
@@ -388,39 +653,113 @@ class TwinStore:
                sent: Sequence[int] = ()) -> list[OutboxRow]:
         """Commit a batch of readings and the messages they cause, in one transaction.
 
-        Every reading is a history row. Per property, the batch is folded into one UPDATE:
-        the last good reading is the reported value, `reported_version` grows by the number
-        of good readings (as if each had been applied in turn), and the quality is that of
-        the property's last reading. Each device's `last_reading_ts` becomes the newest
-        reading time seen.
+        Every reading is a history row; a telemetry message of one of these readings
+        (`OutMessage.reading`) is stored in that row, the other messages in the outbox table.
+        Per property the readings fold into the reported value: the last good reading is the
+        reported value, `reported_version` grows by the number of good readings (as if each
+        had been applied in turn), and the quality is that of the property's last reading;
+        each device's `last_reading_ts` becomes the newest reading time seen. `device()` shows
+        that at once; `properties` itself is written at most once per CHECKPOINT_MS.
 
         Inside `transaction()` it joins that transaction (committed or rolled back with it).
-        `sent`: outbox rows the broker acknowledged meanwhile, deleted in the same transaction
+        `sent`: outbox rows the broker acknowledged meanwhile, done in the same transaction
         (one commit a second instead of two on a quiet Pi).
+
+        Returns the messages to publish, in id order, once the transaction is committed.
         """
         ts = now_ms()
-        history: list[Any] = []  # flat: 5 values per reading
-        good: dict[tuple[str, str], list[Any]] = {}  # (device, property) -> [value, taken, count]
-        bad: dict[tuple[str, str], tuple[str, str | None]] = {}  # -> (quality, detail) of a last bad reading
-        last: dict[str, int] = {}
-        keys: dict[DeviceId, str] = {}  # str(DeviceId) once per device, not per reading
+        carried: list[OutMessage] = []  # in the order of their readings (as the telemetry factory makes them)
+        others: list[OutMessage] = []
+        for m in messages:
+            if m.reading is None:
+                others.append(m)
+            elif m.kind == "telemetry" and m.sequenced and isinstance(m.body, dict):
+                carried.append(m)
+            else:
+                others.append(_expanded(m))
+        joined = self.conn.in_transaction
+        if not joined:
+            self._begin()
+        try:
+            self._load_fold()
+            rows = self._record(readings, carried, others) if readings else []
+            if carried and not readings:
+                others += map(_expanded, carried)
+            if sent:
+                self._ack(sent)
+            if others:
+                rows += self._enqueue(others, ts)
+            else:
+                self._reserve_ids()
+                if rows:
+                    self._enforce_outbox_limits()
+        except BaseException:
+            if not joined:
+                self._rollback()
+            raise
+        if not joined:
+            self._commit()
+        return rows
+
+    def _record(self, readings: Sequence[Reading], carried: list[OutMessage], others: list[OutMessage]) -> list[OutboxRow]:
+        """The history rows of a batch (with the telemetry they carry) and its fold, in the open
+        transaction. A carried message whose reading is not next in the batch when its turn
+        comes goes to `others` instead, whole."""
+        history: list[Any] = []  # flat: 9 values per reading
+        fold = self._load_fold()
+        good, bad, last = fold.good, fold.bad, fold.last
+        keys: dict[int, str] = {}  # id(DeviceId) -> str(DeviceId), once per device and batch
         dumps = orjson.dumps
+        row_id = self._next_id
+        out: list[OutboxRow] = []
+        seqs, undo = self._seq, self._seq_undo
+        queue, sizes = self._carried, self._carried_size
+        new_row = tuple.__new__  # OutboxRow(...) without the Python-level __new__ per message
+        carried_bytes = 0
+        routes = self._route_cache
+        pending = iter(carried)
+        m = next(pending, None)
+        batch = {id(r) for r in readings} if carried else set()
         for r in readings:
-            device = keys.get(r.device_id)
+            device_id = r.device_id
+            device = keys.get(id(device_id))
             if device is None:
-                device = keys[r.device_id] = str(r.device_id)
-                last[device] = 0
+                device = keys[id(device_id)] = str(device_id)
             value = r.value
             if value is not None:
-                value = dumps(value).decode()
+                encoded = dumps(value)
+                value = encoded.decode()
+            else:
+                encoded = b"null"
             taken = r.taken_at_ms
             quality = r.quality
             name = r.property
-            history += (device, name, value, taken, quality)
-            if last[device] < taken:
+            while m is not None and m.reading is not r and id(m.reading) not in batch:
+                others.append(_expanded(m))  # its reading is not in this batch
+                m = next(pending, None)
+            if m is None or m.reading is not r:
+                history += (row_id, device, name, value, taken, quality, r.detail, None, None)
+            else:
+                topic = m.topic
+                if topic not in undo:
+                    undo[topic] = seqs.get(topic)
+                seq = seqs[topic] = seqs.get(topic, 0) + 1
+                body = m.body
+                route = routes.get(id(body))
+                if route is None or route[0] is not body or route[1] != topic or route[2] != m.qos or route[3] != m.retain:
+                    route = self._route_for(m)
+                payload = b'{"value":%b,"ts":%d%b,"seq":%d}' % (encoded, taken, route[4], seq)  # = _carried_payload()
+                history += (row_id, device, name, value, taken, quality, r.detail, route[5], seq)
+                out.append(new_row(OutboxRow, (row_id, topic, payload, m.qos, route[3], "telemetry")))
+                queue.append(row_id)
+                sizes[row_id] = size = len(payload)
+                carried_bytes += size
+                m = next(pending, None)
+            row_id += 1
+            if last.get(device, 0) < taken:
                 last[device] = taken
+            key = (device, name)
             if quality == GOOD:
-                key = (device, name)
                 g = good.get(key)
                 if g is None:
                     good[key] = [value, taken, 1]
@@ -431,53 +770,40 @@ class TwinStore:
                 if bad:
                     bad.pop(key, None)
             else:
-                bad[(device, name)] = (quality, r.detail)
-        joined = self.conn.in_transaction
-        if not joined:
-            self._begin()
-        try:
-            execmany = self.conn.executemany
-            if good:
-                execmany(
-                    "UPDATE properties SET reported=?, reported_version=reported_version+?, reported_ts=?,"
-                    " quality=?, quality_detail=? WHERE device_id=? AND name=?",
-                    [
-                        (g[0], g[2], g[1], *bad.pop(key, _GOOD_QUALITY), *key) if bad else
-                        (g[0], g[2], g[1], GOOD, None, *key)
-                        for key, g in good.items()
-                    ],
-                )
-            if bad:
-                execmany(
-                    "UPDATE properties SET quality=?, quality_detail=? WHERE device_id=? AND name=?",
-                    [(*q, *key) for key, q in bad.items()],
-                )
-            if history:
-                self._insert_rows("INSERT INTO readings (device_id, property, value, ts, quality)", 5, history)
-            execmany(
-                "UPDATE devices SET last_reading_ts=max(coalesce(last_reading_ts, 0), ?) WHERE id=?",
-                [(t, k) for k, t in last.items()],
-            )
-            if sent:
-                self._delete_rows(sent)
-            rows = self._enqueue(messages, ts) if messages else []
-        except BaseException:
-            if not joined:
-                self._rollback()
-            raise
-        if not joined:
-            self._commit()
-        return rows
+                bad[key] = (quality, r.detail)
+        while m is not None:  # out of order: sent as messages of their own
+            others.append(_expanded(m))
+            m = next(pending, None)
+        self._insert_rows("INSERT INTO readings (id, device_id, property, value, ts, quality, detail, route, seq)",
+                          9, history)
+        self._next_id = row_id
+        self._carried_bytes += carried_bytes
+        self._tx_history += len(readings)
+        return out
 
-    def _rollback(self) -> None:
-        """Undo the transaction, and the sequence numbers and outbox counts handed out in it."""
-        if self.conn.in_transaction:
-            self.conn.execute("ROLLBACK")
-        self._seq = dict(self.conn.execute("SELECT topic, seq FROM topic_seq"))
-        rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        self._outbox_rows, self._outbox_bytes = rows, size
-        # Ids handed out in the failed transaction are simply skipped (_next_outbox_id only grows).
-        self._outbox_reserved = self._reserved_outbox_id()
+    def _route_for(self, m: OutMessage) -> tuple[Any, ...]:
+        """(body, topic, qos, retain, fields, route id) of a carried message; remembered by the
+        body's identity (the telemetry factory shares one body per route)."""
+        encoded = orjson.dumps(m.body)[1:-1]
+        fields = b"," + encoded if encoded else b""
+        retain = bool(m.retain)
+        key = (m.topic, m.qos, retain, fields)
+        route_id = self._route_ids.get(key) or self._new_route(key)
+        if len(self._route_cache) > 10_000:  # bodies built per message, not shared: do not keep them all
+            self._route_cache.clear()
+        route = self._route_cache[id(m.body)] = (m.body, m.topic, m.qos, retain, fields, route_id)
+        return route
+
+    def _new_route(self, route: tuple[str, int, bool, bytes]) -> int:
+        topic, qos, retain, fields = route
+        route_id = self.conn.execute("INSERT INTO routes (topic, qos, retain, fields) VALUES (?,?,?,?)",
+                                     (topic, qos, int(retain), fields.decode())).lastrowid
+        self._route_ids[route] = route_id
+        self._routes[route_id] = route
+        # A rolled-back route is simply inserted again: forget it with the transaction.
+        self._route_undo.append(route)
+        self._route_cache.clear()
+        return route_id
 
     def _enqueue(self, messages: Sequence[OutMessage], ts: int) -> list[OutboxRow]:
         if not messages:
@@ -485,9 +811,9 @@ class TwinStore:
         params: list[Any] = []  # flat: 7 values per row
         rows = []
         seq_updates: dict[str, int] = {}
-        seqs = self._seq
+        seqs, undo = self._seq, self._seq_undo
         dumps = orjson.dumps
-        row_id = self._next_outbox_id
+        row_id = self._next_id
         size = 0
         new_row = tuple.__new__  # OutboxRow(...) without the Python-level __new__ per message
         for m in messages:  # one encode per message, here, with its seq
@@ -496,6 +822,8 @@ class TwinStore:
             if isinstance(body, bytes):
                 payload = body
             elif m.sequenced:
+                if topic not in undo:
+                    undo[topic] = seqs.get(topic)
                 seq = seqs.get(topic, 0) + 1
                 seqs[topic] = seq_updates[topic] = seq
                 payload = dumps({**body, "seq": seq})
@@ -510,43 +838,60 @@ class TwinStore:
             self._insert_rows("INSERT INTO topic_seq (topic, seq)", 2, [x for item in seq_updates.items() for x in item],
                               " ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq")
         self._insert_rows("INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts)", 7, params)
-        if row_id - 1 > self._outbox_reserved:
-            # Ids are never reused, not even after the outbox emptied and the mapper restarted:
-            # the mark on disk moves ahead of the ids in use, once per OUTBOX_ID_BLOCK ids.
-            self._outbox_reserved = row_id - 1 + OUTBOX_ID_BLOCK
-            self.conn.execute(
-                "INSERT INTO counters (name, value) VALUES ('outbox_id_reserved', ?)"
-                " ON CONFLICT (name) DO UPDATE SET value=excluded.value",
-                (self._outbox_reserved,),
-            )
-        self._next_outbox_id = row_id
+        self._next_id = row_id
+        self._reserve_ids()
         self._outbox_rows += len(rows)
         self._outbox_bytes += size
         self._enforce_outbox_limits()
         return rows
 
+    def _reserve_ids(self) -> None:
+        if self._next_id - 1 > self._reserved:
+            # Ids are never reused, not even after the outbox emptied and the mapper restarted:
+            # the mark on disk moves ahead of the ids in use, once per OUTBOX_ID_BLOCK ids.
+            self._reserved = self._next_id - 1 + OUTBOX_ID_BLOCK
+            self._set_counter("outbox_id_reserved", self._reserved)
+
     def _enforce_outbox_limits(self) -> None:
-        """Over the limit, the oldest telemetry goes first; twin replies and state are never dropped."""
-        if self._outbox_rows <= self.limits.max_rows and self._outbox_bytes <= self.limits.max_bytes:
+        """Over the limit, the oldest telemetry goes first (outbox rows and history-carried
+        messages alike, by id); twin replies and state are never dropped."""
+        rows = self._outbox_rows + len(self._carried_size)
+        size = self._outbox_bytes + self._carried_bytes
+        if rows <= self.limits.max_rows and size <= self.limits.max_bytes:
             return
-        excess_rows = max(0, self._outbox_rows - self.limits.max_rows)
-        excess_bytes = max(0, self._outbox_bytes - self.limits.max_bytes)
-        last_victim = None
-        freed_rows = freed_bytes = 0
-        for row_id, size in self.conn.execute(
-            "SELECT id, length(payload) FROM outbox WHERE kind='telemetry' ORDER BY id"
-        ):
-            if freed_rows >= excess_rows and freed_bytes >= excess_bytes:
+        excess_rows = max(0, rows - self.limits.max_rows)
+        excess_bytes = max(0, size - self.limits.max_bytes)
+        queue, sizes = self._carried, self._carried_size
+        table = self.conn.execute("SELECT id, length(payload) FROM outbox WHERE kind='telemetry' ORDER BY id")
+        next_table = table.fetchone()
+        last_table_victim = None
+        freed_rows = freed_bytes = table_rows = table_bytes = 0
+        while freed_rows < excess_rows or freed_bytes < excess_bytes:
+            while queue and queue[0] not in sizes:
+                queue.popleft()
+            if queue and (next_table is None or queue[0] < next_table[0]):
+                victim = queue.popleft()
+                victim_size = sizes.pop(victim)
+                self._carried_bytes -= victim_size
+                self._published_through = max(self._published_through, victim)
+            elif next_table is not None:
+                last_table_victim, victim_size = next_table
+                table_rows += 1
+                table_bytes += victim_size
+                next_table = table.fetchone()
+            else:
                 break
-            last_victim = row_id
             freed_rows += 1
-            freed_bytes += size
-        if last_victim is not None:
+            freed_bytes += victim_size
+        table.close()
+        if last_table_victim is not None:
             # The victims are exactly the telemetry rows up to the last one: one range delete.
-            self.conn.execute("DELETE FROM outbox WHERE kind='telemetry' AND id <= ?", (last_victim,))
-            self._outbox_rows -= freed_rows
-            self._outbox_bytes -= freed_bytes
+            self.conn.execute("DELETE FROM outbox WHERE kind='telemetry' AND id <= ?", (last_table_victim,))
+            self._outbox_rows -= table_rows
+            self._outbox_bytes -= table_bytes
+        if freed_rows:
             self._bump("outbox_dropped", freed_rows)
+            self._save_published()
 
     def _bump(self, name: str, by: int) -> None:
         self.conn.execute(
@@ -557,20 +902,39 @@ class TwinStore:
     # -- outbox ----------------------------------------------------------------------------
 
     def outbox_pending(self, after_id: int = 0, limit: int = 500) -> list[OutboxRow]:
-        return [
+        """Up to `limit` messages not yet acknowledged with ids above `after_id`, in id order."""
+        rows = [
             OutboxRow(i, t, bytes(p), q, bool(r), k)
             for i, t, p, q, r, k in self.conn.execute(
                 "SELECT id, topic, payload, qos, retain, kind FROM outbox WHERE id>? ORDER BY id LIMIT ?",
                 (after_id, limit),
             )
         ]
+        sizes, routes = self._carried_size, self._routes
+        carried: list[OutboxRow] = []
+        start = max(after_id, self._published_through)
+        while sizes and len(carried) < limit:
+            page = self.conn.execute(
+                "SELECT id, route, value, ts, seq FROM readings WHERE id > ? AND seq IS NOT NULL ORDER BY id LIMIT ?",
+                (start, limit)).fetchall()
+            for row_id, route, value, ts, seq in page:
+                if row_id in sizes:  # not acknowledged (out of order) or dropped meanwhile
+                    topic, qos, retain, fields = routes[route]
+                    payload = _carried_payload(value, ts, fields, seq)
+                    carried.append(OutboxRow(row_id, topic, payload, qos, retain, "telemetry"))
+            if len(page) < limit:
+                break
+            start = page[-1][0]
+        if not carried:
+            return rows
+        return sorted(rows + carried)[:limit]
 
     def outbox_sent(self, ids: Sequence[int]) -> None:
-        """Delete rows the broker acknowledged.
+        """Mark messages the broker acknowledged as done.
 
         Committed without an fsync of its own (WAL + synchronous=NORMAL for this transaction):
-        the next durable commit syncs it along, and if power fails first, the rows come back
-        and are sent again, a duplicate that QoS 1 allows and `seq` reveals, never a loss.
+        the next durable commit syncs it along, and if power fails first, the messages come
+        back and are sent again, a duplicate that QoS 1 allows and `seq` reveals, never a loss.
         """
         if not ids:
             return
@@ -578,38 +942,66 @@ class TwinStore:
         if relaxed:
             self.conn.execute("PRAGMA synchronous=NORMAL")
         try:
-            self._delete_sent(ids)
+            self._begin()
+            try:
+                self._ack(ids)
+            except BaseException:
+                self._rollback()
+                raise
+            self._commit()
         finally:
             if relaxed:
                 self.conn.execute(f"PRAGMA synchronous={self._synchronous}")
 
-    def _delete_sent(self, ids: Sequence[int]) -> None:
-        self._begin()
-        try:
-            self._delete_rows(ids)
-        except BaseException:
-            self._rollback()
-            raise
-        self._commit()
+    def _ack(self, ids: Sequence[int]) -> None:
+        """Inside a transaction: acknowledged messages are done (the caller rolls back on error).
 
-    def _delete_rows(self, ids: Sequence[int]) -> None:
-        """Delete outbox rows inside the current transaction (the caller rolls back on error)."""
+        One carried in a history row leaves the in-memory queue, and the cursor
+        counters('published_through') moves up to the oldest one still waiting; an outbox
+        table row is deleted. An id that is neither (dropped by policy meanwhile) is ignored.
+        """
+        sizes = self._carried_size
+        table_ids = []
+        for row_id in ids:
+            size = sizes.pop(row_id, None)
+            if size is None:
+                table_ids.append(row_id)
+            else:
+                self._carried_bytes -= size
+        if len(table_ids) < len(ids):
+            self._save_published()
         deleted_bytes = 0
-        for chunk_start in range(0, len(ids), 500):
-            chunk = ids[chunk_start : chunk_start + 500]
+        for chunk_start in range(0, len(table_ids), 500):
+            chunk = table_ids[chunk_start : chunk_start + 500]
             marks = ",".join("?" * len(chunk))
             row = self.conn.execute(
                 f"SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox WHERE id IN ({marks})", chunk
             ).fetchone()
-            self.conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
+            if row[0]:
+                self.conn.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk)
             self._outbox_rows -= row[0]
             deleted_bytes += row[1]
         self._outbox_bytes -= deleted_bytes
 
+    def _save_published(self) -> None:
+        """Move the published cursor up to just before the oldest carried message still waiting."""
+        queue, sizes = self._carried, self._carried_size
+        through = self._published_through
+        while queue and queue[0] not in sizes:
+            through = queue.popleft()
+        if queue:
+            through = queue[0] - 1
+        self._published_through = max(through, self._published_through)
+        if self._published_through > self._published_saved:
+            self._set_counter("published_through", self._published_through)
+            self._published_saved = self._published_through
+
     def outbox_stats(self) -> dict[str, int]:
-        rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
-        dropped = self.conn.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()
-        return {"depth": rows, "bytes": size, "dropped": dropped[0] if dropped else 0}
+        """Messages still to publish (outbox rows and telemetry in history rows), their bytes, and
+        how many were dropped by policy. As this store sees them: another process's store counts
+        what it found at open()."""
+        return {"depth": self._outbox_rows + len(self._carried_size), "bytes": self._outbox_bytes + self._carried_bytes,
+                "dropped": _counter(self.conn, "outbox_dropped")}
 
     # -- desired values --------------------------------------------------------------------
 
@@ -681,24 +1073,41 @@ class TwinStore:
     # -- reading the twin ------------------------------------------------------------------
 
     def device(self, device_id: DeviceId) -> DeviceTwin:
+        """The device's twin, with every committed reading (those not yet folded into
+        `properties` are added here)."""
         row = self.conn.execute(
             "SELECT model, protocol, state, state_detail, state_ts, last_online, last_reading_ts FROM devices WHERE id=?",
             (str(device_id),),
         ).fetchone()
         if row is None:
             raise UnknownDevice(device_id)
-        props = {}
+        props: dict[str, list[Any]] = {}
         for r in self.conn.execute(
             "SELECT name, type, writable, unit, desired, desired_version, desired_ts, reported, reported_version,"
             " reported_ts, quality, quality_detail, apply_error FROM properties WHERE device_id=? ORDER BY name",
             (str(device_id),),
         ):
-            props[r[0]] = PropertyTwin(
+            props[r[0]] = list(r)
+        last_reading = row[6]
+        for name, value, taken, quality, detail in self.conn.execute(
+                "SELECT property, value, ts, quality, detail FROM readings WHERE id > ? AND device_id=? ORDER BY id",
+                (_counter(self.conn, "folded_through"), str(device_id))):
+            p = props.get(name)
+            if p is not None:
+                if quality == GOOD:
+                    p[7], p[8], p[9], p[10], p[11] = value, p[8] + 1, taken, GOOD, None
+                else:
+                    p[10], p[11] = quality, detail
+            last_reading = taken if last_reading is None else max(last_reading, taken)
+        twins = {
+            r[0]: PropertyTwin(
                 name=r[0], type=r[1], writable=bool(r[2]), unit=r[3], desired=_load(r[4]), desired_version=r[5],
                 desired_ts=r[6], reported=_load(r[7]), reported_version=r[8], reported_ts=r[9], quality=r[10],
                 quality_detail=r[11], apply_error=r[12],
             )
-        return DeviceTwin(device_id, row[0], row[1], row[2], row[3], row[4], row[5], row[6], props)
+            for r in props.values()
+        }
+        return DeviceTwin(device_id, row[0], row[1], row[2], row[3], row[4], row[5], last_reading, twins)
 
     def device_ids(self, *, active_only: bool = True) -> list[DeviceId]:
         where = " WHERE active=1" if active_only else ""
@@ -719,7 +1128,12 @@ class TwinStore:
         the first reading younger than the limit goes. Only the old rows are read, not the whole
         table (there is no index on ts, and a full scan of 200,000 rows every 30 s was 14 ms of
         CPU, ~2 CPU-s/hour on a Pi's steady state). A reading that arrived with an older
-        timestamp than one before it goes when it reaches the old end.
+        timestamp than one before it goes when it reaches the old end. Ids are shared with the
+        outbox, so the row count is judged from the id range: it may keep a few rows fewer.
+
+        A reading whose telemetry is not yet acknowledged stays (and the rows after it): the
+        outbox limits bound those. Before deleting, the readings are folded into `properties`
+        and the seqs saved (both are otherwise kept only in the history).
 
         `step`: delete at most this many of the oldest rows in this call (one transaction);
         a caller sharing the twin thread with readings calls again while it returns `step`,
@@ -737,15 +1151,41 @@ class TwinStore:
             cutoff = now_ms() - max_age_ms
             young = self.conn.execute("SELECT id FROM readings WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)).fetchone()
             last = top if young is None else young[0] - 1  # the last too-old row
-            last = max(last, top - max_rows)  # ... or the last row over the count
+            # ... or the last row over the count (ids have gaps: found by walking the rows that go)
+            over = self._history_rows() - max_rows
+            if over > 0:
+                last = max(last, self._nth_oldest(over))
             if step is not None:
-                last = min(last, oldest + step - 1)  # at most `step` rows
-            deleted = self.conn.execute("DELETE FROM readings WHERE id <= ?", (last,)).rowcount if last >= oldest else 0
+                last = min(last, self._nth_oldest(step))  # at most `step` rows
+            queue, sizes = self._carried, self._carried_size
+            while queue and queue[0] not in sizes:
+                queue.popleft()
+            if queue:
+                last = min(last, queue[0] - 1)  # not before its telemetry is out
+            deleted = 0
+            if last >= oldest:
+                if self._load_fold():
+                    self._checkpoint()
+                self._save_seqs()
+                deleted = self.conn.execute("DELETE FROM readings WHERE id <= ?", (last,)).rowcount
         except BaseException:
             self._rollback()
             raise
         self._commit()
+        if self._history_count is not None:
+            self._history_count -= deleted
         return deleted
+
+    def _history_rows(self) -> int:
+        """Rows in history: counted once (the first prune), then kept up to date by commits."""
+        if self._history_count is None:
+            self._history_count = self.conn.execute("SELECT count(*) FROM readings").fetchone()[0] - self._tx_history
+        return self._history_count + self._tx_history
+
+    def _nth_oldest(self, n: int) -> int:
+        """The id of the n-th oldest history row (the newest one when there are fewer)."""
+        row = self.conn.execute("SELECT id FROM readings ORDER BY id LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+        return row[0] if row else self.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
 
     def integrity_ok(self) -> bool:
         return self.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

@@ -293,13 +293,24 @@ class Mapper:
 
     def outbox_depth(self) -> int:
         with self.db() as db:
-            return db.execute("SELECT count(*) FROM outbox").fetchone()[0]
+            from twin.store import OUTBOX_DEPTH_SQL
+            return db.execute(OUTBOX_DEPTH_SQL).fetchone()[0]
 
     def committed_seqs(self, prefix: str = TOPIC_BASE) -> dict[str, int]:
         """Telemetry topics and the last seq committed for each."""
         with self.db() as db:
-            rows = db.execute("SELECT topic, seq FROM topic_seq WHERE topic LIKE ?", (prefix + "/%",)).fetchall()
-        return {t: s for t, s in rows if not t.endswith("/state")}
+            from twin.store import committed_seqs
+            seqs = committed_seqs(db)
+        return {t: s for t, s in seqs.items() if t.startswith(prefix + "/") and not t.endswith("/state")}
+
+    def telemetry_left(self) -> int:
+        """Telemetry (not state) messages still to publish: in history rows or in the outbox table."""
+        with self.db() as db:
+            carried = db.execute(
+                "SELECT count(*) FROM readings WHERE seq IS NOT NULL"
+                " AND id > coalesce((SELECT value FROM counters WHERE name='published_through'), 0)").fetchone()[0]
+            table = db.execute("SELECT count(*) FROM outbox WHERE kind='telemetry' AND topic NOT LIKE '%/state'").fetchone()[0]
+        return carried + table
 
     def dropped(self) -> int:
         with self.db() as db:

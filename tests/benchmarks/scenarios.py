@@ -142,8 +142,7 @@ def throughput(ctx: Context) -> ScenarioResult:
         finally:
             mapper.stop()
             sub.stop()
-        with mapper.db() as db:
-            left = db.execute("SELECT count(*) FROM outbox WHERE topic NOT LIKE '%/state'").fetchone()[0]
+        left = mapper.telemetry_left()
         arrivals = sub.arrivals()
         got = telemetry(arrivals)
         rate = count_after(got, t0, t1) / (t1 - t0)
@@ -236,6 +235,7 @@ def twin_store(ctx: Context) -> ScenarioResult:
     import sqlite3
 
     from devices.loader import load
+    from eventbus.settings import MqttSettings
     from eventbus.telemetry import Telemetry
     from eventbus.topics import Topics
     from twin.records import Reading
@@ -262,7 +262,7 @@ def twin_store(ctx: Context) -> ScenarioResult:
             path = tmp / f"twin-{sync}-{batch}-{with_outbox}-{i}.db"
             store = TwinStore.open(path, synchronous=sync)
             store.sync_devices(definitions.values())
-            factory = Telemetry(Topics("bench"), definitions)
+            factory = Telemetry(Topics("bench"), definitions, state_interval_ms=MqttSettings().state_interval_ms)
             now = int(time.time() * 1000)
             readings = [Reading(ids[(k // 10) % len(ids)], f"p{k % 10}", k, now + k) for k in range(plan.twin_readings)]
             batches = [readings[k:k + batch] for k in range(0, len(readings), batch)]
@@ -470,8 +470,7 @@ def scale(ctx: Context) -> ScenarioResult:
         nominal = n * 2
         rate = count_after(got, t0, t1) / (t1 - t0)
         check = continuity(got, mapper.committed_seqs())
-        with mapper.db() as db:
-            left = db.execute("SELECT count(*) FROM outbox WHERE kind='telemetry' AND topic NOT LIKE '%/state'").fetchone()[0]
+        left = mapper.telemetry_left()
         dropped = mapper.dropped()
         grow = slope(depth)
         # The depth swings by a batch or two of telemetry + state rows; 5% of nominal per second over the

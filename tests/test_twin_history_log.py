@@ -1,0 +1,174 @@
+"""The history as the twin's log: telemetry carried in history rows, the published cursor,
+reported values folded at checkpoints, and what survives a crash (a connection closed
+without TwinStore.close(), as after kill -9: nothing of close() runs)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from devices.ids import DeviceId
+from devices.loader import load
+from twin.records import ERROR, Reading
+from twin.store import OUTBOX_DEPTH_SQL, OutMessage, TwinStore, committed_seqs
+from helpers import write_devices
+
+D1 = DeviceId("default", "d1")
+UNIT = {"unit": "Celsius"}  # the telemetry factory's body of a carried message: the fields after value and ts
+
+
+def telemetry(readings: list[Reading]) -> list[OutMessage]:
+    return [OutMessage(f"t/{r.property}", UNIT, reading=r) for r in readings]
+
+
+def crash(store: TwinStore) -> None:
+    store.conn.close()  # no checkpoint, no seq saved: what kill -9 leaves
+
+
+@pytest.fixture
+def path(tmp_path):
+    result = load([write_devices(tmp_path / "devices", ["d1", "d2"])])
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(result.devices.values())
+    return tmp_path / "twin.db"
+
+
+def test_telemetry_rides_in_its_reading_row_and_is_sent_again_after_a_crash(path):
+    """No outbox row per reading: the message is rebuilt from the history row, byte for byte."""
+    store = TwinStore.open(path)
+    batch = [Reading(D1, "temperature", 21.5, 1000), Reading(D1, "count", 7, 1001)]
+    rows = store.record(batch, telemetry(batch))
+    assert [(r.topic, r.payload) for r in rows] == [
+        ("t/temperature", b'{"value":21.5,"ts":1000,"unit":"Celsius","seq":1}'),
+        ("t/count", b'{"value":7,"ts":1001,"unit":"Celsius","seq":1}')]
+    assert store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 0
+    crash(store)
+    with TwinStore.open(path) as again:
+        assert again.outbox_pending() == rows
+        assert again.outbox_stats()["depth"] == 2
+        assert again.conn.execute(OUTBOX_DEPTH_SQL).fetchone()[0] == 2
+        r = Reading(D1, "temperature", 22.0, 2000)
+        (row,) = again.record([r], telemetry([r]))
+        assert row.payload == b'{"value":22.0,"ts":2000,"unit":"Celsius","seq":2}'  # the seq went on
+
+
+def test_acknowledged_telemetry_moves_the_cursor_and_stays_sent_after_a_crash(path):
+    """Acks out of order: the cursor stops at the oldest unacknowledged message; after a crash
+    that one and the ones above it come again (QoS 1 duplicates, seq reveals them), never the
+    ones below."""
+    store = TwinStore.open(path)
+    batch = [Reading(D1, "count", i, 1000 + i) for i in range(3)]
+    first, second, third = store.record(batch, telemetry(batch))
+    store.outbox_sent([first.id, third.id])
+    assert store.outbox_pending() == [second]
+    assert store.outbox_stats()["depth"] == 1
+    crash(store)
+    store = TwinStore.open(path)
+    assert [r.id for r in store.outbox_pending()] == [second.id, third.id]
+    store.outbox_sent([second.id, third.id])
+    assert store.outbox_stats()["depth"] == 0
+    crash(store)
+    with TwinStore.open(path) as again:
+        assert again.outbox_pending() == []
+        assert again.conn.execute(OUTBOX_DEPTH_SQL).fetchone()[0] == 0
+
+
+def test_reported_values_are_exact_across_checkpoints_crashes_and_readers(path):
+    """`properties` is written at most once per CHECKPOINT_MS; every reader sees every committed
+    reading anyway, another process's store never folds them a second time, and after a crash
+    the versions count each good reading once."""
+    store = TwinStore.open(path)
+    store.record([Reading(D1, "temperature", 20.0, 1000)])                        # checkpointed at once
+    store.record([Reading(D1, "temperature", 21.0, 2000), Reading(D1, "temperature", 22.0, 3000),
+                  Reading(D1, "count", None, 3000, ERROR, "timeout")])             # within CHECKPOINT_MS: not yet
+    stored = store.conn.execute(
+        "SELECT reported, reported_version FROM properties WHERE device_id=? AND name='temperature'", (str(D1),)).fetchone()
+    assert stored == ("20.0", 1)
+    with TwinStore.open(path) as reader:  # another process, e.g. `mapper twin show`
+        twin = reader.device(D1)
+        temperature, count = twin.properties["temperature"], twin.properties["count"]
+        assert (temperature.reported, temperature.reported_version, temperature.reported_ts) == (22.0, 3, 3000)
+        assert (count.quality, count.quality_detail, twin.last_reading_ts) == (ERROR, "timeout", 3000)
+    crash(store)
+    with TwinStore.open(path) as after:
+        after.record([Reading(D1, "temperature", 23.0, 4000)])
+        assert after.device(D1).properties["temperature"].reported_version == 4
+    with TwinStore.open(path) as last:
+        stored = last.conn.execute(
+            "SELECT reported, reported_version FROM properties WHERE device_id=? AND name='temperature'",
+            (str(D1),)).fetchone()
+        assert stored == ("23.0", 4)  # close() folded the rest, each reading once
+        assert last.device(D1).properties["count"].quality_detail == "timeout"
+
+
+def test_a_failed_batch_leaves_no_trace_in_memory_either(path):
+    """A batch that fails half way (its rows and messages written, then an error) commits nothing:
+    no reported value, no queued message, no seq handed out, and the next batch counts right."""
+    with TwinStore.open(path) as store:
+        assert store.record([Reading(D1, "count", 1, 1000)]) == []  # a reading without telemetry sends nothing
+        good = Reading(D1, "count", 2, 2000)
+        with pytest.raises(TypeError):
+            store.record([good], [OutMessage("t/count", UNIT, reading=good), OutMessage("t/x", {"v": object()})])
+        assert store.device(D1).properties["count"].reported == 1
+        assert store.outbox_stats()["depth"] == 0 and store.outbox_pending() == []
+        again = Reading(D1, "count", 3, 3000)
+        (row,) = store.record([again], telemetry([again]))
+        assert row.payload == b'{"value":3,"ts":3000,"unit":"Celsius","seq":1}'
+        assert store.device(D1).properties["count"].reported_version == 2
+    with TwinStore.open(path) as again:  # close() folded what it held in memory: the failed batch is not in it
+        count = again.device(D1).properties["count"]
+        assert (count.reported, count.reported_version, count.reported_ts) == (3, 2, 3000)
+
+
+def test_a_message_whose_reading_is_not_in_the_batch_is_sent_whole(path):
+    with TwinStore.open(path) as store:
+        elsewhere = Reading(D1, "count", 5, 5000)
+        (row,) = store.record([Reading(D1, "count", 6, 6000)], [OutMessage("t/count", UNIT, reading=elsewhere)])
+        assert row.payload == b'{"value":5,"ts":5000,"unit":"Celsius","seq":1}'
+        assert store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
+
+
+def test_pruning_keeps_unsent_telemetry_and_saves_the_seqs_it_deletes(path):
+    """History rows whose message is not acknowledged stay (and so do the rows after them); once
+    pruned, the seqs they held live on in topic_seq."""
+    store = TwinStore.open(path)
+    batch = [Reading(D1, "count", i, 1000 + i) for i in range(10)]  # all far too old
+    rows = store.record(batch, telemetry(batch))
+    store.outbox_sent([r.id for r in rows[:4]])
+    assert store.prune_history(max_rows=1000, max_age_ms=1000) == 4
+    assert [r.id for r in store.outbox_pending()] == [r.id for r in rows[4:]]
+    store.outbox_sent([r.id for r in rows[4:]])
+    assert store.prune_history(max_rows=1000, max_age_ms=1000) == 6
+    crash(store)
+    with TwinStore.open(path) as again:
+        assert committed_seqs(again.conn)["t/count"] == 10
+        r = Reading(D1, "count", 11, 9000)
+        (row,) = again.record([r], telemetry([r]))
+        assert row.payload.endswith(b'"seq":11}')
+
+
+def test_a_twin_file_of_schema_4_keeps_its_history_folded_and_sent(tmp_path):
+    """History written before m005 was folded into `properties` and published already: after the
+    upgrade nothing of it counts twice or goes out again."""
+    from twin import migrations
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for version, step in enumerate(migrations.MIGRATIONS[:4], start=1):
+        step(conn)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.execute("INSERT INTO devices (id, namespace, name, model, protocol) VALUES ('default/d1','default','d1','m','sim')")
+    conn.execute("INSERT INTO properties (device_id, name, type, writable, reported, reported_version, reported_ts, quality)"
+                 " VALUES ('default/d1', 'count', 'int', 0, '3', 3, 3000, 'good')")
+    conn.executemany("INSERT INTO readings (device_id, property, value, ts, quality) VALUES ('default/d1','count',?,?,'good')",
+                     [(str(i), i * 1000) for i in (1, 2, 3)])
+    conn.close()
+    with TwinStore.open(path) as store:
+        assert store.device(D1).properties["count"].reported_version == 3
+        assert store.outbox_stats()["depth"] == 0
+        r = Reading(D1, "count", 4, 4000)
+        (row,) = store.record([r], telemetry([r]))
+        assert row.id > 3  # after every id the old history used
+        assert store.device(D1).properties["count"].reported_version == 4
+        assert store.integrity_ok()
