@@ -172,3 +172,26 @@ def test_a_twin_file_of_schema_4_keeps_its_history_folded_and_sent(tmp_path):
         assert row.id > 3  # after every id the old history used
         assert store.device(D1).properties["count"].reported_version == 4
         assert store.integrity_ok()
+
+
+def test_another_process_writing_desired_values_neither_folds_nor_rewinds_seqs(path):
+    """`mapper twin set` opens its own store while the mapper records: its close() must not fold
+    the mapper's readings (they would count twice) nor write back seqs older than the mapper's."""
+    mapper = TwinStore.open(path)
+    first = [Reading(D1, "count", 1, 1000)]
+    mapper.record(first, telemetry(first))                   # folded at once
+    second = [Reading(D1, "count", 2, 2000)]
+    mapper.record(second, telemetry(second))                 # not yet folded
+    cli = TwinStore.open(path)
+    cli.set_desired(D1, "power", True, messages=[OutMessage("t/power", {"v": True})])
+    cli.close()
+    third = [Reading(D1, "count", 3, 3000)]
+    mapper.record(third, telemetry(third))
+    mapper.close()
+    with TwinStore.open(path) as again:
+        count = again.device(D1).properties["count"]
+        assert (count.reported, count.reported_version) == (3, 3)
+        assert again.conn.execute(
+            "SELECT reported_version FROM properties WHERE device_id=? AND name='count'", (str(D1),)).fetchone()[0] == 3
+        assert committed_seqs(again.conn)["t/count"] == 3
+        assert dict(again.conn.execute("SELECT topic, seq FROM topic_seq"))["t/count"] == 3

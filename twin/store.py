@@ -241,7 +241,8 @@ class TwinStore:
         self.path = path
         self.limits = limits
         self._seq: dict[str, int] = {}
-        self._seq_undo: dict[str, int | None] = {}  # seqs before the open transaction touched them
+        self._seq_undo: dict[str, int | None] = {}  # seqs before the open transaction touched them: carried
+        self._seq_undo_table: dict[str, int | None] = {}  # ... and outbox-table messages' (saved as they go)
         self._seq_unsaved: set[str] = set()  # topics whose last seq is only in history rows
         self._seqs_saving: dict[str, int] = {}  # what the open transaction writes to topic_seq
         self._route_undo: list[tuple[str, int, bool]] = []  # routes added by the open transaction
@@ -344,7 +345,9 @@ class TwinStore:
         nothing to recover), then close. Skipped when it cannot be written: nothing is lost,
         the next open recovers it from the history."""
         try:
-            if self._fold or self._seq_unsaved:
+            # Only a store that recorded readings holds a fold (a reader's would fold the recording
+            # process's readings a second time) and unsaved seqs.
+            if self._fold is not None and (self._fold or self._seq_unsaved):
                 self._begin()
                 try:
                     self._checkpoint()
@@ -370,6 +373,7 @@ class TwinStore:
         self.conn.execute("BEGIN IMMEDIATE")
         self._tx_first_id = self._next_id
         self._seq_undo = {}
+        self._seq_undo_table = {}
         self._route_undo = []
         self._tx_checkpointed = False
         self._tx_history = 0
@@ -385,8 +389,9 @@ class TwinStore:
         if self._tx_checkpointed:
             self._last_checkpoint_ms = now_ms()
         self._tx_checkpointed = False
-        self._seq_unsaved.update(self._seq_undo)  # topic_seq has the table's; a superset does no harm
+        self._seq_unsaved.update(self._seq_undo)
         self._seq_undo = {}
+        self._seq_undo_table = {}
         if self._history_count is not None:
             self._history_count += self._tx_history
         self._tx_history = 0
@@ -398,12 +403,14 @@ class TwinStore:
         """Undo the transaction, and what it changed in memory: seqs, carried messages, counts."""
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
-        for topic, seq in self._seq_undo.items():
-            if seq is None:
-                self._seq.pop(topic, None)
-            else:
-                self._seq[topic] = seq
+        for undo in (self._seq_undo_table, self._seq_undo):  # a topic in both: the carried one has the older value
+            for topic, seq in undo.items():
+                if seq is None:
+                    self._seq.pop(topic, None)
+                else:
+                    self._seq[topic] = seq
         self._seq_undo = {}
+        self._seq_undo_table = {}
         self._seqs_saving = {}
         for route in self._route_undo:
             self._routes.pop(self._route_ids.pop(route), None)
@@ -498,7 +505,7 @@ class TwinStore:
         if not topics:
             return
         self._insert_rows("INSERT INTO topic_seq (topic, seq)", 2, [x for t in topics for x in (t, self._seq[t])],
-                          " ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq")
+                          " ON CONFLICT (topic) DO UPDATE SET seq=max(seq, excluded.seq)")
         self._set_counter("seq_saved_through", self._next_id - 1)
         self._seqs_saving = {t: self._seq[t] for t in topics}  # no longer unsaved once committed
 
@@ -741,8 +748,8 @@ class TwinStore:
                 history += (row_id, device, name, value, taken, quality, r.detail, None, None)
             else:
                 topic = m.topic
-                if topic not in undo:
-                    undo[topic] = seqs.get(topic)
+                if topic not in undo:  # its value before the transaction (outbox rows may have moved it on)
+                    undo[topic] = self._seq_undo_table.get(topic, seqs.get(topic))
                 seq = seqs[topic] = seqs.get(topic, 0) + 1
                 body = m.body
                 route = routes.get(id(body))
@@ -811,7 +818,7 @@ class TwinStore:
         params: list[Any] = []  # flat: 7 values per row
         rows = []
         seq_updates: dict[str, int] = {}
-        seqs, undo = self._seq, self._seq_undo
+        seqs, undo = self._seq, self._seq_undo_table
         dumps = orjson.dumps
         row_id = self._next_id
         size = 0
