@@ -2,9 +2,11 @@
 
 Fresh rows come straight from memory after their commit (no re-read); anything else (after
 a restart or a reconnect, or while the broker was away) is read back from SQLite in id
-order, so the backlog drains in order with its original measurement timestamps. Deletes
-of acknowledged rows are batched. After a reconnect everything not yet deleted is sent
-again: duplicates are possible (QoS 1 allows them) and the `seq` field reveals them.
+order, so the backlog drains in order with its original measurement timestamps.
+Acknowledgements are handed to the twin in batches (TwinStore.outbox_sent: outbox rows are
+deleted, telemetry carried in history rows moves the published cursor). After a reconnect
+everything not yet acknowledged is sent again: duplicates are possible (QoS 1 allows them)
+and the `seq` field reveals them.
 
 Publishing does not await each message: rows are handed to the connection (`publish_nowait`)
 while fewer than `max_inflight` are unacknowledged, and PUBACKs come back as message ids
