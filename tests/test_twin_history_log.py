@@ -90,6 +90,7 @@ def test_reported_values_are_exact_across_checkpoints_crashes_and_readers(path):
         temperature, count = twin.properties["temperature"], twin.properties["count"]
         assert (temperature.reported, temperature.reported_version, temperature.reported_ts) == (22.0, 3, 3000)
         assert (count.quality, count.quality_detail, twin.last_reading_ts) == (ERROR, "timeout", 3000)
+        assert store.device(D1) == twin  # the recording store answers from its fold in memory: the same
     crash(store)
     with TwinStore.open(path) as after:
         after.record([Reading(D1, "temperature", 23.0, 4000)])

@@ -1096,16 +1096,33 @@ class TwinStore:
         ):
             props[r[0]] = list(r)
         last_reading = row[6]
-        for name, value, taken, quality, detail in self.conn.execute(
-                "SELECT property, value, ts, quality, detail FROM readings WHERE id > ? AND device_id=? ORDER BY id",
-                (_counter(self.conn, "folded_through"), str(device_id))):
-            p = props.get(name)
-            if p is not None:
-                if quality == GOOD:
-                    p[7], p[8], p[9], p[10], p[11] = value, p[8] + 1, taken, GOOD, None
-                else:
-                    p[10], p[11] = quality, detail
-            last_reading = taken if last_reading is None else max(last_reading, taken)
+        key = str(device_id)
+        fold = self._fold
+        if fold is not None:
+            # The store that records holds exactly the readings not yet in `properties`.
+            for name, p in props.items():
+                g = fold.good.get((key, name))
+                if g is not None:
+                    p[7], p[8], p[9], p[10], p[11] = g[0], p[8] + g[2], g[1], GOOD, None
+                q = fold.bad.get((key, name))
+                if q is not None:
+                    p[10], p[11] = q
+            taken = fold.last.get(key)
+            if taken is not None:
+                last_reading = taken if last_reading is None else max(last_reading, taken)
+        else:
+            # Any other reader: the committed history rows after the last fold (at most about
+            # CHECKPOINT_MS of readings, unless the recording process was killed).
+            for name, value, taken, quality, detail in self.conn.execute(
+                    "SELECT property, value, ts, quality, detail FROM readings WHERE id > ? AND device_id=? ORDER BY id",
+                    (_counter(self.conn, "folded_through"), key)):
+                p = props.get(name)
+                if p is not None:
+                    if quality == GOOD:
+                        p[7], p[8], p[9], p[10], p[11] = value, p[8] + 1, taken, GOOD, None
+                    else:
+                        p[10], p[11] = quality, detail
+                last_reading = taken if last_reading is None else max(last_reading, taken)
         twins = {
             r[0]: PropertyTwin(
                 name=r[0], type=r[1], writable=bool(r[2]), unit=r[3], desired=_load(r[4]), desired_version=r[5],
