@@ -12,6 +12,7 @@ once per message with orjson, on `mapper/bench/default/d<N>/p0`, QoS 1. Prints o
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import threading
 import time
@@ -108,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
             if delay > 0:
                 time.sleep(delay)
             publish(i)
-    else:  # pi: 20 values every second, like 20 sensors read at 1 Hz
+    else:  # pi: 20 values every second, like 20 sensors read at 1 Hz, on whole seconds of the
+        # monotonic clock like the mapper's ticks (mapper/ticks.py), so that a window measured
+        # between half seconds holds as many rounds for both
         second = 0
         while time.monotonic() - start < args.duration:
             for j in range(20):
                 publish(second * 20 + j)
             second += 1
-            time.sleep(max(0.0, start + second - time.monotonic()))
+            now = time.monotonic()
+            time.sleep(math.floor(now) + 1 - now)
     with lock:
         finished = True
         if acks >= sent:

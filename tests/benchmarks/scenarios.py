@@ -354,9 +354,14 @@ def _full_history(tmp: Path, devices: Path, rows: int = 200_000) -> None:
 
 
 def _measure(pid: int, warmup: float, window: float) -> tuple[float, float, float]:
-    time.sleep(warmup)
+    """CPU-s/hour over `window` seconds (whole seconds) from half a second past a whole second of
+    the monotonic clock, after `warmup`: the mapper's 1 s ticks fall on whole seconds of that
+    clock (asyncio's loop.time() is time.monotonic(), the same clock in every process), so every
+    window holds exactly `window` ticks; a window of 30 s held 30 or 31 of them."""
+    start = math.floor(time.monotonic() + warmup) + 0.5
+    time.sleep(max(0.0, start - time.monotonic()))
     c0, t0 = cpu_seconds(pid), time.monotonic()
-    time.sleep(window)
+    time.sleep(max(0.0, start + round(window) - time.monotonic()))
     c1, t1 = cpu_seconds(pid), time.monotonic()
     rss, hwm = rss_mib(pid)
     return (c1 - c0) / (t1 - t0) * 3600, rss, hwm
