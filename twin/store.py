@@ -1177,8 +1177,8 @@ class TwinStore:
             last = top if young is None else young[0] - 1  # the last too-old row
             # ... or the last row over the count (ids have gaps: found by walking the rows that go)
             over = self._history_rows() - max_rows
-            if over > 0:
-                last = max(last, self._nth_oldest(over))
+            if over > 0:  # (never walking past `step` rows: those are all this call may delete)
+                last = max(last, self._nth_oldest(over if step is None else min(over, step)))
             if step is not None:
                 last = min(last, self._nth_oldest(step))  # at most `step` rows
             queue, sizes = self._carried, self._carried_size
