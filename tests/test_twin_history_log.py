@@ -130,6 +130,18 @@ def test_a_message_whose_reading_is_not_in_the_batch_is_sent_whole(path):
         assert store.conn.execute("SELECT count(*) FROM outbox").fetchone()[0] == 1
 
 
+def test_messages_out_of_reading_order_still_go_out_each_with_its_reading(path):
+    with TwinStore.open(path) as store:
+        first, second = Reading(D1, "count", 1, 1000), Reading(D1, "temperature", 20.5, 1001)
+        rows = store.record([first, second], [OutMessage("t/temperature", UNIT, reading=second),
+                                              OutMessage("t/count", UNIT, reading=first)])
+        assert sorted((r.topic, r.payload) for r in rows) == [
+            ("t/count", b'{"value":1,"ts":1000,"unit":"Celsius","seq":1}'),
+            ("t/temperature", b'{"value":20.5,"ts":1001,"unit":"Celsius","seq":1}')]
+        assert [r.id for r in rows] == sorted(r.id for r in rows)
+        assert store.outbox_pending() == rows
+
+
 def test_pruning_keeps_unsent_telemetry_and_saves_the_seqs_it_deletes(path):
     """History rows whose message is not acknowledged stay (and so do the rows after them); once
     pruned, the seqs they held live on in topic_seq."""

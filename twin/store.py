@@ -710,8 +710,9 @@ class TwinStore:
 
     def _record(self, readings: Sequence[Reading], carried: list[OutMessage], others: list[OutMessage]) -> list[OutboxRow]:
         """The history rows of a batch (with the telemetry they carry) and its fold, in the open
-        transaction. A carried message whose reading is not next in the batch when its turn
-        comes goes to `others` instead, whole."""
+        transaction. Messages are matched to readings in order (as the telemetry factory makes
+        them): one whose reading is not in the batch, and any left after one out of order, go
+        to `others` instead, whole."""
         history: list[Any] = []  # flat: 9 values per reading
         fold = self._load_fold()
         good, bad, last = fold.good, fold.bad, fold.last
