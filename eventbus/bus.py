@@ -1,7 +1,7 @@
 """MqttBus: the mapper's one MQTT connection (aiomqtt), kept up with jittered, capped backoff.
 
 aiomqtt (on paho-mqtt) because the mapper is asyncio end to end: publishes are awaited
-until the broker's PUBACK, which is exactly when an outbox row may be deleted, and there
+until the broker's PUBACK, which is exactly when a queued message is done, and there
 is no thread hand-off per message (paho's loop thread measured 18 ms p99 at 5k msg/s).
 
 MQTT 5 is tried first; a broker that refuses it gets 3.1.1 from then on. The session is
