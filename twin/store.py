@@ -1153,8 +1153,9 @@ class TwinStore:
         the first reading younger than the limit goes. Only the old rows are read, not the whole
         table (there is no index on ts, and a full scan of 200,000 rows every 30 s was 14 ms of
         CPU, ~2 CPU-s/hour on a Pi's steady state). A reading that arrived with an older
-        timestamp than one before it goes when it reaches the old end. Ids are shared with the
-        outbox, so the row count is judged from the id range: it may keep a few rows fewer.
+        timestamp than one before it goes when it reaches the old end. The row count is kept in
+        memory (counted once), and the rows over it are found by walking only those (ids have
+        gaps: they are shared with the outbox).
 
         A reading whose telemetry is not yet acknowledged stays (and the rows after it): the
         outbox limits bound those. Before deleting, the readings are folded into `properties`
