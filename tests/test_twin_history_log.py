@@ -11,7 +11,7 @@ import pytest
 from devices.ids import DeviceId
 from devices.loader import load
 from twin.records import ERROR, Reading
-from twin.store import OUTBOX_DEPTH_SQL, OutMessage, TwinStore, committed_seqs
+from twin.store import OUTBOX_DEPTH_SQL, OutboxLimits, OutMessage, TwinStore, committed_seqs
 from helpers import write_devices
 
 D1 = DeviceId("default", "d1")
@@ -208,3 +208,131 @@ def test_another_process_writing_desired_values_neither_folds_nor_rewinds_seqs(p
             "SELECT reported_version FROM properties WHERE device_id=? AND name='count'", (str(D1),)).fetchone()[0] == 3
         assert committed_seqs(again.conn)["t/count"] == 3
         assert dict(again.conn.execute("SELECT topic, seq FROM topic_seq"))["t/count"] == 3
+
+
+def test_seqs_recovered_after_a_crash_are_saved_before_their_rows_go(path):
+    """A topic silent after a crash-restart still keeps its seq once its rows are pruned and
+    the mapper restarts again."""
+    store = TwinStore.open(path)
+    batch = [Reading(D1, "temperature", 20.0 + i, 1000 + i) for i in range(5)]
+    rows = store.record(batch, telemetry(batch))
+    store.outbox_sent([r.id for r in rows])
+    crash(store)                                              # seqs 1..5 only in history rows
+    store = TwinStore.open(path)
+    other = Reading(D1, "count", 1, 2000)
+    store.record([other], telemetry([other]))                 # temperature stays silent
+    assert store.prune_history(max_rows=1000, max_age_ms=0) == 5
+    crash(store)
+    with TwinStore.open(path) as again:
+        r = Reading(D1, "temperature", 99.0, 9000)
+        (row,) = again.record([r], telemetry([r]))
+        assert row.payload.endswith(b'"seq":6}')
+
+
+def test_a_rolled_back_transaction_gives_back_what_the_limits_dropped(path):
+    """The outbox limits dropped the oldest message inside a transaction that then failed: it is
+    queued again, and not counted as dropped."""
+    store = TwinStore.open(path, outbox=OutboxLimits(max_rows=3))
+    batch = [Reading(D1, "count", i, 1000 + i) for i in range(3)]
+    rows = store.record(batch, telemetry(batch))
+    with pytest.raises(RuntimeError), store.transaction():
+        r = Reading(D1, "count", 99, 2000)
+        store.record([r], telemetry([r]))                    # over the limit: rows[0] goes
+        raise RuntimeError("a later step of the transaction fails")
+    assert store.outbox_pending() == rows
+    assert store.outbox_stats() == {"depth": 3, "bytes": sum(len(r.payload) for r in rows), "dropped": 0}
+    store.outbox_sent([rows[2].id])                           # the cursor must not pass rows[0]
+    crash(store)
+    with TwinStore.open(path) as again:  # (rows[2] was acknowledged above the cursor: sent again, a duplicate)
+        assert [r.id for r in again.outbox_pending()] == [r.id for r in rows]
+        assert again.outbox_stats()["dropped"] == 0
+
+
+def test_a_full_disk_half_way_through_a_batch_counts_nothing(path):
+    """The history INSERT fails (disk full): nothing of the batch is shown or folded, and the
+    recorder's retry of the same batch counts each reading once."""
+    store = TwinStore.open(path)
+    first = Reading(D1, "count", 0, 1000)
+    store.record([first], telemetry([first]))
+    pages = store.conn.execute("PRAGMA page_count").fetchone()[0]
+    store.conn.execute(f"PRAGMA max_page_count={pages}")
+    batch = [Reading(D1, "count", i, 2000 + i) for i in range(1, 3001)]
+    with pytest.raises(sqlite3.OperationalError, match="full"):
+        store.record(batch, telemetry(batch))
+    count = store.device(D1).properties["count"]
+    assert (count.reported, count.reported_version) == (0, 1)
+    assert store.outbox_stats()["depth"] == 1 and store.outbox_stats()["bytes"] > 0
+    store.conn.execute("PRAGMA max_page_count=1073741823")   # space again: the batch is retried
+    store.record(batch, telemetry(batch))
+    store.close()
+    with TwinStore.open(path) as again:
+        assert again.device(D1).properties["count"].reported_version == 3001
+
+
+class _Fetched:
+    def __init__(self, row: tuple) -> None:
+        self._row = row
+
+    def fetchone(self) -> tuple:
+        return self._row
+
+
+class _Interleaved:
+    """A reader's connection that lets the recording store commit right after the reader's first
+    statement (a deterministic interleaving of two processes)."""
+
+    def __init__(self, conn: sqlite3.Connection, between) -> None:  # noqa: ANN001
+        self._conn, self._between = conn, between
+
+    def execute(self, sql: str, *args):  # noqa: ANN201
+        cursor = self._conn.execute(sql, *args)
+        if self._between is not None and sql.lstrip().startswith("SELECT model"):
+            row = cursor.fetchone()
+            between, self._between = self._between, None
+            between()
+            return _Fetched(row)
+        return cursor
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self._conn, name)
+
+
+def test_another_process_reads_one_snapshot_while_the_mapper_folds(path, monkeypatch):
+    """A fold committed between the reader's statements must not hide readings from it: it sees
+    the twin as of one moment, never older than what it had already seen."""
+    import twin.store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_MS", 0)  # the next commit folds
+    mapper = TwinStore.open(path)
+    mapper.record([Reading(D1, "count", 1, 1000)])
+    monkeypatch.setattr(store_module, "CHECKPOINT_MS", 3_600_000)
+    mapper.record([Reading(D1, "count", 2, 2000)])           # in history only
+    reader = TwinStore.open(path)
+
+    def mapper_folds() -> None:
+        monkeypatch.setattr(store_module, "CHECKPOINT_MS", 0)
+        mapper.record([Reading(D1, "count", 3, 3000)])       # folds 2 and 3 into properties
+
+    reader.conn = _Interleaved(reader.conn, mapper_folds)
+    count = reader.device(D1).properties["count"]
+    assert (count.reported, count.reported_version) == (2, 2)  # as of its snapshot: not 1
+    count = reader.device(D1).properties["count"]
+    assert (count.reported, count.reported_version) == (3, 3)
+    reader.close()
+    mapper.close()
+
+
+def test_one_unacknowledged_message_does_not_stop_pruning_the_rest(path):
+    """Broker away: the readings that publish nothing still go by the history limits; the one
+    waiting for its acknowledgement stays."""
+    import time
+
+    now = int(time.time() * 1000)
+    with TwinStore.open(path) as store:
+        waiting = Reading(D1, "count", 0, now)
+        (row,) = store.record([waiting], telemetry([waiting]))
+        store.record([Reading(D1, "temperature", 20.0, now + 1 + i) for i in range(500)])  # no telemetry
+        assert store.prune_history(max_rows=100, max_age_ms=3_600_000_000) == 400  # the 401 oldest but one
+        assert store.outbox_pending() == [row]
+        assert len(store.history(D1, "temperature", limit=1000)) == 100
+        assert store.history(D1, "count") == [(now, 0, "good")]

@@ -265,6 +265,7 @@ class TwinStore:
         self._carried_size: dict[int, int] = {}
         self._carried_bytes = 0
         self._published_through = 0  # every carried message up to this history id is done
+        self._tx_dropped: list[tuple[int, int]] = []  # (id, size) of carried messages dropped by this transaction
         self._published_saved = 0    # ... as saved in counters
         # Readings not yet folded into `properties`, the open transaction's included (None until
         # read back from the history, see _load_fold; after a rollback it is read back again).
@@ -296,6 +297,9 @@ class TwinStore:
         store = cls(conn, path, outbox or OutboxLimits())
         store._synchronous = synchronous.upper()
         store._seq = committed_seqs(conn)
+        # Seqs found only in history rows (after a crash) must reach topic_seq before those rows go.
+        saved = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
+        store._seq_unsaved = {t for t, seq in store._seq.items() if seq > saved.get(t, 0)}
         for route_id, topic, qos, retain, fields in conn.execute("SELECT id, topic, qos, retain, fields FROM routes"):
             route = (topic, qos, bool(retain), fields.encode())
             store._routes[route_id] = route
@@ -375,6 +379,7 @@ class TwinStore:
         self._seq_undo = {}
         self._seq_undo_table = {}
         self._route_undo = []
+        self._tx_dropped = []
         self._tx_checkpointed = False
         self._tx_history = 0
 
@@ -389,6 +394,7 @@ class TwinStore:
         if self._tx_checkpointed:
             self._last_checkpoint_ms = now_ms()
         self._tx_checkpointed = False
+        self._tx_dropped = []
         self._seq_unsaved.update(self._seq_undo)
         self._seq_undo = {}
         self._seq_undo_table = {}
@@ -420,6 +426,14 @@ class TwinStore:
         carried, sizes = self._carried, self._carried_size
         while carried and carried[-1] >= self._tx_first_id:
             self._carried_bytes -= sizes.pop(carried.pop(), 0)
+        # Carried messages dropped by the limits come back (the drop and its count are undone);
+        # they were the oldest, so they go back in front, in order.
+        dropped = [(i, size) for i, size in self._tx_dropped if i < self._tx_first_id]
+        carried.extendleft(i for i, _ in reversed(dropped))
+        for i, size in dropped:
+            sizes[i] = size
+            self._carried_bytes += size
+        self._tx_dropped = []
         if self._tx_history or self._tx_checkpointed:
             self._fold = None  # it holds rolled-back readings: read it back from what was committed
         self._tx_checkpointed = False
@@ -427,7 +441,9 @@ class TwinStore:
         self._count_outbox_table()
         # Ids handed out in the failed transaction are simply skipped (_next_id only grows).
         self._reserved = _counter(self.conn, "outbox_id_reserved")
-        self._published_saved = _counter(self.conn, "published_through")
+        # The cursor in memory may have moved past messages now back in the queue: the saved one
+        # did not (_save_published moves it up again from the queue's front).
+        self._published_through = self._published_saved = _counter(self.conn, "published_through")
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[TwinStore]:
@@ -723,8 +739,9 @@ class TwinStore:
         seqs, undo = self._seq, self._seq_undo
         queue, sizes = self._carried, self._carried_size
         new_row = tuple.__new__  # OutboxRow(...) without the Python-level __new__ per message
-        carried_bytes = 0
         routes = self._route_cache
+        # Marked before the fold is touched: a failure half way makes the rollback read it back.
+        self._tx_history += len(readings)
         pending = iter(carried)
         m = next(pending, None)
         batch = {id(r) for r in readings} if carried else set()
@@ -761,7 +778,7 @@ class TwinStore:
                 out.append(new_row(OutboxRow, (row_id, topic, payload, m.qos, route[3], "telemetry")))
                 queue.append(row_id)
                 sizes[row_id] = size = len(payload)
-                carried_bytes += size
+                self._carried_bytes += size
                 m = next(pending, None)
             row_id += 1
             if last.get(device, 0) < taken:
@@ -785,8 +802,6 @@ class TwinStore:
         self._insert_rows("INSERT INTO readings (id, device_id, property, value, ts, quality, detail, route, seq)",
                           9, history)
         self._next_id = row_id
-        self._carried_bytes += carried_bytes
-        self._tx_history += len(readings)
         return out
 
     def _route_for(self, m: OutMessage) -> tuple[Any, ...]:
@@ -857,8 +872,10 @@ class TwinStore:
         if self._next_id - 1 > self._reserved:
             # Ids are never reused, not even after the outbox emptied and the mapper restarted:
             # the mark on disk moves ahead of the ids in use, once per OUTBOX_ID_BLOCK ids.
+            # (One process hands out ids: the mapper. The mark only ever grows.)
             self._reserved = self._next_id - 1 + OUTBOX_ID_BLOCK
-            self._set_counter("outbox_id_reserved", self._reserved)
+            self.conn.execute("INSERT INTO counters (name, value) VALUES ('outbox_id_reserved', ?)"
+                              " ON CONFLICT (name) DO UPDATE SET value=max(value, excluded.value)", (self._reserved,))
 
     def _enforce_outbox_limits(self) -> None:
         """Over the limit, the oldest telemetry goes first (outbox rows and history-carried
@@ -882,6 +899,7 @@ class TwinStore:
                 victim_size = sizes.pop(victim)
                 self._carried_bytes -= victim_size
                 self._published_through = max(self._published_through, victim)
+                self._tx_dropped.append((victim, victim_size))  # back in the queue on a rollback
             elif next_table is not None:
                 last_table_victim, victim_size = next_table
                 table_rows += 1
@@ -1082,7 +1100,17 @@ class TwinStore:
 
     def device(self, device_id: DeviceId) -> DeviceTwin:
         """The device's twin, with every committed reading (those not yet folded into
-        `properties` are added here)."""
+        `properties` are added here). Read in one snapshot: a fold or a prune by the recording
+        process between the statements cannot hide readings from another process's reader."""
+        if self.conn.in_transaction:
+            return self._device(device_id)
+        self.conn.execute("BEGIN")
+        try:
+            return self._device(device_id)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def _device(self, device_id: DeviceId) -> DeviceTwin:
         row = self.conn.execute(
             "SELECT model, protocol, state, state_detail, state_ts, last_online, last_reading_ts FROM devices WHERE id=?",
             (str(device_id),),
@@ -1157,9 +1185,9 @@ class TwinStore:
         memory (counted once), and the rows over it are found by walking only those (ids have
         gaps: they are shared with the outbox).
 
-        A reading whose telemetry is not yet acknowledged stays (and the rows after it): the
-        outbox limits bound those. Before deleting, the readings are folded into `properties`
-        and the seqs saved (both are otherwise kept only in the history).
+        A reading whose telemetry is not yet acknowledged stays (the outbox limits bound those);
+        the rows around it go as usual. Before deleting, the readings are folded into
+        `properties` and the seqs saved (both are otherwise kept only in the history).
 
         `step`: delete at most this many of the oldest rows in this call (one transaction);
         a caller sharing the twin thread with readings calls again while it returns `step`,
@@ -1186,14 +1214,14 @@ class TwinStore:
             queue, sizes = self._carried, self._carried_size
             while queue and queue[0] not in sizes:
                 queue.popleft()
-            if queue:
-                last = min(last, queue[0] - 1)  # not before its telemetry is out
+            sent = queue[0] - 1 if queue else last  # rows carrying a message after this one stay
             deleted = 0
             if last >= oldest:
                 if self._load_fold():
                     self._checkpoint()
                 self._save_seqs()
-                deleted = self.conn.execute("DELETE FROM readings WHERE id <= ?", (last,)).rowcount
+                deleted = self.conn.execute("DELETE FROM readings WHERE id <= ? AND (seq IS NULL OR id <= ?)",
+                                            (last, sent)).rowcount
         except BaseException:
             self._rollback()
             raise
