@@ -1219,9 +1219,14 @@ class TwinStore:
             if last >= oldest:
                 if self._load_fold():
                     self._checkpoint()
-                self._save_seqs()
                 deleted = self.conn.execute("DELETE FROM readings WHERE id <= ? AND (seq IS NULL OR id <= ?)",
                                             (last, sent)).rowcount
+            # Also when nothing goes: what open() reads back after a crash (seqs after
+            # seq_saved_through, messages after published_through) stays ~one prune period long.
+            self._save_seqs()
+            if not queue and self._fold is not None:  # (only the recording store moves the cursor)
+                self._published_through = max(self._published_through, self._next_id - 1)
+                self._save_published()
         except BaseException:
             self._rollback()
             raise
