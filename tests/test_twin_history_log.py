@@ -351,3 +351,54 @@ def test_a_prune_with_nothing_to_delete_still_bounds_what_a_restart_reads_back(p
     assert counters["seq_saved_through"] >= rows[-1].id and counters["published_through"] >= rows[-1].id
     assert dict(store.conn.execute("SELECT topic, seq FROM topic_seq"))["t/count"] == 3
     crash(store)
+
+
+def test_two_processes_opening_at_once_migrate_once(path):
+    """The mapper starting while `mapper twin get` polls: the second one read the schema version
+    before the first had migrated. It must look again under the write lock, not apply the
+    migrations a second time."""
+    from twin import migrations
+
+    class StaleFirstRead:
+        def __init__(self, conn: sqlite3.Connection) -> None:
+            self.conn, self.stale = conn, True
+
+        def execute(self, sql: str, *args):  # noqa: ANN201
+            if self.stale and sql == "PRAGMA user_version":
+                self.stale = False
+                return self.conn.execute("SELECT 4")  # what it read before the other process migrated
+            return self.conn.execute(sql, *args)
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        assert migrations.apply(StaleFirstRead(conn)) == len(migrations.MIGRATIONS)
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == len(migrations.MIGRATIONS)
+    finally:
+        conn.close()
+    with TwinStore.open(path) as store:
+        assert store.integrity_ok()
+
+
+def test_another_process_opens_one_snapshot_while_the_mapper_records(path, monkeypatch):
+    """`mapper twin get` opening while the mapper commits a reading on a new topic between the
+    reader's statements: the reader sees the state before or after it, never half of it."""
+    mapper = TwinStore.open(path)
+    first = Reading(D1, "count", 1, 1000)
+    mapper.record([first], telemetry([first]))
+    count_table = TwinStore._count_outbox_table
+    calls = []
+
+    def mapper_commits_between(self: TwinStore) -> None:
+        if self is not mapper and not calls:
+            calls.append(1)
+            r = Reading(D1, "temperature", 20.0, 2000)
+            mapper.record([r], telemetry([r]))               # a new route, and a row using it
+        count_table(self)
+
+    monkeypatch.setattr(TwinStore, "_count_outbox_table", mapper_commits_between)
+    with TwinStore.open(path) as reader:                      # read its routes before that commit
+        assert calls and reader.outbox_stats()["depth"] == 1   # as of its snapshot
+    monkeypatch.setattr(TwinStore, "_count_outbox_table", count_table)
+    with TwinStore.open(path) as reader:
+        assert reader.outbox_stats()["depth"] == 2
+    mapper.close()

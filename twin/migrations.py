@@ -217,17 +217,29 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
 
 
 def apply(conn: sqlite3.Connection) -> int:
-    """Bring the schema up to date; returns the version now in force."""
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if current > len(MIGRATIONS):
-        raise RuntimeError(
+    """Bring the schema up to date; returns the version now in force.
+
+    Each step re-reads the version under the write lock: two processes opening a new or old
+    file at once (the mapper starting while `mapper twin get` polls) must not both apply it.
+    """
+    def newer(current: int) -> RuntimeError:
+        return RuntimeError(
             f"twin database schema version {current} is newer than this mapper ({len(MIGRATIONS)}): upgrade the mapper"
         )
-    for version, step in enumerate(MIGRATIONS[current:], start=current + 1):
+
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > len(MIGRATIONS):
+        raise newer(current)
+    while current < len(MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            step(conn)
-            conn.execute(f"PRAGMA user_version = {version}")
+            current = conn.execute("PRAGMA user_version").fetchone()[0]
+            if current > len(MIGRATIONS):
+                raise newer(current)
+            if current < len(MIGRATIONS):
+                MIGRATIONS[current](conn)
+                current += 1
+                conn.execute(f"PRAGMA user_version = {current}")
         except BaseException:
             conn.execute("ROLLBACK")
             raise

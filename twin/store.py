@@ -296,6 +296,17 @@ class TwinStore:
         migrations.apply(conn)
         store = cls(conn, path, outbox or OutboxLimits())
         store._synchronous = synchronous.upper()
+        conn.execute("BEGIN")  # one snapshot: a process recording meanwhile adds routes and rows
+        try:
+            store._load_state()
+        finally:
+            conn.execute("COMMIT")
+        return store
+
+    def _load_state(self) -> None:
+        """Seqs, routes, outbox counts, the messages waiting in history rows and the next id, as
+        committed (open())."""
+        store, conn = self, self.conn
         store._seq = committed_seqs(conn)
         # Seqs found only in history rows (after a crash) must reach topic_seq before those rows go.
         saved = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
@@ -317,7 +328,6 @@ class TwinStore:
         top = max(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0],
                   conn.execute("SELECT coalesce(max(id), 0) FROM readings").fetchone()[0])
         store._next_id = max(store._reserved, top) + 1
-        return store
 
     def _count_outbox_table(self) -> None:
         rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
