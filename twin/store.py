@@ -791,6 +791,7 @@ class TwinStore:
                 self._carried_bytes += size
                 m = next(pending, None)
             row_id += 1
+            # _Fold.add, inlined: a method call per reading is measurable here.
             if last.get(device, 0) < taken:
                 last[device] = taken
             key = (device, name)
@@ -902,9 +903,8 @@ class TwinStore:
         last_table_victim = None
         freed_rows = freed_bytes = table_rows = table_bytes = 0
         while freed_rows < excess_rows or freed_bytes < excess_bytes:
-            while queue and queue[0] not in sizes:
-                queue.popleft()
-            if queue and (next_table is None or queue[0] < next_table[0]):
+            oldest = self._oldest_waiting()
+            if oldest is not None and (next_table is None or oldest < next_table[0]):
                 victim = queue.popleft()
                 victim_size = sizes.pop(victim)
                 self._carried_bytes -= victim_size
@@ -1018,6 +1018,14 @@ class TwinStore:
             self._outbox_rows -= row[0]
             deleted_bytes += row[1]
         self._outbox_bytes -= deleted_bytes
+
+    def _oldest_waiting(self) -> int | None:
+        """The id of the oldest carried message still waiting (acknowledged ones leave the
+        queue's front here), or None."""
+        queue, sizes = self._carried, self._carried_size
+        while queue and queue[0] not in sizes:
+            queue.popleft()
+        return queue[0] if queue else None
 
     def _save_published(self) -> None:
         """Move the published cursor up to just before the oldest carried message still waiting."""
@@ -1136,32 +1144,26 @@ class TwinStore:
             props[r[0]] = list(r)
         last_reading = row[6]
         key = str(device_id)
+        # The readings not yet in `properties`: the store that records holds exactly those,
+        # folded; any other reader folds this device's history rows after the last fold (about
+        # CHECKPOINT_MS of readings, unless the recording process was killed).
         fold = self._fold
-        if fold is not None:
-            # The store that records holds exactly the readings not yet in `properties`.
-            for name, p in props.items():
-                g = fold.good.get((key, name))
-                if g is not None:
-                    p[7], p[8], p[9], p[10], p[11] = g[0], p[8] + g[2], g[1], GOOD, None
-                q = fold.bad.get((key, name))
-                if q is not None:
-                    p[10], p[11] = q
-            taken = fold.last.get(key)
-            if taken is not None:
-                last_reading = taken if last_reading is None else max(last_reading, taken)
-        else:
-            # Any other reader: the committed history rows after the last fold (at most about
-            # CHECKPOINT_MS of readings, unless the recording process was killed).
-            for name, value, taken, quality, detail in self.conn.execute(
-                    "SELECT property, value, ts, quality, detail FROM readings WHERE id > ? AND device_id=? ORDER BY id",
-                    (_counter(self.conn, "folded_through"), key)):
-                p = props.get(name)
-                if p is not None:
-                    if quality == GOOD:
-                        p[7], p[8], p[9], p[10], p[11] = value, p[8] + 1, taken, GOOD, None
-                    else:
-                        p[10], p[11] = quality, detail
-                last_reading = taken if last_reading is None else max(last_reading, taken)
+        if fold is None:
+            fold = _Fold()
+            for row_args in self.conn.execute(
+                    "SELECT device_id, property, value, ts, quality, detail FROM readings WHERE id > ? AND device_id=?"
+                    " ORDER BY id", (_counter(self.conn, "folded_through"), key)):
+                fold.add(*row_args)
+        for name, p in props.items():
+            g = fold.good.get((key, name))
+            if g is not None:
+                p[7], p[8], p[9], p[10], p[11] = g[0], p[8] + g[2], g[1], GOOD, None
+            q = fold.bad.get((key, name))
+            if q is not None:
+                p[10], p[11] = q
+        taken = fold.last.get(key)
+        if taken is not None:
+            last_reading = taken if last_reading is None else max(last_reading, taken)
         twins = {
             r[0]: PropertyTwin(
                 name=r[0], type=r[1], writable=bool(r[2]), unit=r[3], desired=_load(r[4]), desired_version=r[5],
@@ -1221,10 +1223,8 @@ class TwinStore:
                 last = max(last, self._nth_oldest(over if step is None else min(over, step)))
             if step is not None:
                 last = min(last, self._nth_oldest(step))  # at most `step` rows
-            queue, sizes = self._carried, self._carried_size
-            while queue and queue[0] not in sizes:
-                queue.popleft()
-            sent = queue[0] - 1 if queue else last  # rows carrying a message after this one stay
+            waiting = self._oldest_waiting()
+            sent = last if waiting is None else waiting - 1  # rows carrying a message after this one stay
             deleted = 0
             if last >= oldest:
                 if self._load_fold():
@@ -1234,7 +1234,7 @@ class TwinStore:
             # Also when nothing goes: what open() reads back after a crash (seqs after
             # seq_saved_through, messages after published_through) stays ~one prune period long.
             self._save_seqs()
-            if not queue and self._fold is not None:  # (only the recording store moves the cursor)
+            if waiting is None and self._fold is not None:  # (only the recording store moves the cursor)
                 self._published_through = max(self._published_through, self._next_id - 1)
                 self._save_published()
         except BaseException:
