@@ -7,6 +7,9 @@ Each property's `visitors.configData.kind` picks a behaviour:
 - `switch`: a writable on/off whose read-back follows its writes (optionally after `lag_ms`).
 - `counter`: counts up by `step` on every read.
 - `constant`: always `value`.
+- `clock`: the wall-clock time of the read in Unix seconds (a FLOAT property): a latency probe.
+  A subscriber subtracts it from its own receive time to get the reading's exact age, where
+  the payload's `ts` (whole milliseconds) would add up to 1 ms of rounding.
 
 `configData.failure_rate` (0-1) makes that share of reads fail the way a DHT11 does
 ("Checksum did not validate"), so retry and health logic can be exercised.
@@ -55,7 +58,7 @@ class FaultSettings(BaseModel):
 
 class SimulatedVisitor(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
-    kind: Literal["temperature", "humidity", "switch", "counter", "constant"] = "constant"
+    kind: Literal["temperature", "humidity", "switch", "counter", "constant", "clock"] = "constant"
     base: float = 21.0
     amplitude: float = 3.0
     period_s: float = Field(default=86_400.0, gt=0)
@@ -126,6 +129,8 @@ class SimulatedDriver(Driver):
             value = self._counters.get(prop.name, visitor.start)
             self._counters[prop.name] = value + visitor.step
             return value
+        if visitor.kind == "clock":
+            return time.time()
         if visitor.kind == "switch":
             old, new, applied = self._switch.get(prop.name, (False, False, 0.0))
             return new if time.monotonic() - applied >= visitor.lag_ms / 1000 else old

@@ -57,6 +57,7 @@ class Arrival:
     ts: int          # payload `ts`: when the reading was taken (ms)
     seq: int
     t: float | None  # raw publisher only: exact send time (s)
+    value: object = None  # the payload's value (a `clock` property's value is its exact read time, s)
 
 
 class Subscriber:
@@ -108,7 +109,8 @@ class Subscriber:
                     continue
                 if not isinstance(body, dict) or "seq" not in body:
                     continue
-                result.append(Arrival(float(at), topic.decode(), int(body.get("ts", 0)), int(body["seq"]), body.get("t")))
+                result.append(Arrival(float(at), topic.decode(), int(body.get("ts", 0)), int(body["seq"]), body.get("t"),
+                                  body.get("value")))
         return result
 
     def __enter__(self) -> Subscriber:
@@ -169,6 +171,7 @@ KINDS = {
                     "{kind: temperature, base: 21, amplitude: 1, noise: 0.1}"),
     "humidity": ("type: FLOAT, accessMode: ReadOnly, minimum: '0', maximum: '100', unit: '%'",
                  "{kind: humidity, base: 45, amplitude: 5, noise: 0.5}"),
+    "clock": ("type: FLOAT, accessMode: ReadOnly", "{kind: clock}"),  # value = exact read time (latency probe)
 }
 
 

@@ -1,0 +1,48 @@
+"""The simulated driver's `clock` kind: the exact read time, the latency benchmark's probe."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from devices.drivers.base import load_driver
+from devices.ids import DeviceId
+from devices.loader import load
+
+CLOCK_DEVICE = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: probe-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: now, type: FLOAT, accessMode: ReadOnly}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: probe-model}
+  protocol: {protocolName: simulated}
+  properties:
+    - name: now
+      visitors: {protocolName: simulated, configData: {kind: clock}}
+      collectCycle: 10
+"""
+
+
+def test_a_clock_property_reads_the_wall_clock_time_of_the_read(tmp_path: Path) -> None:
+    (tmp_path / "probe.yaml").write_text(CLOCK_DEVICE)
+    definition = load([tmp_path]).devices[DeviceId("default", "probe")]
+    driver = load_driver("simulated")(definition)
+    driver.open()
+    prop = definition.prop("now")
+    values = []
+    for _ in range(3):
+        before = time.time()
+        value = driver.read(prop)
+        after = time.time()
+        assert isinstance(value, float)
+        assert before <= value <= after
+        values.append(value)
+    assert values == sorted(values)
