@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 
 import aiomqtt
@@ -47,6 +48,7 @@ class OutboxPublisher:
         self._last_queued = 0           # highest id handed to the broker in this connection
         self._max_committed = 0         # highest id known to be committed
         self._acked: list[int] = []
+        self._acked_since = 0.0         # monotonic time (the loop's clock) of the oldest ack in `_acked`
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()   # 500 acks waiting: delete them now
         self._ack_first = asyncio.Event()  # some acks waiting: delete them after ack_delay_s
@@ -95,6 +97,8 @@ class OutboxPublisher:
 
     def _acked_row(self, row_id: int) -> None:
         self.published += 1
+        if not self._acked:
+            self._acked_since = time.monotonic()  # = loop.time()
         self._acked.append(row_id)
         self._ack_first.set()
         if len(self._acked) >= 500:
@@ -110,6 +114,8 @@ class OutboxPublisher:
 
     def return_acked(self, ids: list[int]) -> None:
         """The transaction that took them failed: they are deleted later, here or by the next one."""
+        if not self._acked:
+            self._acked_since = time.monotonic()  # = loop.time()
         self._acked[:0] = ids
         self._ack_first.set()
 
@@ -196,23 +202,28 @@ class OutboxPublisher:
             bus.flush()  # the fast path queues without writing: one write for the burst
 
     async def _ack_loop(self) -> None:
-        """Delete acknowledged rows `ack_delay_s` after the first ack of a batch, or at 500 acks.
+        """Delete acknowledged rows once they have waited `ack_delay_s`, or at once at 500 acks.
 
         While readings flow, the recorder takes the acknowledged ids into its own transaction
         first (take_acked), so this loop mostly finds nothing to do: it is the fallback for a
-        mapper that stopped recording. Sleeps while nothing was acknowledged.
+        mapper that stopped recording. Sleeps while nothing was acknowledged. Its deadlines are
+        on the clock grid (mapper.ticks), so it shares a wake-up with the reads; and it leaves
+        acks younger than `ack_delay_s` to the recorder: woken on the tick where the recorder is
+        about to take them, it would otherwise commit them itself, a transaction more (a tick
+        every 2 s on a Pi doing one reading batch a second).
         """
         loop = asyncio.get_running_loop()
         while True:
             await self._ack_first.wait()
-            # On the clock grid (mapper.ticks), so that the fallback shares a wake-up with the reads.
-            deadline = next_tick(loop.time() + self._ack_delay_s, min(1.0, self._ack_delay_s))
+            deadline = next_tick(self._acked_since + self._ack_delay_s, min(1.0, self._ack_delay_s))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(max(deadline, loop.time())):
                     await self._ack_wake.wait()
-            self._ack_wake.clear()
-            self._ack_first.clear()
-            await self._flush_acks()
+            if self._ack_wake.is_set() or not self._acked or loop.time() - self._acked_since >= self._ack_delay_s:
+                self._ack_wake.clear()
+                self._ack_first.clear()
+                await self._flush_acks()
+            # else: the recorder took those meanwhile; these are newer, wait for them in turn
 
     async def _flush_acks(self) -> None:
         if not self._acked:

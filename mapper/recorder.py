@@ -11,6 +11,9 @@ rows then go to the publisher (if any) straight from memory.
 Work that belongs with a batch (an inference decision on the window those readings closed)
 can ride in the same transaction through `pre_commit` hooks: one commit and one fsync
 instead of two, and the decision is exactly as durable as the readings it was made from.
+A batch whose commit failed is retried as it was (a full disk passes), but never held back
+for its extras: after EXTRA_TRIES failures the readings commit alone and each extra is
+tried on its own after them, so a bug in an extra cannot stop the readings.
 """
 
 from __future__ import annotations
@@ -31,18 +34,29 @@ MessageFactory = Callable[[list[Reading]], Iterable[OutMessage]]
 
 # A batch at least this large means readings arrive faster than commits finish.
 BUSY_BATCH = 64
+# Failed commits of a batch with its extras before the readings are committed without them.
+EXTRA_TRIES = 2
 
 
 @dataclass
 class Extra:
     """Work to commit with a batch: `work(store)` runs inside its transaction (in the twin
-    thread), then `done(result)` on the event loop once it is committed."""
+    thread), then `done(result)` on the event loop once it is committed. If the work keeps
+    failing it is given up: `failed(exc)` on the event loop instead of `done`."""
 
     work: Callable[[TwinStore], Any]
     done: Callable[[Any], None]
+    failed: Callable[[BaseException], None] | None = None
 
 
 PreCommit = Callable[[list[Reading]], "Extra | None"]
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """The result of an extra whose work failed in its own transaction."""
+
+    exc: BaseException
 
 
 class Recorder:
@@ -64,7 +78,7 @@ class Recorder:
         self.return_acks: Callable[[list[int]], None] | None = None
         # Called once per batch before its transaction; an Extra it returns commits with the batch.
         self.pre_commit: list[PreCommit] = []
-        self._retry: tuple[list[Reading], list[Extra]] | None = None  # a batch whose commit failed
+        self._retry: tuple[list[Reading], list[Extra], int] | None = None  # a batch whose commit failed, its failures
 
     def add(self, reading: Reading) -> None:
         self._pending.append(reading)
@@ -108,20 +122,34 @@ class Recorder:
 
     @staticmethod
     def _commit(store: TwinStore, batch: list[Reading], messages: list[OutMessage], sent: list[int],
-                extras: list[Extra]) -> tuple[list[OutboxRow], list[Any]]:
+                extras: list[Extra], apart: bool) -> tuple[list[OutboxRow], list[Any]]:
+        """One transaction for the batch and its extras; or (`apart`) the batch alone, then each
+        extra in a transaction of its own, a failure being its result."""
         if not extras:
             return store.record(batch, messages, sent), []
-        with store.transaction():
-            rows = store.record(batch, messages, sent)
-            return rows, [extra.work(store) for extra in extras]
+        if not apart:
+            with store.transaction():
+                rows = store.record(batch, messages, sent)
+                return rows, [extra.work(store) for extra in extras]
+        rows = store.record(batch, messages, sent)
+        results: list[Any] = []
+        for extra in extras:
+            try:
+                with store.transaction():
+                    results.append(extra.work(store))
+            except Exception as exc:  # noqa: BLE001 - handed to the extra's failed()
+                results.append(_Failed(exc))
+        return rows, results
 
     async def _flush(self) -> None:
         while self._retry is not None or self._pending:
+            failures = 0
             if self._retry is not None:  # the same batch and the same extras: hooks see each reading once
-                (batch, extras), self._retry = self._retry, None
+                (batch, extras, failures), self._retry = self._retry, None
             else:
                 batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
                 extras = self._extras(batch) if self.pre_commit else []
+            apart = failures >= EXTRA_TRIES
             if not self._pending:
                 self._has_data.clear()
                 self._full.clear()
@@ -129,9 +157,9 @@ class Recorder:
             sent = self.take_acks() if self.take_acks else []
             try:
                 rows, results = await self._worker.call(
-                    lambda store: self._commit(store, batch, messages, sent, extras))
+                    lambda store: self._commit(store, batch, messages, sent, extras, apart))
             except BaseException:
-                self._retry = (batch, extras)  # not committed: first again, in order
+                self._retry = (batch, extras, failures + 1)  # not committed: first again, in order
                 self._has_data.set()
                 if sent and self.return_acks:
                     self.return_acks(sent)
@@ -144,7 +172,13 @@ class Recorder:
                 self.on_outbox(rows)
             for extra, result in zip(extras, results, strict=True):
                 try:
-                    extra.done(result)
+                    if isinstance(result, _Failed):
+                        log.error("gave up %s, the work that came with %d readings, after %d failed commits: %s",
+                                  getattr(extra.work, "__qualname__", extra.work), len(batch), failures, result.exc)
+                        if extra.failed is not None:
+                            extra.failed(result.exc)
+                    else:
+                        extra.done(result)
                 except Exception:  # noqa: BLE001
                     log.exception("after the commit: %r failed", extra.done)
         self._has_data.clear()

@@ -8,6 +8,7 @@ that aiomqtt awaits to paho.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import selectors
 
 import orjson
@@ -101,3 +102,40 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
         range(COUNT, COUNT + 5))
     assert sorted(orjson.loads(m.payload)["i"] for m in received if m.topic.endswith("/q2")) == [0, 1, 2]
     assert [m.topic for m in received if m.topic.endswith("/awaited")] == ["mapper/fastpath/default/dev/awaited"] * 3
+
+
+async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_ack_delay(broker, tmp_path):
+    """The publisher's own fallback for acknowledged rows (a mapper with no readings to commit):
+    nobody takes the acks, so the publisher deletes the rows itself, once the acks have waited
+    `ack_delay_s` (until then they are left for the next reading batch to take along)."""
+    import sqlite3
+    import time
+
+    from helpers import async_wait_for
+
+    path = tmp_path / "twin.db"
+
+    def outbox_rows() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    bus, bus_task = await _connected_bus(broker, tmp_path, "5")
+    try:
+        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+            publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=0.5)
+            pub_task = asyncio.create_task(publisher.run())
+            try:
+                rows = await worker.call(lambda s: s.record(
+                    [], [OutMessage(f"mapper/fastpath/default/dev/m{i}", {"i": i}) for i in range(20)]))
+                publisher.offer(rows)
+                await async_wait_for(lambda: publisher.published == 20, what="20 acknowledgements")
+                acked = time.monotonic()
+                assert outbox_rows() == 20
+                await async_wait_for(lambda: outbox_rows() == 0, what="the acknowledged rows deleted")
+                assert time.monotonic() - acked >= 0.4  # not before the delay (less the polling lag)
+            finally:
+                pub_task.cancel()
+                await asyncio.gather(pub_task, return_exceptions=True)
+    finally:
+        bus_task.cancel()
+        await asyncio.gather(bus_task, return_exceptions=True)

@@ -127,6 +127,53 @@ async def test_pre_commit_work_commits_with_its_batch_and_a_failed_batch_is_retr
         assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [3]
 
 
+async def test_work_that_keeps_failing_is_given_up_and_the_readings_commit_without_it(tmp_path):
+    """An extra whose work fails every time (a bug, not a full disk) does not hold the readings
+    back for ever: after EXTRA_TRIES failed commits the batch commits alone, the extra's failed()
+    gets the error instead of done(), and a second extra that works on its own is still done."""
+    import pytest
+
+    from mapper.recorder import EXTRA_TRIES, Extra, Recorder
+    from twin.store import OutMessage
+
+    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as setup:
+        setup.sync_devices(definitions.values())
+    done: list[object] = []
+    failed: list[BaseException] = []
+    seen: list[int] = []
+
+    def broken(store: TwinStore) -> None:
+        store.conn.execute("INSERT INTO no_such_table VALUES (1)")
+
+    def fine(store: TwinStore) -> list[str]:
+        return [row.topic for row in store.enqueue([OutMessage("mapper/test/decision", {"ok": True})])]
+
+    def hook(batch: list[Reading]) -> Extra:
+        seen.extend(r.value for r in batch)
+        return Extra(broken, done.append, failed.append)
+
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        recorder = Recorder(worker)
+        recorder.pre_commit += [hook, lambda batch: Extra(fine, done.append, failed.append)]
+        for i in range(3):
+            recorder.add(Reading(LAMP, "count", i, 1_000 + i))
+        for _ in range(EXTRA_TRIES):
+            with pytest.raises(Exception, match="no_such_table"):
+                await recorder.flush()
+            assert await worker.call(lambda s: s.conn.execute("SELECT count(*) FROM readings").fetchone()[0]) == 0
+        await recorder.flush()
+        assert seen == [0, 1, 2]
+        assert done == [["mapper/test/decision"]]
+        assert len(failed) == 1 and "no_such_table" in str(failed[0])
+        assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=5))] == [0, 1, 2]
+        assert await worker.call(lambda s: s.conn.execute("SELECT count(*) FROM outbox").fetchone()[0]) == 1
+        recorder.add(Reading(LAMP, "count", 3, 1_003))  # the next batch tries its extras with it again
+        with pytest.raises(Exception, match="no_such_table"):
+            await recorder.flush()
+
+
 async def test_pruning_goes_in_steps_and_readings_commit_between_them(tmp_path, monkeypatch):
     """A large prune is many small transactions on the twin thread: a reading committed while it
     runs waits for one step, not for the whole delete. The result is the same as one delete."""

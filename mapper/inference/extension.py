@@ -438,7 +438,7 @@ class InferenceExtension:
                 records.update_rows(store, prepared.updates)
             return records.insert_within(store, prepared.new, prepared.messages, prepared.reports)
 
-        return Extra(work, lambda result: self._recorded(prepared, result))
+        return Extra(work, lambda result: self._recorded(prepared, result), lambda exc: self._lost(prepared))
 
     def _prepare(self, outcomes: list[tuple[Pipeline, EdgeOutcome]]) -> _Prepared:
         from mapper.inference import records
@@ -465,6 +465,13 @@ class InferenceExtension:
                 o.label if o.exit else None, o.confidence if o.exit else None, "edge" if o.exit else None,
                 o.label, o.confidence, orjson.dumps(request) if request else None))
         return p
+
+    def _lost(self, p: _Prepared) -> None:
+        """The recorder gave up this work (it kept failing; it logged why): its windows count as
+        errors, and the timer rescans what still waits (its next wake-up was left to _recorded)."""
+        for pipeline, _ in p.outcomes:
+            pipeline.stats.counts["errors"] += 1
+        self._wake.set()
 
     def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
         """On the loop, once the decisions are committed: wait for the offloaded ones, publish."""
