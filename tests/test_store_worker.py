@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from devices.ids import DeviceId
 from devices.loader import load
@@ -14,11 +15,16 @@ from helpers import write_devices
 LAMP = DeviceId("default", "lamp")
 
 
-async def test_known_version_changes_only_when_another_process_commits(tmp_path):
-    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
+def _lamp_twin(tmp_path: Path) -> Path:
+    """A twin file that knows the simulated device `lamp`."""
     path = tmp_path / "twin.db"
     with TwinStore.open(path) as setup:
-        setup.sync_devices(definitions.values())
+        setup.sync_devices(load([write_devices(tmp_path / "devices", ["lamp"])]).devices.values())
+    return path
+
+
+async def test_known_version_changes_only_when_another_process_commits(tmp_path):
+    path = _lamp_twin(tmp_path)
     async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
         first = await worker.data_version()
         assert worker.known_version() == first  # nothing written since: no hop needed
@@ -45,10 +51,7 @@ async def test_group_commit_does_not_wait_for_the_batch_timer_unless_busy(tmp_pa
 
     from mapper.recorder import BUSY_BATCH, Recorder
 
-    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
-    path = tmp_path / "twin.db"
-    with TwinStore.open(path) as setup:
-        setup.sync_devices(definitions.values())
+    path = _lamp_twin(tmp_path)
     async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
         recorder = Recorder(worker, batch_max=BUSY_BATCH * 2, batch_delay_s=60.0)
         commits: asyncio.Queue[int] = asyncio.Queue()
@@ -84,10 +87,7 @@ async def test_pre_commit_work_commits_with_its_batch_and_a_failed_batch_is_retr
     from mapper.recorder import Extra, Recorder
     from twin.store import OutMessage
 
-    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
-    path = tmp_path / "twin.db"
-    with TwinStore.open(path) as setup:
-        setup.sync_devices(definitions.values())
+    path = _lamp_twin(tmp_path)
     seen: list[int] = []
     attempts: list[int] = []
     done: list[list[str]] = []
@@ -136,10 +136,7 @@ async def test_work_that_keeps_failing_is_given_up_and_the_readings_commit_witho
     from mapper.recorder import EXTRA_TRIES, Extra, Recorder
     from twin.store import OutMessage
 
-    definitions = load([write_devices(tmp_path / "devices", ["lamp"])]).devices
-    path = tmp_path / "twin.db"
-    with TwinStore.open(path) as setup:
-        setup.sync_devices(definitions.values())
+    path = _lamp_twin(tmp_path)
     done: list[object] = []
     failed: list[BaseException] = []
     seen: list[int] = []
