@@ -86,6 +86,9 @@ class DeviceRunner:
         self.failures = 0
         self.reads = 0
         self.read_errors = 0
+        # Reads whose collect slot passed because the previous round (or the wake-up) came too
+        # late: readings never taken, counted so that an overloaded mapper shows it.
+        self.missed_reads = 0
         self._inflight: asyncio.Future[Any] | None = None
         self._desired: dict[str, DesiredChange] = {}
         self._desired_seen: dict[str, int] = {}
@@ -226,14 +229,20 @@ class DeviceRunner:
         """
         loop = asyncio.get_running_loop()
         cycle = cycle_ms / 1000
+        slot: float | None = None  # the grid slot this round was for
         while True:
             for prop in props:
                 self._record(await self.read_once(prop))
             now = loop.time()
             if self.state == UNHEALTHY:
+                slot = None
                 await asyncio.sleep(max(cycle, self._backoff(self.failures)))
             else:  # the next slot of the grid; a read that overran its cycle skips the missed slots
-                await sleep_until(next_tick(now, cycle))
+                due = next_tick(now, cycle)
+                if slot is not None:
+                    self.missed_reads += max(0, round((due - slot) / cycle) - 1) * len(props)
+                slot = due
+                await sleep_until(due)
 
     # -- change-driven reads ---------------------------------------------------------------
 

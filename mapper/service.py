@@ -28,6 +28,8 @@ log = logging.getLogger("mapper.service")
 
 # Readings deleted per twin transaction when pruning history: about 0.4 ms of the twin thread here.
 PRUNE_STEP = 1000
+# How often an overloaded mapper says how many reads missed their collect slot.
+MISSED_READS_CHECK_S = 60
 
 Hook = Callable[["MapperService"], Awaitable[None]]
 
@@ -106,6 +108,7 @@ class MapperService:
                     tg.create_task(self.recorder.run(), name="recorder")
                     tg.create_task(self._desired_loop(), name="desired")
                     tg.create_task(self._prune_loop(), name="prune-history")
+                    tg.create_task(self._missed_reads_loop(), name="missed-reads")
                     for definition in runnable.values():
                         self.start_device(definition, tg)
                     for ext in self.extensions:
@@ -287,6 +290,21 @@ class MapperService:
             if deleted:
                 log.debug("pruned %d old readings", deleted)
             await sleep_to_tick(30)
+
+    async def _missed_reads_loop(self) -> None:
+        """Warn when reads missed their collect slot: a mapper that cannot keep up takes fewer
+        readings than its devices ask for, and that must not go unnoticed."""
+        seen: dict[DeviceId, int] = {}
+        while True:
+            await sleep_to_tick(MISSED_READS_CHECK_S)
+            late = {d: r.missed_reads - seen.get(d, 0) for d, r in self.runners.items()}
+            late = {d: n for d, n in late.items() if n > 0}
+            seen = {d: r.missed_reads for d, r in self.runners.items()}
+            if late:
+                worst = max(late, key=lambda d: late[d])
+                log.warning("%d reads missed their collect slot in the last %g s, on %d device(s) (most: %s, %d): "
+                            "the mapper cannot keep up; fewer devices, a longer collectCycle or a faster machine",
+                            sum(late.values()), MISSED_READS_CHECK_S, len(late), worst, late[worst])
 
     async def prune_history(self) -> int:
         """Prune in steps of PRUNE_STEP rows, each its own twin call: readings committed meanwhile

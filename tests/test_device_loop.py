@@ -113,3 +113,39 @@ async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, 
             await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="unhealthy")
             assert twin.device(GOOD1).state_detail == (
                 "3 failures in a row (bus timeouts 3); last: bus did not answer")
+
+
+async def test_reads_that_miss_their_slot_are_counted_and_reported(tmp_path, monkeypatch, caplog):
+    """A device whose round of reads takes longer than its collect cycle cannot take a reading in
+    every slot: the slots it misses are counted (readings never taken) and the mapper says so in
+    its log, while a device that keeps its cycle counts none."""
+    import logging
+    import time
+
+    from devices.drivers.simulated import SimulatedDriver
+
+    class Slow(SimulatedDriver):
+        blocking = True  # in a thread: the event loop and the other device go on meanwhile
+        timeout_s = 5.0
+
+        def read(self, prop):
+            if self.device.id.name == "slow":
+                time.sleep(0.1)
+            return super().read(prop)
+
+    import mapper.service as service_module
+    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
+    monkeypatch.setattr(service_module, "MISSED_READS_CHECK_S", 0.5)
+    caplog.set_level(logging.WARNING, logger="mapper.service")
+    devices = write_devices(tmp_path / "dev", ["slow"], cycle=50)   # 3 properties: ~0.3 s a round
+    write_devices(tmp_path / "dev", ["steady"], cycle=1000)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        slow = service.runners[DeviceId("default", "slow")]
+        steady = service.runners[DeviceId("default", "steady")]
+        await async_wait_for(lambda: slow.reads >= 9, timeout=10, what="three rounds of the slow device")
+        # Each round of ~0.3 s spans ~6 slots of 50 ms: ~5 missed, for each of its 3 properties.
+        assert slow.missed_reads >= 2 * 3 * 2
+        await async_wait_for(lambda: "reads missed their collect slot" in caplog.text, what="the warning")
+        assert "most: default/slow" in caplog.text
+        assert steady.missed_reads == 0
