@@ -451,7 +451,11 @@ def scale(ctx: Context) -> ScenarioResult:
         "scale", "Scale: devices at 1 Hz on one core",
         "mapper pinned to one CPU (sched_setaffinity), N simulated devices x 2 counter properties at 1 Hz, "
         "shipped twin settings but outbox_max_rows 20,000 so that shedding shows within a run. Sustained = "
-        ">= 95% of the nominal readings/s delivered and the outbox not growing (< 5% of nominal per s). "
+        ">= 95% of the nominal readings/s taken and committed (history rows with their `ts` in the window), "
+        "the outbox not growing (< 5% of nominal per s) and nothing shed in the window. 'delivered' (at "
+        "mosquitto_sub) is reported too but is not the criterion: the broker and the subscriber share the "
+        "other core, and past ~15k messages/s there they fall behind and the broker drops queued messages "
+        "for the subscriber (max_queued_messages), which is the rig's limit, not the mapper's. "
         f"Steps: {', '.join(map(str, plan.scale_steps))} devices, {plan.scale_s:g} s each.")
     best = r.metric("devices sustained", "devices", target="(report)")
     steps = []
@@ -469,10 +473,13 @@ def scale(ctx: Context) -> ScenarioResult:
             while mapper.outbox_depth() > 2 * n and time.monotonic() < deadline:
                 time.sleep(0.2)
             time.sleep(1.0)
-            t0, c0 = time.time(), cpu_seconds(mapper.pid)
+            t0, c0, shed0 = time.time(), cpu_seconds(mapper.pid), mapper.dropped()
             depth = sample(0.5, plan.scale_s, mapper.outbox_depth)
-            t1, c1 = time.time(), cpu_seconds(mapper.pid)
+            t1, c1, shed1 = time.time(), cpu_seconds(mapper.pid), mapper.dropped()
             rss = rss_mib(mapper.pid)[0]
+            with mapper.db() as db:  # (pruning keeps the newest 200,000 rows: more than a window's)
+                taken = db.execute("SELECT count(*) FROM readings WHERE ts >= ? AND ts < ?",
+                                   (int(t0 * 1000), int(t1 * 1000))).fetchone()[0]
             mapper.stop()
         finally:
             mapper.stop()
@@ -480,14 +487,16 @@ def scale(ctx: Context) -> ScenarioResult:
         got = telemetry(sub.arrivals())
         nominal = n * 2
         rate = count_after(got, t0, t1) / (t1 - t0)
+        committed = taken / (t1 - t0)
         check = continuity(got, mapper.committed_seqs())
         left = mapper.telemetry_left()
         dropped = mapper.dropped()
         grow = slope(depth)
         # The depth swings by a batch or two of telemetry + state rows; 5% of nominal per second over the
         # window is well above that noise and well below a real overload (which grows by half or more).
-        ok = rate >= 0.95 * nominal and grow < 0.05 * nominal
-        step = {"devices": n, "nominal_readings_s": nominal, "delivered_readings_s": round(rate, 1),
+        ok = committed >= 0.95 * nominal and grow < 0.05 * nominal and shed1 == shed0
+        step = {"devices": n, "nominal_readings_s": nominal, "committed_readings_s": round(committed, 1),
+                "shed_in_window": shed1 - shed0, "delivered_readings_s": round(rate, 1),
                 "outbox_growth_rows_s": round(grow, 1), "cpu_cores": round((c1 - c0) / (t1 - t0), 3),
                 "rss_mib": round(rss, 1), "startup_s": round(started, 2), "sustained": ok,
                 "shed_by_policy": dropped, "left_in_outbox": left, "missing_at_subscriber": check["lost"],
