@@ -64,20 +64,28 @@ async def test_desired_is_written_read_back_and_reported(tmp_path):
             assert driver.read(service.runners[GOOD1].definition.prop("power")) is True
 
 
-async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatch):
-    """A driver whose read blocks for seconds is timed out in a thread; other devices keep their cycle."""
+def slow_driver(read_s: float, timeout_s: float) -> type:
+    """The simulated driver, blocking (its reads run in a thread, so the event loop and the other
+    devices go on meanwhile), whose reads of the device named `slow` take `read_s`."""
     import time
+
     from devices.drivers.simulated import SimulatedDriver
 
     class Slow(SimulatedDriver):
         blocking = True
-        timeout_s = 0.2
 
         def read(self, prop):
             if self.device.id.name == "slow":
-                time.sleep(1.0)
+                time.sleep(read_s)
             return super().read(prop)
 
+    Slow.timeout_s = timeout_s
+    return Slow
+
+
+async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatch):
+    """A driver whose read blocks for seconds is timed out in a thread; other devices keep their cycle."""
+    Slow = slow_driver(read_s=1.0, timeout_s=0.2)
     import devices.drivers.base as base
     monkeypatch.setattr(base, "load_driver", lambda protocol: Slow)
     import mapper.service as service_module
@@ -120,19 +128,8 @@ async def test_reads_that_miss_their_slot_are_counted_and_reported(tmp_path, mon
     every slot: the slots it misses are counted (readings never taken) and the mapper says so in
     its log, while a device that keeps its cycle counts none."""
     import logging
-    import time
 
-    from devices.drivers.simulated import SimulatedDriver
-
-    class Slow(SimulatedDriver):
-        blocking = True  # in a thread: the event loop and the other device go on meanwhile
-        timeout_s = 5.0
-
-        def read(self, prop):
-            if self.device.id.name == "slow":
-                time.sleep(0.1)
-            return super().read(prop)
-
+    Slow = slow_driver(read_s=0.1, timeout_s=5.0)
     import mapper.service as service_module
     monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
     monkeypatch.setattr(service_module, "MISSED_READS_CHECK_S", 0.5)
