@@ -131,6 +131,8 @@ async def test_work_that_keeps_failing_is_given_up_and_the_readings_commit_witho
     """An extra whose work fails every time (a bug, not a full disk) does not hold the readings
     back for ever: after EXTRA_TRIES failed commits the batch commits alone, the extra's failed()
     gets the error instead of done(), and a second extra that works on its own is still done."""
+    import sqlite3
+
     import pytest
 
     from mapper.recorder import EXTRA_TRIES, Extra, Recorder
@@ -157,7 +159,7 @@ async def test_work_that_keeps_failing_is_given_up_and_the_readings_commit_witho
         for i in range(3):
             recorder.add(Reading(LAMP, "count", i, 1_000 + i))
         for _ in range(EXTRA_TRIES):
-            with pytest.raises(Exception, match="no_such_table"):
+            with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
                 await recorder.flush()
             assert await worker.call(lambda s: s.conn.execute("SELECT count(*) FROM readings").fetchone()[0]) == 0
         await recorder.flush()
@@ -167,7 +169,7 @@ async def test_work_that_keeps_failing_is_given_up_and_the_readings_commit_witho
         assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=5))] == [0, 1, 2]
         assert await worker.call(lambda s: s.conn.execute("SELECT count(*) FROM outbox").fetchone()[0]) == 1
         recorder.add(Reading(LAMP, "count", 3, 1_003))  # the next batch tries its extras with it again
-        with pytest.raises(Exception, match="no_such_table"):
+        with pytest.raises(sqlite3.OperationalError, match="no_such_table"):
             await recorder.flush()
 
 
