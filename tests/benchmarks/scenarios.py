@@ -46,7 +46,7 @@ from .common import (
 class Plan:
     """How long and how often: `quick` for development (about a minute and a half: one run of
     each, short windows, the Pi cost without its full-history and no-worker variants), full
-    (about eleven minutes here: three runs of each, two of the Pi cost)."""
+    (about ten minutes here: three runs of each, two of the Pi cost)."""
 
     quick: bool
     repeats: int
@@ -69,7 +69,7 @@ class Plan:
         if quick:
             return cls(True, 1, 15_000, 12_000, 3.0, 3.0, 3.0, 10_000, 6.0, (500, 1000), 3.0, 2, 5.0, 1, 4.0)
         # Scale goes on past the limit (the run stops after the first step not sustained).
-        return cls(False, 3, 100_000, 12_000, 10.0, 20.0, 15.0, 60_000, 30.0, (2000, 4000, 6000, 8000), 12.0, 5, 30.0, 2,
+        return cls(False, 3, 100_000, 12_000, 10.0, 20.0, 10.0, 60_000, 20.0, (2000, 4000, 6000, 8000), 12.0, 5, 30.0, 2,
                    10.0)
 
 
