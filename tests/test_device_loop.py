@@ -59,7 +59,8 @@ async def test_desired_is_written_read_back_and_reported(tmp_path):
             assert twin.device(GOOD1).delta() == {"power": True}
             await async_wait_for(lambda: twin.device(GOOD1).properties["power"].reported is True, what="reported")
             assert twin.device(GOOD1).delta() == {}
-            assert twin.pending_desired() == []
+            # The apply is marked just after the read-back is committed.
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the apply recorded")
             driver = service.runners[GOOD1].driver
             assert driver.read(service.runners[GOOD1].definition.prop("power")) is True
 

@@ -406,6 +406,11 @@ def twin_prop(config, name: str):  # noqa: ANN001, ANN201
         return store.device(IO).properties[name]
 
 
+def pending(config):  # noqa: ANN001, ANN201
+    with TwinStore.open(config.twin.path) as store:
+        return store.pending_desired()
+
+
 def test_edges_ask_the_device_loop_to_read_once_settled(tmp_path: Path, fake: FakePins) -> None:
     """Every edge calls `changed(button, debounce_s)`; outputs never do, and no listener is harmless."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out}",
@@ -539,6 +544,9 @@ async def test_restart_does_not_reapply_an_applied_on(tmp_path: Path) -> None:
         with TwinStore.open(config.twin.path) as store:
             _, on_version = store.set_desired(IO, "relay", True)
         await async_wait_for(applied(True), what="relay on")
+        # The read-back is committed before the apply is marked; a stop in between would leave
+        # the value pending, and a pending value is applied again at the next start.
+        await async_wait_for(lambda: not pending(config), what="the apply recorded")
 
     async with running_service(config) as service:
         await async_wait_for(applied(False), what="desired reset to the boot state")
