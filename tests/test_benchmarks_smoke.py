@@ -7,12 +7,14 @@ The benchmarks themselves run with `python -m tests.benchmarks` (docs/benchmarks
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.common import Metric
-from benchmarks.scenarios import smoke
+from benchmarks.scenarios import Context, Plan, smoke, telemetry
 
 
 @pytest.mark.timeout(60)
@@ -23,6 +25,26 @@ def test_two_hundred_readings_end_to_end(broker, tmp_path: Path) -> None:
     assert result["lost"] == 0, result
     assert result["received"] == result["committed"], result
     assert result["outbox_depth"] == 0, result
+
+
+@pytest.mark.timeout(60)
+def test_raw_durable_baseline_publishes_exactly_what_it_committed(broker, tmp_path: Path) -> None:
+    """The latency scenario's `raw durable` script: every reading it publishes is a row it committed."""
+    ctx = Context(broker, Plan.make(True), tmp_path)
+    db = tmp_path / "raw-durable.db"
+    sub = ctx.subscriber("raw-durable")
+    try:
+        out = ctx.rawpub("--mode", "rate", "--rate", "1000", "--duration", "0.3", "--exact", "--durable", str(db))
+        deadline = time.monotonic() + 10
+        while len(telemetry(sub.arrivals())) < out["sent"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        sub.stop()
+    with sqlite3.connect(db) as conn:
+        committed = [int(v) / 1e9 for (v,) in conn.execute("SELECT value FROM readings")]
+    published = [a.t for a in telemetry(sub.arrivals())]
+    assert out["sent"] == len(committed) == 300
+    assert sorted(published) == sorted(committed)
 
 
 def test_summary_reports_median_and_spread() -> None:

@@ -2,17 +2,24 @@
 
     python -m tests.benchmarks.rawpub --port P --password-file F --mode burst --count 100000 --window 100
     python -m tests.benchmarks.rawpub ... --mode rate --rate 1000 --duration 10
+    python -m tests.benchmarks.rawpub ... --mode rate --rate 1000 --exact --durable /tmp/raw.db
     python -m tests.benchmarks.rawpub ... --mode pi --duration 60        # 20 values/s
     python -m tests.benchmarks.rawpub ... --mode connect                 # connect and exit
 
 Payloads are what the mapper publishes for a counter property: {"value", "ts", "seq"} encoded
 once per message with orjson, on `mapper/bench/default/d<N>/p0`, QoS 1. Prints one JSON line.
+
+`--durable` is a plain durable script: readings come in ticks of one per device (10 devices at
+1,000/s: a tick every 10 ms, like the mapper's latency scenario), each tick is committed to an
+SQLite table (WAL, synchronous FULL: one fsync per tick) in the publishing thread, and only then
+handed to paho (whose network thread sends, as in the other modes). No event loop, no outbox.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sqlite3
 import sys
 import threading
 import time
@@ -37,7 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--devices", type=int, default=10)
     p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the mapper's default is MQTT 5")
     p.add_argument("--exact", action="store_true", help="also put the exact send time in the payload (`t`)")
+    p.add_argument("--durable", metavar="DB", help="rate mode: commit each tick of readings to this SQLite file "
+                   "(WAL, synchronous FULL) before publishing it; `t` is then the time the reading was taken")
     args = p.parse_args(argv)
+    if args.durable and args.mode != "rate":
+        p.error("--durable goes with --mode rate")
     if args.host != "127.0.0.1":
         raise SystemExit("benchmarks only talk to 127.0.0.1")
     t0 = time.monotonic()
@@ -82,11 +93,11 @@ def main(argv: list[str] | None = None) -> int:
     sent = 0
     finished = False
 
-    def publish(i: int) -> None:
+    def publish(i: int, taken_ns: int | None = None) -> None:
         nonlocal sent
         d = i % args.devices
         seqs[d] += 1
-        now = time.time_ns()
+        now = time.time_ns() if taken_ns is None else taken_ns
         body = {"value": seqs[d], "ts": now // 1_000_000, "seq": seqs[d]}
         if args.exact:
             body["t"] = now / 1e9
@@ -102,6 +113,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "burst":
         for i in range(args.count):
             publish(i)
+    elif args.mode == "rate" and args.durable:
+        tick_s = args.devices / args.rate
+        db = sqlite3.connect(args.durable, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL,"
+                   " property TEXT NOT NULL, value TEXT, ts INTEGER NOT NULL, quality TEXT NOT NULL)")
+        for tick in range(int(args.duration / tick_s)):
+            delay = start + tick * tick_s - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            taken = [time.time_ns() for _ in range(args.devices)]
+            db.execute("BEGIN")
+            db.executemany("INSERT INTO readings (device_id, property, value, ts, quality) VALUES (?,?,?,?,?)",
+                           [(f"default/d{d}", "p0", str(t), t // 1_000_000, "good") for d, t in enumerate(taken)])
+            db.execute("COMMIT")
+            for d, t in enumerate(taken):
+                publish(tick * args.devices + d, t)
+        db.close()
     elif args.mode == "rate":
         total = int(args.rate * args.duration)
         for i in range(total):
