@@ -150,7 +150,9 @@ class MapperService:
             await self.stop_device(device_id)
         if self.recorder is not None:
             await self.recorder.flush()
-        for ext in self.extensions:
+        # Last added, first stopped: inference acts on its last decisions and the API servers
+        # close before the event bus (added first) drains the outbox they may still add to.
+        for ext in reversed(self.extensions):
             before_stop = getattr(ext, "before_stop", None)
             if before_stop is not None:
                 try:

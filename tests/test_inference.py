@@ -592,6 +592,7 @@ async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_pat
 
         for device in list(r.service.runners):  # no more readings, from any device
             await r.service.stop_device(device)
+        await r.service.recorder.flush()  # and none still queued behind a commit under way
         await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, second))
         await async_wait_for(lambda: r.ext.results_applied == 2, timeout=5, what="the second answer committed")
         assert own_transactions == [1]
@@ -665,6 +666,33 @@ async def test_late_results_are_refused_after_max_age(tmp_path, worker):
         assert rows[expired["id"]]["status"] == "provisional"
     finally:
         await _stop(r)
+
+
+async def test_a_clean_stop_first_acts_on_the_last_decisions(tmp_path):
+    """A closed-loop action still being taken when a stop comes is finished before the mapper exits
+    (the stop waits for it, bounded), not cancelled half way."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 0.0, "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "otherwise": False}]})
+    real = r.ext._set_desired
+    started = asyncio.Event()
+    finished: list[list] = []
+
+    async def slow_set_desired(desired: list) -> None:
+        if desired:
+            started.set()
+            await asyncio.sleep(0.5)  # a slow twin: the stop comes while this action is under way
+        await real(desired)
+        finished.append(desired)
+
+    r.ext._set_desired = slow_set_desired
+    try:
+        await asyncio.wait_for(started.wait(), 20)
+    finally:
+        await _stop(r)
+    acted = [d for batch in finished for d in batch]
+    assert acted, "the action under way at the stop was cancelled"
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert store.device(RELAY).properties["power"].desired is acted[-1].value
 
 
 async def test_audits_closed_loop_and_alerts(tmp_path, worker):

@@ -49,6 +49,8 @@ DONE_MEMORY = 20_000
 # Deadlines and resends fall due in the readings' transactions (see _decide); the timer task
 # only acts when no batch came by within this long after the due time (no readings flowing).
 TIMER_GRACE_S = 1.0
+# On a clean stop: how long the actions of the last decisions may take before the tasks go.
+STOP_FOLLOW_UPS_S = 5.0
 
 
 def _now_ms() -> int:
@@ -332,6 +334,18 @@ class InferenceExtension:
     async def stop_requested(self, service: MapperService) -> None:
         """Before the event bus drains the outbox: cloud answers still waiting for a batch go in."""
         await self.commit_results()
+
+    async def before_stop(self, service: MapperService) -> None:
+        """Devices stopped, their last batch committed: act on the decisions it made (a closed-loop
+        desired value, a request given up) before the tasks are cancelled, bounded."""
+        if self.idle.is_set():
+            return
+        try:
+            async with asyncio.timeout(STOP_FOLLOW_UPS_S):
+                await self.idle.wait()
+        except TimeoutError:
+            log.warning("inference: stopping with decisions not yet acted on (still busy after %g s)",
+                        STOP_FOLLOW_UPS_S)
 
     async def shutdown(self, service: MapperService) -> None:
         with contextlib.suppress(Exception):  # answers that came while stopping: sent at the next start
