@@ -387,7 +387,7 @@ def test_device_before_model(sockdir: Path) -> None:
     """RegisterDevice waits for a late model; past the bound it fails but the device starts when the model comes."""
     async def scenario() -> None:
         async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
-                running_mapper(sockdir, model_wait_s=0.5) as mapper:
+                running_mapper(sockdir, model_wait_s=2.0) as mapper:  # room for a slow machine's RPCs
             await registered(mapper)
             call = asyncio.create_task(edgecore.call_mapper("RegisterDevice",
                                                             pb.RegisterDeviceRequest(device=room("room-a"))))
