@@ -199,26 +199,24 @@ def latency(ctx: Context) -> ScenarioResult:
                        higher_is_better=False)
     durable99 = r.metric(f"p99 [{label}] against raw durable", "ms", baseline_name="raw durable p99",
                        higher_is_better=False)
-    for i in range(plan.repeats):
-        sub = ctx.subscriber(f"raw-latency-{i}")
+
+    def raw_run(label: str, *extra: str) -> list[float]:
+        """Exact latencies of the raw publisher at 1,000/s, as one subscriber receives them."""
+        sub = ctx.subscriber(label)
         try:
-            ctx.rawpub("--mode", "rate", "--rate", "1000", "--duration", str(plan.raw_latency_s), "--exact")
+            ctx.rawpub("--mode", "rate", "--rate", "1000", "--duration", str(plan.raw_latency_s), "--exact", *extra)
             time.sleep(0.3)
         finally:
             sub.stop()
-        raw = _exact_latencies_ms(telemetry(sub.arrivals()))
+        return _exact_latencies_ms(telemetry(sub.arrivals()))
+
+    for i in range(plan.repeats):
+        raw = raw_run(f"raw-latency-{i}")
         p50.baseline.append(percentile(raw, 0.5))
         p99.baseline.append(percentile(raw, 0.99))
         pmax.baseline.append(max(raw))
         tmp = ctx.tmp(f"latency-{i}")
-        sub = ctx.subscriber(f"raw-durable-latency-{i}")
-        try:
-            ctx.rawpub("--mode", "rate", "--rate", "1000", "--duration", str(plan.raw_latency_s), "--exact",
-                       "--durable", str(tmp / "raw-durable.db"))
-            time.sleep(0.3)
-        finally:
-            sub.stop()
-        durable = _exact_latencies_ms(telemetry(sub.arrivals()))
+        durable = raw_run(f"raw-durable-latency-{i}", "--durable", str(tmp / "raw-durable.db"))
         durable50.baseline.append(percentile(durable, 0.5))
         durable99.baseline.append(percentile(durable, 0.99))
         dev = write_devices(tmp / "devices", 10, [("p0", "clock")], cycle_ms=10)
