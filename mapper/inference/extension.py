@@ -338,8 +338,6 @@ class InferenceExtension:
     async def before_stop(self, service: MapperService) -> None:
         """Devices stopped, their last batch committed: act on the decisions it made (a closed-loop
         desired value, a request given up) before the tasks are cancelled, bounded."""
-        if self.idle.is_set():
-            return
         try:
             async with asyncio.timeout(STOP_FOLLOW_UPS_S):
                 await self.idle.wait()
