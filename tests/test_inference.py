@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import math
 import random
 import shutil
 import subprocess
@@ -41,11 +42,15 @@ RELAY = DeviceId("default", "relay")
 
 
 def test_softmax_is_a_distribution_and_stable():
-    """softmax sums to 1 per row, keeps the order, and survives huge logits."""
-    p = policy.softmax(np.array([[1000.0, 999.0, -1000.0], [0.0, 0.0, 0.0]]))
-    assert np.allclose(p.sum(axis=1), 1.0) and np.all(np.isfinite(p))
-    assert p[0, 0] > p[0, 1] > p[0, 2]
-    assert np.allclose(p[1], 1 / 3)
+    """softmax sums to 1, keeps the order, survives huge logits, and agrees with numpy's."""
+    p = policy.softmax(np.array([1000.0, 999.0, -1000.0], dtype=np.float32))
+    assert sum(p) == pytest.approx(1.0) and all(math.isfinite(v) for v in p)
+    assert p[0] > p[1] > p[2] and policy.argmax(p) == 0
+    assert policy.softmax([0.0, 0.0, 0.0]) == pytest.approx([1 / 3] * 3)
+    logits = np.array([0.3, -1.2, 2.5, 0.0])
+    e = np.exp(logits - logits.max())
+    assert policy.softmax(logits.tolist()) == pytest.approx((e / e.sum()).tolist())
+    assert policy.argmax([0.2, 0.4, 0.4]) == 1  # the first on a tie, like numpy.argmax
 
 
 def test_scores():
@@ -135,7 +140,7 @@ def test_edge_decisions_match_the_model_card_rule():
     final = model.cloud(cut)
     for logits in exit_logits:
         p = policy.softmax(logits)
-        assert policy.should_exit(p, model.info.threshold) == (p.max() >= model.info.threshold)
+        assert policy.should_exit(p, model.info.threshold) == (max(p) >= model.info.threshold)
     assert final.shape == (len(windows), len(model.info.classes))
 
 

@@ -178,19 +178,20 @@ class Pipeline:
     def edge(self, window: Window) -> EdgeOutcome:
         t0 = time.perf_counter_ns()
         exit_logits, cut = self.model.edge(np.asarray(window.values, dtype=np.float32))
-        probs = policy.softmax(exit_logits[0])
-        decided = policy.should_exit(probs, self.threshold, self.score)
+        probs = policy.softmax(exit_logits[0].tolist())
+        value = policy.score_value(probs, self.score)
+        decided = policy.passes(value, self.threshold, self.score)
         elapsed = (time.perf_counter_ns() - t0) / 1000
         audit = decided and policy.should_audit(self.rng, self.settings.audit_share)
-        index = int(np.argmax(probs))
+        index = policy.argmax(probs)
         c = self.stats.counts
         c["windows"] += 1
         c["edge_exits" if decided else "offloads"] += 1
         c["audits"] += int(audit)
         self.stats.edge_us_total += elapsed
         self.stats.edge_us.append(elapsed)
-        return EdgeOutcome(window, self.model.info.classes[index], float(probs[index]),
-                           policy.score_value(probs, self.score), decided, audit, cut[0], elapsed)
+        return EdgeOutcome(window, self.model.info.classes[index], probs[index], value, decided, audit, cut[0],
+                           elapsed)
 
     def request(self, outcome: EdgeOutcome, node: str, created_ms: int) -> OffloadRequest:
         info = self.model.info
@@ -198,9 +199,9 @@ class Pipeline:
                               info.cloud_sha256[:16], created_ms, outcome.audit, self.settings.encoding, outcome.cut)
 
     def cloud_answer(self, logits: tuple[float, ...]) -> tuple[str, float]:
-        probs = policy.softmax(np.asarray(logits))
-        index = int(np.argmax(probs))
-        return self.model.info.classes[index], float(probs[index])
+        probs = policy.softmax(logits)
+        index = policy.argmax(probs)
+        return self.model.info.classes[index], probs[index]
 
     # -- actions ---------------------------------------------------------------------------
 

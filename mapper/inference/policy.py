@@ -1,4 +1,4 @@
-"""The early-exit decision rule as pure functions (numpy only, no I/O).
+"""The early-exit decision rule as pure functions (plain floats, no I/O).
 
 A window is decided at the edge when the first exit is confident enough:
 
@@ -8,14 +8,18 @@ A window is decided at the edge when the first exit is confident enough:
 
 A share of confidently decided windows is offloaded anyway (an audit), so the accuracy of
 the edge exit can be measured without bias; the random choice uses an injected RNG.
+
+Why not numpy: a window comes once a second or so, with the caches gone cold in between, and
+each numpy call on a handful of logits then costs tens of microseconds. Measured in the mapper
+at one window a second: the rule around the edge graph went from ~190 to ~90 us a window, and
+the label of a cloud answer from ~130 to ~20 us.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Literal, Protocol
-
-import numpy as np
 
 Score = Literal["max_prob", "entropy"]
 SCORES: tuple[str, ...] = ("max_prob", "entropy")
@@ -25,30 +29,34 @@ class Rng(Protocol):
     def random(self) -> float: ...
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis, stable for large logits."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def softmax(logits: Sequence[float]) -> list[float]:
+    """Softmax of one vector of logits, stable for large logits."""
+    values = [float(v) for v in logits]
+    top = max(values)
+    e = [math.exp(v - top) for v in values]
+    total = sum(e)
+    return [v / total for v in e]
 
 
-def max_prob(probabilities: np.ndarray) -> float:
-    return float(np.max(probabilities))
+def argmax(values: Sequence[float]) -> int:
+    """Index of the largest value (the first one on a tie, like numpy.argmax)."""
+    return max(range(len(values)), key=values.__getitem__)
 
 
-def normalised_entropy(probabilities: np.ndarray) -> float:
+def max_prob(probabilities: Sequence[float]) -> float:
+    return float(max(probabilities))
+
+
+def normalised_entropy(probabilities: Sequence[float]) -> float:
     """H(p) / log(K) in [0, 1]; 0 for a one-hot p, 1 for the uniform distribution."""
-    p = np.asarray(probabilities, dtype=np.float64).ravel()
-    k = p.size
+    k = len(probabilities)
     if k < 2:
         return 0.0
-    nz = p[p > 0]
-    h = float(-(nz * np.log(nz)).sum())
+    h = -sum(p * math.log(p) for p in map(float, probabilities) if p > 0)
     return min(1.0, max(0.0, h / math.log(k)))
 
 
-def score_value(probabilities: np.ndarray, score: Score) -> float:
+def score_value(probabilities: Sequence[float], score: Score) -> float:
     """The number the threshold is compared with (see the module docstring for direction)."""
     if score == "max_prob":
         return max_prob(probabilities)
@@ -57,10 +65,14 @@ def score_value(probabilities: np.ndarray, score: Score) -> float:
     raise ValueError(f"unknown score {score!r}; expected one of {SCORES}")
 
 
-def should_exit(probabilities: np.ndarray, threshold: float, score: Score = "max_prob") -> bool:
-    """True when the window is decided at the edge."""
-    value = score_value(probabilities, score)
+def passes(value: float, threshold: float, score: Score) -> bool:
+    """True when a score value decides the window at the edge."""
     return value >= threshold if score == "max_prob" else value <= threshold
+
+
+def should_exit(probabilities: Sequence[float], threshold: float, score: Score = "max_prob") -> bool:
+    """True when the window is decided at the edge."""
+    return passes(score_value(probabilities, score), threshold, score)
 
 
 def should_audit(rng: Rng, share: float) -> bool:
