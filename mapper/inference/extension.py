@@ -128,7 +128,8 @@ class InferenceExtension:
         self.problems: list[str] = []
         self.counts: Counter[str] = Counter()      # results not tied to a pipeline, desired values set
         self._log_throttle = Throttle()            # refused results: counted each, logged a few a minute
-        self._by_device: dict[DeviceId, list[Pipeline]] = {}
+        # (device, property) -> the pipelines that read it: the other readings of a batch skip them.
+        self._by_source: dict[tuple[DeviceId, str], list[Pipeline]] = {}
         # After a decision's commit, what needs twin calls of its own: desired values to set, and
         # requests given up at max_pending to answer provisionally.
         self._follow_ups: asyncio.Queue[tuple[list[Any], list[tuple[str, Waiting]]]] | None = None
@@ -196,9 +197,10 @@ class InferenceExtension:
         added = [pid for pid, p in built.items() if old.get(pid) is not p]
         removed = [pid for pid, p in old.items() if built.get(pid) is not p]
         self.pipelines = built
-        self._by_device = {}
+        self._by_source = {}
         for pipeline in built.values():
-            self._by_device.setdefault(pipeline.source, []).append(pipeline)
+            for name in dict.fromkeys(pipeline.properties):
+                self._by_source.setdefault((pipeline.source, name), []).append(pipeline)
         gone = {id(old[pid]) for pid in removed}
         dropped = [rid for rid, w in self._waiting.items() if id(w.pipeline) in gone]
         for request_id in dropped:
@@ -420,9 +422,9 @@ class InferenceExtension:
         """Before a batch of readings commits: the windows it closes, their edge decisions, and
         the twin work that records them in the batch's own transaction (one commit, not two)."""
         outcomes: list[tuple[Pipeline, EdgeOutcome]] = []
-        by_device = self._by_device
+        by_source = self._by_source
         for reading in batch:
-            for pipeline in by_device.get(reading.device_id, ()):
+            for pipeline in by_source.get((reading.device_id, reading.property), ()):
                 try:
                     window = pipeline.builder.add(reading)
                     if window is not None:
