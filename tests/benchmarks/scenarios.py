@@ -402,7 +402,7 @@ def cost(ctx: Context) -> ScenarioResult:
         f"CPU = time on a CPU of all threads (/proc/<pid>/task/*/schedstat, ns) over a {plan.cost_s:g} s window after warm-up, scaled to an "
         f"hour; RSS = VmRSS from /proc/<pid>/status. One process at a time; the inference variant is a "
         f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1), "
-        f"measured once its windows flow (warm-up {_inference_warmup_s():g} s: the first window needs 16 readings), "
+        f"measured once its windows flow (warm-up {_inference_warmup_s():g} s: the first window needs {_inference_warmup_s() - 3:g} readings), "
         f"with a `mapper cloud-worker` on the broker answering its offloads (in the cloud, not measured), "
         f"and once more with no worker.")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
