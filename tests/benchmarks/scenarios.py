@@ -347,12 +347,12 @@ def _inference_extra() -> str | None:
             "      properties: [temperature, humidity]\n      stride: 1\n")
 
 
-def _inference_warmup_s() -> float:
-    """Warm-up for the inference variants: the pipeline decides nothing until its window is full
-    (window_length steps of the 1 Hz device), then one window a second; measuring earlier would
-    count seconds without inference as seconds with it."""
+def _inference_window_readings() -> int:
+    """Readings of the 1 Hz device before the pipeline's first window: it decides nothing until
+    then, so the inference variants are measured only after them (else seconds without
+    inference would count as seconds with it)."""
     meta = json.loads((REPO / "models" / "sensor_faults" / "model.json").read_text())
-    return float(meta["input"]["window_length"]) + 3.0
+    return int(meta["input"]["window_length"])
 
 
 def _pi_devices(directory: Path) -> Path:
@@ -395,6 +395,8 @@ def _measure(pid: int, warmup: float, window: float) -> tuple[float, float, floa
 
 def cost(ctx: Context) -> ScenarioResult:
     plan = ctx.plan
+    window_readings = _inference_window_readings()
+    inference_warmup_s = window_readings + 3.0
     r = ScenarioResult(
         "cost", "Cost of a Pi-sized workload",
         f"mapper: one simulated device with 20 properties read and published every second, shipped settings "
@@ -402,7 +404,7 @@ def cost(ctx: Context) -> ScenarioResult:
         f"CPU = time on a CPU of all threads (/proc/<pid>/task/*/schedstat, ns) over a {plan.cost_s:g} s window after warm-up, scaled to an "
         f"hour; RSS = VmRSS from /proc/<pid>/status. One process at a time; the inference variant is a "
         f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1), "
-        f"measured once its windows flow (warm-up {_inference_warmup_s():g} s: the first window needs {_inference_warmup_s() - 3:g} readings), "
+        f"measured once its windows flow (warm-up {inference_warmup_s:g} s: the first window needs {window_readings} readings), "
         f"with a `mapper cloud-worker` on the broker answering its offloads (in the cloud, not measured), "
         f"and once more with no worker.")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
@@ -459,7 +461,7 @@ def cost(ctx: Context) -> ScenarioResult:
                     extra = stack.enter_context(
                         Mapper(itmp, _pi_devices(itmp / "devices"), ctx.broker, MapperOptions(extra=inference)))
                     extra.wait_ready()
-                    results[label] = _measure(extra.pid, _inference_warmup_s(), plan.cost_s)
+                    results[label] = _measure(extra.pid, inference_warmup_s, plan.cost_s)
         cpu.values.append(results["mapper"][0])
         cpu.baseline.append(results["raw"][0])
         if "full-history" in results:
