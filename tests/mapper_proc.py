@@ -47,13 +47,18 @@ class MapperProcess:
         wait_for(lambda: self.log().count(text) >= count, timeout=timeout, what=f"{text!r} in the mapper log")
 
     def stop(self) -> int:
+        """SIGTERM and the exit code; a mapper that does not exit within 20 s is killed and the test fails."""
         if self.process is None:
             return 0
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        code = self.process.wait(timeout=20)
-        self.process = None
-        return code
+        process, self.process = self.process, None
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+            raise AssertionError(f"the mapper did not stop within 20 s of SIGTERM; log tail:\n{self.log()[-2000:]}") from None
 
     def kill(self) -> None:
         assert self.process is not None

@@ -28,6 +28,18 @@ def start_mapper(config: Path, log: Path) -> subprocess.Popen:
                                 stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
 
 
+def stop_mapper(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int | None:
+    """Signal `mapper run` and return its exit code; killed (None) if it does not exit within 15 s,
+    so a hung mapper never outlives the test nor hides the failure that got us here."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+        return None
+
+
 def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
@@ -88,8 +100,8 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         refused = mapper("twin", "set", "lamp", "temperature", "3", "--config", str(config))
         assert refused.returncode == 1 and "ReadOnly" in refused.stderr
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        code = stop_mapper(proc, signal.SIGTERM)
+    assert code == 0
     log = (tmp_path / "log").read_text()
     assert "drivers closed, twin flushed" in log
 
@@ -108,8 +120,8 @@ def test_run_refuses_only_the_device_without_driver(tmp_path):
         devices_out = mapper("devices", "--config", str(config)).stdout
         assert "default/odd" in devices_out and "offline" in devices_out
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=15) == 0
+        code = stop_mapper(proc, signal.SIGINT)
+    assert code == 0
 
 
 def test_env_overrides_config(tmp_path):
@@ -158,8 +170,8 @@ def test_sigkill_loses_nothing_committed(tmp_path):
         top = max(after)
         wait_for(lambda: check.execute("SELECT max(id) FROM readings").fetchone()[0] > top + 100, what="new readings")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
+        code = stop_mapper(proc, signal.SIGTERM)
+    assert code == 0
 
 
 async def test_run_freezes_the_start_up_heap_once_ready():

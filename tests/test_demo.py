@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_demo_shows_telemetry_and_an_applied_desired_value():
     """`scripts/demo.py --duration 5` prints live readings, the twin exchange, decisions and a clean stop."""
-    result = subprocess.run([sys.executable, "scripts/demo.py", "--duration", "5"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
-    out = result.stdout
-    assert result.returncode == 0, result.stderr[-2000:]
+    # Its own process group: if it hangs, its broker, mapper and worker go down with it.
+    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--duration", "5"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = demo.communicate(timeout=120)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGKILL)
+            demo.communicate()
+    assert demo.returncode == 0, err[-2000:]
 
     def shows(text: str) -> None:
         assert text in out, f"{text!r} is not in the demo's output:\n{out[-3000:]}"

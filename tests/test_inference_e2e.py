@@ -129,10 +129,12 @@ def devices(tmp_path):
 def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_path, devices):
     """Two workers share the offloads; cloud answers reach the twin and the app; confident windows stay local."""
     app = broker.client("app")
-    app.subscribe(f"mapper/{NODE}/default/+/decision")
-    workers = [Worker(tmp_path, broker, "w1").start(), Worker(tmp_path, broker, "w2").start()]
+    workers = [Worker(tmp_path, broker, "w1"), Worker(tmp_path, broker, "w2")]
     mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(5.0, 30.0))
-    try:
+    try:  # started inside: a worker that fails to come up is still killed, with the probe client closed
+        app.subscribe(f"mapper/{NODE}/default/+/decision")
+        for w in workers:
+            w.start()
         with mapper:
             # Both kinds, in numbers: which windows are uncertain depends on the injected faults and
             # on timing, so the share is the model card's business, not this test's.
@@ -170,10 +172,10 @@ def test_worker_down_provisional_then_final(broker, tmp_path, devices):
     """With no worker the edge answer stands provisionally; a worker started later answers the pending
     requests (sent again) and its final answers replace the provisional ones."""
     app = broker.client("app")
-    app.subscribe(f"mapper/{NODE}/default/+/decision")
     mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(0.3, 0.5))
     worker = Worker(tmp_path, broker, "late-worker")
     try:
+        app.subscribe(f"mapper/{NODE}/default/+/decision")
         with mapper:
             first = decisions_seen(app, lambda s: sum(d["provisional"] for d in s) >= 3)
             provisional = {d["request_id"] for d in first if d["provisional"]}

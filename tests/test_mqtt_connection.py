@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from devices.ids import DeviceId
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
+from twin.store import TwinStore
 
 
 def tls_block(broker, tmp_path, ca_file) -> str:
@@ -45,10 +47,17 @@ def test_tls_with_a_wrong_ca_is_refused_and_retried(broker, tmp_path):
 def test_without_mqtt_the_mapper_runs_local_only(tmp_path):
     """No `mqtt` section: the mapper says so and the twin still fills."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
-    with MapperProcess(tmp_path, devices, None) as mapper:
+    mapper = MapperProcess(tmp_path, devices, None)
+
+    def history() -> list:
+        with TwinStore.open(mapper.twin_path) as store:
+            return store.history(DeviceId("default", "lamp"), "count", limit=100)
+
+    with mapper:
         mapper.wait_log("running local-only")
-        mapper.wait_log("state ok")
+        wait_for(lambda: len(history()) >= 3, what="readings in the twin")
         assert mapper.stop() == 0
+    assert [value for _, value, _ in history()][:3] == [0, 1, 2]  # the counter, read by read
 
 
 def test_mqtt_311_when_asked(broker, tmp_path):

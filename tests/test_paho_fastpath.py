@@ -75,6 +75,7 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
                 key = asyncio.get_running_loop()._selector.get_map().get(sock.fileno())  # noqa: SLF001
                 assert key is None or not key.events & selectors.EVENT_WRITE
                 pub_task.cancel()
+                await asyncio.gather(pub_task, return_exceptions=True)
                 left = await worker.call(lambda s: s.outbox_pending(limit=10))
             assert left == []
             assert fast.fast_publishes == COUNT and fast.fast_acks == COUNT

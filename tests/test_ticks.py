@@ -21,11 +21,12 @@ async def test_loops_with_the_same_period_wake_in_the_same_loop_iteration():
     order: list[str] = []
 
     async def sleeper(name: str) -> None:
-        await sleep_to_tick(0.2)
+        await sleep_to_tick(0.5)
         order.append(name)
         loop.call_soon(order.append, f"after {name}")
 
-    await sleep_to_tick(0.2)  # start just after a tick: both sleepers pick the same next one
+    # Start just after a tick: both sleepers pick the same next one (unless the loop stalls ~0.5 s).
+    await sleep_to_tick(0.5)
     first = asyncio.create_task(sleeper("a"))
     await asyncio.sleep(0.01)
     second = asyncio.create_task(sleeper("b"))

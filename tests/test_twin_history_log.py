@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sqlite3
 
+import orjson
 import pytest
 
 from devices.ids import DeviceId
@@ -351,6 +352,11 @@ def test_a_prune_with_nothing_to_delete_still_bounds_what_a_restart_reads_back(p
     assert counters["seq_saved_through"] >= rows[-1].id and counters["published_through"] >= rows[-1].id
     assert dict(store.conn.execute("SELECT topic, seq FROM topic_seq"))["t/count"] == 3
     crash(store)
+    with TwinStore.open(path) as again:  # what the restart reads back: nothing to send again, seq goes on
+        assert again.outbox_pending() == []
+        r = Reading(D1, "count", 3, 10**13 + 6)
+        (row,) = again.record([r], telemetry([r]))
+        assert orjson.loads(row.payload)["seq"] == 4
 
 
 def test_two_processes_opening_at_once_migrate_once(path):

@@ -791,9 +791,13 @@ def smoke(broker: MosquittoBroker, workdir: Path | None = None, readings: int = 
         while sum(mapper.committed_seqs().values()) < readings and time.monotonic() < deadline:
             time.sleep(0.05)
         code = mapper.stop()
-        time.sleep(1.0)
+        committed = mapper.committed_seqs()
+        # The broker acknowledged every one before the stop; wait (bounded) until mosquitto_sub wrote them all.
+        deadline = time.monotonic() + 10
+        while (continuity(telemetry(sub.arrivals()), committed)["lost"] and time.monotonic() < deadline):
+            time.sleep(0.05)
     finally:
         mapper.stop()
         sub.stop()
     got = telemetry(sub.arrivals())
-    return {"exit_code": code, "outbox_depth": mapper.outbox_depth(), **continuity(got, mapper.committed_seqs())}
+    return {"exit_code": code, "outbox_depth": mapper.outbox_depth(), **continuity(got, committed)}
