@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 
+import pytest
 
 from devices.ids import DeviceId
-from mapper.config import load_config
-from twin.store import TwinStore
 from helpers import async_wait_for, running_service, write_config, write_devices
+from mapper.config import load_config
+from plugin_drivers import installed, write_device
+from twin.store import TwinStore
 
 GOOD1, GOOD2, BROKEN = DeviceId("default", "good1"), DeviceId("default", "good2"), DeviceId("default", "broken")
 
@@ -65,33 +68,18 @@ async def test_desired_is_written_read_back_and_reported(tmp_path):
             assert driver.read(service.runners[GOOD1].definition.prop("power")) is True
 
 
-def slow_driver(read_s: float, timeout_s: float) -> type:
-    """The simulated driver, blocking (its reads run in a thread, so the event loop and the other
-    devices go on meanwhile), whose reads of the device named `slow` take `read_s`."""
-    import time
-
-    from devices.drivers.simulated import SimulatedDriver
-
-    class Slow(SimulatedDriver):
-        blocking = True
-
-        def read(self, prop):
-            if self.device.id.name == "slow":
-                time.sleep(read_s)
-            return super().read(prop)
-
-    Slow.timeout_s = timeout_s
-    return Slow
+@pytest.fixture
+def plugin_drivers() -> Iterator[None]:
+    """The `slow` and `failing` drivers of tests/plugin_site, installed through their entry point."""
+    with installed():
+        yield
 
 
-async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatch):
+async def test_blocking_driver_does_not_stall_other_devices(tmp_path, plugin_drivers):
     """A driver whose read blocks for seconds is timed out in a thread; other devices keep their cycle."""
-    Slow = slow_driver(read_s=1.0, timeout_s=0.2)
-    import devices.drivers.base as base
-    monkeypatch.setattr(base, "load_driver", lambda protocol: Slow)
-    import mapper.service as service_module
-    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
-    devices = write_devices(tmp_path / "dev", ["slow", "fast"], cycle=50)
+    devices = write_devices(tmp_path / "dev", [])
+    write_device(devices, "slow", "slow", {"read_s": 1.0, "timeout_s": 0.2})
+    write_device(devices, "fast", "slow", {"read_s": 0, "timeout_s": 0.2})  # the same driver, prompt
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config) as service:
         fast = service.runners[DeviceId("default", "fast")]
@@ -100,22 +88,10 @@ async def test_blocking_driver_does_not_stall_other_devices(tmp_path, monkeypatc
         assert slow.reads == 0 and slow.read_errors >= 1
 
 
-async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, monkeypatch):
+async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, plugin_drivers):
     """The driver's health() summary is part of the unhealthy state's detail stored in the twin."""
-    from devices.drivers.simulated import SimulatedDriver
-    from devices.errors import ReadError
-
-    class Failing(SimulatedDriver):
-        def read(self, prop):
-            self.timeouts = getattr(self, "timeouts", 0) + 1
-            raise ReadError("bus did not answer", retryable=True)
-
-        def health(self):
-            return f"bus timeouts {self.timeouts}"
-
-    import mapper.service as service_module
-    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Failing)
-    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    devices = write_devices(tmp_path / "dev", [])
+    write_device(devices, "good1", "failing")
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config):
         with reader(config) as twin:
@@ -124,19 +100,19 @@ async def test_unhealthy_detail_in_the_twin_carries_the_driver_health(tmp_path, 
                 "3 failures in a row (bus timeouts 3); last: bus did not answer")
 
 
-async def test_reads_that_miss_their_slot_are_counted_and_reported(tmp_path, monkeypatch, caplog):
+async def test_reads_that_miss_their_slot_are_counted_and_reported(tmp_path, plugin_drivers, monkeypatch, caplog):
     """A device whose round of reads takes longer than its collect cycle cannot take a reading in
     every slot: the slots it misses are counted (readings never taken) and the mapper says so in
     its log, while a device that keeps its cycle counts none."""
     import logging
 
-    Slow = slow_driver(read_s=0.1, timeout_s=5.0)
     import mapper.service as service_module
-    monkeypatch.setattr(service_module, "load_driver", lambda protocol: Slow)
+
+    # The check runs once a minute and there is no setting for it: a test cannot wait that long.
     monkeypatch.setattr(service_module, "MISSED_READS_CHECK_S", 0.5)
     caplog.set_level(logging.WARNING, logger="mapper.service")
-    devices = write_devices(tmp_path / "dev", ["slow"], cycle=50)   # 3 properties: ~0.3 s a round
-    write_devices(tmp_path / "dev", ["steady"], cycle=1000)
+    devices = write_devices(tmp_path / "dev", ["steady"], cycle=1000)
+    write_device(devices, "slow", "slow", {"read_s": 0.1}, cycle=50)  # 3 properties: ~0.3 s a round
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config) as service:
         slow = service.runners[DeviceId("default", "slow")]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,26 +17,37 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
-from helpers import write_config, write_devices
+from brokers import MosquittoBroker
+from eventbus.extension import EventBusExtension
+from helpers import async_wait_for, write_config, write_devices
 from mapper.config import load_config
 from mapper.service import MapperService
 from mapper.systemd import Notifier, SystemdExtension, status_line, watchdog_interval
+from mapper_proc import mqtt_block
+from plugin_drivers import installed, write_device
+
+T = TypeVar("T")
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 class NotifyListener:
-    """systemd's side: a bound datagram socket; a thread stamps each message when it arrives."""
+    """systemd's side: a bound datagram socket; a thread keeps the messages in the order they arrive.
+
+    Datagrams sent from one thread (the event loop's) are queued in the order they were sent, so
+    positions in `messages` tell what was sent before what, however late the thread reads them.
+    """
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind("\0" + address[1:] if address.startswith("@") else address)
         self.sock.settimeout(0.1)
-        self.messages: list[tuple[float, set[str]]] = []
+        self.messages: list[set[str]] = []
         self._changed = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._receive, name="notify-listener", daemon=True)
@@ -47,26 +60,30 @@ class NotifyListener:
             except TimeoutError:
                 continue
             with self._changed:
-                self.messages.append((time.monotonic(), set(data.decode().splitlines())))
+                self.messages.append(set(data.decode().splitlines()))
                 self._changed.notify_all()
 
-    def wait_for(self, line: str, timeout: float = 10.0, after: float = 0.0) -> float:
-        """Block until a message with `line` arrives (later than `after`); returns its arrival time."""
-        def found() -> float | None:
-            return next((t for t, lines in self.messages if line in lines and t > after), None)
+    def wait_for(self, line: str | re.Pattern[str], timeout: float = 10.0, after: int = -1) -> int:
+        """Block until a message with `line` (or a line the pattern matches in full) arrives at a
+        position later than `after`; returns its position."""
+        def matches(lines: set[str]) -> bool:
+            return line in lines if isinstance(line, str) else any(line.fullmatch(item) for item in lines)
+
+        def found() -> int | None:
+            return next((i for i, lines in enumerate(self.messages) if i > after and matches(lines)), None)
 
         with self._changed:
             if not self._changed.wait_for(lambda: found() is not None, timeout):
                 raise AssertionError(f"no {line!r} within {timeout} s; got {self.messages}")
             return found()  # type: ignore[return-value]
 
-    def times(self, line: str) -> list[float]:
+    def positions(self, line: str) -> list[int]:
         with self._changed:
-            return [t for t, lines in self.messages if line in lines]
+            return [i for i, lines in enumerate(self.messages) if line in lines]
 
     def having(self, prefix: str) -> list[str]:
         with self._changed:
-            return [item for _, lines in self.messages for item in lines if item.startswith(prefix)]
+            return [item for lines in self.messages for item in lines if item.startswith(prefix)]
 
     def close(self) -> None:
         self._stop = True
@@ -89,34 +106,62 @@ def listener(request: pytest.FixtureRequest) -> Iterator[NotifyListener]:
         shutil.rmtree(os.path.dirname(address))
 
 
-def config_for(tmp_path: Path):
-    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=50)
-    return load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+@pytest.fixture
+def plugin_drivers() -> Iterator[None]:
+    """The `gated` driver of tests/plugin_site, installed through its entry point."""
+    with installed():
+        yield
 
 
-async def to_thread(fn: Callable[..., float], *args: object, **kwargs: object) -> float:
+def config_for(tmp_path: Path, devices: Path | None = None, *, node: str = "test-node", extra: str = ""):  # noqa: ANN201
+    """The config for `devices` (default: simulated devices `a` and `b`, read every 50 ms)."""
+    devices = devices or write_devices(tmp_path / "dev", ["a", "b"], cycle=50)
+    return load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db", node=node, extra=extra))
+
+
+def gated_devices(tmp_path: Path, config: Callable[[str], dict[str, object]]) -> Path:
+    """Devices `a` and `b` of the plugin's `gated` driver, `config(name)` their configData."""
+    devices = write_devices(tmp_path / "dev", [])
+    for name in ("a", "b"):
+        write_device(devices, name, "gated", config(name))
+    return devices
+
+
+async def to_thread(fn: Callable[..., T], *args: object, **kwargs: object) -> T:
     return await asyncio.to_thread(fn, *args, **kwargs)
 
 
-async def test_ready_waits_for_service_and_first_broker_attempt(tmp_path: Path, listener: NotifyListener) -> None:
-    """READY=1 comes only after service.ready and the bus's first attempt; it carries a STATUS summary."""
-    service = MapperService(config_for(tmp_path))
-    first_attempt = asyncio.Event()
-    service.bus_first_attempt = first_attempt
+async def test_ready_waits_for_service_and_first_broker_attempt(tmp_path: Path, listener: NotifyListener,
+                                                                broker: MosquittoBroker) -> None:
+    """READY=1 comes only after service.ready and the bus's first connection attempt; it carries a STATUS summary.
+
+    The broker is frozen (SIGSTOP) while the mapper starts: the kernel accepts the connection and
+    the CONNECT waits unanswered, so the first attempt lasts until the broker is let go on.
+    """
+    node = f"systemd-{uuid.uuid4().hex[:8]}"  # an MQTT session of its own on the shared broker
+    config = config_for(tmp_path, node=node, extra=mqtt_block(broker, tmp_path, extra="  session_expiry_s: 0\n"))
+    service = MapperService(config)
     ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.05, status_every_s=0.05)
-    service.extensions.append(ext)
+    service.extensions += [EventBusExtension(config.mqtt), ext]
     stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    await to_thread(listener.wait_for, "STATUS=devices started; waiting for the first broker connection attempt")
-    assert not listener.times("READY=1")
-    first_attempt.set()
-    await asyncio.wait_for(ext.ready_sent.wait(), 10)
-    await to_thread(listener.wait_for, "READY=1")
-    ready_status = [s for s in listener.having("STATUS=") if s.startswith("STATUS=2 devices")]
-    assert ready_status, listener.messages
-    stop.set()
-    await asyncio.wait_for(task, 10)
+    task = asyncio.create_task(service.run(stop))  # runs from the first await on: after the freeze
+    pid = broker._process.pid  # noqa: SLF001
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.wait_for(service.ready.wait(), 10)
+            await to_thread(listener.wait_for, "STATUS=devices started; waiting for the first broker connection attempt")
+            assert not listener.positions("READY=1")
+        finally:
+            os.kill(pid, signal.SIGCONT)  # the shared broker never stays frozen
+        await asyncio.wait_for(ext.ready_sent.wait(), 10)
+        await to_thread(listener.wait_for, "READY=1")
+        assert service.bus.bus.connected.is_set(), "READY after a failed attempt: the broker was let go too late"
+        ready_status = [s for s in listener.having("STATUS=") if s.startswith("STATUS=2 devices")]
+        assert ready_status, listener.messages
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
     await to_thread(listener.wait_for, "STOPPING=1")
 
 
@@ -124,27 +169,34 @@ async def test_watchdog_pings_stop_while_the_loop_hangs(tmp_path: Path, listener
     """WATCHDOG=1 arrives every interval; while a coroutine blocks the loop none arrive; then they resume."""
     service = MapperService(config_for(tmp_path))
     service.extensions.append(SystemdExtension(Notifier(listener.address), watchdog_s=0.02))
+    marker = Notifier(listener.address)  # the test's own messages, queued in line with the pings
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    await to_thread(listener.wait_for, "READY=1")
-    first = await to_thread(listener.wait_for, "WATCHDOG=1")
-    await to_thread(listener.wait_for, "WATCHDOG=1", after=first + 0.1)  # pings keep coming
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await to_thread(listener.wait_for, "READY=1")
+        ping = await to_thread(listener.wait_for, "WATCHDOG=1")
+        for _ in range(5):  # pings keep coming
+            ping = await to_thread(listener.wait_for, "WATCHDOG=1", after=ping)
 
-    async def hang() -> None:
-        time.sleep(0.6)  # a driver that blocks the loop instead of using a thread
+        async def hang() -> None:
+            # Sent from the loop right before and after it is blocked: a ping between the two was
+            # sent while it was, wherever the listener thread happened to be.
+            assert marker.notify("X_TEST=loop blocked")
+            time.sleep(0.6)  # a driver that blocks the loop instead of using a thread
+            assert marker.notify("X_TEST=loop free")
 
-    hung_at = time.monotonic()
-    await hang()
-    resumed_at = time.monotonic()
-    after = await to_thread(listener.wait_for, "WATCHDOG=1", after=resumed_at)
-    # The listener stamps a ping when its thread gets to it: one sent just before the hang may be
-    # stamped a little into it on a busy machine. Of the ~30 pings the 0.6 s would hold, none may come.
-    during = [t for t in listener.times("WATCHDOG=1") if hung_at + 0.1 < t < resumed_at]
-    assert during == [], "pings arrived while the event loop was blocked"
-    assert after - resumed_at < 1.0
-    stop.set()
-    await asyncio.wait_for(task, 10)
+        await hang()
+        blocked = await to_thread(listener.wait_for, "X_TEST=loop blocked")
+        free = await to_thread(listener.wait_for, "X_TEST=loop free", after=blocked)
+        await to_thread(listener.wait_for, "WATCHDOG=1", after=free)  # they resume
+        # Of the ~30 pings the 0.6 s would hold, none may come.
+        during = [i for i in listener.positions("WATCHDOG=1") if blocked < i < free]
+        assert during == [], f"pings arrived while the event loop was blocked: {listener.messages[blocked:free + 1]}"
+    finally:
+        marker.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
 
 
 def test_mapper_run_under_notify_socket(tmp_path: Path, listener: NotifyListener) -> None:
@@ -186,33 +238,35 @@ def test_status_line() -> None:
     assert status_line(["ok"], 0, {"depth": 0}, 250) == "1 device: 1 ok; outbox 0 queued; 250 MQTT messages refused"
 
 
-async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener: NotifyListener) -> None:
-    """The log shows a few refusals a minute; STATUS= carries the total (the router's real counters)."""
-    from eventbus.router import Router
-    from eventbus.topics import Topics
+async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener: NotifyListener,
+                                                       broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+    """The log shows a few refusals a minute; STATUS= carries the total (the router's real counters).
 
-    class RouterOnly:  # the event bus's router, without a broker: messages are handed to it directly
-        async def setup(self, service: MapperService) -> None:
-            service.bus = self
-            self.router = Router(service, Topics("test-node"), max_payload=4096, serve_twin_protocol=True)
+    An app sends 25 values for a read-only property through the broker; the mapper refuses each with a 400.
+    """
+    node = f"systemd-{uuid.uuid4().hex[:8]}"  # topics and an MQTT session of its own on the shared broker
+    config = config_for(tmp_path, node=node, extra=mqtt_block(broker, tmp_path, extra="  session_expiry_s: 0\n"))
+    service = MapperService(config)
+    service.extensions += [EventBusExtension(config.mqtt),
+                           SystemdExtension(Notifier(listener.address), status_every_s=0.05)]
+    caplog.set_level(logging.INFO, logger="mapper.router")
 
-        async def run(self, service: MapperService) -> None:
-            return None
+    def send_read_only_sets() -> None:
+        with broker.client("app") as app:
+            for _ in range(25):
+                code = app.publish(f"mapper/{node}/default/a/temperature/set", b"21.5")
+                assert code is not None and not code.is_failure, f"the broker refused the app's message: {code}"
 
-        async def shutdown(self, service: MapperService) -> None:
-            return None
-
-    service = MapperService(config_for(tmp_path))
-    bus = RouterOnly()
-    service.extensions += [bus, SystemdExtension(Notifier(listener.address), status_every_s=0.05)]
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
         await asyncio.wait_for(service.ready.wait(), 10)
         await to_thread(listener.wait_for, "READY=1")
-        for _ in range(25):  # temperature is read-only: each is refused with a 400
-            await bus.router.handle("mapper/test-node/default/a/temperature/set", b"21.5")
-        await to_thread(listener.wait_for, "STATUS=2 devices: 2 ok; outbox 0 queued; 25 MQTT messages refused")
+        assert service.bus.bus.connected.is_set(), "READY without the broker: the messages would be lost"
+        await to_thread(send_read_only_sets)
+        await to_thread(listener.wait_for, re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued; 25 MQTT messages refused"))
+        logged = [r for r in caplog.records if r.name == "mapper.router" and r.getMessage().startswith("refused set")]
+        assert 0 < len(logged) < 25, f"{len(logged)} refusals logged"
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
@@ -224,68 +278,56 @@ def test_bad_notify_socket_is_refused() -> None:
         Notifier("relative/socket")
 
 
-async def test_service_is_ready_only_after_every_driver_was_opened(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+async def test_service_is_ready_only_after_every_driver_was_opened(tmp_path: Path, plugin_drivers: None) -> None:
     """READY means devices started: a driver still inside open() (a slow sensor bus) holds it back."""
-    from devices.drivers.simulated import SimulatedDriver
-
-    entered, gate = threading.Event(), threading.Event()
-    real_open = SimulatedDriver.open
-
-    def slow_open(self) -> None:  # noqa: ANN001
-        entered.set()
-        assert gate.wait(10), "the test never opened the gate"
-        real_open(self)
-
-    monkeypatch.setattr(SimulatedDriver, "blocking", True)  # open() runs in a worker thread
-    monkeypatch.setattr(SimulatedDriver, "open", slow_open)
-    service = MapperService(config_for(tmp_path))
+    gate = tmp_path / "bus-up"
+    devices = gated_devices(tmp_path, lambda name: {"opening": str(tmp_path / f"{name}.opening"), "open_when": str(gate)})
+    service = MapperService(config_for(tmp_path, devices))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        await to_thread(entered.wait, 10)
+        await async_wait_for(lambda: (tmp_path / "a.opening").exists() and (tmp_path / "b.opening").exists(),
+                             what="both drivers inside open()")
         assert not service.ready.is_set(), "ready while a driver was still opening"
-        gate.set()
+        gate.touch()
         await asyncio.wait_for(service.ready.wait(), 10)
         assert all(r.first_open_done.is_set() and r.driver.opened for r in service.runners.values())
     finally:
-        gate.set()
+        gate.touch()  # lets open() return on the way out of a failed test too
         stop.set()
         await asyncio.wait_for(task, 10)
 
 
 async def test_stopping_is_sent_before_the_devices_are_stopped(tmp_path: Path, listener: NotifyListener,
-                                                               monkeypatch) -> None:  # noqa: ANN001
-    """STOPPING=1 goes out as soon as the stop is requested, while drivers are still being closed."""
-    from devices.drivers.simulated import SimulatedDriver
+                                                               plugin_drivers: None) -> None:
+    """STOPPING=1 goes out as soon as the stop is requested, while drivers are still being closed.
 
-    stopping_seen, gate = threading.Event(), threading.Event()
-    seen_when_closing: list[bool] = []
-    real_close = SimulatedDriver.close
+    The drivers' close() waits (bounded) for a file that appears once the listener has STOPPING=1,
+    and logs whether it did: a STOPPING=1 sent only after the drivers closed leaves them waiting in vain.
+    """
+    stopping_seen, close_log = tmp_path / "stopping-seen", tmp_path / "closed.log"
+    devices = gated_devices(tmp_path, lambda name: {"close_when": str(stopping_seen), "close_log": str(close_log)})
+    service = MapperService(config_for(tmp_path, devices))
+    service.extensions.append(SystemdExtension(Notifier(listener.address), status_every_s=60))
 
-    def watch() -> None:
+    def mark_when_stopping() -> None:
         try:
             listener.wait_for("STOPPING=1", timeout=10)
-            stopping_seen.set()
-        finally:
-            gate.set()
+        except AssertionError:
+            return  # the drivers give up waiting and log it
+        stopping_seen.touch()
 
-    def close(self) -> None:  # noqa: ANN001 - runs on the loop: holds the stop until STOPPING=1 is out
-        gate.wait(15)
-        seen_when_closing.append(stopping_seen.is_set())
-        real_close(self)
-
-    monkeypatch.setattr(SimulatedDriver, "close", close)
-    service = MapperService(config_for(tmp_path))
-    service.extensions.append(SystemdExtension(Notifier(listener.address), status_every_s=60))
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    stop.set()
-    await asyncio.wait_for(task, 30)
+    watcher = threading.Thread(target=mark_when_stopping, daemon=True)
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        watcher.start()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
     watcher.join(15)
-    assert seen_when_closing and all(seen_when_closing), seen_when_closing
+    assert set(close_log.read_text().splitlines()) == {"a yes", "b yes"}
 
 
 @pytest.mark.parametrize(("journal", "first"), [("8:1234", "<3>ERROR mapper.device: sensor gone"), (None, None)])

@@ -35,6 +35,13 @@ from devices.drivers.base import Driver
 from devices.errors import ReadError, WriteError
 
 
+class FaultSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    seed: int | None = None
+    kinds: list[Literal["spike", "stuck", "drift", "noise"]] = ["spike", "stuck", "drift", "noise"]
+
+
 class SimulatedConfig(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     seed: int | None = None
@@ -47,13 +54,6 @@ class SimulatedConfig(BaseModel):
     fail_while_exists: str | None = None
     # Inject labelled sensor faults (models/faults.py) into temperature + humidity.
     faults: FaultSettings | None = None
-
-
-class FaultSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    rate: float = Field(default=0.05, ge=0.0, le=1.0)
-    seed: int | None = None
-    kinds: list[Literal["spike", "stuck", "drift", "noise"]] = ["spike", "stuck", "drift", "noise"]
 
 
 class SimulatedVisitor(BaseModel):

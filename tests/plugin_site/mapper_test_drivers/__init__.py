@@ -1,0 +1,107 @@
+"""Drivers for hardware that misbehaves, shipped the way a third party ships a driver: this package
+plus a `mapper.drivers` entry point in ../mapper_test_drivers-1.0.dist-info (tests/plugin_drivers.py
+puts it on sys.path for the tests that use it).
+
+Each is the simulated driver with one fault of a real bus, set per device in `spec.protocol.configData`:
+
+- `slow`: every read takes `read_s` (a sensor that answers late); blocking, so the device loop calls
+  it in a worker thread and gives up after `timeout_s`.
+- `failing`: no read is ever answered; health() counts the timeouts, as a bus driver would.
+- `gated`: a bus that is slow to open and to close. open() creates the file `opening`, then waits
+  until the file `open_when` exists; close() waits until `close_when` exists and appends
+  `<device> yes` (it did) or `<device> no` (not within the wait) to `close_log`. Waits are bounded
+  by `wait_s`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.drivers.simulated import SimulatedConfig, SimulatedDriver
+from devices.errors import DriverError, ReadError
+
+POLL_S = 0.01
+
+class SlowConfig(SimulatedConfig):
+    read_s: float = Field(default=0.0, ge=0)
+    timeout_s: float = Field(default=5.0, gt=0)
+
+
+class SlowDriver(SimulatedDriver):
+    protocol = "slow"
+    Config = SlowConfig
+    blocking = True
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        super().__init__(device)
+        self.timeout_s = self.config.timeout_s
+
+    def read(self, prop: PropertyDefinition) -> Any:
+        time.sleep(self.config.read_s)  # the bus takes this long to answer
+        return super().read(prop)
+
+
+class FailingDriver(SimulatedDriver):
+    protocol = "failing"
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        super().__init__(device)
+        self.timeouts = 0
+
+    def read(self, prop: PropertyDefinition) -> Any:
+        self.timeouts += 1
+        raise ReadError("bus did not answer", retryable=True)
+
+    def health(self) -> str:
+        return f"bus timeouts {self.timeouts}"
+
+
+class GatedConfig(SimulatedConfig):
+    opening: str | None = None
+    open_when: str | None = None
+    close_when: str | None = None
+    close_log: str | None = None
+    wait_s: float = Field(default=10.0, gt=0)
+
+
+def _wait_for_file(path: str, limit_s: float) -> bool:
+    """Whether `path` exists, waiting up to `limit_s` for it (the bus polled until it is ready)."""
+    deadline = time.monotonic() + limit_s
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+class GatedDriver(SimulatedDriver):
+    protocol = "gated"
+    Config = GatedConfig
+    blocking = True  # open() waits on the bus: the device loop calls it in a worker thread
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        super().__init__(device)
+        self.timeout_s = self.config.wait_s + 5.0  # the loop must not give up before the bus does
+
+    def open(self) -> None:
+        c = self.config
+        if c.opening:
+            Path(c.opening).touch()
+        if c.open_when and not _wait_for_file(c.open_when, c.wait_s):
+            raise DriverError(f"{self.device.id}: the bus did not come up within {c.wait_s:g} s")
+        super().open()
+
+    def close(self) -> None:
+        c = self.config
+        if c.close_when:
+            there = _wait_for_file(c.close_when, c.wait_s)
+            if c.close_log:
+                with open(c.close_log, "a", encoding="utf-8") as log:
+                    log.write(f"{self.device.id.name} {'yes' if there else 'no'}\n")
+        super().close()
