@@ -1,17 +1,23 @@
 """Early-exit inference: the decision rule, the codec, windows, settings, the shipped models on
-real onnxruntime, and the extension inside a running MapperService (no broker: offload
-requests are read from the outbox and answered by the worker's own code)."""
+real onnxruntime, and the extension inside a running MapperService on the session's Mosquitto:
+an app user sees decisions and alerts, a worker user sees offload requests and publishes the
+answers the worker's own code computes."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import math
+import queue
 import random
+import secrets
 import shutil
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,18 +25,20 @@ import orjson
 import pytest
 
 from devices.ids import DeviceId
+from eventbus.settings import MqttSettings
 from eventbus.topics import Topics
 from mapper.config import MapperConfig, TwinSettings, load_config
 from mapper.inference import codec, policy, records
 from mapper.inference.codec import CodecError, OffloadResult
-from mapper.inference.extension import InferenceExtension
+from mapper.inference.extension import TIMER_GRACE_S, InferenceExtension
 from mapper.inference.model import EarlyExitModel, ModelError, load_model, session_options
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
 from mapper.inference.window import WindowBuilder
 from mapper.inference.worker import CloudWorker, WorkerSettings
-from mapper.service import MapperService
+from mapper.runtime import build_service
 from twin.records import ERROR, Reading
 from twin.store import TwinStore
+from brokers import MosquittoBroker, MqttProbe
 from helpers import async_wait_for
 
 REPO = Path(__file__).resolve().parents[1]
@@ -320,7 +328,7 @@ def test_mapper_runs_without_onnxruntime_when_no_pipeline(tmp_path):
     assert "ran" in done.stdout
 
 
-# --- the extension in a running service (no broker) --------------------------------------
+# --- the extension in a running service, on the broker ------------------------------------
 
 DEVICES = """\
 apiVersion: devices.kubeedge.io/v1beta1
@@ -377,30 +385,46 @@ def _devices(tmp_path: Path, *, rate: float = 0.05, cycle: int = 10, push: str =
     return d
 
 
-class FakeBus:
-    """Stands in for the event bus: topics and subscriptions, never connected (no publisher)."""
+class Listener:
+    """What one probe receives, collected without blocking the event loop (paho's thread queues it)."""
 
-    def __init__(self, node: str) -> None:
-        self.topics = Topics(node)
-        self.subscriptions: list[tuple[str, int, object]] = []
-        self.bus = None
+    def __init__(self, probe: MqttProbe, *topic_filters: str) -> None:
+        """Subscribe `probe` to `topic_filters`; the probe is closed if that fails (else by its owner)."""
+        self.probe = probe
+        self.messages: list[tuple[str, bytes]] = []
+        try:
+            for topic_filter in topic_filters:
+                code = probe.subscribe(topic_filter)
+                assert not code.is_failure, (topic_filter, code)
+        except BaseException:
+            probe.close()
+            raise
 
-    async def setup(self, service):
-        service.bus = self
+    def _collect(self) -> list[tuple[str, bytes]]:
+        while True:
+            try:
+                message = self.probe.messages.get_nowait()
+            except queue.Empty:
+                return self.messages
+            self.messages.append((message.topic, bytes(message.payload)))
 
-    def subscribe(self, topic_filter, qos, handler):
-        self.subscriptions.append((topic_filter, qos, handler))
+    def payloads(self, topic: str) -> list[bytes]:
+        """The payloads received on `topic`, in arrival order."""
+        return [p for t, p in self._collect() if t == topic]
 
-    async def run(self, service):
-        return None
-
-    async def shutdown(self, service):
-        return None
+    def bodies(self, suffix: str) -> list[dict]:
+        """The JSON payloads received on topics ending in `suffix`, in arrival order."""
+        return [orjson.loads(p) for t, p in self._collect() if t.endswith(suffix)]
 
 
 class Running:
-    def __init__(self, service, ext, task, stop):
+    """A MapperService in this event loop and, with a running broker, what an app (decisions, alerts, the node's
+    availability) and a cloud worker (offload requests) receive from it, each as its user of the shipped ACL."""
+
+    def __init__(self, service, ext, task, stop, app: Listener | None = None, cloud: Listener | None = None):
         self.service, self.ext, self.task, self.stop = service, ext, task, stop
+        self.app, self.cloud = app, cloud
+        self.topics = Topics(service.config.node)
 
     async def outbox(self, suffix: str):
         rows = await self.service.twin(lambda s: s.outbox_pending(limit=100_000))
@@ -412,25 +436,89 @@ class Running:
     def pipeline(self):
         return next(iter(self.ext.pipelines.values()))
 
+    def requests(self) -> list[dict]:
+        """The offload requests the worker received, in arrival order."""
+        assert self.cloud is not None
+        return self.cloud.bodies("/offload/request")
 
-async def _start(tmp_path, pipeline: dict, *, with_bus: bool = True, push: str = "", inference: dict | None = None):
+    def published(self, suffix: str = "/decision") -> list[dict]:
+        """The decisions (or alerts) the app received, in arrival order."""
+        assert self.app is not None
+        return self.app.bodies(suffix)
+
+    async def send_result(self, *payloads: bytes) -> None:
+        """Publish on the mapper's result topic as the worker does (QoS 1, each acknowledged by the broker)."""
+        assert self.cloud is not None
+        probe, topic = self.cloud.probe, self.topics.offload_result()
+
+        def publish() -> None:
+            for payload in payloads:
+                code = probe.publish(topic, payload)
+                assert code is not None and not code.is_failure, code
+
+        await asyncio.to_thread(publish)
+
+
+def _mqtt(tmp_path: Path, broker: MosquittoBroker) -> MqttSettings:
+    """The mapper's `mqtt:` section for `broker`, as its `mapper` user (no session left behind on the broker)."""
+    secret = tmp_path / "mapper.password"
+    secret.write_text(broker.users["mapper"])
+    secret.chmod(0o600)
+    return MqttSettings(url=f"mqtt://{broker.host}:{broker.port}", username="mapper", password_file=secret,
+                        reconnect_min_s=0.2, reconnect_max_s=1.0, session_expiry_s=0)
+
+
+async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = None, push: str = "",
+                 inference: dict | None = None, cycle: int = 10) -> Running:
+    """The mapper as `mapper run` assembles it. Without `broker` there is no `mqtt:` section; with one, the node
+    name is new (nothing of an earlier test reaches it), and if the broker runs, the app and the worker listen
+    before the mapper starts and it returns once the app saw the node come online."""
+    node = f"n{secrets.token_hex(4)}"
     settings = InferenceSettings.model_validate(inference if inference is not None else {"pipelines": [pipeline]})
-    config = MapperConfig(node="n1", devices=[_devices(tmp_path, push=push)],
-                          twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings)
-    service = MapperService(config)
-    ext = InferenceExtension(config.inference)
-    if with_bus:
-        service.extensions.append(FakeBus("n1"))
-    service.extensions.append(ext)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    await asyncio.wait_for(service.ready.wait(), 10)
-    return Running(service, ext, task, stop)
+    config = MapperConfig(node=node, devices=[_devices(tmp_path, cycle=cycle, push=push)],
+                          twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings,
+                          mqtt=_mqtt(tmp_path, broker) if broker is not None else None)
+    service = build_service(config)
+    ext = next(e for e in service.extensions if isinstance(e, InferenceExtension))
+    listeners: list[Listener] = []
+    try:
+        if broker is not None and broker.running:
+            base = f"mapper/{node}"
+            listeners.append(Listener(broker.client("app"), f"{base}/availability", f"{base}/default/+/decision",
+                                      f"{base}/default/+/alert"))
+            listeners.append(Listener(broker.client("worker"), f"{base}/offload/request"))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        r = Running(service, ext, task, stop, *listeners)
+        try:
+            await asyncio.wait_for(service.ready.wait(), 10)
+            if r.app is not None:
+                await async_wait_for(lambda: b"online" in r.app.payloads(f"{base}/availability"), timeout=10,
+                                     what="the node online (the mapper connected and subscribed)")
+        except BaseException:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            raise
+    except BaseException:
+        for listener in listeners:
+            listener.probe.close()
+        raise
+    return r
 
 
 async def _stop(r: Running):
+    """Stop the mapper and close the probes. With a broker, first wait until the app saw the node go offline:
+    the mapper says so after its outbox drained, so by then everything it published has arrived."""
     r.stop.set()
-    await asyncio.wait_for(r.task, 20)
+    try:
+        await asyncio.wait_for(r.task, 20)
+        if r.app is not None:
+            await async_wait_for(lambda: r.app.payloads(r.topics.node_availability())[-1:] == [b"offline"],
+                                 timeout=10, what="the node offline")
+    finally:
+        for listener in (r.app, r.cloud):
+            if listener is not None:
+                listener.probe.close()
 
 
 def _assert_derived_shows_the_newest_decision(store, pipeline: str = "default/probe-sensor-faults") -> None:
@@ -447,9 +535,33 @@ def _assert_derived_shows_the_newest_decision(store, pipeline: str = "default/pr
 
 
 def _answer(worker: CloudWorker, body: dict, **change) -> bytes:
-    topic, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
-    assert topic == "mapper/n1/offload/result"
+    """The worker's answer to a request the mapper sent (its own code and cloud graph), with `change`s."""
+    node = body["node"]
+    topic, payload = worker.answer(f"mapper/{node}/offload/request", orjson.dumps(body))
+    assert topic == f"mapper/{node}/offload/result"
     return orjson.dumps({**orjson.loads(payload), **change}) if change else payload
+
+
+def _now_ms() -> int:
+    """The mapper's clock (wall time in ms, as in a request's `created`)."""
+    return time.time_ns() // 1_000_000
+
+
+async def _row(r: Running, request_id: str) -> dict:
+    """The twin's decision row of one offload request."""
+    return next(x for x in await r.decisions() if x["request_id"] == request_id)
+
+
+async def _until(fetch, ok, timeout: float = 20.0, what: str = "condition"):
+    """async_wait_for for a check that needs the twin (polls; no sleep as synchronisation)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
+        await asyncio.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -457,18 +569,19 @@ def worker():
     return CloudWorker(WorkerSettings(models=["sensor_faults"], worker_id="t"))
 
 
-async def test_offload_provisional_final_and_rejections(tmp_path, worker):
+async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker):
     """Uncertain windows are offloaded; after the deadline the edge answer stands provisionally; the
     cloud answer replaces it; duplicates, unknown, wrong-node, mismatched and malformed results are counted."""
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.3, "resend_s": 60})
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.3, "resend_s": 60},
+                     broker=broker)
     try:
         ext = r.ext
         stats = lambda: ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        assert [s[0] for s in r.service.bus.subscriptions] == ["mapper/n1/offload/result"]
         await async_wait_for(lambda: stats()["provisional"] >= 2 and stats()["edge_exits"] >= 2, timeout=20,
                              what="provisional decisions and edge exits")
-        requests = [b for _, b in await r.outbox("/offload/request")]
-        assert requests and all(not b["audit"] and b["node"] == "n1" and b["enc"] == "int8" for b in requests)
+        requests = r.requests()
+        assert requests and all(not b["audit"] and b["node"] == r.topics.node and b["enc"] == "int8"
+                                for b in requests)
         rows = {row["request_id"]: row for row in await r.decisions()}
         provisional = [b for b in requests if rows[b["id"]]["status"] == "provisional"]
         assert provisional, "deadline passed but no row is provisional"
@@ -477,34 +590,44 @@ async def test_offload_provisional_final_and_rejections(tmp_path, worker):
 
         target = provisional[0]
         before = stats()["replaced"]
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))
-        assert stats()["results_ok"] == 1 and stats()["replaced"] == before + 1
+        await r.send_result(_answer(worker, target))
+        await async_wait_for(lambda: stats()["results_ok"] == 1, what="the cloud answer accepted")
+        answered_after_ms = _now_ms() - target["created"]
+        assert stats()["replaced"] == before + 1
+        # Its round trip ends after the deadline (the row was provisional) and before the test saw it accepted.
+        assert 300 <= stats()["mean_round_trip_ms"] <= answered_after_ms
         # It commits with the next batch of readings (or on its own within TIMER_GRACE_S).
-        await async_wait_for(lambda: ext.results_applied == 1, what="the cloud answer committed")
-        row = {x["request_id"]: x for x in await r.decisions()}[target["id"]]
-        assert (row["status"], row["exit"]) == ("final", "cloud")
+        row = await _until(lambda: _row(r, target["id"]), lambda x: x["exit"] == "cloud",
+                           what="the answer committed")
+        assert row["status"] == "final"
         expected_cloud = r.pipeline().cloud_answer(tuple(orjson.loads(_answer(worker, target))["logits"]))
         assert (row["label"], row["cloud_label"]) == (expected_cloud[0], expected_cloud[0])
-        published = [b for _, b in await r.outbox("/decision") if b["request_id"] == target["id"]]
-        assert [(b["exit"], b["provisional"]) for b in published] == [("edge", True), ("cloud", False)]
+        mine = lambda: [b for b in r.published() if b["request_id"] == target["id"]]  # noqa: E731
+        await async_wait_for(lambda: len(mine()) == 2, what="the cloud decision at the app")
+        assert [(b["exit"], b["provisional"], b["label"]) for b in mine()] == [
+            ("edge", True, rows[target["id"]]["edge_label"]), ("cloud", False, expected_cloud[0])]
         await r.service.twin(_assert_derived_shows_the_newest_decision)
 
         # hostile or stray results: counted, never applied
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, target))            # duplicate
         other = provisional[1] if len(provisional) > 1 else requests[-1]
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, node="n2"))  # wrong node
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, model="x"))  # mismatch
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, id="f" * 16))  # unknown
-        await ext.handle_result("mapper/n1/offload/result", b"\xff\x00garbage")                 # malformed
-        await ext.handle_result("mapper/n1/offload/result", _answer(worker, other, logits=[1.0, 2.0]))
-        status = ext.status()
-        assert status["results_rejected"] == {"duplicate": 1, "wrong_node": 1, "unknown": 1, "malformed": 1}
-        assert stats()["results_rejected"] == {"mismatch": 2}
+        for payload in (_answer(worker, target),                         # duplicate
+                        _answer(worker, other, node="n2"),               # wrong node
+                        _answer(worker, other, model="x"),               # mismatch
+                        _answer(worker, other, id="f" * 16),             # unknown
+                        b"\xff\x00garbage",                              # malformed
+                        _answer(worker, other, logits=[1.0, 2.0])):      # mismatch (number of logits)
+            await r.send_result(payload)
+        await async_wait_for(lambda: ext.status()["results_rejected"] == {"duplicate": 1, "wrong_node": 1,
+                                                                           "unknown": 1, "malformed": 1}
+                             and stats()["results_rejected"] == {"mismatch": 2}, what="the rejections counted")
         assert stats()["results_ok"] == 1
-        assert {x["request_id"]: x for x in await r.decisions()}[other["id"]]["exit"] != "cloud"
-        assert stats()["mean_edge_latency_us"] > 0 and stats()["mean_round_trip_ms"] >= 0
+        assert (await _row(r, other["id"]))["exit"] != "cloud"
+        assert stats()["mean_edge_latency_us"] > 0
     finally:
         await _stop(r)
+    # Everything the mapper published has arrived: no second answer for the target, none for the other.
+    assert [b["exit"] for b in r.published() if b["request_id"] == target["id"]] == ["edge", "cloud"]
+    assert all(b["exit"] != "cloud" for b in r.published() if b["request_id"] == other["id"])
 
 
 def test_recorded_decisions_are_the_derived_devices_properties(tmp_path):
@@ -570,10 +693,12 @@ def test_recorded_decisions_are_the_derived_devices_properties(tmp_path):
         assert shown(store)["label"] == "drift"
 
 
-async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_path, worker, monkeypatch):
+async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_path, broker, worker, monkeypatch):
     """While readings flow, a cloud answer commits in the next batch's transaction (no transaction of
     its own); with no readings it commits within TIMER_GRACE_S; one still waiting at a stop is
-    committed before the mapper exits."""
+    committed before the mapper exits, and the app gets its decision before the node goes offline."""
+    # A spy, not a stand-in: which transaction a row was updated in leaves no trace in the twin file,
+    # so the transactions of their own (records.update) are counted where they are made.
     own_transactions: list[int] = []
     real_update = records.update
 
@@ -583,72 +708,98 @@ async def test_cloud_answers_ride_with_readings_else_commit_on_their_own(tmp_pat
 
     monkeypatch.setattr(records, "update", counting_update)
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
-                                "deadline_s": 60, "resend_s": 60})
+                                "deadline_s": 60, "resend_s": 60}, broker=broker)
     try:
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        await async_wait_for(lambda: stats()["offloads"] >= 3, timeout=20, what="offloaded windows")
-        first, second, third = [b for _, b in await r.outbox("/offload/request")][:3]
+        await async_wait_for(lambda: len(r.requests()) >= 3, timeout=20, what="offload requests at the worker")
+        first, second, third = r.requests()[:3]
+        cloud = lambda x: x["exit"] == "cloud"  # noqa: E731
 
-        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, first))
-        await async_wait_for(lambda: r.ext.results_applied == 1, what="the first answer committed")
+        await r.send_result(_answer(worker, first))
+        row = await _until(lambda: _row(r, first["id"]), cloud, what="the first answer committed")
+        assert row["status"] == "final"
         assert own_transactions == []  # it rode with a batch of readings
-        rows = {x["request_id"]: x for x in await r.decisions()}
-        assert (rows[first["id"]]["status"], rows[first["id"]]["exit"]) == ("final", "cloud")
 
         for device in list(r.service.runners):  # no more readings, from any device
             await r.service.stop_device(device)
         await r.service.recorder.flush()  # and none still queued behind a commit under way
-        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, second))
-        await async_wait_for(lambda: r.ext.results_applied == 2, timeout=5, what="the second answer committed")
+        await r.send_result(_answer(worker, second))
+        await _until(lambda: _row(r, second["id"]), cloud, timeout=5, what="the second answer committed")
         assert own_transactions == [1]
-        assert {x["request_id"]: x for x in await r.decisions()}[second["id"]]["exit"] == "cloud"
 
-        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, third))
-        assert r.ext.results_applied == 2
+        await r.send_result(_answer(worker, third))
+        await async_wait_for(lambda: stats()["results_ok"] == 3, what="the third answer accepted")
+        assert (await _row(r, third["id"]))["status"] == "pending"  # not committed yet (TIMER_GRACE_S)
     finally:
         await _stop(r)  # at once: well within TIMER_GRACE_S of the third answer
-    assert r.ext.results_applied == 3
     with TwinStore.open(tmp_path / "twin.db") as store:
         row = {x["request_id"]: x for x in records.recent(store, "default/probe-sensor-faults", 100_000)}[third["id"]]
     assert (row["status"], row["exit"]) == ("final", "cloud")
+    assert [(b["exit"], b["label"]) for b in r.published() if b["request_id"] == third["id"]] == [
+        ("cloud", row["label"])]
 
 
 async def test_resends_wait_quietly_while_the_bus_is_down(tmp_path):
-    """A resend that falls due while the bus is disconnected is not sent (it would only pile up in the
-    outbox) and does not make the timer task spin: it waits for the next resend time."""
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
-                                "deadline_s": 600, "resend_s": 0.2})
+    """A resend that falls due while the broker is unreachable is not queued (it would only pile up in the
+    outbox behind the request itself) and does not make the timer task spin: it waits for the next resend
+    time. Once the broker is up, the queued requests go out and the resends resume."""
+    own = MosquittoBroker()  # rendered but not started: nothing listens on its port yet
+    worker_sees: Listener | None = None
     try:
-        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        await async_wait_for(lambda: stats()["offloads"] >= 3, timeout=20, what="offloaded windows")
-        for device in list(r.service.runners):  # no more windows: only the timer task is left
-            await r.service.stop_device(device)
-        scans = 0
-        real = r.ext._collect_due
+        r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                    "deadline_s": 600, "resend_s": 0.2}, broker=own)
+        try:
+            stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+            await async_wait_for(lambda: stats()["offloads"] >= 3, timeout=20, what="offloaded windows")
+            for device in list(r.service.runners):  # no more windows: only the timer task is left
+                await r.service.stop_device(device)
+            await r.service.recorder.flush()
+            queued = sorted(b["id"] for _, b in await r.outbox("/offload/request"))
+            assert len(queued) == stats()["offloads"] >= 3 and not r.service.bus.bus.connected.is_set()
+            # A spy, not a stand-in: a timer that spins without sending anything leaves no trace in the
+            # twin or on the broker, so its scans are counted where they happen.
+            scans = 0
+            real = r.ext._collect_due
 
-        def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-            nonlocal scans
-            scans += 1
-            return real(*args, **kwargs)
+            def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+                nonlocal scans
+                scans += 1
+                return real(*args, **kwargs)
 
-        await asyncio.sleep(1.5)  # the resends are now more than TIMER_GRACE_S overdue
-        r.ext._collect_due = counting
-        await asyncio.sleep(1.0)  # an observation window: what the timer does on its own for a second
-        assert scans <= 10, f"the timer task scanned {scans} times in a second (resends due every 0.2 s)"
-        assert stats()["resent"] == 0  # the bus is down: nothing was queued twice
+            r.ext._collect_due = counting
+            newest = max(b["created"] for _, b in await r.outbox("/offload/request"))
+            overdue_ms = int((0.2 + TIMER_GRACE_S) * 1000) + 300
+            await async_wait_for(lambda: _now_ms() > newest + overdue_ms, timeout=10,
+                                 what="every first resend overdue by more than TIMER_GRACE_S")
+            scans = 0
+            await asyncio.sleep(1.0)  # an observation window: what the timer does on its own for a second
+            assert scans <= 10, f"the timer task scanned {scans} times in a second (resends due every 0.2 s)"
+            assert stats()["resent"] == 0  # the bus is down: nothing was queued twice
+            assert sorted(b["id"] for _, b in await r.outbox("/offload/request")) == queued
+
+            own.start()
+            worker_sees = Listener(own.client("worker"), r.topics.offload_request())
+            seen = lambda: Counter(b["id"] for b in worker_sees.bodies("/offload/request"))  # noqa: E731
+            await async_wait_for(lambda: set(seen()) == set(queued) and max(seen().values()) >= 2, timeout=20,
+                                 what="every queued request at the worker, and one of them again")
+        finally:
+            await _stop(r)
     finally:
-        await _stop(r)
+        if worker_sees is not None:
+            worker_sees.probe.close()
+        own.close()
 
 
-async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_path, caplog):
+async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_path, broker, caplog):
     """1,000 malformed results: every one is counted, ten are logged (mapper.logs.Throttle)."""
     import logging
 
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"})
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, broker=broker)
     try:
         with caplog.at_level(logging.INFO, logger="mapper.inference"):
-            for _ in range(1000):
-                await r.ext.handle_result("mapper/n1/offload/result", b"\xff\x00garbage")
+            await r.send_result(*[b"\xff\x00garbage"] * 1000)
+            await async_wait_for(lambda: r.ext.status()["results_rejected"].get("malformed") == 1000,
+                                 what="every result counted")
         assert r.ext.status()["results_rejected"] == {"malformed": 1000}
         refused = [x for x in caplog.records if "result refused (malformed)" in x.getMessage()]
         assert len(refused) == 10
@@ -656,84 +807,101 @@ async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_
         await _stop(r)
 
 
-async def test_late_results_are_refused_after_max_age(tmp_path, worker):
+async def test_late_results_are_refused_after_max_age(tmp_path, broker, worker):
     """A result after result_max_age_s is refused as late and the provisional answer stays."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,
-                                "result_max_age_s": 0.4, "resend_s": 60})
+                                "result_max_age_s": 0.4, "resend_s": 60}, broker=broker)
     try:
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         await async_wait_for(lambda: stats()["expired"] >= 1, timeout=20, what="an expired request")
-        rows = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
-        requests = [b for _, b in await r.outbox("/offload/request")]
-        expired = next(b for b in requests if b["id"] not in r.ext._waiting)
-        await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, expired))
-        assert r.ext.status()["results_rejected"] == {"late": 1}
-        assert rows[expired["id"]]["status"] == "provisional"
+        expired = await async_wait_for(lambda: next((b for b in r.requests() if _now_ms() - b["created"] > 400),
+                                                    None), what="a request older than result_max_age_s")
+        await r.send_result(_answer(worker, expired))
+        await async_wait_for(lambda: r.ext.status()["results_rejected"] == {"late": 1}, what="the result refused")
+        assert (await _row(r, expired["id"]))["status"] == "provisional"
+        assert stats()["results_ok"] == 0
     finally:
         await _stop(r)
+    assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == expired["id"]] == [
+        ("edge", True)]
 
 
 async def test_a_clean_stop_first_acts_on_the_last_decisions(tmp_path):
-    """A closed-loop action still being taken when a stop comes is finished before the mapper exits
-    (the stop waits for it, bounded), not cancelled half way."""
+    """A closed-loop action still to be taken when a stop comes is taken before the mapper exits (the stop
+    waits for it, bounded), not cancelled. The twin is slow for real: another writer (as `mapper twin set`
+    would be) holds its write lock, so the first windows are decided only when the stop commits the readings.
+    No event bus: its drain at a stop would give the action time of its own, so only the inference's wait
+    could be missed."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 0.0, "actions": [
-        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "otherwise": False}]})
-    real = r.ext._set_desired
-    started = asyncio.Event()
-    finished: list[list] = []
-
-    async def slow_set_desired(desired: list) -> None:
-        if desired:
-            started.set()
-            await asyncio.sleep(0.5)  # a slow twin: the stop comes while this action is under way
-        await real(desired)
-        finished.append(desired)
-
-    r.ext._set_desired = slow_set_desired
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "otherwise": False}]},
+        cycle=20)
+    writer: sqlite3.Connection | None = None
     try:
-        await asyncio.wait_for(started.wait(), 20)
+        faults = set(r.pipeline().model.info.classes[1:])  # the labels that set `value`; the others `otherwise`
+        # The probe's first reading turned its state `ok` in the twin: from then on its reads need no twin call.
+        await _until(lambda: r.service.twin(lambda s: s.device(SENSOR).state), lambda state: state == "ok",
+                     what="the probe ok in the twin")
+        writer = sqlite3.connect(tmp_path / "twin.db", timeout=10, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # from now on every twin write of the mapper waits
+        assert writer.execute("SELECT COUNT(*) FROM inference_decisions").fetchone() == (0,), \
+            "a window was decided before the twin was locked: the first action would not come at the stop"
+        probe = r.service.runners[SENSOR]
+        await async_wait_for(lambda: probe.reads >= 2 * 24, what="readings for a window, waiting for the twin")
+        r.stop.set()
+        await async_wait_for(lambda: not r.service.runners, what="the devices stopped")
+        writer.execute("ROLLBACK")  # the stop commits the last readings: their windows are decided and acted on
     finally:
+        if writer is not None:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            writer.close()
         await _stop(r)
-    acted = [d for batch in finished for d in batch]
-    assert acted, "the action under way at the stop was cancelled"
     with TwinStore.open(tmp_path / "twin.db") as store:
-        assert store.device(RELAY).properties["power"].desired is acted[-1].value
+        decided = [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["label"]]
+        power = store.device(RELAY).properties["power"]
+    assert decided, "the stop did not commit the last readings' decisions"
+    newest = max(decided, key=lambda x: x["window_end_ts"])
+    assert power.desired is not None, "the action on the decisions made at the stop was cancelled"
+    assert power.desired is (newest["label"] in faults)
 
 
-async def test_audits_closed_loop_and_alerts(tmp_path, worker):
+async def test_audits_closed_loop_and_alerts(tmp_path, broker, worker):
     """With audit_share 1 every edge exit is offloaded as an audit (compared, not replaced); decisions set the
-    relay's desired value (only when it changes) and raise alerts for fault labels."""
+    relay's desired value (only when it changes) and raise alerts for fault labels; the app gets a decision
+    only when the label changes, and an alert for every fault."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "audit_share": 1.0, "deadline_s": 30,
                                 "threshold": 0.5, "actions": [
                                     {"type": "publish", "only_changes": True},
                                     {"type": "alert"},
                                     {"type": "set_desired", "device": "relay", "property": "power",
-                                     "value": True, "otherwise": False}]})
+                                     "value": True, "otherwise": False}]}, broker=broker)
     try:
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        await async_wait_for(lambda: stats()["audits"] >= 3, timeout=20, what="audits")
-        audits = [b for _, b in await r.outbox("/offload/request") if b["audit"]]
+        audited = lambda: [b for b in r.requests() if b["audit"]]  # noqa: E731
+        await async_wait_for(lambda: len(audited()) >= 3, timeout=20, what="audits at the worker")
+        audits = audited()[:3]
         rows = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
-        for body in audits[:3]:
-            await r.ext.handle_result("mapper/n1/offload/result", _answer(worker, body))
-        await async_wait_for(lambda: r.ext.results_applied == 3, what="the cloud answers committed")
-        after = {x["request_id"]: x for x in await r.decisions() if x["request_id"]}
-        for body in audits[:3]:
-            assert after[body["id"]]["exit"] == "edge" and after[body["id"]]["label"] == rows[body["id"]]["edge_label"]
-            assert after[body["id"]]["cloud_label"] is not None
+        await r.send_result(*(_answer(worker, body) for body in audits))
+        ids = {body["id"] for body in audits}
+        after = await _until(r.decisions, lambda xs: all(x["cloud_label"] is not None for x in xs
+                                                         if x["request_id"] in ids), what="the cloud answers committed")
+        after = {x["request_id"]: x for x in after if x["request_id"]}
+        for body in audits:
+            cloud_label, _ = r.pipeline().cloud_answer(tuple(orjson.loads(_answer(worker, body))["logits"]))
+            row = after[body["id"]]
+            assert (row["exit"], row["label"], row["cloud_label"]) == ("edge", rows[body["id"]]["edge_label"],
+                                                                       cloud_label)
         assert stats()["audit_agree"] + stats()["audit_disagree"] == 3
 
         await async_wait_for(lambda: stats()["windows"] >= 60, timeout=20, what="more windows")
     finally:
         await _stop(r)
-    from twin.store import TwinStore
 
     with TwinStore.open(tmp_path / "twin.db") as store:
         labels = [x["label"] for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["label"]]
         power = store.device(RELAY).properties["power"]
-        outbox = store.outbox_pending(limit=100_000)
-    alerts = [orjson.loads(row.payload) for row in outbox if row.topic.endswith("/alert")]
-    published = [orjson.loads(row.payload)["label"] for row in outbox if row.topic.endswith("/decision")]
+    alerts = r.published("/alert")
+    published = [b["label"] for b in r.published("/decision")]
     faulty = [label != "normal" for label in labels]
     flips = sum(1 for a, b in zip(faulty, faulty[1:]) if a != b)
     assert power.desired is faulty[-1]
@@ -743,12 +911,12 @@ async def test_audits_closed_loop_and_alerts(tmp_path, worker):
     assert published == [b for a, b in zip([None, *labels], labels) if a != b]   # only changes
 
 
-async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_path):
-    """A pipeline configured on the device (pushMethod.anomalyDetection) runs; a read-only target disables
-    its pipeline with a message instead of crashing the mapper."""
+async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_path, broker):
+    """A pipeline configured on the device (pushMethod.anomalyDetection) runs and publishes; a read-only target
+    disables its pipeline with a message instead of crashing the mapper."""
     push = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"
             " name: probe-ad}\n")
-    r = await _start(tmp_path, {}, push=push, inference={"pipelines": [
+    r = await _start(tmp_path, {}, push=push, broker=broker, inference={"pipelines": [
         {"device": "probe", "model": "sensor_faults", "actions": [
             {"type": "set_desired", "device": "probe", "property": "temperature", "value": 1}]}]})
     try:
@@ -758,14 +926,17 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows")
         rows = await r.decisions("default/probe-ad")
         assert rows and all(x["label"] is not None for x in rows if x["status"] != "pending")
+        await async_wait_for(lambda: r.published("/probe-ad/decision"), what="a decision at the app")
+        assert not r.published("/probe-sensor-faults/decision")
     finally:
         await _stop(r)
 
 
 async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
-    """No MQTT: windows are still decided and recorded, nothing is queued for publishing."""
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}, with_bus=False)
+    """No `mqtt:` section: windows are still decided and recorded, nothing is queued for publishing."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0})
     try:
+        assert r.service.bus is None
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         await async_wait_for(lambda: stats()["windows"] >= 5, timeout=20, what="windows")
         assert await r.outbox("") == []
@@ -775,26 +946,30 @@ async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
         await _stop(r)
 
 
-async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, capsys):
-    """A desired value for the derived device over KubeEdge's twin protocol or a /set topic is refused (404: the
-    router serves the devices of the YAML only) and nothing changes. `mapper twin get`, `twin history` and
-    `devices` show it; `mapper twin set` refuses it (ReadOnly)."""
-    from eventbus.router import Router
+async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, broker, capsys):
+    """A desired value for the derived device over KubeEdge's twin protocol or a /set topic, sent by the app
+    through the broker, is refused (404: the router serves the devices of the YAML only) and nothing changes.
+    `mapper twin get`, `twin history` and `devices` show it; `mapper twin set` refuses it (ReadOnly)."""
     from helpers import write_config
     from mapper import cli
     from twin.store import NotWritable
 
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0})
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}, broker=broker)
     derived = DeviceId("default", "probe-sensor-faults")
+    hw = "$hw/events/device/default/probe-sensor-faults/twin/update"
+    app: Listener | None = None
     try:
-        router = Router(r.service, Topics("n1"), max_payload=4096, serve_twin_protocol=True)
-        await router.handle("$hw/events/device/default/probe-sensor-faults/twin/update",
-                            b'{"event_id":"d1","twin":{"label":{"expected":{"value":"normal"}}}}')
-        await router.handle("mapper/n1/default/probe-sensor-faults/label/set", b'"normal"')
-        await router.handle("mapper/n1/default/probe-sensor-faults/decision/set", b'"normal"')
-        replies = [b for _, b in await r.outbox("/twin/update/result")]
-        assert [(b["event_id"], b["code"]) for b in replies] == [("d1", 404)]
-        assert router.counts["rejected_404"] == 3 and router.counts["internal_error"] == 0
+        app = Listener(broker.client("app"), f"{hw}/result")
+        sets = r.topics.device_base(derived)
+        for topic, payload in ((hw, b'{"event_id":"d1","twin":{"label":{"expected":{"value":"normal"}}}}'),
+                               (f"{sets}/label/set", b'"normal"'), (f"{sets}/decision/set", b'"normal"')):
+            code = await asyncio.to_thread(app.probe.publish, topic, payload)
+            assert code is not None and not code.is_failure, code
+        router = r.service.bus.router
+        await async_wait_for(lambda: router.counts["rejected_404"] == 3, what="the three desired values refused")
+        await async_wait_for(lambda: app.bodies("/twin/update/result"), what="the twin update's result")
+        assert [(b["event_id"], b["code"]) for b in app.bodies("/twin/update/result")] == [("d1", 404)]
+        assert router.counts["internal_error"] == 0
         with pytest.raises(NotWritable):
             await r.service.twin(lambda s: s.set_desired(derived, "label", "normal"))
         twin = await r.service.twin(lambda s: s.device(derived))
@@ -802,6 +977,8 @@ async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_pat
         await async_wait_for(lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]["windows"] >= 2,
                              timeout=20, what="decisions")
     finally:
+        if app is not None:
+            app.probe.close()
         await _stop(r)
 
     config = str(write_config(tmp_path / "c.yaml", tmp_path / "devices", tmp_path / "twin.db"))
@@ -866,20 +1043,6 @@ spec:
 """
 
 
-async def _until(fetch, ok, timeout: float = 20.0, what: str = "condition"):
-    """async_wait_for for a check that needs the twin (polls; no sleep as synchronisation)."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await fetch()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what} (last: {value!r})")
-        await asyncio.sleep(0.02)
-
-
 async def _update(r: Running, tmp_path: Path, *, push: str, extra: bool = False) -> None:
     from devices.loader import load
 
@@ -893,10 +1056,10 @@ async def _update(r: Running, tmp_path: Path, *, push: str, extra: bool = False)
     await async_wait_for(lambda: r.ext.reloads > before, timeout=20, what="the pipelines rebuilt")
 
 
-async def test_device_updates_build_keep_and_drop_pipelines(tmp_path):
+async def test_device_updates_build_keep_and_drop_pipelines(tmp_path, broker):
     """Devices that arrive after setup (KubeEdge DMI, SIGHUP reload) get their anomalyDetection pipeline;
     an update that leaves the device alone keeps the pipeline with its window; removing the map drops it."""
-    r = await _start(tmp_path, {}, inference={"pipelines": []})
+    r = await _start(tmp_path, {}, broker=broker, inference={"pipelines": []})
     try:
         assert r.ext.pipelines == {}
         await _update(r, tmp_path, push=AD_PUSH)
@@ -905,7 +1068,7 @@ async def test_device_updates_build_keep_and_drop_pipelines(tmp_path):
         await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows of the new pipeline")
         rows = await r.decisions("default/probe-ad")
         assert rows and all(x["label"] is not None for x in rows if x["status"] != "pending")
-        assert [b for _, b in await r.outbox("/probe-ad/decision")], "no decision published"
+        await async_wait_for(lambda: r.published("/probe-ad/decision"), what="the new pipeline's decision at the app")
 
         kept = r.pipeline()
         windows = stats()["windows"]
@@ -927,10 +1090,10 @@ async def test_device_updates_build_keep_and_drop_pipelines(tmp_path):
         await _stop(r)
 
 
-async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path):
+async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path, broker):
     """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
     provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""
-    r = await _start(tmp_path, {}, inference={"max_pending": 2, "pipelines": [
+    r = await _start(tmp_path, {}, broker=broker, inference={"max_pending": 2, "pipelines": [
         {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600,
          "result_max_age_s": 1200, "resend_s": 600}]})
     try:
@@ -941,12 +1104,14 @@ async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tm
 
         await async_wait_for(lambda: stats()["provisional"] >= 3, timeout=20, what="requests given up")
         await _until(lambda: given_up(), lambda rows: len(rows) >= 3, what="their rows provisional")
-        assert len(r.ext._waiting) <= 2
+        assert stats()["waiting"] <= 2
         assert stats()["edge_exits"] == 0 and stats()["provisional"] >= 3 and stats()["expired"] >= 3
         rows = await given_up()
         assert all((x["label"], x["confidence"], x["exit"]) == (x["edge_label"], x["edge_confidence"], "edge")
                    for x in rows)
-        published = {b["request_id"]: b for _, b in await r.outbox("/decision")}
+        at_app = lambda: {b["request_id"]: b for b in r.published()}  # noqa: E731
+        await async_wait_for(lambda: {x["request_id"] for x in rows} <= set(at_app()), what="their decisions at the app")
+        published = at_app()
         for x in rows:
             assert published[x["request_id"]]["provisional"] is True
             assert published[x["request_id"]]["label"] == x["edge_label"]
@@ -954,19 +1119,19 @@ async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tm
         await _stop(r)
 
 
-async def test_counters_are_logged_when_they_change_and_at_shutdown(tmp_path, worker, caplog):
+async def test_counters_are_logged_when_they_change_and_at_shutdown(tmp_path, broker, caplog):
     """One INFO line with the counters (rejections included) every log_counters_s when they changed,
     and one at shutdown."""
     import logging
 
     caplog.set_level(logging.INFO, logger="mapper.inference")
-    r = await _start(tmp_path, {}, inference={"log_counters_s": 0.05, "pipelines": [
+    r = await _start(tmp_path, {}, broker=broker, inference={"log_counters_s": 0.05, "pipelines": [
         {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}]})
     lines = lambda: [x.getMessage() for x in caplog.records if x.getMessage().startswith("inference counters")]  # noqa: E731
     try:
         await async_wait_for(lambda: any("windows=" in x and "edge_us_p99=" in x for x in lines()), timeout=20,
                              what="a counters line")
-        await r.ext.handle_result("mapper/n1/offload/result", b"garbage")
+        await r.send_result(b"garbage")
         await async_wait_for(lambda: any("unmatched results rejected=malformed:1" in x for x in lines()),
                              timeout=20, what="the rejection in the counters line")
     finally:
