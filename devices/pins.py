@@ -5,9 +5,11 @@ Drivers never import RPi.GPIO. They are handed a `Pins` backend:
 - `RPiGPIOPins` in production: an adapter over the RPi.GPIO API, imported lazily, so a
   laptop imports this module without Pi extras and rpi-lgpio (the RPi.GPIO drop-in for
   the Pi 5) works unchanged.
-- `FakePins` in tests and demos: it models the wire (levels, pulls, edges, a clock you
-  advance) and keeps each pin's history: ``fake.pin(17).drive_low()``,
-  ``assert fake.pin(18).states == [False, True]``.
+- `FakePins` models the wire (levels, pulls, edges, a clock you advance) and keeps each
+  pin's history: ``wire.pin(17).drive_low()``, ``assert wire.pin(18).states == [False, True]``.
+- `FakeRPiGPIO` is the RPi.GPIO module API on that wire, with RPi.GPIO's rules and errors.
+  `fake_rpi_gpio_pins()` puts the production adapter on top of it; that is what tests and
+  `pins: fake` use, so the adapter runs everywhere and only the module below it is faked.
 
 Pin numbers are BCM numbers (GPIO0-GPIO27 on the 40-pin header). Levels are electrical
 (True = high); drivers apply `active_low` themselves.
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
@@ -84,10 +87,13 @@ class RPiGPIOPins:
 
     Args:
         gpio: the RPi.GPIO module; imported on first use when not given.
+        clock: what `ticks()` reads (seconds). Edge times and auto-off deadlines use it; a
+            fake module passes its wire's clock, so tests move time instead of sleeping.
     """
 
-    def __init__(self, gpio: Any = None) -> None:
+    def __init__(self, gpio: Any = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._gpio = gpio
+        self._clock = clock
         self._pins: set[int] = set()
         self._lock = threading.Lock()
 
@@ -122,6 +128,8 @@ class RPiGPIOPins:
                     f"GPIO{pin}: cannot {what}: {text}; run as a user in the `gpio` group"
                 ) from exc
             raise PinError(f"GPIO{pin}: cannot {what}: {text}") from exc
+        except Exception as exc:  # e.g. lgpio.error through rpi-lgpio on a Pi 5: never a bare library error
+            raise PinError(f"GPIO{pin}: cannot {what}: {exc}") from exc
 
     def _claim(self, pin: int) -> None:
         check_pin(pin)
@@ -186,7 +194,7 @@ class RPiGPIOPins:
         self._call(pin, "release", g.cleanup, pin)
 
     def ticks(self) -> float:
-        return time.monotonic()
+        return self._clock()
 
 
 # -- the fake wire -------------------------------------------------------------------------------
@@ -199,7 +207,8 @@ class FakePin:
     The level is what a voltmeter would show: the output level when the pin drives, else
     what the outside world drives (`drive_high`/`drive_low`), else the pull, else
     `floating_level`. `states` records the level when the pin is set up and every change
-    after that.
+    after that; `calls` records the calls that touched the pin (RPi.GPIO's, through
+    `FakeRPiGPIO`, or `FakePins`' own).
     """
 
     number: int
@@ -269,7 +278,10 @@ class FakePin:
 
 
 class FakePins:
-    """A backend that models the wire and records what drivers did.
+    """The modelled wire, and the simplest backend on it.
+
+    `FakeRPiGPIO` drives this wire for the adapter. Its own `setup_*`/`write`/`read` methods
+    stand for anything else on the wire, e.g. another program holding a line.
 
     Args:
         start: the clock's first reading (seconds). The clock moves only with `advance`.
@@ -348,12 +360,201 @@ class FakePins:
         fake.edge = fake.callback = None
 
 
+# -- the RPi.GPIO module API on the fake wire -----------------------------------------------------
+
+_NO_MODE = "Please set pin numbering mode using GPIO.setmode(GPIO.BOARD) or GPIO.setmode(GPIO.BCM)"
+
+
+class FakeRPiGPIO:
+    """The RPi.GPIO module API on a `FakePins` wire, so `RPiGPIOPins` runs unchanged over it.
+
+    It keeps RPi.GPIO's rules where the adapter relies on them, with RPi.GPIO's bare
+    ValueError/RuntimeError and messages: one numbering mode, setup() before input() and
+    output(), one edge detection per channel, callback(channel) on each edge. Differences:
+
+    - BCM numbering only (what the adapter uses), and only the header's GPIO0-27.
+    - A line something else holds on the wire is refused with "GPIO busy", as lgpio does
+      on a Pi 5 (classic RPi.GPIO warns and takes the line over).
+    - Edge callbacks run on the thread that changes the wire, not on a thread of their own.
+
+    Every accepted call is recorded on the wire pin, with constants by name:
+    ``wire.pin(17).calls[-1] == ("cleanup",)``.
+
+    Args:
+        wire: the wire to drive; a new one when not given.
+        no_access: act as a user without access to the GPIO registers: setup() fails.
+    """
+
+    UNKNOWN = -1
+    BOARD, BCM = 10, 11
+    OUT, IN = 0, 1
+    LOW, HIGH = 0, 1
+    PUD_OFF, PUD_DOWN, PUD_UP = 20, 21, 22
+    RISING, FALLING, BOTH = 31, 32, 33
+
+    _PULLS: dict[int, Pull] = {PUD_OFF: "off", PUD_DOWN: "down", PUD_UP: "up"}
+    _EDGES: dict[int, Edge] = {RISING: "rising", FALLING: "falling", BOTH: "both"}
+    _NAMES = {PUD_OFF: "PUD_OFF", PUD_DOWN: "PUD_DOWN", PUD_UP: "PUD_UP",
+              RISING: "RISING", FALLING: "FALLING", BOTH: "BOTH"}
+
+    def __init__(self, wire: FakePins | None = None, *, no_access: bool = False) -> None:
+        self.wire = wire if wire is not None else FakePins()
+        self.no_access = no_access
+        self._mode = self.UNKNOWN
+        self._directions: dict[int, int] = {}  # the channels this module set up
+        self._detecting: set[int] = set()
+        self._lock = threading.RLock()
+
+    def setmode(self, mode: int) -> None:
+        with self._lock:
+            if self._mode != self.UNKNOWN and mode != self._mode:
+                raise ValueError("A different mode has already been set!")
+            if mode not in (self.BOARD, self.BCM):
+                raise ValueError("An invalid mode was passed to setmode()")
+            self._mode = mode
+
+    def getmode(self) -> int | None:
+        return None if self._mode == self.UNKNOWN else self._mode
+
+    def _channel(self, channel: int) -> FakePin:
+        if self._mode == self.UNKNOWN:
+            raise RuntimeError(_NO_MODE)
+        if self._mode == self.BOARD:
+            raise NotImplementedError("FakeRPiGPIO models BCM numbering only")
+        if isinstance(channel, bool) or not isinstance(channel, int) or channel not in BCM_PINS:
+            raise ValueError("The channel sent is invalid on a Raspberry Pi")
+        return self.wire.pin(channel)
+
+    def setup(self, channel: int, direction: int, pull_up_down: int | None = None, initial: int | None = None) -> None:
+        if direction not in (self.IN, self.OUT):
+            raise ValueError("An invalid direction was passed to setup()")
+        if direction == self.OUT and pull_up_down not in (None, self.PUD_OFF):
+            raise ValueError("pull_up_down parameter is not valid for outputs")
+        if direction == self.IN and initial is not None:
+            raise ValueError("initial parameter is not valid for inputs")
+        pud = self.PUD_OFF if pull_up_down is None else pull_up_down
+        if pud not in self._PULLS:
+            raise ValueError("Invalid value for pull_up_down - should be either PUD_OFF, PUD_UP or PUD_DOWN")
+        if self.no_access:
+            raise RuntimeError("No access to /dev/mem.  Try running as root!")
+        with self._lock:
+            pin = self._channel(channel)
+            if pin.in_use and channel not in self._directions:
+                raise RuntimeError("GPIO busy")
+            if direction == self.OUT:
+                self._stop_detecting(channel, pin)  # an output has no edge detection
+                level = pin.level if initial is None else bool(initial)
+                pin.calls.append(("setup", "OUT", f"initial={self._level_name(initial)}"))
+                pin._settle(lambda: (setattr(pin, "output_level", level), setattr(pin, "mode", "out")), mark=True)
+            else:
+                pin.calls.append(("setup", "IN", f"pull_up_down={self._NAMES[pud]}"))
+                pull = self._PULLS[pud]
+                pin._settle(lambda: (setattr(pin, "pull", pull), setattr(pin, "mode", "in")), mark=True)
+            self._directions[channel] = direction
+
+    def output(self, channel: int, value: int) -> None:
+        with self._lock:
+            pin = self._channel(channel)
+            if self._directions.get(channel) != self.OUT:
+                raise RuntimeError("The GPIO channel has not been set up as an OUTPUT")
+            level = bool(value)
+            pin.calls.append(("output", self._level_name(value)))
+            pin._settle(lambda: setattr(pin, "output_level", level))
+
+    def input(self, channel: int) -> int:
+        with self._lock:
+            pin = self._channel(channel)
+            if channel not in self._directions:
+                raise RuntimeError("You must setup() the GPIO channel first")
+            pin.calls.append(("input",))
+            return self.HIGH if pin.level else self.LOW
+
+    def add_event_detect(
+        self, channel: int, edge: int, callback: Callable[[int], None] | None = None, bouncetime: int | None = None
+    ) -> None:
+        with self._lock:
+            pin = self._channel(channel)
+            if self._directions.get(channel) != self.IN:
+                raise RuntimeError("You must setup() the GPIO channel as an input first")
+            if edge not in self._EDGES:
+                raise ValueError("The edge must be set to RISING, FALLING or BOTH")
+            if bouncetime is not None and bouncetime <= 0:
+                raise ValueError("Bouncetime must be greater than 0")
+            if channel in self._detecting:
+                raise RuntimeError("Conflicting edge detection already enabled for this GPIO channel")
+            self._detecting.add(channel)
+            pin.calls.append(("add_event_detect", self._NAMES[edge]))
+            pin.edge, pin.callback = self._EDGES[edge], self._edge_handler(channel, callback, bouncetime)
+
+    def _edge_handler(
+        self, channel: int, callback: Callable[[int], None] | None, bouncetime: int | None
+    ) -> EdgeCallback:
+        last_passed: float | None = None
+
+        def seen(_pin: int, _level: bool, ticks: float) -> None:
+            nonlocal last_passed
+            # RPi.GPIO drops edges within bouncetime ms of the last one it passed on.
+            if bouncetime is not None and last_passed is not None and ticks - last_passed < bouncetime / 1000:
+                return
+            last_passed = ticks
+            if callback is None:
+                return
+            try:
+                callback(channel)
+            except Exception:  # noqa: BLE001 - RPi.GPIO prints a callback's error and goes on
+                traceback.print_exc()
+
+        return seen
+
+    def remove_event_detect(self, channel: int) -> None:
+        with self._lock:
+            pin = self._channel(channel)
+            pin.calls.append(("remove_event_detect",))
+            self._stop_detecting(channel, pin)
+
+    def _stop_detecting(self, channel: int, pin: FakePin) -> None:
+        self._detecting.discard(channel)
+        pin.edge = pin.callback = None
+
+    def cleanup(self, channel: int | None = None) -> None:
+        """Back to inputs without pulls and edge detection: `channel`, or all set up here."""
+        with self._lock:
+            if channel is None:
+                channels = list(self._directions)
+            else:
+                self._channel(channel)
+                channels = [channel] if channel in self._directions else []
+            for number in channels:
+                pin = self.wire.pin(number)
+                pin.calls.append(("cleanup",))
+                self._stop_detecting(number, pin)
+                pin._settle(lambda pin=pin: (setattr(pin, "mode", "unused"), setattr(pin, "pull", "off")))
+                del self._directions[number]
+            if channel is None:
+                self._mode = self.UNKNOWN
+
+    def _level_name(self, value: int | None) -> str:
+        return "None" if value is None else ("HIGH" if value else "LOW")
+
+
+def fake_rpi_gpio_pins(wire: FakePins | None = None, *, no_access: bool = False) -> RPiGPIOPins:
+    """The production adapter over `FakeRPiGPIO` on `wire` (a new one when not given), on the wire's clock.
+
+    Reach the wire as ``pins.gpio.wire``.
+    """
+    gpio = FakeRPiGPIO(wire, no_access=no_access)
+    return RPiGPIOPins(gpio, clock=gpio.wire.ticks)
+
+
 def make_pins(name: str) -> Pins:
-    """The backend named in a device's configData (`pins: rpi-gpio | fake`)."""
+    """The backend named in a device's configData (`pins: rpi-gpio | fake`).
+
+    `fake` is the production adapter too, over `FakeRPiGPIO` on a wire of its own per driver.
+    """
     if name == "rpi-gpio":
         return RPiGPIOPins()
     if name == "fake":
-        return FakePins()
+        return fake_rpi_gpio_pins()
     raise PinInvalid(f"unknown pin backend {name!r}: use rpi-gpio or fake")
 
 

@@ -1,8 +1,11 @@
-"""The `gpio` driver against FakePins, a backend that models the wire and keeps each pin's history."""
+"""The `gpio` driver through the production adapter, `RPiGPIOPins`, over `FakeRPiGPIO`: the RPi.GPIO
+module API on a modelled wire (`FakePins`). Assertions read the wire: levels, `states`, `calls`."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.util
+import time
 from pathlib import Path
 from textwrap import dedent
 
@@ -13,7 +16,9 @@ from devices.drivers.gpio import GpioDriver
 from devices.errors import DefinitionError, WriteError
 from devices.ids import DeviceId
 from devices.loader import load
-from devices.pins import FakePins, PinInUse, PinInvalid, RPiGPIOPins
+from devices.pins import (
+    FakePins, FakeRPiGPIO, PinError, PinInUse, PinInvalid, PinUnavailable, RPiGPIOPins, fake_rpi_gpio_pins,
+)
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
 from helpers import async_wait_for, running_service, write_config
@@ -63,150 +68,165 @@ def definition(tmp_path: Path, relay: str | None = None, button: str | None = No
 
 
 @pytest.fixture
-def fake() -> FakePins:
+def wire() -> FakePins:
     return FakePins()
 
 
-def opened(defn: DeviceDefinition, fake: FakePins) -> GpioDriver:
-    driver = GpioDriver(defn, pins=fake)
+@pytest.fixture
+def pins(wire: FakePins) -> RPiGPIOPins:
+    """The production adapter, over the fake RPi.GPIO module on `wire`, on the wire's clock."""
+    return fake_rpi_gpio_pins(wire)
+
+
+def opened(defn: DeviceDefinition, pins: RPiGPIOPins) -> GpioDriver:
+    driver = GpioDriver(defn, pins=pins)
     driver.open()
     return driver
 
 
-def test_output_drives_pin_and_reads_back(tmp_path: Path, fake: FakePins) -> None:
+def wire_of(driver: GpioDriver) -> FakePins:
+    """The wire under a driver whose `pins: fake` backend make_pins built."""
+    assert isinstance(driver.pins, RPiGPIOPins)
+    assert isinstance(driver.pins.gpio, FakeRPiGPIO)
+    return driver.pins.gpio.wire
+
+
+def test_output_drives_pin_and_reads_back(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """A write drives the pin; read returns the level read back from the wire."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     relay = defn.prop("relay")
     assert driver.read(relay) is False
     driver.write(relay, True)
     assert driver.read(relay) is True
     driver.write(relay, False)
-    assert fake.pin(18).states == [False, True, False]
-    assert ("read",) in fake.pin(18).calls
+    assert wire.pin(18).states == [False, True, False]
+    assert ("input",) in wire.pin(18).calls  # read back from the pin, not from memory
 
 
-def test_active_low_inverts_logic(tmp_path: Path, fake: FakePins) -> None:
+def test_active_low_inverts_logic(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """active_low: logical on is electrical low, and read-back is inverted too."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out, active_low: true}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     relay = defn.prop("relay")
-    assert fake.pin(18).level is True  # off = high for an active-low relay board
+    assert wire.pin(18).level is True  # off = high for an active-low relay board
     driver.write(relay, True)
-    assert fake.pin(18).level is False
+    assert wire.pin(18).level is False
     assert driver.read(relay) is True
-    assert fake.pin(18).states == [True, False]
+    assert wire.pin(18).states == [True, False]
 
 
-def test_boot_state_is_applied_at_open(tmp_path: Path, fake: FakePins) -> None:
+def test_boot_state_is_applied_at_open(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """`initial: true` sets the output on when the pin is opened, with no glitch through off."""
     defn = definition(tmp_path, relay="{pin: 23, direction: out, initial: true, active_low: true}")
-    driver = opened(defn, fake)
-    assert fake.pin(23).calls[0] == ("setup_output", False)
-    assert fake.pin(23).states == [False]
+    driver = opened(defn, pins)
+    assert wire.pin(23).calls[0] == ("setup", "OUT", "initial=LOW")
+    assert wire.pin(23).states == [False]
     assert driver.read(defn.prop("relay")) is True
 
 
-def test_auto_off_on_the_backend_clock(tmp_path: Path, fake: FakePins) -> None:
+def test_auto_off_on_the_backend_clock(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """An output switched on reverts after auto_off_s; a read after the deadline sees it off."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     relay = defn.prop("relay")
     driver.write(relay, True)
-    fake.advance(59.9)
+    wire.advance(59.9)
     assert driver.read(relay) is True
-    fake.advance(0.2)
+    wire.advance(0.2)
     assert driver.read(relay) is False
-    assert fake.pin(18).states == [False, True, False]
+    assert wire.pin(18).states == [False, True, False]
     driver.close()
 
 
-def test_auto_off_fires_without_reads(tmp_path: Path, fake: FakePins) -> None:
+def test_auto_off_fires_without_reads(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """The safety timer switches the output off even when nothing reads it."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 0.05}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     driver.write(defn.prop("relay"), True)
-    assert fake.pin(18).wait_for(False, timeout=5)
-    assert fake.pin(18).states == [False, True, False]
+    assert wire.pin(18).wait_for(False, timeout=5)
+    assert wire.pin(18).states == [False, True, False]
     driver.close()
 
 
-def test_newer_write_cancels_pending_auto_off(tmp_path: Path, fake: FakePins) -> None:
+def test_newer_write_cancels_pending_auto_off(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """Switching off and on again restarts the auto-off deadline from the new write."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     relay = defn.prop("relay")
     driver.write(relay, True)
-    fake.advance(50)
+    wire.advance(50)
     driver.write(relay, False)
     driver.write(relay, True)
-    fake.advance(50)
+    wire.advance(50)
     assert driver.read(relay) is True
-    fake.advance(11)
+    wire.advance(11)
     assert driver.read(relay) is False
     driver.close()
 
 
-def test_input_pull_up_reads_high_until_pressed(tmp_path: Path, fake: FakePins) -> None:
+def test_input_pull_up_reads_high_until_pressed(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """A button to ground on a pulled-up input: released reads false, pressed reads true (active_low)."""
     defn = definition(tmp_path, button="{pin: 27, direction: in, pull: up, active_low: true}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     button = defn.prop("button")
-    assert fake.pin(27).level is True  # the pull-up holds the line high
+    assert wire.pin(27).level is True  # the pull-up holds the line high
     assert driver.read(button) is False
-    fake.pin(27).drive_low()
+    wire.pin(27).drive_low()
     assert driver.read(button) is True
-    fake.pin(27).disconnect()
+    wire.pin(27).disconnect()
     assert driver.read(button) is False
 
 
-def test_input_debounce_reports_only_settled_level(tmp_path: Path, fake: FakePins) -> None:
+def test_input_debounce_reports_only_settled_level(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """A bouncing contact is reported only after the line has been stable for debounce_ms."""
     defn = definition(tmp_path, button="{pin: 27, direction: in, pull: up, active_low: true, debounce_ms: 20}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     button = defn.prop("button")
-    fake.pin(27).bounce(False, True, False, True, False, every_s=0.002)
+    wire.pin(27).bounce(False, True, False, True, False, every_s=0.002)
     assert driver.read(button) is False  # still bouncing: the last settled level is "released"
-    fake.advance(0.010)
+    wire.advance(0.010)
     assert driver.read(button) is False
-    fake.advance(0.011)
+    wire.advance(0.011)
     assert driver.read(button) is True  # 21 ms without an edge: pressed
-    fake.pin(27).drive_high()
-    fake.advance(0.005)
+    wire.pin(27).drive_high()
+    wire.advance(0.005)
     assert driver.read(button) is True
-    fake.advance(0.020)
+    wire.advance(0.020)
     assert driver.read(button) is False
 
 
-def test_input_cannot_be_written(tmp_path: Path, fake: FakePins) -> None:
+def test_input_cannot_be_written(tmp_path: Path, pins: RPiGPIOPins) -> None:
     """Writing an input is refused with a message naming the pin."""
     defn = definition(tmp_path, button="{pin: 27, direction: in}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     with pytest.raises(WriteError, match="GPIO27 is an input"):
         driver.write(defn.prop("button"), True)
 
 
-def test_only_declared_pins_touched_and_released_on_close(tmp_path: Path, fake: FakePins) -> None:
+def test_only_declared_pins_touched_and_released_on_close(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """open() sets up exactly the declared pins; close() releases all of them, twice is harmless."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out}", button="{pin: 27, direction: in, pull: up}")
-    driver = opened(defn, fake)
-    assert fake.in_use() == [18, 27]
+    driver = opened(defn, pins)
+    assert wire.in_use() == [18, 27]
     driver.close()
     driver.close()
-    assert fake.in_use() == []
-    assert fake.pin(18).calls[-1] == ("release",)
-    assert fake.pin(27).callback is None
+    assert wire.in_use() == []
+    assert wire.pin(18).calls[-1] == ("cleanup",)
+    assert wire.pin(27).calls[-2:] == [("remove_event_detect",), ("cleanup",)]
+    assert wire.pin(27).callback is None
 
 
-def test_failed_open_releases_pins_already_set_up(tmp_path: Path, fake: FakePins) -> None:
+def test_failed_open_releases_pins_already_set_up(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """If one pin is busy, the pins set up before it are released again."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out}", button="{pin: 27, direction: in}")
-    fake.setup_input(27, pull="off")  # someone else holds GPIO27
-    driver = GpioDriver(defn, pins=fake)
-    with pytest.raises(PinInUse, match="GPIO27"):
+    wire.setup_input(27, pull="off")  # another program holds GPIO27
+    driver = GpioDriver(defn, pins=pins)
+    with pytest.raises(PinError, match="GPIO27: cannot set up as input: GPIO busy"):
         driver.open()
-    assert fake.in_use() == [27]
-    assert fake.pin(18).calls[-1] == ("release",)
+    assert wire.in_use() == [27]
+    assert wire.pin(18).calls[-1] == ("cleanup",)
+    assert wire.pin(27).calls == [("setup_input", "off")]  # the other program's line is left alone
 
 
 def test_two_devices_on_one_pin_is_a_definition_error(tmp_path: Path) -> None:
@@ -255,75 +275,244 @@ def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
     assert "io.yaml:9:" in str(info.value)
 
 
-def test_fake_pins_refuse_what_a_pi_refuses(fake: FakePins) -> None:
-    """The fake rejects pins outside 0-27, double set-up and writes to inputs, like the hardware."""
+def test_fake_pins_refuse_what_a_pi_refuses(wire: FakePins) -> None:
+    """The wire's own backend (another program on the wire) rejects pins outside 0-27, double set-up and
+    writes to inputs, like the hardware."""
     with pytest.raises(PinInvalid):
-        fake.pin(40)
-    fake.setup_input(5, pull="down")
-    assert fake.read(5) is False
+        wire.pin(40)
+    wire.setup_input(5, pull="down")
+    assert wire.read(5) is False
     with pytest.raises(PinInUse):
-        fake.setup_output(5, level=True)
-    with pytest.raises(Exception, match="set up as 'in'"):
-        fake.write(5, True)
+        wire.setup_output(5, level=True)
+    with pytest.raises(PinError, match="set up as 'in'"):
+        wire.write(5, True)
 
 
-class _RecordingGPIO:
-    """Stand-in for the RPi.GPIO module's API surface (constants and calls), to check the adapter's tables."""
-
-    BCM, OUT, IN, HIGH, LOW = "BCM", "OUT", "IN", 1, 0
-    PUD_UP, PUD_DOWN, PUD_OFF = 22, 21, 20
-    RISING, FALLING, BOTH = 31, 32, 33
-
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
-
-    def __getattr__(self, name: str):
-        def record(*args, **kwargs):
-            self.calls.append((name, args, kwargs))
-            if name == "setup" and args[0] == 13:
-                raise RuntimeError("No access to /dev/mem.  Try running as root!")
-            if name == "setup" and args[0] == 14:
-                raise ValueError("The channel sent is invalid on a Raspberry Pi")
-            return 1
-
-        return record
+# -- FakeRPiGPIO keeps RPi.GPIO's rules -------------------------------------------------------------
 
 
-def test_rpigpio_adapter_translates_and_maps_errors() -> None:
-    """RPiGPIOPins translates pulls/levels to RPi.GPIO constants and maps its bare errors to ours."""
-    gpio = _RecordingGPIO()
-    pins = RPiGPIOPins(gpio)
-    pins.setup_input(5, pull="up")
+def test_fake_rpi_gpio_keeps_the_module_rules(wire: FakePins) -> None:
+    """Numbering mode first, setup() before use, one edge detection per channel: RPi.GPIO's bare errors and
+    messages, so the adapter's error mapping is tested against what the module really raises."""
+    gpio = FakeRPiGPIO(wire)
+    constants = [gpio.BCM, gpio.BOARD, gpio.IN, gpio.OUT, gpio.PUD_UP, gpio.PUD_DOWN, gpio.PUD_OFF,
+                 gpio.RISING, gpio.FALLING, gpio.BOTH]
+    assert (gpio.HIGH, gpio.LOW) == (1, 0)
+    assert len(set(constants[4:])) == 6 and gpio.BCM != gpio.BOARD and gpio.IN != gpio.OUT
+    with pytest.raises(RuntimeError, match=r"^Please set pin numbering mode using GPIO.setmode\(GPIO.BOARD\) or"):
+        gpio.setup(5, gpio.IN)
+    gpio.setmode(gpio.BCM)
+    gpio.setmode(gpio.BCM)  # the same mode again is fine
+    with pytest.raises(ValueError, match="^A different mode has already been set!$"):
+        gpio.setmode(gpio.BOARD)
+    with pytest.raises(ValueError, match="^The channel sent is invalid on a Raspberry Pi$"):
+        gpio.setup(40, gpio.OUT)
+    with pytest.raises(RuntimeError, match="^You must setup\\(\\) the GPIO channel first$"):
+        gpio.input(5)
+    gpio.setup(5, gpio.IN, pull_up_down=gpio.PUD_UP)
+    assert gpio.input(5) == 1 and type(gpio.input(5)) is int
+    with pytest.raises(RuntimeError, match="^The GPIO channel has not been set up as an OUTPUT$"):
+        gpio.output(5, gpio.LOW)
+    with pytest.raises(ValueError, match="initial parameter is not valid for inputs"):
+        gpio.setup(6, gpio.IN, initial=gpio.HIGH)
+    gpio.setup(6, gpio.OUT, initial=gpio.HIGH)
+    with pytest.raises(RuntimeError, match="as an input first"):
+        gpio.add_event_detect(6, gpio.BOTH)
+    channels: list[int] = []
+    gpio.add_event_detect(5, gpio.FALLING, callback=channels.append)
+    with pytest.raises(RuntimeError, match="^Conflicting edge detection already enabled for this GPIO channel$"):
+        gpio.add_event_detect(5, gpio.FALLING, callback=channels.append)
+    wire.pin(5).drive_low()
+    wire.pin(5).drive_high()  # a rising edge: not asked for
+    assert channels == [5]
+    gpio.remove_event_detect(5)
+    wire.pin(5).drive_low()
+    assert channels == [5]
+    gpio.add_event_detect(5, gpio.BOTH, callback=channels.append)
+    gpio.cleanup(5)  # also ends edge detection
+    assert not wire.pin(5).in_use and wire.pin(5).pull == "off"
+    wire.pin(5).drive_high()
+    assert channels == [5]
+    with pytest.raises(RuntimeError, match="setup"):
+        gpio.input(5)
+    assert wire.pin(6).level is True  # cleanup(5) left GPIO6 alone
+
+
+def test_fake_rpi_gpio_bouncetime_drops_edges_too_close_together(wire: FakePins) -> None:
+    """With bouncetime, edges within that many ms of the last one passed on are dropped (wire clock)."""
+    gpio = FakeRPiGPIO(wire)
+    gpio.setmode(gpio.BCM)
+    gpio.setup(27, gpio.IN, pull_up_down=gpio.PUD_UP)
+    channels: list[int] = []
+    gpio.add_event_detect(27, gpio.BOTH, callback=channels.append, bouncetime=10)
+    wire.pin(27).bounce(False, True, False, every_s=0.004)
+    assert channels == [27]
+    wire.advance(0.011)
+    wire.pin(27).drive_high()
+    assert channels == [27, 27]
+
+
+# -- RPiGPIOPins, the production adapter, over the fake module ---------------------------------------
+
+
+def test_adapter_levels_written_are_on_the_wire(wire: FakePins, pins: RPiGPIOPins) -> None:
+    """setup_output starts at the asked level (no glitch), write changes it, read reads the wire back."""
     pins.setup_output(6, level=True)
-    assert ("setup", (5, "IN"), {"pull_up_down": 22}) in gpio.calls
-    assert ("setup", (6, "OUT"), {"initial": 1}) in gpio.calls
+    assert wire.pin(6).states == [True]
+    pins.write(6, False)
+    assert wire.pin(6).level is False
+    assert pins.read(6) is False
+    pins.write(6, True)
+    assert pins.read(6) is True
+    assert wire.pin(6).states == [True, False, True]
+    assert wire.pin(6).calls[:2] == [("setup", "OUT", "initial=HIGH"), ("output", "LOW")]
+
+
+def test_adapter_reads_external_drive_and_pulls(wire: FakePins, pins: RPiGPIOPins) -> None:
+    """Reads follow what the outside world drives, else the pull, else the floating line."""
+    pins.setup_input(5, pull="up")
+    pins.setup_input(7, pull="down")
+    wire.pin(8).floating_level = True
+    pins.setup_input(8, pull="off")
+    assert (pins.read(5), pins.read(7), pins.read(8)) == (True, False, True)
+    wire.pin(5).drive_low()
+    wire.pin(7).drive_high()
+    assert (pins.read(5), pins.read(7)) == (False, True)
+    wire.pin(5).disconnect()
     assert pins.read(5) is True
-    with pytest.raises(PinInUse):
-        pins.setup_output(5, level=False)
-    with pytest.raises(Exception, match="gpio` group") as info:
-        pins.setup_output(13, level=False)
-    assert type(info.value).__name__ == "PinUnavailable"
-    with pytest.raises(PinInvalid, match="invalid on a Raspberry Pi"):
-        pins.setup_output(14, level=False)
-    with pytest.raises(PinInvalid, match="unknown pull 'sideways'"):
+    assert wire.pin(5).calls[0] == ("setup", "IN", "pull_up_down=PUD_UP")
+    assert wire.pin(8).calls[0] == ("setup", "IN", "pull_up_down=PUD_OFF")
+
+
+def test_adapter_edges_reach_the_callback_with_the_level_and_wire_time(wire: FakePins, pins: RPiGPIOPins) -> None:
+    """RPi.GPIO passes only the channel; the adapter adds the level read at that moment and its clock."""
+    seen: list[tuple[int, bool, float]] = []
+    pins.setup_input(5, pull="up")
+    pins.watch(5, "both", lambda pin, level, ticks: seen.append((pin, level, ticks)))
+    pins.setup_input(7, pull="down")
+    pins.watch(7, "rising", lambda pin, level, ticks: seen.append((pin, level, ticks)))
+    wire.advance(1.5)
+    wire.pin(5).drive_low()
+    wire.advance(0.25)
+    wire.pin(5).drive_high()
+    wire.pin(7).drive_high()
+    wire.pin(7).drive_low()  # falling: GPIO7 watches rising edges only
+    assert seen == [(5, False, 1001.5), (5, True, 1001.75), (7, True, 1001.75)]
+    assert pins.ticks() == wire.ticks() == 1001.75
+    assert ("add_event_detect", "RISING") in wire.pin(7).calls
+
+
+def test_adapter_clock_defaults_to_monotonic() -> None:
+    """Without a clock, ticks are time.monotonic seconds, as edge times from the real module need."""
+    before = time.monotonic()
+    assert before <= RPiGPIOPins(FakeRPiGPIO()).ticks() <= time.monotonic()
+
+
+def test_adapter_maps_module_errors_to_pin_errors(wire: FakePins) -> None:
+    """RPi.GPIO's bare errors become PinInvalid (ValueError), PinUnavailable (access) or PinError (the rest),
+    each naming the pin, the step and the module's own words."""
+    gpio = FakeRPiGPIO(wire)
+    pins = RPiGPIOPins(gpio, clock=wire.ticks)
+    with pytest.raises(PinError) as info:
+        pins.write(6, True)
+    assert type(info.value) is PinError
+    assert str(info.value) == ("GPIO6: cannot write: Please set pin numbering mode using GPIO.setmode(GPIO.BOARD)"
+                               " or GPIO.setmode(GPIO.BCM)")
+    pins.setup_output(6, level=False)
+    pins.setup_input(5, pull="off")
+    with pytest.raises(PinInvalid, match="^GPIO28: cannot read: The channel sent is invalid on a Raspberry Pi$"):
+        pins.read(28)
+    with pytest.raises(PinInvalid, match="^GPIO7: unknown pull 'sideways': use up, down or off$"):
         pins.setup_input(7, pull="sideways")  # type: ignore[arg-type]
+    with pytest.raises(PinInvalid, match="unknown edge 'sometimes'"):
+        pins.watch(5, "sometimes", lambda *_: None)  # type: ignore[arg-type]
+    with pytest.raises(PinError, match="^GPIO9: cannot read: You must setup\\(\\) the GPIO channel first$"):
+        pins.read(9)
+    with pytest.raises(PinError, match="^GPIO5: cannot write: The GPIO channel has not been set up as an OUTPUT$"):
+        pins.write(5, True)
+    with pytest.raises(PinError, match="^GPIO6: cannot watch edges: You must setup\\(\\) the GPIO channel as an input"):
+        pins.watch(6, "both", lambda *_: None)
+    pins.watch(5, "both", lambda *_: None)
+    with pytest.raises(PinError, match="^GPIO5: cannot watch edges: Conflicting edge detection already enabled"):
+        pins.watch(5, "falling", lambda *_: None)
+    with pytest.raises(PinInUse, match="^GPIO5 is already set up by this mapper$"):
+        pins.setup_output(5, level=False)
+
+
+def test_adapter_reports_no_access_as_unavailable_with_the_fix(wire: FakePins) -> None:
+    """No access to the GPIO registers is PinUnavailable and says what to do; the pin is not kept claimed."""
+    pins = fake_rpi_gpio_pins(wire, no_access=True)
+    with pytest.raises(PinUnavailable) as info:
+        pins.setup_output(17, level=False)
+    assert str(info.value) == ("GPIO17: cannot set up as output: No access to /dev/mem.  Try running as root!;"
+                               " run as a user in the `gpio` group")
+    assert wire.in_use() == []
+    pins.gpio.no_access = False  # e.g. after adding the user to the gpio group
+    pins.setup_output(17, level=False)
+    assert wire.in_use() == [17]
+
+
+def test_adapter_maps_errors_of_other_types_too(wire: FakePins) -> None:
+    """A module raising its own exception type (rpi-lgpio can let lgpio.error through) still gives a
+    PinError naming the pin and the step, and a failed set-up does not keep the pin claimed."""
+
+    class LgpioError(Exception):  # what lgpio raises: a plain Exception subclass
+        pass
+
+    class Pi5Module(FakeRPiGPIO):
+        def setup(self, channel, direction, pull_up_down=None, initial=None):  # noqa: ANN001, ANN201
+            raise LgpioError("GPIO busy")
+
+    pins = RPiGPIOPins(Pi5Module(wire), clock=wire.ticks)
+    with pytest.raises(PinError, match="^GPIO17: cannot set up as output: GPIO busy$") as info:
+        pins.setup_output(17, level=False)
+    assert isinstance(info.value.__cause__, LgpioError)
+    with pytest.raises(PinError) as again:
+        pins.setup_output(17, level=False)  # refused by the module again, not as "already set up by this mapper"
+    assert not isinstance(again.value, PinInUse)
+
+
+def test_adapter_numbering_mode_clash_is_invalid(wire: FakePins, pins: RPiGPIOPins) -> None:
+    """Other code in the process chose BOARD numbering: setmode(BCM) is refused and nothing is set up."""
+    pins.gpio.setmode(pins.gpio.BOARD)
+    with pytest.raises(PinInvalid, match="^GPIO5: cannot select BCM numbering: A different mode has already been set"):
+        pins.setup_output(5, level=False)
+    assert wire.in_use() == []
+
+
+def test_adapter_release_cleans_up_only_its_own_pins(wire: FakePins, pins: RPiGPIOPins) -> None:
+    """release() removes edge detection and cleans the pin up; pins it never set up are not touched."""
+    pins.setup_input(5, pull="up")
+    pins.watch(5, "both", lambda *_: None)
+    wire.setup_output(9, level=True)  # another program's line
     pins.release(5)
-    pins.release(99 - 90)  # never set up: nothing is touched
-    assert ("cleanup", (5,), {}) in gpio.calls
-    assert not any(c[0] == "cleanup" and c[1] == (9,) for c in gpio.calls)
+    pins.release(5)  # twice is harmless
+    pins.release(9)  # never set up here
+    assert wire.pin(5).calls[-2:] == [("remove_event_detect",), ("cleanup",)]
+    assert (wire.pin(5).in_use, wire.pin(5).pull, wire.pin(5).callback) == (False, "off", None)
+    assert wire.pin(9).calls == [("setup_output", True)] and wire.pin(9).level is True
+    pins.setup_output(5, level=True)  # released: it can be set up again
+    assert wire.pin(5).level is True
 
 
-def test_shipped_relay_example_runs_on_fake_pins() -> None:
+def test_adapter_without_rpi_gpio_says_what_to_install() -> None:
+    """On a machine without RPi.GPIO the first use fails with PinUnavailable and the pip command."""
+    if importlib.util.find_spec("RPi") is not None:
+        pytest.skip("RPi.GPIO is installed here")
+    with pytest.raises(PinUnavailable, match=r"RPi.GPIO is not importable .*pip install rpi-lgpio"):
+        RPiGPIOPins().setup_output(17, level=False)
+
+
+def test_shipped_relay_example_runs_on_fake_pins(wire: FakePins, pins: RPiGPIOPins) -> None:
     """The Pi relay example validates and drives an active-low GPIO17 that starts off."""
     repo = Path(__file__).resolve().parents[1]
     defn = load([repo / "devices/examples/pi/relay-gpio.yaml"]).devices[DeviceId("default", "fan-relay-pi")]
-    fake = FakePins()
-    driver = opened(defn, fake)
-    assert fake.pin(17).states == [True]
+    driver = opened(defn, pins)
+    assert wire.pin(17).states == [True]
     driver.write(defn.prop("power"), True)
-    assert fake.pin(17).states == [True, False]
+    assert wire.pin(17).states == [True, False]
     driver.close()
-    assert fake.in_use() == []
+    assert wire.in_use() == []
 
 
 async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -> None:
@@ -337,8 +526,7 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
     config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
     device = DeviceId("default", "io")
     async with running_service(config) as service:
-        driver = service.runners[device].driver
-        assert isinstance(driver.pins, FakePins)
+        wire = wire_of(service.runners[device].driver)  # `pins: fake`: the adapter over FakeRPiGPIO
         with TwinStore.open(config.twin.path) as store:
             store.set_desired(device, "relay", "true")
 
@@ -348,8 +536,9 @@ async def test_relay_in_a_running_mapper_follows_desired_value(tmp_path: Path) -
             return prop.reported is True and not prop.delta
 
         await async_wait_for(applied, what="relay reported on")
-        assert driver.pins.pin(18).level is False  # active low: on = electrical low
-    assert driver.pins.in_use() == []  # released on shutdown
+        assert wire.pin(18).level is False  # active low: on = electrical low
+    assert wire.in_use() == []  # released on shutdown
+    assert wire.pin(18).calls[-1] == ("cleanup",)
 
 
 async def test_reload_releases_the_pins_of_a_changed_device(tmp_path: Path) -> None:
@@ -365,15 +554,15 @@ async def test_reload_releases_the_pins_of_a_changed_device(tmp_path: Path) -> N
     device = DeviceId("default", "io")
     async with running_service(config) as service:
         old = service.runners[device].driver
-        assert old.pins.in_use() == [18]
+        assert wire_of(old).in_use() == [18]
         (devices / "io.yaml").write_text(relay.replace("pin: 18", "pin: 19"))
         assert await reload_devices(service, config)
         await asyncio.wait_for(service.runners[device].first_open_done.wait(), 10)
         new = service.runners[device].driver
         assert new is not old
-        assert old.pins.in_use() == []
-        assert new.pins.in_use() == [19]
-    assert new.pins.in_use() == []
+        assert wire_of(old).in_use() == []
+        assert wire_of(new).in_use() == [19]
+    assert wire_of(new).in_use() == []
 
 
 # -- reported on change ---------------------------------------------------------------------
@@ -411,15 +600,15 @@ def pending(config):  # noqa: ANN001, ANN201
         return store.pending_desired()
 
 
-def test_edges_ask_the_device_loop_to_read_once_settled(tmp_path: Path, fake: FakePins) -> None:
+def test_edges_ask_the_device_loop_to_read_once_settled(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """Every edge calls `changed(button, debounce_s)`; outputs never do, and no listener is harmless."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out}",
                       button="{pin: 27, direction: in, pull: up, active_low: true, debounce_ms: 25}")
-    driver = opened(defn, fake)
-    fake.pin(27).drive_low()  # nobody listens yet: nothing happens
+    driver = opened(defn, pins)
+    wire.pin(27).drive_low()  # nobody listens yet: nothing happens
     calls: list[tuple[str, float]] = []
     driver.on_change = lambda prop, settle_s: calls.append((prop.name, settle_s))
-    fake.pin(27).bounce(True, False, every_s=0.002)
+    wire.pin(27).bounce(True, False, every_s=0.002)
     driver.write(defn.prop("relay"), True)
     assert calls == [("button", 0.025), ("button", 0.025)]
     assert GpioDriver.reports_changes(defn.prop("button"))
@@ -433,15 +622,15 @@ async def test_short_press_between_polls_is_reported_on_change(tmp_path: Path) -
     config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config) as service:
         runner = service.runners[IO]
-        fake = runner.driver.pins
+        wire = wire_of(runner.driver)
         await async_wait_for(lambda: history(config, "button") == [False], what="the first poll: released")
         polls = runner.reads
-        line = fake.pin(27)
+        line = wire.pin(27)
         line.bounce(False, True, False, every_s=0.002)  # pressed (to ground), with contact bounce
-        fake.advance(0.021)  # the line has been quiet for debounce_ms on the backend's clock
+        wire.advance(0.021)  # the line has been quiet for debounce_ms on the backend's clock
         await async_wait_for(lambda: history(config, "button") == [False, True], what="pressed in the twin")
         line.bounce(True, False, True, every_s=0.002)  # released
-        fake.advance(0.021)
+        wire.advance(0.021)
         await async_wait_for(lambda: history(config, "button") == [False, True, False], what="released in the twin")
         assert runner.reads == polls + 2  # one read per settled change, none per bounce
         assert twin_prop(config, "button").reported is False
@@ -486,15 +675,15 @@ def test_a_changed_input_sends_the_device_state_at_once(tmp_path: Path) -> None:
 # -- auto-off and the twin ------------------------------------------------------------------
 
 
-def test_boot_state_on_starts_the_auto_off_timer(tmp_path: Path, fake: FakePins) -> None:
+def test_boot_state_on_starts_the_auto_off_timer(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """`initial: true` with auto_off_s: switched off that long after open, and the driver says so."""
     defn = definition(tmp_path, relay="{pin: 18, direction: out, initial: true, auto_off_s: 60}")
-    driver = opened(defn, fake)
+    driver = opened(defn, pins)
     reverts: list[tuple[str, object, str]] = []
     driver.on_revert = lambda prop, value, reason: reverts.append((prop.name, value, reason))
     relay = defn.prop("relay")
     assert driver.boot_value(relay) is True
-    fake.advance(60.1)
+    wire.advance(60.1)
     assert driver.read(relay) is False
     assert reverts == [("relay", False, "auto-off after 60 s")]
     driver.close()
@@ -506,7 +695,7 @@ async def test_auto_off_makes_off_the_desired_value(tmp_path: Path) -> None:
     devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
     config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config) as service:
-        pin = service.runners[IO].driver.pins.pin(18)
+        pin = wire_of(service.runners[IO].driver).pin(18)
         with TwinStore.open(config.twin.path) as store:
             _, version = store.set_desired(IO, "relay", True)
 
@@ -554,10 +743,10 @@ async def test_restart_does_not_reapply_an_applied_on(tmp_path: Path) -> None:
         assert prop.desired_version == on_version + 1
         polls = service.runners[IO].reads
         await async_wait_for(lambda: service.runners[IO].reads >= polls + 3, what="three more polls")
-        assert service.runners[IO].driver.pins.pin(18).states == [True]  # booted off, never switched on
+        assert wire_of(service.runners[IO].driver).pin(18).states == [True]  # booted off, never switched on
 
     with TwinStore.open(config.twin.path) as store:
         store.set_desired(IO, "relay", True)  # set while the mapper is down: not applied yet
     async with running_service(config) as service:
         await async_wait_for(applied(True), what="pending desired applied at start")
-        assert service.runners[IO].driver.pins.pin(18).states == [True, False]
+        assert wire_of(service.runners[IO].driver).pin(18).states == [True, False]

@@ -23,8 +23,9 @@ and nothing switches the output on again until someone asks for it.
 
 Only the declared pins are touched, each device claims its pins (two devices on one pin
 is a definition error) and `close()` releases every pin. The pin backend is passed in
-(`GpioDriver(definition, pins=FakePins())`); by default `configData.pins` picks it:
-`rpi-gpio` (RPi.GPIO, or rpi-lgpio on a Pi 5) or `fake` (a modelled wire, for demos).
+(`GpioDriver(definition, pins=fake_rpi_gpio_pins(wire))` in tests); by default
+`configData.pins` picks it: `rpi-gpio` (RPi.GPIO, or rpi-lgpio on a Pi 5) or `fake` (the same
+adapter over a modelled RPi.GPIO module and wire, for demos and tests).
 """
 
 from __future__ import annotations
