@@ -1,5 +1,5 @@
 import sys
 
-from mapper.cli import main
+from mapper.entry import main
 
 sys.exit(main())
