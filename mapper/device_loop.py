@@ -210,15 +210,26 @@ class DeviceRunner:
             taken = now_ms()
             value = coerce(prop.type, raw)
         except Exception as exc:  # noqa: BLE001 - driver errors of any kind count as a failed read
-            await self._failed(exc)
-            return Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
+            reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
+            await self._keeping(reading, self._failed(exc))
+            return reading
         self.reads += 1
-        await self._succeeded()
         why = range_problem(value, prop.minimum, prop.maximum)
         rated = self._rated.get(prop.name)
         if why is None and rated is not None and range_problem(value, *rated):
             why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
-        return Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
+        reading = Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
+        await self._keeping(reading, self._succeeded())
+        return reading
+
+    async def _keeping(self, reading: Reading, state_update: Awaitable[None]) -> None:
+        """Await a state update (a change waits for the twin); if the device is stopped meanwhile, the
+        reading already taken is still recorded, with the batch the stop commits, not dropped."""
+        try:
+            await state_update
+        except asyncio.CancelledError:
+            self._record(reading)
+            raise
 
     async def _collect(self, cycle_ms: int, props: list[PropertyDefinition]) -> None:
         """Read the properties that share a cycle, one after another, once per cycle.

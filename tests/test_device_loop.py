@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -123,3 +124,47 @@ async def test_reads_that_miss_their_slot_are_counted_and_reported(tmp_path, plu
         await async_wait_for(lambda: "reads missed their collect slot" in caplog.text, what="the warning")
         assert "most: default/slow" in caplog.text
         assert steady.missed_reads == 0
+
+
+async def test_a_reading_taken_as_the_mapper_stops_is_committed(tmp_path):
+    """A read that succeeded while the device's state change waits for the twin (another writer holds it)
+    is still committed when the mapper stops right then: a reading taken is never dropped."""
+    import asyncio
+    import sqlite3
+
+    from mapper.service import MapperService
+
+    unplugged = tmp_path / "unplugged"
+    unplugged.touch()
+    devices = write_devices(tmp_path / "dev", ["plug"], cycle=50, configs={"plug": f"{{fail_while_exists: '{unplugged}'}}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    plug = DeviceId("default", "plug")
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    writer: sqlite3.Connection | None = None
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.device(plug).state == "unhealthy", what="the unplugged device unhealthy")
+        runner = service.runners[plug]
+        writer = sqlite3.connect(config.twin.path, timeout=10, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")  # from now on every twin write of the mapper waits
+        plugged_at_ms = int(time.time() * 1000)
+        unplugged.unlink()
+        # Its first good read: the state goes back to ok, a twin write that waits for the writer.
+        await async_wait_for(lambda: runner.reads == 1, what="a good read")
+        stop.set()
+        await async_wait_for(lambda: not service.runners, what="the device stopped")
+        writer.execute("ROLLBACK")  # the stop now commits what was taken
+    finally:
+        stop.set()
+        if writer is not None:
+            if writer.in_transaction:
+                writer.execute("ROLLBACK")
+            writer.close()
+        await asyncio.wait_for(task, 20)
+    with reader(config) as twin:
+        good = [(name, ts) for name in ("count", "power", "temperature")
+                for ts, _, quality in twin.history(plug, name, limit=1000) if quality == "good"]
+    assert len(good) == 1 and good[0][1] >= plugged_at_ms, good
