@@ -28,6 +28,7 @@ from devices.errors import DriverError, ReadError
 
 POLL_S = 0.01
 
+
 class SlowConfig(SimulatedConfig):
     read_s: float = Field(default=0.0, ge=0)
     timeout_s: float = Field(default=5.0, gt=0)
