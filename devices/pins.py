@@ -128,6 +128,8 @@ class RPiGPIOPins:
                     f"GPIO{pin}: cannot {what}: {text}; run as a user in the `gpio` group"
                 ) from exc
             raise PinError(f"GPIO{pin}: cannot {what}: {text}") from exc
+        except (TypeError, AttributeError, NotImplementedError):
+            raise  # a bug in the call, not the hardware: let it show as one
         except Exception as exc:  # e.g. lgpio.error through rpi-lgpio on a Pi 5: never a bare library error
             raise PinError(f"GPIO{pin}: cannot {what}: {exc}") from exc
 
@@ -189,8 +191,10 @@ class RPiGPIOPins:
         g = self.gpio
         try:
             g.remove_event_detect(pin)
-        except (RuntimeError, ValueError):
-            pass  # no edge detection was set up on this pin
+        except (TypeError, AttributeError, NotImplementedError):
+            raise
+        except Exception:  # noqa: BLE001 - none was set up (RPi.GPIO: RuntimeError/ValueError; lgpio: its own)
+            pass
         self._call(pin, "release", g.cleanup, pin)
 
     def ticks(self) -> float:

@@ -48,7 +48,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
-    if config.mqtt is None or not config.mqtt.uses_tls:
+    if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
     import asyncio  # here, not at the top: after the placeholder
@@ -57,9 +57,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logs.setup(config.log_level)
     service = build_service(config)
-    if openssl.real_ssl_loaded_by:
-        logging.getLogger("mapper").info("OpenSSL loaded after all (%s was asked for), although this config uses no "
-                                         "TLS: ~4.5 MiB more resident memory", openssl.real_ssl_loaded_by)
 
     async def main() -> None:
         stop = asyncio.Event()

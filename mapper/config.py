@@ -68,6 +68,10 @@ class MapperConfig(_Section):
     twin: TwinSettings = TwinSettings()
     loop: DeviceLoopSettings = DeviceLoopSettings()
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Load OpenSSL although the broker connection uses no TLS (for a plugin that needs it): without
+    # TLS `mapper run` keeps it out, ~4.5 MiB (mapper/openssl.py). As MAPPER_LOAD_OPENSSL=1 in the
+    # environment it also keeps hashlib on OpenSSL.
+    load_openssl: bool = False
     # Later sections (mqtt, inference, kubeedge) are added by the modules that own them.
     mqtt: MqttSettings | None = None
     # Early-exit inference pipelines (mapper/inference; docs/inference.md); a bare list means `pipelines:`.

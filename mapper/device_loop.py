@@ -223,8 +223,9 @@ class DeviceRunner:
         return reading
 
     async def _keeping(self, reading: Reading, state_update: Awaitable[None]) -> None:
-        """Await a state update (a change waits for the twin); if the device is stopped meanwhile, the
-        reading already taken is still recorded, with the batch the stop commits, not dropped."""
+        """Await a state update (a change waits for the twin). If the read is cancelled meanwhile (the
+        device stopped, or a DMI/REST caller gave up), the reading already taken is still recorded,
+        not dropped: every caller records it only once read_once returns, so never twice."""
         try:
             await state_update
         except asyncio.CancelledError:

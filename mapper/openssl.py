@@ -8,59 +8,64 @@ libcrypto is ~4.5 MiB of the mapper's resident memory (benchmarks `cost`, Pi wor
 * `_ssl`: asyncio, paho-mqtt and aiomqtt all import `ssl` at import time, TLS or not. A
   stand-in takes its place, holding only what they name outside a TLS path: exception
   classes in `except` clauses (which a plain socket never raises) and classes for isinstance
-  checks. Anything else asked of it loads the real `ssl` there and then, into the same module
-  object, so a library that needs more than that still works; it only costs the memory again
-  (`real_ssl_loaded_by` says who asked, and the mapper logs it).
+  checks (nothing is an instance of them). Anything else asked of it, or making one of its
+  classes, raises an error that says why and what to do: loading the real module then could
+  not mend what asyncio and paho bound to the stand-in at import time.
 
-Both must be in place before the modules that import them (mapper/entry.py and cli.cmd_run);
-when anything imported them earlier, these are no-ops.
+A process that needs OpenSSL without TLS to the broker (a third-party driver calling an HTTPS
+API) sets MAPPER_LOAD_OPENSSL=1. Both must be in place before the modules that import them
+(mapper/entry.py and cli.cmd_run); when anything imported them earlier, these are no-ops.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
+import os
 import sys
 import types
 
-# What asked the stand-in for something it does not have (the real ssl was loaded then).
-real_ssl_loaded_by: str | None = None
+OPT_OUT = "MAPPER_LOAD_OPENSSL"
+_WHY = (f"the ssl module is not loaded, as this mapper's config uses no TLS (mapper/openssl.py); "
+        f"configure TLS for the broker or set {OPT_OUT}=1 to load it")
+# CPython's own hash modules, which hashlib uses when _hashlib (OpenSSL) is missing.
+_BUILTIN_HASHES = ("_md5", "_sha1", "_sha3", "_blake2")
+
+
+def wanted() -> bool:
+    """Whether this process was asked to load OpenSSL anyway."""
+    return os.environ.get(OPT_OUT, "") not in ("", "0")
 
 
 def skip_hashlib_openssl() -> bool:
-    """Make hashlib and hmac use CPython's built-in hashes (when this build has them)."""
-    if "_hashlib" in sys.modules or "hashlib" in sys.modules or "hmac" in sys.modules:
+    """Make hashlib and hmac use CPython's built-in hashes (when this build has all of them)."""
+    if wanted() or "_hashlib" in sys.modules or "hashlib" in sys.modules or "hmac" in sys.modules:
         return False
-    if not any(importlib.util.find_spec(name) for name in ("_sha2", "_sha256")):  # 3.12+, 3.11
+    sha2 = ("_sha2",) if importlib.util.find_spec("_sha2") else ("_sha256", "_sha512")  # 3.12+, 3.11
+    if not all(importlib.util.find_spec(name) for name in _BUILTIN_HASHES + sha2):
         return False
     sys.modules["_hashlib"] = None  # type: ignore[assignment]  # `import _hashlib` -> ImportError
     return True
 
 
 class SslError(OSError):
-    """Stands in for ssl.SSLError and its subclasses until the real module is loaded."""
+    """Stands in for ssl.SSLError and its subclasses: never raised, as no TLS socket exists."""
+
+
+class _NotLoaded(type):
+    """The stand-ins' SSLContext, SSLSocket and SSLObject: isinstance() is False, making one fails."""
+
+    def __call__(cls, *args: object, **kwargs: object) -> object:
+        raise RuntimeError(f"ssl.{cls.__name__}: {_WHY}")
 
 
 class _SslStandIn(types.ModuleType):
     def __getattr__(self, name: str) -> object:
-        if name.startswith("__"):  # import machinery and introspection probing: not a use of ssl
-            raise AttributeError(name)
-        global real_ssl_loaded_by
-        real_ssl_loaded_by = f"ssl.{name}"
-        # Load the real module under its name, then make this object it: modules that imported
-        # the stand-in see the real classes and functions from now on.
-        del sys.modules["ssl"]
-        try:
-            real = importlib.import_module("ssl")
-        finally:
-            sys.modules["ssl"] = self
-        self.__dict__.update(real.__dict__)
-        return getattr(real, name)
+        raise AttributeError(f"ssl.{name}: {_WHY}")
 
 
 def ssl_placeholder() -> bool:
-    """Put the stand-in in place of `ssl`, unless something already imported the real one."""
-    if "ssl" in sys.modules:
+    """Put the stand-in in place of `ssl`, unless asked not to or something already imported the real one."""
+    if wanted() or "ssl" in sys.modules:
         return False
     module = _SslStandIn("ssl", "stand-in: no TLS in this mapper's config (mapper/openssl.py)")
     module.SSLError = module.CertificateError = SslError
@@ -68,6 +73,6 @@ def ssl_placeholder() -> bool:
                  "SSLEOFError", "SSLCertVerificationError"):
         setattr(module, name, type(name, (SslError,), {}))
     for name in ("SSLContext", "SSLSocket", "SSLObject"):
-        setattr(module, name, type(name, (), {}))
+        setattr(module, name, _NotLoaded(name, (), {}))
     sys.modules["ssl"] = module
     return True

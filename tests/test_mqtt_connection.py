@@ -51,7 +51,7 @@ def test_without_mqtt_the_mapper_runs_local_only(tmp_path):
 
     def history() -> list:
         with TwinStore.open(mapper.twin_path) as store:
-            return store.history(DeviceId("default", "lamp"), "count", limit=100)
+            return store.history(DeviceId("default", "lamp"), "count", limit=1_000_000)
 
     with mapper:
         mapper.wait_log("running local-only")

@@ -1,20 +1,23 @@
-"""mapper/openssl.py: a mapper without TLS runs without OpenSSL (~4.5 MiB of resident memory), and
-whatever asks for more of `ssl` than the stand-in holds gets the real module, not an error."""
+"""mapper/openssl.py: a mapper without TLS runs without OpenSSL (~4.5 MiB of resident memory); what
+would need it fails with an error that says how to get it; MAPPER_LOAD_OPENSSL=1 loads it anyway."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+from helpers import wait_for, write_devices
+from mapper_proc import MapperProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
 PRELUDE = """
 import sys
 from mapper import openssl
-assert openssl.skip_hashlib_openssl()
-assert openssl.ssl_placeholder()
+loaded = (openssl.skip_hashlib_openssl(), openssl.ssl_placeholder())
 import asyncio, hashlib, hmac, secrets
 import aiomqtt, paho.mqtt.client, eventbus.extension, mapper.runtime
 
@@ -24,44 +27,91 @@ def openssl_mapped():
 """
 
 
-def run(check: str) -> None:
+def run(check: str, **env: str) -> None:
     out = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(check)], capture_output=True, text=True,
-                         timeout=60, cwd=REPO)
+                         timeout=60, cwd=REPO, env={**os.environ, **env})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok", out.stdout
 
 
-def test_no_openssl_without_tls() -> None:
-    """Everything a mapper run imports, imported: hashes and hmac work, and OpenSSL is not in memory."""
-    run("""
-        assert hashlib.sha256(b"x").hexdigest() == "2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881"
-        assert hmac.new(b"k", b"m", "sha256").hexdigest().startswith("b60090e3052297ae")  # as with OpenSSL
+def mapped(pid: int) -> list[str]:
+    """The OpenSSL libraries in a process's memory map."""
+    with open(f"/proc/{pid}/maps") as maps:
+        return sorted({line.split()[-1] for line in maps if "libcrypto" in line or "libssl" in line})
+
+
+def test_mapper_run_without_tls_has_no_openssl_in_memory(broker, tmp_path: Path) -> None:
+    """`python -m mapper run` on a plain mqtt:// broker: connected, publishing, and OpenSSL never mapped."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    with MapperProcess(tmp_path, devices, broker) as mapper, broker.client("app") as app:
+        app.subscribe("mapper/test-node/default/lamp/count")
+        mapper.wait_log("connected to mqtt://")
+        assert app.next_message(timeout=10).topic == "mapper/test-node/default/lamp/count"
+        assert mapped(mapper.process.pid) == []
+        assert mapper.stop() == 0
+
+
+def test_mapper_load_openssl_opts_out(broker, tmp_path: Path) -> None:
+    """MAPPER_LOAD_OPENSSL=1: the same mapper with OpenSSL loaded (for a plugin that needs it)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    os.environ["MAPPER_LOAD_OPENSSL"] = "1"  # MapperProcess passes its environment on
+    try:
+        with MapperProcess(tmp_path, devices, broker) as mapper:
+            mapper.wait_log("connected to mqtt://")
+            wait_for(lambda: mapped(mapper.process.pid) != [], timeout=5, what="OpenSSL mapped")
+            assert mapper.stop() == 0
+    finally:
+        del os.environ["MAPPER_LOAD_OPENSSL"]
+
+
+def test_hashes_work_without_openssl() -> None:
+    """hashlib and hmac on CPython's own hashes give OpenSSL's results (computed in this process)."""
+    import hashlib
+    import hmac
+
+    digest = hashlib.sha256(b"x").hexdigest()
+    mac = hmac.new(b"k", b"m", "sha256").hexdigest()
+    run(f"""
+        assert loaded == (True, True)
+        assert hashlib.sha256(b"x").hexdigest() == {digest!r}
+        assert hmac.new(b"k", b"m", "sha256").hexdigest() == {mac!r}
         assert len(secrets.token_hex(4)) == 8
         asyncio.run(asyncio.sleep(0))
         assert not openssl_mapped(), "OpenSSL mapped"
-        assert openssl.real_ssl_loaded_by is None
         print("ok")
     """)
 
 
-def test_asking_the_stand_in_for_more_loads_the_real_ssl() -> None:
-    """A TLS call through the stand-in works: the real module loads into it, with its own exception
-    classes, also for the modules that imported the stand-in; and it says who asked."""
+def test_what_needs_openssl_says_how_to_get_it() -> None:
+    """Asking the stand-in for TLS fails at once with the reason and the fix; nothing is an SSLContext."""
     run("""
         import ssl
-        context = ssl.create_default_context()
-        assert openssl.real_ssl_loaded_by == "ssl.create_default_context"
-        assert openssl_mapped()
-        assert context.verify_mode == ssl.CERT_REQUIRED
-        import _ssl
-        assert paho.mqtt.client.ssl.SSLWantReadError is _ssl.SSLWantReadError
-        assert sys.modules["ssl"] is ssl and ssl.SSLError is _ssl.SSLError
+        for attempt in (lambda: ssl.create_default_context(), lambda: ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT),
+                        lambda: ssl.SSLContext()):
+            try:
+                attempt()
+            except (AttributeError, RuntimeError) as exc:
+                assert "uses no TLS" in str(exc) and "MAPPER_LOAD_OPENSSL=1" in str(exc), exc
+            else:
+                raise AssertionError("the stand-in let a TLS call through")
+        assert not hasattr(ssl, "PROTOCOL_TLS_CLIENT") and not isinstance(object(), ssl.SSLContext)
+        assert not openssl_mapped()
         print("ok")
     """)
+
+
+def test_opt_out_keeps_openssl() -> None:
+    run("""
+        assert loaded == (False, False)
+        import ssl
+        assert ssl.create_default_context().verify_mode == ssl.CERT_REQUIRED
+        assert openssl_mapped()
+        print("ok")
+    """, MAPPER_LOAD_OPENSSL="1")
 
 
 def test_the_stand_in_is_never_put_over_the_real_ssl() -> None:
-    import ssl  # noqa: F401 - the test process has it
+    import ssl
 
     from mapper import openssl
 
