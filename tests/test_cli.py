@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import MODEL, device_yaml, wait_for, write_config, write_devices
+from mapper.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,22 +175,28 @@ def test_sigkill_loses_nothing_committed(tmp_path):
     assert code == 0
 
 
-async def test_run_freezes_the_start_up_heap_once_ready():
-    """`mapper run` moves what exists at readiness out of the garbage collector's walks, not before."""
+async def test_run_freezes_the_start_up_heap_once_ready(tmp_path):
+    """`mapper run`'s heap freeze waits for the service to be ready, then moves what exists out of the
+    garbage collector's walks."""
     import asyncio
     import gc
-    import types
 
     from mapper.cli import freeze_heap_when_ready
+    from mapper.service import MapperService
 
-    service = types.SimpleNamespace(ready=asyncio.Event())
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    service = MapperService(load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")))
+    stop = asyncio.Event()
     assert gc.get_freeze_count() == 0
-    task = asyncio.create_task(freeze_heap_when_ready(service))
+    freezer = asyncio.create_task(freeze_heap_when_ready(service))
+    running = asyncio.create_task(service.run(stop))
     try:
         await asyncio.sleep(0)
-        assert gc.get_freeze_count() == 0 and not task.done()  # still starting: nothing frozen
-        service.ready.set()
-        await asyncio.wait_for(task, 10)
+        assert not service.ready.is_set() and gc.get_freeze_count() == 0  # still starting: nothing frozen
+        await asyncio.wait_for(freezer, 10)
+        assert service.ready.is_set()
         assert gc.get_freeze_count() > 10_000  # this test process's modules and objects
     finally:
         gc.unfreeze()
+        stop.set()
+        await asyncio.wait_for(running, 10)
