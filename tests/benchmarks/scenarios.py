@@ -47,7 +47,7 @@ from .common import (
 class Plan:
     """How long and how often: `quick` for development (about a minute and a half: one run of
     each, short windows, the Pi cost without its full-history and no-worker variants), full
-    (about ten minutes here: three runs of each, two of the Pi cost)."""
+    (about twelve minutes here, 720 s at 11:58: three runs of each, two of the Pi cost)."""
 
     quick: bool
     repeats: int
