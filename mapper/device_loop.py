@@ -219,7 +219,8 @@ class DeviceRunner:
         if why is None and rated is not None and range_problem(value, *rated):
             why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
         reading = Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
-        await self._keeping(reading, self._succeeded())
+        if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
+            await self._keeping(reading, self._succeeded())
         return reading
 
     async def _keeping(self, reading: Reading, state_update: Awaitable[None]) -> None:

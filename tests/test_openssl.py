@@ -51,17 +51,14 @@ def test_mapper_run_without_tls_has_no_openssl_in_memory(broker, tmp_path: Path)
         assert mapper.stop() == 0
 
 
-def test_mapper_load_openssl_opts_out(broker, tmp_path: Path) -> None:
+def test_mapper_load_openssl_opts_out(broker, tmp_path: Path, monkeypatch) -> None:
     """MAPPER_LOAD_OPENSSL=1: the same mapper with OpenSSL loaded (for a plugin that needs it)."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
-    os.environ["MAPPER_LOAD_OPENSSL"] = "1"  # MapperProcess passes its environment on
-    try:
-        with MapperProcess(tmp_path, devices, broker) as mapper:
-            mapper.wait_log("connected to mqtt://")
-            wait_for(lambda: mapped(mapper.process.pid) != [], timeout=5, what="OpenSSL mapped")
-            assert mapper.stop() == 0
-    finally:
-        del os.environ["MAPPER_LOAD_OPENSSL"]
+    monkeypatch.setenv("MAPPER_LOAD_OPENSSL", "1")  # MapperProcess passes its environment on
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        wait_for(lambda: mapped(mapper.process.pid) != [], timeout=5, what="OpenSSL mapped")
+        assert mapper.stop() == 0
 
 
 def test_hashes_work_without_openssl() -> None:
