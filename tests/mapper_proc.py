@@ -26,8 +26,9 @@ class MapperProcess:
     """`python -m mapper run --config ...` in a subprocess, log to a file, always stopped."""
 
     def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, *, node: str = "test-node",
-                 extra: str = "", name: str = "mapper") -> None:
+                 extra: str = "", name: str = "mapper", env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env or {}
         self.twin_path = tmp / f"{name}-twin.db"
         mqtt = mqtt_block(broker, tmp, extra=extra) if broker else ""
         self.config = write_config(tmp / f"{name}.yaml", devices, self.twin_path, node=node, extra=mqtt)
@@ -37,7 +38,7 @@ class MapperProcess:
     def start(self) -> MapperProcess:
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=os.environ.copy())
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env})
         return self
 
     def log(self) -> str:

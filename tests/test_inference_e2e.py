@@ -21,6 +21,7 @@ import orjson
 import pytest
 
 from helpers import faulty_probe_yaml, wait_for
+from mapper.systemd import SERVICE_TUNING
 from mapper_proc import REPO, MapperProcess
 
 NODE = "e2e-node"
@@ -195,4 +196,25 @@ def test_worker_down_provisional_then_final(broker, tmp_path, devices):
         r = table[request_id]
         assert (r["status"], r["exit"], r["label"]) == ("final", "cloud", r["cloud_label"])
     assert_derived_device_shows_the_last_decision(mapper.twin_path, rows(mapper.twin_path))
+    assert "Traceback" not in mapper.log()
+
+
+def test_inference_runs_under_the_service_units_tuning(broker, tmp_path, devices):
+    """The installed unit runs the mapper with -OO and two malloc arenas (to stay small on a Pi):
+    with those, windows are still decided, published and recorded, and nothing fails on a missing
+    docstring or assert."""
+    app = broker.client("app")
+    mapper = MapperProcess(tmp_path, devices, broker, node=NODE, extra=inference_block(0.3, 30.0),
+                           env={**SERVICE_TUNING, "PYTHONPYCACHEPREFIX": str(tmp_path / "pycache"),
+                                "PYTHONDONTWRITEBYTECODE": ""})  # systemd starts from a clean environment
+    try:
+        app.subscribe(f"mapper/{NODE}/default/+/decision")
+        with mapper:
+            seen = decisions_seen(app, lambda s: sum(d["exit"] == "edge" for d in s) >= 3, timeout=60)
+            assert mapper.stop() == 0
+    finally:
+        app.close()
+    assert any(tmp_path.joinpath("pycache").rglob("*.opt-2.pyc")), "the -OO bytecode went to the cache prefix"
+    table = rows(mapper.twin_path)
+    assert {d["window_end"] for d in seen if d["exit"] == "edge"} <= {r["window_end_ts"] for r in table}
     assert "Traceback" not in mapper.log()

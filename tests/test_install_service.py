@@ -34,7 +34,9 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(config: Path, capsy
     for expected in ("Type=notify", "WatchdogSec=30", "User=mapper", "StateDirectory=mapper",
                      "ReadWritePaths=/var/lib/mapper", "NoNewPrivileges=yes", "ProtectSystem=strict",
                      "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5", "TimeoutStopSec=30",
-                     "ExecReload=/bin/kill -HUP $MAINPID", "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db"):
+                     "ExecReload=/bin/kill -HUP $MAINPID", "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db",
+                     "Environment=PYTHONOPTIMIZE=2", "Environment=MALLOC_ARENA_MAX=2",
+                     "Environment=PYTHONPYCACHEPREFIX=/var/lib/mapper/pycache"):
         assert expected in lines, expected
 
 

@@ -209,8 +209,9 @@ class Mapper:
     """`python -m mapper run` as a user runs it; optionally pinned to CPUs; always stopped."""
 
     def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, options: MapperOptions | None = None,
-                 *, cpus: set[int] | None = None) -> None:
+                 *, cpus: set[int] | None = None, env: dict[str, str] | None = None) -> None:
         self.tmp = tmp
+        self.env = env or {}
         self.options = o = options or MapperOptions()
         self.twin_path = tmp / "twin.db"
         self.log_path = tmp / "mapper.log"
@@ -233,7 +234,7 @@ class Mapper:
     def start(self) -> Mapper:
         cpus = self.cpus
         preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}, **self.env}
         with self.log_path.open("ab") as log:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
