@@ -48,7 +48,8 @@ from .common import (
 class Plan:
     """How long and how often: `quick` for development (about a minute and a half: one run of
     each, short windows, the Pi cost without its full-history and no-worker variants), full
-    (about twelve minutes here, 720 s at 11:58: three runs of each, two of the Pi cost)."""
+    (about twelve and a half minutes here, 711 s at 13:33 plus ~35 s for the NORMAL latency runs
+    added after it: three runs of each, two of the Pi cost)."""
 
     quick: bool
     repeats: int
