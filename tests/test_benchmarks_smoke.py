@@ -52,3 +52,20 @@ def test_summary_reports_median_and_spread() -> None:
     s = m.summary(m.values)
     assert s is not None and (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
     assert m.ratio() == 0.5
+
+
+def test_latency_plot_takes_the_median_of_each_quantile_over_the_runs() -> None:
+    """The plot's data: per series, the median over the runs of each quantile; a JSON without
+    quantiles (an older run) is refused with the command that makes one."""
+    from benchmarks.plot import latency_series
+
+    run = {"scenarios": [{"name": "latency", "details": [
+        {"quantiles": [0.5, 0.99], "quantiles_ms": {"mapper": [1.0, 2.0], "raw": [0.1, 0.3]}},
+        {"quantiles": [0.5, 0.99], "quantiles_ms": {"mapper": [3.0, 6.0], "raw": [0.2, 0.2]}},
+        {"quantiles": [0.5, 0.99], "quantiles_ms": {"mapper": [2.0, 9.0], "raw": [0.3, 0.4]}},
+    ]}]}
+    quantiles, series = latency_series(run)
+    assert quantiles == [0.5, 0.99]
+    assert series == {"mapper": [2.0, 6.0], "raw": [0.2, 0.3]}
+    with pytest.raises(SystemExit, match="--only latency --json"):
+        latency_series({"scenarios": [{"name": "latency", "details": [{"run": 0}]}]})

@@ -179,6 +179,10 @@ def _exact_latencies_ms(got: list[Arrival]) -> list[float]:
     return out
 
 
+# Where the latency distributions are sampled for the JSON (and the plot of docs/latency.svg).
+LATENCY_QUANTILES = [0.001, 0.01, 0.05, *(k / 20 for k in range(2, 19)), 0.95, 0.975, 0.99, 0.995, 0.999]
+
+
 def latency(ctx: Context) -> ScenarioResult:
     plan = ctx.plan
     r = ScenarioResult(
@@ -262,7 +266,13 @@ def latency(ctx: Context) -> ScenarioResult:
         normal99.baseline.append(p99.baseline[-1])
         r.details.append({"run": i, "received": len(lat), "rate": len(lat) / seconds,
                           "raw_received": len(raw), "raw_durable_received": len(durable),
-                          "normal_received": len(normal)})
+                          "normal_received": len(normal),
+                          # the distributions, for `python -m tests.benchmarks.plot`
+                          "quantiles": LATENCY_QUANTILES,
+                          "quantiles_ms": {name: [round(percentile(values, q), 4) for q in LATENCY_QUANTILES]
+                                           for name, values in (("mapper", lat), ("raw", raw),
+                                                                ("raw_durable", durable), ("normal", normal))
+                                           if values}})
     return r
 
 
