@@ -42,13 +42,18 @@ def plot(run: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
+    matplotlib.rcParams["svg.hashsalt"] = "mapper"  # stable element ids: the same input, the same file
     import matplotlib.pyplot as plt
 
     quantiles, series = latency_series(run)
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(8, 5))
     for key, label, style in SERIES:
         if key in series:
             ax.plot(series[key], [100 * q for q in quantiles], style, label=label, linewidth=2)
+    if "raw" in series and 0.99 in quantiles:
+        target = 3 * series["raw"][quantiles.index(0.99)]
+        ax.axvline(target, color="grey", linewidth=1)
+        ax.annotate("target: p99 within 3x raw ", (target, 50), color="grey", fontsize=8, ha="right")
     ax.set_xscale("log")
     ax.set_xlabel("reading taken -> received by a subscriber (ms, log scale)")
     ax.set_ylabel("percentile")
@@ -57,7 +62,7 @@ def plot(run: dict[str, Any], out: Path) -> None:
     machine = run.get("machine", {})
     ax.set_title(f"Latency at 1,000 readings/s, {run.get('date', '?')[:16].replace('T', ' ')} UTC, "
                  f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out, metadata={"Date": None})  # no timestamp: the same input gives the same file
     plt.close(fig)
