@@ -209,8 +209,10 @@ def render_unit(settings: UnitSettings) -> str:
     """The unit for this installation, from the template shipped in the package."""
     template = resources.files("mapper").joinpath(UNIT_TEMPLATE).read_text(encoding="utf-8")
     command = [settings.python, "-m", "mapper", "run", "--config", str(settings.config)]
+    precompile = [settings.python, "-m", "mapper.precompile", "--config", str(settings.config)]
     return Template(template).substitute(
         exec_start=" ".join(systemd_quote(word) for word in command),
+        exec_start_pre=" ".join(systemd_quote(word) for word in precompile),
         tuning_environment="\n".join(f"Environment={key}={value}" for key, value in SERVICE_TUNING.items()),
         user=settings.user,
         groups=" ".join(settings.groups),

@@ -31,6 +31,7 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(config: Path, capsy
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     lines = unit_lines(capsys.readouterr().out)
     assert f"ExecStart={sys.executable} -m mapper run --config {config.resolve()}" in lines
+    assert f"ExecStartPre=-{sys.executable} -m mapper.precompile --config {config.resolve()}" in lines
     for expected in ("Type=notify", "WatchdogSec=30", "User=mapper", "StateDirectory=mapper",
                      "ReadWritePaths=/var/lib/mapper", "NoNewPrivileges=yes", "ProtectSystem=strict",
                      "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5", "TimeoutStopSec=30",
@@ -94,3 +95,15 @@ def test_rendered_unit_passes_systemd_analyze_verify(config: Path, tmp_path: Pat
     broken.write_text(good.read_text().replace("ExecStart=", "ExecStart=relative/python "))
     result = subprocess.run([ANALYZE, "verify", "--man=no", str(broken)], capture_output=True, text=True, check=False)
     assert result.returncode != 0 or "broken.service" in result.stderr
+
+
+def test_precompile_never_blocks_a_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The unit's ExecStartPre: a config it cannot read is left to `mapper run` to report (exit 0, one line)."""
+    from mapper.precompile import main as precompile
+
+    bad = tmp_path / "mapper.yaml"
+    bad.write_text("node: pi\ntwin:\n  synchronous: SOMETIMES\n")
+    assert precompile(["--config", str(bad)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("mapper.precompile: stopped early (") and "synchronous" in err
+    assert err.rstrip().endswith("`mapper run` compiles the rest")

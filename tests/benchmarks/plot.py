@@ -28,7 +28,7 @@ def latency_series(run: dict[str, Any]) -> tuple[list[float], dict[str, list[flo
     runs = [d for d in (scenario or {}).get("details", []) if "quantiles_ms" in d]
     if not runs:
         raise SystemExit("this JSON holds no latency quantiles: run `python -m tests.benchmarks --only latency --json FILE`"
-                         " (since 2026-11-29 14:00)")
+                         " (runs since 2026-11-29 13:50 keep them)")
     quantiles = runs[0]["quantiles"]
     series = {}
     for key, _, _ in SERIES:
