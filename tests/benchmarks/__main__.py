@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, twin files, arrivals)")
     p.add_argument("--repeats", type=int, help="runs per scenario (default: 3 full, 1 quick)")
-    p.add_argument("--latency-s", type=float, help="latency run length, e.g. 300 for a soak (default: 25 full, 3 quick)")
+    p.add_argument("--latency-s", type=float, help="latency run length, e.g. 300 for a soak (default: 15 full, 3 quick)")
     args = p.parse_args(argv)
     names = list(SCENARIOS) if not args.only else [n.strip() for n in args.only.split(",")]
     unknown = [n for n in names if n not in SCENARIOS]
