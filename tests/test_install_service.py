@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -107,3 +108,4 @@ def test_precompile_never_blocks_a_start(tmp_path: Path, capsys: pytest.CaptureF
     err = capsys.readouterr().err
     assert err.startswith("mapper.precompile: stopped early (") and "synchronous" in err
     assert err.rstrip().endswith("`mapper run` compiles the rest")
+    assert logging.root.manager.disable == logging.NOTSET  # it quiets logging only while it runs
