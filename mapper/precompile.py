@@ -9,7 +9,8 @@ pay the imports only (0.4 s on the benchmark VM with onnxruntime).
 
 It imports what `mapper run` imports for this config (the stdlib and third-party modules come
 with them), and compiles every module of the mapper's own packages, some of which load only
-later in a run. It never fails the start: on any error it says so and exits 0, and
+later in a run, and the hardware libraries the configured drivers load when a device opens
+(`Driver.lazy_modules`: compiled, not imported, as importing them may probe the board). It never fails the start: on any error it says so and exits 0, and
 `mapper run` compiles the rest itself.
 """
 
@@ -36,26 +37,46 @@ def precompile(config_path: str) -> None:
 
 def _precompile(config_path: str) -> None:
     for name in OWN_PACKAGES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            for location in spec.submodule_search_locations:
-                compileall.compile_dir(location, quiet=2)
+        _compile_module(name)
     from devices.drivers.base import load_driver
+    from devices.errors import DriverNotFound
     from devices.loader import load
     from mapper.cli import _config
+    from mapper.inference.extension import collect_settings
     from mapper.runtime import build_service
 
     config = _config(config_path)
     service = build_service(config)  # imports the extensions the config asks for
-    if config.devices:
-        for protocol in {d.protocol for d in load(config.devices).devices.values()}:
-            load_driver(protocol)
+    definitions = load(config.devices).devices if config.devices else {}
+    for protocol in sorted({d.protocol for d in definitions.values()}):
+        try:
+            driver = load_driver(protocol)
+        except DriverNotFound:
+            continue  # `mapper run` refuses those devices and says why
+        for name in driver.lazy_modules:
+            _compile_module(name)
     if config.mqtt is not None:
         importlib.import_module("encodings.idna")  # the socket module's, to connect to a host by name
-    if any(type(e).__name__ == "InferenceExtension" for e in service.extensions):
+    inference = next((e for e in service.extensions if type(e).__name__ == "InferenceExtension"), None)
+    if inference is not None and collect_settings(inference.settings, definitions)[0]:
         for module in ("numpy", "onnxruntime"):  # the pipelines import them when they are built
             if importlib.util.find_spec(module) is not None:
                 importlib.import_module(module)
+
+
+def _compile_module(name: str) -> None:
+    """Compile a top-level module or package, if installed, without importing it."""
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return
+    if spec is None:
+        return
+    if spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            compileall.compile_dir(location, quiet=2)
+    elif spec.origin and spec.origin.endswith(".py"):
+        compileall.compile_file(spec.origin, quiet=2)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from mapper.cli import main
 from mapper.systemd import UnitSettings, install_service, render_unit, systemd_quote
 
 ANALYZE = shutil.which("systemd-analyze")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def unit_lines(unit: str) -> list[str]:
@@ -109,3 +111,20 @@ def test_precompile_never_blocks_a_start(tmp_path: Path, capsys: pytest.CaptureF
     assert err.startswith("mapper.precompile: stopped early (") and "synchronous" in err
     assert err.rstrip().endswith("`mapper run` compiles the rest")
     assert logging.root.manager.disable == logging.NOTSET  # it quiets logging only while it runs
+
+
+def test_precompile_compiles_the_hardware_libraries_without_importing_them(tmp_path: Path) -> None:
+    """A DHT device loads Blinka and adafruit_dht only when it opens; the unit's precompile compiles
+    them (-OO, into the unit's cache) but does not import them: Blinka probes the board on import."""
+    config = write_config(tmp_path / "mapper.yaml", REPO / "devices" / "examples" / "pi" / "room-sensor-dht.yaml",
+                          tmp_path / "twin.db")
+    cache = tmp_path / "pycache"
+    probe = ("import sys; from mapper.precompile import main; main(['--config', sys.argv[1]]);"
+             "print(sorted(m for m in ('board', 'adafruit_dht', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe, str(config)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120, check=True,
+                         env={**os.environ, "PYTHONOPTIMIZE": "2", "PYTHONPYCACHEPREFIX": str(cache),
+                              "PYTHONDONTWRITEBYTECODE": ""})
+    assert (out.stdout.strip(), out.stderr) == ("[]", "")
+    compiled = {p.name.split(".")[0] for p in cache.rglob("*.opt-2.pyc")}
+    assert {"board", "adafruit_dht", "digitalio", "device_loop", "dht"} <= compiled

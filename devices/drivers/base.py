@@ -72,6 +72,9 @@ class Driver:
     blocking: ClassVar[bool] = False
     # Seconds a blocking read may take before it counts as failed.
     timeout_s: ClassVar[float] = 5.0
+    # Top-level modules the driver imports only when a device opens (hardware libraries that may
+    # probe the board on import): `python -m mapper.precompile` compiles them without importing.
+    lazy_modules: ClassVar[tuple[str, ...]] = ()
     # Set on the instance by the device loop (thread-safe callables); None when nobody listens.
     on_change: ChangeCallback | None = None
     on_revert: RevertCallback | None = None

@@ -135,6 +135,9 @@ def adafruit_errors(where: str) -> Iterator[None]:
 
 class DhtDriver(Driver):
     protocol = "dht"
+    # Blinka and what it loads for a Pi's pins (adafruit_dht reads pulses through them).
+    lazy_modules = ("adafruit_dht", "board", "digitalio", "microcontroller", "pulseio", "adafruit_blinka",
+                    "adafruit_platformdetect", "RPi", "lgpio", "gpiod")
     Config = DhtConfig
     Visitor = DhtVisitor
     blocking = True

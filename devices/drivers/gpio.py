@@ -92,6 +92,7 @@ class _Output:
 
 class GpioDriver(Driver):
     protocol = "gpio"
+    lazy_modules = ("RPi", "lgpio")  # RPi.GPIO, or rpi-lgpio and lgpio on a Pi 5 (devices/pins.py)
     Config = GpioConfig
     Visitor = GpioVisitor
 
