@@ -8,10 +8,11 @@ workload. Compiled here first, `mapper run` only loads it. Later starts find it 
 pay the imports only (0.4 s on the benchmark VM with onnxruntime).
 
 It imports what `mapper run` imports for this config (the stdlib and third-party modules come
-with them), and compiles every module of the mapper's own packages, some of which load only
+with them). It compiles every module of the mapper's own packages, some of which load only
 later in a run, and the hardware libraries the configured drivers load when a device opens
-(`Driver.lazy_modules`: compiled, not imported, as importing them may probe the board). It never fails the start: on any error it says so and exits 0, and
-`mapper run` compiles the rest itself.
+(`Driver.lazy_modules`: compiled, not imported, as importing them may probe the board). It
+never fails the start: on any error it says so and exits 0, and `mapper run` compiles the
+rest itself.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _precompile(config_path: str) -> None:
     from devices.errors import DriverNotFound
     from devices.loader import load
     from mapper.cli import _config
-    from mapper.inference.extension import collect_settings
+    from mapper.inference.extension import InferenceExtension, collect_settings
     from mapper.runtime import build_service
 
     config = _config(config_path)
@@ -57,7 +58,7 @@ def _precompile(config_path: str) -> None:
             _compile_module(name)
     if config.mqtt is not None:
         importlib.import_module("encodings.idna")  # the socket module's, to connect to a host by name
-    inference = next((e for e in service.extensions if type(e).__name__ == "InferenceExtension"), None)
+    inference = next((e for e in service.extensions if isinstance(e, InferenceExtension)), None)
     if inference is not None and collect_settings(inference.settings, definitions)[0]:
         for module in ("numpy", "onnxruntime"):  # the pipelines import them when they are built
             if importlib.util.find_spec(module) is not None:
