@@ -205,6 +205,12 @@ class MapperOptions:
     extra: str = ""
 
 
+def mapper_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a mapper process: ours without MAPPER_* overrides (each run's config
+    says everything), plus `extra`."""
+    return {**{k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}, **(extra or {})}
+
+
 class Mapper:
     """`python -m mapper run` as a user runs it; optionally pinned to CPUs; always stopped."""
 
@@ -234,7 +240,7 @@ class Mapper:
     def start(self) -> Mapper:
         cpus = self.cpus
         preexec = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
-        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}, **self.env}
+        env = mapper_env(self.env)
         with self.log_path.open("ab") as log:
             self.started_at = time.monotonic()
             self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],

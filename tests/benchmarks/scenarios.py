@@ -34,6 +34,7 @@ from .common import (
     continuity,
     count_after,
     cpu_seconds,
+    mapper_env,
     percentile,
     rss_mib,
     sample,
@@ -466,7 +467,7 @@ def cost(ctx: Context) -> ScenarioResult:
     wtmp = ctx.tmp("cost-precompile")
     config = Mapper(wtmp, _pi_devices(wtmp / "devices"), ctx.broker, MapperOptions(extra=inference or "")).config
     subprocess.run([sys.executable, "-m", "mapper.precompile", "--config", str(config)], cwd=REPO, check=True,
-                   env={**{k: v for k, v in os.environ.items() if not k.startswith("MAPPER_")}, **service_env})
+                   env=mapper_env(service_env))
     for i in range(max(1, plan.repeats - 1)):
         results: dict[str, tuple[float, float, float]] = {}
         # One at a time: on a 2-core machine, processes measured side by side inflate each other's CPU.
