@@ -1,7 +1,8 @@
 """Plot the latency distributions of a benchmark run: `python -m tests.benchmarks.plot RUN.json OUT.svg`.
 
 Reads the quantiles the latency scenario keeps in its details (one set per run) and draws, for
-the mapper, raw paho, the raw durable script and the mapper on `synchronous: NORMAL`, the median
+the mapper, raw paho (evenly spaced and in ticks), the raw durable script and the mapper on
+`synchronous: NORMAL`, the median
 over the runs of each quantile: a cumulative distribution on a log time axis. Needs matplotlib
 (`pip install matplotlib`; not a dependency of the mapper or of the tests).
 """
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 SERIES = (  # key in the JSON, label, line style
-    ("raw", "raw paho-mqtt, QoS 1", "-"),
+    ("raw", "raw paho-mqtt, QoS 1, evenly spaced", "-"),
+    ("raw_ticks", "raw paho-mqtt, QoS 1, 10 readings every 10 ms (the mapper's pattern)", "-."),
     ("normal", "mapper, twin synchronous NORMAL (no fsync)", "--"),
     ("mapper", "mapper as shipped (synchronous FULL)", "-"),
     ("raw_durable", "raw durable: paho + sqlite3, each tick committed FULL", ":"),
@@ -46,7 +48,7 @@ def plot(run: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     quantiles, series = latency_series(run)
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = plt.subplots(figsize=(8, 5.5))
     for key, label, style in SERIES:
         if key in series:
             ax.plot(series[key], [100 * q for q in quantiles], style, label=label, linewidth=2)
@@ -55,6 +57,11 @@ def plot(run: dict[str, Any], out: Path) -> None:
         ax.axvline(target, color="grey", linewidth=1)
         ax.annotate("target: p99 within 3x raw ", (target, 50), color="grey", fontsize=8, ha="right")
     ax.set_xscale("log")
+    from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+    ax.xaxis.set_major_locator(FixedLocator([0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50]))
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("reading taken -> received by a subscriber (ms, log scale)")
     ax.set_ylabel("percentile")
     ax.set_ylim(0, 100)
@@ -62,7 +69,7 @@ def plot(run: dict[str, Any], out: Path) -> None:
     machine = run.get("machine", {})
     ax.set_title(f"Latency at 1,000 readings/s, {run.get('date', '?')[:16].replace('T', ' ')} UTC, "
                  f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores", fontsize=10)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=1, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(out, metadata={"Date": None})  # no timestamp: the same input gives the same file
     plt.close(fig)

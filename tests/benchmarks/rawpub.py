@@ -2,6 +2,7 @@
 
     python -m tests.benchmarks.rawpub --port P --password-file F --mode burst --count 100000 --window 100
     python -m tests.benchmarks.rawpub ... --mode rate --rate 1000 --duration 10
+    python -m tests.benchmarks.rawpub ... --mode rate --rate 1000 --exact --ticks
     python -m tests.benchmarks.rawpub ... --mode rate --rate 1000 --exact --durable /tmp/raw.db
     python -m tests.benchmarks.rawpub ... --mode pi --duration 60        # 20 values/s
     python -m tests.benchmarks.rawpub ... --mode connect                 # connect and exit
@@ -9,10 +10,14 @@
 Payloads are what the mapper publishes for a counter property: {"value", "ts", "seq"} encoded
 once per message with orjson, on `mapper/bench/default/d<N>/p0`, QoS 1. Prints one JSON line.
 
-`--durable` is a plain durable script: readings come in ticks of one per device (10 devices at
-1,000/s: a tick every 10 ms, like the mapper's latency scenario), each tick is committed to an
-SQLite table (WAL, synchronous FULL: one fsync per tick) in the publishing thread, and only then
-handed to paho (whose network thread sends, as in the other modes). No event loop, no outbox.
+`--ticks`: readings come in ticks of one per device (10 devices at 1,000/s: a tick every 10 ms,
+all taken at the tick, like the mapper's latency scenario, where devices on the same cycle wake
+together) and each tick is handed to paho at once: the same rate as `--mode rate` alone, which
+spaces the messages evenly, in the mapper's pattern.
+
+`--durable` is a plain durable script: the same ticks, but each is committed to an SQLite table
+(WAL, synchronous FULL: one fsync per tick) in the publishing thread, and only then handed to
+paho (whose network thread sends, as in the other modes). No event loop, no outbox.
 """
 
 from __future__ import annotations
@@ -46,9 +51,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact", action="store_true", help="also put the exact send time in the payload (`t`)")
     p.add_argument("--durable", metavar="DB", help="rate mode: commit each tick of readings to this SQLite file "
                    "(WAL, synchronous FULL) before publishing it; `t` is then the time the reading was taken")
+    p.add_argument("--ticks", action="store_true", help="rate mode: a tick of one reading per device every "
+                   "devices/rate seconds, published at once (`t` = the time the tick's readings were taken)")
     args = p.parse_args(argv)
-    if args.durable and args.mode != "rate":
-        p.error("--durable goes with --mode rate")
+    if (args.durable or args.ticks) and args.mode != "rate":
+        p.error("--durable and --ticks go with --mode rate")
     if args.host != "127.0.0.1":
         raise SystemExit("benchmarks only talk to 127.0.0.1")
     t0 = time.monotonic()
@@ -113,25 +120,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "burst":
         for i in range(args.count):
             publish(i)
-    elif args.mode == "rate" and args.durable:
+    elif args.mode == "rate" and (args.durable or args.ticks):
         tick_s = args.devices / args.rate
-        db = sqlite3.connect(args.durable, isolation_level=None)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        db.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL,"
-                   " property TEXT NOT NULL, value TEXT, ts INTEGER NOT NULL, quality TEXT NOT NULL)")
+        db = None
+        if args.durable:
+            db = sqlite3.connect(args.durable, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute("CREATE TABLE IF NOT EXISTS readings (id INTEGER PRIMARY KEY, device_id TEXT NOT NULL,"
+                       " property TEXT NOT NULL, value TEXT, ts INTEGER NOT NULL, quality TEXT NOT NULL)")
         for tick in range(int(args.duration / tick_s)):
             delay = start + tick * tick_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             taken = [time.time_ns() for _ in range(args.devices)]
-            db.execute("BEGIN")
-            db.executemany("INSERT INTO readings (device_id, property, value, ts, quality) VALUES (?,?,?,?,?)",
-                           [(f"default/d{d}", "p0", str(t), t // 1_000_000, "good") for d, t in enumerate(taken)])
-            db.execute("COMMIT")
+            if db is not None:
+                db.execute("BEGIN")
+                db.executemany("INSERT INTO readings (device_id, property, value, ts, quality) VALUES (?,?,?,?,?)",
+                               [(f"default/d{d}", "p0", str(t), t // 1_000_000, "good") for d, t in enumerate(taken)])
+                db.execute("COMMIT")
             for d, t in enumerate(taken):
                 publish(tick * args.devices + d, t)
-        db.close()
+        if db is not None:
+            db.close()
     elif args.mode == "rate":
         total = int(args.rate * args.duration)
         for i in range(total):
