@@ -269,6 +269,21 @@ def test_min_step_subsamples():
     assert w[0].values == (0.0, 0.0, 10.0, 0.0) and w[1].values == (10.0, 0.0, 20.0, 0.0)
 
 
+def test_a_seeded_window_decides_on_the_next_live_step_unless_the_history_is_stale():
+    """seed(): earlier readings fill the buffer without yielding windows; the next live step
+    closes a window that starts in them. History older than max_gap_ms is not used."""
+    history = [Reading(SENSOR, name, v, 1000 * i + k) for i in range(5)
+               for k, (name, v) in enumerate((("temperature", 20.0 + i), ("humidity", 50.0 + i)))]
+    b = WindowBuilder(PROPS, length=3, stride=1, max_gap_ms=5000)
+    assert b.seed(history, now_ms=6000) == 3
+    window = _step(b, 5000, 25.0, 55.0)
+    assert window is not None and window.values == (23.0, 53.0, 24.0, 54.0, 25.0, 55.0)
+    assert window.start_ms == 3001  # the oldest step is from the history
+    stale = WindowBuilder(PROPS, length=3, stride=1, max_gap_ms=5000)
+    assert stale.seed(history, now_ms=60_000) == 0
+    assert _step(stale, 60_000, 25.0, 55.0) is None
+
+
 # --- settings ----------------------------------------------------------------------------
 
 
@@ -928,6 +943,34 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         assert rows and all(x["label"] is not None for x in rows if x["status"] != "pending")
         await async_wait_for(lambda: r.published("/probe-ad/decision"), what="a decision at the app")
         assert not r.published("/probe-sensor-faults/decision")
+    finally:
+        await _stop(r)
+
+
+@pytest.mark.parametrize("age_s", [0.0, 3600.0])
+async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_path, age_s):
+    """A mapper that restarts (here: a twin already holding 20 steps of the probe, as a previous run
+    left them) decides on its first new step, with a window that starts in the history; history
+    older than the pipeline's gap limit (max_gap_s) is not used, and the window fills anew."""
+    from devices.loader import load
+
+    definitions = load([_devices(tmp_path)]).devices
+    probe = DeviceId.parse("default/probe")
+    last_ms = _now_ms() - int(age_s * 1000)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(definitions.values())
+        store.record([Reading(probe, name, value + 0.01 * i, last_ms - 10 * (19 - i))
+                      for i in range(20) for name, value in (("temperature", 21.5), ("humidity", 48.0))])
+    started_ms = _now_ms()
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0, "max_gap_s": 60})
+    try:
+        first = await _until(r.decisions, lambda rows: len(rows) >= 1, what="a decision")
+        first = min(first, key=lambda x: x["window_end_ts"])
+        assert first["window_end_ts"] >= started_ms  # decided on a live step
+        if age_s:
+            assert first["window_start_ts"] >= started_ms
+        else:
+            assert first["window_start_ts"] <= last_ms  # ... with a window that starts in the history
     finally:
         await _stop(r)
 

@@ -195,6 +195,8 @@ class InferenceExtension:
         built = await asyncio.to_thread(self._build, wanted, definitions, old)
         built = await self._register(built)
         added = [pid for pid, p in built.items() if old.get(pid) is not p]
+        if added:  # before the pipelines take live readings, so the history comes first
+            await self._seed([built[pid] for pid in added])
         removed = [pid for pid, p in old.items() if built.get(pid) is not p]
         self.pipelines = built
         self._by_source = {}
@@ -221,6 +223,32 @@ class InferenceExtension:
         if added and self._topics is None:
             log.warning("inference: no event bus: decisions stay in the twin and nothing is offloaded")
         self._wake.set()
+
+    async def _seed(self, pipelines: list[Pipeline]) -> None:
+        """Fill new pipelines' windows from the twin's recent history, so that a restarted mapper
+        (or a rebuilt pipeline) decides on its next step, not `window` steps later. History older
+        than the pipeline's gap limit is not used. Readings of the one batch that may be committing
+        while the history is read are missed: a step less, never a step out of order."""
+        from twin.records import Reading
+
+        def fetch(store: TwinStore) -> list[list[Reading]]:
+            return [sorted((Reading(p.source, name, value, ts, quality)
+                            for name in dict.fromkeys(p.properties)
+                            for ts, value, quality in store.history(p.source, name, p.seed_readings)),
+                           key=lambda r: r.taken_at_ms)
+                    for p in pipelines]
+
+        try:
+            histories = await self._twin(fetch)
+        except Exception:  # noqa: BLE001 - the windows then fill from live readings, as on a first start
+            log.exception("inference: cannot read the twin's history to fill the windows")
+            return
+        now = _now_ms()
+        for pipeline, readings in zip(pipelines, histories, strict=True):
+            steps = pipeline.builder.seed(readings, now)
+            if steps:
+                log.info("inference pipeline %s: window filled with %d of %d steps from the twin's history",
+                         pipeline.id, steps, pipeline.builder.length)
 
     async def _register(self, built: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
         """Each pipeline's derived device in the twin (active, read-only properties); the derived devices

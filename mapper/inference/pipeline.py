@@ -139,6 +139,10 @@ class Pipeline:
                 raise PipelineError(f"pipeline {self.id}: device {self.source} has no property {name!r}")
             cycles.append(definition.prop(name).collect_cycle_ms)
         gap_ms = int(settings.max_gap_s * 1000) if settings.max_gap_s else 3 * max(cycles) + 1000
+        # Readings per property that fill a window from the twin's history (a restart): a window's
+        # steps, twice over for bad readings and for the steps that min_step_s drops.
+        per_step = max(1, -(-int(settings.min_step_s * 1000) // min(cycles))) if settings.min_step_s else 1
+        self.seed_readings = min(10_000, 2 * info.window_length * per_step)
         self.builder = WindowBuilder(self.properties, length=info.window_length, stride=settings.stride,
                                      max_gap_ms=gap_ms, min_step_ms=int(settings.min_step_s * 1000))
         self.rng = rng or random.Random(settings.audit_seed)
