@@ -73,7 +73,7 @@ def compile_sources() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tests.benchmarks", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (about a minute)")
+    p.add_argument("--quick", action="store_true", help="fewer, shorter runs (about a minute and a quarter)")
     p.add_argument("--json", type=Path, help="write every figure, the details and the machine here")
     p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, twin files, arrivals)")
