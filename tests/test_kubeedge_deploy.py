@@ -68,3 +68,24 @@ def test_daemonset_config_is_a_valid_kubeedge_config() -> None:
     host_paths = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
     assert {"/etc/kubeedge", "/dev/gpiomem"} <= host_paths and any(p.startswith("/dev/gpiochip") for p in host_paths)
     assert any(v.get("configMap", {}).get("name") == configmap["metadata"]["name"] for v in pod["volumes"])
+
+
+def test_container_image_runs_with_the_service_units_memory_tuning() -> None:
+    """The image sets the environment the systemd unit sets (mapper.systemd.SERVICE_TUNING), and
+    compiles the -OO bytecode at build time: a container's filesystem is thrown away, so without
+    it the mapper would compile its imports at every start and keep the compiler's memory."""
+    import shlex
+
+    from mapper.systemd import SERVICE_TUNING
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = dockerfile.split("\nFROM ")[-1]  # the last stage is the image
+    env: dict[str, str] = {}
+    for line in runtime.splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+    assert {k: env.get(k) for k in SERVICE_TUNING} == SERVICE_TUNING
+    compile_steps = [line for line in runtime.splitlines() if line.startswith("RUN ") and "compileall" in line]
+    assert compile_steps and all("python -OO -m compileall" in line for line in compile_steps)
+    install = runtime.index("pip install")
+    assert all(runtime.index(line) > install for line in compile_steps)  # after the packages are in place
