@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import math
 import queue
 import random
@@ -279,9 +280,19 @@ def test_a_seeded_window_decides_on_the_next_live_step_unless_the_history_is_sta
     window = _step(b, 5000, 25.0, 55.0)
     assert window is not None and window.values == (23.0, 53.0, 24.0, 54.0, 25.0, 55.0)
     assert window.start_ms == 3001  # the oldest step is from the history
+    assert (b.gaps, b.skipped) == (0, 0)
     stale = WindowBuilder(PROPS, length=3, stride=1, max_gap_ms=5000)
     assert stale.seed(history, now_ms=60_000) == 0
     assert _step(stale, 60_000, 25.0, 55.0) is None
+    # A clock that went back (a Pi without a real-time clock, before its time sync): history
+    # "from the future" is not used either.
+    behind = WindowBuilder(PROPS, length=3, stride=1, max_gap_ms=5000)
+    assert behind.seed(history, now_ms=3000) == 0
+    # A step the history left unfinished (a temperature without its humidity) stays unfinished.
+    partial = WindowBuilder(PROPS, length=3, stride=1, max_gap_ms=5000)
+    assert partial.seed([*history[:6], Reading(SENSOR, "temperature", 99.0, 4000)], now_ms=6000) == 3
+    window = partial.add(Reading(SENSOR, "humidity", 55.0, 5000))
+    assert window is None  # the live humidity waits for a live temperature
 
 
 # --- settings ----------------------------------------------------------------------------
@@ -948,7 +959,7 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
 
 
 @pytest.mark.parametrize("age_s", [0.0, 3600.0])
-async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_path, age_s):
+async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_path, age_s, caplog):
     """A mapper that restarts (here: a twin already holding 20 steps of the probe, as a previous run
     left them) decides on its first new step, with a window that starts in the history; history
     older than the pipeline's gap limit (max_gap_s) is not used, and the window fills anew."""
@@ -962,15 +973,20 @@ async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_
         store.record([Reading(probe, name, value + 0.01 * i, last_ms - 10 * (19 - i))
                       for i in range(20) for name, value in (("temperature", 21.5), ("humidity", 48.0))])
     started_ms = _now_ms()
+    caplog.set_level(logging.INFO, logger="mapper.inference")
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0, "max_gap_s": 60})
     try:
         first = await _until(r.decisions, lambda rows: len(rows) >= 1, what="a decision")
         first = min(first, key=lambda x: x["window_end_ts"])
         assert first["window_end_ts"] >= started_ms  # decided on a live step
+        filled = [m for m in caplog.messages if "from the twin's history" in m]
         if age_s:
             assert first["window_start_ts"] >= started_ms
+            assert filled == []
         else:
             assert first["window_start_ts"] <= last_ms  # ... with a window that starts in the history
+            assert filled == ["inference pipeline default/probe-sensor-faults: window filled with 16 of 16 steps"
+                              " from the twin's history"]
     finally:
         await _stop(r)
 

@@ -234,7 +234,7 @@ class InferenceExtension:
         def fetch(store: TwinStore) -> list[list[Reading]]:
             return [sorted((Reading(p.source, name, value, ts, quality)
                             for name in dict.fromkeys(p.properties)
-                            for ts, value, quality in store.history(p.source, name, p.seed_readings)),
+                            for ts, value, quality in store.history(p.source, name, p.seed_readings[name])),
                            key=lambda r: r.taken_at_ms)
                     for p in pipelines]
 

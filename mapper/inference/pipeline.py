@@ -139,10 +139,12 @@ class Pipeline:
                 raise PipelineError(f"pipeline {self.id}: device {self.source} has no property {name!r}")
             cycles.append(definition.prop(name).collect_cycle_ms)
         gap_ms = int(settings.max_gap_s * 1000) if settings.max_gap_s else 3 * max(cycles) + 1000
-        # Readings per property that fill a window from the twin's history (a restart): a window's
-        # steps, twice over for bad readings and for the steps that min_step_s drops.
-        per_step = max(1, -(-int(settings.min_step_s * 1000) // min(cycles))) if settings.min_step_s else 1
-        self.seed_readings = min(10_000, 2 * info.window_length * per_step)
+        # Readings per property that fill a window from the twin's history (a restart): a step
+        # comes at most every slowest cycle (or min_step_s), and a faster property has that many
+        # more readings per step; twice over, for bad readings.
+        step_ms = max(max(cycles), int(settings.min_step_s * 1000))
+        self.seed_readings = {name: min(10_000, 2 * info.window_length * -(-step_ms // max(1, cycle)))
+                              for name, cycle in zip(self.properties, cycles, strict=True)}
         self.builder = WindowBuilder(self.properties, length=info.window_length, stride=settings.stride,
                                      max_gap_ms=gap_ms, min_step_ms=int(settings.min_step_s * 1000))
         self.rng = rng or random.Random(settings.audit_seed)

@@ -80,27 +80,23 @@ class WindowBuilder:
         flat = tuple(v for _, step in self._steps for v in step)
         return Window(flat, self._steps[0][0], self._steps[-1][0])
 
-    @property
-    def buffered(self) -> int:
-        """Steps held for the next window (at most `length`)."""
-        return len(self._steps)
-
-    @property
-    def last_step_ms(self) -> int | None:
-        return self._last_step_ms
-
     def seed(self, readings: list[Reading], now_ms: int) -> int:
         """Fill the buffer from earlier readings (oldest first, e.g. the twin's history after a
         restart), without yielding their windows: the next live step can then close a window at
-        once instead of after `length` new steps. Readings whose newest step is more than
-        `max_gap_ms` before `now_ms` are not used (the first live step would start over anyway).
-        Returns the steps now buffered."""
+        once instead of after `length` new steps. Not used: readings whose newest is more than
+        `max_gap_ms` before `now_ms` (the first live step would start over anyway), or after it
+        (the clock went back, e.g. a Pi without a real-time clock booting before its time sync).
+        The gap and skip counters count live readings only. Returns the steps now buffered."""
         if not readings:
             return len(self._steps)
-        if self.max_gap_ms is not None and now_ms - readings[-1].taken_at_ms > self.max_gap_ms:
+        age = now_ms - readings[-1].taken_at_ms
+        if age < 0 or (self.max_gap_ms is not None and age > self.max_gap_ms):
             return len(self._steps)
+        gaps, skipped = self.gaps, self.skipped
         for reading in readings:
             self.add(reading)
+        self._current.clear()  # a step the history left unfinished is not finished by live readings
+        self.gaps, self.skipped = gaps, skipped
         return len(self._steps)
 
     def reset(self) -> None:

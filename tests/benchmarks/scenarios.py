@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from helpers import faulty_probe_yaml
 from mapper.systemd import SERVICE_TUNING
@@ -200,7 +200,7 @@ def latency(ctx: Context) -> ScenarioResult:
         "of that pattern (the broker and subscriber take the 10 messages one after another). raw durable: the same "
         "ticks, each committed to SQLite (WAL, synchronous FULL, in the publishing thread) before it is "
         "published: what publishing only committed readings costs on this machine with plain paho and "
-        "sqlite3. NORMAL (first run only): the same mapper with `twin.synchronous: NORMAL` "
+        "sqlite3. NORMAL (first run of a full run only): the same mapper with `twin.synchronous: NORMAL` "
         f"({plan.raw_latency_s:g} s): WAL commits without an fsync, so a reading survives kill -9 "
         "but not a power cut that comes before the next checkpoint; what the fsync costs.")
     label = "shipped (group commit)"
@@ -219,7 +219,7 @@ def latency(ctx: Context) -> ScenarioResult:
 
     normal50 = r.metric("p50 [twin synchronous NORMAL]", "ms", baseline_name="raw paho p50", higher_is_better=False)
     normal99 = r.metric("p99 [twin synchronous NORMAL]", "ms", baseline_name="raw paho p99", higher_is_better=False,
-                        note="survives kill -9, not power loss: not the shipped setting (first run only)")
+                        note="survives kill -9, not power loss: not the shipped setting (first full run only)")
 
     def mapper_run(tmp: Path, label: str, seconds: float, options: MapperOptions | None = None
                    ) -> tuple[list[float], float]:
@@ -430,18 +430,26 @@ def _full_history(tmp: Path, devices: Path, rows: int = 200_000) -> None:
                               for k, (d, name) in zip(range(10_000), itertools.cycle(names))])
 
 
-def _measure(pid: int, warmup: float, window: float) -> tuple[float, float, float]:
+class Measured(NamedTuple):
+    cpu_s_per_hour: float
+    rss_mib: float
+    hwm_mib: float
+    wall_start: float  # the window, in wall-clock seconds (time.time())
+    wall_end: float
+
+
+def _measure(pid: int, warmup: float, window: float) -> Measured:
     """CPU-s/hour over `window` seconds (whole seconds) from half a second past a whole second of
     the monotonic clock, after `warmup`: the mapper's 1 s ticks fall on whole seconds of that
     clock (asyncio's loop.time() is time.monotonic(), the same clock in every process), so every
     window holds exactly `window` ticks; a window of 30 s held 30 or 31 of them."""
     start = math.floor(time.monotonic() + warmup) + 0.5
     time.sleep(max(0.0, start - time.monotonic()))
-    c0, t0 = cpu_seconds(pid), time.monotonic()
+    c0, t0, w0 = cpu_seconds(pid), time.monotonic(), time.time()
     time.sleep(max(0.0, start + round(window) - time.monotonic()))
-    c1, t1 = cpu_seconds(pid), time.monotonic()
+    c1, t1, w1 = cpu_seconds(pid), time.monotonic(), time.time()
     rss, hwm = rss_mib(pid)
-    return (c1 - c0) / (t1 - t0) * 3600, rss, hwm
+    return Measured((c1 - c0) / (t1 - t0) * 3600, rss, hwm, w0, w1)
 
 
 def cost(ctx: Context) -> ScenarioResult:
@@ -459,8 +467,8 @@ def cost(ctx: Context) -> ScenarioResult:
         f"second mapper with one sensor_faults window per second on temperature + humidity (stride 1), "
         f"measured once its windows flow (warm-up {inference_warmup_s:g} s: the first window needs {window_readings} "
         f"readings; a fresh twin, as on a first start: history would fill it at once, but the simulated driver "
-        f"starts its sequence over, and windows across that seam are decided differently), and only if a window "
-        f"was decided in every second of the window; "
+        f"starts its sequence over, and windows across that seam are decided differently); a variant whose "
+        f"window did not get one decided window per tick is left out (and says so); "
         f"with a `mapper cloud-worker` on the broker answering its offloads (in the cloud, not measured), "
         f"and once more with no worker.")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
@@ -494,7 +502,7 @@ def cost(ctx: Context) -> ScenarioResult:
     subprocess.run([sys.executable, "-m", "mapper.precompile", "--config", str(config)], cwd=REPO, check=True,
                    env=mapper_env(service_env))
     for i in range(max(1, plan.repeats - 1)):
-        results: dict[str, tuple[float, float, float]] = {}
+        results: dict[str, Measured] = {}
         windows: dict[str, int] = {}  # inference windows decided in each inference variant's measuring window
         # One at a time: on a 2-core machine, processes measured side by side inflate each other's CPU.
         tmp = ctx.tmp(f"cost-{i}")
@@ -528,12 +536,13 @@ def cost(ctx: Context) -> ScenarioResult:
                     extra = stack.enter_context(Mapper(itmp, _pi_devices(itmp / "devices"), ctx.broker,
                                                        MapperOptions(extra=inference), env=service_env))
                     extra.wait_ready()
-                    since = time.time() + inference_warmup_s
-                    results[label] = _measure(extra.pid, inference_warmup_s, plan.cost_s)
-                    decided = windows[label] = _windows_decided(extra, since, time.time())
-                if decided < plan.cost_s - 1:
-                    raise RuntimeError(f"{label}: {decided} inference windows decided in a {plan.cost_s:g} s window: "
-                                       "they did not flow all through it (see the mapper log in the work directory)")
+                    measured = _measure(extra.pid, inference_warmup_s, plan.cost_s)
+                    windows[label] = _windows_decided(extra, measured.wall_start, measured.wall_end)
+                if windows[label] >= round(plan.cost_s):  # one a second: the window's ticks
+                    results[label] = measured
+                else:  # not what the figure claims to measure: left out, and said so in the details
+                    print(f"   cost: {label} left out: {windows[label]} inference windows decided in its "
+                          f"{plan.cost_s:g} s window (see the mapper log, --keep)", flush=True)
             if i == 0:  # the same, without the unit's environment: RSS only
                 ptmp = ctx.tmp(f"cost-inference-plain-{i}")
                 with Mapper(ptmp, _pi_devices(ptmp / "devices"), ctx.broker, MapperOptions(extra=inference)) as plain:
@@ -549,14 +558,16 @@ def cost(ctx: Context) -> ScenarioResult:
         rss.baseline.append(results["raw"][1])
         if "inference" in results:
             icpu.values.append(results["inference"][0] - results["mapper"][0])
-            if "inference-no-worker" in results:
-                iworkerless.values.append(results["inference-no-worker"][0] - results["mapper"][0])
             irss.values.append(results["inference"][1])
-            if "inference-plain" in results:
-                plain_irss.values.append(results["inference-plain"][1])
+        if "inference-no-worker" in results:
+            iworkerless.values.append(results["inference-no-worker"][0] - results["mapper"][0])
+        if "inference-plain" in results:
+            plain_irss.values.append(results["inference-plain"][1])
         r.details.append({"run": i, **{k: {"cpu_s_per_hour": v[0], "rss_mib": v[1], "hwm_mib": v[2],
                                            **({"windows_decided": windows[k]} if k in windows else {})}
-                                       for k, v in results.items()}})
+                                       for k, v in results.items()},
+                          **{k: {"left_out": True, "windows_decided": n} for k, n in windows.items()
+                             if k not in results}})
     return r
 
 
