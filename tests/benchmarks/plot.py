@@ -2,8 +2,8 @@
 
 Reads the quantiles the latency scenario keeps in its details (one set per run) and draws, for
 the mapper, raw paho (evenly spaced and in ticks), the raw durable script and the mapper on
-`synchronous: NORMAL`, the median
-over the runs of each quantile: a cumulative distribution on a log time axis. Needs matplotlib
+`synchronous: NORMAL`, the median over the runs of each quantile: a cumulative distribution on
+a log time axis. Needs matplotlib
 (`pip install matplotlib`; not a dependency of the mapper or of the tests).
 """
 
