@@ -138,6 +138,9 @@ class Telemetry:
         return messages
 
     def state_message(self, device: DeviceId, ts: int) -> OutMessage:
+        """The device's retained view (latest values, state). Telemetry, not kind "state": the
+        outbox limits may drop old ones in a long outage, as a newer one supersedes them; state
+        changes go out as availability messages, which are never dropped."""
         body = {**self._latest.get(device, {}), "ts": ts, "state": self._states.get(device, "unknown")}
         return OutMessage(self.topics.device_state(device), body, retain=True)
 

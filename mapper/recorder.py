@@ -78,7 +78,8 @@ class Recorder:
         self.return_acks: Callable[[list[int]], None] | None = None
         # Called once per batch before its transaction; an Extra it returns commits with the batch.
         self.pre_commit: list[PreCommit] = []
-        self._retry: tuple[list[Reading], list[Extra], int] | None = None  # a batch whose commit failed, its failures
+        # A batch whose commit failed, with its messages, extras and failures so far.
+        self._retry: tuple[list[Reading], list[OutMessage], list[Extra], int] | None = None
 
     def add(self, reading: Reading) -> None:
         self._pending.append(reading)
@@ -144,25 +145,42 @@ class Recorder:
     async def _flush(self) -> None:
         while self._retry is not None or self._pending:
             failures = 0
-            if self._retry is not None:  # the same batch and the same extras: hooks see each reading once
-                (batch, extras, failures), self._retry = self._retry, None
+            if self._retry is not None:
+                # The same batch, messages and extras: hooks and the message factory (which
+                # remembers what it made due) see each reading once.
+                (batch, messages, extras, failures), self._retry = self._retry, None
             else:
                 batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
                 extras = self._extras(batch) if self.pre_commit else []
+                messages = list(self.message_factory(batch)) if self.message_factory else []
             apart = failures >= EXTRA_TRIES
             if not self._pending:
                 self._has_data.clear()
                 self._full.clear()
-            messages = list(self.message_factory(batch)) if self.message_factory else []
             sent = self.take_acks() if self.take_acks else []
+            commit = asyncio.ensure_future(self._worker.call(
+                lambda store, batch=batch, messages=messages, extras=extras, apart=apart, sent=sent:
+                self._commit(store, batch, messages, sent, extras, apart)))
+            # A cancel (a device stopped while it waited for its read-back to commit) does not
+            # stop the twin thread: wait for the commit's outcome and act on it, then stop.
+            # Else a batch that did commit would be retried, and committed twice.
+            cancelled: asyncio.CancelledError | None = None
+            while not commit.done():
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                except BaseException:  # noqa: BLE001 - the commit failed: commit.result() raises it below
+                    break
             try:
-                rows, results = await self._worker.call(
-                    lambda store: self._commit(store, batch, messages, sent, extras, apart))
+                rows, results = commit.result()
             except BaseException:
-                self._retry = (batch, extras, failures + 1)  # not committed: first again, in order
+                self._retry = (batch, messages, extras, failures + 1)  # not committed: first again, in order
                 self._has_data.set()
                 if sent and self.return_acks:
                     self.return_acks(sent)
+                if cancelled is not None:
+                    raise cancelled from None
                 raise
             self.committed += len(batch)
             self._last_batch = len(batch)
@@ -181,5 +199,7 @@ class Recorder:
                         extra.done(result)
                 except Exception:  # noqa: BLE001
                     log.exception("after the commit: %r failed", extra.done)
+            if cancelled is not None:
+                raise cancelled
         self._has_data.clear()
         self._full.clear()

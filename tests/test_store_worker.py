@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+import pytest
+
 from devices.ids import DeviceId
 from devices.loader import load
 from mapper.store_worker import StoreWorker
@@ -208,3 +210,79 @@ async def test_pruning_goes_in_steps_and_readings_commit_between_them(tmp_path, 
         assert await pruning == 4001
         history = await worker.call(lambda s: s.history(LAMP, "count", limit=10_000))
     assert len(history) == 1000 and history[-1][1] == -1 and history[0][1] == 4001
+
+
+async def test_a_retried_batch_publishes_what_its_first_attempt_would_have(tmp_path):
+    """The telemetry factory remembers what it made due. A batch whose commit failed is retried
+    with the messages made for it the first time: the reading still carries its telemetry
+    message (and the device its state message), with the next seq, and the rows are offered."""
+    from eventbus.telemetry import Telemetry
+    from eventbus.topics import Topics
+    from mapper.recorder import Extra, Recorder
+
+    path = _lamp_twin(tmp_path)
+    definitions = load([tmp_path / "devices"]).devices
+    offered: list[str] = []
+    attempts: list[int] = []
+
+    def fails_once(store: TwinStore) -> None:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("disk full")
+
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        recorder = Recorder(worker)
+        recorder.message_factory = Telemetry(Topics("test-node"), definitions)
+        recorder.on_outbox = lambda rows: offered.extend(row.topic for row in rows)
+        recorder.pre_commit.append(lambda batch: Extra(fails_once, lambda _: None))
+        recorder.add(Reading(LAMP, "count", 7, 1_000))
+        with pytest.raises(OSError, match="disk full"):
+            await recorder.flush()
+        assert offered == []
+        await recorder.flush()
+        history = await worker.call(lambda s: s.conn.execute("SELECT value, seq FROM readings").fetchall())
+    assert history == [("7", 1)]
+    assert sorted(offered) == ["mapper/test-node/default/lamp/count", "mapper/test-node/default/lamp/state"]
+
+
+async def test_a_flush_cancelled_during_its_commit_commits_once(tmp_path):
+    """Cancelling the task that awaits a flush does not stop the twin thread. The commit goes
+    through, and the batch is then done (counted, offered), not retried: one history row, one
+    telemetry message, one seq."""
+    import asyncio
+    import threading
+
+    from eventbus.telemetry import Telemetry
+    from eventbus.topics import Topics
+    from mapper.recorder import Extra, Recorder
+
+    path = _lamp_twin(tmp_path)
+    definitions = load([tmp_path / "devices"]).devices
+    in_commit, release = threading.Event(), threading.Event()
+    offered: list[str] = []
+    committed: list[int] = []
+
+    def slow(store: TwinStore) -> None:
+        in_commit.set()
+        assert release.wait(10)
+
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        recorder = Recorder(worker)
+        recorder.message_factory = Telemetry(Topics("test-node"), definitions)
+        recorder.on_outbox = lambda rows: offered.extend(row.topic for row in rows)
+        recorder.on_commit = lambda batch: committed.append(len(batch))
+        recorder.pre_commit.append(lambda batch: Extra(slow, lambda _: None) if not committed else None)
+        recorder.add(Reading(LAMP, "count", 7, 1_000))
+        flushing = asyncio.create_task(recorder.flush())
+        assert await asyncio.to_thread(in_commit.wait, 10)
+        flushing.cancel()
+        await asyncio.sleep(0)  # the cancel reaches the flush while the twin thread still commits
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        assert committed == [1]
+        await recorder.flush()  # nothing left to retry
+        history = await worker.call(lambda s: s.conn.execute("SELECT value, seq FROM readings").fetchall())
+    assert committed == [1]
+    assert history == [("7", 1)]
+    assert offered.count("mapper/test-node/default/lamp/count") == 1
