@@ -148,6 +148,23 @@ class PushMethodMQTT(_Base):
     qos: int = Field(default=0, ge=0, le=2)
     retained: bool = False
 
+    @field_validator("topic")
+    @classmethod
+    def _publishable(cls, value: str) -> str:
+        """A topic the mapper can publish to, and that feeds nothing back into it ("" = the default topic)."""
+        if not value:
+            return value
+        if "+" in value or "#" in value or "\0" in value:
+            raise ValueError(f"topic {value!r}: no wildcards (+, #) or NUL in a topic to publish to")
+        if value.startswith("$"):
+            raise ValueError(f"topic {value!r}: topics starting with '$' belong to the broker and to KubeEdge's "
+                             "twin protocol")
+        if value.rsplit("/", 1)[-1] == "set":
+            raise ValueError(f"topic {value!r}: a topic ending in /set is where desired values come in")
+        if len(value.encode()) > 65_535:
+            raise ValueError("topic: longer than MQTT's 65,535 bytes")
+        return value
+
 
 class PushMethod(_Base):
     mqtt: PushMethodMQTT | None = None

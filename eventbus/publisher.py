@@ -25,6 +25,7 @@ from collections import deque
 import aiomqtt
 
 from eventbus.bus import MqttBus
+from mapper.logs import Throttle, held_note
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick
 from twin.store import OutboxRow
@@ -58,6 +59,8 @@ class OutboxPublisher:
         self._room = asyncio.Event()    # set by acks and by a lost connection
         self._failed = asyncio.Event()
         self.published = 0
+        self.undeliverable = 0          # rows paho refused outright (dropped from the outbox, logged)
+        self._log_throttle = Throttle()
         self.idle = asyncio.Event()     # set while nothing is queued or in flight
         bus.on_ack = self._on_ack
         bus.on_lost = self._on_lost
@@ -95,8 +98,17 @@ class OutboxPublisher:
         self._acked_row(row_id)
         return True
 
-    def _acked_row(self, row_id: int) -> None:
-        self.published += 1
+    def _undeliverable(self, row: OutboxRow, exc: Exception) -> None:
+        self.undeliverable += 1
+        held = self._log_throttle("undeliverable")
+        if held is not None:
+            log.error("dropped outbox message %d on %r: the broker cannot take it (%s)%s", row.id, row.topic[:200],
+                      exc, held_note(held))
+        self._acked_row(row.id, delivered=False)
+
+    def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
+        if delivered:
+            self.published += 1
         if not self._acked:
             self._acked_since = time.monotonic()  # = loop.time()
         self._acked.append(row_id)
@@ -192,6 +204,11 @@ class OutboxPublisher:
                 self._sending = True
                 try:
                     mid = bus.publish_nowait(row.topic, row.payload, qos=row.qos, retain=row.retain)
+                except (ValueError, TypeError) as exc:
+                    # paho refuses it (a wildcard topic queued before topics were validated): it can
+                    # never go, and must not stop the rows behind it. It leaves the outbox, counted.
+                    self._undeliverable(row, exc)
+                    continue
                 finally:
                     self._sending = False
                 if mid in self._early:

@@ -207,3 +207,23 @@ def test_zero_cycle_means_one_second(tmp_path):
     (tmp_path / "d.yaml").write_text(device_yaml("d", cycle=0))
     device = load([tmp_path]).devices[DeviceId("default", "d")]
     assert device.prop("temperature").collect_cycle_ms == 1000
+
+
+@pytest.mark.parametrize("topic, why", [
+    ("lamp/+/count", "no wildcards"),
+    ("lamp/#", "no wildcards"),
+    ("$hw/events/device/default/d/twin/update", "starting with '$'"),
+    ("mapper/test-node/default/d/power/set", "where desired values come in"),
+])
+def test_a_push_topic_the_mapper_cannot_or_must_not_publish_to_is_refused(tmp_path, topic, why):
+    """pushMethod.mqtt.topic is published to as is: a wildcard would make paho refuse every message
+    on it, and a `$`/`/set` topic would feed the mapper's own telemetry back in as commands."""
+    text = device_yaml("d").replace("      reportCycle: 50\n      reportToCloud: true\n    - name: power", f"""\
+      reportCycle: 50
+      reportToCloud: true
+      pushMethod:
+        mqtt: {{topic: '{topic}', qos: 1}}
+    - name: power""")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert len(problems) == 1
+    assert "d.yaml" in problems[0] and "pushMethod.mqtt.topic" in problems[0] and why in problems[0]

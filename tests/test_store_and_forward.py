@@ -132,3 +132,34 @@ def test_sigkill_mid_stream_then_restart(own_broker, tmp_path):
     finally:
         collector.close()
         mapper.stop()
+
+
+def test_an_outbox_message_the_broker_cannot_take_is_dropped_and_the_rest_go_out(broker, tmp_path):
+    """A twin written before push topics were validated may hold a message paho refuses outright (a
+    wildcard topic). The publisher drops that one message, says so and counts it; the messages
+    behind it go out, and the mapper keeps running (it used to exit, and again at every restart)."""
+    import queue
+
+    from devices.loader import load
+    from twin.store import OutMessage, TwinStore
+
+    devices = write_devices(tmp_path / "devices", ["lamp"])
+    node = "undeliverable"
+    mapper = MapperProcess(tmp_path, devices, broker, node=node)
+    with TwinStore.open(mapper.twin_path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([], [OutMessage(f"mapper/{node}/default/+/count", {"n": 1}, sequenced=False),
+                          OutMessage(f"mapper/{node}/default/lamp/note", {"n": 2}, sequenced=False)])
+    with broker.client("app") as app:
+        assert not app.subscribe(f"mapper/{node}/default/lamp/note").is_failure
+        with mapper:
+            message = app.messages.get(timeout=15)
+            assert (message.topic, json.loads(message.payload)) == (f"mapper/{node}/default/lamp/note", {"n": 2})
+            mapper.wait_log("dropped outbox message")
+            mapper.wait_log("running:")
+            assert mapper.process is not None and mapper.process.poll() is None
+            assert mapper.stop() == 0  # a clean stop: the outbox drained
+        assert "Traceback" not in mapper.log()
+    with pytest.raises(queue.Empty):
+        app.messages.get_nowait()  # the note went once
+    assert outbox_depth(mapper.twin_path) == 0
