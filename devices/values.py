@@ -54,7 +54,17 @@ def coerce(kind: PropertyType, raw: Any) -> Value:
     raise ValueError(f"expected a string, got {type(raw).__name__}")
 
 
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's and JSON consumers' (orjson's) integers
+
+
 def _to_int(raw: Any) -> int:
+    value = _integer(raw)
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError(f"expected an integer from -2^63 to 2^63-1, got {str(raw)[:40]}")
+    return value
+
+
+def _integer(raw: Any) -> int:
     if isinstance(raw, bool):
         raise ValueError("expected an integer, got a boolean")
     if isinstance(raw, int):

@@ -57,7 +57,9 @@ class Router:
             await self._dispatch(incoming, payload)
         except Exception:  # noqa: BLE001 - a client must never crash the mapper
             self.counts["internal_error"] += 1
-            log.exception("error while handling a message on %r", topic[:200])
+            held = self._log_throttle("internal_error")  # a client repeating it must not fill the log
+            if held is not None:
+                log.exception("error while handling a message on %r%s", topic[:200], held_note(held))
 
     async def _dispatch(self, incoming: Incoming, payload: bytes) -> None:
         handler = {
@@ -131,8 +133,9 @@ class Router:
                 stored = before.properties[name].desired_version
                 if version is not None and version < stored:
                     raise VersionConflict(device, name, version, stored)
-            for name, (value, _) in wanted.items():
-                store.set_desired(device, name, value)
+            with store.transaction():
+                for name, (value, _) in wanted.items():
+                    store.set_desired(device, name, value)
             return before, store.device(device)
         try:
             before, after = await self.service.twin(apply)

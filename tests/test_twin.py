@@ -81,6 +81,33 @@ def test_desired_refused_for_read_only_unknown_and_wrong_type(twin):
         twin.set_desired(D1, "count", "lots")
 
 
+def test_integers_beyond_64_bits_are_refused_like_any_wrong_type(twin):
+    """SQLite and the JSON payloads hold 64-bit integers: a larger one is a 400, not an internal
+    error half way through storing it."""
+    for raw in (2**63, -(2**63) - 1, 1e20, "99999999999999999999999"):
+        with pytest.raises(ValueError, match="integer from -2"):
+            twin.set_desired(D1, "count", raw)
+    assert twin.set_desired(D1, "count", 2**63 - 1)[0] == 2**63 - 1
+    assert twin.device(D1).properties["count"].desired == 2**63 - 1
+
+
+def test_desired_values_set_in_one_transaction_are_all_or_nothing(twin):
+    """Several desired values in one transaction() (a twin/update naming several properties):
+    when anything fails before the end, none of them is stored."""
+    with pytest.raises(RuntimeError, match="later failure"), twin.transaction():
+        twin.set_desired(D1, "count", 5)
+        twin.set_desired(D1, "power", True)
+        raise RuntimeError("later failure")
+    props = twin.device(D1).properties
+    assert (props["count"].desired, props["count"].desired_version) == (None, 0)
+    assert (props["power"].desired, props["power"].desired_version) == (None, 0)
+    with twin.transaction():
+        twin.set_desired(D1, "count", 5)
+        twin.set_desired(D1, "power", True)
+    props = twin.device(D1).properties
+    assert (props["count"].desired, props["power"].desired) == (5, True)
+
+
 def test_older_version_is_a_conflict(twin):
     """An update carrying a version older than the stored one is refused (409)."""
     twin.set_desired(D1, "count", 1)

@@ -107,6 +107,7 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     ('{"event_id":"x5","twin":{"power":{"actual":{"value":"true"}}}}', 400, "reported by the device"),
     ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
     ('[1,2,3]', 400, "must be a JSON object"),
+    ('{"event_id":"x7","twin":{"count":{"expected":{"value":1e20}}}}', 400, "integer from -2^63"),
 ])
 def test_bad_updates_get_edgecore_errors(broker, lamp, payload, code, reason):
     """Wrong type, read-only, unknown property, out of range, actual, malformed JSON: 400 with a reason."""

@@ -1057,6 +1057,7 @@ class TwinStore:
 
         Raises UnknownDevice, UnknownProperty, NotWritable, ValueError (type or range)
         or VersionConflict (when `expected_version` is older than the stored version).
+        Inside `transaction()` it joins that transaction (several values, all or nothing).
         """
         prop = self._property_row(device_id, name)
         ptype, writable, version = prop
@@ -1065,14 +1066,18 @@ class TwinStore:
         value = coerce(PropertyType(ptype), raw)
         if expected_version is not None and expected_version < version:
             raise VersionConflict(device_id, name, expected_version, version)
-        self._begin()
+        joined = self.conn.in_transaction  # inside transaction(): committed or rolled back with it
+        if not joined:
+            self._begin()
         try:
             new_version = self._set_desired(device_id, name, value, now_ms())
             self._enqueue(messages, now_ms())
         except BaseException:
-            self._rollback()
+            if not joined:
+                self._rollback()
             raise
-        self._commit()
+        if not joined:
+            self._commit()
         return value, new_version
 
     def _property_row(self, device_id: DeviceId, name: str) -> tuple[str, int, int]:
