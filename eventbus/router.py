@@ -61,6 +61,17 @@ class Router:
             if held is not None:
                 log.exception("error while handling a message on %r%s", topic[:200], held_note(held))
 
+    def ignore_retained(self, topic: str) -> None:
+        """A retained message on a command topic. The broker hands it out again at every (re)connect
+        and to every new subscriber, so applying it would set an old value again each time, over
+        newer ones: it is ignored, counted and logged. (A command sent live with the retain flag
+        arrives without it and is applied; only the broker's stored copy is ignored.)"""
+        self.counts["ignored_retained"] += 1
+        held = self._log_throttle("retained")
+        if held is not None:
+            log.warning("ignored a retained message on %r: publish commands without retain, and clear this one "
+                        "(an empty retained message on that topic)%s", topic[:200], held_note(held))
+
     async def _dispatch(self, incoming: Incoming, payload: bytes) -> None:
         handler = {
             "twin/update": self._twin_update, "twin/get": self._twin_get, "state/update": self._state_update,

@@ -6,6 +6,7 @@ import json
 import subprocess
 import threading
 import queue
+import sqlite3
 import uuid
 
 import pytest
@@ -166,3 +167,28 @@ def test_telemetry_payload_and_sequence(broker, lamp):
     assert first["unit"] == "Celsius" and 1_700_000_000_000 < first["ts"] <= second["ts"]
     state = sub.expect("mapper/test-node/default/lamp/state")
     assert set(state) >= {"temperature", "power", "count", "ts", "state", "seq"}
+
+
+def test_a_retained_command_is_not_applied_again_at_every_connect(broker, tmp_path):
+    """A `/set` published with retain: applied once when it arrives live. The broker's stored copy,
+    handed out at every (re)connect, is ignored (it would set an old value again over newer ones)."""
+    node = "retained-set"
+    topic = f"mapper/{node}/default/lamp/count/set"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P", broker.users["app"],
+                    "-q", "1", "-r", "-t", topic, "-m", "500"], check=True, timeout=10)
+    try:
+        mapper = MapperProcess(tmp_path, devices, broker, node=node)
+        with mapper:
+            mapper.wait_log("ignored a retained message on")
+            pub(broker, topic, "7")  # a live command after it: applied
+            mapper.wait_log("applied desired value 7")
+            assert mapper.stop() == 0
+        log = mapper.log()
+        assert "applied desired value 500" not in log
+        with sqlite3.connect(mapper.twin_path) as db:
+            assert db.execute("SELECT desired FROM properties WHERE device_id='default/lamp' AND name='count'"
+                              ).fetchone() == ("7",)
+    finally:  # the shared broker keeps retained messages: clear it
+        subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P",
+                        broker.users["app"], "-q", "1", "-r", "-n", "-t", topic], check=True, timeout=10)
