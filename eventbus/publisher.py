@@ -60,6 +60,7 @@ class OutboxPublisher:
         self._failed = asyncio.Event()
         self.published = 0
         self.undeliverable = 0          # rows paho refused outright (dropped from the outbox, logged)
+        self.twin_errors = 0            # twin calls that failed (a lock held too long, a full disk): retried
         self._log_throttle = Throttle()
         self.idle = asyncio.Event()     # set while nothing is queued or in flight
         bus.on_ack = self._on_ack
@@ -157,7 +158,12 @@ class OutboxPublisher:
                 await self._flush_acks()
                 after = self._last_queued
                 committed_before = self._max_committed
-                rows = await self._worker.call(lambda s: s.outbox_pending(after_id=after, limit=PAGE))
+                try:
+                    rows = await self._worker.call(lambda s: s.outbox_pending(after_id=after, limit=PAGE))
+                except Exception as exc:  # noqa: BLE001 - a locked twin: read the backlog again in a second
+                    self._twin_trouble("cannot read the backlog", exc)
+                    await asyncio.sleep(1.0)
+                    continue
                 if rows:
                     return rows
                 # Nothing left in the table. Rows offered while we read are in the table
@@ -243,10 +249,23 @@ class OutboxPublisher:
             # else: the recorder took those meanwhile; these are newer, wait for them in turn
 
     async def _flush_acks(self) -> None:
+        """Delete the acknowledged rows now. If the twin refuses (locked by another process past
+        its busy timeout, a full disk), the acks are kept for a later try: the rows are sent, only
+        not yet marked so, and at worst a restart sends them again (QoS 1 allows it; `seq` shows it)."""
         if not self._acked:
             return
         ids, self._acked = self._acked, []
-        await self._worker.call(lambda s: s.outbox_sent(ids))
+        try:
+            await self._worker.call(lambda s: s.outbox_sent(ids))
+        except Exception as exc:  # noqa: BLE001 - a twin error must not stop publishing
+            self.return_acked(ids)
+            self._twin_trouble("cannot mark acknowledged messages as sent", exc)
+
+    def _twin_trouble(self, what: str, exc: Exception) -> None:
+        self.twin_errors += 1
+        held = self._log_throttle("twin")
+        if held is not None:
+            log.error("outbox: %s, trying again shortly: %s%s", what, exc, held_note(held))
 
     async def drain(self) -> None:
         """Wait until everything committed so far was acknowledged and deleted from the outbox."""

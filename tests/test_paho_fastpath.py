@@ -141,3 +141,50 @@ async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_a
     finally:
         bus_task.cancel()
         await asyncio.gather(bus_task, return_exceptions=True)
+
+
+async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_nothing(broker, tmp_path):
+    """Another process holds the twin's write lock longer than the busy timeout (a backup, a CLI
+    session): deleting acknowledged rows fails. The publisher keeps the acks, says so, goes on
+    publishing, and deletes the rows once the lock is gone (it used to end, taking the mapper down)."""
+    import sqlite3
+
+    from helpers import async_wait_for
+
+    path = tmp_path / "twin.db"
+
+    def outbox_rows() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    bus, bus_task = await _connected_bus(broker, tmp_path, "5")
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+            await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+            publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=0.2)
+            pub_task = asyncio.create_task(publisher.run())
+            try:
+                rows = await worker.call(lambda s: s.record(
+                    [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10)]))
+                lock.execute("BEGIN IMMEDIATE")
+                publisher.offer(rows)
+                await async_wait_for(lambda: publisher.twin_errors >= 2, timeout=15, what="failed ack deletes")
+                assert not pub_task.done()
+                assert publisher.published == 10 and outbox_rows() == 10
+                more = rows[-1].id + 1
+                lock.execute("ROLLBACK")
+                rows = await worker.call(lambda s: s.record(
+                    [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10, 15)]))
+                assert rows[0].id >= more
+                publisher.offer(rows)
+                await async_wait_for(lambda: publisher.published == 15, what="the later messages published")
+                await async_wait_for(lambda: outbox_rows() == 0, timeout=15, what="every acknowledged row deleted")
+                assert not pub_task.done()
+            finally:
+                pub_task.cancel()
+                await asyncio.gather(pub_task, return_exceptions=True)
+    finally:
+        lock.close()
+        bus_task.cancel()
+        await asyncio.gather(bus_task, return_exceptions=True)
