@@ -375,3 +375,31 @@ def test_pruning_in_steps_deletes_the_oldest_rows_a_step_at_a_time(twin):
     values = [v for _ts, v, *_ in twin.history(D1, "count", limit=10_000)]
     assert values == list(range(400, 1000))
     assert twin.prune_history(max_rows=600, max_age_ms=1_000_000, step=300) == 0
+
+
+def test_stepped_pruning_goes_past_rows_still_waiting_for_the_broker(tmp_path):
+    """During a broker outage the rows carrying an unacknowledged message pile up at the old end
+    of history. A stepped prune (the mapper's, PRUNE_STEP rows per transaction) must still reach
+    the rows behind them that may go, as an unstepped one does: history stays at the limit plus
+    the rows that wait, instead of growing for as long as the outage lasts."""
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        for k in range(3000):  # 10 readings per batch, the first of each published (reportCycle = 10 cycles)
+            batch = [Reading(D1, "count", i, 10**12 + 10 * k + i) for i in range(10)]
+            store.record(batch, [OutMessage("t/count", {"unit": "1"}, reading=batch[0])])
+
+        def rows() -> tuple[int, int]:
+            total, carrying = store.conn.execute("SELECT count(*), count(seq) FROM readings").fetchone()
+            return total, carrying
+
+        assert rows() == (30_000, 3000)
+        while store.prune_history(1000, 10**13, step=1000) == 1000:
+            pass
+        assert rows() == (1000 + 3000, 3000)  # the limit, and on top of it the rows still waiting
+        assert len(store.outbox_pending(limit=10_000)) == 3000
+        oldest = [row_id for (row_id,) in store.conn.execute("SELECT id FROM readings WHERE seq IS NOT NULL"
+                                                             " ORDER BY id LIMIT 2500")]
+        store.outbox_sent(oldest)  # the broker is back: the oldest 2,500 are acknowledged
+        while store.prune_history(1000, 10**13, step=1000) == 1000:
+            pass
+        assert rows()[0] == 1000 + 500  # they go as any other reading
+        assert len(store.outbox_pending(limit=10_000)) == 500

@@ -1202,8 +1202,8 @@ class TwinStore:
         memory (counted once), and the rows over it are found by walking only those (ids have
         gaps: they are shared with the outbox).
 
-        A reading whose telemetry is not yet acknowledged stays (the outbox limits bound those);
-        the rows around it go as usual. Before deleting, the readings are folded into
+        A reading whose telemetry is not yet acknowledged stays, on top of `max_rows` (the outbox
+        limits bound those); the rows around it go as usual, also in steps. Before deleting, the readings are folded into
         `properties` and the seqs saved (both are otherwise kept only in the history).
 
         `step`: delete at most this many of the oldest rows in this call (one transaction);
@@ -1222,14 +1222,18 @@ class TwinStore:
             cutoff = now_ms() - max_age_ms
             young = self.conn.execute("SELECT id FROM readings WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)).fetchone()
             last = top if young is None else young[0] - 1  # the last too-old row
-            # ... or the last row over the count (ids have gaps: found by walking the rows that go)
-            over = self._history_rows() - max_rows
-            if over > 0:  # (never walking past `step` rows: those are all this call may delete)
-                last = max(last, self._nth_oldest(over if step is None else min(over, step)))
-            if step is not None:
-                last = min(last, self._nth_oldest(step))  # at most `step` rows
             waiting = self._oldest_waiting()
-            sent = last if waiting is None else waiting - 1  # rows carrying a message after this one stay
+            sent = top if waiting is None else waiting - 1  # rows carrying a message after this one stay
+            # ... or the last row over the count. Rows still carrying a message come on top of the
+            # limit (the outbox limits bound them) and are skipped, so during a broker outage a
+            # stepped prune still reaches the rows behind them. Ids have gaps (they are shared with
+            # the outbox): found by walking the rows that go, never more than `step` of them
+            # (those are all this call may delete).
+            over = self._history_rows() - len(self._carried_size) - max_rows
+            if over > 0:
+                last = max(last, self._nth_deletable(over if step is None else min(over, step), sent))
+            if step is not None:
+                last = min(last, self._nth_deletable(step, sent))  # at most `step` rows
             deleted = 0
             if last >= oldest:
                 if self._load_fold():
@@ -1256,9 +1260,12 @@ class TwinStore:
             self._history_count = self.conn.execute("SELECT count(*) FROM readings").fetchone()[0] - self._tx_history
         return self._history_count + self._tx_history
 
-    def _nth_oldest(self, n: int) -> int:
-        """The id of the n-th oldest history row (the newest one when there are fewer)."""
-        row = self.conn.execute("SELECT id FROM readings ORDER BY id LIMIT 1 OFFSET ?", (n - 1,)).fetchone()
+    def _nth_deletable(self, n: int, sent: int) -> int:
+        """The id of the n-th oldest history row that may go (no message, or one sent: id <= `sent`);
+        the newest row when there are fewer. During a broker outage the rows still carrying a
+        message pile up at the old end: counting them would stop a stepped prune at them."""
+        row = self.conn.execute("SELECT id FROM readings WHERE seq IS NULL OR id <= ? ORDER BY id LIMIT 1 OFFSET ?",
+                                (sent, n - 1)).fetchone()
         return row[0] if row else self.conn.execute("SELECT max(id) FROM readings").fetchone()[0]
 
     def integrity_ok(self) -> bool:
