@@ -74,7 +74,7 @@ def _integer(raw: Any) -> int:
             return int(raw)
         raise ValueError(f"expected an integer, got {raw!r}")
     if isinstance(raw, str):
-        text = raw.strip()
+        text = _numeral(raw, "an integer")
         try:
             return int(text)
         except ValueError:
@@ -88,6 +88,15 @@ def _integer(raw: Any) -> int:
     raise ValueError(f"expected an integer, got {type(raw).__name__}")
 
 
+def _numeral(raw: str, what: str) -> str:
+    """The text of a number as JSON and YAML write it. Python's int() and float() also take
+    `1_000` and digits of other scripts (`١٢`): a value no other consumer of the twin reads the same."""
+    text = raw.strip()
+    if not text.isascii() or "_" in text:
+        raise ValueError(f"expected {what}, got {raw[:40]!r}")
+    return text
+
+
 def _to_float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError("expected a number, got a boolean")
@@ -95,7 +104,7 @@ def _to_float(raw: Any) -> float:
         number = float(raw)
     elif isinstance(raw, str):
         try:
-            number = float(raw.strip())
+            number = float(_numeral(raw, "a number"))
         except ValueError:
             raise ValueError(f"expected a number, got {raw!r}") from None
     else:

@@ -87,6 +87,10 @@ def test_integers_beyond_64_bits_are_refused_like_any_wrong_type(twin):
     for raw in (2**63, -(2**63) - 1, 1e20, "99999999999999999999999"):
         with pytest.raises(ValueError, match="integer from -2"):
             twin.set_desired(D1, "count", raw)
+    for raw in ("1_000", "\u0661\u0662"):  # Python's int() takes these; JSON and YAML do not
+        with pytest.raises(ValueError, match="expected an integer"):
+            twin.set_desired(D1, "count", raw)
+    assert twin.set_desired(D1, "count", " 12 ")[0] == 12
     assert twin.set_desired(D1, "count", 2**63 - 1)[0] == 2**63 - 1
     assert twin.device(D1).properties["count"].desired == 2**63 - 1
 
