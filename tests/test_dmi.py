@@ -267,6 +267,41 @@ def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
     run(scenario())
 
 
+@pytest.mark.parametrize("any_value", [
+    ("type.googleapis.com/google.protobuf.FloatValue", b"\xff\xff\xff"),  # a known type, malformed bytes
+    ("type.googleapis.com/example.Custom", b""),                          # a type nobody knows
+])
+def test_a_device_protobuf_cannot_carry_is_refused_and_blocks_nothing(sockdir: Path, any_value) -> None:
+    """A configData `Any` that cannot be read or saved: INVALID_ARGUMENT, the device is not kept,
+    later updates of other devices still apply and the state is saved. Sent again in edgecore's
+    registration reply after a restart, it is left out and the others run (the mapper used to
+    refuse every later update, and then exit at every start)."""
+    from google.protobuf.any_pb2 import Any as AnyPb
+
+    bad = room("room-b")
+    bad.spec.protocol.configData.data["seed"].CopyFrom(AnyPb(type_url=any_value[0], value=any_value[1]))
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                await edgecore.add(room("room-a"), TEMP)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=bad))
+                assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+                assert "room-b" in refused.value.details()
+                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-c")))
+                assert mapper.runner("room-b") is None
+                assert mapper.runner("room-a") is not None and mapper.runner("room-c") is not None
+                saved = mapper.ext.state_path.read_text()
+                assert "room-c" in saved and "room-b" not in saved
+            edgecore.devices = [(room("room-a"), TEMP), (bad, TEMP)]  # edgecore still lists it
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                assert mapper.runner("room-a") is not None and mapper.runner("room-b") is None
+    run(scenario())
+
+
 DHT = model("dht-model", {"temperature": ("FLOAT", "ReadOnly"), "humidity": ("FLOAT", "ReadOnly")})
 
 

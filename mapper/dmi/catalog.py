@@ -47,6 +47,21 @@ def model_of(device: pb.Device) -> Key:
     return (device.namespace or "default", device.spec.deviceModelReference)
 
 
+def check(device: pb.Device) -> None:
+    """What the catalog needs of a device before it keeps it: a valid id, and a message that
+    can be saved (an `Any` of an unknown type or with malformed bytes cannot). ConversionError
+    otherwise. Whether it is a valid device is for build() to say."""
+    namespace, name = device_key(device)
+    try:
+        DeviceId(namespace, name)
+    except ValueError as exc:
+        raise ConversionError(f"dmi:Device {namespace[:80]}/{name[:80]}: {exc}") from None
+    try:
+        json_format.MessageToDict(device)
+    except Exception as exc:  # noqa: BLE001 - protobuf raises TypeError, DecodeError, ...
+        raise ConversionError(f"dmi:Device {namespace}/{name}: cannot be kept ({exc})") from None
+
+
 @dataclass
 class Catalog:
     protocol: str
@@ -60,12 +75,23 @@ class Catalog:
     _admitted: dict[Key, pb.Device] = field(default_factory=dict)
 
     def replace(self, devices: list[pb.Device], models: list[pb.DeviceModel]) -> None:
-        """Adopt a MapperRegister reply: exactly these devices and (deduplicated) models."""
+        """Adopt a MapperRegister reply: exactly these devices and (deduplicated) models. A device
+        that cannot be kept (see `check`) is left out and logged: one bad device must not stop
+        the others (or, in edgecore's reply, every start)."""
         self.models = dedupe_models(models)
-        self.devices = {device_key(d): d for d in devices}
+        self.devices = {}
+        for device in devices:
+            try:
+                check(device)
+            except ConversionError as exc:
+                log.error("device from edgecore left out: %s", exc)
+                continue
+            self.devices[device_key(device)] = device
 
     def put_device(self, device: pb.Device) -> bool:
-        """Add or replace a device; False when an identical one is already there."""
+        """Add or replace a device; False when an identical one is already there. Raises
+        ConversionError (INVALID_ARGUMENT) for a device that cannot be kept, before storing it."""
+        check(device)
         key = device_key(device)
         if self.devices.get(key) == device:
             return False
@@ -99,6 +125,10 @@ class Catalog:
             except (DefinitionError, ConversionError) as exc:
                 self.problems[key] = str(exc)
                 log.error("device %s/%s from edgecore is invalid: %s", key[0], key[1], exc)
+                continue
+            except Exception as exc:  # noqa: BLE001 - whatever else a hostile message causes: this device only
+                self.problems[key] = f"dmi:Device {key[0]}/{key[1]}: cannot be converted ({type(exc).__name__}: {exc})"
+                log.exception("device %s/%s from edgecore cannot be converted", key[0], key[1])
                 continue
             result.devices.update(one.devices)
             result.models.update(one.models)

@@ -71,7 +71,10 @@ def unpack_any(message: AnyPb, where: str) -> Value:
     for wrapper, convert in _WRAPPERS:
         if message.Is(wrapper.DESCRIPTOR):
             box = wrapper()
-            message.Unpack(box)
+            try:
+                message.Unpack(box)
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError: bytes that are not that wrapper
+                raise ConversionError(f"{where}: a malformed {message.type_url.rsplit('/', 1)[-1]} ({exc})") from None
             return convert(box.value)
     raise ConversionError(
         f"{where}: unsupported value type {message.type_url!r} "

@@ -176,7 +176,7 @@ class KubeEdgeExtension:
         changes = await self.service.update_devices(merged)
         try:
             self.catalog.save(self.state_path)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a full disk, or a message protobuf cannot write: run on
             log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
         return changes
 
