@@ -140,6 +140,22 @@ class DeviceRunner:
                 self.first_open_done.set()
                 await asyncio.sleep(self._backoff(attempt))
 
+    async def close_when_idle(self) -> None:
+        """close(), once a driver call still running in its thread has returned. A cancelled read
+        or open goes on there: a DHT sensor opened after close() would hold its GPIO pin for good.
+        A call that outlives its timeout (plus a second) does not hold the close back for ever."""
+        future = self._inflight
+        if future is not None and not future.done():
+            try:
+                async with asyncio.timeout(self.driver.timeout_s + 1.0):
+                    await asyncio.shield(future)
+            except TimeoutError:
+                log.warning("%s: a driver call still runs %g s on; closing the driver anyway", self.id,
+                            self.driver.timeout_s + 1.0)
+            except Exception:  # noqa: BLE001 - its own failure: nobody waits for its result any more
+                pass
+        self.close()
+
     def close(self) -> None:
         self.driver.on_change = self.driver.on_revert = None
         for handle in self._settling.values():

@@ -208,7 +208,7 @@ class MapperService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if runner is not None:
-            runner.close()
+            await runner.close_when_idle()
 
     def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
         driver_cls = load_driver(definition.protocol)
@@ -235,7 +235,7 @@ class MapperService:
             except Exception as exc:  # noqa: BLE001 - keep the other devices running
                 attempt += 1
                 log.exception("%s: device loop crashed (%s); restarting", runner.id, exc)
-                runner.close()
+                await runner.close_when_idle()
                 await asyncio.sleep(min(30.0, 2**attempt))
 
     async def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:

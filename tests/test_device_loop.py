@@ -168,3 +168,31 @@ async def test_a_reading_taken_as_the_mapper_stops_is_committed(tmp_path):
         good = [(name, ts) for name in ("count", "power", "temperature")
                 for ts, _, quality in twin.history(plug, name, limit=1000) if quality == "good"]
     assert len(good) == 1 and good[0][1] >= plugged_at_ms, good
+
+
+async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(tmp_path, plugin_drivers):
+    """A reload (or a DMI RemoveDevice) that stops a device whose driver is still opening in its
+    thread: the cancel does not stop that thread. The driver is closed once the open returns,
+    not before it, so nothing the open acquires (a DHT sensor's GPIO pin) stays held."""
+    import asyncio
+
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    opening, gate = tmp_path / "opening", tmp_path / "gate"
+    async with running_service(config) as service:
+        write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 10})
+        await service.update_devices(load([devices]))
+        gated = DeviceId("default", "gated")
+        driver = service.runners[gated].driver
+        await async_wait_for(opening.exists, what="the driver's open() running in its thread")
+        runner, device_task = service.runners[gated], service._tasks[gated]  # noqa: SLF001
+        opened = runner._inflight  # noqa: SLF001 - the open() running in its thread
+        stopping = asyncio.create_task(service.stop_device(gated))
+        await async_wait_for(device_task.done, what="the device's task cancelled")
+        gate.touch()  # only now does the bus come up: open() returns
+        await asyncio.wait_for(stopping, 10)
+        await asyncio.wait_for(asyncio.shield(opened), 10)
+        assert driver.opened is False  # closed after the open returned, so nothing stays held
+        assert gated not in service.runners and GOOD1 in service.runners
