@@ -379,12 +379,22 @@ class DeviceRunner:
             await self._settled_desired(name, boot[name], version)
 
     async def _apply(self, change: DesiredChange) -> None:
-        prop = self.definition.prop(change.property)
+        """Write a desired value and read it back; any refusal or failure is the change's error in
+        the twin. Checked here again, whatever wrote it (the router, `mapper twin set`, the REST
+        API, an inference action): only a declared, writable property gets a typed value within
+        its model's range."""
         error: str | None = None
+        name = change.property
         try:
+            if not self.definition.has_property(name):  # removed from the model by a reload since
+                raise DriverError(f"property {name!r} is no longer declared by device {self.id}")
+            prop = self.definition.prop(name)
             if not prop.writable:
                 raise DriverError(f"property {prop.name!r} is ReadOnly")
             value: Value = coerce(prop.type, change.value)
+            why = range_problem(value, prop.minimum, prop.maximum)
+            if why:
+                raise DriverError(f"{value!r} not written: {why}")
             async with self._io_lock:
                 await self._call(self.driver.write, prop, value)
             reading = await self._read_back(prop, value)
@@ -394,9 +404,9 @@ class DeviceRunner:
         except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
             error = f"write failed: {exc}"
         if error:
-            log.warning("%s/%s: %s", self.id, prop.name, error)
+            log.warning("%s/%s: %s", self.id, name, error)
         else:
-            log.info("%s/%s: applied desired value %r (version %d)", self.id, prop.name, change.value, change.version)
+            log.info("%s/%s: applied desired value %r (version %d)", self.id, name, change.value, change.version)
         await self._on_applied(change, error)
 
     async def _read_back(self, prop: PropertyDefinition, value: Value, attempts: int = 10) -> Reading:

@@ -196,3 +196,43 @@ async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(
         await asyncio.wait_for(asyncio.shield(opened), 10)
         assert driver.opened is False  # closed after the open returned, so nothing stays held
         assert gated not in service.runners and GOOD1 in service.runners
+
+
+async def test_desired_values_the_definition_does_not_allow_are_refused_at_the_device(tmp_path):
+    """Whoever wrote it (`mapper twin set` from another process here): a value outside the model's
+    range, or for a property a reload removed from the model, never reaches the driver. It is
+    refused with the reason on the twin, and a valid value set with them is still applied."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[GOOD1]
+        writes: list[tuple[str, object]] = []
+        original = runner.driver.write
+        runner.driver.write = lambda prop, value: (writes.append((prop.name, value)), original(prop, value))[1]
+        with reader(config) as twin:
+            twin.set_desired(GOOD1, "count", -5)  # the store checks the type; the range is the model's
+            await async_wait_for(lambda: twin.device(GOOD1).properties["count"].apply_error is not None,
+                                 what="the out-of-range value refused")
+            assert "below the minimum" in twin.device(GOOD1).properties["count"].apply_error
+            assert writes == []
+
+            # A reload drops `count` from the model and the device; its twin row stays.
+            (devices / "model.yaml").write_text((devices / "model.yaml").read_text().replace(
+                '    - name: count\n      type: INT\n      accessMode: ReadWrite\n      minimum: "0"\n'
+                '      maximum: "100000000"\n', ""))
+            text = (devices / "good1.yaml").read_text()
+            (devices / "good1.yaml").write_text(text[: text.index("    - name: count")])
+            await service.update_devices(load([devices]))
+            runner = service.runners[GOOD1]
+            original = runner.driver.write
+            runner.driver.write = lambda prop, value: (writes.append((prop.name, value)), original(prop, value))[1]
+            with twin.transaction():  # both in one commit: the device loop takes them together
+                twin.set_desired(GOOD1, "count", 5)
+                twin.set_desired(GOOD1, "power", True)
+            await async_wait_for(lambda: twin.device(GOOD1).properties["power"].reported is True,
+                                 what="power applied")
+            await async_wait_for(lambda: twin.pending_desired() == [], what="both changes settled")
+            assert "no longer declared" in twin.device(GOOD1).properties["count"].apply_error
+            assert writes == [("power", True)]
