@@ -53,6 +53,17 @@ class DriverNotFound(DriverError, LookupError):
         )
 
 
+class DriverBroken(DriverNotFound):
+    """A driver is registered for the protocol but cannot be loaded (its package is broken or
+    half installed): treated like a missing one, so only its devices are refused."""
+
+    def __init__(self, protocol: str, target: str, exc: BaseException) -> None:
+        self.protocol = protocol
+        DriverError.__init__(
+            self, f"the driver registered for protocol {protocol!r} ({target}) cannot be loaded: "
+            f"{type(exc).__name__}: {exc}; reinstall or fix the package that provides it")
+
+
 class ReadError(DriverError):
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         self.retryable = retryable

@@ -100,7 +100,10 @@ async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, s
         await hup.wait()
         hup.clear()
         if not stop.is_set():
-            await reload_devices(service, config)
+            try:
+                await reload_devices(service, config)
+            except Exception:  # noqa: BLE001 - the next SIGHUP must still be heard
+                logging.getLogger("mapper.reload").exception("reload failed; still running the previous devices")
 
 
 async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001

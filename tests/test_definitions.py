@@ -227,3 +227,40 @@ def test_a_push_topic_the_mapper_cannot_or_must_not_publish_to_is_refused(tmp_pa
     problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
     assert len(problems) == 1
     assert "d.yaml" in problems[0] and "pushMethod.mqtt.topic" in problems[0] and why in problems[0]
+
+
+@pytest.mark.parametrize("module_text, reason", [
+    ("from smbus2 import SMBus\n", "ModuleNotFoundError: No module named 'smbus2'"),  # a dependency missing
+    ("from devices.drivers.base import NoSuchThing\n", "ImportError: cannot import name 'NoSuchThing'"),
+    ("class Broken:\n    pass\n", "'Broken' is not a devices.drivers.Driver"),
+])
+def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, monkeypatch, module_text, reason):
+    """A third-party driver that is registered but broken: its devices are refused with the reason,
+    like devices whose driver is not installed; the other devices load (the whole load used to
+    fail, and with it `mapper run`, `validate` and every later SIGHUP)."""
+    import importlib
+    import sys
+
+    from devices.drivers import base
+
+    plugin = tmp_path / "site"
+    (plugin / "broken_driver").mkdir(parents=True)
+    (plugin / "broken_driver" / "__init__.py").write_text(module_text)
+    meta = plugin / "broken_driver-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[mapper.drivers]\nbroken = broken_driver:Broken\n")
+    monkeypatch.syspath_prepend(str(plugin))
+    monkeypatch.delitem(sys.modules, "broken_driver", raising=False)
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (devices / "d0.yaml").write_text(device_yaml("d0").replace("protocolName: simulated", "protocolName: broken"))
+    (devices / "d1.yaml").write_text(device_yaml("d1"))
+    result = load([devices], base=devices)
+    assert set(result.devices) - set(result.unrunnable) == {DeviceId("default", "d1")}
+    problem = str(result.unrunnable[DeviceId("default", "d0")])
+    assert "cannot be loaded" in problem and reason in problem
+    monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from devices.errors import DriverNotFound, WriteError
+from devices.errors import DriverBroken, DriverNotFound, WriteError
 
 if TYPE_CHECKING:
     from devices.definitions import DeviceDefinition, PropertyDefinition
@@ -176,8 +176,12 @@ def load_driver(protocol: str) -> type[Driver]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        raise DriverNotFound(protocol, available_protocols()) from exc
-    cls = getattr(module, attr)
+        if exc.name is not None and module_name.startswith(exc.name):  # the driver's own package is gone
+            raise DriverNotFound(protocol, available_protocols()) from exc
+        raise DriverBroken(protocol, target, exc) from exc
+    except Exception as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices only
+        raise DriverBroken(protocol, target, exc) from exc
+    cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
-        raise TypeError(f"{target} registered for protocol {protocol!r} is not a devices.drivers.Driver")
+        raise DriverBroken(protocol, target, TypeError(f"{attr!r} is not a devices.drivers.Driver"))
     return cls
