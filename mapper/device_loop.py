@@ -143,24 +143,42 @@ class DeviceRunner:
     async def close_when_idle(self) -> None:
         """close(), once a driver call still running in its thread has returned. A cancelled read
         or open goes on there: a DHT sensor opened after close() would hold its GPIO pin for good.
-        A call that outlives its timeout (plus a second) does not hold the close back for ever."""
+        A call that outlives its timeout (plus a second) does not hold the close back for ever,
+        and a blocking driver's close() runs in a thread too (the DHT driver's waits for a read in
+        progress): the event loop, and every other device, never waits for a stuck bus."""
+        grace = self.driver.timeout_s + 1.0
         future = self._inflight
         if future is not None and not future.done():
             try:
-                async with asyncio.timeout(self.driver.timeout_s + 1.0):
+                async with asyncio.timeout(grace):
                     await asyncio.shield(future)
             except TimeoutError:
-                log.warning("%s: a driver call still runs %g s on; closing the driver anyway", self.id,
-                            self.driver.timeout_s + 1.0)
+                log.warning("%s: a driver call still runs %g s on; closing the driver anyway", self.id, grace)
             except Exception:  # noqa: BLE001 - its own failure: nobody waits for its result any more
                 pass
-        self.close()
+        self._detach()
+        if not self.driver.blocking:
+            self._close_driver()
+            return
+        closing = asyncio.ensure_future(asyncio.to_thread(self._close_driver))
+        try:
+            async with asyncio.timeout(grace):
+                await asyncio.shield(closing)
+        except TimeoutError:
+            log.warning("%s: the driver's close() still runs %g s on; going on without it", self.id, grace)
 
     def close(self) -> None:
+        """Close at once, on the event loop (at shutdown; a stopping device uses close_when_idle)."""
+        self._detach()
+        self._close_driver()
+
+    def _detach(self) -> None:
         self.driver.on_change = self.driver.on_revert = None
         for handle in self._settling.values():
             handle.cancel()
         self._settling.clear()
+
+    def _close_driver(self) -> None:
         try:
             self.driver.close()
         except Exception as exc:  # noqa: BLE001 - closing must not stop the other devices closing

@@ -236,3 +236,29 @@ async def test_desired_values_the_definition_does_not_allow_are_refused_at_the_d
             await async_wait_for(lambda: twin.pending_desired() == [], what="both changes settled")
             assert "no longer declared" in twin.device(GOOD1).properties["count"].apply_error
             assert writes == [("power", True)]
+
+
+async def test_a_blocking_drivers_slow_close_does_not_stop_the_other_devices(tmp_path, plugin_drivers):
+    """Stopping a device whose driver takes long to close (the DHT driver's close() waits for a
+    read in progress; here the gated plugin's bus): the close runs in a thread, so the other
+    devices keep reading meanwhile, and it completes once the bus lets it."""
+    import asyncio
+
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=20)
+    close_when, close_log = tmp_path / "close-now", tmp_path / "close.log"
+    write_device(devices, "gated", "gated", {"close_when": str(close_when), "close_log": str(close_log), "wait_s": 3})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        good, gated = service.runners[GOOD1], DeviceId("default", "gated")
+        stopping = asyncio.create_task(service.stop_device(gated))
+        reads = good.reads
+        await async_wait_for(lambda: good.reads >= reads + 5, what="the other device reading during the close")
+        assert not stopping.done()
+        close_when.touch()
+        await asyncio.wait_for(stopping, 10)
+        assert close_log.read_text() == "gated yes\n"  # closed once the bus allowed, not timed out
+        assert gated not in service.runners
+        await service.update_devices(load([devices]))  # and it can be started again
+        assert gated in service.runners
