@@ -192,8 +192,14 @@ class MapperService:
         await self.twin(lambda s: s.deactivate_devices(result.devices))
         for device_id in added + changed:
             self.start_device(new[device_id], self._tg)
+        # What stopped (refused now, or gone) says so, as at start-up: offline in the twin, and to
+        # the state listeners (the device's retained availability on MQTT goes offline).
         for device_id, problem in self.refused.items():
             log.error("refusing device %s: %s", device_id, problem)
+            await self._on_state(result.devices[device_id], OFFLINE, problem)
+        for device_id in removed:
+            if device_id not in result.devices:
+                await self._on_state(old[device_id].definition, OFFLINE, "removed from the device definitions")
         if added or changed:
             self.desired_changed()
         log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))

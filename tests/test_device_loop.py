@@ -262,3 +262,30 @@ async def test_a_blocking_drivers_slow_close_does_not_stop_the_other_devices(tmp
         assert gated not in service.runners
         await service.update_devices(load([devices]))  # and it can be started again
         assert gated in service.runners
+
+
+async def test_a_device_refused_or_removed_by_a_reload_goes_offline(tmp_path):
+    """A reload that refuses a running device (its protocol has no driver now) or removes one:
+    each goes offline in the twin with the reason, and the state listeners hear it (on MQTT, its
+    retained availability), as devices refused at start-up do. They used to stay `ok`."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1", "good2"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    heard: list[tuple[str, str]] = []
+
+    def prepare(service) -> None:  # noqa: ANN001
+        service.state_listeners.append(lambda definition, state, detail: heard.append((definition.id.name, state)) or [])
+
+    async with running_service(config, prepare=prepare) as service:
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.device(GOOD1).state == "ok" and twin.device(GOOD2).state == "ok",
+                                 what="both devices ok")
+            text = (devices / "good1.yaml").read_text()
+            (devices / "good1.yaml").write_text(text.replace("protocolName: simulated", "protocolName: nonesuch"))
+            (devices / "good2.yaml").unlink()
+            await service.update_devices(load([devices]))
+            assert service.runners == {}
+            assert twin.device(GOOD1).state == "offline" and "no driver installed" in twin.device(GOOD1).state_detail
+            assert twin.device(GOOD2).state == "offline"
+            assert ("good1", "offline") in heard and ("good2", "offline") in heard
