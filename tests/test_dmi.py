@@ -718,3 +718,31 @@ def test_dht_device_over_dmi_equals_yaml() -> None:
     dmi, ref = over_dmi.devices[key], from_yaml.devices[key]
     assert dmi.protocol_config == ref.protocol_config
     assert dmi.properties == ref.properties
+
+
+def test_a_running_device_keeps_its_pin_through_its_own_update() -> None:
+    """The holder of GPIO4 is updated (only its collectCycle) while another device waits for the pin:
+    the holder keeps it. Two running devices where one's update reaches for the other's pin: the
+    one that did not change keeps it. (An updated holder used to be ranked with the newcomers.)"""
+    from mapper.dmi.catalog import Catalog
+
+    def dht_on(name: str, pin: int, cycle_ms: int = 3000) -> pb.Device:
+        return device(name, "dht-model", {"temperature": {"measurement": "temperature"},
+                                          "humidity": {"measurement": "humidity"}},
+                      config={"sensor": "DHT11", "pin": pin}, protocol="dht", cycle_ms=cycle_ms)
+
+    catalog = Catalog("dht")
+    catalog.put_model(DHT)
+    catalog.put_device(dht_on("z-first", 4))
+    assert set(catalog.build().devices) == {DeviceId("default", "z-first")}
+    catalog.put_device(dht_on("a-second", 4))  # sorts first by name, but waits: the pin is held
+    assert set(catalog.build().devices) == {DeviceId("default", "z-first")}
+    catalog.put_device(dht_on("z-first", 4, cycle_ms=5000))  # the holder's own update
+    assert set(catalog.build().devices) == {DeviceId("default", "z-first")}
+    assert ("default", "a-second") in catalog.conflicts
+
+    catalog.put_device(dht_on("b-other", 5))
+    assert DeviceId("default", "b-other") in catalog.build().devices
+    catalog.put_device(dht_on("z-first", 5))  # reaches for the pin b-other holds: b-other keeps it
+    assert set(catalog.build().devices) == {DeviceId("default", "b-other"), DeviceId("default", "a-second")}
+    assert ("default", "z-first") in catalog.conflicts

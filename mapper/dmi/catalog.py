@@ -4,9 +4,9 @@ Each device is validated on its own (with its model), so one bad device never bl
 others; a device whose model has not arrived yet waits in the catalog and starts when it
 does. Then one claims pass (GPIO pins and other exclusive resources) runs over the local
 YAML devices and all valid edgecore devices in a fixed order: local devices first, then
-edgecore devices that ran after the previous build with the same spec, then the rest, each
-group sorted by namespace/name. So a running device is never displaced by a newcomer or by
-an update of another device; a device that loses stays in the catalog (edgecore still
+edgecore devices that ran after the previous build with the same spec, then those that ran
+with another spec (updated), then the rest, each group sorted by namespace/name. So a running
+device is never displaced by a newcomer, by its own update or by an update of another device; a device that loses stays in the catalog (edgecore still
 counts it as ours) with the conflict as its problem, and starts once the resource is free. The catalog persists to a JSON file so a restarted mapper keeps running the last known
 devices while edgecore is unreachable.
 """
@@ -148,7 +148,10 @@ class Catalog:
 
         def rank(device_id: DeviceId) -> tuple[int, DeviceId]:
             key = (device_id.namespace, device_id.name)
-            return (0 if self._admitted.get(key) == self.devices[key] else 1, device_id)
+            admitted = self._admitted.get(key)
+            # Ran last time with this spec; ran last time (an update: it keeps what it holds over
+            # devices waiting for it); the rest.
+            return (0 if admitted == self.devices[key] else 1 if admitted is not None else 2, device_id)
 
         order = [
             *runnable(local, sorted(set(local.devices) - ours)),
