@@ -746,3 +746,19 @@ def test_a_running_device_keeps_its_pin_through_its_own_update() -> None:
     catalog.put_device(dht_on("z-first", 5))  # reaches for the pin b-other holds: b-other keeps it
     assert set(catalog.build().devices) == {DeviceId("default", "b-other"), DeviceId("default", "a-second")}
     assert ("default", "z-first") in catalog.conflicts
+
+
+def test_a_device_for_a_protocol_without_a_driver_is_refused(sockdir: Path) -> None:
+    """RegisterDevice of a device whose protocol has no driver installed here: INVALID_ARGUMENT
+    naming the protocol (it used to return OK and then never run)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            other = device("other", "temp-model", {"temperature": {"kind": "temperature"}}, protocol="modbus")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=other))
+            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "no driver installed for protocol 'modbus'" in refused.value.details()
+            assert mapper.runner("other") is None and mapper.runner("room-a") is not None
+    run(scenario())

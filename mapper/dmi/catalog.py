@@ -134,6 +134,8 @@ class Catalog:
             result.models.update(one.models)
             result.warnings.extend(one.warnings)
             result.unrunnable.update(one.unrunnable)
+        for device_id, problem in result.unrunnable.items():  # no driver for its protocol here
+            self.problems[(device_id.namespace, device_id.name)] = str(problem)
         self._check_claims(result, local or LoadResult())
         self._admitted = {
             key: device for key, device in self.devices.items() if DeviceId(*key) in result.devices
