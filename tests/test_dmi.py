@@ -699,6 +699,11 @@ def test_kubeedge_config_section() -> None:
         KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "x.sock"})
     with pytest.raises(ValueError, match="107"):
         KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "/" + "a" * 120})
+    # Short enough itself, but bound first at <dir>/.dmi-XXXXXXXX/s.sock, which is not.
+    with pytest.raises(ValueError, match="its directory is longer than 86 bytes"):
+        KubeEdgeSettings.model_validate({"name": "x", "protocol": "p", "socket": "/" + "d" * 97 + "/dht.sock"})
+    assert KubeEdgeSettings.model_validate(
+        {"name": "x", "protocol": "p", "socket": "/" + "d" * 85 + "/dht.sock"}).socket.name == "dht.sock"
 
 
 def test_dht_device_over_dmi_equals_yaml() -> None:

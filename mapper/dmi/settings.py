@@ -23,9 +23,18 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _socket_path(value: Path) -> Path:
+# The server binds at <dir>/.dmi-XXXXXXXX/s.sock first (a private directory, so nobody can connect
+# before the socket has its mode) and then renames it into place: that path must fit as well.
+STAGING_SUFFIX = len("/.dmi-12345678/s.sock")
+
+
+def _socket_path(value: Path, *, bound_here: bool = False) -> Path:
     if len(str(value).encode()) > MAX_SOCKET_PATH:
         raise ValueError(f"socket path {str(value)!r} is longer than {MAX_SOCKET_PATH} bytes (a unix socket limit)")
+    if bound_here and len(str(value.parent).encode()) + STAGING_SUFFIX > MAX_SOCKET_PATH:
+        raise ValueError(f"socket path {str(value)!r}: its directory is longer than "
+                         f"{MAX_SOCKET_PATH - STAGING_SUFFIX} bytes (the socket is first bound in a private "
+                         f"directory there, and a unix socket path holds at most {MAX_SOCKET_PATH} bytes)")
     return value
 
 
@@ -76,7 +85,7 @@ class KubeEdgeSettings(_Section):
     def _socket(cls, value: Path) -> Path:
         if not value.is_absolute():
             raise ValueError(f"socket {str(value)!r} must be an absolute path (edgecore dials it as given)")
-        return _socket_path(value)
+        return _socket_path(value, bound_here=True)
 
     @field_validator("state_file")
     @classmethod
