@@ -767,3 +767,39 @@ def test_a_device_for_a_protocol_without_a_driver_is_refused(sockdir: Path) -> N
             assert "no driver installed for protocol 'modbus'" in refused.value.details()
             assert mapper.runner("other") is None and mapper.runner("room-a") is not None
     run(scenario())
+
+
+def test_a_report_waiting_for_its_token_is_dropped_when_its_device_is_removed(sockdir: Path) -> None:
+    """A report queued behind the node's rate limit, whose device is removed meanwhile, is not
+    sent once the token comes (it used to go out with the values it had queued)."""
+    import time
+
+    def about_room_a(edgecore: FakeEdgecore) -> int:
+        return len([r for r in edgecore.of("ReportDeviceStatus") if r.deviceName == "room-a"]) + len(
+            [r for r in edgecore.of("ReportDeviceStates") if r.deviceName == "room-a"])
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            await edgecore.wait_for(lambda: latest_status(edgecore, "room-a") is not None)
+            bucket = mapper.ext.client.bucket
+            now = [time.monotonic()]
+            bucket._clock = lambda: now[0]  # noqa: SLF001 - time stands still for the bucket: no token comes
+            bucket._tokens, bucket._updated = 0.0, now[0]  # noqa: SLF001
+            waiting = asyncio.Event()
+            take = bucket.take
+
+            async def take_and_tell() -> None:
+                waiting.set()
+                await take()
+
+            bucket.take = take_and_tell
+            await asyncio.wait_for(waiting.wait(), 10)  # the next room-a report waits for its token
+            sent = about_room_a(edgecore)
+            await edgecore.remove("room-a")
+            await edgecore.add(room("room-b"), TEMP)
+            now[0] += 1000.0  # tokens again
+            await edgecore.wait_for(lambda: latest_status(edgecore, "room-b") is not None, timeout=10)
+            assert about_room_a(edgecore) == sent
+    run(scenario())

@@ -233,7 +233,9 @@ class Reporter:
         if last and last[0] == self._comparable(payload) and (every <= 0 or now - last[1] < every):
             return  # nothing new, heartbeat not due: no call, no token
         await self.client.bucket.take()
-        payload = await self._payload(key) or payload  # the latest values at the moment we may send
+        payload = await self._payload(key)  # the latest values at the moment we may send
+        if payload is None or (kind == "state" and device_id not in self.state_every):
+            return  # the device went while this waited for its token
         if kind == "state":
             await self.client.report_state(device_id, payload, token=False)
         else:
