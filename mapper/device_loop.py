@@ -26,8 +26,11 @@ recorded `out_of_range`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import queue
 import random
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,6 +93,7 @@ class DeviceRunner:
         # late: readings never taken, counted so that an overloaded mapper shows it.
         self.missed_reads = 0
         self._inflight: asyncio.Future[Any] | None = None
+        self._thread: DriverThread | None = None  # a blocking driver's calls run here, one at a time
         self._desired: dict[str, DesiredChange] = {}
         self._desired_seen: dict[str, int] = {}
         self._desired_event = asyncio.Event()
@@ -117,7 +121,9 @@ class DeviceRunner:
             return fn(*args)
         if self._inflight is not None and not self._inflight.done():
             raise DriverError(f"{self.id}: the previous call has not returned yet (driver hung?)")
-        future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        if self._thread is None:
+            self._thread = DriverThread(f"driver[{self.id}]")
+        future = asyncio.wrap_future(self._thread.submit(fn, *args))
         self._inflight = future
         try:
             async with asyncio.timeout(self.driver.timeout_s):
@@ -160,7 +166,10 @@ class DeviceRunner:
         if not self.driver.blocking:
             self._close_driver()
             return
-        closing = asyncio.ensure_future(asyncio.to_thread(self._close_driver))
+        if self._thread is not None:
+            self._thread.stop()  # once the call it may still be in returns; it never holds up the exit
+            self._thread = None
+        closing = asyncio.wrap_future(DriverThread(f"close[{self.id}]", once=True).submit(self._close_driver))
         try:
             async with asyncio.timeout(grace):
                 await asyncio.shield(closing)
@@ -170,6 +179,9 @@ class DeviceRunner:
     def close(self) -> None:
         """Close at once, on the event loop (at shutdown; a stopping device uses close_when_idle)."""
         self._detach()
+        if self._thread is not None:
+            self._thread.stop()
+            self._thread = None
         self._close_driver()
 
     def _detach(self) -> None:
@@ -436,6 +448,42 @@ class DeviceRunner:
             await asyncio.sleep(0.05)
             reading = await self.read_once(prop)
         return reading
+
+
+class DriverThread:
+    """One daemon thread for one device's blocking driver calls, run one at a time.
+
+    Not asyncio's shared default executor: a bus that hangs would hold one of its few threads
+    for good at every reload, until healthy devices' reads queued behind them timed out, and
+    the process could not exit (it joins those threads). A daemon thread per device holds
+    only its own device up and never the exit.
+    """
+
+    def __init__(self, name: str, *, once: bool = False) -> None:
+        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]
+        self._queue = queue.SimpleQueue()
+        self._once = once
+        threading.Thread(target=self._work, name=name, daemon=True).start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future[Any]:
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._queue.put((future, fn, args))
+        return future
+
+    def stop(self) -> None:
+        """The thread ends after the calls queued so far."""
+        self._queue.put(None)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            future, fn, args = item
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn(*args))
+                except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                    future.set_exception(exc)
+            if self._once:
+                return
 
 
 def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

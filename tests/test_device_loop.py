@@ -289,3 +289,21 @@ async def test_a_device_refused_or_removed_by_a_reload_goes_offline(tmp_path):
             assert twin.device(GOOD1).state == "offline" and "no driver installed" in twin.device(GOOD1).state_detail
             assert twin.device(GOOD2).state == "offline"
             assert ("good1", "offline") in heard and ("good2", "offline") in heard
+
+
+def test_a_driver_call_that_never_returns_does_not_keep_the_mapper_from_exiting(tmp_path):
+    """A bus that hangs for good (here: a read that takes 5 minutes, given up after 0.2 s): the
+    device goes unhealthy, the others read on, and the mapper still stops at once on SIGTERM (it
+    used to wait for the stuck thread, since asyncio's shared executor threads are joined at exit)."""
+    import os
+
+    from mapper_proc import REPO, MapperProcess
+    from plugin_drivers import SITE
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    write_device(devices, "stuck", "slow", {"read_s": 300, "timeout_s": 0.2})
+    mapper = MapperProcess(tmp_path, devices, None, env={"PYTHONPATH": os.pathsep.join((str(SITE), str(REPO)))})
+    with mapper:
+        mapper.wait_log("default/stuck: state unhealthy", timeout=30)
+        assert mapper.stop() == 0  # within the harness's 20 s, with the read still hanging
+    assert "mapper test-node stopped" in mapper.log()
