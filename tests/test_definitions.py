@@ -22,6 +22,22 @@ def problems_of(tmp_path: Path, files: dict[str, str]) -> list[str]:
     return [str(p) for p in info.value.problems]
 
 
+def install_plugin(site: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, module_text: str) -> None:
+    """A driver distribution `<protocol>-driver` in `site` (a package plus a .dist-info with its
+    `mapper.drivers` entry point, as pip leaves them), put on sys.path for the test."""
+    import sys
+
+    package = f"{protocol}_driver"
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(module_text)
+    meta = site / f"{package}-1.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {protocol}-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text(f"[mapper.drivers]\n{protocol} = {package}:{protocol.capitalize()}\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delitem(sys.modules, package, raising=False)
+
+
 def test_examples_load():
     """The shipped simulated examples load: room sensor, switch and counter."""
     result = load([REPO / "devices/examples"])
@@ -165,15 +181,8 @@ def test_driver_registry_is_read_once_and_reread_for_a_new_protocol(tmp_path, mo
     assert DeviceId("default", "d0") in first.unrunnable
 
     plugin = tmp_path / "site"
-    (plugin / "latecomer_driver").mkdir(parents=True)
-    (plugin / "latecomer_driver" / "__init__.py").write_text(
-        "from devices.drivers.simulated import SimulatedDriver\n\nclass Latecomer(SimulatedDriver):\n    pass\n")
-    meta = plugin / "latecomer_driver-1.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: latecomer-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[mapper.drivers]\nlatecomer = latecomer_driver:Latecomer\n")
-    monkeypatch.syspath_prepend(str(plugin))
-    monkeypatch.delitem(sys.modules, "latecomer_driver", raising=False)
+    install_plugin(plugin, monkeypatch, "latecomer",
+                   "from devices.drivers.simulated import SimulatedDriver\n\nclass Latecomer(SimulatedDriver):\n    pass\n")
     later = load([tmp_path], base=tmp_path)
     assert DeviceId("default", "d0") not in later.unrunnable
     assert base.load_driver("latecomer").__name__ == "Latecomer"
@@ -239,19 +248,10 @@ def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, mo
     like devices whose driver is not installed; the other devices load (the whole load used to
     fail, and with it `mapper run`, `validate` and every later SIGHUP)."""
     import importlib
-    import sys
 
     from devices.drivers import base
 
-    plugin = tmp_path / "site"
-    (plugin / "broken_driver").mkdir(parents=True)
-    (plugin / "broken_driver" / "__init__.py").write_text(module_text)
-    meta = plugin / "broken_driver-1.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[mapper.drivers]\nbroken = broken_driver:Broken\n")
-    monkeypatch.syspath_prepend(str(plugin))
-    monkeypatch.delitem(sys.modules, "broken_driver", raising=False)
+    install_plugin(tmp_path / "site", monkeypatch, "broken", module_text)
     monkeypatch.setattr(base, "_registered", None)
     importlib.invalidate_caches()
     devices = tmp_path / "devices"

@@ -252,6 +252,14 @@ def test_sighup_reload_keeps_edgecore_devices_running(sockdir: Path) -> None:
     run(scenario())
 
 
+async def refused_as_invalid(edgecore: FakeEdgecore, dev: pb.Device) -> str:
+    """RegisterDevice of `dev` fails with INVALID_ARGUMENT; its details."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=dev))
+    assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+    return refused.value.details()
+
+
 def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
     """configData that fails the driver's validation is INVALID_ARGUMENT naming the field; others keep running."""
     async def scenario() -> None:
@@ -259,10 +267,7 @@ def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
             await registered(mapper)
             await edgecore.add(switch("lamp"), SWITCH)
             bad = device("bad", "switch-model", {"power": {"kind": "switch"}}, config={"failure_rate": 5})
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=bad))
-            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
-            assert "spec.protocol.configData.failure_rate" in refused.value.details()
+            assert "spec.protocol.configData.failure_rate" in await refused_as_invalid(edgecore, bad)
             assert mapper.runner("bad") is None and mapper.runner("lamp") is not None
     run(scenario())
 
@@ -286,10 +291,7 @@ def test_a_device_protobuf_cannot_carry_is_refused_and_blocks_nothing(sockdir: P
             async with running_mapper(sockdir) as mapper:
                 await registered(mapper)
                 await edgecore.add(room("room-a"), TEMP)
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=bad))
-                assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
-                assert "room-b" in refused.value.details()
+                assert "room-b" in await refused_as_invalid(edgecore, bad)
                 await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-c")))
                 assert mapper.runner("room-b") is None
                 assert mapper.runner("room-a") is not None and mapper.runner("room-c") is not None
@@ -761,10 +763,7 @@ def test_a_device_for_a_protocol_without_a_driver_is_refused(sockdir: Path) -> N
             await registered(mapper)
             await edgecore.add(room("room-a"), TEMP)
             other = device("other", "temp-model", {"temperature": {"kind": "temperature"}}, protocol="modbus")
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=other))
-            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
-            assert "no driver installed for protocol 'modbus'" in refused.value.details()
+            assert "no driver installed for protocol 'modbus'" in await refused_as_invalid(edgecore, other)
             assert mapper.runner("other") is None and mapper.runner("room-a") is not None
     run(scenario())
 
