@@ -158,7 +158,6 @@ def test_driver_registry_is_read_once_and_reread_for_a_new_protocol(tmp_path, mo
     way a third party would ship one.
     """
     import importlib.metadata
-    import sys
 
     from devices.drivers import base
 
