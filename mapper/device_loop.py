@@ -94,6 +94,7 @@ class DeviceRunner:
         self.missed_reads = 0
         self._inflight: asyncio.Future[Any] | None = None
         self._thread: DriverThread | None = None  # a blocking driver's calls run here, one at a time
+        self._inflight_since = 0.0  # when the call in `_inflight` started (the loop's clock)
         self._desired: dict[str, DesiredChange] = {}
         self._desired_seen: dict[str, int] = {}
         self._desired_event = asyncio.Event()
@@ -124,7 +125,7 @@ class DeviceRunner:
         if self._thread is None:
             self._thread = DriverThread(f"driver[{self.id}]")
         future = asyncio.wrap_future(self._thread.submit(fn, *args))
-        self._inflight = future
+        self._inflight, self._inflight_since = future, asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.driver.timeout_s):
                 return await asyncio.shield(future)
@@ -155,11 +156,14 @@ class DeviceRunner:
         grace = self.driver.timeout_s + 1.0
         future = self._inflight
         if future is not None and not future.done():
+            # Counted from the call's start: a call stuck for an hour is not waited for again.
+            left = self._inflight_since + grace - asyncio.get_running_loop().time()
             try:
-                async with asyncio.timeout(grace):
+                async with asyncio.timeout(max(0.0, left)):
                     await asyncio.shield(future)
             except TimeoutError:
-                log.warning("%s: a driver call still runs %g s on; closing the driver anyway", self.id, grace)
+                log.warning("%s: a driver call still runs %g s after it started; closing the driver anyway",
+                            self.id, grace)
             except Exception:  # noqa: BLE001 - its own failure: nobody waits for its result any more
                 pass
         self._detach()

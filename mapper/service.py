@@ -45,6 +45,7 @@ class MapperService:
         self.recorder: Recorder | None = None
         self._desired_wake = asyncio.Event()
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
         self._tg: asyncio.TaskGroup | None = None
         # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
@@ -146,8 +147,7 @@ class MapperService:
             if stop_requested is not None:
                 with contextlib.suppress(Exception):
                     await stop_requested(self)
-        for device_id in list(self._tasks):
-            await self.stop_device(device_id)
+        await self.stop_devices(list(self._tasks))
         if self.recorder is not None:
             await self.recorder.flush()
         # Last added, first stopped: inference acts on its last decisions and the API servers
@@ -161,8 +161,11 @@ class MapperService:
                     log.warning("%s: error while stopping: %s", type(ext).__name__, exc)
 
     async def _shutdown(self) -> None:
-        for runner in self.runners.values():
-            runner.close()
+        # (Runners still here: the task group failed. Closed as a stop closes them, never
+        # waiting on the event loop for a stuck bus.)
+        runners, self.runners = list(self.runners.values()), {}
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*(runner.close_when_idle() for runner in runners), *self._closing)
         if self.recorder is not None:
             with contextlib.suppress(Exception):
                 await self.recorder.flush()
@@ -182,8 +185,8 @@ class MapperService:
         removed = [k for k in old if k not in new]
         added = [k for k in new if k not in old]
         changed = [k for k in new if k in old and old[k].definition.fingerprint != new[k].fingerprint]
-        for device_id in removed + changed:
-            await self.stop_device(device_id)
+        await self.stop_devices(removed + changed)
+        was_refused = set(self.refused)
         self.definitions = result
         for listener in self.device_listeners:
             listener(result.devices)
@@ -196,17 +199,28 @@ class MapperService:
         # the state listeners (the device's retained availability on MQTT goes offline).
         for device_id, problem in self.refused.items():
             log.error("refusing device %s: %s", device_id, problem)
-            await self._on_state(result.devices[device_id], OFFLINE, problem)
+            if device_id not in was_refused:  # newly refused: said once, not at every reload
+                await self._on_state(result.devices[device_id], OFFLINE, problem)
         for device_id in removed:
             if device_id not in result.devices:
-                await self._on_state(old[device_id].definition, OFFLINE, "removed from the device definitions")
+                await self._on_state(old[device_id].definition, OFFLINE,
+                                     "stopped by a device update: removed, or waiting for a resource another device holds")
         if added or changed:
             self.desired_changed()
         log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
         return {"added": added, "changed": changed, "removed": removed}
 
+    async def stop_devices(self, device_ids: list[DeviceId]) -> None:
+        """Stop these devices together: each may wait for a stuck bus, and those waits overlap."""
+        await asyncio.gather(*(self.stop_device(device_id) for device_id in device_ids))
+
     async def stop_device(self, device_id: DeviceId) -> None:
-        """Stop one device's loop and release its driver."""
+        """Stop one device's loop and release its driver.
+
+        The release runs on in a task of its own if the caller is cancelled meanwhile (a DMI
+        call past its deadline, a reload at shutdown): a driver must not stay open, holding its
+        pin, with no runner left to close it. Shutdown waits for those too.
+        """
         task = self._tasks.pop(device_id, None)
         runner = self.runners.pop(device_id, None)
         if task is not None:
@@ -214,7 +228,10 @@ class MapperService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if runner is not None:
-            await runner.close_when_idle()
+            closing = asyncio.ensure_future(runner.close_when_idle())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
+            await asyncio.shield(closing)
 
     def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
         driver_cls = load_driver(definition.protocol)

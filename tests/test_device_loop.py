@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 
@@ -248,7 +249,7 @@ async def test_a_blocking_drivers_slow_close_does_not_stop_the_other_devices(tmp
 
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=20)
     close_when, close_log = tmp_path / "close-now", tmp_path / "close.log"
-    write_device(devices, "gated", "gated", {"close_when": str(close_when), "close_log": str(close_log), "wait_s": 3})
+    write_device(devices, "gated", "gated", {"close_when": str(close_when), "close_log": str(close_log), "wait_s": 10})
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     async with running_service(config) as service:
         good, gated = service.runners[GOOD1], DeviceId("default", "gated")
@@ -289,6 +290,9 @@ async def test_a_device_refused_or_removed_by_a_reload_goes_offline(tmp_path):
             assert twin.device(GOOD1).state == "offline" and "no driver installed" in twin.device(GOOD1).state_detail
             assert twin.device(GOOD2).state == "offline"
             assert ("good1", "offline") in heard and ("good2", "offline") in heard
+            heard.clear()
+            await service.update_devices(load([devices]))  # the same files again: nothing new to say
+            assert heard == []
 
 
 def test_a_driver_call_that_never_returns_does_not_keep_the_mapper_from_exiting(tmp_path):
@@ -307,3 +311,31 @@ def test_a_driver_call_that_never_returns_does_not_keep_the_mapper_from_exiting(
         mapper.wait_log("default/stuck: state unhealthy", timeout=30)
         assert mapper.stop() == 0  # within the harness's 20 s, with the read still hanging
     assert "mapper test-node stopped" in mapper.log()
+
+
+async def test_a_cancelled_stop_still_closes_the_driver(tmp_path, plugin_drivers):
+    """The caller of a stop gives up while the driver is still opening (a DMI call past its
+    deadline): the release goes on without it, and the driver ends closed once the open returns."""
+    import asyncio
+
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    opening, gate = tmp_path / "opening", tmp_path / "gate"
+    async with running_service(config) as service:
+        write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 10})
+        await service.update_devices(load([devices]))
+        gated = DeviceId("default", "gated")
+        runner, device_task = service.runners[gated], service._tasks[gated]  # noqa: SLF001
+        await async_wait_for(opening.exists, what="the driver's open() running in its thread")
+        opened = runner._inflight  # noqa: SLF001 - the open() running in its thread
+        stopping = asyncio.create_task(service.stop_device(gated))
+        await async_wait_for(device_task.done, what="the device's task cancelled")
+        stopping.cancel()  # the caller gives up while the release waits for the open
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopping
+        gate.touch()
+        await asyncio.wait_for(asyncio.shield(opened), 10)  # the open returned ...
+        await async_wait_for(lambda: not service._closing, timeout=15, what="the release finished")  # noqa: SLF001
+        assert runner.driver.opened is False  # ... and the driver was closed after it all the same

@@ -1232,7 +1232,7 @@ class TwinStore:
             over = self._history_rows() - len(self._carried_size) - max_rows
             if over > 0:
                 last = max(last, self._nth_deletable(over if step is None else min(over, step), sent))
-            if step is not None:
+            if step is not None and last >= oldest:
                 last = min(last, self._nth_deletable(step, sent))  # at most `step` rows
             deleted = 0
             if last >= oldest:

@@ -176,7 +176,8 @@ def load_driver(protocol: str) -> type[Driver]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):  # the driver's own package is gone
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            # the driver's own package is gone
             raise DriverNotFound(protocol, available_protocols()) from exc
         raise DriverBroken(protocol, target, exc) from exc
     except Exception as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices only
