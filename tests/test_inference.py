@@ -991,6 +991,53 @@ async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_
         await _stop(r)
 
 
+async def test_a_decisions_created_ts_is_its_requests_created(tmp_path, monkeypatch):
+    """The row of an offloaded window keeps the `created` its request carries (and the worker
+    echoes): a restarted mapper matches answers to the requests it restored by it. The row used
+    to take its own clock reading in the transaction, a millisecond or more later now and then,
+    and every answer to that request was then refused as `mismatch`."""
+    real = records.now_ms
+    monkeypatch.setattr(records, "now_ms", lambda: real() + 7)  # the transaction runs a little later
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0, "threshold": 1.0})
+    try:
+        rows = await _until(r.decisions, lambda rows: len([x for x in rows if x["request"]]) >= 3,
+                            what="offloaded windows")
+    finally:
+        await _stop(r)
+    offloaded = [x for x in rows if x["request"]]
+    assert offloaded and all(x["created_ts"] == orjson.loads(x["request"])["created"] for x in offloaded)
+
+
+async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path, monkeypatch):
+    """Readings have stopped, deadlines fall due, and the timer's own transaction fails once (a
+    full disk): the mapper keeps running and the provisional answers are recorded on the next
+    try. (The error used to end the mapper, with the answers changed in memory only.)"""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                "deadline_s": 0.5, "resend_s": 60})
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
+        for device in list(r.service.runners):  # no more batches: what falls due is the timer's
+            await r.service.stop_device(device)
+        await r.service.recorder.flush()
+        failures: list[int] = []
+        real = records.update
+
+        def full_once(store, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if not failures:
+                failures.append(1)
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(store, *args, **kwargs)
+
+        monkeypatch.setattr(records, "update", full_once)
+        rows = await _until(r.decisions, lambda rows: failures and all(x["status"] != "pending" for x in rows),
+                            what="every pending window given its provisional answer")
+        assert not r.task.done()
+        assert all(x["label"] is not None for x in rows)
+    finally:
+        await _stop(r)
+
+
 async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
     """No `mqtt:` section: windows are still decided and recorded, nothing is queued for publishing."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0})

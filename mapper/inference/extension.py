@@ -142,6 +142,8 @@ class InferenceExtension:
         # They ride in the next batch of readings' transaction, or the timer's after TIMER_GRACE_S.
         self._results: list[tuple[Any, list[OutMessage], list[Any], list[Any]]] = []
         self._results_since_ms: int | None = None  # when the oldest of them arrived
+        # What fell due but whose transaction failed (updates, messages, desired, reports, results): retried first.
+        self._unsaved: tuple[list[Any], list[OutMessage], list[Any], list[Any], int] | None = None
         self.results_applied = 0                   # cloud answers committed to the twin
         self._service: MapperService | None = None
         self._topics = None
@@ -505,7 +507,7 @@ class InferenceExtension:
                 str(pipeline.id), str(pipeline.source), o.window.start_ms, o.window.end_ms,
                 request["id"] if request else None, o.audit, records.FINAL if o.exit else records.PENDING,
                 o.label if o.exit else None, o.confidence if o.exit else None, "edge" if o.exit else None,
-                o.label, o.confidence, orjson.dumps(request) if request else None))
+                o.label, o.confidence, orjson.dumps(request) if request else None, created_ts=p.created))
         return p
 
     def _lost(self, p: _Prepared) -> None:
@@ -595,7 +597,13 @@ class InferenceExtension:
             now = _now_ms()
             # Cloud answers only when the wait ran out: a wake-up from the loop (a new result, a
             # commit) leaves them for the next batch.
-            await self._due(now, results=timed_out)
+            try:
+                await self._due(now, results=timed_out)
+            except Exception as exc:  # noqa: BLE001 - a full disk, a lock held too long: kept, tried again
+                log.error("inference: cannot record what fell due, trying again in 1 s: %s", exc)
+                await asyncio.sleep(1.0)
+                timed_out = True
+                continue
             dues = [_due_ms(w) for w in self._waiting.values()]
             if self._results_since_ms is not None:
                 dues.append(self._results_since_ms)
@@ -647,8 +655,17 @@ class InferenceExtension:
         from mapper.inference import records
 
         updates, messages, desired, reports, taken = self._collect_due(now, results=results)
+        if self._unsaved is not None:  # what a failed transaction left: first, in order
+            u, m, d, r, t = self._unsaved
+            updates, messages, desired, reports, taken = u + updates, m + messages, d + desired, r + reports, t + taken
+            self._unsaved = None
         if updates or messages:
-            rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+            try:
+                rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+            except BaseException:
+                # _collect_due has moved these on in memory already: keep them for the next try.
+                self._unsaved = (updates, messages, desired, reports, taken)
+                raise
             self.results_applied += taken
             self._offer(rows)
         await self._set_desired(desired)

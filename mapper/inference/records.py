@@ -69,6 +69,8 @@ class NewDecision:
     edge_label: str
     edge_confidence: float
     request: bytes | None = None     # the request as sent, so it can be sent again after a restart
+    # The request's `created` (the worker echoes it, and a restarted mapper matches answers by it).
+    created_ts: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +126,8 @@ def _insert_rows(store: TwinStore, decisions: Sequence[NewDecision]) -> list[int
             " audit, status, label, confidence, exit, edge_label, edge_confidence, created_ts, decided_ts,"
             " final_ts, request) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (d.pipeline, d.device_id, d.window_start_ts, d.window_end_ts, d.request_id, int(d.audit), d.status,
-             d.label, d.confidence, d.exit, d.edge_label, d.edge_confidence, ts,
+             d.label, d.confidence, d.exit, d.edge_label, d.edge_confidence,
+             d.created_ts if d.created_ts is not None else ts,
              ts if d.label is not None else None, ts if d.status == FINAL else None, d.request))
         ids.append(int(cur.lastrowid))
     return ids
