@@ -81,6 +81,17 @@ class MqttSettings(BaseModel):
     def uses_tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts" or self.tls is not None
 
+    def check_password(self, source: str) -> None:
+        """Read the password now, at start: a file the service user cannot read, or an unset
+        variable, is a config error naming the field, not a crash once the mapper runs."""
+        try:
+            self.password()
+        except OSError as exc:
+            raise ValueError(f"{source}: mqtt.password_file: cannot read {self.password_file}: "
+                             f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         if self.password_file is not None:

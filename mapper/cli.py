@@ -7,6 +7,8 @@ import contextlib
 import gc
 import logging
 import signal
+import sqlite3
+import subprocess
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -48,6 +50,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
+    if config.mqtt is not None:
+        config.mqtt.check_password(args.config)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
@@ -132,7 +136,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import UnitSettings, existing_groups, install_service, render_unit
 
     config_path = Path(args.config).resolve()
-    _config(str(config_path))  # refuse to install a service that cannot start
+    config = _config(str(config_path))  # refuse to install a service that cannot start
+    if config.mqtt is not None:
+        config.mqtt.check_password(str(config_path))
     groups, missing = existing_groups(args.groups)
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
@@ -312,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return 1
-    except (TwinError, ValueError, PermissionError) as exc:
+    except (TwinError, ValueError, OSError, sqlite3.Error, subprocess.CalledProcessError) as exc:
+        # (OSError: PermissionError, a missing file ...; sqlite3.Error: a locked or broken twin file)
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

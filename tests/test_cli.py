@@ -78,6 +78,35 @@ def test_bad_config_file_is_reported_with_line(tmp_path):
     assert f"{config}:4: twin.batch_max: must be >= 1" in result.stderr
 
 
+def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path):
+    """`mqtt.password_file` missing (or not readable by the user the mapper runs as): `mapper run`
+    and `mapper install-service` refuse the config at once, naming the field and the file. The
+    mapper used to start, then end with a traceback once it connected (under systemd: five
+    restarts, then nothing)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    missing = tmp_path / "nowhere" / "mapper.password"
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {missing}\n")
+    for args in (("run", "--config", str(config)), ("install-service", "--config", str(config), "--dry-run")):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        assert f"mqtt.password_file: cannot read {missing}: No such file or directory" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
+def test_ordinary_mistakes_are_errors_not_tracebacks(tmp_path):
+    """A twin path that is a directory, a twin file that is not a database: one line each."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    (tmp_path / "dir.db").mkdir()
+    (tmp_path / "junk.db").write_text("not a database\n" * 100)
+    for twin in ("dir.db", "junk.db"):
+        config = write_config(tmp_path / f"{twin}.yaml", devices, tmp_path / twin)
+        result = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+        assert result.returncode == 1 and result.stderr.startswith("error: "), result
+        assert "Traceback" not in result.stderr
+
+
 def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
     """run -> readings visible with `twin get`/`devices`; `twin set` is applied; SIGTERM stops cleanly."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)

@@ -166,6 +166,7 @@ def main(config_path: str) -> int:
     from mapper import logs
 
     settings = load_worker_config(config_path)
+    settings.mqtt.check_password(config_path)
     logs.setup(settings.log_level)
     worker = CloudWorker(settings)
 
@@ -175,7 +176,9 @@ def main(config_path: str) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         task = asyncio.create_task(worker.run(), name="cloud-worker")
-        await stop.wait()
+        # A worker whose connection task died (anything but a lost connection) stops, saying why,
+        # instead of running on doing nothing.
+        await asyncio.wait([task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
         task.cancel()
         try:
             await task
