@@ -61,6 +61,13 @@ class DeviceLoopSettings(_Section):
     desired_poll_ms: int = Field(default=1000, ge=10)
 
 
+class SystemdSettings(_Section):
+    """`systemd:` — what the service tells systemd (docs/raspberry-pi.md)."""
+
+    # How often the STATUS= line (devices, readings, outbox) is recomputed.
+    status_every_s: float = Field(default=5.0, gt=0)
+
+
 class MapperConfig(_Section):
     node: NodeName = "edge-node"
     mode: Literal["standalone", "kubeedge"] = "standalone"
@@ -78,7 +85,7 @@ class MapperConfig(_Section):
     inference: InferenceSettings | None = None
     # Required in `mode: kubeedge`; `devices` may then be empty (edgecore supplies them).
     kubeedge: KubeEdgeSettings | None = None
-    systemd: dict[str, Any] | None = None
+    systemd: SystemdSettings | None = None
     api: ApiSettings | None = None
 
     @model_validator(mode="after")

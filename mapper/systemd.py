@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
+    from mapper.config import SystemdSettings
 
 log = logging.getLogger("mapper.systemd")
 
@@ -104,14 +105,14 @@ class SystemdExtension:
         self._stopping_sent = False
 
     @classmethod
-    def from_environ(cls, env: Mapping[str, str] | None = None, settings: Mapping[str, Any] | None = None) -> SystemdExtension | None:
+    def from_environ(cls, env: Mapping[str, str] | None = None, settings: SystemdSettings | None = None) -> SystemdExtension | None:
         """The extension for this process, or None when not started by systemd with Type=notify."""
         env = os.environ if env is None else env
         address = env.get("NOTIFY_SOCKET")
         if not address:
             return None
         return cls(Notifier(address), watchdog_s=watchdog_interval(env, os.getpid()),
-                   status_every_s=float((settings or {}).get("status_every_s", 5.0)))
+                   status_every_s=settings.status_every_s if settings is not None else 5.0)
 
     async def setup(self, service: MapperService) -> None:
         self.notifier.notify("STATUS=starting: twin open, starting devices")

@@ -350,3 +350,19 @@ def test_log_lines_carry_the_journal_priority_under_systemd(journal: str | None,
         assert lines == [first, "<4>WARNING mapper.device: slow", "<6>INFO mapper.device: ok"]
     else:
         assert all(not line.startswith("<") and " ERROR " in lines[0] for line in lines), lines
+
+
+@pytest.mark.parametrize("section, problem", [
+    ("systemd:\n  status_every_s: fast\n", "systemd.status_every_s"),
+    ("systemd:\n  status_every_s: 0\n", "systemd.status_every_s: must be > 0"),
+    ("systemd:\n  status_every: 5\n", "systemd.status_every: unknown field"),
+])
+def test_the_systemd_section_is_validated_with_the_rest(tmp_path: Path, section: str, problem: str) -> None:
+    """A wrong `systemd:` value is refused when the config loads, with file, line and field, like
+    any other section; it used to pass and then stop the mapper only under systemd (or, for 0,
+    spin its status loop)."""
+    from devices.errors import DefinitionError
+
+    with pytest.raises(DefinitionError) as refused:
+        config_for(tmp_path, extra=section)
+    assert any(problem in str(p) and "mapper.yaml:" in str(p) for p in refused.value.problems), refused.value.problems
