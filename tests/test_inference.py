@@ -852,6 +852,30 @@ async def test_late_results_are_refused_after_max_age(tmp_path, broker, worker):
         ("edge", True)]
 
 
+async def test_a_late_cloud_answer_is_published_but_does_not_drive_the_actuator(tmp_path):
+    """An answer for window A that arrives after a later window B was decided: it is published,
+    but the relay follows B (the newest window wins, as on the derived device), and a later
+    decision with B's label counts as no change. It used to switch the relay to A's label."""
+    from mapper.inference.pipeline import Decision
+    from mapper.inference.window import Window
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0, "actions": [
+        {"type": "publish"},
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "otherwise": False}]},
+        cycle=1000)
+    try:
+        p = r.pipeline()
+        normal, fault = p.model.info.classes[0], p.model.info.classes[1]
+        _, desired = p.act(Decision(normal, 0.9, "edge", False, Window((), 1000, 2000)), None)
+        assert [d.value for d in desired] == [False]
+        messages, desired = p.act(Decision(fault, 0.8, "cloud", False, Window((), 500, 1500), "req-a"), r.topics)
+        assert desired == [] and [m.body["label"] for m in messages] == [fault]  # published, not acted on
+        messages, desired = p.act(Decision(fault, 0.9, "edge", False, Window((), 2000, 3000)), r.topics)
+        assert [d.value for d in desired] == [True]  # a newer window with that label: acted on
+    finally:
+        await _stop(r)
+
+
 async def test_a_clean_stop_first_acts_on_the_last_decisions(tmp_path):
     """A closed-loop action still to be taken when a stop comes is taken before the mapper exits (the stop
     waits for it, bounded), not cancelled. The twin is slow for real: another writer (as `mapper twin set`

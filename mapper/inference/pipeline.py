@@ -154,6 +154,7 @@ class Pipeline:
         # update that leaves it unchanged keeps the pipeline, its window and its counters).
         self.depends: tuple[Any, ...] = ()
         self._last_label: str | None = None
+        self._acted_until: int | None = None  # window_end of the newest decision acted on
         self._last_desired: dict[tuple[DeviceId, str], Any] = {}
 
     def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
@@ -221,7 +222,12 @@ class Pipeline:
         messages: list[OutMessage] = []
         desired: list[DesiredSet] = []
         changed = decision.label != self._last_label
-        self._last_label = decision.label
+        # A cloud answer can come after later windows were decided: it is published (and alerts),
+        # but the newest window wins for what is acted on and for what "changed" compares with.
+        newest = self._acted_until is None or decision.window.end_ms >= self._acted_until
+        if newest:
+            self._acted_until = decision.window.end_ms
+            self._last_label = decision.label
         body = decision_body(self, decision)
         for action in self.actions:
             if isinstance(action, PublishAction):
@@ -236,7 +242,7 @@ class Pipeline:
                                 ", provisional" if decision.provisional else "", self.source)
                     if topics is not None:
                         messages.append(OutMessage(f"{topics.device_base(self.id)}/alert", body, kind="alert"))
-            elif isinstance(action, SetDesiredAction):
+            elif isinstance(action, SetDesiredAction) and newest:
                 value = action.value if decision.label in self._when(action.when) else action.otherwise
                 target = DeviceId.parse(action.device)
                 key = (target, action.property)
