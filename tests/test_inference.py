@@ -1149,6 +1149,9 @@ def test_worker_refuses_bad_topics_and_unknown_models(worker):
     assert worker.answer("mapper/n1/offload/other", orjson.dumps(body)) is None
     _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "model": "other"}))
     assert orjson.loads(payload)["error"] == "unknown model"
+    _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "cloud_sha256": ""}))
+    assert orjson.loads(payload)["error"] == "different cloud graph (sha256)"  # "" is a prefix of any graph's
+    assert worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "id": body["id"] + "\n"})) is None
     _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
     result = codec.decode_result(payload, n_classes=5)
     assert result.id == body["id"] and len(result.logits) == 5

@@ -39,7 +39,7 @@ import orjson
 VERSION = 1
 Encoding = Literal["int8", "float16"]
 ENCODINGS: tuple[str, ...] = ("int8", "float16")
-REQUEST_ID = re.compile(r"^[0-9a-f]{16}$")
+REQUEST_ID = re.compile(r"[0-9a-f]{16}")  # fullmatch: `$` would also allow a trailing newline
 MAX_MESSAGE = 16_384
 MAX_CUT = 4_096
 MAX_CLASSES = 1_024
@@ -145,7 +145,7 @@ def _object(payload: bytes, keys: dict[str, type], optional: dict[str, type] | N
             raise CodecError("malformed", f"{key!r} is too long")
     if body["v"] != VERSION:
         raise CodecError("malformed", f"version {body['v']} (this side speaks {VERSION})")
-    if not REQUEST_ID.match(body["id"]):
+    if not REQUEST_ID.fullmatch(body["id"]):
         raise CodecError("malformed", "id must be 16 lower-case hex digits")
     if body["created"] < 0:
         raise CodecError("malformed", "created must be a time in ms")

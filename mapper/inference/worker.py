@@ -111,7 +111,8 @@ class CloudWorker:
         model = self.models.get(request.model)
         base = {"id": request.id, "node": node, "model": request.model, "created": request.created,
                 "worker": self.worker_id, "ts": time.time_ns() // 1_000_000}
-        if model is None or not model.info.cloud_sha256.startswith(request.cloud_sha256):
+        if (model is None or len(request.cloud_sha256) < 16  # a prefix of 16 hex digits, as the mapper sends
+                or not model.info.cloud_sha256.startswith(request.cloud_sha256)):
             self.refused += 1
             why = "unknown model" if model is None else "different cloud graph (sha256)"
             return result_topic, orjson.dumps(OffloadResult(**base, error=why).to_json())
