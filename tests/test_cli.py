@@ -129,6 +129,11 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         assert "default/lamp" in human.stdout and " ok " in human.stdout
         refused = mapper("twin", "set", "lamp", "temperature", "3", "--config", str(config))
         assert refused.returncode == 1 and "ReadOnly" in refused.stderr
+        # Checked as the MQTT router checks: the model's range, a device in the files.
+        refused = mapper("twin", "set", "lamp", "count", "-5", "--config", str(config))
+        assert refused.returncode == 1 and "below the minimum" in refused.stderr, refused.stderr
+        refused = mapper("twin", "set", "ghost", "power", "true", "--config", str(config))
+        assert refused.returncode == 1 and "not in the device files" in refused.stderr, refused.stderr
     finally:
         code = stop_mapper(proc, signal.SIGTERM)
     assert code == 0
