@@ -201,26 +201,32 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
 def cmd_twin_set(args: argparse.Namespace) -> int:
     config = _config(args.config)
     device = DeviceId.parse(args.device)
-    _check_desired(config, device, args.property, args.value)
     with _open_twin(config) as store:
+        _check_desired(config, store, device, args.property, args.value)
         value, version = store.set_desired(device, args.property, args.value)
     print(f"{device}/{args.property}: desired = {orjson.dumps(value).decode()} (version {version});"
           " the running mapper applies it")
     return 0
 
 
-def _check_desired(config: MapperConfig, device: DeviceId, name: str, raw: str) -> None:
+def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw: str) -> None:  # noqa: ANN001
     """What the MQTT router checks, against the device files: the device is defined, the property
     declared and writable, the value of its type and within its model's range (the twin itself
-    knows the type and writability only). In `mode: kubeedge` a device not in the files may be
-    edgecore's: left to the twin and the device loop."""
+    knows the type and writability only). A device not in the files is left to the twin when it
+    is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
     from devices.values import coerce, range_problem
+    from twin.store import DERIVED_PROTOCOL, UnknownDevice
 
     definitions = load(config.devices).devices if config.devices else {}
     definition = definitions.get(device)
     if definition is None:
-        if config.mode == "standalone":
-            raise ValueError(f"device {device} is not in the device files ({', '.join(map(str, config.devices))})")
+        try:
+            protocol = store.device(device).protocol
+        except UnknownDevice:
+            return
+        if config.mode == "standalone" and protocol != DERIVED_PROTOCOL:
+            raise ValueError(f"device {device} is no longer in the device files "
+                             f"({', '.join(map(str, config.devices))})")
         return
     if not definition.has_property(name):
         raise ValueError(f"device {device} has no property {name!r}")

@@ -133,7 +133,7 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         refused = mapper("twin", "set", "lamp", "count", "-5", "--config", str(config))
         assert refused.returncode == 1 and "below the minimum" in refused.stderr, refused.stderr
         refused = mapper("twin", "set", "ghost", "power", "true", "--config", str(config))
-        assert refused.returncode == 1 and "not in the device files" in refused.stderr, refused.stderr
+        assert refused.returncode == 1 and "ghost" in refused.stderr, refused.stderr
     finally:
         code = stop_mapper(proc, signal.SIGTERM)
     assert code == 0
@@ -234,3 +234,20 @@ async def test_run_freezes_the_start_up_heap_once_ready(tmp_path):
         gc.unfreeze()
         stop.set()
         await asyncio.wait_for(running, 10)
+
+
+def test_twin_set_refuses_a_device_no_longer_in_the_files(tmp_path):
+    """The twin keeps a removed device's row (inactive): `mapper twin set` refuses it, naming why,
+    instead of storing a value no device loop will ever apply."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "old"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    (devices / "old.yaml").unlink()
+    refused = mapper("twin", "set", "old", "power", "true", "--config", str(config))
+    assert refused.returncode == 1 and "no longer in the device files" in refused.stderr, refused.stderr
+    accepted = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+    assert accepted.returncode == 0, accepted.stderr
