@@ -171,12 +171,10 @@ async def test_a_reading_taken_as_the_mapper_stops_is_committed(tmp_path):
     assert len(good) == 1 and good[0][1] >= plugged_at_ms, good
 
 
-async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(tmp_path, plugin_drivers):
-    """A reload (or a DMI RemoveDevice) that stops a device whose driver is still opening in its
-    thread: the cancel does not stop that thread. The driver is closed once the open returns,
-    not before it, so nothing the open acquires (a DHT sensor's GPIO pin) stays held."""
-    import asyncio
-
+@contextlib.asynccontextmanager
+async def gated_device_opening(tmp_path):  # noqa: ANN201
+    """A running service whose device `gated` is inside its driver's open(), in its thread, until
+    the file `gate` exists: (service, its id, its runner, its task, the open's future, gate)."""
     from devices.loader import load
 
     devices = write_devices(tmp_path / "dev", ["good1"])
@@ -186,16 +184,24 @@ async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(
         write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 10})
         await service.update_devices(load([devices]))
         gated = DeviceId("default", "gated")
-        driver = service.runners[gated].driver
+        runner = service.runners[gated]
         await async_wait_for(opening.exists, what="the driver's open() running in its thread")
-        runner, device_task = service.runners[gated], service._tasks[gated]  # noqa: SLF001
-        opened = runner._inflight  # noqa: SLF001 - the open() running in its thread
+        yield service, gated, runner, service._tasks[gated], runner._inflight, gate  # noqa: SLF001
+
+
+async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(tmp_path, plugin_drivers):
+    """A reload (or a DMI RemoveDevice) that stops a device whose driver is still opening in its
+    thread: the cancel does not stop that thread. The driver is closed once the open returns,
+    not before it, so nothing the open acquires (a DHT sensor's GPIO pin) stays held."""
+    import asyncio
+
+    async with gated_device_opening(tmp_path) as (service, gated, runner, device_task, opened, gate):
         stopping = asyncio.create_task(service.stop_device(gated))
         await async_wait_for(device_task.done, what="the device's task cancelled")
         gate.touch()  # only now does the bus come up: open() returns
         await asyncio.wait_for(stopping, 10)
         await asyncio.wait_for(asyncio.shield(opened), 10)
-        assert driver.opened is False  # closed after the open returned, so nothing stays held
+        assert runner.driver.opened is False  # closed after the open returned, so nothing stays held
         assert gated not in service.runners and GOOD1 in service.runners
 
 
@@ -318,18 +324,7 @@ async def test_a_cancelled_stop_still_closes_the_driver(tmp_path, plugin_drivers
     deadline): the release goes on without it, and the driver ends closed once the open returns."""
     import asyncio
 
-    from devices.loader import load
-
-    devices = write_devices(tmp_path / "dev", ["good1"])
-    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    opening, gate = tmp_path / "opening", tmp_path / "gate"
-    async with running_service(config) as service:
-        write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 10})
-        await service.update_devices(load([devices]))
-        gated = DeviceId("default", "gated")
-        runner, device_task = service.runners[gated], service._tasks[gated]  # noqa: SLF001
-        await async_wait_for(opening.exists, what="the driver's open() running in its thread")
-        opened = runner._inflight  # noqa: SLF001 - the open() running in its thread
+    async with gated_device_opening(tmp_path) as (service, gated, runner, device_task, opened, gate):
         stopping = asyncio.create_task(service.stop_device(gated))
         await async_wait_for(device_task.done, what="the device's task cancelled")
         stopping.cancel()  # the caller gives up while the release waits for the open
