@@ -982,6 +982,20 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         await _stop(r)
 
 
+async def test_a_set_desired_value_the_target_cannot_take_disables_the_pipeline_at_once(tmp_path):
+    """`value: banana` for a BOOLEAN property is found when the pipeline is built, as a problem
+    naming the field, not at the first decision that would set it (the pipeline used to run and
+    log a failed set each time)."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": "banana", "otherwise": False}]})
+    try:
+        assert r.ext.pipelines == {}
+        assert any("set_desired value for default/relay/power" in p and "expected a boolean" in p
+                   for p in r.ext.status()["problems"]), r.ext.status()["problems"]
+    finally:
+        await _stop(r)
+
+
 @pytest.mark.parametrize("age_s", [0.0, 3600.0])
 async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_path, age_s, caplog):
     """A mapper that restarts (here: a twin already holding 20 steps of the probe, as a previous run

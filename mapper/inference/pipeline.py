@@ -19,6 +19,7 @@ import numpy as np
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
+from devices.values import coerce, range_problem
 from eventbus.topics import Topics
 from mapper.inference import policy
 from mapper.inference.codec import OffloadRequest
@@ -171,9 +172,20 @@ class Pipeline:
                 if d is None or not d.has_property(action.property):
                     raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
                                         "does not exist")
-                if not d.prop(action.property).writable:
+                prop = d.prop(action.property)
+                if not prop.writable:
                     raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
                                         "is ReadOnly")
+                for field, raw in (("value", action.value), ("otherwise", action.otherwise)):
+                    if raw is None:
+                        continue
+                    try:  # found now, not at the first decision that would set it
+                        why = range_problem(coerce(prop.type, raw), prop.minimum, prop.maximum)
+                    except ValueError as exc:
+                        why = str(exc)
+                    if why:
+                        raise PipelineError(f"pipeline {self.id}: set_desired {field} for {target}/{action.property}: "
+                                            f"{why}")
             actions.append(action)
         return actions
 
