@@ -156,8 +156,17 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing_twin(config: MapperConfig) -> Path:
+    """The twin file the commands read, which they must not create (a wrong twin.path would
+    otherwise leave an empty twin behind and answer "unknown device")."""
+    path = Path(config.twin.path)
+    if not path.is_file():
+        raise ValueError(f"no twin at {path}: `mapper run` creates it on its first start (is twin.path right?)")
+    return path
+
+
 def _open_twin(config: MapperConfig) -> TwinStore:
-    return TwinStore.open(config.twin.path, synchronous=config.twin.synchronous)
+    return TwinStore.open(_existing_twin(config), synchronous=config.twin.synchronous)
 
 
 def _twin_json(twin) -> dict:  # noqa: ANN001
@@ -244,7 +253,7 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
 
     config = _config(args.config)
     device = DeviceId.parse(args.device)
-    db = sqlite_utils.Database(config.twin.path)
+    db = sqlite_utils.Database(_existing_twin(config))
     rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
                                           order_by="id desc", limit=args.limit))
     rows.reverse()

@@ -95,6 +95,17 @@ def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
+def test_twin_commands_do_not_create_a_twin_where_there_is_none(tmp_path):
+    """A wrong twin.path: each twin command says there is no twin there, and leaves nothing behind."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "state" / "twin.db")
+    for args in (("twin", "get", "lamp"), ("twin", "set", "lamp", "power", "true"), ("devices",),
+                 ("twin", "history", "lamp", "count")):
+        result = mapper(*args, "--config", str(config))
+        assert result.returncode == 1 and f"no twin at {tmp_path / 'state' / 'twin.db'}" in result.stderr, result
+    assert not (tmp_path / "state").exists()
+
+
 def test_ordinary_mistakes_are_errors_not_tracebacks(tmp_path):
     """A twin path that is a directory, a twin file that is not a database: one line each."""
     devices = write_devices(tmp_path / "dev", ["lamp"])
@@ -165,7 +176,12 @@ def test_env_overrides_config(tmp_path):
     config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
     other = tmp_path / "other.db"
     result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other)})
-    assert result.returncode == 0 and other.exists() and not (tmp_path / "twin.db").exists()
+    assert f"no twin at {other}" in result.stderr  # the command looked there, not at the file's path
+    from twin.store import TwinStore
+
+    TwinStore.open(other).close()
+    result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other)})
+    assert result.returncode == 0 and not (tmp_path / "twin.db").exists()
 
 
 def test_sigkill_loses_nothing_committed(tmp_path):
