@@ -100,8 +100,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX:
             continue
         parts = [p.lower() for p in key[len(ENV_PREFIX):].split("__")]
-        if not all(parts):
-            continue
+        if not all(parts) or parts[0] not in MapperConfig.model_fields:
+            continue  # not a config setting (MAPPER_HOME, say, set for something else): not ours to refuse
         target = data
         for part in parts[:-1]:
             nxt = target.get(part)

@@ -182,6 +182,10 @@ def test_env_overrides_config(tmp_path):
     TwinStore.open(other).close()
     result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other)})
     assert result.returncode == 0 and not (tmp_path / "twin.db").exists()
+    # A MAPPER_ variable that is no config setting (set for something else) is none of ours.
+    result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other),
+                                                             "MAPPER_HOME": "/opt/mapper"})
+    assert result.returncode == 0, result.stderr
 
 
 def test_sigkill_loses_nothing_committed(tmp_path):
