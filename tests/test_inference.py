@@ -982,6 +982,32 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         await _stop(r)
 
 
+async def test_a_desired_value_the_twin_could_not_take_is_sent_again(tmp_path, monkeypatch):
+    """The closed loop's set_desired fails once (the twin locked past its timeout, a full disk):
+    the next decision that wants the same value sends it again. It used to count as sent, so the
+    relay was never set while the label stayed the same."""
+    real = TwinStore.set_desired
+    failures: list[int] = []
+
+    def locked_once(self, device, name, raw, **kwargs):  # noqa: ANN001, ANN003, ANN202
+        if device == DeviceId("default", "relay") and not failures:
+            failures.append(1)
+            raise sqlite3.OperationalError("database is locked")
+        return real(self, device, name, raw, **kwargs)
+
+    monkeypatch.setattr(TwinStore, "set_desired", locked_once)
+    classes = ["normal", "spike", "stuck", "drift", "noise"]
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 0.0, "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "when": classes}]})
+    try:
+        power = await _until(lambda: r.service.twin(lambda s: s.device(DeviceId("default", "relay"))
+                                                    .properties["power"].desired),
+                             lambda desired: desired is True, what="the relay's desired value set after all")
+        assert power is True and failures == [1]
+    finally:
+        await _stop(r)
+
+
 async def test_a_set_desired_value_the_target_cannot_take_disables_the_pipeline_at_once(tmp_path):
     """`value: banana` for a BOOLEAN property is found when the pipeline is built, as a problem
     naming the field, not at the first decision that would set it (the pipeline used to run and

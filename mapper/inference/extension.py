@@ -583,6 +583,8 @@ class InferenceExtension:
                 await self._twin(lambda s, d=d: s.set_desired(d.device, d.property, d.value))
             except Exception as exc:  # noqa: BLE001 - a wrong value must not stop inference
                 log.error("inference: cannot set %s/%s = %r: %s", d.device, d.property, d.value, exc)
+                for pipeline in self.pipelines.values():  # sent again with the next decision that wants it
+                    pipeline.forget_desired(d.device, d.property, d.value)
                 continue
             log.info("inference: set %s/%s = %r", d.device, d.property, d.value)
             self.counts["desired_set"] += 1

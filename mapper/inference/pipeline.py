@@ -189,6 +189,11 @@ class Pipeline:
             actions.append(action)
         return actions
 
+    def forget_desired(self, target: DeviceId, prop: str, value: Any) -> None:
+        """That value was not set after all (the twin refused it for now): the next decision sends it again."""
+        if self._last_desired.get((target, prop)) == value:
+            del self._last_desired[(target, prop)]
+
     def _when(self, when: list[str] | None) -> set[str]:
         return set(when) if when is not None else set(self.model.info.classes[1:])
 
