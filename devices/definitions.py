@@ -10,7 +10,7 @@ import orjson
 
 from devices.ids import DeviceId
 from devices.schema import Device, DeviceModel, PushMethodMQTT, effective_cycle_ms
-from devices.values import PropertyType, Value
+from devices.values import PropertyType, Value, coerce, range_problem
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +52,25 @@ class DeviceDefinition:
 
     def has_property(self, name: str) -> bool:
         return any(p.name == name for p in self.properties)
+
+    def desired_value(self, name: str, raw: Any) -> Value:
+        """`raw` as a desired value of property `name`, or ValueError saying why not: the property
+        is declared and writable, the value has its type and is within its model's range. One
+        check for every way a desired value comes in (MQTT, `mapper twin set`, inference actions)
+        and again at the device before it is written."""
+        if not self.has_property(name):
+            raise ValueError(f"device {self.id} has no property {name!r}")
+        prop = self.prop(name)
+        if not prop.writable:
+            raise ValueError(f"property {name!r} of {self.id} is ReadOnly")
+        try:
+            value = coerce(prop.type, raw)
+        except ValueError as exc:
+            raise ValueError(f"property {name!r}: {exc}") from None
+        why = range_problem(value, prop.minimum, prop.maximum)
+        if why:
+            raise ValueError(f"property {name!r}: {why}")
+        return value
 
     @property
     def fingerprint(self) -> str:

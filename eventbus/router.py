@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from devices.ids import DeviceId
-from devices.values import coerce, range_problem
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
@@ -104,21 +103,12 @@ class Router:
 
     def _validated(self, device: DeviceId, name: str, raw: Any) -> Any:
         definition = self._definition(device)
-        if not definition.has_property(name):
-            raise BadRequest(400, f"device {device} has no property {name!r}")
-        prop = definition.prop(name)
-        if not prop.writable:
-            raise BadRequest(400, f"property {name!r} of {device} is ReadOnly")
-        if raw is None:
+        if raw is None and definition.has_property(name) and definition.prop(name).writable:
             raise BadRequest(400, f"property {name!r}: no expected value")
         try:
-            value = coerce(prop.type, raw)
+            return definition.desired_value(name, raw)
         except ValueError as exc:
-            raise BadRequest(400, f"property {name!r}: {exc}") from None
-        why = range_problem(value, prop.minimum, prop.maximum)
-        if why:
-            raise BadRequest(400, f"property {name!r}: {why}")
-        return value
+            raise BadRequest(400, str(exc)) from None
 
     async def _twin_update(self, incoming: Incoming, payload: bytes) -> None:
         device = incoming.device

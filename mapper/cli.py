@@ -223,7 +223,6 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
     declared and writable, the value of its type and within its model's range (the twin itself
     knows the type and writability only). A device not in the files is left to the twin when it
     is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
-    from devices.values import coerce, range_problem
     from twin.store import DERIVED_PROTOCOL, UnknownDevice
 
     definitions = load(config.devices).devices if config.devices else {}
@@ -237,14 +236,7 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
             raise ValueError(f"device {device} is no longer in the device files "
                              f"({', '.join(map(str, config.devices))})")
         return
-    if not definition.has_property(name):
-        raise ValueError(f"device {device} has no property {name!r}")
-    prop = definition.prop(name)
-    if not prop.writable:
-        raise ValueError(f"property {name!r} of {device} is ReadOnly")
-    why = range_problem(coerce(prop.type, raw), prop.minimum, prop.maximum)
-    if why:
-        raise ValueError(f"property {name!r}: {why}")
+    definition.desired_value(name, raw)
 
 
 def cmd_twin_history(args: argparse.Namespace) -> int:

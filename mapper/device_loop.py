@@ -170,9 +170,6 @@ class DeviceRunner:
         if not self.driver.blocking:
             self._close_driver()
             return
-        if self._thread is not None:
-            self._thread.stop()  # once the call it may still be in returns; it never holds up the exit
-            self._thread = None
         closing = asyncio.wrap_future(DriverThread(f"close[{self.id}]", once=True).submit(self._close_driver))
         try:
             async with asyncio.timeout(grace):
@@ -183,12 +180,12 @@ class DeviceRunner:
     def close(self) -> None:
         """Close at once, on the event loop (at shutdown; a stopping device uses close_when_idle)."""
         self._detach()
-        if self._thread is not None:
-            self._thread.stop()
-            self._thread = None
         self._close_driver()
 
     def _detach(self) -> None:
+        if self._thread is not None:
+            self._thread.stop()  # once the call it may still be in returns; it never holds up the exit
+            self._thread = None
         self.driver.on_change = self.driver.on_revert = None
         for handle in self._settling.values():
             handle.cancel()
@@ -420,15 +417,11 @@ class DeviceRunner:
         error: str | None = None
         name = change.property
         try:
-            if not self.definition.has_property(name):  # removed from the model by a reload since
-                raise DriverError(f"property {name!r} is no longer declared by device {self.id}")
+            try:  # (a property a reload removed since keeps its twin row: refused here too)
+                value: Value = self.definition.desired_value(name, change.value)
+            except ValueError as exc:
+                raise DriverError(f"not written: {exc}") from None
             prop = self.definition.prop(name)
-            if not prop.writable:
-                raise DriverError(f"property {prop.name!r} is ReadOnly")
-            value: Value = coerce(prop.type, change.value)
-            why = range_problem(value, prop.minimum, prop.maximum)
-            if why:
-                raise DriverError(f"{value!r} not written: {why}")
             async with self._io_lock:
                 await self._call(self.driver.write, prop, value)
             reading = await self._read_back(prop, value)

@@ -158,9 +158,9 @@ class Recorder:
                 self._has_data.clear()
                 self._full.clear()
             sent = self.take_acks() if self.take_acks else []
-            commit = asyncio.ensure_future(self._worker.call(
+            commit = self._worker.submit(
                 lambda store, batch=batch, messages=messages, extras=extras, apart=apart, sent=sent:
-                self._commit(store, batch, messages, sent, extras, apart)))
+                self._commit(store, batch, messages, sent, extras, apart))
             # A cancel (a device stopped while it waited for its read-back to commit) does not
             # stop the twin thread: wait for the commit's outcome and act on it, then stop.
             # Else a batch that did commit would be retried, and committed twice.

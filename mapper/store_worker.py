@@ -71,10 +71,13 @@ class StoreWorker:
 
     async def call(self, fn: Callable[[TwinStore], T]) -> T:
         """Run `fn(store)` in the twin thread and return its result."""
+        return await self.submit(fn)
+
+    def submit(self, fn: Callable[[TwinStore], T]) -> asyncio.Future[T]:
+        """Start `fn(store)` in the twin thread; its future (no task of its own: the recorder's path)."""
         if self._store is None:
             raise RuntimeError("twin store is not open")
-        store = self._store
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, store)
+        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, self._store)
 
     async def data_version(self) -> int:
         """SQLite's data_version of our connection (a thread hop)."""

@@ -19,7 +19,6 @@ import numpy as np
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
-from devices.values import coerce, range_problem
 from eventbus.topics import Topics
 from mapper.inference import policy
 from mapper.inference.codec import OffloadRequest
@@ -169,23 +168,17 @@ class Pipeline:
             if isinstance(action, SetDesiredAction):
                 target = DeviceId.parse(action.device)
                 d = definitions.get(target)
-                if d is None or not d.has_property(action.property):
+                if d is None:
                     raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
                                         "does not exist")
-                prop = d.prop(action.property)
-                if not prop.writable:
-                    raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
-                                        "is ReadOnly")
                 for field, raw in (("value", action.value), ("otherwise", action.otherwise)):
                     if raw is None:
                         continue
                     try:  # found now, not at the first decision that would set it
-                        why = range_problem(coerce(prop.type, raw), prop.minimum, prop.maximum)
+                        d.desired_value(action.property, raw)
                     except ValueError as exc:
-                        why = str(exc)
-                    if why:
                         raise PipelineError(f"pipeline {self.id}: set_desired {field} for {target}/{action.property}: "
-                                            f"{why}")
+                                            f"{exc}") from None
             actions.append(action)
         return actions
 
