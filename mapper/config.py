@@ -8,6 +8,8 @@ Relative paths in the file are relative to the file's directory.
 from __future__ import annotations
 
 import os
+import types
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -17,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from devices import ids
 from devices.errors import DefinitionError, Problem
-from devices.loader import read_documents, validation_problems
+from devices.loader import describe, field_name, read_documents, validation_problems
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
 from mapper.inference.settings import InferenceSettings
@@ -95,7 +97,42 @@ class MapperConfig(_Section):
         return self
 
 
-def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
+def _field_type(parts: list[str]) -> Any:
+    """The annotation of the config field at `parts` (Optional unwrapped), or None if unknown."""
+    model: Any = MapperConfig
+    annotation: Any = None
+    for part in parts:
+        fields = getattr(model, "model_fields", None)
+        field = fields.get(part) if isinstance(fields, dict) else None
+        if field is None:
+            return None
+        annotation = field.annotation
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+            annotation = args[0]
+        if typing.get_origin(annotation) is Annotated:
+            annotation = typing.get_args(annotation)[0]
+        model = annotation
+    return annotation
+
+
+def _env_value(parts: list[str], raw: str) -> Any:
+    """A string or path setting takes the text as it is (`MAPPER_NODE=0042` stays "0042");
+    anything else is read as YAML (`true`, `5`, `[a, b]`)."""
+    annotation = _field_type(parts)
+    textual = annotation in (str, Path) or (
+        typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation)))
+    if not raw or textual:
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Overrides from the environment; returns which setting each variable set."""
+    applied: dict[tuple[str, ...], str] = {}
     for key, raw in env.items():
         if not key.startswith(ENV_PREFIX) or key == ENV_PREFIX:
             continue
@@ -109,10 +146,22 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> None:
                 nxt = {}
                 target[part] = nxt
             target = nxt
-        try:
-            target[parts[-1]] = yaml.safe_load(raw) if raw else raw
-        except yaml.YAMLError:
-            target[parts[-1]] = raw
+        target[parts[-1]] = _env_value(parts, raw)
+        applied[tuple(parts)] = key
+    return applied
+
+
+def _env_problems(exc: ValidationError, applied: dict[tuple[str, ...], str]) -> dict[int, Problem]:
+    """Problems in a value the environment set name its variable, not a line of the file."""
+    found = {}
+    for i, error in enumerate(exc.errors(include_url=False)):
+        loc = tuple(str(x) for x in error["loc"])
+        for path, variable in applied.items():
+            if loc[: len(path)] == path:
+                found[i] = Problem(f"environment variable {variable}", None, field_name(error["loc"]),
+                                   describe(error))
+                break
+    return found
 
 
 def _absolute(base: Path, value: Path) -> Path:
@@ -133,11 +182,13 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
     doc = docs[0]
     data = dict(doc.data)
-    _apply_env(data, os.environ if env is None else env)
+    applied = _apply_env(data, os.environ if env is None else env)
     try:
         config = MapperConfig.model_validate(data)
     except ValidationError as exc:
-        raise DefinitionError(validation_problems(exc, doc)) from None
+        from_env = _env_problems(exc, applied)
+        problems = [from_env.get(i, p) for i, p in enumerate(validation_problems(exc, doc))]
+        raise DefinitionError(problems) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
     update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}

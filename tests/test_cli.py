@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from devices.errors import DefinitionError
 from helpers import MODEL, device_yaml, wait_for, write_config, write_devices
 from mapper.config import load_config
 
@@ -186,6 +187,23 @@ def test_env_overrides_config(tmp_path):
     result = mapper("devices", "--config", str(config), env={"MAPPER_TWIN__PATH": str(other),
                                                              "MAPPER_HOME": "/opt/mapper"})
     assert result.returncode == 0, result.stderr
+
+
+def test_env_override_types_follow_the_setting(tmp_path):
+    """A text setting keeps the variable's text ("0042" is no number, "OFF" no boolean); a number
+    is read as one; a bad value names the variable, not a line of the file."""
+    devices = write_devices(tmp_path / "dev", ["x"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    loaded = load_config(config, {"MAPPER_NODE": "0042", "MAPPER_TWIN__HISTORY_ROWS": "1000"})
+    assert loaded.node == "0042" and loaded.twin.history_rows == 1000
+    for variable, value, says in (("MAPPER_TWIN__SYNCHRONOUS", "OFF", "'OFF' is not allowed"),
+                                  ("MAPPER_TWIN__HISTORY_ROWS", "lots", "must be an integer"),
+                                  ("MAPPER_NODE", "Pi_1", "not a valid node name")):
+        with pytest.raises(DefinitionError) as caught:
+            load_config(config, {variable: value})
+        (problem,) = caught.value.problems
+        assert problem.file == f"environment variable {variable}" and problem.line is None
+        assert says in problem.message
 
 
 def test_sigkill_loses_nothing_committed(tmp_path):
