@@ -96,6 +96,22 @@ def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
+def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
+    """`mapper cloud-worker` reports its config's mistakes as the mapper does: FILE:LINE: FIELD:
+    PROBLEM, no pydantic dump, no traceback, and exit 1."""
+    config = tmp_path / "worker.yaml"
+    config.write_text("mqtt:\n  url: mqtt://127.0.0.1:1\ngroup: 'no spaces please'\nworkers: 3\n")
+    result = mapper("cloud-worker", "--config", str(config))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    lines = result.stderr.strip().splitlines()
+    assert f"{config}:3: group: " in lines[0] and f"{config}:4: workers: unknown field" in lines[1], lines
+    config.write_text("mqtt: [\n")
+    result = mapper("cloud-worker", "--config", str(config))
+    assert result.returncode == 1 and result.stderr.startswith(f"{config}:") and "invalid YAML" in result.stderr
+    result = mapper("cloud-worker", "--config", str(tmp_path / "none.yaml"))
+    assert result.returncode == 1 and "config file not found" in result.stderr
+
+
 def test_twin_commands_do_not_create_a_twin_where_there_is_none(tmp_path):
     """A wrong twin.path: each twin command says there is no twin there, and leaves nothing behind."""
     devices = write_devices(tmp_path / "dev", ["lamp"])

@@ -31,8 +31,7 @@ from pathlib import Path
 
 import aiomqtt
 import orjson
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
 from eventbus.bus import tls_context
@@ -54,9 +53,25 @@ class WorkerSettings(BaseModel):
 
 
 def load_worker_config(path: str | Path) -> WorkerSettings:
+    """Read and validate a worker config; raises DefinitionError (FILE:LINE: FIELD: PROBLEM), as
+    the mapper's own config does."""
+    from devices.errors import DefinitionError, Problem
+    from devices.loader import read_documents, validation_problems
+
     path = Path(path)
-    data = yaml.safe_load(path.read_text()) or {}
-    settings = WorkerSettings.model_validate(data)
+    label = str(path)
+    if not path.exists():
+        raise DefinitionError([Problem(label, None, "", "config file not found")])
+    problems: list[Problem] = []
+    docs = list(read_documents(path, label, problems))
+    if problems:
+        raise DefinitionError(problems)
+    if len(docs) > 1 or (docs and not isinstance(docs[0].data, dict)):
+        raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
+    try:
+        settings = WorkerSettings.model_validate(docs[0].data if docs else {})
+    except ValidationError as exc:
+        raise DefinitionError(validation_problems(exc, docs[0])) from None
     base = path.parent
     changes: dict = {}
     if settings.models_dir is not None and not settings.models_dir.is_absolute():
