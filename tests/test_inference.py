@@ -852,6 +852,71 @@ async def test_late_results_are_refused_after_max_age(tmp_path, broker, worker):
         ("edge", True)]
 
 
+async def test_a_late_answer_to_a_still_pending_offload_leaves_it_its_edge_answer(tmp_path, broker, worker,
+                                                                                 monkeypatch):
+    """An answer that comes after result_max_age_s, before the timer stood the request's edge answer
+    (it runs a little after each due time): refused as late, and the edge answer stands at once,
+    provisional and published. The request used to be forgotten, its row pending for good."""
+    from mapper.inference import extension
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600,
+                                "result_max_age_s": 60, "resend_s": 600}, broker=broker)
+    try:
+        request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
+        for device in list(r.service.runners):  # no more batches: what falls due is the timer's
+            await r.service.stop_device(device)
+        await r.service.recorder.flush()
+        assert (await _row(r, request["id"]))["status"] == "pending"
+        real = extension._now_ms
+        monkeypatch.setattr(extension, "_now_ms", lambda: real() + 61_000)  # past expiry; the timer sleeps on
+        await r.send_result(_answer(worker, request))
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        late = lambda: stats()["results_rejected"].get("late", 0) + r.ext.status()["results_rejected"].get("late", 0)  # noqa: E731
+        await async_wait_for(lambda: late() == 1, what="the answer refused")
+        row = await _until(lambda: _row(r, request["id"]), lambda row: row["status"] != "pending",
+                           timeout=10, what="the edge answer standing")
+        assert (row["status"], row["exit"], row["label"]) == ("provisional", "edge", row["edge_label"])
+        assert stats()["waiting"] == 0 and stats()["results_ok"] == 0
+        await r.send_result(_answer(worker, request))  # and it is remembered as expired
+        await async_wait_for(lambda: late() == 2, what="the second answer refused")
+    finally:
+        await _stop(r)
+    assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
+        ("edge", True)]
+
+
+async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(tmp_path, monkeypatch, caplog):
+    """The mapper stopped with offloads pending and stayed down longer than result_max_age_s: at the
+    restart their edge answers stand, provisional, recorded (not published or acted on: windows
+    that old). They used to stay pending in the twin for good."""
+    from mapper.inference import extension
+
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600}
+    r = await _start(tmp_path, pipeline)
+    try:
+        await _until(r.decisions, lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
+                     what="pending offloads")
+    finally:
+        await _stop(r)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        pending = [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["status"] == "pending"]
+    assert len(pending) >= 2
+    real = extension._now_ms
+    monkeypatch.setattr(extension, "_now_ms", lambda: real() + 601_000)  # down for more than result_max_age_s
+    with caplog.at_level(logging.INFO, logger="mapper.inference"):
+        r = await _start(tmp_path, pipeline)
+        try:
+            await async_wait_for(lambda: "past result_max_age_s" in caplog.text, what="the restart's log line")
+            after = {x["id"]: x for x in await r.decisions()}
+        finally:
+            await _stop(r)
+    assert f"{len(pending)} offload(s) from the previous run are past result_max_age_s" in caplog.text
+    for old in pending:
+        row = after[old["id"]]
+        assert (row["status"], row["exit"], row["label"]) == ("provisional", "edge", old["edge_label"])
+    assert "still wait for a result" not in caplog.text
+
+
 async def test_a_late_cloud_answer_is_published_but_does_not_drive_the_actuator(tmp_path):
     """An answer for window A that arrives after a later window B was decided: it is published,
     but the relay follows B (the newest window wins, as on the derived device), and a later

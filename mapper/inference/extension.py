@@ -333,9 +333,13 @@ class InferenceExtension:
         from mapper.inference import records
         from mapper.inference.window import Window
 
-        oldest = _now_ms() - int(max(self.pipelines[p].settings.result_max_age_s for p in only) * 1000)
-        rows = await self._twin(lambda s: records.waiting(s, oldest))
         now = _now_ms()
+        cutoffs = {str(p): now - int(self.pipelines[p].settings.result_max_age_s * 1000) for p in only}
+        stood = await self._twin(lambda s: records.stand_stale(s, cutoffs))
+        if stood:
+            log.info("inference: %d offload(s) from the previous run are past result_max_age_s; their edge "
+                     "answers stand (provisional, recorded only)", stood)
+        rows = await self._twin(lambda s: records.waiting(s, min(cutoffs.values())))
         before = len(self._waiting)
         for row in rows:
             pid = DeviceId.parse(row["pipeline"])
@@ -782,8 +786,13 @@ class InferenceExtension:
             return self._reject("mismatch", w.pipeline, f"{result.model} {result.created}")
         now = _now_ms()
         if now > w.expires_ms:
-            del self._waiting[result.id]
-            self._remember(self._expired, result.id)
+            if w.status == "pending":
+                # The timer has not stood its edge answer yet (it runs a little after each due
+                # time): it does so now, and forgets the request then.
+                self._wake.set()
+            else:
+                del self._waiting[result.id]
+                self._remember(self._expired, result.id)
             return self._reject("late", w.pipeline, result.id)
         if result.error is not None:
             w.body = None  # the worker cannot serve it: sending again will not help

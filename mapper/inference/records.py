@@ -172,6 +172,22 @@ def waiting(store: TwinStore, since_ms: int) -> list[dict[str, Any]]:
     return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
+def stand_stale(store: TwinStore, cutoffs: dict[str, int]) -> int:
+    """Pending offloads created before their pipeline's cutoff (ms) (no answer can be accepted for
+    them any more: the mapper was down longer than result_max_age_s): their edge answer stands,
+    provisional, as it would have at their deadline. Recorded only: a window that old is neither
+    published nor acted on. Returns how many."""
+    ts = now_ms()
+    stood = 0
+    with store.transaction():
+        for pipeline, cutoff in cutoffs.items():
+            stood += store.conn.execute(
+                "UPDATE inference_decisions SET status=?, label=edge_label, confidence=edge_confidence,"
+                " exit='edge', decided_ts=? WHERE pipeline=? AND status=? AND created_ts < ?",
+                (PROVISIONAL, ts, pipeline, PENDING, cutoff)).rowcount
+    return stood
+
+
 def recent(store: TwinStore, pipeline: str, limit: int = 100) -> list[dict[str, Any]]:
     """The newest decisions of a pipeline, oldest first."""
     cur = store.conn.execute(
