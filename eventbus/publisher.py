@@ -198,8 +198,14 @@ class OutboxPublisher:
         window = self._max_inflight
         while True:
             rows = await self._next_rows()
+            # Rows acknowledged whose delete has not committed yet (the twin refused it) are still in
+            # the outbox: read back after a reconnect, they must not go out a second time.
+            held = set(self._acked) if self._acked else ()
             for row in rows:
                 if row.id <= self._last_queued:
+                    continue
+                if row.id in held:
+                    self._last_queued = row.id
                     continue
                 if len(inflight) >= window:
                     bus.flush()

@@ -188,3 +188,64 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
         lock.close()
         bus_task.cancel()
         await asyncio.gather(bus_task, return_exceptions=True)
+
+
+async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_reconnect(broker, tmp_path):
+    """The twin refuses the deletes of acknowledged rows (locked past its busy timeout), and then the
+    connection drops. The rows read back after the reconnect include those acknowledged ones: they
+    are not published a second time (they used to be, and counted twice)."""
+    import sqlite3
+    from collections import Counter
+
+    from helpers import async_wait_for
+
+    path = tmp_path / "twin.db"
+
+    def outbox_rows() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+    with broker.client("app") as app:
+        app.subscribe("mapper/fastpath/default/dev/+")
+        bus, bus_task = await _connected_bus(broker, tmp_path, "5")
+        lock = sqlite3.connect(path, isolation_level=None)
+        try:
+            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))
+                publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=0.2)
+                pub_task = asyncio.create_task(publisher.run())
+                try:
+                    rows = await worker.call(lambda s: s.record(
+                        [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10)]))
+                    lock.execute("BEGIN IMMEDIATE")
+                    publisher.offer(rows)
+                    await async_wait_for(lambda: publisher.twin_errors >= 1, timeout=15, what="a failed ack delete")
+                    assert publisher.published == 10 and outbox_rows() == 10
+                    last = rows[-1].id
+                    with broker.client("mapper", client_id=bus.client_id):  # takes the client id over
+                        await asyncio.wait_for(bus.disconnected.wait(), 10)
+                    # The publisher forgets what it queued on the lost connection, then, connected
+                    # again, goes through the outbox from the start: the lock stays until it did.
+                    await async_wait_for(lambda: publisher._last_queued == 0, what="the publisher reset")  # noqa: SLF001
+                    await async_wait_for(lambda: publisher._last_queued == last, what="the outbox read back")  # noqa: SLF001
+                    lock.execute("ROLLBACK")
+                    rows = await worker.call(lambda s: s.record(
+                        [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10, 15)]))
+                    publisher.offer(rows)
+                    await async_wait_for(lambda: outbox_rows() == 0, timeout=15, what="every row acknowledged, deleted")
+                    assert not pub_task.done()
+                finally:
+                    pub_task.cancel()
+                    await asyncio.gather(pub_task, return_exceptions=True)
+        finally:
+            lock.close()
+            bus_task.cancel()
+            await asyncio.gather(bus_task, return_exceptions=True)
+        seen: Counter[str] = Counter()
+        for _ in range(100):  # bounded: the broker delivers in order, r14 comes last
+            topic = app.next_message().topic
+            seen[topic.rsplit("/", 1)[1]] += 1
+            if topic.endswith("/r14"):
+                break
+        assert seen == Counter(f"r{i}" for i in range(15)), seen
+        assert publisher.published == 15
