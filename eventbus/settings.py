@@ -77,9 +77,26 @@ class MqttSettings(BaseModel):
         parts = urlsplit(self.url)
         return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
 
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_number(cls, value: object) -> object:
+        return "5" if value == 5 and not isinstance(value, bool) else value  # `protocol: 5`, unquoted
+
     @property
     def uses_tls(self) -> bool:
         return urlsplit(self.url).scheme == "mqtts" or self.tls is not None
+
+    def relative_to(self, base: Path) -> MqttSettings:
+        """The password file and TLS files, when relative, are relative to `base` (the config file's
+        directory), not to wherever the process was started."""
+        changes: dict[str, object] = {}
+        if self.password_file is not None and not self.password_file.is_absolute():
+            changes["password_file"] = base / self.password_file
+        if self.tls is not None:
+            tls = {k: base / v for k, v in self.tls.model_dump().items() if isinstance(v, Path) and not v.is_absolute()}
+            if tls:
+                changes["tls"] = self.tls.model_copy(update=tls)
+        return self.model_copy(update=changes) if changes else self
 
     def check_password(self, source: str) -> None:
         """Read the password now, at start: a file the service user cannot read, or an unset

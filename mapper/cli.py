@@ -50,6 +50,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
+    config.check_installed(args.config)
     if config.mqtt is not None:
         config.mqtt.check_password(args.config)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
@@ -137,6 +138,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 
     config_path = Path(args.config).resolve()
     config = _config(str(config_path))  # refuse to install a service that cannot start
+    config.check_installed(str(config_path))
     if config.mqtt is not None:
         config.mqtt.check_password(str(config_path))
     groups, missing = existing_groups(args.groups)

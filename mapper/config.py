@@ -90,6 +90,14 @@ class MapperConfig(_Section):
     systemd: SystemdSettings | None = None
     api: ApiSettings | None = None
 
+    def check_installed(self, source: str) -> None:
+        """What the config asks for and this install cannot do, as a config error at start."""
+        from mapper.inference.extension import missing_ml_packages
+
+        if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
+            raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
+                             f"install the `ml` extra (pip install 'mapper[ml]'), or remove the `inference:` section")
+
     @model_validator(mode="after")
     def _kubeedge_section(self) -> MapperConfig:
         if self.mode == "kubeedge" and self.kubeedge is None:
@@ -193,20 +201,10 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
     update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}
     if config.mqtt is not None:
-        update["mqtt"] = _absolute_mqtt(base, config.mqtt)
+        update["mqtt"] = config.mqtt.relative_to(base)
     if config.inference is not None:
         update["inference"] = _absolute_inference(base, config.inference)
     return config.model_copy(update=update)
-
-
-def _absolute_mqtt(base: Path, mqtt: MqttSettings) -> MqttSettings:
-    changes: dict[str, Any] = {}
-    if mqtt.password_file is not None:
-        changes["password_file"] = _absolute(base, mqtt.password_file)
-    if mqtt.tls is not None:
-        tls = {k: _absolute(base, v) for k, v in mqtt.tls.model_dump().items() if isinstance(v, Path)}
-        changes["tls"] = mqtt.tls.model_copy(update=tls)
-    return mqtt.model_copy(update=changes)
 
 
 def _absolute_inference(base: Path, inference: InferenceSettings) -> InferenceSettings:

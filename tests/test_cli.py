@@ -112,6 +112,28 @@ def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
     assert result.returncode == 1 and "config file not found" in result.stderr
 
 
+def test_mqtt_paths_are_relative_to_the_config_file_for_the_mapper_and_the_worker(tmp_path, monkeypatch):
+    """Relative `password_file` and `tls` paths mean the config file's directory, for `mapper run`
+    and `mapper cloud-worker` alike (the worker read its TLS files from the current directory);
+    and `protocol: 5`, unquoted YAML, means MQTT 5."""
+    from mapper.inference.worker import load_worker_config
+
+    block = ("mqtt:\n  url: mqtts://127.0.0.1:1\n  protocol: 5\n  password_file: secret\n"
+             "  tls: {ca_file: pki/ca.crt, cert_file: pki/me.crt, key_file: /abs/me.key}\n")
+    (tmp_path / "etc").mkdir()
+    devices = write_devices(tmp_path / "dev", ["x"])
+    worker_file = tmp_path / "etc" / "worker.yaml"
+    worker_file.write_text(block)
+    monkeypatch.chdir(tmp_path)  # elsewhere than the config files
+    for mqtt in (load_config(write_config(tmp_path / "etc" / "c.yaml", devices, tmp_path / "t.db", extra=block)).mqtt,
+                 load_worker_config(worker_file).mqtt):
+        assert mqtt.protocol == "5"
+        assert mqtt.password_file == tmp_path / "etc" / "secret"
+        assert (mqtt.tls.ca_file, mqtt.tls.cert_file) == (tmp_path / "etc" / "pki" / "ca.crt",
+                                                          tmp_path / "etc" / "pki" / "me.crt")
+        assert mqtt.tls.key_file == Path("/abs/me.key")
+
+
 def test_twin_commands_do_not_create_a_twin_where_there_is_none(tmp_path):
     """A wrong twin.path: each twin command says there is no twin there, and leaves nothing behind."""
     devices = write_devices(tmp_path / "dev", ["lamp"])

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 import math
+import os
 import queue
 import random
 import secrets
@@ -40,7 +42,7 @@ from mapper.runtime import build_service
 from twin.records import ERROR, Reading
 from twin.store import TwinStore
 from brokers import MosquittoBroker, MqttProbe
-from helpers import async_wait_for
+from helpers import async_wait_for, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -1427,3 +1429,43 @@ def test_kubeedge_device_with_anomaly_detection_gets_a_pipeline():
         asyncio.run(scenario(sockdir))
     finally:
         _shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def _without_ml(tmp_path: Path) -> dict[str, str]:
+    """Environment for a subprocess that cannot import numpy or onnxruntime (a core-only install)."""
+    site = tmp_path / "no-ml"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\nsys.modules['onnxruntime'] = None\n")
+    return {"PYTHONPATH": str(site)}
+
+
+def test_without_the_ml_extra_configured_pipelines_are_a_config_error(tmp_path):
+    """A core-only install (`pip install .`) and a config with inference pipelines: `mapper run` and
+    `mapper install-service` refuse it at once, saying which extra to install. It used to start
+    and die with a ModuleNotFoundError traceback."""
+    from helpers import write_config
+
+    config = write_config(tmp_path / "c.yaml", _devices(tmp_path), tmp_path / "twin.db",
+                          extra="inference:\n  pipelines:\n    - {device: probe, model: sensor_faults}\n")
+    env = {**os.environ, **_without_ml(tmp_path)}
+    for args in (("run",), ("install-service", "--dry-run")):
+        done = subprocess.run([sys.executable, "-m", "mapper", *args, "--config", str(config)], capture_output=True,
+                              text=True, timeout=30, cwd=REPO, env=env)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "inference.pipelines: need numpy and onnxruntime, not installed here" in done.stderr
+        assert "pip install 'mapper[ml]'" in done.stderr
+    assert not (tmp_path / "twin.db").exists()
+
+
+def test_without_the_ml_extra_a_devices_pipeline_is_disabled_and_the_device_runs(tmp_path):
+    """A device file asks for a pipeline (pushMethod.anomalyDetection, as under KubeEdge) on a
+    core-only install: the pipeline is disabled, saying why, and the device is read as usual."""
+    from mapper_proc import MapperProcess
+
+    with MapperProcess(tmp_path, _devices(tmp_path, push=AD_PUSH), None, env=_without_ml(tmp_path)) as m:
+        m.wait_log("1 pipeline(s) disabled: numpy and onnxruntime not installed here")
+        with contextlib.closing(sqlite3.connect(m.twin_path)) as db:
+            wait_for(lambda: db.execute("SELECT count(*) FROM readings WHERE device_id='default/probe'").fetchone()[0] >= 20,
+                     what="readings of the probe")
+        assert m.stop() == 0
+    assert "Traceback" not in m.log()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -100,6 +101,18 @@ class Waiting:
     body: dict[str, Any] | None      # the request, for resending; None: do not resend
     window_start: int
     window_end: int
+
+
+def missing_ml_packages() -> list[str]:
+    """What inference needs and this install lacks (a laptop with the core install only)."""
+    return [name for name in ("numpy", "onnxruntime") if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
+        return False
 
 
 def collect_settings(settings: InferenceSettings | None, definitions: dict[DeviceId, DeviceDefinition]
@@ -296,6 +309,12 @@ class InferenceExtension:
 
     def _build(self, wanted: list[PipelineSettings], definitions: dict[DeviceId, DeviceDefinition],
                old: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
+        if wanted and (missing := missing_ml_packages()):
+            problem = (f"{len(wanted)} pipeline(s) disabled: {' and '.join(missing)} not installed here "
+                       f"(the `ml` extra: pip install 'mapper[ml]')")
+            self.problems.append(problem)
+            log.error("inference: %s", problem)
+            return {}
         from mapper.inference.model import ModelError, load_model
         from mapper.inference.pipeline import Pipeline, PipelineError
 

@@ -76,9 +76,7 @@ def load_worker_config(path: str | Path) -> WorkerSettings:
     changes: dict = {}
     if settings.models_dir is not None and not settings.models_dir.is_absolute():
         changes["models_dir"] = base / settings.models_dir
-    mqtt = settings.mqtt
-    if mqtt.password_file is not None and not mqtt.password_file.is_absolute():
-        changes["mqtt"] = mqtt.model_copy(update={"password_file": base / mqtt.password_file})
+    changes["mqtt"] = settings.mqtt.relative_to(base)
     return settings.model_copy(update=changes)
 
 
