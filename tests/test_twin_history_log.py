@@ -86,7 +86,7 @@ def test_reported_values_are_exact_across_checkpoints_crashes_and_readers(path):
     stored = store.conn.execute(
         "SELECT reported, reported_version FROM properties WHERE device_id=? AND name='temperature'", (str(D1),)).fetchone()
     assert stored == ("20.0", 1)
-    with TwinStore.open(path) as reader:  # another process, e.g. `mapper twin show`
+    with TwinStore.open(path) as reader:  # another process, e.g. `mapper twin get`
         twin = reader.device(D1)
         temperature, count = twin.properties["temperature"], twin.properties["count"]
         assert (temperature.reported, temperature.reported_version, temperature.reported_ts) == (22.0, 3, 3000)
