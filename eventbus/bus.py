@@ -80,7 +80,7 @@ class MqttBus:
         # Fast path for the outbox (see publish_nowait): called on the event loop with the message
         # id of every acknowledged publish of the current connection (returns True for its own
         # messages), and when the connection is lost.
-        self.on_ack: Callable[[int], bool] | None = None
+        self.on_ack: Callable[[int, int], bool] | None = None  # (mid, reason code): True if it was the outbox's
         self.on_lost: Callable[[], None] | None = None
         self.fastpath: paho_fastpath.FastPath | None = None  # of the latest connection
 
@@ -129,13 +129,13 @@ class MqttBus:
 
         def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
             on_ack = self.on_ack
-            if on_ack is not None and self.client is client and on_ack(mid):
+            if on_ack is not None and self.client is client and on_ack(mid, getattr(reason_code, "value", 0)):
                 return  # an outbox message: nobody awaits it in aiomqtt
             original(c, userdata, mid, reason_code, properties)
 
         paho_client.on_publish = on_publish
         self.fastpath = paho_fastpath.install(
-            paho_client, lambda mid: self.on_ack is not None and self.client is client and self.on_ack(mid))
+            paho_client, lambda mid, reason: self.on_ack is not None and self.client is client and self.on_ack(mid, reason))
 
     @contextlib.asynccontextmanager
     async def _keepalive_on_grid(self, client: aiomqtt.Client) -> AsyncIterator[None]:

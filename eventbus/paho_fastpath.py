@@ -18,7 +18,7 @@ What it changes, on one paho `Client` instance (instance attributes, nothing glo
   the broker reads the burst at once and its acknowledgements come back together.
 - `recv` is buffered: one recv(4 KiB), and paho's small reads are served from it. Before
   paho sees the buffer, plain successful PUBACKs (reason code below 0x80, no properties)
-  for messages published here are taken off its head and reported with `on_ack(mid)`.
+  for messages published here are taken off its head and reported with `on_ack(mid, 0)`.
   Everything else (other packets, errors, properties, publishes aiomqtt awaits) is left
   to paho, which reads it from the same buffer. `loop_read` drains the buffer before it
   returns, because the event loop's reader is woken only by bytes still in the socket.
@@ -71,7 +71,7 @@ def _remaining_length(n: int) -> bytes:
 class FastPath:
     """The state of one installed client: the read buffer, its own message ids, counters."""
 
-    def __init__(self, client: Client, on_ack: Callable[[int], bool]) -> None:
+    def __init__(self, client: Client, on_ack: Callable[[int, int], bool]) -> None:
         self._client = client
         self._on_ack = on_ack
         self._v5 = client._protocol == MQTTv5  # noqa: SLF001
@@ -209,7 +209,7 @@ class FastPath:
             if mid is None or mid not in mine:
                 break  # an error, properties, or someone else's (aiomqtt awaits it): paho's handler
             mine.discard(mid)
-            on_ack(mid)
+            on_ack(mid, 0)
             self.fast_acks += 1
             pos += 2 + length
         if pos != start:
@@ -219,15 +219,19 @@ class FastPath:
                 client._last_bytes_received = _now()  # noqa: SLF001
 
     def handle_pubackcomp(self, original: Callable[[str], Any], cmd: str) -> Any:
-        """Plain PUBACKs of our own messages that paho itself read (split across reads, or behind
-        another packet); everything else is paho's (the bus's on_publish hook reports those)."""
+        """Every other PUBACK of our own messages, which paho itself read: split across reads,
+        behind another packet, with properties, or an MQTT 5 refusal (reason code 0x80 or more,
+        e.g. 0x87 when the broker's ACL denies the topic). paho does not know these messages and
+        would drop the PUBACK, and the publisher's window would never get the slot back.
+        Everything else is paho's (the bus's on_publish hook reports those)."""
         packet = self._client._in_packet["packet"]  # noqa: SLF001
-        mid = _plain_ack_mid(packet, 0, len(packet)) if cmd == "PUBACK" else None
-        if mid is not None and mid in self._mine:
-            self._mine.discard(mid)
-            self._on_ack(mid)
-            self.fast_acks += 1
-            return MQTT_ERR_SUCCESS
+        if cmd == "PUBACK" and len(packet) >= 2:
+            mid = packet[0] << 8 | packet[1]
+            if mid in self._mine:
+                self._mine.discard(mid)
+                self._on_ack(mid, packet[2] if len(packet) > 2 else 0)
+                self.fast_acks += 1
+                return MQTT_ERR_SUCCESS
         self.slow_acks += 1
         return original(cmd)
 
@@ -243,8 +247,9 @@ def _packet(data: bytes) -> dict[str, Any]:
             "info": None}
 
 
-def install(client: Client, on_ack: Callable[[int], bool]) -> FastPath | None:
+def install(client: Client, on_ack: Callable[[int, int], bool]) -> FastPath | None:
     """Give `client` the lean publish, joined writes, buffered reads and PUBACK shortcut.
+    `on_ack(mid, reason_code)`: below 0x80 the broker took the message, from 0x80 it refused it.
 
     None (and paho left as it is) if paho lacks an internal this relies on.
     """

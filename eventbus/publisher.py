@@ -32,6 +32,16 @@ from twin.store import OutboxRow
 
 log = logging.getLogger("mapper.publisher")
 
+
+def _reason_name(code: int) -> str:
+    try:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.reasoncodes import ReasonCode
+
+        return f"{ReasonCode(PacketTypes.PUBACK, identifier=code)} (0x{code:02x})"
+    except Exception:  # noqa: BLE001 - a code paho does not know
+        return f"reason code 0x{code:02x}"
+
 LIVE_LIMIT = 20_000
 PAGE = 1_000
 
@@ -53,13 +63,13 @@ class OutboxPublisher:
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()   # 500 acks waiting: delete them now
         self._ack_first = asyncio.Event()  # some acks waiting: delete them after ack_delay_s
-        self._inflight: dict[int, int] = {}  # message id -> outbox row id, this connection only
+        self._inflight: dict[int, OutboxRow] = {}  # message id -> outbox row, this connection only
         self._early: set[int] = set()   # acks that arrived before publish_nowait returned (QoS 0)
         self._sending = False
         self._room = asyncio.Event()    # set by acks and by a lost connection
         self._failed = asyncio.Event()
         self.published = 0
-        self.undeliverable = 0          # rows paho refused outright (dropped from the outbox, logged)
+        self.undeliverable = 0          # rows paho or the broker refused outright (dropped from the outbox, logged)
         self.twin_errors = 0            # twin calls that failed (a lock held too long, a full disk): retried
         self._log_throttle = Throttle()
         self.idle = asyncio.Event()     # set while nothing is queued or in flight
@@ -89,22 +99,28 @@ class OutboxPublisher:
                     log.debug("publishing stopped: %s", exc)
                 await self._reset()
 
-    def _on_ack(self, mid: int) -> bool:
-        row_id = self._inflight.pop(mid, None)
-        if row_id is None:
+    def _on_ack(self, mid: int, reason: int = 0) -> bool:
+        row = self._inflight.pop(mid, None)
+        if row is None:
             if self._sending:
                 self._early.add(mid)
                 return True
             return False  # a publish of someone else (availability, twin replies)
-        self._acked_row(row_id)
+        if reason >= 0x80:
+            self._undeliverable(row, f"the broker refused it: {_reason_name(reason)}")
+        else:
+            self._acked_row(row.id)
         return True
 
-    def _undeliverable(self, row: OutboxRow, exc: Exception) -> None:
+    def _undeliverable(self, row: OutboxRow, why: object) -> None:
+        """A row that can never go (paho refuses its topic, or the broker refused it: its ACL
+        denies the mapper's user that topic): it leaves the outbox, counted, and must not hold up
+        the rows behind it. Sending it again would only be refused again."""
         self.undeliverable += 1
         held = self._log_throttle("undeliverable")
         if held is not None:
-            log.error("dropped outbox message %d on %r: the broker cannot take it (%s)%s", row.id, row.topic[:200],
-                      exc, held_note(held))
+            log.error("dropped outbox message %d on %r: %s (if that topic is meant to be published, the broker's "
+                      "ACL must let the mapper's user write it)%s", row.id, row.topic[:200], why, held_note(held))
         self._acked_row(row.id, delivered=False)
 
     def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
@@ -217,9 +233,8 @@ class OutboxPublisher:
                 try:
                     mid = bus.publish_nowait(row.topic, row.payload, qos=row.qos, retain=row.retain)
                 except (ValueError, TypeError) as exc:
-                    # paho refuses it (a wildcard topic queued before topics were validated): it can
-                    # never go, and must not stop the rows behind it. It leaves the outbox, counted.
-                    self._undeliverable(row, exc)
+                    # paho refuses it (a wildcard topic queued before topics were validated).
+                    self._undeliverable(row, f"paho cannot publish it: {exc}")
                     continue
                 finally:
                     self._sending = False
@@ -227,7 +242,7 @@ class OutboxPublisher:
                     self._early.discard(mid)
                     self._acked_row(row.id)
                 else:
-                    inflight[mid] = row.id
+                    inflight[mid] = row
             bus.flush()  # the fast path queues without writing: one write for the burst
 
     async def _ack_loop(self) -> None:

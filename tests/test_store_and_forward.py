@@ -163,3 +163,34 @@ def test_an_outbox_message_the_broker_cannot_take_is_dropped_and_the_rest_go_out
     with pytest.raises(queue.Empty):
         app.messages.get_nowait()  # the note went once
     assert outbox_depth(mapper.twin_path) == 0
+
+
+def test_messages_the_brokers_acl_refuses_are_dropped_and_do_not_stop_the_rest(broker, tmp_path):
+    """A push topic the broker's ACL does not let the mapper write (here `home/...`, outside the
+    shipped ACL's `mapper/#`): under MQTT 5 the broker answers each such message with a PUBACK
+    refusal (0x87). Each is dropped, counted and logged, and everything behind them goes out.
+    The refusals used to be lost on the fast path, and after `max_inflight` of them the mapper
+    published nothing more at all, silently."""
+    from devices.loader import load
+    from twin.store import OutMessage, TwinStore
+
+    devices = write_devices(tmp_path / "devices", ["lamp"])
+    node = "refused"
+    mapper = MapperProcess(tmp_path, devices, broker, node=node, extra="  max_inflight: 5\n  protocol: '5'\n")
+    with TwinStore.open(mapper.twin_path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([], [OutMessage(f"home/{node}/lamp/{i}", {"n": i}, sequenced=False) for i in range(40)]
+                     + [OutMessage(f"mapper/{node}/default/lamp/note", {"n": 40}, sequenced=False)])
+    with broker.client("app") as app:
+        assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
+        with mapper:
+            message = app.messages.get(timeout=15)
+            assert (message.topic, json.loads(message.payload)) == (f"mapper/{node}/default/lamp/note", {"n": 40})
+            mapper.wait_log("the broker refused it: Not authorized (0x87)")
+            # and the device's own telemetry flows after them
+            wait_for(lambda: app.messages.get(timeout=10).topic == f"mapper/{node}/default/lamp/count",
+                     what="the lamp's telemetry")
+            assert mapper.stop() == 0  # a clean stop: the outbox drained
+        assert "Traceback" not in mapper.log()
+    assert outbox_depth(mapper.twin_path) == 0
+    assert "Denied PUBLISH" in broker.log_path.read_text()
