@@ -70,5 +70,12 @@ class ReadError(DriverError):
         super().__init__(message)
 
 
+class NotReady(ReadError):
+    """No value yet, and no failure of its own: the driver may not measure again so soon after a
+    failed attempt (a DHT needs 2 s between measurements), and does not repeat an older value.
+    The read is recorded as an error reading with this message, but not counted towards
+    `unhealthy`: the failed attempt was counted once already."""
+
+
 class WriteError(DriverError):
     pass

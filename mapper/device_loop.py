@@ -37,7 +37,7 @@ from typing import Any
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import DriverError
+from devices.errors import DriverError, NotReady
 from devices.ids import DeviceId
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
@@ -256,6 +256,8 @@ class DeviceRunner:
                 raw = await self._call(self.driver.read, prop)
             taken = now_ms()
             value = coerce(prop.type, raw)
+        except NotReady as exc:  # no value yet, and not a failure of its own (the last attempt was one)
+            return Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
         except Exception as exc:  # noqa: BLE001 - driver errors of any kind count as a failed read
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
             await self._keeping(reading, self._failed(exc))

@@ -342,6 +342,42 @@ def test_a_failed_attempt_never_serves_the_older_value(tmp_path: Path, wire: Dht
     assert driver.health() == "ok"
 
 
+def test_one_failed_measurement_does_not_make_the_sensor_unhealthy(tmp_path: Path, wire: DhtWire,
+                                                                    clock: VirtualClock) -> None:
+    """A DHT read every second (faster than it may measure) and one checksum error: the reads until
+    the next measurement is allowed say so, but only the failed measurement counts. The device
+    stays `ok` and the next measurement is read on time. Those waiting reads used to count as
+    failures too: one checksum error made the sensor unhealthy and backed its reads off."""
+    defn = sensor_definition(tmp_path)
+    driver = open_driver(defn, wire)
+    prop = defn.prop("temperature")
+    states: list[str] = []
+
+    async def on_state(_: Any, state: str, detail: str | None) -> None:
+        states.append(state)
+
+    async def scenario() -> list:
+        runner = DeviceRunner(defn, driver, lambda _: None, settings=DeviceLoopSettings(failure_threshold=3),
+                              on_state=on_state, on_applied=_nothing)
+        readings = [await runner.read_once(prop)]
+        bad = dht11_frame(45, 23)
+        bad[4] ^= 0x01
+        for frame in (bad, bad, bad, dht11_frame(45, 23)):  # one per second: 3, 4, 5, 6 s
+            clock.advance(1.0 if readings[1:] else 3.0)
+            wire.frame = frame
+            readings.append(await runner.read_once(prop))
+        assert runner.state == "ok" and runner.failures == 0
+        return readings
+
+    readings = asyncio.run(scenario())
+    assert [r.quality for r in readings] == [GOOD, "error", "error", "error", GOOD]
+    assert "Checksum did not validate" in readings[1].detail
+    assert readings[2].detail.startswith("no measurement since the last attempt failed (") and \
+        "next attempt in 1.5 s" in readings[2].detail
+    assert driver.failures == {"checksum": 1}
+    assert "unhealthy" not in states
+
+
 def test_missing_pulses_and_missing_sensor(tmp_path: Path, wire: DhtWire, clock: VirtualClock) -> None:
     """A frame cut short is `incomplete`; no answer at all is `not_found`; both are counted."""
     defn = sensor_definition(tmp_path)

@@ -14,7 +14,8 @@ or `{measurement: humidity}`.
 One sensor object lives as long as the device (`exit()` on close). One measurement fills
 both properties: a read within `min_interval_s` of the last measurement is served from it,
 if that measurement succeeded and is younger than `max_age_s`; after a failed attempt
-nothing is served until the next measurement. This matters because adafruit_dht silently
+nothing is served until the next measurement (those reads raise NotReady: recorded as error
+readings, but only the failed attempt counts towards `unhealthy`). This matters because adafruit_dht silently
 returns its *previous* values when asked again within 2 s, even if the last attempt failed;
 the driver never asks within 2 s, so a stale value is never reported as fresh.
 
@@ -42,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import DriverError, ReadError
+from devices.errors import DriverError, NotReady, ReadError
 from devices.pins import BcmPin
 
 log = logging.getLogger("mapper.dht")
@@ -216,7 +217,8 @@ class DhtDriver(Driver):
                 return self._measure()
             wait = self.config.min_interval_s - (now - self._last_attempt)
             if self._last_error is not None or self._measurement is None:
-                raise ReadError(f"{self._last_error}; next attempt in {wait:.1f} s", retryable=True)
+                raise NotReady(f"no measurement since the last attempt failed ({self._last_error}); "
+                               f"next attempt in {wait:.1f} s")
             age = now - self._measurement.taken_at
             if age > self.config.max_age_s:
                 raise ReadError(
