@@ -22,7 +22,7 @@ from devices.errors import DefinitionError, Problem
 from devices.loader import describe, field_name, read_documents, validation_problems
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
-from mapper.inference.settings import InferenceSettings
+from mapper.inference.settings import InferenceSettings, missing_ml_packages
 
 ENV_PREFIX = "MAPPER_"
 
@@ -92,8 +92,6 @@ class MapperConfig(_Section):
 
     def check_installed(self, source: str) -> None:
         """What the config asks for and this install cannot do, as a config error at start."""
-        from mapper.inference.extension import missing_ml_packages
-
         if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
             raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
                              f"install the `ml` extra (pip install 'mapper[ml]'), or remove the `inference:` section")

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -33,7 +32,7 @@ import orjson
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
-from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
+from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection, missing_ml_packages
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
@@ -101,18 +100,6 @@ class Waiting:
     body: dict[str, Any] | None      # the request, for resending; None: do not resend
     window_start: int
     window_end: int
-
-
-def missing_ml_packages() -> list[str]:
-    """What inference needs and this install lacks (a laptop with the core install only)."""
-    return [name for name in ("numpy", "onnxruntime") if not _importable(name)]
-
-
-def _importable(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
-        return False
 
 
 def collect_settings(settings: InferenceSettings | None, definitions: dict[DeviceId, DeviceDefinition]

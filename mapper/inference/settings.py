@@ -211,3 +211,15 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
                         "otherwise": data.get("setOtherwise")})
     fields["actions"] = actions
     return PipelineSettings.model_validate(fields)
+
+
+def missing_ml_packages() -> list[str]:
+    """What inference needs and this install lacks (a laptop with the core install only)."""
+    return [name for name in ("numpy", "onnxruntime") if not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
+        return False
