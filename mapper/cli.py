@@ -134,7 +134,7 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from mapper.systemd import UnitSettings, existing_groups, install_service, render_unit
+    from mapper.systemd import UnitSettings, existing_groups, install_service, render_unit, writable_dirs
 
     config_path = Path(args.config).resolve()
     config = _config(str(config_path))  # refuse to install a service that cannot start
@@ -146,7 +146,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
               file=sys.stderr)
     settings = UnitSettings(config=config_path, user=args.user, groups=tuple(groups),
-                            watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec)
+                            watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
+                            writable=tuple(writable_dirs(config)))
     unit = render_unit(settings)
     if args.dry_run:
         print(unit, end="")

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
-    from mapper.config import SystemdSettings
+    from mapper.config import MapperConfig, SystemdSettings
 
 log = logging.getLogger("mapper.systemd")
 
@@ -196,11 +196,33 @@ class UnitSettings:
     groups: tuple[str, ...] = ("gpio",)
     watchdog_sec: int = 30
     stop_timeout_sec: int = 30
+    # (field, directory) outside the state directory that the config writes to (`writable_dirs`).
+    writable: tuple[tuple[str, Path], ...] = ()
 
 
-def systemd_quote(arg: str) -> str:
-    """One ExecStart= word: `%` and `$` escaped, quoted when it holds spaces or quotes."""
-    escaped = arg.replace("%", "%%").replace("$", "$$")
+def writable_dirs(config: MapperConfig) -> list[tuple[str, Path]]:
+    """(field, directory) for each directory outside the state directory that the service writes
+    to: in kubeedge mode the socket's (bound via a private `.dmi-*` directory made there) and the
+    state file's. ProtectSystem=strict leaves every other directory read-only."""
+    needs: list[tuple[str, Path]] = []
+    if config.mode == "kubeedge" and config.kubeedge is not None:
+        needs.append(("kubeedge.socket", config.kubeedge.socket.parent))
+        if config.kubeedge.state_file is not None:  # default: beside the unit's twin, in the state dir
+            needs.append(("kubeedge.state_file", config.kubeedge.state_file.parent))
+    found: dict[Path, str] = {}
+    for field, directory in needs:
+        directory = Path(os.path.normpath(directory))
+        if not directory.is_relative_to(STATE_DIR):
+            found.setdefault(directory, field)
+    return [(field, directory) for directory, field in found.items()]
+
+
+def systemd_quote(arg: str, *, dollar: bool = True) -> str:
+    """One ExecStart= word: `%` and `$` escaped, quoted when it holds spaces or quotes.
+    `dollar=False` for settings that expand no variables (a ReadWritePaths= path)."""
+    escaped = arg.replace("%", "%%")
+    if dollar:
+        escaped = escaped.replace("$", "$$")
     if any(c.isspace() or c in "\"'\\;" for c in escaped):
         return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return escaped
@@ -217,6 +239,8 @@ def render_unit(settings: UnitSettings) -> str:
         tuning_environment="\n".join(f"Environment={key}={value}" for key, value in SERVICE_TUNING.items()),
         user=settings.user,
         groups=" ".join(settings.groups),
+        read_write_paths="\n".join(f"ReadWritePaths={systemd_quote(str(path), dollar=False)}"
+                                   for path in (STATE_DIR, *(d for _, d in settings.writable))),
         watchdog_sec=settings.watchdog_sec,
         stop_timeout_sec=settings.stop_timeout_sec,
     )
@@ -232,6 +256,74 @@ def existing_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:
         except KeyError:
             missing.append(name)
     return found, missing
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceUser:
+    """Whom the unit runs as, for permission checks made as root (install-service runs under sudo).
+
+    `uid` is None while the user does not exist yet (install-service creates it): it will then own
+    nothing, and its groups are its own group (`Group=` in the unit) and `SupplementaryGroups=`,
+    where they exist. Mode bits only: ACLs are not looked at.
+    """
+
+    name: str
+    uid: int | None
+    gids: frozenset[int]
+
+    @classmethod
+    def lookup(cls, name: str, groups: Iterable[str] = ()) -> ServiceUser:
+        gids: set[int] = set()
+        for group in (name, *groups):
+            with contextlib.suppress(KeyError):
+                gids.add(grp.getgrnam(group).gr_gid)
+        try:
+            uid = pwd.getpwnam(name).pw_uid
+        except KeyError:
+            return cls(name, None, frozenset(gids))
+        gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)  # systemd adds them (initgroups)
+        return cls(name, uid, frozenset(gids))
+
+    def denied(self, path: Path, want: int) -> str | None:
+        """Why this user cannot `want` (os.R_OK, os.W_OK | os.X_OK ...) `path`, or None if it can:
+        `/etc/x is root:root 0600`. Every directory on the way needs search (x) permission, on the
+        path as written and on the path its symlinks resolve to."""
+        if self.uid == 0:
+            return None
+        resolved = path.resolve()
+        for directory in (*reversed(path.parents), *reversed(resolved.parents)):
+            if (why := self._lacks(directory, os.X_OK)) is not None:
+                return why
+        return self._lacks(resolved, want)
+
+    def _lacks(self, path: Path, want: int) -> str | None:
+        try:
+            st = path.stat()
+        except OSError as exc:
+            return f"{path}: {exc.strerror or exc}"
+        if st.st_uid == self.uid:
+            bits = st.st_mode >> 6
+        elif st.st_gid in self.gids:
+            bits = st.st_mode >> 3
+        else:
+            bits = st.st_mode
+        if bits & want == want:
+            return None
+        return f"{path} is {_user_name(st.st_uid)}:{_group_name(st.st_gid)} {st.st_mode & 0o7777:04o}"
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def unreachable_for_others(path: Path) -> Path | None:
@@ -275,6 +367,14 @@ def install_service(
         if blocked is not None:
             yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path};"
                    " move the installation (e.g. to /opt/mapper) or open that directory")
+    user = ServiceUser.lookup(settings.user, settings.groups)
+    for field, directory in settings.writable:
+        if not directory.is_dir():
+            yield (f"warning: {field}: {directory} does not exist, and the service cannot start without it"
+                   f" (ReadWritePaths=): create it, writable by {settings.user!r}")
+        elif (why := user.denied(directory, os.W_OK | os.X_OK)) is not None:
+            yield (f"warning: {field}: {settings.user!r} cannot create files in {directory} ({why}), so the"
+                   f" service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd service)")
 
 
 def _installed() -> bool:

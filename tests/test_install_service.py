@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import write_config, write_devices
 from mapper.cli import main
-from mapper.systemd import UnitSettings, install_service, render_unit, systemd_quote
+from mapper.config import load_config
+from mapper.systemd import UnitSettings, install_service, render_unit, systemd_quote, writable_dirs
 
 ANALYZE = shutil.which("systemd-analyze")
 REPO = Path(__file__).resolve().parents[1]
@@ -21,6 +25,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 def unit_lines(unit: str) -> list[str]:
     return [line for line in unit.splitlines() if line and not line.startswith("#")]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A directory other users can enter, for checks of what the service user can reach (the tests
+    run as root, so modes are checked, not tried; pytest's own tmp_path lies in a 0700 directory)."""
+    path = Path(tempfile.mkdtemp(prefix="mapper-service-test-"))
+    path.chmod(0o755)
+    try:
+        if any(not p.stat().st_mode & 0o001 for p in path.parents):
+            pytest.skip(f"{path.parent} is closed to other users")
+        yield path
+    finally:
+        shutil.rmtree(path)
 
 
 @pytest.fixture
@@ -42,6 +60,60 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(config: Path, capsy
                      "Environment=PYTHONOPTIMIZE=2", "Environment=MALLOC_ARENA_MAX=2",
                      "Environment=PYTHONPYCACHEPREFIX=/var/lib/mapper/pycache"):
         assert expected in lines, expected
+
+
+def read_write_paths(unit: str) -> list[str]:
+    return [line for line in unit_lines(unit) if line.startswith("ReadWritePaths=")]
+
+
+def test_kubeedge_mode_makes_the_socket_and_state_file_directories_writable(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """ProtectSystem=strict leaves only the state directory writable. In kubeedge mode the mapper
+    binds its socket (through a private .dmi-* directory made beside it) and saves state_file
+    elsewhere, so the unit makes those directories writable too; the default state file, beside
+    the unit's twin, needs nothing. Standalone mode writes nowhere else."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    kube = ("mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
+            f"  socket: {tmp_path}/run kube/dht.sock\n  state_file: {tmp_path}/state/ke.json\n")
+    config = write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db", extra=kube)
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert read_write_paths(capsys.readouterr().out) == [
+        "ReadWritePaths=/var/lib/mapper", f'ReadWritePaths="{tmp_path}/run kube"', f"ReadWritePaths={tmp_path}/state"]
+
+    config = write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db",
+                          extra="mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper",
+                                                         "ReadWritePaths=/etc/kubeedge"]
+
+    config = write_config(tmp_path / "plain.yaml", devices, tmp_path / "twin.db")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper"]
+
+
+def test_install_warns_when_the_service_user_cannot_create_its_socket(tmp_path: Path, open_dir: Path) -> None:
+    """A writable mount is not enough: the service user needs write permission in the socket's
+    directory (a root-owned /etc/kubeedge refuses it), and systemd refuses a missing one."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    root_only = open_dir / "kubeedge"
+    root_only.mkdir()
+    root_only.chmod(0o755)
+    kube = (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
+            f"  state_file: {open_dir}/missing/ke.json\n")
+    config = load_config(write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db", extra=kube))
+    settings = UnitSettings(config=tmp_path / "kube.yaml", user="nobody", groups=(),
+                            writable=tuple(writable_dirs(config)))
+    done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
+    assert (f"warning: kubeedge.socket: 'nobody' cannot create files in {root_only} ({root_only} is root:root"
+            " 0755), so the service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd"
+            " service)") in done, done
+    assert (f"warning: kubeedge.state_file: {open_dir}/missing does not exist, and the service cannot start"
+            " without it (ReadWritePaths=): create it, writable by 'nobody'") in done, done
+    os.chown(root_only, pwd.getpwnam("nobody").pw_uid, -1)  # its own directory: no warning
+    (open_dir / "missing").mkdir()
+    os.chown(open_dir / "missing", pwd.getpwnam("nobody").pw_uid, -1)
+    done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
+    assert not [line for line in done if "kubeedge." in line], done
 
 
 def test_install_refuses_an_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
