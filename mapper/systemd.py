@@ -362,10 +362,16 @@ def install_service(
     if not _installed():
         yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
                " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")
-    for path in (Path(settings.python), settings.config):
+    python = Path(settings.python)
+    reported: set[Path] = set()
+    # A venv's python is a symlink: the interpreter it links to (a pyenv build in a 0700 home) must be
+    # reachable too, or the service cannot exec it.
+    for path, what in ((python, ""), (python.resolve(), f", the interpreter {python} links to"),
+                       (settings.config, "")):
         blocked = unreachable_for_others(path)
-        if blocked is not None:
-            yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path};"
+        if blocked is not None and blocked not in reported:
+            reported.add(blocked)
+            yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path}{what};"
                    " move the installation (e.g. to /opt/mapper) or open that directory")
     user = ServiceUser.lookup(settings.user, settings.groups)
     for field, directory in settings.writable:

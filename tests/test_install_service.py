@@ -116,6 +116,31 @@ def test_install_warns_when_the_service_user_cannot_create_its_socket(tmp_path: 
     assert not [line for line in done if "kubeedge." in line], done
 
 
+def test_install_warns_when_the_interpreter_a_venv_links_to_is_closed(tmp_path: Path, open_dir: Path) -> None:
+    """A venv made from a pyenv Python in a 0700 home: the venv's own directories are open, but
+    its python is a symlink into the home, which the service user cannot enter, so it cannot exec it."""
+    home = open_dir / "home" / "pi"
+    target = home / ".pyenv" / "versions" / "3.12.4" / "bin" / "python3.12"
+    target.parent.mkdir(parents=True)
+    target.write_text("#!/bin/sh\n")
+    target.chmod(0o755)
+    (open_dir / "home").chmod(0o755)
+    home.chmod(0o700)
+    venv_python = open_dir / "opt" / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(target)
+    config = open_dir / "mapper.yaml"
+    config.write_text("node: pi\n")
+    settings = UnitSettings(config=config, python=str(venv_python), user="nobody", groups=())
+    done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
+    assert [line for line in done if "closed" in line] == [
+        f"warning: {home} is closed to other users, so 'nobody' cannot reach {target}, the interpreter"
+        f" {venv_python} links to; move the installation (e.g. to /opt/mapper) or open that directory"]
+    home.chmod(0o711)  # enterable: nothing to say
+    done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
+    assert not [line for line in done if "closed" in line], done
+
+
 def test_install_refuses_an_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A config that would not start is reported with FILE:LINE, and no unit is written."""
     bad = tmp_path / "mapper.yaml"
