@@ -134,14 +134,16 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from mapper.systemd import UnitSettings, existing_groups, install_service, render_unit, writable_dirs
+    from mapper.systemd import (ServiceUser, UnitSettings, check_service_secrets, existing_groups, install_service,
+                                render_unit, writable_dirs)
 
     config_path = Path(args.config).resolve()
     config = _config(str(config_path))  # refuse to install a service that cannot start
     config.check_installed(str(config_path))
-    if config.mqtt is not None:
-        config.mqtt.check_password(str(config_path))
     groups, missing = existing_groups(args.groups)
+    if config.mqtt is not None:
+        # As the service user (or what it will be once created), not as root: sudo reads anything.
+        check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path))
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
               file=sys.stderr)

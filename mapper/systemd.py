@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
+    from eventbus.settings import MqttSettings
     from mapper.config import MapperConfig, SystemdSettings
 
 log = logging.getLogger("mapper.systemd")
@@ -284,10 +285,10 @@ class ServiceUser:
         gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)  # systemd adds them (initgroups)
         return cls(name, uid, frozenset(gids))
 
-    def denied(self, path: Path, want: int) -> str | None:
-        """Why this user cannot `want` (os.R_OK, os.W_OK | os.X_OK ...) `path`, or None if it can:
-        `/etc/x is root:root 0600`. Every directory on the way needs search (x) permission, on the
-        path as written and on the path its symlinks resolve to."""
+    def denied(self, path: Path, want: int) -> Denied | None:
+        """Why this user cannot `want` (os.R_OK, os.W_OK | os.X_OK ...) `path`, or None if it can.
+        Every directory on the way needs search (x) permission, on the path as written and on the
+        path its symlinks resolve to."""
         if self.uid == 0:
             return None
         resolved = path.resolve()
@@ -296,11 +297,11 @@ class ServiceUser:
                 return why
         return self._lacks(resolved, want)
 
-    def _lacks(self, path: Path, want: int) -> str | None:
+    def _lacks(self, path: Path, want: int) -> Denied | None:
         try:
             st = path.stat()
         except OSError as exc:
-            return f"{path}: {exc.strerror or exc}"
+            return Denied(path, f"{path}: {exc.strerror or exc}", by_mode=False)
         if st.st_uid == self.uid:
             bits = st.st_mode >> 6
         elif st.st_gid in self.gids:
@@ -309,7 +310,13 @@ class ServiceUser:
             bits = st.st_mode
         if bits & want == want:
             return None
-        return f"{path} is {_user_name(st.st_uid)}:{_group_name(st.st_gid)} {st.st_mode & 0o7777:04o}"
+        return Denied(path, f"{path} is {_user_name(st.st_uid)}:{_group_name(st.st_gid)} {st.st_mode & 0o7777:04o}")
+
+
+class Denied(NamedTuple):
+    path: Path    # the file, or the directory on the way, that refuses
+    detail: str   # `/etc/x is root:root 0600`, or `/etc/x: No such file or directory`
+    by_mode: bool = True
 
 
 def _user_name(uid: int) -> str:
@@ -324,6 +331,36 @@ def _group_name(gid: int) -> str:
         return grp.getgrgid(gid).gr_name
     except KeyError:
         return str(gid)
+
+
+def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) -> None:
+    """The MQTT secrets as the service will meet them. install-service runs as root, which reads
+    any file: the password and TLS files must be readable by the service user; and the unit sets
+    no password_env variable, so the mapper would start without its password."""
+    if mqtt.password_env is not None and mqtt.password_file is None:
+        raise ValueError(f"{source}: mqtt.password_env: the service unit does not set {mqtt.password_env}, so the"
+                         " service would not have the password: put it in a file readable by"
+                         f" {user.name!r} and use mqtt.password_file instead")
+    mqtt.check_password(source)  # as root first: a missing file is reported as `mapper run` reports it
+    files = [("mqtt.password_file", mqtt.password_file)]
+    if mqtt.tls is not None:
+        files += [(f"mqtt.tls.{name}", getattr(mqtt.tls, name))
+                  for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
+    for field, path in files:
+        if path is None or (denied := user.denied(path, os.R_OK)) is None:
+            continue
+        where = denied.path
+        if not denied.by_mode:
+            fix = "fix the path"
+        elif where == path.resolve():
+            fix = f"sudo chgrp {user.name} {where} && sudo chmod g+r {where}"
+            if user.uid is None:  # its group comes with it
+                fix = (f"{user.name!r} does not exist yet, create it first (sudo useradd --system --user-group"
+                       f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user.name}), then: {fix}")
+        else:
+            fix = f"open {where} to it, or move the file (e.g. to /etc/mapper)"
+        raise ValueError(f"{source}: {field}: the service user {user.name!r} cannot read {path}"
+                         f" ({denied.detail}): {fix}")
 
 
 def unreachable_for_others(path: Path) -> Path | None:
@@ -378,8 +415,8 @@ def install_service(
         if not directory.is_dir():
             yield (f"warning: {field}: {directory} does not exist, and the service cannot start without it"
                    f" (ReadWritePaths=): create it, writable by {settings.user!r}")
-        elif (why := user.denied(directory, os.W_OK | os.X_OK)) is not None:
-            yield (f"warning: {field}: {settings.user!r} cannot create files in {directory} ({why}), so the"
+        elif (denied := user.denied(directory, os.W_OK | os.X_OK)) is not None:
+            yield (f"warning: {field}: {settings.user!r} cannot create files in {directory} ({denied.detail}), so the"
                    f" service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd service)")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import grp
 import os
 import pwd
 import shutil
@@ -139,6 +140,60 @@ def test_install_warns_when_the_interpreter_a_venv_links_to_is_closed(tmp_path: 
     home.chmod(0o711)  # enterable: nothing to say
     done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
     assert not [line for line in done if "closed" in line], done
+
+
+def test_install_refuses_a_password_file_the_service_user_cannot_read(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """install-service runs as root, which reads any file; the service user must read the password
+    file itself: the owner, group and mode of the file and of the directories on the way decide.
+    A user that does not exist yet will have only its own group and --groups (not root's)."""
+    password = open_dir / "mqtt.password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
+    user = "mapper-test-nonexistent"
+    install = ["install-service", "--config", str(config), "--dry-run", "--user", user, "--groups", "daemon"]
+    assert main(install) == 1
+    out = capsys.readouterr()
+    assert out.out == ""  # no unit
+    assert out.err == (
+        f"error: {config}: mqtt.password_file: the service user {user!r} cannot read {password} ({password} is"
+        f" root:root 0600): {user!r} does not exist yet, create it first (sudo useradd --system --user-group"
+        f" --home-dir /var/lib/mapper --no-create-home --shell /usr/sbin/nologin {user}), then:"
+        f" sudo chgrp {user} {password} && sudo chmod g+r {password}\n")
+    password.chmod(0o640)  # root's group: still not the service's
+    assert main(install) == 1
+    assert f"({password} is root:root 0640)" in capsys.readouterr().err
+    os.chown(password, -1, grp.getgrnam("daemon").gr_gid)  # a group the user is given: readable
+    assert main(install) == 0
+    assert "ExecStart=" in capsys.readouterr().out
+
+    closed = open_dir / "private"
+    closed.mkdir(mode=0o700)
+    password.rename(closed / "mqtt.password")
+    config.write_text(config.read_text().replace(str(password), str(closed / "mqtt.password")))
+    assert main(install) == 1
+    assert capsys.readouterr().err == (
+        f"error: {config}: mqtt.password_file: the service user {user!r} cannot read {closed / 'mqtt.password'}"
+        f" ({closed} is root:root 0700): open {closed} to it, or move the file (e.g. to /etc/mapper)\n")
+
+
+def test_install_refuses_password_env(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit sets no environment variable for the password, so `mqtt.password_env` would leave
+    the service without it (even when the installing shell has it): refused, pointing to password_file."""
+    monkeypatch.setenv("MAPPER_TEST_MQTT_PASSWORD", "secret")
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+                          extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  password_env: MAPPER_TEST_MQTT_PASSWORD\n")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 1
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == (f"error: {config}: mqtt.password_env: the service unit does not set MAPPER_TEST_MQTT_PASSWORD,"
+                       " so the service would not have the password: put it in a file readable by 'mapper' and use"
+                       " mqtt.password_file instead\n")
 
 
 def test_install_refuses_an_invalid_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
