@@ -310,10 +310,16 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         ))
     if sum(p.severity == "error" for p in problems) > errors_before:
         return
-    result.devices[device_id] = DeviceDefinition(
+    definition = DeviceDefinition(
         id=device_id, model_name=model.metadata.name, protocol=protocol, protocol_config=config,
         properties=tuple(props), source=f"{doc.file}:{doc.line}", device=device, model=model,
     )
+    if driver is not None:
+        for path, message in driver.config_problems(definition):
+            problems.append(Problem(doc.file, doc.line_of(_field_path(path)), path, message))
+        if sum(p.severity == "error" for p in problems) > errors_before:
+            return
+    result.devices[device_id] = definition
 
 
 def _validate_driver_model(

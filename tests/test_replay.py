@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from devices.drivers.replay import ReplayDriver
-from devices.errors import DriverError, ReadError
+from devices.errors import DefinitionError, DriverError, ReadError
 from devices.ids import DeviceId
 from devices.loader import load
 
@@ -65,3 +65,93 @@ def test_missing_file_and_missing_column(tmp_path):
     with pytest.raises(ReadError, match="column 'temperature'") as info:
         driver.read(driver.device.prop("temperature"))
     assert info.value.retryable is False
+
+
+SERIES = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: series-model, namespace: default}
+spec:
+  protocol: replay
+  properties:
+    - {name: v, type: STRING, accessMode: ReadOnly}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: series, namespace: default}
+spec:
+  deviceModelRef: {name: series-model}
+  protocol:
+    protocolName: replay
+    configData:
+      file: series.csv
+      speed: 1
+  properties:
+    - name: v
+"""
+SERIES_ID = DeviceId("default", "series")
+
+
+class Clock:
+    """The playback clock, moved by the test."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def series(tmp_path: Path, rows: str, *, encoding: str = "utf-8") -> tuple[ReplayDriver, Clock]:
+    (tmp_path / "series.yaml").write_text(SERIES)
+    (tmp_path / "series.csv").write_text(rows, encoding=encoding)
+    clock = Clock()
+    return ReplayDriver(load([tmp_path]).devices[SERIES_ID], clock=clock), clock
+
+
+@pytest.mark.parametrize(("rows", "problem"), [
+    ("timestamp,v\n0,a\n,b\n", "series.csv:3: the timestamp is empty"),
+    ("timestamp,v\n0,a\nnoon,b\n", "series.csv:3: timestamp 'noon' is neither epoch seconds nor an ISO 8601 time"),
+    ("timestamp,v\n0,a\n10\n", "series.csv:3: the row has 1 field(s), the header has 2"),
+    ("timestamp,v\n0,a\n10,b,c\n", "series.csv:3: the row has 3 field(s), the header has 2"),
+    ("timestamp,v\n0,a\nnan,b\n20,c\n", "series.csv:3: timestamp 'nan' is not a finite number"),
+    ("timestamp,v\n10,a\n20,b\n5,c\n",
+     "series.csv:4: timestamp '5' is earlier than the row before ('20'): rows must be in time order"),
+])
+def test_a_bad_row_is_a_definition_error_naming_file_and_line(tmp_path, rows, problem):
+    """`mapper validate` (and run, and a reload) refuses a CSV with a bad row, naming its file and
+    line, at the YAML line of `file:`; it used to pass, and open() then failed for ever with a bare
+    ValueError or TypeError that named neither."""
+    with pytest.raises(DefinitionError) as info:
+        series(tmp_path, rows)
+    (message,) = [str(p) for p in info.value.problems]
+    assert message == f"{tmp_path / 'series.yaml'}:17: spec.protocol.configData.file: replay file {tmp_path}/{problem}"
+
+
+def test_a_file_spoilt_after_loading_fails_open_naming_file_and_line(tmp_path):
+    """A CSV that goes bad after the device was loaded: open() says where, as a DriverError."""
+    driver, _ = series(tmp_path, "timestamp,v\n0,a\n10,b\n")
+    (tmp_path / "series.csv").write_text("timestamp,v\n0,a\n10,b\n,c\n")
+    with pytest.raises(DriverError, match=r"^default/series: replay file .*series\.csv:4: the timestamp is empty$"):
+        driver.open()
+
+
+def test_a_byte_order_mark_before_the_header_is_fine(tmp_path):
+    """A CSV saved by Excel (UTF-8 with a byte-order mark) has its `timestamp` column."""
+    driver, _ = series(tmp_path, "timestamp,v\n0,a\n10,b\n", encoding="utf-8-sig")
+    assert (tmp_path / "series.csv").read_bytes().startswith(b"\xef\xbb\xbftimestamp")
+    driver.open()
+    assert driver.read(driver.device.prop("v")) == "a"
+
+
+def test_looping_plays_the_last_row_for_one_row_interval(tmp_path):
+    """Rows at 0, 10 and 20 s loop every 30 s: the last row plays for 10 s like the others (it
+    used to be cut off at 20 s, and `a` came back at 25 s)."""
+    driver, clock = series(tmp_path, "timestamp,v\n0,a\n10,b\n20,c\n")
+    driver.open()
+    v = driver.device.prop("v")
+    played = {}
+    for t in (0, 9.9, 10, 19.9, 20, 25, 29.9, 30, 41, 55):
+        clock.now = 1000.0 + t
+        played[t] = driver.read(v)
+    assert played == {0: "a", 9.9: "a", 10: "b", 19.9: "b", 20: "c", 25: "c", 29.9: "c", 30: "a", 41: "b", 55: "c"}

@@ -15,6 +15,9 @@ loop uses when a driver has them:
   configured initial state); see the device loop for what happens to a stored desired value.
 - `rated_range(prop)`: the range the hardware is rated for; readings outside it are
   recorded `out_of_range` even when the device model declares no minimum/maximum.
+- `config_problems(device)` (a classmethod): what the schema cannot see, such as the contents
+  of a file the configuration names; the loader reports each as `FILE:LINE: FIELD: PROBLEM`,
+  so `mapper validate` finds it and the device does not start.
 
 Third parties register a driver without touching this package::
 
@@ -127,6 +130,14 @@ class Driver:
         callback = self.on_revert
         if callback is not None:
             callback(prop, value, reason)
+
+    @classmethod
+    def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """(YAML field, problem) for each mistake `Config`/`Visitor` cannot see (a data file's contents).
+
+        The loader reports each at the field's line, like a schema error: the device is not loaded.
+        """
+        return ()
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
