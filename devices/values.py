@@ -7,6 +7,7 @@ KubeEdge carries every twin value as a string; inside the mapper values are type
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from enum import Enum
 from typing import Any
 
@@ -101,7 +102,10 @@ def _to_float(raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError("expected a number, got a boolean")
     if isinstance(raw, int | float):
-        number = float(raw)
+        try:
+            number = float(raw)
+        except OverflowError:  # an int beyond a float's range (about 1.8e308)
+            raise ValueError("expected a finite number, got an integer too large for a float") from None
     elif isinstance(raw, str):
         try:
             number = float(_numeral(raw, "a number"))
@@ -129,7 +133,8 @@ def _to_bool(raw: Any) -> bool:
 
 
 def to_twin_string(value: Value) -> str:
-    """The string KubeEdge carries for a value; numbers never use exponent notation.
+    """The string KubeEdge carries for a value; numbers never use exponent notation, and a
+    float's string reads back as the same float (no rounding to a fixed number of decimals).
 
     edgecore validates twin values against `^[a-zA-Z0-9-_.,:/@#]{1,512}$`, which rejects `1e+05`.
     """
@@ -140,7 +145,8 @@ def to_twin_string(value: Value) -> str:
     if isinstance(value, float):
         text = repr(value)
         if "e" in text or "E" in text:
-            text = f"{value:.10f}".rstrip("0").rstrip(".")
+            # The shortest digits that read back as this float, written out: 1e-11 -> 0.00000000001.
+            text = format(Decimal(text), "f")
         return text
     return str(value)
 

@@ -138,6 +138,19 @@ def test_desired_value_of_wrong_type(tmp_path):
     assert len(problems) == 1 and "spec.properties[2].desired.value: expected an integer, got 'many'" in problems[0]
 
 
+def test_a_number_beyond_a_float_is_refused_as_a_desired_value(tmp_path):
+    """An integer too large for a float (10**400, as YAML or Python's json read it) is a ValueError
+    with a reason, like every other bad desired value; it was an OverflowError."""
+    model = MODEL.format(model="thing-model").replace("type: INT", "type: DOUBLE")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device_yaml("d"))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert device.desired_value("count", 7) == 7.0
+    with pytest.raises(ValueError, match=r"^property 'count': expected a finite number, "
+                                         r"got an integer too large for a float$"):
+        device.desired_value("count", 10**400)
+
+
 def test_unknown_protocol_is_a_warning_not_an_error(tmp_path):
     """A protocol with no installed driver is valid YAML: a warning naming the protocol."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))

@@ -614,15 +614,19 @@ def test_config_data_any_wrappers_become_driver_config() -> None:
 
 
 def test_twin_values_match_edgecore_pattern() -> None:
-    """Numbers never use exponents; unrepresentable strings are refused; no value is ""."""
+    """Numbers never use exponents and read back as the same number (tiny ones were rounded to 10
+    decimals: 1e-11 was "0", -1e-11 "-0"); unrepresentable strings are refused; no value is ""."""
     from mapper.dmi.convert import twin_value
 
     for value, text in [(1e5, "100000.0"), (1e-7, "0.0000001"), (-3, "-3"), (True, "true"), (24.5, "24.5"),
-                        ("ON", "ON"), (None, ""), (12345678901234567890.0, None)]:
+                        ("ON", "ON"), (None, ""), (1e16, "10000000000000000"),
+                        (1e-11, "0.00000000001"), (-1e-11, "-0.00000000001"), (1.234e-10, "0.0000000001234"),
+                        (5e-324, "0." + "0" * 323 + "5"), (12345678901234567890.0, "12345678901234567000")]:
         out = twin_value(value)
-        if text is not None:
-            assert out == text
+        assert out == text
         assert out == "" or TWIN_VALUE.match(out), out
+        if isinstance(value, float):
+            assert float(out) == value
     for bad in ("hello world", "100%", "a;b", "x" * 513, "température"):
         with pytest.raises(ValueError, match="pattern"):
             twin_value(bad)
