@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import threading
 import time
 from pathlib import Path
 from textwrap import dedent
@@ -262,6 +263,10 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
         ("{pin: 5, direction: sideways}", "'sideways' is not allowed"),
         ("{pin: 5, direction: out, pull: up}", "pull 'up' applies to inputs only"),
         ("{pin: 5, direction: in, auto_off_s: 3}", "auto_off_s applies to outputs only"),
+        # a timer cannot wait that long: its thread died with an OverflowError and left the output on
+        ("{pin: 5, direction: out, auto_off_s: .inf}", "spec.properties[0].visitors.configData.auto_off_s: must be"
+         f" a finite number of seconds, at most {threading.TIMEOUT_MAX:.0f} (the longest a timer can wait), got inf"),
+        ("{pin: 5, direction: out, auto_off_s: 1e300}", "auto_off_s: must be a finite number of seconds, at most"),
         ("{pin: 5, direction: out, colour: red}", "colour: unknown field"),
     ],
 )

@@ -6,7 +6,8 @@ Each property is one pin, described by its `visitors.configData`::
     direction: out       # out: a writable property drives the pin; in: the pin is read
     active_low: true     # logical true = electrical low (most relay boards, buttons to ground)
     initial: false       # outputs: the logical state set when the mapper opens the pin
-    auto_off_s: 600      # outputs: switch back off this long after being switched on (safety)
+    auto_off_s: 600      # outputs: switch back off this long after being switched on (safety;
+                         #   finite, at most threading.TIMEOUT_MAX: about 292 years)
     pull: up             # inputs: up, down or off
     debounce_ms: 30      # inputs: a level counts only once it has been stable this long
 
@@ -36,7 +37,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
@@ -44,6 +45,10 @@ from devices.errors import ReadError, WriteError
 from devices.pins import BcmPin, Pins, PinError, Pull, make_pins
 
 log = logging.getLogger("mapper.gpio")
+
+# The longest a threading.Timer can wait (about 292 years on 64-bit Linux): a longer auto_off_s
+# (or .inf) would kill the timer's thread with an OverflowError and leave the output on.
+AUTO_OFF_MAX_S = threading.TIMEOUT_MAX
 
 
 class GpioConfig(BaseModel):
@@ -60,6 +65,14 @@ class GpioVisitor(BaseModel):
     auto_off_s: float | None = Field(default=None, gt=0)
     pull: Pull = "off"
     debounce_ms: int = Field(default=0, ge=0, le=60_000)
+
+    @field_validator("auto_off_s")
+    @classmethod
+    def _timer_can_wait(cls, value: float | None) -> float | None:
+        if value is not None and not value <= AUTO_OFF_MAX_S:
+            raise ValueError(f"must be a finite number of seconds, at most {AUTO_OFF_MAX_S:.0f}"
+                             f" (the longest a timer can wait), got {value:g}")
+        return value
 
     @model_validator(mode="after")
     def _fits_direction(self) -> GpioVisitor:
