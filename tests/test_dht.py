@@ -474,6 +474,18 @@ def test_config_errors_name_file_line_and_fix(tmp_path: Path, config: dict[str, 
     assert f"sensor.yaml:{line_of(tmp_path / 'sensor.yaml', key)}: spec.protocol.{message}" in str(info.value)
 
 
+def test_dht_properties_must_be_float(tmp_path: Path) -> None:
+    """A DHT reports tenths: an INT property is a definition error (its readings with a fraction
+    used to fail, one by one, at run time)."""
+    text = EXAMPLE.read_text()
+    (tmp_path / "sensor.yaml").write_text(text.replace("type: FLOAT", "type: INT", 1))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert "spec.properties[0].visitors: a DHT reports tenths: property 'temperature' must be FLOAT or DOUBLE" \
+        in str(info.value)
+    assert str(info.value).startswith("sensor.yaml:")
+
+
 def test_open_without_board_support_is_a_driver_error(tmp_path: Path, wire: DhtWire) -> None:
     """A pin the board cannot provide fails open() with a readable DriverError, which the loop retries."""
     defn = sensor_definition(tmp_path)

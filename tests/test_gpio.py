@@ -280,6 +280,17 @@ def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
     assert "io.yaml:9:" in str(info.value)
 
 
+def test_a_gpio_property_must_be_boolean(tmp_path: Path) -> None:
+    """A pin is on or off: an INT property on a GPIO device is a definition error at the device's
+    property (it used to validate, then its every read failed and the device never started)."""
+    (tmp_path / "model.yaml").write_text(MODEL.replace("{name: relay, type: BOOLEAN", "{name: relay, type: INT"))
+    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % "{pin: 5, direction: out}"))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert str(info.value) == ("io.yaml:9: spec.properties[0].visitors: a GPIO pin is on or off: property 'relay' "
+                               "must be BOOLEAN in DeviceModel 'io-model', not INT")
+
+
 def test_fake_pins_refuse_what_a_pi_refuses(wire: FakePins) -> None:
     """The wire's own backend (another program on the wire) rejects pins outside 0-27, double set-up and
     writes to inputs, like the hardware."""

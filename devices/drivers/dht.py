@@ -45,6 +45,7 @@ from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import DriverError, NotReady, ReadError
 from devices.pins import BcmPin
+from devices.values import PropertyType
 
 log = logging.getLogger("mapper.dht")
 
@@ -173,6 +174,16 @@ class DhtDriver(Driver):
         self.failures: Counter[str] = Counter()
         # Failed measurements since the last good one, by kind.
         self._streak: Counter[str] = Counter()
+
+    @classmethod
+    def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """Temperature and humidity come in tenths: FLOAT or DOUBLE (an INT property failed on
+        every reading with a fraction)."""
+        for i, prop in enumerate(device.properties):
+            if prop.type not in (PropertyType.FLOAT, PropertyType.DOUBLE):
+                yield (f"spec.properties[{i}].visitors",
+                       f"a DHT reports tenths: property {prop.name!r} must be FLOAT or DOUBLE in DeviceModel "
+                       f"{device.model_name!r}, not {prop.type.value}")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:

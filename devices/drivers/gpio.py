@@ -43,6 +43,7 @@ from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import ReadError, WriteError
 from devices.pins import BcmPin, Pins, PinError, Pull, make_pins
+from devices.values import PropertyType
 
 log = logging.getLogger("mapper.gpio")
 
@@ -118,6 +119,16 @@ class GpioDriver(Driver):
         self._outputs: dict[int, _Output] = {}
         self._opened: list[int] = []
         self._props: dict[int, PropertyDefinition] = {p.visitor.pin: p for p in device.properties}
+
+    @classmethod
+    def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """A pin is high or low: its property must be BOOLEAN (an INT property used to pass, then
+        every read of it failed and the device never started)."""
+        for i, prop in enumerate(device.properties):
+            if prop.type is not PropertyType.BOOLEAN:
+                yield (f"spec.properties[{i}].visitors",
+                       f"a GPIO pin is on or off: property {prop.name!r} must be BOOLEAN in DeviceModel "
+                       f"{device.model_name!r}, not {prop.type.value}")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
