@@ -72,40 +72,132 @@ def yaml_files(paths: Iterable[str | Path]) -> list[Path]:
     return found
 
 
-def _index(node: yaml.Node, path: Path_, lines: dict[Path_, int]) -> None:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
-            _index(value_node, (*path, key), lines)
-            lines[(*path, key)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _index(item, (*path, i), lines)
+# How many values a document may expand to, an alias counting as often as it is used: far more than
+# any device or config file needs, and it stops a few hundred bytes of nested aliases (a "billion
+# laughs") from taking minutes and gigabytes to check.
+MAX_NODES = 100_000
+
+
+class _Unreadable(Exception):
+    """A document that cannot be read: the line and field where it goes wrong, and why."""
+
+    def __init__(self, line: int, path: Path_, message: str) -> None:
+        super().__init__(message)
+        self.line, self.path, self.message = line, path, message
+
+
+class _Index:
+    """The line of each node by path, and the path of each node (where it first appears).
+
+    Each node is indexed once: an alias to a node already seen adds nothing (its path falls back
+    to the line of its key), so recursive and exponential aliases cost no more than the text.
+    """
+
+    def __init__(self) -> None:
+        self.lines: dict[Path_, int] = {}
+        self.paths: dict[int, Path_] = {}
+        self._sizes: dict[int, int] = {}
+
+    def add(self, node: yaml.Node, path: Path_ = ()) -> int:
+        """Index `node` at `path`; return how many values it expands to, aliases counted each time."""
+        if id(node) in self._sizes:
+            return self._sizes[id(node)]
+        if id(node) in self.paths:  # still being indexed: the node contains itself
+            raise _Unreadable(node.start_mark.line + 1, path, "an alias refers to a value that contains it (recursive)")
+        self.paths[id(node)] = path
+        self.lines[path] = node.start_mark.line + 1
+        size = 1
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+                size += 1 + self.add(value_node, (*path, key))
+                self.lines[(*path, key)] = key_node.start_mark.line + 1
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: base's keys stand here, at their lines
+                    for base in value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]:
+                        for merged, _ in base.value if isinstance(base, yaml.MappingNode) else ():
+                            if isinstance(merged, yaml.ScalarNode):
+                                self.lines.setdefault((*path, merged.value), merged.start_mark.line + 1)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                size += self.add(item, (*path, i))
+        if size > MAX_NODES:
+            raise _Unreadable(node.start_mark.line + 1, path,
+                              f"expands to more than {MAX_NODES:,} values through aliases: refusing to read it")
+        self._sizes[id(node)] = size
+        return size
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads timestamps as plain strings, as Kubernetes does (`released: 2024-13-01`
+    is text there, not an error), and says where a value it cannot build is."""
+
+    indexed = _Index()  # of the document being built (`index` is the Reader's)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, OverflowError) as exc:
+            raise _Unreadable(node.start_mark.line + 1, self.indexed.paths.get(id(node), ()), str(exc)) from None
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        try:
+            return super().construct_document(node)
+        except Exception:
+            # Forget the half-built document, so the next one in the file is read afresh.
+            self.constructed_objects, self.recursive_objects, self.state_generators = {}, {}, []
+            self.deep_construct = False
+            raise
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        try:
+            return super().construct_yaml_int(node)
+        except ValueError:  # Python reads at most 4300 digits
+            raise ValueError(f"an integer of {len(node.value)} characters is too large") from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+_Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+def _yaml_problem(label: str, exc: yaml.YAMLError) -> Problem:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return Problem(label, mark.line + 1 if mark else None, "", f"invalid YAML: {problem}")
 
 
 def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[_Doc]:
-    """Parse every YAML document of a file, remembering the line of each node."""
+    """Parse every YAML document of a file, remembering the line of each node.
+
+    A document that cannot be built (a recursive alias, an alias bomb, a value Python cannot
+    hold) is reported at its line and skipped; a syntax error ends the file.
+    """
     try:
         text = file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(label, None, "", f"cannot read file: {exc}"))
         return
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     try:
         while loader.check_node():
             node = loader.get_node()
             if node is None:
                 continue
-            data = loader.construct_document(node)
-            lines: dict[Path_, int] = {}
-            _index(node, (), lines)
-            yield _Doc(label, data, lines, node.start_mark.line + 1)
+            loader.indexed = _Index()
+            try:
+                loader.indexed.add(node)
+                data = loader.construct_document(node)
+            except _Unreadable as exc:
+                problems.append(Problem(label, exc.line, field_name(exc.path), exc.message))
+                continue
+            except yaml.constructor.ConstructorError as exc:
+                problems.append(_yaml_problem(label, exc))
+                continue
+            yield _Doc(label, data, loader.indexed.lines, node.start_mark.line + 1)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        problems.append(Problem(label, line, "", f"invalid YAML: {problem}"))
+        problems.append(_yaml_problem(label, exc))
+    except RecursionError:
+        mark = loader.get_mark()
+        problems.append(Problem(label, mark.line + 1, "", "invalid YAML: nested too deeply"))
     finally:
         loader.dispose()
 

@@ -276,3 +276,40 @@ def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, mo
     problem = str(result.unrunnable[DeviceId("default", "d0")])
     assert "cannot be loaded" in problem and reason in problem
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
+def test_recursive_alias_is_an_error_with_its_line(tmp_path):
+    """An alias inside the value it names (`a: &a [*a]`) is reported at its line; it used to be a
+    RecursionError traceback for the whole load."""
+    problems = problems_of(tmp_path, {"a.yaml": "x: 1\na: &a [*a]\n", "b.yaml": device_yaml("d", model="nope")})
+    assert problems[0] == "a.yaml:2: a[0]: an alias refers to a value that contains it (recursive)"
+    assert len(problems) == 2 and problems[1].startswith("b.yaml:8: spec.deviceModelRef.name: ")
+
+
+def test_alias_bomb_is_refused_at_its_line(tmp_path):
+    """A few hundred bytes of nested aliases expand to millions of values: refused at the first
+    value that expands too far, instead of being walked value by value for seconds or minutes."""
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for prev, name in zip("abcdefg", "bcdefgh"):
+        levels.append(f"{name}: &{name} [{', '.join([f'*{prev}'] * 9)}]")
+    problems = problems_of(tmp_path, {"bomb.yaml": "\n".join(levels) + "\n"})
+    assert problems == ["bomb.yaml:6: f: expands to more than 100,000 values through aliases: refusing to read it"]
+
+
+def test_huge_integer_is_an_error_with_its_line_and_other_files_are_checked(tmp_path):
+    """An integer Python will not read (over 4300 digits) names its file, line and field; the
+    other files are still checked (it used to end the whole check with no file or line)."""
+    text = device_yaml("d").replace("    configData: {}", "    configData: {x: " + "9" * 5000 + "}")
+    problems = problems_of(tmp_path, {"d.yaml": text, "e.yaml": device_yaml("e", model="nope")})
+    assert problems[0] == "d.yaml:11: spec.protocol.configData.x: an integer of 5000 characters is too large"
+    assert len(problems) == 2 and problems[1].startswith("e.yaml:8: spec.deviceModelRef.name: ")
+
+
+def test_dates_are_read_as_strings(tmp_path):
+    """Kubernetes reads an unquoted date as a string: `released: 2024-13-01` is an annotation, not
+    a 'month must be in 1..12' error with no file or line, and a real date is a string too."""
+    text = MODEL.format(model="thing-model").replace(
+        "  namespace: default\n", "  namespace: default\n  annotations: {released: 2024-13-01, checked: 2024-01-31}\n", 1)
+    (tmp_path / "m.yaml").write_text(text)
+    model = load([tmp_path]).models[("default", "thing-model")]
+    assert model.metadata.annotations == {"released": "2024-13-01", "checked": "2024-01-31"}
