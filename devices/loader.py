@@ -97,6 +97,8 @@ class _Index:
         self.lines: dict[Path_, int] = {}
         self.paths: dict[int, Path_] = {}
         self._sizes: dict[int, int] = {}
+        # Keys given twice in one mapping (YAML would silently keep the last): line, path, first line.
+        self.duplicates: list[tuple[int, Path_, int]] = []
 
     def add(self, node: yaml.Node, path: Path_ = ()) -> int:
         """Index `node` at `path`; return how many values it expands to, aliases counted each time."""
@@ -108,8 +110,14 @@ class _Index:
         self.lines[path] = node.start_mark.line + 1
         size = 1
         if isinstance(node, yaml.MappingNode):
+            first: dict[tuple[str, str], int] = {}
             for key_node, value_node in node.value:
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    line = key_node.start_mark.line + 1
+                    if (key_node.tag, key) in first:
+                        self.duplicates.append((line, (*path, key), first[(key_node.tag, key)]))
+                    first.setdefault((key_node.tag, key), line)
                 size += 1 + self.add(value_node, (*path, key))
                 self.lines[(*path, key)] = key_node.start_mark.line + 1
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: base's keys stand here, at their lines
@@ -192,6 +200,9 @@ def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[
             except yaml.constructor.ConstructorError as exc:
                 problems.append(_yaml_problem(label, exc))
                 continue
+            for line, path, first in loader.indexed.duplicates:
+                problems.append(Problem(label, line, field_name(path),
+                                        f"duplicate key (first at line {first}): only one of them would count"))
             yield _Doc(label, data, loader.indexed.lines, node.start_mark.line + 1)
     except yaml.YAMLError as exc:
         problems.append(_yaml_problem(label, exc))

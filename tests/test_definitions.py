@@ -313,3 +313,13 @@ def test_dates_are_read_as_strings(tmp_path):
     (tmp_path / "m.yaml").write_text(text)
     model = load([tmp_path]).models[("default", "thing-model")]
     assert model.metadata.annotations == {"released": "2024-13-01", "checked": "2024-01-31"}
+
+
+def test_a_key_given_twice_is_an_error_at_the_second(tmp_path):
+    """A second `properties:` in one mapping used to replace the first without a word (YAML keeps
+    the last); it is an error at the line of the duplicate, naming the line of the first."""
+    text = device_yaml("d") + "  properties:\n    - name: count\n"
+    first = text.splitlines().index("  properties:") + 1
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert problems == [f"d.yaml:{len(text.splitlines()) - 1}: spec.properties: duplicate key (first at line {first}): "
+                        "only one of them would count"]
