@@ -383,7 +383,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
     config = _validate_driver_model(
         driver.Config if driver else None,
         merged_config(model.spec.protocol_config_data, device.spec.protocol.config_data),
-        doc, ("spec", "protocol", "configData"), problems,
+        doc, ("spec", "protocol", "configData"), problems, protocol,
     )
     props = []
     model_props = {p.name: p for p in model.spec.properties}
@@ -398,7 +398,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             driver.Visitor if driver else None,
             merged_config(mprop.visitors.config_data if mprop.visitors else None,
                           dprop.visitors.config_data if dprop.visitors else None),
-            doc, ("spec", "properties", i, "visitors", "configData"), problems,
+            doc, ("spec", "properties", i, "visitors", "configData"), problems, protocol,
         )
         desired = _desired(dprop, mprop, doc, i, problems)
         push = dprop.push_method
@@ -418,15 +418,27 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         properties=tuple(props), source=f"{doc.file}:{doc.line}", device=device, model=model,
     )
     if driver is not None:
-        for path, message in driver.config_problems(definition):
-            problems.append(Problem(doc.file, doc.line_of(_field_path(path)), path, message))
+        what = "claims()"
+        try:
+            for _resource, _field in driver.claims(definition):  # as check_claims reads them
+                pass
+            what = "config_problems()"
+            found = list(driver.config_problems(definition))
+        except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
+            path = ("spec", "protocol", "protocolName")
+            problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                    f"device {device_id}: {_driver_failed(protocol, what, exc)}"))
+            return
+        for field, message in found:
+            problems.append(Problem(doc.file, doc.line_of(_field_path(field)), field, message))
         if sum(p.severity == "error" for p in problems) > errors_before:
             return
     result.devices[device_id] = definition
 
 
 def _validate_driver_model(
-    model: type[BaseModel] | None, data: dict[str, Any], doc: _Doc, path: Path_, problems: list[Problem]
+    model: type[BaseModel] | None, data: dict[str, Any], doc: _Doc, path: Path_, problems: list[Problem],
+    protocol: str,
 ) -> Any:
     if model is None:
         return data
@@ -434,7 +446,15 @@ def _validate_driver_model(
         return model.model_validate(data)
     except ValidationError as exc:
         problems.extend(validation_problems(exc, doc, path))
-        return None
+    except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                _driver_failed(protocol, f"{model.__name__} validation", exc)))
+    return None
+
+
+def _driver_failed(protocol: str, what: str, exc: Exception) -> str:
+    return (f"the driver for protocol {protocol!r} failed in its {what}: {type(exc).__name__}: {exc}"
+            " (a bug in the driver: report it to its authors)")
 
 
 def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem]):

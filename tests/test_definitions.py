@@ -323,3 +323,60 @@ def test_a_key_given_twice_is_an_error_at_the_second(tmp_path):
     problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
     assert problems == [f"d.yaml:{len(text.splitlines()) - 1}: spec.properties: duplicate key (first at line {first}): "
                         "only one of them would count"]
+
+
+BUGGY_DRIVER = """\
+from pydantic import BaseModel, field_validator
+
+from devices.drivers.simulated import SimulatedDriver
+
+
+class Config(BaseModel):
+    baud: int = 9600
+
+    @field_validator("baud")
+    @classmethod
+    def _known(cls, value):
+        return {9600: 9600}[value]  # a KeyError for any other baud: a bug in the driver
+
+
+class Buggy(SimulatedDriver):
+    Config = Config
+
+    @classmethod
+    def claims(cls, device):
+        if device.protocol_config.baud == 9600 and device.id.name == "d2":
+            raise RuntimeError("claims exploded")
+        return ()
+"""
+
+
+def test_a_driver_that_raises_while_checking_refuses_its_devices_with_file_and_line(tmp_path, monkeypatch):
+    """A third-party driver whose Config validation or claims() raises something unexpected (not a
+    ValidationError) used to be a traceback for the whole load; now each of its devices gets a
+    FILE:LINE error naming the driver and the exception, and the other devices are checked as usual."""
+    import importlib
+
+    from devices.drivers import base
+
+    install_plugin(tmp_path / "site", monkeypatch, "buggy", BUGGY_DRIVER)
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    buggy = device_yaml("d1", config="{baud: 19200}").replace("protocolName: simulated\n    configData",
+                                                              "protocolName: buggy\n    configData")
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (devices / "d1.yaml").write_text(buggy)
+    (devices / "d2.yaml").write_text(buggy.replace("name: d1", "name: d2").replace("19200", "9600"))
+    (devices / "d3.yaml").write_text(device_yaml("d3", config="{failure_rate: 3}"))
+    with pytest.raises(DefinitionError) as info:
+        load([devices], base=devices)
+    assert [str(p) for p in info.value.problems] == [
+        "d1.yaml:11: spec.protocol.configData: the driver for protocol 'buggy' failed in its Config validation: "
+        "KeyError: 19200 (a bug in the driver: report it to its authors)",
+        "d2.yaml:10: spec.protocol.protocolName: device default/d2: the driver for protocol 'buggy' failed in its "
+        "claims(): RuntimeError: claims exploded (a bug in the driver: report it to its authors)",
+        "d3.yaml:11: spec.protocol.configData.failure_rate: must be <= 1.0",
+    ]
+    monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
