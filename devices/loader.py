@@ -382,13 +382,14 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
     errors_before = sum(p.severity == "error" for p in problems)
     config = _validate_driver_model(
         driver.Config if driver else None,
-        merged_config(model.spec.protocol_config_data, device.spec.protocol.config_data),
-        doc, ("spec", "protocol", "configData"), problems, protocol,
+        (model.spec.protocol_config_data, model_entry.doc, ("spec", "protocolConfigData")),
+        (device.spec.protocol.config_data, doc, ("spec", "protocol", "configData")),
+        problems, protocol, device_id,
     )
     props = []
-    model_props = {p.name: p for p in model.spec.properties}
+    model_props = {p.name: (j, p) for j, p in enumerate(model.spec.properties)}
     for i, dprop in enumerate(device.spec.properties):
-        mprop = model_props.get(dprop.name)
+        j, mprop = model_props.get(dprop.name, (None, None))
         if mprop is None:
             path = ("spec", "properties", i, "name")
             problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
@@ -396,9 +397,11 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             continue
         visitor = _validate_driver_model(
             driver.Visitor if driver else None,
-            merged_config(mprop.visitors.config_data if mprop.visitors else None,
-                          dprop.visitors.config_data if dprop.visitors else None),
-            doc, ("spec", "properties", i, "visitors", "configData"), problems, protocol,
+            (mprop.visitors.config_data if mprop.visitors else None, model_entry.doc,
+             ("spec", "properties", j, "visitors", "configData")),
+            (dprop.visitors.config_data if dprop.visitors else None, doc,
+             ("spec", "properties", i, "visitors", "configData")),
+            problems, protocol, device_id,
         )
         desired = _desired(dprop, mprop, doc, i, problems)
         push = dprop.push_method
@@ -436,17 +439,31 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
     result.devices[device_id] = definition
 
 
+# configData as one level gives it: the values, the document they are in and their path there.
+_Source = tuple[dict[str, Any] | None, _Doc, Path_]
+
+
 def _validate_driver_model(
-    model: type[BaseModel] | None, data: dict[str, Any], doc: _Doc, path: Path_, problems: list[Problem],
-    protocol: str,
+    model: type[BaseModel] | None, model_level: _Source, device_level: _Source, problems: list[Problem],
+    protocol: str, device_id: DeviceId,
 ) -> Any:
+    """The model's configData overridden by the device's, validated by the driver's `model`; a
+    problem with a value from the model is reported in the model's document, at that value."""
+    data = merged_config(model_level[0], device_level[0])
     if model is None:
         return data
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems.extend(validation_problems(exc, doc, path))
+        for error in exc.errors(include_url=False):
+            loc = error["loc"]
+            from_model = bool(loc) and loc[0] not in (device_level[0] or {}) and loc[0] in (model_level[0] or {})
+            _, doc, path = model_level if from_model else device_level
+            where = (*path, *loc)
+            note = f" (in device {device_id})" if from_model else ""
+            problems.append(Problem(doc.file, doc.line_of(where), field_name(where), describe(error) + note))
     except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
+        _, doc, path = device_level
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
                                 _driver_failed(protocol, f"{model.__name__} validation", exc)))
     return None

@@ -380,3 +380,26 @@ def test_a_driver_that_raises_while_checking_refuses_its_devices_with_file_and_l
         "d3.yaml:11: spec.protocol.configData.failure_rate: must be <= 1.0",
     ]
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
+def test_a_bad_model_level_config_is_reported_in_the_model_at_its_line(tmp_path):
+    """Model `protocolConfigData` and property `visitors` are defaults merged into each device; a
+    bad value from the model is reported in the model's file at its own line (it used to be the
+    device's file with a line of the model, which does not exist there). A value the device sets
+    is still reported in the device."""
+    model = MODEL.format(model="thing-model").replace(
+        "  protocol: simulated\n", "  protocol: simulated\n  protocolConfigData:\n    failure_rate: 3\n").replace(
+        "      unit: Celsius\n", "      unit: Celsius\n      visitors:\n        protocolName: simulated\n"
+        "        configData: {noise: -1, lag_ms: 5}\n")
+    device = device_yaml("d").replace("{kind: temperature, base: 21, amplitude: 1, noise: 0.1}",
+                                      "{kind: temperature, lag_ms: -1}")
+    problems = problems_of(tmp_path, {"m.yaml": model, "d.yaml": device})
+    lines = model.splitlines()
+    assert problems == [
+        f"m.yaml:{lines.index('    failure_rate: 3') + 1}: spec.protocolConfigData.failure_rate: must be <= 1.0 "
+        "(in device default/d)",
+        f"m.yaml:{lines.index('        configData: {noise: -1, lag_ms: 5}') + 1}: "
+        "spec.properties[0].visitors.configData.noise: must be >= 0.0 (in device default/d)",
+        f"d.yaml:{device.splitlines().index('        configData: {kind: temperature, lag_ms: -1}') + 1}: "
+        "spec.properties[0].visitors.configData.lag_ms: must be >= 0",
+    ]
