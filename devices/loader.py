@@ -228,7 +228,7 @@ _MESSAGES = {
     "float_type": lambda e: f"must be a number, got {e['input']!r}",
     "bool_parsing": lambda e: f"must be true or false, got {e['input']!r}",
     "bool_type": lambda e: f"must be true or false, got {e['input']!r}",
-    "string_type": lambda e: f"must be a string, got {e['input']!r}",
+    "string_type": lambda e: _not_a_string(e["input"]),
     "string_too_short": lambda e: "must not be empty",
     "dict_type": lambda e: "must be a mapping",
     "model_type": lambda e: "must be a mapping",
@@ -236,6 +236,13 @@ _MESSAGES = {
     "list_type": lambda e: "must be a list",
     "extra_forbidden": lambda e: "unknown field",
 }
+
+
+def _not_a_string(value: Any) -> str:
+    if isinstance(value, bool):
+        return (f"must be a string, got the boolean {str(value).lower()}: put the value in quotes "
+                "(unquoted, YAML reads yes/no/on/off/true/false as a boolean)")
+    return f"must be a string, got {value!r}"
 
 
 def describe(error: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Strict
 
 from devices.errors import DriverError
 
@@ -567,5 +567,5 @@ def _bcm(value: int) -> int:
     return value
 
 
-# A BCM pin number in a pydantic model: `pin: BcmPin`.
-BcmPin = Annotated[int, AfterValidator(_bcm)]
+# A BCM pin number in a pydantic model: `pin: BcmPin`. Strict: `pin: yes` is not GPIO1.
+BcmPin = Annotated[int, Strict(), AfterValidator(_bcm)]

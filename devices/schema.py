@@ -7,9 +7,11 @@ Everything is frozen once validated.
 
 from __future__ import annotations
 
+import math
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from devices import ids
@@ -45,7 +47,8 @@ def _property(value: str) -> str:
 Name = Annotated[str, AfterValidator(_name)]
 Namespace = Annotated[str, AfterValidator(_namespace)]
 PropertyName = Annotated[str, AfterValidator(_property)]
-Cycle = Annotated[int, Field(ge=0, strict=False)]
+# The CRD's int64 milliseconds. Strict, as the API server is: `collectCycle: true` is not 1 ms.
+Cycle = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
 
 
 class _Base(BaseModel):
@@ -106,13 +109,19 @@ class ModelProperty(_Base):
         return _number(self.maximum, "maximum")
 
 
+# A plain decimal numeral, as a person writes one: not Python's extras (`1_0`, `nan`, `inf`).
+_NUMERAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
 def _number(text: str | None, field: str) -> float | None:
     if text is None or text == "":
         return None
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"{field} {text!r} is not a number") from None
+    if not _NUMERAL.fullmatch(text.strip()):
+        raise ValueError(f"{field} {text!r} is not a number: write a plain decimal such as \"0\" or \"-2.5\"")
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{field} {text!r} is too large")
+    return value
 
 
 class DeviceModelSpec(_Base):
@@ -135,9 +144,9 @@ class TwinProperty(_Base):
     @field_validator("value", mode="before")
     @classmethod
     def _scalar_as_string(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        if isinstance(value, int | float):
+        # A bare number keeps its text; a bare boolean does not (`ON` is read as true), so it is
+        # refused with a hint to quote it (see describe()).
+        if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         return value
 
@@ -145,8 +154,8 @@ class TwinProperty(_Base):
 class PushMethodMQTT(_Base):
     address: str = ""
     topic: str = ""
-    qos: int = Field(default=0, ge=0, le=2)
-    retained: bool = False
+    qos: Annotated[int, Strict()] = Field(default=0, ge=0, le=2)
+    retained: StrictBool = False
 
     @field_validator("topic")
     @classmethod
@@ -180,7 +189,7 @@ class DeviceProperty(_Base):
     visitors: Visitors | None = None
     collect_cycle: Cycle = 0
     report_cycle: Cycle = 0
-    report_to_cloud: bool = False
+    report_to_cloud: StrictBool = False
     push_method: PushMethod | None = None
 
 
@@ -200,7 +209,7 @@ class DeviceMethod(_Base):
 
 
 class StateReport(_Base):
-    report_to_cloud: bool = False
+    report_to_cloud: StrictBool = False
     report_cycle: Cycle = 0
 
 

@@ -403,3 +403,52 @@ def test_a_bad_model_level_config_is_reported_in_the_model_at_its_line(tmp_path)
         f"d.yaml:{device.splitlines().index('        configData: {kind: temperature, lag_ms: -1}') + 1}: "
         "spec.properties[0].visitors.configData.lag_ms: must be >= 0",
     ]
+
+
+@pytest.mark.parametrize("old, new, message", [
+    ("collectCycle: 50", "collectCycle: true", "spec.properties[0].collectCycle: must be an integer, got True"),
+    ("reportCycle: 50", "reportCycle: 9223372036854775808",
+     "spec.properties[0].reportCycle: must be <= 9223372036854775807"),  # int64, as the CRD and DMI carry it
+    ("reportToCloud: true", 'reportToCloud: "yes"', "spec.properties[0].reportToCloud: must be true or false, got 'yes'"),
+    ("reportToCloud: true", "reportToCloud: true\n      pushMethod: {mqtt: {topic: t, qos: true}}",
+     "spec.properties[0].pushMethod.mqtt.qos: must be an integer, got True"),
+    ("reportToCloud: true", "reportToCloud: true\n      pushMethod: {mqtt: {topic: t, retained: 1}}",
+     "spec.properties[0].pushMethod.mqtt.retained: must be true or false, got 1"),
+    ("reportToCloud: true", "reportToCloud: true\n      desired: {value: ON}",
+     "spec.properties[0].desired.value: must be a string, got the boolean true: put the value in quotes "
+     "(unquoted, YAML reads yes/no/on/off/true/false as a boolean)"),
+])
+def test_a_type_the_crd_refuses_is_refused(tmp_path, old, new, message):
+    """KubeEdge's API server checks types strictly; pydantic's lax mode used to take `collectCycle:
+    true` as 1 ms, `reportToCloud: "yes"` as true, an unquoted `ON` as the text 'true' and a cycle
+    beyond int64 (which overflowed later in DMI)."""
+    text = device_yaml("d").replace(old, new, 1)
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if new.splitlines()[-1] in l)
+    assert problems == [f"d.yaml:{line}: {message}"]
+
+
+@pytest.mark.parametrize("bound, message", [
+    ("minimum: .nan", "minimum 'nan' is not a number"),
+    ('minimum: "1_0"', "minimum '1_0' is not a number"),  # Python's float() reads 10
+    ('minimum: "inf"', "minimum 'inf' is not a number"),
+    ('minimum: "1e999"', "minimum '1e999' is too large"),
+])
+def test_a_bound_that_is_not_a_plain_finite_number_is_refused(tmp_path, bound, message):
+    """minimum/maximum are strings in the CRD that must read as a plain number: NaN used to switch
+    the range check off and '1_0' used to mean 10."""
+    text = MODEL.format(model="thing-model").replace('minimum: "0"', bound, 1)
+    problems = problems_of(tmp_path, {"m.yaml": text})
+    assert len(problems) == 1 and problems[0].startswith(f"m.yaml:9: spec.properties[0]: {message}")
+
+
+def test_plain_bounds_and_a_bare_number_desired_value_still_load(tmp_path):
+    """Bare numbers stay accepted where they keep their text: bounds and a desired value."""
+    model = MODEL.format(model="thing-model").replace('minimum: "0"', "minimum: -2.5e1", 1).replace(
+        'maximum: "100000000"', "maximum: 1000")
+    device = device_yaml("d").replace("    - name: count\n", "    - name: count\n      desired: {value: 7}\n")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    definition = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert definition.prop("temperature").minimum == -25.0
+    assert definition.prop("count").desired == 7 and definition.prop("count").maximum == 1000

@@ -260,6 +260,7 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
     ("config", "message"),
     [
         ("{pin: 28, direction: out}", "pin: GPIO28 is not a BCM pin on the 40-pin header: use 0-27"),
+        ("{pin: yes, direction: out}", "pin: must be an integer, got True"),  # not GPIO1
         ("{pin: 5, direction: sideways}", "'sideways' is not allowed"),
         ("{pin: 5, direction: out, pull: up}", "pull 'up' applies to inputs only"),
         ("{pin: 5, direction: in, auto_off_s: 3}", "auto_off_s applies to outputs only"),
