@@ -56,6 +56,15 @@ class _Base(BaseModel):
         frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_absent(cls, data: Any) -> Any:
+        """`configData:` with nothing after it is null: the API server drops null fields, so KubeEdge
+        reads it as not given, and so do we (values inside configData are left as they are)."""
+        if isinstance(data, dict) and None in data.values():
+            return {k: v for k, v in data.items() if v is not None}
+        return data
+
 
 class ObjectMeta(_Base):
     name: Name

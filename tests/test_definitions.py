@@ -452,3 +452,18 @@ def test_plain_bounds_and_a_bare_number_desired_value_still_load(tmp_path):
     definition = load([tmp_path]).devices[DeviceId("default", "d")]
     assert definition.prop("temperature").minimum == -25.0
     assert definition.prop("count").desired == 7 and definition.prop("count").maximum == 1000
+
+
+def test_empty_fields_are_read_as_not_given(tmp_path):
+    """`configData:` with nothing after it is null; the API server drops nulls, so KubeEdge accepts
+    such files, and so does the mapper (it used to refuse them with 'must be a mapping')."""
+    model = MODEL.format(model="thing-model").replace(
+        "  protocol: simulated\n", "  protocol: simulated\n  protocolConfigData:\n").replace(
+        "      unit: Celsius\n", "      unit: Celsius\n      description:\n")
+    device = device_yaml("d", config="").replace("configData: {kind: switch}", "configData:")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    definition = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert definition.protocol_config.failure_rate == 0.0
+    assert definition.prop("temperature").description == ""
+    assert definition.prop("power").visitor.kind == "constant"  # the driver's default
