@@ -18,8 +18,11 @@ def mqtt_block(broker: MosquittoBroker, tmp: Path, *, user: str = "mapper", extr
     secret = tmp / f"{user}.password"
     secret.write_text(broker.users[user])
     secret.chmod(0o600)
+    given = {line.split(":", 1)[0].strip() for line in extra.splitlines() if line.startswith("  ") and ":" in line}
+    defaults = "".join(f"  {key}: {value}\n" for key, value in (("reconnect_min_s", 0.2), ("reconnect_max_s", 1.0))
+                       if key not in given)  # `extra` may set them: a key twice is a config error
     return (f"mqtt:\n  url: mqtt://{broker.host}:{broker.port}\n  username: {user}\n"
-            f"  password_file: {secret}\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n{extra}")
+            f"  password_file: {secret}\n{defaults}{extra}")
 
 
 class MapperProcess:
