@@ -76,7 +76,11 @@ def test_summary_reports_median_and_spread() -> None:
     m = Metric("x", "1/s", values=[3.0, 1.0, 2.0], baseline=[4.0, 4.0])
     s = m.summary(m.values)
     assert s is not None and (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
-    assert m.ratio() == 0.5
+    assert m.ratio() == 0.5  # not paired (two baseline runs for three): the ratio of the medians
+    # Paired runs: each run against its own baseline, then the median (not median / median).
+    paired = Metric("twin", "1/s", values=[120.0, 90.0, 120.0], baseline=[270.0, 189.0, 220.0])
+    assert paired.run_ratios() == pytest.approx([120 / 270, 90 / 189, 120 / 220])
+    assert paired.ratio() == pytest.approx(90 / 189)  # the median ratio; median/median would say 120/220
 
 
 def test_latency_plot_takes_the_median_of_each_quantile_over_the_runs() -> None:

@@ -44,8 +44,9 @@ def _cell(values: list[float]) -> str:
 
 
 def table(results: list[ScenarioResult]) -> str:
-    """A markdown table: median [min-max] over the repetitions, baseline, ratio of medians, target."""
-    lines = ["| scenario | metric | mapper: median [min-max] | baseline (same run) | ratio | target |",
+    """A markdown table: median [min-max] over the repetitions, baseline, ratio (median of the
+    per-run ratios [min-max]), target."""
+    lines = ["| scenario | metric | mapper: median [min-max] | baseline (same run) | ratio [min-max] | target |",
              "|---|---|---|---|---|---|"]
     for r in results:
         if r.skipped:
@@ -54,9 +55,12 @@ def table(results: list[ScenarioResult]) -> str:
         for m in r.metrics:
             base = f"{m.baseline_name}: {_cell(m.baseline)}" if m.baseline else ""
             ratio = m.ratio()
+            runs = m.run_ratios()
+            shown = "" if ratio is None else f"{ratio:.2f}x" + (
+                f" [{min(runs):.2f}-{max(runs):.2f}]" if len(runs) > 1 else "")
             unit = f" ({m.unit})" if m.unit else ""
             lines.append(f"| {r.name} | {m.name}{unit} | {_cell(m.values) if m.values else m.note or '-'} | {base} | "
-                         f"{f'{ratio:.2f}x' if ratio is not None else ''} | {m.target} |")
+                         f"{shown} | {m.target} |")
     return "\n".join(lines)
 
 
@@ -137,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
                               "metrics": [m.as_json() for m in r.metrics], "details": r.details} for r in results]}
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
         print(f"\nJSON: {args.json}")
-    return 0
+    failed = [r.name for r in results if r.skipped and r.skipped.startswith("failed")]
+    if failed:
+        print(f"\nfailed: {', '.join(failed)} (see the tracebacks above)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

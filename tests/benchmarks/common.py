@@ -301,6 +301,15 @@ class Mapper:
         finally:
             conn.close()
 
+    def missed_slots(self, cycle_ms: int) -> int:
+        """Collect slots without a reading, from the twin's history: per device and property, the
+        slots between its first and last reading (on the `cycle_ms` grid) minus the readings taken.
+        Readings a device loop never took (it fell behind) are lost before any `seq` exists: the
+        seq check after the commit cannot see them; this can."""
+        with self.db() as db:
+            rows = db.execute("SELECT count(*), min(ts), max(ts) FROM readings GROUP BY device_id, property").fetchall()
+        return sum(max(0, round((last - first) / cycle_ms) + 1 - n) for n, first, last in rows)
+
     def outbox_depth(self) -> int:
         with self.db() as db:
             from twin.store import OUTBOX_DEPTH_SQL
@@ -421,7 +430,19 @@ class Metric:
         return {"median": statistics.median(clean), "min": min(clean), "max": max(clean),
                 "q1": q[0], "q3": q[2], "n": len(clean)}
 
+    def run_ratios(self) -> list[float]:
+        """Each run's figure over the baseline measured with it (values[i] / baseline[i]): every
+        scenario appends a run's figure and its baseline together. Empty when they are not paired."""
+        if len(self.values) != len(self.baseline):
+            return []
+        return [v / b for v, b in zip(self.values, self.baseline, strict=True) if v == v and b == b and b != 0]  # noqa: PLR0124
+
     def ratio(self) -> float | None:
+        """The median of the per-run ratios (a run is compared with the baseline run next to it, not
+        with another run's); the ratio of the medians where the runs are not paired."""
+        paired = self.run_ratios()
+        if paired:
+            return statistics.median(paired)
         m, b = self.summary(self.values), self.summary(self.baseline)
         if m is None or b is None or b["median"] == 0:
             return None
@@ -430,7 +451,8 @@ class Metric:
     def as_json(self) -> dict[str, Any]:
         return {"name": self.name, "unit": self.unit, "values": self.values, "summary": self.summary(self.values),
                 "baseline_name": self.baseline_name, "baseline": self.baseline,
-                "baseline_summary": self.summary(self.baseline), "ratio": self.ratio(), "target": self.target,
+                "baseline_summary": self.summary(self.baseline), "ratio": self.ratio(),
+                "run_ratios": self.run_ratios(), "target": self.target,
                 "note": self.note}
 
 
