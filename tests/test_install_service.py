@@ -48,9 +48,28 @@ def config(tmp_path: Path) -> Path:
     return write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
 
 
-def test_dry_run_prints_unit_for_this_interpreter_and_config(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def user_exists(name: str) -> bool:
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+def test_dry_run_prints_unit_for_this_interpreter_and_config(
+        config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """--dry-run prints a unit whose ExecStart runs this Python on the given config, and changes nothing."""
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    # What a real install changes: the unit file (and its directory), the service user and its
+    # groups (useradd, usermod), systemd (daemon-reload). The commands are caught, not run: a
+    # dry run that went wrong must not change this host either.
+    commands: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: commands.append(cmd))
+    unit_file = tmp_path / "systemd" / "mapper.service"
+    user_before = user_exists("mapper")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups", "--unit-file", str(unit_file)]) == 0
+    assert not unit_file.exists() and not unit_file.parent.exists()
+    assert commands == []
+    assert user_exists("mapper") == user_before
     lines = unit_lines(capsys.readouterr().out)
     assert f"ExecStart={sys.executable} -m mapper run --config {config.resolve()}" in lines
     assert f"ExecStartPre=-{sys.executable} -m mapper.precompile --config {config.resolve()}" in lines
