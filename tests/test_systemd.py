@@ -349,7 +349,11 @@ def test_log_lines_carry_the_journal_priority_under_systemd(journal: str | None,
     if first:
         assert lines == [first, "<4>WARNING mapper.device: slow", "<6>INFO mapper.device: ok"]
     else:
-        assert all(not line.startswith("<") and " ERROR " in lines[0] for line in lines), lines
+        stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"  # logging's asctime
+        expected = [f"{stamp} ERROR mapper.device: sensor gone", f"{stamp} WARNING mapper.device: slow",
+                    f"{stamp} INFO mapper.device: ok"]
+        for line, pattern in zip(lines, expected, strict=True):
+            assert re.fullmatch(pattern, line), (line, pattern)
 
 
 @pytest.mark.parametrize("section, problem", [
