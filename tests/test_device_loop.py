@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from devices.ids import DeviceId
-from helpers import async_wait_for, running_service, write_config, write_devices
+from helpers import async_wait_for, running_service, wait_for, write_config, write_devices
 from mapper.config import load_config
 from plugin_drivers import installed, write_device
 from twin.store import TwinStore
@@ -315,6 +315,13 @@ def test_a_driver_call_that_never_returns_does_not_keep_the_mapper_from_exiting(
     mapper = MapperProcess(tmp_path, devices, None, env={"PYTHONPATH": os.pathsep.join((str(SITE), str(REPO)))})
     with mapper:
         mapper.wait_log("default/stuck: state unhealthy", timeout=30)
+        # good1 reads on: its counter (one more on every read) keeps going up in the twin.
+        with TwinStore.open(mapper.twin_path) as twin:
+            def counted() -> int:
+                return twin.device(GOOD1).properties["count"].reported or 0
+            before = counted()
+            wait_for(lambda: counted() >= before + 5, timeout=15, what="good1's reads after stuck went unhealthy")
+            assert twin.device(GOOD1).state == "ok"
         assert mapper.stop() == 0  # within the harness's 20 s, with the read still hanging
     assert "mapper test-node stopped" in mapper.log()
 
