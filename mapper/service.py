@@ -311,7 +311,11 @@ class MapperService:
     async def _prune_loop(self) -> None:
         t = self.config.twin
         while True:
-            deleted = await self.prune_history()
+            try:
+                deleted = await self.prune_history()
+            except Exception as exc:  # noqa: BLE001 - a lock held too long, a full disk: pruned at the next tick
+                log.warning("cannot prune the twin's history now, trying again in 30 s: %s", exc)
+                deleted = 0
             if deleted:
                 log.debug("pruned %d old readings", deleted)
             await sleep_to_tick(30)
