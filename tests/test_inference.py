@@ -1049,28 +1049,38 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         await _stop(r)
 
 
-async def test_a_desired_value_the_twin_could_not_take_is_sent_again(tmp_path, monkeypatch):
-    """The closed loop's set_desired fails once (the twin locked past its timeout, a full disk):
-    the next decision that wants the same value sends it again. It used to count as sent, so the
-    relay was never set while the label stayed the same."""
-    real = TwinStore.set_desired
-    failures: list[int] = []
+async def test_a_desired_value_the_twin_could_not_take_is_sent_again(tmp_path, caplog):
+    """The closed loop's set_desired fails (the twin refuses the write): the next decision that
+    wants the same value sends it again. It used to count as sent, so the relay was never set
+    while the label stayed the same.
 
-    def locked_once(self, device, name, raw, **kwargs):  # noqa: ANN001, ANN003, ANN202
-        if device == DeviceId("default", "relay") and not failures:
-            failures.append(1)
-            raise sqlite3.OperationalError("database is locked")
-        return real(self, device, name, raw, **kwargs)
-
-    monkeypatch.setattr(TwinStore, "set_desired", locked_once)
+    The refusal is SQLite's own, from a trigger on the relay's row while a marker row exists: a
+    lock held by another connection, or a full disk, would refuse the decision's own commit just
+    before it as well (the same twin connection, moments earlier), so it cannot be timed to hit
+    this one write alone."""
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.conn.executescript("""
+            CREATE TABLE test_refuse_relay (x);
+            INSERT INTO test_refuse_relay VALUES (1);
+            CREATE TRIGGER test_refuse_relay BEFORE UPDATE OF desired ON properties
+            WHEN new.device_id = 'default/relay' AND new.name = 'power' AND EXISTS (SELECT 1 FROM test_refuse_relay)
+            BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END;
+        """)
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    refused = "inference: cannot set default/relay/power = True: the twin refused the write (test trigger)"
     classes = ["normal", "spike", "stuck", "drift", "noise"]
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 0.0, "actions": [
         {"type": "set_desired", "device": "relay", "property": "power", "value": True, "when": classes}]})
     try:
-        power = await _until(lambda: r.service.twin(lambda s: s.device(DeviceId("default", "relay"))
-                                                    .properties["power"].desired),
-                             lambda desired: desired is True, what="the relay's desired value set after all")
-        assert power is True and failures == [1]
+        await async_wait_for(lambda: refused in caplog.messages, timeout=20, what="the refused set_desired")
+        relay = lambda s: s.device(DeviceId("default", "relay")).properties["power"]  # noqa: E731
+        assert (await r.service.twin(relay)).desired is None
+        with contextlib.closing(sqlite3.connect(tmp_path / "twin.db", timeout=10)) as conn, conn:
+            conn.execute("DELETE FROM test_refuse_relay")  # the twin takes writes again
+        power = await _until(lambda: r.service.twin(relay), lambda p: p.desired is True,
+                             what="the relay's desired value set after all")
+        assert power.desired_version == 1
+        assert "inference: set default/relay/power = True" in caplog.messages
     finally:
         await _stop(r)
 
@@ -1139,33 +1149,38 @@ async def test_a_decisions_created_ts_is_its_requests_created(tmp_path, monkeypa
     assert offloaded and all(x["created_ts"] == orjson.loads(x["request"])["created"] for x in offloaded)
 
 
-async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path, monkeypatch):
-    """Readings have stopped, deadlines fall due, and the timer's own transaction fails once (a
-    full disk): the mapper keeps running and the provisional answers are recorded on the next
-    try. (The error used to end the mapper, with the answers changed in memory only.)"""
+async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path, caplog):
+    """Readings have stopped, deadlines fall due, and the timer's own transaction fails (another
+    connection holds the twin's write lock past the busy timeout): the mapper keeps running and
+    the provisional answers are recorded on the next try. (The error used to end the mapper, with
+    the answers changed in memory only.)"""
+    caplog.set_level(logging.INFO, logger="mapper.inference")
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
-                                "deadline_s": 0.5, "resend_s": 60})
+                                "deadline_s": 1.0, "resend_s": 60})
+    lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
     try:
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
         for device in list(r.service.runners):  # no more batches: what falls due is the timer's
             await r.service.stop_device(device)
         await r.service.recorder.flush()
-        failures: list[int] = []
-        real = records.update
-
-        def full_once(store, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
-            if not failures:
-                failures.append(1)
-                raise sqlite3.OperationalError("database or disk is full")
-            return real(store, *args, **kwargs)
-
-        monkeypatch.setattr(records, "update", full_once)
-        rows = await _until(r.decisions, lambda rows: failures and all(x["status"] != "pending" for x in rows),
+        await r.service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+        lock.execute("BEGIN IMMEDIATE")  # the twin's writer from here on is the timer alone
+        pending = lock.execute("SELECT count(*) FROM inference_decisions WHERE status = 'pending'").fetchone()[0]
+        assert pending > 0  # what falls due while the lock is held
+        await async_wait_for(lambda: any(m.startswith("inference: cannot record what fell due") and "locked" in m
+                                         for m in caplog.messages), timeout=20, what="the timer's failed transaction")
+        assert lock.execute("SELECT count(*) FROM inference_decisions WHERE status = 'pending'").fetchone()[0] == pending
+        lock.execute("ROLLBACK")
+        await r.service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=30000"))
+        rows = await _until(r.decisions, lambda rows: all(x["status"] != "pending" for x in rows),
                             what="every pending window given its provisional answer")
         assert not r.task.done()
         assert all(x["label"] is not None for x in rows)
     finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
         await _stop(r)
 
 
