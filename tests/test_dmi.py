@@ -515,11 +515,9 @@ def test_rate_limit_coalesces_without_losing_the_latest(sockdir: Path) -> None:
                     {r.deviceName: r.state for r in edgecore.of("ReportDeviceStates")}.get(f"c{i}") == "unhealthy"
                     for i in range(n)), timeout=20)
                 committed = mapper.service.recorder.committed
+        # edgecore's own token bucket (GoLimiter, the rate and burst the mapper was given) refused
+        # nothing: every call stayed within the bucket.
         assert edgecore.refused == []
-        times = [c.at for c in edgecore.calls]
-        for i, start in enumerate(times):
-            for j in range(i, len(times)):
-                assert j - i + 1 <= burst + rate * (times[j] - start) + 1e-6
         reports = len(edgecore.of("ReportDeviceStatus"))
         assert reports < committed / 2, f"{reports} reports for {committed} readings: not coalesced"
         assert states  # state reports went out while values were changing too
