@@ -58,6 +58,7 @@ class Arrival:
     seq: int
     t: float | None  # raw publisher only: exact send time (s)
     value: object = None  # the payload's value (a `clock` property's value is its exact read time, s)
+    tick: int | None = None  # raw publisher with --ticks only: the index of the tick the reading was taken in
 
 
 class Subscriber:
@@ -110,7 +111,7 @@ class Subscriber:
                 if not isinstance(body, dict) or "seq" not in body:
                     continue
                 result.append(Arrival(float(at), topic.decode(), int(body.get("ts", 0)), int(body["seq"]), body.get("t"),
-                                  body.get("value")))
+                                  body.get("value"), body.get("tick")))
         return result
 
     def __enter__(self) -> Subscriber:

@@ -13,7 +13,8 @@ once per message with orjson, on `mapper/bench/default/d<N>/p0`, QoS 1. Prints o
 `--ticks`: readings come in ticks of one per device (10 devices at 1,000/s: a tick every 10 ms,
 all taken at the tick, like the mapper's latency scenario, where devices on the same cycle wake
 together) and each tick is handed to paho at once: the same rate as `--mode rate` alone, which
-spaces the messages evenly, in the mapper's pattern.
+spaces the messages evenly, in the mapper's pattern. Each payload also carries its tick's
+index (`tick`), so the pattern can be checked without timing the arrivals.
 
 `--durable` is a plain durable script: the same ticks, but each is committed to an SQLite table
 (WAL, synchronous FULL: one fsync per tick) in the publishing thread, and only then handed to
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     sent = 0
     finished = False
 
-    def publish(i: int, taken_ns: int | None = None) -> None:
+    def publish(i: int, taken_ns: int | None = None, tick: int | None = None) -> None:
         nonlocal sent
         d = i % args.devices
         seqs[d] += 1
@@ -108,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         body = {"value": seqs[d], "ts": now // 1_000_000, "seq": seqs[d]}
         if args.exact:
             body["t"] = now / 1e9
+        if tick is not None:
+            body["tick"] = tick
         if sent - acks >= high:
             room.clear()
             if sent - acks >= high:
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                                [(f"default/d{d}", "p0", str(t), t // 1_000_000, "good") for d, t in enumerate(taken)])
                 db.execute("COMMIT")
             for d, t in enumerate(taken):
-                publish(tick * args.devices + d, t)
+                publish(tick * args.devices + d, t, tick if args.ticks else None)
         if db is not None:
             db.close()
     elif args.mode == "rate":
