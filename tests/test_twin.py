@@ -373,12 +373,25 @@ def test_pruning_in_steps_deletes_the_oldest_rows_a_step_at_a_time(twin):
     twin.record([Reading(D1, "count", i, now - 10_000_000 + i) for i in range(250)])   # too old
     twin.record([Reading(D1, "count", i, now + i) for i in range(1000)])                # young
     steps = []
-    while not steps or steps[-1] == 300:
+    for _ in range(10):  # 1,250 rows in steps of 300: far fewer calls than this
         steps.append(twin.prune_history(max_rows=600, max_age_ms=1_000_000, step=300))
+        if steps[-1] != 300:
+            break
+    else:
+        pytest.fail(f"still deleting full steps after 10 calls: {steps}")
     assert steps == [300, 300, 50]
     values = [v for _ts, v, *_ in twin.history(D1, "count", limit=10_000)]
     assert values == list(range(400, 1000))
     assert twin.prune_history(max_rows=600, max_age_ms=1_000_000, step=300) == 0
+
+
+def prune_in_steps(store: TwinStore, step: int = 1000, calls: int = 100) -> None:
+    """Prune as the mapper does, a step per call, until a call deletes less than a step (30,000
+    rows at most here: 30 full steps); fails instead of looping for ever."""
+    for _ in range(calls):
+        if store.prune_history(1000, 10**13, step=step) < step:
+            return
+    pytest.fail(f"still deleting full steps of {step} after {calls} calls")
 
 
 def test_stepped_pruning_goes_past_rows_still_waiting_for_the_broker(tmp_path):
@@ -396,14 +409,12 @@ def test_stepped_pruning_goes_past_rows_still_waiting_for_the_broker(tmp_path):
             return total, carrying
 
         assert rows() == (30_000, 3000)
-        while store.prune_history(1000, 10**13, step=1000) == 1000:
-            pass
+        prune_in_steps(store)
         assert rows() == (1000 + 3000, 3000)  # the limit, and on top of it the rows still waiting
         assert len(store.outbox_pending(limit=10_000)) == 3000
         oldest = [row_id for (row_id,) in store.conn.execute("SELECT id FROM readings WHERE seq IS NOT NULL"
                                                              " ORDER BY id LIMIT 2500")]
         store.outbox_sent(oldest)  # the broker is back: the oldest 2,500 are acknowledged
-        while store.prune_history(1000, 10**13, step=1000) == 1000:
-            pass
+        prune_in_steps(store)
         assert rows()[0] == 1000 + 500  # they go as any other reading
         assert len(store.outbox_pending(limit=10_000)) == 500
