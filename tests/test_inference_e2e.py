@@ -141,7 +141,7 @@ def test_uncertain_windows_go_to_shared_workers_and_come_back_final(broker, tmp_
             # on timing, so the share is the model card's business, not this test's.
             seen = decisions_seen(app, lambda s: sum(d["exit"] == "cloud" for d in s) >= 12
                                   and sum(d["exit"] == "edge" and not d["provisional"] for d in s) >= 6)
-            mapper.stop()
+            assert mapper.stop() == 0, mapper.log()[-2000:]
         served = [w.stop() for w in workers]
     finally:
         for w in workers:
@@ -185,7 +185,7 @@ def test_worker_down_provisional_then_final(broker, tmp_path, devices):
             worker.start()
             later = decisions_seen(app, lambda s: any(d["exit"] == "cloud" and d["request_id"] in provisional
                                                       for d in s))
-            mapper.stop()
+            assert mapper.stop() == 0, mapper.log()[-2000:]
         worker.stop()
     finally:
         worker.kill()
