@@ -35,6 +35,15 @@ def mapper_commands() -> list[list[str]]:
     return commands
 
 
+def test_the_guide_still_has_the_mapper_commands_checked_below() -> None:
+    """The parametrized check below runs once per `.../bin/mapper` line: if the guide's code
+    blocks changed shape (another fence, another path), it would silently check nothing."""
+    commands = mapper_commands()
+    assert len(commands) >= 8, commands
+    for verb in ("--version", "validate", "run", "install-service", "devices", "twin"):
+        assert any(args[:1] == [verb] for args in commands), (verb, commands)
+
+
 @pytest.mark.parametrize("args", mapper_commands(), ids=lambda a: " ".join(a[:2]))
 def test_documented_mapper_commands_parse(args: list[str]) -> None:
     """Every `mapper ...` line in the guide is accepted by the CLI's parser."""
