@@ -341,3 +341,50 @@ async def test_a_cancelled_stop_still_closes_the_driver(tmp_path, plugin_drivers
         await asyncio.wait_for(asyncio.shield(opened), 10)  # the open returned ...
         await async_wait_for(lambda: not service._closing, timeout=15, what="the release finished")  # noqa: SLF001
         assert runner.driver.opened is False  # ... and the driver was closed after it all the same
+
+async def test_a_history_prune_that_meets_a_locked_twin_stops_nothing(tmp_path, monkeypatch, caplog):
+    """Another process holds the twin's write lock (a backup, a CLI session) when the history prune
+    runs: the prune says so and runs again at its next tick; the mapper goes on, and prunes once
+    the lock is gone. The failed prune used to end the mapper."""
+    import logging
+    import sqlite3
+
+    from mapper import service as service_module
+
+    import asyncio
+
+    real_sleep = service_module.sleep_to_tick
+    prune_now = asyncio.Event()
+
+    async def sleep_to_tick(seconds: float) -> None:
+        """The prune's 30 s wait ends when the test says so (its work is real)."""
+        if seconds != 30:
+            return await real_sleep(seconds)
+        await prune_now.wait()
+        prune_now.clear()
+        return None
+
+    monkeypatch.setattr(service_module, "sleep_to_tick", sleep_to_tick)
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=10)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    config = config.model_copy(update={"twin": config.twin.model_copy(update={"history_rows": 100})})
+    lock = sqlite3.connect(config.twin.path, isolation_level=None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mapper"):
+            async with running_service(config) as service:
+                def history() -> int:
+                    with contextlib.closing(sqlite3.connect(config.twin.path)) as db:
+                        return db.execute("SELECT count(*) FROM readings").fetchone()[0]
+                await async_wait_for(lambda: history() > 300, what="more history than history_rows")
+                await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+                lock.execute("BEGIN IMMEDIATE")
+                prune_now.set()
+                await async_wait_for(lambda: "cannot prune the twin's history now" in caplog.text, timeout=15,
+                                     what="a prune refused by the lock")
+                lock.execute("ROLLBACK")
+                before = service.runners[GOOD1].reads
+                await async_wait_for(lambda: service.runners[GOOD1].reads > before + 20, what="reading on")
+                prune_now.set()
+                await async_wait_for(lambda: history() <= 200, what="the next prune")
+    finally:
+        lock.close()
