@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
@@ -13,6 +14,8 @@ from eventbus import payloads
 from eventbus.topics import Topics
 from twin.records import GOOD, Reading
 from twin.store import OutMessage
+
+log = logging.getLogger("mapper.telemetry")
 
 
 _NOTHING = object()
@@ -73,10 +76,18 @@ class Telemetry:
         # The body of a message carried by its reading: the store adds value, ts and seq. One
         # dict per route, shared by its messages.
         body = payloads.telemetry_fields(prop.unit)
+        own = self.topics.telemetry(key[0], prop.name)
+        if push is not None and push.topic and push.topic != own and (
+                push.topic == self.topics.base or push.topic.startswith(self.topics.base + "/")):
+            # Under <prefix>/<node>/ every topic is the mapper's own: readings there would pose as
+            # its availability, another device's state, or answers to its offloads.
+            log.error("%s/%s: pushMethod.mqtt.topic %r is inside the mapper's own topics (%s/...); its readings "
+                      "go to the property's topic %s instead", key[0], prop.name, push.topic, self.topics.base, own)
+            push = None
         if push is not None and push.topic:
             route = (prop, push.topic, push.qos, push.retained, on_change, body)
         else:
-            route = (prop, self.topics.telemetry(key[0], prop.name), 1, False, on_change, body)
+            route = (prop, own, 1, False, on_change, body)
         self._routes[key] = route
         return route
 

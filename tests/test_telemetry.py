@@ -57,3 +57,34 @@ def test_interval_zero_sends_state_with_every_batch(tmp_path):
     telemetry, topics = _factory(tmp_path, cycle=100, interval=0)
     states = _states(telemetry, topics, [(1_000 + 100 * k, k) for k in range(5)])
     assert [s["count"] for s in states] == [0, 1, 2, 3, 4]
+
+
+def _pushed(tmp_path: Path, topic: str) -> Telemetry:
+    devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
+    text = (devices / "d.yaml").read_text()
+    marker = "      collectCycle: 100\n      reportCycle: 100\n"
+    assert marker in text
+    (devices / "d.yaml").write_text(text.replace(marker, marker + f"      pushMethod:\n        mqtt: {{topic: '{topic}', qos: 0, retained: true}}\n", 1))
+    return Telemetry(Topics("n1"), load([devices]).devices, state_interval_ms=1000)
+
+
+def test_a_push_topic_carries_the_property_with_its_qos_and_retain(tmp_path):
+    """`pushMethod.mqtt` sends the property's readings to its own topic, QoS and retain flag."""
+    telemetry = _pushed(tmp_path, "home/livingroom/temperature")
+    [m] = [m for m in telemetry([Reading(D, "temperature", 21.5, 1_000)]) if "temperature" in m.topic]
+    assert (m.topic, m.qos, m.retain) == ("home/livingroom/temperature", 0, True)
+
+
+def test_a_push_topic_inside_the_mappers_own_is_not_used(tmp_path, caplog):
+    """A push topic under <prefix>/<node>/ (here the node's availability) would let readings pose as
+    the mapper's own messages: the readings go to the property's own topic, and the log says why."""
+    import logging
+
+    topics = Topics("n1")
+    with caplog.at_level(logging.ERROR, logger="mapper.telemetry"):
+        telemetry = _pushed(tmp_path, topics.node_availability())
+        out = list(telemetry([Reading(D, "temperature", 21.5, 1_000)]))
+    assert topics.node_availability() not in [m.topic for m in out]
+    [m] = [m for m in out if m.topic == topics.telemetry(D, "temperature")]
+    assert (m.qos, m.retain) == (1, False)
+    assert "is inside the mapper's own topics (mapper/n1/...)" in caplog.text
