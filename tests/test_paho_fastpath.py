@@ -23,6 +23,14 @@ from twin.store import OutMessage, TwinStore
 COUNT = 3_000
 
 
+def _outbox_rows(path) -> int:  # noqa: ANN001
+    """Rows in the twin file's outbox table, read by a connection of the test's own."""
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+
+
 async def _connected_bus(broker, tmp_path, protocol: str) -> tuple[MqttBus, asyncio.Task]:
     secret = tmp_path / "pw"
     secret.write_text(broker.users["mapper"])
@@ -109,15 +117,10 @@ async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_a
     """The publisher's own fallback for acknowledged rows (a mapper with no readings to commit):
     nobody takes the acks, so the publisher deletes the rows itself, once the acks have waited
     `ack_delay_s` (until then they are left for the next reading batch to take along)."""
-    import sqlite3
 
     from helpers import async_wait_for
 
     path = tmp_path / "twin.db"
-
-    def outbox_rows() -> int:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
 
     bus, bus_task = await _connected_bus(broker, tmp_path, "5")
     try:
@@ -130,9 +133,9 @@ async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_a
                 publisher.offer(rows)
                 await async_wait_for(lambda: publisher.published == 20, what="20 acknowledgements")
                 # Acknowledged, and still there (the delay is 1 s): left for a recorder to take along ...
-                assert outbox_rows() == 20
+                assert _outbox_rows(path) == 20
                 # ... and, with none, deleted by the publisher itself.
-                await async_wait_for(lambda: outbox_rows() == 0, what="the acknowledged rows deleted")
+                await async_wait_for(lambda: _outbox_rows(path) == 0, what="the acknowledged rows deleted")
             finally:
                 pub_task.cancel()
                 await asyncio.gather(pub_task, return_exceptions=True)
@@ -151,10 +154,6 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
 
     path = tmp_path / "twin.db"
 
-    def outbox_rows() -> int:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-
     bus, bus_task = await _connected_bus(broker, tmp_path, "5")
     lock = sqlite3.connect(path, isolation_level=None)
     try:
@@ -169,7 +168,7 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
                 publisher.offer(rows)
                 await async_wait_for(lambda: publisher.twin_errors >= 2, timeout=15, what="failed ack deletes")
                 assert not pub_task.done()
-                assert publisher.published == 10 and outbox_rows() == 10
+                assert publisher.published == 10 and _outbox_rows(path) == 10
                 more = rows[-1].id + 1
                 lock.execute("ROLLBACK")
                 rows = await worker.call(lambda s: s.record(
@@ -177,7 +176,7 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
                 assert rows[0].id >= more
                 publisher.offer(rows)
                 await async_wait_for(lambda: publisher.published == 15, what="the later messages published")
-                await async_wait_for(lambda: outbox_rows() == 0, timeout=15, what="every acknowledged row deleted")
+                await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every acknowledged row deleted")
                 assert not pub_task.done()
             finally:
                 pub_task.cancel()
@@ -199,10 +198,6 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
 
     path = tmp_path / "twin.db"
 
-    def outbox_rows() -> int:
-        with contextlib.closing(sqlite3.connect(path)) as conn:
-            return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
-
     with broker.client("app") as app:
         app.subscribe("mapper/fastpath/default/dev/+")
         bus, bus_task = await _connected_bus(broker, tmp_path, "5")
@@ -218,7 +213,7 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
                     lock.execute("BEGIN IMMEDIATE")
                     publisher.offer(rows)
                     await async_wait_for(lambda: publisher.twin_errors >= 1, timeout=15, what="a failed ack delete")
-                    assert publisher.published == 10 and outbox_rows() == 10
+                    assert publisher.published == 10 and _outbox_rows(path) == 10
                     last = rows[-1].id
                     with broker.client("mapper", client_id=bus.client_id):  # takes the client id over
                         await asyncio.wait_for(bus.disconnected.wait(), 10)
@@ -230,7 +225,7 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
                     rows = await worker.call(lambda s: s.record(
                         [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10, 15)]))
                     publisher.offer(rows)
-                    await async_wait_for(lambda: outbox_rows() == 0, timeout=15, what="every row acknowledged, deleted")
+                    await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every row acknowledged, deleted")
                     assert not pub_task.done()
                 finally:
                     pub_task.cancel()
