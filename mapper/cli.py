@@ -143,7 +143,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     groups, missing = existing_groups(args.groups)
     if config.mqtt is not None:
         # As the service user (or what it will be once created), not as root: sudo reads anything.
-        check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path))
+        for warning in check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)):
+            print(warning, file=sys.stderr)
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
               file=sys.stderr)

@@ -302,6 +302,8 @@ class ServiceUser:
             st = path.stat()
         except OSError as exc:
             return Denied(path, f"{path}: {exc.strerror or exc}", by_mode=False)
+        if _has_acl(path):  # mode bits do not tell: a POSIX ACL may grant it (setfacl -m u:mapper:r)
+            return None
         if st.st_uid == self.uid:
             bits = st.st_mode >> 6
         elif st.st_gid in self.gids:
@@ -319,6 +321,13 @@ class Denied(NamedTuple):
     by_mode: bool = True
 
 
+def _has_acl(path: Path) -> bool:
+    try:
+        return any(name.startswith("system.posix_acl") for name in os.listxattr(path))
+    except OSError:
+        return False
+
+
 def _user_name(uid: int) -> str:
     try:
         return pwd.getpwuid(uid).pw_name
@@ -333,15 +342,19 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) -> None:
+def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) -> list[str]:
     """The MQTT secrets as the service will meet them. install-service runs as root, which reads
-    any file: the password and TLS files must be readable by the service user; and the unit sets
-    no password_env variable, so the mapper would start without its password."""
+    any file: the password and TLS files must be readable by the service user (ValueError if not;
+    a file with a POSIX ACL is left to it). Returns warnings: the unit sets no password_env
+    variable, so it must be added to the service's environment."""
+    warnings = []
     if mqtt.password_env is not None and mqtt.password_file is None:
-        raise ValueError(f"{source}: mqtt.password_env: the service unit does not set {mqtt.password_env}, so the"
-                         " service would not have the password: put it in a file readable by"
-                         f" {user.name!r} and use mqtt.password_file instead")
-    mqtt.check_password(source)  # as root first: a missing file is reported as `mapper run` reports it
+        # The variable belongs to the service's environment, not to the shell running this.
+        warnings.append(f"warning: mqtt.password_env: the unit does not set {mqtt.password_env}: add it with"
+                        f" `systemctl edit mapper` ([Service] EnvironmentFile= a root-only file holding"
+                        f" {mqtt.password_env}=...), or use mqtt.password_file; without it the service cannot log in")
+    else:
+        mqtt.check_password(source)  # as root first: a missing file is reported as `mapper run` reports it
     files = [("mqtt.password_file", mqtt.password_file)]
     if mqtt.tls is not None:
         files += [(f"mqtt.tls.{name}", getattr(mqtt.tls, name))
@@ -361,6 +374,7 @@ def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) ->
             fix = f"open {where} to it, or move the file (e.g. to /etc/mapper)"
         raise ValueError(f"{source}: {field}: the service user {user.name!r} cannot read {path}"
                          f" ({denied.detail}): {fix}")
+    return warnings
 
 
 def unreachable_for_others(path: Path) -> Path | None:
