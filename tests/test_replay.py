@@ -155,3 +155,29 @@ def test_looping_plays_the_last_row_for_one_row_interval(tmp_path):
         clock.now = 1000.0 + t
         played[t] = driver.read(v)
     assert played == {0: "a", 9.9: "a", 10: "b", 19.9: "b", 20: "c", 25: "c", 29.9: "c", 30: "a", 41: "b", 55: "c"}
+
+
+def test_times_without_a_zone_ignore_the_machines_daylight_saving(tmp_path, monkeypatch):
+    """ISO times without a zone are read as UTC: on a machine in Europe/Berlin the night the clocks
+    go forward (02:00-03:00 does not exist there) the rows keep their 30 min spacing. Read as
+    local time, 03:00 came before 02:30 and the file was refused as out of order."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        if time.tzname[0] != "CET":
+            pytest.skip("no time zone data for Europe/Berlin here (tzdata)")
+        rows = "timestamp,v\n" + "".join(f"2024-03-31T{t},{v}\n" for t, v in
+                                          (("01:30", "a"), ("02:00", "b"), ("02:30", "c"), ("03:00", "d")))
+        driver, clock = series(tmp_path, rows)
+        driver.open()
+        v = driver.device.prop("v")
+        played = []
+        for minutes in (0, 30, 60, 90):
+            clock.now = 1000.0 + minutes * 60
+            played.append(driver.read(v))
+        assert played == ["a", "b", "c", "d"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()

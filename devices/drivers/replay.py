@@ -27,7 +27,7 @@ import io
 import math
 import time
 from collections.abc import Callable, Iterable
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,10 @@ def _timestamp(text: str) -> float:
         number = float(text)
     except ValueError:
         try:
-            return datetime.fromisoformat(text).timestamp()
+            when = datetime.fromisoformat(text)
+            # A time without a zone is read as UTC, not the machine's zone: only the spacing of
+            # the rows matters, and local time would put a daylight-saving jump into it.
+            return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
         except (ValueError, OverflowError, OSError):
             raise ValueError(f"timestamp {text!r} is neither epoch seconds nor an ISO 8601 time") from None
     if not math.isfinite(number):
