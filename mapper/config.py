@@ -103,31 +103,37 @@ class MapperConfig(_Section):
         return self
 
 
-def _field_type(parts: list[str]) -> Any:
-    """The annotation of the config field at `parts` (Optional unwrapped), or None if unknown."""
+def _field_type(parts: list[str]) -> tuple[Any, bool]:
+    """The annotation of the config field at `parts` (Optional unwrapped; None if unknown), and
+    whether the field may be None."""
     model: Any = MapperConfig
     annotation: Any = None
+    optional = False
     for part in parts:
         fields = getattr(model, "model_fields", None)
         field = fields.get(part) if isinstance(fields, dict) else None
         if field is None:
-            return None
+            return None, False
         annotation = field.annotation
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        optional = typing.get_origin(annotation) in (typing.Union, types.UnionType) and type(None) in typing.get_args(
+            annotation)
+        if optional and len(args) == 1:
             annotation = args[0]
         if typing.get_origin(annotation) is Annotated:
             annotation = typing.get_args(annotation)[0]
         model = annotation
-    return annotation
+    return annotation, optional
 
 
 def _env_value(parts: list[str], raw: str) -> Any:
-    """A string or path setting takes the text as it is (`MAPPER_NODE=0042` stays "0042");
-    anything else is read as YAML (`true`, `5`, `[a, b]`)."""
-    annotation = _field_type(parts)
+    """A string or path setting takes the text as it is (`MAPPER_NODE=0042` stays "0042"), except
+    `null` or `~` for one that may be unset; anything else is read as YAML (`true`, `5`, `[a, b]`)."""
+    annotation, optional = _field_type(parts)
     textual = annotation in (str, Path) or (
         typing.get_origin(annotation) is Literal and all(isinstance(a, str) for a in typing.get_args(annotation)))
+    if textual and optional and raw in ("null", "~"):
+        return None
     if not raw or textual:
         return raw
     try:

@@ -234,6 +234,12 @@ def test_env_override_types_follow_the_setting(tmp_path):
     config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
     loaded = load_config(config, {"MAPPER_NODE": "0042", "MAPPER_TWIN__HISTORY_ROWS": "1000"})
     assert loaded.node == "0042" and loaded.twin.history_rows == 1000
+    # `null` unsets a text setting that may be unset (and stays text where it may not).
+    with_mqtt = write_config(tmp_path / "m.yaml", devices, tmp_path / "twin.db",
+                             extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  client_id: pi-mapper\n")
+    assert load_config(with_mqtt, {"MAPPER_MQTT__CLIENT_ID": "null"}).mqtt.client_id is None
+    assert load_config(with_mqtt, {"MAPPER_MQTT__CLIENT_ID": "~"}).mqtt.client_id is None
+    assert load_config(config, {"MAPPER_NODE": "null"}).node == "null"
     for variable, value, says in (("MAPPER_TWIN__SYNCHRONOUS", "OFF", "'OFF' is not allowed"),
                                   ("MAPPER_TWIN__HISTORY_ROWS", "lots", "must be an integer"),
                                   ("MAPPER_NODE", "Pi_1", "not a valid node name")):
