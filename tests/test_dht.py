@@ -474,16 +474,23 @@ def test_config_errors_name_file_line_and_fix(tmp_path: Path, config: dict[str, 
     assert f"sensor.yaml:{line_of(tmp_path / 'sensor.yaml', key)}: spec.protocol.{message}" in str(info.value)
 
 
-def test_dht_properties_must_be_float(tmp_path: Path) -> None:
-    """A DHT reports tenths: an INT property is a definition error (its readings with a fraction
-    used to fail, one by one, at run time)."""
+def test_dht_properties_must_hold_their_tenths(tmp_path: Path) -> None:
+    """Temperature comes in tenths: an INT property is a definition error (its readings with a
+    fraction used to fail, one by one, at run time). A DHT11's humidity is whole percent: INT
+    is fine there, not on a DHT22."""
     text = EXAMPLE.read_text()
     (tmp_path / "sensor.yaml").write_text(text.replace("type: FLOAT", "type: INT", 1))
     with pytest.raises(DefinitionError) as info:
         load([tmp_path], base=tmp_path)
-    assert "spec.properties[0].visitors: a DHT reports tenths: property 'temperature' must be FLOAT or DOUBLE" \
-        in str(info.value)
+    assert "spec.properties[0].visitors: a DHT11 reports its temperature in tenths: property 'temperature' must be " \
+        "FLOAT or DOUBLE" in str(info.value)
     assert str(info.value).startswith("sensor.yaml:")
+    humidity_int = text.replace("type: FLOAT", "type: INT").replace("type: INT", "type: FLOAT", 1)
+    (tmp_path / "sensor.yaml").write_text(humidity_int)
+    assert load([tmp_path], base=tmp_path).devices[SENSOR_ID].prop("humidity").type.value == "INT"
+    (tmp_path / "sensor.yaml").write_text(humidity_int.replace("sensor: DHT11", "sensor: DHT22"))
+    with pytest.raises(DefinitionError, match="a DHT22 reports its humidity in tenths: property 'humidity'"):
+        load([tmp_path], base=tmp_path)
 
 
 def test_open_without_board_support_is_a_driver_error(tmp_path: Path, wire: DhtWire) -> None:

@@ -177,13 +177,19 @@ class DhtDriver(Driver):
 
     @classmethod
     def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
-        """Temperature and humidity come in tenths: FLOAT or DOUBLE (an INT property failed on
-        every reading with a fraction)."""
+        """Temperature comes in tenths: FLOAT or DOUBLE. A DHT11's humidity is whole percent, so
+        INT works for it too; a DHT22's has tenths. (An INT property failed at run time on every
+        reading with a fraction.)"""
+        sensor = getattr(device.protocol_config, "sensor", "DHT11")
         for i, prop in enumerate(device.properties):
-            if prop.type not in (PropertyType.FLOAT, PropertyType.DOUBLE):
+            allowed = [PropertyType.FLOAT, PropertyType.DOUBLE]
+            if sensor == "DHT11" and getattr(prop.visitor, "measurement", None) == "humidity":
+                allowed.append(PropertyType.INT)
+            if prop.type not in allowed:
                 yield (f"spec.properties[{i}].visitors",
-                       f"a DHT reports tenths: property {prop.name!r} must be FLOAT or DOUBLE in DeviceModel "
-                       f"{device.model_name!r}, not {prop.type.value}")
+                       f"a {sensor} reports its {getattr(prop.visitor, 'measurement', 'value')} in tenths: property "
+                       f"{prop.name!r} must be FLOAT or DOUBLE in DeviceModel {device.model_name!r}, "
+                       f"not {prop.type.value}")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
