@@ -31,9 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Protocol
 
-from pydantic import AfterValidator, Strict
+from pydantic import AfterValidator, BeforeValidator, Strict
 
 from devices.errors import DriverError
+from devices.values import whole_number
 
 Pull = Literal["up", "down", "off"]
 Edge = Literal["rising", "falling", "both"]
@@ -568,4 +569,4 @@ def _bcm(value: int) -> int:
 
 
 # A BCM pin number in a pydantic model: `pin: BcmPin`. Strict: `pin: yes` is not GPIO1.
-BcmPin = Annotated[int, Strict(), AfterValidator(_bcm)]
+BcmPin = Annotated[int, BeforeValidator(whole_number), Strict(), AfterValidator(_bcm)]

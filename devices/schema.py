@@ -11,11 +11,11 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from devices import ids
-from devices.values import PropertyType
+from devices.values import PropertyType, whole_number
 
 API_VERSION = "devices.kubeedge.io/v1beta1"
 
@@ -48,7 +48,8 @@ Name = Annotated[str, AfterValidator(_name)]
 Namespace = Annotated[str, AfterValidator(_namespace)]
 PropertyName = Annotated[str, AfterValidator(_property)]
 # The CRD's int64 milliseconds. Strict, as the API server is: `collectCycle: true` is not 1 ms.
-Cycle = Annotated[int, Strict(), Field(ge=0, le=2**63 - 1)]
+# A whole-number float (1000.0) is the int it is, as Kubernetes' validator takes it.
+Cycle = Annotated[int, BeforeValidator(whole_number), Strict(), Field(ge=0, le=2**63 - 1)]
 
 
 class _Base(BaseModel):
@@ -163,7 +164,7 @@ class TwinProperty(_Base):
 class PushMethodMQTT(_Base):
     address: str = ""
     topic: str = ""
-    qos: Annotated[int, Strict()] = Field(default=0, ge=0, le=2)
+    qos: Annotated[int, BeforeValidator(whole_number), Strict()] = Field(default=0, ge=0, le=2)
     retained: StrictBool = False
 
     @field_validator("topic")

@@ -14,6 +14,16 @@ from typing import Any
 Value = int | float | bool | str
 
 
+def whole_number(value: Any) -> Any:
+    """A float without a fraction as the int it is (`1000.0` -> 1000), for an integer field
+    checked strictly: Kubernetes' validator takes it for an `integer`, kubectl sends it as 1000,
+    and KubeEdge DMI carries every YAML number as a float. Anything else (a bool, 1000.5, a
+    string) is left for the strict check to refuse."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
 class PropertyType(str, Enum):
     INT = "INT"
     FLOAT = "FLOAT"

@@ -428,6 +428,22 @@ def test_a_type_the_crd_refuses_is_refused(tmp_path, old, new, message):
     assert problems == [f"d.yaml:{line}: {message}"]
 
 
+def test_a_whole_number_written_as_a_float_is_an_integer(tmp_path):
+    """`collectCycle: 1000.0`, `qos: 1.0`, `pin: 17.0`: Kubernetes' validator takes a float without a
+    fraction for an integer (and KubeEdge DMI sends every number as a float), so these load as
+    ints; 1000.5 does not."""
+    text = device_yaml("d").replace("collectCycle: 50", "collectCycle: 1000.0", 1).replace(
+        "reportToCloud: true", "reportToCloud: true\n      pushMethod: {mqtt: {topic: t, qos: 1.0}}", 1)
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    prop = load([tmp_path], base=tmp_path).devices[DeviceId("default", "d")].properties[0]
+    assert (prop.collect_cycle_ms, prop.push_mqtt.qos) == (1000, 1)
+    assert type(prop.collect_cycle_ms) is int
+    half = text.replace("collectCycle: 1000.0", "collectCycle: 1000.5", 1)
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": half})
+    assert len(problems) == 1 and "spec.properties[0].collectCycle: must be an integer" in problems[0]
+
+
 @pytest.mark.parametrize("bound, message", [
     ("minimum: .nan", "minimum 'nan' is not a number"),
     ('minimum: "1_0"', "minimum '1_0' is not a number"),  # Python's float() reads 10

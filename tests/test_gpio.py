@@ -261,6 +261,7 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
     [
         ("{pin: 28, direction: out}", "pin: GPIO28 is not a BCM pin on the 40-pin header: use 0-27"),
         ("{pin: yes, direction: out}", "pin: must be an integer, got True"),  # not GPIO1
+        ("{pin: 4.5, direction: out}", "pin: must be an integer, got 4.5"),
         ("{pin: 5, direction: sideways}", "'sideways' is not allowed"),
         ("{pin: 5, direction: out, pull: up}", "pull 'up' applies to inputs only"),
         ("{pin: 5, direction: in, auto_off_s: 3}", "auto_off_s applies to outputs only"),
@@ -290,6 +291,13 @@ def test_a_gpio_property_must_be_boolean(tmp_path: Path) -> None:
         load([tmp_path], base=tmp_path)
     assert str(info.value) == ("io.yaml:9: spec.properties[0].visitors: a GPIO pin is on or off: property 'relay' "
                                "must be BOOLEAN in DeviceModel 'io-model', not INT")
+
+
+def test_a_pin_written_as_a_whole_float_is_that_pin(tmp_path: Path) -> None:
+    """`pin: 17.0` (how KubeEdge DMI carries a YAML 17) is GPIO17; `pin: yes` and `pin: 4.5` are not pins."""
+    defn = definition(tmp_path, relay="{pin: 17.0, direction: out}")
+    pin = defn.prop("relay").visitor.pin
+    assert (pin, type(pin)) == (17, int)
 
 
 def test_fake_pins_refuse_what_a_pi_refuses(wire: FakePins) -> None:
