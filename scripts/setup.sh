@@ -7,6 +7,13 @@ cd "$(dirname "$0")/.."
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
+# The mapper needs Python 3.11 or newer (Debian 12, Ubuntu 24.04, Raspberry Pi OS bookworm).
+if ! python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "setup: python3 is $(python3 -V 2>&1 || echo missing); the mapper needs Python 3.11 or newer" \
+       "(Debian 12+, Ubuntu 24.04+, Raspberry Pi OS bookworm)" >&2
+  exit 1
+fi
+
 need=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
 command -v mosquitto_pub >/dev/null 2>&1 || need+=(mosquitto-clients)
