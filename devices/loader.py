@@ -110,14 +110,15 @@ class _Index:
         self.lines[path] = node.start_mark.line + 1
         size = 1
         if isinstance(node, yaml.MappingNode):
-            first: dict[tuple[str, str], int] = {}
+            first: dict[Any, int] = {}
             for key_node, value_node in node.value:
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     line = key_node.start_mark.line + 1
-                    if (key_node.tag, key) in first:
-                        self.duplicates.append((line, (*path, key), first[(key_node.tag, key)]))
-                    first.setdefault((key_node.tag, key), line)
+                    same = _key_value(key_node)  # `1`, `0x1` and `1.0` are one key once built, as are `true` and `True`
+                    if same in first:
+                        self.duplicates.append((line, (*path, key), first[same]))
+                    first.setdefault(same, line)
                 size += 1 + self.add(value_node, (*path, key))
                 self.lines[(*path, key)] = key_node.start_mark.line + 1
                 if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: base's keys stand here, at their lines
@@ -165,6 +166,19 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
 _Loader.add_constructor("tag:yaml.org,2002:int", _Loader.construct_yaml_int)
+
+
+_KEYS = _Loader("")
+
+
+def _key_value(node: yaml.ScalarNode) -> Any:
+    """A mapping key as the built mapping will hold it (what decides that two keys collide)."""
+    try:
+        return _KEYS.construct_object(node)
+    except Exception:  # noqa: BLE001 - a key that cannot be built is reported when the document is
+        return (node.tag, node.value)
+    finally:
+        _KEYS.constructed_objects = {}
 
 
 def _yaml_problem(label: str, exc: yaml.YAMLError) -> Problem:

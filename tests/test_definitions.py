@@ -325,6 +325,23 @@ def test_a_key_given_twice_is_an_error_at_the_second(tmp_path):
                         "only one of them would count"]
 
 
+def test_keys_spelled_differently_but_equal_are_duplicates(tmp_path):
+    """`1` and `0x1`, `false` and `False`, a date and the same date quoted: one key each once the
+    mapping is built (the second would replace the first), so each second one is an error."""
+    text = MODEL.format(model="thing-model").replace(
+        "  namespace: default\n",
+        "  namespace: default\n  labels:\n    1: a\n    0x1: b\n    false: c\n    False: d\n"
+        "    2024-01-31: e\n    '2024-01-31': f\n    two: g\n", 1)
+    lines = text.splitlines()
+    quoted = "    '2024-01-31': f"
+    problems = problems_of(tmp_path, {"m.yaml": text})
+    assert [p.split(": duplicate key")[0] for p in problems if "duplicate key" in p] == [
+        f"m.yaml:{lines.index('    0x1: b') + 1}: metadata.labels.0x1",
+        f"m.yaml:{lines.index('    False: d') + 1}: metadata.labels.False",
+        f"m.yaml:{lines.index(quoted) + 1}: metadata.labels.2024-01-31",
+    ]
+
+
 BUGGY_DRIVER = """\
 from pydantic import BaseModel, field_validator
 
