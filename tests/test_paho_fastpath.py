@@ -113,6 +113,28 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
     assert [m.topic for m in received if m.topic.endswith("/awaited")] == ["mapper/fastpath/default/dev/awaited"] * 3
 
 
+@contextlib.asynccontextmanager
+async def _publishing(broker, tmp_path, *, ack_delay_s: float, busy_timeout_ms: int | None = None):  # noqa: ANN001, ANN202
+    """A connected bus, the twin's worker on tmp_path/twin.db and an OutboxPublisher running on
+    them: (bus, worker, publisher, its task), all stopped on the way out."""
+    path = tmp_path / "twin.db"
+    bus, bus_task = await _connected_bus(broker, tmp_path, "5")
+    try:
+        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+            if busy_timeout_ms is not None:  # 30 s as shipped
+                await worker.call(lambda s: s.conn.execute(f"PRAGMA busy_timeout={busy_timeout_ms}"))
+            publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=ack_delay_s)
+            pub_task = asyncio.create_task(publisher.run())
+            try:
+                yield bus, worker, publisher, pub_task
+            finally:
+                pub_task.cancel()
+                await asyncio.gather(pub_task, return_exceptions=True)
+    finally:
+        bus_task.cancel()
+        await asyncio.gather(bus_task, return_exceptions=True)
+
+
 async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_ack_delay(broker, tmp_path):
     """The publisher's own fallback for acknowledged rows (a mapper with no readings to commit):
     nobody takes the acks, so the publisher deletes the rows itself, once the acks have waited
@@ -121,27 +143,15 @@ async def test_without_a_recorder_acknowledged_rows_leave_the_outbox_after_the_a
     from helpers import async_wait_for
 
     path = tmp_path / "twin.db"
-
-    bus, bus_task = await _connected_bus(broker, tmp_path, "5")
-    try:
-        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
-            publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=1.0)
-            pub_task = asyncio.create_task(publisher.run())
-            try:
-                rows = await worker.call(lambda s: s.record(
-                    [], [OutMessage(f"mapper/fastpath/default/dev/m{i}", {"i": i}) for i in range(20)]))
-                publisher.offer(rows)
-                await async_wait_for(lambda: publisher.published == 20, what="20 acknowledgements")
-                # Acknowledged, and still there (the delay is 1 s): left for a recorder to take along ...
-                assert _outbox_rows(path) == 20
-                # ... and, with none, deleted by the publisher itself.
-                await async_wait_for(lambda: _outbox_rows(path) == 0, what="the acknowledged rows deleted")
-            finally:
-                pub_task.cancel()
-                await asyncio.gather(pub_task, return_exceptions=True)
-    finally:
-        bus_task.cancel()
-        await asyncio.gather(bus_task, return_exceptions=True)
+    async with _publishing(broker, tmp_path, ack_delay_s=1.0) as (_, worker, publisher, _):
+        rows = await worker.call(lambda s: s.record(
+            [], [OutMessage(f"mapper/fastpath/default/dev/m{i}", {"i": i}) for i in range(20)]))
+        publisher.offer(rows)
+        await async_wait_for(lambda: publisher.published == 20, what="20 acknowledgements")
+        # Acknowledged, and still there (the delay is 1 s): left for a recorder to take along ...
+        assert _outbox_rows(path) == 20
+        # ... and, with none, deleted by the publisher itself.
+        await async_wait_for(lambda: _outbox_rows(path) == 0, what="the acknowledged rows deleted")
 
 
 async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_nothing(broker, tmp_path):
@@ -153,38 +163,28 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
     from helpers import async_wait_for
 
     path = tmp_path / "twin.db"
-
-    bus, bus_task = await _connected_bus(broker, tmp_path, "5")
     lock = sqlite3.connect(path, isolation_level=None)
     try:
-        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
-            await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
-            publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=0.2)
-            pub_task = asyncio.create_task(publisher.run())
-            try:
-                rows = await worker.call(lambda s: s.record(
-                    [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10)]))
-                lock.execute("BEGIN IMMEDIATE")
-                publisher.offer(rows)
-                await async_wait_for(lambda: publisher.twin_errors >= 2, timeout=15, what="failed ack deletes")
-                assert not pub_task.done()
-                assert publisher.published == 10 and _outbox_rows(path) == 10
-                more = rows[-1].id + 1
-                lock.execute("ROLLBACK")
-                rows = await worker.call(lambda s: s.record(
-                    [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10, 15)]))
-                assert rows[0].id >= more
-                publisher.offer(rows)
-                await async_wait_for(lambda: publisher.published == 15, what="the later messages published")
-                await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every acknowledged row deleted")
-                assert not pub_task.done()
-            finally:
-                pub_task.cancel()
-                await asyncio.gather(pub_task, return_exceptions=True)
+        async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
+                                                                                          pub_task):
+            rows = await worker.call(lambda s: s.record(
+                [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10)]))
+            lock.execute("BEGIN IMMEDIATE")
+            publisher.offer(rows)
+            await async_wait_for(lambda: publisher.twin_errors >= 2, timeout=15, what="failed ack deletes")
+            assert not pub_task.done()
+            assert publisher.published == 10 and _outbox_rows(path) == 10
+            more = rows[-1].id + 1
+            lock.execute("ROLLBACK")
+            rows = await worker.call(lambda s: s.record(
+                [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10, 15)]))
+            assert rows[0].id >= more
+            publisher.offer(rows)
+            await async_wait_for(lambda: publisher.published == 15, what="the later messages published")
+            await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every acknowledged row deleted")
+            assert not pub_task.done()
     finally:
         lock.close()
-        bus_task.cancel()
-        await asyncio.gather(bus_task, return_exceptions=True)
 
 
 async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_reconnect(broker, tmp_path):
@@ -200,40 +200,31 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
 
     with broker.client("app") as app:
         app.subscribe("mapper/fastpath/default/dev/+")
-        bus, bus_task = await _connected_bus(broker, tmp_path, "5")
         lock = sqlite3.connect(path, isolation_level=None)
         try:
-            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
-                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))
-                publisher = OutboxPublisher(bus, worker, max_inflight=100, ack_delay_s=0.2)
-                pub_task = asyncio.create_task(publisher.run())
-                try:
-                    rows = await worker.call(lambda s: s.record(
-                        [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10)]))
-                    lock.execute("BEGIN IMMEDIATE")
-                    publisher.offer(rows)
-                    await async_wait_for(lambda: publisher.twin_errors >= 1, timeout=15, what="a failed ack delete")
-                    assert publisher.published == 10 and _outbox_rows(path) == 10
-                    last = rows[-1].id
-                    with broker.client("mapper", client_id=bus.client_id):  # takes the client id over
-                        await asyncio.wait_for(bus.disconnected.wait(), 10)
-                    # The publisher forgets what it queued on the lost connection, then, connected
-                    # again, goes through the outbox from the start: the lock stays until it did.
-                    await async_wait_for(lambda: publisher._last_queued == 0, what="the publisher reset")  # noqa: SLF001
-                    await async_wait_for(lambda: publisher._last_queued == last, what="the outbox read back")  # noqa: SLF001
-                    lock.execute("ROLLBACK")
-                    rows = await worker.call(lambda s: s.record(
-                        [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10, 15)]))
-                    publisher.offer(rows)
-                    await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every row acknowledged, deleted")
-                    assert not pub_task.done()
-                finally:
-                    pub_task.cancel()
-                    await asyncio.gather(pub_task, return_exceptions=True)
+            async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (bus, worker, publisher,
+                                                                                              pub_task):
+                rows = await worker.call(lambda s: s.record(
+                    [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10)]))
+                lock.execute("BEGIN IMMEDIATE")
+                publisher.offer(rows)
+                await async_wait_for(lambda: publisher.twin_errors >= 1, timeout=15, what="a failed ack delete")
+                assert publisher.published == 10 and _outbox_rows(path) == 10
+                last = rows[-1].id
+                with broker.client("mapper", client_id=bus.client_id):  # takes the client id over
+                    await asyncio.wait_for(bus.disconnected.wait(), 10)
+                # The publisher forgets what it queued on the lost connection, then, connected
+                # again, goes through the outbox from the start: the lock stays until it did.
+                await async_wait_for(lambda: publisher._last_queued == 0, what="the publisher reset")  # noqa: SLF001
+                await async_wait_for(lambda: publisher._last_queued == last, what="the outbox read back")  # noqa: SLF001
+                lock.execute("ROLLBACK")
+                rows = await worker.call(lambda s: s.record(
+                    [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10, 15)]))
+                publisher.offer(rows)
+                await async_wait_for(lambda: _outbox_rows(path) == 0, timeout=15, what="every row acknowledged, deleted")
+                assert not pub_task.done()
         finally:
             lock.close()
-            bus_task.cancel()
-            await asyncio.gather(bus_task, return_exceptions=True)
         seen: Counter[str] = Counter()
         for _ in range(100):  # bounded: the broker delivers in order, r14 comes last
             topic = app.next_message().topic
