@@ -71,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
         reloader = asyncio.create_task(_reload_on_sighup(service, config, hup, stop), name="sighup-reload")
+        service.before_devices.append(gc.collect)  # here, not once running: a full collection stops the loop ~20 ms
         freezer = asyncio.create_task(freeze_heap_when_ready(service), name="gc-freeze")
         try:
             await service.run(stop)
@@ -92,9 +93,12 @@ async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001
     (and of every reading waiting on it) at unpredictable times. gc.freeze() moves them to a
     permanent generation: collections then see only what was allocated since. Objects are
     still freed by reference counting; only a cycle among them would stay.
+
+    The start-up garbage is collected before the device loops start (`before_devices`): done
+    here, once running, that full collection held up the first readings (10 devices on a 10 ms
+    cycle lost 12-15 slots at every start). The freeze itself is cheap.
     """
     await service.ready.wait()
-    gc.collect()
     gc.freeze()
 
 

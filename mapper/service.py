@@ -52,6 +52,9 @@ class MapperService:
         # service's task group) and `async shutdown(service)` (after devices stopped); optionally
         # `stop_requested` (first thing on a stop) and `before_stop` (devices stopped, tasks running).
         self.extensions: list[Any] = []
+        # Called once everything is loaded and set up, just before the device loops start (the
+        # last moment a pause costs no reading: `mapper run` collects its start-up garbage here).
+        self.before_devices: list[Callable[[], Any]] = []
         # Called on every device state change; the messages they return are queued in the same transaction.
         self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Iterable[OutMessage]]] = []
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
@@ -103,6 +106,8 @@ class MapperService:
             self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000)
             for ext in self.extensions:
                 await ext.setup(self)
+            for hook in self.before_devices:
+                hook()
             try:
                 async with asyncio.TaskGroup() as tg:
                     self._tg = tg
