@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
 from string import Template
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 if TYPE_CHECKING:
     from mapper.service import MapperService

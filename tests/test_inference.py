@@ -32,7 +32,7 @@ from eventbus.settings import MqttSettings
 from eventbus.topics import Topics
 from mapper.config import MapperConfig, TwinSettings, load_config
 from mapper.inference import codec, policy, records
-from mapper.inference.codec import CodecError, OffloadResult
+from mapper.inference.codec import CodecError
 from mapper.inference.extension import TIMER_GRACE_S, InferenceExtension
 from mapper.inference.model import EarlyExitModel, ModelError, load_model, session_options
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection

@@ -134,22 +134,32 @@ def test_sigkill_mid_stream_then_restart(own_broker, tmp_path):
         mapper.stop()
 
 
+def _mapper_with_queued(broker, tmp_path, node: str, messages, extra: str = "") -> MapperProcess:  # noqa: ANN001
+    """A mapper (not started) for device `lamp` whose twin already holds `messages` in its outbox,
+    as a twin written by an earlier run would."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "devices", ["lamp"])
+    mapper = MapperProcess(tmp_path, devices, broker, node=node, extra=extra)
+    with TwinStore.open(mapper.twin_path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([], messages)
+    return mapper
+
+
 def test_an_outbox_message_the_broker_cannot_take_is_dropped_and_the_rest_go_out(broker, tmp_path):
     """A twin written before push topics were validated may hold a message paho refuses outright (a
     wildcard topic). The publisher drops that one message, says so and counts it; the messages
     behind it go out, and the mapper keeps running (it used to exit, and again at every restart)."""
     import queue
 
-    from devices.loader import load
-    from twin.store import OutMessage, TwinStore
+    from twin.store import OutMessage
 
-    devices = write_devices(tmp_path / "devices", ["lamp"])
     node = "undeliverable"
-    mapper = MapperProcess(tmp_path, devices, broker, node=node)
-    with TwinStore.open(mapper.twin_path) as store:
-        store.sync_devices(load([devices]).devices.values())
-        store.record([], [OutMessage(f"mapper/{node}/default/+/count", {"n": 1}, sequenced=False),
-                          OutMessage(f"mapper/{node}/default/lamp/note", {"n": 2}, sequenced=False)])
+    mapper = _mapper_with_queued(broker, tmp_path, node, [
+        OutMessage(f"mapper/{node}/default/+/count", {"n": 1}, sequenced=False),
+        OutMessage(f"mapper/{node}/default/lamp/note", {"n": 2}, sequenced=False)])
     with broker.client("app") as app:
         assert not app.subscribe(f"mapper/{node}/default/lamp/note").is_failure
         with mapper:
@@ -171,16 +181,14 @@ def test_messages_the_brokers_acl_refuses_are_dropped_and_do_not_stop_the_rest(b
     refusal (0x87). Each is dropped, counted and logged, and everything behind them goes out.
     The refusals used to be lost on the fast path, and after `max_inflight` of them the mapper
     published nothing more at all, silently."""
-    from devices.loader import load
-    from twin.store import OutMessage, TwinStore
+    from twin.store import OutMessage
 
-    devices = write_devices(tmp_path / "devices", ["lamp"])
     node = "refused"
-    mapper = MapperProcess(tmp_path, devices, broker, node=node, extra="  max_inflight: 5\n  protocol: '5'\n")
-    with TwinStore.open(mapper.twin_path) as store:
-        store.sync_devices(load([devices]).devices.values())
-        store.record([], [OutMessage(f"home/{node}/lamp/{i}", {"n": i}, sequenced=False) for i in range(40)]
-                     + [OutMessage(f"mapper/{node}/default/lamp/note", {"n": 40}, sequenced=False)])
+    mapper = _mapper_with_queued(
+        broker, tmp_path, node,
+        [OutMessage(f"home/{node}/lamp/{i}", {"n": i}, sequenced=False) for i in range(40)]
+        + [OutMessage(f"mapper/{node}/default/lamp/note", {"n": 40}, sequenced=False)],
+        extra="  max_inflight: 5\n  protocol: '5'\n")
     with broker.client("app") as app:
         assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
         with mapper:
