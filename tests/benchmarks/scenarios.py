@@ -401,11 +401,13 @@ def _inference_extra() -> str | None:
             "      properties: [temperature, humidity]\n      stride: 1\n")
 
 
-def _windows_decided(mapper: Mapper, since_s: float, until_s: float) -> int:
-    """Inference windows the mapper decided whose last step is between two wall-clock times."""
+def _windows(mapper: Mapper, since_s: float, until_s: float) -> tuple[int, int]:
+    """(windows, of them offloaded) whose last step is between two wall-clock times."""
     with mapper.db() as db:
-        return db.execute("SELECT count(*) FROM inference_decisions WHERE window_end_ts BETWEEN ? AND ?",
-                          (int(since_s * 1000), int(until_s * 1000))).fetchone()[0]
+        n, offloaded = db.execute(
+            "SELECT count(*), count(request_id) FROM inference_decisions WHERE window_end_ts BETWEEN ? AND ?",
+            (int(since_s * 1000), int(until_s * 1000))).fetchone()
+    return n, offloaded
 
 
 def _inference_window_readings() -> int:
@@ -480,7 +482,8 @@ def cost(ctx: Context) -> ScenarioResult:
         f"starts its sequence over, and windows across that seam are decided differently); a variant whose "
         f"window did not get one decided window per tick is left out (and says so); "
         f"with a `mapper cloud-worker` on the broker answering its offloads (in the cloud, not measured), "
-        f"and once more with no worker.")
+        f"once more with no worker, and once with threshold 0 (every window decided at the edge, none offloaded); "
+        f"the details give how many of each variant's measured windows were offloaded.")
     cpu = r.metric("CPU-s/hour [20 props @ 1 Hz]", "s/h", baseline_name="bare paho 20 values/s",
                    higher_is_better=False, target="< 10 CPU-s/h")
     rss = r.metric("RSS [20 props]", "MiB", baseline_name="bare paho RSS", higher_is_better=False, target="< 40 MiB")
@@ -496,6 +499,9 @@ def cost(ctx: Context) -> ScenarioResult:
     iworkerless = r.metric("CPU-s/hour [+1 inference window/s, no cloud worker]", "s/h", higher_is_better=False,
                            note="offloaded windows wait for their deadline and are resent until they expire"
                            + " (full mode only, first run only)")
+    iedge = r.metric("CPU-s/hour [+1 inference window/s, all decided at the edge]", "s/h", higher_is_better=False,
+                     note="threshold 0: no window is offloaded; the window, the edge model, the decision's row "
+                     "and its message (full mode only, first run only)")
     irss = r.metric("RSS [+inference]", "MiB", higher_is_better=False, target="< 80 MiB",
                     note="full mode only" if plan.quick and inference else "")
     plain_irss = r.metric("RSS [+inference, plain `mapper run`]", "MiB", higher_is_better=False,
@@ -514,6 +520,7 @@ def cost(ctx: Context) -> ScenarioResult:
     for i in range(max(1, plan.repeats - 1)):
         results: dict[str, Measured] = {}
         windows: dict[str, int] = {}  # inference windows decided in each inference variant's measuring window
+        offloaded: dict[str, int] = {}  # of them, offloaded to the cloud worker
         # One at a time: on a 2-core machine, processes measured side by side inflate each other's CPU.
         tmp = ctx.tmp(f"cost-{i}")
         with Mapper(tmp, _pi_devices(tmp / "devices"), ctx.broker, env=service_env) as mapper:
@@ -537,17 +544,20 @@ def cost(ctx: Context) -> ScenarioResult:
             raw.wait(10)
         if inference and not plan.quick:
             # The no-worker variant is a side figure: measured once per full run.
-            variants = (("inference", True),) if i else (("inference", True), ("inference-no-worker", False))
-            for label, worker in variants:
+            # So is the edge-only one (threshold 0: every window decided on the device).
+            variants = (("inference", True, ""),) if i else (
+                ("inference", True, ""), ("inference-no-worker", False, ""),
+                ("inference-edge-only", False, "      threshold: 0.0\n"))
+            for label, worker, more in variants:
                 itmp = ctx.tmp(f"cost-{label}-{i}")
                 with contextlib.ExitStack() as stack:
                     if worker:
                         stack.enter_context(cloud_worker(ctx, itmp))
                     extra = stack.enter_context(Mapper(itmp, _pi_devices(itmp / "devices"), ctx.broker,
-                                                       MapperOptions(extra=inference), env=service_env))
+                                                       MapperOptions(extra=inference + more), env=service_env))
                     extra.wait_ready()
                     measured = _measure(extra.pid, inference_warmup_s, plan.cost_s)
-                    windows[label] = _windows_decided(extra, measured.wall_start, measured.wall_end)
+                    windows[label], offloaded[label] = _windows(extra, measured.wall_start, measured.wall_end)
                 if windows[label] >= round(plan.cost_s):  # one a second: the window's ticks
                     results[label] = measured
                 else:  # not what the figure claims to measure: left out, and said so in the details
@@ -571,12 +581,16 @@ def cost(ctx: Context) -> ScenarioResult:
             irss.values.append(results["inference"][1])
         if "inference-no-worker" in results:
             iworkerless.values.append(results["inference-no-worker"][0] - results["mapper"][0])
+        if "inference-edge-only" in results:
+            iedge.values.append(results["inference-edge-only"][0] - results["mapper"][0])
         if "inference-plain" in results:
             plain_irss.values.append(results["inference-plain"][1])
         r.details.append({"run": i, **{k: {"cpu_s_per_hour": v[0], "rss_mib": v[1], "hwm_mib": v[2],
-                                           **({"windows_decided": windows[k]} if k in windows else {})}
+                                           **({"windows_decided": windows[k], "offloaded": offloaded[k]}
+                                              if k in windows else {})}
                                        for k, v in results.items()},
-                          **{k: {"left_out": True, "windows_decided": n} for k, n in windows.items()
+                          **{k: {"left_out": True, "windows_decided": n, "offloaded": offloaded[k]}
+                             for k, n in windows.items()
                              if k not in results}})
     return r
 
