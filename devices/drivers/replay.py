@@ -17,16 +17,22 @@ reload) and again when it is opened: the first bad row is an error naming the fi
 (a timestamp that is empty, unreadable, not finite or earlier than the row before; a row with
 more or fewer fields than the header). An empty property cell is allowed: a read that meets
 it fails, retryable.
+
+The check at load reads the file a piece at a time and keeps nothing. open() reads it again (so
+a file changed since the load is what plays, or fails to open) and keeps it compactly: its text,
+and where each row starts and its time in two arrays; a row is split into fields when it is read.
+Loading and opening an 11 MB CSV took 254 MiB of RSS with a dict a row, 54 MiB so.
 """
 
 from __future__ import annotations
 
 import bisect
 import csv
-import io
 import math
+import re
 import time
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -69,47 +75,159 @@ def _timestamp(text: str) -> float:
     return number
 
 
-def read_series(path: Path) -> tuple[list[float], list[dict[str, str]]]:
-    """The rows of a replay CSV and their times in seconds from the first row.
+# The lines of a text as `open(..., newline="")` gives them (a line ends at \n, \r or \r\n,
+# which it keeps), without io.StringIO: that holds a copy of the text four bytes a character.
+_LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
+
+
+def _lines(text: str) -> Iterator[str]:
+    return (match.group() for match in _LINE.finditer(text))
+
+
+def _decode(path: Path, data: bytes) -> str:
+    """The text of a replay file; DriverError at the line of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8-sig")  # Excel starts its UTF-8 CSVs with a byte-order mark
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DriverError(f"replay file {path}:{line}: not UTF-8 text ({exc.reason})") from None
+
+
+class Series:
+    """A replay CSV held compactly: its text, where each row starts in it and each row's time in
+    seconds from the first row (arrays of numbers, not a dict of strings a row: an 11 MB CSV
+    took some 220 MiB as dicts). A row's fields are split when it is read."""
+
+    __slots__ = ("columns", "starts", "text", "times", "timestamp")
+
+    def __init__(self, text: str, starts: array, times: array, header: list[str]) -> None:
+        self.text = text
+        self.starts = starts  # row i is text[starts[i]:starts[i + 1]] (with any blank lines after it)
+        self.times = times
+        # Where each column is in a row; a name given twice is its last column, as csv.DictReader has it.
+        self.columns = {name: i for i, name in enumerate(header)}
+        self.timestamp = self.columns["timestamp"]
+
+    def __len__(self) -> int:
+        return len(self.times)
+
+    def row(self, index: int) -> list[str]:
+        return next(csv.reader(_lines(self.text[self.starts[index]:self.starts[index + 1]])))
+
+
+def _fields(header: list[str], row: list[str]) -> int:
+    """How many fields csv.DictReader finds in `row` (it merges columns whose names repeat)."""
+    if len(set(header)) == len(header):
+        return len(row)
+    d: dict[str | None, Any] = dict(zip(header, row))
+    if len(header) < len(row):
+        d[None] = row[len(header):]
+    else:
+        d.update(dict.fromkeys(header[len(row):]))
+    return sum(v is not None for k, v in d.items() if k is not None) + len(d.get(None) or ())
+
+
+def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, list[str]]:
+    """Check the rows of a replay CSV: (the position of each row in the text, if `keep`, and the
+    end; each row's time in seconds from the first row, if `keep`; the header).
+
+    Raises DriverError naming the file and line of the first problem.
+    """
+    consumed = 0
+
+    def counted() -> Iterator[str]:
+        nonlocal consumed
+        for line in lines:
+            consumed += len(line)
+            yield line
+
+    reader = csv.reader(counted())
+    starts, times = array("q"), array("d")
+    first = last = 0.0
+    previous = ""
+    rows = 0
+    try:
+        header = next(reader, None)
+        if not header or "timestamp" not in header:
+            raise DriverError(f"replay file {path}:1: needs a header with a 'timestamp' column"
+                              f" (found: {', '.join(header or []) or 'nothing'})")
+        column = {name: i for i, name in enumerate(header)}["timestamp"]
+        start = consumed
+        for row in reader:
+            if not row:  # a blank line, which csv.DictReader skips
+                start = consumed
+                continue
+            where = f"replay file {path}:{reader.line_num}"
+            fields = _fields(header, row)
+            if fields != len(header):
+                raise DriverError(f"{where}: the row has {fields} field(s), the header has {len(header)}")
+            text = row[column]
+            try:
+                stamp = _timestamp(text)
+            except ValueError as exc:
+                raise DriverError(f"{where}: {exc}") from None
+            if rows and stamp < last:
+                raise DriverError(f"{where}: timestamp {text!r} is earlier than the row before"
+                                  f" ({previous!r}): rows must be in time order")
+            if not rows:
+                first = stamp
+            last, previous = stamp, text
+            rows += 1
+            if keep:
+                starts.append(start)
+                times.append(stamp - first)
+            start = consumed
+    except csv.Error as exc:
+        raise DriverError(f"replay file {path}:{reader.line_num}: not valid CSV: {exc}") from None
+    if not rows:
+        raise DriverError(f"replay file {path}: no rows after the header")
+    starts.append(consumed)
+    return starts, times, header
+
+
+def check_series(path: Path) -> None:
+    """Check a replay CSV as `read_series` does, a line at a time: its rows are not kept.
 
     Raises DriverError naming the file and line of the first problem.
     """
     try:
-        data = path.read_bytes()
+        # newline="": the csv module reads line ends itself (and quoted fields may hold them).
+        with open(path, encoding="utf-8-sig", newline="") as file:
+            try:
+                _scan(path, file, keep=False)
+            except DriverError:
+                # read_series decodes the whole file before it reads a row: a byte that is not
+                # UTF-8 is the error it reports, even after a bad row.
+                while file.read(1 << 16):
+                    pass
+                raise
+    except UnicodeDecodeError:
+        pass  # at which line: see below, as read_series says it
     except OSError as exc:
         raise DriverError(f"cannot open replay file {path}: {exc}") from exc
+    else:
+        return
+    _decode(path, _read(path))
+    raise DriverError(f"replay file {path}: not UTF-8 text")  # UTF-8 now: it changed meanwhile
+
+
+def _read(path: Path) -> bytes:
     try:
-        text = data.decode("utf-8-sig")  # Excel starts its UTF-8 CSVs with a byte-order mark
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DriverError(f"replay file {path}:{line}: not UTF-8 text ({exc.reason})") from None
-    reader = csv.DictReader(io.StringIO(text, newline=""))
-    times: list[float] = []
-    rows: list[dict[str, str]] = []
-    try:
-        header = reader.fieldnames
-        if not header or "timestamp" not in header:
-            raise DriverError(f"replay file {path}:1: needs a header with a 'timestamp' column"
-                              f" (found: {', '.join(header or []) or 'nothing'})")
-        for row in reader:
-            where = f"replay file {path}:{reader.line_num}"
-            fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or ())
-            if fields != len(header):
-                raise DriverError(f"{where}: the row has {fields} field(s), the header has {len(header)}")
-            try:
-                stamp = _timestamp(row["timestamp"])
-            except ValueError as exc:
-                raise DriverError(f"{where}: {exc}") from None
-            if times and stamp < times[-1]:
-                raise DriverError(f"{where}: timestamp {row['timestamp']!r} is earlier than the row before"
-                                  f" ({rows[-1]['timestamp']!r}): rows must be in time order")
-            times.append(stamp)
-            rows.append(row)
-    except csv.Error as exc:
-        raise DriverError(f"replay file {path}:{reader.reader.line_num}: not valid CSV: {exc}") from None
-    if not rows:
-        raise DriverError(f"replay file {path}: no rows after the header")
-    return [t - times[0] for t in times], rows
+        return path.read_bytes()
+    except OSError as exc:
+        raise DriverError(f"cannot open replay file {path}: {exc}") from exc
+
+
+def read_series(path: Path) -> Series:
+    """The rows of a replay CSV and their times in seconds from the first row.
+
+    Raises DriverError naming the file and line of the first problem.
+    """
+    data = _read(path)
+    text = _decode(path, data)
+    del data  # the text is the copy kept
+    starts, times, header = _scan(path, _lines(text), keep=True)
+    return Series(text, starts, times, header)
 
 
 def _resolve(device: DeviceDefinition, config: ReplayConfig) -> Path:
@@ -131,8 +249,7 @@ class ReplayDriver(Driver):
         super().__init__(device)
         self.config: ReplayConfig
         self._clock = clock
-        self._times: list[float] = []
-        self._rows: list[dict[str, str]] = []
+        self._series: Series | None = None
         self._period = 0.0  # when looping, the first row comes again after this many seconds
         self._started = 0.0
         self._cursors: dict[str, int] = {}
@@ -140,22 +257,23 @@ class ReplayDriver(Driver):
     @classmethod
     def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
         try:
-            read_series(_resolve(device, device.protocol_config))
+            check_series(_resolve(device, device.protocol_config))
         except DriverError as exc:
             yield "spec.protocol.configData.file", str(exc)
 
     def open(self) -> None:
+        self._series = None  # a reopen holds one copy of the file, not two
         try:
-            times, rows = read_series(_resolve(self.device, self.config))
+            series = read_series(_resolve(self.device, self.config))
         except DriverError as exc:
             raise DriverError(f"{self.device.id}: {exc}") from None
-        span = times[-1]
+        span = series.times[-1]
         # The last row is held for one row interval, as every other row is (on average).
-        self._period = span + span / (len(times) - 1) if span else 0.0
-        self._times, self._rows = times, rows
+        self._period = span + span / (len(series) - 1) if span else 0.0
+        self._series = series
         self._started = self._clock()
 
-    def _row(self, name: str) -> dict[str, str]:
+    def _row(self, series: Series, name: str) -> list[str]:
         if self.config.speed == 0:
             # Each property walks the file on its own, one row per read.
             index = self._cursors.get(name, 0)
@@ -164,19 +282,20 @@ class ReplayDriver(Driver):
             elapsed = (self._clock() - self._started) * self.config.speed
             if self.config.loop and self._period and elapsed >= self._period:
                 elapsed %= self._period
-            index = bisect.bisect_right(self._times, elapsed) - 1
-        if index >= len(self._rows):
-            index = index % len(self._rows) if self.config.loop else len(self._rows) - 1
-        return self._rows[max(index, 0)]
+            index = bisect.bisect_right(series.times, elapsed) - 1
+        if index >= len(series):
+            index = index % len(series) if self.config.loop else len(series) - 1
+        return series.row(max(index, 0))
 
     def read(self, prop: PropertyDefinition) -> Any:
-        if not self._rows:
+        series = self._series
+        if series is None:
             raise ReadError(f"{self.device.id}: replay file not open", retryable=False)
         column = prop.visitor.column or prop.name
-        row = self._row(prop.name)
-        if column not in row:
+        row = self._row(series, prop.name)
+        if column not in series.columns:
             raise ReadError(f"{self.device.id}: column {column!r} not in replay file", retryable=False)
-        value = row[column]
-        if value in ("", None):
-            raise ReadError(f"{self.device.id}: no value for {column!r} at t={row['timestamp']}", retryable=True)
+        value = row[series.columns[column]]
+        if value == "":
+            raise ReadError(f"{self.device.id}: no value for {column!r} at t={row[series.timestamp]}", retryable=True)
         return value
