@@ -355,3 +355,21 @@ def test_twin_set_refuses_a_device_no_longer_in_the_files(tmp_path):
     assert refused.returncode == 1 and "no longer in the device files" in refused.stderr, refused.stderr
     accepted = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
     assert accepted.returncode == 0, accepted.stderr
+
+
+def test_kubeedge_mode_without_the_kubeedge_extra_is_a_config_error(tmp_path):
+    """A core-only install (`pip install .`, no grpcio/protobuf) and a `mode: kubeedge` config:
+    `mapper run` and `mapper install-service` refuse it at once, naming the extra, as they do for
+    inference without the `ml` extra. `mapper run` used to die with a ModuleNotFoundError traceback."""
+    site = tmp_path / "no-grpc"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['grpc'] = None\n")
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=(
+        f"mode: kubeedge\nkubeedge: {{name: dht, protocol: dht, edgecore_socket: {tmp_path}/dmi.sock,"
+        f" socket: {tmp_path}/dht.sock}}\n"))
+    for args in (("run",), ("install-service", "--dry-run")):
+        done = mapper(*args, "--config", str(config), env={"PYTHONPATH": str(site)})
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "mode: kubeedge: needs grpc" in done.stderr and "`kubeedge` extra" in done.stderr, done.stderr
+    assert not (tmp_path / "twin.db").exists()
