@@ -89,3 +89,17 @@ def test_container_image_runs_with_the_service_units_memory_tuning() -> None:
     assert compile_steps and all("python -OO -m compileall" in line for line in compile_steps)
     install = runtime.index("pip install")
     assert all(runtime.index(line) > install for line in compile_steps)  # after the packages are in place
+
+
+def test_container_build_copies_what_pyproject_names() -> None:
+    """The build stage builds the wheel from what it copied: pyproject.toml's `readme` and
+    `license-files` must be there too. Without them setuptools only warns today (a wheel without
+    its licence text and description) and refuses the build after its deprecation date."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    build = dockerfile.split("\nFROM ")[1]  # the first stage builds the wheels
+    copied = {src for line in build.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]}
+    named = {project["readme"], *project["license-files"]}
+    assert not named - copied, f"{sorted(named - copied)} not copied into the build stage"
