@@ -27,7 +27,8 @@ It relies on paho internals (`_sock`, `_sock_recv`, `_in_packet`, `_handle_pubac
 `_mid_generate`, `_out_packet`, `_protocol`, `_msgtime_mutex`, `_last_bytes_received`,
 `_registered_write`, `loop_read`, `loop_write`); `install()` checks for them and leaves the
 client untouched if a paho release renamed any of them. `tests/test_paho_fastpath.py` checks
-it is active with the paho version we pin, and that every part of it is used.
+it is active with the paho version installed (pyproject.toml sets only a lower bound), and that
+every part of it is used.
 """
 
 from __future__ import annotations
