@@ -22,7 +22,7 @@ from devices.errors import DefinitionError, Problem
 from devices.loader import describe, field_name, read_documents, validation_problems
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
-from mapper.inference.settings import InferenceSettings, _importable, missing_ml_packages
+from mapper.inference.settings import InferenceSettings, importable, missing_ml_packages
 
 ENV_PREFIX = "MAPPER_"
 
@@ -95,7 +95,7 @@ class MapperConfig(_Section):
         if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
             raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
                              f"install the `ml` extra (pip install 'mapper[ml]'), or remove the `inference:` section")
-        if self.mode == "kubeedge" and (missing := [m for m in ("grpc", "google.protobuf") if not _importable(m)]):
+        if self.mode == "kubeedge" and (missing := [m for m in ("grpc", "google.protobuf") if not importable(m)]):
             raise ValueError(f"{source}: mode: kubeedge: needs {' and '.join(missing)}, not installed here: "
                              f"install the `kubeedge` extra (pip install 'mapper[kubeedge]': grpcio, protobuf)")
 

@@ -215,10 +215,11 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
 
 def missing_ml_packages() -> list[str]:
     """What inference needs and this install lacks (a laptop with the core install only)."""
-    return [name for name in ("numpy", "onnxruntime") if not _importable(name)]
+    return [name for name in ("numpy", "onnxruntime") if not importable(name)]
 
 
-def _importable(name: str) -> bool:
+def importable(name: str) -> bool:
+    """Whether `name` can be imported here, without importing it."""
     try:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):  # a module set to None in sys.modules, a broken package
