@@ -80,7 +80,8 @@ class Pins(Protocol):
 
 # -- RPi.GPIO (and rpi-lgpio on a Pi 5) ------------------------------------------------------
 
-_INSTALL_HINT = "install it with `pip install RPi.GPIO` (Pi 1-4) or `pip install rpi-lgpio` (Pi 5)"
+_INSTALL_HINT = ("install the `pi` extra, or by hand `pip install rpi-lgpio` (64-bit Pi OS, Pi 4 and 5)"
+                 " or `pip install RPi.GPIO` (32-bit Pi OS)")
 
 
 class RPiGPIOPins:

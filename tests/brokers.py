@@ -297,9 +297,12 @@ class MosquittoBroker:
             msg = "mosquitto not found; call ensure_mosquitto_installed() first"
             raise BrokerError(msg)
         self._log = self.log_path.open("ab")
+        # A process group of its own: a Ctrl-C meant for the program that runs it (the demo, a test
+        # run) must not stop the broker before that program has stopped its clients; stop() and
+        # PR_SET_PDEATHSIG still end it.
         self._process = subprocess.Popen(  # noqa: S603
             [binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # noqa: PLW1509
+            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509
         _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         for port in self.ports.values():

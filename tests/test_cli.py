@@ -134,6 +134,18 @@ def test_mqtt_paths_are_relative_to_the_config_file_for_the_mapper_and_the_worke
         assert mqtt.tls.key_file == Path("/abs/me.key")
 
 
+def test_kubeedge_state_file_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    """`kubeedge.state_file: state/ke.json` means beside the config file, as every other path of the
+    config does (it was refused: "must be an absolute path")."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    (tmp_path / "etc").mkdir()
+    monkeypatch.chdir(tmp_path / "dev")  # elsewhere than the config file
+    config = load_config(write_config(tmp_path / "etc" / "c.yaml", devices, tmp_path / "t.db", extra=(
+        f"kubeedge: {{name: dht, protocol: dht, edgecore_socket: {tmp_path}/dmi.sock,"
+        f" socket: {tmp_path}/dht.sock, state_file: state/ke.json}}\n")))
+    assert config.kubeedge.state_file == tmp_path / "etc" / "state" / "ke.json"
+
+
 def test_twin_commands_do_not_create_a_twin_where_there_is_none(tmp_path):
     """A wrong twin.path: each twin command says there is no twin there, and leaves nothing behind."""
     devices = write_devices(tmp_path / "dev", ["lamp"])

@@ -6,23 +6,47 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_shows_telemetry_and_an_applied_desired_value():
-    """`scripts/demo.py --duration 5` prints live readings, the twin exchange, decisions and a clean stop."""
-    # Its own process group: if it hangs, its broker, mapper and worker go down with it.
-    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--duration", "5"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    """`scripts/demo.py` prints live readings, the twin exchange and decisions, and stops cleanly on
+    Ctrl-C: the terminal sends SIGINT to its whole process group (the broker too), and the mapper
+    still hands every reading to the broker before it goes (the broker used to die first)."""
+    # Its own process group, as a terminal gives it: if it hangs, its broker, mapper and worker go down with it.
+    demo = subprocess.Popen([sys.executable, "scripts/demo.py", "--duration", "60"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    ready = threading.Event()  # the desired value applied and reported, windows decided at the edge and by the worker
+
+    def read() -> None:
+        assert demo.stdout is not None
+        for line in demo.stdout:
+            lines.append(line)
+            text = "".join(lines)
+            if all(s in text for s in ("came back as reported", "data   fan-relay.power = True",
+                                       "(cloud exit, confidence ", "(edge exit, confidence ")):
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        out, err = demo.communicate(timeout=120)
+        assert ready.wait(90), "".join(lines)[-3000:]
+        os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
+        demo.wait(timeout=60)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGKILL)
-            demo.communicate()
-    assert demo.returncode == 0, err[-2000:]
+            demo.wait()
+        reader.join(10)
+        demo.stdout.close()
+    out = "".join(lines)
+    assert demo.returncode == 0, out[-3000:]
+    log = (REPO / "state" / "demo" / "mapper.log").read_text()
+    assert "MQTT connection" not in log, log[-2000:]  # the broker outlived the mapper
 
     def shows(text: str) -> None:
         assert text in out, f"{text!r} is not in the demo's output:\n{out[-3000:]}"

@@ -63,7 +63,8 @@ class KubeEdgeSettings(_Section):
     # Do not raise these against a real edgecore: calls over its limit are refused.
     rate_per_s: float = Field(default=1.0, gt=0)
     burst: int = Field(default=100, ge=1)
-    # Last known devices and models from edgecore (JSON). Default: beside the twin file.
+    # Last known devices and models from edgecore (JSON). Default: beside the twin file. A relative
+    # path is relative to the config file, as every path of the config is (see mapper.config.load).
     state_file: Path | None = None
 
     @model_validator(mode="before")
@@ -86,13 +87,6 @@ class KubeEdgeSettings(_Section):
         if not value.is_absolute():
             raise ValueError(f"socket {str(value)!r} must be an absolute path (edgecore dials it as given)")
         return _socket_path(value, bound_here=True)
-
-    @field_validator("state_file")
-    @classmethod
-    def _state_file(cls, value: Path | None) -> Path | None:
-        if value is not None and not value.is_absolute():
-            raise ValueError(f"state_file {str(value)!r} must be an absolute path")
-        return value
 
     @field_validator("edgecore_socket")
     @classmethod
