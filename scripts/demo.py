@@ -21,7 +21,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from brokers import MosquittoBroker, ensure_mosquitto_installed  # noqa: E402
+from brokers import MosquittoBroker, die_with_parent, ensure_mosquitto_installed  # noqa: E402
 
 STATE = ROOT / "state" / "demo"
 NODE = "demo-node"
@@ -58,9 +58,12 @@ def write_config(broker: MosquittoBroker) -> Path:
 
 
 def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A mapper process in a process group of its own: Ctrl-C reaches the demo alone, which stops
+    the worker, then the mapper (it hands its last messages to the broker), then the broker. It
+    still dies with the demo (PR_SET_PDEATHSIG) if the demo is killed."""
     with log.open("w") as handle:
         return subprocess.Popen([sys.executable, "-m", "mapper", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                cwd=ROOT)
+                                cwd=ROOT, process_group=0, preexec_fn=die_with_parent)  # noqa: PLW1509
 
 
 class LiveView:
@@ -163,9 +166,8 @@ def main() -> int:
                 stop.wait(0.2)
         finally:
             view.close()
-            for process in processes:
+            for process in processes:  # the worker first: no answer comes while the mapper stops
                 process.send_signal(signal.SIGTERM)
-            for process in processes:
                 process.wait(timeout=20)
         devices = subprocess.run([sys.executable, "-m", "mapper", "devices", "--config", str(config)],
                                  capture_output=True, text=True, cwd=ROOT)

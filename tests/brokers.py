@@ -191,8 +191,9 @@ def _listener_ports(conf: Path) -> list[int]:
     return [int(words[1]) for words in lines if len(words) >= 2 and words[0] == "listener"]  # noqa: PLR2004
 
 
-def _die_with_parent() -> None:
-    # [Linux] SIGTERM the broker if the thread that started it dies, e.g. a killed pytest.
+def die_with_parent() -> None:
+    # [Linux] SIGTERM the process (a broker, the demo's mapper) if the thread that started it dies,
+    # e.g. a killed pytest.
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -302,7 +303,7 @@ class MosquittoBroker:
         # PR_SET_PDEATHSIG still end it.
         self._process = subprocess.Popen(  # noqa: S603
             [binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent, process_group=0)  # noqa: PLW1509
+            stderr=subprocess.STDOUT, preexec_fn=die_with_parent, process_group=0)  # noqa: PLW1509
         _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         for port in self.ports.values():
