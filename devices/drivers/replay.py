@@ -15,8 +15,8 @@ visitors.configData:
 The file is checked whole when the device is loaded (`mapper validate`, `mapper run`, a
 reload) and again when it is opened: the first bad row is an error naming the file and line
 (a timestamp that is empty, unreadable, not finite or earlier than the row before; a row with
-more or fewer fields than the header). An empty property cell is allowed: a read that meets
-it fails, retryable.
+more or fewer fields than the header; a header that names a column twice). An empty property
+cell is allowed: a read that meets it fails, retryable.
 
 The check at load reads the file a piece at a time and keeps nothing. open() reads it again (so
 a file changed since the load is what plays, or fails to open) and keeps it compactly: its text,
@@ -32,6 +32,7 @@ import math
 import re
 import time
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -104,8 +105,7 @@ class Series:
         self.text = text
         self.starts = starts  # row i is text[starts[i]:starts[i + 1]] (with any blank lines after it)
         self.times = times
-        # Where each column is in a row; a name given twice is its last column, as csv.DictReader has it.
-        self.columns = {name: i for i, name in enumerate(header)}
+        self.columns = {name: i for i, name in enumerate(header)}  # where each column is in a row
         self.timestamp = self.columns["timestamp"]
 
     def __len__(self) -> int:
@@ -113,18 +113,6 @@ class Series:
 
     def row(self, index: int) -> list[str]:
         return next(csv.reader(_lines(self.text[self.starts[index]:self.starts[index + 1]])))
-
-
-def _fields(header: list[str], row: list[str]) -> int:
-    """How many fields csv.DictReader finds in `row` (it merges columns whose names repeat)."""
-    if len(set(header)) == len(header):
-        return len(row)
-    d: dict[str | None, Any] = dict(zip(header, row))
-    if len(header) < len(row):
-        d[None] = row[len(header):]
-    else:
-        d.update(dict.fromkeys(header[len(row):]))
-    return sum(v is not None for k, v in d.items() if k is not None) + len(d.get(None) or ())
 
 
 def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, list[str]]:
@@ -151,16 +139,18 @@ def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, l
         if not header or "timestamp" not in header:
             raise DriverError(f"replay file {path}:1: needs a header with a 'timestamp' column"
                               f" (found: {', '.join(header or []) or 'nothing'})")
-        column = {name: i for i, name in enumerate(header)}["timestamp"]
+        if twice := sorted(name for name, n in Counter(header).items() if n > 1):
+            raise DriverError(f"replay file {path}:1: the header names "
+                              f"{', '.join(repr(n) for n in twice)} more than once: which column is which?")
+        column = header.index("timestamp")
         start = consumed
         for row in reader:
             if not row:  # a blank line, which csv.DictReader skips
                 start = consumed
                 continue
             where = f"replay file {path}:{reader.line_num}"
-            fields = _fields(header, row)
-            if fields != len(header):
-                raise DriverError(f"{where}: the row has {fields} field(s), the header has {len(header)}")
+            if len(row) != len(header):
+                raise DriverError(f"{where}: the row has {len(row)} field(s), the header has {len(header)}")
             text = row[column]
             try:
                 stamp = _timestamp(text)
