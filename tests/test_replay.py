@@ -252,3 +252,15 @@ def test_rows_are_read_back_as_written(tmp_path):
     driver.open()
     v = driver.device.prop("v")
     assert [driver.read(v) for _ in range(6)] == ["two\r\nlines", "a, b", "café", '"quoted"', "€", "€"]
+
+
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"])
+def test_a_byte_that_is_not_utf8_is_reported_at_its_line_whatever_the_line_ends(tmp_path, end):
+    """Line numbers count the line ends the csv module reads (\\n, \\r\\n, \\r): a file with old
+    Mac line ends had every byte that is not UTF-8 at line 1."""
+    (tmp_path / "series.yaml").write_text(SERIES)
+    (tmp_path / "series.csv").write_bytes(end.join(["timestamp,v", "0,a", "5,b", "9,\xff", ""]).encode("latin-1"))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path])
+    (message,) = [str(p) for p in info.value.problems]
+    assert message.endswith("series.csv:4: not UTF-8 text (invalid start byte)"), message

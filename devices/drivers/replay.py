@@ -79,6 +79,7 @@ def _timestamp(text: str) -> float:
 # The lines of a text as `open(..., newline="")` gives them (a line ends at \n, \r or \r\n,
 # which it keeps), without io.StringIO: that holds a copy of the text four bytes a character.
 _LINE = re.compile(r"[^\r\n]*(?:\r\n?|\n)|[^\r\n]+")
+_LINE_END = re.compile(rb"\r\n?|\n")
 
 
 def _lines(text: str) -> Iterator[str]:
@@ -90,7 +91,8 @@ def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")  # Excel starts its UTF-8 CSVs with a byte-order mark
     except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
+        # Lines end at \n, \r or \r\n, as the csv module reads them (an old Mac's file has no \n).
+        line = len(_LINE_END.findall(data, 0, exc.start)) + 1
         raise DriverError(f"replay file {path}:{line}: not UTF-8 text ({exc.reason})") from None
 
 
