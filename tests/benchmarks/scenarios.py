@@ -333,7 +333,7 @@ def twin_store(ctx: Context) -> ScenarioResult:
                              baseline_name="raw executemany rows/s") if with_outbox and batch == 100 else None
         # Like for like: raw storing what the mapper stores here, each reading and its message.
         with_messages = r.metric(f"readings/s [{label}] against raw with outbox rows", "1/s",
-                                 baseline_name="raw executemany readings + outbox rows/s",
+                                 baseline_name="raw executemany readings/s, with outbox rows",
                                  note="raw also inserts each reading's message (topic, payload, qos) "
                                  "into an outbox table in the same transaction") if with_outbox else None
         for i in range(plan.repeats):
