@@ -8,6 +8,11 @@ deleted, telemetry carried in history rows moves the published cursor). After a 
 everything not yet acknowledged is sent again: duplicates are possible (QoS 1 allows them)
 and the `seq` field reveals them.
 
+Rows may be offered out of commit order: each caller offers after its own await of the twin
+thread (a reading batch's commit comes back through one more hop than a twin reply's), so a
+batch can be offered after a reply committed after it. Such rows are not taken live (rows
+above them may have gone out already); the backlog is read again from just before them.
+
 Publishing does not await each message: rows are handed to the connection (`publish_nowait`)
 while fewer than `max_inflight` are unacknowledged, and PUBACKs come back as message ids
 (`on_ack`), so a message costs no task, event or timer of its own. Each burst ends with
@@ -58,6 +63,7 @@ class OutboxPublisher:
         self._backlog = True            # the outbox may hold rows not in `_live`
         self._last_queued = 0           # highest id handed to the broker in this connection
         self._max_committed = 0         # highest id known to be committed
+        self._rewind: int | None = None  # read the backlog from after this id (rows offered out of order)
         self._acked: list[int] = []
         self._acked_since = 0.0         # monotonic time (the loop's clock) of the oldest ack in `_acked`
         self._wake = asyncio.Event()
@@ -77,7 +83,14 @@ class OutboxPublisher:
         bus.on_lost = self._on_lost
 
     def offer(self, rows: list[OutboxRow]) -> None:
-        """Rows just committed (called on the event loop right after the commit)."""
+        """Rows just committed (called on the event loop after the commit; rows of a later commit
+        may have been offered first)."""
+        first = rows[0].id
+        if first <= self._max_committed:
+            # Out of commit order: rows above these may be on their way already, and live rows
+            # and backlog reads alike skip ids up to the highest one handed to the broker.
+            self._rewind = first - 1 if self._rewind is None else min(self._rewind, first - 1)
+            self._backlog = True
         self._max_committed = max(self._max_committed, rows[-1].id)
         self.idle.clear()
         if self._backlog or not self._bus.connected.is_set() or len(self._live) >= LIVE_LIMIT:
@@ -161,27 +174,39 @@ class OutboxPublisher:
         self._live.clear()
         self._backlog = True
         self._last_queued = 0
+        self._rewind = None  # a new connection reads everything not acknowledged anyway
         self._failed.clear()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(5):
                 await self._bus.disconnected.wait()
 
-    async def _next_rows(self) -> list[OutboxRow]:
+    async def _next_rows(self) -> tuple[list[OutboxRow], bool]:
+        """The next rows to send, and whether they were read again from below the highest id
+        already handed to the broker (rows offered out of order: see `_drain`)."""
         while True:
             if self._failed.is_set() or not self._bus.connected.is_set():
                 raise aiomqtt.MqttError("disconnected")
             if self._backlog:
                 await self._flush_acks()
                 after = self._last_queued
+                rewind, self._rewind = self._rewind, None
+                again = rewind is not None and rewind < after
+                if again:
+                    after = rewind
                 committed_before = self._max_committed
                 try:
                     rows = await self._worker.call(lambda s: s.outbox_pending(after_id=after, limit=PAGE))
                 except Exception as exc:  # noqa: BLE001 - a locked twin: read the backlog again in a second
                     self._twin_trouble("cannot read the backlog", exc)
+                    if again:
+                        self._rewind = after if self._rewind is None else min(self._rewind, after)
                     await asyncio.sleep(1.0)
                     continue
                 if rows:
-                    return rows
+                    if again and len(rows) == PAGE and rows[-1].id < self._last_queued:
+                        # A full page below the rows already sent: the next page goes on from here.
+                        self._rewind = rows[-1].id if self._rewind is None else min(self._rewind, rows[-1].id)
+                    return rows, again
                 # Nothing left in the table. Rows offered while we read are in the table
                 # but not in memory: read again. Otherwise new rows will come live.
                 self._backlog = self._max_committed != committed_before
@@ -190,7 +215,7 @@ class OutboxPublisher:
             if self._live:
                 rows = list(self._live)
                 self._live.clear()
-                return rows
+                return rows, False
             if not self._inflight:
                 self.idle.set()
             self._wake.clear()
@@ -213,22 +238,26 @@ class OutboxPublisher:
         inflight = self._inflight
         window = self._max_inflight
         while True:
-            rows = await self._next_rows()
+            rows, again = await self._next_rows()
             # Rows acknowledged whose delete has not committed yet (the twin refused it) are still in
             # the outbox: read back after a reconnect, they must not go out a second time.
             held = set(self._acked) if self._acked else ()
+            # Read again from below the rows already sent (some were offered out of order): of the
+            # rows up to `_last_queued`, those in flight or acknowledged went out in this connection
+            # (acknowledged ones whose delete committed are not read back); the others did not.
+            sending = {r.id for r in inflight.values()} if again else ()
             for row in rows:
-                if row.id <= self._last_queued:
+                if row.id <= self._last_queued and (not again or row.id in sending):
                     continue
                 if row.id in held:
-                    self._last_queued = row.id
+                    self._last_queued = max(self._last_queued, row.id)
                     continue
                 if len(inflight) >= window:
                     bus.flush()
                     await self._wait_room()
                 if self._failed.is_set():
                     raise aiomqtt.MqttError("disconnected")
-                self._last_queued = row.id
+                self._last_queued = max(self._last_queued, row.id)
                 self._sending = True
                 try:
                     mid = bus.publish_nowait(row.topic, row.payload, qos=row.qos, retain=row.retain)

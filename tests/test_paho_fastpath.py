@@ -233,3 +233,39 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
                 break
         assert seen == Counter(f"r{i}" for i in range(15)), seen
         assert publisher.published == 15
+
+
+async def test_rows_offered_out_of_commit_order_all_go_out_on_the_same_connection(broker, tmp_path):
+    """Each caller offers its committed rows after its own await of the twin thread, and a reading
+    batch's commit comes back through one hop more than a twin reply's: a reply committed after a
+    batch can be offered, and sent, first. The batch's telemetry must still go out on this
+    connection. It was skipped (ids up to the highest one sent were taken as sent) and waited for a
+    reconnect or the next start, holding the published cursor back meanwhile; a clean stop left it
+    in the outbox (the stress audit's reproduction: a `mapper run` answering twin/get at 200/s)."""
+    from devices.ids import DeviceId
+    from twin.records import Reading
+
+    device = DeviceId("default", "dev")
+    with broker.client("app") as app:
+        app.subscribe("mapper/fastpath/default/dev/+")
+        async with _publishing(broker, tmp_path, ack_delay_s=0.2) as (_, worker, publisher, _):
+            async with asyncio.timeout(10):
+                await publisher.drain()  # the (empty) backlog is read: rows offered from now on go live
+            batch = [Reading(device, "count", i, 1000 + i) for i in range(5)]
+            carried = [OutMessage("mapper/fastpath/default/dev/count", {}, reading=r) for r in batch]
+            readings = await worker.call(lambda s: s.record(batch, carried))
+            reply = await worker.call(lambda s: s.record(
+                [], [OutMessage("mapper/fastpath/default/dev/reply", b"r", kind="twin", sequenced=False)]))
+            assert readings[-1].id < reply[0].id  # committed in that order
+            publisher.offer(reply)  # ... offered the other way round
+            async with asyncio.timeout(10):
+                await publisher.drain()
+            publisher.offer(readings)
+            async with asyncio.timeout(10):
+                await publisher.drain()
+            left = await worker.call(lambda s: s.outbox_pending())
+            assert left == [], f"committed, connected, and not sent: {[(r.topic, r.payload) for r in left]}"
+            assert publisher.published == 6
+        received = [app.next_message(timeout=10) for _ in range(6)]
+    assert received[0].topic.endswith("/reply")
+    assert [orjson.loads(m.payload)["value"] for m in received[1:]] == list(range(5))

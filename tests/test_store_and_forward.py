@@ -206,3 +206,52 @@ def test_messages_the_brokers_acl_refuses_are_dropped_and_do_not_stop_the_rest(b
     denied = {line.split("'")[1] for line in broker.log_path.read_text(errors="replace").splitlines()
               if "Denied PUBLISH" in line and f"'home/{node}/lamp/" in line}
     assert denied == {f"home/{node}/lamp/{i}" for i in range(40)}, sorted(denied)
+
+
+def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker, tmp_path):
+    """An app asks for a twin about 300 times a second while three devices read every 10 ms. A
+    reply committed right after a reading batch could be offered to the publisher before the batch
+    (its commit comes back through one hop fewer) and sent first; the batch's telemetry was then
+    skipped until the next reconnect or start: missing at the subscriber while connected, the
+    published cursor stuck behind it (the outbox depth growing by every reading since), and left in
+    the outbox by a clean stop. (synchronous=NORMAL: the reply's commit, without an fsync, lands
+    right behind the batch's. The race is timing-dependent: before the fix this test failed in 2 of
+    7 runs here; tests/test_paho_fastpath.py offers out of order deterministically.)"""
+    import time
+
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
+    collector = Collector(own_broker, "mapper/test-node/default/+/count")
+    mapper = MapperProcess(tmp_path, devices, own_broker, env={"MAPPER_TWIN__SYNCHRONOUS": "NORMAL"}).start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        with own_broker.client("app") as app:
+            assert not app.subscribe("mapper/test-node/default/+/+").is_failure  # all telemetry, as a dashboard
+            assert not app.subscribe("$hw/events/device/default/s1/twin/get/result").is_failure
+            end = time.monotonic() + 8
+            asked = 0
+            while time.monotonic() < end:  # the load: twin replies interleaved with reading batches
+                assert not app.publish("$hw/events/device/default/s1/twin/get",
+                                       json.dumps({"event_id": f"e{asked}"})).is_failure
+                asked += 1
+                time.sleep(0.002)
+            replies = 0
+            while replies == 0:
+                replies += app.next_message(timeout=10).topic.endswith("/get/result")
+            committed = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+            # Still connected: the published cursor keeps up with the readings (it stopped at a
+            # skipped message and the depth grew by every reading since) ...
+            wait_for(lambda: outbox_depth(mapper.twin_path) < 200, timeout=10,
+                     what=f"the outbox short while connected ({asked} twin requests)")
+            # ... and everything committed so far arrives.
+            wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, committed[n] + 1))
+                                 for n in DEVICES), timeout=10, what="every reading committed while connected")
+        assert mapper.stop() == 0
+        assert outbox_depth(mapper.twin_path) == 0  # a clean stop sent everything
+        assert mapper.log().count("connected to mqtt://") == 1  # one connection: nothing was resent by a reconnect
+        final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+        wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, final[n] + 1)) for n in DEVICES),
+                 timeout=30, what="the collector received everything")
+        assert_complete(collector, mapper.twin_path, duplicates_allowed=False)
+    finally:
+        collector.close()
+        mapper.stop()
