@@ -125,13 +125,19 @@ def test_sigkill_mid_stream_then_restart(own_broker, tmp_path):
         wait_for(lambda: all(committed_seq(mapper.twin_path, TOPIC.format(n)) > killed_at[n] + 50 for n in DEVICES),
                  what="new readings after the restart")
         assert mapper.stop() == 0
-        final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
-        wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, final[n] + 1)) for n in DEVICES),
-                 timeout=30, what="every committed reading at the subscriber")
-        assert_complete(collector, mapper.twin_path, duplicates_allowed=True)
+        _all_committed_received(collector, mapper, duplicates_allowed=True)
     finally:
         collector.close()
         mapper.stop()
+
+
+def _all_committed_received(collector, mapper: MapperProcess, *, duplicates_allowed: bool) -> None:  # noqa: ANN001
+    """Every reading the stopped mapper committed reaches the collector, each seq once unless
+    `duplicates_allowed` (a kill -9 may resend what the broker already had)."""
+    final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
+    wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, final[n] + 1)) for n in DEVICES),
+             timeout=30, what="every committed reading at the subscriber")
+    assert_complete(collector, mapper.twin_path, duplicates_allowed=duplicates_allowed)
 
 
 def _mapper_with_queued(broker, tmp_path, node: str, messages, extra: str = "") -> MapperProcess:  # noqa: ANN001
@@ -248,10 +254,7 @@ def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker,
         assert mapper.stop() == 0
         assert outbox_depth(mapper.twin_path) == 0  # a clean stop sent everything
         assert mapper.log().count("connected to mqtt://") == 1  # one connection: nothing was resent by a reconnect
-        final = {n: committed_seq(mapper.twin_path, TOPIC.format(n)) for n in DEVICES}
-        wait_for(lambda: all(set(collector.seqs(TOPIC.format(n))) >= set(range(1, final[n] + 1)) for n in DEVICES),
-                 timeout=30, what="the collector received everything")
-        assert_complete(collector, mapper.twin_path, duplicates_allowed=False)
+        _all_committed_received(collector, mapper, duplicates_allowed=False)
     finally:
         collector.close()
         mapper.stop()
