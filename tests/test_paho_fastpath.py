@@ -113,6 +113,20 @@ async def test_outbox_acks_take_the_fast_path_and_nothing_is_lost(broker, tmp_pa
     assert [m.topic for m in received if m.topic.endswith("/awaited")] == ["mapper/fastpath/default/dev/awaited"] * 3
 
 
+async def _published_while_locked(worker, publisher, lock, path, name: str, *, errors: int):  # noqa: ANN001, ANN202
+    """Commit 10 messages (topics `<name>0`..`<name>9`), lock the twin, offer them: all 10 are
+    published and acknowledged while their rows stay, as the deletes fail (`errors` of them)."""
+    from helpers import async_wait_for
+
+    rows = await worker.call(lambda s: s.record(
+        [], [OutMessage(f"mapper/fastpath/default/dev/{name}{i}", {"i": i}) for i in range(10)]))
+    lock.execute("BEGIN IMMEDIATE")
+    publisher.offer(rows)
+    await async_wait_for(lambda: publisher.twin_errors >= errors, timeout=15, what="failed ack deletes")
+    assert publisher.published == 10 and _outbox_rows(path) == 10
+    return rows
+
+
 @contextlib.asynccontextmanager
 async def _publishing(broker, tmp_path, *, ack_delay_s: float, busy_timeout_ms: int | None = None):  # noqa: ANN001, ANN202
     """A connected bus, the twin's worker on tmp_path/twin.db and an OutboxPublisher running on
@@ -167,13 +181,8 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
     try:
         async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
                                                                                           pub_task):
-            rows = await worker.call(lambda s: s.record(
-                [], [OutMessage(f"mapper/fastpath/default/dev/l{i}", {"i": i}) for i in range(10)]))
-            lock.execute("BEGIN IMMEDIATE")
-            publisher.offer(rows)
-            await async_wait_for(lambda: publisher.twin_errors >= 2, timeout=15, what="failed ack deletes")
+            rows = await _published_while_locked(worker, publisher, lock, path, "l", errors=2)
             assert not pub_task.done()
-            assert publisher.published == 10 and _outbox_rows(path) == 10
             more = rows[-1].id + 1
             lock.execute("ROLLBACK")
             rows = await worker.call(lambda s: s.record(
@@ -204,12 +213,7 @@ async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_
         try:
             async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (bus, worker, publisher,
                                                                                               pub_task):
-                rows = await worker.call(lambda s: s.record(
-                    [], [OutMessage(f"mapper/fastpath/default/dev/r{i}", {"i": i}) for i in range(10)]))
-                lock.execute("BEGIN IMMEDIATE")
-                publisher.offer(rows)
-                await async_wait_for(lambda: publisher.twin_errors >= 1, timeout=15, what="a failed ack delete")
-                assert publisher.published == 10 and _outbox_rows(path) == 10
+                rows = await _published_while_locked(worker, publisher, lock, path, "r", errors=1)
                 last = rows[-1].id
                 with broker.client("mapper", client_id=bus.client_id):  # takes the client id over
                     await asyncio.wait_for(bus.disconnected.wait(), 10)
