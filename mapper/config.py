@@ -7,6 +7,7 @@ Relative paths in the file are relative to the file's directory.
 
 from __future__ import annotations
 
+import importlib
 import os
 import types
 import typing
@@ -95,9 +96,16 @@ class MapperConfig(_Section):
         if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
             raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
                              f"install the `ml` extra (pip install 'mapper[ml]'), or remove the `inference:` section")
-        if self.mode == "kubeedge" and (missing := [m for m in ("grpc", "google.protobuf") if not importable(m)]):
-            raise ValueError(f"{source}: mode: kubeedge: needs {' and '.join(missing)}, not installed here: "
-                             f"install the `kubeedge` extra (pip install 'mapper[kubeedge]': grpcio, protobuf)")
+        if self.mode == "kubeedge":
+            if missing := [m for m in ("grpc", "google.protobuf") if not importable(m)]:
+                raise ValueError(f"{source}: mode: kubeedge: needs {' and '.join(missing)}, not installed here: "
+                                 f"install the `kubeedge` extra (pip install 'mapper[kubeedge]': grpcio, protobuf)")
+            try:  # the generated stubs check the grpcio and protobuf they run on, and refuse older ones
+                importlib.import_module("mapper.dmi.api_pb2_grpc")
+            except Exception as exc:  # noqa: BLE001 - VersionError, RuntimeError, ImportError: all one answer
+                raise ValueError(f"{source}: mode: kubeedge: the installed grpcio/protobuf cannot load the DMI "
+                                 f"stubs ({type(exc).__name__}: {exc}); upgrade them to the `kubeedge` extra's "
+                                 f"versions: pip install --upgrade grpcio protobuf") from None
 
     @model_validator(mode="after")
     def _kubeedge_section(self) -> MapperConfig:

@@ -385,3 +385,30 @@ def test_kubeedge_mode_without_the_kubeedge_extra_is_a_config_error(tmp_path):
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert "mode: kubeedge: needs grpc" in done.stderr and "`kubeedge` extra" in done.stderr, done.stderr
     assert not (tmp_path / "twin.db").exists()
+
+
+
+@pytest.mark.parametrize(("sitecustomize", "says"), [
+    # protobuf's runtime reports its own version from these constants; 7.0.0 is older than any stub.
+    ("from google.protobuf import runtime_version\nruntime_version.MINOR = runtime_version.PATCH = 0\n",
+     "runtime 7.0.0"),
+    ("import grpc\ngrpc.__version__ = '1.60.0'\n", "grpc package installed is at version 1.60.0"),
+], ids=["protobuf", "grpcio"])
+def test_kubeedge_mode_with_grpc_or_protobuf_older_than_the_stubs_is_a_config_error(tmp_path, sitecustomize, says):
+    """grpcio and protobuf installed, but older than the ones the checked-in DMI stubs were generated
+    for (installed outside the `kubeedge` extra): `mapper run` and `install-service` refuse the
+    config at once with the library's own version message and what to upgrade. `mapper run` used
+    to die with a VersionError (or RuntimeError) traceback from the stubs' first import."""
+    site = tmp_path / "old"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(sitecustomize)
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=(
+        f"mode: kubeedge\nkubeedge: {{name: dht, protocol: dht, edgecore_socket: {tmp_path}/dmi.sock,"
+        f" socket: {tmp_path}/dht.sock}}\n"))
+    for args in (("run",), ("install-service", "--dry-run")):
+        done = mapper(*args, "--config", str(config), env={"PYTHONPATH": str(site)})
+        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+        assert "cannot load the DMI stubs" in done.stderr and says in done.stderr, done.stderr
+        assert "pip install --upgrade grpcio protobuf" in done.stderr, done.stderr
+    assert not (tmp_path / "twin.db").exists()
