@@ -97,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="mapper-bench-"))
     started = time.monotonic()
     results: list[ScenarioResult] = []
+    seconds: dict[str, float] = {}  # each scenario's wall time, so a plan change shows where the run's time goes
     broker = bench_broker()
     try:
         with broker:
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
                     traceback.print_exc()
                     result = ScenarioResult(name, name, "", skipped=f"failed: {exc}")
                 results.append(result)
-                print(f"   {name}: {time.monotonic() - t:.0f} s", file=sys.stderr, flush=True)
+                seconds[name] = round(time.monotonic() - t, 1)
+                print(f"   {name}: {seconds[name]:.0f} s", file=sys.stderr, flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"mapper benchmarks ({'quick' if args.quick else 'full'}), {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
           f"{info['cpu']} x{info['cores']}, Python {info['python']}, Mosquitto {info['mosquitto']}, "
-          f"{time.monotonic() - started:.0f} s")
+          f"{time.monotonic() - started:.0f} s ({', '.join(f'{n} {s:.0f}' for n, s in seconds.items())})")
     print()
     print(table(results))
     print()
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
                + (f" --only {args.only}" if args.only else ""),
                "mode": "quick" if args.quick else "full", "duration_s": time.monotonic() - started,
                "machine": info,
-               "scenarios": [{"name": r.name, "title": r.title, "how": r.how, "skipped": r.skipped,
+               "scenarios": [{"name": r.name, "title": r.title, "seconds": seconds.get(r.name), "how": r.how,
+                              "skipped": r.skipped,
                               "metrics": [m.as_json() for m in r.metrics], "details": r.details} for r in results]}
         args.json.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
         print(f"\nJSON: {args.json}")
