@@ -63,7 +63,7 @@ def start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     still dies with the demo (PR_SET_PDEATHSIG) if the demo is killed."""
     with log.open("w") as handle:
         return subprocess.Popen([sys.executable, "-m", "mapper", *args], stdout=handle, stderr=subprocess.STDOUT,
-                                cwd=ROOT, process_group=0, preexec_fn=die_with_parent)  # noqa: PLW1509
+                                cwd=ROOT, process_group=0, preexec_fn=die_with_parent())  # noqa: PLW1509
 
 
 class LiveView:

@@ -43,7 +43,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
 
     from paho.mqtt.reasoncodes import ReasonCode
 
@@ -191,13 +191,21 @@ def _listener_ports(conf: Path) -> list[int]:
     return [int(words[1]) for words in lines if len(words) >= 2 and words[0] == "listener"]  # noqa: PLR2004
 
 
-def die_with_parent() -> None:
-    # [Linux] SIGTERM the process (a broker, the demo's mapper) if the thread that started it dies,
-    # e.g. a killed pytest.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+def die_with_parent() -> Callable[[], None]:
+    """A `preexec_fn` [Linux]: SIGTERM the child (a broker, the demo's mapper) if the thread that
+    started it dies, e.g. a killed pytest. A parent that died between the fork and the `prctl`
+    would never signal it, so the child checks it still has that parent and ends itself if not."""
+    parent = os.getpid()
+
+    def preexec() -> None:
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            return
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
 
 
 class MosquittoBroker:
@@ -303,7 +311,7 @@ class MosquittoBroker:
         # PR_SET_PDEATHSIG still end it.
         self._process = subprocess.Popen(  # noqa: S603
             [binary, "-c", str(self.conf_path)], stdin=subprocess.DEVNULL, stdout=self._log,
-            stderr=subprocess.STDOUT, preexec_fn=die_with_parent, process_group=0)  # noqa: PLW1509
+            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(), process_group=0)  # noqa: PLW1509
         _RUNNING.add(self)
         deadline = time.monotonic() + timeout
         for port in self.ports.values():
