@@ -188,6 +188,10 @@ class Router:
         """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text."""
         if len(payload) > self.max_payload:
             raise BadRequest(400, "payload too large")
+        if not payload.strip():
+            # What clears a retained command (the README's advice): the broker forwards it live to
+            # current subscribers, without the retain flag. Taken as text it would set a STRING to "".
+            raise BadRequest(400, 'an empty message is no value (it clears a retained one); send "" for an empty string')
         try:
             raw = orjson.loads(payload)
         except orjson.JSONDecodeError:

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from helpers import write_devices
+from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
 
 HW = "$hw/events/device/default/lamp"
@@ -192,3 +192,50 @@ def test_a_retained_command_is_not_applied_again_at_every_connect(broker, tmp_pa
     finally:  # the shared broker keeps retained messages: clear it
         subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P",
                         broker.users["app"], "-q", "1", "-r", "-n", "-t", topic], check=True, timeout=10)
+
+
+LABEL = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: sign-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: label, type: STRING, accessMode: ReadWrite}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: sign, namespace: default}
+spec:
+  deviceModelRef: {name: sign-model}
+  protocol: {protocolName: simulated, configData: {}}
+  properties:
+    - name: label
+      visitors: {protocolName: simulated, configData: {kind: switch}}
+      collectCycle: 200
+"""
+
+
+def test_clearing_a_retained_set_as_the_readme_says_sets_no_value(broker, tmp_path):
+    """The README's way to clear a retained command, an empty retained message, reaches the mapper
+    live (a broker forwards it to current subscribers without the retain flag). It is no value: a
+    STRING property keeps its desired value instead of becoming "" (`""` sets an empty string)."""
+    node = "clear-retained"
+    topic = f"mapper/{node}/default/sign/label/set"
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "sign.yaml").write_text(LABEL)
+    with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        pub(broker, topic, "hello")
+        mapper.wait_log("applied desired value 'hello'")
+        subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P",
+                        broker.users["app"], "-q", "1", "-r", "-n", "-t", topic], check=True, timeout=10)
+        outcome = wait_for(lambda: ("applied" if "applied desired value ''" in mapper.log() else
+                                    "refused" if f"refused set for default/sign: 400" in mapper.log() else None),
+                           what="the empty message applied or refused")
+        assert outcome == "refused", mapper.log()[-1500:]
+        assert "an empty message is no value" in mapper.log()
+        pub(broker, topic, '""')  # an empty string, said so
+        mapper.wait_log("applied desired value ''")
+        assert mapper.stop() == 0
