@@ -28,11 +28,22 @@ from paho.mqtt.properties import Properties
 
 from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
+from mapper.logs import Throttle, held_note
 from mapper.ticks import sleep_to_tick
 
 log = logging.getLogger("mapper.mqtt")
 
 MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
+
+# Incoming messages wait in memory until the handler takes them, one at a time (each may wait for
+# the twin), about 6 KB each: a client flooding the mapper must not take the Pi's memory. QoS 1/2
+# messages are acknowledged once handled, and MQTT 5's Receive Maximum asks the broker to send at
+# most RECEIVE_MAXIMUM ahead (3.1.1: the broker's own window, max_inflight_messages in the shipped
+# mosquitto.conf) and hold the rest. Not every broker keeps to it (Debian 12's Mosquitto 2.0.11 sends
+# on past it once acknowledgements come), so a message that finds INCOMING_LIMIT waiting is
+# dropped (a QoS 1/2 one acknowledged: sent again later, it would be an old command), counted and logged.
+RECEIVE_MAXIMUM = 100
+INCOMING_LIMIT = 1_000
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -50,6 +61,21 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
         if tls.insecure_skip_hostname_check:
             context.check_hostname = False
     return context
+
+
+class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
+    """aiomqtt's queue of incoming messages, bounded: a message that finds INCOMING_LIMIT waiting
+    goes to `on_drop` instead."""
+
+    def __init__(self, on_drop: Callable[[aiomqtt.Message], None]) -> None:
+        super().__init__()
+        self._on_drop = on_drop
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        if self.qsize() >= INCOMING_LIMIT:
+            self._on_drop(item)
+            return
+        super().put_nowait(item)
 
 
 class MqttBus:
@@ -77,6 +103,8 @@ class MqttBus:
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
         self.messages_in = 0
+        self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT were waiting already
+        self._log_throttle = Throttle()
         # Fast path for the outbox (see publish_nowait): called on the event loop with the message
         # id of every acknowledged publish of the current connection (returns True for its own
         # messages), and when the connection is lost.
@@ -92,6 +120,7 @@ class MqttBus:
         if v5:
             properties = Properties(PacketTypes.CONNECT)
             properties.SessionExpiryInterval = s.session_expiry_s
+            properties.ReceiveMaximum = RECEIVE_MAXIMUM
         client = aiomqtt.Client(
             s.host, s.port,
             identifier=self.client_id,
@@ -111,7 +140,10 @@ class MqttBus:
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10,
             logger=logging.getLogger("mapper.mqtt.client"),
+            queue_type=lambda maxsize: _IncomingQueue(lambda message: self._drop_incoming(paho_client, message)),  # noqa: ARG005
         )
+        paho_client = client._client  # noqa: SLF001
+        paho_client.manual_ack_set(True)  # acknowledged once handled (see RECEIVE_MAXIMUM)
         # aiomqtt logs a WARNING per publish while more than 10 of its calls are pending.
         client.pending_calls_threshold = s.max_inflight + 10
         self._hook_acks(client)
@@ -181,6 +213,8 @@ class MqttBus:
                     async for message in client.messages:
                         self.messages_in += 1
                         await self._on_message(message)
+                        if message.qos:  # handled: the broker may send the next (offline: it sends this again)
+                            client._client.ack(message.mid, message.qos)  # noqa: SLF001
             except aiomqtt.MqttError as exc:
                 attempt += 1
                 if self._should_downgrade(exc):
@@ -201,6 +235,16 @@ class MqttBus:
                 attempt = 1
                 delay = self._backoff(attempt)
             await asyncio.sleep(delay)
+
+    def _drop_incoming(self, paho_client: object, message: aiomqtt.Message) -> None:
+        if message.qos:
+            paho_client.ack(message.mid, message.qos)  # type: ignore[attr-defined]
+        self.incoming_dropped += 1
+        held = self._log_throttle("dropped")
+        if held is not None:
+            log.warning("dropped an incoming message on %r: %d messages are waiting to be handled already "
+                        "(is a client flooding the mapper?)%s", message.topic.value[:200], INCOMING_LIMIT,
+                        held_note(held))
 
     def _should_downgrade(self, exc: aiomqtt.MqttError) -> bool:
         return (self.settings.protocol == "auto" and self.protocol == aiomqtt.ProtocolVersion.V5
