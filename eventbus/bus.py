@@ -36,14 +36,19 @@ log = logging.getLogger("mapper.mqtt")
 MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 
 # Incoming messages wait in memory until the handler takes them, one at a time (each may wait for
-# the twin), about 6 KB each: a client flooding the mapper must not take the Pi's memory. QoS 1/2
-# messages are acknowledged once handled, and MQTT 5's Receive Maximum asks the broker to send at
-# most RECEIVE_MAXIMUM ahead (3.1.1: the broker's own window, max_inflight_messages in the shipped
+# the twin): a client flooding the mapper must not take the Pi's memory. QoS 1/2 messages are
+# acknowledged once handled, and MQTT 5's Receive Maximum asks the broker to send at most
+# RECEIVE_MAXIMUM ahead (3.1.1: the broker's own window, max_inflight_messages in the shipped
 # mosquitto.conf) and hold the rest. Not every broker keeps to it (Debian 12's Mosquitto 2.0.11 sends
-# on past it once acknowledgements come), so a message that finds INCOMING_LIMIT waiting is
-# dropped (a QoS 1/2 one acknowledged: sent again later, it would be an old command), counted and logged.
+# on past it once acknowledgements come, and sends a resumed session's whole queue at once), so a
+# waiting message keeps only what the handlers read (~300 bytes besides its payload, against ~6 KB
+# with paho's Properties object), and a message that finds INCOMING_LIMIT messages or
+# INCOMING_BYTES of payload waiting is dropped (a QoS 1/2 one acknowledged: sent again later, it
+# would be an old command), counted and logged. At most ~20 MiB, so a backlog the broker kept for
+# the mapper while it was away (thousands of commands) is still handled whole.
 RECEIVE_MAXIMUM = 100
-INCOMING_LIMIT = 1_000
+INCOMING_LIMIT = 10_000
+INCOMING_BYTES = 16 * 1024 * 1024
 
 
 def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
@@ -64,18 +69,27 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
 
 
 class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
-    """aiomqtt's queue of incoming messages, bounded: a message that finds INCOMING_LIMIT waiting
-    goes to `on_drop` instead."""
+    """aiomqtt's queue of incoming messages, bounded (see INCOMING_LIMIT): a message that does not
+    fit goes to `on_drop` instead."""
 
-    def __init__(self, on_drop: Callable[[aiomqtt.Message], None]) -> None:
+    def __init__(self, on_drop: Callable[[aiomqtt.Message, _IncomingQueue], None]) -> None:
         super().__init__()
         self._on_drop = on_drop
+        self.payload_bytes = 0
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
-        if self.qsize() >= INCOMING_LIMIT:
-            self._on_drop(item)
+        size = len(item.payload) if isinstance(item.payload, bytes | bytearray) else 0
+        if self.qsize() >= INCOMING_LIMIT or self.payload_bytes + size > INCOMING_BYTES:
+            self._on_drop(item, self)
             return
+        item.properties = None  # no handler reads them, and they are most of a waiting message's memory
+        self.payload_bytes += size
         super().put_nowait(item)
+
+    def get_nowait(self) -> aiomqtt.Message:  # get() takes its items through here too
+        item = super().get_nowait()
+        self.payload_bytes -= len(item.payload) if isinstance(item.payload, bytes | bytearray) else 0
+        return item
 
 
 class MqttBus:
@@ -103,7 +117,11 @@ class MqttBus:
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
         self.messages_in = 0
-        self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT were waiting already
+        self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT / INCOMING_BYTES were waiting already
+        # Cleared by hold_incoming() (a stop): messages are then left to the broker's session.
+        self._taking = True
+        self._idle = asyncio.Event()    # set while no message is being handled
+        self._idle.set()
         self._log_throttle = Throttle()
         # Fast path for the outbox (see publish_nowait): called on the event loop with the message
         # id of every acknowledged publish of the current connection (returns True for its own
@@ -140,7 +158,8 @@ class MqttBus:
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10,
             logger=logging.getLogger("mapper.mqtt.client"),
-            queue_type=lambda maxsize: _IncomingQueue(lambda message: self._drop_incoming(paho_client, message)),  # noqa: ARG005
+            queue_type=lambda maxsize: _IncomingQueue(  # noqa: ARG005
+                lambda message, queue: self._drop_incoming(paho_client, message, queue)),
         )
         paho_client = client._client  # noqa: SLF001
         paho_client.manual_ack_set(True)  # acknowledged once handled (see RECEIVE_MAXIMUM)
@@ -211,8 +230,14 @@ class MqttBus:
                     self.first_attempt.set()
                     await self._on_connect()
                     async for message in client.messages:
+                        if not self._taking:  # stopping: not handled, not acknowledged (see hold_incoming)
+                            continue
                         self.messages_in += 1
-                        await self._on_message(message)
+                        self._idle.clear()
+                        try:
+                            await self._on_message(message)
+                        finally:
+                            self._idle.set()
                         if message.qos:  # handled: the broker may send the next (offline: it sends this again)
                             client._client.ack(message.mid, message.qos)  # noqa: SLF001
             except aiomqtt.MqttError as exc:
@@ -236,15 +261,27 @@ class MqttBus:
                 delay = self._backoff(attempt)
             await asyncio.sleep(delay)
 
-    def _drop_incoming(self, paho_client: object, message: aiomqtt.Message) -> None:
+    async def hold_incoming(self) -> None:
+        """Handle no more incoming messages, and return once the one being handled is done.
+
+        For a clean stop, before the outbox is drained: what a message causes (a twin reply, a
+        desired value's result) is then committed before the drain and sent with it, never left
+        in the outbox for the next start. Messages arriving from now on are neither handled nor
+        acknowledged: the broker keeps a QoS 1 one in the mapper's session (session_expiry_s) and
+        sends it again at the next connection; a QoS 0 one is gone, as QoS 0 allows.
+        """
+        self._taking = False
+        await self._idle.wait()
+
+    def _drop_incoming(self, paho_client: object, message: aiomqtt.Message, queue: _IncomingQueue) -> None:
         if message.qos:
             paho_client.ack(message.mid, message.qos)  # type: ignore[attr-defined]
         self.incoming_dropped += 1
         held = self._log_throttle("dropped")
         if held is not None:
-            log.warning("dropped an incoming message on %r: %d messages are waiting to be handled already "
-                        "(is a client flooding the mapper?)%s", message.topic.value[:200], INCOMING_LIMIT,
-                        held_note(held))
+            log.warning("dropped an incoming message on %r: %d messages (%d payload bytes) are waiting to be "
+                        "handled already (is a client flooding the mapper?)%s", message.topic.value[:200],
+                        queue.qsize(), queue.payload_bytes, held_note(held))
 
     def _should_downgrade(self, exc: aiomqtt.MqttError) -> bool:
         return (self.settings.protocol == "auto" and self.protocol == aiomqtt.ProtocolVersion.V5

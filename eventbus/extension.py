@@ -93,6 +93,16 @@ class EventBusExtension:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
 
+    async def stop_requested(self, service: MapperService) -> None:
+        """First thing on a clean stop: no more incoming messages are handled. What one causes (a
+        twin reply, a desired value's result, a cloud answer's decision) would otherwise be
+        committed while the outbox drains, or after, and wait in it for the next start; the broker
+        keeps a QoS 1 message in the mapper's session and sends it again at the next connection."""
+        if self.bus is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.drain_on_stop_s):
+                    await self.bus.hold_incoming()
+
     async def before_stop(self, service: MapperService) -> None:
         """On a clean stop: send what is queued (bounded), then `offline` for the node.
 

@@ -5,8 +5,9 @@ sends faster than that builds a queue. In memory it grew without bound (about 6 
 100,000 twin/get requests took a running mapper from 43 MB to 700 MB, and 1 GB after a second
 round). QoS 1 messages are acknowledged once handled, and MQTT 5's Receive Maximum asks the broker
 to hold the rest; the Mosquitto these tests run (Debian 12's 2.0.11) sends on past it once
-acknowledgements come, so a message finding the limit waiting is dropped, acknowledged, counted
-and logged.
+acknowledgements come, so a waiting message keeps only what the handlers read, and a message that
+finds the limit (messages, or payload bytes) waiting is dropped, acknowledged, counted and logged.
+The limits are lowered here so that a flood of a few thousand reaches them.
 """
 
 from __future__ import annotations
@@ -66,10 +67,15 @@ def _throttled_drop_lines(caplog) -> list[str]:  # noqa: ANN001
     return [r.getMessage() for r in caplog.records if "dropped an incoming message" in r.getMessage()]
 
 
-@pytest.mark.parametrize(("protocol", "qos"), [("5", 1), ("3.1.1", 1), ("5", 0)])
+@pytest.mark.parametrize(("protocol", "qos", "limit"), [
+    ("5", 1, "messages"), ("3.1.1", 1, "messages"), ("5", 0, "messages"), ("5", 0, "bytes")])
 async def test_a_flood_is_held_to_a_limit_and_every_message_is_handled_or_counted(broker, tmp_path, caplog,
-                                                                                   protocol, qos):
-    topic = f"$hw/events/device/default/flood-{qos}-{protocol.replace('.', '')}/twin/get"
+                                                                                   monkeypatch, protocol, qos, limit):
+    if limit == "messages":
+        monkeypatch.setattr(bus_module, "INCOMING_LIMIT", 1_000)
+    else:  # 1,000 of the flood's ~17-byte payloads
+        monkeypatch.setattr(bus_module, "INCOMING_BYTES", 17_000)
+    topic = f"$hw/events/device/default/flood-{qos}-{protocol.replace('.', '')}-{limit}/twin/get"
     release = asyncio.Event()
     handled: list[bytes] = []
 
@@ -83,6 +89,11 @@ async def test_a_flood_is_held_to_a_limit_and_every_message_is_handled_or_counte
         await asyncio.to_thread(_flood, broker, topic, qos)
         await _everything_sent_is_here(bus)
         assert _queued(bus) <= bus_module.INCOMING_LIMIT, f"{_queued(bus)} messages held in memory"
+        waiting = list(bus.client._queue._queue)  # type: ignore[union-attr]  # noqa: SLF001
+        assert sum(len(m.payload) for m in waiting) <= bus_module.INCOMING_BYTES
+        assert all(m.properties is None for m in waiting)  # ~6 KB each with paho's Properties object
+        if qos == 0:  # nothing holds QoS 0 back at the broker: the flood reaches the limit
+            assert bus.incoming_dropped > 0
         release.set()
         await async_wait_for(lambda: len(handled) + bus.incoming_dropped == COUNT + 1 and _queued(bus) == 0,
                              timeout=60, what="every message handled or dropped")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+import time
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -223,8 +224,6 @@ def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker,
     the outbox by a clean stop. (synchronous=NORMAL: the reply's commit, without an fsync, lands
     right behind the batch's. The race is timing-dependent: before the fix this test failed in 2 of
     7 runs here; tests/test_paho_fastpath.py offers out of order deterministically.)"""
-    import time
-
     devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
     collector = Collector(own_broker, "mapper/test-node/default/+/count")
     mapper = MapperProcess(tmp_path, devices, own_broker, env={"MAPPER_TWIN__SYNCHRONOUS": "NORMAL"}).start()
@@ -257,4 +256,45 @@ def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker,
         _all_committed_received(collector, mapper, duplicates_allowed=False)
     finally:
         collector.close()
+        mapper.stop()
+
+
+def test_requests_arriving_while_the_mapper_stops_wait_at_the_broker_not_in_the_outbox(own_broker, tmp_path):
+    """An app floods twin/get (QoS 1) and the mapper is stopped in the middle of it. The stop used
+    to go on handling requests while it drained the outbox: it served the whole flood first, and a
+    reply committed after the drain stayed in the outbox until the next start (one row after a
+    clean stop, now and then, in the test above). Now a stop takes no more incoming messages: it
+    leaves the rest of the flood in the mapper's session at the broker, the outbox is empty after
+    it, and the next start answers every request."""
+    requests = 5_000
+    devices = write_devices(tmp_path / "dev", ["s1"], cycle=1000)
+    mapper = MapperProcess(tmp_path, devices, own_broker).start()
+    answered: set[str] = set()
+
+    def take(app) -> None:  # noqa: ANN001
+        while not app.messages.empty():
+            answered.add(json.loads(app.messages.get().payload)["event_id"])
+
+    try:
+        mapper.wait_log("connected to mqtt://")
+        with own_broker.client("app") as app:
+            assert not app.subscribe("$hw/events/device/default/s1/twin/get/result").is_failure
+            for i in range(requests):  # queued in paho, sent as the broker acknowledges
+                app._client.publish("$hw/events/device/default/s1/twin/get", '{"event_id":"e%d"}' % i, 1)  # noqa: SLF001
+            app.messages.put(app.next_message(timeout=10))  # the mapper is answering: stop it now
+            assert mapper.stop() == 0
+            assert outbox_depth(mapper.twin_path) == 0  # no reply waits for the next start
+            take(app)
+            assert len(answered) < requests, "the stop served the whole flood before it stopped"
+            mapper.start()
+            mapper.wait_log("connected to mqtt://")
+
+            def all_answered() -> bool:
+                take(app)
+                return len(answered) == requests
+
+            wait_for(all_answered, timeout=60, what=f"answers to all {requests} requests")
+        assert mapper.stop() == 0
+        assert outbox_depth(mapper.twin_path) == 0
+    finally:
         mapper.stop()

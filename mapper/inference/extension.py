@@ -388,7 +388,9 @@ class InferenceExtension:
                         STOP_FOLLOW_UPS_S)
 
     async def shutdown(self, service: MapperService) -> None:
-        with contextlib.suppress(Exception):  # answers that came while stopping: sent at the next start
+        # Answers accepted after stop_requested (the bus took none after it, but one being handled
+        # then finished): sent at the next start.
+        with contextlib.suppress(Exception):
             await self.commit_results()
         if self._reload_task is not None and not self._reload_task.done():
             self._reload_task.cancel()
