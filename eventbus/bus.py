@@ -293,11 +293,31 @@ class MqttBus:
         return random.uniform(s.reconnect_min_s, max(s.reconnect_min_s, cap))
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Publish and wait for the broker's acknowledgement (QoS 1). Raises MqttError when offline."""
+        """Publish and wait for the broker's acknowledgement (QoS 1). Raises MqttError when offline,
+        or as soon as the connection is lost while waiting.
+
+        aiomqtt's publish waits for the acknowledgement or its timeout, not for the connection: a
+        connection lost before the ack (a broker frozen right after the CONNACK, noticed by the
+        keepalive check) would hold the caller, e.g. the `online` message of run(), for the whole
+        30 s, and the reconnect with it. So the wait also ends when aiomqtt sees the disconnect,
+        as its own message iterator does.
+        """
         client = self.client
         if client is None:
             raise aiomqtt.MqttError("not connected")
-        await client.publish(topic, payload, qos=qos, retain=retain, timeout=30)
+        sent = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain, timeout=30))
+        lost: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+        if lost is not None:
+            try:
+                await asyncio.wait((sent, lost), return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                sent.cancel()
+                raise
+            if not sent.done():
+                sent.cancel()
+                raise aiomqtt.MqttError("connection lost while publishing") from (
+                    None if lost.cancelled() else lost.exception())
+        await sent
 
     def flush(self) -> None:
         """Write the messages handed over by publish_nowait now (call it before awaiting their acks)."""

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import aiomqtt
+
 from devices.ids import DeviceId
+from eventbus.bus import MqttBus
+from eventbus.settings import MqttSettings
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
-from twin.store import TwinStore
+from twin.store import TwinStore, committed_seqs
 
 
 def tls_block(broker, tmp_path, ca_file) -> str:
@@ -70,21 +82,83 @@ def test_mqtt_311_when_asked(broker, tmp_path):
         assert mapper.stop() == 0
 
 
+def _freeze(pid: int) -> None:
+    """SIGSTOP, and return once the process is stopped (it answers nothing from then on)."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_for(lambda: Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T", what="broker stopped")
+
+
 def test_a_frozen_broker_is_noticed_by_keepalive_and_the_mapper_reconnects(broker, tmp_path):
     """A broker that stops answering but keeps the connection open (SIGSTOP) is noticed by the
-    keepalive check (a ping unanswered for keepalive_s), and the mapper reconnects once it answers."""
-    import os
-    import signal
-
+    keepalive check (a ping unanswered for keepalive_s), and the mapper reconnects once it answers;
+    the readings taken meanwhile all arrive."""
+    topic = "mapper/test-node/default/lamp/count"
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
     extra = "  keepalive_s: 5\n  reconnect_min_s: 0.2\n  reconnect_max_s: 0.5\n"
-    with MapperProcess(tmp_path, devices, broker, extra=extra) as mapper:
-        mapper.wait_log("connected to mqtt://")
-        pid = broker._process.pid  # noqa: SLF001
-        os.kill(pid, signal.SIGSTOP)
+    with broker.client("app") as app:
+        app.subscribe(topic)
+        with MapperProcess(tmp_path, devices, broker, extra=extra) as mapper:
+            mapper.wait_log("connected to mqtt://")
+            pid = broker._process.pid  # noqa: SLF001
+            _freeze(pid)
+            try:
+                mapper.wait_log("lost or refused", timeout=30)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            mapper.wait_log("connected to mqtt://", count=2, timeout=30)
+            assert mapper.stop() == 0
+        with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
+            last = committed_seqs(db)[topic]
+        seqs: set[int] = set()
+
+        def all_arrived() -> bool:
+            while not app.messages.empty():
+                seqs.add(json.loads(app.messages.get().payload)["seq"])
+            return seqs >= set(range(1, last + 1))
+
+        wait_for(all_arrived, timeout=30, what=f"readings 1..{last} at the subscriber")
+
+
+async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepalive(broker, tmp_path):
+    """The broker freezes right after the CONNACK, before it acknowledges the first publish (the
+    node's `online`): the publish ends with the connection, which the keepalive check drops, not
+    at its own 30 s timeout; and the bus connects again once the broker answers."""
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                            keepalive_s=5, reconnect_min_s=0.2, reconnect_max_s=0.5)
+    pid = broker._process.pid  # noqa: SLF001
+    failed, reconnected = asyncio.Event(), asyncio.Event()
+    errors: list[aiomqtt.MqttError] = []
+
+    async def online() -> None:
+        if bus.connects == 1:
+            _freeze(pid)
+        else:
+            reconnected.set()
         try:
-            mapper.wait_log("lost or refused", timeout=30)
+            await bus.publish("mapper/frozen-test/availability", b"online", retain=True)
+        except aiomqtt.MqttError as exc:
+            errors.append(exc)
+            failed.set()
+            raise
+
+    async def nothing(*_args: object) -> None:
+        return None
+
+    bus = MqttBus(settings, client_id="frozen-test", will_topic="mapper/frozen-test/availability",
+                  subscriptions=[], on_message=nothing, on_connect=online)
+    task = asyncio.create_task(bus.run())
+    try:
+        try:
+            async with asyncio.timeout(60):
+                await failed.wait()
         finally:
             os.kill(pid, signal.SIGCONT)
-        mapper.wait_log("connected to mqtt://", count=2, timeout=30)
-        assert mapper.stop() == 0
+        assert isinstance(errors[0].__cause__, aiomqtt.MqttCodeError), errors[0]  # the disconnect, not a timeout
+        async with asyncio.timeout(30):
+            await reconnected.wait()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
