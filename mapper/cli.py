@@ -28,6 +28,16 @@ def _config(path: str) -> MapperConfig:
     return load_config(path)
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
 def _fmt_ts(ms: int | None) -> str:
     if not ms:
         return "-"
@@ -335,7 +345,7 @@ def parser() -> argparse.ArgumentParser:
     h = tsub.add_parser("history", help="recent readings of one property, oldest first")
     h.add_argument("device")
     h.add_argument("property")
-    h.add_argument("--limit", "-n", type=int, default=20)
+    h.add_argument("--limit", "-n", type=_at_least_one, default=20, help="readings to show (default 20)")
     h.add_argument("--config", "-c", required=True)
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_twin_history)

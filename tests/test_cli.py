@@ -412,3 +412,12 @@ def test_kubeedge_mode_with_grpc_or_protobuf_older_than_the_stubs_is_a_config_er
         assert "cannot load the DMI stubs" in done.stderr and says in done.stderr, done.stderr
         assert "pip install --upgrade grpcio protobuf" in done.stderr, done.stderr
     assert not (tmp_path / "twin.db").exists()
+
+
+@pytest.mark.parametrize("limit", ["0", "-5", "ten"])
+def test_twin_history_needs_a_positive_count(tmp_path, limit):
+    """`-n -5` used to print the whole history (SQLite takes a negative LIMIT as none) and `-n 0`
+    said "no readings"; both are usage errors now, before any file is read."""
+    done = mapper("twin", "history", "lamp", "count", "-n", limit, "--config", str(tmp_path / "none.yaml"))
+    assert done.returncode == 2 and "--limit/-n" in done.stderr, done.stderr
+    assert ("must be 1 or more" if limit != "ten" else "not a whole number") in done.stderr

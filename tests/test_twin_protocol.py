@@ -11,8 +11,10 @@ import uuid
 
 import pytest
 
+from devices.ids import DeviceId
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
+from twin.store import TwinStore
 
 HW = "$hw/events/device/default/lamp"
 
@@ -239,3 +241,25 @@ def test_clearing_a_retained_set_as_the_readme_says_sets_no_value(broker, tmp_pa
         pub(broker, topic, '""')  # an empty string, said so
         mapper.wait_log("applied desired value ''")
         assert mapper.stop() == 0
+
+
+def test_a_long_desired_value_is_named_not_copied_into_the_log(broker, tmp_path):
+    """A client may set a STRING property to 60 KB of text: the value is applied whole, and the
+    log line says so with the first 200 characters, instead of writing all of it into the journal
+    at every set."""
+    node = "long-value"
+    topic = f"mapper/{node}/default/sign/label/set"
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "sign.yaml").write_text(LABEL)
+    text = "x" * 60_000
+    with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        pub(broker, topic, json.dumps(text))
+        mapper.wait_log("applied desired value 'xxx")
+        line = next(x for x in mapper.log().splitlines() if "applied desired value" in x)
+        assert line.endswith("... (60002 characters) (version 1)"), line[-200:]
+        assert len(line) < 400
+        assert mapper.stop() == 0
+    with TwinStore.open(mapper.twin_path) as store:
+        assert store.device(DeviceId.parse("sign")).properties["label"].reported == text
