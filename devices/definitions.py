@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,10 +76,11 @@ class DeviceDefinition:
     @property
     def fingerprint(self) -> str:
         """Changes exactly when the device or its model changes (used to restart only what changed)."""
-        blob = orjson.dumps(
-            [self.device.model_dump(mode="json"), self.model.model_dump(mode="json")],
-            option=orjson.OPT_SORT_KEYS,
-        )
+        docs = [self.device.model_dump(mode="json"), self.model.model_dump(mode="json")]
+        try:
+            blob = orjson.dumps(docs, option=orjson.OPT_SORT_KEYS)
+        except TypeError:  # an integer beyond 64 bits in a driver's configData (orjson refuses it)
+            blob = json.dumps(docs, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     @property

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from devices.ids import DeviceId
-from dmi_edgecore import FakeEdgecore, device, model
+from dmi_edgecore import FakeEdgecore, device, model, packed
 from mapper.config import MapperConfig, TwinSettings
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import extension as ext_module
@@ -803,4 +803,22 @@ def test_a_report_waiting_for_its_token_is_dropped_when_its_device_is_removed(so
             now[0] += 1000.0  # tokens again
             await edgecore.wait_for(lambda: latest_status(edgecore, "room-b") is not None, timeout=10)
             assert about_room_a(edgecore) == sent
+    run(scenario())
+
+
+def test_a_number_beyond_int64_in_config_data_runs_and_blocks_nothing(sockdir: Path) -> None:
+    """edgecore sends every CRD number as a FloatValue: `seed: 100000000000000000000` arrives as
+    1e20, an integral float beyond int64. The device runs and the next device still registers (its
+    fingerprint raised TypeError: every later RegisterDevice/UpdateDevice failed with UNKNOWN)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            big = room("big")
+            big.spec.protocol.configData.data["seed"].CopyFrom(packed(1e20))
+            await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=big))
+            await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-c")))
+            assert mapper.runner("big").definition.protocol_config.seed > 2**64  # 1e20 as a float32 carries it
+            assert mapper.runner("room-a") is not None and mapper.runner("room-c") is not None
+            assert "room-c" in mapper.ext.state_path.read_text()
     run(scenario())
