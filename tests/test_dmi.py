@@ -822,3 +822,41 @@ def test_a_number_beyond_int64_in_config_data_runs_and_blocks_nothing(sockdir: P
             assert mapper.runner("room-a") is not None and mapper.runner("room-c") is not None
             assert "room-c" in mapper.ext.state_path.read_text()
     run(scenario())
+
+
+def test_edgecore_hears_a_running_device_stop_when_an_update_invalidates_it(sockdir: Path) -> None:
+    """A model update that removes a property a running device uses stops the device: the
+    UpdateDeviceModel call says so (INVALID_ARGUMENT naming the device and the property) and
+    edgecore is told the device is offline (its last state stayed ok for good); restoring the
+    model starts it again and reports ok. An invalid UpdateDevice is reported offline too."""
+    def states(edgecore: FakeEdgecore, name: str) -> list[str]:
+        return [r.state for r in edgecore.of("ReportDeviceStates") if r.deviceName == name]
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(switch("lamp"), SWITCH)
+            await edgecore.add(room("room-a"), TEMP)
+            await edgecore.wait_for(lambda: states(edgecore, "lamp")[-1:] == ["ok"]
+                                    and states(edgecore, "room-a")[-1:] == ["ok"])
+            broken = model("switch-model", {"other": ("BOOLEAN", "ReadWrite")})
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.call_mapper("UpdateDeviceModel", pb.UpdateDeviceModelRequest(model=broken))
+            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "default/lamp" in refused.value.details() and "'power'" in refused.value.details()
+            assert mapper.runner("lamp") is None
+            await edgecore.wait_for(lambda: states(edgecore, "lamp")[-1:] == ["offline"])
+
+            await edgecore.call_mapper("UpdateDeviceModel", pb.UpdateDeviceModelRequest(model=SWITCH))
+            assert mapper.runner("lamp") is not None
+            await edgecore.wait_for(lambda: states(edgecore, "lamp")[-1:] == ["ok"])
+
+            bad = room("room-a")
+            bad.spec.protocol.configData.data["failure_rate"].CopyFrom(packed(5))
+            assert "failure_rate" in await refused_as_invalid(edgecore, bad)
+            await edgecore.wait_for(lambda: states(edgecore, "room-a")[-1:] == ["offline"])
+            # Removed by edgecore: not reported any more.
+            await edgecore.remove("room-a")
+            assert ("default", "room-a") not in mapper.ext.catalog.devices
+            assert DeviceId("default", "room-a") not in mapper.ext.reporter.state_every
+    run(scenario())

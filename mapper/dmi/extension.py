@@ -25,7 +25,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from devices.loader import LoadResult
 from mapper.dmi import api_pb2 as pb
-from mapper.dmi.catalog import Catalog, device_key, model_of
+from mapper.dmi.catalog import Catalog, device_key, model_key, model_of
 from mapper.dmi.client import EdgecoreClient, Reporter
 from mapper.dmi.convert import fresh_status
 from mapper.dmi.ratelimit import TokenBucket
@@ -171,8 +171,12 @@ class KubeEdgeExtension:
             unrunnable={**self._local.unrunnable, **built.unrunnable},
         )
         reported = set(built.devices) - set(built.unrunnable)
-        self.reporter.forget(reported, {d: every for d in reported
-                                        if (every := self._state_every(built.devices[d])) is not None})
+        state_every = {d: every for d in reported if (every := self._state_every(built.devices[d])) is not None}
+        # A device edgecore still counts as ours that stops now (its update or its model's made it
+        # invalid, it lost a resource): its states keep going, so edgecore hears it go offline.
+        ours = self.catalog.device_ids()
+        stopped = {d: every for d, every in self.reporter.state_every.items() if d in ours and d not in reported}
+        self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
         changes = await self.service.update_devices(merged)
         try:
             self.catalog.save(self.state_path)
@@ -242,11 +246,22 @@ class KubeEdgeExtension:
     async def put_model(self, model: pb.DeviceModel) -> None:
         if not model.name:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
+        key = model_key(model)
+        broken: list[str] = []
         async with self._lock:
+            running = set(self.service.runners) if self.service is not None else set()
             if self.catalog.put_model(model):
                 await self._apply()
+                # Devices of this model that ran before and are refused now: the model is kept (as
+                # edgecore has it), but the call says which devices it stopped, and why.
+                broken = [problem for dkey, problem in sorted(self.catalog.problems.items())
+                          if model_of(self.catalog.devices[dkey]) == key and DeviceId(*dkey) in running]
         async with self._models_changed:
             self._models_changed.notify_all()
+        if broken:
+            raise DmiError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"DeviceModel {key[0]}/{key[1]} is kept, but it stops {len(broken)} running device(s): "
+                           + "; ".join(broken))
 
     async def remove_model(self, namespace: str, name: str) -> None:
         async with self._lock:
