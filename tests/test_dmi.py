@@ -860,3 +860,21 @@ def test_edgecore_hears_a_running_device_stop_when_an_update_invalidates_it(sock
             assert ("default", "room-a") not in mapper.ext.catalog.devices
             assert DeviceId("default", "room-a") not in mapper.ext.reporter.state_every
     run(scenario())
+
+
+def test_get_device_never_reports_an_out_of_range_reading(sockdir: Path) -> None:
+    """GetDevice's fresh read of a value outside the model's range is not `reported` (it was, while
+    the twin and every ReportDeviceStatus kept it out): reported stays the twin's last good value."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            ranged = pb.DeviceModel(name="c-model", namespace="default", spec=pb.DeviceModelSpec(properties=[
+                pb.ModelProperty(name=n, type="FLOAT", accessMode="ReadOnly", minimum="0", maximum="10")
+                for n in ("hot", "fine")]))
+            await edgecore.add(device("c", "c-model", {"hot": {"kind": "constant", "value": 42.0},
+                                                       "fine": {"kind": "constant", "value": 5.0}}), ranged)
+            reply = await edgecore.call_mapper("GetDevice", pb.GetDeviceRequest(deviceName="c",
+                                                                                deviceNamespace="default"))
+            reported = {t.propertyName: t.reported.value for t in reply.device.status.twins}
+            assert reported == {"hot": "", "fine": "5.0"}, reported
+    run(scenario())

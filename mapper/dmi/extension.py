@@ -31,7 +31,7 @@ from mapper.dmi.convert import fresh_status
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
-from twin.records import ERROR, DeviceTwin, Reading
+from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
 
 if TYPE_CHECKING:
@@ -298,7 +298,7 @@ class KubeEdgeExtension:
             reading = await runner.read_once(prop)
             if self.service.recorder is not None:
                 self.service.recorder.add(reading)
-            if reading.quality != ERROR and reading.value is not None:
+            if reading.quality == GOOD:  # not an error, nor out of the model's range
                 readings[prop.name] = (reading.value, reading.taken_at_ms)
         return readings
 
