@@ -47,8 +47,8 @@ def get(port: int, path: str) -> tuple[int, Any]:
         return exc.code, exc.read().decode()
 
 
-def scenario(tmp_path: Path, writes: bool, check) -> None:  # noqa: ANN001
-    (tmp_path / "devices.yaml").write_text(DEVICES)
+def scenario(tmp_path: Path, writes: bool, check, devices: str = DEVICES) -> None:  # noqa: ANN001
+    (tmp_path / "devices.yaml").write_text(devices)
     config = MapperConfig(devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
                           api=ApiSettings(port=0, writes=writes))
 
@@ -118,3 +118,48 @@ def test_writes_go_through_the_twin(tmp_path: Path) -> None:
         status, _ = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/temperature/1")
         assert status == 404
     scenario(tmp_path, True, check)
+
+
+RANGED = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: dial-model, namespace: default}
+spec:
+  properties:
+    - {name: level, type: INT, accessMode: ReadWrite, minimum: "0", maximum: "10"}
+    - {name: hot, type: FLOAT, accessMode: ReadOnly, minimum: "0", maximum: "10"}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: dial, namespace: default}
+spec:
+  deviceModelRef: {name: dial-model}
+  protocol: {protocolName: simulated, configData: {}}
+  methods:
+    - {name: SetLevel, propertyNames: [level, ghost]}
+  properties:
+    - {name: level, collectCycle: 50, visitors: {configData: {kind: constant, value: 5}}}
+    - {name: hot, collectCycle: 50, visitors: {configData: {kind: constant, value: 42.0}}}
+"""
+
+
+def test_range_and_declared_properties(tmp_path: Path) -> None:
+    """A read outside the model's range is an error, not a good value (it was 200 with the value);
+    a write outside the range is refused with 400 and the twin untouched (it was 200 'successfully',
+    then refused at the device); a property a method lists but the model lacks is 404."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/dial/hot")
+        assert status == 500 and "42.0 is above the maximum 10" in body, (status, body)
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/dial/level")
+        assert status == 200 and body["Data"]["Value"] == "5"
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/dial/SetLevel/level/11")
+        assert status == 400 and "above the maximum 10" in body, (status, body)
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "dial")))
+        assert twin.properties["level"].desired is None
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/dial/SetLevel/ghost/1")
+        assert status == 404 and "ghost" in body, (status, body)
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/dial/SetLevel/level/7")
+        assert status == 200, body
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "dial")))
+        assert twin.properties["level"].desired == 7
+    scenario(tmp_path, True, check, RANGED)

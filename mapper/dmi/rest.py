@@ -3,8 +3,8 @@
 Stdlib http.server in one thread; device reads and twin writes hop onto the service's event
 loop. Bound to loopback unless `api.host` says otherwise. Writes
 (`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
-true, only to properties the method lists, and only through the twin's set_desired, which
-refuses ReadOnly properties and values of the wrong type or out of range.
+true, only to declared writable properties the method lists, with a value of the property's
+type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from devices.values import to_twin_string
 from mapper.dmi.settings import ApiSettings
-from twin.records import ERROR
+from twin.records import ERROR, GOOD
 from twin.store import TwinError
 
 if TYPE_CHECKING:
@@ -107,6 +107,9 @@ class RestApi:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
         if self.service.recorder is not None:
             self.loop.call_soon_threadsafe(self.service.recorder.add, reading)
+        if reading.quality != GOOD:  # out of the model's range: recorded as such, never a good value
+            raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
+                           f"read {definition.id}/{prop_name}: {reading.quality}: {reading.detail}")
         return {**_base(), "Data": {
             "DeviceName": name, "PropertyName": prop_name, "Namespace": namespace,
             "Value": to_twin_string(reading.value), "Type": prop.type.value.lower(), "TimeStamp": reading.taken_at_ms,
@@ -142,6 +145,14 @@ class RestApi:
         method = next((m for m in definition.device.spec.methods if m.name == method_name), None)
         if method is None or prop not in method.property_names:
             raise ApiError(HTTPStatus.NOT_FOUND, f"device {definition.id} has no method {method_name!r} for {prop!r}")
+        if not definition.has_property(prop):  # listed by the method, but not declared
+            raise ApiError(HTTPStatus.NOT_FOUND, f"device {definition.id} has no property {prop!r}")
+        if not definition.prop(prop).writable:
+            raise ApiError(HTTPStatus.FORBIDDEN, f"property {prop!r} of {definition.id} is ReadOnly")
+        try:
+            definition.desired_value(prop, data)  # the one check every desired value passes: type and range
+        except ValueError as exc:
+            raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         try:
             self._on_loop(self.service.twin(lambda s: s.set_desired(definition.id, prop, data)))
         except PermissionError as exc:
