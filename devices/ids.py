@@ -32,21 +32,29 @@ def is_property_name(value: object) -> bool:
     return isinstance(value, str) and bool(_PROPERTY.match(value))
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """`value` for an error message: its repr, cut after `limit` characters (a name may be any
+    length when it comes from outside, and the message goes into logs and gRPC status details)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 def check_name(value: str) -> str:
     if not is_name(value):
-        raise ValueError(f"{value!r} is not a valid name: use {NAME_RULE}")
+        raise ValueError(f"{shown(value)} is not a valid name: use {NAME_RULE}")
     return value
 
 
 def check_namespace(value: str) -> str:
     if not is_namespace(value):
-        raise ValueError(f"{value!r} is not a valid namespace: use {NAMESPACE_RULE}")
+        raise ValueError(f"{shown(value)} is not a valid namespace: use {NAMESPACE_RULE}")
     return value
 
 
 def check_property_name(value: str) -> str:
     if not is_property_name(value):
-        raise ValueError(f"{value!r} is not a valid property name: use {PROPERTY_RULE}")
+        raise ValueError(f"{shown(value)} is not a valid property name: use {PROPERTY_RULE}")
     return value
 
 

@@ -878,3 +878,36 @@ def test_get_device_never_reports_an_out_of_range_reading(sockdir: Path) -> None
             reported = {t.propertyName: t.reported.value for t in reply.device.status.twins}
             assert reported == {"hot": "", "fine": "5.0"}, reported
     run(scenario())
+
+
+def test_refusals_of_huge_input_stay_readable(sockdir: Path) -> None:
+    """A 200,000-character name, or a device with thousands of bad properties, is refused with its
+    own status and a bounded message (the whole name went into the status details, past gRPC's
+    16 KiB metadata limit: edgecore saw RESOURCE_EXHAUSTED 'received metadata size exceeds hard limit')."""
+    huge = "x" * 200_000
+
+    async def refused(method: str, request: object) -> grpc.aio.AioRpcError:
+        with pytest.raises(grpc.aio.AioRpcError) as exc_info:
+            await edgecore_ref[0].call_mapper(method, request)
+        assert len(exc_info.value.details().encode()) <= 4096, len(exc_info.value.details())
+        return exc_info.value
+
+    edgecore_ref: list[FakeEdgecore] = []
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            edgecore_ref.append(edgecore)
+            await registered(mapper)
+            await edgecore.add(switch("lamp"), SWITCH)
+            err = await refused("RegisterDevice", pb.RegisterDeviceRequest(device=switch(huge)))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid name" in err.details()
+            spaced = switch("lamp-2", namespace="N" * 200_000)
+            err = await refused("RegisterDevice", pb.RegisterDeviceRequest(device=spaced))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid namespace" in err.details()
+            err = await refused("GetDevice", pb.GetDeviceRequest(deviceName=huge, deviceNamespace="default"))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            many = device("many", "switch-model", {f"Bad Name {i}": {"kind": "switch"} for i in range(2000)})
+            err = await refused("RegisterDevice", pb.RegisterDeviceRequest(device=many))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "Bad Name 0" in err.details()
+            assert mapper.runner("lamp") is not None
+    run(scenario())

@@ -29,7 +29,7 @@ from mapper.dmi.catalog import Catalog, device_key, model_key, model_of
 from mapper.dmi.client import EdgecoreClient, Reporter
 from mapper.dmi.convert import fresh_status
 from mapper.dmi.ratelimit import TokenBucket
-from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
+from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer, short
 from mapper.dmi.settings import KubeEdgeSettings
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
@@ -272,7 +272,8 @@ class KubeEdgeExtension:
         key = (namespace or "default", name)
         device = self.catalog.devices.get(key)
         if device is None:
-            raise DmiError(grpc.StatusCode.NOT_FOUND, f"device {key[0]}/{name} is not known to this mapper")
+            raise DmiError(grpc.StatusCode.NOT_FOUND,
+                           f"device {short(key[0], 80)}/{short(name, 80)} is not known to this mapper")
         assert self.service is not None
         device_id = DeviceId(*key)
         definition = self.service.definitions.devices.get(device_id) if self.service.definitions else None

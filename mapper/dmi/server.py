@@ -23,6 +23,23 @@ from mapper.dmi import api_pb2_grpc as pb_grpc
 log = logging.getLogger("mapper.dmi")
 
 SOCKET_MODE = 0o660
+# Status details travel in a gRPC trailer, and a client drops trailers over 16 KiB (over 8 KiB
+# at random): a longer refusal reached edgecore as RESOURCE_EXHAUSTED instead of its reason.
+MAX_DETAILS_BYTES = 4096
+
+
+def details(message: str) -> str:
+    """`message` cut to MAX_DETAILS_BYTES of UTF-8 (the mapper's log has all of it)."""
+    data = message.encode()
+    if len(data) <= MAX_DETAILS_BYTES:
+        return message
+    tail = f"... ({len(data)} bytes; the mapper's log has the rest)"
+    return data[:MAX_DETAILS_BYTES - len(tail.encode())].decode(errors="ignore") + tail
+
+
+def short(text: str, limit: int = 200) -> str:
+    """`text` for a message or a log line: cut after `limit` characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class DmiError(Exception):
@@ -52,11 +69,11 @@ class DeviceMapperServicer(pb_grpc.DeviceMapperServiceServicer):
         try:
             await call
         except DmiError as exc:
-            log.warning("%s refused: %s", what, exc)
-            await context.abort(exc.code, str(exc))
+            log.warning("%s refused: %s", short(what), exc)
+            await context.abort(exc.code, details(str(exc)))
         except ValueError as exc:  # DefinitionError, ConversionError: the device/model is invalid
-            log.warning("%s refused: %s", what, exc)
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            log.warning("%s refused: %s", short(what), exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(str(exc)))
 
     async def RegisterDevice(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC names
         d = request.device
@@ -93,7 +110,7 @@ class DeviceMapperServicer(pb_grpc.DeviceMapperServiceServicer):
         try:
             device = await self.handler.get_device(ns, name)
         except DmiError as exc:
-            await context.abort(exc.code, str(exc))
+            await context.abort(exc.code, details(str(exc)))
         return pb.GetDeviceResponse(device=device)
 
 
