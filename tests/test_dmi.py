@@ -911,3 +911,29 @@ def test_refusals_of_huge_input_stay_readable(sockdir: Path) -> None:
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "Bad Name 0" in err.details()
             assert mapper.runner("lamp") is not None
     run(scenario())
+
+
+def test_a_model_is_validated_when_it_arrives(sockdir: Path) -> None:
+    """CreateDeviceModel of a model whose name or namespace is no Kubernetes name is refused and not
+    kept (it was kept and saved, and the call returned OK); a model with a bad property is
+    INVALID_ARGUMENT naming the field, and kept, so its devices say what is wrong with it."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            for bad in (model("A/B", {"p": ("INT", "ReadOnly")}), model("x" * 200_000, {}),
+                        model("ok-model", {}, namespace="Lab")):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await edgecore.call_mapper("CreateDeviceModel", pb.CreateDeviceModelRequest(model=bad))
+                assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid" in refused.value.details() and len(refused.value.details()) < 1000
+            assert mapper.ext.catalog.models == {}
+            typo = model("switch-model", {"power": ("BOOL", "ReadWrite")})
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.call_mapper("CreateDeviceModel", pb.CreateDeviceModelRequest(model=typo))
+            assert grpc_code(refused) == grpc.StatusCode.INVALID_ARGUMENT
+            assert "spec.properties[0].type" in refused.value.details() and "'BOOL'" in refused.value.details()
+            assert "spec.properties[0].type" in await refused_as_invalid(edgecore, switch("lamp"))
+            await edgecore.call_mapper("UpdateDeviceModel", pb.UpdateDeviceModelRequest(model=SWITCH))
+            assert mapper.runner("lamp") is not None
+            assert "A/B" not in mapper.ext.state_path.read_text()
+    run(scenario())

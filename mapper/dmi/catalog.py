@@ -62,6 +62,15 @@ def check(device: pb.Device) -> None:
         raise ConversionError(f"dmi:Device {namespace}/{name}: cannot be kept ({exc})") from None
 
 
+def check_model(model: pb.DeviceModel) -> None:
+    """A model's namespace and name are checked as a device's are; ConversionError otherwise."""
+    namespace, name = model_key(model)
+    try:
+        DeviceId(namespace, name)
+    except ValueError as exc:
+        raise ConversionError(f"dmi:DeviceModel {namespace[:80]}/{name[:80]}: {exc}") from None
+
+
 @dataclass
 class Catalog:
     protocol: str
@@ -76,9 +85,16 @@ class Catalog:
 
     def replace(self, devices: list[pb.Device], models: list[pb.DeviceModel]) -> None:
         """Adopt a MapperRegister reply: exactly these devices and (deduplicated) models. A device
-        that cannot be kept (see `check`) is left out and logged: one bad device must not stop
-        the others (or, in edgecore's reply, every start)."""
-        self.models = dedupe_models(models)
+        or model that cannot be kept (see `check`, `check_model`) is left out and logged: one bad
+        device must not stop the others (or, in edgecore's reply, every start)."""
+        self.models = {}
+        for key, model in dedupe_models(models).items():
+            try:
+                check_model(model)
+            except ConversionError as exc:
+                log.error("model from edgecore left out: %s", exc)
+                continue
+            self.models[key] = model
         self.devices = {}
         for device in devices:
             try:
@@ -99,6 +115,9 @@ class Catalog:
         return True
 
     def put_model(self, model: pb.DeviceModel) -> bool:
+        """Add or replace a model; False when an identical one is already there. Raises
+        ConversionError (INVALID_ARGUMENT) for a model whose id is not valid, before storing it."""
+        check_model(model)
         key = model_key(model)
         if self.models.get(key) == model:
             return False

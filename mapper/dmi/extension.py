@@ -23,11 +23,11 @@ import grpc
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
-from devices.loader import LoadResult
+from devices.loader import LoadResult, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.catalog import Catalog, device_key, model_key, model_of
 from mapper.dmi.client import EdgecoreClient, Reporter
-from mapper.dmi.convert import fresh_status
+from mapper.dmi.convert import fresh_status, model_document
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer, short
 from mapper.dmi.settings import KubeEdgeSettings
@@ -248,9 +248,14 @@ class KubeEdgeExtension:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
         key = model_key(model)
         broken: list[str] = []
+        invalid = None
+        try:  # the model alone, as a YAML file's model is checked; kept either way (see below)
+            load_objects([(f"dmi:DeviceModel {key[0]}/{key[1]}", model_document(model, self.catalog.protocol))])
+        except ValueError as exc:
+            invalid = str(exc)
         async with self._lock:
             running = set(self.service.runners) if self.service is not None else set()
-            if self.catalog.put_model(model):
+            if self.catalog.put_model(model):  # ConversionError for an invalid id: not kept
                 await self._apply()
                 # Devices of this model that ran before and are refused now: the model is kept (as
                 # edgecore has it), but the call says which devices it stopped, and why.
@@ -258,6 +263,9 @@ class KubeEdgeExtension:
                           if model_of(self.catalog.devices[dkey]) == key and DeviceId(*dkey) in running]
         async with self._models_changed:
             self._models_changed.notify_all()
+        if invalid:
+            # Kept, as edgecore has it: its devices are refused with this message until it is fixed.
+            raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, invalid)
         if broken:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT,
                            f"DeviceModel {key[0]}/{key[1]} is kept, but it stops {len(broken)} running device(s): "
