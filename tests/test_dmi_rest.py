@@ -163,3 +163,23 @@ def test_range_and_declared_properties(tmp_path: Path) -> None:
         twin = await service.twin(lambda s: s.device(DeviceId("default", "dial")))
         assert twin.properties["level"].desired == 7
     scenario(tmp_path, True, check, RANGED)
+
+
+def test_a_port_in_use_names_the_setting(tmp_path: Path) -> None:
+    """api.port already taken: the mapper does not start, and the error names the address and the
+    setting (it was a bare '[Errno 98] Address already in use')."""
+    import socket
+
+    import pytest
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = MapperConfig(devices=[], twin=TwinSettings(path=tmp_path / "twin.db"), api=ApiSettings(port=port))
+
+        async def main() -> None:
+            await build_service(config).run(asyncio.Event())
+
+        with pytest.raises(OSError, match=rf"REST API: cannot listen on 127\.0\.0\.1:{port} \(api\.host, api\.port\)"):
+            asyncio.run(main())

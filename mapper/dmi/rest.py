@@ -198,7 +198,11 @@ class RestApiExtension:
     async def setup(self, service: MapperService) -> None:
         api = RestApi(self.settings, service, asyncio.get_running_loop())
         handler = type("Handler", (_Handler,), {"api": api})
-        self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
+        try:
+            self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
+        except OSError as exc:
+            raise OSError(f"REST API: cannot listen on {self.settings.host}:{self.settings.port} "
+                          f"(api.host, api.port): {exc.strerror or exc}") from None
         self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, name="mapper.api", daemon=True)
         self._thread.start()
