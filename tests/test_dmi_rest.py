@@ -183,3 +183,31 @@ def test_a_port_in_use_names_the_setting(tmp_path: Path) -> None:
 
         with pytest.raises(OSError, match=rf"REST API: cannot listen on 127\.0\.0\.1:{port} \(api\.host, api\.port\)"):
             asyncio.run(main())
+
+
+def test_other_methods_are_405_in_plain_text(tmp_path: Path) -> None:
+    """Every route is GET: another method is 405 with `Allow: GET` and a plain-text reason, as the
+    errors are documented (it was http.server's 501 HTML page); the twin is untouched."""
+    import http.client
+
+    def request(port: int, method: str, path: str) -> tuple[int, str | None, str, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        try:
+            conn.request(method, path, body=b"true" if method in ("POST", "PUT") else None)
+            response = conn.getresponse()
+            return response.status, response.getheader("Allow"), response.getheader("Content-Type"), response.read()
+        finally:
+            conn.close()
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"):
+            status, allow, kind, body = await asyncio.to_thread(
+                request, port, method, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+            assert (status, allow) == (405, "GET"), (method, status, allow)
+            assert kind.startswith("text/plain"), (method, kind)
+            assert body == (b"" if method == "HEAD" else f"method {method} not allowed: every route is GET\n".encode())
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is None
+        status, _, _, _ = await asyncio.to_thread(request, port, "GET", "/api/v1/ping")
+        assert status == 200
+    scenario(tmp_path, True, check)
