@@ -937,3 +937,24 @@ def test_a_model_is_validated_when_it_arrives(sockdir: Path) -> None:
             assert mapper.runner("lamp") is not None
             assert "A/B" not in mapper.ext.state_path.read_text()
     run(scenario())
+
+
+def test_saved_devices_of_another_protocol_are_not_restored(sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The state file holds the devices edgecore gave a mapper of protocol `simulated`; restarted
+    with `kubeedge.protocol: dht` (edgecore away), the mapper does not run them (it did, until
+    edgecore answered: devices no longer routed to it, on pins another mapper may hold)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            edgecore.devices = [(room("room-a"), TEMP)]
+            await registered(mapper)
+            assert mapper.runner("room-a") is not None
+        async with running_mapper(sockdir, name="dht", protocol="dht") as mapper:
+            async with asyncio.timeout(10):
+                await mapper.ext.started.wait()
+            assert mapper.service.runners == {} and mapper.ext.catalog.devices == {}
+        async with running_mapper(sockdir) as mapper:  # positive control: the same file, the same protocol
+            async with asyncio.timeout(10):
+                await mapper.ext.started.wait()
+            assert mapper.runner("room-a") is not None
+    run(scenario())
+    assert "protocol 'simulated'" in caplog.text

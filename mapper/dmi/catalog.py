@@ -226,6 +226,9 @@ class Catalog:
             data = json.loads(path.read_text(encoding="utf-8"))
             if data.get("version") != STATE_VERSION:
                 raise ValueError(f"unsupported version {data.get('version')!r}")
+            if data.get("protocol") != self.protocol:  # kubeedge.protocol changed: not our devices now
+                raise ValueError(f"it holds the devices of protocol {data.get('protocol')!r}, "
+                                 f"and this mapper's is {self.protocol!r}")
             models = [json_format.ParseDict(m, pb.DeviceModel()) for m in data["models"]]
             devices = [json_format.ParseDict(d, pb.Device()) for d in data["devices"]]
         except FileNotFoundError:
