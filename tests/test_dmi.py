@@ -958,3 +958,33 @@ def test_saved_devices_of_another_protocol_are_not_restored(sockdir: Path, caplo
             assert mapper.runner("room-a") is not None
     run(scenario())
     assert "protocol 'simulated'" in caplog.text
+
+
+def test_an_edgecore_restart_while_its_reply_is_adopted_is_noticed(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edgecore restarts while the mapper is still adopting its registration reply (a slow start
+    of many devices): the mapper registers with the new edgecore (it took the new socket for the
+    one it had registered with, and never registered again)."""
+    monkeypatch.setattr(ext_module, "WATCH_INTERVAL_S", 0.05)
+
+    async def scenario() -> None:
+        first, second = FakeEdgecore(sockdir / "dmi.sock"), FakeEdgecore(sockdir / "dmi.sock")
+        second.devices = [(switch("lamp"), SWITCH)]
+        try:
+            async with running_mapper(sockdir) as mapper:
+                adopt = mapper.ext._adopt  # noqa: SLF001
+
+                async def restart_during_adopt(reply: pb.MapperRegisterResponse) -> None:
+                    if not second.calls:  # the first edgecore's reply: it restarts meanwhile
+                        await first.__aexit__(None, None, None)
+                        await second.__aenter__()
+                    await adopt(reply)
+
+                mapper.ext._adopt = restart_during_adopt  # noqa: SLF001
+                await first.__aenter__()  # the mapper has been retrying MapperRegister until now
+                await registered(mapper, 2)
+                assert len(first.of("MapperRegister")) == 1 and len(second.of("MapperRegister")) == 1
+                assert mapper.runner("lamp") is not None
+        finally:
+            if second._server is not None:  # noqa: SLF001 - started by the restart above
+                await second.__aexit__(None, None, None)
+    run(scenario())

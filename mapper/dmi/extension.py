@@ -112,8 +112,10 @@ class KubeEdgeExtension:
     async def _registration_loop(self) -> None:
         while True:
             reply = await self.client.register_until_done()
-            await self._adopt(reply)
+            # The edgecore that answered: taken before the reply is adopted (which may take a while),
+            # so a restart meanwhile shows as a new socket and we register again.
             self._registered_socket = self._socket_id()
+            await self._adopt(reply)
             self.registrations += 1
             self.registered.set()
             log.info("registered with edgecore as %s (protocol %s): %d device(s), %d model(s)",
