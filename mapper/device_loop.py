@@ -38,10 +38,9 @@ from typing import Any
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import DriverError, NotReady
-from devices.ids import DeviceId
+from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
-from mapper.logs import shown
 from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
 from twin.store import DesiredChange, TwinStore, VersionConflict
@@ -430,13 +429,14 @@ class DeviceRunner:
             reading = await self._read_back(prop, value)
             self._record(reading)
             if reading.quality != GOOD or reading.value != value:
-                error = f"read back {shown(reading.value)} after writing {shown(value)}"
+                error = f"read back {shown(reading.value, 200)} after writing {shown(value, 200)}"
         except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
             error = f"write failed: {exc}"
         if error:
             log.warning("%s/%s: %s", self.id, name, error)
         else:
-            log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value), change.version)
+            log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value, 200),
+                     change.version)
         await self._on_applied(change, error)
 
     async def _read_back(self, prop: PropertyDefinition, value: Value, attempts: int = 10) -> Reading:

@@ -68,9 +68,3 @@ def held_note(held: int) -> str:
     """The suffix of a line let through after `held` of its kind were not logged."""
     return f" ({held} more like this not logged)" if held else ""
 
-
-def shown(value: object, limit: int = 200) -> str:
-    """`repr(value)` for a log line, cut to `limit` characters: a 64 KB string a client set is
-    named, not copied into the journal."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
