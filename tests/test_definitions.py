@@ -254,6 +254,9 @@ def test_a_push_topic_the_mapper_cannot_or_must_not_publish_to_is_refused(tmp_pa
     ("from smbus2 import SMBus\n", "ModuleNotFoundError: No module named 'smbus2'"),  # a dependency missing
     ("from devices.drivers.base import NoSuchThing\n", "ImportError: cannot import name 'NoSuchThing'"),
     ("class Broken:\n    pass\n", "'Broken' is not a devices.drivers.Driver"),
+    # a hardware library that refuses to import off its board by exiting (a BaseException)
+    ("import sys\nsys.exit('This library requires a Raspberry Pi')\n",
+     "SystemExit: This library requires a Raspberry Pi"),
 ])
 def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, monkeypatch, module_text, reason):
     """A third-party driver that is registered but broken: its devices are refused with the reason,

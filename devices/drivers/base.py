@@ -191,7 +191,10 @@ def load_driver(protocol: str) -> type[Driver]:
             # the driver's own package is gone
             raise DriverNotFound(protocol, available_protocols()) from exc
         raise DriverBroken(protocol, target, exc) from exc
-    except Exception as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices only
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices
+        # only, also when it exits (a hardware library off its board calling sys.exit)
         raise DriverBroken(protocol, target, exc) from exc
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
