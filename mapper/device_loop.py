@@ -118,6 +118,16 @@ class DeviceRunner:
     # -- driver calls ----------------------------------------------------------------------
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A driver call; whatever it raises that is no Exception (a binding's own BaseException, a
+        library's sys.exit) is a DriverError of this device, never the end of the mapper's tasks."""
+        try:
+            return await self._call_driver(fn, *args)
+        except (Exception, asyncio.CancelledError):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - the driver's, not ours: a failed call
+            raise DriverError(f"{self.id}: the driver raised {_raised(exc)}") from exc
+
+    async def _call_driver(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.driver.blocking:
             return fn(*args)
         if self._inflight is not None and not self._inflight.done():
@@ -194,8 +204,8 @@ class DeviceRunner:
     def _close_driver(self) -> None:
         try:
             self.driver.close()
-        except Exception as exc:  # noqa: BLE001 - closing must not stop the other devices closing
-            log.warning("%s: error while closing the driver: %s", self.id, exc)
+        except BaseException as exc:  # noqa: BLE001 - closing must not stop the other devices closing
+            log.warning("%s: error while closing the driver: %s", self.id, _raised(exc))
 
     # -- health ----------------------------------------------------------------------------
 
@@ -228,8 +238,8 @@ class DeviceRunner:
         """`3 failures in a row (checksum 2, incomplete 1 since the last good measurement); last: ...`."""
         try:
             summary = self.driver.health()
-        except Exception as health_exc:  # noqa: BLE001 - a broken health() must not hide the failure
-            summary = f"health() failed: {health_exc}"
+        except BaseException as health_exc:  # noqa: BLE001 - a broken health() must not hide the failure
+            summary = f"health() failed: {_raised(health_exc)}"
         summary = "" if not summary or summary == OK else f" ({summary})"
         return f"{self.failures} failures in a row{summary}; last: {exc}"
 
@@ -484,6 +494,11 @@ class DriverThread:
                     future.set_exception(exc)
             if self._once:
                 return
+
+
+def _raised(exc: BaseException) -> str:
+    """`BusPanic: the bus gave up`: what a driver raised, named when it is no Exception."""
+    return str(exc) if isinstance(exc, Exception) else f"{type(exc).__name__}: {exc}"
 
 
 def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:

@@ -260,7 +260,7 @@ class MapperService:
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep the other devices running
+            except BaseException as exc:  # noqa: BLE001 - keep the other devices running (a driver's BaseException too)
                 attempt += 1
                 log.exception("%s: device loop crashed (%s); restarting", runner.id, exc)
                 await runner.close_when_idle()

@@ -388,3 +388,27 @@ async def test_a_history_prune_that_meets_a_locked_twin_stops_nothing(tmp_path, 
                 await async_wait_for(lambda: history() <= 200, what="the next prune")
     finally:
         lock.close()
+
+
+async def test_a_driver_raising_a_base_exception_fails_its_reads_and_stops_nothing(tmp_path, plugin_drivers):
+    """A driver whose read raises a BaseException that is no Exception (a binding's own, or a
+    library's sys.exit), on the event loop or in its thread: each is a failed read of that device,
+    which goes unhealthy saying what was raised, while the other devices read on and the mapper
+    stops cleanly. It used to end the service's task group: every device stopped, and `mapper run`
+    exited with the exception."""
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    write_device(devices, "panic", "panicking")
+    write_device(devices, "panic-thread", "panicking", {"in_thread": True})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    panicking = [DeviceId("default", "panic"), DeviceId("default", "panic-thread")]
+    async with running_service(config) as service:
+        with reader(config) as twin:
+            await async_wait_for(lambda: all(twin.device(d).state == "unhealthy" for d in panicking),
+                                 what="both panicking devices unhealthy")
+            for device_id in panicking:
+                assert "BusPanic: the bus binding gave up" in twin.device(device_id).state_detail
+            good = service.runners[GOOD1]
+            reads = good.reads
+            await async_wait_for(lambda: good.reads >= reads + 5, what="good1 reading on")
+            assert twin.device(GOOD1).state == "ok"
+            assert set(service.runners) == {GOOD1, *panicking}

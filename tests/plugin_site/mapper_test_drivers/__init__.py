@@ -11,6 +11,8 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
   until the file `open_when` exists; close() waits until `close_when` exists and appends
   `<device> yes` (it did) or `<device> no` (not within the wait) to `close_log`. Waits are bounded
   by `wait_s`.
+- `panicking`: every read raises `BusPanic`, a BaseException that is no Exception (as some bindings
+  raise, or a library calling sys.exit); `in_thread: true` makes it a blocking driver.
 """
 
 from __future__ import annotations
@@ -106,3 +108,25 @@ class GatedDriver(SimulatedDriver):
                 with open(c.close_log, "a", encoding="utf-8") as log:
                     log.write(f"{self.device.id.name} {'yes' if there else 'no'}\n")
         super().close()
+
+
+class BusPanic(BaseException):
+    """What a binding raises that is no Exception (not an error a driver is expected to raise)."""
+
+
+class PanickingConfig(SimulatedConfig):
+    in_thread: bool = False
+
+
+class PanickingDriver(SimulatedDriver):
+    protocol = "panicking"
+    Config = PanickingConfig
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        super().__init__(device)
+        self.blocking = self.config.in_thread
+        self.panics = 0
+
+    def read(self, prop: PropertyDefinition) -> Any:
+        self.panics += 1
+        raise BusPanic("the bus binding gave up")
