@@ -144,14 +144,21 @@ class DeviceRunner:
 
     async def _open(self) -> None:
         attempt = 0
+        late: asyncio.Future[Any] | None = None  # an open() that timed out, still running in its thread
         while True:
+            before = self._inflight
             try:
-                async with self._io_lock:
-                    await self._call(self.driver.open)
+                if late is not None and late.done() and not late.cancelled() and late.exception() is None:
+                    pass  # it did open, after all: opened again, the hardware would be claimed twice
+                else:
+                    async with self._io_lock:
+                        await self._call(self.driver.open)
                 self._opened = True
                 self.first_open_done.set()
                 return
             except Exception as exc:  # noqa: BLE001 - any driver failure: report, back off, retry
+                if self._inflight is not before and self._inflight is not None and not self._inflight.done():
+                    late = self._inflight
                 attempt += 1
                 await self._set_state(OFFLINE, f"cannot open: {exc}")
                 self.first_open_done.set()

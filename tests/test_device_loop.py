@@ -412,3 +412,28 @@ async def test_a_driver_raising_a_base_exception_fails_its_reads_and_stops_nothi
             await async_wait_for(lambda: good.reads >= reads + 5, what="good1 reading on")
             assert twin.device(GOOD1).state == "ok"
             assert set(service.runners) == {GOOD1, *panicking}
+
+
+async def test_an_open_that_returns_after_its_timeout_is_taken_not_repeated(tmp_path, plugin_drivers):
+    """A bus slow to come up: the driver's open() outlives its timeout (the device is offline,
+    saying so) and then succeeds in its thread. That open is the device's: the loop does not open
+    the driver a second time (which a bus held by the first open refuses, so the device stayed
+    offline for good, the first open's hardware held and never used) and the device reads."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    opening, gate = tmp_path / "opening", tmp_path / "gate"
+    slow_bus = DeviceId("default", "slow-bus")
+    async with running_service(config) as service:
+        write_device(devices, "slow-bus", "gated",
+                     {"opening": str(opening), "open_when": str(gate), "wait_s": 10, "timeout_s": 0.2})
+        await service.update_devices(load([devices]))
+        runner = service.runners[slow_bus]
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.device(slow_bus).state == "offline", what="offline: the open timed out")
+            assert "no answer within 0.2 s" in twin.device(slow_bus).state_detail
+            gate.touch()  # the bus comes up: the open that timed out returns, opened
+            await async_wait_for(lambda: twin.device(slow_bus).state == "ok", what="the device ok")
+            await async_wait_for(lambda: runner.reads >= 3, what="its reads")
+        assert runner.driver.opens == 1

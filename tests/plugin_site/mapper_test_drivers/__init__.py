@@ -10,7 +10,8 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
 - `gated`: a bus that is slow to open and to close. open() creates the file `opening`, then waits
   until the file `open_when` exists; close() waits until `close_when` exists and appends
   `<device> yes` (it did) or `<device> no` (not within the wait) to `close_log`. Waits are bounded
-  by `wait_s`.
+  by `wait_s`; the device loop gives up on a call after `wait_s` + 5 s, or `timeout_s` if set. The bus
+  is exclusive: open() while it is open fails, as a second claim of a GPIO line does (`opens` counts them).
 - `panicking`: every read raises `BusPanic`, a BaseException that is no Exception (as some bindings
   raise, or a library calling sys.exit); `in_thread: true` makes it a blocking driver.
 """
@@ -71,6 +72,7 @@ class GatedConfig(SimulatedConfig):
     close_when: str | None = None
     close_log: str | None = None
     wait_s: float = Field(default=10.0, gt=0)
+    timeout_s: float | None = Field(default=None, gt=0)
 
 
 def _wait_for_file(path: str, limit_s: float) -> bool:
@@ -90,10 +92,15 @@ class GatedDriver(SimulatedDriver):
 
     def __init__(self, device: DeviceDefinition) -> None:
         super().__init__(device)
-        self.timeout_s = self.config.wait_s + 5.0  # the loop must not give up before the bus does
+        # By default the loop does not give up before the bus does.
+        self.timeout_s = self.config.timeout_s or self.config.wait_s + 5.0
+        self.opens = 0
 
     def open(self) -> None:
         c = self.config
+        if self.opened:
+            raise DriverError(f"{self.device.id}: the bus is busy (already open)")
+        self.opens += 1
         if c.opening:
             Path(c.opening).touch()
         if c.open_when and not _wait_for_file(c.open_when, c.wait_s):
