@@ -1278,6 +1278,24 @@ def test_worker_refuses_bad_topics_and_unknown_models(worker):
     assert result.id == body["id"] and len(result.logits) == 5
 
 
+
+def test_worker_answers_a_cut_its_graph_cannot_score_with_an_error(worker):
+    """A cut of finite but huge values (int8 with a scale of 1e36) overflows the cloud graph: the
+    worker answers with an `error` result, which the mapper accepts as one, not with logits the
+    JSON encoder writes as `null` (counted as served, refused by every mapper as malformed)."""
+    import base64
+    import struct
+
+    info = worker.models["sensor-faults-early-exit"].info
+    body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", info.name, info.cloud_sha256[:16], 1, False,
+                                "int8", np.ones(32, np.float32)).to_json()
+    body["payload"] = base64.b64encode(struct.pack("<f", 1e36) + bytes([127] * 32)).decode("ascii")
+    served, refused = worker.served, worker.refused
+    _, payload = worker.answer("mapper/n1/offload/request", orjson.dumps(body))
+    result = codec.decode_result(payload, n_classes=5)
+    assert result.logits is None and "not finite" in result.error
+    assert (worker.served, worker.refused) == (served, refused + 1)
+
 # --- device updates (SIGHUP reload, KubeEdge DMI), max_pending, the counters in the log ----
 
 AD_PUSH = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"

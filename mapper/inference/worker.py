@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import signal
@@ -134,6 +135,12 @@ class CloudWorker:
         except ValueError as exc:
             self.refused += 1
             return result_topic, orjson.dumps(OffloadResult(**base, error=str(exc)[:200]).to_json())
+        if not all(map(math.isfinite, logits.tolist())):
+            # Finite cut values the graph overflows on (int8 with a huge scale): JSON would carry them
+            # as null, which every mapper refuses as malformed.
+            self.refused += 1
+            return result_topic, orjson.dumps(OffloadResult(
+                **base, error="the cloud graph's output is not finite for this cut").to_json())
         self.served += 1
         result = OffloadResult(**base, logits=tuple(float(v) for v in logits))
         return result_topic, orjson.dumps(result.to_json())
