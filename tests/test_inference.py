@@ -942,6 +942,33 @@ async def test_a_late_cloud_answer_is_published_but_does_not_drive_the_actuator(
         await _stop(r)
 
 
+
+async def test_a_window_the_model_cannot_compute_is_a_counted_error_logged_a_few_times(tmp_path, caplog):
+    """Readings that are good for the device (no minimum/maximum) but beyond float32 (1e39): the
+    edge graph's output is NaN. Each such window is an `errors` count of its pipeline, logged a few
+    times a minute with what it held; it used to reach the offload, whose encoder refused the NaN
+    cut inside the recorder's pre-commit hook: a traceback per window, and every decision of that
+    batch (other pipelines' too) lost."""
+    import logging
+
+    from devices.loader import load
+
+    caplog.set_level(logging.INFO, logger="mapper")
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"})
+    try:
+        devices = tmp_path / "devices"
+        text = (devices / "devices.yaml").read_text()
+        (devices / "devices.yaml").write_text(text.replace("base: 21.5", "base: 1.0e+39"))
+        await r.service.update_devices(load([devices]))
+        await async_wait_for(lambda: r.ext.pipelines and r.pipeline().stats.counts["errors"] >= 25, timeout=20,
+                             what="windows of huge readings counted as errors")
+        assert "pre-commit hook" not in caplog.text
+        lines = [m for m in caplog.messages if "not decided" in m]
+        assert 1 <= len(lines) <= 10, lines
+        assert "the model's output is not finite" in lines[0] and "1e+39" in lines[0]
+    finally:
+        await _stop(r)
+
 async def test_a_clean_stop_first_acts_on_the_last_decisions(tmp_path):
     """A closed-loop action still to be taken when a stop comes is taken before the mapper exits (the stop
     waits for it, bounded), not cancelled. The twin is slow for real: another writer (as `mapper twin set`

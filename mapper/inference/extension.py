@@ -471,9 +471,15 @@ class InferenceExtension:
                     window = pipeline.builder.add(reading)
                     if window is not None:
                         outcomes.append((pipeline, pipeline.edge(window)))
-                except Exception:  # noqa: BLE001 - one bad window must not stop inference
+                except Exception as exc:  # noqa: BLE001 - one bad window must not stop inference
+                    from mapper.inference.pipeline import WindowError
+
                     pipeline.stats.counts["errors"] += 1
-                    log.exception("inference: %s: error on a window", pipeline.id)
+                    if not isinstance(exc, WindowError):
+                        log.exception("inference: %s: error on a window", pipeline.id)
+                    elif (held := self._log_throttle("window_not_decided")) is not None:
+                        # what the window held, a few lines a minute (a sensor may send such values for hours)
+                        log.warning("inference: %s%s", exc, held_note(held))
         now = _now_ms()
         due = (self._next_due_ms is not None and now >= self._next_due_ms) or bool(self._results)
         if not outcomes and not due:

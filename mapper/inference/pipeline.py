@@ -35,6 +35,10 @@ class PipelineError(ValueError):
     """A pipeline's settings do not fit its device or its model."""
 
 
+class WindowError(ValueError):
+    """A window the model cannot decide (its output is not finite): counted and skipped."""
+
+
 @dataclass(frozen=True, slots=True)
 class EdgeOutcome:
     window: Window
@@ -194,7 +198,14 @@ class Pipeline:
 
     def edge(self, window: Window) -> EdgeOutcome:
         t0 = time.perf_counter_ns()
-        exit_logits, cut = self.model.edge(np.asarray(window.values, dtype=np.float32))
+        with np.errstate(over="ignore", invalid="ignore"):  # (checked below: a warning is no answer)
+            exit_logits, cut = self.model.edge(np.asarray(window.values, dtype=np.float32))
+        if not (np.isfinite(exit_logits).all() and np.isfinite(cut).all()):
+            # Readings good for the device but beyond what the graph computes with (float32): a NaN
+            # would pass no threshold, and no cut of it can be offloaded.
+            peak = max(map(abs, window.values), default=0.0)
+            raise WindowError(f"{self.id}: the window ending at {window.end_ms} is not decided: the model's output "
+                              f"is not finite (the window's values reach {peak:g}; the model computes in float32)")
         probs = policy.softmax(exit_logits[0].tolist())
         value = policy.score_value(probs, self.score)
         decided = policy.passes(value, self.threshold, self.score)
