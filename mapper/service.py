@@ -258,7 +258,7 @@ class MapperService:
             try:
                 await runner.run()
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, KeyboardInterrupt):
                 raise
             except BaseException as exc:  # noqa: BLE001 - keep the other devices running (a driver's BaseException too)
                 attempt += 1
