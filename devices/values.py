@@ -11,6 +11,8 @@ from decimal import Decimal
 from enum import Enum
 from typing import Any
 
+from devices.ids import shown
+
 Value = int | float | bool | str
 
 
@@ -83,7 +85,7 @@ def _integer(raw: Any) -> int:
     if isinstance(raw, float):
         if raw.is_integer():
             return int(raw)
-        raise ValueError(f"expected an integer, got {raw!r}")
+        raise ValueError(f"expected an integer, got {shown(raw)}")
     if isinstance(raw, str):
         text = _numeral(raw, "an integer")
         try:
@@ -92,10 +94,10 @@ def _integer(raw: Any) -> int:
             try:
                 number = float(text)
             except ValueError:
-                raise ValueError(f"expected an integer, got {raw!r}") from None
+                raise ValueError(f"expected an integer, got {shown(raw)}") from None
             if math.isfinite(number) and number.is_integer():
                 return int(number)
-            raise ValueError(f"expected an integer, got {raw!r}") from None
+            raise ValueError(f"expected an integer, got {shown(raw)}") from None
     raise ValueError(f"expected an integer, got {type(raw).__name__}")
 
 
@@ -120,11 +122,11 @@ def _to_float(raw: Any) -> float:
         try:
             number = float(_numeral(raw, "a number"))
         except ValueError:
-            raise ValueError(f"expected a number, got {raw!r}") from None
+            raise ValueError(f"expected a number, got {shown(raw)}") from None
     else:
         raise ValueError(f"expected a number, got {type(raw).__name__}")
     if not math.isfinite(number):
-        raise ValueError(f"expected a finite number, got {raw!r}")
+        raise ValueError(f"expected a finite number, got {shown(raw)}")
     return number
 
 
@@ -139,7 +141,7 @@ def _to_bool(raw: Any) -> bool:
             return True
         if text in _FALSE:
             return False
-    raise ValueError(f"expected a boolean (true/false), got {raw!r}")
+    raise ValueError(f"expected a boolean (true/false), got {shown(raw)}")
 
 
 def to_twin_string(value: Value) -> str:

@@ -138,6 +138,19 @@ def test_desired_value_of_wrong_type(tmp_path):
     assert len(problems) == 1 and "spec.properties[2].desired.value: expected an integer, got 'many'" in problems[0]
 
 
+def test_a_huge_wrong_value_is_named_not_copied_into_its_error(tmp_path):
+    """A 100 kB text where a number is expected (a desired value over MQTT, a driver's reading):
+    the error, which goes into a twin reply, a reading's quality detail and the log, quotes its
+    first 80 characters and its length."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("d"))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    with pytest.raises(ValueError) as refused:
+        device.desired_value("count", "9" * 50 + "x" * 100_000)
+    message = str(refused.value)
+    assert message.endswith("... (100050 characters)") and len(message) < 200, message[:300]
+
+
 def test_a_number_beyond_a_float_is_refused_as_a_desired_value(tmp_path):
     """An integer too large for a float (10**400, as YAML or Python's json read it) is a ValueError
     with a reason, like every other bad desired value; it was an OverflowError."""
