@@ -8,6 +8,7 @@ window, and what a decision does (the messages and desired values of its actions
 from __future__ import annotations
 
 import logging
+import math
 import random
 import secrets
 import time
@@ -29,6 +30,8 @@ from mapper.inference.window import Window, WindowBuilder
 from twin.store import OutMessage
 
 log = logging.getLogger("mapper.inference")
+
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 class PipelineError(ValueError):
@@ -198,15 +201,18 @@ class Pipeline:
 
     def edge(self, window: Window) -> EdgeOutcome:
         t0 = time.perf_counter_ns()
-        with np.errstate(over="ignore", invalid="ignore"):  # (checked below: a warning is no answer)
-            exit_logits, cut = self.model.edge(np.asarray(window.values, dtype=np.float32))
-        if not (np.isfinite(exit_logits).all() and np.isfinite(cut).all()):
-            # Readings good for the device but beyond what the graph computes with (float32): a NaN
-            # would pass no threshold, and no cut of it can be offloaded.
-            peak = max(map(abs, window.values), default=0.0)
-            raise WindowError(f"{self.id}: the window ending at {window.end_ms} is not decided: the model's output "
-                              f"is not finite (the window's values reach {peak:g}; the model computes in float32)")
-        probs = policy.softmax(exit_logits[0].tolist())
+        values = window.values
+        # Readings good for the device may be beyond what the graph computes with (float32), or make
+        # it overflow: a NaN passes no threshold, and no cut of it can be offloaded. Checked in plain
+        # Python on the few values there are (numpy's errstate and isfinite cost more than the window
+        # is worth at one a second), and before the cast, which would warn.
+        if max(values) > F32_MAX or min(values) < -F32_MAX:
+            raise self._not_decided(window)
+        exit_logits, cut = self.model.edge(np.asarray(values, dtype=np.float32))
+        logits = exit_logits[0].tolist()
+        if not all(map(math.isfinite, logits)) or not all(map(math.isfinite, cut[0].tolist())):
+            raise self._not_decided(window)
+        probs = policy.softmax(logits)
         value = policy.score_value(probs, self.score)
         decided = policy.passes(value, self.threshold, self.score)
         elapsed = (time.perf_counter_ns() - t0) / 1000
@@ -220,6 +226,11 @@ class Pipeline:
         self.stats.edge_us.append(elapsed)
         return EdgeOutcome(window, self.model.info.classes[index], probs[index], value, decided, audit, cut[0],
                            elapsed)
+
+    def _not_decided(self, window: Window) -> WindowError:
+        peak = max(map(abs, window.values), default=0.0)
+        return WindowError(f"{self.id}: the window ending at {window.end_ms} is not decided: the model's output "
+                           f"is not finite (the window's values reach {peak:g}; the model computes in float32)")
 
     def request(self, outcome: EdgeOutcome, node: str, created_ms: int) -> OffloadRequest:
         info = self.model.info
