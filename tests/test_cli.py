@@ -369,23 +369,32 @@ def test_twin_set_refuses_a_device_no_longer_in_the_files(tmp_path):
     assert accepted.returncode == 0, accepted.stderr
 
 
-def test_kubeedge_mode_without_the_kubeedge_extra_is_a_config_error(tmp_path):
-    """A core-only install (`pip install .`, no grpcio/protobuf) and a `mode: kubeedge` config:
-    `mapper run` and `mapper install-service` refuse it at once, naming the extra, as they do for
-    inference without the `ml` extra. `mapper run` used to die with a ModuleNotFoundError traceback."""
-    site = tmp_path / "no-grpc"
+def _kubeedge_refusals(tmp_path, sitecustomize: str) -> list[str]:
+    """The stderr of `mapper run` and `mapper install-service --dry-run` with a `mode: kubeedge`
+    config, under a sitecustomize that changes what this install has; both must refuse it at
+    once (exit 1, no traceback) and open no twin."""
+    site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import sys\nsys.modules['grpc'] = None\n")
+    (site / "sitecustomize.py").write_text(sitecustomize)
     devices = write_devices(tmp_path / "dev", ["lamp"])
     config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=(
         f"mode: kubeedge\nkubeedge: {{name: dht, protocol: dht, edgecore_socket: {tmp_path}/dmi.sock,"
         f" socket: {tmp_path}/dht.sock}}\n"))
+    said = []
     for args in (("run",), ("install-service", "--dry-run")):
         done = mapper(*args, "--config", str(config), env={"PYTHONPATH": str(site)})
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-        assert "mode: kubeedge: needs grpc" in done.stderr and "`kubeedge` extra" in done.stderr, done.stderr
+        said.append(done.stderr)
     assert not (tmp_path / "twin.db").exists()
+    return said
 
+
+def test_kubeedge_mode_without_the_kubeedge_extra_is_a_config_error(tmp_path):
+    """A core-only install (`pip install .`, no grpcio/protobuf) and a `mode: kubeedge` config:
+    `mapper run` and `mapper install-service` refuse it at once, naming the extra, as they do for
+    inference without the `ml` extra. `mapper run` used to die with a ModuleNotFoundError traceback."""
+    for stderr in _kubeedge_refusals(tmp_path, "import sys\nsys.modules['grpc'] = None\n"):
+        assert "mode: kubeedge: needs grpc" in stderr and "`kubeedge` extra" in stderr, stderr
 
 
 @pytest.mark.parametrize(("sitecustomize", "says"), [
@@ -399,19 +408,9 @@ def test_kubeedge_mode_with_grpc_or_protobuf_older_than_the_stubs_is_a_config_er
     for (installed outside the `kubeedge` extra): `mapper run` and `install-service` refuse the
     config at once with the library's own version message and what to upgrade. `mapper run` used
     to die with a VersionError (or RuntimeError) traceback from the stubs' first import."""
-    site = tmp_path / "old"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(sitecustomize)
-    devices = write_devices(tmp_path / "dev", ["lamp"])
-    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=(
-        f"mode: kubeedge\nkubeedge: {{name: dht, protocol: dht, edgecore_socket: {tmp_path}/dmi.sock,"
-        f" socket: {tmp_path}/dht.sock}}\n"))
-    for args in (("run",), ("install-service", "--dry-run")):
-        done = mapper(*args, "--config", str(config), env={"PYTHONPATH": str(site)})
-        assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
-        assert "cannot load the DMI stubs" in done.stderr and says in done.stderr, done.stderr
-        assert "pip install --upgrade grpcio protobuf" in done.stderr, done.stderr
-    assert not (tmp_path / "twin.db").exists()
+    for stderr in _kubeedge_refusals(tmp_path, sitecustomize):
+        assert "cannot load the DMI stubs" in stderr and says in stderr, stderr
+        assert "pip install --upgrade grpcio protobuf" in stderr, stderr
 
 
 @pytest.mark.parametrize("limit", ["0", "-5", "ten"])
