@@ -1306,6 +1306,19 @@ def test_worker_refuses_bad_topics_and_unknown_models(worker):
 
 
 
+def test_worker_counts_every_dropped_request_and_logs_a_few(caplog):
+    """A client flooding the worker with requests it must drop (malformed, on odd topics): every
+    one is counted, but the log gets a few lines a minute per reason, not one per request."""
+    worker = CloudWorker(WorkerSettings(models=["sensor_faults"], worker_id="flooded"))
+    caplog.set_level(logging.INFO, logger="mapper.worker")
+    for i in range(500):
+        assert worker.answer("mapper/n1/offload/request", b"not json %d" % i) is None
+        assert worker.answer("mapper/n1/offload/other", b"{}") is None
+    assert worker.refused == 1000
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped a request")]
+    assert len(lines) == 20, lines[:3]  # 10 a minute for each of the two reasons
+
+
 def test_worker_answers_a_cut_its_graph_cannot_score_with_an_error(worker):
     """A cut of finite but huge values (int8 with a scale of 1e36) overflows the cloud graph: the
     worker answers with an `error` result, which the mapper accepts as one, not with logits the

@@ -39,6 +39,7 @@ from eventbus.bus import tls_context
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
+from mapper.logs import Throttle, held_note
 
 log = logging.getLogger("mapper.worker")
 
@@ -100,27 +101,30 @@ class CloudWorker:
         self.subscription = f"$share/{settings.group}/{prefix}/+/offload/request"
         self.served = 0
         self.refused = 0
+        self._log_throttle = Throttle()
         self.ready = asyncio.Event()
+
+    def _drop(self, reason: str, message: str, *args: object) -> None:
+        """A request that gets no answer: counted each, logged a few times a minute per reason (a
+        client sending thousands must not turn the worker's log into its echo)."""
+        self.refused += 1
+        held = self._log_throttle(reason)
+        if held is not None:
+            log.info(message + "%s", *args, held_note(held))
 
     def answer(self, topic: str, payload: bytes) -> tuple[str, bytes] | None:
         """The result topic and payload for one request; None when it must be dropped."""
         parts = topic.split("/")
         if len(parts) != 4 or parts[0] != self.prefix or parts[2:] != ["offload", "request"] \
                 or not ids.is_name(parts[1]):
-            self.refused += 1
-            log.info("dropped a request on an unexpected topic %r", topic[:200])
-            return None
+            return self._drop("topic", "dropped a request on an unexpected topic %r", topic[:200])
         node = parts[1]
         try:
             request = decode_request(payload)
         except CodecError as exc:
-            self.refused += 1
-            log.info("dropped a request from %s: %s", node, exc)
-            return None
+            return self._drop("malformed", "dropped a request from %s: %s", node, exc)
         if request.node != node:
-            self.refused += 1
-            log.info("dropped a request on %s's topic that claims node %r", node, request.node[:64])
-            return None
+            return self._drop("node", "dropped a request on %s's topic that claims node %r", node, request.node[:64])
         result_topic = f"{self.prefix}/{node}/offload/result"
         model = self.models.get(request.model)
         base = {"id": request.id, "node": node, "model": request.model, "created": request.created,
@@ -169,7 +173,8 @@ class CloudWorker:
                     async for message in client.messages:
                         payload = message.payload if isinstance(message.payload, bytes) else b""
                         if len(payload) > self.settings.mqtt.max_payload_bytes:
-                            self.refused += 1
+                            self._drop("too_large", "dropped a request of %d bytes on %r (mqtt.max_payload_bytes)",
+                                       len(payload), message.topic.value[:200])
                             continue
                         answer = self.answer(message.topic.value, payload)
                         if answer is not None:
