@@ -211,3 +211,24 @@ def test_other_methods_are_405_in_plain_text(tmp_path: Path) -> None:
         status, _, _, _ = await asyncio.to_thread(request, port, "GET", "/api/v1/ping")
         assert status == 200
     scenario(tmp_path, True, check)
+
+
+def test_an_idle_connection_is_closed(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """A client that connects and sends nothing holds one of the server's threads; the server
+    closes such a connection after rest.IDLE_TIMEOUT_S (lowered here), and still answers others."""
+    import socket
+
+    from mapper.dmi import rest
+
+    monkeypatch.setattr(rest, "IDLE_TIMEOUT_S", 0.3)
+
+    def idle(port: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            return sock.recv(1)  # b"" once the server closes it; socket.timeout after 10 s if never
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        assert await asyncio.to_thread(idle, port) == b""
+        status, _ = await asyncio.to_thread(get, port, "/api/v1/ping")
+        assert status == 200
+
+    scenario(tmp_path, False, check)

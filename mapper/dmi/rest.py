@@ -34,6 +34,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mapper.api")
 
 CALL_TIMEOUT_S = 10.0
+# A connection that sends nothing for this long is closed: each open connection holds a thread
+# (ThreadingHTTPServer), and one idle client after another must not pile them up.
+IDLE_TIMEOUT_S = 30.0
 
 
 class ApiError(Exception):
@@ -210,7 +213,7 @@ class RestApiExtension:
 
     async def setup(self, service: MapperService) -> None:
         api = RestApi(self.settings, service, asyncio.get_running_loop())
-        handler = type("Handler", (_Handler,), {"api": api})
+        handler = type("Handler", (_Handler,), {"api": api, "timeout": IDLE_TIMEOUT_S})
         try:
             self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
         except OSError as exc:
