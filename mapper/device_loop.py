@@ -454,7 +454,14 @@ class DeviceRunner:
         else:
             log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value, 200),
                      change.version)
-        await self._on_applied(change, error)
+        try:
+            await self._on_applied(change, error)
+        except BaseException:
+            # Not marked applied in the twin (locked past its timeout, a full disk): it stays pending
+            # there, so it must not stay "seen" here, or the restarted loop would skip it for good.
+            if self._desired_seen.get(name) == change.version:
+                self._desired_seen[name] = change.version - 1
+            raise
 
     async def _read_back(self, prop: PropertyDefinition, value: Value, attempts: int = 10) -> Reading:
         """Read until the device reports the written value (relays and LEDs take a moment)."""
