@@ -13,7 +13,8 @@
 # (its -b option would put them on its command line) and are never printed.
 #
 # Existing users not named keep their entries; named users are added or
-# get their password replaced. The file ends up root:mosquitto 0640 when run
+# get their password replaced. The file ends up (an existing one before any
+# hash is written) root:mosquitto 0640 when run
 # as root on a system with a mosquitto group (the broker drops privileges to
 # that user before it reads the file), else owned by the caller with 0600.
 set -euo pipefail
@@ -33,6 +34,19 @@ command -v mosquitto_passwd >/dev/null ||
 
 # Nothing created from here on is readable by others, not even for a moment.
 umask 077
+
+restrict() {  # the file's final owner and mode
+  if [ "$(id -u)" -eq 0 ] && getent group mosquitto >/dev/null; then
+    chown root:mosquitto "$file"
+    chmod 0640 "$file"
+  else
+    chmod 0600 "$file"
+  fi
+}
+# An existing file that others can read (made by hand, say) is locked down before any new
+# hash goes in, not after: a run that stops half-way (a user without a password) would
+# otherwise leave the hashes it has already written readable by everyone.
+[ ! -e "$file" ] || restrict
 
 password_for() {  # $1 = user name; prints the password on stdout
   local var="MOSQ_PASSWORD_$(printf '%s' "$1" | tr '[:lower:]' '[:upper:]' | tr -c 'A-Z0-9' '_')"
@@ -62,10 +76,5 @@ for user in "$@"; do
   printf '%s\n%s\n' "$pw" "$pw" | mosquitto_passwd "${create[@]}" "$file" "$user" >/dev/null
 done
 
-if [ "$(id -u)" -eq 0 ] && getent group mosquitto >/dev/null; then
-  chown root:mosquitto "$file"
-  chmod 0640 "$file"
-else
-  chmod 0600 "$file"
-fi
+restrict
 echo "$file: updated $* (reload the broker: sudo systemctl reload mosquitto)" >&2

@@ -80,6 +80,23 @@ def test_mkpasswd_hides_passwords_and_restricts_the_file(tmp_path: Path) -> None
     assert stat.S_IMODE(os.stat(path).st_mode) & 0o007 == 0
 
 
+def test_mkpasswd_locks_an_existing_readable_file_before_writing(tmp_path: Path) -> None:
+    """A world-readable password file is locked down before new hashes go in, so a run that stops
+    half-way (the second user has no password) leaves none readable by others."""
+    path = tmp_path / "passwd"
+    path.write_text("old:$7$101$x$y\n")
+    path.chmod(0o644)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MOSQ_PASSWORD_")}
+    env["MOSQ_PASSWORD_MAPPER"] = secrets.token_urlsafe(12)
+    done = subprocess.run(["bash", str(SHIPPED / "mkpasswd.sh"), "-f", str(path), "mapper", "app"],
+                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=20, check=False, start_new_session=True)  # no terminal: app fails
+    assert done.returncode != 0, done.stderr
+    assert "MOSQ_PASSWORD_APP" in done.stderr
+    assert [line.split(":")[0] for line in path.read_text().splitlines()] == ["old", "mapper"]
+    assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
+
+
 # --- ACL -------------------------------------------------------------------------------
 def test_mapper_publishes_twin_protocol_and_telemetry(broker: MosquittoBroker, name: str) -> None:
     """The mapper may publish $hw/events/... and mapper/... ; an app reading them receives them."""
