@@ -148,6 +148,43 @@ def test_app_writes_desired_values_only_for_its_devices(broker: MosquittoBroker,
         assert topics_of(mapper, 3) == allowed
 
 
+def test_worker_reads_only_offload_requests_and_writes_only_results(broker: MosquittoBroker, name: str) -> None:
+    """The edge `worker` receives offload requests and nothing else, and may publish only results."""
+    request, result = f"mapper/{name}/offload/request", f"mapper/{name}/offload/result"
+    readings = [f"mapper/{name}/availability", f"mapper/{name}/default/dht/temperature",
+                f"mapper/{name}/default/dht/state", f"$hw/events/device/default/{name}/twin/update/result"]
+    with broker.client("worker") as worker, broker.client("mapper") as mapper:
+        for topic_filter in ("#", "$hw/#", "$SYS/#"):
+            assert not worker.subscribe(topic_filter).is_failure  # granted; `read` applies on delivery
+        mapper.subscribe(f"mapper/{name}/#")
+        mapper.subscribe(f"$hw/events/device/default/{name}/#")
+        for topic in readings:
+            assert worker.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+            mapper.publish(topic, b"not for the worker")
+        for topic in (f"mapper/{name}/default/led/power/set", request):
+            assert worker.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        assert not worker.publish(result, b"label").is_failure
+        assert topics_of(mapper, len(readings) + 1) == [*readings, result]  # none of the forged ones
+        mapper.publish(request, b"features")
+        assert topics_of(worker, 1) == [request]
+
+
+def test_last_will_cannot_publish_what_the_user_may_not(broker: MosquittoBroker, name: str) -> None:
+    """A last will on a topic the app may not write (a device's state) is dropped, one it may write is sent."""
+    state, desired = f"mapper/{name}/default/dht/state", f"mapper/{name}/default/led/power/set"
+    with broker.client("mapper") as mapper:
+        mapper.subscribe(state)
+        mapper.subscribe(desired)
+        for topic in (state, desired):  # forged first: had it gone through, it would arrive first
+            app = MqttProbe(broker, "app", protocol=mqtt.MQTTv311)
+            app._client.will_set(topic, b"will", qos=1)  # noqa: SLF001 - MqttProbe has no will option
+            app.connect()  # a broker may refuse the connection instead: the will is not sent either way
+            app._client.loop_stop()  # noqa: SLF001
+            app._client.socket().close()  # noqa: SLF001 - gone without DISCONNECT: the will is due
+        message = mapper.next_message()
+        assert (message.topic, message.payload) == (desired, b"will")
+
+
 # --- queue limits and persistence ------------------------------------------------------
 def deliver_to_offline_subscriber(broker: MosquittoBroker, topic: str, count: int) -> int:
     """Queue ``count`` QoS 1 messages for a durable subscriber while it is offline; return how many it gets."""
@@ -214,6 +251,36 @@ def test_cloud_refuses_anonymous_and_wrong_password(cloud_and_edge: CloudAndEdge
             assert probe.connect() == NOT_AUTHORIZED
         finally:
             probe.close()
+
+
+@pytest.mark.parametrize(("user", "refused"), [
+    ("app", ["mapper/{node}/availability", "mapper/{node}/default/dht/temperature", "mapper/{node}/default/dht/state",
+             "mapper/{node}/bridge/state", "mapper/{node}/offload/request", "mapper/{node}/offload/result",
+             "mapper/{node}/other/led/power/set", "edge/{node}/$hw/events/device/default/dht/twin/update/result",
+             "edge/{node}/$hw/events/device/other/led/twin/update"]),
+    ("worker", ["mapper/{node}/default/dht/temperature", "mapper/{node}/default/dht/state",
+                "mapper/{node}/offload/request", "mapper/{node}/default/led/power/set",
+                "edge/{node}/$hw/events/device/default/led/twin/update"]),
+    ("bridge", ["mapper/{node}/default/led/power/set", "mapper/{node}/offload/result",
+                "edge/{node}/$hw/events/device/default/led/twin/update",
+                "edge/{node}/$hw/events/device/default/led/twin/get"]),
+])
+def test_cloud_users_cannot_publish_outside_their_role(cloud_and_edge: CloudAndEdge, user: str,
+                                                       refused: list[str]) -> None:
+    """On the cloud, the app cannot fake readings or results, the worker writes only results, and the
+    bridge user cannot send a Pi desired values or offload results; nothing refused reaches the Pi."""
+    cloud, edge, node = cloud_and_edge
+    with cloud.client(user, tls=True) as client, edge.client("mapper") as mapper:
+        mapper.subscribe(f"mapper/{node}/#")
+        mapper.subscribe("$hw/#")
+        for topic in (t.format(node=node) for t in refused):
+            assert client.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        forged = []
+        with contextlib.suppress(TimeoutError):  # the retained bridge/state comes too: not forged
+            while True:
+                message = mapper.next_message(2)
+                forged += [message.topic] if message.payload == b"forged" else []
+        assert forged == []
 
 
 def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: CloudAndEdge) -> None:
