@@ -32,6 +32,11 @@ def is_property_name(value: object) -> bool:
     return isinstance(value, str) and bool(_PROPERTY.match(value))
 
 
+def clipped(text: str, limit: int = 200) -> str:
+    """`text` for a message or a log line: cut after `limit` characters, saying so."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def shown(value: object, limit: int = 80) -> str:
     """`value` for an error message: its repr, cut after `limit` characters (a name may be any
     length when it comes from outside, and the message goes into logs and gRPC status details)."""

@@ -22,14 +22,14 @@ from typing import TYPE_CHECKING
 import grpc
 
 from devices.definitions import DeviceDefinition
-from devices.ids import DeviceId
+from devices.ids import DeviceId, clipped
 from devices.loader import LoadResult, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.catalog import Catalog, device_key, model_key, model_of
 from mapper.dmi.client import EdgecoreClient, Reporter
 from mapper.dmi.convert import fresh_status, model_document
 from mapper.dmi.ratelimit import TokenBucket
-from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer, short
+from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
@@ -283,7 +283,7 @@ class KubeEdgeExtension:
         device = self.catalog.devices.get(key)
         if device is None:
             raise DmiError(grpc.StatusCode.NOT_FOUND,
-                           f"device {short(key[0], 80)}/{short(name, 80)} is not known to this mapper")
+                           f"device {clipped(key[0], 80)}/{clipped(name, 80)} is not known to this mapper")
         assert self.service is not None
         device_id = DeviceId(*key)
         definition = self.service.definitions.devices.get(device_id) if self.service.definitions else None

@@ -17,6 +17,7 @@ from typing import Protocol
 
 import grpc
 
+from devices.ids import clipped
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import api_pb2_grpc as pb_grpc
 
@@ -36,10 +37,6 @@ def details(message: str) -> str:
     tail = f"... ({len(data)} bytes; the mapper's log has the rest)"
     return data[:MAX_DETAILS_BYTES - len(tail.encode())].decode(errors="ignore") + tail
 
-
-def short(text: str, limit: int = 200) -> str:
-    """`text` for a message or a log line: cut after `limit` characters, saying so."""
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class DmiError(Exception):
@@ -69,10 +66,10 @@ class DeviceMapperServicer(pb_grpc.DeviceMapperServiceServicer):
         try:
             await call
         except DmiError as exc:
-            log.warning("%s refused: %s", short(what), exc)
+            log.warning("%s refused: %s", clipped(what), exc)
             await context.abort(exc.code, details(str(exc)))
         except ValueError as exc:  # DefinitionError, ConversionError: the device/model is invalid
-            log.warning("%s refused: %s", short(what), exc)
+            log.warning("%s refused: %s", clipped(what), exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, details(str(exc)))
 
     async def RegisterDevice(self, request, context):  # noqa: ANN001, ANN201, N802 - gRPC names
