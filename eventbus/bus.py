@@ -25,6 +25,7 @@ import aiomqtt
 from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
@@ -213,6 +214,17 @@ class MqttBus:
         finally:
             task.cancel()
 
+    async def _subscribe(self, client: aiomqtt.Client) -> None:
+        """MQTT 5: retain as published, so that a message reaches the mapper with the retain flag its
+        sender gave it. A command with the flag is then known to be one, also when a bridge hands
+        the cloud broker's copy on at every reconnect (as a live message to those already
+        subscribed here), and the extension can ignore it (see EventBusExtension._on_message)."""
+        for topic, qos in self.subscriptions:
+            if self.protocol == aiomqtt.ProtocolVersion.V5:
+                await client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+            else:
+                await client.subscribe(topic, qos=qos)
+
     async def run(self) -> None:
         attempt = 0
         while True:
@@ -221,8 +233,7 @@ class MqttBus:
                     attempt = 0
                     self.client = client
                     self.connects += 1
-                    for topic, qos in self.subscriptions:
-                        await client.subscribe(topic, qos=qos)
+                    await self._subscribe(client)
                     log.info("connected to %s as %s (MQTT %s)", self.settings.url, self.client_id,
                              "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1")
                     self.disconnected.clear()

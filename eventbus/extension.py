@@ -133,8 +133,8 @@ class EventBusExtension:
                 except Exception:  # noqa: BLE001 - a message must never take the connection down
                     log.exception("error while handling a message on %r", topic[:200])
                 return
-        if message.retain:  # a command kept by the broker: it would be applied again at every (re)connect
-            self.router.ignore_retained(topic)
+        if message.retain:  # a command kept by a broker: it would be applied again at every (re)connect
+            self.router.ignore_retained(topic, cleared=not payload)
             return
         await self.router.handle(topic, payload)
 

@@ -60,11 +60,21 @@ class Router:
             if held is not None:
                 log.exception("error while handling a message on %r%s", topic[:200], held_note(held))
 
-    def ignore_retained(self, topic: str) -> None:
-        """A retained message on a command topic. The broker hands it out again at every (re)connect
-        and to every new subscriber, so applying it would set an old value again each time, over
-        newer ones: it is ignored, counted and logged. (A command sent live with the retain flag
-        arrives without it and is applied; only the broker's stored copy is ignored.)"""
+    def ignore_retained(self, topic: str, *, cleared: bool = False) -> None:
+        """A message with the retain flag on a command topic. A broker hands its copy out again at
+        every (re)connect and to every new subscriber (through a bridge, as a live message), so
+        applying it would set an old value again each time, over newer ones: it is ignored,
+        counted and logged. Under MQTT 5 the mapper subscribes with retain-as-published, so a
+        command published with the flag is never applied, not even the first time; under 3.1.1
+        one sent live arrives without the flag and is applied once. `cleared`: the empty
+        retained message that removes a broker's copy, which is what the warning asks for."""
+        if cleared:
+            self.counts["cleared_retained"] += 1
+            held = self._log_throttle("retained_cleared")
+            if held is not None:
+                log.info("a retained message on %r was cleared (no value: nothing to apply)%s", topic[:200],
+                         held_note(held))
+            return
         self.counts["ignored_retained"] += 1
         held = self._log_throttle("retained")
         if held is not None:
@@ -189,8 +199,8 @@ class Router:
         if len(payload) > self.max_payload:
             raise BadRequest(400, "payload too large")
         if not payload.strip():
-            # What clears a retained command (the README's advice): the broker forwards it live to
-            # current subscribers, without the retain flag. Taken as text it would set a STRING to "".
+            # Under MQTT 3.1.1 what clears a retained command (the README's advice) arrives so: a
+            # broker forwards it live without the retain flag. Taken as text it would set a STRING to "".
             raise BadRequest(400, 'an empty message is no value (it clears a retained one); send "" for an empty string')
         try:
             raw = orjson.loads(payload)

@@ -6,6 +6,7 @@ import json
 import time
 
 from helpers import write_devices
+from brokers import wait_until_bridged
 from mapper_proc import MapperProcess
 
 
@@ -40,3 +41,33 @@ def test_telemetry_reaches_the_cloud_and_cloud_desired_reaches_the_device(cloud_
         assert "code" not in result and result["twin"]["count"]["expected"]["value"] == "1000"
         next_matching(app, f"mapper/{node}/default/lamp/count", lambda b: 1000 <= b["value"] < 1100)
         assert mapper.stop() == 0
+
+
+def test_a_command_retained_on_the_cloud_is_never_applied_not_even_at_a_bridge_reconnect(cloud_and_edge, tmp_path):
+    """A `/set` retained on the cloud broker reaches the Pi with its retain flag (the mapper subscribes
+    with MQTT 5 retain-as-published), live and again at every reconnect of the bridge, when the cloud
+    broker hands its copy to the bridge once more: it is ignored each time, so an old command never
+    sets its value over a newer one."""
+    cloud, edge, node = cloud_and_edge
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    power, count = f"mapper/{node}/default/lamp/power", f"mapper/{node}/default/lamp/count"
+    with MapperProcess(tmp_path, devices, edge, node=node) as mapper, cloud.client("app", tls=True) as app:
+        app.subscribe(power)
+        app.subscribe(count)
+        mapper.wait_log("connected to mqtt://")
+        app.publish(f"{power}/set", b"true")
+        next_matching(app, power, lambda b: b["value"] is True)
+        app.publish(f"{power}/set", b"false", retain=True)  # kept by the cloud broker
+        mapper.wait_log("ignored a retained message on")
+        cloud.restart()  # the bridge reconnects and subscribes again: the cloud hands it the copy again
+        wait_until_bridged(cloud, edge, timeout=60)
+        with cloud.client("app", tls=True) as app2:
+            app2.subscribe(power)
+            app2.subscribe(count)
+            # Sent after the bridge's subscriptions are in place, so after the copy on that connection.
+            app2.publish(f"{count}/set", b"5000")
+            next_matching(app2, count, lambda b: 5000 <= b["value"] < 6000)
+            assert next_matching(app2, power, lambda b: True)["value"] is True
+        mapper.wait_log("ignored a retained message on", count=2)  # the copy did come again
+        assert mapper.stop() == 0
+    assert "applied desired value false" not in mapper.log()
