@@ -240,6 +240,83 @@ def test_queue_and_retained_state_survive_restart(name: str) -> None:
             assert reader.next_message().payload == b'{"state": "online"}'
 
 
+# --- message size limit ---------------------------------------------------------------
+MAX_PACKET = 8 * 1024 * 1024  # max_packet_size in mosquitto.conf and cloud.conf (why: see there)
+
+
+def test_packet_limit_is_the_same_on_pi_cloud_and_bridge() -> None:
+    """One limit everywhere: a larger one on either side would let a message wedge the bridge."""
+    for conf, key in [("mosquitto.conf", "max_packet_size"), ("cloud.conf", "max_packet_size"),
+                      ("bridge.conf", "bridge_max_packet_size")]:
+        assert int(directive(conf, key)) == MAX_PACKET, conf
+
+
+def payload_for(topic: str, packet: int) -> bytes:
+    """A payload making a QoS 1 MQTT 5 PUBLISH (no properties) on ``topic`` ``packet`` bytes
+    long as Mosquitto 2.0 measures it: the first byte plus the remaining length (the length
+    field itself, 4 bytes at this size, is not counted)."""
+    return b"x" * (packet - 1 - (2 + len(topic.encode()) + 2 + 1))
+
+
+def directive(conf: str, key: str) -> str:
+    """The value of ``key`` in the shipped ``conf``."""
+    values = [line.split()[1] for line in (SHIPPED / conf).read_text().splitlines() if line.split()[:1] == [key]]
+    assert len(values) == 1, f"{conf}: {key} {values}"
+    return values[0]
+
+
+def puback_or_disconnect(probe: MqttProbe, topic: str, payload: bytes, timeout: float = 30) -> str:
+    """Publish at QoS 1 and return which came first: "puback" or "disconnect"."""
+    info = probe._client.publish(topic, payload, 1)  # noqa: SLF001 - MqttProbe.publish awaits only the PUBACK
+    keys = {("puback", info.mid): "puback", ("disconnect", 0): "disconnect"}
+    with probe._done:  # noqa: SLF001
+        if not probe._done.wait_for(lambda: keys.keys() & probe._results.keys(), timeout):  # noqa: SLF001
+            msg = f"neither PUBACK nor disconnect within {timeout} s"
+            raise TimeoutError(msg)
+        return keys[next(iter(keys.keys() & probe._results.keys()))]  # noqa: SLF001
+
+
+def largest_arrives_and_larger_disconnects(broker: MosquittoBroker, sender: str, receiver: str, topic: str,
+                                           *, tls: bool = False) -> bool:
+    """``sender`` publishes a packet of exactly MAX_PACKET bytes to ``receiver`` (asserted to arrive), then
+    one of MAX_PACKET + 1. Returns whether the broker refused the second: sender disconnected and the
+    message never delivered (the receiver gets a marker sent afterwards, not the message)."""
+    with broker.client(receiver, tls=tls) as subscriber:
+        subscriber.subscribe(topic)
+        largest = payload_for(topic, MAX_PACKET)
+        with broker.client(sender, tls=tls) as publisher:
+            assert not publisher.publish(topic, largest, timeout=30).is_failure
+        assert subscriber.next_message(30).payload == largest
+        del largest
+        with broker.client(sender, tls=tls) as publisher:
+            disconnected = puback_or_disconnect(publisher, topic, payload_for(topic, MAX_PACKET + 1)) == "disconnect"
+        with broker.client(sender, tls=tls) as publisher:
+            publisher.publish(topic, b"marker")
+        # Mosquitto handles the connections in turn: a delivered message would come first.
+        delivered = subscriber.next_message(30).payload != b"marker"
+    return disconnected and not delivered
+
+
+def test_pi_refuses_a_packet_over_max_packet_size(broker: MosquittoBroker, name: str) -> None:
+    """An authenticated app cannot make the Pi's broker take more than max_packet_size at once;
+    a message of exactly the limit (twice the largest membership reply) still arrives."""
+    assert largest_arrives_and_larger_disconnects(broker, "app", "mapper", f"mapper/{name}/default/dht/mode/set")
+
+
+def test_without_max_packet_size_mosquitto_takes_it(name: str) -> None:
+    """Control: with Mosquitto's default (no limit: 256 MiB) the same packet is delivered."""
+    with MosquittoBroker(overrides={"max_packet_size": None}) as unlimited:
+        assert not largest_arrives_and_larger_disconnects(unlimited, "app", "mapper",
+                                                          f"mapper/{name}/default/dht/mode/set")
+
+
+def test_cloud_refuses_a_packet_over_max_packet_size(cloud_and_edge: CloudAndEdge) -> None:
+    """The same limit on the cloud broker (a worker's offload result for a node with no bridge here)."""
+    cloud = cloud_and_edge.cloud
+    assert largest_arrives_and_larger_disconnects(cloud, "worker", "bridge", "mapper/pi-other/offload/result",
+                                                  tls=True)
+
+
 # --- bridge ------------------------------------------------------------------------------
 def test_cloud_refuses_anonymous_and_wrong_password(cloud_and_edge: CloudAndEdge) -> None:
     """The cloud listener, like the Pi's, lets in known users only."""
@@ -352,3 +429,22 @@ def test_telemetry_survives_cloud_outage_and_edge_restart(cloud_and_edge: CloudA
             while seen != expected:
                 seen.add(dashboard.next_message(30).payload)
     assert seen == expected
+
+
+def test_bridge_drops_a_message_too_large_for_the_cloud_and_goes_on(cloud_and_edge: CloudAndEdge) -> None:
+    """A twin result that just fits on the Pi grows by the edge/<node>/ prefix and exceeds the cloud's
+    limit: the bridge drops it (bridge_max_packet_size) instead of being disconnected for it at every
+    resend, and what follows still goes out, both ways."""
+    cloud, edge, node = cloud_and_edge
+    local = "$hw/events/device/default/dht/twin/get/result"
+    remote = f"edge/{node}/{local}"
+    assert len(payload_for(local, MAX_PACKET)) > len(payload_for(remote, MAX_PACKET))
+    with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
+        app.subscribe(remote)
+        mapper.subscribe(f"mapper/{node}/offload/result")
+        assert not mapper.publish(local, payload_for(local, MAX_PACKET), timeout=30).is_failure
+        mapper.publish(local, b"after")
+        assert app.next_message(30).payload == b"after"
+        with cloud.client("worker", tls=True) as worker:
+            worker.publish(f"mapper/{node}/offload/result", b"in")
+        assert mapper.next_message(30).payload == b"in"
