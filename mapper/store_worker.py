@@ -8,12 +8,22 @@ After every call the worker also notes how the twin files look and SQLite's `dat
 (which moves only when *another* connection commits). `changed_elsewhere()` compares that
 note with the files as they are now, so the loop can notice `mapper twin set` from another
 process with two stat() calls instead of a thread hop per poll.
+
+The worker also keeps, for the systemd watchdog (mapper.systemd), when each call was handed
+to the thread and when the thread last finished one: `stalled_for()` says how long the thread
+has had work waiting without finishing any of it (a stuck fsync, a deadlock, a call that never
+returns). A thread that is busy but getting through its queue is not stalled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
+import sys
+import threading
+import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -46,20 +56,73 @@ class StoreWorker:
         self._files: tuple[Path, ...] = ()
         # (files, data_version) right after our latest call; replaced whole, so safe to read from the loop.
         self.last_seen: tuple[Stamp, int] | None = None
+        # For stalled_for(): calls handed to the thread and not finished yet (number -> when, in
+        # time.monotonic(); numbered in the order submitted, so the first is the oldest), and when
+        # the thread last finished one. Written from both threads, under the lock.
+        self._lock = threading.Lock()
+        self._pending: dict[int, float] = {}
+        self._submitted = 0
+        self._last_done = time.monotonic()
+        self._thread_id: int | None = None
 
     async def __aenter__(self) -> StoreWorker:
-        loop = asyncio.get_running_loop()
-        self._store = await loop.run_in_executor(self._executor, self._opener)
+        self._store = await self._start(self._open)
         path = Path(self._store.path)
         self._files = (path, path.with_name(path.name + "-wal"))
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        loop = asyncio.get_running_loop()
         if self._store is not None:
-            await loop.run_in_executor(self._executor, self._store.close)
+            await self._start(self._store.close)
             self._store = None
         self._executor.shutdown(wait=True)
+
+    def _open(self) -> TwinStore:
+        self._thread_id = threading.get_ident()
+        return self._opener()
+
+    def _start(self, fn: Callable[..., T], *args: object) -> asyncio.Future[T]:
+        """Hand `fn(*args)` to the thread, noting when (run_in_executor, plus the bookkeeping)."""
+        loop = asyncio.get_running_loop()
+        with self._lock:
+            number = self._submitted
+            self._submitted += 1
+            self._pending[number] = time.monotonic()
+        try:
+            future = self._executor.submit(fn, *args)
+        except BaseException:
+            with self._lock:
+                del self._pending[number]
+            raise
+        future.add_done_callback(lambda f: self._finished(number, f))
+        return asyncio.wrap_future(future, loop=loop)
+
+    def _finished(self, number: int, future: concurrent.futures.Future[object]) -> None:
+        # In the twin thread when the call ran; in the cancelling thread when it was cancelled
+        # before it started (which is not the thread finishing anything).
+        with self._lock:
+            del self._pending[number]
+            if not future.cancelled():
+                self._last_done = time.monotonic()
+
+    def stalled_for(self) -> float:
+        """Seconds the thread has had work waiting without finishing any: 0 when nothing waits,
+        else since the later of the oldest unfinished call's submission and the last finish."""
+        with self._lock:
+            if not self._pending:
+                return 0.0
+            since = max(next(iter(self._pending.values())), self._last_done)
+        return max(0.0, time.monotonic() - since)
+
+    def pending(self) -> int:
+        """Calls handed to the thread and not finished yet."""
+        with self._lock:
+            return len(self._pending)
+
+    def thread_stack(self) -> str | None:
+        """Where the twin thread is now (for the log when it is stalled), or None."""
+        frame = sys._current_frames().get(self._thread_id) if self._thread_id is not None else None  # noqa: SLF001
+        return "".join(traceback.format_stack(frame)) if frame is not None else None
 
     def _run(self, fn: Callable[[TwinStore], T], store: TwinStore) -> T:
         try:
@@ -77,7 +140,7 @@ class StoreWorker:
         """Start `fn(store)` in the twin thread; its future (no task of its own: the recorder's path)."""
         if self._store is None:
             raise RuntimeError("twin store is not open")
-        return asyncio.get_running_loop().run_in_executor(self._executor, self._run, fn, self._store)
+        return self._start(self._run, fn, self._store)
 
     async def data_version(self) -> int:
         """SQLite's data_version of our connection (a thread hop)."""

@@ -12,7 +12,7 @@ from devices.loader import load
 from mapper.store_worker import StoreWorker
 from twin.records import Reading
 from twin.store import TwinStore
-from helpers import write_devices
+from helpers import async_wait_for, write_devices
 
 LAMP = DeviceId("default", "lamp")
 
@@ -286,3 +286,41 @@ async def test_a_flush_cancelled_during_its_commit_commits_once(tmp_path):
     assert committed == [1]
     assert history == [("7", 1)]
     assert offered.count("mapper/test-node/default/lamp/count") == 1
+
+
+async def test_stalled_for_counts_only_work_the_thread_has_not_finished(tmp_path):
+    """The watchdog's measure (mapper.systemd): nothing waiting is never stalled; a call that does
+    not return keeps the worker stalled, and shows where it is; a queued call cancelled before it
+    started is forgotten, so it cannot keep the worker "stalled" for good once the thread is free."""
+    import asyncio
+    import threading
+
+    path = _lamp_twin(tmp_path)
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_call(_store):
+        entered.set()
+        assert release.wait(30), "never released"
+
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        try:
+            await worker.call(lambda s: s.record([Reading(LAMP, "count", 1, 1_000)]))
+            assert (worker.pending(), worker.stalled_for()) == (0, 0.0)
+
+            blocked = worker.submit(stuck_call)
+            assert await asyncio.to_thread(entered.wait, 10)
+            queued = worker.submit(lambda s: s.record([Reading(LAMP, "count", 2, 2_000)]))
+            given_up = worker.submit(lambda s: s.record([Reading(LAMP, "count", 3, 3_000)]))
+            assert worker.pending() == 3
+            assert "stuck_call" in (worker.thread_stack() or "")
+            given_up.cancel()  # a caller that stopped waiting (its task was cancelled)
+            # (The cancel reaches the thread's future through a loop callback.)
+            await async_wait_for(lambda: worker.pending() == 2, what="the cancelled call forgotten")
+
+            release.set()
+            await asyncio.wait_for(asyncio.gather(blocked, queued), 10)
+            assert (worker.pending(), worker.stalled_for()) == (0, 0.0)
+        finally:
+            release.set()
+    with TwinStore.open(path) as check:
+        assert [r[1] for r in check.history(LAMP, "count", limit=5)] == [1, 2]
