@@ -69,6 +69,9 @@ class SystemdSettings(_Section):
 
     # How often the STATUS= line (devices, readings, outbox) is recomputed.
     status_every_s: float = Field(default=5.0, gt=0)
+    # The watchdog pings stop while the twin thread has had work waiting this long without finishing
+    # any (mapper.systemd). Above the 30 s a twin call may wait for another process's lock.
+    twin_stall_s: float = Field(default=60.0, gt=0)
 
 
 class MapperConfig(_Section):

@@ -6,7 +6,15 @@ A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=
   is configured, its first broker connection attempt has finished (`service.bus_first_attempt`);
 - `STATUS=` a one-line summary (devices ok/unhealthy/refused, outbox depth), refreshed when it changes;
 - `WATCHDOG=1` every `WATCHDOG_USEC / 2` from a task on the event loop, so the pings stop
-  when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit);
+  when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit). The pings
+  also stop while the twin thread (mapper.store_worker) is stalled: it has had a call waiting
+  for more than `systemd.twin_stall_s` (default 60 s) without finishing any (a stuck fsync on a
+  dying SD card, a deadlock). The loop would otherwise ping on while readings pile up in memory
+  uncommitted. The stall is logged with the thread's stack and shown in `STATUS=`; if the thread
+  finishes its calls again before systemd's timeout, the pings resume. The bound is above the 30 s
+  a twin call may legitimately wait for another process's lock (TwinStore.open's `timeout`); long
+  work such as pruning history is done in short calls (mapper.service.PRUNE_STEP). From the stall
+  to the restart: `twin_stall_s` plus up to `WatchdogSec`;
 - `STOPPING=1` as soon as shutdown starts.
 
 `render_unit` / `install_service` write the unit for `mapper install-service`.
@@ -38,6 +46,7 @@ if TYPE_CHECKING:
     from mapper.service import MapperService
     from eventbus.settings import MqttSettings
     from mapper.config import MapperConfig, SystemdSettings
+    from mapper.store_worker import StoreWorker
 
 log = logging.getLogger("mapper.systemd")
 
@@ -96,14 +105,21 @@ class SystemdExtension:
     notifier: where messages go.
     watchdog_s: seconds between WATCHDOG=1 pings (None: no watchdog).
     status_every_s: how often the STATUS= summary is recomputed.
+    twin_stall_s: the pings stop while the twin thread has had work waiting this long without
+        finishing any (StoreWorker.stalled_for).
     """
 
-    def __init__(self, notifier: Notifier, *, watchdog_s: float | None = None, status_every_s: float = 5.0) -> None:
+    def __init__(self, notifier: Notifier, *, watchdog_s: float | None = None, status_every_s: float = 5.0,
+                 twin_stall_s: float = 60.0) -> None:
         self.notifier = notifier
         self.watchdog_s = watchdog_s
         self.status_every_s = status_every_s
+        self.twin_stall_s = twin_stall_s
         self.ready_sent = asyncio.Event()
+        self.twin_stalled = False  # the pings are held back: the twin thread is stalled
+        self.held_pings = 0  # pings not sent because the twin thread was stalled (since start)
         self._stopping_sent = False
+        self._status: str | None = None  # the summary last sent (None: send the next one whatever it is)
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str] | None = None, settings: SystemdSettings | None = None) -> SystemdExtension | None:
@@ -113,7 +129,8 @@ class SystemdExtension:
         if not address:
             return None
         return cls(Notifier(address), watchdog_s=watchdog_interval(env, os.getpid()),
-                   status_every_s=settings.status_every_s if settings is not None else 5.0)
+                   status_every_s=settings.status_every_s if settings is not None else 5.0,
+                   twin_stall_s=settings.twin_stall_s if settings is not None else 60.0)
 
     async def setup(self, service: MapperService) -> None:
         self.notifier.notify("STATUS=starting: twin open, starting devices")
@@ -122,7 +139,7 @@ class SystemdExtension:
         try:
             async with asyncio.TaskGroup() as tg:
                 if self.watchdog_s:
-                    tg.create_task(self._watchdog(), name="systemd-watchdog")
+                    tg.create_task(self._watchdog(service), name="systemd-watchdog")
                 tg.create_task(self._ready_then_status(service), name="systemd-status")
         except asyncio.CancelledError:
             self._stopping()
@@ -142,12 +159,35 @@ class SystemdExtension:
             self._stopping_sent = True
             self.notifier.notify("STOPPING=1", "STATUS=stopping: closing drivers, flushing the twin")
 
-    async def _watchdog(self) -> None:
-        # Runs on the event loop: if the loop hangs, the pings stop and systemd restarts us.
+    async def _watchdog(self, service: MapperService) -> None:
+        # Runs on the event loop: if the loop hangs, the pings stop and systemd restarts us. The
+        # twin thread is checked before each ping: stalled, it holds the pings back too.
         assert self.watchdog_s is not None
         while True:
-            self.notifier.notify("WATCHDOG=1")
+            if self._twin_healthy(service.worker):
+                self.notifier.notify("WATCHDOG=1")
+            else:
+                self.held_pings += 1
             await asyncio.sleep(self.watchdog_s)
+
+    def _twin_healthy(self, worker: StoreWorker | None) -> bool:
+        stalled_s = worker.stalled_for() if worker is not None else 0.0
+        if stalled_s <= self.twin_stall_s:
+            if self.twin_stalled:
+                self.twin_stalled = False
+                self._status = None  # the status loop sends the summary again
+                log.warning("the twin thread finishes its calls again: watchdog pings resumed (%d held back so far)",
+                            self.held_pings)
+            return True
+        if not self.twin_stalled:
+            assert worker is not None
+            self.twin_stalled = True
+            why = (f"twin thread stalled: {worker.pending()} call(s) waiting, none finished for {stalled_s:.1f} s;"
+                   " watchdog pings stopped")
+            self.notifier.notify(f"STATUS={why}")
+            log.error("%s (systemd restarts the mapper unless it recovers); the twin thread is at:\n%s",
+                      why, worker.thread_stack() or "(unknown)")
+        return False
 
     async def _ready_then_status(self, service: MapperService) -> None:
         await service.ready.wait()
@@ -155,18 +195,19 @@ class SystemdExtension:
         if first_attempt is not None and not first_attempt.is_set():
             self.notifier.notify("STATUS=devices started; waiting for the first broker connection attempt")
             await first_attempt.wait()
-        status = await self._status(service)
+        status = self._status = await self._summary(service)
         self.notifier.notify("READY=1", f"STATUS={status}")
         self.ready_sent.set()
         log.info("told systemd we are ready: %s", status)
         while True:
             await asyncio.sleep(self.status_every_s)
-            latest = await self._status(service)
-            if latest != status:
-                status = latest
-                self.notifier.notify(f"STATUS={status}")
+            # (Waits for the twin thread: while it is stalled, the watchdog's STATUS= stays.)
+            latest = await self._summary(service)
+            if latest != self._status:
+                self._status = latest
+                self.notifier.notify(f"STATUS={latest}")
 
-    async def _status(self, service: MapperService) -> str:
+    async def _summary(self, service: MapperService) -> str:
         outbox = None
         with contextlib.suppress(Exception):  # the summary must never stop the notifications
             outbox = await service.twin(lambda s: s.outbox_stats())

@@ -1,4 +1,5 @@
-"""sd_notify over a real AF_UNIX datagram socket: READY after ready, watchdog pings that stop when the loop hangs, STOPPING."""
+"""sd_notify over a real AF_UNIX datagram socket: READY after ready, watchdog pings that stop when the loop hangs
+or the twin thread stalls, STOPPING."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import pytest
 from brokers import MosquittoBroker
 from eventbus.extension import EventBusExtension
 from helpers import async_wait_for, write_config, write_devices
-from mapper.config import load_config
+from mapper.config import SystemdSettings, load_config
 from mapper.service import MapperService
 from mapper.systemd import Notifier, SystemdExtension, status_line, watchdog_interval
 from mapper_proc import mqtt_block
@@ -199,6 +200,81 @@ async def test_watchdog_pings_stop_while_the_loop_hangs(tmp_path: Path, listener
         await asyncio.wait_for(task, 10)
 
 
+async def test_watchdog_pings_stop_while_the_twin_thread_is_stalled(tmp_path: Path, listener: NotifyListener,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A twin call that does not return (a stuck fsync, a deadlock) holds the pings back while the
+    event loop runs on, with the reason in STATUS= and the log; once it returns they resume.
+
+    The devices keep reading meanwhile, so the loop is busy and its readings wait for the thread.
+    """
+    service = MapperService(config_for(tmp_path))
+    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=0.05, twin_stall_s=0.2)
+    service.extensions.append(ext)
+    marker = Notifier(listener.address)  # the test's own messages, queued in line with the pings
+    caplog.set_level(logging.INFO, logger="mapper.systemd")
+    entered, release = threading.Event(), threading.Event()
+
+    def stuck_twin_call(_store: object) -> None:
+        entered.set()
+        assert release.wait(30), "never released"  # bounded: a failed test must not leave the thread stuck
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        ping = await to_thread(listener.wait_for, "READY=1")
+        for _ in range(5):  # a healthy worker: pings keep coming
+            ping = await to_thread(listener.wait_for, "WATCHDOG=1", after=ping)
+
+        assert service.worker is not None
+        blocked = service.worker.submit(stuck_twin_call)
+        assert await to_thread(entered.wait, 10)
+        stalled = await to_thread(listener.wait_for, re.compile(
+            r"STATUS=twin thread stalled: \d+ call\(s\) waiting, none finished for [\d.]+ s; watchdog pings stopped"))
+        held = ext.held_pings
+        await async_wait_for(lambda: ext.held_pings >= held + 10, what="ten watchdog rounds while stalled")
+        assert not blocked.done()
+        assert marker.notify("X_TEST=releasing")  # from the loop: after every ping it held back
+        release.set()
+        await asyncio.wait_for(blocked, 10)
+        releasing = await to_thread(listener.wait_for, "X_TEST=releasing", after=stalled)
+        await to_thread(listener.wait_for, "WATCHDOG=1", after=releasing)  # they resume
+        await to_thread(listener.wait_for, re.compile(r"STATUS=2 devices: .*"), after=releasing)  # and so does the summary
+        during = [i for i in listener.positions("WATCHDOG=1") if stalled < i < releasing]
+        assert during == [], f"pings arrived while the twin thread was stalled: {listener.messages[stalled:releasing + 1]}"
+
+        logged = [r for r in caplog.records if r.name == "mapper.systemd"]
+        errors = [r.getMessage() for r in logged if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and "twin thread stalled" in errors[0], errors
+        assert "stuck_twin_call" in errors[0], "the log does not say where the twin thread is stuck"
+        assert any("watchdog pings resumed" in r.getMessage() for r in logged if r.levelno == logging.WARNING)
+    finally:
+        release.set()
+        marker.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_an_idle_twin_thread_does_not_stop_the_pings(tmp_path: Path, listener: NotifyListener) -> None:
+    """No devices, no twin calls for many times the stall bound: idle is not stalled, the pings go on."""
+    service = MapperService(config_for(tmp_path, write_devices(tmp_path / "dev", [])))
+    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=60, twin_stall_s=0.05)
+    service.extensions.append(ext)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        ping = await to_thread(listener.wait_for, "READY=1")
+        # 30 rounds of asyncio.sleep(0.02) outlast the 0.05 s bound many times over.
+        for _ in range(30):
+            ping = await to_thread(listener.wait_for, "WATCHDOG=1", after=ping)
+        assert ext.held_pings == 0 and not ext.twin_stalled
+        assert not any(s.startswith("STATUS=twin thread stalled") for s in listener.having("STATUS="))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
 def test_mapper_run_under_notify_socket(tmp_path: Path, listener: NotifyListener) -> None:
     """`mapper run` with NOTIFY_SOCKET/WATCHDOG_USEC: READY, pings, and STOPPING then exit 0 on SIGTERM."""
     devices = write_devices(tmp_path / "dev", ["a"], cycle=100)
@@ -226,6 +302,10 @@ def test_watchdog_interval_from_environment() -> None:
     assert watchdog_interval({"WATCHDOG_USEC": "30000000", "WATCHDOG_PID": "7"}, pid=42) is None
     assert watchdog_interval({}, pid=42) is None
     assert SystemdExtension.from_environ({}) is None
+    settings = SystemdSettings(twin_stall_s=90)
+    from_env = SystemdExtension.from_environ({"NOTIFY_SOCKET": "@mapper-test-unused"}, settings)
+    assert from_env is not None and from_env.twin_stall_s == 90
+    from_env.notifier.close()
 
 
 def test_status_line() -> None:
@@ -360,6 +440,7 @@ def test_log_lines_carry_the_journal_priority_under_systemd(journal: str | None,
     ("systemd:\n  status_every_s: fast\n", "systemd.status_every_s"),
     ("systemd:\n  status_every_s: 0\n", "systemd.status_every_s: must be > 0"),
     ("systemd:\n  status_every: 5\n", "systemd.status_every: unknown field"),
+    ("systemd:\n  twin_stall_s: 0\n", "systemd.twin_stall_s: must be > 0"),
 ])
 def test_the_systemd_section_is_validated_with_the_rest(tmp_path: Path, section: str, problem: str) -> None:
     """A wrong `systemd:` value is refused when the config loads, with file, line and field, like
