@@ -208,7 +208,7 @@ async def test_watchdog_pings_stop_while_the_twin_thread_is_stalled(tmp_path: Pa
     The devices keep reading meanwhile, so the loop is busy and its readings wait for the thread.
     """
     service = MapperService(config_for(tmp_path))
-    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=0.05, twin_stall_s=0.2)
+    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=0.05, twin_stall_s=0.5)
     service.extensions.append(ext)
     marker = Notifier(listener.address)  # the test's own messages, queued in line with the pings
     caplog.set_level(logging.INFO, logger="mapper.systemd")
@@ -227,10 +227,13 @@ async def test_watchdog_pings_stop_while_the_twin_thread_is_stalled(tmp_path: Pa
             ping = await to_thread(listener.wait_for, "WATCHDOG=1", after=ping)
 
         assert service.worker is not None
+        assert marker.notify("X_TEST=blocking")  # a slow commit before this is not the stall looked for
         blocked = service.worker.submit(stuck_twin_call)
         assert await to_thread(entered.wait, 10)
+        blocking = await to_thread(listener.wait_for, "X_TEST=blocking", after=ping)
         stalled = await to_thread(listener.wait_for, re.compile(
-            r"STATUS=twin thread stalled: \d+ call\(s\) waiting, none finished for [\d.]+ s; watchdog pings stopped"))
+            r"STATUS=twin thread stalled: \d+ call\(s\) waiting, none finished for [\d.]+ s; watchdog pings stopped"),
+            after=blocking)
         held = ext.held_pings
         await async_wait_for(lambda: ext.held_pings >= held + 10, what="ten watchdog rounds while stalled")
         assert not blocked.done()
@@ -258,14 +261,14 @@ async def test_watchdog_pings_stop_while_the_twin_thread_is_stalled(tmp_path: Pa
 async def test_an_idle_twin_thread_does_not_stop_the_pings(tmp_path: Path, listener: NotifyListener) -> None:
     """No devices, no twin calls for many times the stall bound: idle is not stalled, the pings go on."""
     service = MapperService(config_for(tmp_path, write_devices(tmp_path / "dev", [])))
-    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=60, twin_stall_s=0.05)
+    ext = SystemdExtension(Notifier(listener.address), watchdog_s=0.02, status_every_s=60, twin_stall_s=0.1)
     service.extensions.append(ext)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
         await asyncio.wait_for(service.ready.wait(), 10)
         ping = await to_thread(listener.wait_for, "READY=1")
-        # 30 rounds of asyncio.sleep(0.02) outlast the 0.05 s bound many times over.
+        # 30 rounds of asyncio.sleep(0.02) outlast the 0.1 s bound several times over.
         for _ in range(30):
             ping = await to_thread(listener.wait_for, "WATCHDOG=1", after=ping)
         assert ext.held_pings == 0 and not ext.twin_stalled
