@@ -130,6 +130,11 @@ class MqttBus:
         self.on_ack: Callable[[int, int], bool] | None = None  # (mid, reason code): True if it was the outbox's
         self.on_lost: Callable[[], None] | None = None
         self.fastpath: paho_fastpath.FastPath | None = None  # of the latest connection
+        # Largest PUBLISH packet the broker takes on this connection: its CONNACK's Maximum Packet
+        # Size (MQTT 5), else mqtt.max_packet_bytes. The outbox never sends a larger one (the
+        # broker would disconnect the mapper for it). Set before `connected` is.
+        self.packet_limit = settings.max_packet_bytes
+        self.packet_limit_announced = False
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
@@ -186,6 +191,19 @@ class MqttBus:
             original(c, userdata, mid, reason_code, properties)
 
         paho_client.on_publish = on_publish
+        self.packet_limit, self.packet_limit_announced = self.settings.max_packet_bytes, False
+        their_on_connect = paho_client.on_connect
+
+        def on_connect(c: object, userdata: object, flags: object, reason_code: object, properties: object) -> None:
+            # CONNACK, on the event loop: before aiomqtt's handler lets run() go on to `connected`.
+            announced = getattr(properties, "MaximumPacketSize", None)
+            if isinstance(announced, int) and announced > 0:
+                self.packet_limit, self.packet_limit_announced = announced, True
+            else:
+                self.packet_limit, self.packet_limit_announced = self.settings.max_packet_bytes, False
+            their_on_connect(c, userdata, flags, reason_code, properties)
+
+        paho_client.on_connect = on_connect
         self.fastpath = paho_fastpath.install(
             paho_client, lambda mid, reason: self.on_ack is not None and self.client is client and self.on_ack(mid, reason))
 
@@ -234,8 +252,10 @@ class MqttBus:
                     self.client = client
                     self.connects += 1
                     await self._subscribe(client)
-                    log.info("connected to %s as %s (MQTT %s)", self.settings.url, self.client_id,
-                             "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1")
+                    log.info("connected to %s as %s (MQTT %s); packets up to %d bytes (%s)", self.settings.url,
+                             self.client_id, "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
+                             self.packet_limit, "the broker's limit" if self.packet_limit_announced
+                             else "mqtt.max_packet_bytes: the broker announced none")
                     self.disconnected.clear()
                     self.connected.set()
                     self.first_attempt.set()

@@ -69,6 +69,15 @@ def _remaining_length(n: int) -> bytes:
             return bytes(out)
 
 
+def publish_size(topic_bytes: int, payload_bytes: int, qos: int, v5: bool) -> int:
+    """The whole PUBLISH packet's size in bytes, as MQTT 5's Maximum Packet Size counts it (3.1.2.11.4):
+    fixed header byte, remaining length field, topic with its length, message id (QoS 1 and 2),
+    property length (MQTT 5; the outbox sends no properties) and payload. The same for the packets
+    built here and for paho's."""
+    remaining = 2 + topic_bytes + (2 if qos else 0) + (1 if v5 else 0) + payload_bytes
+    return 1 + len(_remaining_length(remaining)) + remaining
+
+
 class FastPath:
     """The state of one installed client: the read buffer, its own message ids, counters."""
 

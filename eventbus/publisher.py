@@ -30,6 +30,7 @@ from collections import deque
 import aiomqtt
 
 from eventbus.bus import MqttBus
+from eventbus.paho_fastpath import publish_size
 from mapper.logs import Throttle, held_note
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick
@@ -49,6 +50,10 @@ def _reason_name(code: int) -> str:
 
 LIVE_LIMIT = 20_000
 PAGE = 1_000
+# Bytes a PUBLISH packet has besides its payload and topic, at most: fixed header byte, remaining
+# length (up to 4), topic length (2), message id (2), property length (MQTT 5: 1).
+_PACKET_OVERHEAD = 10
+_ACL_HINT = " (if that topic is meant to be published, the broker's ACL must let the mapper's user write it)"
 
 
 class OutboxPublisher:
@@ -125,16 +130,30 @@ class OutboxPublisher:
             self._acked_row(row.id)
         return True
 
-    def _undeliverable(self, row: OutboxRow, why: object) -> None:
-        """A row that can never go (paho refuses its topic, or the broker refused it: its ACL
-        denies the mapper's user that topic): it leaves the outbox, counted, and must not hold up
-        the rows behind it. Sending it again would only be refused again."""
+    def _undeliverable(self, row: OutboxRow, why: object, hint: str = _ACL_HINT) -> None:
+        """A row that can never go (paho refuses its topic; the broker refused it: its ACL denies
+        the mapper's user that topic; or it is larger than the broker takes): it leaves the outbox,
+        counted, and must not hold up the rows behind it. Sending it again would only be refused
+        again (or, too large, get the mapper disconnected at every resend)."""
         self.undeliverable += 1
         held = self._log_throttle("undeliverable")
         if held is not None:
-            log.error("dropped outbox message %d on %r: %s (if that topic is meant to be published, the broker's "
-                      "ACL must let the mapper's user write it)%s", row.id, row.topic[:200], why, held_note(held))
+            log.error("dropped outbox message %d on %r: %s%s%s", row.id, row.topic[:200], why, hint, held_note(held))
         self._acked_row(row.id, delivered=False)
+
+    def _too_large(self, row: OutboxRow, v5: bool) -> bool:
+        """Whether the row's PUBLISH packet exceeds the broker's limit (bus.packet_limit); if so it
+        is dropped like a refused one: the broker would close the connection on receiving it (MQTT 5
+        forbids sending it, 3.1.2.11.4), and it would be sent again first at every reconnect."""
+        size = publish_size(len(row.topic.encode()), len(row.payload), row.qos, v5)
+        limit = self._bus.packet_limit
+        if size <= limit:
+            return False
+        source = ("its Maximum Packet Size" if self._bus.packet_limit_announced
+                  else "mqtt.max_packet_bytes: the broker announced no limit")
+        self._undeliverable(row, f"its packet would be {size} bytes, over the broker's limit of {limit} bytes ({source})",
+                            hint="")
+        return True
 
     def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
         if delivered:
@@ -239,6 +258,10 @@ class OutboxPublisher:
         window = self._max_inflight
         while True:
             rows, again = await self._next_rows()
+            # The broker's limit, less what a packet adds to its payload and topic (a topic's UTF-8 is
+            # at most 4 bytes a character): the exact size is computed only for rows near the limit.
+            room = bus.packet_limit - _PACKET_OVERHEAD
+            v5 = bus.protocol == aiomqtt.ProtocolVersion.V5
             # Rows acknowledged whose delete has not committed yet (the twin refused it) are still in
             # the outbox: read back after a reconnect, they must not go out a second time.
             held = set(self._acked) if self._acked else ()
@@ -250,6 +273,9 @@ class OutboxPublisher:
                 if row.id <= self._last_queued and (not again or row.id in sending):
                     continue
                 if row.id in held:
+                    self._last_queued = max(self._last_queued, row.id)
+                    continue
+                if len(row.payload) + 4 * len(row.topic) > room and self._too_large(row, v5):
                     self._last_queued = max(self._last_queued, row.id)
                     continue
                 if len(inflight) >= window:

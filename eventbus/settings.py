@@ -46,6 +46,11 @@ class MqttSettings(BaseModel):
     reconnect_max_s: float = Field(default=30.0, gt=0)
     # Incoming payloads larger than this are refused unread.
     max_payload_bytes: int = Field(default=65_536, ge=256)
+    # Largest PUBLISH packet sent when the broker announces no limit (MQTT 3.1.1 has no way to;
+    # under MQTT 5 the CONNACK's Maximum Packet Size wins). A larger outbox message is dropped,
+    # counted and logged: the broker would disconnect the mapper for it at every resend. Default:
+    # the shipped mosquitto.conf's max_packet_size; at most MQTT's own limit (256 MiB + 5 bytes).
+    max_packet_bytes: int = Field(default=8 * 1024 * 1024, ge=256, le=268_435_460)
     # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
     serve_twin_protocol: bool = True
     # A device's retained state message goes out at most once per this many ms of readings

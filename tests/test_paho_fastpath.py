@@ -273,3 +273,27 @@ async def test_rows_offered_out_of_commit_order_all_go_out_on_the_same_connectio
         received = [app.next_message(timeout=10) for _ in range(6)]
     assert received[0].topic.endswith("/reply")
     assert [orjson.loads(m.payload)["value"] for m in received[1:]] == list(range(5))
+
+
+@pytest.mark.parametrize("v5", [True, False])
+def test_publish_size_is_the_length_of_the_packet_sent(v5):
+    """publish_size(), which the publisher checks against the broker's Maximum Packet Size, is the
+    length of the PUBLISH packet the fast path builds, across the remaining length field's 1/2/3-byte
+    boundaries and for a topic whose UTF-8 is longer than its characters."""
+    from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5, MQTTv311
+
+    from eventbus.paho_fastpath import FastPath, publish_size
+
+    client = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv5 if v5 else MQTTv311)
+    client._sock = object()  # noqa: SLF001 - FastPath.publish only checks that there is one
+    fast = FastPath(client, lambda mid, reason: True)
+    try:
+        for topic in ("a/b", "mapper/n/default/t\u00e9mp\U0001f321"):
+            head = 2 + len(topic.encode()) + 2 + (1 if v5 else 0)
+            for remaining in (10, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152):
+                payload = b"x" * (remaining - head)
+                assert fast.publish(topic, payload, 1, False) is not None
+                packet = client._out_packet.pop()["packet"]  # noqa: SLF001
+                assert publish_size(len(topic.encode()), len(payload), 1, v5) == len(packet), (topic, remaining)
+    finally:
+        client._sock = None  # noqa: SLF001

@@ -215,6 +215,95 @@ def test_messages_the_brokers_acl_refuses_are_dropped_and_do_not_stop_the_rest(b
     assert denied == {f"home/{node}/lamp/{i}" for i in range(40)}, sorted(denied)
 
 
+# The test broker's max_packet_size: far below the shipped 8 MiB (same mechanism), above the lamp's
+# telemetry and state messages (~130 bytes as packets), below its twin/get reply (~470).
+SMALL_PACKET = 300
+
+
+@pytest.fixture(scope="module")
+def small_broker():
+    """A broker that takes packets of at most SMALL_PACKET bytes (the shipped config otherwise)."""
+    ensure_mosquitto_installed()
+    with MosquittoBroker(overrides={"max_packet_size": str(SMALL_PACKET)}) as broker:
+        yield broker
+
+
+@pytest.mark.parametrize(("protocol", "extra"), [
+    ("5", ""),  # the broker announces its limit in the CONNACK (Maximum Packet Size)
+    ("3.1.1", f"  max_packet_bytes: {SMALL_PACKET}\n"),  # no CONNACK properties: the setting says it
+])
+def test_an_outbox_message_over_the_brokers_packet_limit_is_dropped_and_the_rest_go_out(
+        small_broker, tmp_path, protocol, extra):
+    """A message larger than the broker takes (a membership reply for a huge node, a twin of long
+    strings, a broker configured smaller than ours): Mosquitto disconnects a client that sends it,
+    and the message stayed first in the outbox, sent again at every reconnect: nothing went out any
+    more, forever. The publisher never sends it: it is dropped, counted and logged with its topic,
+    its size and the limit, and the messages behind it go out on the first connection."""
+    import queue
+
+    from twin.store import OutMessage
+
+    node = f"oversize{protocol.replace('.', '')}"
+    big = f"mapper/{node}/default/lamp/big"
+    note = f"mapper/{node}/default/lamp/note"
+    mapper = _mapper_with_queued(small_broker, tmp_path, node, [
+        OutMessage(big, {"text": "x" * SMALL_PACKET}, sequenced=False, kind="twin"),
+        OutMessage(note, {"n": 2}, sequenced=False, kind="twin")],
+        extra=f"  protocol: '{protocol}'\n{extra}")
+    with small_broker.client("app") as app:
+        assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
+        with mapper:
+            message = app.messages.get(timeout=15)
+            assert (message.topic, json.loads(message.payload)) == (note, {"n": 2})
+            mapper.wait_log("dropped outbox message")
+            # and the device's own telemetry flows after it
+            wait_for(lambda: app.messages.get(timeout=10).topic == f"mapper/{node}/default/lamp/count",
+                     what="the lamp's telemetry")
+            assert mapper.stop() == 0  # a clean stop: the outbox drained
+        log = mapper.log()
+        assert "Traceback" not in log
+        assert log.count("connected to mqtt://") == 1, log[-3000:]  # never disconnected for it
+        dropped = [line for line in log.splitlines() if "dropped outbox message" in line]
+        assert len(dropped) == 1 and repr(big) in dropped[0] and f"{SMALL_PACKET} bytes" in dropped[0], dropped
+    with pytest.raises(queue.Empty):
+        while True:
+            assert app.messages.get_nowait().topic != big
+    assert outbox_depth(mapper.twin_path) == 0
+
+
+def test_a_twin_reply_over_the_brokers_packet_limit_does_not_cut_the_mapper_off(small_broker, tmp_path):
+    """The same from the outside: an app asks for a twin whose document is larger than the broker
+    takes. The reply is dropped and logged; the mapper stays connected (MQTT 5 by default here:
+    the broker's announced limit), and the readings and a later, small reply (a 404) still arrive."""
+    node = "bigtwin"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    mapper = MapperProcess(tmp_path, devices, small_broker, node=node)
+    hw = "$hw/events/device/default/lamp"
+    with small_broker.client("app") as app, mapper:
+        mapper.wait_log("connected to mqtt://")
+        assert not app.subscribe(f"{hw}/twin/get/result").is_failure
+        assert not app.subscribe("$hw/events/device/default/ghost/twin/get/result").is_failure
+        assert not app.publish(f"{hw}/twin/get", json.dumps({"event_id": "big"})).is_failure
+        mapper.wait_log("dropped outbox message")
+        assert not app.subscribe(f"mapper/{node}/default/lamp/count").is_failure
+        assert not app.publish("$hw/events/device/default/ghost/twin/get", json.dumps({"event_id": "after"})).is_failure
+        seen: set[str] = set()
+
+        def got_both() -> bool:
+            message = app.messages.get(timeout=10)
+            assert message.topic != f"{hw}/twin/get/result", "the dropped reply went out"
+            if message.topic.endswith("/get/result"):
+                assert json.loads(message.payload)["event_id"] == "after"
+            seen.add("reply" if message.topic.endswith("/get/result") else "count")
+            return seen == {"reply", "count"}
+
+        wait_for(got_both, what="the next reply and the readings after the dropped one")
+        assert mapper.stop() == 0
+        log = mapper.log()
+        assert log.count("connected to mqtt://") == 1, log[-3000:]
+        assert f"'{hw}/twin/get/result'" in log
+
+
 def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker, tmp_path):
     """An app asks for a twin about 300 times a second while three devices read every 10 ms. A
     reply committed right after a reading batch could be offered to the publisher before the batch
