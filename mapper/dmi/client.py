@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -24,6 +25,7 @@ from mapper.dmi import api_pb2_grpc as pb_grpc
 from mapper.dmi.convert import device_status, edgecore_state
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.settings import KubeEdgeSettings
+from mapper.logs import Throttle, held_note
 from twin.records import DeviceTwin
 
 log = logging.getLogger("mapper.dmi")
@@ -35,6 +37,35 @@ GONE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED
 def backoff_s(attempt: int, cap: float) -> float:
     """Full jitter, bounded: uniform(0, min(cap, 0.25 * 2**attempt))."""
     return random.uniform(0, min(cap, 0.25 * 2 ** min(attempt, 16)))
+
+
+def retry_delay_s(attempt: int, cap: float) -> float:
+    """Half jitter, bounded: min(cap, 0.25 * 2**attempt) * uniform(0.5, 1).
+
+    For something that failed on its own (one device's report, a crashed loop): unlike full
+    jitter it never comes back almost at once, so attempt n waits at least half its step.
+    """
+    return min(cap, 0.25 * 2 ** min(attempt, 16)) * random.uniform(0.5, 1.0)
+
+
+async def supervised(name: str, run: Callable[[], Awaitable[None]], cap: float) -> None:
+    """Run `run()`; when it raises (a bug), log it with its traceback and run it again after a backoff.
+
+    Every DMI loop runs under this: an exception escaping one would end its task group, and
+    with it the whole mapper (devices, telemetry, twin), for a failure of one DMI task.
+    Cancellation is not an Exception and ends it; so does `run()` returning.
+    """
+    failures = 0
+    while True:
+        try:
+            await run()
+            return
+        except Exception:
+            failures += 1
+            delay = retry_delay_s(failures, cap)
+            log.exception("%s stopped on an unexpected error (%d so far); restarting it in %.1f s",
+                          name, failures, delay)
+            await asyncio.sleep(delay)
 
 
 class EdgecoreClient:
@@ -72,17 +103,28 @@ class EdgecoreClient:
         ), token=token)
 
     async def register_until_done(self) -> pb.MapperRegisterResponse:
-        """MapperRegister, retried with jittered backoff until edgecore answers."""
-        attempt = 0
+        """MapperRegister, retried with jittered backoff until edgecore answers.
+
+        Whatever fails is retried: edgecore away, a refusal, or an unexpected error.
+        """
+        cap = self.settings.register_backoff_max_s
+        attempt = unexpected = 0
         while True:
             try:
                 return await self.register()
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                delay = backoff_s(attempt, self.settings.register_backoff_max_s)
+                delay = backoff_s(attempt, cap)
                 log.warning("MapperRegister to %s failed (%s: %s); attempt %d, retrying in %.1f s",
                             self.settings.edgecore_socket_file(), exc.code().name, exc.details(), attempt, delay)
-                await asyncio.sleep(delay)
+            except Exception as exc:  # noqa: BLE001 - a bug, or the request cannot be made: retry, not stop the mapper
+                attempt += 1
+                unexpected += 1
+                delay = backoff_s(attempt, cap)
+                log.error("MapperRegister to %s failed: %s: %s; attempt %d, retrying in %.1f s",
+                          self.settings.edgecore_socket_file(), type(exc).__name__, exc, attempt, delay,
+                          exc_info=unexpected == 1)
+            await asyncio.sleep(delay)
 
 
 TwinReader = Callable[[DeviceId], Awaitable[tuple[DeviceDefinition, DeviceTwin] | None]]
@@ -93,6 +135,11 @@ class Reporter:
 
     A device marked dirty again before its report went out is reported once, with the latest
     values (read from the twin when the call is made); a failed report stays queued.
+
+    A report that fails here rather than at edgecore (its twin cannot be read: the database is
+    locked, the disk is full; its status cannot be converted; a bug) is logged (throttled),
+    counted in `failures` and retried on its own backoff, with the latest values; the other
+    devices' reports go on meanwhile.
 
     Twins are re-sent unchanged every `interval_s` (0: only on change). Device states follow
     each device's `spec.stateReport` (see `forget`): none at all for `reportToCloud: false`,
@@ -119,17 +166,27 @@ class Reporter:
         self._state_wake = asyncio.Event()
         self.sent = 0
         self.failures = 0
+        # Reports that failed here (not at edgecore): failures in a row, and when each is retried
+        # (monotonic). A key waiting for its retry is not marked dirty by new readings.
+        self._failing: dict[tuple[str, DeviceId], int] = {}
+        self._retry_at: dict[tuple[str, DeviceId], float] = {}
+        # Keys: (kind, exception class), a fixed set. A locked database fails every device at once.
+        self._log_throttle = Throttle(burst=10, interval_s=60.0)
+
+    def _mark(self, key: tuple[str, DeviceId]) -> None:
+        if key not in self._retry_at:  # (its retry reads the latest values anyway)
+            self._dirty.setdefault(key, None)
 
     def twins_changed(self, device_ids: set[DeviceId]) -> None:
         for device_id in device_ids:
             if device_id in self.allowed:
-                self._dirty.setdefault(("twins", device_id), None)
+                self._mark(("twins", device_id))
         self._wake.set()
 
     def state_changed(self, device_id: DeviceId, state: str) -> None:
         if device_id in self.state_every:
             self._states[device_id] = state
-            self._dirty.setdefault(("state", device_id), None)
+            self._mark(("state", device_id))
             self._wake.set()
             self._state_wake.set()
 
@@ -140,18 +197,20 @@ class Reporter:
         if state_every is None:
             state_every = dict.fromkeys(keep, self._interval_s)
         self.state_every = {d: every for d, every in state_every.items() if d in self.allowed}
-        for key in [k for k in self._dirty if k[1] not in keep or (k[0] == "state" and k[1] not in self.state_every)]:
-            del self._dirty[key]
+        for queue in (self._dirty, self._failing, self._retry_at):
+            for key in [k for k in queue if k[1] not in keep or (k[0] == "state" and k[1] not in self.state_every)]:
+                del queue[key]
         for device_id in [d for d in self._states if d not in self.state_every]:
             del self._states[device_id]
             self._state_due.pop(device_id, None)
         self._state_wake.set()
 
     async def run(self) -> None:
-        tasks = [asyncio.create_task(self._send_loop(), name="dmi.reporter"),
-                 asyncio.create_task(self._state_heartbeat(), name="dmi.reporter.states")]
+        cap = self.client.settings.register_backoff_max_s
+        loops = [("dmi.reporter", self._send_loop), ("dmi.reporter.states", self._state_heartbeat)]
         if self._interval_s > 0:
-            tasks.append(asyncio.create_task(self._heartbeat(), name="dmi.reporter.heartbeat"))
+            loops.append(("dmi.reporter.heartbeat", self._heartbeat))
+        tasks = [asyncio.create_task(supervised(name, loop, cap), name=name) for name, loop in loops]
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -174,7 +233,7 @@ class Reporter:
                     continue
                 due = self._state_due.setdefault(device_id, now + every)
                 if due <= now:
-                    self._dirty.setdefault(("state", device_id), None)
+                    self._mark(("state", device_id))
                     self._wake.set()
                     due = self._state_due[device_id] = now + every  # pushed on again when it is sent
                 next_due = due if next_due is None else min(next_due, due)
@@ -186,15 +245,23 @@ class Reporter:
     async def _send_loop(self) -> None:
         attempt = 0
         while True:
+            now = time.monotonic()
+            for key in [k for k, at in self._retry_at.items() if at <= now]:
+                del self._retry_at[key]
+                self._dirty.setdefault(key, None)
             if not self._dirty:
                 self._wake.clear()
-                await self._wake.wait()
+                timeout = max(0.0, min(self._retry_at.values()) - now) if self._retry_at else None
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 continue
             key = next(iter(self._dirty))
             del self._dirty[key]
             try:
                 await self._send(key)
                 attempt = 0
+                self._failing.pop(key, None)
             except grpc.aio.AioRpcError as exc:
                 self.failures += 1
                 self._dirty.setdefault(key, None)  # keep it; coalesces with anything newer
@@ -203,6 +270,33 @@ class Reporter:
                 if exc.code() in GONE:
                     self._on_gone()
                 await asyncio.sleep(backoff_s(attempt, self.client.settings.register_backoff_max_s))
+            except Exception as exc:  # noqa: BLE001 - see _failed
+                self._failed(key, exc)
+
+    def _failed(self, key: tuple[str, DeviceId], exc: Exception) -> None:
+        """A report failed before or apart from edgecore: log (throttled), count, retry it on its own backoff.
+
+        Retried, not dropped, even when the failure is deterministic (a value convert.py cannot
+        convert, a bug): the reporter cannot tell that from a transient failure (SQLite's
+        "database is locked", a full disk), every retry reads the latest twin (a later reading
+        may convert), and dropping would not stop the retries anyway (the device's next reading,
+        every collectCycle, marks it again). Held until its retry, new readings do not mark it,
+        so a report that always fails costs one twin read and at most one log line per backoff
+        step (growing to register_backoff_max_s), and no edgecore call (a twin that cannot be read
+        or converted fails before the token is taken). The other reports are not delayed by it.
+        """
+        self.failures += 1
+        failing = self._failing[key] = self._failing.get(key, 0) + 1
+        delay = retry_delay_s(failing, self.client.settings.register_backoff_max_s)
+        self._retry_at[key] = time.monotonic() + delay
+        held = self._log_throttle((key[0], type(exc).__name__))
+        if held is None:
+            return
+        environment = isinstance(exc, OSError | sqlite3.Error)  # not a bug here: no traceback
+        log.log(logging.WARNING if environment else logging.ERROR,
+                "report %s of %s failed (%d in a row): %s: %s; retrying in %.1f s, the other devices' reports go on%s",
+                key[0], key[1], failing, type(exc).__name__, exc, delay,
+                held_note(held), exc_info=not environment and failing == 1)
 
     async def _payload(self, key: tuple[str, DeviceId]) -> Any:
         kind, device_id = key

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,7 +27,7 @@ from devices.ids import DeviceId, clipped
 from devices.loader import LoadResult, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.catalog import Catalog, device_key, model_key, model_of
-from mapper.dmi.client import EdgecoreClient, Reporter
+from mapper.dmi.client import EdgecoreClient, Reporter, retry_delay_s, supervised
 from mapper.dmi.convert import fresh_status, model_document
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
@@ -55,6 +56,8 @@ class KubeEdgeExtension:
         self.reporter = Reporter(self.client, self._read_twin, interval_s=settings.report_interval_s,
                                  on_gone=self._registration_lost)
         self.registrations = 0
+        # Registration replies that could not be adopted (registered again after a backoff).
+        self.adopt_failures = 0
         self.service: MapperService | None = None
         self.state_path: Path | None = None
         self._local = LoadResult()
@@ -96,10 +99,13 @@ class KubeEdgeExtension:
                 await self._apply()
         await self.server.start()
         self.started.set()
+        # Each loop is restarted if a bug escapes it: otherwise this task group, and with it the
+        # mapper's, would end, stopping every device for a failure of the DMI side.
+        cap = self.settings.register_backoff_max_s
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._registration_loop(), name="dmi.register")
-            tg.create_task(self.reporter.run(), name="dmi.reporter")
-            tg.create_task(self._watch_edgecore(), name="dmi.watch-edgecore")
+            tg.create_task(supervised("dmi.register", self._registration_loop, cap), name="dmi.register")
+            tg.create_task(self.reporter.run(), name="dmi.reporter")  # supervises its own loops
+            tg.create_task(supervised("dmi.watch-edgecore", self._watch_edgecore, cap), name="dmi.watch-edgecore")
 
     async def before_stop(self, service: MapperService) -> None:
         await self.server.stop()
@@ -110,12 +116,27 @@ class KubeEdgeExtension:
     # -- registration ----------------------------------------------------------------------
 
     async def _registration_loop(self) -> None:
+        failures = 0
         while True:
             reply = await self.client.register_until_done()
             # The edgecore that answered: taken before the reply is adopted (which may take a while),
             # so a restart meanwhile shows as a new socket and we register again.
             self._registered_socket = self._socket_id()
-            await self._adopt(reply)
+            try:
+                await self._adopt(reply)
+            except Exception as exc:  # noqa: BLE001 - the twin database locked or full, a bug: register again
+                # Maybe half applied: registering again gets a fresh reply, and adopting it starts
+                # what is missing (update_devices touches only what differs).
+                failures += 1
+                self.adopt_failures += 1
+                delay = retry_delay_s(failures, self.settings.register_backoff_max_s)
+                environment = isinstance(exc, OSError | sqlite3.Error)
+                log.error("cannot adopt edgecore's MapperRegister reply (%d device(s)): %s: %s; "
+                          "registering again in %.1f s (attempt %d)", len(reply.deviceList),
+                          type(exc).__name__, exc, delay, failures, exc_info=not environment and failures == 1)
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
             self.registrations += 1
             self.registered.set()
             log.info("registered with edgecore as %s (protocol %s): %d device(s), %d model(s)",

@@ -1,0 +1,168 @@
+"""KubeEdge DMI: failures that must not stop the mapper, nor its reports of the other devices.
+
+The real MapperService in kubeedge mode against the test edgecore (a real gRPC server on a
+unix socket), with a real SQLite twin. Only the failure itself is injected: a twin read that
+raises what SQLite raises under a lock, a conversion that raises, an adoption that fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from dmi_edgecore import FakeEdgecore, device, model
+from mapper.dmi import api_pb2 as pb
+from mapper.dmi import client as client_module
+from test_dmi import SWITCH, registered, run, running_mapper, sockdir, switch, until  # noqa: F401 - sockdir: fixture
+
+COUNT = model("count-model", {"count": ("INT", "ReadOnly")})
+
+
+def counter(name: str, cycle_ms: int = 20, **kw) -> pb.Device:  # noqa: ANN003
+    """A device whose value changes on every read: each reading is a new report."""
+    return device(name, "count-model", {"count": {"kind": "counter"}}, cycle_ms=cycle_ms, **kw)
+
+
+def reports_of(edgecore: FakeEdgecore, name: str, after: float = 0.0) -> int:
+    return len([c for c in edgecore.calls
+                if c.method == "ReportDeviceStatus" and c.request.deviceName == name and c.at > after])
+
+
+# -- reports --------------------------------------------------------------------------------
+
+def test_a_failed_twin_read_is_logged_counted_retried_and_blocks_nobody(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Reading one device's twin for its report fails as SQLite fails under a lock: the failure is
+    logged and counted, the other devices go on being reported, the mapper keeps running, and the
+    device is reported again once its twin can be read. (The exception used to escape the
+    reporter's loop and end the task group: the whole mapper stopped.)"""
+    failing = {"left": 3, "at": []}
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
+            edgecore.devices = [(counter("bad"), COUNT), (counter("good"), COUNT), (switch("lamp"), SWITCH)]
+            async with running_mapper(sockdir, rate_per_s=100) as mapper:
+                reporter = mapper.ext.reporter
+                read = reporter._read_twin  # noqa: SLF001
+
+                async def locked_for_bad(device_id):  # noqa: ANN001, ANN202
+                    if device_id.name == "bad" and failing["left"] > 0:
+                        failing["left"] -= 1
+                        failing["at"].append(time.monotonic())
+                        raise sqlite3.OperationalError("database is locked")
+                    return await read(device_id)
+
+                reporter._read_twin = locked_for_bad  # noqa: SLF001
+                await registered(mapper)
+                await until(lambda: failing["left"] == 0, timeout=10)
+                first, last = failing["at"][0], failing["at"][-1]
+                # The others are reported while "bad" fails, and after; "bad" again once it can be read.
+                await edgecore.wait_for(lambda: reports_of(edgecore, "good", after=last) >= 3)
+                await edgecore.wait_for(lambda: reports_of(edgecore, "bad", after=last) >= 1)
+                assert reports_of(edgecore, "good", after=first) >= 3
+                assert reporter.failures >= 3
+        failed = [r for r in caplog.records if "report twins of default/bad failed" in r.getMessage()]
+        assert failed and "OperationalError: database is locked" in failed[0].getMessage()
+        assert "retrying in" in failed[0].getMessage()
+
+    run(scenario())
+
+
+def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """One device's status cannot be converted, every time (a bug, or a value convert.py cannot
+    handle): while the others are reported on every change, that device is tried with a growing
+    backoff, not on each of its readings (which arrive every 20 ms), and not in a tight loop."""
+    tried = []
+    device_status = client_module.device_status
+
+    def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
+        if definition.id.name == "bad":
+            tried.append(time.monotonic())
+            raise TypeError("cannot convert this value")
+        return device_status(definition, twin)
+
+    monkeypatch.setattr(client_module, "device_status", broken_for_bad)
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
+            edgecore.devices = [(counter("bad"), COUNT), (counter("good"), COUNT)]
+            # The backoff cap (register_backoff_max_s, 0.2 s elsewhere in these tests) at its default.
+            async with running_mapper(sockdir, rate_per_s=100, register_backoff_max_s=30) as mapper:
+                await registered(mapper)
+                await until(lambda: tried, timeout=10)
+                await edgecore.wait_for(lambda: reports_of(edgecore, "good", after=tried[0]) >= 30, timeout=20)
+                attempts = len(tried)
+                reports = reports_of(edgecore, "good", after=tried[0])
+                committed = mapper.service.recorder.committed
+        assert reports_of(edgecore, "bad") == 0
+        # Retried after 0.125-0.25 s, then 0.25-0.5 s, 0.5-1 s ... up to 15-30 s: eight attempts take
+        # over 30 s, while the 30 reports of "good" (a new value every 20 ms) took a few seconds.
+        assert attempts <= 8, f"{attempts} attempts for {reports} reports of the other device ({committed} readings)"
+        lines = [r for r in caplog.records if "report twins of default/bad failed" in r.getMessage()]
+        assert 1 <= len(lines) <= attempts
+        assert lines[0].levelno == logging.ERROR and lines[0].exc_info  # a bug: the traceback is logged
+
+    run(scenario())
+
+
+# -- registration ---------------------------------------------------------------------------
+
+def test_a_failure_while_adopting_the_registration_reply_is_retried(sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Starting the devices of edgecore's reply fails once (the twin database is locked): the
+    mapper logs it, registers again and runs the devices. (It used to end the registration loop's
+    task group: the whole mapper stopped.)"""
+    async def scenario() -> None:
+        edgecore = FakeEdgecore(sockdir / "dmi.sock")
+        edgecore.devices = [(switch("lamp"), SWITCH)]
+        async with running_mapper(sockdir) as mapper:
+            update = mapper.service.update_devices
+            failures = [1]
+
+            async def locked_once(result):  # noqa: ANN001, ANN202
+                if failures[0]:
+                    failures[0] -= 1
+                    raise sqlite3.OperationalError("database is locked")
+                return await update(result)
+
+            mapper.service.update_devices = locked_once
+            async with edgecore:  # the mapper has been retrying MapperRegister until now
+                await registered(mapper)
+                assert mapper.runner("lamp") is not None
+                assert len(edgecore.of("MapperRegister")) == 2
+                await edgecore.wait_for(lambda: reports_of(edgecore, "lamp") >= 1)
+        (line,) = [r for r in caplog.records if "cannot adopt" in r.getMessage()]
+        assert "OperationalError: database is locked" in line.getMessage() and "registering again" in line.getMessage()
+
+    run(scenario())
+
+
+# -- every DMI loop ---------------------------------------------------------------------------
+
+def test_supervised_restarts_a_loop_after_an_unexpected_error(caplog: pytest.LogCaptureFixture) -> None:
+    """A DMI loop that raises is logged with its traceback and started again (after a backoff),
+    instead of ending the task group and with it the mapper; a clean return ends it."""
+    from mapper.dmi.client import supervised
+
+    calls = []
+
+    async def loop() -> None:
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("a bug")
+
+    async def scenario() -> None:
+        async with asyncio.timeout(10):
+            await supervised("dmi.test", loop, cap=0.01)
+
+    run(scenario())
+    assert len(calls) == 3
+    lines = [r for r in caplog.records if "dmi.test" in r.getMessage()]
+    assert len(lines) == 2 and all(r.exc_info for r in lines)
