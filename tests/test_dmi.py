@@ -697,6 +697,7 @@ def test_kubeedge_config_section() -> None:
     assert config.kubeedge.socket == Path("/etc/kubeedge/dht.sock")
     assert config.kubeedge.edgecore_socket == Path("/etc/kubeedge/dmi.sock")
     assert (config.kubeedge.rate_per_s, config.kubeedge.burst) == (1.0, 100)
+    assert config.kubeedge.max_receive_mb == 64  # above gRPC's 4 MiB: see test_dmi_failures.py
     with pytest.raises(ValueError, match="kubeedge"):
         MapperConfig.model_validate({"mode": "kubeedge"})
     with pytest.raises(ValueError, match="absolute"):

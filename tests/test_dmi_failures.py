@@ -115,7 +115,9 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
 
 # -- registration ---------------------------------------------------------------------------
 
-def test_a_failure_while_adopting_the_registration_reply_is_retried(sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_failure_while_adopting_the_registration_reply_is_retried(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
     """Starting the devices of edgecore's reply fails once (the twin database is locked): the
     mapper logs it, registers again and runs the devices. (It used to end the registration loop's
     task group: the whole mapper stopped.)"""
@@ -140,6 +142,51 @@ def test_a_failure_while_adopting_the_registration_reply_is_retried(sockdir: Pat
                 await edgecore.wait_for(lambda: reports_of(edgecore, "lamp") >= 1)
         (line,) = [r for r in caplog.records if "cannot adopt" in r.getMessage()]
         assert "OperationalError: database is locked" in line.getMessage() and "registering again" in line.getMessage()
+
+    run(scenario())
+
+
+def big_reply(count: int, pad: int) -> list[tuple[pb.Device, pb.DeviceModel]]:
+    """`count` devices of `pad` bytes more than usual each (a long configData string, as a device
+    with many properties or long addresses has), idle: read once a minute."""
+    return [(counter(f"c{i:05d}", cycle_ms=60_000, config={"note": "x" * pad}), COUNT) for i in range(count)]
+
+
+def test_a_register_reply_over_grpcs_default_4_mb_is_received(sockdir: Path) -> None:
+    """edgecore with many devices for this mapper: its MapperRegister reply is larger than gRPC's
+    default 4 MiB receive limit. It used to fail with RESOURCE_EXHAUSTED, retried for ever."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = big_reply(300, 15_000)
+            size = pb.MapperRegisterResponse(deviceList=[d for d, _ in edgecore.devices],
+                                             modelList=[m for _, m in edgecore.devices]).ByteSize()
+            assert size > 4 * 1024 * 1024
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                assert len(mapper.service.runners) == 300
+                assert len(edgecore.of("MapperRegister")) == 1
+
+    run(scenario())
+
+
+def test_a_register_reply_over_the_limit_is_an_error_saying_what_to_do(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A reply over `kubeedge.max_receive_mb`: one error naming the sizes and what to change, retried
+    at the backoff cap (not logged again each time), and the mapper keeps running."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = big_reply(100, 15_000)  # 1528300 bytes
+            async with running_mapper(sockdir, max_receive_mb=1) as mapper:
+                await edgecore.wait_for(lambda: len(edgecore.of("MapperRegister")) >= 2)
+                assert mapper.ext.registrations == 0 and mapper.service.runners == {}
+                assert mapper.ext.started.is_set()
+        # Two attempts (or more), one line: the same reply is not logged again on every retry.
+        (line,) = [r for r in caplog.records if "MapperRegister" in r.getMessage()]
+        text = line.getMessage()
+        assert line.levelno == logging.ERROR
+        assert "1528300 bytes" in text and "(1048576 bytes, kubeedge.max_receive_mb: 1)" in text, text
+        assert "Raise kubeedge.max_receive_mb to at least 2" in text and "Retrying every 0.2 s" in text, text
 
     run(scenario())
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import re
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -24,7 +25,7 @@ from mapper.dmi import api_pb2 as pb
 from mapper.dmi import api_pb2_grpc as pb_grpc
 from mapper.dmi.convert import device_status, edgecore_state
 from mapper.dmi.ratelimit import TokenBucket
-from mapper.dmi.settings import KubeEdgeSettings
+from mapper.dmi.settings import MIB, KubeEdgeSettings
 from mapper.logs import Throttle, held_note
 from twin.records import DeviceTwin
 
@@ -68,10 +69,24 @@ async def supervised(name: str, run: Callable[[], Awaitable[None]], cap: float) 
             await asyncio.sleep(delay)
 
 
+# grpc core's text for a message over the receive limit: "Received message larger than max (N vs. M)".
+_TOO_LARGE = re.compile(r"larger than max \((\d+) vs\. (\d+)\)")
+
+
+def reply_too_large(exc: grpc.aio.AioRpcError) -> tuple[int, int] | None:
+    """(reply size, limit) in bytes when the call failed because the reply exceeds our receive limit."""
+    if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    found = _TOO_LARGE.search(exc.details() or "")
+    return (int(found[1]), int(found[2])) if found else None
+
+
 class EdgecoreClient:
     def __init__(self, settings: KubeEdgeSettings, bucket: TokenBucket) -> None:
         self.settings = settings
         self.bucket = bucket
+        # A reply over our receive limit comes back the same on every retry: said once, then every 10 min.
+        self._too_large_log = Throttle(burst=1, interval_s=600.0)
 
     def mapper_info(self) -> pb.MapperInfo:
         s = self.settings
@@ -84,7 +99,10 @@ class EdgecoreClient:
         if token:  # False when the caller took it already (to build the request after waiting)
             await self.bucket.take()
         target = f"unix:{self.settings.edgecore_socket_file()}"
-        async with grpc.aio.insecure_channel(target) as channel:
+        # The receive limit: MapperRegister's reply carries every device and model of this protocol on
+        # the node; gRPC's default 4 MiB is about 5,000 devices (see KubeEdgeSettings.max_receive_mb).
+        options = [("grpc.max_receive_message_length", self.settings.max_receive_mb * MIB)]
+        async with grpc.aio.insecure_channel(target, options=options) as channel:
             stub = pb_grpc.DeviceManagerServiceStub(channel)
             return await getattr(stub, method)(request, timeout=self.settings.call_timeout_s)
 
@@ -105,7 +123,8 @@ class EdgecoreClient:
     async def register_until_done(self) -> pb.MapperRegisterResponse:
         """MapperRegister, retried with jittered backoff until edgecore answers.
 
-        Whatever fails is retried: edgecore away, a refusal, or an unexpected error.
+        Whatever fails is retried: edgecore away, a refusal, a reply over our receive limit
+        (edgecore's devices may be removed meanwhile), or an unexpected error.
         """
         cap = self.settings.register_backoff_max_s
         attempt = unexpected = 0
@@ -114,9 +133,24 @@ class EdgecoreClient:
                 return await self.register()
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
-                delay = backoff_s(attempt, cap)
-                log.warning("MapperRegister to %s failed (%s: %s); attempt %d, retrying in %.1f s",
-                            self.settings.edgecore_socket_file(), exc.code().name, exc.details(), attempt, delay)
+                if (sizes := reply_too_large(exc)) is not None:
+                    # The same reply until someone acts: no quicker retries, no warning per attempt.
+                    delay = cap
+                    held = self._too_large_log("too-large")
+                    if held is not None:
+                        log.error(
+                            "MapperRegister reply from edgecore is %d bytes, larger than this mapper accepts "
+                            "(%d bytes, kubeedge.max_receive_mb: %d): edgecore has that much Device and "
+                            "DeviceModel data for protocol %r on this node. None of it is adopted; the mapper "
+                            "runs the devices it last knew. Raise kubeedge.max_receive_mb to at least %d (if the "
+                            "node has the memory for it), or move devices to another protocol or node. "
+                            "Retrying every %g s (attempt %d); this error is repeated at most every 10 min%s",
+                            sizes[0], sizes[1], self.settings.max_receive_mb, self.settings.protocol,
+                            -(-sizes[0] // MIB), delay, attempt, held_note(held))
+                else:
+                    delay = backoff_s(attempt, cap)
+                    log.warning("MapperRegister to %s failed (%s: %s); attempt %d, retrying in %.1f s",
+                                self.settings.edgecore_socket_file(), exc.code().name, exc.details(), attempt, delay)
             except Exception as exc:  # noqa: BLE001 - a bug, or the request cannot be made: retry, not stop the mapper
                 attempt += 1
                 unexpected += 1

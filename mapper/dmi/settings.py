@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mapper import __version__
 
 KUBEEDGE_DIR = Path("/etc/kubeedge")
+MIB = 1024 * 1024
 # sockaddr_un.sun_path holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _MAPPER_NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,62})$")
@@ -63,6 +64,13 @@ class KubeEdgeSettings(_Section):
     # Do not raise these against a real edgecore: calls over its limit are refused.
     rate_per_s: float = Field(default=1.0, gt=0)
     burst: int = Field(default=100, ge=1)
+    # The largest reply we accept from edgecore, in MiB (gRPC's default is 4). MapperRegister's reply
+    # carries every Device of our protocol on the node, and its DeviceModel again with each: about
+    # 800 bytes a device for deploy/kubeedge/room-sensor-dht.yaml (625 + 158), so 4 MiB is ~5,000
+    # such devices, but only ~200 with 100 properties each (~20 KB). 64 MiB: ~85,000 small devices,
+    # ~3,000 large ones, more than one mapper runs; the reply is held (a few times over, parsed) only
+    # while it is adopted. A reply over it is an error saying so (see EdgecoreClient.register_until_done).
+    max_receive_mb: int = Field(default=64, ge=1, le=2047)
     # Last known devices and models from edgecore (JSON). Default: beside the twin file. A relative
     # path is relative to the config file, as every path of the config is (see mapper.config.load).
     state_file: Path | None = None
