@@ -775,3 +775,22 @@ async def test_restart_does_not_reapply_an_applied_on(tmp_path: Path) -> None:
     async with running_service(config) as service:
         await async_wait_for(applied(True), what="pending desired applied at start")
         assert wire_of(service.runners[IO].driver).pin(18).states == [True, False]
+
+
+@pytest.mark.parametrize("active_low", [False, True])
+def test_close_switches_outputs_off_before_releasing_them(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins,
+                                                          active_low: bool) -> None:
+    """A relay that is on when the device stops (mapper stop, reload, crash-restart) is switched off
+    before its pin is released: released, it would keep its last level where the line stays an
+    output (lgpio on a Pi 5) with no auto-off timer left to end it."""
+    defn = definition(tmp_path, relay=f"{{pin: 18, direction: out, active_low: {str(active_low).lower()},"
+                                      f" auto_off_s: 600}}")
+    driver = opened(defn, pins)
+    driver.write(defn.prop("relay"), True)
+    driver.close()
+    on, off = ("LOW", "HIGH") if active_low else ("HIGH", "LOW")
+    calls = [c for c in wire.pin(18).calls if c != ("remove_event_detect",)]
+    assert calls[-3:] == [("output", on), ("output", off), ("cleanup",)]
+    assert wire.pin(18).states[:3] == [active_low, not active_low, active_low]  # off, on, off: then released
+    driver.close()  # twice is harmless: nothing more is written
+    assert wire.pin(18).calls[-1] == ("cleanup",)

@@ -23,7 +23,8 @@ An output with `auto_off_s` is switched off by a timer that long after it was sw
 and nothing switches the output on again until someone asks for it.
 
 Only the declared pins are touched, each device claims its pins (two devices on one pin
-is a definition error) and `close()` releases every pin. The pin backend is passed in
+is a definition error) and `close()` releases every pin, switching every output off (its
+logical off, `active_low` applied) first: a relay is never left on when its device stops. The pin backend is passed in
 (`GpioDriver(definition, pins=fake_rpi_gpio_pins(wire))` in tests); by default
 `configData.pins` picks it: `rpi-gpio` (RPi.GPIO, or rpi-lgpio on a Pi 5) or `fake` (the same
 adapter over a modelled RPi.GPIO module and wire, for demos and tests).
@@ -162,9 +163,10 @@ class GpioDriver(Driver):
 
     def close(self) -> None:
         with self._lock:
-            for out in self._outputs.values():
+            for pin, out in self._outputs.items():
                 if out.timer is not None:
                     out.timer.cancel()
+                self._off_before_release(pin)
             opened, self._opened = self._opened, []
             self._inputs.clear()
             self._outputs.clear()
@@ -173,6 +175,16 @@ class GpioDriver(Driver):
                 self.pins.release(pin)
             except PinError as exc:
                 log.warning("%s: cannot release GPIO%d: %s", self.device.id, pin, exc)
+
+    def _off_before_release(self, pin: int) -> None:
+        """Switch an output off before its pin is released: a released line keeps driving its last
+        level where the backend leaves it an output (lgpio on a Pi 5), and no auto-off timer is left."""
+        v: GpioVisitor = self._props[pin].visitor
+        try:
+            self.pins.write(pin, v.active_low)
+        except PinError as exc:
+            log.error("%s/%s: cannot switch GPIO%d off before releasing it: %s",
+                      self.device.id, self._props[pin].name, pin, exc)
 
     # -- inputs ----------------------------------------------------------------------------
 
