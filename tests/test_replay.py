@@ -264,3 +264,55 @@ def test_a_byte_that_is_not_utf8_is_reported_at_its_line_whatever_the_line_ends(
         load([tmp_path])
     (message,) = [str(p) for p in info.value.problems]
     assert message.endswith("series.csv:4: not UTF-8 text (invalid start byte)"), message
+
+
+TYPED = SERIES.replace("{name: v, type: STRING, accessMode: ReadOnly}", "{name: v, type: %s, accessMode: ReadOnly}")
+
+
+def typed_series(tmp_path: Path, kind: str, rows: str, column: str | None = None) -> ReplayDriver:
+    text = TYPED % kind
+    if column is not None:
+        text += f"      visitors: {{protocolName: replay, configData: {{column: {column}}}}}\n"
+    (tmp_path / "series.yaml").write_text(text)
+    (tmp_path / "series.csv").write_text(rows)
+    return ReplayDriver(load([tmp_path]).devices[SERIES_ID], clock=Clock())
+
+
+def test_a_property_whose_column_is_not_in_the_file_is_a_definition_error(tmp_path):
+    """A property reading a column the CSV does not have used to pass `mapper validate`; then every
+    read of it failed for ever ("column 'temp' not in replay file")."""
+    with pytest.raises(DefinitionError) as info:
+        typed_series(tmp_path, "FLOAT", "timestamp,temperature\n0,21.5\n", column="temp")
+    (message,) = [str(p) for p in info.value.problems]
+    assert message.startswith(f"{tmp_path / 'series.yaml'}:")
+    assert "spec.properties[0].visitors: column 'temp' of property 'v' is not in replay file" in message
+    assert "columns: timestamp, temperature" in message
+
+
+@pytest.mark.parametrize(("kind", "rows", "problem"), [
+    ("FLOAT", "timestamp,v\n0,21.5\n10,n/a\n", "series.csv:3: 'n/a' in column 'v' does not fit property 'v' (FLOAT): expected a number"),
+    ("INT", "timestamp,v\n0,1\n10,2\n20,2.5\n", "series.csv:4: '2.5' in column 'v' does not fit property 'v' (INT): expected an integer"),
+    ("BOOLEAN", "timestamp,v\n0,true\n10,maybe\n", "series.csv:3: 'maybe' in column 'v' does not fit property 'v' (BOOLEAN)"),
+])
+def test_a_cell_that_is_not_of_the_property_type_is_a_definition_error(tmp_path, kind, rows, problem):
+    """A cell the property's type cannot hold used to load, and the read meeting it failed at run time,
+    again at every loop of the file, counted as a device failure."""
+    with pytest.raises(DefinitionError) as info:
+        typed_series(tmp_path, kind, rows)
+    (message,) = [str(p) for p in info.value.problems]
+    assert f"spec.protocol.configData.file: replay file {tmp_path}/{problem}" in message
+
+
+def test_typed_cells_that_fit_and_empty_cells_load(tmp_path):
+    """Cells of the property's type load; an empty cell is still allowed (its read fails, retryable)."""
+    driver = typed_series(tmp_path, "FLOAT", "timestamp,v\n0,21.5\n10,\n20,-3\n")
+    driver.open()
+    assert driver.read(driver.device.prop("v")) == "21.5"
+
+
+def test_a_file_changed_after_loading_to_a_bad_cell_fails_open(tmp_path):
+    """open() reads the file again and checks the cells as the load did."""
+    driver = typed_series(tmp_path, "FLOAT", "timestamp,v\n0,21.5\n")
+    (tmp_path / "series.csv").write_text("timestamp,v\n0,21.5\n10,warm\n")
+    with pytest.raises(DriverError, match=r"series\.csv:3: 'warm' in column 'v' does not fit property 'v' \(FLOAT\)"):
+        driver.open()

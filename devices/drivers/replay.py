@@ -15,8 +15,10 @@ visitors.configData:
 The file is checked whole when the device is loaded (`mapper validate`, `mapper run`, a
 reload) and again when it is opened: the first bad row is an error naming the file and line
 (a timestamp that is empty, unreadable, not finite or earlier than the row before; a row with
-more or fewer fields than the header; a header that names a column twice). An empty property
-cell is allowed: a read that meets it fails, retryable.
+more or fewer fields than the header; a header that names a column twice; a cell that does not
+fit the type of the property reading its column, `n/a` for a FLOAT), and so is a property whose
+column is not in the file (at load). An empty property cell is allowed: a read that meets it
+fails, retryable.
 
 The check at load reads the file a piece at a time and keeps nothing. open() reads it again (so
 a file changed since the load is what plays, or fails to open) and keeps it compactly: its text,
@@ -43,6 +45,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import DriverError, ReadError
+from devices.ids import shown
+from devices.values import PropertyType, coerce
+
+# column -> the (property name, type) of each property that reads it
+Wanted = dict[str, list[tuple[str, PropertyType]]]
 
 
 class ReplayConfig(BaseModel):
@@ -117,9 +124,10 @@ class Series:
         return next(csv.reader(_lines(self.text[self.starts[index]:self.starts[index + 1]])))
 
 
-def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, list[str]]:
+def _scan(path: Path, lines: Iterable[str], keep: bool, wanted: Wanted | None = None) -> tuple[array, array, list[str]]:
     """Check the rows of a replay CSV: (the position of each row in the text, if `keep`, and the
-    end; each row's time in seconds from the first row, if `keep`; the header).
+    end; each row's time in seconds from the first row, if `keep`; the header). A non-empty cell
+    of a column in `wanted` must fit the type of each property that reads it.
 
     Raises DriverError naming the file and line of the first problem.
     """
@@ -145,6 +153,8 @@ def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, l
             raise DriverError(f"replay file {path}:1: the header names "
                               f"{', '.join(repr(n) for n in twice)} more than once: which column is which?")
         column = header.index("timestamp")
+        typed = [(header.index(col), name, kind) for col, props in (wanted or {}).items() if col in header
+                 for name, kind in props if kind is not PropertyType.STRING]
         start = consumed
         for row in reader:
             if not row:  # a blank line, which csv.DictReader skips
@@ -161,6 +171,13 @@ def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, l
             if rows and stamp < last:
                 raise DriverError(f"{where}: timestamp {text!r} is earlier than the row before"
                                   f" ({previous!r}): rows must be in time order")
+            for i, name, kind in typed:
+                if cell := row[i]:
+                    try:
+                        coerce(kind, cell)
+                    except ValueError as exc:
+                        raise DriverError(f"{where}: {shown(cell)} in column {header[i]!r} does not fit"
+                                          f" property {name!r} ({kind.value}): {exc}") from None
             if not rows:
                 first = stamp
             last, previous = stamp, text
@@ -177,8 +194,8 @@ def _scan(path: Path, lines: Iterable[str], keep: bool) -> tuple[array, array, l
     return starts, times, header
 
 
-def check_series(path: Path) -> None:
-    """Check a replay CSV as `read_series` does, a line at a time: its rows are not kept.
+def check_series(path: Path, wanted: Wanted | None = None) -> list[str]:
+    """Check a replay CSV as `read_series` does, a line at a time: its rows are not kept. Returns its header.
 
     Raises DriverError naming the file and line of the first problem.
     """
@@ -186,7 +203,7 @@ def check_series(path: Path) -> None:
         # newline="": the csv module reads line ends itself (and quoted fields may hold them).
         with open(path, encoding="utf-8-sig", newline="") as file:
             try:
-                _scan(path, file, keep=False)
+                _, _, header = _scan(path, file, keep=False, wanted=wanted)
             except DriverError:
                 # read_series decodes the whole file before it reads a row: a byte that is not
                 # UTF-8 is the error it reports, even after a bad row.
@@ -198,7 +215,7 @@ def check_series(path: Path) -> None:
     except OSError as exc:
         raise DriverError(f"cannot open replay file {path}: {exc}") from exc
     else:
-        return
+        return header
     _decode(path, _read(path))
     raise DriverError(f"replay file {path}: not UTF-8 text")  # UTF-8 now: it changed meanwhile
 
@@ -210,7 +227,7 @@ def _read(path: Path) -> bytes:
         raise DriverError(f"cannot open replay file {path}: {exc}") from exc
 
 
-def read_series(path: Path) -> Series:
+def read_series(path: Path, wanted: Wanted | None = None) -> Series:
     """The rows of a replay CSV and their times in seconds from the first row.
 
     Raises DriverError naming the file and line of the first problem.
@@ -218,8 +235,19 @@ def read_series(path: Path) -> Series:
     data = _read(path)
     text = _decode(path, data)
     del data  # the text is the copy kept
-    starts, times, header = _scan(path, _lines(text), keep=True)
+    starts, times, header = _scan(path, _lines(text), keep=True, wanted=wanted)
     return Series(text, starts, times, header)
+
+
+def _column(prop: PropertyDefinition) -> str:
+    return getattr(prop.visitor, "column", None) or prop.name
+
+
+def _wanted(device: DeviceDefinition) -> Wanted:
+    wanted: Wanted = {}
+    for prop in device.properties:
+        wanted.setdefault(_column(prop), []).append((prop.name, prop.type))
+    return wanted
 
 
 def _resolve(device: DeviceDefinition, config: ReplayConfig) -> Path:
@@ -248,15 +276,23 @@ class ReplayDriver(Driver):
 
     @classmethod
     def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        path = _resolve(device, device.protocol_config)
         try:
-            check_series(_resolve(device, device.protocol_config))
+            header = check_series(path, _wanted(device))
         except DriverError as exc:
             yield "spec.protocol.configData.file", str(exc)
+            return
+        for i, prop in enumerate(device.properties):
+            column = _column(prop)
+            if column not in header:
+                yield (f"spec.properties[{i}].visitors",
+                       f"column {column!r} of property {prop.name!r} is not in replay file {path}"
+                       f" (columns: {', '.join(header)})")
 
     def open(self) -> None:
         self._series = None  # a reopen holds one copy of the file, not two
         try:
-            series = read_series(_resolve(self.device, self.config))
+            series = read_series(_resolve(self.device, self.config), _wanted(self.device))
         except DriverError as exc:
             raise DriverError(f"{self.device.id}: {exc}") from None
         span = series.times[-1]
@@ -283,7 +319,7 @@ class ReplayDriver(Driver):
         series = self._series
         if series is None:
             raise ReadError(f"{self.device.id}: replay file not open", retryable=False)
-        column = prop.visitor.column or prop.name
+        column = _column(prop)
         row = self._row(series, prop.name)
         if column not in series.columns:
             raise ReadError(f"{self.device.id}: column {column!r} not in replay file", retryable=False)
