@@ -516,3 +516,26 @@ def test_empty_fields_are_read_as_not_given(tmp_path):
     assert definition.protocol_config.failure_rate == 0.0
     assert definition.prop("temperature").description == ""
     assert definition.prop("power").visitor.kind == "constant"  # the driver's default
+
+
+def test_a_third_party_driver_named_like_a_built_in_does_not_replace_it(tmp_path, monkeypatch, caplog):
+    """A package registering a `mapper.drivers` entry point `gpio` used to take over every gpio
+    device silently (an installed package could drive the relays with its own code). The
+    built-in wins, and the clash is logged once, naming the package and what to do."""
+    import logging
+
+    from devices.drivers import base
+    from devices.drivers.gpio import GpioDriver
+
+    install_plugin(tmp_path, monkeypatch, "gpio",
+                   "from devices.drivers import Driver\nclass Gpio(Driver):\n    protocol = 'gpio'\n")
+    monkeypatch.setattr(base, "_registered", None)
+    monkeypatch.setattr(base, "_clashes_logged", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="mapper.drivers"):
+        assert base.load_driver("gpio") is GpioDriver
+        assert base.load_driver("gpio") is GpioDriver
+        assert [r.getMessage() for r in caplog.records if "built-in" in r.getMessage()]  # with no other lookup
+        assert "gpio" in base.available_protocols()  # rereads the registry: not warned about again
+    clashes = [r.getMessage() for r in caplog.records if "built-in" in r.getMessage()]
+    assert len(clashes) == 1
+    assert "gpio-driver" in clashes[0] and "gpio_driver:Gpio" in clashes[0]

@@ -24,6 +24,9 @@ Third parties register a driver without touching this package::
     [project.entry-points."mapper.drivers"]
     modbus = "mapper_modbus:ModbusDriver"
 
+A built-in protocol name (simulated, replay, dht, gpio) always means the built-in driver: an
+entry point of another package with such a name is logged as a warning and not used.
+
 Drivers with `blocking = True` (a DHT11 read sleeps ~250 ms) are called from a worker
 thread with a timeout by the device loop, so one slow sensor never stalls the others.
 """
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,6 +48,8 @@ if TYPE_CHECKING:
     from devices.definitions import DeviceDefinition, PropertyDefinition
 
 ENTRY_POINT_GROUP = "mapper.drivers"
+
+log = logging.getLogger("mapper.drivers")
 
 # (property, seconds to wait before reading it): called from any thread.
 ChangeCallback = Callable[["PropertyDefinition", float], None]
@@ -149,6 +155,8 @@ class Driver:
 
 
 _registered: dict[str, str] | None = None
+# (protocol, target) of third-party entry points named like a built-in, already warned about.
+_clashes_logged: set[tuple[str, str]] = set()
 
 
 def _entry_points(refresh: bool = False) -> dict[str, str]:
@@ -161,7 +169,16 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
     """
     global _registered
     if _registered is None or refresh:
-        _registered = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+        found = entry_points(group=ENTRY_POINT_GROUP)
+        _registered = {ep.name: ep.value for ep in found}
+        for ep in found:
+            builtin = _BUILTIN.get(ep.name)
+            if builtin is not None and ep.value != builtin and (ep.name, ep.value) not in _clashes_logged:
+                _clashes_logged.add((ep.name, ep.value))
+                package = getattr(ep.dist, "name", None) or "a package"
+                log.warning("%s registers a driver for protocol %r (%s); %r is a built-in protocol, so the"
+                            " built-in driver is used: register the driver under another name", package,
+                            ep.name, ep.value, ep.name)
     return _registered
 
 
@@ -180,7 +197,10 @@ def _module_exists(name: str) -> bool:
 
 def load_driver(protocol: str) -> type[Driver]:
     """The driver class for `protocol`; raises DriverNotFound naming what is installed."""
-    target = _entry_points().get(protocol) or _BUILTIN.get(protocol) or _entry_points(refresh=True).get(protocol)
+    # A built-in first: a package installed for something else never takes over its devices (the
+    # registry is still read, once, so such a package is warned about).
+    registered = _entry_points()
+    target = _BUILTIN.get(protocol) or registered.get(protocol) or _entry_points(refresh=True).get(protocol)
     if target is None:
         raise DriverNotFound(protocol, available_protocols())
     module_name, _, attr = target.partition(":")
