@@ -794,3 +794,14 @@ def test_close_switches_outputs_off_before_releasing_them(tmp_path: Path, wire: 
     assert wire.pin(18).states[:3] == [active_low, not active_low, active_low]  # off, on, off: then released
     driver.close()  # twice is harmless: nothing more is written
     assert wire.pin(18).calls[-1] == ("cleanup",)
+
+
+def test_a_writable_property_on_an_input_pin_is_a_definition_error(tmp_path: Path) -> None:
+    """A ReadWrite property on `direction: in` used to validate; then every desired value set on it
+    failed at the device ("GPIO27 is an input; it cannot be set") and stayed a delta in the twin."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % "{pin: 27, direction: in}"))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert str(info.value) == ("io.yaml:9: spec.properties[0].visitors: property 'relay' is ReadWrite in DeviceModel"
+                               " 'io-model', but GPIO27 is an input: use direction: out, or accessMode: ReadOnly")

@@ -124,12 +124,20 @@ class GpioDriver(Driver):
     @classmethod
     def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
         """A pin is high or low: its property must be BOOLEAN (an INT property used to pass, then
-        every read of it failed and the device never started)."""
+        every read of it failed and the device never started). An input cannot be set: its
+        property must not be ReadWrite (every desired value used to fail at the device)."""
         for i, prop in enumerate(device.properties):
             if prop.type is not PropertyType.BOOLEAN:
                 yield (f"spec.properties[{i}].visitors",
                        f"a GPIO pin is on or off: property {prop.name!r} must be BOOLEAN in DeviceModel "
                        f"{device.model_name!r}, not {prop.type.value}")
+
+        for i, prop in enumerate(device.properties):
+            v = prop.visitor
+            if prop.writable and getattr(v, "direction", None) == "in":
+                yield (f"spec.properties[{i}].visitors",
+                       f"property {prop.name!r} is ReadWrite in DeviceModel {device.model_name!r}, but GPIO{v.pin}"
+                       " is an input: use direction: out, or accessMode: ReadOnly")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
