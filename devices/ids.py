@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label).
+# Kubernetes object names (DNS-1123 subdomain) and namespaces (DNS-1123 label). Matched with
+# fullmatch: `$` alone also matches before a final newline (`lamp\n` would pass).
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 # Property names: KubeEdge allows `/`, `#` and `,` too, but those break MQTT topics.
@@ -21,15 +22,15 @@ PROPERTY_RULE = "letters, digits, '_', '-' and '.', starting with a letter, digi
 
 
 def is_name(value: object) -> bool:
-    return isinstance(value, str) and bool(_NAME.match(value))
+    return isinstance(value, str) and bool(_NAME.fullmatch(value))
 
 
 def is_namespace(value: object) -> bool:
-    return isinstance(value, str) and bool(_NAMESPACE.match(value))
+    return isinstance(value, str) and bool(_NAMESPACE.fullmatch(value))
 
 
 def is_property_name(value: object) -> bool:
-    return isinstance(value, str) and bool(_PROPERTY.match(value))
+    return isinstance(value, str) and bool(_PROPERTY.fullmatch(value))
 
 
 def clipped(text: str, limit: int = 200) -> str:

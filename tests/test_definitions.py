@@ -539,3 +539,25 @@ def test_a_third_party_driver_named_like_a_built_in_does_not_replace_it(tmp_path
     clashes = [r.getMessage() for r in caplog.records if "built-in" in r.getMessage()]
     assert len(clashes) == 1
     assert "gpio-driver" in clashes[0] and "gpio_driver:Gpio" in clashes[0]
+
+
+def test_a_name_ending_in_a_newline_is_refused(tmp_path):
+    """A block scalar (`name: |`) or a quoted "\\n" ends a name in a newline, which would then be
+    part of every MQTT topic and twin key of the device. Before, the checks matched with `$`,
+    which also matches before a final newline, so `lamp\\n`, `default\\n` and `power\\n` passed."""
+    text = device_yaml("placeholder").replace("  name: placeholder\n", "  name: |\n    lamp\n")
+    text = text.replace("  namespace: default\n", '  namespace: "default\\n"\n', 1)
+    model = MODEL.format(model="thing-model").replace("name: temperature", 'name: "temperature\\n"')
+    problems = problems_of(tmp_path, {"m.yaml": model, "d.yaml": text})
+    assert any(p.startswith("d.yaml:4: metadata.name: 'lamp\\n' is not a Kubernetes name") for p in problems), problems
+    assert any(p.startswith("d.yaml:6: metadata.namespace: ") for p in problems), problems
+    assert any(p.startswith("m.yaml:9: spec.properties[0].name: ") for p in problems), problems
+    for text in ("lamp\n", "default/lamp\n", "default\n/lamp"):
+        with pytest.raises(ValueError, match="not a valid"):
+            DeviceId.parse(text)
+    from eventbus.topics import Topics, parse
+
+    topics = Topics("node")
+    assert parse("$hw/events/device/default/lamp/twin/update", topics) is not None
+    for topic in ("$hw/events/device/default/lamp\n/twin/update", "mapper/node/default/lamp/power\n/set"):
+        assert parse(topic, topics) is None, f"{topic!r}: a reply topic would be built from it"

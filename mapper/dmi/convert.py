@@ -209,7 +209,7 @@ def twin_value(value: Value | None) -> str:
     if value is None:
         return ""
     text = to_twin_string(value)
-    if text and not TWIN_VALUE.match(text):
+    if text and not TWIN_VALUE.fullmatch(text):
         raise ValueError(f"{text[:40]!r} does not match edgecore's twin value pattern {TWIN_VALUE.pattern}")
     return text
 

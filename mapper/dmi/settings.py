@@ -85,7 +85,7 @@ class KubeEdgeSettings(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _MAPPER_NAME.match(value):
+        if not _MAPPER_NAME.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid mapper name: letters, digits, '_', '.', '-', at most 63")
         return value
 
