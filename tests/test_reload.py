@@ -97,3 +97,31 @@ def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: 
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
     assert "stopped: drivers closed, twin flushed" in mapper.log()
+
+
+def test_a_reloaded_switch_leaves_no_delta_behind(mapper: Mapper) -> None:
+    """`twin set b power true`, applied; then b's file changes and a SIGHUP restarts b: its simulated
+    switch starts off again, like a GPIO relay in its initial state. The twin must say so (desired
+    becomes the boot state, a new version) instead of keeping desired=true next to reported=false:
+    before, that delta stayed for good and nothing ever applied it again."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    with TwinStore.open(mapper.twin) as store:
+        store.set_desired(B, "power", "true")
+
+    def power() -> tuple:
+        with TwinStore.open(mapper.twin) as store:
+            p = store.device(B).properties["power"]
+        return p.desired, p.reported, p.delta, p.desired_version
+
+    wait_for(lambda: power()[:3] == (True, True, False), what="power=true applied to b")
+    (mapper.devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{seed: 7}"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b")
+    wait_for(lambda: mapper.restarts(B) == 1, what="b to restart")
+    desired, reported, delta, version = wait_for(lambda: (p := power())[1] is False and p, what="b's switch off again")
+    desired, reported, delta, version = wait_for(lambda: not (p := power())[2] and p, what="no delta on b.power",
+                                                 timeout=5)
+    assert (desired, reported, version) == (False, False, 2)
+    assert "b/power: started in its boot state False" in mapper.log()
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0

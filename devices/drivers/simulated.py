@@ -103,6 +103,22 @@ class SimulatedDriver(Driver):
             elif visitor.kind == "counter":
                 self._counters[prop.name] = visitor.start
 
+    def boot_value(self, prop: PropertyDefinition) -> Any:
+        """A switch opens off and a writable constant at its `value`, whatever was written before
+        (a restart or a reload that changed the device): said to the device loop, which makes it
+        the desired value, as for a GPIO relay's initial state, so the twin shows no stale delta."""
+        visitor: SimulatedVisitor = prop.visitor
+        if visitor.kind == "switch":
+            return False
+        if visitor.kind == "constant":
+            from devices.values import coerce
+
+            try:
+                return coerce(prop.type, visitor.value)
+            except ValueError:  # a constant its property's type refuses: its readings say so
+                return None
+        return None
+
     def set_broken(self, broken: bool) -> None:
         self._broken = broken
 
