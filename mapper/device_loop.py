@@ -436,7 +436,7 @@ class DeviceRunner:
         error: str | None = None
         name = change.property
         try:
-            try:  # (a property a reload removed since keeps its twin row: refused here too)
+            try:  # (a property a reload removed since: refused here too)
                 value: Value = self.definition.desired_value(name, change.value)
             except ValueError as exc:
                 raise DriverError(f"not written: {exc}") from None

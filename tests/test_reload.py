@@ -125,3 +125,29 @@ def test_a_reloaded_switch_leaves_no_delta_behind(mapper: Mapper) -> None:
     assert "b/power: started in its boot state False" in mapper.log()
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
+
+
+def test_a_property_removed_by_a_reload_leaves_the_twin(mapper: Mapper, tmp_path: Path) -> None:
+    """b's file drops its `power` property, SIGHUP: the twin (`mapper twin get`, the $hw twin
+    document, DMI reports: all read the same rows) no longer lists it. Before, it stayed there for
+    good with its last reported value and quality `good`, although nothing read it any more; its
+    readings stay in the history."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    wait_for(lambda: mapper.counts_above({B: 2}), what="b counting")
+    with TwinStore.open(mapper.twin) as store:
+        assert "power" in store.device(B).properties
+    text = device_yaml("b", cycle=20)
+    start = text.index("    - name: power")
+    (mapper.devices / "b.yaml").write_text(text[:start] + text[text.index("    - name: count"):])
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b")
+    with TwinStore.open(mapper.twin) as store:
+        assert sorted(store.device(B).properties) == ["count", "temperature"]
+        assert sorted(store.device(A).properties) == ["count", "power", "temperature"]
+        assert store.history(B, "power"), "the removed property's readings are history: they stay"
+    shown = subprocess.run([sys.executable, "-m", "mapper", "twin", "get", "b", "--config", str(tmp_path / "mapper.yaml")],
+                           capture_output=True, text=True, timeout=30, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert shown.returncode == 0 and "power" not in shown.stdout, shown
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0

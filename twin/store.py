@@ -540,6 +540,8 @@ class TwinStore:
     def sync_devices(self, definitions: Iterable[DeviceDefinition]) -> list[DeviceId]:
         """Register devices and properties; keep stored values. Returns devices whose spec changed.
 
+        A property no longer in a device's definition is removed from the twin (not from the history).
+
         A desired value from YAML becomes the twin's desired value when the device is new
         or its definition changed (so an edited file wins over an old desired value).
         """
@@ -572,6 +574,12 @@ class TwinStore:
                     )
                     if is_changed and p.desired is not None and p.writable:
                         self._set_desired(d.id, p.name, p.desired, now_ms())
+                # A property the definition no longer has leaves the twin (its readings stay in
+                # the history): kept, it showed its last value as current, quality good, for good.
+                names = [p.name for p in d.properties]
+                self.conn.execute(
+                    f"DELETE FROM properties WHERE device_id=? AND name NOT IN ({','.join('?' * len(names))})",
+                    (key, *names))
         except BaseException:
             self._rollback()
             raise
