@@ -61,14 +61,31 @@ def field_name(path: Iterable[str | int]) -> str:
 
 
 def yaml_files(paths: Iterable[str | Path]) -> list[Path]:
-    """The YAML files named by `paths`; a directory means its own *.yaml/*.yml files (not sub-directories)."""
+    """The YAML files named by `paths`; a directory means its own *.yaml/*.yml files (not sub-directories).
+
+    A file named more than once (a directory and a file in it, `dev` and `dev/`, a symlink to a
+    file already listed) is read once, where it first comes: read twice, each of its documents
+    was a duplicate of itself.
+    """
     found: list[Path] = []
+    seen: set[Path] = set()
+
+    def add(path: Path) -> None:
+        try:
+            real = path.resolve()
+        except (OSError, RuntimeError):  # a symlink loop: reported when it is read
+            real = path
+        if real not in seen:
+            seen.add(real)
+            found.append(path)
+
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found.extend(sorted(p for p in path.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file()))
+            for file in sorted(p for p in path.iterdir() if p.suffix in YAML_SUFFIXES and p.is_file()):
+                add(file)
         else:
-            found.append(path)
+            add(path)
     return found
 
 

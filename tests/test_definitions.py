@@ -561,3 +561,21 @@ def test_a_name_ending_in_a_newline_is_refused(tmp_path):
     assert parse("$hw/events/device/default/lamp/twin/update", topics) is not None
     for topic in ("$hw/events/device/default/lamp\n/twin/update", "mapper/node/default/lamp/power\n/set"):
         assert parse(topic, topics) is None, f"{topic!r}: a reply topic would be built from it"
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """`devices: [dev, dev/lamp.yaml]`, `dev` and `dev/` or a symlink to a file in the same
+    directory name one file twice. Before, every device and model in it was a "duplicate ...
+    (first defined at dev/lamp.yaml:4)" of itself, at that same place, and nothing started."""
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "model.yaml").write_text(MODEL.format(model="thing-model"))
+    (dev / "lamp.yaml").write_text(device_yaml("lamp"))
+    (dev / "lamp-link.yaml").symlink_to("lamp.yaml")
+    result = load([dev, dev / "lamp.yaml", f"{dev}/", tmp_path / "dev" / ".." / "dev" / "model.yaml"], base=tmp_path)
+    assert list(result.devices) == [DeviceId("default", "lamp")] and len(result.models) == 1
+    assert result.devices[DeviceId("default", "lamp")].source == "dev/lamp.yaml:1"
+    # Two different files defining one device are still a duplicate.
+    (dev / "copy.yaml").write_text(device_yaml("lamp"))
+    problems = problems_of(dev, {})
+    assert problems == ["lamp.yaml:4: metadata.name: duplicate Device default/lamp (first defined at copy.yaml:4)"]
