@@ -151,3 +151,33 @@ def test_a_property_removed_by_a_reload_leaves_the_twin(mapper: Mapper, tmp_path
     assert shown.returncode == 0 and "power" not in shown.stdout, shown
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
+
+
+def test_a_property_made_read_only_by_a_reload_drops_its_desired_value(mapper: Mapper) -> None:
+    """power is set (desired true, applied), then the model makes it ReadOnly, SIGHUP: a ReadOnly
+    property takes no desired value, so the twin must not keep one. Before, desired=true stayed,
+    next to the reported value of a switch nothing writes any more: a delta (`mapper twin get`,
+    the $hw delta) that nothing could ever apply or clear."""
+    from helpers import MODEL
+
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    with TwinStore.open(mapper.twin) as store:
+        store.set_desired(B, "power", "true")
+
+    def power():  # noqa: ANN202
+        with TwinStore.open(mapper.twin) as store:
+            return store.device(B).properties["power"]
+
+    wait_for(lambda: (p := power()).reported is True and not p.delta, what="power=true applied to b")
+    model = MODEL.format(model="thing-model")
+    readonly = model.replace("type: BOOLEAN\n      accessMode: ReadWrite", "type: BOOLEAN\n      accessMode: ReadOnly")
+    assert readonly != model
+    (mapper.devices / "model.yaml").write_text(readonly)
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/a, default/b")
+    wait_for(lambda: mapper.restarts(B) == 1, what="b to restart")
+    wait_for(lambda: power().reported is False, what="b's switch off again")
+    p = power()
+    assert not p.writable and p.desired is None and not p.delta, p
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0

@@ -38,7 +38,7 @@ import orjson
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
-from devices.values import PropertyType, Value, coerce
+from devices.values import PropertyType, Value, coerce, range_problem
 from twin import migrations
 from twin.records import GOOD, DeviceTwin, PropertyTwin, Reading
 
@@ -566,12 +566,18 @@ class TwinStore:
                 if is_changed:
                     changed.append(d.id)
                 for p in d.properties:
+                    before = self.conn.execute(
+                        "SELECT type, writable, desired FROM properties WHERE device_id=? AND name=?",
+                        (key, p.name)).fetchone()
                     self.conn.execute(
                         "INSERT INTO properties (device_id, name, type, writable, unit) VALUES (?,?,?,?,?)"
                         " ON CONFLICT (device_id, name) DO UPDATE SET type=excluded.type,"
                         " writable=excluded.writable, unit=excluded.unit",
                         (key, p.name, p.type.value, int(p.writable), p.unit),
                     )
+                    if before is not None and before[2] is not None and (before[0], bool(before[1])) != (
+                            p.type.value, p.writable):
+                        self._keep_desired_if_valid(d.id, p, _load(before[2]))
                     if is_changed and p.desired is not None and p.writable:
                         self._set_desired(d.id, p.name, p.desired, now_ms())
                 # A property the definition no longer has leaves the twin (its readings stay in
@@ -585,6 +591,25 @@ class TwinStore:
             raise
         self._commit()
         return changed
+
+    def _keep_desired_if_valid(self, device_id: DeviceId, p: Any, desired: Value) -> None:
+        """A property's type or access mode changed: its stored desired value stays only if the
+        property still takes it (writable, of its type, in range); else it is cleared (a new
+        version), as a ReadOnly property has none and a wrong type could never be applied.
+        Kept, it was a delta for good that nothing would apply."""
+        try:
+            if not p.writable:
+                raise ValueError("read-only")
+            value = coerce(p.type, desired)
+            if range_problem(value, p.minimum, p.maximum):
+                raise ValueError("out of range")
+        except ValueError:
+            self.conn.execute(
+                "UPDATE properties SET desired=NULL, desired_version=desired_version+1, desired_ts=?, apply_error=NULL"
+                " WHERE device_id=? AND name=?", (now_ms(), str(device_id), p.name))
+            return
+        if value != desired or type(value) is not type(desired):
+            self._set_desired(device_id, p.name, value, now_ms())
 
     def deactivate_devices(self, keep: Iterable[DeviceId]) -> None:
         """Devices not in `keep` become inactive (offline); derived devices are left to sync_derived()."""
