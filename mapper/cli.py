@@ -270,6 +270,13 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
                                           order_by="id desc", limit=args.limit))
     rows.reverse()
     if not rows:
+        # A typo in the device or property is said as such (raises), not as a property with no readings.
+        with _open_twin(config) as store:
+            known = store.device(device).properties
+            if args.property not in known:
+                from twin.store import UnknownProperty
+
+                raise UnknownProperty(device, args.property, known)
         print(f"no readings of {device}/{args.property} in {config.twin.path}", file=sys.stderr)
         return 1
     if args.json:

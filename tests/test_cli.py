@@ -420,3 +420,23 @@ def test_twin_history_needs_a_positive_count(tmp_path, limit):
     done = mapper("twin", "history", "lamp", "count", "-n", limit, "--config", str(tmp_path / "none.yaml"))
     assert done.returncode == 2 and "--limit/-n" in done.stderr, done.stderr
     assert ("must be 1 or more" if limit != "ten" else "not a whole number") in done.stderr
+
+
+def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
+    """`mapper twin history lamp tempreature` said "no readings of default/lamp/tempreature", as
+    for a real property that has none yet: a typo looked like a sensor that never reads. Now an
+    unknown device or property is named as such, with the device's properties."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    typo = mapper("twin", "history", "lamp", "tempreature", "--config", str(config))
+    assert typo.returncode == 1 and typo.stderr == (
+        "error: device default/lamp has no property 'tempreature' (properties: count, power, temperature)\n"), typo
+    ghost = mapper("twin", "history", "ghost", "count", "--config", str(config))
+    assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
+    none_yet = mapper("twin", "history", "lamp", "count", "--config", str(config))
+    assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
