@@ -191,13 +191,24 @@ class MapperService:
         added = [k for k in new if k not in old]
         changed = [k for k in new if k in old and old[k].definition.fingerprint != new[k].fingerprint]
         await self.stop_devices(removed + changed)
-        was_refused = set(self.refused)
+        was_refused, previous = dict(self.refused), self.definitions
         self.definitions = result
-        for listener in self.device_listeners:
-            listener(result.devices)
-        self.refused = {k: str(p) for k, p in result.unrunnable.items()}
-        await self.twin(lambda s: s.sync_devices(result.devices.values()))
-        await self.twin(lambda s: s.deactivate_devices(result.devices))
+        try:
+            for listener in self.device_listeners:
+                listener(result.devices)
+            self.refused = {k: str(p) for k, p in result.unrunnable.items()}
+            await self.twin(lambda s: s.sync_devices(result.devices.values()))
+            await self.twin(lambda s: s.deactivate_devices(result.devices))
+        except Exception:
+            # The twin refused the new set (a lock held past its timeout, a full disk): the update
+            # is not made, and the devices stopped for it run again as they were.
+            self.definitions, self.refused = previous, was_refused
+            for listener in self.device_listeners:
+                with contextlib.suppress(Exception):
+                    listener(previous.devices)
+            for device_id in removed + changed:
+                self.start_device(old[device_id].definition, self._tg)
+            raise
         for device_id in added + changed:
             self.start_device(new[device_id], self._tg)
         # What stopped (refused now, or gone) says so, as at start-up: offline in the twin, and to

@@ -181,3 +181,41 @@ def test_a_property_made_read_only_by_a_reload_drops_its_desired_value(mapper: M
     assert not p.writable and p.desired is None and not p.delta, p
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
+
+
+async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_path: Path, monkeypatch) -> None:
+    """The twin refuses the reload's write (a lock held past its timeout, a full SD card) after
+    the changed and removed devices were stopped. The log says "reload failed; still running the
+    previous devices", and so it must be: before, b (changed) and a (removed) stayed stopped,
+    with no reading taken, until another SIGHUP."""
+    import sqlite3
+
+    from devices.loader import load
+    from helpers import async_wait_for, running_service
+    from mapper.cli import reload_devices
+    from mapper.config import load_config
+
+    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=20)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        before = {d: r.definition.fingerprint for d, r in service.runners.items()}
+        (devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{seed: 7}"))
+        (devices / "a.yaml").unlink()
+        original = TwinStore.sync_devices
+
+        def refused(store, definitions):  # noqa: ANN001, ANN202
+            raise sqlite3.OperationalError("database is locked")
+
+        monkeypatch.setattr(TwinStore, "sync_devices", refused)
+        with pytest.raises(sqlite3.OperationalError):
+            await reload_devices(service, config)
+        monkeypatch.setattr(TwinStore, "sync_devices", original)
+        assert {d: r.definition.fingerprint for d, r in service.runners.items()} == before
+        assert set(service.definitions.devices) == {A, B}
+        with TwinStore.open(tmp_path / "twin.db") as reader:
+            taken = {d: len(reader.history(d, "count", limit=1_000_000)) for d in (A, B)}
+            await async_wait_for(lambda: all(len(reader.history(d, "count", limit=1_000_000)) > taken[d] + 3
+                                             for d in (A, B)), what="a and b still reading")
+        # The next reload, once the twin takes it, switches as usual.
+        assert await reload_devices(service, config)
+        assert set(service.runners) == {B} and service.runners[B].definition.fingerprint != before[B]
