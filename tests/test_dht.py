@@ -292,6 +292,24 @@ def test_dht22_negative_temperature(tmp_path: Path, clock: VirtualClock) -> None
     assert read_both(driver, defn) == (-3.5, 61.2)
 
 
+def test_dht11_below_zero_keeps_its_sign(tmp_path: Path, wire: DhtWire, clock: VirtualClock) -> None:
+    """Newer DHT11s (rated -20-60 C) send a temperature below zero with bit 7 of the tenths byte
+    set: 2 C and 0x85 is -2.5 C. adafruit_dht 4.0 reads that DHT11 frame as +2.5 C; the driver
+    keeps the sign, flips a served measurement only once, and leaves a positive one alone."""
+    wire.frame = dht11_frame(71, 2, tenths=0x85)
+    defn = sensor_definition(tmp_path)
+    driver = open_driver(defn, wire)
+    assert read_both(driver, defn) == (-2.5, 71.0)
+    clock.advance(1.0)  # served from the same measurement: still negative, not flipped twice
+    assert read_both(driver, defn) == (-2.5, 71.0)
+    wire.frame = dht11_frame(70, 0, tenths=0x83)
+    clock.advance(2.0)
+    assert read_both(driver, defn) == (-0.3, 70.0)
+    wire.frame = dht11_frame(69, 1, tenths=2)
+    clock.advance(3.0)
+    assert read_both(driver, defn) == (1.2, 69.0)
+
+
 def test_pulseio_path_decodes_and_exit_releases_helper(tmp_path: Path, wire: DhtWire) -> None:
     """use_pulseio: the same frame arrives as PulseIn widths; close() calls exit(), which deinits PulseIn."""
     defn = sensor_definition(tmp_path, use_pulseio="true")

@@ -26,6 +26,7 @@ that is counted in `failures` (all time) and in the current run of failures, whi
 -40 or above 80 C, outside 0-100 %RH) are refused; readings outside the sensor's rated range
 (DHT11 0-50 C, 20-90 %RH; DHT22 -40-80 C, 0-100 %RH) are returned, and the device loop
 records them out_of_range through `rated_range()`, whatever the model's minimum/maximum say.
+A DHT11's temperature below zero keeps its sign (`signed_dht11`: adafruit_dht 4.0 drops it).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -122,6 +124,39 @@ def _import_library() -> Any:
     return adafruit_dht
 
 
+_SIGNED_DHT11: weakref.WeakKeyDictionary[Any, type] = weakref.WeakKeyDictionary()  # library module -> subclass
+
+
+def signed_dht11(library: Any) -> type:
+    """`library.DHT11`, keeping the sign of a temperature below zero.
+
+    Newer DHT11s (rated -20-60 C) send one with bit 7 of the tenths byte set; adafruit_dht 4.0
+    decodes a DHT11 as integral + (tenths & 0x0F) / 10 and drops it, so -2.5 C reads +2.5 C
+    and looks good. The subclass notes the five bytes as the library decodes them and applies
+    the sign after the library's own checks; a library that keeps the sign itself is left alone.
+    """
+    cls = _SIGNED_DHT11.get(library)
+    if cls is not None:
+        return cls
+
+    class SignedDHT11(library.DHT11):  # type: ignore[misc,name-defined]
+        def measure(self) -> None:
+            self._frame_bytes: list[int] = []
+            super().measure()
+            frame = self._frame_bytes
+            # Five bytes: this call decoded a new frame (within 2 s the library serves its last one).
+            if len(frame) == 5 and frame[3] & 0x80 and self._temperature is not None and self._temperature > 0:
+                self._temperature = -self._temperature
+
+        def _pulses_to_binary(self, pulses: Any, start: int, stop: int) -> int:
+            value = super()._pulses_to_binary(pulses, start, stop)
+            getattr(self, "_frame_bytes", []).append(value)
+            return value
+
+    _SIGNED_DHT11[library] = SignedDHT11
+    return SignedDHT11
+
+
 @contextlib.contextmanager
 def adafruit_errors(where: str) -> Iterator[None]:
     """Map adafruit_dht's bare exceptions to DhtReadError (the one boundary)."""
@@ -198,7 +233,7 @@ class DhtDriver(Driver):
     def open(self) -> None:
         library = self._library if self._library is not None else _import_library()
         pin = self._pin_factory(self.config.pin)
-        sensor_cls = getattr(library, self.config.sensor)
+        sensor_cls = signed_dht11(library) if self.config.sensor == "DHT11" else getattr(library, self.config.sensor)
         with adafruit_errors(f"{self.device.id}: cannot open {self.config.sensor} on GPIO{self.config.pin}"):
             self._sensor = sensor_cls(pin, use_pulseio=self.config.use_pulseio)
 
