@@ -146,10 +146,22 @@ class EventBusExtension:
         for device, runner in service.runners.items():
             messages.append(self._availability(device, runner.state))
             messages.append(self.telemetry.state_message(device, payloads.now_ms()))
-        if messages:
+        if not messages:
+            return
+        try:
             rows = await service.twin(lambda s: s.record([], messages))
-            if rows and self.publisher:
-                self.publisher.offer(rows)
+        except Exception as exc:  # noqa: BLE001 - a full disk must not stop the mapper at every (re)connect
+            # Nothing committed is at risk: the readings wait in memory and are retried (the
+            # recorder says so). The availability goes out directly; the state view follows with
+            # the next reading the twin takes.
+            log.error("connected, but cannot queue the devices' availability and state in the twin (%s): is the "
+                      "disk of %s full or read-only? Publishing the availability directly", exc, service.config.twin.path)
+            for m in messages:
+                if isinstance(m.body, bytes):
+                    await self.bus.publish(m.topic, m.body, qos=m.qos, retain=m.retain)
+            return
+        if rows and self.publisher:
+            self.publisher.offer(rows)
 
     def _availability(self, device: DeviceId, state: str) -> OutMessage:
         value = b"online" if state in ONLINE_STATES else b"offline"

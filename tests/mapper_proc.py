@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -29,8 +30,11 @@ class MapperProcess:
     """`python -m mapper run --config ...` in a subprocess, log to a file, always stopped."""
 
     def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, *, node: str = "test-node",
-                 extra: str = "", name: str = "mapper", env: dict[str, str] | None = None) -> None:
+                 extra: str = "", name: str = "mapper", env: dict[str, str] | None = None,
+                 file_size_limit: int | None = None) -> None:
         self.tmp = tmp
+        # RLIMIT_FSIZE of the mapper: its twin files cannot grow past it, a full disk of its own.
+        self.file_size_limit = file_size_limit
         self.env = env or {}
         self.twin_path = tmp / f"{name}-twin.db"
         mqtt = mqtt_block(broker, tmp, extra=extra) if broker else ""
@@ -41,8 +45,13 @@ class MapperProcess:
     def start(self) -> MapperProcess:
         with self.log_path.open("a") as log:
             self.process = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
-                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env})
+                                            stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **self.env},
+                                            preexec_fn=self._limit if self.file_size_limit else None)
         return self
+
+    def _limit(self) -> None:
+        assert self.file_size_limit is not None
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

@@ -387,3 +387,39 @@ def test_requests_arriving_while_the_mapper_stops_wait_at_the_broker_not_in_the_
         assert outbox_depth(mapper.twin_path) == 0
     finally:
         mapper.stop()
+
+
+# The mapper's twin files may not grow past this (RLIMIT_FSIZE): a disk that fills a second or so
+# into the run (three devices every 10 ms), after the first connection.
+FULL_AT = 600_000
+
+
+def test_a_reconnect_while_the_twin_disk_is_full_does_not_stop_the_mapper(own_broker, tmp_path):
+    """The twin's disk fills up, then the broker restarts. After every (re)connect the mapper
+    queues each device's availability and state in the twin; that commit failed, and the error
+    went up through the event bus and stopped the whole mapper (exit 1, a traceback), at every
+    start while the disk stayed full. Now it says what is wrong, publishes the availability
+    directly and keeps running: the readings wait in memory and are retried, the committed ones
+    stay intact."""
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
+    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=FULL_AT).start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        mapper.wait_log("cannot commit", timeout=30)  # the twin's disk is full
+        own_broker.stop()
+        own_broker.start()
+        mapper.wait_log("connected to mqtt://", count=2, timeout=30)
+        failures = mapper.log().count("cannot commit")
+        # Still running: the recorder goes on retrying after the reconnect (or the process is gone).
+        wait_for(lambda: mapper.process.poll() is not None or mapper.log().count("cannot commit") > failures + 1,
+                 timeout=15, what="the recorder retrying after the reconnect")
+        assert mapper.process.poll() is None, f"the mapper stopped:\n{mapper.log()[-3000:]}"
+        assert "cannot queue the devices' availability and state in the twin" in mapper.log()
+        assert str(mapper.twin_path) in mapper.log()
+        mapper.kill()
+        with sqlite3.connect(mapper.twin_path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            assert db.execute("SELECT count(*) FROM readings").fetchone()[0] > 0  # what was committed is there
+    finally:
+        if mapper.process is not None:
+            mapper.kill()
