@@ -139,12 +139,14 @@ class Router:
         names = sorted(wanted)
 
         def apply(store):  # noqa: ANN001, ANN202 - runs in the twin thread, all or nothing
-            before = store.device(device)
-            for name, (value, version) in wanted.items():
-                stored = before.properties[name].desired_version
-                if version is not None and version < stored:
-                    raise VersionConflict(device, name, version, stored)
+            # The versions are checked under the write lock: a value `mapper twin set` (another
+            # process) commits meanwhile is seen, not overwritten.
             with store.transaction():
+                before = store.device(device)
+                for name, (value, version) in wanted.items():
+                    stored = before.properties[name].desired_version
+                    if version is not None and version < stored:
+                        raise VersionConflict(device, name, version, stored)
                 for name, (value, _) in wanted.items():
                     store.set_desired(device, name, value)
             return before, store.device(device)

@@ -537,17 +537,19 @@ def _reset_to_boot(
 ) -> tuple[dict[str, int], list[tuple[str, Value, int]]]:
     """In the twin thread: for each property not waiting for a desired value, its desired version
     (after replacing an applied desired value that differs from the boot state), and the replaced ones."""
-    pending = {c.property for c in store.pending_desired() if c.device_id == device_id}
-    twin = store.device(device_id)
     seen: dict[str, int] = {}
     reset: list[tuple[str, Value, int]] = []
-    for name, value in boot.items():
-        prop = twin.properties.get(name)
-        if prop is None or name in pending:
-            continue
-        if prop.desired is None or prop.desired == value:
-            seen[name] = prop.desired_version
-            continue
-        seen[name] = _store_applied_desired(store, device_id, name, value)
-        reset.append((name, prop.desired, seen[name]))
+    # One transaction: a desired value `mapper twin set` commits meanwhile is pending, not replaced.
+    with store.transaction():
+        pending = {c.property for c in store.pending_desired() if c.device_id == device_id}
+        twin = store.device(device_id)
+        for name, value in boot.items():
+            prop = twin.properties.get(name)
+            if prop is None or name in pending:
+                continue
+            if prop.desired is None or prop.desired == value:
+                seen[name] = prop.desired_version
+                continue
+            seen[name] = _store_applied_desired(store, device_id, name, value)
+            reset.append((name, prop.desired, seen[name]))
     return seen, reset

@@ -121,6 +121,44 @@ def test_older_version_is_a_conflict(twin):
     assert twin.set_desired(D1, "count", 3, expected_version=2) == (3, 3)
 
 
+def test_a_version_check_cannot_overwrite_a_value_another_process_set_meanwhile(twin, monkeypatch):
+    """`mapper twin set` (another process) commits a desired value just after the mapper read the
+    version it checks against (a device setting itself back, a $hw update with expected_version).
+    The check ran before the write lock was taken: it passed on the stale version and the
+    accepted value of the other process was overwritten, never applied. Now the check runs under
+    the write lock: either the other process waits for it (here it gives up at once, locked) and
+    its value comes after, or the check sees the new version and refuses (409)."""
+    import sqlite3
+
+    cli = TwinStore.open(twin.path)
+    cli.conn.execute("PRAGMA busy_timeout=50")  # the other process: give up quickly instead of waiting 30 s
+    other: list[object] = []
+    read = twin._property_row
+
+    def read_then_other_process_commits(device_id, name):  # noqa: ANN001, ANN202
+        row = read(device_id, name)
+        if not other:
+            try:
+                other.append(cli.set_desired(D1, "count", 7))
+            except sqlite3.OperationalError as exc:  # the mapper holds the write lock
+                other.append(exc)
+        return row
+
+    try:
+        version = twin.set_desired(D1, "count", 1)[1]
+        monkeypatch.setattr(twin, "_property_row", read_then_other_process_commits)
+        try:
+            twin.set_desired(D1, "count", 2, expected_version=version)
+            conflict = False
+        except VersionConflict:
+            conflict = True
+        accepted = isinstance(other[0], tuple)
+        assert not (accepted and not conflict), "the value the other process was told it set was overwritten"
+        assert twin.device(D1).properties["count"].desired == (7 if accepted else 2)
+    finally:
+        cli.close()
+
+
 def test_history_is_bounded_by_rows_and_age(twin):
     """History keeps at most N rows and nothing older than the age limit."""
     import time

@@ -1092,17 +1092,18 @@ class TwinStore:
         or VersionConflict (when `expected_version` is older than the stored version).
         Inside `transaction()` it joins that transaction (several values, all or nothing).
         """
-        prop = self._property_row(device_id, name)
-        ptype, writable, version = prop
-        if not writable:
-            raise NotWritable(device_id, name)
-        value = coerce(PropertyType(ptype), raw)
-        if expected_version is not None and expected_version < version:
-            raise VersionConflict(device_id, name, expected_version, version)
         joined = self.conn.in_transaction  # inside transaction(): committed or rolled back with it
         if not joined:
+            # The checks below read under the write lock: a value another process (`mapper twin
+            # set`) commits between a check and the write cannot be overwritten unseen.
             self._begin()
         try:
+            ptype, writable, version = self._property_row(device_id, name)
+            if not writable:
+                raise NotWritable(device_id, name)
+            value = coerce(PropertyType(ptype), raw)
+            if expected_version is not None and expected_version < version:
+                raise VersionConflict(device_id, name, expected_version, version)
             new_version = self._set_desired(device_id, name, value, now_ms())
             self._enqueue(messages, now_ms())
         except BaseException:
