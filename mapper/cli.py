@@ -92,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     await task
 
     asyncio.run(main())
-    return 0
+    return 1 if service.uncommitted_at_stop else 0
 
 
 async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001

@@ -100,9 +100,12 @@ class Recorder:
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - a full disk must not kill the loop; readings stay queued
-                waiting = len(self._pending) + (len(self._retry[0]) if self._retry else 0)
-                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", waiting, exc)
+                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", self.waiting(), exc)
                 await asyncio.sleep(1.0)
+
+    def waiting(self) -> int:
+        """Readings taken and not committed yet (pending, or in a batch whose commit failed)."""
+        return len(self._pending) + (len(self._retry[0]) if self._retry else 0)
 
     async def flush(self) -> None:
         """Commit everything pending now."""

@@ -41,6 +41,8 @@ class MapperService:
         self.runners: dict[DeviceId, DeviceRunner] = {}
         self.refused: dict[DeviceId, str] = {}
         self.ready = asyncio.Event()
+        # Readings a stop could not commit (the twin's disk full or read-only): `mapper run` exits 1.
+        self.uncommitted_at_stop = 0
         self.worker: StoreWorker | None = None
         self.recorder: Recorder | None = None
         self._desired_wake = asyncio.Event()
@@ -154,7 +156,13 @@ class MapperService:
                     await stop_requested(self)
         await self.stop_devices(list(self._tasks))
         if self.recorder is not None:
-            await self.recorder.flush()
+            try:
+                await self.recorder.flush()
+            except Exception as exc:  # noqa: BLE001 - the outbox is still drained and the twin closed
+                self.uncommitted_at_stop = self.recorder.waiting()
+                log.error("stopping with %d readings not committed to the twin %s (%s): they are lost; is its disk "
+                          "full or read-only? Everything committed before is kept", self.uncommitted_at_stop,
+                          self.config.twin.path, exc)
         # Last added, first stopped: inference acts on its last decisions and the API servers
         # close before the event bus (added first) drains the outbox they may still add to.
         for ext in reversed(self.extensions):

@@ -423,3 +423,27 @@ def test_a_reconnect_while_the_twin_disk_is_full_does_not_stop_the_mapper(own_br
     finally:
         if mapper.process is not None:
             mapper.kill()
+
+
+def test_a_stop_while_the_twin_disk_is_full_says_what_is_lost_and_keeps_what_was_committed(own_broker, tmp_path):
+    """SIGTERM while the twin's disk is full: the readings waiting for a commit cannot be saved.
+    The stop used to end in a traceback from the task group (and skipped draining the outbox);
+    now it logs how many readings are lost and why, still sends what was committed, and exits 1."""
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
+    collector = Collector(own_broker, "mapper/test-node/default/+/count")
+    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=FULL_AT).start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        mapper.wait_log("cannot commit", timeout=30)
+        assert mapper.stop() == 1
+        log = mapper.log()
+        assert "Traceback" not in log, log[-3000:]
+        lost = [line for line in log.splitlines() if "readings not committed to the twin" in line]
+        assert len(lost) == 1 and str(mapper.twin_path) in lost[0], lost
+        with sqlite3.connect(mapper.twin_path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        _all_committed_received(collector, mapper, duplicates_allowed=True)
+    finally:
+        collector.close()
+        if mapper.process is not None:
+            mapper.kill()
