@@ -440,3 +440,20 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
     assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
     none_yet = mapper("twin", "history", "lamp", "count", "--config", str(config))
     assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
+
+
+def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
+    """`mapper run` whose twin file cannot be written (a disk with no room at all: RLIMIT_FSIZE 0,
+    as a full or read-only one) said only `error: disk I/O error` (or `unable to open database
+    file`), naming no file. Now the error names the twin file and what it needs."""
+    import resource
+
+    devices = write_devices(tmp_path / "dev", ["s1"])
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "mapper.yaml", devices, twin)
+    run = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(config)], cwd=REPO,
+                         capture_output=True, text=True, timeout=60,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0)))
+    assert run.returncode == 1
+    assert f"cannot open the twin {twin}:" in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr

@@ -286,21 +286,30 @@ class TwinStore:
     ) -> TwinStore:
         """Open (creating and migrating) the twin file."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread, timeout=30)
-        conn.execute("PRAGMA journal_mode=WAL")
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"twin.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
-        conn.execute("PRAGMA foreign_keys=ON")
-        migrations.apply(conn)
-        store = cls(conn, path, outbox or OutboxLimits())
-        store._synchronous = synchronous.upper()
-        conn.execute("BEGIN")  # one snapshot: a process recording meanwhile adds routes and rows
+        path.parent.mkdir(parents=True, exist_ok=True)
+        conn = None
         try:
-            store._load_state()
-        finally:
-            conn.execute("COMMIT")
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread, timeout=30)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            conn.execute("PRAGMA foreign_keys=ON")
+            migrations.apply(conn)
+            store = cls(conn, path, outbox or OutboxLimits())
+            store._synchronous = synchronous.upper()
+            conn.execute("BEGIN")  # one snapshot: a process recording meanwhile adds routes and rows
+            try:
+                store._load_state()
+            finally:
+                conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            # SQLite names neither the file nor the usual causes ("unable to open database file").
+            if conn is not None:
+                conn.close()
+            raise sqlite3.OperationalError(
+                f"cannot open the twin {path}: {exc} (its directory must be writable, for the -wal and -shm files"
+                " next to it, and its disk not full)") from exc
         return store
 
     def _load_state(self) -> None:
