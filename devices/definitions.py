@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from devices.ids import DeviceId
+from devices.ids import DeviceId, shown
 from devices.schema import Device, DeviceModel, PushMethodMQTT, effective_cycle_ms
 from devices.values import PropertyType, Value, coerce, range_problem
 
@@ -49,7 +49,7 @@ class DeviceDefinition:
         for prop in self.properties:
             if prop.name == name:
                 return prop
-        raise KeyError(f"device {self.id} has no property {name!r}")
+        raise KeyError(f"device {self.id} has no property {shown(name)}")
 
     def has_property(self, name: str) -> bool:
         return any(p.name == name for p in self.properties)
@@ -60,7 +60,7 @@ class DeviceDefinition:
         check for every way a desired value comes in (MQTT, `mapper twin set`, inference actions)
         and again at the device before it is written."""
         if not self.has_property(name):
-            raise ValueError(f"device {self.id} has no property {name!r}")
+            raise ValueError(f"device {self.id} has no property {shown(name)}")
         prop = self.prop(name)
         if not prop.writable:
             raise ValueError(f"property {name!r} of {self.id} is ReadOnly")

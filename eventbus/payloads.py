@@ -14,6 +14,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from devices.definitions import DeviceDefinition
+from devices.ids import shown
 from devices.values import Value, to_twin_string
 from twin.records import DeviceTwin, PropertyTwin
 
@@ -84,7 +85,8 @@ def decode(payload: bytes, model: type[BaseModel], max_bytes: int) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        # Property names are keys of `twin`, so a location can be as long as the payload.
+        where = ".".join(shown(p, 80) if isinstance(p, str) and len(p) > 80 else str(p) for p in first["loc"]) or "payload"
         raise BadRequest(400, f"{where}: {first['msg']}") from None
 
 

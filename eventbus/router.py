@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from devices.ids import DeviceId
+from devices.ids import DeviceId, clipped, shown
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
@@ -93,8 +93,10 @@ class Router:
             self.counts[f"rejected_{exc.code}"] += 1
             held = self._log_throttle((incoming.kind, exc.code))
             if held is not None:
-                log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code, exc.reason,
-                         held_note(held))
+                # Clipped: a reason may quote what the client sent (a name), and the throttle
+                # limits lines, not their length.
+                log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
+                         clipped(exc.reason, 300), held_note(held))
             if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
                 reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
                 await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
@@ -129,11 +131,11 @@ class Router:
         wanted: dict[str, tuple[Any, int | None]] = {}
         for name, twin in request.twin.items():
             if twin is None:
-                raise BadRequest(400, f"property {name!r} cannot be deleted: it is declared in the device model")
+                raise BadRequest(400, f"property {shown(name)} cannot be deleted: it is declared in the device model")
             if twin.actual is not None:
-                raise BadRequest(400, f"property {name!r}: actual values are reported by the device, not set")
+                raise BadRequest(400, f"property {shown(name)}: actual values are reported by the device, not set")
             if twin.expected is None:
-                raise BadRequest(400, f"property {name!r}: no expected value")
+                raise BadRequest(400, f"property {shown(name)}: no expected value")
             version = twin.expected_version.edge if twin.expected_version else None
             wanted[name] = (self._validated(device, name, twin.expected.value), version)
         names = sorted(wanted)

@@ -270,3 +270,20 @@ def test_a_long_desired_value_is_named_not_copied_into_the_log(broker, tmp_path)
         assert mapper.stop() == 0
     with TwinStore.open(mapper.twin_path) as store:
         assert store.device(DeviceId.parse("sign")).properties["label"].reported == text
+
+
+@pytest.mark.parametrize("entry", ['{"expected":{"value":"5"}}', "null", '{"actual":{"value":"5"}}', '{"expected":"5"}'])
+def test_a_long_property_name_is_named_not_copied_into_the_log_or_reply(broker, lamp, entry):
+    """A twin/update naming a property of 60 KB (undeclared, deleted, with an actual value, or
+    malformed): refused with 400, and the reason and the log line give the name's first
+    characters and its length, not all of it: the refusal log is limited in lines a minute, so
+    one such line per request would still write 600 KB a minute into the journal."""
+    mapper, sub = lamp
+    name = "k" * 60_000
+    pub(broker, f"{HW}/twin/update", '{"event_id":"long","twin":{"%s":%s}}' % (name, entry))
+    reply = sub.expect(f"{HW}/twin/update/result", lambda b: b["event_id"] == "long")
+    assert reply["code"] == 400 and "(60000 characters)" in reply["reason"], reply["reason"][:300]
+    assert len(reply["reason"]) < 400
+    mapper.wait_log("refused twin/update")
+    refused = [x for x in mapper.log().splitlines() if "refused twin/update" in x]
+    assert refused and all(len(x) < 600 for x in refused), max(len(x) for x in refused)
