@@ -52,20 +52,19 @@ class TwinIn(_In):
     metadata: dict[str, Any] | None = None
 
 
-class TwinUpdateIn(_In):
+class EventIn(_In):
     event_id: str = Field(default="", max_length=128)
     timestamp: int | None = None
-    twin: dict[str, TwinIn | None] = Field(max_length=256)
 
     @field_validator("event_id", mode="before")
     @classmethod
     def _event_id(cls, value: Any) -> Any:
+        # Go's encoding/json leaves a string as "" for null: edgecore answers such a request.
         return "" if value is None else value
 
 
-class EventIn(_In):
-    event_id: str = Field(default="", max_length=128)
-    timestamp: int | None = None
+class TwinUpdateIn(EventIn):
+    twin: dict[str, TwinIn | None] = Field(max_length=256)
 
 
 class StateIn(EventIn):

@@ -287,3 +287,17 @@ def test_a_long_property_name_is_named_not_copied_into_the_log_or_reply(broker, 
     mapper.wait_log("refused twin/update")
     refused = [x for x in mapper.log().splitlines() if "refused twin/update" in x]
     assert refused and all(len(x) < 600 for x in refused), max(len(x) for x in refused)
+
+
+def test_a_null_event_id_is_answered_as_edgecore_does(broker, lamp):
+    """`"event_id": null` is what Go's encoding/json reads as "" (edgecore answers it): twin/update
+    took it so, but twin/get got a 400 and membership/get no answer at all."""
+    mapper, sub = lamp
+    pub(broker, f"{HW}/twin/get", '{"event_id":null,"timestamp":0}')
+    got = sub.expect(f"{HW}/twin/get/result")
+    assert got["event_id"] == "" and "code" not in got and "power" in got["twin"], got
+    pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":null}')
+    members = sub.expect("$hw/events/node/test-node/membership/get/result")
+    assert members["event_id"] == "" and [d["id"] for d in members["devices"]] == ["default/lamp"]
+    pub(broker, f"{HW}/state/update", '{"event_id":null,"state":"online"}', user="mapper")
+    assert sub.expect(f"{HW}/state/update/result")["device"]["state"] == "online"
