@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from devices.definitions import DeviceDefinition
 from devices.ids import shown
@@ -37,8 +37,10 @@ class _In(BaseModel):
 
 
 class VersionIn(_In):
-    cloud: int | None = None
-    edge: int | None = None
+    # JSON integers only, as edgecore's int64 fields: lax parsing took `true` for version 1 and
+    # "0" or 2.0 for numbers, which the 409 check then compared with the stored version.
+    cloud: StrictInt | None = None
+    edge: StrictInt | None = None
 
 
 class ValueIn(_In):

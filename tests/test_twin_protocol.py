@@ -111,6 +111,13 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
     ('[1,2,3]', 400, "must be a JSON object"),
     ('{"event_id":"x7","twin":{"count":{"expected":{"value":1e20}}}}', 400, "integer from -2^63"),
+    # A version is a JSON integer (edgecore's int64): `true` is not version 1, nor "0" version 0.
+    ('{"event_id":"x8","twin":{"count":{"expected":{"value":"3"},"expected_version":{"edge":true}}}}', 400,
+     "expected_version.edge"),
+    ('{"event_id":"x9","twin":{"count":{"expected":{"value":"3"},"expected_version":{"edge":"0"}}}}', 400,
+     "expected_version.edge"),
+    ('{"event_id":"xa","twin":{"count":{"expected":{"value":"3"},"expected_version":{"edge":2.0}}}}', 400,
+     "expected_version.edge"),
 ])
 def test_bad_updates_get_edgecore_errors(broker, lamp, payload, code, reason):
     """Wrong type, read-only, unknown property, out of range, actual, malformed JSON: 400 with a reason."""
