@@ -124,13 +124,15 @@ class Router:
 
     async def _twin_update(self, incoming: Incoming, payload: bytes) -> None:
         device = incoming.device
-        self._definition(device)
+        definition = self._definition(device)
         request = payloads.decode(payload, payloads.TwinUpdateIn, self.max_payload)
         if not request.twin:
             raise BadRequest(400, "twin is empty")
         wanted: dict[str, tuple[Any, int | None]] = {}
         for name, twin in request.twin.items():
             if twin is None:
+                if not definition.has_property(name):
+                    raise BadRequest(400, f"device {device} has no property {shown(name)}")
                 raise BadRequest(400, f"property {shown(name)} cannot be deleted: it is declared in the device model")
             if twin.actual is not None:
                 raise BadRequest(400, f"property {shown(name)}: actual values are reported by the device, not set")

@@ -111,6 +111,7 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
     ('[1,2,3]', 400, "must be a JSON object"),
     ('{"event_id":"x7","twin":{"count":{"expected":{"value":1e20}}}}', 400, "integer from -2^63"),
+    ('{"event_id":"xb","twin":{"nope":null}}', 400, "has no property 'nope'"),  # not "it is declared"
     # A version is a JSON integer (edgecore's int64): `true` is not version 1, nor "0" version 0.
     ('{"event_id":"x8","twin":{"count":{"expected":{"value":"3"},"expected_version":{"edge":true}}}}', 400,
      "expected_version.edge"),
