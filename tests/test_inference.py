@@ -1287,6 +1287,25 @@ def test_a_pipeline_named_like_a_device_is_refused(tmp_path):
         Pipeline(settings, load_model(MODELS / "sensor_faults"), definitions[SENSOR], definitions=definitions)
 
 
+def test_a_derived_device_that_takes_a_removed_devices_name_has_only_its_own_properties(tmp_path):
+    """A pipeline named like a device that was removed (inactive in the twin) takes over its row: the
+    removed device's properties leave the twin (it is a derived device now, never writable, with no
+    desired value). They used to stay, `power` writable with its desired value, shown as current."""
+    from devices.loader import load
+
+    relay = DeviceId.parse("default/relay")
+    definitions = load([_devices(tmp_path)]).devices
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(definitions.values())
+        store.set_desired(relay, "power", True)
+        store.deactivate_devices([d for d in definitions if d != relay])  # the relay is removed
+        assert store.sync_derived([records.derived_device("default/relay", "m", "default/probe")]) == []
+        twin = store.device(relay)
+        assert twin.protocol == "derived"
+        assert set(twin.properties) == {name for name, _, _ in records.DERIVED_PROPERTIES}
+        assert not any(p.writable or p.desired is not None for p in twin.properties.values())
+
+
 def test_worker_refuses_bad_topics_and_unknown_models(worker):
     """The worker answers only on a valid node's result topic, and says so when it lacks the model."""
     body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", "sensor-faults-early-exit",

@@ -677,9 +677,15 @@ class TwinStore:
                     self.conn.execute(
                         "INSERT INTO properties (device_id, name, type, writable, unit) VALUES (?,?,?,0,?)"
                         " ON CONFLICT (device_id, name) DO UPDATE SET type=excluded.type, writable=0,"
-                        " unit=excluded.unit",
+                        " unit=excluded.unit, desired=NULL, desired_ts=NULL, apply_error=NULL",
                         (key, name, ptype.value, unit),
                     )
+                # Only these properties: a removed device whose name the pipeline took, or a derived
+                # device of an older version, leaves no property behind (shown as current, for good).
+                names = [name for name, _, _ in d.properties]
+                self.conn.execute(
+                    f"DELETE FROM properties WHERE device_id=? AND name NOT IN ({','.join('?' * len(names))})",
+                    (key, *names))
             for (key,) in self.conn.execute(
                     "SELECT id FROM devices WHERE active=1 AND protocol=?", (DERIVED_PROTOCOL,)).fetchall():
                 if key not in keep:
