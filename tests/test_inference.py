@@ -1306,6 +1306,47 @@ def test_a_derived_device_that_takes_a_removed_devices_name_has_only_its_own_pro
         assert not any(p.writable or p.desired is not None for p in twin.properties.values())
 
 
+def test_a_clock_that_goes_back_restarts_the_window_and_newer_decisions_still_win(tmp_path):
+    """The clock goes back an hour (a Pi without a real-time clock, corrected by its time sync): the
+    window restarts (no window mixes both sides of the jump), the windows after it are decided and
+    acted on, and the derived device shows them. Before, with min_step_s every step after the jump was
+    dropped for an hour, and without it the actuator and the derived device ignored every decision
+    until the clock had caught up (their window_end was older than the one shown)."""
+    from devices.loader import load
+    from mapper.inference.pipeline import Decision, Pipeline
+
+    definitions = load([_devices(tmp_path)]).devices
+    settings = PipelineSettings(device="probe", model="sensor_faults", threshold=0.0, min_step_s=0.5, actions=[
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "otherwise": False}])
+    p = Pipeline(settings, load_model(MODELS / "sensor_faults"), definitions[SENSOR], definitions=definitions)
+    normal, fault = p.model.info.classes[0], p.model.info.classes[1]
+    length = p.builder.length
+
+    def fill(start: int):
+        got = [_step(p.builder, start + 1000 * i, 21.0 + 0.01 * i, 48.0) for i in range(length)]
+        assert got[:-1] == [None] * (length - 1)
+        assert got[-1] is not None, "no window after the clock went back"
+        return p.edge(got[-1])
+
+    t0 = 1_800_000_000_000
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_derived([records.derived_device(str(p.id), p.model.info.name, str(p.source))])
+        before = fill(t0)
+        d1 = Decision(normal, 0.9, "edge", False, before.window)
+        assert [x.value for x in p.act(d1, None)[1]] == [False]
+        with store.transaction():
+            records.report(store, [p.report(d1)])
+        after = fill(t0 + 1000 * length - 3_600_000)  # an hour back
+        assert after.window.start_ms >= t0 - 3_600_000  # nothing from before the jump
+        d2 = Decision(fault, 0.9, "edge", False, after.window)
+        assert [x.value for x in p.act(d2, None)[1]] == [True]
+        with store.transaction():
+            records.report(store, [p.report(d2)])
+        shown = store.device(p.id).properties
+        assert (shown["label"].reported, shown["window_end"].reported) == (fault, after.window.end_ms)
+    assert p.builder.gaps == 1
+
+
 def test_worker_refuses_bad_topics_and_unknown_models(worker):
     """The worker answers only on a valid node's result topic, and says so when it lacks the model."""
     body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", "sensor-faults-early-exit",

@@ -162,6 +162,10 @@ class Pipeline:
         self.depends: tuple[Any, ...] = ()
         self._last_label: str | None = None
         self._acted_until: int | None = None  # window_end of the newest decision acted on
+        self._clock_back = 0                  # the builder's clock_back count this pipeline has seen
+        # After the clock went back, the derived device shows a window_end "from the future": the
+        # newest decision (in this pipeline's order) replaces it regardless.
+        self._replace_shown = False
         self._last_desired: dict[tuple[DeviceId, str], Any] = {}
 
     def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
@@ -201,6 +205,12 @@ class Pipeline:
 
     def edge(self, window: Window) -> EdgeOutcome:
         t0 = time.perf_counter_ns()
+        if self.builder.clock_back != self._clock_back:
+            # The clock went back: windows from before the jump end "later" than this one, but this
+            # one is the newest; it must be acted on and shown (not only once the clock caught up).
+            self._clock_back = self.builder.clock_back
+            self._acted_until = None
+            self._replace_shown = True
         values = window.values
         # Readings good for the device may be beyond what the graph computes with (float32), or make
         # it overflow: a NaN passes no threshold, and no cut of it can be offloaded. Checked in plain
@@ -247,7 +257,8 @@ class Pipeline:
     def report(self, decision: Decision) -> Report:
         """The decision as the derived device's properties (recorded with the decision)."""
         return Report(str(self.id), decision.label, decision.confidence, decision.exit, decision.provisional,
-                      decision.window.end_ms)
+                      decision.window.end_ms,
+                      replace=self._replace_shown and decision.window.end_ms == self._acted_until)
 
     def act(self, decision: Decision, topics: Topics | None) -> tuple[list[OutMessage], list[DesiredSet]]:
         """Messages (publish, alert) and desired values (closed loop) for one decision."""

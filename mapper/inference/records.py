@@ -48,6 +48,8 @@ class Report:
     exit: str
     provisional: bool
     window_end: int
+    # The newest decision although an older window_end may be shown (the clock went back).
+    replace: bool = False
 
     def values(self) -> dict[str, Value]:
         return {"label": self.label, "confidence": self.confidence, "exit": self.exit,
@@ -103,7 +105,8 @@ def report(store: TwinStore, reports: Sequence[Report]) -> int:
     """Inside a transaction: decisions as their derived devices' properties (unless a newer window's
     decision is shown already). Returns how many were applied."""
     ts = now_ms()
-    return sum(store.report_derived(DeviceId.parse(r.pipeline), r.values(), ts=ts, newer=ORDER_BY) for r in reports)
+    return sum(store.report_derived(DeviceId.parse(r.pipeline), r.values(), ts=ts,
+                                    newer=None if r.replace else ORDER_BY) for r in reports)
 
 
 def sync_derived(store: TwinStore, devices: Sequence[DerivedDevice]) -> list[DeviceId]:

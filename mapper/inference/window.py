@@ -6,8 +6,8 @@ previous step; it holds the latest value of each. Readings of bad quality are sk
 failed DHT read just delays the step).
 
 Gap policy: when a step comes more than `max_gap_ms` after the previous one (the device was
-unhealthy, the mapper was stopped, readings were bad for a while), the buffer starts over,
-so a window never spans a gap. `min_step_ms` subsamples: a step closer than that to the
+unhealthy, the mapper was stopped, readings were bad for a while), or before it (the clock
+went back), the buffer starts over, so a window never spans a gap or a jump of the clock. `min_step_ms` subsamples: a step closer than that to the
 previous one is dropped (for a model trained at a slower cadence than the collect cycle).
 
 Once the buffer holds `length` steps, every `stride`-th step yields a window: a flat list,
@@ -45,6 +45,7 @@ class WindowBuilder:
         self._last_step_ms: int | None = None
         self.gaps = 0
         self.skipped = 0
+        self.clock_back = 0  # steps older than the previous one (the clock went back): restarts too
 
     def add(self, reading: Reading) -> Window | None:
         """Feed one reading of this device; returns a window when one is due."""
@@ -63,6 +64,15 @@ class WindowBuilder:
 
     def _step(self, ts: int, values: tuple[float, ...]) -> Window | None:
         last = self._last_step_ms
+        if last is not None and ts < last:
+            # The clock went back (a Pi without a real-time clock, corrected by its time sync): a
+            # window must not mix both sides, and min_step_ms must not drop every step until the
+            # clock has caught up again. Starts over, like a gap.
+            self.clock_back += 1
+            last = None
+            self.gaps += 1
+            self._steps.clear()
+            self._countdown = 1
         if last is not None and self.min_step_ms and ts - last < self.min_step_ms:
             return None
         if last is not None and self.max_gap_ms is not None and ts - last > self.max_gap_ms:
@@ -92,11 +102,11 @@ class WindowBuilder:
         age = now_ms - readings[-1].taken_at_ms
         if age < 0 or (self.max_gap_ms is not None and age > self.max_gap_ms):
             return len(self._steps)
-        gaps, skipped = self.gaps, self.skipped
+        gaps, skipped, back = self.gaps, self.skipped, self.clock_back
         for reading in readings:
             self.add(reading)
         self._current.clear()  # a step the history left unfinished is not finished by live readings
-        self.gaps, self.skipped = gaps, skipped
+        self.gaps, self.skipped, self.clock_back = gaps, skipped, back
         return len(self._steps)
 
     def reset(self) -> None:
