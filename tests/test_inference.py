@@ -1462,6 +1462,44 @@ async def test_device_updates_build_keep_and_drop_pipelines(tmp_path, broker):
         await _stop(r)
 
 
+async def test_a_cloud_answer_not_yet_committed_is_not_waited_for_again_after_a_rebuild(tmp_path, broker, worker,
+                                                                                      monkeypatch):
+    """A cloud answer is accepted, and before a batch of readings commits it the pipeline is rebuilt (its
+    device changed): the rebuilt pipeline must not wait for that request again (its row still looks
+    pending in the twin). It used to: the request was sent again, and the worker's second answer was
+    accepted as well, a second final decision published and acted on."""
+    from devices.loader import load
+    from mapper.inference import extension
+
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600, "resend_s": 600}
+    r = await _start(tmp_path, pipeline, broker=broker)
+    try:
+        ext, pid = r.ext, "default/probe-sensor-faults"
+        await async_wait_for(lambda: r.requests(), what="an offload request at the worker")
+        request = r.requests()[0]
+        answer = _answer(worker, request)
+        recorder = r.service.recorder
+        # No batch of readings (and no timer) takes the answer along for now.
+        monkeypatch.setattr(extension, "TIMER_GRACE_S", 600.0)
+        recorder.pre_commit.remove(ext._decide)
+        try:
+            await ext.handle_result(r.topics.offload_result(), answer)
+            assert ext.status()["pipelines"][pid]["results_ok"] == 1
+            old, before = r.pipeline(), ext.reloads
+            await r.service.update_devices(load([_devices(tmp_path, rate=0.07)]))  # the probe changed
+            await async_wait_for(lambda: ext.reloads > before, timeout=20, what="the pipeline rebuilt")
+            assert r.pipeline() is not old
+        finally:
+            recorder.pre_commit.append(ext._decide)
+        await _until(lambda: _row(r, request["id"]), lambda x: x["exit"] == "cloud", what="the answer committed")
+        await ext.handle_result(r.topics.offload_result(), answer)  # the worker answers a resend
+        assert ext.status()["results_rejected"].get("duplicate") == 1
+        assert ext.status()["pipelines"][pid]["results_ok"] == 0
+    finally:
+        await _stop(r)
+    assert [b["exit"] for b in r.published() if b["request_id"] == request["id"]] == ["cloud"]
+
+
 async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path, broker):
     """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
     provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""

@@ -350,7 +350,10 @@ class InferenceExtension:
         for row in rows:
             pid = DeviceId.parse(row["pipeline"])
             pipeline = self.pipelines.get(pid)
+            # In _done: answered, the answer maybe not committed yet (it rides with the next batch),
+            # so the row still looks open: waiting again would accept the worker's second answer.
             if (pipeline is None or pid not in only or row["request_id"] in self._waiting
+                    or row["request_id"] in self._done
                     or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000):
                 continue
             outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
