@@ -918,6 +918,40 @@ async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(
     assert "still wait for a result" not in caplog.text
 
 
+async def test_offloads_of_another_model_are_not_waited_for_after_a_restart(tmp_path):
+    """The mapper restarts with another model under the pipeline (another name or cloud graph): the
+    requests waiting from the previous run were cut by the old edge graph, so no answer for them can be
+    used. Their edge answers stand at once (provisional) and they are not sent again. They used to wait
+    (and be sent again, with the old model's name) until result_max_age_s, pending past their deadline."""
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600}
+    r = await _start(tmp_path, pipeline)
+    try:
+        await _until(r.decisions, lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
+                     what="pending offloads")
+    finally:
+        await _stop(r)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        pending = [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["status"] == "pending"]
+    models = tmp_path / "models"
+    shutil.copytree(MODELS / "sensor_faults", models / "sensor_faults")
+    meta = orjson.loads((models / "sensor_faults" / "model.json").read_bytes())
+    meta["name"] = "sensor-faults-v2"
+    (models / "sensor_faults" / "model.json").write_bytes(orjson.dumps(meta))
+    r = await _start(tmp_path, pipeline, inference={"models_dir": str(models), "pipelines": [pipeline]})
+    try:
+        assert r.pipeline().model.info.name == "sensor-faults-v2"
+        rows = await _until(r.decisions, lambda rows: all(x["status"] != "pending" for x in rows
+                                                        if x["id"] in {p["id"] for p in pending}),
+                            what="the old offloads' edge answers")
+        by_id = {x["id"]: x for x in rows}
+        for old in pending:
+            row = by_id[old["id"]]
+            assert (row["status"], row["exit"], row["label"]) == ("provisional", "edge", old["edge_label"])
+            assert old["request_id"] not in r.ext._waiting
+    finally:
+        await _stop(r)
+
+
 async def test_a_late_cloud_answer_is_published_but_does_not_drive_the_actuator(tmp_path):
     """An answer for window A that arrives after a later window B was decided: it is published,
     but the relay follows B (the newest window wins, as on the derived device), and a later

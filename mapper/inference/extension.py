@@ -347,6 +347,7 @@ class InferenceExtension:
                      "answers stand (provisional, recorded only)", stood)
         rows = await self._twin(lambda s: records.waiting(s, min(cutoffs.values())))
         before = len(self._waiting)
+        other_model = 0
         for row in rows:
             pid = DeviceId.parse(row["pipeline"])
             pipeline = self.pipelines.get(pid)
@@ -357,16 +358,27 @@ class InferenceExtension:
                     or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000):
                 continue
             outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
-            request = orjson.loads(row["request"]) if row["request"] and self._can_send() else None
+            sent = orjson.loads(row["request"]) if row["request"] else None
+            request = sent if self._can_send() else None
+            expires_ms = row["created_ts"] + int(pipeline.settings.result_max_age_s * 1000)
+            info = pipeline.model.info
+            if sent is not None and (sent.get("model"), sent.get("cloud_sha256")) != (info.name,
+                                                                                     info.cloud_sha256[:16]):
+                # Cut by another model's edge graph (the pipeline has a new model now): no answer to it
+                # can be used. Not sent again; the timer stands its edge answer (pending) at once.
+                other_model += 1
+                request, expires_ms = None, now
             self._waiting[row["request_id"]] = Waiting(
                 row["request_id"], pipeline, row["id"], row["created_ts"],
-                row["created_ts"] + int(pipeline.settings.deadline_s * 1000),
-                row["created_ts"] + int(pipeline.settings.result_max_age_s * 1000), now,
+                row["created_ts"] + int(pipeline.settings.deadline_s * 1000), expires_ms, now,
                 row["edge_label"], row["edge_confidence"], bool(row["audit"]), row["status"], request,
                 outcome_window.start_ms, outcome_window.end_ms)
-        if len(self._waiting) > before:
+        if other_model:
+            log.info("inference: %d offload(s) from the previous run were made with another model; their edge "
+                     "answers stand (provisional) and no result for them is accepted", other_model)
+        if len(self._waiting) - before - other_model > 0:
             log.info("inference: %d offload(s) from the previous run still wait for a result",
-                     len(self._waiting) - before)
+                     len(self._waiting) - before - other_model)
 
     async def run(self, service: MapperService) -> None:
         # Also without pipelines: a device update may bring some (the tasks idle until then).
