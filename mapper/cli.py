@@ -293,6 +293,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     with _open_twin(config) as store:
         rows = [store.device(d) for d in store.device_ids()]
         outbox = store.outbox_stats()
+        readings_dropped = store.readings_dropped()
     if args.json:
         print(orjson.dumps({"devices": [_twin_json(t) for t in rows], "outbox": outbox},
                            option=orjson.OPT_INDENT_2).decode())
@@ -301,6 +302,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     for t in rows:
         print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
     print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy")
+    if readings_dropped:
+        print(f"readings: {readings_dropped} dropped while the twin could not be written (twin.waiting_max_readings)")
     return 0
 
 

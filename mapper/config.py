@@ -51,6 +51,9 @@ class TwinSettings(_Section):
     # committed when it holds batch_max readings or is batch_delay_ms old.
     batch_max: int = Field(default=500, ge=1)
     batch_delay_ms: int = Field(default=20, ge=0)
+    # Readings waiting in memory for a commit while the twin cannot be written (full disk, read-only,
+    # locked): beyond this many the oldest are dropped and counted. ~200 bytes each: ~20 MB.
+    waiting_max_readings: int = Field(default=100_000, ge=100)
     outbox_max_rows: int = Field(default=200_000, ge=100)
     outbox_max_bytes: int = Field(default=128 * 1024 * 1024, ge=65_536)
 

@@ -14,16 +14,27 @@ instead of two, and the decision is exactly as durable as the readings it was ma
 A batch whose commit failed is retried as it was (a full disk passes), but never held back
 for its extras: after EXTRA_TRIES failures the readings commit alone and each extra is
 tried on its own after them, so a bug in an extra cannot stop the readings.
+
+While the twin cannot be written (a full disk, a read-only remount, another process's lock)
+readings keep coming and wait in memory; at most `max_waiting` of them (twin.waiting_max_readings,
+plus the batch being committed). Beyond that the OLDEST waiting readings are dropped (the
+newest values matter most for a twin), with the telemetry they carry, counted (`dropped`; in
+the twin's counters('readings_dropped') with the next commit) and logged, a line a minute.
+What came with a dropped reading's batch and is not that reading's own telemetry (the batch's
+extras, such as inference decisions with their offload requests, and its other messages) stays
+and commits with what is left of the batch, or alone: extras are neither lost nor run twice.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mapper.logs import Throttle, held_note
 from mapper.store_worker import StoreWorker
 from twin.records import Reading
 from twin.store import OutboxRow, OutMessage, TwinStore
@@ -60,11 +71,17 @@ class _Failed:
 
 
 class Recorder:
-    def __init__(self, worker: StoreWorker, *, batch_max: int = 500, batch_delay_s: float = 0.02) -> None:
+    def __init__(self, worker: StoreWorker, *, batch_max: int = 500, batch_delay_s: float = 0.02,
+                 max_waiting: int | None = None) -> None:
         self._worker = worker
         self._batch_max = batch_max
         self._batch_delay_s = batch_delay_s
-        self._pending: list[Reading] = []
+        self._pending: deque[Reading] = deque()
+        # At most this many readings wait for a commit (None: no bound); the oldest go first.
+        self._max_waiting = max_waiting
+        self.dropped = 0  # readings dropped for that bound since start
+        self._dropped_unsaved = 0  # ... not yet counted in the twin (it goes with the next commit)
+        self._log_throttle = Throttle(burst=1, interval_s=60.0)
         self._has_data = asyncio.Event()
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -86,6 +103,43 @@ class Recorder:
         self._has_data.set()
         if len(self._pending) >= self._batch_max:
             self._full.set()
+        if self._max_waiting is not None and self.waiting() > self._max_waiting:
+            self._shed()
+
+    def _shed(self) -> None:
+        """Drop the oldest waiting readings beyond the bound: first from the batch whose commit
+        failed (the oldest), with the telemetry messages they carry, then from the front of the
+        pending ones (no hook has seen those yet)."""
+        assert self._max_waiting is not None
+        excess = self.waiting() - self._max_waiting
+        if excess <= 0:
+            return
+        shed = 0
+        if self._retry is not None:
+            batch, messages, extras, failures = self._retry
+            k = min(excess, len(batch))
+            if k:
+                gone = {id(r) for r in batch[:k]}
+                batch = batch[k:]  # a new list: hooks that saw the batch may still hold the old one
+                # A dropped reading's own telemetry goes with it (else it would be published
+                # without its history row); the batch's other messages and its extras stay.
+                messages = [m for m in messages
+                            if m.reading is None or m.kind != "telemetry" or id(m.reading) not in gone]
+                shed += k
+                excess -= k
+            # Emptied of readings, what else it holds still commits, once, before later readings.
+            self._retry = (batch, messages, extras, failures) if batch or messages or extras else None
+        pending = self._pending
+        for _ in range(min(excess, len(pending))):
+            pending.popleft()
+            shed += 1
+        self.dropped += shed
+        self._dropped_unsaved += shed
+        held = self._log_throttle("waiting_full")
+        if held is not None:
+            log.warning("%d readings wait for a twin commit, the limit (twin.waiting_max_readings): the oldest are "
+                        "dropped, %d so far (counted in the twin once it can be written)%s",
+                        self.waiting(), self.dropped, held_note(held))
 
     async def run(self) -> None:
         while True:
@@ -104,7 +158,8 @@ class Recorder:
                 await asyncio.sleep(1.0)
 
     def waiting(self) -> int:
-        """Readings taken and not committed yet (pending, or in a batch whose commit failed)."""
+        """Readings taken and not committed yet (pending, or in a batch whose commit failed), and
+        not dropped for the bound; the batch being committed is not among them."""
         return len(self._pending) + (len(self._retry[0]) if self._retry else 0)
 
     async def flush(self) -> None:
@@ -126,16 +181,17 @@ class Recorder:
 
     @staticmethod
     def _commit(store: TwinStore, batch: list[Reading], messages: list[OutMessage], sent: list[int],
-                extras: list[Extra], apart: bool) -> tuple[list[OutboxRow], list[Any]]:
+                extras: list[Extra], apart: bool, dropped: int = 0) -> tuple[list[OutboxRow], list[Any]]:
         """One transaction for the batch and its extras; or (`apart`) the batch alone, then each
-        extra in a transaction of its own, a failure being its result."""
+        extra in a transaction of its own, a failure being its result. `dropped` readings (for the
+        bound on waiting ones) are counted in the batch's transaction."""
         if not extras:
-            return store.record(batch, messages, sent), []
+            return store.record(batch, messages, sent, dropped=dropped), []
         if not apart:
             with store.transaction():
-                rows = store.record(batch, messages, sent)
+                rows = store.record(batch, messages, sent, dropped=dropped)
                 return rows, [extra.work(store) for extra in extras]
-        rows = store.record(batch, messages, sent)
+        rows = store.record(batch, messages, sent, dropped=dropped)
         results: list[Any] = []
         for extra in extras:
             try:
@@ -153,7 +209,12 @@ class Recorder:
                 # remembers what it made due) see each reading once.
                 (batch, messages, extras, failures), self._retry = self._retry, None
             else:
-                batch, self._pending = self._pending[: self._batch_max], self._pending[self._batch_max :]
+                pending = self._pending
+                if len(pending) <= self._batch_max:
+                    batch = list(pending)
+                    pending.clear()
+                else:
+                    batch = [pending.popleft() for _ in range(self._batch_max)]
                 extras = self._extras(batch) if self.pre_commit else []
                 messages = list(self.message_factory(batch)) if self.message_factory else []
             apart = failures >= EXTRA_TRIES
@@ -161,9 +222,10 @@ class Recorder:
                 self._has_data.clear()
                 self._full.clear()
             sent = self.take_acks() if self.take_acks else []
+            dropped = self._dropped_unsaved  # counted in the twin with this commit
             commit = self._worker.submit(
-                lambda store, batch=batch, messages=messages, extras=extras, apart=apart, sent=sent:
-                self._commit(store, batch, messages, sent, extras, apart))
+                lambda store, batch=batch, messages=messages, extras=extras, apart=apart, sent=sent, dropped=dropped:
+                self._commit(store, batch, messages, sent, extras, apart, dropped))
             # A cancel (a device stopped while it waited for its read-back to commit) does not
             # stop the twin thread: wait for the commit's outcome and act on it, then stop.
             # Else a batch that did commit would be retried, and committed twice.
@@ -180,11 +242,14 @@ class Recorder:
             except BaseException:
                 self._retry = (batch, messages, extras, failures + 1)  # not committed: first again, in order
                 self._has_data.set()
+                if self._max_waiting is not None and self.waiting() > self._max_waiting:
+                    self._shed()  # what came meanwhile, with this batch back, may be over the bound
                 if sent and self.return_acks:
                     self.return_acks(sent)
                 if cancelled is not None:
                     raise cancelled from None
                 raise
+            self._dropped_unsaved -= dropped
             self.committed += len(batch)
             self._last_batch = len(batch)
             if self.on_commit:

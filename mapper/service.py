@@ -105,7 +105,8 @@ class MapperService:
             for device_id, problem in self.refused.items():
                 await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
             t = self.config.twin
-            self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000)
+            self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000,
+                                     max_waiting=t.waiting_max_readings)
             for ext in self.extensions:
                 await ext.setup(self)
             for hook in self.before_devices:
@@ -161,8 +162,10 @@ class MapperService:
             except Exception as exc:  # noqa: BLE001 - the outbox is still drained and the twin closed
                 self.uncommitted_at_stop = self.recorder.waiting()
                 log.error("stopping with %d readings not committed to the twin %s (%s): they are lost; is its disk "
-                          "full or read-only? Everything committed before is kept", self.uncommitted_at_stop,
-                          self.config.twin.path, exc)
+                          "full or read-only? Everything committed before is kept%s", self.uncommitted_at_stop,
+                          self.config.twin.path, exc,
+                          f"; {self.recorder.dropped} older ones were dropped meanwhile (twin.waiting_max_readings)"
+                          if self.recorder.dropped else "")
         # Last added, first stopped: inference acts on its last decisions and the API servers
         # close before the event bus (added first) drains the outbox they may still add to.
         for ext in reversed(self.extensions):

@@ -324,3 +324,106 @@ async def test_stalled_for_counts_only_work_the_thread_has_not_finished(tmp_path
             release.set()
     with TwinStore.open(path) as check:
         assert [r[1] for r in check.history(LAMP, "count", limit=5)] == [1, 2]
+
+
+async def test_readings_waiting_for_a_twin_that_cannot_be_written_are_bounded_oldest_dropped_first(tmp_path, caplog):
+    """Another process holds the twin's write lock (as a full disk would, every commit fails):
+    at most `max_waiting` readings wait in memory; beyond that the oldest go, first from the
+    batch whose commit failed (with the telemetry they carry), then from the front of the
+    pending ones; the drop is counted, logged once (throttled) and, once the twin can be written,
+    saved in its counters, once. What else came with a dropped batch (its extra: an inference
+    decision) is committed once, in order, and the readings kept commit in order and are offered."""
+    import asyncio
+    import logging
+    import sqlite3
+    import threading
+
+    import orjson
+
+    from eventbus.telemetry import Telemetry
+    from eventbus.topics import Topics
+    from helpers import async_wait_for
+    from mapper.recorder import Extra, Recorder
+    from twin.store import OutMessage
+
+    bound = 10
+    path = _lamp_twin(tmp_path)
+    definitions = load([tmp_path / "devices"]).devices
+    seen: list[int] = []          # readings through the pre-commit hook
+    done: list[int] = []          # extras done, by the first reading of their batch
+    offered: list = []
+
+    def hook(batch: list[Reading]) -> Extra:
+        seen.extend(r.value for r in batch)
+        first = batch[0].value
+
+        def work(store: TwinStore) -> int:
+            store.enqueue([OutMessage("mapper/test/decision", {"first": first}, kind="offload", sequenced=False)])
+            return first
+
+        return Extra(work, done.append)
+
+    def reading(i: int) -> Reading:
+        return Reading(LAMP, "count", i, 1_000 + i * 60_000)  # a minute apart: each one's telemetry is due
+
+    def count_rows() -> list[tuple[int, int]]:
+        return [(orjson.loads(r.payload)["value"], orjson.loads(r.payload)["seq"]) for r in offered
+                if r.topic.endswith("/lamp/count")]
+
+    caplog.set_level(logging.WARNING, logger="mapper.recorder")
+    lock = sqlite3.connect(path, isolation_level=None)
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
+        recorder = Recorder(worker, batch_max=4, batch_delay_s=0, max_waiting=bound)
+        recorder.message_factory = Telemetry(Topics("test-node"), definitions)
+        recorder.on_outbox = offered.extend
+        recorder.pre_commit.append(hook)
+        gate = threading.Event()
+        held = worker.submit(lambda _s: gate.wait(30))  # the twin thread is busy: the next commit waits
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+            for i in range(3):
+                recorder.add(reading(i))
+            flush = asyncio.create_task(recorder.flush())
+            await async_wait_for(lambda: worker.pending() == 2, what="the batch handed to the twin thread")
+            for i in range(3, 3 + bound):  # meanwhile: up to the bound (the batch in the twin thread aside)
+                recorder.add(reading(i))
+            assert recorder.waiting() == bound and recorder.dropped == 0
+            gate.set()
+            await held
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await flush
+            # The failed batch is back, the oldest: its readings go, not the newer ones.
+            assert recorder.waiting() == bound and recorder.dropped == 3
+            for i in range(3 + bound, 30):
+                recorder.add(reading(i))
+                assert recorder.waiting() == bound
+            assert recorder.dropped == 30 - bound
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await recorder.flush()  # still locked: retried, nothing more dropped
+            assert recorder.waiting() == bound and recorder.dropped == 30 - bound
+            warnings = [r.getMessage() for r in caplog.records if "waiting_max_readings" in r.getMessage()]
+            assert len(warnings) == 1, warnings  # 20 drops, one line (throttled)
+            assert await worker.call(lambda s: s.conn.execute("SELECT count(*) FROM readings").fetchone()[0]) == 0
+        finally:
+            gate.set()
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")  # the twin can be written again
+            lock.close()
+        await recorder.flush()
+        assert recorder.waiting() == 0 and recorder.committed == bound
+        history = await worker.call(lambda s: s.conn.execute("SELECT value, seq FROM readings ORDER BY id").fetchall())
+        decisions = await worker.call(lambda s: s.conn.execute(
+            "SELECT payload FROM outbox WHERE topic='mapper/test/decision' ORDER BY id").fetchall())
+        dropped = await worker.call(lambda s: s.readings_dropped())
+        recorder.add(reading(30))
+        await recorder.flush()
+        dropped_after = await worker.call(lambda s: s.readings_dropped())
+    kept = list(range(30 - bound, 30))
+    assert history == [(str(i), n) for n, i in enumerate(kept, 1)]  # the newest, in order, seqs without a gap
+    assert count_rows() == [(i, n) for n, i in enumerate(kept, 1)] + [(30, bound + 1)]  # offered, in order
+    assert seen == [0, 1, 2, *kept, 30]  # the hook saw no dropped pending reading, and none twice
+    # The dropped batch's decision still committed, once, first; then one per later batch.
+    assert done == [0, 20, 24, 28, 30]
+    assert [orjson.loads(p)["first"] for (p,) in decisions] == [0, 20, 24, 28]
+    assert dropped == dropped_after == 30 - bound  # counted in the twin once, not again

@@ -731,7 +731,7 @@ class TwinStore:
     # -- the hot path ----------------------------------------------------------------------
 
     def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = (),
-               sent: Sequence[int] = ()) -> list[OutboxRow]:
+               sent: Sequence[int] = (), *, dropped: int = 0) -> list[OutboxRow]:
         """Commit a batch of readings and the messages they cause, in one transaction.
 
         Every reading is a history row; a telemetry message of one of these readings
@@ -744,7 +744,9 @@ class TwinStore:
 
         Inside `transaction()` it joins that transaction (committed or rolled back with it).
         `sent`: outbox rows the broker acknowledged meanwhile, done in the same transaction
-        (one commit a second instead of two on a quiet Pi).
+        (one commit a second instead of two on a quiet Pi). `dropped`: readings the recorder
+        dropped before they could be recorded (the twin could not be written for long), added
+        to counters('readings_dropped') in the same transaction.
 
         Returns the messages to publish, in id order, once the transaction is committed.
         """
@@ -768,6 +770,8 @@ class TwinStore:
                 others += map(_expanded, carried)
             if sent:
                 self._ack(sent)
+            if dropped:
+                self._bump("readings_dropped", dropped)
             if others:
                 rows += self._enqueue(others, ts)
             else:
@@ -1087,6 +1091,11 @@ class TwinStore:
         if self._published_through > self._published_saved:
             self._set_counter("published_through", self._published_through)
             self._published_saved = self._published_through
+
+    def readings_dropped(self) -> int:
+        """Readings the mapper dropped before it could record them: more were waiting for a
+        commit than twin.waiting_max_readings while the twin could not be written."""
+        return _counter(self.conn, "readings_dropped")
 
     def outbox_stats(self) -> dict[str, int]:
         """Messages still to publish (outbox rows and telemetry in history rows), their bytes, and
