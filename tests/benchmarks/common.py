@@ -332,9 +332,11 @@ class Mapper:
             table = db.execute("SELECT count(*) FROM outbox WHERE kind='telemetry' AND topic NOT LIKE '%/state'").fetchone()[0]
         return carried + table
 
-    def dropped(self) -> int:
+    def dropped(self, counter: str = "outbox_dropped") -> int:
+        """A drop counter of the twin: the outbox's (`outbox_dropped`), or readings dropped while
+        they waited for a commit (`readings_dropped`: twin.waiting_max_readings)."""
         with self.db() as db:
-            row = db.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()
+            row = db.execute("SELECT value FROM counters WHERE name=?", (counter,)).fetchone()
         return row[0] if row else 0
 
 

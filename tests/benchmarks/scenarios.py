@@ -687,6 +687,7 @@ def scale(ctx: Context) -> ScenarioResult:
         check = continuity(got, mapper.committed_seqs())
         left = mapper.telemetry_left()
         dropped = mapper.dropped()
+        uncommitted = mapper.dropped("readings_dropped")  # never committed, so never given a seq
         grow = slope(depth)
         # The depth swings by a batch or two of telemetry + state rows; 5% of nominal per second over the
         # window is well above that noise and well below a real overload (which grows by half or more).
@@ -695,7 +696,8 @@ def scale(ctx: Context) -> ScenarioResult:
                 "shed_in_window": shed1 - shed0, "delivered_readings_s": round(rate, 1),
                 "outbox_growth_rows_s": round(grow, 1), "cpu_cores": round((c1 - c0) / (t1 - t0), 3),
                 "rss_mib": round(rss, 1), "startup_s": round(started, 2), "sustained": ok,
-                "shed_by_policy": dropped, "left_in_outbox": left, "missing_at_subscriber": check["lost"],
+                "shed_by_policy": dropped, "dropped_before_commit": uncommitted, "left_in_outbox": left,
+                "missing_at_subscriber": check["lost"],
                 # The shed counter also counts state messages, so a match is "missing <= shed + left".
                 "all_missing_accounted": check["lost"] <= dropped + left}
         r.details.append(result)
