@@ -148,13 +148,15 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from mapper.systemd import (ServiceUser, UnitSettings, check_service_secrets, existing_groups, install_service,
-                                render_unit, writable_dirs)
+    from mapper.systemd import (ServiceUser, UnitSettings, check_service_reads, check_service_secrets, existing_groups,
+                                install_service, render_unit, writable_dirs)
 
     config_path = Path(args.config).resolve()
     config = _config(str(config_path))  # refuse to install a service that cannot start
     config.check_installed(str(config_path))
     groups, missing = existing_groups(args.groups)
+    # The service reads its config and device files as its own user, not as root.
+    check_service_reads(config_path, config, ServiceUser.lookup(args.user, groups))
     if config.mqtt is not None:
         # As the service user (or what it will be once created), not as root: sudo reads anything.
         for warning in check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)):

@@ -418,6 +418,31 @@ def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) ->
     return warnings
 
 
+def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUser) -> None:
+    """The config file and the device files as the service will meet them (install-service runs as
+    root, which reads any file): ValueError naming the file when its own owner, group and mode keep
+    the service user out (`sudo tee` under umask 077, a `chmod 600` for safety). A device directory
+    must be listable too; its files are checked one by one, as `mapper run` reads them
+    (devices.loader.yaml_files). A closed directory on the way is left to install_service's
+    warning (`... is closed to other users`)."""
+    from devices.loader import yaml_files
+
+    wanted: list[tuple[str, Path, int]] = [("--config", config_path, os.R_OK)]
+    for entry in config.devices:
+        if entry.is_dir():
+            wanted.append(("devices", entry, os.R_OK | os.X_OK))
+    wanted += [("devices", file, os.R_OK) for file in yaml_files(config.devices) if file.exists()]
+    for field, path, want in wanted:
+        if (denied := user.denied(path, want)) is None:
+            continue
+        where = denied.path
+        if not denied.by_mode or where != path.resolve():
+            continue
+        fix = f"sudo chmod {'o+rx' if want & os.X_OK else 'o+r'} {where}"  # they hold no secrets
+        raise ValueError(f"{config_path}: {field}: the service user {user.name!r} cannot read {path}"
+                         f" ({denied.detail}), so the service cannot start: {fix}")
+
+
 def unreachable_for_others(path: Path) -> Path | None:
     """The first directory above `path` that other users cannot enter (Bookworm homes are 0700)."""
     for parent in reversed(path.parents):

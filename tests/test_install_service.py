@@ -328,3 +328,34 @@ def test_precompile_compiles_the_hardware_libraries_without_importing_them(tmp_p
     assert (out.stdout.strip(), out.stderr) == ("[]", "")
     compiled = {p.name.split(".")[0] for p in cache.rglob("*.opt-2.pyc")}
     assert {"board", "adafruit_dht", "digitalio", "device_loop", "dht"} <= compiled
+
+
+def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
+        open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The service reads its config and device files as its own user: a root-owned 0600 config
+    (`sudo tee` under umask 077, a `chmod 600` for safety) or device file, or a device directory it
+    cannot list, is refused by install-service, not left to fail at `systemctl start`."""
+    devices = write_devices(open_dir / "dev", ["a"])
+    device_file = next(devices.glob("*.yaml"))
+    config = write_config(open_dir / "mapper.yaml", devices, open_dir / "twin.db")
+    install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
+    config.chmod(0o600)
+    assert main(install) == 1
+    out = capsys.readouterr()
+    assert out.out == ""  # no unit
+    assert out.err == (f"error: {config}: --config: the service user 'nobody' cannot read {config} ({config} is"
+                       f" root:root 0600), so the service cannot start: sudo chmod o+r {config}\n")
+    config.chmod(0o644)
+    device_file.chmod(0o600)
+    assert main(install) == 1
+    assert capsys.readouterr().err == (
+        f"error: {config}: devices: the service user 'nobody' cannot read {device_file} ({device_file} is"
+        f" root:root 0600), so the service cannot start: sudo chmod o+r {device_file}\n")
+    device_file.chmod(0o644)
+    devices.chmod(0o700)
+    assert main(install) == 1
+    assert f"devices: the service user 'nobody' cannot read {devices} ({devices} is root:root 0700)" in (
+        capsys.readouterr().err)
+    devices.chmod(0o755)
+    assert main(install) == 0
+    assert "ExecStart=" in capsys.readouterr().out
