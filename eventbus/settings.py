@@ -114,6 +114,24 @@ class MqttSettings(BaseModel):
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 
+    def exposed_secrets(self, source: str) -> list[str]:
+        """Warnings for secret files every local user can read (mode o+r): the broker password and
+        the TLS private key and its password. Only mode bits are looked at; a file that cannot be
+        stat'ed is left to the read that reports it."""
+        files = [("mqtt.password_file", self.password_file)]
+        if self.tls is not None:
+            files += [("mqtt.tls.key_file", self.tls.key_file), ("mqtt.tls.key_password_file", self.tls.key_password_file)]
+        warnings = []
+        for field, path in files:
+            try:
+                mode = path.stat().st_mode if path is not None else 0
+            except OSError:
+                continue
+            if mode & 0o004:
+                warnings.append(f"warning: {source}: {field}: {path} is readable by every user of this machine"
+                                f" (mode {mode & 0o7777:04o}): sudo chmod o-r {path}")
+        return warnings
+
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         if self.password_file is not None:

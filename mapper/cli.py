@@ -63,6 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.check_installed(args.config)
     if config.mqtt is not None:
         config.mqtt.check_password(args.config)
+        for warning in config.mqtt.exposed_secrets(args.config):
+            print(warning, file=sys.stderr)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
@@ -159,7 +161,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     check_service_reads(config_path, config, ServiceUser.lookup(args.user, groups))
     if config.mqtt is not None:
         # As the service user (or what it will be once created), not as root: sudo reads anything.
-        for warning in check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)):
+        for warning in (*check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)),
+                        *config.mqtt.exposed_secrets(str(config_path))):
             print(warning, file=sys.stderr)
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",

@@ -457,3 +457,30 @@ def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
     assert run.returncode == 1
     assert f"cannot open the twin {twin}:" in run.stderr, run.stderr[-2000:]
     assert "Traceback" not in run.stderr
+
+
+def test_a_world_readable_mqtt_secret_is_warned_about(tmp_path):
+    """A password file every local user can read (`echo secret > file` under the usual umask 022
+    makes it 0644) is a weak default: `mapper run` and `mapper install-service` say so, with the
+    chmod that closes it, and still run. A 0600 file draws no warning."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    secret = tmp_path / "mapper.password"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o644)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n")
+    warning = (f"warning: {config}: mqtt.password_file: {secret} is readable by every user of this machine"
+               f" (mode 0644): sudo chmod o-r {secret}")
+    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups")
+    assert result.returncode == 0 and "ExecStart=" in result.stdout, result
+    assert warning in result.stderr.splitlines(), result.stderr
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log").read_text(), what="mapper running")
+        assert warning in (tmp_path / "log").read_text().splitlines()
+    finally:
+        stop_mapper(proc, signal.SIGTERM)
+    secret.chmod(0o600)
+    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups")
+    assert result.returncode == 0 and "readable by every user" not in result.stderr, result
+
