@@ -7,6 +7,7 @@ Run it with `scripts/demo.sh` (which sets things up first). Ctrl-C stops everyth
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import signal
@@ -128,6 +129,20 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: Ctrl-C)")
     args = parser.parse_args()
     STATE.mkdir(parents=True, exist_ok=True)
+    # One demo at a time per checkout: a second one would delete the first's live twin and
+    # overwrite its logs and config. The lock goes with this process (its children do not inherit it).
+    lock = (STATE / "demo.lock").open("a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        print(f"demo: another demo is running from this checkout (pid {owner}, state in "
+              f"{STATE.relative_to(ROOT)}): stop it first (Ctrl-C in its terminal)", file=sys.stderr)
+        return 1
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
     for old in STATE.glob("twin.db*"):
         old.unlink()
     ensure_mosquitto_installed()

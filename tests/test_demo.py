@@ -64,3 +64,45 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     shows("default/room-sensor-faulty-sensor-faults  model=")
     shows("protocol=derived")
     shows("demo stopped")
+
+
+def test_a_second_demo_refuses_to_start_and_leaves_the_running_one_alone():
+    """Running the demo twice (a second terminal, or `scripts/demo.sh` again): the second used to
+    start anyway and delete state/demo/twin.db under the first one's running mapper (and overwrite
+    its config and logs). It now refuses at once, naming the running demo, and the first runs on
+    and stops cleanly."""
+    first = subprocess.Popen([sys.executable, "scripts/demo.py", "--duration", "120"], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    running = threading.Event()  # the first demo's mapper is publishing (so its twin exists)
+
+    def read() -> None:
+        assert first.stdout is not None
+        for line in first.stdout:
+            lines.append(line)
+            if "data   " in line:
+                running.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    second = None
+    try:
+        assert running.wait(90), "".join(lines)[-3000:]
+        twin = REPO / "state" / "demo" / "twin.db"
+        assert twin.exists()
+        second = subprocess.run([sys.executable, "scripts/demo.py", "--duration", "1"], cwd=REPO,
+                                capture_output=True, text=True, timeout=90, start_new_session=True)
+        assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+        assert f"demo: another demo is running from this checkout (pid {first.pid}" in second.stderr, second.stderr
+        assert twin.exists()  # the first one's twin was left alone
+        assert first.poll() is None
+        os.killpg(first.pid, signal.SIGINT)  # Ctrl-C
+        first.wait(timeout=60)
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+            first.wait()
+        reader.join(10)
+        first.stdout.close()
+    assert first.returncode == 0, "".join(lines)[-3000:]
+    assert "demo stopped" in "".join(lines)
