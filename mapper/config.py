@@ -220,6 +220,10 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         raise DefinitionError(problems) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
+    if (why := _twin_path_problem(twin.path)) is not None:
+        variable = applied.get(("twin", "path"))
+        where = (f"environment variable {variable}", None) if variable else (label, doc.line_of(("twin", "path")))
+        raise DefinitionError([Problem(*where, "twin.path", why)])
     update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}
     if config.mqtt is not None:
         update["mqtt"] = config.mqtt.relative_to(base)
@@ -229,6 +233,22 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         update["kubeedge"] = config.kubeedge.model_copy(
             update={"state_file": _absolute(base, config.kubeedge.state_file)})
     return config.model_copy(update=update)
+
+
+def _twin_path_problem(path: Path) -> str | None:
+    """Why the twin cannot be at `path` whoever runs the mapper (a directory there, or a file where a
+    directory of it must be); None if it can. Permissions are left to the opening, as whoever runs it."""
+    try:
+        if path.is_dir():
+            return f"{path} is a directory: name the twin file in it (e.g. {path / 'twin.db'})"
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a directory, so the twin {path} cannot be created"
+                return None
+    except OSError:  # a directory this user cannot search: the opening says so
+        return None
+    return None
 
 
 def _absolute_inference(base: Path, inference: InferenceSettings) -> InferenceSettings:

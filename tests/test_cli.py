@@ -158,15 +158,17 @@ def test_twin_commands_do_not_create_a_twin_where_there_is_none(tmp_path):
 
 
 def test_ordinary_mistakes_are_errors_not_tracebacks(tmp_path):
-    """A twin path that is a directory, a twin file that is not a database: one line each."""
+    """A twin path that is a directory (a config error at FILE:LINE: twin.path), a twin file that
+    is not a database: one line each."""
     devices = write_devices(tmp_path / "dev", ["lamp"])
     (tmp_path / "dir.db").mkdir()
     (tmp_path / "junk.db").write_text("not a database\n" * 100)
     for twin in ("dir.db", "junk.db"):
         config = write_config(tmp_path / f"{twin}.yaml", devices, tmp_path / twin)
         result = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
-        assert result.returncode == 1 and result.stderr.startswith("error: "), result
-        assert "Traceback" not in result.stderr
+        expected = f"{config}:4: twin.path: " if twin == "dir.db" else "error: "
+        assert result.returncode == 1 and result.stderr.startswith(expected), result
+        assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
 
 
 def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
@@ -484,3 +486,24 @@ def test_a_world_readable_mqtt_secret_is_warned_about(tmp_path):
     result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups")
     assert result.returncode == 0 and "readable by every user" not in result.stderr, result
 
+
+
+def test_a_twin_path_that_cannot_be_a_file_is_a_config_error_with_file_and_line(tmp_path):
+    """`twin.path` naming a directory, or a file below something that is a file: `mapper run` said
+    `error: [Errno 17] File exists: '...'` (no config file, line or field; the mapper had already
+    logged its start), or an SQLite error. It is now a config error at FILE:LINE: twin.path (or at
+    the environment variable that set it), for every command that reads the config."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    (tmp_path / "afile").write_text("not a directory\n")
+    (tmp_path / "adir").mkdir()
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "afile" / "twin.db")
+    line = next(i for i, text in enumerate(config.read_text().splitlines(), 1) if "path:" in text)
+    for args in (("run", "--config", str(config)), ("devices", "--config", str(config))):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        assert result.stderr == (f"{config}:{line}: twin.path: {tmp_path / 'afile'} is a file, not a directory,"
+                                 f" so the twin {tmp_path / 'afile' / 'twin.db'} cannot be created\n"), result.stderr
+    result = mapper("run", "--config", str(config), env={"MAPPER_TWIN__PATH": str(tmp_path / "adir")})
+    assert result.returncode == 1, result
+    assert result.stderr == (f"environment variable MAPPER_TWIN__PATH: twin.path: {tmp_path / 'adir'} is a directory:"
+                             f" name the twin file in it (e.g. {tmp_path / 'adir' / 'twin.db'})\n"), result.stderr
