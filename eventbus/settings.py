@@ -111,6 +111,9 @@ class MqttSettings(BaseModel):
         except OSError as exc:
             raise ValueError(f"{source}: mqtt.password_file: cannot read {self.password_file}: "
                              f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
+        except UnicodeDecodeError as exc:  # a binary file, or one saved as UTF-16 or Latin-1
+            raise ValueError(f"{source}: mqtt.password_file: {self.password_file} is not UTF-8 text "
+                             f"(byte {exc.start}: {exc.reason}); write the password as one line of UTF-8") from None
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
 

@@ -507,3 +507,21 @@ def test_a_twin_path_that_cannot_be_a_file_is_a_config_error_with_file_and_line(
     assert result.returncode == 1, result
     assert result.stderr == (f"environment variable MAPPER_TWIN__PATH: twin.path: {tmp_path / 'adir'} is a directory:"
                              f" name the twin file in it (e.g. {tmp_path / 'adir' / 'twin.db'})\n"), result.stderr
+
+
+def test_a_password_file_that_is_not_utf8_is_an_error_naming_the_field(tmp_path):
+    """A password file saved as UTF-16 (a Windows editor) or Latin-1: `mapper run` and
+    `install-service` said `error: c.yaml: 'utf-8' codec can't decode byte 0xff ...`, naming neither
+    the field nor the file. Now both name mqtt.password_file and the file."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    secret = tmp_path / "mapper.password"
+    secret.write_bytes("s3cret\n".encode("utf-16"))
+    secret.chmod(0o600)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n")
+    for args in (("run", "--config", str(config)), ("install-service", "--config", str(config), "--dry-run")):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        assert result.stderr.endswith(f"error: {config}: mqtt.password_file: {secret} is not UTF-8 text (byte 0:"
+                                      " invalid start byte); write the password as one line of UTF-8\n"), result.stderr
+    assert not (tmp_path / "twin.db").exists()  # nothing started
