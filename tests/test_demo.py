@@ -12,6 +12,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _reap(demo: subprocess.Popen[str], reader: threading.Thread) -> None:
+    """Whatever happened: the demo's whole process group gone, its output reader done."""
+    if demo.poll() is None:
+        os.killpg(demo.pid, signal.SIGKILL)
+        demo.wait()
+    reader.join(10)
+    assert demo.stdout is not None
+    demo.stdout.close()
+
+
 def test_demo_shows_telemetry_and_an_applied_desired_value():
     """`scripts/demo.py` prints live readings, the twin exchange and decisions, and stops cleanly on
     Ctrl-C: the terminal sends SIGINT to its whole process group (the broker too), and the mapper
@@ -38,11 +48,7 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
         demo.wait(timeout=60)
     finally:
-        if demo.poll() is None:
-            os.killpg(demo.pid, signal.SIGKILL)
-            demo.wait()
-        reader.join(10)
-        demo.stdout.close()
+        _reap(demo, reader)
     out = "".join(lines)
     assert demo.returncode == 0, out[-3000:]
     log = (REPO / "state" / "demo" / "mapper.log").read_text()
@@ -99,10 +105,6 @@ def test_a_second_demo_refuses_to_start_and_leaves_the_running_one_alone():
         os.killpg(first.pid, signal.SIGINT)  # Ctrl-C
         first.wait(timeout=60)
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
-            first.wait()
-        reader.join(10)
-        first.stdout.close()
+        _reap(first, reader)
     assert first.returncode == 0, "".join(lines)[-3000:]
     assert "demo stopped" in "".join(lines)

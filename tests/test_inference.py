@@ -886,13 +886,8 @@ async def test_a_late_answer_to_a_still_pending_offload_leaves_it_its_edge_answe
         ("edge", True)]
 
 
-async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(tmp_path, monkeypatch, caplog):
-    """The mapper stopped with offloads pending and stayed down longer than result_max_age_s: at the
-    restart their edge answers stand, provisional, recorded (not published or acted on: windows
-    that old). They used to stay pending in the twin for good."""
-    from mapper.inference import extension
-
-    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600}
+async def _run_until_offloads_pend(tmp_path, pipeline: dict) -> list[dict]:
+    """Run the mapper until two or more offloads are pending, stop it, and return the pending rows."""
     r = await _start(tmp_path, pipeline)
     try:
         await _until(r.decisions, lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
@@ -900,7 +895,17 @@ async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(
     finally:
         await _stop(r)
     with TwinStore.open(tmp_path / "twin.db") as store:
-        pending = [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["status"] == "pending"]
+        return [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["status"] == "pending"]
+
+
+async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(tmp_path, monkeypatch, caplog):
+    """The mapper stopped with offloads pending and stayed down longer than result_max_age_s: at the
+    restart their edge answers stand, provisional, recorded (not published or acted on: windows
+    that old). They used to stay pending in the twin for good."""
+    from mapper.inference import extension
+
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600}
+    pending = await _run_until_offloads_pend(tmp_path, pipeline)
     assert len(pending) >= 2
     real = extension._now_ms
     monkeypatch.setattr(extension, "_now_ms", lambda: real() + 601_000)  # down for more than result_max_age_s
@@ -924,14 +929,7 @@ async def test_offloads_of_another_model_are_not_waited_for_after_a_restart(tmp_
     used. Their edge answers stand at once (provisional) and they are not sent again. They used to wait
     (and be sent again, with the old model's name) until result_max_age_s, pending past their deadline."""
     pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600}
-    r = await _start(tmp_path, pipeline)
-    try:
-        await _until(r.decisions, lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
-                     what="pending offloads")
-    finally:
-        await _stop(r)
-    with TwinStore.open(tmp_path / "twin.db") as store:
-        pending = [x for x in records.recent(store, "default/probe-sensor-faults", 100_000) if x["status"] == "pending"]
+    pending = await _run_until_offloads_pend(tmp_path, pipeline)
     models = tmp_path / "models"
     shutil.copytree(MODELS / "sensor_faults", models / "sensor_faults")
     meta = orjson.loads((models / "sensor_faults" / "model.json").read_bytes())
