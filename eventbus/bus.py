@@ -69,6 +69,47 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
+def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
+    """Return a check, to call once `async with client` has entered, that raises MqttError when the
+    connection was lost already.
+
+    aiomqtt (2.5) forgets a disconnect that comes between the CONNACK and the end of its
+    __aenter__ (it replaces its `_disconnected` future there, and ignores one that comes before the
+    CONNACK is handled): a broker that accepts and drops the connection at once (another client
+    taking over the client id, a broker going down) left the client "connected" to a closed
+    socket, its message iterator waiting for ever and nothing connecting again.
+    """
+    paho_client = client._client  # noqa: SLF001
+    theirs = paho_client.on_disconnect
+    lost: list[object] = []
+    forgotten: list[asyncio.Future[None] | None] = []
+
+    def on_disconnect(c: object, userdata: object, flags: object, reason_code: object, properties: object = None) -> None:
+        lost.append(reason_code)
+        theirs(c, userdata, flags, reason_code, properties)
+        forgotten.append(getattr(client, "_disconnected", None))  # the future aiomqtt may replace
+
+    paho_client.on_disconnect = on_disconnect
+
+    def check() -> None:
+        if not lost:
+            return
+        for future in forgotten:  # its error is raised here (no "exception was never retrieved" in the log)
+            if future is not None and future.done() and not future.cancelled():
+                future.exception()
+        reason = lost[0]
+        error = (aiomqtt.MqttCodeError(reason, "Disconnected right after connecting") if not isinstance(reason, int)
+                 or reason else aiomqtt.MqttError("Disconnected right after connecting"))
+        disconnected = getattr(client, "_disconnected", None)
+        if disconnected is not None and not disconnected.done():
+            # So that leaving `async with client` does not try to disconnect a closed connection.
+            disconnected.set_exception(error)
+            disconnected.exception()  # retrieved: raised here instead
+        raise error
+
+    return check
+
+
 class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's queue of incoming messages, bounded (see INCOMING_LIMIT): a message that does not
     fit goes to `on_drop` instead."""
@@ -135,6 +176,7 @@ class MqttBus:
         # broker would disconnect the mapper for it). Set before `connected` is.
         self.packet_limit = settings.max_packet_bytes
         self.packet_limit_announced = False
+        self._check_connected: Callable[[], None] = lambda: None  # of the latest connection (watch_disconnect)
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
@@ -172,6 +214,7 @@ class MqttBus:
         # aiomqtt logs a WARNING per publish while more than 10 of its calls are pending.
         client.pending_calls_threshold = s.max_inflight + 10
         self._hook_acks(client)
+        self._check_connected = watch_disconnect(client)
         return client
 
     def _hook_acks(self, client: aiomqtt.Client) -> None:
@@ -248,6 +291,7 @@ class MqttBus:
         while True:
             try:
                 async with self._client() as client, self._keepalive_on_grid(client):
+                    self._check_connected()
                     attempt = 0
                     self.client = client
                     self.connects += 1

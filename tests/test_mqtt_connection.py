@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import signal
 import sqlite3
 from pathlib import Path
 
 import aiomqtt
+import pytest
 
 from devices.ids import DeviceId
 from eventbus.bus import MqttBus
@@ -162,3 +164,126 @@ async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepa
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class _FakeBroker:
+    """A minimal MQTT 5 broker on 127.0.0.1 for what Mosquitto cannot be made to do on cue: its first
+    `drop_first` connections get a CONNACK and, in the same write, a DISCONNECT "session taken
+    over" (another client with the same client id, or a broker going down, right after accepting);
+    later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP)."""
+
+    def __init__(self, drop_first: int = 1) -> None:
+        self.drop_first = drop_first
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def __aenter__(self) -> _FakeBroker:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self._writers:
+            writer.close()
+        await self.server.wait_closed()
+
+    @staticmethod
+    async def _packet(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+        header = (await reader.readexactly(1))[0]
+        length, shift = 0, 0
+        while True:
+            byte = (await reader.readexactly(1))[0]
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        return header, await reader.readexactly(length)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.append(writer)
+        self.connections += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await self._packet(reader)  # CONNECT
+            if self.connections <= self.drop_first:
+                writer.write(bytes([0x20, 3, 0, 0, 0, 0xE0, 2, 0x8E, 0]))  # CONNACK ok, DISCONNECT 0x8E
+                await writer.drain()
+                writer.close()
+                return
+            writer.write(bytes([0x20, 3, 0, 0, 0]))
+            while True:
+                header, body = await self._packet(reader)
+                kind = header >> 4
+                if kind == 8:  # SUBSCRIBE: message id, properties (length 0 here), then filters + options
+                    mid, rest = body[:2], body[3:]
+                    granted = []
+                    while rest:
+                        n = int.from_bytes(rest[:2], "big")
+                        granted.append(rest[2 + n] & 0x03)
+                        rest = rest[3 + n:]
+                    writer.write(bytes([0x90, 3 + len(granted)]) + mid + b"\x00" + bytes(granted))
+                elif kind == 12:  # PINGREQ
+                    writer.write(bytes([0xD0, 0]))
+                elif kind == 14:  # DISCONNECT
+                    return
+                await writer.drain()
+
+
+@pytest.mark.parametrize("subscriptions", [[], [("mapper/dropped-test/+/+/+/set", 1)]])
+async def test_a_connection_dropped_right_after_the_connack_is_noticed_and_made_again(subscriptions, caplog):
+    """The broker accepts the connection and drops it at once (another client took the client id
+    over, or the broker went down): the bus notices, logs the broker's reason and connects again.
+    aiomqtt forgot such a disconnect: without subscriptions the bus stayed "connected" to a closed
+    socket for ever; with them the subscribe failed with "not currently connected" (the reason lost)."""
+    caplog.set_level(logging.WARNING, logger="mapper.mqtt")
+    async with _FakeBroker(drop_first=1) as fake:
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
+                                reconnect_min_s=0.05, reconnect_max_s=0.1)
+        served = asyncio.Event()
+
+        async def on_connect() -> None:
+            if fake.connections >= 2:
+                served.set()
+
+        async def nothing(*_args: object) -> None:
+            return None
+
+        bus = MqttBus(settings, client_id="dropped-test", will_topic="mapper/dropped-test/availability",
+                      subscriptions=subscriptions, on_message=nothing, on_connect=on_connect)
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(20):
+                await served.wait()
+            assert fake.connections == 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
+    assert len(lost) == 1 and "Session taken over" in lost[0], lost
+
+
+async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_connack(caplog):
+    """The same for `mapper cloud-worker`'s own connection: it logs the broker's reason (not "the client is
+    not currently connected" from its subscribe), connects again and subscribes."""
+    caplog.set_level(logging.WARNING, logger="mapper.worker")
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    async with _FakeBroker(drop_first=1) as fake:
+        settings = WorkerSettings(models=["sensor_faults"], worker_id="dropped", mqtt=MqttSettings(
+            url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5, reconnect_min_s=0.05, reconnect_max_s=0.1))
+        worker = CloudWorker(settings)
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(20):
+                await worker.ready.wait()
+            assert fake.connections == 2
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
+    assert len(lost) == 1 and "Session taken over" in lost[0], lost

@@ -35,7 +35,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import tls_context
+from eventbus.bus import tls_context, watch_disconnect
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -164,7 +164,10 @@ class CloudWorker:
         attempt = 0
         while True:
             try:
-                async with self._client() as client:
+                client = self._client()
+                check_connected = watch_disconnect(client)
+                async with client:
+                    check_connected()
                     await client.subscribe(self.subscription, qos=1)
                     attempt = 0
                     log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
