@@ -69,6 +69,31 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
     return context
 
 
+SESSION_TAKEN_OVER = 0x8E
+# A connection up this long (or twice reconnect_max_s) resets the reconnect backoff (see MqttBus.run).
+STABLE_S = 60.0
+# Connections in a row lost this soon after they were made: the log says what may cause it.
+SHORT_WARN = 3
+
+
+def reason_code(exc: BaseException) -> int | None:
+    """The MQTT reason code of a lost or refused connection (aiomqtt puts the broker's DISCONNECT
+    reason in the cause of "Disconnected during message iteration"), if there is one."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, aiomqtt.MqttCodeError):
+            value = getattr(error.rc, "value", error.rc)
+            return value if isinstance(value, int) else None
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """The error, with the broker's reason when aiomqtt keeps it in the cause."""
+    cause = exc.__cause__
+    if isinstance(cause, aiomqtt.MqttError) and str(cause) not in str(exc):
+        return f"{exc} ({cause})"
+    return str(exc)
+
+
 def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
     """Return a check, to call once `async with client` has entered, that raises MqttError when the
     connection was lost already.
@@ -287,12 +312,18 @@ class MqttBus:
                 await client.subscribe(topic, qos=qos)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         attempt = 0
+        short = 0  # connections in a row lost within stable_s of being made
+        # A connection that lasted this long resets the backoff; one lost sooner does not (see below).
+        stable_s = max(STABLE_S, 2 * self.settings.reconnect_max_s)
         while True:
+            connected_at: float | None = None
+            delay = 0.0
             try:
                 async with self._client() as client, self._keepalive_on_grid(client):
                     self._check_connected()
-                    attempt = 0
+                    connected_at = loop.time()
                     self.client = client
                     self.connects += 1
                     await self._subscribe(client)
@@ -316,13 +347,36 @@ class MqttBus:
                         if message.qos:  # handled: the broker may send the next (offline: it sends this again)
                             client._client.ack(message.mid, message.qos)  # noqa: SLF001
             except aiomqtt.MqttError as exc:
+                # Only a connection that lasted resets the backoff. One the broker drops soon after
+                # accepting it (another client connecting with the same client id: two mappers with
+                # the same node name take each other's connection over, and Mosquitto 2.0 just closes
+                # the old one; a broker limit the mapper trips at once) made the mapper reconnect
+                # every second or so for ever, each time resubscribing and sending everything
+                # unacknowledged again.
+                if connected_at is not None:
+                    if loop.time() - connected_at >= stable_s:
+                        attempt, short = 0, 0
+                    else:
+                        short += 1
                 attempt += 1
                 if self._should_downgrade(exc):
                     log.warning("broker refused MQTT 5 (%s); using 3.1.1", exc)
                     self.protocol = aiomqtt.ProtocolVersion.V311
                     continue
                 delay = self._backoff(attempt)
-                log.warning("MQTT connection to %s lost or refused: %s; retrying in %.1f s", self.settings.url, exc, delay)
+                if reason_code(exc) == SESSION_TAKEN_OVER:
+                    log.error("MQTT connection to %s taken over: another client connected with client id %r (%s); "
+                              "is another mapper running with the same node name? Give each its own node name "
+                              "or mqtt.client_id. Retrying in %.1f s", self.settings.url, self.client_id,
+                              describe(exc), delay)
+                elif connected_at is not None and short >= SHORT_WARN:
+                    log.error("MQTT connection to %s lost again soon after it was made (%d times in a row): %s; "
+                              "is another client (another mapper with the same node name?) connecting with "
+                              "client id %r? Else see the broker's log. Retrying in %.1f s", self.settings.url,
+                              short, describe(exc), self.client_id, delay)
+                else:
+                    log.warning("MQTT connection to %s lost or refused: %s; retrying in %.1f s", self.settings.url,
+                                describe(exc), delay)
             finally:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
@@ -331,8 +385,8 @@ class MqttBus:
                 self.first_attempt.set()
                 if self.on_lost is not None:
                     self.on_lost()
-            if was_connected and attempt == 0:
-                attempt = 1
+            if was_connected and not delay:
+                attempt += 1
                 delay = self._backoff(attempt)
             await asyncio.sleep(delay)
 

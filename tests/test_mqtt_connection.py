@@ -172,8 +172,9 @@ class _FakeBroker:
     over" (another client with the same client id, or a broker going down, right after accepting);
     later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP)."""
 
-    def __init__(self, drop_first: int = 1) -> None:
+    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False) -> None:
         self.drop_first = drop_first
+        self.close_after_suback = close_after_suback
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -225,6 +226,10 @@ class _FakeBroker:
                         granted.append(rest[2 + n] & 0x03)
                         rest = rest[3 + n:]
                     writer.write(bytes([0x90, 3 + len(granted)]) + mid + b"\x00" + bytes(granted))
+                    if self.close_after_suback:
+                        await writer.drain()
+                        writer.close()
+                        return
                 elif kind == 12:  # PINGREQ
                     writer.write(bytes([0xD0, 0]))
                 elif kind == 14:  # DISCONNECT
@@ -262,8 +267,8 @@ async def test_a_connection_dropped_right_after_the_connack_is_noticed_and_made_
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-    lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
-    assert len(lost) == 1 and "Session taken over" in lost[0], lost
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lost) == 1 and "Session taken over" in lost[0] and "'dropped-test'" in lost[0], lost
 
 
 async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_connack(caplog):
@@ -287,3 +292,46 @@ async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_con
                 await task
     lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
     assert len(lost) == 1 and "Session taken over" in lost[0], lost
+
+
+
+async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backoff(caplog):
+    """A broker that closes each connection soon after accepting it (Mosquitto 2.0 does so, with no
+    reason, to the older of two clients with the same client id: two mappers with the same node
+    name): the reconnect backoff grows towards reconnect_max_s instead of starting over at every
+    CONNACK (the mapper reconnected every second or so for ever, resubscribing and resending its
+    unacknowledged outbox each time), and the log asks whether another client uses the client id
+    (it said only "Disconnected during message iteration")."""
+    caplog.set_level(logging.INFO, logger="mapper.mqtt")
+    async with _FakeBroker(drop_first=0, close_after_suback=True) as fake:
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
+                                reconnect_min_s=0.01, reconnect_max_s=0.05)
+        attempts: list[int] = []
+        enough = asyncio.Event()
+
+        async def nothing(*_args: object) -> None:
+            return None
+
+        bus = MqttBus(settings, client_id="twin-name-test", will_topic="mapper/twin-name-test/availability",
+                      subscriptions=[("mapper/twin-name-test/default/+/+/set", 1)], on_message=nothing,
+                      on_connect=nothing)
+        backoff = bus._backoff  # noqa: SLF001
+
+        def counted(attempt: int) -> float:
+            attempts.append(attempt)
+            if len(attempts) >= 5:
+                enough.set()
+            return backoff(attempt)
+
+        bus._backoff = counted  # type: ignore[method-assign]  # noqa: SLF001
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(30):
+                await enough.wait()
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert attempts[:5] == [1, 2, 3, 4, 5], attempts  # was [1, 1, 1, 1, 1]: started over at each CONNACK
+    hints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert hints and "'twin-name-test'" in hints[0] and "same node name" in hints[0], hints
