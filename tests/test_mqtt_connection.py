@@ -161,9 +161,14 @@ async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepa
         async with asyncio.timeout(30):
             await reconnected.wait()
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await _cancelled(task)
+
+
+async def _cancelled(task: asyncio.Task) -> None:
+    """Cancel a bus task and wait until it has ended."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class _FakeBroker:
@@ -264,9 +269,7 @@ async def test_a_connection_dropped_right_after_the_connack_is_noticed_and_made_
                 await served.wait()
             assert fake.connections == 2
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancelled(task)
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lost) == 1 and "Session taken over" in lost[0] and "'dropped-test'" in lost[0], lost
 
@@ -287,9 +290,7 @@ async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_con
                 await worker.ready.wait()
             assert fake.connections == 2
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancelled(task)
     lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
     assert len(lost) == 1 and "Session taken over" in lost[0], lost
 
@@ -329,9 +330,7 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
             async with asyncio.timeout(30):
                 await enough.wait()
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await _cancelled(task)
     assert attempts[:5] == [1, 2, 3, 4, 5], attempts  # was [1, 1, 1, 1, 1]: started over at each CONNACK
     hints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert hints and "'twin-name-test'" in hints[0] and "same node name" in hints[0], hints
