@@ -302,6 +302,17 @@ def test_recursive_alias_is_an_error_with_its_line(tmp_path):
     assert len(problems) == 2 and problems[1].startswith("b.yaml:8: spec.deviceModelRef.name: ")
 
 
+def test_deep_nesting_is_an_error_at_its_line_and_other_files_still_report(tmp_path):
+    """A value nested thousands of levels deep is invalid YAML at its line (libyaml stops at 1,000
+    levels), not a crash; one nested a few hundred levels is read, and its real problem told."""
+    deep = "x: 1\na: " + "[" * 5000 + "]" * 5000 + "\n"
+    nested = "".join("  " * i + f"k{i}:\n" for i in range(900)) + "  " * 900 + "x: 1\n"
+    problems = problems_of(tmp_path, {"a.yaml": deep, "b.yaml": nested, "c.yaml": device_yaml("d", model="nope")})
+    assert problems[0].startswith("a.yaml:2: invalid YAML: ") and "nest" in problems[0]
+    assert problems[1] == "b.yaml:1: kind: None is not supported: use Device or DeviceModel"
+    assert len(problems) == 3 and problems[2].startswith("c.yaml:8: spec.deviceModelRef.name: ")
+
+
 def test_alias_bomb_is_refused_at_its_line(tmp_path):
     """A few hundred bytes of nested aliases expand to millions of values: refused at the first
     value that expands too far, instead of being walked value by value for seconds or minutes."""
