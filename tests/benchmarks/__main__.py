@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="fewer, shorter runs (about a minute and a quarter)")
     p.add_argument("--json", type=Path, help="write every figure, the details and the machine here")
     p.add_argument("--only", help=f"comma-separated scenarios: {', '.join(SCENARIOS)}")
+    p.add_argument("--side-figures", action="store_true",
+                   help="full mode: also the side figures, in the first run (about two minutes more): the Pi cost "
+                   "with a full history, with no cloud worker and as a plain `mapper run`; the latency with "
+                   "twin.synchronous NORMAL")
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, twin files, arrivals)")
     p.add_argument("--repeats", type=int, help="runs per scenario (default: 3 full, 1 quick)")
     p.add_argument("--latency-s", type=float, help="latency run length, e.g. 300 for a soak (default: 15 full, 3 quick)")
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in SCENARIOS]
     if unknown:
         p.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
-    plan = Plan.make(args.quick)
+    if args.quick and args.side_figures:
+        p.error("--side-figures is for a full run (a quick one has no inference cost variants to compare)")
+    plan = Plan.make(args.quick, args.side_figures)
     if args.repeats is not None:
         plan = dataclasses.replace(plan, repeats=max(1, args.repeats))
     if args.latency_s is not None:
@@ -136,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         doc = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                "command": "python -m tests.benchmarks" + (" --quick" if args.quick else "")
-               + (f" --only {args.only}" if args.only else ""),
+               + (" --side-figures" if args.side_figures else "") + (f" --only {args.only}" if args.only else ""),
                "mode": "quick" if args.quick else "full", "duration_s": time.monotonic() - started,
                "machine": info,
                "scenarios": [{"name": r.name, "title": r.title, "seconds": seconds.get(r.name), "how": r.how,

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,10 +48,11 @@ from .common import (
 @dataclass(frozen=True)
 class Plan:
     """How long and how often: `quick` for development (about a minute and a quarter: one run of
-    each, short windows, the Pi cost without its inference and full-history variants: a window
-    needs 16 s of readings first; the latency without its NORMAL variant), full (about twelve
-    minutes here: three runs of each, two of the Pi cost and of scale; the Pi cost's
-    full-history and no-worker variants and the latency's NORMAL variant in the first only)."""
+    each, short windows, the Pi cost without its inference variants: a window needs 16 s of
+    readings first), full (10-13 minutes: three runs of each, two of the Pi cost and of scale).
+    `side`: full mode also measures the side figures, in its first run (about two minutes more):
+    the Pi cost with a full history, with no cloud worker and as a plain `mapper run` (RSS), and
+    the latency with `twin.synchronous: NORMAL`."""
 
     quick: bool
     repeats: int
@@ -68,14 +70,15 @@ class Plan:
     outage_s: float
     recovery_repeats: int
     inference_s: float           # inference: mapper run length per repetition
+    side: bool = False           # full mode: the side figures too
 
     @classmethod
-    def make(cls, quick: bool) -> Plan:
+    def make(cls, quick: bool, side: bool = False) -> Plan:
         if quick:
             return cls(True, 1, 15_000, 12_000, 3.0, 3.0, 3.0, 10_000, 6.0, (500, 1000), 3.0, 1, 2, 5.0, 1, 4.0)
         # Scale goes on past the limit (the run stops after the first step not sustained).
         return cls(False, 3, 100_000, 12_000, 10.0, 15.0, 6.0, 60_000, 15.0, (2000, 4000, 6000, 8000), 12.0, 2, 5, 30.0,
-                   2, 10.0)
+                   2, 10.0, side)
 
 
 class Context:
@@ -202,7 +205,7 @@ def latency(ctx: Context) -> ScenarioResult:
         "of that pattern (the broker and subscriber take the 10 messages one after another). raw durable: the same "
         "ticks, each committed to SQLite (WAL, synchronous FULL, in the publishing thread) before it is "
         "published: what publishing only committed readings costs on this machine with plain paho and "
-        "sqlite3. NORMAL (first run of a full run only): the same mapper with `twin.synchronous: NORMAL` "
+        "sqlite3. NORMAL (with --side-figures, first run only): the same mapper with `twin.synchronous: NORMAL` "
         f"({plan.raw_latency_s:g} s): WAL commits without an fsync, so a reading survives kill -9 "
         "but not a power cut that comes before the next checkpoint; what the fsync costs.")
     label = "shipped (group commit)"
@@ -221,7 +224,7 @@ def latency(ctx: Context) -> ScenarioResult:
 
     normal50 = r.metric("p50 [twin synchronous NORMAL]", "ms", baseline_name="raw paho p50", higher_is_better=False)
     normal99 = r.metric("p99 [twin synchronous NORMAL]", "ms", baseline_name="raw paho p99", higher_is_better=False,
-                        note="survives kill -9, not power loss: not the shipped setting (first full run only)")
+                        note="survives kill -9, not power loss: not the shipped setting (--side-figures, first run only)")
 
     def mapper_run(tmp: Path, label: str, seconds: float, options: MapperOptions | None = None
                    ) -> tuple[list[float], float]:
@@ -273,7 +276,7 @@ def latency(ctx: Context) -> ScenarioResult:
         third = len(lat) // 3
         growth.values.append(percentile(lat[-third:], 0.99) - percentile(lat[:third], 0.99) if third else 0.0)
         normal: list[float] = []
-        if i == 0 and not plan.quick:  # a side figure (what the fsync costs): once per full run
+        if i == 0 and plan.side:  # a side figure (what the fsync costs): first run only
             normal, _ = mapper_run(ctx.tmp(f"latency-normal-{i}"), f"mapper-latency-normal-{i}", plan.raw_latency_s,
                                    MapperOptions(synchronous="NORMAL"))
             normal50.values.append(percentile(normal, 0.5))
@@ -522,7 +525,7 @@ def cost(ctx: Context) -> ScenarioResult:
     hcpu = r.metric("CPU-s/hour [20 props @ 1 Hz, history full]", "s/h", baseline_name="bare paho 20 values/s",
                     higher_is_better=False, target="< 10 CPU-s/h",
                     note="the same, on a twin already holding 200,000 readings (history_rows): a Pi after ~3 hours"
-                    " (full mode only, first run only)")
+                    " (--side-figures, first run only)")
     hrss = r.metric("RSS [20 props, history full]", "MiB", higher_is_better=False, target="< 40 MiB")
     inference = _inference_extra()
     icpu = r.metric("CPU-s/hour [+1 inference window/s]", "s/h", higher_is_better=False,
@@ -530,7 +533,7 @@ def cost(ctx: Context) -> ScenarioResult:
                                                      "full mode only" if plan.quick else ""))
     iworkerless = r.metric("CPU-s/hour [+1 inference window/s, no cloud worker]", "s/h", higher_is_better=False,
                            note="offloaded windows wait for their deadline and are resent until they expire"
-                           + " (full mode only, first run only)")
+                           + " (--side-figures, first run only)")
     iedge = r.metric("CPU-s/hour [+1 inference window/s, all decided at the edge]", "s/h", higher_is_better=False,
                      note="threshold 0: no window is offloaded; the window, the edge model, the decision's row "
                      "and its message (full mode only)")
@@ -538,7 +541,7 @@ def cost(ctx: Context) -> ScenarioResult:
                     note="full mode only" if plan.quick and inference else "")
     plain_irss = r.metric("RSS [+inference, plain `mapper run`]", "MiB", higher_is_better=False,
                           note="the same process started from a shell, without the unit's environment"
-                          + " (full mode only, first run only)")
+                          + " (--side-figures, first run only)")
     # The unit's tuning, with its -OO bytecode cached in the work directory as the unit caches it in
     # /var/lib/mapper (and written even where the caller's shell says not to: systemd's would not).
     service_env = {**SERVICE_TUNING, "PYTHONPYCACHEPREFIX": str(ctx.tmp("pycache")), "PYTHONDONTWRITEBYTECODE": ""}
@@ -558,9 +561,9 @@ def cost(ctx: Context) -> ScenarioResult:
         with Mapper(tmp, _pi_devices(tmp / "devices"), ctx.broker, env=service_env) as mapper:
             mapper.wait_ready()
             results["mapper"] = _measure(mapper.pid, 3.0, plan.cost_s)
-        # Full mode, first run only: building 200,000 readings alone takes a quick run's budget,
-        # and its figure held within 0.1 CPU-s/h over the two runs of 13:33.
-        if not plan.quick and i == 0:
+        # A side figure, first run only: building 200,000 readings alone takes a quick run's
+        # budget, and its figure held within 0.1 CPU-s/h over the two runs of 13:33.
+        if plan.side and i == 0:
             htmp = ctx.tmp(f"cost-history-{i}")
             _full_history(htmp, _pi_devices(htmp / "devices"))
             with Mapper(htmp, htmp / "devices", ctx.broker, env=service_env) as mapper:
@@ -575,11 +578,11 @@ def cost(ctx: Context) -> ScenarioResult:
             raw.terminate()
             raw.wait(10)
         if inference and not plan.quick:
-            # The no-worker variant is a side figure: measured once per full run. The edge-only one
+            # The no-worker variant is a side figure: first run only. The edge-only one
             # (threshold 0: every window decided on the device) is measured in every run.
             edge_only = ("inference-edge-only", False, "      threshold: 0.0\n")
-            variants = (("inference", True, ""), edge_only) if i else (
-                ("inference", True, ""), ("inference-no-worker", False, ""), edge_only)
+            variants = (("inference", True, ""), ("inference-no-worker", False, ""), edge_only) if i == 0 and plan.side \
+                else (("inference", True, ""), edge_only)
             for label, worker, more in variants:
                 itmp = ctx.tmp(f"cost-{label}-{i}")
                 with contextlib.ExitStack() as stack:
@@ -595,7 +598,7 @@ def cost(ctx: Context) -> ScenarioResult:
                 else:  # not what the figure claims to measure: left out, and said so in the details
                     print(f"   cost: {label} left out: {windows[label]} inference windows decided in its "
                           f"{plan.cost_s:g} s window (see the mapper log, --keep)", flush=True)
-            if i == 0:  # the same, without the unit's environment: RSS only
+            if i == 0 and plan.side:  # the same, without the unit's environment: RSS only
                 ptmp = ctx.tmp(f"cost-inference-plain-{i}")
                 with Mapper(ptmp, _pi_devices(ptmp / "devices"), ctx.broker, MapperOptions(extra=inference)) as plain:
                     plain.wait_ready()  # RSS read when the others' is: at the end of the same window
@@ -653,10 +656,18 @@ def scale(ctx: Context) -> ScenarioResult:
                         cpus={max(os.sched_getaffinity(0))}).start()
         try:
             started = mapper.wait_ready(timeout=180)
-            # Readings taken before the broker connection was up wait in the outbox: let that drain first.
-            deadline = time.monotonic() + 30
+            # Readings taken before the broker connection was up wait in the outbox: let that drain first
+            # (up to 30 s; not past 3 s without it shrinking: an overloaded mapper's never drains, and
+            # waiting the 30 s out made each step past the limit take a minute and a half).
             time.sleep(2.0)
-            while mapper.outbox_depth() > 2 * n and time.monotonic() < deadline:
+            deadline = time.monotonic() + 28
+            depths: deque[tuple[float, int]] = deque()  # (when, outbox depth), the oldest >= 3 s ago first
+            while (depth_now := mapper.outbox_depth()) > 2 * n and (now := time.monotonic()) < deadline:
+                depths.append((now, depth_now))
+                while len(depths) > 1 and now - depths[1][0] >= 3.0:
+                    depths.popleft()
+                if now - depths[0][0] >= 3.0 and depth_now >= depths[0][1]:
+                    break  # no smaller than 3 s ago
                 time.sleep(0.2)
             time.sleep(1.0)
             t0, c0, shed0 = time.time(), cpu_seconds(mapper.pid), mapper.dropped()
