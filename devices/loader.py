@@ -103,6 +103,9 @@ class _Unreadable(Exception):
         self.line, self.path, self.message = line, path, message
 
 
+_STR = "tag:yaml.org,2002:str"
+
+
 class _Index:
     """The line of each node by path, and the path of each node (where it first appears).
 
@@ -132,7 +135,8 @@ class _Index:
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
                 if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
                     line = key_node.start_mark.line + 1
-                    same = _key_value(key_node)  # `1`, `0x1` and `1.0` are one key once built, as are `true` and `True`
+                    # `1`, `0x1` and `1.0` are one key once built, as are `true` and `True`; a string is itself.
+                    same = key_node.value if key_node.tag == _STR else _key_value(key_node)
                     if same in first:
                         self.duplicates.append((line, (*path, key), first[same]))
                     first.setdefault(same, line)
