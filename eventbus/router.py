@@ -19,7 +19,7 @@ from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
 from mapper.logs import Throttle, held_note
-from twin.store import OutMessage, UnknownDevice, VersionConflict
+from twin.store import NotWritable, OutMessage, UnknownDevice, UnknownProperty, VersionConflict
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -113,6 +113,22 @@ class Router:
             raise BadRequest(404, f"device {device} is not on node {self.topics.node}")
         return definitions[device]
 
+    async def _twin_call(self, device: DeviceId, fn):  # noqa: ANN001, ANN202
+        """A twin call for a request checked against `service.definitions`.
+
+        The twin may not agree with the definitions the request was checked against: a reload
+        swaps the definitions, then the twin takes the new set; if the twin refuses it (a lock
+        held past its timeout, a full disk), the previous definitions come back, and a request
+        checked in between reaches a twin without the added device or property. Such a request
+        is answered as one for a device or property not known yet (404, 400), never left as an
+        internal error without a reply."""
+        try:
+            return await self.service.twin(fn)
+        except UnknownDevice:
+            raise BadRequest(404, f"device {device} is not on node {self.topics.node}") from None
+        except (UnknownProperty, NotWritable) as exc:
+            raise BadRequest(400, str(exc)) from None
+
     def _validated(self, device: DeviceId, name: str, raw: Any) -> Any:
         definition = self._definition(device)
         if raw is None and definition.has_property(name) and definition.prop(name).writable:
@@ -148,6 +164,8 @@ class Router:
             with store.transaction():
                 before = store.device(device)
                 for name, (value, version) in wanted.items():
+                    if name not in before.properties:  # the definitions and the twin disagree: see _twin_call
+                        raise UnknownProperty(device, name, before.properties)
                     stored = before.properties[name].desired_version
                     if version is not None and version < stored:
                         raise VersionConflict(device, name, version, stored)
@@ -155,7 +173,7 @@ class Router:
                     store.set_desired(device, name, value)
             return before, store.device(device)
         try:
-            before, after = await self.service.twin(apply)
+            before, after = await self._twin_call(device, apply)
         except VersionConflict as exc:
             raise BadRequest(409, str(exc)) from None
         messages = [
@@ -174,7 +192,7 @@ class Router:
         device = incoming.device
         self._definition(device)
         request = payloads.decode(payload, payloads.EventIn, self.max_payload)
-        twin = await self.service.twin(lambda s: s.device(device))
+        twin = await self._twin_call(device, lambda s: s.device(device))
         await self._send([OutMessage(Topics.hw(device, "twin/get/result"), payloads.get_result(request.event_id, twin),
                                      kind="twin", sequenced=False)])
 

@@ -203,6 +203,11 @@ class MapperService:
         changed = [k for k in new if k in old and old[k].definition.fingerprint != new[k].fingerprint]
         await self.stop_devices(removed + changed)
         was_refused, previous = dict(self.refused), self.definitions
+        # No await from here to the twin's sync_devices being handed to the twin thread: a $hw
+        # request checked against the new definitions queues its twin call behind that write
+        # (one thread, calls in order), so it finds the added devices there. If the twin refuses
+        # the write, the previous definitions come back and the router answers such a request
+        # as one for a device not known (eventbus.router.Router._twin_call).
         self.definitions = result
         try:
             for listener in self.device_listeners:

@@ -219,3 +219,75 @@ async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_
         # The next reload, once the twin takes it, switches as usual.
         assert await reload_devices(service, config)
         assert set(service.runners) == {B} and service.runners[B].definition.fingerprint != before[B]
+
+
+@pytest.mark.parametrize("twin_refuses", [False, True], ids=["taken", "refused"])
+async def test_a_twin_request_for_a_device_a_reload_adds_is_answered(tmp_path: Path, monkeypatch,
+                                                                     twin_refuses: bool) -> None:
+    """A reload adds device c; twin/update and twin/get for c arrive after the definitions were
+    swapped, before the twin took the new set (the twin thread is held there). They are queued
+    after the reload's twin write: taken, c is updated and answered as any device; refused (a
+    lock held past its timeout), the previous definitions come back and c is answered 404, as
+    a device not on the node. Before, the refused case ended as an internal error with no reply."""
+    import asyncio
+    import sqlite3
+    import threading
+
+    import orjson
+
+    from devices.loader import load
+    from eventbus.router import Router
+    from eventbus.topics import Topics
+    from helpers import running_service
+    from mapper.config import load_config
+
+    C = DeviceId("default", "c")
+    devices = write_devices(tmp_path / "dev", ["a"], cycle=1000)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    swapped = asyncio.Event()
+    async with running_service(config, prepare=lambda s: s.device_listeners.append(
+            lambda defs: C in defs and swapped.set())) as service:
+        router = Router(service, Topics("test-node"), max_payload=4096, serve_twin_protocol=True)
+        (devices / "c.yaml").write_text(device_yaml("c", cycle=1000))
+        result = load(config.devices)
+        if twin_refuses:
+            def refused(store, definitions):  # noqa: ANN001, ANN202
+                raise sqlite3.OperationalError("database is locked")
+            monkeypatch.setattr(TwinStore, "sync_devices", refused)
+        held, release = threading.Event(), threading.Event()
+        hold = service.worker.submit(lambda s: (held.set(), release.wait(10)))
+        await asyncio.to_thread(held.wait, 10)
+        try:
+            update = asyncio.create_task(service.update_devices(result))
+            async with asyncio.timeout(10):
+                await swapped.wait()
+            assert C in service.definitions.devices
+            hw = "$hw/events/device/default/c"
+            requests = [asyncio.create_task(router.handle(f"{hw}/twin/update",
+                                                          b'{"event_id":"r1","twin":{"power":{"expected":{"value":"true"}}}}')),
+                        asyncio.create_task(router.handle(f"{hw}/twin/get", b'{"event_id":"g1"}'))]
+            # One step: each request is checked against the swapped definitions and hands its
+            # twin call to the held thread (no await before that), behind the reload's twin write.
+            await asyncio.sleep(0)
+            assert not any(r.done() for r in requests) and service.worker.pending() >= 4
+        finally:
+            release.set()
+        await hold
+        if twin_refuses:
+            with pytest.raises(sqlite3.OperationalError):
+                await update
+        else:
+            await update
+        await asyncio.gather(*requests)
+        rows = await service.twin(lambda s: s.outbox_pending())
+    assert router.counts["internal_error"] == 0, router.counts
+    replies = {r.topic.removeprefix(hw + "/"): orjson.loads(r.payload) for r in rows if r.topic.startswith(hw)}
+    update_reply, get_reply = replies["twin/update/result"], replies["twin/get/result"]
+    assert (update_reply["event_id"], get_reply["event_id"]) == ("r1", "g1")
+    if twin_refuses:
+        assert update_reply["code"] == get_reply["code"] == 404, replies
+        assert "device default/c is not on node test-node" in update_reply["reason"]
+        assert C not in service.definitions.devices
+    else:
+        assert "code" not in update_reply and update_reply["twin"]["power"]["expected"]["value"] == "true", replies
+        assert "power" in get_reply["twin"]
