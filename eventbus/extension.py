@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -178,8 +179,12 @@ class EventBusExtension:
             return
         device = change.device_id
         twin = await service.twin(lambda s: s.device(device))
+        # `last`: the property's twin before the change (edgecore's previous twin state), taken
+        # by the device loop before it wrote the value; absent only if the twin could not say.
+        before = None if change.last is None else dataclasses.replace(twin, properties={change.property: change.last})
         messages = [OutMessage(Topics.hw(device, "twin/update/document"),
-                               payloads.update_document("", None, twin, [change.property]), kind="twin", sequenced=False)]
+                               payloads.update_document("", before, twin, [change.property]), kind="twin",
+                               sequenced=False)]
         delta = payloads.delta(twin)
         if delta is not None:
             messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="twin", sequenced=False))

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import logging
 import queue
 import random
@@ -42,7 +43,7 @@ from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
 from mapper.ticks import next_tick, sleep_until
-from twin.records import ERROR, GOOD, OUT_OF_RANGE, Reading
+from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
 from twin.store import DesiredChange, TwinStore, VersionConflict
 
 log = logging.getLogger("mapper.device")
@@ -379,6 +380,7 @@ class DeviceRunner:
 
     async def _revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
         """Make the value the driver set by itself the desired value (a new version, already applied)."""
+        last = await self._twin_before()
         reading = await self.read_once(prop)
         self._record(reading)
         if self._flush is not None:
@@ -404,11 +406,24 @@ class DeviceRunner:
             log.info("%s/%s: %s, but a newer desired value is waiting; it is applied next", self.id, prop.name, reason)
             return
         log.warning("%s/%s: %s: desired value is now %r (version %d)", self.id, prop.name, reason, value, version)
-        await self._settled_desired(prop.name, value, version)
+        await self._settled_desired(prop.name, value, version, last.get(prop.name))
 
-    async def _settled_desired(self, name: str, value: Any, version: int) -> None:
+    async def _settled_desired(self, name: str, value: Any, version: int, last: PropertyTwin | None) -> None:
         self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
-        await self._on_applied(DesiredChange(self.id, name, value, version), None)
+        await self._on_applied(DesiredChange(self.id, name, value, version, last), None)
+
+    async def _twin_before(self) -> dict[str, PropertyTwin]:
+        """The device's properties in the twin now, before a change is made: what the twin
+        document sends as `last` (edgecore's previous twin state). Empty if the twin cannot say
+        (no twin, a lock held past its timeout): the document then has `last: null`."""
+        if self._twin is None:
+            return {}
+        device_id = self.id
+        try:
+            return await self._twin(lambda s: s.device(device_id).properties)
+        except Exception as exc:  # noqa: BLE001 - the change goes on; only the document lacks `last`
+            log.debug("%s: no twin state before a change (%s)", device_id, exc)
+            return {}
 
     async def _sync_boot_values(self) -> None:
         """After open: an applied desired value that differs from the boot state becomes the boot state."""
@@ -419,6 +434,7 @@ class DeviceRunner:
                 boot[prop.name] = coerce(prop.type, value)
         if not boot or self._twin is None:
             return
+        last = await self._twin_before()
         seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot))
         for name, version in seen.items():
             self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
@@ -426,7 +442,7 @@ class DeviceRunner:
             log.warning("%s/%s: started in its boot state %r; the desired value %r applied before the restart"
                         " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name], old,
                         boot[name], version)
-            await self._settled_desired(name, boot[name], version)
+            await self._settled_desired(name, boot[name], version, last.get(name))
 
     async def _apply(self, change: DesiredChange) -> None:
         """Write a desired value and read it back; any refusal or failure is the change's error in
@@ -435,6 +451,7 @@ class DeviceRunner:
         its model's range."""
         error: str | None = None
         name = change.property
+        change = dataclasses.replace(change, last=(await self._twin_before()).get(name))
         try:
             try:  # (a property a reload removed since: refused here too)
                 value: Value = self.definition.desired_value(name, change.value)

@@ -93,6 +93,12 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     final = sub.expect(f"{HW}/twin/update/document",
                        lambda b: b["twin"]["power"]["current"].get("actual", {}).get("value") == "true")
     assert final["twin"]["power"]["current"]["expected"]["value"] == "true"
+    # `last` is the twin before the device applied the value (edgecore's previous twin state): asked
+    # for, not yet reported. Before, it was null.
+    last = final["twin"]["power"]["last"]
+    assert last is not None, final
+    assert (last["expected"]["value"], last["actual"]["value"]) == ("true", "false"), last
+    assert last["expected_version"]["edge"] == 1 and last["metadata"] == {"type": "boolean"}
     pub(broker, f"{HW}/twin/get", '{"event_id":"g1"}')
     got = sub.expect(f"{HW}/twin/get/result")
     assert got["event_id"] == "g1"

@@ -30,7 +30,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -121,6 +121,8 @@ class DesiredChange:
     property: str
     value: Value
     version: int
+    # Once applied (DeviceRunner): the property's twin before the change, for the twin document's `last`.
+    last: PropertyTwin | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
