@@ -146,14 +146,17 @@ def update_document(event_id: str, before: DeviceTwin | None, after: DeviceTwin,
 
 
 def delta(twin: DeviceTwin) -> dict[str, Any] | None:
-    """edgecore publishes a delta only when some twin's expected differs from its actual."""
-    wanted = twin.delta()
+    """edgecore publishes a delta only when some twin's expected is not "" and differs from its
+    actual; it lists (under `twin` too) only the twins whose expected is not "". An empty expected
+    (a STRING property asked to be "") is no delta there, so none here either."""
+    wanted = {n: text for n, v in twin.delta().items() if (text := to_twin_string(v)) != ""}
     if not wanted:
         return None
     return {
         "event_id": str(uuid.uuid4()), "timestamp": now_ms(),
-        "twin": {n: msg_twin(p) for n, p in twin.properties.items() if p.desired is not None},
-        "delta": {n: to_twin_string(v) for n, v in wanted.items()},
+        "twin": {n: msg_twin(p) for n, p in twin.properties.items()
+                 if p.desired is not None and to_twin_string(p.desired) != ""},
+        "delta": wanted,
     }
 
 

@@ -315,3 +315,28 @@ def test_a_null_event_id_is_answered_as_edgecore_does(broker, lamp):
     assert members["event_id"] == "" and [d["id"] for d in members["devices"]] == ["default/lamp"]
     pub(broker, f"{HW}/state/update", '{"event_id":null,"state":"online"}', user="mapper")
     assert sub.expect(f"{HW}/state/update/result")["device"]["state"] == "online"
+
+
+def test_an_empty_expected_value_is_no_delta_as_in_edgecore():
+    """edgecore's delta lists only twins whose expected is not "" (FACTS.md §5.2: published only
+    if some twin has expected != "" and expected != actual; `twin` holds those with a non-empty
+    expected). A STRING property asked to be "" is therefore no delta. Before, it was listed."""
+    from eventbus import payloads
+    from twin.records import DeviceTwin, PropertyTwin
+
+    def prop(name: str, ptype: str, desired, reported) -> PropertyTwin:  # noqa: ANN001
+        return PropertyTwin(name=name, type=ptype, writable=True, unit="", desired=desired, desired_version=1,
+                            desired_ts=1, reported=reported, reported_version=1, reported_ts=1, quality="good",
+                            quality_detail=None, apply_error=None)
+
+    def device(*props: PropertyTwin) -> DeviceTwin:
+        return DeviceTwin(DeviceId("default", "lamp"), "m", "simulated", "online", None, None, None, None,
+                          {p.name: p for p in props})
+
+    label = prop("label", "STRING", "", "kitchen")
+    assert payloads.delta(device(label, prop("power", "BOOLEAN", True, True))) is None
+    body = payloads.delta(device(label, prop("power", "BOOLEAN", True, False)))
+    assert body["delta"] == {"power": "true"} and set(body["twin"]) == {"power"}, body
+    # A non-empty string is a delta as before.
+    body = payloads.delta(device(prop("label", "STRING", "hall", "kitchen")))
+    assert body["delta"] == {"label": "hall"} and set(body["twin"]) == {"label"}
