@@ -93,6 +93,8 @@ class EventBusExtension:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
+            if self.router is not None and self.router.serve_twin_protocol:
+                tg.create_task(self.router.run(), name="membership-replies")
 
     async def stop_requested(self, service: MapperService) -> None:
         """First thing on a clean stop: no more incoming messages are handled. What one causes (a

@@ -8,6 +8,7 @@ invalid segments are ignored, since no reply topic may be built from them.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -27,16 +28,47 @@ if TYPE_CHECKING:
 log = logging.getLogger("mapper.router")
 
 STATES = ("online", "offline", "ok", "unknown", "unhealthy")
+# membership/get: at most one reply per this many seconds. A reply lists every device of the node
+# (about 300 bytes each) for a request of about 20: unlimited, any client could make the mapper
+# send (and its broker fan out) thousands of them a second. Requests within the interval are
+# answered together, by one reply with the newest request's event_id when the interval ends.
+MEMBERSHIP_INTERVAL_S = 1.0
 
 
 class Router:
-    def __init__(self, service: MapperService, topics: Topics, *, max_payload: int, serve_twin_protocol: bool) -> None:
+    def __init__(self, service: MapperService, topics: Topics, *, max_payload: int, serve_twin_protocol: bool,
+                 membership_interval_s: float = MEMBERSHIP_INTERVAL_S) -> None:
         self.service = service
         self.topics = topics
         self.max_payload = max_payload
         self.serve_twin_protocol = serve_twin_protocol
         self.counts: Counter[str] = Counter()
         self._log_throttle = Throttle()  # refusals: the counts keep every one, the log a few a minute
+        self.membership_interval_s = membership_interval_s
+        self._membership_next = 0.0  # the event loop's time before which no membership reply goes out
+        self._membership_waiting: str | None = None  # event_id of the newest request not answered yet
+        self._membership_wake = asyncio.Event()
+
+    async def run(self) -> None:
+        """Answers the membership requests that came too soon after a reply (see MEMBERSHIP_INTERVAL_S),
+        together, when the interval ends. Runs as long as the event bus does."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._membership_wake.wait()
+            self._membership_wake.clear()
+            # Waiting out the rate limit's interval (nothing to await: it is the limit itself).
+            await asyncio.sleep(max(0.0, self._membership_next - loop.time()))
+            event_id, self._membership_waiting = self._membership_waiting, None
+            if event_id is None:
+                continue
+            self._membership_next = loop.time() + self.membership_interval_s
+            try:
+                await self._answer_membership(event_id)
+            except Exception:  # noqa: BLE001 - the next request is answered all the same
+                self.counts["internal_error"] += 1
+                held = self._log_throttle("internal_error")
+                if held is not None:
+                    log.exception("error while answering membership/get%s", held_note(held))
 
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = [(self.topics.set_filter(), 1)]
@@ -213,9 +245,26 @@ class Router:
 
     async def _membership(self, incoming: Incoming, payload: bytes) -> None:
         request = payloads.decode(payload, payloads.EventIn, self.max_payload)
+        now = asyncio.get_running_loop().time()
+        if self._membership_waiting is None and now >= self._membership_next:
+            self._membership_next = now + self.membership_interval_s
+            await self._answer_membership(request.event_id)
+            return
+        # Too soon after the last reply: answered by run() when the interval ends, together with
+        # any others meanwhile (one reply, the newest event_id).
+        if self._membership_waiting is not None:
+            self.counts["membership_collapsed"] += 1
+            held = self._log_throttle("membership_collapsed")
+            if held is not None:
+                log.info("membership/get: more than one request within %g s; they are answered together, by one "
+                         "reply with the newest event_id%s", self.membership_interval_s, held_note(held))
+        self._membership_waiting = request.event_id
+        self._membership_wake.set()
+
+    async def _answer_membership(self, event_id: str) -> None:
         definitions = self.service.definitions.devices if self.service.definitions else {}
         twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])
-        body = payloads.membership(request.event_id, twins, definitions)
+        body = payloads.membership(event_id, twins, definitions)
         await self._send([OutMessage(self.topics.membership_result(), body, kind="twin", sequenced=False)])
 
     async def _set(self, incoming: Incoming, payload: bytes) -> None:

@@ -340,3 +340,33 @@ def test_an_empty_expected_value_is_no_delta_as_in_edgecore():
     # A non-empty string is a delta as before.
     body = payloads.delta(device(prop("label", "STRING", "hall", "kitchen")))
     assert body["delta"] == {"label": "hall"} and set(body["twin"]) == {"label"}
+
+
+def test_a_burst_of_membership_requests_gets_a_bounded_number_of_replies(broker, lamp):
+    """membership/get is answered at most once a second: 200 requests in a burst (one client,
+    `mosquitto_pub -l`, about 20 bytes each; each reply lists the node's devices) get at most
+    three replies, and a request sent after the burst still gets its own answer. Before, every
+    request got its reply (200)."""
+    import time
+
+    mapper, sub = lamp
+    topic = "$hw/events/node/test-node/membership/get"
+    burst = "".join('{"event_id":"b%d"}\n' % i for i in range(200))
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P", broker.users["app"],
+                    "-i", f"pub-{uuid.uuid4().hex[:8]}", "-q", "1", "-t", topic, "-l"],
+                   input=burst, text=True, check=True, timeout=10)
+    pub(broker, topic, '{"event_id":"legit"}')
+    replies: list[str] = []
+    deadline = time.monotonic() + 10
+    while "legit" not in replies and (left := deadline - time.monotonic()) > 0:
+        try:
+            got, payload = sub.lines.get(timeout=left)
+        except queue.Empty:
+            break
+        if got == f"{topic}/result":
+            body = json.loads(payload)
+            assert [d["id"] for d in body["devices"]] == ["default/lamp"]
+            replies.append(body["event_id"])
+    assert replies and replies[-1] == "legit", replies
+    assert replies[0] == "b0" and len(replies) <= 3, replies  # the first at once, the rest together
+    mapper.wait_log("membership/get: more than one request within 1 s; they are answered together")
