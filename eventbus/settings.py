@@ -107,7 +107,7 @@ class MqttSettings(BaseModel):
         """Read the password now, at start: a file the service user cannot read, or an unset
         variable, is a config error naming the field, not a crash once the mapper runs."""
         try:
-            self.password()
+            password = self.password()
         except OSError as exc:
             raise ValueError(f"{source}: mqtt.password_file: cannot read {self.password_file}: "
                              f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
@@ -116,6 +116,12 @@ class MqttSettings(BaseModel):
                              f"(byte {exc.start}: {exc.reason}); write the password as one line of UTF-8") from None
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
+        if self.password_file is not None and password is not None and not password.get_secret_value().strip():
+            # Sent as it is, an empty password is refused by the broker as "Not authorized", at every
+            # reconnect, with nothing pointing at the file.
+            raise ValueError(f"{source}: mqtt.password_file: {self.password_file} is empty (or only white space): "
+                             f"write the broker password{f' of user {self.username!r}' if self.username else ''} "
+                             f"in it, as one line")
 
     def exposed_secrets(self, source: str) -> list[str]:
         """Warnings for secret files every local user can read (mode o+r): the broker password and

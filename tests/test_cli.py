@@ -525,3 +525,28 @@ def test_a_password_file_that_is_not_utf8_is_an_error_naming_the_field(tmp_path)
         assert result.stderr.endswith(f"error: {config}: mqtt.password_file: {secret} is not UTF-8 text (byte 0:"
                                       " invalid start byte); write the password as one line of UTF-8\n"), result.stderr
     assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
+@pytest.mark.parametrize("content", ["", "\n", "  \t\n"])
+def test_an_empty_password_file_is_a_config_error_naming_the_field_and_the_file(tmp_path, content):
+    """An empty (or white-space only) password file was taken as the password "": `mapper run`
+    started and the broker refused it at every reconnect ("Not authorized"), `mapper cloud-worker`
+    likewise. Now `run`, `install-service` and `cloud-worker` refuse the config at once, naming
+    mqtt.password_file and the file."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    secret = tmp_path / "mapper.password"
+    secret.write_text(content)
+    secret.chmod(0o600)
+    block = f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n"
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=block)
+    worker = tmp_path / "worker.yaml"
+    worker.write_text(block)
+    for source, args in ((config, ("run", "--config", str(config))),
+                         (config, ("install-service", "--config", str(config), "--dry-run")),
+                         (worker, ("cloud-worker", "--config", str(worker)))):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        assert result.stderr.endswith(f"error: {source}: mqtt.password_file: {secret} is empty (or only white "
+                                      "space): write the broker password of user 'mapper' in it, as one line\n"), \
+            result.stderr
+    assert not (tmp_path / "twin.db").exists()  # nothing started
