@@ -550,3 +550,39 @@ def test_an_empty_password_file_is_a_config_error_naming_the_field_and_the_file(
                                       "space): write the broker password of user 'mapper' in it, as one line\n"), \
             result.stderr
     assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
+def test_the_cloud_worker_warns_about_world_readable_secrets_as_the_mapper_does(tmp_path):
+    """`mapper cloud-worker` read a password file and a TLS key every local user can read without a
+    word, while `mapper run` warns about both. It now prints the same warnings (with the chmod that
+    closes each) and still runs; 0600 files draw none."""
+    secret = tmp_path / "worker.password"
+    secret.write_text("s3cret\n")
+    key, cert = tmp_path / "worker.key", tmp_path / "worker.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=worker"], check=True, capture_output=True)
+    config = tmp_path / "worker.yaml"
+    # Port 1: nothing listens, the worker retries (and runs) until stopped.
+    config.write_text(f"mqtt:\n  url: mqtts://127.0.0.1:1\n  username: worker\n  password_file: {secret}\n"
+                      f"  reconnect_min_s: 0.2\n  reconnect_max_s: 0.5\n"
+                      f"  tls: {{cert_file: {cert}, key_file: {key}}}\nmodels: [sensor_faults]\n")
+    warnings = [f"warning: {config}: {field}: {path} is readable by every user of this machine (mode 0644): "
+                f"sudo chmod o-r {path}" for field, path in (("mqtt.password_file", secret), ("mqtt.tls.key_file", key))]
+    for mode in (0o644, 0o600):
+        secret.chmod(mode)
+        key.chmod(mode)
+        log = tmp_path / f"worker-{mode:o}.log"
+        with log.open("w") as handle:
+            proc = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config", str(config)],
+                                    stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+        try:
+            # The connection's first failure: the worker is running, past its start-up checks.
+            wait_for(lambda: "worker: connection to mqtts://127.0.0.1:1 lost or refused" in log.read_text(),
+                     timeout=30, what="the worker's first connection attempt")
+        finally:
+            assert stop_mapper(proc) == 0, log.read_text()
+        lines = log.read_text().splitlines()
+        if mode == 0o644:
+            assert all(w in lines for w in warnings), lines
+        else:
+            assert "readable by every user" not in log.read_text(), lines

@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -196,6 +197,8 @@ def main(config_path: str) -> int:
 
     settings = load_worker_config(config_path)
     settings.mqtt.check_password(config_path)
+    for warning in settings.mqtt.exposed_secrets(config_path):  # as `mapper run` warns
+        print(warning, file=sys.stderr)
     logs.setup(settings.log_level)
     worker = CloudWorker(settings)
 
