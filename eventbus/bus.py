@@ -22,6 +22,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -84,6 +85,35 @@ def reason_code(exc: BaseException) -> int | None:
             value = getattr(error.rc, "value", error.rc)
             return value if isinstance(value, int) else None
     return None
+
+
+# CONNACK reason codes of refused credentials: MQTT 5 "Bad user name or password" and "Not authorized"
+# (paho gives MQTT 3.1.1's return codes 4 and 5 as these too).
+BAD_CREDENTIALS = (0x86, 0x87)
+
+
+def credentials_refused(exc: BaseException) -> bool:
+    """Whether the broker refused the connection for its user name or password."""
+    for error in (exc, exc.__cause__):
+        if isinstance(error, MqttConnectError):
+            value = getattr(error.rc, "value", None)
+            if value in BAD_CREDENTIALS or (value is None and error.rc in (4, 5)):  # 3.1.1's own numbers
+                return True
+    return False
+
+
+def credentials_hint(settings: MqttSettings) -> str:
+    """What to check when the broker refuses the credentials: the user name and where the password
+    comes from (never the password)."""
+    user = f"mqtt.username ({settings.username!r})" if settings.username else "mqtt.username (not set)"
+    if settings.password_file is not None:
+        password = f"mqtt.password_file ({settings.password_file})"
+    elif settings.password_env is not None:
+        password = f"mqtt.password_env (environment variable {settings.password_env})"
+    else:
+        password = "mqtt.password_file (not set: no password is sent)"
+    return (f"the broker did not accept the credentials: check {user} / {password} against the broker's "
+            f"password file (mosquitto_passwd) and ACL")
 
 
 def describe(exc: BaseException) -> str:
@@ -374,6 +404,9 @@ class MqttBus:
                               "is another client (another mapper with the same node name?) connecting with "
                               "client id %r? Else see the broker's log. Retrying in %.1f s", self.settings.url,
                               short, describe(exc), self.client_id, delay)
+                elif credentials_refused(exc):
+                    log.warning("MQTT connection to %s lost or refused: %s; %s; retrying in %.1f s", self.settings.url,
+                                describe(exc), credentials_hint(self.settings), delay)
                 else:
                     log.warning("MQTT connection to %s lost or refused: %s; retrying in %.1f s", self.settings.url,
                                 describe(exc), delay)

@@ -17,7 +17,7 @@ import pytest
 from devices.ids import DeviceId
 from eventbus.bus import MqttBus
 from eventbus.settings import MqttSettings
-from helpers import wait_for, write_devices
+from helpers import async_wait_for, wait_for, write_devices
 from mapper_proc import MapperProcess
 from twin.store import TwinStore, committed_seqs
 
@@ -334,3 +334,64 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
     assert attempts[:5] == [1, 2, 3, 4, 5], attempts  # was [1, 1, 1, 1, 1]: started over at each CONNACK
     hints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert hints and "'twin-name-test'" in hints[0] and "same node name" in hints[0], hints
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_path, caplog, protocol):
+    """A wrong password: the broker's "[code:135] Not authorized" (MQTT 3.1.1: return code 5) was
+    logged bare. The line now names the user and the password file to check against the broker's
+    password file (never the password), and the bus retries as before."""
+    secret = tmp_path / "pw"
+    secret.write_text("not-" + broker.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                            protocol=protocol, reconnect_min_s=0.05, reconnect_max_s=0.1)
+
+    async def nothing(*_args: object) -> None:
+        return None
+
+    bus = MqttBus(settings, client_id="refused-test", will_topic="mapper/refused-test/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    caplog.set_level(logging.WARNING, logger="mapper.mqtt")
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(30):
+            await bus.first_attempt.wait()
+            while bus.connects == 0 and sum("lost or refused" in r.getMessage() for r in caplog.records) < 2:
+                bus.first_attempt.clear()  # set again after every attempt
+                await bus.first_attempt.wait()
+    finally:
+        await _cancelled(task)
+    assert bus.connects == 0
+    refusals = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
+    assert len(refusals) >= 2, refusals  # retried
+    hint = (f"the broker did not accept the credentials: check mqtt.username ('mapper') / mqtt.password_file "
+            f"({secret}) against the broker's password file (mosquitto_passwd)")
+    assert all("Not authorized" in line and hint in line for line in refusals), refusals
+    assert not any(secret.read_text() in r.getMessage() for r in caplog.records)
+
+
+async def test_the_cloud_worker_logs_refused_credentials_with_what_to_check(broker, tmp_path, caplog):
+    """The same hint for `mapper cloud-worker`, which retries as before."""
+    pytest.importorskip("onnxruntime")
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    secret = tmp_path / "pw"
+    secret.write_text("not-" + broker.users["worker"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
+                            reconnect_min_s=0.05, reconnect_max_s=0.1)
+    worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="refused"))
+    caplog.set_level(logging.WARNING, logger="mapper.worker")
+
+    def refusals() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
+
+    task = asyncio.create_task(worker.run())
+    try:
+        await async_wait_for(lambda: len(refusals()) >= 2, timeout=30, what="two refused connections")
+    finally:
+        await _cancelled(task)
+    hint = (f"the broker did not accept the credentials: check mqtt.username ('worker') / mqtt.password_file "
+            f"({secret}) against the broker's password file (mosquitto_passwd)")
+    assert not worker.ready.is_set()
+    assert all("Not authorized" in line and hint in line for line in refusals()), refusals()
+    assert not any(secret.read_text() in r.getMessage() for r in caplog.records)

@@ -36,7 +36,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import tls_context, watch_disconnect
+from eventbus.bus import credentials_hint, credentials_refused, tls_context, watch_disconnect
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -188,7 +188,9 @@ class CloudWorker:
                 attempt += 1
                 s = self.settings.mqtt
                 delay = random.uniform(s.reconnect_min_s, min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16)))
-                log.warning("worker: connection to %s lost or refused: %s; retrying in %.1f s", s.url, exc, delay)
+                hint = f"; {credentials_hint(s)}" if credentials_refused(exc) else ""
+                log.warning("worker: connection to %s lost or refused: %s%s; retrying in %.1f s", s.url, exc, hint,
+                            delay)
                 await asyncio.sleep(delay)
 
 
