@@ -165,6 +165,25 @@ def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
     return check
 
 
+async def publish_until_lost(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int = 1,
+                             retain: bool = False) -> None:
+    """client.publish, whose wait for the acknowledgement also ends (MqttError, the broker's reason
+    as its cause) as soon as aiomqtt sees the connection lost, instead of at its 30 s timeout."""
+    sent = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain, timeout=30))
+    lost: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+    if lost is not None:
+        try:
+            await asyncio.wait((sent, lost), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            sent.cancel()
+            raise
+        if not sent.done():
+            sent.cancel()
+            raise aiomqtt.MqttError("connection lost while publishing") from (
+                None if lost.cancelled() else lost.exception())
+    await sent
+
+
 class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
     """aiomqtt's queue of incoming messages, bounded (see INCOMING_LIMIT): a message that does not
     fit goes to `on_drop` instead."""
@@ -467,19 +486,7 @@ class MqttBus:
         client = self.client
         if client is None:
             raise aiomqtt.MqttError("not connected")
-        sent = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain, timeout=30))
-        lost: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
-        if lost is not None:
-            try:
-                await asyncio.wait((sent, lost), return_when=asyncio.FIRST_COMPLETED)
-            except asyncio.CancelledError:
-                sent.cancel()
-                raise
-            if not sent.done():
-                sent.cancel()
-                raise aiomqtt.MqttError("connection lost while publishing") from (
-                    None if lost.cancelled() else lost.exception())
-        await sent
+        await publish_until_lost(client, topic, payload, qos=qos, retain=retain)
 
     def flush(self) -> None:
         """Write the messages handed over by publish_nowait now (call it before awaiting their acks)."""

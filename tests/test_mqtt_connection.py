@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 
 import aiomqtt
+import orjson
 import pytest
 
 from devices.ids import DeviceId
@@ -395,3 +396,67 @@ async def test_the_cloud_worker_logs_refused_credentials_with_what_to_check(brok
     assert not worker.ready.is_set()
     assert all("Not authorized" in line and hint in line for line in refusals()), refusals()
     assert not any(secret.read_text() in r.getMessage() for r in caplog.records)
+
+
+async def test_the_cloud_worker_answers_after_the_broker_comes_back(tmp_path):
+    """The broker goes down while the worker is answering a request (A), with a second request (B)
+    received but not yet handled. The worker's publish waited aiomqtt's 30 s timeout, then the
+    worker reconnected without A's answer, and B (acknowledged on arrival, in the lost client's
+    queue) was gone too. Now the lost connection ends the publish at once, and once the broker is
+    back both answers are sent, before anything new."""
+    pytest.importorskip("onnxruntime")
+    from brokers import MosquittoBroker, MqttProbe
+    import numpy as np
+
+    from mapper.inference.codec import OffloadRequest
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    node = "restart-node"
+    result_topic = f"mapper/{node}/offload/result"
+
+    def request(request_id: str) -> bytes:  # a model the worker does not have: answered with an error
+        return orjson.dumps(OffloadRequest(request_id, node, "default/probe", "default/probe-x", "m", "0" * 16, 5,
+                                           False, "int8", np.zeros(8, dtype=np.float32)).to_json())
+
+    with MosquittoBroker("mosquitto.conf") as broker:
+        secret = tmp_path / "pw"
+        secret.write_text(broker.users["worker"])
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
+                                reconnect_min_s=0.1, reconnect_max_s=0.5)
+        worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="restarted"))
+        answer, handled = worker.answer, []
+        # The requester keeps a durable session, so answers sent while it reconnects wait for it.
+        requester = MqttProbe.connected(broker, "mapper", client_id="requester", clean=False)
+        assert requester.subscribe(result_topic).value == 1
+
+        def answer_then_lose_the_broker(topic: str, payload: bytes):  # noqa: ANN202
+            handled.append(orjson.loads(payload)["id"])
+            if len(handled) == 1:
+                # B is published (and so sent on to the worker) before the broker goes down under A.
+                requester.publish(f"mapper/{node}/offload/request", request("b" * 16))
+                broker.stop()
+            return answer(topic, payload)
+
+        worker.answer = answer_then_lose_the_broker
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(20):
+                await worker.ready.wait()
+            await asyncio.to_thread(requester.publish, f"mapper/{node}/offload/request", request("a" * 16))
+            # The lost connection is noticed while A's answer waits for its PUBACK (before: 30 s later).
+            await async_wait_for(lambda: handled and not worker.ready.is_set(), timeout=20,
+                                 what="the worker noticing the broker gone")
+            assert [orjson.loads(p)["id"] for _, p in worker.owed] == ["a" * 16]
+            assert [orjson.loads(m.payload)["id"] for m in worker.unanswered] == ["b" * 16]
+            requester.close()
+            await asyncio.to_thread(broker.start)
+            requester = MqttProbe.connected(broker, "mapper", client_id="requester", clean=False)
+            answers = [orjson.loads((await asyncio.to_thread(requester.next_message, 20)).payload) for _ in "ab"]
+            assert [(a["id"], a["error"]) for a in answers] == [("a" * 16, "unknown model"),
+                                                                ("b" * 16, "unknown model")]
+            # Each stays owed until its PUBACK, which may come after the requester has the answer.
+            await async_wait_for(lambda: not worker.owed and not worker.unanswered, what="nothing owed any more")
+            assert worker.ready.is_set()
+        finally:
+            await _cancelled(task)
+            requester.close()

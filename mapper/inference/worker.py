@@ -21,6 +21,7 @@ Config file (YAML)::
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import os
@@ -36,7 +37,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import credentials_hint, credentials_refused, tls_context, watch_disconnect
+from eventbus.bus import (credentials_hint, credentials_refused, describe, publish_until_lost, tls_context,
+                          watch_disconnect)
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -104,6 +106,9 @@ class CloudWorker:
         self.refused = 0
         self._log_throttle = Throttle()
         self.ready = asyncio.Event()
+        # Answers owed across a lost connection (see run): (topic, payload), and requests not yet answered.
+        self.owed: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.unanswered: collections.deque[aiomqtt.Message] = collections.deque()
 
     def _drop(self, reason: str, message: str, *args: object) -> None:
         """A request that gets no answer: counted each, logged a few times a minute per reason (a
@@ -161,9 +166,39 @@ class CloudWorker:
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10, logger=logging.getLogger("mapper.worker.client"))
 
+    def _take(self, message: aiomqtt.Message) -> None:
+        """Answer one request: the answer is owed (self.owed) until the broker has acknowledged it."""
+        payload = message.payload if isinstance(message.payload, bytes) else b""
+        if len(payload) > self.settings.mqtt.max_payload_bytes:
+            self._drop("too_large", "dropped a request of %d bytes on %r (mqtt.max_payload_bytes)",
+                       len(payload), message.topic.value[:200])
+            return
+        answer = self.answer(message.topic.value, payload)
+        if answer is not None:
+            self.owed.append(answer)
+
+    async def _pay(self, client: aiomqtt.Client) -> None:
+        """Publish the owed answers, oldest first; each stays owed until its PUBACK. A lost connection
+        ends the wait at once (MqttError), not at aiomqtt's 30 s timeout."""
+        while self.owed:
+            topic, payload = self.owed[0]
+            await publish_until_lost(client, topic, payload, qos=1)
+            self.owed.popleft()
+
     async def run(self) -> None:
+        """Answer requests until cancelled, reconnecting with backoff.
+
+        A request is acknowledged to the broker when it arrives (the session is a clean one: a
+        worker restarted under another id must not leave a queue behind), so the worker owes its
+        answer from then on: an answer whose publish the lost connection cut short (self.owed),
+        and the requests received but not yet answered (self.unanswered), are sent once connected
+        again, before any new request. They are kept in memory only: a worker that stops (or
+        dies) with answers owed loses them (logged at a clean stop), and the mapper's resend
+        (inference `resend_s`) asks again.
+        """
         attempt = 0
         while True:
+            client: aiomqtt.Client | None = None
             try:
                 client = self._client()
                 check_connected = watch_disconnect(client)
@@ -174,24 +209,35 @@ class CloudWorker:
                     log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
                              self.settings.mqtt.url, self.subscription)
                     self.ready.set()
+                    if self.owed or self.unanswered:
+                        log.info("worker %s: sending %d answer(s) owed from the lost connection", self.worker_id,
+                                 len(self.owed) + len(self.unanswered))
+                    await self._pay(client)
+                    while self.unanswered:
+                        self._take(self.unanswered[0])
+                        self.unanswered.popleft()
+                        await self._pay(client)
                     async for message in client.messages:
-                        payload = message.payload if isinstance(message.payload, bytes) else b""
-                        if len(payload) > self.settings.mqtt.max_payload_bytes:
-                            self._drop("too_large", "dropped a request of %d bytes on %r (mqtt.max_payload_bytes)",
-                                       len(payload), message.topic.value[:200])
-                            continue
-                        answer = self.answer(message.topic.value, payload)
-                        if answer is not None:
-                            await client.publish(answer[0], answer[1], qos=1, timeout=30)
+                        self._take(message)
+                        await self._pay(client)
             except aiomqtt.MqttError as exc:
                 self.ready.clear()
+                self._keep_unanswered(client)
                 attempt += 1
                 s = self.settings.mqtt
                 delay = random.uniform(s.reconnect_min_s, min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16)))
                 hint = f"; {credentials_hint(s)}" if credentials_refused(exc) else ""
-                log.warning("worker: connection to %s lost or refused: %s%s; retrying in %.1f s", s.url, exc, hint,
-                            delay)
+                owed = len(self.owed) + len(self.unanswered)
+                log.warning("worker: connection to %s lost or refused: %s%s; retrying in %.1f s%s", s.url,
+                            describe(exc), hint, delay, f" ({owed} answer(s) owed, sent once connected)" if owed else "")
                 await asyncio.sleep(delay)
+
+    def _keep_unanswered(self, client: aiomqtt.Client | None) -> None:
+        """The requests a lost connection left in aiomqtt's queue (received and acknowledged, not yet
+        handled): kept, to be answered on the next connection (the next client has a queue of its own)."""
+        queue = getattr(client, "_queue", None)
+        while queue is not None and not queue.empty():
+            self.unanswered.append(queue.get_nowait())
 
 
 def main(config_path: str) -> int:
@@ -219,6 +265,9 @@ def main(config_path: str) -> int:
         except asyncio.CancelledError:
             pass
         log.info("worker %s stopped: %d served, %d refused", worker.worker_id, worker.served, worker.refused)
+        if owed := len(worker.owed) + len(worker.unanswered):
+            log.warning("worker %s: %d answer(s) owed were not sent (kept in memory only); the nodes ask again "
+                        "after their resend_s", worker.worker_id, owed)
 
     asyncio.run(run())
     return 0
