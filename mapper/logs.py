@@ -63,6 +63,10 @@ class Throttle:
         window[2] += 1
         return None
 
+    def reset(self, key: Hashable) -> None:
+        """Forget `key`'s window: its next line is let through at once (a new episode starts)."""
+        self._windows.pop(key, None)
+
 
 def held_note(held: int) -> str:
     """The suffix of a line let through after `held` of its kind were not logged."""

@@ -20,6 +20,9 @@ readings keep coming and wait in memory; at most `max_waiting` of them (twin.wai
 plus the batch being committed). Beyond that the OLDEST waiting readings are dropped (the
 newest values matter most for a twin), with the telemetry they carry, counted (`dropped`; in
 the twin's counters('readings_dropped') with the next commit) and logged, a line a minute.
+The failed commits themselves (retried every `retry_s`) are logged the same way: the first at
+once, then a line a minute saying how many were not logged; the commit that succeeds again logs
+how long the twin could not be written and how many readings waited.
 What came with a dropped reading's batch and is not that reading's own telemetry (the batch's
 extras, such as inference decisions with their offload requests, and its other messages) stays
 and commits with what is left of the batch, or alone: extras are neither lost nor run twice.
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -82,6 +86,10 @@ class Recorder:
         self.dropped = 0  # readings dropped for that bound since start
         self._dropped_unsaved = 0  # ... not yet counted in the twin (it goes with the next commit)
         self._log_throttle = Throttle(burst=1, interval_s=60.0)
+        self.retry_s = 1.0  # between tries of a commit that failed
+        self.commit_failures = 0  # failed commits since start
+        self._failing_since: float | None = None  # monotonic time of the first failure of the current outage
+        self._failures_unlogged = 0  # failed commits of the current outage not logged (throttled)
         self._has_data = asyncio.Event()
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -154,8 +162,27 @@ class Recorder:
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 - a full disk must not kill the loop; readings stay queued
-                log.error("cannot commit %d readings to the twin, retrying in 1 s: %s", self.waiting(), exc)
-                await asyncio.sleep(1.0)
+                # A full disk can last hours: the first failure is logged at once, then a line a minute.
+                held = self._log_throttle("commit_failed")
+                if held is None:
+                    self._failures_unlogged += 1
+                else:
+                    self._failures_unlogged = 0
+                    log.error("cannot commit %d readings to the twin, retrying every %g s: %s%s",
+                              self.waiting(), self.retry_s, exc, held_note(held))
+                await asyncio.sleep(self.retry_s)
+
+    def _writable_again(self, batch: int) -> None:
+        """A commit succeeded after failed ones: say so, once per outage."""
+        assert self._failing_since is not None
+        waited = batch + self.waiting()  # this batch and those behind it (committed next)
+        log.warning("twin writable again after %.0f s, %d readings waited%s%s",
+                    time.monotonic() - self._failing_since, waited,
+                    f" ({self.dropped} dropped since start, twin.waiting_max_readings)" if self.dropped else "",
+                    f" ({self._failures_unlogged} more failed commits not logged)" if self._failures_unlogged else "")
+        self._failing_since = None
+        self._failures_unlogged = 0
+        self._log_throttle.reset("commit_failed")  # the next outage's first failure is logged at once
 
     def waiting(self) -> int:
         """Readings taken and not committed yet (pending, or in a batch whose commit failed), and
@@ -239,7 +266,11 @@ class Recorder:
                     break
             try:
                 rows, results = commit.result()
-            except BaseException:
+            except BaseException as exc:
+                if isinstance(exc, Exception):
+                    self.commit_failures += 1
+                    if self._failing_since is None:
+                        self._failing_since = time.monotonic()
                 self._retry = (batch, messages, extras, failures + 1)  # not committed: first again, in order
                 self._has_data.set()
                 if self._max_waiting is not None and self.waiting() > self._max_waiting:
@@ -250,6 +281,8 @@ class Recorder:
                     raise cancelled from None
                 raise
             self._dropped_unsaved -= dropped
+            if self._failing_since is not None:
+                self._writable_again(len(batch))
             self.committed += len(batch)
             self._last_batch = len(batch)
             if self.on_commit:

@@ -51,7 +51,13 @@ class MapperProcess:
 
     def _limit(self) -> None:
         assert self.file_size_limit is not None
-        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, self.file_size_limit))
+        # (The hard limit stays: `disk_freed` can lift the soft one again.)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, resource.RLIM_INFINITY))
+
+    def disk_freed(self) -> None:
+        """The mapper's full disk has room again: its twin files may grow (RLIMIT_FSIZE lifted)."""
+        assert self.process is not None and self.file_size_limit is not None
+        resource.prlimit(self.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""

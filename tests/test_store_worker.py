@@ -427,3 +427,66 @@ async def test_readings_waiting_for_a_twin_that_cannot_be_written_are_bounded_ol
     assert done == [0, 20, 24, 28, 30]
     assert [orjson.loads(p)["first"] for (p,) in decisions] == [0, 20, 24, 28]
     assert dropped == dropped_after == 30 - bound  # counted in the twin once, not again
+
+
+async def test_failed_commits_are_logged_once_a_minute_and_the_recovery_once(tmp_path, caplog):
+    """While the twin cannot be written (another process holds its write lock, as a full disk
+    would fail every commit) the recorder retries; its "cannot commit" error was logged at every
+    try, once a second, 3,600 lines an hour. Now the first is logged at once, then one a minute
+    saying how many were not; the commit that succeeds says how long it took and how many readings
+    waited; and the next outage's first failure is logged at once again."""
+    import asyncio
+    import logging
+    import re
+    import sqlite3
+
+    from mapper.logs import Throttle
+    from mapper.recorder import Recorder
+
+    path = _lamp_twin(tmp_path)
+    caplog.set_level(logging.WARNING, logger="mapper.recorder")
+    now = [0.0]
+
+    def lines(text: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mapper.recorder" and text in r.getMessage()]
+
+    lock = sqlite3.connect(path, isolation_level=None)
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
+        recorder = Recorder(worker, batch_max=4, batch_delay_s=0)
+        recorder.retry_s = 0.01
+        recorder._log_throttle = Throttle(burst=1, interval_s=60.0, clock=lambda: now[0])  # noqa: SLF001
+        task = asyncio.create_task(recorder.run())
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+            recorder.add(Reading(LAMP, "count", 1, 1_000))
+            await async_wait_for(lambda: recorder.commit_failures >= 5, what="5 failed commits")
+            assert len(lines("cannot commit")) == 1, lines("cannot commit")
+            now[0] = 61.0  # a minute later: one more line, saying how many were not logged
+            await async_wait_for(lambda: len(lines("cannot commit")) == 2, what="the next line a minute later")
+            held = re.search(r"\((\d+) more like this not logged\)$", lines("cannot commit")[1])
+            assert held and int(held[1]) >= 4, lines("cannot commit")  # at least the 2nd to 5th
+            failures = recorder.commit_failures
+            recorder.add(Reading(LAMP, "count", 2, 2_000))
+            await async_wait_for(lambda: recorder.commit_failures >= failures + 3, what="3 more failed commits")
+            assert len(lines("cannot commit")) == 2
+            lock.execute("ROLLBACK")  # the twin can be written again
+            await async_wait_for(lambda: recorder.committed == 2, what="the readings committed")
+            [again] = lines("twin writable again")
+            held = re.fullmatch(r"twin writable again after 0 s, 2 readings waited \((\d+) more failed commits not logged\)",
+                                again)
+            assert held and int(held[1]) >= 3, again  # at least the 3 since the last line
+
+            lock.execute("BEGIN IMMEDIATE")  # a second outage, within the same minute: logged at once
+            recorder.add(Reading(LAMP, "count", 3, 3_000))
+            await async_wait_for(lambda: len(lines("cannot commit")) == 3, what="the next outage's first failure")
+            lock.execute("ROLLBACK")
+            await async_wait_for(lambda: recorder.committed == 3, what="the third reading committed")
+            assert len(lines("twin writable again")) == 2
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
