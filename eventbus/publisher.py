@@ -34,7 +34,7 @@ from eventbus.paho_fastpath import publish_size
 from mapper.logs import Throttle, held_note
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick
-from twin.store import OutboxRow
+from twin.store import OutboxRow, SentIds
 
 log = logging.getLogger("mapper.publisher")
 
@@ -70,6 +70,7 @@ class OutboxPublisher:
         self._max_committed = 0         # highest id known to be committed
         self._rewind: int | None = None  # read the backlog from after this id (rows offered out of order)
         self._acked: list[int] = []
+        self._acked_refused = 0         # of `_acked`, rows dropped as undeliverable (counted in the twin with them)
         self._acked_since = 0.0         # monotonic time (the loop's clock) of the oldest ack in `_acked`
         self._wake = asyncio.Event()
         self._ack_wake = asyncio.Event()   # 500 acks waiting: delete them now
@@ -158,6 +159,8 @@ class OutboxPublisher:
     def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
         if delivered:
             self.published += 1
+        else:
+            self._acked_refused += 1
         if not self._acked:
             self._acked_since = time.monotonic()  # = loop.time()
         self._acked.append(row_id)
@@ -168,9 +171,11 @@ class OutboxPublisher:
         if not self._inflight and not self._live and not self._backlog:
             self.idle.set()
 
-    def take_acked(self) -> list[int]:
-        """Hand over the acknowledged row ids, for the recorder to delete in its next transaction."""
-        ids, self._acked = self._acked, []
+    def take_acked(self) -> SentIds:
+        """Hand over the acknowledged row ids, for the recorder to delete in its next transaction
+        (with the count of undeliverable ones among them, for the twin's counters)."""
+        ids = SentIds(self._acked, self._acked_refused)
+        self._acked, self._acked_refused = [], 0
         return ids
 
     def return_acked(self, ids: list[int]) -> None:
@@ -178,6 +183,7 @@ class OutboxPublisher:
         if not self._acked:
             self._acked_since = time.monotonic()  # = loop.time()
         self._acked[:0] = ids
+        self._acked_refused += getattr(ids, "refused", 0)
         self._ack_first.set()
 
     def _on_lost(self) -> None:
@@ -330,7 +336,7 @@ class OutboxPublisher:
         not yet marked so, and at worst a restart sends them again (QoS 1 allows it; `seq` shows it)."""
         if not self._acked:
             return
-        ids, self._acked = self._acked, []
+        ids = self.take_acked()
         try:
             await self._worker.call(lambda s: s.outbox_sent(ids))
         except Exception as exc:  # noqa: BLE001 - a twin error must not stop publishing

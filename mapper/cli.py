@@ -298,17 +298,22 @@ def cmd_devices(args: argparse.Namespace) -> int:
     with _open_twin(config) as store:
         rows = [store.device(d) for d in store.device_ids()]
         outbox = store.outbox_stats()
-        readings_dropped = store.readings_dropped()
+        losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
+    outbox["undeliverable"] = losses["outbox_undeliverable"]
     if args.json:
-        print(orjson.dumps({"devices": [_twin_json(t) for t in rows], "outbox": outbox},
+        print(orjson.dumps({"devices": [_twin_json(t) for t in rows], "outbox": outbox,
+                            "readings_dropped": losses["readings_dropped"]},
                            option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"{'device':<32} {'state':<10} {'last reading':<24} detail")
     for t in rows:
         print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
-    print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy")
-    if readings_dropped:
-        print(f"readings: {readings_dropped} dropped while the twin could not be written (twin.waiting_max_readings)")
+    print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy"
+          f" (twin.outbox_max_rows, outbox_max_bytes); {outbox['undeliverable']} undeliverable"
+          " (refused by the broker or over its packet limit)")
+    if losses["readings_dropped"]:
+        print(f"readings: {losses['readings_dropped']} dropped while the twin could not be written"
+              " (twin.waiting_max_readings)")
     return 0
 
 

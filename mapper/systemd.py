@@ -4,7 +4,9 @@ A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=
 
 - `READY=1` once the service is ready (twin open, drivers started) and, when the event bus
   is configured, its first broker connection attempt has finished (`service.bus_first_attempt`);
-- `STATUS=` a one-line summary (devices ok/unhealthy/refused, outbox depth), refreshed when it changes;
+- `STATUS=` a one-line summary (devices ok/unhealthy/refused, outbox depth; when not zero, the
+  telemetry dropped by the outbox limits, the readings dropped while the twin could not be written
+  and the outbox messages dropped as undeliverable, since the twin was created), refreshed when it changes;
 - `WATCHDOG=1` every `WATCHDOG_USEC / 2` from a task on the event loop, so the pings stop
   when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit). The pings
   also stop while the twin thread (mapper.store_worker) is stalled: it has had a call waiting
@@ -83,8 +85,9 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
-                rejected_messages: int = 0) -> str:
-    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued; 4 MQTT messages refused` (pure, for STATUS=)."""
+                rejected_messages: int = 0, *, readings_dropped: int = 0, undeliverable: int = 0) -> str:
+    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued, 5 dropped (outbox limits); 120 readings dropped (twin not
+    writable); 3 messages undeliverable; 4 MQTT messages refused` (pure, for STATUS=)."""
     counts = Counter(states)
     total = sum(counts.values()) + refused
     parts = [f"{n} {state}" for state, n in sorted(counts.items())]
@@ -94,7 +97,11 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
     if outbox is not None:
         text += f"; outbox {outbox.get('depth', 0)} queued"
         if outbox.get("dropped"):
-            text += f", {outbox['dropped']} dropped"
+            text += f", {outbox['dropped']} dropped (outbox limits)"  # since the twin was created
+    if readings_dropped:  # since the twin was created (twin.waiting_max_readings)
+        text += f"; {readings_dropped} reading{'s' if readings_dropped != 1 else ''} dropped (twin not writable)"
+    if undeliverable:  # since the twin was created: refused by the broker, or over its packet limit
+        text += f"; {undeliverable} message{'s' if undeliverable != 1 else ''} undeliverable"
     if rejected_messages:  # the log shows only a few a minute (mapper.logs.Throttle): the total is here
         text += f"; {rejected_messages} MQTT message{'s' if rejected_messages != 1 else ''} refused"
     return text
@@ -120,6 +127,7 @@ class SystemdExtension:
         self.held_pings = 0  # pings not sent because the twin thread was stalled (since start)
         self._stopping_sent = False
         self._status: str | None = None  # the summary last sent (None: send the next one whatever it is)
+        self._losses_at_start: dict[str, int] = {}  # TwinStore.losses() when the service started
 
     @classmethod
     def from_environ(cls, env: Mapping[str, str] | None = None, settings: SystemdSettings | None = None) -> SystemdExtension | None:
@@ -134,6 +142,11 @@ class SystemdExtension:
 
     async def setup(self, service: MapperService) -> None:
         self.notifier.notify("STATUS=starting: twin open, starting devices")
+        # The losses counted in the twin before this process; this process's own are added from
+        # the recorder's and the publisher's counts (they reach the twin only with a commit, and a
+        # full disk is when they happen).
+        with contextlib.suppress(Exception):
+            self._losses_at_start = await service.twin(lambda s: s.losses())
 
     async def run(self, service: MapperService) -> None:
         try:
@@ -214,7 +227,12 @@ class SystemdExtension:
         states = [runner.state for runner in service.runners.values()]
         router = getattr(service.bus, "router", None)
         rejected = sum(n for kind, n in router.counts.items() if kind.startswith("rejected_")) if router else 0
-        return status_line(states, len(service.refused), outbox, rejected)
+        before = self._losses_at_start
+        recorder = getattr(service, "recorder", None)
+        publisher = getattr(service.bus, "publisher", None)
+        return status_line(states, len(service.refused), outbox, rejected,
+                           readings_dropped=before.get("readings_dropped", 0) + (recorder.dropped if recorder else 0),
+                           undeliverable=before.get("outbox_undeliverable", 0) + (publisher.undeliverable if publisher else 0))
 
 
 # -- the unit file (`mapper install-service`) --------------------------------------------------

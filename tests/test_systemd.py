@@ -316,7 +316,11 @@ def test_status_line() -> None:
     assert status_line(["ok", "ok", "unhealthy"], 1, {"depth": 12, "dropped": 0}) == (
         "4 devices: 2 ok, 1 unhealthy, 1 refused; outbox 12 queued")
     assert status_line([], 0, None) == "0 devices"
-    assert status_line(["ok"], 0, {"depth": 0, "dropped": 3}) == "1 device: 1 ok; outbox 0 queued, 3 dropped"
+    assert status_line(["ok"], 0, {"depth": 0, "dropped": 3}) == "1 device: 1 ok; outbox 0 queued, 3 dropped (outbox limits)"
+    assert status_line(["ok"], 0, {"depth": 0}, readings_dropped=120, undeliverable=3) == (
+        "1 device: 1 ok; outbox 0 queued; 120 readings dropped (twin not writable); 3 messages undeliverable")
+    assert status_line(["ok"], 0, None, 2, readings_dropped=1, undeliverable=1) == (
+        "1 device: 1 ok; 1 reading dropped (twin not writable); 1 message undeliverable; 2 MQTT messages refused")
     assert status_line(["ok"], 0, None, 1) == "1 device: 1 ok; 1 MQTT message refused"
     assert status_line(["ok"], 0, {"depth": 0}, 250) == "1 device: 1 ok; outbox 0 queued; 250 MQTT messages refused"
 
@@ -454,3 +458,139 @@ def test_the_systemd_section_is_validated_with_the_rest(tmp_path: Path, section:
     with pytest.raises(DefinitionError) as refused:
         config_for(tmp_path, extra=section)
     assert any(problem in str(p) and "mapper.yaml:" in str(p) for p in refused.value.problems), refused.value.problems
+
+
+def _mapper_devices(config: Path) -> tuple[str, dict]:
+    """`mapper devices` as a user runs it: its text, and its --json."""
+    import json
+
+    run = [sys.executable, "-m", "mapper", "devices", "--config", str(config)]
+    text = subprocess.run(run, capture_output=True, text=True, timeout=30, cwd=REPO, check=True).stdout
+    as_json = subprocess.run([*run, "--json"], capture_output=True, text=True, timeout=30, cwd=REPO, check=True).stdout
+    return text, json.loads(as_json)
+
+
+async def test_readings_dropped_while_the_twin_cannot_be_written_are_in_status_and_mapper_devices(
+        tmp_path: Path, listener: NotifyListener) -> None:
+    """Another process holds the twin's write lock (as a full disk would fail every commit) past
+    twin.waiting_max_readings: the oldest readings are dropped. The count used to be only in the
+    twin's counters (and the text of `mapper devices`): STATUS= now says so while it happens, and
+    after a restart (the count comes from the twin), and `mapper devices --json` has it too."""
+    import sqlite3
+
+    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=10)
+    path = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+    config = load_config(path)
+    config = config.model_copy(update={"twin": config.twin.model_copy(update={"waiting_max_readings": 100})})
+    dropped_status = re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued; (\d+) readings dropped \(twin not writable\)")
+
+    def service_with_status() -> MapperService:
+        service = MapperService(config)
+        service.extensions.append(SystemdExtension(Notifier(listener.address), status_every_s=0.05))
+        return service
+
+    service = service_with_status()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    lock = sqlite3.connect(config.twin.path, isolation_level=None)
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
+        # Both devices ok first: a state change the twin cannot take crashes the device loop.
+        ok = await to_thread(listener.wait_for, re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued"))
+        lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+        await to_thread(listener.wait_for, dropped_status, after=ok)
+        lock.execute("ROLLBACK")
+        assert service.recorder is not None
+        await async_wait_for(lambda: service.recorder.waiting() == 0, what="the readings that waited committed")
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    dropped = service.recorder.dropped
+    assert dropped > 0
+    text, as_json = await to_thread(_mapper_devices, path)
+    assert f"readings: {dropped} dropped while the twin could not be written" in text, text
+    assert as_json["readings_dropped"] == dropped, as_json
+
+    # Restarted: the count comes from the twin, before anything is dropped again.
+    shown = len(listener.messages)
+    service = service_with_status()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await to_thread(listener.wait_for, f"STATUS=2 devices: 2 ok; outbox 0 queued; {dropped} readings dropped"
+                        " (twin not writable)", after=shown)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def test_undeliverable_outbox_messages_are_in_status_and_mapper_devices(
+        tmp_path: Path, listener: NotifyListener, broker: MosquittoBroker) -> None:
+    """An outbox message paho refuses outright (a wildcard topic, queued before topics were
+    validated) is dropped as undeliverable. The count was only the publisher's, in memory: it is
+    now in the twin (with the row's delete), in STATUS= (also after a restart) and in
+    `mapper devices` (text and --json)."""
+    from devices.loader import load
+    from twin.store import OutMessage, TwinStore
+
+    node = f"systemd-{uuid.uuid4().hex[:8]}"
+    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=50)
+    path = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db", node=node,
+                        extra=mqtt_block(broker, tmp_path, extra="  session_expiry_s: 0\n"))
+    config = load_config(path)
+    with TwinStore.open(config.twin.path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([], [OutMessage(f"mapper/{node}/default/+/count", {"n": 1}, sequenced=False)])
+
+    def service_with_status() -> MapperService:
+        service = MapperService(config)
+        service.extensions += [EventBusExtension(config.mqtt),
+                               SystemdExtension(Notifier(listener.address), status_every_s=0.05)]
+        return service
+
+    undeliverable = re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued; 1 message undeliverable")
+    for run in ("first", "restarted"):
+        shown = len(listener.messages)
+        service = service_with_status()
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            await to_thread(listener.wait_for, undeliverable, after=shown)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert service.bus.publisher.undeliverable == (1 if run == "first" else 0)
+        text, as_json = await to_thread(_mapper_devices, path)
+        assert "; 1 undeliverable (refused by the broker or over its packet limit)" in text, text
+        assert as_json["outbox"]["undeliverable"] == 1, as_json
+
+
+async def test_telemetry_dropped_by_the_outbox_limits_is_in_status_and_mapper_devices(
+        tmp_path: Path, listener: NotifyListener) -> None:
+    """The broker cannot be reached and the outbox is at twin.outbox_max_rows: the oldest telemetry
+    is dropped, counted in the twin; STATUS= and `mapper devices` (text and --json) say how many."""
+    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=10)
+    # Port 1 of the loopback: nothing listens there, every connection attempt is refused.
+    path = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+                        extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n")
+    config = load_config(path)
+    config = config.model_copy(update={"twin": config.twin.model_copy(update={"outbox_max_rows": 100})})
+    service = MapperService(config)
+    service.extensions += [EventBusExtension(config.mqtt),
+                           SystemdExtension(Notifier(listener.address), status_every_s=0.05)]
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await to_thread(listener.wait_for,
+                        re.compile(r"STATUS=2 devices: 2 ok; outbox 100 queued, \d+ dropped \(outbox limits\)"))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+    text, as_json = await to_thread(_mapper_devices, path)
+    dropped = as_json["outbox"]["dropped"]
+    assert dropped > 0 and as_json["outbox"]["depth"] == 100, as_json
+    assert f"; {dropped} dropped by policy (twin.outbox_max_rows, outbox_max_bytes);" in text, text

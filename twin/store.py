@@ -115,6 +115,18 @@ class OutboxRow(NamedTuple):
     kind: str
 
 
+class SentIds(list):  # list[int]
+    """Outbox ids done with (TwinStore.outbox_sent, record's `sent`), of which the last `refused`
+    were not delivered but dropped as undeliverable (the broker refused them, or they were larger
+    than it takes): counted in counters('outbox_undeliverable') in the same transaction."""
+
+    __slots__ = ("refused",)
+
+    def __init__(self, ids: Iterable[int] = (), refused: int = 0) -> None:
+        super().__init__(ids)
+        self.refused = refused
+
+
 @dataclass(frozen=True, slots=True)
 class DesiredChange:
     device_id: DeviceId
@@ -1049,7 +1061,11 @@ class TwinStore:
         One carried in a history row leaves the in-memory queue, and the cursor
         counters('published_through') moves up to the oldest one still waiting; an outbox
         table row is deleted. An id that is neither (dropped by policy meanwhile) is ignored.
+        Undeliverable ones among them (SentIds.refused) are counted.
         """
+        refused = getattr(ids, "refused", 0)
+        if refused:
+            self._bump("outbox_undeliverable", refused)
         sizes = self._carried_size
         table_ids = []
         for row_id in ids:
@@ -1098,6 +1114,14 @@ class TwinStore:
         """Readings the mapper dropped before it could record them: more were waiting for a
         commit than twin.waiting_max_readings while the twin could not be written."""
         return _counter(self.conn, "readings_dropped")
+
+    def losses(self) -> dict[str, int]:
+        """What was lost since the twin was created, as committed: readings dropped before they
+        could be recorded (twin.waiting_max_readings), telemetry dropped by the outbox limits, and
+        outbox messages dropped as undeliverable (refused by the broker, or over its packet limit)."""
+        return {"readings_dropped": _counter(self.conn, "readings_dropped"),
+                "outbox_dropped": _counter(self.conn, "outbox_dropped"),
+                "outbox_undeliverable": _counter(self.conn, "outbox_undeliverable")}
 
     def outbox_stats(self) -> dict[str, int]:
         """Messages still to publish (outbox rows and telemetry in history rows), their bytes, and
