@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -19,6 +20,7 @@ from devices.ids import DeviceId
 from devices.loader import LoadResult, load
 from mapper.config import MapperConfig
 from mapper.device_loop import OFFLINE, DeviceRunner
+from mapper.logs import Throttle, held_note
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
@@ -46,6 +48,11 @@ class MapperService:
         self.worker: StoreWorker | None = None
         self.recorder: Recorder | None = None
         self._desired_wake = asyncio.Event()
+        # Device states the twin could not take (see _on_state): the newest per device, retried.
+        self._unsaved_states: dict[DeviceId, tuple[DeviceDefinition, str, str | None]] = {}
+        self._states_unsaved = asyncio.Event()
+        self._state_calls: dict[DeviceId, int] = {}  # per device: which _on_state call is the newest
+        self._state_log = Throttle(burst=1, interval_s=60.0)
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
         self._tg: asyncio.TaskGroup | None = None
@@ -118,6 +125,7 @@ class MapperService:
                     tg.create_task(self._desired_loop(), name="desired")
                     tg.create_task(self._prune_loop(), name="prune-history")
                     tg.create_task(self._missed_reads_loop(), name="missed-reads")
+                    tg.create_task(self._state_retry_loop(), name="state-retry")
                     for definition in runnable.values():
                         self.start_device(definition, tg)
                     for ext in self.extensions:
@@ -294,12 +302,49 @@ class MapperService:
                 await asyncio.sleep(min(30.0, 2**attempt))
 
     async def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
+        """A device's state changed: into the twin, with the messages the listeners make of it.
+
+        When the twin cannot be written (a full disk, another process holding its lock) the
+        device goes on reading (its readings wait in the recorder, bounded) instead of its loop
+        failing on this write and restarting with a back-off, taking nothing meanwhile: the
+        newest state of each device is kept and written, messages and all, once the twin can be.
+        """
+        self._unsaved_states.pop(definition.id, None)
+        call = self._state_calls[definition.id] = self._state_calls.get(definition.id, 0) + 1
         messages: list[OutMessage] = []
         for listener in self.state_listeners:
             messages.extend(listener(definition, state, detail))
-        rows = await self.twin(lambda s: s.set_state(definition.id, state, detail, messages))
+        try:
+            rows = await self.twin(lambda s: s.set_state(definition.id, state, detail, messages))
+        except sqlite3.Error as exc:
+            if self._state_calls[definition.id] == call:  # (an older state failing after a newer one is moot)
+                self._unsaved_states[definition.id] = (definition, state, detail)
+                self._states_unsaved.set()
+            held = self._state_log("unsaved")
+            if held is not None:
+                log.error("%s: state %s not saved in the twin (%s); the device goes on, the state is written once"
+                          " the twin can be%s", definition.id, state, exc, held_note(held))
+            return
         if rows and self.recorder is not None and self.recorder.on_outbox:
             self.recorder.on_outbox(rows)
+
+    async def _state_retry_loop(self) -> None:
+        """Write the device states the twin could not take, once a second while there are any
+        (a round ends at the first that fails again: each waits for the twin's lock timeout)."""
+        while True:
+            await self._states_unsaved.wait()
+            await sleep_to_tick(1.0)
+            for device_id in list(self._unsaved_states):
+                entry = self._unsaved_states.get(device_id)
+                if entry is None:
+                    continue  # a newer state was saved meanwhile
+                await self._on_state(*entry)
+                if device_id in self._unsaved_states:
+                    break
+            if not self._unsaved_states:
+                self._states_unsaved.clear()
+                log.info("device states saved in the twin again")
+                self._state_log.reset("unsaved")
 
     async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
         if self.recorder is not None:

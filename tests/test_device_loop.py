@@ -464,3 +464,49 @@ async def test_a_desired_value_whose_apply_cannot_be_recorded_is_applied_again(t
             await async_wait_for(lambda: twin.pending_desired() == [], timeout=30,
                                  what="the value applied again, and recorded, by the restarted loop")
             assert twin.device(GOOD1).properties["power"].reported is True and twin.device(GOOD1).delta() == {}
+
+
+async def test_a_state_change_the_twin_cannot_take_does_not_stop_the_device(tmp_path, caplog):
+    """While another process holds the twin's write lock (as a full disk fails every write), a
+    device goes unhealthy and back to ok. Its state changes could not be saved, and the first
+    one used to crash its loop ("database is locked" from set_state), which restarted after a
+    back-off of 2 s, 4 s, ... taking no readings meanwhile. Now it goes on reading; the readings
+    wait and are committed, and its newest state is written once the twin can be."""
+    import sqlite3
+
+    unplugged = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    flaky = DeviceId("default", "flaky")
+    lock = sqlite3.connect(config.twin.path, isolation_level=None)
+    async with running_service(config) as service:
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed write fails at once
+        runner = service.runners[flaky]
+        await async_wait_for(lambda: runner.state == "ok", what="the device ok")
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+            locked_at = int(time.time() * 1000)
+            unplugged.touch()
+            await async_wait_for(lambda: runner.state == "unhealthy", what="the device unhealthy")
+            unplugged.unlink()
+            await async_wait_for(lambda: runner.state == "ok", what="the device ok again")
+            reads = runner.reads
+            await async_wait_for(lambda: runner.reads >= reads + 150, what="150 more good reads (3 properties)")
+            unlocked_at = int(time.time() * 1000)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        with reader(config) as twin:
+            def newest() -> int:
+                return twin.conn.execute("SELECT coalesce(max(ts), 0) FROM readings").fetchone()[0]
+            # Batches commit in order: once a reading taken after the unlock is in, the ones that waited are.
+            await async_wait_for(lambda: twin.device(flaky).state == "ok" and newest() > unlocked_at,
+                                 what="the state and the readings that waited in the twin")
+            taken = [ts for ts, in twin.conn.execute(
+                "SELECT DISTINCT ts FROM readings WHERE device_id = ? AND property = 'count' AND ts BETWEEN ? AND ?"
+                " ORDER BY ts", (str(flaky), locked_at, unlocked_at))]
+    crashed = [r.getMessage() for r in caplog.records if "device loop crashed" in r.getMessage()]
+    assert crashed == []
+    assert any("not saved in the twin" in r.getMessage() for r in caplog.records)
+    gaps = [b - a for a, b in zip(taken, taken[1:], strict=False)]
+    assert len(taken) >= 50 and max(gaps) < 1000, (len(taken), max(gaps, default=None))

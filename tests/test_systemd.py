@@ -496,7 +496,7 @@ async def test_readings_dropped_while_the_twin_cannot_be_written_are_in_status_a
     try:
         await asyncio.wait_for(service.ready.wait(), 10)
         await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-        # Both devices ok first: a state change the twin cannot take crashes the device loop.
+        # Both devices ok first: the STATUS= line this test waits for names the states the twin holds.
         ok = await to_thread(listener.wait_for, re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued"))
         lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
         await to_thread(listener.wait_for, dropped_status, after=ok)
