@@ -26,6 +26,7 @@ processes (the CLI) open their own and see committed data thanks to WAL.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections import deque
@@ -249,6 +250,23 @@ class _Fold:
             self.last[device] = taken
 
 
+TWIN_FILE_MODE = 0o600
+
+
+def create_private(path: Path) -> None:
+    """Create the twin file, if it does not exist yet, readable and writable by its owner only.
+
+    SQLite would create it under the process's umask (0644 with the usual 022): every local user
+    could read the readings, the desired values and the outbox. SQLite gives the -wal and -shm
+    files the mode of the database file, so they stay private too. An existing file keeps its mode
+    (a deployment may share it on purpose; under systemd its directory is 0750)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), TWIN_FILE_MODE)
+    except OSError:  # it exists; or it cannot be made, which sqlite3.connect then reports with the usual hints
+        return
+    os.close(fd)
+
+
 class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
         self.conn = conn
@@ -303,6 +321,7 @@ class TwinStore:
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"twin.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
         path.parent.mkdir(parents=True, exist_ok=True)
+        create_private(path)
         conn = None
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread, timeout=30)

@@ -33,6 +33,8 @@ log = logging.getLogger("mapper.dmi")
 
 Key = tuple[str, str]  # (namespace, name)
 STATE_VERSION = 1
+# The saved state (last known devices and models from edgecore): readable by the mapper's user only.
+STATE_FILE_MODE = 0o600
 
 
 def device_key(device: pb.Device) -> Key:
@@ -214,7 +216,11 @@ class Catalog:
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+        # Owner only, from the start (not the umask's 0644): a device's protocol configData may
+        # carry credentials. fchmod too: a .tmp a crash left behind keeps its mode through O_TRUNC.
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), STATE_FILE_MODE)
+        os.fchmod(fd, STATE_FILE_MODE)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
