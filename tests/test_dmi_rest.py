@@ -39,9 +39,10 @@ spec:
 """
 
 
-def get(port: int, path: str) -> tuple[int, Any]:
+def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -119,6 +120,42 @@ def test_writes_go_through_the_twin(tmp_path: Path) -> None:
         assert status == 404
     scenario(tmp_path, True, check)
 
+
+
+# What a browser adds to a request a web page makes it send: an <img src=...> on any site, a fetch
+# from a page rebound by DNS to 127.0.0.1, a cross-origin fetch (no-cors) from the LAN.
+FROM_PAGES = [
+    {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"},
+    {"Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"},
+    {"Sec-Fetch-Site": "same-site", "Sec-Fetch-Mode": "no-cors"},
+    {"Origin": "http://evil.example"},
+    {"Origin": "null"},
+]
+
+
+def test_a_web_page_cannot_make_a_browser_write(tmp_path: Path) -> None:
+    """Writes are GETs: with writes on, any page open in a browser on the Pi could set a relay with
+    <img src="http://127.0.0.1:7777/api/v1/devicemethod/...">. Requests a browser marks as made by a
+    page (Sec-Fetch-Site other than "none", or an Origin header) are refused with 403 and the twin is
+    untouched; the same request from curl or a dashboard (no such headers), or typed into the
+    address bar (Sec-Fetch-Site: none), still writes. Reads are unchanged."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        path = "/api/v1/devicemethod/default/lamp/SetPower/power/true"
+        for headers in FROM_PAGES:
+            status, body = await asyncio.to_thread(get, port, path, headers)
+            assert status == 403 and "web page" in body, (headers, status, body)
+            twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+            assert twin.properties["power"].desired is None, headers
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/lamp/power",
+                                               FROM_PAGES[0])
+        assert status == 200, body
+        status, body = await asyncio.to_thread(get, port, path, {"Sec-Fetch-Site": "none"})
+        assert status == 200, body
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/false")
+        assert status == 200, body
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is False
+    scenario(tmp_path, True, check)
 
 RANGED = """
 apiVersion: devices.kubeedge.io/v1beta1

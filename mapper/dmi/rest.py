@@ -4,7 +4,8 @@ Stdlib http.server in one thread; device reads and twin writes hop onto the serv
 loop. Bound to loopback unless `api.host` says otherwise. Writes
 (`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
 true, only to declared writable properties the method lists, with a value of the property's
-type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired.
+type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired,
+and never for a request a browser marks as made by a web page (from_a_web_page).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from twin.records import ERROR, GOOD
 from twin.store import TwinError
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from mapper.service import MapperService
 
 log = logging.getLogger("mapper.api")
@@ -51,6 +54,22 @@ def _now() -> str:
 
 def _base(status: int = 200) -> dict[str, Any]:
     return {"apiVersion": "v1", "statusCode": status, "timeStamp": _now()}
+
+
+def from_a_web_page(headers: Mapping[str, str]) -> str | None:
+    """Why a write request must be refused as one a web page made a browser send, or None.
+
+    Writes are GETs (as in the Go framework), so without this any page open in a browser on the
+    Pi (or on the LAN, with api.host opened up) could set desired values with an <img> or a
+    fetch, and a DNS-rebound page could as well. Browsers mark what a page asks for:
+    `Sec-Fetch-Site` (cross-site, same-site, same-origin; "none" only for what the user typed
+    or bookmarked) and `Origin`. Dashboards, curl and the Go framework's clients send neither."""
+    site = (headers.get("Sec-Fetch-Site") or "").strip().lower()
+    if site and site != "none":
+        return f"a write requested by a web page (Sec-Fetch-Site: {site[:40]}) is refused"
+    if headers.get("Origin") is not None:
+        return "a write requested by a web page (Origin header) is refused"
+    return None
 
 
 class RestApi:
@@ -80,7 +99,7 @@ class RestApi:
             raise ApiError(HTTPStatus.NOT_FOUND, f"device {device_id} not found")
         return definition
 
-    def route(self, path: str) -> dict[str, Any]:
+    def route(self, path: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
         if parts[:2] != ["api", "v1"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
@@ -94,6 +113,9 @@ class RestApi:
             case ["devicemethod", ns, name]:
                 return self.methods(ns, name)
             case ["devicemethod", ns, name, method, prop, data]:
+                refused = from_a_web_page(headers or {})
+                if refused:
+                    raise ApiError(HTTPStatus.FORBIDDEN, refused)
                 return self.write(ns, name, method, prop, data)
         raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
 
@@ -171,7 +193,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         try:
-            body, status, kind = orjson.dumps(self.api.route(self.path)), HTTPStatus.OK, "application/json"
+            answer = self.api.route(self.path, self.headers)
+            body, status, kind = orjson.dumps(answer), HTTPStatus.OK, "application/json"
         except ApiError as exc:
             body, status, kind = f"{exc}\n".encode(), exc.status, "text/plain; charset=utf-8"
         except Exception as exc:  # noqa: BLE001 - the Go server answers 500 with the error text too
