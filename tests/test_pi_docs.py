@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from brokers import SHIPPED, MosquittoBroker, acl_users
+from helpers import write_devices
 
 from devices.ids import DeviceId
 from devices.loader import load
@@ -84,3 +92,82 @@ def test_guide_config_and_examples_load(tmp_path: Path) -> None:
     relay = result.devices[DeviceId("default", "fan-relay-pi")]
     assert sensor.protocol_config.pin == 4 and "GPIO4, physical pin 7" in GUIDE.read_text()
     assert relay.prop("power").visitor.pin == 17 and "GPIO17, physical pin 11" in GUIDE.read_text()
+
+
+def guide_config_text() -> str:
+    heredoc = re.search(r"<<'EOF'\n(.*?)\nEOF", GUIDE.read_text(), flags=re.S)
+    assert heredoc is not None
+    return heredoc.group(1)
+
+
+def test_the_guide_sets_up_a_broker_that_asks_for_passwords() -> None:
+    """The guide's broker is the shipped one, and the mapper logs in to it. It used to keep the
+    packaged Mosquitto config (Mosquitto 2's local-only mode: anonymous access from every process
+    on the Pi) with a mapper config without user: any local process could switch the relay."""
+    text = "\n".join(shell_lines())
+    config = yaml.safe_load(guide_config_text())
+    mqtt = config.get("mqtt") or {}
+    assert mqtt.get("username") and mqtt.get("password_file"), f"the guide's mapper logs in anonymously: {mqtt}"
+    assert mqtt["username"] in acl_users(SHIPPED / "acl"), mqtt["username"]
+    for needed in ("sudo cp mosquitto/mosquitto.conf /etc/mosquitto/mosquitto.conf",
+                   "sudo install -m 0640 -o root -g mosquitto mosquitto/acl /etc/mosquitto/acl",
+                   f"sudo mosquitto/mkpasswd.sh {mqtt['username']} app",
+                   f"/dev/stdin {mqtt['password_file']}"):
+        assert needed in text, needed
+    # The password file is made readable by the service's group, which install-service requires.
+    assert f"sudo install -m 0640 -o root -g mapper /dev/stdin {mqtt['password_file']}" in text
+    # Every mosquitto client line logs in (through the options file the guide writes first).
+    clients = [line for line in shell_lines() if re.match(r"mosquitto_(sub|pub)\b", line)]
+    assert clients
+    options = [i for i, line in enumerate(shell_lines()) if "~/.config/mosquitto_sub" in line]
+    assert options and all(shell_lines().index(line) > options[0] for line in clients), clients
+
+
+def test_the_guide_config_and_app_login_work_with_the_shipped_broker(tmp_path: Path) -> None:
+    """The guide's mapper.yaml (devices, URL and password file moved to this test) logs in to the
+    shipped broker and publishes; the guide's own line writes the mosquitto_sub options file, with
+    which mosquitto_sub, as `app`, receives those readings."""
+    devices = write_devices(tmp_path / "devices", ["thermo"])
+    with MosquittoBroker() as broker:
+        config = yaml.safe_load(guide_config_text())
+        user = config["mqtt"]["username"]
+        secret = tmp_path / "mqtt.password"
+        secret.write_text(broker.users[user] + "\n")
+        secret.chmod(0o600)
+        config["devices"] = [str(devices)]
+        config["twin"]["path"] = str(tmp_path / "twin.db")
+        config["mqtt"].update(url=f"mqtt://{broker.host}:{broker.port}", password_file=str(secret))
+        (tmp_path / "mapper.yaml").write_text(yaml.safe_dump(config))
+        # The guide's options-file line, run as it is, with the app password on its standard input.
+        line = next(line for line in shell_lines() if "~/.config/mosquitto_sub" in line)
+        home = tmp_path / "home"
+        home.mkdir()
+        env = {**os.environ, "HOME": str(home)}
+        env.pop("XDG_CONFIG_HOME", None)
+        subprocess.run(["bash", "-c", line], input=broker.users["app"] + "\n", text=True, env=env, check=True,
+                       capture_output=True, timeout=10)
+        options = home / ".config" / "mosquitto_sub"
+        assert stat.S_IMODE(options.stat().st_mode) == 0o600
+        node = config["node"]
+        topic = f"mapper/{node}/default/thermo/temperature"
+        sub = subprocess.Popen(["mosquitto_sub", "-h", broker.host, "-p", str(broker.port), "-C", "1", "-W", "30",
+                                "-v", "-t", topic], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        log = (tmp_path / "mapper.log").open("w")
+        mapper = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(tmp_path / "mapper.yaml")],
+                                  cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            # mosquitto_sub exits after its first message (-C 1), or fails after 30 s without one (-W 30).
+            out, err = sub.communicate(timeout=40)
+            assert sub.returncode == 0, (sub.returncode, err, (tmp_path / "mapper.log").read_text()[-2000:])
+            assert out.startswith(f"{topic} "), out
+            assert '"value"' in out, out
+        finally:
+            for process in (sub, mapper):
+                if process.poll() is None:
+                    process.send_signal(signal.SIGTERM)
+                    try:
+                        process.wait(timeout=20)
+                    except subprocess.TimeoutExpired:
+                        process.kill()
+                        process.wait(timeout=10)
+            log.close()
