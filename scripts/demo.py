@@ -32,11 +32,19 @@ def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
 
 
+def write_secret(path: Path, secret: str) -> None:
+    """A password file readable by its owner only from the moment it exists: written, then chmod 600,
+    it was readable by every local user (0644 under the usual umask) in between."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # one left by an older demo keeps its mode through O_TRUNC
+    with open(fd, "w") as handle:
+        handle.write(secret)
+
+
 def write_worker_config(broker: MosquittoBroker) -> Path:
     """The cloud worker, here on the local broker as user `worker` (a LAN box in real life)."""
     secret = STATE / "worker.password"
-    secret.write_text(broker.users["worker"])
-    secret.chmod(0o600)
+    write_secret(secret, broker.users["worker"])
     path = STATE / "worker.yaml"
     path.write_text(yaml.safe_dump({
         "mqtt": {"url": f"mqtt://{broker.host}:{broker.port}", "username": "worker", "password_file": str(secret)},
@@ -49,8 +57,7 @@ def write_config(broker: MosquittoBroker) -> Path:
     config["devices"] = [str((ROOT / "examples" / d).resolve()) for d in config["devices"]]
     config["twin"]["path"] = str(STATE / "twin.db")
     secret = STATE / "mapper.password"
-    secret.write_text(broker.users["mapper"])
-    secret.chmod(0o600)
+    write_secret(secret, broker.users["mapper"])
     config["mqtt"] = {"url": f"mqtt://{broker.host}:{broker.port}", "username": "mapper",
                       "password_file": str(secret)}
     path = STATE / "mapper.yaml"
@@ -129,6 +136,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=0, help="stop after this many seconds (default: Ctrl-C)")
     args = parser.parse_args()
     STATE.mkdir(parents=True, exist_ok=True)
+    # Private: it holds the broker passwords, the twin and the logs (mkdir made it 0755, for everyone).
+    STATE.chmod(0o700)
     # One demo at a time per checkout: a second one would delete the first's live twin and
     # overwrite its logs and config. The lock goes with this process (its children do not inherit it).
     lock = (STATE / "demo.lock").open("a+")

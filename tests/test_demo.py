@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import threading
@@ -52,6 +53,11 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     out = "".join(lines)
     assert demo.returncode == 0, out[-3000:]
     log = (REPO / "state" / "demo" / "mapper.log").read_text()
+    # The broker passwords and the twin are the demo's user's alone (the directory was 0755).
+    state = REPO / "state" / "demo"
+    modes = {p.name: f"{stat.S_IMODE(p.stat().st_mode):04o}" for p in (state, state / "mapper.password",
+                                                                      state / "worker.password", state / "twin.db")}
+    assert modes == {"demo": "0700", "mapper.password": "0600", "worker.password": "0600", "twin.db": "0600"}, modes
     assert "MQTT connection" not in log, log[-2000:]  # the broker outlived the mapper
 
     def shows(text: str) -> None:
