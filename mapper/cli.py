@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import gc
 import logging
+import os
 import signal
 import sqlite3
 import subprocess
@@ -58,6 +59,38 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and locked) while it lives
+    """Take `<twin>.lock` for this `mapper run`, or refuse when another mapper process holds it.
+
+    Two mappers on one twin interleave their readings, seqs and folds in the same history (a
+    `mapper run --config examples/demo.yaml` next to the running demo did): the second is refused.
+    The lock goes with the process (also on SIGKILL). When the lock file cannot be made, the twin
+    cannot be opened either: `mapper run` goes on, and the twin's own error names the cause.
+    """
+    import fcntl
+
+    lock_path = Path(f"{path}.lock")
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_path.open("a+")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        owner = lock.read().strip() or "?"
+        lock.close()
+        raise ValueError(f"another mapper (pid {owner}) is running on the twin {path}: stop it first, or give this"
+                         " one a twin of its own (twin.path, MAPPER_TWIN__PATH)") from None
+    except OSError:
+        return lock  # a file system without flock: run unguarded, as before
+    with contextlib.suppress(OSError):  # the pid is for the message only (a full disk cannot take it)
+        os.ftruncate(lock.fileno(), 0)
+        os.write(lock.fileno(), f"{os.getpid()}\n".encode())
+    return lock
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
     config.check_installed(args.config)
@@ -68,6 +101,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
+    twin_lock = _lock_twin(config.twin.path)  # noqa: F841 - held until the process exits (after the config's checks)
     import asyncio  # here, not at the top: after the placeholder
 
     from mapper.runtime import build_service

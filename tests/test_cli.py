@@ -586,3 +586,26 @@ def test_the_cloud_worker_warns_about_world_readable_secrets_as_the_mapper_does(
             assert all(w in lines for w in warnings), lines
         else:
             assert "readable by every user" not in log.read_text(), lines
+
+
+def test_a_second_mapper_on_the_same_twin_is_refused_and_the_first_runs_on(tmp_path):
+    """`mapper run --config examples/demo.yaml` next to the running demo (the README lists both)
+    started a second mapper on the demo's twin: two processes interleaved their readings in one
+    history, and the twin's reported values and history ended at the second's stop. The second
+    is now refused at once, naming the first, which runs on; once the first stops, the twin is free."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    first = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log").read_text(), what="the first mapper running")
+        second = mapper("run", "--config", str(config), timeout=20)
+        assert second.returncode == 1, second.stderr
+        assert f"another mapper (pid {first.pid}) is running on the twin {tmp_path / 'twin.db'}" in second.stderr
+        assert first.poll() is None
+    finally:
+        assert stop_mapper(first) == 0
+    again = start_mapper(config, tmp_path / "log2")
+    try:
+        wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log2").read_text(), what="a mapper started after it")
+    finally:
+        assert stop_mapper(again) == 0
