@@ -52,6 +52,26 @@ def write_worker_config(broker: MosquittoBroker) -> Path:
     return path
 
 
+def write_app_password(broker: MosquittoBroker) -> Path:
+    """The password of user `app` (mosquitto/acl's example app), for the user's own mosquitto_sub/_pub."""
+    secret = STATE / "app.password"
+    secret.write_text(broker.users["app"])
+    secret.chmod(0o600)
+    return secret
+
+
+def hints(broker: MosquittoBroker, secret: Path) -> list[str]:
+    """What to try from another terminal while the demo runs (the README's "Use it" commands)."""
+    cred = f'-h {broker.host} -p {broker.port} -u app -P "$(cat {secret.relative_to(ROOT)})"'
+    return [
+        "try, in another terminal (here, Ctrl-C stops the demo):",
+        "  .venv/bin/mapper devices --config examples/demo.yaml",
+        "  .venv/bin/mapper twin set fan-relay power false --config examples/demo.yaml",
+        f"  mosquitto_sub {cred} -v -t 'mapper/{NODE}/#'",
+        f"  mosquitto_pub {cred} -t mapper/{NODE}/default/fan-relay/power/set -m true",
+    ]
+
+
 def write_config(broker: MosquittoBroker) -> Path:
     config = yaml.safe_load((ROOT / "examples" / "demo.yaml").read_text())
     config["devices"] = [str((ROOT / "examples" / d).resolve()) for d in config["devices"]]
@@ -115,7 +135,9 @@ class LiveView:
                 say(f"  twin   {device}: {kind} {('error ' + str(body['code'])) if 'code' in body else 'ok'}")
             return
         parts = topic.split("/")
-        if len(parts) == 5 and parts[4] == "decision" and isinstance(body, dict):
+        if len(parts) == 5 and parts[4] == "alert" and isinstance(body, dict):
+            say(f"  alert  {parts[3]}: {body.get('label')} (on the alert topic)")
+        elif len(parts) == 5 and parts[4] == "decision" and isinstance(body, dict):
             self.decisions[body.get("exit")] = self.decisions.get(body.get("exit"), 0) + 1
             how = "provisional, asked the worker" if body.get("provisional") else "final"
             say(f"  infer  {parts[3]}: {body.get('label')} ({body.get('exit')} exit, "
@@ -174,6 +196,8 @@ def main() -> int:
             say(f"cloud worker running (deep half of models/sensor_faults, log {(STATE / 'worker.log').relative_to(ROOT)})")
             processes.append(start(["run", "--config", str(config)], STATE / "mapper.log"))
             say(f"mapper running (config {config.relative_to(ROOT)}, log {(STATE / 'mapper.log').relative_to(ROOT)})")
+            for line in hints(broker, write_app_password(broker)):
+                say(line)
             deadline = time.monotonic() + 8
             while time.monotonic() < deadline and not stop.is_set() and not view.seen:
                 stop.wait(0.1)

@@ -46,6 +46,13 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     reader.start()
     try:
         assert ready.wait(90), "".join(lines)[-3000:]
+        # The demo says how to watch it from another terminal, with the app user's password (the
+        # broker's passwords used to be known to the demo alone: no subscriber of the user's own got in).
+        sub = next((line.split("  ", 2)[-1].strip() for line in lines if "mosquitto_sub " in line), None)
+        assert sub is not None and " -u app " in sub, "".join(lines)[-3000:]
+        watched = subprocess.run(f"{sub} -C 1 -W 10", shell=True, cwd=REPO, capture_output=True, text=True,
+                                 timeout=20, check=False)
+        assert watched.returncode == 0 and watched.stdout.startswith("mapper/demo-node/"), watched
         os.killpg(demo.pid, signal.SIGINT)  # Ctrl-C
         demo.wait(timeout=60)
     finally:
@@ -76,6 +83,7 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     shows("default/room-sensor-faulty-sensor-faults  model=")
     shows("protocol=derived")
     shows("demo stopped")
+    assert "data   room-sensor-faulty-sensor-faults.alert" not in out  # an alert is not a reading
 
 
 def test_a_second_demo_refuses_to_start_and_leaves_the_running_one_alone():
