@@ -353,6 +353,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 def cmd_cloud_worker(args: argparse.Namespace) -> int:
     """Run the cloud half of early-exit inference (needs the `ml` extra)."""
+    from mapper.inference.settings import missing_ml_packages
+
+    if missing := missing_ml_packages():  # as `mapper run` says it for a pipeline, not a traceback
+        raise ValueError(f"mapper cloud-worker needs {' and '.join(missing)}, not installed here: install the"
+                         " `ml` extra (pip install 'mapper[ml]')")
     from mapper.inference.worker import main as worker_main
 
     return worker_main(args.config)

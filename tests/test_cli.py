@@ -609,3 +609,17 @@ def test_a_second_mapper_on_the_same_twin_is_refused_and_the_first_runs_on(tmp_p
         wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log2").read_text(), what="a mapper started after it")
     finally:
         assert stop_mapper(again) == 0
+
+
+def test_the_cloud_worker_without_the_ml_extra_says_what_to_install(tmp_path):
+    """A core-only install (`pip install .`) and `mapper cloud-worker`: it died with a
+    ModuleNotFoundError traceback (No module named 'numpy'); it now names the `ml` extra, as
+    `mapper run` does for a pipeline."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\nsys.modules['onnxruntime'] = None\n")
+    config = tmp_path / "worker.yaml"
+    config.write_text("mqtt: {url: 'mqtt://127.0.0.1:1'}\n")
+    done = mapper("cloud-worker", "--config", str(config), env={"PYTHONPATH": str(site)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "needs numpy and onnxruntime" in done.stderr and "`ml` extra" in done.stderr, done.stderr
