@@ -366,6 +366,11 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         problems.append(Problem(doc.file, doc.line, "", "a document must be a mapping with apiVersion and kind"))
         return
     kind = data.get("kind")
+    if kind is None and "kind" not in data and {"node", "devices", "twin", "mqtt", "inference"} & data.keys():
+        problems.append(Problem(doc.file, doc.line, "kind", "required field is missing: this looks like a mapper config"
+                                " file, not a device file (`mapper validate` reads device files; `mapper run --config`"
+                                " reads a config and checks it, and the device files it names, before it starts)"))
+        return
     if kind not in ("Device", "DeviceModel"):
         problems.append(
             Problem(doc.file, doc.line_of(("kind",)), "kind", f"{kind!r} is not supported: use Device or DeviceModel")

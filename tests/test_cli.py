@@ -623,3 +623,13 @@ def test_the_cloud_worker_without_the_ml_extra_says_what_to_install(tmp_path):
     done = mapper("cloud-worker", "--config", str(config), env={"PYTHONPATH": str(site)})
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "needs numpy and onnxruntime" in done.stderr and "`ml` extra" in done.stderr, done.stderr
+
+
+def test_validate_given_the_config_file_says_it_is_a_config(tmp_path):
+    """`mapper validate examples/demo.yaml` (the config, where a new user looks for a check) said
+    `kind: None is not supported: use Device or DeviceModel`. It now says the file looks like a
+    mapper config and which command reads one."""
+    result = mapper("validate", "examples/demo.yaml")
+    assert result.returncode == 1
+    assert "examples/demo.yaml:2: kind: required field is missing: this looks like a mapper config file" in result.stderr
+    assert "None" not in result.stderr and "mapper run --config" in result.stderr, result.stderr
