@@ -36,6 +36,12 @@ MISSED_READS_CHECK_S = 60
 Hook = Callable[["MapperService"], Awaitable[None]]
 
 
+def _state_saved(saving: asyncio.Future[None]) -> None:
+    """A state write nobody awaits any more (its device stopped) failed: said, not left to asyncio's GC warning."""
+    if not saving.cancelled() and saving.exception() is not None:
+        log.error("saving a device state failed: %s", saving.exception())
+
+
 class MapperService:
     def __init__(self, config: MapperConfig, definitions: LoadResult | None = None) -> None:
         self.config = config
@@ -52,6 +58,7 @@ class MapperService:
         self._unsaved_states: dict[DeviceId, tuple[DeviceDefinition, str, str | None]] = {}
         self._states_unsaved = asyncio.Event()
         self._state_calls: dict[DeviceId, int] = {}  # per device: which _on_state call is the newest
+        self._state_saves: set[asyncio.Future[None]] = set()  # state writes still running (see _on_state)
         self._state_log = Throttle(burst=1, interval_s=60.0)
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
@@ -164,6 +171,8 @@ class MapperService:
                 with contextlib.suppress(Exception):
                     await stop_requested(self)
         await self.stop_devices(list(self._tasks))
+        if self._state_saves:  # the last state changes' messages reach the outbox before it drains
+            await asyncio.gather(*self._state_saves, return_exceptions=True)
         if self.recorder is not None:
             try:
                 await self.recorder.flush()
@@ -308,7 +317,18 @@ class MapperService:
         device goes on reading (its readings wait in the recorder, bounded) instead of its loop
         failing on this write and restarting with a back-off, taking nothing meanwhile: the
         newest state of each device is kept and written, messages and all, once the twin can be.
+
+        Shielded: a device stopped while its state waits for the twin (a stop, a reload) cancels
+        the wait, not the write, and the write's messages still reach the publisher (they used to
+        be committed with nobody told, and stayed in the outbox until the next start).
         """
+        saving = asyncio.ensure_future(self._save_state(definition, state, detail))
+        self._state_saves.add(saving)
+        saving.add_done_callback(self._state_saves.discard)
+        saving.add_done_callback(_state_saved)
+        await asyncio.shield(saving)
+
+    async def _save_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
         self._unsaved_states.pop(definition.id, None)
         call = self._state_calls[definition.id] = self._state_calls.get(definition.id, 0) + 1
         messages: list[OutMessage] = []

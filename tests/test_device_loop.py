@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -510,3 +511,48 @@ async def test_a_state_change_the_twin_cannot_take_does_not_stop_the_device(tmp_
     assert any("not saved in the twin" in r.getMessage() for r in caplog.records)
     gaps = [b - a for a, b in zip(taken, taken[1:], strict=False)]
     assert len(taken) >= 50 and max(gaps) < 1000, (len(taken), max(gaps, default=None))
+
+
+async def test_a_state_change_waiting_for_the_twin_at_stop_still_reaches_the_publisher(tmp_path):
+    """A device changes state while the twin thread is busy, and the mapper stops before the
+    write is done. The stop cancelled the device's wait and with it the hand-off: the write
+    committed the state's messages to the outbox with nobody told, so the stop's drain did not
+    send them (they waited for the next start). The hand-off now happens whatever the device."""
+    import threading
+
+    from twin.store import OutMessage
+
+    unplugged = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    flaky = DeviceId("default", "flaky")
+    handed: list = []
+
+    def prepare(service) -> None:  # noqa: ANN001
+        service.state_listeners.append(
+            lambda definition, state, detail: [OutMessage(f"test/{definition.id.name}/state", {"state": state}, kind="state")])
+
+    from mapper.service import MapperService
+
+    service = MapperService(config)
+    prepare(service)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    held, release = threading.Event(), threading.Event()
+    try:
+        await asyncio.wait_for(service.ready.wait(), 10)
+        service.recorder.on_outbox = handed.extend
+        runner = service.runners[flaky]
+        await async_wait_for(lambda: runner.state == "ok", what="the device ok")
+        hold = service.worker.submit(lambda s: (held.set(), release.wait(10)))  # the twin thread busy
+        await asyncio.to_thread(held.wait, 10)
+        unplugged.touch()
+        await async_wait_for(lambda: runner.state == "unhealthy", what="the device unhealthy")  # its write waits
+        stop.set()
+        await async_wait_for(lambda: flaky not in service.runners, what="the device stopped")
+    finally:
+        release.set()
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    await hold
+    assert [r.payload for r in handed if r.topic == "test/flaky/state"][-1] == b'{"state":"unhealthy","seq":2}', handed
