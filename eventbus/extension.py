@@ -41,6 +41,8 @@ class EventBusExtension:
         self.topics: Topics | None = None
         # Extra subscriptions of other extensions (e.g. inference results): (filter, qos, handler).
         self._extra: list[tuple[str, int, Callable[[str, bytes], Awaitable[None]]]] = []
+        self._connecting = asyncio.Event()  # clear while _on_connect runs
+        self._connecting.set()
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -115,6 +117,7 @@ class EventBusExtension:
             return
         try:
             async with asyncio.timeout(self.settings.drain_on_stop_s):
+                await self._connecting.wait()
                 await self.publisher.drain()
         except TimeoutError:
             log.warning("stopping with messages still queued in the outbox; they are sent at the next start")
@@ -142,7 +145,17 @@ class EventBusExtension:
         await self.router.handle(topic, payload)
 
     async def _on_connect(self, service: MapperService) -> None:
-        """After every (re)connect: node online, and every device's availability and state again."""
+        """After every (re)connect: node online, and every device's availability and state again.
+
+        A clean stop waits for it (before_stop): rows it commits while the outbox drains would
+        otherwise stay there until the next start."""
+        self._connecting.clear()
+        try:
+            await self._announce(service)
+        finally:
+            self._connecting.set()
+
+    async def _announce(self, service: MapperService) -> None:
         assert self.bus is not None and self.topics is not None and self.telemetry is not None
         await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
         messages: list[OutMessage] = []

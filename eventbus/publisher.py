@@ -350,6 +350,22 @@ class OutboxPublisher:
             log.error("outbox: %s, trying again shortly: %s%s", what, exc, held_note(held))
 
     async def drain(self) -> None:
-        """Wait until everything committed so far was acknowledged and deleted from the outbox."""
-        await self.idle.wait()
-        await self._flush_acks()
+        """Wait until everything committed so far was acknowledged and deleted from the outbox.
+
+        The twin has the last word: rows it still holds once the publisher is idle (committed with
+        the publisher never told, as a device state was whose write outlived its device's stop,
+        before the service shielded it) are read again from the lowest, so that a clean stop
+        leaves none behind.
+        """
+        while True:
+            await self.idle.wait()
+            await self._flush_acks()
+            left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=1))
+            if not left:
+                return
+            log.debug("outbox: %d still queued once idle (id %d): reading it again", len(left), left[0].id)
+            first = left[0].id - 1
+            self._rewind = first if self._rewind is None else min(self._rewind, first)
+            self._backlog = True
+            self.idle.clear()
+            self._wake.set()

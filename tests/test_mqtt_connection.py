@@ -460,3 +460,43 @@ async def test_the_cloud_worker_answers_after_the_broker_comes_back(tmp_path):
         finally:
             await _cancelled(task)
             requester.close()
+
+
+async def test_a_clean_stop_sends_what_the_twin_holds_even_if_the_publisher_was_not_told(broker, tmp_path):
+    """Rows committed to the outbox without the publisher being told of them (as the messages of
+    a device state, or of a reconnect's announcements, were when that write outlived the task
+    that asked for it) stayed in the outbox after a clean stop, though connected: the drain
+    trusted the publisher's idea of what was queued. It now asks the twin, and sends them."""
+    from helpers import write_config
+    from mapper.config import load_config
+    from mapper.runtime import build_service
+    from mapper_proc import mqtt_block
+    from twin.store import OUTBOX_DEPTH_SQL, OutMessage
+
+    node = "drain-test"
+    devices = write_devices(tmp_path / "dev", ["a"], cycle=200)
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db", node=node,
+                                      extra=mqtt_block(broker, tmp_path)))
+    received: list[bytes] = []
+    async with aiomqtt.Client("127.0.0.1", broker.port, username="app", password=broker.users["app"],
+                              identifier="drain-test-app") as app:
+        await app.subscribe(f"mapper/{node}/default/a/note", qos=1)
+        service = build_service(config)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            await asyncio.wait_for(service.ready.wait(), 10)
+            await async_wait_for(lambda: service.bus.publisher.idle.is_set(), what="the publisher idle")
+            # Committed behind the publisher's back: no offer().
+            await service.twin(lambda s: s.record([], [OutMessage(f"mapper/{node}/default/a/note", {"n": 1},
+                                                                  sequenced=False)]))
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+        async with asyncio.timeout(10):
+            async for message in app.messages:
+                received.append(bytes(message.payload))
+                break
+    assert received == [b'{"n":1}']
+    with sqlite3.connect(config.twin.path) as db:
+        assert db.execute(OUTBOX_DEPTH_SQL).fetchone()[0] == 0
