@@ -37,9 +37,10 @@ Hook = Callable[["MapperService"], Awaitable[None]]
 
 
 def _state_saved(saving: asyncio.Future[None]) -> None:
-    """A state write nobody awaits any more (its device stopped) failed: said, not left to asyncio's GC warning."""
+    """Retrieves a failed state write's exception (whoever awaited it logs it; a device stopped
+    meanwhile awaits nothing), so that asyncio does not warn about it when it is collected."""
     if not saving.cancelled() and saving.exception() is not None:
-        log.error("saving a device state failed: %s", saving.exception())
+        log.debug("saving a device state failed: %s", saving.exception())
 
 
 class MapperService:
@@ -358,7 +359,12 @@ class MapperService:
                 entry = self._unsaved_states.get(device_id)
                 if entry is None:
                     continue  # a newer state was saved meanwhile
-                await self._on_state(*entry)
+                try:
+                    await self._on_state(*entry)
+                except Exception as exc:  # noqa: BLE001 - a listener's bug must not end the mapper from here
+                    self._unsaved_states.pop(device_id, None)
+                    log.error("%s: state %s could not be saved and is given up: %s", device_id, entry[1], exc)
+                    continue
                 if device_id in self._unsaved_states:
                     break
             if not self._unsaved_states:

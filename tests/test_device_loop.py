@@ -556,3 +556,40 @@ async def test_a_state_change_waiting_for_the_twin_at_stop_still_reaches_the_pub
         await asyncio.wait_for(task, 10)
     await hold
     assert [r.payload for r in handed if r.topic == "test/flaky/state"][-1] == b'{"state":"unhealthy","seq":2}', handed
+
+
+async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_mapper(tmp_path, caplog):
+    """A state the twin could not take is retried once a second by a task of the service; a state
+    listener raising there (a bug in an extension) ended that task and with it the whole mapper.
+    That state is now given up, said so, and the mapper runs on."""
+    import sqlite3
+
+    unplugged = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    flaky = DeviceId("default", "flaky")
+    broken = asyncio.Event()
+
+    def listener(definition, state, detail):  # noqa: ANN001, ANN202
+        if broken.is_set():
+            raise RuntimeError("a listener's bug")
+        return []
+
+    lock = sqlite3.connect(config.twin.path, isolation_level=None)
+    async with running_service(config, prepare=lambda s: s.state_listeners.append(listener)) as service:
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))
+        runner = service.runners[flaky]
+        await async_wait_for(lambda: runner.state == "ok", what="the device ok")
+        try:
+            lock.execute("BEGIN IMMEDIATE")
+            unplugged.touch()
+            await async_wait_for(lambda: runner.state == "unhealthy", what="the device unhealthy")
+            await async_wait_for(lambda: any("not saved in the twin" in r.getMessage() for r in caplog.records),
+                                 what="the state not saved")
+            broken.set()  # the retry calls the listener again
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        await async_wait_for(lambda: any("given up" in r.getMessage() for r in caplog.records), what="given up")
+        reads = runner.read_errors
+        await async_wait_for(lambda: runner.read_errors >= reads + 5, what="the device still read")
