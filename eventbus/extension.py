@@ -107,6 +107,11 @@ class EventBusExtension:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_on_stop_s):
                     await self.bus.hold_incoming()
+        if self.router is not None:
+            try:
+                await self.router.flush_membership()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on
+                log.warning("stopping: a waiting membership request could not be answered: %s", exc)
 
     async def before_stop(self, service: MapperService) -> None:
         """On a clean stop: send what is queued (bounded), then `offline` for the node.

@@ -261,6 +261,13 @@ class Router:
         self._membership_waiting = request.event_id
         self._membership_wake.set()
 
+    async def flush_membership(self) -> None:
+        """A clean stop: answer a request still waiting for the rate limit's interval now, so that
+        its reply is committed before the outbox drains (run() would send it after, or never)."""
+        event_id, self._membership_waiting = self._membership_waiting, None
+        if event_id is not None:
+            await self._answer_membership(event_id)
+
     async def _answer_membership(self, event_id: str) -> None:
         definitions = self.service.definitions.devices if self.service.definitions else {}
         twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])

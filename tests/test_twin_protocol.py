@@ -370,3 +370,19 @@ def test_a_burst_of_membership_requests_gets_a_bounded_number_of_replies(broker,
     assert replies and replies[-1] == "legit", replies
     assert replies[0] == "b0" and len(replies) <= 3, replies  # the first at once, the rest together
     mapper.wait_log("membership/get: more than one request within 1 s; they are answered together")
+
+
+def test_a_membership_request_waiting_for_the_rate_limit_is_answered_by_a_clean_stop(broker, lamp):
+    """A membership/get within a second of the last reply waits for the interval's end; a clean
+    stop in that second ended the task that would answer it, and the request (acknowledged to
+    the broker) got no reply. The stop now answers it before the outbox drains."""
+    mapper, sub = lamp
+    topic = "$hw/events/node/test-node/membership/get"
+    pub(broker, topic, '{"event_id":"first"}')
+    assert sub.expect(f"{topic}/result")["event_id"] == "first"
+    pub(broker, topic, '{"event_id":"waiting"}')
+    # Handled in order: once this twin/get is answered, the waiting request was taken in too.
+    pub(broker, f"{HW}/twin/get", '{"event_id":"after"}')
+    sub.expect(f"{HW}/twin/get/result", lambda body: body.get("event_id") == "after")
+    assert mapper.stop() == 0
+    assert sub.expect(f"{topic}/result", timeout=5)["event_id"] == "waiting"
