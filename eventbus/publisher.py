@@ -360,7 +360,11 @@ class OutboxPublisher:
         while True:
             await self.idle.wait()
             await self._flush_acks()
-            left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=1))
+            try:
+                left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=1))
+            except Exception as exc:  # noqa: BLE001 - what is left is sent at the next start; the stop goes on
+                self._twin_trouble("cannot check the outbox is empty", exc)
+                return
             if not left:
                 return
             log.debug("outbox: %d still queued once idle (id %d): reading it again", len(left), left[0].id)
