@@ -53,22 +53,27 @@ def write_worker_config(broker: MosquittoBroker) -> Path:
 
 
 def write_app_password(broker: MosquittoBroker) -> Path:
-    """The password of user `app` (mosquitto/acl's example app), for the user's own mosquitto_sub/_pub."""
+    """The password of user `app` (mosquitto/acl's example app), for the user's own mosquitto_sub/_pub,
+    and their options files (STATE/mosquitto_sub, STATE/mosquitto_pub: read where XDG_CONFIG_HOME
+    points), so that the printed commands never put the password on a command line (`ps` shows
+    those to every local user). All owner-only from the moment they exist."""
     secret = STATE / "app.password"
-    secret.write_text(broker.users["app"])
-    secret.chmod(0o600)
+    write_secret(secret, broker.users["app"])
+    options = f"-h {broker.host}\n-p {broker.port}\n-u app\n-P {broker.users['app']}\n"
+    for tool in ("mosquitto_sub", "mosquitto_pub"):
+        write_secret(STATE / tool, options)
     return secret
 
 
 def hints(broker: MosquittoBroker, secret: Path) -> list[str]:
     """What to try from another terminal while the demo runs (the README's "Use it" commands)."""
-    cred = f'-h {broker.host} -p {broker.port} -u app -P "$(cat {secret.relative_to(ROOT)})"'
+    options = f"XDG_CONFIG_HOME={STATE.relative_to(ROOT)}"  # its mosquitto_sub / mosquitto_pub options files
     return [
         "try, in another terminal (here, Ctrl-C stops the demo):",
         "  .venv/bin/mapper devices --config examples/demo.yaml",
         "  .venv/bin/mapper twin set fan-relay power false --config examples/demo.yaml",
-        f"  mosquitto_sub {cred} -v -t 'mapper/{NODE}/#'",
-        f"  mosquitto_pub {cred} -t mapper/{NODE}/default/fan-relay/power/set -m true",
+        f"  {options} mosquitto_sub -v -t 'mapper/{NODE}/#'",
+        f"  {options} mosquitto_pub -t mapper/{NODE}/default/fan-relay/power/set -m true",
     ]
 
 

@@ -49,7 +49,8 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
         # The demo says how to watch it from another terminal, with the app user's password (the
         # broker's passwords used to be known to the demo alone: no subscriber of the user's own got in).
         sub = next((line.split("  ", 2)[-1].strip() for line in lines if "mosquitto_sub " in line), None)
-        assert sub is not None and " -u app " in sub, "".join(lines)[-3000:]
+        # Its login comes from an options file: a password on a command line is in `ps` for every local user.
+        assert sub is not None and sub.startswith("XDG_CONFIG_HOME=") and "-P" not in sub, "".join(lines)[-3000:]
         watched = subprocess.run(f"{sub} -C 1 -W 10", shell=True, cwd=REPO, capture_output=True, text=True,
                                  timeout=20, check=False)
         assert watched.returncode == 0 and watched.stdout.startswith("mapper/demo-node/"), watched
@@ -62,9 +63,11 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
     log = (REPO / "state" / "demo" / "mapper.log").read_text()
     # The broker passwords and the twin are the demo's user's alone (the directory was 0755).
     state = REPO / "state" / "demo"
-    modes = {p.name: f"{stat.S_IMODE(p.stat().st_mode):04o}" for p in (state, state / "mapper.password",
-                                                                      state / "worker.password", state / "twin.db")}
-    assert modes == {"demo": "0700", "mapper.password": "0600", "worker.password": "0600", "twin.db": "0600"}, modes
+    modes = {p.name: f"{stat.S_IMODE(p.stat().st_mode):04o}" for p in (
+        state, state / "mapper.password", state / "worker.password", state / "twin.db", state / "app.password",
+        state / "mosquitto_sub", state / "mosquitto_pub")}
+    assert modes == {"demo": "0700", "mapper.password": "0600", "worker.password": "0600", "twin.db": "0600",
+                     "app.password": "0600", "mosquitto_sub": "0600", "mosquitto_pub": "0600"}, modes
     assert "MQTT connection" not in log, log[-2000:]  # the broker outlived the mapper
 
     def shows(text: str) -> None:
