@@ -28,11 +28,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("mapper.router")
 
 STATES = ("online", "offline", "ok", "unknown", "unhealthy")
-# membership/get: at most one reply per this many seconds. A reply lists every device of the node
-# (about 300 bytes each) for a request of about 20: unlimited, any client could make the mapper
-# send (and its broker fan out) thousands of them a second. Requests within the interval are
-# answered together, by one reply with the newest request's event_id when the interval ends.
+# membership/get: answered at once at most once per this many seconds. A reply lists every device
+# of the node (about 300 bytes each) for a request of about 20: unlimited, any client could make the
+# mapper send (and its broker fan out) thousands of them a second. Requests within the interval wait
+# for its end; then each of the newest MEMBERSHIP_WAITING_MAX distinct event_ids gets its reply (as
+# edgecore answers each request), built from one read of the twin; older ones are dropped, counted.
 MEMBERSHIP_INTERVAL_S = 1.0
+MEMBERSHIP_WAITING_MAX = 8
 
 
 class Router:
@@ -46,7 +48,7 @@ class Router:
         self._log_throttle = Throttle()  # refusals: the counts keep every one, the log a few a minute
         self.membership_interval_s = membership_interval_s
         self._membership_next = 0.0  # the event loop's time before which no membership reply goes out
-        self._membership_waiting: str | None = None  # event_id of the newest request not answered yet
+        self._membership_waiting: dict[str, None] = {}  # event_ids not answered yet, oldest first
         self._membership_wake = asyncio.Event()
 
     async def run(self) -> None:
@@ -58,12 +60,12 @@ class Router:
             self._membership_wake.clear()
             # Waiting out the rate limit's interval (nothing to await: it is the limit itself).
             await asyncio.sleep(max(0.0, self._membership_next - loop.time()))
-            event_id, self._membership_waiting = self._membership_waiting, None
-            if event_id is None:
+            event_ids, self._membership_waiting = list(self._membership_waiting), {}
+            if not event_ids:
                 continue
             self._membership_next = loop.time() + self.membership_interval_s
             try:
-                await self._answer_membership(event_id)
+                await self._answer_membership(event_ids)
             except Exception:  # noqa: BLE001 - the next request is answered all the same
                 self.counts["internal_error"] += 1
                 held = self._log_throttle("internal_error")
@@ -246,33 +248,35 @@ class Router:
     async def _membership(self, incoming: Incoming, payload: bytes) -> None:
         request = payloads.decode(payload, payloads.EventIn, self.max_payload)
         now = asyncio.get_running_loop().time()
-        if self._membership_waiting is None and now >= self._membership_next:
+        if not self._membership_waiting and now >= self._membership_next:
             self._membership_next = now + self.membership_interval_s
-            await self._answer_membership(request.event_id)
+            await self._answer_membership([request.event_id])
             return
-        # Too soon after the last reply: answered by run() when the interval ends, together with
-        # any others meanwhile (one reply, the newest event_id).
-        if self._membership_waiting is not None:
+        # Too soon after the last reply: answered by run() when the interval ends, each of the
+        # newest MEMBERSHIP_WAITING_MAX event_ids (a repeated one once).
+        self._membership_waiting.pop(request.event_id, None)
+        self._membership_waiting[request.event_id] = None
+        if len(self._membership_waiting) > MEMBERSHIP_WAITING_MAX:
+            del self._membership_waiting[next(iter(self._membership_waiting))]
             self.counts["membership_collapsed"] += 1
             held = self._log_throttle("membership_collapsed")
             if held is not None:
-                log.info("membership/get: more than one request within %g s; they are answered together, by one "
-                         "reply with the newest event_id%s", self.membership_interval_s, held_note(held))
-        self._membership_waiting = request.event_id
+                log.info("membership/get: more than %d requests within %g s; the oldest of them get no reply%s",
+                         MEMBERSHIP_WAITING_MAX, self.membership_interval_s, held_note(held))
         self._membership_wake.set()
 
     async def flush_membership(self) -> None:
         """A clean stop: answer a request still waiting for the rate limit's interval now, so that
         its reply is committed before the outbox drains (run() would send it after, or never)."""
-        event_id, self._membership_waiting = self._membership_waiting, None
-        if event_id is not None:
-            await self._answer_membership(event_id)
+        event_ids, self._membership_waiting = list(self._membership_waiting), {}
+        if event_ids:
+            await self._answer_membership(event_ids)
 
-    async def _answer_membership(self, event_id: str) -> None:
+    async def _answer_membership(self, event_ids: list[str]) -> None:
         definitions = self.service.definitions.devices if self.service.definitions else {}
         twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])
-        body = payloads.membership(event_id, twins, definitions)
-        await self._send([OutMessage(self.topics.membership_result(), body, kind="twin", sequenced=False)])
+        await self._send([OutMessage(self.topics.membership_result(), payloads.membership(event_id, twins, definitions),
+                                     kind="twin", sequenced=False) for event_id in event_ids])
 
     async def _set(self, incoming: Incoming, payload: bytes) -> None:
         """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text."""
