@@ -48,10 +48,11 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
         return exc.code, exc.read().decode()
 
 
-def scenario(tmp_path: Path, writes: bool, check, devices: str = DEVICES) -> None:  # noqa: ANN001
+def scenario(tmp_path: Path, writes: bool, check, devices: str = DEVICES,  # noqa: ANN001
+             allowed_hosts: list[str] | None = None) -> None:
     (tmp_path / "devices.yaml").write_text(devices)
     config = MapperConfig(devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
-                          api=ApiSettings(port=0, writes=writes))
+                          api=ApiSettings(port=0, writes=writes, allowed_hosts=allowed_hosts or []))
 
     async def main() -> None:
         service = build_service(config)
@@ -269,3 +270,23 @@ def test_an_idle_connection_is_closed(tmp_path: Path, monkeypatch) -> None:  # n
         assert status == 200
 
     scenario(tmp_path, False, check)
+
+
+def test_a_write_addressed_to_another_host_name_is_refused(tmp_path: Path) -> None:
+    """DNS rebinding: once evil.example resolves to 127.0.0.1, its page is same-origin with the
+    API, and a browser without Fetch Metadata (older Safari, Chromium, Firefox) marks nothing: the
+    write went through. Its Host header still names evil.example: refused with 403. IP addresses,
+    localhost and the names in api.allowed_hosts still write; reads are unchanged."""
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        path = "/api/v1/devicemethod/default/lamp/SetPower/power/true"
+        for host in (f"evil.example:{port}", "evil.example", f"attacker.test.:{port}"):
+            status, body = await asyncio.to_thread(get, port, path, {"Host": host})
+            assert status == 403 and "api.allowed_hosts" in body, (host, status, body)
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is None
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/lamp/power", {"Host": "evil.example"})
+        assert status == 200, body
+        for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", f"Pi.Local:{port}"):
+            status, body = await asyncio.to_thread(get, port, path, {"Host": host})
+            assert status == 200, (host, status, body)
+    scenario(tmp_path, True, check, allowed_hosts=["pi.local"])

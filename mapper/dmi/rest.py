@@ -11,6 +11,8 @@ and never for a request a browser marks as made by a web page (from_a_web_page).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import threading
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -30,7 +32,7 @@ from twin.records import ERROR, GOOD
 from twin.store import TwinError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Iterable, Mapping
 
     from mapper.service import MapperService
 
@@ -70,6 +72,28 @@ def from_a_web_page(headers: Mapping[str, str]) -> str | None:
     if headers.get("Origin") is not None:
         return "a write requested by a web page (Origin header) is refused"
     return None
+
+
+def addressed_elsewhere(headers: Mapping[str, str], allowed: Iterable[str]) -> str | None:
+    """Why a write must be refused for the host it was addressed to, or None.
+
+    DNS rebinding: a page of evil.example, once its name resolves to 127.0.0.1, is same-origin
+    with whatever listens there, and a browser without Fetch Metadata headers (older Safari,
+    Chromium, Firefox) marks nothing. The `Host` header still names evil.example. A write is
+    taken only when it names an IP address, `localhost`, `api.host` or one of `api.allowed_hosts`
+    (a client sending no Host header at all, HTTP/1.0, is no browser)."""
+    host = (headers.get("Host") or "").strip()
+    if not host:
+        return None
+    name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+    name = name.lower().rstrip(".")
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(name)
+        return None
+    if name == "localhost" or name in {a.lower().rstrip(".") for a in allowed}:
+        return None
+    return (f"a write addressed to host {name[:60]!r} is refused (a page rebound by DNS would send that): "
+            "add the name to api.allowed_hosts if it is this machine's")
 
 
 class RestApi:
@@ -113,7 +137,8 @@ class RestApi:
             case ["devicemethod", ns, name]:
                 return self.methods(ns, name)
             case ["devicemethod", ns, name, method, prop, data]:
-                refused = from_a_web_page(headers or {})
+                refused = from_a_web_page(headers or {}) or addressed_elsewhere(
+                    headers or {}, [self.settings.host, *self.settings.allowed_hosts])
                 if refused:
                     raise ApiError(HTTPStatus.FORBIDDEN, refused)
                 return self.write(ns, name, method, prop, data)
