@@ -122,6 +122,11 @@ class MqttSettings(BaseModel):
             raise ValueError(f"{source}: mqtt.password_file: {self.password_file} is empty (or only white space): "
                              f"write the broker password{f' of user {self.username!r}' if self.username else ''} "
                              f"in it, as one line")
+        if self.password_file is None and password is not None and not password.get_secret_value().strip():
+            # Likewise: an exported but empty variable (a systemd Environment= line without a value).
+            raise ValueError(f"{source}: mqtt.password_env: environment variable {self.password_env} is empty (or "
+                             f"only white space): set it to the broker password"
+                             f"{f' of user {self.username!r}' if self.username else ''}")
 
     def exposed_secrets(self, source: str) -> list[str]:
         """Warnings for secret files every local user can read (mode o+r): the broker password and

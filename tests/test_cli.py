@@ -552,6 +552,25 @@ def test_an_empty_password_file_is_a_config_error_naming_the_field_and_the_file(
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_password_variable_is_a_config_error_naming_the_field_and_the_variable(tmp_path, value):
+    """mqtt.password_env naming a variable that is set but empty (a systemd `Environment=` line
+    without its value) was taken as the password "": the broker refused it at every reconnect with
+    nothing pointing at the variable. `run` and `cloud-worker` now refuse the config at once."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    block = "mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_env: MAPPER_TEST_EMPTY_PASSWORD\n"
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=block)
+    worker = tmp_path / "worker.yaml"
+    worker.write_text(block)
+    for source, args in ((config, ("run", "--config", str(config))), (worker, ("cloud-worker", "--config", str(worker)))):
+        result = mapper(*args, env={"MAPPER_TEST_EMPTY_PASSWORD": value})
+        assert result.returncode == 1, result
+        assert result.stderr.endswith(f"error: {source}: mqtt.password_env: environment variable "
+                                      "MAPPER_TEST_EMPTY_PASSWORD is empty (or only white space): set it to the broker "
+                                      "password of user 'mapper'\n"), result.stderr
+    assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
 def test_the_cloud_worker_warns_about_world_readable_secrets_as_the_mapper_does(tmp_path):
     """`mapper cloud-worker` read a password file and a TLS key every local user can read without a
     word, while `mapper run` warns about both. It now prints the same warnings (with the chmod that
