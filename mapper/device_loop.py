@@ -434,15 +434,14 @@ class DeviceRunner:
                 boot[prop.name] = coerce(prop.type, value)
         if not boot or self._twin is None:
             return
-        last = await self._twin_before()
         seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot))
         for name, version in seen.items():
             self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
-        for name, old, version in reset:
+        for name, before, version in reset:
             log.warning("%s/%s: started in its boot state %r; the desired value %r applied before the restart"
-                        " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name], old,
-                        boot[name], version)
-            await self._settled_desired(name, boot[name], version, last.get(name))
+                        " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name],
+                        before.desired, boot[name], version)
+            await self._settled_desired(name, boot[name], version, before)
 
     async def _apply(self, change: DesiredChange) -> None:
         """Write a desired value and read it back; any refusal or failure is the change's error in
@@ -551,11 +550,12 @@ def _store_applied_desired(
 
 def _reset_to_boot(
     store: TwinStore, device_id: DeviceId, boot: dict[str, Value],
-) -> tuple[dict[str, int], list[tuple[str, Value, int]]]:
+) -> tuple[dict[str, int], list[tuple[str, PropertyTwin, int]]]:
     """In the twin thread: for each property not waiting for a desired value, its desired version
-    (after replacing an applied desired value that differs from the boot state), and the replaced ones."""
+    (after replacing an applied desired value that differs from the boot state), and the replaced
+    ones with their twin before (the twin document's `last`: read in the same transaction)."""
     seen: dict[str, int] = {}
-    reset: list[tuple[str, Value, int]] = []
+    reset: list[tuple[str, PropertyTwin, int]] = []
     # One transaction: a desired value `mapper twin set` commits meanwhile is pending, not replaced.
     with store.transaction():
         pending = {c.property for c in store.pending_desired() if c.device_id == device_id}
@@ -568,5 +568,5 @@ def _reset_to_boot(
                 seen[name] = prop.desired_version
                 continue
             seen[name] = _store_applied_desired(store, device_id, name, value)
-            reset.append((name, prop.desired, seen[name]))
+            reset.append((name, prop, seen[name]))
     return seen, reset
