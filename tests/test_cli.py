@@ -46,10 +46,10 @@ def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
     (tmp_path / "d.yaml").write_text(device_yaml("d").replace("protocolName: simulated\n    configData",
-                                                              "protocolName: modbus\n    configData"))
+                                                              "protocolName: acme-fieldbus\n    configData"))
     result = mapper("validate", str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "warning:" in result.stderr and "'modbus'" in result.stderr
+    assert "warning:" in result.stderr and "'acme-fieldbus'" in result.stderr
     assert "ok: 1 device(s), 1 model(s)" in result.stdout
 
 

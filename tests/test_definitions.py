@@ -167,14 +167,14 @@ def test_a_number_beyond_a_float_is_refused_as_a_desired_value(tmp_path):
 def test_unknown_protocol_is_a_warning_not_an_error(tmp_path):
     """A protocol with no installed driver is valid YAML: a warning naming the protocol."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
-    (tmp_path / "d.yaml").write_text(device_yaml("modbus-thing").replace("protocolName: simulated\n    configData",
-                                                                        "protocolName: modbus\n    configData"))
+    (tmp_path / "d.yaml").write_text(device_yaml("fieldbus-thing").replace("protocolName: simulated\n    configData",
+                                                                        "protocolName: acme-fieldbus\n    configData"))
     (tmp_path / "ok.yaml").write_text(device_yaml("fine"))
     result = load([tmp_path], base=tmp_path)
-    assert DeviceId("default", "modbus-thing") in result.unrunnable
+    assert DeviceId("default", "fieldbus-thing") in result.unrunnable
     assert DeviceId("default", "fine") not in result.unrunnable
     (warning,) = result.warnings
-    assert "d.yaml:10: spec.protocol.protocolName" in str(warning) and "'modbus'" in str(warning)
+    assert "d.yaml:10: spec.protocol.protocolName" in str(warning) and "'acme-fieldbus'" in str(warning)
 
 
 def test_driver_registry_is_read_once_and_reread_for_a_new_protocol(tmp_path, monkeypatch):

@@ -124,7 +124,7 @@ def test_register_with_devices_dedupes_models(sockdir: Path) -> None:
     async def scenario() -> None:
         async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
             edgecore.devices = [(room("room-a"), TEMP), (room("room-b"), TEMP), (switch("lamp"), SWITCH),
-                                (device("other", "temp-model", {}, protocol="modbus"), TEMP)]
+                                (device("other", "temp-model", {}, protocol="acme-fieldbus"), TEMP)]
             async with running_mapper(sockdir) as mapper:
                 await registered(mapper)
                 assert set(mapper.ext.catalog.models) == {("default", "temp-model"), ("default", "switch-model")}
@@ -765,8 +765,8 @@ def test_a_device_for_a_protocol_without_a_driver_is_refused(sockdir: Path) -> N
         async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
             await registered(mapper)
             await edgecore.add(room("room-a"), TEMP)
-            other = device("other", "temp-model", {"temperature": {"kind": "temperature"}}, protocol="modbus")
-            assert "no driver installed for protocol 'modbus'" in await refused_as_invalid(edgecore, other)
+            other = device("other", "temp-model", {"temperature": {"kind": "temperature"}}, protocol="acme-fieldbus")
+            assert "no driver installed for protocol 'acme-fieldbus'" in await refused_as_invalid(edgecore, other)
             assert mapper.runner("other") is None and mapper.runner("room-a") is not None
     run(scenario())
 
