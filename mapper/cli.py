@@ -11,6 +11,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +77,7 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
     except OSError:
         return None
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _flock_soon(lock, fcntl.LOCK_EX)
     except BlockingIOError:
         lock.seek(0)
         owner = lock.read().strip() or "?"
@@ -89,6 +90,44 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
         os.ftruncate(lock.fileno(), 0)
         os.write(lock.fileno(), f"{os.getpid()}\n".encode())
     return lock
+
+
+def _flock_soon(file, kind: int, *, within_s: float = 0.5) -> None:  # noqa: ANN001
+    """flock(kind) without blocking, tried again for `within_s` while it is held: a `mapper devices`
+    asking whether a mapper runs holds the lock for an instant, and must not refuse a starting one."""
+    import fcntl
+
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            fcntl.flock(file, kind | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
+def _running_mapper(path: Path) -> tuple[bool | None, int | None]:
+    """(running, pid) of the `mapper run` holding `<twin>.lock`; running None when it cannot be told."""
+    import fcntl
+
+    try:
+        lock = Path(f"{path}.lock").open("r")
+    except FileNotFoundError:
+        return False, None
+    except OSError:
+        return None, None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = lock.read().strip()
+            return True, int(owner) if owner.isdigit() else None
+        except OSError:
+            return None, None
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        return False, None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -272,8 +311,10 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     with _open_twin(config) as store:
         _check_desired(config, store, device, args.property, args.value)
         value, version = store.set_desired(device, args.property, args.value)
+    running, _ = _running_mapper(config.twin.path)
     print(f"{device}/{args.property}: desired = {orjson.dumps(value).decode()} (version {version});"
-          " the running mapper applies it")
+          + (" no mapper is running on this twin: the next `mapper run` applies it" if running is False
+             else " the running mapper applies it"))
     return 0
 
 
@@ -334,11 +375,17 @@ def cmd_devices(args: argparse.Namespace) -> int:
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
     outbox["undeliverable"] = losses["outbox_undeliverable"]
+    running, pid = _running_mapper(config.twin.path)
     if args.json:
-        print(orjson.dumps({"devices": [_twin_json(t) for t in rows], "outbox": outbox,
+        print(orjson.dumps({"mapper": {"running": running, "pid": pid},
+                            "devices": [_twin_json(t) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"]},
                            option=orjson.OPT_INDENT_2).decode())
         return 0
+    if running is False:  # the states would otherwise read as live ("ok") long after the stop
+        print(f"mapper: not running on {config.twin.path}: the states below are as its last run left them")
+    elif running:
+        print(f"mapper: running (pid {pid if pid is not None else '?'})")
     print(f"{'device':<32} {'state':<10} {'last reading':<24} detail")
     for t in rows:
         print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")

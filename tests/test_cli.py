@@ -191,6 +191,7 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         assert len(history) == 3 and [h["ts"] for h in history] == sorted(h["ts"] for h in history)
         human = mapper("devices", "--config", str(config))
         assert "default/lamp" in human.stdout and " ok " in human.stdout
+        assert human.stdout.startswith(f"mapper: running (pid {proc.pid})\n"), human.stdout
         refused = mapper("twin", "set", "lamp", "temperature", "3", "--config", str(config))
         assert refused.returncode == 1 and "ReadOnly" in refused.stderr
         # Checked as the MQTT router checks: the model's range, a device in the files.
@@ -203,6 +204,14 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
     assert code == 0
     log = (tmp_path / "log").read_text()
     assert "drivers closed, twin flushed" in log
+    # After the stop the twin still says `ok` (as the device last was): the commands say no mapper runs.
+    human = mapper("devices", "--config", str(config)).stdout
+    assert human.startswith(f"mapper: not running on {tmp_path / 'twin.db'}: the states below are as its last run"
+                            " left them\n"), human
+    assert json.loads(mapper("devices", "--config", str(config), "--json").stdout)["mapper"] == {"running": False,
+                                                                                                  "pid": None}
+    later = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
+    assert later.returncode == 0 and "no mapper is running on this twin: the next `mapper run` applies it" in later.stdout
 
 
 def test_run_refuses_only_the_device_without_driver(tmp_path):
@@ -628,6 +637,28 @@ def test_a_second_mapper_on_the_same_twin_is_refused_and_the_first_runs_on(tmp_p
         wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log2").read_text(), what="a mapper started after it")
     finally:
         assert stop_mapper(again) == 0
+
+
+def test_a_command_asking_whether_a_mapper_runs_does_not_refuse_one_starting(tmp_path):
+    """`mapper devices` and `twin set` hold `<twin>.lock` for an instant to learn whether a mapper runs
+    (and that a command probing in a loop does not keep a mapper from starting): a `mapper run` that
+    finds the lock taken tries again for half a second before it refuses."""
+    import fcntl
+    import threading
+
+    from mapper.cli import _lock_twin, _running_mapper
+
+    twin = tmp_path / "twin.db"
+    assert _running_mapper(twin) == (False, None)  # no lock file: no mapper ever ran here
+    probe = (tmp_path / "twin.db.lock").open("a+")
+    fcntl.flock(probe, fcntl.LOCK_SH)
+    threading.Timer(0.1, probe.close).start()  # the probe lets go while _lock_twin tries
+    held = _lock_twin(twin)
+    try:
+        assert held is not None and _running_mapper(twin) == (True, os.getpid())
+    finally:
+        held.close()
+    assert _running_mapper(twin) == (False, None)
 
 
 def test_the_cloud_worker_without_the_ml_extra_says_what_to_install(tmp_path):
