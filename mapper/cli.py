@@ -285,6 +285,10 @@ def _twin_json(twin) -> dict:  # noqa: ANN001
     }
 
 
+def _json_text(value: object) -> str:
+    return orjson.dumps(value).decode()
+
+
 def cmd_twin_get(args: argparse.Namespace) -> int:
     config = _config(args.config)
     with _open_twin(config) as store:
@@ -296,8 +300,9 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
     print(f"{'property':<16} {'reported':>12} {'desired':>10} {'delta':>6}  {'quality':<12} reported at")
     for p in twin.properties.values():
-        reported = "-" if p.reported is None else f"{p.reported}{(' ' + p.unit) if p.unit else ''}"
-        desired = "-" if p.desired is None else str(p.desired)
+        # Values as JSON, as `twin set` takes them and `twin history` shows them (true, not True)
+        reported = "-" if p.reported is None else f"{_json_text(p.reported)}{(' ' + p.unit) if p.unit else ''}"
+        desired = "-" if p.desired is None else _json_text(p.desired)
         print(f"{p.name:<16} {reported:>12} {desired:>10} {('yes' if p.delta else ''):>6}  "
               f"{(p.quality or '-'):<12} {_fmt_ts(p.reported_ts)}"
               + (f"  [{p.quality_detail}]" if p.quality_detail and p.quality != 'good' else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -186,6 +187,8 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
         assert set_result.returncode == 0 and "desired = true" in set_result.stdout
         wait_for(lambda: json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
                  ["properties"]["power"]["reported"] is True, what="power reported true")
+        shown = mapper("twin", "get", "lamp", "--config", str(config)).stdout  # values as `twin set` takes them
+        assert re.search(r"^power +true +true ", shown, flags=re.M), shown
         history = json.loads(mapper("twin", "history", "lamp", "count", "-n", "3", "--config", str(config),
                                     "--json").stdout)
         assert len(history) == 3 and [h["ts"] for h in history] == sorted(h["ts"] for h in history)
