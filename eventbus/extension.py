@@ -21,6 +21,7 @@ from eventbus.router import Router
 from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
+from mapper.device_loop import UNKNOWN
 from twin.store import DesiredChange, OutMessage
 
 if TYPE_CHECKING:
@@ -29,6 +30,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("mapper.eventbus")
 
 ONLINE_STATES = ("ok", "online")
+# A device whose state is not known yet when the connection comes up (the broker answered before
+# its driver's first read) is announced once its state is known, or `offline` after this long.
+# Announced at once, it went `offline` then `online` at nearly every start: a flap per device
+# for anything alerting on availability.
+FIRST_STATE_GRACE_S = 5.0
 
 
 class EventBusExtension:
@@ -43,6 +49,7 @@ class EventBusExtension:
         self._extra: list[tuple[str, int, Callable[[str, bytes], Awaitable[None]]]] = []
         self._connecting = asyncio.Event()  # clear while _on_connect runs
         self._connecting.set()
+        self._unknown_later: asyncio.Task[None] | None = None  # see FIRST_STATE_GRACE_S
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -103,6 +110,7 @@ class EventBusExtension:
         twin reply, a desired value's result, a cloud answer's decision) would otherwise be
         committed while the outbox drains, or after, and wait in it for the next start; the broker
         keeps a QoS 1 message in the mapper's session and sends it again at the next connection."""
+        self._cancel_unknown_later()
         if self.bus is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_on_stop_s):
@@ -131,7 +139,7 @@ class EventBusExtension:
                 await self.bus.publish(self.topics.node_availability(), b"offline", retain=True)
 
     async def shutdown(self, service: MapperService) -> None:
-        return None
+        self._cancel_unknown_later()
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None
@@ -164,9 +172,17 @@ class EventBusExtension:
         assert self.bus is not None and self.topics is not None and self.telemetry is not None
         await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
         messages: list[OutMessage] = []
+        unknown: list[DeviceId] = []
         for device, runner in service.runners.items():
-            messages.append(self._availability(device, runner.state))
+            if runner.state == UNKNOWN:
+                unknown.append(device)  # announced by its first state change (_on_state), or below
+            else:
+                messages.append(self._availability(device, runner.state))
             messages.append(self.telemetry.state_message(device, payloads.now_ms()))
+        self._cancel_unknown_later()
+        if unknown:
+            self._unknown_later = asyncio.create_task(self._announce_unknown_later(service, unknown),
+                                                      name="availability-of-unknown-devices")
         if not messages:
             return
         try:
@@ -183,6 +199,25 @@ class EventBusExtension:
             return
         if rows and self.publisher:
             self.publisher.offer(rows)
+
+    async def _announce_unknown_later(self, service: MapperService, devices: list[DeviceId]) -> None:
+        """`offline` for the devices whose state is still unknown after FIRST_STATE_GRACE_S."""
+        await asyncio.sleep(FIRST_STATE_GRACE_S)
+        still = [d for d in devices if (r := service.runners.get(d)) is not None and r.state == UNKNOWN]
+        if not still:
+            return
+        try:
+            rows = await service.twin(lambda s: s.record([], [self._availability(d, UNKNOWN) for d in still]))
+        except Exception as exc:  # noqa: BLE001 - a full disk: the device's next state change announces it
+            log.error("cannot queue the availability of %s in the twin: %s", ", ".join(map(str, still)), exc)
+            return
+        if rows and self.publisher:
+            self.publisher.offer(rows)
+
+    def _cancel_unknown_later(self) -> None:
+        if self._unknown_later is not None:
+            self._unknown_later.cancel()
+            self._unknown_later = None
 
     def _availability(self, device: DeviceId, state: str) -> OutMessage:
         value = b"online" if state in ONLINE_STATES else b"offline"

@@ -48,6 +48,7 @@ from twin.store import DesiredChange, TwinStore, VersionConflict
 
 log = logging.getLogger("mapper.device")
 
+UNKNOWN = "unknown"  # no state yet: not opened, or no read decided one since the start
 OK = "ok"
 UNHEALTHY = "unhealthy"
 OFFLINE = "offline"
@@ -86,7 +87,7 @@ class DeviceRunner:
         self._settings = settings
         self._on_state = on_state
         self._on_applied = on_applied
-        self.state = "unknown"
+        self.state = UNKNOWN
         self.failures = 0
         self.reads = 0
         self.read_errors = 0

@@ -70,9 +70,7 @@ def test_device_availability_follows_its_state(broker, tmp_path, node):
     with broker.client("app") as app:
         app.subscribe(topic)
         with MapperProcess(tmp_path, devices, broker, node=node):
-            # (A connection made before the first read announces the device `offline`: its state is
-            # still unknown. `online` follows with that read.)
-            wait_payload(app, topic, b"online")
+            assert next_payload(app, topic) == b"online"
             fault.touch()
             wait_payload(app, topic, b"offline")
             assert retained(broker, f"mapper/{node}/availability") == b"online"
@@ -105,3 +103,62 @@ def test_availability_is_published_again_after_a_reconnect(tmp_path, node):
                     seen[message.topic] = message.payload
         assert seen == {node_topic: b"online", device_topic: b"online"}
         mapper.wait_log("connected to mqtt://", count=2)
+
+
+
+ONE_PROPERTY = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: one-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+    - {{name: temperature, type: FLOAT, accessMode: ReadOnly}}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: probe, namespace: default}}
+spec:
+  deviceModelRef: {{name: one-model}}
+  protocol: {{protocolName: simulated, configData: {config}}}
+  properties:
+    - {{name: temperature, visitors: {{protocolName: simulated, configData: {{kind: temperature}}}}, collectCycle: {cycle}}}
+"""
+
+
+def one_property_probe(directory, *, cycle: int, config: str):
+    """A device with one property (so that `fail_first` counts its reads one cycle each)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "probe.yaml").write_text(ONE_PROPERTY.format(cycle=cycle, config=config))
+    return directory
+
+
+def test_a_device_whose_first_reads_fail_is_not_announced_offline_before_it_is_known(broker, tmp_path, node):
+    """At start the broker usually answers before a driver's first good read. Every device's
+    availability was announced at connect, `offline` while its state was still unknown, then
+    `online` with the first good read: a flap per device at every start. The first announcement
+    now waits for the state (here two failed reads a second apart, then good ones: never
+    `unhealthy`, three failures in a row)."""
+    devices = one_property_probe(tmp_path / "dev", cycle=1000, config="{fail_first: 2}")
+    topic = f"mapper/{node}/default/probe/availability"
+    with broker.client("app") as app:
+        app.subscribe(topic)
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            assert next_payload(app, topic) == b"online"
+            assert "default/probe: state ok (was unknown)" in mapper.log()
+
+
+def test_a_device_still_unknown_after_the_grace_is_announced_offline(broker, tmp_path, node):
+    """A device whose reads fail, slowly (one read in 10 s: `unhealthy` only after three, at 20 s
+    or later), is announced `offline` once FIRST_STATE_GRACE_S (5 s) has passed, not left with a
+    previous run's retained `online` until it is unhealthy."""
+    devices = one_property_probe(tmp_path / "dev", cycle=10_000, config="{broken: true}")
+    topic = f"mapper/{node}/default/probe/availability"
+    with broker.client("mapper") as earlier:  # what a previous run left
+        earlier.publish(topic, b"online", retain=True)
+    with broker.client("app") as app:
+        app.subscribe(topic)
+        assert next_payload(app, topic) == b"online"  # the retained one
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            assert next_payload(app, topic, timeout=15) == b"offline"
+            assert "state unhealthy" not in mapper.log()  # the grace ran out, not the failure threshold
