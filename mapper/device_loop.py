@@ -44,7 +44,7 @@ from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
 from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
-from twin.store import DesiredChange, TwinStore, VersionConflict
+from twin.store import DesiredChange, NotWritable, TwinStore, VersionConflict
 
 log = logging.getLogger("mapper.device")
 
@@ -380,10 +380,16 @@ class DeviceRunner:
         self._desired_event.set()
 
     async def _revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
-        """Make the value the driver set by itself the desired value (a new version, already applied)."""
-        last = await self._twin_before()
+        """Make the value the driver set by itself the desired value (a new version, already applied).
+        A ReadOnly property has no desired value (the twin refuses one): its read-back is recorded,
+        nothing more (storing one raised NotWritable, which crashed and restarted the device loop)."""
+        last = await self._twin_before() if prop.writable else {}
         reading = await self.read_once(prop)
         self._record(reading)
+        if not prop.writable:
+            log.info("%s/%s: %s; ReadOnly, so only the reading %r is recorded", self.id, prop.name, reason,
+                     reading.value)
+            return
         if self._flush is not None:
             # The read-back first, then the desired value: the twin never shows the new desired
             # version next to the old reported value.
@@ -405,6 +411,9 @@ class DeviceRunner:
                 lambda s: _store_applied_desired(s, self.id, prop.name, value, expected_version=expected))
         except VersionConflict:
             log.info("%s/%s: %s, but a newer desired value is waiting; it is applied next", self.id, prop.name, reason)
+            return
+        except NotWritable:  # the twin's model says ReadOnly (a reload changed it meanwhile): likewise
+            log.info("%s/%s: %s (ReadOnly in the twin: reported, no desired value)", self.id, prop.name, reason)
             return
         log.warning("%s/%s: %s: desired value is now %r (version %d)", self.id, prop.name, reason, value, version)
         await self._settled_desired(prop.name, value, version, last.get(prop.name))

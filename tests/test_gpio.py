@@ -805,3 +805,41 @@ def test_a_writable_property_on_an_input_pin_is_a_definition_error(tmp_path: Pat
         load([tmp_path], base=tmp_path)
     assert str(info.value) == ("io.yaml:9: spec.properties[0].visitors: property 'relay' is ReadWrite in DeviceModel"
                                " 'io-model', but GPIO27 is an input: use direction: out, or accessMode: ReadOnly")
+
+
+def test_auto_off_on_a_read_only_output_is_a_definition_error(tmp_path: Path) -> None:
+    """A ReadOnly output (accessMode's default) with auto_off_s used to validate; at its auto-off the
+    device loop crashed (NotWritable), and each restart re-opened the pin with `initial: true`, on
+    again, forever. Nothing could switch it on again anyway. A fixed level (`initial` alone) loads."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    block = ("  - name: button\n    visitors:\n      protocolName: gpio\n      configData:\n"
+             "        pin: 17\n        direction: out\n        initial: true\n        auto_off_s: 1\n")
+    (tmp_path / "io.yaml").write_text(device_yaml("io", block))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert str(info.value) == (
+        "io.yaml:15: spec.properties[0].visitors.configData.auto_off_s: property 'button' is not ReadWrite in"
+        " DeviceModel 'io-model' (accessMode defaults to ReadOnly), so nothing could switch GPIO17 on again after auto_off_s"
+        " switched it off: use accessMode: ReadWrite, or remove auto_off_s")
+    fixed = definition(tmp_path, button="{pin: 17, direction: out, initial: true}")
+    assert fixed.prop("button").visitor.initial is True
+
+
+async def test_a_driver_revert_of_a_read_only_property_is_recorded_not_a_crash(tmp_path: Path,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A ReadOnly property the driver sets back by itself has no desired value to update: the
+    read-back is recorded and the loop goes on (storing a desired value raised NotWritable, which
+    crashed the device loop; its restart re-opened the pin with `initial: true`)."""
+    devices = write_io(tmp_path / "dev", cycles(BUTTON % "{pin: 22, direction: out, initial: true}", 3_600_000))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[IO]
+        await async_wait_for(lambda: history(config, "button") == [True], what="the first poll: on")
+        runner.driver.reverted(runner.definition.prop("button"), True, "set back by the driver")
+        await async_wait_for(lambda: history(config, "button") == [True, True], what="the read-back recorded")
+        await asyncio.sleep(0.2)
+        assert "device loop crashed" not in caplog.text
+        assert service.runners[IO] is runner
+        assert wire_of(runner.driver).pin(22).states == [True]  # opened on, never re-opened
+        prop = twin_prop(config, "button")
+        assert (prop.desired, prop.desired_version) == (None, 0)

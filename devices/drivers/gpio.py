@@ -17,7 +17,7 @@ edge asks the device loop (`Driver.changed`) to read the pin once it has been qu
 pressed and then released; a bouncing contact is reported only once it has settled. The
 collectCycle poll still runs, as a backstop and for the periodic report.
 
-An output with `auto_off_s` is switched off by a timer that long after it was switched on
+An output with `auto_off_s` (its property ReadWrite) is switched off by a timer that long after it was switched on
 (also when `initial: true` switched it on at open); the driver then tells the device loop
 (`Driver.reverted`), which makes `false` the new desired value, so the twin shows no delta
 and nothing switches the output on again until someone asks for it.
@@ -125,7 +125,14 @@ class GpioDriver(Driver):
     def config_problems(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
         """A pin is high or low: its property must be BOOLEAN (an INT property used to pass, then
         every read of it failed and the device never started). An input cannot be set: its
-        property must not be ReadWrite (every desired value used to fail at the device)."""
+        property must not be ReadWrite (every desired value used to fail at the device).
+
+        An output with `auto_off_s` must be ReadWrite: on a ReadOnly property (accessMode's
+        default) nothing could switch it on again once the timer switched it off, so the timer
+        could only ever end `initial: true` (its auto-off once crashed the device loop, whose
+        restart re-opened the pin with `initial: true`, on again, forever). A ReadOnly output with
+        only `initial` is allowed: a fixed level set at open (a sensor's power or enable line),
+        read back and reported."""
         for i, prop in enumerate(device.properties):
             if prop.type is not PropertyType.BOOLEAN:
                 yield (f"spec.properties[{i}].visitors",
@@ -138,6 +145,11 @@ class GpioDriver(Driver):
                 yield (f"spec.properties[{i}].visitors",
                        f"property {prop.name!r} is ReadWrite in DeviceModel {device.model_name!r}, but GPIO{v.pin}"
                        " is an input: use direction: out, or accessMode: ReadOnly")
+            if not prop.writable and getattr(v, "direction", None) == "out" and v.auto_off_s is not None:
+                yield (f"spec.properties[{i}].visitors.configData.auto_off_s",
+                       f"property {prop.name!r} is not ReadWrite in DeviceModel {device.model_name!r} (accessMode"
+                       f" defaults to ReadOnly), so nothing could switch GPIO{v.pin} on again after auto_off_s switched it off:"
+                       " use accessMode: ReadWrite, or remove auto_off_s")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
