@@ -71,6 +71,14 @@ class MqttSettings(BaseModel):
             raise ValueError(f"{value!r}: no host name")
         if parts.username or parts.password:
             raise ValueError("put credentials in username and password_file/password_env, not in the URL")
+        try:
+            port = parts.port  # urlsplit checks it only when asked: `mapper run` used to crash on it
+        except ValueError:
+            port = -1
+        if port is not None and not 1 <= port <= 65535 or port is None and parts.netloc.endswith(":"):
+            shown = parts.netloc.rpartition(":")[2]
+            raise ValueError(f"{value!r}: port {shown!r} is not a port number 1-65535"
+                             f" (leave it out for {8883 if parts.scheme == 'mqtts' else 1883})")
         return value
 
     @property
@@ -80,7 +88,7 @@ class MqttSettings(BaseModel):
     @property
     def port(self) -> int:
         parts = urlsplit(self.url)
-        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        return parts.port if parts.port is not None else (8883 if parts.scheme == "mqtts" else 1883)
 
     @field_validator("protocol", mode="before")
     @classmethod

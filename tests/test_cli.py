@@ -113,6 +113,32 @@ def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
     assert result.returncode == 1 and "config file not found" in result.stderr
 
 
+def test_a_port_out_of_range_in_mqtt_url_is_a_config_error(tmp_path):
+    """`mqtt.url` with a port outside 1-65535 or not a number passed validation; `mapper run` then
+    started its devices and died with a ValueError traceback, and port 0 silently meant 1883. Now a
+    config error at mqtt.url, for the mapper and the cloud worker (which share the settings)."""
+    from mapper.inference.worker import load_worker_config
+
+    devices = write_devices(tmp_path / "dev", ["x"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db", extra="mqtt:\n  url: mqtt://127.0.0.1:99999\n")
+    result = mapper("run", "--config", str(config), timeout=20)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip() == (f"{config}:12: mqtt.url: 'mqtt://127.0.0.1:99999': port '99999' is not a port"
+                                     " number 1-65535 (leave it out for 1883)"), result.stderr
+    for port in ("0", "abc", "-1", ""):
+        config = write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db",
+                              extra=f"mqtt:\n  url: 'mqtts://broker:{port}'\n")
+        with pytest.raises(DefinitionError, match=rf"^{config}:12: mqtt.url: .*port '{port}' is not a port number"
+                                                  r" 1-65535 \(leave it out for 8883\)$"):
+            load_config(config)
+    worker = tmp_path / "worker.yaml"
+    worker.write_text("group: g\nmqtt:\n  url: mqtt://127.0.0.1:0\n")
+    with pytest.raises(DefinitionError, match=rf"^{worker}:3: mqtt.url: 'mqtt://127.0.0.1:0': port '0' is not"):
+        load_worker_config(worker)
+    assert load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db",
+                                    extra="mqtt: {url: 'mqtt://[::1]'}\n")).mqtt.port == 1883
+
+
 def test_mqtt_paths_are_relative_to_the_config_file_for_the_mapper_and_the_worker(tmp_path, monkeypatch):
     """Relative `password_file` and `tls` paths mean the config file's directory, for `mapper run`
     and `mapper cloud-worker` alike (the worker read its TLS files from the current directory);
