@@ -113,6 +113,29 @@ def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
     assert result.returncode == 1 and "config file not found" in result.stderr
 
 
+def test_cloud_worker_models_it_cannot_serve_are_config_errors(tmp_path):
+    """A model name that is not in models_dir was a ModelError traceback; a models_dir without models
+    started a worker that joined the shared subscription and refused every request it took from
+    healthy workers. Both are config errors now, at the field, and the worker does not start."""
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    config = tmp_path / "w.yaml"
+    config.write_text("mqtt: {url: 'mqtt://127.0.0.1:1'}\nmodels:\n  - sensor_faults\n  - nope\n")
+    result = mapper("cloud-worker", "--config", str(config))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip() == (f"{config}:4: models[1]: no model 'nope' in {REPO / 'models'}"
+                                     " (models there: rain, sensor_faults)"), result.stderr
+    (tmp_path / "empty").mkdir()
+    config.write_text("# no models here\nmqtt: {url: 'mqtt://127.0.0.1:1'}\nmodels_dir: empty\n")
+    result = mapper("cloud-worker", "--config", str(config))
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.strip() == (f"{config}:3: models_dir: no models in {tmp_path / 'empty'} (no sub-directory"
+                                     " with a model.json): a worker needs at least one; set models_dir to where they"
+                                     " are"), result.stderr
+    with pytest.raises(DefinitionError, match=r"^worker config: models: an empty list: name at least one model"):
+        CloudWorker(WorkerSettings(models=[]))
+
+
 def test_a_port_out_of_range_in_mqtt_url_is_a_config_error(tmp_path):
     """`mqtt.url` with a port outside 1-65535 or not a number passed validation; `mapper run` then
     started its devices and died with a ValueError traceback, and port 0 silently meant 1883. Now a

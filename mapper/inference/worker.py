@@ -31,6 +31,7 @@ import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiomqtt
 import orjson
@@ -60,6 +61,12 @@ class WorkerSettings(BaseModel):
 def load_worker_config(path: str | Path) -> WorkerSettings:
     """Read and validate a worker config; raises DefinitionError (FILE:LINE: FIELD: PROBLEM), as
     the mapper's own config does."""
+    return _read_worker_config(path)[0]
+
+
+def _read_worker_config(path: str | Path) -> tuple[WorkerSettings, Any]:
+    """The settings, and the YAML document they came from (None for an empty file), for the lines
+    of the problems found later (load_worker_models)."""
     from devices.errors import DefinitionError, Problem
     from devices.loader import read_documents, validation_problems
 
@@ -82,23 +89,61 @@ def load_worker_config(path: str | Path) -> WorkerSettings:
     if settings.models_dir is not None and not settings.models_dir.is_absolute():
         changes["models_dir"] = base / settings.models_dir
     changes["mqtt"] = settings.mqtt.relative_to(base)
-    return settings.model_copy(update=changes)
+    return settings.model_copy(update=changes), (docs[0] if docs else None)
+
+
+def load_worker_models(settings: WorkerSettings, source: str = "worker config", doc: Any = None) -> dict[str, Any]:
+    """The models the worker serves, by name; raises DefinitionError (FILE:LINE: FIELD: PROBLEM) for
+    a model that cannot be loaded (a typo in `models`) and when there are none: a worker without
+    models would join the shared subscription and refuse every request it took from healthy workers.
+    `doc` (the config's YAML document) gives the lines; without it the problems have none."""
+    from devices.errors import DefinitionError, Problem
+    from mapper.inference.model import ModelError, load_model
+
+    def problem(path: tuple[str | int, ...], message: str) -> DefinitionError:
+        given = doc is not None and (path[0] in doc.data if isinstance(doc.data, dict) else False)
+        line = doc.line_of(path) if given else None
+        return DefinitionError([Problem(source, line, "".join(f"[{p}]" if isinstance(p, int) else p for p in path),
+                                        message)])
+
+    models_dir = settings.models_dir or default_models_dir()
+    try:
+        found = sorted(p.name for p in models_dir.iterdir() if (p / "model.json").exists())
+    except OSError as exc:
+        raise problem(("models_dir",), f"cannot read the models directory {models_dir}: "
+                                       f"{exc.strerror or exc}") from None
+    if settings.models is None:
+        names = found
+        if not names:
+            raise problem(("models_dir",), f"no models in {models_dir} (no sub-directory with a model.json): a "
+                                           "worker needs at least one; set models_dir to where they are")
+    else:
+        names = settings.models
+        if not names:
+            raise problem(("models",), f"an empty list: name at least one model of {models_dir}"
+                                       f" ({', '.join(found) or 'none there'}), or leave models out for all")
+    models: dict[str, Any] = {}
+    for i, name in enumerate(names):
+        if not (models_dir / name / "model.json").exists():
+            raise problem(("models", i), f"no model {name!r} in {models_dir} (models there: "
+                                         f"{', '.join(found) or 'none'})")
+        try:
+            model = load_model(models_dir / name)
+        except (ModelError, ValueError, OSError) as exc:
+            raise problem(("models", i), f"cannot load model {name!r}: {exc}") from None
+        models[model.info.name] = model
+    return models
 
 
 class CloudWorker:
-    def __init__(self, settings: WorkerSettings) -> None:
-        from mapper.inference.model import load_model
-
+    def __init__(self, settings: WorkerSettings, models: dict[str, Any] | None = None) -> None:
+        """`models` as load_worker_models returns them (loaded by it when not given)."""
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-        models_dir = settings.models_dir or default_models_dir()
-        names = settings.models or sorted(p.name for p in models_dir.iterdir() if (p / "model.json").exists())
-        self.models = {}
-        for name in names:
-            model = load_model(models_dir / name)
-            self.models[model.info.name] = model
+        self.models = models if models is not None else load_worker_models(settings)
+        for model in self.models.values():
             log.info("worker %s: model %s from %s (cloud sha256 %s)", self.worker_id, model.info.name,
-                     models_dir / name, model.info.cloud_sha256[:16])
+                     model.info.directory, model.info.cloud_sha256[:16])
         prefix = settings.mqtt.topic_prefix
         self.prefix = prefix
         self.subscription = f"$share/{settings.group}/{prefix}/+/offload/request"
@@ -243,12 +288,13 @@ class CloudWorker:
 def main(config_path: str) -> int:
     from mapper import logs
 
-    settings = load_worker_config(config_path)
+    settings, doc = _read_worker_config(config_path)
     settings.mqtt.check_password(config_path)
     for warning in settings.mqtt.exposed_secrets(config_path):  # as `mapper run` warns
         print(warning, file=sys.stderr)
+    models = load_worker_models(settings, config_path, doc)
     logs.setup(settings.log_level)
-    worker = CloudWorker(settings)
+    worker = CloudWorker(settings, models)
 
     async def run() -> None:
         stop = asyncio.Event()
