@@ -40,6 +40,23 @@ class DefinitionError(DeviceError, ValueError):
         super().__init__("\n".join(str(p) for p in problems))
 
 
+class FieldError(ValueError):
+    """Raised by a validator of a whole section (a pydantic model_validator) about one of its
+    fields: the problem is reported at that field's line (`path`, below the section), not at the
+    section's (for the top level of a file: its first key, a line that has nothing to do with it)."""
+
+    def __init__(self, path: tuple[str | int, ...], message: str) -> None:
+        self.path = path
+        super().__init__(message)
+
+
+def error_loc(error: dict) -> tuple[str | int, ...]:
+    """A pydantic error's location, with the field a FieldError names."""
+    ctx = error.get("ctx") or {}
+    extra = ctx["error"].path if error.get("type") == "value_error" and isinstance(ctx.get("error"), FieldError) else ()
+    return (*error["loc"], *extra)
+
+
 class DriverError(DeviceError):
     """A driver could not be found, opened, read or written."""
 

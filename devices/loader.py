@@ -18,7 +18,7 @@ from pydantic import BaseModel, ValidationError
 
 from devices.definitions import DeviceDefinition, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
-from devices.errors import DefinitionError, DriverNotFound, Problem
+from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId
 from devices.schema import API_VERSION, Device, DeviceModel
 from devices.values import coerce, range_problem
@@ -301,7 +301,7 @@ def validation_problems(
 ) -> list[Problem]:
     problems = []
     for error in exc.errors(include_url=False):
-        loc = (*prefix, *error["loc"])
+        loc = (*prefix, *error_loc(error))
         problems.append(Problem(doc.file, doc.line_of(loc), field_name(loc), describe(error), severity))
     return problems
 
@@ -510,7 +510,7 @@ def _validate_driver_model(
         return model.model_validate(data)
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
-            loc = error["loc"]
+            loc = error_loc(error)
             from_model = bool(loc) and loc[0] not in (device_level[0] or {}) and loc[0] in (model_level[0] or {})
             _, doc, path = model_level if from_model else device_level
             where = (*path, *loc)

@@ -9,6 +9,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from devices.errors import FieldError
+
 
 class TlsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -24,7 +26,8 @@ class TlsSettings(BaseModel):
     @model_validator(mode="after")
     def _pair(self) -> TlsSettings:
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("cert_file and key_file go together")
+            given, missing = ("cert_file", "key_file") if self.key_file is None else ("key_file", "cert_file")
+            raise FieldError((given,), f"{given} and {missing} go together: add {missing}, or remove {given}")
         return self
 
 

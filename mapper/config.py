@@ -19,7 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from devices import ids
-from devices.errors import DefinitionError, Problem
+from devices.errors import DefinitionError, FieldError, Problem, error_loc
 from devices.loader import describe, field_name, read_documents, validation_problems
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
@@ -116,7 +116,7 @@ class MapperConfig(_Section):
     @model_validator(mode="after")
     def _kubeedge_section(self) -> MapperConfig:
         if self.mode == "kubeedge" and self.kubeedge is None:
-            raise ValueError("mode: kubeedge needs a `kubeedge:` section with at least `name` and `protocol`")
+            raise FieldError(("mode",), "kubeedge needs a `kubeedge:` section with at least `name` and `protocol`")
         return self
 
 
@@ -184,10 +184,10 @@ def _env_problems(exc: ValidationError, applied: dict[tuple[str, ...], str]) -> 
     """Problems in a value the environment set name its variable, not a line of the file."""
     found = {}
     for i, error in enumerate(exc.errors(include_url=False)):
-        loc = tuple(str(x) for x in error["loc"])
+        loc = tuple(str(x) for x in error_loc(error))
         for path, variable in applied.items():
             if loc[: len(path)] == path:
-                found[i] = Problem(f"environment variable {variable}", None, field_name(error["loc"]),
+                found[i] = Problem(f"environment variable {variable}", None, field_name(error_loc(error)),
                                    describe(error))
                 break
     return found

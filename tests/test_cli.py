@@ -113,6 +113,28 @@ def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
     assert result.returncode == 1 and "config file not found" in result.stderr
 
 
+def test_a_problem_found_by_a_whole_section_check_is_at_its_field(tmp_path):
+    """A check of a whole section about one of its fields names that field's line: `mode: kubeedge`
+    without a `kubeedge:` section was reported at the file's first key (line 2, `node: n`, here),
+    and a TLS key without its certificate at the `tls:` line."""
+    config = tmp_path / "k.yaml"
+    config.write_text("# comment\nnode: n\n\nmode: kubeedge\n")
+    with pytest.raises(DefinitionError) as info:
+        load_config(config, env={})
+    assert str(info.value) == (f"{config}:4: mode: kubeedge needs a `kubeedge:` section with at least `name`"
+                               " and `protocol`")
+    config.write_text("node: n\nmqtt:\n  url: mqtt://h\n  tls:\n    ca_file: ca.crt\n    key_file: k.key\n")
+    with pytest.raises(DefinitionError) as info:
+        load_config(config, env={})
+    assert str(info.value) == (f"{config}:6: mqtt.tls.key_file: key_file and cert_file go together: add cert_file,"
+                               " or remove key_file")
+    config.write_text("# comment\nnode: n\n")  # set by the environment: its variable, as for any setting
+    with pytest.raises(DefinitionError) as info:
+        load_config(config, env={"MAPPER_MODE": "kubeedge"})
+    assert str(info.value) == ("environment variable MAPPER_MODE: mode: kubeedge needs a `kubeedge:` section with at"
+                               " least `name` and `protocol`")
+
+
 def test_cloud_worker_models_it_cannot_serve_are_config_errors(tmp_path):
     """A model name that is not in models_dir was a ModelError traceback; a models_dir without models
     started a worker that joined the shared subscription and refused every request it took from
