@@ -20,14 +20,18 @@ log = logging.getLogger("mapper.telemetry")
 
 _NOTHING = object()
 
-# (definition, topic, qos, retain, fed by change events, the body of its messages)
-_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any]]
+# (definition, topic, qos, retain, fed by change events, the body of its messages, published at all)
+_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any], bool]
 
 
 class Telemetry:
     """Builds the outbox messages for a batch of readings.
 
-    A property with `reportToCloud` is published at most once per `reportCycle` (a reading
+    A property with `pushMethod.mqtt` is published to that topic whatever `reportToCloud` says
+    (KubeEdge pushes so too); one without it is published to its own topic only with
+    `reportToCloud: true` (what KubeEdge reports upstream). A property that is not published
+    still keeps its device's retained state view fresh, at the same pace. Either is published
+    (or counted for the state view) at most once per `reportCycle` (a reading
     a little early, within half a collect cycle, counts as on time), except that for a
     property whose driver reports changes (`Driver.reports_changes`: GPIO inputs and
     outputs) a reading whose value differs from the last one published is published at once,
@@ -73,6 +77,8 @@ class Telemetry:
         except DriverNotFound:
             on_change = False
         push = prop.push_mqtt
+        # KubeEdge pushes whatever reportToCloud says (that gates the twin's report upstream).
+        publish = prop.report_to_cloud or bool(push is not None and push.topic)
         # The body of a message carried by its reading: the store adds value, ts and seq. One
         # dict per route, shared by its messages.
         body = payloads.telemetry_fields(prop.unit)
@@ -83,11 +89,11 @@ class Telemetry:
             # its availability, another device's state, or answers to its offloads.
             log.error("%s/%s: pushMethod.mqtt.topic %r is inside the mapper's own topics (%s/...); its readings "
                       "go to the property's topic %s instead", key[0], prop.name, push.topic, self.topics.base, own)
-            push = None
+            push = None  # (still published, as the log says, whatever reportToCloud says)
         if push is not None and push.topic:
-            route = (prop, push.topic, push.qos, push.retained, on_change, body)
+            route = (prop, push.topic, push.qos, push.retained, on_change, body, publish)
         else:
-            route = (prop, own, 1, False, on_change, body)
+            route = (prop, own, 1, False, on_change, body, publish)
         self._routes[key] = route
         return route
 
@@ -117,13 +123,11 @@ class Telemetry:
             route = routes.get(key) or self._route(key)
             if route is None:
                 continue
-            prop, topic, qos, retain, on_change, body = route
+            prop, topic, qos, retain, on_change, body, publish = route
             values = latest.get(device)
             if values is None:
                 values = latest[device] = {}
             values[prop.name] = reading.value
-            if not prop.report_to_cloud:
-                continue
             if on_change:
                 changed = self._last_value.get(key, _NOTHING) != reading.value
                 if not (self._due(prop, reading) or changed):
@@ -134,7 +138,9 @@ class Telemetry:
                 self._last_value[key] = reading.value
             elif not self._due(prop, reading):
                 continue
-            messages.append(OutMessage(topic, body, qos, retain, reading=reading))
+            if publish:
+                messages.append(OutMessage(topic, body, qos, retain, reading=reading))
+            # (Not published: its reading still refreshes the device's state view below.)
             if device not in touched or touched[device][0] < reading.taken_at_ms:
                 touched[device] = (reading.taken_at_ms, prop.collect_cycle_ms // 2)
         interval = self.state_interval_ms

@@ -88,3 +88,95 @@ def test_a_push_topic_inside_the_mappers_own_is_not_used(tmp_path, caplog):
     [m] = [m for m in out if m.topic == topics.telemetry(D, "temperature")]
     assert (m.qos, m.retain) == (1, False)
     assert "is inside the mapper's own topics (mapper/n1/...)" in caplog.text
+
+
+def _not_reported(tmp_path: Path, push: str | None) -> Telemetry:
+    """Device d with `reportToCloud: false` (KubeEdge's default) on every property; `push`:
+    a pushMethod.mqtt topic for its temperature."""
+    devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
+    text = (devices / "d.yaml").read_text().replace("reportToCloud: true", "reportToCloud: false")
+    if push is not None:
+        marker = "      collectCycle: 100\n      reportCycle: 100\n"
+        text = text.replace(marker, marker + f"      pushMethod:\n        mqtt: {{topic: '{push}', qos: 0}}\n", 1)
+    (devices / "d.yaml").write_text(text)
+    return Telemetry(Topics("n1"), load([devices]).devices, state_interval_ms=1000)
+
+
+def test_a_push_topic_is_published_whatever_report_to_cloud_says(tmp_path):
+    """KubeEdge pushes `pushMethod.mqtt` whether or not the property reports to the cloud; the
+    property topics of the others stay quiet (reportToCloud false), and the retained state view
+    still follows the readings, once per interval."""
+    telemetry = _not_reported(tmp_path, "factory/line1/temperature")
+    topics = Topics("n1")
+    out = []
+    for k in range(25):  # 2.4 s of readings every 100 ms
+        ts = 1_000_000 + 100 * k
+        out += telemetry([Reading(D, "temperature", 20.0 + k, ts), Reading(D, "count", k, ts)])
+    assert [m.reading.value for m in out if m.topic == "factory/line1/temperature"] == \
+        [20.0 + k for k in range(25)]
+    assert not [m for m in out if m.topic in (topics.telemetry(D, "temperature"), topics.telemetry(D, "count"))]
+    states = [orjson.loads(orjson.dumps(m.body)) for m in out if m.topic == topics.device_state(D)]
+    assert [(s["ts"], s["count"], s["temperature"]) for s in states] == \
+        [(1_000_000, 0, 20.0), (1_001_000, 10, 30.0), (1_002_000, 20, 40.0)]
+
+
+def test_a_device_that_reports_nothing_still_refreshes_its_state_view(tmp_path):
+    telemetry = _not_reported(tmp_path, None)
+    topics = Topics("n1")
+    out = []
+    for k in range(15):
+        out += telemetry([Reading(D, "count", k, 1_000 + 100 * k)])
+    assert [m.topic for m in out] == [topics.device_state(D)] * 2
+    assert [m.body["count"] for m in out] == [0, 10]
+
+
+PUSHED_PROBE = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: probe-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: probe-model}
+  protocol: {protocolName: simulated, configData: {}}
+  properties:
+    - name: temperature
+      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21}}
+      collectCycle: 500
+      reportToCloud: false
+      pushMethod:
+        mqtt: {topic: mapper/factory/line1/temperature, qos: 1}
+"""
+
+
+def test_a_mapper_pushes_a_property_that_does_not_report_to_the_cloud(broker, tmp_path):
+    """A file written for KubeEdge (reportToCloud false, pushMethod.mqtt) publishes its readings
+    on the push topic and keeps the retained state fresh. (The shipped ACL lets the mapper write
+    mapper/#: the push topic is there, outside the mapper's own mapper/<node>/.)"""
+    from mapper_proc import MapperProcess
+    from test_twin_protocol import Sub
+
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "probe.yaml").write_text(PUSHED_PROBE)
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        sub = Sub(broker, "mapper", "mapper/factory/#", "mapper/test-node/#")
+        own = Sub(broker, "mapper", "mapper/test-node/default/probe/temperature")
+        try:
+            pushed = [sub.expect("mapper/factory/line1/temperature") for _ in range(3)]
+            assert all(isinstance(b["value"], float) and b["unit"] == "Celsius" for b in pushed)
+            assert [b["seq"] for b in pushed] == [pushed[0]["seq"] + k for k in range(3)]
+            first = sub.expect("mapper/test-node/default/probe/state", lambda b: "temperature" in b)
+            later = sub.expect("mapper/test-node/default/probe/state", lambda b: b["ts"] > first["ts"])
+            assert later["state"] == "ok"
+            assert own.lines.empty()  # its own topic follows reportToCloud: false
+        finally:
+            sub.close()
+            own.close()
+            assert mapper.stop() == 0
