@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from devices.ids import DeviceId, clipped, shown
+from devices.values import PropertyType
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
@@ -35,6 +36,29 @@ STATES = ("online", "offline", "ok", "unknown", "unhealthy")
 # edgecore answers each request), built from one read of the twin; older ones are dropped, counted.
 MEMBERSHIP_INTERVAL_S = 1.0
 MEMBERSHIP_WAITING_MAX = 8
+
+
+# Properties whose values are text: a /set payload is taken as it is, never parsed as a JSON number.
+_TEXT_TYPES = frozenset({PropertyType.STRING, PropertyType.BYTES, PropertyType.STREAM})
+
+
+def _text_value(payload: bytes) -> Any:
+    """A /set payload for a text property: the text (stripped, as plain text always was), or the
+    string a JSON string holds, or the `{"value": ...}` a JSON object carries, as for other types.
+    Text that merely looks like JSON (`1.10`, `1e3`, `true`, `{"a":1}`) is the text itself: parsing
+    it first rewrote numbers (`1.10` became "1.1", `1e3` "1000.0")."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadRequest(400, "payload is not UTF-8 text") from None
+    if text[:1] in ('"', "{"):
+        try:
+            decoded = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            return text
+        if isinstance(decoded, str) or (isinstance(decoded, dict) and "value" in decoded):
+            return decoded
+    return text
 
 
 class Router:
@@ -279,20 +303,26 @@ class Router:
                                      kind="twin", sequenced=False) for event_id in event_ids])
 
     async def _set(self, incoming: Incoming, payload: bytes) -> None:
-        """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text."""
+        """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text.
+        For a STRING (BYTES, STREAM) property the text is the value as it is (`1.10` stays "1.10",
+        not the number 1.1), unless it is a JSON string (`"ON"` is ON) or `{"value": ...}`."""
         if len(payload) > self.max_payload:
             raise BadRequest(400, "payload too large")
         if not payload.strip():
             # Under MQTT 3.1.1 what clears a retained command (the README's advice) arrives so: a
             # broker forwards it live without the retain flag. Taken as text it would set a STRING to "".
             raise BadRequest(400, 'an empty message is no value (it clears a retained one); send "" for an empty string')
-        try:
-            raw = orjson.loads(payload)
-        except orjson.JSONDecodeError:
+        definition = self._definition(incoming.device)
+        if definition.has_property(incoming.prop) and definition.prop(incoming.prop).type in _TEXT_TYPES:
+            raw = _text_value(payload)
+        else:
             try:
-                raw = payload.decode("utf-8").strip()
-            except UnicodeDecodeError:
-                raise BadRequest(400, "payload is neither JSON nor UTF-8 text") from None
+                raw = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                try:
+                    raw = payload.decode("utf-8").strip()
+                except UnicodeDecodeError:
+                    raise BadRequest(400, "payload is neither JSON nor UTF-8 text") from None
         if isinstance(raw, dict) and "value" in raw:
             raw = raw["value"]
         if isinstance(raw, dict | list):

@@ -400,3 +400,48 @@ def test_a_membership_request_waiting_for_the_rate_limit_is_answered_by_a_clean_
     sub.expect(f"{HW}/twin/get/result", lambda body: body.get("event_id") == "after")
     assert mapper.stop() == 0
     assert sub.expect(f"{topic}/result", timeout=5)["event_id"] == "waiting"
+
+
+LABELLED = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: tag-model, namespace: default}
+spec:
+  protocol: simulated
+  properties:
+    - {name: label, type: STRING, accessMode: ReadWrite}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: tag, namespace: default}
+spec:
+  deviceModelRef: {name: tag-model}
+  protocol: {protocolName: simulated, configData: {}}
+  properties:
+    - name: label
+      visitors: {protocolName: simulated, configData: {kind: constant, value: none}}
+      collectCycle: 100
+      reportCycle: 100
+      reportToCloud: true
+"""
+
+
+def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
+    """Text that looks like a number is a STRING's value as written (`1.10`, not "1.1"), as the CLI,
+    REST and twin/update keep it; a JSON string is still decoded, and `{"value": ...}` still works."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "tag.yaml").write_text(LABELLED)
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "mapper/test-node/default/tag/label")
+        try:
+            sub.expect("mapper/test-node/default/tag/label", lambda b: b["value"] == "none")
+            for payload, value in [("1.10", "1.10"), ("0.50", "0.50"), ("1e3", "1e3"), ("007", "007"),
+                                   ("true", "true"), ('"1.10 "', "1.10 "), ('{"value": "x1"}', "x1"),
+                                   ("{not json", "{not json")]:
+                pub(broker, "mapper/test-node/default/tag/label/set", payload)
+                sub.expect("mapper/test-node/default/tag/label", lambda b, v=value: b["value"] == v)
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
