@@ -66,7 +66,8 @@ class EventBusExtension:
         definitions = service.definitions.devices if service.definitions else {}
         self.telemetry = Telemetry(self.topics, definitions, state_interval_ms=self.settings.state_interval_ms)
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
-        self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve)
+        self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve,
+                             shared_broker=self.settings.shared_broker)
         self.bus = MqttBus(
             self.settings,
             client_id=self.settings.client_id or f"mapper-{config.node}",

@@ -2,8 +2,9 @@
 
 Nothing a client sends reaches a driver unvalidated: the device must exist, the property must
 be declared and writable, the value must have the property's type and range. Every request
-with a valid device topic gets edgecore's reply (`code` + `reason` on errors); topics with
-invalid segments are ignored, since no reply topic may be built from them.
+with a valid device topic gets edgecore's reply (`code` + `reason` on errors), except, on a
+broker shared by several mappers (`mqtt.shared_broker`), one for a device this mapper does not
+have; topics with invalid segments are ignored, since no reply topic may be built from them.
 """
 
 from __future__ import annotations
@@ -61,10 +62,19 @@ def _text_value(payload: bytes) -> Any:
     return text
 
 
+class NotOnNode(BadRequest):
+    """A request for a device this mapper does not have (edgecore's 404). On a broker shared by
+    several mappers (`mqtt.shared_broker`) it is another mapper's to answer: no reply from here."""
+
+    def __init__(self, device: DeviceId | None, node: str) -> None:
+        super().__init__(404, f"device {device} is not on node {node}")
+
+
 class Router:
     def __init__(self, service: MapperService, topics: Topics, *, max_payload: int, serve_twin_protocol: bool,
-                 membership_interval_s: float = MEMBERSHIP_INTERVAL_S) -> None:
+                 membership_interval_s: float = MEMBERSHIP_INTERVAL_S, shared_broker: bool = False) -> None:
         self.service = service
+        self.shared_broker = shared_broker
         self.topics = topics
         self.max_payload = max_payload
         self.serve_twin_protocol = serve_twin_protocol
@@ -147,18 +157,30 @@ class Router:
         try:
             await handler(incoming, payload)
             self.counts[incoming.kind] += 1
+        except NotOnNode as exc:
+            if not self.shared_broker or incoming.kind == "set":  # (a /set topic names this node)
+                await self._refused(incoming, payload, exc)
+                return
+            # Another mapper's device, most likely: its answer is the one that counts. Not a refusal
+            # (systemd's "refused" total would count the other mappers' traffic): counted apart.
+            self.counts["not_on_node"] += 1
+            log.debug("no reply to %s for %s: not a device of this mapper (mqtt.shared_broker)", incoming.kind,
+                      incoming.device)
         except BadRequest as exc:
-            self.counts[f"rejected_{exc.code}"] += 1
-            held = self._log_throttle((incoming.kind, exc.code))
-            if held is not None:
-                # Clipped: a reason may quote what the client sent (a name), and the throttle
-                # limits lines, not their length.
-                log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
-                         clipped(exc.reason, 300), held_note(held))
-            if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
-                reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
-                await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
-                                             kind="twin", sequenced=False)])
+            await self._refused(incoming, payload, exc)
+
+    async def _refused(self, incoming: Incoming, payload: bytes, exc: BadRequest) -> None:
+        self.counts[f"rejected_{exc.code}"] += 1
+        held = self._log_throttle((incoming.kind, exc.code))
+        if held is not None:
+            # Clipped: a reason may quote what the client sent (a name), and the throttle
+            # limits lines, not their length.
+            log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
+                     clipped(exc.reason, 300), held_note(held))
+        if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
+            reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
+            await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
+                                         kind="twin", sequenced=False)])
 
     async def _send(self, messages: list[OutMessage]) -> None:
         rows = await self.service.twin(lambda s: s.record([], messages))
@@ -168,7 +190,7 @@ class Router:
     def _definition(self, device: DeviceId | None):  # noqa: ANN202
         definitions = self.service.definitions.devices if self.service.definitions else {}
         if device is None or device not in definitions:
-            raise BadRequest(404, f"device {device} is not on node {self.topics.node}")
+            raise NotOnNode(device, self.topics.node)
         return definitions[device]
 
     async def _twin_call(self, device: DeviceId, fn):  # noqa: ANN001, ANN202

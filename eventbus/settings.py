@@ -56,6 +56,11 @@ class MqttSettings(BaseModel):
     max_packet_bytes: int = Field(default=8 * 1024 * 1024, ge=256, le=268_435_460)
     # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
     serve_twin_protocol: bool = True
+    # The broker is shared by the mappers of several nodes (not KubeEdge's one broker per node): a
+    # $hw/events/device/... request for a device this mapper does not have gets no reply (another
+    # mapper's device: a 404 from here would contradict its answer), logged at debug and counted.
+    # Off by default: one broker per node is the norm, and there a 404 tells of a mistyped name.
+    shared_broker: bool = False
     # A device's retained state message goes out at most once per this many ms of readings
     # (and at once on a change-driven reading or a state change); 0: with every batch.
     state_interval_ms: int = Field(default=1000, ge=0)

@@ -7,6 +7,7 @@ import subprocess
 import threading
 import queue
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -445,3 +446,47 @@ def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
         finally:
             sub.close()
             assert mapper.stop() == 0
+
+
+def test_two_mappers_on_a_shared_broker_answer_only_for_their_own_devices(broker, tmp_path):
+    """With `mqtt.shared_broker`, a twin request for one node's device gets that mapper's answer
+    only: the other mapper, which does not have the device, stays silent (it answered 404 first)."""
+    shared = "  shared_broker: true\n"
+    a = MapperProcess(tmp_path, write_devices(tmp_path / "dev-a", ["lamp-a"], cycle=200), broker,
+                      node="node-a", name="mapper-a", extra=shared)
+    b = MapperProcess(tmp_path, write_devices(tmp_path / "dev-b", ["lamp-b"], cycle=200), broker,
+                      node="node-b", name="mapper-b", extra=shared)
+    base = "$hw/events/device/default"
+    with a, b:
+        a.wait_log("connected to mqtt://")  # (logged once the broker acknowledged its subscriptions)
+        b.wait_log("connected to mqtt://")
+        sub = Sub(broker, "mapper", f"{base}/+/twin/get/result", "mapper/node-a/default/lamp-a/state")
+        try:
+            sub.expect("mapper/node-a/default/lamp-a/state")  # the subscriber is in place
+            seen: list[tuple[str, dict]] = []
+
+            def until(done) -> None:  # noqa: ANN001 - every get/result in order, until `done(seen)`
+                deadline = time.monotonic() + 15
+                while not done(seen):
+                    left = deadline - time.monotonic()
+                    assert left > 0, f"timed out; seen {seen}"
+                    try:
+                        topic, payload = sub.lines.get(timeout=left)
+                    except queue.Empty:
+                        continue
+                    if topic.endswith("/twin/get/result"):
+                        seen.append((topic.split("/")[4], json.loads(payload)))
+
+            def answered(device: str, event_id: str):  # noqa: ANN202
+                return lambda got: any(d == device and body.get("event_id") == event_id and "twin" in body
+                                       for d, body in got)
+
+            pub(broker, f"{base}/lamp-a/twin/get", '{"event_id":"g-a"}')
+            # The barrier: mapper B answers its own device after whatever it sent for lamp-a.
+            pub(broker, f"{base}/lamp-b/twin/get", '{"event_id":"g-b"}')
+            until(lambda got: answered("lamp-a", "g-a")(got) and answered("lamp-b", "g-b")(got))
+            assert [body.get("code") for _, body in seen] == [None, None], seen
+        finally:
+            sub.close()
+            assert a.stop() == 0
+            assert b.stop() == 0
