@@ -12,12 +12,23 @@ writable property back by itself (`Driver.reverted`, a timed auto-off) makes tha
 new desired value (a new version, already applied), so the twin shows no delta and the old
 desired value is never written again.
 
+A desired value whose write fails (the driver raised: the device does not answer, refused the
+write) is not applied: its error is stored on the twin and reported to the apply listeners
+(the twin protocol's document and delta, DMI) at once, and the value stays pending there. It is
+written again: as soon as the device's state turns `ok` again, on a back-off of its own (the
+device's retry back-off, capped by `loop.max_backoff_s`: a device that stays broken gets one
+write attempt per property every 15 to 30 s by default), after a reload, and at the next start
+(a pending value is applied there, never replaced by a boot value). A retry that fails again
+with the same error changes nothing in the twin and tells no listener again. A value the
+device's definition refuses (out of range, a property removed) is not retried: it can never be
+written. A write whose read-back differs is written, not retried.
+
 At start (and after every re-open) a writable property with a `boot_value` (a GPIO output's
 `initial`) starts in that state, and a desired value that was already applied before is
 *not* re-applied: it is replaced by the boot value as a new desired version, so the twin
 tells the truth and a relay never switches itself on after a restart or a power cut. A
-desired value not applied yet (set while the mapper was down, or the YAML's `desired` of a
-new or changed device) is applied as usual.
+desired value not applied yet (set while the mapper was down, one whose write failed, or the
+YAML's `desired` of a new or changed device) is applied as usual.
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
@@ -54,7 +65,8 @@ UNHEALTHY = "unhealthy"
 OFFLINE = "offline"
 
 StateCallback = Callable[[DeviceDefinition, str, str | None], Awaitable[None]]
-AppliedCallback = Callable[[DesiredChange, str | None], Awaitable[None]]
+# (change, error); `pending=True` (keyword, given only then): the write failed, the value stays pending.
+AppliedCallback = Callable[..., Awaitable[None]]
 # Runs a function in the twin's thread (MapperService.twin).
 TwinCall = Callable[[Callable[[TwinStore], Any]], Awaitable[Any]]
 
@@ -111,6 +123,10 @@ class DeviceRunner:
         self._changed_event = asyncio.Event()
         # Values the driver set back by itself, waiting to become desired values.
         self._reverts: dict[str, tuple[PropertyDefinition, Any, str]] = {}
+        # Desired values whose write failed, per property: (the change, its error, failed attempts);
+        # pending in the twin and written again (see _retry_failed), each on a timer of its own.
+        self._failed_writes: dict[str, tuple[DesiredChange, str, int]] = {}
+        self._retries: dict[str, asyncio.TimerHandle] = {}
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
 
     @property
@@ -206,9 +222,10 @@ class DeviceRunner:
             self._thread.stop()  # once the call it may still be in returns; it never holds up the exit
             self._thread = None
         self.driver.on_change = self.driver.on_revert = None
-        for handle in self._settling.values():
+        for handle in (*self._settling.values(), *self._retries.values()):
             handle.cancel()
         self._settling.clear()
+        self._retries.clear()  # (failed values stay in _failed_writes: a restarted run() retries them)
 
     def _close_driver(self) -> None:
         try:
@@ -227,6 +244,8 @@ class DeviceRunner:
             previous, self.state = self.state, state
             if state == OK:
                 log.info("%s: state %s (was %s)", self.id, state, previous)
+                if self._failed_writes:  # the device answers again: what it could not take is written now
+                    self.retry_failed_desired()
             else:
                 log.warning("%s: state %s: %s", self.id, state, detail)
             await self._on_state(self.definition, state, detail)
@@ -260,6 +279,8 @@ class DeviceRunner:
         self.driver.on_revert = lambda prop, value, reason: _soon(loop, self._note_revert, prop, value, reason)
         await self._open()
         await self._sync_boot_values()
+        if self._failed_writes:  # a crash-restart of this loop: the failed values' timers went with it
+            self.retry_failed_desired()
         by_cycle: dict[int, list[PropertyDefinition]] = {}
         for prop in self.definition.properties:
             by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
@@ -359,7 +380,58 @@ class DeviceRunner:
             return
         self._desired_seen[change.property] = change.version
         self._desired[change.property] = change
+        self._forget_failed(change.property, change.version)
         self._desired_event.set()
+
+    def retry_failed_desired(self) -> None:
+        """Write the desired values whose write failed again, now (the device is `ok` again, a reload)."""
+        for name in list(self._failed_writes):
+            handle = self._retries.pop(name, None)
+            if handle is not None:
+                handle.cancel()
+            self._retry_failed(name)
+
+    def _retry_failed(self, name: str) -> None:
+        """On the loop: queue a failed desired value again, unless a newer one replaced it."""
+        self._retries.pop(name, None)
+        entry = self._failed_writes.get(name)
+        if entry is None or name in self._desired:
+            return  # (a value queued already is the same change, or a newer one)
+        change = entry[0]
+        if self._desired_seen.get(name, 0) > change.version:
+            self._forget_failed(name, self._desired_seen[name])
+            return
+        self._desired[name] = change
+        self._desired_event.set()
+
+    def _forget_failed(self, name: str, newer_than: int) -> None:
+        """A failed value older than version `newer_than` is not written again (a newer one was set)."""
+        entry = self._failed_writes.get(name)
+        if entry is not None and entry[0].version < newer_than:
+            del self._failed_writes[name]
+            handle = self._retries.pop(name, None)
+            if handle is not None:
+                handle.cancel()
+
+    def _write_failed(self, change: DesiredChange, error: str) -> bool:
+        """Keep a desired value whose write failed, to write it again after a back-off. Whether the
+        result is news (a first failure, or another error) for the twin and the apply listeners."""
+        name = change.property
+        before = self._failed_writes.get(name)
+        same = before is not None and before[0].version == change.version
+        attempts = before[2] + 1 if same else 1
+        self._failed_writes[name] = (change, error, attempts)
+        handle = self._retries.pop(name, None)
+        if handle is not None:
+            handle.cancel()
+        delay = self._backoff(attempts)
+        self._retries[name] = asyncio.get_running_loop().call_later(delay, self._retry_failed, name)
+        news = not same or before[1] != error
+        (log.warning if news else log.debug)(
+            "%s/%s: %s; desired value %s (version %d) kept pending: written again when the device is ok again,"
+            " or in %.1f s (attempt %d)", self.id, name, error, shown(change.value, 200), change.version, delay,
+            attempts)
+        return news
 
     async def _apply_loop(self) -> None:
         while True:
@@ -420,6 +492,7 @@ class DeviceRunner:
 
     async def _settled_desired(self, name: str, value: Any, version: int, last: PropertyTwin | None) -> None:
         self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
+        self._forget_failed(name, version)
         await self._on_applied(DesiredChange(self.id, name, value, version, last), None)
 
     async def _twin_before(self) -> dict[str, PropertyTwin]:
@@ -448,45 +521,71 @@ class DeviceRunner:
         for name, version in seen.items():
             self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
         for name, before, version in reset:
-            log.warning("%s/%s: started in its boot state %r; the desired value %r applied before the restart"
-                        " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name],
-                        before.desired, boot[name], version)
+            if before.apply_error:  # refused, or its read-back differed: not known to be applied
+                log.warning("%s/%s: started in its boot state %r; the desired value %r (%s) is replaced by it"
+                            " (desired is now %r, version %d)", self.id, name, boot[name], before.desired,
+                            before.apply_error, boot[name], version)
+            else:
+                log.warning("%s/%s: started in its boot state %r; the desired value %r applied before the restart"
+                            " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name],
+                            before.desired, boot[name], version)
             await self._settled_desired(name, boot[name], version, before)
 
     async def _apply(self, change: DesiredChange) -> None:
         """Write a desired value and read it back; any refusal or failure is the change's error in
         the twin. Checked here again, whatever wrote it (the router, `mapper twin set`, the REST
         API, an inference action): only a declared, writable property gets a typed value within
-        its model's range."""
+        its model's range.
+
+        A failed write leaves the value pending, to be written again (the module's docstring);
+        only its first failure (or a different error) is recorded and told to the listeners."""
         error: str | None = None
+        failed = False  # the write itself failed: pending, retried
         name = change.property
         change = dataclasses.replace(change, last=(await self._twin_before()).get(name))
         try:
-            try:  # (a property a reload removed since: refused here too)
-                value: Value = self.definition.desired_value(name, change.value)
-            except ValueError as exc:
-                raise DriverError(f"not written: {exc}") from None
-            prop = self.definition.prop(name)
-            async with self._io_lock:
-                await self._call(self.driver.write, prop, value)
-            reading = await self._read_back(prop, value)
-            self._record(reading)
-            if reading.quality != GOOD or reading.value != value:
-                error = f"read back {shown(reading.value, 200)} after writing {shown(value, 200)}"
-        except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
-            error = f"write failed: {exc}"
-        if error:
-            log.warning("%s/%s: %s", self.id, name, error)
+            value: Value = self.definition.desired_value(name, change.value)
+        except ValueError as exc:  # (a property a reload removed since: refused here too)
+            error = f"write failed: not written: {exc}"
         else:
-            log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value, 200),
-                     change.version)
+            try:
+                prop = self.definition.prop(name)
+                async with self._io_lock:
+                    await self._call(self.driver.write, prop, value)
+            except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
+                error, failed = f"write failed: {exc}", True
+            else:
+                try:
+                    reading = await self._read_back(prop, value)
+                    self._record(reading)
+                    if reading.quality != GOOD or reading.value != value:
+                        error = f"read back {shown(reading.value, 200)} after writing {shown(value, 200)}"
+                except Exception as exc:  # noqa: BLE001 - written: the failure is the read-back's
+                    error = f"read back failed after writing {shown(value, 200)}: {exc}"
+        if failed:
+            assert error is not None
+            if not self._write_failed(change, error):
+                return  # the same error as the last attempt: already in the twin, already told
+        else:
+            self._forget_failed(name, change.version + 1)
+            if error:
+                log.warning("%s/%s: %s", self.id, name, error)
+            else:
+                log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value, 200),
+                         change.version)
         try:
-            await self._on_applied(change, error)
+            if failed:
+                await self._on_applied(change, error, pending=True)
+            else:
+                await self._on_applied(change, error)
         except BaseException:
             # Not marked applied in the twin (locked past its timeout, a full disk): it stays pending
             # there, so it must not stay "seen" here, or the restarted loop would skip it for good.
             if self._desired_seen.get(name) == change.version:
                 self._desired_seen[name] = change.version - 1
+            entry = self._failed_writes.get(name)
+            if entry is not None and entry[0].version == change.version:
+                self._failed_writes[name] = (change, "", entry[2])  # its error was not recorded: news next time
             raise
 
     async def _read_back(self, prop: PropertyDefinition, value: Value, attempts: int = 10) -> Reading:

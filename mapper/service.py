@@ -245,6 +245,9 @@ class MapperService:
             raise
         for device_id in added + changed:
             self.start_device(new[device_id], self._tg)
+        for device_id, runner in old.items():  # kept as it was: a reload retries its failed writes too
+            if device_id in new and device_id not in changed:
+                runner.retry_failed_desired()
         # What stopped (refused now, or gone) says so, as at start-up: offline in the twin, and to
         # the state listeners (the device's retained availability on MQTT goes offline).
         for device_id, problem in self.refused.items():
@@ -372,10 +375,17 @@ class MapperService:
                 log.info("device states saved in the twin again")
                 self._state_log.reset("unsaved")
 
-    async def _on_applied(self, change: DesiredChange, error: str | None) -> None:
+    async def _on_applied(self, change: DesiredChange, error: str | None, *, pending: bool = False) -> None:
+        """A device loop's result for a desired value: into the twin, then to the apply listeners.
+
+        `pending`: the write failed; the value stays pending in the twin with its error, and the
+        device loop writes it again (mapper.device_loop). The listeners still hear of the failed
+        attempt at once (the twin protocol's document and delta, DMI): nobody waits for a retry.
+        """
         if self.recorder is not None:
             await self.recorder.flush()  # the read-back reading is in the twin before anyone looks
-        await self.twin(lambda s: s.mark_applied(change.device_id, change.property, change.version, error))
+        await self.twin(lambda s: s.mark_applied(change.device_id, change.property, change.version, error,
+                                                 pending=pending))
         for listener in self.applied_listeners:
             await listener(change, error)
 

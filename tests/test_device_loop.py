@@ -593,3 +593,72 @@ async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_map
         await async_wait_for(lambda: any("given up" in r.getMessage() for r in caplog.records), what="given up")
         reads = runner.read_errors
         await async_wait_for(lambda: runner.read_errors >= reads + 5, what="the device still read")
+
+
+async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_when_the_device_answers(tmp_path):
+    """The device does not answer: the write fails. The value stays pending in the twin with its
+    error (it was marked applied, and never written again: not on recovery, not after a restart),
+    the apply listeners hear of the failure at once and only once, the device loop tries again
+    on a back-off while the device is broken, and writes it once the device is ok again."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    results: list[tuple[str, int, str | None]] = []
+
+    def listen(service):  # noqa: ANN001, ANN202
+        async def on_applied(change, error) -> None:  # noqa: ANN001
+            results.append((change.property, change.version, error))
+        service.applied_listeners.append(on_applied)
+
+    async with running_service(config, prepare=listen) as service:
+        runner = service.runners[GOOD1]
+        driver = runner.driver
+        attempts: list[float] = []
+        original = driver.write
+        driver.write = lambda prop, value: (attempts.append(time.monotonic()), original(prop, value))[1]
+        driver.set_broken(True)
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="the device unhealthy")
+            _, version = twin.set_desired(GOOD1, "power", True)
+            prop = await async_wait_for(lambda: (p := twin.device(GOOD1).properties["power"]).apply_error and p,
+                                        what="the write failed")
+            assert prop.apply_error.startswith("write failed:") and "not responding" in prop.apply_error
+            assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
+            # Tried again while broken, on a back-off (loop.max_backoff_s: 0.2 here: 0.1 to 0.2 s apart).
+            await async_wait_for(lambda: len(attempts) >= 4, what="the write tried again")
+            gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
+            assert min(gaps) >= 0.09, gaps
+            assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
+            assert [r for r in results if r[0] == "power"] == [("power", version, prop.apply_error)]
+
+            driver.set_broken(False)
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value written once the device is ok")
+            prop = twin.device(GOOD1).properties["power"]
+            assert (prop.desired, prop.reported, prop.apply_error, prop.delta) == (True, True, None, False)
+            assert results[-1] == ("power", version, None)
+        assert driver.read(runner.definition.prop("power")) is True
+
+
+async def test_a_value_whose_write_failed_is_written_at_the_next_start_not_replaced_by_the_boot_state(
+        tmp_path, caplog):
+    """A switch (boot state off) whose write of `true` failed before the mapper stopped: the next
+    start writes it. It used to be taken as applied and replaced by the boot state, with a log
+    line saying that the value `applied before the restart` is not re-applied."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mapper.device")
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        service.runners[GOOD1].driver.set_broken(True)
+        with reader(config) as twin:
+            _, version = twin.set_desired(GOOD1, "power", True)
+            await async_wait_for(lambda: twin.device(GOOD1).properties["power"].apply_error, what="the write failed")
+    caplog.clear()
+    async with running_service(config) as service:
+        with reader(config) as twin:
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the pending value written at start")
+            prop = twin.device(GOOD1).properties["power"]
+            assert (prop.desired, prop.desired_version, prop.reported, prop.apply_error) == (True, version, True, None)
+        assert "applied before the restart" not in caplog.text
+        assert f"applied desired value True (version {version})" in caplog.text
+

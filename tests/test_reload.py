@@ -291,3 +291,36 @@ async def test_a_twin_request_for_a_device_a_reload_adds_is_answered(tmp_path: P
     else:
         assert "code" not in update_reply and update_reply["twin"]["power"]["expected"]["value"] == "true", replies
         assert "power" in get_reply["twin"]
+
+
+def test_a_value_whose_write_failed_is_written_after_the_reload_that_repairs_the_device(mapper: Mapper,
+                                                                                       tmp_path: Path) -> None:
+    """`mapper twin set` while the device does not answer: the write fails and the twin says so.
+    The device file is repaired and SIGHUP reloads it: the value is written. It used to be taken
+    as applied: `twin get` showed the desired value, a delta and the apply error for good, after
+    a reload and a restart too."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    (mapper.devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{broken: true}"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, "-m", "mapper", "twin", "set", "b", "count", "500", "--config",
+                    str(tmp_path / "mapper.yaml")], cwd=tmp_path, env=env, check=True, capture_output=True)
+
+    def prop():  # noqa: ANN202
+        with TwinStore.open(mapper.twin) as store:
+            return store.device(B).properties["count"], store.pending_desired()
+
+    failed, pending = wait_for(lambda: (p := prop())[0].apply_error and p, what="the write failed")
+    assert failed.apply_error.startswith("write failed:") and failed.desired == 500
+    assert [(c.device_id, c.property) for c in pending] == [(B, "count")]
+
+    (mapper.devices / "b.yaml").write_text(device_yaml("b", cycle=20))
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b", count=2)
+    applied, pending = wait_for(lambda: (p := prop())[0].apply_error is None and not p[1] and p,
+                                what="the value written once the device answers")
+    assert applied.desired == 500 and applied.reported >= 500
+    assert "default/b/count: applied desired value 500" in mapper.log()
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=20) == 0

@@ -456,3 +456,21 @@ def test_stepped_pruning_goes_past_rows_still_waiting_for_the_broker(tmp_path):
         prune_in_steps(store)
         assert rows()[0] == 1000 + 500  # they go as any other reading
         assert len(store.outbox_pending(limit=10_000)) == 500
+
+
+def test_a_failed_write_stays_pending_with_its_error(twin):
+    """mark_applied(pending=True): the write failed; the error is shown and the value stays pending
+    (it used to count as applied: never written again). An older attempt's error is not put on a
+    newer value; a later successful write applies it."""
+    _, v1 = twin.set_desired(D1, "power", True)
+    twin.mark_applied(D1, "power", v1, "write failed: no answer", pending=True)
+    assert twin.device(D1).properties["power"].apply_error == "write failed: no answer"
+    assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", v1)]
+    _, v2 = twin.set_desired(D1, "power", False)
+    assert twin.device(D1).properties["power"].apply_error is None
+    twin.mark_applied(D1, "power", v1, "write failed: late", pending=True)
+    assert twin.device(D1).properties["power"].apply_error is None
+    assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", v2)]
+    twin.mark_applied(D1, "power", v2)
+    assert twin.pending_desired() == []
+

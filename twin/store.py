@@ -1206,7 +1206,9 @@ class TwinStore:
         ).fetchone()[0]
 
     def pending_desired(self) -> list[DesiredChange]:
-        """Desired values not yet applied to the device (newer than the last applied version)."""
+        """Desired values not yet applied to the device (newer than the last applied version).
+
+        A value whose write failed stays here (see mark_applied) until a later attempt writes it."""
         return [
             DesiredChange(DeviceId.parse(d), n, _load(v), ver)
             for d, n, v, ver in self.conn.execute(
@@ -1216,7 +1218,28 @@ class TwinStore:
             )
         ]
 
-    def mark_applied(self, device_id: DeviceId, name: str, version: int, error: str | None = None) -> None:
+    def mark_applied(self, device_id: DeviceId, name: str, version: int, error: str | None = None, *,
+                     pending: bool = False) -> None:
+        """The device loop's result for desired `version`.
+
+        `applied_version` is the newest version the device loop is done with: written (`error`
+        None, or why the read-back differed from the value written) or refused for good (the
+        device's definition does not take the value: `error` says why). It is no longer pending.
+
+        `pending=True`: the write failed (the device did not answer, refused it): `error` is
+        stored and shown, but `applied_version` stays, so the value is still pending
+        (pending_desired) and is written again: by the running device loop (on its retry
+        back-off, and when the device is `ok` again) and at the next start or reload. Never
+        "applied" until a write succeeds. The error is stored only while `version` is still
+        the desired version (a newer value cleared the error, and is applied next).
+        """
+        if pending:
+            self.conn.execute(
+                "UPDATE properties SET apply_error=? WHERE device_id=? AND name=? AND desired_version=?"
+                " AND applied_version < desired_version",
+                (error, str(device_id), name, version),
+            )
+            return
         self.conn.execute(
             "UPDATE properties SET applied_version=max(applied_version, ?), apply_error=? WHERE device_id=? AND name=?",
             (version, error, str(device_id), name),
