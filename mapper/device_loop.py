@@ -21,7 +21,8 @@ write attempt per property every 15 to 30 s by default), after a reload, and at 
 (a pending value is applied there, never replaced by a boot value). A retry that fails again
 with the same error changes nothing in the twin and tells no listener again. A value the
 device's definition refuses (out of range, a property removed) is not retried: it can never be
-written. A write whose read-back differs is written, not retried.
+written. A write whose read-back differs is written, not retried; its error goes once a later
+reading equals the desired value (TwinStore's fold).
 
 At start (and after every re-open) a writable property with a `boot_value` (a GPIO output's
 `initial`) starts in that state, and a desired value that was already applied before is

@@ -662,3 +662,23 @@ async def test_a_value_whose_write_failed_is_written_at_the_next_start_not_repla
         assert "applied before the restart" not in caplog.text
         assert f"applied desired value True (version {version})" in caplog.text
 
+
+async def test_an_apply_error_of_a_slow_relay_goes_once_it_reads_the_desired_value(tmp_path):
+    """A relay that settles after the read-back gave up (~0.5 s): the apply error `read back False
+    after writing True` is shown, and goes once a later reading equals the desired value. It used to
+    stay next to `reported true | desired true` until the next set."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    text = (devices / "good1.yaml").read_text()
+    (devices / "good1.yaml").write_text(text.replace("{kind: switch}", "{kind: switch, lag_ms: 1500}"))
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config):
+        with reader(config) as twin:
+            twin.set_desired(GOOD1, "power", True)
+            prop = await async_wait_for(lambda: (p := twin.device(GOOD1).properties["power"]).apply_error and p,
+                                        what="the read-back gave up")
+            assert prop.apply_error == "read back False after writing True" and prop.reported is False
+            assert twin.pending_desired() == []  # written: not written again
+            prop = await async_wait_for(
+                lambda: (p := twin.device(GOOD1).properties["power"]).apply_error is None and p,
+                what="the apply error cleared by a later reading")
+            assert (prop.desired, prop.reported, prop.delta) == (True, True, False)

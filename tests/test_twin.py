@@ -474,3 +474,25 @@ def test_a_failed_write_stays_pending_with_its_error(twin):
     twin.mark_applied(D1, "power", v2)
     assert twin.pending_desired() == []
 
+
+def test_an_apply_error_goes_once_a_folded_reading_equals_the_desired_value(tmp_path, twin, monkeypatch):
+    """A read-back that gave up too early (a slow relay): its apply error goes at the fold that
+    reports the desired value, as seen by another process too. A value still pending (its write
+    failed) keeps its error even if the device happens to read that value."""
+    import twin.store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_MS", 0)  # every commit folds
+    _, version = twin.set_desired(D1, "power", True)
+    twin.record([Reading(D1, "power", False, 1000)])
+    twin.mark_applied(D1, "power", version, "read back False after writing True")
+    twin.record([Reading(D1, "power", False, 2000)])
+    assert twin.device(D1).properties["power"].apply_error == "read back False after writing True"
+    twin.record([Reading(D1, "power", True, 3000)])
+    with TwinStore.open(tmp_path / "twin.db") as other:
+        prop = other.device(D1).properties["power"]
+        assert (prop.reported, prop.desired, prop.apply_error) == (True, True, None)
+
+    _, version = twin.set_desired(D1, "count", 7)
+    twin.mark_applied(D1, "count", version, "write failed: no answer", pending=True)
+    twin.record([Reading(D1, "count", 7, 4000)])
+    assert twin.device(D1).properties["count"].apply_error == "write failed: no answer"

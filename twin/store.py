@@ -547,9 +547,15 @@ class TwinStore:
         execmany = self.conn.executemany
         good, bad = fold.good, fold.bad
         if good:
+            # An apply error of a value the device was done with (the read-back differed: a relay
+            # that settles after the read-back gave up) goes once a later good reading equals the
+            # desired value: the error would stay next to `reported == desired` until the next
+            # set. Per property folded (once per CHECKPOINT_MS), never per reading. A value still
+            # pending (its write failed, it is written again) keeps its error until it is applied.
             execmany(
-                "UPDATE properties SET reported=?, reported_version=reported_version+?, reported_ts=?,"
-                " quality=?, quality_detail=? WHERE device_id=? AND name=?",
+                "UPDATE properties SET reported=?1, reported_version=reported_version+?2, reported_ts=?3,"
+                " quality=?4, quality_detail=?5, apply_error=CASE WHEN apply_error IS NULL OR desired IS NOT ?1"
+                " OR applied_version < desired_version THEN apply_error END WHERE device_id=?6 AND name=?7",
                 [(g[0], g[2], g[1], *bad.get(key, _GOOD_QUALITY), *key) for key, g in good.items()],
             )
         if bad:
@@ -773,7 +779,9 @@ class TwinStore:
         reported value, `reported_version` grows by the number of good readings (as if each
         had been applied in turn), and the quality is that of the property's last reading;
         each device's `last_reading_ts` becomes the newest reading time seen. `device()` shows
-        that at once; `properties` itself is written at most once per CHECKPOINT_MS.
+        that at once; `properties` itself is written at most once per CHECKPOINT_MS (and that
+        write clears the apply error of a value no longer pending once the reported value equals
+        the desired one: see _checkpoint).
 
         Inside `transaction()` it joins that transaction (committed or rolled back with it).
         `sent`: outbox rows the broker acknowledged meanwhile, done in the same transaction
