@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,43 @@ from brokers import MosquittoBroker
 from helpers import wait_for, write_config
 
 REPO = Path(__file__).resolve().parents[1]
+
+# SQLite checkpoints a WAL once a commit leaves it this many frames long (wal_autocheckpoint).
+WAL_AUTOCHECKPOINT_FRAMES = 1000
+
+
+def wal_committed_end(wal: Path) -> tuple[int, int]:
+    """(where the last committed frame of a SQLite WAL file ends, its page size): the frames of
+    the WAL's current generation (its salts) whose checksums chain from its header, up to the
+    last commit frame (https://www.sqlite.org/fileformat.html#the_write_ahead_log). What lies
+    past that point is a transaction in progress or one that failed: the next one overwrites it."""
+    data = wal.read_bytes()
+    if len(data) < 32:  # not even the WAL's header
+        return 0, 0
+    magic, _, page_size, _, salt1, salt2 = struct.unpack_from(">6I", data)
+    order = "<" if magic == 0x377F0682 else ">"  # checksums over little- or big-endian words
+
+    def checksum(s0: int, s1: int, chunk: bytes) -> tuple[int, int]:
+        words = struct.unpack(f"{order}{len(chunk) // 4}I", chunk)
+        for i in range(0, len(words), 2):
+            s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+            s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+        return s0, s1
+
+    s0, s1 = checksum(0, 0, data[:24])
+    if (s0, s1) != struct.unpack_from(">2I", data, 24):
+        return 0, page_size
+    frame = 24 + page_size
+    end = offset = 32
+    while offset + frame <= len(data):
+        _, commit, f1, f2, c0, c1 = struct.unpack_from(">6I", data, offset)
+        s0, s1 = checksum(s0, s1, data[offset:offset + 8] + data[offset + 24:offset + frame])
+        if (f1, f2) != (salt1, salt2) or (c0, c1) != (s0, s1):
+            break
+        offset += frame
+        if commit:
+            end = offset
+    return end, page_size
 
 
 def mqtt_block(broker: MosquittoBroker, tmp: Path, *, user: str = "mapper", extra: str = "") -> str:
@@ -33,8 +71,9 @@ class MapperProcess:
                  extra: str = "", name: str = "mapper", env: dict[str, str] | None = None,
                  file_size_limit: int | None = None) -> None:
         self.tmp = tmp
-        # RLIMIT_FSIZE of the mapper: its twin files cannot grow past it, a full disk of its own.
+        # RLIMIT_FSIZE of the mapper from its start: its files cannot grow past it (see disk_full).
         self.file_size_limit = file_size_limit
+        self.full_at: int | None = None  # the WAL's committed end when disk_full() was called
         self.env = env or {}
         self.twin_path = tmp / f"{name}-twin.db"
         mqtt = mqtt_block(broker, tmp, extra=extra) if broker else ""
@@ -53,6 +92,37 @@ class MapperProcess:
         assert self.file_size_limit is not None
         # (The hard limit stays: `disk_freed` can lift the soft one again.)
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.file_size_limit, resource.RLIM_INFINITY))
+
+    @property
+    def wal_path(self) -> Path:
+        return self.twin_path.with_name(self.twin_path.name + "-wal")
+
+    def disk_full(self) -> int:
+        """From now on the mapper's disk is full: not one more frame fits in its twin's WAL. Returns
+        where the WAL's committed frames end (`full_at`; they stay so while the disk is full).
+
+        A limit that a growing WAL runs into is not a full disk: the commit that fails there leaves
+        the WAL's tail free, from the last committed frame to the limit (up to that commit's size
+        less a frame), and smaller commits after it still fit (the availability rows queued at a
+        reconnect, the last flush at a stop). The limit goes down to where the committed frames
+        end, then: SQLite writes new frames after those, and goes back to the WAL's start only
+        after a checkpoint, which `file_size_limit` (below the WAL's checkpoint size) rules out,
+        so every commit from here on fails. Nothing else the mapper writes comes near it (its log
+        is checked)."""
+        assert self.process is not None and self.file_size_limit is not None
+        end, page_size = wal_committed_end(self.wal_path)
+        assert page_size and self.file_size_limit < 32 + WAL_AUTOCHECKPOINT_FRAMES * (24 + page_size), (
+            "file_size_limit must keep the WAL from being checkpointed (and started again from its beginning)")
+        assert end > self.log_path.stat().st_size + 65536, f"the WAL ends at {end}: the mapper's log would not fit"
+        resource.prlimit(self.process.pid, resource.RLIMIT_FSIZE, (end, resource.RLIM_INFINITY))
+        # A commit may have ended between the read and the new limit: it is part of what the disk holds.
+        self.full_at, _ = wal_committed_end(self.wal_path)
+        assert self.full_at >= end
+        return self.full_at
+
+    def wal_committed_end(self) -> int:
+        """Where the committed frames of the twin's WAL end now (equal to `full_at` while the disk is full)."""
+        return wal_committed_end(self.wal_path)[0]
 
     def disk_freed(self) -> None:
         """The mapper's full disk has room again: its twin files may grow (RLIMIT_FSIZE lifted)."""

@@ -400,9 +400,19 @@ def test_requests_arriving_while_the_mapper_stops_wait_at_the_broker_not_in_the_
         mapper.stop()
 
 
-# The mapper's twin files may not grow past this (RLIMIT_FSIZE): a disk that fills a second or so
-# into the run (three devices every 10 ms), after the first connection.
-FULL_AT = 600_000
+# The mapper's files may not grow past this (RLIMIT_FSIZE) from its start: its twin's WAL stays
+# below the size at which SQLite checkpoints it (1000 frames of 4 KiB), so that it is never started
+# again from its beginning, which `disk_full()` relies on. Three devices every 10 ms take some
+# seconds to get there; the test fills the disk long before.
+WAL_LIMIT = 3_500_000
+
+
+def _disk_full_once_committed(mapper: MapperProcess) -> None:
+    """Once the mapper is connected and has committed a reading of every device: its disk is full."""
+    mapper.wait_log("connected to mqtt://")
+    wait_for(lambda: all(committed_seq(mapper.twin_path, TOPIC.format(n)) > 0 for n in DEVICES),
+             timeout=30, what="a committed reading of every device")
+    mapper.disk_full()
 
 
 def test_a_reconnect_while_the_twin_disk_is_full_does_not_stop_the_mapper(own_broker, tmp_path):
@@ -413,10 +423,10 @@ def test_a_reconnect_while_the_twin_disk_is_full_does_not_stop_the_mapper(own_br
     directly and keeps running: the readings wait in memory and are retried (the failures logged
     once, not once a second), committed once the disk has room again, the committed ones intact."""
     devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
-    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=FULL_AT).start()
+    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=WAL_LIMIT).start()
     try:
-        mapper.wait_log("connected to mqtt://")
-        mapper.wait_log("cannot commit", timeout=30)  # the twin's disk is full
+        _disk_full_once_committed(mapper)
+        mapper.wait_log("cannot commit", timeout=30)
         own_broker.stop()
         own_broker.start()
         mapper.wait_log("connected to mqtt://", count=2, timeout=30)
@@ -424,6 +434,7 @@ def test_a_reconnect_while_the_twin_disk_is_full_does_not_stop_the_mapper(own_br
         mapper.wait_log("cannot queue the devices' availability and state in the twin", timeout=30)
         assert mapper.process.poll() is None, f"the mapper stopped:\n{mapper.log()[-3000:]}"
         assert str(mapper.twin_path) in mapper.log()
+        assert mapper.wal_committed_end() == mapper.full_at  # the disk was full: nothing was committed
         # The recorder went on retrying after the reconnect (its failures are logged a line a
         # minute): once the disk has room again, the readings that waited are committed.
         mapper.disk_freed()
@@ -446,10 +457,11 @@ def test_a_stop_while_the_twin_disk_is_full_says_what_is_lost_and_keeps_what_was
     now it logs how many readings are lost and why, still sends what was committed, and exits 1."""
     devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
     collector = Collector(own_broker, "mapper/test-node/default/+/count")
-    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=FULL_AT).start()
+    mapper = MapperProcess(tmp_path, devices, own_broker, file_size_limit=WAL_LIMIT).start()
     try:
-        mapper.wait_log("connected to mqtt://")
+        _disk_full_once_committed(mapper)
         mapper.wait_log("cannot commit", timeout=30)
+        assert mapper.wal_committed_end() == mapper.full_at  # the disk is full: nothing was committed
         assert mapper.stop() == 1
         log = mapper.log()
         assert "Traceback" not in log, log[-3000:]
