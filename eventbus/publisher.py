@@ -330,18 +330,21 @@ class OutboxPublisher:
                 await self._flush_acks()
             # else: the recorder took those meanwhile; these are newer, wait for them in turn
 
-    async def _flush_acks(self) -> None:
+    async def _flush_acks(self) -> bool:
         """Delete the acknowledged rows now. If the twin refuses (locked by another process past
         its busy timeout, a full disk), the acks are kept for a later try: the rows are sent, only
-        not yet marked so, and at worst a restart sends them again (QoS 1 allows it; `seq` shows it)."""
+        not yet marked so, and at worst a restart sends them again (QoS 1 allows it; `seq` shows it).
+        False when the twin refused."""
         if not self._acked:
-            return
+            return True
         ids = self.take_acked()
         try:
             await self._worker.call(lambda s: s.outbox_sent(ids))
         except Exception as exc:  # noqa: BLE001 - a twin error must not stop publishing
             self.return_acked(ids)
             self._twin_trouble("cannot mark acknowledged messages as sent", exc)
+            return False
+        return True
 
     def _twin_trouble(self, what: str, exc: Exception) -> None:
         self.twin_errors += 1
@@ -359,7 +362,14 @@ class OutboxPublisher:
         """
         while True:
             await self.idle.wait()
-            await self._flush_acks()
+            if not await self._flush_acks():
+                # Those rows are still in the outbox: reading it again finds them (skipped, as
+                # sent), idle again, the deletes refused again, ... a busy loop until the stop's
+                # drain_on_stop_s is up (a full disk refuses every time). They, and any others
+                # left, are sent at the next start.
+                log.warning("outbox: acknowledged messages stay queued, the twin refused to mark them sent; they are"
+                            " sent again at the next start")
+                return
             try:
                 left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=1))
             except Exception as exc:  # noqa: BLE001 - what is left is sent at the next start; the stop goes on

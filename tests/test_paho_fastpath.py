@@ -196,6 +196,28 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
         lock.close()
 
 
+async def test_a_drain_while_the_twin_refuses_the_deletes_ends_instead_of_reading_the_outbox_again(broker, tmp_path):
+    """A stop drains the outbox while the twin refuses the deletes of acknowledged rows (locked past
+    its busy timeout; a full disk does the same). Those rows stay in the outbox: the drain read them
+    back, skipped them as sent, was idle again, failed the deletes again and read them back again,
+    a busy loop until the stop's drain_on_stop_s (5 s) was up. It ends at once now; the rows, sent
+    once, are left for the next start, which skips nothing it cannot tell was delivered."""
+    import sqlite3
+
+    path = tmp_path / "twin.db"
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
+                                                                                          pub_task):
+            await _published_while_locked(worker, publisher, lock, path, "d", errors=1)
+            async with asyncio.timeout(10):  # (it never ended while the lock stayed)
+                await publisher.drain()
+            assert publisher.published == 10 and _outbox_rows(path) == 10
+            assert not pub_task.done()
+    finally:
+        lock.close()
+
+
 async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_reconnect(broker, tmp_path):
     """The twin refuses the deletes of acknowledged rows (locked past its busy timeout), and then the
     connection drops. The rows read back after the reconnect include those acknowledged ones: they
