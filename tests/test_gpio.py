@@ -282,6 +282,18 @@ def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
     assert "io.yaml:9:" in str(info.value)
 
 
+def test_a_setting_that_does_not_fit_the_direction_is_reported_at_its_own_line(tmp_path: Path) -> None:
+    """configData written as a block: the error names the line of `pull:`, not of `configData:`."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    block = "  - name: relay\n    visitors:\n      protocolName: gpio\n      configData:\n        pin: 5\n" \
+            "        direction: out\n        pull: up\n"
+    (tmp_path / "io.yaml").write_text(device_yaml("io", block))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert str(info.value) == ("io.yaml:14: spec.properties[0].visitors.configData.pull: pull 'up' applies to inputs"
+                               " only: remove it or use direction: in")
+
+
 def test_a_gpio_property_must_be_boolean(tmp_path: Path) -> None:
     """A pin is on or off: an INT property on a GPIO device is a definition error at the device's
     property (it used to validate, then its every read failed and the device never started)."""

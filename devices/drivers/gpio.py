@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import ReadError, WriteError
+from devices.errors import FieldError, ReadError, WriteError
 from devices.pins import BcmPin, Pins, PinError, Pull, make_pins
 from devices.values import PropertyType
 
@@ -78,16 +78,17 @@ class GpioVisitor(BaseModel):
 
     @model_validator(mode="after")
     def _fits_direction(self) -> GpioVisitor:
+        # (FieldError: reported at the line of the setting that does not fit, not of configData)
         if self.direction == "out":
             if self.pull != "off":
-                raise ValueError(f"pull {self.pull!r} applies to inputs only: remove it or use direction: in")
+                raise FieldError(("pull",), f"pull {self.pull!r} applies to inputs only: remove it or use direction: in")
             if self.debounce_ms:
-                raise ValueError("debounce_ms applies to inputs only: remove it or use direction: in")
+                raise FieldError(("debounce_ms",), "debounce_ms applies to inputs only: remove it or use direction: in")
         else:
             if self.initial is not None:
-                raise ValueError("initial applies to outputs only: remove it or use direction: out")
+                raise FieldError(("initial",), "initial applies to outputs only: remove it or use direction: out")
             if self.auto_off_s is not None:
-                raise ValueError("auto_off_s applies to outputs only: remove it or use direction: out")
+                raise FieldError(("auto_off_s",), "auto_off_s applies to outputs only: remove it or use direction: out")
         return self
 
 
