@@ -55,7 +55,7 @@ class Telemetry:
         self._last_value: dict[tuple[DeviceId, str], Any] = {}
         self._latest: dict[DeviceId, dict[str, Any]] = {}
         self._states: dict[DeviceId, str] = {}
-        # (device, property) -> (definition, topic, qos, retain, fed by change events, body): built once.
+        # (device, property) -> _Route (see above): built once.
         self._routes: dict[tuple[DeviceId, str], _Route] = {}
 
     @property

@@ -128,6 +128,7 @@ class DeviceRunner:
         # pending in the twin and written again (see _retry_failed), each on a timer of its own.
         self._failed_writes: dict[str, tuple[DesiredChange, str, int]] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._in_hand: dict[str, DesiredChange] = {}  # the apply loop's batch: being written, or next
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
 
     @property
@@ -396,8 +397,11 @@ class DeviceRunner:
         """On the loop: queue a failed desired value again, unless a newer one replaced it."""
         self._retries.pop(name, None)
         entry = self._failed_writes.get(name)
-        if entry is None or name in self._desired:
-            return  # (a value queued already is the same change, or a newer one)
+        if entry is None or name in self._desired or name in self._in_hand:
+            # A value queued, or being written right now (the device turned `ok` during its own
+            # retry's read-back), is this change or a newer one: its result settles the failed one
+            # (written: forgotten; failed again: a new retry timer). Queued again, it was written twice.
+            return
         change = entry[0]
         if self._desired_seen.get(name, 0) > change.version:
             self._forget_failed(name, self._desired_seen[name])
@@ -429,9 +433,9 @@ class DeviceRunner:
         self._retries[name] = asyncio.get_running_loop().call_later(delay, self._retry_failed, name)
         news = not same or before[1] != error
         (log.warning if news else log.debug)(
-            "%s/%s: %s; desired value %s (version %d) kept pending: written again when the device is ok again,"
-            " or in %.1f s (attempt %d)", self.id, name, error, shown(change.value, 200), change.version, delay,
-            attempts)
+            "%s/%s: %s; desired value %s (version %d) kept pending: written again in %.1f s (attempt %d)%s",
+            self.id, name, error, shown(change.value, 200), change.version, delay, attempts,
+            "" if self.state == OK else ", or as soon as the device is ok again")
         return news
 
     async def _apply_loop(self) -> None:
@@ -440,8 +444,13 @@ class DeviceRunner:
             self._desired_event.clear()
             pending, self._desired = self._desired, {}
             reverts, self._reverts = self._reverts, {}
-            for change in pending.values():
-                await self._apply(change)
+            self._in_hand = pending
+            try:
+                for name in list(pending):
+                    await self._apply(pending[name])
+                    del pending[name]
+            finally:
+                self._in_hand = {}
             for name, (prop, value, reason) in reverts.items():
                 if name in pending or name in self._desired:
                     continue  # a newer desired value was written (or is about to be): it wins

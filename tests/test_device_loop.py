@@ -638,6 +638,39 @@ async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_wh
         assert driver.read(runner.definition.prop("power")) is True
 
 
+async def test_a_failed_value_is_written_once_when_the_device_recovers_during_its_own_retry(tmp_path):
+    """The retry's write succeeds and the device turns `ok` meanwhile (its read-back is the read
+    that ends `unhealthy`; or a reload, or a read of the collect loop): that asks for the failed
+    values to be written again at once, and the value being written was queued a second time
+    (written twice: a pulse or a counter write is not idempotent). It is written once."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[GOOD1]
+        driver = runner.driver
+        writes: list[tuple[str, object, bool]] = []
+        original = driver.write
+
+        def write(prop, value):  # noqa: ANN001, ANN202
+            writes.append((prop.name, value, driver._broken))  # noqa: SLF001
+            if prop.name == "power" and not driver._broken:  # noqa: SLF001
+                runner.retry_failed_desired()  # the device is `ok` again while this write runs
+            return original(prop, value)
+
+        driver.write = write
+        driver.set_broken(True)
+        with reader(config) as twin:
+            _, version = twin.set_desired(GOOD1, "power", True)
+            await async_wait_for(lambda: twin.device(GOOD1).properties["power"].apply_error, what="the write failed")
+            driver.set_broken(False)
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value written")
+            # A later value of another property: applied after anything queued before it.
+            twin.set_desired(GOOD1, "count", 7)
+            await async_wait_for(lambda: twin.pending_desired() == [] and ("count", 7, False) in writes,
+                                 what="the next value applied")
+    assert [w for w in writes if w == ("power", True, False)] == [("power", True, False)], writes
+
+
 async def test_a_value_whose_write_failed_is_written_at_the_next_start_not_replaced_by_the_boot_state(
         tmp_path, caplog):
     """A switch (boot state off) whose write of `true` failed before the mapper stopped: the next
