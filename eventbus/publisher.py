@@ -362,20 +362,22 @@ class OutboxPublisher:
         """
         while True:
             await self.idle.wait()
-            if not await self._flush_acks():
-                # Those rows are still in the outbox: reading it again finds them (skipped, as
-                # sent), idle again, the deletes refused again, ... a busy loop until the stop's
-                # drain_on_stop_s is up (a full disk refuses every time). They, and any others
-                # left, are sent at the next start.
-                log.warning("outbox: acknowledged messages stay queued, the twin refused to mark them sent; they are"
-                            " sent again at the next start")
-                return
+            marked = await self._flush_acks()
+            # Deletes refused (a full disk, a lock): the acknowledged rows are still in the outbox,
+            # and reading it again would find them (skipped, as sent), idle again, refused again:
+            # a busy loop until drain_on_stop_s is up. Only rows not acknowledged are sent; of the
+            # first len(acked) + 1 rows at least one is such a row, if there is any.
+            acked = set() if marked else set(self._acked)
             try:
-                left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=1))
+                left = await self._worker.call(lambda s: s.outbox_pending(after_id=0, limit=len(acked) + 1))
             except Exception as exc:  # noqa: BLE001 - what is left is sent at the next start; the stop goes on
                 self._twin_trouble("cannot check the outbox is empty", exc)
                 return
+            left = [row for row in left if row.id not in acked]
             if not left:
+                if acked:
+                    log.warning("outbox: %d acknowledged message(s) stay queued, the twin refused to mark them sent;"
+                                " they are sent again at the next start", len(acked))
                 return
             log.debug("outbox: %d still queued once idle (id %d): reading it again", len(left), left[0].id)
             first = left[0].id - 1

@@ -218,6 +218,32 @@ async def test_a_drain_while_the_twin_refuses_the_deletes_ends_instead_of_readin
         lock.close()
 
 
+async def test_a_drain_while_the_twin_refuses_the_deletes_still_sends_a_row_never_offered(broker, tmp_path):
+    """The drain's last word is the twin's: a row committed with the publisher never told is read
+    back and sent before a clean stop. With the deletes refused, the drain used to end at the first
+    refusal, leaving such a row for the next start although it could be read and sent; now only
+    the acknowledged rows are left (their deletes), the others are sent first."""
+    import sqlite3
+
+    path = tmp_path / "twin.db"
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
+                                                                                          pub_task):
+            await _published_while_locked(worker, publisher, lock, path, "d", errors=1)
+            # A row committed with the publisher never told (by the lock's holder, which locks again at once).
+            lock.execute("INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) SELECT max(id) + 1,"
+                         " 'mapper/fastpath/default/dev/stray', CAST('{\"i\":99}' AS BLOB), 1, 0, 'telemetry', 0 FROM outbox")
+            lock.execute("COMMIT")
+            lock.execute("BEGIN IMMEDIATE")
+            async with asyncio.timeout(10):
+                await publisher.drain()
+            assert publisher.published == 11 and _outbox_rows(path) == 11  # (the deletes still refused)
+            assert not pub_task.done()
+    finally:
+        lock.close()
+
+
 async def test_rows_acknowledged_but_not_yet_deleted_are_not_sent_again_after_a_reconnect(broker, tmp_path):
     """The twin refuses the deletes of acknowledged rows (locked past its busy timeout), and then the
     connection drops. The rows read back after the reconnect include those acknowledged ones: they
