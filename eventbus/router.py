@@ -205,7 +205,7 @@ class Router:
         try:
             return await self.service.twin(fn)
         except UnknownDevice:
-            raise BadRequest(404, f"device {device} is not on node {self.topics.node}") from None
+            raise NotOnNode(device, self.topics.node) from None
         except (UnknownProperty, NotWritable) as exc:
             raise BadRequest(400, str(exc)) from None
 
@@ -286,7 +286,7 @@ class Router:
         try:
             await self.service.twin(lambda s: s.set_state(device, state, "set over MQTT"))
         except UnknownDevice:
-            raise BadRequest(404, f"device {device} is not on node {self.topics.node}") from None
+            raise NotOnNode(device, self.topics.node) from None
         twin = await self.service.twin(lambda s: s.device(device))
         await self._send([OutMessage(Topics.hw(device, "state/update/result"), payloads.state_result(twin),
                                      kind="state", sequenced=False)])
