@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -105,6 +106,34 @@ spec:
 def faulty_probe_yaml(cycle: int) -> str:
     """The faulty probe read every `cycle` ms (the inference tests and benchmark)."""
     return FAULTY_PROBE.replace("{cycle}", str(cycle))
+
+
+def one_property_device(name: str, prop: str, visitor: str, *, settings: str, config: str = "{}") -> str:
+    """A simulated device `name` with a model of its own (`<name>-model`) and one property: `prop` is
+    the model's property as a flow mapping (`{name: label, type: STRING, accessMode: ReadWrite}`),
+    `visitor` its simulated configData, `settings` the device property's other lines
+    (collectCycle, reportToCloud, pushMethod, ...) and `config` the device's protocol configData."""
+    prop_name = re.search(r"name: *([\w-]+)", prop).group(1)
+    lines = "".join(f"      {line}\n" for line in dedent(settings).strip().splitlines())
+    return dedent(f"""\
+        apiVersion: devices.kubeedge.io/v1beta1
+        kind: DeviceModel
+        metadata: {{name: {name}-model, namespace: default}}
+        spec:
+          protocol: simulated
+          properties:
+            - {prop}
+        ---
+        apiVersion: devices.kubeedge.io/v1beta1
+        kind: Device
+        metadata: {{name: {name}, namespace: default}}
+        spec:
+          deviceModelRef: {{name: {name}-model}}
+          protocol: {{protocolName: simulated, configData: {config}}}
+          properties:
+            - name: {prop_name}
+              visitors: {{protocolName: simulated, configData: {visitor}}}
+        """) + lines
 
 
 def device_yaml(name: str, *, model: str = "thing-model", cycle: int = 50, config: str = "{}") -> str:

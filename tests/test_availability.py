@@ -12,7 +12,7 @@ import secrets
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
-from helpers import write_devices
+from helpers import one_property_device, write_devices
 from mapper_proc import MapperProcess
 
 
@@ -106,30 +106,12 @@ def test_availability_is_published_again_after_a_reconnect(tmp_path, node):
 
 
 
-ONE_PROPERTY = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {{name: one-model, namespace: default}}
-spec:
-  protocol: simulated
-  properties:
-    - {{name: temperature, type: FLOAT, accessMode: ReadOnly}}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {{name: probe, namespace: default}}
-spec:
-  deviceModelRef: {{name: one-model}}
-  protocol: {{protocolName: simulated, configData: {config}}}
-  properties:
-    - {{name: temperature, visitors: {{protocolName: simulated, configData: {{kind: temperature}}}}, collectCycle: {cycle}}}
-"""
-
-
 def one_property_probe(directory, *, cycle: int, config: str):
     """A device with one property (so that `fail_first` counts its reads one cycle each)."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "probe.yaml").write_text(ONE_PROPERTY.format(cycle=cycle, config=config))
+    (directory / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: temperature, type: FLOAT, accessMode: ReadOnly}", "{kind: temperature}",
+        settings=f"collectCycle: {cycle}", config=config))
     return directory
 
 

@@ -196,12 +196,16 @@ async def test_a_twin_locked_past_its_timeout_delays_the_ack_deletes_but_stops_n
         lock.close()
 
 
-async def test_a_drain_while_the_twin_refuses_the_deletes_ends_instead_of_reading_the_outbox_again(broker, tmp_path):
+@pytest.mark.parametrize("never_offered", [0, 1])
+async def test_a_drain_while_the_twin_refuses_the_deletes_sends_what_is_unsent_and_ends(broker, tmp_path,
+                                                                                      never_offered):
     """A stop drains the outbox while the twin refuses the deletes of acknowledged rows (locked past
     its busy timeout; a full disk does the same). Those rows stay in the outbox: the drain read them
     back, skipped them as sent, was idle again, failed the deletes again and read them back again,
     a busy loop until the stop's drain_on_stop_s (5 s) was up. It ends at once now; the rows, sent
-    once, are left for the next start, which skips nothing it cannot tell was delivered."""
+    once, are left for the next start, which skips nothing it cannot tell was delivered.
+    A row committed with the publisher never told (`never_offered`) is still read back and sent
+    first: the drain's last word is the twin's (a first fix ended the drain at the first refusal)."""
     import sqlite3
 
     path = tmp_path / "twin.db"
@@ -210,35 +214,16 @@ async def test_a_drain_while_the_twin_refuses_the_deletes_ends_instead_of_readin
         async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
                                                                                           pub_task):
             await _published_while_locked(worker, publisher, lock, path, "d", errors=1)
+            if never_offered:  # committed by the lock's holder, which locks again at once
+                lock.execute("INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) SELECT"
+                             " max(id) + 1, 'mapper/fastpath/default/dev/stray', CAST('{\"i\":99}' AS BLOB), 1, 0,"
+                             " 'telemetry', 0 FROM outbox")
+                lock.execute("COMMIT")
+                lock.execute("BEGIN IMMEDIATE")
             async with asyncio.timeout(10):  # (it never ended while the lock stayed)
                 await publisher.drain()
-            assert publisher.published == 10 and _outbox_rows(path) == 10
-            assert not pub_task.done()
-    finally:
-        lock.close()
-
-
-async def test_a_drain_while_the_twin_refuses_the_deletes_still_sends_a_row_never_offered(broker, tmp_path):
-    """The drain's last word is the twin's: a row committed with the publisher never told is read
-    back and sent before a clean stop. With the deletes refused, the drain used to end at the first
-    refusal, leaving such a row for the next start although it could be read and sent; now only
-    the acknowledged rows are left (their deletes), the others are sent first."""
-    import sqlite3
-
-    path = tmp_path / "twin.db"
-    lock = sqlite3.connect(path, isolation_level=None)
-    try:
-        async with _publishing(broker, tmp_path, ack_delay_s=0.2, busy_timeout_ms=100) as (_, worker, publisher,
-                                                                                          pub_task):
-            await _published_while_locked(worker, publisher, lock, path, "d", errors=1)
-            # A row committed with the publisher never told (by the lock's holder, which locks again at once).
-            lock.execute("INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts) SELECT max(id) + 1,"
-                         " 'mapper/fastpath/default/dev/stray', CAST('{\"i\":99}' AS BLOB), 1, 0, 'telemetry', 0 FROM outbox")
-            lock.execute("COMMIT")
-            lock.execute("BEGIN IMMEDIATE")
-            async with asyncio.timeout(10):
-                await publisher.drain()
-            assert publisher.published == 11 and _outbox_rows(path) == 11  # (the deletes still refused)
+            expected = 10 + never_offered
+            assert publisher.published == expected and _outbox_rows(path) == expected  # (deletes still refused)
             assert not pub_task.done()
     finally:
         lock.close()

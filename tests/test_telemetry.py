@@ -11,7 +11,7 @@ from devices.loader import load
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
 from twin.records import Reading
-from helpers import write_devices
+from helpers import one_property_device, write_devices
 
 D = DeviceId("default", "d")
 
@@ -130,29 +130,12 @@ def test_a_device_that_reports_nothing_still_refreshes_its_state_view(tmp_path):
     assert [m.body["count"] for m in out] == [0, 10]
 
 
-PUSHED_PROBE = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: probe-model, namespace: default}
-spec:
-  protocol: simulated
-  properties:
-    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: probe, namespace: default}
-spec:
-  deviceModelRef: {name: probe-model}
-  protocol: {protocolName: simulated, configData: {}}
-  properties:
-    - name: temperature
-      visitors: {protocolName: simulated, configData: {kind: temperature, base: 21}}
-      collectCycle: 500
-      reportToCloud: false
-      pushMethod:
-        mqtt: {topic: mapper/factory/line1/temperature, qos: 1}
-"""
+PUSHED_PROBE = one_property_device(
+    "probe", "{name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}", "{kind: temperature, base: 21}",
+    settings="""collectCycle: 500
+reportToCloud: false
+pushMethod:
+  mqtt: {topic: mapper/factory/line1/temperature, qos: 1}""")
 
 
 def test_a_mapper_pushes_a_property_that_does_not_report_to_the_cloud(broker, tmp_path):

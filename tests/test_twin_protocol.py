@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from devices.ids import DeviceId
-from helpers import wait_for, write_devices
+from helpers import one_property_device, wait_for, write_devices
 from mapper_proc import MapperProcess
 from twin.store import TwinStore
 
@@ -211,26 +211,8 @@ def test_a_retained_command_is_not_applied_at_connect(broker, tmp_path):
                         broker.users["app"], "-q", "1", "-r", "-n", "-t", topic], check=True, timeout=10)
 
 
-LABEL = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: sign-model, namespace: default}
-spec:
-  protocol: simulated
-  properties:
-    - {name: label, type: STRING, accessMode: ReadWrite}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: sign, namespace: default}
-spec:
-  deviceModelRef: {name: sign-model}
-  protocol: {protocolName: simulated, configData: {}}
-  properties:
-    - name: label
-      visitors: {protocolName: simulated, configData: {kind: switch}}
-      collectCycle: 200
-"""
+LABEL = one_property_device("sign", "{name: label, type: STRING, accessMode: ReadWrite}", "{kind: switch}",
+                            settings="collectCycle: 200")
 
 
 def test_a_command_sent_live_with_retain_is_ignored_and_clearing_it_sets_no_value(broker, tmp_path):
@@ -403,28 +385,9 @@ def test_a_membership_request_waiting_for_the_rate_limit_is_answered_by_a_clean_
     assert sub.expect(f"{topic}/result", timeout=5)["event_id"] == "waiting"
 
 
-LABELLED = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: tag-model, namespace: default}
-spec:
-  protocol: simulated
-  properties:
-    - {name: label, type: STRING, accessMode: ReadWrite}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: tag, namespace: default}
-spec:
-  deviceModelRef: {name: tag-model}
-  protocol: {protocolName: simulated, configData: {}}
-  properties:
-    - name: label
-      visitors: {protocolName: simulated, configData: {kind: constant, value: none}}
-      collectCycle: 100
-      reportCycle: 100
-      reportToCloud: true
-"""
+LABELLED = one_property_device("tag", "{name: label, type: STRING, accessMode: ReadWrite}",
+                               "{kind: constant, value: none}",
+                               settings="collectCycle: 100\nreportCycle: 100\nreportToCloud: true")
 
 
 def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
