@@ -317,7 +317,7 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
         _check_desired(config, store, device, args.property, args.value)
         value, version = store.set_desired(device, args.property, args.value)
     running, _ = _running_mapper(config.twin.path)
-    print(f"{device}/{args.property}: desired = {orjson.dumps(value).decode()} (version {version});"
+    print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version});"
           + (" no mapper is running on this twin: the next `mapper run` applies it" if running is False
              else " the running mapper applies it"))
     return 0
