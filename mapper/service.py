@@ -43,6 +43,12 @@ def _state_saved(saving: asyncio.Future[None]) -> None:
         log.debug("saving a device state failed: %s", saving.exception())
 
 
+def _orphan_update_done(updating: asyncio.Future[Any]) -> None:
+    """A device switch whose caller was cancelled ended: its failure has nobody else to tell."""
+    if not updating.cancelled() and (exc := updating.exception()) is not None:
+        log.error("a device update whose caller was cancelled failed: %s: %s", type(exc).__name__, exc)
+
+
 class MapperService:
     def __init__(self, config: MapperConfig, definitions: LoadResult | None = None) -> None:
         self.config = config
@@ -63,6 +69,8 @@ class MapperService:
         self._state_log = Throttle(burst=1, interval_s=60.0)
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
+        self._updates: set[asyncio.Future[Any]] = set()  # device set switches still running (see update_devices)
+        self._update_lock = asyncio.Lock()
         self._tg: asyncio.TaskGroup | None = None
         # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
@@ -171,6 +179,8 @@ class MapperService:
             if stop_requested is not None:
                 with contextlib.suppress(Exception):
                     await stop_requested(self)
+        if self._updates:  # a switch whose caller was cancelled: it ends first, or it would start devices after this
+            await asyncio.gather(*self._updates, return_exceptions=True)
         await self.stop_devices(list(self._tasks))
         if self._state_saves:  # the last state changes' messages reach the outbox before it drains
             await asyncio.gather(*self._state_saves, return_exceptions=True)
@@ -212,7 +222,27 @@ class MapperService:
         """Switch to a new set of definitions, touching only devices that were added, changed or removed.
 
         Used by SIGHUP reloads and by KubeEdge DMI updates. Returns what happened to whom.
+
+        Once begun, a switch runs to its end in a task of its own, one switch at a time: a caller
+        cancelled meanwhile (a DMI call past edgecore's deadline, while a stop waits for a driver
+        call in progress) used to leave the devices it had stopped for the switch stopped, and the
+        definitions half switched. The caller still sees its CancelledError; a stop waits for the switch.
         """
+        updating = asyncio.ensure_future(self._update_devices(result))
+        self._updates.add(updating)
+        updating.add_done_callback(self._updates.discard)
+        try:
+            return await asyncio.shield(updating)
+        except asyncio.CancelledError:
+            if not updating.done():
+                updating.add_done_callback(_orphan_update_done)
+            raise
+
+    async def _update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
+        async with self._update_lock:
+            return await self._switch_devices(result)
+
+    async def _switch_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
         assert self._tg is not None and self.definitions is not None
         old = {k: v for k, v in self.runners.items()}
         new = {k: v for k, v in result.devices.items() if k not in result.unrunnable}

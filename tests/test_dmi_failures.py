@@ -15,10 +15,19 @@ from pathlib import Path
 
 import pytest
 
+import grpc
+
+from devices.ids import DeviceId
+from devices.loader import LoadResult
 from dmi_edgecore import FakeEdgecore, device, model
+from mapper.device_loop import DeviceRunner
 from mapper.dmi import api_pb2 as pb
+from mapper.dmi import api_pb2_grpc as pb_grpc
 from mapper.dmi import client as client_module
-from test_dmi import SWITCH, registered, run, running_mapper, sockdir, switch, until  # noqa: F401 - sockdir: fixture
+from mapper.dmi.catalog import Catalog
+from test_dmi import (  # noqa: F401 - sockdir: fixture
+    SWITCH, TEMP, registered, room, run, running_mapper, sockdir, switch, until,
+)
 
 COUNT = model("count-model", {"count": ("INT", "ReadOnly")})
 
@@ -213,3 +222,78 @@ def test_supervised_restarts_a_loop_after_an_unexpected_error(caplog: pytest.Log
     assert len(calls) == 3
     lines = [r for r in caplog.records if "dmi.test" in r.getMessage()]
     assert len(lines) == 2 and all(r.exc_info for r in lines)
+
+
+# -- a call cancelled past edgecore's deadline -----------------------------------------------
+
+def stuck_stops(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
+    """A device's stop waits (as for a driver call in progress on a stuck bus) until `release` is set."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = DeviceRunner.close_when_idle
+
+    async def stuck(self: DeviceRunner) -> None:
+        entered.set()
+        await release.wait()
+        await real(self)
+
+    monkeypatch.setattr(DeviceRunner, "close_when_idle", stuck)
+    return entered, release
+
+
+def collect_cycle(runner: DeviceRunner | None) -> int | None:
+    return None if runner is None else runner.definition.properties[0].collect_cycle_ms
+
+
+def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """UpdateDevice whose deadline passes while the old device is being stopped: grpc.aio cancels
+    the handler. The update still completes: the device runs with its new spec, and the state file
+    holds it. (The cancellation used to land in the stop: the device stayed stopped, the state file
+    was not saved, and resending the same update found an identical device and did nothing.)"""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            assert collect_cycle(mapper.runner("room-a")) == 50
+            entered, release = stuck_stops(monkeypatch)
+            async with grpc.aio.insecure_channel(f"unix:{edgecore.mapper_address}") as channel:
+                stub = pb_grpc.DeviceMapperServiceStub(channel)
+                call = asyncio.ensure_future(
+                    stub.UpdateDevice(pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=80)), timeout=0.5))
+                await entered.wait()
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await call
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            release.set()
+            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+            saved = Catalog("simulated")
+            assert saved.restore(sockdir / "twin.db.kubeedge.json")
+            assert saved.devices[("default", "room-a")] == room("room-a", cycle_ms=80)
+            # Sending it again is answered, and changes nothing.
+            running = mapper.runner("room-a")
+            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=80)))
+            assert mapper.runner("room-a") is running
+    run(scenario())
+
+
+def test_a_device_switch_whose_caller_is_cancelled_still_completes(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """service.update_devices cancelled while it stops a changed device (a reload at shutdown, any
+    caller with a deadline): the switch runs to its end, the device starts again with its new
+    definition. (It used to stay stopped, never restarted.)"""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            catalog = Catalog("simulated", models=dict(mapper.ext.catalog.models))
+            catalog.put_device(room("room-a", cycle_ms=80))
+            entered, release = stuck_stops(monkeypatch)
+            switching = asyncio.ensure_future(mapper.service.update_devices(catalog.build(LoadResult())))
+            await entered.wait()
+            switching.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await switching
+            release.set()
+            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+            assert DeviceId("default", "room-a") in mapper.service.definitions.devices
+    run(scenario())

@@ -18,7 +18,8 @@ import logging
 import os
 import sqlite3
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 
@@ -43,6 +44,14 @@ log = logging.getLogger("mapper.dmi")
 # How often edgecore's socket file is checked for a restart (a new inode).
 WATCH_INTERVAL_S = 1.0
 
+T = TypeVar("T")
+
+
+def _orphan_change_done(task: asyncio.Future[object]) -> None:
+    """A DMI change whose call was cancelled (past edgecore's deadline) ended: say if it failed."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("a DMI change whose call edgecore had given up on failed: %s: %s", type(exc).__name__, exc)
+
 
 class KubeEdgeExtension:
     def __init__(self, settings: KubeEdgeSettings) -> None:
@@ -62,6 +71,7 @@ class KubeEdgeExtension:
         self.state_path: Path | None = None
         self._local = LoadResult()
         self._lock = asyncio.Lock()
+        self._changes: set[asyncio.Future[object]] = set()  # DMI changes still running (see _change)
         self._models_changed = asyncio.Condition()
         self.registered = asyncio.Event()
         self._lost = asyncio.Event()
@@ -106,6 +116,11 @@ class KubeEdgeExtension:
             tg.create_task(supervised("dmi.register", self._registration_loop, cap), name="dmi.register")
             tg.create_task(self.reporter.run(), name="dmi.reporter")  # supervises its own loops
             tg.create_task(supervised("dmi.watch-edgecore", self._watch_edgecore, cap), name="dmi.watch-edgecore")
+
+    async def stop_requested(self, service: MapperService) -> None:
+        # A change whose call was cancelled ends before the devices stop (it may start some).
+        if self._changes:
+            await asyncio.gather(*self._changes, return_exceptions=True)
 
     async def before_stop(self, service: MapperService) -> None:
         await self.server.stop()
@@ -221,14 +236,40 @@ class KubeEdgeExtension:
             return None
         return report.report_cycle / 1000 if report.report_cycle > 0 else self.settings.report_interval_s
 
+    async def _change(self, change: Callable[[], Awaitable[T]]) -> T:
+        """Run a catalog change and its apply under the lock, to the end, in a task of its own.
+
+        grpc.aio cancels a handler once edgecore's deadline passes, and a stop may take that long
+        (a driver call in progress). Cancelled half way, the catalog held the new spec while the
+        device stayed stopped, and the state file was not saved; resending the same change then
+        found an identical device and did nothing. The call may still end DEADLINE_EXCEEDED for
+        edgecore; the mapper ends consistent with what it accepted.
+        """
+        async def locked() -> T:
+            async with self._lock:
+                return await change()
+
+        task = asyncio.ensure_future(locked())
+        self._changes.add(task)
+        task.add_done_callback(self._changes.discard)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                task.add_done_callback(_orphan_change_done)
+            raise
+
     async def _put_device(self, device: pb.Device, *, wait_for_model: bool) -> None:
         if not device.name or not device.spec.deviceModelReference:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "device name and spec.deviceModelReference are required")
         key = device_key(device)
         DeviceId(*key)  # ValueError -> INVALID_ARGUMENT
-        async with self._lock:
+
+        async def put() -> None:
             if self.catalog.put_device(device):
                 await self._apply()
+
+        await self._change(put)
         if wait_for_model and model_of(device) not in self.catalog.models:
             await self._wait_for_model(device)
         problem = self.catalog.problems.get(key)
@@ -262,28 +303,33 @@ class KubeEdgeExtension:
         await self._put_device(device, wait_for_model=False)
 
     async def remove_device(self, namespace: str, name: str) -> None:
-        async with self._lock:
+        async def remove() -> None:
             if self.catalog.devices.pop((namespace or "default", name), None) is not None:
                 await self._apply()
+
+        await self._change(remove)
 
     async def put_model(self, model: pb.DeviceModel) -> None:
         if not model.name:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "model name is required")
         key = model_key(model)
-        broken: list[str] = []
         invalid = None
         try:  # the model alone, as a YAML file's model is checked; kept either way (see below)
             load_objects([(f"dmi:DeviceModel {key[0]}/{key[1]}", model_document(model, self.catalog.protocol))])
         except ValueError as exc:
             invalid = str(exc)
-        async with self._lock:
+
+        async def put() -> list[str]:
             running = set(self.service.runners) if self.service is not None else set()
-            if self.catalog.put_model(model):  # ConversionError for an invalid id: not kept
-                await self._apply()
-                # Devices of this model that ran before and are refused now: the model is kept (as
-                # edgecore has it), but the call says which devices it stopped, and why.
-                broken = [problem for dkey, problem in sorted(self.catalog.problems.items())
-                          if model_of(self.catalog.devices[dkey]) == key and DeviceId(*dkey) in running]
+            if not self.catalog.put_model(model):  # ConversionError for an invalid id: not kept
+                return []
+            await self._apply()
+            # Devices of this model that ran before and are refused now: the model is kept (as
+            # edgecore has it), but the call says which devices it stopped, and why.
+            return [problem for dkey, problem in sorted(self.catalog.problems.items())
+                    if model_of(self.catalog.devices[dkey]) == key and DeviceId(*dkey) in running]
+
+        broken = await self._change(put)
         async with self._models_changed:
             self._models_changed.notify_all()
         if invalid:
@@ -295,9 +341,11 @@ class KubeEdgeExtension:
                            + "; ".join(broken))
 
     async def remove_model(self, namespace: str, name: str) -> None:
-        async with self._lock:
+        async def remove() -> None:
             if self.catalog.models.pop((namespace or "default", name), None) is not None:
                 await self._apply()
+
+        await self._change(remove)
 
     async def get_device(self, namespace: str, name: str) -> pb.Device:
         key = (namespace or "default", name)
