@@ -377,6 +377,70 @@ def test_edgecore_device_cannot_take_a_pin_of_a_local_yaml_device(sockdir: Path)
     assert "default/a" in fresh.problems[("default", "b")]
 
 
+def test_after_a_restart_the_device_holding_a_pin_keeps_it(sockdir: Path) -> None:
+    """z-first runs on GPIO4, a-second is refused for it. After a mapper restart z-first still
+    holds the pin, and edgecore hears a-second is offline. (The ranking by who ran was not saved:
+    after the restart namespace/name order gave a-second the pin and stopped z-first, and the
+    offline state of a device not running at start was dropped, edgecore never heard it.)"""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            async with running_mapper(sockdir, name="dht", protocol="dht") as mapper:
+                await registered(mapper)
+                await edgecore.add(dht("z-first", 4), DHT)
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await edgecore.add(dht("a-second", 4), DHT)
+                assert grpc_code(refused) == grpc.StatusCode.FAILED_PRECONDITION
+                assert mapper.runner("z-first") is not None and mapper.runner("a-second") is None
+            before = len(edgecore.of("ReportDeviceStates"))
+
+            def second_offline() -> bool:
+                return any(r.deviceName == "a-second" and r.state == "offline"
+                           for r in edgecore.of("ReportDeviceStates")[before:])
+
+            async with running_mapper(sockdir, name="dht", protocol="dht") as mapper:
+                async with asyncio.timeout(10):
+                    await mapper.ext.started.wait()  # the restored devices run (edgecore not asked yet)
+                assert mapper.runner("z-first") is not None and mapper.runner("a-second") is None
+                await registered(mapper)
+                assert mapper.runner("z-first") is not None and mapper.runner("a-second") is None
+                assert "default/z-first" in mapper.ext.catalog.problems[("default", "a-second")]
+                await edgecore.wait_for(second_offline)
+    run(scenario())
+
+
+def test_a_state_file_without_the_devices_that_ran_still_loads() -> None:
+    """A state file saved before it named the devices that ran (`admitted`) loads as before:
+    nothing ranks first, namespace/name order decides. With the field, the device that ran wins."""
+    import json
+
+    from mapper.dmi.catalog import Catalog
+
+    path = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp")) / "state.json"
+    try:
+        ran = Catalog("dht")
+        ran.replace([dht("z-first", 4)], [DHT])
+        ran.build()
+        ran.put_device(dht("a-second", 4))
+        ran.build()
+        assert ("default", "a-second") in ran.conflicts
+        ran.save(path)
+        saved = json.loads(path.read_text())
+        assert saved["admitted"] == [["default", "z-first"]]
+
+        restored = Catalog("dht")
+        assert restored.restore(path)
+        assert set(restored.build().devices) == {DeviceId("default", "z-first")}
+
+        del saved["admitted"]
+        path.write_text(json.dumps(saved))
+        old = Catalog("dht")
+        assert old.restore(path)
+        assert set(old.devices) == {("default", "z-first"), ("default", "a-second")}
+        assert set(old.build().devices) == {DeviceId("default", "a-second")}
+    finally:
+        shutil.rmtree(path.parent, ignore_errors=True)
+
+
 def test_get_device_reads_the_device_now(sockdir: Path) -> None:
     """GetDevice reads every property from the device: a counter polled once a minute still moves per call."""
     async def scenario() -> None:

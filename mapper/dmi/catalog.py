@@ -8,7 +8,8 @@ edgecore devices that ran after the previous build with the same spec, then thos
 with another spec (updated), then the rest, each group sorted by namespace/name. So a running
 device is never displaced by a newcomer, by its own update or by an update of another device; a device that loses stays in the catalog (edgecore still
 counts it as ours) with the conflict as its problem, and starts once the resource is free. The catalog persists to a JSON file so a restarted mapper keeps running the last known
-devices while edgecore is unreachable.
+devices while edgecore is unreachable; the file names the devices that ran (`admitted`), so after
+a restart the devices that held a resource keep it (a file without the field: all rank alike).
 """
 
 from __future__ import annotations
@@ -213,6 +214,8 @@ class Catalog:
             "protocol": self.protocol,
             "models": [json_format.MessageToDict(m) for _, m in sorted(self.models.items())],
             "devices": [json_format.MessageToDict(d) for _, d in sorted(self.devices.items())],
+            # Ran after the last build (with the spec saved above): they rank first after a restart.
+            "admitted": [list(key) for key in sorted(self._admitted) if key in self.devices],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -243,4 +246,13 @@ class Catalog:
             log.warning("ignoring the saved KubeEdge state %s: %s", path, exc)
             return False
         self.replace(devices, models)
+        self._admitted = {}
+        admitted = data.get("admitted")  # None: a file saved before the field existed
+        if admitted is not None:
+            try:
+                keys = [(ns, name) for ns, name in admitted if isinstance(ns, str) and isinstance(name, str)]
+            except (TypeError, ValueError) as exc:
+                log.warning("ignoring the devices that ran before in the saved KubeEdge state %s: %s", path, exc)
+                keys = []
+            self._admitted = {key: self.devices[key] for key in keys if key in self.devices}
         return True

@@ -33,6 +33,7 @@ from mapper.dmi.convert import fresh_status, model_document
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
+from mapper.device_loop import OFFLINE
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
 
@@ -72,6 +73,8 @@ class KubeEdgeExtension:
         self._local = LoadResult()
         self._lock = asyncio.Lock()
         self._changes: set[asyncio.Future[object]] = set()  # DMI changes still running (see _change)
+        # Whether the devices that do not run at start were reported offline yet (see _apply).
+        self._start_reported = False
         self._models_changed = asyncio.Condition()
         self.registered = asyncio.Event()
         self._lost = asyncio.Event()
@@ -106,7 +109,7 @@ class KubeEdgeExtension:
             log.info("restored %d device(s) and %d model(s) from %s until edgecore answers",
                      len(self.catalog.devices), len(self.catalog.models), self.state_path)
             async with self._lock:
-                await self._apply()
+                await self._apply(start=True)
         await self.server.start()
         self.started.set()
         # Each loop is restarted if a bug escapes it: otherwise this task group, and with it the
@@ -186,7 +189,7 @@ class KubeEdgeExtension:
                         len(reply.modelList), len(reply.deviceList))
         async with self._lock:
             self.catalog.replace(list(reply.deviceList), list(reply.modelList))
-            await self._apply()
+            await self._apply(start=True)
         async with self._models_changed:
             self._models_changed.notify_all()
 
@@ -198,8 +201,14 @@ class KubeEdgeExtension:
             self._local = local
             return await self._apply()
 
-    async def _apply(self) -> dict[str, list[DeviceId]]:
-        """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock."""
+    async def _apply(self, *, start: bool = False) -> dict[str, list[DeviceId]]:
+        """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock.
+
+        `start`: the devices restored at start, or the first registration reply's. Those that do not
+        run then (a resource another device holds, a driver missing after an upgrade, invalid) are
+        reported offline once, and their states go on as a stopped device's do: edgecore may still
+        show them online from before the restart, and nothing else would tell it.
+        """
         assert self.service is not None and self.state_path is not None
         built = self.catalog.build(self._local)
         merged = LoadResult(
@@ -214,13 +223,33 @@ class KubeEdgeExtension:
         # invalid, it lost a resource): its states keep going, so edgecore hears it go offline.
         ours = self.catalog.device_ids()
         stopped = {d: every for d, every in self.reporter.state_every.items() if d in ours and d not in reported}
+        not_running: list[DeviceId] = []
+        if start and not self._start_reported:
+            self._start_reported = True
+            for device_id in sorted(ours - reported - set(stopped)):
+                definition = built.devices.get(device_id)
+                every = (self._state_every(definition) if definition is not None
+                         else self._state_every_of(self.catalog.devices[(device_id.namespace, device_id.name)]))
+                if every is not None:
+                    stopped[device_id] = every
+                    not_running.append(device_id)
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
         changes = await self.service.update_devices(merged)
+        for device_id in not_running:
+            self.reporter.state_changed(device_id, OFFLINE)
         try:
             self.catalog.save(self.state_path)
         except Exception as exc:  # noqa: BLE001 - a full disk, or a message protobuf cannot write: run on
             log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
         return changes
+
+    def _state_every_of(self, device: pb.Device) -> float | None:
+        """`_state_every` of a device that did not validate (its stateReport as edgecore sent it)."""
+        if not device.HasField("status"):
+            return self.settings.report_interval_s
+        if not device.status.reportToCloud:
+            return None
+        return device.status.reportCycle / 1000 if device.status.reportCycle > 0 else self.settings.report_interval_s
 
     def _state_every(self, definition: DeviceDefinition) -> float | None:
         """The device's state re-send period in seconds, or None for `stateReport.reportToCloud: false`.
