@@ -528,6 +528,47 @@ def test_edgecore_restart_reregisters(sockdir: Path, monkeypatch: pytest.MonkeyP
     run(scenario())
 
 
+class EdgecoreChangingWhileItRegisters(FakeEdgecore):
+    """Once armed: after building its MapperRegister reply, and before sending it, the cloud deletes
+    room-a and creates room-b (edgecore calls the mapper for both on its own connections)."""
+
+    armed = False
+
+    async def MapperRegister(self, request, context):  # noqa: ANN001, ANN201, N802
+        reply = await super().MapperRegister(request, context)
+        if self.armed:
+            self.armed = False
+            await self.remove("room-a")
+            await self.add(room("room-b"), TEMP)
+        return reply
+
+
+def test_calls_made_while_a_registration_is_in_flight_are_not_undone_by_its_reply(sockdir: Path) -> None:
+    """edgecore's MapperRegister reply holds room-a and not room-b; it reaches the mapper after
+    edgecore's RemoveDevice room-a and RegisterDevice room-b were answered. The mapper ends with
+    room-b and without room-a, running and saved. (The reply replaced the catalog: room-a ran on,
+    saved and reported, refused by edgecore; room-b was dropped.)"""
+    async def scenario() -> None:
+        async with EdgecoreChangingWhileItRegisters(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            assert mapper.runner("room-a") is not None
+            edgecore.armed = True
+            mapper.ext._lost.set()  # noqa: SLF001 - as when edgecore's socket is replaced: register again
+            await registered(mapper, 2)
+            assert len(edgecore.mapper_calls("RemoveDevice")) == 1
+            assert len(edgecore.mapper_calls("RegisterDevice")) == 2
+            assert set(mapper.ext.catalog.devices) == {("default", "room-b")}
+            assert mapper.runner("room-a") is None and mapper.runner("room-b") is not None
+            assert ("default", "temp-model") in mapper.ext.catalog.models
+            from mapper.dmi.catalog import Catalog
+            saved = Catalog("simulated")
+            assert saved.restore(sockdir / "twin.db.kubeedge.json")
+            assert set(saved.devices) == {("default", "room-b")}
+    run(scenario())
+
+
 def test_edgecore_down_at_start_keeps_last_known_devices(sockdir: Path) -> None:
     """Devices from the last registration run while edgecore is away; registering later restarts nothing unchanged."""
     async def scenario() -> None:

@@ -120,16 +120,19 @@ class EdgecoreClient:
             deviceName=device_id.name, deviceNamespace=device_id.namespace, state=edgecore_state(state),
         ), token=token)
 
-    async def register_until_done(self) -> pb.MapperRegisterResponse:
+    async def register_until_done(self, before_attempt: Callable[[], None] | None = None) -> pb.MapperRegisterResponse:
         """MapperRegister, retried with jittered backoff until edgecore answers.
 
         Whatever fails is retried: edgecore away, a refusal, a reply over our receive limit
         (edgecore's devices may be removed meanwhile), or an unexpected error.
+        `before_attempt` is called just before each attempt is sent.
         """
         cap = self.settings.register_backoff_max_s
         attempt = unexpected = 0
         while True:
             try:
+                if before_attempt is not None:
+                    before_attempt()
                 return await self.register()
             except grpc.aio.AioRpcError as exc:
                 attempt += 1

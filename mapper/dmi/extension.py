@@ -73,6 +73,9 @@ class KubeEdgeExtension:
         self._local = LoadResult()
         self._lock = asyncio.Lock()
         self._changes: set[asyncio.Future[object]] = set()  # DMI changes still running (see _change)
+        # DMI changes made while a MapperRegister is in flight, re-applied on top of its reply
+        # (edgecore built the reply at some moment meanwhile: it may not hold them); None otherwise.
+        self._journal: list[Callable[[Catalog], object]] | None = None
         # Whether the devices that do not run at start were reported offline yet (see _apply).
         self._start_reported = False
         self._models_changed = asyncio.Condition()
@@ -136,7 +139,7 @@ class KubeEdgeExtension:
     async def _registration_loop(self) -> None:
         failures = 0
         while True:
-            reply = await self.client.register_until_done()
+            reply = await self.client.register_until_done(before_attempt=self._start_journal)
             # The edgecore that answered: taken before the reply is adopted (which may take a while),
             # so a restart meanwhile shows as a new socket and we register again.
             self._registered_socket = self._socket_id()
@@ -164,6 +167,16 @@ class KubeEdgeExtension:
             self.registered.clear()
             log.info("edgecore went away or restarted: registering again")
 
+    def _start_journal(self) -> None:
+        self._journal = []
+
+    def _journaled(self, change: Callable[[Catalog], T]) -> T:
+        """Make a change to the catalog (caller holds the lock), journaled while a registration is in flight."""
+        result = change(self.catalog)
+        if self._journal is not None:
+            self._journal.append(change)
+        return result
+
     def _registration_lost(self) -> None:
         if self.registered.is_set():
             self._lost.set()
@@ -188,7 +201,17 @@ class KubeEdgeExtension:
             log.warning("MapperRegister reply has %d models for %d devices (expected parallel lists)",
                         len(reply.modelList), len(reply.deviceList))
         async with self._lock:
+            # The reply is what edgecore had when it built it: the calls that reached us since the
+            # request was sent (a device deleted, one registered) may be missing from it, and edgecore
+            # does not send them again. Replacing the catalog with the reply alone kept a deleted
+            # device running (saved, reported: edgecore refuses its reports) or dropped a new one.
+            journal, self._journal = self._journal or [], None
             self.catalog.replace(list(reply.deviceList), list(reply.modelList))
+            for change in journal:
+                change(self.catalog)
+            if journal:
+                log.info("%d DMI call(s) that arrived while registering applied on top of edgecore's reply",
+                         len(journal))
             await self._apply(start=True)
         async with self._models_changed:
             self._models_changed.notify_all()
@@ -295,7 +318,7 @@ class KubeEdgeExtension:
         DeviceId(*key)  # ValueError -> INVALID_ARGUMENT
 
         async def put() -> None:
-            if self.catalog.put_device(device):
+            if self._journaled(lambda catalog: catalog.put_device(device)):
                 await self._apply()
 
         await self._change(put)
@@ -333,7 +356,7 @@ class KubeEdgeExtension:
 
     async def remove_device(self, namespace: str, name: str) -> None:
         async def remove() -> None:
-            if self.catalog.devices.pop((namespace or "default", name), None) is not None:
+            if self._journaled(lambda catalog: catalog.devices.pop((namespace or "default", name), None)) is not None:
                 await self._apply()
 
         await self._change(remove)
@@ -350,7 +373,8 @@ class KubeEdgeExtension:
 
         async def put() -> list[str]:
             running = set(self.service.runners) if self.service is not None else set()
-            if not self.catalog.put_model(model):  # ConversionError for an invalid id: not kept
+            # ConversionError for an invalid id: not kept
+            if not self._journaled(lambda catalog: catalog.put_model(model)):
                 return []
             await self._apply()
             # Devices of this model that ran before and are refused now: the model is kept (as
@@ -371,7 +395,7 @@ class KubeEdgeExtension:
 
     async def remove_model(self, namespace: str, name: str) -> None:
         async def remove() -> None:
-            if self.catalog.models.pop((namespace or "default", name), None) is not None:
+            if self._journaled(lambda catalog: catalog.models.pop((namespace or "default", name), None)) is not None:
                 await self._apply()
 
         await self._change(remove)
