@@ -20,6 +20,7 @@ from devices.ids import DeviceId
 from devices.loader import LoadResult, load
 from mapper.config import MapperConfig
 from mapper.device_loop import OFFLINE, DeviceRunner
+from mapper.finish import to_the_end
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
@@ -41,12 +42,6 @@ def _state_saved(saving: asyncio.Future[None]) -> None:
     meanwhile awaits nothing), so that asyncio does not warn about it when it is collected."""
     if not saving.cancelled() and saving.exception() is not None:
         log.debug("saving a device state failed: %s", saving.exception())
-
-
-def _orphan_update_done(updating: asyncio.Future[Any]) -> None:
-    """A device switch whose caller was cancelled ended: its failure has nobody else to tell."""
-    if not updating.cancelled() and (exc := updating.exception()) is not None:
-        log.error("a device update whose caller was cancelled failed: %s: %s", type(exc).__name__, exc)
 
 
 class MapperService:
@@ -228,15 +223,7 @@ class MapperService:
         call in progress) used to leave the devices it had stopped for the switch stopped, and the
         definitions half switched. The caller still sees its CancelledError; a stop waits for the switch.
         """
-        updating = asyncio.ensure_future(self._update_devices(result))
-        self._updates.add(updating)
-        updating.add_done_callback(self._updates.discard)
-        try:
-            return await asyncio.shield(updating)
-        except asyncio.CancelledError:
-            if not updating.done():
-                updating.add_done_callback(_orphan_update_done)
-            raise
+        return await to_the_end(self._update_devices(result), self._updates, "a device update")
 
     async def _update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
         async with self._update_lock:

@@ -34,6 +34,7 @@ from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
 from mapper.device_loop import OFFLINE
+from mapper.finish import to_the_end
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
 
@@ -46,12 +47,6 @@ log = logging.getLogger("mapper.dmi")
 WATCH_INTERVAL_S = 1.0
 
 T = TypeVar("T")
-
-
-def _orphan_change_done(task: asyncio.Future[object]) -> None:
-    """A DMI change whose call was cancelled (past edgecore's deadline) ended: say if it failed."""
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        log.error("a DMI change whose call edgecore had given up on failed: %s: %s", type(exc).__name__, exc)
 
 
 class KubeEdgeExtension:
@@ -301,15 +296,7 @@ class KubeEdgeExtension:
             async with self._lock:
                 return await change()
 
-        task = asyncio.ensure_future(locked())
-        self._changes.add(task)
-        task.add_done_callback(self._changes.discard)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if not task.done():
-                task.add_done_callback(_orphan_change_done)
-            raise
+        return await to_the_end(locked(), self._changes, "a DMI change (edgecore had given up on its call)")
 
     async def _put_device(self, device: pb.Device, *, wait_for_model: bool) -> None:
         if not device.name or not device.spec.deviceModelReference:
