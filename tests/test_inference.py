@@ -868,8 +868,8 @@ async def test_a_late_answer_to_a_still_pending_offload_leaves_it_its_edge_answe
             await r.service.stop_device(device)
         await r.service.recorder.flush()
         assert (await _row(r, request["id"]))["status"] == "pending"
-        real = extension._now_ms
-        monkeypatch.setattr(extension, "_now_ms", lambda: real() + 61_000)  # past expiry; the timer sleeps on
+        real = extension._mono_ms
+        monkeypatch.setattr(extension, "_mono_ms", lambda: real() + 61_000)  # past expiry; the timer sleeps on
         await r.send_result(_answer(worker, request))
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         late = lambda: stats()["results_rejected"].get("late", 0) + r.ext.status()["results_rejected"].get("late", 0)  # noqa: E731
@@ -884,6 +884,62 @@ async def test_a_late_answer_to_a_still_pending_offload_leaves_it_its_edge_answe
         await _stop(r)
     assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
         ("edge", True)]
+
+
+async def test_a_forward_step_of_the_wall_clock_expires_nothing(tmp_path, broker, worker, monkeypatch):
+    """timesyncd steps the wall clock an hour ahead (a Pi without RTC) while an offload waits: its deadline
+    and expiry do not move, so no provisional answer comes before deadline_s and the worker's answer, sent
+    at once, is accepted. On the wall clock every waiting request expired at once: the edge answers were
+    published as provisional and acted on, and the cloud's answer was refused as late."""
+    from mapper.inference import extension
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600,
+                                "result_max_age_s": 1200, "resend_s": 600}, broker=broker)
+    try:
+        request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
+        real = extension._now_ms
+        monkeypatch.setattr(extension, "_now_ms", lambda: real() + 3_600_000)
+        r.ext._wake.set()  # the timer rescans what waits, on the stepped clock
+        await r.send_result(_answer(worker, request))
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        handled = lambda: (stats()["results_ok"] + stats()["results_rejected"].get("late", 0)  # noqa: E731
+                           + r.ext.status()["results_rejected"].get("late", 0))
+        await async_wait_for(lambda: handled() >= 1, what="the answer handled")
+        assert stats()["results_ok"] == 1 and stats()["results_rejected"] == {}
+        row = await _until(lambda: _row(r, request["id"]), lambda x: x["status"] != "pending", what="decided")
+        assert (row["status"], row["exit"]) == ("final", "cloud")
+        assert stats()["provisional"] == 0 and stats()["expired"] == 0
+        assert stats()["round_trip_ms_p50"] < 600_000  # measured on the monotonic clock, not the step
+    finally:
+        await _stop(r)
+    assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
+        ("cloud", False)]
+
+
+async def test_a_backward_step_of_the_wall_clock_holds_nothing_back(tmp_path, broker, worker, monkeypatch):
+    """The wall clock steps an hour back while offloads wait: their deadlines and resends still fall due
+    after deadline_s and resend_s (not an hour later), and the answer afterwards is accepted."""
+    from mapper.inference import extension
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 0.5,
+                                "result_max_age_s": 600, "resend_s": 0.5}, broker=broker)
+    try:
+        request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
+        real = extension._now_ms
+        monkeypatch.setattr(extension, "_now_ms", lambda: real() - 3_600_000)
+        r.ext._wake.set()
+        row = await _until(lambda: _row(r, request["id"]), lambda x: x["status"] != "pending", timeout=10,
+                           what="the edge answer standing after deadline_s")
+        assert (row["status"], row["exit"]) == ("provisional", "edge")
+        await async_wait_for(lambda: Counter(b["id"] for b in r.requests())[request["id"]] >= 2, timeout=10,
+                             what="the request sent again after resend_s")
+        await r.send_result(_answer(worker, request))
+        row = await _until(lambda: _row(r, request["id"]), lambda x: x["exit"] == "cloud", what="the answer")
+        assert row["status"] == "final"
+    finally:
+        await _stop(r)
+    assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
+        ("edge", True), ("cloud", False)]
 
 
 async def _run_until_offloads_pend(tmp_path, pipeline: dict) -> list[dict]:
@@ -921,6 +977,31 @@ async def test_offloads_pending_past_max_age_at_a_restart_get_their_edge_answer(
         row = after[old["id"]]
         assert (row["status"], row["exit"], row["label"]) == ("provisional", "edge", old["edge_label"])
     assert "still wait for a result" not in caplog.text
+
+
+async def test_offloads_restored_after_the_clock_went_back_wait_no_longer_than_their_deadline(tmp_path,
+                                                                                               monkeypatch):
+    """The mapper restarts with the wall clock an hour behind the one its pending rows were made with (rows
+    "from the future"): what remains of their deadline is clamped to deadline_s, so their edge answers stand
+    within it. Due times taken from the wall clock kept them pending for the hour."""
+    from mapper.inference import extension
+
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 1, "resend_s": 600}
+    pending = await _run_until_offloads_pend(tmp_path, pipeline)
+    assert len(pending) >= 2
+    real = extension._now_ms
+    monkeypatch.setattr(extension, "_now_ms", lambda: real() - 3_600_000)
+    r = await _start(tmp_path, pipeline)
+    try:
+        ids = {x["request_id"] for x in pending}
+        async def restored():  # noqa: ANN202
+            return {x["request_id"]: x["status"] for x in await r.decisions() if x["request_id"] in ids}
+
+        rows = await _until(restored, lambda rows: set(rows.values()) == {"provisional"}, timeout=10,
+                            what="the restored offloads' edge answers standing")
+        assert set(rows) == ids
+    finally:
+        await _stop(r)
 
 
 async def test_offloads_of_another_model_are_not_waited_for_after_a_restart(tmp_path):

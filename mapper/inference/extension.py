@@ -54,11 +54,21 @@ STOP_FOLLOW_UPS_S = 5.0
 
 
 def _now_ms() -> int:
+    """Wall time: a request's `created` (echoed by the result, recorded in the twin), and what a restart
+    compares the twin's rows with. Never a due time inside a running process: see _mono_ms."""
     return time.time_ns() // 1_000_000
 
 
+def _mono_ms() -> int:
+    """The clock of deadlines, resends and expiries inside a running process. A Pi without a real-time
+    clock starts before timesyncd steps the wall clock, often by hours: on the wall clock a forward step
+    expired every request in flight at once (their answers refused as late), a backward one held the
+    provisional answers back for as long as the step."""
+    return time.monotonic_ns() // 1_000_000
+
+
 def _due_ms(w: Waiting) -> int:
-    """When a waiting request next needs the timer: expiry, its deadline (pending), a resend."""
+    """When a waiting request next needs the timer (monotonic): expiry, its deadline (pending), a resend."""
     due = w.expires_ms
     if w.status == "pending":
         due = min(due, w.deadline_ms)
@@ -72,7 +82,8 @@ class _Prepared:
     """The decisions on the windows one batch of readings closed, ready for the batch's transaction."""
 
     outcomes: list[tuple[Pipeline, EdgeOutcome]]
-    created: int
+    created: int                                           # wall clock: the requests' `created`
+    created_mono: int                                      # the same moment on _mono_ms, for due times
     new: list[Any] = field(default_factory=list)          # records.NewDecision per outcome
     messages: list[OutMessage] = field(default_factory=list)
     reports: list[Any] = field(default_factory=list)      # records.Report per edge exit
@@ -84,15 +95,19 @@ class _Prepared:
 
 @dataclass
 class Waiting:
-    """An offload (or audit) waiting for its result."""
+    """An offload (or audit) waiting for its result.
+
+    `created_ms` is wall time (the request's `created`, which its result must echo); the due times and
+    `sent_ms` are on _mono_ms, so that a step of the wall clock moves none of them."""
 
     request_id: str
     pipeline: Pipeline
     row_id: int
     created_ms: int
-    deadline_ms: int
-    expires_ms: int
-    next_send_ms: int
+    sent_ms: int                     # monotonic: created_ms on _mono_ms (round trips)
+    deadline_ms: int                 # monotonic
+    expires_ms: int                  # monotonic
+    next_send_ms: int                # monotonic
     edge_label: str
     edge_confidence: float
     audit: bool
@@ -137,11 +152,11 @@ class InferenceExtension:
         self._done: OrderedDict[str, None] = OrderedDict()
         self._expired: OrderedDict[str, None] = OrderedDict()
         self._wake = asyncio.Event()
-        self._next_due_ms: int | None = None       # the earliest deadline, resend or expiry (timer task)
+        self._next_due_ms: int | None = None       # the earliest deadline, resend or expiry (timer task; _mono_ms)
         # Cloud answers accepted but not yet committed: (row update, messages, reports, desired values).
         # They ride in the next batch of readings' transaction, or the timer's after TIMER_GRACE_S.
         self._results: list[tuple[Any, list[OutMessage], list[Any], list[Any]]] = []
-        self._results_since_ms: int | None = None  # when the oldest of them arrived
+        self._results_since_ms: int | None = None  # when the oldest of them arrived (_mono_ms)
         # What fell due but whose transaction failed (updates, messages, desired, reports, results): retried first.
         self._unsaved: tuple[list[Any], list[OutMessage], list[Any], list[Any], int] | None = None
         self.results_applied = 0                   # cloud answers committed to the twin
@@ -339,7 +354,11 @@ class InferenceExtension:
         from mapper.inference import records
         from mapper.inference.window import Window
 
+        # Between runs only the wall clock relates the twin's rows to now; within this run the due
+        # times are on the monotonic clock: now_mono plus what remains, clamped (a row "from the
+        # future", after the clock went back, waits its whole deadline; never longer).
         now = _now_ms()
+        now_mono = _mono_ms()
         cutoffs = {str(p): now - int(self.pipelines[p].settings.result_max_age_s * 1000) for p in only}
         stood = await self._twin(lambda s: records.stand_stale(s, cutoffs))
         if stood:
@@ -360,17 +379,21 @@ class InferenceExtension:
             outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
             sent = orjson.loads(row["request"]) if row["request"] else None
             request = sent if self._can_send() else None
-            expires_ms = row["created_ts"] + int(pipeline.settings.result_max_age_s * 1000)
+            s = pipeline.settings
+            deadline, max_age = int(s.deadline_s * 1000), int(s.result_max_age_s * 1000)
+            age = min(max(0, now - row["created_ts"]), max_age)
+            deadline_ms = now_mono + max(0, deadline - age)
+            expires_ms = now_mono + max_age - age
             info = pipeline.model.info
             if sent is not None and (sent.get("model"), sent.get("cloud_sha256")) != (info.name,
                                                                                      info.cloud_sha256[:16]):
                 # Cut by another model's edge graph (the pipeline has a new model now): no answer to it
                 # can be used. Not sent again; the timer stands its edge answer (pending) at once.
                 other_model += 1
-                request, expires_ms = None, now
+                request, expires_ms = None, now_mono
             self._waiting[row["request_id"]] = Waiting(
-                row["request_id"], pipeline, row["id"], row["created_ts"],
-                row["created_ts"] + int(pipeline.settings.deadline_s * 1000), expires_ms, now,
+                row["request_id"], pipeline, row["id"], row["created_ts"], now_mono - age, deadline_ms, expires_ms,
+                now_mono,
                 row["edge_label"], row["edge_confidence"], bool(row["audit"]), row["status"], request,
                 outcome_window.start_ms, outcome_window.end_ms)
         if other_model:
@@ -495,7 +518,7 @@ class InferenceExtension:
                     elif (held := self._log_throttle("window_not_decided")) is not None:
                         # what the window held, a few lines a minute (a sensor may send such values for hours)
                         log.warning("inference: %s%s", exc, held_note(held))
-        now = _now_ms()
+        now = _mono_ms()
         due = (self._next_due_ms is not None and now >= self._next_due_ms) or bool(self._results)
         if not outcomes and not due:
             return None
@@ -522,7 +545,7 @@ class InferenceExtension:
         from mapper.inference.pipeline import Decision
 
         assert self._service is not None
-        p = _Prepared(outcomes, _now_ms())
+        p = _Prepared(outcomes, _now_ms(), _mono_ms())
         for pipeline, o in outcomes:
             request = None
             if not o.exit or (o.audit and self._can_send()):
@@ -556,7 +579,7 @@ class InferenceExtension:
 
         row_ids, rows = result
         self.results_applied += p.results
-        created = p.created
+        created, mono = p.created, p.created_mono
         earliest: int | None = None  # of the new entries' due times
         for (pipeline, o), row_id, request in zip(p.outcomes, row_ids, p.requests, strict=True):
             if request is None:
@@ -566,8 +589,8 @@ class InferenceExtension:
                 continue
             s = pipeline.settings
             w = self._waiting[request["id"]] = Waiting(
-                request["id"], pipeline, row_id, created, created + int(s.deadline_s * 1000),
-                created + int(s.result_max_age_s * 1000), created + int(s.resend_s * 1000),
+                request["id"], pipeline, row_id, created, mono, mono + int(s.deadline_s * 1000),
+                mono + int(s.result_max_age_s * 1000), mono + int(s.resend_s * 1000),
                 o.label, o.confidence, o.audit, records.FINAL if o.exit else records.PENDING,
                 request if self._can_send() else None, o.window.start_ms, o.window.end_ms)
             earliest = _due_ms(w) if earliest is None else min(earliest, _due_ms(w))
@@ -629,7 +652,7 @@ class InferenceExtension:
         """What fell due and no batch of readings took along within TIMER_GRACE_S."""
         timed_out = False
         while True:
-            now = _now_ms()
+            now = _mono_ms()
             # Cloud answers only when the wait ran out: a wake-up from the loop (a new result, a
             # commit) leaves them for the next batch.
             try:
@@ -644,7 +667,7 @@ class InferenceExtension:
                 dues.append(self._results_since_ms)
             self._next_due_ms = min(dues, default=None)
             wait_s = (60.0 if self._next_due_ms is None
-                      else max(0.01, (self._next_due_ms - _now_ms()) / 1000 + TIMER_GRACE_S))
+                      else max(0.01, (self._next_due_ms - _mono_ms()) / 1000 + TIMER_GRACE_S))
             self._wake.clear()
             timed_out = False
             try:
@@ -813,7 +836,7 @@ class InferenceExtension:
         info = w.pipeline.model.info
         if result.model != info.name or result.created != w.created_ms:
             return self._reject("mismatch", w.pipeline, f"{result.model} {result.created}")
-        now = _now_ms()
+        now = _mono_ms()
         if now > w.expires_ms:
             if w.status == "pending":
                 # The timer has not stood its edge answer yet (it runs a little after each due
@@ -833,8 +856,8 @@ class InferenceExtension:
         label, confidence = w.pipeline.cloud_answer(result.logits)
         stats = w.pipeline.stats
         stats.counts["results_ok"] += 1
-        stats.round_trip_ms_total += now - w.created_ms
-        stats.round_trip_ms.append(now - w.created_ms)
+        stats.round_trip_ms_total += now - w.sent_ms
+        stats.round_trip_ms.append(now - w.sent_ms)
         messages: list[OutMessage] = []
         desired = []
         reports = []
@@ -863,7 +886,7 @@ class InferenceExtension:
     async def commit_results(self) -> None:
         """Commit the cloud answers accepted so far now (at shutdown), with whatever else fell due."""
         if self._results:
-            await self._due(_now_ms(), results=True)
+            await self._due(_mono_ms(), results=True)
 
     # -- status ----------------------------------------------------------------------------
 
