@@ -317,6 +317,30 @@ def test_anomaly_detection_flat_map_becomes_pipeline_settings():
         from_anomaly_detection(SENSOR, "temperature", {"window": 16})
 
 
+def test_a_devices_map_may_set_only_devices_of_its_namespace_and_name_only_shipped_models():
+    """A Device's anomalyDetection map is written by whoever may write that Device: a bare setDevice is a
+    device of its own namespace (it was default/<name>), another namespace is refused naming the key, and
+    `model` is a name under models_dir, never a path. The mapper config's pipelines keep both."""
+    team = DeviceId("team-a", "probe")
+    base = {"model": "sensor_faults", "setProperty": "power", "setValue": True}
+    s = from_anomaly_detection(team, "temperature", {**base, "setDevice": "heater"})
+    assert (s.device, s.actions[-1].device) == ("team-a/probe", "team-a/heater")
+    assert from_anomaly_detection(team, "t", {**base, "setDevice": "team-a/heater"}).actions[-1].device == \
+        "team-a/heater"
+    for target in ("kube-system/door", "default/heater"):
+        with pytest.raises(ValueError, match=f"setDevice {target}: .*own namespace \\(team-a\\)"):
+            from_anomaly_detection(team, "temperature", {**base, "setDevice": target})
+    for model in ("/etc/mapper/evil", "../models/sensor_faults", "..", "./sensor_faults", "sub/dir", "a\\b",
+                  ".hidden", "~root"):
+        with pytest.raises(ValueError, match="model .*not a path"):
+            from_anomaly_detection(team, "temperature", {"model": model})
+    # the operator's own config: any namespace and paths, as before
+    own = PipelineSettings.model_validate({"device": "team-a/probe", "model": "/opt/models/mine", "actions": [
+        {"type": "set_desired", "device": "kube-system/door", "property": "open", "value": True}]})
+    assert own.actions[0].device == "kube-system/door"
+    assert InferenceSettings().resolve_model(own.model) == Path("/opt/models/mine")
+
+
 def test_config_file_inference_section(tmp_path):
     """`inference:` may be a bare list; model paths are relative to the config file, names to models_dir."""
     path = tmp_path / "m.yaml"

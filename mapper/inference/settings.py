@@ -8,6 +8,7 @@ Pure pydantic: importing this module needs neither numpy nor onnxruntime.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -176,8 +177,17 @@ def _bool(value: Any) -> bool:
     return bool(value)
 
 
+# A model a device's map may name: a directory directly under models_dir, no path.
+_MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
 def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) -> PipelineSettings:
     """PipelineSettings from a property's `pushMethod.anomalyDetection.data` (flat map).
+
+    The map is written by whoever may write that Device (in `mode: kubeedge`, anyone allowed to
+    create Devices in its namespace), not by the node's operator: its `setDevice` is confined to
+    the device's own namespace (a bare name is looked up there) and its `model` to a name under
+    models_dir (no path). The mapper config's `inference:` section has neither limit.
 
     Raises ValueError (pydantic's ValidationError included) naming the bad key.
     """
@@ -198,6 +208,10 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
             fields[field] = value
     if "model" not in fields:
         raise ValueError(f"anomalyDetection on {device}/{prop}: `model` is required")
+    model = fields["model"]
+    if not _MODEL_NAME.fullmatch(model) or model == "..":
+        raise ValueError(f"anomalyDetection: model {model!r}: a device's map names a model directory under "
+                         f"inference.models_dir (like sensor_faults), not a path; paths only in the mapper config")
     actions: list[dict[str, Any]] = []
     if _bool(data.get("publish", True)):
         actions.append({"type": "publish", "only_changes": _bool(data.get("onlyChanges", False))})
@@ -206,7 +220,11 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
     if "setDevice" in data or "setProperty" in data:
         if "setDevice" not in data or "setProperty" not in data or "setValue" not in data:
             raise ValueError("anomalyDetection: setDevice, setProperty and setValue go together")
-        actions.append({"type": "set_desired", "device": str(data["setDevice"]), "property": str(data["setProperty"]),
+        target = DeviceId.parse(str(data["setDevice"]), default_namespace=device.namespace)
+        if target.namespace != device.namespace:
+            raise ValueError(f"anomalyDetection: setDevice {data['setDevice']!s}: a device's map may only set devices "
+                             f"of its own namespace ({device.namespace}), not of {target.namespace}")
+        actions.append({"type": "set_desired", "device": str(target), "property": str(data["setProperty"]),
                         "value": data["setValue"], "when": _csv(data["setOn"]) if "setOn" in data else None,
                         "otherwise": data.get("setOtherwise")})
     fields["actions"] = actions
