@@ -103,6 +103,11 @@ class Recorder:
         self.return_acks: Callable[[list[int]], None] | None = None
         # Called once per batch before its transaction; an Extra it returns commits with the batch.
         self.pre_commit: list[PreCommit] = []
+        # Readings taken on demand (a REST GET, a DMI GetDevice), by id: recorded like the others, but not
+        # the device's own sampling, which pre_commit hooks may tell apart (inference: not window steps).
+        # Held until their batch has been through the hooks (or they are shed): an id is not reused meanwhile.
+        # Empty while nobody asks: the hot path pays one truthiness test per batch.
+        self.on_demand: dict[int, Reading] = {}
         # A batch whose commit failed, with its messages, extras and failures so far.
         self._retry: tuple[list[Reading], list[OutMessage], list[Extra], int] | None = None
 
@@ -113,6 +118,11 @@ class Recorder:
             self._full.set()
         if self._max_waiting is not None and self.waiting() > self._max_waiting:
             self._shed()
+
+    def add_on_demand(self, reading: Reading) -> None:
+        """A reading taken because someone asked (REST, DMI), not by the device's collect or change loops."""
+        self.on_demand[id(reading)] = reading
+        self.add(reading)
 
     def _shed(self) -> None:
         """Drop the oldest waiting readings beyond the bound: first from the batch whose commit
@@ -138,8 +148,11 @@ class Recorder:
             # Emptied of readings, what else it holds still commits, once, before later readings.
             self._retry = (batch, messages, extras, failures) if batch or messages or extras else None
         pending = self._pending
+        on_demand = self.on_demand
         for _ in range(min(excess, len(pending))):
-            pending.popleft()
+            gone = pending.popleft()
+            if on_demand:
+                on_demand.pop(id(gone), None)
             shed += 1
         self.dropped += shed
         self._dropped_unsaved += shed
@@ -243,6 +256,9 @@ class Recorder:
                 else:
                     batch = [pending.popleft() for _ in range(self._batch_max)]
                 extras = self._extras(batch) if self.pre_commit else []
+                if self.on_demand:  # the hooks have seen them: forgotten (a retry does not run the hooks again)
+                    for reading in batch:
+                        self.on_demand.pop(id(reading), None)
                 messages = list(self.message_factory(batch)) if self.message_factory else []
             apart = failures >= EXTRA_TRIES
             if not self._pending:

@@ -841,6 +841,35 @@ async def test_resends_wait_quietly_while_the_bus_is_down(tmp_path):
         own.close()
 
 
+async def test_on_demand_reads_are_recorded_but_are_no_window_steps(tmp_path):
+    """A dashboard polling REST `GET /api/v1/device/...` (or a DMI GetDevice) reads the device on demand:
+    those readings go into the twin like any other, but are not steps of the pipeline's windows, which
+    stay at the collect cycle's cadence the model was trained on. They used to be steps: here 20 polls
+    between two collect reads made a full window of 16 steps 0.1 s apart instead of 10 minutes."""
+    from mapper.dmi.rest import RestApi
+    from mapper.dmi.settings import ApiSettings
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, cycle=600_000)
+    try:
+        pipeline = r.pipeline()
+        # The collect loop's first round (both properties) is the window's first step.
+        await async_wait_for(lambda: len(pipeline.builder._steps) == 1, what="the first collect step")
+        api = RestApi(ApiSettings(), r.service, asyncio.get_running_loop())
+        for _ in range(20):
+            for prop in ("temperature", "humidity"):
+                got = await asyncio.to_thread(api.read_property, "default", "probe", prop)
+                assert got["Data"]["PropertyName"] == prop
+        await r.service.recorder.flush()
+        history = await r.service.twin(lambda s: s.history(SENSOR, "temperature", 100))
+        assert len(history) >= 21  # recorded: the collect read and the 20 polls
+        # No steps from the polls (a collect round may have come meanwhile: cycles align to the clock's grid).
+        assert len(pipeline.builder._steps) <= 2
+        assert r.ext.status()["pipelines"]["default/probe-sensor-faults"]["windows"] == 0
+        assert r.service.recorder.on_demand == {}  # nothing held once their batches were through the hooks
+    finally:
+        await _stop(r)
+
+
 async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_path, broker, caplog):
     """1,000 malformed results: every one is counted, ten are logged (mapper.logs.Throttle)."""
     import logging

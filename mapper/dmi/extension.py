@@ -417,7 +417,7 @@ class KubeEdgeExtension:
         for prop in definition.properties:
             reading = await runner.read_once(prop)
             if self.service.recorder is not None:
-                self.service.recorder.add(reading)
+                self.service.recorder.add_on_demand(reading)
             if reading.quality == GOOD:  # not an error, nor out of the model's range
                 readings[prop.name] = (reading.value, reading.taken_at_ms)
         return readings

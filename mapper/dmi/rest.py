@@ -156,7 +156,7 @@ class RestApi:
         if reading.quality == ERROR or reading.value is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
         if self.service.recorder is not None:
-            self.loop.call_soon_threadsafe(self.service.recorder.add, reading)
+            self.loop.call_soon_threadsafe(self.service.recorder.add_on_demand, reading)
         if reading.quality != GOOD:  # out of the model's range: recorded as such, never a good value
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
                            f"read {definition.id}/{prop_name}: {reading.quality}: {reading.detail}")

@@ -503,8 +503,15 @@ class InferenceExtension:
         the twin work that records them in the batch's own transaction (one commit, not two)."""
         outcomes: list[tuple[Pipeline, EdgeOutcome]] = []
         by_source = self._by_source
+        # Readings someone asked for (REST, DMI GetDevice) are recorded, but are no steps: a dashboard
+        # polling a property would put steps at its own times into windows of the collect cycle's.
+        recorder = self._service.recorder if self._service is not None else None
+        on_demand = recorder.on_demand if recorder is not None else None
         for reading in batch:
-            for pipeline in by_source.get((reading.device_id, reading.property), ()):
+            pipelines = by_source.get((reading.device_id, reading.property))
+            if not pipelines or (on_demand and id(reading) in on_demand):
+                continue
+            for pipeline in pipelines:
                 try:
                     window = pipeline.builder.add(reading)
                     if window is not None:
