@@ -1376,6 +1376,57 @@ async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path,
         await _stop(r)
 
 
+async def test_a_cloud_answer_in_a_batch_whose_decisions_were_given_up_is_still_committed(tmp_path, broker, worker,
+                                                                                            monkeypatch):
+    """A cloud answer rides with a batch of readings whose decisions' work keeps failing, until the recorder
+    commits the readings without it (EXTRA_TRIES): the answer is still committed (by the timer), published and
+    acted on, and a repeat is refused as a duplicate. It used to be dropped with the work: the row stayed
+    pending and the worker's repeat was refused as a duplicate, so it never could be."""
+    from mapper.inference import extension
+
+    # The answer rides with a batch, not with the timer's fallback (batches wait 1 s between failed tries).
+    monkeypatch.setattr(extension, "TIMER_GRACE_S", 600.0)
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                "deadline_s": 600, "resend_s": 600}, broker=broker)
+    failing = False
+    real_insert = records.insert_within
+
+    def insert_within(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the batch's decisions: a full disk
+        if failing:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real_insert(*args, **kwargs)
+
+    monkeypatch.setattr(records, "insert_within", insert_within)
+    # A spy, not a stand-in: which given-up work carried the answer leaves no trace anywhere else.
+    given_up_results: list[int] = []
+    real_lost = r.ext._lost
+
+    def lost(p):  # noqa: ANN001, ANN202
+        given_up_results.append(p.results)
+        real_lost(p)
+
+    r.ext._lost = lost
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
+        await _until(lambda: _row(r, request["id"]), lambda x: x["status"] == "pending", what="its row")
+        failing = True
+        await r.send_result(_answer(worker, request))
+        await async_wait_for(lambda: sum(given_up_results) == 1, timeout=20,
+                             what="the batch that carried the answer given up")
+        failing = False
+        row = await _until(lambda: _row(r, request["id"]), lambda x: x["status"] != "pending", timeout=10,
+                           what="the answer committed")
+        assert (row["status"], row["exit"]) == ("final", "cloud")
+        assert r.ext.results_applied == 1 and stats()["results_ok"] == 1
+        await r.send_result(_answer(worker, request))
+        await async_wait_for(lambda: r.ext.status()["results_rejected"].get("duplicate") == 1, what="the repeat")
+    finally:
+        await _stop(r)
+    assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
+        ("cloud", False)]
+
+
 async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
     """No `mqtt:` section: windows are still decided and recorded, nothing is queued for publishing."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0})

@@ -91,6 +91,10 @@ class _Prepared:
     requests: list[dict[str, Any] | None] = field(default_factory=list)
     updates: list[Any] = field(default_factory=list)      # records.DecisionUpdate of what fell due
     results: int = 0                                       # cloud answers among the updates
+    # What fell due and rode along (updates, messages, desired, reports, results), also in the lists
+    # above: kept for the next try if the work is given up (its Waiting entries have moved on already).
+    due: tuple[list[Any], list[OutMessage], list[Any], list[Any], int] | None = None
+    new_desired: int = 0                                   # desired[:new_desired] are the new decisions'
 
 
 @dataclass
@@ -532,8 +536,10 @@ class InferenceExtension:
         from mapper.inference import records
 
         prepared = self._prepare(outcomes)
+        prepared.new_desired = len(prepared.desired)
         if due:  # deadlines, resends and cloud answers ride along too: no commit (and no wake-up) of their own
             updates, messages, desired, reports, prepared.results = self._collect_due(now, results=True)
+            prepared.due = (updates, messages, desired, reports, prepared.results)
             prepared.updates += updates
             prepared.messages += messages
             prepared.desired += desired
@@ -575,9 +581,26 @@ class InferenceExtension:
 
     def _lost(self, p: _Prepared) -> None:
         """The recorder gave up this work (it kept failing; it logged why): its windows count as
-        errors, and the timer rescans what still waits (its next wake-up was left to _recorded)."""
+        errors, and the timer rescans what still waits (its next wake-up was left to _recorded).
+
+        What fell due and rode along (cloud answers accepted, edge answers stood, resends) has been
+        moved on in memory already: kept for the timer's next transaction, as _due keeps its own; else
+        an accepted answer was never committed (a repeat refused as a duplicate), and a stood row
+        stayed pending until a restart. The new decisions' desired values are sent again by the next
+        decision that wants them."""
         for pipeline, _ in p.outcomes:
             pipeline.stats.counts["errors"] += 1
+        for d in p.desired[:p.new_desired]:
+            for pipeline in self.pipelines.values():
+                pipeline.forget_desired(d.device, d.property, d.value)
+        if p.due is not None:
+            updates, messages, desired, reports, taken = p.due
+            if updates or messages or desired:
+                if self._unsaved is not None:  # older: first, in order
+                    u, m, d, r, t = self._unsaved
+                    updates, messages, desired, reports, taken = (u + updates, m + messages, d + desired,
+                                                                  r + reports, t + taken)
+                self._unsaved = (updates, messages, desired, reports, taken)
         self._wake.set()
 
     def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
