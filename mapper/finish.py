@@ -27,8 +27,7 @@ async def to_the_end(work: Coroutine[Any, Any, T], running: set[asyncio.Future[A
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
-        if not task.done():
-            task.add_done_callback(lambda t: _orphan_done(t, what))
+        task.add_done_callback(lambda t: _orphan_done(t, what))  # (run at once if it is done already)
         raise
 
 

@@ -44,6 +44,11 @@ def _state_saved(saving: asyncio.Future[None]) -> None:
         log.debug("saving a device state failed: %s", saving.exception())
 
 
+class MapperStopping(RuntimeError):
+    """A device set switch asked for once the stop began: refused, it would start again devices the
+    stop is stopping (a DMI call or a registration reply arriving during the wind-down)."""
+
+
 class MapperService:
     def __init__(self, config: MapperConfig, definitions: LoadResult | None = None) -> None:
         self.config = config
@@ -66,6 +71,7 @@ class MapperService:
         self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
         self._updates: set[asyncio.Future[Any]] = set()  # device set switches still running (see update_devices)
         self._update_lock = asyncio.Lock()
+        self._stopping = False  # the wind-down began: no device set switch any more (MapperStopping)
         self._tg: asyncio.TaskGroup | None = None
         # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
@@ -169,12 +175,13 @@ class MapperService:
     async def _wind_down(self) -> None:
         """Before the task group is cancelled: stop devices, commit their last readings, and let
         extensions that need the running tasks (the event bus draining its outbox) finish."""
+        self._stopping = True  # a switch asked for from now on (DMI, a registration reply) is refused
         for ext in self.extensions:
             stop_requested = getattr(ext, "stop_requested", None)
             if stop_requested is not None:
                 with contextlib.suppress(Exception):
                     await stop_requested(self)
-        if self._updates:  # a switch whose caller was cancelled: it ends first, or it would start devices after this
+        while self._updates:  # a switch begun before the stop ends first, or it would start devices after this
             await asyncio.gather(*self._updates, return_exceptions=True)
         await self.stop_devices(list(self._tasks))
         if self._state_saves:  # the last state changes' messages reach the outbox before it drains
@@ -223,10 +230,14 @@ class MapperService:
         call in progress) used to leave the devices it had stopped for the switch stopped, and the
         definitions half switched. The caller still sees its CancelledError; a stop waits for the switch.
         """
+        if self._stopping:
+            raise MapperStopping("the mapper is stopping: the device set is not switched any more")
         return await to_the_end(self._update_devices(result), self._updates, "a device update")
 
     async def _update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
         async with self._update_lock:
+            if self._stopping:  # it waited for the lock while the stop began
+                raise MapperStopping("the mapper is stopping: the device set is not switched any more")
             return await self._switch_devices(result)
 
     async def _switch_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:

@@ -569,6 +569,72 @@ def test_calls_made_while_a_registration_is_in_flight_are_not_undone_by_its_repl
     run(scenario())
 
 
+def test_a_call_that_arrived_before_the_registration_is_not_replayed_over_its_reply(sockdir: Path) -> None:
+    """RegisterDevice room-c reaches the mapper and waits for the DMI lock (a slow change before
+    it); meanwhile edgecore deletes room-c and the mapper registers again. room-c's change runs
+    during the registration, but it arrived before the request was sent: edgecore's reply (without
+    room-c) is the newer word. Journaled when it ran, it was replayed over the reply and room-c
+    came back (running, saved, its reports refused by edgecore)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            await mapper.ext._lock.acquire()  # noqa: SLF001 - a slow change holds the lock
+            try:
+                arrived = mapper.ext._arrivals  # noqa: SLF001
+                late = asyncio.ensure_future(edgecore.call_mapper(
+                    "RegisterDevice", pb.RegisterDeviceRequest(device=room("room-c"))))
+                await until(lambda: mapper.ext._arrivals > arrived, timeout=10)  # noqa: SLF001 - room-c's call waits
+                mapper.ext._lost.set()  # noqa: SLF001 - edgecore restarted (room-c deleted there): register again
+                await edgecore.wait_for(lambda: len(edgecore.of("MapperRegister")) >= 2)
+            finally:
+                mapper.ext._lock.release()  # noqa: SLF001
+            await late
+            await registered(mapper, 2)
+            assert set(mapper.ext.catalog.devices) == {("default", "room-a")}
+            assert mapper.runner("room-c") is None and mapper.runner("room-a") is not None
+    run(scenario())
+
+
+def test_a_dmi_call_during_the_stop_starts_no_device_again(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edgecore's RegisterDevice arrives while the mapper winds down, after its devices were stopped
+    (the recorder's flush, the event bus's drain take a while): it was applied, and every device the
+    stop had just stopped started again (drivers reopened) until the task group was cancelled. Now
+    the call is refused (UNAVAILABLE: the mapper is stopping) and no device starts."""
+    started_after_stop: list[str] = []
+    stopped = asyncio.Event()
+    real_start, real_stop = MapperService.start_device, MapperService.stop_devices
+
+    def start_device(self, definition, tg):  # noqa: ANN001, ANN202
+        if stopped.is_set():
+            started_after_stop.append(str(definition.id))
+        return real_start(self, definition, tg)
+
+    refused: list[grpc.StatusCode] = []
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                await edgecore.add(room("room-a"), TEMP)
+
+                async def stop_devices(self, ids):  # noqa: ANN001, ANN202
+                    await real_stop(self, ids)
+                    if ids and not stopped.is_set():  # the wind-down's stop of every device
+                        stopped.set()
+                        try:
+                            await edgecore.call_mapper("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-b")))
+                        except grpc.aio.AioRpcError as exc:
+                            refused.append(exc.code())
+
+                monkeypatch.setattr(MapperService, "start_device", start_device)
+                monkeypatch.setattr(MapperService, "stop_devices", stop_devices)
+        assert stopped.is_set() and started_after_stop == [], started_after_stop
+        assert refused == [grpc.StatusCode.UNAVAILABLE]
+
+    run(scenario())
+
+
 def test_edgecore_down_at_start_keeps_last_known_devices(sockdir: Path) -> None:
     """Devices from the last registration run while edgecore is away; registering later restarts nothing unchanged."""
     async def scenario() -> None:

@@ -35,6 +35,7 @@ from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
 from mapper.device_loop import OFFLINE
 from mapper.finish import to_the_end
+from mapper.service import MapperStopping
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
 
@@ -71,6 +72,8 @@ class KubeEdgeExtension:
         # DMI changes made while a MapperRegister is in flight, re-applied on top of its reply
         # (edgecore built the reply at some moment meanwhile: it may not hold them); None otherwise.
         self._journal: list[Callable[[Catalog], object]] | None = None
+        self._arrivals = 0       # DMI changes numbered as their calls arrive (before they wait for the lock)
+        self._journal_from = 0   # journal the changes numbered above this (arrived after the attempt was sent)
         # Whether the devices that do not run at start were reported offline yet (see _apply).
         self._start_reported = False
         self._models_changed = asyncio.Condition()
@@ -164,11 +167,14 @@ class KubeEdgeExtension:
 
     def _start_journal(self) -> None:
         self._journal = []
+        self._journal_from = self._arrivals
 
-    def _journaled(self, change: Callable[[Catalog], T]) -> T:
+    def _journaled(self, arrival: int, change: Callable[[Catalog], T]) -> T:
         """Make a change to the catalog (caller holds the lock), journaled while a registration is in flight."""
         result = change(self.catalog)
-        if self._journal is not None:
+        # A call that arrived before the attempt was sent (it waited for the lock) is in edgecore's
+        # reply, or superseded there: replayed over it, a device edgecore deleted since came back.
+        if self._journal is not None and arrival > self._journal_from:
             self._journal.append(change)
         return result
 
@@ -207,7 +213,11 @@ class KubeEdgeExtension:
             if journal:
                 log.info("%d DMI call(s) that arrived while registering applied on top of edgecore's reply",
                          len(journal))
-            await self._apply(start=True)
+            try:
+                await self._apply(start=True)
+            except MapperStopping:
+                log.info("stopping: edgecore's registration reply is not applied")
+                return
         async with self._models_changed:
             self._models_changed.notify_all()
 
@@ -243,7 +253,6 @@ class KubeEdgeExtension:
         stopped = {d: every for d, every in self.reporter.state_every.items() if d in ours and d not in reported}
         not_running: list[DeviceId] = []
         if start and not self._start_reported:
-            self._start_reported = True
             for device_id in sorted(ours - reported - set(stopped)):
                 definition = built.devices.get(device_id)
                 every = (self._state_every(definition) if definition is not None
@@ -253,6 +262,8 @@ class KubeEdgeExtension:
                     not_running.append(device_id)
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
         changes = await self.service.update_devices(merged)
+        if start:  # (after the switch: one that failed reports them at the next try)
+            self._start_reported = True
         for device_id in not_running:
             self.reporter.state_changed(device_id, OFFLINE)
         try:
@@ -283,7 +294,7 @@ class KubeEdgeExtension:
             return None
         return report.report_cycle / 1000 if report.report_cycle > 0 else self.settings.report_interval_s
 
-    async def _change(self, change: Callable[[], Awaitable[T]]) -> T:
+    async def _change(self, change: Callable[[int], Awaitable[T]]) -> T:
         """Run a catalog change and its apply under the lock, to the end, in a task of its own.
 
         grpc.aio cancels a handler once edgecore's deadline passes, and a stop may take that long
@@ -292,9 +303,15 @@ class KubeEdgeExtension:
         found an identical device and did nothing. The call may still end DEADLINE_EXCEEDED for
         edgecore; the mapper ends consistent with what it accepted.
         """
+        self._arrivals += 1
+        arrival = self._arrivals
+
         async def locked() -> T:
             async with self._lock:
-                return await change()
+                try:
+                    return await change(arrival)
+                except MapperStopping as exc:  # edgecore sends it again to the next mapper's registration
+                    raise DmiError(grpc.StatusCode.UNAVAILABLE, str(exc)) from None
 
         return await to_the_end(locked(), self._changes, "a DMI change (edgecore had given up on its call)")
 
@@ -304,8 +321,8 @@ class KubeEdgeExtension:
         key = device_key(device)
         DeviceId(*key)  # ValueError -> INVALID_ARGUMENT
 
-        async def put() -> None:
-            if self._journaled(lambda catalog: catalog.put_device(device)):
+        async def put(arrival: int) -> None:
+            if self._journaled(arrival, lambda catalog: catalog.put_device(device)):
                 await self._apply()
 
         await self._change(put)
@@ -342,8 +359,8 @@ class KubeEdgeExtension:
         await self._put_device(device, wait_for_model=False)
 
     async def remove_device(self, namespace: str, name: str) -> None:
-        async def remove() -> None:
-            if self._journaled(lambda catalog: catalog.devices.pop((namespace or "default", name), None)) is not None:
+        async def remove(arrival: int) -> None:
+            if self._journaled(arrival, lambda catalog: catalog.devices.pop((namespace or "default", name), None)) is not None:
                 await self._apply()
 
         await self._change(remove)
@@ -358,20 +375,22 @@ class KubeEdgeExtension:
         except ValueError as exc:
             invalid = str(exc)
 
-        async def put() -> list[str]:
+        async def put(arrival: int) -> list[str]:
             running = set(self.service.runners) if self.service is not None else set()
             # ConversionError for an invalid id: not kept
-            if not self._journaled(lambda catalog: catalog.put_model(model)):
+            if not self._journaled(arrival, lambda catalog: catalog.put_model(model)):
                 return []
-            await self._apply()
+            try:
+                await self._apply()
+            finally:  # (here, not after the call: a caller past its deadline still wakes the devices waiting)
+                async with self._models_changed:
+                    self._models_changed.notify_all()
             # Devices of this model that ran before and are refused now: the model is kept (as
             # edgecore has it), but the call says which devices it stopped, and why.
             return [problem for dkey, problem in sorted(self.catalog.problems.items())
                     if model_of(self.catalog.devices[dkey]) == key and DeviceId(*dkey) in running]
 
         broken = await self._change(put)
-        async with self._models_changed:
-            self._models_changed.notify_all()
         if invalid:
             # Kept, as edgecore has it: its devices are refused with this message until it is fixed.
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, invalid)
@@ -381,8 +400,8 @@ class KubeEdgeExtension:
                            + "; ".join(broken))
 
     async def remove_model(self, namespace: str, name: str) -> None:
-        async def remove() -> None:
-            if self._journaled(lambda catalog: catalog.models.pop((namespace or "default", name), None)) is not None:
+        async def remove(arrival: int) -> None:
+            if self._journaled(arrival, lambda catalog: catalog.models.pop((namespace or "default", name), None)) is not None:
                 await self._apply()
 
         await self._change(remove)
