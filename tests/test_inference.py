@@ -338,6 +338,10 @@ def test_a_devices_map_may_set_only_devices_of_its_namespace_and_name_only_shipp
     own = PipelineSettings.model_validate({"device": "team-a/probe", "model": "/opt/models/mine", "actions": [
         {"type": "set_desired", "device": "kube-system/door", "property": "open", "value": True}]})
     assert own.actions[0].device == "kube-system/door"
+    # The operator's own device files (not a Device edgecore sent): as before, a bare name is default/.
+    yaml = from_anomaly_detection(team, "temperature", {**base, "model": "/opt/models/mine", "setDevice": "heater"},
+                                  confined=False)
+    assert (yaml.model, yaml.actions[-1].device) == ("/opt/models/mine", "default/heater")
     assert InferenceSettings().resolve_model(own.model) == Path("/opt/models/mine")
 
 
@@ -1856,3 +1860,34 @@ def test_without_the_ml_extra_a_devices_pipeline_is_disabled_and_the_device_runs
                      what="readings of the probe")
         assert m.stop() == 0
     assert "Traceback" not in m.log()
+
+
+def test_what_a_given_up_batch_kept_survives_a_timer_transaction_failing_meanwhile() -> None:
+    """The timer's transaction of what fell due fails (a full disk) while the recorder gives up a
+    batch that carried an accepted cloud answer (`_lost` keeps it for the next try). The failing
+    transaction then put back only its own items, replacing what `_lost` had kept: the answer was
+    never committed, its row stayed pending and the worker's repeat was refused as a duplicate."""
+    from mapper.inference.extension import InferenceExtension, _Prepared
+
+    async def scenario() -> None:
+        ext = InferenceExtension()
+        gate = asyncio.Event()
+
+        async def twin(fn):  # noqa: ANN001, ANN202 - the twin refuses, once the batch was given up
+            await gate.wait()
+            raise OSError("database or disk is full")
+
+        ext._twin = twin  # noqa: SLF001
+        ext._unsaved = (["timer-update"], [], [], [], 0)  # noqa: SLF001
+        due = asyncio.ensure_future(ext._due(0))  # noqa: SLF001
+        await asyncio.sleep(0)  # (the timer's transaction is under way: waiting for the twin)
+        given_up = _Prepared([], 0, 0)
+        given_up.due = (["cloud-answer-update"], [], [], [], 1)
+        ext._lost(given_up)  # noqa: SLF001
+        gate.set()
+        with pytest.raises(OSError):
+            await due
+        assert ext._unsaved is not None  # noqa: SLF001
+        assert ext._unsaved[0] == ["timer-update", "cloud-answer-update"] and ext._unsaved[4] == 1  # noqa: SLF001
+
+    asyncio.run(scenario())

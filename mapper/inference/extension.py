@@ -134,7 +134,9 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
                     continue
                 data = data.get("data", data) if isinstance(data.get("data"), dict) else data
                 try:
-                    found.append(from_anomaly_detection(device_id, prop.name, data))
+                    # Confined: a Device edgecore sent (dmi:), written by whoever may create one there.
+                    found.append(from_anomaly_detection(device_id, prop.name, data,
+                                                        confined=definition.source.startswith("dmi:")))
                 except ValueError as exc:
                     problems.append(f"{definition.source}: {device_id}/{prop.name} pushMethod.anomalyDetection: {exc}")
     return found, problems
@@ -596,12 +598,16 @@ class InferenceExtension:
         if p.due is not None:
             updates, messages, desired, reports, taken = p.due
             if updates or messages or desired:
-                if self._unsaved is not None:  # older: first, in order
-                    u, m, d, r, t = self._unsaved
-                    updates, messages, desired, reports, taken = (u + updates, m + messages, d + desired,
-                                                                  r + reports, t + taken)
-                self._unsaved = (updates, messages, desired, reports, taken)
+                self._keep_unsaved((updates, messages, desired, reports, taken))
         self._wake.set()
+
+    def _keep_unsaved(self, due: tuple[list[Any], list[OutMessage], list[Any], list[Any], int]) -> None:
+        """Keep what fell due but was not committed for the next try, after what is kept already
+        (merged, never replaced: a failed timer transaction and a given-up batch may both keep some)."""
+        if self._unsaved is not None:
+            u, m, d, r, t = self._unsaved
+            due = (u + due[0], m + due[1], d + due[2], r + due[3], t + due[4])
+        self._unsaved = due
 
     def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
         """On the loop, once the decisions are committed: wait for the offloaded ones, publish."""
@@ -751,8 +757,12 @@ class InferenceExtension:
             try:
                 rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
             except BaseException:
-                # _collect_due has moved these on in memory already: keep them for the next try.
-                self._unsaved = (updates, messages, desired, reports, taken)
+                # _collect_due has moved these on in memory already: keep them for the next try, first
+                # (a batch given up meanwhile may have kept its own: _lost, after these in time).
+                kept, self._unsaved = self._unsaved, None
+                self._keep_unsaved((updates, messages, desired, reports, taken))
+                if kept is not None:
+                    self._keep_unsaved(kept)
                 raise
             self.results_applied += taken
             self._offer(rows)

@@ -181,13 +181,15 @@ def _bool(value: Any) -> bool:
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
-def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) -> PipelineSettings:
+def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
+                           confined: bool = True) -> PipelineSettings:
     """PipelineSettings from a property's `pushMethod.anomalyDetection.data` (flat map).
 
-    The map is written by whoever may write that Device (in `mode: kubeedge`, anyone allowed to
-    create Devices in its namespace), not by the node's operator: its `setDevice` is confined to
+    `confined`: the map of a Device edgecore sent (`mode: kubeedge`) is written by anyone allowed
+    to create Devices in its namespace, not by the node's operator: its `setDevice` is confined to
     the device's own namespace (a bare name is looked up there) and its `model` to a name under
-    models_dir (no path). The mapper config's `inference:` section has neither limit.
+    models_dir (no path). The operator's own device files (confined=False) and the mapper
+    config's `inference:` section have neither limit (a bare name there means `default/`).
 
     Raises ValueError (pydantic's ValidationError included) naming the bad key.
     """
@@ -209,7 +211,7 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
     if "model" not in fields:
         raise ValueError(f"anomalyDetection on {device}/{prop}: `model` is required")
     model = fields["model"]
-    if not _MODEL_NAME.fullmatch(model) or model == "..":
+    if confined and (not _MODEL_NAME.fullmatch(model) or model == ".."):
         raise ValueError(f"anomalyDetection: model {model!r}: a device's map names a model directory under "
                          f"inference.models_dir (like sensor_faults), not a path; paths only in the mapper config")
     actions: list[dict[str, Any]] = []
@@ -220,8 +222,8 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any]) ->
     if "setDevice" in data or "setProperty" in data:
         if "setDevice" not in data or "setProperty" not in data or "setValue" not in data:
             raise ValueError("anomalyDetection: setDevice, setProperty and setValue go together")
-        target = DeviceId.parse(str(data["setDevice"]), default_namespace=device.namespace)
-        if target.namespace != device.namespace:
+        target = DeviceId.parse(str(data["setDevice"]), default_namespace=device.namespace if confined else "default")
+        if confined and target.namespace != device.namespace:
             raise ValueError(f"anomalyDetection: setDevice {data['setDevice']!s}: a device's map may only set devices "
                              f"of its own namespace ({device.namespace}), not of {target.namespace}")
         actions.append({"type": "set_desired", "device": str(target), "property": str(data["setProperty"]),
