@@ -189,6 +189,8 @@ async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001
 
 async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
     """SIGHUP: reload the device files; restart only devices whose definition changed."""
+    from mapper.service import MapperStopping  # (here: the module imports asyncio, after openssl's placeholder)
+
     await service.ready.wait()
     while True:
         await hup.wait()
@@ -196,6 +198,8 @@ async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, s
         if not stop.is_set():
             try:
                 await reload_devices(service, config)
+            except MapperStopping:  # the stop began while the files were read: nothing to switch to
+                logging.getLogger("mapper.reload").info("SIGHUP: not reloaded, the mapper is stopping")
             except Exception:  # noqa: BLE001 - the next SIGHUP must still be heard
                 logging.getLogger("mapper.reload").exception("reload failed; still running the previous devices")
 

@@ -635,6 +635,24 @@ def test_a_dmi_call_during_the_stop_starts_no_device_again(sockdir: Path, monkey
     run(scenario())
 
 
+def test_a_stop_during_the_start_up_of_restored_devices_ends_cleanly(sockdir: Path) -> None:
+    """SIGTERM right at the start of a mapper with a saved KubeEdge state: the restore's device
+    switch, refused once the stop began, ended the mapper with a MapperStopping traceback (and cut
+    its device stop and flush short). It now ends as any stop does."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                await edgecore.add(room("room-a"), TEMP)
+        config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
+                              kubeedge=settings(sockdir))
+        stop = asyncio.Event()
+        stop.set()  # before the restore had its first step
+        async with asyncio.timeout(20):
+            await build_service(config).run(stop)
+    run(scenario())
+
+
 def test_edgecore_down_at_start_keeps_last_known_devices(sockdir: Path) -> None:
     """Devices from the last registration run while edgecore is away; registering later restarts nothing unchanged."""
     async def scenario() -> None:

@@ -1863,31 +1863,48 @@ def test_without_the_ml_extra_a_devices_pipeline_is_disabled_and_the_device_runs
 
 
 def test_what_a_given_up_batch_kept_survives_a_timer_transaction_failing_meanwhile() -> None:
-    """The timer's transaction of what fell due fails (a full disk) while the recorder gives up a
-    batch that carried an accepted cloud answer (`_lost` keeps it for the next try). The failing
-    transaction then put back only its own items, replacing what `_lost` had kept: the answer was
-    never committed, its row stayed pending and the worker's repeat was refused as a duplicate."""
+    """A batch carries cloud answer R1 (desired `on`); while the recorder retries it, the timer's
+    transaction takes answer R2 (`off`, collected later) and waits for the twin. The batch is given
+    up (`_lost` keeps R1), then the timer's transaction fails too (a full disk). The failing
+    transaction put back only its own items, replacing R1 (never committed, a repeat refused as a
+    duplicate); and kept in the order they were kept, R1's `on` would be set after R2's `off`. Both
+    are kept, in the order they were collected: the next transaction sets `on`, then `off`."""
     from mapper.inference.extension import InferenceExtension, _Prepared
 
     async def scenario() -> None:
         ext = InferenceExtension()
         gate = asyncio.Event()
 
-        async def twin(fn):  # noqa: ANN001, ANN202 - the twin refuses, once the batch was given up
+        async def refusing(fn):  # noqa: ANN001, ANN202 - the twin refuses, once the batch was given up
             await gate.wait()
             raise OSError("database or disk is full")
 
-        ext._twin = twin  # noqa: SLF001
-        ext._unsaved = (["timer-update"], [], [], [], 0)  # noqa: SLF001
+        ext._twin = refusing  # noqa: SLF001
+        ext._collections = 2  # noqa: SLF001 - R1's batch collected at 1, R2 at 2 (its first try failed)
+        ext._unsaved = [(2, (["r2-update"], [], ["off"], [], 1))]  # noqa: SLF001
         due = asyncio.ensure_future(ext._due(0))  # noqa: SLF001
         await asyncio.sleep(0)  # (the timer's transaction is under way: waiting for the twin)
         given_up = _Prepared([], 0, 0)
-        given_up.due = (["cloud-answer-update"], [], [], [], 1)
+        given_up.due, given_up.due_collected = (["r1-update"], [], ["on"], [], 1), 1
         ext._lost(given_up)  # noqa: SLF001
         gate.set()
         with pytest.raises(OSError):
             await due
-        assert ext._unsaved is not None  # noqa: SLF001
-        assert ext._unsaved[0] == ["timer-update", "cloud-answer-update"] and ext._unsaved[4] == 1  # noqa: SLF001
+        assert [chunk[0] for _, chunk in ext._unsaved] == [["r1-update"], ["r2-update"]]  # noqa: SLF001
+
+        committed: list[list[str]] = []
+        set_in_order: list[str] = []
+
+        async def accepting(fn):  # noqa: ANN001, ANN202
+            return []
+
+        async def set_desired(desired):  # noqa: ANN001, ANN202
+            set_in_order.extend(desired)
+
+        ext._twin = accepting  # noqa: SLF001
+        ext._set_desired = set_desired  # noqa: SLF001
+        ext._offer = lambda rows: committed.append(rows)  # noqa: SLF001
+        await ext._due(0)  # noqa: SLF001
+        assert set_in_order == ["on", "off"] and ext.results_applied == 2 and ext._unsaved == []  # noqa: SLF001
 
     asyncio.run(scenario())

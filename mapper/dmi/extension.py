@@ -110,7 +110,10 @@ class KubeEdgeExtension:
             log.info("restored %d device(s) and %d model(s) from %s until edgecore answers",
                      len(self.catalog.devices), len(self.catalog.models), self.state_path)
             async with self._lock:
-                await self._apply(start=True)
+                try:
+                    await self._apply(start=True)
+                except MapperStopping:  # a stop during the start-up: nothing to start
+                    return
         await self.server.start()
         self.started.set()
         # Each loop is restarted if a bug escapes it: otherwise this task group, and with it the
@@ -217,7 +220,6 @@ class KubeEdgeExtension:
                 await self._apply(start=True)
             except MapperStopping:
                 log.info("stopping: edgecore's registration reply is not applied")
-                return
         async with self._models_changed:
             self._models_changed.notify_all()
 
@@ -261,11 +263,13 @@ class KubeEdgeExtension:
                     stopped[device_id] = every
                     not_running.append(device_id)
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
-        changes = await self.service.update_devices(merged)
-        if start:  # (after the switch: one that failed reports them at the next try)
+        if start:
             self._start_reported = True
-        for device_id in not_running:
-            self.reporter.state_changed(device_id, OFFLINE)
+        try:
+            changes = await self.service.update_devices(merged)
+        finally:  # not running whatever the switch does (the reporter knows them now: reported once)
+            for device_id in not_running:
+                self.reporter.state_changed(device_id, OFFLINE)
         try:
             self.catalog.save(self.state_path)
         except Exception as exc:  # noqa: BLE001 - a full disk, or a message protobuf cannot write: run on

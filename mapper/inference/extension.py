@@ -77,6 +77,10 @@ def _due_ms(w: Waiting) -> int:
     return due
 
 
+# What fell due, collected by _collect_due: (row updates, messages, desired values, reports, cloud answers).
+_Due = tuple[list[Any], list[OutMessage], list[Any], list[Any], int]
+
+
 @dataclass
 class _Prepared:
     """The decisions on the windows one batch of readings closed, ready for the batch's transaction."""
@@ -93,7 +97,8 @@ class _Prepared:
     results: int = 0                                       # cloud answers among the updates
     # What fell due and rode along (updates, messages, desired, reports, results), also in the lists
     # above: kept for the next try if the work is given up (its Waiting entries have moved on already).
-    due: tuple[list[Any], list[OutMessage], list[Any], list[Any], int] | None = None
+    due: _Due | None = None
+    due_collected: int = 0                                 # its _collect_due count (the order of kept items)
     new_desired: int = 0                                   # desired[:new_desired] are the new decisions'
 
 
@@ -164,7 +169,11 @@ class InferenceExtension:
         self._results: list[tuple[Any, list[OutMessage], list[Any], list[Any]]] = []
         self._results_since_ms: int | None = None  # when the oldest of them arrived (_mono_ms)
         # What fell due but whose transaction failed (updates, messages, desired, reports, results): retried first.
-        self._unsaved: tuple[list[Any], list[OutMessage], list[Any], list[Any], int] | None = None
+        # What fell due but was not committed (a failed timer transaction, a given-up batch), retried
+        # first: (when it was collected: a _collect_due count, (updates, messages, desired, reports,
+        # results)), in collection order, so that an older answer's desired value never lands last.
+        self._unsaved: list[tuple[int, _Due]] = []
+        self._collections = 0  # _collect_due calls so far
         self.results_applied = 0                   # cloud answers committed to the twin
         self._service: MapperService | None = None
         self._topics = None
@@ -542,6 +551,7 @@ class InferenceExtension:
         if due:  # deadlines, resends and cloud answers ride along too: no commit (and no wake-up) of their own
             updates, messages, desired, reports, prepared.results = self._collect_due(now, results=True)
             prepared.due = (updates, messages, desired, reports, prepared.results)
+            prepared.due_collected = self._collections
             prepared.updates += updates
             prepared.messages += messages
             prepared.desired += desired
@@ -598,16 +608,16 @@ class InferenceExtension:
         if p.due is not None:
             updates, messages, desired, reports, taken = p.due
             if updates or messages or desired:
-                self._keep_unsaved((updates, messages, desired, reports, taken))
+                self._keep_unsaved(p.due_collected, p.due)
         self._wake.set()
 
-    def _keep_unsaved(self, due: tuple[list[Any], list[OutMessage], list[Any], list[Any], int]) -> None:
-        """Keep what fell due but was not committed for the next try, after what is kept already
-        (merged, never replaced: a failed timer transaction and a given-up batch may both keep some)."""
-        if self._unsaved is not None:
-            u, m, d, r, t = self._unsaved
-            due = (u + due[0], m + due[1], d + due[2], r + due[3], t + due[4])
-        self._unsaved = due
+    def _keep_unsaved(self, collected: int, due: _Due) -> None:
+        """Keep what fell due but was not committed for the next try, in the order it was collected
+        (merged, never replaced: a failed timer transaction and a given-up batch may both keep some,
+        and a batch collected before the timer may be given up after the timer's transaction began)."""
+        if due[0] or due[1] or due[2]:
+            self._unsaved.append((collected, due))
+            self._unsaved.sort(key=lambda kept: kept[0])
 
     def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
         """On the loop, once the decisions are committed: wait for the offloaded ones, publish."""
@@ -748,21 +758,27 @@ class InferenceExtension:
         """What fell due and no batch of readings took along (see _decide): in its own transaction."""
         from mapper.inference import records
 
-        updates, messages, desired, reports, taken = self._collect_due(now, results=results)
-        if self._unsaved is not None:  # what a failed transaction left: first, in order
-            u, m, d, r, t = self._unsaved
-            updates, messages, desired, reports, taken = u + updates, m + messages, d + desired, r + reports, t + taken
-            self._unsaved = None
+        collected = self._collect_due(now, results=results)
+        chunks, self._unsaved = [*self._unsaved, (self._collections, collected)], []  # (what failed before: first)
+        updates: list[Any] = []
+        messages: list[OutMessage] = []
+        desired: list[Any] = []
+        reports: list[Any] = []
+        taken = 0
+        for _, (u, m, d, r, t) in chunks:
+            updates += u
+            messages += m
+            desired += d
+            reports += r
+            taken += t
         if updates or messages:
             try:
                 rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
             except BaseException:
-                # _collect_due has moved these on in memory already: keep them for the next try, first
-                # (a batch given up meanwhile may have kept its own: _lost, after these in time).
-                kept, self._unsaved = self._unsaved, None
-                self._keep_unsaved((updates, messages, desired, reports, taken))
-                if kept is not None:
-                    self._keep_unsaved(kept)
+                # _collect_due has moved these on in memory already: keep them for the next try (with
+                # what a batch given up meanwhile kept, in the order of collection).
+                for stamp, chunk in chunks:
+                    self._keep_unsaved(stamp, chunk)
                 raise
             self.results_applied += taken
             self._offer(rows)
@@ -772,6 +788,7 @@ class InferenceExtension:
                      ) -> tuple[list[Any], list[OutMessage], list[Any], list[Any], int]:
         """Deadlines passed, resends due, expiries, and (`results`) the cloud answers accepted so far:
         row updates, messages, desired values, reports, and how many cloud answers are among them."""
+        self._collections += 1
         updates: list[Any] = []
         messages: list[OutMessage] = []
         desired: list[Any] = []
