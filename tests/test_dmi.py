@@ -408,6 +408,34 @@ def test_after_a_restart_the_device_holding_a_pin_keeps_it(sockdir: Path) -> Non
     run(scenario())
 
 
+def test_a_device_not_running_at_start_is_reported_offline_even_when_that_switch_failed(
+        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """edgecore's first reply holds an invalid device; the device switch that adopts it fails once
+    (the twin locked past its timeout) and the registration is tried again. The invalid device's
+    offline was left out for good after the failed switch (edgecore never heard of it); it is
+    reported whatever the switch does."""
+    real = MapperService.update_devices
+    failures = [OSError("database is locked")]
+
+    async def update_devices(self, result):  # noqa: ANN001, ANN202
+        if failures:
+            raise failures.pop()
+        return await real(self, result)
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [(device("broken", "temp-model", {"temperature": {"kind": "temperature"}},
+                                        config={"failure_rate": 7}), TEMP),
+                                (room("room-a"), TEMP)]
+            monkeypatch.setattr(MapperService, "update_devices", update_devices)
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                assert not failures and mapper.runner("room-a") is not None and mapper.runner("broken") is None
+                await edgecore.wait_for(lambda: any(r.deviceName == "broken" and r.state == "offline"
+                                                    for r in edgecore.of("ReportDeviceStates")))
+    run(scenario())
+
+
 def test_a_state_file_without_the_devices_that_ran_still_loads() -> None:
     """A state file saved before it named the devices that ran (`admitted`) loads as before:
     nothing ranks first, namespace/name order decides. With the field, the device that ran wins."""
