@@ -1908,3 +1908,30 @@ def test_what_a_given_up_batch_kept_survives_a_timer_transaction_failing_meanwhi
         assert set_in_order == ["on", "off"] and ext.results_applied == 2 and ext._unsaved == []  # noqa: SLF001
 
     asyncio.run(scenario())
+
+
+def test_what_was_kept_for_the_next_try_is_committed_at_the_stop() -> None:
+    """The timer's transaction failed (kept for the next try, a second later) and the mapper stops
+    meanwhile with no new cloud answer: the stop committed only when answers were waiting, so the
+    kept ones (accepted answers, provisional edge answers) were never recorded nor acted on."""
+    from mapper.inference.extension import InferenceExtension
+
+    async def scenario() -> None:
+        ext = InferenceExtension()
+        transactions: list[object] = []
+
+        async def twin(fn):  # noqa: ANN001, ANN202
+            transactions.append(fn)
+            return []
+
+        async def set_desired(desired):  # noqa: ANN001, ANN202
+            return None
+
+        ext._twin = twin  # noqa: SLF001
+        ext._set_desired = set_desired  # noqa: SLF001
+        ext._offer = lambda rows: None  # noqa: SLF001
+        ext._unsaved = [(1, (["kept-update"], [], [], [], 1))]  # noqa: SLF001
+        await ext.commit_results()
+        assert len(transactions) == 1 and ext._unsaved == [] and ext.results_applied == 1  # noqa: SLF001
+
+    asyncio.run(scenario())

@@ -168,10 +168,10 @@ class InferenceExtension:
         # They ride in the next batch of readings' transaction, or the timer's after TIMER_GRACE_S.
         self._results: list[tuple[Any, list[OutMessage], list[Any], list[Any]]] = []
         self._results_since_ms: int | None = None  # when the oldest of them arrived (_mono_ms)
-        # What fell due but whose transaction failed (updates, messages, desired, reports, results): retried first.
         # What fell due but was not committed (a failed timer transaction, a given-up batch), retried
         # first: (when it was collected: a _collect_due count, (updates, messages, desired, reports,
-        # results)), in collection order, so that an older answer's desired value never lands last.
+        # results)), in collection order (among themselves: a newer answer committed meanwhile is not
+        # held back for them).
         self._unsaved: list[tuple[int, _Due]] = []
         self._collections = 0  # _collect_due calls so far
         self.results_applied = 0                   # cloud answers committed to the twin
@@ -941,8 +941,9 @@ class InferenceExtension:
         return None
 
     async def commit_results(self) -> None:
-        """Commit the cloud answers accepted so far now (at shutdown), with whatever else fell due."""
-        if self._results:
+        """Commit the cloud answers accepted so far now (at shutdown), with whatever else fell due and
+        what a failed transaction or a given-up batch kept for the next try."""
+        if self._results or self._unsaved:
             await self._due(_mono_ms(), results=True)
 
     # -- status ----------------------------------------------------------------------------
