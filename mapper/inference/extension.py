@@ -606,9 +606,7 @@ class InferenceExtension:
             for pipeline in self.pipelines.values():
                 pipeline.forget_desired(d.device, d.property, d.value)
         if p.due is not None:
-            updates, messages, desired, reports, taken = p.due
-            if updates or messages or desired:
-                self._keep_unsaved(p.due_collected, p.due)
+            self._keep_unsaved(p.due_collected, p.due)
         self._wake.set()
 
     def _keep_unsaved(self, collected: int, due: _Due) -> None:
