@@ -1935,3 +1935,40 @@ def test_what_was_kept_for_the_next_try_is_committed_at_the_stop() -> None:
         assert len(transactions) == 1 and ext._unsaved == [] and ext.results_applied == 1  # noqa: SLF001
 
     asyncio.run(scenario())
+
+
+def test_a_desired_value_asked_for_earlier_is_not_set_after_a_later_one() -> None:
+    """Cloud answer R1 (heater on) rode in a batch whose transaction the recorder kept retrying; the
+    later answer R2 (off) committed in the timer's transaction and set `off`; R1, kept and committed
+    after, set `on`: the actuator ended on the older decision (and the pipeline, which last asked for
+    `off`, held `off` back as already sent). A value asked for before one already set is skipped."""
+    from mapper.inference.extension import InferenceExtension
+    from mapper.inference.pipeline import DesiredSet
+
+    heater = DeviceId("default", "heater")
+    r1 = DesiredSet(heater, "power", True)  # asked for first
+    r2 = DesiredSet(heater, "power", False)
+
+    async def scenario() -> None:
+        ext = InferenceExtension()
+        written: list[object] = []
+
+        async def twin(fn):  # noqa: ANN001, ANN202
+            class Store:
+                def set_desired(self, device, prop, value):  # noqa: ANN001, ANN202
+                    written.append(value)
+            return fn(Store())
+
+        class Service:
+            def desired_changed(self) -> None:
+                return None
+
+        ext._twin = twin  # noqa: SLF001
+        ext._service = Service()  # noqa: SLF001
+        await ext._set_desired([r2])  # noqa: SLF001
+        await ext._set_desired([r1])  # noqa: SLF001
+        assert written == [False]
+        await ext._set_desired([DesiredSet(heater, "power", True)])  # noqa: SLF001 - a later decision: set
+        assert written == [False, True]
+
+    asyncio.run(scenario())

@@ -174,6 +174,7 @@ class InferenceExtension:
         # held back for them).
         self._unsaved: list[tuple[int, _Due]] = []
         self._collections = 0  # _collect_due calls so far
+        self._desired_order: dict[tuple[DeviceId, str], int] = {}  # the DesiredSet.order last set, per property
         self.results_applied = 0                   # cloud answers committed to the twin
         self._service: MapperService | None = None
         self._topics = None
@@ -679,6 +680,13 @@ class InferenceExtension:
             return
         assert self._service is not None
         for d in desired:
+            key = (d.device, d.property)
+            if self._desired_order.get(key, -1) > d.order:
+                # Asked for before a value already set (its transaction was retried after the newer one
+                # committed): set now, the older decision would win.
+                log.info("inference: %s/%s = %r not set: a later decision's value was set already", d.device,
+                         d.property, d.value)
+                continue
             try:
                 await self._twin(lambda s, d=d: s.set_desired(d.device, d.property, d.value))
             except Exception as exc:  # noqa: BLE001 - a wrong value must not stop inference
@@ -686,6 +694,7 @@ class InferenceExtension:
                 for pipeline in self.pipelines.values():  # sent again with the next decision that wants it
                     pipeline.forget_desired(d.device, d.property, d.value)
                 continue
+            self._desired_order[key] = d.order
             log.info("inference: set %s/%s = %r", d.device, d.property, d.value)
             self.counts["desired_set"] += 1
         self._service.desired_changed()

@@ -7,6 +7,7 @@ window, and what a decision does (the messages and desired values of its actions
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -67,11 +68,18 @@ class Decision:
     replaces_provisional: bool = False
 
 
+# The order in which decisions asked for desired values (DesiredSet.order).
+_DESIRED_ORDER = itertools.count()
+
+
 @dataclass
 class DesiredSet:
     device: DeviceId
     property: str
     value: Any
+    # When the decision asked for it: of two values for one property, the later asked for wins, also
+    # when the earlier one is set later (kept for a retry after the twin refused its transaction).
+    order: int = field(default_factory=lambda: next(_DESIRED_ORDER), compare=False)
 
 
 # Per-window edge times and round trips kept for the percentiles (the most recent ones).
