@@ -388,10 +388,13 @@ class DeviceRunner:
     def retry_failed_desired(self) -> None:
         """Write the desired values whose write failed again, now (the device is `ok` again, a reload)."""
         for name in list(self._failed_writes):
-            handle = self._retries.pop(name, None)
-            if handle is not None:
-                handle.cancel()
+            self._cancel_retry(name)
             self._retry_failed(name)
+
+    def _cancel_retry(self, name: str) -> None:
+        handle = self._retries.pop(name, None)
+        if handle is not None:
+            handle.cancel()
 
     def _retry_failed(self, name: str) -> None:
         """On the loop: queue a failed desired value again, unless a newer one replaced it."""
@@ -414,9 +417,7 @@ class DeviceRunner:
         entry = self._failed_writes.get(name)
         if entry is not None and entry[0].version < newer_than:
             del self._failed_writes[name]
-            handle = self._retries.pop(name, None)
-            if handle is not None:
-                handle.cancel()
+            self._cancel_retry(name)
 
     def _write_failed(self, change: DesiredChange, error: str) -> bool:
         """Keep a desired value whose write failed, to write it again after a back-off. Whether the
@@ -426,9 +427,7 @@ class DeviceRunner:
         same = before is not None and before[0].version == change.version
         attempts = before[2] + 1 if same else 1
         self._failed_writes[name] = (change, error, attempts)
-        handle = self._retries.pop(name, None)
-        if handle is not None:
-            handle.cancel()
+        self._cancel_retry(name)
         delay = self._backoff(attempts)
         self._retries[name] = asyncio.get_running_loop().call_later(delay, self._retry_failed, name)
         news = not same or before[1] != error
