@@ -443,6 +443,7 @@ class DeviceRunner:
             self._desired_event.clear()
             pending, self._desired = self._desired, {}
             reverts, self._reverts = self._reverts, {}
+            written = set(pending)
             self._in_hand = pending
             try:
                 for name in list(pending):
@@ -451,7 +452,7 @@ class DeviceRunner:
             finally:
                 self._in_hand = {}
             for name, (prop, value, reason) in reverts.items():
-                if name in pending or name in self._desired:
+                if name in written or name in self._desired:
                     continue  # a newer desired value was written (or is about to be): it wins
                 await self._revert(prop, value, reason)
 

@@ -715,3 +715,29 @@ async def test_an_apply_error_of_a_slow_relay_goes_once_it_reads_the_desired_val
                 lambda: (p := twin.device(GOOD1).properties["power"]).apply_error is None and p,
                 what="the apply error cleared by a later reading")
             assert (prop.desired, prop.reported, prop.delta) == (True, True, False)
+
+
+async def test_a_revert_in_the_same_round_as_a_write_of_its_property_is_skipped(tmp_path):
+    """A desired value and the driver's revert of the same property reach the apply loop together:
+    the written value wins, the revert is skipped (a change of this session, which emptied the
+    round's batch as it went, made the check always miss: the revert replaced the value just set)."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=1000)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[GOOD1]
+        reverted: list[str] = []
+
+        async def revert(prop, value, reason):  # noqa: ANN001, ANN202
+            reverted.append(prop.name)
+
+        runner._revert = revert  # noqa: SLF001
+        with reader(config) as twin:
+            twin.set_desired(GOOD1, "power", True)
+            # Both handed over before the apply loop runs again (the desired poll may hand it over again: ignored).
+            runner.submit_desired(next(c for c in twin.pending_desired() if c.property == "power"))
+            runner._note_revert(runner.definition.prop("power"), False, "auto-off")  # noqa: SLF001
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value written")
+            twin.set_desired(GOOD1, "count", 3)  # a later round: it has run once this one is done
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the next value written")
+            assert twin.device(GOOD1).properties["power"].desired is True
+    assert reverted == []
