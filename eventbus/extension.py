@@ -21,7 +21,7 @@ from eventbus.router import Router
 from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
-from mapper.device_loop import UNKNOWN
+from mapper.device_loop import OFFLINE, UNKNOWN
 from twin.store import DesiredChange, OutMessage
 
 if TYPE_CHECKING:
@@ -208,7 +208,7 @@ class EventBusExtension:
         if not still:
             return
         try:
-            rows = await service.twin(lambda s: s.record([], [self._availability(d, UNKNOWN) for d in still]))
+            rows = await service.twin(lambda s: s.record([], [self._availability(d, OFFLINE) for d in still]))
         except Exception as exc:  # noqa: BLE001 - a full disk: the device's next state change announces it
             log.error("cannot queue the availability of %s in the twin: %s", ", ".join(map(str, still)), exc)
             return

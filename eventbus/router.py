@@ -321,7 +321,8 @@ class Router:
     async def _answer_membership(self, event_ids: list[str]) -> None:
         definitions = self.service.definitions.devices if self.service.definitions else {}
         twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])
-        await self._send([OutMessage(self.topics.membership_result(), payloads.membership(event_id, twins, definitions),
+        body = payloads.membership(event_ids[0], twins, definitions)  # built once, for each event_id
+        await self._send([OutMessage(self.topics.membership_result(), {**body, "event_id": event_id},
                                      kind="twin", sequenced=False) for event_id in event_ids])
 
     async def _set(self, incoming: Incoming, payload: bytes) -> None:

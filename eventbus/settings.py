@@ -83,7 +83,7 @@ class MqttSettings(BaseModel):
             port = parts.port  # urlsplit checks it only when asked: `mapper run` used to crash on it
         except ValueError:
             port = -1
-        if port is not None and not 1 <= port <= 65535 or port is None and parts.netloc.endswith(":"):
+        if (port is not None and not 1 <= port <= 65535) or (port is None and parts.netloc.endswith(":")):
             shown = parts.netloc.rpartition(":")[2]
             raise ValueError(f"{value!r}: port {shown!r} is not a port number 1-65535"
                              f" (leave it out for {8883 if parts.scheme == 'mqtts' else 1883})")

@@ -100,8 +100,7 @@ class Telemetry:
     def set_state(self, device: DeviceId, state: str) -> None:
         self._states[device] = state
 
-    def _due(self, prop: PropertyDefinition, reading: Reading) -> bool:
-        key = (reading.device_id, prop.name)
+    def _due(self, key: tuple[DeviceId, str], prop: PropertyDefinition, reading: Reading) -> bool:
         last = self._last_sent.get(key)
         slack = prop.collect_cycle_ms // 2
         if last is None or reading.taken_at_ms - last >= prop.report_cycle_ms - slack:
@@ -130,13 +129,13 @@ class Telemetry:
             values[prop.name] = reading.value
             if on_change:
                 changed = self._last_value.get(key, _NOTHING) != reading.value
-                if not (self._due(prop, reading) or changed):
+                if not (self._due(key, prop, reading) or changed):
                     continue
                 if changed:
                     self._last_sent[key] = reading.taken_at_ms
                     changed_devices.add(device)
                 self._last_value[key] = reading.value
-            elif not self._due(prop, reading):
+            elif not self._due(key, prop, reading):
                 continue
             if publish:
                 messages.append(OutMessage(topic, body, qos, retain, reading=reading))

@@ -77,7 +77,7 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
     except OSError:
         return None
     try:
-        _flock_soon(lock, fcntl.LOCK_EX)
+        _flock_soon(lock)
     except BlockingIOError:
         lock.seek(0)
         owner = lock.read().strip() or "?"
@@ -92,15 +92,15 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
     return lock
 
 
-def _flock_soon(file, kind: int, *, within_s: float = 0.5) -> None:  # noqa: ANN001
-    """flock(kind) without blocking, tried again for `within_s` while it is held: a `mapper devices`
-    asking whether a mapper runs holds the lock for an instant, and must not refuse a starting one."""
+def _flock_soon(file, *, within_s: float = 0.5) -> None:  # noqa: ANN001
+    """An exclusive flock without blocking, tried again for `within_s` while it is held: a `mapper
+    devices` asking whether a mapper runs holds the lock for an instant, and must not refuse a starting one."""
     import fcntl
 
     deadline = time.monotonic() + within_s
     while True:
         try:
-            fcntl.flock(file, kind | fcntl.LOCK_NB)
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
             if time.monotonic() >= deadline:
@@ -322,8 +322,8 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
         value, version = store.set_desired(device, args.property, args.value)
     running, _ = _running_mapper(config.twin.path)
     print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version});"
-          + (" no mapper is running on this twin: the next `mapper run` applies it" if running is False
-             else " the running mapper applies it"))
+          + {False: " no mapper is running on this twin: the next `mapper run` applies it",
+             True: " the running mapper applies it"}.get(running, " a running mapper applies it, or the next to start"))
     return 0
 
 

@@ -184,10 +184,11 @@ def _env_problems(exc: ValidationError, applied: dict[tuple[str, ...], str]) -> 
     """Problems in a value the environment set name its variable, not a line of the file."""
     found = {}
     for i, error in enumerate(exc.errors(include_url=False)):
-        loc = tuple(str(x) for x in error_loc(error))
+        where = error_loc(error)
+        loc = tuple(str(x) for x in where)
         for path, variable in applied.items():
             if loc[: len(path)] == path:
-                found[i] = Problem(f"environment variable {variable}", None, field_name(error_loc(error)),
+                found[i] = Problem(f"environment variable {variable}", None, field_name(where),
                                    describe(error))
                 break
     return found

@@ -17,8 +17,8 @@ import contextlib
 import logging
 import os
 import sqlite3
-from pathlib import Path
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import grpc

@@ -791,8 +791,7 @@ class InferenceExtension:
             self._offer(rows)
         await self._set_desired(desired)
 
-    def _collect_due(self, now: int, *, results: bool = False
-                     ) -> tuple[list[Any], list[OutMessage], list[Any], list[Any], int]:
+    def _collect_due(self, now: int, *, results: bool = False) -> _Due:
         """Deadlines passed, resends due, expiries, and (`results`) the cloud answers accepted so far:
         row updates, messages, desired values, reports, and how many cloud answers are among them."""
         self._collections += 1

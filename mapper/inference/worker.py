@@ -98,13 +98,13 @@ def load_worker_models(settings: WorkerSettings, source: str = "worker config", 
     models would join the shared subscription and refuse every request it took from healthy workers.
     `doc` (the config's YAML document) gives the lines; without it the problems have none."""
     from devices.errors import DefinitionError, Problem
+    from devices.loader import field_name
     from mapper.inference.model import ModelError, load_model
 
     def problem(path: tuple[str | int, ...], message: str) -> DefinitionError:
         given = doc is not None and (path[0] in doc.data if isinstance(doc.data, dict) else False)
         line = doc.line_of(path) if given else None
-        return DefinitionError([Problem(source, line, "".join(f"[{p}]" if isinstance(p, int) else p for p in path),
-                                        message)])
+        return DefinitionError([Problem(source, line, field_name(path), message)])
 
     models_dir = settings.models_dir or default_models_dir()
     try:
