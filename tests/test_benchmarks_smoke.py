@@ -100,3 +100,27 @@ def test_latency_plot_takes_the_median_of_each_quantile_over_the_runs() -> None:
     assert series == {"mapper": [2.0, 6.0], "raw": [0.2, 0.3]}
     with pytest.raises(SystemExit, match="--only latency --json"):
         latency_series({"scenarios": [{"name": "latency", "details": [{"run": 0}]}]})
+
+
+def test_summary_puts_runs_side_by_side(tmp_path: Path) -> None:
+    """`python -m tests.benchmarks.summary`: a figure per row, a run per column, read from each
+    run's JSON; a figure a run lacks shows as `-`."""
+    import orjson
+
+    from benchmarks.summary import table
+
+    def run(ratio: float, lost: int | None) -> dict:
+        metrics = [{"name": "delivered readings/s", "ratio": ratio, "summary": {"median": 1.0}}]
+        scenarios = [{"name": "throughput", "metrics": metrics}]
+        if lost is not None:
+            scenarios.append({"name": "recovery", "metrics": [{"name": "readings lost", "summary": {"median": lost}}]})
+        return {"machine": {"cpu": "AMD EPYC 7B13"}, "commit": "0123456789abcdef+changes", "scenarios": scenarios}
+
+    a, b = tmp_path / "benchmarks-a.json", tmp_path / "benchmarks-b.json"
+    a.write_bytes(orjson.dumps(run(1.234, 0)))
+    b.write_bytes(orjson.dumps(run(0.5, None)))
+    lines = table([a, b]).splitlines()
+    assert lines[0] == ("| figure | [a](docs/benchmarks-a.json) (AMD EPYC, 0123456+changes) | "
+                        "[b](docs/benchmarks-b.json) (AMD EPYC, 0123456+changes) |")
+    assert "| throughput | 1.23x | 0.50x |" in lines
+    assert "| lost in outage | 0 | - |" in lines

@@ -6,6 +6,7 @@ import argparse
 import compileall
 import dataclasses
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,6 +63,18 @@ def table(results: list[ScenarioResult]) -> str:
             lines.append(f"| {r.name} | {m.name}{unit} | {_cell(m.values) if m.values else m.note or '-'} | {base} | "
                          f"{shown} | {m.target} |")
     return "\n".join(lines)
+
+
+def source_commit() -> str | None:
+    """The commit the benchmarked code is at, with `+changes` when the tree differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None  # not a git checkout (an sdist) or no git
+    return head + ("+changes" if dirty else "")
 
 
 def compile_sources() -> None:
@@ -144,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                "command": "python -m tests.benchmarks" + (" --quick" if args.quick else "")
                + (" --side-figures" if args.side_figures else "") + (f" --only {args.only}" if args.only else ""),
                "mode": "quick" if args.quick else "full", "duration_s": time.monotonic() - started,
-               "machine": info,
+               "machine": info, "commit": source_commit(),
                "scenarios": [{"name": r.name, "title": r.title, "seconds": seconds.get(r.name), "how": r.how,
                               "skipped": r.skipped,
                               "metrics": [m.as_json() for m in r.metrics], "details": r.details} for r in results]}
