@@ -37,13 +37,6 @@ MISSED_READS_CHECK_S = 60
 Hook = Callable[["MapperService"], Awaitable[None]]
 
 
-def _state_saved(saving: asyncio.Future[None]) -> None:
-    """Retrieves a failed state write's exception (whoever awaited it logs it; a device stopped
-    meanwhile awaits nothing), so that asyncio does not warn about it when it is collected."""
-    if not saving.cancelled() and saving.exception() is not None:
-        log.debug("saving a device state failed: %s", saving.exception())
-
-
 class MapperStopping(RuntimeError):
     """A device set switch asked for once the stop began: refused, it would start again devices the
     stop is stopping (a DMI call or a registration reply arriving during the wind-down)."""
@@ -309,10 +302,7 @@ class MapperService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if runner is not None:
-            closing = asyncio.ensure_future(runner.close_when_idle())
-            self._closing.add(closing)
-            closing.add_done_callback(self._closing.discard)
-            await asyncio.shield(closing)
+            await to_the_end(runner.close_when_idle(), self._closing, f"{device_id}: releasing its driver")
 
     def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
         driver_cls = load_driver(definition.protocol)
@@ -354,11 +344,8 @@ class MapperService:
         the wait, not the write, and the write's messages still reach the publisher (they used to
         be committed with nobody told, and stayed in the outbox until the next start).
         """
-        saving = asyncio.ensure_future(self._save_state(definition, state, detail))
-        self._state_saves.add(saving)
-        saving.add_done_callback(self._state_saves.discard)
-        saving.add_done_callback(_state_saved)
-        await asyncio.shield(saving)
+        await to_the_end(self._save_state(definition, state, detail), self._state_saves,
+                         f"{definition.id}: saving its state {state!r}")
 
     async def _save_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
         self._unsaved_states.pop(definition.id, None)
