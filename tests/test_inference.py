@@ -1380,6 +1380,50 @@ async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path,
         await _stop(r)
 
 
+async def test_a_timer_transaction_the_stop_cancels_midway_is_committed_once(tmp_path, broker):
+    """The stop cancels the timer task while its transaction (edge answers standing, provisional) waits in
+    the twin thread for another connection's lock. The cancel does not stop the twin thread: the
+    transaction commits once the lock is free. The timer used to take the cancel as a failure and keep
+    what it had collected for the next try, which the stop's commit_results then committed again: every
+    provisional decision was queued twice in the outbox (an app saw each one twice after the next start)."""
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
+                                "deadline_s": 1.0, "resend_s": 60}, broker=broker)
+    lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
+    try:
+        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+        await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
+        for device in list(r.service.runners):  # no more batches: what falls due is the timer's
+            await r.service.stop_device(device)
+        await r.service.recorder.flush()
+        lock.execute("BEGIN IMMEDIATE")
+        pending = [row[0] for row in lock.execute(
+            "SELECT request_id FROM inference_decisions WHERE status = 'pending'").fetchall()]
+        assert pending  # what falls due while the lock is held
+        worker = r.service.worker
+        await async_wait_for(lambda: "in update" in (worker.thread_stack() or ""), timeout=20,
+                             what="the timer's transaction waiting for the lock in the twin thread")
+        timers = next(t for t in asyncio.all_tasks() if t.get_name() == "inference-timers")
+        r.stop.set()
+        await async_wait_for(lambda: timers.cancelling() > 0 or timers.done(), timeout=20,
+                             what="the stop cancelling the timer task")
+        lock.execute("ROLLBACK")
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+        await _stop(r)
+    store = TwinStore.open(tmp_path / "twin.db")
+    try:
+        queued = [orjson.loads(row.payload) for row in store.outbox_pending(limit=100_000)
+                  if row.topic.endswith("/decision")]
+        rows = {x["request_id"]: x for x in records.recent(store, "default/probe-sensor-faults", 100_000)}
+    finally:
+        store.close()
+    assert all(rows[request_id]["status"] == "provisional" for request_id in pending)
+    provisional = Counter(b["request_id"] for b in [*r.published(), *queued] if b["provisional"])
+    assert {request_id: provisional[request_id] for request_id in pending} == {request_id: 1 for request_id in pending}
+
+
 async def test_a_cloud_answer_in_a_batch_whose_decisions_were_given_up_is_still_committed(tmp_path, broker, worker,
                                                                                             monkeypatch):
     """A cloud answer rides with a batch of readings whose decisions' work keeps failing, until the recorder
@@ -1422,7 +1466,9 @@ async def test_a_cloud_answer_in_a_batch_whose_decisions_were_given_up_is_still_
         row = await _until(lambda: _row(r, request["id"]), lambda x: x["status"] != "pending", timeout=10,
                            what="the answer committed")
         assert (row["status"], row["exit"]) == ("final", "cloud")
-        assert r.ext.results_applied == 1 and stats()["results_ok"] == 1
+        # (Counted once the timer's transaction is back on the loop, a few turns after the row shows it.)
+        await async_wait_for(lambda: r.ext.results_applied == 1, what="the answer counted as applied")
+        assert stats()["results_ok"] == 1
         await r.send_result(_answer(worker, request))
         await async_wait_for(lambda: r.ext.status()["results_rejected"].get("duplicate") == 1, what="the repeat")
     finally:

@@ -779,16 +779,33 @@ class InferenceExtension:
             reports += r
             taken += t
         if updates or messages:
+            commit = asyncio.ensure_future(self._twin(lambda s: records.update(s, updates, messages, reports)))
+            # A cancel (the stop, while the transaction waits for the twin's lock) does not stop the twin
+            # thread: wait for the outcome and act on it, then stop. Kept as failed, a transaction that did
+            # commit was committed again by the stop's commit_results (every message queued twice).
+            cancelled: asyncio.CancelledError | None = None
+            while not commit.done():
+                try:
+                    await asyncio.shield(commit)
+                except asyncio.CancelledError as exc:
+                    cancelled = exc
+                except BaseException:  # noqa: BLE001 - commit.result() raises it below
+                    break
             try:
-                rows = await self._twin(lambda s: records.update(s, updates, messages, reports))
+                rows = commit.result()
             except BaseException:
                 # _collect_due has moved these on in memory already: keep them for the next try (with
                 # what a batch given up meanwhile kept, in the order of collection).
                 for stamp, chunk in chunks:
                     self._keep_unsaved(stamp, chunk)
+                if cancelled is not None:
+                    raise cancelled from None
                 raise
             self.results_applied += taken
             self._offer(rows)
+            if cancelled is not None:  # committed: only its desired values are left, for the stop to set
+                self._keep_unsaved(chunks[-1][0], ([], [], desired, [], 0))
+                raise cancelled
         await self._set_desired(desired)
 
     def _collect_due(self, now: int, *, results: bool = False) -> _Due:
