@@ -297,3 +297,57 @@ def test_a_device_switch_whose_caller_is_cancelled_still_completes(
             await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
             assert DeviceId("default", "room-a") in mapper.service.definitions.devices
     run(scenario())
+
+
+def test_a_restore_at_start_the_twin_refuses_is_logged_and_the_mapper_runs_on(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mapper restarts with a saved KubeEdge state while another process holds the twin's write
+    lock: the device switch of the restore fails. The mapper logs what to do and runs on; edgecore's
+    registration reply starts the devices once the twin can be written. (The failure used to escape
+    the extension's task: the whole mapper ended with a traceback.)"""
+    from mapper.config import MapperConfig, TwinSettings
+    from mapper.runtime import build_service
+    from test_dmi import settings
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [(switch("lamp"), SWITCH)]
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                assert mapper.runner("lamp") is not None
+        config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
+                              kubeedge=settings(sockdir))
+        service = build_service(config)
+        ext = next(e for e in service.extensions if hasattr(e, "catalog"))
+        lock = sqlite3.connect(sockdir / "twin.db", isolation_level=None)
+
+        def locked_from_now() -> None:  # after the service's own start-up writes, before the restore's switch
+            service.worker.submit(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+            lock.execute("BEGIN IMMEDIATE")
+
+        service.before_devices.append(locked_from_now)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            async with asyncio.timeout(10):
+                await ext.started.wait()  # the restore is over, the DMI socket served
+            assert not task.done() and DeviceId("default", "lamp") not in service.runners
+            (line,) = [r for r in caplog.records if "restored from" in r.getMessage()
+                       and r.levelno == logging.ERROR]
+            assert "database is locked" in line.getMessage() and "twin.db" in line.getMessage()
+            lock.execute("ROLLBACK")
+            await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=30000"))
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+                edgecore.devices = [(switch("lamp"), SWITCH)]
+                await until(lambda: ext.registrations >= 1, timeout=10)
+                assert DeviceId("default", "lamp") in service.runners
+                await edgecore.wait_for(lambda: reports_of(edgecore, "lamp") >= 1)
+        finally:
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+            stop.set()
+            await task
+
+    run(scenario())

@@ -114,6 +114,13 @@ class KubeEdgeExtension:
                     await self._apply(start=True)
                 except MapperStopping:  # a stop during the start-up: nothing to start
                     return
+                except Exception as exc:  # noqa: BLE001 - the other devices run on, edgecore's reply starts these
+                    # (Ended here, the task group's failure ended the whole mapper, local devices too.)
+                    log.error("cannot start the %d device(s) restored from %s: %s: %s; running without them until "
+                              "edgecore's registration reply is adopted (retried until then). Is the twin %s "
+                              "locked by another process, read-only or on a full disk?", len(self.catalog.devices),
+                              self.state_path, type(exc).__name__, exc, service.config.twin.path,
+                              exc_info=not isinstance(exc, OSError | sqlite3.Error))
         await self.server.start()
         self.started.set()
         # Each loop is restarted if a bug escapes it: otherwise this task group, and with it the
