@@ -408,6 +408,28 @@ def test_after_a_restart_the_device_holding_a_pin_keeps_it(sockdir: Path) -> Non
     run(scenario())
 
 
+def test_a_device_registered_after_start_and_refused_for_a_pin_is_reported_offline(sockdir: Path) -> None:
+    """z-first runs on GPIO4; edgecore then registers a-second on GPIO4, refused (FAILED_PRECONDITION):
+    edgecore hears it is offline, as it does of a device refused at start. (Only devices not running
+    at start were reported: edgecore never heard of a device refused later, and showed whatever it
+    had before.)"""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, name="dht", protocol="dht") as mapper:
+            await registered(mapper)
+            await edgecore.add(dht("z-first", 4), DHT)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await edgecore.add(dht("a-second", 4), DHT)
+            assert grpc_code(refused) == grpc.StatusCode.FAILED_PRECONDITION
+
+            def states_of(name: str) -> list[str]:
+                return [r.state for r in edgecore.of("ReportDeviceStates") if r.deviceName == name]
+
+            await edgecore.wait_for(lambda: "offline" in states_of("a-second"))
+            assert mapper.runner("a-second") is None
+    run(scenario())
+
+
 def test_a_device_not_running_at_start_is_reported_offline_even_when_that_switch_failed(
         sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """edgecore's first reply holds an invalid device; the device switch that adopts it fails once

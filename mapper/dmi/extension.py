@@ -74,8 +74,6 @@ class KubeEdgeExtension:
         self._journal: list[Callable[[Catalog], object]] | None = None
         self._arrivals = 0       # DMI changes numbered as their calls arrive (before they wait for the lock)
         self._journal_from = 0   # journal the changes numbered above this (arrived after the attempt was sent)
-        # Whether the devices that do not run at start were reported offline yet (see _apply).
-        self._start_reported = False
         self._models_changed = asyncio.Condition()
         self.registered = asyncio.Event()
         self._lost = asyncio.Event()
@@ -111,7 +109,7 @@ class KubeEdgeExtension:
                      len(self.catalog.devices), len(self.catalog.models), self.state_path)
             async with self._lock:
                 try:
-                    await self._apply(start=True)
+                    await self._apply()
                 except MapperStopping:  # a stop during the start-up: nothing to start
                     return
                 except Exception as exc:  # noqa: BLE001 - the other devices run on, edgecore's reply starts these
@@ -224,7 +222,7 @@ class KubeEdgeExtension:
                 log.info("%d DMI call(s) that arrived while registering applied on top of edgecore's reply",
                          len(journal))
             try:
-                await self._apply(start=True)
+                await self._apply()
             except MapperStopping:
                 log.info("stopping: edgecore's registration reply is not applied")
         async with self._models_changed:
@@ -238,13 +236,14 @@ class KubeEdgeExtension:
             self._local = local
             return await self._apply()
 
-    async def _apply(self, *, start: bool = False) -> dict[str, list[DeviceId]]:
+    async def _apply(self) -> dict[str, list[DeviceId]]:
         """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock.
 
-        `start`: the devices restored at start, or the first registration reply's. Those that do not
-        run then (a resource another device holds, a driver missing after an upgrade, invalid) are
-        reported offline once, and their states go on as a stopped device's do: edgecore may still
-        show them online from before the restart, and nothing else would tell it.
+        A device of the catalog that does not run and was never reported (restored at start, in a
+        registration reply, or registered later: a resource another device holds, a driver missing
+        after an upgrade, invalid) is reported offline once, and its states go on as a stopped
+        device's do: edgecore may still show it online from before a restart, or as it was before it
+        was refused, and nothing else would tell it.
         """
         assert self.service is not None and self.state_path is not None
         built = self.catalog.build(self._local)
@@ -261,17 +260,14 @@ class KubeEdgeExtension:
         ours = self.catalog.device_ids()
         stopped = {d: every for d, every in self.reporter.state_every.items() if d in ours and d not in reported}
         not_running: list[DeviceId] = []
-        if start and not self._start_reported:
-            for device_id in sorted(ours - reported - set(stopped)):
-                definition = built.devices.get(device_id)
-                every = (self._state_every(definition) if definition is not None
-                         else self._state_every_of(self.catalog.devices[(device_id.namespace, device_id.name)]))
-                if every is not None:
-                    stopped[device_id] = every
-                    not_running.append(device_id)
+        for device_id in sorted(ours - reported - set(stopped)):
+            definition = built.devices.get(device_id)
+            every = (self._state_every(definition) if definition is not None
+                     else self._state_every_of(self.catalog.devices[(device_id.namespace, device_id.name)]))
+            if every is not None:
+                stopped[device_id] = every
+                not_running.append(device_id)
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
-        if start:
-            self._start_reported = True
         try:
             changes = await self.service.update_devices(merged)
         finally:  # not running whatever the switch does (the reporter knows them now: reported once)
