@@ -92,11 +92,14 @@ class DeviceRunner:
         on_applied: AppliedCallback,
         twin: TwinCall | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
+        record_on_demand: Callable[[Reading], None] | None = None,
     ) -> None:
         self.definition = definition
         self._flush = flush  # commit the readings recorded so far (the recorder's flush)
         self.driver = driver
         self._record = record
+        # Records a reading someone asked for (read_once(on_demand=True)): not the device's own sampling.
+        self._record_on_demand = record_on_demand or record
         self._settings = settings
         self._on_state = on_state
         self._on_applied = on_applied
@@ -292,7 +295,9 @@ class DeviceRunner:
             tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
             tg.create_task(self._change_loop(), name=f"changes[{self.id}]")
 
-    async def read_once(self, prop: PropertyDefinition) -> Reading:
+    async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
+        """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up
+        meanwhile, it is still recorded as one taken on demand (see _keeping)."""
         try:
             async with self._io_lock:
                 raw = await self._call(self.driver.read, prop)
@@ -302,7 +307,7 @@ class DeviceRunner:
             return Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
         except Exception as exc:  # noqa: BLE001 - driver errors of any kind count as a failed read
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
-            await self._keeping(reading, self._failed(exc))
+            await self._keeping(reading, self._failed(exc), on_demand)
             return reading
         self.reads += 1
         why = range_problem(value, prop.minimum, prop.maximum)
@@ -311,17 +316,18 @@ class DeviceRunner:
             why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
         reading = Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
         if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
-            await self._keeping(reading, self._succeeded())
+            await self._keeping(reading, self._succeeded(), on_demand)
         return reading
 
-    async def _keeping(self, reading: Reading, state_update: Awaitable[None]) -> None:
+    async def _keeping(self, reading: Reading, state_update: Awaitable[None], on_demand: bool) -> None:
         """Await a state update (a change waits for the twin). If the read is cancelled meanwhile (the
         device stopped, or a DMI/REST caller gave up), the reading already taken is still recorded,
-        not dropped: every caller records it only once read_once returns, so never twice."""
+        not dropped: every caller records it only once read_once returns, so never twice. One taken on
+        demand is recorded as such (recorded as the device's own sampling, it became an inference window step)."""
         try:
             await state_update
         except asyncio.CancelledError:
-            self._record(reading)
+            (self._record_on_demand if on_demand else self._record)(reading)
             raise
 
     async def _collect(self, cycle_ms: int, props: list[PropertyDefinition]) -> None:

@@ -310,6 +310,7 @@ class MapperService:
             definition, driver_cls(definition), self._record,
             settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied, twin=self.twin,
             flush=self.recorder.flush if self.recorder is not None else None,
+            record_on_demand=self.recorder.add_on_demand if self.recorder is not None else None,
         )
         self.runners[definition.id] = runner
         self._tasks[definition.id] = tg.create_task(self._supervise(runner), name=f"device[{definition.id}]")

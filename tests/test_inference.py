@@ -403,7 +403,7 @@ spec:
   deviceModelRef: {{name: dht-model}}
   protocol:
     protocolName: simulated
-    configData: {{seed: 3, faults: {{rate: {rate}, seed: 5}}}}
+    configData: {{seed: 3, faults: {{rate: {rate}, seed: 5}}{probe}}}
   properties:
     - name: temperature
       visitors: {{protocolName: simulated, configData: {{kind: temperature, base: 21.5, noise: 0.05, resolution: 0.1}}}}
@@ -434,10 +434,11 @@ spec:
 """
 
 
-def _devices(tmp_path: Path, *, rate: float = 0.05, cycle: int = 10, push: str = "") -> Path:
+def _devices(tmp_path: Path, *, rate: float = 0.05, cycle: int = 10, push: str = "", probe: str = "") -> Path:
+    """The devices file; `probe`: more of the probe's configData (`, key: value`)."""
     d = tmp_path / "devices"
     d.mkdir(exist_ok=True)
-    (d / "devices.yaml").write_text(DEVICES.format(rate=rate, cycle=cycle, push=push))
+    (d / "devices.yaml").write_text(DEVICES.format(rate=rate, cycle=cycle, push=push, probe=probe))
     return d
 
 
@@ -525,13 +526,13 @@ def _mqtt(tmp_path: Path, broker: MosquittoBroker) -> MqttSettings:
 
 
 async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = None, push: str = "",
-                 inference: dict | None = None, cycle: int = 10) -> Running:
+                 inference: dict | None = None, cycle: int = 10, probe: str = "") -> Running:
     """The mapper as `mapper run` assembles it. Without `broker` there is no `mqtt:` section; with one, the node
     name is new (nothing of an earlier test reaches it), and if the broker runs, the app and the worker listen
     before the mapper starts and it returns once the app saw the node come online."""
     node = f"n{secrets.token_hex(4)}"
     settings = InferenceSettings.model_validate(inference if inference is not None else {"pipelines": [pipeline]})
-    config = MapperConfig(node=node, devices=[_devices(tmp_path, cycle=cycle, push=push)],
+    config = MapperConfig(node=node, devices=[_devices(tmp_path, cycle=cycle, push=push, probe=probe)],
                           twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings,
                           mqtt=_mqtt(tmp_path, broker) if broker is not None else None)
     service = build_service(config)
@@ -871,6 +872,47 @@ async def test_on_demand_reads_are_recorded_but_are_no_window_steps(tmp_path):
         assert r.ext.status()["pipelines"]["default/probe-sensor-faults"]["windows"] == 0
         assert r.service.recorder.on_demand == {}  # nothing held once their batches were through the hooks
     finally:
+        await _stop(r)
+
+
+async def test_an_on_demand_read_whose_caller_gave_up_is_no_window_step(tmp_path, monkeypatch):
+    """A REST read of a device that was failing: the read succeeds, and the device's return to `ok`
+    waits for the twin (another process holds its lock). The caller gives up (the API's timeout; a
+    client gone, a DMI GetDevice past its deadline alike); the reading already taken is still
+    recorded, but it was recorded as the device's own sampling: a step of the pipeline's window
+    at a time the collect cycle never chose. It is recorded as the on-demand reading it is."""
+    from mapper.dmi import rest
+    from mapper.dmi.rest import ApiError, RestApi
+    from mapper.dmi.settings import ApiSettings
+
+    unplugged = tmp_path / "unplugged"
+    unplugged.touch()  # the first collect round fails: the device is not `ok`
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, cycle=600_000,
+                     probe=f", fail_while_exists: '{unplugged}'")
+    lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
+    try:
+        pipeline = r.pipeline()
+        runner = r.service.runners[SENSOR]
+        await async_wait_for(lambda: runner.read_errors >= 2, what="the failed first collect round")
+        lock.execute("BEGIN IMMEDIATE")
+        unplugged.unlink()
+        monkeypatch.setattr(rest, "CALL_TIMEOUT_S", 0.5)
+        api = RestApi(ApiSettings(), r.service, asyncio.get_running_loop())
+        with pytest.raises(ApiError, match="no answer within"):
+            await asyncio.to_thread(api.read_property, "default", "probe", "temperature")
+        assert runner.state == "ok"  # (in memory: its write waits for the lock)
+        lock.execute("ROLLBACK")
+        history = await _until(lambda: r.service.twin(lambda s: s.history(SENSOR, "temperature", 100)),
+                               lambda rows: any(value is not None for _, value, _ in rows),
+                               what="the read recorded")
+        assert [value is not None for _, value, _ in history].count(True) == 1
+        # Not a step, not even half of one (temperature waiting for humidity).
+        assert pipeline.builder._current == {} and len(pipeline.builder._steps) == 0  # noqa: SLF001
+        assert r.service.recorder.on_demand == {}
+    finally:
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
         await _stop(r)
 
 

@@ -152,7 +152,7 @@ class RestApi:
         runner = self.service.runners.get(definition.id)
         if runner is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"device {definition.id} is not running")
-        reading = self._on_loop(runner.read_once(prop))
+        reading = self._on_loop(runner.read_once(prop, on_demand=True))
         if reading.quality == ERROR or reading.value is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
         if self.service.recorder is not None:
