@@ -527,6 +527,13 @@ def cost(ctx: Context) -> ScenarioResult:
                     note="the same, on a twin already holding 200,000 readings (history_rows): a Pi after ~3 hours"
                     " (--side-figures, first run only)")
     hrss = r.metric("RSS [20 props, history full]", "MiB", higher_is_better=False, target="< 40 MiB")
+    # Where the Pi workload's CPU goes: a cycle of one reading, and next to nothing (one reading a
+    # minute). Against the 20 properties these split its cost into a fixed part, a part per
+    # collect cycle (read -> commit -> publish -> PUBACK -> ack, each a wake-up) and a part per reading.
+    one = r.metric("CPU-s/hour [1 prop @ 1 Hz]", "s/h", higher_is_better=False,
+                   note="one reading a second: the cost of a collect cycle (--side-figures, first run only)")
+    idle = r.metric("CPU-s/hour [1 prop every 60 s]", "s/h", higher_is_better=False,
+                    note="next to idle: the mapper's fixed cost (--side-figures, first run only)")
     inference = _inference_extra()
     icpu = r.metric("CPU-s/hour [+1 inference window/s]", "s/h", higher_is_better=False,
                     target="adds < 2 CPU-s/h", note=("skipped: no inference support here" if not inference else
@@ -569,6 +576,12 @@ def cost(ctx: Context) -> ScenarioResult:
             with Mapper(htmp, htmp / "devices", ctx.broker, env=service_env) as mapper:
                 mapper.wait_ready()
                 results["full-history"] = _measure(mapper.pid, 3.0, plan.cost_s)
+            for label, cycle_ms in (("one-property", 1000), ("idle", 60_000)):
+                otmp = ctx.tmp(f"cost-{label}-{i}")
+                with Mapper(otmp, write_devices(otmp / "devices", 1, 1, cycle_ms=cycle_ms), ctx.broker,
+                            env=service_env) as mapper:
+                    mapper.wait_ready()
+                    results[label] = _measure(mapper.pid, 3.0, plan.cost_s)
         raw = subprocess.Popen([sys.executable, "-m", "tests.benchmarks.rawpub", "--port", str(ctx.broker.port),
                                 "--password-file", str(ctx.secret), "--mode", "pi",
                                 "--duration", str(plan.cost_s + 30)], cwd=REPO, stdout=subprocess.DEVNULL)
@@ -609,6 +622,9 @@ def cost(ctx: Context) -> ScenarioResult:
             hcpu.values.append(results["full-history"][0])
             hcpu.baseline.append(results["raw"][0])
             hrss.values.append(results["full-history"][1])
+        if "one-property" in results:
+            one.values.append(results["one-property"][0])
+            idle.values.append(results["idle"][0])
         rss.values.append(results["mapper"][1])
         rss.baseline.append(results["raw"][1])
         if "inference" in results:
