@@ -8,6 +8,7 @@ is valid); `mapper run` refuses just those devices.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from devices.definitions import DeviceDefinition, PropertyDefinition, merged_con
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId
-from devices.schema import API_VERSION, Device, DeviceModel
+from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import coerce, range_problem
 
 Path_ = tuple[str | int, ...]
@@ -398,7 +399,46 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         )
         return
     table[key] = _Entry(doc, obj)
+    problems.extend(unknown_field_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
+
+
+def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
+    """A warning for each field of a validated document that neither the mapper nor KubeEdge's CRD
+    knows (`acessMode`, `colectCycle`), at its line, with the known field it is closest to.
+
+    They are kept, not refused: the mapper ignores them, KubeEdge's API server drops them (kubectl
+    refuses them). Free-form mappings (configData, protocolConfigData, pushMethod.http ...) are
+    not looked into: drivers and other tools read what they hold.
+    """
+    found: list[Problem] = []
+
+    def walk(value: Any, path: Path_) -> None:
+        if isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+            return
+        if not isinstance(value, _Schema):
+            return
+        cls = type(value)
+        known = {info.alias or name: name for name, info in cls.model_fields.items()}
+        for key in value.model_extra or {}:
+            if key in cls.kubernetes_fields:
+                continue
+            where = (*path, key)
+            close = difflib.get_close_matches(key, [*known, *cls.kubernetes_fields], n=1)
+            if not close:  # a case slip (`AccessMode`) scores low on its own
+                close = [k for k in known if k.lower() == str(key).lower()][:1]
+            hint = f", did you mean {close[0]}?" if close else f" (known here: {', '.join(sorted(known))})."
+            found.append(Problem(
+                doc.file, doc.line_of(where), field_name(where),
+                f"unknown field{hint} It is ignored here; KubeEdge's API server would drop it (kubectl refuses it)",
+                "warning"))
+        for alias, name in known.items():
+            walk(getattr(value, name), (*path, alias))
+
+    walk(obj, ())
+    return found
 
 
 def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: list[Problem]) -> None:
@@ -457,7 +497,9 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
              ("spec", "properties", i, "visitors", "configData")),
             problems, protocol, device_id,
         )
-        desired = _desired(dprop, mprop, doc, i, problems)
+        model_doc = model_entry.doc
+        desired = _desired(dprop, mprop, doc, i, problems,
+                           f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
         push = dprop.push_method
         props.append(PropertyDefinition(
             name=dprop.name, type=mprop.type, writable=mprop.writable,
@@ -528,13 +570,14 @@ def _driver_failed(protocol: str, what: str, exc: Exception) -> str:
             " (a bug in the driver: report it to its authors)")
 
 
-def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem]):
+def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str):
     if dprop.desired is None or dprop.desired.value == "":
         return None
     path = ("spec", "properties", i, "desired", "value")
     if not mprop.writable:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
-                                f"property {dprop.name!r} is ReadOnly in its model: the desired value is ignored",
+                                f"property {dprop.name!r} is ReadOnly in its model ({model_where}, which does not set"
+                                " accessMode: ReadWrite): the desired value is ignored",
                                 "warning"))
         return None
     try:

@@ -1,7 +1,9 @@
 """Pydantic models of KubeEdge `devices.kubeedge.io/v1beta1` DeviceModel and Device documents.
 
 Field names follow the CRD (camelCase in YAML). Unknown fields are kept, not rejected
-(`extra="allow"`): the CRD accepts them, so the same files work under KubeEdge and here.
+(`extra="allow"`), so a file does not stop loading over one; the loader warns about each
+(`devices.loader.unknown_field_warnings`): outside the free-form `configData` the KubeEdge API
+server drops them (kubectl refuses them), so one is almost always a misspelling.
 Everything is frozen once validated.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -53,6 +55,9 @@ Cycle = Annotated[int, BeforeValidator(whole_number), Strict(), Field(ge=0, le=2
 
 
 class _Base(BaseModel):
+    # Fields of the object that the KubeEdge CRD (or Kubernetes) knows and this model does not declare.
+    kubernetes_fields: ClassVar[frozenset[str]] = frozenset()
+
     model_config = ConfigDict(
         frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
     )
@@ -68,6 +73,12 @@ class _Base(BaseModel):
 
 
 class ObjectMeta(_Base):
+    # The rest of Kubernetes' ObjectMeta: set by the API server (or kubectl), never warned about.
+    kubernetes_fields: ClassVar[frozenset[str]] = frozenset({
+        "generateName", "selfLink", "uid", "resourceVersion", "generation", "creationTimestamp",
+        "deletionTimestamp", "deletionGracePeriodSeconds", "ownerReferences", "finalizers", "managedFields",
+    })
+
     name: Name
     namespace: Namespace = "default"
     labels: dict[str, str] = {}

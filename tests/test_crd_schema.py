@@ -47,3 +47,37 @@ def test_schema_check_catches_a_bad_document():
 def test_there_are_shipped_examples():
     """The examples folder is not empty (so the parametrized check above checks something)."""
     assert len(list(shipped_documents())) >= 8
+
+
+@pytest.mark.parametrize("crd", sorted(CRDS.glob("*_devices_v1beta1_device*.yaml")), ids=lambda p: p.name)
+def test_every_field_of_the_crd_is_known_so_none_draws_an_unknown_field_warning(crd):
+    """The loader warns about a field neither our schema nor the CRD knows (devices.loader.
+    unknown_field_warnings): every field the CRD declares, down to where we stop looking (a
+    free-form dict), must be a field of our models, or the warning would cry wolf."""
+    import typing
+
+    from pydantic import BaseModel
+
+    from devices.schema import Device, DeviceModel
+
+    doc = yaml.safe_load(crd.read_text())
+    (version,) = [v for v in doc["spec"]["versions"] if v["name"] == "v1beta1"]
+    if "status" in crd.name:
+        pytest.skip("DeviceStatus is not a document the mapper reads")
+    model = {"Device": Device, "DeviceModel": DeviceModel}[doc["spec"]["names"]["kind"]]
+
+    def models_in(annotation):
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield annotation
+        for arg in typing.get_args(annotation):
+            yield from models_in(arg)
+
+    def check(schema, cls, path):
+        schema = schema.get("items", schema)
+        fields = {(info.alias or name): info for name, info in cls.model_fields.items()}
+        for key, sub in (schema.get("properties") or {}).items():
+            assert key in fields, f"{crd.name}: {path}.{key} is in the CRD, not in {cls.__name__}"
+            for inner in models_in(fields[key].annotation):
+                check(sub, inner, f"{path}.{key}")
+
+    check(version["schema"]["openAPIV3Schema"], model, "")

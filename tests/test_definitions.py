@@ -590,3 +590,36 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     (dev / "copy.yaml").write_text(device_yaml("lamp"))
     problems = problems_of(dev, {})
     assert problems == ["lamp.yaml:4: metadata.name: duplicate Device default/lamp (first defined at copy.yaml:4)"]
+
+
+def test_an_unknown_field_is_a_warning_at_its_line_with_the_field_it_is_close_to(tmp_path):
+    """A misspelt field used to pass silently (`acessMode` made the property ReadOnly, `colectCycle`
+    fell back to 1000 ms): it is kept, as before, but warned about at its line, with a suggestion."""
+    model = MODEL.format(model="thing-model").replace(
+        "    - name: power\n      type: BOOLEAN\n      accessMode: ReadWrite",
+        "    - name: power\n      type: BOOLEAN\n      acessMode: ReadWrite")
+    device = device_yaml("d").replace("    - name: count\n", "    - name: count\n      colectCycle: 20\n      zzz: 1\n")
+    device = device.replace("    - name: power\n", "    - name: power\n      desired: {value: \"true\"}\n")
+    device = device.replace("  namespace: default\n", "  namespace: default\n  uid: 1234\n", 1)
+    device = device.replace("configData: {}", "configData: {anyKey: 1}", 1) + "status: {whatever: 1}\n"
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = load([tmp_path], base=tmp_path)
+    line = {key: next(i for i, l in enumerate(text.splitlines(), 1) if key in l)
+            for key, text in (("acessMode", model), ("colectCycle", device), ("zzz", device), ("value:", device))}
+    index = 2  # count
+    kubeedge = "It is ignored here; KubeEdge's API server would drop it (kubectl refuses it)"
+    warnings = [str(w) for w in result.warnings]
+    assert f"m.yaml:{line['acessMode']}: spec.properties[1].acessMode: unknown field, did you mean accessMode? " \
+           f"{kubeedge}" in warnings
+    assert f"d.yaml:{line['colectCycle']}: spec.properties[{index}].colectCycle: unknown field, did you mean " \
+           f"collectCycle? {kubeedge}" in warnings
+    assert f"d.yaml:{line['zzz']}: spec.properties[{index}].zzz: unknown field (known here: collectCycle, desired, " \
+           f"name, pushMethod, reportCycle, reportToCloud, visitors). {kubeedge}" in warnings
+    # The ReadOnly warning points at the model property that did not say ReadWrite.
+    assert any(w.startswith(f"d.yaml:{line['value:']}: ") and "'power' is ReadOnly in its model "
+               f"(m.yaml:{line['acessMode'] - 2}, which does not set accessMode: ReadWrite)" in w for w in warnings)
+    # configData, status and Kubernetes' own metadata fields are not the mapper's to judge.
+    assert len(warnings) == 4, warnings
+    definition = result.devices[DeviceId("default", "d")]
+    assert not definition.prop("power").writable  # kept as the file says, only warned about
