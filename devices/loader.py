@@ -22,7 +22,7 @@ from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
-from devices.values import coerce, range_problem
+from devices.values import PropertyType, coerce, range_problem
 
 Path_ = tuple[str | int, ...]
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -34,6 +34,9 @@ class _Doc:
     data: Any
     lines: dict[Path_, int]
     line: int
+    # The source text of each unquoted number given as a desired value (`1.10`, `0x05`): a STRING
+    # property takes it as written, not as the number YAML reads (1.1, 5).
+    texts: dict[Path_, str] = field(default_factory=dict)
 
     def line_of(self, path: Iterable[str | int]) -> int:
         """Line of the deepest node on `path` that exists in the file."""
@@ -105,6 +108,8 @@ class _Unreadable(Exception):
 
 
 _STR = "tag:yaml.org,2002:str"
+_INT = "tag:yaml.org,2002:int"
+_FLOAT = "tag:yaml.org,2002:float"
 
 
 class _Index:
@@ -120,6 +125,8 @@ class _Index:
         self._sizes: dict[int, int] = {}
         # Keys given twice in one mapping (YAML would silently keep the last): line, path, first line.
         self.duplicates: list[tuple[int, Path_, int]] = []
+        # Unquoted numbers where a desired value goes, as written (_Doc.texts).
+        self.texts: dict[Path_, str] = {}
 
     def add(self, node: yaml.Node, path: Path_ = ()) -> int:
         """Index `node` at `path`; return how many values it expands to, aliases counted each time."""
@@ -130,7 +137,10 @@ class _Index:
         self.paths[id(node)] = path
         self.lines[path] = node.start_mark.line + 1
         size = 1
-        if isinstance(node, yaml.MappingNode):
+        if isinstance(node, yaml.ScalarNode):
+            if path[-2:] == ("desired", "value") and not node.style and node.tag in (_INT, _FLOAT):  # plain (libyaml: "")
+                self.texts[path] = node.value
+        elif isinstance(node, yaml.MappingNode):
             first: dict[Any, int] = {}
             for key_node, value_node in node.value:
                 key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark)
@@ -245,7 +255,7 @@ def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[
             for line, path, first in loader.indexed.duplicates:
                 problems.append(Problem(label, line, field_name(path),
                                         f"duplicate key (first at line {first}): only one of them would count"))
-            yield _Doc(label, data, loader.indexed.lines, node.start_mark.line + 1)
+            yield _Doc(label, data, loader.indexed.lines, node.start_mark.line + 1, loader.indexed.texts)
     except yaml.YAMLError as exc:
         problems.append(_yaml_problem(label, exc))
     except RecursionError:
@@ -570,6 +580,9 @@ def _driver_failed(protocol: str, what: str, exc: Exception) -> str:
             " (a bug in the driver: report it to its authors)")
 
 
+_NUMERIC_OR_BOOLEAN = frozenset({PropertyType.INT, PropertyType.FLOAT, PropertyType.DOUBLE, PropertyType.BOOLEAN})
+
+
 def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str):
     if dprop.desired is None or dprop.desired.value == "":
         return None
@@ -580,8 +593,11 @@ def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_whe
                                 " accessMode: ReadWrite): the desired value is ignored",
                                 "warning"))
         return None
+    raw = dprop.desired.value
+    if mprop.type not in _NUMERIC_OR_BOOLEAN and path in doc.texts:
+        raw = doc.texts[path]  # `value: 1.10` is "1.10" as written (YAML's number would be 1.1)
     try:
-        value = coerce(mprop.type, dprop.desired.value)
+        value = coerce(mprop.type, raw)
     except ValueError as exc:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), f"{exc} for type {mprop.type.value}"))
         return None

@@ -623,3 +623,20 @@ def test_an_unknown_field_is_a_warning_at_its_line_with_the_field_it_is_close_to
     assert len(warnings) == 4, warnings
     definition = result.devices[DeviceId("default", "d")]
     assert not definition.prop("power").writable  # kept as the file says, only warned about
+
+
+def test_a_bare_number_desired_for_a_string_property_keeps_its_text(tmp_path):
+    """`value: 1.10` for a STRING property is "1.10" as written (it was applied as '1.1', and
+    `0x05` as '5'), as MQTT's /set keeps it; a number property still gets YAML's number."""
+    model = MODEL.format(model="thing-model") + (
+        "    - {name: label, type: STRING, accessMode: ReadWrite}\n"
+        "    - {name: code, type: STRING, accessMode: ReadWrite}\n")
+    device = device_yaml("d").replace("    - name: count\n", "    - name: count\n      desired: {value: 0x05}\n") + (
+        "    - {name: label, desired: {value: 1.10}, visitors: {configData: {kind: constant}}}\n"
+        "    - {name: code, desired: {value: 0x05}, visitors: {configData: {kind: constant}}}\n")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    definition = load([tmp_path], base=tmp_path).devices[DeviceId("default", "d")]
+    assert definition.prop("label").desired == "1.10"
+    assert definition.prop("code").desired == "0x05"
+    assert definition.prop("count").desired == 5
