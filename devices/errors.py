@@ -33,10 +33,12 @@ class Problem:
 
 
 class DefinitionError(DeviceError, ValueError):
-    """One or more definition files are invalid; `problems` lists every one."""
+    """One or more definition files are invalid; `problems` lists every one, `warnings` the
+    warnings found alongside (still worth showing: "every problem is listed")."""
 
-    def __init__(self, problems: list[Problem]) -> None:
+    def __init__(self, problems: list[Problem], warnings: list[Problem] | None = None) -> None:
         self.problems = problems
+        self.warnings = list(warnings or ())
         super().__init__("\n".join(str(p) for p in problems))
 
 

@@ -358,7 +358,7 @@ def _validate(docs: list[_Doc], problems: list[Problem]) -> LoadResult:
     errors = [p for p in problems if p.severity == "error"]
     result.warnings.extend(p for p in problems if p.severity != "error")
     if errors:
-        raise DefinitionError(errors)
+        raise DefinitionError(errors, result.warnings)
     return result
 
 

@@ -52,7 +52,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     except DefinitionError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
-        print(f"{len(exc.problems)} error(s)", file=sys.stderr)
+        for warning in exc.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        also = f", {len(exc.warnings)} warning(s)" if exc.warnings else ""
+        print(f"{len(exc.problems)} error(s){also}", file=sys.stderr)
         return 1
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -215,6 +218,8 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
     except DefinitionError as exc:
         for problem in exc.problems:
             reload_log.error("reload refused: %s", problem)
+        for warning in exc.warnings:
+            reload_log.warning("reload refused: %s", warning)
         reload_log.error("reload refused: %d error(s); still running the previous devices", len(exc.problems))
         return False
     for warning in result.warnings:
@@ -483,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DefinitionError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
+        for warning in exc.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         return 1
     except (TwinError, ValueError, OSError, sqlite3.Error, subprocess.CalledProcessError) as exc:
         # (OSError: PermissionError, a missing file ...; sqlite3.Error: a locked or broken twin file)

@@ -757,3 +757,19 @@ def test_validate_given_the_config_file_says_it_is_a_config(tmp_path):
     assert result.returncode == 1
     assert "examples/demo.yaml:2: kind: required field is missing: this looks like a mapper config file" in result.stderr
     assert "None" not in result.stderr and "mapper run --config" in result.stderr, result.stderr
+
+
+def test_validate_prints_the_warnings_too_when_there_are_errors(tmp_path):
+    """A device whose protocol has no driver (a warning) next to one with `collectCycle: -1` (an
+    error): only the error was printed, though every problem is to be listed. Both are now."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "a.yaml").write_text(device_yaml("a").replace("protocolName: simulated\n    configData",
+                                                              "protocolName: modbus\n    configData"))
+    (tmp_path / "b.yaml").write_text(device_yaml("b", cycle=-1))
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert f"{tmp_path}/b.yaml:17: spec.properties[0].collectCycle: must be >= 0" in lines, lines
+    assert any(l.startswith(f"warning: {tmp_path}/a.yaml:10: spec.protocol.protocolName: device default/a: "
+                            "no driver installed for protocol 'modbus'") for l in lines), lines
+    assert lines[-1] == "5 error(s), 1 warning(s)", lines
