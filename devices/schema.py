@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic.alias_generators import to_camel
 
 from devices import ids
+from devices.errors import FieldError
 from devices.values import PropertyType, whole_number
 
 API_VERSION = "devices.kubeedge.io/v1beta1"
@@ -111,8 +112,14 @@ class ModelProperty(_Base):
 
     @model_validator(mode="after")
     def _bounds(self) -> ModelProperty:
-        low = _number(self.minimum, "minimum")
-        high = _number(self.maximum, "maximum")
+        try:
+            low = _number(self.minimum, "minimum")
+        except ValueError as exc:  # at the bound's own line and field, not the property's
+            raise FieldError(("minimum",), str(exc)) from None
+        try:
+            high = _number(self.maximum, "maximum")
+        except ValueError as exc:
+            raise FieldError(("maximum",), str(exc)) from None
         if low is not None and high is not None and low > high:
             raise ValueError(f"minimum {self.minimum} is greater than maximum {self.maximum}")
         return self

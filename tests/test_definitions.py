@@ -499,7 +499,18 @@ def test_a_bound_that_is_not_a_plain_finite_number_is_refused(tmp_path, bound, m
     the range check off and '1_0' used to mean 10."""
     text = MODEL.format(model="thing-model").replace('minimum: "0"', bound, 1)
     problems = problems_of(tmp_path, {"m.yaml": text})
-    assert len(problems) == 1 and problems[0].startswith(f"m.yaml:9: spec.properties[0]: {message}")
+    assert len(problems) == 1 and problems[0].startswith(f"m.yaml:12: spec.properties[0].minimum: {message}")
+
+
+def test_a_bound_that_is_not_a_number_is_reported_at_its_own_field(tmp_path):
+    """`maximum: "ten"` was reported at `spec.properties[1]` (the property's first line): it is at
+    the bound's own line and field now."""
+    text = MODEL.format(model="thing-model").replace(
+        "      accessMode: ReadWrite\n    - name: count", '      accessMode: ReadWrite\n      maximum: "ten"\n    - name: count')
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if '"ten"' in l)
+    assert problems_of(tmp_path, {"m.yaml": text}) == [
+        f"m.yaml:{line}: spec.properties[1].maximum: maximum 'ten' is not a number: write a plain decimal such as"
+        ' "0" or "-2.5"']
 
 
 def test_plain_bounds_and_a_bare_number_desired_value_still_load(tmp_path):
