@@ -323,8 +323,15 @@ class _Entry:
     obj: Any
 
 
-def load(paths: Iterable[str | Path], *, base: Path | None = None) -> LoadResult:
-    """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad."""
+def load(
+    paths: Iterable[str | Path], *, base: Path | None = None,
+    named_at: dict[Path, tuple[str, int | None, str]] | None = None,
+) -> LoadResult:
+    """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad.
+
+    `named_at` says where each path was named (the config file, its line and field: `devices[1]`):
+    a path that does not exist is reported there, as a problem of that file.
+    """
     paths = list(paths)
     problems: list[Problem] = []
     docs: list[_Doc] = []
@@ -334,7 +341,10 @@ def load(paths: Iterable[str | Path], *, base: Path | None = None) -> LoadResult
     for file in files:
         label = _label(file, base)
         if not file.exists():
-            problems.append(Problem(label, None, "", "file not found"))
+            if named_at and file in named_at:
+                problems.append(Problem(*named_at[file], f"{file}: no such file or directory"))
+            else:
+                problems.append(Problem(label, None, "", "file not found"))
             continue
         docs.extend(read_documents(file, label, problems))
     return _validate(docs, problems)
@@ -363,8 +373,11 @@ def _validate(docs: list[_Doc], problems: list[Problem]) -> LoadResult:
 
 
 def _label(file: Path, base: Path | None) -> str:
+    root = (base or Path.cwd()).resolve()
+    if root == root.parent:  # run from `/`: relative to it, /etc/x.yaml would lose its slash
+        return str(file)
     try:
-        return str(file.resolve().relative_to((base or Path.cwd()).resolve()))
+        return str(file.resolve().relative_to(root))
     except ValueError:
         return str(file)
 
@@ -449,6 +462,18 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
 
     walk(obj, ())
     return found
+
+
+def device_file_problem(docs: list[_Doc], what: str = "a mapper config") -> Problem | None:
+    """A device or model file given where a config goes (`mapper run --config switch.yaml`): the
+    mirror of the hint `mapper validate` gives for a config; None if no document looks like one."""
+    for doc in docs:
+        data = doc.data
+        if isinstance(data, dict) and (data.get("kind") in ("Device", "DeviceModel") or data.get("apiVersion") == API_VERSION):
+            return Problem(doc.file, doc.line_of(("kind",)), "kind",
+                           f"this looks like a device YAML file (kind: {data.get('kind')}), not {what}: name it under "
+                           f"`devices:` in the config, or check it alone with `mapper validate {doc.file}`")
+    return None
 
 
 def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: list[Problem]) -> None:

@@ -20,7 +20,7 @@ import orjson
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from devices.loader import LoadResult, load
+from devices.loader import load
 from mapper import __version__, logs, openssl
 from mapper.config import MapperConfig, load_config
 from twin.store import TwinError, TwinStore
@@ -214,7 +214,7 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
     try:
-        result = await asyncio.to_thread(load, config.devices) if config.devices else LoadResult()
+        result = await asyncio.to_thread(config.load_devices)
     except DefinitionError as exc:
         for problem in exc.problems:
             reload_log.error("reload refused: %s", problem)
@@ -339,7 +339,7 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
     is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
     from twin.store import DERIVED_PROTOCOL, UnknownDevice
 
-    definitions = load(config.devices).devices if config.devices else {}
+    definitions = config.load_devices().devices
     definition = definitions.get(device)
     if definition is None:
         try:

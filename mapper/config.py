@@ -16,11 +16,12 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from devices import ids
 from devices.errors import DefinitionError, FieldError, Problem, error_loc
-from devices.loader import describe, field_name, read_documents, validation_problems
+from devices.loader import (LoadResult, describe, device_file_problem, field_name, load, read_documents,
+                            validation_problems)
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
 from mapper.inference.settings import InferenceSettings, importable, missing_ml_packages
@@ -96,6 +97,13 @@ class MapperConfig(_Section):
     kubeedge: KubeEdgeSettings | None = None
     systemd: SystemdSettings | None = None
     api: ApiSettings | None = None
+    # Where each `devices` entry was named (config file, line, `devices[i]`), for load_devices().
+    _devices_named_at: dict[Path, tuple[str, int | None, str]] = PrivateAttr(default_factory=dict)
+
+    def load_devices(self) -> LoadResult:
+        """The device files, loaded and validated (DefinitionError); an entry that does not exist
+        is reported where the config names it."""
+        return load(self.devices, named_at=self._devices_named_at) if self.devices else LoadResult()
 
     def check_installed(self, source: str) -> None:
         """What the config asks for and this install cannot do, as a config error at start."""
@@ -208,6 +216,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     docs = list(read_documents(path, label, problems))
     if problems:
         raise DefinitionError(problems)
+    if (device_file := device_file_problem(docs)) is not None:
+        raise DefinitionError([device_file])
     if len(docs) != 1 or not isinstance(docs[0].data, dict):
         raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
     doc = docs[0]
@@ -233,7 +243,13 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     if config.kubeedge is not None and config.kubeedge.state_file is not None:
         update["kubeedge"] = config.kubeedge.model_copy(
             update={"state_file": _absolute(base, config.kubeedge.state_file)})
-    return config.model_copy(update=update)
+    final = config.model_copy(update=update)
+    variable = applied.get(("devices",))
+    final._devices_named_at = {
+        entry: (f"environment variable {variable}", None, f"devices[{i}]") if variable
+        else (label, doc.line_of(("devices", i)), f"devices[{i}]")
+        for i, entry in enumerate(final.devices)}
+    return final
 
 
 def _twin_path_problem(path: Path) -> str | None:

@@ -41,14 +41,13 @@ def _precompile(config_path: str) -> None:
         _compile_module(name)
     from devices.drivers.base import load_driver
     from devices.errors import DriverNotFound
-    from devices.loader import load
     from mapper.cli import _config
     from mapper.inference.extension import InferenceExtension, collect_settings
     from mapper.runtime import build_service
 
     config = _config(config_path)
     service = build_service(config)  # imports the extensions the config asks for
-    definitions = load(config.devices).devices if config.devices else {}
+    definitions = config.load_devices().devices
     for protocol in sorted({d.protocol for d in definitions.values()}):
         try:
             driver = load_driver(protocol)

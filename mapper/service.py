@@ -17,7 +17,7 @@ from typing import Any
 from devices.definitions import DeviceDefinition
 from devices.drivers.base import load_driver
 from devices.ids import DeviceId
-from devices.loader import LoadResult, load
+from devices.loader import LoadResult
 from mapper.config import MapperConfig
 from mapper.device_loop import OFFLINE, DeviceRunner
 from mapper.finish import to_the_end
@@ -108,7 +108,7 @@ class MapperService:
 
     async def run(self, stop: asyncio.Event) -> None:
         if self.definitions is None:
-            self.definitions = load(self.config.devices) if self.config.devices else LoadResult()
+            self.definitions = self.config.load_devices()
         for warning in self.definitions.warnings:
             log.warning("%s", warning)
         async with StoreWorker(self._open_store) as worker:

@@ -773,3 +773,34 @@ def test_validate_prints_the_warnings_too_when_there_are_errors(tmp_path):
     assert any(l.startswith(f"warning: {tmp_path}/a.yaml:10: spec.protocol.protocolName: device default/a: "
                             "no driver installed for protocol 'modbus'") for l in lines), lines
     assert lines[-1] == "5 error(s), 1 warning(s)", lines
+
+
+def test_a_missing_devices_entry_is_reported_at_its_config_line_also_run_from_root(tmp_path):
+    """`devices: [devices, nosuchdir]` printed just `nosuchdir: file not found` (no config file, line
+    or field; run from `/`, the path lost its leading slash). It is a problem of the config now."""
+    write_devices(tmp_path / "devices", ["d"])
+    config = tmp_path / "c.yaml"
+    config.write_text(f"node: n1\ndevices: [devices, nosuchdir]\ntwin: {{path: {tmp_path / 'twin.db'}}}\n")
+    result = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(config)], capture_output=True,
+                            text=True, timeout=30, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1
+    assert f"{config}:2: devices[1]: {tmp_path}/nosuchdir: no such file or directory" in result.stderr.splitlines(), \
+        result.stderr
+
+
+def test_validate_run_from_root_keeps_the_leading_slash(tmp_path):
+    """Run from `/`, a file's label is no longer its path relative to `/` (`tmp/x.yaml`)."""
+    result = subprocess.run([sys.executable, "-m", "mapper", "validate", str(tmp_path / "nosuch.yaml")],
+                            capture_output=True, text=True, timeout=30, cwd="/", env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 1 and f"{tmp_path}/nosuch.yaml: file not found" in result.stderr.splitlines(), \
+        result.stderr
+
+
+def test_a_device_file_given_as_the_config_says_so(tmp_path):
+    """`mapper run --config switch.yaml` said `the config file must hold one YAML mapping`, without
+    the hint `mapper validate` gives for the reverse mistake."""
+    result = mapper("run", "--config", "devices/examples/switch.yaml")
+    assert result.returncode == 1
+    assert ("devices/examples/switch.yaml:3: kind: this looks like a device YAML file (kind: DeviceModel), not a mapper"
+            " config: name it under `devices:` in the config, or check it alone with `mapper validate "
+            "devices/examples/switch.yaml`") in result.stderr.splitlines(), result.stderr

@@ -68,7 +68,7 @@ def _read_worker_config(path: str | Path) -> tuple[WorkerSettings, Any]:
     """The settings, and the YAML document they came from (None for an empty file), for the lines
     of the problems found later (load_worker_models)."""
     from devices.errors import DefinitionError, Problem
-    from devices.loader import read_documents, validation_problems
+    from devices.loader import device_file_problem, read_documents, validation_problems
 
     path = Path(path)
     label = str(path)
@@ -78,6 +78,8 @@ def _read_worker_config(path: str | Path) -> tuple[WorkerSettings, Any]:
     docs = list(read_documents(path, label, problems))
     if problems:
         raise DefinitionError(problems)
+    if (device_file := device_file_problem(docs, "a worker config")) is not None:
+        raise DefinitionError([device_file])
     if len(docs) > 1 or (docs and not isinstance(docs[0].data, dict)):
         raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
     try:
