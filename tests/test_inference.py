@@ -1467,44 +1467,40 @@ async def test_a_timer_transaction_the_stop_cancels_midway_is_committed_once(tmp
 
 
 async def test_a_cloud_answer_in_a_batch_whose_decisions_were_given_up_is_still_committed(tmp_path, broker, worker,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, caplog):
     """A cloud answer rides with a batch of readings whose decisions' work keeps failing, until the recorder
     commits the readings without it (EXTRA_TRIES): the answer is still committed (by the timer), published and
     acted on, and a repeat is refused as a duplicate. It used to be dropped with the work: the row stayed
-    pending and the worker's repeat was refused as a duplicate, so it never could be."""
+    pending and the worker's repeat was refused as a duplicate, so it never could be.
+
+    The refusal is SQLite's own: a trigger aborts every update of a decision row while a marker row exists.
+    The batches' new decisions are inserts and still commit; the one batch that carries the answer (its row
+    update) is refused each try, and then given up while its readings commit alone."""
     from mapper.inference import extension
 
     # The answer rides with a batch, not with the timer's fallback (batches wait 1 s between failed tries).
     monkeypatch.setattr(extension, "TIMER_GRACE_S", 600.0)
+    caplog.set_level(logging.INFO)
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 1.0,
                                 "deadline_s": 600, "resend_s": 600}, broker=broker)
-    failing = False
-    real_insert = records.insert_within
-
-    def insert_within(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the batch's decisions: a full disk
-        if failing:
-            raise sqlite3.OperationalError("database or disk is full")
-        return real_insert(*args, **kwargs)
-
-    monkeypatch.setattr(records, "insert_within", insert_within)
-    # A spy, not a stand-in: which given-up work carried the answer leaves no trace anywhere else.
-    given_up_results: list[int] = []
-    real_lost = r.ext._lost
-
-    def lost(p):  # noqa: ANN001, ANN202
-        given_up_results.append(p.results)
-        real_lost(p)
-
-    r.ext._lost = lost
+    refuse = sqlite3.connect(tmp_path / "twin.db", timeout=10, isolation_level=None)
     try:
+        refuse.executescript("""
+            CREATE TABLE test_refuse_updates (x);
+            CREATE TRIGGER test_refuse_updates BEFORE UPDATE ON inference_decisions
+            WHEN EXISTS (SELECT 1 FROM test_refuse_updates)
+            BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END;
+        """)
         stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
         await _until(lambda: _row(r, request["id"]), lambda x: x["status"] == "pending", what="its row")
-        failing = True
+        refuse.execute("INSERT INTO test_refuse_updates VALUES (1)")
         await r.send_result(_answer(worker, request))
-        await async_wait_for(lambda: sum(given_up_results) == 1, timeout=20,
+        await async_wait_for(lambda: any(m.startswith("gave up") and "refused the write (test trigger)" in m
+                                         for m in caplog.messages), timeout=20,
                              what="the batch that carried the answer given up")
-        failing = False
+        assert (await _row(r, request["id"]))["status"] == "pending"   # the readings committed without it
+        refuse.execute("DELETE FROM test_refuse_updates")  # the twin takes writes again
         row = await _until(lambda: _row(r, request["id"]), lambda x: x["status"] != "pending", timeout=10,
                            what="the answer committed")
         assert (row["status"], row["exit"]) == ("final", "cloud")
@@ -1514,6 +1510,9 @@ async def test_a_cloud_answer_in_a_batch_whose_decisions_were_given_up_is_still_
         await r.send_result(_answer(worker, request))
         await async_wait_for(lambda: r.ext.status()["results_rejected"].get("duplicate") == 1, what="the repeat")
     finally:
+        with contextlib.suppress(sqlite3.Error):
+            refuse.execute("DELETE FROM test_refuse_updates")
+        refuse.close()
         await _stop(r)
     assert [(b["exit"], b["provisional"]) for b in r.published() if b["request_id"] == request["id"]] == [
         ("cloud", False)]
