@@ -813,23 +813,27 @@ async def test_resends_wait_quietly_while_the_bus_is_down(tmp_path):
             queued = sorted(b["id"] for _, b in await r.outbox("/offload/request"))
             assert len(queued) == stats()["offloads"] >= 3 and not r.service.bus.bus.connected.is_set()
             # A spy, not a stand-in: a timer that spins without sending anything leaves no trace in the
-            # twin or on the broker, so its scans are counted where they happen.
-            scans = 0
+            # twin or on the broker, so its scans are counted where they happen, each with the time on the
+            # clock its due times are on (the `now` it scans at, _mono_ms).
+            scans: list[int] = []
             real = r.ext._collect_due
 
-            def counting(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-                nonlocal scans
-                scans += 1
-                return real(*args, **kwargs)
+            def counting(now, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+                scans.append(now)
+                return real(now, *args, **kwargs)
 
             r.ext._collect_due = counting
             newest = max(b["created"] for _, b in await r.outbox("/offload/request"))
             overdue_ms = int((0.2 + TIMER_GRACE_S) * 1000) + 300
             await async_wait_for(lambda: _now_ms() > newest + overdue_ms, timeout=10,
                                  what="every first resend overdue by more than TIMER_GRACE_S")
-            scans = 0
-            await asyncio.sleep(1.0)  # an observation window: what the timer does on its own for a second
-            assert scans <= 10, f"the timer task scanned {scans} times in a second (resends due every 0.2 s)"
+            seen = len(scans)
+            await async_wait_for(lambda: len(scans) >= seen + 4, timeout=20, what="the timer scanning on its own")
+            # Each scan moves the resends it found due to a resend period later, sent or not: a scan per
+            # resend period at most (else the due time stayed behind and the timer spins on it).
+            after = scans[seen:]
+            assert all(b - a >= 200 for a, b in zip(after, after[1:], strict=False)), (
+                f"scans {[b - a for a, b in zip(after, after[1:], strict=False)]} ms apart, resends due every 200 ms")
             assert stats()["resent"] == 0  # the bus is down: nothing was queued twice
             assert sorted(b["id"] for _, b in await r.outbox("/offload/request")) == queued
 
