@@ -19,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -1953,113 +1954,215 @@ def test_without_the_ml_extra_a_devices_pipeline_is_disabled_and_the_device_runs
     assert "Traceback" not in m.log()
 
 
-def test_what_a_given_up_batch_kept_survives_a_timer_transaction_failing_meanwhile() -> None:
-    """A batch carries cloud answer R1 (desired `on`); while the recorder retries it, the timer's
-    transaction takes answer R2 (`off`, collected later) and waits for the twin. The batch is given
-    up (`_lost` keeps R1), then the timer's transaction fails too (a full disk). The failing
-    transaction put back only its own items, replacing R1 (never committed, a repeat refused as a
-    duplicate); and kept in the order they were kept, R1's `on` would be set after R2's `off`. Both
-    are kept, in the order they were collected: the next transaction sets `on`, then `off`."""
-    from mapper.inference.extension import InferenceExtension, _Prepared
-
-    async def scenario() -> None:
-        ext = InferenceExtension()
-        gate = asyncio.Event()
-
-        async def refusing(fn):  # noqa: ANN001, ANN202 - the twin refuses, once the batch was given up
-            await gate.wait()
-            raise OSError("database or disk is full")
-
-        ext._twin = refusing  # noqa: SLF001
-        ext._collections = 2  # noqa: SLF001 - R1's batch collected at 1, R2 at 2 (its first try failed)
-        ext._unsaved = [(2, (["r2-update"], [], ["off"], [], 1))]  # noqa: SLF001
-        due = asyncio.ensure_future(ext._due(0))  # noqa: SLF001
-        await asyncio.sleep(0)  # (the timer's transaction is under way: waiting for the twin)
-        given_up = _Prepared([], 0, 0)
-        given_up.due, given_up.due_collected = (["r1-update"], [], ["on"], [], 1), 1
-        ext._lost(given_up)  # noqa: SLF001
-        gate.set()
-        with pytest.raises(OSError):
-            await due
-        assert [chunk[0] for _, chunk in ext._unsaved] == [["r1-update"], ["r2-update"]]  # noqa: SLF001
-
-        committed: list[list[str]] = []
-        set_in_order: list[str] = []
-
-        async def accepting(fn):  # noqa: ANN001, ANN202
-            return []
-
-        async def set_desired(desired):  # noqa: ANN001, ANN202
-            set_in_order.extend(desired)
-
-        ext._twin = accepting  # noqa: SLF001
-        ext._set_desired = set_desired  # noqa: SLF001
-        ext._offer = lambda rows: committed.append(rows)  # noqa: SLF001
-        await ext._due(0)  # noqa: SLF001
-        assert set_in_order == ["on", "off"] and ext.results_applied == 2 and ext._unsaved == []  # noqa: SLF001
-
-    asyncio.run(scenario())
+# The closed loop of the tests below: the relay on for a spike, off otherwise; every window is offloaded and
+# waits for its cloud answer (no deadline falls due), whose logits the tests choose.
+RELAY_LOOP = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 600, "resend_s": 600,
+              "actions": [{"type": "publish"}, {"type": "set_desired", "device": "relay", "property": "power", "value": True,
+                           "when": ["spike"], "otherwise": False}]}
+SPIKE = [0.0, 8.0, 0.0, 0.0, 0.0]    # sensor_faults' classes: normal, spike, stuck, drift, noise
+NORMAL = [8.0, 0.0, 0.0, 0.0, 0.0]
 
 
-def test_what_was_kept_for_the_next_try_is_committed_at_the_stop() -> None:
+def _relay_power(store: TwinStore):
+    return store.device(RELAY).properties["power"]
+
+
+async def _two_pending(r: Running) -> tuple[dict, dict, dict, dict]:
+    """The first two offload requests and their rows, pending (the first one's window the older)."""
+    first, second = await async_wait_for(lambda: r.requests()[:2] if len(r.requests()) >= 2 else None, timeout=20,
+                                         what="two offload requests at the worker")
+    rows = [await _until(lambda b=b: _row(r, b["id"]), lambda x: x["status"] == "pending", what="its row")
+            for b in (first, second)]
+    assert rows[0]["window_end_ts"] < rows[1]["window_end_ts"]
+    return first, second, rows[0], rows[1]
+
+
+class _RowGate:
+    """A SQLite function the mapper's own twin connection calls from a trigger on every update of a decision
+    row: the update is refused (RAISE(ABORT)) while `refusing`, and the twin thread can be held inside a
+    chosen update (its `nth` for a row) until the test lets it go. The interleavings of the tests below need
+    one transaction held while another is queued behind it; the twin's own thread is where it is held."""
+
+    def __init__(self) -> None:
+        self.refusing: set[int] = set()   # row ids whose updates are refused
+        self.calls: Counter[int] = Counter()
+        self.holds: dict[tuple[int, int], tuple[threading.Event, threading.Event]] = {}
+
+    def hold(self, row_id: int, nth: int):
+        """Hold the `nth` update of `row_id` (in the twin thread): (reached, release) events."""
+        events = self.holds[(row_id, nth)] = (threading.Event(), threading.Event())
+        return events
+
+    def __call__(self, row_id: int) -> int:
+        self.calls[row_id] += 1
+        held = self.holds.get((row_id, self.calls[row_id]))
+        if held is not None:
+            held[0].set()
+            held[1].wait(30)
+        return int(row_id in self.refusing)
+
+    def release_all(self) -> None:
+        self.refusing.clear()
+        for _, release in self.holds.values():
+            release.set()
+
+    async def install(self, r: Running) -> None:
+        def install(store: TwinStore) -> None:
+            store.conn.create_function("test_row_gate", 1, self)
+            store.conn.execute("CREATE TRIGGER test_row_gate BEFORE UPDATE ON inference_decisions"
+                               " WHEN test_row_gate(new.id)"
+                               " BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END")
+        await r.service.twin(install)
+
+    async def remove(self, r: Running) -> None:
+        await r.service.twin(lambda store: store.conn.execute("DROP TRIGGER IF EXISTS test_row_gate"))
+
+
+async def test_what_a_given_up_batch_kept_survives_a_timer_transaction_failing_meanwhile(tmp_path, broker, worker,
+                                                                                        caplog):
+    """A batch carries cloud answer R1 (relay on); while the recorder retries it, the timer's transaction takes
+    answer R2 (off, collected later) and waits for the twin. The batch is given up (its readings commit
+    alone: R1 kept for the next try), then the timer's transaction is refused too. The failing transaction
+    used to put back only its own items, replacing R1 (never committed, a repeat refused as a duplicate).
+    Both are kept, in the order they were collected: the next transaction records both answers and sets
+    `on`, then `off` (R2's, the later answer's, is the value that stays).
+
+    Through real parts: a trigger on the decision rows refuses R1's and R2's updates and holds the twin
+    thread inside the batch's last try until the timer's transaction is queued behind it, and inside the
+    timer's until the batch was given up. A spy (not a stand-in) on _collect_due tells when the timer took
+    R2: nothing outside the process shows it before its transaction ends."""
+    from mapper.recorder import EXTRA_TRIES
+
+    caplog.set_level(logging.INFO)
+    r = await _start(tmp_path, RELAY_LOOP, broker=broker)
+    gate = _RowGate()
+    try:
+        first, second, row1, row2 = await _two_pending(r)
+        taken: list[int] = []  # cloud answers each scan took
+        real = r.ext._collect_due
+
+        def collect_due(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            due = real(*args, **kwargs)
+            taken.append(due[4])
+            return due
+
+        r.ext._collect_due = collect_due
+        await gate.install(r)
+        gate.refusing |= {row1["id"], row2["id"]}
+        batch_last_try, let_batch_go = gate.hold(row1["id"], EXTRA_TRIES + 1)  # readings alone, then the work
+        timer_try, let_timer_go = gate.hold(row2["id"], 1)
+
+        await r.send_result(_answer(worker, first, logits=SPIKE))  # R1: rides with the next batch
+        await async_wait_for(batch_last_try.is_set, timeout=20, what="the batch's last try (held in the twin)")
+        taken.clear()  # (R1's batch took it) from here on no batch comes while the twin thread is held
+        await r.send_result(_answer(worker, second, logits=NORMAL))  # R2: no batch comes: the timer's
+        await async_wait_for(lambda: sum(taken) == 1, timeout=20, what="the timer taking R2")
+        let_batch_go.set()
+        await async_wait_for(lambda: any(m.startswith("gave up") and "test trigger" in m for m in caplog.messages)
+                             and timer_try.is_set(), timeout=20,
+                             what="the batch given up, the timer's transaction reaching the twin after it")
+        let_timer_go.set()
+        await async_wait_for(lambda: any(m.startswith("inference: cannot record what fell due") for m in
+                                         caplog.messages), timeout=20, what="the timer's transaction refused")
+        gate.refusing.clear()  # the twin takes writes again: the timer's next try
+        rows = await _until(lambda: asyncio.gather(_row(r, first["id"]), _row(r, second["id"])),
+                            lambda rows: all(x["status"] != "pending" for x in rows), what="both answers committed")
+        assert [(x["status"], x["exit"], x["label"]) for x in rows] == [("final", "cloud", "spike"),
+                                                                        ("final", "cloud", "normal")]
+        power = await _until(lambda: r.service.twin(_relay_power), lambda p: p.desired_version >= 2,
+                             what="the relay set twice")
+        assert (power.desired, power.desired_version) == (False, 2)  # on, then off: the later answer's
+        assert r.ext.results_applied == 2
+    finally:
+        gate.release_all()
+        with contextlib.suppress(Exception):
+            await gate.remove(r)
+        await _stop(r)
+
+
+async def test_what_was_kept_for_the_next_try_is_committed_at_the_stop(tmp_path, broker, worker, caplog):
     """The timer's transaction failed (kept for the next try, a second later) and the mapper stops
     meanwhile with no new cloud answer: the stop committed only when answers were waiting, so the
-    kept ones (accepted answers, provisional edge answers) were never recorded nor acted on."""
-    from mapper.inference.extension import InferenceExtension
+    kept ones (accepted answers, provisional edge answers) were never recorded nor acted on.
 
-    async def scenario() -> None:
-        ext = InferenceExtension()
-        transactions: list[object] = []
+    The twin refuses through a trigger on the decision rows while a marker row exists; the marker goes
+    the moment the stop is asked for, just after a refused try (the next one is a second away)."""
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    r = await _start(tmp_path, RELAY_LOOP, broker=broker)
+    refuse = sqlite3.connect(tmp_path / "twin.db", timeout=10, isolation_level=None)
+    try:
+        first, _, _, _ = await _two_pending(r)
+        for device in list(r.service.runners):  # no more batches: the answer is the timer's
+            await r.service.stop_device(device)
+        await r.service.recorder.flush()
+        refuse.executescript("""
+            CREATE TABLE test_refuse_updates (x);
+            INSERT INTO test_refuse_updates VALUES (1);
+            CREATE TRIGGER test_refuse_updates BEFORE UPDATE ON inference_decisions
+            WHEN EXISTS (SELECT 1 FROM test_refuse_updates)
+            BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END;
+        """)
+        await r.send_result(_answer(worker, first, logits=SPIKE))
+        failure = "inference: cannot record what fell due"
+        refused = lambda: sum(m.startswith(failure) for m in caplog.messages)  # noqa: E731
+        await async_wait_for(lambda: refused() >= 1, timeout=20, what="the timer's transaction refused")
+        seen = refused()
+        await async_wait_for(lambda: refused() > seen, timeout=20, what="its next try refused (a second begins)")
+        refuse.execute("DELETE FROM test_refuse_updates")  # the twin takes writes again ...
+        r.stop.set()                                       # ... and the stop comes before the timer's next try
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            refuse.execute("DELETE FROM test_refuse_updates")
+        refuse.close()
+        await _stop(r)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        row = {x["request_id"]: x for x in records.recent(store, "default/probe-sensor-faults", 100_000)}[first["id"]]
+        power = _relay_power(store)
+    assert (row["status"], row["exit"], row["label"]) == ("final", "cloud", "spike")
+    assert (power.desired, power.desired_version) == (True, 1)  # and acted on
+    assert [(b["exit"], b["label"]) for b in r.published() if b["request_id"] == first["id"]] == [("cloud", "spike")]
 
-        async def twin(fn):  # noqa: ANN001, ANN202
-            transactions.append(fn)
-            return []
 
-        async def set_desired(desired):  # noqa: ANN001, ANN202
-            return None
+async def test_a_desired_value_asked_for_earlier_is_not_set_after_a_later_one(tmp_path, broker, worker, caplog):
+    """Cloud answer R1 (relay on) rode in a batch whose transaction the recorder kept retrying; the later
+    answer R2 (off) committed in the timer's transaction and set `off`; R1, kept and committed after, set
+    `on`: the actuator ended on the older decision (and the pipeline, which last asked for `off`, held
+    `off` back as already sent). A value asked for before one already set is skipped.
 
-        ext._twin = twin  # noqa: SLF001
-        ext._set_desired = set_desired  # noqa: SLF001
-        ext._offer = lambda rows: None  # noqa: SLF001
-        ext._unsaved = [(1, (["kept-update"], [], [], [], 1))]  # noqa: SLF001
-        await ext.commit_results()
-        assert len(transactions) == 1 and ext._unsaved == [] and ext.results_applied == 1  # noqa: SLF001
-
-    asyncio.run(scenario())
-
-
-def test_a_desired_value_asked_for_earlier_is_not_set_after_a_later_one() -> None:
-    """Cloud answer R1 (heater on) rode in a batch whose transaction the recorder kept retrying; the
-    later answer R2 (off) committed in the timer's transaction and set `off`; R1, kept and committed
-    after, set `on`: the actuator ended on the older decision (and the pipeline, which last asked for
-    `off`, held `off` back as already sent). A value asked for before one already set is skipped."""
-    from mapper.inference.extension import InferenceExtension
-    from mapper.inference.pipeline import DesiredSet
-
-    heater = DeviceId("default", "heater")
-    r1 = DesiredSet(heater, "power", True)  # asked for first
-    r2 = DesiredSet(heater, "power", False)
-
-    async def scenario() -> None:
-        ext = InferenceExtension()
-        written: list[object] = []
-
-        async def twin(fn):  # noqa: ANN001, ANN202
-            class Store:
-                def set_desired(self, device, prop, value):  # noqa: ANN001, ANN202
-                    written.append(value)
-            return fn(Store())
-
-        class Service:
-            def desired_changed(self) -> None:
-                return None
-
-        ext._twin = twin  # noqa: SLF001
-        ext._service = Service()  # noqa: SLF001
-        await ext._set_desired([r2])  # noqa: SLF001
-        await ext._set_desired([r1])  # noqa: SLF001
-        assert written == [False]
-        await ext._set_desired([DesiredSet(heater, "power", True)])  # noqa: SLF001 - a later decision: set
-        assert written == [False, True]
-
-    asyncio.run(scenario())
+    The twin refuses R1's row update (a trigger on that row while a marker row exists) until `off` is set
+    and R1's batch was given up; R2's row is not refused."""
+    caplog.set_level(logging.INFO)
+    r = await _start(tmp_path, RELAY_LOOP, broker=broker)
+    refuse = sqlite3.connect(tmp_path / "twin.db", timeout=10, isolation_level=None)
+    try:
+        first, second, row1, _ = await _two_pending(r)
+        refuse.executescript(f"""
+            CREATE TABLE test_refuse_updates (x);
+            INSERT INTO test_refuse_updates VALUES (1);
+            CREATE TRIGGER test_refuse_updates BEFORE UPDATE ON inference_decisions
+            WHEN new.id = {int(row1["id"])} AND EXISTS (SELECT 1 FROM test_refuse_updates)
+            BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END;
+        """)
+        await r.send_result(_answer(worker, first, logits=SPIKE))  # R1: rides with the next batch, refused
+        await async_wait_for(lambda: any(m.startswith("cannot commit") and "test trigger" in m
+                                         for m in caplog.messages), timeout=20, what="R1's batch refused")
+        await r.send_result(_answer(worker, second, logits=NORMAL))  # R2: collected after R1
+        power = await _until(lambda: r.service.twin(_relay_power), lambda p: p.desired is not None,
+                             what="R2's `off` set")
+        assert (power.desired, power.desired_version) == (False, 1)
+        await async_wait_for(lambda: any(m.startswith("gave up") and "test trigger" in m for m in caplog.messages),
+                             timeout=20, what="R1's batch given up (R1 kept for the next try)")
+        refuse.execute("DELETE FROM test_refuse_updates")  # the twin takes R1 again
+        row = await _until(lambda: _row(r, first["id"]), lambda x: x["status"] != "pending", what="R1 committed")
+        assert (row["status"], row["exit"], row["label"]) == ("final", "cloud", "spike")
+        await async_wait_for(lambda: any("default/relay/power = True" in m for m in caplog.messages), timeout=10,
+                             what="R1's `on` dealt with")
+        power = await r.service.twin(_relay_power)
+        assert (power.desired, power.desired_version) == (False, 1)  # the later answer's value stays
+        assert "inference: default/relay/power = True not set: a later decision's value was set already" in (
+            caplog.messages)
+    finally:
+        with contextlib.suppress(sqlite3.Error):
+            refuse.execute("DELETE FROM test_refuse_updates")
+        refuse.close()
+        await _stop(r)
