@@ -233,7 +233,8 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import (ServiceUser, UnitSettings, check_service_reads, check_service_secrets, existing_groups,
-                                install_service, render_unit, writable_dirs)
+                                install_service, render_unit, service_warnings,
+                                writable_dirs)
 
     config_path = Path(args.config).resolve()
     config = _config(str(config_path))  # refuse to install a service that cannot start
@@ -255,6 +256,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     unit = render_unit(settings)
     if args.dry_run:
         print(unit, end="")
+        # The checks a real install makes after writing the unit, without writing anything.
+        for warning in service_warnings(settings):
+            print(warning, file=sys.stderr)
         return 0
     for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only):
         print(line)

@@ -494,6 +494,14 @@ def install_service(
     if system:
         run(["systemctl", "daemon-reload"])
         yield "ran systemctl daemon-reload"
+    yield from service_warnings(settings)
+
+
+def service_warnings(settings: UnitSettings) -> Iterator[str]:
+    """What would keep the installed service from starting, as warnings: the mapper not installed
+    for the unit's interpreter, the interpreter or the config behind a directory the service user
+    cannot enter, a `ReadWritePaths=` directory missing or closed to it. Looks only: `install-service
+    --dry-run` prints them too."""
     if not _installed():
         yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
                " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")

@@ -211,10 +211,11 @@ def test_install_warns_that_password_env_must_be_added_to_the_service(
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     out = capsys.readouterr()
     assert "ExecStart=" in out.out
-    assert out.err == ("warning: mqtt.password_env: the unit does not set MAPPER_TEST_MQTT_PASSWORD: add it with"
-                       " `systemctl edit mapper` ([Service] EnvironmentFile= a root-only file holding"
-                       " MAPPER_TEST_MQTT_PASSWORD=...), or use mqtt.password_file; without it the service cannot"
-                       " log in\n")
+    # (The first line: after it, --dry-run's checks of this host, a venv in /root, a config in pytest's 0700 tmp.)
+    assert out.err.splitlines()[0] == (
+        "warning: mqtt.password_env: the unit does not set MAPPER_TEST_MQTT_PASSWORD: add it with"
+        " `systemctl edit mapper` ([Service] EnvironmentFile= a root-only file holding"
+        " MAPPER_TEST_MQTT_PASSWORD=...), or use mqtt.password_file; without it the service cannot log in")
 
 
 def test_a_password_file_shared_through_an_acl_is_accepted(tmp_path: Path, open_dir: Path,
@@ -359,3 +360,38 @@ def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
     devices.chmod(0o755)
     assert main(install) == 0
     assert "ExecStart=" in capsys.readouterr().out
+
+
+def test_dry_run_makes_the_checks_a_real_install_makes(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/kubeedge.md and docs/raspberry-pi.md tell users to check the install with --dry-run: it
+    prints the same warnings as the install (the mapper not installed for the interpreter, a
+    directory the service user cannot enter, a ReadWritePaths= directory missing or closed to it),
+    on stderr after the unit, and changes nothing (no directory created, no unit written)."""
+    import mapper.systemd
+
+    monkeypatch.setattr(mapper.systemd, "_installed", lambda: False)
+    devices = write_devices(open_dir / "dev", ["a"])
+    root_only = open_dir / "kubeedge"
+    root_only.mkdir()
+    root_only.chmod(0o755)
+    kube = (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
+            f"  state_file: {open_dir}/missing/ke.json\n")
+    config = write_config(tmp_path / "kube.yaml", devices, "/var/lib/mapper/twin.db", extra=kube)  # tmp_path: 0700
+    unit_file = tmp_path / "units" / "mapper.service"
+    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups",
+                 "--unit-file", str(unit_file)]) == 0
+    out, err = capsys.readouterr()
+    assert "ExecStart=" in out and "warning" not in out
+    warnings = err.splitlines()
+    assert f"warning: the mapper package is not installed for {sys.executable}, so the service cannot" \
+           " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter" in warnings, err
+    closed = next(p for p in reversed(config.resolve().parents) if not p.stat().st_mode & 0o001)
+    assert (f"warning: {closed} is closed to other users, so 'nobody' cannot reach {config.resolve()};"
+            " move the installation (e.g. to /opt/mapper) or open that directory") in warnings, err
+    assert (f"warning: kubeedge.socket: 'nobody' cannot create files in {root_only} ({root_only} is root:root"
+            " 0755), so the service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd"
+            " service)") in warnings, err
+    assert (f"warning: kubeedge.state_file: {open_dir}/missing does not exist, and the service cannot start"
+            " without it (ReadWritePaths=): create it, writable by 'nobody'") in warnings, err
+    assert not (open_dir / "missing").exists() and not unit_file.parent.exists()
