@@ -232,13 +232,14 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:
-    from mapper.systemd import (ServiceUser, UnitSettings, check_service_reads, check_service_secrets, existing_groups,
-                                install_service, render_unit, service_warnings,
-                                writable_dirs)
+    from mapper.systemd import (SERVICE_TWIN, ServiceUser, UnitSettings, check_service_reads, check_service_secrets,
+                                existing_groups, install_service, render_unit, service_warnings, writable_dirs)
 
     config_path = Path(args.config).resolve()
-    config = _config(str(config_path))  # refuse to install a service that cannot start
-    config.check_installed(str(config_path))
+    # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
+    # CLI commands a user runs later do not have this shell's.
+    config = load_config(config_path, env={k: v for k, v in os.environ.items() if k != "MAPPER_TWIN__PATH"})
+    config.check_installed(str(config_path))  # refuse to install a service that cannot start
     groups, missing = existing_groups(args.groups)
     # The service reads its config and device files as its own user, not as root.
     check_service_reads(config_path, config, ServiceUser.lookup(args.user, groups))
@@ -250,6 +251,16 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",
               file=sys.stderr)
+    twin = Path(os.path.normpath(config.twin.path))
+    if twin != SERVICE_TWIN and not args.other_twin:
+        # The unit's MAPPER_TWIN__PATH wins for the service; `mapper devices` and `mapper twin ...
+        # --config` given this file would read and set another twin than the one the service writes.
+        raise ValueError(
+            f"{config_path}: twin.path is {twin}, but the service keeps its twin in {SERVICE_TWIN}"
+            f" (MAPPER_TWIN__PATH in the unit): `mapper devices` and `mapper twin get/set --config {config_path}`"
+            f" would read and set another twin than the service's. Set twin.path in {config_path}:"
+            f" `twin: {{path: {SERVICE_TWIN}}}` (or `path: {SERVICE_TWIN}` in its `twin:` section), then run"
+            " this again; or pass --other-twin to install anyway")
     settings = UnitSettings(config=config_path, user=args.user, groups=tuple(groups),
                             watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
                             writable=tuple(writable_dirs(config)))
@@ -265,6 +276,25 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if not args.unit_only:
         print("next: sudo systemctl enable --now mapper; then: systemctl status mapper; journalctl -u mapper -f")
     return 0
+
+
+def _twin_config(args: argparse.Namespace) -> tuple[MapperConfig, bool]:
+    """The config of a command that reads or sets the twin, and whether the installed service
+    (`mapper install-service`) runs this same config on another twin than its twin.path (the
+    unit's MAPPER_TWIN__PATH wins for the service): then a warning on stderr says so, and how to
+    make them one."""
+    config = _config(args.config)
+    from mapper.systemd import installed_service
+
+    service = installed_service()
+    twin = Path(os.path.normpath(config.twin.path))
+    if service is None or service.config != Path(args.config).resolve() or service.twin == twin:
+        return config, False
+    print(f"warning: the mapper service ({service.unit_file}) runs {service.config} on the twin {service.twin}"
+          f" (MAPPER_TWIN__PATH in the unit), but twin.path here is {twin}: this command reads and sets {twin},"
+          f" not the service's twin. Set `twin: {{path: {service.twin}}}` in {service.config}"
+          f" (or run this with MAPPER_TWIN__PATH={service.twin})", file=sys.stderr)
+    return config, True
 
 
 def _existing_twin(config: MapperConfig) -> Path:
@@ -303,7 +333,7 @@ def _json_text(value: object) -> str:
 
 
 def cmd_twin_get(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    config, _ = _twin_config(args)
     with _open_twin(config) as store:
         twin = store.device(DeviceId.parse(args.device))
     if args.json:
@@ -324,12 +354,17 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
 
 
 def cmd_twin_set(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
     with _open_twin(config) as store:
         _check_desired(config, store, device, args.property, args.value)
         value, version = store.set_desired(device, args.property, args.value)
     running, _ = _running_mapper(config.twin.path)
+    if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
+        print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}) in {config.twin.path},"
+              " which the mapper service does not read (see the warning)"
+              + (": a mapper runs on it and applies it" if running else ""))
+        return 0
     print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version});"
           + {False: " no mapper is running on this twin: the next `mapper run` applies it",
              True: " the running mapper applies it"}.get(running, " a running mapper applies it, or the next to start"))
@@ -361,7 +396,7 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
     """Recent readings of one property (read with sqlite-utils: convenience, not the hot path)."""
     import sqlite_utils
 
-    config = _config(args.config)
+    config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     db = sqlite_utils.Database(_existing_twin(config))
     rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
@@ -387,7 +422,7 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
 
 
 def cmd_devices(args: argparse.Namespace) -> int:
-    config = _config(args.config)
+    config, _ = _twin_config(args)
     with _open_twin(config) as store:
         rows = [store.device(d) for d in store.device_ids()]
         outbox = store.outbox_stats()
@@ -461,6 +496,9 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--user", default="mapper", help="the service user, created if missing (default: mapper)")
     i.add_argument("--groups", nargs="*", default=["gpio"], help="extra groups for the user (default: gpio)")
     i.add_argument("--unit-file", default="/etc/systemd/system/mapper.service")
+    i.add_argument("--other-twin", action="store_true",
+                   help="install although the config's twin.path is not the service's twin (/var/lib/mapper/twin.db):"
+                        " the CLI commands given this config then read and set another twin than the service's")
     i.add_argument("--watchdog-sec", type=int, default=30)
     i.add_argument("--stop-timeout-sec", type=int, default=30)
     i.add_argument("--unit-only", action="store_true", help="only write the unit file (no user, no systemctl)")

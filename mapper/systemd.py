@@ -239,6 +239,10 @@ class SystemdExtension:
 
 UNIT_TEMPLATE = "mapper.service"  # shipped in this package
 STATE_DIR = Path("/var/lib/mapper")
+# The twin the unit gives the service (`Environment=MAPPER_TWIN__PATH=` in the template), whatever
+# the config's twin.path says; install-service refuses a config whose twin.path is another file.
+SERVICE_TWIN = STATE_DIR / "twin.db"
+UNIT_FILE = Path("/etc/systemd/system/mapper.service")  # install-service's --unit-file default
 
 # What the unit sets to keep the mapper small on a Pi (measured with onnxruntime loaded, VmRSS:
 # 82.0 MiB plain, 80.5 with -OO, 78.7 with both; docs/benchmarks.md, Cost). -OO leaves out the
@@ -304,6 +308,48 @@ def render_unit(settings: UnitSettings) -> str:
         watchdog_sec=settings.watchdog_sec,
         stop_timeout_sec=settings.stop_timeout_sec,
     )
+
+
+class InstalledService(NamedTuple):
+    unit_file: Path
+    config: Path  # the --config of its ExecStart=, resolved
+    twin: Path    # the twin the service runs on: MAPPER_TWIN__PATH in the unit or a drop-in
+
+
+def installed_service(unit_file: Path | None = None) -> InstalledService | None:
+    """The config and twin of the installed unit (`install-service`'s), from its ExecStart= and
+    Environment= lines and those of its drop-ins (`systemctl edit mapper`); None when there is no
+    such unit, it cannot be read, or it sets no twin (the service then uses the config's)."""
+    import shlex
+
+    unit_file = UNIT_FILE if unit_file is None else unit_file
+    texts = []
+    try:
+        texts.append(unit_file.read_text(encoding="utf-8"))
+        with contextlib.suppress(OSError):
+            texts += [p.read_text(encoding="utf-8") for p in sorted(Path(f"{unit_file}.d").glob("*.conf"))]
+    except (OSError, UnicodeError):
+        return None
+    config = twin = None
+    for text in texts:
+        for line in text.splitlines():
+            key, _, value = line.strip().partition("=")
+            if key not in ("ExecStart", "Environment"):
+                continue
+            try:
+                words = [w.replace("%%", "%").replace("$$", "$") for w in shlex.split(value.lstrip("-@:+!"))]
+            except ValueError:
+                continue
+            if key == "ExecStart" and "--config" in words[:-1]:
+                config = Path(words[words.index("--config") + 1])
+            elif key == "Environment":
+                for word in words:
+                    name, _, setting = word.partition("=")
+                    if name == "MAPPER_TWIN__PATH":
+                        twin = Path(setting)
+    if config is None or twin is None:
+        return None
+    return InstalledService(unit_file, config.resolve(), Path(os.path.normpath(twin)))
 
 
 def existing_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -18,7 +18,7 @@ import pytest
 from helpers import write_config, write_devices
 from mapper.cli import main
 from mapper.config import load_config
-from mapper.systemd import UnitSettings, install_service, render_unit, systemd_quote, writable_dirs
+from mapper.systemd import SERVICE_TWIN, UnitSettings, install_service, render_unit, systemd_quote, writable_dirs
 
 ANALYZE = shutil.which("systemd-analyze")
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def open_dir() -> Iterator[Path]:
 @pytest.fixture
 def config(tmp_path: Path) -> Path:
     devices = write_devices(tmp_path / "dev", ["a"])
-    return write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+    return write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN)
 
 
 def user_exists(name: str) -> bool:
@@ -95,18 +95,18 @@ def test_kubeedge_mode_makes_the_socket_and_state_file_directories_writable(
     devices = write_devices(tmp_path / "dev", ["a"])
     kube = ("mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
             f"  socket: {tmp_path}/run kube/dht.sock\n  state_file: {tmp_path}/state/ke.json\n")
-    config = write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db", extra=kube)
+    config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == [
         "ReadWritePaths=/var/lib/mapper", f'ReadWritePaths="{tmp_path}/run kube"', f"ReadWritePaths={tmp_path}/state"]
 
-    config = write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db",
+    config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN,
                           extra="mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n")
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper",
                                                          "ReadWritePaths=/etc/kubeedge"]
 
-    config = write_config(tmp_path / "plain.yaml", devices, tmp_path / "twin.db")
+    config = write_config(tmp_path / "plain.yaml", devices, SERVICE_TWIN)
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper"]
 
@@ -170,7 +170,7 @@ def test_install_refuses_a_password_file_the_service_user_cannot_read(
     password.write_text("secret\n")
     password.chmod(0o600)
     devices = write_devices(tmp_path / "dev", ["a"])
-    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
     user = "mapper-test-nonexistent"
     install = ["install-service", "--config", str(config), "--dry-run", "--user", user, "--groups", "daemon"]
@@ -206,7 +206,7 @@ def test_install_warns_that_password_env_must_be_added_to_the_service(
     installing shell has it (the variable belongs to the service's environment)."""
     monkeypatch.delenv("MAPPER_TEST_MQTT_PASSWORD", raising=False)
     devices = write_devices(tmp_path / "dev", ["a"])
-    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  password_env: MAPPER_TEST_MQTT_PASSWORD\n")
     assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
     out = capsys.readouterr()
@@ -239,7 +239,7 @@ def test_a_password_file_shared_through_an_acl_is_accepted(tmp_path: Path, open_
         pytest.skip("this file system has no POSIX ACLs")
     assert subprocess.run(["cat", str(password)], user="nobody", capture_output=True).returncode == 0
     devices = write_devices(tmp_path / "dev", ["a"])
-    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db",
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
     assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
     assert "ExecStart=" in capsys.readouterr().out
@@ -338,7 +338,7 @@ def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
     cannot list, is refused by install-service, not left to fail at `systemctl start`."""
     devices = write_devices(open_dir / "dev", ["a"])
     device_file = next(devices.glob("*.yaml"))
-    config = write_config(open_dir / "mapper.yaml", devices, open_dir / "twin.db")
+    config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN)
     install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
     config.chmod(0o600)
     assert main(install) == 1
@@ -377,7 +377,7 @@ def test_dry_run_makes_the_checks_a_real_install_makes(
     root_only.chmod(0o755)
     kube = (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
             f"  state_file: {open_dir}/missing/ke.json\n")
-    config = write_config(tmp_path / "kube.yaml", devices, "/var/lib/mapper/twin.db", extra=kube)  # tmp_path: 0700
+    config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)  # tmp_path: 0700
     unit_file = tmp_path / "units" / "mapper.service"
     assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups",
                  "--unit-file", str(unit_file)]) == 0
@@ -395,3 +395,81 @@ def test_dry_run_makes_the_checks_a_real_install_makes(
     assert (f"warning: kubeedge.state_file: {open_dir}/missing does not exist, and the service cannot start"
             " without it (ReadWritePaths=): create it, writable by 'nobody'") in warnings, err
     assert not (open_dir / "missing").exists() and not unit_file.parent.exists()
+
+
+def test_install_refuses_a_config_whose_twin_is_not_the_services(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unit keeps the service's twin in /var/lib/mapper/twin.db (MAPPER_TWIN__PATH), while the
+    CLI commands a user runs with the same --config read the config's twin.path (by default
+    mapper-twin.db beside the config): `mapper devices` said "not running" while the service ran,
+    and `mapper twin set` wrote into a twin the service never reads. install-service refuses such a
+    config (a dry run too), saying which line to put in it; --other-twin installs it anyway. An
+    installing shell's MAPPER_TWIN__PATH is not the file's: neither the service nor the user's
+    later commands have it."""
+    monkeypatch.setenv("MAPPER_TWIN__PATH", "/var/lib/mapper/twin.db")
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = tmp_path / "mapper.yaml"
+    config.write_text(f"node: pi\ndevices: [{devices}]\n")
+    unit_file = tmp_path / "mapper.service"
+    for extra in ((), ("--dry-run",)):
+        assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                     "--groups", *extra]) == 1
+        out, err = capsys.readouterr()
+        assert out == "" and err == (
+            f"error: {config}: twin.path is {tmp_path}/mapper-twin.db, but the service keeps its twin in"
+            f" /var/lib/mapper/twin.db (MAPPER_TWIN__PATH in the unit): `mapper devices` and `mapper twin get/set"
+            f" --config {config}` would read and set another twin than the service's. Set twin.path in {config}:"
+            " `twin: {path: /var/lib/mapper/twin.db}` (or `path: /var/lib/mapper/twin.db` in its `twin:` section),"
+            " then run this again; or pass --other-twin to install anyway\n")
+        assert not unit_file.exists()
+    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--groups", "--other-twin"]) == 0
+    assert unit_file.exists()
+    config.write_text(f"node: pi\ndevices: [{devices}]\ntwin: {{path: /var/lib/mapper/twin.db}}\n")  # as told
+    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--groups"]) == 0
+
+
+def test_the_twin_commands_say_when_the_service_runs_their_config_on_another_twin(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit installed with --other-twin (or before install-service refused it), or a twin.path
+    edited since: `mapper devices`, `twin get`, `twin history` and `twin set` given the service's
+    config warn that they read another twin than the service's, with the line that makes them one;
+    `twin set` no longer says the next `mapper run` applies the value. A drop-in
+    (`systemctl edit mapper`) setting MAPPER_TWIN__PATH counts; another config's unit does not."""
+    import mapper.systemd
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    unit_file = tmp_path / "mapper.service"
+    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--groups", "--other-twin"]) == 0
+    monkeypatch.setattr(mapper.systemd, "UNIT_FILE", unit_file)
+    capsys.readouterr()
+    warning = (f"warning: the mapper service ({unit_file}) runs {config} on the twin /var/lib/mapper/twin.db"
+               f" (MAPPER_TWIN__PATH in the unit), but twin.path here is {tmp_path}/twin.db: this command reads and"
+               f" sets {tmp_path}/twin.db, not the service's twin. Set `twin: {{path: /var/lib/mapper/twin.db}}` in"
+               f" {config} (or run this with MAPPER_TWIN__PATH=/var/lib/mapper/twin.db)")
+    for args in (("devices",), ("twin", "get", "lamp"), ("twin", "history", "lamp", "power")):
+        main([*args, "--config", str(config)])
+        assert warning in capsys.readouterr().err.splitlines(), args
+    assert main(["twin", "set", "lamp", "power", "true", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [warning]
+    assert out == (f"default/lamp/power: desired = true (version 1) in {tmp_path}/twin.db, which the mapper service"
+                   " does not read (see the warning)\n")
+
+    dropin = Path(f"{unit_file}.d")
+    dropin.mkdir()
+    (dropin / "override.conf").write_text(f"[Service]\nEnvironment=MAPPER_TWIN__PATH={tmp_path}/twin.db\n")
+    assert main(["twin", "set", "lamp", "power", "false", "--config", str(config)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "no mapper is running on this twin: the next `mapper run` applies it" in out
+    (dropin / "override.conf").unlink()
+    other = write_config(tmp_path / "other.yaml", devices, tmp_path / "twin.db")
+    assert main(["devices", "--config", str(other)]) == 0
+    assert capsys.readouterr().err == ""
