@@ -378,8 +378,24 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
     is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
     from twin.store import DERIVED_PROTOCOL, UnknownDevice
 
-    definitions = config.load_devices().devices
+    definitions, skipped = _valid_definitions(config)
     definition = definitions.get(device)
+    if definition is None and skipped:
+        # It may be defined in one of the files left out: refused, with their problems.
+        try:
+            derived = store.device(device).protocol == DERIVED_PROTOCOL
+        except UnknownDevice:
+            derived = False
+        if not derived:
+            for problem in skipped:
+                print(problem, file=sys.stderr)
+            raise ValueError(f"device {device} is not defined in the device files without problems; the files above"
+                             " have problems (`mapper validate` lists them): fix them first")
+    if definition is not None and skipped:
+        files = list(dict.fromkeys(p.file for p in skipped))
+        print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
+              f" {', '.join(files)} (`mapper validate` lists them; `mapper run` and a reload refuse the files until"
+              " they are fixed)", file=sys.stderr)
     if definition is None:
         try:
             protocol = store.device(device).protocol
@@ -390,6 +406,34 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
                              f"({', '.join(map(str, config.devices))})")
         return
     definition.desired_value(name, raw)
+
+
+def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
+    """(the devices of the device files, the problems of the files left out to get them).
+
+    `twin set` needs only the named device's definition: a problem in another device's file must
+    not stop it. The files with an error are left out and the rest loaded again, until they load
+    (a device whose model was in a file left out then has an error of its own, and goes too). A
+    problem of the config itself (a `devices:` entry that does not exist) is raised."""
+    try:
+        return config.load_devices().devices, []
+    except DefinitionError as exc:
+        failed = exc
+    from devices.loader import yaml_files
+
+    files = yaml_files(config.devices)
+    skipped: list = []
+    while True:
+        bad = {Path(p.file).resolve() for p in failed.problems}
+        kept = [f for f in files if f.resolve() not in bad]
+        if len(kept) == len(files):  # a problem that names no file among them: nothing to leave out
+            raise failed
+        skipped += [p for p in failed.problems if Path(p.file).resolve() in bad]
+        files = kept
+        try:
+            return (load(files).devices if files else {}), skipped
+        except DefinitionError as exc:
+            failed = exc
 
 
 def cmd_twin_history(args: argparse.Namespace) -> int:

@@ -804,3 +804,41 @@ def test_a_device_file_given_as_the_config_says_so(tmp_path):
     assert ("devices/examples/switch.yaml:3: kind: this looks like a device YAML file (kind: DeviceModel), not a mapper"
             " config: name it under `devices:` in the config, or check it alone with `mapper validate "
             "devices/examples/switch.yaml`") in result.stderr.splitlines(), result.stderr
+
+
+def test_twin_set_needs_only_the_named_devices_definition(tmp_path):
+    """A problem in another device's file refused `mapper twin set` for a valid device (exit 1,
+    printing the other file's errors). Now it sets the value with a one-line warning naming the
+    files with problems, and refuses only a device whose own definition is invalid (its file's
+    problems printed), or one its model's broken file leaves undefined."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "other"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    (devices / "other.yaml").write_text(device_yaml("other", cycle=-1))
+    result = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+    assert result.returncode == 0, result
+    assert result.stdout == ("default/lamp/power: desired = true (version 1); no mapper is running on this twin:"
+                             " the next `mapper run` applies it\n")
+    assert result.stderr == (f"warning: default/lamp is valid; other device files have problems and were left out of"
+                             f" this check: {devices / 'other.yaml'} (`mapper validate` lists them; `mapper run` and a"
+                             " reload refuse the files until they are fixed)\n")
+    # Still checked against its own definition.
+    result = mapper("twin", "set", "lamp", "count", "-5", "--config", str(config))
+    assert result.returncode == 1 and "below the minimum" in result.stderr, result
+    # The named device's own file is broken: refused, with that file's problems.
+    result = mapper("twin", "set", "other", "power", "true", "--config", str(config))
+    assert result.returncode == 1, result
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"{devices / 'other.yaml'}:") and "collectCycle: must be >= 0" in lines[0], lines
+    assert lines[-1] == ("error: device default/other is not defined in the device files without problems; the files"
+                         " above have problems (`mapper validate` lists them): fix them first"), lines
+    # The model's file is broken: no device is defined, none is set.
+    (devices / "other.yaml").write_text(device_yaml("other"))
+    (devices / "model.yaml").write_text("kind: [\n")
+    result = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
+    assert result.returncode == 1 and "not defined in the device files without problems" in result.stderr, result
+    assert f"{devices / 'model.yaml'}:" in result.stderr, result
