@@ -310,7 +310,20 @@ def _open_twin(config: MapperConfig) -> TwinStore:
     return TwinStore.open(_existing_twin(config), synchronous=config.twin.synchronous)
 
 
-def _twin_json(twin) -> dict:  # noqa: ANN001
+def _latest_reads(store: TwinStore, twin) -> dict[str, int]:  # noqa: ANN001
+    """When each property's newest reading was taken, for the properties whose newest reading was
+    not good: `reported` and `reportedTs` are the last good reading's, `quality` and its detail the
+    newest reading's, a later one. From the history (absent once pruned away)."""
+    taken: dict[str, int] = {}
+    for name, p in twin.properties.items():
+        if p.quality not in (None, "good"):
+            newest = store.history(twin.id, name, limit=1)
+            if newest and newest[-1][2] == p.quality:
+                taken[name] = newest[-1][0]
+    return taken
+
+
+def _twin_json(twin, latest: dict[str, int]) -> dict:  # noqa: ANN001
     return {
         "id": str(twin.id), "model": twin.model, "protocol": twin.protocol, "state": twin.state,
         "stateDetail": twin.state_detail, "lastOnline": twin.last_online, "lastReading": twin.last_reading_ts,
@@ -319,7 +332,11 @@ def _twin_json(twin) -> dict:  # noqa: ANN001
                 "type": p.type, "writable": p.writable, "unit": p.unit,
                 "desired": p.desired, "desiredVersion": p.desired_version, "desiredTs": p.desired_ts,
                 "reported": p.reported, "reportedVersion": p.reported_version, "reportedTs": p.reported_ts,
-                "quality": p.quality, "qualityDetail": p.quality_detail, "applyError": p.apply_error,
+                # quality and qualityDetail are the newest reading's, taken at qualityTs; reported and
+                # reportedTs the last good one's (a failed read leaves them as they were)
+                "quality": p.quality, "qualityDetail": p.quality_detail,
+                "qualityTs": p.reported_ts if p.quality == "good" else latest.get(name),
+                "applyError": p.apply_error,
                 "delta": p.delta,
             }
             for name, p in twin.properties.items()
@@ -336,19 +353,26 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
         twin = store.device(DeviceId.parse(args.device))
+        latest = _latest_reads(store, twin)
     if args.json:
-        print(orjson.dumps(_twin_json(twin), option=orjson.OPT_INDENT_2).decode())
+        print(orjson.dumps(_twin_json(twin, latest), option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"{twin.id}  model={twin.model}  protocol={twin.protocol}  state={twin.state}"
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
-    print(f"{'property':<16} {'reported':>12} {'desired':>10} {'delta':>6}  {'quality':<12} reported at")
+    # The reported value is the last good reading's, shown with its time; a later reading that was
+    # not good (an error, out of range) is shown apart, with its own time, not next to that value.
+    print(f"{'property':<16} {'reported':>12} {'desired':>10} {'delta':>6}  {'last good read':<24}  latest read")
     for p in twin.properties.values():
         # Values as JSON, as `twin set` takes them and `twin history` shows them (true, not True)
         reported = "-" if p.reported is None else f"{_json_text(p.reported)}{(' ' + p.unit) if p.unit else ''}"
         desired = "-" if p.desired is None else _json_text(p.desired)
+        if p.quality in (None, "good"):
+            newest = p.quality or "-"
+        else:
+            newest = (f"{p.quality} at {_fmt_ts(latest.get(p.name)) if p.name in latest else '(no longer in the history)'}"
+                      + (f" [{p.quality_detail}]" if p.quality_detail else ""))
         print(f"{p.name:<16} {reported:>12} {desired:>10} {('yes' if p.delta else ''):>6}  "
-              f"{(p.quality or '-'):<12} {_fmt_ts(p.reported_ts)}"
-              + (f"  [{p.quality_detail}]" if p.quality_detail and p.quality != 'good' else "")
+              f"{_fmt_ts(p.reported_ts):<24}  {newest}"
               + (f"  [apply error: {p.apply_error}]" if p.apply_error else ""))
     return 0
 
@@ -469,13 +493,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
         rows = [store.device(d) for d in store.device_ids()]
+        latest = {t.id: _latest_reads(store, t) for t in rows}
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
     outbox["undeliverable"] = losses["outbox_undeliverable"]
     running, pid = _running_mapper(config.twin.path)
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid},
-                            "devices": [_twin_json(t) for t in rows], "outbox": outbox,
+                            "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"]},
                            option=orjson.OPT_INDENT_2).decode())
         return 0

@@ -842,3 +842,40 @@ def test_twin_set_needs_only_the_named_devices_definition(tmp_path):
     result = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
     assert result.returncode == 1 and "not defined in the device files without problems" in result.stderr, result
     assert f"{devices / 'model.yaml'}:" in result.stderr, result
+
+
+def test_twin_get_shows_a_failed_read_apart_from_the_last_good_value(tmp_path):
+    """A DHT read fails after a good one: the twin keeps the good value (reported, reportedTs) and
+    the failure's quality and detail. `twin get` printed them on one line,
+    `temperature 23.2 Celsius  error  08:13:20.717Z  [Checksum did not validate]`, the time being the
+    good read's: as if the 23.2 reading had failed. Now the value goes with "last good read" and its
+    time, the failure with its own time; --json has the failure's time as qualityTs."""
+    from devices.ids import DeviceId
+    from devices.loader import load
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["room"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    room = DeviceId.parse("room")
+    good_ms, failed_ms = 1_795_338_800_717, 1_795_338_803_250  # 2026-11-22 09:13:20.717Z, :23.250Z
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(room, "temperature", 23.2, good_ms), Reading(room, "count", 7, good_ms)])
+        store.record([Reading(room, "temperature", None, failed_ms, "error", "Checksum did not validate"),
+                      Reading(room, "count", 8, failed_ms)])
+    shown = mapper("twin", "get", "room", "--config", str(config))
+    assert shown.returncode == 0, shown
+    lines = shown.stdout.splitlines()
+    assert re.match(r"^property +reported +desired +delta  last good read +latest read$", lines[1]), lines
+    temperature = next(line for line in lines if line.startswith("temperature "))
+    assert re.match(r"^temperature +23\.2 Celsius +- +2026-11-22 09:13:20\.717Z  error at 2026-11-22"
+                    r" 09:13:23\.250Z \[Checksum did not validate\]$", temperature), temperature
+    count = next(line for line in lines if line.startswith("count "))
+    assert re.match(r"^count +8 +- +2026-11-22 09:13:23\.250Z  good$", count), count
+    twin = json.loads(mapper("twin", "get", "room", "--config", str(config), "--json").stdout)
+    assert {k: twin["properties"]["temperature"][k] for k in ("reported", "reportedTs", "quality", "qualityTs")} == {
+        "reported": 23.2, "reportedTs": good_ms, "quality": "error", "qualityTs": failed_ms}
+    assert twin["properties"]["count"]["qualityTs"] == failed_ms
+    listed = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["devices"][0]
+    assert listed["properties"]["temperature"]["qualityTs"] == failed_ms
