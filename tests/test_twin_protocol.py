@@ -453,3 +453,23 @@ def test_two_mappers_on_a_shared_broker_answer_only_for_their_own_devices(broker
             sub.close()
             assert a.stop() == 0
             assert b.stop() == 0
+
+
+def test_plain_set_takes_a_json_object_and_a_refusal_has_no_reply(broker, lamp):
+    """What the README's topics table says of `.../<property>/set`: the value may come as a JSON
+    object `{"value": ...}` (other keys ignored), and a refused /set gets no reply on any topic,
+    only a log line (and the refusal count)."""
+    mapper, sub = lamp
+    pub(broker, "mapper/test-node/default/lamp/count/set", '{"value": 700, "note": "ignored"}')
+    sub.expect("mapper/test-node/default/lamp/count", lambda b: 700 <= b["value"] < 800)
+    while not sub.lines.empty():
+        sub.lines.get()
+    pub(broker, "mapper/test-node/default/lamp/count/set", "-5")
+    mapper.wait_log("refused set for default/lamp: 400")
+    time.sleep(1)
+    replies = []
+    while not sub.lines.empty():
+        topic, _ = sub.lines.get()
+        if not topic.startswith("mapper/test-node/default/lamp/") or topic.count("/") > 5:
+            replies.append(topic)
+    assert replies == [], replies
