@@ -448,3 +448,49 @@ def test_bridge_drops_a_message_too_large_for_the_cloud_and_goes_on(cloud_and_ed
         with cloud.client("worker", tls=True) as worker:
             worker.publish(f"mapper/{node}/offload/result", b"in")
         assert mapper.next_message(30).payload == b"in"
+
+
+def test_cloud_acl_per_node_is_cloud_acl_with_a_bridge_user_per_node() -> None:
+    """cloud-acl-per-node grants each Pi's bridge user (named like its node) what cloud-acl grants
+    the shared `bridge` user, with %u for the node (`+` in cloud-acl), and the same to the others."""
+    shared = (SHIPPED / "cloud-acl").read_text()
+    per_node = (SHIPPED / "cloud-acl-per-node").read_text()
+    rules = lambda text: [line for line in text.splitlines() if line and not line.startswith("#")]  # noqa: E731
+    bridge = rules(shared.split("user bridge\n", 1)[1].split("# --- worker:", 1)[0])
+    assert rules(per_node.split("# --- worker:", 1)[0]) == [
+        f"pattern {line.split()[1]} {line.split()[2].replace('+', '%u', 1)}" for line in bridge]
+    assert per_node.split("# --- worker:", 1)[1] == shared.split("# --- worker:", 1)[1]
+    assert "user bridge" not in per_node
+
+
+def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() -> None:
+    """With the shared `bridge` user of cloud-acl, one Pi's credentials publish any node's
+    telemetry. With cloud-acl-per-node, the user `pi-a` publishes and reads only node pi-a's
+    topics; node pi-b's are refused to it (and the reverse)."""
+    from brokers import write_password_file
+
+    cloud = MosquittoBroker("cloud.conf", acl="cloud-acl-per-node")
+    cloud.users.update({node: secrets.token_urlsafe(18) for node in ("pi-a", "pi-b")})
+    write_password_file(cloud.workdir / "passwd", cloud.users)
+    with cloud, cloud.client("app", tls=True) as app, cloud.client("pi-a", tls=True) as pi_a:
+        app.subscribe("mapper/+/default/+/+")
+        assert pi_a.publish("mapper/pi-a/default/dht/temperature", b"21.5") == 0
+        message = app.next_message()
+        assert (message.topic, message.payload) == ("mapper/pi-a/default/dht/temperature", b"21.5")
+        for topic in ("mapper/pi-b/default/dht/temperature", "mapper/pi-b/availability",
+                      "edge/pi-b/$hw/events/device/default/dht/twin/update/result"):
+            assert pi_a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
+        assert not pi_a.publish("edge/pi-a/$hw/events/device/default/dht/twin/update/result", b"{}").is_failure
+        # Desired values: pi-a's reach it, pi-b's do not (a refused subscription or no delivery).
+        pi_a.subscribe("mapper/pi-a/+/+/+/set")
+        pi_a.subscribe("mapper/pi-b/+/+/+/set")
+        assert app.publish("mapper/pi-b/default/led/power/set", b"true") == 0
+        assert app.publish("mapper/pi-a/default/led/power/set", b"false") == 0
+        message = pi_a.next_message()
+        assert (message.topic, message.payload) == ("mapper/pi-a/default/led/power/set", b"false")
+        with pytest.raises(TimeoutError):
+            pi_a.next_message(1)
+    # What the README says of the shared user: any Pi's bridge may publish every node's telemetry.
+    with MosquittoBroker("cloud.conf") as shared, shared.client("bridge", tls=True) as bridge:
+        for topic in ("mapper/pi-a/default/dht/temperature", "mapper/pi-b/default/dht/temperature"):
+            assert not bridge.publish(topic, b"21.5").is_failure, topic
