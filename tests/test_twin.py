@@ -159,15 +159,29 @@ def test_a_version_check_cannot_overwrite_a_value_another_process_set_meanwhile(
         cli.close()
 
 
-def test_history_is_bounded_by_rows_and_age(twin):
-    """History keeps at most N rows and nothing older than the age limit."""
+def test_history_drops_exactly_the_readings_older_than_the_age_limit(twin):
+    """With a row limit far above the history's size, the age limit alone decides: the readings
+    older than it go, every younger one stays."""
     import time
     now = int(time.time() * 1000)
-    twin.record([Reading(D1, "count", i, now - 10_000_000 + i) for i in range(10)])
-    twin.record([Reading(D1, "count", i, now + i) for i in range(200)])
-    twin.prune_history(max_rows=150, max_age_ms=1_000_000)
+    twin.record([Reading(D1, "count", -1 - i, now - 10_000_000 + i) for i in range(10)])  # old
+    twin.record([Reading(D1, "count", i, now + i) for i in range(200)])                   # young
+    deleted = twin.prune_history(max_rows=1_000_000, max_age_ms=1_000_000)
     rows = twin.history(D1, "count", limit=1000)
-    assert len(rows) == 150 and rows[-1][1] == 199
+    assert deleted == 10
+    assert sorted(v for _ts, v, *_ in rows) == list(range(200))
+
+
+def test_history_keeps_the_newest_readings_up_to_the_row_limit(twin):
+    """With an age limit none of the readings reaches, the row limit alone decides: the newest
+    `max_rows` readings stay."""
+    import time
+    now = int(time.time() * 1000)
+    twin.record([Reading(D1, "count", i, now + i) for i in range(200)])
+    deleted = twin.prune_history(max_rows=150, max_age_ms=1_000_000)
+    rows = twin.history(D1, "count", limit=1000)
+    assert deleted == 50
+    assert sorted(v for _ts, v, *_ in rows) == list(range(50, 200))
 
 
 def test_age_pruning_reads_only_the_old_end_of_history(twin):
