@@ -223,15 +223,34 @@ def test_outbox_sequences_survive_reopen(tmp_path, twin):
 
 @pytest.mark.parametrize(("configured", "code"), [("FULL", 2), ("EXTRA", 3), ("NORMAL", 1)])
 def test_acknowledged_rows_are_deleted_and_durability_is_restored(tmp_path, configured, code):
-    """outbox_sent skips its own fsync, then the connection is back at the configured level."""
+    """outbox_sent skips its own fsync (its COMMIT runs at synchronous=NORMAL), then the
+    connection is back at the configured level: the next commit is durable again. The level each
+    COMMIT ran at is followed through the statements SQLite traces."""
+    import re
     with TwinStore.open(tmp_path / "twin.db", synchronous=configured) as store:
         rows = store.record([], [OutMessage("t/a", {"v": i}) for i in range(3)])
-        store.outbox_sent([rows[0].id, rows[2].id])
-        assert [r.id for r in store.outbox_pending()] == [rows[1].id]
-        assert store.outbox_stats()["depth"] == 1
         assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
-        store.record([], [OutMessage("t/a", {"v": 9})])  # the next commit is durable again
-        assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
+        level = [configured]
+        commits: list[str] = []  # the synchronous level each COMMIT ran at
+
+        def trace(sql: str) -> None:
+            setting = re.fullmatch(r"\s*PRAGMA\s+synchronous\s*=\s*(\w+)\s*;?\s*", sql, re.IGNORECASE)
+            if setting:
+                level[0] = setting.group(1).upper()
+            elif sql.strip().upper().startswith(("COMMIT", "END")):
+                commits.append(level[0])
+
+        store.conn.set_trace_callback(trace)
+        try:
+            store.outbox_sent([rows[0].id, rows[2].id])
+            assert commits == ["NORMAL"]  # the ack: one commit, without an fsync of its own
+            assert [r.id for r in store.outbox_pending()] == [rows[1].id]
+            assert store.outbox_stats()["depth"] == 1
+            assert store.conn.execute("PRAGMA synchronous").fetchone()[0] == code
+            store.record([], [OutMessage("t/a", {"v": 9})])
+            assert commits == ["NORMAL", configured]  # the next commit is durable again
+        finally:
+            store.conn.set_trace_callback(None)
 
 
 def test_record_deletes_acknowledged_rows_in_the_same_transaction(tmp_path, twin):
