@@ -183,11 +183,12 @@ def test_a_property_made_read_only_by_a_reload_drops_its_desired_value(mapper: M
     assert mapper.proc.wait(timeout=15) == 0
 
 
-async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_path: Path, monkeypatch) -> None:
+async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_path: Path) -> None:
     """The twin refuses the reload's write (a lock held past its timeout, a full SD card) after
     the changed and removed devices were stopped. The log says "reload failed; still running the
     previous devices", and so it must be: before, b (changed) and a (removed) stayed stopped,
-    with no reading taken, until another SIGHUP."""
+    with no reading taken, until another SIGHUP. The refusal is real: another connection holds
+    the twin file's write lock (BEGIN IMMEDIATE), and the service's busy timeout is made short."""
     import sqlite3
 
     from devices.loader import load
@@ -201,15 +202,15 @@ async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_
         before = {d: r.definition.fingerprint for d, r in service.runners.items()}
         (devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{seed: 7}"))
         (devices / "a.yaml").unlink()
-        original = TwinStore.sync_devices
-
-        def refused(store, definitions):  # noqa: ANN001, ANN202
-            raise sqlite3.OperationalError("database is locked")
-
-        monkeypatch.setattr(TwinStore, "sync_devices", refused)
-        with pytest.raises(sqlite3.OperationalError):
-            await reload_devices(service, config)
-        monkeypatch.setattr(TwinStore, "sync_devices", original)
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+        lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written until the ROLLBACK
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                await reload_devices(service, config)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
         assert {d: r.definition.fingerprint for d, r in service.runners.items()} == before
         assert set(service.definitions.devices) == {A, B}
         with TwinStore.open(tmp_path / "twin.db") as reader:
@@ -222,13 +223,17 @@ async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_
 
 
 @pytest.mark.parametrize("twin_refuses", [False, True], ids=["taken", "refused"])
-async def test_a_twin_request_for_a_device_a_reload_adds_is_answered(tmp_path: Path, monkeypatch,
-                                                                     twin_refuses: bool) -> None:
+async def test_a_twin_request_for_a_device_a_reload_adds_is_answered(tmp_path: Path, twin_refuses: bool) -> None:
     """A reload adds device c; twin/update and twin/get for c arrive after the definitions were
     swapped, before the twin took the new set (the twin thread is held there). They are queued
     after the reload's twin write: taken, c is updated and answered as any device; refused (a
     lock held past its timeout), the previous definitions come back and c is answered 404, as
-    a device not on the node. Before, the refused case ended as an internal error with no reply."""
+    a device not on the node. Before, the refused case ended as an internal error with no reply.
+
+    The refusal is real: another connection holds the twin file's write lock (BEGIN IMMEDIATE)
+    with the service's busy timeout made short, and lets go right after the reload's write was
+    refused (its ROLLBACK is queued on the twin thread behind that write), so the replies can be
+    written."""
     import asyncio
     import sqlite3
     import threading
@@ -238,48 +243,58 @@ async def test_a_twin_request_for_a_device_a_reload_adds_is_answered(tmp_path: P
     from devices.loader import load
     from eventbus.router import Router
     from eventbus.topics import Topics
-    from helpers import running_service
+    from helpers import async_wait_for, running_service
     from mapper.config import load_config
 
     C = DeviceId("default", "c")
     devices = write_devices(tmp_path / "dev", ["a"], cycle=1000)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     swapped = asyncio.Event()
+    lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None, check_same_thread=False)
     async with running_service(config, prepare=lambda s: s.device_listeners.append(
             lambda defs: C in defs and swapped.set())) as service:
         router = Router(service, Topics("test-node"), max_payload=4096, serve_twin_protocol=True)
         (devices / "c.yaml").write_text(device_yaml("c", cycle=1000))
         result = load(config.devices)
         if twin_refuses:
-            def refused(store, definitions):  # noqa: ANN001, ANN202
-                raise sqlite3.OperationalError("database is locked")
-            monkeypatch.setattr(TwinStore, "sync_devices", refused)
+            await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
         held, release = threading.Event(), threading.Event()
         hold = service.worker.submit(lambda s: (held.set(), release.wait(10)))
         await asyncio.to_thread(held.wait, 10)
+        if twin_refuses:
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written until the ROLLBACK
         try:
             update = asyncio.create_task(service.update_devices(result))
             async with asyncio.timeout(10):
                 await swapped.wait()
             assert C in service.definitions.devices
+            unlocked = None
+            if twin_refuses:
+                # The reload's twin write was handed to the twin thread before the swap was told
+                # (no await in between): this runs after it, the short busy timeout meanwhile.
+                unlocked = service.worker.submit(
+                    lambda s: (lock.execute("ROLLBACK"), s.conn.execute("PRAGMA busy_timeout=30000")))
             hw = "$hw/events/device/default/c"
             requests = [asyncio.create_task(router.handle(f"{hw}/twin/update",
                                                           b'{"event_id":"r1","twin":{"power":{"expected":{"value":"true"}}}}')),
                         asyncio.create_task(router.handle(f"{hw}/twin/get", b'{"event_id":"g1"}'))]
-            # One step: each request is checked against the swapped definitions and hands its
-            # twin call to the held thread (no await before that), behind the reload's twin write.
-            await asyncio.sleep(0)
-            assert not any(r.done() for r in requests) and service.worker.pending() >= 4
+            # Each request is checked against the swapped definitions and hands its twin call to
+            # the held thread, behind the reload's twin write (and the lock's release).
+            queued = 4 + twin_refuses  # the hold, the reload's write, (the release,) the two requests
+            await async_wait_for(lambda: service.worker.pending() >= queued, what="the requests' twin calls queued")
+            assert not any(r.done() for r in requests)
         finally:
             release.set()
         await hold
         if twin_refuses:
-            with pytest.raises(sqlite3.OperationalError):
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
                 await update
+            await unlocked
         else:
             await update
         await asyncio.gather(*requests)
         rows = await service.twin(lambda s: s.outbox_pending())
+    lock.close()
     assert router.counts["internal_error"] == 0, router.counts
     replies = {r.topic.removeprefix(hw + "/"): orjson.loads(r.payload) for r in rows if r.topic.startswith(hw)}
     update_reply, get_reply = replies["twin/update/result"], replies["twin/get/result"]
