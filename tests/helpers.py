@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -215,3 +216,51 @@ async def running_service(config, *, prepare: Callable | None = None, build: Cal
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout)
+
+
+class TwinLock:
+    """Another connection holding the twin file's write lock (BEGIN IMMEDIATE), as a backup or a
+    CLI command would: every write of the mapper waits for it (its busy timeout, then "database is
+    locked"). `release_on_log(text)` lets go from inside the first log call whose message holds
+    `text` (in the thread that logs it, before that call returns), so what the mapper does next
+    finds the twin free, without the test polling for that line."""
+
+    def __init__(self, path: Path) -> None:
+        import sqlite3
+
+        self.conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.conn.execute("BEGIN IMMEDIATE")
+        self.released_by: list[str] = []  # the log message that released it
+        self._handlers: list[tuple[logging.Logger, logging.Handler]] = []
+
+    def release(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    def release_on_log(self, text: str, logger: str = "mapper") -> None:
+        lock = self
+
+        class Release(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                message = record.getMessage()
+                if text in message and not lock.released_by:
+                    lock.release()
+                    lock.released_by.append(message)
+
+        handler = Release(logging.DEBUG)
+        target = logging.getLogger(logger)
+        target.addHandler(handler)
+        self._handlers.append((target, handler))
+
+    def close(self) -> None:
+        for target, handler in self._handlers:
+            target.removeHandler(handler)
+        self._handlers = []
+        self.release()
+        self.conn.close()
+
+    def __enter__(self) -> TwinLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -430,31 +430,29 @@ def test_a_device_registered_after_start_and_refused_for_a_pin_is_reported_offli
     run(scenario())
 
 
-def test_a_device_not_running_at_start_is_reported_offline_even_when_that_switch_failed(
-        sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_device_not_running_at_start_is_reported_offline_even_when_that_switch_failed(sockdir: Path) -> None:
     """edgecore's first reply holds an invalid device; the device switch that adopts it fails once
     (the twin locked past its timeout) and the registration is tried again. The invalid device's
     offline was left out for good after the failed switch (edgecore never heard of it); it is
-    reported whatever the switch does."""
-    real = MapperService.update_devices
-    failures = [OSError("database is locked")]
-
-    async def update_devices(self, result):  # noqa: ANN001, ANN202
-        if failures:
-            raise failures.pop()
-        return await real(self, result)
+    reported whatever the switch does. The lock is real: another connection holds the twin file's
+    write lock (the service's busy timeout made short) until the failed adoption is logged."""
+    from helpers import TwinLock
 
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
-            edgecore.devices = [(device("broken", "temp-model", {"temperature": {"kind": "temperature"}},
-                                        config={"failure_rate": 7}), TEMP),
-                                (room("room-a"), TEMP)]
-            monkeypatch.setattr(MapperService, "update_devices", update_devices)
-            async with running_mapper(sockdir) as mapper:
-                await registered(mapper)
-                assert not failures and mapper.runner("room-a") is not None and mapper.runner("broken") is None
-                await edgecore.wait_for(lambda: any(r.deviceName == "broken" and r.state == "offline"
-                                                    for r in edgecore.of("ReportDeviceStates")))
+        edgecore = FakeEdgecore(sockdir / "dmi.sock")
+        edgecore.devices = [(device("broken", "temp-model", {"temperature": {"kind": "temperature"}},
+                                    config={"failure_rate": 7}), TEMP),
+                            (room("room-a"), TEMP)]
+        async with running_mapper(sockdir) as mapper:
+            await mapper.service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+            with TwinLock(sockdir / "twin.db") as lock:
+                lock.release_on_log("cannot adopt edgecore's MapperRegister reply")
+                async with edgecore:  # edgecore's first reply comes now
+                    await registered(mapper)
+                    assert lock.released_by and mapper.ext.adopt_failures == 1
+                    assert mapper.runner("room-a") is not None and mapper.runner("broken") is None
+                    await edgecore.wait_for(lambda: any(r.deviceName == "broken" and r.state == "offline"
+                                                        for r in edgecore.of("ReportDeviceStates")))
     run(scenario())
 
 

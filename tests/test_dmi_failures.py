@@ -20,6 +20,7 @@ import grpc
 from devices.ids import DeviceId
 from devices.loader import LoadResult
 from dmi_edgecore import FakeEdgecore, device, model
+from helpers import TwinLock
 from mapper.device_loop import DeviceRunner
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import api_pb2_grpc as pb_grpc
@@ -129,26 +130,21 @@ def test_a_failure_while_adopting_the_registration_reply_is_retried(
 ) -> None:
     """Starting the devices of edgecore's reply fails once (the twin database is locked): the
     mapper logs it, registers again and runs the devices. (It used to end the registration loop's
-    task group: the whole mapper stopped.)"""
+    task group: the whole mapper stopped.) The lock is real: another connection holds the twin
+    file's write lock, the service's busy timeout made short, and lets go when the failure is logged."""
     async def scenario() -> None:
         edgecore = FakeEdgecore(sockdir / "dmi.sock")
         edgecore.devices = [(switch("lamp"), SWITCH)]
         async with running_mapper(sockdir) as mapper:
-            update = mapper.service.update_devices
-            failures = [1]
-
-            async def locked_once(result):  # noqa: ANN001, ANN202
-                if failures[0]:
-                    failures[0] -= 1
-                    raise sqlite3.OperationalError("database is locked")
-                return await update(result)
-
-            mapper.service.update_devices = locked_once
-            async with edgecore:  # the mapper has been retrying MapperRegister until now
-                await registered(mapper)
-                assert mapper.runner("lamp") is not None
-                assert len(edgecore.of("MapperRegister")) == 2
-                await edgecore.wait_for(lambda: reports_of(edgecore, "lamp") >= 1)
+            await mapper.service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+            with TwinLock(sockdir / "twin.db") as lock:
+                lock.release_on_log("cannot adopt edgecore's MapperRegister reply")
+                async with edgecore:  # the mapper has been retrying MapperRegister until now
+                    await registered(mapper)
+                    assert lock.released_by  # the reply adopted after the lock was let go
+                    assert mapper.runner("lamp") is not None
+                    assert len(edgecore.of("MapperRegister")) == 2
+                    await edgecore.wait_for(lambda: reports_of(edgecore, "lamp") >= 1)
         (line,) = [r for r in caplog.records if "cannot adopt" in r.getMessage()]
         assert "OperationalError: database is locked" in line.getMessage() and "registering again" in line.getMessage()
 
