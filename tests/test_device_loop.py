@@ -595,11 +595,43 @@ async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_map
         await async_wait_for(lambda: runner.read_errors >= reads + 5, what="the device still read")
 
 
+@contextlib.contextmanager
+def retry_timers(prop: str) -> Iterator[tuple[list[float], list[int]]]:
+    """The retry timers device loops request for `prop`'s failed writes, seen at the event loop's
+    call_later: their delays in order, and how many have fired. (The delays the code asks for,
+    not wall time.)"""
+    from mapper.device_loop import DeviceRunner
+
+    loop = asyncio.get_running_loop()
+    delays: list[float] = []
+    fired = [0]
+
+    def call_later(delay, callback, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if getattr(callback, "__func__", None) is DeviceRunner._retry_failed and args == (prop,):  # noqa: SLF001
+            delays.append(delay)
+
+            def fire(*a):  # noqa: ANN002, ANN202
+                fired[0] += 1
+                return callback(*a)
+            return type(loop).call_later(loop, delay, fire, *args, **kw)
+        return type(loop).call_later(loop, delay, callback, *args, **kw)
+
+    loop.call_later = call_later
+    try:
+        yield delays, fired
+    finally:
+        del loop.call_later
+
+
 async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_when_the_device_answers(tmp_path):
     """The device does not answer: the write fails. The value stays pending in the twin with its
     error (it was marked applied, and never written again: not on recovery, not after a restart),
     the apply listeners hear of the failure at once and only once, the device loop tries again
-    on a back-off while the device is broken, and writes it once the device is ok again."""
+    on a back-off while the device is broken, and writes it once the device is ok again.
+
+    The back-off is checked in what the loop asks of the event loop, not in wall time: each failed
+    write requests its retry timer with a delay in the jittered schedule (loop.max_backoff_s, 0.2 s
+    here: 0.1 to 0.2 s), and each write after the first is made by the previous one's timer firing."""
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     results: list[tuple[str, int, str | None]] = []
@@ -609,33 +641,39 @@ async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_wh
             results.append((change.property, change.version, error))
         service.applied_listeners.append(on_applied)
 
-    async with running_service(config, prepare=listen) as service:
-        runner = service.runners[GOOD1]
-        driver = runner.driver
-        attempts: list[float] = []
-        original = driver.write
-        driver.write = lambda prop, value: (attempts.append(time.monotonic()), original(prop, value))[1]
-        driver.set_broken(True)
-        with reader(config) as twin:
-            await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="the device unhealthy")
-            _, version = twin.set_desired(GOOD1, "power", True)
-            prop = await async_wait_for(lambda: (p := twin.device(GOOD1).properties["power"]).apply_error and p,
-                                        what="the write failed")
-            assert prop.apply_error.startswith("write failed:") and "not responding" in prop.apply_error
-            assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
-            # Tried again while broken, on a back-off (loop.max_backoff_s: 0.2 here: 0.1 to 0.2 s apart).
-            await async_wait_for(lambda: len(attempts) >= 4, what="the write tried again")
-            gaps = [b - a for a, b in zip(attempts, attempts[1:], strict=False)]
-            assert min(gaps) >= 0.09, gaps
-            assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
-            assert [r for r in results if r[0] == "power"] == [("power", version, prop.apply_error)]
+    with retry_timers("power") as (delays, fired):
+        async with running_service(config, prepare=listen) as service:
+            runner = service.runners[GOOD1]
+            driver = runner.driver
+            attempts: list[int] = []  # at each write of the driver: how many retry timers had fired
+            original = driver.write
+            driver.write = lambda prop, value: (attempts.append(fired[0]), original(prop, value))[1]
+            driver.set_broken(True)
+            with reader(config) as twin:
+                await async_wait_for(lambda: twin.device(GOOD1).state == "unhealthy", what="the device unhealthy")
+                _, version = twin.set_desired(GOOD1, "power", True)
+                prop = await async_wait_for(lambda: (p := twin.device(GOOD1).properties["power"]).apply_error and p,
+                                            what="the write failed")
+                assert prop.apply_error.startswith("write failed:") and "not responding" in prop.apply_error
+                assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
+                # Tried again while broken, each time by the retry timer of the failure before it,
+                # requested with a delay in the back-off's schedule for its attempt.
+                await async_wait_for(lambda: len(attempts) >= 4, what="the write tried again")
+                tried = list(attempts)
+                assert tried == list(range(len(tried))), tried  # write n after n timers fired
+                assert len(delays) >= len(tried) - 1
+                for attempt, delay in enumerate(delays, start=1):
+                    base = min(config.loop.max_backoff_s, 0.5 * 2 ** attempt)
+                    assert base / 2 <= delay <= base, (attempt, delays)
+                assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", version)]
+                assert [r for r in results if r[0] == "power"] == [("power", version, prop.apply_error)]
 
-            driver.set_broken(False)
-            await async_wait_for(lambda: twin.pending_desired() == [], what="the value written once the device is ok")
-            prop = twin.device(GOOD1).properties["power"]
-            assert (prop.desired, prop.reported, prop.apply_error, prop.delta) == (True, True, None, False)
-            assert results[-1] == ("power", version, None)
-        assert driver.read(runner.definition.prop("power")) is True
+                driver.set_broken(False)
+                await async_wait_for(lambda: twin.pending_desired() == [], what="the value written once the device is ok")
+                prop = twin.device(GOOD1).properties["power"]
+                assert (prop.desired, prop.reported, prop.apply_error, prop.delta) == (True, True, None, False)
+                assert results[-1] == ("power", version, None)
+            assert driver.read(runner.definition.prop("power")) is True
 
 
 async def test_a_failed_value_is_written_once_when_the_device_recovers_during_its_own_retry(tmp_path):
