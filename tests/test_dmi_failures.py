@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -89,9 +90,17 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
 ) -> None:
     """One device's status cannot be converted, every time (a bug, or a value convert.py cannot
     handle): while the others are reported on every change, that device is tried with a growing
-    backoff, not on each of its readings (which arrive every 20 ms), and not in a tight loop."""
-    tried = []
+    backoff, not on each of its readings (which arrive every 20 ms), and not in a tight loop.
+
+    The failure is injected in the converter: no real value makes device_status raise (edgecore's
+    refusals of a value are caught in it), and this path is for such a bug. The back-off is
+    checked against the delays the reporter computes (retry_delay_s, observed, not replaced): the
+    n-th failure in a row asks for attempt n's delay, within the schedule, and no retry comes
+    before the deadline that delay set (on the reporter's own clock, time.monotonic)."""
+    tried: list[float] = []
+    computed: list[tuple[int, float, float]] = []  # (attempt, delay, earliest retry) per failure of "bad"
     device_status = client_module.device_status
+    retry_delay_s = client_module.retry_delay_s
 
     def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
         if definition.id.name == "bad":
@@ -99,25 +108,36 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
             raise TypeError("cannot convert this value")
         return device_status(definition, twin)
 
+    def observed_delay(attempt: int, cap: float) -> float:
+        delay = retry_delay_s(attempt, cap)
+        if sys._getframe(1).f_code.co_name == "_failed":  # noqa: SLF001 - the reporter's, not a loop restart's
+            computed.append((attempt, delay, time.monotonic() + delay))
+        return delay
+
     monkeypatch.setattr(client_module, "device_status", broken_for_bad)
+    monkeypatch.setattr(client_module, "retry_delay_s", observed_delay)
+    cap = 30.0  # the backoff cap (register_backoff_max_s, 0.2 s elsewhere in these tests) at its default
 
     async def scenario() -> None:
         async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
             edgecore.devices = [(counter("bad"), COUNT), (counter("good"), COUNT)]
-            # The backoff cap (register_backoff_max_s, 0.2 s elsewhere in these tests) at its default.
-            async with running_mapper(sockdir, rate_per_s=100, register_backoff_max_s=30) as mapper:
+            async with running_mapper(sockdir, rate_per_s=100, register_backoff_max_s=cap) as mapper:
                 await registered(mapper)
-                await until(lambda: tried, timeout=10)
+                await until(lambda: len(tried) >= 4, timeout=10)
                 await edgecore.wait_for(lambda: reports_of(edgecore, "good", after=tried[0]) >= 30, timeout=20)
-                attempts = len(tried)
-                reports = reports_of(edgecore, "good", after=tried[0])
-                committed = mapper.service.recorder.committed
+                assert mapper.ext.reporter.failures >= len(tried)
         assert reports_of(edgecore, "bad") == 0
-        # Retried after 0.125-0.25 s, then 0.25-0.5 s, 0.5-1 s ... up to 15-30 s: eight attempts take
-        # over 30 s, while the 30 reports of "good" (a new value every 20 ms) took a few seconds.
-        assert attempts <= 8, f"{attempts} attempts for {reports} reports of the other device ({committed} readings)"
+        # Each failure asks for the next attempt's delay: 0.125-0.25 s, then 0.25-0.5 s, 0.5-1 s ...
+        attempts = [a for a, _, _ in computed]
+        assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= len(tried) - 1, computed
+        for attempt, delay, _ in computed:
+            step = min(cap, 0.25 * 2 ** min(attempt, 16))
+            assert step / 2 <= delay <= step, computed
+        # ... and waits for it: try n+1 not before the deadline failure n set.
+        early = [(n + 1, at, computed[n][2]) for n, at in enumerate(tried[1:]) if at < computed[n][2]]
+        assert early == [], early
         lines = [r for r in caplog.records if "report twins of default/bad failed" in r.getMessage()]
-        assert 1 <= len(lines) <= attempts
+        assert 1 <= len(lines) <= len(tried)
         assert lines[0].levelno == logging.ERROR and lines[0].exc_info  # a bug: the traceback is logged
 
     run(scenario())
