@@ -22,6 +22,7 @@ from devices.ids import DeviceId
 from devices.loader import LoadResult
 from dmi_edgecore import FakeEdgecore, device, model
 from helpers import TwinLock
+from plugin_drivers import installed
 from mapper.device_loop import DeviceRunner
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import api_pb2_grpc as pb_grpc
@@ -242,76 +243,76 @@ def test_supervised_restarts_a_loop_after_an_unexpected_error(caplog: pytest.Log
 
 # -- a call cancelled past edgecore's deadline -----------------------------------------------
 
-def stuck_stops(monkeypatch: pytest.MonkeyPatch) -> tuple[asyncio.Event, asyncio.Event]:
-    """A device's stop waits (as for a driver call in progress on a stuck bus) until `release` is set."""
-    entered, release = asyncio.Event(), asyncio.Event()
-    real = DeviceRunner.close_when_idle
-
-    async def stuck(self: DeviceRunner) -> None:
-        entered.set()
-        await release.wait()
-        await real(self)
-
-    monkeypatch.setattr(DeviceRunner, "close_when_idle", stuck)
-    return entered, release
+def gated_room(name: str, gate: Path, **kw) -> pb.Device:  # noqa: ANN003
+    """A room on a `gated` bus (tests/plugin_site): closing its driver creates `gate/closing` and
+    waits (in the driver's thread) until `gate/close_when` exists, as a stuck bus holds a stop."""
+    return device(name, "temp-model", {"temperature": {"kind": "temperature", "base": 21.5},
+                                       "humidity": {"kind": "humidity", "base": 48}},
+                  config={"seed": 7, "closing": str(gate / "closing"), "close_when": str(gate / "close_when"),
+                          "wait_s": 20}, protocol="gated", **kw)
 
 
 def collect_cycle(runner: DeviceRunner | None) -> int | None:
     return None if runner is None else runner.definition.properties[0].collect_cycle_ms
 
 
-def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path) -> None:
     """UpdateDevice whose deadline passes while the old device is being stopped: grpc.aio cancels
     the handler. The update still completes: the device runs with its new spec, and the state file
     holds it. (The cancellation used to land in the stop: the device stayed stopped, the state file
-    was not saved, and resending the same update found an identical device and did nothing.)"""
+    was not saved, and resending the same update found an identical device and did nothing.)
+    What holds the stop is the old driver's close() on its bus (the `gated` test driver)."""
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
-            await registered(mapper)
-            await edgecore.add(room("room-a"), TEMP)
-            assert collect_cycle(mapper.runner("room-a")) == 50
-            entered, release = stuck_stops(monkeypatch)
-            async with grpc.aio.insecure_channel(f"unix:{edgecore.mapper_address}") as channel:
-                stub = pb_grpc.DeviceMapperServiceStub(channel)
-                call = asyncio.ensure_future(
-                    stub.UpdateDevice(pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=80)), timeout=0.5))
-                await entered.wait()
-                with pytest.raises(grpc.aio.AioRpcError) as late:
-                    await call
-            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            release.set()
-            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
-            saved = Catalog("simulated")
-            assert saved.restore(sockdir / "twin.db.kubeedge.json")
-            assert saved.devices[("default", "room-a")] == room("room-a", cycle_ms=80)
-            # Sending it again is answered, and changes nothing.
-            running = mapper.runner("room-a")
-            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=80)))
-            assert mapper.runner("room-a") is running
+        with installed():
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                    running_mapper(sockdir, name="gated", protocol="gated") as mapper:
+                await registered(mapper)
+                await edgecore.add(gated_room("room-a", sockdir), TEMP)
+                assert collect_cycle(mapper.runner("room-a")) == 50
+                async with grpc.aio.insecure_channel(f"unix:{edgecore.mapper_address}") as channel:
+                    stub = pb_grpc.DeviceMapperServiceStub(channel)
+                    call = asyncio.ensure_future(stub.UpdateDevice(
+                        pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)), timeout=0.5))
+                    await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
+                    with pytest.raises(grpc.aio.AioRpcError) as late:
+                        await call
+                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+                assert mapper.runner("room-a") is None  # still stopping
+                (sockdir / "close_when").touch()  # the bus lets the close end
+                await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+                saved = Catalog("gated")
+                assert saved.restore(sockdir / "twin.db.kubeedge.json")
+                assert saved.devices[("default", "room-a")] == gated_room("room-a", sockdir, cycle_ms=80)
+                # Sending it again is answered, and changes nothing.
+                running = mapper.runner("room-a")
+                await edgecore.call_mapper("UpdateDevice",
+                                           pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)))
+                assert mapper.runner("room-a") is running
     run(scenario())
 
 
-def test_a_device_switch_whose_caller_is_cancelled_still_completes(
-    sockdir: Path, monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_device_switch_whose_caller_is_cancelled_still_completes(sockdir: Path) -> None:
     """service.update_devices cancelled while it stops a changed device (a reload at shutdown, any
     caller with a deadline): the switch runs to its end, the device starts again with its new
-    definition. (It used to stay stopped, never restarted.)"""
+    definition. (It used to stay stopped, never restarted.) What holds the stop is the old
+    driver's close() on its bus (the `gated` test driver)."""
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
-            await registered(mapper)
-            await edgecore.add(room("room-a"), TEMP)
-            catalog = Catalog("simulated", models=dict(mapper.ext.catalog.models))
-            catalog.put_device(room("room-a", cycle_ms=80))
-            entered, release = stuck_stops(monkeypatch)
-            switching = asyncio.ensure_future(mapper.service.update_devices(catalog.build(LoadResult())))
-            await entered.wait()
-            switching.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await switching
-            release.set()
-            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
-            assert DeviceId("default", "room-a") in mapper.service.definitions.devices
+        with installed():
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                    running_mapper(sockdir, name="gated", protocol="gated") as mapper:
+                await registered(mapper)
+                await edgecore.add(gated_room("room-a", sockdir), TEMP)
+                catalog = Catalog("gated", models=dict(mapper.ext.catalog.models))
+                catalog.put_device(gated_room("room-a", sockdir, cycle_ms=80))
+                switching = asyncio.ensure_future(mapper.service.update_devices(catalog.build(LoadResult())))
+                await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
+                switching.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await switching
+                assert mapper.runner("room-a") is None  # still stopping
+                (sockdir / "close_when").touch()  # the bus lets the close end
+                await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+                assert DeviceId("default", "room-a") in mapper.service.definitions.devices
     run(scenario())
 
 

@@ -8,7 +8,7 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
   it in a worker thread and gives up after `timeout_s`.
 - `failing`: no read is ever answered; health() counts the timeouts, as a bus driver would.
 - `gated`: a bus that is slow to open and to close. open() creates the file `opening`, then waits
-  until the file `open_when` exists; close() waits until `close_when` exists and appends
+  until the file `open_when` exists; close() creates the file `closing`, waits until `close_when` exists and appends
   `<device> yes` (it did) or `<device> no` (not within the wait) to `close_log`. Waits are bounded
   by `wait_s`; the device loop gives up on a call after `wait_s` + 5 s, or `timeout_s` if set. The bus
   is exclusive: open() while it is open fails, as a second claim of a GPIO line does (`opens` counts them).
@@ -69,6 +69,7 @@ class FailingDriver(SimulatedDriver):
 class GatedConfig(SimulatedConfig):
     opening: str | None = None
     open_when: str | None = None
+    closing: str | None = None
     close_when: str | None = None
     close_log: str | None = None
     wait_s: float = Field(default=10.0, gt=0)
@@ -109,6 +110,8 @@ class GatedDriver(SimulatedDriver):
 
     def close(self) -> None:
         c = self.config
+        if c.closing:
+            Path(c.closing).touch()
         if c.close_when:
             there = _wait_for_file(c.close_when, c.wait_s)
             if c.close_log:
