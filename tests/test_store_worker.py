@@ -179,6 +179,7 @@ async def test_pruning_goes_in_steps_and_readings_commit_between_them(tmp_path, 
     """A large prune is many small transactions on the twin thread: a reading committed while it
     runs waits for one step, not for the whole delete. The result is the same as one delete."""
     import asyncio
+    import threading
     import time
 
     from mapper import service as service_module
@@ -198,14 +199,21 @@ async def test_pruning_goes_in_steps_and_readings_commit_between_them(tmp_path, 
     service = MapperService(config)
     async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
         service.worker = worker
+        # The twin thread held until the prune's first step is queued, and the reading behind it.
+        held, release = threading.Event(), threading.Event()
+        hold = worker.submit(lambda s: (held.set(), release.wait(10)))
+        assert await asyncio.to_thread(held.wait, 10)
         pruning = asyncio.create_task(service.prune_history())
-        await asyncio.sleep(0)  # one loop iteration: the first step is queued on the twin thread
+        await async_wait_for(lambda: worker.pending() == 2, what="the first step queued behind the hold")
 
         def record_and_count(store: TwinStore) -> int:
             store.record([Reading(LAMP, "count", -1, now + 5000)])
             return store.conn.execute("SELECT count(*) FROM readings").fetchone()[0]
 
-        assert await worker.call(record_and_count) == 5000 - 100 + 1  # after exactly one step
+        counted = worker.submit(record_and_count)
+        release.set()
+        await hold
+        assert await counted == 5000 - 100 + 1  # after exactly one step
         assert not pruning.done()
         assert await pruning == 4001
         history = await worker.call(lambda s: s.history(LAMP, "count", limit=10_000))
@@ -276,7 +284,9 @@ async def test_a_flush_cancelled_during_its_commit_commits_once(tmp_path):
         flushing = asyncio.create_task(recorder.flush())
         assert await asyncio.to_thread(in_commit.wait, 10)
         flushing.cancel()
-        await asyncio.sleep(0)  # the cancel reaches the flush while the twin thread still commits
+        # The cancel reaches the flush while the twin thread still commits: cancel() queues the
+        # task's wake-up on the loop now, and the commit's end can only be queued after it (the
+        # thread hands its result over with call_soon_threadsafe), whenever the thread gets there.
         release.set()
         with pytest.raises(asyncio.CancelledError):
             await flushing
