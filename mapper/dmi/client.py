@@ -326,6 +326,7 @@ class Reporter:
         failing = self._failing[key] = self._failing.get(key, 0) + 1
         delay = retry_delay_s(failing, self.client.settings.register_backoff_max_s)
         self._retry_at[key] = time.monotonic() + delay
+        self._dirty.pop(key, None)  # marked again while this attempt ran: held until the retry too
         held = self._log_throttle((key[0], type(exc).__name__))
         if held is None:
             return
