@@ -219,7 +219,7 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
         for problem in exc.problems:
             reload_log.error("reload refused: %s", problem)
         for warning in exc.warnings:
-            reload_log.warning("reload refused: %s", warning)
+            reload_log.warning("%s", warning)  # (a warning: not why it is refused)
         reload_log.error("reload refused: %d error(s); still running the previous devices", len(exc.problems))
         return False
     for warning in result.warnings:
@@ -404,32 +404,27 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
 
     definitions, skipped = _valid_definitions(config)
     definition = definitions.get(device)
-    if definition is None and skipped:
-        # It may be defined in one of the files left out: refused, with their problems.
-        try:
-            derived = store.device(device).protocol == DERIVED_PROTOCOL
-        except UnknownDevice:
-            derived = False
-        if not derived:
-            for problem in skipped:
-                print(problem, file=sys.stderr)
-            raise ValueError(f"device {device} is not defined in the device files without problems; the files above"
-                             " have problems (`mapper validate` lists them): fix them first")
-    if definition is not None and skipped:
-        files = list(dict.fromkeys(p.file for p in skipped))
-        print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
-              f" {', '.join(files)} (`mapper validate` lists them; `mapper run` and a reload refuse the files until"
-              " they are fixed)", file=sys.stderr)
-    if definition is None:
-        try:
-            protocol = store.device(device).protocol
-        except UnknownDevice:
-            return
-        if config.mode == "standalone" and protocol != DERIVED_PROTOCOL:
-            raise ValueError(f"device {device} is no longer in the device files "
-                             f"({', '.join(map(str, config.devices))})")
+    if definition is not None:
+        if skipped:
+            files = list(dict.fromkeys(p.file for p in skipped))
+            print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
+                  f" {', '.join(files)} (`mapper validate` lists them; `mapper run` and a reload refuse the files"
+                  " until they are fixed)", file=sys.stderr)
+        definition.desired_value(name, raw)
         return
-    definition.desired_value(name, raw)
+    try:
+        protocol = store.device(device).protocol
+    except UnknownDevice:
+        protocol = None
+    if skipped and protocol != DERIVED_PROTOCOL:
+        # It may be defined in one of the files left out: refused, with their problems.
+        for problem in skipped:
+            print(problem, file=sys.stderr)
+        raise ValueError(f"device {device} is not defined in the device files without problems; the files above"
+                         " have problems (`mapper validate` lists them): fix them first")
+    if protocol is not None and protocol != DERIVED_PROTOCOL and config.mode == "standalone":
+        raise ValueError(f"device {device} is no longer in the device files "
+                         f"({', '.join(map(str, config.devices))})")
 
 
 def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
@@ -449,11 +444,10 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
     skipped: list = []
     while True:
         bad = {Path(p.file).resolve() for p in failed.problems}
-        kept = [f for f in files if f.resolve() not in bad]
-        if len(kept) == len(files):  # a problem that names no file among them: nothing to leave out
+        if not bad or not bad <= {f.resolve() for f in files}:  # a problem of the config itself: no file to leave out
             raise failed
-        skipped += [p for p in failed.problems if Path(p.file).resolve() in bad]
-        files = kept
+        skipped += failed.problems
+        files = [f for f in files if f.resolve() not in bad]
         try:
             return (load(files).devices if files else {}), skipped
         except DefinitionError as exc:

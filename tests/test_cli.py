@@ -806,6 +806,25 @@ def test_a_device_file_given_as_the_config_says_so(tmp_path):
             "devices/examples/switch.yaml`") in result.stderr.splitlines(), result.stderr
 
 
+def test_twin_set_refuses_a_config_naming_a_missing_devices_entry_even_with_another_file_broken(tmp_path):
+    """`devices: [dev, nosuch.yaml]` with a broken file in dev/: the missing entry is the config's own
+    problem and `mapper run` refuses the config, so `twin set` does too (it left the missing file out
+    like a broken device file, set the value and promised that the next `mapper run` applies it)."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "other"])
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    (devices / "other.yaml").write_text(device_yaml("other", cycle=-1))
+    config = tmp_path / "c.yaml"
+    config.write_text(f"node: n1\ndevices: [{devices}, nosuch.yaml]\ntwin: {{path: {tmp_path / 'twin.db'}}}\n")
+    result = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+    assert result.returncode == 1, result
+    assert f"{config}:2: devices[1]: {tmp_path}/nosuch.yaml: no such file or directory" in result.stderr, result.stderr
+    assert result.stdout == ""
+
+
 def test_twin_set_needs_only_the_named_devices_definition(tmp_path):
     """A problem in another device's file refused `mapper twin set` for a valid device (exit 1,
     printing the other file's errors). Now it sets the value with a one-line warning naming the
