@@ -31,6 +31,23 @@ async def to_the_end(work: Coroutine[Any, Any, T], running: set[asyncio.Future[A
         raise
 
 
+async def outcome(work: asyncio.Future[Any]) -> asyncio.CancelledError | None:
+    """Wait until `work` is done, whatever cancels the caller meanwhile; the cancel to raise once
+    the caller has acted on the outcome, or None.
+
+    For a commit handed to the twin thread: a cancel does not stop that thread, so a caller that
+    gave up at once would take a commit that went through for one that did not, and do it again."""
+    cancelled: asyncio.CancelledError | None = None
+    while not work.done():
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError as exc:
+            cancelled = exc
+        except BaseException:  # noqa: BLE001 - the work failed: the caller reads work.result()
+            break
+    return cancelled
+
+
 def _orphan_done(task: asyncio.Future[Any], what: str) -> None:
     if not task.cancelled() and (exc := task.exception()) is not None:
         log.error("%s, whose caller was cancelled, failed: %s: %s", what, type(exc).__name__, exc)

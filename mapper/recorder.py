@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from mapper.finish import outcome
 from mapper.logs import Throttle, held_note
 from mapper.store_worker import StoreWorker
 from twin.records import Reading
@@ -269,17 +270,9 @@ class Recorder:
             commit = self._worker.submit(
                 lambda store, batch=batch, messages=messages, extras=extras, apart=apart, sent=sent, dropped=dropped:
                 self._commit(store, batch, messages, sent, extras, apart, dropped))
-            # A cancel (a device stopped while it waited for its read-back to commit) does not
-            # stop the twin thread: wait for the commit's outcome and act on it, then stop.
-            # Else a batch that did commit would be retried, and committed twice.
-            cancelled: asyncio.CancelledError | None = None
-            while not commit.done():
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                except BaseException:  # noqa: BLE001 - the commit failed: commit.result() raises it below
-                    break
+            # A cancel (a device stopped while it waited for its read-back to commit): acted on once
+            # the commit's outcome is known, else a batch that did commit would be committed twice.
+            cancelled = await outcome(commit)
             try:
                 rows, results = commit.result()
             except BaseException as exc:

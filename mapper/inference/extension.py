@@ -32,6 +32,7 @@ import orjson
 
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
+from mapper.finish import outcome
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection, missing_ml_packages
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
@@ -780,17 +781,10 @@ class InferenceExtension:
             taken += t
         if updates or messages:
             commit = asyncio.ensure_future(self._twin(lambda s: records.update(s, updates, messages, reports)))
-            # A cancel (the stop, while the transaction waits for the twin's lock) does not stop the twin
-            # thread: wait for the outcome and act on it, then stop. Kept as failed, a transaction that did
-            # commit was committed again by the stop's commit_results (every message queued twice).
-            cancelled: asyncio.CancelledError | None = None
-            while not commit.done():
-                try:
-                    await asyncio.shield(commit)
-                except asyncio.CancelledError as exc:
-                    cancelled = exc
-                except BaseException:  # noqa: BLE001 - commit.result() raises it below
-                    break
+            # A cancel (the stop, while the transaction waits for the twin's lock): acted on once the
+            # outcome is known. Kept as failed, a transaction that did commit was committed again by
+            # the stop's commit_results (every message queued twice).
+            cancelled = await outcome(commit)
             try:
                 rows = commit.result()
             except BaseException:
