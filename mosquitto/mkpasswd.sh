@@ -65,6 +65,7 @@ password_for() {  # $1 = user name; prints the password on stdout
 for user in "$@"; do
   case "$user" in
     *:* | *[[:space:]]* | "") echo "$0: invalid user name '$user'" >&2; exit 2 ;;
+    */* | *+* | *#*) echo "$0: invalid user name '$user': '/', '+' and '#' would let an ACL pattern (%u in a topic) reach other topics" >&2; exit 2 ;;
   esac
   # -c creates (and would truncate) the file, so only when it does not exist.
   create=()

@@ -97,6 +97,20 @@ def test_mkpasswd_locks_an_existing_readable_file_before_writing(tmp_path: Path)
     assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
 
 
+@pytest.mark.parametrize("user", ["pi-a/default", "pi+", "pi#"])
+def test_mkpasswd_refuses_user_names_an_acl_pattern_would_widen(tmp_path: Path, user: str) -> None:
+    """A cloud user named `pi-a/default` matches `pattern write mapper/%u/+/+/+` (cloud-acl-per-node)
+    as `mapper/pi-a/default/<device>/<property>`: the /set of node pi-a's devices. Mosquitto denies
+    a name with `+` or `#` every pattern, but not one with `/`: mkpasswd.sh refuses all three."""
+    path = tmp_path / "passwd"
+    env = {**os.environ, f"MOSQ_PASSWORD_{''.join(c if c.isalnum() else '_' for c in user.upper())}": "x" * 16}
+    done = subprocess.run(["bash", str(SHIPPED / "mkpasswd.sh"), "-f", str(path), user], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 2, done
+    assert f"invalid user name '{user}'" in done.stderr
+    assert not path.exists() or user not in path.read_text()
+
+
 # --- ACL -------------------------------------------------------------------------------
 def test_mapper_publishes_twin_protocol_and_telemetry(broker: MosquittoBroker, name: str) -> None:
     """The mapper may publish $hw/events/... and mapper/... ; an app reading them receives them."""
