@@ -408,7 +408,9 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         return
     cls = Device if kind == "Device" else DeviceModel
     try:
-        obj = cls.model_validate(data)
+        # By the CRD's names only: the schema's Python names (`access_mode`) are for code; in a
+        # document they are unknown fields, as KubeEdge's API server reads them (it drops them).
+        obj = cls.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         problems.extend(validation_problems(exc, doc))
         return

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from devices.errors import DefinitionError
+from devices.ids import DeviceId
 from helpers import MODEL, device_yaml, wait_for, write_config, write_devices
 from mapper.config import load_config
 
@@ -64,6 +65,33 @@ def test_validate_lists_every_error_and_exits_1(tmp_path):
     assert any(l.endswith("m.yaml:9: spec.properties[0]: minimum 99 is greater than maximum 50") for l in lines)
     assert sum("collectCycle: must be >= 0" in l for l in lines) == 3
     assert "error(s)" in result.stderr.splitlines()[-1]
+
+
+def test_validate_warns_about_a_field_written_by_its_python_name(tmp_path):
+    """`access_mode: ReadWrite` (the schema's Python name for accessMode) used to fill the field: the
+    property passed `mapper validate` with no warning and loaded writable, while KubeEdge's API
+    server drops the key and reads the property as ReadOnly. Documents are read by their CRD names
+    only, so it is an unknown field, warned about at its line with the name it should have."""
+    model = MODEL.format(model="thing-model").replace(
+        "    - name: power\n      type: BOOLEAN\n      accessMode: ReadWrite",
+        "    - name: power\n      type: BOOLEAN\n      access_mode: ReadWrite")
+    device = device_yaml("d").replace("{kind: counter}\n      collectCycle: 50", "{kind: counter}\n      collect_cycle: 20")
+    assert "collect_cycle" in device
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    mode_line = next(i for i, l in enumerate(model.splitlines(), 1) if "access_mode" in l)
+    cycle_line = next(i for i, l in enumerate(device.splitlines(), 1) if "collect_cycle" in l)
+    assert f"m.yaml:{mode_line}: spec.properties[1].access_mode: unknown field, did you mean accessMode?" \
+        in result.stderr, result.stderr
+    assert f"d.yaml:{cycle_line}: spec.properties[2].collect_cycle: unknown field, did you mean collectCycle?" \
+        in result.stderr, result.stderr
+    from devices.loader import load
+
+    definition = load([tmp_path], base=tmp_path).devices[DeviceId("default", "d")]
+    assert not definition.prop("power").writable  # ReadOnly, as KubeEdge reads it
+    assert definition.prop("count").collect_cycle_ms == 1000  # not given: KubeEdge's default
 
 
 def test_shipped_examples_validate():
