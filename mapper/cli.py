@@ -313,7 +313,9 @@ def _open_twin(config: MapperConfig) -> TwinStore:
 def _latest_reads(store: TwinStore, twin) -> dict[str, int]:  # noqa: ANN001
     """When each property's newest reading was taken, for the properties whose newest reading was
     not good: `reported` and `reportedTs` are the last good reading's, `quality` and its detail the
-    newest reading's, a later one. From the history (absent once pruned away)."""
+    newest reading's, a later one. From the history (absent once pruned away). Call it inside the
+    `store.snapshot()` that read `twin`: a reading committed in between is not the one
+    `twin`'s quality describes."""
     taken: dict[str, int] = {}
     for name, p in twin.properties.items():
         if p.quality not in (None, "good"):
@@ -352,8 +354,9 @@ def _json_text(value: object) -> str:
 def cmd_twin_get(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
-        twin = store.device(DeviceId.parse(args.device))
-        latest = _latest_reads(store, twin)
+        with store.snapshot():
+            twin = store.device(DeviceId.parse(args.device))
+            latest = _latest_reads(store, twin)
     if args.json:
         print(orjson.dumps(_twin_json(twin, latest), option=orjson.OPT_INDENT_2).decode())
         return 0
@@ -486,8 +489,9 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
 def cmd_devices(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
-        rows = [store.device(d) for d in store.device_ids()]
-        latest = {t.id: _latest_reads(store, t) for t in rows}
+        with store.snapshot():
+            rows = [store.device(d) for d in store.device_ids()]
+            latest = {t.id: _latest_reads(store, t) for t in rows}
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
     outbox["undeliverable"] = losses["outbox_undeliverable"]

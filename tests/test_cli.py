@@ -891,6 +891,61 @@ def test_twin_set_needs_only_the_named_devices_definition(tmp_path):
     assert f"{devices / 'model.yaml'}:" in result.stderr, result
 
 
+def test_twin_get_reads_the_twin_and_the_history_in_one_snapshot(tmp_path, monkeypatch, capsys):
+    """`twin get` and `devices` read the twin, then the newest reading of each property whose
+    quality is not good, for qualityTs. They were two read transactions: a reading the running
+    mapper committed in between was not the reading the twin's quality describes, and qualityTs was
+    that later reading's time (another error) or null (a good one). The hook commits such a reading
+    through a second connection to the same SQLite file right after the twin is read; both reads
+    must see the twin as it was before it."""
+    from devices.ids import DeviceId
+    from devices.loader import load
+    from mapper.cli import main
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["room"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    room = DeviceId.parse("room")
+    good_ms, failed_ms = 1_795_338_800_717, 1_795_338_803_250
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(room, "temperature", 23.2, good_ms)])
+        store.record([Reading(room, "temperature", None, failed_ms, "error", "Checksum did not validate")])
+    mapper_store = TwinStore.open(tmp_path / "twin.db")  # the running mapper's connection
+    read_device = TwinStore.device
+    timeout_ms, good_again_ms = failed_ms + 1000, failed_ms + 2000
+    readings = iter([Reading(room, "temperature", None, timeout_ms, "error", "timed out"),  # during `twin get`
+                     Reading(room, "temperature", 24.0, good_again_ms)])  # during `devices`
+    recorded: list[int] = []
+
+    def device_then_a_reading_commits(self, device_id):  # noqa: ANN001, ANN202
+        twin = read_device(self, device_id)
+        if self is not mapper_store:
+            reading = next(readings)
+            mapper_store.record([reading])
+            recorded.append(reading.taken_at_ms)
+        return twin
+
+    monkeypatch.setattr(TwinStore, "device", device_then_a_reading_commits)
+    try:
+        assert main(["twin", "get", "room", "--config", str(config), "--json"]) == 0
+        temperature = json.loads(capsys.readouterr().out)["properties"]["temperature"]
+        shown = ("reported", "reportedTs", "quality", "qualityDetail", "qualityTs")
+        assert {k: temperature[k] for k in shown} == {"reported": 23.2, "reportedTs": good_ms, "quality": "error",
+                                                      "qualityDetail": "Checksum did not validate",
+                                                      "qualityTs": failed_ms}
+        assert main(["devices", "--config", str(config), "--json"]) == 0
+        listed = json.loads(capsys.readouterr().out)["devices"][0]["properties"]["temperature"]
+        assert {k: listed[k] for k in shown} == {"reported": 23.2, "reportedTs": good_ms, "quality": "error",
+                                                 "qualityDetail": "timed out", "qualityTs": timeout_ms}
+        # The hook ran in both, and its readings were committed: a later read sees them.
+        assert recorded == [timeout_ms, good_again_ms]
+        assert mapper_store.history(room, "temperature", limit=1)[0][0] == good_again_ms
+    finally:
+        mapper_store.close()
+
+
 def test_twin_get_shows_a_failed_read_apart_from_the_last_good_value(tmp_path):
     """A DHT read fails after a good one: the twin keeps the good value (reported, reportedTs) and
     the failure's quality and detail. `twin get` printed them on one line,

@@ -1255,6 +1255,24 @@ class TwinStore:
 
     # -- reading the twin ------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[TwinStore]:
+        """One read transaction: every read inside it sees the twin as one commit left it, whatever
+        another process (the running mapper) commits meanwhile. Inside a transaction already, that one.
+
+            with store.snapshot():
+                twin = store.device(device_id)
+                newest = store.history(device_id, name, limit=1)  # the reading twin.quality describes
+        """
+        if self.conn.in_transaction:
+            yield self
+            return
+        self.conn.execute("BEGIN")
+        try:
+            yield self
+        finally:
+            self.conn.execute("COMMIT")
+
     def device(self, device_id: DeviceId) -> DeviceTwin:
         """The device's twin, with every committed reading (those not yet folded into
         `properties` are added here). Read in one snapshot: a fold or a prune by the recording
