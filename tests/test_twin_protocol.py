@@ -464,12 +464,23 @@ def test_plain_set_takes_a_json_object_and_a_refusal_has_no_reply(broker, lamp):
     sub.expect("mapper/test-node/default/lamp/count", lambda b: 700 <= b["value"] < 800)
     while not sub.lines.empty():
         sub.lines.get()
-    pub(broker, "mapper/test-node/default/lamp/count/set", "-5")
+    refused, barrier = "mapper/test-node/default/lamp/count/set", f"{HW}/twin/get"
+    # One connection: the mapper takes the set, then the get, and publishes what it answers (through
+    # its outbox) in that order, so a reply to the set would reach `sub` before the get's result.
+    with broker.client("app") as app:
+        app.publish(refused, "-5")
+        app.publish(barrier, '{"event_id":"barrier"}')
     mapper.wait_log("refused set for default/lamp: 400")
-    time.sleep(1)
     replies = []
-    while not sub.lines.empty():
-        topic, _ = sub.lines.get()
+    while True:
+        try:
+            topic, payload = sub.lines.get(timeout=10)
+        except queue.Empty:
+            raise AssertionError(f"no twin/get/result for the barrier; seen before it: {replies}") from None
+        if topic == f"{barrier}/result" and json.loads(payload).get("event_id") == "barrier":
+            break
+        if topic in (refused, barrier):  # the requests themselves
+            continue
         if not topic.startswith("mapper/test-node/default/lamp/") or topic.count("/") > 5:
             replies.append(topic)
     assert replies == [], replies
