@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
-import sys
 import time
 from pathlib import Path
 
@@ -95,28 +94,34 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
 
     The failure is injected in the converter: no real value makes device_status raise (edgecore's
     refusals of a value are caught in it), and this path is for such a bug. The back-off is
-    checked against the delays the reporter computes (retry_delay_s, observed, not replaced): the
-    n-th failure in a row asks for attempt n's delay, within the schedule, and no retry comes
-    before the deadline that delay set (on the reporter's own clock, time.monotonic)."""
+    checked against what the reporter's failure handler (Reporter._failed, wrapped, not replaced)
+    leaves behind: the n-th failure in a row is attempt n, its retry deadline (`_retry_at`, on the
+    reporter's own clock, time.monotonic) is attempt n's delay away, within the schedule, and no
+    retry comes before that deadline."""
+    bad = DeviceId("default", "bad")
     tried: list[float] = []
-    computed: list[tuple[int, float, float]] = []  # (attempt, delay, earliest retry) per failure of "bad"
+    # (attempt, delay bounds, earliest retry) per failure of "bad"'s report: the delay is between the
+    # deadline less the time after the call and the deadline less the time before it.
+    computed: list[tuple[int, tuple[float, float], float]] = []
     device_status = client_module.device_status
-    retry_delay_s = client_module.retry_delay_s
+    failed = client_module.Reporter._failed  # noqa: SLF001
 
     def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
-        if definition.id.name == "bad":
+        if definition.id == bad:
             tried.append(time.monotonic())
             raise TypeError("cannot convert this value")
         return device_status(definition, twin)
 
-    def observed_delay(attempt: int, cap: float) -> float:
-        delay = retry_delay_s(attempt, cap)
-        if sys._getframe(1).f_code.co_name == "_failed":  # noqa: SLF001 - the reporter's, not a loop restart's
-            computed.append((attempt, delay, time.monotonic() + delay))
-        return delay
+    def observed_failed(self, key, exc):  # noqa: ANN001, ANN202
+        before = time.monotonic()
+        failed(self, key, exc)
+        after = time.monotonic()
+        if key == ("twins", bad):
+            at = self._retry_at[key]  # noqa: SLF001
+            computed.append((self._failing[key], (at - after, at - before), at))  # noqa: SLF001
 
     monkeypatch.setattr(client_module, "device_status", broken_for_bad)
-    monkeypatch.setattr(client_module, "retry_delay_s", observed_delay)
+    monkeypatch.setattr(client_module.Reporter, "_failed", observed_failed)
     cap = 30.0  # the backoff cap (register_backoff_max_s, 0.2 s elsewhere in these tests) at its default
 
     async def scenario() -> None:
@@ -130,10 +135,11 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
         assert reports_of(edgecore, "bad") == 0
         # Each failure asks for the next attempt's delay: 0.25-0.5 s, then 0.5-1 s, 1-2 s ...
         attempts = [a for a, _, _ in computed]
+        assert attempts, "the reporter's failure handler never ran for bad"
         assert attempts == list(range(1, len(attempts) + 1)) and len(attempts) >= len(tried) - 1, computed
-        for attempt, delay, _ in computed:
+        for attempt, (least, most), _ in computed:
             step = min(cap, 0.25 * 2 ** min(attempt, 16))
-            assert step / 2 <= delay <= step, computed
+            assert step / 2 <= most and least <= step, computed
         # ... and waits for it: try n+1 not before the deadline failure n set.
         early = [(n + 1, at, computed[n][2]) for n, at in enumerate(tried[1:]) if at < computed[n][2]]
         assert early == [], early
@@ -155,10 +161,10 @@ def test_a_report_marked_again_while_its_attempt_fails_still_waits_for_its_retry
     raises), so this fails every time instead of in about a third of the runs of the test above."""
     bad = DeviceId("default", "bad")
     tried: list[float] = []
-    deadlines: list[float] = []
+    deadlines: list[float] = []  # the retry deadline each failure of "bad"'s report set
     reporters = []
     device_status = client_module.device_status
-    retry_delay_s = client_module.retry_delay_s
+    failed = client_module.Reporter._failed  # noqa: SLF001
 
     def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
         if definition.id != bad:
@@ -167,14 +173,13 @@ def test_a_report_marked_again_while_its_attempt_fails_still_waits_for_its_retry
         reporters[0].twins_changed({bad})  # a new reading, while this attempt runs
         raise TypeError("cannot convert this value")
 
-    def observed_delay(attempt: int, cap: float) -> float:
-        delay = retry_delay_s(attempt, cap)
-        if sys._getframe(1).f_code.co_name == "_failed":  # noqa: SLF001 - the reporter's, not a loop restart's
-            deadlines.append(time.monotonic() + delay)
-        return delay
+    def observed_failed(self, key, exc):  # noqa: ANN001, ANN202
+        failed(self, key, exc)
+        if key == ("twins", bad):
+            deadlines.append(self._retry_at[key])  # noqa: SLF001
 
     monkeypatch.setattr(client_module, "device_status", broken_for_bad)
-    monkeypatch.setattr(client_module, "retry_delay_s", observed_delay)
+    monkeypatch.setattr(client_module.Reporter, "_failed", observed_failed)
 
     async def scenario() -> None:
         async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
@@ -183,6 +188,7 @@ def test_a_report_marked_again_while_its_attempt_fails_still_waits_for_its_retry
                 reporters.append(mapper.ext.reporter)
                 await registered(mapper)
                 await until(lambda: len(tried) >= 2, timeout=10)
+        assert deadlines, "the reporter's failure handler never ran for bad"
         assert tried[1] >= deadlines[0], (tried, deadlines)
 
     run(scenario())
