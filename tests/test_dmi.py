@@ -1226,3 +1226,163 @@ def test_an_edgecore_restart_while_its_reply_is_adopted_is_noticed(sockdir: Path
             if second._server is not None:  # noqa: SLF001 - started by the restart above
                 await second.__aexit__(None, None, None)
     run(scenario())
+
+
+# -- a local YAML device and an edgecore device of the same namespace/name --------------------
+
+LAMP_LOCAL = ("{name: temperature, type: FLOAT, accessMode: ReadOnly, minimum: -40, maximum: 85}",
+              "{kind: temperature, base: 21.5}")
+LAMP_RW = model("lamp-rw", {"temperature": ("FLOAT", "ReadWrite")})
+
+
+def edge_lamp(name: str = "lamp") -> pb.Device:
+    return device(name, "lamp-rw", {"temperature": {"kind": "temperature", "base": 30}}, config={"seed": 3})
+
+
+@contextlib.asynccontextmanager
+async def mapper_with_local(sockdir: Path, local: Path) -> AsyncIterator[tuple[Mapper, MapperConfig]]:
+    config = MapperConfig(mode="kubeedge", node="test-node", devices=[local],
+                          twin=TwinSettings(path=sockdir / "twin.db"), kubeedge=settings(sockdir))
+    service = build_service(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        async with asyncio.timeout(10):
+            await service.ready.wait()
+        yield Mapper(service), config
+    finally:
+        stop.set()
+        await task
+
+
+def assert_local_lamp(mapper: Mapper, local_file: Path, name: str = "lamp") -> None:
+    """The running default/<name> is the local YAML device: temperature ReadOnly, and the twin refuses a desired value."""
+    definition = mapper.service.definitions.devices[DeviceId("default", name)]
+    assert definition.source.startswith(f"{local_file}:"), definition.source
+    assert not definition.prop("temperature").writable
+    with pytest.raises(ValueError, match="ReadOnly"):
+        definition.desired_value("temperature", 30)
+    problem = mapper.ext.catalog.problems[("default", name)]
+    assert f"{local_file}:" in problem and "local device wins" in problem, problem
+
+
+def test_an_edgecore_device_cannot_replace_a_local_yaml_device_of_the_same_name(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A local default/lamp (temperature ReadOnly). edgecore sends default/lamp with a model making
+    temperature ReadWrite: in its registration reply, then by RegisterDevice and UpdateDevice. The
+    local device keeps running as it is defined (its model, a desired value still refused), the
+    calls fail FAILED_PRECONDITION naming the local file and line, edgecore hears its lamp is
+    offline and gets none of the local lamp's twins; after a mapper restart (the state file holds
+    edgecore's lamp) the local lamp still wins, before and after registration. (edgecore's device
+    silently replaced the local one, writability, ranges and driver config included.)"""
+    from helpers import one_property_device
+    from twin.store import NotWritable
+
+    async def scenario() -> None:
+        local = sockdir / "yaml"
+        local.mkdir()
+        lamp_file = local / "lamp.yaml"
+        lamp_file.write_text(one_property_device("lamp", LAMP_LOCAL[0], LAMP_LOCAL[1], settings="collectCycle: 50"))
+        lamp_id = DeviceId("default", "lamp")
+
+        async def desired_refused(mapper: Mapper) -> None:
+            with pytest.raises(NotWritable):
+                await mapper.service.twin(lambda s: s.set_desired(lamp_id, "temperature", 30))
+
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [(edge_lamp(), LAMP_RW), (room("room-a"), TEMP)]
+            async with mapper_with_local(sockdir, local) as (mapper, _):
+                await registered(mapper)
+                assert mapper.runner("room-a") is not None, "the other devices of the reply run"
+                local_runner = mapper.runner("lamp")
+                assert local_runner is not None
+                assert_local_lamp(mapper, lamp_file)
+                await desired_refused(mapper)
+
+                for method, request in (("RegisterDevice", pb.RegisterDeviceRequest(device=edge_lamp())),
+                                        ("UpdateDevice", pb.UpdateDeviceRequest(device=edge_lamp()))):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await edgecore.call_mapper(method, request)
+                    assert grpc_code(refused) == grpc.StatusCode.FAILED_PRECONDITION, method
+                    assert f"{lamp_file}:" in refused.value.details(), refused.value.details()
+                    assert mapper.runner("lamp") is local_runner, "the local device must not restart"
+                    assert_local_lamp(mapper, lamp_file)
+                    await desired_refused(mapper)
+                with pytest.raises(grpc.aio.AioRpcError) as get:
+                    await edgecore.call_mapper("GetDevice", pb.GetDeviceRequest(deviceName="lamp",
+                                                                                deviceNamespace="default"))
+                assert grpc_code(get) == grpc.StatusCode.FAILED_PRECONDITION
+
+                await edgecore.wait_for(lambda: any(r.deviceName == "lamp" and r.state == "offline"
+                                                    for r in edgecore.of("ReportDeviceStates")))
+                await edgecore.wait_for(lambda: latest_status(edgecore, "room-a") is not None)
+                assert latest_status(edgecore, "lamp") is None, "the local lamp's twins are not edgecore's"
+                assert {r.state for r in edgecore.of("ReportDeviceStates") if r.deviceName == "lamp"} == {"offline"}
+                # Logged once by the catalog (each refused call is logged as a refusal besides).
+                said = [r for r in caplog.records if r.name == "mapper.dmi" and "local device wins" in r.getMessage()
+                        and r.getMessage().startswith("device default/lamp from edgecore is not started")]
+                assert len(said) == 1, [r.getMessage() for r in said]
+
+            # Restarted: the state file holds edgecore's lamp; the local one wins at the restore too.
+            assert "lamp-rw" in (sockdir / "twin.db.kubeedge.json").read_text()
+            async with mapper_with_local(sockdir, local) as (mapper, _):
+                async with asyncio.timeout(10):
+                    await mapper.ext.started.wait()
+                assert_local_lamp(mapper, lamp_file)
+                await desired_refused(mapper)
+                await registered(mapper)
+                assert_local_lamp(mapper, lamp_file)
+                await desired_refused(mapper)
+    run(scenario())
+
+
+def test_a_reload_adding_a_local_device_with_a_running_edgecore_devices_name_stops_that_one(sockdir: Path) -> None:
+    """edgecore's default/lamp runs; a SIGHUP reload adds a local default/lamp: the local device wins
+    (as at a start with both), edgecore's stops, is kept and reported offline; removing the local
+    file again starts edgecore's lamp."""
+    from helpers import one_property_device, write_devices
+    from mapper.cli import reload_devices
+
+    async def scenario() -> None:
+        local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                mapper_with_local(sockdir, local) as (mapper, config):
+            await registered(mapper)
+            await edgecore.add(edge_lamp(), LAMP_RW)
+            edge_runner = mapper.runner("lamp")
+            assert edge_runner is not None and edge_runner.definition.prop("temperature").writable
+
+            lamp_file = local / "lamp.yaml"
+            lamp_file.write_text(one_property_device("lamp", LAMP_LOCAL[0], LAMP_LOCAL[1], settings="collectCycle: 50"))
+            assert await reload_devices(mapper.service, config)
+            assert mapper.runner("lamp") is not None and mapper.runner("lamp") is not edge_runner
+            assert_local_lamp(mapper, lamp_file)
+            assert ("default", "lamp") in mapper.ext.catalog.devices, "kept: edgecore still counts it as ours"
+            await edgecore.wait_for(lambda: any(r.deviceName == "lamp" and r.state == "offline"
+                                                for r in edgecore.of("ReportDeviceStates")))
+
+            lamp_file.unlink()
+            assert await reload_devices(mapper.service, config)
+            assert mapper.runner("lamp").definition.source.startswith("dmi:")
+            assert mapper.runner("lamp").definition.prop("temperature").writable
+            assert ("default", "lamp") not in mapper.ext.catalog.problems
+    run(scenario())
+
+
+def test_a_local_device_shadowing_an_edgecore_device_keeps_its_pins() -> None:
+    """The claims pass holds every local device, also one an edgecore device of the same name shadows
+    (it was left out, so another edgecore device could take its pin)."""
+    from devices.loader import load_objects
+    from mapper.dmi.catalog import Catalog
+    from mapper.dmi.convert import device_document, model_document
+
+    local = load_objects([("local.yaml", model_document(DHT, "dht")),
+                          ("local.yaml", {**device_document(dht("shared", 4)), "metadata": {"name": "shared"}})])
+    catalog = Catalog("dht")
+    catalog.replace([dht("shared", 5), dht("edge-x", 4)], [DHT, DHT])
+    built = catalog.build(local)
+    assert set(built.devices) == set()
+    assert catalog.shadowed == {("default", "shared"): local.devices[DeviceId("default", "shared")].source}
+    assert "local device wins" in catalog.problems[("default", "shared")]
+    assert "gpio:4 is already used by device default/shared (local.yaml" in catalog.problems[("default", "edge-x")]

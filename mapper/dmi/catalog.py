@@ -1,6 +1,9 @@
 """The devices and models edgecore gave us, as received, and what they validate into.
 
-Each device is validated on its own (with its model), so one bad device never blocks the
+A device with the namespace/name of a local YAML device is not validated at all: the local
+device wins, and the edgecore one stays in the catalog with that as its problem (`shadowed`),
+so edgecore cannot replace an operator's device (its model, writability, ranges, pins).
+Each other device is validated on its own (with its model), so one bad device never blocks the
 others; a device whose model has not arrived yet waits in the catalog and starts when it
 does. Then one claims pass (GPIO pins and other exclusive resources) runs over the local
 YAML devices and all valid edgecore devices in a fixed order: local devices first, then
@@ -83,6 +86,9 @@ class Catalog:
     problems: dict[Key, str] = field(default_factory=dict)
     # Devices left out because another device holds a resource they claim (a subset of problems).
     conflicts: set[Key] = field(default_factory=set)
+    # Devices left out because a local YAML device has their namespace/name (a subset of
+    # problems): key -> where the local device is defined (file:line). The local device wins.
+    shadowed: dict[Key, str] = field(default_factory=dict)
     # The devices that validated and won their claims in the last build, as they were then.
     _admitted: dict[Key, pb.Device] = field(default_factory=dict)
 
@@ -132,9 +138,24 @@ class Catalog:
         leave out devices that claim a resource already held (by a `local` YAML device or an
         edgecore device earlier in the fixed order, see the module doc)."""
         result = LoadResult()
+        local = local or LoadResult()
         self.problems = {}
         self.conflicts = set()
+        before, self.shadowed = self.shadowed, {}
         for key, device in sorted(self.devices.items()):
+            mine = local.devices.get(DeviceId(*key))
+            if mine is not None:
+                # The operator's local YAML device keeps its name: an edgecore device of that
+                # namespace/name must not replace its model, writability, ranges or driver config.
+                self.shadowed[key] = mine.source
+                self.problems[key] = (
+                    f"dmi:Device {key[0]}/{key[1]}: a local device of this namespace/name is defined in "
+                    f"{mine.source}, and the local device wins; device {key[0]}/{key[1]} from edgecore is "
+                    "kept but not started (it starts if the local device is removed): rename one of them")
+                if before.get(key) != mine.source:  # logged once, not at every change of the catalog
+                    log.error("device %s/%s from edgecore is %s: %s", key[0], key[1],
+                              "stopped" if key in self._admitted else "not started", self.problems[key])
+                continue
             model = self.models.get(model_of(device))
             if model is None:
                 self.problems[key] = f"waiting for DeviceModel {model_of(device)[0]}/{model_of(device)[1]}"
@@ -158,15 +179,13 @@ class Catalog:
             result.unrunnable.update(one.unrunnable)
         for device_id, problem in result.unrunnable.items():  # no driver for its protocol here
             self.problems[(device_id.namespace, device_id.name)] = str(problem)
-        self._check_claims(result, local or LoadResult())
+        self._check_claims(result, local)
         self._admitted = {
             key: device for key, device in self.devices.items() if DeviceId(*key) in result.devices
         }
         return result
 
     def _check_claims(self, result: LoadResult, local: LoadResult) -> None:
-        ours = {DeviceId(*key) for key in self.devices}
-
         def runnable(loaded: LoadResult, ids: list[DeviceId]) -> list[DeviceDefinition]:
             return [loaded.devices[i] for i in ids if i not in loaded.unrunnable]
 
@@ -177,13 +196,15 @@ class Catalog:
             # devices waiting for it); the rest.
             return (0 if admitted == self.devices[key] else 1 if admitted is not None else 2, device_id)
 
+        # Every local device, also one whose namespace/name an edgecore device has (that one is
+        # shadowed, not in `result`): the local device keeps its claims.
         order = [
-            *runnable(local, sorted(set(local.devices) - ours)),
+            *runnable(local, sorted(local.devices)),
             *runnable(result, sorted(result.devices, key=rank)),
         ]
 
         def where(definition: DeviceDefinition, path: str) -> str:
-            if definition.id in ours:
+            if result.devices.get(definition.id) is definition:
                 return f"from edgecore, {path}"
             return f"{definition.source}, {path}"
 

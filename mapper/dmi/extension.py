@@ -231,13 +231,21 @@ class KubeEdgeExtension:
     # -- the catalog -> the running devices ------------------------------------------------
 
     async def local_devices_changed(self, local: LoadResult) -> dict[str, list[DeviceId]]:
-        """SIGHUP: new local YAML devices; edgecore's devices keep running next to them."""
+        """SIGHUP: new local YAML devices; edgecore's devices keep running next to them.
+
+        A new local device with the namespace/name of a running edgecore device wins here too:
+        the edgecore device stops (logged, reported offline, kept in the catalog) and the local
+        one starts, as at a start with both (see Catalog.build)."""
         async with self._lock:
             self._local = local
             return await self._apply()
 
     async def _apply(self) -> dict[str, list[DeviceId]]:
         """Run exactly what the catalog validates to (plus local YAML devices); caller holds the lock.
+
+        A device of the catalog shadowed by a local YAML device of the same namespace/name does not
+        run (the local one does, under that id) and is reported offline after every apply; nothing
+        of the local device (its states, twins) is reported under its name (see `_shadowed`).
 
         A device of the catalog that does not run and was never reported (restored at start, in a
         registration reply, or registered later: a resource another device holds, a driver missing
@@ -247,6 +255,7 @@ class KubeEdgeExtension:
         """
         assert self.service is not None and self.state_path is not None
         built = self.catalog.build(self._local)
+        # Disjoint: build() leaves out an edgecore device with a local device's namespace/name.
         merged = LoadResult(
             devices={**self._local.devices, **built.devices},
             models={**self._local.models, **built.models},
@@ -261,12 +270,20 @@ class KubeEdgeExtension:
         stopped = {d: every for d, every in self.reporter.state_every.items() if d in ours and d not in reported}
         not_running: list[DeviceId] = []
         for device_id in sorted(ours - reported - set(stopped)):
+            if self._shadowed(device_id):
+                every = self._state_every_of(self.catalog.devices[(device_id.namespace, device_id.name)])
+                if every is not None:
+                    stopped[device_id] = every
+                continue
             definition = built.devices.get(device_id)
             every = (self._state_every(definition) if definition is not None
                      else self._state_every_of(self.catalog.devices[(device_id.namespace, device_id.name)]))
             if every is not None:
                 stopped[device_id] = every
                 not_running.append(device_id)
+        # A shadowed device is reported offline after every apply: the local device of its name
+        # may just have started or stopped (its own states are not reported under that name).
+        not_running.extend(sorted(d for d in stopped if self._shadowed(d)))
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
         try:
             changes = await self.service.update_devices(merged)
@@ -278,6 +295,10 @@ class KubeEdgeExtension:
         except Exception as exc:  # noqa: BLE001 - a full disk, or a message protobuf cannot write: run on
             log.error("cannot save the KubeEdge state to %s: %s", self.state_path, exc)
         return changes
+
+    def _shadowed(self, device_id: DeviceId) -> bool:
+        """An edgecore device left out for a local YAML device of the same namespace/name."""
+        return (device_id.namespace, device_id.name) in self.catalog.shadowed
 
     def _state_every_of(self, device: pb.Device) -> float | None:
         """`_state_every` of a device that did not validate (its stateReport as edgecore sent it)."""
@@ -333,6 +354,10 @@ class KubeEdgeExtension:
                 await self._apply()
 
         await self._change(put)
+        if key in self.catalog.shadowed:
+            # The local YAML device of that name wins; not INVALID_ARGUMENT: the device is kept, and
+            # starts if the local one is removed. edgecore only logs it: the message says where it is.
+            raise DmiError(grpc.StatusCode.FAILED_PRECONDITION, self.catalog.problems[key])
         if wait_for_model and model_of(device) not in self.catalog.models:
             await self._wait_for_model(device)
         problem = self.catalog.problems.get(key)
@@ -422,7 +447,7 @@ class KubeEdgeExtension:
         assert self.service is not None
         device_id = DeviceId(*key)
         definition = self.service.definitions.devices.get(device_id) if self.service.definitions else None
-        if definition is None:
+        if definition is None or self._shadowed(device_id):  # (shadowed: that is the local device's)
             raise DmiError(grpc.StatusCode.FAILED_PRECONDITION,
                            f"device {device_id} is not running: {self.catalog.problems.get(key, 'unknown reason')}")
         readings = await self._read_now(definition)
@@ -459,6 +484,8 @@ class KubeEdgeExtension:
         definition = service.definitions.devices.get(device_id)
         if definition is None or (running_only and device_id not in service.runners):
             return None
+        if self._shadowed(device_id):  # the local device of that name: its twin is not edgecore's
+            return None
         try:
             twin = await service.twin(lambda s: s.device(device_id))
         except UnknownDevice:
@@ -466,6 +493,8 @@ class KubeEdgeExtension:
         return definition, twin
 
     def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> list[OutMessage]:
+        if self._shadowed(definition.id):  # the local device's state, not the edgecore device's (offline)
+            return []
         self.reporter.state_changed(definition.id, state)
         return []
 
