@@ -6,6 +6,7 @@ import logging
 import grp
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import sys
@@ -473,3 +474,32 @@ def test_the_twin_commands_say_when_the_service_runs_their_config_on_another_twi
     other = write_config(tmp_path / "other.yaml", devices, tmp_path / "twin.db")
     assert main(["devices", "--config", str(other)]) == 0
     assert capsys.readouterr().err == ""
+
+
+HARDENING = ("UMask=0077", "CapabilityBoundingSet=", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+             "SystemCallArchitectures=native", "RestrictNamespaces=yes", "ProtectHostname=yes",
+             "ProtectKernelLogs=yes", "RestrictRealtime=yes", "LockPersonality=yes", "RemoveIPC=yes",
+             "NoNewPrivileges=yes", "ProtectSystem=strict", "PrivateTmp=yes")
+# Each can break GPIO or onnxruntime on some Pi (docs/raspberry-pi.md, Optional hardening).
+NOT_BY_DEFAULT = ("ProtectClock=", "PrivateDevices=", "DevicePolicy=", "DeviceAllow=", "MemoryDenyWriteExecute=",
+                  "SystemCallFilter=")
+
+
+def test_rendered_unit_has_the_hardening_that_keeps_gpio_and_onnxruntime_working(config: Path) -> None:
+    lines = unit_lines(render_unit(UnitSettings(config=config, groups=("gpio",))))
+    for expected in HARDENING:
+        assert expected in lines, expected
+    assert not [line for line in lines if line.startswith(NOT_BY_DEFAULT)]
+    assert "SupplementaryGroups=gpio" in lines
+
+
+@pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
+def test_systemd_analyze_security_rates_the_unit_ok(config: Path, tmp_path: Path) -> None:
+    """Below 4.0 (OK) in `systemd-analyze security`: 7.7 (EXPOSED) before the hardening lines."""
+    unit = tmp_path / "mapper.service"
+    unit.write_text(render_unit(UnitSettings(config=config, groups=())))
+    result = subprocess.run([ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
+                            capture_output=True, text=True, check=False)
+    match = re.search(r"Overall exposure level for mapper\.service: (\d+\.\d+)", result.stdout + result.stderr)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) < 4.0, result.stdout
