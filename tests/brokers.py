@@ -186,6 +186,16 @@ def render(source: Path, replace: Mapping[str, str | None], *, ports: Mapping[in
     return "\n".join(out) + "\n", tls
 
 
+def render_bridge(node: str, cloud_host: str) -> str:
+    """bridge.conf as the shipped mosquitto/render-bridge.sh renders it for an install."""
+    done = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), node, cloud_host],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        msg = f"render-bridge.sh failed ({done.returncode}): {done.stderr.strip()}"
+        raise BrokerError(msg)
+    return done.stdout
+
+
 def _listener_ports(conf: Path) -> list[int]:
     lines = (line.split() for line in conf.read_text().splitlines())
     return [int(words[1]) for words in lines if len(words) >= 2 and words[0] == "listener"]  # noqa: PLR2004
@@ -250,6 +260,7 @@ class MosquittoBroker:
         self.log_path = self.workdir / "mosquitto.log"
         self.conf_path = self.workdir / conf
         self._process: subprocess.Popen[bytes] | None = None
+        self.bridge_client_ids: dict[str, str] = {}  # local_clientid, remote_clientid (with bridge_to)
         self._log: IO[bytes] | None = None
 
         (self.workdir / "data").mkdir()
@@ -283,11 +294,15 @@ class MosquittoBroker:
         if cloud.tls_port is None:
             msg = "the cloud broker has no TLS listener for the bridge"
             raise BrokerError(msg)
-        text, _ = render(SHIPPED / "bridge.conf", {
+        # The install step (mosquitto/README.md): the shipped script fills @NODE@, @CLOUD_HOST@ and @RANDOM@.
+        rendered = self.workdir / "bridge.rendered.conf"
+        rendered.write_text(render_bridge(self.node, cloud.host))
+        text, _ = render(rendered, {
             "address": f"{cloud.host}:{cloud.tls_port}",
             "bridge_cafile": str(cloud.ca_file),
         }, ports={})
-        text = text.replace("@NODE@", self.node).replace("@BRIDGE_PASSWORD@", cloud.users["bridge"])
+        text = text.replace("@BRIDGE_PASSWORD@", cloud.users["bridge"])
+        self.bridge_client_ids = {key: _directive(rendered, key) for key in ("local_clientid", "remote_clientid")}
         unfilled = {m for line in text.splitlines() if not line.lstrip().startswith("#")
                     for m in re.findall(r"@[A-Z_]+@", line)}
         if unfilled:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import SHIPPED, MosquittoBroker, MqttProbe
+from brokers import SHIPPED, MosquittoBroker, MqttProbe, render_bridge
 
 if TYPE_CHECKING:
     from conftest import CloudAndEdge
@@ -390,6 +390,38 @@ def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: 
             mapper.publish(topic, b"{}")
         expected = [t.replace("$hw/", f"edge/{node}/$hw/") for t in local]
         assert topics_of(app, len(local)) == expected
+
+
+def test_each_bridge_install_gets_its_own_unguessable_client_ids() -> None:
+    """render-bridge.sh, the install step, ends both bridge client ids with 16 random hex digits, new
+    at each run: a broker user who knew an id could throw the bridge off (mosquitto/README.md)."""
+    suffixes = []
+    for text in (render_bridge("pi-livingroom", "broker.example.com") for _ in range(2)):
+        local = re.search(r"^local_clientid edge-bridge-local-pi-livingroom-([0-9a-f]{16})$", text, re.MULTILINE)
+        remote = re.search(r"^remote_clientid edge-bridge-pi-livingroom-([0-9a-f]{16})$", text, re.MULTILINE)
+        assert local and remote, text
+        assert local.group(1) == remote.group(1)
+        suffixes.append(local.group(1))
+        assert "address broker.example.com:8883" in text.splitlines()
+        left = {m for line in text.splitlines() if not line.startswith("#") for m in re.findall(r"@[A-Z_]+@", line)}
+        assert left == {"@BRIDGE_PASSWORD@"}  # for sudoedit, never a command line
+    assert suffixes[0] != suffixes[1]
+    refused = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), "pi/x", "broker.example.com"],
+                             capture_output=True, text=True, check=False)
+    assert refused.returncode == 2 and "invalid node name" in refused.stderr and refused.stdout == ""
+
+
+def test_a_client_with_the_old_guessable_bridge_id_does_not_stop_the_bridge(cloud_and_edge: CloudAndEdge) -> None:
+    """Before the random suffix, an `app` connecting once as `edge-bridge-local-<node>` wiped the bridge's
+    subscriptions on the Pi for ~25 s: the mapper's QoS 1 publishes then succeeded with no subscriber and
+    were never bridged. That id is now just another client's."""
+    cloud, edge, node = cloud_and_edge
+    assert edge.bridge_client_ids["local_clientid"] != f"edge-bridge-local-{node}"
+    with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
+        app.subscribe(f"mapper/{node}/default/dht/+")
+        edge.client("app", client_id=f"edge-bridge-local-{node}").close()
+        mapper.publish(f"mapper/{node}/default/dht/temperature", b"{}")
+        assert topics_of(app, 1) == [f"mapper/{node}/default/dht/temperature"]
 
 
 def test_bridge_brings_desired_values_from_cloud(cloud_and_edge: CloudAndEdge) -> None:
