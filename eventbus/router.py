@@ -178,7 +178,7 @@ class Router:
             log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
                      clipped(exc.reason, 300), held_note(held))
         if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
-            reply = payloads.error_reply(payloads.event_id_of(payload), exc.code, exc.reason)
+            reply = payloads.error_reply(payloads.event_id_of(payload, self.max_payload), exc.code, exc.reason)
             await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
                                          kind="twin", sequenced=False)])
 

@@ -161,6 +161,36 @@ def test_oversized_payload_is_refused(broker, lamp):
     assert reply["code"] == 400 and "larger than the limit" in reply["reason"]
 
 
+def _peak_rss(pid: int) -> int:
+    """VmHWM of a process, in bytes: the most memory it has held at once."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmHWM")
+
+
+def test_an_oversized_payload_is_refused_without_being_parsed(broker, lamp, tmp_path):
+    """mosquitto.conf promises that a command over mqtt.max_payload_bytes is refused unread. An 8 MB
+    `[{},{},...]` (within the broker's packet limit) was parsed whole all the same, to find an
+    event_id for the refusal: the mapper's peak memory grew by about 30 times the payload. Now the
+    refusal comes without an event_id, and the peak grows by a few copies of the payload at most."""
+    mapper, sub = lamp
+    big = tmp_path / "big.json"
+    size = 8_000_000
+    big.write_bytes(b"[" + b"{}," * ((size - 5) // 3) + b"{}]")
+    before = _peak_rss(mapper.process.pid)
+    subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P", broker.users["app"],
+                    "-i", f"pub-{uuid.uuid4().hex[:8]}", "-q", "1", "-t", f"{HW}/twin/update", "-f", str(big)],
+                   check=True, timeout=20)
+    reply = sub.expect(f"{HW}/twin/update/result", timeout=20)
+    assert reply["code"] == 400 and "larger than the limit" in reply["reason"] and reply["event_id"] == "", reply
+    grown = _peak_rss(mapper.process.pid) - before
+    # The MQTT client's own copies of the packet (its read buffer, the message's payload) take
+    # about 3 times the payload; the full parse took over 30 times.
+    assert grown < 5 * size, f"peak memory grew by {grown / 1e6:.0f} MB for a {size / 1e6:.0f} MB payload"
+
+
 def test_membership_state_and_plain_set_topic(broker, lamp):
     """membership/get lists the node's devices; state/update is answered; `.../set` applies a value."""
     mapper, sub = lamp
