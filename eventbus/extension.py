@@ -20,7 +20,7 @@ from eventbus.publisher import OutboxPublisher
 from eventbus.router import Router
 from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
-from eventbus.topics import Topics
+from eventbus.topics import Topics, parse
 from mapper.device_loop import OFFLINE, UNKNOWN
 from twin.store import DesiredChange, OutMessage
 
@@ -35,6 +35,9 @@ ONLINE_STATES = ("ok", "online")
 # Announced at once, it went `offline` then `online` at nearly every start: a flap per device
 # for anything alerting on availability.
 FIRST_STATE_GRACE_S = 5.0
+# Topics of retained commands the mapper has cleared whose clear has not come back yet (see
+# _clear_retained): at most this many, the oldest forgotten first.
+CLEARING_MAX = 4096
 
 
 class EventBusExtension:
@@ -50,6 +53,7 @@ class EventBusExtension:
         self._connecting = asyncio.Event()  # clear while _on_connect runs
         self._connecting.set()
         self._unknown_later: asyncio.Task[None] | None = None  # see FIRST_STATE_GRACE_S
+        self._clearing: dict[str, None] = {}  # topics of retained commands cleared, until the clear comes back
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -153,10 +157,38 @@ class EventBusExtension:
                 except Exception:  # noqa: BLE001 - a message must never take the connection down
                     log.exception("error while handling a message on %r", topic[:200])
                 return
+        if not payload and topic in self._clearing:
+            del self._clearing[topic]
+            # The mapper's own clear (below) coming back: under MQTT 3.1.1 without the retain flag,
+            # where the router would refuse it as an empty command (and answer a twin/update).
+            self.router.ignore_retained(topic, cleared=True)
+            return
         if message.retain:  # a command kept by a broker: it would be applied again at every (re)connect
-            self.router.ignore_retained(topic, cleared=not payload)
+            clearing = bool(payload) and await self._clear_retained(topic)
+            self.router.ignore_retained(topic, cleared=not payload, clearing=clearing)
             return
         await self.router.handle(topic, payload)
+
+    async def _clear_retained(self, topic: str) -> bool:
+        """Remove the broker's copy of a retained command on a topic the mapper serves: an empty
+        retained message there. Ignored but kept, such copies piled up with the broker (any app
+        may publish one to every device and property name its ACL's `+` allows, invented ones
+        too), in its memory and on its disk, and all came to the mapper again at every reconnect.
+        True if the clear went out (the mapper's ACL grants it: mapper/# and $hw/#)."""
+        assert self.bus is not None and self.topics is not None
+        if parse(topic, self.topics) is None:  # not a command topic of this mapper's
+            return False
+        self._clearing.pop(topic, None)
+        self._clearing[topic] = None
+        while len(self._clearing) > CLEARING_MAX:
+            del self._clearing[next(iter(self._clearing))]
+        try:
+            await self.bus.publish(topic, b"", qos=1, retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            self._clearing.pop(topic, None)
+            log.debug("could not clear the retained message on %r: %s", topic[:200], exc)
+            return False
+        return True
 
     async def _on_connect(self, service: MapperService) -> None:
         """After every (re)connect: node online, and every device's availability and state again.

@@ -128,14 +128,15 @@ class Router:
             if held is not None:
                 log.exception("error while handling a message on %r%s", topic[:200], held_note(held))
 
-    def ignore_retained(self, topic: str, *, cleared: bool = False) -> None:
+    def ignore_retained(self, topic: str, *, cleared: bool = False, clearing: bool = False) -> None:
         """A message with the retain flag on a command topic. A broker hands its copy out again at
         every (re)connect and to every new subscriber (through a bridge, as a live message), so
         applying it would set an old value again each time, over newer ones: it is ignored,
         counted and logged. Under MQTT 5 the mapper subscribes with retain-as-published, so a
         command published with the flag is never applied, not even the first time; under 3.1.1
         one sent live arrives without the flag and is applied once. `cleared`: the empty
-        retained message that removes a broker's copy, which is what the warning asks for."""
+        retained message that removes a broker's copy. `clearing`: the mapper has cleared this
+        one (EventBusExtension._clear_retained), so that it does not stay with the broker."""
         if cleared:
             self.counts["cleared_retained"] += 1
             held = self._log_throttle("retained_cleared")
@@ -145,7 +146,10 @@ class Router:
             return
         self.counts["ignored_retained"] += 1
         held = self._log_throttle("retained")
-        if held is not None:
+        if held is not None and clearing:
+            log.warning("ignored a retained message on %r and cleared it (an empty retained message on that topic): "
+                        "publish commands without retain%s", topic[:200], held_note(held))
+        elif held is not None:
             log.warning("ignored a retained message on %r: publish commands without retain, and clear this one "
                         "(an empty retained message on that topic)%s", topic[:200], held_note(held))
 

@@ -241,6 +241,70 @@ def test_a_retained_command_is_not_applied_at_connect(broker, tmp_path):
                         broker.users["app"], "-q", "1", "-r", "-n", "-t", topic], check=True, timeout=10)
 
 
+def _retained_commands(broker, node: str) -> list[str]:
+    """The topics of the retained commands a new subscriber is handed (read as the mapper: no app may
+    read a command topic). They come right after the SUBACK; a second is ample on loopback."""
+    with broker.client("mapper") as reader:
+        reader.subscribe(f"mapper/{node}/+/+/+/set")
+        reader.subscribe("$hw/events/device/default/+/twin/update")
+        got: list[str] = []
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                message = reader.next_message(timeout=left)
+            except TimeoutError:
+                break
+            if message.retain and message.payload and (message.topic.startswith(f"mapper/{node}/")
+                                                       or "/ghost-" in message.topic):
+                got.append(message.topic)
+        return got
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_retained_commands_are_cleared_from_the_broker(broker, tmp_path, protocol):
+    """An app may publish a retained command to any device or property topic its ACL's `+` allows,
+    invented ones too; the mapper ignored them but left them with the broker, which kept every one
+    (memory, disk) and handed them all to the mapper again at every reconnect. The mapper now
+    clears each (an empty retained message on its topic), says so in its log (a few lines, not one
+    a message), and goes on working. Under MQTT 3.1.1 a live message arrives without the flag, so
+    only the copies handed out at (re)connect are known as retained: those are published first."""
+    node = f"clear-all-{protocol.replace('.', '')}"
+    count = 100
+    topics = [f"mapper/{node}/default/ghost-{i}/p{i}/set" for i in range(count)]
+    topics += [f"$hw/events/device/default/ghost-{node}-{i}/twin/update" for i in range(count)]
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    extra = f'  protocol: "{protocol}"\n'
+    try:
+        with broker.client("app") as app:
+            for topic in topics[: count // 2] + topics[count: count + count // 2]:
+                assert not app.publish(topic, b'{"event_id":"r","twin":{}}' if topic.startswith("$") else b"1",
+                                       retain=True).is_failure
+        assert len(_retained_commands(broker, node)) == count
+        with MapperProcess(tmp_path, devices, broker, node=node, extra=extra) as mapper:
+            mapper.wait_log("connected to mqtt://")
+            if protocol == "5":  # live ones, known as retained by retain-as-published
+                with broker.client("app") as app:
+                    for topic in topics[count // 2: count] + topics[count + count // 2:]:
+                        assert not app.publish(topic, b"{}" if topic.startswith("$") else b"2", retain=True).is_failure
+            deadline = time.monotonic() + 20
+            while (left := _retained_commands(broker, node)) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert not left, f"{len(left)} retained commands still with the broker, e.g. {left[:3]}"
+            pub(broker, f"mapper/{node}/default/lamp/count/set", "7")  # the mapper still works
+            mapper.wait_log("applied desired value 7")
+            assert mapper.stop() == 0
+        log = mapper.log()
+        lines = [line for line in log.splitlines() if "ignored a retained message on" in line]
+        assert 1 <= len(lines) <= 10 and all("cleared it" in line for line in lines), lines
+        # The mapper's own clears are no commands: neither applied nor refused (under 3.1.1 they
+        # come back without the flag).
+        assert "an empty message is no value" not in log and "malformed JSON" not in log, log[-2000:]
+    finally:  # the shared broker keeps retained messages: clear what is left
+        with broker.client("app") as app:
+            for topic in topics:
+                app.publish(topic, b"", retain=True)
+
+
 LABEL = one_property_device("sign", "{name: label, type: STRING, accessMode: ReadWrite}", "{kind: switch}",
                             settings="collectCycle: 200")
 
