@@ -20,7 +20,7 @@ from pydantic import BaseModel, ValidationError
 from devices.definitions import DeviceDefinition, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
-from devices.ids import DeviceId
+from devices.ids import DeviceId, shown
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import PropertyType, coerce, range_problem
 
@@ -323,14 +323,36 @@ class _Entry:
     obj: Any
 
 
+@dataclass(frozen=True, slots=True)
+class PushTopics:
+    """The mapper's own MQTT topic tree (`mqtt.topic_prefix`, the config's node), which no
+    `pushMethod.mqtt.topic` may name, except the property's own telemetry topic. Without a node
+    (`mapper validate`, no config) the own topic is not known, and the whole tree is refused."""
+
+    prefix: str = "mapper"
+    node: str | None = None
+
+    def refusal(self, device_id: DeviceId, prop: str, topic: str) -> str | None:
+        """Why `topic` may not be the push topic of `prop`, or None."""
+        if topic != self.prefix and not topic.startswith(self.prefix + "/"):
+            return None
+        own = None if self.node is None else f"{self.prefix}/{self.node}/{device_id.namespace}/{device_id.name}/{prop}"
+        if topic == own:
+            return None
+        return (f"topic {shown(topic, 200)} is inside the mapper's topic tree ({self.prefix}/...): readings there "
+                "would pose as another node's or device's telemetry, state or availability; leave the topic "
+                "empty to publish to the property's own topic" + (f" ({own})" if own else ""))
+
+
 def load(
     paths: Iterable[str | Path], *, base: Path | None = None,
-    named_at: dict[Path, tuple[str, int | None, str]] | None = None,
+    named_at: dict[Path, tuple[str, int | None, str]] | None = None, push_topics: PushTopics = PushTopics(),
 ) -> LoadResult:
     """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad.
 
     `named_at` says where each path was named (the config file, its line and field: `devices[1]`):
-    a path that does not exist is reported there, as a problem of that file.
+    a path that does not exist is reported there, as a problem of that file. `push_topics`: the
+    mapper's topic tree, which no pushMethod.mqtt.topic may name (see PushTopics).
     """
     paths = list(paths)
     problems: list[Problem] = []
@@ -347,23 +369,24 @@ def load(
                 problems.append(Problem(label, None, "", "file not found"))
             continue
         docs.extend(read_documents(file, label, problems))
-    return _validate(docs, problems)
+    return _validate(docs, problems, push_topics)
 
 
-def load_objects(objects: Iterable[tuple[str, dict[str, Any]]]) -> LoadResult:
+def load_objects(objects: Iterable[tuple[str, dict[str, Any]]], *,
+                 push_topics: PushTopics = PushTopics()) -> LoadResult:
     """Validate in-memory documents (e.g. from KubeEdge DMI), each labelled for error messages."""
     docs = [_Doc(label, data, {}, 0) for label, data in objects]
-    return _validate(docs, [])
+    return _validate(docs, [], push_topics)
 
 
-def _validate(docs: list[_Doc], problems: list[Problem]) -> LoadResult:
+def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics) -> LoadResult:
     models: dict[tuple[str, str], _Entry] = {}
     devices: dict[tuple[str, str], _Entry] = {}
     for doc in docs:
         _parse(doc, models, devices, problems)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
-        _resolve(entry, models, result, problems)
+        _resolve(entry, models, result, problems, push_topics)
     _check_claims(result, devices, problems)
     errors = [p for p in problems if p.severity == "error"]
     result.warnings.extend(p for p in problems if p.severity != "error")
@@ -487,7 +510,8 @@ def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: lis
         seen.add(prop.name)
 
 
-def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem]) -> None:
+def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem],
+             push_topics: PushTopics) -> None:
     device: Device = entry.obj
     doc = entry.doc
     ns = device.metadata.namespace
@@ -538,6 +562,11 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         desired = _desired(dprop, mprop, doc, i, problems,
                            f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
         push = dprop.push_method
+        if push is not None and push.mqtt is not None and push.mqtt.topic and (
+                refusal := push_topics.refusal(device_id, dprop.name, push.mqtt.topic)) is not None:
+            path = ("spec", "properties", i, "pushMethod", "mqtt", "topic")
+            problems.append(Problem(doc.file, doc.line_of(path), field_name(path), refusal))
+            continue
         props.append(PropertyDefinition(
             name=dprop.name, type=mprop.type, writable=mprop.writable,
             minimum=mprop.min_value, maximum=mprop.max_value, unit=mprop.unit,

@@ -83,12 +83,15 @@ class Telemetry:
         # dict per route, shared by its messages.
         body = payloads.telemetry_fields(prop.unit)
         own = self.topics.telemetry(key[0], prop.name)
+        prefix = self.topics.prefix
         if push is not None and push.topic and push.topic != own and (
-                push.topic == self.topics.base or push.topic.startswith(self.topics.base + "/")):
-            # Under <prefix>/<node>/ every topic is the mapper's own: readings there would pose as
-            # its availability, another device's state, or answers to its offloads.
-            log.error("%s/%s: pushMethod.mqtt.topic %r is inside the mapper's own topics (%s/...); its readings "
-                      "go to the property's topic %s instead", key[0], prop.name, push.topic, self.topics.base, own)
+                push.topic == prefix or push.topic.startswith(prefix + "/")):
+            # Under <prefix>/ every topic is a mapper's: readings there would pose as this node's
+            # availability, another device's state, answers to its offloads, or another node's
+            # telemetry and state. The loader refuses such a device (devices.loader.PushTopics);
+            # this guard is for a definition that did not go through it.
+            log.error("%s/%s: pushMethod.mqtt.topic %r is inside the mappers' topics (%s/...); its readings "
+                      "go to the property's topic %s instead", key[0], prop.name, push.topic, prefix, own)
             push = None  # (still published, as the log says, whatever reportToCloud says)
         if push is not None and push.topic:
             route = (prop, push.topic, push.qos, push.retained, on_change, body, publish)

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from devices import ids
 from devices.errors import DefinitionError, FieldError, Problem, error_loc
-from devices.loader import (LoadResult, describe, device_file_problem, field_name, load, read_documents,
+from devices.loader import (LoadResult, PushTopics, describe, device_file_problem, field_name, load, read_documents,
                             validation_problems)
 from eventbus.settings import MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
@@ -103,7 +103,13 @@ class MapperConfig(_Section):
     def load_devices(self) -> LoadResult:
         """The device files, loaded and validated (DefinitionError); an entry that does not exist
         is reported where the config names it."""
-        return load(self.devices, named_at=self._devices_named_at) if self.devices else LoadResult()
+        if not self.devices:
+            return LoadResult()
+        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics())
+
+    def push_topics(self) -> PushTopics:
+        """The mapper's own topic tree, which no device's pushMethod.mqtt.topic may name."""
+        return PushTopics(self.mqtt.topic_prefix if self.mqtt is not None else "mapper", self.node)
 
     def check_installed(self, source: str) -> None:
         """What the config asks for and this install cannot do, as a config error at start."""

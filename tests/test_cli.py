@@ -981,3 +981,17 @@ def test_twin_get_shows_a_failed_read_apart_from_the_last_good_value(tmp_path):
     assert twin["properties"]["count"]["qualityTs"] == failed_ms
     listed = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["devices"][0]
     assert listed["properties"]["temperature"]["qualityTs"] == failed_ms
+
+
+def test_validate_refuses_a_push_topic_of_another_node(tmp_path):
+    """`mapper validate` names the file, line and field of a pushMethod.mqtt.topic in the mappers'
+    topic tree: such a device would publish another node's retained state."""
+    text = device_yaml("d").replace("reportToCloud: true", "reportToCloud: true\n      pushMethod:\n"
+                                    "        mqtt: {topic: mapper/node-b/default/lamp/state, retained: true}", 1)
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 1, result.stdout
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "mapper/node-b" in l)
+    assert f"d.yaml:{line}: spec.properties[0].pushMethod.mqtt.topic: topic 'mapper/node-b/default/lamp/state' " \
+        "is inside the mapper's topic tree" in result.stderr, result.stderr

@@ -651,3 +651,52 @@ def test_a_bare_number_desired_for_a_string_property_keeps_its_text(tmp_path):
     assert definition.prop("label").desired == "1.10"
     assert definition.prop("code").desired == "0x05"
     assert definition.prop("count").desired == 5
+
+
+def _pushing_to(topic: str) -> str:
+    """Device d whose temperature is pushed to `topic`, retained."""
+    return device_yaml("d").replace(
+        "reportToCloud: true", f"reportToCloud: true\n      pushMethod:\n        mqtt: {{topic: {topic}, retained: true}}", 1)
+
+
+@pytest.mark.parametrize("topic", [
+    "mapper/node-b/default/lamp/state",        # another node's retained state
+    "mapper/node-b/default/d/temperature",     # this property's name, on another node
+    "mapper/node-b/availability",
+    "mapper",
+])
+def test_a_push_topic_in_the_mappers_topic_tree_is_a_definition_error(tmp_path, topic):
+    """A push topic under `mapper/` let a device (from a file, or from edgecore) publish retained
+    readings as another node's state, telemetry or availability: only the mapper's own `mapper/<node>/`
+    was refused. Every topic under the prefix is refused now, at the field's line."""
+    text = _pushing_to(topic)
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if f"topic: {topic}," in l)
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(f"d.yaml:{line}: spec.properties[0].pushMethod.mqtt.topic: topic '{topic}' is "
+                                  "inside the mapper's topic tree (mapper/...)"), problems
+
+
+def test_the_push_topic_tree_is_the_configs_prefix_and_the_own_topic_is_allowed(tmp_path):
+    """With the config's node and `mqtt.topic_prefix`, the property's own telemetry topic may be
+    named; anything else under that prefix is refused, and `mapper/` is no one's under another prefix."""
+    from devices.loader import PushTopics
+
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(_pushing_to("site/n1/default/d/temperature"))
+    loaded = load([tmp_path], base=tmp_path, push_topics=PushTopics("site", "n1"))
+    assert loaded.devices[DeviceId("default", "d")].properties[0].push_mqtt.topic == "site/n1/default/d/temperature"
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path, push_topics=PushTopics("site", "n2"))
+    assert "pushMethod.mqtt.topic: topic 'site/n1/default/d/temperature' is inside the mapper's topic tree (site/...)" \
+        in str(info.value.problems[0])
+    (tmp_path / "d.yaml").write_text(_pushing_to("mapper/node-b/default/lamp/state"))
+    assert load([tmp_path], base=tmp_path, push_topics=PushTopics("site", "n1")).devices
+
+
+def test_a_push_topic_under_hw_is_refused(tmp_path):
+    """KubeEdge's twin protocol ($hw/...) is no place for readings either (refused by the schema)."""
+    text = _pushing_to("'$hw/events/device/default/lamp/twin/update/result'")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert len(problems) == 1 and "spec.properties[0].pushMethod.mqtt.topic:" in problems[0], problems
+    assert "starting with '$' belong to the broker" in problems[0]

@@ -272,6 +272,29 @@ def test_invalid_device_is_refused_with_the_field(sockdir: Path) -> None:
     run(scenario())
 
 
+def test_a_device_pushing_into_another_nodes_topics_is_refused(sockdir: Path) -> None:
+    """An edgecore device whose pushMethod.mqtt.topic names another node's topic (here its retained
+    state) would publish fake readings for that node: INVALID_ARGUMENT naming the field, the device
+    is not run. Its own telemetry topic may be named."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(switch("lamp"), SWITCH)
+            bad = switch("faker")
+            bad.spec.properties[0].pushMethod.mqtt.topic = "mapper/node-b/default/lamp/state"
+            bad.spec.properties[0].pushMethod.mqtt.retained = True
+            details = await refused_as_invalid(edgecore, bad)
+            assert "spec.properties[0].pushMethod.mqtt.topic: topic 'mapper/node-b/default/lamp/state' is inside " \
+                "the mapper's topic tree" in details, details
+            assert mapper.runner("faker") is None and mapper.runner("lamp") is not None
+            own = switch("honest")
+            prop = own.spec.properties[0]
+            prop.pushMethod.mqtt.topic = f"mapper/test-node/default/honest/{prop.name}"
+            await edgecore.add(own, SWITCH)
+            await until(lambda: mapper.runner("honest") is not None)
+    run(scenario())
+
+
 @pytest.mark.parametrize("any_value", [
     ("type.googleapis.com/google.protobuf.FloatValue", b"\xff\xff\xff"),  # a known type, malformed bytes
     ("type.googleapis.com/example.Custom", b""),                          # a type nobody knows

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import orjson
+import pytest
 
 from devices.ids import DeviceId
-from devices.loader import load
+from devices.loader import PushTopics, load
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
 from twin.records import Reading
@@ -59,13 +60,13 @@ def test_interval_zero_sends_state_with_every_batch(tmp_path):
     assert [s["count"] for s in states] == [0, 1, 2, 3, 4]
 
 
-def _pushed(tmp_path: Path, topic: str) -> Telemetry:
+def _pushed(tmp_path: Path, topic: str, push_topics: PushTopics = PushTopics()) -> Telemetry:
     devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
     text = (devices / "d.yaml").read_text()
     marker = "      collectCycle: 100\n      reportCycle: 100\n"
     assert marker in text
     (devices / "d.yaml").write_text(text.replace(marker, marker + f"      pushMethod:\n        mqtt: {{topic: '{topic}', qos: 0, retained: true}}\n", 1))
-    return Telemetry(Topics("n1"), load([devices]).devices, state_interval_ms=1000)
+    return Telemetry(Topics("n1"), load([devices], push_topics=push_topics).devices, state_interval_ms=1000)
 
 
 def test_a_push_topic_carries_the_property_with_its_qos_and_retain(tmp_path):
@@ -75,19 +76,22 @@ def test_a_push_topic_carries_the_property_with_its_qos_and_retain(tmp_path):
     assert (m.topic, m.qos, m.retain) == ("home/livingroom/temperature", 0, True)
 
 
-def test_a_push_topic_inside_the_mappers_own_is_not_used(tmp_path, caplog):
-    """A push topic under <prefix>/<node>/ (here the node's availability) would let readings pose as
-    the mapper's own messages: the readings go to the property's own topic, and the log says why."""
+@pytest.mark.parametrize("topic", ["mapper/n1/availability", "mapper/node-b/default/lamp/state"])
+def test_a_push_topic_inside_the_mappers_topics_is_not_used(tmp_path, caplog, topic):
+    """A push topic under <prefix>/ (the node's availability, another node's state) would let
+    readings pose as a mapper's messages. The loader refuses such a device; a definition that
+    got past it (loaded here for another prefix) is not published there either: the readings go to
+    the property's own topic, and the log says why."""
     import logging
 
     topics = Topics("n1")
     with caplog.at_level(logging.ERROR, logger="mapper.telemetry"):
-        telemetry = _pushed(tmp_path, topics.node_availability())
+        telemetry = _pushed(tmp_path, topic, PushTopics("elsewhere"))
         out = list(telemetry([Reading(D, "temperature", 21.5, 1_000)]))
-    assert topics.node_availability() not in [m.topic for m in out]
+    assert topic not in [m.topic for m in out]
     [m] = [m for m in out if m.topic == topics.telemetry(D, "temperature")]
     assert (m.qos, m.retain) == (1, False)
-    assert "is inside the mapper's own topics (mapper/n1/...)" in caplog.text
+    assert "is inside the mappers' topics (mapper/...)" in caplog.text
 
 
 def _not_reported(tmp_path: Path, push: str | None) -> Telemetry:
@@ -135,31 +139,37 @@ PUSHED_PROBE = one_property_device(
     settings="""collectCycle: 500
 reportToCloud: false
 pushMethod:
-  mqtt: {topic: mapper/factory/line1/temperature, qos: 1}""")
+  mqtt: {topic: factory/line1/temperature, qos: 1}""")
 
 
-def test_a_mapper_pushes_a_property_that_does_not_report_to_the_cloud(broker, tmp_path):
+def test_a_mapper_pushes_a_property_that_does_not_report_to_the_cloud(tmp_path):
     """A file written for KubeEdge (reportToCloud false, pushMethod.mqtt) publishes its readings
-    on the push topic and keeps the retained state fresh. (The shipped ACL lets the mapper write
-    mapper/#: the push topic is there, outside the mapper's own mapper/<node>/.)"""
+    on the push topic and keeps the retained state fresh. The push topic may not be under mapper/
+    (the mappers' topics), and the shipped ACL lets the mapper write only mapper/# and $hw/#: the
+    broker here has the ACL line an operator adds for it (README.md, pushMethod.mqtt)."""
+    from brokers import MosquittoBroker
     from mapper_proc import MapperProcess
     from test_twin_protocol import Sub
 
     devices = tmp_path / "devices"
     devices.mkdir()
     (devices / "probe.yaml").write_text(PUSHED_PROBE)
-    with MapperProcess(tmp_path, devices, broker) as mapper:
-        sub = Sub(broker, "mapper", "mapper/factory/#", "mapper/test-node/#")
-        own = Sub(broker, "mapper", "mapper/test-node/default/probe/temperature")
-        try:
-            pushed = [sub.expect("mapper/factory/line1/temperature") for _ in range(3)]
-            assert all(isinstance(b["value"], float) and b["unit"] == "Celsius" for b in pushed)
-            assert [b["seq"] for b in pushed] == [pushed[0]["seq"] + k for k in range(3)]
-            first = sub.expect("mapper/test-node/default/probe/state", lambda b: "temperature" in b)
-            later = sub.expect("mapper/test-node/default/probe/state", lambda b: b["ts"] > first["ts"])
-            assert later["state"] == "ok"
-            assert own.lines.empty()  # its own topic follows reportToCloud: false
-        finally:
-            sub.close()
-            own.close()
-            assert mapper.stop() == 0
+    with MosquittoBroker("mosquitto.conf") as broker:
+        acl = broker.workdir / "acl"
+        acl.write_text(acl.read_text().replace("topic readwrite $hw/#\n", "topic readwrite $hw/#\ntopic readwrite factory/#\n", 1))
+        broker.restart()
+        with MapperProcess(tmp_path, devices, broker) as mapper:
+            sub = Sub(broker, "mapper", "factory/#", "mapper/test-node/#")
+            own = Sub(broker, "mapper", "mapper/test-node/default/probe/temperature")
+            try:
+                pushed = [sub.expect("factory/line1/temperature") for _ in range(3)]
+                assert all(isinstance(b["value"], float) and b["unit"] == "Celsius" for b in pushed)
+                assert [b["seq"] for b in pushed] == [pushed[0]["seq"] + k for k in range(3)]
+                first = sub.expect("mapper/test-node/default/probe/state", lambda b: "temperature" in b)
+                later = sub.expect("mapper/test-node/default/probe/state", lambda b: b["ts"] > first["ts"])
+                assert later["state"] == "ok"
+                assert own.lines.empty()  # its own topic follows reportToCloud: false
+            finally:
+                sub.close()
+                own.close()
+                assert mapper.stop() == 0

@@ -29,7 +29,7 @@ from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.definitions import DeviceDefinition
 from devices.errors import Problem
-from devices.loader import LoadResult, check_claims, load_objects
+from devices.loader import LoadResult, PushTopics, check_claims, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.convert import ConversionError, dedupe_models, device_document, model_document
 
@@ -80,6 +80,8 @@ def check_model(model: pb.DeviceModel) -> None:
 @dataclass
 class Catalog:
     protocol: str
+    # The mapper's own topic tree, which no pushMethod.mqtt.topic may name (set from the config).
+    push_topics: PushTopics = field(default_factory=PushTopics)
     devices: dict[Key, pb.Device] = field(default_factory=dict)
     models: dict[Key, pb.DeviceModel] = field(default_factory=dict)
     # Why a device is not running: waiting for its model, or invalid (the loader's message).
@@ -164,7 +166,7 @@ class Catalog:
                 one = load_objects([
                     (f"dmi:DeviceModel {model_key(model)[0]}/{model.name}", model_document(model, self.protocol)),
                     (f"dmi:Device {key[0]}/{key[1]}", device_document(device)),
-                ])
+                ], push_topics=self.push_topics)
             except (DefinitionError, ConversionError) as exc:
                 self.problems[key] = str(exc)
                 log.error("device %s/%s from edgecore is invalid: %s", key[0], key[1], exc)

@@ -85,6 +85,7 @@ class KubeEdgeExtension:
 
     async def setup(self, service: MapperService) -> None:
         self.service = service
+        self.catalog.push_topics = service.config.push_topics()
         self._local = service.definitions or LoadResult()
         twin_path = service.config.twin.path
         self.state_path = self.settings.state_file or twin_path.with_name(twin_path.name + ".kubeedge.json")
