@@ -1392,6 +1392,16 @@ async def test_a_decisions_created_ts_is_its_requests_created(tmp_path, monkeypa
     assert offloaded and all(x["created_ts"] == orjson.loads(x["request"])["created"] for x in offloaded)
 
 
+
+async def _offloaded_then_timer_alone(r) -> None:  # noqa: ANN001
+    """Two windows offloaded, then the devices stopped and their readings committed: no more
+    batches, so what falls due from here on is the timer's alone."""
+    stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
+    await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
+    for device in list(r.service.runners):
+        await r.service.stop_device(device)
+    await r.service.recorder.flush()
+
 async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path, caplog):
     """Readings have stopped, deadlines fall due, and the timer's own transaction fails (another
     connection holds the twin's write lock past the busy timeout): the mapper keeps running and
@@ -1402,11 +1412,7 @@ async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path,
                                 "deadline_s": 1.0, "resend_s": 60})
     lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
     try:
-        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
-        for device in list(r.service.runners):  # no more batches: what falls due is the timer's
-            await r.service.stop_device(device)
-        await r.service.recorder.flush()
+        await _offloaded_then_timer_alone(r)
         await r.service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
         lock.execute("BEGIN IMMEDIATE")  # the twin's writer from here on is the timer alone
         pending = lock.execute("SELECT count(*) FROM inference_decisions WHERE status = 'pending'").fetchone()[0]
@@ -1437,11 +1443,7 @@ async def test_a_timer_transaction_the_stop_cancels_midway_is_committed_once(tmp
                                 "deadline_s": 1.0, "resend_s": 60}, broker=broker)
     lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
     try:
-        stats = lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
-        await async_wait_for(lambda: stats()["offloads"] >= 2, timeout=20, what="offloaded windows")
-        for device in list(r.service.runners):  # no more batches: what falls due is the timer's
-            await r.service.stop_device(device)
-        await r.service.recorder.flush()
+        await _offloaded_then_timer_alone(r)
         lock.execute("BEGIN IMMEDIATE")
         pending = [row[0] for row in lock.execute(
             "SELECT request_id FROM inference_decisions WHERE status = 'pending'").fetchall()]
