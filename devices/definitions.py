@@ -74,6 +74,12 @@ class DeviceDefinition:
         return value
 
     @property
+    def origin(self) -> str:
+        """Where the definition comes from: "edgecore" (a KubeEdge DMI Device, source "dmi:...")
+        or "local" (the operator's YAML files, source "file:line")."""
+        return "edgecore" if self.source.startswith("dmi:") else "local"
+
+    @property
     def fingerprint(self) -> str:
         """Changes exactly when the device or its model changes (used to restart only what changed)."""
         docs = [self.device.model_dump(mode="json"), self.model.model_dump(mode="json")]

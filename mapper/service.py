@@ -239,7 +239,9 @@ class MapperService:
         new = {k: v for k, v in result.devices.items() if k not in result.unrunnable}
         removed = [k for k in old if k not in new]
         added = [k for k in new if k not in old]
-        changed = [k for k in new if k in old and old[k].definition.fingerprint != new[k].fingerprint]
+        # A new origin (local YAML <-> edgecore) restarts the device even with equal documents.
+        changed = [k for k in new if k in old and (old[k].definition.fingerprint != new[k].fingerprint
+                                                   or old[k].definition.origin != new[k].origin)]
         await self.stop_devices(removed + changed)
         was_refused, previous = dict(self.refused), self.definitions
         # No await from here to the twin's sync_devices being handed to the twin thread: a $hw

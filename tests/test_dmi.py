@@ -1409,3 +1409,85 @@ def test_a_local_device_shadowing_an_edgecore_device_keeps_its_pins() -> None:
     assert catalog.shadowed == {("default", "shared"): local.devices[DeviceId("default", "shared")].source}
     assert "local device wins" in catalog.problems[("default", "shared")]
     assert "gpio:4 is already used by device default/shared (local.yaml" in catalog.problems[("default", "edge-x")]
+
+
+LAMP_LOCAL_RW = ("{name: temperature, type: FLOAT, accessMode: ReadWrite, minimum: -40, maximum: 85}",
+                 "{kind: temperature, base: 21.5}")
+
+
+def test_a_local_device_taking_over_an_edgecore_devices_name_does_not_inherit_its_desired_values(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """edgecore's default/lamp (temperature ReadWrite) runs and gets desired 77.0 (its write fails, so
+    it stays pending); a SIGHUP reload adds a local lamp.yaml with temperature ReadWrite too. The
+    local device runs with no desired temperature (a new version: nothing stale is applied) and is
+    never written 77; the drop is logged once. With `desired:` in the YAML, that value is the desired
+    one. Removing the file again: edgecore's lamp does not inherit the operator's desired value.
+    (The twin, keyed by namespace/name only, kept 77.0 and the local device applied it: whoever may
+    create Devices decided what the operator's device was driven to.)"""
+    from helpers import one_property_device, write_devices
+    from mapper.cli import reload_devices
+
+    lamp_id = DeviceId("default", "lamp")
+
+    async def scenario() -> None:
+        local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                mapper_with_local(sockdir, local) as (mapper, config):
+            await registered(mapper)
+            await edgecore.add(edge_lamp(), LAMP_RW)
+            edge_runner = mapper.runner("lamp")
+            assert edge_runner is not None and edge_runner.definition.source.startswith("dmi:")
+            edge_runner.driver.set_broken(True)  # its write fails: 77.0 stays pending
+            _, version = await mapper.service.twin(lambda s: s.set_desired(lamp_id, "temperature", 77.0))
+            mapper.service.desired_changed()
+            # Handed to edgecore's lamp (whose write then fails).
+            await until(lambda: "temperature" in edge_runner._desired_seen, timeout=10)  # noqa: SLF001
+            twin = await mapper.service.twin(lambda s: s.device(lamp_id))
+            assert twin.properties["temperature"].desired == 77.0
+
+            written: list[object] = []
+            lamp_file = local / "lamp.yaml"
+            lamp_file.write_text(one_property_device("lamp", *LAMP_LOCAL_RW, settings="collectCycle: 50"))
+            assert await reload_devices(mapper.service, config)
+            local_runner = mapper.runner("lamp")
+            assert local_runner is not None and local_runner is not edge_runner
+            assert local_runner.definition.source.startswith(f"{lamp_file}:")
+            assert local_runner.definition.prop("temperature").writable
+            real_write = local_runner.driver.write
+            local_runner.driver.write = lambda prop, value: (written.append(value), real_write(prop, value))[1]
+            twin = await mapper.service.twin(lambda s: s.device(lamp_id))
+            temperature = twin.properties["temperature"]
+            assert temperature.desired is None
+            assert temperature.desired_version > version, "a new version: nothing stale is applied"
+            assert not [c for c in await mapper.service.twin(lambda s: s.pending_desired()) if c.device_id == lamp_id]
+            mapper.service.desired_changed()
+            await asyncio.sleep(0.5)
+            assert written == []
+            assert 77.0 not in [v for _, v, _ in await mapper.service.twin(
+                lambda s: s.history(lamp_id, "temperature", 50))]
+            said = [r.getMessage() for r in caplog.records if "desired values set for that device are dropped"
+                    in r.getMessage()]
+            assert len(said) == 1 and "default/lamp" in said[0] and "77.0" in said[0], said
+            # Reloaded again unchanged: nothing more is dropped or logged.
+            await mapper.service.twin(lambda s: s.set_desired(lamp_id, "temperature", 20.0))
+            assert await reload_devices(mapper.service, config)
+            assert (await mapper.service.twin(lambda s: s.device(lamp_id))).properties["temperature"].desired == 20.0
+            said = [r for r in caplog.records if "desired values set for that device are dropped" in r.getMessage()]
+            assert len(said) == 1
+
+            # The other way: the local file goes, edgecore's lamp takes the name back and does not
+            # inherit the operator's desired value.
+            lamp_file.unlink()
+            assert await reload_devices(mapper.service, config)
+            assert mapper.runner("lamp").definition.source.startswith("dmi:")
+            assert (await mapper.service.twin(lambda s: s.device(lamp_id))).properties["temperature"].desired is None
+
+            # A local file with a `desired:` gives the device that value.
+            lamp_file.write_text(one_property_device("lamp", *LAMP_LOCAL_RW,
+                                                     settings="collectCycle: 50\ndesired: {value: '42.5'}"))
+            await mapper.service.twin(lambda s: s.set_desired(lamp_id, "temperature", 66.0))
+            assert await reload_devices(mapper.service, config)
+            assert mapper.runner("lamp").definition.source.startswith(f"{lamp_file}:")
+            assert (await mapper.service.twin(lambda s: s.device(lamp_id))).properties["temperature"].desired == 42.5
+    run(scenario())

@@ -529,3 +529,47 @@ def test_an_apply_error_goes_once_a_folded_reading_equals_the_desired_value(tmp_
     twin.mark_applied(D1, "count", version, "write failed: no answer", pending=True)
     twin.record([Reading(D1, "count", 7, 4000)])
     assert twin.device(D1).properties["count"].apply_error == "write failed: no answer"
+
+
+def test_a_new_origin_of_a_device_id_drops_its_desired_values(tmp_path, caplog):
+    """The same namespace/name defined by an edgecore Device, then by a local YAML file (and back):
+    the desired values stored for the one are dropped (a new version, nothing pending) for the
+    other, also across a reopen (a restart), unless the new definition gives its own; logged once.
+    A row from before origins were recorded (NULL) keeps its values."""
+    import dataclasses
+
+    devices = write_devices(tmp_path / "devices", ["d1"])
+    local = load([devices]).devices[D1]
+    edge = dataclasses.replace(local, source="dmi:Device default/d1")
+    assert (local.origin, edge.origin) == ("local", "edgecore")
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as store:
+        store.sync_devices([edge])
+        _, version = store.set_desired(D1, "count", 77)
+        assert store.sync_devices([edge]) == []  # unchanged: kept
+        assert store.device(D1).properties["count"].desired == 77
+    with TwinStore.open(path) as store:  # restarted with the local file
+        assert store.sync_devices([local]) == [D1]
+        count = store.device(D1).properties["count"]
+        assert count.desired is None and count.desired_version == version + 1 and count.apply_error is None
+        assert [c for c in store.pending_desired() if c.device_id == D1] == []
+        said = [r.getMessage() for r in caplog.records if "dropped, not applied" in r.getMessage()]
+        assert len(said) == 1 and "count=77" in said[0] and "an edgecore Device" in said[0], said
+        store.set_desired(D1, "count", 5)
+        store.sync_devices([local])
+        assert store.device(D1).properties["count"].desired == 5
+        assert len([r for r in caplog.records if "dropped, not applied" in r.getMessage()]) == 1
+        # Back to edgecore: the operator's value is not inherited either.
+        store.sync_devices([edge])
+        assert store.device(D1).properties["count"].desired is None
+        # A definition with its own desired value gives it.
+        store.set_desired(D1, "count", 6)
+        with_desired = dataclasses.replace(local, properties=tuple(
+            dataclasses.replace(p, desired=8) if p.name == "count" else p for p in local.properties))
+        store.sync_devices([with_desired])
+        assert store.device(D1).properties["count"].desired == 8
+        # Origin not known (a twin file from before it was recorded): nothing dropped.
+        store.conn.execute("UPDATE devices SET origin=NULL")
+        store.sync_devices([edge])
+        assert store.device(D1).properties["count"].desired == 8
+        assert store.conn.execute("SELECT origin FROM devices WHERE id=?", (str(D1),)).fetchone()[0] == "edgecore"

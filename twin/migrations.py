@@ -209,6 +209,17 @@ def m005_history_carries_telemetry(conn: sqlite3.Connection) -> None:
     )
 
 
+@migration
+def m006_device_origin(conn: sqlite3.Connection) -> None:
+    """`devices.origin`: where the definition a device id last ran under came from, "local" (the
+    operator's YAML files) or "edgecore" (a KubeEdge DMI Device); "derived" for a derived device.
+
+    When it changes, the device's stored desired values are dropped (TwinStore.sync_devices): one
+    origin's desired values must not drive the other's device. NULL (rows from before this
+    migration): not known, recorded at the next sync without dropping anything.
+    """
+    conn.execute("ALTER TABLE devices ADD COLUMN origin TEXT")
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -26,6 +26,7 @@ processes (the CLI) open their own and see committed data thanks to WAL.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import time
@@ -38,7 +39,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from devices.definitions import DeviceDefinition
-from devices.ids import DeviceId
+from devices.ids import DeviceId, shown
 from devices.values import PropertyType, Value, coerce, range_problem
 from twin import migrations
 from twin.records import GOOD, DeviceTwin, PropertyTwin, Reading
@@ -166,6 +167,12 @@ CHECKPOINT_MS = 1000
 # docs/inference.md): no driver, no YAML, read-only properties. Their owner registers and
 # retires them (sync_derived); deactivate_devices() leaves them alone.
 DERIVED_PROTOCOL = "derived"
+
+# devices.origin (m006): where a device id's definition came from; a change drops its desired
+# values (sync_devices). Derived devices are "derived" (they never hold desired values).
+_ORIGINS = {"local": "a local YAML file", "edgecore": "an edgecore Device", "derived": "a derived device"}
+
+log = logging.getLogger("mapper.twin")
 
 # What is still to publish, for readers in any process: the outbox table plus the telemetry
 # in history rows after the published cursor.
@@ -592,25 +599,37 @@ class TwinStore:
 
         A desired value from YAML becomes the twin's desired value when the device is new
         or its definition changed (so an edited file wins over an old desired value).
+
+        When the origin of a device id changes (DeviceDefinition.origin: the operator's local
+        YAML <-> an edgecore Device of the same namespace/name), its stored desired values are
+        dropped (a new version each, so nothing stale is applied; the new definition's own
+        `desired` is then set): whoever set them for one origin's device must not decide what
+        the other's is driven to. Logged once, at the change.
         """
         changed = []
+        said: list[str] = []  # logged once committed
         self._begin()
         try:
             for d in definitions:
                 key = str(d.id)
-                row = self.conn.execute("SELECT fingerprint FROM devices WHERE id=?", (key,)).fetchone()
-                fingerprint = d.fingerprint
+                row = self.conn.execute("SELECT fingerprint, origin FROM devices WHERE id=?", (key,)).fetchone()
+                fingerprint, origin = d.fingerprint, d.origin
                 if row is None:
                     self.conn.execute(
-                        "INSERT INTO devices (id, namespace, name, model, protocol, fingerprint) VALUES (?,?,?,?,?,?)",
-                        (key, d.id.namespace, d.id.name, d.model_name, d.protocol, fingerprint),
+                        "INSERT INTO devices (id, namespace, name, model, protocol, fingerprint, origin)"
+                        " VALUES (?,?,?,?,?,?,?)",
+                        (key, d.id.namespace, d.id.name, d.model_name, d.protocol, fingerprint, origin),
                     )
                 else:
                     self.conn.execute(
-                        "UPDATE devices SET model=?, protocol=?, fingerprint=?, active=1 WHERE id=?",
-                        (d.model_name, d.protocol, fingerprint, key),
+                        "UPDATE devices SET model=?, protocol=?, fingerprint=?, origin=?, active=1 WHERE id=?",
+                        (d.model_name, d.protocol, fingerprint, origin, key),
                     )
-                is_changed = row is None or row[0] != fingerprint
+                # NULL: a row from before the origin was recorded (not known, nothing dropped).
+                new_origin = row is not None and row[1] is not None and row[1] != origin
+                if new_origin:
+                    said.extend(self._drop_desired(d, row[1]))
+                is_changed = row is None or row[0] != fingerprint or new_origin
                 if is_changed:
                     changed.append(d.id)
                 for p in d.properties:
@@ -638,7 +657,24 @@ class TwinStore:
             self._rollback()
             raise
         self._commit()
+        for message in said:
+            log.warning("%s", message)
         return changed
+
+    def _drop_desired(self, d: DeviceDefinition, was: str) -> list[str]:
+        """Inside sync_devices: the device id's origin changed from `was` to d.origin. Every
+        stored desired value of it goes (a new version, its apply error too). Returns what to log."""
+        key = str(d.id)
+        dropped = [(n, _load(v)) for n, v in self.conn.execute(
+            "SELECT name, desired FROM properties WHERE device_id=? AND desired IS NOT NULL ORDER BY name", (key,))]
+        self.conn.execute(
+            "UPDATE properties SET desired=NULL, desired_version=desired_version+1, desired_ts=?, apply_error=NULL"
+            " WHERE device_id=? AND desired IS NOT NULL", (now_ms(), key))
+        if not dropped:
+            return []
+        return [f"device {d.id} is now defined by {_ORIGINS.get(d.origin, d.origin)} ({d.source}), not by"
+                f" {_ORIGINS.get(was, was)}: the desired values set for that device are dropped, not applied"
+                f" ({', '.join(f'{n}={shown(v)}' for n, v in dropped)})"]
 
     def _keep_desired_if_valid(self, device_id: DeviceId, p: Any, desired: Value) -> None:
         """A property's type or access mode changed: its stored desired value stays only if the
@@ -706,9 +742,10 @@ class TwinStore:
                     continue
                 keep.add(key)
                 self.conn.execute(
-                    "INSERT INTO devices (id, namespace, name, model, protocol, fingerprint, state, state_detail,"
-                    " state_ts, last_online) VALUES (?,?,?,?,?,NULL,'ok',?,?,?) ON CONFLICT (id) DO UPDATE SET"
-                    " model=excluded.model, protocol=excluded.protocol, fingerprint=NULL, active=1, state='ok',"
+                    "INSERT INTO devices (id, namespace, name, model, protocol, fingerprint, origin, state, state_detail,"
+                    " state_ts, last_online) VALUES (?,?,?,?,?,NULL,'derived','ok',?,?,?) ON CONFLICT (id) DO UPDATE SET"
+                    " model=excluded.model, protocol=excluded.protocol, fingerprint=NULL, origin='derived', active=1,"
+                    " state='ok',"
                     " state_detail=excluded.state_detail, state_ts=excluded.state_ts, last_online=excluded.last_online",
                     (key, d.id.namespace, d.id.name, d.model, DERIVED_PROTOCOL, d.detail, ts, ts),
                 )
