@@ -220,6 +220,7 @@ def m006_device_origin(conn: sqlite3.Connection) -> None:
     """
     conn.execute("ALTER TABLE devices ADD COLUMN origin TEXT")
 
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):
