@@ -160,7 +160,7 @@ class EventBusExtension:
         if not payload and topic in self._clearing:
             del self._clearing[topic]
             # The mapper's own clear (below) coming back: under MQTT 3.1.1 without the retain flag,
-            # where the router would refuse it as an empty command (and answer a twin/update).
+            # where the router would refuse it as an empty command (counted and logged as one).
             self.router.ignore_retained(topic, cleared=True)
             return
         if message.retain:  # a command kept by a broker: it would be applied again at every (re)connect

@@ -39,6 +39,14 @@ MEMBERSHIP_INTERVAL_S = 1.0
 MEMBERSHIP_WAITING_MAX = 8
 
 
+# The reason for refusing an empty request. An empty payload is what clears a retained message:
+# under MQTT 3.1.1 a broker forwards the clear live, without the retain flag, and so comes a mapper's
+# own clear back when it is not recognised (another mapper's on a shared broker, or one beyond
+# extension.CLEARING_MAX). Like an empty `/set`, it is refused, logged and counted, but never
+# answered: apps read `.../result`, and a 400 (or 404) there would answer a request nobody made.
+EMPTY_REQUEST = "an empty message is no request (it clears a retained one)"
+
+
 # Properties whose values are text: a /set payload is taken as it is, never parsed as a JSON number.
 _TEXT_TYPES = frozenset({PropertyType.STRING, PropertyType.BYTES, PropertyType.STREAM})
 
@@ -175,13 +183,16 @@ class Router:
 
     async def _refused(self, incoming: Incoming, payload: bytes, exc: BadRequest) -> None:
         self.counts[f"rejected_{exc.code}"] += 1
-        held = self._log_throttle((incoming.kind, exc.code))
+        # Empty requests (clears, see EMPTY_REQUEST) apart: thousands of them at a reconnect must
+        # not hold back the log lines of other refusals.
+        held = self._log_throttle((incoming.kind, exc.code, not payload))
         if held is not None:
             # Clipped: a reason may quote what the client sent (a name), and the throttle
             # limits lines, not their length.
             log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
                      clipped(exc.reason, 300), held_note(held))
-        if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None:
+        # No reply to an empty request: it is a clear, not a request (EMPTY_REQUEST).
+        if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None and payload:
             reply = payloads.error_reply(payloads.event_id_of(payload, self.max_payload), exc.code, exc.reason)
             await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
                                          kind="twin", sequenced=False)])
@@ -222,10 +233,15 @@ class Router:
         except ValueError as exc:
             raise BadRequest(400, str(exc)) from None
 
+    def _decode(self, payload: bytes, model: type) -> Any:
+        if not payload:
+            raise BadRequest(400, EMPTY_REQUEST)  # no reply: see _refused
+        return payloads.decode(payload, model, self.max_payload)
+
     async def _twin_update(self, incoming: Incoming, payload: bytes) -> None:
         device = incoming.device
         definition = self._definition(device)
-        request = payloads.decode(payload, payloads.TwinUpdateIn, self.max_payload)
+        request = self._decode(payload, payloads.TwinUpdateIn)
         if not request.twin:
             raise BadRequest(400, "twin is empty")
         wanted: dict[str, tuple[Any, int | None]] = {}
@@ -275,7 +291,7 @@ class Router:
     async def _twin_get(self, incoming: Incoming, payload: bytes) -> None:
         device = incoming.device
         self._definition(device)
-        request = payloads.decode(payload, payloads.EventIn, self.max_payload)
+        request = self._decode(payload, payloads.EventIn)
         twin = await self._twin_call(device, lambda s: s.device(device))
         await self._send([OutMessage(Topics.hw(device, "twin/get/result"), payloads.get_result(request.event_id, twin),
                                      kind="twin", sequenced=False)])
@@ -283,7 +299,7 @@ class Router:
     async def _state_update(self, incoming: Incoming, payload: bytes) -> None:
         device = incoming.device
         self._definition(device)
-        request = payloads.decode(payload, payloads.StateIn, self.max_payload)
+        request = self._decode(payload, payloads.StateIn)
         state = request.state.lower()
         if state not in STATES:
             raise BadRequest(400, f"state {request.state!r} is not one of {', '.join(STATES)}")
@@ -296,7 +312,7 @@ class Router:
                                      kind="state", sequenced=False)])
 
     async def _membership(self, incoming: Incoming, payload: bytes) -> None:
-        request = payloads.decode(payload, payloads.EventIn, self.max_payload)
+        request = self._decode(payload, payloads.EventIn)
         now = asyncio.get_running_loop().time()
         if not self._membership_waiting and now >= self._membership_next:
             self._membership_next = now + self.membership_interval_s

@@ -341,6 +341,47 @@ def test_a_command_sent_live_with_retain_is_ignored_and_clearing_it_sets_no_valu
     assert "applied desired value 'kept'" not in mapper.log()
 
 
+def _replies_before_barrier(sub, barrier_result: str, event_id: str, *, quiet: set[str]) -> list[tuple[str, str]]:
+    """Every `$hw` result (or other reply) `sub` got before the barrier's get/result, skipping the
+    requests themselves (`quiet`) and the mapper's telemetry. The barrier is a twin/get sent on the
+    same connection after the messages under test: the mapper handles them in order and publishes
+    its answers through its outbox in that order, so a reply to one of them arrives before it."""
+    replies = []
+    while True:
+        try:
+            topic, payload = sub.lines.get(timeout=10)
+        except queue.Empty:
+            raise AssertionError(f"no {barrier_result} for the barrier; seen before it: {replies}") from None
+        if topic == barrier_result and json.loads(payload).get("event_id") == event_id:
+            return replies
+        if topic in quiet or topic.startswith("mapper/test-node/"):
+            continue
+        replies.append((topic, payload))
+
+
+def test_an_empty_twin_request_is_refused_without_a_reply(broker, lamp):
+    """An empty payload is what clears a retained message: under MQTT 3.1.1 a broker forwards a
+    clear live, without the retain flag, and so does a mapper's own clear when its echo is not
+    recognised (on a shared broker another mapper's, or one beyond CLEARING_MAX). As an empty
+    `/set` is, it is refused (logged, counted), never answered: a `{"code":400,"reason":"malformed
+    JSON ..."}` (or a 404 for an invented device) on `.../result` reached the apps reading it."""
+    mapper, sub = lamp
+    while not sub.lines.empty():
+        sub.lines.get()
+    ghost = "$hw/events/device/default/ghost-empty"
+    empty = [f"{HW}/twin/update", f"{HW}/twin/get", f"{ghost}/twin/update", f"{ghost}/twin/get"]
+    barrier = f"{HW}/twin/get"
+    with broker.client("app") as app:
+        for topic in empty:
+            assert not app.publish(topic, b"").is_failure
+        app.publish(barrier, '{"event_id":"barrier"}')
+    replies = _replies_before_barrier(sub, f"{barrier}/result", "barrier", quiet=set(empty))
+    assert replies == [], replies
+    mapper.wait_log("refused twin/update for default/lamp: 400 an empty message is no request")
+    mapper.wait_log("refused twin/get for default/lamp: 400 an empty message is no request")
+    mapper.wait_log("refused twin/update for default/ghost-empty: 404")
+
+
 def test_a_long_desired_value_is_named_not_copied_into_the_log(broker, tmp_path):
     """A client may set a STRING property to 60 KB of text: the value is applied whole, and the
     log line says so with the first 200 characters, instead of writing all of it into the journal
@@ -578,3 +619,43 @@ def test_plain_set_takes_a_json_object_and_a_refusal_has_no_reply(broker, lamp):
         if not topic.startswith("mapper/test-node/default/lamp/") or topic.count("/") > 5:
             replies.append(topic)
     assert replies == [], replies
+
+
+def test_on_a_shared_broker_under_311_another_mappers_clear_gets_no_reply(broker, tmp_path):
+    """Two mappers on one broker (`mqtt.shared_broker`), MQTT 3.1.1, and a retained twin/update of
+    B's device: both are handed it at connect and clear it, and each gets the other's clear live,
+    without the retain flag. B refused A's as malformed JSON and published a 400 on
+    `.../twin/update/result`, which apps read; an empty message is now refused without a reply."""
+    extra = '  shared_broker: true\n  protocol: "3.1.1"\n'
+    base = "$hw/events/device/default"
+    retained = f"{base}/lamp-b/twin/update"
+    a = MapperProcess(tmp_path, write_devices(tmp_path / "dev-a", ["lamp-a"], cycle=200), broker,
+                      node="node-a", name="mapper-a", extra=extra)
+    b = MapperProcess(tmp_path, write_devices(tmp_path / "dev-b", ["lamp-b"], cycle=200), broker,
+                      node="node-b", name="mapper-b", extra=extra)
+    sub = Sub(broker, "app", f"{base}/lamp-b/twin/update/result", f"{base}/lamp-b/twin/get/result",
+              "mapper/node-b/default/lamp-b/state")
+    try:
+        with broker.client("app") as app:
+            assert not app.publish(retained, b'{"event_id":"old","twin":{}}', retain=True).is_failure
+        with a, b:
+            a.wait_log("connected to mqtt://")
+            b.wait_log("connected to mqtt://")
+            sub.expect("mapper/node-b/default/lamp-b/state")
+            wait_for(lambda: "cleared it" in a.log() + b.log(), what="the retained twin/update cleared")
+            time.sleep(0.5)  # the clears' echoes
+            # Whether both were handed the retained copy depends on who subscribed first: what A's
+            # clear is, an empty retained message from the mapper's user, once more for certain.
+            with broker.client("mapper") as other:
+                assert not other.publish(retained, b"", retain=True).is_failure
+            pub(broker, f"{base}/lamp-b/twin/get", '{"event_id":"barrier"}')
+            replies = _replies_before_barrier(sub, f"{base}/lamp-b/twin/get/result", "barrier",
+                                              quiet={"mapper/node-b/default/lamp-b/state"})
+            assert replies == [], replies
+            assert a.stop() == 0
+            assert b.stop() == 0
+        assert "malformed JSON" not in a.log() + b.log()
+    finally:
+        sub.close()
+        with broker.client("app") as app:
+            app.publish(retained, b"", retain=True)
