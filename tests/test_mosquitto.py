@@ -541,3 +541,39 @@ def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() ->
     with MosquittoBroker("cloud.conf") as shared, shared.client("bridge", tls=True) as bridge:
         for topic in ("mapper/pi-a/default/dht/temperature", "mapper/pi-b/default/dht/temperature"):
             assert not bridge.publish(topic, b"21.5").is_failure, topic
+
+
+def test_a_failing_bridge_render_leaves_the_installed_bridge_conf_as_it_was(tmp_path) -> None:
+    """The install step used to be `render-bridge.sh ... | sudo install ... /dev/stdin bridge.conf`: when
+    the script failed (an invalid name, openssl missing), `install` still wrote an empty bridge.conf
+    over the working one and the pipeline exited 0, removing the bridge. With `-o` the script writes
+    a temporary file next to the output and renames it over the output only once it is complete."""
+    script = str(SHIPPED / "render-bridge.sh")
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    output = conf / "bridge.conf"
+    group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run(["bash", script, "-o", str(output), "-g", group, "pi-livingroom", "broker.example.com"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    installed = output.read_text()
+    assert "remote_clientid edge-bridge-pi-livingroom-" in installed
+    assert output.stat().st_mode & 0o777 == 0o640
+    assert [p.name for p in conf.iterdir()] == ["bridge.conf"]
+    no_openssl = tmp_path / "bin"
+    no_openssl.mkdir()
+    (no_openssl / "openssl").write_text("#!/bin/sh\nexit 1\n")
+    (no_openssl / "openssl").chmod(0o755)
+    for args, env, error in [
+        (["pi/x", "broker.example.com"], None, "invalid node name"),
+        (["pi-livingroom", "broker example.com"], None, "invalid host name"),
+        (["pi-livingroom", "broker.example.com"], {**os.environ, "PATH": f"{no_openssl}:{os.environ['PATH']}"},
+         "openssl rand failed"),
+        (["pi-livingroom", "broker.example.com", str(tmp_path / "missing.conf")], None, "missing.conf"),
+    ]:
+        failed = subprocess.run(["bash", script, "-o", str(output), *args], capture_output=True, text=True,
+                                check=False, env=env)
+        assert failed.returncode != 0 and error in failed.stderr, (args, failed.stderr)
+        assert output.read_text() == installed, args
+        assert output.stat().st_mode & 0o777 == 0o640
+        assert [p.name for p in conf.iterdir()] == ["bridge.conf"], args  # no temporary file left
