@@ -112,15 +112,21 @@ def test_kubeedge_mode_makes_the_socket_and_state_file_directories_writable(
     assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper"]
 
 
+def _kubeedge_in_a_root_only_dir(open_dir: Path) -> tuple[Path, str]:
+    """(a root-owned 0755 directory, config lines putting the DMI socket in it and the state file
+    in a directory that does not exist): two things a service user cannot start with."""
+    root_only = open_dir / "kubeedge"
+    root_only.mkdir()
+    root_only.chmod(0o755)
+    return root_only, (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
+                       f"  state_file: {open_dir}/missing/ke.json\n")
+
+
 def test_install_warns_when_the_service_user_cannot_create_its_socket(tmp_path: Path, open_dir: Path) -> None:
     """A writable mount is not enough: the service user needs write permission in the socket's
     directory (a root-owned /etc/kubeedge refuses it), and systemd refuses a missing one."""
     devices = write_devices(tmp_path / "dev", ["a"])
-    root_only = open_dir / "kubeedge"
-    root_only.mkdir()
-    root_only.chmod(0o755)
-    kube = (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
-            f"  state_file: {open_dir}/missing/ke.json\n")
+    root_only, kube = _kubeedge_in_a_root_only_dir(open_dir)
     config = load_config(write_config(tmp_path / "kube.yaml", devices, tmp_path / "twin.db", extra=kube))
     settings = UnitSettings(config=tmp_path / "kube.yaml", user="nobody", groups=(),
                             writable=tuple(writable_dirs(config)))
@@ -373,11 +379,7 @@ def test_dry_run_makes_the_checks_a_real_install_makes(
 
     monkeypatch.setattr(mapper.systemd, "_installed", lambda: False)
     devices = write_devices(open_dir / "dev", ["a"])
-    root_only = open_dir / "kubeedge"
-    root_only.mkdir()
-    root_only.chmod(0o755)
-    kube = (f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n  socket: {root_only}/dht.sock\n"
-            f"  state_file: {open_dir}/missing/ke.json\n")
+    root_only, kube = _kubeedge_in_a_root_only_dir(open_dir)
     config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)  # tmp_path: 0700
     unit_file = tmp_path / "units" / "mapper.service"
     assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups",
