@@ -225,30 +225,20 @@ def test_sighup_reload_keeps_edgecore_devices_running(sockdir: Path) -> None:
 
     async def scenario() -> None:
         local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
-        config = MapperConfig(mode="kubeedge", node="test-node", devices=[local],
-                              twin=TwinSettings(path=sockdir / "twin.db"), kubeedge=settings(sockdir))
-        service = build_service(config)
-        stop = asyncio.Event()
-        task = asyncio.create_task(service.run(stop))
-        try:
-            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
-                async with asyncio.timeout(10):
-                    await service.ready.wait()
-                mapper = Mapper(service)
-                await registered(mapper)
-                await edgecore.add(room("room-a"), TEMP)
-                room_a, one = mapper.runner("room-a"), mapper.runner("yaml-one")
-                assert room_a is not None and one is not None
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                mapper_with_local(sockdir, local) as (mapper, config):
+            await registered(mapper)
+            await edgecore.add(room("room-a"), TEMP)
+            room_a, one = mapper.runner("room-a"), mapper.runner("yaml-one")
+            assert room_a is not None and one is not None
 
-                (local / "yaml-two.yaml").write_text(device_yaml("yaml-two", cycle=100))
-                assert await reload_devices(service, config)
-                assert mapper.runner("room-a") is room_a, "edgecore's device must keep running untouched"
-                assert mapper.runner("yaml-one") is one
-                assert mapper.runner("yaml-two") is not None
-                assert {str(d) for d in service.runners} == {"default/room-a", "default/yaml-one", "default/yaml-two"}
-        finally:
-            stop.set()
-            await task
+            (local / "yaml-two.yaml").write_text(device_yaml("yaml-two", cycle=100))
+            assert await reload_devices(mapper.service, config)
+            assert mapper.runner("room-a") is room_a, "edgecore's device must keep running untouched"
+            assert mapper.runner("yaml-one") is one
+            assert mapper.runner("yaml-two") is not None
+            assert {str(d) for d in mapper.service.runners} == {"default/room-a", "default/yaml-one",
+                                                                "default/yaml-two"}
     run(scenario())
 
 
