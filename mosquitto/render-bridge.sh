@@ -52,6 +52,8 @@ if [ -z "$output" ]; then
   render
   exit 0
 fi
+# A directory (conf.d/): mv would put the file inside it, under the temporary name Mosquitto ignores.
+[ ! -d "$output" ] || { echo "$0: $output is a directory: give the file, e.g. $output/bridge.conf" >&2; exit 2; }
 # The temporary file is made 0600 (mktemp), in OUTPUT's directory so that the rename is atomic;
 # its name does not end in .conf, which Mosquitto's include_dir would read.
 tmp=$(mktemp "$(dirname "$output")/.$(basename "$output").XXXXXX")
@@ -60,5 +62,5 @@ render >"$tmp"
 [ -s "$tmp" ] || { echo "$0: rendered nothing from $source" >&2; exit 1; }
 [ -z "$group" ] || chgrp "$group" "$tmp"
 chmod 0640 "$tmp"
-mv -f "$tmp" "$output"
+mv -fT "$tmp" "$output"
 trap - EXIT

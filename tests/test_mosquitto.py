@@ -577,3 +577,15 @@ def test_a_failing_bridge_render_leaves_the_installed_bridge_conf_as_it_was(tmp_
         assert output.read_text() == installed, args
         assert output.stat().st_mode & 0o777 == 0o640
         assert [p.name for p in conf.iterdir()] == ["bridge.conf"], args  # no temporary file left
+
+
+def test_a_bridge_render_to_a_directory_is_refused(tmp_path) -> None:
+    """`-o /etc/mosquitto/conf.d/` (the directory, not the file): mv put the rendered file inside it
+    under its temporary name, which Mosquitto ignores, and the script exited 0 with no bridge."""
+    conf = tmp_path / "conf.d"
+    conf.mkdir()
+    for output in (f"{conf}/", str(conf)):
+        done = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), "-o", output, "pi-livingroom",
+                               "broker.example.com"], capture_output=True, text=True, check=False)
+        assert done.returncode == 2 and "is a directory: give the file" in done.stderr, done
+        assert list(conf.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["conf.d"]
