@@ -1392,7 +1392,6 @@ async def test_a_decisions_created_ts_is_its_requests_created(tmp_path, monkeypa
     assert offloaded and all(x["created_ts"] == orjson.loads(x["request"])["created"] for x in offloaded)
 
 
-
 async def _offloaded_then_timer_alone(r) -> None:  # noqa: ANN001
     """Two windows offloaded, then the devices stopped and their readings committed: no more
     batches, so what falls due from here on is the timer's alone."""
@@ -1401,6 +1400,7 @@ async def _offloaded_then_timer_alone(r) -> None:  # noqa: ANN001
     for device in list(r.service.runners):
         await r.service.stop_device(device)
     await r.service.recorder.flush()
+
 
 async def test_a_failed_timer_transaction_is_retried_and_stops_nothing(tmp_path, caplog):
     """Readings have stopped, deadlines fall due, and the timer's own transaction fails (another
