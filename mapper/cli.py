@@ -403,11 +403,20 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
     declared and writable, the value of its type and within its model's range (the twin itself
     knows the type and writability only). A device not in the files is left to the twin when it
     is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
-    from twin.store import DERIVED_PROTOCOL, UnknownDevice
+    from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
 
     definitions, skipped = _valid_definitions(config)
     definition = definitions.get(device)
+    recorded = store.recorded_origin(device)
     if definition is not None:
+        if origin_changes(recorded, definition.origin):
+            # Written now, the value is the twin row's, whose origin differs: the mapper drops it
+            # when it takes up this definition (sync_devices), and a running one applies it to
+            # the other origin's device until then.
+            raise ValueError(
+                f"device {device} is {_origin_text(recorded)} in the twin until the mapper takes up the local"
+                f" file ({definition.source}): a value set now would go to that device and be dropped then."
+                " Reload the mapper (SIGHUP) or start it first, then set it again")
         if skipped:
             files = list(dict.fromkeys(p.file for p in skipped))
             print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
@@ -428,6 +437,18 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
     if protocol is not None and protocol != DERIVED_PROTOCOL and config.mode == "standalone":
         raise ValueError(f"device {device} is no longer in the device files "
                          f"({', '.join(map(str, config.devices))})")
+    if config.mode == "kubeedge" and recorded is not None and recorded[0] == "local":
+        # Not edgecore's device in the twin (yet): the local file's, which is gone.
+        raise ValueError(f"device {device} is no longer in the device files ({', '.join(map(str, config.devices))});"
+                         " in the twin it is still the local file's device: if edgecore now defines it, reload the"
+                         " mapper (SIGHUP) or start it first, then set it again")
+
+
+def _origin_text(recorded: tuple[str | None, bool] | None) -> str:
+    """How `twin set` names whose device a twin row is (TwinStore.recorded_origin)."""
+    origin = None if recorded is None else recorded[0]
+    return {"edgecore": "edgecore's device", "local": "a local file's device"}.get(
+        origin, f"a device of unknown origin ({origin})")
 
 
 def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:

@@ -482,6 +482,41 @@ def test_twin_set_refuses_a_device_no_longer_in_the_files(tmp_path):
     assert accepted.returncode == 0, accepted.stderr
 
 
+def test_twin_set_refuses_a_local_device_whose_twin_row_is_still_edgecores(tmp_path):
+    """The operator adds d1.yaml for a name the twin still records as edgecore's Device (the mapper
+    has not taken the file up yet): `twin set` refuses, saying to reload or start the mapper first,
+    instead of writing into edgecore's row a value the next sync drops (origin change). Once the
+    mapper has synced the local file, it is accepted. And back: a local row whose file is gone is
+    refused in `mode: kubeedge` too (not yet edgecore's device)."""
+    import dataclasses
+
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["d1"])
+    local = load([devices]).devices[DeviceId("default", "d1")]
+    edge = dataclasses.replace(local, source="dmi:Device default/d1")
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=(
+        f"mode: kubeedge\nkubeedge:\n  name: sim\n  protocol: simulated\n  edgecore_socket: {tmp_path}/dmi.sock\n"))
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices([edge])
+        store.set_desired(local.id, "count", 77)
+    refused = mapper("twin", "set", "default/d1", "count", "5", "--config", str(config))
+    assert refused.returncode == 1, refused.stdout
+    assert "edgecore's device in the twin" in refused.stderr and "SIGHUP" in refused.stderr, refused.stderr
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert store.device(local.id).properties["count"].desired == 77  # nothing written
+        store.sync_devices([local])  # the mapper takes up the file (edgecore's 77 dropped)
+    accepted = mapper("twin", "set", "default/d1", "count", "5", "--config", str(config))
+    assert accepted.returncode == 0, accepted.stderr
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices([local])
+        assert store.device(local.id).properties["count"].desired == 5
+    (devices / "d1.yaml").unlink()
+    gone = mapper("twin", "set", "default/d1", "count", "6", "--config", str(config))
+    assert gone.returncode == 1 and "still the local file's device" in gone.stderr, gone.stderr
+
+
 def _kubeedge_refusals(tmp_path, sitecustomize: str) -> list[str]:
     """The stderr of `mapper run` and `mapper install-service --dry-run` with a `mode: kubeedge`
     config, under a sitecustomize that changes what this install has; both must refuse it at

@@ -172,6 +172,14 @@ DERIVED_PROTOCOL = "derived"
 # values (sync_devices). Derived devices are "derived" (they never hold desired values).
 _ORIGINS = {"local": "a local YAML file", "edgecore": "an edgecore Device", "derived": "a derived device"}
 
+
+def origin_changes(recorded: tuple[str | None, bool] | None, origin: str) -> bool:
+    """Whether a definition of `origin` taking up a device id whose twin row records `recorded`
+    ((origin, active), TwinStore.recorded_origin; None: no row) is an origin change, which drops
+    the row's desired values (sync_devices). A row of origin NULL (from before m006) is not known:
+    nothing dropped."""
+    return recorded is not None and recorded[0] is not None and recorded[0] != origin
+
 log = logging.getLogger("mapper.twin")
 
 # What is still to publish, for readers in any process: the outbox table plus the telemetry
@@ -612,7 +620,7 @@ class TwinStore:
         try:
             for d in definitions:
                 key = str(d.id)
-                row = self.conn.execute("SELECT fingerprint, origin FROM devices WHERE id=?", (key,)).fetchone()
+                row = self.conn.execute("SELECT fingerprint, origin, active FROM devices WHERE id=?", (key,)).fetchone()
                 fingerprint, origin = d.fingerprint, d.origin
                 if row is None:
                     self.conn.execute(
@@ -625,8 +633,7 @@ class TwinStore:
                         "UPDATE devices SET model=?, protocol=?, fingerprint=?, origin=?, active=1 WHERE id=?",
                         (d.model_name, d.protocol, fingerprint, origin, key),
                     )
-                # NULL: a row from before the origin was recorded (not known, nothing dropped).
-                new_origin = row is not None and row[1] is not None and row[1] != origin
+                new_origin = origin_changes(None if row is None else (row[1], bool(row[2])), origin)
                 if new_origin:
                     said.extend(self._drop_desired(d, row[1]))
                 is_changed = row is None or row[0] != fingerprint or new_origin
@@ -660,6 +667,13 @@ class TwinStore:
         for message in said:
             log.warning("%s", message)
         return changed
+
+    def recorded_origin(self, device_id: DeviceId) -> tuple[str | None, bool] | None:
+        """(origin, active) of a device id's twin row (origin None: a row from before m006); None
+        when the twin has no such device. What sync_devices compares a definition's origin with
+        (origin_changes)."""
+        row = self.conn.execute("SELECT origin, active FROM devices WHERE id=?", (str(device_id),)).fetchone()
+        return None if row is None else (row[0], bool(row[1]))
 
     def _drop_desired(self, d: DeviceDefinition, was: str) -> list[str]:
         """Inside sync_devices: the device id's origin changed from `was` to d.origin. Every
