@@ -447,8 +447,9 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
 def _origin_text(recorded: tuple[str | None, bool] | None) -> str:
     """How `twin set` names whose device a twin row is (TwinStore.recorded_origin)."""
     origin = None if recorded is None else recorded[0]
-    return {"edgecore": "edgecore's device", "local": "a local file's device"}.get(
-        origin, f"a device of unknown origin ({origin})")
+    if origin is None:
+        return "an inactive device whose origin the twin does not know (recorded before it kept origins)"
+    return {"edgecore": "edgecore's device", "local": "a local file's device"}.get(origin, f"a {origin} device")
 
 
 def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:

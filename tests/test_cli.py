@@ -517,6 +517,23 @@ def test_twin_set_refuses_a_local_device_whose_twin_row_is_still_edgecores(tmp_p
     assert gone.returncode == 1 and "still the local file's device" in gone.stderr, gone.stderr
 
 
+def test_twin_set_refuses_a_local_device_whose_twin_row_is_inactive_of_unknown_origin(tmp_path):
+    """A twin row from before origins were recorded, inactive (NULL, active 0): the mapper counts
+    the local file's taking it up as an origin change (its desired values dropped), so `twin set`
+    refuses it until then, as for edgecore's row."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["d1"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.deactivate_devices([])
+        store.conn.execute("UPDATE devices SET origin=NULL")
+    refused = mapper("twin", "set", "default/d1", "count", "5", "--config", str(config))
+    assert refused.returncode == 1 and "origin the twin does not know" in refused.stderr, refused.stderr
+
+
 def _kubeedge_refusals(tmp_path, sitecustomize: str) -> list[str]:
     """The stderr of `mapper run` and `mapper install-service --dry-run` with a `mode: kubeedge`
     config, under a sitecustomize that changes what this install has; both must refuse it at

@@ -535,7 +535,7 @@ def test_a_new_origin_of_a_device_id_drops_its_desired_values(tmp_path, caplog):
     """The same namespace/name defined by an edgecore Device, then by a local YAML file (and back):
     the desired values stored for the one are dropped (a new version, nothing pending) for the
     other, also across a reopen (a restart), unless the new definition gives its own; logged once.
-    A row from before origins were recorded (NULL) keeps its values."""
+    An active row from before origins were recorded (NULL) keeps its values."""
     import dataclasses
 
     devices = write_devices(tmp_path / "devices", ["d1"])
@@ -568,8 +568,45 @@ def test_a_new_origin_of_a_device_id_drops_its_desired_values(tmp_path, caplog):
             dataclasses.replace(p, desired=8) if p.name == "count" else p for p in local.properties))
         store.sync_devices([with_desired])
         assert store.device(D1).properties["count"].desired == 8
-        # Origin not known (a twin file from before it was recorded): nothing dropped.
+        # Origin not known (a twin file from before it was recorded), the row active: nothing dropped.
         store.conn.execute("UPDATE devices SET origin=NULL")
         store.sync_devices([edge])
         assert store.device(D1).properties["count"].desired == 8
         assert store.conn.execute("SELECT origin FROM devices WHERE id=?", (str(D1),)).fetchone()[0] == "edgecore"
+
+
+def test_an_inactive_row_of_unknown_origin_taken_up_drops_its_desired_values(tmp_path, caplog):
+    """A twin file from before origins were recorded: edgecore's default/d1 had a desired value
+    and was removed before the upgrade (inactive, origin NULL; the upgraded mapper's syncs never
+    meet it). Weeks later the operator's local d1 takes the name: counted as an origin change (the
+    old value dropped, a new version, nothing pending, logged once), not applied to their device.
+    A row of unknown origin that is active keeps its values (the test above)."""
+    import dataclasses
+
+    D2 = DeviceId("default", "d2")
+    devices = write_devices(tmp_path / "devices", ["d1", "d2"])
+    defs = load([devices]).devices
+    local1, local2 = defs[D1], defs[D2]
+    edge1 = dataclasses.replace(local1, source="dmi:Device default/d1")
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as store:
+        store.sync_devices([edge1, local2])
+        _, version = store.set_desired(D1, "count", 77)
+        store.sync_devices([local2])
+        store.deactivate_devices([D2])  # edgecore's d1 removed
+        store.conn.execute("UPDATE devices SET origin=NULL")  # as written before m006
+    with TwinStore.open(path) as store:  # upgraded: runs with d2 only, d1 stays inactive and NULL
+        store.sync_devices([local2])
+        store.deactivate_devices([D2])
+        assert store.recorded_origin(D1) == (None, False)
+        assert store.sync_devices([local1, local2]) == [D1]  # the operator's d1.yaml, reloaded
+        count = store.device(D1).properties["count"]
+        assert count.desired is None and count.desired_version == version + 1
+        assert [c for c in store.pending_desired() if c.device_id == D1] == []
+        assert store.recorded_origin(D1) == ("local", True)
+        said = [r.getMessage() for r in caplog.records if "dropped, not applied" in r.getMessage()]
+        assert len(said) == 1 and "count=77" in said[0] and "does not know" in said[0], said
+        store.set_desired(D1, "count", 5)
+        store.sync_devices([local1, local2])
+        assert store.device(D1).properties["count"].desired == 5
+        assert len([r for r in caplog.records if "dropped, not applied" in r.getMessage()]) == 1

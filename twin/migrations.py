@@ -216,7 +216,10 @@ def m006_device_origin(conn: sqlite3.Connection) -> None:
 
     When it changes, the device's stored desired values are dropped (TwinStore.sync_devices): one
     origin's desired values must not drive the other's device. NULL (rows from before this
-    migration): not known, recorded at the next sync without dropping anything.
+    migration): not known. The next sync of an active row records it without dropping anything
+    (it ran in the last run); an inactive row's is recorded when a definition of that name is
+    synced again, as a change (its desired values dropped): it may have been the other origin's
+    device (twin.store.origin_changes).
     """
     conn.execute("ALTER TABLE devices ADD COLUMN origin TEXT")
 

@@ -176,9 +176,17 @@ _ORIGINS = {"local": "a local YAML file", "edgecore": "an edgecore Device", "der
 def origin_changes(recorded: tuple[str | None, bool] | None, origin: str) -> bool:
     """Whether a definition of `origin` taking up a device id whose twin row records `recorded`
     ((origin, active), TwinStore.recorded_origin; None: no row) is an origin change, which drops
-    the row's desired values (sync_devices). A row of origin NULL (from before m006) is not known:
-    nothing dropped."""
-    return recorded is not None and recorded[0] is not None and recorded[0] != origin
+    the row's desired values (sync_devices).
+
+    A row of origin NULL (from before m006) is not known. Active, it ran in the last run, under
+    the code before m006, as this definition's device in all likelihood (a takeover at the
+    upgrade itself is not told apart): its origin is recorded, nothing dropped. Inactive, it may
+    be a device removed long ago (edgecore's, before the upgrade) whose name is taken up now by
+    the other origin: counted as a change, so its old desired values drive nothing."""
+    if recorded is None:
+        return False
+    was, active = recorded
+    return (not active) if was is None else was != origin
 
 log = logging.getLogger("mapper.twin")
 
@@ -612,7 +620,8 @@ class TwinStore:
         YAML <-> an edgecore Device of the same namespace/name), its stored desired values are
         dropped (a new version each, so nothing stale is applied; the new definition's own
         `desired` is then set): whoever set them for one origin's device must not decide what
-        the other's is driven to. Logged once, at the change.
+        the other's is driven to. Logged once, at the change. An inactive row whose origin was
+        never recorded (a twin file from before m006) counts as a change too (origin_changes).
         """
         changed = []
         said: list[str] = []  # logged once committed
@@ -675,8 +684,9 @@ class TwinStore:
         row = self.conn.execute("SELECT origin, active FROM devices WHERE id=?", (str(device_id),)).fetchone()
         return None if row is None else (row[0], bool(row[1]))
 
-    def _drop_desired(self, d: DeviceDefinition, was: str) -> list[str]:
-        """Inside sync_devices: the device id's origin changed from `was` to d.origin. Every
+    def _drop_desired(self, d: DeviceDefinition, was: str | None) -> list[str]:
+        """Inside sync_devices: the device id's origin changed from `was` (None: not known, an
+        inactive row from before m006) to d.origin. Every
         stored desired value of it goes (a new version, its apply error too). Returns what to log."""
         key = str(d.id)
         dropped = [(n, _load(v)) for n, v in self.conn.execute(
@@ -686,8 +696,10 @@ class TwinStore:
             " WHERE device_id=? AND desired IS NOT NULL", (now_ms(), key))
         if not dropped:
             return []
+        before = (_ORIGINS.get(was, was) if was is not None else
+                  "the inactive device of that name, whose origin the twin does not know (recorded before it kept origins)")
         return [f"device {d.id} is now defined by {_ORIGINS.get(d.origin, d.origin)} ({d.source}), not by"
-                f" {_ORIGINS.get(was, was)}: the desired values set for that device are dropped, not applied"
+                f" {before}: the desired values set for that device are dropped, not applied"
                 f" ({', '.join(f'{n}={shown(v)}' for n, v in dropped)})"]
 
     def _keep_desired_if_valid(self, device_id: DeviceId, p: Any, desired: Value) -> None:
