@@ -1916,6 +1916,93 @@ def test_kubeedge_device_with_anomaly_detection_gets_a_pipeline():
         _shutil.rmtree(sockdir, ignore_errors=True)
 
 
+
+def test_an_edgecore_devices_map_cannot_drive_a_local_yaml_device():
+    """mode: kubeedge with a local default/lamp (temperature ReadWrite, the operator's YAML). edgecore sends
+    default/room-a whose anomalyDetection map says setDevice: lamp (its own namespace, so the namespace
+    confinement lets it through): the pipeline is refused with a problem naming the key and the local
+    device, and the lamp's desired temperature is never set. A desired value such a pipeline asked for
+    before its target became local (a SIGHUP) is refused when it would be set. (The pipeline ran and
+    drove the operator's lamp: whoever may create Devices decided what a local device was driven to.)"""
+    import shutil as _shutil
+    import tempfile
+
+    from dmi_edgecore import FakeEdgecore, packed
+    from helpers import one_property_device
+    from mapper.dmi import api_pb2 as pb
+    from mapper.inference.pipeline import DesiredSet
+    from test_dmi import LAMP_LOCAL_RW, TEMP, mapper_with_local, registered, room
+
+    lamp = DeviceId("default", "lamp")
+    every = "normal,spike,stuck,drift,noise"
+
+    def with_map(dev: pb.Device) -> pb.Device:
+        data = dev.spec.properties[0].pushMethod.anomalyDetection.data
+        for key, value in {"model": "sensor_faults", "deadlineS": 0.0, "name": "room-ad", "setDevice": "lamp",
+                           "setProperty": "temperature", "setValue": 30.0, "setOn": every}.items():
+            data[key].CopyFrom(packed(value))
+        return dev
+
+    async def scenario(sockdir: Path) -> None:
+        local = sockdir / "yaml"
+        local.mkdir()
+        lamp_file = local / "lamp.yaml"
+        lamp_file.write_text(one_property_device("lamp", *LAMP_LOCAL_RW, settings="collectCycle: 50"))
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                mapper_with_local(sockdir, local) as (mapper, _):
+            ext = next(e for e in mapper.service.extensions if isinstance(e, InferenceExtension))
+            await registered(mapper)
+            assert mapper.service.definitions.devices[lamp].origin == "local"
+            await edgecore.add(with_map(room("room-a", cycle_ms=10)), TEMP)
+            await async_wait_for(lambda: mapper.runner("room-a") is not None, timeout=20, what="room-a running")
+            await async_wait_for(lambda: any("setDevice default/lamp" in p for p in ext.status()["problems"]),
+                                 timeout=20, what="the refused pipeline's problem")
+            problem = next(p for p in ext.status()["problems"] if "setDevice default/lamp" in p)
+            assert "default/room-a/temperature pushMethod.anomalyDetection" in problem, problem
+            assert f"local device of the node's operator ({lamp_file}:" in problem, problem
+            assert ext.pipelines == {} and "default/room-ad" not in ext.status()["pipelines"]
+            await asyncio.sleep(1.0)  # room-a reads every 10 ms: a pipeline would have decided by now
+            desired = lambda: mapper.service.twin(  # noqa: E731
+                lambda s: s.device(lamp).properties["temperature"].desired)
+            assert await desired() is None
+
+            # At set time too: the target's definition may have become local since the decision.
+            await ext._set_desired([DesiredSet(lamp, "temperature", 30.0, confined=True)])  # noqa: SLF001
+            assert await desired() is None
+            assert ext.counts["desired_refused"] == 1
+            # The operator's own pipelines (not confined) still may.
+            await ext._set_desired([DesiredSet(lamp, "temperature", 25.0)])  # noqa: SLF001
+            assert await desired() == 25.0
+
+    sockdir = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp"))
+    try:
+        asyncio.run(scenario(sockdir))
+    finally:
+        _shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_a_confined_pipeline_is_rebuilt_when_its_device_or_target_changes_origin():
+    """The pipeline key holds each device's origin: equal documents from another origin rebuild the
+    pipeline (or refuse it), they do not keep the one built for the other origin."""
+    class Def:
+        def __init__(self, source: str) -> None:
+            self.source, self.fingerprint, self.properties = source, "same", []
+
+        @property
+        def origin(self) -> str:
+            return "edgecore" if self.source.startswith("dmi:") else "local"
+
+    s = PipelineSettings.model_validate({"device": "probe", "model": "sensor_faults", "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True}]})
+    edge = {SENSOR: Def("dmi:default/probe"), RELAY: Def("dmi:default/relay")}
+    local = {SENSOR: Def("dmi:default/probe"), RELAY: Def("/etc/mapper/devices/relay.yaml:3")}
+    assert InferenceExtension._depends(s, edge) != InferenceExtension._depends(s, local)  # noqa: SLF001
+    # The same map from a Device edgecore sent and from the operator's file: not the same pipeline.
+    data = {"model": "sensor_faults", "setDevice": "default/relay", "setProperty": "power", "setValue": True}
+    confined, own = (from_anomaly_detection(SENSOR, "temperature", data, confined=c) for c in (True, False))
+    assert confined.confined and not own.confined and confined != own
+
+
 def _without_ml(tmp_path: Path) -> dict[str, str]:
     """Environment for a subprocess that cannot import numpy or onnxruntime (a core-only install)."""
     site = tmp_path / "no-ml"

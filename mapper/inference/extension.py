@@ -141,11 +141,31 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
                 data = data.get("data", data) if isinstance(data.get("data"), dict) else data
                 try:
                     # Confined: a Device edgecore sent (dmi:), written by whoever may create one there.
-                    found.append(from_anomaly_detection(device_id, prop.name, data,
-                                                        confined=definition.source.startswith("dmi:")))
+                    s = from_anomaly_detection(device_id, prop.name, data, confined=definition.origin == "edgecore")
+                    # ... and may set only devices edgecore sent, not the operator's local ones. (A target
+                    # not defined at all is refused when the pipeline is built: "does not exist".)
+                    for action in s.actions if s.confined else ():
+                        target = DeviceId.parse(action.device) if action.type == "set_desired" else None
+                        if target in definitions and (why := confined_target_problem(target, definitions)):
+                            raise ValueError(f"setDevice {action.device}: {why}")
+                    found.append(s)
                 except ValueError as exc:
                     problems.append(f"{definition.source}: {device_id}/{prop.name} pushMethod.anomalyDetection: {exc}")
     return found, problems
+
+
+def confined_target_problem(target: DeviceId, definitions: dict[DeviceId, DeviceDefinition]) -> str | None:
+    """Why a confined pipeline (the map of a Device edgecore sent) may not set `target`; None: it may.
+
+    Whoever may create Devices must not decide what the operator's local (YAML) devices, or the
+    pipelines' derived devices, are driven to: only devices edgecore sent are targets."""
+    definition = definitions.get(target)
+    if definition is None:
+        return "not a device edgecore sent (a device's map may only set devices edgecore sent)"
+    if definition.origin != "edgecore":
+        return (f"a local device of the node's operator ({definition.source}); a device's map may only set "
+                "devices edgecore sent")
+    return None
 
 
 class InferenceExtension:
@@ -324,7 +344,10 @@ class InferenceExtension:
     def _depends(s: PipelineSettings, definitions: dict[DeviceId, DeviceDefinition]) -> tuple[Any, ...]:
         """What a built pipeline depends on besides its settings: its devices' definitions."""
         targets = [DeviceId.parse(a.device) for a in s.actions if getattr(a, "type", None) == "set_desired"]
-        return tuple((str(d), getattr(definitions.get(d), "fingerprint", None)) for d in [s.device_id, *targets])
+        # The origin too (local YAML <-> edgecore, equal documents): a pipeline is rebuilt (or refused)
+        # when its device or a target changes hands.
+        found = [(d, definitions.get(d)) for d in [s.device_id, *targets]]
+        return tuple((str(d), getattr(x, "fingerprint", None), getattr(x, "origin", None)) for d, x in found)
 
     def _build(self, wanted: list[PipelineSettings], definitions: dict[DeviceId, DeviceDefinition],
                old: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
@@ -682,6 +705,14 @@ class InferenceExtension:
         assert self._service is not None
         for d in desired:
             key = (d.device, d.property)
+            if d.confined:  # the target may have become a local device (a SIGHUP) since the decision
+                definitions = self._service.definitions.devices if self._service.definitions else {}
+                why = confined_target_problem(d.device, definitions)
+                if why:
+                    log.error("inference: %s/%s = %r not set: the pipeline comes from a Device edgecore sent and "
+                              "%s is %s", d.device, d.property, d.value, d.device, why)
+                    self.counts["desired_refused"] += 1
+                    continue
             if self._desired_order.get(key, -1) > d.order:
                 # Asked for before a value already set (its transaction was retried after the newer one
                 # committed): set now, the older decision would win.

@@ -80,6 +80,8 @@ class DesiredSet:
     # When the decision asked for it: of two values for one property, the later asked for wins, also
     # when the earlier one is set later (kept for a retry after the twin refused its transaction).
     order: int = field(default_factory=lambda: next(_DESIRED_ORDER), compare=False)
+    # Asked for by a confined pipeline (a Device edgecore sent): set only on a device edgecore sent.
+    confined: bool = field(default=False, compare=False)
 
 
 # Per-window edge times and round trips kept for the percentiles (the most recent ones).
@@ -299,7 +301,7 @@ class Pipeline:
                 key = (target, action.property)
                 if value is not None and self._last_desired.get(key) != value:
                     self._last_desired[key] = value
-                    desired.append(DesiredSet(target, action.property, value))
+                    desired.append(DesiredSet(target, action.property, value, confined=self.settings.confined))
         return messages, desired
 
 

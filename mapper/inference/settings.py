@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from devices import ids
 from devices.ids import DeviceId
@@ -88,6 +88,10 @@ class PipelineSettings(_Base):
     min_step_s: float = Field(default=0.0, ge=0.0)
     encoding: Literal["int8", "float16"] = "int8"
     actions: list[Action] = [PublishAction()]
+    # From the anomalyDetection map of a Device edgecore sent (from_anomaly_detection confined=True):
+    # its set_desired targets must be edgecore's devices too, checked again when a value is set.
+    # Not a field (no config can set it); part of the equality, so a change rebuilds the pipeline.
+    _confined: bool = PrivateAttr(default=False)
 
     @field_validator("device")
     @classmethod
@@ -103,6 +107,10 @@ class PipelineSettings(_Base):
     @property
     def device_id(self) -> DeviceId:
         return DeviceId.parse(self.device)
+
+    @property
+    def confined(self) -> bool:
+        return self._confined
 
     def pipeline_id(self, model_dir: Path) -> DeviceId:
         device = self.device_id
@@ -188,8 +196,11 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
     `confined`: the map of a Device edgecore sent (`mode: kubeedge`) is written by anyone allowed
     to create Devices in its namespace, not by the node's operator: its `setDevice` is confined to
     the device's own namespace (a bare name is looked up there) and its `model` to a name under
-    models_dir (no path). The operator's own device files (confined=False) and the mapper
-    config's `inference:` section have neither limit (a bare name there means `default/`).
+    models_dir (no path). The settings are marked `confined`: their target must also be a device
+    edgecore sent, not one of the operator's local devices (checked against the definitions by
+    collect_settings, and again when a value is set). The operator's own device files
+    (confined=False) and the mapper config's `inference:` section have none of these limits (a
+    bare name there means `default/`).
 
     Raises ValueError (pydantic's ValidationError included) naming the bad key.
     """
@@ -230,7 +241,9 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
                         "value": data["setValue"], "when": _csv(data["setOn"]) if "setOn" in data else None,
                         "otherwise": data.get("setOtherwise")})
     fields["actions"] = actions
-    return PipelineSettings.model_validate(fields)
+    settings = PipelineSettings.model_validate(fields)
+    settings._confined = confined
+    return settings
 
 
 def missing_ml_packages() -> list[str]:
