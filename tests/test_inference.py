@@ -1392,6 +1392,16 @@ async def test_a_decisions_created_ts_is_its_requests_created(tmp_path, monkeypa
     assert offloaded and all(x["created_ts"] == orjson.loads(x["request"])["created"] for x in offloaded)
 
 
+def _awaits(task: asyncio.Task, name: str) -> bool:
+    """Whether `task` is suspended inside a coroutine function called `name` (its await chain)."""
+    coro = task.get_coro()
+    while coro is not None and hasattr(coro, "cr_code"):
+        if coro.cr_code.co_name == name:
+            return True
+        coro = coro.cr_await
+    return False
+
+
 async def _offloaded_then_timer_alone(r) -> None:  # noqa: ANN001
     """Two windows offloaded, then the devices stopped and their readings committed: no more
     batches, so what falls due from here on is the timer's alone."""
@@ -1448,10 +1458,11 @@ async def test_a_timer_transaction_the_stop_cancels_midway_is_committed_once(tmp
         pending = [row[0] for row in lock.execute(
             "SELECT request_id FROM inference_decisions WHERE status = 'pending'").fetchall()]
         assert pending  # what falls due while the lock is held
-        worker = r.service.worker
-        await async_wait_for(lambda: "in update" in (worker.thread_stack() or ""), timeout=20,
-                             what="the timer's transaction waiting for the lock in the twin thread")
+        # Not "the twin thread is in the timer's update": other work (the publisher's acks, a device's
+        # offline state) may be the one blocked on the lock, with the timer's transaction queued behind.
         timers = next(t for t in asyncio.all_tasks() if t.get_name() == "inference-timers")
+        await async_wait_for(lambda: _awaits(timers, "_due"), timeout=20,
+                             what="the timer awaiting its transaction, held up by the lock")
         r.stop.set()
         await async_wait_for(lambda: timers.cancelling() > 0 or timers.done(), timeout=20,
                              what="the stop cancelling the timer task")
