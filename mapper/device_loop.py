@@ -204,8 +204,11 @@ class DeviceRunner:
             except TimeoutError:
                 log.warning("%s: a driver call still runs %g s after it started; closing the driver anyway",
                             self.id, grace)
-            except Exception:  # noqa: BLE001 - its own failure: nobody waits for its result any more
-                pass
+            except BaseException:
+                if not future.done():  # this close cancelled, not the call's outcome
+                    raise
+                # The call's own failure (a binding's BaseException too, BusPanic): nobody waits for
+                # its result any more. Let out, it ended the stop in the service's task group.
         self._detach()
         if not self.driver.blocking:
             self._close_driver()

@@ -126,6 +126,8 @@ class BusPanic(BaseException):
 
 class PanickingConfig(SimulatedConfig):
     in_thread: bool = False
+    reading: str | None = None    # touched when a read begins
+    panic_when: str | None = None  # a read waits for this file before it raises
 
 
 class PanickingDriver(SimulatedDriver):
@@ -138,5 +140,10 @@ class PanickingDriver(SimulatedDriver):
         self.panics = 0
 
     def read(self, prop: PropertyDefinition) -> Any:
+        c = self.config
+        if c.reading:
+            Path(c.reading).touch()
+        if c.panic_when:
+            _wait_for_file(c.panic_when, 10.0)
         self.panics += 1
         raise BusPanic("the bus binding gave up")
