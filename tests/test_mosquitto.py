@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import SHIPPED, MosquittoBroker, MqttProbe, render_bridge
+from brokers import SHIPPED, MosquittoBroker, MqttProbe, render_bridge, stop_loop
 
 if TYPE_CHECKING:
     from conftest import CloudAndEdge
@@ -193,7 +193,7 @@ def test_last_will_cannot_publish_what_the_user_may_not(broker: MosquittoBroker,
             app = MqttProbe(broker, "app", protocol=mqtt.MQTTv311)
             app._client.will_set(topic, b"will", qos=1)  # noqa: SLF001 - MqttProbe has no will option
             app.connect()  # a broker may refuse the connection instead: the will is not sent either way
-            app._client.loop_stop()  # noqa: SLF001
+            stop_loop(app._client)  # noqa: SLF001
             app._client.socket().close()  # noqa: SLF001 - gone without DISCONNECT: the will is due
         message = mapper.next_message()
         assert (message.topic, message.payload) == (desired, b"will")

@@ -12,7 +12,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from brokers import MosquittoBroker, ensure_mosquitto_installed
+from brokers import MosquittoBroker, ensure_mosquitto_installed, stop_loop
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
 from twin.store import OUTBOX_DEPTH_SQL, _counter, committed_seqs
@@ -59,7 +59,7 @@ class Collector:
 
     def close(self) -> None:
         self.client.disconnect()
-        self.client.loop_stop()
+        stop_loop(self.client)
 
 
 def committed_seq(twin_path, topic: str) -> int:
