@@ -65,9 +65,8 @@ class Mapper:
 
 
 @contextlib.asynccontextmanager
-async def running_mapper(sockdir: Path, **kw) -> AsyncIterator[Mapper]:  # noqa: ANN003
-    config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
-                          kubeedge=settings(sockdir, **kw))
+async def service_running(config: MapperConfig) -> AsyncIterator[Mapper]:
+    """The mapper of `config`, in this event loop, from ready until stopped."""
     service = build_service(config)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
@@ -78,6 +77,14 @@ async def running_mapper(sockdir: Path, **kw) -> AsyncIterator[Mapper]:  # noqa:
     finally:
         stop.set()
         await task
+
+
+@contextlib.asynccontextmanager
+async def running_mapper(sockdir: Path, **kw) -> AsyncIterator[Mapper]:  # noqa: ANN003
+    config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
+                          kubeedge=settings(sockdir, **kw))
+    async with service_running(config) as mapper:
+        yield mapper
 
 
 async def until(predicate, timeout: float = 5.0) -> None:  # noqa: ANN001
@@ -1256,16 +1263,21 @@ def edge_lamp(name: str = "lamp") -> pb.Device:
 async def mapper_with_local(sockdir: Path, local: Path) -> AsyncIterator[tuple[Mapper, MapperConfig]]:
     config = MapperConfig(mode="kubeedge", node="test-node", devices=[local],
                           twin=TwinSettings(path=sockdir / "twin.db"), kubeedge=settings(sockdir))
-    service = build_service(config)
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    try:
-        async with asyncio.timeout(10):
-            await service.ready.wait()
-        yield Mapper(service), config
-    finally:
-        stop.set()
-        await task
+    async with service_running(config) as mapper:
+        yield mapper, config
+
+
+@contextlib.asynccontextmanager
+async def edgecore_lamp_running(sockdir: Path) -> AsyncIterator[tuple[FakeEdgecore, Mapper, MapperConfig, Path, object]]:
+    """A mapper with one local YAML device (yaml-one), registered with edgecore, running edgecore's
+    default/lamp (temperature ReadWrite): (edgecore, mapper, config, the local YAML directory, lamp's runner)."""
+    from helpers import write_devices
+
+    local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
+    async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, mapper_with_local(sockdir, local) as (mapper, config):
+        await registered(mapper)
+        await edgecore.add(edge_lamp(), LAMP_RW)
+        yield edgecore, mapper, config, local, mapper.runner("lamp")
 
 
 def assert_local_lamp(mapper: Mapper, local_file: Path, name: str = "lamp") -> None:
@@ -1354,16 +1366,11 @@ def test_a_reload_adding_a_local_device_with_a_running_edgecore_devices_name_sto
     """edgecore's default/lamp runs; a SIGHUP reload adds a local default/lamp: the local device wins
     (as at a start with both), edgecore's stops, is kept and reported offline; removing the local
     file again starts edgecore's lamp."""
-    from helpers import one_property_device, write_devices
+    from helpers import one_property_device
     from mapper.cli import reload_devices
 
     async def scenario() -> None:
-        local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
-                mapper_with_local(sockdir, local) as (mapper, config):
-            await registered(mapper)
-            await edgecore.add(edge_lamp(), LAMP_RW)
-            edge_runner = mapper.runner("lamp")
+        async with edgecore_lamp_running(sockdir) as (edgecore, mapper, config, local, edge_runner):
             assert edge_runner is not None and edge_runner.definition.prop("temperature").writable
 
             lamp_file = local / "lamp.yaml"
@@ -1415,18 +1422,13 @@ def test_a_local_device_taking_over_an_edgecore_devices_name_does_not_inherit_it
     one. Removing the file again: edgecore's lamp does not inherit the operator's desired value.
     (The twin, keyed by namespace/name only, kept 77.0 and the local device applied it: whoever may
     create Devices decided what the operator's device was driven to.)"""
-    from helpers import one_property_device, write_devices
+    from helpers import one_property_device
     from mapper.cli import reload_devices
 
     lamp_id = DeviceId("default", "lamp")
 
     async def scenario() -> None:
-        local = write_devices(sockdir / "yaml", ["yaml-one"], cycle=100)
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
-                mapper_with_local(sockdir, local) as (mapper, config):
-            await registered(mapper)
-            await edgecore.add(edge_lamp(), LAMP_RW)
-            edge_runner = mapper.runner("lamp")
+        async with edgecore_lamp_running(sockdir) as (edgecore, mapper, config, local, edge_runner):
             assert edge_runner is not None and edge_runner.definition.source.startswith("dmi:")
             edge_runner.driver.set_broken(True)  # its write fails: 77.0 stays pending
             _, version = await mapper.service.twin(lambda s: s.set_desired(lamp_id, "temperature", 77.0))
