@@ -8,9 +8,11 @@ raises what SQLite raises under a lock, a conversion that raises, an adoption th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -28,7 +30,7 @@ from mapper.dmi import api_pb2_grpc as pb_grpc
 from mapper.dmi import client as client_module
 from mapper.dmi.catalog import Catalog
 from test_dmi import (  # noqa: F401 - sockdir: fixture
-    SWITCH, TEMP, registered, room, run, running_mapper, sockdir, switch, until,
+    SWITCH, TEMP, Mapper, registered, room, run, running_mapper, sockdir, switch, until,
 )
 
 COUNT = model("count-model", {"count": ("INT", "ReadOnly")})
@@ -302,6 +304,17 @@ def gated_room(name: str, gate: Path, **kw) -> pb.Device:  # noqa: ANN003
                           "wait_s": 20}, protocol="gated", **kw)
 
 
+@contextlib.asynccontextmanager
+async def gated_room_a_running(sockdir: Path) -> AsyncIterator[tuple[FakeEdgecore, Mapper]]:
+    """A registered mapper of the `gated` test protocol running edgecore's room-a on a gated bus."""
+    with installed():
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, name="gated", protocol="gated") as mapper:
+            await registered(mapper)
+            await edgecore.add(gated_room("room-a", sockdir), TEMP)
+            yield edgecore, mapper
+
+
 def collect_cycle(runner: DeviceRunner | None) -> int | None:
     return None if runner is None else runner.definition.properties[0].collect_cycle_ms
 
@@ -313,31 +326,27 @@ def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path) -> Non
     was not saved, and resending the same update found an identical device and did nothing.)
     What holds the stop is the old driver's close() on its bus (the `gated` test driver)."""
     async def scenario() -> None:
-        with installed():
-            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
-                    running_mapper(sockdir, name="gated", protocol="gated") as mapper:
-                await registered(mapper)
-                await edgecore.add(gated_room("room-a", sockdir), TEMP)
-                assert collect_cycle(mapper.runner("room-a")) == 50
-                async with grpc.aio.insecure_channel(f"unix:{edgecore.mapper_address}") as channel:
-                    stub = pb_grpc.DeviceMapperServiceStub(channel)
-                    call = asyncio.ensure_future(stub.UpdateDevice(
-                        pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)), timeout=0.5))
-                    await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
-                    with pytest.raises(grpc.aio.AioRpcError) as late:
-                        await call
-                assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-                assert mapper.runner("room-a") is None  # still stopping
-                (sockdir / "close_when").touch()  # the bus lets the close end
-                await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
-                saved = Catalog("gated")
-                assert saved.restore(sockdir / "twin.db.kubeedge.json")
-                assert saved.devices[("default", "room-a")] == gated_room("room-a", sockdir, cycle_ms=80)
-                # Sending it again is answered, and changes nothing.
-                running = mapper.runner("room-a")
-                await edgecore.call_mapper("UpdateDevice",
-                                           pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)))
-                assert mapper.runner("room-a") is running
+        async with gated_room_a_running(sockdir) as (edgecore, mapper):
+            assert collect_cycle(mapper.runner("room-a")) == 50
+            async with grpc.aio.insecure_channel(f"unix:{edgecore.mapper_address}") as channel:
+                stub = pb_grpc.DeviceMapperServiceStub(channel)
+                call = asyncio.ensure_future(stub.UpdateDevice(
+                    pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)), timeout=0.5))
+                await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await call
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert mapper.runner("room-a") is None  # still stopping
+            (sockdir / "close_when").touch()  # the bus lets the close end
+            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+            saved = Catalog("gated")
+            assert saved.restore(sockdir / "twin.db.kubeedge.json")
+            assert saved.devices[("default", "room-a")] == gated_room("room-a", sockdir, cycle_ms=80)
+            # Sending it again is answered, and changes nothing.
+            running = mapper.runner("room-a")
+            await edgecore.call_mapper("UpdateDevice",
+                                       pb.UpdateDeviceRequest(device=gated_room("room-a", sockdir, cycle_ms=80)))
+            assert mapper.runner("room-a") is running
     run(scenario())
 
 
@@ -347,22 +356,18 @@ def test_a_device_switch_whose_caller_is_cancelled_still_completes(sockdir: Path
     definition. (It used to stay stopped, never restarted.) What holds the stop is the old
     driver's close() on its bus (the `gated` test driver)."""
     async def scenario() -> None:
-        with installed():
-            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
-                    running_mapper(sockdir, name="gated", protocol="gated") as mapper:
-                await registered(mapper)
-                await edgecore.add(gated_room("room-a", sockdir), TEMP)
-                catalog = Catalog("gated", models=dict(mapper.ext.catalog.models))
-                catalog.put_device(gated_room("room-a", sockdir, cycle_ms=80))
-                switching = asyncio.ensure_future(mapper.service.update_devices(catalog.build(LoadResult())))
-                await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
-                switching.cancel()
-                with pytest.raises(asyncio.CancelledError):
-                    await switching
-                assert mapper.runner("room-a") is None  # still stopping
-                (sockdir / "close_when").touch()  # the bus lets the close end
-                await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
-                assert DeviceId("default", "room-a") in mapper.service.definitions.devices
+        async with gated_room_a_running(sockdir) as (edgecore, mapper):
+            catalog = Catalog("gated", models=dict(mapper.ext.catalog.models))
+            catalog.put_device(gated_room("room-a", sockdir, cycle_ms=80))
+            switching = asyncio.ensure_future(mapper.service.update_devices(catalog.build(LoadResult())))
+            await until((sockdir / "closing").exists)  # the old driver's close() waits on its bus
+            switching.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await switching
+            assert mapper.runner("room-a") is None  # still stopping
+            (sockdir / "close_when").touch()  # the bus lets the close end
+            await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
+            assert DeviceId("default", "room-a") in mapper.service.definitions.devices
     run(scenario())
 
 

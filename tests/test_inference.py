@@ -1888,13 +1888,23 @@ def test_latency_percentiles_nearest_rank():
     assert len(s.edge_us) == 4096 and s.latency()["edge_latency_us_p50"] == percentile(range(5905, 10_001), 50)
 
 
+
+def _run_with_sockdir(scenario) -> None:  # noqa: ANN001
+    """asyncio.run(scenario(sockdir)) with a short directory for the DMI socket (a unix socket path
+    is limited to 108 bytes; pytest's tmp_path may be longer), removed after."""
+    import shutil as _shutil
+    import tempfile
+
+    sockdir = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp"))
+    try:
+        asyncio.run(scenario(sockdir))
+    finally:
+        _shutil.rmtree(sockdir, ignore_errors=True)
+
 def test_kubeedge_device_with_anomaly_detection_gets_a_pipeline():
     """mode: kubeedge: a Device with pushMethod.anomalyDetection that edgecore sends after the mapper
     started (RegisterDevice over DMI, numbers as FloatValue) gets its pipeline and decisions; an update
     that drops the map drops the pipeline."""
-    import shutil as _shutil
-    import tempfile
-
     from dmi_edgecore import FakeEdgecore, packed
     from mapper.dmi import api_pb2 as pb
     from test_dmi import TEMP, registered, room, running_mapper
@@ -1920,11 +1930,7 @@ def test_kubeedge_device_with_anomaly_detection_gets_a_pipeline():
             await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=room("room-a", cycle_ms=10)))
             await async_wait_for(lambda: not ext.pipelines, timeout=20, what="the pipeline dropped")
 
-    sockdir = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp"))
-    try:
-        asyncio.run(scenario(sockdir))
-    finally:
-        _shutil.rmtree(sockdir, ignore_errors=True)
+    _run_with_sockdir(scenario)
 
 
 
@@ -1935,9 +1941,6 @@ def test_an_edgecore_devices_map_cannot_drive_a_local_yaml_device():
     device, and the lamp's desired temperature is never set. A desired value such a pipeline asked for
     before its target became local (a SIGHUP) is refused when it would be set. (The pipeline ran and
     drove the operator's lamp: whoever may create Devices decided what a local device was driven to.)"""
-    import shutil as _shutil
-    import tempfile
-
     from dmi_edgecore import FakeEdgecore, packed
     from helpers import one_property_device
     from mapper.dmi import api_pb2 as pb
@@ -1985,11 +1988,7 @@ def test_an_edgecore_devices_map_cannot_drive_a_local_yaml_device():
             await ext._set_desired([DesiredSet(lamp, "temperature", 25.0)])  # noqa: SLF001
             assert await desired() == 25.0
 
-    sockdir = Path(tempfile.mkdtemp(prefix="dmi-", dir="/tmp"))
-    try:
-        asyncio.run(scenario(sockdir))
-    finally:
-        _shutil.rmtree(sockdir, ignore_errors=True)
+    _run_with_sockdir(scenario)
 
 
 def test_a_confined_pipeline_is_rebuilt_when_its_device_or_target_changes_origin():
