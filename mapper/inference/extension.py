@@ -669,8 +669,11 @@ class InferenceExtension:
             assert self._follow_ups is not None
             self.idle.clear()
             self._follow_ups.put_nowait((p.desired, given_up))
-        # The timer task rescans every waiting request when woken: only when its next wake-up moves.
-        if self._next_due_ms is None or (earliest is not None and earliest < self._next_due_ms):
+        # The timer task rescans every waiting request when woken: only when its next wake-up moves,
+        # or when what fell due rode along with this batch (_decide left the next one for it to
+        # compute). Not for every window decided at the edge with nothing waiting: one wake-up a
+        # window, and a rescan, for nothing.
+        if p.due is not None or (earliest is not None and (self._next_due_ms is None or earliest < self._next_due_ms)):
             self._wake.set()
 
     async def _follow_up(self) -> None:
