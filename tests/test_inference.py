@@ -1826,6 +1826,59 @@ async def test_a_cloud_answer_not_yet_committed_is_not_waited_for_again_after_a_
     assert [b["exit"] for b in r.published() if b["request_id"] == request["id"]] == ["cloud"]
 
 
+AD_OFFLOAD = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, threshold: 1.0,"
+              " deadlineS: 1, name: probe-ad}\n")
+
+
+async def test_offloads_left_from_the_previous_run_wait_again_once_the_twin_takes_their_restore(tmp_path, caplog):
+    """A device update brings back a pipeline whose offloads the previous run left pending, and the twin
+    refuses their restore: it is tried again, and once the twin takes it they wait again (their deadline
+    stands their edge answers). The error used to end the update's rebuild, and they stayed pending, never
+    waited for, until the mapper restarted.
+
+    The refusal is SQLite's own, from a trigger on one of those rows (made older than result_max_age_s, so
+    the restore's first write stands it) while a marker row exists: a lock held by another connection would
+    refuse the update's own writes of the devices just before it."""
+    pid = "default/probe-ad"
+    r = await _start(tmp_path, {}, inference={"pipelines": []}, push=AD_OFFLOAD)
+    try:
+        await _until(lambda: r.decisions(pid), lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
+                     what="pending offloads")
+    finally:
+        await _stop(r)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        pending = [x for x in records.recent(store, pid, 100_000) if x["status"] == "pending"]
+        stale = pending[0]["id"]
+        store.conn.executescript(f"""
+            UPDATE inference_decisions SET created_ts = created_ts - 3600000 WHERE id = {stale};
+            CREATE TABLE test_refuse_restore (x);
+            INSERT INTO test_refuse_restore VALUES (1);
+            CREATE TRIGGER test_refuse_restore BEFORE UPDATE ON inference_decisions
+            WHEN old.id = {stale} AND EXISTS (SELECT 1 FROM test_refuse_restore)
+            BEGIN SELECT RAISE(ABORT, 'the twin refused the restore (test trigger)'); END;
+        """)
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    r = await _start(tmp_path, {}, inference={"pipelines": []})  # the probe without its map: no pipeline yet
+    try:
+        assert r.ext.pipelines == {}
+        await _update(r, tmp_path, push=AD_OFFLOAD)
+        assert list(map(str, r.ext.pipelines)) == [pid]
+        assert "the twin refused the restore (test trigger)" in caplog.text
+        ids = {x["request_id"] for x in pending}
+        assert not ids & set(r.ext._waiting)
+        with contextlib.closing(sqlite3.connect(tmp_path / "twin.db", timeout=10)) as conn, conn:
+            conn.execute("DELETE FROM test_refuse_restore")  # the twin takes the restore now
+
+        async def left() -> dict[str, str]:
+            return {x["request_id"]: x["status"] for x in await r.decisions(pid) if x["request_id"] in ids}
+
+        await _until(left, lambda rows: set(rows.values()) == {"provisional"},
+                     what="the previous run's offloads stood (the stale one) or past their deadline")
+        assert ids - {pending[0]["request_id"]} <= set(r.ext._waiting)
+    finally:
+        await _stop(r)
+
+
 async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path, broker):
     """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
     provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""

@@ -204,6 +204,10 @@ class InferenceExtension:
         self._models: dict[Path, Any] = {}         # resolved model directory -> EarlyExitModel (loaded once)
         self._next_definitions: dict[DeviceId, DeviceDefinition] | None = None
         self._reload_task: asyncio.Task[None] | None = None
+        # Pipelines built whose requests left from the previous run do not wait again yet (_restore failed):
+        # the timer task tries again from _restore_retry_ms (_mono_ms) on.
+        self._unrestored: set[DeviceId] = set()
+        self._restore_retry_ms = 0
         self.reloads = 0                           # device updates applied to the pipelines
         self.report_interval_s = self.settings.log_counters_s
         self._last_report: str | None = None
@@ -253,6 +257,7 @@ class InferenceExtension:
             await self._seed([built[pid] for pid in added])
         removed = [pid for pid, p in old.items() if built.get(pid) is not p]
         self.pipelines = built
+        self._unrestored = {pid for pid in self._unrestored if pid in built} | set(added)
         self._by_source = {}
         for pipeline in built.values():
             for name in dict.fromkeys(pipeline.properties):
@@ -266,8 +271,8 @@ class InferenceExtension:
             log.info("inference: pipelines updated: %d built, %d kept, %d dropped%s", len(added),
                      len(built) - len(added), len(set(removed) - set(added)),
                      f" ({len(dropped)} waiting request(s) given up)" if dropped else "")
-        if added:
-            await self._restore({pid for pid in added})
+        if self._unrestored:
+            await self._restore_unrestored()
         for pid in added:
             p = built[pid]
             log.info("inference pipeline %s: device %s properties %s, model %s (%s %s %.2f), window %d stride %d,"
@@ -387,6 +392,21 @@ class InferenceExtension:
                 continue
             built[pipeline.id] = pipeline
         return built
+
+    async def _restore_unrestored(self) -> None:
+        """_restore for the pipelines whose requests do not wait again yet. If the twin refuses (a lock held too
+        long, a full disk) the timer task tries again every second, until it succeeds or the pipeline goes: the
+        error used to end the device update's rebuild, and those requests were never waited for again (no
+        deadline, no resend, no provisional answer) until the mapper restarted."""
+        only = set(self._unrestored)
+        try:
+            await self._restore(only)
+        except Exception as exc:  # noqa: BLE001 - tried again by the timer task
+            log.error("inference: cannot restore the offloads left from the previous run, trying again in 1 s: %s",
+                      exc)
+            self._restore_retry_ms = _mono_ms() + 1000
+            return
+        self._unrestored -= only
 
     async def _restore(self, only: set[DeviceId]) -> None:
         """Requests still waiting when the mapper last stopped (for these newly built pipelines) wait
@@ -740,6 +760,8 @@ class InferenceExtension:
         """What fell due and no batch of readings took along within TIMER_GRACE_S."""
         timed_out = False
         while True:
+            if self._unrestored and _mono_ms() >= self._restore_retry_ms:  # not at every wake-up: a log line each
+                await self._restore_unrestored()
             now = _mono_ms()
             # Cloud answers only when the wait ran out: a wake-up from the loop (a new result, a
             # commit) leaves them for the next batch.
@@ -756,6 +778,8 @@ class InferenceExtension:
             self._next_due_ms = min(dues, default=None)
             wait_s = (60.0 if self._next_due_ms is None
                       else max(0.01, (self._next_due_ms - _mono_ms()) / 1000 + TIMER_GRACE_S))
+            if self._unrestored:
+                wait_s = min(wait_s, max(0.01, (self._restore_retry_ms - _mono_ms()) / 1000))
             self._wake.clear()
             timed_out = False
             try:
