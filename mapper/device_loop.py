@@ -322,6 +322,17 @@ class DeviceRunner:
             await self._keeping(reading, self._succeeded(), on_demand)
         return reading
 
+    async def read_on_demand(self, prop: PropertyDefinition) -> Reading:
+        """A read someone asked for (REST GET, DMI GetDevice), recorded as one taken on demand whatever
+        came of it: a good value, one outside the range, or a failure with its detail (the twin's quality
+        shows it, as for the collect loop's reads; never an inference window step). Recorded here on
+        the loop, in the same step as read_once returns: a caller that gave up at that moment (REST's
+        504) does not lose it, and nobody records it twice. Cancelled before the device answered, there
+        is no reading to record (and one taken meanwhile is recorded by read_once, see _keeping)."""
+        reading = await self.read_once(prop, on_demand=True)
+        self._record_on_demand(reading)
+        return reading
+
     async def _keeping(self, reading: Reading, state_update: Awaitable[None], on_demand: bool) -> None:
         """Await a state update (a change waits for the twin). If the read is cancelled meanwhile (the
         device stopped, or a DMI/REST caller gave up), the reading already taken is still recorded,

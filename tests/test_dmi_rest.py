@@ -290,3 +290,70 @@ def test_a_write_addressed_to_another_host_name_is_refused(tmp_path: Path) -> No
             status, body = await asyncio.to_thread(get, port, path, {"Host": host})
             assert status == 200, (host, status, body)
     scenario(tmp_path, True, check, allowed_hosts=["pi.local"])
+
+
+UNPLUGGABLE = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: probe-model, namespace: default}
+spec:
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly, unit: Celsius}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: probe-model}
+  protocol: {protocolName: simulated, configData: {fail_while_exists: "UNPLUGGED"}}
+  properties:
+    # Read once at start, then a day later: the only read after that is the REST API's.
+    - {name: temperature, collectCycle: 86400000, visitors: {configData: {kind: constant, value: 21.5}}}
+"""
+
+
+def test_a_failed_read_is_recorded_in_the_twin(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """A REST read the device fails answers 500 and is recorded in the twin with its detail, as
+    DMI GetDevice's reads and the collect loop's are: `mapper twin get` shows the property's
+    quality `error` and why, next to the last good value. It was recorded only when it succeeded:
+    the twin went on saying `good`, and the history had no trace of the failure."""
+    from helpers import write_config
+    from mapper.cli import main
+
+    unplugged = tmp_path / "unplugged"
+    probe = DeviceId("default", "probe")
+    config = write_config(tmp_path / "c.yaml", tmp_path / "devices.yaml", tmp_path / "twin.db")
+
+    def mapper(*args: str) -> Any:
+        assert main([*args, "--config", str(config), "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        async with asyncio.timeout(10):  # the collect loop's first read, good, committed
+            while True:
+                await service.recorder.flush()
+                twin = await service.twin(lambda s: s.device(probe))
+                if twin.properties["temperature"].quality == "good":
+                    break
+                await asyncio.sleep(0.02)
+        # What inference's pre-commit hook sees: a reading taken on demand is no window step.
+        seen: list[tuple[str, bool]] = []
+        service.recorder.pre_commit.append(lambda batch: seen.extend(
+            (r.quality, id(r) in service.recorder.on_demand) for r in batch if r.device_id == probe))
+        unplugged.touch()
+        status, body = await asyncio.to_thread(get, port, "/api/v1/device/default/probe/temperature")
+        assert status == 500 and "simulated device is not responding" in body, (status, body)
+        # Recorded before the reply went out: committing what is pending now commits it.
+        await service.recorder.flush()
+        shown = (await asyncio.to_thread(mapper, "twin", "get", "default/probe"))["properties"]["temperature"]
+        assert shown["reported"] == 21.5 and shown["quality"] == "error", shown
+        assert "simulated device is not responding" in shown["qualityDetail"], shown
+        assert shown["qualityTs"] is not None and shown["qualityTs"] >= shown["reportedTs"], shown
+        history = await asyncio.to_thread(mapper, "twin", "history", "default/probe", "temperature")
+        assert [(row["value"], row["quality"]) for row in history] == [(21.5, "good"), (None, "error")]
+        runner = service.runners[probe]
+        assert runner.read_errors == 1  # the REST read's: no collect read came in between
+        assert seen == [("error", True)]  # committed as an on-demand reading
+        assert service.recorder.on_demand == {}  # and let go once through the hooks
+
+    scenario(tmp_path, False, check, UNPLUGGABLE.replace("UNPLUGGED", str(unplugged)))

@@ -467,9 +467,7 @@ class KubeEdgeExtension:
         if runner is None:
             return readings
         for prop in definition.properties:
-            reading = await runner.read_once(prop, on_demand=True)
-            if self.service.recorder is not None:
-                self.service.recorder.add_on_demand(reading)
+            reading = await runner.read_on_demand(prop)  # recorded, failed or not
             if reading.quality == GOOD:  # not an error, nor out of the model's range
                 readings[prop.name] = (reading.value, reading.taken_at_ms)
         return readings

@@ -152,11 +152,11 @@ class RestApi:
         runner = self.service.runners.get(definition.id)
         if runner is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"device {definition.id} is not running")
-        reading = self._on_loop(runner.read_once(prop, on_demand=True))
+        # Recorded in the twin whatever came of it (a failure too, with its detail), as DMI GetDevice's
+        # reads are; a 504 records what the device had answered by then (read_on_demand).
+        reading = self._on_loop(runner.read_on_demand(prop))
         if reading.quality == ERROR or reading.value is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
-        if self.service.recorder is not None:
-            self.loop.call_soon_threadsafe(self.service.recorder.add_on_demand, reading)
         if reading.quality != GOOD:  # out of the model's range: recorded as such, never a good value
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR,
                            f"read {definition.id}/{prop_name}: {reading.quality}: {reading.detail}")
