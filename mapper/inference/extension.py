@@ -405,6 +405,7 @@ class InferenceExtension:
             log.error("inference: cannot restore the offloads left from the previous run, trying again in 1 s: %s",
                       exc)
             self._restore_retry_ms = _mono_ms() + 1000
+            self._wake.set()  # the timer task may be waiting up to 60 s: it caps its wait for the retry
             return
         self._unrestored -= only
 
