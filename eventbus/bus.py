@@ -27,6 +27,7 @@ from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import SecretStr
 
 from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
@@ -68,6 +69,31 @@ def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
         if tls.insecure_skip_hostname_check:
             context.check_hostname = False
     return context
+
+
+class Password:
+    """The broker password, read again at every connection attempt: a rotated one (new in
+    mqtt.password_file and in the broker's password file) is used at the next reconnect, no restart.
+    A file that cannot be read then (not there while the new one is installed, emptied) is logged
+    naming it and the last password read is sent meanwhile: the bus retries, never crashes. With
+    none read before (the start checks the file: MqttSettings.check_password) the attempt fails
+    as a refused connection does (MqttError), and is retried."""
+
+    def __init__(self, settings: MqttSettings, logger: logging.Logger) -> None:
+        self.settings = settings
+        self._log = logger
+        self._last: SecretStr | None = None
+        self._read = False
+
+    def __call__(self) -> str | None:
+        try:
+            self._last, self._read = self.settings.read_password(), True
+        except ValueError as exc:
+            if not self._read:
+                raise aiomqtt.MqttError(str(exc)) from None
+            self._log.error("MQTT connection to %s: %s; sending the password read before meanwhile (read again at "
+                            "every attempt)", self.settings.url, exc)
+        return self._last.get_secret_value() if self._last is not None else None
 
 
 SESSION_TAKEN_OVER = 0x8E
@@ -251,10 +277,11 @@ class MqttBus:
         self.packet_limit = settings.max_packet_bytes
         self.packet_limit_announced = False
         self._check_connected: Callable[[], None] = lambda: None  # of the latest connection (watch_disconnect)
+        self._password = Password(settings, log)
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
-        password = s.password()
+        password = self._password()
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
         properties = None
         if v5:
@@ -265,7 +292,7 @@ class MqttBus:
             s.host, s.port,
             identifier=self.client_id,
             username=s.username,
-            password=password.get_secret_value() if password else None,
+            password=password,
             protocol=self.protocol,
             will=aiomqtt.Will(self.will_topic, b"offline", qos=1, retain=True),
             clean_session=None if v5 else False,

@@ -123,26 +123,34 @@ class MqttSettings(BaseModel):
         """Read the password now, at start: a file the service user cannot read, or an unset
         variable, is a config error naming the field, not a crash once the mapper runs."""
         try:
-            password = self.password()
-        except OSError as exc:
-            raise ValueError(f"{source}: mqtt.password_file: cannot read {self.password_file}: "
-                             f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
-        except UnicodeDecodeError as exc:  # a binary file, or one saved as UTF-16 or Latin-1
-            raise ValueError(f"{source}: mqtt.password_file: {self.password_file} is not UTF-8 text "
-                             f"(byte {exc.start}: {exc.reason}); write the password as one line of UTF-8") from None
+            self.read_password()
         except ValueError as exc:
             raise ValueError(f"{source}: {exc}") from None
+
+    def read_password(self) -> SecretStr | None:
+        """password(), refusing what the broker would refuse with nothing pointing at the file: every
+        failure a ValueError naming the field, the file and what to do. Also at every reconnect (the
+        password may have been rotated meanwhile; see eventbus.bus.Password)."""
+        try:
+            password = self.password()
+        except OSError as exc:
+            raise ValueError(f"mqtt.password_file: cannot read {self.password_file}: "
+                             f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
+        except UnicodeDecodeError as exc:  # a binary file, or one saved as UTF-16 or Latin-1
+            raise ValueError(f"mqtt.password_file: {self.password_file} is not UTF-8 text "
+                             f"(byte {exc.start}: {exc.reason}); write the password as one line of UTF-8") from None
         if self.password_file is not None and password is not None and not password.get_secret_value().strip():
             # Sent as it is, an empty password is refused by the broker as "Not authorized", at every
             # reconnect, with nothing pointing at the file.
-            raise ValueError(f"{source}: mqtt.password_file: {self.password_file} is empty (or only white space): "
+            raise ValueError(f"mqtt.password_file: {self.password_file} is empty (or only white space): "
                              f"write the broker password{f' of user {self.username!r}' if self.username else ''} "
                              f"in it, as one line")
         if self.password_file is None and password is not None and not password.get_secret_value().strip():
             # Likewise: an exported but empty variable (a systemd Environment= line without a value).
-            raise ValueError(f"{source}: mqtt.password_env: environment variable {self.password_env} is empty (or "
+            raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is empty (or "
                              f"only white space): set it to the broker password"
                              f"{f' of user {self.username!r}' if self.username else ''}")
+        return password
 
     def exposed_secrets(self, source: str) -> list[str]:
         """Warnings for secret files every local user can read (mode o+r): the broker password and

@@ -506,3 +506,89 @@ async def test_a_clean_stop_sends_what_the_twin_holds_even_if_the_publisher_was_
     assert received == [b'{"n":1}']
     with sqlite3.connect(config.twin.path) as db:
         assert db.execute(OUTBOX_DEPTH_SQL).fetchone()[0] == 0
+
+
+def test_a_rotated_password_is_read_again_at_the_reconnect(tmp_path):
+    """The operator rotates the mapper's broker password: a new one in the broker's password file
+    and in mqtt.password_file, the broker restarted. The file is read at every connection attempt,
+    and one that cannot be read then (not there yet while the new one is installed, or emptied)
+    was an OSError that ended the mapper. It is now logged naming the file, the last password read
+    is sent meanwhile, and the mapper gets back in with the new password, no restart."""
+    from brokers import MosquittoBroker, write_password_file
+
+    topic = "mapper/test-node/default/lamp/count"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    with MosquittoBroker() as broker, MapperProcess(tmp_path, devices, broker) as mapper:
+        secret = tmp_path / "mapper.password"  # mapper_proc's mqtt_block wrote it
+        mapper.wait_log("connected to mqtt://")
+        old = broker.users["mapper"]
+        broker.users["mapper"] = new = "rotated-" + old
+        write_password_file(broker.workdir / "passwd", broker.users)
+        secret.unlink()  # the new password is being installed: no file for a moment
+        broker.restart()
+        mapper.wait_log(f"cannot read {secret}", timeout=20)
+        secret.write_text(new + "\n")
+        secret.chmod(0o600)
+        mapper.wait_log("connected to mqtt://", count=2, timeout=20)
+        with broker.client("app") as app:
+            app.subscribe(topic)
+            assert not app.next_message(timeout=10).retain  # a reading sent on the new connection
+
+        secret.write_text("")  # e.g. `> file` before the write: the last good password is sent
+        broker.restart()
+        mapper.wait_log(f"{secret} is empty", timeout=20)
+        mapper.wait_log("connected to mqtt://", count=3, timeout=20)
+        with broker.client("app") as app:
+            app.subscribe(topic)
+            assert not app.next_message(timeout=10).retain
+        assert mapper.stop() == 0
+    assert old not in mapper.log() and new not in mapper.log()
+
+
+async def test_the_cloud_worker_reads_a_rotated_password_at_the_reconnect(tmp_path, caplog):
+    """As the mapper's: the worker's password is rotated with no file for a moment, the broker
+    restarted. The worker's connection task ended with the OSError (`mapper cloud-worker` stopped);
+    now the file is logged and retried, and the worker answers again with the new password."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from brokers import MosquittoBroker, MqttProbe, write_password_file
+
+    from mapper.inference.codec import OffloadRequest
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    node = "rotated-node"
+    with MosquittoBroker() as broker:
+        secret = tmp_path / "pw"
+        secret.write_text(broker.users["worker"])
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
+                                reconnect_min_s=0.1, reconnect_max_s=0.5)
+        worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="rotated"))
+        caplog.set_level(logging.WARNING, logger="mapper.worker")
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(20):
+                await worker.ready.wait()
+            old = broker.users["worker"]
+            broker.users["worker"] = new = "rotated-" + old
+            await asyncio.to_thread(write_password_file, broker.workdir / "passwd", broker.users)
+            secret.unlink()
+            await asyncio.to_thread(broker.restart)
+            await async_wait_for(lambda: task.done() or any(f"cannot read {secret}" in r.getMessage()
+                                                            for r in caplog.records), timeout=20, what="the logged file")
+            assert not task.done(), task
+            secret.write_text(new)
+            async with asyncio.timeout(20):
+                await worker.ready.wait()
+            requester = await asyncio.to_thread(MqttProbe.connected, broker, "mapper")
+            try:
+                assert requester.subscribe(f"mapper/{node}/offload/result").value == 1
+                request = OffloadRequest("c" * 16, node, "default/probe", "default/probe-x", "m", "0" * 16, 5,
+                                         False, "int8", np.zeros(8, dtype=np.float32))
+                requester.publish(f"mapper/{node}/offload/request", orjson.dumps(request.to_json()))
+                answer = orjson.loads((await asyncio.to_thread(requester.next_message, 20)).payload)
+                assert (answer["id"], answer["error"]) == ("c" * 16, "unknown model")
+            finally:
+                requester.close()
+        finally:
+            await _cancelled(task)
+    assert not any(old in r.getMessage() or new in r.getMessage() for r in caplog.records)

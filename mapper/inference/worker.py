@@ -38,8 +38,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import (credentials_hint, credentials_refused, describe, publish_until_lost, tls_context,
-                          watch_disconnect)
+from eventbus.bus import (Password, credentials_hint, credentials_refused, describe, publish_until_lost,
+                          tls_context, watch_disconnect)
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -156,6 +156,7 @@ class CloudWorker:
         # Answers owed across a lost connection (see run): (topic, payload), and requests not yet answered.
         self.owed: collections.deque[tuple[str, bytes]] = collections.deque()
         self.unanswered: collections.deque[aiomqtt.Message] = collections.deque()
+        self._password = Password(settings.mqtt, log)  # read again at every connection attempt (rotation)
 
     def _drop(self, reason: str, message: str, *args: object) -> None:
         """A request that gets no answer: counted each, logged a few times a minute per reason (a
@@ -204,10 +205,9 @@ class CloudWorker:
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings.mqtt
-        password = s.password()
         return aiomqtt.Client(
             s.host, s.port, identifier=s.client_id or f"worker-{self.worker_id}",
-            username=s.username, password=password.get_secret_value() if password else None,
+            username=s.username, password=self._password(),
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=s.keepalive_s,
             tls_context=tls_context(s),
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
