@@ -33,6 +33,7 @@ import orjson
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from mapper.finish import outcome
+from mapper.inference import records
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection, missing_ml_packages
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
@@ -312,7 +313,6 @@ class InferenceExtension:
     async def _register(self, built: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
         """Each pipeline's derived device in the twin (active, read-only properties); the derived devices
         of pipelines that are gone become inactive. A pipeline whose name is taken by a device is dropped."""
-        from mapper.inference import records
 
         devices = [records.derived_device(str(p.id), p.model.info.name, str(p.source)) for p in built.values()]
         try:
@@ -412,7 +412,6 @@ class InferenceExtension:
     async def _restore(self, only: set[DeviceId]) -> None:
         """Requests still waiting when the mapper last stopped (for these newly built pipelines) wait
         again (and are sent again)."""
-        from mapper.inference import records
         from mapper.inference.window import Window
 
         # Between runs only the wall clock relates the twin's rows to now; within this run the due
@@ -590,7 +589,6 @@ class InferenceExtension:
         due = (self._next_due_ms is not None and now >= self._next_due_ms) or bool(self._results)
         if not outcomes and not due:
             return None
-        from mapper.inference import records
 
         prepared = self._prepare(outcomes)
         prepared.new_desired = len(prepared.desired)
@@ -612,7 +610,6 @@ class InferenceExtension:
         return Extra(work, lambda result: self._recorded(prepared, result), lambda exc: self._lost(prepared))
 
     def _prepare(self, outcomes: list[tuple[Pipeline, EdgeOutcome]]) -> _Prepared:
-        from mapper.inference import records
         from mapper.inference.pipeline import Decision
 
         assert self._service is not None
@@ -665,7 +662,6 @@ class InferenceExtension:
 
     def _recorded(self, p: _Prepared, result: tuple[list[int], list[OutboxRow]]) -> None:
         """On the loop, once the decisions are committed: wait for the offloaded ones, publish."""
-        from mapper.inference import records
 
         row_ids, rows = result
         self.results_applied += p.results
@@ -792,7 +788,6 @@ class InferenceExtension:
     def _stand(self, request_id: str, w: Waiting) -> tuple[list[OutMessage], list[Any], Any, Any]:
         """The edge answer of a pending request stands, provisional: messages, desired values, row update,
         derived device report."""
-        from mapper.inference import records
         from mapper.inference.pipeline import Decision
         from mapper.inference.window import Window
 
@@ -806,7 +801,6 @@ class InferenceExtension:
 
     async def _provisional(self, given_up: list[tuple[str, Waiting]]) -> None:
         """Requests no longer waited for: those still pending get their edge answer, provisional."""
-        from mapper.inference import records
 
         updates, messages, desired, reports = [], [], [], []
         for request_id, w in given_up:
@@ -823,7 +817,6 @@ class InferenceExtension:
 
     async def _due(self, now: int, *, results: bool = False) -> None:
         """What fell due and no batch of readings took along (see _decide): in its own transaction."""
-        from mapper.inference import records
 
         collected = self._collect_due(now, results=results)
         chunks, self._unsaved = [*self._unsaved, (self._collections, collected)], []  # (what failed before: first)
@@ -913,7 +906,6 @@ class InferenceExtension:
         return bool(bus is not None and bus.bus is not None and bus.bus.connected.is_set())
 
     async def _prune(self) -> None:
-        from mapper.inference import records
 
         while True:
             await asyncio.sleep(60)
@@ -946,7 +938,6 @@ class InferenceExtension:
             log.exception("inference: error while handling a result")
 
     async def _handle_result(self, topic: str, payload: bytes) -> None:
-        from mapper.inference import records
         from mapper.inference.codec import CodecError, decode_result
         from mapper.inference.pipeline import Decision
         from mapper.inference.window import Window
