@@ -234,6 +234,16 @@ class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
         return item
 
 
+def _carried(topic_filter: str) -> str:
+    """What the mapper receives on one of its subscriptions, for the log."""
+    for suffix, what in (("/set", "desired values"), ("/twin/update", "desired values (KubeEdge twin updates)"),
+                         ("/twin/get", "twin requests"), ("/state/update", "device state updates"),
+                         ("/membership/get", "membership requests")):
+        if topic_filter.endswith(suffix):
+            return what
+    return "messages"
+
+
 class MqttBus:
     def __init__(
         self,
@@ -260,6 +270,8 @@ class MqttBus:
         self.connects = 0
         self.messages_in = 0
         self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT / INCOMING_BYTES were waiting already
+        self.refused_subscriptions: dict[str, str] = {}  # topic filter -> the broker's reason, this connection
+        self.publishes_refused = 0      # messages of publish() the broker refused in its PUBACK (logged)
         # Cleared by hold_incoming() (a stop): messages are then left to the broker's session.
         self._taking = True
         self._idle = asyncio.Event()    # set while no message is being handled
@@ -330,8 +342,11 @@ class MqttBus:
 
         def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
             on_ack = self.on_ack
-            if on_ack is not None and self.client is client and on_ack(mid, getattr(reason_code, "value", 0)):
+            value = getattr(reason_code, "value", 0)
+            if on_ack is not None and self.client is client and on_ack(mid, value):
                 return  # an outbox message: nobody awaits it in aiomqtt
+            if value >= 0x80:  # aiomqtt's publish() returns as for a success
+                self._publish_refused(paho_client, mid, reason_code)
             original(c, userdata, mid, reason_code, properties)
 
         paho_client.on_publish = on_publish
@@ -381,11 +396,28 @@ class MqttBus:
         sender gave it. A command with the flag is then known to be one, also when a bridge hands
         the cloud broker's copy on at every reconnect (as a live message to those already
         subscribed here), and the extension can ignore it (see EventBusExtension._on_message)."""
+        self.refused_subscriptions = {}
         for topic, qos in self.subscriptions:
             if self.protocol == aiomqtt.ProtocolVersion.V5:
-                await client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+                granted = await client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
             else:
-                await client.subscribe(topic, qos=qos)
+                granted = await client.subscribe(topic, qos=qos)
+            self._check_granted(topic, granted)
+
+    def _check_granted(self, topic_filter: str, granted: object) -> None:
+        """A subscription the broker refused in its SUBACK (a reason code from 0x80: MQTT 5's 0x87 Not
+        authorized from an ACL plugin, 3.1.1's 0x80): logged once per connection and kept in
+        `refused_subscriptions` (STATUS=). Ignored, the mapper looked connected while what is sent
+        there never came: an operator's wrong ACL line gave silence. The other subscriptions go on."""
+        code = next(iter(granted), None) if isinstance(granted, list | tuple) else None
+        value = getattr(code, "value", code)
+        if not isinstance(value, int) or value < 0x80:
+            return
+        reason = f"{code} (0x{value:02x})" if code is not value else f"0x{value:02x}"
+        self.refused_subscriptions[topic_filter] = reason
+        log.error("the broker refused the subscription to %r: %s; %s sent to %s will not reach this mapper: check "
+                  "the broker's ACL for user %r (mosquitto/README.md, \"Who may do what\")", topic_filter, reason,
+                  _carried(topic_filter), topic_filter, self.settings.username)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -480,6 +512,19 @@ class MqttBus:
         """
         self._taking = False
         await self._idle.wait()
+
+    def _publish_refused(self, paho_client: object, mid: int, reason_code: object) -> None:
+        """A message of publish() (the node's availability, a reply sent directly) the broker refused
+        in its PUBACK (MQTT 5; 3.1.1 has no way to say it): logged naming its topic, which paho
+        still holds here, and counted. The outbox's own refusals are the publisher's."""
+        self.publishes_refused += 1
+        message = paho_client._out_messages.get(mid)  # type: ignore[attr-defined]  # noqa: SLF001
+        topic = message.topic if message is not None else f"message id {mid}"
+        held = self._log_throttle("publish_refused")
+        if held is not None:
+            log.error("the broker refused the mapper's message on %r: %s (0x%02x); it was not delivered: check the "
+                      "broker's ACL for user %r (mosquitto/README.md, \"Who may do what\")%s", topic[:200], reason_code,
+                      getattr(reason_code, "value", 0), self.settings.username, held_note(held))
 
     def _drop_incoming(self, paho_client: object, message: aiomqtt.Message, queue: _IncomingQueue) -> None:
         if message.qos:

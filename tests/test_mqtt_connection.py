@@ -7,19 +7,24 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sqlite3
+import time
+import uuid
 from pathlib import Path
 
 import aiomqtt
 import orjson
 import pytest
 
+from brokers import MosquittoBroker, ensure_mosquitto_installed
 from devices.ids import DeviceId
 from eventbus.bus import MqttBus
 from eventbus.settings import MqttSettings
 from helpers import async_wait_for, wait_for, write_devices
 from mapper_proc import MapperProcess
+from test_systemd import NotifyListener
 from twin.store import TwinStore, committed_seqs
 
 
@@ -592,3 +597,77 @@ async def test_the_cloud_worker_reads_a_rotated_password_at_the_reconnect(tmp_pa
         finally:
             await _cancelled(task)
     assert not any(old in r.getMessage() or new in r.getMessage() for r in caplog.records)
+
+
+# The mapper's role under Mosquitto's dynamic-security plugin: everything it needs but reading
+# KubeEdge's twin updates. The shipped acl_file cannot show it: Mosquitto 2.0 grants every SUBSCRIBE
+# (2.0.11 answers "Granted QoS 1", MQTT 5 and 3.1.1, for a filter no `read` line covers, tried by hand) and
+# applies `read` only when delivering, so only a plugin (or another broker) refuses in the SUBACK.
+MAPPER_BUT_TWIN_UPDATES = [("publishClientSend", "mapper/#"), ("publishClientSend", "$hw/#"),
+                           ("subscribePattern", "mapper/#"), ("subscribePattern", "$hw/events/device/+/+/twin/get"),
+                           ("subscribePattern", "$hw/events/device/+/+/state/update"),
+                           ("subscribePattern", "$hw/events/node/#")]
+
+
+def _value_comes_back(app, topic: str, value: object, timeout: float = 20.0) -> None:
+    """Wait (bounded) for a reading of `value` on `topic` at the app."""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        message = app.next_message(timeout=left)
+        if message.topic == topic and json.loads(message.payload)["value"] == value:
+            return
+    raise AssertionError(f"no {value!r} on {topic}")
+
+
+@pytest.mark.parametrize(("protocol", "reason"), [("5", "Not authorized (0x87)"), ("3.1.1", "Unspecified error (0x80)")])
+def test_a_subscription_the_broker_refuses_is_logged_and_in_the_status_and_the_others_still_deliver(
+        tmp_path, protocol, reason):
+    """The broker refuses the mapper's subscription to KubeEdge twin updates in its SUBACK: an ERROR
+    line names the filter, the reason, what will not arrive and the user whose ACL to check, once
+    for the connection; systemd's STATUS= shows it; and a desired value sent to `/set` (allowed)
+    still reaches the device and comes back as reported. Before, the mapper logged only "connected"."""
+    ensure_mosquitto_installed()
+    refused = "$hw/events/device/+/+/twin/update"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    listener = NotifyListener(f"@mapper-test-{uuid.uuid4().hex}")
+    power = "mapper/test-node/default/lamp/power"
+    try:
+        with MosquittoBroker(dynsec={"mapper": MAPPER_BUT_TWIN_UPDATES,
+                                     "app": [("publishClientSend", "#"), ("subscribePattern", "#")]}) as broker, \
+             MapperProcess(tmp_path, devices, broker, extra=f'  protocol: "{protocol}"\n',
+                           env={"NOTIFY_SOCKET": listener.address}) as mapper, broker.client("app") as app:
+            assert app.subscribe(power).value < 0x80
+            mapper.wait_log(f"(MQTT {protocol})")  # "connected ...", logged once the subscriptions are answered
+            lines = [line for line in mapper.log().splitlines() if "refused the subscription" in line]
+            assert len(lines) == 1, mapper.log()[-3000:]
+            assert " ERROR " in lines[0] and repr(refused) in lines[0] and reason in lines[0], lines[0]
+            assert f"desired values (KubeEdge twin updates) sent to {refused} will not reach this mapper" in lines[0]
+            assert "check the broker's ACL for user 'mapper'" in lines[0]
+            listener.wait_for(re.compile(rf"STATUS=.*; broker refused subscription\(s\) to {re.escape(refused)} "
+                                         r"\(see the log\)"), timeout=20)
+            assert app.publish(f"{power}/set", b"true").value < 0x80
+            _value_comes_back(app, power, True)
+            assert mapper.stop() == 0
+    finally:
+        listener.close()
+    assert mapper.log().count("refused the subscription") == 1  # one connection, one line
+
+
+def test_a_node_availability_the_broker_refuses_is_logged_and_the_mapper_goes_on(tmp_path):
+    """MQTT 5: the broker's ACL denies the mapper's user writing the node's availability topic, and
+    answers its `online` with PUBACK 0x87: an ERROR line names the topic, the reason and the user;
+    the readings (allowed) still go out. Before, bus.publish returned as for a success, silently."""
+    ensure_mosquitto_installed()
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    broker = MosquittoBroker()
+    # Rendered but not started: its ACL replaced by one without write on mapper/test-node/availability.
+    (broker.workdir / "acl").write_text("user mapper\ntopic readwrite mapper/test-node/default/#\ntopic readwrite $hw/#\n"
+                                        "topic read mapper/test-node/availability\n\nuser app\ntopic read mapper/#\n")
+    count = "mapper/test-node/default/lamp/count"
+    with broker, MapperProcess(tmp_path, devices, broker) as mapper, broker.client("app") as app:
+        app.subscribe(count)
+        mapper.wait_log("refused the mapper's message on 'mapper/test-node/availability'")
+        line = next(line for line in mapper.log().splitlines() if "refused the mapper's message" in line)
+        assert " ERROR " in line and "Not authorized (0x87)" in line and "user 'mapper'" in line, line
+        assert app.next_message(timeout=10).topic == count
+        assert mapper.stop() == 0
