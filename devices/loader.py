@@ -9,6 +9,7 @@ is valid); `mapper run` refuses just those devices.
 from __future__ import annotations
 
 import difflib
+import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -448,6 +449,8 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         return
     table[key] = _Entry(doc, obj)
     problems.extend(unknown_field_warnings(doc, obj))
+    if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
+        problems.extend(bare_number_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
 
 
@@ -489,6 +492,55 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
     return found
 
 
+def _raw(data: Any, path: Path_) -> Any:
+    """The value at `path` in a document as YAML built it (before the schema read it), or None."""
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def bare_number_warnings(
+    doc: _Doc, obj: BaseModel, text_of: Callable[[Path_, int | float], str] | None = None
+) -> list[Problem]:
+    """A warning for each bare number written where KubeEdge's CRD declares a string (a model
+    property's `minimum`/`maximum`, a device property's `desired.value`: each class's
+    `numbers_as_text`), at its line, with the quoted text to write instead.
+
+    The number is accepted here, read as its text (existing files keep working), but KubeEdge's
+    API server refuses it (`kubectl apply` fails), so the file would not work under KubeEdge.
+    `text_of(path, number)` is the text the mapper reads the number as (default: str(number)).
+    """
+    found: list[Problem] = []
+
+    def walk(value: Any, path: Path_) -> None:
+        if isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                walk(item, (*path, i))
+            return
+        if not isinstance(value, _Schema):
+            return
+        cls = type(value)
+        known = {info.alias or name: name for name, info in cls.model_fields.items()}
+        for alias in sorted(cls.numbers_as_text):
+            where = (*path, alias)
+            raw = _raw(doc.data, where)
+            if isinstance(raw, int | float) and not isinstance(raw, bool):
+                text = text_of(where, raw) if text_of else str(raw)
+                found.append(Problem(
+                    doc.file, doc.line_of(where), field_name(where),
+                    "a bare number: accepted here, but KubeEdge's API server (kubectl apply) refuses a number there"
+                    f" (its CRD says string); quote it: {alias}: {json.dumps(text)}",
+                    "warning"))
+        for alias, name in known.items():
+            walk(getattr(value, name), (*path, alias))
+
+    walk(obj, ())
+    return found
+
+
 def device_file_problem(docs: list[_Doc], what: str = "a mapper config") -> Problem | None:
     """A device or model file given where a config goes (`mapper run --config switch.yaml`): the
     mirror of the hint `mapper validate` gives for a config; None if no document looks like one."""
@@ -517,6 +569,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
     ns = device.metadata.namespace
     device_id = DeviceId(ns, device.metadata.name)
     model_entry = models.get((ns, device.spec.device_model_ref.name))
+    problems.extend(bare_number_warnings(doc, device, _desired_text(device, model_entry, doc)))
     if model_entry is None:
         path = ("spec", "deviceModelRef", "name")
         known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
@@ -637,6 +690,21 @@ def _driver_failed(protocol: str, what: str, exc: Exception) -> str:
 
 
 _NUMERIC_OR_BOOLEAN = frozenset({PropertyType.INT, PropertyType.FLOAT, PropertyType.DOUBLE, PropertyType.BOOLEAN})
+
+
+def _desired_text(device: Device, model_entry: _Entry | None, doc: _Doc) -> Callable[[Path_, int | float], str]:
+    """The text a bare number given as a desired value is read as (see _desired): as written for a
+    STRING (or BYTES, STREAM) property, the number YAML reads for a number or boolean one."""
+    types = {p.name: p.type for p in model_entry.obj.spec.properties} if model_entry else {}
+
+    def text_of(path: Path_, number: int | float) -> str:
+        if path[:2] == ("spec", "properties") and isinstance(path[2], int) and path[2] < len(device.spec.properties):
+            kind = types.get(device.spec.properties[path[2]].name)
+            if kind is not None and kind not in _NUMERIC_OR_BOOLEAN and path in doc.texts:
+                return doc.texts[path]
+        return str(number)
+
+    return text_of
 
 
 def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str):

@@ -58,6 +58,9 @@ Cycle = Annotated[int, BeforeValidator(whole_number), Strict(), Field(ge=0, le=2
 class _Base(BaseModel):
     # Fields of the object that the KubeEdge CRD (or Kubernetes) knows and this model does not declare.
     kubernetes_fields: ClassVar[frozenset[str]] = frozenset()
+    # Fields (by their CRD name) the CRD declares as strings that a bare number is accepted for here,
+    # as its text; the loader warns about each such number (KubeEdge's API server refuses it).
+    numbers_as_text: ClassVar[frozenset[str]] = frozenset()
 
     model_config = ConfigDict(
         frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
@@ -102,10 +105,15 @@ class ModelProperty(_Base):
     unit: str = ""
     visitors: Visitors | None = None
 
+    # Strings in the CRD that a bare number is read into here (see _bound_as_string).
+    numbers_as_text: ClassVar[frozenset[str]] = frozenset({"minimum", "maximum"})
+
     @field_validator("minimum", "maximum", mode="before")
     @classmethod
     def _bound_as_string(cls, value: Any) -> Any:
-        # The CRD declares these as strings, but hand-written YAML often has bare numbers.
+        # The CRD declares these as strings, but hand-written YAML often has bare numbers: kept
+        # working, but KubeEdge's API server refuses them, so the loader warns about each
+        # (devices.loader.bare_number_warnings).
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         return value
@@ -166,14 +174,16 @@ class DeviceModel(_Base):
 
 
 class TwinProperty(_Base):
+    numbers_as_text: ClassVar[frozenset[str]] = frozenset({"value"})
+
     value: str
     metadata: dict[str, str] = {}
 
     @field_validator("value", mode="before")
     @classmethod
     def _scalar_as_string(cls, value: Any) -> Any:
-        # A bare number keeps its text; a bare boolean does not (`ON` is read as true), so it is
-        # refused with a hint to quote it (see describe()).
+        # A bare number keeps its text (with a warning: KubeEdge's API server refuses it); a bare
+        # boolean does not (`ON` is read as true), so it is refused with a hint to quote it (see describe()).
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
         return value

@@ -94,6 +94,50 @@ def test_validate_warns_about_a_field_written_by_its_python_name(tmp_path):
     assert definition.prop("count").collect_cycle_ms == 1000  # not given: KubeEdge's default
 
 
+def test_validate_warns_about_a_bare_number_where_kubeedges_crd_wants_a_string(tmp_path):
+    """`minimum: -40` and `desired: {value: 5}` passed `mapper validate` with no word, while
+    KubeEdge's CRD declares minimum, maximum and desired.value as strings, so `kubectl apply`
+    refuses the file. They are still accepted (existing files keep working), but each is a warning
+    at its line, naming the field and saying to quote it, as the mapper reads it."""
+    model = MODEL.format(model="thing-model").replace('minimum: "0"\n      maximum: "50"',
+                                                      "minimum: -40\n      maximum: 85.5", 1)
+    model += "    - {name: label, type: STRING, accessMode: ReadWrite}\n"
+    device = device_yaml("d").replace("    - name: count\n", "    - name: count\n      desired: {value: 5}\n")
+    device += "    - {name: label, desired: {value: 1.10}, visitors: {configData: {kind: constant}}}\n"
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "ok: 1 device(s), 1 model(s)" in result.stdout
+    line = {key: next(i for i, l in enumerate(text.splitlines(), 1) if key in l)
+            for key, text in (("minimum: -40", model), ("maximum: 85.5", model), ("value: 5", device),
+                              ("value: 1.10", device))}
+    refused = ("a bare number: accepted here, but KubeEdge's API server (kubectl apply) refuses a number there "
+               "(its CRD says string)")
+    warnings = [l for l in result.stderr.splitlines() if l.startswith("warning: ")]
+    expected = [
+        f'm.yaml:{line["minimum: -40"]}: spec.properties[0].minimum: {refused}; quote it: '
+        'minimum: "-40"',
+        f'm.yaml:{line["maximum: 85.5"]}: spec.properties[0].maximum: {refused}; quote it: '
+        'maximum: "85.5"',
+        f'd.yaml:{line["value: 5"]}: spec.properties[2].desired.value: {refused}; quote it: '
+        'value: "5"',
+        # A STRING property takes the text as written ("1.10"), so that is what to quote.
+        f'd.yaml:{line["value: 1.10"]}: spec.properties[3].desired.value: {refused}; '
+        'quote it: value: "1.10"',
+    ]
+    for want in expected:
+        assert any(w.endswith(want) for w in warnings), (want, result.stderr)
+    assert len(warnings) == 4, result.stderr
+    # Quoted, as KubeEdge wants them, nothing is said.
+    (tmp_path / "m.yaml").write_text(model.replace("minimum: -40", 'minimum: "-40"').replace(
+        "maximum: 85.5", 'maximum: "85.5"'))
+    (tmp_path / "d.yaml").write_text(device.replace("value: 5}", 'value: "5"}').replace("value: 1.10}",
+                                                                                          'value: "1.10"}'))
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+
+
 def test_shipped_examples_validate():
     """The shipped examples pass `mapper validate`."""
     assert mapper("validate", "devices/examples").returncode == 0
