@@ -481,9 +481,12 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
             if not close:  # a case slip (`AccessMode`) scores low on its own
                 close = [k for k in known if k.lower() == str(key).lower()][:1]
             hint = f", did you mean {close[0]}?" if close else f" (known here: {', '.join(sorted(known))})."
+            # The field meant is then left at its default: say what that does, where it surprises.
+            left_out = close and close[0] in cls.if_left_out and known[close[0]] not in value.model_fields_set
+            then = f", so {cls.if_left_out[close[0]]}" if left_out else ""
             found.append(Problem(
                 doc.file, doc.line_of(where), field_name(where),
-                f"unknown field{hint} It is ignored here; KubeEdge's API server would drop it (kubectl refuses it)",
+                f"unknown field{hint} It is ignored here{then}; KubeEdge's API server would drop it (kubectl refuses it)",
                 "warning"))
         for alias, name in known.items():
             walk(getattr(value, name), (*path, alias))

@@ -61,6 +61,9 @@ class _Base(BaseModel):
     # Fields (by their CRD name) the CRD declares as strings that a bare number is accepted for here,
     # as its text; the loader warns about each such number (KubeEdge's API server refuses it).
     numbers_as_text: ClassVar[frozenset[str]] = frozenset()
+    # What a field (by its CRD name) left at its default does, for the fields where that is a
+    # surprise: the unknown-field warning about a misspelling of one says it (`acessMode`).
+    if_left_out: ClassVar[dict[str, str]] = {}
 
     model_config = ConfigDict(
         frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
@@ -107,6 +110,8 @@ class ModelProperty(_Base):
 
     # Strings in the CRD that a bare number is read into here (see _bound_as_string).
     numbers_as_text: ClassVar[frozenset[str]] = frozenset({"minimum", "maximum"})
+    if_left_out: ClassVar[dict[str, str]] = {
+        "accessMode": "the property stays ReadOnly: writes to it are refused (/set, twin and $hw updates)"}
 
     @field_validator("minimum", "maximum", mode="before")
     @classmethod
@@ -222,6 +227,9 @@ class PushMethod(_Base):
 
 
 class DeviceProperty(_Base):
+    if_left_out: ClassVar[dict[str, str]] = {
+        "reportToCloud": "reportToCloud stays false: the property's readings are not reported to the cloud"}
+
     name: PropertyName
     desired: TwinProperty | None = None
     visitors: Visitors | None = None

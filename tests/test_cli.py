@@ -94,6 +94,41 @@ def test_validate_warns_about_a_field_written_by_its_python_name(tmp_path):
     assert definition.prop("count").collect_cycle_ms == 1000  # not given: KubeEdge's default
 
 
+def test_validate_says_what_a_misspelt_field_with_a_telling_default_leaves(tmp_path):
+    """`acessMode: ReadWrite` drew "unknown field, did you mean accessMode?" and exit 0, but not
+    that the property then keeps the default ReadOnly, so every /set, twin set and $hw update to it
+    is refused. The warning says so, for a field whose default changes what the mapper does; a
+    misspelling of one that is given as well, or of another field, gets the plain warning."""
+    model = MODEL.format(model="thing-model").replace(
+        "    - name: power\n      type: BOOLEAN\n      accessMode: ReadWrite",
+        "    - name: power\n      type: BOOLEAN\n      acessMode: ReadWrite").replace(
+        "      type: INT\n      accessMode: ReadWrite\n", "      type: INT\n      accessMode: ReadWrite\n"
+                                                        "      AccessMode: ReadWrite\n      unt: x\n")
+    head, tail = device_yaml("d").rsplit("reportToCloud: true", 1)  # count's
+    device = head + "reportToClod: true" + tail
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    line = {key: next(i for i, l in enumerate(text.splitlines(), 1) if key in l)
+            for key, text in (("acessMode", model), ("AccessMode", model), ("unt:", model),
+                              ("reportToClod", device))}
+    kubeedge = "KubeEdge's API server would drop it (kubectl refuses it)"
+    warnings = [l.removeprefix(f"warning: {tmp_path}/") for l in result.stderr.splitlines() if l.startswith("warning: ")]
+    assert f"m.yaml:{line['acessMode']}: spec.properties[1].acessMode: unknown field, did you mean accessMode? It is " \
+           f"ignored here, so the property stays ReadOnly: writes to it are refused (/set, twin and $hw updates); " \
+           f"{kubeedge}" in warnings, result.stderr
+    assert f"d.yaml:{line['reportToClod']}: spec.properties[2].reportToClod: unknown field, did you mean " \
+           "reportToCloud? It is ignored here, so reportToCloud stays false: the property's readings are not " \
+           f"reported to the cloud; {kubeedge}" in warnings, result.stderr
+    # accessMode is given as well: nothing is left at its default, the plain warning.
+    assert f"m.yaml:{line['AccessMode']}: spec.properties[2].AccessMode: unknown field, did you mean accessMode? It " \
+           f"is ignored here; {kubeedge}" in warnings, result.stderr
+    assert any(w.startswith(f"m.yaml:{line['unt:']}: spec.properties[2].unt: unknown field, did you mean unit? It is "
+                            f"ignored here; {kubeedge}") for w in warnings), result.stderr
+    assert len(warnings) == 4, result.stderr
+
+
 def test_validate_warns_about_a_bare_number_where_kubeedges_crd_wants_a_string(tmp_path):
     """`minimum: -40` and `desired: {value: 5}` passed `mapper validate` with no word, while
     KubeEdge's CRD declares minimum, maximum and desired.value as strings, so `kubectl apply`

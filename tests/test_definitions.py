@@ -621,8 +621,9 @@ def test_an_unknown_field_is_a_warning_at_its_line_with_the_field_it_is_close_to
     index = 2  # count
     kubeedge = "It is ignored here; KubeEdge's API server would drop it (kubectl refuses it)"
     warnings = [str(w) for w in result.warnings]
-    assert f"m.yaml:{line['acessMode']}: spec.properties[1].acessMode: unknown field, did you mean accessMode? " \
-           f"{kubeedge}" in warnings
+    assert f"m.yaml:{line['acessMode']}: spec.properties[1].acessMode: unknown field, did you mean accessMode? It is " \
+           "ignored here, so the property stays ReadOnly: writes to it are refused (/set, twin and $hw updates); " \
+           "KubeEdge's API server would drop it (kubectl refuses it)" in warnings
     assert f"d.yaml:{line['colectCycle']}: spec.properties[{index}].colectCycle: unknown field, did you mean " \
            f"collectCycle? {kubeedge}" in warnings
     assert f"d.yaml:{line['zzz']}: spec.properties[{index}].zzz: unknown field (known here: collectCycle, desired, " \
