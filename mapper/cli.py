@@ -233,7 +233,8 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import (SERVICE_TWIN, ServiceUser, UnitSettings, check_service_reads, check_service_secrets,
-                                existing_groups, install_service, render_unit, service_warnings, writable_dirs)
+                                existing_groups, install_service, read_paths, render_unit, service_warnings,
+                                writable_dirs)
 
     config_path = Path(args.config).resolve()
     # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
@@ -263,7 +264,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
             " this again; or pass --other-twin to install anyway")
     settings = UnitSettings(config=config_path, user=args.user, groups=tuple(groups),
                             watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
-                            writable=tuple(writable_dirs(config)))
+                            writable=tuple(writable_dirs(config)), reads=tuple(read_paths(config)))
     unit = render_unit(settings)
     if args.dry_run:
         print(unit, end="")

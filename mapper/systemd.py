@@ -269,6 +269,9 @@ class UnitSettings:
     stop_timeout_sec: int = 30
     # (field, directory) outside the state directory that the config writes to (`writable_dirs`).
     writable: tuple[tuple[str, Path], ...] = ()
+    # (field, path) of the other files and directories the config names that the service reads
+    # (`read_paths`): only looked at, for paths it will not see (under /tmp: PrivateTmp=yes).
+    reads: tuple[tuple[str, Path], ...] = ()
 
 
 def writable_dirs(config: MapperConfig) -> list[tuple[str, Path]]:
@@ -286,6 +289,32 @@ def writable_dirs(config: MapperConfig) -> list[tuple[str, Path]]:
         if not directory.is_relative_to(STATE_DIR):
             found.setdefault(directory, field)
     return [(field, directory) for directory, field in found.items()]
+
+
+def read_paths(config: MapperConfig) -> list[tuple[str, Path]]:
+    """(field, path) of the files and directories the config names that the service reads: the
+    `devices` entries, the MQTT password and TLS files. (The twin is the unit's MAPPER_TWIN__PATH.)"""
+    found: list[tuple[str, Path]] = [(f"devices[{i}]", entry) for i, entry in enumerate(config.devices)]
+    if config.mqtt is not None:
+        found.append(("mqtt.password_file", config.mqtt.password_file))
+        if config.mqtt.tls is not None:
+            found += [(f"mqtt.tls.{name}", getattr(config.mqtt.tls, name))
+                      for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
+    return [(field, path) for field, path in found if path is not None]
+
+
+# The unit's PrivateTmp=yes gives the service an empty /tmp and /var/tmp of its own.
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+
+
+def under_private_tmp(path: Path) -> Path | None:
+    """/tmp or /var/tmp when `path`, as written or with its symlinks resolved, lies under it (the
+    service will not see it there), else None."""
+    for candidate in (Path(os.path.normpath(path)), path.resolve()):
+        for tmp in PRIVATE_TMP:
+            if candidate.is_relative_to(tmp):
+                return tmp
+    return None
 
 
 def systemd_quote(arg: str, *, dollar: bool = True) -> str:
@@ -553,8 +582,9 @@ def install_service(
 def service_warnings(settings: UnitSettings) -> Iterator[str]:
     """What would keep the installed service from starting, as warnings: the mapper not installed
     for the unit's interpreter, the interpreter or the config behind a directory the service user
-    cannot enter, a `ReadWritePaths=` directory missing or closed to it. Looks only: `install-service
-    --dry-run` prints them too."""
+    cannot enter, a `ReadWritePaths=` directory missing or closed to it, any of those or a file the
+    config names under /tmp or /var/tmp (PrivateTmp=yes hides them from the service). Looks only:
+    `install-service --dry-run` prints them too."""
     if not _installed():
         yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
                " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")
@@ -569,6 +599,23 @@ def service_warnings(settings: UnitSettings) -> Iterator[str]:
             reported.add(blocked)
             yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path}{what};"
                    " move the installation (e.g. to /opt/mapper) or open that directory")
+    # Warned about as /root is (above): a warning, not a refusal (`install-service` still writes the unit).
+    hidden = "which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of its own, so"
+    for path, what in ((python, f"the interpreter {python}"),
+                       (python.resolve(), f"{python.resolve()}, the interpreter {python} links to,")):
+        if (tmp := under_private_tmp(path)) is not None:
+            yield (f"warning: {what} is under {tmp}, {hidden} the service cannot start: install the mapper outside"
+                   " /tmp and /var/tmp (e.g. a venv in /opt/mapper)")
+            break
+    for field, path in (("--config", settings.config), *settings.reads):
+        if (tmp := under_private_tmp(path)) is not None:
+            yield (f"warning: {field}: {path} is under {tmp}, {hidden} the service cannot read it: move it out of"
+                   " /tmp and /var/tmp (e.g. to /etc/mapper)")
+    for field, directory in settings.writable:
+        if (tmp := under_private_tmp(directory)) is not None:
+            yield (f"warning: {field}: {directory} is under {tmp}, {hidden} the service cannot use it (nor would"
+                   " what it made there be seen outside it): use a directory outside /tmp and /var/tmp"
+                   " (docs/kubeedge.md, As a systemd service)")
     user = ServiceUser.lookup(settings.user, settings.groups)
     for field, directory in settings.writable:
         if not directory.is_dir():

@@ -140,7 +140,8 @@ def test_install_warns_when_the_service_user_cannot_create_its_socket(tmp_path: 
     (open_dir / "missing").mkdir()
     os.chown(open_dir / "missing", pwd.getpwnam("nobody").pw_uid, -1)
     done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
-    assert not [line for line in done if "kubeedge." in line], done
+    # (open_dir is under /tmp, which PrivateTmp=yes hides from the service: that warning stays.)
+    assert not [line for line in done if "kubeedge." in line and "PrivateTmp=yes" not in line], done
 
 
 def test_install_warns_when_the_interpreter_a_venv_links_to_is_closed(tmp_path: Path, open_dir: Path) -> None:
@@ -508,3 +509,64 @@ def test_systemd_analyze_security_rates_the_unit_ok(config: Path, tmp_path: Path
     match = re.search(r"Overall exposure level for mapper\.service: (\d+\.\d+)", result.stdout + result.stderr)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) < 4.0, result.stdout
+
+
+def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_path: Path) -> None:
+    """The unit sets PrivateTmp=yes: the service gets an empty /tmp and /var/tmp of its own, so a
+    venv, a config, a device directory or a password file under /tmp is not there for it and it
+    cannot start. `install-service --dry-run` said nothing about it (it warns about a directory the
+    service user cannot enter, such as /root); it warns now, naming each path and why, and still
+    exits 0 (a warning, as for /root). Run as a user would: a real venv made under /tmp."""
+    base = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        venv = base / "x" / ".venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+        python = venv / "bin" / "python"
+        # The venv sees this one's packages (mapper's dependencies, its metadata) and this checkout.
+        site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                   check=True, capture_output=True, text=True).stdout.strip())
+        import site as this_site
+        site.joinpath("mapper-test.pth").write_text("\n".join([str(REPO), *this_site.getsitepackages()]) + "\n")
+        devices = write_devices(base / "dev", ["a"])
+        password = base / "mqtt-password"
+        password.write_text("secret\n")
+        os.chown(password, pwd.getpwnam("nobody").pw_uid, -1)
+        password.chmod(0o600)
+        config = write_config(base / "mapper.yaml", devices, SERVICE_TWIN,
+                              extra=f"mqtt: {{username: u, password_file: {password}}}\n")
+        install = ["-m", "mapper", "install-service", "--config", str(config), "--dry-run", "--user", "nobody",
+                   "--groups"]
+        why = ("which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of"
+               " its own, so")
+        result = subprocess.run([str(python), *install], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "PrivateTmp=yes" in result.stdout
+        warnings = result.stderr.splitlines()
+        for expected in (
+                f"warning: the interpreter {python} is under /tmp, {why} the service cannot start: install the"
+                " mapper outside /tmp and /var/tmp (e.g. a venv in /opt/mapper)",
+                f"warning: --config: {config} is under /tmp, {why} the service cannot read it: move it out of /tmp"
+                " and /var/tmp (e.g. to /etc/mapper)",
+                f"warning: devices[0]: {devices} is under /tmp, {why} the service cannot read it: move it out of"
+                " /tmp and /var/tmp (e.g. to /etc/mapper)",
+                f"warning: mqtt.password_file: {password} is under /tmp, {why} the service cannot read it: move it"
+                " out of /tmp and /var/tmp (e.g. to /etc/mapper)"):
+            assert expected in warnings, (expected, result.stderr)
+        assert sum("PrivateTmp" in line for line in warnings) == 4, result.stderr
+        # The interpreter outside /tmp: nothing said about it, the rest still warned about.
+        result = subprocess.run([sys.executable, *install], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert not any("the interpreter" in line and "PrivateTmp" in line for line in result.stderr.splitlines())
+        assert f"warning: --config: {config} is under /tmp, {why} the service cannot read it" in result.stderr
+        # kubeedge mode: the DMI socket's directory (a ReadWritePaths= of the unit) under /tmp.
+        (base / "kubeedge").mkdir()
+        config.write_text(config.read_text() + f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
+                          f"  socket: {base}/kubeedge/dht.sock\n")
+        result = subprocess.run([sys.executable, *install], capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert f"warning: kubeedge.socket: {base}/kubeedge is under /tmp, {why} the service cannot use it (nor" \
+               " would what it made there be seen outside it): use a directory outside /tmp and /var/tmp" \
+               " (docs/kubeedge.md, As a systemd service)" in result.stderr.splitlines(), result.stderr
+    finally:
+        shutil.rmtree(base)
