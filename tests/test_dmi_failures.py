@@ -319,6 +319,14 @@ def collect_cycle(runner: DeviceRunner | None) -> int | None:
     return None if runner is None else runner.definition.properties[0].collect_cycle_ms
 
 
+def saved_device(sockdir: Path, name: str) -> pb.Device | None:
+    """Device `name` as the `gated` mapper's state file holds it (None: not there, or no file)."""
+    saved = Catalog("gated")
+    if not saved.restore(sockdir / "twin.db.kubeedge.json"):
+        return None
+    return saved.devices.get(("default", name))
+
+
 def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path) -> None:
     """UpdateDevice whose deadline passes while the old device is being stopped: grpc.aio cancels
     the handler. The update still completes: the device runs with its new spec, and the state file
@@ -339,9 +347,12 @@ def test_an_update_past_edgecores_deadline_still_completes(sockdir: Path) -> Non
             assert mapper.runner("room-a") is None  # still stopping
             (sockdir / "close_when").touch()  # the bus lets the close end
             await until(lambda: collect_cycle(mapper.runner("room-a")) == 80)
-            saved = Catalog("gated")
-            assert saved.restore(sockdir / "twin.db.kubeedge.json")
-            assert saved.devices[("default", "room-a")] == gated_room("room-a", sockdir, cycle_ms=80)
+            # The new runner shows inside the switch; the state file is saved once the switch has
+            # returned to the change, a few loop turns later: wait for the file itself (bounded).
+            updated = gated_room("room-a", sockdir, cycle_ms=80)
+            with contextlib.suppress(TimeoutError):
+                await until(lambda: saved_device(sockdir, "room-a") == updated)
+            assert saved_device(sockdir, "room-a") == updated
             # Sending it again is answered, and changes nothing.
             running = mapper.runner("room-a")
             await edgecore.call_mapper("UpdateDevice",
