@@ -91,10 +91,8 @@ class EventBusExtension:
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
         service.bus = self
         service.device_listeners.append(self._on_devices)
-        for device in definitions:
-            twin = await service.twin(lambda s, d=device: s.device(d))
-            self.telemetry.remember(device, {n: p.reported for n, p in twin.properties.items()})
-            self.telemetry.set_state(device, twin.state)
+        # (Nothing of the twin's is taken into the state views: a device's is announced once it
+        # was read in this run, see Telemetry.)
         log.info("event bus: %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
                  self.topics.base, "served" if serve else "left to edgecore")
 
@@ -211,7 +209,13 @@ class EventBusExtension:
                 unknown.append(device)  # announced by its first state change (_on_state), or below
             else:
                 messages.append(self._availability(device, runner.state))
-            messages.append(self.telemetry.state_message(device, payloads.now_ms()))
+            # Its latest readings of this run, with the time they were read; none before its first
+            # good reading, whose batch sends the state view (a value kept in the twin from an
+            # earlier run went out here with the current time, though the device may have another
+            # by now: a GPIO output starts in its boot state).
+            state = self.telemetry.state_message(device)
+            if state is not None:
+                messages.append(state)
         self._cancel_unknown_later()
         if unknown:
             self._unknown_later = asyncio.create_task(self._announce_unknown_later(service, unknown),

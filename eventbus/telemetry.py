@@ -40,8 +40,13 @@ class Telemetry:
     message with the latest value of every property, at most once per `state_interval_ms`
     of reading time (a dashboard's view; the property topics carry every reading), and at
     once when a change-driven property published. With readings still coming, the retained
-    state is never older than the interval plus one collect cycle; a device whose state
-    changes (offline, stopped) gets its state message then, from the event bus.
+    state is never older than the interval plus one collect cycle.
+
+    The state view holds only what was read in this run: each value with the time it was read,
+    and `ts` the time of the newest of them (never the time the message was made). A device
+    gets its first state message with its first good reading of the run, not before: a value
+    kept from an earlier run (the twin's) may no longer be the device's (a GPIO output starts in
+    its boot state), and announced at connect it went out with the current time as `ts`.
     """
 
     def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition], *,
@@ -53,7 +58,8 @@ class Telemetry:
         self._last_sent: dict[tuple[DeviceId, str], int] = {}
         # Last value published, for properties fed by change events only.
         self._last_value: dict[tuple[DeviceId, str], Any] = {}
-        self._latest: dict[DeviceId, dict[str, Any]] = {}
+        # Each device's latest good value of each property read in this run, with its reading time.
+        self._latest: dict[DeviceId, dict[str, tuple[Any, int]]] = {}
         self._states: dict[DeviceId, str] = {}
         # (device, property) -> _Route (see above): built once.
         self._routes: dict[tuple[DeviceId, str], _Route] = {}
@@ -129,7 +135,7 @@ class Telemetry:
             values = latest.get(device)
             if values is None:
                 values = latest[device] = {}
-            values[prop.name] = reading.value
+            values[prop.name] = (reading.value, reading.taken_at_ms)
             if on_change:
                 changed = self._last_value.get(key, _NOTHING) != reading.value
                 if not (self._due(key, prop, reading) or changed):
@@ -153,16 +159,22 @@ class Telemetry:
             # device whose tick lands at 999 ms still sends its state every second, not every two.
             if last is None or ts - last >= interval - slack or device in changed_devices or ts < last:
                 sent[device] = ts
-                messages.append(self.state_message(device, ts))
+                message = self.state_message(device)
+                if message is not None:  # (always: the device has a value now)
+                    messages.append(message)
         return messages
 
-    def state_message(self, device: DeviceId, ts: int) -> OutMessage:
-        """The device's retained view (latest values, state). Telemetry, not kind "state": the
-        outbox limits may drop old ones in a long outage, as a newer one supersedes them; state
-        changes go out as availability messages, which are never dropped."""
-        body = {**self._latest.get(device, {}), "ts": ts, "state": self._states.get(device, "unknown")}
+    def state_message(self, device: DeviceId, state: str | None = None) -> OutMessage | None:
+        """The device's retained view: the latest value of each property read in this run, `ts`
+        the time the newest of them was read, and the device's state (`state` overrides it).
+        None before the device's first good reading in this run (see the class docstring).
+        Telemetry, not kind "state": the outbox limits may drop old ones in a long outage, as a
+        newer one supersedes them; state changes go out as availability messages, which are
+        never dropped."""
+        latest = self._latest.get(device)
+        if not latest:
+            return None
+        body: dict[str, Any] = {name: value for name, (value, _) in latest.items()}
+        body["ts"] = max(taken for _, taken in latest.values())
+        body["state"] = state or self._states.get(device, "unknown")
         return OutMessage(self.topics.device_state(device), body, retain=True)
-
-    def remember(self, device: DeviceId, values: dict[str, Any]) -> None:
-        """Seed the latest values (from the twin) so the first state message is complete."""
-        self._latest.setdefault(device, {}).update({k: v for k, v in values.items() if v is not None})

@@ -8,12 +8,15 @@ again after the mapper reconnects to a broker that lost them.
 from __future__ import annotations
 
 import secrets
+import subprocess
+import sys
 
+import orjson
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
 from helpers import one_property_device, write_devices
-from mapper_proc import MapperProcess
+from mapper_proc import REPO, MapperProcess
 
 
 @pytest.fixture
@@ -144,3 +147,65 @@ def test_a_device_still_unknown_after_the_grace_is_announced_offline(broker, tmp
         with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
             assert next_payload(app, topic, timeout=15) == b"offline"
             assert "state unhealthy" not in mapper.log()  # the grace ran out, not the failure threshold
+
+
+# -- a device's retained state, as a Home Assistant user sees it -------------------------------
+
+def cli(mapper: MapperProcess, *args: str) -> str:
+    """`mapper <args> --config <the mapper's>`, its output (it must succeed)."""
+    result = subprocess.run([sys.executable, "-m", "mapper", *args, "--config", str(mapper.config)],
+                            capture_output=True, text=True, timeout=30, cwd=REPO)
+    assert result.returncode == 0, result
+    return result.stdout
+
+
+def live_json(app: MqttProbe, topic: str, check, timeout: float = 20.0) -> dict:
+    """The next live (not retained) JSON message on `topic` for which `check` holds."""
+    while True:
+        message = app.next_message(timeout)
+        if message.topic == topic and not message.retain and check(body := orjson.loads(message.payload)):
+            return body
+
+
+def switch_led_on(broker: MosquittoBroker, mapper: MapperProcess, node: str) -> None:
+    """`mapper twin set led power true`; returns once a state message reports it read back."""
+    state_topic = f"mapper/{node}/default/led/state"
+    with broker.client("app") as app:
+        app.subscribe(state_topic)
+        live_json(app, state_topic, lambda b: b.get("power") is False and b["state"] == "ok")
+        cli(mapper, "twin", "set", "led", "power", "true")
+        live_json(app, state_topic, lambda b: b.get("power") is True)
+
+
+def test_at_start_the_state_tells_no_earlier_value_as_measured_now(broker, tmp_path, node):
+    """A switch that was on when the previous run stopped starts in its boot state (off); the
+    desired value applied before is not re-applied. Its first reads fail here (`fail_first`), so
+    the broker answers before the first good read, as it often does. The state announced at
+    connect said `"power":true` (the twin's value, from the previous run) with the current time
+    as `ts`, and the first reading then said false. Every state message now carries values with
+    the time they were read: the first one of the new run is the switch as read in this run."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+
+    def switch(config: str) -> None:
+        (devices / "led.yaml").write_text(one_property_device(
+            "led", "{name: power, type: BOOLEAN, accessMode: ReadWrite}", "{kind: switch}",
+            settings="collectCycle: 500\nreportCycle: 500\nreportToCloud: true", config=config))
+
+    switch("{}")
+    state_topic = f"mapper/{node}/default/led/state"
+    with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        switch_led_on(broker, mapper, node)
+        assert mapper.stop() == 0
+    switch("{fail_first: 2}")  # two failed reads, 0.5 s apart: not `unhealthy` (three in a row)
+    with broker.client("app") as app:
+        app.subscribe(state_topic)
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            first = live_json(app, state_topic, lambda b: True)
+            mapper.wait_log("started in its boot state False")
+            assert mapper.stop() == 0
+    run = mapper.log()[mapper.log().rindex("event bus: mqtt://"):]
+    assert "led: state ok" not in run[:run.index("connected to mqtt://")]  # the case at hand: connected first
+    readings = {(r["value"], r["ts"]) for r in orjson.loads(
+        cli(mapper, "twin", "history", "led", "power", "--limit", "100000", "--json")) if r["quality"] == "good"}
+    assert first["power"] is False and (False, first["ts"]) in readings, (first, sorted(readings))
