@@ -125,21 +125,63 @@ class EventBusExtension:
                 log.warning("stopping: a waiting membership request could not be answered: %s", exc)
 
     async def before_stop(self, service: MapperService) -> None:
-        """On a clean stop: send what is queued (bounded), then `offline` for the node.
+        """On a clean stop (devices stopped, drivers closed): `offline` for every device that ran,
+        queued after everything else; send what is queued (bounded), then `offline` for the node.
 
-        The last will covers a crash; anything not sent in time stays in the outbox for the next start.
+        A device's retained availability and state used to say `online` and `"state":"ok"` after
+        a stop (Home Assistant showed a relay available, and on, while the mapper was down and the
+        relay off: GpioDriver.close() switches outputs off). They go through the outbox as every
+        availability change does: in order behind what is still queued (an `online` sent after
+        them would be the broker's last word), and kept for the next start if the broker does not
+        take them in time. The last will covers a crash, for the node only (see README).
         """
-        if self.bus is None or self.topics is None or self.publisher is None or not self.bus.connected.is_set():
+        if self.bus is None or self.topics is None or self.publisher is None:
             return
+        connected = self.bus.connected.is_set()
+        direct: list[OutMessage] = []
         try:
             async with asyncio.timeout(self.settings.drain_on_stop_s):
-                await self._connecting.wait()
-                await self.publisher.drain()
+                await self._connecting.wait()  # an announcement in progress is queued first
+                direct = await self._devices_offline(service)
+                if connected:
+                    await self.publisher.drain()
         except TimeoutError:
             log.warning("stopping with messages still queued in the outbox; they are sent at the next start")
+        if not connected:
+            return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(3):
+                for m in direct:  # (the twin could not queue them: after what it had queued)
+                    await self.bus.publish(m.topic, m.body, qos=m.qos, retain=m.retain)
                 await self.bus.publish(self.topics.node_availability(), b"offline", retain=True)
+
+    async def _devices_offline(self, service: MapperService) -> list[OutMessage]:
+        """Queue `offline` on the availability of every device the mapper ran (refused ones were
+        never announced online), and its state view with `"state":"offline"`: the values and `ts`
+        stay those of its last readings (what a driver's close() did to a device, such as a GPIO
+        output switched off, was not read, so it is not reported). Returns the availability
+        messages to publish directly if the twin cannot queue them (a full disk)."""
+        assert self.telemetry is not None and self.publisher is not None
+        definitions = service.definitions.devices if service.definitions else {}
+        messages: list[OutMessage] = []
+        for device in definitions:
+            if device in service.refused:
+                continue
+            messages.append(self._availability(device, OFFLINE))
+            state = self.telemetry.state_message(device, OFFLINE)
+            if state is not None:
+                messages.append(state)
+        if not messages:
+            return []
+        try:
+            rows = await service.twin(lambda s: s.record([], messages))
+        except Exception as exc:  # noqa: BLE001 - a full disk: the availability goes out directly
+            log.error("stopping: cannot queue the devices' availability in the twin (%s); publishing it directly",
+                      exc)
+            return [m for m in messages if isinstance(m.body, bytes)]
+        if rows:
+            self.publisher.offer(rows)
+        return []
 
     async def shutdown(self, service: MapperService) -> None:
         self._cancel_unknown_later()

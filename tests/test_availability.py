@@ -1,8 +1,9 @@
 """Availability as an app sees it on a real Mosquitto.
 
 The node's retained `online`/`offline` (a clean stop says `offline`, a crash leaves it to the
-last will), each device's retained availability following its state, and both published
-again after the mapper reconnects to a broker that lost them.
+last will), each device's retained availability following its state (`offline` after a clean
+stop), and both published again after the mapper reconnects to a broker that lost them; a
+device's retained state as a Home Assistant user reads it after a stop and at the next start.
 """
 
 from __future__ import annotations
@@ -48,7 +49,9 @@ def retained(broker: MosquittoBroker, topic: str) -> bytes:
 
 @pytest.mark.parametrize("ending", ["clean stop", "crash"])
 def test_node_online_while_running_and_offline_after_it_ends(broker, tmp_path, node, ending):
-    """A clean stop publishes `offline` itself; after SIGKILL the broker publishes the last will."""
+    """A clean stop publishes `offline` itself, for the node and for each device; after SIGKILL
+    the broker publishes the last will, the node's only: the device's retained availability
+    stays `online` (README: Home Assistant takes the node's and the device's together)."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
     node_topic = f"mapper/{node}/availability"
     with broker.client("app") as app:
@@ -62,6 +65,8 @@ def test_node_online_while_running_and_offline_after_it_ends(broker, tmp_path, n
                 mapper.kill()
             assert next_payload(app, node_topic) == b"offline"
     assert retained(broker, node_topic) == b"offline"
+    assert retained(broker, f"mapper/{node}/default/lamp/availability") == (
+        b"offline" if ending == "clean stop" else b"online")
 
 
 def test_device_availability_follows_its_state(broker, tmp_path, node):
@@ -149,7 +154,37 @@ def test_a_device_still_unknown_after_the_grace_is_announced_offline(broker, tmp
             assert "state unhealthy" not in mapper.log()  # the grace ran out, not the failure threshold
 
 
-# -- a device's retained state, as a Home Assistant user sees it -------------------------------
+# -- a GPIO output (a relay or an LED on `pins: fake`), as a Home Assistant user sees it ---------
+
+LED = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: led-model, namespace: default}
+spec:
+  protocol: gpio
+  properties:
+    - {name: power, type: BOOLEAN, accessMode: ReadWrite}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: led, namespace: default}
+spec:
+  deviceModelRef: {name: led-model}
+  protocol: {protocolName: gpio, configData: {pins: fake}}
+  properties:
+    - name: power
+      visitors: {protocolName: gpio, configData: {pin: 17, direction: out}}
+      collectCycle: 100
+      reportCycle: 100
+      reportToCloud: true
+"""
+
+
+def write_led(directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "led.yaml").write_text(LED)
+    return directory
+
 
 def cli(mapper: MapperProcess, *args: str) -> str:
     """`mapper <args> --config <the mapper's>`, its output (it must succeed)."""
@@ -175,6 +210,25 @@ def switch_led_on(broker: MosquittoBroker, mapper: MapperProcess, node: str) -> 
         live_json(app, state_topic, lambda b: b.get("power") is False and b["state"] == "ok")
         cli(mapper, "twin", "set", "led", "power", "true")
         live_json(app, state_topic, lambda b: b.get("power") is True)
+
+
+def test_a_clean_stop_leaves_the_device_offline_on_its_retained_topics(broker, tmp_path, node):
+    """A stop closes the drivers (a GPIO output is switched off). The device's retained
+    availability said `online` afterwards, and its retained state `"state":"ok"`: a Home Assistant
+    switch paired with the device availability showed the relay available, and on, while the
+    mapper was down and the relay off. Now the stop leaves `offline` on both; the state keeps the
+    last value measured, with the time it was measured (what close() did was not measured)."""
+    devices = write_led(tmp_path / "dev")
+    base = f"mapper/{node}/default/led"
+    with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        switch_led_on(broker, mapper, node)
+        assert retained(broker, f"{base}/availability") == b"online"
+        assert mapper.stop() == 0
+    assert retained(broker, f"mapper/{node}/availability") == b"offline"
+    assert retained(broker, f"{base}/availability") == b"offline"
+    state = orjson.loads(retained(broker, f"{base}/state"))
+    power = orjson.loads(cli(mapper, "twin", "get", "led", "--json"))["properties"]["power"]
+    assert (state["state"], state["power"], state["ts"]) == ("offline", True, power["reportedTs"])
 
 
 def test_at_start_the_state_tells_no_earlier_value_as_measured_now(broker, tmp_path, node):
