@@ -228,7 +228,8 @@ class PushMethod(_Base):
 
 class DeviceProperty(_Base):
     if_left_out: ClassVar[dict[str, str]] = {
-        "reportToCloud": "reportToCloud stays false: the property's readings are not reported to the cloud"}
+        "reportToCloud": "reportToCloud stays false: the property's readings are not published to its own topic "
+                         "(a pushMethod.mqtt.topic still gets them) nor in the twin reported to KubeEdge"}
 
     name: PropertyName
     desired: TwinProperty | None = None

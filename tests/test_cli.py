@@ -120,7 +120,8 @@ def test_validate_says_what_a_misspelt_field_with_a_telling_default_leaves(tmp_p
            f"{kubeedge}" in warnings, result.stderr
     assert f"d.yaml:{line['reportToClod']}: spec.properties[2].reportToClod: unknown field, did you mean " \
            "reportToCloud? It is ignored here, so reportToCloud stays false: the property's readings are not " \
-           f"reported to the cloud; {kubeedge}" in warnings, result.stderr
+           "published to its own topic (a pushMethod.mqtt.topic still gets them) nor in the twin reported to " \
+           f"KubeEdge; {kubeedge}" in warnings, result.stderr
     # accessMode is given as well: nothing is left at its default, the plain warning.
     assert f"m.yaml:{line['AccessMode']}: spec.properties[2].AccessMode: unknown field, did you mean accessMode? It " \
            f"is ignored here; {kubeedge}" in warnings, result.stderr
