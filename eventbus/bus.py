@@ -234,6 +234,44 @@ class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
         return item
 
 
+def refused_reason(granted: object) -> str | None:
+    """The broker's reason for refusing a subscription, from what client.subscribe returned (the
+    SUBACK's reason code for its one filter: from 0x80, MQTT 5's 0x87 Not authorized from an ACL
+    plugin, 3.1.1's 0x80), e.g. "Not authorized (0x87)"; None when it was granted."""
+    code = next(iter(granted), None) if isinstance(granted, list | tuple) else None
+    value = getattr(code, "value", code)
+    if not isinstance(value, int) or value < 0x80:
+        return None
+    return f"{code} (0x{value:02x})" if code is not value else f"0x{value:02x}"
+
+
+def watch_refused_publishes(client: aiomqtt.Client, on_refused: Callable[[str, object], None]) -> None:
+    """Call `on_refused(topic, reason_code)` for each message of client.publish the broker refuses in
+    its PUBACK (MQTT 5, a reason code from 0x80; 3.1.1 has no way to say it): aiomqtt's publish()
+    returns as for a success. Called on the event loop, before aiomqtt's own handler."""
+    paho_client = client._client  # noqa: SLF001 - aiomqtt keeps paho's client here and has no ack hook
+    theirs = paho_client.on_publish
+
+    def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
+        if getattr(reason_code, "value", 0) >= 0x80:
+            message = paho_client._out_messages.get(mid)  # noqa: SLF001 - paho still holds it here
+            on_refused(message.topic if message is not None else f"message id {mid}", reason_code)
+        theirs(c, userdata, mid, reason_code, properties)
+
+    paho_client.on_publish = on_publish
+
+
+def log_refused_publish(logger: logging.Logger, throttle: Throttle, what: str, topic: str, reason_code: object,
+                        username: str | None) -> None:
+    """The ERROR line for a message the broker refused (see watch_refused_publishes), a few times a
+    minute: `what` ("the mapper's message") on `topic` was not delivered, and the ACL to check."""
+    held = throttle("publish_refused")
+    if held is not None:
+        logger.error("the broker refused %s on %r: %s (0x%02x); it was not delivered: check the broker's ACL for "
+                     "user %r (mosquitto/README.md, \"Who may do what\")%s", what, topic[:200], reason_code,
+                     getattr(reason_code, "value", 0), username, held_note(held))
+
+
 def _carried(topic_filter: str) -> str:
     """What the mapper receives on one of its subscriptions, for the log."""
     for suffix, what in (("/set", "desired values"), ("/twin/update", "desired values (KubeEdge twin updates)"),
@@ -338,15 +376,13 @@ class MqttBus:
         loop (aiomqtt reads the socket from an asyncio reader callback): no thread hop.
         """
         paho_client = client._client  # noqa: SLF001 - aiomqtt keeps paho's client here and has no ack hook
+        watch_refused_publishes(client, self._publish_refused)  # those of publish(): the outbox's are not seen
         original = paho_client.on_publish
 
         def on_publish(c: object, userdata: object, mid: int, reason_code: object, properties: object) -> None:
             on_ack = self.on_ack
-            value = getattr(reason_code, "value", 0)
-            if on_ack is not None and self.client is client and on_ack(mid, value):
+            if on_ack is not None and self.client is client and on_ack(mid, getattr(reason_code, "value", 0)):
                 return  # an outbox message: nobody awaits it in aiomqtt
-            if value >= 0x80:  # aiomqtt's publish() returns as for a success
-                self._publish_refused(paho_client, mid, reason_code)
             original(c, userdata, mid, reason_code, properties)
 
         paho_client.on_publish = on_publish
@@ -405,15 +441,13 @@ class MqttBus:
             self._check_granted(topic, granted)
 
     def _check_granted(self, topic_filter: str, granted: object) -> None:
-        """A subscription the broker refused in its SUBACK (a reason code from 0x80: MQTT 5's 0x87 Not
-        authorized from an ACL plugin, 3.1.1's 0x80): logged once per connection and kept in
-        `refused_subscriptions` (STATUS=). Ignored, the mapper looked connected while what is sent
-        there never came: an operator's wrong ACL line gave silence. The other subscriptions go on."""
-        code = next(iter(granted), None) if isinstance(granted, list | tuple) else None
-        value = getattr(code, "value", code)
-        if not isinstance(value, int) or value < 0x80:
+        """A subscription the broker refused in its SUBACK (see refused_reason): logged once per
+        connection and kept in `refused_subscriptions` (STATUS=). Ignored, the mapper looked connected
+        while what is sent there never came: an operator's wrong ACL line gave silence. The other
+        subscriptions go on."""
+        reason = refused_reason(granted)
+        if reason is None:
             return
-        reason = f"{code} (0x{value:02x})" if code is not value else f"0x{value:02x}"
         self.refused_subscriptions[topic_filter] = reason
         log.error("the broker refused the subscription to %r: %s; %s sent to %s will not reach this mapper: check "
                   "the broker's ACL for user %r (mosquitto/README.md, \"Who may do what\")", topic_filter, reason,
@@ -513,18 +547,11 @@ class MqttBus:
         self._taking = False
         await self._idle.wait()
 
-    def _publish_refused(self, paho_client: object, mid: int, reason_code: object) -> None:
+    def _publish_refused(self, topic: str, reason_code: object) -> None:
         """A message of publish() (the node's availability, a reply sent directly) the broker refused
-        in its PUBACK (MQTT 5; 3.1.1 has no way to say it): logged naming its topic, which paho
-        still holds here, and counted. The outbox's own refusals are the publisher's."""
+        in its PUBACK: logged naming its topic, and counted. The outbox's own refusals are the publisher's."""
         self.publishes_refused += 1
-        message = paho_client._out_messages.get(mid)  # type: ignore[attr-defined]  # noqa: SLF001
-        topic = message.topic if message is not None else f"message id {mid}"
-        held = self._log_throttle("publish_refused")
-        if held is not None:
-            log.error("the broker refused the mapper's message on %r: %s (0x%02x); it was not delivered: check the "
-                      "broker's ACL for user %r (mosquitto/README.md, \"Who may do what\")%s", topic[:200], reason_code,
-                      getattr(reason_code, "value", 0), self.settings.username, held_note(held))
+        log_refused_publish(log, self._log_throttle, "the mapper's message", topic, reason_code, self.settings.username)
 
     def _drop_incoming(self, paho_client: object, message: aiomqtt.Message, queue: _IncomingQueue) -> None:
         if message.qos:

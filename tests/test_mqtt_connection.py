@@ -671,3 +671,75 @@ def test_a_node_availability_the_broker_refuses_is_logged_and_the_mapper_goes_on
         assert " ERROR " in line and "Not authorized (0x87)" in line and "user 'mapper'" in line, line
         assert app.next_message(timeout=10).topic == count
         assert mapper.stop() == 0
+
+
+def _worker_on(broker: MosquittoBroker, tmp_path: Path, worker_id: str):  # noqa: ANN202
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    secret = tmp_path / "worker-pw"
+    secret.write_text(broker.users["worker"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
+                            reconnect_min_s=5, reconnect_max_s=10)
+    return CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id=worker_id))
+
+
+async def test_a_cloud_worker_whose_subscription_the_broker_refuses_says_so(tmp_path, caplog):
+    """The broker refuses the worker's shared subscription to the requests in its SUBACK (its role has
+    no subscribe right): an ERROR line names the filter, the reason and the user, and the worker
+    neither claims "subscribed to" nor is `ready`. Before, it logged "subscribed to" and looked
+    healthy while no request ever reached it."""
+    pytest.importorskip("onnxruntime")
+    ensure_mosquitto_installed()
+    caplog.set_level(logging.INFO, logger="mapper.worker")
+    with MosquittoBroker(dynsec={"worker": [("publishClientSend", "mapper/+/offload/result")]}) as broker:
+        worker = _worker_on(broker, tmp_path, "unsubscribed")
+        task = asyncio.create_task(worker.run())
+        try:
+            record = await async_wait_for(
+                lambda: next((r for r in caplog.records if "refused the subscription" in r.getMessage()), None),
+                timeout=20, what="the worker's refused subscription in the log")
+        finally:
+            await _cancelled(task)
+    line = record.getMessage()
+    assert record.levelno == logging.ERROR, line
+    assert "'$share/workers/mapper/+/offload/request'" in line and "Not authorized (0x87)" in line, line
+    assert "user 'worker'" in line, line
+    assert not any("subscribed to" in r.getMessage() for r in caplog.records), caplog.text
+    assert not worker.ready.is_set()
+
+
+async def test_a_cloud_worker_answer_the_broker_refuses_is_logged_naming_its_topic(tmp_path, caplog):
+    """MQTT 5: the worker's role may take requests but not write the node's result topic, and the broker
+    answers its answer with PUBACK 0x87: an ERROR line names the topic, the reason and the user, and it
+    is counted. Before, aiomqtt's publish returned as for a success and the answer vanished silently."""
+    pytest.importorskip("onnxruntime")
+    ensure_mosquitto_installed()
+    from brokers import MqttProbe
+    import numpy as np
+
+    from mapper.inference.codec import OffloadRequest
+
+    caplog.set_level(logging.INFO, logger="mapper.worker")
+    node = "refused-node"
+    request = orjson.dumps(OffloadRequest("c" * 16, node, "default/probe", "default/probe-x", "m", "0" * 16, 5,
+                                          False, "int8", np.zeros(8, dtype=np.float32)).to_json())
+    with MosquittoBroker(dynsec={"worker": [("subscribePattern", "#")],
+                                 "mapper": [("publishClientSend", "mapper/#")]}) as broker:
+        worker = _worker_on(broker, tmp_path, "unheard")
+        task = asyncio.create_task(worker.run())
+        requester = MqttProbe.connected(broker, "mapper")
+        try:
+            async with asyncio.timeout(20):
+                await worker.ready.wait()
+            assert (await asyncio.to_thread(requester.publish, f"mapper/{node}/offload/request", request)).value < 0x80
+            record = await async_wait_for(
+                lambda: next((r for r in caplog.records if "refused worker unheard's answer" in r.getMessage()), None),
+                timeout=20, what="the refused answer in the log")
+        finally:
+            requester.close()
+            await _cancelled(task)
+    line = record.getMessage()
+    assert record.levelno == logging.ERROR, line
+    assert f"on 'mapper/{node}/offload/result'" in line and "Not authorized (0x87)" in line, line
+    assert "user 'worker'" in line, line
+    assert worker.answers_refused == 1

@@ -38,8 +38,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import (Password, credentials_hint, credentials_refused, describe, publish_until_lost,
-                          tls_context, watch_disconnect)
+from eventbus.bus import (Password, credentials_hint, credentials_refused, describe, log_refused_publish,
+                          publish_until_lost, refused_reason, tls_context, watch_disconnect, watch_refused_publishes)
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -151,6 +151,7 @@ class CloudWorker:
         self.subscription = f"$share/{settings.group}/{prefix}/+/offload/request"
         self.served = 0
         self.refused = 0
+        self.answers_refused = 0  # answers the broker refused in its PUBACK (logged): never delivered
         self._log_throttle = Throttle()
         self.ready = asyncio.Event()
         # Answers owed across a lost connection (see run): (topic, payload), and requests not yet answered.
@@ -205,13 +206,23 @@ class CloudWorker:
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings.mqtt
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             s.host, s.port, identifier=s.client_id or f"worker-{self.worker_id}",
             username=s.username, password=self._password(),
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=s.keepalive_s,
             tls_context=tls_context(s),
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10, logger=logging.getLogger("mapper.worker.client"))
+        watch_refused_publishes(client, self._answer_refused)
+        return client
+
+    def _answer_refused(self, topic: str, reason_code: object) -> None:
+        """An answer the broker refused in its PUBACK (its ACL does not let the worker's user write the
+        node's result topic): publish() returned as for a success, and the node never got it. Counted,
+        and logged a few times a minute; the answer is not sent again (it would be refused again)."""
+        self.answers_refused += 1
+        log_refused_publish(log, self._log_throttle, f"worker {self.worker_id}'s answer", topic, reason_code,
+                            self.settings.mqtt.username)
 
     def _take(self, message: aiomqtt.Message) -> None:
         """Answer one request: the answer is owed (self.owed) until the broker has acknowledged it."""
@@ -251,11 +262,18 @@ class CloudWorker:
                 check_connected = watch_disconnect(client)
                 async with client:
                     check_connected()
-                    await client.subscribe(self.subscription, qos=1)
+                    refused = refused_reason(await client.subscribe(self.subscription, qos=1))
                     attempt = 0
-                    log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
-                             self.settings.mqtt.url, self.subscription)
-                    self.ready.set()
+                    if refused is None:
+                        log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
+                                 self.settings.mqtt.url, self.subscription)
+                        self.ready.set()
+                    else:
+                        # Connected (owed answers still go out) but taking no request: not `ready`.
+                        log.error("worker %s: connected to %s, but the broker refused the subscription to %r: %s; "
+                                  "no request will reach this worker: check the broker's ACL for user %r "
+                                  "(mosquitto/README.md, \"Who may do what\")", self.worker_id,
+                                  self.settings.mqtt.url, self.subscription, refused, self.settings.mqtt.username)
                     if self.owed or self.unanswered:
                         log.info("worker %s: sending %d answer(s) owed from the lost connection", self.worker_id,
                                  len(self.owed) + len(self.unanswered))
