@@ -525,6 +525,7 @@ class MqttBus:
             finally:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
+                self.refused_subscriptions = {}  # "on the current connection" (STATUS=): there is none
                 self.disconnected.set()
                 self.client = None
                 self.first_attempt.set()

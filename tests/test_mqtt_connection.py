@@ -673,6 +673,37 @@ def test_a_node_availability_the_broker_refuses_is_logged_and_the_mapper_goes_on
         assert mapper.stop() == 0
 
 
+async def test_refused_subscriptions_are_forgotten_when_the_connection_ends(tmp_path):
+    """`refused_subscriptions` (systemd's STATUS=) are those of the current connection: once it is
+    lost there is none, and the status no longer shows the previous connection's refusals (they were
+    kept until the next subscribe, however long the mapper stayed disconnected)."""
+    ensure_mosquitto_installed()
+    refused = "$hw/events/device/+/+/twin/update"
+    with MosquittoBroker(dynsec={"mapper": MAPPER_BUT_TWIN_UPDATES}) as broker:
+        secret = tmp_path / "pw"
+        secret.write_text(broker.users["mapper"])
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                                reconnect_min_s=5, reconnect_max_s=10)
+
+        async def nothing(*_args: object) -> None:
+            return None
+
+        bus = MqttBus(settings, client_id="forget-test", will_topic="mapper/forget-test/availability",
+                      subscriptions=[(refused, 1), ("mapper/forget-test/default/+/+/set", 1)], on_message=nothing,
+                      on_connect=nothing)
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(20):
+                await bus.connected.wait()
+            assert bus.refused_subscriptions == {refused: "Not authorized (0x87)"}
+            await asyncio.to_thread(broker.stop)
+            async with asyncio.timeout(20):
+                await bus.disconnected.wait()
+            assert bus.refused_subscriptions == {}
+        finally:
+            await _cancelled(task)
+
+
 def _worker_on(broker: MosquittoBroker, tmp_path: Path, worker_id: str):  # noqa: ANN202
     from mapper.inference.worker import CloudWorker, WorkerSettings
 
