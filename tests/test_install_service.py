@@ -517,17 +517,27 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
     cannot start. `install-service --dry-run` said nothing about it (it warns about a directory the
     service user cannot enter, such as /root); it warns now, naming each path and why, and still
     exits 0 (a warning, as for /root). Run as a user would: a real venv made under /tmp."""
-    base = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/tmp"))
-    try:
-        base.chmod(0o755)
-        venv = base / "x" / ".venv"
+    import site as this_site
+
+    def venv_in(directory: Path) -> Path:
+        """A real venv there that sees this one's packages (mapper's dependencies, its metadata) and
+        this checkout; its python."""
+        venv = directory / "x" / ".venv"
         subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
         python = venv / "bin" / "python"
-        # The venv sees this one's packages (mapper's dependencies, its metadata) and this checkout.
         site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                                    check=True, capture_output=True, text=True).stdout.strip())
-        import site as this_site
         site.joinpath("mapper-test.pth").write_text("\n".join([str(REPO), *this_site.getsitepackages()]) + "\n")
+        return python
+
+    base = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/tmp"))
+    # The interpreter outside /tmp and /var/tmp (this test's own may be under /tmp: a checkout there).
+    outside = Path(tempfile.mkdtemp(prefix="mapper-notmp-test-", dir=Path.home()))
+    assert not str(outside.resolve()).startswith(("/tmp/", "/var/tmp/")), outside
+    try:
+        base.chmod(0o755)
+        python = venv_in(base)
+        other_python = venv_in(outside)
         devices = write_devices(base / "dev", ["a"])
         password = base / "mqtt-password"
         password.write_text("secret\n")
@@ -555,7 +565,7 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
             assert expected in warnings, (expected, result.stderr)
         assert sum("PrivateTmp" in line for line in warnings) == 4, result.stderr
         # The interpreter outside /tmp: nothing said about it, the rest still warned about.
-        result = subprocess.run([sys.executable, *install], capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = subprocess.run([str(other_python), *install], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert result.returncode == 0, result.stderr
         assert not any("the interpreter" in line and "PrivateTmp" in line for line in result.stderr.splitlines())
         assert f"warning: --config: {config} is under /tmp, {why} the service cannot read it" in result.stderr
@@ -563,10 +573,11 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
         (base / "kubeedge").mkdir()
         config.write_text(config.read_text() + f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
                           f"  socket: {base}/kubeedge/dht.sock\n")
-        result = subprocess.run([sys.executable, *install], capture_output=True, text=True, cwd=REPO, timeout=60)
+        result = subprocess.run([str(other_python), *install], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert result.returncode == 0, result.stderr
         assert f"warning: kubeedge.socket: {base}/kubeedge is under /tmp, {why} the service cannot use it (nor" \
                " would what it made there be seen outside it): use a directory outside /tmp and /var/tmp" \
                " (docs/kubeedge.md, As a systemd service)" in result.stderr.splitlines(), result.stderr
     finally:
         shutil.rmtree(base)
+        shutil.rmtree(outside)
