@@ -1830,6 +1830,72 @@ AD_OFFLOAD = ("      pushMethod:\n        anomalyDetection:\n          data: {mo
               " deadlineS: 1, name: probe-ad}\n")
 
 
+async def _left_pending(tmp_path: Path, older_s: list[float] = ()) -> list[dict]:
+    """A run of the probe with its map (AD_OFFLOAD, no broker) until it left at least two offloads pending (and
+    as many as `older_s`), stopped: their rows, the first ones made older by `older_s` seconds each."""
+    pid = "default/probe-ad"
+    r = await _start(tmp_path, {}, inference={"pipelines": []}, push=AD_OFFLOAD)
+    try:
+        await _until(lambda: r.decisions(pid),
+                     lambda rows: sum(x["status"] == "pending" for x in rows) >= max(2, len(older_s) + 1),
+                     what="pending offloads")
+    finally:
+        await _stop(r)
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        pending = [x for x in records.recent(store, pid, 100_000) if x["status"] == "pending"]
+        with store.transaction():
+            for row, s in zip(pending, older_s):
+                store.conn.execute("UPDATE inference_decisions SET created_ts = created_ts - ? WHERE id = ?",
+                                   (int(s * 1000), row["id"]))
+    return pending
+
+
+class _TwinHooks:
+    """Test triggers on the mapper's own twin connection whose condition is an SQL function of the test, run on
+    the twin thread: an update of a decision row (`row:<id>`) or of a device's registration (`device:<id>`) is
+    counted, refused by SQLite's own RAISE (as a full disk would refuse it) while its key is in `refuse`, and
+    held at that point (the twin thread waits: the twin calls behind it queue up) once, when `hold` armed it."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.refuse: set[str] = set()
+        self.calls: Counter[str] = Counter()
+        self._holds: dict[str, tuple[asyncio.Event, threading.Event]] = {}
+        self._released: list[threading.Event] = []
+
+    def __call__(self, key: str) -> int:  # the twin thread
+        self.calls[key] += 1
+        hold = self._holds.pop(key, None)
+        if hold is not None:
+            entered, release = hold
+            self.loop.call_soon_threadsafe(entered.set)
+            release.wait(30)
+        return int(key in self.refuse)
+
+    def hold(self, key: str) -> tuple[asyncio.Event, threading.Event]:
+        """The next update of `key` waits in the twin thread: (set when it got there, set to let it go on)."""
+        hold = self._holds[key] = (asyncio.Event(), threading.Event())
+        self._released.append(hold[1])
+        return hold
+
+    def release_all(self) -> None:
+        self._holds.clear()
+        for release in self._released:
+            release.set()
+
+    async def install(self, r: Running) -> _TwinHooks:
+        def create(store) -> None:  # noqa: ANN001
+            store.conn.create_function("test_hook", 1, self)
+            store.conn.execute("CREATE TRIGGER test_hook_rows BEFORE UPDATE ON inference_decisions"
+                               " WHEN test_hook('row:' || old.id)"
+                               " BEGIN SELECT RAISE(ABORT, 'the twin refused the restore (test trigger)'); END")
+            store.conn.execute("CREATE TRIGGER test_hook_devices BEFORE UPDATE OF origin ON devices"
+                               " WHEN test_hook('device:' || old.id) BEGIN SELECT 1; END")
+
+        await r.service.twin(create)
+        return self
+
+
 async def test_offloads_left_from_the_previous_run_wait_again_once_the_twin_takes_their_restore(tmp_path, caplog):
     """A device update brings back a pipeline whose offloads the previous run left pending, and the twin
     refuses their restore: it is tried again, and once the twin takes it they wait again (their deadline
@@ -1840,17 +1906,10 @@ async def test_offloads_left_from_the_previous_run_wait_again_once_the_twin_take
     the restore's first write stands it) while a marker row exists: a lock held by another connection would
     refuse the update's own writes of the devices just before it."""
     pid = "default/probe-ad"
-    r = await _start(tmp_path, {}, inference={"pipelines": []}, push=AD_OFFLOAD)
-    try:
-        await _until(lambda: r.decisions(pid), lambda rows: sum(x["status"] == "pending" for x in rows) >= 2,
-                     what="pending offloads")
-    finally:
-        await _stop(r)
+    pending = await _left_pending(tmp_path, [3600])
+    stale = pending[0]["id"]
     with TwinStore.open(tmp_path / "twin.db") as store:
-        pending = [x for x in records.recent(store, pid, 100_000) if x["status"] == "pending"]
-        stale = pending[0]["id"]
         store.conn.executescript(f"""
-            UPDATE inference_decisions SET created_ts = created_ts - 3600000 WHERE id = {stale};
             CREATE TABLE test_refuse_restore (x);
             INSERT INTO test_refuse_restore VALUES (1);
             CREATE TRIGGER test_refuse_restore BEFORE UPDATE ON inference_decisions
@@ -1876,6 +1935,34 @@ async def test_offloads_left_from_the_previous_run_wait_again_once_the_twin_take
                      what="the previous run's offloads stood (the stale one) or past their deadline")
         assert ids - {pending[0]["request_id"]} <= set(r.ext._waiting)
     finally:
+        await _stop(r)
+
+
+async def test_a_lasting_refusal_of_the_restore_is_logged_a_few_lines_a_minute(tmp_path, caplog, monkeypatch):
+    """The twin keeps refusing the restore (a full disk): it is tried again every RESTORE_RETRY_S, but logged
+    a few lines a minute (the throttle's burst), not one ERROR line each try (86,400 a day at 1 s). The tries
+    are counted by the twin's trigger, the refusal's own; the interval shortened so that 30 come quickly."""
+    from mapper.inference import extension
+
+    pending = await _left_pending(tmp_path, [3600])
+    monkeypatch.setattr(extension, "RESTORE_RETRY_S", 0.02)
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    r = await _start(tmp_path, {}, inference={"pipelines": []})
+    hooks = _TwinHooks()
+    try:
+        await hooks.install(r)
+        stale = f"row:{pending[0]['id']}"
+        hooks.refuse.add(stale)
+        await _update(r, tmp_path, push=AD_OFFLOAD)
+        await async_wait_for(lambda: hooks.calls[stale] >= 30, timeout=20, what="30 tries of the restore")
+        errors = [x for x in caplog.records if x.levelno == logging.ERROR and "cannot restore" in x.getMessage()]
+        assert 1 <= len(errors) <= r.ext._log_throttle.burst < 30, len(errors)
+        assert "the twin refused the restore (test trigger)" in errors[0].getMessage()
+        hooks.refuse.clear()  # the twin takes it now
+        await async_wait_for(lambda: not r.ext._unrestored, timeout=20, what="the restore taken")
+        assert {x["request_id"] for x in pending[1:]} <= set(r.ext._waiting)
+    finally:
+        hooks.release_all()
         await _stop(r)
 
 

@@ -53,6 +53,8 @@ DONE_MEMORY = 20_000
 TIMER_GRACE_S = 1.0
 # On a clean stop: how long the actions of the last decisions may take before the tasks go.
 STOP_FOLLOW_UPS_S = 5.0
+# A restore the twin refused (a lock held too long, a full disk) is tried again this long after.
+RESTORE_RETRY_S = 1.0
 
 
 def _now_ms() -> int:
@@ -395,16 +397,18 @@ class InferenceExtension:
 
     async def _restore_unrestored(self) -> None:
         """_restore for the pipelines whose requests do not wait again yet. If the twin refuses (a lock held too
-        long, a full disk) the timer task tries again every second, until it succeeds or the pipeline goes: the
-        error used to end the device update's rebuild, and those requests were never waited for again (no
-        deadline, no resend, no provisional answer) until the mapper restarted."""
+        long, a full disk) the timer task tries again every RESTORE_RETRY_S (logged a few lines a minute), until
+        it succeeds or the pipeline goes: the error used to end the device update's rebuild, and those requests
+        were never waited for again (no deadline, no resend, no provisional answer) until the mapper restarted."""
         only = set(self._unrestored)
         try:
             await self._restore(only)
         except Exception as exc:  # noqa: BLE001 - tried again by the timer task
-            log.error("inference: cannot restore the offloads left from the previous run, trying again in 1 s: %s",
-                      exc)
-            self._restore_retry_ms = _mono_ms() + 1000
+            # A few lines a minute: a lasting refusal (a full disk) is tried every second, for hours.
+            if (held := self._log_throttle("restore_refused")) is not None:
+                log.error("inference: cannot restore the offloads left from the previous run, trying again in %g s:"
+                          " %s%s", RESTORE_RETRY_S, exc, held_note(held))
+            self._restore_retry_ms = _mono_ms() + int(RESTORE_RETRY_S * 1000)
             self._wake.set()  # the timer task may be waiting up to 60 s: it caps its wait for the retry
             return
         self._unrestored -= only
