@@ -1966,6 +1966,69 @@ async def test_a_lasting_refusal_of_the_restore_is_logged_a_few_lines_a_minute(t
         await _stop(r)
 
 
+async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_waited_for_again(tmp_path):
+    """While the twin refuses the restore of a pipeline built by a device update, the pipeline's own new
+    requests go beyond max_pending and the oldest are given up (their edge answer stands). Once the twin takes
+    the restore, those must not wait again: their rows still have no cloud answer and look open, and the
+    restore used to skip only the requests waiting or answered, not those this run gave up (they were sent
+    again, waited for, counted and given up a second time)."""
+    pid = "default/probe-ad"
+    pending = await _left_pending(tmp_path, [3600])
+    r = await _start(tmp_path, {}, inference={"pipelines": [], "max_pending": 2})
+    hooks = _TwinHooks()
+    ext = r.ext
+    recorder = r.service.recorder
+    try:
+        await hooks.install(r)
+        stale = f"row:{pending[0]['id']}"
+        hooks.refuse.add(stale)
+        await _update(r, tmp_path, push=AD_OFFLOAD)
+        assert pid in map(str, ext._unrestored)
+        await async_wait_for(lambda: len(ext._expired) >= 2, timeout=20, what="requests given up at max_pending")
+        recorder.pre_commit.remove(ext._decide)  # no new window gives up more (max_pending) after the restore
+        given_up = set(ext._expired)
+        hooks.refuse.clear()  # the twin takes the restore now
+        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the restore taken")
+        assert not given_up & set(ext._waiting)
+        assert {x["request_id"] for x in pending[1:]} <= set(ext._waiting)  # the previous run's do wait again
+    finally:
+        if ext._decide not in recorder.pre_commit:
+            recorder.pre_commit.append(ext._decide)
+        hooks.release_all()
+        await _stop(r)
+
+
+async def test_a_pipeline_rebuilt_while_the_twin_refuses_the_restore_picks_up_its_own_requests(tmp_path):
+    """A pipeline whose restore the twin refuses is rebuilt by another device update (its map changed): the
+    requests it was waiting for are dropped with the old pipeline, and the rebuilt one picks them up again from
+    the twin once the twin takes its restore (they are handed over, not given up: a restore skips the requests
+    this run gave up)."""
+    pid = "default/probe-ad"
+    pending = await _left_pending(tmp_path, [3600])
+    r = await _start(tmp_path, {}, inference={"pipelines": []})
+    hooks = _TwinHooks()
+    ext = r.ext
+    try:
+        await hooks.install(r)
+        stale = f"row:{pending[0]['id']}"
+        hooks.refuse.add(stale)
+        await _update(r, tmp_path, push=AD_OFFLOAD)
+        old = r.pipeline()
+        own = await async_wait_for(lambda: [rid for rid, w in ext._waiting.items() if w.pipeline is old][:2] or None,
+                                   timeout=20, what="requests of the pipeline built")
+        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 2"))
+        new = r.pipeline()
+        assert new is not old and pid in map(str, ext._unrestored)
+        assert not set(own) & set(ext._waiting)
+        hooks.refuse.clear()  # the twin takes the restore now
+        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the restore taken")
+        assert all(rid in ext._waiting and ext._waiting[rid].pipeline is new for rid in own)
+        assert {x["request_id"] for x in pending[1:]} <= set(ext._waiting)
+    finally:
+        hooks.release_all()
+        await _stop(r)
+
+
 async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path, broker):
     """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
     provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""

@@ -266,14 +266,15 @@ class InferenceExtension:
             for name in dict.fromkeys(pipeline.properties):
                 self._by_source.setdefault((pipeline.source, name), []).append(pipeline)
         gone = {id(old[pid]) for pid in removed}
-        dropped = [rid for rid, w in self._waiting.items() if id(w.pipeline) in gone]
-        for request_id in dropped:
+        dropped = [(rid, w) for rid, w in self._waiting.items() if id(w.pipeline) in gone]
+        given_up = 0
+        for request_id, w in dropped:
             del self._waiting[request_id]
-            self._remember(self._expired, request_id)
+            given_up += self._given_up_with_pipeline(request_id, w.pipeline)
         if not first:
             log.info("inference: pipelines updated: %d built, %d kept, %d dropped%s", len(added),
                      len(built) - len(added), len(set(removed) - set(added)),
-                     f" ({len(dropped)} waiting request(s) given up)" if dropped else "")
+                     f" ({given_up} waiting request(s) given up)" if given_up else "")
         if self._unrestored:
             await self._restore_unrestored()
         for pid in added:
@@ -395,6 +396,15 @@ class InferenceExtension:
             built[pipeline.id] = pipeline
         return built
 
+    def _given_up_with_pipeline(self, request_id: str, pipeline: Pipeline) -> bool:
+        """A request whose pipeline a device update dropped: given up (remembered in _expired), unless a pipeline
+        of the same id was built instead and not restored yet: its restore picks the request up again from the
+        twin (docs: a rebuilt pipeline's waiting requests are picked up again), and skips those given up."""
+        if pipeline.id in self._unrestored:
+            return False
+        self._remember(self._expired, request_id)
+        return True
+
     async def _restore_unrestored(self) -> None:
         """_restore for the pipelines whose requests do not wait again yet. If the twin refuses (a lock held too
         long, a full disk) the timer task tries again every RESTORE_RETRY_S (logged a few lines a minute), until
@@ -436,8 +446,11 @@ class InferenceExtension:
             pipeline = self.pipelines.get(pid)
             # In _done: answered, the answer maybe not committed yet (it rides with the next batch),
             # so the row still looks open: waiting again would accept the worker's second answer.
+            # In _expired: given up by this run (max_pending, expiry, its pipeline dropped), its row with
+            # no cloud answer still looks open (a restore retried after a refusal came after them). The
+            # requests of a pipeline rebuilt meanwhile are not in it (_given_up_with_pipeline).
             if (pipeline is None or pid not in only or row["request_id"] in self._waiting
-                    or row["request_id"] in self._done
+                    or row["request_id"] in self._done or row["request_id"] in self._expired
                     or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000):
                 continue
             outcome_window = Window((), row["window_start_ts"], row["window_end_ts"])
@@ -675,7 +688,7 @@ class InferenceExtension:
             if request is None:
                 continue
             if self.pipelines.get(pipeline.id) is not pipeline:  # dropped by a device update meanwhile
-                self._remember(self._expired, request["id"])
+                self._given_up_with_pipeline(request["id"], pipeline)
                 continue
             s = pipeline.settings
             w = self._waiting[request["id"]] = Waiting(
