@@ -2029,6 +2029,75 @@ async def test_a_pipeline_rebuilt_while_the_twin_refuses_the_restore_picks_up_it
         await _stop(r)
 
 
+def _awaits_the_twin_in(task_name: str, function: str) -> bool:
+    """The task `task_name` waits, within `function`, for a twin call not finished yet (handed to the thread)."""
+    task = next((t for t in asyncio.all_tasks() if t.get_name() == task_name), None)
+    names, awaited = [], task.get_coro() if task is not None else None
+    while awaited is not None and hasattr(awaited, "cr_code"):
+        names.append(awaited.cr_code.co_name)
+        awaited = awaited.cr_await
+    waiter = getattr(task, "_fut_waiter", None)  # the future the task waits for (asyncio keeps no public name)
+    return "call" in names and function in names and waiter is not None and not waiter.done()
+
+
+async def test_a_restore_retried_while_a_device_update_rebuilds_the_pipeline_leaves_the_rebuilt_one_to_retry(
+        tmp_path):
+    """The timer task's retry of a pipeline's restore is under way when a device update rebuilds that pipeline
+    (its map changed) and the rebuilt one's own restore is refused; the timer's retry then succeeds. The
+    rebuilt pipeline must still be tried again: the retry used to take the id off _unrestored (it restored the
+    old pipeline, under the same id), and the rebuilt pipeline's restore was never tried again (the previous
+    run's offloads it has to stand stayed pending until a restart).
+
+    The order is the twin's own, from test triggers that hold the twin thread (one call at a time, in order):
+    the update's registration of the derived device is held until the timer's retry queued behind it, and the
+    retry's first write is held until the update's next twin call queued behind it, so the update swaps the
+    pipelines while the retry waits for its second call. The old pipeline keeps results 600 s, the rebuilt one
+    120 s: a row 300 s old is left alone by the retry and refuses the rebuilt pipeline's restore."""
+    pid = "default/probe-ad"
+    pending = await _left_pending(tmp_path, [3600, 300])
+    stale_old, stale_new = (f"row:{x['id']}" for x in pending[:2])
+    r = await _start(tmp_path, {}, inference={"pipelines": []})
+    hooks = _TwinHooks()
+    ext = r.ext
+    update: asyncio.Task | None = None
+    try:
+        await hooks.install(r)
+        hooks.refuse |= {stale_old, stale_new}
+        # Deadlines far off: nothing falls due, the timer task has no twin call of its own between its retries.
+        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600"))  # its restore refused
+        old = r.pipeline()
+        assert pid in map(str, ext._unrestored)
+
+        registered, go_on_registering = hooks.hold(f"device:{pid}")
+        rebuilt = AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 100, resultMaxAgeS: 120")
+        update = asyncio.create_task(_update(r, tmp_path, push=rebuilt))
+        await asyncio.wait_for(registered.wait(), 20)  # the update's sync_derived holds the twin thread
+        hooks.refuse.discard(stale_old)  # the timer's next retry is taken, once it went on
+        retried, go_on_retrying = hooks.hold(stale_old)
+        await async_wait_for(lambda: _awaits_the_twin_in("inference-timers", "_restore"), timeout=20,
+                             what="the timer's retry queued behind the update's registration")
+        go_on_registering.set()
+        await asyncio.wait_for(retried.wait(), 20)  # the retry's stand_stale holds the twin thread
+        await async_wait_for(lambda: _awaits_the_twin_in("inference-reload", "_seed"), timeout=20,
+                             what="the update's next twin call queued behind the retry's first")
+        go_on_retrying.set()
+        await asyncio.wait_for(update, 20)
+        assert r.pipeline() is not old
+        assert pid in map(str, ext._unrestored), "the rebuilt pipeline, its restore refused, is tried again"
+
+        hooks.refuse.clear()  # the twin takes the rebuilt pipeline's restore now
+        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the rebuilt pipeline's restore")
+        rows = {x["id"]: x for x in await r.decisions(pid)}
+        assert rows[pending[1]["id"]]["status"] == "provisional"  # past the rebuilt pipeline's 120 s
+        assert all(ext._waiting[x["request_id"]].pipeline is r.pipeline() for x in pending[2:])
+    finally:
+        hooks.release_all()
+        if update is not None and not update.done():
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(update, 20)
+        await _stop(r)
+
+
 async def test_max_pending_gives_up_the_oldest_with_a_provisional_edge_answer(tmp_path, broker):
     """Beyond max_pending the oldest request is given up: a still-pending one gets its edge answer,
     provisional, in the twin and on the decision topic (as at expiry), instead of staying unlabelled."""

@@ -211,6 +211,7 @@ class InferenceExtension:
         # the timer task tries again from _restore_retry_ms (_mono_ms) on.
         self._unrestored: set[DeviceId] = set()
         self._restore_retry_ms = 0
+        self._restore_lock = asyncio.Lock()        # one _restore_unrestored at a time (the timer's, _apply's)
         self.reloads = 0                           # device updates applied to the pipelines
         self.report_interval_s = self.settings.log_counters_s
         self._last_report: str | None = None
@@ -410,22 +411,30 @@ class InferenceExtension:
         long, a full disk) the timer task tries again every RESTORE_RETRY_S (logged a few lines a minute), until
         it succeeds or the pipeline goes: the error used to end the device update's rebuild, and those requests
         were never waited for again (no deadline, no resend, no provisional answer) until the mapper restarted."""
-        only = set(self._unrestored)
-        try:
-            await self._restore(only)
-        except Exception as exc:  # noqa: BLE001 - tried again by the timer task
-            # A few lines a minute: a lasting refusal (a full disk) is tried every second, for hours.
-            if (held := self._log_throttle("restore_refused")) is not None:
-                log.error("inference: cannot restore the offloads left from the previous run, trying again in %g s:"
-                          " %s%s", RESTORE_RETRY_S, exc, held_note(held))
-            self._restore_retry_ms = _mono_ms() + int(RESTORE_RETRY_S * 1000)
-            self._wake.set()  # the timer task may be waiting up to 60 s: it caps its wait for the retry
-            return
-        self._unrestored -= only
+        # One at a time: the timer's retry and a device update's _apply may both come here. Each tries the
+        # pipelines as they are when it starts; one rebuilt meanwhile (_apply swaps the pipelines while the
+        # other's twin calls run) is not restored by it and stays in _unrestored for its own restore: taken
+        # off by the attempt for the old pipeline, it was never tried again when its own restore failed.
+        async with self._restore_lock:
+            attempt = {pid: p for pid in self._unrestored if (p := self.pipelines.get(pid)) is not None}
+            if not attempt:
+                return
+            try:
+                await self._restore(attempt)
+            except Exception as exc:  # noqa: BLE001 - tried again by the timer task
+                # A few lines a minute: a lasting refusal (a full disk) is tried every second, for hours.
+                if (held := self._log_throttle("restore_refused")) is not None:
+                    log.error("inference: cannot restore the offloads left from the previous run, trying again in"
+                              " %g s: %s%s", RESTORE_RETRY_S, exc, held_note(held))
+                self._restore_retry_ms = _mono_ms() + int(RESTORE_RETRY_S * 1000)
+                self._wake.set()  # the timer task may be waiting up to 60 s: it caps its wait for the retry
+                return
+            self._unrestored -= {pid for pid, p in attempt.items() if self.pipelines.get(pid) is p}
 
-    async def _restore(self, only: set[DeviceId]) -> None:
+    async def _restore(self, only: dict[DeviceId, Pipeline]) -> None:
         """Requests still waiting when the mapper last stopped (for these newly built pipelines) wait
-        again (and are sent again)."""
+        again (and are sent again). A pipeline no longer in self.pipelines when the twin's rows come back
+        (rebuilt meanwhile) gets none: the new one is restored on its own."""
         from mapper.inference.window import Window
 
         # Between runs only the wall clock relates the twin's rows to now; within this run the due
@@ -433,7 +442,7 @@ class InferenceExtension:
         # future", after the clock went back, waits its whole deadline; never longer).
         now = _now_ms()
         now_mono = _mono_ms()
-        cutoffs = {str(p): now - int(self.pipelines[p].settings.result_max_age_s * 1000) for p in only}
+        cutoffs = {str(pid): now - int(p.settings.result_max_age_s * 1000) for pid, p in only.items()}
         stood = await self._twin(lambda s: records.stand_stale(s, cutoffs))
         if stood:
             log.info("inference: %d offload(s) from the previous run are past result_max_age_s; their edge "
@@ -443,13 +452,14 @@ class InferenceExtension:
         other_model = 0
         for row in rows:
             pid = DeviceId.parse(row["pipeline"])
-            pipeline = self.pipelines.get(pid)
+            pipeline = only.get(pid)
+            # Not in self.pipelines any more: rebuilt (or dropped) while the twin was read, not this attempt's.
             # In _done: answered, the answer maybe not committed yet (it rides with the next batch),
             # so the row still looks open: waiting again would accept the worker's second answer.
             # In _expired: given up by this run (max_pending, expiry, its pipeline dropped), its row with
             # no cloud answer still looks open (a restore retried after a refusal came after them). The
             # requests of a pipeline rebuilt meanwhile are not in it (_given_up_with_pipeline).
-            if (pipeline is None or pid not in only or row["request_id"] in self._waiting
+            if (pipeline is None or self.pipelines.get(pid) is not pipeline or row["request_id"] in self._waiting
                     or row["request_id"] in self._done or row["request_id"] in self._expired
                     or now - row["created_ts"] > pipeline.settings.result_max_age_s * 1000):
                 continue
