@@ -386,9 +386,10 @@ def test_a_restore_at_start_the_twin_refuses_is_logged_and_the_mapper_runs_on(
     sockdir: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A mapper restarts with a saved KubeEdge state while another process holds the twin's write
-    lock: the device switch of the restore fails. The mapper logs what to do and runs on; edgecore's
-    registration reply starts the devices once the twin can be written. (The failure used to escape
-    the extension's task: the whole mapper ended with a traceback.)"""
+    lock: the device switch of the restore fails. The mapper logs what to do and runs on; the devices
+    run once the twin can be written (the restore's own retry, or edgecore's registration reply,
+    whichever comes first). (The failure used to escape the extension's task: the whole mapper
+    ended with a traceback.)"""
     from mapper.config import MapperConfig, TwinSettings
     from mapper.runtime import build_service
     from test_dmi import settings
@@ -430,6 +431,71 @@ def test_a_restore_at_start_the_twin_refuses_is_logged_and_the_mapper_runs_on(
             if lock.in_transaction:
                 lock.execute("ROLLBACK")
             lock.close()
+            stop.set()
+            await task
+
+    run(scenario())
+
+
+def test_a_restore_the_twin_refuses_is_retried_and_the_devices_run_without_edgecore(
+    sockdir: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A mapper restarts with a saved KubeEdge state, edgecore is away (nothing on its socket), and
+    another process holds the twin's write lock: the restore's device switch fails. It is tried
+    again on its own back-off; once the lock is gone the restored device runs, its readings reach
+    the twin, and edgecore never answered. (The restored devices used to stay stopped until
+    edgecore's registration reply was adopted: for good with edgecore away, the case the restore
+    is for.) The lock is let go from inside the start's refusal line: the refusal is over before
+    any retry, and nothing but a retry of the mapper's own can start the device."""
+    from mapper.config import MapperConfig, TwinSettings
+    from mapper.runtime import build_service
+    from test_dmi import settings
+
+    room_a = DeviceId("default", "room-a")
+    caplog.set_level(logging.INFO, logger="mapper.dmi")
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [(room("room-a"), TEMP)]
+            async with running_mapper(sockdir) as mapper:
+                await registered(mapper)
+                assert mapper.runner("room-a") is not None
+        assert not (sockdir / "dmi.sock").exists()  # edgecore is gone for the rest of the test
+        config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
+                              kubeedge=settings(sockdir))
+        service = build_service(config)
+        ext = next(e for e in service.extensions if hasattr(e, "catalog"))
+        locks: list[TwinLock] = []
+
+        def locked_from_now() -> None:  # after the service's own start-up writes, before the restore's switch
+            service.worker.submit(lambda s: s.conn.execute("PRAGMA busy_timeout=100"))  # 30 s as shipped
+            lock = TwinLock(sockdir / "twin.db")
+            lock.release_on_log("cannot start the 1 device(s) restored from")
+            locks.append(lock)
+
+        service.before_devices.append(locked_from_now)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            async with asyncio.timeout(10):
+                await ext.started.wait()  # the restore's first try is over, the DMI socket served
+            assert not task.done() and room_a not in service.runners
+            (line,) = [r for r in caplog.records if r.getMessage().startswith("cannot start the 1 device(s) restored")]
+            assert "database is locked" in line.getMessage() and locks[0].released_by == [line.getMessage()]
+            before = (await service.twin(lambda s: s.device(room_a))).properties["temperature"].reported_version
+            await until(lambda: room_a in service.runners, timeout=10)
+
+            async def temperature_version() -> int:
+                return (await service.twin(lambda s: s.device(room_a))).properties["temperature"].reported_version
+
+            async with asyncio.timeout(10):  # new readings in the twin
+                while await temperature_version() <= before:
+                    await asyncio.sleep(0.02)
+            assert any("started the 1 device(s) restored from" in r.getMessage() for r in caplog.records)
+            assert ext.registrations == 0 and not (sockdir / "dmi.sock").exists()
+        finally:
+            for lock in locks:
+                lock.close()
             stop.set()
             await task
 

@@ -35,6 +35,7 @@ from mapper.dmi.server import DeviceMapperServicer, DmiError, UnixServer
 from mapper.dmi.settings import KubeEdgeSettings
 from mapper.device_loop import OFFLINE
 from mapper.finish import to_the_end
+from mapper.logs import Throttle, held_note
 from mapper.service import MapperStopping
 from twin.records import GOOD, DeviceTwin, Reading
 from twin.store import DesiredChange, OutMessage, UnknownDevice
@@ -80,6 +81,9 @@ class KubeEdgeExtension:
         self._registered_socket: tuple[int, int, int] | None = None
         # Set once the last known devices are restored and our socket is served.
         self.started = asyncio.Event()
+        # The restored devices the twin refused to start (see _retry_restore); cleared by any apply that succeeds.
+        self._restore_pending = False
+        self._restore_log = Throttle(burst=3, interval_s=60.0)
 
     # -- extension hooks -------------------------------------------------------------------
 
@@ -113,19 +117,22 @@ class KubeEdgeExtension:
                     await self._apply()
                 except MapperStopping:  # a stop during the start-up: nothing to start
                     return
-                except Exception as exc:  # noqa: BLE001 - the other devices run on, edgecore's reply starts these
+                except Exception as exc:  # noqa: BLE001 - the other devices run on, these are tried again
                     # (Ended here, the task group's failure ended the whole mapper, local devices too.)
-                    log.error("cannot start the %d device(s) restored from %s: %s: %s; running without them until "
-                              "edgecore's registration reply is adopted (retried until then). Is the twin %s "
-                              "locked by another process, read-only or on a full disk?", len(self.catalog.devices),
-                              self.state_path, type(exc).__name__, exc, service.config.twin.path,
-                              exc_info=not isinstance(exc, OSError | sqlite3.Error))
+                    self._restore_pending = True
+                    log.error("cannot start the %d device(s) restored from %s: %s: %s; running without them, "
+                              "trying again until that works or edgecore's registration reply is adopted. Is the "
+                              "twin %s locked by another process, read-only or on a full disk?",
+                              len(self.catalog.devices), self.state_path, type(exc).__name__, exc,
+                              service.config.twin.path, exc_info=not isinstance(exc, OSError | sqlite3.Error))
         await self.server.start()
         self.started.set()
         # Each loop is restarted if a bug escapes it: otherwise this task group, and with it the
         # mapper's, would end, stopping every device for a failure of the DMI side.
         cap = self.settings.register_backoff_max_s
         async with asyncio.TaskGroup() as tg:
+            if self._restore_pending:
+                tg.create_task(supervised("dmi.restore", self._retry_restore, cap), name="dmi.restore")
             tg.create_task(supervised("dmi.register", self._registration_loop, cap), name="dmi.register")
             tg.create_task(self.reporter.run(), name="dmi.reporter")  # supervises its own loops
             tg.create_task(supervised("dmi.watch-edgecore", self._watch_edgecore, cap), name="dmi.watch-edgecore")
@@ -140,6 +147,34 @@ class KubeEdgeExtension:
 
     async def shutdown(self, service: MapperService) -> None:
         await self.server.stop(None)
+
+    async def _retry_restore(self) -> None:
+        """Start the restored devices the twin refused at start: tried again on a back-off (1 s doubling
+        to register_backoff_max_s, logged a few lines a minute) until that works or another apply ran
+        them (edgecore's reply adopted, a DMI call): before, they waited for edgecore's reply, for good
+        with edgecore away, the very case the restore is for. Each try applies the catalog as it is
+        then, under the lock: what edgecore sent meanwhile is applied, never undone by the saved state."""
+        tries = 1  # the one at start
+        while True:
+            delay = retry_delay_s(tries + 1, self.settings.register_backoff_max_s)  # 1 s, 2 s, ... (jittered)
+            await asyncio.sleep(delay)
+            async with self._lock:
+                if not self._restore_pending:  # superseded: an apply since ran the catalog
+                    return
+                tries += 1
+                try:
+                    await self._apply()
+                except MapperStopping:
+                    return
+                except Exception as exc:  # noqa: BLE001 - still refused: tried again
+                    if (held := self._restore_log("refused")) is not None:
+                        log.error("still cannot start the %d device(s) restored from %s (%d tries): %s: %s; "
+                                  "trying again%s", len(self.catalog.devices), self.state_path, tries,
+                                  type(exc).__name__, exc, held_note(held))
+                    continue
+            log.info("started the %d device(s) restored from %s after %d tries, until edgecore answers",
+                     len(self.catalog.devices), self.state_path, tries)
+            return
 
     # -- registration ----------------------------------------------------------------------
 
@@ -291,6 +326,7 @@ class KubeEdgeExtension:
         finally:  # not running whatever the switch does (the reporter knows them now: reported once)
             for device_id in not_running:
                 self.reporter.state_changed(device_id, OFFLINE)
+        self._restore_pending = False  # the catalog runs: restored devices still in it too
         try:
             self.catalog.save(self.state_path)
         except Exception as exc:  # noqa: BLE001 - a full disk, or a message protobuf cannot write: run on
