@@ -258,6 +258,7 @@ class EventBusExtension:
             state = self.telemetry.state_message(device)
             if state is not None:
                 messages.append(state)
+        messages.extend(self._refused_offline(service))
         self._cancel_unknown_later()
         if unknown:
             self._unknown_later = asyncio.create_task(self._announce_unknown_later(service, unknown),
@@ -278,6 +279,17 @@ class EventBusExtension:
             return
         if rows and self.publisher:
             self.publisher.offer(rows)
+
+    def _refused_offline(self, service: MapperService) -> list[OutMessage]:
+        """`offline` on the availability of every device the mapper refuses (no driver for its
+        protocol): a previous run may have left `online` there, and nothing else would replace it
+        while the device is not run. Only ids of the current definitions, which validated them
+        (DeviceId), and none that a running device holds: a topic is built from nothing else.
+        (Its retained state, if a previous run left one, stays: there is no reading of this run to
+        put in it; the availability says the device is not there.)"""
+        definitions = service.definitions.devices if service.definitions else {}
+        return [self._availability(device, OFFLINE) for device in service.refused
+                if isinstance(device, DeviceId) and device in definitions and device not in service.runners]
 
     async def _announce_unknown_later(self, service: MapperService, devices: list[DeviceId]) -> None:
         """`offline` for the devices whose state is still unknown after FIRST_STATE_GRACE_S."""

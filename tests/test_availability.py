@@ -11,12 +11,13 @@ from __future__ import annotations
 import secrets
 import subprocess
 import sys
+from collections.abc import Callable
 
 import orjson
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
-from helpers import one_property_device, write_devices
+from helpers import device_yaml, one_property_device, write_devices
 from mapper_proc import REPO, MapperProcess
 
 
@@ -263,3 +264,44 @@ def test_at_start_the_state_tells_no_earlier_value_as_measured_now(broker, tmp_p
     readings = {(r["value"], r["ts"]) for r in orjson.loads(
         cli(mapper, "twin", "history", "led", "power", "--limit", "100000", "--json")) if r["quality"] == "good"}
     assert first["power"] is False and (False, first["ts"]) in readings, (first, sorted(readings))
+
+
+# -- what a Home Assistant user sees of a device refused, failing, or reloaded ------------------
+
+def no_driver(yaml: str) -> str:
+    """The device `yaml` with a protocol for which no driver is installed: refused, not run."""
+    return yaml.replace("protocolName: simulated\n    configData", "protocolName: bacnet\n    configData")
+
+
+def until_seen(app: MqttProbe, wanted: dict[str, bytes | Callable[[dict], bool]], timeout: float = 20.0) -> None:
+    """Return once every topic of `wanted` has had a live message that matches (bytes: equal to
+    the payload; a function: true of the JSON body); other messages are skipped."""
+    missing = dict(wanted)
+    while missing:
+        message = app.next_message(timeout)
+        want = missing.get(message.topic)
+        if want is None or message.retain:
+            continue
+        if want == message.payload if isinstance(want, bytes) else want(orjson.loads(message.payload)):
+            del missing[message.topic]
+
+
+def test_a_device_refused_at_start_is_announced_offline(broker, tmp_path, node):
+    """A previous run ran `odd` and left `online` on its retained availability; this run refuses it
+    (its protocol has no driver installed now). Nothing replaced that `online`: Home Assistant
+    showed the device available while the mapper did not run it. Now the mapper announces
+    `offline` for every refused device at connect, retained. `lamp` runs next to it as usual."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    (devices / "odd.yaml").write_text(no_driver(device_yaml("odd")))
+    topic = f"mapper/{node}/default/odd/availability"
+    lamp = f"mapper/{node}/default/lamp/availability"
+    with broker.client("mapper") as earlier:  # what the previous run left
+        earlier.publish(topic, b"online", retain=True)
+    assert retained(broker, topic) == b"online"
+    with broker.client("app") as app:
+        app.subscribe(topic)
+        app.subscribe(lamp)
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            until_seen(app, {topic: b"offline", lamp: b"online"})
+            assert "refusing device default/odd" in mapper.log()
+            assert retained(broker, topic) == b"offline"
