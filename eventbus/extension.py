@@ -315,9 +315,17 @@ class EventBusExtension:
         return OutMessage(self.topics.device_availability(device), value, retain=True, kind="state")
 
     def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> list[OutMessage]:
+        """A device's state changed: its availability, and its state view again with the new state
+        (at once, not held to mqtt.state_interval_ms, which paces readings: a device whose reads
+        fail sends none, and its retained state said `ok` while it was `unhealthy`). No state view
+        before the device's first good reading in this run (Telemetry.state_message)."""
         assert self.telemetry is not None
         self.telemetry.set_state(definition.id, state)
-        return [self._availability(definition.id, state)]
+        messages = [self._availability(definition.id, state)]
+        view = self.telemetry.state_message(definition.id)
+        if view is not None:
+            messages.append(view)
+        return messages
 
     async def _on_applied(self, service: MapperService, change: DesiredChange, error: str | None) -> None:
         """After a desired value was written: the twin document (and a delta if one remains)."""

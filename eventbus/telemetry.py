@@ -40,7 +40,9 @@ class Telemetry:
     message with the latest value of every property, at most once per `state_interval_ms`
     of reading time (a dashboard's view; the property topics carry every reading), and at
     once when a change-driven property published. With readings still coming, the retained
-    state is never older than the interval plus one collect cycle.
+    state is never older than the interval plus one collect cycle. A change of the device's
+    state sends it at once, from the event bus (`state_message`), whatever the interval: state
+    changes are rare, and the interval is for readings.
 
     The state view holds only what was read in this run: each value with the time it was read,
     and `ts` the time of the newest of them (never the time the message was made). A device
@@ -169,8 +171,8 @@ class Telemetry:
         the time the newest of them was read, and the device's state (`state` overrides it).
         None before the device's first good reading in this run (see the class docstring).
         Telemetry, not kind "state": the outbox limits may drop old ones in a long outage, as a
-        newer one supersedes them; state changes go out as availability messages, which are
-        never dropped."""
+        newer one supersedes them; a state change also goes out as an availability message,
+        which is never dropped."""
         latest = self._latest.get(device)
         if not latest:
             return None

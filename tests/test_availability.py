@@ -9,6 +9,7 @@ device's retained state as a Home Assistant user reads it after a stop and at th
 from __future__ import annotations
 
 import secrets
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -305,3 +306,51 @@ def test_a_device_refused_at_start_is_announced_offline(broker, tmp_path, node):
             until_seen(app, {topic: b"offline", lamp: b"online"})
             assert "refusing device default/odd" in mapper.log()
             assert retained(broker, topic) == b"offline"
+
+
+def test_a_device_a_reload_refuses_goes_offline(broker, tmp_path, node):
+    """`lamp` runs and is `online`; its file changes to a protocol with no driver and SIGHUP reloads
+    it: refused, it is stopped, its retained availability goes `offline` and its retained state
+    says `"state":"offline"`, with the last values read. `other` runs on."""
+    devices = write_devices(tmp_path / "dev", ["lamp", "other"], cycle=100)
+    base = f"mapper/{node}/default/lamp"
+    other = f"mapper/{node}/default/other/availability"
+    with broker.client("app") as app:
+        for topic in (f"{base}/availability", f"{base}/state", other):
+            app.subscribe(topic)
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            until_seen(app, {f"{base}/availability": b"online", other: b"online",
+                             f"{base}/state": lambda b: b["state"] == "ok"})
+            (devices / "lamp.yaml").write_text(no_driver(device_yaml("lamp", cycle=100)))
+            mapper.process.send_signal(signal.SIGHUP)
+            until_seen(app, {f"{base}/availability": b"offline",
+                             f"{base}/state": lambda b: b["state"] == "offline" and "temperature" in b})
+            mapper.wait_log("reload done")
+            assert "refusing device default/lamp" in mapper.log()
+            assert retained(broker, f"{base}/availability") == b"offline"
+            assert orjson.loads(retained(broker, f"{base}/state"))["state"] == "offline"
+            assert retained(broker, other) == b"online"
+
+
+def test_the_retained_state_follows_a_device_that_becomes_unhealthy(broker, tmp_path, node):
+    """A sensor's reads start failing (unplugged): its availability went `offline`, but its retained
+    state kept `"state":"ok"`, as state messages went out only with good readings. A change of
+    the device's state now sends the state message at once with the new state, the values and
+    `ts` of the last good readings; and `ok` again when it comes back."""
+    fault = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["probe"], cycle=50,
+                            configs={"probe": "{fail_while_exists: " + str(fault) + "}"})
+    base = f"mapper/{node}/default/probe"
+    with broker.client("app") as app:
+        app.subscribe(f"{base}/state")
+        app.subscribe(f"{base}/availability")
+        with MapperProcess(tmp_path, devices, broker, node=node):
+            good = live_json(app, f"{base}/state", lambda b: b["state"] == "ok")
+            fault.touch()
+            failing = live_json(app, f"{base}/state", lambda b: b["state"] != "ok")
+            assert failing["state"] == "unhealthy" and failing["ts"] >= good["ts"], (good, failing)
+            assert set(failing) == set(good), (good, failing)  # the last values stay
+            assert retained(broker, f"{base}/availability") == b"offline"
+            assert orjson.loads(retained(broker, f"{base}/state"))["state"] == "unhealthy"
+            fault.unlink()
+            live_json(app, f"{base}/state", lambda b: b["state"] == "ok")
