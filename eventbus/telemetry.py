@@ -72,8 +72,21 @@ class Telemetry:
 
     @definitions.setter
     def definitions(self, value: dict[DeviceId, DeviceDefinition]) -> None:
+        """New definitions (a reload, a KubeEdge update): a property no longer in its device's
+        definition leaves the device's state view (its last value stayed there for good). A device
+        no longer defined keeps its view: it is stopped, and its last state message (`offline`)
+        still carries what it read."""
         self._definitions = value
         self._routes.clear()
+        for device, values in self._latest.items():
+            definition = value.get(device)
+            if definition is None:
+                continue
+            names = {p.name for p in definition.properties}
+            for name in [n for n in values if n not in names]:
+                del values[name]
+                self._last_sent.pop((device, name), None)
+                self._last_value.pop((device, name), None)
 
     def _route(self, key: tuple[DeviceId, str]) -> _Route | None:
         definition = self._definitions.get(key[0])

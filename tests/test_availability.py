@@ -354,3 +354,24 @@ def test_the_retained_state_follows_a_device_that_becomes_unhealthy(broker, tmp_
             assert orjson.loads(retained(broker, f"{base}/state"))["state"] == "unhealthy"
             fault.unlink()
             live_json(app, f"{base}/state", lambda b: b["state"] == "ok")
+
+
+def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
+    """A reload drops `power` and `count` from `lamp`, and moves its temperature to about 40: the
+    state message kept the last `power` and `count` of before the reload for as long as the
+    mapper ran. The state view now holds the properties of the device's definition only."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    state_topic = f"mapper/{node}/default/lamp/state"
+    with broker.client("app") as app:
+        app.subscribe(state_topic)
+        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+            before = live_json(app, state_topic, lambda b: {"temperature", "power", "count"} <= b.keys())
+            assert before["temperature"] < 30
+            only_temperature = device_yaml("lamp", cycle=100).split("    - name: power")[0]
+            (devices / "lamp.yaml").write_text(
+                only_temperature.replace("base: 21, amplitude: 1, noise: 0.1", "base: 40, amplitude: 0, noise: 0"))
+            mapper.process.send_signal(signal.SIGHUP)
+            after = live_json(app, state_topic, lambda b: b.get("temperature", 0) > 30)
+            mapper.wait_log("reload done: changed default/lamp")
+            assert set(after) == {"temperature", "ts", "state", "seq"}, after
+            assert set(orjson.loads(retained(broker, state_topic))) == {"temperature", "ts", "state", "seq"}
