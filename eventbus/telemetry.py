@@ -90,7 +90,9 @@ class Telemetry:
 
     def _route(self, key: tuple[DeviceId, str]) -> _Route | None:
         definition = self._definitions.get(key[0])
-        if definition is None:
+        if definition is None or not definition.has_property(key[1]):
+            # A device or a property a reload has just removed: a reading its old runner took is
+            # still recorded (the twin), but no longer published, nor put back into the state view.
             return None
         prop = definition.prop(key[1])
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import orjson
@@ -173,3 +174,20 @@ def test_a_mapper_pushes_a_property_that_does_not_report_to_the_cloud(tmp_path):
                 sub.close()
                 own.close()
                 assert mapper.stop() == 0
+
+
+def test_a_reading_of_a_property_a_reload_removed_is_not_published(tmp_path):
+    """A reading the old runner took of a property a reload has just removed can reach the factory
+    after the new definitions: it is not published and does not come back into the state view
+    (the lookup of its definition raised KeyError inside the recorder's flush before)."""
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=0)
+    assert {m.topic for m in telemetry([Reading(D, "count", 1, 1_000), Reading(D, "temperature", 20.0, 1_000)])} \
+        == {topics.telemetry(D, "count"), topics.telemetry(D, "temperature"), topics.device_state(D)}
+    # The reload's definitions: the same device without `count` (as the loader would build them).
+    old = telemetry.definitions[D]
+    reloaded = dataclasses.replace(old, properties=tuple(p for p in old.properties if p.name != "count"))
+    telemetry.definitions = {D: reloaded}
+    out = list(telemetry([Reading(D, "count", 2, 1_100), Reading(D, "temperature", 21.0, 1_100)]))
+    assert [m.topic for m in out if m.topic != topics.device_state(D)] == [topics.telemetry(D, "temperature")]
+    (state,) = [orjson.loads(orjson.dumps(m.body)) for m in out if m.topic == topics.device_state(D)]
+    assert "count" not in state and state["temperature"] == 21.0
