@@ -12,6 +12,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import orjson
@@ -197,11 +198,14 @@ def cli(mapper: MapperProcess, *args: str) -> str:
 
 
 def live_json(app: MqttProbe, topic: str, check, timeout: float = 20.0) -> dict:
-    """The next live (not retained) JSON message on `topic` for which `check` holds."""
-    while True:
-        message = app.next_message(timeout)
+    """The next live (not retained) JSON message on `topic` for which `check` holds, within `timeout`
+    in all (the state topic publishes every 100 ms: a wait per message would never end)."""
+    end = time.monotonic() + timeout
+    while (left := end - time.monotonic()) > 0:
+        message = app.next_message(left)
         if message.topic == topic and not message.retain and check(body := orjson.loads(message.payload)):
             return body
+    raise AssertionError(f"no live message on {topic} for which the check holds within {timeout} s")
 
 
 def switch_led_on(broker: MosquittoBroker, mapper: MapperProcess, node: str) -> None:
