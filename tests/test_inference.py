@@ -2018,26 +2018,22 @@ async def test_a_pipeline_rebuilt_while_the_twin_refuses_the_restore_picks_up_it
                                    timeout=20, what="requests of the pipeline built")
         await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 2"))
         new = r.pipeline()
-        assert new is not old and pid in map(str, ext._unrestored)
+        assert new is not old and ext.status()["restore"]["unrestored"] == [pid]
         assert not set(own) & set(ext._waiting)
         hooks.refuse.clear()  # the twin takes the restore now
-        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the restore taken")
+        # What the twin shows: the stale row stood, the previous run's others waited for again by the rebuilt
+        # pipeline (their deadline, counted from their creation, is past: their edge answer stands).
+        await _until(lambda: r.decisions(pid),
+                     lambda rows: {x["id"]: x["status"] for x in rows if x["id"] in {y["id"] for y in pending}}
+                     == {x["id"]: "provisional" for x in pending},
+                     what="the restore taken: the previous run's offloads stood")
+        assert ext.status()["restore"]["unrestored"] == []
+        # Diagnostics: this run's requests of the old pipeline are the rebuilt one's now.
         assert all(rid in ext._waiting and ext._waiting[rid].pipeline is new for rid in own)
         assert {x["request_id"] for x in pending[1:]} <= set(ext._waiting)
     finally:
         hooks.release_all()
         await _stop(r)
-
-
-def _awaits_the_twin_in(task_name: str, function: str) -> bool:
-    """The task `task_name` waits, within `function`, for a twin call not finished yet (handed to the thread)."""
-    task = next((t for t in asyncio.all_tasks() if t.get_name() == task_name), None)
-    names, awaited = [], task.get_coro() if task is not None else None
-    while awaited is not None and hasattr(awaited, "cr_code"):
-        names.append(awaited.cr_code.co_name)
-        awaited = awaited.cr_await
-    waiter = getattr(task, "_fut_waiter", None)  # the future the task waits for (asyncio keeps no public name)
-    return "call" in names and function in names and waiter is not None and not waiter.done()
 
 
 async def test_a_restore_retried_while_a_device_update_rebuilds_the_pipeline_leaves_the_rebuilt_one_to_retry(
@@ -2049,10 +2045,13 @@ async def test_a_restore_retried_while_a_device_update_rebuilds_the_pipeline_lea
     run's offloads it has to stand stayed pending until a restart).
 
     The order is the twin's own, from test triggers that hold the twin thread (one call at a time, in order):
-    the update's registration of the derived device is held until the timer's retry queued behind it, and the
-    retry's first write is held until the update's next twin call queued behind it, so the update swaps the
-    pipelines while the retry waits for its second call. The old pipeline keeps results 600 s, the rebuilt one
-    120 s: a row 300 s old is left alone by the retry and refuses the rebuilt pipeline's restore."""
+    the update's registration of the derived device is held until the timer's retry started (the extension's
+    public `restore.tries`: a restore starts with its first twin call, so that call is queued behind the
+    registration), and the retry's first write is held until the update went on: the update's next twin call
+    is handed to the thread as soon as the registration's result reaches the loop, which is before the retry's
+    first write (behind it in the thread) can tell the test it got there. So the update swaps the pipelines
+    while the retry waits for its second call. The old pipeline keeps results 600 s, the rebuilt one 120 s: a
+    row 300 s old is left alone by the retry and refuses the rebuilt pipeline's restore."""
     pid = "default/probe-ad"
     pending = await _left_pending(tmp_path, [3600, 300])
     stale_old, stale_new = (f"row:{x['id']}" for x in pending[:2])
@@ -2072,23 +2071,29 @@ async def test_a_restore_retried_while_a_device_update_rebuilds_the_pipeline_lea
         rebuilt = AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 100, resultMaxAgeS: 120")
         update = asyncio.create_task(_update(r, tmp_path, push=rebuilt))
         await asyncio.wait_for(registered.wait(), 20)  # the update's sync_derived holds the twin thread
+        # Every retry before this one was refused at its first write, which the twin thread ran before the
+        # registration: the next one to start is queued behind it.
+        tries = ext.status()["restore"]["tries"]
         hooks.refuse.discard(stale_old)  # the timer's next retry is taken, once it went on
         retried, go_on_retrying = hooks.hold(stale_old)
-        await async_wait_for(lambda: _awaits_the_twin_in("inference-timers", "_restore"), timeout=20,
+        await async_wait_for(lambda: ext.status()["restore"]["tries"] > tries, timeout=20,
                              what="the timer's retry queued behind the update's registration")
         go_on_registering.set()
         await asyncio.wait_for(retried.wait(), 20)  # the retry's stand_stale holds the twin thread
-        await async_wait_for(lambda: _awaits_the_twin_in("inference-reload", "_seed"), timeout=20,
-                             what="the update's next twin call queued behind the retry's first")
+        assert r.pipeline() is old, "the retry's first write came before the update swapped the pipelines"
         go_on_retrying.set()
         await asyncio.wait_for(update, 20)
         assert r.pipeline() is not old
-        assert pid in map(str, ext._unrestored), "the rebuilt pipeline, its restore refused, is tried again"
+        assert ext.status()["restore"]["unrestored"] == [pid], \
+            "the rebuilt pipeline, its restore refused, is tried again"
 
         hooks.refuse.clear()  # the twin takes the rebuilt pipeline's restore now
-        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the rebuilt pipeline's restore")
-        rows = {x["id"]: x for x in await r.decisions(pid)}
-        assert rows[pending[1]["id"]]["status"] == "provisional"  # past the rebuilt pipeline's 120 s
+        rows = await _until(lambda: r.decisions(pid),
+                            lambda rows: {x["id"]: x for x in rows}[pending[1]["id"]]["status"] == "provisional",
+                            what="the rebuilt pipeline's restore: the row past its 120 s stood")
+        assert {x["id"]: x for x in rows}[pending[0]["id"]]["status"] == "provisional"
+        assert ext.status()["restore"]["unrestored"] == []
+        # Diagnostics: the previous run's other offloads wait for the rebuilt pipeline.
         assert all(ext._waiting[x["request_id"]].pipeline is r.pipeline() for x in pending[2:])
     finally:
         hooks.release_all()

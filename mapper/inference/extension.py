@@ -212,6 +212,8 @@ class InferenceExtension:
         self._unrestored: set[DeviceId] = set()
         self._restore_retry_ms = 0
         self._restore_lock = asyncio.Lock()        # one _restore_unrestored at a time (the timer's, _apply's)
+        self.restore_tries = 0                     # restores started (a device update's, the timer's retries)
+        self.restores_refused = 0                  # of them, refused by the twin (tried again)
         self.reloads = 0                           # device updates applied to the pipelines
         self.report_interval_s = self.settings.log_counters_s
         self._last_report: str | None = None
@@ -419,9 +421,11 @@ class InferenceExtension:
             attempt = {pid: p for pid in self._unrestored if (p := self.pipelines.get(pid)) is not None}
             if not attempt:
                 return
+            self.restore_tries += 1
             try:
                 await self._restore(attempt)
             except Exception as exc:  # noqa: BLE001 - tried again by the timer task
+                self.restores_refused += 1
                 # A few lines a minute: a lasting refusal (a full disk) is tried every second, for hours.
                 if (held := self._log_throttle("restore_refused")) is not None:
                     log.error("inference: cannot restore the offloads left from the previous run, trying again in"
@@ -1054,4 +1058,8 @@ class InferenceExtension:
         return {"pipelines": pipelines, "problems": list(self.problems),
                 "results_rejected": {k[len("rejected_"):]: v for k, v in self.counts.items()
                                      if k.startswith("rejected_")},
-                "desired_set": self.counts["desired_set"]}
+                "desired_set": self.counts["desired_set"],
+                # The previous run's offloads of these pipelines do not wait again yet (the twin refused
+                # their restore: tried again every RESTORE_RETRY_S); restores started and refused so far.
+                "restore": {"unrestored": sorted(map(str, self._unrestored)), "tries": self.restore_tries,
+                            "refused": self.restores_refused}}
