@@ -1741,10 +1741,10 @@ spec:
 """
 
 
-async def _update(r: Running, tmp_path: Path, *, push: str, extra: bool = False) -> None:
+async def _update(r: Running, tmp_path: Path, *, push: str, extra: bool = False, probe: str = "") -> None:
     from devices.loader import load
 
-    devices = _devices(tmp_path, push=push)
+    devices = _devices(tmp_path, push=push, probe=probe)
     if extra:
         (devices / "relay2.yaml").write_text(RELAY2)
     else:
@@ -1966,36 +1966,102 @@ async def test_a_lasting_refusal_of_the_restore_is_logged_a_few_lines_a_minute(t
         await _stop(r)
 
 
-async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_waited_for_again(tmp_path):
-    """While the twin refuses the restore of a pipeline built by a device update, the pipeline's own new
-    requests go beyond max_pending and the oldest are given up (their edge answer stands). Once the twin takes
-    the restore, those must not wait again: their rows still have no cloud answer and look open, and the
-    restore used to skip only the requests waiting or answered, not those this run gave up (they were sent
-    again, waited for, counted and given up a second time)."""
+async def test_a_restore_refused_by_a_device_update_is_retried_with_nothing_else_waking_the_timer(tmp_path):
+    """A device update's restore is refused while the timer task waits for nothing (60 s at most): nothing
+    waits, the probe is stopped at the hardware boundary (no window, no request), and no bus. The refusal
+    itself has the timer retry within RESTORE_RETRY_S (1 s), so once the twin takes the restore the previous
+    run's offloads are restored within a few seconds, not after the timer's 60 s wait (a bounded wait of 15 s,
+    no time measured)."""
     pid = "default/probe-ad"
     pending = await _left_pending(tmp_path, [3600])
-    r = await _start(tmp_path, {}, inference={"pipelines": [], "max_pending": 2})
+    stopped = tmp_path / "probe-unplugged"
+    stopped.touch()
+    probe = f", fail_while_exists: '{stopped}'"
+    r = await _start(tmp_path, {}, inference={"pipelines": []}, probe=probe)
     hooks = _TwinHooks()
-    ext = r.ext
-    recorder = r.service.recorder
     try:
         await hooks.install(r)
         stale = f"row:{pending[0]['id']}"
         hooks.refuse.add(stale)
-        await _update(r, tmp_path, push=AD_OFFLOAD)
-        assert pid in map(str, ext._unrestored)
-        await async_wait_for(lambda: len(ext._expired) >= 2, timeout=20, what="requests given up at max_pending")
-        recorder.pre_commit.remove(ext._decide)  # no new window gives up more (max_pending) after the restore
-        given_up = set(ext._expired)
+        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600, resendS: 600"),
+                      probe=probe)
+        assert hooks.calls[stale] >= 1 and r.ext.status()["restore"]["unrestored"] == [pid]
         hooks.refuse.clear()  # the twin takes the restore now
-        await async_wait_for(lambda: not ext._unrestored, timeout=20, what="the restore taken")
-        assert not given_up & set(ext._waiting)
-        assert {x["request_id"] for x in pending[1:]} <= set(ext._waiting)  # the previous run's do wait again
+        async def statuses() -> dict[int, str]:
+            return {x["id"]: x["status"] for x in await r.decisions(pid)}
+
+        rows = await _until(statuses, lambda rows: rows[pending[0]["id"]] == "provisional", timeout=15,
+                            what="the restore retried and taken: the stale row stood")
+        assert [rows[x["id"]] for x in pending[1:]] == ["pending"] * len(pending[1:])  # waiting again
+        assert r.ext.status()["restore"]["unrestored"] == []
+        assert r.ext.status()["pipelines"][pid]["windows"] == 0  # nothing decided: the probe was stopped
     finally:
-        if ext._decide not in recorder.pre_commit:
-            recorder.pre_commit.append(ext._decide)
         hooks.release_all()
         await _stop(r)
+
+
+async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_waited_for_again(tmp_path, broker):
+    """While the twin refuses the restore of a pipeline built by a device update, the pipeline's own new
+    requests go beyond max_pending and the oldest are given up (their edge answer stands). Once the twin takes
+    the restore, those must not wait again: their rows still have no cloud answer and look open, and the
+    restore used to skip only the requests waiting or answered, not those this run gave up (they were sent
+    again, waited for, counted and given up a second time).
+
+    What the worker sees: each of this run's requests once on the offload request topic, the previous run's
+    sent again once the restore is taken (in the same pass as the given-up ones would be). The probe is then
+    stopped at the hardware boundary (the simulated driver's fail_while_exists), so no new window gives up
+    more; deadlines and resends far off, so nothing else is sent again."""
+    pid = "default/probe-ad"
+    pending = await _left_pending(tmp_path, [3600])
+    stopped = tmp_path / "probe-unplugged"
+    probe = f", fail_while_exists: '{stopped}'"
+    r = await _start(tmp_path, {}, broker=broker, inference={"pipelines": [], "max_pending": 2}, probe=probe)
+    hooks = _TwinHooks()
+    ext = r.ext
+    stats = lambda: ext.status()["pipelines"][pid]  # noqa: E731
+    try:
+        await hooks.install(r)
+        stale = f"row:{pending[0]['id']}"
+        hooks.refuse.add(stale)
+        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600, resendS: 600"),
+                      probe=probe)
+        assert ext.status()["restore"]["unrestored"] == [pid]
+        await async_wait_for(lambda: stats()["expired"] >= 2, timeout=20, what="requests given up at max_pending")
+        stopped.touch()  # the probe stops answering: no new window
+        runner = r.service.runners[SENSOR]
+        errors = runner.read_errors
+        await async_wait_for(lambda: runner.read_errors > errors, what="a read of the stopped probe failed")
+        await r.service.recorder.flush()  # the readings taken before it: their windows decided
+        await asyncio.wait_for(ext.idle.wait(), 20)  # and the requests they gave up answered at the edge
+        sent = [x["id"] for x in r.requests()]
+        given_up = stats()["expired"]
+        assert given_up >= 2 and stats()["waiting"] == 2, stats()
+        assert ext.status()["restore"]["unrestored"] == [pid]
+        previous = {x["request_id"] for x in pending[1:]}
+        assert not previous & set(sent)
+
+        hooks.refuse.clear()  # the twin takes the restore now
+        await _until(lambda: r.decisions(pid), lambda rows: next(x for x in rows if x["id"] == pending[0]["id"])[
+            "status"] == "provisional", what="the restore taken: the stale row stood")
+        await async_wait_for(lambda: previous <= {x["id"] for x in r.requests()}, timeout=20,
+                             what="the previous run's requests sent again")
+        assert ext.status()["restore"]["unrestored"] == []
+        assert stats()["expired"] == given_up  # diagnostics: none given up again (nothing new waits)
+    finally:
+        hooks.release_all()
+        await _stop(r)  # returns once the app saw the node offline: all it published has arrived
+    requests = [x["id"] for x in r.requests()]
+    assert len(set(sent)) == len(sent) >= given_up + 2
+    assert {rid: requests.count(rid) for rid in sent} == dict.fromkeys(sent, 1), "a request given up was sent again"
+    assert {rid: requests.count(rid) for rid in previous} == dict.fromkeys(previous, 1)
+    rows = {x["request_id"]: x for x in await _rows_after_stop(tmp_path, pid)}
+    assert sorted(rows[rid]["status"] for rid in sent) == ["pending"] * 2 + ["provisional"] * given_up, \
+        "the requests given up keep their edge answer; the two still waiting are pending"
+
+
+async def _rows_after_stop(tmp_path: Path, pid: str) -> list[dict]:
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        return records.recent(store, pid, 100_000)
 
 
 async def test_a_pipeline_rebuilt_while_the_twin_refuses_the_restore_picks_up_its_own_requests(tmp_path):
