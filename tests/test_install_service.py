@@ -29,15 +29,24 @@ def unit_lines(unit: str) -> list[str]:
     return [line for line in unit.splitlines() if line and not line.startswith("#")]
 
 
+def _open_to_others(path: Path) -> bool:
+    return all(p.stat().st_mode & 0o001 for p in (path, *path.parents))
+
+
 @pytest.fixture
 def open_dir() -> Iterator[Path]:
     """A directory other users can enter, for checks of what the service user can reach (the tests
-    run as root, so modes are checked, not tried; pytest's own tmp_path lies in a 0700 directory)."""
-    path = Path(tempfile.mkdtemp(prefix="mapper-service-test-"))
-    path.chmod(0o755)
+    run as root, so modes are checked, not tried; pytest's own tmp_path lies in a 0700 directory).
+    Outside /tmp and /var/tmp, which the unit's PrivateTmp=yes hides (a warning of its own): under the
+    home directory when others can enter it, else under /var/lib (root's home is usually 0700)."""
+    parent = next((d for d in (Path.home(), Path("/var/lib")) if d.is_dir() and _open_to_others(d)
+                   and os.access(d, os.W_OK)), None)
+    if parent is None:
+        pytest.skip("no directory outside /tmp that other users can enter and this user can write")
+    path = Path(tempfile.mkdtemp(prefix="mapper-service-test-", dir=parent))
     try:
-        if any(not p.stat().st_mode & 0o001 for p in path.parents):
-            pytest.skip(f"{path.parent} is closed to other users")
+        path.chmod(0o755)
+        assert not str(path.resolve()).startswith(("/tmp/", "/var/tmp/")), path
         yield path
     finally:
         shutil.rmtree(path)
@@ -140,8 +149,7 @@ def test_install_warns_when_the_service_user_cannot_create_its_socket(tmp_path: 
     (open_dir / "missing").mkdir()
     os.chown(open_dir / "missing", pwd.getpwnam("nobody").pw_uid, -1)
     done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
-    # (open_dir is under /tmp, which PrivateTmp=yes hides from the service: that warning stays.)
-    assert not [line for line in done if "kubeedge." in line and "PrivateTmp=yes" not in line], done
+    assert not [line for line in done if "kubeedge." in line], done
 
 
 def test_install_warns_when_the_interpreter_a_venv_links_to_is_closed(tmp_path: Path, open_dir: Path) -> None:
@@ -530,12 +538,19 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
         site.joinpath("mapper-test.pth").write_text("\n".join([str(REPO), *this_site.getsitepackages()]) + "\n")
         return python
 
-    base = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/tmp"))
-    # The interpreter outside /tmp and /var/tmp (this test's own may be under /tmp: a checkout there).
-    outside = Path(tempfile.mkdtemp(prefix="mapper-notmp-test-", dir=Path.home()))
-    assert not str(outside.resolve()).startswith(("/tmp/", "/var/tmp/")), outside
+    made: list[Path] = []
     try:
+        base = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/tmp"))
+        made.append(base)
+        # The TLS client certificate and key under /var/tmp, hidden from the service as well.
+        var_tmp = Path(tempfile.mkdtemp(prefix="mapper-tmp-test-", dir="/var/tmp"))
+        made.append(var_tmp)
+        # The interpreter outside /tmp and /var/tmp (this test's own may be under /tmp: a checkout there).
+        outside = Path(tempfile.mkdtemp(prefix="mapper-notmp-test-", dir=Path.home()))
+        made.append(outside)
+        assert not str(outside.resolve()).startswith(("/tmp/", "/var/tmp/")), outside
         base.chmod(0o755)
+        var_tmp.chmod(0o755)
         python = venv_in(base)
         other_python = venv_in(outside)
         devices = write_devices(base / "dev", ["a"])
@@ -543,8 +558,14 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
         password.write_text("secret\n")
         os.chown(password, pwd.getpwnam("nobody").pw_uid, -1)
         password.chmod(0o600)
+        ca_file, cert_file, key_file = base / "ca.crt", var_tmp / "me.crt", var_tmp / "me.key"
+        for tls_file in (ca_file, cert_file, key_file):  # read by the service user only: not their contents
+            tls_file.write_text("test\n")
+            os.chown(tls_file, pwd.getpwnam("nobody").pw_uid, -1)
+            tls_file.chmod(0o600)
         config = write_config(base / "mapper.yaml", devices, SERVICE_TWIN,
-                              extra=f"mqtt: {{username: u, password_file: {password}}}\n")
+                              extra=f"mqtt: {{username: u, password_file: {password}, tls: {{ca_file: {ca_file},"
+                                    f" cert_file: {cert_file}, key_file: {key_file}}}}}\n")
         install = ["-m", "mapper", "install-service", "--config", str(config), "--dry-run", "--user", "nobody",
                    "--groups"]
         why = ("which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of"
@@ -561,9 +582,15 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
                 f"warning: devices[0]: {devices} is under /tmp, {why} the service cannot read it: move it out of"
                 " /tmp and /var/tmp (e.g. to /etc/mapper)",
                 f"warning: mqtt.password_file: {password} is under /tmp, {why} the service cannot read it: move it"
-                " out of /tmp and /var/tmp (e.g. to /etc/mapper)"):
+                " out of /tmp and /var/tmp (e.g. to /etc/mapper)",
+                f"warning: mqtt.tls.ca_file: {ca_file} is under /tmp, {why} the service cannot read it: move it"
+                " out of /tmp and /var/tmp (e.g. to /etc/mapper)",
+                f"warning: mqtt.tls.cert_file: {cert_file} is under /var/tmp, {why} the service cannot read it:"
+                " move it out of /tmp and /var/tmp (e.g. to /etc/mapper)",
+                f"warning: mqtt.tls.key_file: {key_file} is under /var/tmp, {why} the service cannot read it:"
+                " move it out of /tmp and /var/tmp (e.g. to /etc/mapper)"):
             assert expected in warnings, (expected, result.stderr)
-        assert sum("PrivateTmp" in line for line in warnings) == 4, result.stderr
+        assert sum("PrivateTmp" in line for line in warnings) == 7, result.stderr
         # The interpreter outside /tmp: nothing said about it, the rest still warned about.
         result = subprocess.run([str(other_python), *install], capture_output=True, text=True, cwd=REPO, timeout=60)
         assert result.returncode == 0, result.stderr
@@ -579,5 +606,5 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
                " would what it made there be seen outside it): use a directory outside /tmp and /var/tmp" \
                " (docs/kubeedge.md, As a systemd service)" in result.stderr.splitlines(), result.stderr
     finally:
-        shutil.rmtree(base)
-        shutil.rmtree(outside)
+        for directory in made:
+            shutil.rmtree(directory)
