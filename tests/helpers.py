@@ -7,7 +7,7 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from textwrap import dedent
 from typing import TypeVar
@@ -192,6 +192,19 @@ async def async_wait_for(check: Callable[[], T], timeout: float = 10.0, interval
             return last
         await asyncio.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {last!r})")
+
+
+async def async_wait_until(fetch: Callable[[], Awaitable[T]], ok: Callable[[T], object], timeout: float = 10.0,
+                           interval: float = 0.02, what: str = "condition") -> T:
+    """async_wait_for for a check that awaits (a twin call, a flush): poll `fetch()` until `ok` of it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await fetch()
+        if ok(value):
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(interval)
 
 
 @contextlib.asynccontextmanager

@@ -317,7 +317,7 @@ def test_a_failed_read_is_recorded_in_the_twin(tmp_path: Path, capsys) -> None: 
     DMI GetDevice's reads and the collect loop's are: `mapper twin get` shows the property's
     quality `error` and why, next to the last good value. It was recorded only when it succeeded:
     the twin went on saying `good`, and the history had no trace of the failure."""
-    from helpers import write_config
+    from helpers import async_wait_until, write_config
     from mapper.cli import main
 
     unplugged = tmp_path / "unplugged"
@@ -329,13 +329,12 @@ def test_a_failed_read_is_recorded_in_the_twin(tmp_path: Path, capsys) -> None: 
         return json.loads(capsys.readouterr().out)
 
     async def check(service, port: int) -> None:  # noqa: ANN001
-        async with asyncio.timeout(10):  # the collect loop's first read, good, committed
-            while True:
-                await service.recorder.flush()
-                twin = await service.twin(lambda s: s.device(probe))
-                if twin.properties["temperature"].quality == "good":
-                    break
-                await asyncio.sleep(0.02)
+        async def committed_quality() -> str:
+            await service.recorder.flush()
+            return (await service.twin(lambda s: s.device(probe))).properties["temperature"].quality
+
+        await async_wait_until(committed_quality, lambda quality: quality == "good",
+                               what="the collect loop's first read, good, committed")
         # What inference's pre-commit hook sees: a reading taken on demand is no window step.
         seen: list[tuple[str, bool]] = []
         service.recorder.pre_commit.append(lambda batch: seen.extend(

@@ -758,8 +758,9 @@ async def test_a_cloud_worker_answer_the_broker_refuses_is_logged_naming_its_top
                                  "mapper": [("publishClientSend", "mapper/#")]}) as broker:
         worker = _worker_on(broker, tmp_path, "unheard")
         task = asyncio.create_task(worker.run())
-        requester = MqttProbe.connected(broker, "mapper")
+        requester = None
         try:
+            requester = MqttProbe.connected(broker, "mapper")
             async with asyncio.timeout(20):
                 await worker.ready.wait()
             assert (await asyncio.to_thread(requester.publish, f"mapper/{node}/offload/request", request)).value < 0x80
@@ -767,7 +768,8 @@ async def test_a_cloud_worker_answer_the_broker_refuses_is_logged_naming_its_top
                 lambda: next((r for r in caplog.records if "refused worker unheard's answer" in r.getMessage()), None),
                 timeout=20, what="the refused answer in the log")
         finally:
-            requester.close()
+            if requester is not None:
+                requester.close()
             await _cancelled(task)
     line = record.getMessage()
     assert record.levelno == logging.ERROR, line
