@@ -57,6 +57,9 @@ class TwinSettings(_Section):
     waiting_max_readings: int = Field(default=100_000, ge=100)
     outbox_max_rows: int = Field(default=200_000, ge=100)
     outbox_max_bytes: int = Field(default=128 * 1024 * 1024, ge=65_536)
+    # How long a write waits for another process's lock on the twin (a backup, a CLI command)
+    # before it fails and is retried (readings kept in memory, device states once a second).
+    busy_timeout_ms: int = Field(default=30_000, ge=0)
 
 
 class DeviceLoopSettings(_Section):

@@ -94,6 +94,7 @@ class MapperService:
         return TwinStore.open(
             t.path, synchronous=t.synchronous, check_same_thread=False,
             outbox=OutboxLimits(max_rows=t.outbox_max_rows, max_bytes=t.outbox_max_bytes),
+            busy_timeout_s=t.busy_timeout_ms / 1000,
         )
 
     async def twin(self, fn):  # noqa: ANN001, ANN201 - thin pass-through to the worker

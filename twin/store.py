@@ -338,6 +338,7 @@ class TwinStore:
         synchronous: str = "FULL",
         outbox: OutboxLimits | None = None,
         check_same_thread: bool = True,
+        busy_timeout_s: float = 30.0,
     ) -> TwinStore:
         """Open (creating and migrating) the twin file."""
         path = Path(path)
@@ -347,7 +348,8 @@ class TwinStore:
         create_private(path)
         conn = None
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread, timeout=30)
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
+                                   timeout=busy_timeout_s)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             conn.execute("PRAGMA foreign_keys=ON")
