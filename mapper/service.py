@@ -180,6 +180,14 @@ class MapperService:
         await self.stop_devices(list(self._tasks))
         if self._state_saves:  # the last state changes' messages reach the outbox before it drains
             await asyncio.gather(*self._state_saves, return_exceptions=True)
+        if self._unsaved_states:
+            # Kept for a twin that was locked: written now, their `online` came after the stop's
+            # `offline` (the retry loop ran on while the outbox drained) and the broker kept it.
+            # The devices are stopped: the event bus says `offline` for each (before_stop).
+            dropped = ", ".join(f"{d} ({entry[1]})" for d, entry in self._unsaved_states.items())
+            self._unsaved_states.clear()
+            log.warning("stopping: device states the twin could not take are not written, the devices are "
+                        "stopped: %s", dropped)
         if self.recorder is not None:
             try:
                 await self.recorder.flush()
@@ -373,11 +381,14 @@ class MapperService:
 
     async def _state_retry_loop(self) -> None:
         """Write the device states the twin could not take, once a second while there are any
-        (a round ends at the first that fails again: each waits for the twin's lock timeout)."""
-        while True:
+        (a round ends at the first that fails again: each waits for the twin's lock timeout).
+        Not once the stop began: the devices are stopped, and what they said is dropped (_wind_down)."""
+        while not self._stopping:
             await self._states_unsaved.wait()
             await sleep_to_tick(1.0)
             for device_id in list(self._unsaved_states):
+                if self._stopping:
+                    return
                 entry = self._unsaved_states.get(device_id)
                 if entry is None:
                     continue  # a newer state was saved meanwhile

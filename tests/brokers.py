@@ -404,6 +404,16 @@ class MosquittoBroker:
             self._log.close()
             self._log = None
 
+    def freeze(self) -> None:
+        """SIGSTOP: the broker takes what clients send (the kernel buffers it) and answers nothing
+        until thaw(), then handles it in order: a broker slow to acknowledge, held as long as a test needs."""
+        assert self._process is not None
+        self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        assert self._process is not None
+        self._process.send_signal(signal.SIGCONT)
+
     def restart(self) -> MosquittoBroker:
         """Stop and start again on the same ports with the same persistence directory."""
         self.stop()

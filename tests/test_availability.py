@@ -19,7 +19,7 @@ import orjson
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
-from helpers import device_yaml, one_property_device, write_devices
+from helpers import TwinLock, device_yaml, one_property_device, wait_for, write_devices
 from mapper_proc import REPO, MapperProcess
 
 
@@ -379,3 +379,41 @@ def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
             mapper.wait_log("reload done: changed default/lamp")
             assert set(after) == {"temperature", "ts", "state", "seq"}, after
             assert set(orjson.loads(retained(broker, state_topic))) == {"temperature", "ts", "state", "seq"}
+
+
+def test_a_state_change_the_locked_twin_kept_does_not_follow_the_stop_offline(tmp_path, node):
+    """A device comes back (`ok`) while another process holds the twin's write lock: its state
+    change is kept and written again once a second. The mapper is stopped, the lock let go: the
+    stop queued every device's `offline`, and the retry then wrote the kept `online` (and
+    `"state":"ok"`) after it, while the outbox drained: the broker kept `online` for a stopped
+    device. The broker is held (frozen) during the stop, so that the drain lasts until the retry
+    had its chance: it is let go once the mapper logged either outcome."""
+    ensure_mosquitto_installed()
+    fault = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["probe"], cycle=50,
+                            configs={"probe": "{fail_while_exists: " + str(fault) + "}"})
+    base = f"mapper/{node}/default/probe"
+    written_after_all, dropped = "device states saved in the twin again", "device states the twin could not take"
+    with MosquittoBroker() as own:
+        with MapperProcess(tmp_path, devices, own, node=node, extra="  drain_on_stop_s: 30\n",
+                           env={"MAPPER_TWIN__BUSY_TIMEOUT_MS": "50"}) as mapper:
+            with own.client("app") as app:
+                app.subscribe(f"{base}/availability")
+                assert next_payload(app, f"{base}/availability") == b"online"
+                fault.touch()
+                wait_payload(app, f"{base}/availability", b"offline")
+            with TwinLock(mapper.twin_path) as lock:
+                fault.unlink()
+                mapper.wait_log("default/probe: state ok not saved in the twin")
+                own.freeze()
+                try:
+                    mapper.process.send_signal(signal.SIGTERM)
+                    lock.release()  # the stop's last commits go through (the mapper's lock timeout is 50 ms)
+                    wait_for(lambda: written_after_all in mapper.log() or dropped in mapper.log(), timeout=15,
+                             what="the kept state written, or dropped, in the mapper log")
+                finally:
+                    own.thaw()
+                assert mapper.stop() == 0, mapper.log()[-3000:]
+        assert retained(own, f"{base}/availability") == b"offline", mapper.log()[-3000:]
+        assert orjson.loads(retained(own, f"{base}/state"))["state"] == "offline"
+        assert retained(own, f"mapper/{node}/availability") == b"offline"
