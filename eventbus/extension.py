@@ -137,17 +137,21 @@ class EventBusExtension:
         """
         if self.bus is None or self.topics is None or self.publisher is None:
             return
-        connected = self.bus.connected.is_set()
         direct: list[OutMessage] = []
         try:
             async with asyncio.timeout(self.settings.drain_on_stop_s):
                 await self._connecting.wait()  # an announcement in progress is queued first
                 direct = await self._devices_offline(service)
-                if connected:
+                await self._connecting.wait()  # (a reconnect's, made meanwhile)
+                if self.bus.connected.is_set():
                     await self.publisher.drain()
         except TimeoutError:
             log.warning("stopping with messages still queued in the outbox; they are sent at the next start")
-        if not connected:
+        # Connected now, not when the stop began: a reconnect waiting for its SUBACK then was not yet
+        # `connected`, and went on to announce the node `online` with nothing after it (the clean
+        # DISCONNECT keeps the will). No await between here and the bus being cancelled but these
+        # publishes: a reconnect not done by now never announces.
+        if not self.bus.connected.is_set():
             return
         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
             async with asyncio.timeout(3):
