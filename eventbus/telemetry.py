@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -41,8 +42,8 @@ class Telemetry:
     of reading time (a dashboard's view; the property topics carry every reading), and at
     once when a change-driven property published. With readings still coming, the retained
     state is never older than the interval plus one collect cycle. A change of the device's
-    state sends it at once, from the event bus (`state_message`), whatever the interval: state
-    changes are rare, and the interval is for readings.
+    state sends it from the event bus (`state_message`; EventBusExtension._on_state): at once,
+    then at most once per interval with the latest state, whatever the readings' pace.
 
     The state view holds only what was read in this run: each value with the time it was read,
     and `ts` the time of the newest of them (never the time the message was made). A device
@@ -63,6 +64,9 @@ class Telemetry:
         # Each device's latest good value of each property read in this run, with its reading time.
         self._latest: dict[DeviceId, dict[str, tuple[Any, int]]] = {}
         self._states: dict[DeviceId, str] = {}
+        # Devices a definition change restarted: readings taken before that time are the old
+        # runner's (still on their way through the recorder) and stay out of the state view.
+        self._fresh_from: dict[DeviceId, int] = {}
         # (device, property) -> _Route (see above): built once.
         self._routes: dict[tuple[DeviceId, str], _Route] = {}
 
@@ -72,21 +76,41 @@ class Telemetry:
 
     @definitions.setter
     def definitions(self, value: dict[DeviceId, DeviceDefinition]) -> None:
-        """New definitions (a reload, a KubeEdge update): a property no longer in its device's
-        definition leaves the device's state view (its last value stayed there for good). A device
-        no longer defined keeps its view: it is stopped, and its last state message (`offline`)
-        still carries what it read."""
+        """New definitions (a reload, a KubeEdge update). A device whose definition changed (its
+        document or its origin: the service restarts it with a new runner) starts its state view
+        afresh: its values were read by a device that no longer runs as it did (a temperature whose
+        `base` changed, another origin's device taking over the id), and a view kept until its new
+        runner's first state change went out with the old values and `"state":"ok"` (55ff823: a
+        state message carries only values read by the device as it runs now). Its pacing starts
+        again too: its first good reading sends the view at once. Readings its old runner took,
+        still on their way through the recorder, are kept out of the view (`_fresh_from`). A
+        device no longer defined keeps its view: it is stopped, and its last state message
+        (`offline`) still carries what it read (6fb7906)."""
+        old = self._definitions
         self._definitions = value
         self._routes.clear()
-        for device, values in self._latest.items():
+        now = time.time_ns() // 1_000_000
+        for device, before in old.items():
             definition = value.get(device)
-            if definition is None:
+            if definition is None or definition is before:
                 continue
-            names = {p.name for p in definition.properties}
-            for name in [n for n in values if n not in names]:
-                del values[name]
-                self._last_sent.pop((device, name), None)
-                self._last_value.pop((device, name), None)
+            if definition.fingerprint == before.fingerprint and definition.origin == before.origin:
+                # The same device (its runner runs on): only a property it no longer has leaves.
+                names = {p.name for p in definition.properties}
+                values = self._latest.get(device, {})
+                for name in [n for n in values if n not in names]:
+                    del values[name]
+                    self._last_sent.pop((device, name), None)
+                    self._last_value.pop((device, name), None)
+                continue
+            self._latest.pop(device, None)
+            self._state_sent.pop(device, None)
+            self._states.pop(device, None)
+            for key in [k for k in self._last_sent if k[0] == device]:
+                del self._last_sent[key]
+            for key in [k for k in self._last_value if k[0] == device]:
+                del self._last_value[key]
+            self._fresh_from[device] = now
 
     def _route(self, key: tuple[DeviceId, str]) -> _Route | None:
         definition = self._definitions.get(key[0])
@@ -149,6 +173,16 @@ class Telemetry:
             if route is None:
                 continue
             prop, topic, qos, retain, on_change, body, publish = route
+            fresh_from = self._fresh_from.get(device) if self._fresh_from else None
+            if fresh_from is not None:
+                if reading.taken_at_ms <= fresh_from:
+                    # Taken by the runner a definition change replaced: published on its topic as
+                    # it was read, but not in the state view of the device as it runs now.
+                    if publish and self._due(key, prop, reading):
+                        messages.append(OutMessage(topic, body, qos, retain, reading=reading))
+                    continue
+                # The recorder keeps the order readings were taken in: all later ones are the new runner's.
+                del self._fresh_from[device]
             values = latest.get(device)
             if values is None:
                 values = latest[device] = {}

@@ -19,8 +19,10 @@ import orjson
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
+from devices.ids import DeviceId
 from helpers import TwinLock, device_yaml, one_property_device, wait_for, write_devices
 from mapper_proc import REPO, MapperProcess
+from twin.store import TwinStore
 
 
 @pytest.fixture
@@ -360,25 +362,203 @@ def test_the_retained_state_follows_a_device_that_becomes_unhealthy(broker, tmp_
             live_json(app, f"{base}/state", lambda b: b["state"] == "ok")
 
 
-def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
-    """A reload drops `power` and `count` from `lamp`, and moves its temperature to about 40: the
-    state message kept the last `power` and `count` of before the reload for as long as the
-    mapper ran. The state view now holds the properties of the device's definition only."""
-    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
-    state_topic = f"mapper/{node}/default/lamp/state"
-    with broker.client("app") as app:
-        app.subscribe(state_topic)
-        with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
-            before = live_json(app, state_topic, lambda b: {"temperature", "power", "count"} <= b.keys())
-            assert before["temperature"] < 30
-            only_temperature = device_yaml("lamp", cycle=100).split("    - name: power")[0]
-            (devices / "lamp.yaml").write_text(
-                only_temperature.replace("base: 21, amplitude: 1, noise: 0.1", "base: 40, amplitude: 0, noise: 0"))
+def quiet_reload(broker: MosquittoBroker, tmp_path, node: str, device: str, before: str, after: str,
+                 *, then: Callable[[MapperProcess], None] | None = None) -> tuple[MapperProcess, list[dict]]:
+    """Run `device` (file text `before`, no property reporting to the cloud) with
+    mqtt.state_interval_ms at 60 s: after its first state messages the outbox stays empty, so a
+    subscriber that comes after that gets no state message built before the reload. Then `after`
+    and SIGHUP, `then(mapper)`, SIGTERM. Returns the mapper and every live state message from the
+    SIGHUP to the stop's `offline` one (the only messages the reload and the stop made)."""
+    devices = tmp_path / "dev"
+    devices.mkdir(exist_ok=True)
+    (devices / f"{device}.yaml").write_text(before)
+    state_topic = f"mapper/{node}/default/{device}/state"
+    with MapperProcess(tmp_path, devices, broker, node=node, extra="  state_interval_ms: 60000\n") as mapper:
+        def first_state() -> dict | None:
+            with broker.client("app") as fresh:
+                fresh.subscribe(state_topic)
+                try:
+                    return orjson.loads(fresh.next_message(1).payload)
+                except TimeoutError:
+                    return None
+        wait_for(lambda: (s := first_state()) is not None and s["state"] == "ok", what="the first state message")
+
+        def depth() -> int:
+            with TwinStore.open(mapper.twin_path) as store:
+                return store.outbox_stats()["depth"]
+        wait_for(lambda: depth() == 0, what="the outbox to be empty")
+        seen = []
+        with broker.client("app") as app:
+            app.subscribe(state_topic)
+            assert app.next_message(10).retain  # what was sent before: the retained message
+            (devices / f"{device}.yaml").write_text(after)
             mapper.process.send_signal(signal.SIGHUP)
-            after = live_json(app, state_topic, lambda b: b.get("temperature", 0) > 30)
-            mapper.wait_log("reload done: changed default/lamp")
-            assert set(after) == {"temperature", "ts", "state", "seq"}, after
-            assert set(orjson.loads(retained(broker, state_topic))) == {"temperature", "ts", "state", "seq"}
+            seen.append(live_json(app, state_topic, lambda b: True))
+            mapper.wait_log(f"reload done: changed default/{device}")
+            if then is not None:
+                then(mapper)
+            assert mapper.stop() == 0
+            while seen[-1]["state"] != "offline":
+                seen.append(live_json(app, state_topic, lambda b: True))
+    return mapper, seen
+
+
+def first_good_readings(mapper: MapperProcess, device: str, name: str, value) -> list[int]:
+    """The times of the readings of `value` in the twin's history, oldest first."""
+    history = orjson.loads(cli(mapper, "twin", "history", device, name, "--limit", "100000", "--json"))
+    return sorted(r["ts"] for r in history if r["quality"] == "good" and r["value"] == value)
+
+
+def test_a_device_a_reload_changes_states_only_what_it_reads_now(broker, tmp_path, node):
+    """A reload changes the `base` of a probe's temperature from 21 to 40. The device's new runner
+    started `unknown`; its first good read set it `ok` before the reading was recorded, and that
+    state change sent the view kept from before the reload: `{"temperature":21.0,"state":"ok"}`
+    with the old `ts`. Then the pacing of the old runner's state messages held the first reading
+    of 40 back (up to mqtt.state_interval_ms, here 60 s). A changed device now starts its view
+    afresh: the first state message after the reload carries the first reading of 40, and no
+    state message after it a value of before."""
+    def probe(base: int) -> str:
+        return one_property_device(
+            "probe", "{name: temperature, type: FLOAT, accessMode: ReadOnly}",
+            f"{{kind: temperature, base: {base}, amplitude: 0, noise: 0}}",
+            settings="collectCycle: 100\nreportToCloud: false")
+
+    mapper, seen = quiet_reload(broker, tmp_path, node, "probe", probe(21), probe(40))
+    first = seen[0]
+    assert (first["temperature"], first["state"]) == (40.0, "ok"), seen
+    # The first reading of 40 went out at once (a batch of the recorder may carry two readings).
+    assert first["ts"] in first_good_readings(mapper, "probe", "temperature", 40.0)[:2], seen
+    assert [s["temperature"] for s in seen] == [40.0] * len(seen), seen
+    assert seen[-1]["state"] == "offline"
+
+
+def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
+    """A reload drops `power` and `count` from `lamp`, and moves its temperature to 40: the
+    state message kept the last `power` and `count` of before the reload for as long as the
+    mapper ran. The state view now holds the properties of the device's definition only, read
+    since the reload: the first state message after it is the first reading of 40 (this test
+    once waited for a temperature above 30, which skipped a message with the values of before)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)  # (and the model)
+    lamp = (devices / "lamp.yaml").read_text().replace("reportToCloud: true", "reportToCloud: false")
+    only_temperature = lamp.split("    - name: power")[0].replace(
+        "base: 21, amplitude: 1, noise: 0.1", "base: 40, amplitude: 0, noise: 0")
+    state_topic = f"mapper/{node}/default/lamp/state"
+
+    def retained_keys(mapper: MapperProcess) -> None:
+        wait_for(lambda: "temperature" in orjson.loads(retained(broker, state_topic)), what="the retained state")
+        assert set(orjson.loads(retained(broker, state_topic))) == {"temperature", "ts", "state", "seq"}
+
+    mapper, seen = quiet_reload(broker, tmp_path, node, "lamp", lamp, only_temperature, then=retained_keys)
+    assert seen[0]["temperature"] == 40.0, seen
+    assert all(set(s) == {"temperature", "ts", "state", "seq"} and s["temperature"] == 40.0 for s in seen), seen
+
+
+FLAPPY = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: flappy-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+    - {{name: bad, type: INT, accessMode: ReadOnly}}
+    - {{name: temperature, type: FLOAT, accessMode: ReadOnly}}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: flappy, namespace: default}}
+spec:
+  deviceModelRef: {{name: flappy-model}}
+  protocol: {{protocolName: simulated, configData: {{fail_while_exists: {fault}}}}}
+  properties:
+    - name: bad
+      visitors: {{protocolName: simulated, configData: {{kind: constant, value: not a number}}}}
+      collectCycle: 50
+      reportToCloud: false
+    - name: temperature
+      visitors: {{protocolName: simulated, configData: {{kind: temperature, base: 21, amplitude: 0, noise: 0}}}}
+      collectCycle: 50
+      reportToCloud: false
+"""
+
+
+def test_a_flapping_device_sends_its_state_at_most_once_per_interval(broker, tmp_path, node):
+    """With `failure_threshold: 1` a device with one property that always fails (a constant its
+    type refuses) and one that reads well goes `unhealthy` and `ok` again in every collect cycle
+    (50 ms). Each change sent a retained availability message (kind "state": never dropped by the
+    outbox limits) and a retained state message: 40 a second, without bound in an outage. They are
+    coalesced now: at most one send per mqtt.state_interval_ms (1000 ms), the first at once, the
+    latest state after the interval. Once the flapping stops (every read fails: the fault file),
+    the last messages say what the device is: `offline`, `"state":"unhealthy"`."""
+    fault = tmp_path / "unplugged"
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "flappy.yaml").write_text(FLAPPY.format(fault=fault))
+    base = f"mapper/{node}/default/flappy"
+    device = DeviceId("default", "flappy")
+    interval = 1000
+    mapper = MapperProcess(tmp_path, devices, broker, node=node)
+    config = mapper.config.read_text()
+    assert "failure_threshold: 3" in config
+    mapper.config.write_text(config.replace("failure_threshold: 3", "failure_threshold: 1"))
+
+    def history(name: str) -> list[tuple[int, object, str]]:
+        with TwinStore.open(mapper.twin_path) as store:
+            return store.history(device, name, limit=1_000_000)
+
+    received: list[tuple[str, bytes]] = []
+    with broker.client("app") as app:
+        app.subscribe(f"{base}/availability")
+        app.subscribe(f"{base}/state")
+        with mapper:
+            # 40 collect cycles of flapping: two state changes each.
+            wait_for(lambda: sum(q == "good" for _, _, q in history("temperature")) >= 40, timeout=30,
+                     what="40 good readings of temperature")
+            fault.touch()  # every read fails from now on: `unhealthy` for good
+            # The flapping has stopped once a read failed after the last good one (`bad` fails always).
+            wait_for(lambda: (h := history("temperature")) and h[-1][2] != "good", timeout=30,
+                     what="a failed read of temperature")
+            readings = history("temperature")
+            good = [ts for ts, _, q in readings if q == "good"]
+            last_good = good[-1]
+            first_failed_after = next(ts for ts, _, q in readings if q != "good" and ts >= last_good)
+            first_change = history("bad")[0][0]  # its first read failed: `unhealthy`, the first change
+            # Everything up to the state message made after the last change (it alone says
+            # `unhealthy` with the last good reading's `ts`: before it, that reading came with `ok`).
+            while True:
+                message = app.next_message(20)
+                assert not message.retain, message.topic  # (a node of its own: nothing retained before)
+                received.append((message.topic, message.payload))
+                if message.topic == f"{base}/state":
+                    body = orjson.loads(message.payload)
+                    if body["state"] == "unhealthy" and body["ts"] == last_good:
+                        break
+            assert retained(broker, f"{base}/availability") == b"offline"
+            after: list[tuple[str, bytes]] = []
+            assert mapper.stop() == 0
+            while True:  # until the stop's state message
+                message = app.next_message(20)
+                after.append((message.topic, message.payload))
+                if message.topic == f"{base}/state" and orjson.loads(message.payload)["state"] == "offline":
+                    break
+    availability = [p for t, p in received if t.endswith("/availability")]
+    states = [orjson.loads(p) for t, p in received if t.endswith("/state")]
+    # Sends of state changes are at least `interval` apart; they happen from the first change to
+    # one interval after the last (which came before the first failed read after the last good
+    # one). The mapper's own reading times measure that span: no clock of the test's.
+    span = first_failed_after + interval - first_change
+    paced = 1 + -(-span // interval) + 1  # (+1: the loop's clock and the readings' are not one)
+    # One more of each at connect (the announcement), and the state messages of the readings
+    # (once per interval, a reading up to half a cycle early counting as on time).
+    readings_paced = 2 + -(-(last_good - good[0]) // (interval - 25))
+    assert len(availability) <= paced + 1, (len(availability), paced, availability)
+    assert len(states) <= paced + 1 + readings_paced, (len(states), paced, readings_paced)
+    assert len(good) >= 40  # (40 cycles flapped: 80 changes, each sent before)
+    assert availability[-1] == b"offline" and states[-1]["state"] == "unhealthy"
+    # After it, until the stop's own `offline`: nothing but the final state (a send held back at
+    # most), and the stop's `offline` last.
+    assert {p for t, p in after if t.endswith("/availability")} <= {b"offline"}, after
+    assert [orjson.loads(p)["state"] for t, p in after if t.endswith("/state")][-1] == "offline", after
+    assert {orjson.loads(p)["state"] for t, p in after if t.endswith("/state")} <= {"unhealthy", "offline"}, after
 
 
 def test_a_state_change_the_locked_twin_kept_does_not_follow_the_stop_offline(tmp_path, node):

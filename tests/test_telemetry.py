@@ -191,3 +191,28 @@ def test_a_reading_of_a_property_a_reload_removed_is_not_published(tmp_path):
     assert [m.topic for m in out if m.topic != topics.device_state(D)] == [topics.telemetry(D, "temperature")]
     (state,) = [orjson.loads(orjson.dumps(m.body)) for m in out if m.topic == topics.device_state(D)]
     assert "count" not in state and state["temperature"] == 21.0
+
+
+def test_a_device_a_reload_changes_starts_its_state_view_afresh(tmp_path):
+    """A reload that changes a device (here its temperature's `base`) drops the device's view and
+    its pacing: no value its old runner read comes back (also not one still in the recorder), and
+    the first reading of the new runner sends the state at once. A device the reload removes keeps
+    its view (its `offline` state message carries what it read)."""
+    import time
+
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=60_000)
+    now = time.time_ns() // 1_000_000
+    assert [m.body["temperature"] for m in telemetry([Reading(D, "temperature", 21.0, now - 500)])
+            if m.topic == topics.device_state(D)] == [21.0]
+    devices = tmp_path / "devices"
+    (devices / "d.yaml").write_text((devices / "d.yaml").read_text().replace("base: 21", "base: 40"))
+    telemetry.definitions = load([devices]).devices
+    assert telemetry.state_message(D) is None
+    # The old runner's last reading, recorded after the switch: published, but not in the view.
+    out = list(telemetry([Reading(D, "temperature", 21.1, now - 400)]))
+    assert [m.topic for m in out] == [topics.telemetry(D, "temperature")]
+    later = time.time_ns() // 1_000_000 + 1
+    (state,) = [m.body for m in telemetry([Reading(D, "temperature", 40.0, later)]) if m.topic == topics.device_state(D)]
+    assert (state["temperature"], state["ts"]) == (40.0, later) and "count" not in state
+    telemetry.definitions = {}
+    assert telemetry.state_message(D).body["temperature"] == 40.0
