@@ -463,16 +463,8 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
     not looked into: drivers and other tools read what they hold.
     """
     found: list[Problem] = []
-
-    def walk(value: Any, path: Path_) -> None:
-        if isinstance(value, list | tuple):
-            for i, item in enumerate(value):
-                walk(item, (*path, i))
-            return
-        if not isinstance(value, _Schema):
-            return
+    for value, path, known in _schema_nodes(obj):
         cls = type(value)
-        known = {info.alias or name: name for name, info in cls.model_fields.items()}
         for key in value.model_extra or {}:
             if key in cls.kubernetes_fields:
                 continue
@@ -488,11 +480,25 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
                 doc.file, doc.line_of(where), field_name(where),
                 f"unknown field{hint} It is ignored here{then}; KubeEdge's API server would drop it (kubectl refuses it)",
                 "warning"))
-        for alias, name in known.items():
-            walk(getattr(value, name), (*path, alias))
-
-    walk(obj, ())
     return found
+
+
+def _schema_nodes(obj: BaseModel) -> Iterator[tuple[Any, Path_, dict[str, str]]]:
+    """Every schema object of a validated document, depth first: (object, its path by CRD names,
+    {CRD name: attribute name} of its fields)."""
+    def walk(value: Any, path: Path_) -> Iterator[tuple[Any, Path_, dict[str, str]]]:
+        if isinstance(value, list | tuple):
+            for i, item in enumerate(value):
+                yield from walk(item, (*path, i))
+            return
+        if not isinstance(value, _Schema):
+            return
+        known = {info.alias or name: name for name, info in type(value).model_fields.items()}
+        yield value, path, known
+        for alias, name in known.items():
+            yield from walk(getattr(value, name), (*path, alias))
+
+    return walk(obj, ())
 
 
 def _raw(data: Any, path: Path_) -> Any:
@@ -517,17 +523,8 @@ def bare_number_warnings(
     `text_of(path, number)` is the text the mapper reads the number as (default: str(number)).
     """
     found: list[Problem] = []
-
-    def walk(value: Any, path: Path_) -> None:
-        if isinstance(value, list | tuple):
-            for i, item in enumerate(value):
-                walk(item, (*path, i))
-            return
-        if not isinstance(value, _Schema):
-            return
-        cls = type(value)
-        known = {info.alias or name: name for name, info in cls.model_fields.items()}
-        for alias in sorted(cls.numbers_as_text):
+    for value, path, _ in _schema_nodes(obj):
+        for alias in sorted(type(value).numbers_as_text):
             where = (*path, alias)
             raw = _raw(doc.data, where)
             if isinstance(raw, int | float) and not isinstance(raw, bool):
@@ -537,10 +534,6 @@ def bare_number_warnings(
                     "a bare number: accepted here, but KubeEdge's API server (kubectl apply) refuses a number there"
                     f" (its CRD says string); quote it: {alias}: {json.dumps(text)}",
                     "warning"))
-        for alias, name in known.items():
-            walk(getattr(value, name), (*path, alias))
-
-    walk(obj, ())
     return found
 
 
