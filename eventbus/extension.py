@@ -55,14 +55,6 @@ class EventBusExtension:
         self._unknown_later: asyncio.Task[None] | None = None  # see FIRST_STATE_GRACE_S
         self._clearing: dict[str, None] = {}  # topics of retained commands cleared, until the clear comes back
         self._service: MapperService | None = None
-        # State changes, coalesced per device (see _on_state): when its last ones went out (the
-        # loop's clock), the definition and state to send once the interval has passed, the timer
-        # for that, and the sends in progress.
-        self._state_sent_at: dict[DeviceId, float] = {}
-        self._state_due: dict[DeviceId, tuple[DeviceDefinition, str]] = {}
-        self._state_timers: dict[DeviceId, asyncio.TimerHandle] = {}
-        self._state_sends: set[asyncio.Task[None]] = set()
-        self._stopping = False
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -75,6 +67,9 @@ class EventBusExtension:
 
     async def setup(self, service: MapperService) -> None:
         self._service = service
+        # A device's state changes are paced by the service (MapperService._on_state), the twin's
+        # write and these messages together: at most one per mqtt.state_interval_ms.
+        service.state_interval_s = self.settings.state_interval_ms / 1000
         config = service.config
         self.topics = Topics(config.node, self.settings.topic_prefix)
         definitions = service.definitions.devices if service.definitions else {}
@@ -128,12 +123,9 @@ class EventBusExtension:
         committed while the outbox drains, or after, and wait in it for the next start; the broker
         keeps a QoS 1 message in the mapper's session and sends it again at the next connection.
 
-        A device state change held back by the pacing of state changes (_on_state) is queued now,
-        before the devices stop: the `offline` a clean stop queues (before_stop) comes after it,
-        and is the last word. From here on a change goes out at once."""
+        (A device state change the service held back, see _on_state, is queued by the service
+        before before_stop: the `offline` a clean stop queues there is the last word.)"""
         self._cancel_unknown_later()
-        self._stopping = True
-        await self._send_due_states()
         if self.bus is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_on_stop_s):
@@ -209,9 +201,6 @@ class EventBusExtension:
 
     async def shutdown(self, service: MapperService) -> None:
         self._cancel_unknown_later()
-        for timer in self._state_timers.values():
-            timer.cancel()
-        self._state_timers.clear()
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None
@@ -347,84 +336,22 @@ class EventBusExtension:
         state said `ok` while it was `unhealthy`). No state view before the device's first good
         reading in this run (Telemetry.state_message).
 
-        Coalesced per device to one send per mqtt.state_interval_ms: the first change goes out at
-        once; one within the interval after a send goes out when the interval has passed, with the
-        device's state then (the last one, exact). A device that flaps (`ok`, `unhealthy`, `ok`
-        twice per collect cycle with failure_threshold 1) sent a retained state message and an
-        availability message for every change: the availability (kind "state") is never dropped
-        by the outbox limits, so in an outage those rows piled up without bound and pushed real
-        readings out of the outbox. `offline` (a device stopped: removed or refused by a reload)
-        goes out at once, as does everything once a clean stop began (stop_requested)."""
+        Called once per change the service writes to the twin, in that transaction: the service
+        coalesces a device's changes to one per mqtt.state_interval_ms (MapperService._on_state,
+        state_interval_s set in setup): the first at once, the latest once the interval has
+        passed, `offline` and everything once a clean stop began at once. A device that flaps
+        (`ok`, `unhealthy`, `ok` twice per collect cycle with failure_threshold 1) sent a retained
+        state message and an availability message for every change: the availability (kind
+        "state") is never dropped by the outbox limits, so in an outage those rows piled up
+        without bound and pushed real readings out of the outbox."""
         assert self.telemetry is not None
         device = definition.id
         self.telemetry.set_state(device, state)
-        interval = self.settings.state_interval_ms / 1000
-        timer = self._state_timers.get(device)
-        if interval <= 0 or self._stopping or state == OFFLINE:
-            if timer is not None:  # what it held back is superseded by this
-                timer.cancel()
-                del self._state_timers[device]
-            self._state_due.pop(device, None)
-            if interval > 0:
-                self._state_sent_at[device] = asyncio.get_running_loop().time()
-            return self._state_messages(device, state)
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        last = self._state_sent_at.get(device)
-        if timer is None and (last is None or now - last >= interval):
-            self._state_sent_at[device] = now
-            return self._state_messages(device, state)
-        self._state_due[device] = (definition, state)
-        if timer is None:
-            self._state_timers[device] = loop.call_later(max(0.0, last + interval - now), self._state_due_now, device)
-        return []
-
-    def _state_messages(self, device: DeviceId, state: str) -> list[OutMessage]:
-        assert self.telemetry is not None
         messages = [self._availability(device, state)]
         view = self.telemetry.state_message(device)
         if view is not None:
             messages.append(view)
         return messages
-
-    def _state_due_now(self, device: DeviceId) -> None:
-        """The interval after a device's last state send has passed: its latest state goes out."""
-        self._state_timers.pop(device, None)
-        due = self._state_due.pop(device, None)
-        if due is None:
-            return
-        self._state_sent_at[device] = asyncio.get_running_loop().time()
-        task = asyncio.create_task(self._send_state(*due), name=f"state[{device}]")
-        self._state_sends.add(task)
-        task.add_done_callback(self._state_sends.discard)
-
-    async def _send_state(self, definition: DeviceDefinition, state: str) -> None:
-        """Queue a state change held back (the messages are made here, in the step that hands
-        them to the twin: in order with the other sends)."""
-        assert self._service is not None
-        device = definition.id
-        messages = self._state_messages(device, state)
-        try:
-            rows = await self._service.twin(lambda s: s.record([], messages))
-        except Exception as exc:  # noqa: BLE001 - a full disk: tried again after the interval
-            log.error("%s: cannot queue its state %s in the twin (%s); trying again in %g s", device, state, exc,
-                      self.settings.state_interval_ms / 1000)
-            if not self._stopping and device not in self._state_due:
-                self._state_due[device] = (definition, state)
-                if device not in self._state_timers:
-                    self._state_timers[device] = asyncio.get_running_loop().call_later(
-                        self.settings.state_interval_ms / 1000, self._state_due_now, device)
-            return
-        if rows and self.publisher:
-            self.publisher.offer(rows)
-
-    async def _send_due_states(self) -> None:
-        """Queue every state change held back now, and wait for those being queued (a clean stop)."""
-        for device, timer in list(self._state_timers.items()):
-            timer.cancel()
-            self._state_due_now(device)
-        if self._state_sends:
-            await asyncio.gather(*self._state_sends, return_exceptions=True)
 
     async def _on_applied(self, service: MapperService, change: DesiredChange, error: str | None) -> None:
         """After a desired value was written: the twin document (and a delta if one remains)."""

@@ -59,6 +59,12 @@ class MapperService:
         self._states_unsaved = asyncio.Event()
         self._state_calls: dict[DeviceId, int] = {}  # per device: which _on_state call is the newest
         self._state_saves: set[asyncio.Future[None]] = set()  # state writes still running (see _on_state)
+        # A device's state changes are written at most once per this many seconds (see _on_state);
+        # the event bus sets it to mqtt.state_interval_ms. 0: every change at once.
+        self.state_interval_s = 1.0
+        self._state_written_at: dict[DeviceId, float] = {}  # per device: when its last write began (loop clock)
+        self._state_held: dict[DeviceId, tuple[DeviceDefinition, str, str | None]] = {}  # the latest, held back
+        self._state_timers: dict[DeviceId, asyncio.TimerHandle] = {}  # writing what is held, once the interval passed
         self._state_log = Throttle(burst=1, interval_s=60.0)
         self._tasks: dict[DeviceId, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Future[None]] = set()  # device releases still running (see stop_device)
@@ -177,6 +183,11 @@ class MapperService:
                     await stop_requested(self)
         while self._updates:  # a switch begun before the stop ends first, or it would start devices after this
             await asyncio.gather(*self._updates, return_exceptions=True)
+        # The device states held back by the pacing (_on_state) are written now, and every change
+        # from here on at once: the twin ends with each device's last state, and the `offline`
+        # the event bus queues (before_stop, after the writes below) is the last word.
+        for device_id in list(self._state_timers):
+            self._write_held_state(device_id)
         await self.stop_devices(list(self._tasks))
         if self._state_saves:  # the last state changes' messages reach the outbox before it drains
             await asyncio.gather(*self._state_saves, return_exceptions=True)
@@ -209,6 +220,9 @@ class MapperService:
                     log.warning("%s: error while stopping: %s", type(ext).__name__, exc)
 
     async def _shutdown(self) -> None:
+        for timer in self._state_timers.values():
+            timer.cancel()
+        self._state_timers.clear()
         # (Runners still here: the task group failed. Closed as a stop closes them, never
         # waiting on the event loop for a stuck bus.)
         runners, self.runners = list(self.runners.values()), {}
@@ -312,6 +326,10 @@ class MapperService:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        # Its last state, if held back by the pacing (_on_state), is written now; a runner started
+        # for it again (a reload that changes it) starts afresh: its first state change at once.
+        self._write_held_state(device_id)
+        self._state_written_at.pop(device_id, None)
         if runner is not None:
             await to_the_end(runner.close_when_idle(), self._closing, f"{device_id}: releasing its driver")
 
@@ -355,9 +373,50 @@ class MapperService:
         Shielded: a device stopped while its state waits for the twin (a stop, a reload) cancels
         the wait, not the write, and the write's messages still reach the publisher (they used to
         be committed with nobody told, and stayed in the outbox until the next start).
+
+        Coalesced per device to one write per state_interval_s (the event bus's
+        mqtt.state_interval_ms), the listeners' messages with it: the first change at once; one
+        within the interval after a write is held back, and the device's state then (the latest,
+        exact) is written once the interval has passed. A device that flaps (`unhealthy` -> `ok`
+        twice per collect cycle with failure_threshold 1) made a twin transaction per change, tens
+        a second: SD-card wear, and the twin's lock taken from everyone else. `offline` (a device a
+        reload removes or refuses) goes at once and supersedes what is held back, as does every
+        change once the stop began (_wind_down writes what is held back first).
         """
+        device = definition.id
+        interval = self.state_interval_s
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if interval > 0 and not self._stopping and state != OFFLINE:
+            last = self._state_written_at.get(device)
+            if device in self._state_timers or (last is not None and now - last < interval):
+                self._state_held[device] = (definition, state, detail)
+                self._unsaved_states.pop(device, None)  # superseded by this one
+                if device not in self._state_timers:
+                    assert last is not None
+                    self._state_timers[device] = loop.call_later(last + interval - now, self._write_held_state, device)
+                return
+        timer = self._state_timers.pop(device, None)
+        if timer is not None:  # what it held back is superseded by this
+            timer.cancel()
+        self._state_held.pop(device, None)
+        self._state_written_at[device] = now
         await to_the_end(self._save_state(definition, state, detail), self._state_saves,
-                         f"{definition.id}: saving its state {state!r}")
+                         f"{device}: saving its state {state!r}")
+
+    def _write_held_state(self, device_id: DeviceId) -> None:
+        """The interval after a device's last state write has passed (or the stop began): its
+        latest state is written (in a task of its own, which the stop waits for: _state_saves)."""
+        timer = self._state_timers.pop(device_id, None)
+        if timer is not None:
+            timer.cancel()
+        held = self._state_held.pop(device_id, None)
+        if held is None:
+            return
+        self._state_written_at[device_id] = asyncio.get_running_loop().time()
+        task = asyncio.ensure_future(self._save_state(*held))
+        self._state_saves.add(task)
+        task.add_done_callback(self._state_saves.discard)
 
     async def _save_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
         self._unsaved_states.pop(definition.id, None)
@@ -392,8 +451,8 @@ class MapperService:
                 entry = self._unsaved_states.get(device_id)
                 if entry is None:
                     continue  # a newer state was saved meanwhile
-                try:
-                    await self._on_state(*entry)
+                try:  # (not paced: at most once a second, and a newer state held back supersedes it)
+                    await to_the_end(self._save_state(*entry), self._state_saves, f"{device_id}: saving its state")
                 except Exception as exc:  # noqa: BLE001 - a listener's bug must not end the mapper from here
                     self._unsaved_states.pop(device_id, None)
                     log.error("%s: state %s could not be saved and is given up: %s", device_id, entry[1], exc)

@@ -8,12 +8,15 @@ device's retained state as a Home Assistant user reads it after a stop and at th
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import sqlite3
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import orjson
 import pytest
@@ -453,6 +456,7 @@ def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
     assert all(set(s) == {"temperature", "ts", "state", "seq"} and s["temperature"] == 40.0 for s in seen), seen
 
 
+FLAPPY_ID = DeviceId("default", "flappy")
 FLAPPY = """\
 apiVersion: devices.kubeedge.io/v1beta1
 kind: DeviceModel
@@ -481,6 +485,97 @@ spec:
 """
 
 
+def _flappy_mapper(tmp_path: Path, broker: MosquittoBroker, node: str, fault: Path,
+                   ) -> tuple[MapperProcess, Callable[[str], list[tuple[int, object, str]]]]:
+    """A `mapper run` (not started) with the FLAPPY device and failure_threshold 1: `bad` fails
+    every read, `temperature` reads well, so the device goes `unhealthy` and `ok` again in every
+    50 ms collect cycle until `fault` exists. Returns it and the twin's history of a property."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "flappy.yaml").write_text(FLAPPY.format(fault=fault))
+    mapper = MapperProcess(tmp_path, devices, broker, node=node)
+    config = mapper.config.read_text()
+    assert "failure_threshold: 3" in config
+    mapper.config.write_text(config.replace("failure_threshold: 3", "failure_threshold: 1"))
+
+    def history(name: str) -> list[tuple[int, object, str]]:
+        with TwinStore.open(mapper.twin_path) as store:
+            return store.history(FLAPPY_ID, name, limit=1_000_000)
+
+    return mapper, history
+
+
+def _flap_then_fail(history: Callable[[str], list[tuple[int, object, str]]], fault: Path,
+                    ) -> tuple[list[int], int, int, int]:
+    """Let the running flappy device flap for 40 collect cycles (two state changes each), then stop
+    the flapping (the fault file: every read fails, `unhealthy` for good). Returns, by the
+    mapper's own reading times: the good readings' `ts`, the last good one's, the first failed
+    read of temperature after it, and the device's first change (`bad`'s first, failed, read)."""
+    wait_for(lambda: sum(q == "good" for _, _, q in history("temperature")) >= 40, timeout=30,
+             what="40 good readings of temperature")
+    fault.touch()
+    # The flapping has stopped once a read failed after the last good one (`bad` fails always).
+    wait_for(lambda: (h := history("temperature")) and h[-1][2] != "good", timeout=30,
+             what="a failed read of temperature")
+    readings = history("temperature")
+    good = [ts for ts, _, q in readings if q == "good"]
+    last_good = good[-1]
+    first_failed_after = next(ts for ts, _, q in readings if q != "good" and ts >= last_good)
+    first_change = history("bad")[0][0]  # its first read failed: `unhealthy`, the first change
+    return good, last_good, first_failed_after, first_change
+
+
+def test_a_flapping_device_writes_its_state_to_the_twin_at_most_once_per_interval(broker, tmp_path, node):
+    """The flapping device of the test below made a twin transaction per state change (tens a
+    second: SD-card wear, the twin's lock taken from everyone else). Its state writes are paced
+    as its messages are: at most one per mqtt.state_interval_ms (1000 ms), the first at once,
+    the latest state after the interval. Counted by a SQLite trigger on the twin's devices table
+    (every UPDATE of `state`, with the mapper's `state_ts`); once the flapping stops, the twin says
+    what the device is (`unhealthy`), and so it does after a clean stop."""
+    fault = tmp_path / "unplugged"
+    interval = 1000
+    mapper, history = _flappy_mapper(tmp_path, broker, node, fault)
+    with TwinStore.open(mapper.twin_path):  # the schema, before the mapper's first write
+        pass
+    with sqlite3.connect(mapper.twin_path) as db:
+        db.executescript("""
+            CREATE TABLE state_writes (n INTEGER PRIMARY KEY, device TEXT, state TEXT, ts INTEGER);
+            CREATE TRIGGER count_state_writes AFTER UPDATE OF state ON devices BEGIN
+                INSERT INTO state_writes (device, state, ts) VALUES (NEW.id, NEW.state, NEW.state_ts);
+            END;
+        """)
+    db.close()  # (the context manager commits; it does not close)
+
+    def writes() -> list[tuple[str, int]]:  # the flapping's states written, in order
+        with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
+            return db.execute("SELECT state, ts FROM state_writes WHERE device = ? AND state IN ('ok', 'unhealthy')"
+                              " ORDER BY n", (str(FLAPPY_ID),)).fetchall()
+
+    def twin_state() -> str:
+        with TwinStore.open(mapper.twin_path) as store:
+            return store.device(FLAPPY_ID).state
+
+    with mapper:
+        good, last_good, first_failed_after, first_change = _flap_then_fail(history, fault)
+        # Its final state is written within one interval after the last change: the last write
+        # says `unhealthy`, made after the last good read.
+        wait_for(lambda: (w := writes()) and w[-1][0] == "unhealthy" and w[-1][1] > last_good, timeout=10,
+                 what="the final `unhealthy` written after the last good read")
+        assert twin_state() == "unhealthy"
+        during = writes()
+        assert mapper.stop() == 0
+    assert len(good) >= 40  # (40 cycles flapped: 80 changes, each written before)
+    # Writes are at least `interval` apart, from the first change to one interval after the last
+    # (which came before the first failed read of temperature after the last good one): the span
+    # by the mapper's own reading times, no clock of the test's.
+    span = first_failed_after + interval - first_change
+    paced = 1 + -(-span // interval) + 1  # (+1: the loop's clock and the readings' are not one)
+    assert len(during) <= paced, (len(during), paced, during)
+    assert all(ts <= first_failed_after + interval for _, ts in during), (first_failed_after, during)
+    # A clean stop leaves the device's last state (a device the mapper stops is not `offline` in the twin).
+    assert writes()[-1][0] == "unhealthy" and twin_state() == "unhealthy"
+
+
 def test_a_flapping_device_sends_its_state_at_most_once_per_interval(broker, tmp_path, node):
     """With `failure_threshold: 1` a device with one property that always fails (a constant its
     type refuses) and one that reads well goes `unhealthy` and `ok` again in every collect cycle
@@ -490,38 +585,16 @@ def test_a_flapping_device_sends_its_state_at_most_once_per_interval(broker, tmp
     latest state after the interval. Once the flapping stops (every read fails: the fault file),
     the last messages say what the device is: `offline`, `"state":"unhealthy"`."""
     fault = tmp_path / "unplugged"
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "flappy.yaml").write_text(FLAPPY.format(fault=fault))
     base = f"mapper/{node}/default/flappy"
-    device = DeviceId("default", "flappy")
     interval = 1000
-    mapper = MapperProcess(tmp_path, devices, broker, node=node)
-    config = mapper.config.read_text()
-    assert "failure_threshold: 3" in config
-    mapper.config.write_text(config.replace("failure_threshold: 3", "failure_threshold: 1"))
-
-    def history(name: str) -> list[tuple[int, object, str]]:
-        with TwinStore.open(mapper.twin_path) as store:
-            return store.history(device, name, limit=1_000_000)
+    mapper, history = _flappy_mapper(tmp_path, broker, node, fault)
 
     received: list[tuple[str, bytes]] = []
     with broker.client("app") as app:
         app.subscribe(f"{base}/availability")
         app.subscribe(f"{base}/state")
         with mapper:
-            # 40 collect cycles of flapping: two state changes each.
-            wait_for(lambda: sum(q == "good" for _, _, q in history("temperature")) >= 40, timeout=30,
-                     what="40 good readings of temperature")
-            fault.touch()  # every read fails from now on: `unhealthy` for good
-            # The flapping has stopped once a read failed after the last good one (`bad` fails always).
-            wait_for(lambda: (h := history("temperature")) and h[-1][2] != "good", timeout=30,
-                     what="a failed read of temperature")
-            readings = history("temperature")
-            good = [ts for ts, _, q in readings if q == "good"]
-            last_good = good[-1]
-            first_failed_after = next(ts for ts, _, q in readings if q != "good" and ts >= last_good)
-            first_change = history("bad")[0][0]  # its first read failed: `unhealthy`, the first change
+            good, last_good, first_failed_after, first_change = _flap_then_fail(history, fault)
             # Everything up to the state message made after the last change (it alone says
             # `unhealthy` with the last good reading's `ts`: before it, that reading came with `ok`).
             while True:

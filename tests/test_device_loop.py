@@ -142,6 +142,7 @@ async def test_a_reading_taken_as_the_mapper_stops_is_committed(tmp_path):
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     plug = DeviceId("default", "plug")
     service = MapperService(config)
+    service.state_interval_s = 0  # every state change written at once: `ok` waits for the writer
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     writer: sqlite3.Connection | None = None
