@@ -382,6 +382,25 @@ def test_a_device_switch_whose_caller_is_cancelled_still_completes(sockdir: Path
     run(scenario())
 
 
+async def _restarting_with_saved_state(sockdir: Path, name: str, device, model):  # noqa: ANN001, ANN202
+    """A mapper under a fake edgecore registers `device` (its KubeEdge state file saved) and stops,
+    edgecore with it; then a kubeedge-mode service on the same socket directory and twin, built, not
+    started: (service, its KubeEdge extension). It restores `device` from the state file at start."""
+    from mapper.config import MapperConfig, TwinSettings
+    from mapper.runtime import build_service
+    from test_dmi import settings
+
+    async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+        edgecore.devices = [(device, model)]
+        async with running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            assert mapper.runner(name) is not None
+    config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
+                          kubeedge=settings(sockdir))
+    service = build_service(config)
+    return service, next(e for e in service.extensions if hasattr(e, "catalog"))
+
+
 def test_a_restore_at_start_the_twin_refuses_is_logged_and_the_mapper_runs_on(
     sockdir: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -390,20 +409,8 @@ def test_a_restore_at_start_the_twin_refuses_is_logged_and_the_mapper_runs_on(
     run once the twin can be written (the restore's own retry, or edgecore's registration reply,
     whichever comes first). (The failure used to escape the extension's task: the whole mapper
     ended with a traceback.)"""
-    from mapper.config import MapperConfig, TwinSettings
-    from mapper.runtime import build_service
-    from test_dmi import settings
-
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
-            edgecore.devices = [(switch("lamp"), SWITCH)]
-            async with running_mapper(sockdir) as mapper:
-                await registered(mapper)
-                assert mapper.runner("lamp") is not None
-        config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
-                              kubeedge=settings(sockdir))
-        service = build_service(config)
-        ext = next(e for e in service.extensions if hasattr(e, "catalog"))
+        service, ext = await _restarting_with_saved_state(sockdir, "lamp", switch("lamp"), SWITCH)
         lock = sqlite3.connect(sockdir / "twin.db", isolation_level=None)
 
         def locked_from_now() -> None:  # after the service's own start-up writes, before the restore's switch
@@ -447,24 +454,12 @@ def test_a_restore_the_twin_refuses_is_retried_and_the_devices_run_without_edgec
     edgecore's registration reply was adopted: for good with edgecore away, the case the restore
     is for.) The lock is let go from inside the start's refusal line: the refusal is over before
     any retry, and nothing but a retry of the mapper's own can start the device."""
-    from mapper.config import MapperConfig, TwinSettings
-    from mapper.runtime import build_service
-    from test_dmi import settings
-
     room_a = DeviceId("default", "room-a")
     caplog.set_level(logging.INFO, logger="mapper.dmi")
 
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
-            edgecore.devices = [(room("room-a"), TEMP)]
-            async with running_mapper(sockdir) as mapper:
-                await registered(mapper)
-                assert mapper.runner("room-a") is not None
+        service, ext = await _restarting_with_saved_state(sockdir, "room-a", room("room-a"), TEMP)
         assert not (sockdir / "dmi.sock").exists()  # edgecore is gone for the rest of the test
-        config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
-                              kubeedge=settings(sockdir))
-        service = build_service(config)
-        ext = next(e for e in service.extensions if hasattr(e, "catalog"))
         locks: list[TwinLock] = []
 
         def locked_from_now() -> None:  # after the service's own start-up writes, before the restore's switch

@@ -1966,6 +1966,17 @@ async def test_a_lasting_refusal_of_the_restore_is_logged_a_few_lines_a_minute(t
         await _stop(r)
 
 
+async def _update_with_its_restore_refused(r, tmp_path, hooks: _TwinHooks, pending, probe: str) -> str:  # noqa: ANN001
+    """Install the test's twin triggers, have the twin refuse the previous run's first pending row,
+    and apply the device update that builds the pipeline (deadlines and resends far off: nothing
+    falls due): its restore is refused there. Returns the refused row's trigger key."""
+    await hooks.install(r)
+    stale = f"row:{pending[0]['id']}"
+    hooks.refuse.add(stale)
+    await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600, resendS: 600"), probe=probe)
+    return stale
+
+
 async def test_a_restore_refused_by_a_device_update_is_retried_with_nothing_else_waking_the_timer(tmp_path):
     """A device update's restore is refused while the timer task waits for nothing (60 s at most): nothing
     waits, the probe is stopped at the hardware boundary (no window, no request), and no bus. The refusal
@@ -1980,11 +1991,7 @@ async def test_a_restore_refused_by_a_device_update_is_retried_with_nothing_else
     r = await _start(tmp_path, {}, inference={"pipelines": []}, probe=probe)
     hooks = _TwinHooks()
     try:
-        await hooks.install(r)
-        stale = f"row:{pending[0]['id']}"
-        hooks.refuse.add(stale)
-        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600, resendS: 600"),
-                      probe=probe)
+        stale = await _update_with_its_restore_refused(r, tmp_path, hooks, pending, probe)
         assert hooks.calls[stale] >= 1 and r.ext.status()["restore"]["unrestored"] == [pid]
         hooks.refuse.clear()  # the twin takes the restore now
         async def statuses() -> dict[int, str]:
@@ -2022,11 +2029,7 @@ async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_wait
     ext = r.ext
     stats = lambda: ext.status()["pipelines"][pid]  # noqa: E731
     try:
-        await hooks.install(r)
-        stale = f"row:{pending[0]['id']}"
-        hooks.refuse.add(stale)
-        await _update(r, tmp_path, push=AD_OFFLOAD.replace("deadlineS: 1", "deadlineS: 600, resendS: 600"),
-                      probe=probe)
+        stale = await _update_with_its_restore_refused(r, tmp_path, hooks, pending, probe)
         assert ext.status()["restore"]["unrestored"] == [pid]
         await async_wait_for(lambda: stats()["expired"] >= 2, timeout=20, what="requests given up at max_pending")
         stopped.touch()  # the probe stops answering: no new window
