@@ -20,6 +20,7 @@ import logging
 import random
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -54,46 +55,36 @@ INCOMING_LIMIT = 10_000
 INCOMING_BYTES = 16 * 1024 * 1024
 
 
-def tls_context(settings: MqttSettings) -> ssl.SSLContext | None:
-    if not settings.uses_tls:
-        return None
-    tls = settings.tls
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls and tls.ca_file else None)
-    if tls is not None:
-        if tls.cert_file is not None:
-            password = tls.key_password_file.read_text().strip() if tls.key_password_file else None
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
-        context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
-        if tls.ciphers:
-            context.set_ciphers(tls.ciphers)
-        if tls.insecure_skip_hostname_check:
-            context.check_hostname = False
-    return context
-
-
-class Password:
-    """The broker password, read again at every connection attempt: a rotated one (new in
-    mqtt.password_file and in the broker's password file) is used at the next reconnect, no restart.
-    A file that cannot be read then (not there while the new one is installed, emptied) is logged
-    naming it and the last password read is sent meanwhile: the bus retries, never crashes. With
-    none read before (the start checks the file: MqttSettings.check_password) the attempt fails
-    as a refused connection does (MqttError), and is retried."""
+class Credentials:
+    """The broker password and TLS context, read again at every connection attempt: a rotated
+    password (new in mqtt.password_file and in the broker's password file) or renewed certificate
+    and key files are used at the next reconnect, no restart. A file that cannot be read or used
+    then (not there while the new one is installed, emptied, a key that does not match) is logged
+    naming it and what was read before is used meanwhile: the bus retries, never crashes. With
+    nothing read before (the start checks both: MqttSettings.check_password, check_tls) the
+    attempt fails as a refused connection does (MqttError), and is retried."""
 
     def __init__(self, settings: MqttSettings, logger: logging.Logger) -> None:
         self.settings = settings
         self._log = logger
-        self._last: SecretStr | None = None
-        self._read = False
+        self._last: dict[str, Any] = {}
 
-    def __call__(self) -> str | None:
+    def _reread(self, what: str, read: Callable[[], Any]) -> Any:
         try:
-            self._last, self._read = self.settings.read_password(), True
+            self._last[what] = read()
         except ValueError as exc:
-            if not self._read:
+            if what not in self._last:
                 raise aiomqtt.MqttError(str(exc)) from None
-            self._log.error("MQTT connection to %s: %s; sending the password read before meanwhile (read again at "
-                            "every attempt)", self.settings.url, exc)
-        return self._last.get_secret_value() if self._last is not None else None
+            self._log.error("MQTT connection to %s: %s; using the %s read before meanwhile (read again at "
+                            "every attempt)", self.settings.url, exc, what)
+        return self._last[what]
+
+    def password(self) -> str | None:
+        secret: SecretStr | None = self._reread("password", self.settings.read_password)
+        return secret.get_secret_value() if secret is not None else None
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        return self._reread("TLS certificates", self.settings.read_tls)
 
 
 SESSION_TAKEN_OVER = 0x8E
@@ -327,11 +318,11 @@ class MqttBus:
         self.packet_limit = settings.max_packet_bytes
         self.packet_limit_announced = False
         self._check_connected: Callable[[], None] = lambda: None  # of the latest connection (watch_disconnect)
-        self._password = Password(settings, log)
+        self._credentials = Credentials(settings, log)
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings
-        password = self._password()
+        password = self._credentials.password()
         v5 = self.protocol == aiomqtt.ProtocolVersion.V5
         properties = None
         if v5:
@@ -353,7 +344,7 @@ class MqttBus:
             # availability messages); paho's own window rescans every queued message on each PUBACK.
             max_inflight_messages=0,
             max_concurrent_outgoing_calls=None,
-            tls_context=tls_context(s),
+            tls_context=self._credentials.tls_context(),
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10,
             logger=logging.getLogger("mapper.mqtt.client"),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from devices.errors import FieldError
+
+if TYPE_CHECKING:
+    import ssl
 
 
 class TlsSettings(BaseModel):
@@ -130,7 +133,7 @@ class MqttSettings(BaseModel):
     def read_password(self) -> SecretStr | None:
         """password(), refusing what the broker would refuse with nothing pointing at the file: every
         failure a ValueError naming the field, the file and what to do. Also at every reconnect (the
-        password may have been rotated meanwhile; see eventbus.bus.Password)."""
+        password may have been rotated meanwhile; see eventbus.bus.Credentials)."""
         try:
             password = self.password()
         except OSError as exc:
@@ -151,6 +154,86 @@ class MqttSettings(BaseModel):
                              f"only white space): set it to the broker password"
                              f"{f' of user {self.username!r}' if self.username else ''}")
         return password
+
+    def check_tls(self, source: str) -> None:
+        """Build the TLS context now, at start: a CA, certificate or key file that cannot be read or
+        used, a wrong key password, or ciphers OpenSSL does not know are a config error naming the
+        field, not a traceback once the devices run."""
+        try:
+            self.read_tls()
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def read_tls(self) -> ssl.SSLContext | None:
+        """The TLS context of the broker connection, built from its files as they are now (None
+        without TLS): at start (check_tls) and at every reconnect, so renewed certificates are used
+        without a restart (see eventbus.bus.Credentials). Every failure is a ValueError naming the field,
+        the file and what to do."""
+        if not self.uses_tls:
+            return None
+        import ssl  # only here: a mapper without TLS keeps OpenSSL out of memory (mapper/openssl.py)
+
+        tls = self.tls
+        ca_file = tls.ca_file if tls is not None else None
+        try:
+            context = ssl.create_default_context(cafile=str(ca_file) if ca_file is not None else None)
+        except ssl.SSLError as exc:
+            raise ValueError(f"mqtt.tls.ca_file: {ca_file} holds no CA certificate OpenSSL can use "
+                             f"({exc.reason or exc}): give the PEM file of the CA that signed the broker's "
+                             f"certificate") from None
+        except OSError as exc:
+            raise ValueError(f"mqtt.tls.ca_file: cannot read {ca_file}: {exc.strerror or exc}") from None
+        if tls is None:
+            return context
+        if tls.cert_file is not None and tls.key_file is not None:
+            self._load_client_certificate(context, tls)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+        if tls.ciphers:
+            try:
+                context.set_ciphers(tls.ciphers)
+            except ssl.SSLError:
+                raise ValueError(f"mqtt.tls.ciphers: OpenSSL can use none of {tls.ciphers!r} (`openssl ciphers "
+                                 f"{tls.ciphers!r}` lists what it knows; TLS 1.3 suites are not set here)") from None
+        if tls.insecure_skip_hostname_check:
+            context.check_hostname = False
+        return context
+
+    @staticmethod
+    def _load_client_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:
+        import ssl
+
+        key_password = None
+        if tls.key_password_file is not None:
+            try:
+                # As the broker password: the line without its line ending, spaces kept.
+                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\n")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ValueError(f"mqtt.tls.key_password_file: cannot read {tls.key_password_file}: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+
+        def password() -> str:
+            # Called by OpenSSL only for an encrypted key; without it OpenSSL would prompt on the terminal.
+            if key_password is None:
+                raise ValueError(f"mqtt.tls.key_file: {tls.key_file} is encrypted: put its password in a file "
+                                 f"readable only by the mapper and name it in mqtt.tls.key_password_file")
+            return key_password
+
+        try:
+            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
+        except ssl.SSLError as exc:
+            if "KEY_VALUES_MISMATCH" in str(exc):
+                raise ValueError(f"mqtt.tls.key_file: {tls.key_file} is not the private key of the certificate "
+                                 f"in mqtt.tls.cert_file ({tls.cert_file})") from None
+            with_password = (f" and the password in {tls.key_password_file} (key_password_file)"
+                             if key_password is not None else "")
+            raise ValueError(f"mqtt.tls: OpenSSL cannot load the client certificate {tls.cert_file} (cert_file) "
+                             f"with its key {tls.key_file} (key_file){with_password}: "
+                             + ("check the password, and " if key_password is not None else "check ")
+                             + "that both are PEM files" + (f" ({exc.reason})" if exc.reason else "")) from None
+        except OSError as exc:
+            missing = exc.filename or (tls.cert_file if not tls.cert_file.exists() else tls.key_file)
+            field = "key_file" if Path(missing) == tls.key_file else "cert_file"
+            raise ValueError(f"mqtt.tls.{field}: cannot read {missing}: {exc.strerror or exc}") from None
 
     def exposed_secrets(self, source: str) -> list[str]:
         """Warnings for secret files every local user can read (mode o+r): the broker password and

@@ -138,6 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config.check_installed(args.config)
     if config.mqtt is not None:
         config.mqtt.check_password(args.config)
+        config.mqtt.check_tls(args.config)
         for warning in config.mqtt.exposed_secrets(args.config):
             print(warning, file=sys.stderr)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):

@@ -496,6 +496,7 @@ def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) ->
                         f" {mqtt.password_env}=...), or use mqtt.password_file; without it the service cannot log in")
     else:
         mqtt.check_password(source)  # as root first: a missing file is reported as `mapper run` reports it
+    mqtt.check_tls(source)  # likewise: a wrong key password is a config error here, not at the service's start
     files = [("mqtt.password_file", mqtt.password_file)]
     if mqtt.tls is not None:
         files += [(f"mqtt.tls.{name}", getattr(mqtt.tls, name))

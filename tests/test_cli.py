@@ -814,6 +814,64 @@ def test_an_empty_password_variable_is_a_config_error_naming_the_field_and_the_v
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
+def _client_certificate(tmp_path: Path, name: str, key_password: str | None = None) -> tuple[Path, Path]:
+    """A self-signed client certificate and its key (encrypted with `key_password` if given)."""
+    key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.crt"
+    secret = ["-passout", f"pass:{key_password}"] if key_password else ["-nodes"]
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", *secret, "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", f"/CN={name}"], check=True, capture_output=True)
+    key.chmod(0o600)
+    return cert, key
+
+
+def test_unusable_tls_files_are_a_config_error_naming_the_field(tmp_path):
+    """A client key whose password file holds the wrong password made `mapper run` start every
+    device, then end with an ExceptionGroup traceback (ssl.SSLError: [SSL] PEM lib) when the event
+    bus first connected; a missing key password file or CA file likewise. Now `run`,
+    `install-service` and `cloud-worker` refuse the config at once, naming the field and the file,
+    and nothing starts. An encrypted key without a password file is refused too (OpenSSL would
+    otherwise prompt on the terminal)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    cert, key = _client_certificate(tmp_path, "mapper", key_password="right one")
+    other_cert, _ = _client_certificate(tmp_path, "other")
+    wrong = tmp_path / "wrong.password"
+    wrong.write_text("wrong\n")
+    wrong.chmod(0o600)
+    cases = {
+        f"cert_file: {cert}, key_file: {key}, key_password_file: {wrong}":
+            f"mqtt.tls: OpenSSL cannot load the client certificate {cert} (cert_file) with its key {key} "
+            f"(key_file) and the password in {wrong} (key_password_file): check the password, and that both "
+            "are PEM files",
+        f"cert_file: {cert}, key_file: {key}, key_password_file: {tmp_path / 'gone'}":
+            f"mqtt.tls.key_password_file: cannot read {tmp_path / 'gone'}: No such file or directory",
+        f"cert_file: {cert}, key_file: {key}":
+            f"mqtt.tls.key_file: {key} is encrypted: put its password in a file readable only by the mapper and "
+            "name it in mqtt.tls.key_password_file",
+        f"cert_file: {other_cert}, key_file: {key}, key_password_file: {wrong}":
+            f"mqtt.tls: OpenSSL cannot load the client certificate {other_cert} (cert_file)",
+        f"ca_file: {tmp_path / 'no-ca.pem'}":
+            f"mqtt.tls.ca_file: cannot read {tmp_path / 'no-ca.pem'}: No such file or directory",
+        f"ca_file: {wrong}":
+            f"mqtt.tls.ca_file: {wrong} holds no CA certificate OpenSSL can use (NO_CERTIFICATE_OR_CRL_FOUND): "
+            "give the PEM file of the CA that signed the broker's certificate",
+        "ciphers: NO-SUCH-CIPHER":
+            "mqtt.tls.ciphers: OpenSSL can use none of 'NO-SUCH-CIPHER'",
+    }
+    for tls, expected in cases.items():
+        block = f"mqtt:\n  url: mqtts://127.0.0.1:1\n  tls: {{{tls}}}\n"
+        config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=block)
+        worker = tmp_path / "worker.yaml"
+        worker.write_text(block + "models: [sensor_faults]\n")
+        for source, args in ((config, ("run", "--config", str(config))),
+                             (config, ("install-service", "--config", str(config), "--dry-run")),
+                             (worker, ("cloud-worker", "--config", str(worker)))):
+            result = mapper(*args)
+            assert result.returncode == 1, (tls, args, result)
+            assert f"error: {source}: {expected}" in result.stderr, (tls, args, result.stderr)
+            assert "Traceback" not in result.stderr
+        assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
 def test_the_cloud_worker_warns_about_world_readable_secrets_as_the_mapper_does(tmp_path):
     """`mapper cloud-worker` read a password file and a TLS key every local user can read without a
     word, while `mapper run` warns about both. It now prints the same warnings (with the chmod that

@@ -559,8 +559,11 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
         os.chown(password, pwd.getpwnam("nobody").pw_uid, -1)
         password.chmod(0o600)
         ca_file, cert_file, key_file = base / "ca.crt", var_tmp / "me.crt", var_tmp / "me.key"
-        for tls_file in (ca_file, cert_file, key_file):  # read by the service user only: not their contents
-            tls_file.write_text("test\n")
+        # Real ones: install-service loads them, as `mapper run` does at start.
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key_file), "-out",
+                        str(cert_file), "-days", "1", "-subj", "/CN=me"], check=True, capture_output=True)
+        shutil.copyfile(cert_file, ca_file)
+        for tls_file in (ca_file, cert_file, key_file):  # read by the service user only
             os.chown(tls_file, pwd.getpwnam("nobody").pw_uid, -1)
             tls_file.chmod(0o600)
         config = write_config(base / "mapper.yaml", devices, SERVICE_TWIN,

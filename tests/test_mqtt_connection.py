@@ -550,6 +550,33 @@ def test_a_rotated_password_is_read_again_at_the_reconnect(tmp_path):
     assert old not in mapper.log() and new not in mapper.log()
 
 
+def test_tls_files_broken_at_a_reconnect_are_logged_and_the_last_good_ones_used(tmp_path):
+    """The TLS files are read again at every connection attempt, so renewed certificates need no
+    restart. A CA file caught half written at a reconnect was an ssl.SSLError that ended the
+    mapper with a traceback; now it is logged naming the field and the file, and the context
+    built before is used meanwhile: the mapper gets back in and its readings arrive."""
+    from brokers import MosquittoBroker
+
+    topic = "mapper/test-node/default/lamp/count"
+    ca_file = tmp_path / "ca.pem"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    with MosquittoBroker() as broker:
+        ca_file.write_bytes(broker.ca_file.read_bytes())
+        mapper = MapperProcess(tmp_path, devices, None)
+        mapper.config.write_text(mapper.config.read_text() + tls_block(broker, tmp_path, ca_file))
+        with mapper:
+            mapper.wait_log("connected to mqtts://")
+            ca_file.write_text("-----BEGIN CERTIFICATE-----\n")  # the renewal is being written
+            broker.restart()
+            mapper.wait_log(f"mqtt.tls.ca_file: {ca_file} holds no CA certificate", timeout=20)
+            mapper.wait_log("connected to mqtts://", count=2, timeout=20)
+            with broker.client("app") as app:
+                app.subscribe(topic)
+                assert not app.next_message(timeout=10).retain  # a reading sent on the new connection
+            assert mapper.stop() == 0
+    assert "Traceback" not in mapper.log()
+
+
 async def test_the_cloud_worker_reads_a_rotated_password_at_the_reconnect(tmp_path, caplog):
     """As the mapper's: the worker's password is rotated with no file for a moment, the broker
     restarted. The worker's connection task ended with the OSError (`mapper cloud-worker` stopped);

@@ -38,8 +38,8 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import (Password, credentials_hint, credentials_refused, describe, log_refused_publish,
-                          publish_until_lost, refused_reason, tls_context, watch_disconnect, watch_refused_publishes)
+from eventbus.bus import (Credentials, credentials_hint, credentials_refused, describe, log_refused_publish,
+                          publish_until_lost, refused_reason, watch_disconnect, watch_refused_publishes)
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -157,7 +157,7 @@ class CloudWorker:
         # Answers owed across a lost connection (see run): (topic, payload), and requests not yet answered.
         self.owed: collections.deque[tuple[str, bytes]] = collections.deque()
         self.unanswered: collections.deque[aiomqtt.Message] = collections.deque()
-        self._password = Password(settings.mqtt, log)  # read again at every connection attempt (rotation)
+        self._credentials = Credentials(settings.mqtt, log)  # read again at every connection attempt (rotation)
 
     def _drop(self, reason: str, message: str, *args: object) -> None:
         """A request that gets no answer: counted each, logged a few times a minute per reason (a
@@ -208,9 +208,9 @@ class CloudWorker:
         s = self.settings.mqtt
         client = aiomqtt.Client(
             s.host, s.port, identifier=s.client_id or f"worker-{self.worker_id}",
-            username=s.username, password=self._password(),
+            username=s.username, password=self._credentials.password(),
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=s.keepalive_s,
-            tls_context=tls_context(s),
+            tls_context=self._credentials.tls_context(),
             tls_insecure=(s.tls.insecure_skip_hostname_check or None) if s.uses_tls and s.tls else None,
             timeout=10, logger=logging.getLogger("mapper.worker.client"))
         watch_refused_publishes(client, self._answer_refused)
@@ -310,6 +310,7 @@ def main(config_path: str) -> int:
 
     settings, doc = _read_worker_config(config_path)
     settings.mqtt.check_password(config_path)
+    settings.mqtt.check_tls(config_path)
     for warning in settings.mqtt.exposed_secrets(config_path):  # as `mapper run` warns
         print(warning, file=sys.stderr)
     models = load_worker_models(settings, config_path, doc)
