@@ -293,8 +293,15 @@ def writable_dirs(config: MapperConfig) -> list[tuple[str, Path]]:
 
 def read_paths(config: MapperConfig) -> list[tuple[str, Path]]:
     """(field, path) of the files and directories the config names that the service reads: the
-    `devices` entries, the MQTT password and TLS files. (The twin is the unit's MAPPER_TWIN__PATH.)"""
+    `devices` entries, the MQTT password and TLS files, the inference models. (The twin is the unit's
+    MAPPER_TWIN__PATH.)"""
     found: list[tuple[str, Path]] = [(f"devices[{i}]", entry) for i, entry in enumerate(config.devices)]
+    if config.inference is not None:
+        found.append(("inference.models_dir", config.inference.models_dir))
+        # A model named by path (a bare name is looked up in models_dir, or the installed package's).
+        found += [(f"inference.pipelines[{i}].model", config.inference.resolve_model(pipeline.model))
+                  for i, pipeline in enumerate(config.inference.pipelines)
+                  if "/" in pipeline.model or Path(pipeline.model).is_absolute()]
     if config.mqtt is not None:
         found.append(("mqtt.password_file", config.mqtt.password_file))
         if config.mqtt.tls is not None:

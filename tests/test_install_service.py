@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import grp
+import importlib.util
 import os
 import pwd
 import re
@@ -599,6 +600,24 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
         assert result.returncode == 0, result.stderr
         assert not any("the interpreter" in line and "PrivateTmp" in line for line in result.stderr.splitlines())
         assert f"warning: --config: {config} is under /tmp, {why} the service cannot read it" in result.stderr
+        # Inference models: a models_dir and a model named by path (a bare name is looked up in models_dir).
+        if importlib.util.find_spec("onnxruntime") is not None:  # the ml extra: `run` refuses inference without it
+            models = var_tmp / "models"
+            shutil.copytree(REPO / "models" / "sensor_faults", models / "sensor_faults")
+            inference = (f"inference:\n  models_dir: {base / 'models'}\n  pipelines:\n"
+                         f"    - {{device: a, model: sensor_faults}}\n"
+                         f"    - {{device: a, model: {models / 'sensor_faults'}, name: by-path}}\n")
+            with_inference = base / "inference.yaml"
+            with_inference.write_text(config.read_text() + inference)
+            result = subprocess.run([str(other_python), *install[:4], str(with_inference), *install[5:]],
+                                    capture_output=True, text=True, cwd=REPO, timeout=60)
+            assert result.returncode == 0, result.stderr
+            assert f"warning: inference.models_dir: {base / 'models'} is under /tmp, {why} the service cannot read" \
+                   " it: move it out of /tmp and /var/tmp (e.g. to /etc/mapper)" in result.stderr.splitlines()
+            assert f"warning: inference.pipelines[1].model: {models / 'sensor_faults'} is under /var/tmp, {why} the" \
+                   " service cannot read it: move it out of /tmp and /var/tmp (e.g. to /etc/mapper)" \
+                   in result.stderr.splitlines(), result.stderr
+            assert "inference.pipelines[0]" not in result.stderr  # a name: its directory is warned about
         # kubeedge mode: the DMI socket's directory (a ReadWritePaths= of the unit) under /tmp.
         (base / "kubeedge").mkdir()
         config.write_text(config.read_text() + f"mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
