@@ -13,7 +13,7 @@ from devices.errors import DriverNotFound
 from devices.ids import DeviceId
 from eventbus import payloads
 from eventbus.topics import Topics
-from twin.records import GOOD, Reading
+from twin.records import GOOD, OUT_OF_RANGE, Reading
 from twin.store import OutMessage
 
 log = logging.getLogger("mapper.telemetry")
@@ -21,8 +21,9 @@ log = logging.getLogger("mapper.telemetry")
 
 _NOTHING = object()
 
-# (definition, topic, qos, retain, fed by change events, the body of its messages, published at all)
-_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any], bool]
+# (definition, topic, qos, retain, fed by change events, the body of its messages, published at all,
+# the body of its out-of-range readings' messages)
+_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any], bool, dict[str, Any]]
 
 
 class Telemetry:
@@ -129,6 +130,7 @@ class Telemetry:
         # The body of a message carried by its reading: the store adds value, ts and seq. One
         # dict per route, shared by its messages.
         body = payloads.telemetry_fields(prop.unit)
+        out_of_range = payloads.telemetry_fields(prop.unit, OUT_OF_RANGE)
         own = self.topics.telemetry(key[0], prop.name)
         prefix = self.topics.prefix
         if push is not None and push.topic and push.topic != own and (
@@ -141,9 +143,9 @@ class Telemetry:
                       "go to the property's topic %s instead", key[0], prop.name, push.topic, prefix, own)
             push = None  # (still published, as the log says, whatever reportToCloud says)
         if push is not None and push.topic:
-            route = (prop, push.topic, push.qos, push.retained, on_change, body, publish)
+            route = (prop, push.topic, push.qos, push.retained, on_change, body, publish, out_of_range)
         else:
-            route = (prop, own, 1, False, on_change, body, publish)
+            route = (prop, own, 1, False, on_change, body, publish, out_of_range)
         self._routes[key] = route
         return route
 
@@ -166,13 +168,15 @@ class Telemetry:
         latest = self._latest
         for reading in readings:
             if reading.quality != GOOD:
+                if reading.quality == OUT_OF_RANGE:
+                    self._out_of_range(reading, messages)
                 continue
             device = reading.device_id
             key = (device, reading.property)
             route = routes.get(key) or self._route(key)
             if route is None:
                 continue
-            prop, topic, qos, retain, on_change, body, publish = route
+            prop, topic, qos, retain, on_change, body, publish, _ = route
             fresh_from = self._fresh_from.get(device) if self._fresh_from else None
             if fresh_from is not None:
                 if reading.taken_at_ms <= fresh_from:
@@ -214,6 +218,21 @@ class Telemetry:
                 if message is not None:  # (always: the device has a value now)
                     messages.append(message)
         return messages
+
+    def _out_of_range(self, reading: Reading, messages: list[OutMessage]) -> None:
+        """A reading outside the model's minimum/maximum (or the sensor's rated range): published
+        on its topic as the good ones are (at most once per reportCycle), marked `"quality":
+        "out_of_range"`, so an app sees the boiler at 90 when its model says 80 at most (it was
+        left out, and the property's topic and state view went on showing the last good value).
+        It is not the property's value: the state view keeps the last good one, and the twin's
+        reported value too (the device's quality and its detail show it)."""
+        key = (reading.device_id, reading.property)
+        route = self._routes.get(key) or self._route(key)
+        if route is None:
+            return
+        prop, topic, qos, retain, _on_change, _body, publish, out_of_range = route
+        if publish and self._due(key, prop, reading):
+            messages.append(OutMessage(topic, out_of_range, qos, retain, reading=reading))
 
     def state_message(self, device: DeviceId, state: str | None = None) -> OutMessage | None:
         """The device's retained view: the latest value of each property read in this run, `ts`

@@ -54,11 +54,14 @@ from devices.errors import DriverError, NotReady
 from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
+from mapper.logs import Throttle, held_note
 from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
 from twin.store import DesiredChange, NotWritable, TwinStore, VersionConflict
 
 log = logging.getLogger("mapper.device")
+# Out-of-range readings: one line per property a minute at most (a sensor stuck at 255 reads every cycle).
+_out_of_range_log = Throttle(burst=1, interval_s=60.0)
 
 UNKNOWN = "unknown"  # no state yet: not opened, or no read decided one since the start
 OK = "ok"
@@ -318,6 +321,10 @@ class DeviceRunner:
         if why is None and rated is not None and range_problem(value, *rated):
             why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
         reading = Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
+        if why is not None and (held := _out_of_range_log((self.id, prop.name))) is not None:
+            log.warning("%s: %s: %s: recorded and published with quality out_of_range, not as its value "
+                        "(is the sensor failing, or the model's range too narrow?)%s", self.id, prop.name, why,
+                        held_note(held))
         if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
             await self._keeping(reading, self._succeeded(), on_demand)
         return reading

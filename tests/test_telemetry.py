@@ -216,3 +216,33 @@ def test_a_device_a_reload_changes_starts_its_state_view_afresh(tmp_path):
     assert (state["temperature"], state["ts"]) == (40.0, later) and "count" not in state
     telemetry.definitions = {}
     assert telemetry.state_message(D).body["temperature"] == 40.0
+
+
+def test_an_out_of_range_reading_is_published_marked_and_logged_not_hidden(tmp_path, broker):
+    """A boiler at 90 C with a model whose maximum is 50: its readings were recorded out_of_range
+    and then left out of MQTT altogether, with nothing in the log; the property's topic and the
+    retained state went on showing the last good value while the device said `ok`. Now each one
+    is published on the property's topic with `"quality": "out_of_range"`, the log says so (one
+    line a minute per property), and the state view does not take it as the property's value."""
+    from mapper_proc import MapperProcess
+    from test_twin_protocol import Sub
+
+    devices = write_devices(tmp_path / "devices", ["boiler"], cycle=100)
+    device_file = devices / "boiler.yaml"
+    device_file.write_text(device_file.read_text().replace("kind: temperature, base: 21,", "kind: temperature, base: 90,"))
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        sub = Sub(broker, "app", "mapper/test-node/default/boiler/#")
+        try:
+            readings = [sub.expect("mapper/test-node/default/boiler/temperature") for _ in range(3)]
+            assert all(b["quality"] == "out_of_range" and b["value"] > 50 and b["unit"] == "Celsius"
+                       for b in readings), readings
+            assert [b["seq"] for b in readings] == [readings[0]["seq"] + k for k in range(3)]
+            state = sub.expect("mapper/test-node/default/boiler/state", lambda b: b["ts"] > readings[-1]["ts"])
+            assert "temperature" not in state and "count" in state, state  # never a good temperature
+            lines = [line for line in mapper.log().splitlines() if "published with quality out_of_range" in line]
+            assert len(lines) == 1, lines  # three readings and more, one line
+            assert " WARNING " in lines[0] and "default/boiler: temperature: " in lines[0], lines[0]
+            assert "is above the maximum 50" in lines[0], lines[0]
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
