@@ -28,6 +28,8 @@ from mapper.ticks import next_tick, sleep_to_tick
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore
 
 log = logging.getLogger("mapper.service")
+# The twin's detail of a device's `offline` after a clean stop.
+STOPPED_DETAIL = "stopped: the mapper stopped"
 
 # Readings deleted per twin transaction when pruning history: about 0.4 ms of the twin thread here.
 PRUNE_STEP = 1000
@@ -199,6 +201,7 @@ class MapperService:
             self._unsaved_states.clear()
             log.warning("stopping: device states the twin could not take are not written, the devices are "
                         "stopped: %s", dropped)
+        await self._stopped_offline()
         if self.recorder is not None:
             try:
                 await self.recorder.flush()
@@ -218,6 +221,18 @@ class MapperService:
                     await before_stop(self)
                 except Exception as exc:  # noqa: BLE001 - stopping goes on regardless
                     log.warning("%s: error while stopping: %s", type(ext).__name__, exc)
+
+    async def _stopped_offline(self) -> None:
+        """A clean stop leaves every device it ran `offline` in the twin, as the event bus leaves
+        its availability and state view (before_stop): `mapper twin get` said `state=ok` for a relay
+        the stop had switched off, next to MQTT's `offline`. (A crash leaves the last state.)"""
+        ran = [d for d in (self.definitions.devices if self.definitions else {}) if d not in self.refused]
+        if not ran:
+            return
+        try:
+            await self.twin(lambda s: s.set_states(ran, OFFLINE, STOPPED_DETAIL))
+        except Exception as exc:  # noqa: BLE001 - a locked twin or a full disk: the stop goes on
+            log.warning("stopping: cannot mark the devices offline in the twin (%s); it keeps their last state", exc)
 
     async def _shutdown(self) -> None:
         for timer in self._state_timers.values():

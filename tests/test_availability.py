@@ -227,8 +227,9 @@ def test_a_clean_stop_leaves_the_device_offline_on_its_retained_topics(broker, t
     """A stop closes the drivers (a GPIO output is switched off). The device's retained
     availability said `online` afterwards, and its retained state `"state":"ok"`: a Home Assistant
     switch paired with the device availability showed the relay available, and on, while the
-    mapper was down and the relay off. Now the stop leaves `offline` on both; the state keeps the
-    last value measured, with the time it was measured (what close() did was not measured)."""
+    mapper was down and the relay off. Now the stop leaves `offline` on both, and in the twin; the
+    state keeps the last value measured, with the time it was measured (what close() did was not
+    measured)."""
     devices = write_led(tmp_path / "dev")
     base = f"mapper/{node}/default/led"
     with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
@@ -238,8 +239,11 @@ def test_a_clean_stop_leaves_the_device_offline_on_its_retained_topics(broker, t
     assert retained(broker, f"mapper/{node}/availability") == b"offline"
     assert retained(broker, f"{base}/availability") == b"offline"
     state = orjson.loads(retained(broker, f"{base}/state"))
-    power = orjson.loads(cli(mapper, "twin", "get", "led", "--json"))["properties"]["power"]
+    twin = orjson.loads(cli(mapper, "twin", "get", "led", "--json"))
+    power = twin["properties"]["power"]
     assert (state["state"], state["power"], state["ts"]) == ("offline", True, power["reportedTs"])
+    # The twin says so too (it said `state=ok`, contradicting MQTT and the switched-off relay).
+    assert (twin["state"], twin["stateDetail"]) == ("offline", "stopped: the mapper stopped"), twin
 
 
 def test_at_start_the_state_tells_no_earlier_value_as_measured_now(broker, tmp_path, node):
@@ -572,8 +576,8 @@ def test_a_flapping_device_writes_its_state_to_the_twin_at_most_once_per_interva
     paced = 1 + -(-span // interval) + 1  # (+1: the loop's clock and the readings' are not one)
     assert len(during) <= paced, (len(during), paced, during)
     assert all(ts <= first_failed_after + interval for _, ts in during), (first_failed_after, during)
-    # A clean stop leaves the device's last state (a device the mapper stops is not `offline` in the twin).
-    assert writes()[-1][0] == "unhealthy" and twin_state() == "unhealthy"
+    # A clean stop writes the device's last state held back by the pacing, then leaves it `offline`.
+    assert writes()[-1][0] == "unhealthy" and twin_state() == "offline"
 
 
 def test_a_flapping_device_sends_its_state_at_most_once_per_interval(broker, tmp_path, node):

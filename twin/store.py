@@ -731,15 +731,14 @@ class TwinStore:
             if key not in keep_ids:
                 self.conn.execute("UPDATE devices SET active=0, state='offline' WHERE id=?", (key,))
 
+    _SET_STATE = ("UPDATE devices SET state=?, state_detail=?, state_ts=?,"
+                  " last_online=CASE WHEN ? IN ('ok','online') THEN ? ELSE last_online END WHERE id=?")
+
     def set_state(self, device_id: DeviceId, state: str, detail: str | None = None, messages: Sequence[OutMessage] = ()) -> list[OutboxRow]:
         ts = now_ms()
         self._begin()
         try:
-            cur = self.conn.execute(
-                "UPDATE devices SET state=?, state_detail=?, state_ts=?,"
-                " last_online=CASE WHEN ? IN ('ok','online') THEN ? ELSE last_online END WHERE id=?",
-                (state, detail, ts, state, ts, str(device_id)),
-            )
+            cur = self.conn.execute(self._SET_STATE, (state, detail, ts, state, ts, str(device_id)))
             if cur.rowcount == 0:
                 raise UnknownDevice(device_id)
             rows = self._enqueue(messages, ts)
@@ -748,6 +747,13 @@ class TwinStore:
             raise
         self._commit()
         return rows
+
+    def set_states(self, device_ids: Iterable[DeviceId], state: str, detail: str | None = None) -> None:
+        """set_state for several devices in one transaction (a clean stop's `offline`); devices
+        the twin does not know are left out."""
+        ts = now_ms()
+        with self.transaction():
+            self.conn.executemany(self._SET_STATE, [(state, detail, ts, state, ts, str(d)) for d in device_ids])
 
     # -- derived devices -------------------------------------------------------------------
 
