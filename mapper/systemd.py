@@ -345,6 +345,7 @@ def render_unit(settings: UnitSettings) -> str:
         exec_start_pre=" ".join(systemd_quote(word) for word in precompile),
         tuning_environment="\n".join(f"Environment={key}={value}" for key, value in SERVICE_TUNING.items()),
         user=settings.user,
+        group=primary_group(settings.user),
         groups=" ".join(settings.groups),
         read_write_paths="\n".join(f"ReadWritePaths={systemd_quote(str(path), dollar=False)}"
                                    for path in (STATE_DIR, *(d for _, d in settings.writable))),
@@ -407,6 +408,20 @@ def existing_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:
     return found, missing
 
 
+def primary_group(user: str) -> str:
+    """The unit's Group=: an existing user's primary group (`nobody`'s is `nogroup` on Debian: a
+    `Group=nobody` made the service fail with 216/GROUP), else the user's name (install-service
+    creates the user with `useradd --user-group`)."""
+    try:
+        gid = pwd.getpwnam(user).pw_gid
+    except KeyError:
+        return user
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:  # a gid with no group entry: systemd takes the number
+        return str(gid)
+
+
 @dataclass(frozen=True, slots=True)
 class ServiceUser:
     """Whom the unit runs as, for permission checks made as root (install-service runs under sudo).
@@ -419,19 +434,21 @@ class ServiceUser:
     name: str
     uid: int | None
     gids: frozenset[int]
+    group: str = ""  # its primary group, the unit's Group= (primary_group)
 
     @classmethod
     def lookup(cls, name: str, groups: Iterable[str] = ()) -> ServiceUser:
+        primary = primary_group(name)
         gids: set[int] = set()
-        for group in (name, *groups):
+        for group in (primary, *groups):
             with contextlib.suppress(KeyError):
-                gids.add(grp.getgrnam(group).gr_gid)
+                gids.add(int(group) if group.isdigit() else grp.getgrnam(group).gr_gid)
         try:
             uid = pwd.getpwnam(name).pw_uid
         except KeyError:
-            return cls(name, None, frozenset(gids))
+            return cls(name, None, frozenset(gids), primary)
         gids.update(g.gr_gid for g in grp.getgrall() if name in g.gr_mem)  # systemd adds them (initgroups)
-        return cls(name, uid, frozenset(gids))
+        return cls(name, uid, frozenset(gids), primary)
 
     def denied(self, path: Path, want: int) -> Denied | None:
         """Why this user cannot `want` (os.R_OK, os.W_OK | os.X_OK ...) `path`, or None if it can.
@@ -515,7 +532,7 @@ def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) ->
         if not denied.by_mode:
             fix = "fix the path"
         elif where == path.resolve():
-            fix = f"sudo chgrp {user.name} {where} && sudo chmod g+r {where}"
+            fix = f"sudo chgrp {user.group or user.name} {where} && sudo chmod g+r {where}"
             if user.uid is None:  # its group comes with it
                 fix = (f"{user.name!r} does not exist yet, create it first (sudo useradd --system --user-group"
                        f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user.name}), then: {fix}")

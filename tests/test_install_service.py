@@ -93,6 +93,21 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(
         assert expected in lines, expected
 
 
+def test_the_units_group_is_the_users_primary_group(config: Path) -> None:
+    """`--user nobody` rendered `Group=nobody`, a group Debian does not have (nobody's primary group
+    is nogroup): systemd would fail the service with 216/GROUP, and the unreadable-file hint said
+    `sudo chgrp nobody`. The unit's Group= is now an existing user's primary group; a user
+    install-service creates (useradd --user-group) still gets its own name."""
+    nobody = pwd.getpwnam("nobody")
+    group = grp.getgrgid(nobody.pw_gid).gr_name
+    if group == "nobody":  # (Fedora): Debian's nogroup is the case at hand
+        pytest.skip("nobody's primary group is named nobody here")
+    lines = unit_lines(render_unit(UnitSettings(config=config, user="nobody", groups=())))
+    assert ("User=nobody", f"Group={group}") == (lines[lines.index("User=nobody")], lines[lines.index("User=nobody") + 1])
+    lines = unit_lines(render_unit(UnitSettings(config=config, user="mapper-test-nonexistent", groups=())))
+    assert "Group=mapper-test-nonexistent" in lines
+
+
 def read_write_paths(unit: str) -> list[str]:
     return [line for line in unit_lines(unit) if line.startswith("ReadWritePaths=")]
 
