@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import types
 import typing
 from collections.abc import Mapping
@@ -36,6 +37,15 @@ def _node(value: str) -> str:
 
 
 NodeName = Annotated[str, AfterValidator(_node)]
+
+
+def default_node() -> str:
+    """The host's name (its first label, lower-cased), as edgecore names its node by default, so
+    the Pis of a fleet that leave `node` out still publish under topics of their own (a fixed
+    default put them all under one, mixing their readings on the cloud broker); `edge-node` when
+    the host name is not a valid node name."""
+    name = socket.gethostname().split(".")[0].lower()
+    return name if ids.is_name(name) else "edge-node"
 
 
 class _Section(BaseModel):
@@ -82,7 +92,7 @@ class SystemdSettings(_Section):
 
 
 class MapperConfig(_Section):
-    node: NodeName = "edge-node"
+    node: NodeName = Field(default_factory=default_node)
     mode: Literal["standalone", "kubeedge"] = "standalone"
     devices: list[Path] = []
     twin: TwinSettings = TwinSettings()

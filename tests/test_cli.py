@@ -1185,3 +1185,20 @@ def test_validate_refuses_a_push_topic_of_another_node(tmp_path):
     line = next(i for i, l in enumerate(text.splitlines(), 1) if "mapper/node-b" in l)
     assert f"d.yaml:{line}: spec.properties[0].pushMethod.mqtt.topic: topic 'mapper/node-b/default/lamp/state' " \
         "is inside the mapper's topic tree" in result.stderr, result.stderr
+
+
+def test_a_config_without_node_takes_the_host_name(tmp_path, monkeypatch):
+    """Every Pi of a fleet that left `node` out was `edge-node`: their topics (mapper/edge-node/...)
+    mixed on the cloud broker through their bridges. The default is now the host's name, as edgecore
+    names its node; a host name that is not a valid node name falls back to `edge-node`."""
+    import socket
+
+    config = tmp_path / "c.yaml"
+    config.write_text("devices: []\n")
+    monkeypatch.setattr(socket, "gethostname", lambda: "Pi-Greenhouse-3.local")
+    assert load_config(config).node == "pi-greenhouse-3"
+    monkeypatch.setattr(socket, "gethostname", lambda: "pi_under_score")
+    assert load_config(config).node == "edge-node"
+    config.write_text("node: chosen\n")
+    assert load_config(config).node == "chosen"
+
