@@ -624,6 +624,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         for warning in exc.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `mapper devices | head`: the reader has gone, as for any Unix tool that is no error. Its
+        # stdout goes nowhere from now on, so the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (TwinError, ValueError, OSError, sqlite3.Error, subprocess.CalledProcessError) as exc:
         # (OSError: PermissionError, a missing file ...; sqlite3.Error: a locked or broken twin file)
         print(f"error: {exc}", file=sys.stderr)

@@ -1202,3 +1202,17 @@ def test_a_config_without_node_takes_the_host_name(tmp_path, monkeypatch):
     config.write_text("node: chosen\n")
     assert load_config(config).node == "chosen"
 
+
+def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
+    """`mapper validate DIR | head -1`: the reader leaves, the next write fails with EPIPE, and the
+    CLI printed `error: [Errno 32] Broken pipe` as if the command had failed. It now stops quietly
+    with 141 (128 + SIGPIPE), as a shell reports any Unix tool in that case."""
+    devices = write_devices(tmp_path / "dev", [f"lamp{i}" for i in range(3)])
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first write: EPIPE for certain
+    try:
+        result = subprocess.run([sys.executable, "-m", "mapper", "validate", str(devices)], stdout=write_end,
+                                stderr=subprocess.PIPE, text=True, timeout=30, cwd=REPO)
+    finally:
+        os.close(write_end)
+    assert (result.returncode, result.stderr) == (141, ""), result
