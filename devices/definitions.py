@@ -31,6 +31,10 @@ class PropertyDefinition:
     push_mqtt: PushMethodMQTT | None = None
     anomaly_detection: dict[str, Any] | None = None
     description: str = ""
+    # `desired.value` as the device's file gives it (the text `desired` was read from; None when
+    # `desired` is None): what the twin compares with the last one it took up (file_desired), so
+    # that only an edit of the file's own desired value applies it again, not a model change.
+    desired_text: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +85,8 @@ class DeviceDefinition:
 
     @property
     def fingerprint(self) -> str:
-        """Changes exactly when the device or its model changes (used to restart only what changed)."""
+        """Changes exactly when the device or its model changes (used to restart only what changed;
+        not to decide whether a `desired:` is applied again: see TwinStore.sync_devices)."""
         docs = [self.device.model_dump(mode="json"), self.model.model_dump(mode="json")]
         try:
             blob = orjson.dumps(docs, option=orjson.OPT_SORT_KEYS)

@@ -608,8 +608,8 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             problems, protocol, device_id,
         )
         model_doc = model_entry.doc
-        desired = _desired(dprop, mprop, doc, i, problems,
-                           f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
+        desired, desired_text = _desired(dprop, mprop, doc, i, problems,
+                                         f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
         push = dprop.push_method
         if push is not None and push.mqtt is not None and push.mqtt.topic and (
                 refusal := push_topics.refusal(device_id, dprop.name, push.mqtt.topic)) is not None:
@@ -623,7 +623,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             report_to_cloud=dprop.report_to_cloud, desired=desired, visitor=visitor,
             push_mqtt=push.mqtt if push else None,
             anomaly_detection=push.anomaly_detection if push else None,
-            description=mprop.description,
+            description=mprop.description, desired_text=desired_text,
         ))
     if sum(p.severity == "error" for p in problems) > errors_before:
         return
@@ -704,15 +704,16 @@ def _desired_text(device: Device, model_entry: _Entry | None, doc: _Doc) -> Call
 
 
 def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str):
+    """(the typed desired value, the text it was read from), or (None, None): none given, or refused."""
     if dprop.desired is None or dprop.desired.value == "":
-        return None
+        return None, None
     path = ("spec", "properties", i, "desired", "value")
     if not mprop.writable:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
                                 f"property {dprop.name!r} is ReadOnly in its model ({model_where}, which does not set"
                                 " accessMode: ReadWrite): the desired value is ignored",
                                 "warning"))
-        return None
+        return None, None
     raw = dprop.desired.value
     if mprop.type not in _NUMERIC_OR_BOOLEAN and path in doc.texts:
         raw = doc.texts[path]  # `value: 1.10` is "1.10" as written (YAML's number would be 1.1)
@@ -720,12 +721,12 @@ def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_whe
         value = coerce(mprop.type, raw)
     except ValueError as exc:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), f"{exc} for type {mprop.type.value}"))
-        return None
+        return None, None
     why = range_problem(value, mprop.min_value, mprop.max_value)
     if why:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), why))
-        return None
-    return value
+        return None, None
+    return value, raw
 
 
 @dataclass(frozen=True, slots=True)

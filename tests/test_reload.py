@@ -26,12 +26,22 @@ class Mapper:
     def __init__(self, tmp: Path) -> None:
         self.devices = write_devices(tmp / "dev", ["a", "b"], cycle=20)
         self.twin = tmp / "twin.db"
-        config = write_config(tmp / "mapper.yaml", self.devices, self.twin)
+        self.tmp = tmp
+        self.config = write_config(tmp / "mapper.yaml", self.devices, self.twin)
         self.log_path = tmp / "mapper.log"
+        self.start()
+
+    def start(self) -> None:
+        """`mapper run` (its log appended to the same file)."""
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)],
-                                         stdout=log, stderr=subprocess.STDOUT, cwd=tmp, env=env)
+        with self.log_path.open("a") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
+                                         stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
+
+    def stop(self) -> None:
+        """SIGTERM: a clean stop."""
+        self.proc.send_signal(signal.SIGTERM)
+        assert self.proc.wait(timeout=15) == 0
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -339,3 +349,81 @@ def test_a_value_whose_write_failed_is_written_after_the_reload_that_repairs_the
     assert "default/b/count: applied desired value 500" in mapper.log()
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=20) == 0
+
+
+def test_a_file_desired_value_is_applied_only_when_the_file_changes_it(mapper: Mapper, tmp_path: Path) -> None:
+    """b's file gives count `desired: {value: "1000"}` (applied), then the operator sets 5000
+    (`mapper twin set`, applied). Only the model's description changes, SIGHUP: b restarts (its
+    model changed), but the file did not change its desired value, so the operator's 5000 stays.
+    Before, any change of the device or its model (its fingerprint) set the file's 1000 again
+    (`applied desired value 1000 (version 3)`), overriding the operator. A restart with the same
+    files keeps 5000 too (what the file said is kept in the twin); the file's desired value
+    changed while the mapper was stopped (2000) is applied at the start, and one changed by a
+    reload (3000) at the SIGHUP."""
+    from helpers import MODEL
+
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    b_file = mapper.devices / "b.yaml"
+    plain = b_file.read_text()
+    anchor = "    - name: count\n"
+    assert anchor in plain
+
+    def with_desired(value: str) -> str:
+        return plain.replace(anchor, anchor + f'      desired: {{value: "{value}"}}\n')
+
+    def count():  # noqa: ANN202
+        with TwinStore.open(mapper.twin) as store:
+            return store.device(B).properties["count"]
+
+    def applied(value: int):  # noqa: ANN202
+        def done():  # noqa: ANN202
+            with TwinStore.open(mapper.twin) as store:
+                p = store.device(B).properties["count"]
+                pending = [c for c in store.pending_desired() if c.device_id == B]
+            return p.desired == value and not pending and p.apply_error is None and p
+        return wait_for(done, what=f"count={value} applied to b")
+
+    b_file.write_text(with_desired("1000"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b")
+    applied(1000)
+    subprocess.run([sys.executable, "-m", "mapper", "twin", "set", "b", "count", "5000", "--config",
+                    str(mapper.config)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(REPO)},
+                   check=True, capture_output=True, timeout=30)
+    version = applied(5000).desired_version
+    mapper.wait_log(r"default/b/count: applied desired value 5000 ")
+
+    # The model alone changes (a description): a, b restart; the operator's value stays.
+    model = MODEL.format(model="thing-model")
+    described = model.replace("    - name: count\n", "    - name: count\n      description: events counted\n")
+    assert described != model
+    (mapper.devices / "model.yaml").write_text(described)
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/a, default/b")
+    wait_for(lambda: mapper.restarts(B) >= 1, what="b to restart")
+    p = count()
+    assert (p.desired, p.desired_version) == (5000, version), p
+    assert len(re.findall(r"default/b/count: applied desired value 1000 ", mapper.log())) == 1, mapper.log()
+
+    # A restart with the same files: the file's desired value was applied before, it stays so.
+    mapper.stop()
+    mapper.start()
+    mapper.wait_log(r"mapper test-node running: 2 device", count=2)
+    wait_for(lambda: mapper.count(B) >= 0, what="b reading after the restart")
+    p = count()
+    assert (p.desired, p.desired_version) == (5000, version), p
+
+    # The file's desired value changed while the mapper was stopped: applied at the start.
+    mapper.stop()
+    b_file.write_text(with_desired("2000"))
+    mapper.start()
+    mapper.wait_log(r"mapper test-node running: 2 device", count=3)
+    assert applied(2000).desired_version == version + 1
+
+    # ... and changed by a reload: applied at the SIGHUP.
+    b_file.write_text(with_desired("3000"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    mapper.wait_log(r"reload done: changed default/b", count=2)
+    assert applied(3000).desired_version == version + 2
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0

@@ -279,7 +279,8 @@ def test_outbox_limit_drops_oldest_telemetry_only(tmp_path):
 
 
 def test_edited_definition_wins_over_old_desired(tmp_path):
-    """A desired value from YAML is applied when the device is new or its definition changed."""
+    """A desired value from YAML is applied when the device is new or the file's own desired
+    value changed (so an edited file wins over an old desired value), also across a restart."""
     devices = write_devices(tmp_path / "devices", ["d1"])
     text = (devices / "d1.yaml").read_text().replace("    - name: count\n", "    - name: count\n      desired: {value: '7'}\n")
     (devices / "d1.yaml").write_text(text)
@@ -291,6 +292,118 @@ def test_edited_definition_wins_over_old_desired(tmp_path):
         (devices / "d1.yaml").write_text(text.replace("'7'", "'8'"))
         store.sync_devices(load([devices]).devices.values())
         assert store.device(D1).properties["count"].desired == 8
+    with TwinStore.open(tmp_path / "twin.db") as store:  # restarted
+        store.set_desired(D1, "count", 10)
+    with TwinStore.open(tmp_path / "twin.db") as store:  # restarted with the same files
+        store.sync_devices(load([devices]).devices.values())
+        assert store.device(D1).properties["count"].desired == 10
+    (devices / "d1.yaml").write_text(text.replace("'7'", "'11'"))
+    with TwinStore.open(tmp_path / "twin.db") as store:  # restarted with the file's value edited
+        store.sync_devices(load([devices]).devices.values())
+        assert store.device(D1).properties["count"].desired == 11
+
+
+def test_a_change_besides_the_files_desired_value_keeps_the_operators_value(tmp_path):
+    """The operator's desired value (set after the file's was applied) stays when the device or
+    its model changes in anything but the file's own `desired:` (the model's description, the
+    property's type, the device's config): the device restarts (sync_devices says it changed),
+    its desired value is not set again. Before, every such change applied the file's value
+    again over the operator's. Removing the file's `desired:` and giving the same one again is a
+    change of it (applied); a property made ReadOnly and ReadWrite again gets the file's value."""
+    devices = write_devices(tmp_path / "devices", ["d1"])
+    model = (devices / "model.yaml").read_text()
+    plain = (devices / "d1.yaml").read_text()
+    text = plain.replace("    - name: count\n", "    - name: count\n      desired: {value: '7'}\n")
+    (devices / "d1.yaml").write_text(text)
+
+    def sync():  # noqa: ANN202
+        return store.sync_devices(load([devices]).devices.values())
+
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        sync()
+        assert store.device(D1).properties["count"].desired == 7
+        _, version = store.set_desired(D1, "count", 9)
+        (devices / "model.yaml").write_text(model.replace("    - name: count\n", "    - name: count\n      description: events\n"))
+        assert sync() == [D1]
+        (devices / "d1.yaml").write_text(text.replace("configData: {}", "configData: {seed: 3}"))
+        assert sync() == [D1]
+        assert (store.device(D1).properties["count"].desired, store.device(D1).properties["count"].desired_version) == (9, version)
+        # The property's type changes (INT -> FLOAT): the file's text is the same; 9 is kept, as a FLOAT.
+        (devices / "model.yaml").write_text(model.replace("      type: INT\n", "      type: FLOAT\n"))
+        assert sync() == [D1]
+        count = store.device(D1).properties["count"]
+        assert count.desired == 9.0 and isinstance(count.desired, float), count
+        (devices / "model.yaml").write_text(model)
+        sync()
+        assert store.device(D1).properties["count"].desired == 9
+        # The file's desired value goes, then comes back: applied then.
+        (devices / "d1.yaml").write_text(plain)
+        sync()
+        assert store.device(D1).properties["count"].desired == 9
+        (devices / "d1.yaml").write_text(text)
+        sync()
+        assert store.device(D1).properties["count"].desired == 7
+        store.set_desired(D1, "count", 9)
+        # ReadOnly (the file's value is ignored, the twin's dropped), then ReadWrite again: applied.
+        readonly = model.replace("      type: INT\n      accessMode: ReadWrite", "      type: INT\n      accessMode: ReadOnly")
+        assert readonly != model
+        (devices / "model.yaml").write_text(readonly)
+        sync()
+        assert store.device(D1).properties["count"].desired is None
+        (devices / "model.yaml").write_text(model)
+        sync()
+        assert store.device(D1).properties["count"].desired == 7
+
+
+def test_a_twin_file_from_before_file_desired_applies_no_file_value_over_the_twins(tmp_path, caplog):
+    """A twin file from before the file's desired value was kept (m007: file_desired NULL) does
+    not know what the file said. Its `desired:` is recorded, not applied over the twin's desired
+    value (the operator's, perhaps); said once in the log when the device's definition changed
+    since (its value may be new), silently when it did not. A property with no desired value in
+    the twin gets it. Next time the file's own value decides as usual."""
+    import sqlite3
+
+    from twin import migrations
+
+    old = tmp_path / "m006.db"
+    conn = sqlite3.connect(old, isolation_level=None)
+    for version, step in enumerate(migrations.MIGRATIONS[:6], start=1):
+        step(conn)
+        conn.execute(f"PRAGMA user_version = {version}")
+    conn.close()
+    with TwinStore.open(old) as store:
+        assert store.conn.execute("SELECT count(*) FROM pragma_table_info('properties') WHERE name='file_desired'"
+                                  ).fetchone()[0] == 1
+
+    D2 = DeviceId("default", "d2")
+    devices = write_devices(tmp_path / "devices", ["d1", "d2"])
+    for name in ("d1", "d2"):
+        text = (devices / f"{name}.yaml").read_text()
+        (devices / f"{name}.yaml").write_text(text.replace("    - name: count\n", "    - name: count\n      desired: {value: '7'}\n"))
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.set_desired(D1, "count", 9)
+        store.set_desired(D2, "count", 9)
+        store.conn.execute("UPDATE properties SET file_desired=NULL")  # as written before m007
+    with TwinStore.open(path) as store:  # same files: kept, nothing said
+        store.sync_devices(load([devices]).devices.values())
+        assert [store.device(d).properties["count"].desired for d in (D1, D2)] == [9, 9]
+        assert not [r for r in caplog.records if "recorded, not applied" in r.getMessage()]
+        store.conn.execute("UPDATE properties SET file_desired=NULL")
+        store.conn.execute("UPDATE properties SET desired=NULL WHERE device_id=?", (str(D2),))
+    text = (devices / "d1.yaml").read_text()
+    (devices / "d1.yaml").write_text(text.replace("configData: {}", "configData: {seed: 3}").replace("'7'", "'8'"))
+    with TwinStore.open(path) as store:  # d1's file edited while the old mapper was stopped
+        store.sync_devices(load([devices]).devices.values())
+        assert [store.device(d).properties["count"].desired for d in (D1, D2)] == [9, 7]
+        said = [r.getMessage() for r in caplog.records if "recorded, not applied" in r.getMessage()]
+        assert len(said) == 1 and "default/d1 property 'count'" in said[0] and "8" in said[0], said
+        store.sync_devices(load([devices]).devices.values())
+        assert len([r for r in caplog.records if "recorded, not applied" in r.getMessage()]) == 1
+        (devices / "d1.yaml").write_text(text.replace("'7'", "'12'"))
+        store.sync_devices(load([devices]).devices.values())
+        assert store.device(D1).properties["count"].desired == 12
 
 
 def test_batch_folds_per_property_and_last_quality_wins(twin):

@@ -224,6 +224,21 @@ def m006_device_origin(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE devices ADD COLUMN origin TEXT")
 
 
+@migration
+def m007_file_desired(conn: sqlite3.Connection) -> None:
+    """`properties.file_desired`: the desired value the device's definition (its YAML file, or
+    edgecore's Device) gave the property when the twin last took up that definition, as JSON:
+    its text as the file says it (a JSON string), `null` when it gave none. The definition's
+    `desired:` is applied when it differs from this (TwinStore.sync_devices), not whenever
+    anything else about the device or its model changed, which overrode a value the operator set
+    later (`mapper twin set`, MQTT) at every such reload or restart.
+
+    SQL NULL (rows from before this migration): not known. The next sync records the file's
+    value then and applies it only if the twin has no desired value (twin.store.sync_devices).
+    """
+    conn.execute("ALTER TABLE properties ADD COLUMN file_desired TEXT")
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -83,6 +83,15 @@ def _load(text: str | None) -> Value | None:
     return None if text is None else orjson.loads(text)
 
 
+def _file_desired(p: Any) -> str:
+    """properties.file_desired for a property definition: its `desired:` as the file gives it
+    (the text, before it is read as the property's type: a model's type change alone is no
+    change of the file's value), or `null` when it gives none that applies."""
+    if p.desired is None or not p.writable:
+        return "null"
+    return orjson.dumps(p.desired_text if p.desired_text is not None else {"value": p.desired}).decode()
+
+
 @dataclass(frozen=True, slots=True)
 class OutMessage:
     """A message to publish, queued in the same transaction as its cause.
@@ -615,8 +624,16 @@ class TwinStore:
 
         A property no longer in a device's definition is removed from the twin (not from the history).
 
-        A desired value from YAML becomes the twin's desired value when the device is new
-        or its definition changed (so an edited file wins over an old desired value).
+        A property's `desired:` from its definition (the YAML file, or edgecore's Device) becomes
+        the twin's desired value when the device or the property is new, when the device id's
+        origin changed (below), or when that `desired:` itself differs from the one the twin
+        took up last (properties.file_desired: kept across restarts). Not when anything else
+        about the device or its model changed: a value the operator set later (`mapper twin
+        set`, MQTT, the twin protocol) stays until the file's own desired value changes. Before,
+        any change of the definition's fingerprint (a model's description) applied the file's
+        value again over the operator's. A row from before file_desired was kept (NULL) records
+        the file's value without applying it, unless the twin has no desired value (logged when
+        the definition changed since the last run and the file's value differs from the twin's).
 
         When the origin of a device id changes (DeviceDefinition.origin: the operator's local
         YAML <-> an edgecore Device of the same namespace/name), its stored desired values are
@@ -652,7 +669,7 @@ class TwinStore:
                     changed.append(d.id)
                 for p in d.properties:
                     before = self.conn.execute(
-                        "SELECT type, writable, desired FROM properties WHERE device_id=? AND name=?",
+                        "SELECT type, writable, desired, file_desired FROM properties WHERE device_id=? AND name=?",
                         (key, p.name)).fetchone()
                     self.conn.execute(
                         "INSERT INTO properties (device_id, name, type, writable, unit) VALUES (?,?,?,?,?)"
@@ -663,8 +680,18 @@ class TwinStore:
                     if before is not None and before[2] is not None and (before[0], bool(before[1])) != (
                             p.type.value, p.writable):
                         self._keep_desired_if_valid(d.id, p, _load(before[2]))
-                    if is_changed and p.desired is not None and p.writable:
+                    file_desired = _file_desired(p)
+                    if row is None or new_origin or before is None:
+                        take = True  # a new device or property, or the other origin's values dropped
+                    elif before[3] is None:  # recorded before m007: what the file said is not known
+                        take = self._file_desired_unknown(d, p, row[0] != fingerprint, said)
+                    else:
+                        take = before[3] != file_desired  # the file's own desired value changed
+                    if take and p.desired is not None and p.writable:
                         self._set_desired(d.id, p.name, p.desired, now_ms())
+                    if before is None or before[3] != file_desired:
+                        self.conn.execute("UPDATE properties SET file_desired=? WHERE device_id=? AND name=?",
+                                          (file_desired, key, p.name))
                 # A property the definition no longer has leaves the twin (its readings stay in
                 # the history): kept, it showed its last value as current, quality good, for good.
                 names = [p.name for p in d.properties]
@@ -678,6 +705,27 @@ class TwinStore:
         for message in said:
             log.warning("%s", message)
         return changed
+
+    def _file_desired_unknown(self, d: DeviceDefinition, p: Any, edited: bool, said: list[str]) -> bool:
+        """Inside sync_devices: a property row from before file_desired was kept (m007), so what
+        its file said last is not known. Its `desired:` is applied only when the twin has no
+        desired value; one that differs from the twin's stays unapplied (it may be the value
+        the operator set over it). When the definition changed since the last run (`edited`:
+        its fingerprint differs), the file's value may be new: that is said once in the log
+        (appended to `said`). Unchanged, the file says what it said then."""
+        if p.desired is None or not p.writable:
+            return False
+        row = self.conn.execute("SELECT desired FROM properties WHERE device_id=? AND name=?",
+                                (str(d.id), p.name)).fetchone()
+        twin = None if row is None else _load(row[0])
+        if twin is None:
+            return True
+        if edited and (twin != p.desired or type(twin) is not type(p.desired)):
+            said.append(f"device {d.id} property {p.name!r}: the twin file is from before the mapper kept the"
+                        f" desired value of each device file, so it cannot tell whether {d.source}'s desired value"
+                        f" {shown(p.desired)} is new; it is recorded, not applied, and the twin's desired value"
+                        f" {shown(twin)} stays (edit the file's desired value or use `mapper twin set` to change it)")
+        return False
 
     def recorded_origin(self, device_id: DeviceId) -> tuple[str | None, bool] | None:
         """(origin, active) of a device id's twin row (origin None: a row from before m006); None
