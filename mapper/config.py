@@ -7,6 +7,8 @@ Relative paths in the file are relative to the file's directory.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import os
 import socket
@@ -207,6 +209,35 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, 
     return applied
 
 
+def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+    """The fields of the config section holding the unknown field at `loc` (empty if not found)."""
+    model: Any = MapperConfig
+    for part in loc[:-1]:
+        if isinstance(part, int):  # an item of a list: its model is the list's
+            continue
+        field = model.model_fields.get(part)
+        model = _section_model(field.annotation) if field is not None else None
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _section_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X | None`, `list[X]`, `Annotated[X, ...]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _section_model(arg)) is not None:
+            return found
+    return None
+
+
+def _unknown_field(key: object, known: list[str]) -> str:
+    """As the device files say it: the field meant, or what there is."""
+    close = difflib.get_close_matches(str(key), known, n=1) or [k for k in known if k.lower() == str(key).lower()][:1]
+    return f"unknown field, did you mean {close[0]}?" if close else f"unknown field (known here: {', '.join(sorted(known))})"
+
+
 def _env_problems(exc: ValidationError, applied: dict[tuple[str, ...], str]) -> dict[int, Problem]:
     """Problems in a value the environment set name its variable, not a line of the file."""
     found = {}
@@ -247,6 +278,9 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     except ValidationError as exc:
         from_env = _env_problems(exc, applied)
         problems = [from_env.get(i, p) for i, p in enumerate(validation_problems(exc, doc))]
+        for i, error in enumerate(exc.errors(include_url=False)):
+            if error["type"] == "extra_forbidden" and (known := _known_fields(error_loc(error))):
+                problems[i] = dataclasses.replace(problems[i], message=_unknown_field(error_loc(error)[-1], known))
         raise DefinitionError(problems) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})

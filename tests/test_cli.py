@@ -1216,3 +1216,18 @@ def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     finally:
         os.close(write_end)
     assert (result.returncode, result.stderr) == (141, ""), result
+
+
+def test_a_misspelt_config_field_is_named_with_the_field_meant(tmp_path):
+    """`mqtt.usrname` in the config said only "unknown field", while a device file says which field
+    was meant. The config now says it too, or lists the section's fields when nothing is close."""
+    config = tmp_path / "c.yaml"
+    config.write_text("node: n1\nmqtt:\n  url: mqtt://127.0.0.1:1\n  usrname: mapper\n"
+                      "inference:\n  pipelines:\n    - {device: a, model: m, widnow: 16}\nbogus: 1\n")
+    result = mapper("run", "--config", str(config))
+    assert result.returncode == 1, result
+    assert result.stderr.splitlines() == [
+        f"{config}:4: mqtt.usrname: unknown field, did you mean username?",
+        f"{config}:7: inference.pipelines[0].widnow: unknown field, did you mean window?",
+        f"{config}:8: bogus: unknown field (known here: api, devices, inference, kubeedge, load_openssl, log_level,"
+        " loop, mode, mqtt, node, systemd, twin)"], result.stderr
