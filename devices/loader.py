@@ -21,7 +21,7 @@ from pydantic import BaseModel, ValidationError
 from devices.definitions import DeviceDefinition, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
-from devices.ids import DeviceId, shown
+from devices.ids import DeviceId, clipped, shown
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import PropertyType, coerce, range_problem
 
@@ -348,12 +348,15 @@ class PushTopics:
 def load(
     paths: Iterable[str | Path], *, base: Path | None = None,
     named_at: dict[Path, tuple[str, int | None, str]] | None = None, push_topics: PushTopics = PushTopics(),
+    node: str | None = None,
 ) -> LoadResult:
     """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad.
 
     `named_at` says where each path was named (the config file, its line and field: `devices[1]`):
     a path that does not exist is reported there, as a problem of that file. `push_topics`: the
-    mapper's topic tree, which no pushMethod.mqtt.topic may name (see PushTopics).
+    mapper's topic tree, which no pushMethod.mqtt.topic may name (see PushTopics). `node`: the
+    node of the mapper that runs the devices (its config's `node`; None when not known, as in
+    `mapper validate`): a device whose `spec.nodeName` names another node is not runnable here.
     """
     paths = list(paths)
     problems: list[Problem] = []
@@ -370,7 +373,7 @@ def load(
                 problems.append(Problem(label, None, "", "file not found"))
             continue
         docs.extend(read_documents(file, label, problems))
-    return _validate(docs, problems, push_topics)
+    return _validate(docs, problems, push_topics, node)
 
 
 def load_objects(objects: Iterable[tuple[str, dict[str, Any]]], *,
@@ -380,14 +383,15 @@ def load_objects(objects: Iterable[tuple[str, dict[str, Any]]], *,
     return _validate(docs, [], push_topics)
 
 
-def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics) -> LoadResult:
+def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics,
+              node: str | None = None) -> LoadResult:
     models: dict[tuple[str, str], _Entry] = {}
     devices: dict[tuple[str, str], _Entry] = {}
     for doc in docs:
         _parse(doc, models, devices, problems)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
-        _resolve(entry, models, result, problems, push_topics)
+        _resolve(entry, models, result, problems, push_topics, node)
     _check_claims(result, devices, problems)
     errors = [p for p in problems if p.severity == "error"]
     result.warnings.extend(p for p in problems if p.severity != "error")
@@ -449,6 +453,9 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         return
     table[key] = _Entry(doc, obj)
     problems.extend(unknown_field_warnings(doc, obj))
+    problems.extend(nested_config_warnings(doc, obj))
+    if kind == "Device":
+        problems.extend(push_method_warnings(doc, obj))
     if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
         problems.extend(bare_number_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
@@ -480,6 +487,108 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
                 doc.file, doc.line_of(where), field_name(where),
                 f"unknown field{hint} It is ignored here{then}; KubeEdge's API server would drop it (kubectl refuses it)",
                 "warning"))
+    return found
+
+
+def _other_node(doc: _Doc, device: Device, device_id: DeviceId, node: str | None) -> Problem | None:
+    """Why a device whose `spec.nodeName` names another node than the mapper's is not run here, or None.
+
+    Under KubeEdge edgecore sends a node only the Devices whose nodeName is that node, so such a
+    file is another node's device: run here too, the same file would drive its hardware (a
+    network device, or this node's pin of that number, wired to something else) from two nodes.
+    Refused like a device without a driver: the others run."""
+    other = device.spec.node_name
+    if node is None or not other or other == node:
+        return None
+    path = ("spec", "nodeName")
+    return Problem(doc.file, doc.line_of(path), field_name(path),
+                   f"device {device_id}: nodeName is {shown(other)}, but this mapper is node {node!r} (its config's"
+                   f" `node`): not run here. Under KubeEdge only {clipped(other, 80)}'s edgecore sends it to a"
+                   f" mapper; set nodeName: {node} (or remove nodeName) to run it on this node", "warning")
+
+
+# What becomes of the readings instead of each push the mapper does not make (pushMethod.*).
+_NOT_PUSHED = {
+    "http": "not supported here: nothing is POSTed; readings go to the twin and MQTT only (subscribe to the"
+            " property's topic instead)",
+    "otel": "not supported here: nothing is exported over OTLP; readings go to the twin and MQTT only (subscribe"
+            " to the property's topic instead)",
+}
+
+
+def push_method_warnings(doc: _Doc, device: Device) -> list[Problem]:
+    """A warning for each part of a property's `pushMethod` the mapper does not carry out, at its
+    line, saying where the readings go instead.
+
+    KubeEdge's Go mapper connects to `pushMethod.mqtt.address`, POSTs to `http`, exports to
+    `otel` and writes `dbMethod` databases. This mapper publishes every reading to its own broker
+    (`mqtt.url`; `pushMethod.mqtt` names the topic there) and keeps it in the twin; the rest is
+    kept, not refused (the file stays the one KubeEdge reads), but nothing else happens.
+    """
+    found: list[Problem] = []
+    for i, prop in enumerate(device.spec.properties):
+        push = prop.push_method
+        if push is None:
+            continue
+        base = ("spec", "properties", i, "pushMethod")
+        if push.mqtt is not None and push.mqtt.address:
+            address = push.mqtt.address
+            topic = push.mqtt.topic or "the property's own topic"
+            path = (*base, "mqtt", "address")
+            found.append(Problem(
+                doc.file, doc.line_of(path), field_name(path),
+                f"the mapper publishes to its own broker (mqtt.url in its config), not to {shown(address, 200)}: the"
+                f" readings go to {topic} there; to get them to {clipped(address)}, bridge that broker to it"
+                " (mosquitto/bridge.conf)", "warning"))
+        for name, message in _NOT_PUSHED.items():
+            if getattr(push, name) is not None:
+                path = (*base, name)
+                found.append(Problem(doc.file, doc.line_of(path), field_name(path), message, "warning"))
+        if push.db_method is not None:
+            path = (*base, "dbMethod")
+            databases = ", ".join(clipped(str(k), 40) for k in push.db_method) or "a database"
+            found.append(Problem(
+                doc.file, doc.line_of(path), field_name(path),
+                f"not supported here: nothing is written to {databases}; readings go to the twin (its history:"
+                " `mapper twin history`) and MQTT only", "warning"))
+    return found
+
+
+_FLAT_ONLY = "ConvertDevice refuses a value that is not a string, number or boolean"
+
+
+def nested_config_warnings(doc: _Doc, obj: Device | DeviceModel) -> list[Problem]:
+    """A warning for each configData value that is a map or a list, at its key's line.
+
+    edgecore's ConvertDevice turns each configData value into a protobuf Any (string, number,
+    boolean) and fails on anything else, so under KubeEdge a device with one never reaches the
+    mapper (a model's protocolConfigData and visitors are merged into its devices first). Here
+    the drivers read them, so they keep working locally.
+    """
+    if isinstance(obj, Device):
+        sections = [(("spec", "protocol", "configData"), obj.spec.protocol.config_data)]
+        then = f"edgecore's {_FLAT_ONLY}, so under KubeEdge this device never reaches the mapper"
+    else:
+        sections = [(("spec", "protocolConfigData"), obj.spec.protocol_config_data)]
+        then = (f"edgecore merges it into the configData of each device of this model, and its {_FLAT_ONLY}, so under"
+                " KubeEdge those devices never reach the mapper")
+    for i, prop in enumerate(obj.spec.properties):
+        if prop.visitors is not None:
+            sections.append((("spec", "properties", i, "visitors", "configData"), prop.visitors.config_data))
+    found: list[Problem] = []
+    for path, data in sections:
+        for key, value in (data or {}).items():
+            if isinstance(value, dict):
+                first = next(iter(value), None)
+                example = f", e.g. {clipped(f'{key}_{first}', 80)}" if first is not None else ""
+                what, instead = "a nested map", f"use flat keys{example}"
+            elif isinstance(value, list):
+                what, instead = "a list", "use a flat value (a comma-separated string, say)"
+            else:
+                continue
+            where = (*path, key)
+            found.append(Problem(doc.file, doc.line_of(where), field_name(where), f"{what}: {then}; {instead}",
+                                 "warning"))
     return found
 
 
@@ -559,13 +668,16 @@ def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: lis
 
 
 def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem],
-             push_topics: PushTopics) -> None:
+             push_topics: PushTopics, node: str | None = None) -> None:
     device: Device = entry.obj
     doc = entry.doc
     ns = device.metadata.namespace
     device_id = DeviceId(ns, device.metadata.name)
     model_entry = models.get((ns, device.spec.device_model_ref.name))
     problems.extend(bare_number_warnings(doc, device, _desired_text(device, model_entry, doc)))
+    if (elsewhere := _other_node(doc, device, device_id, node)) is not None:
+        problems.append(elsewhere)
+        result.unrunnable[device_id] = elsewhere
     if model_entry is None:
         path = ("spec", "deviceModelRef", "name")
         known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
@@ -582,7 +694,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         path = ("spec", "protocol", "protocolName")
         problem = Problem(doc.file, doc.line_of(path), field_name(path), f"device {device_id}: {exc}", "warning")
         problems.append(problem)
-        result.unrunnable[device_id] = problem
+        result.unrunnable.setdefault(device_id, problem)
     errors_before = sum(p.severity == "error" for p in problems)
     config = _validate_driver_model(
         driver.Config if driver else None,

@@ -117,10 +117,11 @@ class MapperConfig(_Section):
 
     def load_devices(self) -> LoadResult:
         """The device files, loaded and validated (DefinitionError); an entry that does not exist
-        is reported where the config names it."""
+        is reported where the config names it. A device whose nodeName is another node than
+        `node` is not runnable here (LoadResult.unrunnable)."""
         if not self.devices:
             return LoadResult()
-        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics())
+        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node)
 
     def push_topics(self) -> PushTopics:
         """The mapper's own topic tree, which no device's pushMethod.mqtt.topic may name."""

@@ -1231,3 +1231,77 @@ def test_a_misspelt_config_field_is_named_with_the_field_meant(tmp_path):
         f"{config}:7: inference.pipelines[0].widnow: unknown field, did you mean window?",
         f"{config}:8: bogus: unknown field (known here: api, devices, inference, kubeedge, load_openssl, log_level,"
         " loop, mode, mqtt, node, systemd, twin)"], result.stderr
+
+
+def _warnings(result: subprocess.CompletedProcess, directory: Path | None = None) -> list[str]:
+    """The warnings `mapper validate` printed, with `directory/` cut from the file names."""
+    cut = f"{directory}/" if directory else ""
+    return [line.removeprefix("warning: ").removeprefix(cut) for line in result.stderr.splitlines()
+            if line.startswith("warning: ")]
+
+
+def test_validate_warns_about_the_push_methods_the_mapper_does_not_carry_out(tmp_path):
+    """`pushMethod.mqtt.address`, `pushMethod.http`, `otel` and `dbMethod` passed `mapper validate`
+    without a word, while the mapper publishes to its own broker and never POSTs, exports or writes
+    a database: each is a warning at its line saying where the readings go instead."""
+    text = device_yaml("d").replace("reportToCloud: true", """reportToCloud: true
+      pushMethod:
+        mqtt: {address: "tcp://cloud.example:1883", topic: t/count}
+        http: {hostName: "http://127.0.0.1", port: 8080, requestPath: /x, timeout: 5}
+        otel: {endpointURL: "http://127.0.0.1:4318/v1/metrics"}
+        dbMethod:
+          redis: {redisClientConfig: {addr: "127.0.0.1:6379"}}""", 1)
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    line = {key: next(i for i, l in enumerate(text.splitlines(), 1) if f"{key}:" in l)
+            for key in ("mqtt", "http", "otel", "dbMethod")}
+    where = "d.yaml:{}: spec.properties[0].pushMethod.{}: "
+    expected = [
+        where.format(line["mqtt"], "mqtt.address") + "the mapper publishes to its own broker (mqtt.url in its"
+        " config), not to 'tcp://cloud.example:1883': the readings go to t/count there; to get them to"
+        " tcp://cloud.example:1883, bridge that broker to it (mosquitto/bridge.conf)",
+        where.format(line["http"], "http") + "not supported here: nothing is POSTed; readings go to the twin and"
+        " MQTT only (subscribe to the property's topic instead)",
+        where.format(line["otel"], "otel") + "not supported here: nothing is exported over OTLP; readings go to"
+        " the twin and MQTT only (subscribe to the property's topic instead)",
+        where.format(line["dbMethod"], "dbMethod") + "not supported here: nothing is written to redis; readings go"
+        " to the twin (its history: `mapper twin history`) and MQTT only",
+    ]
+    assert _warnings(result, tmp_path) == expected, result.stderr
+    # Without an address the mqtt push is what the mapper does: nothing is said.
+    (tmp_path / "d.yaml").write_text(device_yaml("d").replace(
+        "reportToCloud: true", "reportToCloud: true\n      pushMethod:\n        mqtt: {topic: t/count}", 1))
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0 and not _warnings(result), result.stderr
+
+
+def test_validate_warns_about_a_nested_config_data_value_edgecore_refuses(tmp_path):
+    """edgecore's ConvertDevice turns each configData value into a protobuf Any and refuses a map
+    or a list, so such a device never reaches the mapper under KubeEdge: a warning at the key."""
+    model = MODEL.format(model="thing-model").replace(
+        "  protocol: simulated\n", "  protocol: simulated\n  protocolConfigData: {extra: [1, 2]}\n", 1)
+    text = device_yaml("d", config="{seed: 11, faults: {rate: 0.03, seed: 12}}")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(text)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    device_line = next(i for i, l in enumerate(text.splitlines(), 1) if "faults:" in l)
+    model_line = next(i for i, l in enumerate(model.splitlines(), 1) if "extra:" in l)
+    assert _warnings(result, tmp_path) == [
+        f"d.yaml:{device_line}: spec.protocol.configData.faults: a nested map: edgecore's ConvertDevice refuses"
+        " a value that is not a string, number or boolean, so under KubeEdge this device never reaches the"
+        " mapper; use flat keys, e.g. faults_rate",
+        f"m.yaml:{model_line}: spec.protocolConfigData.extra: a list: edgecore merges it into the configData of"
+        " each device of this model, and its ConvertDevice refuses a value that is not a string, number or"
+        " boolean, so under KubeEdge those devices never reach the mapper; use a flat value (a comma-separated"
+        " string, say)",
+    ], result.stderr
+
+
+def test_the_shipped_inference_example_travels_through_edgecore():
+    """examples/inference/room-sensor-faulty.yaml had `faults: {rate, seed}`, which edgecore refuses:
+    its flat keys validate without a warning and inject the same faults."""
+    result = mapper("validate", "devices/examples/room-sensor.yaml", "examples/inference")
+    assert result.returncode == 0 and not _warnings(result), result.stderr

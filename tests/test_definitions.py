@@ -701,3 +701,41 @@ def test_a_push_topic_under_hw_is_refused(tmp_path):
     problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
     assert len(problems) == 1 and "spec.properties[0].pushMethod.mqtt.topic:" in problems[0], problems
     assert "starting with '$' belong to the broker" in problems[0]
+
+
+def test_a_device_for_another_node_is_not_run_here(tmp_path):
+    """`spec.nodeName: other-node` in a file a mapper of node my-pi loads: under KubeEdge the device
+    is other-node's (edgecore sends a node only its own devices), so one file would drive the
+    hardware from two nodes. It is refused like a device without a driver: a warning at its
+    line naming both nodes, not run by `mapper run` or a reload; the others run."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    text = device_yaml("d").replace("spec:\n", "spec:\n  nodeName: other-node\n", 1)
+    (tmp_path / "d.yaml").write_text(text)
+    (tmp_path / "mine.yaml").write_text(device_yaml("mine").replace("spec:\n", "spec:\n  nodeName: my-pi\n", 1))
+    (tmp_path / "any.yaml").write_text(device_yaml("any"))
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if "nodeName" in l)
+    result = load([tmp_path], base=tmp_path, node="my-pi")
+    assert set(result.unrunnable) == {DeviceId("default", "d")}
+    problem = result.unrunnable[DeviceId("default", "d")]
+    assert str(problem) == (
+        f"d.yaml:{line}: spec.nodeName: device default/d: nodeName is 'other-node', but this mapper is node 'my-pi'"
+        " (its config's `node`): not run here. Under KubeEdge only other-node's edgecore sends it to a mapper;"
+        " set nodeName: my-pi (or remove nodeName) to run it on this node")
+    assert problem in result.warnings
+    # Without a config (`mapper validate`) the node is not known: nothing is said.
+    assert not load([tmp_path], base=tmp_path).warnings
+
+
+def test_the_configs_node_decides_which_devices_run(tmp_path):
+    """`mapper run` and a reload load the device files through the config, with its `node`."""
+    from helpers import write_config
+    from mapper.config import load_config
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (devices / "d.yaml").write_text(device_yaml("d").replace("spec:\n", "spec:\n  nodeName: other-node\n", 1))
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", node="my-pi"))
+    assert DeviceId("default", "d") in config.load_devices().unrunnable
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", node="other-node"))
+    assert not config.load_devices().unrunnable

@@ -36,3 +36,33 @@ def test_the_readme_driver_example_defines_its_models_without_warnings_and_requi
         pass
     else:
         raise AssertionError("a visitor without its register address validated")
+
+
+def _section(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+def test_the_readme_states_the_name_rule_the_loader_applies(tmp_path):
+    """The README said `+`, `#`, `/` and spaces are rejected in names, but the rule is ASCII letters,
+    digits and a few marks: `温度` and `température` are refused too, and the README must say so."""
+    from devices import ids
+
+    for refused in ("温度", "température", "a b", "a+b", "a#b", "a/b"):
+        assert not ids.is_property_name(refused) and not ids.is_name(refused)
+    assert ids.is_property_name("Temp_1.a-b") and ids.is_name("room-1.a")
+    rule = " ".join(_section(README.read_text(), "Errors and warnings:", "## Config file").split())
+    assert "ASCII only" in rule and "`温度`" in rule, rule[:600]
+    for part in ("lower-case ASCII letters, digits, `-` and `.`", "ASCII letters, digits, `_`, `-` and `.`"):
+        assert part in rule, part
+
+
+def test_the_readme_lists_every_refusal_of_a_twin_update_among_its_400s():
+    """A legacy KubeEdge twin client that publishes `actual` values gets 400 `actual values are reported
+    by the device, not set` here, where edgecore takes them: the README's list of 400 reasons says it."""
+    from eventbus import router
+
+    source = Path(router.__file__).read_text()
+    assert "actual values are reported by the device, not set" in source  # the refusal stays
+    reasons = " ".join(_section(README.read_text(), "- 400:", "- 409:").split())
+    assert "actual values are reported by the device, not set" in reasons, reasons
+    assert '{"twin":{"ro":{"actual":{"value":"9"}}}}' in reasons, reasons

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
 from devices.drivers.base import load_driver
 from devices.ids import DeviceId
 from devices.loader import load
@@ -46,3 +48,21 @@ def test_a_clock_property_reads_the_wall_clock_time_of_the_read(tmp_path: Path) 
         assert before <= value <= after
         values.append(value)
     assert values == sorted(values)
+
+
+def test_faults_as_flat_keys_are_the_nested_settings() -> None:
+    """edgecore refuses a nested configData value, so the faults travel as flat keys (faults_rate,
+    faults_seed, faults_kinds as a comma-separated string); the nested form still works locally."""
+    from devices.drivers.simulated import FaultSettings, SimulatedConfig
+
+    flat = SimulatedConfig.model_validate({"seed": 11, "faults_rate": 0.03, "faults_seed": 12.0,
+                                           "faults_kinds": "spike, stuck"})
+    nested = SimulatedConfig.model_validate({"seed": 11, "faults": {"rate": 0.03, "seed": 12,
+                                                                    "kinds": ["spike", "stuck"]}})
+    assert flat.faults == nested.faults == FaultSettings(rate=0.03, seed=12, kinds=["spike", "stuck"])
+    assert SimulatedConfig.model_validate({"faults_rate": 0.1}).faults == FaultSettings(rate=0.1)
+    assert SimulatedConfig.model_validate({}).faults is None
+    with pytest.raises(ValueError, match="faults_kinds"):
+        SimulatedConfig.model_validate({"faults_kinds": "spike,boom"})
+    with pytest.raises(ValueError, match="both given"):
+        SimulatedConfig.model_validate({"faults": {"rate": 0.1}, "faults_rate": 0.2})

@@ -14,8 +14,11 @@ Each property's `visitors.configData.kind` picks a behaviour:
 `configData.failure_rate` (0-1) makes that share of reads fail the way a DHT11 does
 ("Checksum did not validate"), so retry and health logic can be exercised.
 
-`configData.faults: {rate, seed, kinds}` injects the sensor faults of `models/faults.py`
-(spike, stuck, drift, noise) into the temperature/humidity pair: at each temperature read
+`configData.faults_rate`, `faults_seed` and `faults_kinds` (a comma-separated string) inject the
+sensor faults of `models/faults.py` (spike, stuck, drift, noise) into the temperature/humidity
+pair. They are flat keys because edgecore refuses a nested configData value (a device with one
+never reaches the mapper under KubeEdge); the nested form `faults: {rate, seed, kinds}` still
+works in local files. At each temperature read
 with no fault running, a new fault event starts with probability `rate`; the humidity read
 that follows returns the humidity of the same (faulty) step. `fault_log` keeps what started.
 """
@@ -28,11 +31,11 @@ import random
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import ReadError, WriteError
+from devices.errors import FieldError, ReadError, WriteError
 
 
 class FaultSettings(BaseModel):
@@ -54,6 +57,34 @@ class SimulatedConfig(BaseModel):
     fail_while_exists: str | None = None
     # Inject labelled sensor faults (models/faults.py) into temperature + humidity.
     faults: FaultSettings | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_faults(cls, data: Any) -> Any:
+        """`faults_rate`, `faults_seed`, `faults_kinds` ("spike,stuck") are `faults: {rate, seed, kinds}`:
+        the form that travels through edgecore, which refuses a nested configData value."""
+        if not isinstance(data, dict):
+            return data
+        flat = {key: data[key] for key in _FLAT_FAULTS if key in data}
+        if not flat:
+            return data
+        if data.get("faults") is not None:
+            raise FieldError((next(iter(flat)),), f"faults and {', '.join(flat)} both given: give the faults "
+                                                  "one way (the flat keys travel through edgecore)")
+        settings = {key.removeprefix("faults_"): value for key, value in flat.items()}
+        kinds = settings.get("kinds")
+        if isinstance(kinds, str):
+            settings["kinds"] = [kind.strip() for kind in kinds.split(",") if kind.strip()]
+        try:
+            faults = FaultSettings.model_validate(settings)
+        except ValidationError as exc:  # at the flat key the file has, not at faults.rate
+            error = exc.errors(include_url=False)[0]
+            key = f"faults_{error['loc'][0]}"
+            raise FieldError((key,), f"{key} {data[key]!r}: {error['msg']}") from None
+        return {**{k: v for k, v in data.items() if k not in flat}, "faults": faults}
+
+
+_FLAT_FAULTS = ("faults_rate", "faults_seed", "faults_kinds")
 
 
 class SimulatedVisitor(BaseModel):
