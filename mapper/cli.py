@@ -211,6 +211,7 @@ async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, s
 async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
     """Load the device files again and switch to them; an invalid set keeps the running one."""
     import asyncio
+    import shlex
 
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
@@ -221,7 +222,10 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
             reload_log.error("reload refused: %s", problem)
         for warning in exc.warnings:
             reload_log.warning("%s", warning)  # (a warning: not why it is refused)
-        reload_log.error("reload refused: %d error(s); still running the previous devices", len(exc.problems))
+        # A restart (a reboot, the watchdog) does not fall back to the previous devices: it refuses them.
+        reload_log.error("reload refused: %d error(s); still running the previous devices; fix them before the next"
+                         " start: `mapper run` refuses to start with them (`mapper validate %s`)", len(exc.problems),
+                         " ".join(shlex.quote(str(d)) for d in config.devices))
         return False
     for warning in result.warnings:
         reload_log.warning("%s", warning)

@@ -98,6 +98,9 @@ def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: 
     line = next(n for n, text in enumerate((mapper.devices / "b.yaml").read_text().splitlines(), 1)
                 if "collectCycle: -5" in text)
     assert re.search(rf"reload refused: dev/b\.yaml:{line}: spec\.properties\[0\]\.collectCycle: ", log), log
+    # A restart (a reboot, the watchdog) would not fall back to the previous devices: it refuses to start.
+    assert (f"reload refused: 1 error(s); still running the previous devices; fix them before the next start:"
+            f" `mapper run` refuses to start with them (`mapper validate {mapper.devices}`)") in log, log
     refused_at = {A: mapper.count(A), B: mapper.count(B)}
     wait_for(lambda: mapper.counts_above({A: refused_at[A] + 5, B: refused_at[B] + 5}),
              what="both devices still counting after the refused reload")
