@@ -159,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
-        reloader = asyncio.create_task(_reload_on_sighup(service, config, hup, stop), name="sighup-reload")
+        reloader = asyncio.create_task(_reload_on_sighup(service, args.config, hup, stop), name="sighup-reload")
         service.before_devices.append(gc.collect)  # here, not once running: a full collection stops the loop ~20 ms
         freezer = asyncio.create_task(freeze_heap_when_ready(service), name="gc-freeze")
         try:
@@ -191,21 +191,65 @@ async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001
     gc.freeze()
 
 
-async def _reload_on_sighup(service, config: MapperConfig, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
-    """SIGHUP: reload the device files; restart only devices whose definition changed."""
+async def _reload_on_sighup(service, config_path: str, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
+    """SIGHUP: read the config file again, reload the device files it names; restart only devices
+    whose definition changed."""
     from mapper.service import MapperStopping  # (here: the module imports asyncio, after openssl's placeholder)
 
     await service.ready.wait()
+    running = service.config  # whose device list runs now
     while True:
         await hup.wait()
         hup.clear()
         if not stop.is_set():
             try:
-                await reload_devices(service, config)
+                running = await reload_config(service, config_path, running)
             except MapperStopping:  # the stop began while the files were read: nothing to switch to
                 logging.getLogger("mapper.reload").info("SIGHUP: not reloaded, the mapper is stopping")
             except Exception:  # noqa: BLE001 - the next SIGHUP must still be heard
                 logging.getLogger("mapper.reload").exception("reload failed; still running the previous devices")
+
+
+# What a reload takes from the config file; every other setting needs a restart.
+RELOADED_SETTINGS = ("devices", "log_level")
+
+
+async def reload_config(service, config_path: str | Path, running: MapperConfig) -> MapperConfig:  # noqa: ANN001
+    """Read the config file again (with the environment's overrides, as at start) and reload the
+    device files it names now; `log_level` is applied at once, every other setting that changed is
+    named in a warning (it takes effect at the next start). A config file that no longer validates
+    refuses the reload. Returns the config whose device list runs after it (`running` if refused)."""
+    import asyncio
+
+    reload_log = logging.getLogger("mapper.reload")
+    reload_log.info("SIGHUP: reading the config file %s again", config_path)
+    try:
+        new = await asyncio.to_thread(load_config, config_path)
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            reload_log.error("reload refused: %s", problem)
+        for warning in exc.warnings:
+            reload_log.warning("%s", warning)
+        reload_log.error("reload refused: %s: %d error(s); still running the previous config and devices; fix it"
+                         " before the next start: `mapper run` refuses to start with it",
+                         config_path, len(exc.problems))
+        return running
+    started = service.config  # what the service was built with: only a restart changes it
+    later = [name for name in MapperConfig.model_fields
+             if name not in RELOADED_SETTINGS and getattr(new, name) != getattr(started, name)]
+    if later:
+        reload_log.warning("%s: %s changed: %s effect at the next start (systemctl restart mapper); until then the"
+                           " mapper runs with the previous ones", config_path, ", ".join(later),
+                           "they take" if len(later) > 1 else "it takes")
+    root = logging.getLogger()
+    if root.level != logging.getLevelName(new.log_level.upper()):
+        was = logging.getLevelName(root.level).lower()
+        root.setLevel(new.log_level.upper())
+        reload_log.info("%s: log_level %s (was %s)", config_path, new.log_level, was)
+    # The new device list, checked against the running mapper's topic tree (node, mqtt.topic_prefix).
+    wanted = started.model_copy(update={"devices": new.devices, "log_level": new.log_level})
+    wanted._devices_named_at = dict(new._devices_named_at)
+    return wanted if await reload_devices(service, wanted) else running
 
 
 async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001

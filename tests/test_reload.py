@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -23,17 +24,18 @@ A, B = DeviceId("default", "a"), DeviceId("default", "b")
 class Mapper:
     """`python -m mapper run` in tmp_path (so problems are labelled dev/...), its log in a file."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, tmp: Path, env: dict[str, str] | None = None) -> None:
         self.devices = write_devices(tmp / "dev", ["a", "b"], cycle=20)
         self.twin = tmp / "twin.db"
         self.tmp = tmp
+        self.env = env or {}
         self.config = write_config(tmp / "mapper.yaml", self.devices, self.twin)
         self.log_path = tmp / "mapper.log"
         self.start()
 
     def start(self) -> None:
         """`mapper run` (its log appended to the same file)."""
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), **self.env}
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, cwd=self.tmp, env=env)
@@ -69,13 +71,21 @@ class Mapper:
         return counts if all(counts[d] > m for d, m in minimum.items()) else {}
 
 
+@contextlib.contextmanager
+def running_mapper(tmp: Path, env: dict[str, str] | None = None) -> Iterator[Mapper]:
+    running = Mapper(tmp, env)
+    try:
+        yield running
+    finally:
+        if running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait()
+
+
 @pytest.fixture
 def mapper(tmp_path: Path) -> Iterator[Mapper]:
-    running = Mapper(tmp_path)
-    yield running
-    if running.proc.poll() is None:
-        running.proc.kill()
-        running.proc.wait()
+    with running_mapper(tmp_path) as running:
+        yield running
 
 
 def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: Mapper) -> None:
@@ -428,5 +438,79 @@ def test_a_file_desired_value_is_applied_only_when_the_file_changes_it(mapper: M
     mapper.proc.send_signal(signal.SIGHUP)
     mapper.wait_log(r"reload done: changed default/b", count=2)
     assert applied(3000).desired_version == version + 2
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0
+
+
+def test_sighup_reads_the_config_file_again(tmp_path: Path) -> None:
+    """mapper.yaml gets a second device directory (relative, as a user writes it), `log_level:
+    debug`, another node and twin.batch_delay_ms; SIGHUP. The devices of the new list run (c is
+    added, a and b keep running), debug lines are logged from then on, and node and twin are named
+    in a warning as taking effect at the next start. The environment's override of loop (as at
+    start) is no change. Before, the config loaded at start was reused: the log named the old list,
+    said "reload done: nothing changed", and nothing hinted that mapper.yaml had changed."""
+    with running_mapper(tmp_path, {"MAPPER_LOOP__FAILURE_THRESHOLD": "4"}) as mapper:
+        _reads_the_config_file_again(mapper, tmp_path)
+
+
+def _reads_the_config_file_again(mapper: Mapper, tmp_path: Path) -> None:
+    C = DeviceId("default", "c")
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    before = wait_for(lambda: mapper.counts_above({A: 5, B: 5}), what="both devices counting")
+    (tmp_path / "dev2").mkdir()
+    (tmp_path / "dev2" / "c.yaml").write_text(device_yaml("c", cycle=20, config="{fail_first: 2}"))
+    text = mapper.config.read_text()
+    edited = (text.replace(f"devices: [{mapper.devices}]", f"devices: [{mapper.devices}, dev2]")
+              .replace("log_level: info", "log_level: debug").replace("node: test-node", "node: other-node")
+              .replace("batch_delay_ms: 5", "batch_delay_ms: 50"))
+    assert edited.count("dev2") == 1 and "debug" in edited and "other-node" in edited and "batch_delay_ms: 50" in edited
+    mapper.config.write_text(edited)
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload done: ")
+    assert "reload done: added default/c" in log, log
+    assert f"SIGHUP: reloading device files {mapper.devices}, {tmp_path / 'dev2'}" in log, log
+    assert (f"WARNING mapper.reload: {mapper.config}: node, twin changed: they take effect at the next start"
+            f" (systemctl restart mapper); until then the mapper runs with the previous ones") in log, log
+    warning = log.split("WARNING mapper.reload:")[1].split("\n")[0]
+    assert "loop" not in warning, "the environment's override (MAPPER_LOOP__FAILURE_THRESHOLD) was taken for a change"
+    # log_level applied live: the new device's first failed reads are logged at debug
+    mapper.wait_log(r"DEBUG \S+: default/c: read failed \(1 in a row\)")
+    wait_for(lambda: mapper.counts_above({A: before[A], B: before[B], C: 3}), what="a, b and c counting")
+    assert mapper.restarts(A) == mapper.restarts(B) == 0
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0
+    assert "mapper test-node stopped" in mapper.log()  # the node changes at the next start only
+
+
+def test_a_config_file_that_no_longer_validates_refuses_the_reload(mapper: Mapper, tmp_path: Path) -> None:
+    """mapper.yaml gets a second device directory and a log_level it does not take; SIGHUP. The
+    reload is refused, with the config file's line and field as at start, and saying the next
+    start refuses it too; the devices run as before. Once fixed, the next SIGHUP takes it. Before,
+    the file was not read again: the log said "reload done: nothing changed"."""
+    C = DeviceId("default", "c")
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    (tmp_path / "dev2").mkdir()
+    (tmp_path / "dev2" / "c.yaml").write_text(device_yaml("c", cycle=20))
+    good = mapper.config.read_text().replace(f"devices: [{mapper.devices}]", f"devices: [{mapper.devices}, dev2]")
+    mapper.config.write_text(good.replace("log_level: info", "log_level: loud"))
+    line = next(n for n, text in enumerate(mapper.config.read_text().splitlines(), 1) if "log_level" in text)
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: .*error\(s\)")
+    where = re.escape(f"{mapper.config}:{line}: log_level: ")
+    assert re.search(rf"ERROR mapper.reload: reload refused: {where}", log), log
+    assert (f"reload refused: {mapper.config}: 1 error(s); still running the previous config and devices; fix it"
+            " before the next start: `mapper run` refuses to start with it") in log, log
+    refused_at = {A: mapper.count(A), B: mapper.count(B)}
+    wait_for(lambda: mapper.counts_above({A: refused_at[A] + 5, B: refused_at[B] + 5}),
+             what="both devices still counting after the refused reload")
+    assert "reload done" not in mapper.log()
+    with TwinStore.open(mapper.twin) as store:
+        assert C not in store.device_ids()
+
+    mapper.config.write_text(good)
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload done: ")
+    assert "reload done: added default/c" in log, log
+    assert "WARNING mapper.reload" not in log, log  # nothing that waits for a restart changed
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
