@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import stat
 import tempfile
@@ -290,6 +291,27 @@ def test_a_device_pushing_into_another_nodes_topics_is_refused(sockdir: Path) ->
             await edgecore.add(own, SWITCH)
             await until(lambda: mapper.runner("honest") is not None)
     run(scenario())
+
+
+def test_a_warning_about_an_edgecore_device_is_logged_once(sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A device from edgecore with a pushMethod the mapper does not carry out (http) runs, and the
+    loader's warning about it is logged, once: the warnings of edgecore's devices were collected
+    and never logged (a local file's are, at start and at every reload)."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            pushing = switch("pusher")
+            pushing.spec.properties[0].pushMethod.http.hostname = "http://collector.example"
+            pushing.spec.properties[0].pushMethod.http.port = 8080
+            await edgecore.add(pushing, SWITCH)
+            await until(lambda: mapper.runner("pusher") is not None)
+            await edgecore.add(switch("other"), SWITCH)  # another update: nothing new to say
+            await until(lambda: mapper.runner("other") is not None)
+    caplog.set_level(logging.WARNING, logger="mapper.dmi")
+    run(scenario())
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("device from edgecore: ")]
+    assert len(lines) == 1, lines
+    assert "spec.properties[0].pushMethod.http" in lines[0] and "default/pusher" in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("any_value", [

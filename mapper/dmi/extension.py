@@ -84,6 +84,8 @@ class KubeEdgeExtension:
         # The restored devices the twin refused to start (see _retry_restore); cleared by any apply that succeeds.
         self._restore_pending = False
         self._restore_log = Throttle(burst=3, interval_s=60.0)
+        # The warnings of edgecore's devices logged so far (each once, not at every update).
+        self._warned: set[str] = set()
 
     # -- extension hooks -------------------------------------------------------------------
 
@@ -291,6 +293,10 @@ class KubeEdgeExtension:
         """
         assert self.service is not None and self.state_path is not None
         built = self.catalog.build(self._local)
+        shown = {str(w) for w in built.warnings}
+        for warning in sorted(shown - self._warned):  # a local file's are logged at start and reload
+            log.warning("device from edgecore: %s", warning)
+        self._warned = shown
         # Disjoint: build() leaves out an edgecore device with a local device's namespace/name.
         merged = LoadResult(
             devices={**self._local.devices, **built.devices},
