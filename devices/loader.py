@@ -387,11 +387,12 @@ def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics
               node: str | None = None) -> LoadResult:
     models: dict[tuple[str, str], _Entry] = {}
     devices: dict[tuple[str, str], _Entry] = {}
+    broken: dict[tuple[str, str], str] = {}
     for doc in docs:
-        _parse(doc, models, devices, problems)
+        _parse(doc, models, devices, problems, broken)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
-        _resolve(entry, models, result, problems, push_topics, node)
+        _resolve(entry, models, result, problems, push_topics, broken, node)
     _check_claims(result, devices, problems)
     errors = [p for p in problems if p.severity == "error"]
     result.warnings.extend(p for p in problems if p.severity != "error")
@@ -410,7 +411,21 @@ def _label(file: Path, base: Path | None) -> str:
         return str(file)
 
 
-def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> None:
+def _model_key(doc: _Doc) -> tuple[str, str] | None:
+    """(namespace, name) a DeviceModel document names, read from the document as written (for
+    one that did not validate), or None if it names none."""
+    metadata = doc.data.get("metadata")
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("name"), str):
+        return None
+    namespace = metadata.get("namespace", "default")
+    return (namespace if isinstance(namespace, str) else "default", metadata["name"])
+
+
+def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
+           broken: dict[tuple[str, str], str]) -> None:
+    """Validate one document into `models` or `devices`. A DeviceModel refused here (its errors
+    are in `problems`) is recorded in `broken`, {(namespace, name): "file:line"}, so that its
+    devices say their model has errors, not that it does not exist."""
     data = doc.data
     if data is None:
         return
@@ -428,11 +443,18 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
             Problem(doc.file, doc.line_of(("kind",)), "kind", f"{kind!r} is not supported: use Device or DeviceModel")
         )
         return
+
+    def refused_model() -> None:
+        if kind == "DeviceModel" and (key := _model_key(doc)) is not None:
+            line = doc.line_of(("metadata", "name"))
+            broken.setdefault(key, f"{doc.file}:{line}" if line else doc.file)  # (no line in memory: DMI)
+
     if data.get("apiVersion") != API_VERSION:
         problems.append(
             Problem(doc.file, doc.line_of(("apiVersion",)), "apiVersion",
                     f"{data.get('apiVersion')!r} is not supported: use {API_VERSION}")
         )
+        refused_model()
         return
     cls = Device if kind == "Device" else DeviceModel
     try:
@@ -441,6 +463,7 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem]) -> N
         obj = cls.model_validate(data, by_alias=True, by_name=False)
     except ValidationError as exc:
         problems.extend(validation_problems(exc, doc))
+        refused_model()
         return
     table = devices if kind == "Device" else models
     key = (obj.metadata.namespace, obj.metadata.name)
@@ -668,7 +691,7 @@ def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: lis
 
 
 def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem],
-             push_topics: PushTopics, node: str | None = None) -> None:
+             push_topics: PushTopics, broken: dict[tuple[str, str], str], node: str | None = None) -> None:
     device: Device = entry.obj
     doc = entry.doc
     ns = device.metadata.namespace
@@ -680,9 +703,15 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         result.unrunnable[device_id] = elsewhere
     if model_entry is None:
         path = ("spec", "deviceModelRef", "name")
-        known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
-        problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
-                                f"DeviceModel {ns}/{device.spec.device_model_ref.name} not found (known: {known})"))
+        model_name = f"{ns}/{device.spec.device_model_ref.name}"
+        where = broken.get((ns, device.spec.device_model_ref.name))
+        if where is not None:  # it is there, but refused: its own errors come first (_parse)
+            message = (f"DeviceModel {model_name} ({where}) has errors (above): its devices cannot start"
+                       " until it is fixed")
+        else:
+            known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
+            message = f"DeviceModel {model_name} not found (known: {known})"
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path), message))
         return
     model: DeviceModel = model_entry.obj
     protocol = device.spec.protocol.protocol_name

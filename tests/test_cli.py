@@ -67,6 +67,31 @@ def test_validate_lists_every_error_and_exits_1(tmp_path):
     assert "error(s)" in result.stderr.splitlines()[-1]
 
 
+def test_validate_run_and_twin_set_say_a_devices_model_has_errors_not_that_it_is_missing(tmp_path):
+    """A DeviceModel with an error (`type: BOOL`) made `mapper validate`, `mapper run` and `twin set`
+    add `DeviceModel default/thing-model not found (known: none)` for each of its devices, with the
+    model right there in model.yaml. They now say the model has errors, naming where it is."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    (devices / "model.yaml").write_text(MODEL.format(model="thing-model").replace("type: BOOLEAN", "type: BOOL"))
+    device_error = ("lamp.yaml:8: spec.deviceModelRef.name: DeviceModel default/thing-model"
+                    f" ({devices / 'model.yaml'}:4) has errors (above): its devices cannot start until it is fixed")
+    model_error = "model.yaml:16: spec.properties[1].type: unknown value 'BOOL'"
+    for args in (("validate", str(devices)), ("run", "--config", str(config)),
+                 ("twin", "set", "lamp", "power", "true", "--config", str(config))):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        lines = [l for l in result.stderr.splitlines() if ".yaml:" in l]
+        assert len(lines) == 2, result.stderr
+        assert model_error in lines[0] and lines[1].endswith(device_error), (args, result.stderr)
+        assert "not found" not in result.stderr, (args, result.stderr)
+
+
 def test_validate_warns_about_a_field_written_by_its_python_name(tmp_path):
     """`access_mode: ReadWrite` (the schema's Python name for accessMode) used to fill the field: the
     property passed `mapper validate` with no warning and loaded writable, while KubeEdge's API

@@ -72,6 +72,41 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert len(problems) == 3
 
 
+@pytest.mark.parametrize(("change", "error"), [
+    (("type: BOOLEAN", "type: BOOL"), "relay.yaml:16: spec.properties[1].type: unknown value 'BOOL': must be one of 'INT', 'FLOAT', 'DOUBLE',"
+     " 'STRING', 'BOOLEAN', 'BYTES' or 'STREAM'"),
+    (('minimum: "0"\n      maximum: "50"', 'minimum: "80"\n      maximum: "-40"'),
+     "relay.yaml:9: spec.properties[0]: minimum 80 is greater than maximum -40"),
+    (("apiVersion: devices.kubeedge.io/v1beta1\nkind: DeviceModel", "apiVersion: devices.kubeedge.io/v1\nkind: DeviceModel"),
+     "relay.yaml:1: apiVersion: 'devices.kubeedge.io/v1' is not supported: use devices.kubeedge.io/v1beta1"),
+])
+def test_a_device_of_a_model_with_errors_says_so_not_that_it_is_missing(tmp_path, change, error):
+    """A DeviceModel with any error (`type: BOOL`, minimum above maximum, a wrong apiVersion) made
+    its devices report `DeviceModel default/relay-model not found (known: <the others>)`, with the
+    model there in the same file: the operator went hunting for a typo in the name. The device's
+    error now says the model has errors, and where; a model that is really missing is still "not found"."""
+    model = MODEL.format(model="relay-model").replace(*change)
+    problems = problems_of(tmp_path, {"relay.yaml": model + "---\n" + device_yaml("relay", model="relay-model"),
+                                      "other.yaml": MODEL.format(model="dht22-model")})
+    ref_line = len(model.splitlines()) + 1 + 8  # the device's deviceModelRef.name, after the `---`
+    assert problems == [
+        error,
+        f"relay.yaml:{ref_line}: spec.deviceModelRef.name: DeviceModel default/relay-model (relay.yaml:4) has errors"
+        " (above): its devices cannot start until it is fixed",
+    ]
+
+
+def test_a_device_of_a_missing_model_is_still_told_it_is_not_found(tmp_path):
+    """The model with errors is named as such only for its own name (and namespace): a device of a
+    model that no document defines is told it is not found, with the models that are known."""
+    broken = MODEL.format(model="relay-model").replace("type: BOOLEAN", "type: BOOL")
+    problems = problems_of(tmp_path, {"m.yaml": broken + "---\n" + MODEL.format(model="dht22-model"),
+                                      "d.yaml": device_yaml("relay", model="relay-modle")})
+    assert problems[-1] == ("d.yaml:8: spec.deviceModelRef.name: DeviceModel default/relay-modle not found"
+                            " (known: default/dht22-model)")
+    assert len(problems) == 2
+
+
 @pytest.mark.parametrize("name", ["a+b", "a#b", "a/b", "a b", "UPPER", "-lead", ""])
 def test_names_that_would_break_topics_are_rejected(tmp_path, name):
     """Device names become MQTT topic segments: +, #, / and spaces never pass."""
