@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -18,7 +20,7 @@ from devices.definitions import DeviceDefinition
 from devices.drivers.base import load_driver
 from devices.ids import DeviceId
 from devices.loader import LoadResult
-from mapper.config import MapperConfig
+from mapper.config import MapperConfig, TwinSettings
 from mapper.device_loop import OFFLINE, DeviceRunner
 from mapper.finish import to_the_end
 from mapper.logs import Throttle, held_note
@@ -35,8 +37,75 @@ STOPPED_DETAIL = "stopped: the mapper stopped"
 PRUNE_STEP = 1000
 # How often an overloaded mapper says how many reads missed their collect slot.
 MISSED_READS_CHECK_S = 60
+# Telemetry dropped by the outbox limits is logged at once, then at most a line per this many seconds.
+OUTBOX_DROPS_LOG_S = 60.0
 
 Hook = Callable[["MapperService"], Awaitable[None]]
+
+
+class OutboxDropLog:
+    """Warns about the telemetry the outbox limits (twin.outbox_max_rows, twin.outbox_max_bytes)
+    drop, oldest first, while the broker does not take the messages: a line when the dropping
+    starts, then at most a line a minute (mapper.logs.Throttle) with the count since the last
+    line; the total is in the twin (counters('outbox_dropped'), `mapper devices`, STATUS=).
+
+    `dropped` is the store's on_outbox_dropped: called in the twin thread after each commit
+    that dropped (one call a commit, never one a message). `flush` (the event loop, once a
+    minute, and at the stop) logs what was dropped since the last line once the throttle lets
+    it: the drops of an outage's last minute are logged too. Dropping starts again after no
+    drop for `interval_s`; its first line is logged at once.
+    """
+
+    def __init__(self, twin: TwinSettings, interval_s: float = OUTBOX_DROPS_LOG_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._twin = twin
+        self._interval_s = interval_s
+        self._clock = clock
+        self._throttle = Throttle(burst=1, interval_s=interval_s, clock=clock)
+        self._lock = threading.Lock()  # dropped() runs in the twin thread, flush() in the loop's
+        self.total = 0  # dropped since start
+        self._unlogged = 0  # ... since the last line
+        self._limits: set[str] = set()  # the limits over (rows, bytes) since the last line
+        self._last_drop: float | None = None
+        self._starting = False  # the next line is the first of a new run of drops
+
+    def dropped(self, count: int, limits: frozenset[str]) -> None:
+        with self._lock:
+            now = self._clock()
+            if self._last_drop is None or now - self._last_drop >= self._interval_s:
+                self._starting = True
+                self._throttle.reset("dropped")  # the start is logged at once
+            self._last_drop = now
+            self.total += count
+            self._unlogged += count
+            self._limits |= limits
+            self._log(force=False)
+
+    def flush(self, *, force: bool = False) -> None:
+        """Log the drops since the last line, if the throttle lets it (or `force`: at the stop)."""
+        with self._lock:
+            self._log(force=force)
+
+    def _log(self, *, force: bool) -> None:
+        if not self._unlogged or (self._throttle("dropped") is None and not force):
+            return
+        settings = {"rows": ("twin.outbox_max_rows", f"{self._twin.outbox_max_rows} messages"),
+                    "bytes": ("twin.outbox_max_bytes", f"{self._twin.outbox_max_bytes} bytes")}
+        hit = [settings[k] for k in ("rows", "bytes") if k in self._limits] or list(settings.values())
+        where = " and ".join(f"{name} ({value})" for name, value in hit)
+        names = " or ".join(name for name, _ in hit)
+        if self._starting:
+            log.warning("outbox full at %s: the oldest telemetry is dropped, %d message%s so far. The broker does"
+                        " not take the messages (unreachable? see the MQTT connection lines, mapper.mqtt), or not"
+                        " as fast as they come; to keep more of them through an outage, raise %s",
+                        where, self._unlogged, "" if self._unlogged == 1 else "s", names)
+        else:
+            log.warning("outbox: %d more telemetry message%s dropped at %s since the last line, %d since the start"
+                        " (the broker does not take them: see the mapper.mqtt lines; or raise %s)",
+                        self._unlogged, "" if self._unlogged == 1 else "s", where, self.total, names)
+        self._starting = False
+        self._unlogged = 0
+        self._limits = set()
 
 
 class MapperStopping(RuntimeError):
@@ -54,6 +123,7 @@ class MapperService:
         # Readings a stop could not commit (the twin's disk full or read-only): `mapper run` exits 1.
         self.uncommitted_at_stop = 0
         self.worker: StoreWorker | None = None
+        self.outbox_drops = OutboxDropLog(config.twin)
         self.recorder: Recorder | None = None
         self._desired_wake = asyncio.Event()
         # Device states the twin could not take (see _on_state): the newest per device, retried.
@@ -99,11 +169,13 @@ class MapperService:
 
     def _open_store(self) -> TwinStore:
         t = self.config.twin
-        return TwinStore.open(
+        store = TwinStore.open(
             t.path, synchronous=t.synchronous, check_same_thread=False,
             outbox=OutboxLimits(max_rows=t.outbox_max_rows, max_bytes=t.outbox_max_bytes),
             busy_timeout_s=t.busy_timeout_ms / 1000,
         )
+        store.on_outbox_dropped = self.outbox_drops.dropped
+        return store
 
     async def twin(self, fn):  # noqa: ANN001, ANN201 - thin pass-through to the worker
         assert self.worker is not None
@@ -144,6 +216,7 @@ class MapperService:
                     tg.create_task(self._desired_loop(), name="desired")
                     tg.create_task(self._prune_loop(), name="prune-history")
                     tg.create_task(self._missed_reads_loop(), name="missed-reads")
+                    tg.create_task(self._outbox_drops_loop(), name="outbox-drops")
                     tg.create_task(self._state_retry_loop(), name="state-retry")
                     for definition in runnable.values():
                         self.start_device(definition, tg)
@@ -249,6 +322,7 @@ class MapperService:
         for ext in reversed(self.extensions):
             with contextlib.suppress(Exception):
                 await ext.shutdown(self)
+        self.outbox_drops.flush(force=True)  # the drops since the last line, if any
         log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 
     async def update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
@@ -551,6 +625,12 @@ class MapperService:
                 log.warning("%d reads missed their collect slot in the last %g s, on %d device(s) (most: %s, %d): "
                             "the mapper cannot keep up; fewer devices, a longer collectCycle or a faster machine",
                             sum(late.values()), MISSED_READS_CHECK_S, len(late), worst, late[worst])
+
+    async def _outbox_drops_loop(self) -> None:
+        """Log the outbox's drops not logged yet (OutboxDropLog: the last ones of an outage)."""
+        while True:
+            await sleep_to_tick(OUTBOX_DROPS_LOG_S)
+            self.outbox_drops.flush()
 
     async def prune_history(self) -> int:
         """Prune in steps of PRUNE_STEP rows, each its own twin call: readings committed meanwhile

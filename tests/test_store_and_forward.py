@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -70,6 +71,12 @@ def committed_seq(twin_path, topic: str) -> int:
 def outbox_depth(twin_path) -> int:
     with sqlite3.connect(twin_path) as db:
         return db.execute(OUTBOX_DEPTH_SQL).fetchone()[0]
+
+
+def outbox_dropped(twin_path) -> int:
+    """Telemetry dropped by the outbox limits, as committed (counters('outbox_dropped'))."""
+    with sqlite3.connect(twin_path) as db:
+        return _counter(db, "outbox_dropped")
 
 
 @pytest.fixture
@@ -573,3 +580,42 @@ def test_sigkill_at_random_points_keeps_every_invariant(own_broker, tmp_path):
         collector.close()
         if mapper.process is not None:
             mapper.kill()
+
+
+def test_telemetry_the_outbox_limits_drop_is_logged_as_a_warning(tmp_path):
+    """The broker cannot be reached and the outbox is at twin.outbox_max_rows: the oldest telemetry
+    is dropped and counted (`mapper devices`: "N dropped by policy"), but the log said nothing, and
+    `journalctl -p warning` (which the Pi guide points to) showed nothing. Now a WARNING comes when
+    the dropping starts, naming the limit, how many, and what to do; then at most a line a minute
+    with the count since the last line, and the rest at the stop: the counts add up to the twin's."""
+    devices = write_devices(tmp_path / "dev", ["a", "b"], cycle=10)
+    twin_path = tmp_path / "twin.db"
+    # Port 1 of the loopback: nothing listens there, every connection attempt is refused.
+    config = tmp_path / "outbox.yaml"
+    config.write_text(f"node: test-node\ndevices: [{devices}]\n"
+                      f"twin:\n  path: {twin_path}\n  batch_delay_ms: 5\n  outbox_max_rows: 100\n"
+                      "mqtt:\n  url: mqtt://127.0.0.1:1\n  reconnect_min_s: 0.2\n  reconnect_max_s: 1.0\n")
+    mapper = MapperProcess(tmp_path, devices, None, env={"JOURNAL_STREAM": "8:1234"})  # as under systemd
+    mapper.config = config  # (MapperProcess writes an mqtt section only for a broker of the tests)
+    with mapper:
+        mapper.wait_log("outbox full at twin.outbox_max_rows (100 messages): the oldest telemetry is dropped")
+        at_first_line = outbox_dropped(twin_path)
+        wait_for(lambda: outbox_dropped(twin_path) > at_first_line + 200, what="more drops after the first line")
+        assert mapper.stop() == 0
+    dropped = outbox_dropped(twin_path)
+    # `journalctl -p warning`: the lines with priority 4 (warning) or lower (worse).
+    lines = [line for line in mapper.log().splitlines() if re.match(r"<[0-4]>", line) and "outbox" in line]
+    assert len(lines) == 2, mapper.log()  # the start, and the rest at the stop (the test lasts well under a minute)
+    first = re.fullmatch(
+        r"<4>WARNING mapper\.service: outbox full at twin\.outbox_max_rows \(100 messages\): the oldest telemetry is"
+        r" dropped, (\d+) messages? so far\. The broker does not take the messages \(unreachable\? see the MQTT"
+        r" connection lines, mapper\.mqtt\), or not as fast as they come; to keep more of them through an outage,"
+        r" raise twin\.outbox_max_rows", lines[0])
+    assert first, lines[0]
+    last = re.fullmatch(
+        r"<4>WARNING mapper\.service: outbox: (\d+) more telemetry messages? dropped at twin\.outbox_max_rows \(100"
+        r" messages\) since the last line, (\d+) since the start \(the broker does not take them: see the mapper\.mqtt"
+        r" lines; or raise twin\.outbox_max_rows\)", lines[1])
+    assert last, lines[1]
+    assert int(first[1]) + int(last[1]) == int(last[2]) == dropped > 200, (lines, dropped)
+    assert "ERROR" not in mapper.log() and "Traceback" not in mapper.log(), mapper.log()

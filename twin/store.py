@@ -31,7 +31,7 @@ import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -331,6 +331,14 @@ class TwinStore:
         self._published_through = 0  # every carried message up to this history id is done
         self._tx_dropped: list[tuple[int, int]] = []  # (id, size) of carried messages dropped by this transaction
         self._published_saved = 0    # ... as saved in counters
+        # Telemetry the outbox limits dropped in the open transaction (carried and table rows), and
+        # which limits were over ("rows", "bytes"): told to `on_outbox_dropped` once it commits.
+        self._tx_limit_dropped = 0
+        self._tx_limits_hit: set[str] = set()
+        # Called (in the thread that commits) after each commit whose transaction dropped telemetry
+        # for the outbox limits: (how many, the limits that were over: "rows" and/or "bytes"). The
+        # running mapper logs them (mapper.service); the count is in counters('outbox_dropped').
+        self.on_outbox_dropped: Callable[[int, frozenset[str]], None] | None = None
         # Readings not yet folded into `properties`, the open transaction's included (None until
         # read back from the history, see _load_fold; after a rollback it is read back again).
         self._fold: _Fold | None = None
@@ -466,6 +474,8 @@ class TwinStore:
         self._seq_undo_table = {}
         self._route_undo = []
         self._tx_dropped = []
+        self._tx_limit_dropped = 0
+        self._tx_limits_hit = set()
         self._tx_checkpointed = False
         self._tx_history = 0
 
@@ -490,6 +500,15 @@ class TwinStore:
         if self._seqs_saving:
             self._seq_unsaved = {t for t in self._seq_unsaved if self._seq.get(t) != self._seqs_saving.get(t)}
             self._seqs_saving = {}
+        if self._tx_limit_dropped:
+            dropped, limits = self._tx_limit_dropped, frozenset(self._tx_limits_hit)
+            self._tx_limit_dropped = 0
+            self._tx_limits_hit = set()
+            if self.on_outbox_dropped is not None:
+                try:
+                    self.on_outbox_dropped(dropped, limits)
+                except Exception:  # noqa: BLE001 - committed: the caller must not take it for a failed commit
+                    log.exception("on_outbox_dropped failed")
 
     def _rollback(self) -> None:
         """Undo the transaction, and what it changed in memory: seqs, carried messages, counts."""
@@ -520,6 +539,8 @@ class TwinStore:
             sizes[i] = size
             self._carried_bytes += size
         self._tx_dropped = []
+        self._tx_limit_dropped = 0  # not dropped after all: undone with the transaction
+        self._tx_limits_hit = set()
         if self._tx_history or self._tx_checkpointed:
             self._fold = None  # it holds rolled-back readings: read it back from what was committed
         self._tx_checkpointed = False
@@ -1140,6 +1161,11 @@ class TwinStore:
         if freed_rows:
             self._bump("outbox_dropped", freed_rows)
             self._save_published()
+            self._tx_limit_dropped += freed_rows
+            if excess_rows:
+                self._tx_limits_hit.add("rows")
+            if excess_bytes:
+                self._tx_limits_hit.add("bytes")
 
     def _bump(self, name: str, by: int) -> None:
         self.conn.execute(
