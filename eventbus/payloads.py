@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from contextlib import suppress
 from typing import Any
 
 import orjson
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 
 from devices.definitions import DeviceDefinition
 from devices.ids import shown
-from devices.values import Value, to_twin_string
+from devices.values import PropertyType, Value, to_twin_string
 from twin.records import DeviceTwin, PropertyTwin
 
 
@@ -89,6 +90,53 @@ def decode(payload: bytes, model: type[BaseModel], max_bytes: int) -> Any:
         # Property names are keys of `twin`, so a location can be as long as the payload.
         where = ".".join(shown(p, 80) if isinstance(p, str) and len(p) > 80 else str(p) for p in first["loc"]) or "payload"
         raise BadRequest(400, f"{where}: {first['msg']}") from None
+
+
+# Properties whose values are text: a /set payload is taken as it is, never parsed as a JSON number.
+TEXT_TYPES = frozenset({PropertyType.STRING, PropertyType.BYTES, PropertyType.STREAM})
+
+NO_VALUE_KEY = 'the JSON object has no "value" key: send {"value": ...} (also for a text that starts with "{")'
+
+
+def set_value(payload: bytes, kind: PropertyType | None) -> Any:
+    """The value a `.../<property>/set` payload carries for a property of type `kind` (None: not
+    declared, left for the caller to refuse), not yet checked against the property: one parse for
+    the router and `mapper twin set`, whose argument is such a payload. BadRequest(400) if none.
+
+    - A payload that starts with "{" (after whitespace) is a JSON object carrying `value` (other
+      keys are ignored), or refused: `malformed JSON: ...` with the twin protocol's limits (orjson's
+      depth limit), or the object has no `value` key. Taken as text, a truncated object or a typo
+      was written to a STRING property as its value.
+    - For a text property (TEXT_TYPES): the text itself, stripped, or the string a JSON string
+      holds (`"ON"` is ON). Text that looks like another JSON value (`1.10`, `1e3`, `true`) is the
+      text: parsing it rewrote numbers (`1.10` became "1.1").
+    - For other types: the JSON value (`true`, `21.5`, `"ON"`), else the text, stripped.
+    A JSON list or object as the value is refused: values are scalars."""
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadRequest(400, "payload is not UTF-8 text") from None
+    if text.startswith("{"):
+        try:
+            decoded = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(400, f"malformed JSON: {exc}") from None
+        if "value" not in decoded:  # (a dict: the text starts with "{" and parsed)
+            raise BadRequest(400, NO_VALUE_KEY)
+        raw = decoded["value"]
+    elif kind in TEXT_TYPES:
+        raw = text
+        if text.startswith('"'):
+            with suppress(orjson.JSONDecodeError):  # no JSON string: the text
+                decoded = orjson.loads(text)
+                raw = decoded if isinstance(decoded, str) else text
+    else:
+        raw = text
+        with suppress(orjson.JSONDecodeError):  # no JSON: the text
+            raw = orjson.loads(text)
+    if isinstance(raw, dict | list):
+        raise BadRequest(400, "the value must be a scalar")
+    return raw
 
 
 def event_id_of(payload: bytes, max_bytes: int) -> str:
@@ -175,11 +223,6 @@ def _rfc3339(ms: int | None) -> str:
     if not ms:
         return ""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
-
-
-def state_result(twin: DeviceTwin) -> dict[str, Any]:
-    return {"event_id": str(uuid.uuid4()), "timestamp": now_ms(),
-            "device": {"name": twin.id.name, "state": twin.state, "lastOnlineTime": _rfc3339(twin.last_online)}}
 
 
 def membership(event_id: str, twins: list[DeviceTwin], definitions: dict[Any, DeviceDefinition]) -> dict[str, Any]:

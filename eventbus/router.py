@@ -1,10 +1,11 @@
 """Handles what clients send: KubeEdge's twin protocol and plain `.../set` topics.
 
 Nothing a client sends reaches a driver unvalidated: the device must exist, the property must
-be declared and writable, the value must have the property's type and range. Every request
-with a valid device topic gets edgecore's reply (`code` + `reason` on errors), except, on a
-broker shared by several mappers (`mqtt.shared_broker`), one for a device this mapper does not
-have; topics with invalid segments are ignored, since no reply topic may be built from them.
+be declared and writable, the value must have the property's type and range. Every twin
+request with a valid device topic gets edgecore's reply (`code` + `reason` on errors), except, on
+a broker shared by several mappers (`mqtt.shared_broker`), one for a device this mapper does not
+have; topics with invalid segments are ignored, since no reply topic may be built from them. A
+state/update is refused: the mapper reports the state of its devices itself (_state_update).
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import logging
 from collections import Counter
 from typing import TYPE_CHECKING, Any
 
-import orjson
-
 from devices.ids import DeviceId, clipped, shown
-from devices.values import PropertyType
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
@@ -29,7 +27,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mapper.router")
 
-STATES = ("online", "offline", "ok", "unknown", "unhealthy")
 # membership/get: answered at once at most once per this many seconds. A reply lists every device
 # of the node (about 300 bytes each) for a request of about 20: unlimited, any client could make the
 # mapper send (and its broker fan out) thousands of them a second. Requests within the interval wait
@@ -47,35 +44,23 @@ MEMBERSHIP_WAITING_MAX = 8
 EMPTY_REQUEST = "an empty message is no request (it clears a retained one)"
 
 
-# Properties whose values are text: a /set payload is taken as it is, never parsed as a JSON number.
-_TEXT_TYPES = frozenset({PropertyType.STRING, PropertyType.BYTES, PropertyType.STREAM})
-
-
-def _text_value(payload: bytes) -> Any:
-    """A /set payload for a text property: the text (stripped, as plain text always was), or the
-    string a JSON string holds, or the `{"value": ...}` a JSON object carries, as for other types.
-    Text that merely looks like JSON (`1.10`, `1e3`, `true`, `{"a":1}`) is the text itself: parsing
-    it first rewrote numbers (`1.10` became "1.1", `1e3` "1000.0")."""
-    try:
-        text = payload.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise BadRequest(400, "payload is not UTF-8 text") from None
-    if text[:1] in ('"', "{"):
-        try:
-            decoded = orjson.loads(text)
-        except orjson.JSONDecodeError:
-            return text
-        if isinstance(decoded, str) or (isinstance(decoded, dict) and "value" in decoded):
-            return decoded
-    return text
-
-
 class NotOnNode(BadRequest):
     """A request for a device this mapper does not have (edgecore's 404). On a broker shared by
     several mappers (`mqtt.shared_broker`) it is another mapper's to answer: no reply from here."""
 
     def __init__(self, device: DeviceId | None, node: str) -> None:
         super().__init__(404, f"device {device} is not on node {node}")
+
+
+class StateReportedHere(BadRequest):
+    """A state/update for a device of this mapper: it reports the device's state itself. 400, the
+    code edgecore uses for a request it does not take (it knows no other 4xx but 404 and 409), and
+    answered on `.../state/update/result` with the reason, though edgecore answers no refused
+    state/update: a client that reports a state would otherwise not learn it was not taken."""
+
+    def __init__(self, device: DeviceId | None, refused: str | None) -> None:
+        how = "runs it" if refused is None else f"does not run it ({clipped(refused, 200)}): it is offline"
+        super().__init__(400, f"state/update refused: the mapper reports this device's state itself (it {how})")
 
 
 class Router:
@@ -192,7 +177,8 @@ class Router:
             log.info("refused %s for %s: %s %s%s", incoming.kind, incoming.device, exc.code,
                      clipped(exc.reason, 300), held_note(held))
         # No reply to an empty request: it is a clear, not a request (EMPTY_REQUEST).
-        if incoming.kind in ("twin/update", "twin/get") and incoming.device is not None and payload:
+        answered = incoming.kind in ("twin/update", "twin/get") or isinstance(exc, StateReportedHere)
+        if answered and incoming.device is not None and payload:
             reply = payloads.error_reply(payloads.event_id_of(payload, self.max_payload), exc.code, exc.reason)
             await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
                                          kind="twin", sequenced=False)])
@@ -297,19 +283,15 @@ class Router:
                                      kind="twin", sequenced=False)])
 
     async def _state_update(self, incoming: Incoming, payload: bytes) -> None:
+        """Refused for every device of this mapper, with a reply: in standalone mode the mapper
+        observes the state of the devices it runs (their reads) and of those it refuses (offline),
+        and its availability topics say so. A client's state/update overwrote that state in the
+        twin, so `mapper devices` and membership contradicted the availability topics. Other
+        devices get edgecore's 404, as before; a malformed request a 400, without a reply."""
         device = incoming.device
         self._definition(device)
-        request = self._decode(payload, payloads.StateIn)
-        state = request.state.lower()
-        if state not in STATES:
-            raise BadRequest(400, f"state {request.state!r} is not one of {', '.join(STATES)}")
-        try:
-            await self.service.twin(lambda s: s.set_state(device, state, "set over MQTT"))
-        except UnknownDevice:
-            raise NotOnNode(device, self.topics.node) from None
-        twin = await self.service.twin(lambda s: s.device(device))
-        await self._send([OutMessage(Topics.hw(device, "state/update/result"), payloads.state_result(twin),
-                                     kind="state", sequenced=False)])
+        self._decode(payload, payloads.StateIn)
+        raise StateReportedHere(device, self.service.refused.get(device))
 
     async def _membership(self, incoming: Incoming, payload: bytes) -> None:
         request = self._decode(payload, payloads.EventIn)
@@ -346,9 +328,8 @@ class Router:
                                      kind="twin", sequenced=False) for event_id in event_ids])
 
     async def _set(self, incoming: Incoming, payload: bytes) -> None:
-        """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text.
-        For a STRING (BYTES, STREAM) property the text is the value as it is (`1.10` stays "1.10",
-        not the number 1.1), unless it is a JSON string (`"ON"` is ON) or `{"value": ...}`."""
+        """`.../<property>/set`: the payload is the value, as JSON (`true`, `21.5`, `"ON"`) or plain text,
+        or `{"value": ...}`; read by payloads.set_value, as `mapper twin set` reads its argument."""
         if len(payload) > self.max_payload:
             raise BadRequest(400, "payload too large")
         if not payload.strip():
@@ -356,20 +337,8 @@ class Router:
             # broker forwards it live without the retain flag. Taken as text it would set a STRING to "".
             raise BadRequest(400, 'an empty message is no value (it clears a retained one); send "" for an empty string')
         definition = self._definition(incoming.device)
-        if definition.has_property(incoming.prop) and definition.prop(incoming.prop).type in _TEXT_TYPES:
-            raw = _text_value(payload)
-        else:
-            try:
-                raw = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                try:
-                    raw = payload.decode("utf-8").strip()
-                except UnicodeDecodeError:
-                    raise BadRequest(400, "payload is neither JSON nor UTF-8 text") from None
-        if isinstance(raw, dict) and "value" in raw:
-            raw = raw["value"]
-        if isinstance(raw, dict | list):
-            raise BadRequest(400, "the value must be a scalar")
+        kind = definition.prop(incoming.prop).type if definition.has_property(incoming.prop) else None
+        raw = payloads.set_value(payload, kind)
         value = self._validated(incoming.device, incoming.prop, raw)
         await self.service.twin(lambda s: s.set_desired(incoming.device, incoming.prop, value))
         self.service.desired_changed()

@@ -434,8 +434,8 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
     with _open_twin(config) as store:
-        _check_desired(config, store, device, args.property, args.value)
-        value, version = store.set_desired(device, args.property, args.value)
+        raw = _check_desired(config, store, device, args.property, args.value)
+        value, version = store.set_desired(device, args.property, raw)
     running, _ = _running_mapper(config.twin.path)
     if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
         print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}) in {config.twin.path},"
@@ -448,11 +448,27 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw: str) -> None:  # noqa: ANN001
-    """What the MQTT router checks, against the device files: the device is defined, the property
-    declared and writable, the value of its type and within its model's range (the twin itself
-    knows the type and writability only). A device not in the files is left to the twin when it
-    is unknown there, a pipeline's derived device, or (in `mode: kubeedge`) maybe edgecore's."""
+def _set_value(text: str, kind: PropertyType | None, name: str) -> object:
+    """The value of `twin set`'s argument, read as the router reads a `.../<property>/set` payload
+    (eventbus.payloads.set_value): `{"value": "x"}` is x, `"ON"` is ON, a malformed JSON object is refused."""
+    from eventbus.payloads import BadRequest, set_value
+
+    try:
+        raw = set_value(os.fsencode(text), kind)
+    except BadRequest as exc:
+        raise ValueError(exc.reason) from None
+    if raw is None:
+        raise ValueError(f"property {name!r}: no expected value")
+    return raw
+
+
+def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, text: str) -> object:  # noqa: ANN001
+    """The value `text` carries (_set_value), checked as the MQTT router checks it, against the
+    device files: the device is defined, the property declared and writable, the value of its
+    type and within its model's range (the twin itself knows the type and writability only). A
+    device not in the files is left to the twin when it is unknown there, a pipeline's derived
+    device, or (in `mode: kubeedge`) maybe edgecore's."""
+    from devices.values import PropertyType
     from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
 
     definitions, skipped = _valid_definitions(config)
@@ -472,12 +488,15 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
             print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
                   f" {', '.join(files)} (`mapper validate` lists them; `mapper run` and a reload refuse the files"
                   " until they are fixed)", file=sys.stderr)
+        raw = _set_value(text, definition.prop(name).type if definition.has_property(name) else None, name)
         definition.desired_value(name, raw)
-        return
+        return raw
     try:
-        protocol = store.device(device).protocol
+        twin = store.device(device)
     except UnknownDevice:
-        protocol = None
+        twin, protocol = None, None
+    else:
+        protocol = twin.protocol
     if skipped and protocol != DERIVED_PROTOCOL:
         # It may be defined in one of the files left out: refused, with their problems.
         for problem in skipped:
@@ -492,6 +511,9 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, raw
         raise ValueError(f"device {device} is no longer in the device files ({', '.join(map(str, config.devices))});"
                          " in the twin it is still the local file's device: if edgecore now defines it, reload the"
                          " mapper (SIGHUP) or start it first, then set it again")
+    prop = twin.properties.get(name) if twin is not None else None
+    return _set_value(text, PropertyType(prop.type) if prop is not None and prop.type in PropertyType.__members__
+                      else None, name)
 
 
 def _origin_text(recorded: tuple[str | None, bool] | None) -> str:

@@ -1330,3 +1330,38 @@ def test_the_shipped_inference_example_travels_through_edgecore():
     its flat keys validate without a warning and inject the same faults."""
     result = mapper("validate", "devices/examples/room-sensor.yaml", "examples/inference")
     assert result.returncode == 0 and not _warnings(result), result.stderr
+
+
+def test_twin_set_takes_its_value_as_a_set_payload(tmp_path):
+    """`mapper twin set` parses its value as the router parses a `.../set` payload (one function):
+    `{"value":"x"}` on a STRING stored the literal JSON, where `/set` stores x; a malformed
+    object or one without `value` was stored as text, where `/set` refuses it."""
+    from devices.loader import load
+    from helpers import one_property_device
+    from twin.store import TwinStore
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "tag.yaml").write_text(one_property_device(
+        "tag", "{name: label, type: STRING, accessMode: ReadWrite}", "{kind: constant, value: none}",
+        settings="collectCycle: 100"))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+
+    def desired() -> object:
+        got = mapper("twin", "get", "tag", "--config", str(config), "--json")
+        return json.loads(got.stdout)["properties"]["label"]["desired"]
+
+    for value, stored in (('{"value":"x"}', "x"), ('"ON"', "ON"), ("1.10", "1.10"), ('{"value": "{a}"}', "{a}"),
+                          ("plain text", "plain text")):
+        result = mapper("twin", "set", "tag", "label", value, "--config", str(config))
+        assert result.returncode == 0, result
+        assert desired() == stored, (value, desired())
+    for value, reason in (('{"value":"x"', "malformed JSON: unexpected end of data"),
+                          ('{"value": "ON",}', "malformed JSON: trailing comma is not allowed"),
+                          ('{"a": 1}', 'the JSON object has no "value" key'),
+                          ('{"value": [1]}', "the value must be a scalar")):
+        result = mapper("twin", "set", "tag", "label", value, "--config", str(config))
+        assert result.returncode == 1 and result.stderr.startswith(f"error: {reason}"), (value, result.stderr)
+        assert desired() == "plain text"

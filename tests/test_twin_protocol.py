@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from devices.ids import DeviceId
-from helpers import one_property_device, wait_for, write_devices
+from helpers import device_yaml, one_property_device, wait_for, write_devices
 from mapper_proc import MapperProcess
 from twin.store import TwinStore
 
@@ -192,7 +192,8 @@ def test_an_oversized_payload_is_refused_without_being_parsed(broker, lamp, tmp_
 
 
 def test_membership_state_and_plain_set_topic(broker, lamp):
-    """membership/get lists the node's devices; state/update is answered; `.../set` applies a value."""
+    """membership/get lists the node's devices; state/update is answered (refused: the mapper reports
+    the lamp's state itself); `.../set` applies a value."""
     mapper, sub = lamp
     pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m1"}')
     members = sub.expect("$hw/events/node/test-node/membership/get/result")
@@ -201,8 +202,7 @@ def test_membership_state_and_plain_set_topic(broker, lamp):
     sub.expect("mapper/test-node/default/lamp/count", lambda b: 500 <= b["value"] < 600)
     pub(broker, f"{HW}/state/update", '{"event_id":"s1","state":"online"}', user="mapper")
     state = sub.expect(f"{HW}/state/update/result")
-    assert state["device"]["name"] == "lamp" and state["device"]["state"] == "online"
-    assert state["device"]["lastOnlineTime"].endswith("Z")
+    assert state["event_id"] == "s1" and state["code"] == 400, state
 
 
 def test_telemetry_payload_and_sequence(broker, lamp):
@@ -442,7 +442,8 @@ def test_a_null_event_id_is_answered_as_edgecore_does(broker, lamp):
     members = sub.expect("$hw/events/node/test-node/membership/get/result")
     assert members["event_id"] == "" and [d["id"] for d in members["devices"]] == ["default/lamp"]
     pub(broker, f"{HW}/state/update", '{"event_id":null,"state":"online"}', user="mapper")
-    assert sub.expect(f"{HW}/state/update/result")["device"]["state"] == "online"
+    refused = sub.expect(f"{HW}/state/update/result")  # (the mapper reports the lamp's state itself)
+    assert refused["event_id"] == "" and refused["code"] == 400, refused
 
 
 def test_an_empty_expected_value_is_no_delta_as_in_edgecore():
@@ -548,7 +549,9 @@ def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
             sub.expect("mapper/test-node/default/tag/label", lambda b: b["value"] == "none")
             for payload, value in [("1.10", "1.10"), ("0.50", "0.50"), ("1e3", "1e3"), ("007", "007"),
                                    ("true", "true"), ('"1.10 "', "1.10 "), ('{"value": "x1"}', "x1"),
-                                   ("{not json", "{not json")]:
+                                   # Text that starts with "{" goes inside {"value": ...} or as a JSON string.
+                                   ('{"value": "{not json"}', "{not json"), ('"{\\"a\\":1}"', '{"a":1}'),
+                                   ("[1, 2", "[1, 2")]:
                 pub(broker, "mapper/test-node/default/tag/label/set", payload)
                 sub.expect("mapper/test-node/default/tag/label", lambda b, v=value: b["value"] == v)
         finally:
@@ -680,3 +683,86 @@ def test_on_a_shared_broker_under_311_another_mappers_clear_gets_no_reply(broker
         sub.close()
         with broker.client("app") as app:
             app.publish(retained, b"", retain=True)
+
+
+def test_state_update_is_refused_for_a_device_this_mapper_reports_the_state_of(broker, tmp_path):
+    """In standalone mode the mapper observes the state of its devices itself: `lamp`, which it
+    runs, and `odd`, which it refuses (no driver for its protocol, so `offline`). A state/update
+    from a client overwrote that state (`offline` for the healthy lamp, `ok` for odd), contradicting
+    the availability topics until the next change. Now it is refused with a 400 on
+    `.../state/update/result` whose reason says so, logged and counted; the state stays the mapper's."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    (devices / "odd.yaml").write_text(device_yaml("odd").replace("protocolName: simulated\n    configData",
+                                                                 "protocolName: bacnet\n    configData"))
+    base = "$hw/events/device/default"
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{base}/+/state/update/result", "mapper/test-node/default/lamp/state",
+                  "$hw/events/node/test-node/membership/get/result")
+        try:
+            sub.expect("mapper/test-node/default/lamp/state", lambda b: b["state"] == "ok")
+            for device, event_id, state in (("lamp", "s-lamp", "offline"), ("odd", "s-odd", "ok")):
+                pub(broker, f"{base}/{device}/state/update", json.dumps({"event_id": event_id, "state": state}),
+                    user="mapper")
+                reply = sub.expect(f"{base}/{device}/state/update/result")
+                assert reply["event_id"] == event_id and reply["code"] == 400, reply
+                assert "reports this device's state itself" in reply["reason"], reply
+                assert "device" not in reply, reply
+            mapper.wait_log("refused state/update for default/lamp: 400")
+            mapper.wait_log("refused state/update for default/odd: 400")
+            pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m1"}')
+            members = sub.expect("$hw/events/node/test-node/membership/get/result")
+            states = {d["id"]: d["state"] for d in members["devices"]}
+            assert states == {"default/lamp": "ok", "default/odd": "offline"}, states
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
+
+
+def _labels_until(sub, barrier: str) -> list[str]:
+    """The label values published until `barrier` is."""
+    seen = []
+    while (value := sub.expect("mapper/test-node/default/tag/label")["value"]) != barrier:
+        seen.append(value)
+    return seen
+
+
+def test_a_malformed_json_object_set_on_a_string_is_refused_not_written_as_text(broker, tmp_path):
+    """A `/set` payload that starts with "{" is a JSON object carrying `value`, or refused: a
+    truncated object, one with a typo, one nested deeper than the twin protocol takes, or one
+    without `value` were written to the STRING property as literal text (the deep one as 2.2 KB)."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "tag.yaml").write_text(LABELLED)
+    deep = '{"value": ' + "[" * 1100 + "]" * 1100 + "}"
+    refused = [('{"value": "trunc"', "malformed JSON: unexpected end of data"),
+               ('  {"value": "ON",}', "malformed JSON: trailing comma is not allowed"),
+               (deep, "malformed JSON: depth limit exceeded"),
+               ('{"a": 1}', 'the JSON object has no "value" key')]
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "mapper/test-node/default/tag/label")
+        try:
+            sub.expect("mapper/test-node/default/tag/label", lambda b: b["value"] == "none")
+            with broker.client("app") as app:  # one connection: taken in this order
+                for payload, _ in refused:
+                    app.publish("mapper/test-node/default/tag/label/set", payload)
+                app.publish("mapper/test-node/default/tag/label/set", '{"value": "after"}')
+            assert set(_labels_until(sub, "after")) <= {"none"}
+            for _, reason in refused:
+                mapper.wait_log(f"refused set for default/tag: 400 {reason}")
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
+    with TwinStore.open(mapper.twin_path) as store:
+        label = store.device(DeviceId("default", "tag")).properties["label"]
+    assert (label.desired, label.desired_version) == ("after", 1), label  # the refused ones were never written
+
+
+def test_a_set_object_without_a_value_key_says_so(broker, lamp):
+    """`{"a":1}` on a numeric property's `/set` was refused as "the value must be a scalar", though
+    it carries no value at all: the refusal names the missing `value` key."""
+    mapper, sub = lamp
+    pub(broker, "mapper/test-node/default/lamp/count/set", '{"a": 1}')
+    mapper.wait_log('refused set for default/lamp: 400 the JSON object has no "value" key')
+    assert "must be a scalar" not in mapper.log()
