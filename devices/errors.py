@@ -4,6 +4,7 @@
      ├── DefinitionError (ValueError)   bad YAML or config: every problem, each FILE:LINE: FIELD: PROBLEM
      └── DriverError
           ├── DriverNotFound (LookupError)   no driver installed for a protocol
+          ├── DriverTimeout                   the device did not answer in time (or a call to it still runs)
           ├── ReadError                       a read failed; `retryable` says whether to try again
           └── WriteError                      a write failed or is not allowed
 """
@@ -61,6 +62,11 @@ def error_loc(error: dict) -> tuple[str | int, ...]:
 
 class DriverError(DeviceError):
     """A driver could not be found, opened, read or written."""
+
+
+class DriverTimeout(DriverError):
+    """A driver call did not return in time, or cannot start because the previous one still runs
+    (a hung bus): the device did not answer in time (the REST API's 504)."""
 
 
 class DriverNotFound(DriverError, LookupError):

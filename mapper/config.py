@@ -81,6 +81,10 @@ class DeviceLoopSettings(_Section):
     max_backoff_s: float = Field(default=30.0, gt=0)
     # How often the running mapper looks for desired values set by other processes (`mapper twin set`).
     desired_poll_ms: int = Field(default=1000, ge=10)
+    # An on-demand read (REST GET, DMI GetDevice) within this long of the property's last reading
+    # (any: the collect loop's, a change's, another on-demand one) is answered with that reading:
+    # the device is not read again and no history row is added. 0: every one reads the device.
+    on_demand_min_interval_s: float = Field(default=1.0, ge=0)
 
 
 class SystemdSettings(_Section):

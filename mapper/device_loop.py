@@ -50,7 +50,7 @@ from typing import Any
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import DriverError, NotReady
+from devices.errors import DriverError, DriverTimeout, NotReady
 from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
@@ -81,6 +81,18 @@ SETTLE_MARGIN_S = 0.002
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OnDemand:
+    """What an on-demand read (read_on_demand) came to."""
+
+    reading: Reading
+    # Answered with the property's last reading, taken less than loop.on_demand_min_interval_s
+    # before: the device was not read again, and nothing was recorded again.
+    recent: bool = False
+    # The device did not answer in time, or the previous call to its driver still runs (DriverTimeout).
+    timed_out: bool = False
 
 
 class DeviceRunner:
@@ -136,6 +148,8 @@ class DeviceRunner:
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._in_hand: dict[str, DesiredChange] = {}  # the apply loop's batch: being written, or next
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
+        # Per property, its last reading of any kind: (the loop's clock then, the reading, timed out).
+        self._last_read: dict[str, tuple[float, Reading, bool]] = {}
 
     @property
     def id(self):  # noqa: ANN201 - DeviceId
@@ -157,7 +171,7 @@ class DeviceRunner:
         if not self.driver.blocking:
             return fn(*args)
         if self._inflight is not None and not self._inflight.done():
-            raise DriverError(f"{self.id}: the previous call has not returned yet (driver hung?)")
+            raise DriverTimeout(f"{self.id}: the previous call has not returned yet (driver hung?)")
         if self._thread is None:
             self._thread = DriverThread(f"driver[{self.id}]")
         future = asyncio.wrap_future(self._thread.submit(fn, *args))
@@ -166,7 +180,7 @@ class DeviceRunner:
             async with asyncio.timeout(self.driver.timeout_s):
                 return await asyncio.shield(future)
         except TimeoutError:
-            raise DriverError(f"{self.id}: no answer within {self.driver.timeout_s:g} s") from None
+            raise DriverTimeout(f"{self.id}: no answer within {self.driver.timeout_s:g} s") from None
 
     async def _open(self) -> None:
         attempt = 0
@@ -304,17 +318,32 @@ class DeviceRunner:
     async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
         """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up
         meanwhile, it is still recorded as one taken on demand (see _keeping)."""
+        return (await self._read(prop, on_demand=on_demand)).reading
+
+    async def _read(self, prop: PropertyDefinition, *, on_demand: bool = False,
+                    recent_within_s: float | None = None) -> OnDemand:
+        """read_once's work. `recent_within_s`: if the property's last reading (any) was taken less
+        than that long ago, once the device's lock is ours, it is the answer (recent=True) and the
+        device is not read: on-demand reads waiting behind one another are answered by the first."""
+        loop = asyncio.get_running_loop()
         try:
             async with self._io_lock:
+                last = self._last_read.get(prop.name)
+                if recent_within_s is not None and last is not None and loop.time() - last[0] < recent_within_s:
+                    return OnDemand(last[1], recent=True, timed_out=last[2])
                 raw = await self._call(self.driver.read, prop)
             taken = now_ms()
             value = coerce(prop.type, raw)
         except NotReady as exc:  # no value yet, and not a failure of its own (the last attempt was one)
-            return Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
+            reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
+            self._last_read[prop.name] = (loop.time(), reading, False)
+            return OnDemand(reading)
         except Exception as exc:  # noqa: BLE001 - driver errors of any kind count as a failed read
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
+            timed_out = isinstance(exc, DriverTimeout)
+            self._last_read[prop.name] = (loop.time(), reading, timed_out)
             await self._keeping(reading, self._failed(exc), on_demand)
-            return reading
+            return OnDemand(reading, timed_out=timed_out)
         self.reads += 1
         why = range_problem(value, prop.minimum, prop.maximum)
         rated = self._rated.get(prop.name)
@@ -325,20 +354,29 @@ class DeviceRunner:
             log.warning("%s: %s: %s: recorded and published with quality out_of_range, not as its value "
                         "(is the sensor failing, or the model's range too narrow?)%s", self.id, prop.name, why,
                         held_note(held))
+        self._last_read[prop.name] = (loop.time(), reading, False)
         if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
             await self._keeping(reading, self._succeeded(), on_demand)
-        return reading
+        return OnDemand(reading)
 
-    async def read_on_demand(self, prop: PropertyDefinition) -> Reading:
+    async def read_on_demand(self, prop: PropertyDefinition) -> OnDemand:
         """A read someone asked for (REST GET, DMI GetDevice), recorded as one taken on demand whatever
         came of it: a good value, one outside the range, or a failure with its detail (the twin's quality
         shows it, as for the collect loop's reads; never an inference window step). Recorded here on
         the loop, in the same step as read_once returns: a caller that gave up at that moment (REST's
         504) does not lose it, and nobody records it twice. Cancelled before the device answered, there
-        is no reading to record (and one taken meanwhile is recorded by read_once, see _keeping)."""
-        reading = await self.read_once(prop, on_demand=True)
-        self._record_on_demand(reading)
-        return reading
+        is no reading to record (and one taken meanwhile is recorded by read_once, see _keeping).
+
+        At most one a `loop.on_demand_min_interval_s` per property reads the device: one within that
+        long of the property's last reading of any kind (the collect loop's too) is answered with it,
+        `recent`, and records nothing (it was recorded when taken). A client polling as fast as it can
+        neither reads a sensor faster than it allows (a DHT11: once a second) nor fills the twin's
+        history, shared by all devices, with rows of one property."""
+        interval = self._settings.on_demand_min_interval_s
+        answer = await self._read(prop, on_demand=True, recent_within_s=interval if interval > 0 else None)
+        if not answer.recent:
+            self._record_on_demand(answer.reading)
+        return answer
 
     async def _keeping(self, reading: Reading, state_update: Awaitable[None], on_demand: bool) -> None:
         """Await a state update (a change waits for the twin). If the read is cancelled meanwhile (the

@@ -16,7 +16,7 @@ import pytest
 
 from devices.ids import DeviceId
 from dmi_edgecore import FakeEdgecore, device, model, packed
-from mapper.config import MapperConfig, TwinSettings
+from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import extension as ext_module
 from mapper.dmi.convert import EDGECORE_STATES, TWIN_VALUE
@@ -81,9 +81,10 @@ async def service_running(config: MapperConfig) -> AsyncIterator[Mapper]:
 
 
 @contextlib.asynccontextmanager
-async def running_mapper(sockdir: Path, **kw) -> AsyncIterator[Mapper]:  # noqa: ANN003
+async def running_mapper(sockdir: Path, *, loop: DeviceLoopSettings | None = None,
+                         **kw) -> AsyncIterator[Mapper]:  # noqa: ANN003
     config = MapperConfig(mode="kubeedge", node="test-node", twin=TwinSettings(path=sockdir / "twin.db"),
-                          kubeedge=settings(sockdir, **kw))
+                          kubeedge=settings(sockdir, **kw), loop=loop or DeviceLoopSettings())
     async with service_running(config) as mapper:
         yield mapper
 
@@ -531,10 +532,15 @@ def test_a_state_file_without_the_devices_that_ran_still_loads() -> None:
         shutil.rmtree(path.parent, ignore_errors=True)
 
 
-def test_get_device_reads_the_device_now(sockdir: Path) -> None:
-    """GetDevice reads every property from the device: a counter polled once a minute still moves per call."""
+@pytest.mark.parametrize("interval_s", [0, 3600])
+def test_get_device_reads_the_device_now(sockdir: Path, interval_s: float) -> None:
+    """GetDevice reads every property from the device: a counter polled once a minute still moves per call,
+    unless the property's last reading is less than loop.on_demand_min_interval_s old (the bound REST GETs
+    have: the sensor's limits, and the twin's history shared by all devices, hold for edgecore's calls too);
+    then that reading is the answer, and nothing is read or recorded again."""
     async def scenario() -> None:
-        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, loop=DeviceLoopSettings(on_demand_min_interval_s=interval_s)) as mapper:
             await registered(mapper)
             meter = device("meter", "count-model", {"count": {"kind": "counter"}}, cycle_ms=60_000)
             await edgecore.add(meter, model("count-model", {"count": ("INT", "ReadOnly")}))
@@ -551,6 +557,10 @@ def test_get_device_reads_the_device_now(sockdir: Path) -> None:
 
             first = await get()
             second = await get()
+            if interval_s:  # the collect loop's reading, less than an hour old
+                assert polled == first == second, (polled, first, second)
+                assert mapper.service.runners[DeviceId("default", "meter")].reads == 1
+                return
             # The loop read the counter once (next read in a minute); each GetDevice reads it again.
             assert polled < first < second, (polled, first, second)
     run(scenario())

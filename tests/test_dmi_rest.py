@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from devices.ids import DeviceId
-from mapper.config import MapperConfig, TwinSettings
+from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings
 from mapper.dmi.rest import RestApiExtension
 from mapper.dmi.settings import ApiSettings
 from mapper.runtime import build_service
@@ -49,10 +49,12 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
 
 
 def scenario(tmp_path: Path, writes: bool, check, devices: str = DEVICES,  # noqa: ANN001
-             allowed_hosts: list[str] | None = None) -> None:
+             allowed_hosts: list[str] | None = None, *, loop: DeviceLoopSettings | None = None,
+             **api: Any) -> None:
     (tmp_path / "devices.yaml").write_text(devices)
     config = MapperConfig(devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
-                          api=ApiSettings(port=0, writes=writes, allowed_hosts=allowed_hosts or []))
+                          api=ApiSettings(port=0, writes=writes, allowed_hosts=allowed_hosts or [], **api),
+                          loop=loop or DeviceLoopSettings())
 
     async def main() -> None:
         service = build_service(config)
@@ -355,4 +357,282 @@ def test_a_failed_read_is_recorded_in_the_twin(tmp_path: Path, capsys) -> None: 
         assert seen == [("error", True)]  # committed as an on-demand reading
         assert service.recorder.on_demand == {}  # and let go once through the hooks
 
-    scenario(tmp_path, False, check, UNPLUGGABLE.replace("UNPLUGGED", str(unplugged)))
+    # Every GET reads the device (by default one within 1 s of the collect loop's first read is
+    # answered with that reading: test_polling_reads_the_device_at_most_once_an_interval).
+    scenario(tmp_path, False, check, UNPLUGGABLE.replace("UNPLUGGED", str(unplugged)),
+             loop=DeviceLoopSettings(on_demand_min_interval_s=0))
+
+
+def request(port: int, path: str) -> tuple[int, dict[str, str], bytes]:
+    """A GET with http.client: (status, headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        conn.close()
+
+
+def held_open(port: int, first_bytes: bytes = b"GET /api/v1/ping HTTP/1.0\r\n"):  # noqa: ANN201
+    """A connection that sends the start of a request and then nothing: it holds one of the server's slots."""
+    import socket
+
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(first_bytes)
+    return sock
+
+
+def refused_at_once(port: int) -> bytes:
+    """Connect and send nothing: what the server says before the connection ends (b"" if nothing)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        got = b""
+        while chunk := sock.recv(4096):  # socket.timeout after 10 s if the server waits for a request
+            got += chunk
+        return got
+
+
+def test_connections_beyond_max_connections_are_refused_at_once(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Every connection held a thread and a file descriptor, with no limit: ~1,000 local clients
+    holding connections open took the mapper to its 1,024 fds, and its MQTT reconnect failed with
+    `Too many open files`. Now at most api.max_connections are served at once; one more is answered
+    503 with Retry-After and closed at once (before it sent a byte), counted, and logged once, not
+    once per connection; a slot freed serves the next client."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mapper.api")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        api = next(e for e in service.extensions if isinstance(e, RestApiExtension))
+        held = [await asyncio.to_thread(held_open, port) for _ in range(2)]
+        try:
+            # Accepted in order: the two held connections have their slots before these are accepted.
+            for _ in range(20):
+                answer = await asyncio.to_thread(refused_at_once, port)
+                assert answer.startswith(b"HTTP/1.0 503 "), answer
+                assert b"\r\nRetry-After: 1\r\n" in answer and b"api.max_connections" in answer, answer
+            assert api.server.refused == 20
+            assert len([r for r in caplog.records if "refused with 503" in r.getMessage()]) == 1, caplog.text
+        finally:
+            held[0].close()
+        # The freed slot serves the next client (the handler thread ends when it sees the close).
+        async def ping() -> int:
+            return (await asyncio.to_thread(refused_or_status, port))
+        from helpers import async_wait_until
+        await async_wait_until(ping, lambda status: status == 200, what="a slot freed")
+        # The connection still held was served all along: it gets its answer once its request ends.
+        held[1].sendall(b"\r\n")
+        with held[1]:
+            assert (await asyncio.to_thread(held[1].recv, 64)).startswith(b"HTTP/1.0 200 ")
+
+    scenario(tmp_path, False, check, max_connections=2, request_timeout_s=60)
+
+
+def refused_or_status(port: int) -> int:
+    """The status of a ping; 503 also when the server closed the connection before reading it."""
+    try:
+        return request(port, "/api/v1/ping")[0]
+    except ConnectionError:
+        return 503
+
+
+def test_a_request_trickling_in_is_closed_at_its_deadline(tmp_path: Path) -> None:
+    """The idle timeout (30 s without a byte) is no help against a client sending a byte every few
+    seconds: it held its connection (a thread, a file descriptor) for as long as it liked. Its
+    request must now arrive whole within api.request_timeout_s: the server closes it then."""
+    import socket
+
+    def trickle(port: int) -> int:
+        """A byte of a header every 0.1 s; the bytes sent until the server closed the connection."""
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /api/v1/ping HTTP/1.0\r\nX-Slow: ")
+            sock.settimeout(0.1)  # (the pace of the trickle, not a wait for anything)
+            for sent in range(1, 300):  # 30 s of trickle at most: the idle timeout never fires
+                try:
+                    sock.sendall(b"a")
+                    if sock.recv(1) == b"":
+                        return sent
+                except TimeoutError:
+                    continue
+                except ConnectionError:
+                    return sent
+            raise AssertionError("the server kept a trickling request open")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        await asyncio.to_thread(trickle, port)
+        status, _, _ = await asyncio.to_thread(request, port, "/api/v1/ping")
+        assert status == 200
+
+    scenario(tmp_path, False, check, request_timeout_s=0.5)
+
+
+SLOWLY_CHANGING = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: relay-model, namespace: default}
+spec:
+  properties:
+    - {name: power, type: BOOLEAN, accessMode: ReadOnly}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: fan-relay, namespace: default}
+spec:
+  deviceModelRef: {name: relay-model}
+  protocol: {protocolName: simulated, configData: {}}
+  properties:
+    # Read once at start, then a day later: what the GETs below get is theirs, or that first reading.
+    - {name: power, collectCycle: 86400000, visitors: {configData: {kind: switch}}}
+"""
+
+
+async def history(service, device_id: DeviceId) -> list[tuple[int, Any, str]]:  # noqa: ANN001
+    """The property `power`'s history, once what was recorded so far is committed."""
+    await service.recorder.flush()
+    return await service.twin(lambda s: s.history(device_id, "power", 1000))
+
+
+def test_polling_reads_the_device_at_most_once_an_interval(tmp_path: Path) -> None:
+    """Read-only GETs erased the twin's history: each read the device and added a history row, and
+    the history limit (twin.history_rows) is one for all devices, so a client polling one property
+    as fast as it could pruned every other device's history away (and read a DHT11 faster than it
+    allows). A GET within loop.on_demand_min_interval_s of the property's last reading (here the
+    collect loop's first) is answered with that reading: no device read, no history row, and
+    `X-Mapper-Reading: recent` says so; concurrent ones too."""
+    relay = DeviceId("default", "fan-relay")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        from concurrent.futures import ThreadPoolExecutor
+
+        from helpers import async_wait_until
+
+        runner = service.runners[relay]
+        first = await async_wait_until(lambda: history(service, relay), lambda rows: len(rows) == 1,
+                                       what="the collect loop's first read, committed")
+
+        def poll(_: int) -> tuple[int, dict[str, str], bytes]:
+            return request(port, "/api/v1/device/default/fan-relay/power")
+
+        with ThreadPoolExecutor(8) as pool:
+            answers = await asyncio.to_thread(lambda: list(pool.map(poll, range(200))))
+        assert runner.reads == 1  # (it was 201)
+        assert await history(service, relay) == first
+        for status, headers, body in answers:
+            assert status == 200, body
+            assert headers.get("X-Mapper-Reading") == "recent", headers
+            data = json.loads(body)["Data"]
+            assert data["Value"] == "false" and data["TimeStamp"] == first[0][0], data
+
+    scenario(tmp_path, False, check, SLOWLY_CHANGING, loop=DeviceLoopSettings(on_demand_min_interval_s=3600))
+
+
+def test_a_get_with_no_interval_reads_the_device(tmp_path: Path) -> None:
+    """loop.on_demand_min_interval_s: 0: every GET reads the device, says so and is recorded."""
+    relay = DeviceId("default", "fan-relay")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        from helpers import async_wait_until
+
+        runner = service.runners[relay]
+        await async_wait_until(lambda: history(service, relay), lambda rows: len(rows) == 1,
+                               what="the collect loop's first read, committed")
+        for _ in range(3):
+            status, headers, _ = await asyncio.to_thread(request, port, "/api/v1/device/default/fan-relay/power")
+            assert status == 200 and headers.get("X-Mapper-Reading") == "device", headers
+        assert runner.reads == 4
+        assert len(await history(service, relay)) == 4
+
+    scenario(tmp_path, False, check, SLOWLY_CHANGING, loop=DeviceLoopSettings(on_demand_min_interval_s=0))
+
+
+HUNG = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: probe-model, namespace: default}
+spec:
+  properties:
+    - {name: temperature, type: FLOAT, accessMode: ReadOnly}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: probe, namespace: default}
+spec:
+  deviceModelRef: {name: probe-model}
+  # Each read takes 30 s; the loop gives up on one after 0.2 s, and the driver's thread stays in it.
+  protocol: {protocolName: slow, configData: {read_s: 30, timeout_s: 0.2}}
+  properties:
+    - {name: temperature, collectCycle: 86400000, visitors: {configData: {kind: constant, value: 21.5}}}
+"""
+
+
+def test_a_read_of_a_hung_device_is_504(tmp_path: Path) -> None:
+    """A device whose driver is stuck in a call (the collect loop's first read, given up after its
+    timeout) did not answer in time: the docs give 504 for that, it was 500."""
+    from plugin_drivers import installed
+
+    probe = DeviceId("default", "probe")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        from helpers import async_wait_until
+
+        runner = service.runners[probe]
+        await async_wait_until(lambda: asyncio.sleep(0, runner.read_errors), lambda errors: errors >= 1,
+                               what="the collect loop's first read given up")
+        status, _, body = await asyncio.to_thread(request, port, "/api/v1/device/default/probe/temperature")
+        assert status == 504, (status, body)
+        assert b"previous call has not returned yet" in body, body
+
+    with installed():
+        scenario(tmp_path, False, check, HUNG, loop=DeviceLoopSettings(on_demand_min_interval_s=0))
+
+
+def test_api_clients_holding_connections_cannot_take_the_mapper_off_mqtt(tmp_path: Path) -> None:
+    """`mapper run` with the API on loopback and a file descriptor limit of 128 (1,024 by default):
+    300 local connections to the API that send nothing. Each held a thread and a descriptor until
+    the idle timeout (and a client trickling a byte every few seconds, for ever), so the mapper ran
+    out of descriptors, and when the broker restarted its reconnect failed with `[Errno 24] Too many
+    open files` for as long as the clients stayed. Now at most api.max_connections (16) are held;
+    the others are refused at once, and the mapper reconnects and publishes while they all stay."""
+    import resource
+    import secrets
+    import socket
+
+    from brokers import MosquittoBroker, ensure_mosquitto_installed, free_port
+    from helpers import write_devices
+    from mapper_proc import MapperProcess
+
+    ensure_mosquitto_installed()
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    node, port = f"n{secrets.token_hex(4)}", free_port()
+    availability = f"mapper/{node}/availability"
+    clients: list[socket.socket] = []
+    with MosquittoBroker() as own, MapperProcess(tmp_path, devices, own, node=node,
+                                                 extra=f"api:\n  port: {port}\n") as mapper:
+        try:
+            mapper.wait_log("REST API on")
+            mapper.wait_log("connected to mqtt://")
+            assert mapper.process is not None
+            _, hard = resource.prlimit(mapper.process.pid, resource.RLIMIT_NOFILE)
+            resource.prlimit(mapper.process.pid, resource.RLIMIT_NOFILE, (128, hard))
+            for _ in range(300):
+                try:
+                    clients.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                except TimeoutError:  # the listen queue is full: the mapper accepts no more (it did not)
+                    break
+            mapper.wait_log("refused with 503")
+            own.restart()  # the mapper's MQTT connection drops: it must open a new one
+            mapper.wait_log("connected to mqtt://", count=2, timeout=20)
+            with own.client("app") as app:
+                app.subscribe(availability)
+                message = app.next_message(20)
+                assert (message.topic, message.payload) == (availability, b"online")
+            # The clients are all still there (none closed its end).
+            assert all(sock.fileno() != -1 for sock in clients)
+            assert "Too many open files" not in mapper.log(), mapper.log()[-3000:]
+        finally:
+            for sock in clients:
+                sock.close()

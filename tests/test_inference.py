@@ -31,7 +31,7 @@ import pytest
 from devices.ids import DeviceId
 from eventbus.settings import MqttSettings
 from eventbus.topics import Topics
-from mapper.config import MapperConfig, TwinSettings, load_config
+from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings, load_config
 from mapper.inference import codec, policy, records
 from mapper.inference.codec import CodecError
 from mapper.inference.extension import TIMER_GRACE_S, InferenceExtension
@@ -527,7 +527,8 @@ def _mqtt(tmp_path: Path, broker: MosquittoBroker) -> MqttSettings:
 
 
 async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = None, push: str = "",
-                 inference: dict | None = None, cycle: int = 10, probe: str = "") -> Running:
+                 inference: dict | None = None, cycle: int = 10, probe: str = "",
+                 loop: DeviceLoopSettings | None = None) -> Running:
     """The mapper as `mapper run` assembles it. Without `broker` there is no `mqtt:` section; with one, the node
     name is new (nothing of an earlier test reaches it), and if the broker runs, the app and the worker listen
     before the mapper starts and it returns once the app saw the node come online."""
@@ -535,6 +536,7 @@ async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = N
     settings = InferenceSettings.model_validate(inference if inference is not None else {"pipelines": [pipeline]})
     config = MapperConfig(node=node, devices=[_devices(tmp_path, cycle=cycle, push=push, probe=probe)],
                           twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings,
+                          loop=loop or DeviceLoopSettings(),
                           mqtt=_mqtt(tmp_path, broker) if broker is not None else None)
     service = build_service(config)
     ext = next(e for e in service.extensions if isinstance(e, InferenceExtension))
@@ -859,7 +861,10 @@ async def test_on_demand_reads_are_recorded_but_are_no_window_steps(tmp_path):
     from mapper.dmi.rest import RestApi
     from mapper.dmi.settings import ApiSettings
 
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, cycle=600_000)
+    # Every poll reads the device (by default, one within 1 s of the property's last reading is
+    # answered with it and records nothing).
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, cycle=600_000,
+                     loop=DeviceLoopSettings(on_demand_min_interval_s=0))
     try:
         pipeline = r.pipeline()
         # The collect loop's first round (both properties) is the window's first step.
@@ -893,7 +898,7 @@ async def test_an_on_demand_read_whose_caller_gave_up_is_no_window_step(tmp_path
     unplugged = tmp_path / "unplugged"
     unplugged.touch()  # the first collect round fails: the device is not `ok`
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults"}, cycle=600_000,
-                     probe=f", fail_while_exists: '{unplugged}'")
+                     probe=f", fail_while_exists: '{unplugged}'", loop=DeviceLoopSettings(on_demand_min_interval_s=0))
     lock = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
     try:
         pipeline = r.pipeline()

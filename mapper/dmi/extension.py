@@ -509,7 +509,9 @@ class KubeEdgeExtension:
         if runner is None:
             return readings
         for prop in definition.properties:
-            reading = await runner.read_on_demand(prop)  # recorded, failed or not
+            # Recorded, failed or not; within loop.on_demand_min_interval_s of the property's last
+            # reading, that reading (the sensor's limits hold for edgecore's calls too).
+            reading = (await runner.read_on_demand(prop)).reading
             if reading.quality == GOOD:  # not an error, nor out of the model's range
                 readings[prop.name] = (reading.value, reading.taken_at_ms)
         return readings

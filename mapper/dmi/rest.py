@@ -1,7 +1,11 @@
 """The Go mapper framework's REST API (FACTS §3.4), for KubeEdge demo dashboards.
 
-Stdlib http.server in one thread; device reads and twin writes hop onto the service's event
-loop. Bound to loopback unless `api.host` says otherwise. Writes
+Stdlib http.server, a thread per connection, at most `api.max_connections` of them: one more is
+answered 503 (Retry-After) and closed at once, and a request must arrive whole within
+`api.request_timeout_s`, so no client can hold the mapper's threads and file descriptors (its MQTT
+connection and twin need them). Device reads and twin writes hop onto the service's event loop;
+a read within `loop.on_demand_min_interval_s` of the property's last reading is answered with it
+(DeviceRunner.read_on_demand). Bound to loopback unless `api.host` says otherwise. Writes
 (`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
 true, only to declared writable properties the method lists, with a value of the property's
 type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired,
@@ -12,9 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ipaddress
 import logging
+import socket
 import threading
+import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -28,6 +35,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from devices.values import to_twin_string
 from mapper.dmi.settings import ApiSettings
+from mapper.logs import Throttle, held_note
 from twin.records import ERROR, GOOD
 from twin.store import TwinError
 
@@ -42,6 +50,16 @@ CALL_TIMEOUT_S = 10.0
 # A connection that sends nothing for this long is closed: each open connection holds a thread
 # (ThreadingHTTPServer), and one idle client after another must not pile them up.
 IDLE_TIMEOUT_S = 30.0
+# Beyond api.max_connections: refused at once, and told when to try again.
+RETRY_AFTER_S = 1
+_BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+         b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
+_BUSY_BODY = b"too many connections to the REST API (api.max_connections); try again later\n"
+
+
+# Popped from a read's answer into the X-Mapper-Reading header: `device` (read just now) or
+# `recent` (the property's last reading, taken within loop.on_demand_min_interval_s).
+READING_SOURCE = "_reading"
 
 
 class ApiError(Exception):
@@ -154,7 +172,11 @@ class RestApi:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"device {definition.id} is not running")
         # Recorded in the twin whatever came of it (a failure too, with its detail), as DMI GetDevice's
         # reads are; a 504 records what the device had answered by then (read_on_demand).
-        reading = self._on_loop(runner.read_on_demand(prop))
+        answer = self._on_loop(runner.read_on_demand(prop))
+        reading = answer.reading
+        if answer.timed_out:  # no answer in the driver's timeout, or the previous call still runs (hung)
+            raise ApiError(HTTPStatus.GATEWAY_TIMEOUT,
+                           f"read {definition.id}/{prop_name}: the device did not answer in time: {reading.detail}")
         if reading.quality == ERROR or reading.value is None:
             raise ApiError(HTTPStatus.INTERNAL_SERVER_ERROR, f"read {definition.id}/{prop_name} failed: {reading.detail}")
         if reading.quality != GOOD:  # out of the model's range: recorded as such, never a good value
@@ -163,7 +185,7 @@ class RestApi:
         return {**_base(), "Data": {
             "DeviceName": name, "PropertyName": prop_name, "Namespace": namespace,
             "Value": to_twin_string(reading.value), "Type": prop.type.value.lower(), "TimeStamp": reading.taken_at_ms,
-        }}
+        }, READING_SOURCE: "recent" if answer.recent else "device"}
 
     def model(self, namespace: str, name: str) -> dict[str, Any]:
         model = self._definition(namespace, name).model
@@ -213,21 +235,53 @@ class RestApi:
         return {**_base(), "Message": f"Write data {data} to device {definition.id} successfully."}
 
 
+class _Deadline(io.RawIOBase):
+    """The request's socket, read with a deadline for the whole request: each recv waits at most
+    the idle timeout and never past the deadline, so a client trickling a byte now and then cannot
+    hold its connection (a thread, a file descriptor) for ever."""
+
+    def __init__(self, sock: socket.socket, deadline: float, idle_s: float | None) -> None:
+        self._sock, self._deadline, self._idle_s = sock, deadline, idle_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive within api.request_timeout_s")
+        self._sock.settimeout(left if self._idle_s is None else min(self._idle_s, left))
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     api: RestApi  # set on the subclass made per server
+    request_timeout_s: float  # likewise
+
+    def setup(self) -> None:
+        super().setup()
+        plain, self.rfile = self.rfile, io.BufferedReader(
+            _Deadline(self.connection, time.monotonic() + self.request_timeout_s, self.timeout))
+        plain.close()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        headers = {}
         try:
             answer = self.api.route(self.path, self.headers)
+            source = answer.pop(READING_SOURCE, None)
+            if source is not None:
+                headers["X-Mapper-Reading"] = source
             body, status, kind = orjson.dumps(answer), HTTPStatus.OK, "application/json"
         except ApiError as exc:
             body, status, kind = f"{exc}\n".encode(), exc.status, "text/plain; charset=utf-8"
         except Exception as exc:  # noqa: BLE001 - the Go server answers 500 with the error text too
             log.exception("GET %s failed", self.path)
             body, status, kind = f"{exc}\n".encode(), HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8"
-        self._send(status, kind, body)
+        self._send(status, kind, body, headers)
 
     def _send(self, status: HTTPStatus, kind: str, body: bytes, headers: dict[str, str] | None = None) -> None:
+        # Writes wait at most the idle timeout (each sendall in all), not what the request's deadline left.
+        self.connection.settimeout(self.timeout)
         self.send_response(status)
         self.send_header("Content-Type", kind)
         self.send_header("Content-Length", str(len(body)))
@@ -248,10 +302,62 @@ class _Handler(BaseHTTPRequestHandler):
         log.debug("%s " + format, self.address_string(), *args)
 
 
+class _Server(ThreadingHTTPServer):
+    """At most `max_connections` connections served at once (a thread and a file descriptor each);
+    one more is answered 503 with Retry-After and closed at once, counted in `refused` and logged
+    (at most a line a minute). Its threads are daemons nobody waits for at close: a hung device's
+    read ends on its own timeout."""
+
+    daemon_threads = True
+    block_on_close = False
+    # Connections waiting to be accepted (in the kernel, no descriptor of ours): socketserver's 5
+    # dropped connection attempts during a burst, and each dropped one waits a second to try again.
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.refused = 0
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._throttle = Throttle(burst=1, interval_s=60.0)
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request, client_address)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request: socket.socket, client_address: Any) -> None:
+        """In the accepting thread: never waits for the client (a send to a new socket's empty buffer)."""
+        self.refused += 1
+        with contextlib.suppress(OSError):
+            request.setblocking(False)
+            request.send(_BUSY % (RETRY_AFTER_S, len(_BUSY_BODY), _BUSY_BODY))
+            request.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # what the client sent already: unread, close would reset
+                request.recv(65536)
+        self.close_request(request)
+        held = self._throttle("busy")
+        if held is not None:
+            log.warning("REST API: %d connections served at once (api.max_connections); one more from %s "
+                        "refused with 503 (%d refused so far)%s", self.max_connections, client_address[0],
+                        self.refused, held_note(held))
+
+
 class RestApiExtension:
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
-        self.server: ThreadingHTTPServer | None = None
+        self.server: _Server | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -261,17 +367,17 @@ class RestApiExtension:
 
     async def setup(self, service: MapperService) -> None:
         api = RestApi(self.settings, service, asyncio.get_running_loop())
-        handler = type("Handler", (_Handler,), {"api": api, "timeout": IDLE_TIMEOUT_S})
+        handler = type("Handler", (_Handler,), {"api": api, "timeout": IDLE_TIMEOUT_S,
+                                                "request_timeout_s": self.settings.request_timeout_s})
         try:
-            self.server = ThreadingHTTPServer((self.settings.host, self.settings.port), handler)
+            self.server = _Server((self.settings.host, self.settings.port), handler, self.settings.max_connections)
         except OSError as exc:
             raise OSError(f"REST API: cannot listen on {self.settings.host}:{self.settings.port} "
                           f"(api.host, api.port): {exc.strerror or exc}") from None
-        self.server.daemon_threads = True
         self._thread = threading.Thread(target=self.server.serve_forever, name="mapper.api", daemon=True)
         self._thread.start()
-        log.info("REST API on http://%s:%d/api/v1 (writes %s)", self.settings.host, self.port,
-                 "enabled" if self.settings.writes else "disabled")
+        log.info("REST API on http://%s:%d/api/v1 (writes %s, at most %d connections at once)", self.settings.host,
+                 self.port, "enabled" if self.settings.writes else "disabled", self.settings.max_connections)
 
     async def run(self, service: MapperService) -> None:
         return None

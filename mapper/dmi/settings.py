@@ -118,3 +118,10 @@ class ApiSettings(_Section):
     # Host names a write may be addressed to besides IP addresses, `localhost` and `host` (a
     # dashboard calling the Pi by name): any other refuses it, as a page rebound by DNS sends one.
     allowed_hosts: list[str] = []
+    # Connections served at once (each holds a thread and a file descriptor): one more is answered
+    # 503 with Retry-After and closed at once, so API clients can never use up the mapper's file
+    # descriptors (and with them its MQTT connection, its twin).
+    max_connections: int = Field(default=16, ge=1, le=256)
+    # A request's line and headers must all arrive within this many seconds of the connection,
+    # however slowly they trickle in; a connection that does not is closed.
+    request_timeout_s: float = Field(default=10.0, gt=0)
