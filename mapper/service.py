@@ -274,7 +274,6 @@ class MapperService:
             self._unsaved_states.clear()
             log.warning("stopping: device states the twin could not take are not written, the devices are "
                         "stopped: %s", dropped)
-        await self._stopped_offline()
         if self.recorder is not None:
             try:
                 await self.recorder.flush()
@@ -322,6 +321,9 @@ class MapperService:
         for ext in reversed(self.extensions):
             with contextlib.suppress(Exception):
                 await ext.shutdown(self)
+        # After the task group's end: a twin another process holds locked delays this write only
+        # (busy_timeout), not the cancel of the extensions' tasks (the inference timer's) or the drain.
+        await self._stopped_offline()
         self.outbox_drops.flush(force=True)  # the drops since the last line, if any
         log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 
