@@ -318,32 +318,33 @@ class DeviceRunner:
     async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
         """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up
         meanwhile, it is still recorded as one taken on demand (see _keeping)."""
-        return (await self._read(prop, on_demand=on_demand)).reading
+        return (await self._read(prop, on_demand))[0]
 
-    async def _read(self, prop: PropertyDefinition, *, on_demand: bool = False,
-                    recent_within_s: float | None = None) -> OnDemand:
-        """read_once's work. `recent_within_s`: if the property's last reading (any) was taken less
-        than that long ago, once the device's lock is ours, it is the answer (recent=True) and the
-        device is not read: on-demand reads waiting behind one another are answered by the first."""
-        loop = asyncio.get_running_loop()
+    async def _read(self, prop: PropertyDefinition, on_demand: bool = False,
+                    recent_within_s: float | None = None) -> tuple[Reading, bool, bool]:
+        """read_once's work: (reading, recent, timed out). `recent_within_s`: if the property's last
+        reading (any) was taken less than that long ago, once the device's lock is ours, it is the
+        answer (recent) and the device is not read: on-demand reads waiting behind one another are
+        answered by the first. The collect loop calls this directly: a plain tuple, no coroutine or
+        object more per reading."""
         try:
             async with self._io_lock:
-                last = self._last_read.get(prop.name)
-                if recent_within_s is not None and last is not None and loop.time() - last[0] < recent_within_s:
-                    return OnDemand(last[1], recent=True, timed_out=last[2])
+                if recent_within_s is not None and (last := self._last_read.get(prop.name)) is not None \
+                        and time.monotonic() - last[0] < recent_within_s:
+                    return last[1], True, last[2]
                 raw = await self._call(self.driver.read, prop)
             taken = now_ms()
             value = coerce(prop.type, raw)
         except NotReady as exc:  # no value yet, and not a failure of its own (the last attempt was one)
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
-            self._last_read[prop.name] = (loop.time(), reading, False)
-            return OnDemand(reading)
+            self._last_read[prop.name] = (time.monotonic(), reading, False)
+            return reading, False, False
         except Exception as exc:  # noqa: BLE001 - driver errors of any kind count as a failed read
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
             timed_out = isinstance(exc, DriverTimeout)
-            self._last_read[prop.name] = (loop.time(), reading, timed_out)
+            self._last_read[prop.name] = (time.monotonic(), reading, timed_out)
             await self._keeping(reading, self._failed(exc), on_demand)
-            return OnDemand(reading, timed_out=timed_out)
+            return reading, False, timed_out
         self.reads += 1
         why = range_problem(value, prop.minimum, prop.maximum)
         rated = self._rated.get(prop.name)
@@ -354,10 +355,10 @@ class DeviceRunner:
             log.warning("%s: %s: %s: recorded and published with quality out_of_range, not as its value "
                         "(is the sensor failing, or the model's range too narrow?)%s", self.id, prop.name, why,
                         held_note(held))
-        self._last_read[prop.name] = (loop.time(), reading, False)
+        self._last_read[prop.name] = (time.monotonic(), reading, False)
         if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
             await self._keeping(reading, self._succeeded(), on_demand)
-        return OnDemand(reading)
+        return reading, False, False
 
     async def read_on_demand(self, prop: PropertyDefinition) -> OnDemand:
         """A read someone asked for (REST GET, DMI GetDevice), recorded as one taken on demand whatever
@@ -373,7 +374,8 @@ class DeviceRunner:
         neither reads a sensor faster than it allows (a DHT11: once a second) nor fills the twin's
         history, shared by all devices, with rows of one property."""
         interval = self._settings.on_demand_min_interval_s
-        answer = await self._read(prop, on_demand=True, recent_within_s=interval if interval > 0 else None)
+        reading, recent, timed_out = await self._read(prop, True, interval if interval > 0 else None)
+        answer = OnDemand(reading, recent=recent, timed_out=timed_out)
         if not answer.recent:
             self._record_on_demand(answer.reading)
         return answer
@@ -401,7 +403,7 @@ class DeviceRunner:
         slot: float | None = None  # the grid slot this round was for
         while True:
             for prop in props:
-                self._record(await self.read_once(prop))
+                self._record((await self._read(prop))[0])
             now = loop.time()
             if self.state == UNHEALTHY:
                 slot = None
@@ -437,7 +439,7 @@ class DeviceRunner:
             self._changed_event.clear()
             due, self._changed = self._changed, {}
             for prop in due.values():
-                self._record(await self.read_once(prop))
+                self._record((await self._read(prop))[0])
 
     # -- desired values --------------------------------------------------------------------
 
@@ -626,6 +628,9 @@ class DeviceRunner:
             try:
                 prop = self.definition.prop(name)
                 async with self._io_lock:
+                    # A reading from before the write no longer answers an on-demand read (it
+                    # would show the relay as it was before a write that has finished).
+                    self._last_read.pop(name, None)
                     await self._call(self.driver.write, prop, value)
             except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
                 error, failed = f"write failed: {exc}", True

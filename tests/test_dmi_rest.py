@@ -549,6 +549,54 @@ def test_a_get_with_no_interval_reads_the_device(tmp_path: Path) -> None:
     scenario(tmp_path, False, check, SLOWLY_CHANGING, loop=DeviceLoopSettings(on_demand_min_interval_s=0))
 
 
+SLOW_RELAY = """
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {name: relay-model, namespace: default}
+spec:
+  properties:
+    - {name: power, type: BOOLEAN, accessMode: ReadWrite}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {name: fan-relay, namespace: default}
+spec:
+  deviceModelRef: {name: relay-model}
+  # Each write takes 0.5 s and creates the file WRITING when it begins.
+  protocol: {protocolName: slow, configData: {write_s: 0.5, writing: WRITING}}
+  properties:
+    - {name: power, collectCycle: 86400000, visitors: {configData: {kind: switch}}}
+"""
+
+
+def test_a_get_during_a_write_answers_with_the_written_value(tmp_path: Path) -> None:
+    """A dashboard switches the relay on and polls it: the GET sent while the write was in progress
+    waited for the device, got it before the write's read-back did, and was answered with the
+    reading from before the write (still within loop.on_demand_min_interval_s), `recent`: the relay
+    shown off after a write that had finished. A write now makes the earlier reading no answer."""
+    from plugin_drivers import installed
+
+    relay = DeviceId("default", "fan-relay")
+    writing = tmp_path / "writing"
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        from helpers import async_wait_until
+
+        await async_wait_until(lambda: history(service, relay), lambda rows: len(rows) == 1,
+                               what="the collect loop's first read (off), committed")
+        await service.twin(lambda s: s.set_desired(relay, "power", True))
+        service.desired_changed()
+        await async_wait_until(lambda: asyncio.sleep(0, writing.exists()), lambda began: began,
+                               what="the write under way")
+        status, headers, body = await asyncio.to_thread(request, port, "/api/v1/device/default/fan-relay/power")
+        assert status == 200, body
+        assert json.loads(body)["Data"]["Value"] == "true", (headers, body)
+
+    with installed():
+        scenario(tmp_path, False, check, SLOW_RELAY.replace("WRITING", str(writing)),
+                 loop=DeviceLoopSettings(on_demand_min_interval_s=3600))
+
+
 HUNG = """
 apiVersion: devices.kubeedge.io/v1beta1
 kind: DeviceModel

@@ -5,7 +5,8 @@ puts it on sys.path for the tests that use it).
 Each is the simulated driver with one fault of a real bus, set per device in `spec.protocol.configData`:
 
 - `slow`: every read takes `read_s` (a sensor that answers late); blocking, so the device loop calls
-  it in a worker thread and gives up after `timeout_s`.
+  it in a worker thread and gives up after `timeout_s`. Every write takes `write_s`, and creates the
+  file `writing` (if set) when it begins.
 - `failing`: no read is ever answered; health() counts the timeouts, as a bus driver would.
 - `gated`: a bus that is slow to open and to close. open() creates the file `opening`, then waits
   until the file `open_when` exists; close() creates the file `closing`, waits until `close_when` exists and appends
@@ -34,6 +35,8 @@ POLL_S = 0.01
 
 class SlowConfig(SimulatedConfig):
     read_s: float = Field(default=0.0, ge=0)
+    write_s: float = Field(default=0.0, ge=0)
+    writing: str | None = None
     timeout_s: float = Field(default=5.0, gt=0)
 
 
@@ -49,6 +52,12 @@ class SlowDriver(SimulatedDriver):
     def read(self, prop: PropertyDefinition) -> Any:
         time.sleep(self.config.read_s)  # the bus takes this long to answer
         return super().read(prop)
+
+    def write(self, prop: PropertyDefinition, value: Any) -> None:
+        if self.config.writing is not None:
+            Path(self.config.writing).touch()
+        time.sleep(self.config.write_s)  # ... and to take a write
+        super().write(prop, value)
 
 
 class FailingDriver(SimulatedDriver):
