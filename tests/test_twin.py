@@ -355,6 +355,34 @@ def test_a_change_besides_the_files_desired_value_keeps_the_operators_value(tmp_
         assert store.device(D1).properties["count"].desired == 7
 
 
+def test_an_operators_value_the_changed_model_no_longer_takes_gives_way_to_the_files(tmp_path):
+    """The operator's desired value is kept over the file's while the file's does not change, but
+    not once the model no longer takes it: the maximum lowered below it (or a type it cannot be),
+    it stayed, a delta for good that no write could apply. It is cleared, and the file's own
+    `desired:` applies again (before the file's value was kept apart, every model change re-applied it)."""
+    devices = write_devices(tmp_path / "devices", ["d1"])
+    model = (devices / "model.yaml").read_text()
+    (devices / "d1.yaml").write_text((devices / "d1.yaml").read_text().replace(
+        "    - name: count\n", "    - name: count\n      desired: {value: '7'}\n"))
+
+    def sync():  # noqa: ANN202
+        return store.sync_devices(load([devices]).devices.values())
+
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        sync()
+        store.set_desired(D1, "count", 90)
+        narrower = model.replace('      maximum: "100000000"\n', '      maximum: "10"\n')
+        assert narrower != model
+        (devices / "model.yaml").write_text(narrower)
+        assert sync() == [D1]
+        assert store.device(D1).properties["count"].desired == 7
+        # Within the new range, the operator's value stays.
+        store.set_desired(D1, "count", 9)
+        (devices / "model.yaml").write_text(narrower.replace('      maximum: "10"\n', '      maximum: "20"\n'))
+        assert sync() == [D1]
+        assert store.device(D1).properties["count"].desired == 9
+
+
 def test_a_twin_file_from_before_file_desired_applies_no_file_value_over_the_twins(tmp_path, caplog):
     """A twin file from before the file's desired value was kept (m007: file_desired NULL) does
     not know what the file said. Its `desired:` is recorded, not applied over the twin's desired

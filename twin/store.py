@@ -698,12 +698,16 @@ class TwinStore:
                         " writable=excluded.writable, unit=excluded.unit",
                         (key, p.name, p.type.value, int(p.writable), p.unit),
                     )
-                    if before is not None and before[2] is not None and (before[0], bool(before[1])) != (
-                            p.type.value, p.writable):
-                        self._keep_desired_if_valid(d.id, p, _load(before[2]))
+                    # A changed definition (a new type, access mode or range) may no longer take the
+                    # stored desired value (the operator's, kept over the file's): cleared then.
+                    cleared = before is not None and before[2] is not None and (is_changed or (
+                        before[0], bool(before[1])) != (p.type.value, p.writable)) and not self._keep_desired_if_valid(
+                        d.id, p, _load(before[2]))
                     file_desired = _file_desired(p)
-                    if row is None or new_origin or before is None:
-                        take = True  # a new device or property, or the other origin's values dropped
+                    if row is None or new_origin or before is None or cleared:
+                        # A new device or property, the other origin's values dropped, or the stored
+                        # value that stood for the file's cleared: the file's (if it gives one).
+                        take = True
                     elif before[3] is None:  # recorded before m007: what the file said is not known
                         take = self._file_desired_unknown(d, p, row[0] != fingerprint, said)
                     else:
@@ -773,11 +777,12 @@ class TwinStore:
                 f" {before}: the desired values set for that device are dropped, not applied"
                 f" ({', '.join(f'{n}={shown(v)}' for n, v in dropped)})"]
 
-    def _keep_desired_if_valid(self, device_id: DeviceId, p: Any, desired: Value) -> None:
-        """A property's type or access mode changed: its stored desired value stays only if the
-        property still takes it (writable, of its type, in range); else it is cleared (a new
-        version), as a ReadOnly property has none and a wrong type could never be applied.
-        Kept, it was a delta for good that nothing would apply."""
+    def _keep_desired_if_valid(self, device_id: DeviceId, p: Any, desired: Value) -> bool:
+        """A property's definition changed (its type, access mode, range): its stored desired
+        value stays only if the property still takes it (writable, of its type, in range); else it
+        is cleared (a new version), as a ReadOnly property has none and a wrong type or a value out
+        of the new range could never be applied. Kept, it was a delta for good that nothing would
+        apply. Returns whether it stayed."""
         try:
             if not p.writable:
                 raise ValueError("read-only")
@@ -788,9 +793,10 @@ class TwinStore:
             self.conn.execute(
                 "UPDATE properties SET desired=NULL, desired_version=desired_version+1, desired_ts=?, apply_error=NULL"
                 " WHERE device_id=? AND name=?", (now_ms(), str(device_id), p.name))
-            return
+            return False
         if value != desired or type(value) is not type(desired):
             self._set_desired(device_id, p.name, value, now_ms())
+        return True
 
     def deactivate_devices(self, keep: Iterable[DeviceId]) -> None:
         """Devices not in `keep` become inactive (offline); derived devices are left to sync_derived()."""
