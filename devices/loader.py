@@ -348,7 +348,7 @@ class PushTopics:
 def load(
     paths: Iterable[str | Path], *, base: Path | None = None,
     named_at: dict[Path, tuple[str, int | None, str]] | None = None, push_topics: PushTopics = PushTopics(),
-    node: str | None = None,
+    node: str | None = None, node_chosen: bool = True,
 ) -> LoadResult:
     """Load and validate every Device and DeviceModel in `paths`; raise DefinitionError if any is bad.
 
@@ -356,7 +356,8 @@ def load(
     a path that does not exist is reported there, as a problem of that file. `push_topics`: the
     mapper's topic tree, which no pushMethod.mqtt.topic may name (see PushTopics). `node`: the
     node of the mapper that runs the devices (its config's `node`; None when not known, as in
-    `mapper validate`): a device whose `spec.nodeName` names another node is not runnable here.
+    `mapper validate`): a device whose `spec.nodeName` names another node is not runnable here;
+    with `node_chosen` False (the config's node is its default, the host name) it is only warned about.
     """
     paths = list(paths)
     problems: list[Problem] = []
@@ -373,7 +374,7 @@ def load(
                 problems.append(Problem(label, None, "", "file not found"))
             continue
         docs.extend(read_documents(file, label, problems))
-    return _validate(docs, problems, push_topics, node)
+    return _validate(docs, problems, push_topics, node, node_chosen)
 
 
 def load_objects(objects: Iterable[tuple[str, dict[str, Any]]], *,
@@ -384,7 +385,7 @@ def load_objects(objects: Iterable[tuple[str, dict[str, Any]]], *,
 
 
 def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics,
-              node: str | None = None) -> LoadResult:
+              node: str | None = None, node_chosen: bool = True) -> LoadResult:
     models: dict[tuple[str, str], _Entry] = {}
     devices: dict[tuple[str, str], _Entry] = {}
     broken: dict[tuple[str, str], str] = {}
@@ -392,7 +393,7 @@ def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics
         _parse(doc, models, devices, problems, broken)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
-        _resolve(entry, models, result, problems, push_topics, broken, node)
+        _resolve(entry, models, result, problems, push_topics, broken, node, node_chosen)
     _check_claims(result, devices, problems)
     errors = [p for p in problems if p.severity == "error"]
     result.warnings.extend(p for p in problems if p.severity != "error")
@@ -513,17 +514,25 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
     return found
 
 
-def _other_node(doc: _Doc, device: Device, device_id: DeviceId, node: str | None) -> Problem | None:
+def _other_node(doc: _Doc, device: Device, device_id: DeviceId, node: str | None,
+                chosen: bool = True) -> Problem | None:
     """Why a device whose `spec.nodeName` names another node than the mapper's is not run here, or None.
 
     Under KubeEdge edgecore sends a node only the Devices whose nodeName is that node, so such a
     file is another node's device: run here too, the same file would drive its hardware (a
     network device, or this node's pin of that number, wired to something else) from two nodes.
-    Refused like a device without a driver: the others run."""
+    Refused like a device without a driver: the others run. Not when the config leaves `node` to
+    its default, the host name (`chosen` False): the host name is a guess at the node, not the
+    operator's word, so the device runs and the warning says how to settle it."""
     other = device.spec.node_name
     if node is None or not other or other == node:
         return None
     path = ("spec", "nodeName")
+    if not chosen:
+        return Problem(doc.file, doc.line_of(path), field_name(path),
+                       f"device {device_id}: nodeName is {shown(other)}, but this mapper's node is the host name"
+                       f" {node!r} (no `node` in its config): run here all the same; set `node: {clipped(other, 80)}`"
+                       f" in the config if this is that node, or nodeName: {node}", "warning")
     return Problem(doc.file, doc.line_of(path), field_name(path),
                    f"device {device_id}: nodeName is {shown(other)}, but this mapper is node {node!r} (its config's"
                    f" `node`): not run here. Under KubeEdge only {clipped(other, 80)}'s edgecore sends it to a"
@@ -691,16 +700,18 @@ def _check_unique_properties(doc: _Doc, obj: Device | DeviceModel, problems: lis
 
 
 def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadResult, problems: list[Problem],
-             push_topics: PushTopics, broken: dict[tuple[str, str], str], node: str | None = None) -> None:
+             push_topics: PushTopics, broken: dict[tuple[str, str], str], node: str | None = None,
+             node_chosen: bool = True) -> None:
     device: Device = entry.obj
     doc = entry.doc
     ns = device.metadata.namespace
     device_id = DeviceId(ns, device.metadata.name)
     model_entry = models.get((ns, device.spec.device_model_ref.name))
     problems.extend(bare_number_warnings(doc, device, _desired_text(device, model_entry, doc)))
-    if (elsewhere := _other_node(doc, device, device_id, node)) is not None:
+    if (elsewhere := _other_node(doc, device, device_id, node, node_chosen)) is not None:
         problems.append(elsewhere)
-        result.unrunnable[device_id] = elsewhere
+        if node_chosen:
+            result.unrunnable[device_id] = elsewhere
     if model_entry is None:
         path = ("spec", "deviceModelRef", "name")
         model_name = f"{ns}/{device.spec.device_model_ref.name}"

@@ -546,7 +546,7 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
         skipped += failed.problems
         files = [f for f in files if f.resolve() not in bad]
         try:
-            return (load(files, push_topics=config.push_topics(), node=config.node).devices if files else {}), skipped
+            return (load(files, push_topics=config.push_topics(), node=config.node, node_chosen=config.node_chosen).devices if files else {}), skipped
         except DefinitionError as exc:
             failed = exc
 

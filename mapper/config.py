@@ -125,7 +125,13 @@ class MapperConfig(_Section):
         `node` is not runnable here (LoadResult.unrunnable)."""
         if not self.devices:
             return LoadResult()
-        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node)
+        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node,
+                    node_chosen=self.node_chosen)
+
+    @property
+    def node_chosen(self) -> bool:
+        """Whether `node` was given (in the file or as MAPPER_NODE), not left to the host name."""
+        return "node" in self.model_fields_set
 
     def push_topics(self) -> PushTopics:
         """The mapper's own topic tree, which no device's pushMethod.mqtt.topic may name."""

@@ -223,6 +223,11 @@ class MapperService:
                     for ext in self.extensions:
                         tg.create_task(ext.run(self), name=type(ext).__name__)
                     await self._first_opens()
+                    if not self.config.node_chosen:
+                        log.warning("no `node` in the config: running as node %r, the host name (its topics are under"
+                                    " %s/%s/); set `node:` to keep them whatever the host is called (a mapper before"
+                                    " this version was `edge-node` without it)", self.config.node,
+                                    self.config.push_topics().prefix, self.config.node)
                     log.info(
                         "mapper %s running: %d device(s), %d refused, twin %s",
                         self.config.node, len(self.runners), len(self.refused), t.path,

@@ -1228,6 +1228,26 @@ def test_a_config_without_node_takes_the_host_name(tmp_path, monkeypatch):
     assert load_config(config).node == "chosen"
 
 
+def test_a_mapper_running_as_its_host_name_says_so(tmp_path):
+    """A mapper whose config has no `node` runs as the host name, and its log says so at start, with
+    where its topics are: a Pi upgraded from a version whose default was `edge-node` moves its topics
+    (its bridge forwards mapper/edge-node/#), and nothing said it."""
+    import socket
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    config.write_text(config.read_text().replace("node: test-node\n", ""))
+    node = load_config(config).node
+    assert node == socket.gethostname().split(".")[0].lower() or node == "edge-node"
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: "running:" in (tmp_path / "log").read_text(), what="the mapper running")
+    finally:
+        assert stop_mapper(proc) == 0
+    assert (f"WARNING mapper.service: no `node` in the config: running as node {node!r}, the host name (its topics"
+            f" are under mapper/{node}/)") in (tmp_path / "log").read_text()
+
+
 def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     """`mapper validate DIR | head -1`: the reader leaves, the next write fails with EPIPE, and the
     CLI printed `error: [Errno 32] Broken pipe` as if the command had failed. It now stops quietly

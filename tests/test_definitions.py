@@ -774,3 +774,30 @@ def test_the_configs_node_decides_which_devices_run(tmp_path):
     assert DeviceId("default", "d") in config.load_devices().unrunnable
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", node="other-node"))
     assert not config.load_devices().unrunnable
+
+
+def test_a_device_for_another_node_runs_when_the_node_is_only_the_host_name(tmp_path, monkeypatch):
+    """A config without `node` runs as the host name, a guess at the node rather than the operator's
+    word: a file copied from KubeEdge with `nodeName: pi-livingroom` on a host named otherwise was
+    refused after the default became the host name. It runs, with a warning that says how to settle
+    it; with `node` set (in the file or as MAPPER_NODE) it is refused as before."""
+    import socket
+
+    from mapper.config import load_config
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "raspberrypi")
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (devices / "d.yaml").write_text(device_yaml("d").replace("spec:\n", "spec:\n  nodeName: pi-livingroom\n", 1))
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text(f"devices: [{devices}]\ntwin: {{path: {tmp_path / 'twin.db'}}}\n")
+    config = load_config(config_file, env={})
+    assert (config.node, config.node_chosen) == ("raspberrypi", False)
+    result = config.load_devices()
+    assert not result.unrunnable
+    assert any("nodeName is 'pi-livingroom', but this mapper's node is the host name 'raspberrypi' (no `node` in its"
+               " config): run here all the same; set `node: pi-livingroom`" in str(w) for w in result.warnings), \
+        result.warnings
+    config = load_config(config_file, env={"MAPPER_NODE": "kitchen"})
+    assert config.node_chosen and DeviceId("default", "d") in config.load_devices().unrunnable
