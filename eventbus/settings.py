@@ -205,8 +205,8 @@ class MqttSettings(BaseModel):
         key_password = None
         if tls.key_password_file is not None:
             try:
-                # As the broker password: the line without its line ending, spaces kept.
-                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\n")
+                # As the broker password: the line without its line ending (\n or \r\n), spaces kept.
+                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\r\n")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"mqtt.tls.key_password_file: cannot read {tls.key_password_file}: "
                                  f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -228,7 +228,8 @@ class MqttSettings(BaseModel):
                              if key_password is not None else "")
             raise ValueError(f"mqtt.tls: OpenSSL cannot load the client certificate {tls.cert_file} (cert_file) "
                              f"with its key {tls.key_file} (key_file){with_password}: "
-                             + ("check the password, and " if key_password is not None else "check ")
+                             + ("check the password (the file's whole first line, spaces included), and "
+                                if key_password is not None else "check ")
                              + "that both are PEM files" + (f" ({exc.reason})" if exc.reason else "")) from None
         except OSError as exc:
             missing = exc.filename or (tls.cert_file if not tls.cert_file.exists() else tls.key_file)
@@ -256,7 +257,8 @@ class MqttSettings(BaseModel):
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         if self.password_file is not None:
-            return SecretStr(self.password_file.read_text(encoding="utf-8").rstrip("\n"))
+            # The line without its line ending (a file saved on Windows ends in \r\n); spaces are kept.
+            return SecretStr(self.password_file.read_text(encoding="utf-8").rstrip("\r\n"))
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if value is None:

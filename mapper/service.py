@@ -328,7 +328,9 @@ class MapperService:
                 await ext.shutdown(self)
         # After the task group's end: a twin another process holds locked delays this write only
         # (busy_timeout), not the cancel of the extensions' tasks (the inference timer's) or the drain.
-        await self._stopped_offline()
+        # A clean stop only (_wind_down ran): a task group that failed leaves the last states, as a crash does.
+        if self._stopping:
+            await self._stopped_offline()
         self.outbox_drops.flush(force=True)  # the drops since the last line, if any
         log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 

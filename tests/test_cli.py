@@ -865,8 +865,8 @@ def test_unusable_tls_files_are_a_config_error_naming_the_field(tmp_path):
     cases = {
         f"cert_file: {cert}, key_file: {key}, key_password_file: {wrong}":
             f"mqtt.tls: OpenSSL cannot load the client certificate {cert} (cert_file) with its key {key} "
-            f"(key_file) and the password in {wrong} (key_password_file): check the password, and that both "
-            "are PEM files",
+            f"(key_file) and the password in {wrong} (key_password_file): check the password (the file's whole "
+            "first line, spaces included), and that both are PEM files",
         f"cert_file: {cert}, key_file: {key}, key_password_file: {tmp_path / 'gone'}":
             f"mqtt.tls.key_password_file: cannot read {tmp_path / 'gone'}: No such file or directory",
         f"cert_file: {cert}, key_file: {key}":
@@ -882,6 +882,11 @@ def test_unusable_tls_files_are_a_config_error_naming_the_field(tmp_path):
         "ciphers: NO-SUCH-CIPHER":
             "mqtt.tls.ciphers: OpenSSL can use none of 'NO-SUCH-CIPHER'",
     }
+    windows = tmp_path / "windows.password"  # the right password, saved with a Windows line ending: taken
+    windows.write_bytes(b"right one\r\n")
+    windows.chmod(0o600)
+    good = f"mqtt:\n  url: mqtts://127.0.0.1:1\n  tls: {{cert_file: {cert}, key_file: {key}, key_password_file: {windows}}}\n"
+    assert load_config(write_config(tmp_path / "ok.yaml", devices, tmp_path / "ok.db", extra=good)).mqtt.read_tls()
     for tls, expected in cases.items():
         block = f"mqtt:\n  url: mqtts://127.0.0.1:1\n  tls: {{{tls}}}\n"
         config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db", extra=block)
