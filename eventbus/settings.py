@@ -205,8 +205,8 @@ class MqttSettings(BaseModel):
         key_password = None
         if tls.key_password_file is not None:
             try:
-                # As the broker password: the line without its line ending (\n or \r\n), spaces kept.
-                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\r\n")
+                # As the broker password: the line without its line ending, spaces kept.
+                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\n")
             except (OSError, UnicodeDecodeError) as exc:
                 raise ValueError(f"mqtt.tls.key_password_file: cannot read {tls.key_password_file}: "
                                  f"{getattr(exc, 'strerror', None) or exc}") from None
@@ -257,8 +257,9 @@ class MqttSettings(BaseModel):
     def password(self) -> SecretStr | None:
         """Read the password from its file or environment variable."""
         if self.password_file is not None:
-            # The line without its line ending (a file saved on Windows ends in \r\n); spaces are kept.
-            return SecretStr(self.password_file.read_text(encoding="utf-8").rstrip("\r\n"))
+            # The line without its line ending (read_text's universal newlines make a Windows \r\n one
+            # \n); spaces are kept.
+            return SecretStr(self.password_file.read_text(encoding="utf-8").rstrip("\n"))
         if self.password_env is not None:
             value = os.environ.get(self.password_env)
             if value is None:

@@ -246,6 +246,49 @@ def test_a_clean_stop_leaves_the_device_offline_on_its_retained_topics(broker, t
     assert (twin["state"], twin["stateDetail"]) == ("offline", "stopped: the mapper stopped"), twin
 
 
+def test_a_mapper_that_fails_leaves_the_devices_last_state_in_the_twin(tmp_path):
+    """A clean stop writes `offline` for every device it ran; a mapper whose task group fails (here an
+    extension's task raises once the devices run) is no clean stop: as after a crash, the twin keeps
+    each device's last state (the stop's write ran on that path too, and said "stopped")."""
+    import asyncio
+
+    from mapper.config import MapperConfig, TwinSettings
+    from mapper.runtime import build_service
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=50)
+    config = MapperConfig(node="test-node", devices=[devices], twin=TwinSettings(path=tmp_path / "twin.db"))
+    lamp = DeviceId("default", "lamp")
+
+    class Failing:
+        """An extension whose task fails once the lamp's state `ok` is in the twin."""
+
+        async def setup(self, service) -> None:  # noqa: ANN001
+            pass
+
+        async def run(self, service) -> None:  # noqa: ANN001
+            await service.ready.wait()
+            async with asyncio.timeout(10):
+                while (await service.twin(lambda s: s.device(lamp))).state != "ok":
+                    await asyncio.sleep(0.02)  # (another thread's writes: nothing to await here)
+            raise RuntimeError("an extension failed")
+
+        async def shutdown(self, service) -> None:  # noqa: ANN001
+            pass
+
+    async def main() -> None:
+        service = build_service(config)
+        service.extensions.append(Failing())
+        with pytest.raises(ExceptionGroup) as failed:
+            await service.run(asyncio.Event())
+        assert failed.group_contains(RuntimeError, match="an extension failed")
+
+    asyncio.run(main())
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        device = store.device(lamp)
+    assert (device.state, device.state_detail) != ("offline", "stopped: the mapper stopped"), device
+    assert device.state == "ok", device
+
+
 def test_at_start_the_state_tells_no_earlier_value_as_measured_now(broker, tmp_path, node):
     """A switch that was on when the previous run stopped starts in its boot state (off); the
     desired value applied before is not re-applied. Its first reads fail here (`fail_first`), so

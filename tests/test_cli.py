@@ -882,7 +882,9 @@ def test_unusable_tls_files_are_a_config_error_naming_the_field(tmp_path):
         "ciphers: NO-SUCH-CIPHER":
             "mqtt.tls.ciphers: OpenSSL can use none of 'NO-SUCH-CIPHER'",
     }
-    windows = tmp_path / "windows.password"  # the right password, saved with a Windows line ending: taken
+    # The right password saved with a Windows line ending is taken (read_text's universal newlines; a
+    # guard: it would not be if the file were read as bytes).
+    windows = tmp_path / "windows.password"
     windows.write_bytes(b"right one\r\n")
     windows.chmod(0o600)
     good = f"mqtt:\n  url: mqtts://127.0.0.1:1\n  tls: {{cert_file: {cert}, key_file: {key}, key_password_file: {windows}}}\n"

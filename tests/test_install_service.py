@@ -108,6 +108,21 @@ def test_the_units_group_is_the_users_primary_group(config: Path) -> None:
     assert "Group=mapper-test-nonexistent" in lines
 
 
+def test_the_unreadable_file_hint_names_the_users_primary_group(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The hint for a password file the service user cannot read said `sudo chgrp nobody` for
+    `--user nobody`, a group Debian does not have: it names the user's primary group (nogroup)."""
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    password = open_dir / "mqtt.password"
+    password.write_text("secret\n")
+    password.chmod(0o600)
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 1
+    assert f"sudo chgrp {group} {password} && sudo chmod g+r {password}" in capsys.readouterr().err
+
+
 def read_write_paths(unit: str) -> list[str]:
     return [line for line in unit_lines(unit) if line.startswith("ReadWritePaths=")]
 

@@ -605,17 +605,18 @@ def test_telemetry_the_outbox_limits_drop_is_logged_as_a_warning(tmp_path):
     dropped = outbox_dropped(twin_path)
     # `journalctl -p warning`: the lines with priority 4 (warning) or lower (worse).
     lines = [line for line in mapper.log().splitlines() if re.match(r"<[0-4]>", line) and "outbox" in line]
-    assert len(lines) == 2, mapper.log()  # the start, and the rest at the stop (the test lasts well under a minute)
+    # The start, a line a minute (none if the test takes under one), and the rest at the stop.
+    assert len(lines) >= 2, mapper.log()
     first = re.fullmatch(
         r"<4>WARNING mapper\.service: outbox full at twin\.outbox_max_rows \(100 messages\): the oldest telemetry is"
         r" dropped, (\d+) messages? so far\. The broker does not take the messages \(unreachable\? see the MQTT"
         r" connection lines, mapper\.mqtt\), or not as fast as they come; to keep more of them through an outage,"
         r" raise twin\.outbox_max_rows", lines[0])
     assert first, lines[0]
-    last = re.fullmatch(
+    later = [re.fullmatch(
         r"<4>WARNING mapper\.service: outbox: (\d+) more telemetry messages? dropped at twin\.outbox_max_rows \(100"
         r" messages\) since the last line, (\d+) since the start \(the broker does not take them: see the mapper\.mqtt"
-        r" lines; or raise twin\.outbox_max_rows\)", lines[1])
-    assert last, lines[1]
-    assert int(first[1]) + int(last[1]) == int(last[2]) == dropped > 200, (lines, dropped)
+        r" lines; or raise twin\.outbox_max_rows\)", line) for line in lines[1:]]
+    assert all(later), lines
+    assert int(first[1]) + sum(int(m[1]) for m in later) == int(later[-1][2]) == dropped > 200, (lines, dropped)
     assert "ERROR" not in mapper.log() and "Traceback" not in mapper.log(), mapper.log()

@@ -614,9 +614,10 @@ def test_plain_set_takes_a_json_object_and_a_refusal_has_no_reply(broker, lamp):
     # for a reply to the refused set below (failed once).
     waiting = {"mapper/test-node/default/lamp/count": lambda body: 700 <= body["value"] < 800,
                f"{HW}/twin/update/document": lambda body: "count" in body["twin"]}
+    deadline = time.monotonic() + 20  # the lamp publishes on: bounded in all, not per message
     while waiting:
         try:
-            topic, payload = sub.lines.get(timeout=10)
+            topic, payload = sub.lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
             raise AssertionError(f"still waiting for {sorted(waiting)}") from None
         if topic in waiting and waiting[topic](json.loads(payload)):
@@ -719,11 +720,13 @@ def test_state_update_is_refused_for_a_device_this_mapper_reports_the_state_of(b
             assert mapper.stop() == 0
 
 
-def _labels_until(sub, barrier: str) -> list[str]:
-    """The label values published until `barrier` is."""
+def _labels_until(sub, barrier: str, limit: int = 1000) -> list[str]:
+    """The label values published until `barrier` is (at most `limit` of them: the label is
+    published on every cycle, so a barrier that never comes must still end the wait)."""
     seen = []
     while (value := sub.expect("mapper/test-node/default/tag/label")["value"]) != barrier:
         seen.append(value)
+        assert len(seen) < limit, f"no {barrier!r} among {limit} label values"
     return seen
 
 
