@@ -549,24 +549,12 @@ def test_a_get_with_no_interval_reads_the_device(tmp_path: Path) -> None:
     scenario(tmp_path, False, check, SLOWLY_CHANGING, loop=DeviceLoopSettings(on_demand_min_interval_s=0))
 
 
-SLOW_RELAY = """
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {name: relay-model, namespace: default}
-spec:
-  properties:
-    - {name: power, type: BOOLEAN, accessMode: ReadWrite}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {name: fan-relay, namespace: default}
-spec:
-  deviceModelRef: {name: relay-model}
-  # Each write takes 2 s and creates the file WRITING when it begins.
-  protocol: {protocolName: slow, configData: {write_s: 2, writing: WRITING}}
-  properties:
-    - {name: power, collectCycle: 86400000, visitors: {configData: {kind: switch}}}
-"""
+# SLOWLY_CHANGING's relay, writable, on the test driver `slow`: each write takes 2 s and creates the
+# file WRITING when it begins.
+SLOW_RELAY = SLOWLY_CHANGING.replace("accessMode: ReadOnly", "accessMode: ReadWrite").replace(
+    "protocol: {protocolName: simulated, configData: {}}",
+    "protocol: {protocolName: slow, configData: {write_s: 2, writing: WRITING}}")
+assert "protocolName: slow" in SLOW_RELAY and "accessMode: ReadWrite" in SLOW_RELAY
 
 
 def test_a_get_during_a_write_answers_with_the_written_value(tmp_path: Path) -> None:

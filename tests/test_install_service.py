@@ -108,17 +108,23 @@ def test_the_units_group_is_the_users_primary_group(config: Path) -> None:
     assert "Group=mapper-test-nonexistent" in lines
 
 
-def test_the_unreadable_file_hint_names_the_users_primary_group(
-        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """The hint for a password file the service user cannot read said `sudo chgrp nobody` for
-    `--user nobody`, a group Debian does not have: it names the user's primary group (nogroup)."""
-    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+def _root_only_password(tmp_path: Path, open_dir: Path) -> tuple[Path, Path]:
+    """A password file only root reads (0600, root's), and a config naming it: (file, config)."""
     password = open_dir / "mqtt.password"
     password.write_text("secret\n")
     password.chmod(0o600)
     devices = write_devices(tmp_path / "dev", ["a"])
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
+    return password, config
+
+
+def test_the_unreadable_file_hint_names_the_users_primary_group(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The hint for a password file the service user cannot read said `sudo chgrp nobody` for
+    `--user nobody`, a group Debian does not have: it names the user's primary group (nogroup)."""
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    password, config = _root_only_password(tmp_path, open_dir)
     assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 1
     assert f"sudo chgrp {group} {password} && sudo chmod g+r {password}" in capsys.readouterr().err
 
@@ -213,12 +219,7 @@ def test_install_refuses_a_password_file_the_service_user_cannot_read(
     """install-service runs as root, which reads any file; the service user must read the password
     file itself: the owner, group and mode of the file and of the directories on the way decide.
     A user that does not exist yet will have only its own group and --groups (not root's)."""
-    password = open_dir / "mqtt.password"
-    password.write_text("secret\n")
-    password.chmod(0o600)
-    devices = write_devices(tmp_path / "dev", ["a"])
-    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
-                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
+    password, config = _root_only_password(tmp_path, open_dir)
     user = "mapper-test-nonexistent"
     install = ["install-service", "--config", str(config), "--dry-run", "--user", user, "--groups", "daemon"]
     assert main(install) == 1
