@@ -842,13 +842,15 @@ _NUMERIC_OR_BOOLEAN = frozenset({PropertyType.INT, PropertyType.FLOAT, PropertyT
 
 def _desired_text(device: Device, model_entry: _Entry | None, doc: _Doc) -> Callable[[Path_, int | float], str]:
     """The text a bare number given as a desired value is read as (see _desired): as written for a
-    STRING (or BYTES, STREAM) property, the number YAML reads for a number or boolean one."""
+    STRING (or BYTES, STREAM) property, the number YAML reads for a number or boolean one; as
+    written too when the property's type is not known (its model has errors, or does not declare
+    it): `quote it: value: "1.1"` for a file's 1.10 changed the value, were the property a STRING."""
     types = {p.name: p.type for p in model_entry.obj.spec.properties} if model_entry else {}
 
     def text_of(path: Path_, number: int | float) -> str:
         if path[:2] == ("spec", "properties") and isinstance(path[2], int) and path[2] < len(device.spec.properties):
             kind = types.get(device.spec.properties[path[2]].name)
-            if kind is not None and kind not in _NUMERIC_OR_BOOLEAN and path in doc.texts:
+            if (kind is None or kind not in _NUMERIC_OR_BOOLEAN) and path in doc.texts:
                 return doc.texts[path]
         return str(number)
 

@@ -197,6 +197,14 @@ def test_validate_warns_about_a_bare_number_where_kubeedges_crd_wants_a_string(t
                                                                                           'value: "1.10"}'))
     result = mapper("validate", str(tmp_path))
     assert result.returncode == 0 and "warning" not in result.stderr, result.stderr
+    # The model with an error of its own (the property's type is not known then): the hint still
+    # quotes what the file says, not the number YAML reads ("1.1" would change a STRING's value).
+    (tmp_path / "m.yaml").write_text(model.replace("type: BOOLEAN", "type: BOOL", 1))
+    (tmp_path / "d.yaml").write_text(device)
+    result = mapper("validate", str(tmp_path))
+    assert result.returncode == 1, result.stderr
+    assert f'd.yaml:{line["value: 1.10"]}: spec.properties[3].desired.value: {refused}; quote it: value: "1.10"' \
+        in result.stderr, result.stderr
 
 
 def test_shipped_examples_validate():
