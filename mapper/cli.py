@@ -22,6 +22,7 @@ from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import load
 from mapper import __version__, logs, openssl
+from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.store import TwinError, TwinStore
 
@@ -241,6 +242,8 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
         reload_log.warning("%s: %s changed: %s effect at the next start (systemctl restart mapper); until then the"
                            " mapper runs with the previous ones", config_path, ", ".join(later),
                            "they take" if len(later) > 1 else "it takes")
+    if "mqtt" in later and new.mqtt is not None:
+        _check_next_start(new.mqtt, str(config_path), reload_log)
     root = logging.getLogger()
     if root.level != logging.getLevelName(new.log_level.upper()):
         was = logging.getLevelName(root.level).lower()
@@ -250,6 +253,28 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     wanted = started.model_copy(update={"devices": new.devices, "log_level": new.log_level})
     wanted._devices_named_at = dict(new._devices_named_at)
     return wanted if await reload_devices(service, wanted) else running
+
+
+def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logger) -> None:
+    """The start's checks of a changed `mqtt` section (its password, its TLS files), made at the
+    reload: a password file that is missing, or a key it cannot decrypt, would stop the next start
+    (a reboot, the watchdog's restart) with nothing running. Said now, while the mapper still runs."""
+    problems = []
+    try:
+        mqtt.check_password(source)
+    except ValueError as exc:
+        problems.append(str(exc))
+    if mqtt.uses_tls:
+        if openssl.placeholder_active():  # this process runs without OpenSSL: it cannot load them
+            reload_log.warning("%s: mqtt now uses TLS: its files are checked at the next start (`mapper validate`"
+                               " does not check them; `mapper install-service --dry-run` does)", source)
+        else:
+            try:
+                mqtt.check_tls(source)
+            except ValueError as exc:
+                problems.append(str(exc))
+    for problem in problems:
+        reload_log.error("%s; the next start refuses it (fix it before a restart or a reboot)", problem)
 
 
 async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001

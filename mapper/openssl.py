@@ -76,3 +76,8 @@ def ssl_placeholder() -> bool:
         setattr(module, name, _NotLoaded(name, (), {}))
     sys.modules["ssl"] = module
     return True
+
+
+def placeholder_active() -> bool:
+    """Whether `ssl` in this process is the stand-in (ssl_placeholder), not OpenSSL."""
+    return isinstance(sys.modules.get("ssl"), _SslStandIn)

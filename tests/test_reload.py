@@ -481,6 +481,34 @@ def _reads_the_config_file_again(mapper: Mapper, tmp_path: Path) -> None:
     assert "mapper test-node stopped" in mapper.log()  # the node changes at the next start only
 
 
+def test_a_reload_says_when_a_changed_mqtt_section_would_stop_the_next_start(mapper: Mapper, tmp_path: Path) -> None:
+    """mapper.yaml gets an `mqtt` section whose password file is not there; SIGHUP. It takes effect at
+    the next start only, and that start refuses it (`mapper run` checks the password at start): a
+    reboot or the watchdog's restart would leave nothing running. The reload says so now, while the
+    mapper runs; a section that adds TLS is named as checked at the next start (this mapper runs
+    without OpenSSL)."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    missing = tmp_path / "mqtt.password"
+    with_mqtt = mapper.config.read_text() + (
+        f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {missing}\n")
+    mapper.config.write_text(with_mqtt)
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload done: ")
+    assert f"WARNING mapper.reload: {mapper.config}: mqtt changed: it takes effect at the next start" in log, log
+    assert (f"ERROR mapper.reload: {mapper.config}: mqtt.password_file: cannot read {missing}: No such file or"
+            " directory (the mapper reads it as the user it runs as); the next start refuses it (fix it before a"
+            " restart or a reboot)") in log, log
+    missing.write_text("secret\n")
+    missing.chmod(0o600)
+    mapper.config.write_text(with_mqtt.replace("mqtt://127.0.0.1:1", "mqtts://127.0.0.1:1"))
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload done: ", count=2)
+    assert f"{mapper.config}: mqtt now uses TLS: its files are checked at the next start" in log, log
+    assert log.count("the next start refuses it") == 1, log  # the password file is there now
+    mapper.proc.send_signal(signal.SIGTERM)
+    assert mapper.proc.wait(timeout=15) == 0
+
+
 def test_a_config_file_that_no_longer_validates_refuses_the_reload(mapper: Mapper, tmp_path: Path) -> None:
     """mapper.yaml gets a second device directory and a log_level it does not take; SIGHUP. The
     reload is refused, with the config file's line and field as at start, and saying the next
