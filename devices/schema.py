@@ -13,11 +13,10 @@ import math
 import re
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, Strict, StrictBool, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from devices import ids
-from devices.errors import FieldError
 from devices.values import PropertyType, whole_number
 
 API_VERSION = "devices.kubeedge.io/v1beta1"
@@ -123,16 +122,17 @@ class ModelProperty(_Base):
             return str(value)
         return value
 
+    @field_validator("minimum", "maximum")
+    @classmethod
+    def _bound_is_a_number(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A field validator each, at the bound's own line: a bad minimum no longer hides a bad maximum
+        # (one model validator stopped at the first).
+        _number(value, info.field_name or "bound")
+        return value
+
     @model_validator(mode="after")
     def _bounds(self) -> ModelProperty:
-        try:
-            low = _number(self.minimum, "minimum")
-        except ValueError as exc:  # at the bound's own line and field, not the property's
-            raise FieldError(("minimum",), str(exc)) from None
-        try:
-            high = _number(self.maximum, "maximum")
-        except ValueError as exc:
-            raise FieldError(("maximum",), str(exc)) from None
+        low, high = _number(self.minimum, "minimum"), _number(self.maximum, "maximum")  # (both checked above)
         if low is not None and high is not None and low > high:
             raise ValueError(f"minimum {self.minimum} is greater than maximum {self.maximum}")
         return self

@@ -548,6 +548,19 @@ def test_a_bound_that_is_not_a_number_is_reported_at_its_own_field(tmp_path):
         ' "0" or "-2.5"']
 
 
+def test_a_bad_minimum_does_not_hide_a_bad_maximum(tmp_path):
+    """Every problem of a file is listed: a bad minimum stopped the check of the property's bounds,
+    so its bad maximum showed only once the minimum was fixed."""
+    text = MODEL.format(model="thing-model").replace('minimum: "0"\n      maximum: "50"',
+                                                     'minimum: "abc"\n      maximum: ".inf"', 1)
+    line = next(i for i, l in enumerate(text.splitlines(), 1) if '"abc"' in l)
+    assert problems_of(tmp_path, {"m.yaml": text}) == [
+        f"m.yaml:{line}: spec.properties[0].minimum: minimum 'abc' is not a number: write a plain decimal such as"
+        ' "0" or "-2.5"',
+        f"m.yaml:{line + 1}: spec.properties[0].maximum: maximum '.inf' is not a number: write a plain decimal such"
+        ' as "0" or "-2.5"']
+
+
 def test_plain_bounds_and_a_bare_number_desired_value_still_load(tmp_path):
     """Bare numbers stay accepted where they keep their text: bounds and a desired value."""
     model = MODEL.format(model="thing-model").replace('minimum: "0"', "minimum: -2.5e1", 1).replace(
