@@ -279,6 +279,7 @@ class MqttBus:
         settings: MqttSettings,
         *,
         client_id: str,
+        client_id_origin: str = "the same mqtt.client_id",
         will_topic: str,
         subscriptions: list[tuple[str, int]],
         on_message: MessageHandler,
@@ -286,6 +287,8 @@ class MqttBus:
     ) -> None:
         self.settings = settings
         self.client_id = client_id
+        # What another mapper with this client id would share with this one (advice when it is taken over).
+        self.client_id_origin = client_id_origin
         self.will_topic = will_topic
         self.subscriptions = subscriptions
         self._on_message = on_message
@@ -482,7 +485,7 @@ class MqttBus:
             except aiomqtt.MqttError as exc:
                 # Only a connection that lasted resets the backoff. One the broker drops soon after
                 # accepting it (another client connecting with the same client id: two mappers with
-                # the same node name take each other's connection over, and Mosquitto 2.0 just closes
+                # the same client id take each other's connection over, and Mosquitto 2.0 just closes
                 # the old one; a broker limit the mapper trips at once) made the mapper reconnect
                 # every second or so for ever, each time resubscribing and sending everything
                 # unacknowledged again.
@@ -499,14 +502,14 @@ class MqttBus:
                 delay = self._backoff(attempt)
                 if reason_code(exc) == SESSION_TAKEN_OVER:
                     log.error("MQTT connection to %s taken over: another client connected with client id %r (%s); "
-                              "is another mapper running with the same node name? Give each its own node name "
-                              "or mqtt.client_id. Retrying in %.1f s", self.settings.url, self.client_id,
-                              describe(exc), delay)
+                              "is another mapper using %s? Give each mapper its own id; else the broker's log "
+                              "tells which user connected with it. Retrying in %.1f s",
+                              self.settings.url, self.client_id, describe(exc), self.client_id_origin, delay)
                 elif connected_at is not None and short >= SHORT_WARN:
                     log.error("MQTT connection to %s lost again soon after it was made (%d times in a row): %s; "
-                              "is another client (another mapper with the same node name?) connecting with "
-                              "client id %r? Else see the broker's log. Retrying in %.1f s", self.settings.url,
-                              short, describe(exc), self.client_id, delay)
+                              "is another client (another mapper using %s?) connecting with client id %r? "
+                              "Else see the broker's log. Retrying in %.1f s", self.settings.url, short,
+                              describe(exc), self.client_id_origin, self.client_id, delay)
                 elif credentials_refused(exc):
                     log.warning("MQTT connection to %s lost or refused: %s; %s; retrying in %.1f s", self.settings.url,
                                 describe(exc), credentials_hint(self.settings), delay)

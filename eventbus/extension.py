@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import re
+import secrets
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -22,7 +25,7 @@ from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics, parse
 from mapper.device_loop import OFFLINE, UNKNOWN
-from twin.store import DesiredChange, OutMessage
+from twin.store import DesiredChange, OutMessage, write_private
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -38,6 +41,41 @@ FIRST_STATE_GRACE_S = 5.0
 # Topics of retained commands the mapper has cleared whose clear has not come back yet (see
 # _clear_retained): at most this many, the oldest forgotten first.
 CLEARING_MAX = 4096
+# The random part of the default client id, kept beside the twin: <twin>.mqtt-client-id.
+CLIENT_ID_FILE_SUFFIX = ".mqtt-client-id"
+CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
+
+
+def client_id_file(twin_path: Path) -> Path:
+    return twin_path.with_name(twin_path.name + CLIENT_ID_FILE_SUFFIX)
+
+
+def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path) -> tuple[str, str]:
+    """(the client id, where it comes from, for the log's advice): mqtt.client_id as written, else
+    `mapper-<node>-<16 random hex digits>`.
+
+    Any user of the broker who connects with the mapper's client id closes its connection and takes
+    its session over (Mosquitto ties no client id to a user), and `mapper-<node>` was easily guessed:
+    the node is in every topic. The random part is made at the first start and kept beside the twin,
+    owner only: the session is persistent, so the id must be the same at every start."""
+    if settings.client_id is not None:
+        return settings.client_id, "the same mqtt.client_id"
+    path = client_id_file(twin_path)
+    try:
+        secret = path.read_text(encoding="utf-8", errors="replace").strip()
+    except FileNotFoundError:
+        secret = ""
+    if not CLIENT_ID_SECRET.fullmatch(secret):
+        if secret:  # not one this code wrote (a crash cannot leave half of one: write_private)
+            log.warning("%s does not hold 16 hex digits: replaced, the MQTT client id and session are new", path)
+        secret = secrets.token_hex(8)
+        write_private(path, secret + "\n")
+        log.info("MQTT client id: mapper-%s-%s, made now and kept in %s (set mqtt.client_id to choose one). A session"
+                 " of the default id of earlier versions, mapper-%s, if the broker has one, is not resumed (desired"
+                 " values queued in it are not delivered): it expires on the broker (mqtt.session_expiry_s, under"
+                 " MQTT 3.1.1 persistent_client_expiration)", node, secret, path, node)
+    origin = f"a copy of {path} (a copied state directory: delete the copy's file and it makes a new id)"
+    return f"mapper-{node}-{secret}", origin
 
 
 class EventBusExtension:
@@ -77,9 +115,11 @@ class EventBusExtension:
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
         self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve,
                              shared_broker=self.settings.shared_broker)
+        client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path)
         self.bus = MqttBus(
             self.settings,
-            client_id=self.settings.client_id or f"mapper-{config.node}",
+            client_id=client_id,
+            client_id_origin=client_id_origin,
             will_topic=self.topics.node_availability(),
             subscriptions=self.router.subscriptions() + [(f, q) for f, q, _ in self._extra],
             on_message=self._on_message,
@@ -98,8 +138,8 @@ class EventBusExtension:
         service.device_listeners.append(self._on_devices)
         # (Nothing of the twin's is taken into the state views: a device's is announced once it
         # was read in this run, see Telemetry.)
-        log.info("event bus: %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
-                 self.topics.base, "served" if serve else "left to edgecore")
+        log.info("event bus: %s as %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
+                 client_id, self.topics.base, "served" if serve else "left to edgecore")
 
     def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
         """New definitions: a device refused (no driver for its protocol) is not run, so for the

@@ -37,7 +37,7 @@ class TlsSettings(BaseModel):
 class MqttSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     url: str = "mqtt://127.0.0.1:1883"
-    client_id: str | None = None         # default: mapper-<node>
+    client_id: str | None = None         # default: mapper-<node>-<random part kept beside the twin>
     username: str | None = None
     # The password comes from a file or an environment variable, never from this file, and is never logged.
     password_file: Path | None = None

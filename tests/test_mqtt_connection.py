@@ -310,8 +310,8 @@ async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_con
 
 async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backoff(caplog):
     """A broker that closes each connection soon after accepting it (Mosquitto 2.0 does so, with no
-    reason, to the older of two clients with the same client id: two mappers with the same node
-    name): the reconnect backoff grows towards reconnect_max_s instead of starting over at every
+    reason, to the older of two clients with the same client id: two mappers with the same
+    mqtt.client_id): the reconnect backoff grows towards reconnect_max_s instead of starting over at every
     CONNACK (the mapper reconnected every second or so for ever, resubscribing and resending its
     unacknowledged outbox each time), and the log asks whether another client uses the client id
     (it said only "Disconnected during message iteration")."""
@@ -345,7 +345,7 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
             await _cancelled(task)
     assert attempts[:5] == [1, 2, 3, 4, 5], attempts  # was [1, 1, 1, 1, 1]: started over at each CONNACK
     hints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-    assert hints and "'twin-name-test'" in hints[0] and "same node name" in hints[0], hints
+    assert hints and "'twin-name-test'" in hints[0] and "another mapper using the same mqtt.client_id" in hints[0], hints
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])

@@ -1,6 +1,7 @@
 """Files the mapper writes that other local users have no business reading are created private,
 whatever the umask: the twin (readings, desired values, the outbox) with its -wal and -shm files,
-and the KubeEdge state file (devices from edgecore, whose configData may hold credentials)."""
+the KubeEdge state file (devices from edgecore, whose configData may hold credentials), and the
+random part of the default MQTT client id (who knows it can take the mapper's session over)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from eventbus.extension import client_id_file, mqtt_client_id
+from eventbus.settings import MqttSettings
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.catalog import Catalog
 from twin.store import TwinStore
@@ -62,3 +65,17 @@ def test_the_kubeedge_state_file_is_owner_only(tmp_path: Path, usual_umask: None
     catalog.save(path)
     assert mode(path) == f"{path.name} 0600"
     assert Catalog("dht").restore(path)
+
+
+def test_the_mqtt_client_id_file_is_owner_only(tmp_path: Path, usual_umask: None) -> None:
+    """Read back at the next start; one that does not hold 16 hex digits is replaced, owner only too."""
+    twin = tmp_path / "twin.db"
+    client_id, _ = mqtt_client_id(MqttSettings(), "pi-1", twin)
+    kept = client_id_file(twin)
+    assert mode(kept) == f"{kept.name} 0600"
+    assert mqtt_client_id(MqttSettings(), "pi-1", twin)[0] == client_id
+    kept.write_text("")
+    kept.chmod(0o644)
+    replaced, _ = mqtt_client_id(MqttSettings(), "pi-1", twin)
+    assert replaced != client_id and replaced.startswith("mapper-pi-1-")
+    assert mode(kept) == f"{kept.name} 0600"

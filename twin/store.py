@@ -299,6 +299,20 @@ def create_private(path: Path) -> None:
     os.close(fd)
 
 
+def write_private(path: Path, text: str) -> None:
+    """Write `path` atomically (a crash leaves the old file or the new one, never half of one),
+    readable and writable by its owner only whatever the umask, also when it replaces one that was
+    not. fchmod too: a .tmp a crash left behind keeps its mode through O_TRUNC."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), TWIN_FILE_MODE)
+    os.fchmod(fd, TWIN_FILE_MODE)
+    with open(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
         self.conn = conn

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,13 +31,12 @@ from devices.errors import Problem
 from devices.loader import LoadResult, PushTopics, check_claims, load_objects
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi.convert import ConversionError, dedupe_models, device_document, model_document
+from twin.store import write_private
 
 log = logging.getLogger("mapper.dmi")
 
 Key = tuple[str, str]  # (namespace, name)
 STATE_VERSION = 1
-# The saved state (last known devices and models from edgecore): readable by the mapper's user only.
-STATE_FILE_MODE = 0o600
 
 
 def device_key(device: pb.Device) -> Key:
@@ -241,16 +239,8 @@ class Catalog:
             "admitted": [list(key) for key in sorted(self._admitted) if key in self.devices],
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        # Owner only, from the start (not the umask's 0644): a device's protocol configData may
-        # carry credentials. fchmod too: a .tmp a crash left behind keeps its mode through O_TRUNC.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), STATE_FILE_MODE)
-        os.fchmod(fd, STATE_FILE_MODE)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # Owner only (not the umask's 0644): a device's protocol configData may carry credentials.
+        write_private(path, json.dumps(data, indent=1, sort_keys=True))
 
     def restore(self, path: Path) -> bool:
         """Load the last saved state; False (and a warning) when there is none or it is unreadable."""

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import signal
 import socket
 import sys
@@ -142,6 +143,10 @@ class CloudWorker:
         """`models` as load_worker_models returns them (loaded by it when not given)."""
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        # Not `worker-<worker_id>` alone: any user of the broker who guessed it could close the
+        # worker's connection by connecting with it. The session is not kept (clean start), so the
+        # random part may change at every start.
+        self.client_id = settings.mqtt.client_id or f"worker-{self.worker_id}-{secrets.token_hex(8)}"
         self.models = models if models is not None else load_worker_models(settings)
         for model in self.models.values():
             log.info("worker %s: model %s from %s (cloud sha256 %s)", self.worker_id, model.info.name,
@@ -207,7 +212,7 @@ class CloudWorker:
     def _client(self) -> aiomqtt.Client:
         s = self.settings.mqtt
         client = aiomqtt.Client(
-            s.host, s.port, identifier=s.client_id or f"worker-{self.worker_id}",
+            s.host, s.port, identifier=self.client_id,
             username=s.username, password=self._credentials.password(),
             protocol=aiomqtt.ProtocolVersion.V5, clean_start=True, keepalive=s.keepalive_s,
             tls_context=self._credentials.tls_context(),
@@ -265,8 +270,8 @@ class CloudWorker:
                     refused = refused_reason(await client.subscribe(self.subscription, qos=1))
                     attempt = 0
                     if refused is None:
-                        log.info("worker %s: connected to %s, subscribed to %s", self.worker_id,
-                                 self.settings.mqtt.url, self.subscription)
+                        log.info("worker %s: connected to %s as %s, subscribed to %s", self.worker_id,
+                                 self.settings.mqtt.url, self.client_id, self.subscription)
                         self.ready.set()
                     else:
                         # Connected (owed answers still go out) but taking no request: not `ready`.
