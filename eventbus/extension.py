@@ -126,7 +126,11 @@ class EventBusExtension:
             on_connect=lambda: self._on_connect(service),
         )
         assert service.worker is not None and service.recorder is not None
-        self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight)
+        # Acknowledgements ride with the readings' commits; with twin.commit_interval_ms they wait a
+        # little longer than one interval for the next, instead of a commit of their own every 2 s.
+        ack_delay_s = max(2.0, config.twin.commit_interval_ms / 1000 + 1.0)
+        self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight,
+                                         ack_delay_s=ack_delay_s)
         service.recorder.message_factory = self.telemetry
         service.recorder.on_outbox = self.publisher.offer
         service.recorder.take_acks = self.publisher.take_acked

@@ -4,7 +4,9 @@ Group commit: while the mapper is not busy, pending readings are committed as so
 previous commit is done (readings that arrive during a commit form the next batch), so a
 reading waits for one fsync, not for a timer. Once batches grow to `BUSY_BATCH` readings the
 mapper is busy, and a batch then also waits up to `batch_delay` (or until `batch_max`) for
-company: fewer, larger transactions and fewer wake-ups where throughput matters. The same
+company: fewer, larger transactions and fewer wake-ups where throughput matters. With a
+`commit_interval` (twin.commit_interval_ms, for SD-card wear) every batch waits that long for
+company, busy or not; a flush (the stop's, a write's read-back) never waits. The same
 transaction queues the telemetry those readings cause in the outbox; the committed outbox
 rows then go to the publisher (if any) straight from memory.
 
@@ -77,8 +79,10 @@ class _Failed:
 
 class Recorder:
     def __init__(self, worker: StoreWorker, *, batch_max: int = 500, batch_delay_s: float = 0.02,
-                 max_waiting: int | None = None) -> None:
+                 max_waiting: int | None = None, commit_interval_s: float = 0.0) -> None:
         self._worker = worker
+        # > 0: readings wait up to this long (or until batch_max) before their commit, busy or not.
+        self._commit_interval_s = commit_interval_s
         self._batch_max = batch_max
         self._batch_delay_s = batch_delay_s
         self._pending: deque[Reading] = deque()
@@ -167,9 +171,10 @@ class Recorder:
         while True:
             await self._has_data.wait()
             busy = self._last_batch >= BUSY_BATCH
-            if busy and len(self._pending) < self._batch_max and self._batch_delay_s > 0:
+            delay = self._commit_interval_s or (self._batch_delay_s if busy else 0.0)
+            if delay > 0 and len(self._pending) < self._batch_max:
                 try:
-                    async with asyncio.timeout(self._batch_delay_s):
+                    async with asyncio.timeout(delay):
                         await self._full.wait()
                 except TimeoutError:
                     pass

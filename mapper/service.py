@@ -204,7 +204,7 @@ class MapperService:
                 await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
             t = self.config.twin
             self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000,
-                                     max_waiting=t.waiting_max_readings)
+                                     max_waiting=t.waiting_max_readings, commit_interval_s=t.commit_interval_ms / 1000)
             for ext in self.extensions:
                 await ext.setup(self)
             for hook in self.before_devices:

@@ -80,6 +80,45 @@ async def test_group_commit_does_not_wait_for_the_batch_timer_unless_busy(tmp_pa
         assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [BUSY_BATCH * 2 - 1]
 
 
+async def test_commit_interval_gathers_readings_into_one_commit_and_a_flush_does_not_wait(tmp_path):
+    """twin.commit_interval_ms (SD-card wear): readings arriving one by one, which the group commit
+    would commit one by one (the loop runs the recorder between them), wait for company and commit
+    together once the interval is over, or at once at batch_max; a flush (the stop's) commits them
+    without waiting for the interval."""
+    import asyncio
+
+    from mapper.recorder import Recorder
+
+    async def one_by_one(recorder: Recorder, values: range, ts: int) -> None:
+        for i in values:
+            recorder.add(Reading(LAMP, "count", i, ts + i))
+            for _ in range(5):
+                await asyncio.sleep(0)
+
+    path = _lamp_twin(tmp_path)
+    async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+        for interval_s in (1.0, 600.0):
+            recorder = Recorder(worker, batch_max=50, commit_interval_s=interval_s)
+            commits: asyncio.Queue[int] = asyncio.Queue()
+            recorder.on_commit = lambda batch, commits=commits: commits.put_nowait(len(batch))
+            task = asyncio.create_task(recorder.run())
+            try:
+                await one_by_one(recorder, range(5), 1_000)
+                if interval_s == 1.0:  # one commit once the second is over
+                    assert await asyncio.wait_for(commits.get(), 30) == 5
+                    continue
+                await one_by_one(recorder, range(5, 50), 1_000)  # batch_max: at once, not in 10 minutes
+                assert await asyncio.wait_for(commits.get(), 30) == 50
+                await one_by_one(recorder, range(50, 53), 1_000)
+                await asyncio.wait_for(recorder.flush(), 30)
+                assert commits.get_nowait() == 3
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        assert [r[1] for r in await worker.call(lambda s: s.history(LAMP, "count", limit=1))] == [52]
+
+
 async def test_pre_commit_work_commits_with_its_batch_and_a_failed_batch_is_retried_as_it_was(tmp_path):
     """A pre-commit hook's work (an inference decision) is in the readings' own transaction: when it
     fails, neither the readings nor the work are committed; the retry commits that same batch with
