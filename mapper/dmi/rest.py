@@ -9,7 +9,9 @@ a read within `loop.on_demand_min_interval_s` of the property's last reading is 
 (`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
 true, only to declared writable properties the method lists, with a value of the property's
 type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired,
-and never for a request a browser marks as made by a web page (from_a_web_page).
+and never for a request a browser marks as made by a web page (from_a_web_page). Every
+request, reads too, is refused when its `Host` names another machine than this one
+(addressed_elsewhere: DNS rebinding).
 """
 
 from __future__ import annotations
@@ -93,13 +95,14 @@ def from_a_web_page(headers: Mapping[str, str]) -> str | None:
 
 
 def addressed_elsewhere(headers: Mapping[str, str], allowed: Iterable[str]) -> str | None:
-    """Why a write must be refused for the host it was addressed to, or None.
+    """Why a request must be refused for the host it was addressed to, or None.
 
     DNS rebinding: a page of evil.example, once its name resolves to 127.0.0.1, is same-origin
     with whatever listens there, and a browser without Fetch Metadata headers (older Safari,
-    Chromium, Firefox) marks nothing. The `Host` header still names evil.example. A write is
-    taken only when it names an IP address, `localhost`, `api.host` or one of `api.allowed_hosts`
-    (a client sending no Host header at all, HTTP/1.0, is no browser)."""
+    Chromium, Firefox) marks nothing; being same-origin, the page may read the answers too. The
+    `Host` header still names evil.example. A request (read or write) is taken only when it names
+    an IP address, `localhost`, `api.host` or one of `api.allowed_hosts` (a client sending no Host
+    header at all, HTTP/1.0, is no browser)."""
     host = (headers.get("Host") or "").strip()
     if not host:
         return None
@@ -110,7 +113,7 @@ def addressed_elsewhere(headers: Mapping[str, str], allowed: Iterable[str]) -> s
         return None
     if name == "localhost" or name in {a.lower().rstrip(".") for a in allowed}:
         return None
-    return (f"a write addressed to host {name[:60]!r} is refused (a page rebound by DNS would send that): "
+    return (f"a request addressed to host {name[:60]!r} is refused (a page rebound by DNS would send that): "
             "add the name to api.allowed_hosts if it is this machine's")
 
 
@@ -142,6 +145,10 @@ class RestApi:
         return definition
 
     def route(self, path: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+        headers = headers or {}
+        # Reads too: a page rebound by DNS is same-origin with the API, so it reads what it gets.
+        if refused := addressed_elsewhere(headers, [self.settings.host, *self.settings.allowed_hosts]):
+            raise ApiError(HTTPStatus.FORBIDDEN, refused)
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
         if parts[:2] != ["api", "v1"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
@@ -155,9 +162,10 @@ class RestApi:
             case ["devicemethod", ns, name]:
                 return self.methods(ns, name)
             case ["devicemethod", ns, name, method, prop, data]:
-                refused = from_a_web_page(headers or {}) or addressed_elsewhere(
-                    headers or {}, [self.settings.host, *self.settings.allowed_hosts])
-                if refused:
+                # Writes only: reads stay open to a dashboard's page. Another site's page cannot see
+                # an answer (the API sends no CORS headers) and a rebound one is refused above by its
+                # Host; a write, though, is done once it is sent, whoever sees the answer.
+                if refused := from_a_web_page(headers):
                     raise ApiError(HTTPStatus.FORBIDDEN, refused)
                 return self.write(ns, name, method, prop, data)
         raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")

@@ -115,7 +115,7 @@ class ApiSettings(_Section):
     port: int = Field(default=7777, ge=0, le=65535)
     # Allow /api/v1/devicemethod/... writes (to writable properties only, through the twin).
     writes: bool = False
-    # Host names a write may be addressed to besides IP addresses, `localhost` and `host` (a
+    # Host names a request may be addressed to besides IP addresses, `localhost` and `host` (a
     # dashboard calling the Pi by name): any other refuses it, as a page rebound by DNS sends one.
     allowed_hosts: list[str] = []
     # Connections served at once (each holds a thread and a file descriptor): one more is answered
