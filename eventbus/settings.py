@@ -134,21 +134,14 @@ class MqttSettings(BaseModel):
         """password(), refusing what the broker would refuse with nothing pointing at the file: every
         failure a ValueError naming the field, the file and what to do. Also at every reconnect (the
         password may have been rotated meanwhile; see eventbus.bus.Credentials)."""
-        try:
-            password = self.password()
-        except OSError as exc:
-            raise ValueError(f"mqtt.password_file: cannot read {self.password_file}: "
-                             f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
-        except UnicodeDecodeError as exc:  # a binary file, or one saved as UTF-16 or Latin-1
-            raise ValueError(f"mqtt.password_file: {self.password_file} is not UTF-8 text "
-                             f"(byte {exc.start}: {exc.reason}); write the password as one line of UTF-8") from None
-        if self.password_file is not None and password is not None and not password.get_secret_value().strip():
+        if self.password_file is not None:
             # Sent as it is, an empty password is refused by the broker as "Not authorized", at every
-            # reconnect, with nothing pointing at the file.
-            raise ValueError(f"mqtt.password_file: {self.password_file} is empty (or only white space): "
-                             f"write the broker password{f' of user {self.username!r}' if self.username else ''} "
-                             f"in it, as one line")
-        if self.password_file is None and password is not None and not password.get_secret_value().strip():
+            # reconnect, with nothing pointing at the file: read_secret_file refuses it.
+            return SecretStr(read_secret_file(
+                "mqtt.password_file", self.password_file, "the password",
+                f"the broker password{f' of user {self.username!r}' if self.username else ''}"))
+        password = self.password()
+        if password is not None and not password.get_secret_value().strip():
             # Likewise: an exported but empty variable (a systemd Environment= line without a value).
             raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is empty (or "
                              f"only white space): set it to the broker password"
@@ -245,11 +238,7 @@ class MqttSettings(BaseModel):
             files += [("mqtt.tls.key_file", self.tls.key_file), ("mqtt.tls.key_password_file", self.tls.key_password_file)]
         warnings = []
         for field, path in files:
-            try:
-                mode = path.stat().st_mode if path is not None else 0
-            except OSError:
-                continue
-            if mode & 0o004:
+            if (mode := mode_granting(path, 0o004)) is not None:
                 warnings.append(f"warning: {source}: {field}: {path} is readable by every user of this machine"
                                 f" (mode {mode & 0o7777:04o}): sudo chmod o-r {path}")
         return warnings
@@ -266,3 +255,33 @@ class MqttSettings(BaseModel):
                 raise ValueError(f"mqtt.password_env: environment variable {self.password_env} is not set")
             return SecretStr(value)
         return None
+
+
+def read_secret_file(field: str, path: Path, noun: str, what: str) -> str:
+    """The secret held in the file at `path` (its text without the line ending, spaces kept),
+    read now; every failure a ValueError naming the field, the file and what to do. `noun` names
+    the secret in general ("the password"), `what` the one this file must hold ("the broker
+    password of user 'mapper'"). Used for mqtt.password_file and api.token_file."""
+    try:
+        # read_text's universal newlines make a Windows \r\n one \n.
+        secret = path.read_text(encoding="utf-8").rstrip("\n")
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {path}: "
+                         f"{exc.strerror or exc} (the mapper reads it as the user it runs as)") from None
+    except UnicodeDecodeError as exc:  # a binary file, or one saved as UTF-16 or Latin-1
+        raise ValueError(f"{field}: {path} is not UTF-8 text "
+                         f"(byte {exc.start}: {exc.reason}); write {noun} as one line of UTF-8") from None
+    if not secret.strip():
+        raise ValueError(f"{field}: {path} is empty (or only white space): write {what} in it, as one line")
+    return secret
+
+
+def mode_granting(path: Path | None, bits: int) -> int | None:
+    """The mode of the file at `path` when it grants any of the permission `bits` (0o004: every
+    user may read it), else None (also for no path, or one that cannot be stat'ed: the read that
+    follows reports that). Only mode bits are looked at, not ACLs."""
+    try:
+        mode = path.stat().st_mode if path is not None else 0
+    except OSError:
+        return None
+    return mode if mode & bits else None

@@ -142,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.mqtt.check_tls(args.config)
         for warning in config.mqtt.exposed_secrets(args.config):
             print(warning, file=sys.stderr)
+    if config.api is not None and config.api.enabled:
+        config.api.check_token(args.config)  # (its exposure warnings: logged by the API as it starts)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
@@ -224,6 +226,12 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
 
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reading the config file %s again", config_path)
+    if service.config.api is not None and service.config.api.enabled:
+        from mapper.dmi.rest import RestApiExtension
+
+        for extension in service.extensions:  # the token file it started with, read again: a rotated token
+            if isinstance(extension, RestApiExtension):
+                await asyncio.to_thread(extension.reread_token)
     try:
         new = await asyncio.to_thread(load_config, config_path)
     except DefinitionError as exc:
@@ -244,6 +252,11 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
                            "they take" if len(later) > 1 else "it takes")
     if "mqtt" in later and new.mqtt is not None:
         _check_next_start(new.mqtt, str(config_path), reload_log)
+    if "api" in later and new.api is not None and new.api.enabled:
+        try:  # a token file the next start would refuse, said now (as for the mqtt password file)
+            new.api.check_token(str(config_path))
+        except ValueError as exc:
+            reload_log.error("%s; the next start refuses it (fix it before a restart or a reboot)", exc)  # noqa: TRY400
     root = logging.getLogger()
     if root.level != logging.getLevelName(new.log_level.upper()):
         was = logging.getLevelName(root.level).lower()
@@ -307,8 +320,8 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 
 def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import (SERVICE_TWIN, ServiceUser, UnitSettings, check_service_reads, check_service_secrets,
-                                existing_groups, install_service, read_paths, render_unit, service_warnings,
-                                writable_dirs)
+                                check_service_token, existing_groups, install_service, read_paths, render_unit,
+                                service_warnings, writable_dirs)
 
     config_path = Path(args.config).resolve()
     # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
@@ -322,6 +335,10 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         # As the service user (or what it will be once created), not as root: sudo reads anything.
         for warning in (*check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)),
                         *config.mqtt.exposed_secrets(str(config_path))):
+            print(warning, file=sys.stderr)
+    if config.api is not None and config.api.enabled:
+        check_service_token(config.api, ServiceUser.lookup(args.user, groups), str(config_path))
+        for warning in config.api.exposure_warnings(str(config_path)):
             print(warning, file=sys.stderr)
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",

@@ -308,6 +308,8 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         update["mqtt"] = config.mqtt.relative_to(base)
     if config.inference is not None:
         update["inference"] = _absolute_inference(base, config.inference)
+    if config.api is not None:
+        update["api"] = config.api.relative_to(base)
     if config.kubeedge is not None and config.kubeedge.state_file is not None:
         update["kubeedge"] = config.kubeedge.model_copy(
             update={"state_file": _absolute(base, config.kubeedge.state_file)})

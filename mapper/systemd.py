@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     from mapper.service import MapperService
     from eventbus.settings import MqttSettings
     from mapper.config import MapperConfig, SystemdSettings
+    from mapper.dmi.settings import ApiSettings
     from mapper.store_worker import StoreWorker
 
 log = logging.getLogger("mapper.systemd")
@@ -293,8 +294,8 @@ def writable_dirs(config: MapperConfig) -> list[tuple[str, Path]]:
 
 def read_paths(config: MapperConfig) -> list[tuple[str, Path]]:
     """(field, path) of the files and directories the config names that the service reads: the
-    `devices` entries, the MQTT password and TLS files, the inference models. (The twin is the unit's
-    MAPPER_TWIN__PATH.)"""
+    `devices` entries, the MQTT password and TLS files, the inference models, the REST API's token
+    file. (The twin is the unit's MAPPER_TWIN__PATH.)"""
     found: list[tuple[str, Path]] = [(f"devices[{i}]", entry) for i, entry in enumerate(config.devices)]
     if config.inference is not None:
         found.append(("inference.models_dir", config.inference.models_dir))
@@ -307,6 +308,8 @@ def read_paths(config: MapperConfig) -> list[tuple[str, Path]]:
         if config.mqtt.tls is not None:
             found += [(f"mqtt.tls.{name}", getattr(config.mqtt.tls, name))
                       for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
+    if config.api is not None and config.api.enabled:
+        found.append(("api.token_file", config.api.token_file))
     return [(field, path) for field, path in found if path is not None]
 
 
@@ -526,21 +529,40 @@ def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) ->
         files += [(f"mqtt.tls.{name}", getattr(mqtt.tls, name))
                   for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
     for field, path in files:
-        if path is None or (denied := user.denied(path, os.R_OK)) is None:
-            continue
-        where = denied.path
-        if not denied.by_mode:
-            fix = "fix the path"
-        elif where == path.resolve():
-            fix = f"sudo chgrp {user.group or user.name} {where} && sudo chmod g+r {where}"
-            if user.uid is None:  # its group comes with it
-                fix = (f"{user.name!r} does not exist yet, create it first (sudo useradd --system --user-group"
-                       f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user.name}), then: {fix}")
-        else:
-            fix = f"open {where} to it, or move the file (e.g. to /etc/mapper)"
-        raise ValueError(f"{source}: {field}: the service user {user.name!r} cannot read {path}"
-                         f" ({denied.detail}): {fix}")
+        _check_service_can_read(field, path, user, source)
     return warnings
+
+
+def _check_service_can_read(field: str, path: Path | None, user: ServiceUser, source: str, *,
+                            owner_only: bool = False) -> None:
+    """ValueError naming the field, with the command that fixes it, when the service user cannot
+    read the secret file at `path`: a chgrp to its group and g+r, or (`owner_only`, for a file the
+    start refuses when its group may read it) a chown to it."""
+    if path is None or (denied := user.denied(path, os.R_OK)) is None:
+        return
+    where = denied.path
+    if not denied.by_mode:
+        fix = "fix the path"
+    elif where == path.resolve():
+        fix = (f"sudo chown {user.name} {where}" if owner_only
+               else f"sudo chgrp {user.group or user.name} {where} && sudo chmod g+r {where}")
+        if user.uid is None:  # its group comes with it
+            fix = (f"{user.name!r} does not exist yet, create it first (sudo useradd --system --user-group"
+                   f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user.name}), then: {fix}")
+    else:
+        fix = f"open {where} to it, or move the file (e.g. to /etc/mapper)"
+    raise ValueError(f"{source}: {field}: the service user {user.name!r} cannot read {path}"
+                     f" ({denied.detail}): {fix}")
+
+
+def check_service_token(api: ApiSettings, user: ServiceUser, source: str) -> None:
+    """api.token_file as the service will meet it: the start's checks (as root, which reads any
+    file: a missing, empty or group/other-readable file is reported as `mapper run` reports it),
+    then whether the service user can read it (ValueError if not). The file must be the service
+    user's own (mode 0600): the fix is a chown, not check_service_secrets' chgrp and g+r, which the
+    start would refuse."""
+    api.check_token(source)
+    _check_service_can_read("api.token_file", api.token_file, user, source, owner_only=True)
 
 
 def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUser) -> None:

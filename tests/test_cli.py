@@ -1400,3 +1400,27 @@ def test_twin_set_takes_its_value_as_a_set_payload(tmp_path):
         result = mapper("twin", "set", "tag", "label", value, "--config", str(config))
         assert result.returncode == 1 and result.stderr.startswith(f"error: {reason}"), (value, result.stderr)
         assert desired() == "plain text"
+
+
+def test_run_refuses_an_api_token_file_others_may_read_and_writes_beyond_loopback_without_one(tmp_path):
+    """`mapper run` with api.token_file group-readable (the token opens every device to whoever
+    reads it), or with `api.writes` on a host that is not loopback and no token_file (anyone on the
+    LAN could set desired values): a config error naming the field, before anything starts."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    token = tmp_path / "api.token"
+    token.write_text("t" * 32 + "\n")
+    token.chmod(0o640)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                          extra="api:\n  port: 0\n  token_file: api.token\n")
+    result = mapper("run", "--config", str(config))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"error: {config}: api.token_file: {token} may be read or written by other users"
+                                    " than its owner (mode 0640)"), result.stderr
+    assert f"chmod 600 {token}" in result.stderr and "Traceback" not in result.stderr
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                          extra="api:\n  port: 0\n  host: 0.0.0.0\n  writes: true\n")
+    result = mapper("run", "--config", str(config))
+    assert result.returncode == 1, result
+    assert result.stderr.startswith(f"{config}:14: api.writes: writes through the REST API on host '0.0.0.0', which"
+                                    " is not loopback, need api.token_file"), result.stderr
+    assert not (tmp_path / "twin.db").exists()  # nothing started

@@ -9,8 +9,11 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings
+from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings, load_config
 from mapper.dmi.rest import RestApiExtension
 from mapper.dmi.settings import ApiSettings
 from mapper.runtime import build_service
@@ -308,6 +311,124 @@ def test_a_read_addressed_to_another_host_name_is_refused(tmp_path: Path) -> Non
                 status, body = await asyncio.to_thread(get, port, path, {"Host": host})
                 assert status == 200, (path, host, status, body)
     scenario(tmp_path, False, check, allowed_hosts=["pi.local"])
+
+
+TOKEN = "4f1c2a9e0b7d46c38e5a1f2b3c4d5e6f"
+
+
+def answer(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[int, Any, str]:
+    """(status, the body, the WWW-Authenticate header or "")."""
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, json.loads(response.read()), response.headers.get("WWW-Authenticate", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), exc.headers.get("WWW-Authenticate", "")
+
+
+def token_file(tmp_path: Path, token: str = TOKEN, mode: int = 0o600) -> Path:
+    path = tmp_path / "api.token"
+    path.write_text(f"{token}\n")
+    path.chmod(mode)
+    return path
+
+
+def test_a_token_file_makes_every_request_carry_the_token(tmp_path: Path) -> None:
+    """No authentication: any local user read every namespace and, with writes on, set desired
+    values past the broker's ACL. With api.token_file every route (ping too) needs
+    `Authorization: Bearer <token>`: without it, or with another token, 401 with
+    `WWW-Authenticate: Bearer`, and nothing written; with it, reads and writes go through."""
+    path = token_file(tmp_path)
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        write = "/api/v1/devicemethod/default/lamp/SetPower/power/true"
+        for route in ("/api/v1/ping", "/api/v1/device/default/lamp/temperature", "/api/v1/meta/model/default/lamp",
+                      "/api/v1/devicemethod/default/lamp", write, "/api/v1/nosuchroute"):
+            for headers in ({}, {"Authorization": f"Bearer {TOKEN[:-1]}x"}, {"Authorization": "Bearer"},
+                            {"Authorization": f"Basic {TOKEN}"}, {"Authorization": f"Bearer {TOKEN}x"}):
+                status, body, challenge = await asyncio.to_thread(answer, port, route, headers)
+                assert status == 401 and challenge.startswith("Bearer") and "api.token_file" in body, \
+                    (route, headers, status, body, challenge)
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is None
+        good = {"Authorization": f"Bearer {TOKEN}"}
+        status, body, _ = await asyncio.to_thread(answer, port, "/api/v1/device/default/lamp/temperature", good)
+        assert status == 200 and body["Data"]["Value"] == "21.5", body
+        status, body, _ = await asyncio.to_thread(answer, port, write, {"Authorization": f"bearer  {TOKEN}"})
+        assert status == 200, body
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "lamp")))
+        assert twin.properties["power"].desired is not None
+        # The Host check comes first: the right token does not make a rebound page's request good.
+        status, body, _ = await asyncio.to_thread(answer, port, "/api/v1/ping", {**good, "Host": "evil.example"})
+        assert status == 403, body
+    scenario(tmp_path, True, check, token_file=path)
+
+
+def test_a_sighup_reads_the_token_file_again(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A rotated token (written to api.token_file, then SIGHUP) is taken without a restart; a file
+    refused then (group-readable) keeps the token read before."""
+    path = token_file(tmp_path)
+    new = "b" * 32
+
+    config = tmp_path / "c.yaml"  # what the SIGHUP reads again
+    config.write_text(f"devices: [devices.yaml]\ntwin: {{path: twin.db}}\napi: {{port: 0, token_file: {path}}}\n")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        from mapper.cli import reload_config
+
+        token_file(tmp_path, new)
+        await reload_config(service, config, service.config)
+        status, _, _ = await asyncio.to_thread(answer, port, "/api/v1/ping", {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 401
+        status, _, _ = await asyncio.to_thread(answer, port, "/api/v1/ping", {"Authorization": f"Bearer {new}"})
+        assert status == 200
+        token_file(tmp_path, "c" * 32, mode=0o640)
+        await reload_config(service, config, service.config)
+        status, _, _ = await asyncio.to_thread(answer, port, "/api/v1/ping", {"Authorization": f"Bearer {new}"})
+        assert status == 200
+        assert "may be read or written by other users than its owner (mode 0640)" in caplog.text
+        assert "the REST API keeps the token read before" in caplog.text
+    scenario(tmp_path, False, check, token_file=path)
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o620, 0o644], ids=oct)
+def test_a_token_file_others_may_read_or_write_is_refused(tmp_path: Path, mode: int) -> None:
+    """The token opens every device to whoever holds it: a token file its group or other users may
+    read (or write: choose the token) is a config error naming the field, the file and the chmod."""
+    path = token_file(tmp_path, mode=mode)
+    with pytest.raises(ValueError, match=r"^c\.yaml: api\.token_file: .* may be read or written by other users") as info:
+        ApiSettings(token_file=path).check_token("c.yaml")
+    assert f"mode {mode:04o}" in str(info.value) and f"chmod 600 {path}" in str(info.value)
+
+
+@pytest.mark.parametrize(("content", "problem"), [("", "is empty"), ("short\n", "at least 16 characters"),
+                                                  ("has spaces in the token\n", "at least 16 characters")])
+def test_a_token_file_without_a_usable_token_is_refused(tmp_path: Path, content: str, problem: str) -> None:
+    path = tmp_path / "api.token"
+    path.write_text(content)
+    path.chmod(0o600)
+    with pytest.raises(ValueError, match=f"api.token_file: {path}.*{problem}"):
+        ApiSettings(token_file=path).check_token("c.yaml")
+
+
+def test_an_api_beyond_loopback_needs_a_token_to_write_and_is_warned_about_to_read(tmp_path: Path) -> None:
+    """`api.host: 0.0.0.0` was taken without a word, writes on too: anyone on the LAN could set
+    desired values. Writes on a host that is not loopback without api.token_file are a config error
+    at api.writes; reads draw a warning; loopback (127.0.0.1, ::1, localhost) neither."""
+    config = tmp_path / "c.yaml"
+    config.write_text("node: n\napi:\n  host: 0.0.0.0\n  writes: true\n")
+    with pytest.raises(DefinitionError) as info:
+        load_config(config, env={})
+    assert str(info.value).startswith(f"{config}:4: api.writes: writes through the REST API on host '0.0.0.0', which"
+                                      " is not loopback, need api.token_file"), str(info.value)
+    path = token_file(tmp_path)
+    config.write_text("node: n\napi:\n  host: 0.0.0.0\n  writes: true\n  token_file: api.token\n")
+    api = load_config(config, env={}).api
+    assert api is not None and api.token_file == path and api.exposure_warnings("c.yaml") == []
+    for host in ("0.0.0.0", "192.168.1.20", "pi.local", "", "::"):
+        assert "api.token_file" in ApiSettings(host=host).exposure_warnings("c.yaml")[0]
+    for host in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost"):
+        assert ApiSettings(host=host, writes=True).exposure_warnings("c.yaml") == []
 
 
 UNPLUGGABLE = """

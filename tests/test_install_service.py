@@ -661,3 +661,41 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
     finally:
         for directory in made:
             shutil.rmtree(directory)
+
+
+def test_dry_run_checks_the_api_token_file_as_the_service_meets_it(
+        open_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """api.token_file, as the mqtt password file: install-service (run as root, which reads any
+    file) refuses a token file the start would refuse (group-readable) or that the service user
+    cannot read, with the chown that fixes it (not chgrp and g+r: the start refuses a group-readable
+    token file); one under /tmp is warned about (PrivateTmp=yes hides it). An API beyond loopback
+    without a token draws its warning here too."""
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: None)
+    devices = write_devices(tmp_path / "dev", ["a"])
+    token = open_dir / "api.token"
+    token.write_text("t" * 32 + "\n")
+    token.chmod(0o600)
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
+                          extra=f"api: {{host: 0.0.0.0, writes: true, token_file: {token}}}\n")
+    install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
+    assert main(install) == 1
+    assert (f"api.token_file: the service user 'nobody' cannot read {token} ({token} is root:root 0600):"
+            f" sudo chown nobody {token}") in capsys.readouterr().err
+    os.chown(token, pwd.getpwnam("nobody").pw_uid, -1)
+    assert main(install) == 0
+    assert "api.token_file" not in capsys.readouterr().err
+    token.chmod(0o640)
+    assert main(install) == 1
+    assert f"api.token_file: {token} may be read or written by other users than its owner" in capsys.readouterr().err
+    hidden = tmp_path / "api.token"  # under /tmp (pytest's): hidden from the service
+    hidden.write_text("t" * 32 + "\n")
+    hidden.chmod(0o600)
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN, extra=f"api: {{token_file: {hidden}}}\n")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
+    err = capsys.readouterr().err
+    if str(hidden.resolve()).startswith(("/tmp/", "/var/tmp/")):
+        assert f"warning: api.token_file: {hidden} is under /tmp" in err, err
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN, extra="api: {host: 0.0.0.0}\n")
+    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
+    assert (f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set"
+            in capsys.readouterr().err)

@@ -9,15 +9,20 @@ a read within `loop.on_demand_min_interval_s` of the property's last reading is 
 (`/api/v1/devicemethod/{ns}/{name}/{method}/{property}/{data}`) only when `api.writes` is
 true, only to declared writable properties the method lists, with a value of the property's
 type within its model's range (DeviceDefinition.desired_value), through the twin's set_desired,
-and never for a request a browser marks as made by a web page (from_a_web_page). Every
-request, reads too, is refused when its `Host` names another machine than this one
-(addressed_elsewhere: DNS rebinding).
+and never for a request a browser marks as made by a web page (from_a_web_page).
+
+Every request, reads too, is refused when its `Host` names another machine than this one
+(addressed_elsewhere: DNS rebinding), and, with `api.token_file`, when it does not carry
+`Authorization: Bearer <the token>` (401; RestApi.authorized). A browser never sends that header
+on its own, so a token also keeps out every web page. Without a token, any local user may read
+(and write, with `api.writes`); writes on a host other than loopback need one (ApiSettings).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import io
 import ipaddress
 import logging
@@ -65,8 +70,9 @@ READING_SOURCE = "_reading"
 
 
 class ApiError(Exception):
-    def __init__(self, status: HTTPStatus, message: str) -> None:
+    def __init__(self, status: HTTPStatus, message: str, headers: dict[str, str] | None = None) -> None:
         self.status = status
+        self.headers = headers or {}
         super().__init__(message)
 
 
@@ -124,6 +130,23 @@ class RestApi:
         self.settings = settings
         self.service = service
         self.loop = loop
+        # What `Authorization: Bearer ...` must carry (None: no token_file, nothing asked). Read
+        # at start (ValueError if the file is refused) and again at a SIGHUP (RestApiExtension).
+        self.token: bytes | None = settings.read_token()
+
+    def authorized(self, headers: Mapping[str, str]) -> None:
+        """With a token: ApiError 401 (with `WWW-Authenticate: Bearer`, RFC 6750) unless the request
+        carries it. Compared in constant time: how long a refusal takes tells nothing of the token."""
+        token = self.token
+        if token is None:
+            return
+        scheme, _, given = (headers.get("Authorization") or "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "this API needs `Authorization: Bearer <token>` (api.token_file)",
+                           {"WWW-Authenticate": 'Bearer realm="mapper"'})
+        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
+            raise ApiError(HTTPStatus.UNAUTHORIZED, "wrong token (api.token_file)",
+                           {"WWW-Authenticate": 'Bearer realm="mapper", error="invalid_token"'})
 
     def _on_loop(self, coro) -> Any:  # noqa: ANN001
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -149,6 +172,7 @@ class RestApi:
         # Reads too: a page rebound by DNS is same-origin with the API, so it reads what it gets.
         if refused := addressed_elsewhere(headers, [self.settings.host, *self.settings.allowed_hosts]):
             raise ApiError(HTTPStatus.FORBIDDEN, refused)
+        self.authorized(headers)
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
         if parts[:2] != ["api", "v1"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
@@ -282,6 +306,7 @@ class _Handler(BaseHTTPRequestHandler):
             body, status, kind = orjson.dumps(answer), HTTPStatus.OK, "application/json"
         except ApiError as exc:
             body, status, kind = f"{exc}\n".encode(), exc.status, "text/plain; charset=utf-8"
+            headers.update(exc.headers)
         except Exception as exc:  # noqa: BLE001 - the Go server answers 500 with the error text too
             log.exception("GET %s failed", self.path)
             body, status, kind = f"{exc}\n".encode(), HTTPStatus.INTERNAL_SERVER_ERROR, "text/plain; charset=utf-8"
@@ -366,7 +391,22 @@ class RestApiExtension:
     def __init__(self, settings: ApiSettings) -> None:
         self.settings = settings
         self.server: _Server | None = None
+        self.api: RestApi | None = None
         self._thread: threading.Thread | None = None
+
+    def reread_token(self) -> None:
+        """At a SIGHUP: read api.token_file again (the one the mapper started with), so a rotated
+        token needs no restart; a file refused now keeps the token read before, logged."""
+        if self.api is None or self.settings.token_file is None:
+            return
+        try:
+            token = self.settings.read_token()
+        except ValueError as exc:
+            log.error("%s; the REST API keeps the token read before", exc)  # noqa: TRY400 - no traceback wanted
+            return
+        if token != self.api.token:
+            self.api.token = token
+            log.info("api.token_file: the REST API takes the new token in %s", self.settings.token_file)
 
     @property
     def port(self) -> int:
@@ -374,7 +414,7 @@ class RestApiExtension:
         return self.server.server_address[1]
 
     async def setup(self, service: MapperService) -> None:
-        api = RestApi(self.settings, service, asyncio.get_running_loop())
+        api = self.api = RestApi(self.settings, service, asyncio.get_running_loop())
         handler = type("Handler", (_Handler,), {"api": api, "timeout": IDLE_TIMEOUT_S,
                                                 "request_timeout_s": self.settings.request_timeout_s})
         try:
@@ -384,8 +424,12 @@ class RestApiExtension:
                           f"(api.host, api.port): {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self.server.serve_forever, name="mapper.api", daemon=True)
         self._thread.start()
-        log.info("REST API on http://%s:%d/api/v1 (writes %s, at most %d connections at once)", self.settings.host,
-                 self.port, "enabled" if self.settings.writes else "disabled", self.settings.max_connections)
+        log.info("REST API on http://%s:%d/api/v1 (writes %s, %s, at most %d connections at once)",
+                 self.settings.host, self.port, "enabled" if self.settings.writes else "disabled",
+                 "token required (api.token_file)" if api.token is not None
+                 else "no token: every user who can connect may use it", self.settings.max_connections)
+        for warning in self.settings.exposure_warnings("REST API"):
+            log.warning("%s", warning.removeprefix("warning: "))
 
     async def run(self, service: MapperService) -> None:
         return None

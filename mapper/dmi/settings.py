@@ -5,12 +5,16 @@ No grpc import here: mapper.config uses these models in standalone mode too.
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from devices.errors import FieldError
+from eventbus.settings import mode_granting, read_secret_file
 from mapper import __version__
 
 KUBEEDGE_DIR = Path("/etc/kubeedge")
@@ -107,14 +111,28 @@ class KubeEdgeSettings(_Section):
         return path / "dmi.sock" if path.is_dir() else path
 
 
+# The shortest token api.token_file may hold: the API answers as fast as it can, so a short one
+# could be guessed by trying (`openssl rand -hex 32` makes 64 characters).
+MIN_TOKEN_CHARS = 16
+# What a bearer token may be made of (RFC 6750's b64token): it travels in an HTTP header.
+_TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
+
+
 class ApiSettings(_Section):
     """`api:` — the optional REST API of KubeEdge's Go mapper framework (read paths; writes opt-in)."""
 
     enabled: bool = True
+    # Loopback by default. Any other address (0.0.0.0, the Pi's LAN address) serves the LAN, in
+    # plain HTTP: writes are then refused at start without `token_file`, reads draw a warning.
     host: str = "127.0.0.1"
     port: int = Field(default=7777, ge=0, le=65535)
     # Allow /api/v1/devicemethod/... writes (to writable properties only, through the twin).
     writes: bool = False
+    # A file holding a bearer token (one line, at least 16 characters: `openssl rand -hex 32`),
+    # readable by the mapper's user only (mode 0600: refused at start if its group or other users
+    # may read or write it). Set, every request must carry `Authorization: Bearer <token>`, or is
+    # answered 401. Read at start and again at every SIGHUP (a rotated token needs no restart).
+    token_file: Path | None = None
     # Host names a request may be addressed to besides IP addresses, `localhost` and `host` (a
     # dashboard calling the Pi by name): any other refuses it, as a page rebound by DNS sends one.
     allowed_hosts: list[str] = []
@@ -125,3 +143,73 @@ class ApiSettings(_Section):
     # A request's line and headers must all arrive within this many seconds of the connection,
     # however slowly they trickle in; a connection that does not is closed.
     request_timeout_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether `host` is a loopback address (or `localhost`): only this machine's users reach it.
+        Any other name or address, `0.0.0.0` and `""` (every interface) included, is not."""
+        name = self.host.strip().strip("[]").lower().rstrip(".")
+        if name == "localhost":
+            return True
+        with contextlib.suppress(ValueError):
+            return ipaddress.ip_address(name).is_loopback
+        return False
+
+    @model_validator(mode="after")
+    def _writes_beyond_loopback(self) -> ApiSettings:
+        # Writes are GETs without any other check of who asks: on the LAN, in plain HTTP, anyone on
+        # it could set desired values (a relay, a heater), past the broker's ACL. Refused, not warned
+        # about: a line in a log nobody reads does not keep a relay from being switched from the LAN.
+        if self.enabled and self.writes and not self.loopback and self.token_file is None:
+            raise FieldError(("writes",), f"writes through the REST API on host {self.host!r}, which is not loopback,"
+                             " need api.token_file (a file readable only by the mapper, holding a token every"
+                             " request must send as `Authorization: Bearer <token>`): set it, or set api.host:"
+                             " 127.0.0.1, or api.writes: false")
+        return self
+
+    def relative_to(self, base: Path) -> ApiSettings:
+        """token_file, when relative, is relative to `base` (the config file's directory)."""
+        if self.token_file is None or self.token_file.is_absolute():
+            return self
+        return self.model_copy(update={"token_file": base / self.token_file})
+
+    def check_token(self, source: str) -> None:
+        """Read the token now, at start: a token file that cannot be read, is empty, too short, or
+        that other users than its owner may read or write is a config error naming the field."""
+        try:
+            self.read_token()
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def read_token(self) -> bytes | None:
+        """The token every request must carry (None without token_file); every failure a
+        ValueError naming the field, the file and what to do. At start and at every SIGHUP."""
+        path = self.token_file
+        if path is None:
+            return None
+        if (mode := mode_granting(path, 0o066)) is not None:
+            # Whoever reads it may read and write every device through the API, past the broker's
+            # ACL; whoever writes it chooses the token. The mqtt password file is only warned about
+            # (o+r): the broker still limits what that user may do. This one has no such limit.
+            raise ValueError(f"api.token_file: {path} may be read or written by other users than its owner"
+                             f" (mode {mode & 0o7777:04o}): the token opens every device to whoever holds it;"
+                             f" make it the mapper user's own file: chmod 600 {path} (and, for the service,"
+                             f" sudo chown mapper {path})")
+        token = read_secret_file("api.token_file", path, "the token",
+                                 f"a token of at least {MIN_TOKEN_CHARS} characters (openssl rand -hex 32)").strip()
+        if len(token) < MIN_TOKEN_CHARS or not _TOKEN.fullmatch(token):
+            raise ValueError(f"api.token_file: {path} must hold one token of at least {MIN_TOKEN_CHARS} characters,"
+                             " letters, digits and -._~+/ only (what an Authorization header carries):"
+                             f" openssl rand -hex 32 > {path}")
+        return token.encode("ascii")
+
+    def exposure_warnings(self, source: str) -> list[str]:
+        """Warnings for an API that serves the LAN without a token: every device's readings, of every
+        namespace (the broker's ACL does not apply here), to anyone who can reach the Pi. Not refused
+        (writes are): a read-only dashboard on the LAN is what the Go framework's API is used for,
+        and configs doing so ran before token_file existed."""
+        if not self.enabled or self.loopback or self.token_file is not None:
+            return []
+        return [f"warning: {source}: api.host: {self.host!r} is not loopback and api.token_file is not set: anyone"
+                " who can reach this machine may read every device through the REST API (plain HTTP, every"
+                " namespace, whatever the broker's ACL allows); set api.token_file, or keep api.host: 127.0.0.1"]
