@@ -332,7 +332,11 @@ class MapperService:
         if self._stopping:
             await self._stopped_offline()
         self.outbox_drops.flush(force=True)  # the drops since the last line, if any
-        log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
+        if self.uncommitted_at_stop:  # (said at ERROR when it happened, with the cause)
+            log.info("mapper %s stopped: drivers closed, %d readings lost (the twin could not take them)", self.config.node,
+                     self.uncommitted_at_stop)
+        else:
+            log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 
     async def update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
         """Switch to a new set of definitions, touching only devices that were added, changed or removed.

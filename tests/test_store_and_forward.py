@@ -474,6 +474,8 @@ def test_a_stop_while_the_twin_disk_is_full_says_what_is_lost_and_keeps_what_was
         assert "Traceback" not in log, log[-3000:]
         lost = [line for line in log.splitlines() if "readings not committed to the twin" in line]
         assert len(lost) == 1 and str(mapper.twin_path) in lost[0], lost
+        # ... and the last line agrees (it said "twin flushed")
+        assert "twin flushed" not in log and "stopped: drivers closed, " in log, log[-3000:]
         with sqlite3.connect(mapper.twin_path) as db:
             assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
         _all_committed_received(collector, mapper, duplicates_allowed=True)
