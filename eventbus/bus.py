@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import ssl
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -50,9 +51,25 @@ MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 # INCOMING_BYTES of payload waiting is dropped (a QoS 1/2 one acknowledged: sent again later, it
 # would be an old command), counted and logged. At most ~20 MiB, so a backlog the broker kept for
 # the mapper while it was away (thousands of commands) is still handled whole.
+# Queries and observations (twin/get, state/update, membership/get: QUERY_KINDS) may take only
+# half of either limit: a client flooding them finds them dropped once half is waiting, and the
+# other half stays for commands (`/set`, twin/update, and whatever else comes: a cloud worker's
+# answers), which are dropped only at the full limit. One FIFO still: a command is handled after
+# the queries sent before it, as it was (a twin/get after a twin/update sees the update). A flood
+# of 10 paho clients on twin/get dropped every twin/update of another app (PUBACKed, never applied).
 RECEIVE_MAXIMUM = 100
 INCOMING_LIMIT = 10_000
 INCOMING_BYTES = 16 * 1024 * 1024
+QUERY_KINDS = ("twin/get", "state/update", "membership/get")
+
+
+def incoming_kind(topic: str) -> str:
+    """What an incoming message is, by its topic's end: "set", "twin/update", one of QUERY_KINDS,
+    or "other" (for the drop's log line and count, and which half of the queue it may use)."""
+    for kind in ("twin/update", *QUERY_KINDS):
+        if topic.endswith("/" + kind):
+            return kind
+    return "set" if topic.endswith("/set") else "other"
 
 
 class Credentials:
@@ -212,7 +229,9 @@ class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
 
     def put_nowait(self, item: aiomqtt.Message) -> None:
         size = len(item.payload) if isinstance(item.payload, bytes | bytearray) else 0
-        if self.qsize() >= INCOMING_LIMIT or self.payload_bytes + size > INCOMING_BYTES:
+        # A query may use half of the limits (see QUERY_KINDS): the other half is kept for commands.
+        share = 2 if incoming_kind(item.topic.value) in QUERY_KINDS else 1
+        if self.qsize() * share >= INCOMING_LIMIT or (self.payload_bytes + size) * share > INCOMING_BYTES:
             self._on_drop(item, self)
             return
         item.properties = None  # no handler reads them, and they are most of a waiting message's memory
@@ -302,6 +321,7 @@ class MqttBus:
         self.connects = 0
         self.messages_in = 0
         self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT / INCOMING_BYTES were waiting already
+        self.incoming_dropped_by: Counter[str] = Counter()  # the same, by incoming_kind() ("twin/get", "set", ...)
         self.refused_subscriptions: dict[str, str] = {}  # topic filter -> the broker's reason, this connection
         self.publishes_refused = 0      # messages of publish() the broker refused in its PUBACK (logged)
         # Cleared by hold_incoming() (a stop): messages are then left to the broker's session.
@@ -551,12 +571,16 @@ class MqttBus:
     def _drop_incoming(self, paho_client: object, message: aiomqtt.Message, queue: _IncomingQueue) -> None:
         if message.qos:
             paho_client.ack(message.mid, message.qos)  # type: ignore[attr-defined]
+        kind = incoming_kind(message.topic.value)
+        query = kind in QUERY_KINDS
         self.incoming_dropped += 1
-        held = self._log_throttle("dropped")
+        self.incoming_dropped_by[kind] += 1
+        held = self._log_throttle(("dropped", query))  # commands' drops are not hidden behind a flood's
         if held is not None:
-            log.warning("dropped an incoming message on %r: %d messages (%d payload bytes) are waiting to be "
-                        "handled already (is a client flooding the mapper?)%s", message.topic.value[:200],
-                        queue.qsize(), queue.payload_bytes, held_note(held))
+            log.warning("dropped an incoming message on %r (%s, %s): %d messages (%d payload bytes) are waiting to "
+                        "be handled already, %s (is a client flooding the mapper?)%s", message.topic.value[:200],
+                        kind, "a query" if query else "not a query", queue.qsize(), queue.payload_bytes,
+                        "half the limit, all a query may take" if query else "the limit", held_note(held))
 
     def _should_downgrade(self, exc: aiomqtt.MqttError) -> bool:
         return (self.settings.protocol == "auto" and self.protocol == aiomqtt.ProtocolVersion.V5

@@ -176,9 +176,9 @@ class EventBusExtension:
                     await self.bus.hold_incoming()
         if self.router is not None:
             try:
-                await self.router.flush_membership()
+                await self.router.flush_waiting()
             except Exception as exc:  # noqa: BLE001 - stopping goes on
-                log.warning("stopping: a waiting membership request could not be answered: %s", exc)
+                log.warning("stopping: a waiting membership or twin/get request could not be answered: %s", exc)
 
     async def before_stop(self, service: MapperService) -> None:
         """On a clean stop (devices stopped, drivers closed): `offline` for every device that ran,

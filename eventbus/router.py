@@ -6,13 +6,21 @@ request with a valid device topic gets edgecore's reply (`code` + `reason` on er
 a broker shared by several mappers (`mqtt.shared_broker`), one for a device this mapper does not
 have; topics with invalid segments are ignored, since no reply topic may be built from them. A
 state/update is refused: the mapper reports the state of its devices itself (_state_update).
+
+Each reply is a commit of the twin (it goes through the outbox), so what a client may make the
+mapper answer is bounded: membership/get and twin/get (per device) are answered at once at most
+once per interval, the requests within it together at its end (_coalesce), and refused queries
+(twin/get, state/update) at most REFUSED_REPLIES_PER_S a second. A flood beyond that gets no
+reply (counted, logged); commands (twin/update, `/set`) are never held back by it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from devices.ids import DeviceId, clipped, shown
@@ -34,6 +42,18 @@ log = logging.getLogger("mapper.router")
 # edgecore answers each request), built from one read of the twin; older ones are dropped, counted.
 MEMBERSHIP_INTERVAL_S = 1.0
 MEMBERSHIP_WAITING_MAX = 8
+# twin/get: the same rule per device (one mechanism, Router._coalesce): answered at once at most once
+# per this many seconds; requests for the device within the interval wait for its end, then each of
+# the newest WAITING_MAX (MEMBERSHIP_WAITING_MAX) distinct event_ids gets its reply, built from one
+# read of the twin (so never older than the request). A reply goes through the outbox, one commit
+# (an fsync) per reply batch: a client flooding twin/get cost one commit per request, and with 10
+# of them every other request waited behind those commits (commands were dropped, reads missed).
+TWIN_GET_INTERVAL_S = 1.0
+# Refusals of queries (twin/get, state/update: an unknown device, a malformed request) are answered
+# at most this many a second (a burst of as many); beyond that they are refused without a reply,
+# counted and logged. Each reply is a commit, and an app may name any device (`+` in its ACL), so
+# coalescing per device bounds nothing. A refused command (twin/update) is always answered.
+REFUSED_REPLIES_PER_S = 20.0
 
 
 # The reason for refusing an empty request. An empty payload is what clears a retained message:
@@ -65,7 +85,8 @@ class StateReportedHere(BadRequest):
 
 class Router:
     def __init__(self, service: MapperService, topics: Topics, *, max_payload: int, serve_twin_protocol: bool,
-                 membership_interval_s: float = MEMBERSHIP_INTERVAL_S, shared_broker: bool = False) -> None:
+                 membership_interval_s: float = MEMBERSHIP_INTERVAL_S, twin_get_interval_s: float = TWIN_GET_INTERVAL_S,
+                 shared_broker: bool = False) -> None:
         self.service = service
         self.shared_broker = shared_broker
         self.topics = topics
@@ -74,30 +95,72 @@ class Router:
         self.counts: Counter[str] = Counter()
         self._log_throttle = Throttle()  # refusals: the counts keep every one, the log a few a minute
         self.membership_interval_s = membership_interval_s
-        self._membership_next = 0.0  # the event loop's time before which no membership reply goes out
-        self._membership_waiting: dict[str, None] = {}  # event_ids not answered yet, oldest first
-        self._membership_wake = asyncio.Event()
+        self.twin_get_interval_s = twin_get_interval_s
+        # Rate-limited requests (see _coalesce), by key: ("membership/get", None), ("twin/get", device).
+        self._next: dict[tuple[str, DeviceId | None], float] = {}  # the loop's time before which no reply goes out
+        self._waiting: dict[tuple[str, DeviceId | None], dict[str, None]] = {}  # event_ids, oldest first
+        self._answer: dict[tuple[str, DeviceId | None], Callable[[list[str]], Awaitable[None]]] = {}
+        self._wake = asyncio.Event()
+        self._refusal_tokens = REFUSED_REPLIES_PER_S  # token bucket of query refusals' replies
+        self._refusal_time = 0.0
 
     async def run(self) -> None:
-        """Answers the membership requests that came too soon after a reply (see MEMBERSHIP_INTERVAL_S),
-        together, when the interval ends. Runs as long as the event bus does."""
+        """Answers the requests that came too soon after a reply to the same key (see MEMBERSHIP_INTERVAL_S,
+        TWIN_GET_INTERVAL_S), together, when the key's interval ends. Runs as long as the event bus does."""
         loop = asyncio.get_running_loop()
         while True:
-            await self._membership_wake.wait()
-            self._membership_wake.clear()
-            # Waiting out the rate limit's interval (nothing to await: it is the limit itself).
-            await asyncio.sleep(max(0.0, self._membership_next - loop.time()))
-            event_ids, self._membership_waiting = list(self._membership_waiting), {}
-            if not event_ids:
+            if not self._waiting:
+                await self._wake.wait()
+            self._wake.clear()
+            due = min(self._next.get(key, 0.0) for key in self._waiting) if self._waiting else loop.time()
+            if due > loop.time():
+                # Waiting out the rate limit's interval (it is the limit itself), or a new key.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), due - loop.time())
                 continue
-            self._membership_next = loop.time() + self.membership_interval_s
-            try:
-                await self._answer_membership(event_ids)
-            except Exception:  # noqa: BLE001 - the next request is answered all the same
-                self.counts["internal_error"] += 1
-                held = self._log_throttle("internal_error")
-                if held is not None:
-                    log.exception("error while answering membership/get%s", held_note(held))
+            now = loop.time()
+            for key in [k for k in self._waiting if self._next.get(k, 0.0) <= now]:
+                event_ids, answer = list(self._waiting.pop(key)), self._answer.pop(key)
+                self._next[key] = now + self._interval(key[0])
+                try:
+                    await answer(event_ids)
+                except Exception:  # noqa: BLE001 - the next request is answered all the same
+                    self.counts["internal_error"] += 1
+                    held = self._log_throttle("internal_error")
+                    if held is not None:
+                        log.exception("error while answering %s%s", key[0], held_note(held))
+
+    def _interval(self, kind: str) -> float:
+        return self.membership_interval_s if kind == "membership/get" else self.twin_get_interval_s
+
+    async def _coalesce(self, kind: str, device: DeviceId | None, event_id: str,
+                        answer: Callable[[list[str]], Awaitable[None]]) -> None:
+        """A request of a rate-limited kind: answered at once (`answer([event_id])`) if the key (kind,
+        device) had no reply within its interval and none is waiting; else it waits for the interval's
+        end, when run() answers each of the newest MEMBERSHIP_WAITING_MAX distinct event_ids together
+        (a repeated one once, as the newest); older ones get no reply (counted, logged)."""
+        key = (kind, device)
+        now = asyncio.get_running_loop().time()
+        if key not in self._waiting and now >= self._next.get(key, 0.0):
+            if len(self._next) > 1024:  # keys of devices a reload removed: forget the expired ones
+                self._next = {k: t for k, t in self._next.items() if t > now or k in self._waiting}
+            self._next[key] = now + self._interval(kind)
+            await answer([event_id])
+            return
+        if key not in self._waiting:  # run() learns of a new key (a flood of one key wakes it once)
+            self._wake.set()
+        waiting = self._waiting.setdefault(key, {})
+        self._answer[key] = answer
+        waiting.pop(event_id, None)
+        waiting[event_id] = None
+        if len(waiting) > MEMBERSHIP_WAITING_MAX:
+            del waiting[next(iter(waiting))]
+            self.counts[f"{kind.replace('/', '_')}_collapsed"] += 1
+            held = self._log_throttle((kind, "collapsed"))
+            if held is not None:
+                log.info("%s%s: more than %d requests within %g s; the oldest of them get no reply%s", kind,
+                         "" if device is None else f" for {device}", MEMBERSHIP_WAITING_MAX, self._interval(kind),
+                         held_note(held))
 
     def subscriptions(self) -> list[tuple[str, int]]:
         subs = [(self.topics.set_filter(), 1)]
@@ -179,9 +242,28 @@ class Router:
         # No reply to an empty request: it is a clear, not a request (EMPTY_REQUEST).
         answered = incoming.kind in ("twin/update", "twin/get") or isinstance(exc, StateReportedHere)
         if answered and incoming.device is not None and payload:
+            if incoming.kind != "twin/update" and not self._refusal_reply_allowed():
+                self.counts["refused_unanswered"] += 1
+                held = self._log_throttle("refused_unanswered")
+                if held is not None:
+                    log.info("refused %s for %s: no reply (more than %g refused queries a second)%s", incoming.kind,
+                             incoming.device, REFUSED_REPLIES_PER_S, held_note(held))
+                return
             reply = payloads.error_reply(payloads.event_id_of(payload, self.max_payload), exc.code, exc.reason)
             await self._send([OutMessage(Topics.hw(incoming.device, f"{incoming.kind}/result"), reply,
                                          kind="twin", sequenced=False)])
+
+    def _refusal_reply_allowed(self) -> bool:
+        """Whether a refused query may be answered now: a token bucket, REFUSED_REPLIES_PER_S a
+        second, a burst of as many. Nothing waits: a later reply never goes out before it."""
+        now = asyncio.get_running_loop().time()
+        self._refusal_tokens = min(REFUSED_REPLIES_PER_S,
+                                   self._refusal_tokens + (now - self._refusal_time) * REFUSED_REPLIES_PER_S)
+        self._refusal_time = now
+        if self._refusal_tokens < 1.0:
+            return False
+        self._refusal_tokens -= 1.0
+        return True
 
     async def _send(self, messages: list[OutMessage]) -> None:
         rows = await self.service.twin(lambda s: s.record([], messages))
@@ -278,9 +360,26 @@ class Router:
         device = incoming.device
         self._definition(device)
         request = self._decode(payload, payloads.EventIn)
-        twin = await self._twin_call(device, lambda s: s.device(device))
-        await self._send([OutMessage(Topics.hw(device, "twin/get/result"), payloads.get_result(request.event_id, twin),
-                                     kind="twin", sequenced=False)])
+        # Rate-limited per device (TWIN_GET_INTERVAL_S): a reply is a commit.
+        await self._coalesce("twin/get", device, request.event_id, lambda ids: self._answer_twin_get(device, ids))
+
+    async def _answer_twin_get(self, device: DeviceId, event_ids: list[str]) -> None:
+        """One read of the twin, a reply for each event_id, one commit. A device gone meanwhile (a
+        reload, between the request and the interval's end) gets edgecore's 404 for each."""
+        try:
+            twin = await self._twin_call(device, lambda s: s.device(device))
+        except BadRequest as exc:
+            self.counts[f"rejected_{exc.code}"] += len(event_ids)
+            held = self._log_throttle(("twin/get", exc.code, True))
+            if held is not None:
+                log.info("refused twin/get for %s: %s %s%s", device, exc.code, clipped(exc.reason, 300),
+                         held_note(held))
+            await self._send([OutMessage(Topics.hw(device, "twin/get/result"),
+                                         payloads.error_reply(event_id, exc.code, exc.reason), kind="twin",
+                                         sequenced=False) for event_id in event_ids])
+            return
+        await self._send([OutMessage(Topics.hw(device, "twin/get/result"), payloads.get_result(event_id, twin),
+                                     kind="twin", sequenced=False) for event_id in event_ids])
 
     async def _state_update(self, incoming: Incoming, payload: bytes) -> None:
         """Refused for every device of this mapper, with a reply: in standalone mode the mapper
@@ -295,30 +394,19 @@ class Router:
 
     async def _membership(self, incoming: Incoming, payload: bytes) -> None:
         request = self._decode(payload, payloads.EventIn)
-        now = asyncio.get_running_loop().time()
-        if not self._membership_waiting and now >= self._membership_next:
-            self._membership_next = now + self.membership_interval_s
-            await self._answer_membership([request.event_id])
-            return
-        # Too soon after the last reply: answered by run() when the interval ends, each of the
-        # newest MEMBERSHIP_WAITING_MAX event_ids (a repeated one once).
-        self._membership_waiting.pop(request.event_id, None)
-        self._membership_waiting[request.event_id] = None
-        if len(self._membership_waiting) > MEMBERSHIP_WAITING_MAX:
-            del self._membership_waiting[next(iter(self._membership_waiting))]
-            self.counts["membership_collapsed"] += 1
-            held = self._log_throttle("membership_collapsed")
-            if held is not None:
-                log.info("membership/get: more than %d requests within %g s; the oldest of them get no reply%s",
-                         MEMBERSHIP_WAITING_MAX, self.membership_interval_s, held_note(held))
-        self._membership_wake.set()
+        await self._coalesce("membership/get", None, request.event_id, self._answer_membership)
 
-    async def flush_membership(self) -> None:
-        """A clean stop: answer a request still waiting for the rate limit's interval now, so that
-        its reply is committed before the outbox drains (run() would send it after, or never)."""
-        event_ids, self._membership_waiting = list(self._membership_waiting), {}
-        if event_ids:
-            await self._answer_membership(event_ids)
+    async def flush_waiting(self) -> None:
+        """A clean stop: answer the requests still waiting for a rate limit's interval (membership/get,
+        twin/get) now, so that their replies are committed before the outbox drains (run() would send
+        them after, or never)."""
+        waiting, answers, self._waiting, self._answer = self._waiting, self._answer, {}, {}
+        for key, event_ids in waiting.items():
+            try:
+                await answers[key](list(event_ids))
+            except Exception as exc:  # noqa: BLE001 - the other keys are answered all the same
+                log.warning("stopping: waiting %s requests%s could not be answered: %s", key[0],
+                            "" if key[1] is None else f" for {key[1]}", exc)
 
     async def _answer_membership(self, event_ids: list[str]) -> None:
         definitions = self.service.definitions.devices if self.service.definitions else {}

@@ -515,6 +515,44 @@ def test_membership_requests_within_a_second_each_get_their_own_reply(broker, la
     assert got == ["a1", "a3", "a2"], got  # a1 at once; a3 and a2 (asked again: once, as the newest) after
 
 
+def test_twin_gets_for_a_device_within_a_second_each_get_their_own_reply(broker, lamp):
+    """twin/get is rate-limited per device as membership/get is (router._coalesce): the first at
+    once, those within the second after it together when it is up, each with its own event_id (a
+    repeated one once, as the newest), and the twin read then (a value set meanwhile is in it).
+    Each reply used to be a commit of its own (an fsync): a client flooding twin/get took the
+    twin's time from the readings and filled the incoming queue (test_incoming_flood.py)."""
+    mapper, sub = lamp
+    pub(broker, f"{HW}/twin/get", '{"event_id":"g1"}')
+    assert sub.expect(f"{HW}/twin/get/result")["event_id"] == "g1"
+    for event_id in ("g2", "g3", "g2"):
+        pub(broker, f"{HW}/twin/get", '{"event_id":"%s"}' % event_id)
+    pub(broker, f"{HW}/twin/update", '{"event_id":"u1","twin":{"count":{"expected":{"value":"7"}}}}')
+    sub.expect(f"{HW}/twin/update/result", lambda body: body["event_id"] == "u1")
+    got = [sub.expect(f"{HW}/twin/get/result") for _ in range(2)]
+    assert [body["event_id"] for body in got] == ["g3", "g2"], got
+    assert all(body["twin"]["count"]["expected"]["value"] == "7" for body in got), got
+
+
+def test_a_burst_of_refused_twin_gets_gets_a_bounded_number_of_replies(broker, lamp):
+    """Refusals of queries (twin/get, state/update) are answered at most 20 a second (a burst of
+    20): each reply is a commit, and an app may name any device. 100 twin/gets for invented
+    devices get 20 or a few more 404s; the rest are refused without a reply, counted and logged.
+    A refused command is still answered: the twin/update after them gets its 404."""
+    mapper, sub = lamp
+    ghosts = "$hw/events/device/default/ghost"
+    with broker.client("app") as app:
+        for i in range(100):
+            assert not app.publish(f"{ghosts}{i}/twin/get", '{"event_id":"r%d"}' % i).is_failure
+        assert not app.publish(f"{ghosts}/twin/update",
+                               '{"event_id":"cmd","twin":{"power":{"expected":{"value":"true"}}}}').is_failure
+    replies = _replies_before_barrier(sub, f"{ghosts}/twin/update/result", "cmd",
+                                      quiet={f"{ghosts}{i}/twin/get" for i in range(100)})
+    refused = [json.loads(payload) for topic, payload in replies if topic.endswith("/twin/get/result")]
+    assert all(body["code"] == 404 for body in refused), refused
+    assert 20 <= len(refused) < 60, len(refused)
+    mapper.wait_log("no reply (more than 20 refused queries a second)")
+
+
 def test_a_membership_request_waiting_for_the_rate_limit_is_answered_by_a_clean_stop(broker, lamp):
     """A membership/get within a second of the last reply waits for the interval's end; a clean
     stop in that second ended the task that would answer it, and the request (acknowledged to
