@@ -153,10 +153,16 @@ class Telemetry:
         self._states[device] = state
 
     def _due(self, key: tuple[DeviceId, str], prop: PropertyDefinition, reading: Reading) -> bool:
+        """Whether a reading is published (or counted for the state view): its property's first,
+        one a report cycle after the last one (less half a collect cycle), or one older than the
+        last: the wall clock went back (a Pi without a real-time clock corrected by its time
+        sync, an operator setting the time). Pacing starts again from it, as inference windows
+        do (mapper.inference.window): waiting for the clock to catch up stopped the property's
+        telemetry, and its device's state, for as long as the jump was (an hour, eight days)."""
         last = self._last_sent.get(key)
-        slack = prop.collect_cycle_ms // 2
-        if last is None or reading.taken_at_ms - last >= prop.report_cycle_ms - slack:
-            self._last_sent[key] = reading.taken_at_ms
+        taken = reading.taken_at_ms
+        if last is None or taken < last or taken - last >= prop.report_cycle_ms - prop.collect_cycle_ms // 2:
+            self._last_sent[key] = taken
             return True
         return False
 
@@ -212,6 +218,8 @@ class Telemetry:
             last = sent.get(device)
             # A reading up to half a collect cycle early counts as on time (as in _due): a 1 Hz
             # device whose tick lands at 999 ms still sends its state every second, not every two.
+            # One older than the last state message's (the clock went back) sends it too, and the
+            # pacing starts again from it (with _due letting such readings through, see there).
             if last is None or ts - last >= interval - slack or device in changed_devices or ts < last:
                 sent[device] = ts
                 message = self.state_message(device)

@@ -61,6 +61,32 @@ def test_interval_zero_sends_state_with_every_batch(tmp_path):
     assert [s["count"] for s in states] == [0, 1, 2, 3, 4]
 
 
+
+def test_readings_after_the_clock_went_back_are_still_published(tmp_path):
+    """The wall clock goes back an hour (a Pi without a real-time clock whose time sync corrects
+    a clock that ran ahead): the readings taken after it are published on their topics (good and
+    out of range alike), and the device's retained state goes on, each at its usual pace from
+    the jump on. Before, a reading was due only a report cycle after the last one published:
+    nothing went out for the hour the clock needed to catch up (eight days after a +8d/-8d)."""
+    from twin.records import OUT_OF_RANGE
+
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=1000)
+    start = 1_700_000_000_000
+    back = start + 2_000 - 3_600_000  # 2 s of readings, then the clock is an hour behind
+    published: list[tuple[str, int]] = []
+    for ts in [start + 100 * k for k in range(21)] + [back + 100 * k for k in range(21)]:
+        for m in telemetry([Reading(D, "count", ts // 100, ts), Reading(D, "temperature", 20.0, ts)]):
+            published.append((m.topic, m.body["ts"] if m.topic == topics.device_state(D) else ts))
+    after = [(topic, ts) for topic, ts in published if ts < start]
+    assert [ts for topic, ts in after if topic == topics.telemetry(D, "count")] == [back + 100 * k for k in range(21)]
+    assert [ts for topic, ts in after if topic == topics.telemetry(D, "temperature")] == [back + 100 * k for k in range(21)]
+    # The state view: at once at the jump, then once a second again (as before it).
+    assert [ts for topic, ts in after if topic == topics.device_state(D)] == [back, back + 1_000, back + 2_000]
+    assert telemetry.state_message(D).body["ts"] == back + 2_000
+    # An out-of-range reading older than the last one published is published too.
+    [m] = telemetry([Reading(D, "count", -1, back - 60_000, OUT_OF_RANGE, "below the minimum 0")])
+    assert m.topic == topics.telemetry(D, "count") and m.body["quality"] == "out_of_range"
+
 def _pushed(tmp_path: Path, topic: str, push_topics: PushTopics = PushTopics()) -> Telemetry:
     devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
     text = (devices / "d.yaml").read_text()
@@ -246,3 +272,61 @@ def test_an_out_of_range_reading_is_published_marked_and_logged_not_hidden(tmp_p
         finally:
             sub.close()
             assert mapper.stop() == 0
+
+
+async def test_a_mapper_whose_clock_goes_back_goes_on_publishing(tmp_path, broker, monkeypatch):
+    """End to end, a real broker and twin: the mapper's wall clock goes back an hour while it runs
+    (its readings' time: mapper.device_loop.now_ms, what libfaketime's `-1h` moved in the field
+    review). Its telemetry and its device's retained state go on, with the readings' new times.
+    Before, nothing was published after the jump (the readings were in the twin's history, and
+    `mapper devices` said ok), and would not have been for an hour."""
+    import asyncio
+    import queue
+    import time
+
+    from brokers import MqttProbe
+    from helpers import running_service, write_config
+    from mapper import device_loop
+    from mapper.config import load_config
+    from mapper.runtime import build_service
+    from mapper_proc import mqtt_block
+
+    devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
+                                      extra=mqtt_block(broker, tmp_path)))
+    topics = Topics("test-node")
+    count, state = topics.telemetry(D, "count"), topics.device_state(D)
+    app = MqttProbe.connected(broker, "app")
+    try:
+        assert not app.subscribe(f"{topics.device_state(D).rsplit('/', 1)[0]}/+").is_failure
+
+        async def seen(what: str, check, timeout: float = 10.0) -> dict:  # noqa: ANN001
+            """The first message for which check(topic, body); the probe's queue, polled without
+            blocking the loop the mapper runs in."""
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                try:
+                    message = app.messages.get_nowait()
+                except queue.Empty:
+                    await asyncio.sleep(0.02)
+                    continue
+                if message.topic not in (count, state):  # (availability: plain text)
+                    continue
+                body = orjson.loads(message.payload)
+                if check(message.topic, body):
+                    return body
+            raise AssertionError(f"no {what} within {timeout} s")
+
+        async with running_service(config, build=build_service, timeout=15):
+            await seen("count", lambda t, b: t == count)
+            await seen("state", lambda t, b: t == state)
+            real = device_loop.now_ms
+            jump_at = real()
+            monkeypatch.setattr(device_loop, "now_ms", lambda: real() - 3_600_000)
+            before = jump_at - 3_000_000  # readings taken after the jump are an hour behind
+            first = await seen("count taken after the jump", lambda t, b: t == count and b["ts"] < before)
+            await seen("a later count", lambda t, b: t == count and b["ts"] > first["ts"])
+            first_state = await seen("state after the jump", lambda t, b: t == state and b["ts"] < before)
+            await seen("the next state", lambda t, b: t == state and b["ts"] > first_state["ts"] + 500)
+    finally:
+        app.close()
