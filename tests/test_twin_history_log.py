@@ -408,3 +408,90 @@ def test_another_process_opens_one_snapshot_while_the_mapper_records(path, monke
     with TwinStore.open(path) as reader:
         assert reader.outbox_stats()["depth"] == 2
     mapper.close()
+
+
+def _history_ts(store: TwinStore) -> list[int]:
+    return [ts for (ts,) in store.conn.execute("SELECT ts FROM readings ORDER BY id")]
+
+
+def _reported(store: TwinStore, name: str) -> tuple[str, int]:
+    return store.conn.execute("SELECT reported, reported_version FROM properties WHERE device_id=? AND name=?",
+                              (str(D1), name)).fetchone()
+
+
+def test_a_wall_clock_jumping_ahead_does_not_delete_the_history(path, monkeypatch, caplog):
+    """The wall clock jumps ahead by more than twin.history_age_s (a Pi without a real-time
+    clock, a wrong date typed in). The whole history went at the next prune, readings never
+    published included (their telemetry held back, or none). Now the age is judged on the time
+    elapsed since the twin was opened (monotonic): only the count rule deletes, until the
+    readings are really that old; the log says the clock is ahead."""
+    import time
+
+    import twin.store as store_module
+
+    caplog.set_level("INFO", logger="mapper.twin")
+    max_age_ms = 1_500
+    store = TwinStore.open(path)
+    real = store_module.now_ms
+    taken = real()
+    recorded = time.monotonic()
+    store.record([Reading(D1, "count", i, taken + i) for i in range(10)])
+    monkeypatch.setattr(store_module, "now_ms", lambda: real() + 8 * 86_400_000)  # eight days ahead
+    assert store.prune_history(max_rows=7, max_age_ms=max_age_ms) == 3  # the count rule's, no more
+    assert _history_ts(store) == [taken + i for i in range(3, 10)]
+    assert any("ahead of the time elapsed since the twin was opened" in r.getMessage() for r in caplog.records)
+    # Once the readings are really older than max_age_ms (monotonic), the age rule takes them.
+    deadline = recorded + 10
+    while _history_ts(store):
+        assert time.monotonic() < deadline, "the age rule never deleted the readings"
+        if store.prune_history(max_rows=7, max_age_ms=max_age_ms):
+            assert time.monotonic() - recorded >= max_age_ms / 1000 - 0.01  # not before they were that old
+        else:
+            time.sleep(0.05)
+    store.close()
+
+
+def test_the_age_rule_says_when_it_deletes_many_readings_at_once(path, caplog):
+    """Readings from a run two hours ago, with an age limit of one hour: the first prune deletes
+    them, and says how many and by which rule (it was silent). Readings ageing out as they
+    come, a prune period's worth at a time, are not logged."""
+    import time
+
+    import twin.store as store_module
+
+    caplog.set_level("INFO", logger="mapper.twin")
+    hour = 3_600_000
+    now = store_module.now_ms()
+    with TwinStore.open(path) as store:
+        store.record([Reading(D1, "count", i, now - 2 * hour + i) for i in range(50)])
+        store.record([Reading(D1, "count", 100 + i, now - hour + 1_000 + i) for i in range(5)])  # young a while yet
+        assert store.prune_history(max_rows=1000, max_age_ms=hour, step=20) == 20  # a pass in steps
+        assert store.prune_history(max_rows=1000, max_age_ms=hour, step=20) == 20
+        assert not any("for their age" in r.getMessage() for r in caplog.records)  # (the pass goes on)
+        assert store.prune_history(max_rows=1000, max_age_ms=hour, step=20) == 10
+        lines = [r for r in caplog.records if "for their age" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].levelname == "INFO", lines
+        assert "deleted 50 readings from the twin's history for their age (twin.history_age_s: 3600 s)" \
+            in lines[0].getMessage()
+        time.sleep(max(0.0, (now + 1_010 - store_module.now_ms()) / 1000))
+        assert store.prune_history(max_rows=1000, max_age_ms=hour, step=20) == 5  # aged out since the last pass
+        assert len([r for r in caplog.records if "for their age" in r.getMessage()]) == 1
+
+
+def test_the_fold_into_properties_goes_on_after_the_clock_went_back(path, monkeypatch):
+    """`properties` is written once per CHECKPOINT_MS: an interval, measured on the wall clock
+    before, so a clock set back an hour stopped the folds for an hour (readers still saw the
+    readings, folding the history themselves, ever more of it)."""
+    import time
+
+    import twin.store as store_module
+
+    monkeypatch.setattr(store_module, "CHECKPOINT_MS", 100)
+    with TwinStore.open(path) as store:
+        store.record([Reading(D1, "count", 1, 1000)])  # folded at once
+        assert _reported(store, "count") == ("1", 1)
+        real = store_module.now_ms
+        monkeypatch.setattr(store_module, "now_ms", lambda: real() - 3_600_000)
+        time.sleep(0.15)
+        store.record([Reading(D1, "count", 2, 2000)])
+        assert _reported(store, "count") == ("2", 2)

@@ -72,7 +72,14 @@ class VersionConflict(TwinError):
 
 
 def now_ms() -> int:
+    """The wall clock (readings' and desired values' times). It can jump either way (a Pi
+    without a real-time clock and its time sync, an operator setting the time): an interval is
+    measured on `monotonic_ms`, and the history's age on `TwinStore._age_clock_ms`."""
     return time.time_ns() // 1_000_000
+
+
+def monotonic_ms() -> int:
+    return time.monotonic_ns() // 1_000_000
 
 
 def _dump(value: Value | None) -> str | None:
@@ -170,7 +177,13 @@ OUTBOX_ID_BLOCK = 65_536
 
 # Reported values are folded from the history into `properties` at most this often (and at
 # close() and before pruning); readers add the readings after the last fold themselves.
-CHECKPOINT_MS = 1000
+CHECKPOINT_MS = 1000  # (monotonic: a wall clock set back must not stop the folds until it caught up)
+
+# The age rule of prune_history (twin.history_age_s) says how many readings it deleted, at
+# INFO, when a pass deleted readings taken more than this long before the limit the previous
+# pass applied: more than a prune period's worth at once (the mapper was stopped a while, a
+# broker outage ended, history_age_s was lowered, the clock went wrong before the twin opened).
+AGE_PRUNE_NOTE_MS = 60_000
 
 # The protocol of devices the mapper derives itself (an inference pipeline's decisions, see
 # docs/inference.md): no driver, no YAML, read-only properties. Their owner registers and
@@ -357,7 +370,19 @@ class TwinStore:
         # read back from the history, see _load_fold; after a rollback it is read back again).
         self._fold: _Fold | None = None
         self._tx_checkpointed = False
-        self._last_checkpoint_ms = 0
+        self._last_checkpoint_ms: int | None = None  # monotonic_ms() of the last fold (None: none yet)
+        # The history's age is judged on the wall clock as it was when the twin was opened plus
+        # the time elapsed since on the monotonic clock, when that is earlier than the wall clock
+        # (see _age_clock_ms): a wall clock that jumps forward does not age the history at once.
+        # (Monotonic first: the elapsed time read later is then never behind the wall clock.)
+        self._opened_mono_ns = time.monotonic_ns()
+        self._opened_wall_ns = time.time_ns()
+        self._clock_ahead_told = False
+        # The age rule's work in the current prune pass (calls of prune_history while they return
+        # `step`): readings it deleted, and the oldest one's time; and its limit in the last pass.
+        self._age_pass_deleted = 0
+        self._age_pass_oldest: int | None = None
+        self._age_last_cutoff: int | None = None
         self._history_count: int | None = None  # rows in history, once counted (prune_history)
         self._tx_history = 0  # rows the open transaction added to history
 
@@ -495,14 +520,15 @@ class TwinStore:
 
     def _commit(self) -> None:
         try:
-            if self._fold and not self._tx_checkpointed and now_ms() - self._last_checkpoint_ms >= CHECKPOINT_MS:
+            if self._fold and not self._tx_checkpointed and (
+                    self._last_checkpoint_ms is None or monotonic_ms() - self._last_checkpoint_ms >= CHECKPOINT_MS):
                 self._checkpoint()
             self.conn.execute("COMMIT")
         except BaseException:
             self._rollback()
             raise
         if self._tx_checkpointed:
-            self._last_checkpoint_ms = now_ms()
+            self._last_checkpoint_ms = monotonic_ms()
         self._tx_checkpointed = False
         self._tx_dropped = []
         self._seq_unsaved.update(self._seq_undo)
@@ -1526,6 +1552,12 @@ class TwinStore:
         `step`: delete at most this many of the oldest rows in this call (one transaction);
         a caller sharing the twin thread with readings calls again while it returns `step`,
         so readings' commits run in between instead of waiting for one large delete.
+
+        Age is judged on `_age_clock_ms`, not on the wall clock alone: a wall clock jumping
+        ahead by more than `max_age_ms` (a Pi without a real-time clock, an operator's typo)
+        deleted the whole history at the next prune, readings never published included. A pass
+        (the calls up to one returning less than `step`) whose age rule deleted more than a
+        prune period's worth says so at INFO (AGE_PRUNE_NOTE_MS).
         """
         self._begin()
         try:
@@ -1536,9 +1568,9 @@ class TwinStore:
             if top is None:
                 self._commit()
                 return 0
-            cutoff = now_ms() - max_age_ms
+            cutoff = self._age_clock_ms() - max_age_ms
             young = self.conn.execute("SELECT id FROM readings WHERE ts >= ? ORDER BY id LIMIT 1", (cutoff,)).fetchone()
-            last = top if young is None else young[0] - 1  # the last too-old row
+            last = too_old = top if young is None else young[0] - 1  # the last too-old row
             waiting = self._oldest_waiting()
             sent = top if waiting is None else waiting - 1  # rows carrying a message after this one stay
             # ... or the last row over the count. Rows still carrying a message come on top of the
@@ -1547,14 +1579,22 @@ class TwinStore:
             # the outbox): found by walking the rows that go, never more than `step` of them
             # (those are all this call may delete).
             over = self._history_rows() - len(self._carried_size) - max_rows
+            by_count = 0  # rows the count rule alone deletes
             if over > 0:
-                last = max(last, self._nth_deletable(over if step is None else min(over, step), sent))
+                by_count = over if step is None else min(over, step)
+                last = max(last, self._nth_deletable(by_count, sent))
             if step is not None and last >= oldest:
                 last = min(last, self._nth_deletable(step, sent))  # at most `step` rows
             deleted = 0
+            by_age_oldest = None
             if last >= oldest:
                 if self._load_fold():
                     self._checkpoint()
+                if too_old >= oldest:
+                    # (Only for the INFO line below: the oldest row going, a lookup by id at the old end.)
+                    row = self.conn.execute("SELECT ts FROM readings WHERE id <= ? AND (seq IS NULL OR id <= ?)"
+                                            " ORDER BY id LIMIT 1", (last, sent)).fetchone()
+                    by_age_oldest = None if row is None else row[0]
                 deleted = self.conn.execute("DELETE FROM readings WHERE id <= ? AND (seq IS NULL OR id <= ?)",
                                             (last, sent)).rowcount
             # Also when nothing goes: what open() reads back after a crash (seqs after
@@ -1569,7 +1609,46 @@ class TwinStore:
         self._commit()
         if self._history_count is not None:
             self._history_count -= deleted
+        by_age = max(0, deleted - by_count)  # (the count rule deletes the oldest rows that may go first)
+        if by_age:
+            self._age_pass_deleted += by_age
+            if by_age_oldest is not None and (self._age_pass_oldest is None or by_age_oldest < self._age_pass_oldest):
+                self._age_pass_oldest = by_age_oldest
+        if step is None or deleted < step:
+            self._end_prune_pass(cutoff, max_age_ms)
         return deleted
+
+    def _age_clock_ms(self) -> int:
+        """The clock the history's age is judged on: the wall clock, or the wall clock as it was
+        at open() plus the time elapsed since (monotonic) when that is earlier. A wall clock that
+        jumps ahead within a run does not age the history; one that goes back is followed (rows
+        are kept longer, never deleted early). After a boot with a clock far behind and a time
+        sync's legitimate jump forward, the rows from before the jump are kept until they are
+        really `history_age_s` old, and the ones after it that much longer too (the count rule,
+        `history_rows`, still bounds the history)."""
+        wall = now_ms()
+        elapsed = (self._opened_wall_ns + time.monotonic_ns() - self._opened_mono_ns) // 1_000_000
+        if wall - elapsed > AGE_PRUNE_NOTE_MS and not self._clock_ahead_told:
+            self._clock_ahead_told = True
+            log.info("the wall clock is %.0f s ahead of the time elapsed since the twin was opened (it jumped "
+                     "forward): the history's age (twin.history_age_s) is judged on the elapsed time until the "
+                     "next start", (wall - elapsed) / 1000)
+        return min(wall, elapsed)
+
+    def _end_prune_pass(self, cutoff: int, max_age_ms: int) -> None:
+        """The end of a prune pass: INFO when its age rule deleted more than a prune period's
+        worth, i.e. readings taken well before the limit the previous pass applied (or, in the
+        first pass, the limit at open())."""
+        before = self._age_last_cutoff
+        if before is None:
+            before = self._opened_wall_ns // 1_000_000 - max_age_ms
+        oldest, deleted = self._age_pass_oldest, self._age_pass_deleted
+        if deleted and oldest is not None and oldest < before - AGE_PRUNE_NOTE_MS:
+            log.info("deleted %d readings from the twin's history for their age (twin.history_age_s: %d s), the "
+                     "oldest taken %.0f s before the limit", deleted, max_age_ms // 1000, (cutoff - oldest) / 1000)
+        self._age_pass_deleted = 0
+        self._age_pass_oldest = None
+        self._age_last_cutoff = cutoff
 
     def _history_rows(self) -> int:
         """Rows in history: counted once (the first prune), then kept up to date by commits."""
