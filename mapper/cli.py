@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import gc
 import logging
 import os
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import time
@@ -24,7 +26,7 @@ from devices.loader import load
 from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
-from twin.store import TwinError, TwinStore
+from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned
 
 
 def _config(path: str) -> MapperConfig:
@@ -71,15 +73,29 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
     `mapper run --config examples/demo.yaml` next to the running demo did): the second is refused.
     The lock goes with the process (also on SIGKILL). When the lock file cannot be made, the twin
     cannot be opened either: `mapper run` goes on, and the twin's own error names the cause.
-    """
-    import fcntl
 
+    The lock file is opened without following a symbolic link (O_NOFOLLOW), and made owner-only:
+    the pid written into it must not land in a file a link points to. A link, or anything but a
+    regular file, is refused (its directory passed `check_owned`: only this user or root made it).
+    """
     lock_path = Path(f"{path}.lock")
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = lock_path.open("a+")
-    except OSError:
+        fd = os.open(lock_path, flags, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            target = "?"
+            with contextlib.suppress(OSError):
+                target = os.readlink(lock_path)
+            raise ValueError(f"the twin's lock file {lock_path} is a symbolic link (to {target}), which the mapper"
+                             f" does not follow: remove it (rm {lock_path}); `mapper run` makes the lock file"
+                             " itself") from None
         return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"the twin's lock file {lock_path} is not a regular file: remove it (rm {lock_path});"
+                         " `mapper run` makes the lock file itself")
+    lock = os.fdopen(fd, "r+")
     try:
         _flock_soon(lock)
     except BlockingIOError:
@@ -92,7 +108,7 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
         return lock  # a file system without flock: run unguarded, as before
     with contextlib.suppress(OSError):  # the pid is for the message only (a full disk cannot take it)
         os.ftruncate(lock.fileno(), 0)
-        os.write(lock.fileno(), f"{os.getpid()}\n".encode())
+        os.pwrite(lock.fileno(), f"{os.getpid()}\n".encode(), 0)
     return lock
 
 
@@ -116,13 +132,16 @@ def _running_mapper(path: Path) -> tuple[bool | None, int | None]:
     """(running, pid) of the `mapper run` holding `<twin>.lock`; running None when it cannot be told."""
     import fcntl
 
-    try:
-        lock = Path(f"{path}.lock").open("r")
+    try:  # (not through a symbolic link, nor blocking on a FIFO someone left in its place)
+        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False, None
     except OSError:
         return None, None
-    with lock:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        return None, None
+    with os.fdopen(fd, "r") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -147,6 +166,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
+    # A twin another local user could write is refused before anything is made beside it (twin.store.check_owned).
+    with contextlib.suppress(OSError):  # (cannot be made: the twin's open says why, with its hints)
+        Path(config.twin.path).parent.mkdir(mode=TWIN_DIR_MODE, parents=True, exist_ok=True)
+    check_owned(Path(config.twin.path))
     twin_lock = _lock_twin(config.twin.path)  # noqa: F841 - held until the process exits (after the config's checks)
     import asyncio  # here, not at the top: after the placeholder
 
@@ -399,7 +422,9 @@ def _existing_twin(config: MapperConfig) -> Path:
 
 
 def _open_twin(config: MapperConfig) -> TwinStore:
-    return TwinStore.open(_existing_twin(config), synchronous=config.twin.synchronous)
+    # Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
+    # owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned).
+    return TwinStore.open(_existing_twin(config), synchronous=config.twin.synchronous, owned=False)
 
 
 def _latest_reads(store: TwinStore, twin) -> dict[str, int]:  # noqa: ANN001

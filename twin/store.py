@@ -29,6 +29,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -296,6 +297,98 @@ class _Fold:
 
 
 TWIN_FILE_MODE = 0o600
+TWIN_DIR_MODE = 0o700  # a directory the twin's opening makes (the systemd unit's StateDirectory is 0750)
+
+
+class ForeignTwin(TwinError):
+    """The twin file, its -wal or -shm file or its directory could be written by another local user."""
+
+
+def _who(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _described(path: Path, st: os.stat_result) -> str:
+    return f"{path} is {_who(st.st_uid)}:{_group(st.st_gid)} {stat.S_IMODE(st.st_mode):04o}"
+
+
+def check_owned(path: Path) -> None:
+    """Refuse (ForeignTwin) a twin that a local user other than this process's could write.
+
+    What is in the twin is what `mapper run` acts on: it publishes the outbox's rows with its
+    broker login and applies the desired values to the devices. A user who can write the file (or
+    its -wal or -shm file, whose pages SQLite takes as the database's) could queue any message,
+    to any topic, for the mapper to publish, or switch a relay. So, for `mapper run`:
+
+    - the database file and its -wal and -shm files (and a rollback -journal, which SQLite would
+      play back), where they exist, must be regular files (not symbolic links) owned by the
+      effective uid, writable by their owner only;
+    - their directory must be owned by the effective uid or root and writable by its owner only.
+      Not even a sticky one (/tmp): there another user cannot replace our files, but can create
+      the names SQLite opens next, `<twin>-wal` and `<twin>-shm`, before the mapper does.
+
+    The commands that only read the twin, or set a desired value in it (`mapper twin get`, `mapper
+    devices`...), do not check: they publish nothing and drive no device, and root reads the
+    service's twin (owned by `mapper`, 0600) with them. The directory is not made here (one that is
+    not there, or cannot be looked at, is left to the open, which reports it)."""
+    euid = os.geteuid()
+    directory = Path(os.path.abspath(path)).parent
+    try:
+        st = os.stat(directory)
+    except OSError:  # not there (not made yet), or not reachable: nothing in it can be opened either
+        return
+    if st.st_uid not in (euid, 0) or st.st_mode & 0o022:
+        if st.st_mode & 0o002:
+            who = "every user can create files in it"
+            if st.st_mode & stat.S_ISVTX:
+                who += (" (its sticky bit keeps them from replacing the twin, not from creating its -wal and -shm"
+                        " files before the mapper does)")
+        elif st.st_mode & 0o020:
+            who = f"the users of group {_group(st.st_gid)} can create and replace files in it"
+        else:
+            who = f"{_who(st.st_uid)} can create and replace files in it"
+        raise ForeignTwin(
+            f"refusing the twin {path}: {_described(directory, st)}: {who}. A database (or -wal file) put there"
+            f" would be what the mapper publishes from, with its broker login. Keep the twin in a"
+            f" directory only {_who(euid)} can write (the service's is /var/lib/mapper; for a run by hand:"
+            f" `mkdir -m 700` one, or `chmod go-w {directory}` if it is {_who(euid)}'s own)")
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
+        try:
+            st = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        rm = f"rm {path} {path}-wal {path}-shm"
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+            raise ForeignTwin(f"refusing the twin {path}: {name} is {kind}; remove it ({rm}): the mapper"
+                              " creates its twin files itself")
+        if st.st_uid != euid:
+            raise ForeignTwin(
+                f"refusing the twin {path}: {_described(name, st)}, not {_who(euid)}'s, who runs this mapper: its"
+                f" owner could queue messages the mapper would publish with its broker login, or desired values it"
+                f" would apply. If the file is meant for {_who(euid)}: `chown {_who(euid)} {name} && chmod 600 {name}`;"
+                f" otherwise remove it ({rm}), or run the mapper as {_who(st.st_uid)} or on a twin of its own"
+                f" (twin.path, MAPPER_TWIN__PATH)")
+        if st.st_mode & 0o022:
+            others = "every user" if st.st_mode & 0o002 else f"group {_group(st.st_gid)}"
+            raise ForeignTwin(
+                f"refusing the twin {path}: {_described(name, st)}, writable by {others}, who could queue"
+                f" messages the mapper would publish with its broker login, or desired values it would apply:"
+                f" `chmod 600 {name}` (or remove it: {rm})")
 
 
 def create_private(path: Path) -> None:
@@ -304,9 +397,11 @@ def create_private(path: Path) -> None:
     SQLite would create it under the process's umask (0644 with the usual 022): every local user
     could read the readings, the desired values and the outbox. SQLite gives the -wal and -shm
     files the mode of the database file, so they stay private too. An existing file keeps its mode
-    (a deployment may share it on purpose; under systemd its directory is 0750)."""
+    (a deployment may share it on purpose, readable by a group; under systemd its directory is
+    0750); `check_owned` refuses one that others can write."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), TWIN_FILE_MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                     TWIN_FILE_MODE)
     except OSError:  # it exists; or it cannot be made, which sqlite3.connect then reports with the usual hints
         return
     os.close(fd)
@@ -395,12 +490,18 @@ class TwinStore:
         outbox: OutboxLimits | None = None,
         check_same_thread: bool = True,
         busy_timeout_s: float = 30.0,
+        owned: bool = True,
     ) -> TwinStore:
-        """Open (creating and migrating) the twin file."""
+        """Open (creating and migrating) the twin file.
+
+        `owned`: refuse a twin another local user could write (`check_owned`), as `mapper run` must.
+        False for the commands that read it or set a desired value (root reading the service's twin)."""
         path = Path(path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"twin.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=TWIN_DIR_MODE, parents=True, exist_ok=True)
+        if owned:
+            check_owned(path)
         create_private(path)
         conn = None
         try:
