@@ -35,8 +35,10 @@ import logging
 import os
 import pwd
 import socket
+import stat
 import subprocess
 import sys
+import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -599,6 +601,35 @@ def unreachable_for_others(path: Path) -> Path | None:
     return None
 
 
+def changeable_by_others(path: Path) -> tuple[Path, str] | None:
+    """The first of the directories down to `path`, and `path` itself, that a user other than root
+    can change, and how: owned by another user, or writable by a group other than root's or by every
+    user (a sticky directory, /tmp, lets each user change only its own entries: passed, its entries
+    are looked at in turn). A symbolic link is followed for the directories on the way, and not
+    looked at itself (its directory decides who can replace it)."""
+    path = Path(os.path.abspath(path))
+    for entry in (*reversed(path.parents), path):
+        try:
+            st = os.lstat(entry) if entry == path else os.stat(entry)
+        except OSError:
+            continue
+        if stat.S_ISLNK(st.st_mode):
+            continue
+        if st.st_uid != 0:
+            return entry, f"owned by {_user_name(st.st_uid)}"
+        if st.st_mode & 0o002 and not (stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX):
+            return entry, "writable by every user"
+        if st.st_mode & 0o020 and st.st_gid != 0:
+            return entry, f"writable by group {_group_name(st.st_gid)}"
+    return None
+
+
+def _holds_a_home(path: Path) -> bool:
+    """`path` is, or lies above, a user's home directory (no `chown -R` advice for it)."""
+    homes = {Path(user.pw_dir) for user in pwd.getpwall()} - {Path("/")}
+    return any(home == path or home.is_relative_to(path) for home in homes)
+
+
 def install_service(
     unit: str, settings: UnitSettings, unit_file: Path, *, system: bool = True,
     run: Callable[[list[str]], object] = lambda cmd: subprocess.run(cmd, check=True),
@@ -630,7 +661,9 @@ def service_warnings(settings: UnitSettings) -> Iterator[str]:
     """What would keep the installed service from starting, as warnings: the mapper not installed
     for the unit's interpreter, the interpreter or the config behind a directory the service user
     cannot enter, a `ReadWritePaths=` directory missing or closed to it, any of those or a file the
-    config names under /tmp or /var/tmp (PrivateTmp=yes hides them from the service). Looks only:
+    config names under /tmp or /var/tmp (PrivateTmp=yes hides them from the service); and what any
+    user but root can change among the interpreter, the mapper package, the packages beside it and
+    the config (`changeable_by_others`), which would let that user run code as the service. Looks only:
     `install-service --dry-run` prints them too."""
     if not _installed():
         yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
@@ -646,6 +679,35 @@ def service_warnings(settings: UnitSettings) -> Iterator[str]:
             reported.add(blocked)
             yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path}{what};"
                    " move the installation (e.g. to /opt/mapper) or open that directory")
+    # What the service runs (ExecStartPre= and ExecStart=: the interpreter, the mapper package and the
+    # packages beside it) and the config must be root's to change: a login user who can write them
+    # (docs/raspberry-pi.md once chowned /opt/mapper to it) takes over the service user (its groups,
+    # the broker password it reads), and root at the next `sudo .../mapper`.
+    shown: set[Path] = set()
+    package = Path(__file__).resolve().parent
+    runs = (f"the service runs it as {settings.user!r} (with its groups and the broker password it reads), as does"
+            " root at a `sudo ... mapper`")
+    reads = (f"the service takes from it which broker to give its password to and which devices to drive, as does"
+             " root at a `sudo ... mapper`")
+    checked = [(python, f"the interpreter {python}", runs),
+               (python.resolve(), f"{python.resolve()}, the interpreter {python} links to,", runs),
+               (package, f"the mapper package {package}", runs)]
+    if python == Path(sys.executable):
+        purelib = Path(sysconfig.get_paths()["purelib"])
+        checked.append((purelib, f"the interpreter's packages {purelib}", runs))
+    checked.append((settings.config, f"--config: {settings.config}", reads))
+    for path, what, does in checked:
+        found = changeable_by_others(path)
+        if found is None or found[0] in shown:
+            continue
+        where, how = found
+        shown.add(where)
+        st = os.stat(where)
+        recursive = "" if path == settings.config else "-R "
+        fix = (f"move the installation out of it (a venv in /opt/mapper made and filled by root: docs/raspberry-pi.md)"
+               if _holds_a_home(where) else f"sudo chown {recursive}root {where} && sudo chmod {recursive}go-w {where}")
+        yield (f"warning: {what} can be changed by a user other than root: {where} is {_user_name(st.st_uid)}:"
+               f"{_group_name(st.st_gid)} {stat.S_IMODE(st.st_mode):04o} ({how}), and {does}: {fix}")
     # Warned about as /root is (above): a warning, not a refusal (`install-service` still writes the unit).
     hidden = "which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of its own, so"
     for path, what in ((python, f"the interpreter {python}"),

@@ -20,7 +20,8 @@ import pytest
 from helpers import write_config, write_devices
 from mapper.cli import main
 from mapper.config import load_config
-from mapper.systemd import SERVICE_TWIN, UnitSettings, install_service, render_unit, systemd_quote, writable_dirs
+from mapper.systemd import (SERVICE_TWIN, UnitSettings, install_service, render_unit, service_warnings,
+                            systemd_quote, writable_dirs)
 
 ANALYZE = shutil.which("systemd-analyze")
 REPO = Path(__file__).resolve().parents[1]
@@ -212,6 +213,56 @@ def test_install_warns_when_the_interpreter_a_venv_links_to_is_closed(tmp_path: 
     home.chmod(0o711)  # enterable: nothing to say
     done = list(install_service(render_unit(settings), settings, tmp_path / "mapper.service", system=False))
     assert not [line for line in done if "closed" in line], done
+
+
+def test_install_warns_when_a_user_other_than_root_can_change_what_the_service_runs(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/raspberry-pi.md chowned /opt/mapper to the login user, and the unit runs
+    /opt/mapper/venv/bin/python: that user (or anything running as it) could change the code the
+    service runs as `mapper` (gpio group, broker password), and root runs at the next `sudo
+    .../mapper`. install-service (and --dry-run) now warns about an interpreter, the directories on
+    its way, or a config that a user other than root can change, with the chown/chmod that fixes it."""
+    opt = open_dir / "opt"
+    venv_python = opt / "mapper" / "venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    venv_python.symlink_to(sys.executable)
+    for directory in (opt, opt / "mapper", opt / "mapper" / "venv", venv_python.parent):
+        directory.chmod(0o755)
+    devices = write_devices(open_dir / "dev", ["a"])
+    config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN)
+    config.chmod(0o644)
+    settings = UnitSettings(config=config, python=str(venv_python), user="nobody", groups=())
+
+    def changeable() -> list[str]:
+        return [line for line in service_warnings(settings) if "can be changed by a user other than root" in line]
+
+    assert changeable() == []  # all root's, 0755 and 0644
+    daemon = grp.getgrnam("daemon").gr_gid
+    os.chown(opt / "mapper", -1, daemon)
+    (opt / "mapper").chmod(0o775)
+    runs = ("the service runs it as 'nobody' (with its groups and the broker password it reads), as does root at a"
+            " `sudo ... mapper`")
+    assert changeable() == [
+        f"warning: the interpreter {venv_python} can be changed by a user other than root: {opt / 'mapper'} is"
+        f" root:daemon 0775 (writable by group daemon), and {runs}: sudo chown -R root {opt / 'mapper'} &&"
+        f" sudo chmod -R go-w {opt / 'mapper'}"]
+    (opt / "mapper").chmod(0o755)
+    os.chown(opt / "mapper" / "venv", pwd.getpwnam("nobody").pw_uid, -1)  # as `chown "$(id -un):" /opt/mapper` did
+    assert changeable() == [
+        f"warning: the interpreter {venv_python} can be changed by a user other than root: {opt / 'mapper' / 'venv'}"
+        f" is nobody:root 0755 (owned by nobody), and {runs}: sudo chown -R root {opt / 'mapper' / 'venv'} &&"
+        f" sudo chmod -R go-w {opt / 'mapper' / 'venv'}"]
+    os.chown(opt / "mapper" / "venv", 0, -1)
+    config.chmod(0o666)
+    assert changeable() == [
+        f"warning: --config: {config} can be changed by a user other than root: {config} is root:root 0666 (writable"
+        " by every user), and the service takes from it which broker to give its password to and which devices to"
+        f" drive, as does root at a `sudo ... mapper`: sudo chown root {config} && sudo chmod go-w {config}"]
+    # `install-service --dry-run` prints it (its interpreter: this one, root's).
+    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
+    assert f"warning: --config: {config} can be changed by a user other than root" in capsys.readouterr().err
+    config.chmod(0o644)
+    assert changeable() == []
 
 
 def test_install_refuses_a_password_file_the_service_user_cannot_read(
