@@ -19,6 +19,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from eventbus import payloads
 from eventbus.bus import MqttBus
+from eventbus.instance import InstanceWatch, instance_token
 from eventbus.publisher import OutboxPublisher
 from eventbus.router import Router
 from eventbus.settings import MqttSettings
@@ -93,6 +94,8 @@ class EventBusExtension:
         self._unknown_later: asyncio.Task[None] | None = None  # see FIRST_STATE_GRACE_S
         self._clearing: dict[str, None] = {}  # topics of retained commands cleared, until the clear comes back
         self._service: MapperService | None = None
+        self.instance: InstanceWatch | None = None  # another mapper serving this node (eventbus/instance.py)
+        self._stopping = False
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -116,6 +119,11 @@ class EventBusExtension:
         self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve,
                              shared_broker=self.settings.shared_broker)
         client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path)
+        token = instance_token(client_id, config.twin.path if self.settings.client_id is not None else None)
+        self.instance = InstanceWatch(self.topics.instance(), config.node, token, self.settings.instance_interval_s)
+        # QoS 0: announcements heard while offline are not queued in the persistent session (the
+        # retained one comes at every resubscribe). Handled as an extra: before the retained-command logic.
+        self._extra.append((self.topics.instance(), 0, self._on_instance))
         self.bus = MqttBus(
             self.settings,
             client_id=client_id,
@@ -158,6 +166,7 @@ class EventBusExtension:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
+            tg.create_task(self._announce_instance_every_interval(), name="instance-announcements")
             if self.router is not None and self.router.serve_twin_protocol:
                 tg.create_task(self.router.run(), name="membership-replies")
 
@@ -170,6 +179,7 @@ class EventBusExtension:
         (A device state change the service held back, see _on_state, is queued by the service
         before before_stop: the `offline` a clean stop queues there is the last word.)"""
         self._cancel_unknown_later()
+        self._stopping = True  # no more instance announcements
         if self.bus is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_on_stop_s):
@@ -213,6 +223,9 @@ class EventBusExtension:
             async with asyncio.timeout(3):
                 for m in direct:  # (the twin could not queue them: after what it had queued)
                     await self.bus.publish(m.topic, m.body, qos=m.qos, retain=m.retain)
+                if self.instance is not None and self.instance.retained_is_ours:
+                    # Its own announcement only: another mapper's stays (and is this node's news).
+                    await self.bus.publish(self.instance.topic, b"", qos=1, retain=True)
                 await self.bus.publish(self.topics.node_availability(), b"offline", retain=True)
 
     async def _devices_offline(self, service: MapperService) -> list[OutMessage]:
@@ -298,8 +311,34 @@ class EventBusExtension:
         self._connecting.clear()
         try:
             await self._announce(service)
+            if self.instance is not None:  # after the devices' availability and state are queued
+                self.instance.connected()
+                await self._announce_instance()
         finally:
             self._connecting.set()
+
+    async def _on_instance(self, topic: str, payload: bytes) -> None:
+        if self.instance is not None:
+            self.instance.handle(payload)
+
+    async def _announce_instance(self) -> None:
+        """This mapper's announcement (eventbus/instance.py), retained: after the subscription, so the
+        broker's retained one (another mapper's, or this state directory's from before a crash) comes first."""
+        assert self.bus is not None and self.instance is not None
+        await self.bus.publish(self.instance.topic, self.instance.payload(), qos=1, retain=True)
+
+    async def _announce_instance_every_interval(self) -> None:
+        """Again every mqtt.instance_interval_s while connected (not in answer to anything): another
+        mapper hears it for as long as this one runs, and takes the retained slot back."""
+        assert self.bus is not None and self.instance is not None
+        while True:
+            await asyncio.sleep(self.instance.interval_s)
+            if self._stopping or not self.bus.connected.is_set():
+                continue
+            try:
+                await self._announce_instance()
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                log.debug("could not announce this mapper on %s: %s", self.instance.topic, exc)
 
     async def _announce(self, service: MapperService) -> None:
         assert self.bus is not None and self.topics is not None and self.telemetry is not None

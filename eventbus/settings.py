@@ -71,6 +71,9 @@ class MqttSettings(BaseModel):
     drain_on_stop_s: float = Field(default=5.0, ge=0)
     # Session kept by the broker while the mapper is away, so desired values sent meanwhile are delivered.
     session_expiry_s: int = Field(default=86_400, ge=0)
+    # The mapper announces itself on <prefix>/<node>/instance this often (and at every connect), so
+    # that another mapper serving the same node is noticed: see eventbus/instance.py.
+    instance_interval_s: float = Field(default=60.0, ge=0.5, le=86_400)
 
     @field_validator("url")
     @classmethod

@@ -3,6 +3,7 @@
 Default scheme (prefix `mapper`, configurable):
 
     mapper/<node>/availability                          online|offline, retained, last will
+    mapper/<node>/instance                              retained JSON: which mapper serves the node (mapper only)
     mapper/<node>/<namespace>/<device>/state            retained JSON: every property's latest value + state
     mapper/<node>/<namespace>/<device>/availability     online|offline, retained
     mapper/<node>/<namespace>/<device>/<property>       telemetry JSON {value, unit, ts, seq, quality}
@@ -30,6 +31,11 @@ class Topics:
     # -- our scheme ------------------------------------------------------------------------
     def node_availability(self) -> str:
         return f"{self.base}/availability"
+
+    def instance(self) -> str:
+        """Where the mapper serving the node announces itself (eventbus/instance.py). Three levels: no
+        app's ACL line (mapper/+/availability, mapper/+/<ns>/+/+) and no bridge topic line covers it."""
+        return f"{self.base}/instance"
 
     def device_base(self, device: DeviceId) -> str:
         assert isinstance(device, DeviceId)

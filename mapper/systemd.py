@@ -7,7 +7,8 @@ A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=
 - `STATUS=` a one-line summary (devices ok/unhealthy/refused, outbox depth; when not zero, the
   telemetry dropped by the outbox limits, the readings dropped while the twin could not be written
   and the outbox messages dropped as undeliverable, since the twin was created; the subscriptions
-  the broker refused on the current connection), refreshed when it changes;
+  the broker refused on the current connection; another mapper announcing itself for this node),
+  refreshed when it changes;
 - `WATCHDOG=1` every `WATCHDOG_USEC / 2` from a task on the event loop, so the pings stop
   when the loop hangs and systemd restarts the service (`WatchdogSec=` in the unit). The pings
   also stop while the twin thread (mapper.store_worker) is stalled: it has had a call waiting
@@ -90,10 +91,11 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
                 rejected_messages: int = 0, *, readings_dropped: int = 0, undeliverable: int = 0,
-                subscriptions_refused: Iterable[str] = ()) -> str:
+                subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None) -> str:
     """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued, 5 dropped (outbox limits); 120 readings dropped (twin not
     writable); 3 messages undeliverable; 4 MQTT messages refused; broker refused subscription(s) to
-    mapper/n/+/+/+/set (see the log)` (pure, for STATUS=)."""
+    mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ... (see the log)`
+    (pure, for STATUS=)."""
     counts = Counter(states)
     total = sum(counts.values()) + refused
     parts = [f"{n} {state}" for state, n in sorted(counts.items())]
@@ -112,6 +114,8 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
         text += f"; {rejected_messages} MQTT message{'s' if rejected_messages != 1 else ''} refused"
     if subscriptions_refused := list(subscriptions_refused):  # what is sent there never comes (MqttBus._check_granted)
         text += f"; broker refused subscription(s) to {', '.join(subscriptions_refused)} (see the log)"
+    if other_mapper:  # heard on <prefix>/<node>/instance lately (eventbus/instance.py)
+        text += f"; ANOTHER MAPPER serves this node: {other_mapper} (see the log)"
     return text
 
 
@@ -239,10 +243,13 @@ class SystemdExtension:
         recorder = getattr(service, "recorder", None)
         publisher = getattr(service.bus, "publisher", None)
         bus = getattr(service.bus, "bus", None)
+        instance = getattr(service.bus, "instance", None)
+        other = instance.current_other() if instance is not None else None
         return status_line(states, len(service.refused), outbox, rejected,
                            readings_dropped=before.get("readings_dropped", 0) + (recorder.dropped if recorder else 0),
                            undeliverable=before.get("outbox_undeliverable", 0) + (publisher.undeliverable if publisher else 0),
-                           subscriptions_refused=bus.refused_subscriptions if bus else ())
+                           subscriptions_refused=bus.refused_subscriptions if bus else (),
+                           other_mapper=other.describe() if other is not None else None)
 
 
 # -- the unit file (`mapper install-service`) --------------------------------------------------
