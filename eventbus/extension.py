@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -48,7 +49,10 @@ CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
 
 
 def client_id_file(twin_path: Path) -> Path:
-    return twin_path.with_name(twin_path.name + CLIENT_ID_FILE_SUFFIX)
+    """Beside the twin file itself (a twin.path through a symlink gives the real path's id, as the
+    twin and its lock are the same: mapper.cli._lock_path)."""
+    real = Path(os.path.realpath(twin_path))
+    return real.with_name(real.name + CLIENT_ID_FILE_SUFFIX)
 
 
 def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path) -> tuple[str, str]:

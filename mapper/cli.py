@@ -66,6 +66,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lock_path(twin: Path) -> Path:
+    """`<twin>.lock` beside the twin file itself: a twin.path through a symlink (to the file or to a
+    directory above it) names the same lock as the real path, so two mappers, one configured with
+    each, cannot both run on one twin (SQLite follows the symlink to the same file: they did, and
+    wrote two different values under the same (property, seq))."""
+    return Path(f"{os.path.realpath(twin)}.lock")
+
+
 def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and locked) while it lives
     """Take `<twin>.lock` for this `mapper run`, or refuse when another mapper process holds it.
 
@@ -78,7 +86,7 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
     the pid written into it must not land in a file a link points to. A link, or anything but a
     regular file, is refused (its directory passed `check_owned`: only this user or root made it).
     """
-    lock_path = Path(f"{path}.lock")
+    lock_path = _lock_path(path)
     flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
     try:
         fd = os.open(lock_path, flags, 0o600)
@@ -133,7 +141,7 @@ def _running_mapper(path: Path) -> tuple[bool | None, int | None]:
     import fcntl
 
     try:  # (not through a symbolic link, nor blocking on a FIFO someone left in its place)
-        fd = os.open(f"{path}.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         return False, None
     except OSError:

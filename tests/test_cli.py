@@ -971,6 +971,34 @@ def test_a_second_mapper_on_the_same_twin_is_refused_and_the_first_runs_on(tmp_p
         assert stop_mapper(again) == 0
 
 
+def test_a_second_mapper_on_the_same_twin_through_a_symlink_is_refused(tmp_path):
+    """The lock was `<twin.path>.lock` on the path as written: a second mapper configured with a
+    symlink to the first one's twin locked `<link>.lock` and ran, and SQLite followed the link to the
+    same file (a field test: 280 (property, seq) pairs held two different values). The lock is now
+    beside the real file, whichever path names it, and so is the MQTT client id's file."""
+    from eventbus.extension import mqtt_client_id
+    from eventbus.settings import MqttSettings
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    (tmp_path / "state").mkdir()
+    real = tmp_path / "state" / "twin.db"
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    first = start_mapper(write_config(tmp_path / "real.yaml", devices, real), tmp_path / "log")
+    try:
+        wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log").read_text(), what="the first mapper running")
+        second = mapper("run", "--config", str(write_config(tmp_path / "link.yaml", devices, link)), timeout=20)
+        assert second.returncode == 1, second.stderr
+        assert f"another mapper (pid {first.pid}) is running on the twin {link}" in second.stderr
+        assert first.poll() is None
+    finally:
+        assert stop_mapper(first) == 0
+    assert not (tmp_path / "link.db.lock").exists()
+    settings = MqttSettings()
+    assert mqtt_client_id(settings, "n", link)[0] == mqtt_client_id(settings, "n", real)[0]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.db")) == ["link.db"]
+
+
 def test_a_command_asking_whether_a_mapper_runs_does_not_refuse_one_starting(tmp_path):
     """`mapper devices` and `twin set` hold `<twin>.lock` for an instant to learn whether a mapper runs
     (and that a command probing in a loop does not keep a mapper from starting): a `mapper run` that
