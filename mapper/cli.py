@@ -185,6 +185,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logs.setup(config.log_level)
     service = build_service(config)
+    if twin_lock is None:
+        # The lock file could not be made (a read-only or full disk): the start now waits for such
+        # a twin (MapperService._start_twin), and takes the lock before each try to open it.
+        def lock_again() -> None:
+            nonlocal twin_lock
+            if twin_lock is None:
+                twin_lock = _lock_twin(config.twin.path)
+
+        service.before_twin_open.append(lock_again)
 
     async def main() -> None:
         stop = asyncio.Event()

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from devices.definitions import DeviceDefinition
@@ -41,6 +44,72 @@ MISSED_READS_CHECK_S = 60
 OUTBOX_DROPS_LOG_S = 60.0
 
 Hook = Callable[["MapperService"], Awaitable[None]]
+
+# A twin that cannot be opened or written at start because its disk is full or read-only is
+# waited for (MapperService._start_twin): tried again after the first of these many
+# seconds, the wait doubling up to the second; the log repeats the error at most once a minute.
+# Exiting instead made systemd give up for good (StartLimitBurst=5 in StartLimitIntervalSec=300:
+# ~30 s of restarts), and the mapper stayed down after the disk had room again.
+TWIN_RETRY_S = (5.0, 30.0)
+TWIN_WAIT_LOG_S = 60.0
+# While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
+TWIN_WAIT_TICK_S = 5.0
+# Free space below this counts as a full disk (SQLite needs a few pages, the WAL index 32 KiB).
+TWIN_DISK_FULL_BELOW = 1 << 20
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
+
+
+def _disk_of(path: Path) -> tuple[Path, bool, int] | None:
+    """(the nearest existing directory of `path`, its file system read-only, bytes free to a user)."""
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return directory, bool(st.f_flag & os.ST_RDONLY), st.f_bavail * st.f_frsize
+
+
+def twin_disk_problem(exc: BaseException, path: Path) -> str | None:
+    """What keeps the twin from being opened or written when it is its disk's state, which can
+    change without the mapper (full, read-only), and what to do, for the log and
+    STATUS=; None for the errors someone must fix (a corrupt file, not a database, a permission):
+    those stop the start at once.
+
+    SQLITE_FULL (and ENOSPC, EDQUOT, EROFS) say so; SQLITE_IOERR (a full tmpfs gives `disk I/O
+    error` when the WAL index cannot grow), SQLITE_READONLY, SQLITE_CANTOPEN and EIO count only when
+    the file system is read-only or full (statvfs): otherwise they are the file's or the directory's
+    permissions, a file size limit or a failing card, which waiting does not cure."""
+    codes: set[int] = set()
+    errnos: set[int] = set()
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) is not None:
+            codes.add(seen.sqlite_errorcode & 0xFF)
+        if isinstance(seen, OSError) and seen.errno:
+            errnos.add(seen.errno)
+        seen = seen.__cause__
+    disk = _disk_of(path)
+    read_only = disk is not None and disk[1]
+    full = disk is not None and disk[2] < TWIN_DISK_FULL_BELOW
+    said_so = codes & {_SQLITE_FULL} or errnos & {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+    disk_error = codes & {_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN} or errno.EIO in errnos
+    if not (said_so or (disk_error and (read_only or full))):
+        return None
+    where = disk[0] if disk is not None else path.parent
+    if read_only or errno.EROFS in errnos:
+        return (f"the file system of {where} is read-only: remount it read-write (mount -o remount,rw); one the kernel"
+                " made read-only after write errors may be a failing SD card (see dmesg)")
+    free = f"{disk[2] // 1024} KiB free" if disk is not None else "free space unknown"
+    return (f"the disk of {where} is full ({free}): free space there (old logs: journalctl --vacuum-size=50M,"
+            " /var/log, /var/tmp)")
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 class OutboxDropLog:
@@ -147,7 +216,8 @@ class MapperService:
         # Extensions (event bus, inference, DMI, systemd) hook in here. Each has
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
         # service's task group) and `async shutdown(service)` (after devices stopped); optionally
-        # `stop_requested` (first thing on a stop) and `before_stop` (devices stopped, tasks running).
+        # `stop_requested` (first thing on a stop), `before_stop` (devices stopped, tasks running) and
+        # `twin_waiting(service, why)` (every few seconds while the start waits for the twin, before setup).
         self.extensions: list[Any] = []
         # Called once everything is loaded and set up, just before the device loops start (the
         # last moment a pause costs no reading: `mapper run` collects its start-up garbage here).
@@ -157,6 +227,9 @@ class MapperService:
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
         # Called with the new definitions whenever the running device set changes.
         self.device_listeners: list[Callable[[dict[DeviceId, DeviceDefinition]], None]] = []
+        # Called before each attempt to open the twin at start (`mapper run`: take the twin's lock
+        # if it could not be made before, on a read-only disk); may raise to stop the start.
+        self.before_twin_open: list[Callable[[], None]] = []
         # Set by the event bus once its first connection attempt finished (systemd READY waits for it).
         self.bus_first_attempt: asyncio.Event | None = None
         # The EventBusExtension when MQTT is configured (others use it to publish and subscribe).
@@ -192,16 +265,16 @@ class MapperService:
             self.definitions = self.config.load_devices()
         for warning in self.definitions.warnings:
             log.warning("%s", warning)
-        async with StoreWorker(self._open_store) as worker:
+        runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
+        for device_id, problem in self.definitions.unrunnable.items():
+            self.refused[device_id] = str(problem)
+            log.error("refusing device %s: %s", device_id, problem)
+        started = await self._start_twin(stop)
+        if started is None:
+            log.info("mapper %s stopped while waiting for its twin %s", self.config.node, self.config.twin.path)
+            return
+        async with started as worker:  # (open already: closed at the end)
             self.worker = worker
-            runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
-            for device_id, problem in self.definitions.unrunnable.items():
-                self.refused[device_id] = str(problem)
-                log.error("refusing device %s: %s", device_id, problem)
-            await worker.call(lambda s: s.sync_devices(self.definitions.devices.values()))
-            await worker.call(lambda s: s.deactivate_devices(self.definitions.devices))
-            for device_id, problem in self.refused.items():
-                await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
             t = self.config.twin
             self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000,
                                      max_waiting=t.waiting_max_readings, commit_interval_s=t.commit_interval_ms / 1000)
@@ -240,6 +313,74 @@ class MapperService:
                 pass
             finally:
                 await self._shutdown()
+
+    async def _start_up_writes(self, worker: StoreWorker) -> None:
+        assert self.definitions is not None
+        definitions = self.definitions
+        await worker.call(lambda s: s.sync_devices(definitions.devices.values()))
+        await worker.call(lambda s: s.deactivate_devices(definitions.devices))
+        for device_id, problem in self.refused.items():
+            await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
+
+    async def _start_twin(self, stop: asyncio.Event) -> StoreWorker | None:
+        """The twin thread with the twin open and the start's writes made (the device list, the
+        refused devices' states); None when `stop` came first.
+
+        A twin its disk keeps from being opened or written (twin_disk_problem: full, read-only) is
+        waited for: an ERROR naming the twin, the likely cause and what to do, then
+        tries again after TWIN_RETRY_S (5 s, doubling up to 30 s), the ERROR again at most once a
+        minute; extensions with `twin_waiting(service, why)` hear every TWIN_WAIT_TICK_S (systemd:
+        STATUS=, the start timeout extended; READY=1 only once running). Other errors stop the
+        start at once, naming the twin."""
+        path = self.config.twin.path
+        loop = asyncio.get_running_loop()
+        delay, tries, since = TWIN_RETRY_S[0], 0, loop.time()
+        logged: tuple[float, tuple[str, ...]] | None = None  # when the ERROR was last logged, and its kind
+        while True:
+            for hook in self.before_twin_open:
+                hook()
+            tries += 1
+            worker, doing = StoreWorker(self._open_store), "open"
+            try:
+                await worker.__aenter__()
+                doing = "write"
+                await self._start_up_writes(worker)
+            except Exception as exc:
+                if doing == "write":
+                    with contextlib.suppress(Exception):
+                        await worker.__aexit__(None, None, None)
+                problem = twin_disk_problem(exc, path)
+                if problem is None:  # someone must act: the start stops, naming the twin (SQLite does not)
+                    if isinstance(exc, sqlite3.Error) and str(path) not in str(exc):
+                        raise type(exc)(f"cannot {doing} the twin {path} at start: {exc}") from exc
+                    raise
+                error = f"cannot {doing} the twin {path}: {_innermost(exc)}: {problem}"
+                kind = (doing, str(_innermost(exc)), problem.split(" (")[0])  # (not the KiB free, which moves)
+            else:
+                if tries > 1:
+                    log.warning("the twin %s can be opened and written again after %.0f s (%d tries): starting",
+                                path, loop.time() - since, tries)
+                return worker
+            now = loop.time()
+            if logged is None or logged[1] != kind or now - logged[0] >= TWIN_WAIT_LOG_S:
+                log.error("%s. The mapper waits for it, trying again every %g-%g s (no exit: systemd would give up"
+                          " restarting it); waiting %.0f s so far, %d tries; this line at most once a minute",
+                          error, *TWIN_RETRY_S, now - since, tries)
+                logged = (now, kind)
+            deadline = now + delay
+            while (left := deadline - loop.time()) > 0:
+                status = f"waiting for the twin since {loop.time() - since:.0f} s ({tries} tries): {error}"
+                for ext in self.extensions:
+                    waiting = getattr(ext, "twin_waiting", None)
+                    if waiting is not None:
+                        with contextlib.suppress(Exception):
+                            waiting(self, status)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, TWIN_WAIT_TICK_S)):
+                        await stop.wait()
+                if stop.is_set():
+                    return None
+            delay = min(delay * 2, TWIN_RETRY_S[1])
 
     async def _first_opens(self, limit_s: float = 30.0) -> None:
         """Wait (bounded) until every driver's first open() attempt returned: "running" means started."""

@@ -66,7 +66,13 @@ class StoreWorker:
         self._thread_id: int | None = None
 
     async def __aenter__(self) -> StoreWorker:
-        self._store = await self._start(self._open)
+        if self._store is not None:  # opened already (MapperService._start_twin): `async with` closes it
+            return self
+        try:
+            self._store = await self._start(self._open)
+        except BaseException:
+            self._executor.shutdown(wait=False)  # (the thread ends: nothing is left in it)
+            raise
         path = Path(self._store.path)
         self._files = (path, path.with_name(path.name + "-wal"))
         return self

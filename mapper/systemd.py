@@ -19,7 +19,10 @@ A `MapperService` extension. With `NOTIFY_SOCKET` set (systemd sets it for Type=
   a twin call may legitimately wait for another process's lock (TwinStore.open's `timeout`); long
   work such as pruning history is done in short calls (mapper.service.PRUNE_STEP). From the stall
   to the restart: `twin_stall_s` plus up to `WatchdogSec`;
-- `STOPPING=1` as soon as shutdown starts.
+- `STOPPING=1` as soon as shutdown starts;
+- while the start waits for a twin whose disk is full or read-only (MapperService._start_twin),
+  `STATUS=waiting for the twin ...` and `EXTEND_TIMEOUT_USEC=` every few seconds (`twin_waiting`),
+  so the unit's start timeout does not end the wait; READY=1 only once it is over.
 
 `render_unit` / `install_service` write the unit for `mapper install-service`.
 
@@ -151,6 +154,21 @@ class SystemdExtension:
         return cls(Notifier(address), watchdog_s=watchdog_interval(env, os.getpid()),
                    status_every_s=settings.status_every_s if settings is not None else 5.0,
                    twin_stall_s=settings.twin_stall_s if settings is not None else 60.0)
+
+    # While the start waits for the twin, each message gives systemd this long before the unit's
+    # start timeout (TimeoutStartSec=120) would stop it: the next comes within TWIN_WAIT_TICK_S.
+    TWIN_WAIT_EXTEND_S = 60
+
+    def twin_waiting(self, service: MapperService, why: str) -> None:
+        """The start waits for the twin (a full disk, a read-only file system: MapperService._start_twin),
+        called every few seconds until it opens. STATUS= says what it waits for; EXTEND_TIMEOUT_USEC=
+        keeps the start timeout from stopping the wait (systemd 236 on). WATCHDOG=1 too, although
+        systemd arms the watchdog only once the start is complete: READY=1 comes only when the twin
+        is open and the devices started, as always."""
+        lines = [f"EXTEND_TIMEOUT_USEC={self.TWIN_WAIT_EXTEND_S * 1_000_000}", f"STATUS={why}"]
+        if self.watchdog_s:
+            lines.append("WATCHDOG=1")
+        self.notifier.notify(*lines)
 
     async def setup(self, service: MapperService) -> None:
         self.notifier.notify("STATUS=starting: twin open, starting devices")

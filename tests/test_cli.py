@@ -721,9 +721,10 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
 
 
 def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
-    """`mapper run` whose twin file cannot be written (a disk with no room at all: RLIMIT_FSIZE 0,
-    as a full or read-only one) said only `error: disk I/O error` (or `unable to open database
-    file`), naming no file. Now the error names the twin file and what it needs."""
+    """`mapper run` whose twin file cannot be written (RLIMIT_FSIZE 0: every write fails with a disk
+    I/O error) said only `error: disk I/O error` (or `unable to open database file`), naming no
+    file. Now the error names the twin file and what it needs. (The disk itself has room here: a
+    start on a disk that is really full or read-only waits for it, tests/test_twin_disk_at_start.py.)"""
     import resource
 
     devices = write_devices(tmp_path / "dev", ["s1"])

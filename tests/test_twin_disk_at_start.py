@@ -1,0 +1,209 @@
+"""A twin whose disk is full or read-only when `mapper run` starts: the start waits for it.
+
+`mapper run` exited 1 (`cannot open the twin ...: disk I/O error`, or `attempt to write a readonly
+database` naming no file), and the unit's restart policy (StartLimitBurst=5 in 300 s, RestartSec=5)
+gave up for good after ~30 s: the mapper stayed down after logrotate or journald had freed space.
+Now it logs what it waits for (the twin, the cause, what to do), tells systemd (STATUS=, the start
+timeout extended; no READY=1) and starts once the disk has room; SIGTERM stops the wait at once.
+
+Real processes on a real 2 MB tmpfs (root only: skipped otherwise).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import wait_for, write_config, write_devices
+from test_systemd import NotifyListener
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNING = "running: 1 device(s)"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MB tmpfs mounted on a directory of tmp_path, unmounted at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def listener() -> Iterator[NotifyListener]:
+    directory = tempfile.mkdtemp(prefix="sdn-")  # (AF_UNIX paths are short: not under tmp_path)
+    listening = NotifyListener(os.path.join(directory, f"notify-{uuid.uuid4().hex[:6]}"))
+    try:
+        yield listening
+    finally:
+        listening.close()
+        shutil.rmtree(directory)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the disk is full."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        for size in (65536, 512):
+            with contextlib.suppress(OSError):
+                while os.write(fd, b"\0" * size):
+                    pass
+    finally:
+        os.close(fd)
+    assert os.statvfs(disk).f_bavail == 0
+    return filler
+
+
+def remount(disk: Path, mode: str) -> None:
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(disk)], check=True)
+
+
+class Mapper:
+    """`mapper run` in a subprocess, its output in a file."""
+
+    def __init__(self, config: Path, log: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log
+        with log.open("w") as handle:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)],
+                                         stdout=handle, stderr=subprocess.STDOUT, cwd=REPO,
+                                         env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, text: str, timeout: float = 20.0) -> None:
+        wait_for(lambda: text in self.log() or self.proc.poll() is not None, timeout=timeout, what=repr(text))
+        assert text in self.log(), f"exited {self.proc.returncode} without {text!r}:\n{self.log()}"
+
+    def stop(self, within_s: float = 15.0) -> tuple[int | None, float]:
+        """SIGTERM: (exit code, seconds it took); killed (None) when not within `within_s`."""
+        begun = time.monotonic()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(timeout=within_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            code = None
+        return code, time.monotonic() - begun
+
+    def __enter__(self) -> Mapper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def setup(tmp_path: Path, disk: Path) -> tuple[Path, Path]:
+    """(config, twin): one simulated device, the twin on the small disk, made by a first short run."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    twin = disk / "state" / "twin.db"
+    config = write_config(tmp_path / "mapper.yaml", devices, twin)
+    return config, twin
+
+
+def first_run(config: Path, log: Path, *, clean: bool) -> None:
+    with Mapper(config, log) as first:
+        first.wait_log(RUNNING)
+        time.sleep(0.5)
+        if clean:
+            assert first.stop()[0] == 0, first.log()
+        else:
+            first.proc.kill()
+            first.proc.wait(timeout=10)
+
+
+def test_a_start_on_a_full_disk_waits_and_starts_once_there_is_room(tmp_path: Path, small_disk: Path,
+                                                                      listener: NotifyListener) -> None:
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=True)
+    assert not twin.with_name("twin.db-wal").exists() and not twin.with_name("twin.db-shm").exists()
+    filler = fill(small_disk)
+    env = {"NOTIFY_SOCKET": listener.address, "WATCHDOG_USEC": "2000000"}
+    with Mapper(config, tmp_path / "mapper.log", env) as mapper:
+        mapper.wait_log("The mapper waits for it")
+        time.sleep(1.0)
+        assert mapper.proc.poll() is None, mapper.log()  # it exited 1 here
+        error = next(line for line in mapper.log().splitlines() if "The mapper waits for it" in line)
+        assert " ERROR " in error and f"the twin {twin}" in error and "is full" in error, error
+        waiting = listener.wait_for(re.compile(rf"STATUS=waiting for the twin .*{re.escape(str(twin))}.*"))
+        assert re.compile(r"EXTEND_TIMEOUT_USEC=\d+").fullmatch(
+            next(item for item in listener.messages[waiting] if item.startswith("EXTEND"))), listener.messages[waiting]
+        assert not listener.positions("READY=1")
+        filler.unlink()
+        mapper.wait_log(RUNNING, timeout=40)
+        assert listener.wait_for("READY=1") > waiting
+        code, _ = mapper.stop()
+        assert code == 0, mapper.log()
+    assert "can be opened and written again" in mapper.log()
+
+
+def test_sigterm_while_waiting_for_a_full_disk_stops_at_once(tmp_path: Path, small_disk: Path) -> None:
+    config, _ = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=True)
+    fill(small_disk)
+    with Mapper(config, tmp_path / "mapper.log") as mapper:
+        mapper.wait_log("The mapper waits for it")
+        time.sleep(0.5)
+        assert mapper.proc.poll() is None, mapper.log()
+        code, took = mapper.stop()
+    assert code == 0 and took < 3.0, (code, took, mapper.log())
+    assert "stopped while waiting for its twin" in mapper.log()
+
+
+def test_a_start_on_a_read_only_file_system_names_the_twin_and_waits(tmp_path: Path, small_disk: Path) -> None:
+    """The -wal and -shm a crash left: SQLite opens the twin read-only and the first write (the
+    device list) failed with `attempt to write a readonly database`, naming no file."""
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=False)
+    assert twin.with_name("twin.db-wal").exists()
+    remount(small_disk, "ro")
+    try:
+        with Mapper(config, tmp_path / "mapper.log") as mapper:
+            mapper.wait_log("The mapper waits for it")
+            time.sleep(1.0)
+            assert mapper.proc.poll() is None, mapper.log()
+            error = next(line for line in mapper.log().splitlines() if "The mapper waits for it" in line)
+            assert f"the twin {twin}" in error and "read-only" in error, error
+            remount(small_disk, "rw")
+            mapper.wait_log(RUNNING, timeout=40)
+            assert mapper.stop()[0] == 0, mapper.log()
+    finally:
+        remount(small_disk, "rw")
+
+
+def test_a_twin_that_is_not_a_database_still_stops_the_start_naming_it(tmp_path: Path) -> None:
+    """Only the disk's state is waited for: what someone must fix exits 1 at once, naming the file."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    twin = tmp_path / "twin.db"
+    twin.write_bytes(b"not a database, " * 512)
+    config = write_config(tmp_path / "mapper.yaml", devices, twin)
+    done = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(config)], capture_output=True,
+                          text=True, timeout=30, cwd=REPO)
+    assert done.returncode == 1, done.stderr
+    assert f"error: cannot open the twin {twin}" in done.stderr and "not a database" in done.stderr, done.stderr
