@@ -207,3 +207,27 @@ def test_a_twin_that_is_not_a_database_still_stops_the_start_naming_it(tmp_path:
                           text=True, timeout=30, cwd=REPO)
     assert done.returncode == 1, done.stderr
     assert f"error: cannot open the twin {twin}" in done.stderr and "not a database" in done.stderr, done.stderr
+
+
+def test_two_mappers_waiting_for_a_read_only_disk_do_not_both_run(tmp_path: Path, small_disk: Path) -> None:
+    """On a read-only disk `<twin>.lock` cannot be opened for writing: `mapper run` went on unguarded,
+    as the twin could not be opened either. Now that the start waits for such a twin, the lock is
+    taken before each try: of two mappers waiting, one runs once the disk is writable, the other
+    is refused with the usual message."""
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=True)
+    remount(small_disk, "ro")
+    try:
+        with Mapper(config, tmp_path / "a.log") as a, Mapper(config, tmp_path / "b.log") as b:
+            a.wait_log("The mapper waits for it")
+            b.wait_log("The mapper waits for it")
+            remount(small_disk, "rw")
+            wait_for(lambda: a.proc.poll() is not None or b.proc.poll() is not None, timeout=40,
+                     what="one of the two mappers refused")
+            refused, running = (a, b) if a.proc.poll() is not None else (b, a)
+            assert refused.proc.returncode == 1, refused.log()
+            assert f"is running on the twin {twin}" in refused.log(), refused.log()
+            running.wait_log(RUNNING, timeout=40)
+            assert running.stop()[0] == 0, running.log()
+    finally:
+        remount(small_disk, "rw")
