@@ -189,3 +189,36 @@ def test_a_symbolic_link_in_place_of_the_lock_file_is_refused(tmp_path: Path, ta
     else:
         assert not victim.exists()
     assert lock.is_symlink()
+
+
+def test_a_twin_path_that_is_a_symbolic_link_is_judged_by_the_link_s_directory_and_the_real_file(
+        tmp_path: Path) -> None:
+    """A twin moved to another disk and linked from twin.path runs (SQLite follows the link, its -wal
+    and -shm are beside the real file): it was refused as "a symbolic link". The link's directory must
+    pass the directory rule (only this user or root could have made the link), and the real file and
+    its directory the file rules: a link to a twin in a directory everyone can write, or a link in such
+    a directory, is refused, naming that directory."""
+    from twin.store import ForeignTwin, check_owned
+
+    safe = tmp_path / "safe"
+    safe.mkdir(mode=0o700)
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o700)
+    exposed = open_dir / "twin.db"
+    TwinStore.open(exposed).close()
+    open_dir.chmod(0o1777)  # as /tmp
+    real = safe / "twin.db"
+    TwinStore.open(real).close()
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    check_owned(link)  # the link in a 0755-or-stricter directory of ours, the real twin ours: runs
+
+    to_exposed = safe / "to-exposed.db"
+    to_exposed.symlink_to(exposed)
+    with pytest.raises(ForeignTwin, match=f"refusing the twin {to_exposed}: {open_dir} "):
+        check_owned(to_exposed)
+
+    planted = open_dir / "planted.db"
+    planted.symlink_to(real)
+    with pytest.raises(ForeignTwin, match=f"refusing the twin {planted}: {open_dir} "):
+        check_owned(planted)

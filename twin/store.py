@@ -335,18 +335,30 @@ def check_owned(path: Path) -> None:
     to any topic, for the mapper to publish, or switch a relay. So, for `mapper run`:
 
     - the database file and its -wal and -shm files (and a rollback -journal, which SQLite would
-      play back), where they exist, must be regular files (not symbolic links) owned by the
-      effective uid, writable by their owner only;
+      play back), where they exist, must be regular files owned by the effective uid, writable
+      by their owner only (a -wal or -shm that is a symbolic link is refused);
     - their directory must be owned by the effective uid or root and writable by its owner only.
       Not even a sticky one (/tmp): there another user cannot replace our files, but can create
       the names SQLite opens next, `<twin>-wal` and `<twin>-shm`, before the mapper does.
+    - a twin.path that is a symbolic link (the twin moved to another disk) is followed, as SQLite
+      follows it (its -wal and -shm are beside the real file): the link's directory passes the
+      directory rule (so only this user or root made the link), and the real file the rules above.
 
     The commands that only read the twin, or set a desired value in it (`mapper twin get`, `mapper
     devices`...), do not check: they publish nothing and drive no device, and root reads the
     service's twin (owned by `mapper`, 0600) with them. The directory is not made here (one that is
     not there, or cannot be looked at, is left to the open, which reports it)."""
+    given = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    if real != given:
+        _check_twin_directory(path, given.parent)
+    _check_twin_directory(path, real.parent)
+    for name in (real, Path(f"{real}-wal"), Path(f"{real}-shm"), Path(f"{real}-journal")):
+        _check_twin_file(path, name)
+
+
+def _check_twin_directory(path: Path, directory: Path) -> None:
     euid = os.geteuid()
-    directory = Path(os.path.abspath(path)).parent
     try:
         st = os.stat(directory)
     except OSError:  # not there (not made yet), or not reachable: nothing in it can be opened either
@@ -366,29 +378,33 @@ def check_owned(path: Path) -> None:
             f" would be what the mapper publishes from, with its broker login. Keep the twin in a"
             f" directory only {_who(euid)} can write (the service's is /var/lib/mapper; for a run by hand:"
             f" `mkdir -m 700` one, or `chmod go-w {directory}` if it is {_who(euid)}'s own)")
-    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm"), Path(f"{path}-journal")):
-        try:
-            st = os.lstat(name)
-        except FileNotFoundError:
-            continue
-        rm = f"rm {path} {path}-wal {path}-shm"
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
-            raise ForeignTwin(f"refusing the twin {path}: {name} is {kind}; remove it ({rm}): the mapper"
-                              " creates its twin files itself")
-        if st.st_uid != euid:
-            raise ForeignTwin(
-                f"refusing the twin {path}: {_described(name, st)}, not {_who(euid)}'s, who runs this mapper: its"
-                f" owner could queue messages the mapper would publish with its broker login, or desired values it"
-                f" would apply. If the file is meant for {_who(euid)}: `chown {_who(euid)} {name} && chmod 600 {name}`;"
-                f" otherwise remove it ({rm}), or run the mapper as {_who(st.st_uid)} or on a twin of its own"
-                f" (twin.path, MAPPER_TWIN__PATH)")
-        if st.st_mode & 0o022:
-            others = "every user" if st.st_mode & 0o002 else f"group {_group(st.st_gid)}"
-            raise ForeignTwin(
-                f"refusing the twin {path}: {_described(name, st)}, writable by {others}, who could queue"
-                f" messages the mapper would publish with its broker login, or desired values it would apply:"
-                f" `chmod 600 {name}` (or remove it: {rm})")
+
+
+def _check_twin_file(path: Path, name: Path) -> None:
+    euid = os.geteuid()
+    try:
+        st = os.lstat(name)
+    except FileNotFoundError:
+        return
+    real = name.with_name(name.name.removesuffix("-wal").removesuffix("-shm").removesuffix("-journal"))
+    rm = f"rm {real} {real}-wal {real}-shm"
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise ForeignTwin(f"refusing the twin {path}: {name} is {kind}; remove it ({rm}): the mapper"
+                          " creates its twin files itself")
+    if st.st_uid != euid:
+        raise ForeignTwin(
+            f"refusing the twin {path}: {_described(name, st)}, not {_who(euid)}'s, who runs this mapper: its"
+            f" owner could queue messages the mapper would publish with its broker login, or desired values it"
+            f" would apply. If the file is meant for {_who(euid)}: `chown {_who(euid)} {name} && chmod 600 {name}`;"
+            f" otherwise remove it ({rm}), or run the mapper as {_who(st.st_uid)} or on a twin of its own"
+            f" (twin.path, MAPPER_TWIN__PATH)")
+    if st.st_mode & 0o022:
+        others = "every user" if st.st_mode & 0o002 else f"group {_group(st.st_gid)}"
+        raise ForeignTwin(
+            f"refusing the twin {path}: {_described(name, st)}, writable by {others}, who could queue"
+            f" messages the mapper would publish with its broker login, or desired values it would apply:"
+            f" `chmod 600 {name}` (or remove it: {rm})")
 
 
 def create_private(path: Path) -> None:
