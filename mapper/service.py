@@ -321,6 +321,14 @@ class MapperService:
         await worker.call(lambda s: s.deactivate_devices(definitions.devices))
         for device_id, problem in self.refused.items():
             await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
+        node = self.config.node
+        last = await worker.call(lambda s: s.swap_meta("node", node))
+        if last is not None and last != node:
+            prefix = self.config.push_topics().prefix
+            log.warning("this twin last ran as node %r, now as %r%s: the topics moved from %s/%s/ to %s/%s/, and apps, "
+                        "the bridge (rendered for a node) and the cloud still use the old ones; set `node: %s` to "
+                        "keep them", last, node, "" if self.config.node_chosen else " (the host name: renamed?)",
+                        prefix, last, prefix, node, last)
 
     async def _start_twin(self, stop: asyncio.Event) -> StoreWorker | None:
         """The twin thread with the twin open and the start's writes made (the device list, the

@@ -1292,6 +1292,29 @@ def test_a_mapper_running_as_its_host_name_says_so(tmp_path):
             f" are under mapper/{node}/)") in (tmp_path / "log").read_text()
 
 
+def test_a_twin_that_last_ran_as_another_node_says_the_topics_moved(tmp_path):
+    """The node is in every topic and defaults to the host name: a Pi renamed (or a config edited)
+    moved its topics away from its apps and its bridge, and the start said nothing. The twin keeps
+    the node it last ran as; a start as another node warns, naming both and how to keep the old."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    for run, node in enumerate(("greenhouse-1", "greenhouse-1", "raspberrypi")):
+        config.write_text(re.sub(r"(?m)^node: .*$", f"node: {node}", config.read_text()))
+        log = tmp_path / f"log{run}"
+        proc = start_mapper(config, log)
+        try:
+            wait_for(lambda log=log: "running:" in log.read_text(), what="the mapper running")
+        finally:
+            assert stop_mapper(proc) == 0
+        moved = [line for line in log.read_text().splitlines() if "this twin last ran as node" in line]
+        if run < 2:
+            assert moved == [], moved
+    assert len(moved) == 1, moved
+    assert ("this twin last ran as node 'greenhouse-1', now as 'raspberrypi': the topics moved from "
+            "mapper/greenhouse-1/ to mapper/raspberrypi/") in moved[0]
+    assert "set `node: greenhouse-1` to keep them" in moved[0]
+
+
 def test_output_cut_short_by_the_reader_is_not_an_error(tmp_path):
     """`mapper validate DIR | head -1`: the reader leaves, the next write fails with EPIPE, and the
     CLI printed `error: [Errno 32] Broken pipe` as if the command had failed. It now stops quietly

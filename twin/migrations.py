@@ -239,6 +239,14 @@ def m007_file_desired(conn: sqlite3.Connection) -> None:
     conn.execute("ALTER TABLE properties ADD COLUMN file_desired TEXT")
 
 
+@migration
+def m008_meta(conn: sqlite3.Connection) -> None:
+    """`meta`: facts about the mapper that ran on this twin, by name (TwinStore.swap_meta); `node`:
+    the node it last ran as. The node is part of every topic and defaults to the host name: a Pi
+    renamed moved its topics away from the apps and the bridge without a word."""
+    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -955,6 +955,19 @@ class TwinStore:
             self._set_desired(device_id, p.name, value, now_ms())
         return True
 
+    def swap_meta(self, key: str, value: str) -> str | None:
+        """Record `value` under `key` (table `meta`); returns what was recorded before, if anything."""
+        self._begin()
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+            self.conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET"
+                              " value=excluded.value", (key, value))
+        except BaseException:
+            self._rollback()
+            raise
+        self._commit()
+        return None if row is None else row[0]
+
     def deactivate_devices(self, keep: Iterable[DeviceId]) -> None:
         """Devices not in `keep` become inactive (offline); derived devices are left to sync_derived()."""
         keep_ids = {str(k) for k in keep}
