@@ -186,8 +186,8 @@ def main() -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     processes: list[subprocess.Popen[bytes]] = []
-    with MosquittoBroker() as broker:
-        say(f"mosquitto (shipped mosquitto/mosquitto.conf, auth + ACL) on {broker.host}:{broker.port}")
+    with MosquittoBroker(node=NODE) as broker:  # the ACL rendered for NODE, as mosquitto/render.sh installs it
+        say(f"mosquitto (shipped mosquitto/mosquitto.conf, auth + ACL for node {NODE}) on {broker.host}:{broker.port}")
         config = write_config(broker)
         view = LiveView(broker)
         try:

@@ -190,14 +190,19 @@ def render(source: Path, replace: Mapping[str, str | None], *, ports: Mapping[in
     return "\n".join(out) + "\n", tls
 
 
-def render_bridge(node: str, cloud_host: str) -> str:
-    """bridge.conf as the shipped mosquitto/render-bridge.sh renders it for an install."""
-    done = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), node, cloud_host],
+def render_shipped(name: str, node: str, cloud_host: str | None = None) -> str:
+    """A shipped file (`acl`, `bridge.conf`) as mosquitto/render.sh renders it for an install."""
+    done = subprocess.run(["bash", str(SHIPPED / "render.sh"), name, node, *([cloud_host] if cloud_host else [])],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        msg = f"render-bridge.sh failed ({done.returncode}): {done.stderr.strip()}"
+        msg = f"render.sh {name} failed ({done.returncode}): {done.stderr.strip()}"
         raise BrokerError(msg)
     return done.stdout
+
+
+def render_bridge(node: str, cloud_host: str) -> str:
+    """bridge.conf as the shipped mosquitto/render.sh renders it for an install."""
+    return render_shipped("bridge.conf", node, cloud_host)
 
 
 def _listener_ports(conf: Path) -> list[int]:
@@ -238,7 +243,7 @@ class MosquittoBroker:
     """
 
     def __init__(self, conf: str = "mosquitto.conf", *, acl: str | None = None,
-                 bridge_to: MosquittoBroker | None = None, node: str = "pi-test",
+                 bridge_to: MosquittoBroker | None = None, node: str = "test-node",
                  overrides: Mapping[str, str] | None = None, workdir: Path | None = None,
                  dynsec: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> None:
         """Render ``mosquitto/<conf>`` (nothing is started yet).
@@ -248,7 +253,8 @@ class MosquittoBroker:
             acl: shipped ACL file name; default: the one ``acl_file`` names.
             bridge_to: a running cloud broker; renders the shipped bridge.conf into
                 this broker's include_dir, pointing at it with its `bridge` user.
-            node: replaces @NODE@ in bridge.conf.
+            node: replaces @NODE@ in the ACL and bridge.conf (render.sh, as an install does): apps and
+                workers write only this node's topics. Default: MapperProcess's default node.
             overrides: directive -> value, for experiments that must differ from
                 the shipped config (e.g. Mosquitto's default queue limit).
             workdir: where to render; default a fresh temp dir removed by close().
@@ -275,7 +281,8 @@ class MosquittoBroker:
 
         (self.workdir / "data").mkdir()
         (self.workdir / "conf.d").mkdir()
-        shutil.copyfile(SHIPPED / acl_name, self.workdir / "acl")
+        # The install step (mosquitto/README.md): the shipped script writes the node into the ACL.
+        (self.workdir / "acl").write_text(render_shipped(str(SHIPPED / acl_name), node))
         write_password_file(self.workdir / "passwd", self.users)
         replace = {
             "pid_file": None,
@@ -325,7 +332,7 @@ class MosquittoBroker:
         if cloud.tls_port is None:
             msg = "the cloud broker has no TLS listener for the bridge"
             raise BrokerError(msg)
-        # The install step (mosquitto/README.md): the shipped script fills @NODE@, @CLOUD_HOST@ and @RANDOM@.
+        # The install step (mosquitto/README.md): render.sh fills @NODE@, @CLOUD_HOST@ and @RANDOM@.
         rendered = self.workdir / "bridge.rendered.conf"
         rendered.write_text(render_bridge(self.node, cloud.host))
         text, _ = render(rendered, {

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import pytest
 
 # ----------------------------------------------------------------------------
 # Mosquitto brokers (tests/brokers.py renders the shipped mosquitto/ configs).
-#   broker         session: the Pi's broker, shipped mosquitto.conf + acl.
+#   broker         session: the Pi's broker, shipped mosquitto.conf + acl
+#                  rendered for node broker.node ("test-node", MapperProcess's
+#                  default): apps and workers write only that node's topics.
 #                  broker.host, .port (loopback listener), .tls_port (LAN, TLS,
 #                  verify with .ca_file), .users {"mapper": pw, "app": pw},
 #                  .client("app") -> connected MqttProbe, .log_path.
+#   broker_for     function: broker_for(node) -> a fresh Pi broker whose ACL is
+#                  rendered for `node`, for a test whose apps write a node of
+#                  its own (stopped at the end of the test).
 #   cloud_and_edge function: cloud (cloud.conf + cloud-acl: bridge, worker,
 #                  app; TLS only, use .client(user, tls=True)) and edge (the Pi's
 #                  config + bridge.conf into cloud), bridge already connected.
@@ -34,6 +39,24 @@ def broker() -> Iterator[MosquittoBroker]:
     ensure_mosquitto_installed()
     with MosquittoBroker("mosquitto.conf") as running:
         yield running
+
+
+@pytest.fixture
+def broker_for() -> Iterator[Callable[[str], MosquittoBroker]]:
+    """Fresh Pi brokers (shipped mosquitto.conf), each with the ACL rendered for the node asked for."""
+    ensure_mosquitto_installed()
+    started: list[MosquittoBroker] = []
+
+    def start(node: str) -> MosquittoBroker:
+        broker = MosquittoBroker("mosquitto.conf", node=node)
+        started.append(broker)
+        return broker.start()
+
+    try:
+        yield start
+    finally:
+        for broker in started:
+            broker.close()
 
 
 @pytest.fixture

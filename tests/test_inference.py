@@ -483,6 +483,7 @@ class Running:
         self.service, self.ext, self.task, self.stop = service, ext, task, stop
         self.app, self.cloud = app, cloud
         self.topics = Topics(service.config.node)
+        self.broker: MosquittoBroker | None = None  # where a worker's results are published (send_result)
 
     async def outbox(self, suffix: str):
         rows = await self.service.twin(lambda s: s.outbox_pending(limit=100_000))
@@ -505,14 +506,17 @@ class Running:
         return self.app.bodies(suffix)
 
     async def send_result(self, *payloads: bytes) -> None:
-        """Publish on the mapper's result topic as the worker does (QoS 1, each acknowledged by the broker)."""
-        assert self.cloud is not None
-        probe, topic = self.cloud.probe, self.topics.offload_result()
+        """Publish on the mapper's result topic as the worker does (QoS 1, each acknowledged by the broker).
+        As user `mapper`: the ACL lets `worker` write only the result topic of the node it is rendered for
+        (broker.node), and each test's mapper has a node of its own (tests/test_mosquitto.py checks `worker`)."""
+        assert self.broker is not None
+        topic = self.topics.offload_result()
 
         def publish() -> None:
-            for payload in payloads:
-                code = probe.publish(topic, payload)
-                assert code is not None and not code.is_failure, code
+            with self.broker.client("mapper") as probe:
+                for payload in payloads:
+                    code = probe.publish(topic, payload)
+                    assert code is not None and not code.is_failure, code
 
         await asyncio.to_thread(publish)
 
@@ -528,11 +532,11 @@ def _mqtt(tmp_path: Path, broker: MosquittoBroker) -> MqttSettings:
 
 async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = None, push: str = "",
                  inference: dict | None = None, cycle: int = 10, probe: str = "",
-                 loop: DeviceLoopSettings | None = None) -> Running:
+                 loop: DeviceLoopSettings | None = None, node: str | None = None) -> Running:
     """The mapper as `mapper run` assembles it. Without `broker` there is no `mqtt:` section; with one, the node
-    name is new (nothing of an earlier test reaches it), and if the broker runs, the app and the worker listen
+    name is new (nothing of an earlier test reaches it) unless given, and if the broker runs, the app and the worker listen
     before the mapper starts and it returns once the app saw the node come online."""
-    node = f"n{secrets.token_hex(4)}"
+    node = node or f"n{secrets.token_hex(4)}"
     settings = InferenceSettings.model_validate(inference if inference is not None else {"pipelines": [pipeline]})
     config = MapperConfig(node=node, devices=[_devices(tmp_path, cycle=cycle, push=push, probe=probe)],
                           twin=TwinSettings(path=tmp_path / "twin.db", batch_delay_ms=5), inference=settings,
@@ -550,6 +554,7 @@ async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = N
         stop = asyncio.Event()
         task = asyncio.create_task(service.run(stop))
         r = Running(service, ext, task, stop, *listeners)
+        r.broker = broker
         try:
             await asyncio.wait_for(service.ready.wait(), 10)
             if r.app is not None:
@@ -1555,7 +1560,7 @@ async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
         await _stop(r)
 
 
-async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, broker, capsys):
+async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, broker_for, capsys):
     """A desired value for the derived device over KubeEdge's twin protocol or a /set topic, sent by the app
     through the broker, is refused (404: the router serves the devices of the YAML only) and nothing changes.
     `mapper twin get`, `twin history` and `devices` show it; `mapper twin set` refuses it (ReadOnly)."""
@@ -1563,7 +1568,10 @@ async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_pat
     from mapper import cli
     from twin.store import NotWritable
 
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}, broker=broker)
+    node = f"n{secrets.token_hex(4)}"
+    broker = broker_for(node)  # its ACL lets the app write this node's /set topics
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}, broker=broker,
+                     node=node)
     derived = DeviceId("default", "probe-sensor-faults")
     hw = "$hw/events/device/default/probe-sensor-faults/twin/update"
     app: Listener | None = None

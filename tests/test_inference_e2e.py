@@ -4,7 +4,8 @@ faults -> windows -> uncertain ones offloaded -> `mapper cloud-worker` subproces
 
 The collect cycle is 25 ms so windows of 16 readings fill in well under a second: these tests
 check the plumbing, not the model (which was trained at one reading per 16 minutes).
-The worker logs in as `mapper`: the shipped edge ACL has no `worker` user (cloud-acl has one).
+The workers log in as `worker`, on a broker of this module whose ACL is rendered for NODE (the
+shipped edge ACL lets `worker` write only the result topic of the node it is rendered for).
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
 import pytest
 
+from brokers import MosquittoBroker, ensure_mosquitto_installed
 from helpers import faulty_probe_yaml, wait_for
 from mapper.systemd import SERVICE_TUNING
 from mapper_proc import REPO, MapperProcess
@@ -27,6 +30,13 @@ from mapper_proc import REPO, MapperProcess
 NODE = "e2e-node"
 PIPELINE = "default/probe-sensor-faults"
 
+
+@pytest.fixture(scope="module")
+def broker() -> Iterator[MosquittoBroker]:
+    """The Pi's broker (shipped mosquitto.conf), its ACL rendered for NODE."""
+    ensure_mosquitto_installed()
+    with MosquittoBroker(node=NODE) as running:
+        yield running
 
 
 def inference_block(deadline_s: float, resend_s: float) -> str:

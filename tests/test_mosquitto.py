@@ -148,12 +148,12 @@ def test_app_reads_only_its_namespace(broker: MosquittoBroker, name: str) -> Non
 
 def test_app_writes_desired_values_only_for_its_devices(broker: MosquittoBroker, name: str) -> None:
     """`.../set`, twin/update and twin/get are allowed in the app's namespace and refused elsewhere."""
-    allowed = [f"mapper/{name}/default/led/power/set",
+    allowed = [f"mapper/{broker.node}/default/{name}/power/set",
                f"$hw/events/device/default/{name}/twin/update",
                f"$hw/events/device/default/{name}/twin/get"]
     refused = [t.replace("default", "other") for t in allowed]
     with broker.client("app") as app, broker.client("mapper") as mapper:
-        mapper.subscribe(f"mapper/{name}/+/+/+/set")
+        mapper.subscribe(f"mapper/{broker.node}/+/{name}/+/set")
         mapper.subscribe(f"$hw/events/device/+/{name}/twin/+")
         for denied, granted in zip(refused, allowed, strict=True):
             assert app.publish(denied, b"1") == NOT_AUTHORIZED, denied
@@ -164,13 +164,14 @@ def test_app_writes_desired_values_only_for_its_devices(broker: MosquittoBroker,
 
 def test_worker_reads_only_offload_requests_and_writes_only_results(broker: MosquittoBroker, name: str) -> None:
     """The edge `worker` receives offload requests and nothing else, and may publish only results."""
-    request, result = f"mapper/{name}/offload/request", f"mapper/{name}/offload/result"
+    request, result = f"mapper/{name}/offload/request", f"mapper/{broker.node}/offload/result"
     readings = [f"mapper/{name}/availability", f"mapper/{name}/default/dht/temperature",
                 f"mapper/{name}/default/dht/state", f"$hw/events/device/default/{name}/twin/update/result"]
     with broker.client("worker") as worker, broker.client("mapper") as mapper:
         for topic_filter in ("#", "$hw/#", "$SYS/#"):
             assert not worker.subscribe(topic_filter).is_failure  # granted; `read` applies on delivery
         mapper.subscribe(f"mapper/{name}/#")
+        mapper.subscribe(result)
         mapper.subscribe(f"$hw/events/device/default/{name}/#")
         for topic in readings:
             assert worker.publish(topic, b"forged") == NOT_AUTHORIZED, topic
@@ -183,9 +184,49 @@ def test_worker_reads_only_offload_requests_and_writes_only_results(broker: Mosq
         assert topics_of(worker, 1) == [request]
 
 
+def retained_under(broker: MosquittoBroker, topic_filter: str) -> list[tuple[str, bytes]]:
+    """What the broker keeps retained under ``topic_filter``, as a fresh `mapper` subscriber gets it:
+    the retained messages come right after the SUBACK, before a marker published once it is in."""
+    marker = f"mapper/probe-{secrets.token_hex(4)}/marker"
+    kept = []
+    with broker.client("mapper") as reader:
+        reader.subscribe(topic_filter)
+        reader.subscribe(marker)
+        reader.publish(marker, b"end")
+        while (message := reader.next_message()).topic != marker:
+            kept.append((message.topic, message.payload))
+    return kept
+
+
+def test_apps_and_workers_keep_no_retained_message_on_another_nodes_topics(broker: MosquittoBroker,
+                                                                          name: str) -> None:
+    """The ACL (rendered for the node, render.sh) grants apps and workers writes on this node's topics
+    only. With `+` in the node position, `mapper/ghost-1/default/a/b/set` and the like were accepted
+    with the retain flag, up to max_packet_size each, and stayed with the broker for ever: the mapper
+    clears retained commands on its own node's topics only (the review grew a broker from 24 to 160 MB)."""
+    ghost = f"ghost-{name}"
+    forged = {"app": [f"mapper/{ghost}/default/a/b/set", f"$hw/events/node/{ghost}/membership/get"],
+              "worker": [f"mapper/{ghost}/offload/result"]}
+    for user, topics in forged.items():
+        with broker.client(user) as client:
+            for topic in topics:
+                assert client.publish(topic, b"x" * 4096, retain=True) == NOT_AUTHORIZED, topic
+    assert retained_under(broker, f"mapper/{ghost}/#") == []
+    assert retained_under(broker, f"$hw/events/node/{ghost}/#") == []
+    # This node's topics still take them (the mapper clears its commands; here nobody does).
+    own = f"mapper/{broker.node}/default/{name}/b/set"
+    with broker.client("app") as app:
+        assert not app.publish(own, b"kept", retain=True).is_failure
+    try:
+        assert retained_under(broker, own) == [(own, b"kept")]
+    finally:
+        with broker.client("mapper") as mapper:
+            mapper.publish(own, b"", retain=True)
+
+
 def test_last_will_cannot_publish_what_the_user_may_not(broker: MosquittoBroker, name: str) -> None:
     """A last will on a topic the app may not write (a device's state) is dropped, one it may write is sent."""
-    state, desired = f"mapper/{name}/default/dht/state", f"mapper/{name}/default/led/power/set"
+    state, desired = f"mapper/{name}/default/dht/state", f"mapper/{broker.node}/default/{name}/power/set"
     with broker.client("mapper") as mapper:
         mapper.subscribe(state)
         mapper.subscribe(desired)
@@ -314,14 +355,15 @@ def largest_arrives_and_larger_disconnects(broker: MosquittoBroker, sender: str,
 def test_pi_refuses_a_packet_over_max_packet_size(broker: MosquittoBroker, name: str) -> None:
     """An authenticated app cannot make the Pi's broker take more than max_packet_size at once;
     a message of exactly the limit (twice the largest membership reply) still arrives."""
-    assert largest_arrives_and_larger_disconnects(broker, "app", "mapper", f"mapper/{name}/default/dht/mode/set")
+    assert largest_arrives_and_larger_disconnects(broker, "app", "mapper",
+                                                  f"mapper/{broker.node}/default/{name}/mode/set")
 
 
 def test_without_max_packet_size_mosquitto_takes_it(name: str) -> None:
     """Control: with Mosquitto's default (no limit: 256 MiB) the same packet is delivered."""
     with MosquittoBroker(overrides={"max_packet_size": None}) as unlimited:
         assert not largest_arrives_and_larger_disconnects(unlimited, "app", "mapper",
-                                                          f"mapper/{name}/default/dht/mode/set")
+                                                          f"mapper/{unlimited.node}/default/{name}/mode/set")
 
 
 def test_cloud_refuses_a_packet_over_max_packet_size(cloud_and_edge: CloudAndEdge) -> None:
@@ -393,7 +435,7 @@ def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: 
 
 
 def test_each_bridge_install_gets_its_own_unguessable_client_ids() -> None:
-    """render-bridge.sh, the install step, ends both bridge client ids with 16 random hex digits, new
+    """render.sh, the install step, ends both bridge client ids with 16 random hex digits, new
     at each run: a broker user who knew an id could throw the bridge off (mosquitto/README.md)."""
     suffixes = []
     for text in (render_bridge("pi-livingroom", "broker.example.com") for _ in range(2)):
@@ -406,9 +448,30 @@ def test_each_bridge_install_gets_its_own_unguessable_client_ids() -> None:
         left = {m for line in text.splitlines() if not line.startswith("#") for m in re.findall(r"@[A-Z_]+@", line)}
         assert left == {"@BRIDGE_PASSWORD@"}  # for sudoedit, never a command line
     assert suffixes[0] != suffixes[1]
-    refused = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), "pi/x", "broker.example.com"],
+    refused = subprocess.run(["bash", str(SHIPPED / "render.sh"), "bridge.conf", "pi/x", "broker.example.com"],
                              capture_output=True, text=True, check=False)
     assert refused.returncode == 2 and "invalid node name" in refused.stderr and refused.stdout == ""
+
+
+def test_the_acl_install_writes_the_node_into_every_write_line(tmp_path: Path) -> None:
+    """render.sh renders the ACL the way it renders bridge.conf (-o, -g, mode 0640): every `@NODE@`
+    becomes the node, no write line keeps `+` in the node position, and a bad node name is refused."""
+    output = tmp_path / "acl"
+    group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout.strip()
+    done = subprocess.run(["bash", str(SHIPPED / "render.sh"), "-o", str(output), "-g", group, "acl", "pi-livingroom"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0 and done.stdout == "", done.stderr
+    assert output.stat().st_mode & 0o777 == 0o640
+    text = output.read_text()
+    assert "@NODE@" not in text
+    writes = [line.split()[2] for line in text.splitlines() if line.split()[:2] == ["topic", "write"]]
+    assert writes and all(not t.startswith(("mapper/+", "$hw/events/node/+")) for t in writes), writes
+    assert "mapper/pi-livingroom/default/+/+/set" in writes
+    for args in (["acl", "pi/x"], ["acl", "pi-livingroom", "broker.example.com"]):
+        refused = subprocess.run(["bash", str(SHIPPED / "render.sh"), "-o", str(output), *args],
+                                 capture_output=True, text=True, check=False)
+        assert refused.returncode == 2, args
+        assert output.read_text() == text, args
 
 
 def test_a_client_with_the_old_guessable_bridge_id_does_not_stop_the_bridge(cloud_and_edge: CloudAndEdge) -> None:
@@ -548,12 +611,13 @@ def test_a_failing_bridge_render_leaves_the_installed_bridge_conf_as_it_was(tmp_
     the script failed (an invalid name, openssl missing), `install` still wrote an empty bridge.conf
     over the working one and the pipeline exited 0, removing the bridge. With `-o` the script writes
     a temporary file next to the output and renames it over the output only once it is complete."""
-    script = str(SHIPPED / "render-bridge.sh")
+    script = str(SHIPPED / "render.sh")
     conf = tmp_path / "conf.d"
     conf.mkdir()
     output = conf / "bridge.conf"
     group = subprocess.run(["id", "-gn"], capture_output=True, text=True, check=True).stdout.strip()
-    done = subprocess.run(["bash", script, "-o", str(output), "-g", group, "pi-livingroom", "broker.example.com"],
+    done = subprocess.run(["bash", script, "-o", str(output), "-g", group, "bridge.conf", "pi-livingroom",
+                           "broker.example.com"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stdout == "", done.stderr
     installed = output.read_text()
@@ -565,11 +629,12 @@ def test_a_failing_bridge_render_leaves_the_installed_bridge_conf_as_it_was(tmp_
     (no_openssl / "openssl").write_text("#!/bin/sh\nexit 1\n")
     (no_openssl / "openssl").chmod(0o755)
     for args, env, error in [
-        (["pi/x", "broker.example.com"], None, "invalid node name"),
-        (["pi-livingroom", "broker example.com"], None, "invalid host name"),
-        (["pi-livingroom", "broker.example.com"], {**os.environ, "PATH": f"{no_openssl}:{os.environ['PATH']}"},
-         "openssl rand failed"),
-        (["pi-livingroom", "broker.example.com", str(tmp_path / "missing.conf")], None, "missing.conf"),
+        (["bridge.conf", "pi/x", "broker.example.com"], None, "invalid node name"),
+        (["bridge.conf", "pi-livingroom", "broker example.com"], None, "invalid host name"),
+        (["bridge.conf", "pi-livingroom", "broker.example.com"],
+         {**os.environ, "PATH": f"{no_openssl}:{os.environ['PATH']}"}, "openssl rand failed"),
+        ([str(tmp_path / "missing.conf"), "pi-livingroom", "broker.example.com"], None, "missing.conf"),
+        (["bridge.conf", "pi-livingroom"], None, "usage"),  # bridge.conf needs the cloud's host
     ]:
         failed = subprocess.run(["bash", script, "-o", str(output), *args], capture_output=True, text=True,
                                 check=False, env=env)
@@ -585,7 +650,7 @@ def test_a_bridge_render_to_a_directory_is_refused(tmp_path) -> None:
     conf = tmp_path / "conf.d"
     conf.mkdir()
     for output in (f"{conf}/", str(conf)):
-        done = subprocess.run(["bash", str(SHIPPED / "render-bridge.sh"), "-o", output, "pi-livingroom",
+        done = subprocess.run(["bash", str(SHIPPED / "render.sh"), "-o", output, "bridge.conf", "pi-livingroom",
                                "broker.example.com"], capture_output=True, text=True, check=False)
         assert done.returncode == 2 and "is a directory: give the file" in done.stderr, done
         assert list(conf.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["conf.d"]

@@ -429,7 +429,7 @@ async def test_the_cloud_worker_answers_after_the_broker_comes_back(tmp_path):
         return orjson.dumps(OffloadRequest(request_id, node, "default/probe", "default/probe-x", "m", "0" * 16, 5,
                                            False, "int8", np.zeros(8, dtype=np.float32)).to_json())
 
-    with MosquittoBroker("mosquitto.conf") as broker:
+    with MosquittoBroker("mosquitto.conf", node=node) as broker:  # the ACL: `worker` answers this node
         secret = tmp_path / "pw"
         secret.write_text(broker.users["worker"])
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
@@ -589,7 +589,7 @@ async def test_the_cloud_worker_reads_a_rotated_password_at_the_reconnect(tmp_pa
     from mapper.inference.worker import CloudWorker, WorkerSettings
 
     node = "rotated-node"
-    with MosquittoBroker() as broker:
+    with MosquittoBroker(node=node) as broker:  # the ACL: `worker` answers this node
         secret = tmp_path / "pw"
         secret.write_text(broker.users["worker"])
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,

@@ -110,7 +110,7 @@ def test_the_guide_sets_up_a_broker_that_asks_for_passwords() -> None:
     assert mqtt.get("username") and mqtt.get("password_file"), f"the guide's mapper logs in anonymously: {mqtt}"
     assert mqtt["username"] in acl_users(SHIPPED / "acl"), mqtt["username"]
     for needed in ("sudo cp mosquitto/mosquitto.conf /etc/mosquitto/mosquitto.conf",
-                   "sudo install -m 0640 -o root -g mosquitto mosquitto/acl /etc/mosquitto/acl",
+                   f"sudo mosquitto/render.sh -o /etc/mosquitto/acl -g mosquitto acl {config['node']}",
                    f"sudo mosquitto/mkpasswd.sh {mqtt['username']} app",
                    f"/dev/stdin {mqtt['password_file']}"):
         assert needed in text, needed
@@ -128,8 +128,8 @@ def test_the_guide_config_and_app_login_work_with_the_shipped_broker(tmp_path: P
     shipped broker and publishes; the guide's own line writes the mosquitto_sub options file, with
     which mosquitto_sub, as `app`, receives those readings."""
     devices = write_devices(tmp_path / "devices", ["thermo"])
-    with MosquittoBroker() as broker:
-        config = yaml.safe_load(guide_config_text())
+    config = yaml.safe_load(guide_config_text())
+    with MosquittoBroker(node=config["node"]) as broker:  # the ACL rendered for the guide's node
         user = config["mqtt"]["username"]
         secret = tmp_path / "mqtt.password"
         secret.write_text(broker.users[user] + "\n")

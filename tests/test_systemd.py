@@ -326,12 +326,14 @@ def test_status_line() -> None:
 
 
 async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener: NotifyListener,
-                                                       broker: MosquittoBroker, caplog: pytest.LogCaptureFixture) -> None:
+                                                       broker_for: Callable[[str], MosquittoBroker],
+                                                       caplog: pytest.LogCaptureFixture) -> None:
     """The log shows a few refusals a minute; STATUS= carries the total (the router's real counters).
 
     An app sends 25 values for a read-only property through the broker; the mapper refuses each with a 400.
     """
-    node = f"systemd-{uuid.uuid4().hex[:8]}"  # topics and an MQTT session of its own on the shared broker
+    node = f"systemd-{uuid.uuid4().hex[:8]}"  # topics and an MQTT session of its own
+    broker = broker_for(node)  # its ACL lets apps write this node's topics
     config = config_for(tmp_path, node=node, extra=mqtt_block(broker, tmp_path, extra="  session_expiry_s: 0\n"))
     service = MapperService(config)
     service.extensions += [EventBusExtension(config.mqtt),

@@ -216,10 +216,11 @@ def test_telemetry_payload_and_sequence(broker, lamp):
     assert set(state) >= {"temperature", "power", "count", "ts", "state", "seq"}
 
 
-def test_a_retained_command_is_not_applied_at_connect(broker, tmp_path):
+def test_a_retained_command_is_not_applied_at_connect(broker_for, tmp_path):
     """The broker's stored copy of a `/set` published with retain, handed out at every (re)connect,
     is ignored (it would set an old value again over newer ones)."""
     node = "retained-set"
+    broker = broker_for(node)  # its ACL lets apps write this node's topics
     topic = f"mapper/{node}/default/lamp/count/set"
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
     subprocess.run(["mosquitto_pub", "-h", broker.host, "-p", str(broker.port), "-u", "app", "-P", broker.users["app"],
@@ -261,7 +262,7 @@ def _retained_commands(broker, node: str) -> list[str]:
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
-def test_retained_commands_are_cleared_from_the_broker(broker, tmp_path, protocol):
+def test_retained_commands_are_cleared_from_the_broker(broker_for, tmp_path, protocol):
     """An app may publish a retained command to any device or property topic its ACL's `+` allows,
     invented ones too; the mapper ignored them but left them with the broker, which kept every one
     (memory, disk) and handed them all to the mapper again at every reconnect. The mapper now
@@ -269,6 +270,7 @@ def test_retained_commands_are_cleared_from_the_broker(broker, tmp_path, protoco
     a message), and goes on working. Under MQTT 3.1.1 a live message arrives without the flag, so
     only the copies handed out at (re)connect are known as retained: those are published first."""
     node = f"clear-all-{protocol.replace('.', '')}"
+    broker = broker_for(node)  # its ACL lets apps write this node's topics
     count = 100
     topics = [f"mapper/{node}/default/ghost-{i}/p{i}/set" for i in range(count)]
     topics += [f"$hw/events/device/default/ghost-{node}-{i}/twin/update" for i in range(count - 1)]
@@ -319,12 +321,13 @@ LABEL = one_property_device("sign", "{name: label, type: STRING, accessMode: Rea
                             settings="collectCycle: 200")
 
 
-def test_a_command_sent_live_with_retain_is_ignored_and_clearing_it_sets_no_value(broker, tmp_path):
+def test_a_command_sent_live_with_retain_is_ignored_and_clearing_it_sets_no_value(broker_for, tmp_path):
     """Under MQTT 5 (retain-as-published) a `/set` published with the retain flag reaches the mapper
     with it, live too, and is ignored: applied, the broker's copy would set it again at every
     reconnect. The README's way to clear that copy, an empty retained message, is no value either:
     a STRING property keeps its desired value instead of becoming "" (`""` sets an empty string)."""
     node = "clear-retained"
+    broker = broker_for(node)  # its ACL lets apps write this node's topics
     topic = f"mapper/{node}/default/sign/label/set"
     devices = tmp_path / "dev"
     devices.mkdir()
@@ -392,11 +395,12 @@ def test_an_empty_twin_request_is_refused_without_a_reply(broker, lamp):
     mapper.wait_log("refused twin/update for default/ghost-empty: 404")
 
 
-def test_a_long_desired_value_is_named_not_copied_into_the_log(broker, tmp_path):
+def test_a_long_desired_value_is_named_not_copied_into_the_log(broker_for, tmp_path):
     """A client may set a STRING property to 60 KB of text: the value is applied whole, and the
     log line says so with the first 200 characters, instead of writing all of it into the journal
     at every set."""
     node = "long-value"
+    broker = broker_for(node)  # its ACL lets apps write this node's topics
     topic = f"mapper/{node}/default/sign/label/set"
     devices = tmp_path / "dev"
     devices.mkdir()

@@ -35,7 +35,7 @@ def bench_broker() -> MosquittoBroker:
     """The shipped mosquitto.conf on free loopback ports, without the per-message debug log that
     tests/brokers.py turns on (it would make the broker log every PUBLISH and PUBACK)."""
     ensure_mosquitto_installed()
-    broker = MosquittoBroker("mosquitto.conf")
+    broker = MosquittoBroker("mosquitto.conf", node=NODE)
     text = broker.conf_path.read_text()
     broker.conf_path.write_text(text.replace("log_type all\n", "", 1))
     return broker
