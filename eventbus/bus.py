@@ -286,7 +286,8 @@ def _carried(topic_filter: str) -> str:
     """What the mapper receives on one of its subscriptions, for the log."""
     for suffix, what in (("/set", "desired values"), ("/twin/update", "desired values (KubeEdge twin updates)"),
                          ("/twin/get", "twin requests"), ("/state/update", "device state updates"),
-                         ("/membership/get", "membership requests")):
+                         ("/membership/get", "membership requests"),
+                         ("/availability", "other clients' messages on the node's availability (to correct them)")):
         if topic_filter.endswith(suffix):
             return what
     return "messages"

@@ -27,6 +27,7 @@ from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics, parse
 from mapper.device_loop import OFFLINE, UNKNOWN
+from mapper.logs import Throttle, held_note
 from twin.store import DesiredChange, OutMessage, write_private
 
 if TYPE_CHECKING:
@@ -43,6 +44,13 @@ FIRST_STATE_GRACE_S = 5.0
 # Topics of retained commands the mapper has cleared whose clear has not come back yet (see
 # _clear_retained): at most this many, the oldest forgotten first.
 CLEARING_MAX = 4096
+# The node's retained availability is the mapper's word: `online` while it runs. Another value
+# there while it runs came from another client: over the bridge, any the cloud broker sends
+# (Mosquitto 2.0 checks no local ACL and no `topic ... in` pattern for what a bridge receives;
+# mosquitto/README.md, "What the bridge lets the cloud do"). The mapper publishes `online` again,
+# at most once per this many seconds however often it is overwritten (no loop with a client
+# that keeps publishing `offline`: the last word is the mapper's within this time).
+REASSERT_INTERVAL_S = 5.0
 # The random part of the default client id, kept beside the twin: <twin>.mqtt-client-id.
 CLIENT_ID_FILE_SUFFIX = ".mqtt-client-id"
 CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
@@ -100,6 +108,14 @@ class EventBusExtension:
         self._service: MapperService | None = None
         self.instance: InstanceWatch | None = None  # another mapper serving this node (eventbus/instance.py)
         self._stopping = False
+        # The node's availability (see REASSERT_INTERVAL_S): whether this connection's own `online`
+        # has come back (what the broker sends before it, a retained `offline` of the last run, is
+        # superseded by it), the pending re-assertion, and the loop time before which none goes out.
+        self._own_online_seen = False
+        self._reassert: asyncio.Task[None] | None = None
+        self._reassert_next = 0.0
+        self._reassert_stopped = False
+        self._reassert_log = Throttle(burst=3)
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -117,6 +133,7 @@ class EventBusExtension:
         service.state_interval_s = self.settings.state_interval_ms / 1000
         config = service.config
         self.topics = Topics(config.node, self.settings.topic_prefix)
+        self._extra.insert(0, (self.topics.node_availability(), 1, self._on_node_availability))
         definitions = service.definitions.devices if service.definitions else {}
         self.telemetry = Telemetry(self.topics, definitions, state_interval_ms=self.settings.state_interval_ms)
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
@@ -184,6 +201,7 @@ class EventBusExtension:
         before before_stop: the `offline` a clean stop queues there is the last word.)"""
         self._cancel_unknown_later()
         self._stopping = True  # no more instance announcements
+        self._stop_reasserting()  # the `offline` of a clean stop is the mapper's own last word
         if self.bus is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.settings.drain_on_stop_s):
@@ -262,6 +280,42 @@ class EventBusExtension:
 
     async def shutdown(self, service: MapperService) -> None:
         self._cancel_unknown_later()
+        self._stop_reasserting()
+
+    def _stop_reasserting(self) -> None:
+        self._reassert_stopped = True
+        if self._reassert is not None:
+            self._reassert.cancel()
+            self._reassert = None
+
+    async def _on_node_availability(self, topic: str, payload: bytes) -> None:
+        """A message on the node's availability topic (the mapper subscribes to it). `online` is the
+        mapper's own, or says what it says. Anything else, once this connection's own `online` came
+        back, was published by another client while the mapper runs (a forged retained `offline`
+        from the cloud over the bridge): the mapper publishes `online` again (REASSERT_INTERVAL_S)."""
+        if payload == b"online":
+            self._own_online_seen = True
+            return
+        if not self._own_online_seen or self._reassert_stopped:
+            return  # before this connection's `online`, which supersedes it; or stopping
+        held = self._reassert_log("availability")
+        if held is not None:
+            log.warning("another client published %r on the node's availability %r while the mapper runs "
+                        "(through the bridge from the cloud broker?); publishing `online` again, at most once "
+                        "per %g s%s", payload[:40], topic, REASSERT_INTERVAL_S, held_note(held))
+        if self._reassert is None or self._reassert.done():
+            self._reassert = asyncio.create_task(self._reassert_online(), name="reassert-availability")
+
+    async def _reassert_online(self) -> None:
+        assert self.bus is not None and self.topics is not None
+        loop = asyncio.get_running_loop()
+        # The rate limit itself: nothing to wait for but the time.
+        await asyncio.sleep(max(0.0, self._reassert_next - loop.time()))
+        self._reassert_next = loop.time() + REASSERT_INTERVAL_S
+        try:
+            await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
+        except (aiomqtt.MqttError, TimeoutError) as exc:  # disconnected: the reconnect announces `online`
+            log.debug("could not publish the node's availability again: %s", exc)
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None
@@ -313,6 +367,7 @@ class EventBusExtension:
         A clean stop waits for it (before_stop): rows it commits while the outbox drains would
         otherwise stay there until the next start."""
         self._connecting.clear()
+        self._own_online_seen = False  # the broker hands out the retained value first, then `online` comes back
         try:
             await self._announce(service)
             if self.instance is not None:  # after the devices' availability and state are queued

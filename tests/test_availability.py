@@ -77,6 +77,44 @@ def test_node_online_while_running_and_offline_after_it_ends(broker, tmp_path, n
         b"offline" if ending == "clean stop" else b"online")
 
 
+def test_an_offline_another_client_retains_on_the_running_nodes_availability_is_corrected(broker, tmp_path, node):
+    """The bridge hands on whatever the cloud broker sends, retained too, past the local ACL: a
+    compromised cloud could leave `offline` retained on the node's availability while the mapper
+    runs, and every app that subscribed afterwards believed the node down. The mapper now publishes
+    its `online` again (WARNING in its log), at most once per REASSERT_INTERVAL_S however often the
+    other client repeats it; and a clean stop still ends with its own `offline`."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    topic = f"mapper/{node}/availability"
+    with broker.client("app") as app, MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        app.subscribe(topic)
+        assert next_payload(app, topic) == b"online"
+        with broker.client("mapper") as bridge:  # a user with the bridge's rights on the topic
+            assert not bridge.publish(topic, b"offline", retain=True).is_failure
+        assert next_payload(app, topic) == b"offline"
+        wait_payload(app, topic, b"online")
+        assert retained(broker, topic) == b"online"  # what a dashboard subscribing now is told
+        mapper.wait_log("another client published b'offline' on the node's availability")
+        assert " WARNING " in next(line for line in mapper.log().splitlines() if "another client published" in line)
+        # Bounded: 30 more within a second get one `online` at once at most, the next after the
+        # interval (REASSERT_INTERVAL_S, 5 s), not one each.
+        start = time.monotonic()
+        with broker.client("mapper") as bridge:
+            for _ in range(30):
+                bridge.publish(topic, b"offline", retain=True)
+        seen: list[bytes] = []
+        with contextlib.suppress(TimeoutError):
+            while time.monotonic() - start < 3:
+                seen.append(next_payload(app, topic, timeout=max(0.1, 3 - (time.monotonic() - start))))
+        assert seen.count(b"offline") == 30 and seen.count(b"online") <= 1, seen
+        wait_payload(app, topic, b"online", timeout=15)  # the last word is the mapper's
+        assert retained(broker, topic) == b"online"
+        lines = [line for line in mapper.log().splitlines() if "another client published" in line]
+        assert 1 <= len(lines) <= 3, lines  # a few lines a minute, not one per message
+        assert mapper.stop() == 0
+        wait_payload(app, topic, b"offline")
+    assert retained(broker, topic) == b"offline"
+
+
 def test_device_availability_follows_its_state(broker, tmp_path, node):
     """A failing sensor goes `offline` (unhealthy) while the node stays `online`; it comes back by itself."""
     fault = tmp_path / "unplugged"
