@@ -120,7 +120,12 @@ class Router:
                 continue
             now = loop.time()
             for key in [k for k in self._waiting if self._next.get(k, 0.0) <= now]:
-                event_ids, answer = list(self._waiting.pop(key)), self._answer.pop(key)
+                # (Popped one at a time across the awaits below: a stop's flush_waiting may have
+                # answered and emptied them meanwhile.)
+                waiting, answer = self._waiting.pop(key, None), self._answer.pop(key, None)
+                if waiting is None or answer is None:
+                    continue
+                event_ids = list(waiting)
                 self._next[key] = now + self._interval(key[0])
                 try:
                     await answer(event_ids)

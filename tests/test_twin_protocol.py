@@ -811,3 +811,45 @@ def test_a_set_object_without_a_value_key_says_so(broker, lamp):
     pub(broker, "mapper/test-node/default/lamp/count/set", '{"a": 1}')
     mapper.wait_log('refused set for default/lamp: 400 the JSON object has no "value" key')
     assert "must be a scalar" not in mapper.log()
+
+
+async def test_a_stop_that_answers_waiting_requests_while_run_answers_them_is_not_an_error():
+    """Two keys fell due together (two devices' twin/get waiting out the rate limit) and run() was
+    answering the first when a clean stop's flush_waiting answered and emptied the rest: run() then
+    popped a key that was gone (KeyError), which ended the event bus's task group mid-stop (its
+    drain and the node's `offline` with it). Each waiting request is answered exactly once."""
+    import asyncio
+    import contextlib
+
+    from eventbus.router import Router
+    from eventbus.topics import Topics
+
+    router = Router(None, Topics("n"), max_payload=1024, serve_twin_protocol=True,  # type: ignore[arg-type]
+                    twin_get_interval_s=0.05)
+    answered: list[tuple[str, list[str]]] = []
+    first_started, release = asyncio.Event(), asyncio.Event()
+
+    def answer_for(device: str):  # noqa: ANN202
+        async def answer(event_ids: list[str]) -> None:
+            answered.append((device, event_ids))
+            if len(answered) == 3:  # run()'s first answer of the waiting ones: hold it
+                first_started.set()
+                await release.wait()
+        return answer
+
+    for device in ("a", "b"):  # the first of each is answered at once, the second waits out the interval
+        for n in (1, 2):
+            await router._coalesce("twin/get", DeviceId("default", device), f"{device}{n}", answer_for(device))
+    task = asyncio.create_task(router.run())
+    try:
+        await asyncio.wait_for(first_started.wait(), 30)
+        await router.flush_waiting()  # the stop: answers the other key
+        release.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert not task.done(), task.exception()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert sorted(answered) == [("a", ["a1"]), ("a", ["a2"]), ("b", ["b1"]), ("b", ["b2"])]
