@@ -191,6 +191,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         def lock_again() -> None:
             nonlocal twin_lock
             if twin_lock is None:
+                # (Its directory first: on a read-only disk the mkdir above failed too, and the lock
+                # file cannot be made in a directory that is not there; the open would make it after.)
+                with contextlib.suppress(OSError):
+                    Path(config.twin.path).parent.mkdir(mode=TWIN_DIR_MODE, parents=True, exist_ok=True)
                 twin_lock = _lock_twin(config.twin.path)
 
         service.before_twin_open.append(lock_again)
