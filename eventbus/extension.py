@@ -101,6 +101,9 @@ class EventBusExtension:
         self.topics: Topics | None = None
         # Extra subscriptions of other extensions (e.g. inference results): (filter, qos, handler).
         self._extra: list[tuple[str, int, Callable[[str, bytes], Awaitable[None]]]] = []
+        # _extra indexed for _extra_handler (None: to be built again, after a change).
+        self._extra_exact: dict[str, Callable[[str, bytes], Awaitable[None]]] | None = None
+        self._extra_wild: list[tuple[str, Callable[[str, bytes], Awaitable[None]]]] = []
         self._connecting = asyncio.Event()  # clear while _on_connect runs
         self._connecting.set()
         self._unknown_later: asyncio.Task[None] | None = None  # see FIRST_STATE_GRACE_S
@@ -115,6 +118,7 @@ class EventBusExtension:
         self._reassert: asyncio.Task[None] | None = None
         self._reassert_next = 0.0
         self._reassert_stopped = False
+        self._reassert_wanted = False  # another value came since the re-assertion began
         self._reassert_log = Throttle(burst=3)
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
@@ -123,6 +127,7 @@ class EventBusExtension:
         The handler must not raise for bad input (it gets untrusted payloads); errors are logged.
         """
         self._extra.append((topic_filter, qos, handler))
+        self._extra_exact = None
         if self.bus is not None:
             self.bus.subscriptions.append((topic_filter, qos))
 
@@ -134,6 +139,7 @@ class EventBusExtension:
         config = service.config
         self.topics = Topics(config.node, self.settings.topic_prefix)
         self._extra.insert(0, (self.topics.node_availability(), 1, self._on_node_availability))
+        self._extra_exact = None
         definitions = service.definitions.devices if service.definitions else {}
         self.telemetry = Telemetry(self.topics, definitions, state_interval_ms=self.settings.state_interval_ms)
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
@@ -145,6 +151,7 @@ class EventBusExtension:
         # QoS 0: announcements heard while offline are not queued in the persistent session (the
         # retained one comes at every resubscribe). Handled as an extra: before the retained-command logic.
         self._extra.append((self.topics.instance(), 0, self._on_instance))
+        self._extra_exact = None
         self.bus = MqttBus(
             self.settings,
             client_id=client_id,
@@ -303,31 +310,55 @@ class EventBusExtension:
             log.warning("another client published %r on the node's availability %r while the mapper runs "
                         "(through the bridge from the cloud broker?); publishing `online` again, at most once "
                         "per %g s%s", payload[:40], topic, REASSERT_INTERVAL_S, held_note(held))
+        # Wanted again even while a re-assertion is under way: one that came after the broker took
+        # it would otherwise stay the retained value (the task publishes once more, after the interval).
+        self._reassert_wanted = True
         if self._reassert is None or self._reassert.done():
             self._reassert = asyncio.create_task(self._reassert_online(), name="reassert-availability")
 
     async def _reassert_online(self) -> None:
         assert self.bus is not None and self.topics is not None
         loop = asyncio.get_running_loop()
-        # The rate limit itself: nothing to wait for but the time.
-        await asyncio.sleep(max(0.0, self._reassert_next - loop.time()))
-        self._reassert_next = loop.time() + REASSERT_INTERVAL_S
-        try:
-            await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
-        except (aiomqtt.MqttError, TimeoutError) as exc:  # disconnected: the reconnect announces `online`
-            log.debug("could not publish the node's availability again: %s", exc)
+        while self._reassert_wanted and not self._reassert_stopped:
+            self._reassert_wanted = False
+            # The rate limit itself: nothing to wait for but the time.
+            await asyncio.sleep(max(0.0, self._reassert_next - loop.time()))
+            self._reassert_next = loop.time() + REASSERT_INTERVAL_S
+            try:
+                await self.bus.publish(self.topics.node_availability(), b"online", retain=True)
+            except (aiomqtt.MqttError, TimeoutError) as exc:  # disconnected: the reconnect announces `online`
+                log.debug("could not publish the node's availability again: %s", exc)
+                return
+
+    def _extra_handler(self, topic: str) -> Callable[[str, bytes], Awaitable[None]] | None:
+        """The handler of the first extra subscription matching `topic`. Filters without wildcards
+        (the node's availability, the instance topic) are looked up by the topic itself: every
+        incoming message passes here, and paho's topic_matches_sub builds a matcher per call."""
+        if self._extra_exact is None:
+            self._extra_exact = {}
+            for topic_filter, _, handler in reversed(self._extra):  # the first of equal filters wins
+                if "+" not in topic_filter and "#" not in topic_filter:
+                    self._extra_exact[topic_filter] = handler
+            self._extra_wild = [(f, h) for f, _, h in self._extra if "+" in f or "#" in f]
+        handler = self._extra_exact.get(topic)
+        if handler is not None:
+            return handler
+        for topic_filter, handler in self._extra_wild:
+            if topic_matches_sub(topic_filter, topic):
+                return handler
+        return None
 
     async def _on_message(self, message: aiomqtt.Message) -> None:
         assert self.router is not None
         payload = message.payload if isinstance(message.payload, bytes) else str(message.payload or "").encode()
         topic = message.topic.value
-        for topic_filter, _, handler in self._extra:
-            if topic_matches_sub(topic_filter, topic):
-                try:
-                    await handler(topic, payload)
-                except Exception:  # noqa: BLE001 - a message must never take the connection down
-                    log.exception("error while handling a message on %r", topic[:200])
-                return
+        handler = self._extra_handler(topic)
+        if handler is not None:
+            try:
+                await handler(topic, payload)
+            except Exception:  # noqa: BLE001 - a message must never take the connection down
+                log.exception("error while handling a message on %r", topic[:200])
+            return
         if not payload and topic in self._clearing:
             del self._clearing[topic]
             # The mapper's own clear (below) coming back: under MQTT 3.1.1 without the retain flag,

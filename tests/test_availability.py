@@ -95,17 +95,15 @@ def test_an_offline_another_client_retains_on_the_running_nodes_availability_is_
         assert retained(broker, topic) == b"online"  # what a dashboard subscribing now is told
         mapper.wait_log("another client published b'offline' on the node's availability")
         assert " WARNING " in next(line for line in mapper.log().splitlines() if "another client published" in line)
-        # Bounded: 30 more within a second get one `online` at once at most, the next after the
-        # interval (REASSERT_INTERVAL_S, 5 s), not one each.
-        start = time.monotonic()
+        # Bounded: 30 more at once get one `online` at once at most, the next after the interval
+        # (REASSERT_INTERVAL_S, 5 s), not one each (counted until the 30th `offline` has come by).
         with broker.client("mapper") as bridge:
             for _ in range(30):
                 bridge.publish(topic, b"offline", retain=True)
         seen: list[bytes] = []
-        with contextlib.suppress(TimeoutError):
-            while time.monotonic() - start < 3:
-                seen.append(next_payload(app, topic, timeout=max(0.1, 3 - (time.monotonic() - start))))
-        assert seen.count(b"offline") == 30 and seen.count(b"online") <= 1, seen
+        while seen.count(b"offline") < 30:
+            seen.append(next_payload(app, topic, timeout=30))
+        assert seen.count(b"online") <= 2, seen
         wait_payload(app, topic, b"online", timeout=15)  # the last word is the mapper's
         assert retained(broker, topic) == b"online"
         lines = [line for line in mapper.log().splitlines() if "another client published" in line]

@@ -526,11 +526,13 @@ def test_twin_gets_for_a_device_within_a_second_each_get_their_own_reply(broker,
     Each reply used to be a commit of its own (an fsync): a client flooding twin/get took the
     twin's time from the readings and filled the incoming queue (test_incoming_flood.py)."""
     mapper, sub = lamp
-    pub(broker, f"{HW}/twin/get", '{"event_id":"g1"}')
-    assert sub.expect(f"{HW}/twin/get/result")["event_id"] == "g1"
-    for event_id in ("g2", "g3", "g2"):
-        pub(broker, f"{HW}/twin/get", '{"event_id":"%s"}' % event_id)
-    pub(broker, f"{HW}/twin/update", '{"event_id":"u1","twin":{"count":{"expected":{"value":"7"}}}}')
+    with broker.client("app") as app:  # one connection: the four below go out within the second
+        assert not app.publish(f"{HW}/twin/get", '{"event_id":"g1"}', qos=1).is_failure
+        assert sub.expect(f"{HW}/twin/get/result")["event_id"] == "g1"
+        for event_id in ("g2", "g3", "g2"):
+            assert not app.publish(f"{HW}/twin/get", '{"event_id":"%s"}' % event_id, qos=1).is_failure
+        assert not app.publish(f"{HW}/twin/update", '{"event_id":"u1","twin":{"count":{"expected":{"value":"7"}}}}',
+                               qos=1).is_failure
     sub.expect(f"{HW}/twin/update/result", lambda body: body["event_id"] == "u1")
     got = [sub.expect(f"{HW}/twin/get/result") for _ in range(2)]
     assert [body["event_id"] for body in got] == ["g3", "g2"], got
