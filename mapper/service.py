@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import errno
 import logging
 import os
@@ -668,6 +669,15 @@ class MapperService:
         task = asyncio.ensure_future(self._save_state(*held))
         self._state_saves.add(task)
         task.add_done_callback(self._state_saves.discard)
+        task.add_done_callback(functools.partial(self._state_save_failed, device_id, held[1]))
+
+    @staticmethod
+    def _state_save_failed(device_id: DeviceId, state: str, task: asyncio.Future[None]) -> None:
+        """A state listener's bug in a state's first save: said as the retry says it (the task's
+        exception was only asyncio's 'Task exception was never retrieved', with a traceback)."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("%s: state %s could not be saved and is given up: %s", device_id, state, exc,
+                      exc_info=exc)
 
     async def _save_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
         self._unsaved_states.pop(definition.id, None)
