@@ -47,7 +47,7 @@ def instance_token(client_id: str, twin_path: Path | None) -> str:
     given the same mqtt.client_id on other twins then still differ). Not the client id itself."""
     material = b"mapper instance\0" + client_id.encode()
     if twin_path is not None:
-        material += b"\0" + os.fsencode(os.path.abspath(twin_path))
+        material += b"\0" + os.fsencode(os.path.realpath(twin_path))  # (as the lock: mapper.cli._lock_path)
     return hashlib.sha256(material).hexdigest()[:TOKEN_HEX]
 
 

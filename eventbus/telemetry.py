@@ -161,7 +161,10 @@ class Telemetry:
         telemetry, and its device's state, for as long as the jump was (an hour, eight days)."""
         last = self._last_sent.get(key)
         taken = reading.taken_at_ms
-        if last is None or taken < last or taken - last >= prop.report_cycle_ms - prop.collect_cycle_ms // 2:
+        # (More than a collect cycle back: a reading recorded a little out of order, an on-demand
+        # read's next to a collect's, is not a clock jump and does not restart the pacing.)
+        if (last is None or taken < last - prop.collect_cycle_ms
+                or taken - last >= prop.report_cycle_ms - prop.collect_cycle_ms // 2):
             self._last_sent[key] = taken
             return True
         return False
