@@ -222,3 +222,28 @@ def test_a_twin_path_that_is_a_symbolic_link_is_judged_by_the_link_s_directory_a
     planted.symlink_to(real)
     with pytest.raises(ForeignTwin, match=f"refusing the twin {planted}: {open_dir} "):
         check_owned(planted)
+
+
+def test_a_directory_writable_by_the_user_s_private_group_only_is_not_refused(tmp_path: Path) -> None:
+    """Debian and Ubuntu give every user a group of their own, and a umask of 002 there makes a
+    directory made in a checkout 0775: refused as writable by "the users of group <user>", though only
+    that user is in it. A directory writable by another group is still refused."""
+    import grp
+    import pwd
+
+    from twin.store import ForeignTwin, _private_group, check_owned
+
+    me = pwd.getpwuid(os.geteuid())
+    if not _private_group(me.pw_gid, me.pw_uid):
+        pytest.skip(f"{me.pw_name}'s primary group is shared here")
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    TwinStore.open(state / "twin.db").close()
+    state.chmod(0o770)
+    check_owned(state / "twin.db")
+    other = next((g.gr_gid for g in grp.getgrall() if g.gr_gid != me.pw_gid), None)
+    if other is None:
+        pytest.skip("no other group")
+    os.chown(state, -1, other)
+    with pytest.raises(ForeignTwin, match="can create and replace files in it"):
+        check_owned(state / "twin.db")

@@ -313,6 +313,30 @@ def _who(uid: int) -> str:
         return f"uid {uid}"
 
 
+def _writable_by_others(st: os.stat_result, euid: int) -> bool:
+    """Writable by every user, or by a group other than this user's private one (Debian and Ubuntu
+    give each user a group of its own, and a umask of 002 makes directories group-writable there:
+    `mkdir` in a checkout gives 0775, and only this user is in that group)."""
+    if st.st_mode & 0o002:
+        return True
+    return bool(st.st_mode & 0o020) and not _private_group(st.st_gid, euid)
+
+
+def _private_group(gid: int, uid: int) -> bool:
+    """Whether `gid` is `uid`'s user private group: its primary group, no member listed but it, and
+    the primary group of no other user."""
+    import grp
+    import pwd
+
+    try:
+        user = pwd.getpwuid(uid)
+        if user.pw_gid != gid or any(name != user.pw_name for name in grp.getgrgid(gid).gr_mem):
+            return False
+    except KeyError:
+        return False
+    return all(other.pw_gid != gid or other.pw_uid == uid for other in pwd.getpwall())
+
+
 def _group(gid: int) -> str:
     import grp
 
@@ -336,8 +360,9 @@ def check_owned(path: Path) -> None:
 
     - the database file and its -wal and -shm files (and a rollback -journal, which SQLite would
       play back), where they exist, must be regular files owned by the effective uid, writable
-      by their owner only (a -wal or -shm that is a symbolic link is refused);
-    - their directory must be owned by the effective uid or root and writable by its owner only.
+      by their owner only, or its user private group (a -wal or -shm that is a link is refused);
+    - their directory must be owned by the effective uid or root and writable by its owner only
+      (or that user's private group: `_private_group`).
       Not even a sticky one (/tmp): there another user cannot replace our files, but can create
       the names SQLite opens next, `<twin>-wal` and `<twin>-shm`, before the mapper does.
     - a twin.path that is a symbolic link (the twin moved to another disk) is followed, as SQLite
@@ -363,7 +388,7 @@ def _check_twin_directory(path: Path, directory: Path) -> None:
         st = os.stat(directory)
     except OSError:  # not there (not made yet), or not reachable: nothing in it can be opened either
         return
-    if st.st_uid not in (euid, 0) or st.st_mode & 0o022:
+    if st.st_uid not in (euid, 0) or _writable_by_others(st, euid):
         if st.st_mode & 0o002:
             who = "every user can create files in it"
             if st.st_mode & stat.S_ISVTX:
@@ -399,7 +424,7 @@ def _check_twin_file(path: Path, name: Path) -> None:
             f" would apply. If the file is meant for {_who(euid)}: `chown {_who(euid)} {name} && chmod 600 {name}`;"
             f" otherwise remove it ({rm}), or run the mapper as {_who(st.st_uid)} or on a twin of its own"
             f" (twin.path, MAPPER_TWIN__PATH)")
-    if st.st_mode & 0o022:
+    if _writable_by_others(st, euid):
         others = "every user" if st.st_mode & 0o002 else f"group {_group(st.st_gid)}"
         raise ForeignTwin(
             f"refusing the twin {path}: {_described(name, st)}, writable by {others}, who could queue"
