@@ -308,7 +308,8 @@ class EventBusExtension:
         held = self._reassert_log("availability")
         if held is not None:
             log.warning("another client published %r on the node's availability %r while the mapper runs "
-                        "(through the bridge from the cloud broker?); publishing `online` again, at most once "
+                        "(another mapper serving this node that stopped, or the cloud broker through the bridge?); "
+                        "publishing `online` again, at most once "
                         "per %g s%s", payload[:40], topic, REASSERT_INTERVAL_S, held_note(held))
         # Wanted again even while a re-assertion is under way: one that came after the broker took
         # it would otherwise stay the retained value (the task publishes once more, after the interval).

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import errno
+import functools
 import logging
 import os
 import sqlite3
