@@ -803,3 +803,31 @@ async def test_a_revert_in_the_same_round_as_a_write_of_its_property_is_skipped(
             await async_wait_for(lambda: twin.pending_desired() == [], what="the next value written")
             assert twin.device(GOOD1).properties["power"].desired is True
     assert reverted == []
+
+
+async def test_a_state_listener_failing_on_a_held_state_s_first_save_is_said_so(tmp_path, caplog):
+    """A state within state_interval_s of the last write is held and written by a task of its own
+    when the interval ends; a state listener raising there (a bug in an extension) ended that task
+    with asyncio's 'Task exception was never retrieved', if anything: it is now logged as the
+    retry's failure is, naming the device and the state, and the mapper runs on."""
+    unplugged = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    flaky = DeviceId("default", "flaky")
+    broken = asyncio.Event()
+
+    def listener(definition, state, detail):  # noqa: ANN001, ANN202
+        if broken.is_set():
+            raise RuntimeError("a listener's bug")
+        return []
+
+    async with running_service(config, prepare=lambda s: s.state_listeners.append(listener)) as service:
+        runner = service.runners[flaky]
+        await async_wait_for(lambda: runner.state == "ok" and flaky in service._state_written_at,
+                             what="the ok state written")
+        broken.set()
+        unplugged.touch()  # unhealthy within the interval after the ok: held, then written by a task
+        await async_wait_for(lambda: any("state unhealthy could not be saved and is given up: a listener's bug"
+                                         in r.getMessage() for r in caplog.records), what="the failure said")
+        unplugged.unlink()
+        await async_wait_for(lambda: runner.state == "ok", what="the device ok again")
