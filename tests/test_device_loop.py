@@ -579,22 +579,30 @@ async def test_a_state_change_waiting_for_the_twin_at_stop_still_reaches_the_pub
     assert [r.payload for r in handed if r.topic == "test/flaky/state"][-1] == b'{"state":"unhealthy","seq":2}', handed
 
 
-async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_mapper(tmp_path, caplog):
-    """A state the twin could not take is retried once a second by a task of the service; a state
-    listener raising there (a bug in an extension) ended that task and with it the whole mapper.
-    That state is now given up, said so, and the mapper runs on."""
-    import sqlite3
-
+def _flaky_device_with_a_breakable_listener(tmp_path):  # noqa: ANN001, ANN202
+    """(config, unplugged, listener, broken): device `flaky`, failing while `unplugged` exists, and a
+    state listener that raises once `broken` is set (a bug in an extension)."""
     unplugged = tmp_path / "unplugged"
     devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
-    flaky = DeviceId("default", "flaky")
     broken = asyncio.Event()
 
     def listener(definition, state, detail):  # noqa: ANN001, ANN202
         if broken.is_set():
             raise RuntimeError("a listener's bug")
         return []
+
+    return config, unplugged, listener, broken
+
+
+async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_mapper(tmp_path, caplog):
+    """A state the twin could not take is retried once a second by a task of the service; a state
+    listener raising there (a bug in an extension) ended that task and with it the whole mapper.
+    That state is now given up, said so, and the mapper runs on."""
+    import sqlite3
+
+    config, unplugged, listener, broken = _flaky_device_with_a_breakable_listener(tmp_path)
+    flaky = DeviceId("default", "flaky")
 
     lock = sqlite3.connect(config.twin.path, isolation_level=None)
     async with running_service(config, prepare=lambda s: s.state_listeners.append(listener)) as service:
@@ -810,16 +818,8 @@ async def test_a_state_listener_failing_on_a_held_state_s_first_save_is_said_so(
     when the interval ends; a state listener raising there (a bug in an extension) ended that task
     with asyncio's 'Task exception was never retrieved', if anything: it is now logged as the
     retry's failure is, naming the device and the state, and the mapper runs on."""
-    unplugged = tmp_path / "unplugged"
-    devices = write_devices(tmp_path / "dev", ["flaky"], cycle=20, configs={"flaky": f"{{fail_while_exists: '{unplugged}'}}"})
-    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    config, unplugged, listener, broken = _flaky_device_with_a_breakable_listener(tmp_path)
     flaky = DeviceId("default", "flaky")
-    broken = asyncio.Event()
-
-    def listener(definition, state, detail):  # noqa: ANN001, ANN202
-        if broken.is_set():
-            raise RuntimeError("a listener's bug")
-        return []
 
     async with running_service(config, prepare=lambda s: s.state_listeners.append(listener)) as service:
         runner = service.runners[flaky]
