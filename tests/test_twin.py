@@ -210,6 +210,37 @@ def test_age_pruning_reads_only_the_old_end_of_history(twin):
     assert len(values) == 20_001 and values[-1] == -1  # the late one, newest by arrival
 
 
+def test_the_wal_file_shrinks_back_after_a_reader_held_off_its_checkpoint(tmp_path, twin):
+    """A reader that keeps a snapshot open stops SQLite's checkpoints, so the -wal file grows with
+    every commit; once the reader is gone and a checkpoint emptied it, the file is cut back to
+    WAL_SIZE_LIMIT instead of keeping that size on the disk for good."""
+    import sqlite3
+    import time
+
+    from twin.store import WAL_SIZE_LIMIT
+
+    wal = tmp_path / "twin.db-wal"
+    reader = sqlite3.connect(tmp_path / "twin.db", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM readings").fetchone()  # a snapshot: no checkpoint may pass it
+    now = int(time.time() * 1000)
+    k = 0
+    while wal.stat().st_size <= 2 * WAL_SIZE_LIMIT:
+        assert k < 200_000, f"the -wal file did not grow past {2 * WAL_SIZE_LIMIT} bytes"
+        twin.record([Reading(D1, "count", k + i, now + k + i) for i in range(50)])
+        k += 50
+    reader.execute("COMMIT")
+    reader.close()
+    # Commits go on; SQLite's auto-checkpoint empties the file, and a later commit starts it over.
+    for _ in range(4000):
+        twin.record([Reading(D1, "count", k, now + k)])
+        k += 1
+        if wal.stat().st_size <= WAL_SIZE_LIMIT:
+            break
+    assert wal.stat().st_size <= WAL_SIZE_LIMIT
+    assert twin.history(D1, "count", limit=1)[0][1] == k - 1  # nothing lost on the way
+
+
 def test_outbox_sequences_survive_reopen(tmp_path, twin):
     """Per-topic sequence numbers count up by one and continue after a restart."""
     rows = twin.record([], [OutMessage("t/a", {"v": 1}), OutMessage("t/a", {"v": 2}), OutMessage("t/b", {"v": 3})])

@@ -180,6 +180,13 @@ OUTBOX_ID_BLOCK = 65_536
 # close() and before pruning); readers add the readings after the last fold themselves.
 CHECKPOINT_MS = 1000  # (monotonic: a wall clock set back must not stop the folds until it caught up)
 
+# The -wal file, once a checkpoint has emptied it, is cut back to this size. SQLite checkpoints
+# at ~4 MB (1000 pages) and then reuses the file without shrinking it; a reader that keeps a
+# snapshot open meanwhile (a long `mapper history` export, a stuck tool) lets it grow with every
+# commit, and without a limit it stays that large for good. Above the normal 4 MB, so a Pi's
+# usual cycle rewrites the same blocks and never truncates (no extra metadata writes).
+WAL_SIZE_LIMIT = 8 * 1024 * 1024
+
 # The age rule of prune_history (twin.history_age_s) says how many readings it deleted, at
 # INFO, when a pass deleted readings taken more than this long before the limit the previous
 # pass applied: more than a prune period's worth at once (the mapper was stopped a while, a
@@ -550,6 +557,7 @@ class TwinStore:
                                    timeout=busy_timeout_s)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
+            conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
             migrations.apply(conn)
             store = cls(conn, path, outbox or OutboxLimits())
