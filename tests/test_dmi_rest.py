@@ -361,7 +361,8 @@ def test_a_token_file_makes_every_request_carry_the_token(tmp_path: Path) -> Non
         # The Host check comes first: the right token does not make a rebound page's request good.
         status, body, _ = await asyncio.to_thread(answer, port, "/api/v1/ping", {**good, "Host": "evil.example"})
         assert status == 403, body
-    scenario(tmp_path, True, check, token_file=path)
+    # 12 wrong tokens above: more than api.auth_failures' default lets through before 429 (tested below).
+    scenario(tmp_path, True, check, token_file=path, auth_failures=100)
 
 
 def test_a_sighup_reads_the_token_file_again(tmp_path: Path, caplog) -> None:  # noqa: ANN001
@@ -810,3 +811,138 @@ def test_api_clients_holding_connections_cannot_take_the_mapper_off_mqtt(tmp_pat
         finally:
             for sock in clients:
                 sock.close()
+
+
+def from_address(port: int, path: str, headers: dict[str, str] | None = None,
+                 source: str = "127.0.0.1") -> tuple[int, dict[str, str], str]:
+    """A GET to 127.0.0.1 from `source` (another loopback address is another client):
+    (status, headers, body)."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, dict(response.getheaders()), response.read().decode()
+    finally:
+        conn.close()
+
+
+def test_wrong_tokens_are_logged_and_then_refused_with_429(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A wrong token was answered 401, as fast as the Pi could, without a word in the log: a client
+    on the LAN could guess tokens at full speed, unseen. Now each is logged at WARNING with the
+    client's address (one line, not one a request), and after api.auth_failures of them within
+    api.auth_window_s the address gets 429 with Retry-After, the right token too (not compared),
+    until the window ends; another address is not affected, and the right token works again."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mapper.api")
+    path = token_file(tmp_path)
+    good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"Bearer {TOKEN[:-1]}x"}
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        for _ in range(3):
+            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", wrong)
+            assert status == 401 and "wrong token" in body, (status, body)
+        for headers in (wrong, good):
+            status, answer_headers, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", headers)
+            assert status == 429 and "api.auth_failures" in body, (status, body)
+            assert answer_headers.get("Retry-After") in {"1", "2"}, answer_headers
+        wrong_lines = [r for r in caplog.records if "wrong bearer token refused" in r.getMessage()]
+        assert len(wrong_lines) == 1 and wrong_lines[0].levelno == logging.WARNING, caplog.text
+        assert "from 127.0.0.1 " in wrong_lines[0].getMessage(), wrong_lines[0].getMessage()
+        locked_lines = [r for r in caplog.records if "sent 3 wrong bearer tokens" in r.getMessage()]
+        assert len(locked_lines) == 1 and "127.0.0.1" in locked_lines[0].getMessage(), caplog.text
+        # Another client (address) is not locked out.
+        status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", good, "127.0.0.2")
+        assert status == 200, (status, body)
+        # Once the window has passed, the right token works again (the 429s in between are not counted).
+        from helpers import async_wait_until
+
+        async def ping() -> int:
+            return (await asyncio.to_thread(from_address, port, "/api/v1/ping", good))[0]
+        await async_wait_until(ping, lambda status: status == 200, timeout=10, interval=0.05,
+                               what="the lockout's window to pass")
+
+    scenario(tmp_path, False, check, token_file=path, auth_failures=3, auth_window_s=2.0)
+
+
+def test_a_write_flood_beyond_the_bucket_is_refused_with_429(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Writes had no limit: one client could send thousands a second, each a twin transaction
+    (SD-card wear on a Pi). Now each client has a token bucket (api.write_rate_per_s,
+    api.write_burst): a flood beyond it is answered 429 with Retry-After and logged once, the twin
+    holds only the accepted writes, and reads, and another client's writes, still go through."""
+    import logging
+    from concurrent.futures import ThreadPoolExecutor
+
+    caplog.set_level(logging.WARNING, logger="mapper.api")
+    dial = DeviceId("default", "dial")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        before = (await service.twin(lambda s: s.device(dial))).properties["level"].desired_version
+
+        def flood() -> list[tuple[int, dict[str, str], str]]:
+            with ThreadPoolExecutor(10) as pool:  # below api.max_connections (16): none refused with 503
+                return list(pool.map(lambda value: from_address(
+                    port, f"/api/v1/devicemethod/default/dial/SetLevel/level/{value}"), range(1, 11)))
+
+        answers = await asyncio.to_thread(flood)
+        accepted = [value for value, (status, _, _) in zip(range(1, 11), answers, strict=True) if status == 200]
+        refused = [(headers, body) for status, headers, body in answers if status == 429]
+        assert len(accepted) == 4 and len(refused) == 6, answers
+        assert all(h.get("Retry-After", "").isdigit() and "api.write_rate_per_s" in b for h, b in refused), refused
+        level = (await service.twin(lambda s: s.device(dial))).properties["level"]
+        assert level.desired_version == before + 4 and level.desired in accepted, (level, accepted)
+        lines = [r for r in caplog.records if "beyond api.write_rate_per_s" in r.getMessage()]
+        assert len(lines) == 1 and "127.0.0.1" in lines[0].getMessage(), caplog.text
+        # Reads are not limited; another client has a bucket of its own.
+        status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/device/default/dial/level")
+        assert status == 200, body
+        status, _, body = await asyncio.to_thread(
+            from_address, port, "/api/v1/devicemethod/default/dial/SetLevel/level/0", None, "127.0.0.2")
+        assert status == 200, body
+        level = (await service.twin(lambda s: s.device(dial))).properties["level"]
+        assert level.desired_version == before + 5 and level.desired == 0
+
+    # One token per 1,000 s: none comes back during the test, so exactly the burst is accepted.
+    scenario(tmp_path, True, check, RANGED, write_rate_per_s=0.001, write_burst=4)
+
+
+def test_the_write_buckets_refill_and_stay_bounded() -> None:
+    """Per client: the burst at once, then the rate; the table holds at most max_clients buckets,
+    forgetting the least recently used (which then starts full again)."""
+    from mapper.dmi.ratelimit import ClientBuckets
+
+    now = [0.0]
+    buckets = ClientBuckets(2.0, 3, max_clients=2, clock=lambda: now[0])
+    assert [buckets.try_take("a") for _ in range(3)] == [0.0] * 3
+    assert buckets.try_take("a") == pytest.approx(0.5) and buckets.refused == 1
+    assert buckets.try_take("b") == 0.0  # another client
+    now[0] = 0.5
+    assert buckets.try_take("a") == 0.0 and buckets.try_take("a") > 0
+    buckets.try_take("c")  # a third client: "b", least recently used, is forgotten
+    assert len(buckets) == 2
+    assert buckets.try_take("a") > 0  # "a" was kept, still empty
+
+
+def test_the_auth_lockout_ends_with_its_window_and_stays_bounded() -> None:
+    """`limit` failures within the window lock a client out until the window ends; at most
+    max_clients are tracked, ended windows forgotten first, else the oldest."""
+    from mapper.dmi.lockout import AuthLockout
+
+    now = [0.0]
+    lockout = AuthLockout(3, 10.0, max_clients=2, clock=lambda: now[0])
+    assert [lockout.failed("a") for _ in range(3)] == [False, False, True]
+    now[0] = 4.0
+    assert lockout.locked("a") == pytest.approx(6.0) and lockout.locked("b") == 0.0
+    now[0] = 10.0
+    assert lockout.locked("a") == 0.0
+    assert lockout.failed("a") is False  # a new window: one failure in it
+    lockout.failed("b")
+    now[0] = 11.0
+    lockout.failed("c")  # full: "a", whose window began first, is forgotten
+    assert len(lockout) == 2 and lockout.failures == 6
+    now[0] = 20.5
+    lockout.failed("d")  # "b"'s window has ended: forgotten, "c" kept
+    assert len(lockout) == 2
+    assert [lockout.failed("c"), lockout.failed("c")] == [False, True]

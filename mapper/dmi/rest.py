@@ -16,6 +16,13 @@ Every request, reads too, is refused when its `Host` names another machine than 
 `Authorization: Bearer <the token>` (401; RestApi.authorized). A browser never sends that header
 on its own, so a token also keeps out every web page. Without a token, any local user may read
 (and write, with `api.writes`); writes on a host other than loopback need one (ApiSettings).
+
+Per client (its address; an IPv6 one's /64, what one LAN host can pick from: client_key): wrong
+tokens are logged at WARNING with the address (at most a line a minute, counting the others), and
+after `api.auth_failures` of them within `api.auth_window_s` the client is answered 429 with
+Retry-After until that window ends, its token not compared (AuthLockout); writes are limited by a
+token bucket, `api.write_rate_per_s` and `api.write_burst` (ClientBuckets), beyond which they are
+answered 429 with Retry-After, nothing written. Reads are limited by neither.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import hmac
 import io
 import ipaddress
 import logging
+import math
 import socket
 import threading
 import time
@@ -41,6 +49,8 @@ import orjson
 from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from devices.values import to_twin_string
+from mapper.dmi.lockout import AuthLockout
+from mapper.dmi.ratelimit import ClientBuckets
 from mapper.dmi.settings import ApiSettings
 from mapper.logs import Throttle, held_note
 from twin.records import ERROR, GOOD
@@ -100,6 +110,26 @@ def from_a_web_page(headers: Mapping[str, str]) -> str | None:
     return None
 
 
+def client_key(address: str) -> str:
+    """What a client is counted by (failed authentications, writes): its IPv4 address, or its IPv6
+    address's /64, since one host on a LAN may pick any address of its /64 (SLAAC privacy addresses)
+    and would otherwise get a fresh count with each. An IPv4 address mapped into IPv6 (a server on
+    `::`) is its IPv4 address."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
+def _retry_after(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(max(1, math.ceil(seconds)))}
+
+
 def addressed_elsewhere(headers: Mapping[str, str], allowed: Iterable[str]) -> str | None:
     """Why a request must be refused for the host it was addressed to, or None.
 
@@ -133,20 +163,44 @@ class RestApi:
         # What `Authorization: Bearer ...` must carry (None: no token_file, nothing asked). Read
         # at start (ValueError if the file is refused) and again at a SIGHUP (RestApiExtension).
         self.token: bytes | None = settings.read_token()
+        self.lockout = AuthLockout(settings.auth_failures, settings.auth_window_s)
+        self.write_buckets = ClientBuckets(settings.write_rate_per_s, settings.write_burst)
+        # Keys: "wrong token", "locked out", "writes". One line at once, then one a minute with the count.
+        self._log_throttle = Throttle(burst=1, interval_s=60.0)
 
-    def authorized(self, headers: Mapping[str, str]) -> None:
+    def authorized(self, headers: Mapping[str, str], client: str = "") -> None:
         """With a token: ApiError 401 (with `WWW-Authenticate: Bearer`, RFC 6750) unless the request
-        carries it. Compared in constant time: how long a refusal takes tells nothing of the token."""
+        carries it. Compared in constant time: how long a refusal takes tells nothing of the token.
+
+        A wrong token is logged (throttled) and counted against the client's address; a client
+        locked out by too many (AuthLockout) gets 429 with Retry-After, whatever it sent. No token
+        at all, or another scheme, is no guess: 401 only, not counted."""
         token = self.token
         if token is None:
             return
+        key = client_key(client)
+        if (left := self.lockout.locked(key)) > 0:
+            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS,
+                           f"too many wrong tokens from {key} (api.auth_failures within api.auth_window_s);"
+                           " try again later", _retry_after(left))
         scheme, _, given = (headers.get("Authorization") or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(HTTPStatus.UNAUTHORIZED, "this API needs `Authorization: Bearer <token>` (api.token_file)",
                            {"WWW-Authenticate": 'Bearer realm="mapper"'})
         if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
+            self._wrong_token(client, key)
             raise ApiError(HTTPStatus.UNAUTHORIZED, "wrong token (api.token_file)",
                            {"WWW-Authenticate": 'Bearer realm="mapper", error="invalid_token"'})
+
+    def _wrong_token(self, client: str, key: str) -> None:
+        locks = self.lockout.failed(key)
+        if (held := self._log_throttle("wrong token")) is not None:
+            log.warning("REST API: a request from %s with a wrong bearer token refused with 401 (%d wrong tokens"
+                        " so far)%s", client, self.lockout.failures, held_note(held))
+        if locks and (held := self._log_throttle("locked out")) is not None:
+            log.warning("REST API: %s sent %d wrong bearer tokens within %g s: refused with 429 for the rest of"
+                        " that time (api.auth_failures, api.auth_window_s)%s", key, self.settings.auth_failures,
+                        self.settings.auth_window_s, held_note(held))
 
     def _on_loop(self, coro) -> Any:  # noqa: ANN001
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
@@ -167,12 +221,13 @@ class RestApi:
             raise ApiError(HTTPStatus.NOT_FOUND, f"device {device_id} not found")
         return definition
 
-    def route(self, path: str, headers: Mapping[str, str] | None = None) -> dict[str, Any]:
+    def route(self, path: str, headers: Mapping[str, str] | None = None, client: str = "") -> dict[str, Any]:
+        """`client`: the address the request came from (what wrong tokens and writes are counted by)."""
         headers = headers or {}
         # Reads too: a page rebound by DNS is same-origin with the API, so it reads what it gets.
         if refused := addressed_elsewhere(headers, [self.settings.host, *self.settings.allowed_hosts]):
             raise ApiError(HTTPStatus.FORBIDDEN, refused)
-        self.authorized(headers)
+        self.authorized(headers, client)
         parts = [unquote(p) for p in urlsplit(path).path.strip("/").split("/")]
         if parts[:2] != ["api", "v1"]:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
@@ -191,7 +246,7 @@ class RestApi:
                 # Host; a write, though, is done once it is sent, whoever sees the answer.
                 if refused := from_a_web_page(headers):
                     raise ApiError(HTTPStatus.FORBIDDEN, refused)
-                return self.write(ns, name, method, prop, data)
+                return self.write(ns, name, method, prop, data, client)
         raise ApiError(HTTPStatus.NOT_FOUND, f"no route {path}")
 
     def read_property(self, namespace: str, name: str, prop_name: str) -> dict[str, Any]:
@@ -242,9 +297,19 @@ class RestApi:
                             "Path": f"/api/v1/devicemethod/{namespace}/{name}/{method.name}/{{propertyName}}/{{data}}"})
         return {**_base(), "Data": {"Methods": methods}}
 
-    def write(self, namespace: str, name: str, method_name: str, prop: str, data: str) -> dict[str, Any]:
+    def write(self, namespace: str, name: str, method_name: str, prop: str, data: str,
+              client: str = "") -> dict[str, Any]:
         if not self.settings.writes:
             raise ApiError(HTTPStatus.FORBIDDEN, "writes through the REST API are disabled (set api.writes: true)")
+        # Every write request counts, a refused one too: the bucket bounds what a client may send.
+        if (wait := self.write_buckets.try_take(key := client_key(client))) > 0:
+            if (held := self._log_throttle("writes")) is not None:
+                log.warning("REST API: writes from %s beyond api.write_rate_per_s %g (api.write_burst %d) refused"
+                            " with 429 (%d so far)%s", key, self.settings.write_rate_per_s, self.settings.write_burst,
+                            self.write_buckets.refused, held_note(held))
+            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS,
+                           f"too many writes from {key} (api.write_rate_per_s, api.write_burst); try again later",
+                           _retry_after(wait))
         definition = self._definition(namespace, name)
         method = next((m for m in definition.device.spec.methods if m.name == method_name), None)
         if method is None or prop not in method.property_names:
@@ -299,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         headers = {}
         try:
-            answer = self.api.route(self.path, self.headers)
+            answer = self.api.route(self.path, self.headers, self.client_address[0])
             source = answer.pop(READING_SOURCE, None)
             if source is not None:
                 headers["X-Mapper-Reading"] = source
