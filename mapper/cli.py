@@ -522,9 +522,9 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
     with _open_twin(config) as store:
-        raw = _check_desired(config, store, device, args.property, args.value)
+        running, pid = _running_mapper(config.twin.path)
+        raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
         value, version = store.set_desired(device, args.property, raw)
-    running, _ = _running_mapper(config.twin.path)
     if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
         print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}) in {config.twin.path},"
               " which the mapper service does not read (see the warning)"
@@ -550,12 +550,17 @@ def _set_value(text: str, kind: PropertyType | None, name: str) -> object:
     return raw
 
 
-def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, text: str) -> object:  # noqa: ANN001
+def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, text: str, *,  # noqa: ANN001
+                   running: bool | None, pid: int | None) -> object:
     """The value `text` carries (_set_value), checked as the MQTT router checks it, against the
     device files: the device is defined, the property declared and writable, the value of its
     type and within its model's range (the twin itself knows the type and writability only). A
     device not in the files is left to the twin when it is unknown there, a pipeline's derived
-    device, or (in `mode: kubeedge`) maybe edgecore's."""
+    device, or (in `mode: kubeedge`) maybe edgecore's.
+
+    A running mapper (`running`, `pid`: _running_mapper) applies the value under the definition
+    it loaded at its start or last reload, not under the files as they are now: a device whose
+    file differs from it (_check_loaded) is refused until the mapper is reloaded."""
     from devices.values import PropertyType
     from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
 
@@ -571,6 +576,14 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
                 f"device {device} is {_origin_text(recorded)} in the twin until the mapper takes up the local"
                 f" file ({definition.source}): a value set now would go to that device and be dropped then."
                 " Reload the mapper (SIGHUP) or start it first, then set it again")
+        if recorded is None:  # (else the twin's "unknown device", which does not say the file defines it)
+            raise ValueError(f"device {device} is defined in {definition.source}, but not in the twin yet: "
+                             + (f"the running mapper (pid {pid if pid is not None else '?'}) has not loaded it"
+                                f" (the file is newer than its start or last reload): {_reload_hint(pid)}"
+                                if running else "`mapper run` takes it up when it starts: start it")
+                             + ", then set the value again")
+        if running:
+            _check_loaded(store, definition, pid)
         if skipped:
             files = list(dict.fromkeys(p.file for p in skipped))
             print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
@@ -602,6 +615,31 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
     prop = twin.properties.get(name) if twin is not None else None
     return _set_value(text, PropertyType(prop.type) if prop is not None and prop.type in PropertyType.__members__
                       else None, name)
+
+
+def _reload_hint(pid: int | None, verb: str = "reload") -> str:
+    return (f"{verb} it (`sudo systemctl reload mapper` for the service, or"
+            f" `kill -HUP {pid if pid is not None else '<its pid>'}`: both send it SIGHUP)")
+
+
+def _check_loaded(store, definition, pid: int | None) -> None:  # noqa: ANN001
+    """Refuse a desired value for a device whose definition in the files is not the one the running
+    mapper loaded: it checks and applies the value under its own (the range or type it runs may
+    differ, and it would refuse a value the files allow: an apply error, after `twin set` said it
+    applies it). The twin has no ranges, but records each active device's fingerprint as the
+    mapper synced it (at its start and at every reload): a different one means the files changed
+    since."""
+    loaded = store.loaded_fingerprint(definition.id)
+    if loaded is None:
+        raise ValueError(f"device {definition.id} is defined in {definition.source}, but the running mapper"
+                         f" (pid {pid if pid is not None else '?'}) does not run it (the file is newer than its start"
+                         f" or last reload): {_reload_hint(pid)}, then set the value again")
+    if loaded != definition.fingerprint:
+        raise ValueError(f"device {definition.id} in the device files ({definition.source}, or its model) differs"
+                         f" from the definition the running mapper (pid {pid if pid is not None else '?'}) loaded at its"
+                         " start or last reload: it would check and apply the value under that one (its range and"
+                         f" type, which the twin does not record), not under the files. {_reload_hint(pid, 'Reload')}"
+                         " so that it runs the files, then set the value again")
 
 
 def _origin_text(recorded: tuple[str | None, bool] | None) -> str:

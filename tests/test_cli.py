@@ -647,6 +647,67 @@ def test_twin_set_refuses_a_local_device_whose_twin_row_is_inactive_of_unknown_o
     assert refused.returncode == 1 and "origin the twin does not know" in refused.stderr, refused.stderr
 
 
+def test_twin_set_checks_against_what_the_running_mapper_loaded_not_the_files(tmp_path):
+    """`twin set` checked the value against the device files on disk, not the definition the
+    running mapper loaded: a maximum raised from 3 to 10 in the model file without a reload let
+    `twin set greenhouse level 8` print "the running mapper applies it", and the mapper then
+    refused it (`write failed: ... 8 is above the maximum 3`, an apply error for good). Now a
+    device whose files differ from what the running mapper synced into the twin (its
+    fingerprint) is refused, nothing written, saying to reload it; after the SIGHUP it is set and
+    applied. A device file added without a reload is not "unknown device" but one the running
+    mapper has not loaded (reload it); with no mapper running, one `mapper run` takes up."""
+    from helpers import one_property_device
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    level = ("{name: level, type: INT, accessMode: ReadWrite, minimum: '0', maximum: '%s'}")
+    greenhouse = devices / "greenhouse.yaml"
+    greenhouse.write_text(one_property_device("greenhouse", level % 3, "{kind: constant, value: 1}",
+                                              settings="collectCycle: 50"))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+
+    def twin_level() -> dict:
+        return json.loads(mapper("twin", "get", "greenhouse", "--config", str(config), "--json").stdout
+                          )["properties"]["level"]
+
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: "running: 1 device(s)" in (tmp_path / "log").read_text(), what="the mapper running")
+        greenhouse.write_text(greenhouse.read_text().replace("maximum: '3'", "maximum: '10'"))
+        refused = mapper("twin", "set", "greenhouse", "level", "8", "--config", str(config))
+        assert refused.returncode == 1 and refused.stdout == "", refused
+        assert ("differs from the definition the running mapper (pid %d) loaded" % proc.pid) in refused.stderr
+        assert f"kill -HUP {proc.pid}" in refused.stderr and "systemctl reload mapper" in refused.stderr
+        assert twin_level()["desired"] is None  # nothing written
+        # Valid under both: refused too (the twin does not record the range the mapper runs).
+        assert mapper("twin", "set", "greenhouse", "level", "2", "--config", str(config)).returncode == 1
+        (devices / "shed.yaml").write_text(one_property_device("shed", level % 3, "{kind: constant, value: 1}",
+                                                               settings="collectCycle: 50"))
+        new = mapper("twin", "set", "shed", "level", "2", "--config", str(config))
+        assert new.returncode == 1, new
+        assert new.stderr.startswith(f"error: device default/shed is defined in {devices / 'shed.yaml'}"), new.stderr
+        assert f"the running mapper (pid {proc.pid}) has not loaded it" in new.stderr
+        assert f"kill -HUP {proc.pid}" in new.stderr, new.stderr
+
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "reload done" in (tmp_path / "log").read_text(), what="the reload")
+        accepted = mapper("twin", "set", "greenhouse", "level", "8", "--config", str(config))
+        assert accepted.returncode == 0 and "the running mapper applies it" in accepted.stdout, accepted
+        wait_for(lambda: twin_level()["reported"] == 8, what="level 8 applied and read back")
+        assert twin_level()["applyError"] is None
+        assert mapper("twin", "set", "shed", "level", "2", "--config", str(config)).returncode == 0
+    finally:
+        assert stop_mapper(proc) == 0
+    assert "write failed" not in (tmp_path / "log").read_text()
+    # No mapper running: the files are what the next start runs, and a device not in the twin yet says so.
+    greenhouse.write_text(greenhouse.read_text().replace("maximum: '10'", "maximum: '20'"))
+    assert mapper("twin", "set", "greenhouse", "level", "15", "--config", str(config)).returncode == 0
+    (devices / "barn.yaml").write_text(one_property_device("barn", level % 3, "{kind: constant, value: 1}",
+                                                           settings="collectCycle: 50"))
+    barn = mapper("twin", "set", "barn", "level", "2", "--config", str(config))
+    assert barn.returncode == 1 and "not in the twin yet: `mapper run` takes it up when it starts" in barn.stderr, barn
+
+
 def _kubeedge_refusals(tmp_path, sitecustomize: str) -> list[str]:
     """The stderr of `mapper run` and `mapper install-service --dry-run` with a `mode: kubeedge`
     config, under a sitecustomize that changes what this install has; both must refuse it at

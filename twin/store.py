@@ -949,6 +949,15 @@ class TwinStore:
         row = self.conn.execute("SELECT origin, active FROM devices WHERE id=?", (str(device_id),)).fetchone()
         return None if row is None else (row[0], bool(row[1]))
 
+    def loaded_fingerprint(self, device_id: DeviceId) -> str | None:
+        """The fingerprint (DeviceDefinition.fingerprint) of the definition the mapper last synced
+        for an active device id; None when the twin has no such device or it is inactive. A running
+        mapper synced what it runs, at its start or last reload: `mapper twin set` compares it with
+        the device files to tell whether they changed since."""
+        row = self.conn.execute("SELECT fingerprint FROM devices WHERE id=? AND active=1",
+                                (str(device_id),)).fetchone()
+        return None if row is None else row[0]
+
     def _drop_desired(self, d: DeviceDefinition, was: str | None) -> list[str]:
         """Inside sync_devices: the device id's origin changed from `was` (None: not known, an
         inactive row from before m006) to d.origin. Every
