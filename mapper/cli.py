@@ -33,13 +33,21 @@ def _config(path: str) -> MapperConfig:
     return load_config(path)
 
 
-def _at_least_one(text: str) -> int:
+# `twin history -n`'s maximum: well above any history twin.history_rows keeps in practice (200,000
+# by default), and below SQLite's 64-bit LIMIT (a larger number was its "datatype mismatch").
+HISTORY_MAX_LIMIT = 10_000_000
+
+
+def _history_count(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    if value > HISTORY_MAX_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {HISTORY_MAX_LIMIT:,} (the history keeps"
+                                         f" twin.history_rows readings, 200,000 by default), got {value:,}")
     return value
 
 
@@ -794,7 +802,8 @@ def parser() -> argparse.ArgumentParser:
     h = tsub.add_parser("history", help="recent readings of one property, oldest first")
     h.add_argument("device")
     h.add_argument("property")
-    h.add_argument("--limit", "-n", type=_at_least_one, default=20, help="readings to show (default 20)")
+    h.add_argument("--limit", "-n", type=_history_count, default=20,
+                   help=f"readings to show, 1 to {HISTORY_MAX_LIMIT:,} (default 20)")
     h.add_argument("--config", "-c", required=True)
     h.add_argument("--json", action="store_true")
     h.set_defaults(fn=cmd_twin_history)

@@ -752,13 +752,31 @@ def test_kubeedge_mode_with_grpc_or_protobuf_older_than_the_stubs_is_a_config_er
         assert "pip install --upgrade grpcio protobuf" in stderr, stderr
 
 
-@pytest.mark.parametrize("limit", ["0", "-5", "ten"])
-def test_twin_history_needs_a_positive_count(tmp_path, limit):
+@pytest.mark.parametrize(("limit", "says"), [("0", "must be 1 or more"), ("-5", "must be 1 or more"),
+                                            ("ten", "not a whole number"),
+                                            ("100000000000000000000", "must be at most 10,000,000"),
+                                            ("10000001", "must be at most 10,000,000")])
+def test_twin_history_needs_a_count_from_1_to_10_million(tmp_path, limit, says):
     """`-n -5` used to print the whole history (SQLite takes a negative LIMIT as none) and `-n 0`
-    said "no readings"; both are usage errors now, before any file is read."""
+    said "no readings"; `-n 100000000000000000000` printed SQLite's raw `error: datatype mismatch`
+    (beyond its 64-bit LIMIT). All are usage errors now, before any file is read."""
     done = mapper("twin", "history", "lamp", "count", "-n", limit, "--config", str(tmp_path / "none.yaml"))
-    assert done.returncode == 2 and "--limit/-n" in done.stderr, done.stderr
-    assert ("must be 1 or more" if limit != "ten" else "not a whole number") in done.stderr
+    assert done.returncode == 2 and "--limit/-n" in done.stderr and says in done.stderr, done.stderr
+
+
+def test_twin_history_takes_the_largest_count(tmp_path):
+    """-n 10000000, the maximum, reads the history (here all of it)."""
+    from devices.loader import load
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(DeviceId("default", "lamp"), "count", n, 1_700_000_000_000 + n) for n in range(3)])
+    done = mapper("twin", "history", "lamp", "count", "-n", "10000000", "--json", "--config", str(config))
+    assert done.returncode == 0 and [r["value"] for r in json.loads(done.stdout)] == [0, 1, 2], done
 
 
 def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
