@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from devices.loader import load
 from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
-from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned
+from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned, unusable_twin
 
 
 def _config(path: str) -> MapperConfig:
@@ -450,10 +450,28 @@ def _existing_twin(config: MapperConfig) -> Path:
     return path
 
 
-def _open_twin(config: MapperConfig) -> TwinStore:
-    # Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
-    # owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned).
-    return TwinStore.open(_existing_twin(config), synchronous=config.twin.synchronous, owned=False)
+@contextlib.contextmanager
+def _open_twin(config: MapperConfig) -> Iterator[TwinStore]:
+    """The twin of a command that reads it or sets a desired value, open while the `with` lasts.
+
+    Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
+    owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned)."""
+    path = _existing_twin(config)
+    with _naming_the_twin(path), TwinStore.open(path, synchronous=config.twin.synchronous, owned=False) as store:
+        yield store
+
+
+@contextlib.contextmanager
+def _naming_the_twin(path: Path) -> Iterator[None]:
+    """A twin file SQLite cannot read ("file is not a database", "database disk image is malformed",
+    at the open or at a damaged page found later) is named, with what to do, as `mapper run` says
+    it (twin.store.unusable_twin): SQLite's own message names no file."""
+    try:
+        yield
+    except sqlite3.DatabaseError as exc:
+        if (unusable := unusable_twin(path, exc)) is not None:
+            raise unusable from exc
+        raise
 
 
 def _latest_reads(store: TwinStore, twin) -> dict[str, int]:  # noqa: ANN001
@@ -691,9 +709,11 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
 
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
-    db = sqlite_utils.Database(_existing_twin(config))
-    rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
-                                          order_by="id desc", limit=args.limit))
+    path = _existing_twin(config)
+    with _naming_the_twin(path):
+        db = sqlite_utils.Database(path)
+        rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
+                                              order_by="id desc", limit=args.limit))
     rows.reverse()
     if not rows:
         # A typo in the device or property is said as such (raises), not as a property with no readings.

@@ -31,7 +31,7 @@ from mapper.logs import Throttle, held_note
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
-from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore
+from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
 # The twin's detail of a device's `offline` after a clean stop.
@@ -360,6 +360,8 @@ class MapperService:
                         await worker.__aexit__(None, None, None)
                 problem = twin_disk_problem(exc, path)
                 if problem is None:  # someone must act: the start stops, naming the twin (SQLite does not)
+                    if (unusable := unusable_twin(path, exc)) is not None:  # a damaged page found by a write
+                        raise unusable from exc
                     if isinstance(exc, sqlite3.Error) and str(path) not in str(exc):
                         raise type(exc)(f"cannot {doing} the twin {path} at start: {exc}") from exc
                     raise

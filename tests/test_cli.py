@@ -384,6 +384,46 @@ def test_ordinary_mistakes_are_errors_not_tracebacks(tmp_path):
         assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
 
 
+@pytest.mark.parametrize("damage", ["not a database", "a damaged page"])
+def test_a_twin_sqlite_cannot_read_is_named_by_every_command_with_what_to_do(tmp_path, damage):
+    """`mapper devices` and `mapper twin get` on a twin file that is not a database printed only
+    `error: file is not a database` (and a damaged page `error: database disk image is malformed`),
+    naming no file, and `mapper run` named the file but not what to do. Every command now names the
+    twin and says to move it aside (with its -wal and -shm files) for a new one. "a damaged page":
+    the devices table's root page overwritten, which the open does not read: found later, by the
+    command's reads or by the start's first write."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    if damage == "not a database":
+        twin.parent.mkdir(mode=0o700)
+        twin.write_text("not a database\n" * 100)
+        twin.chmod(0o600)
+        commands = [("devices",), ("twin", "get", "lamp"), ("twin", "set", "lamp", "power", "true"),
+                    ("twin", "history", "lamp", "count")]
+    else:
+        with TwinStore.open(twin) as store:
+            store.sync_devices(load([devices]).devices.values())
+            root = store.conn.execute("SELECT rootpage FROM sqlite_master WHERE name='devices'").fetchone()[0]
+            page = store.conn.execute("PRAGMA page_size").fetchone()[0]
+        with twin.open("r+b") as f:
+            f.seek((root - 1) * page)
+            f.write(b"\xa5" * page)
+        commands = [("devices",), ("twin", "get", "lamp"), ("twin", "set", "lamp", "power", "true")]
+    said = f"error: the twin {twin} cannot be read as a database ("
+    todo = f"move the twin aside (mv {twin} {twin}.broken, and likewise {twin}-wal and {twin}-shm if they are there)"
+    for args in commands:
+        result = mapper(*args, "--config", str(config))
+        assert result.returncode == 1 and result.stderr.startswith(said), (args, result.stderr)
+        assert todo in result.stderr and len(result.stderr.splitlines()) == 1, (args, result.stderr)
+    run = mapper("run", "--config", str(config), timeout=60)
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(said), run.stderr[-2000:]
+    assert todo in run.stderr and "Traceback" not in run.stderr
+
+
 def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
     """run -> readings visible with `twin get`/`devices`; `twin set` is applied; SIGTERM stops cleanly."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)

@@ -208,7 +208,7 @@ def test_a_twin_that_is_not_a_database_still_stops_the_start_naming_it(tmp_path:
     done = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(config)], capture_output=True,
                           text=True, timeout=30, cwd=REPO)
     assert done.returncode == 1, done.stderr
-    assert f"error: cannot open the twin {twin}" in done.stderr and "not a database" in done.stderr, done.stderr
+    assert f"error: the twin {twin} cannot be read as a database (file is not a database)" in done.stderr, done.stderr
 
 
 @pytest.mark.parametrize("directory", ["made", "not made yet"])

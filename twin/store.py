@@ -227,6 +227,28 @@ OUTBOX_DEPTH_SQL = (
     " AND id > coalesce((SELECT value FROM counters WHERE name='published_through'), 0))")
 
 
+_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+
+
+def unusable_twin(path: str | Path, exc: BaseException) -> sqlite3.DatabaseError | None:
+    """The error to raise for a twin file SQLite cannot read as a database (SQLITE_NOTADB: "file is
+    not a database"; SQLITE_CORRUPT: "database disk image is malformed"), naming the file and what
+    to do (SQLite says neither); None for any other error. Every command says the same: `mapper
+    run` (at open) and the commands that read the twin (TwinStore.open, and mapper.cli while
+    they read, where a damaged page may be found only then)."""
+    if not isinstance(exc, sqlite3.DatabaseError) or str(path) in str(exc):
+        return None
+    if getattr(exc, "sqlite_errorcode", None) is None or exc.sqlite_errorcode & 0xFF not in (_SQLITE_CORRUPT,
+                                                                                             _SQLITE_NOTADB):
+        return None
+    return sqlite3.DatabaseError(
+        f"the twin {path} cannot be read as a database ({exc}): it is damaged, or twin.path names another file."
+        f" If twin.path is right, stop the mapper and move the twin aside (mv {path} {path}.broken, and likewise"
+        f" {path}-wal and {path}-shm if they are there): the next `mapper run` starts an empty twin (the old"
+        " history, desired values and unsent messages stay in the file moved; `sqlite3 FILE .recover` may save"
+        " part of them)")
+
+
 def committed_seqs(conn: sqlite3.Connection) -> dict[str, int]:
     """The last committed `seq` of every topic (saved ones, and those only in history rows yet)."""
     seqs = dict(conn.execute("SELECT topic, seq FROM topic_seq"))
@@ -574,6 +596,12 @@ class TwinStore:
             raise sqlite3.OperationalError(
                 f"cannot open the twin {path}: {exc} (its directory must be writable, for the -wal and -shm files"
                 " next to it, and its disk not full)") from exc
+        except sqlite3.DatabaseError as exc:
+            if conn is not None:
+                conn.close()
+            if (unusable := unusable_twin(path, exc)) is not None:
+                raise unusable from exc
+            raise
         return store
 
     def _load_state(self) -> None:
