@@ -373,7 +373,7 @@ async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
 def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import (SERVICE_TWIN, ServiceUser, UnitSettings, check_service_reads, check_service_secrets,
                                 check_service_token, existing_groups, install_service, read_paths, render_unit,
-                                service_warnings, writable_dirs)
+                                service_checks, service_warnings, writable_dirs)
 
     config_path = Path(args.config).resolve()
     # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
@@ -409,15 +409,32 @@ def cmd_install_service(args: argparse.Namespace) -> int:
                             watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
                             writable=tuple(writable_dirs(config)), reads=tuple(read_paths(config)))
     unit = render_unit(settings)
+    checks = list(service_checks(settings))
+    cannot_start = [text for fatal, text in checks if fatal]
     if args.dry_run:
         print(unit, end="")
+    if cannot_start and not args.force:
+        # Refused before anything is made (user, unit, daemon-reload): a unit that cannot start
+        # would only fail at `systemctl enable --now`, or at the next boot.
+        for fatal, text in checks:
+            if not fatal:
+                print(f"warning: {text}", file=sys.stderr)
+        done = "a real install refuses it" if args.dry_run else "nothing was installed"
+        print(f"error: the service could not start with this installation, so {done}: fix these, then run this"
+              " again (or pass --force to install anyway):", file=sys.stderr)
+        for text in cannot_start:
+            print(f"  - {text}", file=sys.stderr)
+        return 1
+    if args.dry_run:
         # The checks a real install makes after writing the unit, without writing anything.
         for warning in service_warnings(settings):
             print(warning, file=sys.stderr)
         return 0
     for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only):
         print(line)
-    if not args.unit_only:
+    if cannot_start:  # --force: installed all the same
+        print("next: fix the problems in the warnings above: the service cannot start until then")
+    elif not args.unit_only:
         print("next: sudo systemctl enable --now mapper; then: systemctl status mapper; journalctl -u mapper -f")
     return 0
 
@@ -817,6 +834,8 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--watchdog-sec", type=int, default=30)
     i.add_argument("--stop-timeout-sec", type=int, default=30)
     i.add_argument("--unit-only", action="store_true", help="only write the unit file (no user, no systemctl)")
+    i.add_argument("--force", action="store_true",
+                   help="install although the checks find that the service cannot start (printed as warnings)")
     i.set_defaults(fn=cmd_install_service)
 
     h = tsub.add_parser("history", help="recent readings of one property, oldest first")

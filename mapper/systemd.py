@@ -683,27 +683,40 @@ def install_service(
 
 
 def service_warnings(settings: UnitSettings) -> Iterator[str]:
-    """What would keep the installed service from starting, as warnings: the mapper not installed
-    for the unit's interpreter, the interpreter or the config behind a directory the service user
-    cannot enter, a `ReadWritePaths=` directory missing or closed to it, any of those or a file the
-    config names under /tmp or /var/tmp (PrivateTmp=yes hides them from the service); and what any
-    user but root can change among the interpreter, the mapper package, the packages beside it and
-    the config (`changeable_by_others`), which would let that user run code as the service. Looks only:
-    `install-service --dry-run` prints them too."""
+    """Every finding of service_checks as a `warning: ` line (what install_service prints after
+    writing the unit: the soft ones, or all with `install-service --force`; `install-service`
+    refuses to install while one says the service cannot start)."""
+    for _, text in service_checks(settings):
+        yield f"warning: {text}"
+
+
+def service_checks(settings: UnitSettings) -> Iterator[tuple[bool, str]]:
+    """What the installed service would meet, as (it cannot start, what and how to fix it).
+
+    It cannot start: the mapper not installed for the unit's interpreter, the interpreter or the
+    config behind a directory the service user cannot enter (not for root), a `ReadWritePaths=`
+    directory missing or closed to it, any of those or a file the config names under /tmp or
+    /var/tmp (PrivateTmp=yes hides them from the service). It can, but should not: what any user
+    but root can change among the interpreter, the mapper package, the packages beside it and the
+    config (`changeable_by_others`), which would let that user run code as the service. Looks
+    only: `install-service --dry-run` prints them too."""
+    user = ServiceUser.lookup(settings.user, settings.groups)
     if not _installed():
-        yield (f"warning: the mapper package is not installed for {settings.python}, so the service cannot"
-               " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")
+        yield True, (f"the mapper package is not installed for {settings.python}, so the service cannot"
+                     " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter")
     python = Path(settings.python)
     reported: set[Path] = set()
     # A venv's python is a symlink: the interpreter it links to (a pyenv build in a 0700 home) must be
     # reachable too, or the service cannot exec it.
-    for path, what in ((python, ""), (python.resolve(), f", the interpreter {python} links to"),
-                       (settings.config, "")):
+    for path, what, want in ((python, "", os.X_OK), (python.resolve(), f", the interpreter {python} links to", os.X_OK),
+                             (settings.config, "", os.R_OK)):
         blocked = unreachable_for_others(path)
+        if blocked is not None and user.denied(path, want) is None:
+            blocked = None  # the service user gets in all the same: root, or through its groups or an ACL
         if blocked is not None and blocked not in reported:
             reported.add(blocked)
-            yield (f"warning: {blocked} is closed to other users, so {settings.user!r} cannot reach {path}{what};"
-                   " move the installation (e.g. to /opt/mapper) or open that directory")
+            yield True, (f"{blocked} is closed to other users, so {settings.user!r} cannot reach {path}{what};"
+                         " move the installation (e.g. to /opt/mapper) or open that directory")
     # What the service runs (ExecStartPre= and ExecStart=: the interpreter, the mapper package and the
     # packages beside it) and the config must be root's to change: a login user who can write them
     # (docs/raspberry-pi.md once chowned /opt/mapper to it) takes over the service user (its groups,
@@ -731,33 +744,36 @@ def service_warnings(settings: UnitSettings) -> Iterator[str]:
         recursive = "" if path == settings.config else "-R "
         fix = (f"move the installation out of it (a venv in /opt/mapper made and filled by root: docs/raspberry-pi.md)"
                if _holds_a_home(where) else f"sudo chown {recursive}root {where} && sudo chmod {recursive}go-w {where}")
-        yield (f"warning: {what} can be changed by a user other than root: {where} is {_user_name(st.st_uid)}:"
-               f"{_group_name(st.st_gid)} {stat.S_IMODE(st.st_mode):04o} ({how}), and {does}: {fix}")
-    # Warned about as /root is (above): a warning, not a refusal (`install-service` still writes the unit).
+        yield False, (f"{what} can be changed by a user other than root: {where} is {_user_name(st.st_uid)}:"
+                      f"{_group_name(st.st_gid)} {stat.S_IMODE(st.st_mode):04o} ({how}), and {does}: {fix}")
     hidden = "which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of its own, so"
     for path, what in ((python, f"the interpreter {python}"),
                        (python.resolve(), f"{python.resolve()}, the interpreter {python} links to,")):
         if (tmp := under_private_tmp(path)) is not None:
-            yield (f"warning: {what} is under {tmp}, {hidden} the service cannot start: install the mapper outside"
-                   " /tmp and /var/tmp (e.g. a venv in /opt/mapper)")
+            yield True, (f"{what} is under {tmp}, {hidden} the service cannot start: install the mapper outside"
+                         " /tmp and /var/tmp (e.g. a venv in /opt/mapper)")
             break
     for field, path in (("--config", settings.config), *settings.reads):
         if (tmp := under_private_tmp(path)) is not None:
-            yield (f"warning: {field}: {path} is under {tmp}, {hidden} the service cannot read it: move it out of"
-                   " /tmp and /var/tmp (e.g. to /etc/mapper)")
+            yield True, (f"{field}: {path} is under {tmp}, {hidden} the service cannot read it: move it out of"
+                         " /tmp and /var/tmp (e.g. to /etc/mapper)")
     for field, directory in settings.writable:
         if (tmp := under_private_tmp(directory)) is not None:
-            yield (f"warning: {field}: {directory} is under {tmp}, {hidden} the service cannot use it (nor would"
-                   " what it made there be seen outside it): use a directory outside /tmp and /var/tmp"
-                   " (docs/kubeedge.md, As a systemd service)")
-    user = ServiceUser.lookup(settings.user, settings.groups)
+            yield True, (f"{field}: {directory} is under {tmp}, {hidden} the service cannot use it (nor would"
+                         " what it made there be seen outside it): use a directory outside /tmp and /var/tmp"
+                         " (docs/kubeedge.md, As a systemd service)")
     for field, directory in settings.writable:
         if not directory.is_dir():
-            yield (f"warning: {field}: {directory} does not exist, and the service cannot start without it"
-                   f" (ReadWritePaths=): create it, writable by {settings.user!r}")
+            yield True, (f"{field}: {directory} does not exist, and the service cannot start without it"
+                         f" (ReadWritePaths=): create it, writable by {settings.user!r}")
         elif (denied := user.denied(directory, os.W_OK | os.X_OK)) is not None:
-            yield (f"warning: {field}: {settings.user!r} cannot create files in {directory} ({denied.detail}), so the"
-                   f" service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd service)")
+            first = ("" if user.uid is not None else  # (install-service would create it: only after this check)
+                     f"; {settings.user!r} does not exist yet, create it first (sudo useradd --system --user-group"
+                     f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {settings.user}), then"
+                     f" sudo chown {settings.user}: {directory}")
+            yield True, (f"{field}: {settings.user!r} cannot create files in {directory} ({denied.detail}), so the"
+                         f" service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd service)"
+                         f"{first}")
 
 
 def _installed() -> bool:

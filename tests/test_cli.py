@@ -869,7 +869,8 @@ def test_a_world_readable_mqtt_secret_is_warned_about(tmp_path):
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n")
     warning = (f"warning: {config}: mqtt.password_file: {secret} is readable by every user of this machine"
                f" (mode 0644): sudo chmod o-r {secret}")
-    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups", "--other-twin")
+    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups", "--other-twin",
+                    "--force")
     assert result.returncode == 0 and "ExecStart=" in result.stdout, result
     assert warning in result.stderr.splitlines(), result.stderr
     proc = start_mapper(config, tmp_path / "log")
@@ -879,7 +880,8 @@ def test_a_world_readable_mqtt_secret_is_warned_about(tmp_path):
     finally:
         stop_mapper(proc, signal.SIGTERM)
     secret.chmod(0o600)
-    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups", "--other-twin")
+    result = mapper("install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups", "--other-twin",
+                    "--force")
     assert result.returncode == 0 and "readable by every user" not in result.stderr, result
 
 

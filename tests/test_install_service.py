@@ -78,7 +78,7 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(
     monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: commands.append(cmd))
     unit_file = tmp_path / "systemd" / "mapper.service"
     user_before = user_exists("mapper")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups", "--unit-file", str(unit_file)]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups", "--unit-file", str(unit_file)]) == 0
     assert not unit_file.exists() and not unit_file.parent.exists()
     assert commands == []
     assert user_exists("mapper") == user_before
@@ -144,18 +144,18 @@ def test_kubeedge_mode_makes_the_socket_and_state_file_directories_writable(
     kube = ("mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n"
             f"  socket: {tmp_path}/run kube/dht.sock\n  state_file: {tmp_path}/state/ke.json\n")
     config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == [
         "ReadWritePaths=/var/lib/mapper", f'ReadWritePaths="{tmp_path}/run kube"', f"ReadWritePaths={tmp_path}/state"]
 
     config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN,
                           extra="mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper",
                                                          "ReadWritePaths=/etc/kubeedge"]
 
     config = write_config(tmp_path / "plain.yaml", devices, SERVICE_TWIN)
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups"]) == 0
     assert read_write_paths(capsys.readouterr().out) == ["ReadWritePaths=/var/lib/mapper"]
 
 
@@ -259,7 +259,7 @@ def test_install_warns_when_a_user_other_than_root_can_change_what_the_service_r
         " by every user), and the service takes from it which broker to give its password to and which devices to"
         f" drive, as does root at a `sudo ... mapper`: sudo chown root {config} && sudo chmod go-w {config}"]
     # `install-service --dry-run` prints it (its interpreter: this one, root's).
-    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
     assert f"warning: --config: {config} can be changed by a user other than root" in capsys.readouterr().err
     config.chmod(0o644)
     assert changeable() == []
@@ -272,7 +272,7 @@ def test_install_refuses_a_password_file_the_service_user_cannot_read(
     A user that does not exist yet will have only its own group and --groups (not root's)."""
     password, config = _root_only_password(tmp_path, open_dir)
     user = "mapper-test-nonexistent"
-    install = ["install-service", "--config", str(config), "--dry-run", "--user", user, "--groups", "daemon"]
+    install = ["install-service", "--force", "--config", str(config), "--dry-run", "--user", user, "--groups", "daemon"]
     assert main(install) == 1
     out = capsys.readouterr()
     assert out.out == ""  # no unit
@@ -307,7 +307,7 @@ def test_install_warns_that_password_env_must_be_added_to_the_service(
     devices = write_devices(tmp_path / "dev", ["a"])
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  password_env: MAPPER_TEST_MQTT_PASSWORD\n")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups"]) == 0
     out = capsys.readouterr()
     assert "ExecStart=" in out.out
     # (The first line: after it, --dry-run's checks of this host, a venv in /root, a config in pytest's 0700 tmp.)
@@ -340,7 +340,7 @@ def test_a_password_file_shared_through_an_acl_is_accepted(tmp_path: Path, open_
     devices = write_devices(tmp_path / "dev", ["a"])
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]) == 0
     assert "ExecStart=" in capsys.readouterr().out
 
 
@@ -357,7 +357,7 @@ def test_install_refuses_an_invalid_config(tmp_path: Path, capsys: pytest.Captur
 def test_unit_only_writes_the_file_and_says_so(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """--unit-only writes the unit where asked and prints what it did."""
     unit_file = tmp_path / "units" / "mapper.service"
-    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                  "--groups"]) == 0
     assert f"wrote {unit_file}" in capsys.readouterr().out
     assert "Type=notify" in unit_file.read_text()
@@ -438,7 +438,7 @@ def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
     devices = write_devices(open_dir / "dev", ["a"])
     device_file = next(devices.glob("*.yaml"))
     config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN)
-    install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
+    install = ["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
     config.chmod(0o600)
     assert main(install) == 1
     out = capsys.readouterr()
@@ -464,9 +464,11 @@ def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
 def test_dry_run_makes_the_checks_a_real_install_makes(
         tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/kubeedge.md and docs/raspberry-pi.md tell users to check the install with --dry-run: it
-    prints the same warnings as the install (the mapper not installed for the interpreter, a
-    directory the service user cannot enter, a ReadWritePaths= directory missing or closed to it),
-    on stderr after the unit, and changes nothing (no directory created, no unit written)."""
+    makes the checks of the install (the mapper not installed for the interpreter, a directory the
+    service user cannot enter, a ReadWritePaths= directory missing or closed to it), and changes
+    nothing (no directory created, no unit written). What keeps the service from starting is an
+    error, as for the install itself: listed on stderr after the unit, exit 1; with --force,
+    warnings and exit 0."""
     import mapper.systemd
 
     monkeypatch.setattr(mapper.systemd, "_installed", lambda: False)
@@ -474,22 +476,79 @@ def test_dry_run_makes_the_checks_a_real_install_makes(
     root_only, kube = _kubeedge_in_a_root_only_dir(open_dir)
     config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)  # tmp_path: 0700
     unit_file = tmp_path / "units" / "mapper.service"
-    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups",
-                 "--unit-file", str(unit_file)]) == 0
-    out, err = capsys.readouterr()
-    assert "ExecStart=" in out and "warning" not in out
-    warnings = err.splitlines()
-    assert f"warning: the mapper package is not installed for {sys.executable}, so the service cannot" \
-           " import it from /var/lib/mapper: run `pip install '.[pi]'` with that interpreter" in warnings, err
     closed = next(p for p in reversed(config.resolve().parents) if not p.stat().st_mode & 0o001)
-    assert (f"warning: {closed} is closed to other users, so 'nobody' cannot reach {config.resolve()};"
-            " move the installation (e.g. to /opt/mapper) or open that directory") in warnings, err
-    assert (f"warning: kubeedge.socket: 'nobody' cannot create files in {root_only} ({root_only} is root:root"
-            " 0755), so the service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd"
-            " service)") in warnings, err
-    assert (f"warning: kubeedge.state_file: {open_dir}/missing does not exist, and the service cannot start"
-            " without it (ReadWritePaths=): create it, writable by 'nobody'") in warnings, err
+    cannot_start = [
+        f"the mapper package is not installed for {sys.executable}, so the service cannot import it from"
+        " /var/lib/mapper: run `pip install '.[pi]'` with that interpreter",
+        f"{closed} is closed to other users, so 'nobody' cannot reach {config.resolve()}; move the installation"
+        " (e.g. to /opt/mapper) or open that directory",
+        f"kubeedge.socket: 'nobody' cannot create files in {root_only} ({root_only} is root:root 0755), so the"
+        " service cannot start: use a directory it owns (docs/kubeedge.md, As a systemd service)",
+        f"kubeedge.state_file: {open_dir}/missing does not exist, and the service cannot start without it"
+        " (ReadWritePaths=): create it, writable by 'nobody'"]
+    install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups",
+               "--unit-file", str(unit_file)]
+    assert main(install) == 1
+    out, err = capsys.readouterr()
+    assert "ExecStart=" in out and "warning" not in out and "error" not in out
+    lines = err.splitlines()
+    header = ("error: the service could not start with this installation, so a real install refuses it: fix these,"
+              " then run this again (or pass --force to install anyway):")
+    assert header in lines, err
+    listed = lines[lines.index(header) + 1:]
+    for text in cannot_start:
+        assert f"  - {text}" in listed, (text, err)
+    assert not [line for line in lines if "cannot start" in line and line.startswith("warning")], err
     assert not (open_dir / "missing").exists() and not unit_file.parent.exists()
+
+    assert main([*install, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert "ExecStart=" in out and "error" not in err
+    for text in cannot_start:
+        assert f"warning: {text}" in err.splitlines(), (text, err)
+    assert not (open_dir / "missing").exists() and not unit_file.parent.exists()
+
+
+def test_install_refuses_a_unit_that_cannot_start_and_writes_nothing(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A config and device files under /tmp (which the unit's PrivateTmp=yes hides from the service):
+    `--dry-run` warned `the service cannot read it`, exit 0, and the install wrote the unit, ran
+    `systemctl daemon-reload` and said `next: sudo systemctl enable --now mapper`. Now the install
+    is refused, exit 1, listing what to fix, with nothing done: no user, no unit, no daemon-reload.
+    --force installs it anyway (the problems as warnings), and does not say to enable it. As a user
+    runs it (`--unit-only`, a real process), and in full, whose system commands (useradd, usermod,
+    systemctl) are caught, not run."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN)
+    if not str(config.resolve()).startswith("/tmp/"):
+        pytest.skip("pytest's tmp_path is not under /tmp here")
+    unit_file = tmp_path / "systemd" / "mapper.service"
+    hidden = ("is under /tmp, which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and"
+              " /var/tmp of its own, so the service cannot read it: move it out of /tmp and /var/tmp (e.g. to"
+              " /etc/mapper)")
+    install = ["install-service", "--config", str(config), "--user", "nobody", "--groups", "--unit-file",
+               str(unit_file)]
+    done = subprocess.run([sys.executable, "-m", "mapper", *install, "--unit-only"], capture_output=True, text=True,
+                          cwd=REPO, timeout=60)
+    assert done.returncode == 1 and done.stdout == "", done
+    lines = done.stderr.splitlines()
+    assert lines[lines.index("error: the service could not start with this installation, so nothing was installed:"
+                             " fix these, then run this again (or pass --force to install anyway):") + 1:][-2:] == [
+        f"  - --config: {config.resolve()} {hidden}", f"  - devices[0]: {devices} {hidden}"], done.stderr
+    assert not unit_file.parent.exists()
+
+    commands: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: commands.append(cmd))
+    assert main(install) == 1
+    assert f"  - --config: {config.resolve()} {hidden}" in capsys.readouterr().err.splitlines()
+    assert commands == [] and not unit_file.parent.exists()
+
+    assert main([*install, "--force"]) == 0
+    out, err = capsys.readouterr()
+    assert commands == [["systemctl", "daemon-reload"]] and unit_file.is_file()
+    assert f"warning: --config: {config.resolve()} {hidden}" in out.splitlines(), out
+    assert out.splitlines()[-1] == "next: fix the problems in the warnings above: the service cannot start until then"
+    assert "enable --now" not in out
 
 
 def test_install_refuses_a_config_whose_twin_is_not_the_services(
@@ -517,11 +576,11 @@ def test_install_refuses_a_config_whose_twin_is_not_the_services(
             " `twin: {path: /var/lib/mapper/twin.db}` (or `path: /var/lib/mapper/twin.db` in its `twin:` section),"
             " then run this again; or pass --other-twin to install anyway\n")
         assert not unit_file.exists()
-    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                  "--groups", "--other-twin"]) == 0
     assert unit_file.exists()
     config.write_text(f"node: pi\ndevices: [{devices}]\ntwin: {{path: /var/lib/mapper/twin.db}}\n")  # as told
-    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                  "--groups"]) == 0
 
 
@@ -541,7 +600,7 @@ def test_the_twin_commands_say_when_the_service_runs_their_config_on_another_twi
     with TwinStore.open(tmp_path / "twin.db") as store:
         store.sync_devices(load([devices]).devices.values())
     unit_file = tmp_path / "mapper.service"
-    assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                  "--groups", "--other-twin"]) == 0
     monkeypatch.setattr(mapper.systemd, "UNIT_FILE", unit_file)
     capsys.readouterr()
@@ -653,7 +712,7 @@ def test_dry_run_warns_about_paths_under_tmp_which_the_service_does_not_see(tmp_
                               extra=f"mqtt: {{username: u, password_file: {password}, tls: {{ca_file: {ca_file},"
                                     f" cert_file: {cert_file}, key_file: {key_file}}}}}\n")
         install = ["-m", "mapper", "install-service", "--config", str(config), "--dry-run", "--user", "nobody",
-                   "--groups"]
+                   "--groups", "--force"]
         why = ("which the service does not see: the unit's PrivateTmp=yes gives it an empty /tmp and /var/tmp of"
                " its own, so")
         result = subprocess.run([str(python), *install], capture_output=True, text=True, cwd=REPO, timeout=60)
@@ -728,7 +787,7 @@ def test_dry_run_checks_the_api_token_file_as_the_service_meets_it(
     token.chmod(0o600)
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
                           extra=f"api: {{host: 0.0.0.0, writes: true, token_file: {token}}}\n")
-    install = ["install-service", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
+    install = ["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
     assert main(install) == 1
     assert (f"api.token_file: the service user 'nobody' cannot read {token} ({token} is root:root 0600):"
             f" sudo chown nobody {token}") in capsys.readouterr().err
@@ -742,11 +801,11 @@ def test_dry_run_checks_the_api_token_file_as_the_service_meets_it(
     hidden.write_text("t" * 32 + "\n")
     hidden.chmod(0o600)
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN, extra=f"api: {{token_file: {hidden}}}\n")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
     err = capsys.readouterr().err
     if str(hidden.resolve()).startswith(("/tmp/", "/var/tmp/")):
         assert f"warning: api.token_file: {hidden} is under /tmp" in err, err
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN, extra="api: {host: 0.0.0.0}\n")
-    assert main(["install-service", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
     assert (f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set"
             in capsys.readouterr().err)
