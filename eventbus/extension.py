@@ -20,6 +20,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from eventbus import payloads
 from eventbus.bus import MqttBus
+from eventbus.health import TwinHealth
 from eventbus.instance import InstanceWatch, instance_token
 from eventbus.publisher import OutboxPublisher
 from eventbus.router import Router
@@ -110,6 +111,7 @@ class EventBusExtension:
         self._clearing: dict[str, None] = {}  # topics of retained commands cleared, until the clear comes back
         self._service: MapperService | None = None
         self.instance: InstanceWatch | None = None  # another mapper serving this node (eventbus/instance.py)
+        self.health: TwinHealth | None = None  # the twin's health on <node>/health (eventbus/health.py)
         self._stopping = False
         # The node's availability (see REASSERT_INTERVAL_S): whether this connection's own `online`
         # has come back (what the broker sends before it, a retained `offline` of the last run, is
@@ -171,6 +173,9 @@ class EventBusExtension:
         service.recorder.on_outbox = self.publisher.offer
         service.recorder.take_acks = self.publisher.take_acked
         service.recorder.return_acks = self.publisher.return_acked
+        # Straight on the connection, not through the outbox: it says when the twin cannot be written.
+        self.health = TwinHealth(self.topics.health(), self.bus, service.recorder, config.twin.path)
+        service.recorder.on_health = self.health.changed
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
@@ -195,6 +200,8 @@ class EventBusExtension:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
             tg.create_task(self._announce_instance_every_interval(), name="instance-announcements")
+            if self.health is not None:
+                tg.create_task(self.health.run(), name="twin-health")
             if self.router is not None and self.router.serve_twin_protocol:
                 tg.create_task(self.router.run(), name="membership-replies")
 
@@ -402,6 +409,10 @@ class EventBusExtension:
         self._own_online_seen = False  # the broker hands out the retained value first, then `online` comes back
         try:
             await self._announce(service)
+            # The twin's health, after the devices' availability and state are queued: the timing of
+            # those is unchanged. (The recorder's failed commits meanwhile publish it too: TwinHealth.run.)
+            if self.health is not None:
+                await self.health.publish()
             if self.instance is not None:  # after the devices' availability and state are queued
                 self.instance.connected()
                 await self._announce_instance()

@@ -4,6 +4,7 @@ Default scheme (prefix `mapper`, configurable):
 
     mapper/<node>/availability                          online|offline, retained, last will
     mapper/<node>/instance                              retained JSON: which mapper serves the node (mapper only)
+    mapper/<node>/health                                retained JSON: can the twin be written (eventbus/health.py)
     mapper/<node>/<namespace>/<device>/state            retained JSON: every property's latest value + state
     mapper/<node>/<namespace>/<device>/availability     online|offline, retained
     mapper/<node>/<namespace>/<device>/<property>       telemetry JSON {value, unit, ts, seq, quality}
@@ -36,6 +37,12 @@ class Topics:
         """Where the mapper serving the node announces itself (eventbus/instance.py). Three levels: no
         app's ACL line (mapper/+/availability, mapper/+/<ns>/+/+) and no bridge topic line covers it."""
         return f"{self.base}/instance"
+
+    def health(self) -> str:
+        """Where the mapper says whether its twin can be written (eventbus/health.py). Three levels, as
+        the node's availability: apps read it by a line of its own (mosquitto/acl: mapper/+/health),
+        the bridge carries it by one (bridge.conf); no app line lets anyone but `mapper` write it."""
+        return f"{self.base}/health"
 
     def device_base(self, device: DeviceId) -> str:
         assert isinstance(device, DeviceId)

@@ -25,6 +25,10 @@ the twin's counters('readings_dropped') with the next commit) and logged, a line
 The failed commits themselves (retried every `retry_s`) are logged the same way: the first at
 once, then a line a minute saying how many were not logged; the commit that succeeds again logs
 how long the twin could not be written and how many readings waited.
+The outage is also kept for whoever tells it elsewhere (eventbus/health.py: `<node>/health` on
+MQTT, since nothing else goes out while it lasts): `outage_failures`, `outage_since_ms`,
+`last_error`, `writable_since_ms`, and `on_health` is called after each failed commit and once at
+the commit that ends the outage; never per reading or per commit that succeeds as the one before.
 What came with a dropped reading's batch and is not that reading's own telemetry (the batch's
 extras, such as inference decisions with their offload requests, and its other messages) stays
 and commits with what is left of the batch, or alone: extras are neither lost nor run twice.
@@ -95,6 +99,12 @@ class Recorder:
         self.commit_failures = 0  # failed commits since start
         self._failing_since: float | None = None  # monotonic time of the first failure of the current outage
         self._failures_unlogged = 0  # failed commits of the current outage not logged (throttled)
+        self.outage_failures = 0  # failed commits of the current outage (0: the twin takes commits)
+        self.outage_since_ms: int | None = None  # wall clock (ms) of the current outage's first failed commit
+        self.last_error: BaseException | None = None  # what the last failed commit raised
+        self.writable_since_ms = time.time_ns() // 1_000_000  # the start, or the end of the last outage
+        # Told after each failed commit and at the commit that ends an outage (see the module's doc).
+        self.on_health: Callable[[], None] | None = None
         self._has_data = asyncio.Event()
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -202,6 +212,12 @@ class Recorder:
         self._failing_since = None
         self._failures_unlogged = 0
         self._log_throttle.reset("commit_failed")  # the next outage's first failure is logged at once
+        self.outage_failures = 0
+        self.outage_since_ms = None
+        self.last_error = None
+        self.writable_since_ms = time.time_ns() // 1_000_000
+        if self.on_health is not None:
+            self.on_health()
 
     def waiting(self) -> int:
         """Readings taken and not committed yet (pending, or in a batch whose commit failed), and
@@ -285,10 +301,15 @@ class Recorder:
                     self.commit_failures += 1
                     if self._failing_since is None:
                         self._failing_since = time.monotonic()
+                        self.outage_since_ms = time.time_ns() // 1_000_000
+                    self.outage_failures += 1
+                    self.last_error = exc
                 self._retry = (batch, messages, extras, failures + 1)  # not committed: first again, in order
                 self._has_data.set()
                 if self._max_waiting is not None and self.waiting() > self._max_waiting:
                     self._shed()  # what came meanwhile, with this batch back, may be over the bound
+                if isinstance(exc, Exception) and self.on_health is not None:
+                    self.on_health()
                 if sent and self.return_acks:
                     self.return_acks(sent)
                 if cancelled is not None:

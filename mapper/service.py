@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import functools
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -31,6 +29,8 @@ from mapper.logs import Throttle, held_note
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
+from mapper.twin_disk import innermost as _innermost
+from mapper.twin_disk import twin_disk_problem
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
@@ -55,62 +55,6 @@ TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
 TWIN_WAIT_TICK_S = 5.0
-# Free space below this counts as a full disk (SQLite needs a few pages, the WAL index 32 KiB).
-TWIN_DISK_FULL_BELOW = 1 << 20
-_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
-
-
-def _disk_of(path: Path) -> tuple[Path, bool, int] | None:
-    """(the nearest existing directory of `path`, its file system read-only, bytes free to a user)."""
-    directory = path.parent
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return None
-    return directory, bool(st.f_flag & os.ST_RDONLY), st.f_bavail * st.f_frsize
-
-
-def twin_disk_problem(exc: BaseException, path: Path) -> str | None:
-    """What keeps the twin from being opened or written when it is its disk's state, which can
-    change without the mapper (full, read-only), and what to do, for the log and
-    STATUS=; None for the errors someone must fix (a corrupt file, not a database, a permission):
-    those stop the start at once.
-
-    SQLITE_FULL (and ENOSPC, EDQUOT, EROFS) say so; SQLITE_IOERR (a full tmpfs gives `disk I/O
-    error` when the WAL index cannot grow), SQLITE_READONLY, SQLITE_CANTOPEN and EIO count only when
-    the file system is read-only or full (statvfs): otherwise they are the file's or the directory's
-    permissions, a file size limit or a failing card, which waiting does not cure."""
-    codes: set[int] = set()
-    errnos: set[int] = set()
-    seen: BaseException | None = exc
-    while seen is not None:
-        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) is not None:
-            codes.add(seen.sqlite_errorcode & 0xFF)
-        if isinstance(seen, OSError) and seen.errno:
-            errnos.add(seen.errno)
-        seen = seen.__cause__
-    disk = _disk_of(path)
-    read_only = disk is not None and disk[1]
-    full = disk is not None and disk[2] < TWIN_DISK_FULL_BELOW
-    said_so = codes & {_SQLITE_FULL} or errnos & {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
-    disk_error = codes & {_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN} or errno.EIO in errnos
-    if not (said_so or (disk_error and (read_only or full))):
-        return None
-    where = disk[0] if disk is not None else path.parent
-    if read_only or errno.EROFS in errnos:
-        return (f"the file system of {where} is read-only: remount it read-write (mount -o remount,rw); one the kernel"
-                " made read-only after write errors may be a failing SD card (see dmesg)")
-    free = f"{disk[2] // 1024} KiB free" if disk is not None else "free space unknown"
-    return (f"the disk of {where} is full ({free}): free space there (old logs: journalctl --vacuum-size=50M,"
-            " /var/log, /var/tmp)")
-
-
-def _innermost(exc: BaseException) -> BaseException:
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
-    return exc
 
 
 class OutboxDropLog:

@@ -69,13 +69,13 @@ class MapperProcess:
 
     def __init__(self, tmp: Path, devices: Path, broker: MosquittoBroker | None, *, node: str = "test-node",
                  extra: str = "", name: str = "mapper", env: dict[str, str] | None = None,
-                 file_size_limit: int | None = None) -> None:
+                 file_size_limit: int | None = None, twin: Path | None = None) -> None:
         self.tmp = tmp
         # RLIMIT_FSIZE of the mapper from its start: its files cannot grow past it (see disk_full).
         self.file_size_limit = file_size_limit
         self.full_at: int | None = None  # the WAL's committed end when disk_full() was called
         self.env = env or {}
-        self.twin_path = tmp / f"{name}-twin.db"
+        self.twin_path = twin or tmp / f"{name}-twin.db"  # (`twin`: elsewhere, such as on a small disk)
         mqtt = mqtt_block(broker, tmp, extra=extra) if broker else ""
         self.config = write_config(tmp / f"{name}.yaml", devices, self.twin_path, node=node, extra=mqtt)
         self.log_path = tmp / f"{name}.log"

@@ -137,6 +137,22 @@ def test_app_reads_telemetry_but_cannot_publish_it(broker: MosquittoBroker, name
         assert app.next_message().payload == b"real"
 
 
+def test_app_reads_the_node_health_but_only_the_mapper_writes_it(broker: MosquittoBroker, name: str) -> None:
+    """mapper/<node>/health (eventbus/health.py: whether the twin can be written): the app reads it
+    (its own line, mapper/+/health), the app and the worker get PUBACK 'Not authorized' writing it,
+    on this node's topic too (a forged `ok` would hide a mapper whose telemetry stopped)."""
+    health, own = f"mapper/{name}/health", f"mapper/{broker.node}/health"
+    with broker.client("app") as app, broker.client("worker") as worker, broker.client("mapper") as mapper:
+        assert not app.subscribe(health).is_failure
+        for client in (app, worker):
+            for topic in (health, own):
+                assert client.publish(topic, b'{"twin":"ok"}') == NOT_AUTHORIZED, topic
+        assert not mapper.publish(health, b'{"twin":"unwritable"}').is_failure
+        # Had a forged publish gone through, the app would have received it first.
+        message = app.next_message()
+        assert (message.topic, message.payload) == (health, b'{"twin":"unwritable"}')
+
+
 def test_app_reads_only_its_namespace(broker: MosquittoBroker, name: str) -> None:
     """Subscribing to everything, the app still receives only namespace `default`."""
     with broker.client("app") as app, broker.client("mapper") as mapper:
@@ -417,15 +433,17 @@ def test_cloud_users_cannot_publish_outside_their_role(cloud_and_edge: CloudAndE
 
 
 def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: CloudAndEdge) -> None:
-    """mapper/ topics keep their names on the cloud; $hw/ topics get the edge/{node}/ prefix."""
+    """mapper/ topics keep their names on the cloud; $hw/ topics get the edge/{node}/ prefix. The node's
+    health goes as its availability does (a cloud app reads both: cloud-acl)."""
     cloud, edge, node = cloud_and_edge
     local = [f"mapper/{node}/default/dht/temperature", f"mapper/{node}/default/dht/state",
-             f"mapper/{node}/default/dht/availability", f"mapper/{node}/availability",
+             f"mapper/{node}/default/dht/availability", f"mapper/{node}/availability", f"mapper/{node}/health",
              "$hw/events/device/default/dht/twin/update/result",
              "$hw/events/device/default/dht/twin/update/document",
              "$hw/events/device/default/dht/twin/get/result"]
     with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
         app.subscribe(f"mapper/{node}/availability")  # not mapper/{node}/#: bridge/state is retained there
+        app.subscribe(f"mapper/{node}/health")
         app.subscribe(f"mapper/{node}/default/dht/+")
         app.subscribe(f"edge/{node}/$hw/events/device/default/dht/#")
         for topic in local:

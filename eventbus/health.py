@@ -1,0 +1,137 @@
+"""The twin's health, told on MQTT directly: `<prefix>/<node>/health`, retained, QoS 1.
+
+While the twin cannot be written (a full disk, a read-only remount, another process's lock) the
+readings wait in memory (mapper.recorder) and nothing goes out: telemetry leaves only through the
+outbox, after its commit. The node's availability still says `online` (the mapper runs, and is
+connected), so a fleet watching MQTT saw a healthy node that published nothing; only the log and
+systemd's STATUS= said why. This message says it, published straight on the connection (the
+outbox cannot be written):
+
+    {"twin": "unwritable", "since": <ms>, "cause": "disk full", "error": "database or disk is full",
+     "readings_waiting": 1234, "readings_dropped": 0, "at": <ms>}
+    {"twin": "ok", "since": <ms>, "readings_dropped": 0, "at": <ms>}
+
+`unwritable` once a commit has failed and its retry too (the recorder's `outage_failures` > 1: one
+lock held a moment too long is not news), `since` the first failed commit of the outage; `cause`
+one of "disk full", "read-only", "locked", "error" (mapper.twin_disk.twin_write_cause), `error`
+what SQLite said (bounded). `ok` at every (re)connect (a stale `unwritable` retained by a run that
+crashed or stopped during an outage is replaced) and once a commit succeeds again, `since` the
+start or the end of the last outage. `readings_dropped`: readings dropped since the mapper started
+for twin.waiting_max_readings. `at`: when the message was made.
+
+Cheap: nothing per reading. The recorder calls `changed()` after each failed commit (once per
+retry, a second) and at the commit that ends an outage; a message goes out on a change of
+`twin` at once, and while it stays `unwritable` again at most every HEALTH_INTERVAL_S when the
+counts moved. A clean stop leaves the last one (the node's availability says `offline` next to it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import aiomqtt
+import orjson
+
+from mapper.twin_disk import innermost, twin_write_cause
+
+if TYPE_CHECKING:
+    from eventbus.bus import MqttBus
+    from mapper.recorder import Recorder
+
+log = logging.getLogger("mapper.eventbus")
+
+# While the twin stays unwritable, the message goes out again at most this often (with new counts).
+HEALTH_INTERVAL_S = 5.0
+# Failed commits in a row before the twin counts as unwritable: the first and its retry.
+UNWRITABLE_AFTER = 2
+ERROR_CHARS = 200
+
+
+class TwinHealth:
+    """Publishes the twin's health (see the module's doc) on `topic` through `bus`."""
+
+    def __init__(self, topic: str, bus: MqttBus, recorder: Recorder, twin_path: Path, *,
+                 interval_s: float = HEALTH_INTERVAL_S) -> None:
+        self.topic = topic
+        self._bus = bus
+        self._recorder = recorder
+        self._twin_path = twin_path
+        self.interval_s = interval_s
+        self._changed = asyncio.Event()
+        self._lock = asyncio.Lock()  # one message at a time: the last made is the last sent
+        self._sent: tuple[str, int, int] | None = None  # (twin, waiting, dropped) of the last one the broker took
+        self._tried_at: float | None = None  # loop time of the last attempt
+        self.published = 0  # messages the broker took
+
+    def changed(self) -> None:
+        """The recorder's on_health: a commit failed, or one succeeded after failures."""
+        self._changed.set()
+
+    def state(self) -> str:
+        return "unwritable" if self._recorder.outage_failures >= UNWRITABLE_AFTER else "ok"
+
+    def _summary(self) -> tuple[str, int, int]:
+        """(twin, readings waiting, readings dropped): what a new message would say that matters."""
+        state = self.state()
+        return state, self._recorder.waiting() if state == "unwritable" else 0, self._recorder.dropped
+
+    def payload(self) -> bytes:
+        recorder = self._recorder
+        now_ms = time.time_ns() // 1_000_000
+        if self.state() == "ok":
+            return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms,
+                                 "readings_dropped": recorder.dropped, "at": now_ms})
+        error = recorder.last_error
+        return orjson.dumps({
+            "twin": "unwritable", "since": recorder.outage_since_ms,
+            "cause": twin_write_cause(error, self._twin_path) if error is not None else "error",
+            "error": str(innermost(error))[:ERROR_CHARS] if error is not None else "",
+            "readings_waiting": recorder.waiting(), "readings_dropped": recorder.dropped, "at": now_ms})
+
+    async def publish(self) -> bool:
+        """Publish the health as it is now (at a connect, or on a change); False when the broker
+        did not take it (disconnected: the next connect publishes it)."""
+        async with self._lock:
+            sent, payload = self._summary(), self.payload()
+            self._tried_at = asyncio.get_running_loop().time()
+            try:
+                await self._bus.publish(self.topic, payload, qos=1, retain=True)
+            except (aiomqtt.MqttError, TimeoutError) as exc:
+                log.debug("could not publish the twin's health on %s: %s", self.topic, exc)
+                return False
+            if sent[0] != (self._sent[0] if self._sent else "ok"):
+                log.info("published on %s: the twin is %s", self.topic, sent[0])
+            self._sent = sent
+            self.published += 1
+            return True
+
+    def _due(self, now: float) -> bool:
+        summary = self._summary()
+        if self._sent is None or summary[0] != self._sent[0]:
+            return True  # a change: at once
+        if summary[0] != "unwritable" or (self._tried_at is not None and now - self._tried_at < self.interval_s):
+            return False
+        return summary != self._sent
+
+    async def run(self) -> None:
+        """On every change the recorder tells, and every interval while `unwritable` was the last word
+        (the counts move with no change told when the recorder retries less often than that)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            deadline = None
+            if self._sent is not None and self._sent[0] == "unwritable" and self._tried_at is not None:
+                deadline = self._tried_at + self.interval_s
+                if deadline <= loop.time():  # passed with nothing new to say: the next interval
+                    deadline = loop.time() + self.interval_s
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._changed.wait()
+            self._changed.clear()
+            # Not connected: the connect publishes it (EventBusExtension._on_connect).
+            if self._bus.connected.is_set() and self._due(loop.time()):
+                await self.publish()

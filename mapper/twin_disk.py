@@ -1,0 +1,99 @@
+"""Why the twin cannot be written: its disk's state (full, read-only), which can change without the
+mapper and is waited for, or something someone must fix. For the log, STATUS= and `<node>/health`."""
+
+from __future__ import annotations
+
+import errno
+import os
+import sqlite3
+from pathlib import Path
+
+# Free space below this counts as a full disk (SQLite needs a few pages, the WAL index 32 KiB).
+TWIN_DISK_FULL_BELOW = 1 << 20
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6
+_SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_FULL, _SQLITE_CANTOPEN = 8, 10, 13, 14
+
+
+def _disk_of(path: Path) -> tuple[Path, bool, int] | None:
+    """(the nearest existing directory of `path`, its file system read-only, bytes free to a user)."""
+    directory = path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return directory, bool(st.f_flag & os.ST_RDONLY), st.f_bavail * st.f_frsize
+
+
+def _codes(exc: BaseException) -> tuple[set[int], set[int]]:
+    """(the SQLite primary result codes, the errnos) along the exception's chain of causes."""
+    codes: set[int] = set()
+    errnos: set[int] = set()
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, sqlite3.Error) and getattr(seen, "sqlite_errorcode", None) is not None:
+            codes.add(seen.sqlite_errorcode & 0xFF)
+        if isinstance(seen, OSError) and seen.errno:
+            errnos.add(seen.errno)
+        seen = seen.__cause__
+    return codes, errnos
+
+
+def twin_disk_state(exc: BaseException, path: Path) -> tuple[str, Path, int | None] | None:
+    """("read-only" or "full", the directory looked at, bytes free if known) when the error is the
+    disk's state; None for the errors someone must fix (a corrupt file, not a database, a
+    permission) and for a lock another process holds.
+
+    SQLITE_FULL (and ENOSPC, EDQUOT, EROFS) say so; SQLITE_IOERR (a full tmpfs gives `disk I/O
+    error` when the WAL index cannot grow), SQLITE_READONLY, SQLITE_CANTOPEN and EIO count only when
+    the file system is read-only or full (statvfs): otherwise they are the file's or the directory's
+    permissions, a file size limit or a failing card, which waiting does not cure."""
+    codes, errnos = _codes(exc)
+    disk = _disk_of(path)
+    read_only = disk is not None and disk[1]
+    full = disk is not None and disk[2] < TWIN_DISK_FULL_BELOW
+    said_so = codes & {_SQLITE_FULL} or errnos & {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+    disk_error = codes & {_SQLITE_IOERR, _SQLITE_READONLY, _SQLITE_CANTOPEN} or errno.EIO in errnos
+    if not (said_so or (disk_error and (read_only or full))):
+        return None
+    where = disk[0] if disk is not None else path.parent
+    if read_only or errno.EROFS in errnos:
+        return "read-only", where, disk[2] if disk is not None else None
+    return "full", where, disk[2] if disk is not None else None
+
+
+def twin_disk_problem(exc: BaseException, path: Path) -> str | None:
+    """What keeps the twin from being opened or written when it is its disk's state (twin_disk_state),
+    and what to do, for the log and STATUS=; None for the errors someone must fix: those stop the
+    start at once."""
+    state = twin_disk_state(exc, path)
+    if state is None:
+        return None
+    kind, where, free = state
+    if kind == "read-only":
+        return (f"the file system of {where} is read-only: remount it read-write (mount -o remount,rw); one the kernel"
+                " made read-only after write errors may be a failing SD card (see dmesg)")
+    free_text = f"{free // 1024} KiB free" if free is not None else "free space unknown"
+    return (f"the disk of {where} is full ({free_text}): free space there (old logs: journalctl --vacuum-size=50M,"
+            " /var/log, /var/tmp)")
+
+
+def twin_write_cause(exc: BaseException, path: Path) -> str:
+    """A short name for why a twin commit failed, for `<prefix>/<node>/health`: "disk full",
+    "read-only", "locked" (another process holds the twin's lock past twin.busy_timeout_ms) or
+    "error" (anything else: the log says more)."""
+    state = twin_disk_state(exc, path)
+    if state is not None:
+        return "read-only" if state[0] == "read-only" else "disk full"
+    codes, _ = _codes(exc)
+    if codes & {_SQLITE_BUSY, _SQLITE_LOCKED}:
+        return "locked"
+    return "error"
+
+
+def innermost(exc: BaseException) -> BaseException:
+    """The first cause of an exception's chain (what SQLite or the OS said)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc

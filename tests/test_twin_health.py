@@ -1,0 +1,138 @@
+"""`mapper/<node>/health`: a twin that cannot be written is told on MQTT (eventbus/health.py).
+
+While the twin's disk was full the readings waited in memory and no telemetry went out (it leaves
+only through the outbox, after its commit), yet the node's retained availability stayed `online`:
+only the log and systemd's STATUS= said why. A fleet watching MQTT saw a healthy node that
+published nothing. Now a retained message says `unwritable` (with the cause and the readings
+waiting) while it lasts, and `ok` once a commit succeeds again and at every start.
+
+A real `mapper run` and the session's real Mosquitto; the disk a real 16 MB tmpfs that a file fills
+(root only: skipped otherwise, as in test_twin_disk_at_start.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+
+from brokers import MosquittoBroker, MqttProbe
+from eventbus.health import HEALTH_INTERVAL_S
+from helpers import wait_for, write_devices
+from mapper_proc import MapperProcess
+from test_twin_disk_at_start import fill, small_disk  # noqa: F401 - small_disk is a fixture
+from twin.store import committed_seqs
+
+NODE = "test-node"  # the session broker's node (its ACL is rendered for it)
+HEALTH = f"mapper/{NODE}/health"
+COUNT = f"mapper/{NODE}/default/lamp/count"
+
+
+class Heard:
+    """What an app subscribed to the node's health and to a telemetry topic has received so far."""
+
+    def __init__(self, probe: MqttProbe) -> None:
+        self.probe = probe
+        self.health: list[dict] = []
+        self.seqs: list[int] = []
+
+    def take(self) -> None:
+        while not self.probe.messages.empty():
+            message: mqtt.MQTTMessage = self.probe.messages.get_nowait()
+            body = json.loads(message.payload) if message.payload else None
+            if message.topic == HEALTH and body is not None:
+                self.health.append(body)
+            elif message.topic == COUNT and not message.retain:
+                self.seqs.append(body["seq"])
+
+    def health_after(self, index: int, twin: str) -> tuple[int, dict] | None:
+        """The first health message from `index` on saying `twin`, with its index."""
+        self.take()
+        return next(((i, h) for i, h in enumerate(self.health) if i >= index and h["twin"] == twin), None)
+
+
+def committed_count_seq(twin: Path) -> int:
+    with sqlite3.connect(f"file:{twin}?mode=ro", uri=True) as db:
+        return committed_seqs(db).get(COUNT, 0)
+
+
+def test_a_full_twin_disk_is_told_on_mqtt_and_the_readings_that_waited_arrive(broker: MosquittoBroker,
+                                                                              tmp_path: Path,
+                                                                              small_disk: Path) -> None:  # noqa: F811
+    """Full: `unwritable` (cause `disk full`, readings waiting), again with new counts at most once per
+    HEALTH_INTERVAL_S; freed: `ok`, and every reading that waited reaches the app, no seq missing."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=50)
+    twin = small_disk / "state" / "twin.db"
+    with broker.client("mapper") as cleaner:  # no retained message of another test's run comes first
+        cleaner.publish(HEALTH, b"", retain=True)
+    with broker.client("app") as app, MapperProcess(tmp_path, devices, broker, twin=twin) as mapper:
+        heard = Heard(app)
+        assert not app.subscribe(HEALTH).is_failure
+        assert not app.subscribe(COUNT).is_failure
+        wait_for(lambda: heard.take() or len(heard.seqs) >= 5, timeout=20, what="telemetry before the disk fills")
+        filler = fill(small_disk)
+        at, unwritable = wait_for(lambda: heard.health_after(0, "unwritable"), timeout=20,
+                                  what="`unwritable` while the disk is full")
+        assert unwritable["cause"] == "disk full", unwritable
+        assert unwritable["readings_waiting"] > 0 and unwritable["readings_dropped"] == 0, unwritable
+        assert isinstance(unwritable["since"], int) and unwritable["since"] <= unwritable["at"], unwritable
+        assert "full" in unwritable["error"] or "I/O" in unwritable["error"], unwritable
+        # While it lasts: told again as the readings pile up, no more often than the interval.
+        again = wait_for(lambda: heard.health_after(at + 1, "unwritable"), timeout=3 * HEALTH_INTERVAL_S,
+                         what="`unwritable` again, with more readings waiting")[1]
+        assert again["readings_waiting"] > unwritable["readings_waiting"], (unwritable, again)
+        assert again["since"] == unwritable["since"], (unwritable, again)
+        assert again["at"] - unwritable["at"] >= HEALTH_INTERVAL_S * 1000 - 100, (unwritable, again)
+        assert mapper.process is not None and mapper.process.poll() is None, mapper.log()[-3000:]
+        filler.unlink()
+        ok = wait_for(lambda: heard.health_after(at + 1, "ok"), timeout=20, what="`ok` once the disk has room")[1]
+        assert ok["since"] > unwritable["since"] and ok["readings_dropped"] == 0, ok
+        # The readings that waited are committed and go out: every seq up to the twin's latest.
+        committed = committed_count_seq(twin)
+        wait_for(lambda: heard.take() or set(heard.seqs) >= set(range(1, committed + 1)), timeout=30,
+                 what=f"every count reading up to seq {committed}")
+        assert mapper.stop() == 0, mapper.log()[-3000:]
+    assert "twin writable again after" in mapper.log()
+
+
+def test_a_start_replaces_a_stale_unwritable_with_ok(broker: MosquittoBroker, tmp_path: Path) -> None:
+    """A run that stopped or crashed while its twin could not be written leaves `unwritable` retained:
+    the next one says `ok` once it is connected (its twin opened and written)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    stale = b'{"twin":"unwritable","since":1,"cause":"disk full","readings_waiting":9,"readings_dropped":0}'
+    with broker.client("mapper") as previous:
+        assert not previous.publish(HEALTH, stale, retain=True).is_failure
+    with broker.client("app") as app:
+        heard = Heard(app)
+        assert not app.subscribe(HEALTH).is_failure
+        assert wait_for(lambda: heard.health_after(0, "unwritable"), what="the stale message, retained")
+        with MapperProcess(tmp_path, devices, broker) as mapper:
+            ok = wait_for(lambda: heard.health_after(0, "ok"), timeout=20, what="`ok` from the new run")[1]
+            assert ok["readings_dropped"] == 0 and ok["since"] <= ok["at"], ok
+            assert mapper.stop() == 0, mapper.log()[-3000:]
+
+
+def test_a_twin_another_process_holds_locked_is_told_as_locked(tmp_path: Path) -> None:
+    """The cause of a commit refused for another connection's write lock (a backup, a CLI command)
+    is `locked`, not `error`: waiting cures it, as it cures a full disk."""
+    from helpers import TwinLock
+    from mapper.twin_disk import twin_write_cause
+
+    twin = tmp_path / "twin.db"
+    with sqlite3.connect(twin) as db:
+        db.execute("CREATE TABLE t (x)")
+    db = sqlite3.connect(twin, timeout=0)
+    try:
+        with TwinLock(twin):
+            try:
+                db.execute("INSERT INTO t VALUES (1)")
+            except sqlite3.OperationalError as exc:
+                refused = exc
+            else:
+                raise AssertionError("the write went through the other connection's lock")
+    finally:
+        db.close()
+    assert twin_write_cause(refused, twin) == "locked", refused
+    assert twin_write_cause(sqlite3.DatabaseError("file is not a database"), twin) == "error"
