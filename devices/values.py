@@ -68,37 +68,59 @@ def coerce(kind: PropertyType, raw: Any) -> Value:
 
 
 INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # SQLite's and JSON consumers' (orjson's) integers
+FLOAT_EXACT = 2**53 - 1  # the largest integer a float holds with its neighbours distinct
+_INT_RANGE = "expected an integer from -2^63 to 2^63-1"
 
 
 def _to_int(raw: Any) -> int:
     value = _integer(raw)
     if not INT_MIN <= value <= INT_MAX:
-        raise ValueError(f"expected an integer from -2^63 to 2^63-1, got {str(raw)[:40]}")
+        raise ValueError(f"{_INT_RANGE}, got {str(raw)[:40]}")
     return value
 
 
 def _integer(raw: Any) -> int:
+    """An integer exactly as sent, or ValueError. A float (a JSON `12.0`) or a numeral with a
+    fraction or exponent (`"1.2e3"`) is taken only when it is a whole number no larger than 2^53-1:
+    beyond that a float no longer tells neighbouring integers apart (`9007199254740993.0` reads as
+    ...992), so the value stored would not be the one sent, or not the one a JSON reader sees."""
     if isinstance(raw, bool):
         raise ValueError("expected an integer, got a boolean")
     if isinstance(raw, int):
         return raw
     if isinstance(raw, float):
-        if raw.is_integer():
-            return int(raw)
-        raise ValueError(f"expected an integer, got {shown(raw)}")
+        if not raw.is_integer():
+            raise ValueError(f"expected an integer, got {shown(raw)}")
+        return int(_exact_whole(raw, raw))
     if isinstance(raw, str):
         text = _numeral(raw, "an integer")
         try:
             return int(text)
         except ValueError:
-            try:
-                number = float(text)
-            except ValueError:
-                raise ValueError(f"expected an integer, got {shown(raw)}") from None
-            if math.isfinite(number) and number.is_integer():
-                return int(number)
+            pass
+        try:
+            number = Decimal(text)
+            finite = number.is_finite()
+            whole = finite and number == number.to_integral_value()
+        except ArithmeticError:  # decimal's InvalidOperation (not a numeral), Overflow
             raise ValueError(f"expected an integer, got {shown(raw)}") from None
+        if not finite:
+            raise ValueError(f"expected an integer, got {shown(raw)}")
+        if not whole:
+            raise ValueError(f"expected an integer, got {shown(raw)}: it is not a whole number")
+        return int(_exact_whole(number, raw))
     raise ValueError(f"expected an integer, got {type(raw).__name__}")
+
+
+def _exact_whole(number: float | Decimal, raw: Any) -> float | Decimal:
+    """`number` (whole) when an integer written with a fraction or exponent is exact, else why not."""
+    if not INT_MIN <= number <= INT_MAX:
+        raise ValueError(f"{_INT_RANGE}, got {str(raw)[:40]}")
+    if abs(number) > FLOAT_EXACT:
+        raise ValueError(
+            f"expected an integer, got {shown(raw)}: written with a fraction or exponent, an integer is "
+            f"exact only up to 2^53-1 ({FLOAT_EXACT}); send it as a plain integer (digits only)")
+    return number
 
 
 def _numeral(raw: str, what: str) -> str:

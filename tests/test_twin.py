@@ -95,6 +95,30 @@ def test_integers_beyond_64_bits_are_refused_like_any_wrong_type(twin):
     assert twin.device(D1).properties["count"].desired == 2**63 - 1
 
 
+def test_integers_are_taken_only_when_exact_never_through_a_rounding_float(twin):
+    """An INT passed through a float: `12345678901234567.5e0` was stored as ...568 and
+    `9007199254740993.0` as ...992, a value nobody sent. A numeral with a fraction or exponent (or
+    a JSON float) is an integer only when whole and no larger than 2^53-1, where floats are exact."""
+    refused = {
+        "12345678901234567.5e0": "not a whole number",
+        "1.5": "not a whole number",
+        "9007199254740993.0": "exact only up to 2\\^53-1",
+        "-9007199254740993e0": "exact only up to 2\\^53-1",
+        9007199254740992.0: "exact only up to 2\\^53-1",  # what a JSON 9007199254740993.0 parses to
+        1e18: "exact only up to 2\\^53-1",
+        "nan": "expected an integer",
+    }
+    for raw, why in refused.items():
+        with pytest.raises(ValueError, match=why):
+            twin.set_desired(D1, "count", raw)
+    assert twin.device(D1).properties["count"].desired_version == 0  # nothing stored
+    taken = {"1e3": 1000, "12.0": 12, 7.0: 7, "-9007199254740991.0": -(2**53 - 1), 2.0**53 - 1: 2**53 - 1,
+             "9007199254740993": 2**53 + 1, 2**53 + 1: 2**53 + 1}  # integers as integers: exact to 2^63-1
+    for raw, value in taken.items():
+        assert twin.set_desired(D1, "count", raw)[0] == value, raw
+        assert twin.device(D1).properties["count"].desired == value
+
+
 def test_desired_values_set_in_one_transaction_are_all_or_nothing(twin):
     """Several desired values in one transaction() (a twin/update naming several properties):
     when anything fails before the end, none of them is stored."""
