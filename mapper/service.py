@@ -162,7 +162,9 @@ class MapperService:
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
         # service's task group) and `async shutdown(service)` (after devices stopped); optionally
         # `stop_requested` (first thing on a stop), `before_stop` (devices stopped, tasks running) and
-        # `twin_waiting(service, why)` (every few seconds while the start waits for the twin, before setup).
+        # `twin_waiting(service, why)` (every few seconds while the start waits for the twin, before setup)
+        # and `derived_devices()` (the twin devices it ran itself, such as inference pipelines': a clean
+        # stop marks them `offline` with the devices).
         self.extensions: list[Any] = []
         # Called once everything is loaded and set up, just before the device loops start (the
         # last moment a pause costs no reading: `mapper run` collects its start-up garbage here).
@@ -398,8 +400,15 @@ class MapperService:
     async def _stopped_offline(self) -> None:
         """A clean stop leaves every device it ran `offline` in the twin, as the event bus leaves
         its availability and state view (before_stop): `mapper twin get` said `state=ok` for a relay
-        the stop had switched off, next to MQTT's `offline`. (A crash leaves the last state.)"""
+        the stop had switched off, next to MQTT's `offline`. (A crash leaves the last state.) The
+        extensions' derived devices too (an inference pipeline's stayed `ok`); they come back `ok`
+        when the pipeline is registered again at the next start."""
         ran = [d for d in (self.definitions.devices if self.definitions else {}) if d not in self.refused]
+        for ext in self.extensions:
+            derived = getattr(ext, "derived_devices", None)
+            if derived is not None:
+                with contextlib.suppress(Exception):  # the devices are marked regardless
+                    ran.extend(derived())
         if not ran:
             return
         try:

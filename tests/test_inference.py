@@ -1560,6 +1560,28 @@ async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
         await _stop(r)
 
 
+async def test_a_clean_stop_marks_the_derived_device_offline_and_a_restart_ok_again(tmp_path):
+    """README: a clean stop marks offline every device it ran. The pipeline's derived device stayed
+    `ok` (`inference pipeline on ...`) beside its source's `offline`; now it is `offline` with the same
+    detail, and `ok` again once the pipeline runs after a restart."""
+    from mapper.service import STOPPED_DETAIL
+
+    derived, probe = DeviceId.parse("default/probe-sensor-faults"), DeviceId.parse("default/probe")
+    pipeline = {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0}
+    for run in range(2):
+        r = await _start(tmp_path, pipeline)
+        try:
+            stats = lambda: r.ext.status()["pipelines"][str(derived)]  # noqa: E731, B023
+            await async_wait_for(lambda: stats()["windows"] >= 1, timeout=20, what="a window")  # noqa: B023
+            running = await r.service.twin(lambda s: s.device(derived))  # noqa: B023
+            assert (running.state, running.state_detail) == ("ok", "inference pipeline on default/probe"), run
+        finally:
+            await _stop(r)
+        with TwinStore.open(tmp_path / "twin.db") as store:
+            states = {d: (store.device(d).state, store.device(d).state_detail) for d in (probe, derived)}
+        assert states == {probe: ("offline", STOPPED_DETAIL), derived: ("offline", STOPPED_DETAIL)}, run
+
+
 async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_path, broker_for, capsys):
     """A desired value for the derived device over KubeEdge's twin protocol or a /set topic, sent by the app
     through the broker, is refused (404: the router serves the devices of the YAML only) and nothing changes.
@@ -1602,7 +1624,9 @@ async def test_the_derived_device_is_never_writable_and_the_cli_shows_it(tmp_pat
     capsys.readouterr()
     assert cli.main(["twin", "get", "probe-sensor-faults", "--config", config]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("default/probe-sensor-faults  model=sensor-faults-early-exit  protocol=derived  state=ok")
+    # (after the clean stop above: offline, as every device the mapper ran)
+    assert out.startswith("default/probe-sensor-faults  model=sensor-faults-early-exit  protocol=derived  "
+                          "state=offline (stopped: the mapper stopped)"), out
     assert all(f"\n{name} " in out for name in ("label", "confidence", "exit", "provisional", "window_end"))
     assert cli.main(["twin", "get", "probe-sensor-faults", "--config", config, "--json"]) == 0
     shown = orjson.loads(capsys.readouterr().out)["properties"]

@@ -528,6 +528,11 @@ class InferenceExtension:
         if self.pipelines:
             self.report(final=True)
 
+    def derived_devices(self) -> list[DeviceId]:
+        """The derived devices of the pipelines that ran (marked `offline` by a clean stop, see
+        MapperService._stopped_offline; _register makes them `ok` again at the next start)."""
+        return list(self.pipelines)
+
     # -- the counters in the log -----------------------------------------------------------
 
     def summary(self) -> str:
