@@ -22,7 +22,7 @@ import orjson
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from devices.loader import load
+from devices.loader import LoadResult, load
 from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
@@ -317,7 +317,7 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     # The new device list, checked against the running mapper's topic tree (node, mqtt.topic_prefix).
     wanted = started.model_copy(update={"devices": new.devices, "log_level": new.log_level})
     wanted._devices_named_at = dict(new._devices_named_at)
-    return wanted if await reload_devices(service, wanted) else running
+    return wanted if await reload_devices(service, wanted, pipelines_of=new) else running
 
 
 def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logger) -> None:
@@ -342,15 +342,28 @@ def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logge
         reload_log.error("%s; the next start refuses it (fix it before a restart or a reboot)", problem)
 
 
-async def reload_devices(service, config: MapperConfig) -> bool:  # noqa: ANN001
-    """Load the device files again and switch to them; an invalid set keeps the running one."""
+async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
+                         pipelines_of: MapperConfig | None = None) -> bool:
+    """Load the device files again and switch to them; an invalid set keeps the running one.
+
+    A set that the config's inference pipelines do not fit (`pipelines_of`: the config file as read
+    now, else `config`; a device removed, or a property a model reads) is refused too, as the next
+    start would refuse it."""
     import asyncio
     import shlex
 
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
+    checks = [check for ext in service.extensions if (check := getattr(ext, "config_problems", None)) is not None]
+
+    def load_and_check() -> LoadResult:
+        result = config.load_devices()
+        if problems := [p for check in checks for p in check(pipelines_of or config, result.devices)]:
+            raise DefinitionError(problems, result.warnings)
+        return result
+
     try:
-        result = await asyncio.to_thread(config.load_devices)
+        result = await asyncio.to_thread(load_and_check)
     except DefinitionError as exc:
         for problem in exc.problems:
             reload_log.error("reload refused: %s", problem)

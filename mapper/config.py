@@ -122,6 +122,25 @@ class MapperConfig(_Section):
     api: ApiSettings | None = None
     # Where each `devices` entry was named (config file, line, `devices[i]`), for load_devices().
     _devices_named_at: dict[Path, tuple[str, int | None, str]] = PrivateAttr(default_factory=dict)
+    # The file it was read from: (label, its document, the settings the environment set), for pipeline_at().
+    _read_from: tuple[str, Any, dict[tuple[str, ...], str]] | None = PrivateAttr(default=None)
+
+    def pipeline_at(self, index: int, field: str = "") -> tuple[str, int | None, str]:
+        """(file, line, field name) of `inference.pipelines[index]` (its `field`, such as `model` or
+        `actions[1]`; the pipeline's own line when the field is not written), for a problem found
+        once the devices and the models are known. `inference:` may be the bare list of pipelines."""
+        parts: list[str | int] = [index]
+        for part in field.replace("]", "").split(".") if field else ():
+            name, _, i = part.partition("[")
+            parts += [name, int(i)] if i else [name]
+        label, doc, applied = self._read_from or ("config", None, {})
+        bare = doc is not None and isinstance(doc.data.get("inference"), list)
+        path = ("inference", *parts) if bare else ("inference", "pipelines", *parts)
+        name = field_name(("inference", "pipelines", *parts))
+        for key, variable in applied.items():
+            if tuple(path[: len(key)]) == key:
+                return f"environment variable {variable}", None, name
+        return label, doc.line_of(path) if doc is not None else None, name
 
     def load_devices(self) -> LoadResult:
         """The device files, loaded and validated (DefinitionError); an entry that does not exist
@@ -315,6 +334,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
             update={"state_file": _absolute(base, config.kubeedge.state_file)})
     final = config.model_copy(update=update)
     variable = applied.get(("devices",))
+    final._read_from = (label, doc, applied)
     final._devices_named_at = {
         entry: (f"environment variable {variable}", None, f"devices[{i}]") if variable
         else (label, doc.line_of(("devices", i)), f"devices[{i}]")

@@ -20,6 +20,7 @@ from typing import Any
 
 from devices.definitions import DeviceDefinition
 from devices.drivers.base import load_driver
+from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import LoadResult
 from mapper.config import MapperConfig, TwinSettings
@@ -162,7 +163,9 @@ class MapperService:
         # `async setup(service)` (before devices start), `async run(service)` (a task in the
         # service's task group) and `async shutdown(service)` (after devices stopped); optionally
         # `stop_requested` (first thing on a stop), `before_stop` (devices stopped, tasks running) and
-        # `twin_waiting(service, why)` (every few seconds while the start waits for the twin, before setup)
+        # `config_problems(config, definitions)` (what of the config the devices make wrong: the start
+        # and a SIGHUP reload are refused with them), `twin_waiting(service, why)` (every few seconds
+        # while the start waits for the twin, before setup)
         # and `derived_devices()` (the twin devices it ran itself, such as inference pipelines': a clean
         # stop marks them `offline` with the devices).
         self.extensions: list[Any] = []
@@ -210,6 +213,12 @@ class MapperService:
     async def run(self, stop: asyncio.Event) -> None:
         if self.definitions is None:
             self.definitions = self.config.load_devices()
+        # Mistakes of the config's own settings that only the devices reveal (an inference pipeline
+        # naming a property its device lacks): refused, as a bad device file is; nothing starts half-configured.
+        problems = [p for ext in self.extensions if (check := getattr(ext, "config_problems", None)) is not None
+                    for p in check(self.config, self.definitions.devices)]
+        if problems:
+            raise DefinitionError(problems)
         for warning in self.definitions.warnings:
             log.warning("%s", warning)
         runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}

@@ -360,6 +360,44 @@ def test_config_file_inference_section(tmp_path):
         load_config(path, env={})
 
 
+def test_config_pipeline_problems_name_their_line_and_field_and_wait_for_edgecores_devices(tmp_path):
+    """The config's pipelines checked against the devices (what `mapper run` and a SIGHUP reload refuse),
+    each at its line and field, in the bare-list form too; under `mode: kubeedge` a device the files do
+    not define is no problem (edgecore sends its devices after the start), a model that is not there is."""
+    from devices.loader import load
+    from mapper.inference.extension import config_problems
+
+    definitions = load([_devices(tmp_path)]).devices
+    path = tmp_path / "m.yaml"
+    path.write_text("inference:\n"
+                    "  - {device: probe, model: sensor_faults, window: 3}\n"
+                    "  - device: probe\n    name: relay\n    model: sensor_faults\n"
+                    "  - device: probe\n    model: sensor_faults\n    name: probe-b\n    actions:\n"
+                    "      - {type: publish}\n"
+                    "      - {type: set_desired, device: relay, property: power, value: banana}\n"
+                    "  - {device: edge-only, model: sensor_faults}\n"
+                    "  - {device: probe, model: sensor_faults}\n"
+                    "  - {device: probe, model: sensor_faults}\n")
+    found = [str(p) for p in config_problems(load_config(path, env={}), definitions)]
+    assert found[0].startswith(f"{path}:2: inference.pipelines[0].window: pipeline default/probe-sensor-faults: "
+                               "window 3"), found
+    assert found[1].startswith(f"{path}:4: inference.pipelines[1].name: pipeline default/relay: its derived "
+                               "device"), found
+    assert found[2].startswith(f"{path}:11: inference.pipelines[2].actions[1]: pipeline default/probe-b: set_desired "
+                               "value for default/relay/power: property 'power': expected a boolean"), found
+    assert found[3] == (f"{path}:12: inference.pipelines[3].device: no device default/edge-only in the device files "
+                        "(`devices:`); devices here: default/probe, default/relay"), found
+    assert found[4].startswith(f"{path}:14: inference.pipelines[5].name: pipeline default/probe-sensor-faults is "
+                               "configured twice (also inference.pipelines[4])"), found
+    assert len(found) == 5, found
+
+    path.write_text("mode: kubeedge\nkubeedge: {name: m, protocol: simulated}\ninference:\n  pipelines:\n"
+                    "    - {device: edge-only, model: sensor_faults}\n    - {device: edge-only, model: ./nowhere}\n")
+    found = [str(p) for p in config_problems(load_config(path, env={}), definitions)]
+    assert len(found) == 1 and found[0].startswith(f"{path}:6: inference.pipelines[1].model: {tmp_path}/nowhere/"
+                                                   "model.json: not found"), found
+
+
 def test_mapper_runs_without_onnxruntime_when_no_pipeline(tmp_path):
     """With numpy and onnxruntime unimportable, a mapper without pipelines starts and stops."""
     devices = _devices(tmp_path)
@@ -556,7 +594,14 @@ async def _start(tmp_path, pipeline: dict, *, broker: MosquittoBroker | None = N
         r = Running(service, ext, task, stop, *listeners)
         r.broker = broker
         try:
-            await asyncio.wait_for(service.ready.wait(), 10)
+            # Ready, or the start refused (a config mistake raises at once: not after the 10 s).
+            ready = asyncio.ensure_future(service.ready.wait())
+            await asyncio.wait({ready, task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if task.done():
+                task.result()
+            if not service.ready.is_set():
+                raise TimeoutError("the mapper not ready within 10 s")
             if r.app is not None:
                 await async_wait_for(lambda: b"online" in r.app.payloads(f"{base}/availability"), timeout=10,
                                      what="the node online (the mapper connected and subscribed)")
@@ -1283,15 +1328,19 @@ async def test_audits_closed_loop_and_alerts(tmp_path, broker, worker):
 
 async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_path, broker):
     """A pipeline configured on the device (pushMethod.anomalyDetection) runs and publishes; a read-only target
-    disables its pipeline with a message instead of crashing the mapper."""
+    of a pipeline of the config refuses the start with a message at its field instead of crashing the mapper
+    (it used to disable that pipeline and run the rest)."""
+    from devices.errors import DefinitionError
+
     push = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"
             " name: probe-ad}\n")
-    r = await _start(tmp_path, {}, push=push, broker=broker, inference={"pipelines": [
-        {"device": "probe", "model": "sensor_faults", "actions": [
-            {"type": "set_desired", "device": "probe", "property": "temperature", "value": 1}]}]})
+    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]: .* is ReadOnly"):
+        await _start(tmp_path, {}, push=push, broker=broker, inference={"pipelines": [
+            {"device": "probe", "model": "sensor_faults", "actions": [
+                {"type": "set_desired", "device": "probe", "property": "temperature", "value": 1}]}]})
+    r = await _start(tmp_path, {}, push=push, broker=broker, inference={"pipelines": []})
     try:
         assert list(map(str, r.ext.pipelines)) == ["default/probe-ad"]
-        assert any("ReadOnly" in p for p in r.ext.status()["problems"])
         stats = lambda: r.ext.status()["pipelines"]["default/probe-ad"]  # noqa: E731
         await async_wait_for(lambda: stats()["windows"] >= 3, timeout=20, what="windows")
         rows = await r.decisions("default/probe-ad")
@@ -1338,18 +1387,17 @@ async def test_a_desired_value_the_twin_could_not_take_is_sent_again(tmp_path, c
         await _stop(r)
 
 
-async def test_a_set_desired_value_the_target_cannot_take_disables_the_pipeline_at_once(tmp_path):
+async def test_a_set_desired_value_the_target_cannot_take_refuses_the_start(tmp_path):
     """`value: banana` for a BOOLEAN property is found when the pipeline is built, as a problem
     naming the field, not at the first decision that would set it (the pipeline used to run and
     log a failed set each time)."""
-    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
-        {"type": "set_desired", "device": "relay", "property": "power", "value": "banana", "otherwise": False}]})
-    try:
-        assert r.ext.pipelines == {}
-        assert any("set_desired value for default/relay/power" in p and "expected a boolean" in p
-                   for p in r.ext.status()["problems"]), r.ext.status()["problems"]
-    finally:
-        await _stop(r)
+    from devices.errors import DefinitionError
+
+    # A pipeline of the config: the start is refused, naming the action (see test_config_pipeline_problems_...).
+    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]: .*set_desired value for "
+                       r"default/relay/power: .*expected a boolean"):
+        await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
+            {"type": "set_desired", "device": "relay", "property": "power", "value": "banana", "otherwise": False}]})
 
 
 @pytest.mark.parametrize("age_s", [0.0, 3600.0])

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from devices.ids import DeviceId
-from helpers import device_yaml, wait_for, write_config, write_devices
+from helpers import device_yaml, faulty_probe_yaml, wait_for, write_config, write_devices
 from twin.store import TwinStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -541,3 +541,47 @@ def test_a_config_file_that_no_longer_validates_refuses_the_reload(mapper: Mappe
     assert "WARNING mapper.reload" not in log, log  # nothing that waits for a restart changed
     mapper.proc.send_signal(signal.SIGTERM)
     assert mapper.proc.wait(timeout=15) == 0
+
+
+def test_inference_pipeline_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapper: Mapper,
+                                                                                   tmp_path: Path) -> None:
+    """A config pipeline whose device lacks a property the model reads, one with a misspelt model and
+    one naming no device: `mapper run` logged `pipeline ... disabled` and ran the rest, half
+    configured, with no line of the config. It now refuses to start, each at its line and field (the
+    model with a did-you-mean), as for a bad device file. Started right, a SIGHUP whose device files
+    no longer define the pipeline's device is refused, and the devices and the pipeline run on."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    mapper.stop()
+    (mapper.devices / "probe.yaml").write_text(faulty_probe_yaml(20))
+    base = mapper.config.read_text()
+    mapper.config.write_text(base + "inference:\n  pipelines:\n    - device: a\n      model: sensor_faults\n"
+                             "    - device: probe\n      model: sensor_fault\n"
+                             "    - device: nosuchdev\n      model: sensor_faults\n")
+    lines = mapper.config.read_text().splitlines()
+    at = {text.strip(): n for n, text in enumerate(lines, 1) if "device:" in text or "model: sensor_fault" in text}
+    run = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(mapper.config)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "test-node running" not in run.stderr and "disabled" not in run.stderr, run.stderr
+    assert (f"{mapper.config}:{at['- device: a']}: inference.pipelines[0].device: pipeline default/a-sensor-faults:"
+            " device default/a has no property 'humidity'") in run.stderr, run.stderr
+    assert (f"{mapper.config}:{at['model: sensor_fault']}: inference.pipelines[1].model: no model 'sensor_fault' in"
+            ) in run.stderr and "; did you mean sensor_faults?" in run.stderr, run.stderr
+    assert (f"{mapper.config}:{at['- device: nosuchdev']}: inference.pipelines[2].device: no device default/nosuchdev"
+            " in the device files") in run.stderr, run.stderr
+
+    mapper.config.write_text(base + "inference:\n  pipelines:\n    - device: probe\n      model: sensor_faults\n"
+                             "      deadline_s: 0\n")
+    line = next(n for n, text in enumerate(mapper.config.read_text().splitlines(), 1) if "device: probe" in text)
+    mapper.start()
+    mapper.wait_log(r"mapper test-node running: 3 device")
+    mapper.wait_log(r"inference pipeline default/probe-sensor-faults: device default/probe")
+    (mapper.devices / "probe.yaml").unlink()
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: \d+ error")
+    assert (f"reload refused: {mapper.config}:{line}: inference.pipelines[0].device: no device default/probe in the"
+            " device files") in log, log
+    assert "reload done" not in log and "pipelines updated" not in log, log
+    with TwinStore.open(mapper.twin) as store:
+        assert store.device(DeviceId("default", "probe-sensor-faults")).state == "ok"
+    mapper.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -31,15 +32,18 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from devices.definitions import DeviceDefinition
+from devices.errors import Problem
 from devices.ids import DeviceId
 from mapper.finish import outcome
 from mapper.inference import records
-from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection, missing_ml_packages
+from mapper.inference.settings import (InferenceSettings, PipelineSettings, SetDesiredAction, from_anomaly_detection,
+                                      missing_ml_packages)
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
 
 if TYPE_CHECKING:
+    from mapper.config import MapperConfig
     from mapper.inference.pipeline import Decision, EdgeOutcome, Pipeline
     from mapper.service import MapperService
     from twin.records import Reading
@@ -157,6 +161,85 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
     return found, problems
 
 
+def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition],
+                    models: dict[Path, Any] | None = None) -> list[Problem]:
+    """The config file's pipelines (`inference.pipelines`) checked against the device files and the
+    models, each problem at its file, line and field: `mapper run` refuses to start with any, as
+    with a bad device file (they used to be logged and the pipeline left out, half started).
+
+    A device or set_desired target the files do not define is a problem in standalone mode only:
+    under `mode: kubeedge` edgecore sends its devices after the start, and the pipeline is built
+    when they come. `models`: loaded models by directory, filled (the extension's cache)."""
+    settings = config.inference
+    if settings is None or not settings.pipelines or missing_ml_packages():
+        return []  # (without numpy and onnxruntime, check_installed refused the start already)
+    from mapper.inference.model import ModelError, load_model
+    from mapper.inference.pipeline import Pipeline, PipelineError
+
+    models = {} if models is None else models
+    problems: list[Problem] = []
+    seen: dict[DeviceId, int] = {}
+    for i, s in enumerate(settings.pipelines):
+        model_dir = settings.resolve_model(s.model)
+        try:
+            model = models.get(model_dir.resolve())
+            if model is None:
+                model = models[model_dir.resolve()] = load_model(model_dir)
+        except (ModelError, OSError) as exc:
+            problems.append(Problem(*config.pipeline_at(i, "model"), _model_problem(settings, s.model, model_dir, exc)))
+            model = None
+        kubeedge = config.mode == "kubeedge"
+        if s.device_id not in definitions and not kubeedge:
+            problems.append(Problem(*config.pipeline_at(i, "device"), _device_problem(s.device_id, definitions)))
+            continue
+        targets = [DeviceId.parse(a.device) for a in s.actions if isinstance(a, SetDesiredAction)]
+        if model is None or kubeedge and any(d not in definitions for d in (s.device_id, *targets)):
+            continue  # edgecore's devices: checked when they come (a problem then is logged, the pipeline left out)
+        try:
+            pipeline = Pipeline(s, model, definitions[s.device_id], definitions=definitions)
+        except PipelineError as exc:
+            problems.append(Problem(*config.pipeline_at(i, exc.field), str(exc)))
+            continue
+        except ValueError as exc:  # pipeline_id: `<device>-<model>` is no valid name
+            problems.append(Problem(*config.pipeline_at(i, "name"), f"{exc}; give the pipeline a `name`"))
+            continue
+        if pipeline.id in seen:
+            also = f"inference.pipelines[{seen[pipeline.id]}]"
+            problems.append(Problem(*config.pipeline_at(i, "name"), f"pipeline {pipeline.id} is configured twice "
+                                    f"(also {also}): give one of them another `name`"))
+            continue
+        seen[pipeline.id] = i
+    return problems
+
+
+def _model_problem(settings: InferenceSettings, model: str, model_dir: Path, exc: Exception) -> str:
+    """Why a pipeline's model cannot be loaded; for a name not found, the models there, the closest first."""
+    if (model_dir / "model.json").exists() or "/" in model or Path(model).is_absolute():
+        return str(exc)
+    where = model_dir.parent
+    try:
+        there = sorted(p.name for p in where.iterdir() if (p / "model.json").is_file())
+    except OSError:
+        there = []
+    close = difflib.get_close_matches(model, there, n=1)
+    hint = (f"; did you mean {close[0]}?" if close else f"; models there: {', '.join(there)}" if there
+            else "; that directory holds no model (inference.models_dir)")
+    return f"no model {model!r} in {where} (a model is a directory with model.json, edge.onnx, cloud.onnx){hint}"
+
+
+def _device_problem(device: DeviceId, definitions: dict[DeviceId, DeviceDefinition]) -> str:
+    """A pipeline's device that the device files do not define, with the closest one they do."""
+    known = sorted(str(d) for d in definitions)
+    # By name within the namespace: the shared `default/` alone made `nosuchdev` look like `probe`.
+    names = [d.name for d in definitions if d.namespace == device.namespace]
+    close = difflib.get_close_matches(device.name, names, n=1)
+    if close:
+        hint = f"; did you mean {close[0]}?"
+    else:
+        hint = f"; devices here: {', '.join(known)}" if known else "; the device files define none"
+    return f"no device {device} in the device files (`devices:`){hint}"
+
+
 def confined_target_problem(target: DeviceId, definitions: dict[DeviceId, DeviceDefinition]) -> str | None:
     """Why a confined pipeline (the map of a Device edgecore sent) may not set `target`; None: it may.
 
@@ -236,6 +319,11 @@ class InferenceExtension:
             service.bus.subscribe(self._result_topic, 1, self.handle_result)
         definitions = service.definitions.devices if service.definitions else {}
         await self._apply(definitions, first=True)
+
+    def config_problems(self, config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition]) -> list[Problem]:
+        """Problems of the config's pipelines with these devices (see config_problems): MapperService.run
+        refuses to start with any, and a SIGHUP reload refuses device files that bring some."""
+        return config_problems(config, definitions, self._models)
 
     async def _apply(self, definitions: dict[DeviceId, DeviceDefinition], *, first: bool = False) -> None:
         """(Re)build the pipelines for this set of devices.

@@ -36,7 +36,12 @@ F32_MAX = float(np.finfo(np.float32).max)
 
 
 class PipelineError(ValueError):
-    """A pipeline's settings do not fit its device or its model."""
+    """A pipeline's settings do not fit its device or its model. `field`: the pipeline setting at
+    fault (`device`, `properties`, `actions[1]` ...), for an error at its line in the config file."""
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class WindowError(ValueError):
@@ -136,24 +141,29 @@ class Pipeline:
         self.properties = tuple(settings.properties or info.properties)
         if len(self.properties) != len(info.properties):
             raise PipelineError(f"pipeline {self.id}: model {info.name} takes {len(info.properties)} properties "
-                                f"({', '.join(info.properties)}), got {', '.join(self.properties)}")
+                                f"({', '.join(info.properties)}), got {', '.join(self.properties)}", "properties")
         if settings.window is not None and settings.window != info.window_length:
             raise PipelineError(f"pipeline {self.id}: window {settings.window} but model {info.name} was built "
-                                f"for {info.window_length} steps")
+                                f"for {info.window_length} steps", "window")
         self.score: policy.Score = settings.score or info.score  # type: ignore[assignment]
         if settings.score == "entropy" and info.score != "entropy" and settings.threshold is None:
             raise PipelineError(f"pipeline {self.id}: score entropy needs its own threshold "
-                                f"(model.json's {info.threshold} is a {info.score} threshold)")
+                                f"(model.json's {info.threshold} is a {info.score} threshold)", "score")
         self.threshold = settings.threshold if settings.threshold is not None else info.threshold
         if definition is None:
-            raise PipelineError(f"pipeline {self.id}: device {self.source} is not defined on this node")
+            raise PipelineError(f"pipeline {self.id}: device {self.source} is not defined on this node", "device")
         if self.id in definitions:
             raise PipelineError(f"pipeline {self.id}: its derived device would have the name of a device "
-                                "on this node; give the pipeline another `name`")
+                                "on this node; give the pipeline another `name`", "name")
         cycles = []
         for name in self.properties:
             if not definition.has_property(name):
-                raise PipelineError(f"pipeline {self.id}: device {self.source} has no property {name!r}")
+                raise PipelineError(
+                    f"pipeline {self.id}: device {self.source} has no property {name!r} (the model {info.name} reads "
+                    f"{', '.join(info.properties)}; its properties: {', '.join(p.name for p in definition.properties)})"
+                    + ("" if settings.properties else "; list the device's properties that stand for them in "
+                                                    "`properties:`, or choose a device that has them"),
+                    "properties" if settings.properties else "device")
             cycles.append(definition.prop(name).collect_cycle_ms)
         gap_ms = int(settings.max_gap_s * 1000) if settings.max_gap_s else 3 * max(cycles) + 1000
         # Readings per property that fill a window from the twin's history (a restart): a step
@@ -181,17 +191,18 @@ class Pipeline:
     def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
         classes = set(self.model.info.classes)
         actions = []
-        for action in self.settings.actions:
+        for i, action in enumerate(self.settings.actions):
+            where = f"actions[{i}]"
             when = getattr(action, "when", None)
             if when is not None and not set(when) <= classes:
                 raise PipelineError(f"pipeline {self.id}: {action.type} `when` names unknown classes "
-                                    f"{sorted(set(when) - classes)}; the model's are {sorted(classes)}")
+                                    f"{sorted(set(when) - classes)}; the model's are {sorted(classes)}", where)
             if isinstance(action, SetDesiredAction):
                 target = DeviceId.parse(action.device)
                 d = definitions.get(target)
                 if d is None:
                     raise PipelineError(f"pipeline {self.id}: set_desired target {target}/{action.property} "
-                                        "does not exist")
+                                        "does not exist", where)
                 for field, raw in (("value", action.value), ("otherwise", action.otherwise)):
                     if raw is None:
                         continue
@@ -199,7 +210,7 @@ class Pipeline:
                         d.desired_value(action.property, raw)
                     except ValueError as exc:
                         raise PipelineError(f"pipeline {self.id}: set_desired {field} for {target}/{action.property}: "
-                                            f"{exc}") from None
+                                            f"{exc}", where) from None
             actions.append(action)
         return actions
 
