@@ -768,7 +768,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             path = ("spec", "properties", i, "pushMethod", "mqtt", "topic")
             problems.append(Problem(doc.file, doc.line_of(path), field_name(path), refusal))
             continue
-        props.append(PropertyDefinition(
+        prop = PropertyDefinition(
             name=dprop.name, type=mprop.type, writable=mprop.writable,
             minimum=mprop.min_value, maximum=mprop.max_value, unit=mprop.unit,
             collect_cycle_ms=dprop.collect_cycle or 1000, report_cycle_ms=dprop.report_cycle or 1000,
@@ -776,7 +776,12 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             push_mqtt=push.mqtt if push else None,
             anomaly_detection=push.anomaly_detection if push else None,
             description=mprop.description, desired_text=desired_text,
-        ))
+        )
+        if driver is not None and prop.writable and visitor is not None:
+            unwritable = _not_writable(driver, prop, protocol, device_id, (model_doc, j), doc)
+            if unwritable is not None:
+                problems.append(unwritable)
+        props.append(prop)
     if sum(p.severity == "error" for p in problems) > errors_before:
         return
     definition = DeviceDefinition(
@@ -800,6 +805,25 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         if sum(p.severity == "error" for p in problems) > errors_before:
             return
     result.devices[device_id] = definition
+
+
+def _not_writable(driver: type[Driver], prop: PropertyDefinition, protocol: str, device_id: DeviceId,
+                  model_at: tuple[_Doc, int], doc: _Doc) -> Problem | None:
+    """The error for a ReadWrite property its driver cannot write (Driver.can_write), at the model's
+    accessMode; None if it can. Accepted, every desired value for it was taken and then failed at
+    the device on each attempt, for ever."""
+    model_doc, j = model_at
+    path = ("spec", "properties", j, "accessMode")
+    try:
+        if driver.can_write(prop):
+            return None
+        line = doc.line_of(("spec", "protocol", "protocolName"))
+        message = (f"property {prop.name!r} is ReadWrite, but the driver for protocol {protocol!r} (device {device_id},"
+                   f" {doc.file}:{line}" if line else f" {doc.file}") + (
+                   ") cannot write it: use accessMode: ReadOnly, or a protocol whose driver writes")
+    except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
+        message = _driver_failed(protocol, "can_write()", exc)
+    return Problem(model_doc.file, model_doc.line_of(path), field_name(path), message)
 
 
 # configData as one level gives it: the values, the document they are in and their path there.

@@ -329,6 +329,73 @@ def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, mo
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
+READ_ONLY_DRIVER = """\
+from devices.drivers import Driver
+
+
+class Readonly(Driver):
+    protocol = "readonly"
+
+    def read(self, prop):
+        return 1
+"""
+
+
+def test_a_readwrite_property_of_a_driver_that_cannot_write_is_refused_at_the_models_accessmode(tmp_path, monkeypatch):
+    """A third-party driver with read() only (Driver.write raises) and a model property ReadWrite:
+    the device is refused, at the model's accessMode line, naming the device and its protocol. It
+    used to load, take desired values (MQTT, REST) and fail each write at the device for ever."""
+    import importlib
+
+    from devices.drivers import base
+
+    install_plugin(tmp_path / "site", monkeypatch, "readonly", READ_ONLY_DRIVER)
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    model = MODEL.format(model="thing-model")
+    lines = model.splitlines()
+    rw = [i for i, line in enumerate(lines, 1) if "accessMode: ReadWrite" in line]
+    device = device_yaml("d").replace("protocolName: simulated\n    configData", "protocolName: readonly\n    configData")
+    at = device.splitlines().index("    protocolName: readonly") + 1
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    problems = problems_of(devices, {"m.yaml": model, "d.yaml": device})
+    assert problems == [
+        f"m.yaml:{rw[0]}: spec.properties[1].accessMode: property 'power' is ReadWrite, but the driver for protocol"
+        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: use accessMode: ReadOnly, or a protocol whose"
+        " driver writes",
+        f"m.yaml:{rw[1]}: spec.properties[2].accessMode: property 'count' is ReadWrite, but the driver for protocol"
+        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: use accessMode: ReadOnly, or a protocol whose"
+        " driver writes",
+    ]
+    # ReadOnly, the same device loads
+    (devices / "m.yaml").write_text(model.replace("accessMode: ReadWrite", "accessMode: ReadOnly"))
+    assert DeviceId("default", "d") in load([devices], base=devices).devices
+    monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
+def test_a_readwrite_dht_property_is_refused(tmp_path):
+    """The built-in dht driver reads only: `accessMode: ReadWrite` on a DHT property is an error
+    at that line (it passed `mapper validate`, then every desired value failed at the device)."""
+    text = (REPO / "devices/examples/pi/room-sensor-dht.yaml").read_text()
+    text = text.replace("accessMode: ReadOnly", "accessMode: ReadWrite", 1)
+    lines = text.splitlines()
+    access = lines.index("      accessMode: ReadWrite") + 1
+    protocol = lines.index("    protocolName: dht") + 1
+    assert problems_of(tmp_path, {"dht.yaml": text}) == [
+        f"dht.yaml:{access}: spec.properties[0].accessMode: property 'temperature' is ReadWrite, but the driver for"
+        f" protocol 'dht' (device default/room-sensor-pi, dht.yaml:{protocol}) cannot write it: use accessMode:"
+        " ReadOnly, or a protocol whose driver writes"]
+
+
+def test_can_write_is_whether_the_driver_overrides_write():
+    """Driver.can_write: the built-ins that write say so, the read-only ones do not."""
+    from devices.drivers.base import load_driver
+
+    assert {p: load_driver(p).can_write(None) for p in ("simulated", "gpio", "replay", "dht")} == {
+        "simulated": True, "gpio": True, "replay": False, "dht": False}
+
+
 def test_recursive_alias_is_an_error_with_its_line(tmp_path):
     """An alias inside the value it names (`a: &a [*a]`) is reported at its line; it used to be a
     RecursionError traceback for the whole load."""

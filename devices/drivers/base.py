@@ -15,6 +15,8 @@ loop uses when a driver has them:
   configured initial state); see the device loop for what happens to a stored desired value.
 - `rated_range(prop)`: the range the hardware is rated for; readings outside it are
   recorded `out_of_range` even when the device model declares no minimum/maximum.
+- `can_write(prop)` (a classmethod): whether `write` can set `prop`; by default, whether the
+  class overrides `write`. The loader refuses a ReadWrite property its driver cannot write.
 - `config_problems(device)` (a classmethod): what the schema cannot see, such as the contents
   of a file the configuration names; the loader reports each as `FILE:LINE: FIELD: PROBLEM`,
   so `mapper validate` finds it and the device does not start.
@@ -100,8 +102,18 @@ class Driver:
         raise NotImplementedError
 
     def write(self, prop: PropertyDefinition, value: Any) -> None:
-        """Apply a (validated, typed) desired value."""
+        """Apply a (validated, typed) desired value. Not overridden: the driver cannot write (can_write)."""
         raise WriteError(f"driver {self.protocol!r} cannot write {self.device.id}/{prop.name}")
+
+    @classmethod
+    def can_write(cls, prop: PropertyDefinition) -> bool:
+        """Whether this driver can write `prop`: by default, whether the class overrides `write`.
+
+        The loader refuses a ReadWrite property for which it is False: a desired value for it
+        would be taken (the twin, MQTT, REST) and then fail at the device on every attempt.
+        Override it for a driver that writes some properties only.
+        """
+        return cls.write is not Driver.write
 
     def close(self) -> None:
         """Release the hardware. Must be safe to call more than once."""
