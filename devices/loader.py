@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,9 +501,7 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
             if key in cls.kubernetes_fields:
                 continue
             where = (*path, key)
-            close = difflib.get_close_matches(key, [*known, *cls.kubernetes_fields], n=1)
-            if not close:  # a case slip (`AccessMode`) scores low on its own
-                close = [k for k in known if k.lower() == str(key).lower()][:1]
+            close = _closest(key, known, cls.kubernetes_fields)
             hint = f", did you mean {close[0]}?" if close else f" (known here: {', '.join(sorted(known))})."
             # The field meant is then left at its default: say what that does, where it surprises.
             left_out = close and close[0] in cls.if_left_out and known[close[0]] not in value.model_fields_set
@@ -512,6 +511,49 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
                 f"unknown field{hint} It is ignored here{then}; KubeEdge's API server would drop it (kubectl refuses it)",
                 "warning"))
     return found
+
+
+def _closest(key: Any, known: Iterable[str], also: Iterable[str] = ()) -> list[str]:
+    """[the known field a misspelt `key` is closest to], or []."""
+    known = list(known)
+    close = difflib.get_close_matches(str(key), [*known, *also], n=1)
+    if not close:  # a case slip (`AccessMode`) scores low on its own
+        close = [k for k in known if k.lower() == str(key).lower()][:1]
+    return close
+
+
+def _fields_at(model: type[BaseModel], loc: Path_) -> list[str] | None:
+    """The keys the pydantic model met at `loc` (below `model`) knows, or None if it is not a model."""
+    for part in loc:
+        info = model.model_fields.get(part) if isinstance(part, str) else None
+        nested = _model_in(info.annotation) if info is not None else None
+        if nested is None:
+            return None
+        model = nested
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model an annotation holds (`FaultSettings | None`), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        if (found := _model_in(arg)) is not None:
+            return found
+    return None
+
+
+def _describe_driver_error(model: type[BaseModel], error: dict[str, Any]) -> str:
+    """describe(), with the field meant for a key the driver's model does not know (`knd`: kind)."""
+    if error["type"] != "extra_forbidden" or not error["loc"]:
+        return describe(error)
+    known = _fields_at(model, error["loc"][:-1])
+    if known is None:
+        return describe(error)
+    close = _closest(error["loc"][-1], known)
+    if close:
+        return f"unknown field, did you mean {close[0]}?"
+    return f"unknown field (known here: {', '.join(sorted(known)) or 'none'}): remove it"
 
 
 def _other_node(doc: _Doc, device: Device, device_id: DeviceId, node: str | None,
@@ -848,7 +890,8 @@ def _validate_driver_model(
             _, doc, path = model_level if from_model else device_level
             where = (*path, *loc)
             note = f" (in device {device_id})" if from_model else ""
-            problems.append(Problem(doc.file, doc.line_of(where), field_name(where), describe(error) + note))
+            problems.append(Problem(doc.file, doc.line_of(where), field_name(where),
+                                    _describe_driver_error(model, error) + note))
     except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
         _, doc, path = device_level
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path),

@@ -1513,20 +1513,21 @@ def test_validate_warns_about_the_push_methods_the_mapper_does_not_carry_out(tmp
 def test_validate_warns_about_a_nested_config_data_value_edgecore_refuses(tmp_path):
     """edgecore's ConvertDevice turns each configData value into a protobuf Any and refuses a map
     or a list, so such a device never reaches the mapper under KubeEdge: a warning at the key."""
-    model = MODEL.format(model="thing-model").replace(
-        "  protocol: simulated\n", "  protocol: simulated\n  protocolConfigData: {extra: [1, 2]}\n", 1)
+    model = MODEL.format(model="thing-model") + "---\n" + MODEL.format(model="list-model").replace(
+        "  protocol: simulated\n", "  protocol: simulated\n  protocolConfigData: {faults_kinds: [spike, stuck]}\n", 1)
     text = device_yaml("d", config="{seed: 11, faults: {rate: 0.03, seed: 12}}")
     (tmp_path / "m.yaml").write_text(model)
     (tmp_path / "d.yaml").write_text(text)
+    (tmp_path / "e.yaml").write_text(device_yaml("e", model="list-model", config="{seed: 11}"))
     result = mapper("validate", str(tmp_path))
     assert result.returncode == 0, result.stderr
     device_line = next(i for i, l in enumerate(text.splitlines(), 1) if "faults:" in l)
-    model_line = next(i for i, l in enumerate(model.splitlines(), 1) if "extra:" in l)
+    model_line = next(i for i, l in enumerate(model.splitlines(), 1) if "faults_kinds:" in l)
     assert _warnings(result, tmp_path) == [
         f"d.yaml:{device_line}: spec.protocol.configData.faults: a nested map: edgecore's ConvertDevice refuses"
         " a value that is not a string, number or boolean, so under KubeEdge this device never reaches the"
         " mapper; use flat keys, e.g. faults_rate",
-        f"m.yaml:{model_line}: spec.protocolConfigData.extra: a list: edgecore merges it into the configData of"
+        f"m.yaml:{model_line}: spec.protocolConfigData.faults_kinds: a list: edgecore merges it into the configData of"
         " each device of this model, and its ConvertDevice refuses a value that is not a string, number or"
         " boolean, so under KubeEdge those devices never reach the mapper; use a flat value (a comma-separated"
         " string, say)",

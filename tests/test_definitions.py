@@ -396,6 +396,31 @@ def test_can_write_is_whether_the_driver_overrides_write():
         "simulated": True, "gpio": True, "replay": False, "dht": False}
 
 
+def test_a_misspelt_simulated_setting_is_an_error_at_its_line_with_the_setting_meant(tmp_path):
+    """`{knd: temperature, bas: 22}` or `sed: 3` used to pass `mapper validate`, and the property read
+    the defaults (a constant 0). Each unknown key is an error at its line, with the key it is close to;
+    one close to none lists the known keys. In a model's protocolConfigData, it is the model's line."""
+    device = device_yaml("d", config="{sed: 3, faults: {rat: 0.1}}").replace(
+        "configData: {kind: temperature, base: 21,", "configData: {knd: temperature, bas: 21,").replace(
+        "configData: {kind: counter}", "configData: {kind: counter, zzzzz: 1}")
+    model = MODEL.format(model="thing-model").replace("  protocol: simulated\n",
+                                                      "  protocol: simulated\n  protocolConfigData: {brokn: true}\n")
+    lines, model_lines = device.splitlines(), model.splitlines()
+    config = lines.index("    configData: {sed: 3, faults: {rat: 0.1}}") + 1
+    visitor = next(i for i, line in enumerate(lines, 1) if "knd:" in line)
+    counter = next(i for i, line in enumerate(lines, 1) if "zzzzz" in line)
+    brokn = next(i for i, line in enumerate(model_lines, 1) if "brokn" in line)
+    known = "amplitude, base, drift, kind, lag_ms, noise, period_s, resolution, start, step, value"
+    assert problems_of(tmp_path, {"m.yaml": model, "d.yaml": device}) == [
+        f"d.yaml:{config}: spec.protocol.configData.faults.rat: unknown field, did you mean rate?",
+        f"m.yaml:{brokn}: spec.protocolConfigData.brokn: unknown field, did you mean broken? (in device default/d)",
+        f"d.yaml:{config}: spec.protocol.configData.sed: unknown field, did you mean seed?",
+        f"d.yaml:{visitor}: spec.properties[0].visitors.configData.knd: unknown field, did you mean kind?",
+        f"d.yaml:{visitor}: spec.properties[0].visitors.configData.bas: unknown field, did you mean base?",
+        f"d.yaml:{counter}: spec.properties[2].visitors.configData.zzzzz: unknown field (known here: {known}): remove it",
+    ]
+
+
 def test_recursive_alias_is_an_error_with_its_line(tmp_path):
     """An alias inside the value it names (`a: &a [*a]`) is reported at its line; it used to be a
     RecursionError traceback for the whole load."""
@@ -727,7 +752,7 @@ def test_an_unknown_field_is_a_warning_at_its_line_with_the_field_it_is_close_to
     device = device_yaml("d").replace("    - name: count\n", "    - name: count\n      colectCycle: 20\n      zzz: 1\n")
     device = device.replace("    - name: power\n", "    - name: power\n      desired: {value: \"true\"}\n")
     device = device.replace("  namespace: default\n", "  namespace: default\n  uid: 1234\n", 1)
-    device = device.replace("configData: {}", "configData: {anyKey: 1}", 1) + "status: {whatever: 1}\n"
+    device = device.replace("configData: {}", "configData: {seed: 1}", 1) + "status: {whatever: 1}\n"
     (tmp_path / "m.yaml").write_text(model)
     (tmp_path / "d.yaml").write_text(device)
     result = load([tmp_path], base=tmp_path)
@@ -746,7 +771,7 @@ def test_an_unknown_field_is_a_warning_at_its_line_with_the_field_it_is_close_to
     # The ReadOnly warning points at the model property that did not say ReadWrite.
     assert any(w.startswith(f"d.yaml:{line['value:']}: ") and "'power' is ReadOnly in its model "
                f"(m.yaml:{line['acessMode'] - 2}, which does not set accessMode: ReadWrite)" in w for w in warnings)
-    # configData, status and Kubernetes' own metadata fields are not the mapper's to judge.
+    # configData (its driver's to judge), status and Kubernetes' own metadata fields are not warned about.
     assert len(warnings) == 4, warnings
     definition = result.devices[DeviceId("default", "d")]
     assert not definition.prop("power").writable  # kept as the file says, only warned about

@@ -225,9 +225,14 @@ def test_a_failure_while_adopting_the_registration_reply_is_retried(
 
 
 def big_reply(count: int, pad: int) -> list[tuple[pb.Device, pb.DeviceModel]]:
-    """`count` devices of `pad` bytes more than usual each (a long configData string, as a device
+    """`count` devices of `pad` bytes more than usual each (a long method description, as a device
     with many properties or long addresses has), idle: read once a minute."""
-    return [(counter(f"c{i:05d}", cycle_ms=60_000, config={"note": "x" * pad}), COUNT) for i in range(count)]
+    devices = []
+    for i in range(count):
+        padded = counter(f"c{i:05d}", cycle_ms=60_000)
+        padded.spec.methods.add(name="note", description="x" * pad, propertyNames=["count"])
+        devices.append((padded, COUNT))
+    return devices
 
 
 def test_a_register_reply_over_grpcs_default_4_mb_is_received(sockdir: Path) -> None:
@@ -254,7 +259,7 @@ def test_a_register_reply_over_the_limit_is_an_error_saying_what_to_do(
     at the backoff cap (not logged again each time), and the mapper keeps running."""
     async def scenario() -> None:
         async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
-            edgecore.devices = big_reply(100, 15_000)  # 1528300 bytes
+            edgecore.devices = big_reply(100, 15_000)  # 1523300 bytes
             async with running_mapper(sockdir, max_receive_mb=1) as mapper:
                 await edgecore.wait_for(lambda: len(edgecore.of("MapperRegister")) >= 2)
                 assert mapper.ext.registrations == 0 and mapper.service.runners == {}
@@ -263,7 +268,7 @@ def test_a_register_reply_over_the_limit_is_an_error_saying_what_to_do(
         (line,) = [r for r in caplog.records if "MapperRegister" in r.getMessage()]
         text = line.getMessage()
         assert line.levelno == logging.ERROR
-        assert "1528300 bytes" in text and "(1048576 bytes, kubeedge.max_receive_mb: 1)" in text, text
+        assert "1523300 bytes" in text and "(1048576 bytes, kubeedge.max_receive_mb: 1)" in text, text
         assert "Raise kubeedge.max_receive_mb to at least 2" in text and "Retrying every 0.2 s" in text, text
 
     run(scenario())

@@ -316,3 +316,22 @@ def test_a_file_changed_after_loading_to_a_bad_cell_fails_open(tmp_path):
     (tmp_path / "series.csv").write_text("timestamp,v\n0,21.5\n10,warm\n")
     with pytest.raises(DriverError, match=r"series\.csv:3: 'warm' in column 'v' does not fit property 'v' \(FLOAT\)"):
         driver.open()
+
+
+def test_a_misspelt_replay_setting_is_an_error_with_the_setting_meant(tmp_path):
+    """`sped: 60` (or a visitor's `colum:`) used to be ignored: the file played at the default speed,
+    the property read its name's column. Now each is an error at its line, with the setting meant."""
+    text = (REPO / "devices/examples/replay/office-replay.yaml").read_text()
+    text = text.replace("      speed: 60", "      sped: 60").replace("configData: {column: humidity}",
+                                                                    "configData: {colum: humidity}")
+    (tmp_path / "office.yaml").write_text(text.replace("../data/office-room.csv",
+                                                       str(REPO / "devices/examples/data/office-room.csv")))
+    lines = text.splitlines()
+    sped = lines.index("      sped: 60") + 1
+    colum = next(i for i, line in enumerate(lines, 1) if "colum:" in line)
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert [str(p) for p in info.value.problems] == [
+        f"office.yaml:{sped}: spec.protocol.configData.sped: unknown field, did you mean speed?",
+        f"office.yaml:{colum}: spec.properties[1].visitors.configData.colum: unknown field, did you mean column?",
+    ]

@@ -52,15 +52,16 @@ from devices.values import PropertyType, coerce
 Wanted = dict[str, list[tuple[str, PropertyType]]]
 
 
+# Unknown keys are refused (a `sped: 60` played at the default speed without a word).
 class ReplayConfig(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     file: str = Field(min_length=1)
     speed: float = Field(default=1.0, ge=0)
     loop: bool = True
 
 
 class ReplayVisitor(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     column: str | None = None
 
 

@@ -45,8 +45,10 @@ class FaultSettings(BaseModel):
     kinds: list[Literal["spike", "stuck", "drift", "noise"]] = ["spike", "stuck", "drift", "noise"]
 
 
+# Unknown keys are refused (extra="forbid"), as the loader reports them at their line with the
+# field they are close to: allowed, `sed: 3` or `knd: switch` silently left the default in place.
 class SimulatedConfig(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     seed: int | None = None
     failure_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     # Every read fails (a device unplugged).
@@ -88,7 +90,7 @@ _FLAT_FAULTS = ("faults_rate", "faults_seed", "faults_kinds")
 
 
 class SimulatedVisitor(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
     kind: Literal["temperature", "humidity", "switch", "counter", "constant", "clock"] = "constant"
     base: float = 21.0
     amplitude: float = 3.0
