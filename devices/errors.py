@@ -4,6 +4,7 @@
      ├── DefinitionError (ValueError)   bad YAML or config: every problem, each FILE:LINE: FIELD: PROBLEM
      └── DriverError
           ├── DriverNotFound (LookupError)   no driver installed for a protocol
+          │    └── DriverBroken                one is registered, but its module cannot be imported
           ├── DriverTimeout                   the device did not answer in time (or a call to it still runs)
           ├── ReadError                       a read failed; `retryable` says whether to try again
           └── WriteError                      a write failed or is not allowed
@@ -82,10 +83,11 @@ class DriverBroken(DriverNotFound):
     """A driver is registered for the protocol but cannot be loaded (its package is broken or
     half installed): treated like a missing one, so only its devices are refused."""
 
-    def __init__(self, protocol: str, target: str, exc: BaseException) -> None:
+    def __init__(self, protocol: str, target: str, exc: BaseException, package: str | None = None) -> None:
         self.protocol = protocol
+        source = f", from package {package}" if package else ""
         DriverError.__init__(
-            self, f"the driver registered for protocol {protocol!r} ({target}) cannot be loaded: "
+            self, f"the driver for protocol {protocol!r} is registered ({target}{source}) but cannot be loaded: "
             f"{type(exc).__name__}: {exc}; reinstall or fix the package that provides it")
 
 

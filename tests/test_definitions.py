@@ -329,6 +329,36 @@ def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, mo
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
+def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the_import_error(tmp_path, monkeypatch):
+    """A package's entry point names a module that is not there (half uninstalled, or a typo in its
+    pyproject): said as such, with the entry point, the package and the import error. It said "no
+    driver installed for protocol 'missingmod' (installed: ..., missingmod, ...)"."""
+    import importlib
+
+    from devices.drivers import base
+
+    site = tmp_path / "site"
+    meta = site / "missing_driver-1.0.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: missing-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[mapper.drivers]\nmissingmod = mapper_nosuchmodule:X\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    text = device_yaml("d0").replace("protocolName: simulated\n    configData", "protocolName: missingmod\n    configData")
+    (devices / "d0.yaml").write_text(text)
+    result = load([devices], base=devices)
+    line = text.splitlines().index("    protocolName: missingmod") + 1
+    assert str(result.unrunnable[DeviceId("default", "d0")]) == (
+        f"d0.yaml:{line}: spec.protocol.protocolName: device default/d0: the driver for protocol 'missingmod' is"
+        " registered (mapper_nosuchmodule:X, from package missing-driver) but cannot be loaded: ModuleNotFoundError:"
+        " No module named 'mapper_nosuchmodule'; reinstall or fix the package that provides it")
+    monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
 READ_ONLY_DRIVER = """\
 from devices.drivers import Driver
 

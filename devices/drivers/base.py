@@ -167,6 +167,8 @@ class Driver:
 
 
 _registered: dict[str, str] | None = None
+# The distribution (package) that registers each entry point, for messages about it.
+_packages: dict[str, str] = {}
 # (protocol, target) of third-party entry points named like a built-in, already warned about.
 _clashes_logged: set[tuple[str, str]] = set()
 
@@ -179,10 +181,11 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
     spent seconds of their start-up on it. A protocol not found rereads them once, so a
     driver installed while the mapper runs is still found by the next device that names it.
     """
-    global _registered
+    global _registered, _packages
     if _registered is None or refresh:
         found = entry_points(group=ENTRY_POINT_GROUP)
         _registered = {ep.name: ep.value for ep in found}
+        _packages = {ep.name: getattr(ep.dist, "name", None) or "" for ep in found}
         for ep in found:
             builtin = _BUILTIN.get(ep.name)
             if builtin is not None and ep.value != builtin and (ep.name, ep.value) not in _clashes_logged:
@@ -208,27 +211,26 @@ def _module_exists(name: str) -> bool:
 
 
 def load_driver(protocol: str) -> type[Driver]:
-    """The driver class for `protocol`; raises DriverNotFound naming what is installed."""
+    """The driver class for `protocol`; raises DriverNotFound naming what is installed, or
+    DriverBroken naming the entry point that names it and why it cannot be loaded."""
     # A built-in first: a package installed for something else never takes over its devices (the
     # registry is still read, once, so such a package is warned about).
     registered = _entry_points()
     target = _BUILTIN.get(protocol) or registered.get(protocol) or _entry_points(refresh=True).get(protocol)
     if target is None:
         raise DriverNotFound(protocol, available_protocols())
+    package = None if protocol in _BUILTIN else _packages.get(protocol)
     module_name, _, attr = target.partition(":")
     try:
+        # (a module of the entry point that is gone, its package half removed, is broken too: it
+        # is registered, and "not installed" would contradict the list of installed protocols)
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
-            # the driver's own package is gone
-            raise DriverNotFound(protocol, available_protocols()) from exc
-        raise DriverBroken(protocol, target, exc) from exc
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices
         # only, also when it exits (a hardware library off its board calling sys.exit)
-        raise DriverBroken(protocol, target, exc) from exc
+        raise DriverBroken(protocol, target, exc, package) from exc
     cls = getattr(module, attr, None)
     if not (isinstance(cls, type) and issubclass(cls, Driver)):
-        raise DriverBroken(protocol, target, TypeError(f"{attr!r} is not a devices.drivers.Driver"))
+        raise DriverBroken(protocol, target, TypeError(f"{attr!r} is not a devices.drivers.Driver"), package)
     return cls
