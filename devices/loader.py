@@ -479,6 +479,7 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     table[key] = _Entry(doc, obj)
     problems.extend(unknown_field_warnings(doc, obj))
     problems.extend(nested_config_warnings(doc, obj))
+    problems.extend(visitor_protocol_warnings(doc, obj))
     if kind == "Device":
         problems.extend(push_method_warnings(doc, obj))
     if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
@@ -628,6 +629,55 @@ def push_method_warnings(doc: _Doc, device: Device) -> list[Problem]:
     return found
 
 
+def _model_protocol_warning(doc: _Doc, device: Device, device_id: DeviceId, model_entry: _Entry) -> Problem | None:
+    """A warning when a device's protocolName (the driver the mapper runs it with) is not its
+    DeviceModel's spec.protocol, or None. KubeEdge refuses neither, but edgecore sends a model only
+    to the mapper registered for the model's protocol, and a device only to the one for the device's:
+    the device's mapper never gets the model, so the device does not start there."""
+    protocol = device.spec.protocol.protocol_name
+    model: DeviceModel = model_entry.obj
+    if not model.spec.protocol or model.spec.protocol == protocol:
+        return None
+    model_doc = model_entry.doc
+    line = model_doc.line_of(("spec", "protocol"))
+    where = f"{model_doc.file}:{line}" if line else model_doc.file
+    path = ("spec", "protocol", "protocolName")
+    return Problem(
+        doc.file, doc.line_of(path), field_name(path),
+        f"device {device_id}: {shown(protocol)} (the driver this device runs with) is not its DeviceModel"
+        f" {model.metadata.namespace}/{model.metadata.name}'s spec.protocol {shown(model.spec.protocol)} ({where}):"
+        f" under KubeEdge, edgecore sends that model only to the mapper of protocol {shown(model.spec.protocol)},"
+        f" so the {clipped(protocol, 80)} mapper never gets it and the device does not start; make the two the same",
+        "warning")
+
+
+def visitor_protocol_warnings(doc: _Doc, obj: Device | DeviceModel) -> list[Problem]:
+    """A warning for each property's `visitors.protocolName` that is not its document's protocol
+    (a Device's spec.protocol.protocolName, a DeviceModel's spec.protocol), at its line.
+
+    The device's protocol picks the driver, and that driver reads every visitors.configData:
+    KubeEdge passes visitors.protocolName on and nothing reads it, so one that differs is a
+    leftover from another driver's file (with configData for that driver, most likely).
+    """
+    if isinstance(obj, Device):
+        protocol, what = obj.spec.protocol.protocol_name, "the device's protocolName"
+    else:
+        protocol, what = obj.spec.protocol, "the model's spec.protocol"
+    if not protocol:
+        return []
+    found: list[Problem] = []
+    for i, prop in enumerate(obj.spec.properties):
+        name = prop.visitors.protocol_name if prop.visitors is not None else None
+        if name and name != protocol:
+            path = ("spec", "properties", i, "visitors", "protocolName")
+            found.append(Problem(
+                doc.file, doc.line_of(path), field_name(path),
+                f"{shown(name)} is not {what} {shown(protocol)}: the {clipped(protocol, 80)} driver reads this"
+                " configData whatever it says (KubeEdge passes visitors.protocolName on, unread); set it to"
+                f" {clipped(protocol, 80)}", "warning"))
+    return found
+
+
 _FLAT_ONLY = "ConvertDevice refuses a value that is not a string, number or boolean"
 
 
@@ -768,6 +818,8 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         return
     model: DeviceModel = model_entry.obj
     protocol = device.spec.protocol.protocol_name
+    if (mismatch := _model_protocol_warning(doc, device, device_id, model_entry)) is not None:
+        problems.append(mismatch)
     driver: type[Driver] | None
     try:
         driver = load_driver(protocol)

@@ -1171,8 +1171,10 @@ def test_validate_prints_the_warnings_too_when_there_are_errors(tmp_path):
     """A device whose protocol has no driver (a warning) next to one with `collectCycle: -1` (an
     error): only the error was printed, though every problem is to be listed. Both are now."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
-    (tmp_path / "a.yaml").write_text(device_yaml("a").replace("protocolName: simulated\n    configData",
-                                                              "protocolName: modbus\n    configData"))
+    (tmp_path / "modbus.yaml").write_text(MODEL.format(model="modbus-model").replace("protocol: simulated",
+                                                                                     "protocol: modbus"))
+    (tmp_path / "a.yaml").write_text(device_yaml("a", model="modbus-model").replace("protocolName: simulated",
+                                                                                    "protocolName: modbus"))
     (tmp_path / "b.yaml").write_text(device_yaml("b", cycle=-1))
     result = mapper("validate", str(tmp_path))
     assert result.returncode == 1

@@ -202,8 +202,10 @@ def test_a_number_beyond_a_float_is_refused_as_a_desired_value(tmp_path):
 def test_unknown_protocol_is_a_warning_not_an_error(tmp_path):
     """A protocol with no installed driver is valid YAML: a warning naming the protocol."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
-    (tmp_path / "d.yaml").write_text(device_yaml("fieldbus-thing").replace("protocolName: simulated\n    configData",
-                                                                        "protocolName: acme-fieldbus\n    configData"))
+    (tmp_path / "n.yaml").write_text(MODEL.format(model="acme-model").replace("protocol: simulated",
+                                                                              "protocol: acme-fieldbus"))
+    (tmp_path / "d.yaml").write_text(device_yaml("fieldbus-thing", model="acme-model").replace(
+        "protocolName: simulated", "protocolName: acme-fieldbus"))
     (tmp_path / "ok.yaml").write_text(device_yaml("fine"))
     result = load([tmp_path], base=tmp_path)
     assert DeviceId("default", "fieldbus-thing") in result.unrunnable
@@ -936,3 +938,47 @@ def test_a_device_for_another_node_runs_when_the_node_is_only_the_host_name(tmp_
         result.warnings
     config = load_config(config_file, env={"MAPPER_NODE": "kitchen"})
     assert config.node_chosen and DeviceId("default", "d") in config.load_devices().unrunnable
+
+
+def test_protocol_names_that_disagree_are_warned_about_at_their_lines(tmp_path):
+    """Model `spec.protocol: gpio`, device `protocolName: simulated`, a visitor `protocolName: dht`
+    passed `mapper validate` without a word. KubeEdge refuses none of them, so they load, but each
+    is a warning at its line: under KubeEdge the model goes only to the gpio mapper (the simulated
+    one never gets it), and the visitor's configData is read by the device's driver whatever it says."""
+    model = MODEL.format(model="thing-model").replace("  protocol: simulated\n", "  protocol: gpio\n")
+    model = model.replace("    - name: count\n", "    - name: count\n      visitors: {protocolName: replay}\n")
+    device = device_yaml("d").replace("        protocolName: simulated\n        configData: {kind: switch}",
+                                      "        protocolName: dht\n        configData: {kind: switch}")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "d") in result.devices  # warnings only
+    lines, model_lines = device.splitlines(), model.splitlines()
+    visitor = lines.index("        protocolName: dht") + 1
+    protocol = lines.index("    protocolName: simulated") + 1
+    model_protocol = model_lines.index("  protocol: gpio") + 1
+    model_visitor = model_lines.index("      visitors: {protocolName: replay}") + 1
+    assert sorted(str(w) for w in result.warnings) == [
+        f"d.yaml:{protocol}: spec.protocol.protocolName: device default/d: 'simulated' (the driver this device runs"
+        f" with) is not its DeviceModel default/thing-model's spec.protocol 'gpio' (m.yaml:{model_protocol}): under"
+        " KubeEdge, edgecore sends that model only to the mapper of protocol 'gpio', so the simulated mapper never"
+        " gets it and the device does not start; make the two the same",
+        f"d.yaml:{visitor}: spec.properties[1].visitors.protocolName: 'dht' is not the device's protocolName"
+        " 'simulated': the simulated driver reads this configData whatever it says (KubeEdge passes"
+        " visitors.protocolName on, unread); set it to simulated",
+        f"m.yaml:{model_visitor}: spec.properties[2].visitors.protocolName: 'replay' is not the model's spec.protocol"
+        " 'gpio': the gpio driver reads this configData whatever it says (KubeEdge passes visitors.protocolName on,"
+        " unread); set it to gpio",
+    ]
+
+
+def test_protocol_names_that_agree_or_are_left_out_are_not_warned_about(tmp_path):
+    """The same protocol everywhere, or a model without spec.protocol and visitors without
+    protocolName: no warning."""
+    model = MODEL.format(model="thing-model")
+    (tmp_path / "m.yaml").write_text(model.replace("  protocol: simulated\n", ""))
+    (tmp_path / "d.yaml").write_text(device_yaml("d").replace("        protocolName: simulated\n", ""))
+    (tmp_path / "n.yaml").write_text(MODEL.format(model="other-model"))
+    (tmp_path / "e.yaml").write_text(device_yaml("e", model="other-model"))
+    result = load([tmp_path], base=tmp_path)
+    assert len(result.devices) == 2 and result.warnings == []
