@@ -912,9 +912,9 @@ def _not_writable(driver: type[Driver], prop: PropertyDefinition, protocol: str,
         if driver.can_write(prop):
             return None
         line = doc.line_of(("spec", "protocol", "protocolName"))
+        where = f"{doc.file}:{line}" if line else doc.file  # (no line in memory: DMI)
         message = (f"property {prop.name!r} is ReadWrite, but the driver for protocol {protocol!r} (device {device_id},"
-                   f" {doc.file}:{line}" if line else f" {doc.file}") + (
-                   ") cannot write it: use accessMode: ReadOnly, or a protocol whose driver writes")
+                   f" {where}) cannot write it: use accessMode: ReadOnly, or a protocol whose driver writes")
     except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
         message = _driver_failed(protocol, "can_write()", exc)
     return Problem(model_doc.file, model_doc.line_of(path), field_name(path), message)

@@ -982,3 +982,19 @@ def test_protocol_names_that_agree_or_are_left_out_are_not_warned_about(tmp_path
     (tmp_path / "e.yaml").write_text(device_yaml("e", model="other-model"))
     result = load([tmp_path], base=tmp_path)
     assert len(result.devices) == 2 and result.warnings == []
+
+
+def test_a_readwrite_property_that_cannot_be_written_is_refused_for_a_device_from_edgecore_too():
+    """Documents from KubeEdge DMI (no lines) get the same error, naming the documents."""
+    import yaml
+
+    from devices.loader import load_objects
+
+    text = (REPO / "devices/examples/pi/room-sensor-dht.yaml").read_text()
+    model, device = yaml.safe_load_all(text.replace("accessMode: ReadOnly", "accessMode: ReadWrite", 1))
+    with pytest.raises(DefinitionError) as info:
+        load_objects([("dmi:DeviceModel default/dht11-pi-model", model), ("dmi:Device default/room-sensor-pi", device)])
+    assert [str(p) for p in info.value.problems] == [
+        "dmi:DeviceModel default/dht11-pi-model: spec.properties[0].accessMode: property 'temperature' is ReadWrite,"
+        " but the driver for protocol 'dht' (device default/room-sensor-pi, dmi:Device default/room-sensor-pi) cannot"
+        " write it: use accessMode: ReadOnly, or a protocol whose driver writes"]
