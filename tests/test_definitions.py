@@ -420,6 +420,22 @@ def test_a_readwrite_dht_property_is_refused(tmp_path):
         " ReadOnly, or a protocol whose driver writes"]
 
 
+def test_a_readwrite_simulated_property_that_reads_what_it_generates_is_refused(tmp_path):
+    """A simulated `temperature` (or `humidity`, `clock`) property reads its own signal whatever was
+    written: ReadWrite on one is an error at the model's accessMode (its desired value was taken,
+    "written", never read back: a delta for ever). `counter` and `switch` stay writable."""
+    model = MODEL.format(model="thing-model").replace(
+        "    - name: temperature\n      type: FLOAT\n      accessMode: ReadOnly",
+        "    - name: temperature\n      type: FLOAT\n      accessMode: ReadWrite")
+    access = model.splitlines().index("      accessMode: ReadWrite") + 1
+    device = device_yaml("d")
+    protocol = next(i for i, line in enumerate(device.splitlines(), 1) if "protocolName: simulated" in line)
+    assert problems_of(tmp_path, {"m.yaml": model, "d.yaml": device}) == [
+        f"m.yaml:{access}: spec.properties[0].accessMode: property 'temperature' is ReadWrite, but the driver for"
+        f" protocol 'simulated' (device default/d, d.yaml:{protocol}) cannot write it: use accessMode: ReadOnly,"
+        " or a protocol whose driver writes"]
+
+
 def test_can_write_is_whether_the_driver_overrides_write():
     """Driver.can_write: the built-ins that write say so, the read-only ones do not."""
     from devices.drivers.base import load_driver

@@ -8,6 +8,7 @@ Each property's `visitors.configData.kind` picks a behaviour:
 - `counter`: counts up by `step` on every read.
 - `constant`: always `value`.
 - `clock`: the wall-clock time of the read in Unix seconds (a FLOAT property): a latency probe.
+  (`temperature`, `humidity` and `clock` read what they generate, so they cannot be ReadWrite.)
   A subscriber subtracts it from its own receive time to get the reading's exact age, where
   the payload's `ts` (whole milliseconds) would add up to 1 ms of rounding.
 
@@ -221,6 +222,15 @@ class SimulatedDriver(Driver):
                 self._held_humidity[humidity.name] = fh
             return ft
         return fh
+
+    # What a read returns regardless of what was written: a desired value for one of these would
+    # be taken, "written", and never read back, a delta for ever.
+    _GENERATED = frozenset({"temperature", "humidity", "clock"})
+
+    @classmethod
+    def can_write(cls, prop: PropertyDefinition) -> bool:
+        visitor = getattr(prop, "visitor", None)
+        return not (isinstance(visitor, SimulatedVisitor) and visitor.kind in cls._GENERATED)
 
     def write(self, prop: PropertyDefinition, value: Any) -> None:
         visitor: SimulatedVisitor = prop.visitor
