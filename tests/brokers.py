@@ -4,7 +4,8 @@ For tests, benchmarks and the demo. A :class:`MosquittoBroker` renders a
 shipped config (``mosquitto.conf`` for the Pi, ``cloud.conf`` for the cloud)
 into a temporary directory, rewriting only ports, paths, the run-as user and
 credentials; the ACL, queue limits, persistence and bridge topics under test
-are the shipped ones. Every listener is moved to a free port on 127.0.0.1.
+are the shipped ones. Every listener is moved to a free port on 127.0.0.1,
+held for the broker until close() (reserve_port): a restart gets it again.
 
     with MosquittoBroker() as edge:                 # shipped mosquitto.conf
         edge.port, edge.tls_port, edge.users["app"], edge.ca_file
@@ -38,6 +39,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
@@ -97,10 +99,37 @@ def ensure_mosquitto_installed() -> None:
 
 
 def free_port(host: str = HOST) -> int:
-    """A TCP port nobody listens on right now (another process may still take it)."""
+    """A TCP port nobody listens on right now. Racy: any process may take it before it is bound
+    again (a `connect()` anywhere on the machine may get it as its local port). Prefer
+    `reserve_port`, or port 0 and the port the program says it bound."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def reserve_port(host: str = HOST) -> socket.socket:
+    """A socket bound to a free port of ``host`` (its number: ``getsockname()[1]``), never listening.
+
+    As long as it is open, nobody else gets the port: neither a `bind()` to port 0 nor a `connect()`
+    takes a bound port as its local port, and a `bind()` to it without SO_REUSEADDR fails. A
+    program that binds with SO_REUSEADDR, as Mosquitto does for its listeners, still binds and
+    listens on it, then or after a restart. `free_port` alone left the port free from the moment it
+    was picked until the broker bound it, and while a test stopped the broker to restart it on the
+    same port: "Address already in use" when another process had taken it meanwhile (a test of
+    test_store_and_forward.py whose broker is stopped for a dozen seconds, under load)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _close_all(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +299,11 @@ class MosquittoBroker:
         source = SHIPPED / conf
         acl_name = acl or Path(_directive(source, "acl_file")).name
         self.users = {user: secrets.token_urlsafe(18) for user in acl_users(SHIPPED / acl_name)}
-        self.ports = {p: free_port() for p in _listener_ports(source)}
+        # Each listener's port is held (reserve_port) until close(), through restarts; a broker
+        # never closed releases them when it is collected (no unclosed-socket warning).
+        reserved = [reserve_port() for _ in _listener_ports(source)]
+        self._release_ports = weakref.finalize(self, _close_all, reserved)
+        self.ports = {p: int(sock.getsockname()[1]) for p, sock in zip(_listener_ports(source), reserved, strict=True)}
         self.pki = Pki.create(self.workdir / "pki")
         self.ca_file = self.pki.ca_file
         self.log_path = self.workdir / "mosquitto.log"
@@ -427,8 +460,9 @@ class MosquittoBroker:
         return self.start()
 
     def close(self) -> None:
-        """Stop and remove the temp dir (if this broker made it)."""
+        """Stop, release the ports and remove the temp dir (if this broker made it)."""
         self.stop()
+        self._release_ports()
         if self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -778,19 +779,22 @@ def test_api_clients_holding_connections_cannot_take_the_mapper_off_mqtt(tmp_pat
     import secrets
     import socket
 
-    from brokers import MosquittoBroker, ensure_mosquitto_installed, free_port
+    from brokers import MosquittoBroker, ensure_mosquitto_installed
     from helpers import write_devices
     from mapper_proc import MapperProcess
 
     ensure_mosquitto_installed()
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
-    node, port = f"n{secrets.token_hex(4)}", free_port()
+    node = f"n{secrets.token_hex(4)}"
     availability = f"mapper/{node}/availability"
     clients: list[socket.socket] = []
+    # Port 0: the mapper binds a free port and names it (a port picked free here could be taken
+    # by another process before the mapper bound it).
     with MosquittoBroker() as own, MapperProcess(tmp_path, devices, own, node=node,
-                                                 extra=f"api:\n  port: {port}\n") as mapper:
+                                                 extra="api:\n  port: 0\n") as mapper:
         try:
             mapper.wait_log("REST API on")
+            port = int(re.search(r"REST API on http://127\.0\.0\.1:(\d+)/", mapper.log())[1])
             mapper.wait_log("connected to mqtt://")
             assert mapper.process is not None
             _, hard = resource.prlimit(mapper.process.pid, resource.RLIMIT_NOFILE)

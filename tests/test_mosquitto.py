@@ -6,6 +6,7 @@ import contextlib
 import os
 import re
 import secrets
+import socket
 import stat
 import subprocess
 from pathlib import Path
@@ -31,6 +32,21 @@ def name(request: pytest.FixtureRequest) -> str:
 def topics_of(probe: MqttProbe, count: int) -> list[str]:
     """The topics of the next ``count`` messages, in arrival order."""
     return [probe.next_message().topic for _ in range(count)]
+
+
+def test_a_stopped_broker_keeps_its_ports_for_its_restart() -> None:
+    """tests/brokers.py: a test stops its broker for an outage and starts it again on the same
+    ports, for the mapper to reconnect to. Meanwhile those ports stay the broker's: another process
+    binding them (they were free for anyone to take) made the restart fail with "Address already in
+    use" (test_store_and_forward, under load). The restart listens on them again."""
+    with MosquittoBroker() as own:
+        own.stop()
+        for port in own.ports.values():
+            with socket.socket() as other, pytest.raises(OSError, match="Address already in use"):
+                other.bind((own.host, port))
+        own.start()
+        with own.client("app", tls=True), own.client("app"):
+            pass
 
 
 # --- authentication -----------------------------------------------------------------
