@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import paho.mqtt.client as mqtt
 import pytest
-from brokers import SHIPPED, MosquittoBroker, MqttProbe, render_bridge, stop_loop
+from brokers import SHIPPED, MosquittoBroker, MqttProbe, ProbeClient, render_bridge, stop_loop
 
 if TYPE_CHECKING:
     from conftest import CloudAndEdge
@@ -382,6 +382,38 @@ def largest_arrives_and_larger_disconnects(broker: MosquittoBroker, sender: str,
         # Mosquitto handles the connections in turn: a delivered message would come first.
         delivered = subscriber.next_message(30).payload != b"marker"
     return disconnected and not delivered
+
+
+@pytest.mark.parametrize(("client_class", "handled"), [(mqtt.Client, False), (ProbeClient, True)])
+def test_a_probe_handles_a_packet_its_100th_read_completes(client_class: type[mqtt.Client], handled: bool) -> None:
+    """paho 2.2 stops reading a packet after 100 recv() calls and returns; when the 100th brought the
+    packet's last bytes, the packet waits, unhandled, for more bytes to arrive (the broker sends
+    none: it waits for the PUBACK). The probes' client (ProbeClient) handles it at once. A 1000-byte
+    PUBLISH read 10 bytes at a time; plain paho shows the bug, so that a paho which fixed it is noticed."""
+    client = client_class(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    payloads: list[bytes] = []
+    client.on_message = lambda _c, _u, message: payloads.append(message.payload)
+    body = 1000  # QoS 0: topic length, topic "t", properties length 0, payload
+    unread = bytearray(bytes([0x30, body & 0x7F | 0x80, body >> 7]) + b"\x00\x01t\x00" + b"x" * (body - 4))
+
+    def recv(size: int) -> bytes:
+        if not unread:
+            raise BlockingIOError
+        chunk = bytes(unread[:min(size, 10)])
+        del unread[:len(chunk)]
+        return chunk
+
+    client._sock_recv = recv  # type: ignore[method-assign]  # noqa: SLF001
+    ours, other = socket.socketpair()
+    client._sock = ours  # noqa: SLF001 - loop_read reads only with a socket
+    try:
+        assert client.loop_read() == mqtt.MQTT_ERR_SUCCESS
+    finally:
+        client._sock = None  # noqa: SLF001
+        ours.close()
+        other.close()
+    assert not unread
+    assert payloads == ([b"x" * (body - 4)] if handled else [])
 
 
 def test_pi_refuses_a_packet_over_max_packet_size(broker: MosquittoBroker, name: str) -> None:
