@@ -202,7 +202,7 @@ class FastPath:
             if self._pos >= len(self._data):
                 return MQTT_ERR_SUCCESS
         rc = original_read(max_packets)
-        while rc == MQTT_ERR_SUCCESS and self.buffered() and client._sock is not None:  # noqa: SLF001
+        while rc == MQTT_ERR_SUCCESS and client._sock is not None and (self.buffered() or _read_unhandled(client)):  # noqa: SLF001
             rc = original_read(max_packets)
         return rc
 
@@ -244,6 +244,18 @@ class FastPath:
                 return MQTT_ERR_SUCCESS
         self.slow_acks += 1
         return original(cmd)
+
+
+def _read_unhandled(client: Client) -> bool:
+    """Whether paho holds a packet read in full but not handled. paho 2.2's `_packet_read` returns
+    after 100 recv() calls for one packet (to let the loop do other work) before it checks whether
+    the packet is complete: when the 100th brought its last bytes, the packet waited, unhandled,
+    for more bytes to wake the event loop's reader. Served 4 KiB at a time from the buffer here,
+    a packet of about 400 KB or more (above the default mqtt.max_payload_bytes, not above a raised
+    one) could end so, and waited for the next message or the keepalive's PINGRESP. Calling
+    paho's loop_read again reads nothing and handles it."""
+    packet = client._in_packet  # noqa: SLF001
+    return bool(packet["command"]) and bool(packet["have_remaining"]) and packet["to_process"] == 0
 
 
 def _joinable(packet: dict[str, Any]) -> bool:

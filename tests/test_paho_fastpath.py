@@ -330,3 +330,44 @@ def test_publish_size_is_the_length_of_the_packet_sent(v5):
                 assert publish_size(len(topic.encode()), len(payload), 1, v5) == len(packet), (topic, remaining)
     finally:
         client._sock = None  # noqa: SLF001
+
+
+def test_a_large_message_whose_last_bytes_come_with_the_100th_read_is_handled_at_once():
+    """paho 2.2 stops reading a packet after 100 recv() calls and returns before it checks whether
+    the packet is complete: when the 100th brought its last bytes, the packet waited, unhandled,
+    for more bytes to wake the event loop's reader (the next message, or the keepalive's PINGRESP).
+    The fast path serves paho's reads 4 KiB at a time: a PUBLISH of about 400 KB (refused above the
+    default mqtt.max_payload_bytes, taken under a raised one) can end so. Here a socket that has
+    the whole packet: one loop_read hands it to on_message."""
+    import socket
+
+    from paho.mqtt.client import MQTT_ERR_SUCCESS, CallbackAPIVersion, Client, MQTTv5
+
+    from eventbus.paho_fastpath import READ_SIZE, install
+
+    client = Client(CallbackAPIVersion.VERSION2, protocol=MQTTv5)
+    received: list[int] = []
+    client.on_message = lambda _c, _u, message: received.append(len(message.payload))
+    body = READ_SIZE - 4 + 99 * READ_SIZE  # the first read also holds the fixed header (4 bytes here)
+    header = bytes([0x30, body & 0x7F | 0x80, body >> 7 & 0x7F | 0x80, body >> 14])
+    unread = bytearray(header + b"\x00\x01t\x00" + b"x" * (body - 4))  # topic "t", no properties
+
+    def recv(size: int) -> bytes:
+        if not unread:
+            raise BlockingIOError
+        chunk = bytes(unread[:size])
+        del unread[:size]
+        return chunk
+
+    client._sock_recv = recv  # noqa: SLF001 - the socket's data, as the fast path reads it
+    assert install(client, lambda mid, reason: True) is not None
+    ours, other = socket.socketpair()
+    client._sock = ours  # noqa: SLF001 - loop_read reads only with a socket
+    try:
+        assert client.loop_read() == MQTT_ERR_SUCCESS
+    finally:
+        client._sock = None  # noqa: SLF001
+        ours.close()
+        other.close()
+    assert not unread
+    assert received == [body - 4]
