@@ -323,10 +323,13 @@ class Router:
                 if not definition.has_property(name):
                     raise BadRequest(400, f"device {device} has no property {shown(name)}")
                 raise BadRequest(400, f"property {shown(name)} cannot be deleted: it is declared in the device model")
-            if twin.actual is not None:
-                raise BadRequest(400, f"property {shown(name)}: actual values are reported by the device, not set")
             if twin.expected is None:
+                if twin.actual is not None:  # a legacy mapper or twin client reporting a value
+                    raise BadRequest(400, f"property {shown(name)}: actual values are reported by the device, not set")
                 raise BadRequest(400, f"property {shown(name)}: no expected value")
+            # With `expected`, its `actual` (and `optional`, `metadata`) is ignored, as edgecore
+            # applies the entry: an app sends back what twin/get or a document gave it (which carry
+            # `actual`) with a new expected value. Only the device's own reads are actual values.
             version = twin.expected_version.edge if twin.expected_version else None
             wanted[name] = (self._validated(device, name, twin.expected.value), version)
         names = sorted(wanted)

@@ -137,6 +137,29 @@ def test_bad_updates_get_edgecore_errors(broker, lamp, payload, code, reason):
     assert reply["event_id"] == expected_id
 
 
+def test_an_update_with_actual_next_to_expected_applies_the_expected(broker, lamp):
+    """An app that read the twin (twin/get: each property with `actual`, `optional` and `metadata`)
+    and sends a property back with a new `expected` gets it applied, as from edgecore: the `actual`
+    beside it is ignored (before, the whole update was refused with 400 `actual values are reported
+    by the device, not set`). An `actual` alone is still refused (test_bad_updates_get_edgecore_errors)."""
+    mapper, sub = lamp
+    sub.expect("mapper/test-node/default/lamp/power", lambda b: b["value"] is False)
+    pub(broker, f"{HW}/twin/get", '{"event_id":"g0"}')
+    got = sub.expect(f"{HW}/twin/get/result", lambda b: b["event_id"] == "g0")
+    entry = got["twin"]["power"]
+    assert entry["actual"]["value"] == "false" and "optional" in entry and "metadata" in entry, entry
+    entry["expected"] = {"value": "true"}
+    entry["actual"] = {"value": "garbage", "metadata": {"timestamp": 1}}  # ignored, not checked either
+    pub(broker, f"{HW}/twin/update", json.dumps({"event_id": "ea", "timestamp": 0, "twin": {"power": entry}}))
+    result = sub.expect(f"{HW}/twin/update/result", lambda b: b["event_id"] == "ea")
+    assert "code" not in result, result
+    assert result["twin"]["power"]["expected"]["value"] == "true", result
+    # Applied by the device: the next reading reports it (the app's `actual` never became one).
+    sub.expect("mapper/test-node/default/lamp/power", lambda b: b["value"] is True)
+    with TwinStore.open(mapper.twin_path) as store:
+        assert store.device(DeviceId("default", "lamp")).properties["power"].reported is True
+
+
 def test_unknown_device_is_404_and_old_version_is_409(broker, lamp):
     """An unknown device gets 404; an update with a version older than stored gets 409."""
     mapper, sub = lamp
