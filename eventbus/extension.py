@@ -29,7 +29,9 @@ from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics, parse
 from mapper.device_loop import OFFLINE, UNKNOWN
 from mapper.logs import Throttle, held_note
-from twin.store import DesiredChange, OutMessage, write_private
+from mapper.recorder import Extra
+from twin.records import PropertyTwin, Reading
+from twin.store import DesiredChange, OutboxRow, OutMessage, TwinStore, UnknownDevice, write_private
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -122,6 +124,9 @@ class EventBusExtension:
         self._reassert_stopped = False
         self._reassert_wanted = False  # another value came since the re-assertion began
         self._reassert_log = Throttle(burst=3)
+        # Twin documents of reported values (_documents_due): each property as its last document
+        # (or the twin at start) had it, for the next one's `last`. Used in the twin thread only.
+        self._documented: dict[DeviceId, dict[str, PropertyTwin]] = {}
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -181,6 +186,15 @@ class EventBusExtension:
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
         service.bus = self
         service.device_listeners.append(self._on_devices)
+        if serve and self.settings.reading_documents:
+            try:
+                twins = await service.twin(lambda s: [s.device(d) for d in s.device_ids()])
+            except Exception as exc:  # noqa: BLE001 - the first documents then have no `last`
+                log.warning("cannot read the twin for the documents' `last` values: %s", exc)
+                twins = []
+            self._documented = {twin.id: dict(twin.properties) for twin in twins}
+            self.telemetry.documents = {}
+            service.recorder.after_messages.append(self._documents_due)
         # (Nothing of the twin's is taken into the state views: a device's is announced once it
         # was read in this run, see Telemetry.)
         log.info("event bus: %s as %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
@@ -537,6 +551,54 @@ class EventBusExtension:
         if view is not None:
             messages.append(view)
         return messages
+
+    def _documents_due(self, batch: list[Reading]) -> Extra | None:
+        """After a batch's messages were made: the devices whose reported values changed at a report
+        point (Telemetry.documents) get a twin/update/document each, with those properties, built
+        from the twin in the batch's own transaction (no commit of their own), and a delta if one
+        remains, as edgecore publishes after each actual value a mapper reports. Kind telemetry:
+        the outbox limits may drop old ones in an outage (newer ones supersede them)."""
+        assert self.telemetry is not None
+        due = self.telemetry.documents
+        if not due:
+            return None
+        self.telemetry.documents = {}
+        return Extra(lambda store: self._document_rows(store, due), self._offer)
+
+    def _document_rows(self, store: TwinStore, due: dict[DeviceId, list[str]]) -> list[OutboxRow]:
+        """In the twin thread, inside the batch's transaction (after its readings were recorded)."""
+        messages: list[OutMessage] = []
+        for device, names in due.items():
+            try:
+                twin = store.device(device)
+            except UnknownDevice:  # removed by a reload meanwhile
+                self._documented.pop(device, None)
+                continue
+            names = [n for n in names if n in twin.properties]
+            if not names:
+                continue
+            last = self._documented.setdefault(device, {})
+            # `last` as edgecore's for an update of actual values: the twin before it, which differs
+            # from `current` in the actual value only (the one of the previous document, or of the
+            # twin at start; none for a property new in this run).
+            before = dataclasses.replace(twin, properties={
+                n: dataclasses.replace(twin.properties[n], reported=p.reported, reported_ts=p.reported_ts,
+                                       reported_version=p.reported_version)
+                for n in names if (p := last.get(n)) is not None})
+            messages.append(OutMessage(Topics.hw(device, "twin/update/document"),
+                                       payloads.update_document("", before, twin, names), kind="telemetry",
+                                       sequenced=False))
+            delta = payloads.delta(twin)
+            if delta is not None:
+                messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="telemetry",
+                                           sequenced=False))
+            for n in names:
+                last[n] = twin.properties[n]
+        return store.enqueue(messages) if messages else []
+
+    def _offer(self, rows: list[OutboxRow]) -> None:
+        if rows and self.publisher is not None:
+            self.publisher.offer(rows)
 
     async def _on_applied(self, service: MapperService, change: DesiredChange, error: str | None) -> None:
         """After a desired value was written: the twin document (and a delta if one remains)."""

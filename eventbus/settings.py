@@ -59,6 +59,11 @@ class MqttSettings(BaseModel):
     max_packet_bytes: int = Field(default=8 * 1024 * 1024, ge=256, le=268_435_460)
     # Serve KubeEdge's $hw/events/... twin protocol (standalone mode only; under KubeEdge edgecore does).
     serve_twin_protocol: bool = True
+    # With the twin protocol served: a device's $hw twin/update/document (and delta, if one remains)
+    # when a report cycle's reading changed a reported value, as edgecore publishes one for each
+    # actual value a mapper reports (EventBusExtension._documents_due). Off: only an app's
+    # twin/update and an applied desired value make documents.
+    reading_documents: bool = True
     # The broker is shared by the mappers of several nodes (not KubeEdge's one broker per node): a
     # $hw/events/device/... request for a device this mapper does not have gets no reply (another
     # mapper's device: a 404 from here would contradict its answer), logged at debug and counted.

@@ -46,6 +46,10 @@ class Telemetry:
     state sends it from the event bus (`state_message`; EventBusExtension._on_state): at once,
     then at most once per interval with the latest state, whatever the readings' pace.
 
+    The same report points (a reading published or counted, above) note a value that differs
+    from its property's last twin document (`documents`, when the event bus serves KubeEdge's
+    twin protocol): the event bus then makes the device's twin/update/document with the batch.
+
     The state view holds only what was read in this run: each value with the time it was read,
     and `ts` the time of the newest of them (never the time the message was made). A device
     gets its first state message with its first good reading of the run, not before: a value
@@ -70,6 +74,12 @@ class Telemetry:
         self._fresh_from: dict[DeviceId, int] = {}
         # (device, property) -> _Route (see above): built once.
         self._routes: dict[tuple[DeviceId, str], _Route] = {}
+        # KubeEdge's twin documents of reported values (EventBusExtension._documents_due): None
+        # when off; else the properties, by device, whose value at a report point (a reading
+        # `_due` lets through: once per reportCycle) differs from the one in their last document.
+        # The event bus takes it after each batch. Costs a due reading a lookup, none other.
+        self.documents: dict[DeviceId, list[str]] | None = None
+        self._documented: dict[tuple[DeviceId, str], Any] = {}
 
     @property
     def definitions(self) -> dict[DeviceId, DeviceDefinition]:
@@ -103,6 +113,7 @@ class Telemetry:
                     del values[name]
                     self._last_sent.pop((device, name), None)
                     self._last_value.pop((device, name), None)
+                    self._documented.pop((device, name), None)
                 continue
             self._latest.pop(device, None)
             self._state_sent.pop(device, None)
@@ -111,6 +122,8 @@ class Telemetry:
                 del self._last_sent[key]
             for key in [k for k in self._last_value if k[0] == device]:
                 del self._last_value[key]
+            for key in [k for k in self._documented if k[0] == device]:
+                del self._documented[key]
             self._fresh_from[device] = now
 
     def _route(self, key: tuple[DeviceId, str]) -> _Route | None:
@@ -175,6 +188,7 @@ class Telemetry:
         changed_devices: set[DeviceId] = set()  # a change-driven property changed: state goes out at once
         routes = self._routes
         latest = self._latest
+        documents = self.documents
         for reading in readings:
             if reading.quality != GOOD:
                 if reading.quality == OUT_OF_RANGE:
@@ -210,6 +224,14 @@ class Telemetry:
                 self._last_value[key] = reading.value
             elif not self._due(key, prop, reading):
                 continue
+            if documents is not None and self._documented.get(key, _NOTHING) != reading.value:
+                # A report point with a value the last document did not have.
+                self._documented[key] = reading.value
+                names = documents.get(device)
+                if names is None:
+                    documents[device] = [prop.name]
+                elif prop.name not in names:
+                    names.append(prop.name)
             if publish:
                 messages.append(OutMessage(topic, body, qos, retain, reading=reading))
             # (Not published: its reading still refreshes the device's state view below.)

@@ -118,6 +118,9 @@ class Recorder:
         self.return_acks: Callable[[list[int]], None] | None = None
         # Called once per batch before its transaction; an Extra it returns commits with the batch.
         self.pre_commit: list[PreCommit] = []
+        # The same, called after the message factory made the batch's messages (so it may act on
+        # what the factory found due: the event bus's twin documents at a report cycle).
+        self.after_messages: list[PreCommit] = []
         # Readings taken on demand (a REST GET, a DMI GetDevice), by id: recorded like the others, but not
         # the device's own sampling, which pre_commit hooks may tell apart (inference: not window steps).
         # Held until their batch has been through the hooks (or they are shed): an id is not reused meanwhile.
@@ -229,9 +232,9 @@ class Recorder:
         async with self._lock:
             await self._flush()
 
-    def _extras(self, batch: list[Reading]) -> list[Extra]:
+    def _extras(self, batch: list[Reading], hooks: list[PreCommit] | None = None) -> list[Extra]:
         extras = []
-        for hook in self.pre_commit:
+        for hook in self.pre_commit if hooks is None else hooks:
             try:
                 extra = hook(batch)
             except Exception:  # noqa: BLE001 - a failing hook must not keep readings from the twin
@@ -282,6 +285,8 @@ class Recorder:
                     for reading in batch:
                         self.on_demand.pop(id(reading), None)
                 messages = list(self.message_factory(batch)) if self.message_factory else []
+                if self.after_messages:
+                    extras += self._extras(batch, self.after_messages)
             apart = failures >= EXTRA_TRIES
             if not self._pending:
                 self._has_data.clear()

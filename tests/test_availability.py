@@ -460,7 +460,9 @@ def quiet_reload(broker: MosquittoBroker, tmp_path, node: str, device: str, befo
     devices.mkdir(exist_ok=True)
     (devices / f"{device}.yaml").write_text(before)
     state_topic = f"mapper/{node}/default/{device}/state"
-    with MapperProcess(tmp_path, devices, broker, node=node, extra="  state_interval_ms: 60000\n") as mapper:
+    # (No twin documents of the readings either: they would keep the outbox busy.)
+    with MapperProcess(tmp_path, devices, broker, node=node,
+                       extra="  state_interval_ms: 60000\n  reading_documents: false\n") as mapper:
         def first_state() -> dict | None:
             with broker.client("app") as fresh:
                 fresh.subscribe(state_topic)

@@ -392,6 +392,9 @@ def _replies_before_barrier(sub, barrier_result: str, event_id: str, *, quiet: s
             return replies
         if topic in quiet or topic.startswith("mapper/test-node/"):
             continue
+        if topic.endswith("/twin/update/delta") or (topic.endswith("/twin/update/document")
+                                                    and json.loads(payload)["event_id"] == ""):
+            continue  # a device's readings' documents (and a delta left with them), at each report cycle
         replies.append((topic, payload))
 
 
@@ -708,6 +711,9 @@ def test_plain_set_takes_a_json_object_and_a_refusal_has_no_reply(broker, lamp):
             break
         if topic in (refused, barrier):  # the requests themselves
             continue
+        if topic == f"{HW}/twin/update/delta" or (topic == f"{HW}/twin/update/document"
+                                                  and json.loads(payload)["event_id"] == ""):
+            continue  # the lamp's readings' documents, and the delta the count set above leaves with each
         if not topic.startswith("mapper/test-node/default/lamp/") or topic.count("/") > 5:
             replies.append(topic)
     assert replies == [], replies
@@ -878,3 +884,57 @@ async def test_a_stop_that_answers_waiting_requests_while_run_answers_them_is_no
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert sorted(answered) == [("a", ["a1"]), ("a", ["a2"]), ("b", ["b1"]), ("b", ["b2"])]
+
+
+def test_reported_values_come_as_twin_documents_at_each_report_cycle(broker, lamp):
+    """edgecore publishes a twin/update/document for every actual value a mapper reports. Here the
+    mapper's own readings are the actual values: at a report point (once per reportCycle) where a
+    property's value differs from its last document, the device gets one document with the
+    properties that changed, in edgecore's shape; before, readings made none, and an app following
+    sensor values through documents saw nothing. `last` is the property as the previous document had
+    it: the same expected value, the previous actual one."""
+    mapper, sub = lamp
+    topic = f"{HW}/twin/update/document"
+    first = sub.expect(topic, lambda b: "count" in b["twin"])
+    second = sub.expect(topic, lambda b: "count" in b["twin"])
+    assert first["event_id"] == "" and first["timestamp"] > 1_700_000_000_000, first
+    previous, current = first["twin"]["count"]["current"], second["twin"]["count"]["current"]
+    last = second["twin"]["count"]["last"]
+    assert current["actual"]["value"] != previous["actual"]["value"], (first, second)  # a counter
+    assert last["actual"] == previous["actual"], (last, previous)
+    assert current["metadata"] == {"type": "int"} and current["optional"] is False, current
+    assert current["actual_version"]["edge"] > last["actual_version"]["edge"], (current, last)
+    assert int(current["actual"]["value"]) > 0 and current["actual"]["metadata"]["timestamp"] > 0
+    assert "expected" not in current, current  # nothing asked for
+    # Only what changed at its report point: `power` (a switch nobody set) is not in them again.
+    assert all(set(b["twin"]) <= {"temperature", "count"} for b in (second,)), second
+    # An expected value set by an app stays in the documents of the actual values (last and current).
+    pub(broker, f"{HW}/twin/update", '{"event_id":"c1","twin":{"count":{"expected":{"value":"50000"}}}}')
+    sub.expect(f"{HW}/twin/update/result", lambda b: b["event_id"] == "c1")
+    later = sub.expect(topic, lambda b: b["event_id"] == "" and "count" in b["twin"]
+                       and b["twin"]["count"]["last"].get("expected", {}).get("value") == "50000"
+                       and int(b["twin"]["count"]["current"]["actual"]["value"]) > 50000)
+    assert later["twin"]["count"]["current"]["expected"]["value"] == "50000", later
+
+
+def test_reading_documents_can_be_turned_off(broker, tmp_path):
+    """`mqtt.reading_documents: false`: readings make no documents; an app's twin/update still does."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    with MapperProcess(tmp_path, devices, broker, extra="  reading_documents: false\n") as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{HW}/#", "mapper/test-node/#")
+        try:
+            sub.expect("mapper/test-node/default/lamp/state")
+            for _ in range(5):  # changed values at their report points
+                sub.expect("mapper/test-node/default/lamp/count")
+            pub(broker, f"{HW}/twin/update", '{"event_id":"d1","twin":{"power":{"expected":{"value":"true"}}}}')
+            seen = []
+            while True:  # every document up to the one the update makes
+                body = sub.expect(f"{HW}/twin/update/document")
+                seen.append(body["event_id"])
+                if body["event_id"] == "d1":
+                    break
+            assert seen == ["d1"], seen
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
