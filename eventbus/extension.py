@@ -30,7 +30,8 @@ from eventbus.topics import Topics, parse
 from mapper.device_loop import OFFLINE, UNKNOWN
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
-from twin.records import PropertyTwin, Reading
+from devices.values import Value
+from twin.records import Reading
 from twin.store import DesiredChange, OutboxRow, OutMessage, TwinStore, UnknownDevice, write_private
 
 if TYPE_CHECKING:
@@ -126,7 +127,7 @@ class EventBusExtension:
         self._reassert_log = Throttle(burst=3)
         # Twin documents of reported values (_documents_due): each property as its last document
         # (or the twin at start) had it, for the next one's `last`. Used in the twin thread only.
-        self._documented: dict[DeviceId, dict[str, PropertyTwin]] = {}
+        self._documented: dict[DeviceId, dict[str, tuple[Value | None, int | None, int]]] = {}
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -192,7 +193,8 @@ class EventBusExtension:
             except Exception as exc:  # noqa: BLE001 - the first documents then have no `last`
                 log.warning("cannot read the twin for the documents' `last` values: %s", exc)
                 twins = []
-            self._documented = {twin.id: dict(twin.properties) for twin in twins}
+            self._documented = {twin.id: {n: (p.reported, p.reported_ts, p.reported_version)
+                                          for n, p in twin.properties.items()} for twin in twins}
             self.telemetry.documents = {}
             service.recorder.after_messages.append(self._documents_due)
         # (Nothing of the twin's is taken into the state views: a device's is announced once it
@@ -577,23 +579,20 @@ class EventBusExtension:
             names = [n for n in names if n in twin.properties]
             if not names:
                 continue
-            last = self._documented.setdefault(device, {})
             # `last` as edgecore's for an update of actual values: the twin before it, which differs
             # from `current` in the actual value only (the one of the previous document, or of the
             # twin at start; none for a property new in this run).
-            before = dataclasses.replace(twin, properties={
-                n: dataclasses.replace(twin.properties[n], reported=p.reported, reported_ts=p.reported_ts,
-                                       reported_version=p.reported_version)
-                for n in names if (p := last.get(n)) is not None})
+            last = self._documented.setdefault(device, {})
             messages.append(OutMessage(Topics.hw(device, "twin/update/document"),
-                                       payloads.update_document("", before, twin, names), kind="telemetry",
+                                       payloads.reported_document(twin, names, last), kind="telemetry",
                                        sequenced=False))
             delta = payloads.delta(twin)
             if delta is not None:
                 messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="telemetry",
                                            sequenced=False))
             for n in names:
-                last[n] = twin.properties[n]
+                p = twin.properties[n]
+                last[n] = (p.reported, p.reported_ts, p.reported_version)
         return store.enqueue(messages) if messages else []
 
     def _offer(self, rows: list[OutboxRow]) -> None:

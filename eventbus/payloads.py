@@ -201,6 +201,29 @@ def update_document(event_id: str, before: DeviceTwin | None, after: DeviceTwin,
             "twin": {n: {"last": last(n), "current": msg_twin(after.properties[n], versions=True)} for n in names}}
 
 
+def reported_document(twin: DeviceTwin, names: list[str],
+                      previous: dict[str, tuple[Value | None, int | None, int]]) -> dict[str, Any]:
+    """twin/update/document for an update of actual values (the device's readings): `current` is
+    each property's twin now; `last`, as edgecore's for such an update, the same twin with the
+    previous actual value and version (`previous`: name -> (value, ts, version)), or null for a
+    property without one. Built from `current` (a copy per property, no second msg_twin)."""
+    docs: dict[str, Any] = {}
+    for n in names:
+        current = msg_twin(twin.properties[n], versions=True)
+        prev = previous.get(n)
+        last = None
+        if prev is not None:
+            last = current.copy()
+            actual = _value(prev[0], prev[1])
+            if actual is None:
+                last.pop("actual", None)
+            else:
+                last["actual"] = actual
+            last["actual_version"] = {"cloud": 0, "edge": prev[2]}
+        docs[n] = {"last": last, "current": current}
+    return {"event_id": "", "timestamp": now_ms(), "twin": docs}
+
+
 def delta(twin: DeviceTwin) -> dict[str, Any] | None:
     """edgecore publishes a delta only when some twin's expected is not "" and differs from its
     actual; it lists (under `twin` too) only the twins whose expected is not "". An empty expected
