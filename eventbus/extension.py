@@ -11,7 +11,7 @@ import re
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 from paho.mqtt.client import topic_matches_sub
@@ -128,6 +128,8 @@ class EventBusExtension:
         # Twin documents of reported values (_documents_due): each property as its last document
         # (or the twin at start) had it, for the next one's `last`. Used in the twin thread only.
         self._documented: dict[DeviceId, dict[str, tuple[Value | None, int | None, int]]] = {}
+        # Each device's last time online (ms), for $hw state/update/result (twin protocol served).
+        self._last_online: dict[DeviceId, int | None] = {}
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -187,16 +189,19 @@ class EventBusExtension:
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
         service.bus = self
         service.device_listeners.append(self._on_devices)
-        if serve and self.settings.reading_documents:
+        if serve:
+            service.membership_listeners.append(self._on_membership)
             try:
                 twins = await service.twin(lambda s: [s.device(d) for d in s.device_ids()])
-            except Exception as exc:  # noqa: BLE001 - the first documents then have no `last`
-                log.warning("cannot read the twin for the documents' `last` values: %s", exc)
+            except Exception as exc:  # noqa: BLE001 - the first documents have no `last`, states no last_online
+                log.warning("cannot read the twin for the twin protocol's `last` and `last_online` values: %s", exc)
                 twins = []
-            self._documented = {twin.id: {n: (p.reported, p.reported_ts, p.reported_version)
-                                          for n, p in twin.properties.items()} for twin in twins}
-            self.telemetry.documents = {}
-            service.recorder.after_messages.append(self._documents_due)
+            self._last_online = {twin.id: twin.last_online for twin in twins}
+            if self.settings.reading_documents:
+                self._documented = {twin.id: {n: (p.reported, p.reported_ts, p.reported_version)
+                                              for n, p in twin.properties.items()} for twin in twins}
+                self.telemetry.documents = {}
+                service.recorder.after_messages.append(self._documents_due)
         # (Nothing of the twin's is taken into the state views: a device's is announced once it
         # was read in this run, see Telemetry.)
         log.info("event bus: %s as %s, topics under %s/, KubeEdge twin protocol %s", self.settings.url,
@@ -293,6 +298,8 @@ class EventBusExtension:
             if device in service.refused:
                 continue
             messages.append(self._availability(device, OFFLINE))
+            if self._serving():
+                messages.append(self._state_result(device, OFFLINE))
             state = self.telemetry.state_message(device, OFFLINE)
             if state is not None:
                 messages.append(state)
@@ -552,7 +559,44 @@ class EventBusExtension:
         view = self.telemetry.state_message(device)
         if view is not None:
             messages.append(view)
+        if self._serving():
+            messages.append(self._state_result(device, state))
         return messages
+
+    def _serving(self) -> bool:
+        return self.router is not None and self.router.serve_twin_protocol
+
+    def _state_result(self, device: DeviceId, state: str) -> OutMessage:
+        """edgecore's `$hw/events/device/<ns>/<name>/state/update/result` for a state change: what
+        it publishes after a mapper's state/update, here after the mapper's own (its availability
+        with it). Never dropped by the outbox limits, as the availability: the service paces the
+        changes (one per mqtt.state_interval_ms per device)."""
+        if state in ONLINE_STATES:
+            self._last_online[device] = payloads.now_ms()
+        return OutMessage(Topics.hw(device, "state/update/result"),
+                          payloads.state_result(device.name, state, self._last_online.get(device)),
+                          kind="state", sequenced=False)
+
+    async def _on_membership(self, added: list[DeviceId], removed: list[DeviceId],
+                             before: dict[DeviceId, DeviceDefinition], after: dict[DeviceId, DeviceDefinition]) -> None:
+        """A switch of the device set added or removed devices: edgecore's
+        `$hw/events/node/<node>/membership/updated`, one message per switch, each device as
+        membership/get/result lists it (a removed one as the twin keeps it: offline)."""
+        if not self._serving() or self._service is None or self.topics is None or self.router is None:
+            return
+
+        def read(store: TwinStore) -> tuple[list[Any], list[Any]]:
+            twins: tuple[list[Any], list[Any]] = ([], [])
+            for ids, out in ((added, twins[0]), (removed, twins[1])):
+                for device in ids:
+                    with contextlib.suppress(UnknownDevice):
+                        out.append(store.device(device))
+            return twins
+        joined, left = await self._service.twin(read)
+        body = payloads.membership_updated([(t, after.get(t.id)) for t in joined], [(t, before.get(t.id)) for t in left])
+        for device in removed:
+            self._last_online.pop(device, None)
+        await self.router._send([OutMessage(self.topics.membership_updated(), body, kind="twin", sequenced=False)])
 
     def _documents_due(self, batch: list[Reading]) -> Extra | None:
         """After a batch's messages were made: the devices whose reported values changed at a report

@@ -250,19 +250,41 @@ def _rfc3339(ms: int | None) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
+def _member(twin: DeviceTwin, definition: DeviceDefinition | None) -> dict[str, Any]:
+    """A device as edgecore's membership messages list it (dttype.Device)."""
+    return {
+        "id": str(twin.id), "name": twin.id.name,
+        "description": f"{twin.model} on {twin.protocol}" if definition is None else
+                       f"{definition.model_name} on {definition.protocol}",
+        "state": twin.state, "last_online": _rfc3339(twin.last_online),
+        "attributes": {"model": {"value": twin.model, "optional": False, "metadata": {"type": "string"}},
+                       "protocol": {"value": twin.protocol, "optional": False, "metadata": {"type": "string"}}},
+    }
+
+
 def membership(event_id: str, twins: list[DeviceTwin], definitions: dict[Any, DeviceDefinition]) -> dict[str, Any]:
-    devices = []
-    for twin in twins:
-        definition = definitions.get(twin.id)
-        devices.append({
-            "id": str(twin.id), "name": twin.id.name,
-            "description": f"{twin.model} on {twin.protocol}" if definition is None else
-                           f"{definition.model_name} on {definition.protocol}",
-            "state": twin.state, "last_online": _rfc3339(twin.last_online),
-            "attributes": {"model": {"value": twin.model, "optional": False, "metadata": {"type": "string"}},
-                           "protocol": {"value": twin.protocol, "optional": False, "metadata": {"type": "string"}}},
-        })
-    return {"event_id": event_id, "timestamp": now_ms(), "devices": devices}
+    return {"event_id": event_id, "timestamp": now_ms(),
+            "devices": [_member(twin, definitions.get(twin.id)) for twin in twins]}
+
+
+def membership_updated(added: list[tuple[DeviceTwin, DeviceDefinition | None]],
+                       removed: list[tuple[DeviceTwin, DeviceDefinition | None]]) -> dict[str, Any]:
+    """`$hw/events/node/<node>/membership/updated`: edgecore's MembershipUpdate, the devices a change
+    of the node's device set added and removed, each as membership/get/result lists it."""
+    return {"event_id": str(uuid.uuid4()), "timestamp": now_ms(),
+            "added_devices": [_member(t, d) for t, d in added],
+            "removed_devices": [_member(t, d) for t, d in removed]}
+
+
+def state_result(name: str, state: str, last_online_ms: int | None) -> dict[str, Any]:
+    """`$hw/events/device/<ns>/<name>/state/update/result` as edgecore publishes it after a device's
+    state changed (dttype.BuildDeviceState: a Device of name, state and last_online, each left out
+    when empty, as Go's omitempty does)."""
+    device: dict[str, Any] = {"name": name, "state": state}
+    last_online = _rfc3339(last_online_ms)
+    if last_online:
+        device["last_online"] = last_online
+    return {"event_id": str(uuid.uuid4()), "timestamp": now_ms(), "device": device}
 
 
 # -- outgoing: our telemetry -----------------------------------------------------------------

@@ -78,6 +78,9 @@ class Topics:
     def membership_result(self) -> str:
         return f"$hw/events/node/{self.node}/membership/get/result"
 
+    def membership_updated(self) -> str:
+        return f"$hw/events/node/{self.node}/membership/updated"
+
     HW_FILTERS = (f"{HW}/+/+/twin/update", f"{HW}/+/+/twin/get", f"{HW}/+/+/state/update")
 
 

@@ -177,6 +177,11 @@ class MapperService:
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
         # Called with the new definitions whenever the running device set changes.
         self.device_listeners: list[Callable[[dict[DeviceId, DeviceDefinition]], None]] = []
+        # Called once a switch of the device set (a reload, a KubeEdge update) is done, with the ids
+        # of the devices it added to the node's set and removed from it, and the definitions before
+        # and after (the event bus's $hw membership/updated).
+        self.membership_listeners: list[Callable[[list[DeviceId], list[DeviceId], dict[DeviceId, DeviceDefinition],
+                                                  dict[DeviceId, DeviceDefinition]], Awaitable[None]]] = []
         # Called before each attempt to open the twin at start (`mapper run`: take the twin's lock
         # if it could not be made before, on a read-only disk); may raise to stop the start.
         self.before_twin_open: list[Callable[[], None]] = []
@@ -522,6 +527,14 @@ class MapperService:
                                      "stopped by a device update: removed, or waiting for a resource another device holds")
         if added or changed:
             self.desired_changed()
+        joined = [k for k in result.devices if k not in previous.devices]
+        left = [k for k in previous.devices if k not in result.devices]
+        if joined or left:
+            for membership_listener in self.membership_listeners:
+                try:
+                    await membership_listener(joined, left, previous.devices, result.devices)
+                except Exception as exc:  # noqa: BLE001 - the switch is done: only its announcement failed
+                    log.error("devices updated, but %r failed on it: %s", membership_listener, exc)
         log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
         return {"added": added, "changed": changed, "removed": removed}
 

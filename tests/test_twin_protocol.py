@@ -938,3 +938,63 @@ def test_reading_documents_can_be_turned_off(broker, tmp_path):
         finally:
             sub.close()
             assert mapper.stop() == 0
+
+
+def test_state_changes_and_membership_changes_are_published_as_edgecore_does(broker, tmp_path):
+    """edgecore publishes `$hw/events/device/<ns>/<name>/state/update/result` when a device's state
+    changes, and `$hw/events/node/<node>/membership/updated` when devices join or leave the node.
+    Standalone, the mapper now publishes both: the first with each state change it announces on the
+    device's availability topic (a clean stop's `offline` too), the second when a reload adds or
+    removes devices. Both reach an app through the shipped ACL (the test broker's)."""
+    import signal
+
+    fault = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=50,
+                            configs={"lamp": "{fail_while_exists: " + str(fault) + "}"})
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{HW}/state/update/result", "$hw/events/device/default/fan/state/update/result",
+                  "$hw/events/node/test-node/membership/updated", "mapper/test-node/default/lamp/state")
+        try:
+            # The retained state arrives once mosquitto_sub's subscriptions are in place.
+            sub.expect("mapper/test-node/default/lamp/state")
+            fault.touch()
+            failing = sub.expect(f"{HW}/state/update/result", lambda b: b["device"]["state"] != "ok")
+            assert failing["device"]["name"] == "lamp" and failing["device"]["state"] == "unhealthy", failing
+            assert failing["device"]["last_online"].endswith("Z") and failing["timestamp"] > 1_700_000_000_000
+            assert failing["event_id"], failing  # a uuid, as edgecore's
+            fault.unlink()
+            back = sub.expect(f"{HW}/state/update/result", lambda b: b["device"]["state"] == "ok")
+            assert set(back["device"]) == {"name", "state", "last_online"}, back
+            # A reload: fan joins, lamp leaves.
+            (devices / "lamp.yaml").unlink()
+            (devices / "fan.yaml").write_text(device_yaml("fan", cycle=50))
+            mapper.process.send_signal(signal.SIGHUP)
+            # In any order: lamp's `offline`, the membership update, fan's first state.
+            waiting = {"$hw/events/node/test-node/membership/updated": lambda b: True,
+                       f"{HW}/state/update/result": lambda b: b["device"]["state"] == "offline",
+                       "$hw/events/device/default/fan/state/update/result": lambda b: b["device"]["state"] == "ok"}
+            got = {}
+            deadline = time.monotonic() + 15
+            while waiting:
+                try:
+                    topic, payload = sub.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    raise AssertionError(f"still waiting for {sorted(waiting)}") from None
+                if topic in waiting and waiting[topic](body := json.loads(payload)):
+                    del waiting[topic]
+                    got[topic] = body
+            update = got["$hw/events/node/test-node/membership/updated"]
+            assert [d["id"] for d in update["added_devices"]] == ["default/fan"], update
+            assert [d["id"] for d in update["removed_devices"]] == ["default/lamp"], update
+            removed = update["removed_devices"][0]
+            assert removed["name"] == "lamp" and removed["state"] == "offline" and removed["last_online"], removed
+            assert update["added_devices"][0]["attributes"]["model"]["value"] == "thing-model", update
+            assert update["event_id"] and update["timestamp"] > 1_700_000_000_000, update
+            assert got[f"{HW}/state/update/result"]["device"]["name"] == "lamp"
+            assert mapper.stop() == 0
+            stopped = sub.expect("$hw/events/device/default/fan/state/update/result",
+                                 lambda b: b["device"]["state"] == "offline")
+            assert stopped["device"]["last_online"], stopped
+        finally:
+            sub.close()
