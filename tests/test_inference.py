@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import hashlib
 import logging
 import math
 import os
@@ -396,6 +397,38 @@ def test_config_pipeline_problems_name_their_line_and_field_and_wait_for_edgecor
     found = [str(p) for p in config_problems(load_config(path, env={}), definitions)]
     assert len(found) == 1 and found[0].startswith(f"{path}:6: inference.pipelines[1].model: {tmp_path}/nowhere/"
                                                    "model.json: not found"), found
+
+
+def test_a_model_that_fails_to_load_in_any_way_is_a_problem_at_its_line(tmp_path):
+    """A model.json without `files.edge` (KeyError) or an edge.onnx onnxruntime refuses (its own
+    exception class) is a problem at the pipeline's `model` line, like a model not found: both
+    escaped the check, a traceback at the start and at a SIGHUP instead of FILE:LINE."""
+    import json
+
+    from devices.loader import load
+    from mapper.inference.extension import config_problems
+
+    definitions = load([_devices(tmp_path)]).devices
+    keyless = tmp_path / "models" / "keyless"
+    shutil.copytree(REPO / "models" / "sensor_faults", keyless)
+    card = json.loads((keyless / "model.json").read_text())
+    del card["files"]["edge"]
+    (keyless / "model.json").write_text(json.dumps(card))
+    garbled = tmp_path / "models" / "garbled"
+    shutil.copytree(REPO / "models" / "sensor_faults", garbled)
+    (garbled / "edge.onnx").write_bytes(b"not an onnx graph")
+    card = json.loads((garbled / "model.json").read_text())
+    card["sha256"]["edge.onnx"] = hashlib.sha256(b"not an onnx graph").hexdigest()  # its checksum matches
+    (garbled / "model.json").write_text(json.dumps(card))
+    path = tmp_path / "m.yaml"
+    path.write_text(f"inference:\n  models_dir: {tmp_path / 'models'}\n  pipelines:\n"
+                    "    - {device: probe, model: keyless}\n"
+                    "    - {device: probe, model: garbled, name: probe-g}\n")
+    found = [str(p) for p in config_problems(load_config(path, env={}), definitions)]
+    assert len(found) == 2, found
+    assert found[0].startswith(f"{path}:4: inference.pipelines[0].model: "), found
+    assert found[1].startswith(f"{path}:5: inference.pipelines[1].model: "), found
+    assert str(keyless) in found[0] and str(garbled) in found[1], found
 
 
 def test_mapper_runs_without_onnxruntime_when_no_pipeline(tmp_path):

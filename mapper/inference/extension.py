@@ -188,6 +188,11 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
         except (ModelError, OSError) as exc:
             problems.append(Problem(*config.pipeline_at(i, "model"), _model_problem(settings, s.model, model_dir, exc)))
             model = None
+        except Exception as exc:  # noqa: BLE001 - model.json without a key, an .onnx onnxruntime refuses, ...
+            problems.append(Problem(*config.pipeline_at(i, "model"),
+                                    f"the model in {model_dir} cannot be loaded: {type(exc).__name__}: {exc}"
+                                    " (rebuild it: models/README.md)"))
+            model = None
         kubeedge = config.mode == "kubeedge"
         if s.device_id not in definitions and not kubeedge:
             problems.append(Problem(*config.pipeline_at(i, "device"), _device_problem(s.device_id, definitions)))
