@@ -8,6 +8,7 @@ is valid); `mapper run` refuses just those devices.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import typing
@@ -875,6 +876,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             unwritable = _not_writable(driver, prop, protocol, device_id, (model_doc, j), doc)
             if unwritable is not None:
                 problems.append(unwritable)
+                prop = dataclasses.replace(prop, writable=False)  # (a warning: runs, read only)
         props.append(prop)
     if sum(p.severity == "error" for p in problems) > errors_before:
         return
@@ -903,9 +905,12 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
 
 def _not_writable(driver: type[Driver], prop: PropertyDefinition, protocol: str, device_id: DeviceId,
                   model_at: tuple[_Doc, int], doc: _Doc) -> Problem | None:
-    """The error for a ReadWrite property its driver cannot write (Driver.can_write), at the model's
-    accessMode; None if it can. Accepted, every desired value for it was taken and then failed at
-    the device on each attempt, for ever."""
+    """The warning for a ReadWrite property its driver cannot write (Driver.can_write), at the model's
+    accessMode; None if it can. The property then runs as ReadOnly: taken as writable, every desired
+    value for it was accepted and then failed at the device on each attempt, for ever. A warning,
+    not an error: the device's readings go on (a DeviceModel shared in the cloud, a file that ran
+    before drivers said what they write, must not take a sensor off the node). A driver whose
+    can_write() raises is an error (its bug refuses its devices only)."""
     model_doc, j = model_at
     path = ("spec", "properties", j, "accessMode")
     try:
@@ -914,10 +919,12 @@ def _not_writable(driver: type[Driver], prop: PropertyDefinition, protocol: str,
         line = doc.line_of(("spec", "protocol", "protocolName"))
         where = f"{doc.file}:{line}" if line else doc.file  # (no line in memory: DMI)
         message = (f"property {prop.name!r} is ReadWrite, but the driver for protocol {protocol!r} (device {device_id},"
-                   f" {where}) cannot write it: use accessMode: ReadOnly, or a protocol whose driver writes")
+                   f" {where}) cannot write it: it runs as ReadOnly (desired values for it are refused); use"
+                   " accessMode: ReadOnly, or a protocol whose driver writes")
     except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
-        message = _driver_failed(protocol, "can_write()", exc)
-    return Problem(model_doc.file, model_doc.line_of(path), field_name(path), message)
+        return Problem(model_doc.file, model_doc.line_of(path), field_name(path),
+                       _driver_failed(protocol, "can_write()", exc))
+    return Problem(model_doc.file, model_doc.line_of(path), field_name(path), message, "warning")
 
 
 # configData as one level gives it: the values, the document they are in and their path there.

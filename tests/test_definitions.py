@@ -373,13 +373,25 @@ class Readonly(Driver):
 """
 
 
-def test_a_readwrite_property_of_a_driver_that_cannot_write_is_refused_at_the_models_accessmode(tmp_path, monkeypatch):
-    """A third-party driver with read() only (Driver.write raises) and a model property ReadWrite:
-    the device is refused, at the model's accessMode line, naming the device and its protocol. It
-    used to load, take desired values (MQTT, REST) and fail each write at the device for ever."""
+def loaded_read_only(directory: Path, files: dict[str, str]) -> tuple[list[str], dict[str, bool]]:
+    """Load `files`: the warnings as text and, per property of the one device, whether it is writable."""
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    result = load([directory], base=directory)
+    (definition,) = result.devices.values()
+    return [str(w) for w in result.warnings], {p.name: p.writable for p in definition.properties}
+
+
+def test_a_readwrite_property_of_a_driver_that_cannot_write_runs_read_only_with_a_warning(tmp_path, monkeypatch):
+    """A third-party driver with read() only (Driver.write raises) and a model property ReadWrite: a
+    warning at the model's accessMode line, naming the device and its protocol, and the property runs
+    ReadOnly: the twin refuses a desired value for it. It used to load writable, take desired values
+    (MQTT, REST) and fail each write at the device for ever. The device's readings go on (an error
+    took a sensor whose model a cloud shares off the node)."""
     import importlib
 
     from devices.drivers import base
+    from twin.store import NotWritable, TwinStore
 
     install_plugin(tmp_path / "site", monkeypatch, "readonly", READ_ONLY_DRIVER)
     monkeypatch.setattr(base, "_registered", None)
@@ -391,49 +403,55 @@ def test_a_readwrite_property_of_a_driver_that_cannot_write_is_refused_at_the_mo
     at = device.splitlines().index("    protocolName: readonly") + 1
     devices = tmp_path / "devices"
     devices.mkdir()
-    problems = problems_of(devices, {"m.yaml": model, "d.yaml": device})
-    assert problems == [
+    warnings, writable = loaded_read_only(devices, {"m.yaml": model, "d.yaml": device})
+    assert [w for w in warnings if "accessMode" in w] == [
         f"m.yaml:{rw[0]}: spec.properties[1].accessMode: property 'power' is ReadWrite, but the driver for protocol"
-        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: use accessMode: ReadOnly, or a protocol whose"
-        " driver writes",
+        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: it runs as ReadOnly (desired values for it are refused); use accessMode: ReadOnly, or a protocol whose driver writes",
         f"m.yaml:{rw[1]}: spec.properties[2].accessMode: property 'count' is ReadWrite, but the driver for protocol"
-        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: use accessMode: ReadOnly, or a protocol whose"
-        " driver writes",
+        f" 'readonly' (device default/d, d.yaml:{at}) cannot write it: it runs as ReadOnly (desired values for it are refused); use accessMode: ReadOnly, or a protocol whose driver writes",
     ]
-    # ReadOnly, the same device loads
+    assert writable == {"temperature": False, "power": False, "count": False}
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices], base=devices).devices.values())
+        with pytest.raises(NotWritable):
+            store.set_desired(DeviceId("default", "d"), "count", 5)
+    # ReadOnly: the same device loads with no such warning
     (devices / "m.yaml").write_text(model.replace("accessMode: ReadWrite", "accessMode: ReadOnly"))
-    assert DeviceId("default", "d") in load([devices], base=devices).devices
+    assert not [w for w in loaded_read_only(devices, {})[0] if "accessMode" in w]
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
-def test_a_readwrite_dht_property_is_refused(tmp_path):
-    """The built-in dht driver reads only: `accessMode: ReadWrite` on a DHT property is an error
-    at that line (it passed `mapper validate`, then every desired value failed at the device)."""
+def test_a_readwrite_dht_property_runs_read_only_with_a_warning(tmp_path):
+    """The built-in dht driver reads only: `accessMode: ReadWrite` on a DHT property is a warning at
+    that line and the property runs ReadOnly (it passed `mapper validate` in silence, then every
+    desired value failed at the device)."""
     text = (REPO / "devices/examples/pi/room-sensor-dht.yaml").read_text()
     text = text.replace("accessMode: ReadOnly", "accessMode: ReadWrite", 1)
     lines = text.splitlines()
     access = lines.index("      accessMode: ReadWrite") + 1
     protocol = lines.index("    protocolName: dht") + 1
-    assert problems_of(tmp_path, {"dht.yaml": text}) == [
+    warnings, writable = loaded_read_only(tmp_path, {"dht.yaml": text})
+    assert [w for w in warnings if "accessMode" in w] == [
         f"dht.yaml:{access}: spec.properties[0].accessMode: property 'temperature' is ReadWrite, but the driver for"
-        f" protocol 'dht' (device default/room-sensor-pi, dht.yaml:{protocol}) cannot write it: use accessMode:"
-        " ReadOnly, or a protocol whose driver writes"]
+        f" protocol 'dht' (device default/room-sensor-pi, dht.yaml:{protocol}) cannot write it: it runs as ReadOnly (desired values for it are refused); use accessMode: ReadOnly, or a protocol whose driver writes"]
+    assert writable["temperature"] is False
 
 
-def test_a_readwrite_simulated_property_that_reads_what_it_generates_is_refused(tmp_path):
+def test_a_readwrite_simulated_property_that_reads_what_it_generates_runs_read_only(tmp_path):
     """A simulated `temperature` (or `humidity`, `clock`) property reads its own signal whatever was
-    written: ReadWrite on one is an error at the model's accessMode (its desired value was taken,
-    "written", never read back: a delta for ever). `counter` and `switch` stay writable."""
+    written: ReadWrite on one is a warning at the model's accessMode and it runs ReadOnly (its desired
+    value was taken, "written", never read back: a delta for ever). `counter` and `switch` stay writable."""
     model = MODEL.format(model="thing-model").replace(
         "    - name: temperature\n      type: FLOAT\n      accessMode: ReadOnly",
         "    - name: temperature\n      type: FLOAT\n      accessMode: ReadWrite")
     access = model.splitlines().index("      accessMode: ReadWrite") + 1
     device = device_yaml("d")
     protocol = next(i for i, line in enumerate(device.splitlines(), 1) if "protocolName: simulated" in line)
-    assert problems_of(tmp_path, {"m.yaml": model, "d.yaml": device}) == [
+    warnings, writable = loaded_read_only(tmp_path, {"m.yaml": model, "d.yaml": device})
+    assert [w for w in warnings if "accessMode" in w] == [
         f"m.yaml:{access}: spec.properties[0].accessMode: property 'temperature' is ReadWrite, but the driver for"
-        f" protocol 'simulated' (device default/d, d.yaml:{protocol}) cannot write it: use accessMode: ReadOnly,"
-        " or a protocol whose driver writes"]
+        f" protocol 'simulated' (device default/d, d.yaml:{protocol}) cannot write it: it runs as ReadOnly (desired values for it are refused); use accessMode: ReadOnly, or a protocol whose driver writes"]
+    assert writable == {"temperature": False, "power": True, "count": True}
 
 
 def test_can_write_is_whether_the_driver_overrides_write():
@@ -1000,17 +1018,19 @@ def test_protocol_names_that_agree_or_are_left_out_are_not_warned_about(tmp_path
     assert len(result.devices) == 2 and result.warnings == []
 
 
-def test_a_readwrite_property_that_cannot_be_written_is_refused_for_a_device_from_edgecore_too():
-    """Documents from KubeEdge DMI (no lines) get the same error, naming the documents."""
+def test_a_readwrite_property_that_cannot_be_written_runs_read_only_for_a_device_from_edgecore_too():
+    """Documents from KubeEdge DMI (no lines) get the same warning, naming the documents."""
     import yaml
 
     from devices.loader import load_objects
 
     text = (REPO / "devices/examples/pi/room-sensor-dht.yaml").read_text()
     model, device = yaml.safe_load_all(text.replace("accessMode: ReadOnly", "accessMode: ReadWrite", 1))
-    with pytest.raises(DefinitionError) as info:
-        load_objects([("dmi:DeviceModel default/dht11-pi-model", model), ("dmi:Device default/room-sensor-pi", device)])
-    assert [str(p) for p in info.value.problems] == [
+    result = load_objects([("dmi:DeviceModel default/dht11-pi-model", model), ("dmi:Device default/room-sensor-pi", device)])
+    assert [str(w) for w in result.warnings if "accessMode" in str(w)] == [
         "dmi:DeviceModel default/dht11-pi-model: spec.properties[0].accessMode: property 'temperature' is ReadWrite,"
         " but the driver for protocol 'dht' (device default/room-sensor-pi, dmi:Device default/room-sensor-pi) cannot"
-        " write it: use accessMode: ReadOnly, or a protocol whose driver writes"]
+        " write it: it runs as ReadOnly (desired values for it are refused); use accessMode: ReadOnly, or a protocol"
+        " whose driver writes"]
+    (definition,) = result.devices.values()
+    assert not any(p.writable for p in definition.properties)

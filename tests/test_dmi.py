@@ -1288,7 +1288,8 @@ LAMP_RW = model("lamp-rw", {"temperature": ("FLOAT", "ReadWrite")})
 
 
 def edge_lamp(name: str = "lamp") -> pb.Device:
-    return device(name, "lamp-rw", {"temperature": {"kind": "temperature", "base": 30}}, config={"seed": 3})
+    # (kind constant: it reads back what was written; a simulated `temperature` runs ReadOnly)
+    return device(name, "lamp-rw", {"temperature": {"kind": "constant", "value": 30.0}}, config={"seed": 3})
 
 
 @contextlib.asynccontextmanager
@@ -1441,7 +1442,7 @@ def test_a_local_device_shadowing_an_edgecore_device_keeps_its_pins() -> None:
 
 
 LAMP_LOCAL_RW = ("{name: temperature, type: FLOAT, accessMode: ReadWrite, minimum: -40, maximum: 85}",
-                 "{kind: temperature, base: 21.5}")
+                 "{kind: constant, value: 21.5}")
 
 
 def test_a_local_device_taking_over_an_edgecore_devices_name_does_not_inherit_its_desired_values(

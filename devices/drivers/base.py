@@ -109,8 +109,9 @@ class Driver:
     def can_write(cls, prop: PropertyDefinition) -> bool:
         """Whether this driver can write `prop`: by default, whether the class overrides `write`.
 
-        The loader refuses a ReadWrite property for which it is False: a desired value for it
-        would be taken (the twin, MQTT, REST) and then fail at the device on every attempt.
+        A ReadWrite property for which it is False runs as ReadOnly, with a warning at the model's
+        accessMode: a desired value for it would be taken (the twin, MQTT, REST) and then fail at
+        the device on every attempt.
         Override it for a driver that writes some properties only.
         """
         return cls.write is not Driver.write

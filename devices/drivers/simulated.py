@@ -8,7 +8,7 @@ Each property's `visitors.configData.kind` picks a behaviour:
 - `counter`: counts up by `step` on every read.
 - `constant`: always `value`.
 - `clock`: the wall-clock time of the read in Unix seconds (a FLOAT property): a latency probe.
-  (`temperature`, `humidity` and `clock` read what they generate, so they cannot be ReadWrite.)
+  (`temperature`, `humidity` and `clock` read what they generate: a ReadWrite one runs as ReadOnly.)
   A subscriber subtracts it from its own receive time to get the reading's exact age, where
   the payload's `ts` (whole milliseconds) would add up to 1 ms of rounding.
 
