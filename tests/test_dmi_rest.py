@@ -832,6 +832,17 @@ def from_address(port: int, path: str, headers: dict[str, str] | None = None,
         conn.close()
 
 
+def rest_api(service):  # noqa: ANN001, ANN201
+    """The RestApi of a scenario's service."""
+    return next(e for e in service.extensions if isinstance(e, RestApiExtension)).api
+
+
+def lan_clients_beyond(service, proxy: str = "127.0.0.1") -> None:  # noqa: ANN001
+    """Loopback addresses are never locked out, and the test's clients are all on loopback: here
+    only `proxy` is taken for this machine, the other loopback addresses for hosts on the LAN."""
+    rest_api(service).never_locked_out = lambda address: address == proxy
+
+
 def test_wrong_tokens_are_logged_and_then_refused_with_429(tmp_path: Path, caplog) -> None:  # noqa: ANN001
     """A wrong token was answered 401, as fast as the Pi could, without a word in the log: a client
     on the LAN could guess tokens at full speed, unseen. Now each is logged at WARNING with the
@@ -845,30 +856,158 @@ def test_wrong_tokens_are_logged_and_then_refused_with_429(tmp_path: Path, caplo
     good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"Bearer {TOKEN[:-1]}x"}
 
     async def check(service, port: int) -> None:  # noqa: ANN001
+        lan_clients_beyond(service)
+        lan = "127.0.0.2"
         for _ in range(3):
-            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", wrong)
+            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", wrong, lan)
             assert status == 401 and "wrong token" in body, (status, body)
         for headers in (wrong, good):
-            status, answer_headers, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", headers)
+            status, answer_headers, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", headers, lan)
             assert status == 429 and "api.auth_failures" in body, (status, body)
             assert answer_headers.get("Retry-After") in {"1", "2"}, answer_headers
         wrong_lines = [r for r in caplog.records if "wrong bearer token refused" in r.getMessage()]
         assert len(wrong_lines) == 1 and wrong_lines[0].levelno == logging.WARNING, caplog.text
-        assert "from 127.0.0.1 " in wrong_lines[0].getMessage(), wrong_lines[0].getMessage()
+        assert f"from {lan} " in wrong_lines[0].getMessage(), wrong_lines[0].getMessage()
         locked_lines = [r for r in caplog.records if "sent 3 wrong bearer tokens" in r.getMessage()]
-        assert len(locked_lines) == 1 and "127.0.0.1" in locked_lines[0].getMessage(), caplog.text
-        # Another client (address) is not locked out.
-        status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", good, "127.0.0.2")
-        assert status == 200, (status, body)
+        assert len(locked_lines) == 1 and lan in locked_lines[0].getMessage(), caplog.text
+        # Another client (address) is not locked out, on the LAN or on this machine.
+        for other in ("127.0.0.3", "127.0.0.1"):
+            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", good, other)
+            assert status == 200, (other, status, body)
         # Once the window has passed, the right token works again (the 429s in between are not counted).
         from helpers import async_wait_until
 
         async def ping() -> int:
-            return (await asyncio.to_thread(from_address, port, "/api/v1/ping", good))[0]
+            return (await asyncio.to_thread(from_address, port, "/api/v1/ping", good, lan))[0]
         await async_wait_until(ping, lambda status: status == 200, timeout=10, interval=0.05,
                                what="the lockout's window to pass")
 
     scenario(tmp_path, False, check, token_file=path, auth_failures=3, auth_window_s=2.0)
+
+
+def test_this_machines_clients_are_never_locked_out(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """Everyone who shared an address with the owner could keep the owner locked out for good
+    with api.auth_failures wrong tokens a window: every client of a TLS proxy on the Pi (they all
+    arrive from 127.0.0.1), any local user against a local dashboard. Loopback clients are never
+    locked out now: their wrong tokens are answered 401 and logged, however many, and the right
+    token is taken right after them."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="mapper.api")
+    path = token_file(tmp_path)
+    good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"Bearer {TOKEN[:-1]}x"}
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        for source in ("127.0.0.1", "127.0.0.2"):  # the proxy, a local user: loopback both
+            for _ in range(3 * 2):
+                status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", wrong, source)
+                assert status == 401 and "wrong token" in body, (source, status, body)
+            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", good, source)
+            assert status == 200, (source, status, body)
+        lines = [r.getMessage() for r in caplog.records if "wrong bearer token refused" in r.getMessage()]
+        assert len(lines) == 1 and "from 127.0.0.1 " in lines[0], caplog.text
+        assert not [r for r in caplog.records if "wrong bearer tokens within" in r.getMessage()], caplog.text
+        assert rest_api(service).lockout.failures == 12
+
+    scenario(tmp_path, False, check, token_file=path, auth_failures=3, auth_window_s=600.0)
+
+
+def test_auth_failures_0_turns_the_lockout_off(tmp_path: Path) -> None:
+    """api.auth_failures had ge=1: behind NAT, where the owner shares an address with others, the
+    lockout could not be turned off. 0 turns it off: a LAN client's wrong tokens are all answered
+    401, the right one taken after them."""
+    path = token_file(tmp_path)
+    good, wrong = {"Authorization": f"Bearer {TOKEN}"}, {"Authorization": f"Bearer {TOKEN[:-1]}x"}
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        lan_clients_beyond(service)
+        for _ in range(10):
+            status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", wrong, "127.0.0.2")
+            assert status == 401 and "wrong token" in body, (status, body)
+        status, _, body = await asyncio.to_thread(from_address, port, "/api/v1/ping", good, "127.0.0.2")
+        assert status == 200, (status, body)
+        assert rest_api(service).lockout.failures == 10
+
+    scenario(tmp_path, False, check, token_file=path, auth_failures=0)
+
+
+def test_requests_in_flight_at_once_get_no_more_than_auth_failures_guesses(
+        tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    """The lockout was checked, then the token compared, then a wrong one counted: requests in
+    flight at once all passed the check before any was counted, so a client with 15 connections
+    open got up to api.auth_failures + 14 tokens compared a window. Check, comparison and count
+    are one step now: exactly api.auth_failures wrong tokens are compared, the rest answered 429.
+
+    To make the old interleaving happen every time, each comparison of the token is held until
+    auth_failures + 1 requests are comparing at once (as the old code let them) - unless it is made
+    under the lockout's lock, where no other request can come."""
+    import hmac
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    limit, requests = 3, 15  # 15: below api.max_connections (16), none refused with 503
+    path = token_file(tmp_path)
+    compare_digest = hmac.compare_digest
+    gate = threading.Condition()
+    state = {"compared": 0, "inside": 0, "gathered": False}
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        lan_clients_beyond(service)
+        lockout = rest_api(service).lockout
+
+        def compare(given: bytes, token: bytes) -> bool:
+            if token != TOKEN.encode():
+                return compare_digest(given, token)
+            with gate:
+                state["compared"] += 1
+                state["inside"] += 1
+                gate.notify_all()
+                if not lockout._lock.locked():  # noqa: SLF001 - see above
+                    state["gathered"] = gate.wait_for(
+                        lambda: state["gathered"] or state["inside"] > limit, timeout=10)
+                state["inside"] -= 1
+            return compare_digest(given, token)
+
+        monkeypatch.setattr(hmac, "compare_digest", compare)
+
+        def guess(i: int) -> tuple[int, dict[str, str], str]:
+            return from_address(port, "/api/v1/ping", {"Authorization": f"Bearer {TOKEN[:-2]}{i:02d}"}, "127.0.0.2")
+
+        def flood() -> list[tuple[int, dict[str, str], str]]:
+            with ThreadPoolExecutor(requests) as pool:
+                return list(pool.map(guess, range(requests)))
+
+        answers = await asyncio.to_thread(flood)
+        statuses = sorted(status for status, _, _ in answers)
+        assert statuses == [401] * limit + [429] * (requests - limit), answers
+        assert state["compared"] == limit and lockout.failures == limit, state
+
+    scenario(tmp_path, False, check, token_file=path, auth_failures=limit, auth_window_s=600.0)
+
+
+def test_clients_are_their_whole_address(tmp_path: Path) -> None:
+    """Clients were counted by client_key, an IPv6 address's /64, while the server listens on IPv4
+    only; and had IPv6 come, every link-local client (fe80::/64 on every interface) would have been
+    one client, locked out together. A client is its whole address now, scope included."""
+    from mapper.dmi.rest import ApiError, RestApi
+
+    api = RestApi(ApiSettings(token_file=token_file(tmp_path), auth_failures=2, auth_window_s=600.0),
+                  None, None)  # type: ignore[arg-type] - authorized() needs neither service nor loop
+    wrong, good = {"Authorization": "Bearer " + "0" * 32}, {"Authorization": f"Bearer {TOKEN}"}
+    for _ in range(2):
+        with pytest.raises(ApiError) as info:
+            api.authorized(wrong, "fe80::1%eth0")
+        assert info.value.status == 401
+    with pytest.raises(ApiError) as info:
+        api.authorized(good, "fe80::1%eth0")
+    assert info.value.status == 429
+    for other in ("fe80::1%eth1", "fe80::2%eth0", "2001:db8::2", "192.168.1.51"):
+        api.authorized(good, other)
+    for _ in range(2):
+        with pytest.raises(ApiError) as info:
+            api.authorized(wrong, "192.168.1.50")
+    api.write_buckets.try_take("fe80::1%eth0")
+    assert len(api.lockout) == 2 and len(api.write_buckets) == 1
 
 
 def test_a_write_flood_beyond_the_bucket_is_refused_with_429(tmp_path: Path, caplog) -> None:  # noqa: ANN001
@@ -930,23 +1069,39 @@ def test_the_write_buckets_refill_and_stay_bounded() -> None:
 
 
 def test_the_auth_lockout_ends_with_its_window_and_stays_bounded() -> None:
-    """`limit` failures within the window lock a client out until the window ends; at most
-    max_clients are tracked, ended windows forgotten first, else the oldest."""
-    from mapper.dmi.lockout import AuthLockout
+    """`limit` failures within the window lock a client out until the window ends, its tokens no
+    longer compared; at most max_clients are tracked, ended windows forgotten first, else the
+    oldest. A client None is never locked out, nor anybody with limit 0."""
+    from mapper.dmi.lockout import Attempt, AuthLockout
+
+    def never_asked() -> bool:
+        raise AssertionError("compared while locked out")
+
+    def wrong() -> bool:
+        return False
 
     now = [0.0]
     lockout = AuthLockout(3, 10.0, max_clients=2, clock=lambda: now[0])
-    assert [lockout.failed("a") for _ in range(3)] == [False, False, True]
+    assert [lockout.attempt("a", wrong) for _ in range(3)] == [Attempt(False)] * 2 + [Attempt(False, locks=True)]
     now[0] = 4.0
     assert lockout.locked("a") == pytest.approx(6.0) and lockout.locked("b") == 0.0
+    assert lockout.attempt("a", never_asked) == Attempt(False, pytest.approx(6.0)) and lockout.refused == 1
+    assert lockout.attempt("b", lambda: True) == Attempt(True)
+    assert [lockout.attempt(None, wrong) for _ in range(5)] == [Attempt(False)] * 5 and len(lockout) == 1
     now[0] = 10.0
     assert lockout.locked("a") == 0.0
-    assert lockout.failed("a") is False  # a new window: one failure in it
-    lockout.failed("b")
+    assert lockout.attempt("a", wrong) == Attempt(False)  # a new window: one failure in it
+    lockout.attempt("b", wrong)
     now[0] = 11.0
-    lockout.failed("c")  # full: "a", whose window began first, is forgotten
-    assert len(lockout) == 2 and lockout.failures == 6
+    lockout.attempt("c", wrong)  # full: "a", whose window began first, is forgotten
+    assert len(lockout) == 2 and lockout.failures == 11
     now[0] = 20.5
-    lockout.failed("d")  # "b"'s window has ended: forgotten, "c" kept
+    lockout.attempt("d", wrong)  # "b"'s window has ended: forgotten, "c" kept
     assert len(lockout) == 2
-    assert [lockout.failed("c"), lockout.failed("c")] == [False, True]
+    assert [lockout.attempt("c", wrong).locks, lockout.attempt("c", wrong).locks] == [False, True]
+
+    off = AuthLockout(0, 10.0)
+    assert [off.attempt("a", wrong) for _ in range(20)] == [Attempt(False)] * 20
+    assert off.attempt("a", lambda: True) == Attempt(True) and off.failures == 20 and len(off) == 0
+    with pytest.raises(ValueError, match="limit must be >= 0"):
+        AuthLockout(-1, 10.0)

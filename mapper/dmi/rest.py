@@ -17,12 +17,15 @@ Every request, reads too, is refused when its `Host` names another machine than 
 on its own, so a token also keeps out every web page. Without a token, any local user may read
 (and write, with `api.writes`); writes on a host other than loopback need one (ApiSettings).
 
-Per client (its address; an IPv6 one's /64, what one LAN host can pick from: client_key): wrong
-tokens are logged at WARNING with the address (at most a line a minute, counting the others), and
-after `api.auth_failures` of them within `api.auth_window_s` the client is answered 429 with
-Retry-After until that window ends, its token not compared (AuthLockout); writes are limited by a
-token bucket, `api.write_rate_per_s` and `api.write_burst` (ClientBuckets), beyond which they are
-answered 429 with Retry-After, nothing written. Reads are limited by neither.
+Per client (its address; the API listens on IPv4 only): wrong tokens are logged at WARNING with
+the address (at most a line a minute, counting the others), and after `api.auth_failures` of them
+within `api.auth_window_s` the client is answered 429 with Retry-After until that window ends, its
+token not compared (AuthLockout, which says why this way and what a guesser gets) - except this
+machine's own (loopback) addresses, never locked out (never_locked_out): a TLS proxy on the Pi
+brings every client from 127.0.0.1, and one wrong client would lock out all the others, the
+owner too. `api.auth_failures: 0` turns the lockout off (NAT: clients sharing an address). Writes
+are limited by a token bucket, `api.write_rate_per_s` and `api.write_burst` (ClientBuckets),
+beyond which they are answered 429 with Retry-After, nothing written. Reads are limited by neither.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ from twin.records import ERROR, GOOD
 from twin.store import TwinError
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Mapping
+    from collections.abc import Callable, Iterable, Mapping
 
     from mapper.service import MapperService
 
@@ -110,20 +113,14 @@ def from_a_web_page(headers: Mapping[str, str]) -> str | None:
     return None
 
 
-def client_key(address: str) -> str:
-    """What a client is counted by (failed authentications, writes): its IPv4 address, or its IPv6
-    address's /64, since one host on a LAN may pick any address of its /64 (SLAAC privacy addresses)
-    and would otherwise get a fresh count with each. An IPv4 address mapped into IPv6 (a server on
-    `::`) is its IPv4 address."""
+def never_locked_out(address: str) -> bool:
+    """Whether a client's wrong tokens never lock it out: this machine's loopback addresses
+    (127.0.0.0/8). Everything that reaches the API through a proxy on the Pi comes from there, as
+    does every local user: a lockout there would let any of them refuse everyone the right token."""
     try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
+        return ipaddress.ip_address(address).is_loopback
     except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
-    return str(ip)
+        return False
 
 
 def _retry_after(seconds: float) -> dict[str, str]:
@@ -164,6 +161,8 @@ class RestApi:
         # at start (ValueError if the file is refused) and again at a SIGHUP (RestApiExtension).
         self.token: bytes | None = settings.read_token()
         self.lockout = AuthLockout(settings.auth_failures, settings.auth_window_s)
+        # Whose wrong tokens never lock it out (a test makes 127.0.0.2 a LAN client with it).
+        self.never_locked_out: Callable[[str], bool] = never_locked_out
         self.write_buckets = ClientBuckets(settings.write_rate_per_s, settings.write_burst)
         # Keys: "wrong token", "locked out", "writes". One line at once, then one a minute with the count.
         self._log_throttle = Throttle(burst=1, interval_s=60.0)
@@ -173,33 +172,37 @@ class RestApi:
         carries it. Compared in constant time: how long a refusal takes tells nothing of the token.
 
         A wrong token is logged (throttled) and counted against the client's address; a client
-        locked out by too many (AuthLockout) gets 429 with Retry-After, whatever it sent. No token
-        at all, or another scheme, is no guess: 401 only, not counted."""
+        locked out by too many (AuthLockout) gets 429 with Retry-After, its token not compared.
+        This machine's addresses are never locked out (never_locked_out), only logged. No token at
+        all, or another scheme, is no guess: 401 only, not counted."""
         token = self.token
         if token is None:
             return
-        key = client_key(client)
-        if (left := self.lockout.locked(key)) > 0:
-            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS,
-                           f"too many wrong tokens from {key} (api.auth_failures within api.auth_window_s);"
-                           " try again later", _retry_after(left))
         scheme, _, given = (headers.get("Authorization") or "").strip().partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(HTTPStatus.UNAUTHORIZED, "this API needs `Authorization: Bearer <token>` (api.token_file)",
                            {"WWW-Authenticate": 'Bearer realm="mapper"'})
-        if not hmac.compare_digest(given.strip().encode("utf-8", "replace"), token):
-            self._wrong_token(client, key)
-            raise ApiError(HTTPStatus.UNAUTHORIZED, "wrong token (api.token_file)",
-                           {"WWW-Authenticate": 'Bearer realm="mapper", error="invalid_token"'})
+        given_bytes = given.strip().encode("utf-8", "replace")
+        key = None if self.never_locked_out(client) else client
+        # Checked, compared and counted in one step: requests in flight at once cannot all pass.
+        attempt = self.lockout.attempt(key, lambda: hmac.compare_digest(given_bytes, token))
+        if attempt.right:
+            return
+        if attempt.retry_after > 0:
+            raise ApiError(HTTPStatus.TOO_MANY_REQUESTS,
+                           f"too many wrong tokens from {client} (api.auth_failures within api.auth_window_s);"
+                           " try again later", _retry_after(attempt.retry_after))
+        self._wrong_token(client, attempt.locks)
+        raise ApiError(HTTPStatus.UNAUTHORIZED, "wrong token (api.token_file)",
+                       {"WWW-Authenticate": 'Bearer realm="mapper", error="invalid_token"'})
 
-    def _wrong_token(self, client: str, key: str) -> None:
-        locks = self.lockout.failed(key)
+    def _wrong_token(self, client: str, locks: bool) -> None:
         if (held := self._log_throttle("wrong token")) is not None:
             log.warning("REST API: a request from %s with a wrong bearer token refused with 401 (%d wrong tokens"
                         " so far)%s", client, self.lockout.failures, held_note(held))
         if locks and (held := self._log_throttle("locked out")) is not None:
             log.warning("REST API: %s sent %d wrong bearer tokens within %g s: refused with 429 for the rest of"
-                        " that time (api.auth_failures, api.auth_window_s)%s", key, self.settings.auth_failures,
+                        " that time (api.auth_failures, api.auth_window_s)%s", client, self.settings.auth_failures,
                         self.settings.auth_window_s, held_note(held))
 
     def _on_loop(self, coro) -> Any:  # noqa: ANN001
@@ -302,13 +305,13 @@ class RestApi:
         if not self.settings.writes:
             raise ApiError(HTTPStatus.FORBIDDEN, "writes through the REST API are disabled (set api.writes: true)")
         # Every write request counts, a refused one too: the bucket bounds what a client may send.
-        if (wait := self.write_buckets.try_take(key := client_key(client))) > 0:
+        if (wait := self.write_buckets.try_take(client)) > 0:
             if (held := self._log_throttle("writes")) is not None:
                 log.warning("REST API: writes from %s beyond api.write_rate_per_s %g (api.write_burst %d) refused"
-                            " with 429 (%d so far)%s", key, self.settings.write_rate_per_s, self.settings.write_burst,
-                            self.write_buckets.refused, held_note(held))
+                            " with 429 (%d so far)%s", client, self.settings.write_rate_per_s,
+                            self.settings.write_burst, self.write_buckets.refused, held_note(held))
             raise ApiError(HTTPStatus.TOO_MANY_REQUESTS,
-                           f"too many writes from {key} (api.write_rate_per_s, api.write_burst); try again later",
+                           f"too many writes from {client} (api.write_rate_per_s, api.write_burst); try again later",
                            _retry_after(wait))
         definition = self._definition(namespace, name)
         method = next((m for m in definition.device.spec.methods if m.name == method_name), None)

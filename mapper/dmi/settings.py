@@ -143,13 +143,16 @@ class ApiSettings(_Section):
     # A request's line and headers must all arrive within this many seconds of the connection,
     # however slowly they trickle in; a connection that does not is closed.
     request_timeout_s: float = Field(default=10.0, gt=0)
-    # With token_file: a client (an address; an IPv6 one's /64) that sent `auth_failures` wrong
-    # tokens within `auth_window_s` seconds of its first is answered 429 (Retry-After) until that
-    # window ends, its token not even compared: `auth_failures` guesses a window, however fast it
-    # sends them. Wrong tokens are logged at WARNING with the address (at most a line a minute).
-    auth_failures: int = Field(default=5, ge=1)
+    # With token_file: a client (an address; the API listens on IPv4 only) that sent `auth_failures`
+    # wrong tokens within `auth_window_s` seconds of its first is answered 429 (Retry-After) until
+    # that window ends, its token not even compared: `auth_failures` guesses a window, however fast
+    # it sends them. Never this machine's own (loopback) addresses: a TLS proxy on the Pi brings
+    # every client from 127.0.0.1, and one of them would lock out all (the lockout's module says
+    # why). 0 turns the lockout off: clients behind one NAT share an address the same way. Wrong
+    # tokens are logged at WARNING with the address either way (at most a line a minute).
+    auth_failures: int = Field(default=5, ge=0)
     auth_window_s: float = Field(default=60.0, gt=0)
-    # Writes per client (an address; an IPv6 one's /64): a token bucket, `write_rate_per_s`
+    # Writes per client (an address): a token bucket, `write_rate_per_s`
     # sustained, bursts of `write_burst`; one more is answered 429 (Retry-After), nothing written.
     # Each write is a twin transaction (on a Pi, SD-card wear): generous for a dashboard or script,
     # but no client floods the twin. Reads are not limited by it.
