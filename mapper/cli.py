@@ -634,10 +634,11 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
                 " Reload the mapper (SIGHUP) or start it first, then set it again")
         if recorded is None:  # (else the twin's "unknown device", which does not say the file defines it)
             raise ValueError(f"device {device} is defined in {definition.source}, but not in the twin yet: "
-                             + (f"the running mapper (pid {pid if pid is not None else '?'}) has not loaded it"
-                                f" (the file is newer than its start or last reload): {_reload_hint(pid)}"
-                                if running else "`mapper run` takes it up when it starts: start it")
-                             + ", then set the value again")
+                             + (f"the running mapper (pid {pid if pid is not None else '?'}) has not loaded it."
+                                f" If the file is newer than the mapper's start or last reload: {_reload_hint(pid)},"
+                                f" then set the value again. {_refused_hint()}"
+                                if running else "`mapper run` takes it up when it starts: start it, then set the"
+                                " value again"))
         if running:
             _check_loaded(store, definition, pid)
         if skipped:
@@ -688,14 +689,27 @@ def _check_loaded(store, definition, pid: int | None) -> None:  # noqa: ANN001
     loaded = store.loaded_fingerprint(definition.id)
     if loaded is None:
         raise ValueError(f"device {definition.id} is defined in {definition.source}, but the running mapper"
-                         f" (pid {pid if pid is not None else '?'}) does not run it (the file is newer than its start"
-                         f" or last reload): {_reload_hint(pid)}, then set the value again")
+                         f" (pid {pid if pid is not None else '?'}) does not run it. If the file is newer than the"
+                         f" mapper's start or last reload: {_reload_hint(pid)}, then set the value again."
+                         f" {_refused_hint()}")
+    if loaded == definition.fingerprint and (twin := store.device(definition.id)).state == "offline":
+        # Loaded, and refused (no driver for its protocol, ...): the twin holds why (service.refused).
+        raise ValueError(f"device {definition.id}: the running mapper (pid {pid if pid is not None else '?'}) does"
+                         f" not run it: {twin.state_detail or 'offline'}. Fix that (`mapper validate` on the device"
+                         f" files), then {_reload_hint(pid)}, and set the value again")
     if loaded != definition.fingerprint:
         raise ValueError(f"device {definition.id} in the device files ({definition.source}, or its model) differs"
                          f" from the definition the running mapper (pid {pid if pid is not None else '?'}) loaded at its"
                          " start or last reload: it would check and apply the value under that one (its range and"
                          f" type, which the twin does not record), not under the files. {_reload_hint(pid, 'Reload')}"
                          " so that it runs the files, then set the value again")
+
+
+def _refused_hint() -> str:
+    """For a device the running mapper does not run although its file is older than the mapper's
+    last (re)load: a reload would not help (`twin set` cannot tell which case it is)."""
+    return ("If not, the mapper refused the device (no driver for its protocol, a problem in its file): its log"
+            " says why (`journalctl -u mapper`), as does `mapper validate` on the device files")
 
 
 def _origin_text(recorded: tuple[str | None, bool] | None) -> str:

@@ -704,6 +704,8 @@ def test_twin_set_checks_against_what_the_running_mapper_loaded_not_the_files(tm
     greenhouse = devices / "greenhouse.yaml"
     greenhouse.write_text(one_property_device("greenhouse", level % 3, "{kind: constant, value: 1}",
                                               settings="collectCycle: 50"))
+    (devices / "pump.yaml").write_text(one_property_device("pump", level % 3, "{}", settings="collectCycle: 50")
+                                       .replace("simulated", "acme-fieldbus"))  # no driver: the mapper skips it
     config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
 
     def twin_level() -> dict:
@@ -728,6 +730,14 @@ def test_twin_set_checks_against_what_the_running_mapper_loaded_not_the_files(tm
         assert new.stderr.startswith(f"error: device default/shed is defined in {devices / 'shed.yaml'}"), new.stderr
         assert f"the running mapper (pid {proc.pid}) has not loaded it" in new.stderr
         assert f"kill -HUP {proc.pid}" in new.stderr, new.stderr
+        # A device the mapper refused at its start (no driver): refused too, saying why (it said
+        # "the running mapper applies it", and nothing ever did).
+        refused_at_start = mapper("twin", "set", "pump", "level", "2", "--config", str(config))
+        assert refused_at_start.returncode == 1, refused_at_start
+        assert "the running mapper (pid %d) does not run it: " % proc.pid in refused_at_start.stderr
+        assert "acme-fieldbus" in refused_at_start.stderr, refused_at_start.stderr  # why: no such driver
+        assert json.loads(mapper("twin", "get", "pump", "--config", str(config), "--json").stdout
+                          )["properties"]["level"]["desired"] is None  # nothing written
 
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: "reload done" in (tmp_path / "log").read_text(), what="the reload")
