@@ -569,13 +569,16 @@ class EventBusExtension:
     def _state_result(self, device: DeviceId, state: str) -> OutMessage:
         """edgecore's `$hw/events/device/<ns>/<name>/state/update/result` for a state change: what
         it publishes after a mapper's state/update, here after the mapper's own (its availability
-        with it). Never dropped by the outbox limits, as the availability: the service paces the
-        changes (one per mqtt.state_interval_ms per device)."""
+        with it). Kind telemetry: the outbox limits may drop old ones in an outage, oldest first.
+        Queued as "state" (never dropped) it doubled the never-dropped rows of each change next to
+        the availability: a flapping device in a broker outage reached twin.outbox_max_rows twice
+        as fast, the readings were dropped for it, and every stale result of the outage replayed
+        at the reconnect. The retained availability (kind "state") carries the current state."""
         if state in ONLINE_STATES:
             self._last_online[device] = payloads.now_ms()
         return OutMessage(Topics.hw(device, "state/update/result"),
                           payloads.state_result(device.name, state, self._last_online.get(device)),
-                          kind="state", sequenced=False)
+                          kind="telemetry", sequenced=False)
 
     async def _on_membership(self, added: list[DeviceId], removed: list[DeviceId],
                              before: dict[DeviceId, DeviceDefinition], after: dict[DeviceId, DeviceDefinition]) -> None:

@@ -768,3 +768,47 @@ def test_a_state_change_the_locked_twin_kept_does_not_follow_the_stop_offline(tm
         assert retained(own, f"{base}/availability") == b"offline", mapper.log()[-3000:]
         assert orjson.loads(retained(own, f"{base}/state"))["state"] == "offline"
         assert retained(own, f"mapper/{node}/availability") == b"offline"
+
+
+def test_a_flapping_devices_state_results_in_a_broker_outage_are_dropped_as_telemetry(tmp_path, node):
+    """With the twin protocol served, each state change queued a `$hw/.../state/update/result`
+    next to the device's availability, both of kind "state", which the outbox limits never drop:
+    a device flapping through a broker outage filled the outbox with never-dropped rows twice as
+    fast (pushing readings out), and every stale result replayed at the reconnect. Now the results
+    are telemetry for the limits: beyond twin.outbox_max_rows the oldest go, while every
+    availability row (the current state, retained) stays."""
+    ensure_mosquitto_installed()
+    fault = tmp_path / "never"  # never created: the device flaps throughout
+    max_rows = 100  # (the least the setting takes)
+    with MosquittoBroker() as own:
+        mapper, _history = _flappy_mapper(tmp_path, own, node, fault)
+        mapper.env = {**mapper.env, "MAPPER_TWIN__OUTBOX_MAX_ROWS": str(max_rows)}
+        config = mapper.config.read_text()
+        mapper.config.write_text(config + "  state_interval_ms: 0\n")  # unpaced; (the mqtt section is last)
+
+        def outbox() -> list[tuple[str, str]]:
+            with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
+                return db.execute("SELECT kind, topic FROM outbox ORDER BY id").fetchall()
+
+        def snapshot() -> list[tuple[str, str]] | None:  # once 60 changes are queued: 60 never-dropped rows
+            rows = outbox()
+            return rows if sum(t.endswith("/availability") for _, t in rows) >= 60 else None
+
+        with mapper:
+            mapper.wait_log("connected to mqtt://")
+            own.stop()
+            rows = wait_for(snapshot, timeout=60, what="60 availability rows queued in the outage")
+            own.start()
+            mapper.wait_log("connected to mqtt://", count=2)
+            assert mapper.stop() == 0
+    results = [k for k, t in rows if t.endswith("/state/update/result")]
+    availability = [k for k, t in rows if t.endswith("/availability")]
+    # The never-dropped rows are the availability's only (before: as many results again, 120 of
+    # them, over the limit: every telemetry row was dropped as soon as it was queued).
+    assert [k for k, _ in rows if k == "state"] == availability, rows
+    assert len(availability) < max_rows, len(availability)
+    # The limit holds: the droppable rows (results, state views) made room, and results remain.
+    assert len(rows) <= max_rows, len(rows)
+    assert results and all(k == "telemetry" for k in results), rows
+    with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
+        assert db.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()[0] > 0
