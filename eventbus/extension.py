@@ -60,6 +60,11 @@ CLIENT_ID_FILE_SUFFIX = ".mqtt-client-id"
 CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
 
 
+# A batch's twin documents as committed (EventBusExtension._document_rows): their outbox rows, and
+# each device's new baselines for the next document's `last` (None: the device is gone).
+_Documented = tuple[list[OutboxRow], dict[DeviceId, dict[str, tuple[Value | None, int | None, int]] | None]]
+
+
 def client_id_file(twin_path: Path) -> Path:
     """Beside the twin file itself (a twin.path through a symlink gives the real path's id, as the
     twin and its lock are the same: mapper.cli._lock_path)."""
@@ -126,7 +131,9 @@ class EventBusExtension:
         self._reassert_wanted = False  # another value came since the re-assertion began
         self._reassert_log = Throttle(burst=3)
         # Twin documents of reported values (_documents_due): each property as its last document
-        # (or the twin at start) had it, for the next one's `last`. Used in the twin thread only.
+        # (or the twin at start) had it, for the next one's `last`. Read in the twin thread (the
+        # documents' work), changed on the loop once their commit succeeded (_documented_now): the
+        # recorder submits a batch's commit only after the previous one's done callbacks ran.
         self._documented: dict[DeviceId, dict[str, tuple[Value | None, int | None, int]]] = {}
         # Each device's last time online (ms), for $hw state/update/result (twin protocol served).
         self._last_online: dict[DeviceId, int | None] = {}
@@ -612,16 +619,22 @@ class EventBusExtension:
         if not due:
             return None
         self.telemetry.documents = {}
-        return Extra(lambda store: self._document_rows(store, due), self._offer)
+        return Extra(lambda store: self._document_rows(store, due), self._documented_now)
 
-    def _document_rows(self, store: TwinStore, due: dict[DeviceId, list[str]]) -> list[OutboxRow]:
-        """In the twin thread, inside the batch's transaction (after its readings were recorded)."""
+    def _document_rows(self, store: TwinStore, due: dict[DeviceId, list[str]]) -> _Documented:
+        """In the twin thread, inside the batch's transaction (after its readings were recorded).
+
+        Leaves `_documented` as it is: the recorder runs this again when the commit failed (a
+        full disk, another process's lock) and is retried, and a baseline moved by the failed
+        try made the retried document's `last` its `current`, the previous value lost. The new
+        baselines go with the rows, applied once committed (_documented_now)."""
         messages: list[OutMessage] = []
+        baselines: dict[DeviceId, dict[str, tuple[Value | None, int | None, int]] | None] = {}
         for device, names in due.items():
             try:
                 twin = store.device(device)
             except UnknownDevice:  # removed by a reload meanwhile
-                self._documented.pop(device, None)
+                baselines[device] = None
                 continue
             names = [n for n in names if n in twin.properties]
             if not names:
@@ -629,18 +642,26 @@ class EventBusExtension:
             # `last` as edgecore's for an update of actual values: the twin before it, which differs
             # from `current` in the actual value only (the one of the previous document, or of the
             # twin at start; none for a property new in this run).
-            last = self._documented.setdefault(device, {})
             messages.append(OutMessage(Topics.hw(device, "twin/update/document"),
-                                       payloads.reported_document(twin, names, last), kind="telemetry",
-                                       sequenced=False))
+                                       payloads.reported_document(twin, names, self._documented.get(device, {})),
+                                       kind="telemetry", sequenced=False))
             delta = payloads.delta(twin)
             if delta is not None:
                 messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="telemetry",
                                            sequenced=False))
-            for n in names:
-                p = twin.properties[n]
-                last[n] = (p.reported, p.reported_ts, p.reported_version)
-        return store.enqueue(messages) if messages else []
+            baselines[device] = {n: (p.reported, p.reported_ts, p.reported_version)
+                                 for n in names for p in (twin.properties[n],)}
+        return (store.enqueue(messages) if messages else []), baselines
+
+    def _documented_now(self, result: _Documented) -> None:
+        """On the loop, once the documents' transaction committed: their values are the baselines."""
+        rows, baselines = result
+        for device, values in baselines.items():
+            if values is None:
+                self._documented.pop(device, None)
+            else:
+                self._documented.setdefault(device, {}).update(values)
+        self._offer(rows)
 
     def _offer(self, rows: list[OutboxRow]) -> None:
         if rows and self.publisher is not None:

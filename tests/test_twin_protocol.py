@@ -1010,3 +1010,42 @@ def test_state_changes_and_membership_changes_are_published_as_edgecore_does(bro
             assert stopped["device"]["last_online"], stopped
         finally:
             sub.close()
+
+
+def test_a_document_whose_commit_failed_keeps_the_previous_value_as_last(broker, tmp_path):
+    """A reading's document is made inside the readings' transaction; the baseline for the next
+    document's `last` moved there too, before the commit. A commit that failed (here the twin
+    refuses the document's outbox row: a test trigger, until the mapper logged the failure) is
+    retried with its document made again, and that one's `last` was its `current`: the previous
+    value lost. Now the baseline moves once the commit succeeded, and every document's `last` is
+    the previous document's `current`."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    with MapperProcess(tmp_path, devices, broker, extra="  reading_documents: true\n") as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{HW}/twin/update/document")
+        refuse = sqlite3.connect(mapper.twin_path, timeout=10, isolation_level=None)
+        try:
+            documents = [sub.expect(f"{HW}/twin/update/document", lambda b: "count" in b["twin"])]
+            refuse.executescript("""
+                CREATE TABLE test_refuse_documents (x);
+                INSERT INTO test_refuse_documents VALUES (1);
+                CREATE TRIGGER test_refuse_documents BEFORE INSERT ON outbox
+                WHEN new.topic LIKE '%/twin/update/document' AND EXISTS (SELECT 1 FROM test_refuse_documents)
+                BEGIN SELECT RAISE(ABORT, 'the twin refused the write (test trigger)'); END;
+            """)
+            mapper.wait_log("test trigger")  # "cannot commit ...": the batch is retried
+            refuse.execute("DELETE FROM test_refuse_documents")
+            taken_ms = time.time_ns() // 1_000_000
+            # Up to a document of a reading taken after the twin took writes again: the retried one before it.
+            while documents[-1]["twin"]["count"]["current"]["actual"]["metadata"]["timestamp"] <= taken_ms:
+                documents.append(sub.expect(f"{HW}/twin/update/document", lambda b: "count" in b["twin"]))
+        finally:
+            refuse.close()
+            sub.close()
+            assert mapper.stop() == 0
+        assert "cannot commit" in mapper.log(), mapper.log()[-3000:]
+    assert len(documents) >= 3, documents
+    for before, after in zip(documents, documents[1:]):
+        last, current = after["twin"]["count"]["last"], after["twin"]["count"]["current"]
+        assert last["actual"] == before["twin"]["count"]["current"]["actual"], (before, after)
+        assert last["actual"]["value"] != current["actual"]["value"], after
