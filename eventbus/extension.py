@@ -208,6 +208,11 @@ class EventBusExtension:
                 self._documented = {twin.id: {n: (p.reported, p.reported_ts, p.reported_version)
                                               for n, p in twin.properties.items()} for twin in twins}
                 self.telemetry.documents = {}
+                # The same values for what is due (Telemetry): a first reading equal to the twin's
+                # makes no document after a start.
+                self.telemetry.documented_at_start(
+                    {(twin.id, n): p.reported for twin in twins for n, p in twin.properties.items()
+                     if p.reported is not None})
                 service.recorder.after_messages.append(self._documents_due)
         # (Nothing of the twin's is taken into the state views: a device's is announced once it
         # was read in this run, see Telemetry.)

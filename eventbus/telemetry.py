@@ -81,6 +81,12 @@ class Telemetry:
         self.documents: dict[DeviceId, list[str]] | None = None
         self._documented: dict[tuple[DeviceId, str], Any] = {}
 
+    def documented_at_start(self, values: dict[tuple[DeviceId, str], Any]) -> None:
+        """The twin's reported values at the start, as the event bus's baselines for `last` are:
+        a property's first value at a report point makes a document only if it differs from the
+        twin's (it made one after every start, the value unchanged)."""
+        self._documented.update(values)
+
     @property
     def definitions(self) -> dict[DeviceId, DeviceDefinition]:
         return self._definitions
