@@ -632,14 +632,24 @@ def push_method_warnings(doc: _Doc, device: Device) -> list[Problem]:
 
 def _model_protocol_warning(doc: _Doc, device: Device, device_id: DeviceId, model_entry: _Entry) -> Problem | None:
     """A warning when a device's protocolName (the driver the mapper runs it with) is not its
-    DeviceModel's spec.protocol, or None. KubeEdge refuses neither, but edgecore sends a model only
+    DeviceModel's spec.protocol (or the model has none), or None. KubeEdge refuses neither, but edgecore sends a model only
     to the mapper registered for the model's protocol, and a device only to the one for the device's:
     the device's mapper never gets the model, so the device does not start there."""
     protocol = device.spec.protocol.protocol_name
     model: DeviceModel = model_entry.obj
-    if not model.spec.protocol or model.spec.protocol == protocol:
+    if model.spec.protocol == protocol:
         return None
     model_doc = model_entry.doc
+    if not model.spec.protocol:  # (the CRD makes it optional; edgecore routes models by it)
+        line = model_doc.line_of(("spec",))
+        where = f"{model_doc.file}:{line}" if line else model_doc.file
+        path = ("spec", "protocol", "protocolName")
+        return Problem(
+            doc.file, doc.line_of(path), field_name(path),
+            f"device {device_id}: its DeviceModel {model.metadata.namespace}/{model.metadata.name} ({where}) has no"
+            f" spec.protocol: under KubeEdge, edgecore sends a model only to the mapper of its spec.protocol, so the"
+            f" {clipped(protocol, 80)} mapper never gets it and the device does not start there; set the model's"
+            f" spec.protocol: {clipped(protocol, 80)}", "warning")
     line = model_doc.line_of(("spec", "protocol"))
     where = f"{model_doc.file}:{line}" if line else model_doc.file
     path = ("spec", "protocol", "protocolName")

@@ -1007,15 +1007,31 @@ def test_protocol_names_that_disagree_are_warned_about_at_their_lines(tmp_path):
 
 
 def test_protocol_names_that_agree_or_are_left_out_are_not_warned_about(tmp_path):
-    """The same protocol everywhere, or a model without spec.protocol and visitors without
-    protocolName: no warning."""
-    model = MODEL.format(model="thing-model")
-    (tmp_path / "m.yaml").write_text(model.replace("  protocol: simulated\n", ""))
+    """The same protocol everywhere, or visitors without protocolName: no warning."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
     (tmp_path / "d.yaml").write_text(device_yaml("d").replace("        protocolName: simulated\n", ""))
     (tmp_path / "n.yaml").write_text(MODEL.format(model="other-model"))
     (tmp_path / "e.yaml").write_text(device_yaml("e", model="other-model"))
     result = load([tmp_path], base=tmp_path)
     assert len(result.devices) == 2 and result.warnings == []
+
+
+def test_a_model_without_spec_protocol_is_warned_about_at_its_devices_protocolname(tmp_path):
+    """The CRD makes a DeviceModel's spec.protocol optional, but edgecore sends a model only to the
+    mapper registered for it: without one, the device's mapper never gets the model under KubeEdge
+    (RegisterDevice waits for it, then fails) while it runs here standalone. It passed in silence."""
+    model = MODEL.format(model="thing-model").replace("  protocol: simulated\n", "")
+    device = device_yaml("d")
+    at = next(i for i, line in enumerate(device.splitlines(), 1) if line.strip() == "protocolName: simulated")
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device)
+    result = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "d") in result.devices  # a warning: it runs
+    assert [str(w) for w in result.warnings] == [
+        f"d.yaml:{at}: spec.protocol.protocolName: device default/d: its DeviceModel default/thing-model (m.yaml:6)"
+        " has no spec.protocol: under KubeEdge, edgecore sends a model only to the mapper of its spec.protocol, so"
+        " the simulated mapper never gets it and the device does not start there; set the model's spec.protocol:"
+        " simulated"]
 
 
 def test_a_readwrite_property_that_cannot_be_written_runs_read_only_for_a_device_from_edgecore_too():
