@@ -15,6 +15,24 @@ from devices.values import PropertyType, Value, coerce, range_problem
 
 
 @dataclass(frozen=True, slots=True)
+class MapAt:
+    """Where a map of a device file is written (a property's `pushMethod.anomalyDetection`): the file,
+    the map's line and field name, and those of each of its keys; for problems found after loading
+    (a model that does not exist), reported at their line as the loader's own are."""
+
+    file: str
+    line: int | None
+    field: str
+    keys: dict[str, tuple[int | None, str]] = field(default_factory=dict)
+
+    def at(self, key: str | None = None) -> tuple[str, int | None, str]:
+        """(file, line, field name) of `key` in the map; the map's own when the key is not written."""
+        if key is not None and key in self.keys:
+            return (self.file, *self.keys[key])
+        return self.file, self.line, self.field
+
+
+@dataclass(frozen=True, slots=True)
 class PropertyDefinition:
     name: str
     type: PropertyType
@@ -35,6 +53,9 @@ class PropertyDefinition:
     # `desired` is None): what the twin compares with the last one it took up (file_desired), so
     # that only an edit of the file's own desired value applies it again, not a model change.
     desired_text: str | None = None
+    # Where `anomaly_detection` is written (a device file's; None for edgecore's devices): not part
+    # of the equality (moving the map down a line changes no pipeline).
+    anomaly_at: MapAt | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from devices.definitions import DeviceDefinition, PropertyDefinition, merged_config
+from devices.definitions import DeviceDefinition, MapAt, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId, clipped, shown
@@ -873,6 +873,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             path = ("spec", "properties", i, "pushMethod", "mqtt", "topic")
             problems.append(Problem(doc.file, doc.line_of(path), field_name(path), refusal))
             continue
+        anomaly_at = _anomaly_at(doc, i, push.anomaly_detection) if push and push.anomaly_detection else None
         prop = PropertyDefinition(
             name=dprop.name, type=mprop.type, writable=mprop.writable,
             minimum=mprop.min_value, maximum=mprop.max_value, unit=mprop.unit,
@@ -880,7 +881,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             report_to_cloud=dprop.report_to_cloud, desired=desired, visitor=visitor,
             push_mqtt=push.mqtt if push else None,
             anomaly_detection=push.anomaly_detection if push else None,
-            description=mprop.description, desired_text=desired_text,
+            description=mprop.description, desired_text=desired_text, anomaly_at=anomaly_at,
         )
         if driver is not None and prop.writable and visitor is not None:
             unwritable = _not_writable(driver, prop, protocol, device_id, (model_doc, j), doc)
@@ -911,6 +912,17 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         if sum(p.severity == "error" for p in problems) > errors_before:
             return
     result.devices[device_id] = definition
+
+
+def _anomaly_at(doc: _Doc, i: int, data: dict[str, Any]) -> MapAt:
+    """Where property `i`'s pushMethod.anomalyDetection map and its keys are written: its `data:` map
+    when it has one (as KubeEdge writes it), else the flat map itself (as the inference reads it)."""
+    path: Path_ = ("spec", "properties", i, "pushMethod", "anomalyDetection")
+    if isinstance(data.get("data"), dict):
+        path = (*path, "data")
+        data = data["data"]
+    keys = {str(k): (doc.line_of((*path, k)) or None, field_name((*path, k))) for k in data}
+    return MapAt(doc.file, doc.line_of(path) or None, field_name(path), keys)
 
 
 def _not_writable(driver: type[Driver], prop: PropertyDefinition, protocol: str, device_id: DeviceId,

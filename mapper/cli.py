@@ -58,8 +58,13 @@ def _fmt_ts(ms: int | None) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from mapper.inference.settings import local_maps
+
     try:
         result = load(args.paths)
+        # The keys of the devices' anomalyDetection maps too (whether their models exist: `mapper run`).
+        if problems := local_maps(None, result.devices)[1]:
+            raise DefinitionError(problems, result.warnings)
     except DefinitionError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)

@@ -347,6 +347,42 @@ def test_a_devices_map_may_set_only_devices_of_its_namespace_and_name_only_shipp
     assert InferenceSettings().resolve_model(own.model) == Path("/opt/models/mine")
 
 
+def test_the_maps_of_device_files_are_config_problems_at_their_lines_edgecores_are_not(tmp_path):
+    """A local device file's anomalyDetection map with a mistake is a problem at its file, line and key
+    (`mapper run` refuses to start with it: test_reload.py); the same Device sent by edgecore is not (its
+    mistakes are logged and its pipeline left out: a cloud object must not stop the node's mapper), nor a
+    local one with `from_devices: false` (the maps are not read). A right map on a device with the model's
+    properties is no problem."""
+    import yaml
+
+    from devices.loader import load, load_objects
+    from mapper.inference.extension import config_problems
+
+    push = ("      pushMethod:\n        anomalyDetection:\n          data:\n            model: sensor_faults\n"
+            "            {}\n")
+    devices = _devices(tmp_path, push=push.format("treshold: 0.5"))
+    file = devices / "devices.yaml"
+    line = next(n for n, text in enumerate(file.read_text().splitlines(), 1) if "treshold" in text)
+    config = MapperConfig(node="n", devices=[devices], twin=TwinSettings(path=tmp_path / "t.db"))
+    problems = config_problems(config, load([devices]).devices)
+    assert [(p.file.endswith("devices.yaml"), p.line, p.field) for p in problems] == [
+        (True, line, "spec.properties[0].pushMethod.anomalyDetection.data.treshold")], problems
+    assert "unknown key(s) treshold (did you mean threshold?)" in problems[0].message
+    off = config.model_copy(update={"inference": InferenceSettings(from_devices=False)})
+    assert config_problems(off, load([devices]).devices) == []
+
+    sent = load_objects([(f"dmi:{i}", doc) for i, doc in enumerate(yaml.safe_load_all(file.read_text()))]).devices
+    assert sent[SENSOR].origin == "edgecore" and sent[SENSOR].properties[0].anomaly_detection
+    assert config_problems(config, sent) == []
+
+    _devices(tmp_path, push=push.format("name: probe-ad"))
+    assert config_problems(config, load([devices]).devices) == []
+    _devices(tmp_path, push=push.format("window: 8"))  # a mistake only the model tells
+    [problem] = config_problems(config, load([devices]).devices)
+    assert (problem.line, problem.field) == (line, "spec.properties[0].pushMethod.anomalyDetection.data.window")
+    assert "window 8 but model" in problem.message
+
+
 def test_config_file_inference_section(tmp_path):
     """`inference:` may be a bare list; model paths are relative to the config file, names to models_dir."""
     path = tmp_path / "m.yaml"

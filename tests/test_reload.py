@@ -585,3 +585,82 @@ def test_inference_pipeline_mistakes_refuse_the_start_and_a_reload_that_brings_t
     with TwinStore.open(mapper.twin) as store:
         assert store.device(DeviceId("default", "probe-sensor-faults")).state == "ok"
     mapper.stop()
+
+
+def _with_maps(text: str, maps: dict[str, str]) -> str:
+    """A device file with a pushMethod.anomalyDetection map (YAML lines of its `data:`) after each named
+    property's collectCycle."""
+    out: list[str] = []
+    prop = None
+    for line in text.splitlines():
+        out.append(line)
+        if line.strip().startswith("- name: "):
+            prop = line.split("- name: ")[1].strip()
+        if line.strip().startswith("collectCycle:") and prop in maps:
+            out += ["      pushMethod:", "        anomalyDetection:", "          data:",
+                    *(f"            {entry}" for entry in maps[prop].splitlines())]
+    return "\n".join(out) + "\n"
+
+
+def _line(path: Path, text: str, after: int = 0) -> int:
+    """The number of the first line of `path` holding `text` after line `after`."""
+    return next(n for n, line in enumerate(path.read_text().splitlines(), 1) if n > after and text in line)
+
+
+def test_device_map_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapper: Mapper, tmp_path: Path) -> None:
+    """Mistakes in the pushMethod.anomalyDetection maps of device files (a misspelt model, an unknown key,
+    setDevice without setProperty, a device without the properties the model reads): `mapper run` logged
+    them and ran without those pipelines, half started. It now refuses to start, each at its line and key
+    of the device file, as for the config's own pipelines; `mapper validate` names those it can tell without
+    the models. Started right, a SIGHUP that brings such a mistake is refused, and the pipeline runs on."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    mapper.stop()
+    probe = mapper.devices / "probe.yaml"
+    probe.write_text(_with_maps(faulty_probe_yaml(20), {
+        "temperature": "model: sensor_fault\nname: probe-ad",
+        "humidity": "model: sensor_faults\nname: humid-ad\ntreshold: 0.5"}))
+    a_file = mapper.devices / "a.yaml"
+    a_file.write_text(_with_maps(a_file.read_text(), {"temperature": "model: sensor_faults\nsetDevice: b"}))
+    b_file = mapper.devices / "b.yaml"
+    b_file.write_text(_with_maps(b_file.read_text(), {"temperature": "model: sensor_faults\nname: b-ad"}))
+    run = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(mapper.config)], cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert "test-node running" not in run.stderr and "disabled" not in run.stderr, run.stderr
+    field = "spec.properties[{}].pushMethod.anomalyDetection.data"
+    assert (f"dev/probe.yaml:{_line(probe, 'model: sensor_fault')}: {field.format(0)}.model: no model 'sensor_fault'"
+            ) in run.stderr and "; did you mean sensor_faults?" in run.stderr, run.stderr
+    assert (f"dev/probe.yaml:{_line(probe, 'treshold')}: {field.format(1)}.treshold: default/probe/humidity: unknown"
+            " key(s) treshold (did you mean threshold?)") in run.stderr, run.stderr
+    assert (f"dev/a.yaml:{_line(a_file, 'setDevice: b')}: {field.format(0)}.setDevice: default/a/temperature:"
+            " setDevice, setProperty and setValue go together: add setProperty and setValue") in run.stderr, run.stderr
+    assert (f"dev/b.yaml:{_line(b_file, '  data:')}: {field.format(0)}: pipeline default/b-ad: device default/b has no"
+            " property 'humidity'") in run.stderr, run.stderr
+    assert "4 error(s)" in run.stderr or run.stderr.count("anomalyDetection.data") == 4, run.stderr
+
+    # `mapper validate`: the maps' own keys (whether a model exists is for the start to say).
+    check = subprocess.run([sys.executable, "-m", "mapper", "validate", "dev"], cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 1, check.stderr
+    assert f"dev/probe.yaml:{_line(probe, 'treshold')}: {field.format(1)}.treshold:" in check.stderr, check.stderr
+    assert f"dev/a.yaml:{_line(a_file, 'setDevice: b')}: {field.format(0)}.setDevice:" in check.stderr, check.stderr
+    assert "2 error(s)" in check.stderr and "sensor_fault'" not in check.stderr, check.stderr
+
+    # Right: it starts, with the pipeline; a reload bringing a mistake is refused and the pipeline runs on.
+    a_file.write_text(device_yaml("a", cycle=20))
+    b_file.write_text(device_yaml("b", cycle=20))
+    probe.write_text(_with_maps(faulty_probe_yaml(20), {"temperature": "model: sensor_faults\nname: probe-ad\n"
+                                                                       "deadlineS: 0"}))
+    mapper.start()
+    mapper.wait_log(r"mapper test-node running: 3 device")
+    mapper.wait_log(r"inference pipeline default/probe-ad: device default/probe")
+    probe.write_text(_with_maps(faulty_probe_yaml(20), {"temperature": "model: sensor_faults\nname: probe-ad\n"
+                                                                       "deadlineS: 0\nwindow: 8"}))
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: \d+ error")
+    assert (f"reload refused: dev/probe.yaml:{_line(probe, 'window: 8')}: {field.format(0)}.window: pipeline"
+            " default/probe-ad: window 8 but model") in log, log
+    assert "reload done" not in log and "pipelines updated" not in log, log
+    with TwinStore.open(mapper.twin) as store:
+        assert store.device(DeviceId("default", "probe-ad")).state == "ok"
+    mapper.stop()

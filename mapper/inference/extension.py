@@ -25,6 +25,7 @@ import difflib
 import logging
 import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +37,8 @@ from devices.errors import Problem
 from devices.ids import DeviceId
 from mapper.finish import outcome
 from mapper.inference import records
-from mapper.inference.settings import (InferenceSettings, PipelineSettings, SetDesiredAction, from_anomaly_detection,
-                                      missing_ml_packages)
+from mapper.inference.settings import (InferenceSettings, LocalMap, PipelineSettings, SetDesiredAction, anomaly_key,
+                                      from_anomaly_detection, local_maps, missing_ml_packages)
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
@@ -163,58 +164,74 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
 
 def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition],
                     models: dict[Path, Any] | None = None) -> list[Problem]:
-    """The config file's pipelines (`inference.pipelines`) checked against the device files and the
-    models, each problem at its file, line and field: `mapper run` refuses to start with any, as
-    with a bad device file (they used to be logged and the pipeline left out, half started).
+    """The config file's pipelines (`inference.pipelines`) and the anomalyDetection maps of the devices
+    of local files checked against the devices and the models, each problem at its file, line and field
+    (for a map: its key in the device file): `mapper run` refuses to start with any, and a SIGHUP reload
+    refuses device files that bring some, as with a bad device file (they used to be logged and the
+    pipeline left out, half started). The maps of devices edgecore sent are not checked here: their
+    mistakes are logged and the pipeline left out (a cloud object must not stop the node's mapper).
 
     A device or set_desired target the files do not define is a problem in standalone mode only:
     under `mode: kubeedge` edgecore sends its devices after the start, and the pipeline is built
     when they come. `models`: loaded models by directory, filled (the extension's cache)."""
-    settings = config.inference
-    if settings is None or not settings.pipelines or missing_ml_packages():
-        return []  # (without numpy and onnxruntime, check_installed refused the start already)
+    settings = config.inference or InferenceSettings()
+    maps, problems = local_maps(settings, definitions)
+    if not settings.pipelines and not maps or missing_ml_packages():
+        # (without numpy and onnxruntime, check_installed refused the config's pipelines already; the
+        # maps' pipelines are disabled, logged, and their devices run)
+        return problems
     from mapper.inference.model import ModelError, load_model
     from mapper.inference.pipeline import Pipeline, PipelineError
 
     models = {} if models is None else models
-    problems: list[Problem] = []
-    seen: dict[DeviceId, int] = {}
-    for i, s in enumerate(settings.pipelines):
+    kubeedge = config.mode == "kubeedge"
+    seen: dict[DeviceId, str] = {}
+
+    def check(s: PipelineSettings, where: Callable[[str], tuple[str, int | None, str]], what: str) -> None:
         model_dir = settings.resolve_model(s.model)
         try:
             model = models.get(model_dir.resolve())
             if model is None:
                 model = models[model_dir.resolve()] = load_model(model_dir)
         except (ModelError, OSError) as exc:
-            problems.append(Problem(*config.pipeline_at(i, "model"), _model_problem(settings, s.model, model_dir, exc)))
+            problems.append(Problem(*where("model"), _model_problem(settings, s.model, model_dir, exc)))
             model = None
         except Exception as exc:  # noqa: BLE001 - model.json without a key, an .onnx onnxruntime refuses, ...
-            problems.append(Problem(*config.pipeline_at(i, "model"),
-                                    f"the model in {model_dir} cannot be loaded: {type(exc).__name__}: {exc}"
-                                    " (rebuild it: models/README.md)"))
+            problems.append(Problem(*where("model"), f"the model in {model_dir} cannot be loaded: "
+                                    f"{type(exc).__name__}: {exc} (rebuild it: models/README.md)"))
             model = None
-        kubeedge = config.mode == "kubeedge"
         if s.device_id not in definitions and not kubeedge:
-            problems.append(Problem(*config.pipeline_at(i, "device"), _device_problem(s.device_id, definitions)))
-            continue
+            problems.append(Problem(*where("device"), _device_problem(s.device_id, definitions)))
+            return
         targets = [DeviceId.parse(a.device) for a in s.actions if isinstance(a, SetDesiredAction)]
         if model is None or kubeedge and any(d not in definitions for d in (s.device_id, *targets)):
-            continue  # edgecore's devices: checked when they come (a problem then is logged, the pipeline left out)
+            return  # edgecore's devices: checked when they come (a problem then is logged, the pipeline left out)
         try:
             pipeline = Pipeline(s, model, definitions[s.device_id], definitions=definitions)
         except PipelineError as exc:
-            problems.append(Problem(*config.pipeline_at(i, exc.field), str(exc)))
-            continue
+            problems.append(Problem(*where(exc.field), str(exc)))
+            return
         except ValueError as exc:  # pipeline_id: `<device>-<model>` is no valid name
-            problems.append(Problem(*config.pipeline_at(i, "name"), f"{exc}; give the pipeline a `name`"))
-            continue
+            problems.append(Problem(*where("name"), f"{exc}; give the pipeline a `name`"))
+            return
         if pipeline.id in seen:
-            also = f"inference.pipelines[{seen[pipeline.id]}]"
-            problems.append(Problem(*config.pipeline_at(i, "name"), f"pipeline {pipeline.id} is configured twice "
-                                    f"(also {also}): give one of them another `name`"))
-            continue
-        seen[pipeline.id] = i
+            problems.append(Problem(*where("name"), f"pipeline {pipeline.id} is configured twice "
+                                    f"(also {seen[pipeline.id]}): give one of them another `name`"))
+            return
+        seen[pipeline.id] = what
+
+    for i, s in enumerate(settings.pipelines):
+        check(s, lambda field, i=i: config.pipeline_at(i, field), f"inference.pipelines[{i}]")
+    for m in maps:
+        if m.settings is not None:
+            check(m.settings, lambda field, m=m: _map_where(m, field),
+                  f"{m.at.file}:{m.at.line}" if m.at.line else m.at.file)
     return problems
+
+
+def _map_where(m: LocalMap, field: str) -> tuple[str, int | None, str]:
+    """(file, line, field name) in the device file of a pipeline setting of a map's pipeline."""
+    return m.at.at(anomaly_key(field, m.settings))
 
 
 def _model_problem(settings: InferenceSettings, model: str, model_dir: Path, exc: Exception) -> str:

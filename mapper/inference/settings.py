@@ -7,14 +7,18 @@ Pure pydantic: importing this module needs neither numpy nor onnxruntime.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from devices import ids
+from devices.definitions import MapAt
+from devices.errors import Problem
 from devices.ids import DeviceId
 
 
@@ -189,6 +193,41 @@ def _bool(value: Any) -> bool:
 _MODEL_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
+class AnomalyError(ValueError):
+    """A mistake in a property's anomalyDetection map; `key`: the data-map key at fault (None: the
+    map as a whole, such as a missing `model`), for an error at that key's line of a device file."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+# PipelineSettings field -> the data-map key that sets it; an action's fields -> theirs.
+_KEY_OF = {field: key for key, field in ANOMALY_KEYS.items()}
+_ACTION_KEY_OF = {"publish": {"only_changes": "onlyChanges", "": "publish"}, "alert": {"when": "alertOn", "": "alert"},
+                  "set_desired": {"device": "setDevice", "property": "setProperty", "value": "setValue",
+                                  "when": "setOn", "otherwise": "setOtherwise", "": "setDevice"}}
+
+
+def anomaly_key(field: str, settings: PipelineSettings | None = None) -> str | None:
+    """The data-map key that sets the pipeline setting `field` (`threshold`, `actions[1]`, `actions.1.when`
+    ...; PipelineError.field, a pydantic error's location) of settings made by from_anomaly_detection;
+    None: no key (the device itself, a default)."""
+    parts = field.replace("[", ".").replace("]", "").split(".")
+    if parts[0] == "actions" and len(parts) > 1 and parts[1].isdigit():
+        kind = None
+        if settings is not None and int(parts[1]) < len(settings.actions):
+            kind = settings.actions[int(parts[1])].type
+        keys = _ACTION_KEY_OF.get(kind or "", {})
+        return keys.get(parts[2] if len(parts) > 2 else "", keys.get(""))
+    return _KEY_OF.get(parts[0])
+
+
+def _close(key: str) -> str:
+    close = difflib.get_close_matches(key, [*ANOMALY_KEYS, *ACTION_KEYS], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
                            confined: bool = True) -> PipelineSettings:
     """PipelineSettings from a property's `pushMethod.anomalyDetection.data` (flat map).
@@ -202,12 +241,12 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
     (confined=False) and the mapper config's `inference:` section have none of these limits (a
     bare name there means `default/`).
 
-    Raises ValueError (pydantic's ValidationError included) naming the bad key.
+    Raises AnomalyError (a ValueError) naming the bad key (its `key`).
     """
-    unknown = set(data) - set(ANOMALY_KEYS) - set(ACTION_KEYS)
+    unknown = sorted(map(str, set(data) - set(ANOMALY_KEYS) - set(ACTION_KEYS)))
     if unknown:
-        raise ValueError(f"anomalyDetection: unknown key(s) {', '.join(sorted(unknown))}; "
-                         f"known: {', '.join([*ANOMALY_KEYS, *ACTION_KEYS])}")
+        raise AnomalyError(f"anomalyDetection: unknown key(s) {', '.join(k + _close(k) for k in unknown)}; "
+                           f"known: {', '.join([*ANOMALY_KEYS, *ACTION_KEYS])}", unknown[0])
     fields: dict[str, Any] = {"device": str(device)}
     for key, field in ANOMALY_KEYS.items():
         if key in data and data[key] is not None and data[key] != "":
@@ -220,11 +259,13 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
                 value = str(value)
             fields[field] = value
     if "model" not in fields:
-        raise ValueError(f"anomalyDetection on {device}/{prop}: `model` is required")
+        raise AnomalyError(f"anomalyDetection on {device}/{prop}: `model` is required: add `model: <name>`, a model "
+                           "directory under inference.models_dir (like sensor_faults)")
     model = fields["model"]
     if confined and (not _MODEL_NAME.fullmatch(model) or model == ".."):
-        raise ValueError(f"anomalyDetection: model {model!r}: a device's map names a model directory under "
-                         f"inference.models_dir (like sensor_faults), not a path; paths only in the mapper config")
+        raise AnomalyError(f"anomalyDetection: model {model!r}: a device's map names a model directory under "
+                           f"inference.models_dir (like sensor_faults), not a path; paths only in the mapper config",
+                           "model")
     actions: list[dict[str, Any]] = []
     if _bool(data.get("publish", True)):
         actions.append({"type": "publish", "only_changes": _bool(data.get("onlyChanges", False))})
@@ -232,18 +273,96 @@ def from_anomaly_detection(device: DeviceId, prop: str, data: dict[str, Any], *,
         actions.append({"type": "alert", "when": _csv(data["alertOn"]) if "alertOn" in data else None})
     if "setDevice" in data or "setProperty" in data:
         if "setDevice" not in data or "setProperty" not in data or "setValue" not in data:
-            raise ValueError("anomalyDetection: setDevice, setProperty and setValue go together")
-        target = DeviceId.parse(str(data["setDevice"]), default_namespace=device.namespace if confined else "default")
+            given = [k for k in ("setDevice", "setProperty", "setValue") if k in data]
+            lacking = [k for k in ("setDevice", "setProperty", "setValue") if k not in data]
+            raise AnomalyError(f"anomalyDetection: setDevice, setProperty and setValue go together: add "
+                               f"{' and '.join(lacking)}, or remove {' and '.join(given)}", given[0])
+        try:
+            target = DeviceId.parse(str(data["setDevice"]),
+                                    default_namespace=device.namespace if confined else "default")
+        except ValueError as exc:
+            raise AnomalyError(f"anomalyDetection: setDevice: {exc}", "setDevice") from None
         if confined and target.namespace != device.namespace:
-            raise ValueError(f"anomalyDetection: setDevice {data['setDevice']!s}: a device's map may only set devices "
-                             f"of its own namespace ({device.namespace}), not of {target.namespace}")
+            raise AnomalyError(f"anomalyDetection: setDevice {data['setDevice']!s}: a device's map may only set "
+                               f"devices of its own namespace ({device.namespace}), not of {target.namespace}",
+                               "setDevice")
         actions.append({"type": "set_desired", "device": str(target), "property": str(data["setProperty"]),
                         "value": data["setValue"], "when": _csv(data["setOn"]) if "setOn" in data else None,
                         "otherwise": data.get("setOtherwise")})
     fields["actions"] = actions
-    settings = PipelineSettings.model_validate(fields)
+    try:
+        settings = PipelineSettings.model_validate(fields)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        loc = ".".join(str(part) for part in error["loc"])
+        key = anomaly_key(loc, None) if not loc.startswith("actions") else _action_key(error["loc"], actions)
+        what = key or loc
+        shown_value = f" {data[key]!r}" if key in data else ""
+        raise AnomalyError(f"anomalyDetection: {what}{shown_value}: {error['msg']}", key) from None
     settings._confined = confined
     return settings
+
+
+def _action_key(loc: tuple[Any, ...], actions: list[dict[str, Any]]) -> str | None:
+    """The data-map key of a pydantic error in `actions` (loc: actions, index, type, field)."""
+    if len(loc) < 2 or not isinstance(loc[1], int) or loc[1] >= len(actions):
+        return None
+    keys = _ACTION_KEY_OF.get(actions[loc[1]]["type"], {})
+    field = next((str(part) for part in loc[2:] if str(part) in keys), "")
+    return keys.get(field, keys.get(""))
+
+
+@dataclass(frozen=True, slots=True)
+class LocalMap:
+    """The anomalyDetection map of a property of a device file (the operator's own), where it is written,
+    and the settings it makes (None: it has a mistake, among the problems)."""
+
+    device: DeviceId
+    prop: str
+    at: MapAt
+    settings: PipelineSettings | None
+
+
+def local_maps(settings: InferenceSettings | None, definitions: dict[DeviceId, Any]
+               ) -> tuple[list[LocalMap], list[Problem]]:
+    """The anomalyDetection maps of the devices of local files (not edgecore's: a cloud object must not stop
+    the node's mapper; their mistakes are logged and the pipeline left out), with a problem at its file, line
+    and key for each map whose own keys are wrong (an unknown key, no `model`, setDevice without setProperty).
+    What needs the models and the other devices is checked by the inference extension's config_problems.
+    None of them when `inference.from_devices` is false (the maps are not read)."""
+    found: list[LocalMap] = []
+    problems: list[Problem] = []
+    if settings is not None and not settings.from_devices:
+        return found, problems
+    for device_id, definition in definitions.items():
+        if definition.origin != "local":
+            continue
+        for prop in definition.properties:
+            data = prop.anomaly_detection
+            if not data:
+                continue
+            data = data["data"] if isinstance(data.get("data"), dict) else data
+            at = prop.anomaly_at or _map_at_source(definition.source, prop.name)
+            try:
+                made: PipelineSettings | None = from_anomaly_detection(device_id, prop.name, data, confined=False)
+            except AnomalyError as exc:
+                made = None
+                problems.append(Problem(*at.at(exc.key), f"{device_id}/{prop.name}: {_strip(str(exc))}"))
+            found.append(LocalMap(device_id, prop.name, at, made))
+    return found, problems
+
+
+def _strip(message: str) -> str:
+    """A from_anomaly_detection message without its leading `anomalyDetection: ` (the field names it)."""
+    return re.sub(r"^anomalyDetection(?: on \S+)?: ", "", message)
+
+
+def _map_at_source(source: str, prop: str) -> MapAt:
+    """Where a map is when the loader did not record it: the device's document (`file:line`)."""
+    file, _, line = source.rpartition(":")
+    if not file or not line.isdigit():
+        return MapAt(source, None, f"{prop}.pushMethod.anomalyDetection")
+    return MapAt(file, int(line), f"{prop}.pushMethod.anomalyDetection")
 
 
 def missing_ml_packages() -> list[str]:
