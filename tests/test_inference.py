@@ -2543,6 +2543,40 @@ def test_without_the_ml_extra_configured_pipelines_are_a_config_error(tmp_path):
     assert not (tmp_path / "twin.db").exists()
 
 
+def test_mapper_devices_shows_a_derived_devices_last_decision_as_its_last_reading(tmp_path):
+    """`mapper devices` while a real pipeline decides (and after its stop): the derived device's `last
+    reading` is the time of its newest decision (its decisions are its readings: report_derived records
+    them, which sets last_reading_ts), not `-`. (Reported as showing `-`: it does only before the first
+    decision, while every window so far is an offload waiting for its answer or its deadline_s.)"""
+    from datetime import UTC, datetime
+
+    from mapper_proc import MapperProcess
+
+    def shown(config: Path) -> tuple[str, str]:
+        out = subprocess.run([sys.executable, "-m", "mapper", "devices", "--config", str(config)], capture_output=True,
+                             text=True, timeout=30, cwd=REPO)
+        assert out.returncode == 0, out.stderr
+        row = next(line.split() for line in out.stdout.splitlines() if line.startswith("default/probe-ad "))
+        return row[1], f"{row[2]} {row[3]}"
+
+    def newest(db: sqlite3.Connection) -> str | None:
+        try:  # the derived device's readings: its decisions (the history, before any checkpoint)
+            ts = db.execute("SELECT max(ts) FROM readings WHERE device_id='default/probe-ad'").fetchone()[0]
+        except sqlite3.OperationalError:  # (the twin's tables not made yet)
+            return None
+        return None if ts is None else datetime.fromtimestamp(ts / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+    with MapperProcess(tmp_path, _devices(tmp_path, push=AD_PUSH), None) as m:
+        with contextlib.closing(sqlite3.connect(m.twin_path)) as db:
+            wait_for(lambda: newest(db), timeout=30, what="a decision of the pipeline")
+            state, last = shown(m.config)
+            assert state == "ok" and last != "- inference", last
+            assert last <= newest(db), (last, newest(db))  # (a decision may come between the two)
+        assert m.stop() == 0
+    with contextlib.closing(sqlite3.connect(m.twin_path)) as db:
+        assert shown(m.config) == ("offline", newest(db))
+
+
 def test_without_the_ml_extra_a_devices_pipeline_is_disabled_and_the_device_runs(tmp_path):
     """A device file asks for a pipeline (pushMethod.anomalyDetection, as under KubeEdge) on a
     core-only install: the pipeline is disabled, saying why, and the device is read as usual."""
