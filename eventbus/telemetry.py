@@ -277,13 +277,16 @@ class Telemetry:
         """The device's retained view: the latest value of each property read in this run, `ts`
         the time the newest of them was read, and the device's state (`state` overrides it).
         None before the device's first good reading in this run (see the class docstring).
-        Telemetry, not kind "state": the outbox limits may drop old ones in a long outage, as a
-        newer one supersedes them; a state change also goes out as an availability message,
-        which is never dropped."""
+        Kind "state", retained: queued, it supersedes the device's older state views still in
+        the outbox (TwinStore._supersede), so a long outage leaves one per device waiting, never
+        dropped by the outbox limits, and they no longer take readings' room there (as telemetry
+        they counted against twin.outbox_max_rows next to the readings, every one of an outage
+        kept until the limit, only to be replaced by the next at the broker). Its `seq` has gaps
+        where one was superseded."""
         latest = self._latest.get(device)
         if not latest:
             return None
         body: dict[str, Any] = {name: value for name, (value, _) in latest.items()}
         body["ts"] = max(taken for _, taken in latest.values())
         body["state"] = state or self._states.get(device, "unknown")
-        return OutMessage(self.topics.device_state(device), body, retain=True)
+        return OutMessage(self.topics.device_state(device), body, retain=True, kind="state")

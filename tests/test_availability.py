@@ -775,8 +775,8 @@ def test_a_flapping_devices_state_results_in_a_broker_outage_are_dropped_as_tele
     next to the device's availability, both of kind "state", which the outbox limits never drop:
     a device flapping through a broker outage filled the outbox with never-dropped rows twice as
     fast (pushing readings out), and every stale result replayed at the reconnect. Now the results
-    are telemetry for the limits: beyond twin.outbox_max_rows the oldest go, while every
-    availability row (the current state, retained) stays."""
+    are telemetry for the limits: beyond twin.outbox_max_rows the oldest go. The retained state
+    (availability, state view) waits as one row per topic, each superseding the one before."""
     ensure_mosquitto_installed()
     fault = tmp_path / "never"  # never created: the device flaps throughout
     max_rows = 100  # (the least the setting takes)
@@ -786,29 +786,27 @@ def test_a_flapping_devices_state_results_in_a_broker_outage_are_dropped_as_tele
         config = mapper.config.read_text()
         mapper.config.write_text(config + "  state_interval_ms: 0\n")  # unpaced; (the mqtt section is last)
 
-        def outbox() -> list[tuple[str, str]]:
+        def snapshot() -> tuple[list[tuple[str, str]], int] | None:  # once the results reached the limit
             with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
-                return db.execute("SELECT kind, topic FROM outbox ORDER BY id").fetchall()
-
-        def snapshot() -> list[tuple[str, str]] | None:  # once 60 changes are queued: 60 never-dropped rows
-            rows = outbox()
-            return rows if sum(t.endswith("/availability") for _, t in rows) >= 60 else None
+                rows = db.execute("SELECT kind, topic FROM outbox ORDER BY id").fetchall()
+                dropped = db.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()
+            results = sum(t.endswith("/state/update/result") for _, t in rows)
+            return (rows, dropped[0]) if dropped and dropped[0] > 0 and results >= 60 else None
 
         with mapper:
             mapper.wait_log("connected to mqtt://")
             own.stop()
-            rows = wait_for(snapshot, timeout=60, what="60 availability rows queued in the outage")
+            rows, dropped = wait_for(snapshot, timeout=60, what="the outbox limit reached in the outage")
             own.start()
             mapper.wait_log("connected to mqtt://", count=2)
             assert mapper.stop() == 0
     results = [k for k, t in rows if t.endswith("/state/update/result")]
-    availability = [k for k, t in rows if t.endswith("/availability")]
-    # The never-dropped rows are the availability's only (before: as many results again, 120 of
-    # them, over the limit: every telemetry row was dropped as soon as it was queued).
-    assert [k for k, _ in rows if k == "state"] == availability, rows
-    assert len(availability) < max_rows, len(availability)
-    # The limit holds: the droppable rows (results, state views) made room, and results remain.
+    states = [t for k, t in rows if k == "state"]
+    # The never-dropped rows are the retained state's, one per topic (before: an availability per
+    # change and as many results again, 120 of them, over the limit: every telemetry row was
+    # dropped as soon as it was queued).
+    assert sorted(states) == [f"mapper/{node}/default/flappy/availability", f"mapper/{node}/default/flappy/state"], rows
+    # The limit holds: the droppable rows (results) made room, and results remain.
     assert len(rows) <= max_rows, len(rows)
     assert results and all(k == "telemetry" for k in results), rows
-    with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
-        assert db.execute("SELECT value FROM counters WHERE name='outbox_dropped'").fetchone()[0] > 0
+    assert dropped > 0

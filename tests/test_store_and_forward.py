@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sqlite3
 import threading
 import time
 
+import orjson
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.packettypes import PacketTypes
@@ -627,3 +629,119 @@ def test_telemetry_the_outbox_limits_drop_is_logged_as_a_warning(tmp_path):
     assert all(later), lines
     assert int(first[1]) + sum(int(m[1]) for m in later) == int(later[-1][2]) == dropped > 200, (lines, dropped)
     assert "ERROR" not in mapper.log() and "Traceback" not in mapper.log(), mapper.log()
+
+
+# A device that flaps with failure_threshold 1: `bad` fails every read, `temperature` reads well,
+# so it goes `unhealthy` and `ok` again in every 50 ms collect cycle, until `{fault}` exists (then
+# every read fails: `unhealthy` for good). Neither property is published: only its state is.
+FLAPPY = """\
+apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata: {{name: flappy-model, namespace: default}}
+spec:
+  protocol: simulated
+  properties:
+    - {{name: bad, type: INT, accessMode: ReadOnly}}
+    - {{name: temperature, type: FLOAT, accessMode: ReadOnly}}
+---
+apiVersion: devices.kubeedge.io/v1beta1
+kind: Device
+metadata: {{name: flappy, namespace: default}}
+spec:
+  deviceModelRef: {{name: flappy-model}}
+  protocol: {{protocolName: simulated, configData: {{fail_while_exists: {fault}}}}}
+  properties:
+    - name: bad
+      visitors: {{protocolName: simulated, configData: {{kind: constant, value: not a number}}}}
+      collectCycle: 50
+      reportToCloud: false
+    - name: temperature
+      visitors: {{protocolName: simulated, configData: {{kind: temperature, base: 21, amplitude: 0, noise: 0}}}}
+      collectCycle: 50
+      reportToCloud: false
+"""
+
+
+def test_a_flapping_devices_retained_state_in_an_outage_pushes_no_reading_out_of_the_outbox(own_broker, tmp_path):
+    """A device flapping through a broker outage queued a retained availability and a retained
+    state view per change (state_interval_ms 0: about 40 a second), which the outbox limits never
+    dropped (the availability) or dropped only with the readings (the state view): past
+    twin.outbox_max_rows (100 here) every reading of the other device was dropped as soon as it
+    was queued, and every stale state was sent at the reconnect. Now a retained state message
+    supersedes the older ones of its topic still waiting: the outage leaves one per topic, every
+    reading of the other device arrives after the reconnect (no seq missing), and what the broker
+    retains is the latest state (the flapping stopped during the outage: `offline`, unhealthy)."""
+    from devices.ids import DeviceId
+    from twin.store import TwinStore
+
+    fault = tmp_path / "unplugged"
+    devices = write_devices(tmp_path / "dev", ["s1"], cycle=500)
+    (devices / "flappy.yaml").write_text(FLAPPY.format(fault=fault))
+    flappy = DeviceId("default", "flappy")
+    base = "mapper/test-node/default"
+    topics = [f"{base}/s1/count", f"{base}/s1/temperature"]
+    collector = Collector(own_broker, f"{base}/s1/+")
+    mapper = MapperProcess(tmp_path, devices, own_broker, env={"MAPPER_TWIN__OUTBOX_MAX_ROWS": "100"},
+                           extra="  state_interval_ms: 0\n  serve_twin_protocol: false\n")
+    config = mapper.config.read_text()
+    assert "failure_threshold: 3" in config
+    mapper.config.write_text(config.replace("failure_threshold: 3", "failure_threshold: 1"))
+
+    def good_reads() -> int:  # of the flappy device's temperature: two state changes each
+        with TwinStore.open(mapper.twin_path, owned=False) as store:
+            return sum(q == "good" for _, _, q in store.history(flappy, "temperature", limit=1_000_000))
+
+    def last_read_failed() -> bool:
+        with TwinStore.open(mapper.twin_path, owned=False) as store:
+            return store.history(flappy, "temperature", limit=1)[-1][2] != "good"
+
+    def outbox() -> list[tuple[str, str]]:
+        with contextlib.closing(sqlite3.connect(mapper.twin_path)) as db:
+            return db.execute("SELECT kind, topic FROM outbox ORDER BY id").fetchall()
+
+    try:
+        mapper.start()
+        mapper.wait_log("connected to mqtt://")
+        wait_for(lambda: all(collector.seqs(t) for t in topics), timeout=30, what="s1's telemetry before the outage")
+        own_broker.stop()
+        start = good_reads()
+        # 100 cycles flapped in the outage: 200 changes, each an availability and a state view.
+        wait_for(lambda: good_reads() >= start + 100, timeout=60, what="100 flapping cycles in the outage")
+        fault.touch()  # the flapping stops, still in the outage: `unhealthy` for good
+        # The flapping has stopped once a read failed after the last good one; its `offline` is queued.
+        wait_for(lambda: last_read_failed() and _newest(mapper.twin_path, f"{base}/flappy/availability") == b"offline",
+                 timeout=30, what="the flapping stopped and `offline` queued")
+        rows = outbox()
+        states = [t for k, t in rows if k == "state"]
+        assert sorted(states) == sorted(set(states)), states  # one per retained topic
+        assert set(states) <= {f"{base}/{d}/{t}" for d in ("s1", "flappy") for t in ("availability", "state")}
+        assert outbox_dropped(mapper.twin_path) == 0
+        own_broker.start()
+        mapper.wait_log("connected to mqtt://", count=2, timeout=30)
+        wait_for(lambda: outbox_depth(mapper.twin_path) < 20, timeout=60, what="the backlog drained")
+        committed = {t: committed_seq(mapper.twin_path, t) for t in topics}
+        wait_for(lambda: all(set(collector.seqs(t)) >= set(range(1, committed[t] + 1)) for t in topics),
+                 timeout=30, what="every reading of s1 (no seq missing)")
+        # A new subscriber is told the latest: the device is unhealthy (`offline`), its last state view.
+        last_view = committed_seq(mapper.twin_path, f"{base}/flappy/state")
+        with own_broker.client("app") as fresh:
+            fresh.subscribe(f"{base}/flappy/availability")
+            assert fresh.next_message(10).payload == b"offline"
+        with own_broker.client("app") as fresh:
+            fresh.subscribe(f"{base}/flappy/state")
+            view = orjson.loads(fresh.next_message(10).payload)
+            assert (view["state"], view["seq"]) == ("unhealthy", last_view), view
+        assert mapper.stop() == 0
+        assert outbox_dropped(mapper.twin_path) == 0
+        with collector.lock:
+            assert not collector.reused, collector.reused[:3]
+    finally:
+        collector.close()
+        mapper.stop()
+
+
+def _newest(twin_path, topic: str) -> bytes | None:
+    """The payload of the newest row of `topic` waiting in the outbox, if any."""
+    with contextlib.closing(sqlite3.connect(twin_path)) as db:
+        row = db.execute("SELECT payload FROM outbox WHERE topic=? ORDER BY id DESC LIMIT 1", (topic,)).fetchone()
+    return bytes(row[0]) if row else None

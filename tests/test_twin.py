@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import orjson
 import pytest
 
 from devices.ids import DeviceId
@@ -806,3 +809,82 @@ def test_an_inactive_row_of_unknown_origin_taken_up_drops_its_desired_values(tmp
         store.sync_devices([local1, local2])
         assert store.device(D1).properties["count"].desired == 5
         assert len([r for r in caplog.records if "dropped, not applied" in r.getMessage()]) == 1
+
+
+def test_a_retained_state_message_supersedes_the_older_ones_of_its_topic_waiting_in_the_outbox(tmp_path):
+    """A device flapping through a broker outage queued an availability and a state view per
+    change, kind "state", never dropped by the outbox limits: once they alone were over
+    twin.outbox_max_rows, every reading was dropped as soon as it was queued, and every stale
+    one was sent at the reconnect. Now a retained state message deletes the older rows of its
+    topic still waiting (in its own transaction): one per topic waits, the readings under the
+    limit all stay, nothing is counted as dropped, and a restarted store holds the same. Rows
+    that are not retained state (a twin reply, a non-retained state message) are left alone."""
+    import sqlite3
+
+    devices = load([write_devices(tmp_path / "devices", ["d1"])]).devices.values()
+    path = tmp_path / "o.db"
+    base = "mapper/n/default/d1"
+
+    def availability(i: int) -> OutMessage:
+        return OutMessage(f"{base}/availability", b"online" if i % 2 else b"offline", retain=True, kind="state")
+
+    def view(i: int) -> OutMessage:
+        return OutMessage(f"{base}/state", {"count": i, "state": "ok" if i % 2 else "unhealthy"}, retain=True,
+                          kind="state")
+
+    with TwinStore.open(path, outbox=OutboxLimits(max_rows=20)) as store:
+        store.sync_devices(devices)
+        store.record([], [OutMessage("$hw/events/device/default/d1/twin/update/document", {"n": 0}, kind="twin",
+                                     sequenced=False),
+                          OutMessage(f"{base}/note", {"n": 0}, kind="state")])  # not retained: stays
+        first = store.record([], [availability(0), view(0)])  # taken by the publisher: in flight
+        change = 0
+        for i in range(1, 16):  # 15 readings, 8 state changes after each: 240 state messages
+            reading = Reading(D1, "count", i, 1000 + i)
+            store.record([reading], [OutMessage(f"{base}/count", {}, reading=reading)])
+            for _ in range(8):
+                change += 1
+                store.set_state(D1, "ok" if change % 2 else "unhealthy", None, [availability(change), view(change)])
+            # Two of a topic in one batch: only the last is queued.
+            change += 1
+            rows = store.record([], [availability(change - 1), view(change - 1), availability(change), view(change)])
+            assert [r.topic for r in rows] == [f"{base}/availability", f"{base}/state"]
+
+        def outbox(s: TwinStore) -> list[tuple[int, str, bytes, str]]:
+            return [(r.id, r.topic, r.payload, r.kind) for r in s.outbox_pending(limit=1000)]
+
+        kept = outbox(store)
+        telemetry = [orjson.loads(p)["seq"] for _, t, p, _ in kept if t == f"{base}/count"]
+        assert telemetry == list(range(1, 16))  # no reading dropped: under the limit without the stale states
+        assert [(t, p) for _, t, p, k in kept if k == "state" and t != f"{base}/note"] == [
+            (f"{base}/availability", b"online" if change % 2 else b"offline"),
+            (f"{base}/state", orjson.dumps({"count": change, "state": "ok" if change % 2 else "unhealthy",
+                                            "seq": 1 + 15 * 10}))]  # (superseded ones used theirs)
+        assert [k for _, t, _, k in kept if t.endswith(("/note", "/update/document"))] == ["twin", "state"]
+        assert kept == sorted(kept)  # in id order: the newest state after the readings queued before it
+        stats = store.outbox_stats()
+        assert stats == {"depth": len(kept), "bytes": sum(len(p) for _, _, p, _ in kept), "dropped": 0}
+        # The rows in flight when they were superseded are acknowledged: nothing to delete, nothing miscounted.
+        store.outbox_sent([r.id for r in first])
+        assert outbox(store) == kept and store.outbox_stats() == stats
+        # A transaction that fails after superseding puts the superseded rows back.
+        with pytest.raises(RuntimeError), store.transaction():
+            store.enqueue([availability(change + 1), view(change + 1)])
+            raise RuntimeError("boom")
+        assert outbox(store) == kept and store.outbox_stats() == stats
+    with TwinStore.open(path, outbox=OutboxLimits(max_rows=20)) as again:
+        assert outbox(again) == kept
+        assert again.outbox_stats() == stats
+    # A twin from before: several rows of a retained topic waiting. The next one supersedes them all.
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        top = max(i for i, *_ in kept)
+        db.executemany("INSERT INTO outbox (id, topic, payload, qos, retain, kind, created_ts)"
+                       " VALUES (?,?,?,1,1,'state',0)",
+                       [(top + 1, f"{base}/availability", b"online"), (top + 2, f"{base}/availability", b"offline")])
+    with TwinStore.open(path, outbox=OutboxLimits(max_rows=20)) as again:
+        assert [t for _, t, _, _ in outbox(again)].count(f"{base}/availability") == 3
+        (row,) = again.record([], [availability(1)])
+        now = outbox(again)
+        assert [(i, p) for i, t, p, _ in now if t == f"{base}/availability"] == [(row.id, b"online")]
+        assert again.outbox_stats() == {"depth": len(now), "bytes": sum(len(p) for _, _, p, _ in now), "dropped": 0}
+        assert again.losses()["outbox_dropped"] == 0

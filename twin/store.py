@@ -106,7 +106,10 @@ class OutMessage:
 
     `body` gets a `seq` (per topic, +1 per message, surviving restarts) when `sequenced`.
     `kind` is telemetry (may be dropped when the outbox is full, oldest first) or
-    anything else (twin replies, state: never dropped).
+    anything else (twin replies, state: never dropped). A retained message of kind `state`
+    (a device's availability, its state view) supersedes the older ones of its topic still
+    in the outbox: they are deleted when it is queued (TwinStore._supersede), so that those
+    never-dropped rows stay at about one per retained topic however long the broker is away.
 
     `reading`: this message publishes that reading, as `{"value": reading.value, "ts":
     reading.taken_at_ms, **body, "seq": seq}` (`body` holds only the other fields, e.g.
@@ -504,6 +507,13 @@ class TwinStore:
         self._route_undo: list[tuple[str, int, bool]] = []  # routes added by the open transaction
         self._outbox_rows = 0  # the outbox table's
         self._outbox_bytes = 0
+        # Retained `state` rows in the outbox table not yet acknowledged (see _supersede): id ->
+        # (topic, payload size), and topic -> those ids (one per topic, but for rows an older
+        # version left, or queued by another process). Read at open(), and again after a
+        # rollback of a transaction that changed them (`_tx_retained`).
+        self._retained: dict[int, tuple[str, int]] = {}
+        self._retained_ids: dict[str, list[int]] = {}
+        self._tx_retained = False
         self._next_id = 1  # of history and outbox rows alike
         self._reserved = 0  # ids up to this one may have been used: never hand them out again
         self._tx_first_id = 1  # ids from this one on were handed out in the open transaction
@@ -617,6 +627,7 @@ class TwinStore:
             store._routes[route_id] = route
             store._route_ids[route] = route_id
         store._count_outbox_table()
+        store._load_retained()
         store._published_through = store._published_saved = _counter(conn, "published_through")
         for row_id, route_id, value, ts, seq in conn.execute(
                 "SELECT id, route, value, ts, seq FROM readings WHERE id > ? AND seq IS NOT NULL ORDER BY id",
@@ -633,6 +644,17 @@ class TwinStore:
     def _count_outbox_table(self) -> None:
         rows, size = self.conn.execute("SELECT count(*), coalesce(sum(length(payload)), 0) FROM outbox").fetchone()
         self._outbox_rows, self._outbox_bytes = rows, size
+
+    def _load_retained(self) -> None:
+        """The retained `state` rows waiting in the outbox table, as committed (see _supersede)."""
+        retained: dict[int, tuple[str, int]] = {}
+        by_topic: dict[str, list[int]] = {}
+        for row_id, topic, size in self.conn.execute(
+                "SELECT id, topic, length(payload) FROM outbox WHERE kind='state' AND retain=1 ORDER BY id"):
+            retained[row_id] = (topic, size)
+            by_topic.setdefault(topic, []).append(row_id)
+        self._retained, self._retained_ids = retained, by_topic
+        self._tx_retained = False
 
     def _insert_rows(self, head: str, width: int, flat: list[Any], tail: str = "") -> None:
         """`head` VALUES (row), (row), ... `tail`, for rows given as one flat list of `width` values each."""
@@ -695,6 +717,7 @@ class TwinStore:
         self._tx_limits_hit = set()
         self._tx_checkpointed = False
         self._tx_history = 0
+        self._tx_retained = False
 
     def _commit(self) -> None:
         try:
@@ -708,6 +731,7 @@ class TwinStore:
         if self._tx_checkpointed:
             self._last_checkpoint_ms = monotonic_ms()
         self._tx_checkpointed = False
+        self._tx_retained = False
         self._tx_dropped = []
         self._seq_unsaved.update(self._seq_undo)
         self._seq_undo = {}
@@ -764,6 +788,8 @@ class TwinStore:
         self._tx_checkpointed = False
         self._tx_history = 0
         self._count_outbox_table()
+        if self._tx_retained:  # rows it superseded or acknowledged are back, the ones it queued gone
+            self._load_retained()
         # Ids handed out in the failed transaction are simply skipped (_next_id only grows).
         self._reserved = _counter(self.conn, "outbox_id_reserved")
         # The cursor in memory may have moved past messages now back in the queue: the saved one
@@ -1329,6 +1355,8 @@ class TwinStore:
         row_id = self._next_id
         size = 0
         new_row = tuple.__new__  # OutboxRow(...) without the Python-level __new__ per message
+        latest: dict[str, tuple[int, int]] | None = None  # retained state: topic -> (id, size) of its last
+        states = 0
         for m in messages:  # one encode per message, here, with its seq
             topic = m.topic
             body = m.body
@@ -1343,10 +1371,21 @@ class TwinStore:
             else:
                 payload = dumps(body)
             retain = bool(m.retain)
+            if retain and m.kind == "state":
+                if latest is None:
+                    latest = {}
+                latest[topic] = (row_id, len(payload))
+                states += 1
             params += (row_id, topic, payload, m.qos, retain, m.kind, ts)
             rows.append(new_row(OutboxRow, (row_id, topic, payload, m.qos, retain, m.kind)))
             size += len(payload)
             row_id += 1
+        if latest is not None and states > len(latest):
+            # Two of one retained topic in this batch: only its last is queued.
+            last = {i for i, _ in latest.values()}
+            rows = [r for r in rows if r.kind != "state" or not r.retain or r.id in last]
+            params = [x for r in rows for x in (*r, ts)]
+            size = sum(len(r.payload) for r in rows)
         if seq_updates:
             self._insert_rows("INSERT INTO topic_seq (topic, seq)", 2, [x for item in seq_updates.items() for x in item],
                               " ON CONFLICT (topic) DO UPDATE SET seq=excluded.seq")
@@ -1355,8 +1394,57 @@ class TwinStore:
         self._reserve_ids()
         self._outbox_rows += len(rows)
         self._outbox_bytes += size
+        if latest is not None:
+            self._supersede(latest)
         self._enforce_outbox_limits()
         return rows
+
+    def _supersede(self, latest: dict[str, tuple[int, int]]) -> None:
+        """Inside a transaction: retained `state` rows just queued (topic -> (id, payload size))
+        supersede the older rows of their topics still waiting in the outbox table, deleted here.
+
+        Such a row (a device's availability, its state view) is never dropped by the outbox
+        limits: in a long broker outage a device whose state changes often (flapping between
+        `ok` and `unhealthy`, one availability and one state view per mqtt.state_interval_ms)
+        piled them up without bound, until they alone were over twin.outbox_max_rows and every
+        reading was dropped as soon as it was queued; and at the reconnect each stale one was
+        published, where the broker keeps only the last of a retained topic anyway. Now each
+        retained topic has about one row waiting.
+
+        The waiting rows are known in memory (`_retained`, read at open(); acknowledged ones
+        leave it in _ack): nothing per reading, and per state message a dict lookup, plus a
+        delete by id when an older row of its topic is still waiting (usually none while the
+        broker takes the messages as they come; one acknowledged whose delete is still to come
+        is deleted here instead, its acknowledgement then finds nothing). There is no index on
+        outbox.topic: a delete by topic would scan the outbox. A row deleted here may be in flight already (the
+        publisher took it from memory): it is simply sent, and its acknowledgement finds no row
+        (as for one the limits dropped). The superseding row has the higher id, so it is
+        published after it: the broker keeps the newest. A superseded row is not counted as
+        dropped (nothing is lost: a retained topic's last message is what it tells); a
+        sequenced one (the state view) leaves its `seq` unused."""
+        retained, by_topic = self._retained, self._retained_ids
+        older: list[int] = []
+        for topic, (row_id, size) in latest.items():
+            ids = by_topic.get(topic)
+            if ids:
+                older += ids
+            by_topic[topic] = [row_id]
+            retained[row_id] = (topic, size)
+        self._tx_retained = True
+        if not older:
+            return
+        known = [retained.pop(i, None) for i in older]
+        freed = sum(k[1] for k in known if k is not None)
+        deleted = 0
+        for start in range(0, len(older), 500):
+            chunk = older[start:start + 500]
+            deleted += self.conn.execute(f"DELETE FROM outbox WHERE id IN ({','.join('?' * len(chunk))})",
+                                         chunk).rowcount
+        if deleted == len(older) and None not in known:
+            self._outbox_rows -= deleted
+            self._outbox_bytes -= freed
+        else:  # (some were gone already: another process's acknowledgement) counted again
+            self._count_outbox_table()
 
     def _reserve_ids(self) -> None:
         if self._next_id - 1 > self._reserved:
@@ -1492,6 +1580,18 @@ class TwinStore:
                 table_ids.append(row_id)
             else:
                 self._carried_bytes -= size
+        retained = self._retained
+        if retained and table_ids:
+            by_topic = self._retained_ids
+            for row_id in table_ids:
+                done = retained.pop(row_id, None)
+                if done is not None:
+                    self._tx_retained = True
+                    waiting = by_topic.get(done[0])
+                    if waiting is not None and row_id in waiting:
+                        waiting.remove(row_id)
+                        if not waiting:
+                            del by_topic[done[0]]
         if len(table_ids) < len(ids):
             self._save_published()
         deleted_bytes = 0
