@@ -640,26 +640,20 @@ def _model_protocol_warning(doc: _Doc, device: Device, device_id: DeviceId, mode
     if model.spec.protocol == protocol:
         return None
     model_doc = model_entry.doc
-    if not model.spec.protocol:  # (the CRD makes it optional; edgecore routes models by it)
-        line = model_doc.line_of(("spec",))
-        where = f"{model_doc.file}:{line}" if line else model_doc.file
-        path = ("spec", "protocol", "protocolName")
-        return Problem(
-            doc.file, doc.line_of(path), field_name(path),
-            f"device {device_id}: its DeviceModel {model.metadata.namespace}/{model.metadata.name} ({where}) has no"
-            f" spec.protocol: under KubeEdge, edgecore sends a model only to the mapper of its spec.protocol, so the"
-            f" {clipped(protocol, 80)} mapper never gets it and the device does not start there; set the model's"
-            f" spec.protocol: {clipped(protocol, 80)}", "warning")
-    line = model_doc.line_of(("spec", "protocol"))
+    line = model_doc.line_of(("spec", "protocol") if model.spec.protocol else ("spec",))
     where = f"{model_doc.file}:{line}" if line else model_doc.file
+    name = f"{model.metadata.namespace}/{model.metadata.name}"
+    if not model.spec.protocol:  # (the CRD makes it optional; edgecore routes models by it)
+        said = (f"its DeviceModel {name} ({where}) has no spec.protocol: under KubeEdge, edgecore sends a model"
+                f" only to the mapper of its spec.protocol, so the {clipped(protocol, 80)} mapper never gets it and"
+                f" the device does not start there; set the model's spec.protocol: {clipped(protocol, 80)}")
+    else:
+        said = (f"{shown(protocol)} (the driver this device runs with) is not its DeviceModel {name}'s spec.protocol"
+                f" {shown(model.spec.protocol)} ({where}): under KubeEdge, edgecore sends that model only to the"
+                f" mapper of protocol {shown(model.spec.protocol)}, so the {clipped(protocol, 80)} mapper never gets"
+                " it and the device does not start; make the two the same")
     path = ("spec", "protocol", "protocolName")
-    return Problem(
-        doc.file, doc.line_of(path), field_name(path),
-        f"device {device_id}: {shown(protocol)} (the driver this device runs with) is not its DeviceModel"
-        f" {model.metadata.namespace}/{model.metadata.name}'s spec.protocol {shown(model.spec.protocol)} ({where}):"
-        f" under KubeEdge, edgecore sends that model only to the mapper of protocol {shown(model.spec.protocol)},"
-        f" so the {clipped(protocol, 80)} mapper never gets it and the device does not start; make the two the same",
-        "warning")
+    return Problem(doc.file, doc.line_of(path), field_name(path), f"device {device_id}: {said}", "warning")
 
 
 def visitor_protocol_warnings(doc: _Doc, obj: Device | DeviceModel) -> list[Problem]:

@@ -550,6 +550,9 @@ def test_a_property_a_reload_removes_leaves_the_state(broker, tmp_path, node):
 
 
 FLAPPY_ID = DeviceId("default", "flappy")
+# A device that flaps with failure_threshold 1: `bad` fails every read, `temperature` reads well,
+# so it goes `unhealthy` and `ok` again in every 50 ms collect cycle, until `{fault}` exists (then
+# every read fails: `unhealthy` for good). Neither property is published: only its state is.
 FLAPPY = """\
 apiVersion: devices.kubeedge.io/v1beta1
 kind: DeviceModel

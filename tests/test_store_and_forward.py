@@ -18,6 +18,7 @@ from paho.mqtt.properties import Properties
 from brokers import MosquittoBroker, ensure_mosquitto_installed, stop_loop
 from helpers import wait_for, write_devices
 from mapper_proc import MapperProcess
+from test_availability import FLAPPY
 from twin.store import OUTBOX_DEPTH_SQL, _counter, committed_seqs
 
 DEVICES = ["s1", "s2", "s3"]
@@ -629,37 +630,6 @@ def test_telemetry_the_outbox_limits_drop_is_logged_as_a_warning(tmp_path):
     assert all(later), lines
     assert int(first[1]) + sum(int(m[1]) for m in later) == int(later[-1][2]) == dropped > 200, (lines, dropped)
     assert "ERROR" not in mapper.log() and "Traceback" not in mapper.log(), mapper.log()
-
-
-# A device that flaps with failure_threshold 1: `bad` fails every read, `temperature` reads well,
-# so it goes `unhealthy` and `ok` again in every 50 ms collect cycle, until `{fault}` exists (then
-# every read fails: `unhealthy` for good). Neither property is published: only its state is.
-FLAPPY = """\
-apiVersion: devices.kubeedge.io/v1beta1
-kind: DeviceModel
-metadata: {{name: flappy-model, namespace: default}}
-spec:
-  protocol: simulated
-  properties:
-    - {{name: bad, type: INT, accessMode: ReadOnly}}
-    - {{name: temperature, type: FLOAT, accessMode: ReadOnly}}
----
-apiVersion: devices.kubeedge.io/v1beta1
-kind: Device
-metadata: {{name: flappy, namespace: default}}
-spec:
-  deviceModelRef: {{name: flappy-model}}
-  protocol: {{protocolName: simulated, configData: {{fail_while_exists: {fault}}}}}
-  properties:
-    - name: bad
-      visitors: {{protocolName: simulated, configData: {{kind: constant, value: not a number}}}}
-      collectCycle: 50
-      reportToCloud: false
-    - name: temperature
-      visitors: {{protocolName: simulated, configData: {{kind: temperature, base: 21, amplitude: 0, noise: 0}}}}
-      collectCycle: 50
-      reportToCloud: false
-"""
 
 
 def test_a_flapping_devices_retained_state_in_an_outage_pushes_no_reading_out_of_the_outbox(own_broker, tmp_path):
