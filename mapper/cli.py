@@ -625,7 +625,7 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
     from devices.values import PropertyType
     from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
 
-    definitions, skipped = _valid_definitions(config)
+    definitions, skipped, unrunnable = _valid_definitions(config)
     definition = definitions.get(device)
     recorded = store.recorded_origin(device)
     if definition is not None:
@@ -645,7 +645,7 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
                                 if running else "`mapper run` takes it up when it starts: start it, then set the"
                                 " value again"))
         if running:
-            _check_loaded(store, definition, pid)
+            _check_loaded(store, definition, pid, unrunnable.get(device))
         if skipped:
             files = list(dict.fromkeys(p.file for p in skipped))
             print(f"warning: {device} is valid; other device files have problems and were left out of this check:"
@@ -684,24 +684,25 @@ def _reload_hint(pid: int | None, verb: str = "reload") -> str:
             f" `kill -HUP {pid if pid is not None else '<its pid>'}`: both send it SIGHUP)")
 
 
-def _check_loaded(store, definition, pid: int | None) -> None:  # noqa: ANN001
+def _check_loaded(store, definition, pid: int | None, unrunnable: object | None = None) -> None:  # noqa: ANN001
     """Refuse a desired value for a device whose definition in the files is not the one the running
     mapper loaded: it checks and applies the value under its own (the range or type it runs may
     differ, and it would refuse a value the files allow: an apply error, after `twin set` said it
     applies it). The twin has no ranges, but records each active device's fingerprint as the
     mapper synced it (at its start and at every reload): a different one means the files changed
-    since."""
+    since. `unrunnable`: why the files make the device one no mapper runs here (then refused too)."""
     loaded = store.loaded_fingerprint(definition.id)
     if loaded is None:
         raise ValueError(f"device {definition.id} is defined in {definition.source}, but the running mapper"
                          f" (pid {pid if pid is not None else '?'}) does not run it. If the file is newer than the"
                          f" mapper's start or last reload: {_reload_hint(pid)}, then set the value again."
                          f" {_refused_hint()}")
-    if loaded == definition.fingerprint and (twin := store.device(definition.id)).state == "offline":
-        # Loaded, and refused (no driver for its protocol, ...): the twin holds why (service.refused).
+    if loaded == definition.fingerprint and unrunnable is not None:
+        # Loaded and refused, as these files load here (no driver for its protocol, another node's:
+        # LoadResult.unrunnable, what the mapper refuses to run). Not the twin's `offline`: a device
+        # the mapper runs is offline too while its driver cannot open it, and takes the value then.
         raise ValueError(f"device {definition.id}: the running mapper (pid {pid if pid is not None else '?'}) does"
-                         f" not run it: {twin.state_detail or 'offline'}. Fix that (`mapper validate` on the device"
-                         f" files), then {_reload_hint(pid)}, and set the value again")
+                         f" not run it: {unrunnable}. Fix that, then {_reload_hint(pid)}, and set the value again")
     if loaded != definition.fingerprint:
         raise ValueError(f"device {definition.id} in the device files ({definition.source}, or its model) differs"
                          f" from the definition the running mapper (pid {pid if pid is not None else '?'}) loaded at its"
@@ -725,15 +726,18 @@ def _origin_text(recorded: tuple[str | None, bool] | None) -> str:
     return {"edgecore": "edgecore's device", "local": "a local file's device"}.get(origin, f"a {origin} device")
 
 
-def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
-    """(the devices of the device files, the problems of the files left out to get them).
+def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict]:
+    """(the devices of the device files, the problems of the files left out to get them, the
+    devices among them a mapper does not run here with why: LoadResult.unrunnable, no driver for
+    its protocol, another node's).
 
     `twin set` needs only the named device's definition: a problem in another device's file must
     not stop it. The files with an error are left out and the rest loaded again, until they load
     (a device whose model was in a file left out then has an error of its own, and goes too). A
     problem of the config itself (a `devices:` entry that does not exist) is raised."""
     try:
-        return config.load_devices().devices, []
+        result = config.load_devices()
+        return result.devices, [], result.unrunnable
     except DefinitionError as exc:
         failed = exc
     from devices.loader import yaml_files
@@ -746,8 +750,11 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list]:
             raise failed
         skipped += failed.problems
         files = [f for f in files if f.resolve() not in bad]
+        if not files:
+            return {}, skipped, {}
         try:
-            return (load(files, push_topics=config.push_topics(), node=config.node, node_chosen=config.node_chosen).devices if files else {}), skipped
+            result = load(files, push_topics=config.push_topics(), node=config.node, node_chosen=config.node_chosen)
+            return result.devices, skipped, result.unrunnable
         except DefinitionError as exc:
             failed = exc
 

@@ -687,6 +687,33 @@ def test_twin_set_refuses_a_local_device_whose_twin_row_is_inactive_of_unknown_o
     assert refused.returncode == 1 and "origin the twin does not know" in refused.stderr, refused.stderr
 
 
+def test_twin_set_takes_a_value_for_a_device_the_running_mapper_runs_while_it_is_offline(tmp_path):
+    """A device the mapper runs is `offline` in the twin after a clean stop until a read decides
+    its state again (for good, while its driver cannot read it). `twin set` takes a value for it:
+    the mapper applies it once the device is back. (A first version refused every `offline` device
+    as one the mapper does not run.)"""
+    from helpers import one_property_device
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "dead.yaml").write_text(one_property_device(
+        "dead", "{name: level, type: INT, accessMode: ReadWrite, minimum: '0', maximum: '3'}",
+        "{kind: constant, value: 1}", settings="collectCycle: 10000", config="{broken: true}"))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    for run in (1, 2):  # the first run's clean stop leaves it offline in the twin
+        log = tmp_path / f"log{run}"
+        proc = start_mapper(config, log)
+        try:
+            wait_for(lambda: "running: 1 device(s)" in log.read_text(), what="the mapper running")
+            if run == 2:
+                twin = json.loads(mapper("twin", "get", "dead", "--config", str(config), "--json").stdout)
+                assert twin["state"] == "offline", twin
+                taken = mapper("twin", "set", "dead", "level", "2", "--config", str(config))
+                assert taken.returncode == 0 and "the running mapper applies it" in taken.stdout, taken
+        finally:
+            assert stop_mapper(proc) == 0
+
+
 def test_twin_set_checks_against_what_the_running_mapper_loaded_not_the_files(tmp_path):
     """`twin set` checked the value against the device files on disk, not the definition the
     running mapper loaded: a maximum raised from 3 to 10 in the model file without a reload let
