@@ -221,7 +221,7 @@ class MapperService:
         # Mistakes of the config's own settings that only the devices reveal (an inference pipeline
         # naming a property its device lacks): refused, as a bad device file is; nothing starts half-configured.
         problems = [p for ext in self.extensions if (check := getattr(ext, "config_problems", None)) is not None
-                    for p in check(self.config, self.definitions.devices)]
+                    for p in check(self.config, self.definitions.devices, unrunnable=self.definitions.unrunnable)]
         if problems:
             raise DefinitionError(problems)
         for warning in self.definitions.warnings:

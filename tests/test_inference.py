@@ -381,6 +381,11 @@ def test_the_maps_of_device_files_are_config_problems_at_their_lines_edgecores_a
     [problem] = config_problems(config, load([devices]).devices)
     assert (problem.line, problem.field) == (line, "spec.properties[0].pushMethod.anomalyDetection.data.window")
     assert "window 8 but model" in problem.message
+    # ... but not for a device this mapper does not run (another node's, no driver here: the
+    # loader's unrunnable): no pipeline of it runs here, and its model may be on its node only.
+    assert config_problems(config, load([devices]).devices, unrunnable={SENSOR}) == []
+    _devices(tmp_path, push=push.format("treshold: 0.5"))  # its own keys are still checked
+    assert len(config_problems(config, load([devices]).devices, unrunnable={SENSOR})) == 1
 
 
 def test_config_file_inference_section(tmp_path):

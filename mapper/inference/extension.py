@@ -25,7 +25,7 @@ import difflib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -163,7 +163,7 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
 
 
 def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition],
-                    models: dict[Path, Any] | None = None) -> list[Problem]:
+                    models: dict[Path, Any] | None = None, *, unrunnable: Collection[DeviceId] = ()) -> list[Problem]:
     """The config file's pipelines (`inference.pipelines`) and the anomalyDetection maps of the devices
     of local files checked against the devices and the models, each problem at its file, line and field
     (for a map: its key in the device file): `mapper run` refuses to start with any, and a SIGHUP reload
@@ -173,7 +173,9 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
 
     A device or set_desired target the files do not define is a problem in standalone mode only:
     under `mode: kubeedge` edgecore sends its devices after the start, and the pipeline is built
-    when they come. `models`: loaded models by directory, filled (the extension's cache)."""
+    when they come. `models`: loaded models by directory, filled (the extension's cache). The maps of
+    `unrunnable` devices (LoadResult.unrunnable: another node's, no driver here) get their own keys
+    checked only: no pipeline of theirs runs here, and their model may exist on their node alone."""
     settings = config.inference or InferenceSettings()
     maps, problems = local_maps(settings, definitions)
     if not settings.pipelines and not maps or missing_ml_packages():
@@ -223,7 +225,7 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
     for i, s in enumerate(settings.pipelines):
         check(s, lambda field, i=i: config.pipeline_at(i, field), f"inference.pipelines[{i}]")
     for m in maps:
-        if m.settings is not None:
+        if m.settings is not None and m.device not in unrunnable:
             check(m.settings, lambda field, m=m: _map_where(m, field),
                   f"{m.at.file}:{m.at.line}" if m.at.line else m.at.file)
     return problems
@@ -342,10 +344,11 @@ class InferenceExtension:
         definitions = service.definitions.devices if service.definitions else {}
         await self._apply(definitions, first=True)
 
-    def config_problems(self, config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition]) -> list[Problem]:
+    def config_problems(self, config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition], *,
+                        unrunnable: Collection[DeviceId] = ()) -> list[Problem]:
         """Problems of the config's pipelines with these devices (see config_problems): MapperService.run
         refuses to start with any, and a SIGHUP reload refuses device files that bring some."""
-        return config_problems(config, definitions, self._models)
+        return config_problems(config, definitions, self._models, unrunnable=unrunnable)
 
     async def _apply(self, definitions: dict[DeviceId, DeviceDefinition], *, first: bool = False) -> None:
         """(Re)build the pipelines for this set of devices.
