@@ -317,6 +317,12 @@ def test_anomaly_detection_flat_map_becomes_pipeline_settings():
         from_anomaly_detection(SENSOR, "temperature", {"model": "x", "treshold": 0.5})
     with pytest.raises(ValueError, match="model"):
         from_anomaly_detection(SENSOR, "temperature", {"window": 16})
+    # In a local file the lists may be YAML lists (they were read as "['temperature'", "'humidity']").
+    listed = from_anomaly_detection(SENSOR, "temperature", {
+        "model": "sensor_faults", "properties": ["temperature", "humidity"], "alertOn": ["spike", "stuck"],
+        "setDevice": "default/relay", "setProperty": "power", "setValue": True, "setOn": ["drift"]})
+    assert listed.properties == ["temperature", "humidity"]
+    assert listed.actions[1].when == ["spike", "stuck"] and listed.actions[2].when == ["drift"]
 
 
 def test_a_devices_map_may_set_only_devices_of_its_namespace_and_name_only_shipped_models():

@@ -172,7 +172,9 @@ ACTION_KEYS = ("publish", "onlyChanges", "alert", "alertOn", "setDevice", "setPr
 
 
 def _csv(value: Any) -> list[str]:
-    return [part.strip() for part in str(value).split(",") if part.strip()]
+    """A list written as "a, b" (edgecore's maps hold strings only) or, in a local file, as a YAML list."""
+    parts = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(part).strip() for part in parts if str(part).strip()]
 
 
 def _int(value: Any) -> Any:
