@@ -559,8 +559,7 @@ def test_inference_pipeline_mistakes_refuse_the_start_and_a_reload_that_brings_t
                              "    - device: nosuchdev\n      model: sensor_faults\n")
     lines = mapper.config.read_text().splitlines()
     at = {text.strip(): n for n, text in enumerate(lines, 1) if "device:" in text or "model: sensor_fault" in text}
-    run = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(mapper.config)], cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    run = _mapper_cli(tmp_path, "run", "--config", str(mapper.config))
     assert run.returncode == 1, run.stderr
     assert "test-node running" not in run.stderr and "disabled" not in run.stderr, run.stderr
     assert (f"{mapper.config}:{at['- device: a']}: inference.pipelines[0].device: pipeline default/a-sensor-faults:"
@@ -577,13 +576,25 @@ def test_inference_pipeline_mistakes_refuse_the_start_and_a_reload_that_brings_t
     mapper.wait_log(r"mapper test-node running: 3 device")
     mapper.wait_log(r"inference pipeline default/probe-sensor-faults: device default/probe")
     (mapper.devices / "probe.yaml").unlink()
+    _reload_refused_pipeline_runs_on(mapper, f"reload refused: {mapper.config}:{line}: inference.pipelines[0].device:"
+                                     " no device default/probe in the device files", "probe-sensor-faults")
+
+
+def _mapper_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`python -m mapper ARGS` in `cwd`, its output captured."""
+    return subprocess.run([sys.executable, "-m", "mapper", *args], cwd=cwd, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=60)
+
+
+def _reload_refused_pipeline_runs_on(mapper: Mapper, refusal: str, pipeline: str) -> None:
+    """SIGHUP: the reload is refused with `refusal` in the log, nothing switched, and the pipeline's
+    derived device (default/`pipeline`) still `ok`; then the mapper is stopped."""
     mapper.proc.send_signal(signal.SIGHUP)
     log = mapper.wait_log(r"reload refused: \d+ error")
-    assert (f"reload refused: {mapper.config}:{line}: inference.pipelines[0].device: no device default/probe in the"
-            " device files") in log, log
+    assert refusal in log, log
     assert "reload done" not in log and "pipelines updated" not in log, log
     with TwinStore.open(mapper.twin) as store:
-        assert store.device(DeviceId("default", "probe-sensor-faults")).state == "ok"
+        assert store.device(DeviceId("default", pipeline)).state == "ok"
     mapper.stop()
 
 
@@ -623,8 +634,7 @@ def test_device_map_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapp
     a_file.write_text(_with_maps(a_file.read_text(), {"temperature": "model: sensor_faults\nsetDevice: b"}))
     b_file = mapper.devices / "b.yaml"
     b_file.write_text(_with_maps(b_file.read_text(), {"temperature": "model: sensor_faults\nname: b-ad"}))
-    run = subprocess.run([sys.executable, "-m", "mapper", "run", "--config", str(mapper.config)], cwd=tmp_path,
-                         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    run = _mapper_cli(tmp_path, "run", "--config", str(mapper.config))
     assert run.returncode == 1, run.stderr
     assert "test-node running" not in run.stderr and "disabled" not in run.stderr, run.stderr
     field = "spec.properties[{}].pushMethod.anomalyDetection.data"
@@ -639,8 +649,7 @@ def test_device_map_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapp
     assert "4 error(s)" in run.stderr or run.stderr.count("anomalyDetection.data") == 4, run.stderr
 
     # `mapper validate`: the maps' own keys (whether a model exists is for the start to say).
-    check = subprocess.run([sys.executable, "-m", "mapper", "validate", "dev"], cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+    check = _mapper_cli(tmp_path, "validate", "dev")
     assert check.returncode == 1, check.stderr
     assert f"dev/probe.yaml:{_line(probe, 'treshold')}: {field.format(1)}.treshold:" in check.stderr, check.stderr
     assert f"dev/a.yaml:{_line(a_file, 'setDevice: b')}: {field.format(0)}.setDevice:" in check.stderr, check.stderr
@@ -656,11 +665,6 @@ def test_device_map_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapp
     mapper.wait_log(r"inference pipeline default/probe-ad: device default/probe")
     probe.write_text(_with_maps(faulty_probe_yaml(20), {"temperature": "model: sensor_faults\nname: probe-ad\n"
                                                                        "deadlineS: 0\nwindow: 8"}))
-    mapper.proc.send_signal(signal.SIGHUP)
-    log = mapper.wait_log(r"reload refused: \d+ error")
-    assert (f"reload refused: dev/probe.yaml:{_line(probe, 'window: 8')}: {field.format(0)}.window: pipeline"
-            " default/probe-ad: window 8 but model") in log, log
-    assert "reload done" not in log and "pipelines updated" not in log, log
-    with TwinStore.open(mapper.twin) as store:
-        assert store.device(DeviceId("default", "probe-ad")).state == "ok"
-    mapper.stop()
+    _reload_refused_pipeline_runs_on(mapper, f"reload refused: dev/probe.yaml:{_line(probe, 'window: 8')}:"
+                                     f" {field.format(0)}.window: pipeline default/probe-ad: window 8 but model",
+                                     "probe-ad")
