@@ -1688,6 +1688,33 @@ async def test_without_a_bus_decisions_stay_in_the_twin(tmp_path):
         await _stop(r)
 
 
+async def test_the_device_needs_only_the_edge_graph_of_a_model(tmp_path):
+    """A Pi holds model.json and edge.onnx only: cloud.onnx is the cloud worker's. The mapper checks
+    and decides with the edge graph, and its requests still name the cloud graph model.json describes.
+    (It used to load and self-test cloud.onnx too, a session it never ran: without the file, the
+    pipeline was refused as `cloud.onnx: not found`.)"""
+    from devices.loader import load
+    from mapper.inference.extension import config_problems
+
+    models = tmp_path / "models"
+    (models / "sensor_faults").mkdir(parents=True)
+    for name in ("model.json", "edge.onnx"):
+        shutil.copy(MODELS / "sensor_faults" / name, models / "sensor_faults" / name)
+    pipeline = {"device": "probe", "model": "sensor_faults", "threshold": 1.0, "deadline_s": 0.0}
+    inference = {"models_dir": str(models), "pipelines": [pipeline]}
+    path = tmp_path / "m.yaml"
+    path.write_text(f"inference:\n  models_dir: {models}\n  pipelines:\n    - {{device: probe, model: sensor_faults}}\n")
+    assert config_problems(load_config(path, env={}), load([_devices(tmp_path)]).devices) == []
+    r = await _start(tmp_path, pipeline, inference=inference)
+    try:
+        await _until(r.decisions, lambda rows: len([x for x in rows if x["request_id"]]) >= 3, what="offloads")
+        requests = [orjson.loads(x["request"]) for x in await r.decisions() if x["request"]]
+        card = orjson.loads((MODELS / "sensor_faults" / "model.json").read_bytes())
+        assert {q["cloud_sha256"] for q in requests} == {card["sha256"][card["files"]["cloud"]][:16]}
+    finally:
+        await _stop(r)
+
+
 async def test_a_clean_stop_marks_the_derived_device_offline_and_a_restart_ok_again(tmp_path):
     """README: a clean stop marks offline every device it ran. The pipeline's derived device stayed
     `ok` (`inference pipeline on ...`) beside its source's `offline`; now it is `offline` with the same

@@ -182,7 +182,7 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
         # (without numpy and onnxruntime, check_installed refused the config's pipelines already; the
         # maps' pipelines are disabled, logged, and their devices run)
         return problems
-    from mapper.inference.model import ModelError, load_model
+    from mapper.inference.model import EDGE_ONLY, ModelError, load_model
     from mapper.inference.pipeline import Pipeline, PipelineError
 
     models = {} if models is None else models
@@ -194,7 +194,7 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
         try:
             model = models.get(model_dir.resolve())
             if model is None:
-                model = models[model_dir.resolve()] = load_model(model_dir)
+                model = models[model_dir.resolve()] = load_model(model_dir, parts=EDGE_ONLY)
         except (ModelError, OSError) as exc:
             problems.append(Problem(*where("model"), _model_problem(settings, s.model, model_dir, exc)))
             model = None
@@ -481,7 +481,7 @@ class InferenceExtension:
             self.problems.append(problem)
             log.error("inference: %s", problem)
             return {}
-        from mapper.inference.model import ModelError, load_model
+        from mapper.inference.model import EDGE_ONLY, ModelError, load_model
         from mapper.inference.pipeline import Pipeline, PipelineError
 
         built: dict[DeviceId, Pipeline] = {}
@@ -498,7 +498,7 @@ class InferenceExtension:
                 try:
                     model = self._models.get(model_dir.resolve())
                     if model is None:
-                        model = self._models[model_dir.resolve()] = load_model(model_dir)
+                        model = self._models[model_dir.resolve()] = load_model(model_dir, parts=EDGE_ONLY)
                     pipeline = Pipeline(s, model, definitions.get(s.device_id), definitions=definitions)
                 except (ModelError, PipelineError, ValueError, OSError) as exc:
                     self.problems.append(str(exc))

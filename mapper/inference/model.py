@@ -144,6 +144,11 @@ class EarlyExitModel:
         return len(rows)
 
 
+# What a mapper loads: it runs only the shallow exit. The deep part is the cloud worker's
+# (cloud.onnx need not be on the device); its sha256 in model.json is what requests name.
+# Loading it too cost a session the mapper never ran (~0.3 MiB of RSS on the Pi workload).
+EDGE_ONLY = ("edge",)
+
 _CACHE: dict[tuple[Path, tuple[str, ...]], EarlyExitModel] = {}
 _LOCK = threading.Lock()
 
