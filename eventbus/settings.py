@@ -15,6 +15,48 @@ if TYPE_CHECKING:
     import ssl
 
 
+def load_certificate(context: ssl.SSLContext, prefix: str, cert_file: Path, key_file: Path,
+                     key_password_file: Path | None, what: str) -> None:
+    """Load a certificate and its private key into `context`; every failure is a ValueError naming
+    the field (`prefix`.cert_file, .key_file, .key_password_file), the file and what to do. For the
+    broker connection's client certificate (mqtt.tls) and the REST API's own (api.tls)."""
+    import ssl
+
+    key_password = None
+    if key_password_file is not None:
+        try:
+            # As the broker password: the line without its line ending, spaces kept.
+            key_password = key_password_file.read_text(encoding="utf-8").rstrip("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{prefix}.key_password_file: cannot read {key_password_file}: "
+                             f"{getattr(exc, 'strerror', None) or exc}") from None
+
+    def password() -> str:
+        # Called by OpenSSL only for an encrypted key; without it OpenSSL would prompt on the terminal.
+        if key_password is None:
+            raise ValueError(f"{prefix}.key_file: {key_file} is encrypted: put its password in a file "
+                             f"readable only by the mapper and name it in {prefix}.key_password_file")
+        return key_password
+
+    try:
+        context.load_cert_chain(str(cert_file), str(key_file), password=password)
+    except ssl.SSLError as exc:
+        if "KEY_VALUES_MISMATCH" in str(exc):
+            raise ValueError(f"{prefix}.key_file: {key_file} is not the private key of the certificate "
+                             f"in {prefix}.cert_file ({cert_file})") from None
+        with_password = (f" and the password in {key_password_file} (key_password_file)"
+                         if key_password is not None else "")
+        raise ValueError(f"{prefix}: OpenSSL cannot load {what} {cert_file} (cert_file) "
+                         f"with its key {key_file} (key_file){with_password}: "
+                         + ("check the password (the file's whole first line, spaces included), and "
+                            if key_password is not None else "check ")
+                         + "that both are PEM files" + (f" ({exc.reason})" if exc.reason else "")) from None
+    except OSError as exc:
+        missing = exc.filename or (cert_file if not cert_file.exists() else key_file)
+        field = "key_file" if Path(missing) == key_file else "cert_file"
+        raise ValueError(f"{prefix}.{field}: cannot read {missing}: {exc.strerror or exc}") from None
+
+
 class TlsSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     ca_file: Path | None = None          # CA bundle that signed the broker's certificate (default: system CAs)
@@ -189,7 +231,8 @@ class MqttSettings(BaseModel):
         if tls is None:
             return context
         if tls.cert_file is not None and tls.key_file is not None:
-            self._load_client_certificate(context, tls)
+            load_certificate(context, "mqtt.tls", tls.cert_file, tls.key_file, tls.key_password_file,
+                             "the client certificate")
         context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
         if tls.ciphers:
             try:
@@ -200,44 +243,6 @@ class MqttSettings(BaseModel):
         if tls.insecure_skip_hostname_check:
             context.check_hostname = False
         return context
-
-    @staticmethod
-    def _load_client_certificate(context: ssl.SSLContext, tls: TlsSettings) -> None:
-        import ssl
-
-        key_password = None
-        if tls.key_password_file is not None:
-            try:
-                # As the broker password: the line without its line ending, spaces kept.
-                key_password = tls.key_password_file.read_text(encoding="utf-8").rstrip("\n")
-            except (OSError, UnicodeDecodeError) as exc:
-                raise ValueError(f"mqtt.tls.key_password_file: cannot read {tls.key_password_file}: "
-                                 f"{getattr(exc, 'strerror', None) or exc}") from None
-
-        def password() -> str:
-            # Called by OpenSSL only for an encrypted key; without it OpenSSL would prompt on the terminal.
-            if key_password is None:
-                raise ValueError(f"mqtt.tls.key_file: {tls.key_file} is encrypted: put its password in a file "
-                                 f"readable only by the mapper and name it in mqtt.tls.key_password_file")
-            return key_password
-
-        try:
-            context.load_cert_chain(str(tls.cert_file), str(tls.key_file), password=password)
-        except ssl.SSLError as exc:
-            if "KEY_VALUES_MISMATCH" in str(exc):
-                raise ValueError(f"mqtt.tls.key_file: {tls.key_file} is not the private key of the certificate "
-                                 f"in mqtt.tls.cert_file ({tls.cert_file})") from None
-            with_password = (f" and the password in {tls.key_password_file} (key_password_file)"
-                             if key_password is not None else "")
-            raise ValueError(f"mqtt.tls: OpenSSL cannot load the client certificate {tls.cert_file} (cert_file) "
-                             f"with its key {tls.key_file} (key_file){with_password}: "
-                             + ("check the password (the file's whole first line, spaces included), and "
-                                if key_password is not None else "check ")
-                             + "that both are PEM files" + (f" ({exc.reason})" if exc.reason else "")) from None
-        except OSError as exc:
-            missing = exc.filename or (tls.cert_file if not tls.cert_file.exists() else tls.key_file)
-            field = "key_file" if Path(missing) == tls.key_file else "cert_file"
-            raise ValueError(f"mqtt.tls.{field}: cannot read {missing}: {exc.strerror or exc}") from None
 
     def exposed_secrets(self, source: str) -> list[str]:
         """Warnings for secret files every local user can read (mode o+r): the broker password and

@@ -184,7 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(warning, file=sys.stderr)
     if config.api is not None and config.api.enabled:
         config.api.check_token(args.config)  # (its exposure warnings: logged by the API as it starts)
-    if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls):
+        config.api.check_tls(args.config)
+    if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls) and (
+            config.api is None or not config.api.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).
         openssl.ssl_placeholder()
     # A twin another local user could write is refused before anything is made beside it (twin.store.check_owned).
@@ -286,9 +288,10 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     if service.config.api is not None and service.config.api.enabled:
         from mapper.dmi.rest import RestApiExtension
 
-        for extension in service.extensions:  # the token file it started with, read again: a rotated token
-            if isinstance(extension, RestApiExtension):
+        for extension in service.extensions:  # the token and certificate files it started with, read
+            if isinstance(extension, RestApiExtension):  # again: a rotated token, a renewed certificate
                 await asyncio.to_thread(extension.reread_token)
+                await asyncio.to_thread(extension.reread_tls)
     try:
         new = await asyncio.to_thread(load_config, config_path)
     except DefinitionError as exc:
@@ -314,6 +317,14 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
             new.api.check_token(str(config_path))
         except ValueError as exc:
             reload_log.error("%s; the next start refuses it (fix it before a restart or a reboot)", exc)  # noqa: TRY400
+        if new.api.uses_tls and openssl.placeholder_active():  # this process cannot load them
+            reload_log.warning("%s: api now uses TLS: its files are checked at the next start (`mapper"
+                               " install-service --dry-run` checks them now)", config_path)
+        elif new.api.uses_tls:
+            try:
+                new.api.check_tls(str(config_path))
+            except ValueError as exc:
+                reload_log.error("%s; the next start refuses it (fix it before a restart or a reboot)", exc)  # noqa: TRY400
     root = logging.getLogger()
     if root.level != logging.getLevelName(new.log_level.upper()):
         was = logging.getLevelName(root.level).lower()

@@ -337,6 +337,9 @@ def read_paths(config: MapperConfig) -> list[tuple[str, Path]]:
                       for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
     if config.api is not None and config.api.enabled:
         found.append(("api.token_file", config.api.token_file))
+        if config.api.tls is not None:
+            found += [(f"api.tls.{name}", getattr(config.api.tls, name))
+                      for name in ("cert_file", "key_file", "key_password_file")]
     return [(field, path) for field, path in found if path is not None]
 
 
@@ -583,13 +586,17 @@ def _check_service_can_read(field: str, path: Path | None, user: ServiceUser, so
 
 
 def check_service_token(api: ApiSettings, user: ServiceUser, source: str) -> None:
-    """api.token_file as the service will meet it: the start's checks (as root, which reads any
+    """api.token_file (and api.tls's files) as the service will meet them: the start's checks (as root, which reads any
     file: a missing, empty or group/other-readable file is reported as `mapper run` reports it),
     then whether the service user can read it (ValueError if not). The file must be the service
     user's own (mode 0600): the fix is a chown, not check_service_secrets' chgrp and g+r, which the
     start would refuse."""
     api.check_token(source)
     _check_service_can_read("api.token_file", api.token_file, user, source, owner_only=True)
+    api.check_tls(source)  # as root first: a key that is not the certificate's is said as `mapper run` says it
+    if api.tls is not None:
+        for name in ("cert_file", "key_file", "key_password_file"):
+            _check_service_can_read(f"api.tls.{name}", getattr(api.tls, name), user, source)
 
 
 def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUser) -> None:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
+import ssl
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,8 +20,10 @@ from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from mapper.config import DeviceLoopSettings, MapperConfig, TwinSettings, load_config
 from mapper.dmi.rest import RestApiExtension
-from mapper.dmi.settings import ApiSettings
+from mapper.dmi.settings import ApiSettings, ApiTlsSettings
 from mapper.runtime import build_service
+
+from helpers import async_wait_for, write_config
 
 DEVICES = """
 apiVersion: devices.kubeedge.io/v1beta1
@@ -416,7 +422,8 @@ def test_a_token_file_without_a_usable_token_is_refused(tmp_path: Path, content:
 def test_an_api_beyond_loopback_needs_a_token_to_write_and_is_warned_about_to_read(tmp_path: Path) -> None:
     """`api.host: 0.0.0.0` was taken without a word, writes on too: anyone on the LAN could set
     desired values. Writes on a host that is not loopback without api.token_file are a config error
-    at api.writes; reads draw a warning; loopback (127.0.0.1, ::1, localhost) neither."""
+    at api.writes; reads draw a warning, and so does a token without api.tls (plain HTTP) there;
+    loopback (127.0.0.1, ::1, localhost) neither."""
     config = tmp_path / "c.yaml"
     config.write_text("node: n\napi:\n  host: 0.0.0.0\n  writes: true\n")
     with pytest.raises(DefinitionError) as info:
@@ -426,7 +433,17 @@ def test_an_api_beyond_loopback_needs_a_token_to_write_and_is_warned_about_to_re
     path = token_file(tmp_path)
     config.write_text("node: n\napi:\n  host: 0.0.0.0\n  writes: true\n  token_file: api.token\n")
     api = load_config(config, env={}).api
-    assert api is not None and api.token_file == path and api.exposure_warnings("c.yaml") == []
+    assert api is not None and api.token_file == path
+    # With a token but no api.tls the token crosses the LAN as text: warned about; with api.tls, nothing.
+    (warning,) = api.exposure_warnings("c.yaml")
+    assert warning.startswith("warning: c.yaml: api.host: '0.0.0.0' is not loopback and api.tls is not set: the bearer"
+                              " token crosses the network in plain HTTP"), warning
+    cert, key = server_certificate(tmp_path / "tls", "api")
+    assert api.model_copy(update={"tls": ApiTlsSettings(cert_file=cert, key_file=key)}).exposure_warnings("c.yaml") == []
+    key.chmod(0o644)  # ... unless its key is every local user's to read
+    assert api.model_copy(update={"tls": ApiTlsSettings(cert_file=cert, key_file=key)}).exposure_warnings("c.yaml") == [
+        f"warning: c.yaml: api.tls.key_file: {key} is readable by every user of this machine (mode 0644):"
+        f" sudo chmod o-r {key}"]
     for host in ("0.0.0.0", "192.168.1.20", "pi.local", "", "::"):
         assert "api.token_file" in ApiSettings(host=host).exposure_warnings("c.yaml")[0]
     for host in ("127.0.0.1", "127.0.1.1", "::1", "[::1]", "localhost"):
@@ -1105,3 +1122,119 @@ def test_the_auth_lockout_ends_with_its_window_and_stays_bounded() -> None:
     assert off.attempt("a", lambda: True) == Attempt(True) and off.failures == 20 and len(off) == 0
     with pytest.raises(ValueError, match="limit must be >= 0"):
         AuthLockout(-1, 10.0)
+
+
+# --- HTTPS (api.tls) ------------------------------------------------------------------------------
+
+def server_certificate(directory: Path, name: str, *, key_mode: int = 0o600) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (its own CA, as a client is told to trust) and its key."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key, cert = directory / f"{name}.key", directory / f"{name}.crt"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    key.chmod(key_mode)
+    return cert, key
+
+
+def https(port: int, path: str, ca: Path, headers: dict[str, str] | None = None) -> tuple[int, Any, bytes]:
+    """(status, body, the DER certificate the server presented) of a GET over HTTPS trusting `ca` only."""
+    context = ssl.create_default_context(cafile=str(ca))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        presented = tls.getpeercert(binary_form=True)
+    request = urllib.request.Request(f"https://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            return response.status, json.loads(response.read()), presented
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode(), presented
+
+
+def der(cert: Path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(cert.read_text())
+
+
+def test_api_tls_serves_https_tells_plain_http_clients_and_takes_a_renewed_certificate(tmp_path: Path) -> None:
+    """The API was plain HTTP only: on the LAN its bearer token crossed the network as text. With
+    api.tls it speaks HTTPS; a plain HTTP request gets a 400 saying to use https:// (not a
+    handshake error it cannot read); a client that does not trust the certificate gets no
+    answer, and the API goes on serving; a renewed certificate is taken at a SIGHUP
+    (RestApiExtension.reread_tls), a broken one is refused and the one before kept."""
+    path = token_file(tmp_path)
+    cert, key = server_certificate(tmp_path / "tls", "api")
+    good = {"Authorization": f"Bearer {TOKEN}"}
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        api = next(e for e in service.extensions if isinstance(e, RestApiExtension))
+        status, body, presented = await asyncio.to_thread(https, port, "/api/v1/device/default/lamp/temperature",
+                                                          cert, good)
+        assert status == 200 and body["Data"]["Value"] == "21.5" and presented == der(cert), body
+        status, body, _ = await asyncio.to_thread(https, port, "/api/v1/ping", cert)
+        assert status == 401, body  # the token is still asked for
+        status, body = await asyncio.to_thread(get, port, "/api/v1/ping", good)
+        assert status == 400 and "HTTPS only (api.tls): use https://" in body, (status, body)
+        other, _ = server_certificate(tmp_path / "other", "other")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(https, port, "/api/v1/ping", other, good)
+        server = api.server
+        assert server is not None
+        # the plain request and the distrusted handshake (the server's side of it ends after the client's)
+        await async_wait_for(lambda: server.handshakes_failed == 2, what="two refused connections counted")
+        # Renewed in place (same file names), then SIGHUP: new connections get the new certificate.
+        renewed, _ = server_certificate(tmp_path / "tls", "api")
+        assert der(renewed) != presented
+        await asyncio.to_thread(api.reread_tls)
+        status, body, now = await asyncio.to_thread(https, port, "/api/v1/ping", renewed, good)
+        assert status == 200 and now == der(renewed), body
+        # A key that is not the certificate's: refused, logged, the renewed one kept.
+        server_certificate(tmp_path / "elsewhere", "api")
+        key.write_bytes((tmp_path / "elsewhere" / "api.key").read_bytes())
+        await asyncio.to_thread(api.reread_tls)
+        status, body, still = await asyncio.to_thread(https, port, "/api/v1/ping", renewed, good)
+        assert status == 200 and still == der(renewed), body
+
+    scenario(tmp_path, False, check, token_file=path, tls=ApiTlsSettings(cert_file=cert, key_file=key))
+
+
+def test_mapper_run_with_api_tls_loads_openssl_and_refuses_unusable_certificate_files(tmp_path: Path) -> None:
+    """`mapper run` keeps OpenSSL out when no TLS is configured (mapper/openssl.py): api.tls must
+    bring it in, or the API could not start. A key that is not the certificate's, or a missing
+    file, is a config error naming the field and the file, and nothing starts."""
+    from mapper_proc import REPO
+
+    (tmp_path / "devices.yaml").write_text(DEVICES)
+    cert, key = server_certificate(tmp_path / "tls", "api")
+    config = write_config(tmp_path / "mapper.yaml", tmp_path / "devices.yaml", tmp_path / "twin.db", node="n")
+    base = config.read_text()
+
+    def run(api: str) -> subprocess.Popen[str]:
+        config.write_text(base + api)
+        return subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    wrong_key = server_certificate(tmp_path / "elsewhere", "api")[1]
+    for api, expected in ((f"api: {{port: 0, tls: {{cert_file: {cert}, key_file: {wrong_key}}}}}\n",
+                           f"api.tls.key_file: {wrong_key} is not the private key of the certificate in"
+                           f" api.tls.cert_file ({cert})"),
+                          (f"api: {{port: 0, tls: {{cert_file: {tmp_path}/none.crt, key_file: {key}}}}}\n",
+                           f"api.tls.cert_file: cannot read {tmp_path}/none.crt")):
+        refused = run(api)
+        out, _ = refused.communicate(timeout=60)
+        assert refused.returncode == 1 and f"error: {config}: {expected}" in out, out
+        assert not (tmp_path / "twin.db").exists()  # nothing started
+
+    with run(f"api: {{port: 0, tls: {{cert_file: {cert}, key_file: {key}}}}}\n") as mapper:
+        try:
+            assert mapper.stdout is not None
+            for _ in range(200):  # bounded: the log's lines up to the API's
+                line = mapper.stdout.readline()
+                if not line or "REST API on" in line:
+                    break
+            found = re.search(r"REST API on https://127\.0\.0\.1:(\d+)/api/v1", line)
+            assert found, line
+            status, body, _ = https(int(found.group(1)), "/api/v1/ping", cert)
+            assert status == 200, body
+        finally:
+            mapper.terminate()
+        assert mapper.wait(30) == 0

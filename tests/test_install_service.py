@@ -809,3 +809,33 @@ def test_dry_run_checks_the_api_token_file_as_the_service_meets_it(
     assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "root", "--groups"]) == 0
     assert (f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set"
             in capsys.readouterr().err)
+
+
+def test_dry_run_checks_the_api_tls_files_as_the_start_does(
+        open_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """api.tls (HTTPS for the REST API): install-service loads the certificate as `mapper run` does
+    at start, so a key that is not the certificate's refuses the install instead of the service's
+    start; the service user must be able to read the files (the chgrp and g+r that fix it)."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    made = {}
+    for name in ("api", "other"):
+        key, cert = open_dir / f"{name}.key", open_dir / f"{name}.crt"
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                        str(cert), "-days", "1", "-subj", f"/CN={name}"], check=True, capture_output=True)
+        key.chmod(0o600)
+        made[name] = cert, key
+    (cert, key), (_, other_key) = made["api"], made["other"]
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: None)  # as above: no systemctl here
+    install = ["install-service", "--force", "--dry-run", "--user", "nobody", "--groups", "--config"]
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
+                          extra=f"api: {{tls: {{cert_file: {cert}, key_file: {other_key}}}}}\n")
+    assert main([*install, str(config)]) == 1
+    assert (f"api.tls.key_file: {other_key} is not the private key of the certificate in api.tls.cert_file ({cert})"
+            in capsys.readouterr().err)
+    config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
+                          extra=f"api: {{tls: {{cert_file: {cert}, key_file: {key}}}}}\n")
+    assert main([*install, str(config)]) == 1
+    assert (f"api.tls.key_file: the service user 'nobody' cannot read {key} ({key} is root:root 0600):"
+            in capsys.readouterr().err)
+    os.chown(key, pwd.getpwnam("nobody").pw_uid, -1)
+    assert main([*install, str(config)]) == 0

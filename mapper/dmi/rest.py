@@ -75,6 +75,12 @@ RETRY_AFTER_S = 1
 _BUSY = (b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
          b"Retry-After: %d\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s")
 _BUSY_BODY = b"too many connections to the REST API (api.max_connections); try again later\n"
+# What a plain-HTTP request to an HTTPS API (api.tls) gets instead of a handshake error it cannot read.
+_HTTPS_ONLY_BODY = b"this REST API speaks HTTPS only (api.tls): use https://\n"
+_HTTPS_ONLY = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(_HTTPS_ONLY_BODY), _HTTPS_ONLY_BODY))
+# The first byte of a TLS record carrying a handshake (a ClientHello starts every TLS connection).
+_TLS_HANDSHAKE = b"\x16"
 
 
 # Popped from a read's answer into the X-Mapper-Reading header: `device` (read just now) or
@@ -357,12 +363,53 @@ class _Deadline(io.RawIOBase):
 class _Handler(BaseHTTPRequestHandler):
     api: RestApi  # set on the subclass made per server
     request_timeout_s: float  # likewise
+    server: _Server
 
     def setup(self) -> None:
+        deadline = time.monotonic() + self.request_timeout_s  # the TLS handshake counts in it
+        self.refused = False
+        self.tls_socket = None
+        context = self.server.tls
+        if context is not None:
+            try:
+                self.request = self.tls_socket = self._handshake(context, deadline)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                # (A failed handshake closed the connection's descriptor: nothing to read or write.)
+                self.refused = True
+                self.rfile, self.wfile = io.BytesIO(), io.BytesIO()
+                self.server.handshake_failed(self.client_address[0], exc)
+                return
         super().setup()
-        plain, self.rfile = self.rfile, io.BufferedReader(
-            _Deadline(self.connection, time.monotonic() + self.request_timeout_s, self.timeout))
+        plain, self.rfile = self.rfile, io.BufferedReader(_Deadline(self.connection, deadline, self.timeout))
         plain.close()
+
+    def _handshake(self, context: Any, deadline: float) -> Any:  # ssl.SSLContext -> ssl.SSLSocket
+        """In the connection's own thread, bounded by the request's deadline. A client that speaks
+        plain HTTP to it (its first byte is no TLS handshake) is told so in plain HTTP."""
+        sock = self.request
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        first = sock.recv(1, socket.MSG_PEEK)
+        if first and first != _TLS_HANDSHAKE:
+            sock.sendall(_HTTPS_ONLY)
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):  # its request, unread, would make the close a reset
+                sock.setblocking(False)
+                sock.recv(65536)
+            raise ValueError("a plain HTTP request (answered 400: use https://)")
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        return context.wrap_socket(sock, server_side=True)
+
+    def handle(self) -> None:
+        if not self.refused:
+            super().handle()
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            if self.tls_socket is not None:  # it took the accepted socket's descriptor over: socketserver
+                with contextlib.suppress(OSError):  # closes only the plain socket it accepted
+                    self.tls_socket.close()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         headers = {}
@@ -415,12 +462,23 @@ class _Server(ThreadingHTTPServer):
     # dropped connection attempts during a burst, and each dropped one waits a second to try again.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int) -> None:
+    def __init__(self, address: tuple[str, int], handler: type[_Handler], max_connections: int,
+                 tls: Any = None) -> None:  # ssl.SSLContext
         self.max_connections = max_connections
         self.refused = 0
+        self.tls = tls  # HTTPS (api.tls): each connection's handshake runs in its own thread (_Handler.setup)
+        self.handshakes_failed = 0
         self._slots = threading.BoundedSemaphore(max_connections)
         self._throttle = Throttle(burst=1, interval_s=60.0)
         super().__init__(address, handler)
+
+    def handshake_failed(self, client: str, exc: Exception) -> None:
+        """Logged at most a line a minute (a scanner, a client without the CA): never a traceback."""
+        self.handshakes_failed += 1
+        held = self._throttle("handshake")
+        if held is not None:
+            log.warning("REST API: no TLS connection with %s: %s (%d so far)%s", client,
+                        getattr(exc, "reason", None) or exc, self.handshakes_failed, held_note(held))
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
@@ -439,11 +497,13 @@ class _Server(ThreadingHTTPServer):
             self._slots.release()
 
     def _refuse(self, request: socket.socket, client_address: Any) -> None:
-        """In the accepting thread: never waits for the client (a send to a new socket's empty buffer)."""
+        """In the accepting thread: never waits for the client (a send to a new socket's empty buffer).
+        Over HTTPS the connection is only closed: the 503 would need a handshake, which waits for it."""
         self.refused += 1
         with contextlib.suppress(OSError):
             request.setblocking(False)
-            request.send(_BUSY % (RETRY_AFTER_S, len(_BUSY_BODY), _BUSY_BODY))
+            if self.tls is None:
+                request.send(_BUSY % (RETRY_AFTER_S, len(_BUSY_BODY), _BUSY_BODY))
             request.shutdown(socket.SHUT_WR)
             with contextlib.suppress(OSError):  # what the client sent already: unread, close would reset
                 request.recv(65536)
@@ -476,6 +536,19 @@ class RestApiExtension:
             self.api.token = token
             log.info("api.token_file: the REST API takes the new token in %s", self.settings.token_file)
 
+    def reread_tls(self) -> None:
+        """At a SIGHUP: load api.tls's certificate and key again (a renewed certificate needs no
+        restart); files refused now keep the ones loaded before, logged. New connections use it."""
+        if self.server is None or self.server.tls is None:
+            return
+        try:
+            context = self.settings.read_tls()
+        except ValueError as exc:
+            log.error("%s; the REST API keeps the certificate loaded before", exc)  # noqa: TRY400 - no traceback wanted
+            return
+        self.server.tls = context
+        log.info("api.tls: the REST API loaded its certificate %s again", self.settings.tls.cert_file)
+
     @property
     def port(self) -> int:
         assert self.server is not None
@@ -486,14 +559,15 @@ class RestApiExtension:
         handler = type("Handler", (_Handler,), {"api": api, "timeout": IDLE_TIMEOUT_S,
                                                 "request_timeout_s": self.settings.request_timeout_s})
         try:
-            self.server = _Server((self.settings.host, self.settings.port), handler, self.settings.max_connections)
+            self.server = _Server((self.settings.host, self.settings.port), handler, self.settings.max_connections,
+                                  self.settings.read_tls())
         except OSError as exc:
             raise OSError(f"REST API: cannot listen on {self.settings.host}:{self.settings.port} "
                           f"(api.host, api.port): {exc.strerror or exc}") from None
         self._thread = threading.Thread(target=self.server.serve_forever, name="mapper.api", daemon=True)
         self._thread.start()
-        log.info("REST API on http://%s:%d/api/v1 (writes %s, %s, at most %d connections at once)",
-                 self.settings.host, self.port, "enabled" if self.settings.writes else "disabled",
+        log.info("REST API on %s://%s:%d/api/v1 (writes %s, %s, at most %d connections at once)",
+                 self.settings.scheme, self.settings.host, self.port, "enabled" if self.settings.writes else "disabled",
                  "token required (api.token_file)" if api.token is not None
                  else "no token: every user who can connect may use it", self.settings.max_connections)
         for warning in self.settings.exposure_warnings("REST API"):

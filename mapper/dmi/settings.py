@@ -9,13 +9,16 @@ import contextlib
 import ipaddress
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from devices.errors import FieldError
-from eventbus.settings import mode_granting, read_secret_file
+from eventbus.settings import load_certificate, mode_granting, read_secret_file
 from mapper import __version__
+
+if TYPE_CHECKING:
+    import ssl
 
 KUBEEDGE_DIR = Path("/etc/kubeedge")
 MIB = 1024 * 1024
@@ -118,14 +121,27 @@ MIN_TOKEN_CHARS = 16
 _TOKEN = re.compile(r"^[A-Za-z0-9._~+/-]+=*$")
 
 
+class ApiTlsSettings(_Section):
+    """`api.tls`: the REST API speaks HTTPS with this certificate (PEM, with its chain) and key."""
+
+    cert_file: Path
+    key_file: Path
+    key_password_file: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+
 class ApiSettings(_Section):
     """`api:` — the optional REST API of KubeEdge's Go mapper framework (read paths; writes opt-in)."""
 
     enabled: bool = True
-    # Loopback by default. Any other address (0.0.0.0, the Pi's LAN address) serves the LAN, in
-    # plain HTTP: writes are then refused at start without `token_file`, reads draw a warning.
+    # Loopback by default. Any other address (0.0.0.0, the Pi's LAN address) serves the LAN:
+    # writes are then refused at start without `token_file`, reads draw a warning.
     host: str = "127.0.0.1"
     port: int = Field(default=7777, ge=0, le=65535)
+    # HTTPS with this certificate and key (else plain HTTP, where a token crosses the LAN as
+    # text). Loaded at start (a config error naming the field and file) and again at every SIGHUP,
+    # so a renewed certificate needs no restart.
+    tls: ApiTlsSettings | None = None
     # Allow /api/v1/devicemethod/... writes (to writable properties only, through the twin).
     writes: bool = False
     # A file holding a bearer token (one line, at least 16 characters: `openssl rand -hex 32`),
@@ -183,10 +199,46 @@ class ApiSettings(_Section):
         return self
 
     def relative_to(self, base: Path) -> ApiSettings:
-        """token_file, when relative, is relative to `base` (the config file's directory)."""
-        if self.token_file is None or self.token_file.is_absolute():
-            return self
-        return self.model_copy(update={"token_file": base / self.token_file})
+        """token_file and the tls files, when relative, are relative to `base` (the config file's directory)."""
+        def under(path: Path | None) -> Path | None:
+            return path if path is None or path.is_absolute() else base / path
+
+        update: dict[str, Any] = {"token_file": under(self.token_file)}
+        if self.tls is not None:
+            update["tls"] = self.tls.model_copy(update={name: under(getattr(self.tls, name))
+                                                        for name in ("cert_file", "key_file", "key_password_file")})
+        return self.model_copy(update=update)
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.enabled and self.tls is not None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.uses_tls else "http"
+
+    def check_tls(self, source: str) -> None:
+        """Load the certificate now, at start: a file that cannot be read or used, a key that is not
+        the certificate's, a wrong key password are a config error naming the field and the file."""
+        try:
+            self.read_tls()
+        except ValueError as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def read_tls(self) -> ssl.SSLContext | None:
+        """The server's TLS context from the files as they are now (None without api.tls): at start
+        and at every SIGHUP. Every failure is a ValueError naming the field and the file."""
+        if not self.uses_tls:
+            return None
+        import ssl  # only here: a mapper without TLS keeps OpenSSL out of memory (mapper/openssl.py)
+
+        tls = self.tls
+        assert tls is not None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        load_certificate(context, "api.tls", tls.cert_file, tls.key_file, tls.key_password_file,
+                         "the REST API's certificate")
+        context.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+        return context
 
     def check_token(self, source: str) -> None:
         """Read the token now, at start: a token file that cannot be read, is empty, too short, or
@@ -222,9 +274,24 @@ class ApiSettings(_Section):
         """Warnings for an API that serves the LAN without a token: every device's readings, of every
         namespace (the broker's ACL does not apply here), to anyone who can reach the Pi. Not refused
         (writes are): a read-only dashboard on the LAN is what the Go framework's API is used for,
-        and configs doing so ran before token_file existed."""
-        if not self.enabled or self.loopback or self.token_file is not None:
+        and configs doing so ran before token_file existed. Likewise for a token sent over the LAN
+        in plain HTTP (anyone on the path reads it), and a TLS key every local user can read."""
+        if not self.enabled:
             return []
-        return [f"warning: {source}: api.host: {self.host!r} is not loopback and api.token_file is not set: anyone"
-                " who can reach this machine may read every device through the REST API (plain HTTP, every"
-                " namespace, whatever the broker's ACL allows); set api.token_file, or keep api.host: 127.0.0.1"]
+        warnings = []
+        if not self.loopback and self.token_file is None:
+            warnings.append(f"warning: {source}: api.host: {self.host!r} is not loopback and api.token_file is not set:"
+                            " anyone who can reach this machine may read every device through the REST API (every"
+                            " namespace, whatever the broker's ACL allows); set api.token_file, or keep api.host:"
+                            " 127.0.0.1")
+        elif not self.loopback and self.tls is None:
+            warnings.append(f"warning: {source}: api.host: {self.host!r} is not loopback and api.tls is not set: the"
+                            " bearer token crosses the network in plain HTTP, readable by anyone on the way; set"
+                            " api.tls (cert_file, key_file), or put a TLS proxy in front and keep api.host: 127.0.0.1")
+        if self.tls is not None:
+            for field, path in (("api.tls.key_file", self.tls.key_file),
+                                ("api.tls.key_password_file", self.tls.key_password_file)):
+                if (mode := mode_granting(path, 0o004)) is not None:
+                    warnings.append(f"warning: {source}: {field}: {path} is readable by every user of this machine"
+                                    f" (mode {mode & 0o7777:04o}): sudo chmod o-r {path}")
+        return warnings
