@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 
-from helpers import write_devices
+from helpers import device_yaml, write_devices
 from brokers import wait_until_bridged
 from mapper_proc import MapperProcess
 
@@ -71,3 +72,25 @@ def test_a_command_retained_on_the_cloud_is_never_applied_not_even_at_a_bridge_r
         mapper.wait_log("ignored a retained message on", count=2)  # the copy did come again
         assert mapper.stop() == 0
     assert "applied desired value false" not in mapper.log()
+
+
+def test_a_reload_that_changes_the_devices_reaches_the_cloud_as_membership_updated(cloud_and_edge, tmp_path):
+    """A reload that adds or removes devices makes `$hw/events/node/<node>/membership/updated` on the
+    Pi (docs/kubeedge.md); the bridge carries it out as it does the twin results, under
+    `edge/<node>/`, and the cloud's `app` reads it. The bridge used to carry no membership topic:
+    a cloud app tracking a node's devices never learnt of a change."""
+    cloud, edge, node = cloud_and_edge
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    topic = f"edge/{node}/$hw/events/node/{node}/membership/updated"
+    with MapperProcess(tmp_path, devices, edge, node=node) as mapper, cloud.client("app", tls=True) as app:
+        assert not app.subscribe(topic).is_failure
+        app.subscribe(f"mapper/{node}/default/lamp/count")
+        mapper.wait_log("connected to mqtt://")
+        next_matching(app, f"mapper/{node}/default/lamp/count", lambda b: True)  # the bridge carries its readings
+        (devices / "lamp.yaml").unlink()
+        (devices / "fan.yaml").write_text(device_yaml("fan", cycle=200))
+        mapper.process.send_signal(signal.SIGHUP)
+        update = next_matching(app, topic, lambda b: True)
+        assert [d["id"] for d in update["added_devices"]] == ["default/fan"], update
+        assert [d["id"] for d in update["removed_devices"]] == ["default/lamp"], update
+        assert mapper.stop() == 0

@@ -454,10 +454,12 @@ def test_cloud_refuses_anonymous_and_wrong_password(cloud_and_edge: CloudAndEdge
     ("app", ["mapper/{node}/availability", "mapper/{node}/default/dht/temperature", "mapper/{node}/default/dht/state",
              "mapper/{node}/bridge/state", "mapper/{node}/offload/request", "mapper/{node}/offload/result",
              "mapper/{node}/other/led/power/set", "edge/{node}/$hw/events/device/default/dht/twin/update/result",
-             "edge/{node}/$hw/events/device/other/led/twin/update"]),
+             "edge/{node}/$hw/events/device/other/led/twin/update",
+             "edge/{node}/$hw/events/node/{node}/membership/updated"]),
     ("worker", ["mapper/{node}/default/dht/temperature", "mapper/{node}/default/dht/state",
                 "mapper/{node}/offload/request", "mapper/{node}/default/led/power/set",
-                "edge/{node}/$hw/events/device/default/led/twin/update"]),
+                "edge/{node}/$hw/events/device/default/led/twin/update",
+                "edge/{node}/$hw/events/node/{node}/membership/updated"]),
     ("bridge", ["mapper/{node}/default/led/power/set", "mapper/{node}/offload/result",
                 "edge/{node}/$hw/events/device/default/led/twin/update",
                 "edge/{node}/$hw/events/device/default/led/twin/get"]),
@@ -482,18 +484,22 @@ def test_cloud_users_cannot_publish_outside_their_role(cloud_and_edge: CloudAndE
 
 def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: CloudAndEdge) -> None:
     """mapper/ topics keep their names on the cloud; $hw/ topics get the edge/{node}/ prefix. The node's
-    health goes as its availability does (a cloud app reads both: cloud-acl)."""
+    health goes as its availability does, its membership/updated as the twin results (a cloud app
+    reads them all: cloud-acl); another node's membership/updated stays on the Pi."""
     cloud, edge, node = cloud_and_edge
     local = [f"mapper/{node}/default/dht/temperature", f"mapper/{node}/default/dht/state",
              f"mapper/{node}/default/dht/availability", f"mapper/{node}/availability", f"mapper/{node}/health",
              "$hw/events/device/default/dht/twin/update/result",
              "$hw/events/device/default/dht/twin/update/document",
-             "$hw/events/device/default/dht/twin/get/result"]
+             "$hw/events/device/default/dht/twin/get/result",
+             f"$hw/events/node/{node}/membership/updated"]
     with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
         app.subscribe(f"mapper/{node}/availability")  # not mapper/{node}/#: bridge/state is retained there
         app.subscribe(f"mapper/{node}/health")
         app.subscribe(f"mapper/{node}/default/dht/+")
         app.subscribe(f"edge/{node}/$hw/events/device/default/dht/#")
+        app.subscribe(f"edge/{node}/$hw/events/node/#")
+        mapper.publish("$hw/events/node/pi-other/membership/updated", b"{}")  # first: had it gone out, it shows
         for topic in local:
             mapper.publish(topic, b"{}")
         expected = [t.replace("$hw/", f"edge/{node}/$hw/") for t in local]
@@ -632,8 +638,10 @@ def test_cloud_acl_per_node_is_cloud_acl_with_a_bridge_user_per_node() -> None:
     per_node = (SHIPPED / "cloud-acl-per-node").read_text()
     rules = lambda text: [line for line in text.splitlines() if line and not line.startswith("#")]  # noqa: E731
     bridge = rules(shared.split("user bridge\n", 1)[1].split("# --- worker:", 1)[0])
+    # The node's place: the first level, and the one after $hw/events/node/ (membership/updated).
+    per_node_topic = lambda topic: topic.replace("+", "%u", 1).replace("/node/+/", "/node/%u/")  # noqa: E731
     assert rules(per_node.split("# --- worker:", 1)[0]) == [
-        f"pattern {line.split()[1]} {line.split()[2].replace('+', '%u', 1)}" for line in bridge]
+        f"pattern {line.split()[1]} {per_node_topic(line.split()[2])}" for line in bridge]
     assert per_node.split("# --- worker:", 1)[1] == shared.split("# --- worker:", 1)[1]
     assert "user bridge" not in per_node
 
@@ -653,9 +661,13 @@ def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() ->
         message = app.next_message()
         assert (message.topic, message.payload) == ("mapper/pi-a/default/dht/temperature", b"21.5")
         for topic in ("mapper/pi-b/default/dht/temperature", "mapper/pi-b/availability",
-                      "edge/pi-b/$hw/events/device/default/dht/twin/update/result"):
+                      "edge/pi-b/$hw/events/device/default/dht/twin/update/result",
+                      "edge/pi-b/$hw/events/node/pi-b/membership/updated",
+                      "edge/pi-a/$hw/events/node/pi-b/membership/updated",
+                      "edge/pi-b/$hw/events/node/pi-a/membership/updated"):
             assert pi_a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
         assert not pi_a.publish("edge/pi-a/$hw/events/device/default/dht/twin/update/result", b"{}").is_failure
+        assert not pi_a.publish("edge/pi-a/$hw/events/node/pi-a/membership/updated", b"{}").is_failure
         # Desired values: pi-a's reach it, pi-b's do not (a refused subscription or no delivery).
         pi_a.subscribe("mapper/pi-a/+/+/+/set")
         pi_a.subscribe("mapper/pi-b/+/+/+/set")
