@@ -196,6 +196,7 @@ class EventBusExtension:
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it
         service.bus = self
         service.device_listeners.append(self._on_devices)
+        service.not_run_listeners.append(self._on_not_run)
         if serve:
             service.membership_listeners.append(self._on_membership)
             try:
@@ -518,14 +519,35 @@ class EventBusExtension:
 
     def _refused_offline(self, service: MapperService) -> list[OutMessage]:
         """`offline` on the availability of every device the mapper refuses (no driver for its
-        protocol): a previous run may have left `online` there, and nothing else would replace it
-        while the device is not run. Only ids of the current definitions, which validated them
-        (DeviceId), and none that a running device holds: a topic is built from nothing else.
-        (Its retained state, if a previous run left one, stays: there is no reading of this run to
-        put in it; the availability says the device is not there.)"""
+        protocol), and of every device an extension keeps but does not run (`service.not_run`:
+        edgecore's Devices that did not validate, or wait for their model or a resource): a
+        previous run may have left `online` there, and nothing else would replace it while the
+        device is not run. Only ids of the current definitions, or those an extension validated
+        (DeviceId; edgecore's, when it kept the Device), and none that a running device or a
+        definition holds: a topic is built from nothing else. (Its retained state, if a previous
+        run left one, stays: there is no reading of this run to put in it; the availability says
+        the device is not there.)"""
         definitions = service.definitions.devices if service.definitions else {}
-        return [self._availability(device, OFFLINE) for device in service.refused
-                if isinstance(device, DeviceId) and device in definitions and device not in service.runners]
+        refused = [device for device in service.refused
+                   if isinstance(device, DeviceId) and device in definitions and device not in service.runners]
+        not_run = [device for device in service.not_run
+                   if isinstance(device, DeviceId) and device not in definitions and device not in service.runners]
+        return [self._availability(device, OFFLINE) for device in refused + not_run]
+
+    async def _on_not_run(self, devices: list[DeviceId]) -> None:
+        """Devices an extension keeps and newly does not run, which were not running (see
+        MapperService.devices_not_run): `offline` on their availability at once, as for a device a
+        reload refuses, not only at the next connect."""
+        assert self._service is not None
+        service = self._service
+        definitions = service.definitions.devices if service.definitions else {}
+        messages = [self._availability(device, OFFLINE) for device in devices
+                    if isinstance(device, DeviceId) and device not in definitions and device not in service.runners]
+        if not messages:
+            return
+        rows = await service.twin(lambda s: s.record([], messages))
+        if rows and self.publisher:
+            self.publisher.offer(rows)
 
     async def _announce_unknown_later(self, service: MapperService, devices: list[DeviceId]) -> None:
         """`offline` for the devices whose state is still unknown after FIRST_STATE_GRACE_S."""

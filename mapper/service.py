@@ -14,7 +14,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +134,11 @@ class MapperService:
         self.definitions = definitions
         self.runners: dict[DeviceId, DeviceRunner] = {}
         self.refused: dict[DeviceId, str] = {}
+        # Devices an extension keeps but does not run and has no definition of (KubeEdge: an edgecore
+        # Device that did not validate, or waits for its DeviceModel or for a resource another device
+        # holds), with why; set by `devices_not_run`. Their ids are DeviceIds, validated. The event
+        # bus announces them `offline` at every connect, as it does the refused devices.
+        self.not_run: dict[DeviceId, str] = {}
         self.ready = asyncio.Event()
         # Readings a stop could not commit (the twin's disk full or read-only): `mapper run` exits 1.
         self.uncommitted_at_stop = 0
@@ -182,6 +187,8 @@ class MapperService:
         # and after (the event bus's $hw membership/updated).
         self.membership_listeners: list[Callable[[list[DeviceId], list[DeviceId], dict[DeviceId, DeviceDefinition],
                                                   dict[DeviceId, DeviceDefinition]], Awaitable[None]]] = []
+        # Called with the devices newly in `not_run` that did not run before (see devices_not_run).
+        self.not_run_listeners: list[Callable[[list[DeviceId]], Awaitable[None]]] = []
         # Called before each attempt to open the twin at start (`mapper run`: take the twin's lock
         # if it could not be made before, on a read-only disk); may raise to stop the start.
         self.before_twin_open: list[Callable[[], None]] = []
@@ -537,6 +544,21 @@ class MapperService:
                     log.error("devices updated, but %r failed on it: %s", membership_listener, exc)
         log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
         return {"added": added, "changed": changed, "removed": removed}
+
+    async def devices_not_run(self, devices: dict[DeviceId, str], ran: Collection[DeviceId] = ()) -> None:
+        """An extension's devices it keeps but does not run now, with why (`not_run`). Those new there
+        and not in `ran` (the devices running before the switch that left them out, which said
+        `offline` as they stopped) go to the not_run_listeners: a previous run may have left
+        `online` on their availability, as it may for a refused local device."""
+        newly = [d for d in devices if d not in self.not_run and d not in ran]
+        self.not_run = dict(devices)
+        if not newly:
+            return
+        for listener in self.not_run_listeners:
+            try:
+                await listener(newly)
+            except Exception as exc:  # noqa: BLE001 - the switch is done: only its announcement failed
+                log.error("devices not run, but %r failed on them: %s", listener, exc)
 
     async def stop_devices(self, device_ids: list[DeviceId]) -> None:
         """Stop these devices together: each may wait for a stuck bus, and those waits overlap."""

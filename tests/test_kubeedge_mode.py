@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from brokers import MosquittoBroker, MqttProbe
+from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
 from devices.ids import DeviceId
 from dmi_edgecore import FakeEdgecore, device, model
 from helpers import running_service, write_devices
@@ -170,3 +170,75 @@ def test_standalone_mode_answers_in_the_same_harness(broker: MosquittoBroker, so
     assert {f"{hw}/twin/update/result", f"{hw}/twin/get/result",
             f"$hw/events/node/{NODE}/membership/get/result"} <= topics, topics
     assert twins["lamp"].properties["power"].desired is True
+
+
+def availability_until(app: MqttProbe, wanted: dict[str, bytes], timeout: float = 20.0) -> list[str]:
+    """Wait until every topic of `wanted` had a live (not retained) message with that payload; the
+    availability topics of every message seen meanwhile (empty ones, a deletion, left out)."""
+    import time
+
+    missing, seen = dict(wanted), []
+    deadline = time.monotonic() + timeout
+    while missing:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"still waiting for {missing}; seen: {seen}")
+        try:
+            message = app.next_message(left)
+        except TimeoutError:
+            raise AssertionError(f"still waiting for {missing}; seen: {seen}") from None
+        if message.payload:
+            seen.append(message.topic)
+        if not message.retain and missing.get(message.topic) == message.payload:
+            del missing[message.topic]
+    return seen
+
+
+def test_edgecore_devices_the_mapper_does_not_run_are_offline_at_every_connect(
+        sockdir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A local YAML device the mapper refuses is announced `offline` at every (re)connect (README), so a
+    previous run's retained `online` does not stay. edgecore's Devices the mapper does not run (a bad
+    definition, one waiting for its DeviceModel) got nothing: Home Assistant showed them available.
+    Now they are announced `offline` too, at connect and again after a reconnect to a broker that lost
+    it; a device whose id is not valid gets no topic at all, and the log says so."""
+    ensure_mosquitto_installed()
+    base = f"mapper/{NODE}/default"
+    broken, orphan, lamp = (f"{base}/{name}/availability" for name in ("broken", "orphan", "edge-lamp"))
+    with MosquittoBroker() as own:
+        with own.client("mapper") as earlier:  # what a previous run, which ran them, left
+            for topic in (broken, orphan):
+                earlier.publish(topic, b"online", retain=True)
+
+        async def scenario() -> None:
+            async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+                edgecore.devices = [
+                    (device("edge-lamp", "switch-model", {"power": {"kind": "switch"}}, cycle_ms=200), SWITCH),
+                    (device("broken", "switch-model", {"power": {"kind": "switch"}}, config={"failure_rate": 5}),
+                     SWITCH),
+                    (device("orphan", "no-such-model", {"power": {"kind": "switch"}}), SWITCH),
+                    (device("Bad_Name", "switch-model", {"power": {"kind": "switch"}}), SWITCH),
+                ]
+                app = await asyncio.to_thread(MqttProbe.connected, own, "app")
+                try:
+                    assert not (await asyncio.to_thread(app.subscribe, f"{base}/+/availability")).is_failure
+                    async with running(config("kubeedge", own, sockdir)) as service:
+                        ext = next(e for e in service.extensions if isinstance(e, KubeEdgeExtension))
+                        async with asyncio.timeout(15):
+                            await ext.registered.wait()
+                        seen = await asyncio.to_thread(availability_until, app, {
+                            broken: b"offline", orphan: b"offline", lamp: b"online"})
+                        await asyncio.to_thread(app.close)
+                        with own.client("mapper") as eraser:  # the broker loses them (an empty retained message)
+                            for topic in (broken, orphan):
+                                eraser.publish(topic, b"", retain=True)
+                        await asyncio.to_thread(own.restart)  # the mapper's connection drops; it connects again
+                        app = await asyncio.to_thread(MqttProbe.connected, own, "app")
+                        assert not (await asyncio.to_thread(app.subscribe, f"{base}/+/availability")).is_failure
+                        seen += await asyncio.to_thread(availability_until, app,
+                                                        {broken: b"offline", orphan: b"offline"})
+                finally:
+                    await asyncio.to_thread(app.close)
+            assert {t.split("/")[3] for t in seen} <= {"broken", "orphan", "edge-lamp", "lamp"}, seen
+
+        asyncio.run(scenario())
+    assert "Bad_Name" in caplog.text and "gets no MQTT topic" in caplog.text, caplog.text[-3000:]

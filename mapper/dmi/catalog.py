@@ -59,7 +59,9 @@ def check(device: pb.Device) -> None:
     try:
         DeviceId(namespace, name)
     except ValueError as exc:
-        raise ConversionError(f"dmi:Device {namespace[:80]}/{name[:80]}: {exc}") from None
+        # Nor is it announced `offline` as the devices kept but not run are: a topic is built from a valid id only.
+        raise ConversionError(f"dmi:Device {namespace[:80]}/{name[:80]}: {exc}; not kept, and it gets no MQTT "
+                              "topic (not even `offline` on its availability): rename the Device") from None
     try:
         json_format.MessageToDict(device)
     except Exception as exc:  # noqa: BLE001 - protobuf raises TypeError, DecodeError, ...

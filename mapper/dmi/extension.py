@@ -327,11 +327,19 @@ class KubeEdgeExtension:
         # may just have started or stopped (its own states are not reported under that name).
         not_running.extend(sorted(d for d in stopped if self._shadowed(d)))
         self.reporter.forget(reported | set(stopped), {**stopped, **state_every})
+        ran = set(self.service.runners)
         try:
             changes = await self.service.update_devices(merged)
         finally:  # not running whatever the switch does (the reporter knows them now: reported once)
             for device_id in not_running:
                 self.reporter.state_changed(device_id, OFFLINE)
+        # The same on MQTT: `offline` on the availability of the catalog's devices that do not run
+        # and have no definition (invalid, waiting for their model or a resource), as for a refused
+        # local device. Not a shadowed one: its id is the local device's. (One that validated but
+        # is refused, no driver here, is among the service's refused devices already.)
+        await self.service.devices_not_run(
+            {device_id: problem for key, problem in sorted(self.catalog.problems.items())
+             if key not in self.catalog.shadowed and (device_id := DeviceId(*key)) not in merged.devices}, ran)
         self._restore_pending = False  # the catalog runs: restored devices still in it too
         try:
             self.catalog.save(self.state_path)
