@@ -19,6 +19,7 @@ import contextlib
 import logging
 import random
 import ssl
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -320,6 +321,11 @@ class MqttBus:
         self.disconnected.set()
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
+        # Since when (epoch s) the mapper has had no connection, and the last attempt's error: set at
+        # the first failed attempt or lost connection, cleared on connecting (STATUS=: a broker that
+        # refuses the mapper must not look like a healthy node there).
+        self.down_since: float | None = None
+        self.last_error: str | None = None
         self.messages_in = 0
         self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT / INCOMING_BYTES were waiting already
         self.incoming_dropped_by: Counter[str] = Counter()  # the same, by incoming_kind() ("twin/get", "set", ...)
@@ -489,6 +495,7 @@ class MqttBus:
                              self.packet_limit, "the broker's limit" if self.packet_limit_announced
                              else "mqtt.max_packet_bytes: the broker announced none")
                     self.disconnected.clear()
+                    self.down_since, self.last_error = None, None
                     self.connected.set()
                     self.first_attempt.set()
                     await self._on_connect()
@@ -521,6 +528,7 @@ class MqttBus:
                     self.protocol = aiomqtt.ProtocolVersion.V311
                     continue
                 delay = self._backoff(attempt)
+                self.last_error = describe(exc)[:200]
                 if reason_code(exc) == SESSION_TAKEN_OVER:
                     log.error("MQTT connection to %s taken over: another client connected with client id %r (%s); "
                               "is another mapper using %s? Give each mapper its own id; else the broker's log "
@@ -540,6 +548,8 @@ class MqttBus:
             finally:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
+                if self.down_since is None:
+                    self.down_since = time.time()
                 self.refused_subscriptions = {}  # "on the current connection" (STATUS=): there is none
                 self.disconnected.set()
                 self.client = None

@@ -43,6 +43,7 @@ import stat
 import subprocess
 import sys
 import sysconfig
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -94,10 +95,12 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
                 rejected_messages: int = 0, *, readings_dropped: int = 0, undeliverable: int = 0,
-                subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None) -> str:
+                subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None,
+                broker_down: str | None = None) -> str:
     """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued, 5 dropped (outbox limits); 120 readings dropped (twin not
     writable); 3 messages undeliverable; 4 MQTT messages refused; broker refused subscription(s) to
-    mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ... (see the log)`
+    mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ... (see the log);
+    MQTT broker not connected since 2026-11-30 21:24:08Z: [code:135] Not authorized (see the log)`
     (pure, for STATUS=)."""
     counts = Counter(states)
     total = sum(counts.values()) + refused
@@ -119,6 +122,8 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
         text += f"; broker refused subscription(s) to {', '.join(subscriptions_refused)} (see the log)"
     if other_mapper:  # heard on <prefix>/<node>/instance lately (eventbus/instance.py)
         text += f"; ANOTHER MAPPER serves this node: {other_mapper} (see the log)"
+    if broker_down:  # MqttBus.down_since/last_error: nothing leaves the Pi meanwhile (the outbox grows)
+        text += f"; MQTT broker not connected since {broker_down} (see the log)"
     return text
 
 
@@ -263,11 +268,16 @@ class SystemdExtension:
         bus = getattr(service.bus, "bus", None)
         instance = getattr(service.bus, "instance", None)
         other = instance.current_other() if instance is not None else None
+        broker_down = None
+        if bus is not None and bus.down_since is not None and not bus.connected.is_set():
+            since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(bus.down_since))
+            broker_down = f"{since}: {bus.last_error}" if bus.last_error else since
         return status_line(states, len(service.refused), outbox, rejected,
                            readings_dropped=before.get("readings_dropped", 0) + (recorder.dropped if recorder else 0),
                            undeliverable=before.get("outbox_undeliverable", 0) + (publisher.undeliverable if publisher else 0),
                            subscriptions_refused=bus.refused_subscriptions if bus else (),
-                           other_mapper=other.describe() if other is not None else None)
+                           other_mapper=other.describe() if other is not None else None,
+                           broker_down=broker_down)
 
 
 # -- the unit file (`mapper install-service`) --------------------------------------------------

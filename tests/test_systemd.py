@@ -588,7 +588,8 @@ async def test_telemetry_dropped_by_the_outbox_limits_is_in_status_and_mapper_de
     task = asyncio.create_task(service.run(stop))
     try:
         await to_thread(listener.wait_for,
-                        re.compile(r"STATUS=2 devices: 2 ok; outbox 100 queued, \d+ dropped \(outbox limits\)"))
+                        re.compile(r"STATUS=2 devices: 2 ok; outbox 100 queued, \d+ dropped \(outbox limits\); "
+                                   r"MQTT broker not connected since .*Connection refused.*"))
     finally:
         stop.set()
         await asyncio.wait_for(task, 20)
@@ -596,3 +597,31 @@ async def test_telemetry_dropped_by_the_outbox_limits_is_in_status_and_mapper_de
     dropped = as_json["outbox"]["dropped"]
     assert dropped > 0 and as_json["outbox"]["depth"] == 100, as_json
     assert f"; {dropped} dropped by policy (twin.outbox_max_rows, outbox_max_bytes);" in text, text
+
+
+async def test_status_says_the_broker_is_not_connected_and_why(tmp_path: Path, listener: NotifyListener,
+                                                               broker: MosquittoBroker) -> None:
+    """A broker that refuses the mapper (its password changed there, not in mqtt.password_file) left
+    STATUS= at `2 devices: 2 ok; outbox N queued`: `systemctl status` looked healthy while nothing
+    left the Pi. STATUS= now says the broker is not connected, since when and why; once the password
+    file holds the broker's password (read again at the next attempt), the note goes."""
+    node = f"systemd-{uuid.uuid4().hex[:8]}"  # an MQTT session of its own on the shared broker
+    extra = mqtt_block(broker, tmp_path, extra="  session_expiry_s: 0\n")
+    password_file = tmp_path / "mapper.password"
+    password_file.write_text("not-the-brokers-password")
+    config = config_for(tmp_path, node=node, extra=extra)
+    service = MapperService(config)
+    ext = SystemdExtension(Notifier(listener.address), status_every_s=0.05)
+    service.extensions += [EventBusExtension(config.mqtt), ext]
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        refused = re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued; MQTT broker not connected since "
+                             r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: .*Not authorized.*")
+        seen = await to_thread(listener.wait_for, refused)
+        password_file.write_text(broker.users["mapper"])
+        await asyncio.wait_for(service.bus.bus.connected.wait(), 10)
+        await to_thread(listener.wait_for, re.compile(r"STATUS=2 devices: 2 ok; outbox \d+ queued"), after=seen)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
