@@ -8,6 +8,7 @@ import errno
 import gc
 import logging
 import os
+import shlex
 import signal
 import sqlite3
 import stat
@@ -60,6 +61,15 @@ def _fmt_ts(ms: int | None) -> str:
 def cmd_validate(args: argparse.Namespace) -> int:
     from mapper.inference.settings import local_maps
 
+    if args.config is not None:
+        if args.paths:
+            print("error: give device files or --config, not both (--config checks the device files it names)",
+                  file=sys.stderr)
+            return 2
+        return _validate_config(args.config)
+    if not args.paths:
+        print("error: give device files or directories, or --config FILE", file=sys.stderr)
+        return 2
     try:
         result = load(args.paths)
         # The keys of the devices' anomalyDetection maps too (whether their models exist: `mapper run`).
@@ -76,6 +86,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s)")
+    return 0
+
+
+def _validate_config(path: str) -> int:
+    """`mapper validate --config`: what `mapper run` checks before it starts (the config with the
+    environment's MAPPER_* overrides, what it needs installed, the broker password and TLS files, the
+    API token, the device files it names, its inference pipelines against them), so that a config
+    can be checked before it is pushed to a node, without a twin, a lock or a broker."""
+    from mapper.inference.extension import config_problems
+
+    config = _config(path)  # (its own problems: DefinitionError, printed by main)
+    problems: list[object] = []
+    warnings: list[object] = []
+    checks = [config.check_installed]
+    if config.mqtt is not None:
+        checks += [config.mqtt.check_password, config.mqtt.check_tls]
+        warnings += config.mqtt.exposed_secrets(path)
+    if config.api is not None and config.api.enabled:
+        checks.append(config.api.check_token)
+    for check in checks:
+        try:
+            check(path)
+        except ValueError as exc:
+            problems.append(exc)
+    try:
+        result = config.load_devices()
+    except DefinitionError as exc:
+        problems += exc.problems
+        warnings += exc.warnings
+        result = None
+    if result is not None:
+        warnings += result.warnings
+        warnings += [f"{problem} (`mapper run` refuses this device and runs the others)"
+                     for problem in result.unrunnable.values() if problem not in result.warnings]
+        problems += config_problems(config, result.devices, unrunnable=result.unrunnable)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    if problems:
+        also = f", {len(warnings)} warning(s)" if warnings else ""
+        print(f"{len(problems)} error(s){also}: `mapper run` refuses to start with {path}", file=sys.stderr)
+        return 1
+    assert result is not None
+    refused = f" ({len(result.unrunnable)} not run here: see the warnings)" if result.unrunnable else ""
+    print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s)")
     return 0
 
 
@@ -300,8 +356,8 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
         for warning in exc.warnings:
             reload_log.warning("%s", warning)
         reload_log.error("reload refused: %s: %d error(s); still running the previous config and devices; fix it"
-                         " before the next start: `mapper run` refuses to start with it",
-                         config_path, len(exc.problems))
+                         " before the next start: `mapper run` refuses to start with it (`mapper validate --config %s`)",
+                         config_path, len(exc.problems), shlex.quote(str(config_path)))
         return running
     started = service.config  # what the service was built with: only a restart changes it
     later = [name for name in MapperConfig.model_fields
@@ -333,7 +389,7 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     # The new device list, checked against the running mapper's topic tree (node, mqtt.topic_prefix).
     wanted = started.model_copy(update={"devices": new.devices, "log_level": new.log_level})
     wanted._devices_named_at = dict(new._devices_named_at)
-    return wanted if await reload_devices(service, wanted, pipelines_of=new) else running
+    return wanted if await reload_devices(service, wanted, pipelines_of=new, config_path=config_path) else running
 
 
 def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logger) -> None:
@@ -359,14 +415,13 @@ def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logge
 
 
 async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
-                         pipelines_of: MapperConfig | None = None) -> bool:
+                         pipelines_of: MapperConfig | None = None, config_path: str | Path | None = None) -> bool:
     """Load the device files again and switch to them; an invalid set keeps the running one.
 
     A set that the config's inference pipelines do not fit (`pipelines_of`: the config file as read
     now, else `config`; a device removed, or a property a model reads) is refused too, as the next
     start would refuse it."""
     import asyncio
-    import shlex
 
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
@@ -387,9 +442,12 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
         for warning in exc.warnings:
             reload_log.warning("%s", warning)  # (a warning: not why it is refused)
         # A restart (a reboot, the watchdog) does not fall back to the previous devices: it refuses them.
+        # The command that lists them all: with the config, also what its pipelines make of the files.
+        check = (f"--config {shlex.quote(str(config_path))}" if config_path is not None
+                 else " ".join(shlex.quote(str(d)) for d in config.devices))
         reload_log.error("reload refused: %d error(s); still running the previous devices; fix them before the next"
                          " start: `mapper run` refuses to start with them (`mapper validate %s`)", len(exc.problems),
-                         " ".join(shlex.quote(str(d)) for d in config.devices))
+                         check)
         return False
     for warning in result.warnings:
         reload_log.warning("%s", warning)
@@ -851,8 +909,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"mapper {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    v = sub.add_parser("validate", help="check device YAML files or directories")
-    v.add_argument("paths", nargs="+")
+    v = sub.add_parser("validate", help="check device YAML files or directories, or a config file and its device files")
+    v.add_argument("paths", nargs="*")
+    v.add_argument("--config", "-c", help="check this config file as `mapper run` would before it starts (its"
+                   " device files, pipelines, password and TLS files), without running anything")
     v.set_defaults(fn=cmd_validate)
 
     r = sub.add_parser("run", help="run the mapper until SIGINT/SIGTERM")

@@ -1637,3 +1637,44 @@ def test_run_refuses_an_api_token_file_others_may_read_and_writes_beyond_loopbac
     assert result.stderr.startswith(f"{config}:14: api.writes: writes through the REST API on host '0.0.0.0', which"
                                     " is not loopback, need api.token_file"), result.stderr
     assert not (tmp_path / "twin.db").exists()  # nothing started
+
+
+def test_validate_config_checks_what_mapper_run_refuses_without_running(tmp_path: Path) -> None:
+    """`mapper validate` read device files only: a fleet pushing a new mapper.yaml had no way to check it
+    but `mapper run` (which, passing, starts a mapper) or a reload (refused only once pushed, and the next
+    start refuses it). A pipeline naming a device the files lack passed `mapper validate DIR`. Now
+    `mapper validate --config FILE` makes the checks `mapper run` makes before it starts (the config,
+    its device files, its pipelines against them, the password file) and exits 1 on any, touching no twin."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    twin = tmp_path / "state" / "twin.db"
+    secret = tmp_path / "mqtt.password"
+    secret.write_text("s3cret-password\n")
+    secret.chmod(0o600)
+    mqtt = f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n"
+    config = write_config(tmp_path / "mapper.yaml", devices, twin,
+                          extra=mqtt + "inference:\n  pipelines:\n    - device: nosuchdev\n      model: sensor_faults\n")
+    line = next(n for n, text in enumerate(config.read_text().splitlines(), 1) if "device: nosuchdev" in text)
+
+    assert mapper("validate", str(devices)).returncode == 0  # the device files alone are fine
+    checked = mapper("validate", "--config", str(config))
+    assert checked.returncode == 1, checked
+    assert (f"{config}:{line}: inference.pipelines[0].device: no device default/nosuchdev in the device files"
+            in checked.stderr), checked.stderr
+    assert "1 error(s)" in checked.stderr, checked.stderr
+
+    secret.unlink()  # what the next start would refuse: a password file that is not there
+    config.write_text(write_config(tmp_path / "mapper.yaml", devices, twin, extra=mqtt).read_text())
+    missing = mapper("validate", "--config", str(config))
+    assert missing.returncode == 1, missing
+    assert f"{config}: mqtt.password_file" in missing.stderr and str(secret) in missing.stderr, missing.stderr
+
+    secret.write_text("s3cret-password\n")
+    secret.chmod(0o600)
+    fine = write_config(tmp_path / "fine.yaml", write_devices(tmp_path / "dev2", ["a", "b"]), twin, extra=mqtt)
+    ok = mapper("validate", "--config", str(fine))
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.strip() == f"ok: {fine}: 2 device(s), 1 model(s)", ok.stdout
+    assert not twin.parent.exists(), "validate made the twin's directory"
+
+    both = mapper("validate", str(devices), "--config", str(fine))
+    assert both.returncode == 2 and "not both" in both.stderr, both.stderr

@@ -110,7 +110,7 @@ def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: 
     assert re.search(rf"reload refused: dev/b\.yaml:{line}: spec\.properties\[0\]\.collectCycle: ", log), log
     # A restart (a reboot, the watchdog) would not fall back to the previous devices: it refuses to start.
     assert (f"reload refused: 1 error(s); still running the previous devices; fix them before the next start:"
-            f" `mapper run` refuses to start with them (`mapper validate {mapper.devices}`)") in log, log
+            f" `mapper run` refuses to start with them (`mapper validate --config {mapper.config}`)") in log, log
     refused_at = {A: mapper.count(A), B: mapper.count(B)}
     wait_for(lambda: mapper.counts_above({A: refused_at[A] + 5, B: refused_at[B] + 5}),
              what="both devices still counting after the refused reload")
@@ -578,6 +578,11 @@ def test_inference_pipeline_mistakes_refuse_the_start_and_a_reload_that_brings_t
     (mapper.devices / "probe.yaml").unlink()
     _reload_refused_pipeline_runs_on(mapper, f"reload refused: {mapper.config}:{line}: inference.pipelines[0].device:"
                                      " no device default/probe in the device files", "probe-sensor-faults")
+    # The command the refusal names finds the problem (`mapper validate DIR` knows no pipeline: it says ok).
+    assert f"(`mapper validate --config {mapper.config}`)" in mapper.log(), mapper.log()
+    assert _mapper_cli(tmp_path, "validate", str(mapper.devices)).returncode == 0
+    checked = _mapper_cli(tmp_path, "validate", "--config", str(mapper.config))
+    assert checked.returncode == 1 and "inference.pipelines[0].device: no device default/probe" in checked.stderr, checked
 
 
 def _mapper_cli(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
