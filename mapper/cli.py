@@ -27,7 +27,7 @@ from devices.loader import LoadResult, load
 from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
-from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned, unusable_twin
+from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned, unusable_twin, write_private
 
 
 def _config(path: str) -> MapperConfig:
@@ -311,21 +311,114 @@ async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001
 
 async def _reload_on_sighup(service, config_path: str, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
     """SIGHUP: read the config file again, reload the device files it names; restart only devices
-    whose definition changed."""
+    whose definition changed. Each reload's outcome goes to `<twin>.reload` for `mapper reload`."""
+    import asyncio
+
     from mapper.service import MapperStopping  # (here: the module imports asyncio, after openssl's placeholder)
 
+    reload_log = logging.getLogger("mapper.reload")
     await service.ready.wait()
     running = service.config  # whose device list runs now
     while True:
         await hup.wait()
         hup.clear()
         if not stop.is_set():
+            began = time.monotonic()
+            noted = _ReloadNotes()
+            reload_log.addHandler(noted)
             try:
                 running = await reload_config(service, config_path, running)
             except MapperStopping:  # the stop began while the files were read: nothing to switch to
-                logging.getLogger("mapper.reload").info("SIGHUP: not reloaded, the mapper is stopping")
+                reload_log.info("SIGHUP: not reloaded, the mapper is stopping")
+                noted.errors.append("not reloaded: the mapper is stopping")
             except Exception:  # noqa: BLE001 - the next SIGHUP must still be heard
-                logging.getLogger("mapper.reload").exception("reload failed; still running the previous devices")
+                reload_log.exception("reload failed; still running the previous devices")
+            finally:
+                reload_log.removeHandler(noted)
+            await asyncio.to_thread(_write_reload_outcome, Path(service.config.twin.path), began, noted)
+
+
+# `mapper reload`: where `mapper run` leaves each reload's outcome (beside the twin, owner only), and
+# how long the command waits for it (a reload may restart devices and load models; the unit's
+# TimeoutStartSec=, which bounds ExecReload=, is 120 s).
+RELOAD_OUTCOME_SUFFIX = ".reload"
+RELOAD_WAIT_S = 90.0
+RELOAD_NOTES_MAX = 100
+
+
+def _reload_outcome_path(twin: Path) -> Path:
+    return Path(f"{os.path.realpath(twin)}{RELOAD_OUTCOME_SUFFIX}")
+
+
+class _ReloadNotes(logging.Handler):
+    """The warnings and errors `mapper.reload` logs during one reload: an error means it was refused
+    (or the next start would refuse what it read), and `mapper reload` exits 1 with them."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.errors: list[str] = []
+        self.warnings: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        notes = self.errors if record.levelno >= logging.ERROR else self.warnings
+        if len(notes) < RELOAD_NOTES_MAX:
+            notes.append(record.getMessage()[:4000])
+
+
+def _write_reload_outcome(twin: Path, began: float, noted: _ReloadNotes) -> None:
+    """`began`: time.monotonic() when the reload began (one clock for every process: `mapper reload`
+    takes the outcome of a reload that began after its SIGHUP only)."""
+    outcome = {"pid": os.getpid(), "began": began, "errors": noted.errors, "warnings": noted.warnings}
+    try:
+        write_private(_reload_outcome_path(twin), _json_text(outcome) + "\n")
+    except OSError as exc:
+        logging.getLogger("mapper.reload").warning("cannot write the reload's outcome for `mapper reload` (%s): %s",
+                                                   _reload_outcome_path(twin), exc)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP to the mapper running on the config's twin, then its outcome: exit 1 with the reload's
+    errors when it was refused. The unit's ExecReload=, so `systemctl reload mapper` fails when the
+    mapper refused the reload (it used to send the signal and succeed at once, whatever came of it)."""
+    try:
+        config = _config(args.config)
+    except DefinitionError:
+        print(f"error: not reloaded: {args.config} has errors (below), which the mapper would refuse too; it"
+              " runs on with the files it has", file=sys.stderr)
+        raise
+    twin = Path(config.twin.path)
+    running, pid = _running_mapper(twin)
+    if not running or pid is None:
+        print(f"error: no mapper runs on the twin {twin} (twin.path of {args.config}): nothing to reload;"
+              " start it (systemctl start mapper, or mapper run)", file=sys.stderr)
+        return 1
+    outcome_path = _reload_outcome_path(twin)
+    sent = time.monotonic()
+    os.kill(pid, signal.SIGHUP)
+    deadline = sent + args.timeout
+    outcome = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            found = orjson.loads(outcome_path.read_bytes())
+            if found.get("pid") == pid and found.get("began", 0) >= sent:
+                outcome = found
+                break
+        time.sleep(0.1)
+    if outcome is None:
+        print(f"error: the mapper (pid {pid}) got the SIGHUP but told no outcome within {args.timeout:g} s"
+              f" ({outcome_path}; a mapper started before `mapper reload` existed tells none: restart it after an"
+              " upgrade): see its log (journalctl -u mapper)", file=sys.stderr)
+        return 1
+    for line in outcome.get("errors", []):
+        print(line, file=sys.stderr)
+    for line in outcome.get("warnings", []):
+        print(f"warning: {line}", file=sys.stderr)
+    if outcome.get("errors"):
+        print(f"error: the mapper (pid {pid}) refused the reload, or the next start would refuse what it read"
+              f" (above; `mapper validate --config {shlex.quote(str(args.config))}` lists the problems)", file=sys.stderr)
+        return 1
+    print(f"reloaded: the mapper (pid {pid}) runs the new files")
+    return 0
 
 
 # What a reload takes from the config file; every other setting needs a restart.
@@ -918,6 +1011,12 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the mapper until SIGINT/SIGTERM")
     r.add_argument("--config", "-c", required=True)
     r.set_defaults(fn=cmd_run)
+
+    rl = sub.add_parser("reload", help="make the running mapper reload its config and device files (SIGHUP) and"
+                        " wait for the outcome: exit 1 when it refused them (the unit's ExecReload=)")
+    rl.add_argument("--config", "-c", required=True, help="the config the mapper runs with (for its twin.path)")
+    rl.add_argument("--timeout", type=float, default=RELOAD_WAIT_S, help="seconds to wait for the outcome")
+    rl.set_defaults(fn=cmd_reload)
 
     t = sub.add_parser("twin", help="read or set a device twin")
     tsub = t.add_subparsers(dest="twin_command", required=True)

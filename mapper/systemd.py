@@ -383,8 +383,10 @@ def render_unit(settings: UnitSettings) -> str:
     template = resources.files("mapper").joinpath(UNIT_TEMPLATE).read_text(encoding="utf-8")
     command = [settings.python, "-m", "mapper", "run", "--config", str(settings.config)]
     precompile = [settings.python, "-m", "mapper.precompile", "--config", str(settings.config)]
+    reload = [settings.python, "-m", "mapper", "reload", "--config", str(settings.config)]
     return Template(template).substitute(
         exec_start=" ".join(systemd_quote(word) for word in command),
+        exec_reload=" ".join(systemd_quote(word) for word in reload),
         exec_start_pre=" ".join(systemd_quote(word) for word in precompile),
         tuning_environment="\n".join(f"Environment={key}={value}" for key, value in SERVICE_TUNING.items()),
         user=settings.user,

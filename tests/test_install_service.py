@@ -85,10 +85,12 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(
     lines = unit_lines(capsys.readouterr().out)
     assert f"ExecStart={sys.executable} -m mapper run --config {config.resolve()}" in lines
     assert f"ExecStartPre=-{sys.executable} -m mapper.precompile --config {config.resolve()}" in lines
+    # Waits for the reload's outcome (`systemctl reload` fails when it was refused), not a bare kill -HUP.
+    assert f"ExecReload={sys.executable} -m mapper reload --config {config.resolve()}" in lines
     for expected in ("Type=notify", "WatchdogSec=30", "User=mapper", "StateDirectory=mapper",
                      "ReadWritePaths=/var/lib/mapper", "NoNewPrivileges=yes", "ProtectSystem=strict",
                      "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5", "TimeoutStopSec=30",
-                     "ExecReload=/bin/kill -HUP $MAINPID", "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db",
+                     "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db",
                      "Environment=PYTHONOPTIMIZE=2", "Environment=MALLOC_ARENA_MAX=2",
                      "Environment=PYTHONPYCACHEPREFIX=/var/lib/mapper/pycache"):
         assert expected in lines, expected

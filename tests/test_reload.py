@@ -673,3 +673,27 @@ def test_device_map_mistakes_refuse_the_start_and_a_reload_that_brings_them(mapp
     _reload_refused_pipeline_runs_on(mapper, f"reload refused: dev/probe.yaml:{_line(probe, 'window: 8')}:"
                                      f" {field.format(0)}.window: pipeline default/probe-ad: window 8 but model",
                                      "probe-ad")
+
+
+def test_mapper_reload_waits_for_the_reload_and_fails_when_it_is_refused(mapper: Mapper, tmp_path: Path) -> None:
+    """`systemctl reload mapper` ran `kill -HUP` and succeeded at once: a reload the mapper then refused
+    (a bad device file pushed to the node) looked done to the operator and to Ansible's handler, and
+    the next reboot would not start. `mapper reload` (the unit's ExecReload=) sends the SIGHUP, waits
+    for that reload's outcome and exits 1 with its errors when it was refused."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    good_b = (mapper.devices / "b.yaml").read_text()
+    (mapper.devices / "b.yaml").write_text(good_b.replace("collectCycle: 20", "collectCycle: -5", 1))
+    refused = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    assert refused.returncode == 1, refused
+    assert re.search(r"reload refused: dev/b\.yaml:\d+: spec\.properties\[0\]\.collectCycle: ", refused.stderr), refused
+    assert f"pid {mapper.proc.pid}" in refused.stderr, refused.stderr
+
+    (mapper.devices / "b.yaml").write_text(good_b.replace("collectCycle: 20", "collectCycle: 30", 1))
+    done = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    assert done.returncode == 0, done
+    assert done.stdout.strip() == f"reloaded: the mapper (pid {mapper.proc.pid}) runs the new files", done.stdout
+    assert "reload done: changed default/b" in mapper.log()
+
+    mapper.stop()
+    nothing = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    assert nothing.returncode == 1 and f"no mapper runs on the twin {mapper.twin}" in nothing.stderr, nothing
