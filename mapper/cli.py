@@ -92,7 +92,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _validate_config(path: str) -> int:
     """`mapper validate --config`: what `mapper run` checks before it starts (the config with the
     environment's MAPPER_* overrides, what it needs installed, the broker password and TLS files, the
-    API token, the device files it names, its inference pipelines against them), so that a config
+    API token and certificate, the device files it names, its inference pipelines against them), so that a config
     can be checked before it is pushed to a node, without a twin, a lock or a broker."""
     from mapper.inference.extension import config_problems
 
@@ -104,7 +104,7 @@ def _validate_config(path: str) -> int:
         checks += [config.mqtt.check_password, config.mqtt.check_tls]
         warnings += config.mqtt.exposed_secrets(path)
     if config.api is not None and config.api.enabled:
-        checks.append(config.api.check_token)
+        checks += [config.api.check_token, config.api.check_tls]
     for check in checks:
         try:
             check(path)

@@ -1200,7 +1200,8 @@ def test_api_tls_serves_https_tells_plain_http_clients_and_takes_a_renewed_certi
 def test_mapper_run_with_api_tls_loads_openssl_and_refuses_unusable_certificate_files(tmp_path: Path) -> None:
     """`mapper run` keeps OpenSSL out when no TLS is configured (mapper/openssl.py): api.tls must
     bring it in, or the API could not start. A key that is not the certificate's, or a missing
-    file, is a config error naming the field and the file, and nothing starts."""
+    file, is a config error naming the field and the file, and nothing starts; `mapper validate
+    --config` says the same."""
     from mapper_proc import REPO
 
     (tmp_path / "devices.yaml").write_text(DEVICES)
@@ -1223,6 +1224,9 @@ def test_mapper_run_with_api_tls_loads_openssl_and_refuses_unusable_certificate_
         out, _ = refused.communicate(timeout=60)
         assert refused.returncode == 1 and f"error: {config}: {expected}" in out, out
         assert not (tmp_path / "twin.db").exists()  # nothing started
+        checked = subprocess.run([sys.executable, "-m", "mapper", "validate", "--config", str(config)], cwd=REPO,
+                                 capture_output=True, text=True, timeout=60)
+        assert checked.returncode == 1 and f"{config}: {expected}" in checked.stderr, checked.stderr
 
     with run(f"api: {{port: 0, tls: {{cert_file: {cert}, key_file: {key}}}}}\n") as mapper:
         try:
