@@ -394,6 +394,31 @@ def test_the_maps_of_device_files_are_config_problems_at_their_lines_edgecores_a
     assert len(config_problems(config, load([devices]).devices, unrunnable={SENSOR})) == 1
 
 
+def test_a_maps_action_problems_are_at_their_own_keys_lines(tmp_path):
+    """A problem with a map's setValue, setOtherwise or setOn (found once the model and the target are
+    known) is at that key's line of the device file, a target property that is not writable at
+    setProperty's: all of them were at setDevice's line."""
+    from devices.loader import load
+    from mapper.inference.extension import config_problems
+
+    config = MapperConfig(node="n", devices=[tmp_path / "devices"], twin=TwinSettings(path=tmp_path / "t.db"))
+    head = ("      pushMethod:\n        anomalyDetection:\n          data:\n            model: sensor_faults\n"
+            "            setDevice: relay\n")
+    cases = {
+        "setValue": "            setProperty: power\n            setValue: banana\n",
+        "setOtherwise": "            setProperty: power\n            setValue: true\n            setOtherwise: 7\n",
+        "setOn": "            setProperty: power\n            setValue: true\n            setOn: spike,nonsense\n",
+        "setProperty": "            setProperty: powre\n            setValue: true\n",
+    }
+    for key, tail in cases.items():
+        devices = _devices(tmp_path, push=head + tail.rstrip("\n"))
+        lines = (devices / "devices.yaml").read_text().splitlines()
+        line = next(n for n, text in enumerate(lines, 1) if text.strip().startswith(f"{key}:"))
+        [problem] = config_problems(config, load([devices]).devices)
+        assert (problem.line, problem.field) == (line, f"spec.properties[0].pushMethod.anomalyDetection.data.{key}"), \
+            (key, str(problem))
+
+
 def test_config_file_inference_section(tmp_path):
     """`inference:` may be a bare list; model paths are relative to the config file, names to models_dir."""
     path = tmp_path / "m.yaml"
@@ -431,7 +456,7 @@ def test_config_pipeline_problems_name_their_line_and_field_and_wait_for_edgecor
                                "window 3"), found
     assert found[1].startswith(f"{path}:4: inference.pipelines[1].name: pipeline default/relay: its derived "
                                "device"), found
-    assert found[2].startswith(f"{path}:11: inference.pipelines[2].actions[1]: pipeline default/probe-b: set_desired "
+    assert found[2].startswith(f"{path}:11: inference.pipelines[2].actions[1].value: pipeline default/probe-b: set_desired "
                                "value for default/relay/power: property 'power': expected a boolean"), found
     assert found[3] == (f"{path}:12: inference.pipelines[3].device: no device default/edge-only in the device files "
                         "(`devices:`); devices here: default/probe, default/relay"), found
@@ -1414,7 +1439,7 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
 
     push = ("      pushMethod:\n        anomalyDetection:\n          data: {model: sensor_faults, deadlineS: 0.0,"
             " name: probe-ad}\n")
-    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]: .* is ReadOnly"):
+    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]\.property: .* is ReadOnly"):
         await _start(tmp_path, {}, push=push, broker=broker, inference={"pipelines": [
             {"device": "probe", "model": "sensor_faults", "actions": [
                 {"type": "set_desired", "device": "probe", "property": "temperature", "value": 1}]}]})
@@ -1474,7 +1499,7 @@ async def test_a_set_desired_value_the_target_cannot_take_refuses_the_start(tmp_
     from devices.errors import DefinitionError
 
     # A pipeline of the config: the start is refused, naming the action (see test_config_pipeline_problems_...).
-    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]: .*set_desired value for "
+    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]\.value: .*set_desired value for "
                        r"default/relay/power: .*expected a boolean"):
         await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
             {"type": "set_desired", "device": "relay", "property": "power", "value": "banana", "otherwise": False}]})

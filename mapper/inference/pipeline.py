@@ -196,7 +196,8 @@ class Pipeline:
             when = getattr(action, "when", None)
             if when is not None and not set(when) <= classes:
                 raise PipelineError(f"pipeline {self.id}: {action.type} `when` names unknown classes "
-                                    f"{sorted(set(when) - classes)}; the model's are {sorted(classes)}", where)
+                                    f"{sorted(set(when) - classes)}; the model's are {sorted(classes)}",
+                                    f"{where}.when")
             if isinstance(action, SetDesiredAction):
                 target = DeviceId.parse(action.device)
                 d = definitions.get(target)
@@ -209,8 +210,11 @@ class Pipeline:
                     try:  # found now, not at the first decision that would set it
                         d.desired_value(action.property, raw)
                     except ValueError as exc:
+                        # At the value's own line; a property that is not there or not writable, at `property`.
+                        at = "property" if not d.has_property(action.property) or not d.prop(
+                            action.property).writable else field
                         raise PipelineError(f"pipeline {self.id}: set_desired {field} for {target}/{action.property}: "
-                                            f"{exc}", where) from None
+                                            f"{exc}", f"{where}.{at}") from None
             actions.append(action)
         return actions
 
