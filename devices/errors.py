@@ -71,11 +71,15 @@ class DriverTimeout(DriverError):
 
 
 class DriverNotFound(DriverError, LookupError):
-    def __init__(self, protocol: str, known: list[str]) -> None:
+    def __init__(self, protocol: str, known: list[str], broken: dict[str, DriverBroken] | None = None) -> None:
+        """`known`: the protocols whose driver loads; `broken`: those registered whose driver cannot
+        be loaded, named apart with their error (listed as installed, they misled)."""
         self.protocol = protocol
+        unloadable = "".join(f"; registered but cannot be loaded: {name} ({exc.why})"
+                             for name, exc in sorted((broken or {}).items()))
         super().__init__(
-            f"no driver installed for protocol {protocol!r} (installed: {', '.join(sorted(known)) or 'none'});"
-            " install the package that provides it or fix spec.protocol.protocolName"
+            f"no driver installed for protocol {protocol!r} (installed: {', '.join(sorted(known)) or 'none'}"
+            f"{unloadable}); install the package that provides it or fix spec.protocol.protocolName"
         )
 
 
@@ -86,6 +90,8 @@ class DriverBroken(DriverNotFound):
     def __init__(self, protocol: str, target: str, exc: BaseException, package: str | None = None) -> None:
         self.protocol = protocol
         source = f", from package {package}" if package else ""
+        # The entry point and the import error, as a list of the protocols shows them.
+        self.why = f"{target}{source}: {type(exc).__name__}: {exc}"
         DriverError.__init__(
             self, f"the driver for protocol {protocol!r} is registered ({target}{source}) but cannot be loaded: "
             f"{type(exc).__name__}: {exc}; reinstall or fix the package that provides it")

@@ -361,6 +361,38 @@ def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
+def test_a_driver_that_cannot_load_is_not_listed_as_installed(tmp_path, monkeypatch):
+    """A device naming a protocol nothing registers is told what is installed: a registered driver whose
+    module cannot be imported is named apart, with its entry point and import error, not among the
+    installed ones (available_protocols listed it as if it were)."""
+    import importlib
+
+    from devices.drivers import base
+
+    site = tmp_path / "site"
+    meta = site / "missing_driver-1.0.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: missing-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[mapper.drivers]\nmissingmod = mapper_nosuchmodule:X\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    assert "missingmod" not in base.available_protocols() and "simulated" in base.available_protocols()
+    assert set(base.broken_protocols()) == {"missingmod"}
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    text = device_yaml("d0").replace("protocolName: simulated\n    configData", "protocolName: nosuch\n    configData")
+    (devices / "d0.yaml").write_text(text)
+    problem = str(load([devices], base=devices).unrunnable[DeviceId("default", "d0")])
+    installed = problem.partition("(installed: ")[2].partition(";")[0]
+    assert "no driver installed for protocol 'nosuch'" in problem and "simulated" in installed, problem
+    assert "missingmod" not in installed, problem
+    assert ("registered but cannot be loaded: missingmod (mapper_nosuchmodule:X, from package missing-driver: "
+            "ModuleNotFoundError: No module named 'mapper_nosuchmodule')") in problem, problem
+    monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
 READ_ONLY_DRIVER = """\
 from devices.drivers import Driver
 

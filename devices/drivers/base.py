@@ -36,7 +36,6 @@ thread with a timeout by the device loop, so one slow sensor never stalls the ot
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
@@ -199,16 +198,32 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
 
 
 def available_protocols() -> list[str]:
-    """Protocols with an importable driver module."""
-    builtin = {name for name, target in _BUILTIN.items() if _module_exists(target.partition(":")[0])}
-    return sorted({*builtin, *_entry_points(refresh=True)})
+    """Protocols whose driver loads (imports, and is a Driver): what is installed. A registered one
+    that cannot be loaded is not among them (broken_protocols)."""
+    return _protocols()[0]
 
 
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
+def broken_protocols() -> dict[str, DriverBroken]:
+    """Registered protocols whose driver cannot be loaded, each with the DriverBroken saying why."""
+    return _protocols()[1]
+
+
+def _protocols() -> tuple[list[str], dict[str, DriverBroken]]:
+    """(loadable protocols, broken ones with why), each driver imported to tell (a module that is there
+    can still fail to import: a dependency missing, a library refusing to load off its board). Only
+    messages about a missing driver ask, so the imports cost nothing to a mapper whose drivers load."""
+    registered = _entry_points(refresh=True)
+    loadable: list[str] = []
+    broken: dict[str, DriverBroken] = {}
+    for protocol in sorted({*_BUILTIN, *registered}):
+        target = _BUILTIN.get(protocol) or registered[protocol]
+        try:
+            _import_driver(protocol, target)
+        except DriverBroken as exc:
+            broken[protocol] = exc
+        else:
+            loadable.append(protocol)
+    return loadable, broken
 
 
 def load_driver(protocol: str) -> type[Driver]:
@@ -219,7 +234,13 @@ def load_driver(protocol: str) -> type[Driver]:
     registered = _entry_points()
     target = _BUILTIN.get(protocol) or registered.get(protocol) or _entry_points(refresh=True).get(protocol)
     if target is None:
-        raise DriverNotFound(protocol, available_protocols())
+        loadable, broken = _protocols()
+        raise DriverNotFound(protocol, loadable, broken)
+    return _import_driver(protocol, target)
+
+
+def _import_driver(protocol: str, target: str) -> type[Driver]:
+    """The Driver class entry point `target` (`module:Class`) names; DriverBroken if it cannot be loaded."""
     package = None if protocol in _BUILTIN else _packages.get(protocol)
     module_name, _, attr = target.partition(":")
     try:
