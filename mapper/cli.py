@@ -554,7 +554,7 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
 def cmd_install_service(args: argparse.Namespace) -> int:
     from mapper.systemd import (SERVICE_TWIN, ServiceUser, UnitSettings, check_service_reads, check_service_secrets,
                                 check_service_token, existing_groups, install_service, read_paths, render_unit,
-                                service_checks, service_warnings, writable_dirs)
+                                service_checks, service_warnings, start_checks, writable_dirs)
 
     config_path = Path(args.config).resolve()
     # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
@@ -590,7 +590,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
                             watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
                             writable=tuple(writable_dirs(config)), reads=tuple(read_paths(config)))
     unit = render_unit(settings)
-    checks = list(service_checks(settings))
+    started = list(start_checks(config))  # (not in service_warnings: those look at the unit's paths only)
+    checks = [*service_checks(settings), *started]
     cannot_start = [text for fatal, text in checks if fatal]
     if args.dry_run:
         print(unit, end="")
@@ -608,11 +609,13 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         return 1
     if args.dry_run:
         # The checks a real install makes after writing the unit, without writing anything.
-        for warning in service_warnings(settings):
+        for warning in (*service_warnings(settings), *(f"warning: {text}" for _, text in started)):
             print(warning, file=sys.stderr)
         return 0
     for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only):
         print(line)
+    for _, text in started:
+        print(f"warning: {text}")
     if cannot_start:  # --force: installed all the same
         print("next: fix the problems in the warnings above: the service cannot start until then")
     elif not args.unit_only:

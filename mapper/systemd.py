@@ -795,6 +795,35 @@ def service_checks(settings: UnitSettings) -> Iterator[tuple[bool, str]]:
                          f"{first}")
 
 
+def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
+    """What `mapper run` refuses at its start once it has the devices, as (it cannot start, what):
+    the device files' problems, and the inference pipelines (the config's `inference.pipelines`,
+    the device files' anomalyDetection maps) checked against the devices and the models, as the
+    start checks them (mapper.inference.extension.config_problems), each FILE:LINE: FIELD: PROBLEM.
+    Without numpy and onnxruntime the config's pipelines were refused already (check_installed);
+    the maps' pipelines are then only named in a warning: the service runs without them."""
+    from devices.errors import DefinitionError
+    from mapper.inference.extension import config_problems
+    from mapper.inference.settings import InferenceSettings, local_maps, missing_ml_packages
+
+    try:
+        loaded = config.load_devices()
+    except DefinitionError as exc:
+        for problem in exc.problems:
+            yield True, f"{problem} (`mapper run` refuses the device files until it is fixed)"
+        return
+    for problem in config_problems(config, loaded.devices, unrunnable=loaded.unrunnable):
+        yield True, str(problem)
+    if missing := missing_ml_packages():
+        maps = [m for m in local_maps(config.inference or InferenceSettings(), loaded.devices)[0]
+                if m.settings is not None and m.device not in loaded.unrunnable]
+        if maps:
+            where = ", ".join(f"{m.at.file}:{m.at.line}" if m.at.line else m.at.file for m in maps)
+            yield False, (f"the anomalyDetection maps at {where} were not checked against their models, and the"
+                          f" service runs without their pipelines: {' and '.join(missing)} not installed here;"
+                          " install the `ml` extra (pip install 'mapper[ml]') for them")
+
+
 def _installed() -> bool:
     try:
         metadata.distribution("mapper")
