@@ -58,6 +58,9 @@ class LoadResult:
     warnings: list[Problem] = field(default_factory=list)
     # Devices whose protocol has no installed driver: valid YAML, but they cannot run.
     unrunnable: dict[DeviceId, Problem] = field(default_factory=dict)
+    # Of those, the devices whose spec.nodeName names another node (_other_node): not this node's,
+    # so no desired value is taken for them here (MQTT, the twin protocol, the REST API, `twin set`).
+    other_node: dict[DeviceId, Problem] = field(default_factory=dict)
 
 
 def field_name(path: Iterable[str | int]) -> str:
@@ -809,6 +812,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         problems.append(elsewhere)
         if node_chosen:
             result.unrunnable[device_id] = elsewhere
+            result.other_node[device_id] = elsewhere
     if model_entry is None:
         path = ("spec", "deviceModelRef", "name")
         model_name = f"{ns}/{device.spec.device_model_ref.name}"

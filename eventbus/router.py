@@ -276,8 +276,13 @@ class Router:
             self.service.recorder.on_outbox(rows)
 
     def _definition(self, device: DeviceId | None):  # noqa: ANN202
-        definitions = self.service.definitions.devices if self.service.definitions else {}
-        if device is None or device not in definitions:
+        """The definition of a device of this node. A device whose file names another node
+        (spec.nodeName) is not: this mapper does not run it, and on a shared broker that node's
+        mapper answers for it. Taken here, its desired values were stored and answered 200, and
+        applied once the file moved the device to this node."""
+        loaded = self.service.definitions
+        definitions = loaded.devices if loaded else {}
+        if device is None or device not in definitions or device in loaded.other_node:
             raise NotOnNode(device, self.topics.node)
         return definitions[device]
 

@@ -791,9 +791,13 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
     from devices.values import PropertyType
     from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
 
-    definitions, skipped, unrunnable = _valid_definitions(config)
+    definitions, skipped, unrunnable, other_node = _valid_definitions(config)
     definition = definitions.get(device)
     recorded = store.recorded_origin(device)
+    if device in other_node:
+        # Not this node's device: the mapper does not run it, and would apply the value once the
+        # file moved the device here.
+        raise ValueError(f"{other_node[device]}; so no desired value is set for it here")
     if definition is not None:
         if origin_changes(recorded, definition.origin):
             # Written now, the value is the twin row's, whose origin differs: the mapper drops it
@@ -892,10 +896,10 @@ def _origin_text(recorded: tuple[str | None, bool] | None) -> str:
     return {"edgecore": "edgecore's device", "local": "a local file's device"}.get(origin, f"a {origin} device")
 
 
-def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict]:
+def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict, dict]:
     """(the devices of the device files, the problems of the files left out to get them, the
     devices among them a mapper does not run here with why: LoadResult.unrunnable, no driver for
-    its protocol, another node's).
+    its protocol, another node's; and of those, another node's: LoadResult.other_node).
 
     `twin set` needs only the named device's definition: a problem in another device's file must
     not stop it. The files with an error are left out and the rest loaded again, until they load
@@ -903,7 +907,7 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict]:
     problem of the config itself (a `devices:` entry that does not exist) is raised."""
     try:
         result = config.load_devices()
-        return result.devices, [], result.unrunnable
+        return result.devices, [], result.unrunnable, result.other_node
     except DefinitionError as exc:
         failed = exc
     from devices.loader import yaml_files
@@ -917,10 +921,10 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict]:
         skipped += failed.problems
         files = [f for f in files if f.resolve() not in bad]
         if not files:
-            return {}, skipped, {}
+            return {}, skipped, {}, {}
         try:
             result = load(files, push_topics=config.push_topics(), node=config.node, node_chosen=config.node_chosen)
-            return result.devices, skipped, result.unrunnable
+            return result.devices, skipped, result.unrunnable, result.other_node
         except DefinitionError as exc:
             failed = exc
 

@@ -1678,3 +1678,25 @@ def test_validate_config_checks_what_mapper_run_refuses_without_running(tmp_path
 
     both = mapper("validate", str(devices), "--config", str(fine))
     assert both.returncode == 2 and "not both" in both.stderr, both.stderr
+
+
+def test_twin_set_refuses_a_device_whose_file_names_another_node(tmp_path):
+    """`twin set` checks as the router does: a device whose file says `spec.nodeName: node-b` is not
+    this node's (test-node), so no desired value is stored for it (it was, and applied once the file
+    moved the device here). The twin knows the device from the mapper's last run."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    (devices / "other.yaml").write_text(device_yaml("other").replace("spec:\n", "spec:\n  nodeName: node-b\n", 1))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    proc = start_mapper(config, tmp_path / "log")
+    try:
+        wait_for(lambda: mapper("twin", "get", "other", "--config", str(config)).returncode == 0,
+                 what="the device in the twin")
+    finally:
+        assert stop_mapper(proc, signal.SIGTERM) == 0
+    refused = mapper("twin", "set", "other", "power", "true", "--config", str(config))
+    assert refused.returncode == 1, refused.stdout
+    assert "nodeName is 'node-b', but this mapper is node 'test-node'" in refused.stderr, refused.stderr
+    assert "no desired value is set for it here" in refused.stderr
+    twin = json.loads(mapper("twin", "get", "other", "--config", str(config), "--json").stdout)
+    assert twin["properties"]["power"]["desired"] is None
+    assert mapper("twin", "set", "lamp", "power", "true", "--config", str(config)).returncode == 0

@@ -135,6 +135,38 @@ def test_writes_go_through_the_twin(tmp_path: Path) -> None:
 
 
 
+def test_a_device_whose_file_names_another_node_is_not_written(tmp_path: Path) -> None:
+    """`spec.nodeName: node-b` in a file of a mapper of node my-pi: the device is not run here. Its
+    write was taken all the same (200, the desired value stored, applied once the file moved the
+    device here); now it is 404, as for a device this node does not have, and the twin keeps none."""
+    other = DEVICES.replace("name: lamp, namespace", "name: other, namespace").replace(
+        "  deviceModelRef: {name: lamp-model}\n", "  nodeName: node-b\n  deviceModelRef: {name: lamp-model}\n")
+    (tmp_path / "devices.yaml").write_text(DEVICES + "---" + other.split("---", 1)[1])
+    config = MapperConfig(node="my-pi", devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
+                          api=ApiSettings(port=0, writes=True))
+
+    async def main() -> None:
+        service = build_service(config)
+        api = next(e for e in service.extensions if isinstance(e, RestApiExtension))
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            async with asyncio.timeout(10):
+                await service.ready.wait()
+            status, body = await asyncio.to_thread(get, api.port, "/api/v1/devicemethod/default/other/SetPower/power/true")
+            assert status == 404 and "not on this node" in body, (status, body)
+            twin = await service.twin(lambda s: s.device(DeviceId("default", "other")))
+            assert twin.properties["power"].desired is None
+            status, _ = await asyncio.to_thread(get, api.port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+            assert status == 200  # this node's device is written as before
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(main())
+
+
+
 # What a browser adds to a request a web page makes it send: an <img src=...> on any site, a fetch
 # from a page rebound by DNS to 127.0.0.1, a cross-origin fetch (no-cors) from the LAN.
 FROM_PAGES = [

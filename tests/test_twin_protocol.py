@@ -1084,3 +1084,33 @@ def test_a_restart_makes_no_document_for_a_value_the_twin_already_has(broker, tm
 def _lamp_twin(mapper):
     with TwinStore.open(mapper.twin_path) as store:
         return store.device(DeviceId("default", "lamp"))
+
+
+def test_no_desired_value_is_taken_for_a_device_whose_file_names_another_node(broker, tmp_path):
+    """A device file with `spec.nodeName: node-b` in a mapper of test-node: the device is not run
+    here (another node's). Its twin/update was answered 200 and its `/set` stored all the same, so
+    an app wrote desired values for a device this node does not have (on a shared broker, next to
+    node-b's own answer), and they were applied once the file moved the device here. Now the
+    twin/update gets edgecore's 404, the `/set` is refused, and the twin holds no desired value."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    (devices / "other.yaml").write_text(
+        device_yaml("other", cycle=200).replace("spec:\n", "spec:\n  nodeName: node-b\n", 1))
+    other = "$hw/events/device/default/other"
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "$hw/events/device/default/+/#", "mapper/test-node/#")
+        try:
+            sub.expect("mapper/test-node/default/lamp/state")  # the subscriber is in place
+            pub(broker, "mapper/test-node/default/other/count/set", "7")
+            pub(broker, f"{other}/twin/update", '{"event_id":"o1","twin":{"power":{"expected":{"value":"true"}}}}')
+            result = sub.expect(f"{other}/twin/update/result")
+            assert (result["event_id"], result.get("code")) == ("o1", 404), result
+            assert "not on node test-node" in result["reason"]
+            mapper.wait_log("refused set for default/other: 404")
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
+    with TwinStore.open(mapper.twin_path) as store:
+        twin = store.device(DeviceId("default", "other"))
+    assert {name: p.desired for name, p in twin.properties.items()} == {"count": None, "power": None,
+                                                                          "temperature": None}

@@ -303,6 +303,7 @@ class KubeEdgeExtension:
             models={**self._local.models, **built.models},
             warnings=[*self._local.warnings, *built.warnings],
             unrunnable={**self._local.unrunnable, **built.unrunnable},
+            other_node=dict(self._local.other_node),  # (edgecore sends only this node's devices)
         )
         reported = set(built.devices) - set(built.unrunnable)
         state_every = {d: every for d in reported if (every := self._state_every(built.devices[d])) is not None}

@@ -228,6 +228,8 @@ class RestApi:
         definition = definitions.devices.get(device_id) if definitions else None
         if definition is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"device {device_id} not found")
+        if device_id in definitions.other_node:  # not this node's to read or write (LoadResult.other_node)
+            raise ApiError(HTTPStatus.NOT_FOUND, f"device {device_id} is not on this node (its spec.nodeName names another)")
         return definition
 
     def route(self, path: str, headers: Mapping[str, str] | None = None, client: str = "") -> dict[str, Any]:
