@@ -378,8 +378,21 @@ def systemd_quote(arg: str, *, dollar: bool = True) -> str:
     return escaped
 
 
+def _one_line(field: str, value: str) -> None:
+    """ValueError unless `value` can stand in one line of the unit. A unit file is read line by
+    line, quotes or not: a newline in a path (a config's kubeedge.socket) ended the line there, and
+    what followed was a directive of its own, such as `ExecStartPre=+...`, run as root."""
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise ValueError(f"{field}: {value!r} holds a control character (a newline, a tab, ...), which cannot"
+                         " stand in a systemd unit (a newline would start a directive of its own): rename it")
+
+
 def render_unit(settings: UnitSettings) -> str:
     """The unit for this installation, from the template shipped in the package."""
+    for field, value in (("--config", str(settings.config)), ("the interpreter", settings.python),
+                         ("--user", settings.user), *(("--groups", g) for g in settings.groups),
+                         *((f"{settings.config}: {field}", str(path)) for field, path in settings.writable)):
+        _one_line(field, value)
     template = resources.files("mapper").joinpath(UNIT_TEMPLATE).read_text(encoding="utf-8")
     command = [settings.python, "-m", "mapper", "run", "--config", str(settings.config)]
     precompile = [settings.python, "-m", "mapper.precompile", "--config", str(settings.config)]

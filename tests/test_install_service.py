@@ -927,3 +927,21 @@ def test_dry_run_checks_the_api_tls_files_as_the_start_does(
             in capsys.readouterr().err)
     os.chown(key, pwd.getpwnam("nobody").pw_uid, -1)
     assert main([*install, str(config)]) == 0
+
+
+def test_a_path_with_a_newline_is_refused_not_written_into_the_unit(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """A unit file is read line by line, quoted or not: a config whose kubeedge.socket held a
+    newline put what followed it into the unit as a directive of its own, an `ExecStartPre=+...`
+    that systemd runs as root at the next start. Now the install is refused, naming the field."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    kube = ('mode: kubeedge\nkubeedge:\n  name: dht\n  protocol: dht\n'
+            '  socket: "/run/kube\\nExecStartPre=+/bin/touch /root/pwned\\n#/dht.sock"\n')
+    config = write_config(tmp_path / "kube.yaml", devices, SERVICE_TWIN, extra=kube)
+    assert main(["install-service", "--config", str(config), "--dry-run", "--groups"]) == 1
+    captured = capsys.readouterr()
+    assert "ExecStartPre=+" not in captured.out
+    assert f"{config}: kubeedge.socket: '/run/kube\\nExecStartPre=+/bin/touch /root/pwned\\n#' holds a control" \
+           " character" in captured.err, captured.err
+    with pytest.raises(ValueError, match="--config: .* holds a control character"):
+        render_unit(UnitSettings(config=Path("/etc/mapper/a\nExecStartPre=+/bin/true\n.yaml"), groups=()))
