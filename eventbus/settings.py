@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -123,6 +124,22 @@ class MqttSettings(BaseModel):
     # The mapper announces itself on <prefix>/<node>/instance this often (and at every connect), so
     # that another mapper serving the same node is noticed: see eventbus/instance.py.
     instance_interval_s: float = Field(default=60.0, ge=0.5, le=86_400)
+    # A password sent to a broker on another machine without TLS crosses the network in clear text
+    # (MQTT's CONNECT carries it as it is): refused unless this says the network is trusted.
+    allow_password_in_clear: bool = False
+
+    @model_validator(mode="after")
+    def _no_password_in_clear(self) -> MqttSettings:
+        """A password and `mqtt://` to a host other than this machine: refused. The CONNECT holds the
+        password as it is, sent at every (re)connect, also to a TLS-only listener that then drops the
+        connection (the shipped brokers' LAN and cloud listeners are TLS only, port 8883)."""
+        if ((self.password_file is not None or self.password_env is not None) and not self.uses_tls
+                and not self.allow_password_in_clear and not _loopback(self.host)):
+            raise FieldError(("url",), f"{self.url!r}: the password would cross the network in clear text (mqtt://"
+                                       f" to {self.host}, not this machine): use mqtts://{self.host}:8883 (and"
+                                       " tls.ca_file for a broker's own CA), or set allow_password_in_clear: true"
+                                       " if every network on the way is trusted")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -289,6 +306,17 @@ def read_secret_file(field: str, path: Path, noun: str, what: str) -> str:
     if not secret.strip():
         raise ValueError(f"{field}: {path} is empty (or only white space): write {what} in it, as one line")
     return secret
+
+
+def _loopback(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (`localhost`, 127.0.0.0/8, ::1):
+    traffic to it never leaves the machine."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to anywhere
+        return False
 
 
 def mode_granting(path: Path | None, bits: int) -> int | None:

@@ -803,3 +803,55 @@ async def test_a_cloud_worker_answer_the_broker_refuses_is_logged_naming_its_top
     assert f"on 'mapper/{node}/offload/result'" in line and "Not authorized (0x87)" in line, line
     assert "user 'worker'" in line, line
     assert worker.answers_refused == 1
+
+
+def test_a_password_is_never_sent_in_clear_text_to_another_machine(tmp_path):
+    """`mqtt://` with a password to a broker named by a host name (it may be any machine): the
+    CONNECT carries the password as it is, so it crossed the network in clear text at every
+    (re)connect, also to a TLS-only listener (the shipped LAN and cloud ones), which drops the
+    connection only after reading it. Now `mapper run` refuses the config, naming the field, and
+    connects nowhere; loopback (127.0.0.1, ::1, localhost) and mqtts:// are as before."""
+    import select
+    import socket
+    import subprocess
+    import sys
+
+    from helpers import write_config
+    from mapper.config import load_config
+    from mapper_proc import REPO
+
+    server = socket.create_server(("", 0))  # every interface: the host name may resolve to any of them
+    port = server.getsockname()[1]
+    secret = tmp_path / "pw"
+    secret.write_text("not-for-the-wire\n")
+    secret.chmod(0o600)
+    mqtt = f"mqtt:\n  url: mqtt://{socket.gethostname()}:{port}\n  username: mapper\n  password_file: {secret}\n"
+    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["lamp"]), tmp_path / "twin.db",
+                          extra=mqtt)
+    proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while proc.poll() is None and time.monotonic() < deadline:
+            if select.select([server], [], [], 0.1)[0]:
+                conn, _ = server.accept()
+                with conn:
+                    conn.settimeout(5)
+                    pytest.fail(f"the mapper connected and sent {conn.recv(4096)!r}")
+        assert proc.poll() is not None, "the mapper neither connected nor stopped within 30 s"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        output = proc.communicate(timeout=10)[0]
+        server.close()
+    assert proc.returncode != 0, output
+    line = config.read_text().splitlines().index(f"  url: mqtt://{socket.gethostname()}:{port}") + 1
+    assert f"{config}:{line}: mqtt.url: " in output, output
+    assert "the password would cross the network in clear text" in output
+    assert "not-for-the-wire" not in output
+
+    for url, extra in ((f"mqtt://127.0.0.1:{port}", ""), ("mqtt://[::1]", ""), ("mqtt://localhost", ""),
+                       ("mqtts://broker.example", ""), ("mqtt://broker.example", "  allow_password_in_clear: true\n")):
+        config.write_text(config.read_text().split("mqtt:\n")[0]
+                          + f"mqtt:\n  url: {url}\n  username: mapper\n  password_file: {secret}\n{extra}")
+        assert load_config(config).mqtt.url == url
