@@ -422,8 +422,11 @@ class Router:
                             "" if key[1] is None else f" for {key[1]}", exc)
 
     async def _answer_membership(self, event_ids: list[str]) -> None:
-        definitions = self.service.definitions.devices if self.service.definitions else {}
-        twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids()])
+        loaded = self.service.definitions
+        definitions = loaded.devices if loaded else {}
+        # Not the devices whose file names another node: they are that node's members (_definition).
+        other_node = loaded.other_node if loaded else {}
+        twins = await self.service.twin(lambda s: [s.device(d) for d in s.device_ids() if d not in other_node])
         body = payloads.membership(event_ids[0], twins, definitions)  # built once, for each event_id
         await self._send([OutMessage(self.topics.membership_result(), {**body, "event_id": event_id},
                                      kind="twin", sequenced=False) for event_id in event_ids])

@@ -1098,7 +1098,7 @@ def test_no_desired_value_is_taken_for_a_device_whose_file_names_another_node(br
     other = "$hw/events/device/default/other"
     with MapperProcess(tmp_path, devices, broker) as mapper:
         mapper.wait_log("connected to mqtt://")
-        sub = Sub(broker, "app", "$hw/events/device/default/+/#", "mapper/test-node/#")
+        sub = Sub(broker, "app", "$hw/events/device/default/+/#", "mapper/test-node/#", "$hw/events/node/#")
         try:
             sub.expect("mapper/test-node/default/lamp/state")  # the subscriber is in place
             pub(broker, "mapper/test-node/default/other/count/set", "7")
@@ -1107,6 +1107,10 @@ def test_no_desired_value_is_taken_for_a_device_whose_file_names_another_node(br
             assert (result["event_id"], result.get("code")) == ("o1", 404), result
             assert "not on node test-node" in result["reason"]
             mapper.wait_log("refused set for default/other: 404")
+            # Nor is it one of this node's members (it was, offline: node-b's device claimed by test-node).
+            pub(broker, "$hw/events/node/test-node/membership/get", '{"event_id":"m-other"}')
+            members = sub.expect("$hw/events/node/test-node/membership/get/result")
+            assert [d["id"] for d in members["devices"]] == ["default/lamp"], members
         finally:
             sub.close()
             assert mapper.stop() == 0
