@@ -94,3 +94,22 @@ def test_a_reload_that_changes_the_devices_reaches_the_cloud_as_membership_updat
         assert [d["id"] for d in update["added_devices"]] == ["default/fan"], update
         assert [d["id"] for d in update["removed_devices"]] == ["default/lamp"], update
         assert mapper.stop() == 0
+
+
+def test_a_cloud_app_asks_a_node_for_its_devices_and_gets_the_answer(cloud_and_edge, tmp_path):
+    """A cloud app's `edge/<node>/$hw/events/node/<node>/membership/get` reaches the mapper on the Pi
+    (the bridge takes it in as it takes twin/get), and the answer comes back to the app as
+    `edge/<node>/$hw/events/node/<node>/membership/get/result`. The bridge used to carry neither:
+    a cloud app could ask a Pi for a device's twin but not for its devices."""
+    cloud, edge, node = cloud_and_edge
+    devices = write_devices(tmp_path / "dev", ["lamp", "fan"], cycle=200)
+    request = f"edge/{node}/$hw/events/node/{node}/membership/get"
+    with MapperProcess(tmp_path, devices, edge, node=node) as mapper, cloud.client("app", tls=True) as app:
+        assert not app.subscribe(f"{request}/result").is_failure
+        app.subscribe(f"mapper/{node}/default/lamp/count")
+        mapper.wait_log("connected to mqtt://")
+        next_matching(app, f"mapper/{node}/default/lamp/count", lambda b: True)  # the mapper is subscribed
+        assert str(app.publish(request, json.dumps({"event_id": "m1"}))) == "Success"
+        result = next_matching(app, f"{request}/result", lambda b: b["event_id"] == "m1")
+        assert sorted(d["id"] for d in result["devices"]) == ["default/fan", "default/lamp"], result
+        assert mapper.stop() == 0

@@ -455,14 +455,17 @@ def test_cloud_refuses_anonymous_and_wrong_password(cloud_and_edge: CloudAndEdge
              "mapper/{node}/bridge/state", "mapper/{node}/offload/request", "mapper/{node}/offload/result",
              "mapper/{node}/other/led/power/set", "edge/{node}/$hw/events/device/default/dht/twin/update/result",
              "edge/{node}/$hw/events/device/other/led/twin/update",
-             "edge/{node}/$hw/events/node/{node}/membership/updated"]),
+             "edge/{node}/$hw/events/node/{node}/membership/updated",
+             "edge/{node}/$hw/events/node/{node}/membership/get/result"]),
     ("worker", ["mapper/{node}/default/dht/temperature", "mapper/{node}/default/dht/state",
                 "mapper/{node}/offload/request", "mapper/{node}/default/led/power/set",
                 "edge/{node}/$hw/events/device/default/led/twin/update",
-                "edge/{node}/$hw/events/node/{node}/membership/updated"]),
+                "edge/{node}/$hw/events/node/{node}/membership/updated",
+                "edge/{node}/$hw/events/node/{node}/membership/get"]),
     ("bridge", ["mapper/{node}/default/led/power/set", "mapper/{node}/offload/result",
                 "edge/{node}/$hw/events/device/default/led/twin/update",
-                "edge/{node}/$hw/events/device/default/led/twin/get"]),
+                "edge/{node}/$hw/events/device/default/led/twin/get",
+                "edge/{node}/$hw/events/node/{node}/membership/get"]),
 ])
 def test_cloud_users_cannot_publish_outside_their_role(cloud_and_edge: CloudAndEdge, user: str,
                                                        refused: list[str]) -> None:
@@ -484,15 +487,16 @@ def test_cloud_users_cannot_publish_outside_their_role(cloud_and_edge: CloudAndE
 
 def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: CloudAndEdge) -> None:
     """mapper/ topics keep their names on the cloud; $hw/ topics get the edge/{node}/ prefix. The node's
-    health goes as its availability does, its membership/updated as the twin results (a cloud app
-    reads them all: cloud-acl); another node's membership/updated stays on the Pi."""
+    health goes as its availability does, its membership/updated and membership/get/result as the twin
+    results (a cloud app reads them all: cloud-acl); another node's stay on the Pi."""
     cloud, edge, node = cloud_and_edge
     local = [f"mapper/{node}/default/dht/temperature", f"mapper/{node}/default/dht/state",
              f"mapper/{node}/default/dht/availability", f"mapper/{node}/availability", f"mapper/{node}/health",
              "$hw/events/device/default/dht/twin/update/result",
              "$hw/events/device/default/dht/twin/update/document",
              "$hw/events/device/default/dht/twin/get/result",
-             f"$hw/events/node/{node}/membership/updated"]
+             f"$hw/events/node/{node}/membership/updated",
+             f"$hw/events/node/{node}/membership/get/result"]
     with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
         app.subscribe(f"mapper/{node}/availability")  # not mapper/{node}/#: bridge/state is retained there
         app.subscribe(f"mapper/{node}/health")
@@ -500,6 +504,7 @@ def test_bridge_sends_telemetry_state_and_twin_results_to_cloud(cloud_and_edge: 
         app.subscribe(f"edge/{node}/$hw/events/device/default/dht/#")
         app.subscribe(f"edge/{node}/$hw/events/node/#")
         mapper.publish("$hw/events/node/pi-other/membership/updated", b"{}")  # first: had it gone out, it shows
+        mapper.publish("$hw/events/node/pi-other/membership/get/result", b"{}")
         for topic in local:
             mapper.publish(topic, b"{}")
         expected = [t.replace("$hw/", f"edge/{node}/$hw/") for t in local]
@@ -560,17 +565,23 @@ def test_a_client_with_the_old_guessable_bridge_id_does_not_stop_the_bridge(clou
 
 
 def test_bridge_brings_desired_values_from_cloud(cloud_and_edge: CloudAndEdge) -> None:
-    """Desired values for this node come in (prefix removed); those for another node do not."""
+    """Desired values and membership requests for this node come in (prefix removed); those for
+    another node do not."""
     cloud, edge, node = cloud_and_edge
     with cloud.client("app", tls=True) as app, edge.client("mapper") as mapper:
         mapper.subscribe("mapper/+/+/+/+/set")
         mapper.subscribe("$hw/events/device/+/+/twin/update")
+        mapper.subscribe("$hw/events/node/+/membership/get")
         app.publish("mapper/pi-other/default/led/power/set", b"on")
         app.publish(f"mapper/{node}/default/led/power/set", b"on")
         app.publish("edge/pi-other/$hw/events/device/default/led/twin/update", b"{}")
         app.publish(f"edge/{node}/$hw/events/device/default/led/twin/update", b"{}")
-        assert topics_of(mapper, 2) == [f"mapper/{node}/default/led/power/set",
-                                        "$hw/events/device/default/led/twin/update"]
+        app.publish("edge/pi-other/$hw/events/node/pi-other/membership/get", b"{}")
+        app.publish(f"edge/{node}/$hw/events/node/pi-other/membership/get", b"{}")
+        app.publish(f"edge/{node}/$hw/events/node/{node}/membership/get", b"{}")
+        assert topics_of(mapper, 3) == [f"mapper/{node}/default/led/power/set",
+                                        "$hw/events/device/default/led/twin/update",
+                                        f"$hw/events/node/{node}/membership/get"]
 
 
 def test_offload_round_trip_through_shared_subscription(cloud_and_edge: CloudAndEdge) -> None:
@@ -664,10 +675,13 @@ def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() ->
                       "edge/pi-b/$hw/events/device/default/dht/twin/update/result",
                       "edge/pi-b/$hw/events/node/pi-b/membership/updated",
                       "edge/pi-a/$hw/events/node/pi-b/membership/updated",
-                      "edge/pi-b/$hw/events/node/pi-a/membership/updated"):
+                      "edge/pi-b/$hw/events/node/pi-a/membership/updated",
+                      "edge/pi-b/$hw/events/node/pi-b/membership/get/result",
+                      "edge/pi-a/$hw/events/node/pi-b/membership/get/result"):
             assert pi_a.publish(topic, b"forged") == NOT_AUTHORIZED, topic
         assert not pi_a.publish("edge/pi-a/$hw/events/device/default/dht/twin/update/result", b"{}").is_failure
         assert not pi_a.publish("edge/pi-a/$hw/events/node/pi-a/membership/updated", b"{}").is_failure
+        assert not pi_a.publish("edge/pi-a/$hw/events/node/pi-a/membership/get/result", b"{}").is_failure
         # Desired values: pi-a's reach it, pi-b's do not (a refused subscription or no delivery).
         pi_a.subscribe("mapper/pi-a/+/+/+/set")
         pi_a.subscribe("mapper/pi-b/+/+/+/set")
@@ -678,6 +692,13 @@ def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() ->
         # for a message that does not come is needed (it proved nothing more, and took 1 s).
         message = pi_a.next_message()
         assert (message.topic, message.payload) == ("mapper/pi-a/default/led/power/set", b"false")
+        # Membership requests alike: pi-a reads its own node's, not pi-b's (under either prefix).
+        pi_a.subscribe("edge/+/$hw/events/node/+/membership/get")
+        for topic in ("edge/pi-b/$hw/events/node/pi-b/membership/get", "edge/pi-a/$hw/events/node/pi-b/membership/get",
+                      "edge/pi-b/$hw/events/node/pi-a/membership/get", "edge/pi-a/$hw/events/node/pi-a/membership/get"):
+            assert app.publish(topic, b"{}") == 0, topic
+        message = pi_a.next_message()
+        assert message.topic == "edge/pi-a/$hw/events/node/pi-a/membership/get"
     # What the README says of the shared user: any Pi's bridge may publish every node's telemetry.
     with MosquittoBroker("cloud.conf") as shared, shared.client("bridge", tls=True) as bridge:
         for topic in ("mapper/pi-a/default/dht/temperature", "mapper/pi-b/default/dht/temperature"):
