@@ -56,6 +56,8 @@ TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
 TWIN_WAIT_TICK_S = 5.0
+# Why a device an extension keeps is not run (MapperService.not_run), in the running and STATUS= lines.
+NOT_RUN_WHY = "invalid, or waiting for their model or a resource"
 
 
 class OutboxDropLog:
@@ -270,8 +272,9 @@ class MapperService:
                                     " this version was `edge-node` without it)", self.config.node,
                                     self.config.push_topics().prefix, self.config.node)
                     log.info(
-                        "mapper %s running: %d device(s), %d refused, twin %s",
-                        self.config.node, len(self.runners), len(self.refused), t.path,
+                        "mapper %s running: %d device(s), %d refused%s, twin %s",
+                        self.config.node, len(self.runners), len(self.refused),
+                        f", {len(self.not_run)} not run ({NOT_RUN_WHY})" if self.not_run else "", t.path,
                     )
                     self.ready.set()
                     await stop.wait()
@@ -551,6 +554,12 @@ class MapperService:
         `offline` as they stopped) go to the not_run_listeners: a previous run may have left
         `online` on their availability, as it may for a refused local device."""
         newly = [d for d in devices if d not in self.not_run and d not in ran]
+        if set(devices) != set(self.not_run):  # the running line counted those of the start only
+            if devices:
+                log.info("%d device(s) kept but not run (%s; announced offline): %s", len(devices), NOT_RUN_WHY,
+                         ", ".join(sorted(map(str, devices))))
+            else:
+                log.info("no device kept but not run any more")
         self.not_run = dict(devices)
         if not newly:
             return

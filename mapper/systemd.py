@@ -94,19 +94,24 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
-                rejected_messages: int = 0, *, readings_dropped: int = 0, undeliverable: int = 0,
+                rejected_messages: int = 0, *, not_run: int = 0, readings_dropped: int = 0, undeliverable: int = 0,
                 subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None,
                 broker_down: str | None = None) -> str:
-    """`3 devices: 2 ok, 1 unhealthy; outbox 12 queued, 5 dropped (outbox limits); 120 readings dropped (twin not
-    writable); 3 messages undeliverable; 4 MQTT messages refused; broker refused subscription(s) to
-    mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ... (see the log);
-    MQTT broker not connected since 2026-11-30 21:24:08Z: [code:135] Not authorized (see the log)`
-    (pure, for STATUS=)."""
+    """`5 devices: 2 ok, 1 unhealthy, 2 not run (invalid, or waiting for their model or a resource); outbox 12
+    queued, 5 dropped (outbox limits); 120 readings dropped (twin not writable); 3 messages undeliverable; 4 MQTT
+    messages refused; broker refused subscription(s) to mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves
+    this node: host 'pi2', pid 812, ... (see the log); MQTT broker not connected since 2026-11-30 21:24:08Z:
+    [code:135] Not authorized (see the log)` (pure, for STATUS=). `not_run`: the devices an extension keeps but
+    does not run (MapperService.not_run, KubeEdge's), announced `offline` as the refused ones."""
+    from mapper.service import NOT_RUN_WHY
+
     counts = Counter(states)
-    total = sum(counts.values()) + refused
+    total = sum(counts.values()) + refused + not_run
     parts = [f"{n} {state}" for state, n in sorted(counts.items())]
     if refused:
         parts.append(f"{refused} refused")
+    if not_run:
+        parts.append(f"{not_run} not run ({NOT_RUN_WHY})")
     text = f"{total} device{'s' if total != 1 else ''}" + (f": {', '.join(parts)}" if parts else "")
     if outbox is not None:
         text += f"; outbox {outbox.get('depth', 0)} queued"
@@ -272,7 +277,7 @@ class SystemdExtension:
         if bus is not None and bus.down_since is not None and not bus.connected.is_set():
             since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(bus.down_since))
             broker_down = f"{since}: {bus.last_error}" if bus.last_error else since
-        return status_line(states, len(service.refused), outbox, rejected,
+        return status_line(states, len(service.refused), outbox, rejected, not_run=len(service.not_run),
                            readings_dropped=before.get("readings_dropped", 0) + (recorder.dropped if recorder else 0),
                            undeliverable=before.get("outbox_undeliverable", 0) + (publisher.undeliverable if publisher else 0),
                            subscriptions_refused=bus.refused_subscriptions if bus else (),

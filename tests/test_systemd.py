@@ -312,9 +312,11 @@ def test_watchdog_interval_from_environment() -> None:
 
 
 def test_status_line() -> None:
-    """The STATUS= summary counts device states, refused devices and the outbox."""
+    """The STATUS= summary counts device states, refused devices, those kept but not run, and the outbox."""
     assert status_line(["ok", "ok", "unhealthy"], 1, {"depth": 12, "dropped": 0}) == (
         "4 devices: 2 ok, 1 unhealthy, 1 refused; outbox 12 queued")
+    assert status_line(["ok"], 1, None, not_run=2) == (
+        "4 devices: 1 ok, 1 refused, 2 not run (invalid, or waiting for their model or a resource)")
     assert status_line([], 0, None) == "0 devices"
     assert status_line(["ok"], 0, {"depth": 0, "dropped": 3}) == "1 device: 1 ok; outbox 0 queued, 3 dropped (outbox limits)"
     assert status_line(["ok"], 0, {"depth": 0}, readings_dropped=120, undeliverable=3) == (
@@ -359,6 +361,49 @@ async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener:
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
+
+
+async def test_status_counts_the_edgecore_devices_kept_but_not_run(tmp_path: Path, listener: NotifyListener,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """In `mode: kubeedge`, edgecore's Devices that are invalid or wait for their DeviceModel are kept,
+    not run, and announced `offline` (MapperService.not_run). STATUS= counted only the running and
+    the refused devices, so `systemctl status` said "3 devices: 3 ok" for a node with 5, two of them
+    offline; it now counts them apart, and the log names them when that set changes."""
+    from dmi_edgecore import FakeEdgecore, device, model
+    from mapper.dmi.extension import KubeEdgeExtension
+    from mapper.runtime import build_service
+
+    sockdir = Path(tempfile.mkdtemp(prefix="sdk-", dir="/tmp"))  # unix socket paths: 107 bytes at most
+    switch = model("switch-model", {"power": ("BOOLEAN", "ReadWrite")})
+    kubeedge = (f"mode: kubeedge\nkubeedge:\n  name: sim\n  protocol: simulated\n"
+                f"  edgecore_socket: {sockdir / 'dmi.sock'}\n  socket: {sockdir / 'sim.sock'}\n"
+                "  register_backoff_max_s: 0.2\n  report_interval_s: 0\n")
+    config = config_for(tmp_path, extra=kubeedge)
+    caplog.set_level(logging.INFO, logger="mapper.service")
+    try:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore:
+            edgecore.devices = [
+                (device("edge-lamp", "switch-model", {"power": {"kind": "switch"}}, cycle_ms=50), switch),
+                (device("broken", "switch-model", {"power": {"kind": "switch"}}, config={"failure_rate": 5}), switch),
+                (device("orphan", "no-such-model", {"power": {"kind": "switch"}}), switch),
+            ]
+            service = build_service(config)
+            service.extensions.append(SystemdExtension(Notifier(listener.address), status_every_s=0.05))
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            try:
+                await asyncio.wait_for(service.ready.wait(), 15)
+                ext = next(e for e in service.extensions if isinstance(e, KubeEdgeExtension))
+                await asyncio.wait_for(ext.registered.wait(), 15)
+                await to_thread(listener.wait_for, "STATUS=5 devices: 3 ok, 2 not run (invalid, or waiting for their"
+                                " model or a resource); outbox 0 queued", timeout=15)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 15)
+    finally:
+        shutil.rmtree(sockdir, ignore_errors=True)
+    assert ("2 device(s) kept but not run (invalid, or waiting for their model or a resource; announced offline): "
+            "default/broken, default/orphan") in caplog.text, caplog.text[-3000:]
 
 
 def test_bad_notify_socket_is_refused() -> None:
