@@ -134,7 +134,7 @@ class MqttSettings(BaseModel):
         password as it is, sent at every (re)connect, also to a TLS-only listener that then drops the
         connection (the shipped brokers' LAN and cloud listeners are TLS only, port 8883)."""
         if ((self.password_file is not None or self.password_env is not None) and not self.uses_tls
-                and not self.allow_password_in_clear and not _loopback(self.host)):
+                and not self.allow_password_in_clear and not is_loopback_host(self.host)):
             raise FieldError(("url",), f"{self.url!r}: the password would cross the network in clear text (mqtt://"
                                        f" to {self.host}, not this machine): use mqtts://{self.host}:8883 (and"
                                        " tls.ca_file for a broker's own CA), or set allow_password_in_clear: true"
@@ -308,14 +308,16 @@ def read_secret_file(field: str, path: Path, noun: str, what: str) -> str:
     return secret
 
 
-def _loopback(host: str) -> bool:
-    """Whether `host` names this machine's loopback interface (`localhost`, 127.0.0.0/8, ::1):
-    traffic to it never leaves the machine."""
-    if host.lower().rstrip(".") == "localhost":
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine's loopback interface (`localhost`, 127.0.0.0/8, ::1, also
+    written `[::1]`): traffic to it never leaves the machine. Any other name (it may resolve to
+    anywhere) or address, `0.0.0.0` and `""` (every interface) included, is not."""
+    name = host.strip().strip("[]").lower().rstrip(".")
+    if name == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name: it may resolve to anywhere
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
         return False
 
 

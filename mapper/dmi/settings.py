@@ -5,8 +5,6 @@ No grpc import here: mapper.config uses these models in standalone mode too.
 
 from __future__ import annotations
 
-import contextlib
-import ipaddress
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -14,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from devices.errors import FieldError
-from eventbus.settings import load_certificate, mode_granting, read_secret_file
+from eventbus.settings import is_loopback_host, load_certificate, mode_granting, read_secret_file
 from mapper import __version__
 
 if TYPE_CHECKING:
@@ -179,12 +177,7 @@ class ApiSettings(_Section):
     def loopback(self) -> bool:
         """Whether `host` is a loopback address (or `localhost`): only this machine's users reach it.
         Any other name or address, `0.0.0.0` and `""` (every interface) included, is not."""
-        name = self.host.strip().strip("[]").lower().rstrip(".")
-        if name == "localhost":
-            return True
-        with contextlib.suppress(ValueError):
-            return ipaddress.ip_address(name).is_loopback
-        return False
+        return is_loopback_host(self.host)
 
     @model_validator(mode="after")
     def _writes_beyond_loopback(self) -> ApiSettings:
