@@ -331,10 +331,9 @@ def test_a_driver_package_that_cannot_load_refuses_its_devices_only(tmp_path, mo
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
-def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the_import_error(tmp_path, monkeypatch):
-    """A package's entry point names a module that is not there (half uninstalled, or a typo in its
-    pyproject): said as such, with the entry point, the package and the import error. It said "no
-    driver installed for protocol 'missingmod' (installed: ..., missingmod, ...)"."""
+def _register_a_missing_driver(tmp_path, monkeypatch):  # noqa: ANN001, ANN202
+    """An installed package whose `mapper.drivers` entry point `missingmod` names a module that is not
+    there; returns devices.drivers.base with its registry to be read again (and again after the test)."""
     import importlib
 
     from devices.drivers import base
@@ -347,6 +346,14 @@ def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(base, "_registered", None)
     importlib.invalidate_caches()
+    return base
+
+
+def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the_import_error(tmp_path, monkeypatch):
+    """A package's entry point names a module that is not there (half uninstalled, or a typo in its
+    pyproject): said as such, with the entry point, the package and the import error. It said "no
+    driver installed for protocol 'missingmod' (installed: ..., missingmod, ...)"."""
+    base = _register_a_missing_driver(tmp_path, monkeypatch)
     devices = tmp_path / "devices"
     devices.mkdir()
     (devices / "m.yaml").write_text(MODEL.format(model="thing-model"))
@@ -365,18 +372,7 @@ def test_a_driver_that_cannot_load_is_not_listed_as_installed(tmp_path, monkeypa
     """A device naming a protocol nothing registers is told what is installed: a registered driver whose
     module cannot be imported is named apart, with its entry point and import error, not among the
     installed ones (available_protocols listed it as if it were)."""
-    import importlib
-
-    from devices.drivers import base
-
-    site = tmp_path / "site"
-    meta = site / "missing_driver-1.0.dist-info"
-    meta.mkdir(parents=True)
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: missing-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[mapper.drivers]\nmissingmod = mapper_nosuchmodule:X\n")
-    monkeypatch.syspath_prepend(str(site))
-    monkeypatch.setattr(base, "_registered", None)
-    importlib.invalidate_caches()
+    base = _register_a_missing_driver(tmp_path, monkeypatch)
     assert "missingmod" not in base.available_protocols() and "simulated" in base.available_protocols()
     assert set(base.broken_protocols()) == {"missingmod"}
     devices = tmp_path / "devices"

@@ -60,11 +60,11 @@ def get(port: int, path: str, headers: dict[str, str] | None = None) -> tuple[in
 
 def scenario(tmp_path: Path, writes: bool, check, devices: str = DEVICES,  # noqa: ANN001
              allowed_hosts: list[str] | None = None, *, loop: DeviceLoopSettings | None = None,
-             **api: Any) -> None:
+             node: str | None = None, **api: Any) -> None:
     (tmp_path / "devices.yaml").write_text(devices)
     config = MapperConfig(devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
                           api=ApiSettings(port=0, writes=writes, allowed_hosts=allowed_hosts or [], **api),
-                          loop=loop or DeviceLoopSettings())
+                          loop=loop or DeviceLoopSettings(), **({"node": node} if node else {}))
 
     async def main() -> None:
         service = build_service(config)
@@ -141,29 +141,15 @@ def test_a_device_whose_file_names_another_node_is_not_written(tmp_path: Path) -
     device here); now it is 404, as for a device this node does not have, and the twin keeps none."""
     other = DEVICES.replace("name: lamp, namespace", "name: other, namespace").replace(
         "  deviceModelRef: {name: lamp-model}\n", "  nodeName: node-b\n  deviceModelRef: {name: lamp-model}\n")
-    (tmp_path / "devices.yaml").write_text(DEVICES + "---" + other.split("---", 1)[1])
-    config = MapperConfig(node="my-pi", devices=[tmp_path / "devices.yaml"], twin=TwinSettings(path=tmp_path / "twin.db"),
-                          api=ApiSettings(port=0, writes=True))
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/other/SetPower/power/true")
+        assert status == 404 and "not on this node" in body, (status, body)
+        twin = await service.twin(lambda s: s.device(DeviceId("default", "other")))
+        assert twin.properties["power"].desired is None
+        status, _ = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+        assert status == 200  # this node's device is written as before
 
-    async def main() -> None:
-        service = build_service(config)
-        api = next(e for e in service.extensions if isinstance(e, RestApiExtension))
-        stop = asyncio.Event()
-        task = asyncio.create_task(service.run(stop))
-        try:
-            async with asyncio.timeout(10):
-                await service.ready.wait()
-            status, body = await asyncio.to_thread(get, api.port, "/api/v1/devicemethod/default/other/SetPower/power/true")
-            assert status == 404 and "not on this node" in body, (status, body)
-            twin = await service.twin(lambda s: s.device(DeviceId("default", "other")))
-            assert twin.properties["power"].desired is None
-            status, _ = await asyncio.to_thread(get, api.port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
-            assert status == 200  # this node's device is written as before
-        finally:
-            stop.set()
-            await task
-
-    asyncio.run(main())
+    scenario(tmp_path, True, check, devices=DEVICES + "---" + other.split("---", 1)[1], node="my-pi")
 
 
 
