@@ -27,7 +27,9 @@ from devices.loader import LoadResult, load
 from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
-from twin.store import TWIN_DIR_MODE, TwinError, TwinStore, check_owned, unusable_twin, write_private
+from twin.migrations import MIGRATIONS
+from twin.store import (TWIN_DIR_MODE, OlderTwin, TwinError, TwinStore, check_owned, missing_schema, unusable_twin,
+                        write_private)
 
 
 def _config(path: str) -> MapperConfig:
@@ -642,6 +644,9 @@ def _twin_config(args: argparse.Namespace) -> tuple[MapperConfig, bool]:
     return config, True
 
 
+SCHEMA_VERSION = len(MIGRATIONS)  # of the twin files this mapper writes (twin/migrations.py)
+
+
 def _existing_twin(config: MapperConfig) -> Path:
     """The twin file the commands read, which they must not create (a wrong twin.path would
     otherwise leave an empty twin behind and answer "unknown device")."""
@@ -652,14 +657,35 @@ def _existing_twin(config: MapperConfig) -> Path:
 
 
 @contextlib.contextmanager
-def _open_twin(config: MapperConfig) -> Iterator[TwinStore]:
-    """The twin of a command that reads it or sets a desired value, open while the `with` lasts.
+def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -> Iterator[TwinStore]:
+    """The twin of a command that reads it or (`sets`) sets a desired value, open while the `with` lasts.
 
     Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
-    owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned)."""
+    owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned).
+    Never migrated (TwinStore.open: `migrate`): a twin an older mapper left is read as it is, said
+    on stderr, and `twin set` refuses it; only `mapper run` migrates it."""
     path = _existing_twin(config)
-    with _naming_the_twin(path), TwinStore.open(path, synchronous=config.twin.synchronous, owned=False) as store:
-        yield store
+    with _naming_the_twin(path), TwinStore.open(path, synchronous=config.twin.synchronous, owned=False,
+                                                migrate=False, read_only=not sets) as store:
+        found = store.schema_version
+        if found < SCHEMA_VERSION:
+            if sets:
+                raise OlderTwin(path, found, "`mapper twin set` writes nothing to it before it is migrated (migrated"
+                                " now, the older mapper that may still run on it could not start on it again): set"
+                                " the value once the new mapper runs")
+            if note:
+                _note_older_twin(path, found)
+        try:
+            yield store
+        except sqlite3.OperationalError as exc:
+            if found < SCHEMA_VERSION and missing_schema(exc):
+                raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
+            raise
+
+
+def _note_older_twin(path: Path, found: int) -> None:
+    print(f"note: {OlderTwin(path, found, 'shown as it is, not migrated (this command writes nothing)')}",
+          file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -748,7 +774,7 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
 def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
-    with _open_twin(config) as store:
+    with _open_twin(config, sets=True) as store:
         running, pid = _running_mapper(config.twin.path)
         raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
         value, version = store.set_desired(device, args.property, raw)
@@ -936,14 +962,17 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
-    with _naming_the_twin(path):
-        db = sqlite_utils.Database(path)
+    with _naming_the_twin(path), contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA query_only=ON")  # read as it is: never migrated here (see _open_twin)
+        if (found := conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
+            _note_older_twin(path, found)
+        db = sqlite_utils.Database(conn)
         rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
                                               order_by="id desc", limit=args.limit))
     rows.reverse()
     if not rows:
         # A typo in the device or property is said as such (raises), not as a property with no readings.
-        with _open_twin(config) as store:
+        with _open_twin(config, note=False) as store:  # (said above)
             known = store.device(device).properties
             if args.property not in known:
                 from twin.store import UnknownProperty

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -422,6 +423,67 @@ def test_a_twin_sqlite_cannot_read_is_named_by_every_command_with_what_to_do(tmp
     run = mapper("run", "--config", str(config), timeout=60)
     assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(said), run.stderr[-2000:]
     assert todo in run.stderr and "Traceback" not in run.stderr
+
+
+def test_commands_other_than_run_never_migrate_a_twin_an_older_mapper_left(tmp_path):
+    """`mapper devices`, `twin get` and `twin history` migrated the twin's schema: run after an upgrade
+    of the package but before the restart, under the older mapper still running on it, which then
+    could not start on it again, and the copy to go back to (docs/raspberry-pi.md) came too late.
+    They now read it as it is (saying so on stderr) or say plainly that they cannot, and write
+    nothing; `twin set` refuses it. Only `mapper run` migrates."""
+    from devices.loader import load
+    from twin import migrations
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    newest = len(migrations.MIGRATIONS)
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    lamp = DeviceId("default", "lamp")
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(lamp, "count", 5, 1_000)])
+        store.set_desired(lamp, "power", True)
+    # The file as the mapper before the last migration left it (m008 only added `meta`).
+    with contextlib.closing(sqlite3.connect(twin, isolation_level=None)) as conn:
+        conn.execute("DROP TABLE meta")
+        conn.execute(f"PRAGMA user_version = {newest - 1}")
+    before = twin.read_bytes()
+
+    def version(path: Path) -> int:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            return conn.execute("PRAGMA user_version").fetchone()[0]
+
+    older = f"the twin {twin} is from an older mapper (schema version {newest - 1}; this mapper's is {newest})"
+    for args, shown in ((("devices",), "default/lamp"), (("twin", "get", "lamp"), "power"),
+                        (("twin", "history", "lamp", "count", "--json"), '"value":5')):
+        result = mapper(*args, "--config", str(config))
+        assert result.returncode == 0 and shown in result.stdout, (args, result)
+        assert version(twin) == newest - 1 and twin.read_bytes() == before, args
+        assert result.stderr.startswith(f"note: {older}: shown as it is, not migrated"), (args, result.stderr)
+        assert "`mapper run`" in result.stderr and len(result.stderr.splitlines()) == 1, (args, result.stderr)
+    refused = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
+    assert refused.returncode == 1 and refused.stderr.startswith(f"error: {older}: `mapper twin set` writes nothing"), \
+        refused.stderr
+    assert version(twin) == newest - 1 and twin.read_bytes() == before
+    # Older than what these commands can read as it is (no `routes`, m005): said, not "no such table".
+    ancient = tmp_path / "m004.db"
+    with contextlib.closing(sqlite3.connect(ancient, isolation_level=None)) as conn:
+        for number, step in enumerate(migrations.MIGRATIONS[:4], start=1):
+            step(conn)
+            conn.execute(f"PRAGMA user_version = {number}")
+    ancient.chmod(0o600)
+    config = write_config(tmp_path / "c4.yaml", devices, ancient)
+    for args in (("devices",), ("twin", "get", "lamp"), ("twin", "set", "lamp", "power", "true")):
+        result = mapper(*args, "--config", str(config))
+        assert result.returncode == 1 and result.stderr.startswith(
+            f"error: the twin {ancient} is from an older mapper (schema version 4; this mapper's is {newest}): "), \
+            (args, result.stderr)
+        assert "`mapper run`" in result.stderr and len(result.stderr.splitlines()) == 1, (args, result.stderr)
+        assert version(ancient) == 4, args
+    with TwinStore.open(ancient) as store:  # as `mapper run` opens it
+        assert store.schema_version == newest and version(ancient) == newest
 
 
 def test_run_twin_get_set_devices_and_clean_stop(tmp_path):

@@ -254,26 +254,34 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
+def _newer(current: int) -> RuntimeError:
+    return RuntimeError(
+        f"twin database schema version {current} is newer than this mapper ({len(MIGRATIONS)}): upgrade the mapper"
+    )
+
+
+def version(conn: sqlite3.Connection) -> int:
+    """The schema version of the file, migrating nothing (the commands that only read the twin);
+    a version newer than this code knows is refused, as by apply()."""
+    current = conn.execute("PRAGMA user_version").fetchone()[0]
+    if current > len(MIGRATIONS):
+        raise _newer(current)
+    return current
+
+
 def apply(conn: sqlite3.Connection) -> int:
     """Bring the schema up to date; returns the version now in force.
 
     Each step re-reads the version under the write lock: two processes opening a new or old
-    file at once (the mapper starting while `mapper twin get` polls) must not both apply it.
+    file at once (two mapper starts, a test's store and a mapper) must not both apply it.
     """
-    def newer(current: int) -> RuntimeError:
-        return RuntimeError(
-            f"twin database schema version {current} is newer than this mapper ({len(MIGRATIONS)}): upgrade the mapper"
-        )
-
-    current = conn.execute("PRAGMA user_version").fetchone()[0]
-    if current > len(MIGRATIONS):
-        raise newer(current)
+    current = version(conn)
     while current < len(MIGRATIONS):
         conn.execute("BEGIN IMMEDIATE")
         try:
             current = conn.execute("PRAGMA user_version").fetchone()[0]
             if current > len(MIGRATIONS):
-                raise newer(current)
+                raise _newer(current)
             if current < len(MIGRATIONS):
                 MIGRATIONS[current](conn)
                 current += 1

@@ -332,6 +332,24 @@ TWIN_FILE_MODE = 0o600
 TWIN_DIR_MODE = 0o700  # a directory the twin's opening makes (the systemd unit's StateDirectory is 0750)
 
 
+class OlderTwin(TwinError):
+    """The twin file is an older mapper's (its schema version is behind this code's), and what was
+    asked of it needs the schema this code migrates it to: only `mapper run` migrates a twin."""
+
+    def __init__(self, path: Path, found: int, what: str) -> None:
+        self.found = found
+        super().__init__(
+            f"the twin {path} is from an older mapper (schema version {found}; this mapper's is"
+            f" {len(migrations.MIGRATIONS)}): {what}. The next `mapper run` (`sudo systemctl restart mapper` for the"
+            " service) migrates it; to be able to go back to the older mapper, stop it and copy the twin aside"
+            " first (docs/raspberry-pi.md, upgrading)")
+
+
+def missing_schema(exc: sqlite3.Error) -> bool:
+    """An error of a statement that needs a table or column a later migration adds."""
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(("no such table", "no such column"))
+
+
 class ForeignTwin(TwinError):
     """The twin file, its -wal or -shm file or its directory could be written by another local user."""
 
@@ -498,6 +516,7 @@ class TwinStore:
     def __init__(self, conn: sqlite3.Connection, path: Path, limits: OutboxLimits) -> None:
         self.conn = conn
         self.path = path
+        self.schema_version = len(migrations.MIGRATIONS)  # the file's (see open(): `migrate`)
         self.limits = limits
         self._seq: dict[str, int] = {}
         self._seq_undo: dict[str, int | None] = {}  # seqs before the open transaction touched them: carried
@@ -571,28 +590,45 @@ class TwinStore:
         check_same_thread: bool = True,
         busy_timeout_s: float = 30.0,
         owned: bool = True,
+        migrate: bool = True,
+        read_only: bool = False,
     ) -> TwinStore:
         """Open (creating and migrating) the twin file.
 
         `owned`: refuse a twin another local user could write (`check_owned`), as `mapper run` must.
-        False for the commands that read it or set a desired value (root reading the service's twin)."""
+        False for the commands that read it or set a desired value (root reading the service's twin).
+
+        `migrate`: False for the commands other than `mapper run`. Upgraded before the service is
+        restarted, they would migrate the file under the older mapper still running on it, which
+        then no longer starts on it, and the copy to go back to would be made too late.
+        `schema_version` is the file's then, perhaps older than this code's: a read that needs what
+        a migration adds raises OlderTwin. `read_only`: an existing file, not migrated, and no
+        statement may write to it (PRAGMA query_only)."""
         path = Path(path)
         if synchronous.upper() not in ("FULL", "NORMAL", "EXTRA"):
             raise ValueError(f"twin.synchronous must be FULL, NORMAL or EXTRA, not {synchronous!r}")
-        path.parent.mkdir(mode=TWIN_DIR_MODE, parents=True, exist_ok=True)
+        migrate = migrate and not read_only
+        if not read_only:
+            path.parent.mkdir(mode=TWIN_DIR_MODE, parents=True, exist_ok=True)
         if owned:
             check_owned(path)
-        create_private(path)
+        if not read_only:
+            create_private(path)
         conn = None
+        found = len(migrations.MIGRATIONS)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
                                    timeout=busy_timeout_s)
-            conn.execute("PRAGMA journal_mode=WAL")
+            if read_only:
+                conn.execute("PRAGMA query_only=ON")
+            else:
+                conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
             conn.execute("PRAGMA foreign_keys=ON")
-            migrations.apply(conn)
+            found = migrations.apply(conn) if migrate else migrations.version(conn)
             store = cls(conn, path, outbox or OutboxLimits())
+            store.schema_version = found
             store._synchronous = synchronous.upper()
             conn.execute("BEGIN")  # one snapshot: a process recording meanwhile adds routes and rows
             try:
@@ -600,6 +636,9 @@ class TwinStore:
             finally:
                 conn.execute("COMMIT")
         except sqlite3.OperationalError as exc:
+            if found < len(migrations.MIGRATIONS) and missing_schema(exc):
+                conn.close()
+                raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             # SQLite names neither the file nor the usual causes ("unable to open database file").
             if conn is not None:
                 conn.close()
