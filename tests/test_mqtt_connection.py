@@ -49,18 +49,22 @@ def test_tls_connection_with_the_configured_ca(broker, tmp_path):
 
 
 def test_tls_with_a_wrong_ca_is_refused_and_retried(broker, tmp_path):
-    """A broker certificate not signed by the configured CA is refused, logged, and retried with backoff."""
+    """A broker certificate not signed by the configured CA is refused, logged (a WARNING once, the
+    same refusal again at DEBUG), and retried with backoff."""
     other_ca = tmp_path / "other-ca.pem"
     import subprocess
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(tmp_path / "k.pem"),
                     "-out", str(other_ca), "-days", "1", "-subj", "/CN=other"], check=True, capture_output=True)
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
     mapper = MapperProcess(tmp_path, devices, None)
-    mapper.config.write_text(mapper.config.read_text() + tls_block(broker, tmp_path, other_ca))
+    mapper.config.write_text(mapper.config.read_text().replace("log_level: info", "log_level: debug")
+                             + tls_block(broker, tmp_path, other_ca))
     with mapper:
-        wait_for(lambda: mapper.log().count("MQTT connection to mqtts://") >= 2, timeout=20, what="retries")
-        assert "certificate verify failed" in mapper.log()
-        assert "connected to mqtts://" not in mapper.log()
+        wait_for(lambda: mapper.log().count("MQTT connection to mqtts://") >= 3, timeout=20, what="retries")
+        log = mapper.log()
+        assert "certificate verify failed" in log
+        assert "connected to mqtts://" not in log
+        assert log.count("WARNING mapper.mqtt: MQTT connection to mqtts://") == 1, log
         assert mapper.stop() == 0
 
 
@@ -352,7 +356,8 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
 async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_path, caplog, protocol):
     """A wrong password: the broker's "[code:135] Not authorized" (MQTT 3.1.1: return code 5) was
     logged bare. The line now names the user and the password file to check against the broker's
-    password file (never the password), and the bus retries as before."""
+    password file (never the password), and the bus retries as before (the same refusal again only
+    at DEBUG: see test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_each_attempt)."""
     secret = tmp_path / "pw"
     secret.write_text("not-" + broker.users["mapper"])
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
@@ -363,23 +368,83 @@ async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_pat
 
     bus = MqttBus(settings, client_id="refused-test", will_topic="mapper/refused-test/availability",
                   subscriptions=[], on_message=nothing, on_connect=nothing)
-    caplog.set_level(logging.WARNING, logger="mapper.mqtt")
+    caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
     task = asyncio.create_task(bus.run())
     try:
         async with asyncio.timeout(30):
             await bus.first_attempt.wait()
-            while bus.connects == 0 and sum("lost or refused" in r.getMessage() for r in caplog.records) < 2:
+            while bus.connects == 0 and bus.failed_attempts < 3:
                 bus.first_attempt.clear()  # set again after every attempt
                 await bus.first_attempt.wait()
     finally:
         await _cancelled(task)
     assert bus.connects == 0
-    refusals = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
-    assert len(refusals) >= 2, refusals  # retried
+    refusals = [r for r in caplog.records if "lost or refused" in r.getMessage()]
+    assert len(refusals) >= 3 and all("Not authorized" in r.getMessage() for r in refusals), refusals  # retried
     hint = (f"the broker did not accept the credentials: check mqtt.username ('mapper') / mqtt.password_file "
             f"({secret}) against the broker's password file (mosquitto_passwd)")
-    assert all("Not authorized" in line and hint in line for line in refusals), refusals
+    (told,) = [r.getMessage() for r in refusals if r.levelno >= logging.WARNING]
+    assert hint in told, told
     assert not any(secret.read_text() in r.getMessage() for r in caplog.records)
+
+
+async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_each_attempt(broker_for, tmp_path, caplog,
+                                                                                       monkeypatch):
+    """Every reconnect attempt of an outage logged a WARNING "lost or refused ... retrying in": ~2,900
+    lines a day on the Pi's SD card while the broker stayed away. Now the first failure and each change
+    of its cause are WARNINGs, the attempts between them DEBUG, a "still not connected since" line
+    comes at most every OUTAGE_NOTE_S (5 min; 1 s here), and the connection says at INFO how long it
+    was down."""
+    import eventbus.bus
+
+    monkeypatch.setattr(eventbus.bus, "OUTAGE_NOTE_S", 1.0, raising=False)
+    edge = broker_for("outage-node")
+    secret = tmp_path / "pw"
+    secret.write_text(edge.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{edge.port}", username="mapper", password_file=secret,
+                            reconnect_min_s=0.01, reconnect_max_s=0.03)
+
+    async def nothing(*_args: object) -> None:
+        return None
+
+    bus = MqttBus(settings, client_id="outage-test", will_topic="mapper/outage-node/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
+
+    def told(text: str, level: int | None = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mapper.mqtt" and level in (None, r.levelno)
+                and text in r.getMessage()]
+
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(60):
+            await bus.connected.wait()
+            await asyncio.to_thread(edge.stop)
+            down_at = time.monotonic()
+            await async_wait_for(lambda: len(told("lost or refused", None)) >= 30, timeout=20, what="30 attempts")
+            assert len(told("lost or refused")) <= 2, told("lost or refused")  # the loss, the first refusal
+            await async_wait_for(lambda: told("still not connected since"), timeout=20, what="a note it lasts")
+            refused = len(told("lost or refused"))
+            secret.write_text("not-" + edge.users["mapper"])  # another cause: told at once
+            await asyncio.to_thread(edge.start)
+            await async_wait_for(lambda: len(told("lost or refused")) > refused, timeout=20, what="the new cause")
+            lasted = time.monotonic() - down_at
+            secret.write_text(edge.users["mapper"])
+            await async_wait_for(lambda: bus.connected.is_set(), timeout=20, what="the connection back")
+            assert bus.failed_attempts == 0 and bus.down_since is None  # the next outage is told from its start
+    finally:
+        await _cancelled(task)
+    lost = told("lost or refused")
+    assert len(lost) <= 3 and "Not authorized" in lost[-1] and "mqtt.password_file" in lost[-1], lost
+    causes = [line.split("lost or refused: ", 1)[1].split("; retrying in")[0] for line in lost]
+    assert all(a != b for a, b in zip(causes, causes[1:])), lost  # a WARNING for each change of cause only
+    assert len(told("lost or refused", logging.DEBUG)) >= 25  # the other attempts
+    still = told("still not connected since")
+    assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: .+; \d+ attempts", still[0]), still
+    (back,) = told("back after", logging.INFO)
+    assert re.search(rf"^MQTT connection to mqtt://127.0.0.1:{edge.port} back after \d+ s down \(since .+Z;"
+                     r" \d+ failed attempts\)$", back), back
 
 
 async def test_the_cloud_worker_logs_refused_credentials_with_what_to_check(broker, tmp_path, caplog):
