@@ -50,8 +50,8 @@ Hook = Callable[["MapperService"], Awaitable[None]]
 # A twin that cannot be opened or written at start because its disk is full or read-only is
 # waited for (MapperService._start_twin): tried again after the first of these many
 # seconds, the wait doubling up to the second; the log repeats the error at most once a minute.
-# Exiting instead made systemd give up for good (StartLimitBurst=5 in StartLimitIntervalSec=300:
-# ~30 s of restarts), and the mapper stayed down after the disk had room again.
+# Exiting instead made systemd give up for good (the unit's start limit then, StartLimitBurst=5 in
+# StartLimitIntervalSec=300: ~30 s of restarts), and the mapper stayed down after the disk had room again.
 TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).

@@ -89,7 +89,7 @@ def test_dry_run_prints_unit_for_this_interpreter_and_config(
     assert f"ExecReload={sys.executable} -m mapper reload --config {config.resolve()}" in lines
     for expected in ("Type=notify", "WatchdogSec=30", "User=mapper", "StateDirectory=mapper",
                      "ReadWritePaths=/var/lib/mapper", "NoNewPrivileges=yes", "ProtectSystem=strict",
-                     "PrivateTmp=yes", "Restart=on-failure", "StartLimitBurst=5", "TimeoutStopSec=30",
+                     "PrivateTmp=yes", "Restart=on-failure", "StartLimitIntervalSec=0", "TimeoutStopSec=30",
                      "Environment=MAPPER_TWIN__PATH=/var/lib/mapper/twin.db",
                      "Environment=PYTHONOPTIMIZE=2", "Environment=MALLOC_ARENA_MAX=2",
                      "Environment=PYTHONPYCACHEPREFIX=/var/lib/mapper/pycache"):
@@ -386,6 +386,39 @@ def test_paths_with_spaces_and_percent_are_quoted(tmp_path: Path) -> None:
     assert systemd_quote("/etc/100%/$HOME") == "/etc/100%%/$$HOME"
     unit = render_unit(UnitSettings(config=Path("/opt/my mapper/mapper.yaml"), python="/usr/bin/python3", groups=()))
     assert 'ExecStart=/usr/bin/python3 -m mapper run --config "/opt/my mapper/mapper.yaml"' in unit_lines(unit)
+
+
+def _sections(unit: str) -> dict[str, dict[str, list[str]]]:
+    """The unit's settings by section and key, each key's values in order."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] = {}
+    for line in unit_lines(unit):
+        if line.startswith("[") and line.endswith("]"):
+            current = sections.setdefault(line[1:-1], {})
+        else:
+            key, _, value = line.partition("=")
+            current.setdefault(key, []).append(value)
+    return sections
+
+
+def test_the_unit_never_gives_up_restarting_the_mapper(config: Path) -> None:
+    """StartLimitIntervalSec=300 with StartLimitBurst=5 gave up after 5 failed starts in 5 minutes: an
+    unattended Pi's mapper stayed dead until someone ran `systemctl reset-failed` on site. The unit
+    now has no start limit (StartLimitIntervalSec=0, in [Unit] where systemd reads it) and restarts
+    every failure after a RestartSec long enough that a lasting error (a bad config file) does not
+    make it start over and over (systemd 252 has no RestartSteps=); docs/raspberry-pi.md says the
+    same values."""
+    sections = _sections(render_unit(UnitSettings(config=config, groups=())))
+    unit, service = sections["Unit"], sections["Service"]
+    assert unit.get("StartLimitIntervalSec") == ["0"], unit
+    assert not {"StartLimitBurst", "StartLimitInterval", "StartLimitAction"} & (unit.keys() | service.keys())
+    assert service.get("Restart") == ["on-failure"]
+    (restart_s,) = service["RestartSec"]
+    assert 10 <= int(restart_s) <= 60, restart_s  # seconds: at most ~8,640 tries a day, back within a minute
+    guide = (REPO / "docs" / "raspberry-pi.md").read_text()
+    for said in ("`Restart=on-failure`", f"`RestartSec={restart_s}`", "`StartLimitIntervalSec=0`"):
+        assert said in guide, said
+    assert "at most 5 times in 5 minutes" not in guide
 
 
 @pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
