@@ -360,8 +360,10 @@ class _ReloadNotes(logging.Handler):
         super().__init__(logging.WARNING)
         self.errors: list[str] = []
         self.warnings: list[str] = []
+        self.pending: list[str] = []  # settings changed in the config file that wait for the next start
 
     def emit(self, record: logging.LogRecord) -> None:
+        self.pending += getattr(record, "pending", ())
         notes = self.errors if record.levelno >= logging.ERROR else self.warnings
         if len(notes) < RELOAD_NOTES_MAX:
             notes.append(record.getMessage()[:4000])
@@ -370,7 +372,8 @@ class _ReloadNotes(logging.Handler):
 def _write_reload_outcome(twin: Path, began: float, noted: _ReloadNotes) -> None:
     """`began`: time.monotonic() when the reload began (one clock for every process: `mapper reload`
     takes the outcome of a reload that began after its SIGHUP only)."""
-    outcome = {"pid": os.getpid(), "began": began, "errors": noted.errors, "warnings": noted.warnings}
+    outcome = {"pid": os.getpid(), "began": began, "errors": noted.errors, "warnings": noted.warnings,
+               "pending": noted.pending}
     try:
         write_private(_reload_outcome_path(twin), _json_text(outcome) + "\n")
     except OSError as exc:
@@ -419,7 +422,9 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"error: the mapper (pid {pid}) refused the reload, or the next start would refuse what it read"
               f" (above; `mapper validate --config {shlex.quote(str(args.config))}` lists the problems)", file=sys.stderr)
         return 1
-    print(f"reloaded: the mapper (pid {pid}) runs the new files")
+    pending = outcome.get("pending")
+    print(f"reloaded: the mapper (pid {pid}) runs the new files" if not pending
+          else f"reloaded: the mapper (pid {pid}) runs the new device files; {_pending_text(pending)}")
     return 0
 
 
@@ -460,7 +465,7 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     if later:
         reload_log.warning("%s: %s changed: %s effect at the next start (systemctl restart mapper); until then the"
                            " mapper runs with the previous ones", config_path, ", ".join(later),
-                           "they take" if len(later) > 1 else "it takes")
+                           "they take" if len(later) > 1 else "it takes", extra={"pending": later})
     if "mqtt" in later and new.mqtt is not None:
         _check_next_start(new.mqtt, str(config_path), reload_log)
     if "api" in later and new.api is not None and new.api.enabled:
@@ -484,7 +489,8 @@ async def reload_config(service, config_path: str | Path, running: MapperConfig)
     # The new device list, checked against the running mapper's topic tree (node, mqtt.topic_prefix).
     wanted = started.model_copy(update={"devices": new.devices, "log_level": new.log_level})
     wanted._devices_named_at = dict(new._devices_named_at)
-    return wanted if await reload_devices(service, wanted, pipelines_of=new, config_path=config_path) else running
+    return (wanted if await reload_devices(service, wanted, pipelines_of=new, config_path=config_path, pending=later)
+            else running)
 
 
 def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logger) -> None:
@@ -510,12 +516,14 @@ def _check_next_start(mqtt: MqttSettings, source: str, reload_log: logging.Logge
 
 
 async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
-                         pipelines_of: MapperConfig | None = None, config_path: str | Path | None = None) -> bool:
+                         pipelines_of: MapperConfig | None = None, config_path: str | Path | None = None,
+                         pending: Sequence[str] = ()) -> bool:
     """Load the device files again and switch to them; an invalid set keeps the running one.
 
     A set that the config's inference pipelines do not fit (`pipelines_of`: the config file as read
     now, else `config`; a device removed, or a property a model reads) is refused too, as the next
-    start would refuse it."""
+    start would refuse it. `pending`: the settings that changed in the config file but take effect
+    at the next start only, named in the closing line (not "nothing changed" after a new `node`)."""
     import asyncio
 
     reload_log = logging.getLogger("mapper.reload")
@@ -548,9 +556,17 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
         reload_log.warning("%s", warning)
     apply = service.local_devices_handler or service.update_devices
     changes = await apply(result)
-    reload_log.info("reload done: %s", "; ".join(
-        f"{what} {', '.join(map(str, ids))}" for what, ids in changes.items() if ids) or "nothing changed")
+    done = "; ".join(f"{what} {', '.join(map(str, ids))}" for what, ids in changes.items() if ids)
+    if pending:
+        reload_log.info("reload done: %s; %s", done or "no device changed", _pending_text(pending))
+    else:
+        reload_log.info("reload done: %s", done or "nothing changed")
     return True
+
+
+def _pending_text(pending: Sequence[str]) -> str:
+    return (f"{', '.join(pending)} changed in the config file: {'they take' if len(pending) > 1 else 'it takes'}"
+            " effect at the next start (systemctl restart mapper)")
 
 
 def cmd_install_service(args: argparse.Namespace) -> int:

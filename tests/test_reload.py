@@ -481,6 +481,27 @@ def _reads_the_config_file_again(mapper: Mapper, tmp_path: Path) -> None:
     assert "mapper test-node stopped" in mapper.log()  # the node changes at the next start only
 
 
+def test_a_reload_that_changed_only_the_node_says_it_takes_effect_at_the_next_start(mapper: Mapper,
+                                                                                   tmp_path: Path) -> None:
+    """mapper.yaml gets another `node` and nothing else; `mapper reload`. The reload ended with
+    "reload done: nothing changed" after the warning that the mapper "runs with the previous ones",
+    and `mapper reload` said only that the mapper runs the new files: read together, as if the edit
+    had been ignored. The closing line and the command now say that the node changed and takes
+    effect at the next start."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    mapper.config.write_text(mapper.config.read_text().replace("node: test-node", "node: other-node", 1))
+    done = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    later = "node changed in the config file: it takes effect at the next start (systemctl restart mapper)"
+    assert done.returncode == 0, done
+    assert done.stdout.strip() == f"reloaded: the mapper (pid {mapper.proc.pid}) runs the new device files; {later}", \
+        done.stdout
+    log = mapper.wait_log(r"reload done: ")
+    assert f"INFO mapper.reload: reload done: no device changed; {later}" in log, log
+    assert "nothing changed" not in log, log
+    mapper.stop()
+    assert "mapper test-node stopped" in mapper.log()  # the running mapper kept its node
+
+
 def test_a_reload_says_when_a_changed_mqtt_section_would_stop_the_next_start(mapper: Mapper, tmp_path: Path) -> None:
     """mapper.yaml gets an `mqtt` section whose password file is not there; SIGHUP. It takes effect at
     the next start only, and that start refuses it (`mapper run` checks the password at start): a
