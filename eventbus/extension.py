@@ -72,19 +72,21 @@ def client_id_file(twin_path: Path) -> Path:
     return real.with_name(real.name + CLIENT_ID_FILE_SUFFIX)
 
 
-def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path) -> tuple[str, str]:
+def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path, *, renew: bool = False) -> tuple[str, str]:
     """(the client id, where it comes from, for the log's advice): mqtt.client_id as written, else
     `mapper-<node>-<16 random hex digits>`.
 
     Any user of the broker who connects with the mapper's client id closes its connection and takes
     its session over (Mosquitto ties no client id to a user), and `mapper-<node>` was easily guessed:
     the node is in every topic. The random part is made at the first start and kept beside the twin,
-    owner only: the session is persistent, so the id must be the same at every start."""
+    owner only: the session is persistent, so the id must be the same at every start. `renew`: the
+    twin came from another machine (mapper.machine: a cloned card), and so did the kept part: a new
+    one is made, so that clones never share a session."""
     if settings.client_id is not None:
         return settings.client_id, "the same mqtt.client_id"
     path = client_id_file(twin_path)
     try:
-        secret = path.read_text(encoding="utf-8", errors="replace").strip()
+        secret = "" if renew else path.read_text(encoding="utf-8", errors="replace").strip()
     except FileNotFoundError:
         secret = ""
     if not CLIENT_ID_SECRET.fullmatch(secret):
@@ -92,10 +94,14 @@ def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path) -> tuple[
             log.warning("%s does not hold 16 hex digits: replaced, the MQTT client id and session are new", path)
         secret = secrets.token_hex(8)
         write_private(path, secret + "\n")
-        log.info("MQTT client id: mapper-%s-%s, made now and kept in %s (set mqtt.client_id to choose one). A session"
-                 " of the default id of earlier versions, mapper-%s, if the broker has one, is not resumed (desired"
-                 " values queued in it are not delivered): it expires on the broker (mqtt.session_expiry_s, under"
-                 " MQTT 3.1.1 persistent_client_expiration)", node, secret, path, node)
+        if renew:  # (the start's warning says why: MapperService._record_machine)
+            log.info("MQTT client id: mapper-%s-%s, made new and kept in %s: the twin came from another machine",
+                     node, secret, path)
+        else:
+            log.info("MQTT client id: mapper-%s-%s, made now and kept in %s (set mqtt.client_id to choose one). A"
+                     " session of the default id of earlier versions, mapper-%s, if the broker has one, is not resumed"
+                     " (desired values queued in it are not delivered): it expires on the broker"
+                     " (mqtt.session_expiry_s, under MQTT 3.1.1 persistent_client_expiration)", node, secret, path, node)
     origin = f"a copy of {path} (a copied state directory: delete the copy's file and it makes a new id)"
     return f"mapper-{node}-{secret}", origin
 
@@ -162,7 +168,18 @@ class EventBusExtension:
         serve = self.settings.serve_twin_protocol and config.mode == "standalone"
         self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve,
                              shared_broker=self.settings.shared_broker)
-        client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path)
+        moved = service.machine_before is not None
+        client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path, renew=moved)
+        if moved and self.settings.client_id is None:
+            service.machine_notes.append(
+                f"The MQTT client id is new: {client_id} (kept in {client_id_file(config.twin.path)}, replacing the "
+                "one that came with the twin), so that no two clones share a broker session; desired values queued "
+                "in the old session are not delivered.")
+        elif moved:
+            service.machine_notes.append(
+                "mqtt.client_id is set in the config and used as written: every clone connects with it, and on one "
+                "broker each throws the other off and takes its session; give each Pi its own (or remove it: the "
+                "default is made per twin, and made new on a clone).")
         token = instance_token(client_id, config.twin.path if self.settings.client_id is not None else None)
         self.instance = InstanceWatch(self.topics.instance(), config.node, token, self.settings.instance_interval_s)
         # QoS 0: announcements heard while offline are not queued in the persistent session (the

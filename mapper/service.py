@@ -27,6 +27,7 @@ from mapper.config import MapperConfig, TwinSettings
 from mapper.device_loop import OFFLINE, DeviceRunner
 from mapper.finish import to_the_end
 from mapper.logs import Throttle, held_note
+from mapper.machine import Machine, this_machine
 from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
@@ -201,6 +202,15 @@ class MapperService:
         # Where a SIGHUP reload sends the new YAML devices; an extension that adds devices of its
         # own (KubeEdge: edgecore's) merges them. None: `update_devices` with the YAML alone.
         self.local_devices_handler: Callable[[LoadResult], Awaitable[dict[str, list[DeviceId]]]] | None = None
+        # The machine this runs on (mapper.machine; read at start, `machine_source` in tests), and the
+        # other machine the twin last ran on when it came from one (a cloned card): extensions see it
+        # in their setup (the event bus makes a new client id) and add what they did to `machine_notes`
+        # for the start's warning.
+        self.machine_source: Callable[[], Machine] = this_machine
+        self.machine: Machine | None = None
+        self.machine_before: Machine | None = None
+        self._machine_recorded: str | None = None  # the twin's record, as read at start
+        self.machine_notes: list[str] = []
 
     # -- the twin --------------------------------------------------------------------------
 
@@ -250,6 +260,7 @@ class MapperService:
                                      max_waiting=t.waiting_max_readings, commit_interval_s=t.commit_interval_ms / 1000)
             for ext in self.extensions:
                 await ext.setup(self)
+            await self._record_machine(worker)
             for hook in self.before_devices:
                 hook()
             try:
@@ -292,6 +303,11 @@ class MapperService:
         await worker.call(lambda s: s.deactivate_devices(definitions.devices))
         for device_id, problem in self.refused.items():
             await worker.call(lambda s, d=device_id, p=problem: s.set_state(d, OFFLINE, p))
+        if self.machine is None:
+            self.machine = await asyncio.to_thread(self.machine_source)
+        self._machine_recorded = await worker.call(lambda s: s.meta("machine"))
+        before = Machine.from_json(self._machine_recorded) if self._machine_recorded is not None else None
+        self.machine_before = before if before is not None and before.differs_from(self.machine) else None
         node = self.config.node
         last = await worker.call(lambda s: s.swap_meta("node", node))
         if last is not None and last != node:
@@ -300,6 +316,35 @@ class MapperService:
                         "the bridge (rendered for a node) and the cloud still use the old ones; set `node: %s` to "
                         "keep them", last, node, "" if self.config.node_chosen else " (the host name: renamed?)",
                         prefix, last, prefix, node, last)
+
+    async def _record_machine(self, worker: StoreWorker) -> None:
+        """After the extensions' setup (the event bus has its client id): the start's warning when
+        the twin came from another machine, and this machine recorded in the twin. Recorded last, so
+        that a start that dies before the client id is made new finds the other machine again."""
+        machine, before = self.machine, self.machine_before
+        assert machine is not None
+        if before is not None:
+            t = self.config.twin
+            named = "set in the config" if self.config.node_chosen else "the host name"
+            log.warning(
+                "this twin (%s) last ran on another machine: %s; now on %s. The twin and the MQTT client id kept "
+                "beside it came from that machine: a cloned SD card, or a card moved to a new board?%s%s A clone "
+                "runs as node %r like the original (%s, which a clone shares) and publishes on its topics: through "
+                "the bridges, every clone's readings mix under %s/%s/ in the cloud. On a clone: give each Pi a "
+                "unique `node:` in the config, and render its broker ACL and bridge.conf for that node "
+                "(mosquitto/render.sh: a copied bridge.conf also has the original's bridge client ids). A card moved "
+                "on purpose: nothing to do; this machine is recorded now, and the next start does not warn",
+                t.path, before.describe(), machine.describe(), " " if self.machine_notes else "",
+                " ".join(self.machine_notes), self.config.node, named, self.config.push_topics().prefix,
+                self.config.node)
+        current = machine.to_json()
+        if self._machine_recorded == current:
+            return
+        try:
+            await worker.call(lambda s: s.swap_meta("machine", current))
+        except Exception as exc:  # noqa: BLE001 - a full disk: the next start compares again
+            log.warning("cannot record this machine in the twin %s (%s): the next start compares with the one "
+                        "recorded before", self.config.twin.path, exc)
 
     async def _start_twin(self, stop: asyncio.Event) -> StoreWorker | None:
         """The twin thread with the twin open and the start's writes made (the device list, the

@@ -1090,6 +1090,11 @@ class TwinStore:
             self._set_desired(device_id, p.name, value, now_ms())
         return True
 
+    def meta(self, key: str) -> str | None:
+        """What is recorded under `key` (table `meta`), if anything."""
+        row = self.conn.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
     def swap_meta(self, key: str, value: str) -> str | None:
         """Record `value` under `key` (table `meta`); returns what was recorded before, if anything."""
         self._begin()
