@@ -206,7 +206,8 @@ class EventBusExtension:
         service.recorder.take_acks = self.publisher.take_acked
         service.recorder.return_acks = self.publisher.return_acked
         # Straight on the connection, not through the outbox: it says when the twin cannot be written.
-        self.health = TwinHealth(self.topics.health(), self.bus, service.recorder, config.twin.path)
+        self.health = TwinHealth(self.topics.health(), self.bus, service.recorder, config.twin.path,
+                                 config_fingerprint=config.fingerprint())
         service.recorder.on_health = self.health.changed
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))

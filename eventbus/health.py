@@ -8,8 +8,10 @@ systemd's STATUS= said why. This message says it, published straight on the conn
 outbox cannot be written):
 
     {"twin": "unwritable", "since": <ms>, "cause": "disk full", "error": "database or disk is full",
-     "readings_waiting": 1234, "readings_dropped": 0, "at": <ms>}
-    {"twin": "ok", "since": <ms>, "readings_dropped": 0, "at": <ms>}
+     "readings_waiting": 1234, "readings_dropped": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
+     "at": <ms>}
+    {"twin": "ok", "since": <ms>, "readings_dropped": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
+     "at": <ms>}
 
 `unwritable` once a commit has failed and its retry too (the recorder's `outage_failures` > 1: one
 lock held a moment too long is not news), `since` the first failed commit of the outage; `cause`
@@ -17,7 +19,10 @@ one of "disk full", "read-only", "locked", "error" (mapper.twin_disk.twin_write_
 what SQLite said (bounded). `ok` at every (re)connect (a stale `unwritable` retained by a run that
 crashed or stopped during an outage is replaced) and once a commit succeeds again, `since` the
 start or the end of the last outage. `readings_dropped`: readings dropped since the mapper started
-for twin.waiting_max_readings. `at`: when the message was made.
+for twin.waiting_max_readings. `version`: the mapper's (mapper.__version__, `mapper --version`).
+`config`: the fingerprint of the config this run started with (MapperConfig.fingerprint: without the
+node and the secrets): a fleet sees which nodes run which version, and whose config differs. `at`:
+when the message was made.
 
 Cheap: nothing per reading. The recorder calls `changed()` after each failed commit (once per
 retry, a second) and at the commit that ends an outage; a message goes out on a change of
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING
 import aiomqtt
 import orjson
 
+from mapper import __version__
 from mapper.twin_disk import innermost, twin_write_cause
 
 if TYPE_CHECKING:
@@ -56,8 +62,9 @@ class TwinHealth:
     """Publishes the twin's health (see the module's doc) on `topic` through `bus`."""
 
     def __init__(self, topic: str, bus: MqttBus, recorder: Recorder, twin_path: Path, *,
-                 interval_s: float = HEALTH_INTERVAL_S) -> None:
+                 interval_s: float = HEALTH_INTERVAL_S, config_fingerprint: str = "") -> None:
         self.topic = topic
+        self._about = {"version": __version__, "config": config_fingerprint}  # (in every message)
         self._bus = bus
         self._recorder = recorder
         self._twin_path = twin_path
@@ -85,13 +92,14 @@ class TwinHealth:
         now_ms = time.time_ns() // 1_000_000
         if self.state() == "ok":
             return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms,
-                                 "readings_dropped": recorder.dropped, "at": now_ms})
+                                 "readings_dropped": recorder.dropped, **self._about, "at": now_ms})
         error = recorder.last_error
         return orjson.dumps({
             "twin": "unwritable", "since": recorder.outage_since_ms,
             "cause": twin_write_cause(error, self._twin_path) if error is not None else "error",
             "error": str(innermost(error))[:ERROR_CHARS] if error is not None else "",
-            "readings_waiting": recorder.waiting(), "readings_dropped": recorder.dropped, "at": now_ms})
+            "readings_waiting": recorder.waiting(), "readings_dropped": recorder.dropped, **self._about,
+            "at": now_ms})
 
     async def publish(self) -> bool:
         """Publish the health as it is now (at a connect, or on a change); False when the broker

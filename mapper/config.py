@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import importlib
 import os
+import re
 import socket
 import types
 import typing
@@ -18,6 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import orjson
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
@@ -30,6 +33,11 @@ from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
 from mapper.inference.settings import InferenceSettings, importable, missing_ml_packages
 
 ENV_PREFIX = "MAPPER_"
+# The config's fingerprint (MapperConfig.fingerprint): hex digits of its sha256, and the keys whose
+# values are never in it (only whether they are set): a secret, or what names one Pi (the client id,
+# unique by design). A `..._file` or `..._env` key names where a secret is, not the secret.
+FINGERPRINT_HEX = 16
+_UNHASHED_KEY = re.compile(r"password|token|secret|client_id|key$", re.IGNORECASE)
 
 
 def _node(value: str) -> str:
@@ -155,6 +163,25 @@ class MapperConfig(_Section):
     def node_chosen(self) -> bool:
         """Whether `node` was given (in the file or as MAPPER_NODE), not left to the host name."""
         return "node" in self.model_fields_set
+
+    def fingerprint_document(self) -> bytes:
+        """What `fingerprint` hashes: the validated config with its defaults, as canonical JSON (sorted
+        keys), without `node` (each Pi has its own: the fingerprint compares configs across a fleet)
+        and with only whether each secret-like text is set (_UNHASHED_KEY), never the text."""
+        def scrub(value: Any, key: str = "") -> Any:
+            if isinstance(value, dict):
+                return {k: scrub(v, k) for k, v in value.items()}
+            if isinstance(value, list):
+                return [scrub(v, key) for v in value]
+            if isinstance(value, str) and _UNHASHED_KEY.search(key) and not key.endswith(("_file", "_env")):
+                return "(set)"
+            return value
+        return orjson.dumps(scrub(self.model_dump(mode="json", exclude={"node"})), option=orjson.OPT_SORT_KEYS)
+
+    def fingerprint(self) -> str:
+        """A short sha256 of the effective config (fingerprint_document): Pis that show the same one
+        run the same settings. On the node's health topic (eventbus/health.py)."""
+        return hashlib.sha256(self.fingerprint_document()).hexdigest()[:FINGERPRINT_HEX]
 
     def push_topics(self) -> PushTopics:
         """The mapper's own topic tree, which no device's pushMethod.mqtt.topic may name."""

@@ -136,3 +136,65 @@ def test_a_twin_another_process_holds_locked_is_told_as_locked(tmp_path: Path) -
         db.close()
     assert twin_write_cause(refused, twin) == "locked", refused
     assert twin_write_cause(sqlite3.DatabaseError("file is not a database"), twin) == "error"
+
+
+def test_the_health_says_the_mapper_version_and_the_config_fingerprint(broker: MosquittoBroker,
+                                                                       tmp_path: Path) -> None:
+    """A fleet could not see from MQTT which node runs which version, nor whose config drifted: each
+    health message now carries the version and the fingerprint of the config the run started with.
+    The same config gives the same fingerprint at the next start, a changed setting another."""
+    from mapper import __version__
+    from mapper.config import load_config
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    with broker.client("mapper") as cleaner:  # no retained message of another test's run comes first
+        cleaner.publish(HEALTH, b"", retain=True)
+    fingerprints = []
+    with broker.client("app") as app:
+        heard = Heard(app)
+        assert not app.subscribe(HEALTH).is_failure
+        for extra in ("", "", "  state_interval_ms: 500\n"):
+            mapper = MapperProcess(tmp_path, devices, broker, extra=extra)
+            index = len(heard.health)
+            with mapper:
+                ok = wait_for(lambda: heard.health_after(index, "ok"), timeout=20, what="`ok` from this run")[1]
+                assert mapper.stop() == 0, mapper.log()[-3000:]
+            assert ok["version"] == __version__ and __version__, ok
+            assert ok["config"] == load_config(mapper.config, env={}).fingerprint(), ok
+            fingerprints.append(ok["config"])
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2], fingerprints
+
+
+def test_the_config_fingerprint_leaves_out_the_node_and_secrets_and_ignores_key_order(tmp_path: Path) -> None:
+    """Pis with one config show one fingerprint though each has its node and client id; a secret-like
+    text (mqtt.client_id, the session's secret) is never in what is hashed, only that it is set."""
+    from mapper.config import load_config
+
+    def fingerprint(text: str) -> tuple[str, bytes]:
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        config = load_config(path, env={})
+        return config.fingerprint(), config.fingerprint_document()
+
+    mqtt = ("mqtt:\n  url: mqtts://broker.example.com:8883\n  client_id: {cid}\n  password_env: MQTT_PW\n"
+            "  allow_password_in_clear: false\n")
+    base = "node: pi-1\ntwin:\n  commit_interval_ms: 5000\n"
+    one, document = fingerprint(base + mqtt.format(cid="mapper-pi-1-5ecre7"))
+    assert b"5ecre7" not in document and b'"client_id":"(set)"' in document, document
+    assert b"pi-1" not in document and b"MQTT_PW" in document, document  # (where the password is, not it)
+    assert len(one) == 16 and int(one, 16) >= 0
+    other = fingerprint(mqtt.format(cid="mapper-pi-2-0ther1d") + "twin:\n  commit_interval_ms: 5000\nnode: pi-2\n")[0]
+    assert other == one
+    assert fingerprint("node: pi-1\ntwin:\n  commit_interval_ms: 4000\n" + mqtt.format(cid="x"))[0] != one
+    assert fingerprint("node: pi-1\ntwin:\n  commit_interval_ms: 5000\n" + mqtt.format(cid="x").replace(
+        "allow_password_in_clear: false", "allow_password_in_clear: true"))[0] != one  # a flag is a setting
+
+
+def test_the_version_in_the_health_is_the_one_the_package_is_installed_as() -> None:
+    """`version` is mapper.__version__; pyproject.toml says it a second time, for pip: they must agree."""
+    import tomllib
+
+    from mapper import __version__
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    assert project["version"] == __version__, "bump mapper/__init__.py and pyproject.toml together"
