@@ -17,6 +17,7 @@
 # hash is written) root:mosquitto 0640 when run
 # as root on a system with a mosquitto group (the broker drops privileges to
 # that user before it reads the file), else owned by the caller with 0600.
+# A symbolic link given as the file is refused (see refuse_symlink).
 set -euo pipefail
 
 file=/etc/mosquitto/passwd
@@ -35,9 +36,24 @@ command -v mosquitto_passwd >/dev/null ||
 # Nothing created from here on is readable by others, not even for a moment.
 umask 077
 
+# A symbolic link at the file's path would carry the chown/chmod below, and mosquitto_passwd's
+# write, to whatever it points to: one planted in a directory others can write (-f /tmp/passwd,
+# say) would have root take over or open up any file. Checked before every step that touches the
+# file; keep password files in a directory only root can write, which also closes the gap
+# between a check and the step after it.
+refuse_symlink() {
+  if [ -L "$file" ]; then
+    echo "$0: $file is a symbolic link (to $(readlink -- "$file")): refusing to follow it, since" \
+      "chown, chmod and the new hashes would go to the file it points to; give that file's real path with -f" >&2
+    exit 2
+  fi
+}
+refuse_symlink
+
 restrict() {  # the file's final owner and mode
+  refuse_symlink
   if [ "$(id -u)" -eq 0 ] && getent group mosquitto >/dev/null; then
-    chown root:mosquitto "$file"
+    chown -h root:mosquitto "$file"
     chmod 0640 "$file"
   else
     chmod 0600 "$file"
@@ -72,6 +88,7 @@ for user in "$@"; do
   [ -e "$file" ] || create=(-c)
   # Fetch first, so a missing password stops the script before the file is touched.
   pw=$(password_for "$user")
+  refuse_symlink
   # printf is a shell builtin: the password is in no process's arguments.
   # mosquitto_passwd asks twice; its prompts on stdout mean nothing here.
   printf '%s\n%s\n' "$pw" "$pw" | mosquitto_passwd "${create[@]}" "$file" "$user" >/dev/null

@@ -113,6 +113,31 @@ def test_mkpasswd_locks_an_existing_readable_file_before_writing(tmp_path: Path)
     assert stat.S_IMODE(path.stat().st_mode) & 0o007 == 0
 
 
+@pytest.mark.parametrize("target_exists", [True, False], ids=["to-a-file", "dangling"])
+def test_mkpasswd_refuses_a_symlink_and_leaves_its_target_alone(tmp_path: Path, target_exists: bool) -> None:
+    """A symlink planted at the `-f` path (in a directory others can write) redirected the script's
+    chown/chmod, and mosquitto_passwd's write, to the file it points to (run as root: any file).
+    The script refuses it, says why, and touches neither the link nor its target."""
+    victim = tmp_path / "victim"
+    if target_exists:
+        victim.write_text("not a password file\n")
+        victim.chmod(0o644)
+    link = tmp_path / "passwd"
+    link.symlink_to(victim)
+    env = {**os.environ, "MOSQ_PASSWORD_MAPPER": secrets.token_urlsafe(12)}
+    done = subprocess.run(["bash", str(SHIPPED / "mkpasswd.sh"), "-f", str(link), "mapper"], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=20, check=False)
+    assert done.returncode == 2, done
+    assert f"{link} is a symbolic link" in done.stderr
+    assert link.is_symlink()
+    if target_exists:
+        assert victim.read_text() == "not a password file\n"
+        assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+        assert (victim.stat().st_uid, victim.stat().st_gid) == (os.getuid(), os.getgid())
+    else:
+        assert not victim.exists()
+
+
 @pytest.mark.parametrize("user", ["pi-a/default", "pi+", "pi#"])
 def test_mkpasswd_refuses_user_names_an_acl_pattern_would_widen(tmp_path: Path, user: str) -> None:
     """A cloud user named `pi-a/default` matches `pattern write mapper/%u/+/+/+` (cloud-acl-per-node)
