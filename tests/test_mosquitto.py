@@ -331,6 +331,48 @@ def test_mosquitto_default_queue_limit_would_drop_them(name: str) -> None:
         assert deliver_to_offline_subscriber(default_limit, f"mapper/{name}/default/d/seq", 3000) < 3000
 
 
+def broker_rss(broker: MosquittoBroker) -> int:
+    """The broker process's resident memory in bytes [Linux]."""
+    assert broker._process is not None  # noqa: SLF001
+    status = Path(f"/proc/{broker._process.pid}/status").read_text()  # noqa: SLF001
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) * 1024
+
+
+def test_durable_sessions_together_stay_within_memory_limit(name: str) -> None:
+    """The queue limits are per session, and any user may leave durable sessions under new client
+    ids, each queueing what it may read: one app password took the broker 64 MiB further per
+    session, without end (8 sessions: over 500 MB). memory_limit bounds the sum: two full queues
+    (the bridge's and the mapper's session, the legitimate peak) still fit; at the limit the
+    publisher gets no PUBACK but a closed connection (the mapper keeps such a reading in its outbox),
+    and once the sessions are gone the same publisher is acknowledged again."""
+    limit = int(directive("mosquitto.conf", "memory_limit"))
+    per_session = int(directive("mosquitto.conf", "max_queued_bytes"))
+    chunk = 4 << 20
+    topic = f"mapper/test-node/default/{name}/t"  # telemetry: what an app may read
+    sessions: list[str] = []
+    refused_at = None
+    with MosquittoBroker() as broker:
+        for k in range(limit // per_session + 2):  # more full queues than fit
+            sessions.append(f"hoard-{k}-{secrets.token_hex(4)}")
+            with broker.client("app", client_id=sessions[-1], clean=False) as hoarder:
+                assert not hoarder.subscribe(topic).is_failure
+            with broker.client("mapper") as mapper:
+                for _ in range(per_session // chunk + 1):  # this session's queue full
+                    if puback_or_disconnect(mapper, topic, secrets.token_bytes(chunk)) == "disconnect":
+                        refused_at = k
+                        break
+            if refused_at is not None:
+                break
+        assert refused_at is not None, f"{len(sessions)} full sessions, broker at {broker_rss(broker) >> 20} MiB"
+        assert refused_at >= 2, f"refused while filling session {refused_at}: two full queues must fit"  # noqa: PLR2004
+        assert broker_rss(broker) < limit + per_session, broker_rss(broker)
+        assert "disconnected due to out of memory" in broker.log_path.read_text(errors="replace")
+        for session in sessions:  # resumed with a clean start: dropped
+            broker.client("app", client_id=session).close()
+        with broker.client("mapper") as mapper:
+            assert puback_or_disconnect(mapper, topic, secrets.token_bytes(chunk)) == "puback"
+
+
 def test_queue_and_retained_state_survive_restart(name: str) -> None:
     """Persistence: queued messages and retained state are still there after a broker restart."""
     state = f"mapper/{name}/default/dht/state"
