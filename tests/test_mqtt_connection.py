@@ -28,6 +28,11 @@ from test_systemd import NotifyListener
 from twin.store import TwinStore, committed_seqs
 
 
+async def nothing(*_args: object) -> None:
+    """A bus callback that does nothing (on_message, on_connect)."""
+    return None
+
+
 def tls_block(broker, tmp_path, ca_file) -> str:
     secret = tmp_path / "pw"
     secret.write_text(broker.users["mapper"])
@@ -161,9 +166,6 @@ async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepa
             failed.set()
             raise
 
-    async def nothing(*_args: object) -> None:
-        return None
-
     bus = MqttBus(settings, client_id="frozen-test", will_topic="mapper/frozen-test/availability",
                   subscriptions=[], on_message=nothing, on_connect=online)
     task = asyncio.create_task(bus.run())
@@ -274,9 +276,6 @@ async def test_a_connection_dropped_right_after_the_connack_is_noticed_and_made_
             if fake.connections >= 2:
                 served.set()
 
-        async def nothing(*_args: object) -> None:
-            return None
-
         bus = MqttBus(settings, client_id="dropped-test", will_topic="mapper/dropped-test/availability",
                       subscriptions=subscriptions, on_message=nothing, on_connect=on_connect)
         task = asyncio.create_task(bus.run())
@@ -326,9 +325,6 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
         attempts: list[int] = []
         enough = asyncio.Event()
 
-        async def nothing(*_args: object) -> None:
-            return None
-
         bus = MqttBus(settings, client_id="twin-name-test", will_topic="mapper/twin-name-test/availability",
                       subscriptions=[("mapper/twin-name-test/default/+/+/set", 1)], on_message=nothing,
                       on_connect=nothing)
@@ -362,9 +358,6 @@ async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_pat
     secret.write_text("not-" + broker.users["mapper"])
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
                             protocol=protocol, reconnect_min_s=0.05, reconnect_max_s=0.1)
-
-    async def nothing(*_args: object) -> None:
-        return None
 
     bus = MqttBus(settings, client_id="refused-test", will_topic="mapper/refused-test/availability",
                   subscriptions=[], on_message=nothing, on_connect=nothing)
@@ -403,9 +396,6 @@ async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_eac
     secret.write_text(edge.users["mapper"])
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{edge.port}", username="mapper", password_file=secret,
                             reconnect_min_s=0.01, reconnect_max_s=0.03)
-
-    async def nothing(*_args: object) -> None:
-        return None
 
     bus = MqttBus(settings, client_id="outage-test", will_topic="mapper/outage-node/availability",
                   subscriptions=[], on_message=nothing, on_connect=nothing)
@@ -776,9 +766,6 @@ async def test_refused_subscriptions_are_forgotten_when_the_connection_ends(tmp_
         secret.write_text(broker.users["mapper"])
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
                                 reconnect_min_s=5, reconnect_max_s=10)
-
-        async def nothing(*_args: object) -> None:
-            return None
 
         bus = MqttBus(settings, client_id="forget-test", will_topic="mapper/forget-test/availability",
                       subscriptions=[(refused, 1), ("mapper/forget-test/default/+/+/set", 1)], on_message=nothing,
