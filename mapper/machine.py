@@ -85,7 +85,7 @@ def _text(path: Path) -> str | None:
             raw = f.read(4096)
     except OSError:
         return None
-    return raw.replace(b"\0", b"").decode("ascii", errors="replace").strip().lower()
+    return raw.replace(b"\0", b"").decode("utf-8", errors="replace").strip().lower()
 
 
 def _identity(text: str | None) -> str | None:
@@ -101,7 +101,7 @@ def _read(path: Path) -> str | None:
 
 def _cpuinfo_serial(path: Path) -> str | None:
     try:
-        text = path.read_text(encoding="ascii", errors="replace")
+        text = path.read_text(encoding="utf-8", errors="replace")
     except OSError:
         return None
     for line in text.splitlines():
