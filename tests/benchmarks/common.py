@@ -98,6 +98,14 @@ class Subscriber:
                     self.process.kill()
                     self.process.wait()
             self.process = None
+            self._end_session()
+
+    def _end_session(self) -> None:
+        """Connect once more with a clean session: the broker drops the durable one. Left behind, it
+        queued every later scenario's messages (up to the broker's per-session limits), and a dozen
+        such sessions took the broker to its memory_limit: it then refused the next mapper's CONNECT."""
+        args = [a for a in self._args() if a != "-c"]
+        subprocess.run([*args, "-E"], timeout=20, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
     def arrivals(self) -> list[Arrival]:
         result = []
