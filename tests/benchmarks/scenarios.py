@@ -38,6 +38,7 @@ from .common import (
     mapper_env,
     percentile,
     rss_mib,
+    rss_parts_mib,
     sample,
     slope,
     write_devices,
@@ -483,6 +484,7 @@ class Measured(NamedTuple):
     hwm_mib: float
     wall_start: float  # the window, in wall-clock seconds (time.time())
     wall_end: float
+    rss_parts: dict[str, float]  # RssAnon / RssFile / RssShmem (MiB): see rss_parts_mib
 
 
 def _measure(pid: int, warmup: float, window: float) -> Measured:
@@ -496,7 +498,7 @@ def _measure(pid: int, warmup: float, window: float) -> Measured:
     time.sleep(max(0.0, start + round(window) - time.monotonic()))
     c1, t1, w1 = cpu_seconds(pid), time.monotonic(), time.time()
     rss, hwm = rss_mib(pid)
-    return Measured((c1 - c0) / (t1 - t0) * 3600, rss, hwm, w0, w1)
+    return Measured((c1 - c0) / (t1 - t0) * 3600, rss, hwm, w0, w1, rss_parts_mib(pid))
 
 
 def cost(ctx: Context) -> ScenarioResult:
@@ -636,7 +638,7 @@ def cost(ctx: Context) -> ScenarioResult:
             iedge.values.append(results["inference-edge-only"][0] - results["mapper"][0])
         if "inference-plain" in results:
             plain_irss.values.append(results["inference-plain"][1])
-        r.details.append({"run": i, **{k: {"cpu_s_per_hour": v[0], "rss_mib": v[1], "hwm_mib": v[2],
+        r.details.append({"run": i, **{k: {"cpu_s_per_hour": v[0], "rss_mib": v[1], "hwm_mib": v[2], **v.rss_parts,
                                            **({"windows_decided": windows[k], "offloaded": offloaded[k]}
                                               if k in windows else {})}
                                        for k, v in results.items()},
