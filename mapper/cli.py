@@ -104,9 +104,10 @@ def _validate_config(path: str) -> int:
     checks = [config.check_installed]
     if config.mqtt is not None:
         checks += [config.mqtt.check_password, config.mqtt.check_tls]
-        warnings += config.mqtt.exposed_secrets(path)
+        warnings += [w.removeprefix("warning: ") for w in config.mqtt.exposed_secrets(path)]  # (said once below)
     if config.api is not None and config.api.enabled:
         checks += [config.api.check_token, config.api.check_tls]
+        warnings += [w.removeprefix("warning: ") for w in config.api.exposure_warnings(path)]  # as the API's start
     for check in checks:
         try:
             check(path)

@@ -1762,3 +1762,24 @@ def test_twin_set_refuses_a_device_whose_file_names_another_node(tmp_path):
     twin = json.loads(mapper("twin", "get", "other", "--config", str(config), "--json").stdout)
     assert twin["properties"]["power"]["desired"] is None
     assert mapper("twin", "set", "lamp", "power", "true", "--config", str(config)).returncode == 0
+
+
+def test_validate_config_says_the_warnings_mapper_run_says_each_once(tmp_path: Path) -> None:
+    """`mapper validate --config` printed the warnings of mqtt.exposed_secrets, which start with
+    `warning: ` already, as `warning: warning: ...`, and none of the REST API's (api.exposure_warnings:
+    every device readable by the LAN, which `mapper run` logs as the API starts)."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    secret = tmp_path / "mqtt.password"
+    secret.write_text("s3cret-password\n")
+    secret.chmod(0o644)  # readable by every user: warned, not refused
+    extra = (f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n"
+             "api:\n  host: 0.0.0.0\n  port: 0\n")
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "state" / "twin.db", extra=extra)
+
+    checked = mapper("validate", "--config", str(config))
+    assert checked.returncode == 0, checked.stderr
+    assert "warning: warning:" not in checked.stderr, checked.stderr
+    lines = checked.stderr.splitlines()
+    assert sum(f"{config}: mqtt.password_file: {secret} is readable by every user" in line for line in lines) == 1, lines
+    assert any(line.startswith(f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set")
+               for line in lines), lines
