@@ -394,9 +394,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
         raise
     twin = Path(config.twin.path)
     running, pid = _running_mapper(twin)
-    if not running or pid is None:
+    if running is None:  # (its lock could not be opened or locked: not "no mapper", which may be wrong)
+        print(f"error: cannot tell whether a mapper runs on the twin {twin} (twin.path of {args.config}):"
+              f" {_lock_path(twin)} cannot be read here; run this as the service's user or root (or `sudo"
+              " systemctl reload mapper`)", file=sys.stderr)
+        return 1
+    if not running:
         print(f"error: no mapper runs on the twin {twin} (twin.path of {args.config}): nothing to reload;"
               " start it (systemctl start mapper, or mapper run)", file=sys.stderr)
+        return 1
+    if pid is None:
+        print(f"error: a mapper runs on the twin {twin}, but {_lock_path(twin)} names no pid to signal: send"
+              " it a SIGHUP yourself (`sudo systemctl kill -s HUP mapper` for the service), and see its log for the"
+              " outcome", file=sys.stderr)
         return 1
     outcome_path = _reload_outcome_path(twin)
     sent = time.monotonic()

@@ -718,3 +718,32 @@ def test_mapper_reload_waits_for_the_reload_and_fails_when_it_is_refused(mapper:
     mapper.stop()
     nothing = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
     assert nothing.returncode == 1 and f"no mapper runs on the twin {mapper.twin}" in nothing.stderr, nothing
+
+
+def test_mapper_reload_says_when_it_cannot_tell_whether_a_mapper_runs(tmp_path: Path) -> None:
+    """`mapper reload` said "no mapper runs on the twin ...: start it" when it could not read the
+    twin's lock (a user who may not read the service's state directory: running unknown), and when the
+    lock was held but named no pid: the operator was told to start a mapper that was running. Now
+    it says what it could not tell, and how to reload all the same."""
+    import fcntl
+
+    twin = tmp_path / "state" / "twin.db"
+    twin.parent.mkdir()
+    config = write_config(tmp_path / "mapper.yaml", write_devices(tmp_path / "dev", ["a"]), twin)
+    lock = Path(f"{twin}.lock")
+
+    lock.mkdir()  # not a file: whether a mapper holds it cannot be told (as for a lock it may not open)
+    unknown = _mapper_cli(tmp_path, "reload", "--config", str(config), "--timeout", "1")
+    assert unknown.returncode == 1, unknown
+    assert "no mapper runs" not in unknown.stderr, unknown.stderr
+    assert f"cannot tell whether a mapper runs on the twin {twin}" in unknown.stderr, unknown.stderr
+    assert str(lock) in unknown.stderr and "systemctl reload mapper" in unknown.stderr, unknown.stderr
+
+    lock.rmdir()
+    lock.write_text("")  # held, by a process that wrote no pid in it
+    with lock.open() as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        nameless = _mapper_cli(tmp_path, "reload", "--config", str(config), "--timeout", "1")
+    assert nameless.returncode == 1, nameless
+    assert "no mapper runs" not in nameless.stderr, nameless.stderr
+    assert f"a mapper runs on the twin {twin}, but {lock} names no pid" in nameless.stderr, nameless.stderr
