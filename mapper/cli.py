@@ -96,7 +96,7 @@ def _validate_config(path: str) -> int:
     environment's MAPPER_* overrides, what it needs installed, the broker password and TLS files, the
     API token and certificate, the device files it names, its inference pipelines against them), so that a config
     can be checked before it is pushed to a node, without a twin, a lock or a broker."""
-    from mapper.inference.extension import config_problems
+    from mapper.inference.extension import start_problems
 
     config = _config(path)  # (its own problems: DefinitionError, printed by main)
     problems: list[object] = []
@@ -113,17 +113,12 @@ def _validate_config(path: str) -> int:
             check(path)
         except ValueError as exc:
             problems.append(exc)
-    try:
-        result = config.load_devices()
-    except DefinitionError as exc:
-        problems += exc.problems
-        warnings += exc.warnings
-        result = None
+    result, found, said = start_problems(config)
+    problems += found
+    warnings += said
     if result is not None:
-        warnings += result.warnings
         warnings += [f"{problem} (`mapper run` refuses this device and runs the others)"
                      for problem in result.unrunnable.values() if problem not in result.warnings]
-        problems += config_problems(config, result.devices, unrunnable=result.unrunnable)
     for problem in problems:
         print(problem, file=sys.stderr)
     for warning in warnings:

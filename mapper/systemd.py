@@ -820,17 +820,15 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
     start checks them (mapper.inference.extension.config_problems), each FILE:LINE: FIELD: PROBLEM.
     Without numpy and onnxruntime the config's pipelines were refused already (check_installed);
     the maps' pipelines are then only named in a warning: the service runs without them."""
-    from devices.errors import DefinitionError
-    from mapper.inference.extension import config_problems
+    from mapper.inference.extension import start_problems
     from mapper.inference.settings import InferenceSettings, local_maps, missing_ml_packages
 
-    try:
-        loaded = config.load_devices()
-    except DefinitionError as exc:
-        for problem in exc.problems:
+    loaded, problems, _ = start_problems(config)  # (the files' warnings: `mapper validate --config` says them)
+    if loaded is None:
+        for problem in problems:
             yield True, f"{problem} (`mapper run` refuses the device files until it is fixed)"
         return
-    for problem in config_problems(config, loaded.devices, unrunnable=loaded.unrunnable):
+    for problem in problems:
         yield True, str(problem)
     if missing := missing_ml_packages():
         maps = [m for m in local_maps(config.inference or InferenceSettings(), loaded.devices)[0]

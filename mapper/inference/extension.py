@@ -44,6 +44,7 @@ from mapper.recorder import Extra
 from twin.store import OutboxRow, OutMessage
 
 if TYPE_CHECKING:
+    from devices.loader import LoadResult
     from mapper.config import MapperConfig
     from mapper.inference.pipeline import Decision, EdgeOutcome, Pipeline
     from mapper.service import MapperService
@@ -160,6 +161,20 @@ def collect_settings(settings: InferenceSettings | None, definitions: dict[Devic
                 except ValueError as exc:
                     problems.append(f"{definition.source}: {device_id}/{prop.name} pushMethod.anomalyDetection: {exc}")
     return found, problems
+
+
+def start_problems(config: MapperConfig) -> tuple[LoadResult | None, list[Problem], list[object]]:
+    """What `mapper run` refuses at its start once it reads the device files, found without starting
+    (`mapper validate --config`, install-service's start_checks): (the devices as the start loads
+    them, None when their files have errors; those errors, else config_problems against the devices;
+    the files' warnings)."""
+    from devices.errors import DefinitionError
+
+    try:
+        loaded = config.load_devices()
+    except DefinitionError as exc:
+        return None, list(exc.problems), list(exc.warnings)
+    return loaded, config_problems(config, loaded.devices, unrunnable=loaded.unrunnable), list(loaded.warnings)
 
 
 def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition],
