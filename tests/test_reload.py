@@ -747,3 +747,44 @@ def test_mapper_reload_says_when_it_cannot_tell_whether_a_mapper_runs(tmp_path: 
     assert nameless.returncode == 1, nameless
     assert "no mapper runs" not in nameless.stderr, nameless.stderr
     assert f"a mapper runs on the twin {twin}, but {lock} names no pid" in nameless.stderr, nameless.stderr
+
+
+def test_mapper_reload_fails_when_the_api_keeps_its_token_or_certificate(tmp_path: Path) -> None:
+    """A reload reads api.token_file (and api.tls's files) again; one refused then is logged and the
+    API keeps the one read before. That was logged on `mapper.api`, which `mapper reload` did not
+    hear: `systemctl reload mapper` after a botched token rotation said "reloaded: the mapper runs
+    the new files" and exited 0, while the API still took the old token (and the next start refuses
+    the file). Now the reload's outcome has the error and `mapper reload` exits 1."""
+    token = tmp_path / "api.token"
+    token.write_text("a" * 32 + "\n")
+    token.chmod(0o600)
+    cert, key, other_key = tmp_path / "api.crt", tmp_path / "api.key", tmp_path / "other.key"
+    for made, out in ((key, cert), (other_key, tmp_path / "other.crt")):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(made), "-out", str(out), "-days", "1", "-subj", "/CN=api"],
+                       check=True, capture_output=True, timeout=30)
+        made.chmod(0o600)
+    env = {"MAPPER_API__PORT": "0", "MAPPER_API__TOKEN_FILE": str(token), "MAPPER_API__TLS__CERT_FILE": str(cert),
+           "MAPPER_API__TLS__KEY_FILE": str(key)}
+    with running_mapper(tmp_path, env) as mapper:
+        mapper.wait_log(r"mapper test-node running: 2 device")
+        token.write_text("short\n")  # too short: refused
+        kept = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+        assert kept.returncode == 1, kept
+        assert "the REST API keeps the token read before" in kept.stderr, kept.stderr
+        assert "reloaded" not in kept.stdout, kept.stdout
+
+        token.write_text("b" * 32 + "\n")
+        good_key = key.read_bytes()
+        key.write_bytes(other_key.read_bytes())  # a renewal gone wrong: not the certificate's key
+        kept = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+        assert kept.returncode == 1, kept
+        assert (f"api.tls.key_file: {key} is not the private key of the certificate in api.tls.cert_file ({cert});"
+                " the REST API keeps the certificate loaded before") in kept.stderr, kept.stderr
+        assert "the REST API takes the new token" in mapper.log()
+
+        key.write_bytes(good_key)
+        done = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+        assert done.returncode == 0, done
+        assert "api.tls: the REST API loaded its certificate" in mapper.log()
+        mapper.stop()

@@ -65,6 +65,9 @@ if TYPE_CHECKING:
     from mapper.service import MapperService
 
 log = logging.getLogger("mapper.api")
+# A token or certificate file a SIGHUP refuses: said on the reload's logger, whose errors `mapper reload`
+# reports (exit 1), as the reload's outcome (mapper.cli._ReloadNotes).
+reload_log = logging.getLogger("mapper.reload")
 
 CALL_TIMEOUT_S = 10.0
 # A connection that sends nothing for this long is closed: each open connection holds a thread
@@ -532,7 +535,7 @@ class RestApiExtension:
         try:
             token = self.settings.read_token()
         except ValueError as exc:
-            log.error("%s; the REST API keeps the token read before", exc)  # noqa: TRY400 - no traceback wanted
+            reload_log.error("%s; the REST API keeps the token read before", exc)  # noqa: TRY400 - no traceback wanted
             return
         if token != self.api.token:
             self.api.token = token
@@ -546,7 +549,7 @@ class RestApiExtension:
         try:
             context = self.settings.read_tls()
         except ValueError as exc:
-            log.error("%s; the REST API keeps the certificate loaded before", exc)  # noqa: TRY400 - no traceback wanted
+            reload_log.error("%s; the REST API keeps the certificate loaded before", exc)  # noqa: TRY400
             return
         self.server.tls = context
         log.info("api.tls: the REST API loaded its certificate %s again", self.settings.tls.cert_file)
