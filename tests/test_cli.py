@@ -1783,3 +1783,24 @@ def test_validate_config_says_the_warnings_mapper_run_says_each_once(tmp_path: P
     assert sum(f"{config}: mqtt.password_file: {secret} is readable by every user" in line for line in lines) == 1, lines
     assert any(line.startswith(f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set")
                for line in lines), lines
+
+
+def test_a_twin_of_a_newer_mapper_is_an_error_naming_it_not_a_traceback(tmp_path: Path) -> None:
+    """A twin a newer mapper migrated (a rollback to the older mapper without the copy made before the
+    upgrade) made `mapper run`, `mapper devices` and `mapper twin get` end in a RuntimeError's
+    traceback, which named no file. Now it is an error naming the twin and what to do, and exit 1."""
+    from twin.migrations import MIGRATIONS
+    from twin.store import TwinStore
+
+    twin = tmp_path / "twin.db"
+    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["a"]), twin)
+    with TwinStore.open(twin):
+        pass
+    with contextlib.closing(sqlite3.connect(twin)) as conn:
+        conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
+    for args in (("devices",), ("twin", "get", "a"), ("run",)):
+        refused = mapper(*args, "--config", str(config))
+        assert refused.returncode == 1, (args, refused)
+        assert "Traceback" not in refused.stderr, (args, refused.stderr)
+        assert (f"error: the twin {twin} is from a newer mapper (schema version {len(MIGRATIONS) + 1}; this"
+                f" mapper's is {len(MIGRATIONS)})") in refused.stderr, (args, refused.stderr)

@@ -254,10 +254,18 @@ def _run(conn: sqlite3.Connection, script: str) -> None:
             conn.execute(statement)
 
 
-def _newer(current: int) -> RuntimeError:
-    return RuntimeError(
-        f"twin database schema version {current} is newer than this mapper ({len(MIGRATIONS)}): upgrade the mapper"
-    )
+class NewerSchema(RuntimeError):
+    """The file's schema version is beyond this code's: a newer mapper wrote it (TwinStore.open names
+    the file: twin.store.NewerTwin)."""
+
+    def __init__(self, current: int) -> None:
+        self.found = current
+        super().__init__(f"twin database schema version {current} is newer than this mapper ({len(MIGRATIONS)}):"
+                         " upgrade the mapper")
+
+
+def _newer(current: int) -> NewerSchema:
+    return NewerSchema(current)
 
 
 def version(conn: sqlite3.Connection) -> int:

@@ -345,6 +345,19 @@ class OlderTwin(TwinError):
             " first (docs/raspberry-pi.md, upgrading)")
 
 
+class NewerTwin(TwinError):
+    """The twin file is a newer mapper's (its schema version is beyond this code's): nothing here
+    can read or write it."""
+
+    def __init__(self, path: Path, found: int) -> None:
+        self.found = found
+        super().__init__(
+            f"the twin {path} is from a newer mapper (schema version {found}; this mapper's is"
+            f" {len(migrations.MIGRATIONS)}): this mapper cannot use it. Upgrade the mapper again, or, to go back"
+            " to this one, stop it and put back the copy of the twin made before the upgrade (docs/raspberry-pi.md,"
+            " upgrading)")
+
+
 def missing_schema(exc: sqlite3.Error) -> bool:
     """An error of a statement that needs a table or column a later migration adds."""
     return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(("no such table", "no such column"))
@@ -635,6 +648,10 @@ class TwinStore:
                 store._load_state()
             finally:
                 conn.execute("COMMIT")
+        except migrations.NewerSchema as exc:
+            if conn is not None:
+                conn.close()
+            raise NewerTwin(path, exc.found) from None
         except sqlite3.OperationalError as exc:
             if found < len(migrations.MIGRATIONS) and missing_schema(exc):
                 conn.close()
