@@ -19,7 +19,6 @@ import contextlib
 import logging
 import random
 import ssl
-import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -34,7 +33,7 @@ from pydantic import SecretStr
 
 from eventbus import paho_fastpath
 from eventbus.settings import MqttSettings
-from mapper.logs import Throttle, held_note
+from mapper.logs import OUTAGE_NOTE_S, Outage, Throttle, held_note
 from mapper.ticks import sleep_to_tick
 
 log = logging.getLogger("mapper.mqtt")
@@ -110,20 +109,8 @@ SESSION_TAKEN_OVER = 0x8E
 STABLE_S = 60.0
 # Connections in a row lost this soon after they were made: the log says what may cause it.
 SHORT_WARN = 3
-# While the broker stays away with the same cause, a line says so at most this often (MqttBus._log_lost):
-# a line per attempt was ~2,900 a day, written to an SD card.
-OUTAGE_NOTE_S = 300.0
-
-
-def _utc(epoch_s: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch_s))
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    minutes = int(seconds // 60)
-    return f"{minutes} min" if minutes < 120 else f"{minutes // 60} h {minutes % 60} min"
+# OUTAGE_NOTE_S (mapper/logs.py, imported here): while the broker stays away with the same cause, a
+# line says so at most this often (MqttBus._log_lost).
 
 
 def reason_code(exc: BaseException) -> int | None:
@@ -338,13 +325,9 @@ class MqttBus:
         # Since when (epoch s) the mapper has had no connection, and the last attempt's error: set at
         # the first failed attempt or lost connection, cleared on connecting (STATUS=: a broker that
         # refuses the mapper must not look like a healthy node there).
-        self.down_since: float | None = None
         self.last_error: str | None = None
-        # The outage's log (_log_lost): connection attempts failed since down_since, the cause last
-        # logged at WARNING or above (None: none yet in this outage), and when (monotonic).
-        self.failed_attempts = 0
-        self._told_cause: str | None = None
-        self._told_at = 0.0
+        # The outage's log (_log_lost): its start (down_since) and the attempts failed since then.
+        self.outage = Outage(note_s=OUTAGE_NOTE_S)
         self.messages_in = 0
         self.incoming_dropped = 0       # messages dropped: INCOMING_LIMIT / INCOMING_BYTES were waiting already
         self.incoming_dropped_by: Counter[str] = Counter()  # the same, by incoming_kind() ("twin/get", "set", ...)
@@ -513,13 +496,10 @@ class MqttBus:
                              self.client_id, "5" if self.protocol == aiomqtt.ProtocolVersion.V5 else "3.1.1",
                              self.packet_limit, "the broker's limit" if self.packet_limit_announced
                              else "mqtt.max_packet_bytes: the broker announced none")
-                    if self.down_since is not None:
-                        log.info("MQTT connection to %s back after %s down (since %s; %d failed attempts)",
-                                 self.settings.url, _duration(max(0.0, time.time() - self.down_since)),
-                                 _utc(self.down_since), self.failed_attempts)
+                    if (back := self.outage.back()) is not None:
+                        log.info("MQTT connection to %s back %s", self.settings.url, back)
                     self.disconnected.clear()
-                    self.down_since, self.last_error = None, None
-                    self.failed_attempts, self._told_cause = 0, None
+                    self.last_error = None
                     self.connected.set()
                     self.first_attempt.set()
                     await self._on_connect()
@@ -548,7 +528,7 @@ class MqttBus:
                         short += 1
                 attempt += 1
                 if connected_at is None:
-                    self.failed_attempts += 1
+                    self.outage.failed()
                 if self._should_downgrade(exc):
                     log.warning("broker refused MQTT 5 (%s); using 3.1.1", exc)
                     self.protocol = aiomqtt.ProtocolVersion.V311
@@ -556,13 +536,13 @@ class MqttBus:
                 delay = self._backoff(attempt)
                 self.last_error = describe(exc)[:200]
                 if reason_code(exc) == SESSION_TAKEN_OVER:
-                    self._told_cause, self._told_at = self.last_error, time.monotonic()
+                    self.outage.told(self.last_error)
                     log.error("MQTT connection to %s taken over: another client connected with client id %r (%s); "
                               "is another mapper using %s? Give each mapper its own id; else the broker's log "
                               "tells which user connected with it. Retrying in %.1f s",
                               self.settings.url, self.client_id, describe(exc), self.client_id_origin, delay)
                 elif connected_at is not None and short >= SHORT_WARN:
-                    self._told_cause, self._told_at = self.last_error, time.monotonic()
+                    self.outage.told(self.last_error)
                     log.error("MQTT connection to %s lost again soon after it was made (%d times in a row): %s; "
                               "is another client (another mapper using %s?) connecting with client id %r? "
                               "Else see the broker's log. Retrying in %.1f s", self.settings.url, short,
@@ -572,8 +552,7 @@ class MqttBus:
             finally:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
-                if self.down_since is None:
-                    self.down_since = time.time()
+                self.outage.down()
                 self.refused_subscriptions = {}  # "on the current connection" (STATUS=): there is none
                 self.disconnected.set()
                 self.client = None
@@ -588,22 +567,29 @@ class MqttBus:
     def _log_lost(self, exc: aiomqtt.MqttError, delay: float) -> None:
         """A connection lost or refused: the outage's first failure, and each change of its cause, at
         WARNING; then, while the cause stays the same, the attempts at DEBUG and a WARNING at most
-        every OUTAGE_NOTE_S that it still lasts. The connection, when it comes, says at INFO how
-        long it was down (run())."""
+        every OUTAGE_NOTE_S that it still lasts (mapper.logs.Outage). The connection, when it comes,
+        says at INFO how long it was down (run())."""
         cause = describe(exc)
         hint = f"; {credentials_hint(self.settings)}" if credentials_refused(exc) else ""
-        now = time.monotonic()
-        if self.last_error != self._told_cause:
+        verdict = self.outage.tell(self.last_error or cause)
+        if verdict == Outage.FIRST:
             log.warning("MQTT connection to %s lost or refused: %s%s; retrying in %.1f s", self.settings.url, cause,
                         hint, delay)
-        elif now - self._told_at >= OUTAGE_NOTE_S:
-            log.warning("MQTT connection to %s: still not connected since %s: %s%s; %d attempts (the next in %.1f s)",
-                        self.settings.url, _utc(self.down_since or time.time()), cause, hint, self.failed_attempts,
-                        delay)
+        elif verdict == Outage.STILL:
+            log.warning("MQTT connection to %s: still not connected %s: %s%s; %d attempts (the next in %.1f s)",
+                        self.settings.url, self.outage.note(), cause, hint, self.outage.attempts, delay)
         else:
             log.debug("MQTT connection to %s lost or refused: %s; retrying in %.1f s", self.settings.url, cause, delay)
-            return
-        self._told_cause, self._told_at = self.last_error, now
+
+    @property
+    def down_since(self) -> float | None:
+        """When the connection went away (time.time), None while connected (and before the first attempt)."""
+        return self.outage.since
+
+    @property
+    def failed_attempts(self) -> int:
+        """Connection attempts failed since down_since."""
+        return self.outage.attempts
 
     async def hold_incoming(self) -> None:
         """Handle no more incoming messages, and return once the one being handled is done.

@@ -447,21 +447,80 @@ async def test_the_cloud_worker_logs_refused_credentials_with_what_to_check(brok
     settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="worker", password_file=secret,
                             reconnect_min_s=0.05, reconnect_max_s=0.1)
     worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="refused"))
-    caplog.set_level(logging.WARNING, logger="mapper.worker")
+    caplog.set_level(logging.DEBUG, logger="mapper.worker")
 
-    def refusals() -> list[str]:
-        return [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
+    def refusals() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if "lost or refused" in r.getMessage()]
 
     task = asyncio.create_task(worker.run())
     try:
-        await async_wait_for(lambda: len(refusals()) >= 2, timeout=30, what="two refused connections")
+        await async_wait_for(lambda: len(refusals()) >= 3, timeout=30, what="three refused connections")
     finally:
         await _cancelled(task)
     hint = (f"the broker did not accept the credentials: check mqtt.username ('worker') / mqtt.password_file "
             f"({secret}) against the broker's password file (mosquitto_passwd)")
     assert not worker.ready.is_set()
-    assert all("Not authorized" in line and hint in line for line in refusals()), refusals()
+    assert all("Not authorized" in r.getMessage() for r in refusals()), refusals()  # retried
+    (told,) = [r.getMessage() for r in refusals() if r.levelno >= logging.WARNING]  # the rest at DEBUG
+    assert hint in told, told
     assert not any(secret.read_text() in r.getMessage() for r in caplog.records)
+
+
+async def test_a_long_broker_outage_is_logged_by_the_cloud_worker_at_each_change_of_cause(tmp_path, caplog,
+                                                                                        monkeypatch):
+    """`mapper cloud-worker` logged a WARNING "lost or refused ... retrying in" at every reconnect
+    attempt while its broker was away. Now it logs an outage as the mapper's bus does (the shared
+    mapper.logs.Outage): the first failure and each change of its cause at WARNING, the other
+    attempts at DEBUG, "still not connected since" at most every OUTAGE_NOTE_S (1 s here), and the
+    connection, when it comes back, once at INFO with how long it was down."""
+    pytest.importorskip("onnxruntime")
+    import mapper.inference.worker as worker_module
+    from mapper.inference.worker import CloudWorker, WorkerSettings
+
+    monkeypatch.setattr(worker_module, "OUTAGE_NOTE_S", 1.0, raising=False)
+    ensure_mosquitto_installed()
+    with MosquittoBroker("mosquitto.conf", node="outage-worker") as cloud:
+        secret = tmp_path / "pw"
+        secret.write_text(cloud.users["worker"])
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{cloud.port}", username="worker", password_file=secret,
+                                reconnect_min_s=0.01, reconnect_max_s=0.03)
+        worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="outage"))
+        caplog.set_level(logging.DEBUG, logger="mapper.worker")
+
+        def told(text: str, level: int | None = logging.WARNING) -> list[str]:
+            return [r.getMessage() for r in caplog.records if r.name == "mapper.worker"
+                    and level in (None, r.levelno) and text in r.getMessage()]
+
+        task = asyncio.create_task(worker.run())
+        try:
+            async with asyncio.timeout(60):
+                await worker.ready.wait()
+                await asyncio.to_thread(cloud.stop)
+                down_at = time.monotonic()
+                await async_wait_for(lambda: len(told("lost or refused", None)) >= 30, timeout=20,
+                                     what="30 attempts")
+                assert len(told("lost or refused")) <= 2, told("lost or refused")  # the loss, the first refusal
+                await async_wait_for(lambda: told("still not connected since"), timeout=20, what="a note it lasts")
+                refused = len(told("lost or refused"))
+                secret.write_text("not-" + cloud.users["worker"])  # another cause: told at once
+                await asyncio.to_thread(cloud.start)
+                await async_wait_for(lambda: len(told("lost or refused")) > refused, timeout=20,
+                                     what="the new cause")
+                lasted = time.monotonic() - down_at
+                secret.write_text(cloud.users["worker"])
+                await async_wait_for(lambda: told("back after", logging.INFO), timeout=20, what="the connection back")
+                assert worker.outage.attempts == 0 and worker.outage.since is None
+        finally:
+            await _cancelled(task)
+    lost = told("lost or refused")
+    assert len(lost) <= 3 and "Not authorized" in lost[-1] and "mqtt.password_file" in lost[-1], lost
+    assert len(told("lost or refused", logging.DEBUG)) >= 25  # the other attempts
+    still = told("still not connected since")
+    assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: .+; \d+ attempts", still[0]), still
+    (back,) = told("back after", logging.INFO)
+    assert re.search(rf"^worker: connection to mqtt://127.0.0.1:{cloud.port} back after \d+ s down \(since .+Z;"
+                     r" \d+ failed attempts\)$", back), back
 
 
 async def test_the_cloud_worker_answers_after_the_broker_comes_back(tmp_path):

@@ -44,7 +44,7 @@ from eventbus.bus import (Credentials, credentials_hint, credentials_refused, de
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
-from mapper.logs import Throttle, held_note
+from mapper.logs import OUTAGE_NOTE_S, Outage, Throttle, held_note
 
 log = logging.getLogger("mapper.worker")
 
@@ -163,6 +163,9 @@ class CloudWorker:
         self.owed: collections.deque[tuple[str, bytes]] = collections.deque()
         self.unanswered: collections.deque[aiomqtt.Message] = collections.deque()
         self._credentials = Credentials(settings.mqtt, log)  # read again at every connection attempt (rotation)
+        # A broker outage is logged at its start, each change of cause and every OUTAGE_NOTE_S, as the
+        # mapper's own connection (eventbus/bus.py) does: not a WARNING per reconnect attempt.
+        self.outage = Outage(note_s=OUTAGE_NOTE_S)
 
     def _drop(self, reason: str, message: str, *args: object) -> None:
         """A request that gets no answer: counted each, logged a few times a minute per reason (a
@@ -262,11 +265,15 @@ class CloudWorker:
         attempt = 0
         while True:
             client: aiomqtt.Client | None = None
+            connected = False
             try:
                 client = self._client()
                 check_connected = watch_disconnect(client)
                 async with client:
                     check_connected()
+                    connected = True
+                    if (back := self.outage.back()) is not None:
+                        log.info("worker: connection to %s back %s", self.settings.mqtt.url, back)
                     refused = refused_reason(await client.subscribe(self.subscription, qos=1))
                     attempt = 0
                     if refused is None:
@@ -296,11 +303,28 @@ class CloudWorker:
                 attempt += 1
                 s = self.settings.mqtt
                 delay = random.uniform(s.reconnect_min_s, min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16)))
-                hint = f"; {credentials_hint(s)}" if credentials_refused(exc) else ""
-                owed = len(self.owed) + len(self.unanswered)
-                log.warning("worker: connection to %s lost or refused: %s%s; retrying in %.1f s%s", s.url,
-                            describe(exc), hint, delay, f" ({owed} answer(s) owed, sent once connected)" if owed else "")
+                self._log_lost(exc, delay, connected)
                 await asyncio.sleep(delay)
+
+    def _log_lost(self, exc: aiomqtt.MqttError, delay: float, connected: bool) -> None:
+        """A connection lost (`connected`) or an attempt refused: logged as mapper.logs.Outage says."""
+        s = self.settings.mqtt
+        if not connected:
+            self.outage.failed()
+        cause = describe(exc)
+        hint = f"; {credentials_hint(s)}" if credentials_refused(exc) else ""
+        owed = len(self.owed) + len(self.unanswered)
+        owed_note = f" ({owed} answer(s) owed, sent once connected)" if owed else ""
+        verdict = self.outage.tell(cause[:200])
+        if verdict == Outage.FIRST:
+            log.warning("worker: connection to %s lost or refused: %s%s; retrying in %.1f s%s", s.url, cause, hint,
+                        delay, owed_note)
+        elif verdict == Outage.STILL:
+            log.warning("worker: connection to %s: still not connected %s: %s%s; %d attempts (the next in %.1f s)%s",
+                        s.url, self.outage.note(), cause, hint, self.outage.attempts, delay, owed_note)
+        else:
+            log.debug("worker: connection to %s lost or refused: %s; retrying in %.1f s%s", s.url, cause, delay,
+                      owed_note)
 
     def _keep_unanswered(self, client: aiomqtt.Client | None) -> None:
         """The requests a lost connection left in aiomqtt's queue (received and acknowledged, not yet
