@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -222,6 +223,42 @@ def test_a_failure_while_adopting_the_registration_reply_is_retried(
         assert "OperationalError: database is locked" in line.getMessage() and "registering again" in line.getMessage()
 
     run(scenario())
+
+
+def test_edgecore_away_for_long_is_logged_at_each_change_of_cause_not_at_each_attempt(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """edgecore not there (restarting, not installed yet): every MapperRegister retry logged a
+    WARNING, a line every few seconds (register_backoff_max_s, 30 s shipped) for as long as it
+    stayed away. Now it is logged as the MQTT bus logs a broker outage (mapper.logs.Outage): the
+    first failure at WARNING, the other attempts at DEBUG, "no answer since" at most every
+    OUTAGE_NOTE_S (1 s here), and once edgecore answers one INFO line with how long it took."""
+    monkeypatch.setattr(client_module, "OUTAGE_NOTE_S", 1.0, raising=False)
+    caplog.set_level(logging.DEBUG, logger="mapper.dmi")
+
+    def told(text: str, level: int | None = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mapper.dmi" and level in (None, r.levelno)
+                and text in r.getMessage()]
+
+    async def scenario() -> float:
+        async with running_mapper(sockdir) as mapper:
+            started = time.monotonic()
+            await until(lambda: len(told("MapperRegister to", None)) >= 30, timeout=20)
+            assert len(told("failed (")) <= 1, told("failed (")  # the first attempt; the rest at DEBUG
+            await until(lambda: told("no answer since"), timeout=20)
+            async with FakeEdgecore(sockdir / "dmi.sock"):
+                await registered(mapper)
+            return time.monotonic() - started
+
+    lasted = asyncio.run(scenario())
+    (first,) = told("failed (")
+    assert "UNAVAILABLE" in first and "attempt 1," in first, first
+    assert len(told("failed (UNAVAILABLE", logging.DEBUG)) >= 25  # the other attempts
+    still = told("no answer since")
+    assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: UNAVAILABLE: .+; \d+ attempts", still[0]), still
+    (back,) = told("answered after", logging.INFO)
+    assert re.search(r"answered after \d+ s down \(since .+Z; \d+ failed attempts\)$", back), back
 
 
 def big_reply(count: int, pad: int) -> list[tuple[pb.Device, pb.DeviceModel]]:

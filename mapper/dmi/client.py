@@ -26,7 +26,7 @@ from mapper.dmi import api_pb2_grpc as pb_grpc
 from mapper.dmi.convert import device_status, edgecore_state
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.settings import MIB, KubeEdgeSettings
-from mapper.logs import Throttle, held_note
+from mapper.logs import OUTAGE_NOTE_S, Outage, Throttle, held_note
 from twin.records import DeviceTwin
 
 log = logging.getLogger("mapper.dmi")
@@ -126,16 +126,26 @@ class EdgecoreClient:
         Whatever fails is retried: edgecore away, a refusal, a reply over our receive limit
         (edgecore's devices may be removed meanwhile), or an unexpected error.
         `before_attempt` is called just before each attempt is sent.
+
+        edgecore away (restarting, not installed yet) is logged as mapper.logs.Outage says: the
+        first failure and each change of its cause, a note at most every OUTAGE_NOTE_S that it
+        lasts, and once edgecore answers how long it took; not a line per attempt.
         """
         cap = self.settings.register_backoff_max_s
         attempt = unexpected = 0
+        outage = Outage(note_s=OUTAGE_NOTE_S)
+        where = self.settings.edgecore_socket_file()
         while True:
             try:
                 if before_attempt is not None:
                     before_attempt()
-                return await self.register()
+                reply = await self.register()
+                if (back := outage.back()) is not None:
+                    log.info("MapperRegister to %s answered %s", where, back)
+                return reply
             except grpc.aio.AioRpcError as exc:
                 attempt += 1
+                outage.failed()
                 if (sizes := reply_too_large(exc)) is not None:
                     # The same reply until someone acts: no quicker retries, no warning per attempt.
                     delay = cap
@@ -150,17 +160,30 @@ class EdgecoreClient:
                             "Retrying every %g s (attempt %d); this error is repeated at most every 10 min%s",
                             sizes[0], sizes[1], self.settings.max_receive_mb, self.settings.protocol,
                             -(-sizes[0] // MIB), delay, attempt, held_note(held))
+                    outage.told("too-large")
                 else:
                     delay = backoff_s(attempt, cap)
-                    log.warning("MapperRegister to %s failed (%s: %s); attempt %d, retrying in %.1f s",
-                                self.settings.edgecore_socket_file(), exc.code().name, exc.details(), attempt, delay)
+                    cause = f"{exc.code().name}: {exc.details()}"
+                    verdict = outage.tell(cause[:200])
+                    if verdict == Outage.FIRST:
+                        log.warning("MapperRegister to %s failed (%s); attempt %d, retrying in %.1f s", where, cause,
+                                    attempt, delay)
+                    elif verdict == Outage.STILL:
+                        log.warning("MapperRegister to %s: no answer %s: %s; %d attempts (the next in %.1f s)", where,
+                                    outage.note(), cause, attempt, delay)
+                    else:
+                        log.debug("MapperRegister to %s failed (%s); attempt %d, retrying in %.1f s", where, cause,
+                                  attempt, delay)
             except Exception as exc:  # noqa: BLE001 - a bug, or the request cannot be made: retry, not stop the mapper
                 attempt += 1
                 unexpected += 1
+                outage.failed()
                 delay = backoff_s(attempt, cap)
-                log.error("MapperRegister to %s failed: %s: %s; attempt %d, retrying in %.1f s",
-                          self.settings.edgecore_socket_file(), type(exc).__name__, exc, attempt, delay,
-                          exc_info=unexpected == 1)
+                cause = f"{type(exc).__name__}: {exc}"
+                verdict = outage.tell(cause[:200])
+                log.log(logging.DEBUG if verdict is None else logging.ERROR,
+                        "MapperRegister to %s failed: %s; attempt %d, retrying in %.1f s", where, cause, attempt,
+                        delay, exc_info=unexpected == 1)
             await asyncio.sleep(delay)
 
 
