@@ -539,7 +539,8 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
     def load_and_check() -> LoadResult:
         result = config.load_devices()
         if problems := [p for check in checks
-                        for p in check(pipelines_of or config, result.devices, unrunnable=result.unrunnable)]:
+                        for p in check(pipelines_of or config, result.devices, unrunnable=result.unrunnable,
+                                       other_node=result.other_node)]:
             raise DefinitionError(problems, result.warnings)
         return result
 

@@ -240,7 +240,8 @@ class MapperService:
         # Mistakes of the config's own settings that only the devices reveal (an inference pipeline
         # naming a property its device lacks): refused, as a bad device file is; nothing starts half-configured.
         problems = [p for ext in self.extensions if (check := getattr(ext, "config_problems", None)) is not None
-                    for p in check(self.config, self.definitions.devices, unrunnable=self.definitions.unrunnable)]
+                    for p in check(self.config, self.definitions.devices, unrunnable=self.definitions.unrunnable,
+                                   other_node=self.definitions.other_node)]
         if problems:
             raise DefinitionError(problems)
         for warning in self.definitions.warnings:

@@ -1505,6 +1505,31 @@ async def test_a_set_desired_value_the_target_cannot_take_refuses_the_start(tmp_
             {"type": "set_desired", "device": "relay", "property": "power", "value": "banana", "otherwise": False}]})
 
 
+async def test_a_set_desired_target_of_another_node_refuses_the_start(tmp_path):
+    """A set_desired target whose file names another node (spec.nodeName): that node's device, which
+    takes no desired value here (LoadResult.other_node: MQTT, $hw, the REST API and `twin set`
+    refuse it). The pipeline's check took it as a device like any other, so its decisions wrote
+    desired values into the twin for another node's device; now it is refused at the action's
+    `device` line, as a target that does not exist is."""
+    from devices.errors import DefinitionError
+
+    devices = _devices(tmp_path)
+    (devices / "far.yaml").write_text(
+        "apiVersion: devices.kubeedge.io/v1beta1\nkind: Device\nmetadata: {name: far-relay, namespace: default}\n"
+        "spec:\n  nodeName: pi-far\n  deviceModelRef: {name: relay-model}\n"
+        "  protocol: {protocolName: simulated, configData: {}}\n"
+        "  properties:\n    - {name: power, visitors: {protocolName: simulated, configData: {kind: switch}}}\n")
+    with pytest.raises(DefinitionError, match=r"inference\.pipelines\[0\]\.actions\[0\]\.device: .*set_desired "
+                       r"target default/far-relay/power: .*nodeName is 'pi-far'.*this mapper is node 'pi-here'"):
+        r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
+            {"type": "set_desired", "device": "far-relay", "property": "power", "value": True}]}, node="pi-here")
+        await _stop(r)  # (it started: the test fails)
+    # The same pipeline with this node's relay starts (the refusal is the target's node, nothing else).
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True}]}, node="pi-here")
+    await _stop(r)
+
+
 @pytest.mark.parametrize("age_s", [0.0, 3600.0])
 async def test_a_restarted_pipeline_fills_its_window_from_the_twins_history(tmp_path, age_s, caplog):
     """A mapper that restarts (here: a twin already holding 20 steps of the probe, as a previous run

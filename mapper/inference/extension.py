@@ -25,7 +25,7 @@ import difflib
 import logging
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -174,11 +174,13 @@ def start_problems(config: MapperConfig) -> tuple[LoadResult | None, list[Proble
         loaded = config.load_devices()
     except DefinitionError as exc:
         return None, list(exc.problems), list(exc.warnings)
-    return loaded, config_problems(config, loaded.devices, unrunnable=loaded.unrunnable), list(loaded.warnings)
+    return loaded, config_problems(config, loaded.devices, unrunnable=loaded.unrunnable,
+                                   other_node=loaded.other_node), list(loaded.warnings)
 
 
 def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition],
-                    models: dict[Path, Any] | None = None, *, unrunnable: Collection[DeviceId] = ()) -> list[Problem]:
+                    models: dict[Path, Any] | None = None, *, unrunnable: Collection[DeviceId] = (),
+                    other_node: Mapping[DeviceId, Problem] | None = None) -> list[Problem]:
     """The config file's pipelines (`inference.pipelines`) and the anomalyDetection maps of the devices
     of local files checked against the devices and the models, each problem at its file, line and field
     (for a map: its key in the device file): `mapper run` refuses to start with any, and a SIGHUP reload
@@ -190,8 +192,11 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
     under `mode: kubeedge` edgecore sends its devices after the start, and the pipeline is built
     when they come. `models`: loaded models by directory, filled (the extension's cache). The maps of
     `unrunnable` devices (LoadResult.unrunnable: another node's, no driver here) get their own keys
-    checked only: no pipeline of theirs runs here, and their model may exist on their node alone."""
+    checked only: no pipeline of theirs runs here, and their model may exist on their node alone.
+    A set_desired target in `other_node` (LoadResult.other_node: its file names another node) is a
+    problem: no desired value is set for another node's device here."""
     settings = config.inference or InferenceSettings()
+    other_node = other_node or {}
     maps, problems = local_maps(settings, definitions)
     if not settings.pipelines and not maps or missing_ml_packages():
         # (without numpy and onnxruntime, check_installed refused the config's pipelines already; the
@@ -221,6 +226,15 @@ def config_problems(config: MapperConfig, definitions: dict[DeviceId, DeviceDefi
             problems.append(Problem(*where("device"), _device_problem(s.device_id, definitions)))
             return
         targets = [DeviceId.parse(a.device) for a in s.actions if isinstance(a, SetDesiredAction)]
+        elsewhere = [(i, a) for i, a in enumerate(s.actions)
+                     if isinstance(a, SetDesiredAction) and DeviceId.parse(a.device) in other_node]
+        for i, a in elsewhere:
+            target = DeviceId.parse(a.device)
+            problems.append(Problem(*where(f"actions[{i}].device"), f"set_desired target {target}/{a.property}: "
+                                    f"{other_node[target]}; so no desired value is set for it here: choose a "
+                                    "device of this node"))
+        if elsewhere:
+            return
         if model is None or kubeedge and any(d not in definitions for d in (s.device_id, *targets)):
             return  # edgecore's devices: checked when they come (a problem then is logged, the pipeline left out)
         try:
@@ -360,10 +374,11 @@ class InferenceExtension:
         await self._apply(definitions, first=True)
 
     def config_problems(self, config: MapperConfig, definitions: dict[DeviceId, DeviceDefinition], *,
-                        unrunnable: Collection[DeviceId] = ()) -> list[Problem]:
+                        unrunnable: Collection[DeviceId] = (),
+                        other_node: Mapping[DeviceId, Problem] | None = None) -> list[Problem]:
         """Problems of the config's pipelines with these devices (see config_problems): MapperService.run
         refuses to start with any, and a SIGHUP reload refuses device files that bring some."""
-        return config_problems(config, definitions, self._models, unrunnable=unrunnable)
+        return config_problems(config, definitions, self._models, unrunnable=unrunnable, other_node=other_node)
 
     async def _apply(self, definitions: dict[DeviceId, DeviceDefinition], *, first: bool = False) -> None:
         """(Re)build the pipelines for this set of devices.
