@@ -424,17 +424,26 @@ async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_eac
             assert bus.failed_attempts == 0 and bus.down_since is None  # the next outage is told from its start
     finally:
         await _cancelled(task)
-    lost = told("lost or refused")
-    assert len(lost) <= 3 and "Not authorized" in lost[-1] and "mqtt.password_file" in lost[-1], lost
+    lost = _assert_outage_told(told, lasted, f"MQTT connection to mqtt://127.0.0.1:{edge.port}")
     causes = [line.split("lost or refused: ", 1)[1].split("; retrying in")[0] for line in lost]
     assert all(a != b for a, b in zip(causes, causes[1:])), lost  # a WARNING for each change of cause only
+
+
+def _assert_outage_told(told, lasted: float, connection: str) -> list[str]:  # noqa: ANN001
+    """What an outage of `lasted` seconds (its cause changed once, to refused credentials, then fixed)
+    left in the log as `told(text, level)` finds it: the loss and each new cause at WARNING (the last
+    with the password file to check), the other attempts at DEBUG, a note that it lasts at most once
+    a second (OUTAGE_NOTE_S here), one INFO line when `connection` is back. Returns the WARNINGs."""
+    lost = told("lost or refused")
+    assert len(lost) <= 3 and "Not authorized" in lost[-1] and "mqtt.password_file" in lost[-1], lost
     assert len(told("lost or refused", logging.DEBUG)) >= 25  # the other attempts
     still = told("still not connected since")
     assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
     assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: .+; \d+ attempts", still[0]), still
     (back,) = told("back after", logging.INFO)
-    assert re.search(rf"^MQTT connection to mqtt://127.0.0.1:{edge.port} back after \d+ s down \(since .+Z;"
-                     r" \d+ failed attempts\)$", back), back
+    assert re.search(rf"^{re.escape(connection)} back after \d+ s down \(since .+Z; \d+ failed attempts\)$",
+                     back), back
+    return lost
 
 
 async def test_the_cloud_worker_logs_refused_credentials_with_what_to_check(broker, tmp_path, caplog):
@@ -512,15 +521,7 @@ async def test_a_long_broker_outage_is_logged_by_the_cloud_worker_at_each_change
                 assert worker.outage.attempts == 0 and worker.outage.since is None
         finally:
             await _cancelled(task)
-    lost = told("lost or refused")
-    assert len(lost) <= 3 and "Not authorized" in lost[-1] and "mqtt.password_file" in lost[-1], lost
-    assert len(told("lost or refused", logging.DEBUG)) >= 25  # the other attempts
-    still = told("still not connected since")
-    assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
-    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: .+; \d+ attempts", still[0]), still
-    (back,) = told("back after", logging.INFO)
-    assert re.search(rf"^worker: connection to mqtt://127.0.0.1:{cloud.port} back after \d+ s down \(since .+Z;"
-                     r" \d+ failed attempts\)$", back), back
+    _assert_outage_told(told, lasted, f"worker: connection to mqtt://127.0.0.1:{cloud.port}")
 
 
 async def test_the_cloud_worker_answers_after_the_broker_comes_back(tmp_path):
