@@ -261,6 +261,50 @@ def test_edgecore_away_for_long_is_logged_at_each_change_of_cause_not_at_each_at
     assert re.search(r"answered after \d+ s down \(since .+Z; \d+ failed attempts\)$", back), back
 
 
+def test_edgecore_away_while_reporting_is_logged_at_each_change_of_cause_not_at_each_report(
+    sockdir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """edgecore goes away while the mapper reports: every failed report (retried with backoff,
+    register_backoff_max_s) logged a WARNING "report twins of ... failed: UNAVAILABLE", a line every
+    few seconds for as long as it stayed away. Now as MapperRegister's retries: the first failure
+    and each change of cause at WARNING, the others at DEBUG, "none taken since" at most every
+    OUTAGE_NOTE_S (1 s here), and one INFO line when a report is taken again."""
+    monkeypatch.setattr(client_module, "OUTAGE_NOTE_S", 1.0, raising=False)
+    caplog.set_level(logging.DEBUG, logger="mapper.dmi")
+
+    def told(text: str, level: int | None = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mapper.dmi" and level in (None, r.levelno)
+                and text in r.getMessage()]
+
+    def refused() -> list[str]:
+        return told("report twins of default/c failed: UNAVAILABLE", None)
+
+    async def scenario() -> float:
+        async with running_mapper(sockdir, rate_per_s=100) as mapper:
+            async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
+                edgecore.devices = [(counter("c"), COUNT)]
+                await registered(mapper)
+                await edgecore.wait_for(lambda: reports_of(edgecore, "c") >= 1)
+            gone = time.monotonic()
+            await until(lambda: len(refused()) >= 30, timeout=20)
+            warned = [m for m in told("report twins of default/c failed") if "UNAVAILABLE" in m]
+            causes = {m.split("; retrying")[0] for m in warned}
+            assert len(warned) == len(causes) <= 3, warned  # the first failure and each change of cause
+            await until(lambda: told("reports to edgecore: none taken since"), timeout=20)
+            async with FakeEdgecore(sockdir / "dmi.sock", rate=100) as edgecore:
+                edgecore.devices = [(counter("c"), COUNT)]
+                await edgecore.wait_for(lambda: reports_of(edgecore, "c") >= 1)
+                await until(lambda: told("taken again", logging.INFO), timeout=10)
+            return time.monotonic() - gone
+
+    lasted = asyncio.run(scenario())
+    still = told("none taken since")
+    assert 1 <= len(still) <= lasted / 1.0 + 1, (still, lasted)
+    assert re.search(r"since \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ: UNAVAILABLE: .+; \d+ failed attempts", still[0]), still
+    (back,) = told("taken again", logging.INFO)
+    assert re.search(r"taken again after \d+ s down \(since .+Z; \d+ failed attempts\)$", back), back
+
+
 def big_reply(count: int, pad: int) -> list[tuple[pb.Device, pb.DeviceModel]]:
     """`count` devices of `pad` bytes more than usual each (a long method description, as a device
     with many properties or long addresses has), idle: read once a minute."""

@@ -232,6 +232,9 @@ class Reporter:
         self._retry_at: dict[tuple[str, DeviceId], float] = {}
         # Keys: (kind, exception class), a fixed set. A locked database fails every device at once.
         self._log_throttle = Throttle(burst=10, interval_s=60.0)
+        # edgecore away (UNAVAILABLE, DEADLINE_EXCEEDED): logged as mapper.logs.Outage says, not a
+        # line per failed report. Its refusals of one report (other codes) are logged each.
+        self._outage = Outage(note_s=OUTAGE_NOTE_S)
 
     def _mark(self, key: tuple[str, DeviceId]) -> None:
         if key not in self._retry_at:  # (its retry reads the latest values anyway)
@@ -326,12 +329,31 @@ class Reporter:
                 self.failures += 1
                 self._dirty.setdefault(key, None)  # keep it; coalesces with anything newer
                 attempt += 1
-                log.warning("report %s of %s failed: %s: %s", key[0], key[1], exc.code().name, exc.details())
+                delay = backoff_s(attempt, self.client.settings.register_backoff_max_s)
+                self._log_refused(key, exc, delay)
                 if exc.code() in GONE:
                     self._on_gone()
-                await asyncio.sleep(backoff_s(attempt, self.client.settings.register_backoff_max_s))
+                await asyncio.sleep(delay)
             except Exception as exc:  # noqa: BLE001 - see _failed
                 self._failed(key, exc)
+
+    def _log_refused(self, key: tuple[str, DeviceId], exc: grpc.aio.AioRpcError, delay: float) -> None:
+        """A report edgecore did not take. edgecore away: its first failure and each change of cause
+        at WARNING, then a note at most every OUTAGE_NOTE_S, the other failures at DEBUG (a line per
+        report retried was one every few seconds for the whole time); a refusal: WARNING each."""
+        cause = f"{exc.code().name}: {exc.details()}"
+        if exc.code() not in GONE:
+            log.warning("report %s of %s failed: %s", key[0], key[1], cause)
+            return
+        self._outage.failed()
+        verdict = self._outage.tell(cause[:200])
+        if verdict == Outage.FIRST:
+            log.warning("report %s of %s failed: %s; retrying in %.1f s", key[0], key[1], cause, delay)
+        elif verdict == Outage.STILL:
+            log.warning("reports to edgecore: none taken %s: %s; %d failed attempts (the next in %.1f s)",
+                        self._outage.note(), cause, self._outage.attempts, delay)
+        else:
+            log.debug("report %s of %s failed: %s; retrying in %.1f s", key[0], key[1], cause, delay)
 
     def _failed(self, key: tuple[str, DeviceId], exc: Exception) -> None:
         """A report failed before or apart from edgecore: log (throttled), count, retry it on its own backoff.
@@ -396,6 +418,8 @@ class Reporter:
         else:
             await self.client.report_status(device_id, payload, token=False)
         self.sent += 1
+        if (back := self._outage.back()) is not None:
+            log.info("reports to edgecore taken again %s", back)
         self._last[key] = (self._comparable(payload), time.monotonic())
         if kind == "state" and self.state_every.get(device_id, 0) > 0:
             self._state_due[device_id] = self._last[key][1] + self.state_every[device_id]
