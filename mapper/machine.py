@@ -10,7 +10,8 @@ What a clone copies cannot tell it apart: /etc/machine-id (and the host name) ar
 the record also holds what belongs to the board, each where it can be read: the SoC's serial
 (/proc/device-tree/serial-number on a Pi and other device-tree boards, else the `Serial` line of
 /proc/cpuinfo), the firmware's product UUID (/sys/class/dmi/id/product_uuid: x86, VMs; root only),
-the permanent MAC address of the first physical network interface. Two records are compared by the
+the permanent MAC address of the first physical network interface, one built in before one on USB
+(a USB NIC plugged in, or moved to another machine, must not change the record). Two records are compared by the
 first of those kinds both hold (a MAC only where nothing better is known to both: a NIC swapped in a
 PC is not a new machine when its UUID is the same), and by the machine-id only when they share no
 hardware kind (a container may see none). Nothing known to both: not compared.
@@ -111,16 +112,29 @@ def _cpuinfo_serial(path: Path) -> str | None:
     return None
 
 
-def _primary_mac(net: Path) -> str | None:
-    """The permanent address of the first physical interface by name (one with a `device`: not
-    lo, a bridge, a VPN), skipping random and set addresses (addr_assign_type 1 and 3)."""
+_USB_BUS = re.compile(r"usb\d+")  # a USB bus's directory in /sys/devices (`.../0000:00:14.0/usb2/2-1/...`)
+
+
+def _on_usb(interface: Path) -> bool:
+    """Whether `interface`'s device (its `device` link, resolved) hangs under a USB bus."""
     try:
-        interfaces = sorted(net.iterdir())
+        device = (interface / "device").resolve()
+    except (OSError, RuntimeError):
+        return False
+    return any(_USB_BUS.fullmatch(part) for part in device.parts)
+
+
+def _primary_mac(net: Path) -> str | None:
+    """The permanent address of the first physical interface (one with a `device`: not lo, a
+    bridge, a VPN), skipping random and set addresses (addr_assign_type 1 and 3). Interfaces not on
+    USB come first, then by name: a USB NIC named `enx<mac>` sorts before `eth0`, and a PC whose
+    product_uuid the mapper cannot read (root only) would look like another machine whenever one
+    is plugged in or out (a new client id)."""
+    try:
+        interfaces = [i for i in net.iterdir() if (i / "device").exists()]
     except OSError:
         return None
-    for interface in interfaces:
-        if not (interface / "device").exists():
-            continue
+    for interface in sorted(interfaces, key=lambda i: (_on_usb(i), i.name)):
         assigned = _text(interface / "addr_assign_type")
         if assigned is not None and assigned not in ("0", "2"):  # 0 permanent, 2 stolen (from a bonded slave)
             continue

@@ -35,10 +35,16 @@ def tree(root: Path, files: dict[str, str | bytes]) -> Path:
     return root
 
 
-def interface(root: Path, name: str, address: str, *, physical: bool = True, assigned: str = "0") -> None:
+def interface(root: Path, name: str, address: str, *, physical: bool = True, assigned: str = "0",
+              device: str | None = None) -> None:
+    """An interface in sys/class/net; `device`: where its `device` link points under sys/devices,
+    as the kernel links it (else a directory of its own)."""
     files = {f"sys/class/net/{name}/address": address + "\n", f"sys/class/net/{name}/addr_assign_type": assigned + "\n"}
     tree(root, files)
-    if physical:
+    if device is not None:
+        (root / "sys/devices" / device).mkdir(parents=True, exist_ok=True)
+        (root / f"sys/class/net/{name}/device").symlink_to(f"../../../devices/{device}")
+    elif physical:
         (root / f"sys/class/net/{name}/device").mkdir()
 
 
@@ -71,6 +77,24 @@ def test_a_pc_is_known_by_its_product_uuid_and_placeholders_are_nothing(tmp_path
     tree(root, {"sys/class/dmi/id/product_uuid": "00000000-0000-0000-0000-000000000000\n"})
     assert this_machine(root).hardware == {}
     assert this_machine(tmp_path / "nothing") == Machine(host=pc.host)  # a container that sees nothing
+
+
+def test_a_usb_nic_that_sorts_first_is_not_the_machines_mac(tmp_path: Path) -> None:
+    """A PC where the mapper cannot read the product UUID (root only) is known by its MAC. The first
+    interface by name was taken: a USB NIC (`enx<its mac>`) sorts before `eth0`, so plugging one in
+    or out made the next start look like another machine (and renewed the client id). An interface
+    on a USB bus comes after the built-in ones; only when all are on USB (a Pi 3's eth0) by name."""
+    root = tree(tmp_path / "pc", {"etc/machine-id": "0123456789abcdef0123456789abcdef\n"})
+    interface(root, "enx00e04c680001", "00:e0:4c:68:00:01", device="pci0000:00/0000:00:14.0/usb2/2-1/2-1:1.0")
+    interface(root, "eth0", "3c:7c:3f:00:00:02", device="pci0000:00/0000:00:1f.6")
+    interface(root, "wlp2s0", "3c:7c:3f:00:00:03", device="pci0000:00/0000:00:1c.0/0000:02:00.0")
+    assert this_machine(root).hardware == {"mac": "3c:7c:3f:00:00:02"}
+    (root / "sys/class/net/eth0/address").write_text("00:00:00:00:00:00\n")  # no address: the next built-in one
+    assert this_machine(root).hardware == {"mac": "3c:7c:3f:00:00:03"}
+    pi3 = tree(tmp_path / "pi3", {})  # every interface on USB: by name
+    interface(pi3, "eth0", "b8:27:eb:00:00:01", device="platform/soc/3f980000.usb/usb1/1-1/1-1.1/1-1.1:1.0")
+    interface(pi3, "enx00e04c680001", "00:e0:4c:68:00:01", device="platform/soc/3f980000.usb/usb1/1-1/1-1.3/1-1.3:1.0")
+    assert this_machine(pi3).hardware == {"mac": "00:e0:4c:68:00:01"}
 
 
 def test_a_clone_differs_by_its_hardware_though_its_machine_id_is_the_same() -> None:
