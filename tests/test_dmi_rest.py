@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import urllib.error
@@ -1213,6 +1215,44 @@ def test_api_tls_serves_https_tells_plain_http_clients_and_takes_a_renewed_certi
         assert status == 200 and still == der(renewed), body
 
     scenario(tmp_path, False, check, token_file=path, tls=ApiTlsSettings(cert_file=cert, key_file=key))
+
+
+def test_api_tls_takes_a_tcp_health_check_for_no_failed_handshake(tmp_path: Path, caplog) -> None:  # noqa: ANN001
+    """A load balancer's or monitoring's TCP health check connects and closes (or resets) without
+    sending a byte. With api.tls that was a failed handshake: a WARNING "no TLS connection" once a
+    minute for as long as the API ran. Now it is counted apart and logged at DEBUG; a client that
+    does not trust the certificate is still a failed handshake, at WARNING."""
+    caplog.set_level(logging.DEBUG, logger="mapper.api")
+    cert, key = server_certificate(tmp_path / "tls", "api")
+
+    def health_check(port: int, reset: bool) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            if reset:  # closed with a RST instead of a FIN
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def warned() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "mapper.api" and r.levelno >= logging.WARNING]
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        server = next(e for e in service.extensions if isinstance(e, RestApiExtension)).server
+        assert server is not None
+        await asyncio.to_thread(health_check, port, False)
+        await asyncio.to_thread(health_check, port, True)
+        # (closed_unsent_count read with a default: before the fix there was no such count)
+        await async_wait_for(lambda: server.handshakes_failed + getattr(server, "closed_unsent_count", 0) == 2,
+                             what="both health checks counted")
+        assert server.handshakes_failed == 0 and warned() == [], (server.handshakes_failed, warned())
+        assert server.closed_unsent_count == 2
+        assert "127.0.0.1 closed its connection before sending anything" in caplog.text
+        other, _ = server_certificate(tmp_path / "other", "other")
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.to_thread(https, port, "/api/v1/ping", other)
+        await async_wait_for(lambda: server.handshakes_failed == 1, what="the distrusted handshake counted")
+        assert len(warned()) == 1 and "no TLS connection with 127.0.0.1" in warned()[0], warned()
+        status, _, _ = await asyncio.to_thread(https, port, "/api/v1/ping", cert)
+        assert status == 200  # and the API goes on serving
+
+    scenario(tmp_path, False, check, tls=ApiTlsSettings(cert_file=cert, key_file=key))
 
 
 def test_mapper_run_with_api_tls_loads_openssl_and_refuses_unusable_certificate_files(tmp_path: Path) -> None:

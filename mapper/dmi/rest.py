@@ -86,6 +86,11 @@ _HTTPS_ONLY = (b"HTTP/1.0 400 Bad Request\r\nContent-Type: text/plain; charset=u
 _TLS_HANDSHAKE = b"\x16"
 
 
+class _NothingSent(Exception):
+    """The client closed its connection before sending a byte: a TCP health check (a load balancer,
+    monitoring) that only tries the port. Not a failed handshake (_Server.closed_unsent)."""
+
+
 # Popped from a read's answer into the X-Mapper-Reading header: `device` (read just now) or
 # `recent` (the property's last reading, taken within loop.on_demand_min_interval_s).
 READING_SOURCE = "_reading"
@@ -378,6 +383,11 @@ class _Handler(BaseHTTPRequestHandler):
         if context is not None:
             try:
                 self.request = self.tls_socket = self._handshake(context, deadline)
+            except _NothingSent:
+                self.refused = True
+                self.rfile, self.wfile = io.BytesIO(), io.BytesIO()
+                self.server.closed_unsent(self.client_address[0])
+                return
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 # (A failed handshake closed the connection's descriptor: nothing to read or write.)
                 self.refused = True
@@ -390,10 +400,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handshake(self, context: Any, deadline: float) -> Any:  # ssl.SSLContext -> ssl.SSLSocket
         """In the connection's own thread, bounded by the request's deadline. A client that speaks
-        plain HTTP to it (its first byte is no TLS handshake) is told so in plain HTTP."""
+        plain HTTP to it (its first byte is no TLS handshake) is told so in plain HTTP; one that
+        closes (or resets) the connection before sending anything raises _NothingSent."""
         sock = self.request
         sock.settimeout(max(0.001, deadline - time.monotonic()))
-        first = sock.recv(1, socket.MSG_PEEK)
+        try:
+            first = sock.recv(1, socket.MSG_PEEK)
+        except ConnectionResetError:  # closed with a reset (SO_LINGER 0), as some health checks do
+            first = b""
+        if not first:
+            raise _NothingSent
         if first and first != _TLS_HANDSHAKE:
             sock.sendall(_HTTPS_ONLY)
             sock.shutdown(socket.SHUT_WR)
@@ -473,6 +489,7 @@ class _Server(ThreadingHTTPServer):
         self.refused = 0
         self.tls = tls  # HTTPS (api.tls): each connection's handshake runs in its own thread (_Handler.setup)
         self.handshakes_failed = 0
+        self.closed_unsent_count = 0  # connections closed before sending a byte (closed_unsent)
         self._slots = threading.BoundedSemaphore(max_connections)
         self._throttle = Throttle(burst=1, interval_s=60.0)
         super().__init__(address, handler)
@@ -484,6 +501,13 @@ class _Server(ThreadingHTTPServer):
         if held is not None:
             log.warning("REST API: no TLS connection with %s: %s (%d so far)%s", client,
                         getattr(exc, "reason", None) or exc, self.handshakes_failed, held_note(held))
+
+    def closed_unsent(self, client: str) -> None:
+        """A connection closed before it sent anything: a TCP health check, every minute or so for
+        as long as the API runs. Nothing failed: DEBUG, not the handshake's WARNING."""
+        self.closed_unsent_count += 1
+        log.debug("REST API: %s closed its connection before sending anything (a TCP health check?; %d so far)",
+                  client, self.closed_unsent_count)
 
     def process_request(self, request: Any, client_address: Any) -> None:
         if not self._slots.acquire(blocking=False):
