@@ -979,36 +979,43 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict, dict]:
 
 
 def cmd_twin_history(args: argparse.Namespace) -> int:
-    """Recent readings of one property (read with sqlite-utils: convenience, not the hot path)."""
-    import sqlite_utils
-
+    """Recent readings of one property, read with one query, not through TwinStore.open: a twin too
+    old for the other read commands still shows its history. A table or column it lacks is said as
+    they say it (OlderTwin), not as SQLite's "no such column"."""
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
     with _naming_the_twin(path), contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA query_only=ON")  # read as it is: never migrated here (see _open_twin)
-        if (found := conn.execute("PRAGMA user_version").fetchone()[0]) < SCHEMA_VERSION:
-            _note_older_twin(path, found)
-        db = sqlite_utils.Database(conn)
-        rows = list(db["readings"].rows_where("device_id = ? and property = ?", [str(device), args.property],
-                                              order_by="id desc", limit=args.limit))
+        found = conn.execute("PRAGMA user_version").fetchone()[0]
+        try:
+            rows = conn.execute("SELECT ts, value, quality FROM readings WHERE device_id = ? AND property = ?"
+                                " ORDER BY id DESC LIMIT ?", (str(device), args.property, args.limit)).fetchall()
+        except sqlite3.OperationalError as exc:
+            if found < SCHEMA_VERSION and missing_schema(exc):
+                raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
+            raise
     rows.reverse()
     if not rows:
         # A typo in the device or property is said as such (raises), not as a property with no readings.
-        with _open_twin(config, note=False) as store:  # (said above)
+        with _open_twin(config, note=False) as store:  # (said below: not before an error saying it cannot be read)
             known = store.device(device).properties
             if args.property not in known:
                 from twin.store import UnknownProperty
 
                 raise UnknownProperty(device, args.property, known)
+        if found < SCHEMA_VERSION:
+            _note_older_twin(path, found)
         print(f"no readings of {device}/{args.property} in {config.twin.path}", file=sys.stderr)
         return 1
+    if found < SCHEMA_VERSION:  # said once something is shown, not before an error saying it cannot be read
+        _note_older_twin(path, found)
     if args.json:
-        print(orjson.dumps([{"ts": r["ts"], "value": orjson.loads(r["value"]) if r["value"] else None,
-                             "quality": r["quality"]} for r in rows]).decode())
+        print(orjson.dumps([{"ts": ts, "value": orjson.loads(value) if value else None, "quality": quality}
+                            for ts, value, quality in rows]).decode())
         return 0
-    for r in rows:
-        print(f"{_fmt_ts(r['ts'])}  {r['value'] if r['value'] is not None else '-':>12}  {r['quality']}")
+    for ts, value, quality in rows:
+        print(f"{_fmt_ts(ts)}  {value if value is not None else '-':>12}  {quality}")
     return 0
 
 

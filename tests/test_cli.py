@@ -474,14 +474,25 @@ def test_commands_other_than_run_never_migrate_a_twin_an_older_mapper_left(tmp_p
             step(conn)
             conn.execute(f"PRAGMA user_version = {number}")
     ancient.chmod(0o600)
-    config = write_config(tmp_path / "c4.yaml", devices, ancient)
-    for args in (("devices",), ("twin", "get", "lamp"), ("twin", "set", "lamp", "power", "true")):
+    # `twin history` reads the history with its own query; a reading's column that its twin lacks (as
+    # a column a later migration adds to `readings` would be) is said likewise.
+    lacking = tmp_path / "m004-lacking.db"
+    lacking.write_bytes(ancient.read_bytes())
+    with contextlib.closing(sqlite3.connect(lacking, isolation_level=None)) as conn:
+        conn.execute("ALTER TABLE readings DROP COLUMN quality")
+        conn.execute("INSERT INTO readings (device_id, property, value, ts) VALUES ('default/lamp', 'count', '5', 1)")
+    lacking.chmod(0o600)
+    for args, twin_file in ((("devices",), ancient), (("twin", "get", "lamp"), ancient),
+                            (("twin", "set", "lamp", "power", "true"), ancient),
+                            (("twin", "history", "lamp", "count"), ancient),
+                            (("twin", "history", "lamp", "count"), lacking)):
+        config = write_config(tmp_path / f"{twin_file.stem}.yaml", devices, twin_file)
         result = mapper(*args, "--config", str(config))
         assert result.returncode == 1 and result.stderr.startswith(
-            f"error: the twin {ancient} is from an older mapper (schema version 4; this mapper's is {newest}): "), \
+            f"error: the twin {twin_file} is from an older mapper (schema version 4; this mapper's is {newest}): "), \
             (args, result.stderr)
         assert "`mapper run`" in result.stderr and len(result.stderr.splitlines()) == 1, (args, result.stderr)
-        assert version(ancient) == 4, args
+        assert version(twin_file) == 4, args
     with TwinStore.open(ancient) as store:  # as `mapper run` opens it
         assert store.schema_version == newest and version(ancient) == newest
 
