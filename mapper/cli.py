@@ -979,9 +979,11 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict, dict]:
 
 
 def cmd_twin_history(args: argparse.Namespace) -> int:
-    """Recent readings of one property, read with one query, not through TwinStore.open: a twin too
-    old for the other read commands still shows its history. A table or column it lacks is said as
-    they say it (OlderTwin), not as SQLite's "no such column"."""
+    """Recent readings of one property, read with sqlite-utils (convenience, not the hot path), not
+    through TwinStore.open: a twin too old for the other read commands still shows its history. A
+    column it lacks is said as they say it (OlderTwin), not as SQLite's "no such column"."""
+    import sqlite_utils
+
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
@@ -989,8 +991,9 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
         conn.execute("PRAGMA query_only=ON")  # read as it is: never migrated here (see _open_twin)
         found = conn.execute("PRAGMA user_version").fetchone()[0]
         try:
-            rows = conn.execute("SELECT ts, value, quality FROM readings WHERE device_id = ? AND property = ?"
-                                " ORDER BY id DESC LIMIT ?", (str(device), args.property, args.limit)).fetchall()
+            rows = [(r["ts"], r["value"], r["quality"]) for r in sqlite_utils.Database(conn)["readings"].rows_where(
+                "device_id = ? and property = ?", [str(device), args.property], select="ts, value, quality",
+                order_by="id desc", limit=args.limit)]
         except sqlite3.OperationalError as exc:
             if found < SCHEMA_VERSION and missing_schema(exc):
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
