@@ -686,7 +686,8 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
     Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
     owned by `mapper`); `mapper run` refuses a twin others can write (twin.store.check_owned).
     Never migrated (TwinStore.open: `migrate`): a twin an older mapper left is read as it is, said
-    on stderr, and `twin set` refuses it; only `mapper run` migrates it."""
+    on stderr once the `with` body has read it (the commands print what they read after it), and
+    `twin set` refuses it; only `mapper run` migrates it."""
     path = _existing_twin(config)
     with _naming_the_twin(path), TwinStore.open(path, synchronous=config.twin.synchronous, owned=False,
                                                 migrate=False, read_only=not sets) as store:
@@ -696,14 +697,14 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
                 raise OlderTwin(path, found, "`mapper twin set` writes nothing to it before it is migrated (migrated"
                                 " now, the older mapper that may still run on it could not start on it again): set"
                                 " the value once the new mapper runs")
-            if note:
-                _note_older_twin(path, found)
         try:
             yield store
         except sqlite3.OperationalError as exc:
             if found < SCHEMA_VERSION and missing_schema(exc):
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             raise
+        if found < SCHEMA_VERSION and note:  # once read: not before an error saying it cannot be read
+            _note_older_twin(path, found)
 
 
 def _note_older_twin(path: Path, found: int) -> None:
