@@ -28,8 +28,8 @@ from mapper import __version__, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.migrations import MIGRATIONS
-from twin.store import (TWIN_DIR_MODE, OlderTwin, TwinError, TwinStore, check_owned, missing_schema, unusable_twin,
-                        write_private)
+from twin.store import (TWIN_DIR_MODE, NewerTwin, OlderTwin, TwinError, TwinStore, check_owned, missing_schema,
+                        unusable_twin, write_private)
 
 
 def _config(path: str) -> MapperConfig:
@@ -991,6 +991,8 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
     with _naming_the_twin(path), contextlib.closing(sqlite3.connect(path)) as conn:
         conn.execute("PRAGMA query_only=ON")  # read as it is: never migrated here (see _open_twin)
         found = conn.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:  # refused as TwinStore.open refuses it for the other commands
+            raise NewerTwin(path, found)
         try:
             rows = [(r["ts"], r["value"], r["quality"]) for r in sqlite_utils.Database(conn)["readings"].rows_where(
                 "device_id = ? and property = ?", [str(device), args.property], select="ts, value, quality",

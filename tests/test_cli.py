@@ -1827,17 +1827,23 @@ def test_validate_config_says_the_warnings_mapper_run_says_each_once(tmp_path: P
 def test_a_twin_of_a_newer_mapper_is_an_error_naming_it_not_a_traceback(tmp_path: Path) -> None:
     """A twin a newer mapper migrated (a rollback to the older mapper without the copy made before the
     upgrade) made `mapper run`, `mapper devices` and `mapper twin get` end in a RuntimeError's
-    traceback, which named no file. Now it is an error naming the twin and what to do, and exit 1."""
+    traceback, which named no file. Now it is an error naming the twin and what to do, and exit 1.
+    `mapper twin history`, which reads the file with its own query, showed its readings: refused alike."""
+    from devices.loader import load
     from twin.migrations import MIGRATIONS
+    from twin.records import Reading
     from twin.store import TwinStore
 
     twin = tmp_path / "twin.db"
-    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["a"]), twin)
-    with TwinStore.open(twin):
-        pass
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(DeviceId("default", "a"), "count", 5, 1_000)])
     with contextlib.closing(sqlite3.connect(twin)) as conn:
         conn.execute(f"PRAGMA user_version={len(MIGRATIONS) + 1}")
-    for args in (("devices",), ("twin", "get", "a"), ("run",)):
+    for args in (("devices",), ("twin", "get", "a"), ("twin", "history", "a", "count"),
+                 ("twin", "history", "a", "count", "--json"), ("run",)):
         refused = mapper(*args, "--config", str(config))
         assert refused.returncode == 1, (args, refused)
         assert "Traceback" not in refused.stderr, (args, refused.stderr)
