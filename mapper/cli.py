@@ -175,16 +175,27 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
         _flock_soon(lock)
     except BlockingIOError:
         lock.seek(0)
-        owner = lock.read().strip() or "?"
+        owner = (lock.read().split() or ["?"])[0]
         lock.close()
         raise ValueError(f"another mapper (pid {owner}) is running on the twin {path}: stop it first, or give this"
                          " one a twin of its own (twin.path, MAPPER_TWIN__PATH)") from None
     except OSError:
         return lock  # a file system without flock: run unguarded, as before
-    with contextlib.suppress(OSError):  # the pid is for the message only (a full disk cannot take it)
-        os.ftruncate(lock.fileno(), 0)
-        os.pwrite(lock.fileno(), f"{os.getpid()}\n".encode(), 0)
+    _write_lock_owner(lock, starting=True)
     return lock
+
+
+LOCK_STARTING = "starting"  # after the pid in `<twin>.lock` until the mapper runs (and hears SIGHUP)
+
+
+def _write_lock_owner(lock, *, starting: bool) -> None:  # noqa: ANN001
+    """`<pid> starting` (taken) or `<pid>` (running: its SIGHUP reloads) in the lock file, for the
+    messages and `mapper reload`. Written over what is there before cutting it short: a full disk
+    keeps the page a previous run wrote (truncated first, the pid was lost there)."""
+    text = f"{os.getpid()}{' ' + LOCK_STARTING if starting else ''}\n".encode()
+    with contextlib.suppress(OSError):
+        os.pwrite(lock.fileno(), text, 0)
+        os.ftruncate(lock.fileno(), len(text))
 
 
 def _flock_soon(file, *, within_s: float = 0.5) -> None:  # noqa: ANN001
@@ -205,27 +216,33 @@ def _flock_soon(file, *, within_s: float = 0.5) -> None:  # noqa: ANN001
 
 def _running_mapper(path: Path) -> tuple[bool | None, int | None]:
     """(running, pid) of the `mapper run` holding `<twin>.lock`; running None when it cannot be told."""
+    return _lock_state(path)[:2]
+
+
+def _lock_state(path: Path) -> tuple[bool | None, int | None, bool]:
+    """_running_mapper's (running, pid), and whether that mapper says it has not finished starting
+    (LOCK_STARTING: a mapper from before it was written says nothing, and counts as started)."""
     import fcntl
 
     try:  # (not through a symbolic link, nor blocking on a FIFO someone left in its place)
         fd = os.open(_lock_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return False, None
+        return False, None, False
     except OSError:
-        return None, None
+        return None, None, False
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        return None, None
+        return None, None, False
     with os.fdopen(fd, "r") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
-            owner = lock.read().strip()
-            return True, int(owner) if owner.isdigit() else None
+            owner, *rest = lock.read().split() or [""]
+            return True, int(owner) if owner.isdigit() else None, rest == [LOCK_STARTING]
         except OSError:
-            return None, None
+            return None, None, False
         fcntl.flock(lock, fcntl.LOCK_UN)
-        return False, None
+        return False, None, False
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -275,7 +292,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
-        reloader = asyncio.create_task(_reload_on_sighup(service, args.config, hup, stop), name="sighup-reload")
+        reloader = asyncio.create_task(_reload_on_sighup(service, args.config, hup, stop, lambda: twin_lock),
+                                       name="sighup-reload")
         service.before_devices.append(gc.collect)  # here, not once running: a full collection stops the loop ~20 ms
         freezer = asyncio.create_task(freeze_heap_when_ready(service), name="gc-freeze")
         try:
@@ -307,15 +325,20 @@ async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001
     gc.freeze()
 
 
-async def _reload_on_sighup(service, config_path: str, hup: asyncio.Event, stop: asyncio.Event) -> None:  # noqa: ANN001
+async def _reload_on_sighup(service, config_path: str, hup: asyncio.Event, stop: asyncio.Event,  # noqa: ANN001
+                            twin_lock=lambda: None) -> None:  # noqa: ANN001
     """SIGHUP: read the config file again, reload the device files it names; restart only devices
-    whose definition changed. Each reload's outcome goes to `<twin>.reload` for `mapper reload`."""
+    whose definition changed. Each reload's outcome goes to `<twin>.reload` for `mapper reload`.
+    Once running, the twin's lock (`twin_lock()`) no longer says "starting": `mapper reload` sends
+    its SIGHUP from then on."""
     import asyncio
 
     from mapper.service import MapperStopping  # (here: the module imports asyncio, after openssl's placeholder)
 
     reload_log = logging.getLogger("mapper.reload")
     await service.ready.wait()
+    if (lock := twin_lock()) is not None:
+        _write_lock_owner(lock, starting=False)
     running = service.config  # whose device list runs now
     while True:
         await hup.wait()
@@ -388,7 +411,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
               " runs on with the files it has", file=sys.stderr)
         raise
     twin = Path(config.twin.path)
-    running, pid = _running_mapper(twin)
+    running, pid, starting = _lock_state(twin)
     if running is None:  # (its lock could not be opened or locked: not "no mapper", which may be wrong)
         print(f"error: cannot tell whether a mapper runs on the twin {twin} (twin.path of {args.config}):"
               f" {_lock_path(twin)} cannot be read here; run this as the service's user or root (or `sudo"
@@ -403,6 +426,12 @@ def cmd_reload(args: argparse.Namespace) -> int:
               " it a SIGHUP yourself (`sudo systemctl kill -s HUP mapper` for the service), and see its log for the"
               " outcome", file=sys.stderr)
         return 1
+    if starting:  # (not signalled: before its handler, a SIGHUP ends the process)
+        print(f"error: the mapper (pid {pid}) on the twin {twin} has not finished starting ({_lock_path(twin)} says"
+              " so; waiting for its twin, perhaps): not reloaded. It runs the files as they were when it started;"
+              " see its log (journalctl -u mapper) and run `mapper reload` again once it logs \"running\"",
+              file=sys.stderr)
+        return 1
     outcome_path = _reload_outcome_path(twin)
     sent = time.monotonic()
     os.kill(pid, signal.SIGHUP)
@@ -416,9 +445,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 break
         time.sleep(0.1)
     if outcome is None:
-        print(f"error: the mapper (pid {pid}) got the SIGHUP but told no outcome within {args.timeout:g} s"
-              f" ({outcome_path}; a mapper started before `mapper reload` existed tells none: restart it after an"
-              " upgrade): see its log (journalctl -u mapper)", file=sys.stderr)
+        print(f"error: the mapper (pid {pid}) got the SIGHUP but wrote no outcome to {outcome_path} within"
+              f" {args.timeout:g} s: the reload may still be running, the file may not be writable there (a full or"
+              " read-only disk), or the mapper was started before `mapper reload` existed (it writes none: restart"
+              " it after an upgrade). See its log for what came of the reload (journalctl -u mapper)",
+              file=sys.stderr)
         return 1
     for line in outcome.get("errors", []):
         print(line, file=sys.stderr)

@@ -238,3 +238,35 @@ def test_two_mappers_waiting_for_a_read_only_disk_do_not_both_run(tmp_path: Path
             assert running.stop()[0] == 0, running.log()
     finally:
         remount(small_disk, "rw")
+
+
+def test_mapper_reload_while_the_start_waits_for_the_twin_says_so_at_once(tmp_path: Path, small_disk: Path) -> None:
+    """`mapper reload` on a mapper still waiting for its twin (its SIGHUP handler listens only once it
+    runs) waited its 90 s and then said "a mapper started before `mapper reload` existed tells none".
+    The lock now says `<pid> starting` until the mapper runs: `mapper reload` says at once that it has
+    not finished starting, and sends no SIGHUP. Once it runs, the reload goes through."""
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=True)
+    filler = fill(small_disk)
+    lock = Path(f"{twin}.lock")
+
+    def reload() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "mapper", "reload", "--config", str(config), "--timeout", "30"],
+                              cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True,
+                              timeout=45)
+
+    with Mapper(config, tmp_path / "mapper.log") as mapper:
+        mapper.wait_log("The mapper waits for it")
+        begun = time.monotonic()
+        early = reload()
+        assert early.returncode == 1, early
+        assert time.monotonic() - begun < 15, early  # (it waited for its --timeout, 30 s)
+        assert (f"error: the mapper (pid {mapper.proc.pid}) on the twin {twin} has not finished starting ({lock} says"
+                " so") in early.stderr, early.stderr
+        assert "reload done" not in mapper.log() and mapper.proc.poll() is None, mapper.log()
+        filler.unlink()
+        mapper.wait_log(RUNNING, timeout=40)
+        wait_for(lambda: lock.read_text() == f"{mapper.proc.pid}\n", what="the lock no longer saying starting")
+        done = reload()
+        assert done.returncode == 0 and f"reloaded: the mapper (pid {mapper.proc.pid})" in done.stdout, done
+        assert mapper.stop()[0] == 0, mapper.log()
