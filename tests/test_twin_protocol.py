@@ -30,7 +30,8 @@ class Sub:
             args += ["-t", topic]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         self.lines: queue.Queue[tuple[str, str]] = queue.Queue()
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
         for line in self.proc.stdout:
@@ -55,6 +56,9 @@ class Sub:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=5)
+        # The pump reads to the end of the pipe, which the exit gave it: closed under it, its read
+        # raised "I/O operation on closed file" in its thread (a teardown error in a loaded CI run).
+        self._pumping.join(timeout=5)
         self.proc.stdout.close()
 
 
