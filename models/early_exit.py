@@ -242,16 +242,22 @@ def _model(graph, doc: str, export: Export):
     return model
 
 
+def _gemm_relu(nodes: list, inits: list, name: str, inp: str, out: str, p32) -> None:
+    """A hidden layer: `name`'s Gemm into `name`.z, then ReLU into `out` (node `name`.relu)."""
+    from onnx import helper
+
+    _gemm(nodes, inits, name, inp, f"{name}.z", p32)
+    nodes.append(helper.make_node("Relu", [f"{name}.z"], [out], name=f"{name}.relu"))
+
+
 def edge_graph(export: Export, p32, width: int, nodes: list, inits: list, stage_out: str):
     """The edge model: the input stage (nodes, inits: "window" -> stage_out), then the trunk,
     the cut and the first exit."""
     from onnx import TensorProto, helper
 
     n_classes, cut = p32["exit1.W"].shape[1], p32["exit1.W"].shape[0]
-    _gemm(nodes, inits, "trunk1", stage_out, "trunk1.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk1.z"], ["trunk1.h"], name="trunk1.relu"))
-    _gemm(nodes, inits, "trunk2", "trunk1.h", "trunk2.z", p32)
-    nodes.append(helper.make_node("Relu", ["trunk2.z"], ["cut"], name="trunk2.relu"))
+    _gemm_relu(nodes, inits, "trunk1", stage_out, "trunk1.h", p32)
+    _gemm_relu(nodes, inits, "trunk2", "trunk1.h", "cut", p32)
     _gemm(nodes, inits, "exit1", "cut", "exit_logits", p32)
     graph = helper.make_graph(
         nodes, f"{export.graph}_edge",
@@ -269,10 +275,8 @@ def cloud_graph(export: Export, p32):
 
     n_classes, cut = p32["final.W"].shape[1], p32["cloud1.W"].shape[0]
     nodes, inits = [], []
-    _gemm(nodes, inits, "cloud1", "cut", "cloud1.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud1.z"], ["cloud1.h"], name="cloud1.relu"))
-    _gemm(nodes, inits, "cloud2", "cloud1.h", "cloud2.z", p32)
-    nodes.append(helper.make_node("Relu", ["cloud2.z"], ["cloud2.h"], name="cloud2.relu"))
+    _gemm_relu(nodes, inits, "cloud1", "cut", "cloud1.h", p32)
+    _gemm_relu(nodes, inits, "cloud2", "cloud1.h", "cloud2.h", p32)
     _gemm(nodes, inits, "final", "cloud2.h", "final_logits", p32)
     graph = helper.make_graph(
         nodes, f"{export.graph}_cloud",

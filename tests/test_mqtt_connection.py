@@ -401,9 +401,7 @@ async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_eac
                   subscriptions=[], on_message=nothing, on_connect=nothing)
     caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
 
-    def told(text: str, level: int | None = logging.WARNING) -> list[str]:
-        return [r.getMessage() for r in caplog.records if r.name == "mapper.mqtt" and level in (None, r.levelno)
-                and text in r.getMessage()]
+    told = _log_lines(caplog, "mapper.mqtt")
 
     task = asyncio.create_task(bus.run())
     try:
@@ -427,6 +425,14 @@ async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_eac
     lost = _assert_outage_told(told, lasted, f"MQTT connection to mqtt://127.0.0.1:{edge.port}")
     causes = [line.split("lost or refused: ", 1)[1].split("; retrying in")[0] for line in lost]
     assert all(a != b for a, b in zip(causes, causes[1:])), lost  # a WARNING for each change of cause only
+
+
+def _log_lines(caplog, logger: str):  # noqa: ANN001, ANN202
+    """told(text, level=WARNING): the messages `logger` logged at `level` (None: any) holding `text`."""
+    def told(text: str, level: int | None = logging.WARNING) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger and level in (None, r.levelno)
+                and text in r.getMessage()]
+    return told
 
 
 def _assert_outage_told(told, lasted: float, connection: str) -> list[str]:  # noqa: ANN001
@@ -496,9 +502,7 @@ async def test_a_long_broker_outage_is_logged_by_the_cloud_worker_at_each_change
         worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="outage"))
         caplog.set_level(logging.DEBUG, logger="mapper.worker")
 
-        def told(text: str, level: int | None = logging.WARNING) -> list[str]:
-            return [r.getMessage() for r in caplog.records if r.name == "mapper.worker"
-                    and level in (None, r.levelno) and text in r.getMessage()]
+        told = _log_lines(caplog, "mapper.worker")
 
         task = asyncio.create_task(worker.run())
         try:
