@@ -24,7 +24,7 @@ import orjson
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import LoadResult, load
-from mapper import __version__, logs, openssl
+from mapper import __version__, early_sighup, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.migrations import MIGRATIONS
@@ -292,6 +292,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
+        if early_sighup.heard():  # (asked after the handler above: no SIGHUP falls between the two)
+            logging.getLogger("mapper.reload").info("SIGHUP while starting: the config and device files are read"
+                                                    " again once the mapper runs")
+            hup.set()
         reloader = asyncio.create_task(_reload_on_sighup(service, args.config, hup, stop, lambda: twin_lock),
                                        name="sighup-reload")
         service.before_devices.append(gc.collect)  # here, not once running: a full collection stops the loop ~20 ms
@@ -426,7 +430,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
               " it a SIGHUP yourself (`sudo systemctl kill -s HUP mapper` for the service), and see its log for the"
               " outcome", file=sys.stderr)
         return 1
-    if starting:  # (not signalled: before its handler, a SIGHUP ends the process)
+    if starting:  # (not signalled: it would reload only once running, which may be long after --timeout)
         print(f"error: the mapper (pid {pid}) on the twin {twin} has not finished starting ({_lock_path(twin)} says"
               " so; waiting for its twin, perhaps): not reloaded. It runs the files as they were when it started;"
               " see its log (journalctl -u mapper) and run `mapper reload` again once it logs \"running\"",

@@ -1,12 +1,18 @@
-"""The `mapper` command (console script and `python -m mapper`): OpenSSL's hashes are kept out
-before anything imports hashlib (mapper/openssl.py), then the CLI runs."""
+"""The `mapper` command (console script and `python -m mapper`): `mapper run` notes a SIGHUP from
+here on (mapper/early_sighup.py), OpenSSL's hashes are kept out before anything imports hashlib
+(mapper/openssl.py), then the CLI runs."""
 
 from __future__ import annotations
 
+import sys
+
+from mapper import early_sighup
 from mapper.openssl import skip_hashlib_openssl
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["run"]:  # (before anything else: a SIGHUP while it starts must not end it)
+        early_sighup.hold()
     skip_hashlib_openssl()  # before mapper.cli imports pydantic (-> secrets -> hmac -> _hashlib)
     from mapper.cli import main as cli_main
 

@@ -720,6 +720,70 @@ def test_mapper_reload_waits_for_the_reload_and_fails_when_it_is_refused(mapper:
     assert nothing.returncode == 1 and f"no mapper runs on the twin {mapper.twin}" in nothing.stderr, nothing
 
 
+def test_a_sighup_while_the_mapper_starts_is_a_reload_once_it_runs(tmp_path: Path) -> None:
+    """A SIGHUP's default action ends the process, and `mapper run` listened for it only once its
+    event loop ran, after the config's checks, the twin's lock and the imports: a `kill -HUP` then
+    (logrotate, an operator, `systemctl kill -s HUP mapper`) ended a starting mapper. It is now noted
+    from the start of `mapper run` on, and is one reload once the mapper runs. Sent at three moments
+    of one start: as soon as the process catches SIGHUP, when its lock says `<pid> starting` (before,
+    it died there), and while a device's driver is still opening (the start held there by a gate)."""
+    from plugin_drivers import SITE, write_device
+
+    devices = write_devices(tmp_path / "dev", ["a"], cycle=20)
+    opening, gate = tmp_path / "opening", tmp_path / "gate"
+    write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 60})
+    twin = tmp_path / "twin.db"
+    config = write_config(tmp_path / "mapper.yaml", devices, twin)
+    lock, log_path = Path(f"{twin}.lock"), tmp_path / "mapper.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], cwd=tmp_path,
+                                stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONPATH": os.pathsep.join((str(SITE), str(REPO)))})
+    try:
+        def lock_says_starting() -> bool:
+            with contextlib.suppress(FileNotFoundError):
+                return lock.read_text() == f"{proc.pid} starting\n"
+            return False
+
+        moments = {"it catches SIGHUP": lambda: _catches(proc.pid, signal.SIGHUP),
+                   "its lock says starting": lock_says_starting, "a driver is opening": opening.exists}
+        sent: list[str] = []
+
+        def send_at_each_moment() -> bool:
+            for moment, reached in moments.items():
+                if moment not in sent and proc.poll() is None and reached():
+                    proc.send_signal(signal.SIGHUP)
+                    sent.append(moment)
+            return len(sent) == len(moments) or proc.poll() is not None
+
+        wait_for(send_at_each_moment, timeout=30, interval=0.001, what="the moments of the start")
+        assert proc.poll() is None, f"ended ({proc.returncode}) by the SIGHUP sent when {sent[-1]}:\n{log_path.read_text()}"
+        assert sent == list(moments), sent
+        assert "mapper test-node running" not in log_path.read_text()  # (all three sent while it was starting)
+        gate.touch()
+        wait_for(lambda: "reload done: " in log_path.read_text(), timeout=30, what="the reload once running")
+        text = log_path.read_text()
+        assert text.index("SIGHUP while starting: the config and device files are read again once the mapper runs") \
+            < text.index("mapper test-node running: 2 device(s)") < text.index("SIGHUP: reading the config file"), text
+        assert text.count("SIGHUP: reading the config file") == 1 and "reload done: nothing changed" in text, text
+        assert lock.read_text() == f"{proc.pid}\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _catches(pid: int, sig: int) -> bool:
+    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
+    return False
+
+
 def test_mapper_reload_says_when_it_cannot_tell_whether_a_mapper_runs(tmp_path: Path) -> None:
     """`mapper reload` said "no mapper runs on the twin ...: start it" when it could not read the
     twin's lock (a user who may not read the service's state directory: running unknown), and when the
