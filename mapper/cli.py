@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import orjson
 
@@ -219,30 +220,72 @@ def _running_mapper(path: Path) -> tuple[bool | None, int | None]:
     return _lock_state(path)[:2]
 
 
-def _lock_state(path: Path) -> tuple[bool | None, int | None, bool]:
-    """_running_mapper's (running, pid), and whether that mapper says it has not finished starting
+class LockState(NamedTuple):
+    """What `<twin>.lock` says of the mapper on a twin. `running` None: it cannot be told, and `why`
+    says so (the file and the error); `starting`: that mapper has not finished starting
     (LOCK_STARTING: a mapper from before it was written says nothing, and counts as started)."""
+
+    running: bool | None
+    pid: int | None = None
+    starting: bool = False
+    why: str | None = None
+
+
+def _lock_state(path: Path) -> LockState:
+    """Whether a mapper holds `<twin>.lock`. A lock nobody holds means no mapper runs only where a
+    mapper could have taken it: `mapper run` goes on without the lock when it cannot open the file
+    for writing (a read-only disk: it waits for its twin meanwhile; a lock file its user may not
+    write), so a lock that cannot be opened for writing here, or made where it is missing, cannot
+    tell (`why`), rather than "no mapper runs"."""
     import fcntl
 
+    lock_path = _lock_path(path)
     try:  # (not through a symbolic link, nor blocking on a FIFO someone left in its place)
-        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return False, None, False
-    except OSError:
-        return None, None, False
+        if (why := _lock_cannot_be_made(lock_path)) is not None:
+            return LockState(None, why=why)
+        return LockState(False)
+    except OSError as exc:
+        return LockState(None, why=f"{lock_path} cannot be opened here ({exc.strerror})")
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        return None, None, False
+        return LockState(None, why=f"{lock_path} is not a regular file")
     with os.fdopen(fd, "r") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             owner, *rest = lock.read().split() or [""]
-            return True, int(owner) if owner.isdigit() else None, rest == [LOCK_STARTING]
-        except OSError:
-            return None, None, False
+            return LockState(True, int(owner) if owner.isdigit() else None, rest == [LOCK_STARTING])
+        except OSError as exc:
+            return LockState(None, why=f"{lock_path} cannot be locked here ({exc.strerror})")
         fcntl.flock(lock, fcntl.LOCK_UN)
-        return False, None, False
+    try:  # (nobody holds it: could a mapper have taken it? Opened for writing as `mapper run` opens it)
+        os.close(os.open(lock_path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)))
+    except OSError as exc:
+        return LockState(None, why=f"nobody holds {lock_path}, but it cannot be opened for writing ({exc.strerror}):"
+                                   " a mapper that cannot open it either runs without holding it")
+    return LockState(False)
+
+
+def _lock_cannot_be_made(lock_path: Path) -> str | None:
+    """Why `<twin>.lock`, missing, could not be made where it belongs (None: it could): its directory,
+    or the nearest one above it that exists (`mapper run` makes the twin's directory), is on a
+    read-only file system or not writable here."""
+    directory = lock_path.parent
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        read_only = bool(os.statvfs(directory).f_flag & os.ST_RDONLY)
+    except OSError:
+        return None
+    if read_only:
+        cause = f"{directory} is on a read-only file system"
+    elif not os.access(directory, os.W_OK):
+        cause = f"{directory} is not writable here"
+    else:
+        return None
+    return f"{lock_path} is not there, and cannot be made ({cause}): a mapper that cannot make it either runs without it"
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -415,11 +458,11 @@ def cmd_reload(args: argparse.Namespace) -> int:
               " runs on with the files it has", file=sys.stderr)
         raise
     twin = Path(config.twin.path)
-    running, pid, starting = _lock_state(twin)
+    running, pid, starting, why = _lock_state(twin)
     if running is None:  # (its lock could not be opened or locked: not "no mapper", which may be wrong)
-        print(f"error: cannot tell whether a mapper runs on the twin {twin} (twin.path of {args.config}):"
-              f" {_lock_path(twin)} cannot be read here; run this as the service's user or root (or `sudo"
-              " systemctl reload mapper`)", file=sys.stderr)
+        print(f"error: cannot tell whether a mapper runs on the twin {twin} (twin.path of {args.config}): {why};"
+              " run this as the service's user or root (or `sudo systemctl reload mapper`), or send the mapper a"
+              " SIGHUP yourself (`sudo systemctl kill -s HUP mapper` for the service) and see its log", file=sys.stderr)
         return 1
     if not running:
         print(f"error: no mapper runs on the twin {twin} (twin.path of {args.config}): nothing to reload;"
@@ -834,7 +877,7 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
     with _open_twin(config, sets=True) as store:
-        running, pid = _running_mapper(config.twin.path)
+        running, pid, _, why = _lock_state(config.twin.path)
         raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
         value, version = store.set_desired(device, args.property, raw)
     if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
@@ -845,6 +888,8 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version});"
           + {False: " no mapper is running on this twin: the next `mapper run` applies it",
              True: " the running mapper applies it"}.get(running, " a running mapper applies it, or the next to start"))
+    if running is None:
+        print(f"warning: cannot tell whether a mapper runs on {config.twin.path}: {why}", file=sys.stderr)
     return 0
 
 
@@ -1069,9 +1114,9 @@ def cmd_devices(args: argparse.Namespace) -> int:
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
     outbox["undeliverable"] = losses["outbox_undeliverable"]
-    running, pid = _running_mapper(config.twin.path)
+    running, pid, _, why = _lock_state(config.twin.path)
     if args.json:
-        print(orjson.dumps({"mapper": {"running": running, "pid": pid},
+        print(orjson.dumps({"mapper": {"running": running, "pid": pid, "cannotTell": why},
                             "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"]},
                            option=orjson.OPT_INDENT_2).decode())
@@ -1080,6 +1125,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"mapper: not running on {config.twin.path}: the states below are as its last run left them")
     elif running:
         print(f"mapper: running (pid {pid if pid is not None else '?'})")
+    else:  # (not "not running": a mapper that cannot take its lock runs without it)
+        print(f"mapper: cannot tell whether a mapper runs on {config.twin.path}: {why}")
     print(f"{'device':<32} {'state':<10} {'last reading':<24} detail")
     for t in rows:
         print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")

@@ -565,7 +565,8 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
     assert human.startswith(f"mapper: not running on {tmp_path / 'twin.db'}: the states below are as its last run"
                             " left them\n"), human
     assert json.loads(mapper("devices", "--config", str(config), "--json").stdout)["mapper"] == {"running": False,
-                                                                                                  "pid": None}
+                                                                                                  "pid": None,
+                                                                                                  "cannotTell": None}
     later = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
     assert later.returncode == 0 and "no mapper is running on this twin: the next `mapper run` applies it" in later.stdout
 

@@ -12,6 +12,7 @@ Real processes on a real 2 MB tmpfs (root only: skipped otherwise).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -270,3 +271,44 @@ def test_mapper_reload_while_the_start_waits_for_the_twin_says_so_at_once(tmp_pa
         done = reload()
         assert done.returncode == 0 and f"reloaded: the mapper (pid {mapper.proc.pid})" in done.stdout, done
         assert mapper.stop()[0] == 0, mapper.log()
+
+
+def cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`mapper ARGS --config CONFIG`, its output captured."""
+    return subprocess.run([sys.executable, "-m", "mapper", *args, "--config", str(config)], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("lock_file", ["left by the last run", "not there"])
+def test_the_commands_cannot_tell_whether_a_mapper_runs_on_a_read_only_disk(tmp_path: Path, small_disk: Path,
+                                                                            lock_file: str) -> None:
+    """On a read-only disk `mapper run` cannot open `<twin>.lock` for writing (nor make it): it runs
+    without holding it, waiting for its twin. `mapper devices` and `mapper reload` took the lock
+    nobody held (or its absence) for "no mapper runs", while one ran. They now say they cannot
+    tell, naming the lock file and the error; `mapper devices` still shows the twin's states."""
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=False)  # (its -wal and -shm let the commands read the twin)
+    lock = Path(f"{twin}.lock")
+    if lock_file == "not there":
+        lock.unlink()
+    cause = (f"nobody holds {lock}, but it cannot be opened for writing (Read-only file system)"
+             if lock_file == "left by the last run"
+             else f"{lock} is not there, and cannot be made ({twin.parent} is on a read-only file system)")
+    remount(small_disk, "ro")
+    try:
+        with Mapper(config, tmp_path / "mapper.log") as mapper:
+            mapper.wait_log("The mapper waits for it")
+            devices = cli(config, "devices")
+            assert devices.returncode == 0, devices
+            first = devices.stdout.splitlines()[0]
+            assert first.startswith(f"mapper: cannot tell whether a mapper runs on {twin}: {cause}"), devices.stdout
+            assert "default/lamp" in devices.stdout, devices.stdout
+            shown = json.loads(cli(config, "devices", "--json").stdout)["mapper"]
+            assert shown["running"] is None and shown["cannotTell"] in first, shown
+            reload = cli(config, "reload", "--timeout", "1")
+            assert reload.returncode == 1 and "no mapper runs" not in reload.stderr, reload
+            assert f"error: cannot tell whether a mapper runs on the twin {twin}" in reload.stderr, reload.stderr
+            assert cause in reload.stderr, reload.stderr
+            assert mapper.proc.poll() is None, mapper.log()
+    finally:
+        remount(small_disk, "rw")
