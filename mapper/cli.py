@@ -877,7 +877,7 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
     with _open_twin(config, sets=True) as store:
-        running, pid, _, why = _lock_state(config.twin.path)
+        running, pid, starting, why = _lock_state(config.twin.path)
         raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
         value, version = store.set_desired(device, args.property, raw)
     if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
@@ -885,9 +885,15 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
               " which the mapper service does not read (see the warning)"
               + (": a mapper runs on it and applies it" if running else ""))
         return 0
-    print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version});"
-          + {False: " no mapper is running on this twin: the next `mapper run` applies it",
-             True: " the running mapper applies it"}.get(running, " a running mapper applies it, or the next to start"))
+    if running is None:
+        applies = "a running mapper applies it, or the next to start"
+    elif not running:
+        applies = "no mapper is running on this twin: the next `mapper run` applies it"
+    elif starting:
+        applies = f"the mapper (pid {pid if pid is not None else '?'}) is still starting: it applies it once it runs"
+    else:
+        applies = "the running mapper applies it"
+    print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}); {applies}")
     if running is None:
         print(f"warning: cannot tell whether a mapper runs on {config.twin.path}: {why}", file=sys.stderr)
     return 0
@@ -1114,15 +1120,18 @@ def cmd_devices(args: argparse.Namespace) -> int:
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
     outbox["undeliverable"] = losses["outbox_undeliverable"]
-    running, pid, _, why = _lock_state(config.twin.path)
+    running, pid, starting, why = _lock_state(config.twin.path)
     if args.json:
-        print(orjson.dumps({"mapper": {"running": running, "pid": pid, "cannotTell": why},
+        print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
                             "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"]},
                            option=orjson.OPT_INDENT_2).decode())
         return 0
     if running is False:  # the states would otherwise read as live ("ok") long after the stop
         print(f"mapper: not running on {config.twin.path}: the states below are as its last run left them")
+    elif starting:  # (its lock says `<pid> starting` until it runs: not "running", its states may be the last run's)
+        print(f"mapper: starting (pid {pid}), not running yet: waiting for its twin or its devices' first opens,"
+              f" perhaps (its log says what); the states below may still be as its last run left them")
     elif running:
         print(f"mapper: running (pid {pid if pid is not None else '?'})")
     else:  # (not "not running": a mapper that cannot take its lock runs without it)

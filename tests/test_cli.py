@@ -566,9 +566,48 @@ def test_run_twin_get_set_devices_and_clean_stop(tmp_path):
                             " left them\n"), human
     assert json.loads(mapper("devices", "--config", str(config), "--json").stdout)["mapper"] == {"running": False,
                                                                                                   "pid": None,
+                                                                                                  "starting": False,
                                                                                                   "cannotTell": None}
     later = mapper("twin", "set", "lamp", "power", "false", "--config", str(config))
     assert later.returncode == 0 and "no mapper is running on this twin: the next `mapper run` applies it" in later.stdout
+
+
+def test_devices_and_twin_set_say_a_mapper_is_starting_until_it_runs(tmp_path):
+    """The lock says `<pid> starting` until the mapper runs (here held in its start by a driver whose
+    open waits for a gate): `mapper devices` said "mapper: running (pid N)" all the same, and `twin
+    set` "the running mapper applies it". They now say it is starting, until it runs."""
+    from plugin_drivers import SITE, write_device
+
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    opening, gate = tmp_path / "opening", tmp_path / "gate"
+    write_device(devices, "gated", "gated", {"opening": str(opening), "open_when": str(gate), "wait_s": 60})
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    env = {"PYTHONPATH": os.pathsep.join((str(SITE), str(REPO)))}
+    log = tmp_path / "log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], stdout=handle,
+                                stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **env})
+    try:
+        wait_for(lambda: opening.exists() or proc.poll() is not None, timeout=30, what="the gated driver opening")
+        assert proc.poll() is None, log.read_text()
+        human = mapper("devices", "--config", str(config), env=env)
+        assert human.returncode == 0, human
+        assert human.stdout.startswith(f"mapper: starting (pid {proc.pid}), not running yet: "), human.stdout
+        shown = json.loads(mapper("devices", "--config", str(config), "--json", env=env).stdout)["mapper"]
+        assert shown == {"running": True, "pid": proc.pid, "starting": True, "cannotTell": None}, shown
+        taken = mapper("twin", "set", "lamp", "power", "true", "--config", str(config), env=env)
+        assert taken.returncode == 0, taken
+        assert f"the mapper (pid {proc.pid}) is still starting: it applies it once it runs" in taken.stdout, taken
+        assert "mapper test-node running" not in log.read_text()  # (still starting all along)
+        gate.touch()
+        wait_for(lambda: "mapper test-node running" in log.read_text(), timeout=30, what="the mapper running")
+        wait_for(lambda: mapper("devices", "--config", str(config), env=env).stdout.startswith(
+            f"mapper: running (pid {proc.pid})\n"), what="`mapper devices` saying it runs")
+        shown = json.loads(mapper("devices", "--config", str(config), "--json", env=env).stdout)["mapper"]
+        assert shown == {"running": True, "pid": proc.pid, "starting": False, "cannotTell": None}, shown
+    finally:
+        code = stop_mapper(proc)
+    assert code == 0, log.read_text()
 
 
 def test_run_refuses_only_the_device_without_driver(tmp_path):
