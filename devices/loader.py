@@ -26,6 +26,7 @@ from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId, clipped, shown
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import PropertyType, coerce, range_problem
+from devices.yaml_errors import explain
 
 Path_ = tuple[str | int, ...]
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -224,10 +225,10 @@ def _key_value(node: yaml.ScalarNode) -> Any:
         _KEYS.constructed_objects = {}
 
 
-def _yaml_problem(label: str, exc: yaml.YAMLError) -> Problem:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc)
-    return Problem(label, mark.line + 1 if mark else None, "", f"invalid YAML: {problem}")
+def _yaml_problem(label: str, exc: yaml.YAMLError, text: str) -> Problem:
+    """At the line to fix, with that line quoted and a hint for the usual slips (devices.yaml_errors)."""
+    explained = explain(exc, text)
+    return Problem(label, explained.line, "", f"invalid YAML: {explained.message}")
 
 
 def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[_Doc]:
@@ -256,14 +257,14 @@ def read_documents(file: Path, label: str, problems: list[Problem]) -> Iterator[
                 problems.append(Problem(label, exc.line, field_name(exc.path), exc.message))
                 continue
             except yaml.constructor.ConstructorError as exc:
-                problems.append(_yaml_problem(label, exc))
+                problems.append(_yaml_problem(label, exc, text))
                 continue
             for line, path, first in loader.indexed.duplicates:
                 problems.append(Problem(label, line, field_name(path),
                                         f"duplicate key (first at line {first}): only one of them would count"))
             yield _Doc(label, data, loader.indexed.lines, node.start_mark.line + 1, loader.indexed.texts)
     except yaml.YAMLError as exc:
-        problems.append(_yaml_problem(label, exc))
+        problems.append(_yaml_problem(label, exc, text))
     except RecursionError:
         # libyaml has no get_mark(): the document's first line then.
         mark = loader.get_mark() if hasattr(loader, "get_mark") else node.start_mark if node is not None else None

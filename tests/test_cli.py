@@ -1843,6 +1843,25 @@ def test_twin_set_refuses_a_device_whose_file_names_another_node(tmp_path):
     assert mapper("twin", "set", "lamp", "power", "true", "--config", str(config)).returncode == 0
 
 
+def test_a_yaml_slip_in_the_config_file_is_said_at_its_line_quoted_with_what_to_do(tmp_path: Path) -> None:
+    """The config file is read as the device files are (devices.loader.read_documents): a mis-indented
+    line is quoted with a caret and a plain hint, by `mapper validate --config` and `mapper run` alike,
+    not YAML's `did not find expected key` alone."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    text = config.read_text()
+    assert text.splitlines()[4] == "  batch_delay_ms: 5", text  # (helpers.write_config's line 5)
+    config.write_text(text.replace("\n  batch_delay_ms: 5\n", "\n batch_delay_ms: 5\n"))
+    expected = (f"{config}:5: invalid YAML: line 5 is indented 1 space; the lines before it are indented 0 (line 3)"
+                " or 2 (line 4): indent it as the ones it belongs with (did not find expected key)\n"
+                "  5 |  batch_delay_ms: 5\n"
+                "    |  ^\n")
+    for args in (("validate", "--config", str(config)), ("run", "--config", str(config))):
+        result = mapper(*args)
+        assert result.returncode == 1 and result.stderr == expected, (args, result.stderr)
+    assert not (tmp_path / "twin.db").exists()
+
+
 def test_validate_config_says_the_warnings_mapper_run_says_each_once(tmp_path: Path) -> None:
     """`mapper validate --config` printed the warnings of mqtt.exposed_secrets, which start with
     `warning: ` already, as `warning: warning: ...`, and none of the REST API's (api.exposure_warnings:

@@ -130,6 +130,55 @@ def test_yaml_syntax_error_has_the_line(tmp_path):
     assert problems[0].startswith("broken.yaml:3: invalid YAML")
 
 
+@pytest.mark.parametrize(("slip", "edit", "expected"), [
+    ("a key indented one space off", ("\n  protocol:\n", "\n   protocol:\n"),
+     "d.yaml:9: invalid YAML: line 9 is indented 3 spaces; the lines before it are indented 2 (line 7) or 4 (line 8):"
+     " indent it as the ones it belongs with (did not find expected key)\n"
+     "  9 |    protocol:\n"
+     "    |    ^"),
+    ("a key indented deeper than the key: value before it", ("\n  namespace: default\n", "\n   namespace: default\n"),
+     "d.yaml:5: invalid YAML: line 5 is indented deeper than line 4 (3 spaces, not 2), so YAML reads it as the rest of"
+     " line 4's value: indent it 2 spaces, as 'name' on line 4, if it is a key beside it (mapping values are not"
+     " allowed in this context)\n"
+     "  5 |    namespace: default\n"
+     "    |    ^"),
+    ("a key without its colon", ("\nspec:\n", "\nspec\n"),
+     "d.yaml:6: invalid YAML: no ':' after 'spec' on line 6, so YAML reads it and the lines after it as one text:"
+     " write 'spec:' (or quote a text that goes on over several lines) (could not find expected ':')\n"
+     "  6 | spec\n"
+     "    |     ^"),
+    ("a tab", ("\n    protocolName: simulated\n", "\n\tprotocolName: simulated\n"),
+     "d.yaml:10: invalid YAML: line 10 is indented with a tab: YAML indents with spaces only; replace the tab with"
+     " spaces (found character that cannot start any token)\n"
+     "  10 | \\tprotocolName: simulated\n"
+     "     | ^"),
+    ("an unclosed quote", ("  name: d\n", '  name: "d\n'),
+     'd.yaml:4: invalid YAML: the " that opens this value is never closed (the file ends first): close it with "'
+     " (found unexpected end of stream)\n"
+     '  4 |   name: "d\n'
+     "    |         ^"),
+    ("an unclosed bracket", ("    configData: {}\n", "    configData: [a, b\n"),
+     "d.yaml:12: invalid YAML: the [ opened on line 11 (column 17) is not closed before this: end it with ] (items"
+     " inside are separated by commas) (did not find expected ',' or ']')\n"
+     "  12 |   properties:\n"
+     "     |             ^"),
+    ("an unclosed brace", ("noise: 0.1}", "noise: 0.1"),
+     "d.yaml:17: invalid YAML: the { opened on line 16 (column 21) is not closed before this: end it with } (items"
+     " inside are separated by commas) (did not find expected ',' or '}')\n"
+     "  17 |       collectCycle: 50\n"
+     "     |                   ^"),
+])
+def test_a_yaml_slip_is_said_at_its_line_quoted_with_what_to_do(tmp_path, slip, edit, expected):
+    """YAML's own words (`d.yaml:9: invalid YAML: did not find expected key`) left the person to
+    guess what was wrong with which line. Now the line is quoted with a caret under where the
+    parser stopped, and the usual slips are said plainly, YAML's words in parentheses."""
+    good = device_yaml("d")
+    assert good.count(edit[0]) >= 1, f"helpers.DEVICE changed: {slip}"
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"),
+                                      "d.yaml": good.replace(edit[0], edit[1], 1)})
+    assert problems == [expected], problems[0]
+
+
 def test_duplicate_device_names(tmp_path):
     """Two Devices with one namespace/name: the second is rejected and the first named."""
     problems = problems_of(tmp_path, {
