@@ -205,6 +205,8 @@ class EventBusExtension:
         service.recorder.on_outbox = self.publisher.offer
         service.recorder.take_acks = self.publisher.take_acked
         service.recorder.return_acks = self.publisher.return_acked
+        # While the twin cannot be written, waiting readings' telemetry goes out live through it.
+        service.recorder.live_out = self.publisher
         # Straight on the connection, not through the outbox: it says when the twin cannot be written.
         self.health = TwinHealth(self.topics.health(), self.bus, service.recorder, config.twin.path,
                                  config_fingerprint=config.fingerprint())

@@ -1,17 +1,17 @@
 """The twin's health, told on MQTT directly: `<prefix>/<node>/health`, retained, QoS 1.
 
 While the twin cannot be written (a full disk, a read-only remount, another process's lock) the
-readings wait in memory (mapper.recorder) and nothing goes out: telemetry leaves only through the
-outbox, after its commit. The node's availability still says `online` (the mapper runs, and is
-connected), so a fleet watching MQTT saw a healthy node that published nothing; only the log and
-systemd's STATUS= said why. This message says it, published straight on the connection (the
-outbox cannot be written):
+readings wait in memory (mapper.recorder) and their telemetry goes out live, from memory, but
+nothing else does (device states, twin documents and replies, offload requests wait for their
+commit). The node's availability still says `online` (the mapper runs, and is connected); only
+the log and systemd's STATUS= said why the rest stopped. This message says it, published straight
+on the connection (the outbox cannot be written):
 
     {"twin": "unwritable", "since": <ms>, "cause": "disk full", "error": "database or disk is full",
-     "readings_waiting": 1234, "readings_dropped": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
-     "at": <ms>}
-    {"twin": "ok", "since": <ms>, "readings_dropped": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
-     "at": <ms>}
+     "readings_waiting": 1234, "readings_dropped": 0, "readings_published_live": 1200,
+     "readings_dropped_live": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1", "at": <ms>}
+    {"twin": "ok", "since": <ms>, "readings_dropped": 0, "readings_published_live": 1200,
+     "readings_dropped_live": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1", "at": <ms>}
 
 `unwritable` once a commit has failed and its retry too (the recorder's `outage_failures` > 1: one
 lock held a moment too long is not news), `since` the first failed commit of the outage; `cause`
@@ -19,7 +19,9 @@ one of "disk full", "read-only", "locked", "error" (mapper.twin_disk.twin_write_
 what SQLite said (bounded). `ok` at every (re)connect (a stale `unwritable` retained by a run that
 crashed or stopped during an outage is replaced) and once a commit succeeds again, `since` the
 start or the end of the last outage. `readings_dropped`: readings dropped since the mapper started
-for twin.waiting_max_readings. `version`: the mapper's (mapper.__version__, `mapper --version`).
+for twin.waiting_max_readings whose telemetry nobody saw; `readings_dropped_live`: those dropped
+after their telemetry had gone out live (delivered, but not in the twin's history);
+`readings_published_live`: readings whose telemetry went out live since the start. `version`: the mapper's (mapper.__version__, `mapper --version`).
 `config`: the fingerprint of the config this run started with (MapperConfig.fingerprint: without the
 node and the secrets): a fleet sees which nodes run which version, and whose config differs. `at`:
 when the message was made.
@@ -43,6 +45,7 @@ import aiomqtt
 import orjson
 
 from mapper import __version__
+from mapper.recorder import UNWRITABLE_AFTER
 from mapper.twin_disk import innermost, twin_write_cause
 
 if TYPE_CHECKING:
@@ -53,8 +56,6 @@ log = logging.getLogger("mapper.eventbus")
 
 # While the twin stays unwritable, the message goes out again at most this often (with new counts).
 HEALTH_INTERVAL_S = 5.0
-# Failed commits in a row before the twin counts as unwritable: the first and its retry.
-UNWRITABLE_AFTER = 2
 ERROR_CHARS = 200
 
 
@@ -71,7 +72,7 @@ class TwinHealth:
         self.interval_s = interval_s
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one message at a time: the last made is the last sent
-        self._sent: tuple[str, int, int] | None = None  # (twin, waiting, dropped) of the last one the broker took
+        self._sent: tuple[str, int, int, int, int] | None = None  # (_summary) of the last one the broker took
         self._tried_at: float | None = None  # loop time of the last attempt
         self.published = 0  # messages the broker took
 
@@ -82,24 +83,27 @@ class TwinHealth:
     def state(self) -> str:
         return "unwritable" if self._recorder.outage_failures >= UNWRITABLE_AFTER else "ok"
 
-    def _summary(self) -> tuple[str, int, int]:
-        """(twin, readings waiting, readings dropped): what a new message would say that matters."""
-        state = self.state()
-        return state, self._recorder.waiting() if state == "unwritable" else 0, self._recorder.dropped
+    def _summary(self) -> tuple[str, int, int, int, int]:
+        """(twin, readings waiting, dropped, published live, dropped live): what a new message would
+        say that matters."""
+        state, recorder = self.state(), self._recorder
+        return (state, recorder.waiting() if state == "unwritable" else 0, recorder.dropped, recorder.published_live,
+                recorder.dropped_live)
 
     def payload(self) -> bytes:
         recorder = self._recorder
         now_ms = time.time_ns() // 1_000_000
+        counts = {"readings_dropped": recorder.dropped, "readings_published_live": recorder.published_live,
+                  "readings_dropped_live": recorder.dropped_live}
         if self.state() == "ok":
-            return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms,
-                                 "readings_dropped": recorder.dropped, **self._about, "at": now_ms})
+            return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms, **counts, **self._about,
+                                 "at": now_ms})
         error = recorder.last_error
         return orjson.dumps({
             "twin": "unwritable", "since": recorder.outage_since_ms,
             "cause": twin_write_cause(error, self._twin_path) if error is not None else "error",
             "error": str(innermost(error))[:ERROR_CHARS] if error is not None else "",
-            "readings_waiting": recorder.waiting(), "readings_dropped": recorder.dropped, **self._about,
-            "at": now_ms})
+            "readings_waiting": recorder.waiting(), **counts, **self._about, "at": now_ms})
 
     async def publish(self) -> bool:
         """Publish the health as it is now (at a connect, or on a change); False when the broker

@@ -17,6 +17,13 @@ Publishing does not await each message: rows are handed to the connection (`publ
 while fewer than `max_inflight` are unacknowledged, and PUBACKs come back as message ids
 (`on_ack`), so a message costs no task, event or timer of its own. Each burst ends with
 `flush()`, which writes it in one go.
+
+While the twin cannot be written, the recorder hands the telemetry of the readings waiting for
+it here to go out live (`offer_live`, mapper.recorder's doc): they go after every committed row
+(those are older), within the same window, and each is handed to the connection once. None is
+kept for a resend: one in flight when the connection is lost (`live_unacked`: the broker may or
+may not have it) is not sent again, and its reading's history row is still committed, and the ones not handed yet wait for the next
+connection, after the backlog, unless the recorder cancelled them meanwhile.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import aiomqtt
 from eventbus.bus import MqttBus
 from eventbus.paho_fastpath import publish_size
 from mapper.logs import Throttle, held_note
+from mapper.recorder import LiveMessage
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick
 from twin.store import OutboxRow, SentIds
@@ -53,6 +61,7 @@ PAGE = 1_000
 # Bytes a PUBLISH packet has besides its payload and topic, at most: fixed header byte, remaining
 # length (up to 4), topic length (2), message id (2), property length (MQTT 5: 1).
 _PACKET_OVERHEAD = 10
+_LIVE_ID = 0  # the outbox row id of a live message in flight (outbox ids start at 1)
 _ACL_HINT = " (if that topic is meant to be published, the broker's ACL must let the mapper's user write it)"
 
 
@@ -84,6 +93,13 @@ class OutboxPublisher:
         self.undeliverable = 0          # rows paho or the broker refused outright (dropped from the outbox, logged)
         self.twin_errors = 0            # twin calls that failed (a lock held too long, a full disk): retried
         self._log_throttle = Throttle()
+        # Live messages (see the module's doc), in order; handed to the connection, acknowledged,
+        # in flight when the connection was lost, refused (by paho or the broker).
+        self._live_out: deque[LiveMessage] = deque()
+        self.live_published = 0
+        self.live_acked = 0
+        self.live_unacked = 0
+        self.live_refused = 0
         self.idle = asyncio.Event()     # set while nothing is queued or in flight
         bus.on_ack = self._on_ack
         bus.on_lost = self._on_lost
@@ -103,6 +119,15 @@ class OutboxPublisher:
             self._backlog = True
         else:
             self._live.extend(rows)
+        self._wake.set()
+
+    def live_ready(self) -> bool:
+        """Whether live messages would go out now (else the recorder does not make them)."""
+        return self._bus.connected.is_set()
+
+    def offer_live(self, entries: list[LiveMessage]) -> None:
+        """Telemetry of readings not committed yet, to go out after every committed row."""
+        self._live_out.extend(entries)
         self._wake.set()
 
     async def run(self) -> None:
@@ -125,6 +150,15 @@ class OutboxPublisher:
                 self._early.add(mid)
                 return True
             return False  # a publish of someone else (availability, twin replies)
+        if row.id == _LIVE_ID:  # nothing to delete: it was never in the outbox
+            if reason >= 0x80:
+                self.live_refused += 1
+            else:
+                self.live_acked += 1
+            self._room.set()
+            if not self._inflight and not self._live and not self._backlog:
+                self.idle.set()
+            return True
         if reason >= 0x80:
             self._undeliverable(row, f"the broker refused it: {_reason_name(reason)}")
         else:
@@ -192,7 +226,9 @@ class OutboxPublisher:
         self._wake.set()
 
     async def _reset(self) -> None:
-        """After a disconnect: forget what is in flight (it stays in the outbox), delete what was acked, resend the rest."""
+        """After a disconnect: forget what is in flight (it stays in the outbox; live messages are
+        lost), delete what was acked, resend the rest."""
+        self.live_unacked += sum(1 for row in self._inflight.values() if row.id == _LIVE_ID)
         self._inflight.clear()
         self._early.clear()
         await self._flush_acks()
@@ -241,6 +277,8 @@ class OutboxPublisher:
                 rows = list(self._live)
                 self._live.clear()
                 return rows, False
+            if self._live_out:
+                return [], False  # nothing committed waits: the live messages may go
             if not self._inflight:
                 self.idle.set()
             self._wake.clear()
@@ -264,6 +302,9 @@ class OutboxPublisher:
         window = self._max_inflight
         while True:
             rows, again = await self._next_rows()
+            if not rows:
+                await self._send_live()
+                continue
             # The broker's limit, less what a packet adds to its payload and topic (a topic's UTF-8 is
             # at most 4 bytes a character): the exact size is computed only for rows near the limit.
             room = bus.packet_limit - _PACKET_OVERHEAD
@@ -305,6 +346,55 @@ class OutboxPublisher:
                 else:
                     inflight[mid] = row
             bus.flush()  # the fast path queues without writing: one write for the burst
+
+    async def _send_live(self) -> None:
+        """Hand the live messages to the connection, oldest first, while no committed row waits
+        (committed rows are older: they go first) and within the window."""
+        bus, queue, inflight = self._bus, self._live_out, self._inflight
+        window = self._max_inflight
+        while queue:
+            entry = queue[0]
+            if entry.cancelled:
+                queue.popleft()
+                continue
+            if len(inflight) >= window:
+                bus.flush()
+                await self._wait_room()
+                continue  # (awaited: look again, the recorder may have cancelled it meanwhile)
+            if self._failed.is_set():
+                raise aiomqtt.MqttError("disconnected")
+            if self._live or self._backlog:
+                break  # committed rows came meanwhile
+            m = entry.message
+            payload = entry.payload()
+            if (len(payload) + 4 * len(m.topic) > bus.packet_limit - _PACKET_OVERHEAD
+                    and publish_size(len(m.topic.encode()), len(payload), m.qos,
+                                     bus.protocol == aiomqtt.ProtocolVersion.V5) > bus.packet_limit):
+                # The broker would close the connection on it: it stays with its reading, and its
+                # committed row is dropped as undeliverable (and said so) by the outbox.
+                queue.popleft()
+                self.live_refused += 1
+                continue
+            self._sending = True
+            try:
+                mid = bus.publish_nowait(m.topic, payload, qos=m.qos, retain=m.retain)
+            except (ValueError, TypeError) as exc:
+                # paho refuses it: it stays with its reading, its committed row is dropped (and said so) by the outbox.
+                queue.popleft()
+                self.live_refused += 1
+                log.debug("paho cannot publish a live message on %r: %s", m.topic[:200], exc)
+                continue
+            finally:
+                self._sending = False
+            queue.popleft()
+            entry.handed = True
+            self.live_published += 1
+            if mid in self._early:
+                self._early.discard(mid)
+                self.live_acked += 1
+            else:
+                inflight[mid] = OutboxRow(_LIVE_ID, m.topic, b"", m.qos, m.retain, "telemetry")
+        bus.flush()
 
     async def _ack_loop(self) -> None:
         """Delete acknowledged rows once they have waited `ack_delay_s`, or at once at 500 acks.

@@ -1124,7 +1124,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
                             "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
-                            "readings_dropped": losses["readings_dropped"]},
+                            "readings_dropped": losses["readings_dropped"],
+                            "readings_dropped_live": losses["readings_dropped_live"]},
                            option=orjson.OPT_INDENT_2).decode())
         return 0
     if running is False:  # the states would otherwise read as live ("ok") long after the stop
@@ -1142,9 +1143,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy"
           f" (twin.outbox_max_rows, outbox_max_bytes); {outbox['undeliverable']} undeliverable"
           " (refused by the broker or over its packet limit)")
-    if losses["readings_dropped"]:
+    if losses["readings_dropped"] or losses["readings_dropped_live"]:
+        # (Those whose telemetry had gone out live reached the subscribers: only the history lacks them.)
         print(f"readings: {losses['readings_dropped']} dropped while the twin could not be written"
-              " (twin.waiting_max_readings)")
+              f" (twin.waiting_max_readings); {losses['readings_dropped_live']} more dropped after their telemetry"
+              " had gone out live (delivered, not in the history)")
     return 0
 
 

@@ -452,11 +452,13 @@ class MapperService:
                 await self.recorder.flush()
             except Exception as exc:  # noqa: BLE001 - the outbox is still drained and the twin closed
                 self.uncommitted_at_stop = self.recorder.waiting()
-                log.error("stopping with %d readings not committed to the twin %s (%s): they are lost; is its disk "
+                recorder = self.recorder
+                log.error("stopping with %d readings not committed to the twin %s (%s): they are lost%s; is its disk "
                           "full or read-only? Everything committed before is kept%s", self.uncommitted_at_stop,
                           self.config.twin.path, exc,
-                          f"; {self.recorder.dropped} older ones were dropped meanwhile (twin.waiting_max_readings)"
-                          if self.recorder.dropped else "")
+                          f" ({recorder.waiting_seen_live()} of them went out live)" if recorder.waiting_seen_live() else "",
+                          f"; {recorder.dropped + recorder.dropped_live} older ones were dropped meanwhile"
+                          " (twin.waiting_max_readings)" if recorder.dropped or recorder.dropped_live else "")
         # Last added, first stopped: inference acts on its last decisions and the API servers
         # close before the event bus (added first) drains the outbox they may still add to.
         for ext in reversed(self.extensions):

@@ -57,9 +57,14 @@ class Collector:
             if seq is not None and seen.setdefault(seq, body) != body:
                 self.reused.append((message.topic, seq, seen[seq], body))
 
-    def seqs(self, topic: str) -> list[int]:
+    def committed(self, topic: str) -> list[dict]:
+        """The messages that came through the outbox (not those sent live, with no seq, while the
+        twin could not be written: mapper/recorder.py), in the order received."""
         with self.lock:
-            return [b["seq"] for b in self.received.get(topic, [])]
+            return [b for b in self.received.get(topic, []) if not b.get("live")]
+
+    def seqs(self, topic: str) -> list[int]:
+        return [b["seq"] for b in self.committed(topic)]
 
     def close(self) -> None:
         self.client.disconnect()
@@ -98,7 +103,7 @@ def assert_complete(collector: Collector, twin_path, *, duplicates_allowed: bool
         assert last > 0 and set(seqs) == set(range(1, last + 1)), f"{topic}: missing {sorted(set(range(1, last + 1)) - set(seqs))[:20]}"
         if not duplicates_allowed:
             assert seqs == sorted(seqs) and len(seqs) == last, f"{topic}: out of order or duplicated"
-        taken = dict(zip(seqs, [b["ts"] for b in collector.received[topic]]))
+        taken = dict(zip(seqs, [b["ts"] for b in collector.committed(topic)], strict=True))
         in_seq_order = [taken[s] for s in sorted(taken)]
         assert in_seq_order == sorted(in_seq_order), f"{topic}: measurement times out of order"
 

@@ -37,6 +37,7 @@ class Heard:
         self.probe = probe
         self.health: list[dict] = []
         self.seqs: list[int] = []
+        self.live: list[dict] = []  # sent live, with no seq, while the twin could not be written (mapper/recorder.py)
 
     def take(self) -> None:
         while not self.probe.messages.empty():
@@ -45,7 +46,10 @@ class Heard:
             if message.topic == HEALTH and body is not None:
                 self.health.append(body)
             elif message.topic == COUNT and not message.retain:
-                self.seqs.append(body["seq"])
+                if body.get("live"):
+                    self.live.append(body)
+                else:
+                    self.seqs.append(body["seq"])
 
     def health_after(self, index: int, twin: str) -> tuple[int, dict] | None:
         """The first health message from `index` on saying `twin`, with its index."""

@@ -1243,7 +1243,7 @@ class TwinStore:
     # -- the hot path ----------------------------------------------------------------------
 
     def record(self, readings: Sequence[Reading], messages: Sequence[OutMessage] = (),
-               sent: Sequence[int] = (), *, dropped: int = 0) -> list[OutboxRow]:
+               sent: Sequence[int] = (), *, dropped: int = 0, dropped_live: int = 0) -> list[OutboxRow]:
         """Commit a batch of readings and the messages they cause, in one transaction.
 
         Every reading is a history row; a telemetry message of one of these readings
@@ -1260,7 +1260,8 @@ class TwinStore:
         `sent`: outbox rows the broker acknowledged meanwhile, done in the same transaction
         (one commit a second instead of two on a quiet Pi). `dropped`: readings the recorder
         dropped before they could be recorded (the twin could not be written for long), added
-        to counters('readings_dropped') in the same transaction.
+        to counters('readings_dropped') in the same transaction; `dropped_live` those of them whose
+        telemetry had gone out live (mapper.recorder), to counters('readings_dropped_live').
 
         Returns the messages to publish, in id order, once the transaction is committed.
         """
@@ -1286,6 +1287,8 @@ class TwinStore:
                 self._ack(sent)
             if dropped:
                 self._bump("readings_dropped", dropped)
+            if dropped_live:
+                self._bump("readings_dropped_live", dropped_live)
             if others:
                 rows += self._enqueue(others, ts)
             else:
@@ -1699,6 +1702,7 @@ class TwinStore:
         could be recorded (twin.waiting_max_readings), telemetry dropped by the outbox limits, and
         outbox messages dropped as undeliverable (refused by the broker, or over its packet limit)."""
         return {"readings_dropped": _counter(self.conn, "readings_dropped"),
+                "readings_dropped_live": _counter(self.conn, "readings_dropped_live"),
                 "outbox_dropped": _counter(self.conn, "outbox_dropped"),
                 "outbox_undeliverable": _counter(self.conn, "outbox_undeliverable")}
 
