@@ -122,8 +122,10 @@ class OutboxPublisher:
         self._wake.set()
 
     def live_ready(self) -> bool:
-        """Whether live messages would go out now (else the recorder does not make them)."""
-        return self._bus.connected.is_set()
+        """Whether live messages would go out now: connected, and no committed row waits to be sent
+        (a backlog the twin cannot be read for would hold them back until the next commit try, to
+        be made again then). Else the recorder does not make them."""
+        return self._bus.connected.is_set() and not self._backlog and not self._live
 
     def offer_live(self, entries: list[LiveMessage]) -> None:
         """Telemetry of readings not committed yet, to go out after every committed row."""

@@ -56,13 +56,17 @@ Only a reading's own telemetry goes live. Device states (retained views that sup
 the outbox), twin documents and replies (they tell what the twin holds), offload requests (a cloud
 worker's answer is applied to a decision that must be committed first) and the other messages of a
 batch wait for its commit, as before.
-The broker down at the same time: nothing is made live while the publisher is not connected (the
-readings wait for their commit and go through the outbox, or are dropped unseen for the bound), and
+The broker down at the same time: nothing is made live while the publisher is not connected, or
+has committed rows to send first (the readings wait for their commit and go through the outbox,
+or are dropped unseen for the bound; the next failed commit looks again), and
 live messages not yet handed wait for the next connection, after the outbox's backlog. None is kept
 for a resend: one in flight when the connection is lost (at most the publisher's window, mqtt.max_inflight;
 the broker may or may not have it: counted as publisher.live_unacked) is not sent again, its reading
 still committed. paho keeps nothing across
 connections (a connection is a new client).
+How soon: after each failed commit, so a second apart on a full or read-only disk (`retry_s`), but
+twin.busy_timeout_ms apart while another process holds the lock (each try waits that long), and at
+most LIVE_MAX each time.
 Cost: none while the twin takes commits (the live path starts only in `run`'s failure branch; the
 commit path tests an empty list once a batch).
 """
@@ -75,6 +79,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import islice
 from typing import Any, Protocol
 
 import orjson
@@ -96,6 +101,10 @@ EXTRA_TRIES = 2
 # Failed commits in a row before the twin counts as unwritable (the first and its retry: one lock
 # held a moment too long is not news). Then `<node>/health` says `unwritable` and telemetry goes live.
 UNWRITABLE_AFTER = 2
+# Live messages made per failed commit at most (the oldest waiting telemetry first; the rest the next
+# time): those not handed by the next try are made again after it, and making one costs ~1 us on
+# the event loop, so a round after a long broker outage (100,000 waiting) stays ~10 ms, not ~100.
+LIVE_MAX = 10_000
 
 
 @dataclass
@@ -376,7 +385,8 @@ class Recorder:
                 made = self._make_batch()
                 self._retry.append(made)
                 self._retry_readings += len(made.readings)
-            live = [LiveMessage(m) for waiting in self._retry for m in waiting.messages if goes_live(m)]
+            live = [LiveMessage(m) for m in islice(
+                (m for waiting in self._retry for m in waiting.messages if goes_live(m)), LIVE_MAX)]
             if live:
                 self._live, self._live_from = live, 0
                 live_out.offer_live(live)

@@ -21,6 +21,7 @@ import sqlite3
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 
 from brokers import MosquittoBroker, MqttProbe
 from devices.ids import DeviceId
@@ -31,7 +32,8 @@ from eventbus.settings import MqttSettings
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
 from helpers import async_wait_for, wait_for, write_devices
-from mapper.recorder import Recorder
+import mapper.recorder as recorder_module
+from mapper.recorder import LIVE_MAX, Recorder
 from mapper.store_worker import StoreWorker
 from mapper_proc import MapperProcess
 from test_store_and_forward import WAL_LIMIT, committed_seq
@@ -102,14 +104,17 @@ def reading(i: int) -> Reading:
     return Reading(LAMP, "count", i, 1_000 + i * 60_000)  # a minute apart: each one's telemetry is due
 
 
+@pytest.mark.parametrize("live_max", [LIVE_MAX, 2])
 async def test_readings_waiting_for_a_locked_twin_go_out_live_once_and_are_committed_without_going_again(
-        broker: MosquittoBroker, tmp_path: Path) -> None:
+        broker: MosquittoBroker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, live_max: int) -> None:
     """Another process holds the twin's write lock: after a failed commit and its retry, the waiting
     readings' telemetry reaches the app live, in order, once each. Over the bound on waiting readings,
     the oldest are dropped, counted apart: those whose telemetry had gone out live, and those nobody
     saw. Once the lock is gone, the readings left are committed to history (with the twin's counts
     of both kinds of drops), none of their telemetry is queued in the outbox again, and the next
-    reading's telemetry goes through the outbox with the seq after the last committed one."""
+    reading's telemetry goes through the outbox with the seq after the last committed one.
+    (live_max 2: LIVE_MAX cut down, the waiting readings go live 2 per failed commit, still in order.)"""
+    monkeypatch.setattr(recorder_module, "LIVE_MAX", live_max)
     path = _lamp_twin(tmp_path)
     definitions = load([tmp_path / "devices"]).devices
     lock = sqlite3.connect(path, isolation_level=None)
