@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 
 
@@ -77,9 +78,13 @@ class DriverNotFound(DriverError, LookupError):
         self.protocol = protocol
         unloadable = "".join(f"; registered but cannot be loaded: {name} ({exc.why})"
                              for name, exc in sorted((broken or {}).items()))
+        # A name close to an installed one is most likely misspelt (`simulate`): say which it meant.
+        close = difflib.get_close_matches(protocol, known, n=1)
+        fix = (f"did you mean {close[0]!r}? Fix spec.protocol.protocolName, or install the package that provides"
+               f" {protocol!r}" if close else "install the package that provides it or fix spec.protocol.protocolName")
         super().__init__(
             f"no driver installed for protocol {protocol!r} (installed: {', '.join(sorted(known)) or 'none'}"
-            f"{unloadable}); install the package that provides it or fix spec.protocol.protocolName"
+            f"{unloadable}); {fix}"
         )
 
 

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from devices.definitions import DeviceDefinition, MapAt, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
-from devices.errors import DefinitionError, DriverNotFound, Problem, error_loc
+from devices.errors import DefinitionError, DriverBroken, DriverNotFound, Problem, error_loc
 from devices.ids import DeviceId, clipped, shown
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import PropertyType, coerce, range_problem
@@ -679,12 +679,30 @@ def visitor_protocol_warnings(doc: _Doc, obj: Device | DeviceModel) -> list[Prob
         name = prop.visitors.protocol_name if prop.visitors is not None else None
         if name and name != protocol:
             path = ("spec", "properties", i, "visitors", "protocolName")
-            found.append(Problem(
-                doc.file, doc.line_of(path), field_name(path),
-                f"{shown(name)} is not {what} {shown(protocol)}: the {clipped(protocol, 80)} driver reads this"
-                " configData whatever it says (KubeEdge passes visitors.protocolName on, unread); set it to"
-                f" {clipped(protocol, 80)}", "warning"))
+            if _registered(name) and not _registered(protocol):
+                # The document's protocol is the one most likely wrong (`simulate` for `simulated`):
+                # "set it to simulate" spread the typo to every visitor.
+                said = (f"{shown(name)} is not {what} {shown(protocol)}, for which no driver is installed: if"
+                        f" {shown(protocol)} is misspelt, fix {what} (it picks the driver that reads this configData);"
+                        f" else set this to {clipped(protocol, 80)}")
+            else:
+                said = (f"{shown(name)} is not {what} {shown(protocol)}: the {clipped(protocol, 80)} driver reads this"
+                        " configData whatever it says (KubeEdge passes visitors.protocolName on, unread); set it to"
+                        f" {clipped(protocol, 80)}")
+            found.append(Problem(doc.file, doc.line_of(path), field_name(path), said, "warning"))
     return found
+
+
+def _registered(protocol: str) -> bool:
+    """Whether a driver is installed or registered for `protocol` (one that is registered but cannot
+    be loaded is said so at the device's protocolName)."""
+    try:
+        load_driver(protocol)
+    except DriverBroken:
+        return True
+    except DriverNotFound:
+        return False
+    return True
 
 
 _FLAT_ONLY = "ConvertDevice refuses a value that is not a string, number or boolean"

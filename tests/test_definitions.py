@@ -1083,6 +1083,37 @@ def test_protocol_names_that_disagree_are_warned_about_at_their_lines(tmp_path):
     ]
 
 
+def test_a_misspelt_protocol_name_is_named_with_the_driver_meant(tmp_path):
+    """A device's `protocolName: simulate` (for simulated): the missing driver's warning says which
+    installed one it is close to, and the visitors (rightly `simulated`) are not told to take the
+    misspelt name: the warning said "set it to simulate", spreading the typo to every property."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    device = device_yaml("d").replace("    protocolName: simulated\n    configData", "    protocolName: simulate\n"
+                                      "    configData")
+    (tmp_path / "d.yaml").write_text(device)
+    result = load([tmp_path], base=tmp_path)
+    problem = str(result.unrunnable[DeviceId("default", "d")])
+    assert problem.endswith("did you mean 'simulated'? Fix spec.protocol.protocolName, or install the package that"
+                            " provides 'simulate'"), problem
+    visitors = [str(w) for w in result.warnings if ".visitors.protocolName" in str(w)]
+    assert len(visitors) == 3, result.warnings  # noqa: PLR2004 - the device's three properties
+    for warning in visitors:
+        assert warning.endswith(": 'simulated' is not the device's protocolName 'simulate', for which no driver is"
+                                " installed: if 'simulate' is misspelt, fix the device's protocolName (it picks the"
+                                " driver that reads this configData); else set this to simulate"), warning
+
+
+def test_an_unknown_protocol_name_close_to_none_is_not_given_a_guess(tmp_path):
+    """A protocol close to no installed one (a driver not installed here) gets no `did you mean`."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    device = device_yaml("d").replace("    protocolName: simulated\n    configData", "    protocolName: acme-fieldbus\n"
+                                      "    configData")
+    (tmp_path / "d.yaml").write_text(device)
+    problem = str(load([tmp_path], base=tmp_path).unrunnable[DeviceId("default", "d")])
+    assert "did you mean" not in problem, problem
+    assert problem.endswith("; install the package that provides it or fix spec.protocol.protocolName"), problem
+
+
 def test_protocol_names_that_agree_or_are_left_out_are_not_warned_about(tmp_path):
     """The same protocol everywhere, or visitors without protocolName: no warning."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
