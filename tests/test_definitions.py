@@ -417,6 +417,46 @@ def test_a_driver_entry_point_whose_module_is_gone_names_the_entry_point_and_the
     monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
 
 
+def test_a_driver_installed_with_a_pth_while_the_mapper_runs_loads(tmp_path, monkeypatch):
+    """A driver package installed (`pip install -e`) after the process started: its entry point is
+    found, but the path its .pth adds is added only at a Python start. The device that names it
+    loads all the same (the package's own .pth is read then); it was refused with "No module named
+    'mapper_late_driver'; reinstall or fix the package that provides it" until a restart."""
+    import importlib
+    import sys
+
+    from devices.drivers import base
+
+    site = tmp_path / "site"
+    meta = site / "late_driver-1.0.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: late-driver\nVersion: 1.0\n")
+    (meta / "entry_points.txt").write_text("[mapper.drivers]\nlateproto = mapper_late_driver:LateDriver\n")
+    (meta / "RECORD").write_text("__editable__.late_driver-1.0.pth,,\nlate_driver-1.0.dist-info/RECORD,,\n")
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "mapper_late_driver.py").write_text(
+        "from devices.drivers import Driver\n\n\nclass LateDriver(Driver):\n    protocol = 'lateproto'\n\n"
+        "    def read(self, prop):\n        return 1\n")
+    (site / "__editable__.late_driver-1.0.pth").write_text(f"{source}\n")
+    monkeypatch.syspath_prepend(str(site))  # site-packages as at the start: its .pth files were read then
+    monkeypatch.setattr(base, "_registered", None)
+    importlib.invalidate_caches()
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "m.yaml").write_text(MODEL.format(model="thing-model").replace("protocol: simulated", "protocol: lateproto")
+                                    .replace("accessMode: ReadWrite", "accessMode: ReadOnly"))
+    (devices / "d0.yaml").write_text(device_yaml("d0").replace("protocolName: simulated", "protocolName: lateproto"))
+    try:
+        result = load([devices], base=devices)
+        assert not result.unrunnable, result.unrunnable
+        assert base.load_driver("lateproto").__module__ == "mapper_late_driver"
+        assert str(source) in sys.path
+    finally:
+        sys.modules.pop("mapper_late_driver", None)
+        monkeypatch.setattr(base, "_registered", None)  # (the registry is read again without the plugin)
+
+
 def test_a_driver_that_cannot_load_is_not_listed_as_installed(tmp_path, monkeypatch):
     """A device naming a protocol nothing registers is told what is installed: a registered driver whose
     module cannot be imported is named apart, with its entry point and import error, not among the

@@ -37,8 +37,10 @@ from __future__ import annotations
 
 import importlib
 import logging
+import site
 from collections.abc import Callable, Iterable
-from importlib.metadata import entry_points
+from importlib.metadata import Distribution, entry_points
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -169,6 +171,10 @@ class Driver:
 _registered: dict[str, str] | None = None
 # The distribution (package) that registers each entry point, for messages about it.
 _packages: dict[str, str] = {}
+# The distribution itself, for the .pth files of one installed while the mapper runs (_add_pth_paths).
+_distributions: dict[str, Distribution] = {}
+# The .pth files already added that way: each is read at most once per process.
+_pth_added: set[Path] = set()
 # (protocol, target) of third-party entry points named like a built-in, already warned about.
 _clashes_logged: set[tuple[str, str]] = set()
 
@@ -181,11 +187,12 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
     spent seconds of their start-up on it. A protocol not found rereads them once, so a
     driver installed while the mapper runs is still found by the next device that names it.
     """
-    global _registered, _packages
+    global _registered, _packages, _distributions
     if _registered is None or refresh:
         found = entry_points(group=ENTRY_POINT_GROUP)
         _registered = {ep.name: ep.value for ep in found}
         _packages = {ep.name: getattr(ep.dist, "name", None) or "" for ep in found}
+        _distributions = {ep.name: ep.dist for ep in found if ep.dist is not None}
         for ep in found:
             builtin = _BUILTIN.get(ep.name)
             if builtin is not None and ep.value != builtin and (ep.name, ep.value) not in _clashes_logged:
@@ -239,6 +246,29 @@ def load_driver(protocol: str) -> type[Driver]:
     return _import_driver(protocol, target)
 
 
+def _add_pth_paths(protocol: str) -> bool:
+    """Whether the .pth files of the package registering `protocol` added something to look in.
+
+    A package installed while the mapper runs is found by its entry point, but a path its .pth
+    adds (`pip install -e`, a src layout) is added only when Python starts: the reload that
+    named its protocol refused the device with "No module named ...", though the next restart
+    loads it. Its own .pth files are read as the start would have read them, each once."""
+    distribution = _distributions.get(protocol)
+    if distribution is None:
+        return False
+    added = False
+    for file in distribution.files or ():
+        path = Path(str(distribution.locate_file(file)))
+        if file.suffix != ".pth" or path in _pth_added or not path.is_file():
+            continue
+        _pth_added.add(path)
+        site.addpackage(str(path.parent), path.name, None)
+        added = True
+    if added:
+        importlib.invalidate_caches()
+    return added
+
+
 def _import_driver(protocol: str, target: str) -> type[Driver]:
     """The Driver class entry point `target` (`module:Class`) names; DriverBroken if it cannot be loaded."""
     package = None if protocol in _BUILTIN else _packages.get(protocol)
@@ -246,7 +276,12 @@ def _import_driver(protocol: str, target: str) -> type[Driver]:
     try:
         # (a module of the entry point that is gone, its package half removed, is broken too: it
         # is registered, and "not installed" would contradict the list of installed protocols)
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            if not _add_pth_paths(protocol):
+                raise
+            module = importlib.import_module(module_name)
     except KeyboardInterrupt:
         raise
     except BaseException as exc:  # noqa: BLE001 - a third-party package failing to import refuses its devices
