@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -1163,72 +1163,102 @@ def cmd_cloud_worker(args: argparse.Namespace) -> int:
     return worker_main(args.config)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mapper", description="KubeEdge-compatible device mapper and edge gateway")
-    p.add_argument("--version", action="version", version=f"mapper {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
+# --config of the commands that read or set the twin of a mapper: the same file `mapper run` is given.
+CONFIG_HELP = "the config file the mapper runs with (README, Config file): its twin.path is the twin this reads or sets"
+DEVICE_HELP = "namespace/name, or name for a device in namespace default"
+JSON_HELP = "print JSON instead of the table"
+FIRST_STEPS = """\
+first steps:
+  mapper validate devices/             check device files: each problem as FILE:LINE: FIELD: PROBLEM
+  mapper validate --config mapper.yaml check a config as `mapper run` would, running nothing
+  mapper run --config mapper.yaml      run it (Ctrl-C stops it)
+  mapper devices --config mapper.yaml  what it runs, from another terminal
+README.md has the device YAML, the config keys and the MQTT topics."""
 
-    v = sub.add_parser("validate", help="check device YAML files or directories, or a config file and its device files")
-    v.add_argument("paths", nargs="*")
+
+def _command(sub: Any, name: str, summary: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand whose own --help opens with what it does (argparse shows `help` only in the
+    parent's list, and `mapper run --help` said nothing about running)."""
+    return sub.add_parser(name, help=summary, description=summary[:1].upper() + summary[1:] + ".", **kwargs)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mapper", description="KubeEdge-compatible device mapper and edge gateway",
+                                epilog=FIRST_STEPS, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"mapper {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                         help="`mapper COMMAND --help` says more about each")
+
+    v = _command(sub, "validate", "check device YAML files or directories, or a config file and its device files")
+    v.add_argument("paths", nargs="*", metavar="PATH",
+                   help="device YAML files, or directories of them (their own *.yaml and *.yml files)")
     v.add_argument("--config", "-c", help="check this config file as `mapper run` would before it starts (its"
                    " device files, pipelines, password and TLS files), without running anything")
     v.set_defaults(fn=cmd_validate)
 
-    r = sub.add_parser("run", help="run the mapper until SIGINT/SIGTERM")
-    r.add_argument("--config", "-c", required=True)
+    r = _command(sub, "run", "run the mapper until SIGINT/SIGTERM; SIGHUP reloads its device files")
+    r.add_argument("--config", "-c", required=True,
+                   help="the config file (YAML: node, devices, twin, mqtt ...; README, Config file)")
     r.set_defaults(fn=cmd_run)
 
-    rl = sub.add_parser("reload", help="make the running mapper reload its config and device files (SIGHUP) and"
-                        " wait for the outcome: exit 1 when it refused them (the unit's ExecReload=)")
+    rl = _command(sub, "reload", "make the running mapper reload its config and device files (SIGHUP) and"
+                  " wait for the outcome: exit 1 when it refused them (the unit's ExecReload=)")
     rl.add_argument("--config", "-c", required=True, help="the config the mapper runs with (for its twin.path)")
-    rl.add_argument("--timeout", type=float, default=RELOAD_WAIT_S, help="seconds to wait for the outcome")
+    rl.add_argument("--timeout", type=float, default=RELOAD_WAIT_S,
+                    help=f"seconds to wait for the outcome (default {RELOAD_WAIT_S:g})")
     rl.set_defaults(fn=cmd_reload)
 
-    t = sub.add_parser("twin", help="read or set a device twin")
-    tsub = t.add_subparsers(dest="twin_command", required=True)
-    g = tsub.add_parser("get", help="show a device's twin (DEVICE is namespace/name or name)")
-    g.add_argument("device")
-    g.add_argument("--config", "-c", required=True)
-    g.add_argument("--json", action="store_true")
+    t = _command(sub, "twin", "read or set a device twin")
+    tsub = t.add_subparsers(dest="twin_command", required=True, metavar="COMMAND", title="commands",
+                            help="`mapper twin COMMAND --help` says more about each")
+    g = _command(tsub, "get", "show a device's twin: each property's reported and desired value, and its last reading")
+    g.add_argument("device", help=DEVICE_HELP)
+    g.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
+    g.add_argument("--json", action="store_true", help=JSON_HELP)
     g.set_defaults(fn=cmd_twin_get)
-    s = tsub.add_parser("set", help="set a desired value; the running mapper applies it")
-    s.add_argument("device")
-    s.add_argument("property")
-    s.add_argument("value")
-    s.add_argument("--config", "-c", required=True)
+    s = _command(tsub, "set", "set a desired value; the running mapper applies it (none running: the next `mapper"
+                 " run`)")
+    s.add_argument("device", help=DEVICE_HELP)
+    s.add_argument("property", help="a ReadWrite property of the device")
+    s.add_argument("value", help='read as an MQTT .../set payload is: true, 21.5, ON, plain text, or {"value": ...}')
+    s.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
     s.set_defaults(fn=cmd_twin_set)
 
-    i = sub.add_parser("install-service", help="write a systemd unit for this installation (run with sudo)")
+    i = _command(sub, "install-service", "write a systemd unit for this installation (run with sudo)")
     i.add_argument("--config", "-c", required=True, help="the config file the service runs with")
     i.add_argument("--dry-run", action="store_true", help="print the unit and change nothing")
     i.add_argument("--user", default="mapper", help="the service user, created if missing (default: mapper)")
     i.add_argument("--groups", nargs="*", default=["gpio"], help="extra groups for the user (default: gpio)")
-    i.add_argument("--unit-file", default="/etc/systemd/system/mapper.service")
+    i.add_argument("--unit-file", default="/etc/systemd/system/mapper.service",
+                   help="where the unit goes (default: /etc/systemd/system/mapper.service)")
     i.add_argument("--other-twin", action="store_true",
                    help="install although the config's twin.path is not the service's twin (/var/lib/mapper/twin.db):"
                         " the CLI commands given this config then read and set another twin than the service's")
-    i.add_argument("--watchdog-sec", type=int, default=30)
-    i.add_argument("--stop-timeout-sec", type=int, default=30)
+    i.add_argument("--watchdog-sec", type=int, default=30,
+                   help="the unit's WatchdogSec: systemd restarts a mapper whose pings stop this long (default 30)")
+    i.add_argument("--stop-timeout-sec", type=int, default=30,
+                   help="the unit's TimeoutStopSec: how long a stop may take before systemd kills it (default 30)")
     i.add_argument("--unit-only", action="store_true", help="only write the unit file (no user, no systemctl)")
     i.add_argument("--force", action="store_true",
                    help="install although the checks find that the service cannot start (printed as warnings)")
     i.set_defaults(fn=cmd_install_service)
 
-    h = tsub.add_parser("history", help="recent readings of one property, oldest first")
-    h.add_argument("device")
-    h.add_argument("property")
+    h = _command(tsub, "history", "recent readings of one property, oldest first")
+    h.add_argument("device", help=DEVICE_HELP)
+    h.add_argument("property", help="a property of the device")
     h.add_argument("--limit", "-n", type=_history_count, default=20,
                    help=f"readings to show, 1 to {HISTORY_MAX_LIMIT:,} (default 20)")
-    h.add_argument("--config", "-c", required=True)
-    h.add_argument("--json", action="store_true")
+    h.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
+    h.add_argument("--json", action="store_true", help=JSON_HELP)
     h.set_defaults(fn=cmd_twin_history)
 
-    d = sub.add_parser("devices", help="list devices with their state and last reading")
-    d.add_argument("--config", "-c", required=True)
-    d.add_argument("--json", action="store_true")
+    d = _command(sub, "devices", "whether a mapper runs; each device, its state and last reading; the outbox")
+    d.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
+    d.add_argument("--json", action="store_true", help=JSON_HELP)
     d.set_defaults(fn=cmd_devices)
 
-    w = sub.add_parser("cloud-worker", help="answer offloaded inference requests with cloud.onnx (MQTT 5 shared subscription)")
+    w = _command(sub, "cloud-worker", "answer offloaded inference requests with cloud.onnx (MQTT 5 shared"
+                 " subscription)")
     w.add_argument("--config", "-c", required=True, help="worker config: mqtt section + models_dir (docs/inference.md)")
     w.set_defaults(fn=cmd_cloud_worker)
     return p

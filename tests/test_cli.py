@@ -45,6 +45,32 @@ def stop_mapper(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> int | None
         return None
 
 
+def _commands(parser, path=("mapper",)):  # noqa: ANN001, ANN202
+    """(command path, its parser) for the parser and every subcommand under it."""
+    import argparse
+
+    yield path, parser
+    for action in parser._actions:  # noqa: SLF001 - argparse exposes its subcommands no other way
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, child in action.choices.items():
+                yield from _commands(child, (*path, name))
+
+
+def test_every_command_and_argument_says_what_it_is_in_its_help():
+    """`mapper run --help` said nothing about running, nor what --config is; `twin set --help` named
+    `device property value` without how a value is written; `--json`, `--unit-file` had no word.
+    Every subcommand's own --help opens with what it does, and every argument has a help line."""
+    from mapper.cli import parser
+
+    for path, command in _commands(parser()):
+        assert command.description, f"{' '.join(path)} --help has no description"
+        for action in command._actions:  # noqa: SLF001
+            assert action.help, f"{' '.join(path)}: {action.dest} has no help"
+    helped = mapper("twin", "set", "--help")
+    assert helped.returncode == 0 and '{"value": ...}' in helped.stdout and "namespace/name" in helped.stdout, helped
+    assert "first steps:" in mapper("--help").stdout
+
+
 def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
