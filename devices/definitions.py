@@ -74,7 +74,11 @@ class DeviceDefinition:
         for prop in self.properties:
             if prop.name == name:
                 return prop
-        raise KeyError(f"device {self.id} has no property {shown(name)}")
+        raise KeyError(self._no_property(name))
+
+    def _no_property(self, name: str) -> str:
+        """The device's properties named with it: a misspelt one (`pmp`) is then seen at once."""
+        return f"device {self.id} has no property {shown(name)} (properties: {', '.join(sorted(p.name for p in self.properties))})"
 
     def has_property(self, name: str) -> bool:
         return any(p.name == name for p in self.properties)
@@ -85,7 +89,7 @@ class DeviceDefinition:
         check for every way a desired value comes in (MQTT, `mapper twin set`, inference actions)
         and again at the device before it is written."""
         if not self.has_property(name):
-            raise ValueError(f"device {self.id} has no property {shown(name)}")
+            raise ValueError(self._no_property(name))
         prop = self.prop(name)
         if not prop.writable:
             raise ValueError(f"property {name!r} of {self.id} is ReadOnly")

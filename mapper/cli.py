@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import errno
 import gc
 import logging
@@ -29,8 +30,8 @@ from mapper import __version__, early_sighup, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.migrations import MIGRATIONS
-from twin.store import (TWIN_DIR_MODE, NewerTwin, OlderTwin, TwinError, TwinStore, check_owned, missing_schema,
-                        unusable_twin, write_private)
+from twin.store import (TWIN_DIR_MODE, NewerTwin, OlderTwin, TwinError, TwinStore, UnknownDevice, check_owned,
+                        missing_schema, unusable_twin, write_private)
 
 
 def _config(path: str) -> MapperConfig:
@@ -781,6 +782,14 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
             if found < SCHEMA_VERSION and missing_schema(exc):
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             raise
+        except UnknownDevice as exc:
+            # A misspelt name (`soil` for `soil-1`) is said with the device meant.
+            wanted = DeviceId.parse(str(exc.device_id))
+            names = {d.name: d for d in store.device_ids(active_only=False) if d.namespace == wanted.namespace}
+            close = difflib.get_close_matches(wanted.name, list(names), n=1)
+            if not close:
+                raise
+            raise ValueError(f"{exc}; did you mean {names[close[0]]}?") from None
         if found < SCHEMA_VERSION and note:  # once read: not before an error saying it cannot be read
             _note_older_twin(path, found)
 
@@ -925,7 +934,7 @@ def _check_desired(config: MapperConfig, store, device: DeviceId, name: str, tex
     it loaded at its start or last reload, not under the files as they are now: a device whose
     file differs from it (_check_loaded) is refused until the mapper is reloaded."""
     from devices.values import PropertyType
-    from twin.store import DERIVED_PROTOCOL, UnknownDevice, origin_changes
+    from twin.store import DERIVED_PROTOCOL, origin_changes
 
     definitions, skipped, unrunnable, other_node = _valid_definitions(config)
     definition = definitions.get(device)

@@ -1043,6 +1043,29 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
     assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
 
 
+def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tmp_path):
+    """`mapper twin set lamp powr true` said "device default/lamp has no property 'powr'", and
+    `twin get lamp-1` "unknown device default/lamp-1", leaving the user to look the names up. The
+    property's refusal lists the device's properties (as `twin history` does), and a device name
+    close to one in the twin is said with it; one close to none stays as it was."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "pump-7"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    typo = mapper("twin", "set", "lamp", "powr", "true", "--config", str(config))
+    assert typo.returncode == 1 and typo.stderr == (
+        "error: device default/lamp has no property 'powr' (properties: count, power, temperature)\n"), typo
+    for command in (["get", "pump7"], ["set", "pump7", "power", "true"], ["history", "pump7", "count"]):
+        done = mapper("twin", *command, "--config", str(config))
+        assert done.returncode == 1 and done.stderr == (
+            "error: unknown device default/pump7; did you mean default/pump-7?\n"), (command, done)
+    ghost = mapper("twin", "get", "ghost", "--config", str(config))
+    assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
+
+
 def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
     """`mapper run` whose twin file cannot be written (RLIMIT_FSIZE 0: every write fails with a disk
     I/O error) said only `error: disk I/O error` (or `unable to open database file`), naming no
