@@ -72,7 +72,8 @@ def client_id_file(twin_path: Path) -> Path:
     return real.with_name(real.name + CLIENT_ID_FILE_SUFFIX)
 
 
-def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path, *, renew: bool = False) -> tuple[str, str]:
+def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path, *, renew: bool = False,
+                   new_twin: bool = False) -> tuple[str, str]:
     """(the client id, where it comes from, for the log's advice): mqtt.client_id as written, else
     `mapper-<node>-<16 random hex digits>`.
 
@@ -81,7 +82,8 @@ def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path, *, renew:
     the node is in every topic. The random part is made at the first start and kept beside the twin,
     owner only: the session is persistent, so the id must be the same at every start. `renew`: the
     twin came from another machine (mapper.machine: a cloned card), and so did the kept part: a new
-    one is made, so that clones never share a session."""
+    one is made, so that clones never share a session. `new_twin`: the twin was made by this start,
+    so no earlier mapper ran on it, nor had a session of the old default id to leave behind."""
     if settings.client_id is not None:
         return settings.client_id, "the same mqtt.client_id"
     path = client_id_file(twin_path)
@@ -96,6 +98,9 @@ def mqtt_client_id(settings: MqttSettings, node: str, twin_path: Path, *, renew:
         write_private(path, secret + "\n")
         if renew:  # (the start's warning says why: MapperService._record_machine)
             log.info("MQTT client id: mapper-%s-%s, made new and kept in %s: the twin came from another machine",
+                     node, secret, path)
+        elif new_twin:  # (a first start: "earlier versions" of a mapper that never ran here only puzzled)
+            log.info("MQTT client id: mapper-%s-%s, made now and kept in %s (set mqtt.client_id to choose one)",
                      node, secret, path)
         else:
             log.info("MQTT client id: mapper-%s-%s, made now and kept in %s (set mqtt.client_id to choose one). A"
@@ -169,7 +174,8 @@ class EventBusExtension:
         self.router = Router(service, self.topics, max_payload=self.settings.max_payload_bytes, serve_twin_protocol=serve,
                              shared_broker=self.settings.shared_broker)
         moved = service.machine_before is not None
-        client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path, renew=moved)
+        client_id, client_id_origin = mqtt_client_id(self.settings, config.node, config.twin.path, renew=moved,
+                                                     new_twin=service.twin_new)
         if moved and self.settings.client_id is None:
             service.machine_notes.append(
                 f"The MQTT client id is new: {client_id} (kept in {client_id_file(config.twin.path)}, replacing the "

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -210,6 +211,8 @@ class MapperService:
         self.machine: Machine | None = None
         self.machine_before: Machine | None = None
         self._machine_recorded: str | None = None  # the twin's record, as read at start
+        # Whether this start made the twin file (none, or an empty one, before it): no mapper ran on it.
+        self.twin_new = False
         self.machine_notes: list[str] = []
 
     # -- the twin --------------------------------------------------------------------------
@@ -250,6 +253,12 @@ class MapperService:
         for device_id, problem in self.definitions.unrunnable.items():
             self.refused[device_id] = str(problem)
             log.error("refusing device %s: %s", device_id, problem)
+        try:
+            self.twin_new = os.stat(self.config.twin.path).st_size == 0
+        except FileNotFoundError:
+            self.twin_new = True
+        except OSError:  # (said by the twin's open, which names the file)
+            pass
         started = await self._start_twin(stop)
         if started is None:
             log.info("mapper %s stopped while waiting for its twin %s", self.config.node, self.config.twin.path)

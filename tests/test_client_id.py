@@ -66,6 +66,24 @@ def test_the_default_client_id_is_unguessable_stays_the_same_across_starts_and_d
     assert len(another) == 1 and another[0].startswith(f"mapper-{node}-") and another[0] != ids[0], (ids, another)
 
 
+def test_a_first_start_does_not_speak_of_an_earlier_versions_session_but_an_upgrade_does(
+        broker: MosquittoBroker, tmp_path: Path, node: str) -> None:
+    """On a new twin no mapper ran before, so no session of the old default id `mapper-<node>` can
+    be left on the broker: a first start said one "is not resumed (desired values queued in it are
+    not delivered)", which puzzled every new user in their first minute. A twin that ran before the
+    id file existed (an upgrade: the file missing beside an existing twin) still says it."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    mapper = run_once(tmp_path, devices, broker, node)
+    kept = client_id_file(mapper.twin_path)
+    made = re.findall(r"MQTT client id: (.*)", mapper.log())
+    assert len(made) == 1 and made[0].endswith(f"made now and kept in {kept} (set mqtt.client_id to choose one)"), made
+    kept.unlink()  # as a twin of a version before the random part has none
+    run_once(tmp_path, devices, broker, node)
+    made = re.findall(r"MQTT client id: (.*)", mapper.log())
+    assert len(made) == 2 and f"A session of the default id of earlier versions, mapper-{node}, if the broker" \
+        " has one, is not resumed" in made[1], made
+
+
 def test_an_app_connecting_as_mapper_node_does_not_disconnect_the_mapper(
         broker: MosquittoBroker, tmp_path: Path, node: str) -> None:
     """The shipped broker's `app` user connects with client id `mapper-<node>`, the old default. It
