@@ -66,3 +66,22 @@ def test_the_readme_lists_every_refusal_of_a_twin_update_among_its_400s():
     reasons = " ".join(_section(README.read_text(), "- 400:", "- 409:").split())
     assert "actual values are reported by the device, not set" in reasons, reasons
     assert '{"twin":{"ro":{"actual":{"value":"9"}}}}' in reasons, reasons
+
+
+def test_the_readme_own_device_steps_validate_as_written(tmp_path):
+    """"Your own device, on your machine": the Device YAML example saved as the steps say and the
+    config they give pass `mapper validate --config`, and the commands name the example's device."""
+    import subprocess
+    import sys
+
+    text = README.read_text()
+    steps = text.split("## Your own device, on your machine", 1)[1].split("\n## ", 1)[0]
+    config = re.search(r"```yaml\n(.*?)```", steps, flags=re.S).group(1)
+    device = re.search(r"```yaml\n(.*?)```", text.split("\n## Device YAML", 1)[1], flags=re.S).group(1)
+    (tmp_path / "my-devices").mkdir()
+    (tmp_path / "my-devices" / "fan.yaml").write_text(device)
+    (tmp_path / "my.yaml").write_text("\n".join(line.removeprefix("   ") for line in config.splitlines()))
+    done = subprocess.run([sys.executable, "-m", "mapper", "validate", "--config", str(tmp_path / "my.yaml")],
+                          capture_output=True, text=True, timeout=60, cwd=README.parent)
+    assert done.returncode == 0 and done.stdout.startswith("ok: "), done
+    assert "name: fan-relay" in device and "twin set fan-relay power true --config my.yaml" in steps
