@@ -866,7 +866,7 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
     # The reported value is the last good reading's, shown with its time; a later reading that was
     # not good (an error, out of range) is shown apart, with its own time, not next to that value.
-    print(f"{'property':<16} {'reported':>12} {'desired':>10} {'delta':>6}  {'last good read':<24}  latest read")
+    rows = []
     for p in twin.properties.values():
         # Values as JSON, as `twin set` takes them and `twin history` shows them (true, not True)
         reported = "-" if p.reported is None else f"{_json_text(p.reported)}{(' ' + p.unit) if p.unit else ''}"
@@ -876,7 +876,16 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         else:
             newest = (f"{p.quality} at {_fmt_ts(latest.get(p.name)) if p.name in latest else '(no longer in the history)'}"
                       + (f" [{p.quality_detail}]" if p.quality_detail else ""))
-        print(f"{p.name:<16} {reported:>12} {desired:>10} {('yes' if p.delta else ''):>6}  "
+        rows.append((p, reported, desired, newest))
+    # Columns as wide as their longest value (a decision's `confidence 0.6307235560375336` pushed
+    # its row out of line with the header), at least as wide as before.
+    name_w = max([16, *(len(p.name) for p, *_ in rows)])
+    reported_w = max([12, *(len(reported) for _, reported, _, _ in rows)])
+    desired_w = max([10, *(len(desired) for _, _, desired, _ in rows)])
+    print(f"{'property':<{name_w}} {'reported':>{reported_w}} {'desired':>{desired_w}} {'delta':>6}  "
+          f"{'last good read':<24}  latest read")
+    for p, reported, desired, newest in rows:
+        print(f"{p.name:<{name_w}} {reported:>{reported_w}} {desired:>{desired_w}} {('yes' if p.delta else ''):>6}  "
               f"{_fmt_ts(p.reported_ts):<24}  {newest}"
               + (f"  [apply error: {p.apply_error}]" if p.apply_error else ""))
     return 0
@@ -1146,9 +1155,12 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"mapper: running (pid {pid if pid is not None else '?'})")
     else:  # (not "not running": a mapper that cannot take its lock runs without it)
         print(f"mapper: cannot tell whether a mapper runs on {config.twin.path}: {why}")
-    print(f"{'device':<32} {'state':<10} {'last reading':<24} detail")
+    # As wide as the longest id (a pipeline's derived device, `default/room-sensor-faulty-sensor-faults`,
+    # pushed its row's columns out of line).
+    wide = max([32, *(len(str(t.id)) for t in rows)])
+    print(f"{'device':<{wide}} {'state':<10} {'last reading':<24} detail")
     for t in rows:
-        print(f"{str(t.id):<32} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
+        print(f"{str(t.id):<{wide}} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
     print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy"
           f" (twin.outbox_max_rows, outbox_max_bytes); {outbox['undeliverable']} undeliverable"
           " (refused by the broker or over its packet limit)")

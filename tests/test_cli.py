@@ -1066,6 +1066,34 @@ def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tm
     assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
 
 
+def test_devices_and_twin_get_keep_their_columns_in_line_with_long_names_and_values(tmp_path):
+    """A device id longer than 32 characters (the demo's `default/room-sensor-faulty-sensor-faults`)
+    and a reported value longer than 12 (`0.6307235560375336`) pushed their rows out of line with
+    the header: each column is now as wide as its longest entry."""
+    from devices.loader import load
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    long_name = "room-sensor-faulty-sensor-faults-long"
+    devices = write_devices(tmp_path / "dev", ["lamp", long_name])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(DeviceId("default", long_name), "temperature", 21.307235560375336, 1_700_000_000_000)])
+    listed = mapper("devices", "--config", str(config))
+    assert listed.returncode == 0, listed
+    header, *rows = [line for line in listed.stdout.splitlines() if line.startswith(("device ", "default/"))]
+    assert len(rows) == 2 and all(row.index(row.split()[1]) == header.index("state") for row in rows), listed.stdout
+    shown = mapper("twin", "get", long_name, "--config", str(config))
+    assert shown.returncode == 0, shown
+    header, *rows = shown.stdout.splitlines()[1:]
+    value = next(row for row in rows if row.startswith("temperature "))
+    assert "21.307235560375336 Celsius" in value, shown.stdout
+    right = header.index("reported") + len("reported")
+    assert value.index("21.307235560375336 Celsius") + len("21.307235560375336 Celsius") == right, shown.stdout
+    assert all(row.index(row.split()[2]) < header.index("delta") for row in rows), shown.stdout
+
+
 def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
     """`mapper run` whose twin file cannot be written (RLIMIT_FSIZE 0: every write fails with a disk
     I/O error) said only `error: disk I/O error` (or `unable to open database file`), naming no
