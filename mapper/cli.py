@@ -428,9 +428,11 @@ class _ReloadNotes(logging.Handler):
         self.errors: list[str] = []
         self.warnings: list[str] = []
         self.pending: list[str] = []  # settings changed in the config file that wait for the next start
+        self.refused: list[str] = []  # devices the reload refused to run (a protocol without a driver ...)
 
     def emit(self, record: logging.LogRecord) -> None:
         self.pending += getattr(record, "pending", ())
+        self.refused += getattr(record, "refused", ())
         notes = self.errors if record.levelno >= logging.ERROR else self.warnings
         if len(notes) < RELOAD_NOTES_MAX:
             notes.append(record.getMessage()[:4000])
@@ -440,7 +442,7 @@ def _write_reload_outcome(twin: Path, began: float, noted: _ReloadNotes) -> None
     """`began`: time.monotonic() when the reload began (one clock for every process: `mapper reload`
     takes the outcome of a reload that began after its SIGHUP only)."""
     outcome = {"pid": os.getpid(), "began": began, "errors": noted.errors, "warnings": noted.warnings,
-               "pending": noted.pending}
+               "pending": noted.pending, "refused": noted.refused}
     try:
         write_private(_reload_outcome_path(twin), _json_text(outcome) + "\n")
     except OSError as exc:
@@ -507,9 +509,10 @@ def cmd_reload(args: argparse.Namespace) -> int:
         print(f"error: the mapper (pid {pid}) refused the reload, or the next start would refuse what it read"
               f" (above; `mapper validate --config {shlex.quote(str(args.config))}` lists the problems)", file=sys.stderr)
         return 1
-    pending = outcome.get("pending")
+    pending, refused = outcome.get("pending"), outcome.get("refused")
     print(f"reloaded: the mapper (pid {pid}) runs the new files" if not pending
-          else f"reloaded: the mapper (pid {pid}) runs the new device files; {_pending_text(pending)}")
+          else f"reloaded: the mapper (pid {pid}) runs the new device files; {_pending_text(pending)}",
+          end=f", but not the device(s) it refused: {', '.join(refused)} (why: above)\n" if refused else "\n")
     return 0
 
 
@@ -642,6 +645,10 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
         reload_log.warning("%s", warning)
     apply = service.local_devices_handler or service.update_devices
     changes = await apply(result)
+    if refused := [str(device_id) for device_id in changes.get("refused", ())]:
+        reload_log.warning("not run, refused at this reload: %s (the warnings above say why; `mapper devices` shows"
+                           " it offline until its file is fixed and reloaded)", ", ".join(refused),
+                           extra={"refused": refused})
     done = "; ".join(f"{what} {', '.join(map(str, ids))}" for what, ids in changes.items() if ids)
     if pending:
         reload_log.info("reload done: %s; %s", done or "no device changed", _pending_text(pending))

@@ -602,8 +602,11 @@ class MapperService:
                     await membership_listener(joined, left, previous.devices, result.devices)
                 except Exception as exc:  # noqa: BLE001 - the switch is done: only its announcement failed
                     log.error("devices updated, but %r failed on it: %s", membership_listener, exc)
-        log.info("devices updated: %d added, %d changed, %d removed", len(added), len(changed), len(removed))
-        return {"added": added, "changed": changed, "removed": removed}
+        # Refused by this switch (no driver, another node's): a reload that adds such a file is not "nothing changed".
+        refused = [device_id for device_id in self.refused if device_id not in was_refused]
+        log.info("devices updated: %d added, %d changed, %d removed%s", len(added), len(changed), len(removed),
+                 f", {len(refused)} refused" if refused else "")
+        return {"added": added, "changed": changed, "removed": removed, "refused": refused}
 
     async def devices_not_run(self, devices: dict[DeviceId, str], ran: Collection[DeviceId] = ()) -> None:
         """An extension's devices it keeps but does not run now, with why (`not_run`). Those new there

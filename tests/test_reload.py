@@ -502,6 +502,26 @@ def test_a_reload_that_changed_only_the_node_says_it_takes_effect_at_the_next_st
     assert "mapper test-node stopped" in mapper.log()  # the running mapper kept its node
 
 
+def test_a_reload_that_adds_a_device_it_refuses_says_so_in_the_log_and_in_mapper_reload(mapper: Mapper,
+                                                                                        tmp_path: Path) -> None:
+    """A device file added whose protocol has no driver here: the reload ran the others and refused
+    it, but closed with "reload done: nothing changed", and `mapper reload` said "runs the new
+    files" after the warning. Both now name the refused device."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    (mapper.devices / "c.yaml").write_text(device_yaml("c").replace("protocolName: simulated\n    configData",
+                                                                     "protocolName: nosuchproto\n    configData"))
+    done = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    assert done.returncode == 0, done
+    assert done.stdout.strip() == (f"reloaded: the mapper (pid {mapper.proc.pid}) runs the new files, but not the"
+                                   " device(s) it refused: default/c (why: above)"), done.stdout
+    assert "no driver installed for protocol 'nosuchproto'" in done.stderr, done.stderr
+    log = mapper.wait_log(r"reload done: ")
+    assert "INFO mapper.reload: reload done: refused default/c" in log, log
+    assert "devices updated: 0 added, 0 changed, 0 removed, 1 refused" in log, log
+    assert "nothing changed" not in log, log
+    mapper.stop()
+
+
 def test_a_reload_says_when_a_changed_mqtt_section_would_stop_the_next_start(mapper: Mapper, tmp_path: Path) -> None:
     """mapper.yaml gets an `mqtt` section whose password file is not there; SIGHUP. It takes effect at
     the next start only, and that start refuses it (`mapper run` checks the password at start): a
