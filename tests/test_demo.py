@@ -10,6 +10,8 @@ import sys
 import threading
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -125,3 +127,40 @@ def test_a_second_demo_refuses_to_start_and_leaves_the_running_one_alone():
         _reap(first, reader)
     assert first.returncode == 0, "".join(lines)[-3000:]
     assert "demo stopped" in "".join(lines)
+
+
+def test_setup_run_again_installs_nothing_until_pyproject_or_itself_changes(tmp_path):
+    """Every `scripts/demo.sh` runs `scripts/setup.sh`, which ran pip three times at each start: a
+    page of build warnings before the demo, seconds of rebuild, and the package index asked, so a
+    second demo on a Pi offline did not start. Run again with the same pyproject.toml and setup.sh
+    it installs nothing; a changed pyproject.toml installs again. (pip is a stand-in here that
+    records its calls; the system packages it checks are there wherever the suite runs.)"""
+    import shutil
+
+    for tool in ("mosquitto_pub", "openssl"):
+        if shutil.which(tool) is None:  # setup.sh would apt-get it: not from a test
+            pytest.skip(f"{tool} is not installed")
+    checkout = tmp_path / "checkout"
+    (checkout / "scripts").mkdir(parents=True)
+    shutil.copy2(REPO / "scripts" / "setup.sh", checkout / "scripts" / "setup.sh")
+    shutil.copy2(REPO / "pyproject.toml", checkout / "pyproject.toml")
+    calls = tmp_path / "pip-calls"
+    bin_dir = checkout / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {calls}\n')
+    (bin_dir / "mapper").write_text("#!/bin/sh\n")
+    for tool in ("python", "mapper"):
+        (bin_dir / tool).chmod(0o755)
+
+    def setup() -> list[str]:
+        before = calls.read_text().splitlines() if calls.exists() else []
+        done = subprocess.run(["bash", "scripts/setup.sh"], cwd=checkout, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done
+        return (calls.read_text().splitlines() if calls.exists() else [])[len(before):]
+
+    first = setup()
+    assert len(first) == 3 and all(call.startswith("-m pip install") for call in first), first  # noqa: PLR2004
+    assert setup() == []
+    with (checkout / "pyproject.toml").open("a") as pyproject:
+        pyproject.write("\n# a new dependency, say\n")
+    assert len(setup()) == 3  # noqa: PLR2004
