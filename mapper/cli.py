@@ -89,7 +89,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     for warning in result.warnings:
         print(f"warning: {warning}", file=sys.stderr)
-    print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s)")
+    # A device no mapper here could run (its protocol has no driver) is only a warning, as the files
+    # may be meant for a node that has it; a bare "ok" after them read as if all would run.
+    refused = (f"; {len(result.unrunnable)} of the devices would not run here: see the warnings"
+               if result.unrunnable else "")
+    print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s){refused}")
     return 0
 
 

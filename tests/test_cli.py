@@ -80,6 +80,8 @@ def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "'acme-fieldbus'" in result.stderr
     assert "ok: 1 device(s), 1 model(s)" in result.stdout
+    # (the device cannot run here: said in the closing line too, not only among the warnings)
+    assert result.stdout == "ok: 1 device(s), 1 model(s); 1 of the devices would not run here: see the warnings\n"
 
 
 def test_validate_lists_every_error_and_exits_1(tmp_path):
