@@ -293,8 +293,18 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
+# Unknown keys a newcomer writes for a setting that is deliberately given another way.
+_NOT_IN_THE_CONFIG = {
+    "password": "a password is not taken in the config (it would be in every copy and backup of this file):"
+                " write it to a file only the mapper's user can read (chmod 600) and name that file in"
+                " mqtt.password_file, or name an environment variable holding it in mqtt.password_env",
+}
+
+
 def _unknown_field(key: object, known: list[str]) -> str:
     """As the device files say it: the field meant, or what there is."""
+    if str(key) in _NOT_IN_THE_CONFIG and "password_file" in known:
+        return _NOT_IN_THE_CONFIG[str(key)]
     close = difflib.get_close_matches(str(key), known, n=1) or [k for k in known if k.lower() == str(key).lower()][:1]
     return f"unknown field, did you mean {close[0]}?" if close else f"unknown field (known here: {', '.join(sorted(known))})"
 

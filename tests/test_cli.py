@@ -250,6 +250,19 @@ def test_bad_config_file_is_reported_with_line(tmp_path):
     assert f"{config}:4: twin.batch_max: must be >= 1" in result.stderr
 
 
+def test_a_password_written_in_the_config_is_told_where_it_goes(tmp_path):
+    """`mqtt: {password: ...}`, the key anyone writes first, drew "unknown field, did you mean
+    password_env?": a hint toward an environment variable, and no word of password_file. It now
+    says why the config takes no password and both places it goes."""
+    config = tmp_path / "c.yaml"
+    config.write_text("node: n\nmqtt:\n  url: mqtt://127.0.0.1:1883\n  username: mapper\n  password: s3cret\n")
+    done = mapper("validate", "--config", str(config))
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"{config}:5: mqtt.password: a password is not taken in the config"), done.stderr
+    assert "mqtt.password_file" in done.stderr and "mqtt.password_env" in done.stderr, done.stderr
+    assert "s3cret" not in done.stderr, done.stderr
+
+
 def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path):
     """`mqtt.password_file` missing (or not readable by the user the mapper runs as): `mapper run`
     and `mapper install-service` refuse the config at once, naming the field and the file. The
