@@ -78,7 +78,8 @@ class DeviceDefinition:
 
     def _no_property(self, name: str) -> str:
         """The device's properties named with it: a misspelt one (`pmp`) is then seen at once."""
-        return f"device {self.id} has no property {shown(name)} (properties: {', '.join(sorted(p.name for p in self.properties))})"
+        names = ", ".join(sorted(p.name for p in self.properties))
+        return f"device {self.id} has no property {shown(name)} (properties: {names})"
 
     def has_property(self, name: str) -> bool:
         return any(p.name == name for p in self.properties)

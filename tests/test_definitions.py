@@ -444,8 +444,8 @@ def test_a_driver_installed_with_a_pth_while_the_mapper_runs_loads(tmp_path, mon
     importlib.invalidate_caches()
     devices = tmp_path / "devices"
     devices.mkdir()
-    (devices / "m.yaml").write_text(MODEL.format(model="thing-model").replace("protocol: simulated", "protocol: lateproto")
-                                    .replace("accessMode: ReadWrite", "accessMode: ReadOnly"))
+    model = MODEL.format(model="thing-model").replace("protocol: simulated", "protocol: lateproto")
+    (devices / "m.yaml").write_text(model.replace("accessMode: ReadWrite", "accessMode: ReadOnly"))
     (devices / "d0.yaml").write_text(device_yaml("d0").replace("protocolName: simulated", "protocolName: lateproto"))
     try:
         result = load([devices], base=devices)
