@@ -152,6 +152,25 @@ def credentials_hint(settings: MqttSettings) -> str:
             f"password file (mosquitto_passwd) and ACL")
 
 
+def nothing_listens(exc: BaseException) -> bool:
+    """Whether the connection was refused by the host itself: no broker listens at that address
+    (aiomqtt raises MqttError from the ConnectionRefusedError, kept as its context)."""
+    seen: BaseException | None = exc
+    for _ in range(4):  # (the chain is short: aiomqtt's error, the socket's)
+        if seen is None:
+            return False
+        if isinstance(seen, ConnectionRefusedError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def listen_hint(settings: MqttSettings) -> str:
+    """What to do when nothing listens at mqtt.url: the usual first-start slip (the broker not started
+    yet, or another port)."""
+    return f"no broker listens at {settings.url}: start it (systemctl start mosquitto), or fix mqtt.url"
+
+
 def describe(exc: BaseException) -> str:
     """The error, with the broker's reason when aiomqtt keeps it in the cause."""
     cause = exc.__cause__
@@ -570,7 +589,8 @@ class MqttBus:
         every OUTAGE_NOTE_S that it still lasts (mapper.logs.Outage). The connection, when it comes,
         says at INFO how long it was down (run())."""
         cause = describe(exc)
-        hint = f"; {credentials_hint(self.settings)}" if credentials_refused(exc) else ""
+        hint = (f"; {credentials_hint(self.settings)}" if credentials_refused(exc)
+                else f"; {listen_hint(self.settings)}" if nothing_listens(exc) else "")
         verdict = self.outage.tell(self.last_error or cause)
         if verdict == Outage.FIRST:
             log.warning("MQTT connection to %s lost or refused: %s%s; retrying in %.1f s", self.settings.url, cause,

@@ -381,6 +381,32 @@ async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_pat
     assert not any(secret.read_text() in r.getMessage() for r in caplog.records)
 
 
+async def test_a_url_where_no_broker_listens_is_logged_with_what_to_do(caplog):
+    """The mapper started before its broker, or given another port: "[Errno 111] Connection refused"
+    was logged bare, the first line a newcomer reads. It now says no broker listens at mqtt.url and
+    what to do, once (the attempts after it at DEBUG, as for any outage)."""
+    from brokers import free_port
+
+    port = free_port()  # (bound and closed: nothing listens there)
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{port}", reconnect_min_s=0.05, reconnect_max_s=0.1)
+    bus = MqttBus(settings, client_id="nobody-test", will_topic="mapper/nobody-test/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(30):
+            await bus.first_attempt.wait()
+            while bus.failed_attempts < 3:  # noqa: PLR2004
+                bus.first_attempt.clear()  # set again after every attempt
+                await bus.first_attempt.wait()
+    finally:
+        await _cancelled(task)
+    refusals = [r for r in caplog.records if "lost or refused" in r.getMessage()]
+    (told,) = [r.getMessage() for r in refusals if r.levelno >= logging.WARNING]
+    assert "Connection refused" in told and (f"no broker listens at mqtt://127.0.0.1:{port}: start it (systemctl"
+                                             " start mosquitto), or fix mqtt.url") in told, told
+
+
 async def test_a_long_broker_outage_is_logged_at_each_change_of_cause_not_at_each_attempt(broker_for, tmp_path, caplog,
                                                                                        monkeypatch):
     """Every reconnect attempt of an outage logged a WARNING "lost or refused ... retrying in": ~2,900
