@@ -21,7 +21,7 @@ import random
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -37,6 +37,8 @@ from mapper.logs import OUTAGE_NOTE_S, Outage, Throttle, held_note
 from mapper.ticks import sleep_to_tick
 
 log = logging.getLogger("mapper.mqtt")
+
+T = TypeVar("T")
 
 MessageHandler = Callable[[aiomqtt.Message], Awaitable[None]]
 
@@ -220,23 +222,37 @@ def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
     return check
 
 
+async def until_lost(client: aiomqtt.Client, operation: Awaitable[T], what: str) -> T:
+    """Await one of aiomqtt's acknowledged operations (a publish's PUBACK, a subscribe's SUBACK),
+    ending (MqttError, the broker's reason as its cause) as soon as aiomqtt sees the connection lost,
+    instead of at its timeout: aiomqtt waits for the acknowledgement only, and a broker that went
+    down (restarted for an upgrade) between the CONNACK and the SUBACK held the reconnect 10 s, then
+    logged "Operation timed out" in place of the disconnect."""
+    done = asyncio.ensure_future(operation)
+    lost: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+    if lost is not None:
+        try:
+            await asyncio.wait((done, lost), return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        if not done.done():
+            done.cancel()
+            raise aiomqtt.MqttError(f"connection lost while {what}") from (
+                None if lost.cancelled() else lost.exception())
+    return await done
+
+
 async def publish_until_lost(client: aiomqtt.Client, topic: str, payload: bytes, *, qos: int = 1,
                              retain: bool = False) -> None:
     """client.publish, whose wait for the acknowledgement also ends (MqttError, the broker's reason
     as its cause) as soon as aiomqtt sees the connection lost, instead of at its 30 s timeout."""
-    sent = asyncio.ensure_future(client.publish(topic, payload, qos=qos, retain=retain, timeout=30))
-    lost: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
-    if lost is not None:
-        try:
-            await asyncio.wait((sent, lost), return_when=asyncio.FIRST_COMPLETED)
-        except asyncio.CancelledError:
-            sent.cancel()
-            raise
-        if not sent.done():
-            sent.cancel()
-            raise aiomqtt.MqttError("connection lost while publishing") from (
-                None if lost.cancelled() else lost.exception())
-    await sent
+    await until_lost(client, client.publish(topic, payload, qos=qos, retain=retain, timeout=30), "publishing")
+
+
+async def subscribe_until_lost(client: aiomqtt.Client, topic: str, **options: Any) -> object:
+    """client.subscribe (what it returns: the SUBACK's reason codes), ending as soon as the connection is lost."""
+    return await until_lost(client, client.subscribe(topic, **options), f"subscribing to {topic!r}")
 
 
 class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
@@ -477,9 +493,10 @@ class MqttBus:
         self.refused_subscriptions = {}
         for topic, qos in self.subscriptions:
             if self.protocol == aiomqtt.ProtocolVersion.V5:
-                granted = await client.subscribe(topic, options=SubscribeOptions(qos=qos, retainAsPublished=True))
+                granted = await subscribe_until_lost(client, topic,
+                                                     options=SubscribeOptions(qos=qos, retainAsPublished=True))
             else:
-                granted = await client.subscribe(topic, qos=qos)
+                granted = await subscribe_until_lost(client, topic, qos=qos)
             self._check_granted(topic, granted)
 
     def _check_granted(self, topic_filter: str, granted: object) -> None:

@@ -193,11 +193,14 @@ class _FakeBroker:
     """A minimal MQTT 5 broker on 127.0.0.1 for what Mosquitto cannot be made to do on cue: its first
     `drop_first` connections get a CONNACK and, in the same write, a DISCONNECT "session taken
     over" (another client with the same client id, or a broker going down, right after accepting);
-    later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP)."""
+    later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP). With
+    `close_at_subscribe`, the first connection served is closed when its SUBSCRIBE comes, unanswered
+    (the broker stopped between the CONNACK and the SUBACK)."""
 
-    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False) -> None:
+    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_at_subscribe: bool = False) -> None:
         self.drop_first = drop_first
         self.close_after_suback = close_after_suback
+        self.close_at_subscribe = close_at_subscribe
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -241,6 +244,9 @@ class _FakeBroker:
             while True:
                 header, body = await self._packet(reader)
                 kind = header >> 4
+                if kind == 8 and self.close_at_subscribe and self.connections == self.drop_first + 1:
+                    writer.close()
+                    return
                 if kind == 8:  # SUBSCRIBE: message id, properties (length 0 here), then filters + options
                     mid, rest = body[:2], body[3:]
                     granted = []
@@ -258,6 +264,37 @@ class _FakeBroker:
                 elif kind == 14:  # DISCONNECT
                     return
                 await writer.drain()
+
+
+@pytest.mark.parametrize("who", ["bus", "cloud worker"])
+async def test_a_connection_lost_before_the_suback_is_made_again_at_once(who, caplog):
+    """A broker that goes down between its CONNACK and its SUBACK (restarted again just as the mapper
+    got back in: a flapping broker, upgrades one after another): aiomqtt waits for the SUBACK alone,
+    so the mapper (and the cloud worker) sat 10 s on the dead connection, `connected` false and
+    nothing logged, then logged "Operation timed out" in place of the disconnect. The wait now ends
+    with the connection, which is made again at once, the disconnect named in the log."""
+    caplog.set_level(logging.WARNING, logger="mapper")
+    async with _FakeBroker(drop_first=0, close_at_subscribe=True) as fake:
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
+                                reconnect_min_s=0.05, reconnect_max_s=0.1)
+        if who == "bus":
+            bus = MqttBus(settings, client_id="suback-test", will_topic="mapper/suback-test/availability",
+                          subscriptions=[("mapper/suback-test/+/+/+/set", 1)], on_message=nothing, on_connect=nothing)
+            task, ready = asyncio.create_task(bus.run()), bus.connected
+        else:
+            pytest.importorskip("onnxruntime")
+            from mapper.inference.worker import CloudWorker, WorkerSettings
+
+            worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="suback-test"))
+            task, ready = asyncio.create_task(worker.run()), worker.ready
+        try:
+            async with asyncio.timeout(20):
+                await ready.wait()
+            assert fake.connections == 2
+        finally:
+            await _cancelled(task)
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lost) == 1 and "connection lost while subscribing" in lost[0] and "Unspecified error" in lost[0], lost
 
 
 @pytest.mark.parametrize("subscriptions", [[], [("mapper/dropped-test/+/+/+/set", 1)]])

@@ -40,7 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
 from eventbus.bus import (Credentials, credentials_hint, credentials_refused, describe, log_refused_publish,
-                          publish_until_lost, refused_reason, watch_disconnect, watch_refused_publishes)
+                          publish_until_lost, refused_reason, subscribe_until_lost, watch_disconnect,
+                          watch_refused_publishes)
 from eventbus.settings import MqttSettings
 from mapper.inference.codec import CodecError, OffloadResult, decode_request
 from mapper.inference.settings import default_models_dir
@@ -274,7 +275,7 @@ class CloudWorker:
                     connected = True
                     if (back := self.outage.back()) is not None:
                         log.info("worker: connection to %s back %s", self.settings.mqtt.url, back)
-                    refused = refused_reason(await client.subscribe(self.subscription, qos=1))
+                    refused = refused_reason(await subscribe_until_lost(client, self.subscription, qos=1))
                     attempt = 0
                     if refused is None:
                         log.info("worker %s: connected to %s as %s, subscribed to %s", self.worker_id,
