@@ -28,6 +28,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.client import MQTT_ERR_SUCCESS, error_string
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import SecretStr
 
@@ -190,14 +191,30 @@ def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
     CONNACK is handled): a broker that accepts and drops the connection at once (another client
     taking over the client id, a broker going down) left the client "connected" to a closed
     socket, its message iterator waiting for ever and nothing connecting again.
+
+    A disconnect before the CONNACK (a broker stopping just as it accepted the connection: restarted
+    again right as the mapper got back in) ends aiomqtt's wait for the CONNACK here, which otherwise
+    lasted its 10 s timeout and was logged as "Operation timed out".
     """
     paho_client = client._client  # noqa: SLF001
     theirs = paho_client.on_disconnect
     lost: list[object] = []
     forgotten: list[asyncio.Future[None] | None] = []
+    loop = asyncio.get_running_loop()
+
+    def connection_refused(connecting: asyncio.Future[None], reason_code: object) -> None:
+        if not connecting.done():
+            error = aiomqtt.MqttError("connection lost before the broker's CONNACK")
+            if isinstance(reason_code, ReasonCode) and reason_code.value:
+                error.__cause__ = aiomqtt.MqttCodeError(reason_code)  # describe() shows it
+            connecting.set_exception(error)
+            connecting.exception()  # retrieved: raised by __aenter__, if it still waits for it
 
     def on_disconnect(c: object, userdata: object, flags: object, reason_code: object, properties: object = None) -> None:
         lost.append(reason_code)
+        connecting = getattr(client, "_connected", None)
+        if isinstance(connecting, asyncio.Future) and not connecting.done():
+            loop.call_soon_threadsafe(connection_refused, connecting, reason_code)
         theirs(c, userdata, flags, reason_code, properties)
         forgotten.append(getattr(client, "_disconnected", None))  # the future aiomqtt may replace
 

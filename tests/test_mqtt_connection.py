@@ -193,14 +193,14 @@ class _FakeBroker:
     """A minimal MQTT 5 broker on 127.0.0.1 for what Mosquitto cannot be made to do on cue: its first
     `drop_first` connections get a CONNACK and, in the same write, a DISCONNECT "session taken
     over" (another client with the same client id, or a broker going down, right after accepting);
-    later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP). With
-    `close_at_subscribe`, the first connection served is closed when its SUBSCRIBE comes, unanswered
-    (the broker stopped between the CONNACK and the SUBACK)."""
+    later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP). With `close_first_at`
+    ("CONNECT" or "SUBSCRIBE"), the first connection served is closed when that packet comes, unanswered
+    (the broker stopped before its CONNACK or before its SUBACK)."""
 
-    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_at_subscribe: bool = False) -> None:
+    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_first_at: str | None = None) -> None:
         self.drop_first = drop_first
         self.close_after_suback = close_after_suback
-        self.close_at_subscribe = close_at_subscribe
+        self.close_first_at = close_first_at
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -235,6 +235,9 @@ class _FakeBroker:
         self.connections += 1
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             await self._packet(reader)  # CONNECT
+            if self.close_first_at == "CONNECT" and self.connections == self.drop_first + 1:
+                writer.close()
+                return
             if self.connections <= self.drop_first:
                 writer.write(bytes([0x20, 3, 0, 0, 0, 0xE0, 2, 0x8E, 0]))  # CONNACK ok, DISCONNECT 0x8E
                 await writer.drain()
@@ -244,7 +247,7 @@ class _FakeBroker:
             while True:
                 header, body = await self._packet(reader)
                 kind = header >> 4
-                if kind == 8 and self.close_at_subscribe and self.connections == self.drop_first + 1:
+                if kind == 8 and self.close_first_at == "SUBSCRIBE" and self.connections == self.drop_first + 1:
                     writer.close()
                     return
                 if kind == 8:  # SUBSCRIBE: message id, properties (length 0 here), then filters + options
@@ -266,15 +269,17 @@ class _FakeBroker:
                 await writer.drain()
 
 
+@pytest.mark.parametrize(("packet", "logged"), [("CONNECT", "connection lost before the broker's CONNACK"),
+                                               ("SUBSCRIBE", "connection lost while subscribing")])
 @pytest.mark.parametrize("who", ["bus", "cloud worker"])
-async def test_a_connection_lost_before_the_suback_is_made_again_at_once(who, caplog):
-    """A broker that goes down between its CONNACK and its SUBACK (restarted again just as the mapper
-    got back in: a flapping broker, upgrades one after another): aiomqtt waits for the SUBACK alone,
-    so the mapper (and the cloud worker) sat 10 s on the dead connection, `connected` false and
+async def test_a_connection_lost_before_the_connack_or_suback_is_made_again_at_once(who, packet, logged, caplog):
+    """A broker that goes down before its CONNACK or its SUBACK (restarted again just as the mapper
+    got back in: a flapping broker, upgrades one after another): aiomqtt waits for the acknowledgement
+    alone, so the mapper (and the cloud worker) sat 10 s on the dead connection, `connected` false and
     nothing logged, then logged "Operation timed out" in place of the disconnect. The wait now ends
     with the connection, which is made again at once, the disconnect named in the log."""
     caplog.set_level(logging.WARNING, logger="mapper")
-    async with _FakeBroker(drop_first=0, close_at_subscribe=True) as fake:
+    async with _FakeBroker(drop_first=0, close_first_at=packet) as fake:
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
                                 reconnect_min_s=0.05, reconnect_max_s=0.1)
         if who == "bus":
@@ -294,7 +299,7 @@ async def test_a_connection_lost_before_the_suback_is_made_again_at_once(who, ca
         finally:
             await _cancelled(task)
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(lost) == 1 and "connection lost while subscribing" in lost[0] and "Unspecified error" in lost[0], lost
+    assert len(lost) == 1 and logged in lost[0] and "Unspecified error" in lost[0], lost
 
 
 @pytest.mark.parametrize("subscriptions", [[], [("mapper/dropped-test/+/+/+/set", 1)]])
