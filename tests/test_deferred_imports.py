@@ -1,5 +1,6 @@
 """mapper/deferred_imports.py: a running mapper never loads urllib.request (and http.client, which it
-imports) that paho imports for a proxy it reads only with PySocks; whoever uses it gets the real module."""
+imports) that paho imports for a proxy it reads only with PySocks, nor csv and tempfile that
+importlib.metadata imports; whoever uses one gets the real module."""
 
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ def imported(log: str) -> set[str]:
 
 
 def test_mapper_run_never_loads_urllib_request(broker, tmp_path: Path) -> None:
-    """`python -m mapper run` on a plain mqtt:// broker: connected, publishing, and neither
-    urllib.request nor http.client imported (paho imported, urllib.parse imported)."""
+    """`python -m mapper run` on a plain mqtt:// broker: connected, publishing, and none of
+    urllib.request, http.client, csv and tempfile imported (paho and importlib.metadata are)."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
     with MapperProcess(tmp_path, devices, broker, env={"PYTHONPROFILEIMPORTTIME": "1"}) as mapper, \
             broker.client("app") as app:
@@ -31,8 +32,8 @@ def test_mapper_run_never_loads_urllib_request(broker, tmp_path: Path) -> None:
         assert app.next_message(timeout=10).topic == "mapper/test-node/default/lamp/count"
         assert mapper.stop() == 0
     modules = imported(mapper.log())
-    assert {"paho.mqtt.client", "urllib.parse"} <= modules
-    assert not {"urllib.request", "http.client"} & modules
+    assert {"paho.mqtt.client", "urllib.parse", "importlib.metadata"} <= modules
+    assert not {"urllib.request", "http.client", "csv", "tempfile"} & modules
 
 
 def test_the_first_use_loads_the_real_module() -> None:
@@ -41,7 +42,7 @@ def test_the_first_use_loads_the_real_module() -> None:
     check = """
         import sys
         from mapper.deferred_imports import defer_imports
-        assert defer_imports() == ["urllib.request"]
+        assert defer_imports() == ["urllib.request", "csv", "tempfile"]
         import urllib.request
         early = sys.modules["urllib.request"]
         assert "http.client" not in sys.modules
@@ -51,6 +52,9 @@ def test_the_first_use_loads_the_real_module() -> None:
         assert real is not early and urllib.request is real
         from urllib.request import Request
         assert Request is real.Request and early.Request is real.Request and early.urlopen is real.urlopen
+        import tempfile
+        with tempfile.TemporaryDirectory() as directory:  # a stand-in of a top-level module
+            assert type(sys.modules["tempfile"]).__name__ == "module" and directory
         assert defer_imports() == []  # imported: left alone
         print("ok")
     """
