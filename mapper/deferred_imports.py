@@ -14,6 +14,9 @@ the real module at the first attribute asked of it, then holds all of the real m
 whoever uses it gets the real module, only later. `import urllib.request` alone asks the
 stand-in nothing.
 
+Not importlib.util.LazyLoader: on Python 3.11 its module is not safe when two threads touch it first
+(one sees it half-loaded: CPython gh-114763, fixed in 3.12.3 and 3.13), and the mapper has threads.
+
 Must run before the modules that import them (mapper/entry.py). A module already imported is
 left alone; `python -m mapper.precompile` imports the real one, so its bytecode is compiled.
 """
