@@ -710,6 +710,10 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     cannot_start = [text for fatal, text in checks if fatal]
     if args.dry_run:
         print(unit, end="")
+        # What the install would change (stderr: stdout is the unit), a missing user first: the
+        # install creates it, so a dry run must not leave that unsaid.
+        for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only, dry_run=True):
+            print(line, file=sys.stderr)
     if cannot_start and not args.force:
         # Refused before anything is made (user, unit, daemon-reload): a unit that cannot start
         # would only fail at `systemctl enable --now`, or at the next boot.

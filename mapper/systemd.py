@@ -696,29 +696,40 @@ def _holds_a_home(path: Path) -> bool:
 
 def install_service(
     unit: str, settings: UnitSettings, unit_file: Path, *, system: bool = True,
-    run: Callable[[list[str]], object] = lambda cmd: subprocess.run(cmd, check=True),
+    run: Callable[[list[str]], object] = lambda cmd: subprocess.run(cmd, check=True), dry_run: bool = False,
 ) -> Iterator[str]:
     """Create the service user, write the unit, reload systemd; yields a line per thing done.
 
-    With `system=False` only the unit file is written (no user, no systemctl).
+    With `system=False` only the unit file is written (no user, no systemctl). With `dry_run`
+    nothing is done and each line says what would be, with its command (`--dry-run`: a missing
+    user is created by the install, so a dry run says so rather than leave it unsaid).
     """
+    def step(cmd: list[str], done: str, would: str) -> str:
+        if dry_run:
+            return f"would {would}: {' '.join(cmd)}"
+        run(cmd)
+        return done
+
     if system:
         try:
             pwd.getpwnam(settings.user)
         except KeyError:
-            run(["useradd", "--system", "--user-group", "--home-dir", str(STATE_DIR), "--no-create-home",
-                 "--shell", "/usr/sbin/nologin", settings.user])
-            yield f"created system user {settings.user!r}"
+            yield step(["useradd", "--system", "--user-group", "--home-dir", str(STATE_DIR), "--no-create-home",
+                        "--shell", "/usr/sbin/nologin", settings.user], f"created system user {settings.user!r}",
+                       f"create system user {settings.user!r}")
         for group in settings.groups:
-            run(["usermod", "--append", "--groups", group, settings.user])
-            yield f"added {settings.user!r} to group {group!r}"
-    unit_file.parent.mkdir(parents=True, exist_ok=True)
-    unit_file.write_text(unit, encoding="utf-8")
-    yield f"wrote {unit_file}"
+            yield step(["usermod", "--append", "--groups", group, settings.user],
+                       f"added {settings.user!r} to group {group!r}", f"add {settings.user!r} to group {group!r}")
+    if dry_run:
+        yield f"would write {unit_file}"
+    else:
+        unit_file.parent.mkdir(parents=True, exist_ok=True)
+        unit_file.write_text(unit, encoding="utf-8")
+        yield f"wrote {unit_file}"
     if system:
-        run(["systemctl", "daemon-reload"])
-        yield "ran systemctl daemon-reload"
-    yield from service_warnings(settings)
+        yield step(["systemctl", "daemon-reload"], "ran systemctl daemon-reload", "reload systemd")
+    if not dry_run:
+        yield from service_warnings(settings)
 
 
 def service_warnings(settings: UnitSettings) -> Iterator[str]:

@@ -113,6 +113,31 @@ def test_the_units_environment_keeps_no_column_positions_in_loaded_code() -> Non
     assert tuned.stdout.strip() == "2 {None}", tuned
 
 
+def test_dry_run_says_it_would_create_the_missing_user(
+        config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A new user's first `--dry-run`, before the `mapper` user exists: the install creates it, so
+    the dry run says so, with each command it would run, and runs none of them."""
+    commands: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: commands.append(cmd))
+    user = "mapper-test-nonexistent"
+    unit_file = tmp_path / "systemd" / "mapper.service"
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", user,
+                 "--groups", "daemon", "--unit-file", str(unit_file)]) == 0
+    assert commands == [] and not user_exists(user) and not unit_file.parent.exists()
+    err = capsys.readouterr().err.splitlines()
+    assert err[:4] == [
+        f"would create system user {user!r}: useradd --system --user-group --home-dir /var/lib/mapper"
+        f" --no-create-home --shell /usr/sbin/nologin {user}",
+        f"would add {user!r} to group 'daemon': usermod --append --groups daemon {user}",
+        f"would write {unit_file}",
+        "would reload systemd: systemctl daemon-reload"]
+    # A user that exists is not created again.
+    assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody",
+                 "--groups", "--unit-file", str(unit_file)]) == 0
+    assert capsys.readouterr().err.splitlines()[:2] == [f"would write {unit_file}",
+                                                        "would reload systemd: systemctl daemon-reload"]
+
+
 def test_the_units_group_is_the_users_primary_group(config: Path) -> None:
     """`--user nobody` rendered `Group=nobody`, a group Debian does not have (nobody's primary group
     is nogroup): systemd would fail the service with 216/GROUP, and the unreadable-file hint said
