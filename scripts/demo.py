@@ -127,7 +127,7 @@ class LiveView:
             device = topic.split("/")[4]
             kind = topic.split("/", 6)[-1]
             if "delta" in kind:
-                say(f"  twin   {device}: delta {body.get('delta')}")
+                say(f"  twin   {device}: delta {json.dumps(body.get('delta'))}")  # as the protocol carries it
             elif kind.endswith("document"):
                 for name, doc in body.get("twin", {}).items():
                     current = doc.get("current") or {}

@@ -76,6 +76,7 @@ def test_demo_shows_telemetry_and_an_applied_desired_value():
         assert text in out, f"{text!r} is not in the demo's output:\n{out[-3000:]}"
 
     shows("data   room-sensor.temperature = ")
+    shows('twin   fan-relay: delta {"power": "true"}')  # JSON, as the protocol carries it (was a Python dict)
     shows("twin   fan-relay.power: desired=true reported=true")
     shows("fan-relay: the desired value reached the driver and came back as reported")
     shows("data   fan-relay.power = True")
