@@ -16,7 +16,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -798,15 +798,26 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             raise
         except UnknownDevice as exc:
-            # A misspelt name (`soil` for `soil-1`) is said with the device meant.
-            wanted = DeviceId.parse(str(exc.device_id))
-            names = {d.name: d for d in store.device_ids(active_only=False) if d.namespace == wanted.namespace}
-            close = difflib.get_close_matches(wanted.name, list(names), n=1)
-            if not close:
+            meant = _device_meant(DeviceId.parse(str(exc.device_id)), store.device_ids(active_only=False))
+            if not meant:
                 raise
-            raise ValueError(f"{exc}; did you mean {names[close[0]]}?") from None
+            raise ValueError(f"{exc}; did you mean {' or '.join(map(str, meant))}?") from None
         if found < SCHEMA_VERSION and note:  # once read: not before an error saying it cannot be read
             _note_older_twin(path, found)
+
+
+def _device_meant(wanted: DeviceId, known: Iterable[DeviceId]) -> list[DeviceId]:
+    """The devices an unknown id most likely meant: the same name in another namespace (`other/soil-1`,
+    or a bare `soil-1` for `farm/soil-1`: looking only within the namespace found none), else a
+    close name in its namespace (`soil` for `soil-1`), else a close name in another (names
+    compared, not ids: a shared `default/` makes any two ids close)."""
+    known = list(known)
+    if same_name := [d for d in known if d.name == wanted.name]:
+        return same_name
+    for ids in ([d for d in known if d.namespace == wanted.namespace], known):
+        if close := difflib.get_close_matches(wanted.name, [d.name for d in ids], n=1):
+            return [d for d in ids if d.name == close[0]]
+    return []
 
 
 def _note_older_twin(path: Path, found: int) -> None:

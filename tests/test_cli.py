@@ -1081,6 +1081,29 @@ def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tm
     assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
 
 
+def test_an_unknown_device_is_said_with_the_one_meant_in_another_namespace(tmp_path):
+    """"did you mean" looked only within the namespace asked for: `other/soil-1` (or a bare `soil-1`,
+    which is `default/soil-1`) got no hint while `default/soil-1` (or `farm/soil-1`) was in the twin."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["soil-1"])
+    (devices / "farm.yaml").write_text(
+        (devices / "model.yaml").read_text().replace("namespace: default", "namespace: farm") + "---\n"
+        + (devices / "soil-1.yaml").read_text().replace("name: soil-1", "name: pump-2")
+        .replace("namespace: default", "namespace: farm"))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    for asked, meant in (("other/soil-1", "default/soil-1"), ("pump-2", "farm/pump-2"),
+                         ("other/pump2", "farm/pump-2")):
+        for command in (["get", asked], ["set", asked, "power", "true"], ["history", asked, "count"]):
+            done = mapper("twin", *command, "--config", str(config))
+            wanted = asked if "/" in asked else f"default/{asked}"
+            assert done.returncode == 1 and done.stderr == (
+                f"error: unknown device {wanted}; did you mean {meant}?\n"), (command, done)
+
+
 def test_devices_and_twin_get_keep_their_columns_in_line_with_long_names_and_values(tmp_path):
     """A device id longer than 32 characters (the demo's `default/room-sensor-faulty-sensor-faults`)
     and a reported value longer than 12 (`0.6307235560375336`) pushed their rows out of line with
