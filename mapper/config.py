@@ -270,9 +270,9 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[tuple[str, 
     return applied
 
 
-def _known_fields(loc: tuple[Any, ...]) -> list[str]:
+def _known_fields(loc: tuple[Any, ...], root: type[BaseModel]) -> list[str]:
     """The fields of the config section holding the unknown field at `loc` (empty if not found)."""
-    model: Any = MapperConfig
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int):  # an item of a list: its model is the list's
             continue
@@ -296,9 +296,20 @@ def _section_model(annotation: Any) -> type[BaseModel] | None:
 # Unknown keys a newcomer writes for a setting that is deliberately given another way.
 _NOT_IN_THE_CONFIG = {
     "password": "a password is not taken in the config (it would be in every copy and backup of this file):"
-                " write it to a file only the mapper's user can read (chmod 600) and name that file in"
+                " write it to a file only the user it runs as can read (chmod 600) and name that file in"
                 " mqtt.password_file, or name an environment variable holding it in mqtt.password_env",
 }
+
+
+def explain_unknown_fields(exc: ValidationError, problems: list[Problem], root: type[BaseModel]) -> list[Problem]:
+    """`problems` (validation_problems of `exc`, one per error) with each unknown field said as the
+    device files say it: the field meant, or how the setting is given (`mqtt.password`). Shared by
+    every config whose root model is `root`: the mapper's, the cloud worker's."""
+    problems = list(problems)
+    for i, error in enumerate(exc.errors(include_url=False)):
+        if error["type"] == "extra_forbidden" and (known := _known_fields(error_loc(error), root)):
+            problems[i] = dataclasses.replace(problems[i], message=_unknown_field(error_loc(error)[-1], known))
+    return problems
 
 
 def _unknown_field(key: object, known: list[str]) -> str:
@@ -349,10 +360,7 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     except ValidationError as exc:
         from_env = _env_problems(exc, applied)
         problems = [from_env.get(i, p) for i, p in enumerate(validation_problems(exc, doc))]
-        for i, error in enumerate(exc.errors(include_url=False)):
-            if error["type"] == "extra_forbidden" and (known := _known_fields(error_loc(error))):
-                problems[i] = dataclasses.replace(problems[i], message=_unknown_field(error_loc(error)[-1], known))
-        raise DefinitionError(problems) from None
+        raise DefinitionError(explain_unknown_fields(exc, problems, MapperConfig)) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
     if (why := _twin_path_problem(twin.path)) is not None:

@@ -253,14 +253,23 @@ def test_bad_config_file_is_reported_with_line(tmp_path):
 def test_a_password_written_in_the_config_is_told_where_it_goes(tmp_path):
     """`mqtt: {password: ...}`, the key anyone writes first, drew "unknown field, did you mean
     password_env?": a hint toward an environment variable, and no word of password_file. It now
-    says why the config takes no password and both places it goes."""
+    says why the config takes no password and both places it goes; so does the cloud worker's config,
+    whose loader said only "unknown field" (and no "did you mean" for a misspelt key either)."""
     config = tmp_path / "c.yaml"
     config.write_text("node: n\nmqtt:\n  url: mqtt://127.0.0.1:1883\n  username: mapper\n  password: s3cret\n")
-    done = mapper("validate", "--config", str(config))
-    assert done.returncode == 1, done
-    assert done.stderr.startswith(f"{config}:5: mqtt.password: a password is not taken in the config"), done.stderr
-    assert "mqtt.password_file" in done.stderr and "mqtt.password_env" in done.stderr, done.stderr
-    assert "s3cret" not in done.stderr, done.stderr
+    worker = tmp_path / "worker.yaml"
+    worker.write_text("models: [sensor_faults]\nmqtt:\n  url: mqtt://127.0.0.1:1883\n  username: worker\n"
+                      "  password: s3cret\n")
+    for command in (("validate", "--config", str(config)), ("cloud-worker", "--config", str(worker))):
+        done = mapper(*command)
+        assert done.returncode == 1, done
+        assert done.stderr.startswith(f"{command[-1]}:5: mqtt.password: a password is not taken in the config"), done
+        assert "mqtt.password_file" in done.stderr and "mqtt.password_env" in done.stderr, done.stderr
+        assert "s3cret" not in done.stderr, done.stderr
+    worker.write_text("mqtt:\n  url: mqtt://127.0.0.1:1883\n  pasword_file: /etc/mapper/worker.password\n")
+    done = mapper("cloud-worker", "--config", str(worker))
+    assert done.returncode == 1 and done.stderr == (
+        f"{worker}:3: mqtt.pasword_file: unknown field, did you mean password_file?\n"), done
 
 
 def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path):

@@ -87,7 +87,9 @@ def _read_worker_config(path: str | Path) -> tuple[WorkerSettings, Any]:
     try:
         settings = WorkerSettings.model_validate(docs[0].data if docs else {})
     except ValidationError as exc:
-        raise DefinitionError(validation_problems(exc, docs[0])) from None
+        from mapper.config import explain_unknown_fields
+
+        raise DefinitionError(explain_unknown_fields(exc, validation_problems(exc, docs[0]), WorkerSettings)) from None
     base = path.parent
     changes: dict = {}
     if settings.models_dir is not None and not settings.models_dir.is_absolute():
