@@ -22,7 +22,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from brokers import MosquittoBroker, die_with_parent, ensure_mosquitto_installed  # noqa: E402
+from brokers import MosquittoBroker, die_with_parent, ensure_mosquitto_installed, write_secret  # noqa: E402
 
 STATE = ROOT / "state" / "demo"
 NODE = "demo-node"
@@ -30,15 +30,6 @@ NODE = "demo-node"
 
 def say(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')}  {text}", flush=True)
-
-
-def write_secret(path: Path, secret: str) -> None:
-    """A password file readable by its owner only from the moment it exists: written, then chmod 600,
-    it was readable by every local user (0644 under the usual umask) in between."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    os.fchmod(fd, 0o600)  # one left by an older demo keeps its mode through O_TRUNC
-    with open(fd, "w") as handle:
-        handle.write(secret)
 
 
 def write_worker_config(broker: MosquittoBroker) -> Path:

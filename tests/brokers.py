@@ -165,6 +165,15 @@ class Pki:
         return cls(ca, cert, key)
 
 
+def write_secret(path: Path, secret: str) -> None:
+    """A password file readable by its owner only from the moment it exists: written, then chmod 600,
+    it was readable by every local user (0644 under the usual umask) in between."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)  # one left by an older run keeps its mode through O_TRUNC
+    with open(fd, "w") as handle:
+        handle.write(secret)
+
+
 def acl_users(acl: Path) -> list[str]:
     """The user names an ACL file grants anything to, in file order."""
     lines = (line.split() for line in acl.read_text().splitlines())
@@ -274,7 +283,8 @@ class MosquittoBroker:
     def __init__(self, conf: str = "mosquitto.conf", *, acl: str | None = None,
                  bridge_to: MosquittoBroker | None = None, node: str = "test-node",
                  overrides: Mapping[str, str] | None = None, workdir: Path | None = None,
-                 dynsec: Mapping[str, Sequence[tuple[str, str]]] | None = None) -> None:
+                 dynsec: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+                 passwords: Mapping[str, str] | None = None, ports: Mapping[int, int] | None = None) -> None:
         """Render ``mosquitto/<conf>`` (nothing is started yet).
 
         Args:
@@ -292,18 +302,24 @@ class MosquittoBroker:
                 the ACL file (same users and passwords), everything else denied but receiving.
                 Unlike `acl_file`, which Mosquitto 2.0 never applies to a SUBSCRIBE, it refuses
                 a subscription in the SUBACK (MQTT 5: 0x87 Not authorized; 3.1.1: 0x80).
+            passwords: user -> password to keep (scripts/broker.py: a restarted broker keeps the logins
+                its clients' password files hold); other users get a random one.
+            ports: shipped listener port -> the port to use (not reserved: a port in use fails the
+                start); the other listeners get free ports.
         """
         self.host, self.node = HOST, node
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="mosquitto-")) if workdir is None else workdir
         source = SHIPPED / conf
         acl_name = acl or Path(_directive(source, "acl_file")).name
-        self.users = {user: secrets.token_urlsafe(18) for user in acl_users(SHIPPED / acl_name)}
+        self.users = {user: (passwords or {}).get(user) or secrets.token_urlsafe(18)
+                      for user in acl_users(SHIPPED / acl_name)}
         # Each listener's port is held (reserve_port) until close(), through restarts; a broker
         # never closed releases them when it is collected (no unclosed-socket warning).
-        reserved = [reserve_port() for _ in _listener_ports(source)]
-        self._release_ports = weakref.finalize(self, _close_all, reserved)
-        self.ports = {p: int(sock.getsockname()[1]) for p, sock in zip(_listener_ports(source), reserved, strict=True)}
+        given = ports or {}
+        reserved = {p: reserve_port() for p in _listener_ports(source) if p not in given}
+        self._release_ports = weakref.finalize(self, _close_all, list(reserved.values()))
+        self.ports = {p: given[p] if p in given else int(reserved[p].getsockname()[1]) for p in _listener_ports(source)}
         self.pki = Pki.create(self.workdir / "pki")
         self.ca_file = self.pki.ca_file
         self.log_path = self.workdir / "mosquitto.log"
@@ -312,8 +328,8 @@ class MosquittoBroker:
         self.bridge_client_ids: dict[str, str] = {}  # local_clientid, remote_clientid (with bridge_to)
         self._log: IO[bytes] | None = None
 
-        (self.workdir / "data").mkdir()
-        (self.workdir / "conf.d").mkdir()
+        (self.workdir / "data").mkdir(exist_ok=True)  # (a workdir given again keeps its persistence)
+        (self.workdir / "conf.d").mkdir(exist_ok=True)
         # The install step (mosquitto/README.md): the shipped script writes the node into the ACL.
         (self.workdir / "acl").write_text(render_shipped(str(SHIPPED / acl_name), node))
         write_password_file(self.workdir / "passwd", self.users)
@@ -443,6 +459,10 @@ class MosquittoBroker:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+    def wait(self) -> int | None:
+        """Until the mosquitto process ends, or a signal handler raises: its exit status (None if not started)."""
+        return None if self._process is None else self._process.wait()
 
     def freeze(self) -> None:
         """SIGSTOP: the broker takes what clients send (the kernel buffers it) and answers nothing

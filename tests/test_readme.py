@@ -81,6 +81,9 @@ def test_the_readme_own_device_steps_validate_as_written(tmp_path):
     (tmp_path / "my-devices").mkdir()
     (tmp_path / "my-devices" / "fan.yaml").write_text(device)
     (tmp_path / "my.yaml").write_text("\n".join(line.removeprefix("   ") for line in config.splitlines()))
+    (tmp_path / "state" / "broker").mkdir(parents=True)  # step 2: scripts/broker.py writes the mapper's password
+    (tmp_path / "state" / "broker" / "mapper.password").write_text("s3cret")
+    (tmp_path / "state" / "broker" / "mapper.password").chmod(0o600)
     done = subprocess.run([sys.executable, "-m", "mapper", "validate", "--config", str(tmp_path / "my.yaml")],
                           capture_output=True, text=True, timeout=60, cwd=README.parent)
     assert done.returncode == 0 and done.stdout.startswith("ok: "), done
