@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import paho.mqtt.client as mqtt
 import pytest
 from brokers import SHIPPED, MosquittoBroker, MqttProbe, ProbeClient, render_bridge, stop_loop
+from helpers import wait_for
 
 if TYPE_CHECKING:
     from conftest import CloudAndEdge
@@ -380,7 +381,9 @@ def test_durable_sessions_together_stay_within_memory_limit(name: str, conf: str
         assert refused_at >= FULL_QUEUES_THAT_FIT[conf], \
             f"refused while filling session {refused_at}: {FULL_QUEUES_THAT_FIT[conf]} full queues must fit"
         assert broker_rss(broker) < limit + per_session, broker_rss(broker)
-        assert "disconnected due to out of memory" in broker.log_path.read_text(errors="replace")
+        # (the broker writes that log line after closing the connection the publisher saw closed)
+        wait_for(lambda: "disconnected due to out of memory" in broker.log_path.read_text(errors="replace"),
+                 timeout=10, what="the broker's log line for the refused publisher")
         for session in sessions:  # resumed with a clean start: dropped
             broker.client("app", client_id=session, tls=tls).close()
         with broker.client(publisher, tls=tls) as sender:
