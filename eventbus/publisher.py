@@ -22,8 +22,9 @@ While the twin cannot be written, the recorder hands the telemetry of the readin
 it here to go out live (`offer_live`, mapper.recorder's doc): they go after every committed row
 (those are older), within the same window, and each is handed to the connection once. None is
 kept for a resend: one in flight when the connection is lost (`live_unacked`: the broker may or
-may not have it) is not sent again, and its reading's history row is still committed, and the ones not handed yet wait for the next
-connection, after the backlog, unless the recorder cancelled them meanwhile.
+may not have it) is not sent again, and its reading's history row is still committed (one the broker
+refuses is logged as a refused outbox row is); the ones not handed yet wait for the next connection,
+after the backlog, unless the recorder cancelled them meanwhile.
 """
 
 from __future__ import annotations
@@ -154,7 +155,13 @@ class OutboxPublisher:
             return False  # a publish of someone else (availability, twin replies)
         if row.id == _LIVE_ID:  # nothing to delete: it was never in the outbox
             if reason >= 0x80:
+                # Said as an outbox row's refusal is: its reading is committed without it, so the
+                # outbox never sees it, and this is the only trace of telemetry nobody received.
                 self.live_refused += 1
+                held = self._log_throttle("undeliverable")
+                if held is not None:
+                    log.error("dropped live telemetry on %r: the broker refused it: %s%s%s", row.topic[:200],
+                              _reason_name(reason), _ACL_HINT, held_note(held))
             else:
                 self.live_acked += 1
             self._room.set()

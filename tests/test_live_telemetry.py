@@ -310,3 +310,57 @@ async def test_with_the_broker_away_too_the_readings_wait_for_their_commit_and_g
     assert [b.get("seq") for b in heard.count] == [1, None, None, None, 2, 3, 4]
     assert sorted(history) == list(range(7))
     assert recorder.published_live == publisher.live_published == 3 and publisher.live_unacked == 0
+
+
+async def test_live_telemetry_the_brokers_acl_refuses_is_logged_as_the_outbox_logs_it(
+        broker: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A topic the broker's ACL does not let the mapper write (a push topic outside `mapper/#`): under
+    MQTT 5 the broker refuses each message (PUBACK 0x87). From the outbox such a message is dropped
+    and logged, with the ACL hint. Gone out live, the refusal was only counted (publisher.live_refused):
+    its reading was committed without it, so nothing was logged at all, then or later, and the
+    telemetry a dashboard missed for the whole outage left no trace in the log."""
+    from twin.store import OutMessage
+
+    refused_topic = f"home/{NODE}/lamp/count"  # outside the shipped ACL's mapper/#
+    path = _lamp_twin(tmp_path)
+    lock = sqlite3.connect(path, isolation_level=None)
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                            protocol="5", reconnect_min_s=0.2, reconnect_max_s=0.5)
+
+    async def nothing(*_args: object) -> None:
+        return None
+
+    bus = MqttBus(settings, client_id="live-telemetry-refused", will_topic=f"mapper/{NODE}/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    tasks = [asyncio.create_task(bus.run())]
+    try:
+        async with asyncio.timeout(10):
+            await bus.connected.wait()
+        async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+            await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
+            recorder = Recorder(worker, batch_delay_s=0)
+            recorder.retry_s = 0.05
+            recorder.message_factory = lambda batch: [OutMessage(refused_topic, {}, reading=r) for r in batch]
+            publisher = OutboxPublisher(bus, worker)
+            recorder.on_outbox = publisher.offer
+            recorder.take_acks = publisher.take_acked
+            recorder.return_acks = publisher.return_acked
+            recorder.live_out = publisher
+            tasks += [asyncio.create_task(publisher.run()), asyncio.create_task(recorder.run())]
+            lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written
+            for i in range(3):
+                recorder.add(reading(i))
+            await async_wait_for(lambda: publisher.live_refused == 3, what="the broker's 3 refusals")
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if lock.in_transaction:
+            lock.execute("ROLLBACK")
+        lock.close()
+
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and refused_topic in r.getMessage()]
+    assert said, "the broker's refusal of live telemetry was not logged"
+    assert "the broker refused it: Not authorized (0x87)" in said[0] and "ACL" in said[0], said[0]
