@@ -15,7 +15,8 @@ can ride in the same transaction through `pre_commit` hooks: one commit and one 
 instead of two, and the decision is exactly as durable as the readings it was made from.
 A batch whose commit failed is retried as it was (a full disk passes), but never held back
 for its extras: after EXTRA_TRIES failures the readings commit alone and each extra is
-tried on its own after them, so a bug in an extra cannot stop the readings.
+tried on its own after them, so a bug in an extra cannot stop the readings. Nor can a bug in the
+message factory: a batch whose messages cannot be made is committed without them (logged).
 
 While the twin cannot be written (a full disk, a read-only remount, another process's lock)
 readings keep coming and wait in memory; at most `max_waiting` of them (twin.waiting_max_readings,
@@ -343,7 +344,10 @@ class Recorder:
                     log.error("cannot commit %d readings to the twin, retrying every %g s: %s%s",
                               self.waiting(), self.retry_s, exc, held_note(held))
                 if self.live_out is not None and self.outage_failures >= UNWRITABLE_AFTER:
-                    await self._go_live()
+                    try:
+                        await self._go_live()
+                    except Exception:  # noqa: BLE001 - live telemetry is a courtesy: it must not stop the commits
+                        log.exception("cannot send the waiting readings' telemetry live; they wait for their commit")
                 await asyncio.sleep(self.retry_s)
 
     def waiting_seen_live(self) -> int:
@@ -367,10 +371,23 @@ class Recorder:
         if self.on_demand:  # the hooks have seen them: forgotten (a retry does not run the hooks again)
             for reading in batch:
                 self.on_demand.pop(id(reading), None)
-        messages = list(self.message_factory(batch)) if self.message_factory else []
+        messages = self._messages(batch) if self.message_factory else []
         if self.after_messages:
             extras += self._extras(batch, self.after_messages)
         return _Batch(batch, messages, extras)
+
+    def _messages(self, batch: list[Reading]) -> list[OutMessage]:
+        """The batch's messages; none when making them fails (a bug): the readings are committed
+        without them rather than lost with the exception (they were taken from the pending queue)."""
+        assert self.message_factory is not None
+        try:
+            return list(self.message_factory(batch))
+        except Exception:  # noqa: BLE001 - a bug in the telemetry must not lose the readings or stop the loop
+            held = self._log_throttle("messages_failed")
+            if held is not None:
+                log.exception("making the messages of %d readings failed: the readings are committed without"
+                              " them%s", len(batch), held_note(held))
+            return []
 
     async def _go_live(self) -> None:
         """The twin is unwritable: hand the telemetry of every waiting reading whose telemetry has not

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -38,7 +40,7 @@ from mapper.store_worker import StoreWorker
 from mapper_proc import MapperProcess
 from test_store_and_forward import WAL_LIMIT, committed_seq
 from twin.records import Reading
-from twin.store import TwinStore
+from twin.store import OutMessage, TwinStore
 
 NODE = "test-node"  # the session broker's node (its ACL is rendered for it)
 LAMP = DeviceId("default", "lamp")
@@ -100,6 +102,22 @@ async def _connected_bus(broker: MosquittoBroker, tmp_path: Path) -> tuple[MqttB
     return bus, task
 
 
+def _wired(worker: StoreWorker, bus: MqttBus, factory: Telemetry | Callable[[list[Reading]], list[OutMessage]],
+           tasks: list[asyncio.Task], **options: Any) -> tuple[Recorder, OutboxPublisher]:
+    """A recorder and its outbox publisher wired as the mapper wires them, the live path on, both
+    running (their tasks added to `tasks`); a failed commit is retried every 50 ms."""
+    recorder = Recorder(worker, batch_delay_s=0, **options)
+    recorder.retry_s = 0.05
+    recorder.message_factory = factory
+    publisher = OutboxPublisher(bus, worker)
+    recorder.on_outbox = publisher.offer
+    recorder.take_acks = publisher.take_acked
+    recorder.return_acks = publisher.return_acked
+    recorder.live_out = publisher
+    tasks += [asyncio.create_task(publisher.run()), asyncio.create_task(recorder.run())]
+    return recorder, publisher
+
+
 def reading(i: int) -> Reading:
     return Reading(LAMP, "count", i, 1_000 + i * 60_000)  # a minute apart: each one's telemetry is due
 
@@ -126,15 +144,7 @@ async def test_readings_waiting_for_a_locked_twin_go_out_live_once_and_are_commi
         try:
             async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
                 await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-                recorder = Recorder(worker, batch_delay_s=0, max_waiting=10)
-                recorder.retry_s = 0.05
-                recorder.message_factory = Telemetry(Topics(NODE), definitions)
-                publisher = OutboxPublisher(bus, worker)
-                recorder.on_outbox = publisher.offer
-                recorder.take_acks = publisher.take_acked
-                recorder.return_acks = publisher.return_acked
-                recorder.live_out = publisher
-                tasks += [asyncio.create_task(publisher.run()), asyncio.create_task(recorder.run())]
+                recorder, publisher = _wired(worker, bus, Telemetry(Topics(NODE), definitions), tasks, max_waiting=10)
 
                 recorder.add(reading(0))  # the twin takes it: through the outbox, seq 1
                 await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
@@ -263,15 +273,7 @@ async def test_with_the_broker_away_too_the_readings_wait_for_their_commit_and_g
         try:
             async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
                 await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-                recorder = Recorder(worker, batch_delay_s=0)
-                recorder.retry_s = 0.05
-                recorder.message_factory = Telemetry(Topics(NODE), definitions)
-                publisher = OutboxPublisher(bus, worker)
-                recorder.on_outbox = publisher.offer
-                recorder.take_acks = publisher.take_acked
-                recorder.return_acks = publisher.return_acked
-                recorder.live_out = publisher
-                tasks += [asyncio.create_task(publisher.run()), asyncio.create_task(recorder.run())]
+                recorder, publisher = _wired(worker, bus, Telemetry(Topics(NODE), definitions), tasks)
                 recorder.add(reading(0))
                 await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
 
@@ -364,3 +366,69 @@ async def test_live_telemetry_the_brokers_acl_refuses_is_logged_as_the_outbox_lo
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and refused_topic in r.getMessage()]
     assert said, "the broker's refusal of live telemetry was not logged"
     assert "the broker refused it: Not authorized (0x87)" in said[0] and "ACL" in said[0], said[0]
+
+
+async def test_a_bug_making_a_batchs_telemetry_loses_none_of_its_readings_and_stops_nothing(
+        broker: MosquittoBroker, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The message factory raises on a batch (a bug): the batch's readings were taken from the queue
+    already, so they were lost with the exception when the twin was writable, and while the twin was
+    unwritable the exception came out of the live path and ended the recorder (and the mapper with
+    it). Now such a batch is committed without its telemetry, logged, and everything else goes on:
+    readings before and after it, live and through the outbox."""
+    path = _lamp_twin(tmp_path)
+    telemetry = Telemetry(Topics(NODE), load([tmp_path / "devices"]).devices)
+
+    def buggy(batch: list[Reading]) -> list[OutMessage]:
+        if any(r.value in (3, 13) for r in batch):
+            raise RuntimeError("a bug in the telemetry")
+        return list(telemetry(batch))
+
+    lock = sqlite3.connect(path, isolation_level=None)
+    with broker.client("app") as app:
+        heard = Heard(app)
+        assert not app.subscribe(COUNT).is_failure
+        bus, bus_task = await _connected_bus(broker, tmp_path)
+        tasks: list[asyncio.Task] = [bus_task]
+        try:
+            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
+                recorder, publisher = _wired(worker, bus, buggy, tasks)
+                recorder_task = tasks[-1]
+
+                async def history() -> list[int]:
+                    return sorted(await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)]))
+
+                recorder.add(reading(0))
+                await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
+                recorder.add(reading(3))  # the twin writable: its batch's telemetry cannot be made
+                await async_wait_for(lambda: recorder.committed == 2, what="the reading whose telemetry failed, committed")
+
+                lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+                recorder.add(reading(11))
+                await async_wait_for(lambda: recorder.outage_failures >= 2, what="a failed commit and its retry")
+                recorder.add(reading(12))
+                recorder.add(reading(13))  # made into a batch by the live path: its telemetry cannot be made
+                failures = recorder.commit_failures
+                await async_wait_for(lambda: recorder.commit_failures >= failures + 3, what="more failed commits")
+                assert not recorder_task.done(), recorder_task
+                await async_wait_for(lambda: [b["value"] for b in heard.live()] == [11], what="11, live")
+
+                lock.execute("ROLLBACK")
+                await async_wait_for(lambda: recorder.outage_failures == 0 and recorder.waiting() == 0,
+                                     what="the waiting readings committed")
+                recorder.add(reading(14))
+                await async_wait_for(lambda: 14 in heard.values(), what="the next reading, committed")
+                kept = await history()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+
+    assert kept == [0, 3, 11, 12, 13, 14]
+    assert heard.values() == [0, 11, 14]  # 3, 12 and 13 have no telemetry: their batches' could not be made
+    assert [(b["value"], b.get("seq")) for b in heard.count] == [(0, 1), (11, None), (14, 2)]
+    failed = [r for r in caplog.records if r.getMessage().startswith("making the messages of")]
+    assert failed and "a bug in the telemetry" in (failed[0].exc_text or ""), [r.getMessage() for r in caplog.records]
