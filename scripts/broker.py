@@ -67,8 +67,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     state = args.state.resolve()
     node = args.node or default_node()
-    state.mkdir(parents=True, exist_ok=True)
-    state.chmod(0o700)  # the passwords and the broker's persistence are yours alone
+    # The passwords and the broker's persistence are yours alone: a directory it makes is 0700; one
+    # that is there already is not changed (`--state /tmp` must not close /tmp to everyone else) and
+    # must be closed to others already.
+    state.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        state.mkdir(mode=0o700)
+    except FileExistsError:
+        if not state.is_dir():
+            print(f"error: --state {shown(state)} is not a directory", file=sys.stderr)
+            return 1
+        if state.stat().st_mode & 0o077:
+            print(f"error: --state {shown(state)} is open to other users (mode {state.stat().st_mode & 0o7777:o}), and"
+                  " the broker's passwords would go there: give a new directory (it is made 0700), or `chmod 700` it",
+                  file=sys.stderr)
+            return 1
     lock = (state / "broker.lock").open("a+")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -132,3 +132,16 @@ def test_the_broker_script_runs_the_shipped_config_with_passwords_and_says_how_t
         assert again.returncode == 1 and again.stderr.startswith(f"error: another broker is running on {state}"), again
     finally:
         _stop(script)
+
+
+def test_the_broker_script_leaves_a_shared_directory_alone(tmp_path):
+    """`--state` naming a directory others may read (a /tmp, a home, a shared folder): the script
+    made it 0700, closing it to everyone else. Now it refuses it, changed in nothing; a directory
+    it makes itself is 0700."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    refused = subprocess.run([sys.executable, "scripts/broker.py", "--state", str(shared), "--node", "n1"], cwd=REPO,
+                             capture_output=True, text=True, timeout=30, check=False)
+    assert refused.returncode == 1 and "is open to other users (mode 1777)" in refused.stderr, refused
+    assert shared.stat().st_mode & 0o7777 == 0o1777 and not any(shared.iterdir())
