@@ -110,8 +110,11 @@ class Credentials:
 SESSION_TAKEN_OVER = 0x8E
 # A connection up this long (or twice reconnect_max_s) resets the reconnect backoff (see MqttBus.run).
 STABLE_S = 60.0
-# Connections in a row lost this soon after they were made: the log says what may cause it.
+# Connections in a row lost this soon after they were made, the broker listening still: the log says
+# what may cause it (MqttBus.run).
 SHORT_WARN = 3
+# How long the check whether the broker still listens, after such a loss, may take (still_listening).
+LISTEN_CHECK_S = 1.0
 # OUTAGE_NOTE_S (mapper/logs.py, imported here): while the broker stays away with the same cause, a
 # line says so at most this often (MqttBus._log_lost).
 
@@ -172,6 +175,22 @@ def listen_hint(settings: MqttSettings) -> str:
     """What to do when nothing listens at mqtt.url: the usual first-start slip (the broker not started
     yet, or another port)."""
     return f"no broker listens at {settings.url}: start it (systemctl start mosquitto), or fix mqtt.url"
+
+
+async def still_listening(host: str, port: int, timeout: float = LISTEN_CHECK_S) -> bool:
+    """Whether the broker's address accepts a TCP connection now (closed at once, nothing sent: the
+    broker logs a client that connected and closed). A broker going down closes its listener before
+    its clients' connections (Mosquitto 2.0), and one unreachable accepts nothing: so, right after a
+    connection was lost, False means the broker went away, True that it is up and chose to close it."""
+    try:
+        async with asyncio.timeout(timeout):
+            _, writer = await asyncio.open_connection(host, port)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+    except (OSError, TimeoutError):
+        return False
+    return True
 
 
 def describe(exc: BaseException) -> str:
@@ -532,7 +551,7 @@ class MqttBus:
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
         attempt = 0
-        short = 0  # connections in a row lost within stable_s of being made
+        short = 0  # connections in a row lost within stable_s of being made, the broker listening still
         # A connection that lasted this long resets the backoff; one lost sooner does not (see below).
         stable_s = max(STABLE_S, 2 * self.settings.reconnect_max_s)
         while True:
@@ -574,11 +593,25 @@ class MqttBus:
                 # the old one; a broker limit the mapper trips at once) made the mapper reconnect
                 # every second or so for ever, each time resubscribing and sending everything
                 # unacknowledged again.
-                if connected_at is not None:
-                    if loop.time() - connected_at >= stable_s:
-                        attempt, short = 0, 0
-                    else:
-                        short += 1
+                #
+                # `short` counts the losses that look like a takeover of the client id, to say so
+                # (MQTT 3.1.1 has no reason code for it, and Mosquitto 2.0 gives none over MQTT 5
+                # either): the broker, up and accepting connections, closes each connection soon
+                # after making it, and each next attempt connects. A broker restarting (a package
+                # upgrade, a host that flaps) also ends connections soon after they were made, but
+                # it is not listening right after the loss (still_listening: its listener is
+                # closed before its clients' connections, and one unreachable accepts nothing), or
+                # an attempt fails before the next connection: either ends the count. The broker's
+                # own takeover reason (SESSION_TAKEN_OVER) counts with no check.
+                if connected_at is None:
+                    short = 0
+                elif loop.time() - connected_at >= stable_s:
+                    attempt, short = 0, 0
+                elif reason_code(exc) == SESSION_TAKEN_OVER or await still_listening(
+                        self.settings.host, self.settings.port):
+                    short += 1
+                else:
+                    short = 0
                 attempt += 1
                 if connected_at is None:
                     self.outage.failed()

@@ -10,6 +10,7 @@ reconnected."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 
@@ -17,6 +18,7 @@ import orjson
 import pytest
 
 from brokers import MosquittoBroker, MqttProbe, ensure_mosquitto_installed
+from eventbus.bus import SHORT_WARN, MqttBus
 from eventbus.settings import MqttSettings
 from helpers import async_wait_for, wait_for, write_devices
 from mapper_proc import MapperProcess
@@ -111,3 +113,49 @@ async def test_the_cloud_worker_answers_after_every_one_of_repeated_broker_resta
             with pytest.raises(asyncio.CancelledError):
                 await task
     assert connects() == RESTARTS + 1
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+async def test_broker_restarts_in_a_row_are_not_taken_for_another_client_with_the_client_id(protocol, tmp_path,
+                                                                                           caplog):
+    """Restarts one after another (a package upgrade restarts Mosquitto, then another) end each connection
+    soon after it was made, as another client connecting with the mapper's client id does (Mosquitto
+    2.0 closes the connection with no reason either way): from the third the bus logged an ERROR asking
+    whether another client used its client id, and an operator hunted for a cloned card that did not
+    exist. Here the broker is down right after each loss (no listener until it is back): each restart
+    is a lost connection, never another client."""
+    ensure_mosquitto_installed()
+    assert RESTARTS >= SHORT_WARN  # enough to have been taken for a takeover
+    caplog.set_level(logging.INFO, logger="mapper.mqtt")
+    with MosquittoBroker() as broker:
+        secret = tmp_path / "pw"
+        secret.write_text(broker.users["mapper"])
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                                protocol=protocol, reconnect_min_s=0.2, reconnect_max_s=1.0)
+        connections: asyncio.Queue[None] = asyncio.Queue()
+
+        async def on_connect() -> None:
+            connections.put_nowait(None)
+
+        async def nothing(*_args: object) -> None:
+            return None
+
+        bus = MqttBus(settings, client_id=f"restarted-{protocol}",
+                      will_topic="mapper/test-node/availability",
+                      subscriptions=[("mapper/test-node/+/+/+/set", 1)], on_message=nothing, on_connect=on_connect)
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(60):
+                await connections.get()
+                for _ in range(RESTARTS):
+                    await asyncio.to_thread(broker.restart)
+                    await connections.get()  # connected again
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    assert bus.connects == RESTARTS + 1
+    told = [r.getMessage() for r in caplog.records if r.name == "mapper.mqtt" and r.levelno >= logging.WARNING]
+    assert not any("another client" in line or "times in a row" in line for line in told), told
+    assert all(r.levelno < logging.ERROR for r in caplog.records if r.name == "mapper.mqtt"), told
+    assert any("lost or refused" in line for line in told), told  # the loss is told, as a loss

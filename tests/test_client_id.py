@@ -15,9 +15,11 @@ import time
 from pathlib import Path
 
 import orjson
+import paho.mqtt.client as mqtt
 import pytest
 
 from brokers import MosquittoBroker
+from eventbus.bus import SHORT_WARN
 from eventbus.extension import client_id_file
 from helpers import write_devices
 from mapper_proc import MapperProcess
@@ -121,3 +123,23 @@ def test_an_explicit_client_id_is_used_as_written(broker: MosquittoBroker, tmp_p
         mapper.wait_log("connected to mqtt://", count=2)  # and it connects again
         assert connected_ids(mapper, broker) == [chosen, chosen]
     assert not client_id_file(mapper.twin_path).exists()
+
+
+def test_another_client_taking_the_client_id_again_and_again_over_mqtt_3_1_1_is_named(
+        broker: MosquittoBroker, tmp_path: Path, node: str) -> None:
+    """Over MQTT 3.1.1 a takeover has no reason code (MQTT 5's 0x8E): the mapper tells it by the
+    broker closing connection after connection soon after making it while it keeps listening. After
+    SHORT_WARN of them in a row the ERROR names the client id and asks about another client (a
+    broker restarting as often is not taken for one: test_broker_restarts.py)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    chosen = f"pi-mapper-{node}"
+    with MapperProcess(tmp_path, devices, broker, node=node,
+                       extra=f"  client_id: {chosen}\n  protocol: '3.1.1'\n") as mapper:
+        for taken in range(1, SHORT_WARN + 1):
+            mapper.wait_log("connected to mqtt://", count=taken)
+            broker.client("app", client_id=chosen, protocol=mqtt.MQTTv311).close()
+        mapper.wait_log("times in a row")
+        (told,) = [line for line in mapper.log().splitlines() if "times in a row" in line]
+        assert " ERROR " in told and f"({SHORT_WARN} times in a row)" in told, told
+        assert f"connecting with client id {chosen!r}" in told and "another client" in told, told
+        assert "(MQTT 3.1.1)" in mapper.log()

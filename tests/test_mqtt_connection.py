@@ -20,7 +20,7 @@ import pytest
 
 from brokers import MosquittoBroker, ensure_mosquitto_installed
 from devices.ids import DeviceId
-from eventbus.bus import MqttBus
+from eventbus.bus import SHORT_WARN, MqttBus
 from eventbus.settings import MqttSettings
 from helpers import async_wait_for, wait_for, write_devices
 from mapper_proc import MapperProcess
@@ -195,12 +195,16 @@ class _FakeBroker:
     over" (another client with the same client id, or a broker going down, right after accepting);
     later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP). With `close_first_at`
     ("CONNECT" or "SUBSCRIBE"), the first connection served is closed when that packet comes, unanswered
-    (the broker stopped before its CONNACK or before its SUBACK)."""
+    (the broker stopped before its CONNACK or before its SUBACK). With `close_every_other`, every
+    second connection is closed at its CONNECT, unanswered. `connections` counts those that sent a
+    CONNECT."""
 
-    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_first_at: str | None = None) -> None:
+    def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_first_at: str | None = None,
+                 close_every_other: bool = False) -> None:
         self.drop_first = drop_first
         self.close_after_suback = close_after_suback
         self.close_first_at = close_first_at
+        self.close_every_other = close_every_other
         self.connections = 0
         self.server: asyncio.Server | None = None
         self.port = 0
@@ -232,10 +236,11 @@ class _FakeBroker:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.append(writer)
-        self.connections += 1
         with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
             await self._packet(reader)  # CONNECT
-            if self.close_first_at == "CONNECT" and self.connections == self.drop_first + 1:
+            self.connections += 1  # (not the bus's check that the broker listens: it sends nothing)
+            if ((self.close_first_at == "CONNECT" and self.connections == self.drop_first + 1)
+                    or (self.close_every_other and self.connections % 2 == 0)):
                 writer.close()
                 return
             if self.connections <= self.drop_first:
@@ -388,6 +393,36 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
     assert attempts[:5] == [1, 2, 3, 4, 5], attempts  # was [1, 1, 1, 1, 1]: started over at each CONNACK
     hints = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert hints and "'twin-name-test'" in hints[0] and "another mapper using the same mqtt.client_id" in hints[0], hints
+
+
+async def test_connections_lost_soon_after_they_are_made_with_failed_attempts_between_are_not_a_takeover(caplog):
+    """Connections lost soon after they were made while the broker's address still accepts TCP
+    connections, but with a failed attempt between each two (a broker behind a proxy that accepts
+    while the broker restarts, a broker not ready yet): the broker did not accept connection after
+    connection at once, as it does for another client taking the client id, so the log asks no such
+    thing (test_broker_restarts.py: the broker not listening right after the loss)."""
+    caplog.set_level(logging.INFO, logger="mapper.mqtt")
+    async with _FakeBroker(drop_first=0, close_after_suback=True, close_every_other=True) as fake:
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
+                                reconnect_min_s=0.01, reconnect_max_s=0.05)
+        enough = asyncio.Event()
+
+        async def on_connect() -> None:
+            if bus.connects > SHORT_WARN:  # as many losses as the takeover hint needs, and one connection more
+                enough.set()
+
+        bus = MqttBus(settings, client_id="failing-between-test", will_topic="mapper/failing-between-test/availability",
+                      subscriptions=[("mapper/failing-between-test/default/+/+/set", 1)], on_message=nothing,
+                      on_connect=on_connect)
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(30):
+                await enough.wait()
+        finally:
+            await _cancelled(task)
+    assert fake.connections >= 2 * SHORT_WARN + 1  # (served and closed by turns)
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not told, told
 
 
 @pytest.mark.parametrize("protocol", ["5", "3.1.1"])
