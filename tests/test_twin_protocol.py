@@ -281,17 +281,17 @@ def test_a_retained_command_is_not_applied_at_connect(broker_for, tmp_path):
 
 def _retained_commands(broker, node: str) -> list[str]:
     """The topics of the retained commands a new subscriber is handed (read as the mapper: no app may
-    read a command topic). They come right after the SUBACK; a second is ample on loopback."""
+    read a command topic). Mosquitto queues them as it handles each SUBSCRIBE, before it handles the
+    reader's next packet: a message the reader then sends itself comes after every one of them (a
+    barrier; each call used to wait out a whole second for them)."""
+    barrier = f"mapper/{node}/barrier-{uuid.uuid4().hex[:8]}"
     with broker.client("mapper") as reader:
         reader.subscribe(f"mapper/{node}/+/+/+/set")
         reader.subscribe("$hw/events/device/default/+/twin/update")
+        reader.subscribe(barrier)
+        reader.publish(barrier, b"barrier")
         got: list[str] = []
-        deadline = time.monotonic() + 1.0
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                message = reader.next_message(timeout=left)
-            except TimeoutError:
-                break
+        while (message := reader.next_message(timeout=10)).topic != barrier:
             if message.retain and message.payload and (message.topic.startswith(f"mapper/{node}/")
                                                        or "/ghost-" in message.topic or "/lamp/" in message.topic):
                 got.append(message.topic)
