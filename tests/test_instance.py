@@ -10,8 +10,10 @@ another one it hears there (eventbus/instance.py).
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
+import signal
 from pathlib import Path
 
 import orjson
@@ -93,7 +95,21 @@ def test_the_error_repeats_while_the_other_runs_and_stops_once_it_stopped_cleanl
             first.wait_log(OTHER, count=3, timeout=20)  # repeated while it lasts
             second_pid = second.process.pid
             assert len(errors_naming(first, second)) >= 3
-            assert second.stop() == 0
+            # A stop clears the announcement only when the last one it heard was its own: the first's
+            # must not come after the second's last. Their phases are the starts' (an announcement
+            # every second each): when the first's came right after the second's, the second's stop
+            # (under load) heard it, cleared nothing, and the first waited in vain (1 in 4 runs of the
+            # suite in two pytest-xdist workers). So the first is held (SIGSTOP; what it is sent meanwhile
+            # waits in its socket) from before two more announcements of the second until its stop.
+            assert first.process is not None
+            os.kill(first.process.pid, signal.SIGSTOP)
+            try:
+                with probe.messages.mutex:
+                    probe.messages.queue.clear()
+                announcements_of(probe, second_pid, 2)  # the last one sent well after the first's last
+                assert second.stop() == 0
+            finally:
+                os.kill(first.process.pid, signal.SIGCONT)
         first.wait_log(f"the announcement on mapper/{node}/instance was cleared (a clean stop)")
         errors = first.log().count(OTHER)
         assert first.process is not None
