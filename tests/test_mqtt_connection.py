@@ -183,10 +183,40 @@ async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepa
 
 
 async def _cancelled(task: asyncio.Task) -> None:
-    """Cancel a bus task and wait until it has ended."""
-    task.cancel()
+    """Cancel a bus task and wait until it has ended; cancel it again while it goes on.
+
+    Under Python 3.11, asyncio.wait_for (aiomqtt's wait for a CONNACK, SUBACK or PUBACK) swallows
+    a cancel that comes in the loop iteration where the awaited packet arrives: the task went on,
+    connected, and the test hung in its `finally` until pytest-timeout's 300 s
+    (test_a_long_broker_outage_is_logged_by_the_cloud_worker_at_each_change_of_cause, cancelled
+    right after "back after", while its SUBSCRIBE was in flight)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=1)
     with contextlib.suppress(asyncio.CancelledError):
         await task
+
+
+async def test_cancelled_ends_a_task_whose_wait_for_swallowed_the_cancel():
+    """_cancelled above, on a task inside asyncio.wait_for whose future completes in the loop
+    iteration of the cancel (Python 3.11 then returns the result and drops the cancel)."""
+    arrived = asyncio.get_running_loop().create_future()
+
+    async def connect_then_serve() -> None:
+        await asyncio.wait_for(arrived, timeout=30)  # a CONNACK, as aiomqtt waits for it
+        await asyncio.Event().wait()  # serving until cancelled
+
+    task = asyncio.create_task(connect_then_serve())
+    await asyncio.sleep(0)  # the task waits in wait_for
+    arrived.set_result(None)
+    ending = asyncio.create_task(_cancelled(task))
+    try:
+        done, _ = await asyncio.wait({ending}, timeout=10)  # (no cancel from here: it would end the task)
+        assert ending in done, "the task went on after _cancelled cancelled it"
+        assert task.cancelled()
+    finally:
+        ending.cancel()
+        task.cancel()
 
 
 class _FakeBroker:
