@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Both demos keep their state in the checkout's one state/demo/ (the second must find the first
+# running there): they must not run at once. scripts/test.sh's pytest-xdist workers take whole
+# files (--dist loadfile), so they run in one worker, one after the other. (Not --dist loadgroup
+# with an xdist_group mark: pytest-xdist 3.8 under pytest 9.2 ignores the mark, pytest-xdist#1386.)
 
 
 def _reap(demo: subprocess.Popen[str], reader: threading.Thread) -> None:
