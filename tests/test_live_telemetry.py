@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,48 @@ def _wired(worker: StoreWorker, bus: MqttBus, factory: Telemetry | Callable[[lis
     return recorder, publisher
 
 
+@dataclass
+class Rig:
+    """A recorder and its publisher on a lamp twin another connection can lock (`lock`), and an app
+    subscribed to the lamp's count (`heard`)."""
+
+    heard: Heard
+    lock: sqlite3.Connection
+    worker: StoreWorker
+    recorder: Recorder
+    publisher: OutboxPublisher
+    tasks: list[asyncio.Task]
+
+
+@contextlib.asynccontextmanager
+async def _rig(broker: MosquittoBroker, tmp_path: Path,
+               factory: Callable[[Telemetry], Callable[[list[Reading]], list[OutMessage]]] | None = None,
+               **options: Any) -> AsyncIterator[Rig]:
+    """_wired on a fresh lamp twin, connected to the broker; `factory` makes the message factory
+    of the real one (default: the real one). A failed commit fails at once (busy_timeout 0).
+    Afterwards every task is stopped and the lock released."""
+    path = _lamp_twin(tmp_path)
+    telemetry = Telemetry(Topics(NODE), load([tmp_path / "devices"]).devices)
+    lock = sqlite3.connect(path, isolation_level=None)
+    with broker.client("app") as app:
+        heard = Heard(app)
+        assert not app.subscribe(COUNT).is_failure
+        bus, bus_task = await _connected_bus(broker, tmp_path)
+        tasks: list[asyncio.Task] = [bus_task]
+        try:
+            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
+                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))
+                recorder, publisher = _wired(worker, bus, factory(telemetry) if factory else telemetry, tasks, **options)
+                yield Rig(heard, lock, worker, recorder, publisher, tasks)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            if lock.in_transaction:
+                lock.execute("ROLLBACK")
+            lock.close()
+
+
 def reading(i: int) -> Reading:
     return Reading(LAMP, "count", i, 1_000 + i * 60_000)  # a minute apart: each one's telemetry is due
 
@@ -133,53 +176,35 @@ async def test_readings_waiting_for_a_locked_twin_go_out_live_once_and_are_commi
     reading's telemetry goes through the outbox with the seq after the last committed one.
     (live_max 2: LIVE_MAX cut down, the waiting readings go live 2 per failed commit, still in order.)"""
     monkeypatch.setattr(recorder_module, "LIVE_MAX", live_max)
-    path = _lamp_twin(tmp_path)
-    definitions = load([tmp_path / "devices"]).devices
-    lock = sqlite3.connect(path, isolation_level=None)
-    with broker.client("app") as app:
-        heard = Heard(app)
-        assert not app.subscribe(COUNT).is_failure
-        bus, bus_task = await _connected_bus(broker, tmp_path)
-        tasks: list[asyncio.Task] = [bus_task]
-        try:
-            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
-                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-                recorder, publisher = _wired(worker, bus, Telemetry(Topics(NODE), definitions), tasks, max_waiting=10)
+    async with _rig(broker, tmp_path, max_waiting=10) as rig:
+        heard, lock, worker, recorder, publisher = rig.heard, rig.lock, rig.worker, rig.recorder, rig.publisher
+        recorder.add(reading(0))  # the twin takes it: through the outbox, seq 1
+        await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
+        lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+        for i in range(1, 6):
+            recorder.add(reading(i))
+        await async_wait_for(lambda: len(heard.live()) == 5, what="the 5 waiting readings, live")
+        assert recorder.outage_failures >= 2 and recorder.committed == 1
+        assert recorder.published_live == 5
 
-                recorder.add(reading(0))  # the twin takes it: through the outbox, seq 1
-                await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
-                lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
-                for i in range(1, 6):
-                    recorder.add(reading(i))
-                await async_wait_for(lambda: len(heard.live()) == 5, what="the 5 waiting readings, live")
-                assert recorder.outage_failures >= 2 and recorder.committed == 1
-                assert recorder.published_live == 5
+        # 12 more at once: 17 wait, 10 may. The 7 oldest go: 5 had gone out live, 2 nobody saw.
+        for i in range(6, 18):
+            recorder.add(reading(i))
+        assert recorder.waiting() == 10
+        assert (recorder.dropped_live, recorder.dropped) == (5, 2)
+        await async_wait_for(lambda: len(heard.live()) == 15, what="the 10 readings left, live")
 
-                # 12 more at once: 17 wait, 10 may. The 7 oldest go: 5 had gone out live, 2 nobody saw.
-                for i in range(6, 18):
-                    recorder.add(reading(i))
-                assert recorder.waiting() == 10
-                assert (recorder.dropped_live, recorder.dropped) == (5, 2)
-                await async_wait_for(lambda: len(heard.live()) == 15, what="the 10 readings left, live")
-
-                lock.execute("ROLLBACK")  # the twin can be written again
-                await async_wait_for(lambda: recorder.outage_failures == 0 and recorder.waiting() == 0,
-                                     what="the waiting readings committed")
-                recorder.add(reading(18))
-                await async_wait_for(lambda: 18 in heard.values(), what="the next reading, committed")
-                await asyncio.wait_for(publisher.drain(), 10)
-                assert await worker.call(lambda s: s.outbox_pending(limit=10)) == []
-                history = await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)])
-                losses = await worker.call(lambda s: s.losses())
-                seqs = await worker.call(
-                    lambda s: s.conn.execute("SELECT value, seq FROM readings ORDER BY id").fetchall())
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
+        lock.execute("ROLLBACK")  # the twin can be written again
+        await async_wait_for(lambda: recorder.outage_failures == 0 and recorder.waiting() == 0,
+                             what="the waiting readings committed")
+        recorder.add(reading(18))
+        await async_wait_for(lambda: 18 in heard.values(), what="the next reading, committed")
+        await asyncio.wait_for(publisher.drain(), 10)
+        assert await worker.call(lambda s: s.outbox_pending(limit=10)) == []
+        history = await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)])
+        losses = await worker.call(lambda s: s.losses())
+        seqs = await worker.call(
+            lambda s: s.conn.execute("SELECT value, seq FROM readings ORDER BY id").fetchall())
 
     # Each reading once, in the order taken: the dropped ones that had gone out live among them.
     assert heard.values() == [0, *range(1, 6), *range(8, 18), 18]
@@ -375,57 +400,42 @@ async def test_a_bug_making_a_batchs_telemetry_loses_none_of_its_readings_and_st
     unwritable the exception came out of the live path and ended the recorder (and the mapper with
     it). Now such a batch is committed without its telemetry, logged, and everything else goes on:
     readings before and after it, live and through the outbox."""
-    path = _lamp_twin(tmp_path)
-    telemetry = Telemetry(Topics(NODE), load([tmp_path / "devices"]).devices)
 
-    def buggy(batch: list[Reading]) -> list[OutMessage]:
-        if any(r.value in (3, 13) for r in batch):
-            raise RuntimeError("a bug in the telemetry")
-        return list(telemetry(batch))
+    def buggy(telemetry: Telemetry) -> Callable[[list[Reading]], list[OutMessage]]:
+        def factory(batch: list[Reading]) -> list[OutMessage]:
+            if any(r.value in (3, 13) for r in batch):
+                raise RuntimeError("a bug in the telemetry")
+            return list(telemetry(batch))
+        return factory
 
-    lock = sqlite3.connect(path, isolation_level=None)
-    with broker.client("app") as app:
-        heard = Heard(app)
-        assert not app.subscribe(COUNT).is_failure
-        bus, bus_task = await _connected_bus(broker, tmp_path)
-        tasks: list[asyncio.Task] = [bus_task]
-        try:
-            async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
-                await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-                recorder, publisher = _wired(worker, bus, buggy, tasks)
-                recorder_task = tasks[-1]
+    async with _rig(broker, tmp_path, buggy) as rig:
+        heard, lock, worker, recorder = rig.heard, rig.lock, rig.worker, rig.recorder
+        recorder_task = rig.tasks[-1]
 
-                async def history() -> list[int]:
-                    return sorted(await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)]))
+        async def history() -> list[int]:
+            return sorted(await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)]))
 
-                recorder.add(reading(0))
-                await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
-                recorder.add(reading(3))  # the twin writable: its batch's telemetry cannot be made
-                await async_wait_for(lambda: recorder.committed == 2, what="the reading whose telemetry failed, committed")
+        recorder.add(reading(0))
+        await async_wait_for(lambda: heard.values() == [0], what="the first reading, committed")
+        recorder.add(reading(3))  # the twin writable: its batch's telemetry cannot be made
+        await async_wait_for(lambda: recorder.committed == 2, what="the reading whose telemetry failed, committed")
 
-                lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
-                recorder.add(reading(11))
-                await async_wait_for(lambda: recorder.outage_failures >= 2, what="a failed commit and its retry")
-                recorder.add(reading(12))
-                recorder.add(reading(13))  # made into a batch by the live path: its telemetry cannot be made
-                failures = recorder.commit_failures
-                await async_wait_for(lambda: recorder.commit_failures >= failures + 3, what="more failed commits")
-                assert not recorder_task.done(), recorder_task
-                await async_wait_for(lambda: [b["value"] for b in heard.live()] == [11], what="11, live")
+        lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written from here on
+        recorder.add(reading(11))
+        await async_wait_for(lambda: recorder.outage_failures >= 2, what="a failed commit and its retry")
+        recorder.add(reading(12))
+        recorder.add(reading(13))  # made into a batch by the live path: its telemetry cannot be made
+        failures = recorder.commit_failures
+        await async_wait_for(lambda: recorder.commit_failures >= failures + 3, what="more failed commits")
+        assert not recorder_task.done(), recorder_task
+        await async_wait_for(lambda: [b["value"] for b in heard.live()] == [11], what="11, live")
 
-                lock.execute("ROLLBACK")
-                await async_wait_for(lambda: recorder.outage_failures == 0 and recorder.waiting() == 0,
-                                     what="the waiting readings committed")
-                recorder.add(reading(14))
-                await async_wait_for(lambda: 14 in heard.values(), what="the next reading, committed")
-                kept = await history()
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
+        lock.execute("ROLLBACK")
+        await async_wait_for(lambda: recorder.outage_failures == 0 and recorder.waiting() == 0,
+                             what="the waiting readings committed")
+        recorder.add(reading(14))
+        await async_wait_for(lambda: 14 in heard.values(), what="the next reading, committed")
+        kept = await history()
 
     assert kept == [0, 3, 11, 12, 13, 14]
     assert heard.values() == [0, 11, 14]  # 3, 12 and 13 have no telemetry: their batches' could not be made
