@@ -119,6 +119,16 @@ def _wired(worker: StoreWorker, bus: MqttBus, factory: Telemetry | Callable[[lis
     return recorder, publisher
 
 
+async def _released(tasks: list[asyncio.Task], lock: sqlite3.Connection) -> None:
+    """The end of a test on a lockable twin: its tasks stopped, the other connection's lock released."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if lock.in_transaction:
+        lock.execute("ROLLBACK")
+    lock.close()
+
+
 @dataclass
 class Rig:
     """A recorder and its publisher on a lamp twin another connection can lock (`lock`), and an app
@@ -153,12 +163,7 @@ async def _rig(broker: MosquittoBroker, tmp_path: Path,
                 recorder, publisher = _wired(worker, bus, factory(telemetry) if factory else telemetry, tasks, **options)
                 yield Rig(heard, lock, worker, recorder, publisher, tasks)
         finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
+            await _released(tasks, lock)
 
 
 def reading(i: int) -> Reading:
@@ -325,12 +330,7 @@ async def test_with_the_broker_away_too_the_readings_wait_for_their_commit_and_g
                 await asyncio.wait_for(publisher.drain(), 10)
                 history = await worker.call(lambda s: [v for _, v, _ in s.history(LAMP, "count", limit=100)])
         finally:
-            for task in (*tasks, bus_task):
-                task.cancel()
-            await asyncio.gather(*tasks, bus_task, return_exceptions=True)
-            if lock.in_transaction:
-                lock.execute("ROLLBACK")
-            lock.close()
+            await _released([*tasks, bus_task], lock)
 
     assert heard.values() == list(range(7))
     assert [b.get("live", False) for b in heard.count] == [False, True, True, True, False, False, False]
@@ -367,26 +367,14 @@ async def test_live_telemetry_the_brokers_acl_refuses_is_logged_as_the_outbox_lo
             await bus.connected.wait()
         async with StoreWorker(lambda: TwinStore.open(path, check_same_thread=False)) as worker:
             await worker.call(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed commit fails at once
-            recorder = Recorder(worker, batch_delay_s=0)
-            recorder.retry_s = 0.05
-            recorder.message_factory = lambda batch: [OutMessage(refused_topic, {}, reading=r) for r in batch]
-            publisher = OutboxPublisher(bus, worker)
-            recorder.on_outbox = publisher.offer
-            recorder.take_acks = publisher.take_acked
-            recorder.return_acks = publisher.return_acked
-            recorder.live_out = publisher
-            tasks += [asyncio.create_task(publisher.run()), asyncio.create_task(recorder.run())]
+            recorder, publisher = _wired(
+                worker, bus, lambda batch: [OutMessage(refused_topic, {}, reading=r) for r in batch], tasks)
             lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written
             for i in range(3):
                 recorder.add(reading(i))
             await async_wait_for(lambda: publisher.live_refused == 3, what="the broker's 3 refusals")
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if lock.in_transaction:
-            lock.execute("ROLLBACK")
-        lock.close()
+        await _released(tasks, lock)
 
     said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR" and refused_topic in r.getMessage()]
     assert said, "the broker's refusal of live telemetry was not logged"
