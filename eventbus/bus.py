@@ -258,6 +258,36 @@ def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
     return check
 
 
+@contextlib.asynccontextmanager
+async def connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
+    """`async with client`, whose wait for the CONNACK a cancel always ends.
+
+    aiomqtt waits for the CONNACK with asyncio.wait_for, which under Python 3.11 returns the result
+    and drops a cancel that comes in the loop iteration where the CONNACK arrives (CPython gh-86296;
+    3.12's wait_for does not). A stop at that moment (SIGTERM: the task group's one cancel) left
+    the connection task running, connected: `mapper run` and the cloud worker never ended, and
+    systemd killed them after TimeoutStopSec. The wait runs in a task of its own here, which a
+    cancel of the caller cancels in turn; a connection it made all the same is closed before the
+    caller's CancelledError goes on."""
+    entering = asyncio.ensure_future(client.__aenter__())
+    try:
+        await asyncio.wait((entering,))
+    except asyncio.CancelledError:
+        entering.cancel()
+        await asyncio.wait((entering,))  # at once: cancelled, or connected (the cancel dropped), or failed
+        if not entering.cancelled() and entering.exception() is None:
+            with contextlib.suppress(Exception):  # (an MqttError in the cancel's place: run() would connect again)
+                await client.__aexit__(None, None, None)
+        raise
+    entering.result()  # a refused or failed attempt: its MqttError
+    try:
+        yield client
+    except BaseException as exc:
+        await client.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
+    await client.__aexit__(None, None, None)
+
+
 async def until_lost(client: aiomqtt.Client, operation: Awaitable[T], what: str) -> T:
     """Await one of aiomqtt's acknowledged operations (a publish's PUBACK, a subscribe's SUBACK),
     ending (MqttError, the broker's reason as its cause) as soon as aiomqtt sees the connection lost,
@@ -558,7 +588,7 @@ class MqttBus:
             connected_at: float | None = None
             delay = 0.0
             try:
-                async with self._client() as client, self._keepalive_on_grid(client):
+                async with connection(self._client()) as client, self._keepalive_on_grid(client):
                     self._check_connected()
                     connected_at = loop.time()
                     self.client = client

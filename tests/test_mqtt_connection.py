@@ -219,6 +219,47 @@ async def test_cancelled_ends_a_task_whose_wait_for_swallowed_the_cancel():
         task.cancel()
 
 
+@pytest.mark.parametrize("who", ["bus", "cloud worker"])
+async def test_a_stop_that_comes_with_the_connack_ends_the_connection_task(who, broker, tmp_path, monkeypatch):
+    """A stop (the task group's cancel at SIGTERM; the cloud worker's own) that comes in the loop
+    iteration where the broker's CONNACK arrives. aiomqtt waits for the CONNACK with
+    asyncio.wait_for, which under Python 3.11 then returns and drops the cancel: the connection
+    task went on, connected, and `mapper run` (or the worker) never ended until systemd's SIGKILL.
+    Here the cancel comes from aiomqtt's CONNACK handler itself, right after it resolved the wait."""
+    if who == "cloud worker":
+        pytest.importorskip("onnxruntime")
+    user = "mapper" if who == "bus" else "worker"
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users[user])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username=user, password_file=secret,
+                            reconnect_min_s=5, reconnect_max_s=10)
+    stopping: list[asyncio.Task] = []
+    their_on_connect = aiomqtt.Client._on_connect
+
+    def on_connect_then_stop(client: aiomqtt.Client, *args: object) -> None:
+        their_on_connect(client, *args)  # the CONNACK: the wait for it is done
+        for task in stopping:
+            task.cancel()  # ... and the stop, in the same iteration
+
+    monkeypatch.setattr(aiomqtt.Client, "_on_connect", on_connect_then_stop)
+    if who == "bus":
+        bus = MqttBus(settings, client_id="stop-test", will_topic="mapper/test-node/availability",
+                      subscriptions=[], on_message=nothing, on_connect=nothing)
+        task = asyncio.create_task(bus.run())
+    else:
+        from mapper.inference.worker import CloudWorker, WorkerSettings
+
+        worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="stop-test"))
+        task = asyncio.create_task(worker.run())
+    stopping.append(task)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=10)  # (no cancel from here: it would end the task)
+        assert task in done, "the connection task went on after its stop"
+        assert task.cancelled()
+    finally:
+        await _cancelled(task)
+
+
 class _FakeBroker:
     """A minimal MQTT 5 broker on 127.0.0.1 for what Mosquitto cannot be made to do on cue: its first
     `drop_first` connections get a CONNACK and, in the same write, a DISCONNECT "session taken

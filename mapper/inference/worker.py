@@ -39,7 +39,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from devices import ids
-from eventbus.bus import (Credentials, credentials_hint, credentials_refused, describe, log_refused_publish,
+from eventbus.bus import (Credentials, connection, credentials_hint, credentials_refused, describe, log_refused_publish,
                           publish_until_lost, refused_reason, subscribe_until_lost, watch_disconnect,
                           watch_refused_publishes)
 from eventbus.settings import MqttSettings
@@ -272,7 +272,7 @@ class CloudWorker:
             try:
                 client = self._client()
                 check_connected = watch_disconnect(client)
-                async with client:
+                async with connection(client):
                     check_connected()
                     connected = True
                     if (back := self.outage.back()) is not None:
