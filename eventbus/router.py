@@ -115,8 +115,11 @@ class Router:
             due = min(self._next.get(key, 0.0) for key in self._waiting) if self._waiting else loop.time()
             if due > loop.time():
                 # Waiting out the rate limit's interval (it is the limit itself), or a new key.
+                # asyncio.timeout_at, not wait_for: 3.11's wait_for drops a cancel (the stop) that
+                # comes as the wake does, and run() went on.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), due - loop.time())
+                    async with asyncio.timeout_at(due):
+                        await self._wake.wait()
                 continue
             now = loop.time()
             for key in [k for k in self._waiting if self._next.get(k, 0.0) <= now]:

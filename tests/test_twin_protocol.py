@@ -858,6 +858,39 @@ def test_a_set_object_without_a_value_key_says_so(broker, lamp):
     assert "must be a scalar" not in mapper.log()
 
 
+async def test_the_stop_ends_run_when_its_wake_comes_with_the_cancel():
+    """run() waiting out a rate limit's interval, woken (a request for a new key) in the loop iteration
+    where the stop cancels it: asyncio.wait_for, which it waited with, returns under Python 3.11 when
+    the awaited wait is done and drops the cancel; run() went on, and the event bus's task group (the
+    mapper's stop with it) waited for it for ever."""
+    import asyncio
+
+    from eventbus.router import Router
+    from eventbus.topics import Topics
+
+    async def never_answered(event_ids: list[str]) -> None:
+        raise AssertionError(f"answered {event_ids} before the interval's end")
+
+    router = Router(None, Topics("n"), max_payload=1024, serve_twin_protocol=True)  # type: ignore[arg-type]
+    key = ("twin/get", DeviceId("default", "a"))
+    router._waiting[key], router._answer[key] = {"a2": None}, never_answered
+    router._next[key] = asyncio.get_running_loop().time() + 600  # the interval: run() waits it out
+    task = asyncio.create_task(router.run())
+    try:
+        while not router._wake._waiters:  # (a few loop iterations: run() and the wait it starts)
+            await asyncio.sleep(0)
+        router._wake.set()
+        await asyncio.sleep(0)  # the wait ends in the next iteration, before this task goes on ...
+        task.cancel()  # ... and the stop comes before run() has resumed
+        done, _ = await asyncio.wait({task}, timeout=10)  # (no cancel from here: it would end the task)
+        assert task in done, "run() went on after its stop"
+        assert task.cancelled()
+    finally:
+        while not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=1)
+
+
 async def test_a_stop_that_answers_waiting_requests_while_run_answers_them_is_not_an_error():
     """Two keys fell due together (two devices' twin/get waiting out the rate limit) and run() was
     answering the first when a clean stop's flush_waiting answered and emptied the rest: run() then
