@@ -268,7 +268,7 @@ async def connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     the connection task running, connected: `mapper run` and the cloud worker never ended, and
     systemd killed them after TimeoutStopSec. The wait runs in a task of its own here, which a
     cancel of the caller cancels in turn; a connection it made all the same is closed before the
-    caller's CancelledError goes on."""
+    caller's CancelledError goes on. Once connected, a cancel goes on whatever the disconnect raises."""
     entering = asyncio.ensure_future(client.__aenter__())
     try:
         await asyncio.wait((entering,))
@@ -282,6 +282,14 @@ async def connection(client: aiomqtt.Client) -> AsyncIterator[aiomqtt.Client]:
     entering.result()  # a refused or failed attempt: its MqttError
     try:
         yield client
+    except asyncio.CancelledError as exc:
+        # The cancel goes on whatever the disconnect says: a broker that takes nothing (frozen, or the
+        # network gone, the socket's buffers full) never gets the DISCONNECT, and aiomqtt's wait for
+        # it ended in an MqttError after 10 s, which run() took for a lost connection: it connected
+        # again, for ever, and the stop never ended.
+        with contextlib.suppress(Exception):
+            await client.__aexit__(type(exc), exc, exc.__traceback__)
+        raise
     except BaseException as exc:
         await client.__aexit__(type(exc), exc, exc.__traceback__)
         raise

@@ -260,6 +260,37 @@ async def test_a_stop_that_comes_with_the_connack_ends_the_connection_task(who, 
         await _cancelled(task)
 
 
+async def test_a_stop_whose_disconnect_the_frozen_broker_never_takes_ends_the_bus(broker, tmp_path):
+    """The stop cancels the connected bus while the broker takes nothing (frozen, or the network to it
+    gone, with the socket's buffers full): aiomqtt's DISCONNECT cannot be written, and its wait for
+    the disconnect ends after 10 s with an MqttError in place of the cancel; run() took it for a lost
+    connection and connected again, for ever, and the mapper's stop never ended."""
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    settings = MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper", password_file=secret,
+                            keepalive_s=600, reconnect_min_s=0.2, reconnect_max_s=0.5)
+    bus = MqttBus(settings, client_id="stop-frozen-test", will_topic="mapper/test-node/availability",
+                  subscriptions=[], on_message=nothing, on_connect=nothing)
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(20):
+            await bus.connected.wait()
+        broker.freeze()
+        paho_client = bus.client._client  # noqa: SLF001
+        async with asyncio.timeout(60):  # the kernel's buffers fill: paho keeps what it could not write
+            while len(paho_client._out_packet) < 200:  # noqa: SLF001
+                for _ in range(50):
+                    paho_client.publish("mapper/test-node/default/filler/count", b"x" * 8192, qos=0)
+                await asyncio.sleep(0.01)  # (what the socket takes is written meanwhile)
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=25)  # (no cancel from here: it would end the task)
+        assert task in done, "the bus went on after its stop"
+        assert task.cancelled()
+    finally:
+        broker.thaw()
+        await _cancelled(task)
+
+
 class _FakeBroker:
     """A minimal MQTT 5 broker on 127.0.0.1 for what Mosquitto cannot be made to do on cue: its first
     `drop_first` connections get a CONNACK and, in the same write, a DISCONNECT "session taken
