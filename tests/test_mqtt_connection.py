@@ -12,6 +12,7 @@ import signal
 import sqlite3
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import aiomqtt
@@ -178,6 +179,30 @@ async def test_a_broker_frozen_before_it_acknowledges_online_is_noticed_by_keepa
         assert isinstance(errors[0].__cause__, aiomqtt.MqttCodeError), errors[0]  # the disconnect, not a timeout
         async with asyncio.timeout(30):
             await reconnected.wait()
+    finally:
+        await _cancelled(task)
+
+
+async def _made_again(task: asyncio.Task, ready: asyncio.Event, fake: _FakeBroker) -> None:
+    """Wait (20 s at most) for `ready`, the fake broker having taken two connections: the one it
+    dropped and the one made again. The task is stopped either way."""
+    try:
+        async with asyncio.timeout(20):
+            await ready.wait()
+        assert fake.connections == 2
+    finally:
+        await _cancelled(task)
+
+
+async def _attempted(task: asyncio.Task, bus: MqttBus, enough: Callable[[], bool]) -> None:
+    """Let the bus's task try to connect, each attempt awaited, until `enough()` (30 s at most);
+    then stop it."""
+    try:
+        async with asyncio.timeout(30):
+            await bus.first_attempt.wait()
+            while not enough():
+                bus.first_attempt.clear()  # set again after every attempt
+                await bus.first_attempt.wait()
     finally:
         await _cancelled(task)
 
@@ -399,12 +424,7 @@ async def test_a_connection_lost_before_the_connack_or_suback_is_made_again_at_o
 
             worker = CloudWorker(WorkerSettings(mqtt=settings, models=["sensor_faults"], worker_id="suback-test"))
             task, ready = asyncio.create_task(worker.run()), worker.ready
-        try:
-            async with asyncio.timeout(20):
-                await ready.wait()
-            assert fake.connections == 2
-        finally:
-            await _cancelled(task)
+        await _made_again(task, ready, fake)
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lost) == 1 and logged in lost[0] and "Unspecified error" in lost[0], lost
 
@@ -428,12 +448,7 @@ async def test_a_connection_dropped_right_after_the_connack_is_noticed_and_made_
         bus = MqttBus(settings, client_id="dropped-test", will_topic="mapper/dropped-test/availability",
                       subscriptions=subscriptions, on_message=nothing, on_connect=on_connect)
         task = asyncio.create_task(bus.run())
-        try:
-            async with asyncio.timeout(20):
-                await served.wait()
-            assert fake.connections == 2
-        finally:
-            await _cancelled(task)
+        await _made_again(task, served, fake)
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert len(lost) == 1 and "Session taken over" in lost[0] and "'dropped-test'" in lost[0], lost
 
@@ -449,12 +464,7 @@ async def test_the_cloud_worker_notices_a_connection_dropped_right_after_the_con
             url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5, reconnect_min_s=0.05, reconnect_max_s=0.1))
         worker = CloudWorker(settings)
         task = asyncio.create_task(worker.run())
-        try:
-            async with asyncio.timeout(20):
-                await worker.ready.wait()
-            assert fake.connections == 2
-        finally:
-            await _cancelled(task)
+        await _made_again(task, worker.ready, fake)
     lost = [r.getMessage() for r in caplog.records if "lost or refused" in r.getMessage()]
     assert len(lost) == 1 and "Session taken over" in lost[0], lost
 
@@ -543,14 +553,7 @@ async def test_refused_credentials_are_logged_with_what_to_check(broker, tmp_pat
                   subscriptions=[], on_message=nothing, on_connect=nothing)
     caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
     task = asyncio.create_task(bus.run())
-    try:
-        async with asyncio.timeout(30):
-            await bus.first_attempt.wait()
-            while bus.connects == 0 and bus.failed_attempts < 3:
-                bus.first_attempt.clear()  # set again after every attempt
-                await bus.first_attempt.wait()
-    finally:
-        await _cancelled(task)
+    await _attempted(task, bus, lambda: bus.connects > 0 or bus.failed_attempts >= 3)
     assert bus.connects == 0
     refusals = [r for r in caplog.records if "lost or refused" in r.getMessage()]
     assert len(refusals) >= 3 and all("Not authorized" in r.getMessage() for r in refusals), refusals  # retried
@@ -573,14 +576,7 @@ async def test_a_url_where_no_broker_listens_is_logged_with_what_to_do(caplog):
                   subscriptions=[], on_message=nothing, on_connect=nothing)
     caplog.set_level(logging.DEBUG, logger="mapper.mqtt")
     task = asyncio.create_task(bus.run())
-    try:
-        async with asyncio.timeout(30):
-            await bus.first_attempt.wait()
-            while bus.failed_attempts < 3:  # noqa: PLR2004
-                bus.first_attempt.clear()  # set again after every attempt
-                await bus.first_attempt.wait()
-    finally:
-        await _cancelled(task)
+    await _attempted(task, bus, lambda: bus.failed_attempts >= 3)
     refusals = [r for r in caplog.records if "lost or refused" in r.getMessage()]
     (told,) = [r.getMessage() for r in refusals if r.levelno >= logging.WARNING]
     assert "Connection refused" in told and (f"no broker listens at mqtt://127.0.0.1:{port}: start it (systemctl"
