@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
@@ -23,6 +24,14 @@ import pytest
 #                  config + bridge.conf into cloud), bridge already connected.
 # ----------------------------------------------------------------------------
 from brokers import MosquittoBroker, ensure_mosquitto_installed, wait_until_bridged
+
+# The DMI tests run gRPC servers and clients in the test process, and the brokers the tests start
+# are forked with a preexec_fn (die_with_parent): with gRPC's fork support on (its default), its
+# fork handlers ran in the child before the exec, and a busy gRPC made the child abort (SIGABRT,
+# "Epoll1Poller ... epoll_wait error: Bad file descriptor" in the broker's log; a CI run on
+# 2026-12-01; 4 of 300 forks with gRPC busy in a probe, 0 of 300 with it off). Nothing here uses
+# gRPC in a forked child. Read by gRPC when it is first imported, so before any test module.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 class CloudAndEdge(NamedTuple):
