@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,8 +45,18 @@ MQTT_TOPIC_BYTES = 40  # e.g. "mapper/<device-id>/inference/offload"
 MQTT_QOS1_FRAMING = 2 + 2 + 2  # fixed header (remaining length < 128) + topic length + packet id
 
 
+def _onnxruntime():
+    """onnxruntime with its telemetry uploader off (official wheels from 1.29 send usage data to
+    Microsoft unless ORT_DISABLE_TELEMETRY=1 is set before the first session; see
+    mapper/inference/ort.py: this package does not import the mapper)."""
+    os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+    import onnxruntime
+
+    return onnxruntime
+
+
 def session_options():
-    import onnxruntime as ort
+    ort = _onnxruntime()
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
@@ -61,7 +72,7 @@ def load_meta(model_dir: Path = MODEL_DIR) -> dict:
 
 def open_sessions(model_dir: Path = MODEL_DIR):
     """Return (edge, cloud) onnxruntime sessions after checking the sha256 in model.json."""
-    import onnxruntime as ort
+    ort = _onnxruntime()
 
     meta = load_meta(model_dir)
     sessions = []

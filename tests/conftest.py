@@ -32,6 +32,11 @@ from brokers import MosquittoBroker, ensure_mosquitto_installed, wait_until_brid
 # 2026-12-01; 4 of 300 forks with gRPC busy in a probe, 0 of 300 with it off). Nothing here uses
 # gRPC in a forked child. Read by gRPC when it is first imported, so before any test module.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+# Tests send traffic only to loopback: onnxruntime's telemetry uploader (official wheels, 1.29
+# and later) would look up Microsoft's collector from every process that opens a session. The
+# mapper turns it off itself (mapper/inference/ort.py); this covers the tests' own sessions and
+# every process they start.
+os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
 
 class CloudAndEdge(NamedTuple):

@@ -132,6 +132,34 @@ def test_session_options_are_single_threaded_without_spinning():
     assert so.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
+def test_loading_a_model_leaves_onnxruntimes_telemetry_off(tmp_path):
+    """The official onnxruntime wheels (1.29 and later) start a telemetry uploader at the first
+    session: a device id and an event cache under ~/.cache/Microsoft/, and a DNS lookup of
+    Microsoft's collector every few seconds. Loading a model as `mapper run` and the cloud worker
+    do, with ORT_DISABLE_TELEMETRY unset, creates none of it: the mapper turns it off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("ORT_DISABLE_TELEMETRY", "XDG_CACHE_HOME")}
+    env["HOME"] = str(tmp_path)
+    script = ("import os; from mapper.inference.model import load_model; "
+              "model = load_model('models/sensor_faults'); "
+              "print(model.info.name, os.environ.get('ORT_DISABLE_TELEMETRY', 'unset'))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert not (tmp_path / ".cache" / "Microsoft").exists(), sorted(str(p) for p in tmp_path.rglob("*"))
+    assert done.stdout.split() == ["sensor-faults-early-exit", "1"]
+
+
+def test_an_operator_may_turn_onnxruntimes_telemetry_on():
+    """ORT_DISABLE_TELEMETRY set by the operator (0: send it) is left as it is."""
+    env = {**os.environ, "ORT_DISABLE_TELEMETRY": "0"}
+    script = "import os; from mapper.inference.ort import import_onnxruntime; import_onnxruntime(); " \
+             "print(os.environ['ORT_DISABLE_TELEMETRY'])"
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "0"
+
+
 def test_a_tampered_graph_is_refused(tmp_path):
     """A graph whose sha256 differs from model.json is not loaded."""
     copy = tmp_path / "sf"

@@ -18,14 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from mapper.inference.ort import import_onnxruntime
+
 
 class ModelError(Exception):
     """A model directory is missing, damaged, or does not compute what model.json says."""
 
 
 def session_options():  # noqa: ANN201 - onnxruntime.SessionOptions
-    import onnxruntime as ort
-
+    ort = import_onnxruntime()
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
@@ -87,8 +88,7 @@ class EarlyExitModel:
     @classmethod
     def load(cls, directory: str | Path, *, parts: tuple[str, ...] = ("edge", "cloud")) -> EarlyExitModel:
         """Open the sessions after checking each graph's sha256 against model.json."""
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         directory = Path(directory)
         info = ModelInfo.read(directory)
         sessions: dict[str, Any] = {}

@@ -873,9 +873,11 @@ def _bare_edge_us(runs: int, every_s: float = 0.0) -> list[float]:
     options), one window per run() as the mapper does, in this process; one run every `every_s`
     (the mapper's window rate: caches and the core go cold in between) or back to back (0)."""
     import numpy as np
-    import onnxruntime as ort
 
     from mapper.inference.model import session_options
+    from mapper.inference.ort import import_onnxruntime
+
+    ort = import_onnxruntime()  # as the mapper does: telemetry off (traffic to loopback only)
 
     model_dir = REPO / "models" / "sensor_faults"
     session = ort.InferenceSession(str(model_dir / "edge.onnx"), sess_options=session_options(),
