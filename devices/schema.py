@@ -142,23 +142,28 @@ class ModelProperty(_Base):
         return self.access_mode == "ReadWrite"
 
     @property
-    def min_value(self) -> float | None:
+    def min_value(self) -> int | float | None:
         return _number(self.minimum, "minimum")
 
     @property
-    def max_value(self) -> float | None:
+    def max_value(self) -> int | float | None:
         return _number(self.maximum, "maximum")
 
 
 # A plain decimal numeral, as a person writes one: not Python's extras (`1_0`, `nan`, `inf`).
 _NUMERAL = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
-def _number(text: str | None, field: str) -> float | None:
+def _number(text: str | None, field: str) -> int | float | None:
     if text is None or text == "":
         return None
     if not _NUMERAL.fullmatch(text.strip()):
         raise ValueError(f"{field} {text!r} is not a number: write a plain decimal such as \"0\" or \"-2.5\"")
+    if _INTEGER.fullmatch(text.strip()):
+        # Exact: as a float, a bound beyond 2^53 was a neighbouring number (9007199254740995 read
+        # as ...996, which a value above the model's maximum then passed).
+        return int(text)
     value = float(text)
     if not math.isfinite(value):
         raise ValueError(f"{field} {text!r} is too large")

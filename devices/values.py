@@ -190,7 +190,15 @@ def range_problem(value: Value, minimum: float | None, maximum: float | None) ->
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if minimum is not None and value < minimum:
-        return f"{value} is below the minimum {minimum:g}"
+        return f"{value} is below the minimum {_bound_text(minimum)}"
     if maximum is not None and value > maximum:
-        return f"{value} is above the maximum {maximum:g}"
+        return f"{value} is above the maximum {_bound_text(maximum)}"
     return None
+
+
+def _bound_text(bound: float) -> str:
+    """A range bound as the model writes it: every digit, no exponent. Shortened (`:g`), a refusal
+    named another limit than the model's: 1.23457e+08 for a maximum of 123456789."""
+    if isinstance(bound, float) and bound.is_integer() and abs(bound) <= FLOAT_EXACT:
+        return str(int(bound))  # "1e8" or "50.0": 100000000, 50
+    return to_twin_string(bound)

@@ -1198,3 +1198,31 @@ def test_a_readwrite_property_that_cannot_be_written_runs_read_only_for_a_device
         " whose driver writes"]
     (definition,) = result.devices.values()
     assert not any(p.writable for p in definition.properties)
+
+
+@pytest.mark.parametrize(("bounds", "value", "why"), [
+    # Shortened with `:g`, the refusal named another limit than the model's (1.23457e+08 for 123456789).
+    ('minimum: "0"\n      maximum: "123456789"', 123456790, "123456790 is above the maximum 123456789"),
+    ('minimum: "-0.000001"\n      maximum: "50"', -1, "-1 is below the minimum -0.000001"),
+    # Read as a float, a bound beyond 2^53 was another number: 9007199254740995 became ...996, and
+    # 9007199254740996, above the model's maximum, was taken.
+    ('minimum: "0"\n      maximum: "9007199254740995"', 9007199254740996,
+     "9007199254740996 is above the maximum 9007199254740995"),
+])
+def test_a_value_out_of_range_is_refused_naming_the_bound_as_the_model_writes_it(tmp_path, bounds, value, why):
+    model = MODEL.format(model="thing-model").replace('minimum: "0"\n      maximum: "100000000"', bounds)
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device_yaml("d"))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    with pytest.raises(ValueError) as refused:
+        device.desired_value("count", value)
+    assert str(refused.value) == f"property 'count': {why}"
+
+
+def test_an_integer_bound_beyond_a_float_keeps_every_value_within_it(tmp_path):
+    """maximum 9007199254740993 (2^53+1), read as a float, was 2^53: the maximum itself was refused."""
+    model = MODEL.format(model="thing-model").replace('maximum: "100000000"', 'maximum: "9007199254740993"')
+    (tmp_path / "m.yaml").write_text(model)
+    (tmp_path / "d.yaml").write_text(device_yaml("d"))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    assert device.desired_value("count", 9007199254740993) == 9007199254740993

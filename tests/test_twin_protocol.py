@@ -128,6 +128,9 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     ('{"event_id":"x2","twin":{"temperature":{"expected":{"value":"5"}}}}', 400, "ReadOnly"),
     ('{"event_id":"x3","twin":{"nope":{"expected":{"value":"5"}}}}', 400, "has no property 'nope'"),
     ('{"event_id":"x4","twin":{"count":{"expected":{"value":"-4"}}}}', 400, "below the minimum"),
+    # The model's maximum as it writes it (`:g` shortened it to 1e+08).
+    ('{"event_id":"xc","twin":{"count":{"expected":{"value":"100000001"}}}}', 400,
+     "100000001 is above the maximum 100000000"),
     ('{"event_id":"x5","twin":{"power":{"actual":{"value":"true"}}}}', 400, "reported by the device"),
     ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
     ('[1,2,3]', 400, "must be a JSON object"),
