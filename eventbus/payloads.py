@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from devices.definitions import DeviceDefinition
 from devices.ids import shown
@@ -46,6 +47,15 @@ class VersionIn(_In):
 
 class ValueIn(_In):
     value: str | int | float | bool | None = None
+
+    @field_validator("value", mode="before")
+    @classmethod
+    def _scalar(cls, value: Any) -> Any:
+        # Else pydantic's first error for a list was "value.str: Input should be a valid string".
+        if isinstance(value, dict | list):
+            kind = "an object" if isinstance(value, dict) else "a list"
+            raise PydanticCustomError("scalar", f"a value is a string, number, boolean or null, not {kind}")
+        return value
 
 
 class TwinIn(_In):
@@ -82,7 +92,7 @@ def decode(payload: bytes, model: type[BaseModel], max_bytes: int) -> Any:
     try:
         data = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
-        raise BadRequest(400, f"malformed JSON: {exc}") from None
+        raise BadRequest(400, not_utf8(payload) or f"malformed JSON: {exc}") from None
     if not isinstance(data, dict):
         raise BadRequest(400, "the payload must be a JSON object")
     try:
@@ -91,7 +101,19 @@ def decode(payload: bytes, model: type[BaseModel], max_bytes: int) -> Any:
         first = exc.errors(include_url=False)[0]
         # Property names are keys of `twin`, so a location can be as long as the payload.
         where = ".".join(shown(p, 80) if isinstance(p, str) and len(p) > 80 else str(p) for p in first["loc"]) or "payload"
-        raise BadRequest(400, f"{where}: {first['msg']}") from None
+        # Not pydantic's "Input should be a valid dictionary or instance of ValueIn": no class names.
+        message = "should be a JSON object" if first["type"] in ("model_type", "dict_type") else first["msg"]
+        raise BadRequest(400, f"{where}: {message}") from None
+
+
+def not_utf8(payload: bytes) -> str | None:
+    """Where `payload` stops being UTF-8, or None. orjson says "str is not valid UTF-8: surrogates
+    not allowed: line 1 column 1 (char 0)" for any bad byte, wherever it is."""
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"the payload is not UTF-8 text: byte 0x{payload[exc.start]:02x} at offset {exc.start} ({exc.reason})"
+    return None
 
 
 # Properties whose values are text: a /set payload is taken as it is, never parsed as a JSON number.
@@ -117,7 +139,7 @@ def set_value(payload: bytes, kind: PropertyType | None) -> Any:
     try:
         text = payload.decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise BadRequest(400, "payload is not UTF-8 text") from None
+        raise BadRequest(400, not_utf8(payload) or "payload is not UTF-8 text") from None
     if text.startswith("{"):
         try:
             decoded = orjson.loads(text)

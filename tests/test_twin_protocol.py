@@ -135,6 +135,11 @@ def test_expected_is_applied_and_comes_back_as_reported(broker, lamp):
     ('{"event_id":"x6", "twin": [1,2]', 400, "malformed JSON"),
     ('[1,2,3]', 400, "must be a JSON object"),
     ('{"event_id":"x7","twin":{"count":{"expected":{"value":1e20}}}}', 400, "integer from -2^63"),
+    # Pydantic's first error named the union's first member: "value.str: Input should be a valid string".
+    ('{"event_id":"xd","twin":{"count":{"expected":{"value":[1]}}}}', 400,
+     "twin.count.expected.value: a value is a string, number, boolean or null, not a list"),
+    # Not "Input should be a valid dictionary or instance of ValueIn" (a class of the mapper's).
+    ('{"event_id":"xe","twin":{"count":{"expected":"5"}}}', 400, "twin.count.expected: should be a JSON object"),
     ('{"event_id":"xb","twin":{"nope":null}}', 400, "has no property 'nope'"),  # not "it is declared"
     # A version is a JSON integer (edgecore's int64): `true` is not version 1, nor "0" version 0.
     ('{"event_id":"x8","twin":{"count":{"expected":{"value":"3"},"expected_version":{"edge":true}}}}', 400,
@@ -152,6 +157,19 @@ def test_bad_updates_get_edgecore_errors(broker, lamp, payload, code, reason):
     assert reply["code"] == code and reason in reply["reason"], reply
     expected_id = json.loads(payload)["event_id"] if payload.startswith('{"event_id":"x') and "x6" not in payload else ""
     assert reply["event_id"] == expected_id
+
+
+def test_a_request_that_is_not_utf8_is_refused_saying_where(broker, lamp):
+    """A byte that is not UTF-8 anywhere in a request: orjson's reason was "str is not valid UTF-8:
+    surrogates not allowed: line 1 column 1 (char 0)", whatever and wherever the byte was."""
+    mapper, sub = lamp
+    # "\udcff" is the byte 0xff on the command line (os.fsencode's surrogateescape).
+    pub(broker, f"{HW}/twin/update", '{"event_id":"u8","twin":{"power":{"expected":{"value":"tr\udcffue"}}}}')
+    reply = sub.expect(f"{HW}/twin/update/result")
+    assert reply["code"] == 400, reply
+    assert reply["reason"] == "the payload is not UTF-8 text: byte 0xff at offset 57 (invalid start byte)", reply
+    pub(broker, "mapper/test-node/default/lamp/power/set", "tr\udcffue")
+    mapper.wait_log("refused set for default/lamp: 400 the payload is not UTF-8 text: byte 0xff at offset 2")
 
 
 def test_an_update_with_actual_next_to_expected_applies_the_expected(broker, lamp):
