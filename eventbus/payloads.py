@@ -122,6 +122,15 @@ TEXT_TYPES = frozenset({PropertyType.STRING, PropertyType.BYTES, PropertyType.ST
 NO_VALUE_KEY = 'the JSON object has no "value" key: send {"value": ...} (also for a text that starts with "{")'
 
 
+def check_text_value(raw: Any, kind: PropertyType | None) -> None:
+    """BadRequest(400) for a JSON number as the value of a text property (TEXT_TYPES): its text is
+    not kept by a JSON parser (`1.10` reads as 1.1, `1E3` as 1000.0, a 23-digit integer as a float
+    in exponent notation), so the property would be set to another text than the one sent."""
+    if kind in TEXT_TYPES and isinstance(raw, int | float) and not isinstance(raw, bool):
+        raise BadRequest(400, f"a {kind.value} value is sent as a JSON string (\"1.10\"), not as a JSON number, "
+                              f"whose text is not kept (1.10 reads as 1.1)")
+
+
 def set_value(payload: bytes, kind: PropertyType | None) -> Any:
     """The value a `.../<property>/set` payload carries for a property of type `kind` (None: not
     declared, left for the caller to refuse), not yet checked against the property: one parse for
@@ -148,6 +157,7 @@ def set_value(payload: bytes, kind: PropertyType | None) -> Any:
         if "value" not in decoded:  # (a dict: the text starts with "{" and parsed)
             raise BadRequest(400, NO_VALUE_KEY)
         raw = decoded["value"]
+        check_text_value(raw, kind)
     elif kind in TEXT_TYPES:
         raw = text
         if text.startswith('"'):

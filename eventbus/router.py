@@ -309,6 +309,11 @@ class Router:
         definition = self._definition(device)
         if raw is None and definition.has_property(name) and definition.prop(name).writable:
             raise BadRequest(400, f"property {name!r}: no expected value")
+        if definition.has_property(name) and definition.prop(name).writable:
+            try:
+                payloads.check_text_value(raw, definition.prop(name).type)
+            except BadRequest as exc:
+                raise BadRequest(400, f"property {name!r}: {exc.reason}") from None
         try:
             return definition.desired_value(name, raw)
         except ValueError as exc:

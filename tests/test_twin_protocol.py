@@ -664,6 +664,36 @@ def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
             assert mapper.stop() == 0
 
 
+def test_a_json_number_for_a_string_property_is_refused_not_rewritten(broker, tmp_path):
+    """`{"value": 1.10}` (twin/update, or a `/set` object) for a STRING property: the JSON parser
+    keeps no number's text, so the property was set to "1.1" (and a 23-digit number to
+    "1.2345678901234568e+22"): another text than the one sent. Refused, saying to send a string."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "tag.yaml").write_text(LABELLED)
+    hw = "$hw/events/device/default/tag"
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "mapper/test-node/default/tag/label", f"{hw}/twin/update/result")
+        try:
+            sub.expect("mapper/test-node/default/tag/label", lambda b: b["value"] == "none")
+            pub(broker, f"{hw}/twin/update", '{"event_id":"n1","twin":{"label":{"expected":{"value":1.10}}}}')
+            reply = sub.expect(f"{hw}/twin/update/result", lambda b: b["event_id"] == "n1")
+            assert reply.get("code") == 400, reply
+            assert reply["reason"].startswith("property 'label': a STRING value is sent as a JSON string"), reply
+            pub(broker, "mapper/test-node/default/tag/label/set", '{"value": 12345678901234567890123}')
+            mapper.wait_log("refused set for default/tag: 400 a STRING value is sent as a JSON string")
+            # The same values as JSON strings are taken as they are.
+            pub(broker, f"{hw}/twin/update", '{"event_id":"n2","twin":{"label":{"expected":{"value":"1.10"}}}}')
+            assert "code" not in sub.expect(f"{hw}/twin/update/result", lambda b: b["event_id"] == "n2")
+            sub.expect("mapper/test-node/default/tag/label", lambda b: b["value"] == "1.10")
+        finally:
+            sub.close()
+            assert mapper.stop() == 0
+    with TwinStore.open(mapper.twin_path) as store:
+        assert store.device(DeviceId.parse("tag")).properties["label"].desired == "1.10"
+
+
 def test_two_mappers_on_a_shared_broker_answer_only_for_their_own_devices(broker, tmp_path):
     """With `mqtt.shared_broker`, a twin request for one node's device gets that mapper's answer
     only: the other mapper, which does not have the device, stays silent (it answered 404 first)."""
