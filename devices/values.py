@@ -75,8 +75,14 @@ _INT_RANGE = "expected an integer from -2^63 to 2^63-1"
 def _to_int(raw: Any) -> int:
     value = _integer(raw)
     if not INT_MIN <= value <= INT_MAX:
-        raise ValueError(f"{_INT_RANGE}, got {str(raw)[:40]}")
+        raise ValueError(f"{_INT_RANGE}, got {_given(raw)}")
     return value
+
+
+def _given(raw: Any) -> str:
+    """`raw` for a message: a number as it is, text quoted (its line breaks escaped: a reason goes into
+    the log, where `"\n\n99..."` broke the line) and cut after 40 characters."""
+    return shown(raw, 40) if isinstance(raw, str) else str(raw)[:40]
 
 
 def _integer(raw: Any) -> int:
@@ -115,7 +121,7 @@ def _integer(raw: Any) -> int:
 def _exact_whole(number: float | Decimal, raw: Any) -> float | Decimal:
     """`number` (whole) when an integer written with a fraction or exponent is exact, else why not."""
     if not INT_MIN <= number <= INT_MAX:
-        raise ValueError(f"{_INT_RANGE}, got {str(raw)[:40]}")
+        raise ValueError(f"{_INT_RANGE}, got {_given(raw)}")
     if abs(number) > FLOAT_EXACT:
         raise ValueError(
             f"expected an integer, got {shown(raw)}: written with a fraction or exponent, an integer is "

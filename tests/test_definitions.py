@@ -1226,3 +1226,17 @@ def test_an_integer_bound_beyond_a_float_keeps_every_value_within_it(tmp_path):
     (tmp_path / "d.yaml").write_text(device_yaml("d"))
     device = load([tmp_path]).devices[DeviceId("default", "d")]
     assert device.desired_value("count", 9007199254740993) == 9007199254740993
+
+
+@pytest.mark.parametrize("raw", ["\n\n\r\n99999999999999999999999", "\n1e400", "99999999999999999999999\u2028"])
+def test_an_integer_out_of_range_is_quoted_in_its_error_with_its_line_breaks_escaped(tmp_path, raw):
+    """The reason goes into the log and a twin reply: text around the digits (whitespace, which the
+    number's check strips) went in as it was, and a line break in it broke the log line."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("d"))
+    device = load([tmp_path]).devices[DeviceId("default", "d")]
+    with pytest.raises(ValueError) as refused:
+        device.desired_value("count", raw)
+    message = str(refused.value)
+    assert message == f"property 'count': expected an integer from -2^63 to 2^63-1, got {raw!r}", message
+    assert message.isprintable()
