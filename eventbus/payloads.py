@@ -283,15 +283,20 @@ def _rfc3339(ms: int | None) -> str:
 
 
 def _member(twin: DeviceTwin, definition: DeviceDefinition | None) -> dict[str, Any]:
-    """A device as edgecore's membership messages list it (dttype.Device)."""
-    return {
+    """A device as edgecore's membership messages list it (dttype.Device: `last_online` is
+    `omitempty`, so a device never `ok` has none, as in state_result)."""
+    member: dict[str, Any] = {
         "id": str(twin.id), "name": twin.id.name,
         "description": f"{twin.model} on {twin.protocol}" if definition is None else
                        f"{definition.model_name} on {definition.protocol}",
-        "state": twin.state, "last_online": _rfc3339(twin.last_online),
+        "state": twin.state,
         "attributes": {"model": {"value": twin.model, "optional": False, "metadata": {"type": "string"}},
                        "protocol": {"value": twin.protocol, "optional": False, "metadata": {"type": "string"}}},
     }
+    last_online = _rfc3339(twin.last_online)
+    if last_online:
+        member["last_online"] = last_online
+    return member
 
 
 def membership(event_id: str, twins: list[DeviceTwin], definitions: dict[Any, DeviceDefinition]) -> dict[str, Any]:

@@ -1206,3 +1206,21 @@ def test_no_desired_value_is_taken_for_a_device_whose_file_names_another_node(br
         twin = store.device(DeviceId("default", "other"))
     assert {name: p.desired for name, p in twin.properties.items()} == {"count": None, "power": None,
                                                                           "temperature": None}
+
+
+def test_a_member_never_online_has_no_last_online_key_as_in_edgecore():
+    """membership/get/result and membership/updated list devices as edgecore's dttype.Device, whose
+    `last_online` is `omitempty`: a device never `ok` has no such key (state/update/result already
+    left it out). Before, membership listed it as `"last_online": ""`."""
+    from eventbus import payloads
+    from twin.records import DeviceTwin
+
+    def device(name: str, last_online: int | None) -> DeviceTwin:
+        return DeviceTwin(DeviceId("default", name), "m", "simulated", "offline", None, None, last_online, None, {})
+
+    body = payloads.membership("m1", [device("never", None), device("once", 1_795_338_608_348)], {})
+    never, once = body["devices"]
+    assert "last_online" not in never, never
+    assert once["last_online"] == "2026-11-22T09:10:08Z", once
+    update = payloads.membership_updated([(device("never", None), None)], [])
+    assert "last_online" not in update["added_devices"][0], update
