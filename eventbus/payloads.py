@@ -220,8 +220,14 @@ def error_reply(event_id: str, code: int, reason: str) -> dict[str, Any]:
 
 
 def update_result(event_id: str, twin: DeviceTwin, names: list[str]) -> dict[str, Any]:
-    return {"event_id": event_id, "timestamp": now_ms(),
-            "twin": {n: msg_twin(twin.properties[n]) for n in names}}
+    """twin/update/result: for each property set, what the update changed, as edgecore's result of an
+    app's update (dealTwinCompare's sync result, versions stripped) holds it: `expected`, `optional`,
+    `metadata`, not the device's `actual`, which the update did not set (twin/get has it)."""
+    def changed(prop: PropertyTwin) -> dict[str, Any]:
+        entry = msg_twin(prop)
+        entry.pop("actual", None)
+        return entry
+    return {"event_id": event_id, "timestamp": now_ms(), "twin": {n: changed(twin.properties[n]) for n in names}}
 
 
 def update_document(event_id: str, before: DeviceTwin | None, after: DeviceTwin, names: list[str]) -> dict[str, Any]:

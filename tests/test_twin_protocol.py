@@ -1224,3 +1224,23 @@ def test_a_member_never_online_has_no_last_online_key_as_in_edgecore():
     assert once["last_online"] == "2026-11-22T09:10:08Z", once
     update = payloads.membership_updated([(device("never", None), None)], [])
     assert "last_online" not in update["added_devices"][0], update
+
+
+def test_an_update_result_holds_what_the_update_set_not_the_devices_actual_value():
+    """edgecore's twin/update/result for an app's update of `expected` holds, per twin, the sync result
+    of that update (dtmanager dealTwinCompare: `expected` with its timestamp, `optional`, `metadata`;
+    versions stripped), never the twin's `actual`, which the update did not change. Before, the
+    result also carried the device's last reading as `actual`."""
+    from eventbus import payloads
+    from twin.records import DeviceTwin, PropertyTwin
+
+    power = PropertyTwin(name="power", type="BOOLEAN", writable=True, unit="", desired=True, desired_version=2,
+                         desired_ts=5, reported=False, reported_version=7, reported_ts=4, quality="good",
+                         quality_detail=None, apply_error=None)
+    twin = DeviceTwin(DeviceId("default", "lamp"), "m", "simulated", "ok", None, None, None, None, {"power": power})
+    result = payloads.update_result("e1", twin, ["power"])
+    assert result["event_id"] == "e1"
+    assert result["twin"] == {"power": {"expected": {"value": "true", "metadata": {"timestamp": 5}},
+                                        "optional": False, "metadata": {"type": "boolean"}}}, result
+    # twin/get still lists the device's actual value.
+    assert payloads.get_result("g1", twin)["twin"]["power"]["actual"]["value"] == "false"
