@@ -900,6 +900,19 @@ def test_config_data_any_wrappers_become_driver_config() -> None:
         load_objects([("m", model_document(model("m", {"t": ("INT", "ReadOnly")}))), ("d", device_document(bad))])
 
 
+def test_a_model_property_without_a_type_is_refused_as_a_missing_field() -> None:
+    """KubeEdge's CRD does not require a DeviceModel property's `type`, so edgecore may send "": the
+    refusal says the field is missing, as for a local file (README, Device YAML), not that '' is an
+    unknown value the user never wrote."""
+    from devices.loader import load_objects
+    from mapper.dmi.convert import model_document
+
+    untyped = pb.DeviceModel(name="m", namespace="default", spec=pb.DeviceModelSpec(
+        properties=[pb.ModelProperty(name="t", accessMode="ReadOnly")]))
+    with pytest.raises(ValueError, match=r"spec\.properties\[0\]\.type: required field is missing"):
+        load_objects([("dmi:DeviceModel default/m", model_document(untyped))])
+
+
 def test_twin_values_match_edgecore_pattern() -> None:
     """Numbers never use exponents and read back as the same number (tiny ones were rounded to 10
     decimals: 1e-11 was "0", -1e-11 "-0"); unrepresentable strings are refused; no value is ""."""

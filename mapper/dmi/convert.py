@@ -109,7 +109,9 @@ def model_document(model: pb.DeviceModel, protocol: str | None = None) -> dict[s
     """A DeviceModel document from a pb.DeviceModel (`protocol` is not on the wire: ours)."""
     properties = []
     for prop in model.spec.properties:
-        item: dict[str, Any] = {"name": prop.name, "type": prop.type.upper()}
+        item: dict[str, Any] = {"name": prop.name}
+        if prop.type:  # KubeEdge's CRD does not require it: "" on the wire is a type left out
+            item["type"] = prop.type.upper()
         if prop.description:
             item["description"] = prop.description
         if prop.accessMode:
