@@ -227,6 +227,43 @@ def test_add_update_remove_devices_and_models(sockdir: Path) -> None:
     run(scenario())
 
 
+def test_a_device_runs_on_when_edgecore_removes_its_model_before_it(sockdir: Path) -> None:
+    """Deleting a model's last Device, edgecore sends RemoveDeviceModel, then RemoveDevice (FACTS.md
+    §2.2). The Go framework only forgets the model: the device runs until its own removal. Before,
+    the mapper stopped it at RemoveDeviceModel and reported it `offline` to edgecore (twice) for a
+    device that was being deleted, logging it as kept but not run; a model removed while Devices
+    still use it stopped them all the same."""
+    remove_model = pb.RemoveDeviceModelRequest(modelName="temp-model", modelNamespace="default")
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            call = edgecore.call_mapper
+            await registered(mapper)
+            await edgecore.add(room("room-b"), TEMP)
+            await edgecore.wait_for(lambda: any(r.deviceName == "room-b" and r.state == "ok"
+                                                for r in edgecore.of("ReportDeviceStates")))
+            runner, states = mapper.runner("room-b"), len(edgecore.of("ReportDeviceStates"))
+            await call("RemoveDeviceModel", remove_model)
+            assert mapper.runner("room-b") is runner, "the device stopped at its model's removal"
+            assert ("default", "room-b") not in mapper.ext.catalog.problems
+            await call("RemoveDevice", pb.RemoveDeviceRequest(deviceName="room-b", deviceNamespace="default"))
+            assert mapper.runner("room-b") is None
+            assert ("default", "temp-model") not in mapper.ext.catalog.models  # gone with its last device
+            assert [r.state for r in edgecore.of("ReportDeviceStates")[states:] if r.deviceName == "room-b"] == []
+
+            # A model removed, then created again before its device goes, stays.
+            await call("CreateDeviceModel", pb.CreateDeviceModelRequest(model=TEMP))
+            await call("RegisterDevice", pb.RegisterDeviceRequest(device=room("room-c")))
+            await call("RemoveDeviceModel", remove_model)
+            await call("CreateDeviceModel", pb.CreateDeviceModelRequest(model=TEMP))
+            await call("RemoveDevice", pb.RemoveDeviceRequest(deviceName="room-c", deviceNamespace="default"))
+            assert ("default", "temp-model") in mapper.ext.catalog.models
+            # Removed while no device uses it: dropped at once.
+            await call("RemoveDeviceModel", remove_model)
+            assert ("default", "temp-model") not in mapper.ext.catalog.models
+    run(scenario())
+
+
 def test_sighup_reload_keeps_edgecore_devices_running(sockdir: Path) -> None:
     """A reload of the local YAML in kubeedge mode adds the new local device and leaves edgecore's alone."""
     from helpers import device_yaml, write_devices

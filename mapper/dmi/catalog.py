@@ -93,6 +93,10 @@ class Catalog:
     shadowed: dict[Key, str] = field(default_factory=dict)
     # The devices that validated and won their claims in the last build, as they were then.
     _admitted: dict[Key, pb.Device] = field(default_factory=dict)
+    # Models edgecore removed while a device here still refers to them: edgecore removes a model
+    # before the last device using it (RemoveDeviceModel, then RemoveDevice), and the Go framework
+    # runs that device on until its own removal. Each is dropped once no device refers to it.
+    _removed_models: set[Key] = field(default_factory=set)
 
     def replace(self, devices: list[pb.Device], models: list[pb.DeviceModel]) -> None:
         """Adopt a MapperRegister reply: exactly these devices and (deduplicated) models. A device
@@ -106,6 +110,7 @@ class Catalog:
                 log.error("model from edgecore left out: %s", exc)
                 continue
             self.models[key] = model
+        self._removed_models = set()
         self.devices = {}
         for device in devices:
             try:
@@ -123,13 +128,39 @@ class Catalog:
         if self.devices.get(key) == device:
             return False
         self.devices[key] = device
+        self._drop_removed_models()  # it may have left a removed model for another
         return True
+
+    def remove_device(self, key: Key) -> pb.Device | None:
+        """Forget a device (None if unknown), and a removed model only it still referred to."""
+        device = self.devices.pop(key, None)
+        self._drop_removed_models()
+        return device
+
+    def remove_model(self, key: Key) -> pb.DeviceModel | None:
+        """Forget a model; None when the running devices see no change: it was not there, or a
+        device still refers to it and keeps it until that device is removed or no longer does."""
+        if key not in self.models:
+            return None
+        if any(model_of(device) == key for device in self.devices.values()):
+            self._removed_models.add(key)
+            return None
+        return self.models.pop(key)
+
+    def _drop_removed_models(self) -> None:
+        if not self._removed_models:
+            return
+        used = {model_of(device) for device in self.devices.values()}
+        for key in [key for key in self._removed_models if key not in used]:
+            self._removed_models.discard(key)
+            self.models.pop(key, None)
 
     def put_model(self, model: pb.DeviceModel) -> bool:
         """Add or replace a model; False when an identical one is already there. Raises
         ConversionError (INVALID_ARGUMENT) for a model whose id is not valid, before storing it."""
         check_model(model)
         key = model_key(model)
+        self._removed_models.discard(key)  # created again: no longer removed
         if self.models.get(key) == model:
             return False
         self.models[key] = model

@@ -444,7 +444,7 @@ class KubeEdgeExtension:
 
     async def remove_device(self, namespace: str, name: str) -> None:
         async def remove(arrival: int) -> None:
-            if self._journaled(arrival, lambda catalog: catalog.devices.pop((namespace or "default", name), None)) is not None:
+            if self._journaled(arrival, lambda catalog: catalog.remove_device((namespace or "default", name))) is not None:
                 await self._apply()
 
         await self._change(remove)
@@ -485,7 +485,7 @@ class KubeEdgeExtension:
 
     async def remove_model(self, namespace: str, name: str) -> None:
         async def remove(arrival: int) -> None:
-            if self._journaled(arrival, lambda catalog: catalog.models.pop((namespace or "default", name), None)) is not None:
+            if self._journaled(arrival, lambda catalog: catalog.remove_model((namespace or "default", name))) is not None:
                 await self._apply()
 
         await self._change(remove)
