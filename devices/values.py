@@ -7,6 +7,7 @@ KubeEdge carries every twin value as a string; inside the mapper values are type
 from __future__ import annotations
 
 import math
+import re
 from decimal import Decimal
 from enum import Enum
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from devices.ids import shown
 
 Value = int | float | bool | str
+
+# edgecore's ValidateTwinValue: what a twin value may be (an empty one is not validated). Use fullmatch.
+TWIN_VALUE = re.compile(r"^[a-zA-Z0-9-_.,:/@#]{1,512}$")
 
 
 def whole_number(value: Any) -> Any:

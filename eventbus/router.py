@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from devices.ids import DeviceId, clipped, shown
+from devices.values import TWIN_VALUE
 from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
@@ -343,6 +344,12 @@ class Router:
             # With `expected`, its `actual` (and `optional`, `metadata`) is ignored, as edgecore
             # applies the entry: an app sends back what twin/get or a document gave it (which carry
             # `actual`) with a new expected value. Only the device's own reads are actual values.
+            raw = twin.expected.value
+            if isinstance(raw, str) and raw and not TWIN_VALUE.fullmatch(raw):
+                # edgecore refuses the whole update so (ValidateTwinValue); `/set` takes such a value.
+                raise BadRequest(400, f"property {shown(name)}: expected value {shown(raw, 40)} is not a KubeEdge twin "
+                                      "value: only letters, digits and - _ . , : / @ #, at most 512 characters, as "
+                                      "edgecore takes (the property's /set topic takes it)")
             version = twin.expected_version.edge if twin.expected_version else None
             wanted[name] = (self._validated(device, name, twin.expected.value), version)
         names = sorted(wanted)

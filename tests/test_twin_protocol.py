@@ -1244,3 +1244,32 @@ def test_an_update_result_holds_what_the_update_set_not_the_devices_actual_value
                                         "optional": False, "metadata": {"type": "boolean"}}}, result
     # twin/get still lists the device's actual value.
     assert payloads.get_result("g1", twin)["twin"]["power"]["actual"]["value"] == "false"
+
+
+def test_an_expected_value_edgecore_refuses_is_refused_over_the_twin_protocol(broker, tmp_path):
+    """edgecore refuses a twin/update whose expected value does not match its twin value pattern
+    (dtcommon.ValidateTwinValue, `^[a-zA-Z0-9-_.,:/@#]{1,512}$`; "" is not checked) with 400. Here a
+    STRING property took `hello world` over $hw, so an app tried against the mapper failed under
+    edgecore. The property's /set topic, the mapper's own, still takes it."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "sign.yaml").write_text(LABEL)
+    hw = "$hw/events/device/default/sign"
+    with MapperProcess(tmp_path, devices, broker) as mapper:
+        mapper.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{hw}/#", "mapper/test-node/#")
+        try:
+            sub.expect("mapper/test-node/default/sign/state")
+            for event_id, value in (("sp", "hello world"), ("pc", "100%"), ("nb", "t\u00e9l\u00e9"), ("lg", "x" * 513)):
+                pub(broker, f"{hw}/twin/update", json.dumps({"event_id": event_id, "twin": {"label": {"expected": {"value": value}}}}))
+                reply = sub.expect(f"{hw}/twin/update/result", lambda b, e=event_id: b["event_id"] == e)
+                assert reply["code"] == 400 and "is not a KubeEdge twin value" in reply["reason"], reply
+            for event_id, value in (("ok", "a_b-c:1/2@x#y,z."), ("empty", "")):
+                pub(broker, f"{hw}/twin/update", json.dumps({"event_id": event_id, "twin": {"label": {"expected": {"value": value}}}}))
+                reply = sub.expect(f"{hw}/twin/update/result", lambda b, e=event_id: b["event_id"] == e)
+                assert "code" not in reply and reply["twin"]["label"]["expected"]["value"] == value, reply
+            pub(broker, "mapper/test-node/default/sign/label/set", "hello world")
+            mapper.wait_log("applied desired value 'hello world'")
+        finally:
+            sub.close()
+        assert mapper.stop() == 0

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -18,14 +17,12 @@ from google.protobuf.any_pb2 import Any as AnyPb
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.schema import API_VERSION
-from devices.values import Value, to_twin_string
+from devices.values import TWIN_VALUE, Value, to_twin_string
 from mapper.dmi import api_pb2 as pb
 from twin.records import DeviceTwin
 
 log = logging.getLogger("mapper.dmi")
 
-# edgecore's ValidateTwinValue; an empty value skips validation.
-TWIN_VALUE = re.compile(r"^[a-zA-Z0-9-_.,:/@#]{1,512}$")
 # DeviceTwin lower-cases the state and silently ignores anything else.
 EDGECORE_STATES = frozenset({"ok", "online", "offline", "unknown", "unhealthy"})
 _STATE_ALIASES = {"disconnected": "offline", "error": "unhealthy"}
