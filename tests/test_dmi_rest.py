@@ -101,6 +101,9 @@ def test_read_paths(tmp_path: Path) -> None:
                                "minimum": "0", "maximum": "50", "unit": "Celsius"}
         status, _ = await asyncio.to_thread(get, port, "/api/v1/device/default/nope/power")
         assert status == 404
+        # The Go framework's database path without a database client: 503, not an unknown route.
+        status, body = await asyncio.to_thread(get, port, "/api/v1/database/default/lamp")
+        assert status == 503 and "the database is not enabled" in body, (status, body)
     scenario(tmp_path, False, check)
 
 

@@ -259,6 +259,12 @@ class RestApi:
                 return self.model(ns, name)
             case ["devicemethod", ns, name]:
                 return self.methods(ns, name)
+            case ["database", _, _]:
+                # The Go framework's answer when no database client is configured: pushMethod.dbMethod
+                # is not carried out here, so it is always the answer.
+                raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE,
+                               "the database is not enabled: this mapper writes no database (pushMethod.dbMethod is "
+                               "not supported); a property's readings are in its twin history (mapper twin history)")
             case ["devicemethod", ns, name, method, prop, data]:
                 # Writes only: reads stay open to a dashboard's page. Another site's page cannot see
                 # an answer (the API sends no CORS headers) and a rebound one is refused above by its
