@@ -9,6 +9,7 @@ import shutil
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -984,6 +985,42 @@ def test_device_status_always_sets_both_sides() -> None:
         assert t.HasField("observedDesired") and t.HasField("reported")
         assert (t.observedDesired.value, t.reported.value) == ("", "")
     assert status.reportToCloud is True and status.reportCycle == 1000
+
+
+def test_a_twin_edgecore_would_refuse_is_left_out_of_the_report_not_cleared(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """edgecore handles each twin of a ReportDeviceStatus as an update of its own, and skips its
+    value pattern for "": a reading it would refuse, sent as "", cleared the cloud's last good
+    value. That twin is now left out (the others still go), with a warning naming the device, the
+    property and the value, once however often it is refused again."""
+    from devices.loader import load_objects
+    from mapper.dmi.convert import device_document, device_status, model_document
+    from twin.records import DeviceTwin, PropertyTwin
+
+    labelled = model("label-model", {"label": ("STRING", "ReadOnly"), "temperature": ("FLOAT", "ReadOnly")})
+    pb_device = device("label-left-out", "label-model", {"label": {"kind": "temperature"},
+                                                        "temperature": {"kind": "temperature"}})
+    result = load_objects([("m", model_document(labelled)), ("d", device_document(pb_device))])
+    definition = result.devices[DeviceId("default", "label-left-out")]
+
+    def prop(name: str, kind: str, reported: object) -> PropertyTwin:
+        return PropertyTwin(name, kind, False, "", None, 0, None, reported, 1, 1700000000000, None, None, None)
+
+    twin = DeviceTwin(definition.id, "label-model", "simulated", "ok", None, None, None, None,
+                      {"label": prop("label", "STRING", "hello world"), "temperature": prop("temperature", "FLOAT", 21.5)})
+    with caplog.at_level(logging.WARNING, logger="mapper.dmi"):
+        status = device_status(definition, twin)
+        again = device_status(definition, twin)
+    assert [(t.propertyName, t.reported.value) for t in status.twins] == [("temperature", "21.5")]
+    assert again == status
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert "default/label-left-out" in line and "property label" in line and "'hello world'" in line
+    assert "pattern" in line and "reported" in line
+    # A desired value the pattern refuses (set over MQTT, where a STRING takes any text) likewise.
+    wanted = DeviceTwin(definition.id, "label-model", "simulated", "ok", None, None, None, None,
+                        {"label": replace(prop("label", "STRING", "ok"), desired="a;b"),
+                         "temperature": prop("temperature", "FLOAT", 21.5)})
+    assert [t.propertyName for t in device_status(definition, wanted).twins] == ["temperature"]
 
 
 def test_states_only_those_edgecore_accepts() -> None:

@@ -19,6 +19,7 @@ from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.schema import API_VERSION
 from devices.values import TWIN_VALUE, Value, to_twin_string
 from mapper.dmi import api_pb2 as pb
+from mapper.logs import Throttle, held_note
 from twin.records import DeviceTwin
 
 log = logging.getLogger("mapper.dmi")
@@ -217,9 +218,29 @@ def _safe_twin_value(device: DeviceDefinition, prop: str, value: Value | None) -
     try:
         return twin_value(value)
     except ValueError as exc:
-        # edgecore would refuse the update; an empty value keeps the other twins flowing.
+        # GetDevice's answer (read by no edgecore): an empty value keeps the other twins in it.
         log.warning("%s/%s: not reported: %s", device.id, prop, exc)
         return ""
+
+
+# One line per device and property in this time at most: a value edgecore's pattern refuses is
+# usually refused at every report (a STRING sensor reading "hello world").
+_LEFT_OUT_LOG = Throttle(burst=1, interval_s=600.0)
+
+
+def _reportable(device: DeviceDefinition, prop: str, desired: Value | None, reported: Value | None) -> tuple[str, str] | None:
+    """(observedDesired, reported) for edgecore, or None when its pattern refuses either (logged)."""
+    values = []
+    for side, value in (("desired", desired), ("reported", reported)):
+        try:
+            values.append(twin_value(value))
+        except ValueError as exc:
+            held = _LEFT_OUT_LOG((device.id, prop))
+            if held is not None:
+                log.warning("%s: property %s left out of the twin report to edgecore, which keeps the last value it"
+                            " took: the %s value %s%s", device.id, prop, side, exc, held_note(held))
+            return None
+    return values[0], values[1]
 
 
 def _meta(prop: PropertyDefinition, ts: int | None) -> dict[str, str]:
@@ -227,22 +248,24 @@ def _meta(prop: PropertyDefinition, ts: int | None) -> dict[str, str]:
 
 
 def device_status(definition: DeviceDefinition, twin: DeviceTwin) -> pb.DeviceStatus:
-    """All reportToCloud twins of a device, each with observedDesired and reported set (maybe "")."""
+    """All reportToCloud twins of a device, each with observedDesired and reported set (maybe "").
+
+    A twin with a value edgecore's pattern refuses is left out: edgecore handles each twin of a
+    report as an update of its own, so the others go through and that one keeps the value the
+    cloud has. Sent as "", it would clear that value (edgecore skips the pattern for "")."""
     twins = []
     for prop in definition.properties:
         if not prop.report_to_cloud:
             continue
         state = twin.properties.get(prop.name)
-        desired = state.desired if state else None
-        reported = state.reported if state else None
+        values = _reportable(definition, prop.name, state.desired if state else None,
+                             state.reported if state else None)
+        if values is None:
+            continue
         twins.append(pb.Twin(
             propertyName=prop.name,
-            observedDesired=pb.TwinProperty(
-                value=_safe_twin_value(definition, prop.name, desired), metadata=_meta(prop, state and state.desired_ts)
-            ),
-            reported=pb.TwinProperty(
-                value=_safe_twin_value(definition, prop.name, reported), metadata=_meta(prop, state and state.reported_ts)
-            ),
+            observedDesired=pb.TwinProperty(value=values[0], metadata=_meta(prop, state and state.desired_ts)),
+            reported=pb.TwinProperty(value=values[1], metadata=_meta(prop, state and state.reported_ts)),
         ))
     report = definition.device.spec.state_report
     return pb.DeviceStatus(
