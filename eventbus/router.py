@@ -330,7 +330,17 @@ class Router:
         definition = self._definition(device)
         request = self._decode(payload, payloads.TwinUpdateIn)
         if not request.twin:
-            raise BadRequest(400, "twin is empty")
+            # edgecore refuses only a missing or null `twin` (a 400 from the model here): an empty
+            # one changes nothing, is answered with an empty `twin` and no document, and the
+            # delta goes out as after any update, when one is pending.
+            now = await self._twin_call(device, lambda s: s.device(device))
+            result = payloads.update_result(request.event_id, now, [])
+            messages = [OutMessage(Topics.hw(device, "twin/update/result"), result, kind="twin", sequenced=False)]
+            if (pending := payloads.delta(now)) is not None:
+                messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), pending, kind="twin",
+                                           sequenced=False))
+            await self._send(messages)
+            return
         wanted: dict[str, tuple[Any, int | None]] = {}
         for name, twin in request.twin.items():
             if twin is None:

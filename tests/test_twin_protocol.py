@@ -456,6 +456,29 @@ def test_an_empty_twin_request_is_refused_without_a_reply(broker, lamp):
     mapper.wait_log("refused twin/update for default/ghost-empty: 404")
 
 
+def test_an_update_with_an_empty_twin_is_answered_as_edgecore_does(broker, lamp):
+    """edgecore refuses an update only when `twin` is missing or null (UnmarshalDeviceTwinUpdate):
+    `{"twin":{}}` changes nothing and gets a result with an empty `twin`, no document. It was a
+    400 here. A missing or null `twin` is still a 400."""
+    mapper, sub = lamp
+    while not sub.lines.empty():
+        sub.lines.get()
+    with broker.client("app") as app:
+        app.publish(f"{HW}/twin/update", '{"event_id":"none","timestamp":0,"twin":{}}')
+        app.publish(f"{HW}/twin/update", '{"event_id":"null","twin":null}')
+        app.publish(f"{HW}/twin/update", '{"event_id":"missing"}')
+        app.publish(f"{HW}/twin/get", '{"event_id":"barrier"}')
+    replies = _replies_before_barrier(sub, f"{HW}/twin/get/result", "barrier", quiet={f"{HW}/twin/update"})
+    bodies = [(topic, json.loads(payload)) for topic, payload in replies]
+    assert [(topic, body["event_id"]) for topic, body in bodies] == [
+        (f"{HW}/twin/update/result", "none"), (f"{HW}/twin/update/result", "null"),
+        (f"{HW}/twin/update/result", "missing")], bodies
+    empty, null, missing = (body for _, body in bodies)
+    assert empty["twin"] == {} and "code" not in empty, empty
+    assert null["code"] == 400 and "twin" in null["reason"], null
+    assert missing["code"] == 400 and "twin" in missing["reason"], missing
+
+
 def test_a_long_desired_value_is_named_not_copied_into_the_log(broker_for, tmp_path):
     """A client may set a STRING property to 60 KB of text: the value is applied whole, and the
     log line says so with the first 200 characters, instead of writing all of it into the journal

@@ -228,7 +228,8 @@ def _safe_twin_value(device: DeviceDefinition, prop: str, value: Value | None) -
 _LEFT_OUT_LOG = Throttle(burst=1, interval_s=600.0)
 
 
-def _reportable(device: DeviceDefinition, prop: str, desired: Value | None, reported: Value | None) -> tuple[str, str] | None:
+def _reportable(device: DeviceDefinition, prop: str, desired: Value | None,
+                reported: Value | None) -> tuple[str, str] | None:
     """(observedDesired, reported) for edgecore, or None when its pattern refuses either (logged)."""
     values = []
     for side, value in (("desired", desired), ("reported", reported)):
