@@ -487,6 +487,7 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     problems.extend(visitor_protocol_warnings(doc, obj))
     if kind == "Device":
         problems.extend(push_method_warnings(doc, obj))
+        problems.extend(long_cycle_warnings(doc, obj))
     if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
         problems.extend(bare_number_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
@@ -631,6 +632,31 @@ def push_method_warnings(doc: _Doc, device: Device) -> list[Problem]:
                 doc.file, doc.line_of(path), field_name(path),
                 f"not supported here: nothing is written to {databases}; readings go to the twin (its history:"
                 " `mapper twin history`) and MQTT only", "warning"))
+    return found
+
+
+# Cycles are milliseconds; one above a day is taken as written, with a warning: almost always
+# nanoseconds (older KubeEdge examples and mappers wrote `10000000000` for 10 s, 115 days here;
+# any nanosecond cycle from 87 ms up is over a day), and a property read less than daily is rare.
+LONG_CYCLE_MS = 86_400_000
+
+
+def long_cycle_warnings(doc: _Doc, device: Device) -> list[Problem]:
+    """A warning at each collectCycle, reportCycle and stateReport.reportCycle above a day."""
+    cycles: list[tuple[Path_, int]] = []
+    for i, prop in enumerate(device.spec.properties):
+        cycles.append((("spec", "properties", i, "collectCycle"), prop.collect_cycle))
+        cycles.append((("spec", "properties", i, "reportCycle"), prop.report_cycle))
+    if device.spec.state_report is not None:
+        cycles.append((("spec", "stateReport", "reportCycle"), device.spec.state_report.report_cycle))
+    found: list[Problem] = []
+    for path, ms in cycles:
+        if ms > LONG_CYCLE_MS:
+            found.append(Problem(
+                doc.file, doc.line_of(path), field_name(path),
+                f"{ms} ms is {ms / LONG_CYCLE_MS:,.1f} days: cycles are milliseconds (as in KubeEdge), and it runs as"
+                f" written; if it is nanoseconds, as some older KubeEdge examples write, {ms / 1_000_000:g} ms is meant:"
+                f" write that", "warning"))
     return found
 
 

@@ -329,6 +329,34 @@ def test_zero_cycle_means_one_second(tmp_path):
     assert device.prop("temperature").collect_cycle_ms == 1000
 
 
+def test_a_cycle_over_a_day_is_a_warning_at_its_line(tmp_path):
+    """A cycle written in nanoseconds (10000000000 for 10 s, as older KubeEdge examples do) runs
+    here as 115 days: it loads as written, with a warning at each such line saying what was
+    probably meant. A day exactly is no warning; stateReport.reportCycle is checked too."""
+    text = device_yaml("slow", cycle=86_400_000).replace(
+        "collectCycle: 86400000\n      reportCycle: 86400000\n",
+        "collectCycle: 10000000000\n      reportCycle: 86400001\n", 1)
+    text += "  stateReport: {reportToCloud: true, reportCycle: 5000000000}\n"
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    result = load([tmp_path], base=tmp_path)
+    assert result.devices[DeviceId("default", "slow")].prop("temperature").collect_cycle_ms == 10_000_000_000
+    lines = {key: next(i for i, line in enumerate(text.splitlines(), 1) if key in line)
+             for key in ("10000000000", "86400001", "stateReport")}
+    warnings = [str(w) for w in result.warnings if "days" in str(w)]
+    assert warnings == [
+        f"d.yaml:{lines['10000000000']}: spec.properties[0].collectCycle: 10000000000 ms is 115.7 days: cycles are"
+        " milliseconds (as in KubeEdge), and it runs as written; if it is nanoseconds, as some older KubeEdge"
+        " examples write, 10000 ms is meant: write that",
+        f"d.yaml:{lines['86400001']}: spec.properties[0].reportCycle: 86400001 ms is 1.0 days: cycles are"
+        " milliseconds (as in KubeEdge), and it runs as written; if it is nanoseconds, as some older KubeEdge"
+        " examples write, 86.4 ms is meant: write that",
+        f"d.yaml:{lines['stateReport']}: spec.stateReport.reportCycle: 5000000000 ms is 57.9 days: cycles are"
+        " milliseconds (as in KubeEdge), and it runs as written; if it is nanoseconds, as some older KubeEdge"
+        " examples write, 5000 ms is meant: write that",
+    ], [str(w) for w in result.warnings]
+
+
 @pytest.mark.parametrize("topic, why", [
     ("lamp/+/count", "no wildcards"),
     ("lamp/#", "no wildcards"),
