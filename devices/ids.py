@@ -13,6 +13,10 @@ from dataclasses import dataclass
 # fullmatch: `$` alone also matches before a final newline (`lamp\n` would pass).
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# What Kubernetes takes (an RFC 1123 subdomain): each dot-separated part also starts and ends
+# with a letter or digit. _NAME takes `a..b`, `a.-b` and `a-.b` too, which twins may hold: the
+# loader warns about them (KubeEdge's API server refuses them) rather than refusing them.
+_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 # Property names: KubeEdge allows `/`, `#` and `,` too, but those break MQTT topics.
 _PROPERTY = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]{0,126})$")
 
@@ -23,6 +27,12 @@ PROPERTY_RULE = "letters, digits, '_', '-' and '.', starting with a letter, digi
 
 def is_name(value: object) -> bool:
     return isinstance(value, str) and bool(_NAME.fullmatch(value))
+
+
+def is_kubernetes_name(value: object) -> bool:
+    """A name Kubernetes' API server takes for an object: a valid name whose dot-separated parts
+    each start and end with a letter or digit (not `a..b`, `a.-b`, `a-.b`)."""
+    return is_name(value) and bool(_SUBDOMAIN.fullmatch(value))
 
 
 def is_namespace(value: object) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import typing
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ValidationError
 from devices.definitions import DeviceDefinition, MapAt, PropertyDefinition, merged_config
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverBroken, DriverNotFound, Problem, error_loc
+from devices import ids
 from devices.ids import DeviceId, clipped, shown
 from devices.schema import API_VERSION, Device, DeviceModel, _Base as _Schema
 from devices.values import PropertyType, coerce, range_problem
@@ -482,6 +484,8 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
         )
         return
     table[key] = _Entry(doc, obj)
+    if (problem := _name_warning(doc, kind, obj.metadata.name)) is not None:
+        problems.append(problem)
     problems.extend(unknown_field_warnings(doc, obj))
     problems.extend(nested_config_warnings(doc, obj))
     problems.extend(visitor_protocol_warnings(doc, obj))
@@ -491,6 +495,22 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
         problems.extend(bare_number_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
+
+
+def _name_warning(doc: _Doc, kind: str, name: str) -> Problem | None:
+    """A warning for a name the mapper takes and Kubernetes refuses (`a..b`, `a.-b`, `a-.b`), or None.
+
+    A warning, not an error: twins and topics may already hold such a name, and it breaks nothing
+    here; but KubeEdge's API server refuses it, so the file cannot be applied there as it is."""
+    if ids.is_kubernetes_name(name):
+        return None
+    fixed = re.sub(r"-*\.[-.]*", ".", name)
+    hint = f", e.g. {fixed}" if ids.is_kubernetes_name(fixed) else ""
+    path = ("metadata", "name")
+    return Problem(doc.file, doc.line_of(path), field_name(path),
+                   f"{shown(name)}: each part between dots must start and end with a letter or digit for Kubernetes"
+                   f" (an RFC 1123 subdomain): accepted here, but KubeEdge's API server (kubectl apply) refuses this"
+                   f" {kind}; rename it{hint}", "warning")
 
 
 def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:

@@ -115,6 +115,31 @@ def test_names_that_would_break_topics_are_rejected(tmp_path, name):
     assert len(problems) == 1 and problems[0].startswith("d.yaml:4: metadata.name: ")
 
 
+@pytest.mark.parametrize(("name", "fixed"), [("a..b", "a.b"), ("a.-b", "a.b"), ("a-.b", "a.b"), ("a-.-b.c", "a.b.c")])
+def test_a_name_kubernetes_refuses_but_topics_take_is_a_warning_at_its_line(tmp_path, name, fixed):
+    """Kubernetes names are RFC 1123 subdomains: each part between dots starts and ends with a
+    letter or digit. `a..b`, `a.-b` and `a-.b` were taken silently; twins may already hold such a
+    name, so it still loads, with a warning at its line (a Device's and a DeviceModel's)."""
+    model_text = MODEL.format(model=name)
+    text = device_yaml(name, model=name)
+    (tmp_path / "m.yaml").write_text(model_text)
+    (tmp_path / "d.yaml").write_text(text)
+    result = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", name) in result.devices
+    said = (f"metadata.name: {name!r}: each part between dots must start and end with a letter or digit for"
+            " Kubernetes (an RFC 1123 subdomain): accepted here, but KubeEdge's API server (kubectl apply) refuses"
+            " this {kind}; rename it, e.g. " + fixed)
+    assert [str(w) for w in result.warnings if "RFC 1123" in str(w)] == [
+        "d.yaml:4: " + said.format(kind="Device"), "m.yaml:4: " + said.format(kind="DeviceModel")]
+
+
+def test_names_kubernetes_takes_get_no_name_warning(tmp_path):
+    for name in ("a.b", "a-b.c-d", "a1.2b", "x"):
+        (tmp_path / f"{name}.yaml").write_text(device_yaml(name))
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    assert not [w for w in load([tmp_path], base=tmp_path).warnings if "RFC 1123" in str(w)]
+
+
 @pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp", "state", "availability"])
 def test_property_names_that_would_break_topics_are_rejected(tmp_path, prop):
     """Property names are topic segments too."""
