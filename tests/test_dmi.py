@@ -604,6 +604,26 @@ def test_get_device_reads_the_device_now(sockdir: Path, interval_s: float) -> No
     run(scenario())
 
 
+def test_a_readonly_propertys_crd_desired_value_is_not_reported_as_observed(sockdir: Path) -> None:
+    """Deliberate (docs/kubeedge.md, Report): the Go framework reports a Device's desired.value as
+    observedDesired whatever the access mode; here a ReadOnly property's desired value is ignored,
+    so observedDesired stays "" (edgecore would otherwise publish a delta at every report), while
+    a ReadWrite property's is the value taken up."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            both = model("both-model", {"count": ("INT", "ReadOnly"), "level": ("INT", "ReadWrite")})
+            meter = device("meter-ro", "both-model", {"count": {"kind": "counter"}, "level": {"kind": "counter"}},
+                           desired={"count": "5", "level": "7"})
+            await edgecore.add(meter, both)
+            await edgecore.wait_for(lambda: (status := latest_status(edgecore, "meter-ro")) is not None
+                                    and all(t.reported.value for t in status.reportedDevice.twins))
+            twins = {t.propertyName: t for t in latest_status(edgecore, "meter-ro").reportedDevice.twins}
+            assert twins["count"].observedDesired.value == ""
+            assert twins["level"].observedDesired.value == "7"
+    run(scenario())
+
+
 def test_models_are_per_namespace(sockdir: Path) -> None:
     """Two namespaces with a model of the same name: removing one namespace's last device removes only its model."""
     async def scenario() -> None:
