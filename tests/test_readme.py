@@ -88,3 +88,19 @@ def test_the_readme_own_device_steps_validate_as_written(tmp_path):
                           capture_output=True, text=True, timeout=60, cwd=README.parent)
     assert done.returncode == 0 and done.stdout.startswith("ok: "), done
     assert "name: fan-relay" in device and "twin set fan-relay power true --config my.yaml" in steps
+
+
+def test_the_readme_says_what_a_readwrite_property_of_a_driver_that_cannot_write_does(tmp_path):
+    """The README called a ReadWrite property of a driver that cannot write (a DHT) an error, while
+    `mapper validate` passes it with a warning and the mapper runs it ReadOnly (the Pi guide and
+    "Adding a driver" said so): an engineer expecting validation to stop such a file was misled."""
+    from devices.loader import load
+
+    device = re.search(r"```yaml\n(.*?)```", README.read_text().split("\n## Device YAML", 1)[1], flags=re.S).group(1)
+    (tmp_path / "fan.yaml").write_text(device.replace("kind: switch", "kind: temperature"))
+    result = load([tmp_path], base=tmp_path)  # (raises on an error)
+    said = [str(w) for w in result.warnings if "accessMode" in str(w)]
+    assert said and "runs as ReadOnly" in said[0], result.warnings
+    rule = " ".join(_section(README.read_text(), "**ReadWrite needs a driver that writes.**", "\n- ").split())
+    assert "runs as ReadOnly, with a warning at the model's `accessMode`" in rule, rule
+    assert "is an error" not in rule, rule
