@@ -54,6 +54,13 @@ def explain(exc: yaml.YAMLError, text: str) -> SyntaxProblem:
                 f" before this: end it with {closer} (items inside are separated by commas)"
                 if at > context_mark.line else
                 f"a comma or {closer} was expected here, inside the {opener} at column {context_mark.column + 1}")
+    if hint is None and context == "while parsing a flow node" and (ends := _ended(lines, at, column)) and (
+            opened := _unclosed_flow(lines, at + 1)) is not None:
+        # (the parser names only where the input ended, not the bracket: that is the line to fix)
+        at, column = opened
+        closer = {"[": "]", "{": "}"}[lines[at][column]]
+        hint = (f"the {lines[at][column]} opened here is never closed ({ends} first): end it with {closer} (items"
+                " inside are separated by commas)")
     if hint is None and context == "while scanning a simple key" and context_mark is not None:
         hint, at, column = _no_colon(lines, context_mark.line, context_mark.column, at, column)
     if hint is None and context.startswith("while parsing a block") and (
@@ -64,6 +71,64 @@ def explain(exc: yaml.YAMLError, text: str) -> SyntaxProblem:
         hint, column = _continued_or_colon(lines, at, column)
     said = f"{hint} ({problem})" if hint is not None else problem
     return SyntaxProblem(at + 1, f"{said}\n{_quoted(lines, at, column)}")
+
+
+def _ended(lines: list[str], at: int, column: int) -> str | None:
+    """What the parser met at line `at`, `column` when it is the end of the document: "the file
+    ends" or "the next document (---) begins"; None for anything else."""
+    if not any(text.strip() for text in [lines[at][column:] if at < len(lines) else "", *lines[at + 1:]]):
+        return "the file ends"
+    if at < len(lines) and column == 0 and lines[at].startswith(("---", "...")):
+        return "the next document (---) begins"
+    return None
+
+
+def _unclosed_flow(lines: list[str], end: int) -> tuple[int, int] | None:
+    """The innermost `[` or `{` still open before line `end` (0-based), as (line, column); None when
+    there is none, or when a quoted text runs over a line's end (not followed here). A bracket counts
+    where a flow collection may begin (a line's first character, or after `:`, `-`, `?`, `,` or
+    another bracket), not inside a plain text (`a[1]`); comments are skipped."""
+    opened: list[tuple[int, int]] = []
+    for number in range(min(end, len(lines))):
+        text, i, before = lines[number], 0, None
+        while i < len(text):
+            char = text[i]
+            if char in " \t":
+                i += 1
+                continue
+            if char == "#" and (i == 0 or text[i - 1] in " \t"):
+                break
+            starts = before is None or before in ":-?,[{"
+            if char in "'\"" and starts:
+                i = _after_quoted(text, i)
+                if i < 0:
+                    return None
+                before = char
+                continue
+            if char in "[{" and starts:
+                opened.append((number, i))
+            elif char in "]}" and opened:
+                opened.pop()
+            before = char
+            i += 1
+    return opened[-1] if opened else None
+
+
+def _after_quoted(text: str, start: int) -> int:
+    """The index after the quoted text that starts at `start` (`''` and `\\"` escape a quote), or -1
+    when it does not end on this line."""
+    quote, i = text[start], start + 1
+    while i < len(text):
+        if quote == '"' and text[i] == "\\":
+            i += 2
+            continue
+        if text[i] == quote:
+            if quote == "'" and text[i + 1:i + 2] == "'":
+                i += 2
+                continue
+            return i + 1
+        i += 1
+    return -1
 
 
 def _char(lines: list[str], line: int, column: int) -> str | None:

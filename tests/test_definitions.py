@@ -187,6 +187,14 @@ def test_yaml_syntax_error_has_the_line(tmp_path):
      " inside are separated by commas) (did not find expected ',' or ']')\n"
      "  12 |   properties:\n"
      "     |             ^"),
+    ("a bracket left open at the end of the file", ("{kind: counter}\n      collectCycle: 50\n      reportCycle: 50\n"
+                                                    "      reportToCloud: true\n",
+                                                    "{kind: counter}\n      collectCycle: 50\n      reportCycle: 50\n"
+                                                    "      reportToCloud: true\n  methods: [\n"),
+     "d.yaml:33: invalid YAML: the [ opened here is never closed (the file ends first): end it with ] (items inside"
+     " are separated by commas) (did not find expected node content)\n"
+     "  33 |   methods: [\n"
+     "     |            ^"),
     ("an unclosed brace", ("noise: 0.1}", "noise: 0.1"),
      "d.yaml:17: invalid YAML: the { opened on line 16 (column 21) is not closed before this: end it with } (items"
      " inside are separated by commas) (did not find expected ',' or '}')\n"
