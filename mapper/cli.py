@@ -920,10 +920,15 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
 def cmd_twin_set(args: argparse.Namespace) -> int:
     config, not_the_services = _twin_config(args)
     device = DeviceId.parse(args.device)
-    with _open_twin(config, sets=True) as store:
-        running, pid, starting, why = _lock_state(config.twin.path)
-        raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
-        value, version = store.set_desired(device, args.property, raw)
+    try:
+        with _open_twin(config, sets=True) as store:
+            running, pid, starting, why = _lock_state(config.twin.path)
+            raw = _check_desired(config, store, device, args.property, args.value, running=running, pid=pid)
+            value, version = store.set_desired(device, args.property, raw)
+    except (sqlite3.Error, OSError) as exc:
+        if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
+            raise
+        raise ValueError(unwritable) from exc
     if not_the_services:  # not "the next `mapper run` applies it": the service never reads this twin
         print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}) in {config.twin.path},"
               " which the mapper service does not read (see the warning)"
@@ -941,6 +946,38 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     if running is None:
         print(f"warning: cannot tell whether a mapper runs on {config.twin.path}: {why}", file=sys.stderr)
     return 0
+
+
+def _unwritable_twin(path: Path, exc: BaseException) -> str | None:
+    """Why `twin set` could not write the twin, naming it and what to do; None for other errors.
+    SQLite says `attempt to write a readonly database` or `unable to open database file`, naming
+    no file: a read-only file system (an SD card remounted read-only), or a twin this user may
+    not write (the service's, owned by `mapper`, set without `sudo -u mapper`)."""
+    from mapper.twin_disk import innermost, twin_disk_problem
+    from twin.store import described
+
+    if (problem := twin_disk_problem(exc, path)) is not None:
+        return f"cannot write the twin {path}: {innermost(exc)}: {problem}"
+    code = getattr(innermost(exc), "sqlite_errorcode", None)
+    if code is None or code & 0xFF not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+        return None
+    files = [f for f in (path, path.parent) if f.exists() and not os.access(f, os.W_OK)]
+    if not files:
+        return None
+    owner = files[0].stat().st_uid
+    return (f"cannot write the twin {path}: {innermost(exc)}: {described(files[0])}, which this user"
+            f" ({_user(os.geteuid())}) may not write"
+            + (f": set the value as its owner (sudo -u {_user(owner)} mapper twin set ...)" if owner != os.geteuid()
+               else " (its mode, or an immutable flag: lsattr)"))
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _set_value(text: str, kind: PropertyType | None, name: str) -> object:
@@ -1118,8 +1155,14 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
-    with _naming_the_twin(path), contextlib.closing(sqlite3.connect(path)) as conn:
-        conn.execute("PRAGMA query_only=ON")  # read as it is: never migrated here (see _open_twin)
+    from twin.store import cannot_open, connect_to_read
+
+    with _naming_the_twin(path):
+        try:
+            conn = connect_to_read(path)  # read as it is: never migrated here (see _open_twin)
+        except sqlite3.OperationalError as exc:
+            raise cannot_open(path, exc) from exc
+    with _naming_the_twin(path), contextlib.closing(conn):
         found = conn.execute("PRAGMA user_version").fetchone()[0]
         if found > SCHEMA_VERSION:  # refused as TwinStore.open refuses it for the other commands
             raise NewerTwin(path, found)

@@ -1159,6 +1159,32 @@ def test_a_twin_that_cannot_be_written_at_start_is_named_in_the_error(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_twin_set_on_a_twin_it_may_not_write_names_the_twin_and_why(tmp_path):
+    """`mapper twin set` on a twin file it may not write said only `error: attempt to write a
+    readonly database`: no file, no cause. Now it names the twin, its owner and mode, and what to
+    look at. (The file is made immutable, `chattr +i`: the tests run as root, whom modes do not stop.)"""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    twin = tmp_path / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+    if subprocess.run(["chattr", "+i", str(twin)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        if os.access(twin, os.W_OK):
+            pytest.skip("this user may write an immutable file")
+        refused = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+    finally:
+        subprocess.run(["chattr", "-i", str(twin)], check=True)
+    assert refused.returncode == 1, refused
+    assert refused.stderr.startswith(f"error: cannot write the twin {twin}: attempt to write a readonly database: "
+                                     f"{twin} is "), refused.stderr
+    assert "may not write" in refused.stderr and "Traceback" not in refused.stderr, refused.stderr
+
+
 def test_a_world_readable_mqtt_secret_is_warned_about(tmp_path):
     """A password file every local user can read (`echo secret > file` under the usual umask 022
     makes it 0644) is a weak default: `mapper run` and `mapper install-service` say so, with the

@@ -312,3 +312,30 @@ def test_the_commands_cannot_tell_whether_a_mapper_runs_on_a_read_only_disk(tmp_
             assert mapper.proc.poll() is None, mapper.log()
     finally:
         remount(small_disk, "rw")
+
+
+def test_the_commands_read_a_cleanly_stopped_twin_on_a_read_only_disk_and_twin_set_says_why_not(
+        tmp_path: Path, small_disk: Path) -> None:
+    """A clean stop leaves no `-wal` and `-shm` beside the twin. On a read-only disk (an SD card the
+    kernel remounted read-only) SQLite cannot make them, so `mapper devices`, `twin get` and `twin
+    history` said `cannot open the twin ...: unable to open database file` (history without naming
+    the twin), when only they could show what the twin held. They read it now; `twin set`, which must
+    write, names the twin and the read-only file system and what to do."""
+    config, twin = setup(tmp_path, small_disk)
+    first_run(config, tmp_path / "first.log", clean=True)
+    assert not twin.with_name("twin.db-wal").exists() and not twin.with_name("twin.db-shm").exists()
+    remount(small_disk, "ro")
+    try:
+        devices = cli(config, "devices")
+        assert devices.returncode == 0 and "default/lamp" in devices.stdout, devices
+        got = cli(config, "twin", "get", "lamp", "--json")
+        assert got.returncode == 0 and json.loads(got.stdout)["id"] == "default/lamp", got
+        history = cli(config, "twin", "history", "lamp", "count", "-n", "2", "--json")
+        assert history.returncode == 0 and len(json.loads(history.stdout)) == 2, history  # noqa: PLR2004
+        refused = cli(config, "twin", "set", "lamp", "power", "true")
+        assert refused.returncode == 1, refused
+        assert f"the twin {twin}" in refused.stderr and "read-only" in refused.stderr, refused.stderr
+        assert "mount -o remount,rw" in refused.stderr, refused.stderr
+        assert not twin.with_name("twin.db-wal").exists()
+    finally:
+        remount(small_disk, "rw")

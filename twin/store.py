@@ -230,7 +230,41 @@ OUTBOX_DEPTH_SQL = (
     " AND id > coalesce((SELECT value FROM counters WHERE name='published_through'), 0))")
 
 
-_SQLITE_CORRUPT, _SQLITE_NOTADB = 11, 26
+_SQLITE_CORRUPT, _SQLITE_CANTOPEN, _SQLITE_NOTADB = 11, 14, 26
+
+
+def connect_to_read(path: Path, *, timeout: float = 30.0, check_same_thread: bool = True) -> sqlite3.Connection:
+    """A connection to the twin for a command that only reads it: no statement may write (PRAGMA
+    query_only). A reader of a WAL file makes its `-shm` beside it when a clean stop left none,
+    which a read-only file system (an SD card the kernel remounted read-only after write errors)
+    does not allow: SQLite then cannot open the twin at all. Nothing can change the file there, so
+    it is opened immutable instead (read as it is, without the `-shm`)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread, timeout=timeout)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("PRAGMA user_version").fetchone()  # (what opens the file)
+    except sqlite3.OperationalError as exc:
+        conn.close()
+        if (exc.sqlite_errorcode or 0) & 0xFF != _SQLITE_CANTOPEN or not _on_read_only_file_system(path):
+            raise
+        conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?immutable=1", uri=True, isolation_level=None,
+                               check_same_thread=check_same_thread, timeout=timeout)
+        conn.execute("PRAGMA query_only=ON")
+    return conn
+
+
+def _on_read_only_file_system(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(Path(path).parent).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
+
+
+def cannot_open(path: Path, exc: sqlite3.OperationalError) -> sqlite3.OperationalError:
+    """SQLite names neither the file nor the usual causes ("unable to open database file")."""
+    return sqlite3.OperationalError(
+        f"cannot open the twin {path}: {exc} (its directory must be writable, for the -wal and -shm files"
+        " next to it, and its disk not full)")
 
 
 def unusable_twin(path: str | Path, exc: BaseException) -> sqlite3.DatabaseError | None:
@@ -411,6 +445,11 @@ def _group(gid: int) -> str:
 
 def _described(path: Path, st: os.stat_result) -> str:
     return f"{path} is {_who(st.st_uid)}:{_group(st.st_gid)} {stat.S_IMODE(st.st_mode):04o}"
+
+
+def described(path: Path) -> str:
+    """`PATH is owner:group mode`, as the refusals of a twin say a file."""
+    return _described(path, os.stat(path))
 
 
 def check_owned(path: Path) -> None:
@@ -630,11 +669,11 @@ class TwinStore:
         conn = None
         found = len(migrations.MIGRATIONS)
         try:
-            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
-                                   timeout=busy_timeout_s)
             if read_only:
-                conn.execute("PRAGMA query_only=ON")
+                conn = connect_to_read(path, timeout=busy_timeout_s, check_same_thread=check_same_thread)
             else:
+                conn = sqlite3.connect(path, isolation_level=None, check_same_thread=check_same_thread,
+                                       timeout=busy_timeout_s)
                 conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA synchronous={synchronous.upper()}")
             conn.execute(f"PRAGMA journal_size_limit={WAL_SIZE_LIMIT}")
@@ -656,12 +695,9 @@ class TwinStore:
             if found < len(migrations.MIGRATIONS) and missing_schema(exc):
                 conn.close()
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
-            # SQLite names neither the file nor the usual causes ("unable to open database file").
             if conn is not None:
                 conn.close()
-            raise sqlite3.OperationalError(
-                f"cannot open the twin {path}: {exc} (its directory must be writable, for the -wal and -shm files"
-                " next to it, and its disk not full)") from exc
+            raise cannot_open(path, exc) from exc
         except sqlite3.DatabaseError as exc:
             if conn is not None:
                 conn.close()
