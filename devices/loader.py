@@ -444,8 +444,9 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     kind = data.get("kind")
     if kind is None and "kind" not in data and {"node", "devices", "twin", "mqtt", "inference"} & data.keys():
         problems.append(Problem(doc.file, doc.line, "kind", "required field is missing: this looks like a mapper config"
-                                " file, not a device file (`mapper validate` reads device files; `mapper run --config`"
-                                " reads a config and checks it, and the device files it names, before it starts)"))
+                                f" file, not a device file: check it with `mapper validate --config {doc.file}` (the"
+                                " config and the device files it names, as `mapper run --config` checks them before"
+                                " it starts)"))
         return
     if kind not in ("Device", "DeviceModel"):
         problems.append(

@@ -1493,6 +1493,8 @@ def test_validate_given_the_config_file_says_it_is_a_config(tmp_path):
     assert result.returncode == 1
     assert "examples/demo.yaml:2: kind: required field is missing: this looks like a mapper config file" in result.stderr
     assert "None" not in result.stderr and "mapper run --config" in result.stderr, result.stderr
+    # (`mapper validate --config`, which checks a config, came later: the hint named only `run`)
+    assert "check it with `mapper validate --config examples/demo.yaml`" in result.stderr, result.stderr
 
 
 def test_validate_prints_the_warnings_too_when_there_are_errors(tmp_path):
