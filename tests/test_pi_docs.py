@@ -171,3 +171,17 @@ def test_the_guide_config_and_app_login_work_with_the_shipped_broker(tmp_path: P
                         process.kill()
                         process.wait(timeout=10)
             log.close()
+
+
+def test_the_readme_parts_the_docs_point_to_are_there() -> None:
+    """The guide sent readers to "README.md, Verified" for a disk filling while the mapper runs, a
+    section the README no longer has (it is the Durability list of How it fits together). Each
+    `README, NAME` of the docs names a heading of the README, a bold lead (`**NAME`) or the start
+    of one of its paragraphs."""
+    readme = (REPO / "README.md").read_text()
+    docs = [GUIDE, REPO / "docs" / "kubeedge.md", REPO / "mosquitto" / "README.md"]
+    named = {(doc.name, m) for doc in docs for m in re.findall(r"README(?:\.md)?, ([A-Z][A-Za-z ]+)", doc.read_text())}
+    assert ("raspberry-pi.md", "MQTT topics") in named, named
+    for doc, name in sorted(named):
+        there = re.search(rf"^(## |### )?{re.escape(name)}|\*\*`?{re.escape(name)}", readme, flags=re.M)
+        assert there, f"{doc}: README, {name}: no such part of the README"
