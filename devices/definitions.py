@@ -93,7 +93,11 @@ class DeviceDefinition:
             raise ValueError(self._no_property(name))
         prop = self.prop(name)
         if not prop.writable:
-            raise ValueError(f"property {name!r} of {self.id} is ReadOnly")
+            writable = sorted(p.name for p in self.properties if p.writable)
+            raise ValueError(f"property {name!r} of {self.id} is ReadOnly (its DeviceModel {self.model_name}'s accessMode,"
+                             " or a driver that cannot write it): it takes no desired value; "
+                             + (f"the device's ReadWrite properties: {', '.join(writable)}" if writable
+                                else "the device has no ReadWrite property"))
         try:
             value = coerce(prop.type, raw)
         except ValueError as exc:

@@ -1090,6 +1090,23 @@ def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tm
     assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
 
 
+def test_twin_set_of_a_read_only_property_says_where_that_comes_from_and_which_are_writable(tmp_path):
+    """`mapper twin set lamp temperature 5` said only "property 'temperature' of default/lamp is
+    ReadOnly": not where ReadOnly is set, nor which properties of the device do take a value."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    refused = mapper("twin", "set", "lamp", "temperature", "5", "--config", str(config))
+    assert refused.returncode == 1 and refused.stderr == (
+        "error: property 'temperature' of default/lamp is ReadOnly (its DeviceModel thing-model's accessMode, or a"
+        " driver that cannot write it): it takes no desired value; the device's ReadWrite properties: count, power\n"
+    ), refused.stderr
+
+
 def test_an_unknown_device_is_said_with_the_one_meant_in_another_namespace(tmp_path):
     """"did you mean" looked only within the namespace asked for: `other/soil-1` (or a bare `soil-1`,
     which is `default/soil-1`) got no hint while `default/soil-1` (or `farm/soil-1`) was in the twin."""
