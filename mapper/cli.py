@@ -1246,8 +1246,10 @@ def cmd_cloud_worker(args: argparse.Namespace) -> int:
     from mapper.inference.settings import missing_ml_packages
 
     if missing := missing_ml_packages():  # as `mapper run` says it for a pipeline, not a traceback
+        from devices.extras import install_extra
+
         raise ValueError(f"mapper cloud-worker needs {' and '.join(missing)}, not installed here: install the"
-                         " `ml` extra (pip install 'mapper[ml]')")
+                         f" `ml` extra ({install_extra('ml')})")
     from mapper.inference.worker import main as worker_main
 
     return worker_main(args.config)

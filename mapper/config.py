@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 
 from devices import ids
 from devices.errors import DefinitionError, FieldError, Problem, error_loc
+from devices.extras import install_extra
 from devices.loader import (LoadResult, PushTopics, describe, device_file_problem, field_name, load, read_documents,
                             validation_problems)
 from eventbus.settings import MqttSettings
@@ -191,11 +192,11 @@ class MapperConfig(_Section):
         """What the config asks for and this install cannot do, as a config error at start."""
         if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
             raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
-                             f"install the `ml` extra (pip install 'mapper[ml]'), or remove the `inference:` section")
+                             f"install the `ml` extra ({install_extra('ml')}), or remove the `inference:` section")
         if self.mode == "kubeedge":
             if missing := [m for m in ("grpc", "google.protobuf") if not importable(m)]:
                 raise ValueError(f"{source}: mode: kubeedge: needs {' and '.join(missing)}, not installed here: "
-                                 f"install the `kubeedge` extra (pip install 'mapper[kubeedge]': grpcio, protobuf)")
+                                 f"install the `kubeedge` extra (grpcio, protobuf: {install_extra('kubeedge')})")
             try:  # the generated stubs check the grpcio and protobuf they run on, and refuse older ones
                 importlib.import_module("mapper.dmi.api_pb2_grpc")
             except Exception as exc:  # noqa: BLE001 - VersionError, RuntimeError, ImportError: all one answer

@@ -52,6 +52,8 @@ from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, NamedTuple
 
+from devices.extras import install_extra
+
 if TYPE_CHECKING:
     from mapper.service import MapperService
     from eventbus.settings import MqttSettings
@@ -850,7 +852,7 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
             where = ", ".join(f"{m.at.file}:{m.at.line}" if m.at.line else m.at.file for m in maps)
             yield False, (f"the anomalyDetection maps at {where} were not checked against their models, and the"
                           f" service runs without their pipelines: {' and '.join(missing)} not installed here;"
-                          " install the `ml` extra (pip install 'mapper[ml]') for them")
+                          f" install the `ml` extra ({install_extra('ml')}) for them")
 
 
 def _installed() -> bool:

@@ -1502,6 +1502,24 @@ def test_the_cloud_worker_without_the_ml_extra_says_what_to_install(tmp_path):
     assert "needs numpy and onnxruntime" in done.stderr and "`ml` extra" in done.stderr, done.stderr
 
 
+def test_the_advice_to_install_an_extra_names_this_installation_not_pypi(tmp_path):
+    """Errors that need an extra said `pip install 'mapper[ml]'`: PyPI's `mapper`, another project,
+    into whichever environment that `pip` is. This one is installed from its source tree (a checkout,
+    /opt/mapper/src on a Pi): the advice now gives this interpreter's pip and the tree pip recorded."""
+    site = tmp_path / "site"
+    dist = site / "mapper-0.1.0.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mapper\nVersion: 0.1.0\n")
+    (dist / "direct_url.json").write_text('{"url": "file:///opt/mapper/src", "dir_info": {}}')
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\nsys.modules['onnxruntime'] = None\n")
+    config = tmp_path / "worker.yaml"
+    config.write_text("mqtt: {url: 'mqtt://127.0.0.1:1'}\n")
+    done = mapper("cloud-worker", "--config", str(config), env={"PYTHONPATH": str(site)})
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert f"{sys.executable} -m pip install '/opt/mapper/src[ml]')" in done.stderr, done.stderr
+    assert "'mapper[ml]'" not in done.stderr, done.stderr
+
+
 def test_validate_given_the_config_file_says_it_is_a_config(tmp_path):
     """`mapper validate examples/demo.yaml` (the config, where a new user looks for a check) said
     `kind: None is not supported: use Device or DeviceModel`. It now says the file looks like a

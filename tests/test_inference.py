@@ -2645,6 +2645,7 @@ def test_without_the_ml_extra_configured_pipelines_are_a_config_error(tmp_path):
     """A core-only install (`pip install .`) and a config with inference pipelines: `mapper run` and
     `mapper install-service` refuse it at once, saying which extra to install. It used to start
     and die with a ModuleNotFoundError traceback."""
+    from devices.extras import install_extra
     from helpers import write_config
 
     config = write_config(tmp_path / "c.yaml", _devices(tmp_path), tmp_path / "twin.db",
@@ -2655,7 +2656,7 @@ def test_without_the_ml_extra_configured_pipelines_are_a_config_error(tmp_path):
                               text=True, timeout=30, cwd=REPO, env=env)
         assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
         assert "inference.pipelines: need numpy and onnxruntime, not installed here" in done.stderr
-        assert "pip install 'mapper[ml]'" in done.stderr
+        assert f"install the `ml` extra ({install_extra('ml')})" in done.stderr, done.stderr
     assert not (tmp_path / "twin.db").exists()
 
 

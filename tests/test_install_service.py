@@ -692,6 +692,8 @@ def test_install_without_onnxruntime_says_what_it_cannot_check(open_dir: Path) -
     map: the map is not among what keeps the service from starting (the service runs without its
     pipeline, as `mapper run` does), and a warning says it was not checked and why. Config pipelines are
     refused, as the start refuses them."""
+    from devices.extras import install_extra
+
     config = _inference_install(open_dir, temperature_map="model: sensor_faults")
     script = ("import sys\nsys.modules['onnxruntime'] = None\nsys.modules['numpy'] = None\n"
               "from mapper.cli import main\n"
@@ -703,7 +705,7 @@ def test_install_without_onnxruntime_says_what_it_cannot_check(open_dir: Path) -
     line = next(n for n, text in enumerate(device_file.read_text().splitlines(), 1) if text.strip() == "data:")
     assert (f"warning: the anomalyDetection maps at {device_file}:{line} were not checked against their models, and"
             " the service runs without their pipelines: numpy and onnxruntime not installed here; install the `ml`"
-            " extra (pip install 'mapper[ml]') for them") in done.stderr.splitlines(), done.stderr
+            f" extra ({install_extra('ml')}) for them") in done.stderr.splitlines(), done.stderr
 
     _inference_install(open_dir, "    - device: room-sensor-faulty\n      model: sensor_faults\n")
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)

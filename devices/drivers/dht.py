@@ -120,7 +120,9 @@ def _import_library() -> Any:
     try:
         import adafruit_dht  # noqa: PLC0415 - lazy: a laptop runs without the Pi extra
     except ImportError as exc:
-        raise DriverError(f"adafruit_dht is not installed ({exc}): pip install 'mapper[pi]'") from exc
+        from devices.extras import install_extra
+
+        raise DriverError(f"adafruit_dht is not installed ({exc}): install the `pi` extra ({install_extra('pi')})") from exc
     return adafruit_dht
 
 

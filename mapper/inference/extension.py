@@ -34,6 +34,7 @@ import orjson
 
 from devices.definitions import DeviceDefinition
 from devices.errors import Problem
+from devices.extras import install_extra
 from devices.ids import DeviceId
 from mapper.finish import outcome
 from mapper.inference import records
@@ -507,7 +508,7 @@ class InferenceExtension:
                old: dict[DeviceId, Pipeline]) -> dict[DeviceId, Pipeline]:
         if wanted and (missing := missing_ml_packages()):
             problem = (f"{len(wanted)} pipeline(s) disabled: {' and '.join(missing)} not installed here "
-                       f"(the `ml` extra: pip install 'mapper[ml]')")
+                       f"(the `ml` extra: {install_extra('ml')})")
             self.problems.append(problem)
             log.error("inference: %s", problem)
             return {}
