@@ -149,6 +149,20 @@ def test_mapper_run_refuses_a_twin_another_user_can_write_before_connecting(
     assert started, f"the mapper did not start on its own twin:\n{err}"
 
 
+def test_a_twin_in_a_shared_sticky_directory_is_not_told_to_chmod_it(tmp_path: Path) -> None:
+    """A twin in /tmp was refused with "`chmod go-w /tmp` if it is root's own": advice that would
+    break every program using /tmp. A sticky directory every user may write is shared by design:
+    only a directory of the mapper's own is advised."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    config = write_config(tmp_path / "mapper.yaml", devices, shared / "twin.db")
+    done = run_mapper(config)
+    assert done.returncode == 1 and done.stderr.startswith(f"error: refusing the twin {shared / 'twin.db'}: "), done
+    assert "mkdir -m 700" in done.stderr and "chmod go-w" not in done.stderr, done.stderr
+
+
 def test_the_twin_commands_still_read_a_twin_of_another_user(tmp_path: Path) -> None:
     """The service's twin belongs to `mapper` (0600, in /var/lib/mapper): root reads it with `mapper
     devices` and `mapper twin get`, which publish nothing and drive no device; they are not refused."""

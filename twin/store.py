@@ -500,11 +500,15 @@ def _check_twin_directory(path: Path, directory: Path) -> None:
             who = f"the users of group {_group(st.st_gid)} can create and replace files in it"
         else:
             who = f"{_who(st.st_uid)} can create and replace files in it"
+        # A sticky directory every user may write (/tmp, /var/tmp) is shared by design: `chmod go-w`
+        # on it would break every other program that uses it.
+        own = ("" if st.st_mode & stat.S_ISVTX and st.st_mode & 0o002
+               else f", or `chmod go-w {directory}` if it is {_who(euid)}'s own")
         raise ForeignTwin(
             f"refusing the twin {path}: {_described(directory, st)}: {who}. A database (or -wal file) put there"
             f" would be what the mapper publishes from, with its broker login. Keep the twin in a"
             f" directory only {_who(euid)} can write (the service's is /var/lib/mapper; for a run by hand:"
-            f" `mkdir -m 700` one, or `chmod go-w {directory}` if it is {_who(euid)}'s own)")
+            f" `mkdir -m 700` one and name it in twin.path{own})")
 
 
 def _check_twin_file(path: Path, name: Path) -> None:
