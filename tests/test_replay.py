@@ -67,6 +67,19 @@ def test_missing_file_and_missing_column(tmp_path):
     assert info.value.retryable is False
 
 
+def test_a_missing_relative_file_is_named_beside_the_device_file(tmp_path):
+    """`file: ../data/office-room.csv` with no such file said "cannot open replay file
+    ../data/office-room.csv", which reads as relative to where the command runs: it is read
+    relative to the device file, and the error now names the path there."""
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "office.yaml").write_text((REPO / "devices/examples/replay/office-replay.yaml").read_text())
+    with pytest.raises(DefinitionError) as info:
+        load([devices])
+    said = str(info.value.problems[0])
+    assert f"cannot open replay file {devices / '../data/office-room.csv'}: " in said, said
+
+
 SERIES = """\
 apiVersion: devices.kubeedge.io/v1beta1
 kind: DeviceModel

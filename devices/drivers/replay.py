@@ -257,7 +257,10 @@ def _resolve(device: DeviceDefinition, config: ReplayConfig) -> Path:
         return path
     source_dir = Path(device.source.rsplit(":", 1)[0]).parent
     candidate = source_dir / path
-    return candidate if candidate.exists() else path
+    # Beside the device file; else (a Device from edgecore has no file) the working directory's.
+    # A file found in neither is named beside the device file: "../data/x.csv" alone did not say
+    # that it is read relative to the device file, not to where the command runs.
+    return candidate if candidate.exists() or not path.exists() else path
 
 
 class ReplayDriver(Driver):
