@@ -798,12 +798,23 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             raise
         except UnknownDevice as exc:
-            meant = _device_meant(DeviceId.parse(str(exc.device_id)), store.device_ids(active_only=False))
-            if not meant:
-                raise
-            raise ValueError(f"{exc}; did you mean {' or '.join(map(str, meant))}?") from None
+            known = sorted(store.device_ids(active_only=False), key=str)
+            meant = _device_meant(DeviceId.parse(str(exc.device_id)), known)
+            if meant:
+                raise ValueError(f"{exc}; did you mean {' or '.join(map(str, meant))}?") from None
+            raise ValueError(f"{exc} in the twin {path}: {_devices_listed(known)}") from None
         if found < SCHEMA_VERSION and note:  # once read: not before an error saying it cannot be read
             _note_older_twin(path, found)
+
+
+def _devices_listed(known: list[DeviceId], at_most: int = 8) -> str:
+    """The devices a twin has, for an unknown device's error: the name asked for close to none of
+    them, the person needs the names (`mapper devices` shows them all)."""
+    if not known:
+        return "it has no devices (has `mapper run` run with this config?)"
+    shown = ", ".join(map(str, known[:at_most]))
+    more = f" and {len(known) - at_most} more (`mapper devices` lists them)" if len(known) > at_most else ""
+    return f"its devices are {shown}{more}"
 
 
 def _device_meant(wanted: DeviceId, known: Iterable[DeviceId]) -> list[DeviceId]:

@@ -1062,7 +1062,8 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
     assert typo.returncode == 1 and typo.stderr == (
         "error: device default/lamp has no property 'tempreature' (properties: count, power, temperature)\n"), typo
     ghost = mapper("twin", "history", "ghost", "count", "--config", str(config))
-    assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
+    assert ghost.returncode == 1 and ghost.stderr == (
+        f"error: unknown device default/ghost in the twin {tmp_path / 'twin.db'}: its devices are default/lamp\n"), ghost
     none_yet = mapper("twin", "history", "lamp", "count", "--config", str(config))
     assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
 
@@ -1087,7 +1088,12 @@ def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tm
         assert done.returncode == 1 and done.stderr == (
             "error: unknown device default/pump7; did you mean default/pump-7?\n"), (command, done)
     ghost = mapper("twin", "get", "ghost", "--config", str(config))
-    assert ghost.returncode == 1 and ghost.stderr == "error: unknown device default/ghost\n", ghost
+    # (a name close to none: the devices the twin has, which it said nothing about)
+    assert ghost.returncode == 1 and ghost.stderr == (
+        f"error: unknown device default/ghost in the twin {tmp_path / 'twin.db'}: its devices are default/lamp,"
+        " default/pump-7\n"), ghost
+    ghost = mapper("twin", "set", "ghost", "power", "true", "--config", str(config))
+    assert ghost.returncode == 1 and ghost.stderr.startswith("error: unknown device default/ghost in the twin "), ghost
 
 
 def test_twin_set_of_a_read_only_property_says_where_that_comes_from_and_which_are_writable(tmp_path):
@@ -1105,6 +1111,27 @@ def test_twin_set_of_a_read_only_property_says_where_that_comes_from_and_which_a
         "error: property 'temperature' of default/lamp is ReadOnly (its DeviceModel thing-model's accessMode, or a"
         " driver that cannot write it): it takes no desired value; the device's ReadWrite properties: count, power\n"
     ), refused.stderr
+
+
+def test_an_out_of_range_value_is_refused_with_the_limit_as_the_file_writes_it(tmp_path):
+    """`mapper twin set lamp count 999999999` against `maximum: "100000000"` said "above the maximum
+    1e+08": the limit in a notation the file does not use."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    model = (devices / "model.yaml").read_text()
+    count = '    - name: count\n      type: INT\n      accessMode: ReadWrite\n      minimum: "0"\n      maximum: "100000000"\n'
+    assert count in model, model
+    (devices / "model.yaml").write_text(model.replace(count, count.replace('"0"', '"-2.5"')))
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    above = mapper("twin", "set", "lamp", "count", "999999999", "--config", str(config))
+    assert above.returncode == 1 and above.stderr == (
+        "error: property 'count': 999999999 is above the maximum 100000000\n"), above.stderr
+    below = mapper("twin", "set", "lamp", "count", "-3", "--config", str(config))
+    assert below.returncode == 1 and below.stderr == "error: property 'count': -3 is below the minimum -2.5\n", below
 
 
 def test_an_unknown_device_is_said_with_the_one_meant_in_another_namespace(tmp_path):
