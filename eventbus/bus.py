@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
 import ssl
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -404,6 +405,9 @@ def _carried(topic_filter: str) -> str:
     return "messages"
 
 
+WILL_MARK = "mapper-will"  # the user property of the last will (MqttBus.own_will)
+
+
 class MqttBus:
     def __init__(
         self,
@@ -421,6 +425,10 @@ class MqttBus:
         # What another mapper with this client id would share with this one (advice when it is taken over).
         self.client_id_origin = client_id_origin
         self.will_topic = will_topic
+        # Carried by the last will of the latest connection (MQTT 5 user property WILL_MARK, new at
+        # each): a broker that stops publishes its clients' wills, this one's to the mapper itself
+        # too, which is then not "another client". An earlier connection's will is not this one's.
+        self.will_mark = ""
         self.subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
@@ -461,6 +469,17 @@ class MqttBus:
         self._check_connected: Callable[[], None] = lambda: None  # of the latest connection (watch_disconnect)
         self._credentials = Credentials(settings, log)
 
+    def _will_properties(self) -> Properties:
+        self.will_mark = secrets.token_hex(8)
+        properties = Properties(PacketTypes.WILLMESSAGE)
+        properties.UserProperty = [(WILL_MARK, self.will_mark)]
+        return properties
+
+    def own_will(self, message: aiomqtt.Message) -> bool:
+        """Whether `message` is this bus's own last will, published by a broker closing the connection."""
+        marks = getattr(message.properties, "UserProperty", None) or []
+        return bool(self.will_mark) and (WILL_MARK, self.will_mark) in marks
+
     def _client(self) -> aiomqtt.Client:
         s = self.settings
         password = self._credentials.password()
@@ -476,7 +495,8 @@ class MqttBus:
             username=s.username,
             password=password,
             protocol=self.protocol,
-            will=aiomqtt.Will(self.will_topic, b"offline", qos=1, retain=True),
+            will=aiomqtt.Will(self.will_topic, b"offline", qos=1, retain=True,
+                              properties=self._will_properties() if v5 else None),
             clean_session=None if v5 else False,
             clean_start=False if v5 else 3,
             properties=properties,

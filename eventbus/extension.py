@@ -424,6 +424,9 @@ class EventBusExtension:
         topic = message.topic.value
         handler = self._extra_handler(topic)
         if handler is not None:
+            if self.bus is not None and self.bus.own_will(message):
+                log.debug("the broker published this connection's last will on %r: it is closing it", topic[:200])
+                return
             try:
                 await handler(topic, payload)
             except Exception:  # noqa: BLE001 - a message must never take the connection down

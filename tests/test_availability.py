@@ -114,6 +114,29 @@ def test_an_offline_another_client_retains_on_the_running_nodes_availability_is_
     assert retained(broker, topic) == b"offline"
 
 
+def test_a_broker_that_stops_is_not_taken_for_another_mapper_on_the_node(tmp_path, node):
+    """Mosquitto publishes its clients' last wills when it stops: the mapper received its own
+    `offline` on the node's availability and logged, at every broker restart (a package upgrade),
+    a WARNING "another client published b'offline' ... (another mapper serving this node that
+    stopped ...?)", sending its reader after a second mapper that does not exist. Its will now
+    carries a mark of this connection (an MQTT 5 user property), and its own will is recognised."""
+    ensure_mosquitto_installed()
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    topic = f"mapper/{node}/availability"
+    with MosquittoBroker() as broker, MapperProcess(tmp_path, devices, broker, node=node) as mapper:
+        with broker.client("app") as app:
+            app.subscribe(topic)
+            assert next_payload(app, topic) == b"online"
+        mapper.wait_log("announced on")  # (after its subscriptions: it hears its own availability)
+        broker.stop()
+        mapper.wait_log("lost or refused")
+        assert "another client published" not in mapper.log(), mapper.log()
+        broker.start()
+        mapper.wait_log("back after", timeout=30)
+        assert mapper.stop() == 0
+    assert "another client published" not in mapper.log(), mapper.log()
+
+
 def test_device_availability_follows_its_state(broker, tmp_path, node):
     """A failing sensor goes `offline` (unhealthy) while the node stays `online`; it comes back by itself."""
     fault = tmp_path / "unplugged"
