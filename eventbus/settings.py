@@ -129,6 +129,19 @@ class MqttSettings(BaseModel):
     allow_password_in_clear: bool = False
 
     @model_validator(mode="after")
+    def _password_with_a_username(self) -> MqttSettings:
+        """A password without a user name is never sent (aiomqtt passes credentials on only with a
+        user name; MQTT 3.1.1 has no password without one): the broker saw an anonymous client and
+        refused it, `Not authorized`, with the password file right."""
+        given = ("password_file" if self.password_file is not None
+                 else "password_env" if self.password_env is not None else None)
+        if given is not None and self.username is None:
+            raise FieldError((given,), "a password without mqtt.username is never sent (MQTT sends it with a user"
+                                       " name only): add username, the broker's user of this password (the"
+                                       " shipped broker's: username: mapper)")
+        return self
+
+    @model_validator(mode="after")
     def _no_password_in_clear(self) -> MqttSettings:
         """A password and `mqtt://` to a host other than this machine: refused. The CONNECT holds the
         password as it is, sent at every (re)connect, also to a TLS-only listener that then drops the

@@ -272,6 +272,24 @@ def test_a_password_written_in_the_config_is_told_where_it_goes(tmp_path):
         f"{worker}:3: mqtt.pasword_file: unknown field, did you mean password_file?\n"), done
 
 
+def test_a_password_without_a_username_is_a_config_error_at_its_field(tmp_path):
+    """`mqtt: {password_file: ...}` without `username` passed `mapper validate`; the mapper then
+    connected without the password (it is sent only with a user name) and the broker refused it,
+    `Not authorized`, with the password file right. Now it is a config error at the field."""
+    password = tmp_path / "mqtt.password"
+    password.write_text("s3cret\n")
+    password.chmod(0o600)
+    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["lamp"]), tmp_path / "twin.db",
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1883\n  password_file: {password}\n")
+    line = config.read_text().splitlines().index(f"  password_file: {password}") + 1
+    done = mapper("validate", "--config", str(config))
+    assert done.returncode == 1, done
+    assert done.stderr.startswith(f"{config}:{line}: mqtt.password_file: a password without mqtt.username is never"
+                                  " sent"), done.stderr
+    config.write_text(config.read_text().replace("  password_file:", "  username: mapper\n  password_file:"))
+    assert mapper("validate", "--config", str(config)).returncode == 0
+
+
 def test_an_unreadable_mqtt_password_is_a_config_error_before_the_start(tmp_path):
     """`mqtt.password_file` missing (or not readable by the user the mapper runs as): `mapper run`
     and `mapper install-service` refuse the config at once, naming the field and the file. The
@@ -382,7 +400,7 @@ def test_mqtt_paths_are_relative_to_the_config_file_for_the_mapper_and_the_worke
     and `protocol: 5`, unquoted YAML, means MQTT 5."""
     from mapper.inference.worker import load_worker_config
 
-    block = ("mqtt:\n  url: mqtts://127.0.0.1:1\n  protocol: 5\n  password_file: secret\n"
+    block = ("mqtt:\n  url: mqtts://127.0.0.1:1\n  protocol: 5\n  username: mapper\n  password_file: secret\n"
              "  tls: {ca_file: pki/ca.crt, cert_file: pki/me.crt, key_file: /abs/me.key}\n")
     (tmp_path / "etc").mkdir()
     devices = write_devices(tmp_path / "dev", ["x"])

@@ -350,7 +350,8 @@ def test_install_warns_that_password_env_must_be_added_to_the_service(
     monkeypatch.delenv("MAPPER_TEST_MQTT_PASSWORD", raising=False)
     devices = write_devices(tmp_path / "dev", ["a"])
     config = write_config(tmp_path / "mapper.yaml", devices, SERVICE_TWIN,
-                          extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  password_env: MAPPER_TEST_MQTT_PASSWORD\n")
+                          extra="mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n"
+                                "  password_env: MAPPER_TEST_MQTT_PASSWORD\n")
     assert main(["install-service", "--force", "--config", str(config), "--dry-run", "--groups"]) == 0
     out = capsys.readouterr()
     assert "ExecStart=" in out.out

@@ -180,7 +180,8 @@ def test_the_config_fingerprint_leaves_out_the_node_and_secrets_and_ignores_key_
         config = load_config(path, env={})
         return config.fingerprint(), config.fingerprint_document()
 
-    mqtt = ("mqtt:\n  url: mqtts://broker.example.com:8883\n  client_id: {cid}\n  password_env: MQTT_PW\n"
+    mqtt = ("mqtt:\n  url: mqtts://broker.example.com:8883\n  client_id: {cid}\n  username: mapper\n"
+            "  password_env: MQTT_PW\n"
             "  allow_password_in_clear: false\n")
     base = "node: pi-1\ntwin:\n  commit_interval_ms: 5000\n"
     one, document = fingerprint(base + mqtt.format(cid="mapper-pi-1-5ecre7"))
