@@ -339,6 +339,10 @@ def _absolute(base: Path, value: Path) -> Path:
     return value if value.is_absolute() else (base / value)
 
 
+# Keys of a cloud worker's config (mapper.inference.worker) that the mapper's config never has.
+WORKER_CONFIG_KEYS = ("models", "models_dir", "group", "worker_id")
+
+
 def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> MapperConfig:
     """Read and validate a config file; raises DefinitionError (FILE:LINE: FIELD: PROBLEM)."""
     path = Path(path)
@@ -354,6 +358,12 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     if len(docs) != 1 or not isinstance(docs[0].data, dict):
         raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
     doc = docs[0]
+    if worker_keys := [k for k in doc.data if k in WORKER_CONFIG_KEYS]:
+        # A cloud worker's config given to the mapper: one line saying so, not "models: did you mean mode?".
+        raise DefinitionError([Problem(
+            label, doc.line_of((worker_keys[0],)), worker_keys[0],
+            f"this looks like a cloud worker config ({', '.join(worker_keys)}: `mapper cloud-worker --config` reads"
+            " it), not a mapper config: the mapper's holds node, devices, twin, mqtt ... (README, Config file)")])
     data = dict(doc.data)
     applied = _apply_env(data, os.environ if env is None else env)
     try:

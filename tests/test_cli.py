@@ -323,6 +323,26 @@ def test_a_bad_cloud_worker_config_is_one_line_per_problem(tmp_path):
     assert result.returncode == 1 and "config file not found" in result.stderr
 
 
+def test_the_cloud_worker_given_the_mappers_config_says_so(tmp_path):
+    """`mapper cloud-worker --config examples/demo.yaml` (the mapper's config, the one at hand) said
+    "node: unknown field, did you mean models?" and a line per key: now one line says it is a mapper
+    config and what a worker's holds."""
+    result = mapper("cloud-worker", "--config", "examples/demo.yaml")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result
+    assert result.stderr.splitlines() == [
+        "examples/demo.yaml:2: node: this looks like a mapper config (node, devices, twin, inference: `mapper run"
+        " --config` reads it), not a cloud worker's: the worker's holds mqtt (its own broker login, e.g. user worker),"
+        " models_dir, models and group (docs/inference.md)"], result.stderr
+    # and the other way round: `models: unknown field, did you mean mode?` for a worker's config
+    worker = tmp_path / "worker.yaml"
+    worker.write_text("mqtt:\n  url: mqtt://127.0.0.1:1\nmodels: [sensor_faults]\n")
+    for command in ("run", "validate"):
+        result = mapper(command, "--config", str(worker))
+        assert result.returncode == 1 and result.stderr.splitlines()[0] == (
+            f"{worker}:3: models: this looks like a cloud worker config (models: `mapper cloud-worker --config` reads"
+            " it), not a mapper config: the mapper's holds node, devices, twin, mqtt ... (README, Config file)"), result
+
+
 def test_a_problem_found_by_a_whole_section_check_is_at_its_field(tmp_path):
     """A check of a whole section about one of its fields names that field's line: `mode: kubeedge`
     without a `kubeedge:` section was reported at the file's first key (line 2, `node: n`, here),

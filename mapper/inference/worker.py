@@ -60,6 +60,10 @@ class WorkerSettings(BaseModel):
     log_level: str = "info"
 
 
+# Keys of the mapper's own config (mapper.config) that a worker config never has.
+MAPPER_CONFIG_KEYS = ("node", "devices", "twin", "inference", "mode", "loop", "kubeedge", "api", "systemd")
+
+
 def load_worker_config(path: str | Path) -> WorkerSettings:
     """Read and validate a worker config; raises DefinitionError (FILE:LINE: FIELD: PROBLEM), as
     the mapper's own config does."""
@@ -84,6 +88,13 @@ def _read_worker_config(path: str | Path) -> tuple[WorkerSettings, Any]:
         raise DefinitionError([device_file])
     if len(docs) > 1 or (docs and not isinstance(docs[0].data, dict)):
         raise DefinitionError([Problem(label, 1, "", "the config file must hold one YAML mapping")])
+    if docs and (mapper_keys := [k for k in docs[0].data if k in MAPPER_CONFIG_KEYS]):
+        # The mapper's config given to the worker: one line saying so, not a did-you-mean per key.
+        raise DefinitionError([Problem(
+            label, docs[0].line_of((mapper_keys[0],)), mapper_keys[0],
+            f"this looks like a mapper config ({', '.join(mapper_keys)}: `mapper run --config` reads it), not a cloud"
+            " worker's: the worker's holds mqtt (its own broker login, e.g. user worker), models_dir, models and"
+            " group (docs/inference.md)")])
     try:
         settings = WorkerSettings.model_validate(docs[0].data if docs else {})
     except ValidationError as exc:
