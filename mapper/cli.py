@@ -964,20 +964,17 @@ def _unwritable_twin(path: Path, exc: BaseException) -> str | None:
     SQLite says `attempt to write a readonly database` or `unable to open database file`, naming
     no file: a read-only file system (an SD card remounted read-only), or a twin this user may
     not write (the service's, owned by `mapper`, set without `sudo -u mapper`)."""
-    from mapper.twin_disk import innermost, twin_disk_problem
-    from twin.store import described
+    from mapper.twin_disk import innermost, twin_disk_problem, write_denied
 
     if (problem := twin_disk_problem(exc, path)) is not None:
         return f"cannot write the twin {path}: {innermost(exc)}: {problem}"
     code = getattr(innermost(exc), "sqlite_errorcode", None)
     if code is None or code & 0xFF not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
         return None
-    files = [f for f in (path, path.parent) if f.exists() and not os.access(f, os.W_OK)]
-    if not files:
+    if (denied := write_denied(path)) is None:
         return None
-    owner = files[0].stat().st_uid
-    return (f"cannot write the twin {path}: {innermost(exc)}: {described(files[0])}, which this user"
-            f" ({_user(os.geteuid())}) may not write"
+    said, owner = denied
+    return (f"cannot write the twin {path}: {innermost(exc)}: {said}"
             + (f": set the value as its owner (sudo -u {_user(owner)} mapper twin set ...)" if owner != os.geteuid()
                else " (its mode, or an immutable flag: lsattr)"))
 

@@ -33,7 +33,7 @@ from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
 from mapper.twin_disk import innermost as _innermost
-from mapper.twin_disk import twin_disk_problem
+from mapper.twin_disk import twin_disk_problem, write_denied
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
@@ -388,7 +388,10 @@ class MapperService:
                     if (unusable := unusable_twin(path, exc)) is not None:  # a damaged page found by a write
                         raise unusable from exc
                     if isinstance(exc, sqlite3.Error) and str(path) not in str(exc):
-                        raise type(exc)(f"cannot {doing} the twin {path} at start: {exc}") from exc
+                        denied = write_denied(path)  # (SQLite's "attempt to write a readonly database")
+                        raise type(exc)(f"cannot {doing} the twin {path} at start: {exc}"
+                                        + (f": {denied[0]} (its mode, or an immutable flag: lsattr)" if denied
+                                           else "")) from exc
                     raise
                 error = f"cannot {doing} the twin {path}: {_innermost(exc)}: {problem}"
                 kind = (doing, str(_innermost(exc)), problem.split(" (")[0])  # (not the KiB free, which moves)

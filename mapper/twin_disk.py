@@ -97,3 +97,22 @@ def innermost(exc: BaseException) -> BaseException:
     while exc.__cause__ is not None:
         exc = exc.__cause__
     return exc
+
+
+def write_denied(path: Path) -> tuple[str, int] | None:
+    """(`FILE is owner:group mode, which this user (NAME) may not write`, the owner's uid) for the
+    twin file or its directory when this user may not write it (its mode, another owner, an
+    immutable flag); None when both may be written. SQLite's "attempt to write a readonly
+    database" names neither the file nor the cause."""
+    import pwd
+
+    from twin.store import described
+
+    for candidate in (Path(path), Path(path).parent):
+        if candidate.exists() and not os.access(candidate, os.W_OK):
+            try:
+                user = pwd.getpwuid(os.geteuid()).pw_name
+            except KeyError:
+                user = f"uid {os.geteuid()}"
+            return f"{described(candidate)}, which this user ({user}) may not write", candidate.stat().st_uid
+    return None

@@ -1259,8 +1259,13 @@ def test_twin_set_on_a_twin_it_may_not_write_names_the_twin_and_why(tmp_path):
         if os.access(twin, os.W_OK):
             pytest.skip("this user may write an immutable file")
         refused = mapper("twin", "set", "lamp", "power", "true", "--config", str(config))
+        run = mapper("run", "--config", str(config), timeout=60)
     finally:
         subprocess.run(["chattr", "-i", str(twin)], check=True)
+    # `mapper run` named the twin, not why it could not write it
+    assert run.returncode == 1 and run.stderr.splitlines()[-1].startswith(
+        f"error: cannot write the twin {twin} at start: attempt to write a readonly database: {twin} is "), run.stderr
+    assert "may not write (its mode, or an immutable flag: lsattr)" in run.stderr, run.stderr
     assert refused.returncode == 1, refused
     assert refused.stderr.startswith(f"error: cannot write the twin {twin}: attempt to write a readonly database: "
                                      f"{twin} is "), refused.stderr
