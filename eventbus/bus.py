@@ -346,7 +346,8 @@ class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
         if self.qsize() * share >= INCOMING_LIMIT or (self.payload_bytes + size) * share > INCOMING_BYTES:
             self._on_drop(item, self)
             return
-        item.properties = None  # no handler reads them, and they are most of a waiting message's memory
+        if not _will_marked(item):  # (kept for MqttBus.own_will: a few bytes, once per connection)
+            item.properties = None  # no handler reads them, and they are most of a waiting message's memory
         self.payload_bytes += size
         super().put_nowait(item)
 
@@ -354,6 +355,12 @@ class _IncomingQueue(asyncio.Queue[aiomqtt.Message]):
         item = super().get_nowait()
         self.payload_bytes -= len(item.payload) if isinstance(item.payload, bytes | bytearray) else 0
         return item
+
+
+def _will_marked(message: aiomqtt.Message) -> bool:
+    """Whether `message` carries a last will's mark (WILL_MARK): a mapper's will, published by the broker."""
+    marks = getattr(message.properties, "UserProperty", None) or ()
+    return any(key == WILL_MARK for key, _ in marks)
 
 
 def refused_reason(granted: object) -> str | None:
