@@ -31,11 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import re
 import time
 from collections import deque
 
 import aiomqtt
+import orjson
 
 from eventbus.bus import MqttBus
 from eventbus.paho_fastpath import publish_size
@@ -63,6 +66,10 @@ PAGE = 1_000
 # length (up to 4), topic length (2), message id (2), property length (MQTT 5: 1).
 _PACKET_OVERHEAD = 10
 _LIVE_ID = 0  # the outbox row id of a live message in flight (outbox ids start at 1)
+# A reply to an app's request ($hw/events/.../twin/get/result, membership/get/result, ...) starts
+# with its event_id: eventbus.payloads builds each with orjson, event_id first.
+_REPLY_TOPIC = re.compile(r"\$hw/events/.+/result")
+_REPLY_EVENT_ID = re.compile(rb'\{"event_id":("(?:[^"\\]|\\.){0,128}")')
 _ACL_HINT = " (if that topic is meant to be published, the broker's ACL must let the mapper's user write it)"
 
 
@@ -87,6 +94,7 @@ class OutboxPublisher:
         self._ack_first = asyncio.Event()  # some acks waiting: delete them after ack_delay_s
         self._inflight: dict[int, OutboxRow] = {}  # message id -> outbox row, this connection only
         self._early: set[int] = set()   # acks that arrived before publish_nowait returned (QoS 0)
+        self._replaced: set[int] = set()  # rows sent as an error reply in their place (_too_large), this connection
         self._sending = False
         self._room = asyncio.Event()    # set by acks and by a lost connection
         self._failed = asyncio.Event()
@@ -169,10 +177,20 @@ class OutboxPublisher:
                 self.idle.set()
             return True
         if reason >= 0x80:
+            self._replaced.discard(row.id)
             self._undeliverable(row, f"the broker refused it: {_reason_name(reason)}")
         else:
-            self._acked_row(row.id)
+            self._acked_done(row.id)
         return True
+
+    def _acked_done(self, row_id: int) -> None:
+        """A row the broker acknowledged: delivered, or an error reply went in its place."""
+        if row_id in self._replaced:
+            self._replaced.discard(row_id)
+            self.undeliverable += 1
+            self._acked_row(row_id, delivered=False)
+        else:
+            self._acked_row(row_id)
 
     def _undeliverable(self, row: OutboxRow, why: object, hint: str = _ACL_HINT) -> None:
         """A row that can never go (paho refuses its topic; the broker refused it: its ACL denies
@@ -185,19 +203,45 @@ class OutboxPublisher:
             log.error("dropped outbox message %d on %r: %s%s%s", row.id, row.topic[:200], why, hint, held_note(held))
         self._acked_row(row.id, delivered=False)
 
-    def _too_large(self, row: OutboxRow, v5: bool) -> bool:
-        """Whether the row's PUBLISH packet exceeds the broker's limit (bus.packet_limit); if so it
-        is dropped like a refused one: the broker would close the connection on receiving it (MQTT 5
-        forbids sending it, 3.1.2.11.4), and it would be sent again first at every reconnect."""
+    def _too_large(self, row: OutboxRow, v5: bool) -> bytes | None:
+        """The payload to send for a row near the broker's limit (bus.packet_limit): its own if it
+        fits. A larger one must not go: the broker would close the connection on receiving it (MQTT 5
+        forbids sending it, 3.1.2.11.4), and it would be sent again first at every reconnect. A reply
+        to an app's request goes as an error reply instead (same topic, its event_id, code 500 with
+        the sizes: the app waits for it); anything else is dropped like a refused row (None)."""
         size = publish_size(len(row.topic.encode()), len(row.payload), row.qos, v5)
         limit = self._bus.packet_limit
         if size <= limit:
-            return False
+            return row.payload
         source = ("its Maximum Packet Size" if self._bus.packet_limit_announced
                   else "mqtt.max_packet_bytes: the broker announced no limit")
-        self._undeliverable(row, f"its packet would be {size} bytes, over the broker's limit of {limit} bytes ({source})",
-                            hint="")
-        return True
+        why = f"its packet would be {size} bytes, over the broker's limit of {limit} bytes ({source})"
+        error = self._error_reply(row, size, limit)
+        if error is not None and publish_size(len(row.topic.encode()), len(error), row.qos, v5) <= limit:
+            held = self._log_throttle("undeliverable")
+            if held is not None:
+                log.error("dropped outbox message %d on %r: %s; answered with an error instead%s", row.id,
+                          row.topic[:200], why, held_note(held))
+            self._replaced.add(row.id)
+            return error
+        self._undeliverable(row, why, hint="")
+        return None
+
+    @staticmethod
+    def _error_reply(row: OutboxRow, size: int, limit: int) -> bytes | None:
+        """The error reply that stands in for a reply too large to send (None: the row is no reply).
+        Its event_id is read from the payload's start, not by parsing megabytes of JSON."""
+        if not _REPLY_TOPIC.fullmatch(row.topic):
+            return None
+        found = _REPLY_EVENT_ID.match(row.payload)
+        if found is None:
+            return None
+        try:
+            event_id = json.loads(found.group(1))
+        except ValueError:
+            return None
+        reason = f"the reply of {size} bytes is over the broker's packet limit of {limit} bytes; the mapper's log names it"
+        return orjson.dumps({"event_id": event_id, "timestamp": int(time.time() * 1000), "code": 500, "reason": reason})
 
     def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
         if delivered:
@@ -240,6 +284,7 @@ class OutboxPublisher:
         self.live_unacked += sum(1 for row in self._inflight.values() if row.id == _LIVE_ID)
         self._inflight.clear()
         self._early.clear()
+        self._replaced.clear()  # (still in the outbox: read back, and replaced again)
         await self._flush_acks()
         self._live.clear()
         self._backlog = True
@@ -331,7 +376,8 @@ class OutboxPublisher:
                 if row.id in held:
                     self._last_queued = max(self._last_queued, row.id)
                     continue
-                if len(row.payload) + 4 * len(row.topic) > room and self._too_large(row, v5):
+                payload = row.payload
+                if len(payload) + 4 * len(row.topic) > room and (payload := self._too_large(row, v5)) is None:
                     self._last_queued = max(self._last_queued, row.id)
                     continue
                 if len(inflight) >= window:
@@ -342,16 +388,17 @@ class OutboxPublisher:
                 self._last_queued = max(self._last_queued, row.id)
                 self._sending = True
                 try:
-                    mid = bus.publish_nowait(row.topic, row.payload, qos=row.qos, retain=row.retain)
+                    mid = bus.publish_nowait(row.topic, payload, qos=row.qos, retain=row.retain)
                 except (ValueError, TypeError) as exc:
                     # paho refuses it (a wildcard topic queued before topics were validated).
+                    self._replaced.discard(row.id)
                     self._undeliverable(row, f"paho cannot publish it: {exc}")
                     continue
                 finally:
                     self._sending = False
                 if mid in self._early:
                     self._early.discard(mid)
-                    self._acked_row(row.id)
+                    self._acked_done(row.id)
                 else:
                     inflight[mid] = row
             bus.flush()  # the fast path queues without writing: one write for the burst

@@ -300,35 +300,50 @@ def test_an_outbox_message_over_the_brokers_packet_limit_is_dropped_and_the_rest
 
 def test_a_twin_reply_over_the_brokers_packet_limit_does_not_cut_the_mapper_off(small_broker, tmp_path):
     """The same from the outside: an app asks for a twin whose document is larger than the broker
-    takes. The reply is dropped and logged; the mapper stays connected (MQTT 5 by default here:
-    the broker's announced limit), and the readings and a later, small reply (a 404) still arrive."""
-    node = "bigtwin"
+    takes, and for the node's membership (larger too). The mapper stays connected (MQTT 5 by default
+    here: the broker's announced limit), and the readings and a later, small reply (a 404) still
+    arrive. Each app gets an answer it can act on in place of the reply that does not fit: an error
+    with its event_id, code 500 and the sizes (the reply used to be dropped: the app waited for it
+    with nothing said but a line in the mapper's log)."""
+    node = small_broker.node  # (the node its ACL lets apps ask for the membership of)
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
     mapper = MapperProcess(tmp_path, devices, small_broker, node=node)
     hw = "$hw/events/device/default/lamp"
+    membership = f"$hw/events/node/{node}/membership/get"
     with small_broker.client("app") as app, mapper:
         mapper.wait_log("connected to mqtt://")
         assert not app.subscribe(f"{hw}/twin/get/result").is_failure
+        assert not app.subscribe(f"{membership}/result").is_failure
         assert not app.subscribe("$hw/events/device/default/ghost/twin/get/result").is_failure
         assert not app.publish(f"{hw}/twin/get", json.dumps({"event_id": "big"})).is_failure
-        mapper.wait_log("dropped outbox message")
+        assert not app.publish(membership, json.dumps({"event_id": "members"})).is_failure
+        mapper.wait_log("dropped outbox message", count=2)
         assert not app.subscribe(f"mapper/{node}/default/lamp/count").is_failure
         assert not app.publish("$hw/events/device/default/ghost/twin/get", json.dumps({"event_id": "after"})).is_failure
-        seen: set[str] = set()
+        seen: dict[str, dict] = {}
 
-        def got_both() -> bool:
+        def got_all() -> bool:
             message = app.messages.get(timeout=10)
-            assert message.topic != f"{hw}/twin/get/result", "the dropped reply went out"
-            if message.topic.endswith("/get/result"):
-                assert json.loads(message.payload)["event_id"] == "after"
-            seen.add("reply" if message.topic.endswith("/get/result") else "count")
-            return seen == {"reply", "count"}
+            if message.topic.endswith("/result"):
+                reply = json.loads(message.payload)
+                assert "twin" not in reply and "devices" not in reply, "the dropped reply went out"
+                seen[reply["event_id"]] = reply
+            else:
+                seen["count"] = {}
+            return set(seen) == {"big", "members", "after", "count"}
 
-        wait_for(got_both, what="the next reply and the readings after the dropped one")
+        wait_for(got_all, what="the replies in place of the dropped ones, the next reply and the readings")
+        for event_id in ("big", "members"):
+            assert seen[event_id]["code"] == 500, seen
+            assert re.fullmatch(r"the reply of \d+ bytes is over the broker's packet limit of 300 bytes; "
+                                r"the mapper's log names it", seen[event_id]["reason"]), seen[event_id]
+        assert seen["after"]["code"] == 404
         assert mapper.stop() == 0
         log = mapper.log()
         assert log.count("connected to mqtt://") == 1, log[-3000:]
-        assert f"'{hw}/twin/get/result'" in log
+        assert f"'{hw}/twin/get/result'" in log and f"'{membership}/result'" in log
+        assert "answered with an error" in log
+    assert outbox_depth(mapper.twin_path) == 0
 
 
 def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker, tmp_path):
