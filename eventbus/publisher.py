@@ -65,6 +65,9 @@ PAGE = 1_000
 # Bytes a PUBLISH packet has besides its payload and topic, at most: fixed header byte, remaining
 # length (up to 4), topic length (2), message id (2), property length (MQTT 5: 1).
 _PACKET_OVERHEAD = 10
+# Connections lost in a row with the same outbox message unacknowledged, larger than any acknowledged,
+# after which it is held back for a connection to see whether its size is the cause (see _note_loss).
+LOSSES_OVER_LIMIT = 3
 _LIVE_ID = 0  # the outbox row id of a live message in flight (outbox ids start at 1)
 # A reply to an app's request ($hw/events/.../twin/get/result, membership/get/result, ...) starts
 # with its event_id: eventbus.payloads builds each with orjson, event_id first.
@@ -94,6 +97,10 @@ class OutboxPublisher:
         self._ack_first = asyncio.Event()  # some acks waiting: delete them after ack_delay_s
         self._inflight: dict[int, OutboxRow] = {}  # message id -> outbox row, this connection only
         self._early: set[int] = set()   # acks that arrived before publish_nowait returned (QoS 0)
+        self._largest_acked = 0         # payload bytes of the largest row the broker acknowledged
+        self._suspect: tuple[int, int] | None = None  # (row id, losses in a row it was unacknowledged at)
+        self._held_back: tuple[int, int] | None = None  # (row id, packet bytes) not sent this connection (_note_loss)
+        self._learned_limit: int | None = None  # a packet limit the broker did not announce, learned (_note_loss)
         self._replaced: set[int] = set()  # rows sent as an error reply in their place (_too_large), this connection
         self._sending = False
         self._room = asyncio.Event()    # set by acks and by a lost connection
@@ -155,6 +162,8 @@ class OutboxPublisher:
                 await self._reset()
 
     def _on_ack(self, mid: int, reason: int = 0) -> bool:
+        if self._held_back is not None and reason < 0x80:
+            self._over_learned_limit()
         row = self._inflight.pop(mid, None)
         if row is None:
             if self._sending:
@@ -180,6 +189,8 @@ class OutboxPublisher:
             self._replaced.discard(row.id)
             self._undeliverable(row, f"the broker refused it: {_reason_name(reason)}")
         else:
+            if len(row.payload) > self._largest_acked:
+                self._largest_acked = len(row.payload)
             self._acked_done(row.id)
         return True
 
@@ -210,11 +221,9 @@ class OutboxPublisher:
         to an app's request goes as an error reply instead (same topic, its event_id, code 500 with
         the sizes: the app waits for it); anything else is dropped like a refused row (None)."""
         size = publish_size(len(row.topic.encode()), len(row.payload), row.qos, v5)
-        limit = self._bus.packet_limit
+        limit, source = self._packet_limit()
         if size <= limit:
             return row.payload
-        source = ("its Maximum Packet Size" if self._bus.packet_limit_announced
-                  else "mqtt.max_packet_bytes: the broker announced no limit")
         why = f"its packet would be {size} bytes, over the broker's limit of {limit} bytes ({source})"
         error = self._error_reply(row, size, limit)
         if error is not None and publish_size(len(row.topic.encode()), len(error), row.qos, v5) <= limit:
@@ -226,6 +235,66 @@ class OutboxPublisher:
             return error
         self._undeliverable(row, why, hint="")
         return None
+
+    def _packet_limit(self) -> tuple[int, str]:
+        """The largest packet the broker takes on this connection, and what says so."""
+        bus = self._bus
+        if bus.packet_limit_announced:
+            return bus.packet_limit, "its Maximum Packet Size"
+        if self._learned_limit is not None and self._learned_limit < bus.packet_limit:
+            return self._learned_limit, "learned: it closed the connection on a larger one, set mqtt.max_packet_bytes"
+        return bus.packet_limit, "mqtt.max_packet_bytes: the broker announced no limit"
+
+    def _note_loss(self) -> None:
+        """A connection was lost with outbox rows unacknowledged. A broker closes the connection on a
+        packet over its limit (Mosquitto: "disconnected due to oversize packet"), and under MQTT 3.1.1
+        it cannot say what its limit is: with mqtt.max_packet_bytes above it, that row, first in the
+        outbox, was sent again at every reconnect, for ever, and nothing behind it went out. The
+        largest row in flight, unacknowledged at LOSSES_OVER_LIMIT losses in a row and larger than
+        any the broker acknowledged, is held back on the next connection: the first PUBACK there
+        (the node's `online` comes first) shows the broker takes the rest, and packets as large as
+        it are taken as over the broker's limit (_over_learned_limit). That connection lost too, it
+        was not the row's size (a broker out of memory also closes connections): it goes again."""
+        held, self._held_back = self._held_back, None
+        if held is not None:
+            log.info("the connection was lost again with outbox message %d (%d bytes) held back: not its size; "
+                     "sending it again", *held)
+            self._suspect = None
+            return
+        rows = [row for row in self._inflight.values() if row.id != _LIVE_ID]
+        if self._bus.packet_limit_announced or not rows:
+            self._suspect = None
+            return
+        largest = max(rows, key=lambda row: len(row.payload))
+        if len(largest.payload) <= self._largest_acked:
+            self._suspect = None
+            return
+        losses = self._suspect[1] + 1 if self._suspect is not None and self._suspect[0] == largest.id else 1
+        self._suspect = (largest.id, losses)
+        if losses < LOSSES_OVER_LIMIT:
+            return
+        self._suspect = None
+        size = publish_size(len(largest.topic.encode()), len(largest.payload), largest.qos,
+                            self._bus.protocol == aiomqtt.ProtocolVersion.V5)
+        self._held_back = (largest.id, size)
+        log.warning("the connection was lost %d times in a row with outbox message %d on %r (%d bytes, larger than any "
+                    "the broker acknowledged) unacknowledged: holding it back on the next connection, in case it is "
+                    "over a packet limit the broker did not announce", losses, largest.id, largest.topic[:200], size)
+
+    def _over_learned_limit(self) -> None:
+        """The broker acknowledged a message with the held-back row kept from it: the row's size was
+        the cause. Packets as large are not sent again until a restart, and the row is read again,
+        to be dropped (or answered with an error) as one over an announced limit is."""
+        (row_id, size), self._held_back = self._held_back, None
+        self._learned_limit = size - 1
+        log.error("outbox message %d (%d bytes) is taken as over the broker's packet limit, which it did not announce "
+                  "(MQTT 3.1.1 cannot): the connection was lost at every try while it was sent, and kept without it. "
+                  "Packets of %d bytes or more are not sent until a restart; set mqtt.max_packet_bytes to the broker's "
+                  "limit (Mosquitto: max_packet_size)", row_id, size, size)
+        self._rewind = row_id - 1 if self._rewind is None else min(self._rewind, row_id - 1)
+        self._backlog = True
+        self.idle.clear()
+        self._wake.set()
 
     @staticmethod
     def _error_reply(row: OutboxRow, size: int, limit: int) -> bytes | None:
@@ -240,7 +309,7 @@ class OutboxPublisher:
             event_id = json.loads(found.group(1))
         except ValueError:
             return None
-        reason = f"the reply of {size} bytes is over the broker's packet limit of {limit} bytes; the mapper's log names it"
+        reason = f"the reply of {size} bytes is over the broker's packet limit of {limit} bytes"
         return orjson.dumps({"event_id": event_id, "timestamp": int(time.time() * 1000), "code": 500, "reason": reason})
 
     def _acked_row(self, row_id: int, *, delivered: bool = True) -> None:
@@ -282,6 +351,7 @@ class OutboxPublisher:
         """After a disconnect: forget what is in flight (it stays in the outbox; live messages are
         lost), delete what was acked, resend the rest."""
         self.live_unacked += sum(1 for row in self._inflight.values() if row.id == _LIVE_ID)
+        self._note_loss()
         self._inflight.clear()
         self._early.clear()
         self._replaced.clear()  # (still in the outbox: read back, and replaced again)
@@ -361,7 +431,7 @@ class OutboxPublisher:
                 continue
             # The broker's limit, less what a packet adds to its payload and topic (a topic's UTF-8 is
             # at most 4 bytes a character): the exact size is computed only for rows near the limit.
-            room = bus.packet_limit - _PACKET_OVERHEAD
+            room = self._packet_limit()[0] - _PACKET_OVERHEAD
             v5 = bus.protocol == aiomqtt.ProtocolVersion.V5
             # Rows acknowledged whose delete has not committed yet (the twin refused it) are still in
             # the outbox: read back after a reconnect, they must not go out a second time.
@@ -373,7 +443,7 @@ class OutboxPublisher:
             for row in rows:
                 if row.id <= self._last_queued and (not again or row.id in sending):
                     continue
-                if row.id in held:
+                if row.id in held or (self._held_back is not None and row.id == self._held_back[0]):
                     self._last_queued = max(self._last_queued, row.id)
                     continue
                 payload = row.payload
@@ -423,9 +493,10 @@ class OutboxPublisher:
                 break  # committed rows came meanwhile
             m = entry.message
             payload = entry.payload()
-            if (len(payload) + 4 * len(m.topic) > bus.packet_limit - _PACKET_OVERHEAD
+            limit = self._packet_limit()[0]
+            if (len(payload) + 4 * len(m.topic) > limit - _PACKET_OVERHEAD
                     and publish_size(len(m.topic.encode()), len(payload), m.qos,
-                                     bus.protocol == aiomqtt.ProtocolVersion.V5) > bus.packet_limit):
+                                     bus.protocol == aiomqtt.ProtocolVersion.V5) > limit):
                 # The broker would close the connection on it: it stays with its reading, and its
                 # committed row is dropped as undeliverable (and said so) by the outbox.
                 queue.popleft()
