@@ -202,7 +202,7 @@ def describe(exc: BaseException) -> str:
     return str(exc)
 
 
-def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
+def watch_disconnect(client: aiomqtt.Client, on_lost: Callable[[object], None] | None = None) -> Callable[[], None]:
     """Return a check, to call once `async with client` has entered, that raises MqttError when the
     connection was lost already.
 
@@ -232,6 +232,8 @@ def watch_disconnect(client: aiomqtt.Client) -> Callable[[], None]:
 
     def on_disconnect(c: object, userdata: object, flags: object, reason_code: object, properties: object = None) -> None:
         lost.append(reason_code)
+        if on_lost is not None:
+            on_lost(reason_code)
         connecting = getattr(client, "_connected", None)
         if isinstance(connecting, asyncio.Future) and not connecting.done():
             loop.call_soon_threadsafe(connection_refused, connecting, reason_code)
@@ -436,6 +438,7 @@ class MqttBus:
         # each): a broker that stops publishes its clients' wills, this one's to the mapper itself
         # too, which is then not "another client". An earlier connection's will is not this one's.
         self.will_mark = ""
+        self.lost_on_keepalive = False  # whether the latest connection was lost to a keepalive timeout
         self.subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
@@ -524,8 +527,13 @@ class MqttBus:
         # aiomqtt logs a WARNING per publish while more than 10 of its calls are pending.
         client.pending_calls_threshold = s.max_inflight + 10
         self._hook_acks(client)
-        self._check_connected = watch_disconnect(client)
+        self._check_connected = watch_disconnect(client, self._note_lost)
         return client
+
+    def _note_lost(self, reason: object) -> None:
+        # paho's reason for a keepalive timeout: the broker went silent (frozen, a stalled disk, the
+        # network), which says nothing about the messages in flight (OutboxPublisher._note_loss).
+        self.lost_on_keepalive = isinstance(reason, ReasonCode) and reason.getName() == "Keep alive timeout"
 
     def _hook_acks(self, client: aiomqtt.Client) -> None:
         """Also report every PUBACK to `on_ack`, so the outbox can publish without awaiting each message.

@@ -345,7 +345,9 @@ def test_a_message_over_a_limit_the_broker_never_announced_is_dropped_after_a_fe
 class CuttingProxy:
     """A TCP relay in front of a broker that closes a client's connection, as a broker closing it
     would, when the client sends a PUBLISH `cut(connection number, payload bytes)` says to cut on
-    (connections count from 1). Stands for what the test cannot make the broker do on cue."""
+    (connections count from 1); or, where it says "stall", goes silent both ways from that PUBLISH
+    on, the connection left open, as a frozen broker does (the client's keepalive ends it). Stands
+    for what the test cannot make the broker do on cue."""
 
     def __init__(self, broker: MosquittoBroker, cut) -> None:  # noqa: ANN001
         import socket
@@ -355,6 +357,7 @@ class CuttingProxy:
         self.port = self._server.getsockname()[1]
         self.connections = 0
         self.cuts: list[tuple[int, int]] = []  # (connection, payload bytes) of each PUBLISH cut on
+        self.stalled: set[int] = set()  # connections gone silent
         # (A connection that sends nothing counts too: the mapper checks whether the broker listens.)
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -368,14 +371,15 @@ class CuttingProxy:
                 return
             self.connections += 1
             upstream = socket.create_connection((self._broker.host, self._broker.port))
-            threading.Thread(target=self._relay, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._relay, args=(upstream, client, self.connections), daemon=True).start()
             threading.Thread(target=self._inspect, args=(client, upstream, self.connections), daemon=True).start()
 
-    @staticmethod
-    def _relay(source, target) -> None:  # noqa: ANN001
+    def _relay(self, source, target, number: int) -> None:  # noqa: ANN001
+        """Broker to client."""
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
-                target.sendall(data)
+                if number not in self.stalled:
+                    target.sendall(data)
         with contextlib.suppress(OSError):
             target.close()
 
@@ -406,7 +410,14 @@ class CuttingProxy:
                     topic_length = body[0] << 8 | body[1]
                     qos = header[0] >> 1 & 3
                     payload_bytes = length - 2 - topic_length - (2 if qos else 0)
-                    if self._cut(number, payload_bytes):
+                    verdict = self._cut(number, payload_bytes)
+                    if verdict == "stall":
+                        self.stalled.add(number)
+                        self.cuts.append((number, payload_bytes))
+                        while client.recv(65536):  # silent until the client gives up on it
+                            pass
+                        break
+                    if verdict:
                         self.cuts.append((number, payload_bytes))
                         break
                 upstream.sendall(header + size_bytes + body)
@@ -416,6 +427,41 @@ class CuttingProxy:
 
     def close(self) -> None:
         self._server.close()
+
+
+def test_a_broker_gone_silent_again_and_again_convicts_no_message(broker, tmp_path):
+    """A broker that goes silent (frozen, a stalled disk) until the mapper's keepalive runs out, three
+    times in a row while the same large message is in flight, did not close the connection on that
+    message: it stays a message to deliver, not one over a packet limit. (Taken for one, it was
+    dropped, and every packet as large after it until a restart.)"""
+    node = "silent"
+    big = f"mapper/{node}/default/lamp/big"
+    note = f"mapper/{node}/default/lamp/note"
+
+    def stall(connection: int, payload_bytes: int) -> str | bool:
+        """Silent on the large message its first LOSSES_OVER_LIMIT times; then relay everything."""
+        return "stall" if payload_bytes > 1000 and len(proxy.cuts) < LOSSES_OVER_LIMIT else False
+
+    proxy = CuttingProxy(broker, stall)
+    try:
+        mapper = _mapper_with_queued(broker, tmp_path, node, [
+            OutMessage(f"mapper/{node}/default/lamp/small", {"n": 0}, sequenced=False, kind="twin"),
+            OutMessage(big, {"text": "x" * 5000}, sequenced=False, kind="twin"),
+            OutMessage(note, {"n": 2}, sequenced=False, kind="twin")],
+            extra="  protocol: '3.1.1'\n  reading_documents: false\n  keepalive_s: 5\n")
+        mapper.config.write_text(mapper.config.read_text().replace(f":{broker.port}\n", f":{proxy.port}\n"))
+        with broker.client("app") as app:
+            assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
+            with mapper:
+                wait_for(lambda: app.messages.get(timeout=30).topic == big, timeout=90, what="the large message")
+                wait_for(lambda: app.messages.get(timeout=10).topic == note, what="the message behind it")
+                assert mapper.stop() == 0
+            log = mapper.log()
+            assert len(proxy.stalled) == LOSSES_OVER_LIMIT, (proxy.stalled, log[-3000:])
+            assert "holding it back" not in log and "is taken as over the broker's packet limit" not in log
+            assert "dropped outbox message" not in log
+    finally:
+        proxy.close()
 
 
 def test_a_message_held_back_whose_connection_is_lost_too_is_sent_again(broker, tmp_path):
