@@ -429,39 +429,48 @@ class CuttingProxy:
         self._server.close()
 
 
-def test_a_broker_gone_silent_again_and_again_convicts_no_message(broker, tmp_path):
-    """A broker that goes silent (frozen, a stalled disk) until the mapper's keepalive runs out, three
-    times in a row while the same large message is in flight, did not close the connection on that
-    message: it stays a message to deliver, not one over a packet limit. (Taken for one, it was
-    dropped, and every packet as large after it until a restart.)"""
-    node = "silent"
+def _large_message_through(broker, tmp_path, node: str, decide, extra: str = "",  # noqa: ANN001
+                           timeout: float = 30) -> tuple[MapperProcess, str, CuttingProxy]:
+    """The lamp's queued messages (a small one, a large one of 5,000 bytes, a note) sent under MQTT
+    3.1.1 through a CuttingProxy that decides with `decide(proxy, connection, payload bytes)`; the
+    mapper, its log and the proxy, once the large message and the one behind it arrived and the
+    mapper stopped cleanly."""
     big = f"mapper/{node}/default/lamp/big"
     note = f"mapper/{node}/default/lamp/note"
-
-    def stall(connection: int, payload_bytes: int) -> str | bool:
-        """Silent on the large message its first LOSSES_OVER_LIMIT times; then relay everything."""
-        return "stall" if payload_bytes > 1000 and len(proxy.cuts) < LOSSES_OVER_LIMIT else False
-
-    proxy = CuttingProxy(broker, stall)
+    proxy = CuttingProxy(broker, lambda connection, size: decide(proxy, connection, size))
     try:
         mapper = _mapper_with_queued(broker, tmp_path, node, [
             OutMessage(f"mapper/{node}/default/lamp/small", {"n": 0}, sequenced=False, kind="twin"),
             OutMessage(big, {"text": "x" * 5000}, sequenced=False, kind="twin"),
             OutMessage(note, {"n": 2}, sequenced=False, kind="twin")],
-            extra="  protocol: '3.1.1'\n  reading_documents: false\n  keepalive_s: 5\n")
+            extra="  protocol: '3.1.1'\n  reading_documents: false\n" + extra)
         mapper.config.write_text(mapper.config.read_text().replace(f":{broker.port}\n", f":{proxy.port}\n"))
         with broker.client("app") as app:
             assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
             with mapper:
-                wait_for(lambda: app.messages.get(timeout=30).topic == big, timeout=90, what="the large message")
+                wait_for(lambda: app.messages.get(timeout=timeout).topic == big, timeout=3 * timeout,
+                         what="the large message")
                 wait_for(lambda: app.messages.get(timeout=10).topic == note, what="the message behind it")
                 assert mapper.stop() == 0
-            log = mapper.log()
-            assert len(proxy.stalled) == LOSSES_OVER_LIMIT, (proxy.stalled, log[-3000:])
-            assert "holding it back" not in log and "is taken as over the broker's packet limit" not in log
-            assert "dropped outbox message" not in log
+            return mapper, mapper.log(), proxy
     finally:
         proxy.close()
+
+
+def test_a_broker_gone_silent_again_and_again_convicts_no_message(broker, tmp_path):
+    """A broker that goes silent (frozen, a stalled disk) until the mapper's keepalive runs out, three
+    times in a row while the same large message is in flight, did not close the connection on that
+    message: it stays a message to deliver, not one over a packet limit. (Taken for one, it was
+    dropped, and every packet as large after it until a restart.)"""
+    def stall(proxy: CuttingProxy, connection: int, payload_bytes: int) -> str | bool:
+        """Silent on the large message its first LOSSES_OVER_LIMIT times; then relay everything."""
+        return "stall" if payload_bytes > 1000 and len(proxy.cuts) < LOSSES_OVER_LIMIT else False
+
+    mapper, log, proxy = _large_message_through(broker, tmp_path, "silent", stall, extra="  keepalive_s: 5\n")
+    assert len(proxy.stalled) == LOSSES_OVER_LIMIT, (proxy.stalled, log[-3000:])
+    assert "holding it back" not in log and "is taken as over the broker's packet limit" not in log
+    assert "dropped outbox message" not in log
+    assert outbox_depth(mapper.twin_path) == 0
 
 
 def test_a_message_held_back_whose_connection_is_lost_too_is_sent_again(broker, tmp_path):
@@ -469,11 +478,7 @@ def test_a_message_held_back_whose_connection_is_lost_too_is_sent_again(broker, 
     and the connection it is held back from is lost too (before any acknowledgement: a broker out of
     memory closes connections whatever their messages' size). Its size was not the cause: it goes
     again, and is delivered once the connections last; nothing is dropped."""
-    node = "heldback"
-    big = f"mapper/{node}/default/lamp/big"
-    note = f"mapper/{node}/default/lamp/note"
-
-    def cut(connection: int, payload_bytes: int) -> bool:
+    def cut(proxy: CuttingProxy, connection: int, payload_bytes: int) -> bool:
         """The first LOSSES_OVER_LIMIT times the large message comes: cut on it. Then the first
         message of the next connection (where it is held back), whatever its size. Then none."""
         large = [c for c, size in proxy.cuts if size > 1000]
@@ -481,29 +486,13 @@ def test_a_message_held_back_whose_connection_is_lost_too_is_sent_again(broker, 
             return payload_bytes > 1000
         return connection > large[-1] and len(proxy.cuts) == LOSSES_OVER_LIMIT
 
-    proxy = CuttingProxy(broker, cut)
-    try:
-        mapper = _mapper_with_queued(broker, tmp_path, node, [
-            OutMessage(f"mapper/{node}/default/lamp/small", {"n": 0}, sequenced=False, kind="twin"),
-            OutMessage(big, {"text": "x" * 5000}, sequenced=False, kind="twin"),
-            OutMessage(note, {"n": 2}, sequenced=False, kind="twin")],
-            extra="  protocol: '3.1.1'\n  reading_documents: false\n")
-        mapper.config.write_text(mapper.config.read_text().replace(f":{broker.port}\n", f":{proxy.port}\n"))
-        with broker.client("app") as app:
-            assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
-            with mapper:
-                wait_for(lambda: app.messages.get(timeout=20).topic == big, timeout=30, what="the large message")
-                wait_for(lambda: app.messages.get(timeout=10).topic == note, what="the message behind it")
-                assert mapper.stop() == 0
-            log = mapper.log()
-            assert "holding it back on the next connection" in log, log[-3000:]
-            assert "not its size; sending it again" in log
-            assert "is taken as over the broker's packet limit" not in log and "dropped outbox message" not in log
-            # Cut on three times, not sent on the connection after (its first message cut on, smaller).
-            assert [size > 1000 for _, size in proxy.cuts] == [True] * LOSSES_OVER_LIMIT + [False], proxy.cuts
-        assert outbox_depth(mapper.twin_path) == 0
-    finally:
-        proxy.close()
+    mapper, log, proxy = _large_message_through(broker, tmp_path, "heldback", cut, timeout=20)
+    assert "holding it back on the next connection" in log, log[-3000:]
+    assert "not its size; sending it again" in log
+    assert "is taken as over the broker's packet limit" not in log and "dropped outbox message" not in log
+    # Cut on three times, not sent on the connection after (its first message cut on, smaller).
+    assert [size > 1000 for _, size in proxy.cuts] == [True] * LOSSES_OVER_LIMIT + [False], proxy.cuts
+    assert outbox_depth(mapper.twin_path) == 0
 
 
 def test_a_twin_reply_over_the_brokers_packet_limit_does_not_cut_the_mapper_off(small_broker, tmp_path):

@@ -9,6 +9,7 @@ import queue
 import sqlite3
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -375,6 +376,14 @@ def test_retained_commands_are_cleared_from_the_broker(broker_for, tmp_path, pro
                 app.publish(topic, b"", retain=True)
 
 
+def _device_dir(tmp_path: Path, name: str, text: str) -> Path:
+    """tmp_path/dev holding one device file."""
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / name).write_text(text)
+    return devices
+
+
 LABEL = one_property_device("sign", "{name: label, type: STRING, accessMode: ReadWrite}", "{kind: switch}",
                             settings="collectCycle: 200")
 
@@ -387,9 +396,7 @@ def test_a_command_sent_live_with_retain_is_ignored_and_clearing_it_sets_no_valu
     node = "clear-retained"
     broker = broker_for(node)  # its ACL lets apps write this node's topics
     topic = f"mapper/{node}/default/sign/label/set"
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "sign.yaml").write_text(LABEL)
+    devices = _device_dir(tmp_path, "sign.yaml", LABEL)
     with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
         mapper.wait_log("connected to mqtt://")
         pub(broker, topic, "hello")
@@ -486,9 +493,7 @@ def test_a_long_desired_value_is_named_not_copied_into_the_log(broker_for, tmp_p
     node = "long-value"
     broker = broker_for(node)  # its ACL lets apps write this node's topics
     topic = f"mapper/{node}/default/sign/label/set"
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "sign.yaml").write_text(LABEL)
+    devices = _device_dir(tmp_path, "sign.yaml", LABEL)
     text = "x" * 60_000
     with MapperProcess(tmp_path, devices, broker, node=node) as mapper:
         mapper.wait_log("connected to mqtt://")
@@ -667,9 +672,7 @@ LABELLED = one_property_device("tag", "{name: label, type: STRING, accessMode: R
 def test_a_string_set_as_plain_text_is_kept_as_it_is(broker, tmp_path):
     """Text that looks like a number is a STRING's value as written (`1.10`, not "1.1"), as the CLI,
     REST and twin/update keep it; a JSON string is still decoded, and `{"value": ...}` still works."""
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "tag.yaml").write_text(LABELLED)
+    devices = _device_dir(tmp_path, "tag.yaml", LABELLED)
     with MapperProcess(tmp_path, devices, broker) as mapper:
         mapper.wait_log("connected to mqtt://")
         sub = Sub(broker, "app", "mapper/test-node/default/tag/label")
@@ -691,9 +694,7 @@ def test_a_json_number_for_a_string_property_is_refused_not_rewritten(broker, tm
     """`{"value": 1.10}` (twin/update, or a `/set` object) for a STRING property: the JSON parser
     keeps no number's text, so the property was set to "1.1" (and a 23-digit number to
     "1.2345678901234568e+22"): another text than the one sent. Refused, saying to send a string."""
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "tag.yaml").write_text(LABELLED)
+    devices = _device_dir(tmp_path, "tag.yaml", LABELLED)
     hw = "$hw/events/device/default/tag"
     with MapperProcess(tmp_path, devices, broker) as mapper:
         mapper.wait_log("connected to mqtt://")
@@ -895,9 +896,7 @@ def test_a_malformed_json_object_set_on_a_string_is_refused_not_written_as_text(
     """A `/set` payload that starts with "{" is a JSON object carrying `value`, or refused: a
     truncated object, one with a typo, one nested deeper than the twin protocol takes, or one
     without `value` were written to the STRING property as literal text (the deep one as 2.2 KB)."""
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "tag.yaml").write_text(LABELLED)
+    devices = _device_dir(tmp_path, "tag.yaml", LABELLED)
     deep = '{"value": ' + "[" * 1100 + "]" * 1100 + "}"
     refused = [('{"value": "trunc"', "malformed JSON: unexpected end of data"),
                ('  {"value": "ON",}', "malformed JSON: trailing comma is not allowed"),
@@ -1274,9 +1273,7 @@ def test_an_expected_value_edgecore_refuses_is_refused_over_the_twin_protocol(br
     (dtcommon.ValidateTwinValue, `^[a-zA-Z0-9-_.,:/@#]{1,512}$`; "" is not checked) with 400. Here a
     STRING property took `hello world` over $hw, so an app tried against the mapper failed under
     edgecore. The property's /set topic, the mapper's own, still takes it."""
-    devices = tmp_path / "dev"
-    devices.mkdir()
-    (devices / "sign.yaml").write_text(LABEL)
+    devices = _device_dir(tmp_path, "sign.yaml", LABEL)
     hw = "$hw/events/device/default/sign"
     with MapperProcess(tmp_path, devices, broker) as mapper:
         mapper.wait_log("connected to mqtt://")
