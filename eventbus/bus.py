@@ -109,6 +109,8 @@ class Credentials:
 
 
 SESSION_TAKEN_OVER = 0x8E
+# What paho reports when its own keepalive check gave up on a broker that stopped answering.
+KEEPALIVE_TIMEOUT = 0x8D
 # A connection up this long (or twice reconnect_max_s) resets the reconnect backoff (see MqttBus.run).
 STABLE_S = 60.0
 # Connections in a row lost this soon after they were made, the broker listening still: the log says
@@ -675,11 +677,16 @@ class MqttBus:
                 # it is not listening right after the loss (still_listening: its listener is
                 # closed before its clients' connections, and one unreachable accepts nothing), or
                 # an attempt fails before the next connection: either ends the count. The broker's
-                # own takeover reason (SESSION_TAKEN_OVER) counts with no check.
+                # own takeover reason (SESSION_TAKEN_OVER) counts with no check. A loss to the
+                # mapper's own keepalive (KEEPALIVE_TIMEOUT) ends it too: the broker closed nothing,
+                # it stopped answering (frozen, or the network to it gone) while the kernel still
+                # accepts connections at its address.
                 if connected_at is None:
                     short = 0
                 elif loop.time() - connected_at >= stable_s:
                     attempt, short = 0, 0
+                elif reason_code(exc) == KEEPALIVE_TIMEOUT:
+                    short = 0
                 elif reason_code(exc) == SESSION_TAKEN_OVER or await still_listening(
                         self.settings.host, self.settings.port):
                     short += 1

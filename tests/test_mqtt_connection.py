@@ -323,12 +323,14 @@ class _FakeBroker:
     later ones are served (CONNACK, SUBACK granting what was asked, PINGRESP). With `close_first_at`
     ("CONNECT" or "SUBSCRIBE"), the first connection served is closed when that packet comes, unanswered
     (the broker stopped before its CONNACK or before its SUBACK). With `close_every_other`, every
-    second connection is closed at its CONNECT, unanswered. `connections` counts those that sent a
-    CONNECT."""
+    second connection is closed at its CONNECT, unanswered. With `answer_pings` false, no PINGREQ is
+    answered (a broker that froze, or the network to it gone: the client's keepalive gives up on the
+    connection). `connections` counts those that sent a CONNECT."""
 
     def __init__(self, drop_first: int = 1, *, close_after_suback: bool = False, close_first_at: str | None = None,
-                 close_every_other: bool = False) -> None:
+                 close_every_other: bool = False, answer_pings: bool = True) -> None:
         self.drop_first = drop_first
+        self.answer_pings = answer_pings
         self.close_after_suback = close_after_suback
         self.close_first_at = close_first_at
         self.close_every_other = close_every_other
@@ -394,7 +396,7 @@ class _FakeBroker:
                         await writer.drain()
                         writer.close()
                         return
-                elif kind == 12:  # PINGREQ
+                elif kind == 12 and self.answer_pings:  # PINGREQ
                     writer.write(bytes([0xD0, 0]))
                 elif kind == 14:  # DISCONNECT
                     return
@@ -534,6 +536,38 @@ async def test_connections_lost_soon_after_they_are_made_with_failed_attempts_be
         finally:
             await _cancelled(task)
     assert fake.connections >= 2 * SHORT_WARN + 1  # (served and closed by turns)
+    told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not told, told
+
+
+async def test_connections_lost_to_the_keepalive_are_not_taken_for_another_client_with_the_client_id(caplog):
+    """A broker that stops answering again and again (frozen by SIGSTOP, swapping, a network that
+    drops everything): each time the mapper's keepalive gives up on the connection, and the next
+    attempt connects once the broker answers again. The broker closed none of those connections, so
+    the log does not ask whether another client uses the client id (it did at the third such loss
+    within a minute, a broker frozen three times for longer than the keepalive)."""
+    caplog.set_level(logging.INFO, logger="mapper.mqtt")
+    async with _FakeBroker(drop_first=0, answer_pings=False) as fake:
+        # A keepalive below the config's 5 s minimum: three losses in seconds, not half a minute.
+        settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", reconnect_min_s=0.01,
+                                reconnect_max_s=0.05).model_copy(update={"keepalive_s": 1})
+        enough = asyncio.Event()
+
+        async def on_connect() -> None:
+            if bus.connects > SHORT_WARN:  # as many losses as the takeover hint needs, and one connection more
+                enough.set()
+
+        bus = MqttBus(settings, client_id="frozen-again-test", will_topic="mapper/frozen-again-test/availability",
+                      subscriptions=[("mapper/frozen-again-test/default/+/+/set", 1)], on_message=nothing,
+                      on_connect=on_connect)
+        task = asyncio.create_task(bus.run())
+        try:
+            async with asyncio.timeout(60):
+                await enough.wait()
+        finally:
+            await _cancelled(task)
+    lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert lost and all("Keep alive timeout" in m for m in lost), lost
     told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not told, told
 
