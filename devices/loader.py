@@ -381,7 +381,13 @@ def load(
             else:
                 problems.append(Problem(label, None, "", "file not found"))
             continue
+        found, before = len(docs), len(problems)
         docs.extend(read_documents(file, label, problems))
+        if len(docs) == found and len(problems) == before:
+            # Taken for a file with no devices, an emptied one (a save cut short by a full disk,
+            # `>` for `>>`) removed its devices at the next reload, and their readings stopped.
+            problems.append(Problem(label, None, "", "no Device or DeviceModel in it: empty, or only comments "
+                                    "(a write cut short?); restore it, or delete it to remove its devices"))
     return _validate(docs, problems, push_topics, node, node_chosen)
 
 

@@ -740,6 +740,26 @@ def test_mapper_reload_waits_for_the_reload_and_fails_when_it_is_refused(mapper:
     assert nothing.returncode == 1 and f"no mapper runs on the twin {mapper.twin}" in nothing.stderr, nothing
 
 
+@pytest.mark.parametrize("text", ["", "\n  \n", "# the new sensor, to come\n"])
+def test_a_device_file_left_empty_is_refused_not_taken_for_no_devices(mapper: Mapper, tmp_path: Path,
+                                                                      text: str) -> None:
+    """A device file emptied (a save cut short by a full disk, `> b.yaml` instead of `>>`, a copy that
+    failed): a reload took it for a file with no devices, removed device b and said "runs the new
+    files", and its readings stopped. An empty file, or one with only comments, is refused now,
+    naming it, and the devices run on; `mapper validate` says the same."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    (mapper.devices / "b.yaml").write_text(text)
+    refused = _mapper_cli(tmp_path, "reload", "--config", str(mapper.config))
+    assert refused.returncode == 1, refused
+    assert "reload refused: dev/b.yaml: no Device or DeviceModel in it" in refused.stderr, refused.stderr
+    assert "removed default/b" not in mapper.log()
+    before = mapper.count(B)
+    wait_for(lambda: mapper.count(B) > before, what="device b still read")
+    checked = _mapper_cli(tmp_path, "validate", "--config", str(mapper.config))
+    assert checked.returncode == 1 and "dev/b.yaml: no Device or DeviceModel in it" in checked.stderr, checked
+    mapper.stop()
+
+
 def test_a_sighup_while_the_mapper_starts_is_a_reload_once_it_runs(tmp_path: Path) -> None:
     """A SIGHUP's default action ends the process, and `mapper run` listened for it only once its
     event loop ran, after the config's checks, the twin's lock and the imports: a `kill -HUP` then
