@@ -33,7 +33,7 @@ from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
 from mapper.twin_disk import innermost as _innermost
-from mapper.twin_disk import twin_disk_problem, write_denied
+from mapper.twin_disk import twin_disk_problem, twin_write_cause, write_denied
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
@@ -60,6 +60,10 @@ TWIN_WAIT_LOG_S = 60.0
 TWIN_WAIT_TICK_S = 5.0
 # Why a device an extension keeps is not run (MapperService.not_run), in the running and STATUS= lines.
 NOT_RUN_WHY = "invalid, or waiting for their model or a resource"
+# At a stop, how long each twin call waits for another process's lock (an sqlite3 shell, a VACUUM)
+# before it fails, not twin.busy_timeout_ms: the stop's few writes then fit systemd's TimeoutStopSec
+# after the call waiting when it began (StoreWorker.hurry).
+STOP_BUSY_S = 1.0
 
 
 class OutboxDropLog:
@@ -436,6 +440,8 @@ class MapperService:
         """Before the task group is cancelled: stop devices, commit their last readings, and let
         extensions that need the running tasks (the event bus draining its outbox) finish."""
         self._stopping = True  # a switch asked for from now on (DMI, a registration reply) is refused
+        if self.worker is not None:
+            self.worker.hurry(STOP_BUSY_S)
         for ext in self.extensions:
             stop_requested = getattr(ext, "stop_requested", None)
             if stop_requested is not None:
@@ -465,11 +471,13 @@ class MapperService:
             except Exception as exc:  # noqa: BLE001 - the outbox is still drained and the twin closed
                 self.uncommitted_at_stop = self.recorder.waiting()
                 recorder = self.recorder
-                log.error("stopping with %d readings not committed to the twin %s (%s): they are lost%s; is its disk "
-                          "full or read-only? Everything committed before is kept%s", self.uncommitted_at_stop,
+                why = ("another process holds its lock (a backup, a `mapper twin` command, an sqlite3 shell)?"
+                       if twin_write_cause(exc, self.config.twin.path) == "locked" else "is its disk full or read-only?")
+                log.error("stopping with %d readings not committed to the twin %s (%s): they are lost%s; %s "
+                          "Everything committed before is kept%s", self.uncommitted_at_stop,
                           self.config.twin.path, exc,
                           f" ({recorder.waiting_seen_live()} of them went out live)" if recorder.waiting_seen_live() else "",
-                          f"; {recorder.dropped + recorder.dropped_live} older ones were dropped meanwhile"
+                          why, f"; {recorder.dropped + recorder.dropped_live} older ones were dropped meanwhile"
                           " (twin.waiting_max_readings)" if recorder.dropped or recorder.dropped_live else "")
         # Last added, first stopped: inference acts on its last decisions and the API servers
         # close before the event bus (added first) drains the outbox they may still add to.

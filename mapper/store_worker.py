@@ -64,6 +64,16 @@ class StoreWorker:
         self._submitted = 0
         self._last_done = time.monotonic()
         self._thread_id: int | None = None
+        # hurry(): the busy timeout (ms) the thread is to set before its next call, once.
+        self._hurry_ms: int | None = None
+
+    def hurry(self, busy_timeout_s: float) -> None:
+        """A stop began: every call from now on waits at most `busy_timeout_s` for another process's
+        lock on the twin, not twin.busy_timeout_ms (30 s). With the twin held locked (an sqlite3
+        shell in a transaction, a VACUUM), each call queued at the stop waited that long in turn:
+        the stop took minutes, said nothing meanwhile, and systemd killed it (TimeoutStopSec).
+        (A call already waiting goes on waiting: SQLite's wait for a lock cannot be interrupted.)"""
+        self._hurry_ms = round(busy_timeout_s * 1000)
 
     async def __aenter__(self) -> StoreWorker:
         if self._store is not None:  # opened already (MapperService._start_twin): `async with` closes it
@@ -131,6 +141,9 @@ class StoreWorker:
         return "".join(traceback.format_stack(frame)) if frame is not None else None
 
     def _run(self, fn: Callable[[TwinStore], T], store: TwinStore) -> T:
+        if self._hurry_ms is not None:
+            store.conn.execute(f"PRAGMA busy_timeout={self._hurry_ms}")
+            self._hurry_ms = None  # (set once: it stays)
         try:
             return fn(store)
         finally:

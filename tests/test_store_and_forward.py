@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import signal
 import sqlite3
+import subprocess
 import threading
 import time
 
@@ -720,6 +722,47 @@ def _reported_matches_history(twin_path) -> None:
                 last = [v for _, v, q in store.history(device_id, name, 50) if q == "good"]
                 if last:
                     assert prop.reported == last[-1], (device_id, name, prop.reported, last[-1])
+
+
+def test_a_stop_while_another_process_holds_the_twin_locked_ends_and_says_why(own_broker, tmp_path):
+    """SIGTERM while another process holds the twin's write lock (a backup, an sqlite3 shell left in
+    a transaction): each twin call queued in the mapper waited its twin.busy_timeout_ms (30 s) in
+    turn, the stop took minutes and said nothing until then, and systemd killed it (TimeoutStopSec,
+    30 s). Now, after the call waiting when the stop began, each waits at most a second for the
+    lock; the stop ends and says how many readings are lost and that another process holds the
+    twin's lock (it asked whether the disk was full or read-only)."""
+    from helpers import TwinLock
+
+    devices = write_devices(tmp_path / "dev", DEVICES, cycle=10)
+    mapper = MapperProcess(tmp_path, devices, own_broker)
+    # 8 s, not 30: the test's wait for a failed commit is shorter.
+    config = mapper.config.read_text()
+    mapper.config.write_text(config.replace("  batch_delay_ms: 5\n", "  batch_delay_ms: 5\n  busy_timeout_ms: 8000\n", 1))
+    assert "busy_timeout_ms" in mapper.config.read_text()
+    mapper.start()
+    try:
+        mapper.wait_log("connected to mqtt://")
+        with TwinLock(mapper.twin_path):
+            mapper.wait_log("cannot commit", timeout=60)  # a commit waited its busy timeout: readings wait
+            process = mapper.process
+            process.send_signal(signal.SIGTERM)
+            # The call waiting then (up to 8 s), a second for each after it, the outbox's drain (5 s):
+            # well within 40 s. Before, 8 s for each call: about a minute.
+            try:
+                code = process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"the stop did not end within 40 s:\n{mapper.log()[-2000:]}") from None
+            mapper.process = None
+            assert code == 1
+        log = mapper.log()
+        assert "Traceback" not in log, log[-3000:]
+        lost = [line for line in log.splitlines() if "readings not committed to the twin" in line]
+        assert len(lost) == 1 and "another process holds its lock" in lost[0], lost
+        with sqlite3.connect(mapper.twin_path) as db:
+            assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        if mapper.process is not None:
+            mapper.kill()
 
 
 def test_sigkill_at_random_points_keeps_every_invariant(own_broker, tmp_path):
