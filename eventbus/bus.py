@@ -535,7 +535,7 @@ class MqttBus:
     def _note_lost(self, reason: object) -> None:
         # paho's reason for a keepalive timeout: the broker went silent (frozen, a stalled disk, the
         # network), which says nothing about the messages in flight (OutboxPublisher._note_loss).
-        self.lost_on_keepalive = isinstance(reason, ReasonCode) and reason.getName() == "Keep alive timeout"
+        self.lost_on_keepalive = isinstance(reason, ReasonCode) and reason.value == KEEPALIVE_TIMEOUT
 
     def _hook_acks(self, client: aiomqtt.Client) -> None:
         """Also report every PUBACK to `on_ack`, so the outbox can publish without awaiting each message.
