@@ -84,6 +84,17 @@ def now_ms() -> int:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class StuckCall:
+    """A blocking driver call still running in its thread after its runner let go of the device
+    (a reload, a stop): a thread stuck in a driver cannot be stopped. The service keeps one per
+    device (MapperService.stuck_calls), so the device's next runner makes no call meanwhile:
+    it used to start a driver instance whose first read got stuck too, one thread more per reload."""
+
+    call: concurrent.futures.Future[Any]
+    since: float  # when it started (the event loop's clock)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class OnDemand:
     """What an on-demand read (read_on_demand) came to."""
 
@@ -108,6 +119,7 @@ class DeviceRunner:
         twin: TwinCall | None = None,
         flush: Callable[[], Awaitable[None]] | None = None,
         record_on_demand: Callable[[Reading], None] | None = None,
+        stuck_calls: dict[DeviceId, StuckCall] | None = None,
     ) -> None:
         self.definition = definition
         self._flush = flush  # commit the readings recorded so far (the recorder's flush)
@@ -128,6 +140,9 @@ class DeviceRunner:
         self._inflight: asyncio.Future[Any] | None = None
         self._thread: DriverThread | None = None  # a blocking driver's calls run here, one at a time
         self._inflight_since = 0.0  # when the call in `_inflight` started (the loop's clock)
+        self._inflight_call: concurrent.futures.Future[Any] | None = None  # its thread's side
+        # Calls of earlier runners of a device still stuck in its driver (see StuckCall), shared by the service.
+        self._stuck_calls = stuck_calls if stuck_calls is not None else {}
         self._desired: dict[str, DesiredChange] = {}
         self._desired_seen: dict[str, int] = {}
         self._desired_event = asyncio.Event()
@@ -170,17 +185,37 @@ class DeviceRunner:
     async def _call_driver(self, fn: Callable[..., Any], *args: Any) -> Any:
         if not self.driver.blocking:
             return fn(*args)
-        if self._inflight is not None and not self._inflight.done():
-            raise DriverTimeout(f"{self.id}: the previous call has not returned yet (driver hung?)")
+        if (stuck := self._stuck()) is not None:
+            raise DriverTimeout(stuck)
         if self._thread is None:
             self._thread = DriverThread(f"driver[{self.id}]")
-        future = asyncio.wrap_future(self._thread.submit(fn, *args))
+        self._inflight_call = self._thread.submit(fn, *args)
+        future = asyncio.wrap_future(self._inflight_call)
         self._inflight, self._inflight_since = future, asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.driver.timeout_s):
                 return await asyncio.shield(future)
         except TimeoutError:
             raise DriverTimeout(f"{self.id}: no answer within {self.driver.timeout_s:g} s") from None
+
+    def _stuck(self) -> str | None:
+        """Why no driver call can be made now (one is still stuck in the driver), or None.
+
+        Each call runs one at a time in the device's thread, and a stuck one cannot be stopped: a
+        new call would only queue behind it, or (a new runner's) get stuck in a thread of its own."""
+        if self._inflight is not None and not self._inflight.done():
+            since, whose = self._inflight_since, "its previous call"
+        elif (earlier := self._stuck_calls.get(self.id)) is not None:
+            if earlier.call.done():
+                del self._stuck_calls[self.id]
+                return None
+            since, whose = earlier.since, "a call of its driver from before the device was restarted (a reload)"
+        else:
+            return None
+        age = asyncio.get_running_loop().time() - since
+        return (f"{self.id}: {whose} has not returned yet, stuck in the {self.definition.protocol} driver for"
+                f" {age:.0f} s; no other call is made until it returns: fix the driver (or its bus), then restart"
+                " the mapper")
 
     async def _open(self) -> None:
         attempt = 0
@@ -219,8 +254,11 @@ class DeviceRunner:
                 async with asyncio.timeout(max(0.0, left)):
                     await asyncio.shield(future)
             except TimeoutError:
-                log.warning("%s: a driver call still runs %g s after it started; closing the driver anyway",
-                            self.id, grace)
+                if self._inflight_call is not None:
+                    self._stuck_calls[self.id] = StuckCall(self._inflight_call, self._inflight_since)
+                log.warning("%s: a driver call still runs %g s after it started, stuck in the %s driver; closing"
+                            " the driver anyway. The device makes no other call until it returns: fix the"
+                            " driver, then restart the mapper", self.id, grace, self.definition.protocol)
             except BaseException:
                 if not future.done():  # this close cancelled, not the call's outcome
                     raise

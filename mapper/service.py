@@ -25,7 +25,7 @@ from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import LoadResult
 from mapper.config import MapperConfig, TwinSettings
-from mapper.device_loop import OFFLINE, DeviceRunner
+from mapper.device_loop import OFFLINE, DeviceRunner, StuckCall
 from mapper.finish import to_the_end
 from mapper.logs import Throttle, held_note
 from mapper.machine import Machine, this_machine
@@ -141,6 +141,8 @@ class MapperService:
         self.config = config
         self.definitions = definitions
         self.runners: dict[DeviceId, DeviceRunner] = {}
+        # Driver calls stuck after their runner let go (a reload): the device's next runner waits for them.
+        self.stuck_calls: dict[DeviceId, StuckCall] = {}
         self.refused: dict[DeviceId, str] = {}
         # Devices an extension keeps but does not run and has no definition of (KubeEdge: an edgecore
         # Device that did not validate, or waits for its DeviceModel or for a resource another device
@@ -671,6 +673,7 @@ class MapperService:
             settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied, twin=self.twin,
             flush=self.recorder.flush if self.recorder is not None else None,
             record_on_demand=self.recorder.add_on_demand if self.recorder is not None else None,
+            stuck_calls=self.stuck_calls,
         )
         self.runners[definition.id] = runner
         self._tasks[definition.id] = tg.create_task(self._supervise(runner), name=f"device[{definition.id}]")

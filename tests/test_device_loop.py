@@ -329,6 +329,43 @@ def test_a_driver_call_that_never_returns_does_not_keep_the_mapper_from_exiting(
     assert "mapper test-node stopped" in mapper.log()
 
 
+async def test_reloading_a_device_whose_driver_is_stuck_leaves_no_more_stuck_threads(tmp_path, plugin_drivers):
+    """A third-party driver's read that never returns, and a fleet that reloads the device on every
+    config push: each restart of it started a new driver instance whose first read got stuck in a
+    thread of its own, one more thread per reload for good (5 -> 11 over 6 reloads). Now the new
+    instance makes no call while the previous one is still stuck, and says what to do."""
+    import threading
+
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["good1"])
+    release = tmp_path / "release"
+    stuck = DeviceId("default", "stuck")
+
+    def stuck_threads() -> int:
+        return sum(1 for t in threading.enumerate() if t.name == f"driver[{stuck}]" and t.is_alive())
+
+    write_device(devices, "stuck", "slow", {"hang_until": str(release), "timeout_s": 0.2}, cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    try:
+        async with running_service(config) as service:
+            await async_wait_for(lambda: service.runners[stuck].state == "unhealthy", what="stuck unhealthy")
+            assert stuck_threads() == 1
+            for cycle in (60, 70, 80):  # three config pushes that change the device
+                write_device(devices, "stuck", "slow", {"hang_until": str(release), "timeout_s": 0.2}, cycle=cycle)
+                await service.update_devices(load([devices]))
+                runner = service.runners[stuck]
+                await async_wait_for(lambda: runner.state in ("unhealthy", "offline"), what="the new instance failed")
+                assert stuck_threads() == 1
+            with reader(config) as twin:
+                detail = twin.device(stuck).state_detail
+            assert "stuck" in detail and "fix the driver" in detail and "restart the mapper" in detail, detail
+            release.touch()  # the bus answers at last: the device reads again, with no restart
+            await async_wait_for(lambda: service.runners[stuck].state == "ok", what="stuck ok once released")
+    finally:
+        release.touch()
+
+
 async def test_a_cancelled_stop_still_closes_the_driver(tmp_path, plugin_drivers):
     """The caller of a stop gives up while the driver is still opening (a DMI call past its
     deadline): the release goes on without it, and the driver ends closed once the open returns."""

@@ -6,7 +6,8 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
 
 - `slow`: every read takes `read_s` (a sensor that answers late); blocking, so the device loop calls
   it in a worker thread and gives up after `timeout_s`. Every write takes `write_s`, and creates the
-  file `writing` (if set) when it begins.
+  file `writing` (if set) when it begins. With `hang_until`, a read hangs until that file exists
+  (a bus stuck for good, released by the test at its end).
 - `failing`: no read is ever answered; health() counts the timeouts, as a bus driver would.
 - `gated`: a bus that is slow to open and to close. open() creates the file `opening`, then waits
   until the file `open_when` exists; close() creates the file `closing`, waits until `close_when` exists and appends
@@ -37,6 +38,7 @@ class SlowConfig(SimulatedConfig):
     read_s: float = Field(default=0.0, ge=0)
     write_s: float = Field(default=0.0, ge=0)
     writing: str | None = None
+    hang_until: str | None = None
     timeout_s: float = Field(default=5.0, gt=0)
 
 
@@ -51,6 +53,8 @@ class SlowDriver(SimulatedDriver):
 
     def read(self, prop: PropertyDefinition) -> Any:
         time.sleep(self.config.read_s)  # the bus takes this long to answer
+        if self.config.hang_until is not None:
+            _wait_for_file(self.config.hang_until, float("inf"))
         return super().read(prop)
 
     def write(self, prop: PropertyDefinition, value: Any) -> None:
