@@ -214,9 +214,18 @@ class EventBusExtension:
         # While the twin cannot be written, waiting readings' telemetry goes out live through it.
         service.recorder.live_out = self.publisher
         # Straight on the connection, not through the outbox: it says when the twin cannot be written.
+        # Outbox messages dropped as undeliverable: the twin's count at the start, and this run's.
+        try:
+            undeliverable_before = (await service.twin(lambda s: s.losses()))["outbox_undeliverable"]
+        except Exception as exc:  # noqa: BLE001 - the health then counts this run's only
+            log.warning("cannot read the twin's count of undeliverable outbox messages: %s", exc)
+            undeliverable_before = 0
+        publisher = self.publisher
         self.health = TwinHealth(self.topics.health(), self.bus, service.recorder, config.twin.path,
-                                 config_fingerprint=config.fingerprint())
+                                 config_fingerprint=config.fingerprint(),
+                                 undeliverable=lambda: undeliverable_before + publisher.undeliverable)
         service.recorder.on_health = self.health.changed
+        publisher.on_undeliverable = self.health.changed
         service.state_listeners.append(self._on_state)
         service.applied_listeners.append(lambda change, error: self._on_applied(service, change, error))
         service.bus_first_attempt = self.bus.first_attempt  # systemd READY waits for it

@@ -9,9 +9,11 @@ on the connection (the outbox cannot be written):
 
     {"twin": "unwritable", "since": <ms>, "cause": "disk full", "error": "database or disk is full",
      "readings_waiting": 1234, "readings_dropped": 0, "readings_published_live": 1200,
-     "readings_dropped_live": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1", "at": <ms>}
+     "readings_dropped_live": 0, "outbox_undeliverable": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
+     "at": <ms>}
     {"twin": "ok", "since": <ms>, "readings_dropped": 0, "readings_published_live": 1200,
-     "readings_dropped_live": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1", "at": <ms>}
+     "readings_dropped_live": 0, "outbox_undeliverable": 0, "version": "0.1.0", "config": "cb344c8b62e35ab1",
+     "at": <ms>}
 
 `unwritable` once a commit has failed and its retry too (the recorder's `outage_failures` > 1: one
 lock held a moment too long is not news), `since` the first failed commit of the outage; `cause`
@@ -21,15 +23,17 @@ crashed or stopped during an outage is replaced) and once a commit succeeds agai
 start or the end of the last outage. `readings_dropped`: readings dropped since the mapper started
 for twin.waiting_max_readings whose telemetry nobody saw; `readings_dropped_live`: those dropped
 after their telemetry had gone out live (delivered, but not in the twin's history);
-`readings_published_live`: readings whose telemetry went out live since the start. `version`: the mapper's (mapper.__version__, `mapper --version`).
+`readings_published_live`: readings whose telemetry went out live since the start.
+`outbox_undeliverable`: outbox messages dropped as undeliverable since the twin was created (the broker
+refused them, its ACL or its packet limit, or paho did): the total `mapper devices` and STATUS= show. `version`: the mapper's (mapper.__version__, `mapper --version`).
 `config`: the fingerprint of the config this run started with (MapperConfig.fingerprint: without the
 node and the secrets): a fleet sees which nodes run which version, and whose config differs. `at`:
 when the message was made.
 
 Cheap: nothing per reading. The recorder calls `changed()` after each failed commit (once per
-retry, a second) and at the commit that ends an outage; a message goes out on a change of
-`twin` at once, and while it stays `unwritable` again at most every HEALTH_INTERVAL_S when the
-counts moved. A clean stop leaves the last one (the node's availability says `offline` next to it).
+retry, a second) and at the commit that ends an outage, the publisher after each message it drops
+as undeliverable; a message goes out on a change of `twin` at once, and otherwise at most every
+HEALTH_INTERVAL_S when the counts moved. A clean stop leaves the last one (the node's availability says `offline` next to it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import aiomqtt
@@ -63,16 +68,18 @@ class TwinHealth:
     """Publishes the twin's health (see the module's doc) on `topic` through `bus`."""
 
     def __init__(self, topic: str, bus: MqttBus, recorder: Recorder, twin_path: Path, *,
-                 interval_s: float = HEALTH_INTERVAL_S, config_fingerprint: str = "") -> None:
+                 interval_s: float = HEALTH_INTERVAL_S, config_fingerprint: str = "",
+                 undeliverable: Callable[[], int] = lambda: 0) -> None:
         self.topic = topic
         self._about = {"version": __version__, "config": config_fingerprint}  # (in every message)
         self._bus = bus
         self._recorder = recorder
         self._twin_path = twin_path
+        self._undeliverable = undeliverable  # outbox messages dropped as undeliverable since the twin was created
         self.interval_s = interval_s
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one message at a time: the last made is the last sent
-        self._sent: tuple[str, int, int, int, int] | None = None  # (_summary) of the last one the broker took
+        self._sent: tuple[str, int, int, int, int, int] | None = None  # (_summary) of the last one the broker took
         self._tried_at: float | None = None  # loop time of the last attempt
         self.published = 0  # messages the broker took
 
@@ -83,18 +90,18 @@ class TwinHealth:
     def state(self) -> str:
         return "unwritable" if self._recorder.outage_failures >= UNWRITABLE_AFTER else "ok"
 
-    def _summary(self) -> tuple[str, int, int, int, int]:
-        """(twin, readings waiting, dropped, published live, dropped live): what a new message would
-        say that matters."""
+    def _summary(self) -> tuple[str, int, int, int, int, int]:
+        """(twin, readings waiting, dropped, published live, dropped live, outbox undeliverable): what a
+        new message would say that matters."""
         state, recorder = self.state(), self._recorder
         return (state, recorder.waiting() if state == "unwritable" else 0, recorder.dropped, recorder.published_live,
-                recorder.dropped_live)
+                recorder.dropped_live, self._undeliverable())
 
     def payload(self) -> bytes:
         recorder = self._recorder
         now_ms = time.time_ns() // 1_000_000
         counts = {"readings_dropped": recorder.dropped, "readings_published_live": recorder.published_live,
-                  "readings_dropped_live": recorder.dropped_live}
+                  "readings_dropped_live": recorder.dropped_live, "outbox_undeliverable": self._undeliverable()}
         if self.state() == "ok":
             return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms, **counts, **self._about,
                                  "at": now_ms})
@@ -126,17 +133,19 @@ class TwinHealth:
         summary = self._summary()
         if self._sent is None or summary[0] != self._sent[0]:
             return True  # a change: at once
-        if summary[0] != "unwritable" or (self._tried_at is not None and now - self._tried_at < self.interval_s):
+        if self._tried_at is not None and now - self._tried_at < self.interval_s:
             return False
         return summary != self._sent
 
     async def run(self) -> None:
-        """On every change the recorder tells, and every interval while `unwritable` was the last word
-        (the counts move with no change told when the recorder retries less often than that)."""
+        """On every change told, and every interval while `unwritable` was the last word (the counts
+        move with no change told when the recorder retries less often than that) or counts moved
+        since the last message (a change told within the interval after it)."""
         loop = asyncio.get_running_loop()
         while True:
             deadline = None
-            if self._sent is not None and self._sent[0] == "unwritable" and self._tried_at is not None:
+            if self._sent is not None and self._tried_at is not None and (
+                    self._sent[0] == "unwritable" or self._summary() != self._sent):
                 deadline = self._tried_at + self.interval_s
                 if deadline <= loop.time():  # passed with nothing new to say: the next interval
                     deadline = loop.time() + self.interval_s

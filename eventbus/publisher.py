@@ -36,6 +36,7 @@ import logging
 import re
 import time
 from collections import deque
+from collections.abc import Callable
 
 import aiomqtt
 import orjson
@@ -107,6 +108,7 @@ class OutboxPublisher:
         self._failed = asyncio.Event()
         self.published = 0
         self.undeliverable = 0          # rows paho or the broker refused outright (dropped from the outbox, logged)
+        self.on_undeliverable: Callable[[], None] | None = None  # told after each (on the event loop): the health
         self.twin_errors = 0            # twin calls that failed (a lock held too long, a full disk): retried
         self._log_throttle = Throttle()
         # Live messages (see the module's doc), in order; handed to the connection, acknowledged,
@@ -198,7 +200,7 @@ class OutboxPublisher:
         """A row the broker acknowledged: delivered, or an error reply went in its place."""
         if row_id in self._replaced:
             self._replaced.discard(row_id)
-            self.undeliverable += 1
+            self._count_undeliverable()
             self._acked_row(row_id, delivered=False)
         else:
             self._acked_row(row_id)
@@ -208,11 +210,16 @@ class OutboxPublisher:
         the mapper's user that topic; or it is larger than the broker takes): it leaves the outbox,
         counted, and must not hold up the rows behind it. Sending it again would only be refused
         again (or, too large, get the mapper disconnected at every resend)."""
-        self.undeliverable += 1
+        self._count_undeliverable()
         held = self._log_throttle("undeliverable")
         if held is not None:
             log.error("dropped outbox message %d on %r: %s%s%s", row.id, row.topic[:200], why, hint, held_note(held))
         self._acked_row(row.id, delivered=False)
+
+    def _count_undeliverable(self) -> None:
+        self.undeliverable += 1
+        if self.on_undeliverable is not None:
+            self.on_undeliverable()
 
     def _too_large(self, row: OutboxRow, v5: bool) -> bytes | None:
         """The payload to send for a row near the broker's limit (bus.packet_limit): its own if it

@@ -203,3 +203,56 @@ def test_the_version_in_the_health_is_the_one_the_package_is_installed_as() -> N
 
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     assert project["version"] == __version__, "bump mapper/__init__.py and pyproject.toml together"
+
+
+async def test_the_health_counts_outbox_messages_dropped_as_undeliverable(broker: MosquittoBroker,
+                                                                         tmp_path: Path) -> None:
+    """An outbox message that can never go (paho refuses its wildcard topic, queued before topics were
+    validated; a broker's ACL or packet limit refuses others) is dropped as undeliverable. `mapper
+    devices` and STATUS= counted them, the health on MQTT did not: a fleet watching MQTT could not
+    see a node losing messages. Now `outbox_undeliverable` says how many since the twin was created
+    (the twin's count), also after a restart."""
+    import asyncio
+    import uuid
+
+    from devices.loader import load
+    from eventbus.extension import EventBusExtension
+    from helpers import async_wait_for, write_config
+    from mapper.config import load_config
+    from mapper.service import MapperService
+    from mapper_proc import mqtt_block
+    from twin.store import OutMessage, TwinStore
+
+    node = f"health-{uuid.uuid4().hex[:8]}"
+    health = f"mapper/{node}/health"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db", node=node,
+                                      extra=mqtt_block(broker, tmp_path)))
+    with TwinStore.open(config.twin.path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([], [OutMessage(f"mapper/{node}/default/+/count", {"n": 1}, sequenced=False)])
+    heard: list[dict] = []
+
+    def counted_after(index: int) -> dict | None:
+        while not app.messages.empty():
+            message = app.messages.get_nowait()
+            if message.topic == health and message.payload:
+                heard.append(json.loads(message.payload))
+        return next((h for h in heard[index:] if h.get("outbox_undeliverable") == 1), None)
+
+    with broker.client("app") as app:
+        assert not app.subscribe(health).is_failure
+        for run in ("first", "restarted"):
+            index = len(heard)
+            service = MapperService(config)
+            service.extensions.append(EventBusExtension(config.mqtt))
+            stop = asyncio.Event()
+            task = asyncio.create_task(service.run(stop))
+            try:
+                said = await async_wait_for(lambda: counted_after(index), timeout=20,  # noqa: B023
+                                            what=f"a health message counting the dropped message ({run} run)")
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 10)
+            assert said["twin"] == "ok", said
+            assert service.bus.publisher.undeliverable == (1 if run == "first" else 0)
