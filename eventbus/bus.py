@@ -20,6 +20,7 @@ import logging
 import random
 import secrets
 import ssl
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -449,6 +450,7 @@ class MqttBus:
         self.first_attempt = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.disconnected.set()
+        self.connected_since: float | None = None  # when (time.time) the current connection was made
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
         # Since when (epoch s) the mapper has had no connection, and the last attempt's error: set at
@@ -647,6 +649,7 @@ class MqttBus:
                         log.info("MQTT connection to %s back %s", self.settings.url, back)
                     self.disconnected.clear()
                     self.last_error = None
+                    self.connected_since = time.time()
                     self.connected.set()
                     self.first_attempt.set()
                     await self._on_connect()
@@ -718,6 +721,7 @@ class MqttBus:
             finally:
                 was_connected = self.connected.is_set()
                 self.connected.clear()
+                self.connected_since = None
                 self.outage.down()
                 self.refused_subscriptions = {}  # "on the current connection" (STATUS=): there is none
                 self.disconnected.set()

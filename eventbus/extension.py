@@ -9,11 +9,14 @@ import logging
 import os
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import aiomqtt
+import orjson
 from paho.mqtt.client import topic_matches_sub
 
 from devices.definitions import DeviceDefinition
@@ -32,7 +35,7 @@ from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from devices.values import Value
 from twin.records import Reading
-from twin.store import DesiredChange, OutboxRow, OutMessage, TwinStore, UnknownDevice, write_private
+from twin.store import BROKER_META, DesiredChange, OutboxRow, OutMessage, TwinStore, UnknownDevice, write_private
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -55,6 +58,8 @@ CLEARING_MAX = 4096
 # at most once per this many seconds however often it is overwritten (no loop with a client
 # that keeps publishing `offline`: the last word is the mapper's within this time).
 REASSERT_INTERVAL_S = 5.0
+# A note of the MQTT connection the twin could not take is tried again this often (_note_broker).
+RETRY_NOTE_S = 5.0
 # The random part of the default client id, kept beside the twin: <twin>.mqtt-client-id.
 CLIENT_ID_FILE_SUFFIX = ".mqtt-client-id"
 CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
@@ -269,10 +274,40 @@ class EventBusExtension:
             tg.create_task(self.bus.run(), name="mqtt-connection")
             tg.create_task(self.publisher.run(), name="outbox-publisher")
             tg.create_task(self._announce_instance_every_interval(), name="instance-announcements")
+            tg.create_task(self._note_broker(service), name="broker-note")
             if self.health is not None:
                 tg.create_task(self.health.run(), name="twin-health")
             if self.router is not None and self.router.serve_twin_protocol:
                 tg.create_task(self.router.run(), name="membership-replies")
+
+    async def _note_broker(self, service: MapperService) -> None:
+        """Note each change of the connection (connected or not, since when, why not) in the twin, for
+        `mapper devices`: only systemd's STATUS= said it, and a crash lost it. Each note carries this
+        process's pid and when it was made, so a note a crashed run left is shown as what was last
+        known then, not as the current state. One write per change; one that fails (the twin
+        locked, a full disk) is tried again every RETRY_NOTE_S until it is written or superseded."""
+        bus = self.bus
+        assert bus is not None
+        await bus.first_attempt.wait()
+        while True:
+            connected = bus.connected.is_set()
+            since = bus.connected_since if connected else bus.down_since
+            now = time.time()
+            note = orjson.dumps({
+                "url": _url_without_credentials(self.settings.url), "connected": connected,
+                "since": round((since if since is not None else now) * 1000),
+                "error": None if connected else bus.last_error, "pid": os.getpid(), "noted": round(now * 1000),
+            }).decode()
+            change = bus.disconnected if connected else bus.connected
+            try:
+                await service.twin(lambda s, note=note: s.swap_meta(BROKER_META, note))
+            except Exception as exc:  # noqa: BLE001 - only `mapper devices` misses it: tried again
+                log.debug("cannot note the MQTT connection in the twin: %s", exc)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(RETRY_NOTE_S):
+                        await change.wait()
+                continue
+            await change.wait()
 
     async def stop_requested(self, service: MapperService) -> None:
         """First thing on a clean stop: no more incoming messages are handled. What one causes (a
@@ -748,3 +783,12 @@ class EventBusExtension:
         if delta is not None:
             messages.append(OutMessage(Topics.hw(device, "twin/update/delta"), delta, kind="twin", sequenced=False))
         await self.router._send(messages)
+
+
+def _url_without_credentials(url: str) -> str:
+    """`mqtt://host:port`: the broker's URL with no user or password, whatever the config's says
+    (its validation refuses credentials in the URL; a note in the twin must not depend on that)."""
+    parts = urlsplit(url)
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}"

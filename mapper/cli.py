@@ -1214,10 +1214,14 @@ def cmd_devices(args: argparse.Namespace) -> int:
             latest = {t.id: _latest_reads(store, t) for t in rows}
         outbox = store.outbox_stats()
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
+        broker = _broker_note(store)
     outbox["undeliverable"] = losses["outbox_undeliverable"]
     running, pid, starting, why = _lock_state(config.twin.path)
+    if broker is not None:  # current only when noted by the mapper that runs now (else a crashed run's last word)
+        broker["current"] = running is True and pid is not None and broker.get("pid") == pid
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
+                            "broker": broker,
                             "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"],
                             "readings_dropped_live": losses["readings_dropped_live"]},
@@ -1232,6 +1236,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         print(f"mapper: running (pid {pid if pid is not None else '?'})")
     else:  # (not "not running": a mapper that cannot take its lock runs without it)
         print(f"mapper: cannot tell whether a mapper runs on {config.twin.path}: {why}")
+    if (line := _broker_line(broker, running, pid, config.mqtt is not None)) is not None:
+        print(line)
     # As wide as the longest id (a pipeline's derived device, `default/room-sensor-faulty-sensor-faults`,
     # pushed its row's columns out of line).
     wide = max([32, *(len(str(t.id)) for t in rows)])
@@ -1247,6 +1253,39 @@ def cmd_devices(args: argparse.Namespace) -> int:
               f" (twin.waiting_max_readings); {losses['readings_dropped_live']} more dropped after their telemetry"
               " had gone out live (delivered, not in the history)")
     return 0
+
+
+def _broker_note(store) -> dict | None:  # noqa: ANN001 - TwinStore
+    """The MQTT connection as a mapper last noted it in the twin (EventBusExtension._note_broker), or None."""
+    from twin.store import BROKER_META
+
+    try:
+        text = store.meta(BROKER_META)
+        note = orjson.loads(text) if text else None
+    except (sqlite3.Error, orjson.JSONDecodeError):
+        return None
+    return note if isinstance(note, dict) and {"url", "connected", "since", "pid", "noted"} <= note.keys() else None
+
+
+def _broker_line(note: dict | None, running: bool | None, pid: int | None, configured: bool) -> str | None:
+    """`broker: connected to mqtt://host:1883 since ...` for `mapper devices`: as the running mapper noted
+    it; a note no running mapper made (a crash leaves its last one) says when it was last known."""
+    if note is None:
+        if configured and running:
+            return "broker: not noted yet by this run (it notes each connection and its loss in the twin)"
+        return None
+    state = (f"connected to {note['url']} since {_fmt_ts(note['since'])}" if note["connected"] else
+             f"disconnected from {note['url']} since {_fmt_ts(note['since'])}"
+             + (f": {note['error']}" if note.get("error") else ""))
+    if note.get("current"):
+        return f"broker: {state}"
+    if running is False:
+        whose = f"by pid {note['pid']}, which no longer runs: the mapper stopped or crashed then"
+    elif running:
+        whose = f"by pid {note['pid']}, an earlier run; this one (pid {pid if pid is not None else '?'}) has noted nothing yet"
+    else:
+        whose = f"by pid {note['pid']}; whether it still runs cannot be told"
+    return f"broker: last known {_fmt_ts(note['noted'])} ({whose}): {state}"
 
 
 def cmd_cloud_worker(args: argparse.Namespace) -> int:

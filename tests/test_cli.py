@@ -2165,3 +2165,38 @@ def test_a_twin_of_a_newer_mapper_is_an_error_naming_it_not_a_traceback(tmp_path
         assert "Traceback" not in refused.stderr, (args, refused.stderr)
         assert (f"error: the twin {twin} is from a newer mapper (schema version {len(MIGRATIONS) + 1}; this"
                 f" mapper's is {len(MIGRATIONS)})") in refused.stderr, (args, refused.stderr)
+
+
+def test_devices_says_whether_the_mapper_is_connected_to_its_broker(tmp_path, broker_for):
+    """`mapper devices` said whether a mapper runs, not whether it reaches its broker: only systemd's
+    Status: line did. It now says connected or disconnected since when, to which broker (as the
+    running mapper noted it in the twin); after a crash (SIGKILL while connected) the note stays, and
+    is shown as what was last known then, not as the current state."""
+    from mapper_proc import MapperProcess
+
+    broker = broker_for("test-node")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    run = MapperProcess(tmp_path, devices, broker)
+
+    def broker_line() -> str:
+        shown = mapper("devices", "--config", str(run.config)).stdout
+        return next((line for line in shown.splitlines() if line.startswith("broker:")), "")
+
+    with run:
+        wait_for(lambda: broker_line().startswith(f"broker: connected to {url} since "), what="connected")
+        noted = json.loads(mapper("devices", "--config", str(run.config), "--json").stdout)["broker"]
+        assert noted["connected"] is True and noted["current"] is True and noted["url"] == url, noted
+        assert "password" not in json.dumps(noted) and broker.users["mapper"] not in json.dumps(noted)
+        broker.stop()
+        line = wait_for(lambda: (line := broker_line()).startswith(f"broker: disconnected from {url} since ")
+                        and line, what="disconnected")
+        assert re.search(r" since [-0-9: .]+Z: \S", line), line  # and why, as the mapper heard it at the loss
+        broker.start()
+        wait_for(lambda: broker_line().startswith(f"broker: connected to {url} since "), what="connected again")
+        run.kill()  # a crash: nobody notes the connection's end
+        line = broker_line()
+        assert not line.startswith("broker: connected"), line
+        assert line.startswith("broker: last known ") and f"connected to {url} since " in line, line
+        noted = json.loads(mapper("devices", "--config", str(run.config), "--json").stdout)["broker"]
+        assert noted["connected"] is True and noted["current"] is False, noted

@@ -199,6 +199,10 @@ AGE_PRUNE_NOTE_MS = 60_000
 # The protocol of devices the mapper derives itself (an inference pipeline's decisions, see
 # docs/inference.md): no driver, no YAML, read-only properties. Their owner registers and
 # retires them (sync_derived); deactivate_devices() leaves them alone.
+# The meta key under which a running mapper notes its MQTT connection (EventBusExtension._note_broker):
+# JSON {"url", "connected", "since" (ms), "error", "pid", "noted" (ms)}, read by `mapper devices`.
+BROKER_META = "broker"
+
 DERIVED_PROTOCOL = "derived"
 
 # devices.origin (m006): where a device id's definition came from; a change drops its desired
