@@ -164,9 +164,11 @@ class OutboxPublisher:
                 await self._reset()
 
     def _on_ack(self, mid: int, reason: int = 0) -> bool:
-        if self._held_back is not None and reason < 0x80:
-            self._over_learned_limit()
         row = self._inflight.pop(mid, None)
+        if self._held_back is not None and reason < 0x80 and not self._sending and (row is None or row.qos):
+            # (Only a PUBACK: paho reports a QoS 0 message once written, the broker having taken
+            # nothing yet; those are the acks while publish_nowait runs, and rows of QoS 0.)
+            self._over_learned_limit()
         if row is None:
             if self._sending:
                 self._early.add(mid)
@@ -191,7 +193,7 @@ class OutboxPublisher:
             self._replaced.discard(row.id)
             self._undeliverable(row, f"the broker refused it: {_reason_name(reason)}")
         else:
-            if len(row.payload) > self._largest_acked:
+            if row.qos and len(row.payload) > self._largest_acked:  # (QoS 0: written, not acknowledged)
                 self._largest_acked = len(row.payload)
             self._acked_done(row.id)
         return True

@@ -432,11 +432,11 @@ class CuttingProxy:
 
 
 def _large_message_through(broker, tmp_path, node: str, decide, extra: str = "",  # noqa: ANN001
-                           timeout: float = 30) -> tuple[MapperProcess, str, CuttingProxy]:
+                           timeout: float = 30, push: str = "") -> tuple[MapperProcess, str, CuttingProxy]:
     """The lamp's queued messages (a small one, a large one of 5,000 bytes, a note) sent under MQTT
     3.1.1 through a CuttingProxy that decides with `decide(proxy, connection, payload bytes)`; the
     mapper, its log and the proxy, once the large message and the one behind it arrived and the
-    mapper stopped cleanly."""
+    mapper stopped cleanly. `push`: a pushMethod for the lamp's temperature (YAML, indented)."""
     big = f"mapper/{node}/default/lamp/big"
     note = f"mapper/{node}/default/lamp/note"
     proxy = CuttingProxy(broker, lambda connection, size: decide(proxy, connection, size))
@@ -446,6 +446,9 @@ def _large_message_through(broker, tmp_path, node: str, decide, extra: str = "",
             OutMessage(big, {"text": "x" * 5000}, sequenced=False, kind="twin"),
             OutMessage(note, {"n": 2}, sequenced=False, kind="twin")],
             extra="  protocol: '3.1.1'\n  reading_documents: false\n" + extra)
+        if push:
+            lamp = tmp_path / "devices" / "lamp.yaml"
+            lamp.write_text(lamp.read_text().replace("reportToCloud: true\n", f"reportToCloud: true\n{push}", 1))
         mapper.config.write_text(mapper.config.read_text().replace(f":{broker.port}\n", f":{proxy.port}\n"))
         with broker.client("app") as app:
             assert not app.subscribe(f"mapper/{node}/default/lamp/#").is_failure
@@ -494,6 +497,31 @@ def test_a_message_held_back_whose_connection_is_lost_too_is_sent_again(broker, 
     assert "is taken as over the broker's packet limit" not in log and "dropped outbox message" not in log
     # Cut on three times, not sent on the connection after (its first message cut on, smaller).
     assert [size > 1000 for _, size in proxy.cuts] == [True] * LOSSES_OVER_LIMIT + [False], proxy.cuts
+    assert outbox_depth(mapper.twin_path) == 0
+
+
+def test_a_qos_0_message_written_on_the_held_back_connection_convicts_nothing(broker, tmp_path):
+    """paho reports a QoS 0 message as published once it is written to the socket: the broker has
+    acknowledged nothing. On the connection a large message is held back from, such a write (here
+    the lamp's temperature, pushed with QoS 0) convicted the held-back message as over the broker's
+    limit at once, though that connection then went silent with nothing acknowledged (its size not
+    the cause): it was dropped, and packets as large after it until a restart. Only a PUBACK
+    convicts it: here the connection is lost, so it is sent again and delivered."""
+    def cut(proxy: CuttingProxy, connection: int, payload_bytes: int) -> str | bool:
+        """Cut on the large message its first LOSSES_OVER_LIMIT times; on the next connection, go
+        silent from its first message on (no PUBACK ever); then relay everything."""
+        large = [c for c, size in proxy.cuts if size > 1000]
+        if len(large) < LOSSES_OVER_LIMIT:
+            return payload_bytes > 1000
+        return "stall" if not proxy.stalled and connection > large[-1] else False
+
+    push = ("      pushMethod:\n        mqtt:\n          topic: plain/qos0/temperature\n          qos: 0\n")
+    mapper, log, proxy = _large_message_through(broker, tmp_path, "qos0", cut, extra="  keepalive_s: 5\n",
+                                                timeout=20, push=push)
+    assert "holding it back on the next connection" in log, log[-3000:]
+    assert len(proxy.stalled) == 1, proxy.stalled
+    assert "is taken as over the broker's packet limit" not in log and "dropped outbox message" not in log, log[-3000:]
+    assert "not its size; sending it again" in log
     assert outbox_depth(mapper.twin_path) == 0
 
 
