@@ -71,9 +71,10 @@ _PACKET_OVERHEAD = 10
 LOSSES_OVER_LIMIT = 3
 _LIVE_ID = 0  # the outbox row id of a live message in flight (outbox ids start at 1)
 # A reply to an app's request ($hw/events/.../twin/get/result, membership/get/result, ...) starts
-# with its event_id: eventbus.payloads builds each with orjson, event_id first.
+# with its event_id: eventbus.payloads builds each with orjson, event_id first. An event_id is at
+# most 128 characters (payloads.EventIn), as JSON up to 6 bytes each (`\u0001`; UTF-8: up to 4).
 _REPLY_TOPIC = re.compile(r"\$hw/events/.+/result")
-_REPLY_EVENT_ID = re.compile(rb'\{"event_id":("(?:[^"\\]|\\.){0,128}")')
+_REPLY_EVENT_ID = re.compile(rb'\{"event_id":("(?:[^"\\]|\\.){0,768}")')
 _ACL_HINT = " (if that topic is meant to be published, the broker's ACL must let the mapper's user write it)"
 
 

@@ -573,6 +573,22 @@ def test_a_twin_reply_over_the_brokers_packet_limit_does_not_cut_the_mapper_off(
     assert outbox_depth(mapper.twin_path) == 0
 
 
+@pytest.mark.parametrize("event_id", ["e" * 128, "\u00e9" * 128, "\U0001f600" * 128, "\x01\"\\" * 42])
+def test_the_error_in_place_of_a_reply_too_large_keeps_any_event_id_the_router_takes(event_id):
+    """The error that stands in for a reply over the broker's limit carries the request's event_id,
+    read from the reply's start. The router takes any event_id of up to 128 characters, but the
+    read stopped after 128 bytes of JSON: an id with letters beyond ASCII (2 to 4 bytes each) or
+    characters JSON escapes (`\\u0001`: 6) was not found, and the app got no answer at all."""
+    from eventbus.publisher import OutboxPublisher
+    from twin.store import OutboxRow
+
+    payload = orjson.dumps({"event_id": event_id, "timestamp": 1, "twin": {"text": {"expected": {"value": "x" * 999}}}})
+    row = OutboxRow(7, "$hw/events/device/default/lamp/twin/get/result", payload, 1, False, "twin")
+    error = OutboxPublisher._error_reply(row, 10_000_000, 8_388_608)  # noqa: SLF001 - what _too_large sends
+    assert error is not None, event_id
+    assert orjson.loads(error)["event_id"] == event_id and orjson.loads(error)["code"] == 500
+
+
 def test_twin_replies_between_reading_batches_hold_no_telemetry_back(own_broker, tmp_path):
     """An app asks for a twin about 300 times a second while three devices read every 10 ms. A
     reply committed right after a reading batch could be offered to the publisher before the batch
