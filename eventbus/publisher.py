@@ -166,9 +166,11 @@ class OutboxPublisher:
 
     def _on_ack(self, mid: int, reason: int = 0) -> bool:
         row = self._inflight.pop(mid, None)
-        if self._held_back is not None and reason < 0x80 and not self._sending and (row is None or row.qos):
-            # (Only a PUBACK: paho reports a QoS 0 message once written, the broker having taken
-            # nothing yet; those are the acks while publish_nowait runs, and rows of QoS 0.)
+        if (self._held_back is not None and reason < 0x80 and row is not None and row.qos
+                and (row.id == _LIVE_ID or row.id > self._held_back[0])):
+            # The broker took a message sent in the held-back row's place: a row behind it, or live
+            # telemetry (after every committed row). Not the node's `online` (no row here), which
+            # starts every connection; not a QoS 0 message, which paho reports once written.
             self._over_learned_limit()
         if row is None:
             if self._sending:
@@ -261,10 +263,11 @@ class OutboxPublisher:
         it cannot say what its limit is: with mqtt.max_packet_bytes above it, that row, first in the
         outbox, was sent again at every reconnect, for ever, and nothing behind it went out. The
         largest row in flight, unacknowledged at LOSSES_OVER_LIMIT losses in a row and larger than
-        any the broker acknowledged, is held back on the next connection: the first PUBACK there
-        (the node's `online` comes first) shows the broker takes the rest, and packets as large as
-        it are taken as over the broker's limit (_over_learned_limit). That connection lost too, it
-        was not the row's size (a broker out of memory also closes connections): it goes again."""
+        any the broker acknowledged, is held back on the next connection: a PUBACK there for a
+        message sent in its place (a row behind it, live telemetry; see _on_ack) shows the broker
+        takes the rest, and packets as large as it are taken as over the broker's limit
+        (_over_learned_limit). That connection lost before, it was not the row's size (a broker out
+        of memory also closes connections): it goes again."""
         held, self._held_back = self._held_back, None
         if held is not None:
             log.info("the connection was lost again with outbox message %d (%d bytes) held back: not its size; "
