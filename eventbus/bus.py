@@ -441,7 +441,9 @@ class MqttBus:
         # each): a broker that stops publishes its clients' wills, this one's to the mapper itself
         # too, which is then not "another client". An earlier connection's will is not this one's.
         self.will_mark = ""
-        self.lost_on_keepalive = False  # whether the latest connection was lost to a keepalive timeout
+        # Whether the broker closed the current (or last) connection: not the mapper's keepalive giving
+        # up on a silent broker, nor the mapper ending it (OutboxPublisher._note_loss). Set at a loss.
+        self.closed_by_broker = False
         self.subscriptions = subscriptions
         self._on_message = on_message
         self._on_connect = on_connect
@@ -535,9 +537,9 @@ class MqttBus:
         return client
 
     def _note_lost(self, reason: object) -> None:
-        # paho's reason for a keepalive timeout: the broker went silent (frozen, a stalled disk, the
-        # network), which says nothing about the messages in flight (OutboxPublisher._note_loss).
-        self.lost_on_keepalive = isinstance(reason, ReasonCode) and reason.value == KEEPALIVE_TIMEOUT
+        # Neither a keepalive timeout (the broker went silent: frozen, a stalled disk, the network) nor
+        # a disconnect of the mapper's own (0) says anything about the messages in flight.
+        self.closed_by_broker = not (isinstance(reason, ReasonCode) and reason.value in (0, KEEPALIVE_TIMEOUT))
 
     def _hook_acks(self, client: aiomqtt.Client) -> None:
         """Also report every PUBACK to `on_ack`, so the outbox can publish without awaiting each message.
@@ -650,6 +652,7 @@ class MqttBus:
                     self.disconnected.clear()
                     self.last_error = None
                     self.connected_since = time.time()
+                    self.closed_by_broker = False
                     self.connected.set()
                     self.first_attempt.set()
                     await self._on_connect()

@@ -275,10 +275,11 @@ class OutboxPublisher:
             self._suspect = None
             return
         rows = [row for row in self._inflight.values() if row.id != _LIVE_ID]
-        if self._bus.packet_limit_announced or not rows or self._bus.lost_on_keepalive:
-            # (A broker that went silent until the keepalive ran out did not close the connection on
-            # a packet: a frozen broker or a stalled disk, three times in a row, convicted the
-            # largest message in flight, and packets as large were dropped until a restart.)
+        if self._bus.packet_limit_announced or not rows or not self._bus.closed_by_broker:
+            # Only a connection the broker closed can have been closed on a packet. A broker gone
+            # silent until the keepalive ran out (frozen, a stalled disk), or an acknowledgement the
+            # mapper stopped waiting for, three times in a row, convicted the largest message in
+            # flight, and packets as large were dropped until a restart.
             self._suspect = None
             return
         largest = max(rows, key=lambda row: len(row.payload))
