@@ -509,6 +509,29 @@ async def test_connections_lost_soon_after_they_are_made_do_not_reset_the_backof
     assert hints and "'twin-name-test'" in hints[0] and "another mapper using the same mqtt.client_id" in hints[0], hints
 
 
+async def _past_the_takeover_hint(settings: MqttSettings, client_id: str, *, timeout: float,
+                                  then_lost: bool = False) -> None:
+    """Run a bus until it has connected once more than the losses the takeover hint needs (SHORT_WARN),
+    and with `then_lost` until that connection is lost too; then stop it."""
+    enough = asyncio.Event()
+
+    async def on_connect() -> None:
+        if bus.connects > SHORT_WARN:
+            enough.set()
+
+    bus = MqttBus(settings, client_id=client_id, will_topic=f"mapper/{client_id}/availability",
+                  subscriptions=[(f"mapper/{client_id}/default/+/+/set", 1)], on_message=nothing,
+                  on_connect=on_connect)
+    task = asyncio.create_task(bus.run())
+    try:
+        async with asyncio.timeout(timeout):
+            await enough.wait()
+            if then_lost:
+                await bus.disconnected.wait()
+    finally:
+        await _cancelled(task)
+
+
 async def test_connections_lost_soon_after_they_are_made_with_failed_attempts_between_are_not_a_takeover(caplog):
     """Connections lost soon after they were made while the broker's address still accepts TCP
     connections, but with a failed attempt between each two (a broker behind a proxy that accepts
@@ -519,22 +542,8 @@ async def test_connections_lost_soon_after_they_are_made_with_failed_attempts_be
     async with _FakeBroker(drop_first=0, close_after_suback=True, close_every_other=True) as fake:
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", keepalive_s=5,
                                 reconnect_min_s=0.01, reconnect_max_s=0.05)
-        enough = asyncio.Event()
-
-        async def on_connect() -> None:
-            if bus.connects > SHORT_WARN:  # as many losses as the takeover hint needs, and one connection more
-                enough.set()
-
-        bus = MqttBus(settings, client_id="failing-between-test", will_topic="mapper/failing-between-test/availability",
-                      subscriptions=[("mapper/failing-between-test/default/+/+/set", 1)], on_message=nothing,
-                      on_connect=on_connect)
-        task = asyncio.create_task(bus.run())
-        try:
-            async with asyncio.timeout(30):
-                await enough.wait()
-                await bus.disconnected.wait()  # that connection's loss judged too (and no loss left to retrieve)
-        finally:
-            await _cancelled(task)
+        # (and that connection's loss judged too, with no loss left to retrieve)
+        await _past_the_takeover_hint(settings, "failing-between-test", timeout=30, then_lost=True)
     assert fake.connections >= 2 * SHORT_WARN + 1  # (served and closed by turns)
     told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not told, told
@@ -551,21 +560,7 @@ async def test_connections_lost_to_the_keepalive_are_not_taken_for_another_clien
         # A keepalive below the config's 5 s minimum: three losses in seconds, not half a minute.
         settings = MqttSettings(url=f"mqtt://127.0.0.1:{fake.port}", reconnect_min_s=0.01,
                                 reconnect_max_s=0.05).model_copy(update={"keepalive_s": 1})
-        enough = asyncio.Event()
-
-        async def on_connect() -> None:
-            if bus.connects > SHORT_WARN:  # as many losses as the takeover hint needs, and one connection more
-                enough.set()
-
-        bus = MqttBus(settings, client_id="frozen-again-test", will_topic="mapper/frozen-again-test/availability",
-                      subscriptions=[("mapper/frozen-again-test/default/+/+/set", 1)], on_message=nothing,
-                      on_connect=on_connect)
-        task = asyncio.create_task(bus.run())
-        try:
-            async with asyncio.timeout(60):
-                await enough.wait()
-        finally:
-            await _cancelled(task)
+        await _past_the_takeover_hint(settings, "frozen-again-test", timeout=60)
     lost = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert lost and all("Keep alive timeout" in m for m in lost), lost
     told = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
