@@ -38,7 +38,7 @@ from mapper.inference.codec import CodecError
 from mapper.inference.extension import TIMER_GRACE_S, InferenceExtension
 from mapper.inference.model import EarlyExitModel, ModelError, load_model, session_options
 from mapper.inference.settings import InferenceSettings, PipelineSettings, from_anomaly_detection
-from mapper.inference.window import WindowBuilder
+from mapper.inference.window import Window, WindowBuilder
 from mapper.inference.worker import CloudWorker, WorkerSettings
 from mapper.runtime import build_service
 from twin.records import ERROR, Reading
@@ -120,6 +120,28 @@ def test_shipped_models_load_and_pass_their_self_test(name):
     assert cut.shape == (1, model.info.cut_width)
     assert np.allclose(model.cloud(cut)[0], row["final_logits"], atol=1e-4)
     assert np.allclose(exit_logits[0], row["exit_logits"], atol=1e-4)
+
+
+def test_a_pipelines_windows_get_the_numbers_of_run_and_keep_their_own_cut(tmp_path):
+    """A pipeline runs its windows through buffers bound to the session once (EdgeRunner): each
+    outcome has the exit and cut that `run()` gives for its window, and the cut kept for an offload
+    is its own (the next window must not overwrite it)."""
+    from devices.loader import load
+    from mapper.inference.pipeline import Pipeline
+
+    definitions = load([_devices(tmp_path)]).devices
+    settings = PipelineSettings(device="probe", model="sensor_faults", threshold=0.0)
+    p = Pipeline(settings, load_model(MODELS / "sensor_faults"), definitions[SENSOR], definitions=definitions)
+    rows = p.model.info.meta["self_test"][:2]
+    windows = [Window(tuple(float(v) for v in row["window"]), 1000 * i, 1000 * i + 999) for i, row in enumerate(rows)]
+    outcomes = [p.edge(w) for w in windows]
+    for outcome, row in zip(outcomes, rows, strict=True):
+        exit_logits, cut = p.model.edge(np.array(row["window"], dtype=np.float32))
+        assert np.array_equal(outcome.cut, cut[0])
+        probs = policy.softmax(exit_logits[0].tolist())
+        assert outcome.label == p.model.info.classes[policy.argmax(probs)]
+        assert outcome.confidence == pytest.approx(max(probs), abs=1e-6)
+    assert not np.array_equal(outcomes[0].cut, outcomes[1].cut)
 
 
 def test_session_options_are_single_threaded_without_spinning():

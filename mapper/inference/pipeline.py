@@ -24,7 +24,7 @@ from devices.ids import DeviceId
 from eventbus.topics import Topics
 from mapper.inference import policy
 from mapper.inference.codec import OffloadRequest
-from mapper.inference.model import EarlyExitModel
+from mapper.inference.model import EarlyExitModel, EdgeRunner
 from mapper.inference.records import Report
 from mapper.inference.settings import AlertAction, PipelineSettings, PublishAction, SetDesiredAction
 from mapper.inference.window import Window, WindowBuilder
@@ -187,6 +187,7 @@ class Pipeline:
         # newest decision (in this pipeline's order) replaces it regardless.
         self._replace_shown = False
         self._last_desired: dict[tuple[DeviceId, str], Any] = {}
+        self._edge_runner: EdgeRunner | None = None
 
     def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
         classes = set(self.model.info.classes)
@@ -243,9 +244,11 @@ class Pipeline:
         # is worth at one a second), and before the cast, which would warn.
         if max(values) > F32_MAX or min(values) < -F32_MAX:
             raise self._not_decided(window)
-        exit_logits, cut = self.model.edge(np.asarray(values, dtype=np.float32))
-        logits = exit_logits[0].tolist()
-        if not all(map(math.isfinite, logits)) or not all(map(math.isfinite, cut[0].tolist())):
+        run = self._edge_runner
+        if run is None:  # made at the first window: a pipeline built to check a config runs none
+            run = self._edge_runner = self.model.edge_runner()
+        logits, cut = run(values)
+        if not all(map(math.isfinite, logits)) or not all(map(math.isfinite, cut.tolist())):
             raise self._not_decided(window)
         probs = policy.softmax(logits)
         value = policy.score_value(probs, self.score)
@@ -259,7 +262,7 @@ class Pipeline:
         c["audits"] += int(audit)
         self.stats.edge_us_total += elapsed
         self.stats.edge_us.append(elapsed)
-        return EdgeOutcome(window, self.model.info.classes[index], probs[index], value, decided, audit, cut[0],
+        return EdgeOutcome(window, self.model.info.classes[index], probs[index], value, decided, audit, cut,
                            elapsed)
 
     def _not_decided(self, window: Window) -> WindowError:
