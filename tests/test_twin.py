@@ -635,6 +635,27 @@ def test_derived_devices_are_read_only_reported_with_versions_and_retired_by_the
     assert twin.device(D1).protocol != DERIVED_PROTOCOL and derived not in twin.device_ids()
 
 
+def test_a_derived_device_whose_name_a_device_of_the_files_takes_is_reported_no_more(twin, tmp_path):
+    """report_derived knows the derived devices without a query a window: a device of the files that
+    takes a derived device's name (sync_devices) is no derived device for it from then on, also when a
+    report came before; one registered later (sync_derived) is."""
+    derived = DERIVED.id
+    assert twin.sync_derived([DERIVED]) == []
+    with twin.transaction():
+        assert twin.report_derived(derived, {"label": "spike", "window_end": 1000}, newer="window_end")
+    files = load([write_devices(tmp_path / "taken", ["d1", "d2", "d1-faults"])]).devices
+    twin.sync_devices(files.values())
+    assert twin.device(derived).protocol != DERIVED_PROTOCOL
+    with twin.transaction():
+        assert not twin.report_derived(derived, {"label": "drift", "window_end": 2000}, newer="window_end")
+    assert [value for _, value, _ in twin.history(derived, "label")] == ["spike"]
+
+    other = DerivedDevice(DeviceId("default", "d2-faults"), "some-model", DERIVED.properties)
+    assert twin.sync_derived([other]) == []
+    with twin.transaction():
+        assert twin.report_derived(other.id, {"label": "drift", "window_end": 2000}, newer="window_end")
+
+
 def test_pruning_in_steps_deletes_the_oldest_rows_a_step_at_a_time(twin):
     """With `step`, each call deletes at most that many of the oldest rows; calling until it
     returns less leaves what one unlimited call leaves."""

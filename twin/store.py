@@ -623,6 +623,9 @@ class TwinStore:
         # Readings not yet folded into `properties`, the open transaction's included (None until
         # read back from the history, see _load_fold; after a rollback it is read back again).
         self._fold: _Fold | None = None
+        # Ids of the derived devices (protocol `derived`), for report_derived: read once, then again
+        # after sync_devices or sync_derived (the only writers of a device's protocol) or a rollback.
+        self._derived_ids: set[str] | None = None
         self._tx_checkpointed = False
         self._last_checkpoint_ms: int | None = None  # monotonic_ms() of the last fold (None: none yet)
         # The history's age is judged on the wall clock as it was when the twin was opened plus
@@ -887,6 +890,7 @@ class TwinStore:
             self._fold = None  # it holds rolled-back readings: read it back from what was committed
         self._tx_checkpointed = False
         self._tx_history = 0
+        self._derived_ids = None
         self._count_outbox_table()
         if self._tx_retained:  # rows it superseded or acknowledged are back, the ones it queued gone
             self._load_retained()
@@ -1007,6 +1011,7 @@ class TwinStore:
         the other's is driven to. Logged once, at the change. An inactive row whose origin was
         never recorded (a twin file from before m006) counts as a change too (origin_changes).
         """
+        self._derived_ids = None  # a device of the files may take a derived device's name
         changed = []
         said: list[str] = []  # logged once committed
         self._begin()
@@ -1209,6 +1214,7 @@ class TwinStore:
 
         Returns the ids refused because an active device of the YAML has that name.
         """
+        self._derived_ids = None
         refused = []
         ts = now_ms()
         keep: set[str] = set()
@@ -1266,20 +1272,25 @@ class TwinStore:
         if not self.conn.in_transaction:
             raise TwinError("report_derived() must run inside transaction()")
         key = str(device_id)
-        row = self.conn.execute(
-            "SELECT d.protocol, p.reported FROM devices d LEFT JOIN properties p ON p.device_id=d.id AND p.name=?"
-            " WHERE d.id=?", (newer or "", key)).fetchone()
-        if row is None or row[0] != DERIVED_PROTOCOL:
+        derived = self._derived_ids
+        if derived is None:  # not a query a window: at one a second it cost ~15-25 us, on cold caches
+            derived = self._derived_ids = {k for (k,) in self.conn.execute(
+                "SELECT id FROM devices WHERE protocol=?", (DERIVED_PROTOCOL,))}
+        if key not in derived:
             return False
         if newer is not None:
             # The newest value is that of the last readings not yet in `properties`, if any.
-            key_newer = (key, newer)
-            shown = self._load_fold().good.get(key_newer)
-            stored_text = shown[0] if shown else row[1]
-        if newer is not None and stored_text is not None:
-            stored = _load(stored_text)
-            if isinstance(stored, int | float) and stored > values[newer]:
-                return False
+            shown = self._load_fold().good.get((key, newer))
+            if shown:
+                stored_text = shown[0]
+            else:
+                row = self.conn.execute("SELECT reported FROM properties WHERE device_id=? AND name=?",
+                                        (key, newer)).fetchone()
+                stored_text = row[0] if row else None
+            if stored_text is not None:
+                stored = _load(stored_text)
+                if isinstance(stored, int | float) and stored > values[newer]:
+                    return False
         taken = now_ms() if ts is None else ts
         self.record([Reading(device_id, name, value, taken) for name, value in values.items()])
         return True
