@@ -104,6 +104,18 @@ spec:
 """
 
 
+def dist_info(site: Path, name: str, version: str, **files: str) -> Path:
+    """An installed distribution's `.dist-info` in `site`, as pip leaves one: its METADATA, and each
+    of `files` by name (`entry_points_txt=...` is entry_points.txt, `direct_url_json=...`
+    direct_url.json, `RECORD=...`)."""
+    meta = site / f"{name.replace('-', '_')}-{version}.dist-info"
+    meta.mkdir(parents=True)
+    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
+    for key, text in files.items():
+        (meta / (key if key == "RECORD" else key.replace("_txt", ".txt").replace("_json", ".json"))).write_text(text)
+    return meta
+
+
 def faulty_probe_yaml(cycle: int) -> str:
     """The faulty probe read every `cycle` ms (the inference tests and benchmark)."""
     return FAULTY_PROBE.replace("{cycle}", str(cycle))

@@ -16,7 +16,7 @@ import pytest
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from helpers import MODEL, device_yaml, wait_for, write_config, write_devices
+from helpers import MODEL, device_yaml, dist_info, wait_for, write_config, write_devices
 from mapper.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1577,10 +1577,7 @@ def test_the_advice_to_install_an_extra_names_this_installation_not_pypi(tmp_pat
     into whichever environment that `pip` is. This one is installed from its source tree (a checkout,
     /opt/mapper/src on a Pi): the advice now gives this interpreter's pip and the tree pip recorded."""
     site = tmp_path / "site"
-    dist = site / "mapper-0.1.0.dist-info"
-    dist.mkdir(parents=True)
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mapper\nVersion: 0.1.0\n")
-    (dist / "direct_url.json").write_text('{"url": "file:///opt/mapper/src", "dir_info": {}}')
+    dist_info(site, "mapper", "0.1.0", direct_url_json='{"url": "file:///opt/mapper/src", "dir_info": {}}')
     (site / "sitecustomize.py").write_text("import sys\nsys.modules['numpy'] = None\nsys.modules['onnxruntime'] = None\n")
     config = tmp_path / "worker.yaml"
     config.write_text("mqtt: {url: 'mqtt://127.0.0.1:1'}\n")

@@ -9,7 +9,7 @@ import pytest
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import load
-from helpers import MODEL, device_yaml
+from helpers import MODEL, device_yaml, dist_info
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,10 +30,8 @@ def install_plugin(site: Path, monkeypatch: pytest.MonkeyPatch, protocol: str, m
     package = f"{protocol}_driver"
     (site / package).mkdir(parents=True)
     (site / package / "__init__.py").write_text(module_text)
-    meta = site / f"{package}-1.0.dist-info"
-    meta.mkdir()
-    (meta / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {protocol}-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text(f"[mapper.drivers]\n{protocol} = {package}:{protocol.capitalize()}\n")
+    dist_info(site, f"{protocol}-driver", "1.0",
+              entry_points_txt=f"[mapper.drivers]\n{protocol} = {package}:{protocol.capitalize()}\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.delitem(sys.modules, package, raising=False)
 
@@ -449,10 +447,7 @@ def _register_a_missing_driver(tmp_path, monkeypatch):  # noqa: ANN001, ANN202
     from devices.drivers import base
 
     site = tmp_path / "site"
-    meta = site / "missing_driver-1.0.dist-info"
-    meta.mkdir(parents=True)
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: missing-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[mapper.drivers]\nmissingmod = mapper_nosuchmodule:X\n")
+    dist_info(site, "missing-driver", "1.0", entry_points_txt="[mapper.drivers]\nmissingmod = mapper_nosuchmodule:X\n")
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setattr(base, "_registered", None)
     importlib.invalidate_caches()
@@ -489,11 +484,8 @@ def test_a_driver_installed_with_a_pth_while_the_mapper_runs_loads(tmp_path, mon
     from devices.drivers import base
 
     site = tmp_path / "site"
-    meta = site / "late_driver-1.0.dist-info"
-    meta.mkdir(parents=True)
-    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: late-driver\nVersion: 1.0\n")
-    (meta / "entry_points.txt").write_text("[mapper.drivers]\nlateproto = mapper_late_driver:LateDriver\n")
-    (meta / "RECORD").write_text("__editable__.late_driver-1.0.pth,,\nlate_driver-1.0.dist-info/RECORD,,\n")
+    dist_info(site, "late-driver", "1.0", entry_points_txt="[mapper.drivers]\nlateproto = mapper_late_driver:LateDriver\n",
+              RECORD="__editable__.late_driver-1.0.pth,,\nlate_driver-1.0.dist-info/RECORD,,\n")
     source = tmp_path / "src"
     source.mkdir()
     (source / "mapper_late_driver.py").write_text(
