@@ -109,11 +109,11 @@ def test_a_report_that_fails_every_time_backs_off_and_blocks_nobody(
     device_status = client_module.device_status
     failed = client_module.Reporter._failed  # noqa: SLF001
 
-    def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
+    def broken_for_bad(definition, twin, left_out):  # noqa: ANN001, ANN202
         if definition.id == bad:
             tried.append(time.monotonic())
             raise TypeError("cannot convert this value")
-        return device_status(definition, twin)
+        return device_status(definition, twin, left_out)
 
     def observed_failed(self, key, exc):  # noqa: ANN001, ANN202
         before = time.monotonic()
@@ -169,9 +169,9 @@ def test_a_report_marked_again_while_its_attempt_fails_still_waits_for_its_retry
     device_status = client_module.device_status
     failed = client_module.Reporter._failed  # noqa: SLF001
 
-    def broken_for_bad(definition, twin):  # noqa: ANN001, ANN202
+    def broken_for_bad(definition, twin, left_out):  # noqa: ANN001, ANN202
         if definition.id != bad:
-            return device_status(definition, twin)
+            return device_status(definition, twin, left_out)
         tried.append(time.monotonic())
         reporters[0].twins_changed({bad})  # a new reading, while this attempt runs
         raise TypeError("cannot convert this value")

@@ -23,7 +23,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId
 from mapper.dmi import api_pb2 as pb
 from mapper.dmi import api_pb2_grpc as pb_grpc
-from mapper.dmi.convert import device_status, edgecore_state
+from mapper.dmi.convert import LeftOutLog, device_status, edgecore_state
 from mapper.dmi.ratelimit import TokenBucket
 from mapper.dmi.settings import MIB, KubeEdgeSettings
 from mapper.logs import OUTAGE_NOTE_S, Outage, Throttle, held_note
@@ -235,6 +235,8 @@ class Reporter:
         # edgecore away (UNAVAILABLE, DEADLINE_EXCEEDED): logged as mapper.logs.Outage says, not a
         # line per failed report. Its refusals of one report (other codes) are logged each.
         self._outage = Outage(note_s=OUTAGE_NOTE_S)
+        # The twins left out for a value edgecore's pattern refuses, here and in GetDevice's answers.
+        self.left_out = LeftOutLog()
 
     def _mark(self, key: tuple[str, DeviceId]) -> None:
         if key not in self._retry_at:  # (its retry reads the latest values anyway)
@@ -266,6 +268,7 @@ class Reporter:
         for device_id in [d for d in self._states if d not in self.state_every]:
             del self._states[device_id]
             self._state_due.pop(device_id, None)
+        self.left_out.forget(keep)
         self._state_wake.set()
 
     async def run(self) -> None:
@@ -388,7 +391,7 @@ class Reporter:
         found = await self._read_twin(device_id)
         if found is None:
             return None
-        status = device_status(*found)
+        status = device_status(*found, self.left_out)
         return status if status.twins else None  # edgecore refuses a report without twins
 
     @staticmethod

@@ -16,6 +16,7 @@ from google.protobuf import json_format, wrappers_pb2
 from google.protobuf.any_pb2 import Any as AnyPb
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.ids import DeviceId
 from devices.schema import API_VERSION
 from devices.values import TWIN_VALUE, Value, to_twin_string
 from mapper.dmi import api_pb2 as pb
@@ -214,32 +215,53 @@ def twin_value(value: Value | None) -> str:
     return text
 
 
-def _safe_twin_value(device: DeviceDefinition, prop: str, value: Value | None) -> str:
-    try:
-        return twin_value(value)
-    except ValueError as exc:
-        # GetDevice's answer (read by no edgecore): an empty value keeps the other twins in it.
-        log.warning("%s/%s: not reported: %s", device.id, prop, exc)
-        return ""
+class LeftOutLog:
+    """The warnings of twins left out because edgecore's pattern refuses a value: one line per
+    device, property and call (`what`) in `interval_s` at most, as such a value is usually refused
+    at every report (a STRING sensor reading "hello world").
+
+    Held by the object that reports (the Reporter), not by this module: two mappers in one process
+    (tests) do not silence each other, and `forget` drops the devices that are gone, so a device
+    removed and added again is warned about again.
+    """
+
+    def __init__(self, interval_s: float = 600.0) -> None:
+        self.interval_s = interval_s
+        self._throttles: dict[DeviceId, Throttle] = {}
+
+    def warn(self, device_id: DeviceId, prop: str, what: str, side: str, exc: ValueError) -> None:
+        throttle = self._throttles.get(device_id)
+        if throttle is None:
+            throttle = self._throttles[device_id] = Throttle(burst=1, interval_s=self.interval_s)
+        held = throttle((prop, what))
+        if held is not None:
+            log.warning("%s: property %s left out of %s: the %s value %s%s",
+                        device_id, prop, what, side, exc, held_note(held))
+
+    def forget(self, keep: Iterable[DeviceId]) -> None:
+        """Drop the entries of every device not in `keep`."""
+        kept = set(keep)
+        for device_id in [d for d in self._throttles if d not in kept]:
+            del self._throttles[device_id]
+
+    def __contains__(self, device_id: object) -> bool:
+        return device_id in self._throttles
 
 
-# One line per device and property in this time at most: a value edgecore's pattern refuses is
-# usually refused at every report (a STRING sensor reading "hello world").
-_LEFT_OUT_LOG = Throttle(burst=1, interval_s=600.0)
+# What each left-out warning says the twin was left out of.
+REPORT = "the twin report to edgecore, which keeps the last value it took"
+GET_DEVICE = "GetDevice's answer"
 
 
-def _reportable(device: DeviceDefinition, prop: str, desired: Value | None,
-                reported: Value | None) -> tuple[str, str] | None:
+def _reportable(device: DeviceDefinition, prop: str, desired: Value | None, reported: Value | None,
+                left_out: LeftOutLog, what: str) -> tuple[str, str] | None:
     """(observedDesired, reported) for edgecore, or None when its pattern refuses either (logged)."""
     values = []
     for side, value in (("desired", desired), ("reported", reported)):
         try:
             values.append(twin_value(value))
         except ValueError as exc:
-            held = _LEFT_OUT_LOG((device.id, prop))
-            if held is not None:
-                log.warning("%s: property %s left out of the twin report to edgecore, which keeps the last value it"
-                            " took: the %s value %s%s", device.id, prop, side, exc, held_note(held))
+            left_out.warn(device.id, prop, what, side, exc)
             return None
     return values[0], values[1]
 
@@ -248,19 +270,20 @@ def _meta(prop: PropertyDefinition, ts: int | None) -> dict[str, str]:
     return {"type": prop.type.twin_type, "timestamp": str(ts) if ts else ""}
 
 
-def device_status(definition: DeviceDefinition, twin: DeviceTwin) -> pb.DeviceStatus:
+def device_status(definition: DeviceDefinition, twin: DeviceTwin, left_out: LeftOutLog) -> pb.DeviceStatus:
     """All reportToCloud twins of a device, each with observedDesired and reported set (maybe "").
 
-    A twin with a value edgecore's pattern refuses is left out: edgecore handles each twin of a
-    report as an update of its own, so the others go through and that one keeps the value the
-    cloud has. Sent as "", it would clear that value (edgecore skips the pattern for "")."""
+    A twin with a value edgecore's pattern refuses is left out (warned about in `left_out`):
+    edgecore handles each twin of a report as an update of its own, so the others go through and
+    that one keeps the value the cloud has. Sent as "", it would clear that value (edgecore skips
+    the pattern for "")."""
     twins = []
     for prop in definition.properties:
         if not prop.report_to_cloud:
             continue
         state = twin.properties.get(prop.name)
         values = _reportable(definition, prop.name, state.desired if state else None,
-                             state.reported if state else None)
+                             state.reported if state else None, left_out, REPORT)
         if values is None:
             continue
         twins.append(pb.Twin(
@@ -277,19 +300,24 @@ def device_status(definition: DeviceDefinition, twin: DeviceTwin) -> pb.DeviceSt
 
 
 def fresh_status(
-    definition: DeviceDefinition, twin: DeviceTwin | None, readings: Mapping[str, tuple[Value | None, int]]
+    definition: DeviceDefinition, twin: DeviceTwin | None, readings: Mapping[str, tuple[Value | None, int]],
+    left_out: LeftOutLog,
 ) -> pb.DeviceStatus:
-    """GetDevice's status: every property, `reported` from `readings` (read just now) when given."""
+    """GetDevice's status: every property, `reported` from `readings` (read just now) when given.
+
+    A twin with a value edgecore's pattern refuses is left out, as in `device_status`: sent as "",
+    a caller copying it into a report would clear the cloud's last good value."""
     twins = []
     for prop in definition.properties:
         state = twin.properties.get(prop.name) if twin else None
         value, ts = readings.get(prop.name, (state.reported if state else None, state.reported_ts if state else None))
-        desired = state.desired if state else None
+        values = _reportable(definition, prop.name, state.desired if state else None, value, left_out, GET_DEVICE)
+        if values is None:
+            continue
         twins.append(pb.Twin(
             propertyName=prop.name,
-            observedDesired=pb.TwinProperty(value=_safe_twin_value(definition, prop.name, desired),
-                                            metadata=_meta(prop, state and state.desired_ts)),
-            reported=pb.TwinProperty(value=_safe_twin_value(definition, prop.name, value), metadata=_meta(prop, ts)),
+            observedDesired=pb.TwinProperty(value=values[0], metadata=_meta(prop, state and state.desired_ts)),
+            reported=pb.TwinProperty(value=values[1], metadata=_meta(prop, ts)),
         ))
     return pb.DeviceStatus(twins=twins)
 

@@ -506,7 +506,7 @@ class KubeEdgeExtension:
         found = await self._read_twin(device_id, running_only=False)
         out = pb.Device()
         out.CopyFrom(device)
-        status = fresh_status(definition, found[1] if found else None, readings)
+        status = fresh_status(definition, found[1] if found else None, readings, self.reporter.left_out)
         status.reportToCloud, status.reportCycle = device.status.reportToCloud, device.status.reportCycle
         out.status.CopyFrom(status)
         return out
