@@ -531,6 +531,8 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
     found: list[Problem] = []
     for value, path, known in _schema_nodes(obj):
         cls = type(value)
+        if cls.unchecked_extra:
+            continue
         for key in value.model_extra or {}:
             if key in cls.kubernetes_fields:
                 continue
@@ -669,13 +671,16 @@ LONG_CYCLE_MS = 86_400_000
 
 
 def long_cycle_warnings(doc: _Doc, device: Device) -> list[Problem]:
-    """A warning at each collectCycle, reportCycle and stateReport.reportCycle above a day."""
+    """A warning at each collectCycle, reportCycle and stateReport.reportCycle (or v1.22's
+    status.reportCycle) above a day."""
     cycles: list[tuple[Path_, int]] = []
     for i, prop in enumerate(device.spec.properties):
         cycles.append((("spec", "properties", i, "collectCycle"), prop.collect_cycle))
         cycles.append((("spec", "properties", i, "reportCycle"), prop.report_cycle))
     if device.spec.state_report is not None:
         cycles.append((("spec", "stateReport", "reportCycle"), device.spec.state_report.report_cycle))
+    if device.status is not None:
+        cycles.append((("status", "reportCycle"), device.status.report_cycle))
     found: list[Problem] = []
     for path, ms in cycles:
         if ms > LONG_CYCLE_MS:

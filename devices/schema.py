@@ -63,6 +63,8 @@ class _Base(BaseModel):
     # What a field (by its CRD name) left at its default does, for the fields where that is a
     # surprise: the unknown-field warning about a misspelling of one says it (`acessMode`).
     if_left_out: ClassVar[dict[str, str]] = {}
+    # True where fields neither declares are not warned about (see LegacyStatus).
+    unchecked_extra: ClassVar[bool] = False
 
     model_config = ConfigDict(
         frozen=True, extra="allow", alias_generator=to_camel, populate_by_name=True, strict=False
@@ -265,6 +267,22 @@ class StateReport(_Base):
     report_cycle: Cycle = 0
 
 
+class LegacyStatus(_Base):
+    """A Device's `status` as KubeEdge v1.22 and earlier wrote it (still in the CRD, deprecated):
+    `reportToCloud`/`reportCycle` are stateReport's older place, checked as stateReport is
+    (edgecore sends them as the device's stateReport); not read here, as stateReport in a local
+    file is not. The observed twins and state are edgecore's, kept as they are."""
+
+    # What edgecore writes here is its own business: no unknown-field warnings below status.
+    unchecked_extra: ClassVar[bool] = True
+
+    report_to_cloud: StrictBool = False
+    report_cycle: Cycle = 0
+    twins: Any = None
+    state: Any = None
+    last_online_time: Any = None
+
+
 class DeviceSpec(_Base):
     device_model_ref: ModelRef
     node_name: str | None = None
@@ -279,7 +297,7 @@ class Device(_Base):
     kind: Literal["Device"]
     metadata: ObjectMeta
     spec: DeviceSpec
-    status: dict[str, Any] | None = None
+    status: LegacyStatus | None = None
 
 
 def effective_cycle_ms(cycle: int) -> int:

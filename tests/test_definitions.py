@@ -388,6 +388,52 @@ def test_a_cycle_over_a_day_is_a_warning_at_its_line(tmp_path):
     ], [str(w) for w in result.warnings]
 
 
+V122_STATUS = """\
+status:
+  reportToCloud: true
+  reportCycle: {cycle}
+  state: online
+  lastOnlineTime: "2024-01-01T00:00:00Z"
+  twins: [{{propertyName: temperature, reported: {{value: "21", metadata: {{type: float}}}}}}]
+"""
+
+
+@pytest.mark.parametrize("cycle, error", [
+    ("99999999999999999999", "status.reportCycle: must be <= 9223372036854775807"),
+    ("-5", "status.reportCycle: must be >= 0"),
+    ('"10s"', "status.reportCycle: must be an integer, got '10s'"),
+])
+def test_a_v1_22_status_report_cycle_is_checked_as_state_report_is(tmp_path, cycle, error):
+    """KubeEdge v1.22's place of stateReport, a Device's `status.reportToCloud/reportCycle` (still in
+    the CRD), was not checked at all: any value passed `mapper validate`, even one KubeEdge's API
+    server refuses (beyond int64, negative, a string). Checked now as spec.stateReport is, at its line."""
+    text = device_yaml("d") + V122_STATUS.format(cycle=cycle)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "  reportCycle: " + cycle in row)
+    found = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert found == [f"d.yaml:{line}: {error}"], found
+
+
+def test_a_v1_22_status_report_cycle_over_a_day_is_a_warning(tmp_path):
+    """... and one over a day (edgecore would re-send the state every 115 days) is the long-cycle warning."""
+    text = device_yaml("d") + V122_STATUS.format(cycle=10000000000)
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(text)
+    line = next(i for i, row in enumerate(text.splitlines(), 1) if "  reportCycle: 10000000000" in row)
+    warnings = [str(w) for w in load([tmp_path], base=tmp_path).warnings]
+    assert warnings == [
+        f"d.yaml:{line}: status.reportCycle: 10000000000 ms is 115.7 days: cycles are milliseconds (as in KubeEdge),"
+        " and it runs as written; if it is nanoseconds, as some older KubeEdge examples write, 10000 ms is meant:"
+        " write that"], warnings
+
+
+def test_a_v1_22_status_loads_without_warnings(tmp_path):
+    """A valid v1.22 status (reportToCloud, reportCycle, observed twins, state, lastOnlineTime) is no warning."""
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device_yaml("d") + V122_STATUS.format(cycle=10000))
+    result = load([tmp_path], base=tmp_path)
+    assert DeviceId("default", "d") in result.devices and result.warnings == [], result.warnings
+
+
 @pytest.mark.parametrize("topic, why", [
     ("lamp/+/count", "no wildcards"),
     ("lamp/#", "no wildcards"),
