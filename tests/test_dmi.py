@@ -686,6 +686,33 @@ def test_edgecore_restart_reregisters(sockdir: Path, monkeypatch: pytest.MonkeyP
     run(scenario())
 
 
+def test_a_device_removed_and_created_again_is_reported_at_once(sockdir: Path) -> None:
+    """A Device deleted in the cloud and created again starts with an empty twin and no state in
+    edgecore. Its first reading was not reported when it equalled the last report of the removed
+    device (the reporter kept that, and sent only changes): with report_interval_s 0 a constant
+    never reached edgecore again, with the default 60 s not for a minute; its state likewise."""
+    constant = model("k-model", {"level": ("FLOAT", "ReadOnly")})
+
+    def level() -> pb.Device:
+        return device("k", "k-model", {"level": {"kind": "constant", "value": 7.5}})
+
+    def reports(edgecore: FakeEdgecore, method: str) -> int:
+        return len([r for r in edgecore.of(method) if r.deviceName == "k"])
+
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, running_mapper(sockdir) as mapper:
+            await registered(mapper)
+            await edgecore.add(level(), constant)
+            await edgecore.wait_for(lambda: reports(edgecore, "ReportDeviceStatus") and reports(edgecore, "ReportDeviceStates"))
+            await edgecore.remove("k")
+            statuses, states = reports(edgecore, "ReportDeviceStatus"), reports(edgecore, "ReportDeviceStates")
+            await edgecore.add(level(), constant)
+            await edgecore.wait_for(lambda: reports(edgecore, "ReportDeviceStatus") > statuses)
+            await edgecore.wait_for(lambda: reports(edgecore, "ReportDeviceStates") > states)
+            assert latest_status(edgecore, "k").reportedDevice.twins[0].reported.value == "7.5"
+    run(scenario())
+
+
 class EdgecoreChangingWhileItRegisters(FakeEdgecore):
     """Once armed: after building its MapperRegister reply, and before sending it, the cloud deletes
     room-a and creates room-b (edgecore calls the mapper for both on its own connections)."""

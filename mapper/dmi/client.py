@@ -262,7 +262,9 @@ class Reporter:
         if state_every is None:
             state_every = dict.fromkeys(keep, self._interval_s)
         self.state_every = {d: every for d, every in state_every.items() if d in self.allowed}
-        for queue in (self._dirty, self._failing, self._retry_at):
+        # _last too: a device edgecore removed and creates again starts there with an empty twin
+        # and no state, so its first report must go out even when it equals the removed one's last.
+        for queue in (self._dirty, self._failing, self._retry_at, self._last):
             for key in [k for k in queue if k[1] not in keep or (k[0] == "state" and k[1] not in self.state_every)]:
                 del queue[key]
         for device_id in [d for d in self._states if d not in self.state_every]:
