@@ -665,6 +665,30 @@ def test_device_before_model(sockdir: Path) -> None:
     run(scenario())
 
 
+def test_an_update_of_a_device_whose_model_is_not_here_says_so(sockdir: Path) -> None:
+    """A Device moved to this mapper's protocol reaches it as UpdateDevice (edgecore routes the
+    update by the new protocol; the Device was never registered here), and its DeviceModel may
+    never come (edgecore routes models by the model's own spec.protocol). The call returned OK and
+    the device waited silently; it fails now as a RegisterDevice without its model does, naming
+    the model, and the device still starts when the model arrives."""
+    async def scenario() -> None:
+        async with FakeEdgecore(sockdir / "dmi.sock") as edgecore, \
+                running_mapper(sockdir, model_wait_s=0.5) as mapper:
+            await registered(mapper)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=switch("moved")))
+            assert grpc_code(missing) == grpc.StatusCode.FAILED_PRECONDITION
+            assert "DeviceModel default/switch-model not received" in missing.value.details()
+            assert "default/moved is kept" in missing.value.details()
+            assert mapper.runner("moved") is None
+            await edgecore.call_mapper("CreateDeviceModel", pb.CreateDeviceModelRequest(model=SWITCH))
+            assert mapper.runner("moved") is not None
+            # An update of a running device whose model is here answers OK, at once.
+            await edgecore.call_mapper("UpdateDevice", pb.UpdateDeviceRequest(device=switch("moved", cycle_ms=70)))
+            assert mapper.runner("moved") is not None
+    run(scenario())
+
+
 # -- edgecore restarts and outages ----------------------------------------------------------
 
 def test_edgecore_restart_reregisters(sockdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

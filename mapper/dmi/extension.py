@@ -395,7 +395,10 @@ class KubeEdgeExtension:
 
         return await to_the_end(locked(), self._changes, "a DMI change (edgecore had given up on its call)")
 
-    async def _put_device(self, device: pb.Device, *, wait_for_model: bool) -> None:
+    async def _put_device(self, device: pb.Device) -> None:
+        """RegisterDevice and UpdateDevice alike: an update may be the first this mapper hears of a
+        device too (one moved to our protocol: edgecore routes its update by the new protocol), and
+        its model may not be here; both wait for it (bounded) and say so if it does not come."""
         if not device.name or not device.spec.deviceModelReference:
             raise DmiError(grpc.StatusCode.INVALID_ARGUMENT, "device name and spec.deviceModelReference are required")
         key = device_key(device)
@@ -410,7 +413,7 @@ class KubeEdgeExtension:
             # The local YAML device of that name wins; not INVALID_ARGUMENT: the device is kept, and
             # starts if the local one is removed. edgecore only logs it: the message says where it is.
             raise DmiError(grpc.StatusCode.FAILED_PRECONDITION, self.catalog.problems[key])
-        if wait_for_model and model_of(device) not in self.catalog.models:
+        if model_of(device) not in self.catalog.models:
             await self._wait_for_model(device)
         problem = self.catalog.problems.get(key)
         if problem and key in self.catalog.conflicts:
@@ -437,10 +440,10 @@ class KubeEdgeExtension:
     # -- DeviceMapperService handlers (mapper.dmi.server.Handler) --------------------------
 
     async def register_device(self, device: pb.Device) -> None:
-        await self._put_device(device, wait_for_model=True)
+        await self._put_device(device)
 
     async def update_device(self, device: pb.Device) -> None:
-        await self._put_device(device, wait_for_model=False)
+        await self._put_device(device)
 
     async def remove_device(self, namespace: str, name: str) -> None:
         async def remove(arrival: int) -> None:
