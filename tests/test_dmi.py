@@ -1390,7 +1390,8 @@ def test_a_left_out_twin_is_warned_about_again_once_its_device_is_back(
             assert mapper.ext.reporter.left_out is not first
             await registered(mapper)
             await edgecore.add(labelled("tag"), LABELLED)
-            await until(lambda: len(left_out_lines(caplog, report, "tag")) == 3)
+            # (>=: the device restored from the first one's state file may be reported before the registration too)
+            await until(lambda: len(left_out_lines(caplog, report, "tag")) >= 3)
     run(scenario())
 
 
