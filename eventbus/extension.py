@@ -213,6 +213,8 @@ class EventBusExtension:
         self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight,
                                          ack_delay_s=ack_delay_s)
         service.recorder.message_factory = self.telemetry
+        # A state view larger than the broker takes is left out before it is queued (Telemetry._over_limit).
+        self.telemetry.packet_limit = self.publisher.packet_limit
         service.recorder.on_outbox = self.publisher.offer
         service.recorder.take_acks = self.publisher.take_acked
         service.recorder.return_acks = self.publisher.return_acked

@@ -233,7 +233,7 @@ class OutboxPublisher:
         to an app's request goes as an error reply instead (same topic, its event_id, code 500 with
         the sizes: the app waits for it); anything else is dropped like a refused row (None)."""
         size = publish_size(len(row.topic.encode()), len(row.payload), row.qos, v5)
-        limit, source = self._packet_limit()
+        limit, source = self.packet_limit()
         if size <= limit:
             return row.payload
         why = f"its packet would be {size} bytes, over the broker's limit of {limit} bytes ({source})"
@@ -248,7 +248,7 @@ class OutboxPublisher:
         self._undeliverable(row, why, hint="")
         return None
 
-    def _packet_limit(self) -> tuple[int, str]:
+    def packet_limit(self) -> tuple[int, str]:
         """The largest packet the broker takes on this connection, and what says so."""
         bus = self._bus
         if bus.packet_limit_announced:
@@ -448,7 +448,7 @@ class OutboxPublisher:
                 continue
             # The broker's limit, less what a packet adds to its payload and topic (a topic's UTF-8 is
             # at most 4 bytes a character): the exact size is computed only for rows near the limit.
-            room = self._packet_limit()[0] - _PACKET_OVERHEAD
+            room = self.packet_limit()[0] - _PACKET_OVERHEAD
             v5 = bus.protocol == aiomqtt.ProtocolVersion.V5
             # Rows acknowledged whose delete has not committed yet (the twin refused it) are still in
             # the outbox: read back after a reconnect, they must not go out a second time.
@@ -510,7 +510,7 @@ class OutboxPublisher:
                 break  # committed rows came meanwhile
             m = entry.message
             payload = entry.payload()
-            limit = self._packet_limit()[0]
+            limit = self.packet_limit()[0]
             if (len(payload) + 4 * len(m.topic) > limit - _PACKET_OVERHEAD
                     and publish_size(len(m.topic.encode()), len(payload), m.qos,
                                      bus.protocol == aiomqtt.ProtocolVersion.V5) > limit):

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
+
+import orjson
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import load_driver
 from devices.errors import DriverNotFound
 from devices.ids import DeviceId
+from devices.values import PropertyType
 from eventbus import payloads
 from eventbus.topics import Topics
 from twin.records import GOOD, OUT_OF_RANGE, Reading
@@ -20,6 +23,14 @@ log = logging.getLogger("mapper.telemetry")
 
 
 _NOTHING = object()
+
+# A state view left out for the broker's packet limit is said again at most this often while it lasts.
+OVERSIZE_LOG_INTERVAL_S = 600.0
+# Bytes a PUBLISH packet of the state view has besides its payload and topic, at least (fixed header,
+# remaining length, topic length, message id) and at most (up to 4 bytes of remaining length, MQTT 5's
+# property length); and what its `seq` adds to the body's JSON, at least (`,"seq":1`) and at most.
+_PACKET_LEAST, _PACKET_MOST = 6, 10
+_SEQ_LEAST, _SEQ_MOST = 8, 27
 
 # (definition, topic, qos, retain, fed by change events, the body of its messages, published at all,
 # the body of its out-of-range readings' messages)
@@ -44,7 +55,9 @@ class Telemetry:
     once when a change-driven property published. With readings still coming, the retained
     state is never older than the interval plus one collect cycle. A change of the device's
     state sends it from the event bus (`state_message`; EventBusExtension._on_state): at once,
-    then at most once per interval with the latest state, whatever the readings' pace.
+    then at most once per interval with the latest state, whatever the readings' pace. A view
+    larger than the broker's packet limit (`packet_limit`) is left out, said in the log
+    (`_over_limit`): it could never be delivered.
 
     The same report points (a reading published or counted, above) note a value that differs
     from its property's last twin document (`documents`, when the event bus serves KubeEdge's
@@ -58,8 +71,9 @@ class Telemetry:
     """
 
     def __init__(self, topics: Topics, definitions: dict[DeviceId, DeviceDefinition], *,
-                 state_interval_ms: int = 0) -> None:
+                 state_interval_ms: int = 0, clock: Callable[[], float] = time.monotonic) -> None:
         self.topics = topics
+        self._clock = clock  # (of the errors of state views left out, _over_limit)
         self.state_interval_ms = state_interval_ms
         self._state_sent: dict[DeviceId, int] = {}  # reading time of each device's last state message
         self._definitions = definitions
@@ -80,6 +94,14 @@ class Telemetry:
         # The event bus takes it after each batch. Costs a due reading a lookup, none other.
         self.documents: dict[DeviceId, list[str]] | None = None
         self._documented: dict[tuple[DeviceId, str], Any] = {}
+        # The broker's packet limit and what says so (OutboxPublisher.packet_limit), set by the event
+        # bus: a state view certainly larger is left out (_over_limit). None: views are not checked.
+        self.packet_limit: Callable[[], tuple[int, str]] | None = None
+        # device -> (bytes its state view takes at most besides its text values, its text properties):
+        # built once per definition (_view_bounds).
+        self._view_bounds: dict[DeviceId, tuple[int, tuple[str, ...]]] = {}
+        # Devices whose state view is left out, and when that was last said (`clock`).
+        self._oversize: dict[DeviceId, float] = {}
 
     def documented_at_start(self, values: dict[tuple[DeviceId, str], Any]) -> None:
         """The twin's reported values at the start, as the event bus's baselines for `last` are:
@@ -106,6 +128,9 @@ class Telemetry:
         old = self._definitions
         self._definitions = value
         self._routes.clear()
+        self._view_bounds.clear()
+        for device in [d for d in self._oversize if d not in value]:
+            del self._oversize[device]  # (a removed device's last view, `offline`, is checked again)
         now = time.time_ns() // 1_000_000
         for device, before in old.items():
             definition = value.get(device)
@@ -289,4 +314,84 @@ class Telemetry:
         body: dict[str, Any] = {name: value for name, (value, _) in latest.items()}
         body["ts"] = max(taken for _, taken in latest.values())
         body["state"] = state or self._states.get(device, "unknown")
-        return OutMessage(self.topics.device_state(device), body, retain=True, kind="state")
+        topic = self.topics.device_state(device)
+        if self.packet_limit is not None and self._over_limit(device, topic, body):
+            return None
+        return OutMessage(topic, body, retain=True, kind="state")
+
+    def _over_limit(self, device: DeviceId, topic: str, body: dict[str, Any]) -> bool:
+        """Whether a state view is certainly larger than the broker takes (a device of many long
+        STRING values: up to 64 KiB each, set over MQTT). Such a view is left out, with an error
+        (at once, then every OVERSIZE_LOG_INTERVAL_S while it lasts): it used to be committed to the
+        twin's outbox at every state_interval_ms, only for the publisher to drop it as
+        undeliverable, megabytes a second written to a Pi's SD card for nothing. A view near the
+        limit (within what its `seq` and the packet's header may add) goes on to the publisher,
+        which drops it, once, if it is over after all. Costs a view the sum of its text values'
+        lengths; it is encoded here only when those could be over the limit and are not surely so."""
+        assert self.packet_limit is not None
+        limit, source = self.packet_limit()
+        bounds = self._view_bounds.get(device) or self._view_bounds_of(device)
+        fixed, texts = bounds
+        text = 0
+        for name in texts:
+            value = body.get(name)
+            if value.__class__ is str:
+                text += len(value)
+        # (A JSON string takes at most 6 bytes a character: `\u001f`; a topic's UTF-8 at most 4.)
+        most = fixed + 6 * (text + len(body["state"])) + _SEQ_MOST + 4 * len(topic) + _PACKET_MOST
+        if fixed >= 0 and most <= limit:
+            if self._oversize:
+                self._fits_again(device)
+            return False
+        # Each text value takes at least its length: only when that is under the limit is the view encoded.
+        exact = text <= limit
+        size = len(orjson.dumps(body)) if exact else text
+        packet = size + _SEQ_LEAST + len(topic.encode()) + _PACKET_LEAST
+        if packet <= limit:
+            if self._oversize:
+                self._fits_again(device)
+            return False
+        now = self._clock()
+        said = self._oversize.get(device)
+        if said is None or now - said >= OVERSIZE_LOG_INTERVAL_S:
+            self._oversize[device] = now
+            largest = sorted(((-len(v), n) for n, v in body.items() if n not in ("ts", "state") and isinstance(v, str)))
+            shown = ", ".join(f"{n} ({-length} characters)" for length, n in largest[:3])
+            more = f" and {len(largest) - 3} more" if len(largest) > 3 else ""
+            log.error("%s: its state view is left out: its packet on %s would be %s%d bytes, over the broker's "
+                      "packet limit of %d bytes (%s). Its longest values: %s%s. Its readings are still recorded in the "
+                      "twin and published on their own topics (those that are published); the broker keeps the last "
+                      "state view it took. Shorten those values, or give the device fewer long STRING properties, or "
+                      "raise the broker's max_packet_size (and mqtt.max_packet_bytes with it); said again every %d "
+                      "minutes while it lasts", device, topic, "" if exact else "at least ", packet, limit,
+                      source, shown or "none", more, OVERSIZE_LOG_INTERVAL_S // 60)
+        return True
+
+    @property
+    def views_over_limit(self) -> int:
+        """The devices whose state view is left out now (_over_limit): systemd's status line."""
+        return len(self._oversize)
+
+    def _fits_again(self, device: DeviceId) -> None:
+        if self._oversize.pop(device, None) is not None:
+            log.info("%s: its state view fits the broker's packet limit again and goes out", device)
+
+    def _view_bounds_of(self, device: DeviceId) -> tuple[int, tuple[str, ...]]:
+        """(The bytes a device's state view takes at most as JSON besides its text values and its
+        state, -1 when its definition is gone; its properties that may hold text.)"""
+        definition = self._definitions.get(device)
+        if definition is None:
+            bounds: tuple[int, tuple[str, ...]] = (-1, tuple(n for n in self._latest.get(device, {})))
+        else:
+            fixed = 2 + len('"ts":,"state":""') + 20  # braces, the ts and the state's quotes
+            texts = []
+            for prop in definition.properties:
+                fixed += 6 * len(prop.name) + 4  # its name, quoted, a colon and a comma
+                if prop.type.numeric or prop.type is PropertyType.BOOLEAN:
+                    fixed += 32  # a number (orjson: at most 24 characters) or a boolean
+                else:
+                    fixed += 2  # the quotes of a text value (counted apart)
+                    texts.append(prop.name)
+            bounds = (fixed, tuple(texts))
+        self._view_bounds[device] = bounds
+        return bounds

@@ -97,13 +97,14 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
                 rejected_messages: int = 0, *, not_run: int = 0, readings_dropped: int = 0, undeliverable: int = 0,
-                subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None,
+                views_left_out: int = 0, subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None,
                 broker_down: str | None = None) -> str:
     """`5 devices: 2 ok, 1 unhealthy, 2 not run (invalid, or waiting for their model or a resource); outbox 12
-    queued, 5 dropped (outbox limits); 120 readings dropped (twin not writable); 3 messages undeliverable; 4 MQTT
-    messages refused; broker refused subscription(s) to mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves
-    this node: host 'pi2', pid 812, ... (see the log); MQTT broker not connected since 2026-11-30 21:24:08Z:
-    [code:135] Not authorized (see the log)` (pure, for STATUS=). `not_run`: the devices an extension keeps but
+    queued, 5 dropped (outbox limits); 120 readings dropped (twin not writable); 3 messages undeliverable; state view
+    of 1 device over the broker's packet limit, not sent (see the log); 4 MQTT messages refused; broker refused
+    subscription(s) to mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ...
+    (see the log); MQTT broker not connected since 2026-11-30 21:24:08Z: [code:135] Not authorized (see the log)`
+    (pure, for STATUS=). `not_run`: the devices an extension keeps but
     does not run (MapperService.not_run, KubeEdge's), announced `offline` as the refused ones."""
     from mapper.service import NOT_RUN_WHY
 
@@ -123,6 +124,9 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
         text += f"; {readings_dropped} reading{'s' if readings_dropped != 1 else ''} dropped (twin not writable)"
     if undeliverable:  # since the twin was created: refused by the broker, or over its packet limit
         text += f"; {undeliverable} message{'s' if undeliverable != 1 else ''} undeliverable"
+    if views_left_out:  # now (eventbus.telemetry.Telemetry._over_limit): its error is logged every 10 minutes only
+        text += (f"; state view of {views_left_out} device{'s' if views_left_out != 1 else ''} over the broker's "
+                 "packet limit, not sent (see the log)")
     if rejected_messages:  # the log shows only a few a minute (mapper.logs.Throttle): the total is here
         text += f"; {rejected_messages} MQTT message{'s' if rejected_messages != 1 else ''} refused"
     if subscriptions_refused := list(subscriptions_refused):  # what is sent there never comes (MqttBus._check_granted)
@@ -274,6 +278,7 @@ class SystemdExtension:
         publisher = getattr(service.bus, "publisher", None)
         bus = getattr(service.bus, "bus", None)
         instance = getattr(service.bus, "instance", None)
+        telemetry = getattr(service.bus, "telemetry", None)
         other = instance.current_other() if instance is not None else None
         broker_down = None
         if bus is not None and bus.down_since is not None and not bus.connected.is_set():
@@ -282,6 +287,7 @@ class SystemdExtension:
         return status_line(states, len(service.refused), outbox, rejected, not_run=len(service.not_run),
                            readings_dropped=before.get("readings_dropped", 0) + (recorder.dropped if recorder else 0),
                            undeliverable=before.get("outbox_undeliverable", 0) + (publisher.undeliverable if publisher else 0),
+                           views_left_out=telemetry.views_over_limit if telemetry is not None else 0,
                            subscriptions_refused=bus.refused_subscriptions if bus else (),
                            other_mapper=other.describe() if other is not None else None,
                            broker_down=broker_down)

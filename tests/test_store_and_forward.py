@@ -18,7 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from brokers import MosquittoBroker, ensure_mosquitto_installed, stop_loop
-from helpers import wait_for, write_devices
+from helpers import one_property_device, wait_for, write_devices
 from mapper_proc import MapperProcess
 from test_availability import FLAPPY
 from eventbus.publisher import LOSSES_OVER_LIMIT
@@ -342,6 +342,51 @@ def test_a_message_over_a_limit_the_broker_never_announced_is_dropped_after_a_fe
         while True:
             assert app.messages.get_nowait().topic != big
     assert outbox_depth(mapper.twin_path) == 0
+
+
+def test_a_state_view_over_the_brokers_packet_limit_is_not_queued_at_every_interval(small_broker, tmp_path):
+    """A device whose state view is larger than the broker takes (many long STRING values: each may be
+    64 KiB) had the view built, committed to the twin's outbox and dropped as undeliverable at every
+    mqtt.state_interval_ms: megabytes a second written to a Pi's SD card for nothing (a probe of 170
+    such values: ~10 MB/s), and one ERROR a second from the publisher. Now the view is left out
+    before it is queued, with one error naming the device, the sizes and what to change; its
+    readings still reach the twin, and a device whose view fits still gets it."""
+    node = "bigview"
+    devices = write_devices(tmp_path / "devices", ["lamp"])
+    (devices / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: note, type: STRING, accessMode: ReadOnly}", "{kind: constant, value: '%s'}" % ("n" * 400),
+        settings="collectCycle: 200\nreportCycle: 200\nreportToCloud: false"))
+    # (The limit known from the start, as the broker announces it later: no view queued before the CONNACK.)
+    mapper = MapperProcess(tmp_path, devices, small_broker, node=node,
+                           extra=f"  reading_documents: false\n  max_packet_bytes: {SMALL_PACKET}\n")
+    probe_state, lamp_state = f"mapper/{node}/default/probe/state", f"mapper/{node}/default/lamp/state"
+
+    def notes_recorded() -> int:
+        with sqlite3.connect(mapper.twin_path) as db:
+            return db.execute("SELECT count(*) FROM readings WHERE device_id='default/probe' AND property='note'"
+                              ).fetchone()[0]
+
+    with small_broker.client("app") as app:
+        assert not app.subscribe(f"mapper/{node}/default/+/state").is_failure
+        with mapper:
+            wait_for(lambda: app.messages.get(timeout=10).topic == lamp_state, what="the lamp's state view")
+            # 3 s of the probe's readings: 3 state intervals.
+            wait_for(lambda: notes_recorded() >= 15, timeout=20, what="the probe's readings in the twin")
+            assert mapper.stop() == 0
+        log = mapper.log()
+    assert "Traceback" not in log
+    with sqlite3.connect(mapper.twin_path) as db:
+        seqs = committed_seqs(db)
+        undeliverable = _counter(db, "outbox_undeliverable")
+    assert probe_state not in seqs and undeliverable == 0, (seqs, undeliverable)  # never queued
+    assert seqs.get(lamp_state, 0) >= 3  # the lamp's view, which fits, went on
+    assert "dropped outbox message" not in log
+    said = [line for line in log.splitlines() if "state view is left out" in line]
+    assert len(said) == 1 and "ERROR" in said[0] and "default/probe" in said[0], said
+    assert f"over the broker's packet limit of {SMALL_PACKET} bytes" in said[0] and "note (400 characters)" in said[0]
+    assert "max_packet_size" in said[0] and "Shorten those values" in said[0]
+    while not app.messages.empty():
+        assert app.messages.get_nowait().topic != probe_state
 
 
 class CuttingProxy:

@@ -324,6 +324,9 @@ def test_status_line() -> None:
     assert status_line(["ok"], 0, None, 2, readings_dropped=1, undeliverable=1) == (
         "1 device: 1 ok; 1 reading dropped (twin not writable); 1 message undeliverable; 2 MQTT messages refused")
     assert status_line(["ok"], 0, None, 1) == "1 device: 1 ok; 1 MQTT message refused"
+    assert status_line(["ok", "ok"], 0, None, undeliverable=1, views_left_out=1) == (
+        "2 devices: 2 ok; 1 message undeliverable; state view of 1 device over the broker's packet limit, not sent "
+        "(see the log)")
     assert status_line(["ok"], 0, {"depth": 0}, 250) == "1 device: 1 ok; outbox 0 queued; 250 MQTT messages refused"
 
 

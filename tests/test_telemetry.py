@@ -330,3 +330,50 @@ async def test_a_mapper_whose_clock_goes_back_goes_on_publishing(tmp_path, broke
             await seen("the next state", lambda t, b: t == state and b["ts"] > first_state["ts"] + 500)
     finally:
         app.close()
+
+
+def test_a_state_view_over_the_packet_limit_is_left_out_with_one_error_until_it_fits(tmp_path, caplog):
+    """A view certainly larger than the broker takes (here a 400-character STRING against a 300-byte
+    limit) is not made: queued, it was committed to the twin at every interval only to be dropped as
+    undeliverable. One error says it (again after OVERSIZE_LOG_INTERVAL_S, not at every interval),
+    with the device, the sizes, the longest values and what to change; once the values are short
+    enough the view goes out again, said at INFO. A view whose worst case (every character escaped)
+    is over the limit but which fits goes out: only the encoded size decides."""
+    import logging
+
+    from eventbus.telemetry import OVERSIZE_LOG_INTERVAL_S
+
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: note, type: STRING, accessMode: ReadOnly}", "{kind: constant, value: x}",
+        settings="collectCycle: 100\nreportToCloud: false"))
+    now = [1000.0]
+    topics = Topics("n1")
+    telemetry = Telemetry(topics, load([devices]).devices, state_interval_ms=1000, clock=lambda: now[0])
+    telemetry.packet_limit = lambda: (300, "a test limit")
+    probe = DeviceId("default", "probe")
+
+    def views(note: str, seconds: int, start: int) -> list[dict]:
+        out = []
+        for k in range(seconds * 10):
+            now[0] += 0.1
+            for m in telemetry([Reading(probe, "note", note, start + 100 * k)]):
+                assert m.topic == topics.device_state(probe)
+                out.append(m.body)
+        return out
+
+    caplog.set_level(logging.INFO, logger="mapper.telemetry")
+    assert views("n" * 400, 5, 1_000_000) == []
+    said = [r for r in caplog.records if "state view is left out" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.ERROR, said
+    text = said[0].getMessage()
+    assert text.startswith("default/probe: its state view is left out: its packet on mapper/n1/default/probe/state")
+    assert "over the broker's packet limit of 300 bytes (a test limit)" in text and "note (400 characters)" in text
+    assert "Shorten those values" in text and "max_packet_size" in text
+    now[0] += OVERSIZE_LOG_INTERVAL_S
+    assert views("n" * 400, 1, 1_010_000) == []
+    assert len([r for r in caplog.records if "state view is left out" in r.getMessage()]) == 2  # said again, later
+    # 100 control characters: 600 bytes if each were escaped as \u00XX, 200 as they are (\n).
+    assert [v["note"] for v in views("\n" * 100, 2, 1_020_000)] == ["\n" * 100] * 2
+    assert "fits the broker's packet limit again" in caplog.text
