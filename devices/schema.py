@@ -34,15 +34,21 @@ def _namespace(value: str) -> str:
     return value
 
 
-# Device-level topics share the shape of property topics (mapper/<node>/<ns>/<device>/<x>).
-RESERVED_PROPERTY_NAMES = frozenset({"state", "availability"})
+# Device-level topics share the shape of property topics (mapper/<node>/<ns>/<device>/<x>), and the
+# device's state view (`.../state`: {"<property>": value, ..., "ts", "state", "seq"}) has fields of its own.
+RESERVED_PROPERTY_NAMES = {
+    "state": "the device's own topic and its state view's field",
+    "availability": "the device's own topic",
+    "ts": "its state view's field (the time of its newest reading)",
+    "seq": "its state view's field (the message's sequence number)",
+}
 
 
 def _property(value: str) -> str:
     if not ids.is_property_name(value):
         raise ValueError(f"{value!r} is not a valid property name ({ids.PROPERTY_RULE})")
     if value in RESERVED_PROPERTY_NAMES:
-        raise ValueError(f"{value!r} is reserved for the device's own topics: rename the property")
+        raise ValueError(f"{value!r} is reserved for {RESERVED_PROPERTY_NAMES[value]}: rename the property")
     return value
 
 

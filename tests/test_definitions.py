@@ -138,9 +138,10 @@ def test_names_kubernetes_takes_get_no_name_warning(tmp_path):
     assert not [w for w in load([tmp_path], base=tmp_path).warnings if "RFC 1123" in str(w)]
 
 
-@pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp", "state", "availability"])
+@pytest.mark.parametrize("prop", ["te+mp", "te#mp", "te/mp", "te mp", "state", "availability", "ts", "seq"])
 def test_property_names_that_would_break_topics_are_rejected(tmp_path, prop):
-    """Property names are topic segments too."""
+    """Property names are topic segments too, and keys of the device's state view beside its
+    own `ts`, `state` and `seq` (a property `ts` was overwritten there by the view's time)."""
     text = MODEL.format(model="thing-model").replace("name: temperature", f"name: '{prop}'")
     problems = problems_of(tmp_path, {"m.yaml": text})
     assert len(problems) == 1 and "m.yaml:9: spec.properties[0].name: " in problems[0]
