@@ -6,8 +6,9 @@
           ├── DriverNotFound (LookupError)   no driver installed for a protocol
           │    └── DriverBroken                one is registered, but its module cannot be imported
           ├── DriverTimeout                   the device did not answer in time (or a call to it still runs)
-          ├── ReadError                       a read failed; `retryable` says whether to try again
-          └── WriteError                      a write failed or is not allowed
+          ├── ReadError                       a read failed
+          └── WriteError                      a write failed (written again later), or `retryable=False`:
+                                              the device can never take this value (not written again)
 """
 
 from __future__ import annotations
@@ -103,6 +104,10 @@ class DriverBroken(DriverNotFound):
 
 
 class ReadError(DriverError):
+    """A read failed: recorded as an error reading, counted towards `unhealthy`. The device loop
+    reads again on its cycle (or back-off) whatever `retryable` says: it tells a caller of the
+    driver (a test, a tool) whether the same read could succeed later."""
+
     def __init__(self, message: str, *, retryable: bool = True) -> None:
         self.retryable = retryable
         super().__init__(message)
@@ -116,4 +121,12 @@ class NotReady(ReadError):
 
 
 class WriteError(DriverError):
-    pass
+    """A write failed. Retryable (the default: the bus did not answer), the desired value stays
+    pending and is written again on a back-off. `retryable=False`: the device can never take this
+    value (a setting it does not have), so it is refused for good, as a value outside the model's
+    range is: its error is stored in the twin and told to the apply listeners once, and it is not
+    written again."""
+
+    def __init__(self, message: str, *, retryable: bool = True) -> None:
+        self.retryable = retryable
+        super().__init__(message)

@@ -20,8 +20,8 @@ device's retry back-off, capped by `loop.max_backoff_s`: a device that stays bro
 write attempt per property every 15 to 30 s by default), after a reload, and at the next start
 (a pending value is applied there, never replaced by a boot value). A retry that fails again
 with the same error changes nothing in the twin and tells no listener again. A value the
-device's definition refuses (out of range, a property removed) is not retried: it can never be
-written. A write whose read-back differs is written, not retried; its error goes once a later
+device's definition refuses (out of range, a property removed), or the driver refuses for good
+(`WriteError(retryable=False)`), is not retried: it can never be written. A write whose read-back differs is written, not retried; its error goes once a later
 reading equals the desired value (TwinStore's fold).
 
 At start (and after every re-open) a writable property with a `boot_value` (a GPIO output's
@@ -50,7 +50,7 @@ from typing import Any
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
-from devices.errors import DriverError, DriverTimeout, NotReady
+from devices.errors import DriverError, DriverTimeout, NotReady, WriteError
 from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
@@ -670,6 +670,11 @@ class DeviceRunner:
                     # would show the relay as it was before a write that has finished).
                     self._last_read.pop(name, None)
                     await self._call(self.driver.write, prop, value)
+            except WriteError as exc:
+                if exc.retryable:
+                    error, failed = f"write failed: {exc}", True
+                else:  # the device can never take this value: done with, as a definition's refusal
+                    error = f"write refused by the driver: {exc}"
             except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
                 error, failed = f"write failed: {exc}", True
             else:

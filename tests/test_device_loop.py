@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 
@@ -743,6 +744,47 @@ async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_wh
                 assert (prop.desired, prop.reported, prop.apply_error, prop.delta) == (True, True, None, False)
                 assert results[-1] == ("power", version, None)
             assert driver.read(runner.definition.prop("power")) is True
+
+
+async def test_a_value_the_driver_refuses_for_good_is_not_written_again(tmp_path):
+    """A driver raising WriteError(retryable=False) says the device can never take this value (a
+    setting it does not have): the value is done with, its error stored and told to the listeners
+    once, no retry timer is requested, and it is not pending (nor written again at the next start).
+    A later value is written as usual."""
+    from devices.errors import WriteError
+
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    results: list[tuple[str, int, str | None]] = []
+
+    def listen(service):  # noqa: ANN001, ANN202
+        async def on_applied(change, error) -> None:  # noqa: ANN001
+            results.append((change.property, change.version, error))
+        service.applied_listeners.append(on_applied)
+
+    with retry_timers("count") as (delays, _fired):
+        async with running_service(config, prepare=listen) as service:
+            driver = service.runners[GOOD1].driver
+            original = driver.write
+            writes: list[object] = []
+
+            def write(prop, value):  # noqa: ANN001, ANN202
+                writes.append(value)
+                if prop.name == "count" and value == 3:
+                    raise WriteError("the counter takes 1, 2, 4 or 8, not 3", retryable=False)
+                return original(prop, value)
+
+            driver.write = write
+            with reader(config) as twin:
+                _, version = twin.set_desired(GOOD1, "count", 3)
+                await async_wait_for(lambda: ("count", version, mock.ANY) in results, what="the refusal told")
+                prop = twin.device(GOOD1).properties["count"]
+                assert prop.apply_error == "write refused by the driver: the counter takes 1, 2, 4 or 8, not 3"
+                assert results == [("count", version, prop.apply_error)]
+                assert twin.pending_desired() == [] and delays == []
+                _, newer = twin.set_desired(GOOD1, "count", 4)
+                await async_wait_for(lambda: ("count", newer, None) in results, what="the next value written")
+    assert writes == [3, 4] and delays == []
 
 
 async def test_a_failed_value_is_written_once_when_the_device_recovers_during_its_own_retry(tmp_path):
