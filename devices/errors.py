@@ -97,7 +97,8 @@ class DriverBroken(DriverNotFound):
         self.protocol = protocol
         source = f", from package {package}" if package else ""
         # The entry point and the import error, as a list of the protocols shows them.
-        self.why = f"{target}{source}: {type(exc).__name__}: {exc}"
+        self.error = f"{type(exc).__name__}: {exc}"
+        self.why = f"{target}{source}: {self.error}"
         DriverError.__init__(
             self, f"the driver for protocol {protocol!r} is registered ({target}{source}) but cannot be loaded: "
             f"{type(exc).__name__}: {exc}; reinstall or fix the package that provides it")

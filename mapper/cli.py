@@ -1206,6 +1206,47 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
     return 0
 
 
+def _driver_traits(driver: Any) -> dict[str, Any]:
+    """What the device loop does with a driver class: threads and timeout, whether it writes."""
+    from devices.drivers import Driver
+
+    return {"blocking": bool(driver.blocking), "timeoutS": float(driver.timeout_s),
+            "writes": driver.write is not Driver.write or driver.can_write.__func__ is not Driver.can_write.__func__}
+
+
+def cmd_drivers(args: argparse.Namespace) -> int:
+    """Every protocol with the entry point that runs it: a driver's author sees theirs is found."""
+    from devices.drivers.base import listing
+
+    listed, unused = listing()
+    if args.json:
+        print(orjson.dumps({
+            "drivers": [{"protocol": d.protocol, "driver": d.target, "package": d.package, "version": d.version,
+                         "builtin": d.builtin, "error": d.error,
+                         **(_driver_traits(d.driver) if d.driver is not None else {})} for d in listed],
+            "ignored": [{"protocol": u.protocol, "driver": u.target, "package": u.package, "why": u.why}
+                        for u in unused]}).decode())
+        return 1 if any(d.error for d in listed) else 0
+    protocol_width = max(len("protocol"), *(len(d.protocol) for d in listed))
+    target_width = max(len("driver"), *(len(d.target) for d in listed))
+    print(f"{'protocol':<{protocol_width}}  {'driver':<{target_width}}  from")
+    for d in listed:
+        source = "built in" if d.builtin else " ".join(filter(None, (d.package or "an unnamed package", d.version)))
+        if d.error is not None:
+            source += f": cannot be loaded: {d.error}"
+        else:
+            traits = _driver_traits(d.driver)
+            notes = [f"blocking, timeout {traits['timeoutS']:g} s" if traits["blocking"] else "",
+                     "writes" if traits["writes"] else ""]
+            if any(notes):
+                source += f" ({', '.join(filter(None, notes))})"
+        print(f"{d.protocol:<{protocol_width}}  {d.target:<{target_width}}  {source}")
+    for u in unused:
+        print(f"not used: {u.package} registers protocol {u.protocol!r} ({u.target}), {u.why}:"
+              " register the driver under another name")
+    return 1 if any(d.error for d in listed) else 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
@@ -1395,6 +1436,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
     d.add_argument("--json", action="store_true", help=JSON_HELP)
     d.set_defaults(fn=cmd_devices)
+
+    dr = _command(sub, "drivers", "list the drivers installed, built in and from packages (the mapper.drivers entry"
+                  " points), and any that cannot be loaded: exit 1 then")
+    dr.add_argument("--json", action="store_true", help=JSON_HELP)
+    dr.set_defaults(fn=cmd_drivers)
 
     w = _command(sub, "cloud-worker", "answer offloaded inference requests with cloud.onnx (MQTT 5 shared"
                  " subscription)")

@@ -71,6 +71,50 @@ def test_every_command_and_argument_says_what_it_is_in_its_help():
     assert "first steps:" in mapper("--help").stdout
 
 
+def test_drivers_lists_each_protocol_with_its_entry_point_package_and_why_one_cannot_load(tmp_path):
+    """A third party who installed a driver had no way to see it registered: `mapper validate` said
+    nothing about a device whose driver loads, and a driver that cannot be imported, or one named
+    like a built-in (not used), showed only once a device named it, or in the log. `mapper drivers`
+    lists every protocol with its entry point and the package (and version) it comes from, each
+    that cannot be loaded with why, and each entry point not used; exit 1 when one cannot be loaded."""
+    site = tmp_path / "site"
+    (site / "acme_bus").mkdir(parents=True)
+    (site / "acme_bus" / "__init__.py").write_text(
+        "from devices.drivers import Driver\n\n\nclass AcmeDriver(Driver):\n    protocol = 'acme'\n"
+        "    blocking = True\n    timeout_s = 1.5\n\n    def write(self, prop, value):\n        pass\n")
+    dist_info(site, "mapper-acme", "0.3.1", entry_points_txt="[mapper.drivers]\nacme = acme_bus:AcmeDriver\n"
+              "simulated = acme_bus:AcmeDriver\n")
+    dist_info(site, "mapper-modbus", "1.0", entry_points_txt="[mapper.drivers]\nmodbus = mapper_modbus:ModbusDriver\n")
+    env = {"PYTHONPATH": str(site)}
+    twice = tmp_path / "twice"  # a second package registering `acme`: one of the two is used, the other said
+    dist_info(twice, "acme-fork", "2.0", entry_points_txt="[mapper.drivers]\nacme = acme_fork:AcmeDriver\n")
+    both = mapper("drivers", env={"PYTHONPATH": f"{site}:{twice}"}).stdout
+    assert ("not used: mapper-acme registers protocol 'acme' (acme_bus:AcmeDriver), acme-fork registers it too,"
+            " and that one is used" in both) != ("not used: acme-fork registers protocol 'acme' (acme_fork:AcmeDriver),"
+                                                 " mapper-acme registers it too, and that one is used" in both), both
+    listed = mapper("drivers", env=env)
+    assert listed.returncode == 1, listed
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == ["protocol", "driver", "from"], lines
+    rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("not used: ")}
+    assert set(rows) == {"acme", "dht", "gpio", "modbus", "replay", "simulated"}, lines
+    assert rows["acme"].split() == ["acme", "acme_bus:AcmeDriver", "mapper-acme", "0.3.1", "(blocking,",
+                                    "timeout", "1.5", "s,", "writes)"], rows["acme"]
+    assert rows["simulated"].split()[1:4] == ["devices.drivers.simulated:SimulatedDriver", "built", "in"]
+    assert rows["modbus"].split()[1:4] == ["mapper_modbus:ModbusDriver", "mapper-modbus", "1.0:"], rows["modbus"]
+    assert "cannot be loaded: ModuleNotFoundError: No module named 'mapper_modbus'" in rows["modbus"]
+    assert ("not used: mapper-acme registers protocol 'simulated' (acme_bus:AcmeDriver), a built-in name:"
+            " register the driver under another name") in listed.stdout, listed.stdout
+    as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
+    acme = next(d for d in as_json["drivers"] if d["protocol"] == "acme")
+    assert acme == {"protocol": "acme", "driver": "acme_bus:AcmeDriver", "package": "mapper-acme",
+                    "version": "0.3.1", "builtin": False, "error": None, "blocking": True, "timeoutS": 1.5,
+                    "writes": True}
+    assert as_json["ignored"] == [{"protocol": "simulated", "driver": "acme_bus:AcmeDriver",
+                                   "package": "mapper-acme", "why": "a built-in name"}]
+    assert mapper("drivers").returncode == 0  # the built-in ones alone all load
+
+
 def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))

@@ -39,6 +39,7 @@ import importlib
 import logging
 import site
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from importlib.metadata import Distribution, entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -231,6 +232,56 @@ def _protocols() -> tuple[list[str], dict[str, DriverBroken]]:
         else:
             loadable.append(protocol)
     return loadable, broken
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One protocol as `mapper drivers` shows it: the entry point that runs it and where it comes from."""
+
+    protocol: str
+    target: str  # `module:Class`
+    builtin: bool
+    package: str | None  # the distribution registering it (None for a built-in)
+    version: str | None
+    driver: type[Driver] | None  # None when it cannot be loaded ...
+    error: str | None  # ... and why
+
+
+@dataclass(frozen=True, slots=True)
+class Unused:
+    """An entry point that is not used: named like a built-in, or a second one for a protocol."""
+
+    protocol: str
+    target: str
+    package: str
+    why: str
+
+
+def listing() -> tuple[list[Listed], list[Unused]]:
+    """Every protocol (built in or registered), each driver imported to tell whether it loads, and
+    the entry points not used, for a driver's author to see theirs is found (`mapper drivers`)."""
+    registered = _entry_points(refresh=True)
+    listed: list[Listed] = []
+    for protocol in sorted({*_BUILTIN, *registered}):
+        builtin = protocol in _BUILTIN
+        target = _BUILTIN.get(protocol) or registered[protocol]
+        dist = None if builtin else _distributions.get(protocol)
+        package = None if builtin else (_packages.get(protocol) or None)
+        version = getattr(dist, "version", None)
+        try:
+            driver, error = _import_driver(protocol, target), None
+        except DriverBroken as exc:
+            driver, error = None, exc.error
+        listed.append(Listed(protocol, target, builtin, package, version, driver, error))
+    unused: list[Unused] = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        package = getattr(ep.dist, "name", None) or "a package"
+        if ep.name in _BUILTIN and ep.value != _BUILTIN[ep.name]:
+            unused.append(Unused(ep.name, ep.value, package, "a built-in name"))
+        elif ep.name not in _BUILTIN and ep.value != registered.get(ep.name):
+            unused.append(Unused(ep.name, ep.value, package,
+                                 f"{_packages.get(ep.name) or 'another package'} registers it too, and that one is used"))
+    return listed, unused
 
 
 def load_driver(protocol: str) -> type[Driver]:
