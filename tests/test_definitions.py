@@ -986,6 +986,34 @@ def test_a_third_party_driver_named_like_a_built_in_does_not_replace_it(tmp_path
     assert "gpio-driver" in clashes[0] and "gpio_driver:Gpio" in clashes[0]
 
 
+def test_a_protocol_two_packages_register_is_said_naming_both_and_the_one_used(tmp_path, monkeypatch, caplog):
+    """Two installed packages registering the same protocol (a fork next to the original): one of
+    them drove its devices, picked by the order of the installed metadata, without a word. It is
+    logged once, naming both packages and entry points and the one used."""
+    import logging
+
+    from devices.drivers import base
+
+    install_plugin(tmp_path / "a", monkeypatch, "acme",
+                   "from devices.drivers import Driver\nclass Acme(Driver):\n    protocol = 'acme'\n")
+    fork = tmp_path / "b"
+    (fork / "acme_fork").mkdir(parents=True)
+    (fork / "acme_fork" / "__init__.py").write_text("from devices.drivers import Driver\nclass Acme(Driver):\n    pass\n")
+    dist_info(fork, "acme-fork", "2.0", entry_points_txt="[mapper.drivers]\nacme = acme_fork:Acme\n")
+    monkeypatch.syspath_prepend(str(fork))
+    monkeypatch.setattr(base, "_registered", None)
+    monkeypatch.setattr(base, "_clashes_logged", set(), raising=False)
+    with caplog.at_level(logging.WARNING, logger="mapper.drivers"):
+        used = base.load_driver("acme")
+        base.available_protocols()  # rereads the registry: not warned about again
+    twice = [r.getMessage() for r in caplog.records if "registered twice" in r.getMessage()]
+    assert len(twice) == 1, [r.getMessage() for r in caplog.records]
+    chosen = "acme-fork (acme_fork:Acme)" if used.__module__ == "acme_fork" else "acme-driver (acme_driver:Acme)"
+    assert twice[0] == (
+        "protocol 'acme' is registered twice, by acme-driver (acme_driver:Acme) and by acme-fork (acme_fork:Acme);"
+        f" {chosen} is used: uninstall the other package, or register one under another name")
+
+
 def test_a_name_ending_in_a_newline_is_refused(tmp_path):
     """A block scalar (`name: |`) or a quoted "\\n" ends a name in a newline, which would then be
     part of every MQTT topic and twin key of the device. Before, the checks matched with `$`,

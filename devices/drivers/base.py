@@ -176,8 +176,9 @@ _packages: dict[str, str] = {}
 _distributions: dict[str, Distribution] = {}
 # The .pth files already added that way: each is read at most once per process.
 _pth_added: set[Path] = set()
-# (protocol, target) of third-party entry points named like a built-in, already warned about.
-_clashes_logged: set[tuple[str, str]] = set()
+# (protocol, target) of third-party entry points named like a built-in, and (protocol, targets) of
+# protocols two packages register, already warned about.
+_clashes_logged: set[tuple[str, Any]] = set()
 
 
 def _entry_points(refresh: bool = False) -> dict[str, str]:
@@ -194,6 +195,7 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
         _registered = {ep.name: ep.value for ep in found}
         _packages = {ep.name: getattr(ep.dist, "name", None) or "" for ep in found}
         _distributions = {ep.name: ep.dist for ep in found if ep.dist is not None}
+        _warn_registered_twice(found)
         for ep in found:
             builtin = _BUILTIN.get(ep.name)
             if builtin is not None and ep.value != builtin and (ep.name, ep.value) not in _clashes_logged:
@@ -203,6 +205,26 @@ def _entry_points(refresh: bool = False) -> dict[str, str]:
                             " built-in driver is used: register the driver under another name", package,
                             ep.name, ep.value, ep.name)
     return _registered
+
+
+def _warn_registered_twice(found: Iterable[Any]) -> None:
+    """Log, once per clash, a protocol two packages register: only one of them runs its devices
+    (the one read last), which no message said."""
+    by_name: dict[str, list[Any]] = {}
+    for ep in found:
+        if ep.name not in _BUILTIN:
+            by_name.setdefault(ep.name, []).append(ep)
+    for name, eps in by_name.items():
+        targets = {ep.value for ep in eps}
+        if len(targets) < 2 or (name, tuple(sorted(targets))) in _clashes_logged:
+            continue
+        _clashes_logged.add((name, tuple(sorted(targets))))
+
+        def shown(ep: Any) -> str:
+            return f"{getattr(ep.dist, 'name', None) or 'a package'} ({ep.value})"
+        listed = sorted(shown(ep) for ep in eps)
+        log.warning("protocol %r is registered twice, by %s; %s is used: uninstall the other package, or register"
+                    " one under another name", name, " and by ".join(listed), shown(eps[-1]))
 
 
 def available_protocols() -> list[str]:
