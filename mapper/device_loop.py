@@ -372,7 +372,11 @@ class DeviceRunner:
                     return last[1], True, last[2]
                 raw = await self._call(self.driver.read, prop)
             taken = now_ms()
-            value = coerce(prop.type, raw)
+            try:
+                value = coerce(prop.type, raw)
+            except ValueError as exc:  # the driver's bug, or the model's type: say whose value it was
+                raise ValueError(f"{self.id}: the {self.definition.protocol} driver's read of {prop.name} returned"
+                                 f" {shown(raw, 100)}, not a {prop.type.value}: {exc}") from None
         except NotReady as exc:  # no value yet, and not a failure of its own (the last attempt was one)
             reading = Reading(self.id, prop.name, None, now_ms(), ERROR, str(exc))
             self._last_read[prop.name] = (time.monotonic(), reading, False)

@@ -787,6 +787,24 @@ async def test_a_value_the_driver_refuses_for_good_is_not_written_again(tmp_path
     assert writes == [3, 4] and delays == []
 
 
+async def test_a_read_returning_a_value_of_another_type_names_the_driver_and_the_value(tmp_path):
+    """A driver whose read() returned None (a branch without `return`) recorded the error `expected
+    a number, got NoneType`, which did not say that the driver's read returned it, nor for which
+    property. The reading's detail now names the driver, the property, the value and the type."""
+    devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        driver = service.runners[GOOD1].driver
+        original = driver.read
+        driver.read = lambda prop: None if prop.name == "temperature" else original(prop)
+        with reader(config) as twin:
+            prop = await async_wait_for(
+                lambda: (p := twin.device(GOOD1).properties["temperature"]).quality == "error" and p,
+                what="the failed read")
+    assert prop.quality_detail == ("default/good1: the simulated driver's read of temperature returned None,"
+                                   " not a FLOAT: expected a number, got NoneType"), prop.quality_detail
+
+
 async def test_a_failed_value_is_written_once_when_the_device_recovers_during_its_own_retry(tmp_path):
     """The retry's write succeeds and the device turns `ok` meanwhile (its read-back is the read
     that ends `unhealthy`; or a reload, or a read of the collect loop): that asks for the failed
