@@ -104,3 +104,25 @@ def test_the_readme_says_what_a_readwrite_property_of_a_driver_that_cannot_write
     rule = " ".join(_section(README.read_text(), "**ReadWrite needs a driver that writes.**", "\n- ").split())
     assert "runs as ReadOnly, with a warning at the model's `accessMode`" in rule, rule
     assert "is an error" not in rule, rule
+
+
+def test_the_readme_driver_test_runs_against_the_example_driver(tmp_path, monkeypatch):
+    """A driver's author had no word on how to test a driver without running the mapper. The
+    README's test, run as written against examples/drivers/mapper-bme280 installed as pip lays it out."""
+    import sys
+
+    from devices.drivers import base
+    from test_example_driver import EXAMPLE, install_example
+
+    section = README.read_text().split("## Adding a driver", 1)[1]
+    code = re.search(r"```python\n(# test_bme280.py.*?)```", section, flags=re.S).group(1)
+    site = Path(install_example(tmp_path / "site")["PYTHONPATH"])
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setattr(base, "_registered", None)  # read the registry with the example in it
+    monkeypatch.chdir(EXAMPLE)
+    namespace: dict = {}
+    try:
+        exec(compile(code, "README.md (a driver's own tests)", "exec"), namespace)  # noqa: S102
+        namespace["test_reads_and_writes"]()
+    finally:
+        sys.modules.pop("mapper_bme280", None)
