@@ -214,8 +214,8 @@ class DeviceRunner:
             return None
         age = asyncio.get_running_loop().time() - since
         return (f"{self.id}: {whose} has not returned yet, stuck in the {self.definition.protocol} driver for"
-                f" {age:.0f} s; no other call is made until it returns: fix the driver (or its bus), then restart"
-                " the mapper")
+                f" {age:.0f} s; no other call is made until it returns (a slow device: it may yet); if it never returns,"
+                " fix the driver (or its bus), then restart the mapper")
 
     async def _open(self) -> None:
         attempt = 0
