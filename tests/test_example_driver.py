@@ -85,6 +85,7 @@ def test_the_example_driver_runs_under_mapper_run(broker: MosquittoBroker, tmp_p
         app.subscribe(f"{prefix}/#")
         assert 15 <= next_value(app, f"{prefix}/temperature") <= 27
         assert 900 <= next_value(app, f"{prefix}/pressure") <= 1100
+        assert next_value(app, f"{prefix}/oversampling") == 2  # the file's configData, given by open()
         app.publish(f"{prefix}/oversampling/set", "4")
         while next_value(app, f"{prefix}/oversampling") != 4:
             pass
@@ -107,3 +108,9 @@ def test_the_example_driver_runs_under_mapper_run(broker: MosquittoBroker, tmp_p
                 "default/bme-stuck: its previous call has not returned yet, stuck in the bme280 driver for"), stuck
         assert proc.stop() == 0
     assert proc.log().count("write refused by the driver") == 1
+    # Started again, the chip is back at the file's setting (boot_value), and the twin says so.
+    with MapperProcess(tmp_path, devices, broker, env=env) as again:
+        again.wait_log("default/bme-room/oversampling: started in its boot state 2; the desired value 3")
+        with TwinStore.open(again.twin_path) as twin:
+            assert twin.device(DeviceId("default", "bme-room")).properties["oversampling"].desired == 2
+        assert again.stop() == 0

@@ -31,6 +31,9 @@ class Bme280Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)  # a misspelt key is an error at its line
     bus: int = Field(default=1, ge=0)  # /dev/i2c-1
     address: Literal[0x76, 0x77] = 0x76  # the two addresses a BME280 answers on (its SDO pin)
+    # The setting open() gives the chip, at every start: a desired value set over MQTT changes it
+    # until the next open (boot_value), this stays the file's.
+    oversampling: Literal[1, 2, 4, 8, 16] = 1
     stall_s: float = Field(default=0.0, ge=0)  # simulation: every read hangs this long
 
 
@@ -62,6 +65,7 @@ class Bme280Driver(Driver):
 
     def open(self) -> None:
         self.chip: SimulatedChip | None = SimulatedChip(self.config.address)  # a real driver: SMBus(self.config.bus)
+        self.chip.oversampling = self.config.oversampling  # the chip resets its setting: give it the file's
 
     def read(self, prop: PropertyDefinition) -> Any:
         if self.chip is None:
@@ -83,10 +87,10 @@ class Bme280Driver(Driver):
         return prop.visitor.field == "oversampling"  # a ReadWrite temperature runs as ReadOnly, with a warning
 
     def boot_value(self, prop: PropertyDefinition) -> Any:
-        # The chip resets its setting when it is opened: the twin is told so (a desired value
-        # applied before a restart is replaced by this one, with a warning), rather than showing
-        # a setting the chip no longer has.
-        return 1 if prop.visitor.field == "oversampling" else None
+        # open() sets the chip to the file's setting: the twin is told so (a desired value applied
+        # before a restart is replaced by it, with a warning) rather than showing one the chip
+        # no longer has.
+        return self.config.oversampling if prop.visitor.field == "oversampling" else None
 
     def close(self) -> None:
         self.chip = None  # a real driver closes its bus; safe to call twice
