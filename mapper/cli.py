@@ -1211,7 +1211,7 @@ def _driver_traits(driver: Any) -> dict[str, Any]:
     from devices.drivers import Driver
 
     return {"blocking": bool(driver.blocking), "timeoutS": float(driver.timeout_s),
-            "writes": driver.write is not Driver.write or driver.can_write.__func__ is not Driver.can_write.__func__}
+            "writes": driver.write is not Driver.write}  # (can_write may still leave some properties ReadOnly)
 
 
 def cmd_drivers(args: argparse.Namespace) -> int:
