@@ -594,3 +594,18 @@ def test_unhealthy_detail_summarises_the_failed_measurements(tmp_path: Path, wir
     assert "A full buffer was not returned" in detail
     assert driver.health() == "ok"
     assert driver.failures == {"checksum": 2, "incomplete": 1}
+
+
+def test_open_on_a_machine_blinka_knows_no_pins_of_says_what_to_do() -> None:
+    """On a laptop Blinka's `board` has no D pins at all: the error says this is no Raspberry Pi
+    (Blinka's board id) and how to try the device here (the simulated driver), not only 'no pin D4'."""
+    board = pytest.importorskip("board", reason="Blinka is not installed")
+    if hasattr(board, "D4"):
+        pytest.skip(f"Blinka knows this board's pins ({board.board_id})")
+    from devices.drivers.dht import board_pin
+
+    with pytest.raises(DriverError) as info:
+        board_pin(4)
+    message = str(info.value)
+    assert board.board_id in message and "not a Raspberry Pi" in message
+    assert "protocolName: simulated" in message

@@ -113,7 +113,15 @@ def board_pin(bcm: int) -> Any:
     try:
         return getattr(board, f"D{bcm}")
     except AttributeError:
-        raise DriverError(f"this board ({getattr(board, 'board_id', '?')}) has no pin D{bcm}") from None
+        board_id = getattr(board, "board_id", "?")
+        if not any(name[:1] == "D" and name[1:].isdigit() for name in dir(board)):
+            # A laptop or a PC (GENERIC_LINUX_PC): Blinka knows no GPIO pins here at all.
+            raise DriverError(
+                f"this machine is not a Raspberry Pi (Blinka detects board {board_id}, which has no GPIO pins),"
+                " so no DHT can be read here; to try the device on it, run it on the simulated driver"
+                " (protocolName: simulated, visitors configData {kind: temperature} and {kind: humidity},"
+                " as devices/examples/room-sensor.yaml)") from None
+        raise DriverError(f"this board ({board_id}) has no pin D{bcm}") from None
 
 
 def _import_library() -> Any:
