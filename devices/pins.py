@@ -82,6 +82,9 @@ class Pins(Protocol):
 
 _INSTALL_HINT = ("install the `pi` extra, or by hand `pip install rpi-lgpio` (64-bit Pi OS, Pi 4 and 5)"
                  " or `pip install RPi.GPIO` (32-bit Pi OS)")
+# Trying a Pi's device files on a laptop, installing RPi.GPIO does not help: the modelled wire does.
+_NOT_A_PI_HINT = ("on a machine that is not a Raspberry Pi, `pins: fake` in spec.protocol.configData runs the"
+                  " device over a simulated wire")
 
 
 class RPiGPIOPins:
@@ -105,9 +108,9 @@ class RPiGPIOPins:
             try:
                 import RPi.GPIO as gpio  # noqa: N813, PLC0415 - lazy: only a Pi has it
             except ImportError as exc:
-                raise PinUnavailable(f"RPi.GPIO is not importable ({exc}); {_INSTALL_HINT}") from exc
+                raise PinUnavailable(f"RPi.GPIO is not importable ({exc}); {_INSTALL_HINT}; {_NOT_A_PI_HINT}") from exc
             except RuntimeError as exc:  # RPi.GPIO raises this when not on a Pi
-                raise PinUnavailable(f"RPi.GPIO refused to load: {exc}") from exc
+                raise PinUnavailable(f"RPi.GPIO refused to load: {exc}; {_NOT_A_PI_HINT}") from exc
             self._gpio = gpio
         return self._gpio
 

@@ -541,6 +541,15 @@ def test_adapter_without_rpi_gpio_says_what_to_install() -> None:
         RPiGPIOPins().setup_output(17, level=False)
 
 
+def test_adapter_without_rpi_gpio_says_how_to_try_the_device_elsewhere() -> None:
+    """Not on a Pi (a laptop trying a fleet's device files), installing RPi.GPIO does not help:
+    the error also names `pins: fake`, which runs the device over a modelled wire."""
+    if importlib.util.find_spec("RPi") is not None:
+        pytest.skip("RPi.GPIO is installed here")
+    with pytest.raises(PinUnavailable, match=r"not a Raspberry Pi.*`pins: fake` in spec\.protocol\.configData"):
+        RPiGPIOPins().setup_output(17, level=False)
+
+
 def test_shipped_relay_example_runs_on_fake_pins(wire: FakePins, pins: RPiGPIOPins) -> None:
     """The Pi relay example validates and drives an active-low GPIO17 that starts off."""
     repo = Path(__file__).resolve().parents[1]
