@@ -281,8 +281,8 @@ _MESSAGES = {
     "less_than_equal": lambda e: f"must be <= {e['ctx']['le']}",
     "greater_than": lambda e: f"must be > {e['ctx']['gt']}",
     "less_than": lambda e: f"must be < {e['ctx']['lt']}",
-    "literal_error": lambda e: f"{e['input']!r} is not allowed: must be {e['ctx']['expected']}",
-    "enum": lambda e: f"unknown value {e['input']!r}: must be one of {e['ctx']['expected']}",
+    "literal_error": lambda e: f"{e['input']!r} is not allowed: must be {e['ctx']['expected']}{_meant(e)}",
+    "enum": lambda e: f"unknown value {e['input']!r}: must be one of {e['ctx']['expected']}{_meant(e)}",
     "int_parsing": lambda e: f"must be an integer, got {e['input']!r}",
     "int_type": lambda e: f"must be an integer, got {e['input']!r}",
     "int_from_float": lambda e: f"must be an integer, got {e['input']!r}",
@@ -298,6 +298,34 @@ _MESSAGES = {
     "list_type": lambda e: "must be a list",
     "extra_forbidden": lambda e: "unknown field",
 }
+
+
+def _meant(error: dict[str, Any]) -> str:
+    """`; did you mean 'BOOLEAN'?` for `bool`, `'ReadWrite'` for `readwrite`: the allowed value
+    the input is (case aside) or is closest to; empty when none is close."""
+    value = error["input"]
+    if not isinstance(value, str):
+        return ""
+    allowed = re.findall(r"'([^']*)'", str(error["ctx"]["expected"]))
+    by_lower = {a.lower(): a for a in allowed}
+    close = difflib.get_close_matches(value.lower(), list(by_lower), n=1)
+    return f"; did you mean {by_lower[close[0]]!r}?" if close else ""
+
+
+# `10s`, `500ms`, `1.5 min`: an interval as EdgeX's autoEvents or mqtt-io write it, in a cycle.
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|m|min|h)\s*", re.IGNORECASE)
+_MS_PER_UNIT = {"ms": 1, "s": 1000, "sec": 1000, "m": 60_000, "min": 60_000, "h": 3_600_000}
+
+
+def _cycle_hint(loc: Path_, value: Any) -> str:
+    """For a cycle written as a duration: that cycles are milliseconds, and the number to write."""
+    if not (loc and str(loc[-1]).endswith("Cycle") and isinstance(value, str)):
+        return ""
+    match = _DURATION.fullmatch(value)
+    if match is None:
+        return ""
+    ms = float(match.group(1)) * _MS_PER_UNIT[match.group(2).lower()]
+    return f": cycles are milliseconds (as in KubeEdge): write {ms:.0f}"
 
 
 def _not_a_string(value: Any) -> str:
@@ -322,7 +350,10 @@ def validation_problems(
     problems = []
     for error in exc.errors(include_url=False):
         loc = (*prefix, *error_loc(error))
-        problems.append(Problem(doc.file, doc.line_of(loc), field_name(loc), describe(error), severity))
+        message = describe(error)
+        if error["type"] in ("int_parsing", "int_type"):
+            message += _cycle_hint(loc, error["input"])
+        problems.append(Problem(doc.file, doc.line_of(loc), field_name(loc), message, severity))
     return problems
 
 
@@ -928,8 +959,13 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         j, mprop = model_props.get(dprop.name, (None, None))
         if mprop is None:
             path = ("spec", "properties", i, "name")
+            declared = list(model_props)
+            close = difflib.get_close_matches(dprop.name, declared, n=1)
             problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
-                                    f"property {dprop.name!r} is not declared in DeviceModel {ns}/{model.metadata.name}"))
+                                    f"property {dprop.name!r} is not declared in DeviceModel {ns}/{model.metadata.name}"
+                                    f" (it declares: {', '.join(declared[:20]) or 'none'}"
+                                    f"{f' and {len(declared) - 20} more' if len(declared) > 20 else ''})"
+                                    + (f"; did you mean {close[0]!r}?" if close else "")))
             continue
         visitor = _validate_driver_model(
             driver.Visitor if driver else None,

@@ -72,7 +72,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 
 @pytest.mark.parametrize(("change", "error"), [
     (("type: BOOLEAN", "type: BOOL"), "relay.yaml:16: spec.properties[1].type: unknown value 'BOOL': must be one of 'INT', 'FLOAT', 'DOUBLE',"
-     " 'STRING', 'BOOLEAN', 'BYTES' or 'STREAM'"),
+     " 'STRING', 'BOOLEAN', 'BYTES' or 'STREAM'; did you mean 'BOOLEAN'?"),
     (('minimum: "0"\n      maximum: "50"', 'minimum: "80"\n      maximum: "-40"'),
      "relay.yaml:9: spec.properties[0]: minimum 80 is greater than maximum -40"),
     (("apiVersion: devices.kubeedge.io/v1beta1\nkind: DeviceModel", "apiVersion: devices.kubeedge.io/v1\nkind: DeviceModel"),
@@ -1368,3 +1368,37 @@ def test_an_integer_out_of_range_is_quoted_in_its_error_with_its_line_breaks_esc
     message = str(refused.value)
     assert message == f"property 'count': expected an integer from -2^63 to 2^63-1, got {raw!r}", message
     assert message.isprintable()
+
+
+@pytest.mark.parametrize(("change", "meant"), [
+    (("type: BOOLEAN", "type: bool"), "type: unknown value 'bool': must be one of 'INT', 'FLOAT', 'DOUBLE', 'STRING',"
+     " 'BOOLEAN', 'BYTES' or 'STREAM'; did you mean 'BOOLEAN'?"),
+    (("type: FLOAT", "type: float"), "did you mean 'FLOAT'?"),
+    (("accessMode: ReadWrite", "accessMode: readwrite"), "accessMode: 'readwrite' is not allowed: must be 'ReadWrite'"
+     " or 'ReadOnly'; did you mean 'ReadWrite'?"),
+])
+def test_a_value_outside_a_fixed_set_names_the_one_meant(tmp_path, change, meant):
+    """`type: float`, `type: bool`, `accessMode: readwrite`: the list of allowed values was given,
+    but not which one was meant (the case, or a Python-ish short name)."""
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model").replace(*change, 1)})
+    assert meant in problems[0]
+
+
+def test_a_cycle_written_as_a_duration_says_it_is_milliseconds(tmp_path):
+    """`collectCycle: 10s` (EdgeX's autoEvents and mqtt-io write intervals so) said only `must be an
+    integer, got '10s'`; it now says cycles are milliseconds and what to write."""
+    text = device_yaml("d").replace("collectCycle: 50\n", "collectCycle: 10s\n", 1).replace(
+        "reportCycle: 50\n", "reportCycle: 500ms\n", 1)
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert any(p.endswith("spec.properties[0].collectCycle: must be an integer, got '10s': cycles are milliseconds"
+                          " (as in KubeEdge): write 10000") for p in problems), problems
+    assert any(p.endswith("reportCycle: must be an integer, got '500ms': cycles are milliseconds (as in KubeEdge):"
+                          " write 500") for p in problems), problems
+
+
+def test_a_device_property_missing_from_model_names_the_ones_declared(tmp_path):
+    """`pwr` for `power`: the error named the model but not what it declares."""
+    text = device_yaml("d").replace("    - name: power", "    - name: pwr")
+    problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
+    assert any("property 'pwr' is not declared in DeviceModel default/thing-model (it declares: temperature, power,"
+               " count); did you mean 'power'?" in p for p in problems), problems
