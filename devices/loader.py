@@ -1013,6 +1013,8 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
                 pass
             what = "config_problems()"
             found = list(driver.config_problems(definition))
+            what = "config_warnings()"
+            warned = list(driver.config_warnings(definition))
         except Exception as exc:  # noqa: BLE001 - a third-party driver's bug refuses its devices only
             path = ("spec", "protocol", "protocolName")
             problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
@@ -1020,6 +1022,8 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             return
         for field, message in found:
             problems.append(Problem(doc.file, doc.line_of(_field_path(field)), field, message))
+        for field, message in warned:
+            problems.append(Problem(doc.file, doc.line_of(_field_path(field)), field, message, "warning"))
         if sum(p.severity == "error" for p in problems) > errors_before:
             return
     result.devices[device_id] = definition

@@ -609,3 +609,26 @@ def test_open_on_a_machine_blinka_knows_no_pins_of_says_what_to_do() -> None:
     message = str(info.value)
     assert board.board_id in message and "not a Raspberry Pi" in message
     assert "protocolName: simulated" in message
+
+
+def test_a_collect_cycle_below_the_measurement_interval_is_a_warning_at_its_line(tmp_path: Path) -> None:
+    """`collectCycle: 1000`, the README's, on a DHT (measured at most every 2.5 s): two readings in
+    three repeat the last measurement, each recorded as new. The file runs as written, with a
+    warning at the cycle's line saying what to write; the shipped example's 3000 draws none; a cycle
+    left out (1000) is warned about at the property."""
+    assert load([EXAMPLE]).warnings == []
+    text = EXAMPLE.read_text().replace("collectCycle: 3000", "collectCycle: 1000", 1)
+    (tmp_path / "sensor.yaml").write_text(text.replace("      collectCycle: 3000\n", "", 1))
+    result = load([tmp_path], base=tmp_path)
+    assert SENSOR_ID in result.devices
+    lines = text.splitlines()
+    cycle_line = next(i for i, line in enumerate(lines, 1) if "collectCycle: 1000" in line)
+    humidity_line = next(i for i, line in enumerate(lines, 1) if "- name: humidity" in line and i > cycle_line)
+    assert [str(p) for p in result.warnings] == [
+        f"sensor.yaml:{cycle_line}: spec.properties[0].collectCycle: a DHT is measured at most every 2.5 s"
+        " (configData.min_interval_s), so at a collectCycle of 1000 ms 2 of every 3 readings of 'temperature'"
+        " repeat the last measurement as a new reading; set collectCycle: 3000 or more",
+        f"sensor.yaml:{humidity_line}: spec.properties[1].collectCycle: a DHT is measured at most every 2.5 s"
+        " (configData.min_interval_s), so at a collectCycle of 1000 ms (0 or left out: 1000) 2 of every 3 readings of"
+        " 'humidity' repeat the last measurement as a new reading; set collectCycle: 3000 or more",
+    ]

@@ -161,6 +161,14 @@ class Driver:
         return ()
 
     @classmethod
+    def config_warnings(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """(YAML field, warning) for settings that run but are most likely not what was meant.
+
+        The loader reports each at the field's line as a warning: the device is loaded as written.
+        """
+        return ()
+
+    @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
         """Exclusive resources (e.g. `gpio:17`) with the YAML field that claims each.
 

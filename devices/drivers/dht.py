@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import weakref
@@ -235,6 +236,24 @@ class DhtDriver(Driver):
                        f"a {sensor} reports its {getattr(prop.visitor, 'measurement', 'value')} in tenths: property "
                        f"{prop.name!r} must be FLOAT or DOUBLE in DeviceModel {device.model_name!r}, "
                        f"not {prop.type.value}")
+
+    @classmethod
+    def config_warnings(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """A collectCycle below `min_interval_s` (the README's 1000, or a cycle left out): the
+        reads in between are served from the last measurement, each recorded as a new reading
+        with its own time, so most of the readings repeat an older measurement."""
+        interval_s = getattr(device.protocol_config, "min_interval_s", 2.5)
+        written = device.device.spec.properties
+        for i, prop in enumerate(device.properties):
+            reads = math.ceil(interval_s * 1000 / prop.collect_cycle_ms)
+            if reads < 2:
+                continue
+            note = "" if i < len(written) and written[i].collect_cycle else " (0 or left out: 1000)"
+            yield (f"spec.properties[{i}].collectCycle",  # (left out: the loader gives the property's line)
+                   f"a DHT is measured at most every {interval_s:g} s (configData.min_interval_s), so at a"
+                   f" collectCycle of {prop.collect_cycle_ms} ms{note} {reads - 1} of"
+                   f" every {reads} readings of {prop.name!r} repeat the last measurement as a new reading;"
+                   f" set collectCycle: {math.ceil(interval_s) * 1000} or more")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
