@@ -569,7 +569,10 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
                 continue
             where = (*path, key)
             close = _closest(key, known, cls.kubernetes_fields)
-            hint = f", did you mean {close[0]}?" if close else f" (known here: {', '.join(sorted(known))})."
+            parent = None if close else _sibling_with(value, known, key)
+            hint = (f", did you mean {close[0]}?" if close
+                    else f" here, but a key of {parent} beside it: indent it under {parent}." if parent
+                    else f" (known here: {', '.join(sorted(known))}).")
             # The field meant is then left at its default: say what that does, where it surprises.
             left_out = close and close[0] in cls.if_left_out and known[close[0]] not in value.model_fields_set
             then = f", so {cls.if_left_out[close[0]]}" if left_out else ""
@@ -578,6 +581,16 @@ def unknown_field_warnings(doc: _Doc, obj: BaseModel) -> list[Problem]:
                 f"unknown field{hint} It is ignored here{then}; KubeEdge's API server would drop it (kubectl refuses it)",
                 "warning"))
     return found
+
+
+def _sibling_with(value: BaseModel, known: dict[str, str], key: Any) -> str | None:
+    """The field of `value` holding a mapping that knows `key` (`visitors` for a `configData` indented
+    as the property's own key), or None: the key most likely slipped out of that mapping."""
+    for alias, name in known.items():
+        nested = getattr(value, name, None)
+        if isinstance(nested, _Schema) and key in {i.alias or n for n, i in type(nested).model_fields.items()}:
+            return alias
+    return None
 
 
 def _closest(key: Any, known: Iterable[str], also: Iterable[str] = ()) -> list[str]:

@@ -1402,3 +1402,19 @@ def test_a_device_property_missing_from_model_names_the_ones_declared(tmp_path):
     problems = problems_of(tmp_path, {"m.yaml": MODEL.format(model="thing-model"), "d.yaml": text})
     assert any("property 'pwr' is not declared in DeviceModel default/thing-model (it declares: temperature, power,"
                " count); did you mean 'power'?" in p for p in problems), problems
+
+
+def test_a_key_indented_out_of_its_mapping_says_where_it_belongs(tmp_path):
+    """`configData:` indented as the property's key instead of under `visitors:` (two spaces short):
+    the warning listed the property's keys, and a simulated switch ran as a `constant` without a word
+    about where the key went. It now names the mapping beside it that has such a key."""
+    device = device_yaml("d").replace(
+        "      visitors:\n        protocolName: simulated\n        configData: {kind: switch}\n",
+        "      visitors:\n        protocolName: simulated\n      configData: {kind: switch}\n")
+    (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
+    (tmp_path / "d.yaml").write_text(device)
+    line = next(i for i, l in enumerate(device.splitlines(), 1) if l == "      configData: {kind: switch}")
+    warnings = [str(w) for w in load([tmp_path], base=tmp_path).warnings]
+    assert f"d.yaml:{line}: spec.properties[1].configData: unknown field here, but a key of visitors beside it:" \
+           " indent it under visitors. It is ignored here; KubeEdge's API server would drop it (kubectl" \
+           " refuses it)" in warnings, warnings
