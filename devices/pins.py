@@ -24,6 +24,7 @@ Errors (all under devices.errors.DriverError):
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import traceback
@@ -572,5 +573,19 @@ def _bcm(value: int) -> int:
     return value
 
 
+_PIN_NAME = re.compile(r"(?:GPIO|BCM|D)\s*(\d{1,2})", re.IGNORECASE)
+
+
+def _pin_text(value: Any) -> Any:
+    """`GPIO17`, `D4` (a pin's name, as `pinout` and Blinka write it) or `"17"`: say the number to
+    write, where the strict check would say only `must be an integer, got 'GPIO17'`."""
+    if isinstance(value, str):
+        if (named := _PIN_NAME.fullmatch(value.strip())) is not None:
+            raise ValueError(f"{value!r} is a pin's name: write its BCM number, pin: {int(named.group(1))}")
+        if value.strip().isdigit():
+            raise ValueError(f"{value!r} is text: write the number without quotes, pin: {int(value)}")
+    return value
+
+
 # A BCM pin number in a pydantic model: `pin: BcmPin`. Strict: `pin: yes` is not GPIO1.
-BcmPin = Annotated[int, BeforeValidator(whole_number), Strict(), AfterValidator(_bcm)]
+BcmPin = Annotated[int, BeforeValidator(whole_number), BeforeValidator(_pin_text), Strict(), AfterValidator(_bcm)]

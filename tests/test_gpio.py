@@ -271,6 +271,10 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
          f" a finite number of seconds, at most {threading.TIMEOUT_MAX:.0f} (the longest a timer can wait), got inf"),
         ("{pin: 5, direction: out, auto_off_s: 1e300}", "auto_off_s: must be a finite number of seconds, at most"),
         ("{pin: 5, direction: out, colour: red}", "colour: unknown field"),
+        # a pin's name, as `pinout` and Blinka write it: the number meant is in it
+        ("{pin: GPIO17, direction: out}", "pin: 'GPIO17' is a pin's name: write its BCM number, pin: 17"),
+        ("{pin: D4, direction: out}", "pin: 'D4' is a pin's name: write its BCM number, pin: 4"),
+        ("{pin: '17', direction: out}", "pin: '17' is text: write the number without quotes, pin: 17"),
     ],
 )
 def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
