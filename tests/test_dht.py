@@ -482,6 +482,8 @@ def test_shipped_example_matches_the_sensor(tmp_path: Path) -> None:
         ({"pin": 30}, "configData.pin: GPIO30 is not a BCM pin"),
         ({"min_interval_s": 1}, "configData.min_interval_s: must be > 2.0"),
         ({"sensor": "DHT99"}, "configData.sensor: 'DHT99' is not allowed"),
+        # sold as both; mqtt-io takes am2302
+        ({"sensor": "AM2302"}, "configData.sensor: an AM2302 is a DHT22 (the same sensor, wired): write sensor: DHT22"),
     ],
 )
 def test_config_errors_name_file_line_and_fix(tmp_path: Path, config: dict[str, Any], message: str) -> None:

@@ -40,9 +40,9 @@ import weakref
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
@@ -84,9 +84,16 @@ class DhtReadError(ReadError):
         super().__init__(message, retryable=True)
 
 
+def _sensor_sold_as(value: Any) -> Any:
+    """An AM2302 is a DHT22 in a case with its wires (mqtt-io takes `am2302`): say what to write."""
+    if isinstance(value, str) and value.strip().upper() == "AM2302":
+        raise ValueError(f"an {value} is a DHT22 (the same sensor, wired): write sensor: DHT22")
+    return value
+
+
 class DhtConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    sensor: Literal["DHT11", "DHT22"] = "DHT11"
+    sensor: Annotated[Literal["DHT11", "DHT22"], BeforeValidator(_sensor_sold_as)] = "DHT11"
     pin: BcmPin
     use_pulseio: bool = False
     min_interval_s: float = Field(default=2.5, gt=LIBRARY_INTERVAL_S)
