@@ -194,7 +194,10 @@ def _misindented(lines: list[str], at: int) -> str | None:
     below = max(((level, line) for level, line in levels if level < indent), default=None)
     above = min(((level, line) for level, line in levels if level > indent), default=None)
     spaces = "space" if indent == 1 else "spaces"
-    if below is not None and above is not None:
+    if below is not None and above is not None and below[1] == above[1]:  # `- name: x`: the dash, then the key
+        around = (f"line {below[1]} has its '-' at {below[0]} and its first key at {above[0]}: indent it {above[0]}"
+                  f" for a key of that item, or {below[0]} for a new item")
+    elif below is not None and above is not None:
         around = (f"the lines before it are indented {below[0]} (line {below[1]}) or {above[0]} (line {above[1]}):"
                   " indent it as the ones it belongs with")
     elif below is not None or above is not None:

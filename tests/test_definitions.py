@@ -160,6 +160,12 @@ def test_yaml_syntax_error_has_the_line(tmp_path):
      " indent it as the ones it belongs with (did not find expected key)\n"
      "  9 |    protocol:\n"
      "    |    ^"),
+    ("a list item's key indented one space short", ("    - name: power\n      visitors:\n",
+                                                    "    - name: power\n     visitors:\n"),
+     "d.yaml:21: invalid YAML: line 21 is indented 5 spaces; line 20 has its '-' at 4 and its first key at 6:"
+     " indent it 6 for a key of that item, or 4 for a new item (did not find expected '-' indicator)\n"
+     "  21 |      visitors:\n"
+     "     |      ^"),
     ("a key indented deeper than the key: value before it", ("\n  namespace: default\n", "\n   namespace: default\n"),
      "d.yaml:5: invalid YAML: line 5 is indented deeper than line 4 (3 spaces, not 2), so YAML reads it as the rest of"
      " line 4's value: indent it 2 spaces, as 'name' on line 4, if it is a key beside it (mapping values are not"
