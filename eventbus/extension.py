@@ -196,6 +196,8 @@ class EventBusExtension:
         # QoS 0: announcements heard while offline are not queued in the persistent session (the
         # retained one comes at every resubscribe). Handled as an extra: before the retained-command logic.
         self._extra.append((self.topics.instance(), 0, self._on_instance))
+        # Its own health, as its availability: another client's there is overwritten (TwinHealth.heard).
+        self._extra.append((self.topics.health(), 1, self._on_health))
         self._extra_exact = None
         self.bus = MqttBus(
             self.settings,
@@ -523,12 +525,17 @@ class EventBusExtension:
             # The twin's health, after the devices' availability and state are queued: the timing of
             # those is unchanged. (The recorder's failed commits meanwhile publish it too: TwinHealth.run.)
             if self.health is not None:
+                self.health.connected()
                 await self.health.publish()
             if self.instance is not None:  # after the devices' availability and state are queued
                 self.instance.connected()
                 await self._announce_instance()
         finally:
             self._connecting.set()
+
+    async def _on_health(self, topic: str, payload: bytes) -> None:
+        if self.health is not None:
+            self.health.heard(payload)
 
     async def _on_instance(self, topic: str, payload: bytes) -> None:
         if self.instance is not None:

@@ -34,6 +34,12 @@ Cheap: nothing per reading. The recorder calls `changed()` after each failed com
 retry, a second) and at the commit that ends an outage, the publisher after each message it drops
 as undeliverable; a message goes out on a change of `twin` at once, and otherwise at most every
 HEALTH_INTERVAL_S when the counts moved. A clean stop leaves the last one (the node's availability says `offline` next to it).
+
+The mapper subscribes to its own health topic (`heard`): a message there that is none of its own,
+once its own came back on this connection, was published by another client while it runs (the
+cloud broker through the bridge, which Mosquitto lets publish any topic on the Pi: a forged `ok`
+would hide a twin that cannot be written). The mapper's own health then goes out again, at most
+once per HEALTH_INTERVAL_S however often it is overwritten, with a WARNING.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -50,6 +57,7 @@ import aiomqtt
 import orjson
 
 from mapper import __version__
+from mapper.logs import Throttle, held_note
 from mapper.recorder import UNWRITABLE_AFTER
 from mapper.twin_disk import innermost, twin_write_cause
 
@@ -62,6 +70,9 @@ log = logging.getLogger("mapper.eventbus")
 # While the twin stays unwritable, the message goes out again at most this often (with new counts).
 HEALTH_INTERVAL_S = 5.0
 ERROR_CHARS = 200
+# The mapper's own last payloads, to tell them from another client's when they come back (`heard`):
+# each carries the time it was made, so no two are alike.
+OWN_KEPT = 8
 
 
 class TwinHealth:
@@ -82,9 +93,33 @@ class TwinHealth:
         self._sent: tuple[str, int, int, int, int, int] | None = None  # (_summary) of the last one the broker took
         self._tried_at: float | None = None  # loop time of the last attempt
         self.published = 0  # messages the broker took
+        self._own: deque[bytes] = deque(maxlen=OWN_KEPT)  # the last payloads sent (`heard`)
+        self._own_seen = False  # one of them came back on this connection
+        self._overwritten = False  # another client's message came since the last publish
+        self._overwritten_log = Throttle(burst=3)
 
     def changed(self) -> None:
         """The recorder's on_health: a commit failed, or one succeeded after failures."""
+        self._changed.set()
+
+    def connected(self) -> None:
+        """A new connection: what the broker hands out on subscribing comes before the mapper's own."""
+        self._own_seen = False
+
+    def heard(self, payload: bytes) -> None:
+        """A message on the health topic (the mapper subscribes to it): its own coming back, or another
+        client's, published while the mapper runs (see the module's doc): its own goes out again."""
+        if payload in self._own:
+            self._own_seen = True
+            return
+        if not self._own_seen:
+            return  # the retained one of an earlier run, superseded by this connection's
+        held = self._overwritten_log("health")
+        if held is not None:
+            log.warning("another client published on the node's health %r while the mapper runs (the cloud broker "
+                        "through the bridge?): %r; publishing the mapper's own again, at most once per %g s%s",
+                        self.topic, payload[:80], self.interval_s, held_note(held))
+        self._overwritten = True
         self._changed.set()
 
     def state(self) -> str:
@@ -118,6 +153,8 @@ class TwinHealth:
         async with self._lock:
             sent, payload = self._summary(), self.payload()
             self._tried_at = asyncio.get_running_loop().time()
+            self._overwritten = False
+            self._own.append(payload)  # before the publish: it may come back before the PUBACK
             try:
                 await self._bus.publish(self.topic, payload, qos=1, retain=True)
             except (aiomqtt.MqttError, TimeoutError) as exc:
@@ -135,17 +172,18 @@ class TwinHealth:
             return True  # a change: at once
         if self._tried_at is not None and now - self._tried_at < self.interval_s:
             return False
-        return summary != self._sent
+        return self._overwritten or summary != self._sent
 
     async def run(self) -> None:
         """On every change told, and every interval while `unwritable` was the last word (the counts
-        move with no change told when the recorder retries less often than that) or counts moved
-        since the last message (a change told within the interval after it)."""
+        move with no change told when the recorder retries less often than that), counts moved
+        since the last message (a change told within the interval after it) or another client
+        overwrote it (`heard`)."""
         loop = asyncio.get_running_loop()
         while True:
             deadline = None
             if self._sent is not None and self._tried_at is not None and (
-                    self._sent[0] == "unwritable" or self._summary() != self._sent):
+                    self._sent[0] == "unwritable" or self._overwritten or self._summary() != self._sent):
                 deadline = self._tried_at + self.interval_s
                 if deadline <= loop.time():  # passed with nothing new to say: the next interval
                     deadline = loop.time() + self.interval_s

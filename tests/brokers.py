@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import ctypes
 import glob
 import hashlib
@@ -35,6 +36,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -693,6 +695,126 @@ def wait_until_bridged(cloud: MosquittoBroker, edge: MosquittoBroker, timeout: f
         except TimeoutError:
             msg = f"bridge not up after {timeout} s; edge log:\n{edge.log_tail()}"
             raise BrokerError(msg) from None
+
+
+class CompromisedCloud:
+    """What the cloud broker can do to a Pi once it is in an attacker's hands: the other end of the Pi's
+    bridge, a TLS server that takes the bridge's connection as a broker would (CONNACK, SUBACK, PUBACK,
+    PINGRESP) and sends it any PUBLISH, on any topic, whatever the bridge subscribed to.
+
+    Stands in for `cloud`, a MosquittoBroker("cloud.conf") rendered but never started: it listens on
+    its TLS port with its certificate, so an edge rendered with ``bridge_to=cloud`` connects to it.
+
+        cloud = MosquittoBroker("cloud.conf")
+        with CompromisedCloud(cloud) as attacker, MosquittoBroker(bridge_to=cloud, node="pi1") as edge:
+            attacker.wait_subscribed()
+            attacker.publish("mapper/pi1/health", b"{...}", retain=True)
+    """
+
+    def __init__(self, cloud: MosquittoBroker) -> None:
+        assert cloud.tls_port is not None and not cloud.running
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(cloud.pki.cert_file, cloud.pki.key_file)
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (the port is reserved, not listened on)
+        self._server.bind((cloud.host, cloud.tls_port))
+        self._server.listen()
+        self.subscriptions: list[str] = []  # what the bridge subscribed to
+        self._subscribed = threading.Event()
+        self._connection: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._serve, name="compromised-cloud", daemon=True)
+
+    def __enter__(self) -> CompromisedCloud:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with contextlib.suppress(OSError):
+            self._server.close()
+        if self._connection is not None:
+            with contextlib.suppress(OSError):
+                self._connection.close()
+        self._thread.join(5)
+
+    @staticmethod
+    def _packet(first: int, body: bytes) -> bytes:
+        length, size = bytearray(), len(body)
+        while True:
+            size, digit = size // 128, size % 128
+            length.append(digit | (0x80 if size else 0))
+            if not size:
+                return bytes([first]) + bytes(length) + body
+
+    @staticmethod
+    def _read(connection: socket.socket) -> tuple[int, bytes] | None:
+        def exactly(n: int) -> bytes:
+            data = b""
+            while len(data) < n:
+                chunk = connection.recv(n - len(data))
+                if not chunk:
+                    raise EOFError
+                data += chunk
+            return data
+
+        try:
+            first = exactly(1)[0]
+            size, shift = 0, 0
+            while True:
+                digit = exactly(1)[0]
+                size |= (digit & 0x7F) << shift
+                shift += 7
+                if not digit & 0x80:
+                    return first, exactly(size)
+        except (EOFError, OSError):
+            return None
+
+    def _serve(self) -> None:
+        try:
+            raw, _ = self._server.accept()
+            connection = self._context.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            return
+        self._connection = connection
+        while (packet := self._read(connection)) is not None:
+            first, body = packet
+            kind = first >> 4
+            reply = b""
+            if kind == 1:  # CONNECT: accepted (MQTT 3.1.1, as bridge.conf's bridge_protocol_version)
+                reply = self._packet(0x20, b"\x00\x00")
+            elif kind == 8:  # SUBSCRIBE: every filter granted QoS 1
+                at, granted = 2, b""
+                while at < len(body):
+                    size = int.from_bytes(body[at:at + 2], "big")
+                    self.subscriptions.append(body[at + 2:at + 2 + size].decode())
+                    at += 2 + size + 1
+                    granted += b"\x01"
+                reply = self._packet(0x90, body[:2] + granted)
+            elif kind == 3 and (first >> 1) & 3 == 1:  # a QoS 1 PUBLISH from the bridge: PUBACK
+                size = int.from_bytes(body[:2], "big")
+                reply = self._packet(0x40, body[2 + size:4 + size])
+            elif kind == 12:  # PINGREQ
+                reply = self._packet(0xD0, b"")
+            if reply:
+                with self._send_lock, contextlib.suppress(OSError):
+                    connection.sendall(reply)
+            if kind == 8 and len(self.subscriptions) >= 5:  # noqa: PLR2004 - bridge.conf's `in` lines
+                self._subscribed.set()
+
+    def wait_subscribed(self, timeout: float = 20.0) -> list[str]:
+        """Until the bridge has connected and subscribed to bridge.conf's `in` topics: what it subscribed to."""
+        if not self._subscribed.wait(timeout):
+            msg = f"the bridge did not connect and subscribe within {timeout} s (so far: {self.subscriptions})"
+            raise BrokerError(msg)
+        return list(self.subscriptions)
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        """A PUBLISH (QoS 0) down the bridge on `topic`, whether or not the bridge subscribed to it."""
+        assert self._connection is not None
+        encoded = topic.encode()
+        packet = self._packet(0x30 | int(retain), len(encoded).to_bytes(2, "big") + encoded + payload)
+        with self._send_lock:
+            self._connection.sendall(packet)
 
 
 @atexit.register

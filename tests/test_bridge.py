@@ -7,7 +7,7 @@ import signal
 import time
 
 from helpers import device_yaml, write_devices
-from brokers import wait_until_bridged
+from brokers import CompromisedCloud, MosquittoBroker, ensure_mosquitto_installed, wait_until_bridged
 from mapper_proc import MapperProcess
 
 
@@ -113,3 +113,76 @@ def test_a_cloud_app_asks_a_node_for_its_devices_and_gets_the_answer(cloud_and_e
         result = next_matching(app, f"{request}/result", lambda b: b["event_id"] == "m1")
         assert sorted(d["id"] for d in result["devices"]) == ["default/fan", "default/lamp"], result
         assert mapper.stop() == 0
+
+
+def retained_value(broker, topic: str) -> bytes:
+    """What the broker keeps retained on `topic` (what an app subscribing now is told first)."""
+    with broker.client("app") as reader:
+        reader.subscribe(topic)
+        message = reader.next_message()
+        assert message.retain and message.topic == topic, message.topic
+        return message.payload
+
+
+def test_the_bridge_subscribes_to_the_commands_only_but_a_compromised_cloud_publishes_any_topic(tmp_path):
+    """What mosquitto/README.md ("What the bridge lets the cloud do") says of the shipped bridge:
+    bridge.conf's `in` lines subscribe the bridge to what the cloud legitimately sends down (desired
+    values, twin and membership requests, offload results), and nothing else, yet Mosquitto 2.0
+    takes any PUBLISH the cloud's end sends on the bridge connection, past the Pi's ACL: a forged
+    retained state, availability or health reaches the Pi's apps. No bridge setting narrows it; the
+    mapper corrects what it can (its node's availability and health, below)."""
+    ensure_mosquitto_installed()
+    node = "pi-test"
+    cloud = MosquittoBroker("cloud.conf")  # rendered, never started: the attacker's server takes its port
+    try:
+        with CompromisedCloud(cloud) as attacker, \
+                MosquittoBroker("mosquitto.conf", bridge_to=cloud, node=node) as edge:
+            assert sorted(attacker.wait_subscribed()) == sorted([
+                f"mapper/{node}/+/+/+/set", f"edge/{node}/$hw/events/device/+/+/twin/update",
+                f"edge/{node}/$hw/events/device/+/+/twin/get", f"edge/{node}/$hw/events/node/{node}/membership/get",
+                f"mapper/{node}/offload/result"])
+            forged = {f"mapper/{node}/default/lamp/state": b'{"power":{"value":true}}',
+                      f"mapper/{node}/default/lamp/availability": b"online",
+                      f"mapper/{node}/health": b'{"twin":"ok"}'}
+            with edge.client("app") as app:
+                for topic in forged:
+                    app.subscribe(topic)
+                for topic, payload in forged.items():
+                    attacker.publish(topic, payload, retain=True)
+                heard = [app.next_message() for _ in forged]
+                assert {m.topic: m.payload for m in heard} == forged
+            for topic, payload in forged.items():  # and kept: what an app subscribing later is told
+                assert retained_value(edge, topic) == payload, topic
+    finally:
+        cloud.close()
+
+
+def test_a_health_the_cloud_forges_through_the_bridge_is_corrected_by_the_mapper(tmp_path):
+    """A compromised cloud broker leaves a retained `unwritable` (or an `ok` hiding a twin that cannot be
+    written) on the node's health through the bridge, which Mosquitto takes from it on any topic (above).
+    It stayed until the mapper's next message there: the next connect or the next change of the twin,
+    so for as long as the twin stayed as it was. The mapper now hears its health topic as it hears
+    its availability, and publishes its own health again (WARNING in its log), at most once per
+    HEALTH_INTERVAL_S."""
+    ensure_mosquitto_installed()
+    node = "pi-test"
+    topic = f"mapper/{node}/health"
+    forged = b'{"twin":"unwritable","since":1,"cause":"disk full","readings_waiting":9}'
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
+    cloud = MosquittoBroker("cloud.conf")
+    try:
+        with CompromisedCloud(cloud) as attacker, \
+                MosquittoBroker("mosquitto.conf", bridge_to=cloud, node=node) as edge, \
+                MapperProcess(tmp_path, devices, edge, node=node) as mapper, edge.client("app") as app:
+            attacker.wait_subscribed()
+            app.subscribe(topic)
+            next_matching(app, topic, lambda b: b["twin"] == "ok")  # the mapper's, at its connect
+            attacker.publish(topic, forged, retain=True)
+            assert app.next_message().payload == forged  # it did reach the Pi's apps
+            corrected = next_matching(app, topic, lambda b: True)
+            assert corrected["twin"] == "ok", corrected
+            assert json.loads(retained_value(edge, topic))["twin"] == "ok"  # what an app subscribing now is told
+            mapper.wait_log("another client published on the node's health")
+            assert mapper.stop() == 0
+    finally:
+        cloud.close()
