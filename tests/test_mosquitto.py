@@ -783,6 +783,21 @@ def test_with_cloud_acl_per_node_a_pis_bridge_user_speaks_only_for_its_node() ->
             assert app.publish(topic, b"{}") == 0, topic
         message = pi_a.next_message()
         assert message.topic == "edge/pi-a/$hw/events/node/pi-a/membership/get"
+        # The rest of what the bridge takes in alike: twin requests and offload results, pi-b's
+        # (sent first, through `+` subscriptions) never reach pi-a; its own come in order.
+        with cloud.client("worker", tls=True) as worker:
+            pi_a.subscribe("edge/+/$hw/events/device/+/+/twin/+")
+            pi_a.subscribe("mapper/+/offload/result")
+            for node in ("pi-b", "pi-a"):
+                for kind in ("twin/update", "twin/get"):
+                    assert not app.publish(f"edge/{node}/$hw/events/device/default/dht/{kind}", b"{}").is_failure
+                assert not worker.publish(f"mapper/{node}/offload/result", b"{}").is_failure
+            # Two publishers: the app's two pi-a requests in order, the worker's result in between or after.
+            heard = sorted(pi_a.next_message().topic for _ in range(3))
+            assert heard == ["edge/pi-a/$hw/events/device/default/dht/twin/get",
+                             "edge/pi-a/$hw/events/device/default/dht/twin/update", "mapper/pi-a/offload/result"]
+            assert pi_a.messages.empty() or all(not m.topic.startswith(("edge/pi-b", "mapper/pi-b"))
+                                                for m in list(pi_a.messages.queue)), list(pi_a.messages.queue)
     # What the README says of the shared user: any Pi's bridge may publish every node's telemetry.
     with MosquittoBroker("cloud.conf") as shared, shared.client("bridge", tls=True) as bridge:
         for topic in ("mapper/pi-a/default/dht/temperature", "mapper/pi-b/default/dht/temperature"):
