@@ -431,6 +431,7 @@ class MqttBus:
         subscriptions: list[tuple[str, int]],
         on_message: MessageHandler,
         on_connect: Callable[[], Awaitable[None]],
+        others_only: frozenset[str] = frozenset(),
     ) -> None:
         self.settings = settings
         self.client_id = client_id
@@ -445,6 +446,9 @@ class MqttBus:
         # up on a silent broker, nor the mapper ending it (OutboxPublisher._note_loss). Set at a loss.
         self.closed_by_broker = False
         self.subscriptions = subscriptions
+        # Filters of `subscriptions` for what other clients publish from now on only (MQTT 5 No Local,
+        # and no retained messages at the subscribe); under MQTT 3.1.1, which has neither, left out.
+        self.others_only = others_only
         self._on_message = on_message
         self._on_connect = on_connect
         self.client: aiomqtt.Client | None = None
@@ -608,8 +612,13 @@ class MqttBus:
         self.refused_subscriptions = {}
         for topic, qos in self.subscriptions:
             if self.protocol == aiomqtt.ProtocolVersion.V5:
-                granted = await subscribe_until_lost(client, topic,
-                                                     options=SubscribeOptions(qos=qos, retainAsPublished=True))
+                others = topic in self.others_only
+                options = SubscribeOptions(qos=qos, retainAsPublished=True, noLocal=others,
+                                           retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND if others
+                                           else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE)
+                granted = await subscribe_until_lost(client, topic, options=options)
+            elif topic in self.others_only:
+                continue
             else:
                 granted = await subscribe_until_lost(client, topic, qos=qos)
             self._check_granted(topic, granted)

@@ -58,6 +58,7 @@ CLEARING_MAX = 4096
 # at most once per this many seconds however often it is overwritten (no loop with a client
 # that keeps publishing `offline`: the last word is the mapper's within this time).
 REASSERT_INTERVAL_S = 5.0
+_VIEW_ENDS = ("/availability", "/state")  # a device's retained views (Topics.device_view)
 # A note of the MQTT connection the twin could not take is tried again this often (_note_broker).
 RETRY_NOTE_S = 5.0
 # The random part of the default client id, kept beside the twin: <twin>.mqtt-client-id.
@@ -146,6 +147,11 @@ class EventBusExtension:
         self._reassert_stopped = False
         self._reassert_wanted = False  # another value came since the re-assertion began
         self._reassert_log = Throttle(burst=3)
+        # Devices whose retained availability or state view another client overwrote (_on_device_view),
+        # to be published again by _restore_device_views, at most once per REASSERT_INTERVAL_S.
+        self._views_overwritten: set[DeviceId] = set()
+        self._views_restore: asyncio.Task[None] | None = None
+        self._views_next = 0.0
         # Twin documents of reported values (_documents_due): each property as its last document
         # (or the twin at start) had it, for the next one's `last`. Read in the twin thread (the
         # documents' work), changed on the loop once their commit succeeded (_documented_now): the
@@ -199,14 +205,18 @@ class EventBusExtension:
         # Its own health, as its availability: another client's there is overwritten (TwinHealth.heard).
         self._extra.append((self.topics.health(), 1, self._on_health))
         self._extra_exact = None
+        # The devices' retained availability and state views, as published by other clients only (the
+        # cloud broker through the bridge): overwritten again (_on_device_view). MQTT 5 only.
+        views = self.topics.device_view_filters()
         self.bus = MqttBus(
             self.settings,
             client_id=client_id,
             client_id_origin=client_id_origin,
             will_topic=self.topics.node_availability(),
-            subscriptions=self.router.subscriptions() + [(f, q) for f, q, _ in self._extra],
+            subscriptions=self.router.subscriptions() + [(f, q) for f, q, _ in self._extra] + [(f, 1) for f in views],
             on_message=self._on_message,
             on_connect=lambda: self._on_connect(service),
+            others_only=frozenset(views),
         )
         assert service.worker is not None and service.recorder is not None
         # Acknowledgements ride with the readings' commits; with twin.commit_interval_ms they wait a
@@ -411,6 +421,9 @@ class EventBusExtension:
         if self._reassert is not None:
             self._reassert.cancel()
             self._reassert = None
+        if self._views_restore is not None:
+            self._views_restore.cancel()
+            self._views_restore = None
 
     async def _on_node_availability(self, topic: str, payload: bytes) -> None:
         """A message on the node's availability topic (the mapper subscribes to it). `online` is the
@@ -480,6 +493,11 @@ class EventBusExtension:
             except Exception:  # noqa: BLE001 - a message must never take the connection down
                 log.exception("error while handling a message on %r", topic[:200])
             return
+        if topic.endswith(_VIEW_ENDS):  # (no command topic ends so: a cheap test for every message)
+            device = self.topics.device_view(topic)
+            if device is not None:
+                self._on_device_view(device, topic, payload)
+                return
         if not payload and topic in self._clearing:
             del self._clearing[topic]
             # The mapper's own clear (below) coming back: under MQTT 3.1.1 without the retain flag,
@@ -532,6 +550,55 @@ class EventBusExtension:
                 await self._announce_instance()
         finally:
             self._connecting.set()
+
+    def _on_device_view(self, device: DeviceId, topic: str, payload: bytes) -> None:
+        """Another client published a device's availability or state view (the mapper's own do not come
+        back: MQTT 5 No Local; nor do retained ones at the subscribe): the cloud broker through the
+        bridge, which Mosquitto lets publish any topic here. Forged, a retained `online` stayed until the
+        device's state changed and a state view until its next reading. The mapper's own go out
+        again, at most once per REASSERT_INTERVAL_S however many are overwritten how often. Devices it
+        does not run, or has not announced yet (state unknown), are left alone."""
+        service = self._service
+        runner = service.runners.get(device) if service is not None else None
+        if runner is None or runner.state == UNKNOWN or self._stopping or self._reassert_stopped:
+            return
+        if topic.endswith("/availability") and payload == self._availability(device, runner.state).body:
+            return  # the same word: nothing to put right
+        held = self._reassert_log("device view")
+        if held is not None:
+            log.warning("another client published %r on %r while the mapper runs the device (the cloud broker "
+                        "through the bridge?); publishing the device's own again, at most once per %g s%s",
+                        payload[:80], topic[:200], REASSERT_INTERVAL_S, held_note(held))
+        self._views_overwritten.add(device)
+        if self._views_restore is None or self._views_restore.done():
+            self._views_restore = asyncio.create_task(self._restore_device_views(service), name="restore-device-views")
+
+    async def _restore_device_views(self, service: MapperService) -> None:
+        """The overwritten devices' availability and state views again, through the outbox as at a connect."""
+        assert self.telemetry is not None
+        loop = asyncio.get_running_loop()
+        while self._views_overwritten and not self._reassert_stopped:
+            await asyncio.sleep(max(0.0, self._views_next - loop.time()))  # the rate limit: only the time
+            self._views_next = loop.time() + REASSERT_INTERVAL_S
+            devices, self._views_overwritten = self._views_overwritten, set()
+            messages: list[OutMessage] = []
+            for device in sorted(devices):
+                runner = service.runners.get(device)
+                if runner is None or runner.state == UNKNOWN:
+                    continue
+                messages.append(self._availability(device, runner.state))
+                state = self.telemetry.state_message(device)
+                if state is not None:
+                    messages.append(state)
+            if not messages or self._stopping:
+                continue
+            try:
+                rows = await service.twin(lambda s, m=messages: s.record([], m))
+            except Exception as exc:  # noqa: BLE001 - the next reconnect announces them anyway
+                log.warning("cannot queue the overwritten devices' availability and state again: %s", exc)
+                continue
+            if rows and self.publisher:
+                self.publisher.offer(rows)
 
     async def _on_health(self, topic: str, payload: bytes) -> None:
         if self.health is not None:

@@ -57,6 +57,20 @@ class Topics:
     def telemetry(self, device: DeviceId, prop: str) -> str:
         return f"{self.device_base(device)}/{ids.check_property_name(prop)}"
 
+    def device_view_filters(self) -> tuple[str, str]:
+        """Every device's availability and state view."""
+        return f"{self.base}/+/+/availability", f"{self.base}/+/+/state"
+
+    def device_view(self, topic: str) -> DeviceId | None:
+        """The device whose availability or state view `topic` is; None for any other topic."""
+        if not topic.startswith(self.base) or topic[len(self.base):len(self.base) + 1] != "/":
+            return None
+        parts = topic[len(self.base) + 1:].split("/")
+        if len(parts) != 3 or parts[2] not in ("availability", "state"):  # noqa: PLR2004
+            return None
+        ns, name = parts[0], parts[1]
+        return DeviceId(ns, name) if ids.is_namespace(ns) and ids.is_name(name) else None
+
     def set_filter(self) -> str:
         return f"{self.base}/+/+/+/set"
 

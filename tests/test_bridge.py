@@ -42,6 +42,8 @@ def test_telemetry_reaches_the_cloud_and_cloud_desired_reaches_the_device(cloud_
         assert "code" not in result and result["twin"]["count"]["expected"]["value"] == "1000"
         next_matching(app, f"mapper/{node}/default/lamp/count", lambda b: 1000 <= b["value"] < 1100)
         assert mapper.stop() == 0
+    # Its own availability, state and health, carried out by the bridge, are never taken for another client's.
+    assert "another client published" not in mapper.log()
 
 
 def test_a_command_retained_on_the_cloud_is_never_applied_not_even_at_a_bridge_reconnect(cloud_and_edge, tmp_path):
@@ -186,3 +188,49 @@ def test_a_health_the_cloud_forges_through_the_bridge_is_corrected_by_the_mapper
             assert mapper.stop() == 0
     finally:
         cloud.close()
+
+
+def test_a_device_availability_and_state_the_cloud_forges_through_the_bridge_are_corrected(tmp_path):
+    """A compromised cloud broker leaves a retained `offline` on a running device's availability and a
+    state view of its own through the bridge (above). The availability stayed until the device's
+    state changed (days, for a device that works) and the state view until its next reading. The
+    mapper now subscribes to its devices' views for what other clients publish (MQTT 5 No Local: its
+    own do not come back, nor retained ones at the subscribe) and publishes the device's own again,
+    at most once per REASSERT_INTERVAL_S."""
+    ensure_mosquitto_installed()
+    node = "pi-test"
+    availability, state = f"mapper/{node}/default/lamp/availability", f"mapper/{node}/default/lamp/state"
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=60_000)  # one reading a minute: no state meanwhile
+    cloud = MosquittoBroker("cloud.conf")
+    try:
+        with CompromisedCloud(cloud) as attacker, \
+                MosquittoBroker("mosquitto.conf", bridge_to=cloud, node=node) as edge, \
+                MapperProcess(tmp_path, devices, edge, node=node) as mapper, edge.client("app") as app:
+            attacker.wait_subscribed()
+            app.subscribe(availability)
+            app.subscribe(state)
+            next_message_on(app, state, lambda m: json.loads(m.payload)["state"] == "ok")  # after its `online`
+            attacker.publish(availability, b"offline", retain=True)
+            attacker.publish(state, b'{"state":"offline"}', retain=True)
+            # It did reach the Pi's apps (after any `online` of the mapper's still on its way), then the mapper's:
+            next_message_on(app, availability, lambda m: m.payload == b"offline")
+            assert next_message_on(app, state).payload == b'{"state":"offline"}'
+            assert next_message_on(app, availability).payload == b"online"
+            assert json.loads(next_message_on(app, state).payload)["state"] == "ok"
+            assert retained_value(edge, availability) == b"online"
+            assert json.loads(retained_value(edge, state))["state"] == "ok"
+            lines = [line for line in mapper.log().splitlines() if "another client published" in line]
+            assert lines and all("default/lamp/" in line and " WARNING " in line for line in lines), lines
+            assert mapper.stop() == 0
+    finally:
+        cloud.close()
+
+
+def next_message_on(probe, topic: str, predicate=lambda message: True, timeout: float = 20.0):
+    """The next message on `topic` of which `predicate` is true (others skipped)."""
+    deadline = time.monotonic() + timeout
+    while (left := deadline - time.monotonic()) > 0:
+        message = probe.next_message(timeout=left)
+        if message.topic == topic and predicate(message):
+            return message
+    raise AssertionError(f"no message on {topic}")
