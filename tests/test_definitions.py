@@ -408,7 +408,7 @@ status:
 @pytest.mark.parametrize("cycle, error", [
     ("99999999999999999999", "status.reportCycle: must be <= 9223372036854775807"),
     ("-5", "status.reportCycle: must be >= 0"),
-    ('"10s"', "status.reportCycle: must be an integer, got '10s'"),
+    ('"10s"', "status.reportCycle: must be an integer, got '10s': cycles are milliseconds (as in KubeEdge): write 10000"),
 ])
 def test_a_v1_22_status_report_cycle_is_checked_as_state_report_is(tmp_path, cycle, error):
     """KubeEdge v1.22's place of stateReport, a Device's `status.reportToCloud/reportCycle` (still in
