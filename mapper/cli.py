@@ -100,8 +100,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def _validate_config(path: str) -> int:
     """`mapper validate --config`: what `mapper run` checks before it starts (the config with the
     environment's MAPPER_* overrides, what it needs installed, the broker password and TLS files, the
-    API token and certificate, the device files it names, its inference pipelines against them), so that a config
-    can be checked before it is pushed to a node, without a twin, a lock or a broker."""
+    API token and certificate, where its twin is (_twin_place_problems), the device files it names, its
+    inference pipelines against them), so that a config can be checked before it is pushed to a node,
+    without opening a twin, taking a lock or reaching a broker."""
     from mapper.inference.extension import start_problems
 
     config = _config(path)  # (its own problems: DefinitionError, printed by main)
@@ -119,6 +120,9 @@ def _validate_config(path: str) -> int:
             check(path)
         except ValueError as exc:
             problems.append(exc)
+    twin_problems, twin_warnings = _twin_place_problems(Path(config.twin.path))
+    problems += [f"{path}: twin.path: {text}" for text in twin_problems]
+    warnings += [f"{path}: twin.path: {text}" for text in twin_warnings]
     result, found, said = start_problems(config)
     problems += found
     warnings += said
@@ -137,6 +141,99 @@ def _validate_config(path: str) -> int:
     refused = f" ({len(result.unrunnable)} not run here: see the warnings)" if result.unrunnable else ""
     print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s)")
     return 0
+
+
+def _twin_place_problems(path: Path) -> tuple[list[str], list[str]]:
+    """(what `mapper run` refuses, what it waits for) about where the twin is, as this user: a twin
+    others could write (twin.store.check_owned: /tmp, a group-writable directory, a file another user
+    owns), a lock file it does not follow (a symbolic link, not a regular file), a directory it cannot
+    make or write, a twin file it cannot write; a read-only file system is waited for (a warning).
+    Found by looking only: nothing is made, and the twin is not opened."""
+    problems: list[str] = []
+    warnings: list[str] = []
+    try:
+        check_owned(path)
+    except TwinError as exc:
+        problems.append(str(exc))
+    except OSError:  # (a directory this user cannot look into: said below, as run's open would fail)
+        pass
+    if (why := _lock_file_problem(_lock_path(path))) is not None:
+        problems.append(why)
+    real = Path(os.path.realpath(path))
+    made = real.parent  # the twin's directory, or the nearest one above it (`mapper run` makes the rest)
+    while not made.exists() and made != made.parent:
+        made = made.parent
+    try:
+        read_only = bool(os.statvfs(made).f_flag & os.ST_RDONLY)
+    except OSError:
+        read_only = False
+    if read_only:
+        warnings.append(f"the file system of {made} is read-only: `mapper run` waits for its twin {path} (it runs"
+                        " no device) until it is remounted read-write (mount -o remount,rw)")
+        return problems, warnings
+    user = _user_name()
+    denied = f"which this user ({user}) may not write (its mode, or an immutable flag: lsattr)"
+    from mapper.systemd import STATE_DIR
+
+    if real.parent.is_relative_to(STATE_DIR) and STATE_DIR.is_relative_to(made) and STATE_DIR != made:
+        # The service's state directory, not made yet: systemd makes it for the service (StateDirectory=).
+        if not os.access(made, os.W_OK | os.X_OK):
+            warnings.append(f"{STATE_DIR} is not there yet: the service's systemd unit makes it (StateDirectory=),"
+                            f" but a `mapper run` by hand as {user} could not ({_described_or(made)}, {denied})")
+    elif not os.access(made, os.W_OK | os.X_OK):
+        doing = (f"cannot make the twin's directory {real.parent}" if made != real.parent
+                 else "cannot make the twin, nor its -wal and -shm files, in it" if not real.exists()
+                 else "cannot make the twin's -wal and -shm files beside it")
+        problems.append(f"{_described_or(made)}, {denied}: `mapper run` {doing}")
+    elif real.exists() and not os.access(real, os.R_OK | os.W_OK):
+        problems.append(f"{_described_or(real)}, {denied}: `mapper run` cannot write the twin")
+    return problems, warnings
+
+
+def _described_or(path: Path) -> str:
+    from twin.store import described
+
+    try:
+        return described(path)
+    except OSError:
+        return str(path)
+
+
+def _user_name() -> str:
+    import pwd
+
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return f"uid {os.geteuid()}"
+
+
+def _lock_file_problem(lock_path: Path) -> str | None:
+    """Why `mapper run` refuses the twin's lock file as it is (None: it takes it, or makes it): a
+    symbolic link (the pid written into it would land where the link points) or anything but a
+    regular file."""
+    try:
+        st = os.lstat(lock_path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return _lock_link_problem(lock_path)
+    if not stat.S_ISREG(st.st_mode):
+        return _lock_not_regular_problem(lock_path)
+    return None
+
+
+def _lock_link_problem(lock_path: Path) -> str:
+    target = "?"
+    with contextlib.suppress(OSError):
+        target = os.readlink(lock_path)
+    return (f"the twin's lock file {lock_path} is a symbolic link (to {target}), which the mapper does not follow:"
+            f" remove it (rm {lock_path}); `mapper run` makes the lock file itself")
+
+
+def _lock_not_regular_problem(lock_path: Path) -> str:
+    return (f"the twin's lock file {lock_path} is not a regular file: remove it (rm {lock_path}); `mapper run` makes"
+            " the lock file itself")
 
 
 def _lock_path(twin: Path) -> Path:
@@ -165,17 +262,11 @@ def _lock_twin(path: Path):  # noqa: ANN202 - the open lock file, kept open (and
         fd = os.open(lock_path, flags, 0o600)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            target = "?"
-            with contextlib.suppress(OSError):
-                target = os.readlink(lock_path)
-            raise ValueError(f"the twin's lock file {lock_path} is a symbolic link (to {target}), which the mapper"
-                             f" does not follow: remove it (rm {lock_path}); `mapper run` makes the lock file"
-                             " itself") from None
+            raise ValueError(_lock_link_problem(lock_path)) from None
         return None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise ValueError(f"the twin's lock file {lock_path} is not a regular file: remove it (rm {lock_path});"
-                         " `mapper run` makes the lock file itself")
+        raise ValueError(_lock_not_regular_problem(lock_path))
     lock = os.fdopen(fd, "r+")
     try:
         _flock_soon(lock)
@@ -1373,7 +1464,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("paths", nargs="*", metavar="PATH",
                    help="device YAML files, or directories of them (their own *.yaml and *.yml files)")
     v.add_argument("--config", "-c", help="check this config file as `mapper run` would before it starts (its"
-                   " device files, pipelines, password and TLS files), without running anything")
+                   " device files, pipelines, password and TLS files, its twin's place), without running anything")
     v.set_defaults(fn=cmd_validate)
 
     r = _command(sub, "run", "run the mapper until SIGINT/SIGTERM; SIGHUP reloads its device files")

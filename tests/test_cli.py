@@ -2119,6 +2119,62 @@ def test_validate_config_checks_what_mapper_run_refuses_without_running(tmp_path
     assert both.returncode == 2 and "not both" in both.stderr, both.stderr
 
 
+# (twin.path, what `mapper validate --config` says, what `mapper run` says)
+def _sticky_shared_directory(tmp_path: Path) -> tuple[Path, str, str]:
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    shared.chmod(0o1777)  # as /tmp
+    said = f"refusing the twin {shared / 'twin.db'}: {shared} is {_owner_and_group(shared)} 1777: every user can"
+    return shared / "twin.db", said, said
+
+
+def _lock_file_a_link(tmp_path: Path) -> tuple[Path, str, str]:
+    home = tmp_path / "state"
+    home.mkdir(mode=0o700)
+    (home / "twin.db.lock").symlink_to(tmp_path / "elsewhere")
+    said = f"the twin's lock file {home / 'twin.db.lock'} is a symbolic link (to {tmp_path / 'elsewhere'})"
+    return home / "twin.db", said, said
+
+
+def _directory_it_cannot_make(tmp_path: Path) -> tuple[Path, str, str]:
+    home = tmp_path / "state"
+    home.mkdir(mode=0o700)
+    if subprocess.run(["chattr", "+i", str(home)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")  # (the tests run as root, whom modes do not stop)
+    return (home / "sub" / "twin.db", f"may not write (its mode, or an immutable flag: lsattr): `mapper run` cannot"
+            f" make the twin's directory {home / 'sub'}", f"Operation not permitted: '{home / 'sub'}'")
+
+
+def _owner_and_group(path: Path) -> str:
+    import grp
+    import pwd
+
+    st = path.stat()
+    return f"{pwd.getpwuid(st.st_uid).pw_name}:{grp.getgrgid(st.st_gid).gr_name}"
+
+
+@pytest.mark.parametrize("place", [_sticky_shared_directory, _lock_file_a_link, _directory_it_cannot_make],
+                         ids=["sticky-like-tmp", "lock-file-a-link", "directory-it-cannot-make"])
+def test_validate_config_refuses_the_twin_places_mapper_run_refuses(tmp_path: Path, place) -> None:  # noqa: ANN001
+    """`mapper validate --config` said ok for a config whose twin.path `mapper run` refuses: a twin in a
+    directory every user can write (/tmp), beside a lock file that is a symbolic link, or in a directory
+    that cannot be made. It now makes run's checks of the twin's place, by looking only (nothing made,
+    nothing opened), so that its ok means run will not refuse the config; both name the same cause."""
+    twin, said, run_said = place(tmp_path)
+    config = write_config(tmp_path / "mapper.yaml", write_devices(tmp_path / "dev", ["a"]), twin)
+    before = sorted(tmp_path.rglob("*"))
+    try:
+        checked = mapper("validate", "--config", str(config))
+        assert sorted(tmp_path.rglob("*")) == before, "validate made something"
+        run = mapper("run", "--config", str(config))
+    finally:
+        subprocess.run(["chattr", "-i", str(tmp_path / "state")], capture_output=True)
+    assert run.returncode == 1 and run_said in run.stderr, run.stderr
+    assert checked.returncode == 1, checked
+    assert f"{config}: twin.path: " in checked.stderr and said in checked.stderr, checked.stderr
+    assert "1 error(s): `mapper run` refuses to start with" in checked.stderr, checked.stderr
+
+
 def test_twin_set_refuses_a_device_whose_file_names_another_node(tmp_path):
     """`twin set` checks as the router does: a device whose file says `spec.nodeName: node-b` is not
     this node's (test-node), so no desired value is stored for it (it was, and applied once the file
