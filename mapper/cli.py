@@ -766,17 +766,26 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     # The config as the file says it: the unit sets the service's own MAPPER_TWIN__PATH, and the
     # CLI commands a user runs later do not have this shell's.
     config = load_config(config_path, env={k: v for k, v in os.environ.items() if k != "MAPPER_TWIN__PATH"})
-    config.check_installed(str(config_path))  # refuse to install a service that cannot start
+    # What refuses the install whatever --force says, every one found (not one a run): a service
+    # that cannot start (what it needs not installed, files its user cannot read, secrets the start
+    # refuses) or whose twin is not the config's.
+    refused: list[str] = []
+    try:
+        config.check_installed(str(config_path))
+    except ValueError as exc:
+        refused.append(str(exc))
     groups, missing = existing_groups(args.groups)
+    service_user = ServiceUser.lookup(args.user, groups)
     # The service reads its config and device files as its own user, not as root.
-    check_service_reads(config_path, config, ServiceUser.lookup(args.user, groups))
+    refused += check_service_reads(config_path, config, service_user)
     if config.mqtt is not None:
         # As the service user (or what it will be once created), not as root: sudo reads anything.
-        for warning in (*check_service_secrets(config.mqtt, ServiceUser.lookup(args.user, groups), str(config_path)),
-                        *config.mqtt.exposed_secrets(str(config_path))):
+        warnings, problems = check_service_secrets(config.mqtt, service_user, str(config_path))
+        refused += problems
+        for warning in (*warnings, *config.mqtt.exposed_secrets(str(config_path))):
             print(warning, file=sys.stderr)
     if config.api is not None and config.api.enabled:
-        check_service_token(config.api, ServiceUser.lookup(args.user, groups), str(config_path))
+        refused += check_service_token(config.api, service_user, str(config_path))
         for warning in config.api.exposure_warnings(str(config_path)):
             print(warning, file=sys.stderr)
     for group in missing:
@@ -786,7 +795,7 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if twin != SERVICE_TWIN and not args.other_twin:
         # The unit's MAPPER_TWIN__PATH wins for the service; `mapper devices` and `mapper twin ...
         # --config` given this file would read and set another twin than the one the service writes.
-        raise ValueError(
+        refused.append(
             f"{config_path}: twin.path is {twin}, but the service keeps its twin in {SERVICE_TWIN}"
             f" (MAPPER_TWIN__PATH in the unit): `mapper devices` and `mapper twin get/set --config {config_path}`"
             f" would read and set another twin than the service's. Set twin.path in {config_path}:"
@@ -795,27 +804,34 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     settings = UnitSettings(config=config_path, user=args.user, groups=tuple(groups),
                             watchdog_sec=args.watchdog_sec, stop_timeout_sec=args.stop_timeout_sec,
                             writable=tuple(writable_dirs(config)), reads=tuple(read_paths(config)))
-    unit = render_unit(settings)
     started = list(start_checks(config))  # (not in service_warnings: those look at the unit's paths only)
     checks = [*service_checks(settings), *started]
     cannot_start = [text for fatal, text in checks if fatal]
-    if args.dry_run:
+    try:
+        unit = render_unit(settings)
+    except ValueError as exc:  # (a path the unit cannot hold: a newline in it)
+        refused.append(str(exc))
+    for text in refused:  # with what else keeps the service from starting (below): all in one run
+        print(f"error: {text}", file=sys.stderr)
+    if args.dry_run and not refused:
         print(unit, end="")
         # What the install would change (stderr: stdout is the unit), a missing user first: the
         # install creates it, so a dry run must not leave that unsaid.
         for line in install_service(unit, settings, Path(args.unit_file), system=not args.unit_only, dry_run=True):
             print(line, file=sys.stderr)
-    if cannot_start and not args.force:
+    if (cannot_start and not args.force) or refused:
         # Refused before anything is made (user, unit, daemon-reload): a unit that cannot start
         # would only fail at `systemctl enable --now`, or at the next boot.
-        for fatal, text in checks:
+        for fatal, text in checks if not refused else ():  # (the warnings: once the errors are fixed)
             if not fatal:
                 print(f"warning: {text}", file=sys.stderr)
         done = "a real install refuses it" if args.dry_run else "nothing was installed"
-        print(f"error: the service could not start with this installation, so {done}: fix these, then run this"
-              " again (or pass --force to install anyway):", file=sys.stderr)
-        for text in cannot_start:
-            print(f"  - {text}", file=sys.stderr)
+        if cannot_start and not args.force:
+            print(f"error: the service could not start with this installation, so {done}: fix these"
+                  f"{' and the errors above' if refused else ''}, then run this again (or pass --force to install"
+                  " anyway):", file=sys.stderr)
+            for text in cannot_start:
+                print(f"  - {text}", file=sys.stderr)
         return 1
     if args.dry_run:
         # The checks a real install makes after writing the unit, without writing anything.

@@ -580,36 +580,52 @@ def _group_name(gid: int) -> str:
         return str(gid)
 
 
-def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) -> list[str]:
-    """The MQTT secrets as the service will meet them. install-service runs as root, which reads
-    any file: the password and TLS files must be readable by the service user (ValueError if not;
-    a file with a POSIX ACL is left to it). Returns warnings: the unit sets no password_env
-    variable, so it must be added to the service's environment."""
-    warnings = []
+def check_service_secrets(mqtt: MqttSettings, user: ServiceUser, source: str) -> tuple[list[str], list[str]]:
+    """The MQTT secrets as the service will meet them: (warnings, problems), every problem found.
+    install-service runs as root, which reads any file: the start's own checks first (a missing
+    file, a wrong key password), then whether the service user can read each file (a file with a
+    POSIX ACL is left to it; the files of a check that failed already are not looked at again).
+    The warning: the unit sets no password_env variable, so it must be added to the service's
+    environment."""
+    warnings: list[str] = []
+    problems: list[str] = []
+    files: list[tuple[str, Path | None]] = []
     if mqtt.password_env is not None and mqtt.password_file is None:
         # The variable belongs to the service's environment, not to the shell running this.
         warnings.append(f"warning: mqtt.password_env: the unit does not set {mqtt.password_env}: add it with"
                         f" `systemctl edit mapper` ([Service] EnvironmentFile= a root-only file holding"
                         f" {mqtt.password_env}=...), or use mqtt.password_file; without it the service cannot log in")
+    elif (problem := _problem_of(mqtt.check_password, source)) is not None:  # as `mapper run` reports it
+        problems.append(problem)
     else:
-        mqtt.check_password(source)  # as root first: a missing file is reported as `mapper run` reports it
-    mqtt.check_tls(source)  # likewise: a wrong key password is a config error here, not at the service's start
-    files = [("mqtt.password_file", mqtt.password_file)]
-    if mqtt.tls is not None:
+        files.append(("mqtt.password_file", mqtt.password_file))
+    # Likewise: a wrong key password is a config error here, not at the service's start.
+    if (problem := _problem_of(mqtt.check_tls, source)) is not None:
+        problems.append(problem)
+    elif mqtt.tls is not None:
         files += [(f"mqtt.tls.{name}", getattr(mqtt.tls, name))
                   for name in ("ca_file", "cert_file", "key_file", "key_password_file")]
-    for field, path in files:
-        _check_service_can_read(field, path, user, source)
-    return warnings
+    problems += [problem for field, path in files
+                 if (problem := _service_cannot_read(field, path, user, source)) is not None]
+    return warnings, problems
 
 
-def _check_service_can_read(field: str, path: Path | None, user: ServiceUser, source: str, *,
-                            owner_only: bool = False) -> None:
-    """ValueError naming the field, with the command that fixes it, when the service user cannot
-    read the secret file at `path`: a chgrp to its group and g+r, or (`owner_only`, for a file the
-    start refuses when its group may read it) a chown to it."""
+def _problem_of(check: Callable[[str], None], source: str) -> str | None:
+    """What a start check (`check(source)` raising ValueError) finds, or None."""
+    try:
+        check(source)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _service_cannot_read(field: str, path: Path | None, user: ServiceUser, source: str, *,
+                         owner_only: bool = False) -> str | None:
+    """The problem, naming the field, with the command that fixes it, when the service user cannot
+    read the secret file at `path` (None if it can): a chgrp to its group and g+r, or (`owner_only`,
+    for a file the start refuses when its group may read it) a chown to it."""
     if path is None or (denied := user.denied(path, os.R_OK)) is None:
-        return
+        return None
     where = denied.path
     if not denied.by_mode:
         fix = "fix the path"
@@ -621,27 +637,32 @@ def _check_service_can_read(field: str, path: Path | None, user: ServiceUser, so
                    f" --home-dir {STATE_DIR} --no-create-home --shell /usr/sbin/nologin {user.name}), then: {fix}")
     else:
         fix = f"open {where} to it, or move the file (e.g. to /etc/mapper)"
-    raise ValueError(f"{source}: {field}: the service user {user.name!r} cannot read {path}"
-                     f" ({denied.detail}): {fix}")
+    return f"{source}: {field}: the service user {user.name!r} cannot read {path} ({denied.detail}): {fix}"
 
 
-def check_service_token(api: ApiSettings, user: ServiceUser, source: str) -> None:
-    """api.token_file (and api.tls's files) as the service will meet them: the start's checks (as root, which reads any
-    file: a missing, empty or group/other-readable file is reported as `mapper run` reports it),
-    then whether the service user can read it (ValueError if not). The file must be the service
-    user's own (mode 0600): the fix is a chown, not check_service_secrets' chgrp and g+r, which the
-    start would refuse."""
-    api.check_token(source)
-    _check_service_can_read("api.token_file", api.token_file, user, source, owner_only=True)
-    api.check_tls(source)  # as root first: a key that is not the certificate's is said as `mapper run` says it
-    if api.tls is not None:
-        for name in ("cert_file", "key_file", "key_password_file"):
-            _check_service_can_read(f"api.tls.{name}", getattr(api.tls, name), user, source)
+def check_service_token(api: ApiSettings, user: ServiceUser, source: str) -> list[str]:
+    """api.token_file (and api.tls's files) as the service will meet them, every problem found: the start's checks
+    (as root, which reads any file: a missing, empty or group/other-readable file is reported as `mapper run` reports
+    it), then whether the service user can read them. The token file must be the service user's own (mode 0600): the
+    fix is a chown, not check_service_secrets' chgrp and g+r, which the start would refuse."""
+    problems: list[str] = []
+    if (problem := _problem_of(api.check_token, source)) is not None:
+        problems.append(problem)
+    elif (problem := _service_cannot_read("api.token_file", api.token_file, user, source, owner_only=True)) is not None:
+        problems.append(problem)
+    # As root first: a key that is not the certificate's is said as `mapper run` says it.
+    if (problem := _problem_of(api.check_tls, source)) is not None:
+        problems.append(problem)
+    elif api.tls is not None:
+        problems += [problem for name in ("cert_file", "key_file", "key_password_file")
+                     if (problem := _service_cannot_read(f"api.tls.{name}", getattr(api.tls, name), user,
+                                                         source)) is not None]
+    return problems
 
 
-def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUser) -> None:
+def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUser) -> list[str]:
     """The config file and the device files as the service will meet them (install-service runs as
-    root, which reads any file): ValueError naming the file when its own owner, group and mode keep
+    root, which reads any file): a problem naming each file whose own owner, group and mode keep
     the service user out (`sudo tee` under umask 077, a `chmod 600` for safety). A device directory
     must be listable too; its files are checked one by one, as `mapper run` reads them
     (devices.loader.yaml_files). A closed directory on the way is left to install_service's
@@ -653,6 +674,7 @@ def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUs
         if entry.is_dir():
             wanted.append(("devices", entry, os.R_OK | os.X_OK))
     wanted += [("devices", file, os.R_OK) for file in yaml_files(config.devices) if file.exists()]
+    problems = []
     for field, path, want in wanted:
         if (denied := user.denied(path, want)) is None:
             continue
@@ -660,8 +682,9 @@ def check_service_reads(config_path: Path, config: MapperConfig, user: ServiceUs
         if not denied.by_mode or where != path.resolve():
             continue
         fix = f"sudo chmod {'o+rx' if want & os.X_OK else 'o+r'} {where}"  # they hold no secrets
-        raise ValueError(f"{config_path}: {field}: the service user {user.name!r} cannot read {path}"
-                         f" ({denied.detail}), so the service cannot start: {fix}")
+        problems.append(f"{config_path}: {field}: the service user {user.name!r} cannot read {path}"
+                        f" ({denied.detail}), so the service cannot start: {fix}")
+    return problems
 
 
 def unreachable_for_others(path: Path) -> Path | None:

@@ -539,6 +539,40 @@ def test_install_refuses_a_config_or_device_file_the_service_user_cannot_read(
     assert "ExecStart=" in capsys.readouterr().out
 
 
+def test_dry_run_reports_every_file_the_service_user_cannot_read_in_one_run(
+        tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`install-service --dry-run` stopped at the first file the service user could not read: a 0600
+    config, then (once fixed) a 0600 device file, then the password file, one run each. Every one is
+    now said in one run, then exit 1; no unit. (--force: what this test machine lacks for a service, its
+    interpreter under /root, is left out; without it that is listed too, after these.)"""
+    password, _ = _root_only_password(tmp_path, open_dir)
+    devices = write_devices(open_dir / "dev", ["a", "b"])
+    device_files = sorted(devices.glob("*.yaml"))
+    config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN,
+                          extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {password}\n")
+    for path in (config, *device_files):
+        path.chmod(0o600)
+    install = ["install-service", "--force", "--config", str(config), "--dry-run", "--user", "nobody", "--groups"]
+    assert main(install) == 1
+    out, err = capsys.readouterr()
+    assert out == "", out  # no unit
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    group = grp.getgrgid(pwd.getpwnam("nobody").pw_gid).gr_name
+    assert errors == [
+        f"error: {config}: --config: the service user 'nobody' cannot read {config} ({config} is root:root 0600),"
+        f" so the service cannot start: sudo chmod o+r {config}",
+        *(f"error: {config}: devices: the service user 'nobody' cannot read {file} ({file} is root:root 0600), so"
+          f" the service cannot start: sudo chmod o+r {file}" for file in device_files),
+        f"error: {config}: mqtt.password_file: the service user 'nobody' cannot read {password} ({password} is"
+        f" root:root 0600): sudo chgrp {group} {password} && sudo chmod g+r {password}"], err
+    for path in (config, *device_files):
+        path.chmod(0o644)
+    os.chown(password, -1, pwd.getpwnam("nobody").pw_gid)
+    password.chmod(0o640)
+    assert main(install) == 0
+    assert "ExecStart=" in capsys.readouterr().out
+
+
 def test_dry_run_makes_the_checks_a_real_install_makes(
         tmp_path: Path, open_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """docs/kubeedge.md and docs/raspberry-pi.md tell users to check the install with --dry-run: it
@@ -732,12 +766,17 @@ def test_install_refuses_a_config_whose_twin_is_not_the_services(
         assert main(["install-service", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                      "--groups", *extra]) == 1
         out, err = capsys.readouterr()
-        assert out == "" and err == (
+        first, *rest = err.splitlines()
+        assert out == "" and first == (
             f"error: {config}: twin.path is {tmp_path}/mapper-twin.db, but the service keeps its twin in"
             f" /var/lib/mapper/twin.db (MAPPER_TWIN__PATH in the unit): `mapper devices` and `mapper twin get/set"
             f" --config {config}` would read and set another twin than the service's. Set twin.path in {config}:"
             " `twin: {path: /var/lib/mapper/twin.db}` (or `path: /var/lib/mapper/twin.db` in its `twin:` section),"
-            " then run this again; or pass --other-twin to install anyway\n")
+            " then run this again; or pass --other-twin to install anyway")
+        # After it, in the same run, what else keeps the service from starting here (tmp_path is closed
+        # to the service user), as a refused install lists it.
+        assert not rest or (rest[0].startswith("error: the service could not start with this installation, so")
+                            and all(line.startswith("  - ") for line in rest[1:])), err
         assert not unit_file.exists()
     assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
                  "--groups", "--other-twin"]) == 0
