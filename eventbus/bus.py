@@ -456,6 +456,9 @@ class MqttBus:
         self.first_attempt = asyncio.Event()
         self.disconnected = asyncio.Event()
         self.disconnected.set()
+        # Set at each connection made, lost or refused (each failed attempt: last_error may have
+        # changed); cleared by whoever waits on it (EventBusExtension._note_broker).
+        self.changed = asyncio.Event()
         self.connected_since: float | None = None  # when (time.time) the current connection was made
         self.protocol = aiomqtt.ProtocolVersion.V5 if settings.protocol != "3.1.1" else aiomqtt.ProtocolVersion.V311
         self.connects = 0
@@ -664,6 +667,7 @@ class MqttBus:
                     self.closed_by_broker = False
                     self.connected.set()
                     self.first_attempt.set()
+                    self.changed.set()
                     await self._on_connect()
                     async for message in client.messages:
                         if not self._taking:  # stopping: not handled, not acknowledged (see hold_incoming)
@@ -739,6 +743,7 @@ class MqttBus:
                 self.disconnected.set()
                 self.client = None
                 self.first_attempt.set()
+                self.changed.set()
                 if self.on_lost is not None:
                     self.on_lost()
             if was_connected and not delay:

@@ -35,7 +35,8 @@ from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
 from devices.values import Value
 from twin.records import Reading
-from twin.store import BROKER_META, DesiredChange, OutboxRow, OutMessage, TwinStore, UnknownDevice, write_private
+from twin.store import (BROKER_META, BROKER_NOTE_REFRESH_S, DesiredChange, OutboxRow, OutMessage, TwinStore,
+                        UnknownDevice, write_private)
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -61,6 +62,9 @@ REASSERT_INTERVAL_S = 5.0
 _VIEW_ENDS = ("/availability", "/state")  # a device's retained views (Topics.device_view)
 # A note of the MQTT connection the twin could not take is tried again this often (_note_broker).
 RETRY_NOTE_S = 5.0
+# The note is written again at least this often, unchanged but for its time (`noted`): an older
+# one tells `mapper devices` that the mapper could not write it since (a twin that refuses writes).
+REFRESH_NOTE_S = BROKER_NOTE_REFRESH_S
 # The random part of the default client id, kept beside the twin: <twin>.mqtt-client-id.
 CLIENT_ID_FILE_SUFFIX = ".mqtt-client-id"
 CLIENT_ID_SECRET = re.compile(r"[0-9a-f]{16}")
@@ -295,33 +299,43 @@ class EventBusExtension:
                 tg.create_task(self.router.run(), name="membership-replies")
 
     async def _note_broker(self, service: MapperService) -> None:
-        """Note each change of the connection (connected or not, since when, why not) in the twin, for
-        `mapper devices`: only systemd's STATUS= said it, and a crash lost it. Each note carries this
-        process's pid and when it was made, so a note a crashed run left is shown as what was last
-        known then, not as the current state. One write per change; one that fails (the twin
-        locked, a full disk) is tried again every RETRY_NOTE_S until it is written or superseded."""
+        """Note the connection (connected or not, since when, the latest reason why not) in the twin,
+        for `mapper devices`: only systemd's STATUS= said it, and a crash lost it. Written at each
+        change (a connection made or lost, an attempt failing for another reason than the last one
+        noted), and again every REFRESH_NOTE_S. Each note carries this process's pid and when it was
+        made, so a note a crashed run left, or one this run could not write again since (a twin that
+        refuses writes), is shown as what was last known then, not as the current state. A write that
+        fails (the twin locked, a full disk) is tried again every RETRY_NOTE_S until it is written."""
         bus = self.bus
         assert bus is not None
+        loop = asyncio.get_running_loop()
         await bus.first_attempt.wait()
+        written: tuple[object, ...] | None = None  # what the last note written said, and when (loop.time)
+        written_at = 0.0
         while True:
+            bus.changed.clear()
             connected = bus.connected.is_set()
             since = bus.connected_since if connected else bus.down_since
-            now = time.time()
-            note = orjson.dumps({
-                "url": _url_without_credentials(self.settings.url), "connected": connected,
-                "since": round((since if since is not None else now) * 1000),
-                "error": None if connected else bus.last_error, "pid": os.getpid(), "noted": round(now * 1000),
-            }).decode()
-            change = bus.disconnected if connected else bus.connected
-            try:
-                await service.twin(lambda s, note=note: s.swap_meta(BROKER_META, note))
-            except Exception as exc:  # noqa: BLE001 - only `mapper devices` misses it: tried again
-                log.debug("cannot note the MQTT connection in the twin: %s", exc)
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(RETRY_NOTE_S):
-                        await change.wait()
-                continue
-            await change.wait()
+            error = None if connected else bus.last_error
+            said = (connected, since, error)
+            wait_s = REFRESH_NOTE_S - (loop.time() - written_at)
+            if said != written or wait_s <= 0:
+                now = time.time()
+                note = orjson.dumps({
+                    "url": _url_without_credentials(self.settings.url), "connected": connected,
+                    "since": round((since if since is not None else now) * 1000),
+                    "error": error, "pid": os.getpid(), "noted": round(now * 1000),
+                }).decode()
+                try:
+                    await service.twin(lambda s, note=note: s.swap_meta(BROKER_META, note))
+                except Exception as exc:  # noqa: BLE001 - only `mapper devices` misses it: tried again
+                    log.debug("cannot note the MQTT connection in the twin: %s", exc)
+                    wait_s = RETRY_NOTE_S
+                else:
+                    written, written_at, wait_s = said, loop.time(), REFRESH_NOTE_S
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait_s):
+                    await bus.changed.wait()
 
     async def stop_requested(self, service: MapperService) -> None:
         """First thing on a clean stop: no more incoming messages are handled. What one causes (a

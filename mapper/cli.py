@@ -30,8 +30,8 @@ from mapper import __version__, early_sighup, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.migrations import MIGRATIONS
-from twin.store import (TWIN_DIR_MODE, NewerTwin, OlderTwin, TwinError, TwinStore, UnknownDevice, check_owned,
-                        missing_schema, unusable_twin, write_private)
+from twin.store import (BROKER_NOTE_REFRESH_S, TWIN_DIR_MODE, NewerTwin, OlderTwin, TwinError, TwinStore,
+                        UnknownDevice, check_owned, missing_schema, unusable_twin, write_private)
 
 
 def _config(path: str) -> MapperConfig:
@@ -1367,6 +1367,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
     running, pid, starting, why = _lock_state(config.twin.path)
     if broker is not None:  # current only when noted by the mapper that runs now (else a crashed run's last word)
         broker["current"] = running is True and pid is not None and broker.get("pid") == pid
+        # ... and fresh only when noted lately: it is noted again every BROKER_NOTE_REFRESH_S
+        broker["fresh"] = time.time() * 1000 - broker["noted"] <= BROKER_NOTE_STALE_S * 1000
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
                             "broker": broker,
@@ -1403,6 +1405,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+# A note of the MQTT connection older than this is not shown as current: the running mapper writes it
+# again every BROKER_NOTE_REFRESH_S, so it could not since (its twin refuses writes, or it is stuck).
+BROKER_NOTE_STALE_S = 3 * BROKER_NOTE_REFRESH_S
+
+
 def _broker_note(store) -> dict | None:  # noqa: ANN001 - TwinStore
     """The MQTT connection as a mapper last noted it in the twin (EventBusExtension._note_broker), or None."""
     from twin.store import BROKER_META
@@ -1412,28 +1419,48 @@ def _broker_note(store) -> dict | None:  # noqa: ANN001 - TwinStore
         note = orjson.loads(text) if text else None
     except (sqlite3.Error, orjson.JSONDecodeError):
         return None
-    return note if isinstance(note, dict) and {"url", "connected", "since", "pid", "noted"} <= note.keys() else None
+    if not isinstance(note, dict) or not {"url", "connected", "since", "pid", "noted"} <= note.keys():
+        return None
+    return note if all(isinstance(note[key], int) for key in ("since", "noted")) else None
 
 
 def _broker_line(note: dict | None, running: bool | None, pid: int | None, configured: bool) -> str | None:
     """`broker: connected to mqtt://host:1883 since ...` for `mapper devices`: as the running mapper noted
-    it; a note no running mapper made (a crash leaves its last one) says when it was last known."""
+    it lately; a note no running mapper made (a crash leaves its last one), or one the running mapper has
+    not written again for BROKER_NOTE_STALE_S (its twin refuses writes), says when it was last known,
+    and how long ago."""
     if note is None:
         if configured and running:
             return "broker: not noted yet by this run (it notes each connection and its loss in the twin)"
         return None
     state = (f"connected to {note['url']} since {_fmt_ts(note['since'])}" if note["connected"] else
              f"disconnected from {note['url']} since {_fmt_ts(note['since'])}"
-             + (f": {note['error']}" if note.get("error") else ""))
-    if note.get("current"):
+             + (f", latest reason: {note['error']}" if note.get("error") else ""))
+    if note.get("current") and note.get("fresh", True):
         return f"broker: {state}"
-    if running is False:
+    if note.get("current"):
+        whose = (f"by this mapper, pid {note['pid']}, which notes it every {BROKER_NOTE_REFRESH_S:g} s but has not"
+                 " since: its twin may refuse writes (its log says why), and this may no longer be so")
+    elif running is False:
         whose = f"by pid {note['pid']}, which no longer runs: the mapper stopped or crashed then"
     elif running:
         whose = f"by pid {note['pid']}, an earlier run; this one (pid {pid if pid is not None else '?'}) has noted nothing yet"
     else:
         whose = f"by pid {note['pid']}; whether it still runs cannot be told"
-    return f"broker: last known {_fmt_ts(note['noted'])} ({whose}): {state}"
+    age = _age_text(time.time() * 1000 - note["noted"])
+    return f"broker: last known {_fmt_ts(note['noted'])}, {age} ago ({whose}): {state}"
+
+
+def _age_text(ms: float) -> str:
+    """`45 s`, `12 min`, `5 h`, `3 days`: how long ago, to a person's measure."""
+    seconds = max(0, round(ms / 1000))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 120 * 60:
+        return f"{seconds // 60} min"
+    if seconds < 48 * 3600:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} days"
 
 
 def cmd_cloud_worker(args: argparse.Namespace) -> int:

@@ -2295,7 +2295,7 @@ def test_devices_says_whether_the_mapper_is_connected_to_its_broker(tmp_path, br
         broker.stop()
         line = wait_for(lambda: (line := broker_line()).startswith(f"broker: disconnected from {url} since ")
                         and line, what="disconnected")
-        assert re.search(r" since [-0-9: .]+Z: \S", line), line  # and why, as the mapper heard it at the loss
+        assert re.search(r" since [-0-9: .]+Z, latest reason: \S", line), line  # and why
         broker.start()
         wait_for(lambda: broker_line().startswith(f"broker: connected to {url} since "), what="connected again")
         run.kill()  # a crash: nobody notes the connection's end
@@ -2304,3 +2304,110 @@ def test_devices_says_whether_the_mapper_is_connected_to_its_broker(tmp_path, br
         assert line.startswith("broker: last known ") and f"connected to {url} since " in line, line
         noted = json.loads(mapper("devices", "--config", str(run.config), "--json").stdout)["broker"]
         assert noted["connected"] is True and noted["current"] is False, noted
+
+
+def test_devices_says_the_latest_reason_the_broker_is_not_reached(tmp_path, broker_for):
+    """Disconnected, `mapper devices` said the error of the loss (the broker closing the connection) for as
+    long as the outage lasted: the mapper noted the connection only when it was made or lost, not when
+    the attempts after the loss failed for another reason (nothing listening, a login refused). The note
+    now follows the latest reason: here the attempts' `Connection refused` once the broker is gone."""
+    from mapper_proc import MapperProcess
+
+    broker = broker_for("test-node")
+    url = f"mqtt://{broker.host}:{broker.port}"
+    run = MapperProcess(tmp_path, write_devices(tmp_path / "dev", ["lamp"], cycle=200), broker)
+
+    def broker_line() -> str:
+        shown = mapper("devices", "--config", str(run.config)).stdout
+        return next((line for line in shown.splitlines() if line.startswith("broker:")), "")
+
+    with run:
+        wait_for(lambda: broker_line().startswith(f"broker: connected to {url} since "), what="connected")
+        broker.stop()
+        run.wait_log("Connection refused")  # an attempt after the loss, refused: nothing listens
+        line = wait_for(lambda: (line := broker_line()).startswith(f"broker: disconnected from {url} since ")
+                        and "Connection refused" in line and line, what="the attempts' reason")
+        assert re.search(r" since [-0-9: .]+Z, latest reason: .*Connection refused", line), line
+        noted = json.loads(mapper("devices", "--config", str(run.config), "--json").stdout)["broker"]
+        assert "Connection refused" in noted["error"] and noted["current"] and noted["fresh"], noted
+
+
+def test_devices_says_how_old_a_broker_note_the_running_mapper_has_not_renewed_is(tmp_path):
+    """The running mapper notes its broker connection again every BROKER_NOTE_REFRESH_S; a note it has
+    not renewed for longer (its twin refusing writes: a full disk) was shown as the current state,
+    `broker: connected ...`, its time only in --json. It is now shown as last known, when, how long
+    ago and why it may no longer be so. (The running mapper: this process, holding the twin's lock.)"""
+    import fcntl
+    import time
+
+    from mapper.cli import _fmt_ts
+    from twin.store import BROKER_META, TwinStore
+
+    twin = tmp_path / "twin.db"
+    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["lamp"]), twin,
+                          extra="mqtt:\n  url: mqtt://127.0.0.1:1883\n")
+    noted = round((time.time() - 3600) * 1000)  # an hour ago: a mapper that runs notes it every minute
+    url = "mqtt://127.0.0.1:1883"
+    with TwinStore.open(twin) as store:
+        store.swap_meta(BROKER_META, json.dumps({"url": url, "connected": True, "since": noted - 5000,
+                                                 "error": None, "pid": os.getpid(), "noted": noted}))
+    with open(f"{twin}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        shown = mapper("devices", "--config", str(config))
+        as_json = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["broker"]
+    assert shown.returncode == 0, shown.stderr
+    assert f"mapper: running (pid {os.getpid()})" in shown.stdout, shown.stdout
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("broker:"))
+    assert not line.startswith("broker: connected"), line
+    assert line.startswith(f"broker: last known {_fmt_ts(noted)}, "), line
+    assert re.search(r", \d+ (min|h) ago \(by this mapper, pid \d+, which notes it every 60 s but has not since: its twin"
+                     r" may refuse writes", line), line
+    assert line.endswith(f": connected to {url} since {_fmt_ts(noted - 5000)}"), line
+    assert as_json["current"] is True and as_json["fresh"] is False, as_json
+
+
+def test_the_running_mapper_notes_its_broker_connection_again_while_nothing_changes(broker, tmp_path, monkeypatch):
+    """The note `mapper devices` reads was written only at a change: an old note could not be told from
+    one the mapper could no longer write. It is written again every REFRESH_NOTE_S (here 0.2 s), the same
+    connection (`since`) with a new `noted`. (In process, for the short refresh; a real broker and twin.)"""
+    import asyncio
+
+    import eventbus.extension
+    from eventbus.settings import MqttSettings
+    from mapper.config import MapperConfig, TwinSettings
+    from mapper.runtime import build_service
+    from twin.store import BROKER_META
+
+    monkeypatch.setattr(eventbus.extension, "REFRESH_NOTE_S", 0.2, raising=False)
+    secret = tmp_path / "pw"
+    secret.write_text(broker.users["mapper"])
+    secret.chmod(0o600)
+    config = MapperConfig(node="test-node", devices=[write_devices(tmp_path / "dev", ["lamp"], cycle=200)],
+                          twin=TwinSettings(path=tmp_path / "twin.db"),
+                          mqtt=MqttSettings(url=f"mqtt://127.0.0.1:{broker.port}", username="mapper",
+                                            password_file=secret))
+
+    async def notes_while_connected() -> list[dict]:
+        service = build_service(config)
+        stop = asyncio.Event()
+        running = asyncio.create_task(service.run(stop))
+        notes: list[dict] = []
+        try:
+            async with asyncio.timeout(15):
+                await service.ready.wait()
+                while len({note["noted"] for note in notes}) < 3:
+                    text = await service.twin(lambda s: s.meta(BROKER_META))
+                    if text:
+                        notes.append(json.loads(text))
+                    await asyncio.sleep(0.05)  # (written by another task on its own clock: polled)
+        finally:
+            stop.set()
+            await running
+        return notes
+
+    notes = asyncio.run(notes_while_connected())
+    assert all(note["connected"] for note in notes), notes
+    assert len({note["since"] for note in notes}) == 1, notes  # one connection, noted again and again
+

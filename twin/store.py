@@ -202,6 +202,9 @@ AGE_PRUNE_NOTE_MS = 60_000
 # The meta key under which a running mapper notes its MQTT connection (EventBusExtension._note_broker):
 # JSON {"url", "connected", "since" (ms), "error", "pid", "noted" (ms)}, read by `mapper devices`.
 BROKER_META = "broker"
+# ... written again at least this often while the mapper runs, unchanged but for `noted`: an older
+# note is one the mapper could not write since (a twin that refuses writes), not one still true.
+BROKER_NOTE_REFRESH_S = 60.0
 
 DERIVED_PROTOCOL = "derived"
 
