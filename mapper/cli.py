@@ -26,7 +26,7 @@ import orjson
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import LoadResult, load
-from mapper import __version__, early_sighup, logs, openssl
+from mapper import __version__, early_signals, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
 from twin.migrations import MIGRATIONS
@@ -409,6 +409,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from mapper.runtime import build_service
 
     logs.setup(config.log_level)
+    if _stopped_while_starting():  # (the models and drivers not loaded for nothing)
+        return 0
     service = build_service(config)
     if twin_lock is None:
         # The lock file could not be made (a read-only or full disk): the start now waits for such
@@ -431,7 +433,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, hup.set)
-        if early_sighup.heard():  # (asked after the handler above: no SIGHUP falls between the two)
+        if _stopped_while_starting():  # (asked after the handlers above: no SIGTERM falls between the two)
+            return
+        if early_signals.heard():  # (asked after the handler above: no SIGHUP falls between the two)
             logging.getLogger("mapper.reload").info("SIGHUP while starting: the config and device files are read"
                                                     " again once the mapper runs")
             hup.set()
@@ -449,6 +453,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     asyncio.run(main())
     return 1 if service.uncommitted_at_stop else 0
+
+
+def _stopped_while_starting() -> bool:
+    """Whether a SIGTERM came before `mapper run` listened for it (early_signals): the stop it asks
+    for is then made at once, before anything is opened (the twin, the broker, the devices), exit 0."""
+    if (name := early_signals.stop_heard()) is None:
+        return False
+    logging.getLogger("mapper.service").info("%s while starting: stopped before opening the twin or any device", name)
+    return True
 
 
 async def freeze_heap_when_ready(service) -> None:  # noqa: ANN001

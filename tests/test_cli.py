@@ -16,7 +16,7 @@ import pytest
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from helpers import MODEL, device_yaml, dist_info, wait_for, write_config, write_devices
+from helpers import MODEL, catches, device_yaml, dist_info, wait_for, write_config, write_devices
 from mapper.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -2411,3 +2411,41 @@ def test_the_running_mapper_notes_its_broker_connection_again_while_nothing_chan
     assert all(note["connected"] for note in notes), notes
     assert len({note["since"] for note in notes}) == 1, notes  # one connection, noted again and again
 
+
+def test_a_sigterm_while_the_mapper_starts_is_a_clean_stop(tmp_path: Path) -> None:
+    """SIGTERM's default action ended `mapper run` until its event loop listened for it (about a second
+    of imports, checks and models): a `systemctl stop` or `restart` right after a start ended it by the
+    signal (exit 143), not by the clean stop the unit relies on. It is noted from the start on: the
+    mapper stops before opening anything, exit 0, saying so. The start is held here by its config file,
+    a FIFO the test writes only after the SIGTERM (`mapper run` reads the config first thing)."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    twin = tmp_path / "state" / "twin.db"
+    config = tmp_path / "mapper.yaml"
+    os.mkfifo(config)
+    log_path = tmp_path / "mapper.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: catches(proc.pid, signal.SIGHUP) or proc.poll() is not None, interval=0.001,
+                 what="mapper run's first line (early_signals.hold)")
+        proc.send_signal(signal.SIGTERM)  # before it reads its config file: long before its event loop
+
+        def reader_there() -> int | bool:
+            """The FIFO opened for writing once the mapper opens it to read (ENXIO until then), or True
+            when the mapper ended first."""
+            with contextlib.suppress(OSError):
+                return os.open(config, os.O_WRONLY | os.O_NONBLOCK)
+            return proc.poll() is not None
+
+        fifo = wait_for(reader_there, timeout=30, interval=0.005, what="mapper run reading its config file")
+        assert proc.poll() is None, f"mapper run ended ({proc.returncode}) by the SIGTERM:\n{log_path.read_text()}"
+        with os.fdopen(fifo, "w") as writer:
+            writer.write(write_config(tmp_path / "real.yaml", devices, twin).read_text())
+        assert proc.wait(timeout=30) == 0, log_path.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "SIGTERM while starting: stopped before opening the twin or any device" in log_path.read_text()
+    assert not twin.exists(), "a twin was opened"

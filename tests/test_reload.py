@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from devices.ids import DeviceId
-from helpers import device_yaml, faulty_probe_yaml, wait_for, write_config, write_devices
+from helpers import catches, device_yaml, faulty_probe_yaml, wait_for, write_config, write_devices
 from twin.store import TwinStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -785,7 +785,7 @@ def test_a_sighup_while_the_mapper_starts_is_a_reload_once_it_runs(tmp_path: Pat
                 return lock.read_text() == f"{proc.pid} starting\n"
             return False
 
-        moments = {"it catches SIGHUP": lambda: _catches(proc.pid, signal.SIGHUP),
+        moments = {"it catches SIGHUP": lambda: catches(proc.pid, signal.SIGHUP),
                    "its lock says starting": lock_says_starting, "a driver is opening": opening.exists}
         sent: list[str] = []
 
@@ -813,15 +813,6 @@ def test_a_sighup_while_the_mapper_starts_is_a_reload_once_it_runs(tmp_path: Pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-
-
-def _catches(pid: int, sig: int) -> bool:
-    """Whether process `pid` has a handler for `sig` (SigCgt in /proc/<pid>/status)."""
-    with contextlib.suppress(FileNotFoundError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("SigCgt:"):
-                return bool(int(line.split()[1], 16) >> (sig - 1) & 1)
-    return False
 
 
 def test_mapper_reload_says_when_it_cannot_tell_whether_a_mapper_runs(tmp_path: Path) -> None:
