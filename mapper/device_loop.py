@@ -31,6 +31,12 @@ tells the truth and a relay never switches itself on after a restart or a power 
 desired value not applied yet (set while the mapper was down, one whose write failed, or the
 YAML's `desired` of a new or changed device) is applied as usual.
 
+A property whose driver says `restore_desired` (opt-in: a GPIO output's `initial: restore`, a
+driver whose hardware forgets a setting when opened) is the exception: after every open, before
+its first read, the twin's last desired value, applied before or not, is written and read back as
+any desired value (an applied one becomes pending again first, as a new version), so the device
+comes back as it was asked to be and the twin shows no delta; a write that fails stays pending.
+
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
 """
@@ -57,7 +63,7 @@ from mapper.config import DeviceLoopSettings
 from mapper.logs import Throttle, held_note
 from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
-from twin.store import DesiredChange, NotWritable, TwinStore, VersionConflict
+from twin.store import DesiredChange, NotWritable, TwinStore, UnknownProperty, VersionConflict
 
 log = logging.getLogger("mapper.device")
 # Out-of-range readings: one line per property a minute at most (a sensor stuck at 255 reads every cycle).
@@ -344,6 +350,7 @@ class DeviceRunner:
         await self._sync_boot_values()
         if self._failed_writes:  # a crash-restart of this loop: the failed values' timers went with it
             self.retry_failed_desired()
+        await self._restore_desired()
         by_cycle: dict[int, list[PropertyDefinition]] = {}
         for prop in self.definition.properties:
             by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
@@ -631,7 +638,7 @@ class DeviceRunner:
         """After open: an applied desired value that differs from the boot state becomes the boot state."""
         boot: dict[str, Any] = {}
         for prop in self.definition.properties:
-            value = self.driver.boot_value(prop) if prop.writable else None
+            value = self.driver.boot_value(prop) if prop.writable and not self.driver.restore_desired(prop) else None
             if value is not None:
                 boot[prop.name] = coerce(prop.type, value)
         if not boot or self._twin is None:
@@ -649,6 +656,27 @@ class DeviceRunner:
                             " is not re-applied (desired is now %r, version %d)", self.id, name, boot[name],
                             before.desired, boot[name], version)
             await self._settled_desired(name, boot[name], version, before)
+
+    async def _restore_desired(self) -> None:
+        """After open, before the first read: write the twin's last desired value of each property
+        whose driver asks for it (Driver.restore_desired), whether it was applied before or not.
+
+        An applied one is made pending again first (the same value as a new desired version): the
+        device does not have it until the write succeeds, so a write that fails leaves it pending
+        with its error and retried, as any failed write, and the next start writes it too."""
+        names = [p.name for p in self.definition.properties if p.writable and self.driver.restore_desired(p)]
+        if not names or self._twin is None:
+            return
+        changes = await self._twin(lambda s: _desired_to_restore(s, self.id, names))
+        for change, was_applied in changes:
+            name = change.property
+            self._desired_seen[name] = max(change.version, self._desired_seen.get(name, 0))
+            queued = self._desired.get(name)
+            if queued is not None and queued.version <= change.version:
+                del self._desired[name]  # (a crash-restart's queued value: this write is it)
+            log.info("%s/%s: restoring the desired value %s%s (version %d) after the open", self.id, name,
+                     shown(change.value, 200), " applied before" if was_applied else "", change.version)
+            await self._apply(change)
 
     async def _apply(self, change: DesiredChange) -> None:
         """Write a desired value and read it back; any refusal or failure is the change's error in
@@ -782,6 +810,32 @@ def _store_applied_desired(
     _, version = store.set_desired(device_id, name, value, expected_version=expected_version)
     store.mark_applied(device_id, name, version)
     return version
+
+
+def _desired_to_restore(
+    store: TwinStore, device_id: DeviceId, names: list[str],
+) -> list[tuple[DesiredChange, bool]]:
+    """In the twin thread: the desired values of these properties to write now, each with whether
+    it was applied before. An applied one is stored again as a new version, pending until written;
+    a pending one is written as it is. One transaction: a value `mapper twin set` commits meanwhile
+    is the one written."""
+    changes: list[tuple[DesiredChange, bool]] = []
+    with store.transaction():
+        pending = {c.property: c for c in store.pending_desired() if c.device_id == device_id}
+        twin = store.device(device_id)
+        for name in names:
+            prop = twin.properties.get(name)
+            if name in pending:
+                changes.append((pending[name], False))
+            elif prop is not None and prop.desired is not None:
+                try:
+                    value, version = store.set_desired(device_id, name, prop.desired)
+                except (NotWritable, UnknownProperty, ValueError) as exc:  # the twin's model changed since
+                    log.warning("%s/%s: the desired value %s is not restored: %s", device_id, name,
+                                shown(prop.desired, 200), exc)
+                    continue
+                changes.append((DesiredChange(device_id, name, value, version, prop), True))
+    return changes
 
 
 def _reset_to_boot(

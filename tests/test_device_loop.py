@@ -930,3 +930,81 @@ async def test_a_state_listener_failing_on_a_held_state_s_first_save_is_said_so(
                                          in r.getMessage() for r in caplog.records), what="the failure said")
         unplugged.unlink()
         await async_wait_for(lambda: runner.state == "ok", what="the device ok again")
+
+
+SENSOR = DeviceId("default", "sensor")
+
+
+def _forgetful_sensor(tmp_path, config: dict) -> tuple:  # noqa: ANN001
+    """A `forgetful` sensor (tests/plugin_site): its `count` setting is back at 1 after every open."""
+    devices = write_devices(tmp_path / "dev", [])
+    write_device(devices, "sensor", "forgetful", config)
+    return devices, load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+
+
+async def _set_and_apply(config, value) -> int:  # noqa: ANN001
+    """Set `count` in the twin and wait until it is written, read back and recorded as applied."""
+    with reader(config) as twin:
+        _, version = twin.set_desired(SENSOR, "count", value)
+        await async_wait_for(lambda: twin.pending_desired() == [] and twin.device(SENSOR).properties["count"].reported
+                             == value, what="the value applied")
+    return version
+
+
+@pytest.mark.parametrize("restore", [False, True])
+async def test_a_setting_the_hardware_forgets_at_open_is_written_again_when_the_driver_asks(tmp_path, plugin_drivers,
+                                                                                          restore):
+    """A third-party sensor forgets a setting when it is opened (an oversampling register back at
+    1), and its driver's boot_value says nothing (None). Desired 8 applied, then the mapper restarts.
+    By default the loop writes nothing: reported 1 next to desired 8, a delta for ever, as before.
+    With the driver's restore_desired, 8 is written once the device is open, before its first read:
+    no 1 is recorded, reported 8, no delta, nothing pending (the same value as a new, applied version)."""
+    _, config = _forgetful_sensor(tmp_path, {"restore": restore})
+    async with running_service(config):
+        version = await _set_and_apply(config, 8)
+        with reader(config) as twin:
+            before = len(twin.history(SENSOR, "count", limit=100_000))
+    async with running_service(config) as service:
+        runner = service.runners[SENSOR]
+        await async_wait_for(lambda: runner.reads >= 6, what="a few reads after the start")
+        with reader(config) as twin:
+            prop = twin.device(SENSOR).properties["count"]
+            since_start = [value for _, value, _ in twin.history(SENSOR, "count", limit=100_000)[before:]]
+            if restore:
+                assert (prop.desired, prop.desired_version, prop.reported, prop.delta, prop.apply_error) == (
+                    8, version + 1, 8, False, None)
+                assert twin.pending_desired() == []
+                assert runner.driver.writes == [8]
+                assert since_start and set(since_start) == {8}, since_start
+            else:
+                assert (prop.desired, prop.desired_version, prop.reported, prop.delta) == (8, version, 1, True)
+                assert runner.driver.writes == []
+                assert set(since_start) == {1}, since_start
+
+
+async def test_a_restore_whose_write_fails_stays_pending_and_is_written_when_the_device_answers(
+        tmp_path, plugin_drivers, caplog):
+    """The sensor does not answer after the restart: the restore's write fails as any desired
+    value's does. The value is pending again with its error (it is not on the device), and written
+    once the device answers."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mapper.device")
+    devices, config = _forgetful_sensor(tmp_path, {"restore": True})
+    async with running_service(config):
+        version = await _set_and_apply(config, 8)
+    write_device(devices, "sensor", "forgetful", {"restore": True, "broken": True})
+    async with running_service(config) as service:
+        driver = service.runners[SENSOR].driver
+        with reader(config) as twin:
+            prop = await async_wait_for(lambda: (p := twin.device(SENSOR).properties["count"]).apply_error and p,
+                                        what="the restore's write failed")
+            assert prop.apply_error.startswith("write failed:") and "not responding" in prop.apply_error
+            assert (prop.desired, prop.desired_version) == (8, version + 1)
+            assert [(c.property, c.version) for c in twin.pending_desired()] == [("count", version + 1)]
+            assert "restoring the desired value 8 applied before (version %d)" % (version + 1) in caplog.text
+            driver.set_broken(False)
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value written once the sensor answers")
+            prop = twin.device(SENSOR).properties["count"]
+            assert (prop.desired, prop.reported, prop.delta, prop.apply_error) == (8, 8, False, None)
+        assert driver.writes == [8]

@@ -13,6 +13,9 @@ loop uses when a driver has them:
   auto-off); the loop stores `value` as the new desired value so the twin shows no delta.
 - `boot_value(prop)`: the value a writable property has right after `open()` (the pin's
   configured initial state); see the device loop for what happens to a stored desired value.
+- `restore_desired(prop)`: True when the device loop should write the twin's last desired value
+  of a writable property once `open()` has returned (the hardware lost the setting on open, or the
+  user asked for it: a GPIO output's `initial: restore`); it then takes the place of `boot_value`.
 - `rated_range(prop)`: the range the hardware is rated for; readings outside it are
   recorded `out_of_range` even when the device model declares no minimum/maximum.
 - `can_write(prop)` (a classmethod): whether `write` can set `prop`; by default, whether the
@@ -132,6 +135,13 @@ class Driver:
     def boot_value(self, prop: PropertyDefinition) -> Any:
         """The value a writable property has right after open(), or None if the hardware keeps its state."""
         return None
+
+    def restore_desired(self, prop: PropertyDefinition) -> bool:
+        """True when the device loop writes the twin's last desired value of writable `prop` after
+        every open() (applied before or not: a setting the hardware forgets when opened, such as a
+        sensor's oversampling), instead of starting it at boot_value. Off by default: an output then
+        starts in its boot state, and never switches itself on after a restart."""
+        return False
 
     @classmethod
     def reports_changes(cls, prop: PropertyDefinition) -> bool:

@@ -16,6 +16,9 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
   is exclusive: open() while it is open fails, as a second claim of a GPIO line does (`opens` counts them).
 - `panicking`: every read raises `BusPanic`, a BaseException that is no Exception (as some bindings
   raise, or a library calling sys.exit); `in_thread: true` makes it a blocking driver.
+- `forgetful`: its `count` is a setting the sensor forgets when opened (an oversampling register
+  back at its reset value, 1), and `boot_value` says nothing (None), as its author first wrote it.
+  `restore: true` makes `restore_desired` say yes for `count`. `writes` lists the values written to it.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pydantic import Field
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.simulated import SimulatedConfig, SimulatedDriver
-from devices.errors import DriverError, ReadError
+from devices.errors import DriverError, ReadError, WriteError
 
 POLL_S = 0.01
 
@@ -160,3 +163,42 @@ class PanickingDriver(SimulatedDriver):
             _wait_for_file(c.panic_when, 10.0)
         self.panics += 1
         raise BusPanic("the bus binding gave up")
+
+
+class ForgetfulConfig(SimulatedConfig):
+    restore: bool = False
+
+
+class ForgetfulDriver(SimulatedDriver):
+    protocol = "forgetful"
+    Config = ForgetfulConfig
+    SETTING = "count"
+    RESET = 1
+
+    def __init__(self, device: DeviceDefinition) -> None:
+        super().__init__(device)
+        self.setting = self.RESET
+        self.writes: list[Any] = []
+
+    def open(self) -> None:
+        super().open()
+        self.setting = self.RESET  # what the register holds after the sensor is opened
+
+    def read(self, prop: PropertyDefinition) -> Any:
+        if prop.name != self.SETTING:
+            return super().read(prop)
+        if self._failing():
+            raise ReadError(f"{self.device.id}: the sensor is not responding", retryable=True)
+        return self.setting
+
+    def write(self, prop: PropertyDefinition, value: Any) -> None:
+        if prop.name != self.SETTING:
+            return super().write(prop, value)
+        if self._broken:
+            raise WriteError(f"{self.device.id}: the sensor is not responding")
+        self.setting = value
+        self.writes.append(value)
+        return None
+
+    def restore_desired(self, prop: PropertyDefinition) -> bool:
+        return self.config.restore and prop.name == self.SETTING
