@@ -874,3 +874,124 @@ async def test_a_driver_revert_of_a_read_only_property_is_recorded_not_a_crash(t
         assert wire_of(runner.driver).pin(22).states == [True]  # opened on, never re-opened
         prop = twin_prop(config, "button")
         assert (prop.desired, prop.desired_version) == (None, 0)
+
+
+# -- initial: restore -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("active_low", [False, True])
+def test_restore_opens_the_output_off_and_asks_for_the_desired_value(tmp_path: Path, wire: FakePins,
+                                                                     pins: RPiGPIOPins, active_low: bool) -> None:
+    """`initial: restore` sets the pin up off (active_low applied: `restore` is no true), with no
+    auto-off timer, and asks the device loop for the desired value; plain outputs do not."""
+    low = str(active_low).lower()
+    defn = definition(tmp_path, relay=f"{{pin: 18, direction: out, active_low: {low}, initial: restore, auto_off_s: 60}}")
+    driver = opened(defn, pins)
+    relay = defn.prop("relay")
+    assert wire.pin(18).calls[0] == ("setup", "OUT", f"initial={'HIGH' if active_low else 'LOW'}")
+    assert (driver.restore_desired(relay), driver.boot_value(relay), driver.read(relay)) == (True, False, False)
+    wire.advance(61)
+    assert driver.read(relay) is False and wire.pin(18).states == [active_low]  # nothing armed, nothing written
+    driver.close()
+    for initial in ("", ", initial: true", ", initial: false"):
+        plain = opened(definition(tmp_path, relay=f"{{pin: 18, direction: out{initial}}}"), pins)
+        assert plain.restore_desired(plain.device.prop("relay")) is False
+        plain.close()
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("{pin: 5, direction: out, initial: maybe}", "initial: must be true, false or restore, got 'maybe'"),
+        ("{pin: 5, direction: in, initial: restore}", "initial applies to outputs only"),
+    ],
+)
+def test_initial_takes_true_false_or_restore(tmp_path: Path, config: str, message: str) -> None:
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % config))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert message in str(info.value) and "io.yaml:9:" in str(info.value)
+
+
+def test_restore_on_a_read_only_output_is_a_definition_error(tmp_path: Path) -> None:
+    """A ReadOnly property never has a desired value: `initial: restore` would leave the pin off without a word."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", BUTTON % "{pin: 17, direction: out, initial: restore}"))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert str(info.value) == (
+        "io.yaml:9: spec.properties[0].visitors.configData.initial: property 'button' is not ReadWrite in DeviceModel"
+        " 'io-model' (accessMode defaults to ReadOnly), so it never has a desired value for initial: restore to write"
+        " to GPIO17: use accessMode: ReadWrite, or initial: true or false")
+
+
+def _relay_applied(config, value: bool, version: int = 0):  # noqa: ANN001, ANN202
+    """A check: the relay's desired value is `value` (at `version` or later), written, and reported so."""
+    def check() -> bool:
+        prop = twin_prop(config, "relay")
+        return (prop.desired is value and prop.desired_version >= version and prop.reported is value
+                and not prop.delta and not pending(config))
+    return check
+
+
+async def test_restore_brings_the_relay_back_on_after_a_restart_and_a_reload(tmp_path: Path) -> None:
+    """`initial: restore`, active low: a relay switched on comes back on after a stop and start (the
+    pin electrically low, reported true, no delta, nothing pending), and again when a reload changes
+    its device. Opened off each time, then written once: no other switching."""
+    from mapper.cli import reload_devices
+
+    relay = "{pin: 18, direction: out, active_low: true, initial: restore}"
+    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config):
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(_relay_applied(config, True), what="relay on")
+    before = len(history(config, "relay"))
+
+    async with running_service(config) as service:
+        # (the same value as a new version, made pending at the open, then written)
+        await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay restored on")
+        pin = wire_of(service.runners[IO].driver).pin(18)
+        assert pin.level is False  # active low: on
+        assert pin.states == [True, False]  # opened off, then switched on once
+        prop = twin_prop(config, "relay")
+        assert (prop.desired_version, prop.apply_error) == (on_version + 1, None)
+        assert False not in history(config, "relay")[before:]  # never reported off: restored before the first read
+
+        (devices / "io.yaml").write_text(device_yaml("io", cycles(RELAY % relay, 60)))
+        assert await reload_devices(service, config)
+        await asyncio.wait_for(service.runners[IO].first_open_done.wait(), 10)
+        await async_wait_for(_relay_applied(config, True, on_version + 2), what="relay restored after the reload")
+        assert wire_of(service.runners[IO].driver).pin(18).states == [True, False]
+        assert pin.states[:3] == [True, False, True]  # the old driver switched off as it closed, then released
+
+
+async def test_a_restored_relay_with_auto_off_is_switched_off_by_its_timer(tmp_path: Path) -> None:
+    """A relay restored on gets its auto-off timer again, counted from the restore: when it fires
+    (on the fake wire's clock), off becomes the desired value, and the next start leaves it off."""
+    relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
+    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config):
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(_relay_applied(config, True), what="relay on")
+
+    async with running_service(config) as service:
+        await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay restored on")
+        restored = on_version + 1
+        wire = wire_of(service.runners[IO].driver)
+        wire.advance(599)
+        polls = service.runners[IO].reads
+        await async_wait_for(lambda: service.runners[IO].reads >= polls + 2, what="two more polls")
+        assert wire.pin(18).level is True  # not yet
+        wire.advance(2)
+        await async_wait_for(_relay_applied(config, False, restored + 1), what="switched off by the auto-off timer")
+        assert twin_prop(config, "relay").desired_version == restored + 1
+        assert wire.pin(18).states == [False, True, False]
+
+    async with running_service(config) as service:
+        await async_wait_for(_relay_applied(config, False, restored + 2), what="off restored")
+        assert wire_of(service.runners[IO].driver).pin(18).states == [False]  # opened off, written off: never on

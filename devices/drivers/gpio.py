@@ -5,7 +5,8 @@ Each property is one pin, described by its `visitors.configData`::
     pin: 17              # BCM number, 0-27
     direction: out       # out: a writable property drives the pin; in: the pin is read
     active_low: true     # logical true = electrical low (most relay boards, buttons to ground)
-    initial: false       # outputs: the logical state set when the mapper opens the pin
+    initial: false       # outputs: the logical state set when the mapper opens the pin; `restore`:
+                         #   opened off, then set to the twin's last desired value (see below)
     auto_off_s: 600      # outputs: switch back off this long after being switched on (safety;
                          #   finite, at most threading.TIMEOUT_MAX: about 292 years)
     pull: up             # inputs: up, down or off
@@ -21,6 +22,13 @@ An output with `auto_off_s` (its property ReadWrite) is switched off by a timer 
 (also when `initial: true` switched it on at open); the driver then tells the device loop
 (`Driver.reverted`), which makes `false` the new desired value, so the twin shows no delta
 and nothing switches the output on again until someone asks for it.
+
+An output with `initial: restore` (its property ReadWrite) comes back as it was asked to be: at
+every open (a start, a reload that changed its device, a restart of its device loop) the pin is set
+up off, then the device loop writes the twin's last desired value to it (`restore_desired`), as
+any desired value is written and read back; `auto_off_s` starts again, in full, from that write.
+Without it (the default) a restart never switches a relay on by itself: an output starts in its
+`initial` state, and that state replaces the desired value.
 
 Only the declared pins are touched, each device claims its pins (two devices on one pin
 is a definition error) and `close()` releases every pin, switching every output off (its
@@ -38,7 +46,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
@@ -51,6 +59,7 @@ log = logging.getLogger("mapper.gpio")
 # The longest a threading.Timer can wait (about 292 years on 64-bit Linux): a longer auto_off_s
 # (or .inf) would kill the timer's thread with an OverflowError and leave the output on.
 AUTO_OFF_MAX_S = threading.TIMEOUT_MAX
+_BOOL = TypeAdapter(bool)  # `initial`'s true/false, read as pydantic reads a bool ('on', 1, "true")
 
 
 class GpioConfig(BaseModel):
@@ -63,10 +72,23 @@ class GpioVisitor(BaseModel):
     pin: BcmPin
     direction: Literal["in", "out"]
     active_low: bool = False
-    initial: bool | None = None
+    # true/false: the state set at open. `restore`: opened off, then the device loop writes the twin's
+    # last desired value to it (restore_desired).
+    initial: bool | Literal["restore"] | None = None
     auto_off_s: float | None = Field(default=None, gt=0)
     pull: Pull = "off"
     debounce_ms: int = Field(default=0, ge=0, le=60_000)
+
+    @field_validator("initial", mode="before")
+    @classmethod
+    def _initial_state(cls, value: object) -> object:
+        # One message for the three choices (the union said "must be true or false" and "must be 'restore'" apart).
+        if value is None or value == "restore":
+            return value
+        try:
+            return _BOOL.validate_python(value)
+        except ValidationError:
+            raise ValueError(f"must be true, false or restore, got {value!r}") from None
 
     @field_validator("auto_off_s")
     @classmethod
@@ -133,7 +155,8 @@ class GpioDriver(Driver):
         could only ever end `initial: true` (its auto-off once crashed the device loop, whose
         restart re-opened the pin with `initial: true`, on again, forever). A ReadOnly output with
         only `initial` is allowed: a fixed level set at open (a sensor's power or enable line),
-        read back and reported."""
+        read back and reported; but not `initial: restore`, which writes a desired value a ReadOnly
+        property never has (the pin would stay off without a word)."""
         for i, prop in enumerate(device.properties):
             if prop.type is not PropertyType.BOOLEAN:
                 yield (f"spec.properties[{i}].visitors",
@@ -146,6 +169,11 @@ class GpioDriver(Driver):
                 yield (f"spec.properties[{i}].visitors",
                        f"property {prop.name!r} is ReadWrite in DeviceModel {device.model_name!r}, but GPIO{v.pin}"
                        " is an input: use direction: out, or accessMode: ReadOnly")
+            if not prop.writable and getattr(v, "direction", None) == "out" and v.initial == "restore":
+                yield (f"spec.properties[{i}].visitors.configData.initial",
+                       f"property {prop.name!r} is not ReadWrite in DeviceModel {device.model_name!r} (accessMode"
+                       f" defaults to ReadOnly), so it never has a desired value for initial: restore to write to"
+                       f" GPIO{v.pin}: use accessMode: ReadWrite, or initial: true or false")
             if not prop.writable and getattr(v, "direction", None) == "out" and v.auto_off_s is not None:
                 yield (f"spec.properties[{i}].visitors.configData.auto_off_s",
                        f"property {prop.name!r} is not ReadWrite in DeviceModel {device.model_name!r} (accessMode"
@@ -170,10 +198,11 @@ class GpioDriver(Driver):
     def _open_pin(self, prop: PropertyDefinition) -> None:
         v: GpioVisitor = prop.visitor
         if v.direction == "out":
-            self.pins.setup_output(v.pin, level=bool(v.initial) != v.active_low)
+            on = v.initial is True  # `restore` opens off: the device loop then writes the desired value
+            self.pins.setup_output(v.pin, level=on != v.active_low)
             self._opened.append(v.pin)
             out = self._outputs[v.pin] = _Output()
-            if v.initial:  # on from the start: the safety timer runs from now
+            if on:  # on from the start: the safety timer runs from now
                 with self._lock:
                     self._arm_auto_off(prop, out, True)
             return
@@ -211,7 +240,12 @@ class GpioDriver(Driver):
 
     def boot_value(self, prop: PropertyDefinition) -> bool | None:
         v: GpioVisitor = prop.visitor
-        return bool(v.initial) if v.direction == "out" else None
+        return v.initial is True if v.direction == "out" else None
+
+    def restore_desired(self, prop: PropertyDefinition) -> bool:
+        """`initial: restore`: the device loop writes the twin's last desired value once the pin is open."""
+        v: GpioVisitor = prop.visitor
+        return v.direction == "out" and v.initial == "restore"
 
     @classmethod
     def reports_changes(cls, prop: PropertyDefinition) -> bool:
