@@ -995,3 +995,49 @@ async def test_a_restored_relay_with_auto_off_is_switched_off_by_its_timer(tmp_p
     async with running_service(config) as service:
         await async_wait_for(_relay_applied(config, False, restored + 2), what="off restored")
         assert wire_of(service.runners[IO].driver).pin(18).states == [False]  # opened off, written off: never on
+
+
+async def test_restore_after_a_crash_restart_of_the_device_loop(tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The device loop crashes (the twin refused to record another output's apply: a trigger on the
+    real twin file) and is restarted: its driver is closed (every output off) and opened again. The
+    `initial: restore` relay comes back on, its desired value applied before and not touched by
+    the crash; without restore it would have been reset to its boot state."""
+    import contextlib
+    import sqlite3
+
+    caplog.set_level(logging.ERROR, logger="mapper.service")
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "model.yaml").write_text(MODEL.replace("{name: button, type: BOOLEAN, accessMode: ReadOnly}",
+                                                      "{name: lamp, type: BOOLEAN, accessMode: ReadWrite}"))
+    props = RELAY % "{pin: 18, direction: out, initial: restore}" + \
+        RELAY.replace("relay", "lamp") % "{pin: 19, direction: out}"
+    (devices / "io.yaml").write_text(device_yaml("io", cycles(props, 50)))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config) as service:
+        runner = service.runners[IO]
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(_relay_applied(config, True), what="relay on")
+        wire = wire_of(runner.driver)
+        with contextlib.closing(sqlite3.connect(config.twin.path, isolation_level=None)) as db:
+            db.executescript(
+                "CREATE TABLE injected_failure (x); INSERT INTO injected_failure VALUES (1);"
+                "CREATE TRIGGER refuse_applied BEFORE UPDATE OF applied_version ON properties"
+                " WHEN NEW.name = 'lamp' AND EXISTS (SELECT 1 FROM injected_failure)"
+                " BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
+            with TwinStore.open(config.twin.path) as store:
+                store.set_desired(IO, "lamp", True)
+            await async_wait_for(lambda: "device loop crashed" in caplog.text, what="the loop crashed")
+            db.execute("DELETE FROM injected_failure")  # the twin takes writes again
+        await async_wait_for(lambda: twin_prop(config, "relay").desired_version == on_version + 1,
+                             timeout=30, what="the relay restored by the restarted loop")
+        await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay on again")
+        assert service.runners[IO] is runner  # the same runner, its driver opened again
+        switching = [c for c in wire.pin(18).calls if c[0] in ("setup", "output", "cleanup")]
+        assert switching == [("setup", "OUT", "initial=LOW"), ("output", "HIGH"),  # opened off, restored on
+                             ("output", "LOW"), ("cleanup",),  # off as the crashed loop's driver closed
+                             ("setup", "OUT", "initial=LOW"), ("output", "HIGH")]  # opened off, restored on again
+        await async_wait_for(lambda: not pending(config) and twin_prop(config, "lamp").reported is True,
+                             what="the lamp's value applied too")
