@@ -115,6 +115,8 @@ def _validate_config(path: str) -> int:
     if config.api is not None and config.api.enabled:
         checks += [config.api.check_token, config.api.check_tls]
         warnings += [w.removeprefix("warning: ") for w in config.api.exposure_warnings(path)]  # as the API's start
+    if config.metrics is not None:
+        warnings += [w.removeprefix("warning: ") for w in config.metrics.exposure_warnings(path)]  # as at its start
     for check in checks:
         try:
             check(path)
@@ -800,6 +802,9 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     if config.api is not None and config.api.enabled:
         refused += check_service_token(config.api, service_user, str(config_path))
         for warning in config.api.exposure_warnings(str(config_path)):
+            print(warning, file=sys.stderr)
+    if config.metrics is not None:
+        for warning in config.metrics.exposure_warnings(str(config_path)):
             print(warning, file=sys.stderr)
     for group in missing:
         print(f"warning: group {group!r} does not exist here (not Raspberry Pi OS?); left out of the unit",

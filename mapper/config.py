@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import hashlib
 import importlib
+import ipaddress
 import os
 import re
 import socket
@@ -22,7 +23,8 @@ from typing import Annotated, Any, Literal
 
 import orjson
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from devices import ids
 from devices.errors import DefinitionError, FieldError, Problem, error_loc
@@ -110,6 +112,76 @@ class SystemdSettings(_Section):
     twin_stall_s: float = Field(default=60.0, gt=0)
 
 
+# metrics.listen with a port only: this machine's loopback (the endpoint has no authentication).
+METRICS_LOOPBACK = "127.0.0.1"
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """(address, port) of metrics.listen: `PORT` or `:PORT` (loopback), `ADDRESS:PORT` with an IP
+    address or `localhost`, `[IPv6]:PORT`. A host name is refused: it may resolve to any address,
+    and an endpoint without authentication listens beyond loopback only where its address is written."""
+    text = value.strip()
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or not rest.startswith(":"):
+            raise ValueError(f"{value!r}: write an IPv6 address as [ADDRESS]:PORT, e.g. [::1]:9108")
+        port = rest[1:]
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            host, port = "", text
+        elif ":" in host:
+            raise ValueError(f"{value!r}: write an IPv6 address in brackets, e.g. [::1]:9108")
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{value!r}: the port must be a number from 0 to 65535 (e.g. 9108, or 127.0.0.1:9108)")
+    if host == "" or host.lower() == "localhost":
+        return METRICS_LOOPBACK, int(port)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f"{value!r}: {host!r} is not an IP address. The metrics endpoint has no authentication: write the"
+            f" address it listens on, a port alone for this machine only ({METRICS_LOOPBACK}:{port}), or an"
+            f" address the network reaches (the Pi's LAN address, or 0.0.0.0 for every interface) where the"
+            " Prometheus server is on another machine") from None
+    return host, int(port)
+
+
+class MetricsSettings(_Section):
+    """`metrics:` — Prometheus metrics on /metrics and a health check on /healthz (mapper/metrics.py),
+    plain HTTP without authentication: on loopback unless an address is written. Needs the `metrics`
+    extra (prometheus-client), imported only when this section is there."""
+
+    # `PORT` or `:PORT`: 127.0.0.1. `ADDRESS:PORT`: that IP address (0.0.0.0: every interface).
+    listen: str = f"{METRICS_LOOPBACK}:9108"
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if isinstance(value, str):
+            parse_listen(value)
+        return value
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_listen(self.listen)
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.address[0]).is_loopback
+
+    def exposure_warnings(self, source: str) -> list[str]:
+        """A warning when it listens beyond loopback: anyone who reaches the Pi may read it."""
+        if self.loopback:
+            return []
+        host, port = self.address
+        return [f"warning: {source}: metrics.listen: {self.listen!r} is not loopback: anyone who can reach this"
+                f" machine on port {port} reads the metrics (device names, states, counts: no authentication);"
+                " allow only the Prometheus server there (a firewall), or listen on 127.0.0.1"]
+
+
 class MapperConfig(_Section):
     node: NodeName = Field(default_factory=default_node)
     mode: Literal["standalone", "kubeedge"] = "standalone"
@@ -129,6 +201,8 @@ class MapperConfig(_Section):
     kubeedge: KubeEdgeSettings | None = None
     systemd: SystemdSettings | None = None
     api: ApiSettings | None = None
+    # Prometheus metrics and /healthz on a local HTTP port (mapper/metrics.py); absent: none.
+    metrics: MetricsSettings | None = None
     # Where each `devices` entry was named (config file, line, `devices[i]`), for load_devices().
     _devices_named_at: dict[Path, tuple[str, int | None, str]] = PrivateAttr(default_factory=dict)
     # The file it was read from: (label, its document, the settings the environment set), for pipeline_at().
@@ -193,6 +267,9 @@ class MapperConfig(_Section):
         if self.inference is not None and self.inference.pipelines and (missing := missing_ml_packages()):
             raise ValueError(f"{source}: inference.pipelines: need {' and '.join(missing)}, not installed here: "
                              f"install the `ml` extra ({install_extra('ml')}), or remove the `inference:` section")
+        if self.metrics is not None and not importable("prometheus_client"):
+            raise ValueError(f"{source}: metrics: needs prometheus-client, not installed here: install the `metrics`"
+                             f" extra ({install_extra('metrics')}), or remove the `metrics:` section")
         if self.mode == "kubeedge":
             if missing := [m for m in ("grpc", "google.protobuf") if not importable(m)]:
                 raise ValueError(f"{source}: mode: kubeedge: needs {' and '.join(missing)}, not installed here: "

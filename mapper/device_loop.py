@@ -143,6 +143,8 @@ class DeviceRunner:
         # Reads whose collect slot passed because the previous round (or the wake-up) came too
         # late: readings never taken, counted so that an overloaded mapper shows it.
         self.missed_reads = 0
+        # The loop's clock (time.monotonic) at the last reading of good quality (a metric's age: mapper/metrics.py).
+        self.last_good_at: float | None = None
         self._inflight: asyncio.Future[Any] | None = None
         self._thread: DriverThread | None = None  # a blocking driver's calls run here, one at a time
         self._inflight_since = 0.0  # when the call in `_inflight` started (the loop's clock)
@@ -404,7 +406,9 @@ class DeviceRunner:
             log.warning("%s: %s: %s: recorded and published with quality out_of_range, not as its value "
                         "(is the sensor failing, or the model's range too narrow?)%s", self.id, prop.name, why,
                         held_note(held))
-        self._last_read[prop.name] = (time.monotonic(), reading, False)
+        self._last_read[prop.name] = (now := time.monotonic(), reading, False)
+        if why is None:
+            self.last_good_at = now
         if self.failures or self.state != OK:  # (the hot path of a healthy device awaits nothing here)
             await self._keeping(reading, self._succeeded(), on_demand)
         return reading, False, False

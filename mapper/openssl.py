@@ -19,10 +19,12 @@ API) sets MAPPER_LOAD_OPENSSL=1. Both must be in place before the modules that i
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import sys
 import types
+from collections.abc import Iterator
 
 OPT_OUT = "MAPPER_LOAD_OPENSSL"
 _WHY = (f"the ssl module is not loaded, as this mapper's config uses no TLS (mapper/openssl.py); "
@@ -81,3 +83,23 @@ def ssl_placeholder() -> bool:
 def placeholder_active() -> bool:
     """Whether `ssl` in this process is the stand-in (ssl_placeholder), not OpenSSL."""
     return isinstance(sys.modules.get("ssl"), _SslStandIn)
+
+
+@contextlib.contextmanager
+def import_time_names() -> Iterator[None]:
+    """While a library that reads a few of ssl's names at import time is imported, the stand-in holds
+    them, then they go again (what asks for them later fails as before). prometheus_client's
+    exposition (mapper/metrics.py) has them in the default arguments and annotations of its TLS
+    helpers, which the mapper never calls. No-op with the real ssl."""
+    module = sys.modules.get("ssl")
+    if not isinstance(module, _SslStandIn):
+        yield
+        return
+    names = {"PROTOCOL_TLS_CLIENT": 16, "PROTOCOL_TLS_SERVER": 17, "TLSVersion": _NotLoaded("TLSVersion", (), {})}
+    for name, value in names.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name in names:
+            delattr(module, name)

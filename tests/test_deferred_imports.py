@@ -23,7 +23,8 @@ def imported(log: str) -> set[str]:
 
 def test_mapper_run_never_loads_urllib_request(broker, tmp_path: Path) -> None:
     """`python -m mapper run` on a plain mqtt:// broker: connected, publishing, and none of
-    urllib.request, http.client, csv and tempfile imported (paho and importlib.metadata are)."""
+    urllib.request, http.client, csv and tempfile imported (paho and importlib.metadata are), nor
+    prometheus_client without `metrics:`."""
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
     with MapperProcess(tmp_path, devices, broker, env={"PYTHONPROFILEIMPORTTIME": "1"}) as mapper, \
             broker.client("app") as app:
@@ -34,6 +35,7 @@ def test_mapper_run_never_loads_urllib_request(broker, tmp_path: Path) -> None:
     modules = imported(mapper.log())
     assert {"paho.mqtt.client", "urllib.parse", "importlib.metadata"} <= modules
     assert not {"urllib.request", "http.client", "csv", "tempfile"} & modules
+    assert "prometheus_client" not in modules  # (the `metrics` extra: only with `metrics:` in the config)
 
 
 def test_the_first_use_loads_the_real_module() -> None:

@@ -1,0 +1,177 @@
+"""`metrics:` (mapper/metrics.py): Prometheus metrics on /metrics and /healthz on a local HTTP port, read
+from a real `mapper run` on a real broker with plain HTTP GETs; the listen address's rules."""
+
+from __future__ import annotations
+
+import http.client
+import re
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from devices.errors import DefinitionError
+from helpers import wait_for, write_config, write_devices
+from mapper.config import load_config
+from mapper_proc import MapperProcess
+from test_openssl import mapped
+
+prometheus = pytest.importorskip(
+    "prometheus_client", reason="the `metrics` extra (prometheus-client) is not installed: scripts/setup.sh installs it")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+LISTEN = "\nmetrics:\n  listen: 127.0.0.1:0\n"  # (after the mqtt block: a section of its own)
+
+
+def get(port: int, path: str, host: str | None = None) -> tuple[int, str, bytes]:
+    """(status, content type, body) of a GET on loopback."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Host": host} if host else {})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type", ""), response.read()
+    finally:
+        conn.close()
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of /metrics: (name, sorted labels) -> value."""
+    status, kind, body = get(port, "/metrics")
+    assert status == 200 and kind.startswith("text/plain; version="), (status, kind)
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+def health(port: int) -> tuple[int, dict]:
+    status, kind, body = get(port, "/healthz")
+    assert kind == "application/json"
+    return status, orjson.loads(body)
+
+
+def metrics_port(mapper: MapperProcess) -> int:
+    mapper.wait_log("metrics on http://")
+    return int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", mapper.log()).group(1))
+
+
+def test_metrics_and_healthz_follow_the_devices_and_the_broker(broker, tmp_path: Path) -> None:
+    """A good device and one that never answers, then the broker stopped and started: the states,
+    read counts and errors, the MQTT connection and /healthz say what happened, the readings
+    queued while the broker was away show in the outbox gauge."""
+    devices = write_devices(tmp_path / "dev", ["good", "bad"], cycle=50, configs={"bad": "{broken: true}"})
+    with MapperProcess(tmp_path, devices, broker, extra=LISTEN) as mapper:
+        port = metrics_port(mapper)
+        mapper.wait_log("connected to mqtt://")
+        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+        status, body = health(port)
+        assert body["status"] == "ok" and body["twin"] == "ok" and body["mqtt"] == "connected" and body["ready"]
+        assert "reasons" not in body
+
+        samples = wait_for(lambda: (s := scrape(port)) and value(s, "mapper_device_reads_total", device="default/good")
+                           >= 10 and value(s, "mapper_device_state", device="default/bad", state="unhealthy") == 1
+                           and s, what="10 good reads and the broken device unhealthy")
+        assert value(samples, "mapper_device_state", device="default/good", state="ok") == 1
+        assert value(samples, "mapper_device_state", device="default/good", state="unhealthy") == 0
+        assert value(samples, "mapper_device_reads_total", device="default/bad") == 0
+        assert value(samples, "mapper_device_read_errors_total", device="default/bad") >= 3
+        assert value(samples, "mapper_device_read_errors_total", device="default/good") == 0
+        assert value(samples, "mapper_device_last_good_read_age_seconds", device="default/good") is not None
+        assert value(samples, "mapper_device_last_good_read_age_seconds", device="default/bad") is None  # never good
+        assert value(samples, "mapper_mqtt_connected") == 1
+        assert value(samples, "mapper_mqtt_connects_total") == 1
+        assert value(samples, "mapper_twin_writable") == 1
+        assert value(samples, "mapper_readings_committed_total") > 0
+        assert mapped(mapper.process.pid) == []  # (prometheus_client imported with the ssl stand-in: no OpenSSL)
+        assert value(samples, "mapper_build_info", version=mapper_version(), node="test-node",
+                     config=fingerprint(mapper.config)) == 1
+
+        broker.stop()
+        wait_for(lambda: health(port)[0] == 503, what="/healthz 503 with the broker stopped")
+        status, body = health(port)
+        assert body["status"] == "unhealthy" and body["mqtt"] == "disconnected" and body["twin"] == "ok"
+        assert any("MQTT broker is not connected" in reason for reason in body["reasons"]), body
+        samples = wait_for(lambda: (s := scrape(port)) and value(s, "mapper_outbox_messages") >= 20 and s,
+                           what="readings queued in the outbox while the broker is away")
+        assert value(samples, "mapper_mqtt_connected") == 0
+        assert value(samples, "mapper_outbox_bytes") > 0
+
+        broker.start()
+        mapper.wait_log("connected to mqtt://", count=2, timeout=20)
+        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 again")
+        samples = wait_for(lambda: (s := scrape(port)) and value(s, "mapper_mqtt_connected") == 1 and s,
+                           what="connected again")
+        assert value(samples, "mapper_mqtt_connects_total") == 2
+        assert mapper.stop() == 0
+    assert "Traceback" not in mapper.log()
+
+
+def mapper_version() -> str:
+    from mapper import __version__
+
+    return __version__
+
+
+def fingerprint(config: Path) -> str:
+    return load_config(config).fingerprint()
+
+
+def test_a_web_page_cannot_read_it_through_dns_rebinding_and_other_paths_are_not_found(tmp_path: Path) -> None:
+    """On loopback a request whose Host names another machine is refused (a web page that rebound its
+    name to 127.0.0.1); an IP address or localhost, as Prometheus on the Pi sends, is answered.
+    No broker configured: /healthz says so and is 200."""
+    devices = write_devices(tmp_path / "dev", ["good"], cycle=100)
+    mapper = MapperProcess(tmp_path, devices, None)
+    mapper.config.write_text(mapper.config.read_text() + LISTEN)
+    with mapper:
+        port = metrics_port(mapper)
+        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+        assert health(port)[1]["mqtt"] == "not configured"
+        assert get(port, "/metrics", host="attacker.example:9108")[0] == 403
+        assert get(port, "/metrics", host=f"localhost:{port}")[0] == 200
+        assert get(port, "/nothing")[0] == 404
+        assert mapper.stop() == 0
+
+
+@pytest.mark.parametrize(("listen", "address"), [
+    ("9108", ("127.0.0.1", 9108)), (9108, ("127.0.0.1", 9108)), (":9108", ("127.0.0.1", 9108)),
+    ("localhost:9108", ("127.0.0.1", 9108)), ("[::1]:9108", ("::1", 9108)), ("0.0.0.0:9108", ("0.0.0.0", 9108)),
+])
+def test_a_port_alone_listens_on_loopback_and_an_address_written_is_kept(tmp_path: Path, listen, address) -> None:
+    devices = write_devices(tmp_path / "dev", ["good"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db",
+                                      extra=f"metrics:\n  listen: {listen!r}\n" if isinstance(listen, str)
+                                      else f"metrics:\n  listen: {listen}\n"))
+    assert config.metrics.address == address
+    warnings = config.metrics.exposure_warnings("c.yaml")
+    assert bool(warnings) == (address[0] == "0.0.0.0")
+    assert not warnings or "no authentication" in warnings[0]
+
+
+@pytest.mark.parametrize(("listen", "said"), [
+    ("pi.local:9108", "'pi.local' is not an IP address"),
+    ("::1:9108", "write an IPv6 address in brackets"),
+    ("127.0.0.1:99999", "the port must be a number from 0 to 65535"),
+])
+def test_a_bad_listen_address_is_a_config_error_at_its_line(tmp_path: Path, listen: str, said: str) -> None:
+    devices = write_devices(tmp_path / "dev", ["good"])
+    path = write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db", extra=f"metrics:\n  listen: '{listen}'\n")
+    line = path.read_text().splitlines().index(f"  listen: '{listen}'") + 1
+    with pytest.raises(DefinitionError) as caught:
+        load_config(path)
+    assert f"{path}:{line}: metrics.listen: " in str(caught.value), str(caught.value)
+    assert said in str(caught.value)
+
+
+def test_without_prometheus_client_the_start_says_which_extra_to_install(tmp_path: Path, monkeypatch) -> None:
+    from devices.extras import install_extra
+
+    devices = write_devices(tmp_path / "dev", ["good"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "t.db", extra="metrics: {}\n"))
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # (find_spec: not importable)
+    with pytest.raises(ValueError, match="metrics: needs prometheus-client") as caught:
+        config.check_installed("c.yaml")
+    assert f"install the `metrics` extra ({install_extra('metrics')})" in str(caught.value)
