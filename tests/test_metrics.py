@@ -53,6 +53,13 @@ def health(port: int) -> tuple[int, dict]:
     return status, orjson.loads(body)
 
 
+def assert_documented(samples: dict) -> None:
+    """Every mapper_* metric scraped is in the README's table."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    undocumented = {name for name, _ in samples if name.startswith("mapper_") and f"`{name}`" not in readme}
+    assert not undocumented, f"metrics missing from the README's table: {sorted(undocumented)}"
+
+
 def metrics_port(mapper: MapperProcess) -> int:
     mapper.wait_log("metrics on http://")
     return int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", mapper.log()).group(1))
@@ -88,6 +95,8 @@ def test_metrics_and_healthz_follow_the_devices_and_the_broker(broker, tmp_path:
         assert mapped(mapper.process.pid) == []  # (prometheus_client imported with the ssl stand-in: no OpenSSL)
         assert value(samples, "mapper_build_info", version=mapper_version(), node="test-node",
                      config=fingerprint(mapper.config)) == 1
+
+        assert_documented(samples)
 
         broker.stop()
         wait_for(lambda: health(port)[0] == 503, what="/healthz 503 with the broker stopped")
@@ -175,3 +184,61 @@ def test_without_prometheus_client_the_start_says_which_extra_to_install(tmp_pat
     with pytest.raises(ValueError, match="metrics: needs prometheus-client") as caught:
         config.check_installed("c.yaml")
     assert f"install the `metrics` extra ({install_extra('metrics')})" in str(caught.value)
+
+
+def test_a_twin_another_process_holds_locked_is_unhealthy_until_it_lets_go(tmp_path: Path) -> None:
+    """Another process holds the twin's write lock (a backup, a CLI command) longer than the mapper's
+    busy timeout: /healthz 503 `unwritable` (cause `locked`) and the metrics count the failed commits
+    and the readings waiting; once it lets go, 200 and writable again."""
+    from helpers import TwinLock
+
+    devices = write_devices(tmp_path / "dev", ["good"], cycle=50)
+    mapper = MapperProcess(tmp_path, devices, None, env={"MAPPER_TWIN__BUSY_TIMEOUT_MS": "50"})
+    mapper.config.write_text(mapper.config.read_text() + LISTEN)
+    with mapper:
+        port = metrics_port(mapper)
+        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+        lock = TwinLock(mapper.twin_path)
+        try:
+            wait_for(lambda: health(port)[0] == 503, timeout=15, what="/healthz 503 while the twin is locked")
+            status, body = health(port)
+            assert body["twin"] == "unwritable" and body["mqtt"] == "not configured", body
+            assert any("the twin cannot be written (locked)" in reason for reason in body["reasons"]), body
+            samples = scrape(port)
+            assert value(samples, "mapper_twin_writable") == 0
+            assert value(samples, "mapper_twin_commit_failures_total") >= 2
+            assert value(samples, "mapper_readings_waiting") > 0
+            assert value(samples, "mapper_outbox_messages") is not None  # (a read: the lock lets it through)
+        finally:
+            lock.release()
+            lock.close()
+        wait_for(lambda: health(port)[0] == 200, timeout=15, what="/healthz 200 once the lock is gone")
+        samples = scrape(port)
+        assert value(samples, "mapper_twin_writable") == 1
+        assert mapper.stop() == 0
+
+
+def test_inference_decisions_are_counted_by_exit(tmp_path: Path) -> None:
+    """With an inference pipeline: its windows, and their decisions by exit (edge, offload) adding up
+    to them in one scrape. No broker: the offloaded ones stay in the twin."""
+    pytest.importorskip("onnxruntime")
+    from helpers import faulty_probe_yaml
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "probe.yaml").write_text(faulty_probe_yaml(25))
+    mapper = MapperProcess(tmp_path, devices, None)
+    mapper.config.write_text(mapper.config.read_text() + LISTEN
+                             + "inference:\n  pipelines:\n    - device: probe\n      model: sensor_faults\n")
+    with mapper:
+        port = metrics_port(mapper)
+        pipeline = "default/probe-sensor-faults"
+        samples = wait_for(lambda: (s := scrape(port)) and (value(s, "mapper_inference_windows_total",
+                                                                  pipeline=pipeline) or 0) >= 3 and s,
+                           timeout=60, what="3 windows decided")
+        edge = value(samples, "mapper_inference_decisions_total", pipeline=pipeline, exit="edge")
+        offload = value(samples, "mapper_inference_decisions_total", pipeline=pipeline, exit="offload")
+        assert edge + offload == value(samples, "mapper_inference_windows_total", pipeline=pipeline)
+        assert value(samples, "mapper_inference_errors_total", pipeline=pipeline) == 0
+        assert_documented(samples)
+        assert mapper.stop() == 0
