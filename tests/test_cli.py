@@ -1948,7 +1948,7 @@ def test_a_misspelt_config_field_is_named_with_the_field_meant(tmp_path):
         f"{config}:4: mqtt.usrname: unknown field, did you mean username?",
         f"{config}:7: inference.pipelines[0].widnow: unknown field, did you mean window?",
         f"{config}:8: bogus: unknown field (known here: api, devices, inference, kubeedge, load_openssl, log_level,"
-        " loop, mode, mqtt, node, systemd, twin)"], result.stderr
+        " loop, metrics, mode, mqtt, node, systemd, twin)"], result.stderr
 
 
 def _warnings(result: subprocess.CompletedProcess, directory: Path | None = None) -> list[str]:
