@@ -75,6 +75,7 @@ class MetricsExtension:
         self.port: int | None = None
         self._service: MapperService | None = None
         self._losses_at_start: dict[str, int] = {}
+        self._build: dict[str, str] = {}
         self._stopping = False
         self._open: set[asyncio.StreamWriter] = set()
         self._collector = _Families()
@@ -88,6 +89,7 @@ class MetricsExtension:
 
     async def setup(self, service: MapperService) -> None:
         self._service = service
+        self._build = {"version": __version__, "node": service.config.node, "config": service.config.fingerprint()}
         # What was lost before this process (the twin's counters), as STATUS= adds it (mapper.systemd).
         with contextlib.suppress(Exception):
             self._losses_at_start = await service.twin(lambda s: s.losses())
@@ -201,8 +203,7 @@ class MetricsExtension:
 
         out.append(InfoMetricFamily("mapper_build", "The mapper's version, its node, and its config's fingerprint"
                                     " (as on the node's health topic)",
-                                    value={"version": __version__, "node": service.config.node,
-                                           "config": service.config.fingerprint()}))
+                                    value=self._build))
         gauge("mapper_ready", "1 once the mapper runs (its devices started), 0 while it starts or stops",
               int(service.ready.is_set() and not self._stopping))
 
