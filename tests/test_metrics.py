@@ -242,3 +242,29 @@ def test_inference_decisions_are_counted_by_exit(tmp_path: Path) -> None:
         assert value(samples, "mapper_inference_errors_total", pipeline=pipeline) == 0
         assert_documented(samples)
         assert mapper.stop() == 0
+
+
+def test_clients_that_hold_connections_open_get_503_beyond_the_limit_not_the_mapper_s_descriptors(
+        tmp_path: Path) -> None:
+    """MAX_CONNECTIONS clients connected and sending nothing: one more is answered 503 at once (not
+    queued, not another descriptor held); once they leave, requests are answered again."""
+    import socket
+
+    from mapper.metrics import MAX_CONNECTIONS
+
+    devices = write_devices(tmp_path / "dev", ["good"], cycle=100)
+    mapper = MapperProcess(tmp_path, devices, None)
+    mapper.config.write_text(mapper.config.read_text() + LISTEN)
+    with mapper:
+        port = metrics_port(mapper)
+        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
+        try:
+            status, _, body = wait_for(lambda: (r := get(port, "/healthz")) and r[0] == 503 and r,
+                                       what="503 beyond the connection limit")
+            assert body == b"too many connections\n"
+        finally:
+            for sock in idle:
+                sock.close()
+        wait_for(lambda: get(port, "/healthz")[0] == 200, what="answered again once the idle clients left")
+        assert mapper.stop() == 0
