@@ -15,7 +15,8 @@
 # an empty file over the bridge, and the pipeline still exited 0.) Without
 # -o, the file goes to standard output.
 #
-# Fills @NODE@ (the mapper's node name) in both: the ACL grants writes only
+# Fills @NODE@ (the mapper's node name) in both, and @HA_NODE@ (the same as
+# Home Assistant's discovery topics write it) in the ACL: the ACL grants writes only
 # on this node's topics (see acl). In bridge.conf also @CLOUD_HOST@, which
 # CLOUD_HOST gives (a file without it takes no CLOUD_HOST), and @RANDOM@: 16
 # hex digits from `openssl rand -hex 8`, new at every run, the suffix of the
@@ -56,6 +57,13 @@ if grep -q "@CLOUD_HOST@" "$source"; then [ -n "$host" ] || usage; else [ -z "$h
 [[ $node =~ ^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$ ]] || { echo "$0: invalid node name: $node" >&2; exit 2; }
 [ -z "$host" ] || [[ $host =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]] \
   || { echo "$0: invalid host name: $host" >&2; exit 2; }
+# @HA_NODE@: the node as Home Assistant's discovery topics name it (eventbus/topics.py, ha_id): as it
+# is, unless it has a `.`, then with `_` for each `.` and 8 hex digits of its sha256.
+ha_node=$node
+if [[ ! $node =~ ^[A-Za-z0-9_-]+$ ]]; then
+  digest=$(printf %s "$node" | sha256sum) || { echo "$0: sha256sum failed" >&2; exit 1; }
+  ha_node="${node//[^A-Za-z0-9_-]/_}_${digest:0:8}"
+fi
 random=""
 if grep -q "@RANDOM@" "$source"; then
   random=$(openssl rand -hex 8) || random=""  # (set -e would exit without a word)
@@ -64,6 +72,7 @@ fi
 render() {
   sed -f /dev/stdin "$source" <<SED
 s/@NODE@/$node/g
+s/@HA_NODE@/$ha_node/g
 s/@CLOUD_HOST@/$host/g
 s/@RANDOM@/$random/g
 SED

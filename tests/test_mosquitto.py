@@ -242,6 +242,36 @@ def test_worker_reads_only_offload_requests_and_writes_only_results(broker: Mosq
         assert topics_of(worker, 1) == [request]
 
 
+def test_home_assistant_reads_discovery_and_states_and_writes_only_its_status_and_commands(
+        broker: MosquittoBroker, name: str) -> None:
+    """Home Assistant discovery (eventbus/homeassistant.py): the mapper writes this node's entity
+    configs only and reads HA's birth message; the `homeassistant` user reads the configs and the
+    availability and state views they point at, and writes its status and this node's `/set`
+    commands, never a config (it would pose as the mapper's entity) nor a state."""
+    node = broker.node
+    config = f"homeassistant/sensor/{node}/default_{name}_t/config"
+    state, availability = f"mapper/{node}/other/{name}/state", f"mapper/{node}/other/{name}/availability"
+    command = f"mapper/{node}/other/{name}/power/set"
+    with broker.client("homeassistant") as ha, broker.client("mapper") as mapper:
+        for topic_filter in ("homeassistant/#", f"mapper/{node}/+/{name}/+"):
+            assert not ha.subscribe(topic_filter).is_failure
+        for topic_filter in ("homeassistant/status", command):
+            assert not mapper.subscribe(topic_filter).is_failure
+        assert mapper.publish(f"homeassistant/sensor/ghost-{name}/x/config", b"{}") == NOT_AUTHORIZED
+        for forged in (config, state, f"homeassistant/sensor/{node}/x/y"):
+            assert ha.publish(forged, b"forged") == NOT_AUTHORIZED, forged
+        for topic in (config, state, availability):
+            assert not mapper.publish(topic, b"real").is_failure, topic
+        # Had a forged publish gone through, Home Assistant would have received it first.
+        assert [(m.topic, m.payload) for m in (ha.next_message() for _ in range(3))] == [
+            (config, b"real"), (state, b"real"), (availability, b"real")]
+        assert not ha.publish("homeassistant/status", b"online").is_failure
+        assert not ha.publish(command, b"ON").is_failure
+        assert [(m.topic, m.payload) for m in (mapper.next_message() for _ in range(2))] == [
+            ("homeassistant/status", b"online"), (command, b"ON")]
+        assert ha.publish(command.replace(node, f"ghost-{name}"), b"ON") == NOT_AUTHORIZED
+
+
 def retained_under(broker: MosquittoBroker, topic_filter: str) -> list[tuple[str, bytes]]:
     """What the broker keeps retained under ``topic_filter``, as a fresh `mapper` subscriber gets it:
     the retained messages come right after the SUBACK, before a marker published once it is in."""
@@ -624,7 +654,7 @@ def test_the_acl_install_writes_the_node_into_every_write_line(tmp_path: Path) -
     assert done.returncode == 0 and done.stdout == "", done.stderr
     assert output.stat().st_mode & 0o777 == 0o640
     text = output.read_text()
-    assert "@NODE@" not in text
+    assert "@NODE@" not in text and "@HA_NODE@" not in text
     writes = [line.split()[2] for line in text.splitlines() if line.split()[:2] == ["topic", "write"]]
     assert writes and all(not t.startswith(("mapper/+", "$hw/events/node/+")) for t in writes), writes
     assert "mapper/pi-livingroom/default/+/+/set" in writes
