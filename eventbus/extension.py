@@ -163,6 +163,9 @@ class EventBusExtension:
         self._documented: dict[DeviceId, dict[str, tuple[Value | None, int | None, int]]] = {}
         # Each device's last time online (ms), for $hw state/update/result (twin protocol served).
         self._last_online: dict[DeviceId, int | None] = {}
+        # Called after every (re)connect, once the node's and devices' announcements are queued
+        # (Home Assistant discovery announces its entities again). Must not block: set an event.
+        self.connect_listeners: list[Callable[[], None]] = []
 
     def subscribe(self, topic_filter: str, qos: int, handler: Callable[[str, bytes], Awaitable[None]]) -> None:
         """Route messages matching `topic_filter` to `handler(topic, payload)`; call during setup.
@@ -562,6 +565,8 @@ class EventBusExtension:
             if self.instance is not None:  # after the devices' availability and state are queued
                 self.instance.connected()
                 await self._announce_instance()
+            for listener in self.connect_listeners:
+                listener()
         finally:
             self._connecting.set()
 

@@ -343,3 +343,13 @@ def mode_granting(path: Path | None, bits: int) -> int | None:
     except OSError:
         return None
     return mode if mode & bits else None
+
+
+class HomeAssistantSettings(BaseModel):
+    """`homeassistant:` — Home Assistant MQTT discovery (eventbus/homeassistant.py). Off by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Announce an entity for each published property of each device (retained configs under `prefix`).
+    discovery: bool = False
+    # Home Assistant's discovery prefix (its MQTT integration's setting; `homeassistant` unless changed there).
+    prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$")

@@ -11,10 +11,17 @@ Default scheme (prefix `mapper`, configurable):
     mapper/<node>/<namespace>/<device>/<property>/set   apps publish a desired value here
 
 KubeEdge's twin protocol: `$hw/events/device/<namespace>/<device>/...` and `$hw/events/node/<node>/...`.
+
+Home Assistant discovery (opt-in, eventbus/homeassistant.py; prefix `homeassistant`, configurable):
+
+    homeassistant/<component>/<node>/<namespace>_<device>_<property>/config   retained entity config
+    homeassistant/status                                                     HA's birth/will: online|offline
 """
 
 from __future__ import annotations
 
+import hashlib
+import re
 from dataclasses import dataclass
 
 from devices import ids
@@ -96,6 +103,47 @@ class Topics:
         return f"$hw/events/node/{self.node}/membership/updated"
 
     HW_FILTERS = (f"{HW}/+/+/twin/update", f"{HW}/+/+/twin/get", f"{HW}/+/+/state/update")
+
+
+# What Home Assistant takes as a discovery topic's node_id and object_id.
+_HA_ID = re.compile(r"[A-Za-z0-9_-]+")
+HA_PREFIX = re.compile(r"[A-Za-z0-9_-]{1,64}")
+HA_COMPONENTS = frozenset({"sensor", "binary_sensor", "switch", "number", "text"})
+
+
+def ha_id(text: str) -> str:
+    """`text` as a discovery topic's node_id or object_id (only letters, digits, `_` and `-`): as it
+    is when it is one; else each other character (a `.` of a device name) as `_`, and 8 hex digits
+    of its sha256 after, so that `a.b` and `a_b` stay two ids. mosquitto/render.sh makes the same
+    of the node name for the ACL (@HA_NODE@)."""
+    if _HA_ID.fullmatch(text):
+        return text
+    return re.sub(r"[^A-Za-z0-9_-]", "_", text) + "_" + hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+class DiscoveryTopics:
+    """Home Assistant's discovery topics of one node, per-entity form: the node is the node_id, so
+    one filter (`config_filter`) holds exactly this node's entities, and the ACL grants the mapper
+    this node's configs only. Namespace and device name have no `_`, so `<ns>_<device>_<property>`
+    names one property of one device."""
+
+    def __init__(self, prefix: str, node: str) -> None:
+        if not HA_PREFIX.fullmatch(prefix):
+            raise ValueError(f"{prefix!r} is not a valid discovery prefix (letters, digits, '_' and '-')")
+        self.prefix = prefix
+        self.node = ids.check_name(node)
+        self.node_id = ha_id(node)
+
+    def status(self) -> str:
+        return f"{self.prefix}/status"
+
+    def config(self, component: str, device: DeviceId, prop: str) -> str:
+        assert component in HA_COMPONENTS and isinstance(device, DeviceId)
+        object_id = ha_id(f"{device.namespace}_{device.name}_{ids.check_property_name(prop)}")
+        return f"{self.prefix}/{component}/{self.node_id}/{object_id}/config"
+
+    def config_filter(self) -> str:
+        return f"{self.prefix}/+/{self.node_id}/+/config"
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,7 +31,7 @@ from devices.errors import DefinitionError, FieldError, Problem, error_loc
 from devices.extras import install_extra
 from devices.loader import (LoadResult, PushTopics, describe, device_file_problem, field_name, load, read_documents,
                             validation_problems)
-from eventbus.settings import MqttSettings
+from eventbus.settings import HomeAssistantSettings, MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
 from mapper.inference.settings import InferenceSettings, importable, missing_ml_packages
 
@@ -203,6 +203,8 @@ class MapperConfig(_Section):
     api: ApiSettings | None = None
     # Prometheus metrics and /healthz on a local HTTP port (mapper/metrics.py); absent: none.
     metrics: MetricsSettings | None = None
+    # Home Assistant MQTT discovery (eventbus/homeassistant.py); needs `mqtt:`.
+    homeassistant: HomeAssistantSettings | None = None
     # Where each `devices` entry was named (config file, line, `devices[i]`), for load_devices().
     _devices_named_at: dict[Path, tuple[str, int | None, str]] = PrivateAttr(default_factory=dict)
     # The file it was read from: (label, its document, the settings the environment set), for pipeline_at().
@@ -285,6 +287,20 @@ class MapperConfig(_Section):
     def _kubeedge_section(self) -> MapperConfig:
         if self.mode == "kubeedge" and self.kubeedge is None:
             raise FieldError(("mode",), "kubeedge needs a `kubeedge:` section with at least `name` and `protocol`")
+        return self
+
+    @model_validator(mode="after")
+    def _homeassistant_section(self) -> MapperConfig:
+        ha = self.homeassistant
+        if ha is None or not ha.discovery:
+            return self
+        if self.mqtt is None:
+            raise FieldError(("homeassistant", "discovery"), "needs an `mqtt:` section: the discovery messages go to"
+                                                             " the broker Home Assistant reads")
+        if ha.prefix == self.mqtt.topic_prefix:
+            raise FieldError(("homeassistant", "prefix"), f"{ha.prefix!r} is mqtt.topic_prefix, the mapper's own"
+                                                          " topics: give Home Assistant's discovery prefix"
+                                                          " (default homeassistant)")
         return self
 
 

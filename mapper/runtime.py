@@ -18,6 +18,11 @@ def build_service(config: MapperConfig) -> MapperService:
         from eventbus.extension import EventBusExtension
 
         service.extensions.append(EventBusExtension(config.mqtt))
+        if config.homeassistant is not None and config.homeassistant.discovery:
+            # After the event bus: it publishes and subscribes through it.
+            from eventbus.homeassistant import HomeAssistantExtension
+
+            service.extensions.append(HomeAssistantExtension(config.homeassistant))
     # After the event bus (it subscribes to offload results through it). Inert, and without
     # onnxruntime, when neither the config nor any device's pushMethod.anomalyDetection asks for a pipeline.
     if config.inference is None or config.inference.pipelines or config.inference.from_devices:
