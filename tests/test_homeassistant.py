@@ -213,11 +213,21 @@ def test_a_removed_device_is_cleared_by_a_reload_and_at_the_next_start(broker_fo
         ha.subscribe(t["filter"])
         mapper = MapperProcess(tmp_path, directory, broker, node=node, extra=HA_ON)
         with mapper:
-            configs(ha, {t["temperature"], t["power"]})
+            before = configs(ha, {t["temperature"], t["humidity"], t["power"]})
+            # A reload: the relay removed, the room's temperature now in °F; its humidity as it was.
             (directory / "relay.yaml").unlink()
+            (directory / "room.yaml").write_text(SENSOR.replace("unit: Celsius", "unit: Fahrenheit"))
             assert mapper.process is not None
             mapper.process.send_signal(signal.SIGHUP)
-            next(m for m in messages(ha) if m.topic == t["power"] and not m.payload)  # HA deletes the entity
+            after: dict[str, bytes] = {}
+            for message in messages(ha):
+                after[message.topic] = message.payload
+                if {t["temperature"], t["power"]} <= after.keys():
+                    break
+            assert after[t["power"]] == b""  # HA deletes the entity
+            assert orjson.loads(after[t["temperature"]])["unit_of_measurement"] == "°F"
+            mapper.wait_log("Home Assistant discovery: 1 entity announced, 1 removed")  # humidity: unchanged
+            assert retained(broker, t["filter"])[t["humidity"]] == before[t["humidity"]]
             assert mapper.stop() == 0
         assert set(retained(broker, t["filter"])) == {t["temperature"], t["humidity"], foreign}
 
