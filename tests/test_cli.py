@@ -1947,8 +1947,8 @@ def test_a_misspelt_config_field_is_named_with_the_field_meant(tmp_path):
     assert result.stderr.splitlines() == [
         f"{config}:4: mqtt.usrname: unknown field, did you mean username?",
         f"{config}:7: inference.pipelines[0].widnow: unknown field, did you mean window?",
-        f"{config}:8: bogus: unknown field (known here: api, devices, inference, kubeedge, load_openssl, log_level,"
-        " loop, metrics, mode, mqtt, node, systemd, twin)"], result.stderr
+        f"{config}:8: bogus: unknown field (known here: api, devices, homeassistant, inference, kubeedge, load_openssl,"
+        " log_level, loop, metrics, mode, mqtt, node, systemd, twin)"], result.stderr
 
 
 def _warnings(result: subprocess.CompletedProcess, directory: Path | None = None) -> list[str]:
