@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from brokers import BrokerError, MosquittoBroker, ensure_mosquitto_installed, write_secret  # noqa: E402
 
 LOOPBACK_LISTENER = 1883  # the shipped config's listener on 127.0.0.1 (its other one, 8883, has TLS)
-CLIENTS = ("mapper", "app", "worker")  # the password files written: the ACL's users a laptop runs
+CLIENTS = ("mapper", "app", "worker", "homeassistant")  # the password files written: the ACL's users a laptop runs
 
 
 def default_node() -> str:
@@ -116,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"    {xdg} mosquitto_sub -v -t 'mapper/{node}/#'\n"
                   f"    {xdg} mosquitto_pub -t mapper/{node}/default/DEVICE/PROPERTY/set -m VALUE\n"
                   f"  a cloud worker: username: worker, password_file: {state / 'worker.password'}\n"
+                  f"  Home Assistant's MQTT integration: username homeassistant, the password in"
+                  f" {shown(state / 'homeassistant.password')}\n"
                   f"  TLS: 127.0.0.1:{broker.tls_port} (CA {shown(broker.ca_file)}); log: {shown(broker.log_path)}\n"
                   "Ctrl-C stops it.", flush=True)
             try:
