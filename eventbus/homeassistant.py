@@ -1,6 +1,7 @@
 """Home Assistant MQTT discovery, generated from the device definitions (opt-in: `homeassistant:`).
 
-One retained config per published property (reportToCloud: true, or a pushMethod.mqtt topic),
+One retained config per published property (reportToCloud: true, or a pushMethod.mqtt topic; not
+BYTES or STREAM, which no HA state holds),
 per-entity form `<prefix>/<component>/<node>/<ns>_<device>_<property>/config` (DiscoveryTopics):
 the node is HA's node_id, so one subscription (`<prefix>/+/<node>/+/config`) holds exactly this
 mapper's entities, and the ACL grants the mapper its own node's configs only. (HA's newer
@@ -88,9 +89,15 @@ def device_class(prop: PropertyDefinition) -> str | None:
     return None
 
 
-def published(prop: PropertyDefinition) -> bool:
-    """Whether the property's telemetry is published (eventbus.telemetry.Telemetry._route)."""
-    return prop.report_to_cloud or bool(prop.push_mqtt is not None and prop.push_mqtt.topic)
+# Values Home Assistant cannot hold as a state (at most 255 characters): an image, a base64 blob.
+NOT_ANNOUNCED = frozenset({PropertyType.BYTES, PropertyType.STREAM})
+
+
+def announced(prop: PropertyDefinition) -> bool:
+    """Whether the property gets an entity: its telemetry is published (as in
+    eventbus.telemetry.Telemetry._route) and its value can be a Home Assistant state."""
+    published = prop.report_to_cloud or bool(prop.push_mqtt is not None and prop.push_mqtt.topic)
+    return published and prop.type not in NOT_ANNOUNCED
 
 
 def component(prop: PropertyDefinition) -> str:
@@ -128,7 +135,7 @@ class Discovery:
         out: dict[str, bytes] = {}
         for device_id, definition in sorted(definitions.items()):
             for prop in definition.properties:
-                if not published(prop):
+                if not announced(prop):
                     continue
                 kind = component(prop)
                 config = self.config(definition, prop, kind)

@@ -298,6 +298,7 @@ THINGS = dedent("""\
         - {name: door, type: BOOLEAN, accessMode: ReadOnly}
         - {name: battery, type: FLOAT, accessMode: ReadOnly, unit: "%"}
         - {name: co2, type: FLOAT, accessMode: ReadOnly, unit: ppm}
+        - {name: snapshot, type: BYTES, accessMode: ReadOnly}
         - {name: hot.water, type: FLOAT, accessMode: ReadOnly, unit: "°F"}
     ---
     apiVersion: devices.kubeedge.io/v1beta1
@@ -311,7 +312,7 @@ THINGS = dedent("""\
     f"    - {{name: {p}, visitors: {{protocolName: simulated, configData: {{kind: {k}}}}}, collectCycle: 5000,"
     f" reportCycle: 10000, reportToCloud: true}}\n"
     for p, k in (("level", "switch"), ("gain", "switch"), ("label", "switch"), ("door", "constant"),
-                 ("battery", "constant"), ("co2", "constant"), ("hot.water", "constant")))
+                 ("battery", "constant"), ("co2", "constant"), ("hot.water", "constant"), ("snapshot", "constant")))
 
 
 def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
@@ -332,7 +333,7 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     by_name = {orjson.loads(body)["name"]: (topic, orjson.loads(body)) for topic, body in made.items()}
     assert {name: topic.split("/")[1] for name, (topic, _) in by_name.items()} == {
         "level": "number", "gain": "number", "label": "text", "door": "binary_sensor", "battery": "sensor",
-        "co2": "sensor", "hot.water": "sensor"}
+        "co2": "sensor", "hot.water": "sensor"}  # not `snapshot`: BYTES, no HA state holds it
     for topic, _ in by_name.values():
         prefix, _, node_id, object_id, last = topic.split("/")
         assert (prefix, node_id, last) == ("homeassistant", "pi1", "config") and ha_id(object_id) == object_id
