@@ -222,8 +222,10 @@ class HomeAssistantExtension:
         self._service, self._bus = service, bus
         self.discovery = Discovery(self.settings, bus.topics, service.config.node, version=__version__,
                                    state_interval_ms=bus.settings.state_interval_ms)
-        bus.subscribe(self.discovery.ha.status(), 1, self._on_status)
-        bus.subscribe(self.discovery.ha.config_filter(), 1, self._on_config)
+        # QoS 0: nothing heard while the mapper is away is queued in its persistent session (the
+        # connect announces everything anyway; the retained configs come at every resubscribe).
+        bus.subscribe(self.discovery.ha.status(), 0, self._on_status)
+        bus.subscribe(self.discovery.ha.config_filter(), 0, self._on_config)
         bus.connect_listeners.append(self._connected)
         service.device_listeners.append(self._on_devices)
         definitions = service.definitions.devices if service.definitions else {}
