@@ -230,8 +230,8 @@ class HomeAssistantExtension:
         service.device_listeners.append(self._on_devices)
         definitions = service.definitions.devices if service.definitions else {}
         self._wanted = self.discovery.configs(self._runnable(definitions))
-        log.info("Home Assistant discovery: %d entities under %s/", len(self._wanted),
-                 self.discovery.ha.config_filter().replace("/+/config", "/"))
+        log.info("Home Assistant discovery: %d entities, on %s (announced at every connect and HA birth on %s)",
+                 len(self._wanted), self.discovery.ha.config_filter(), self.discovery.ha.status())
 
     def _runnable(self, definitions: dict[DeviceId, DeviceDefinition]) -> dict[DeviceId, DeviceDefinition]:
         """The devices this mapper runs (not another node's, nor one without a driver), as the state views."""
