@@ -212,7 +212,6 @@ class HomeAssistantExtension:
         self._stale: set[str] = set()  # this node's configs the broker holds that no definition makes
         self._all = False  # announce every entity again (a connect, HA's birth)
         self._due = asyncio.Event()
-        self.announced = 0  # rounds that announced every entity (tests, logs)
 
     async def setup(self, service: MapperService) -> None:
         from mapper import __version__
@@ -245,7 +244,8 @@ class HomeAssistantExtension:
         self._due.set()
 
     def _connected(self) -> None:
-        self._sent.clear()  # a broker without persistence may have lost them: all again
+        # Every config again (a broker without persistence lost them); `_sent` stays, so those of a
+        # device removed while the connection was down are cleared with it.
         self._all = True
         self._due.set()
 
@@ -287,11 +287,9 @@ class HomeAssistantExtension:
             await bus.publish(topic, b"", qos=1, retain=True)  # HA deletes the entity
             self._sent.pop(topic, None)
             self._stale.discard(topic)
-        if everything:
-            self.announced += 1
         if changed or gone:
             log.info("Home Assistant discovery: %d entit%s announced, %d removed", len(changed),
                      "y" if len(changed) == 1 else "ies", len(gone))
 
     async def shutdown(self, service: MapperService) -> None:
-        pass
+        """Nothing to undo: the configs stay retained (a stop's availability says `offline`)."""

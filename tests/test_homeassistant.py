@@ -19,6 +19,7 @@ from paho.mqtt.client import MQTTMessage
 from brokers import MosquittoBroker, MqttProbe
 from eventbus.topics import DiscoveryTopics, ha_id
 from mapper import __version__
+from helpers import wait_for
 from mapper_proc import MapperProcess
 
 HA_ON = "homeassistant:\n  discovery: true\n"
@@ -353,3 +354,24 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     assert hot["value_template"] == "{% if value_json['hot.water'] is defined %}{{ value_json['hot.water'] }}{% endif %}"
     assert hot["unique_id"] == "mapper_pi1_lab_box.2_hot.water"
     assert hot["device"]["name"] == "lab/box.2"
+
+
+def test_a_device_removed_while_the_broker_is_down_is_cleared_at_the_reconnect(broker_for, tmp_path: Path,
+                                                                             node: str) -> None:
+    """A reload during a broker outage: its clears could not go out then; they do at the reconnect."""
+    broker = broker_for(node)
+    t = topics(node)
+    directory = devices_dir(tmp_path, "room", "relay")
+    with MapperProcess(tmp_path, directory, broker, node=node, extra=HA_ON) as mapper:
+        mapper.wait_log("Home Assistant discovery: 3 entities announced")
+        assert t["power"] in retained(broker, t["filter"])
+        broker.stop()
+        mapper.wait_log("lost or refused")
+        (directory / "relay.yaml").unlink()
+        assert mapper.process is not None
+        mapper.process.send_signal(signal.SIGHUP)
+        mapper.wait_log("devices updated: 0 added, 0 changed, 1 removed")
+        broker.start()
+        wait_for(lambda: set(retained(broker, t["filter"])) == {t["temperature"], t["humidity"]}, timeout=20,
+                 interval=0.2, what="the relay's config cleared")
+        assert mapper.stop() == 0
