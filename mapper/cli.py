@@ -93,7 +93,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     # may be meant for a node that has it; a bare "ok" after them read as if all would run.
     refused = (f"; {len(result.unrunnable)} of the devices would not run here: see the warnings"
                if result.unrunnable else "")
-    print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s){refused}")
+    print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s){_warned(result.warnings)}{refused}")
     return 0
 
 
@@ -141,7 +141,7 @@ def _validate_config(path: str) -> int:
         return 1
     assert result is not None
     refused = f" ({len(result.unrunnable)} not run here: see the warnings)" if result.unrunnable else ""
-    print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s)")
+    print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s){_warned(warnings)}")
     return 0
 
 
@@ -236,6 +236,12 @@ def _lock_link_problem(lock_path: Path) -> str:
 def _lock_not_regular_problem(lock_path: Path) -> str:
     return (f"the twin's lock file {lock_path} is not a regular file: remove it (rm {lock_path}); `mapper run` makes"
             " the lock file itself")
+
+
+def _warned(warnings: Sequence[object]) -> str:
+    """`, 3 warning(s)` for validate's closing `ok:` line: a bare ok after a screen of warnings read as
+    if there were none (the error line counts them too)."""
+    return f", {len(warnings)} warning(s)" if warnings else ""
 
 
 def _lock_path(twin: Path) -> Path:

@@ -124,8 +124,16 @@ def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "warning:" in result.stderr and "'acme-fieldbus'" in result.stderr
     assert "ok: 1 device(s), 1 model(s)" in result.stdout
-    # (the device cannot run here: said in the closing line too, not only among the warnings)
-    assert result.stdout == "ok: 1 device(s), 1 model(s); 1 of the devices would not run here: see the warnings\n"
+    # (the device cannot run here: said in the closing line too, not only among the warnings, which it counts:
+    # a bare "ok" after a screen of them read as if there were none)
+    warned = sum(line.startswith("warning: ") for line in result.stderr.splitlines())
+    assert warned >= 1, result.stderr
+    assert result.stdout == (f"ok: 1 device(s), 1 model(s), {warned} warning(s); 1 of the devices would not run"
+                             " here: see the warnings\n")
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "clean" / "d.yaml").write_text(device_yaml("d"))
+    clean = mapper("validate", str(tmp_path / "m.yaml"), str(tmp_path / "clean"))  # none: no count
+    assert clean.returncode == 0 and clean.stdout == "ok: 1 device(s), 1 model(s)\n" and not clean.stderr, clean
 
 
 def test_validate_lists_every_error_and_exits_1(tmp_path):
@@ -2242,6 +2250,8 @@ def test_validate_config_says_the_warnings_mapper_run_says_each_once(tmp_path: P
     assert sum(f"{config}: mqtt.password_file: {secret} is readable by every user" in line for line in lines) == 1, lines
     assert any(line.startswith(f"warning: {config}: api.host: '0.0.0.0' is not loopback and api.token_file is not set")
                for line in lines), lines
+    warned = sum(line.startswith("warning: ") for line in lines)  # and counts them in its closing line
+    assert checked.stdout == f"ok: {config}: 1 device(s), 1 model(s), {warned} warning(s)\n", checked.stdout
 
 
 def test_a_twin_of_a_newer_mapper_is_an_error_naming_it_not_a_traceback(tmp_path: Path) -> None:
