@@ -1355,7 +1355,8 @@ def cmd_drivers(args: argparse.Namespace) -> int:
             "drivers": [{"protocol": d.protocol, "driver": d.target, "package": d.package, "version": d.version,
                          "builtin": d.builtin, "error": d.error,
                          **(_driver_traits(d.driver) if d.driver is not None else {})} for d in listed],
-            "ignored": [{"protocol": u.protocol, "driver": u.target, "package": u.package, "why": u.why}
+            # (the table's "not used: ..." lines: "ignored" here read as another kind of entry point)
+            "notUsed": [{"protocol": u.protocol, "driver": u.target, "package": u.package, "why": u.why}
                         for u in unused]}).decode())
         return 1 if any(d.error for d in listed) else 0
     protocol_width = max(len("protocol"), *(len(d.protocol) for d in listed))
