@@ -126,7 +126,10 @@ class DeviceRunner:
         flush: Callable[[], Awaitable[None]] | None = None,
         record_on_demand: Callable[[Reading], None] | None = None,
         stuck_calls: dict[DeviceId, StuckCall] | None = None,
+        replaces: str | None = None,
     ) -> None:
+        """`replaces`: the state of the runner this one takes over from (a reload that changed the
+        device), which its first state change names: `was unknown` read as if it had not been known."""
         self.definition = definition
         self._flush = flush  # commit the readings recorded so far (the recorder's flush)
         self.driver = driver
@@ -137,6 +140,7 @@ class DeviceRunner:
         self._on_state = on_state
         self._on_applied = on_applied
         self.state = UNKNOWN
+        self._replaced_state = replaces
         self.failures = 0
         self.reads = 0
         self.read_errors = 0
@@ -313,6 +317,9 @@ class DeviceRunner:
     async def _set_state(self, state: str, detail: str | None = None) -> None:
         if state != self.state:
             previous, self.state = self.state, state
+            if previous == UNKNOWN and self._replaced_state is not None:
+                previous = f"{self._replaced_state} before a reload changed the device"
+            self._replaced_state = None
             if state == OK:
                 log.info("%s: state %s (was %s)", self.id, state, previous)
                 if self._failed_writes:  # the device answers again: what it could not take is written now

@@ -590,8 +590,10 @@ class MapperService:
             for device_id in removed + changed:
                 self.start_device(old[device_id].definition, self._tg)
             raise
-        for device_id in added + changed:
+        for device_id in added:
             self.start_device(new[device_id], self._tg)
+        for device_id in changed:
+            self.start_device(new[device_id], self._tg, replaces=old[device_id].state)
         for device_id, runner in old.items():  # kept as it was: a reload retries its failed writes too
             if device_id in new and device_id not in changed:
                 runner.retry_failed_desired()
@@ -666,14 +668,15 @@ class MapperService:
         if runner is not None:
             await to_the_end(runner.close_when_idle(), self._closing, f"{device_id}: releasing its driver")
 
-    def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup) -> None:
+    def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup, *, replaces: str | None = None) -> None:
+        """Run a device; `replaces`: the state of its runner a reload stopped for a new definition."""
         driver_cls = load_driver(definition.protocol)
         runner = DeviceRunner(
             definition, driver_cls(definition), self._record,
             settings=self.config.loop, on_state=self._on_state, on_applied=self._on_applied, twin=self.twin,
             flush=self.recorder.flush if self.recorder is not None else None,
             record_on_demand=self.recorder.add_on_demand if self.recorder is not None else None,
-            stuck_calls=self.stuck_calls,
+            stuck_calls=self.stuck_calls, replaces=replaces,
         )
         self.runners[definition.id] = runner
         self._tasks[definition.id] = tg.create_task(self._supervise(runner), name=f"device[{definition.id}]")

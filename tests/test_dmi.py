@@ -814,10 +814,10 @@ def test_a_dmi_call_during_the_stop_starts_no_device_again(sockdir: Path, monkey
     stopped = asyncio.Event()
     real_start, real_stop = MapperService.start_device, MapperService.stop_devices
 
-    def start_device(self, definition, tg):  # noqa: ANN001, ANN202
+    def start_device(self, definition, tg, **kwargs):  # noqa: ANN001, ANN003, ANN202
         if stopped.is_set():
             started_after_stop.append(str(definition.id))
-        return real_start(self, definition, tg)
+        return real_start(self, definition, tg, **kwargs)
 
     refused: list[grpc.StatusCode] = []
 

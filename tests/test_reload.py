@@ -100,6 +100,9 @@ def test_sighup_restarts_only_changed_devices_and_refuses_invalid_files(mapper: 
     assert "devices updated: 0 added, 1 changed, 0 removed" in log
     wait_for(lambda: mapper.restarts(B) == 1, what="b's counter to restart")
     assert mapper.count(A) >= before[A] and mapper.restarts(A) == 0, "device a was restarted although its file did not change"
+    # b's restarted runner names the state b had (ok), not "was unknown" as if it had never been read.
+    log = mapper.wait_log(r"default/b: state ok \(was ok before a reload changed the device\)")
+    assert log.count("default/b: state ok (was unknown)") == 1, log  # (the start's)
 
     good_b = (mapper.devices / "b.yaml").read_text()
     (mapper.devices / "b.yaml").write_text(good_b.replace("collectCycle: 20", "collectCycle: -5", 1))
