@@ -434,8 +434,11 @@ def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics
     models: dict[tuple[str, str], _Entry] = {}
     devices: dict[tuple[str, str], _Entry] = {}
     broken: dict[tuple[str, str], str] = {}
+    refused: list[_Doc] = []
     for doc in docs:
-        _parse(doc, models, devices, problems, broken)
+        _parse(doc, models, devices, problems, broken, refused)
+    for doc in refused:
+        _refused_device_config(doc, models, problems)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
         _resolve(entry, models, result, problems, push_topics, broken, node, node_chosen)
@@ -468,10 +471,11 @@ def _model_key(doc: _Doc) -> tuple[str, str] | None:
 
 
 def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
-           broken: dict[tuple[str, str], str]) -> None:
+           broken: dict[tuple[str, str], str], refused: list[_Doc] | None = None) -> None:
     """Validate one document into `models` or `devices`. A DeviceModel refused here (its errors
     are in `problems`) is recorded in `broken`, {(namespace, name): "file:line"}, so that its
-    devices say their model has errors, not that it does not exist."""
+    devices say their model has errors, not that it does not exist; a Device refused by the schema
+    goes into `refused`, for its driver's configData to be checked all the same (_refused_device_config)."""
     data = doc.data
     if data is None:
         return
@@ -511,6 +515,8 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     except ValidationError as exc:
         problems.extend(validation_problems(exc, doc))
         refused_model()
+        if kind == "Device" and refused is not None:
+            refused.append(doc)
         return
     table = devices if kind == "Device" else models
     key = (obj.metadata.namespace, obj.metadata.name)
@@ -533,6 +539,52 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     if kind == "DeviceModel":  # a Device's, once its model's types are known (_resolve)
         problems.extend(bare_number_warnings(doc, obj))
     _check_unique_properties(doc, obj, problems)
+
+
+def _refused_device_config(doc: _Doc, models: dict[tuple[str, str], _Entry], problems: list[Problem]) -> None:
+    """The driver's configData problems of a Device the schema refused (its errors are in `problems`),
+    read from the document as written, where they can be told: its protocol's driver is installed
+    and its DeviceModel is valid (the model's configData is merged in). Without them a
+    `collectCycle: 1s` hid a `pin: GPIO17` until it was fixed, though every problem is to be listed."""
+    spec = _raw(doc.data, ("spec",))
+    protocol, model_name = _raw(spec, ("protocol", "protocolName")), _raw(spec, ("deviceModelRef", "name"))
+    namespace, name = _raw(doc.data, ("metadata", "namespace")) or "default", _raw(doc.data, ("metadata", "name"))
+    if not all(isinstance(v, str) for v in (protocol, model_name, namespace, name)):
+        return
+    model_entry = models.get((namespace, model_name))
+    if model_entry is None:  # (not found, or refused: without its configData, required keys would seem missing)
+        return
+    try:
+        driver = load_driver(protocol)
+    except DriverNotFound:  # (DriverBroken too)
+        return
+    try:
+        device_id: DeviceId | str = DeviceId(namespace, name)
+    except ValueError:  # (the schema's error already says so; the messages only name it)
+        device_id = f"{namespace}/{name}"
+    model: DeviceModel = model_entry.obj
+    model_doc = model_entry.doc
+
+    def written(value: Any) -> dict[str, Any] | None | bool:
+        """A configData as written: a mapping, or None; False if it is neither (a schema error already)."""
+        return value if value is None or isinstance(value, dict) else False
+
+    config = written(_raw(spec, ("protocol", "configData")))
+    if config is not False:
+        _validate_driver_model(driver.Config, (model.spec.protocol_config_data, model_doc,
+                                               ("spec", "protocolConfigData")),
+                               (config, doc, ("spec", "protocol", "configData")), problems, protocol, device_id)
+    model_props = {p.name: (j, p) for j, p in enumerate(model.spec.properties)}
+    written_props = _raw(spec, ("properties",))
+    for i, dprop in enumerate(written_props if isinstance(written_props, list) else ()):
+        prop_name, visitor = _raw(dprop, ("name",)), written(_raw(dprop, ("visitors", "configData")))
+        j, mprop = model_props.get(prop_name, (None, None)) if isinstance(prop_name, str) else (None, None)
+        if mprop is None or visitor is False:  # (a property its model lacks: said once the schema's errors are fixed)
+            continue
+        _validate_driver_model(driver.Visitor, (mprop.visitors.config_data if mprop.visitors else None, model_doc,
+                                                ("spec", "properties", j, "visitors", "configData")),
+                               (visitor, doc, ("spec", "properties", i, "visitors", "configData")),
+                               problems, protocol, device_id)
 
 
 def _name_warning(doc: _Doc, kind: str, name: str) -> Problem | None:
@@ -1083,7 +1135,7 @@ _Source = tuple[dict[str, Any] | None, _Doc, Path_]
 
 def _validate_driver_model(
     model: type[BaseModel] | None, model_level: _Source, device_level: _Source, problems: list[Problem],
-    protocol: str, device_id: DeviceId,
+    protocol: str, device_id: DeviceId | str,
 ) -> Any:
     """The model's configData overridden by the device's, validated by the driver's `model`; a
     problem with a value from the model is reported in the model's document, at that value."""

@@ -1424,3 +1424,28 @@ def test_a_key_indented_out_of_its_mapping_says_where_it_belongs(tmp_path):
     assert f"d.yaml:{line}: spec.properties[1].configData: unknown field here, but a key of visitors beside it:" \
            " indent it under visitors. It is ignored here; KubeEdge's API server would drop it (kubectl" \
            " refuses it)" in warnings, warnings
+
+
+def test_a_schema_error_in_a_device_does_not_hide_its_driver_configdata_errors(tmp_path):
+    """A device with `collectCycle: 1s` and `pin: GPIO17` was told only of the cycle: the schema refused
+    the document, and its driver's configData was never looked at, so the pin came up only once the
+    cycle was fixed. Both are listed now (the driver's settings read as written, the model's merged in);
+    where the model cannot be read, the configData is left for later (its required keys may be there)."""
+    text = (REPO / "devices/examples/pi/relay-gpio.yaml").read_text()
+    bad = (text.replace("collectCycle: 1000", "collectCycle: 1s").replace("pin: 17 ", "pin: GPIO17 ")
+           .replace("pins: rpi-gpio ", "pins: rpi "))
+    lines = {key: next(i for i, line in enumerate(bad.splitlines(), 1) if key in line)
+             for key in ("collectCycle: 1s", "pin: GPIO17", "pins: rpi ")}
+    problems = problems_of(tmp_path, {"relay.yaml": bad})
+    assert sorted(problems) == sorted([
+        f"relay.yaml:{lines['collectCycle: 1s']}: spec.properties[0].collectCycle: must be an integer, got '1s':"
+        " cycles are milliseconds (as in KubeEdge): write 1000",
+        f"relay.yaml:{lines['pin: GPIO17']}: spec.properties[0].visitors.configData.pin: 'GPIO17' is a pin's name:"
+        " write its BCM number, pin: 17",
+        f"relay.yaml:{lines['pins: rpi ']}: spec.protocol.configData.pins: 'rpi' is not allowed: must be 'rpi-gpio'"
+        " or 'fake'",
+    ]), problems
+    # The model refused too: only the schema's errors, no guess at the device's configData.
+    model_bad = bad.replace("type: BOOLEAN", "type: BOOL")
+    problems = problems_of(tmp_path, {"relay.yaml": model_bad})
+    assert not any("configData" in p for p in problems), problems
