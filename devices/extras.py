@@ -10,6 +10,7 @@ source tree.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shlex
 import sys
@@ -39,3 +40,17 @@ def install_extra(extra: str) -> str:
     if source is None:
         return f"{command}'.[{extra}]' in the mapper's source tree"
     return command + shlex.quote(f"{source}[{extra}]")
+
+
+def missing_modules(*names: str) -> list[str]:
+    """Those of the modules `names` this Python cannot import, found without importing them (a Pi's
+    libraries probe the board when imported)."""
+    missing = []
+    for name in names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # its package missing, a module set to None in sys.modules
+            found = False
+        if not found:
+            missing.append(name)
+    return missing

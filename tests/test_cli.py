@@ -1632,6 +1632,39 @@ def test_the_cloud_worker_without_the_ml_extra_says_what_to_install(tmp_path):
     assert "needs numpy and onnxruntime" in done.stderr and "`ml` extra" in done.stderr, done.stderr
 
 
+def test_validate_config_warns_of_a_device_whose_drivers_library_is_not_installed(tmp_path):
+    """A config whose GPIO relay (pins: rpi-gpio) and DHT sensor need the `pi` extra passed
+    `mapper validate --config` with a bare ok on a node without it; `mapper run` then starts them and
+    they stay offline (cannot open: RPi.GPIO / adafruit_dht is not importable). Each is a warning now,
+    naming the library and the command that installs the extra; a relay over `pins: fake` needs none."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        "import sys\nfor name in ('RPi', 'RPi.GPIO', 'adafruit_dht', 'board'):\n    sys.modules[name] = None\n")
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    relay = (REPO / "devices/examples/pi/relay-gpio.yaml").read_text()
+    (devices / "relay.yaml").write_text(relay)
+    (devices / "room.yaml").write_text((REPO / "devices/examples/pi/room-sensor-dht.yaml").read_text())
+    (devices / "fake.yaml").write_text(
+        relay.split("---\n")[1].replace("name: fan-relay-pi", "name: fake-relay").replace("pins: rpi-gpio", "pins: fake")
+        .replace("pin: 17 ", "pin: 27 "))
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "state" / "twin.db")
+
+    checked = mapper("validate", "--config", str(config), env={"PYTHONPATH": str(site)})
+    assert checked.returncode == 0, checked.stderr  # (run starts: a warning, as for a device not run here)
+    warned = [line for line in checked.stderr.splitlines() if "would stay offline" in line]
+    assert len(warned) == 2, checked.stderr
+    relay_line, room_line = sorted(warned)
+    assert relay_line.startswith(f"warning: {devices / 'relay.yaml'}:"), relay_line
+    assert ("device default/fan-relay-pi would stay offline under `mapper run` (it cannot open): pins: rpi-gpio needs"
+            " RPi.GPIO, not installed here: install the `pi` extra (") in relay_line, relay_line
+    assert ("device default/room-sensor-pi would stay offline under `mapper run` (it cannot open): needs adafruit_dht"
+            " and board (adafruit-circuitpython-dht, Blinka), not installed here: install the `pi` extra (") in room_line
+    assert "[pi]'" in relay_line and "[pi]'" in room_line, warned  # (the command: extras.install_extra)
+    assert checked.stdout.startswith(f"ok: {config}: 3 device(s), 2 model(s), "), checked.stdout
+
+
 def test_the_advice_to_install_an_extra_names_this_installation_not_pypi(tmp_path):
     """Errors that need an extra said `pip install 'mapper[ml]'`: PyPI's `mapper`, another project,
     into whichever environment that `pip` is. This one is installed from its source tree (a checkout,

@@ -23,6 +23,8 @@ loop uses when a driver has them:
 - `config_problems(device)` (a classmethod): what the schema cannot see, such as the contents
   of a file the configuration names; the loader reports each as `FILE:LINE: FIELD: PROBLEM`,
   so `mapper validate` finds it and the device does not start.
+- `not_installed(device)` (a classmethod): the library the device needs and this Python lacks
+  (imported only when it opens), with how to install it; `mapper validate --config` warns with it.
 
 Third parties register a driver without touching this package::
 
@@ -177,6 +179,15 @@ class Driver:
         The loader reports each at the field's line as a warning: the device is loaded as written.
         """
         return ()
+
+    @classmethod
+    def not_installed(cls, device: DeviceDefinition) -> str | None:
+        """What `device` needs installed that this Python lacks, with how to install it, or None.
+
+        `mapper validate --config` warns with it: `mapper run` starts such a device, and its open()
+        fails on the import, so it stays offline.
+        """
+        return None
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:

@@ -263,6 +263,15 @@ class DhtDriver(Driver):
                    f" set collectCycle: {math.ceil(interval_s) * 1000} or more")
 
     @classmethod
+    def not_installed(cls, device: DeviceDefinition) -> str | None:
+        from devices.extras import install_extra, missing_modules
+
+        if not (missing := missing_modules("adafruit_dht", "board")):
+            return None
+        return (f"needs {' and '.join(missing)} (adafruit-circuitpython-dht, Blinka), not installed here: install the"
+                f" `pi` extra ({install_extra('pi')})")
+
+    @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
         yield f"gpio:{device.protocol_config.pin}", "spec.protocol.configData.pin"
 

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 from devices.definitions import DeviceDefinition, PropertyDefinition
 from devices.drivers.base import Driver
 from devices.errors import FieldError, ReadError, WriteError
+from devices.extras import install_extra, missing_modules
 from devices.pins import BcmPin, Pins, PinError, Pull, make_pins
 from devices.values import PropertyType
 
@@ -179,6 +180,13 @@ class GpioDriver(Driver):
                        f"property {prop.name!r} is not ReadWrite in DeviceModel {device.model_name!r} (accessMode"
                        f" defaults to ReadOnly), so nothing could switch GPIO{v.pin} on again after auto_off_s switched it off:"
                        " use accessMode: ReadWrite, or remove auto_off_s")
+
+    @classmethod
+    def not_installed(cls, device: DeviceDefinition) -> str | None:
+        if device.protocol_config.pins != "rpi-gpio" or not missing_modules("RPi.GPIO"):
+            return None
+        return ("pins: rpi-gpio needs RPi.GPIO, not installed here: install the `pi` extra"
+                f" ({install_extra('pi')}: rpi-lgpio on a 64-bit Pi OS, RPi.GPIO on a 32-bit one)")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
