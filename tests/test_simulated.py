@@ -66,3 +66,25 @@ def test_faults_as_flat_keys_are_the_nested_settings() -> None:
         SimulatedConfig.model_validate({"faults_kinds": "spike,boom"})
     with pytest.raises(ValueError, match="both given"):
         SimulatedConfig.model_validate({"faults": {"rate": 0.1}, "faults_rate": 0.2})
+
+
+def test_a_visitor_without_a_kind_is_a_warning_at_its_line_naming_the_kinds(tmp_path: Path) -> None:
+    """`kind` defaults to `constant` (value 0): a visitor that left it out (`{base: 21}` for a
+    temperature) loaded without a word and read 0 for ever. It is a warning at the visitor's line
+    now, naming the kinds; a visitor with a kind, or a `value` (a constant meant), gets none."""
+    text = CLOCK_DEVICE.replace("    - {name: now, type: FLOAT, accessMode: ReadOnly}\n",
+                                "    - {name: now, type: FLOAT, accessMode: ReadOnly}\n"
+                                "    - {name: temp, type: FLOAT, accessMode: ReadOnly}\n"
+                                "    - {name: setpoint, type: FLOAT, accessMode: ReadOnly}\n")
+    text += ("    - name: temp\n"
+             "      visitors: {protocolName: simulated, configData: {base: 21}}\n"
+             "    - name: setpoint\n"
+             "      visitors: {protocolName: simulated, configData: {value: 20}}\n")
+    (tmp_path / "probe.yaml").write_text(text)
+    result = load([tmp_path], base=tmp_path)
+    line = next(n for n, row in enumerate(text.splitlines(), 1) if "configData: {base: 21}" in row)
+    assert [str(w) for w in result.warnings] == [
+        f"probe.yaml:{line}: spec.properties[1].visitors.configData.kind: not given, so property 'temp' reads the"
+        " constant 0 (kind: constant, value: 0); set the kind meant: temperature, humidity, switch, counter,"
+        " constant, clock"]
+    assert DeviceId("default", "probe") in result.devices  # (a warning: it runs as written)

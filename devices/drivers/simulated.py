@@ -6,7 +6,8 @@ Each property's `visitors.configData.kind` picks a behaviour:
   measurement noise, quantised to the sensor's resolution.
 - `switch`: a writable on/off whose read-back follows its writes (optionally after `lag_ms`).
 - `counter`: counts up by `step` on every read.
-- `constant`: always `value`.
+- `constant`: always `value` (0 by default). The default kind: a visitor with neither a kind nor a
+  `value` is a warning at load (config_warnings), as it most likely misses its kind.
 - `clock`: the wall-clock time of the read in Unix seconds (a FLOAT property): a latency probe.
   (`temperature`, `humidity` and `clock` read what they generate: a ReadWrite one runs as ReadOnly.)
   A subscriber subtracts it from its own receive time to get the reading's exact age, where
@@ -30,6 +31,8 @@ import math
 import os
 import random
 import time
+import typing
+from collections.abc import Iterable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -90,9 +93,13 @@ class SimulatedConfig(BaseModel):
 _FLAT_FAULTS = ("faults_rate", "faults_seed", "faults_kinds")
 
 
+Kind = Literal["temperature", "humidity", "switch", "counter", "constant", "clock"]
+
+
 class SimulatedVisitor(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-    kind: Literal["temperature", "humidity", "switch", "counter", "constant", "clock"] = "constant"
+    # Left out: a constant (its `value`, 0 by default), with a warning unless `value` is given (config_warnings).
+    kind: Kind = "constant"
     base: float = 21.0
     amplitude: float = 3.0
     period_s: float = Field(default=86_400.0, gt=0)
@@ -109,6 +116,18 @@ class SimulatedDriver(Driver):
     protocol = "simulated"
     Config = SimulatedConfig
     Visitor = SimulatedVisitor
+
+    @classmethod
+    def config_warnings(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """A property whose visitor names no `kind` (nor a `value`): it reads the constant 0, most likely
+        not what was meant (a visitor with a `base:` and no kind reads 0, its base unread)."""
+        for i, prop in enumerate(device.properties):
+            visitor = prop.visitor
+            if not isinstance(visitor, SimulatedVisitor) or {"kind", "value"} & visitor.model_fields_set:
+                continue
+            yield (f"spec.properties[{i}].visitors.configData.kind",  # (left out: the loader gives the nearest line)
+                   f"not given, so property {prop.name!r} reads the constant 0 (kind: constant, value: 0); set the"
+                   f" kind meant: {', '.join(typing.get_args(Kind))}")
 
     def __init__(self, device: DeviceDefinition) -> None:
         super().__init__(device)
