@@ -1052,6 +1052,7 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         return 0
     print(f"{twin.id}  model={twin.model}  protocol={twin.protocol}  state={twin.state}"
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
+    stale = _not_live(twin.state, _lock_state(config.twin.path))
     # The reported value is the last good reading's, shown with its time; a later reading that was
     # not good (an error, out of range) is shown apart, with its own time, not next to that value.
     rows = []
@@ -1064,6 +1065,8 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         else:
             newest = (f"{p.quality} at {_fmt_ts(latest.get(p.name)) if p.name in latest else '(no longer in the history)'}"
                       + (f" [{p.quality_detail}]" if p.quality_detail else ""))
+        if stale and p.reported is not None:
+            newest += f"; last known: {stale}"
         rows.append((p, reported, desired, newest))
     # Columns as wide as their longest value (a decision's `confidence 0.6307235560375336` pushed
     # its row out of line with the header), at least as wide as before.
@@ -1077,6 +1080,18 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
               f"{_fmt_ts(p.reported_ts):<24}  {newest}"
               + (f"  [apply error: {p.apply_error}]" if p.apply_error else ""))
     return 0
+
+
+def _not_live(state: str, lock: LockState) -> str | None:
+    """Why a device's reported values are not its live ones (`mapper not running`, `device offline`), or
+    None. `twin get` says it on each value's row: `true ... good` read as the relay's state, after a
+    restart that left the device offline (its output switched off at the stop) or with no mapper
+    running at all (a crash leaves the state `ok`)."""
+    if lock.running is False:
+        return "mapper not running"
+    if lock.starting:
+        return "mapper starting"
+    return None if state == "ok" else f"device {state}"
 
 
 def cmd_twin_set(args: argparse.Namespace) -> int:

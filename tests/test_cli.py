@@ -1596,6 +1596,46 @@ def test_a_second_mapper_on_the_same_twin_through_a_symlink_is_refused(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("link.db")) == ["link.db"]
 
 
+def test_twin_get_says_a_reported_value_is_the_last_known_one_when_its_device_or_mapper_is_not_running(tmp_path):
+    """After a restart that left a relay offline (its output switched off at the stop), `twin get`
+    showed `power  true ... good`, as if it were the relay's state now; so too with no mapper running.
+    The twin keeps the value (the last known one); each value's row says why it is not live."""
+    from devices.loader import load
+    from mapper.cli import _lock_twin, _write_lock_owner
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    lamp = DeviceId("default", "lamp")
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(lamp, "power", True, 1_000)])
+        store.set_state(lamp, "offline", "cannot open: the bus is gone")
+
+    def rows() -> dict[str, str]:
+        shown = mapper("twin", "get", "lamp", "--config", str(config))
+        assert shown.returncode == 0, shown
+        return {line.split()[0]: line for line in shown.stdout.splitlines()[2:]}
+
+    assert rows()["power"].endswith(" good; last known: mapper not running"), rows()
+    held = _lock_twin(twin)
+    try:
+        _write_lock_owner(held, starting=False)  # a mapper runs (this process), the device is offline
+        shown = rows()
+        assert re.fullmatch(r"power +true +- +1970-01-01 00:00:01\.000Z +good; last known: device offline",
+                            shown["power"]), shown
+        assert shown["count"].split()[1:3] == ["-", "-"] and "last known" not in shown["count"], shown  # (no value)
+        with TwinStore.open(twin) as store:
+            store.set_state(lamp, "ok")
+        assert rows()["power"].endswith(" good"), rows()  # live: as before
+    finally:
+        held.close()
+    as_json = json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
+    assert as_json["properties"]["power"]["reported"] is True and as_json["properties"]["power"]["quality"] == "good"
+
+
 def test_a_command_asking_whether_a_mapper_runs_does_not_refuse_one_starting(tmp_path):
     """`mapper devices` and `twin set` hold `<twin>.lock` for an instant to learn whether a mapper runs
     (and that a command probing in a loop does not keep a mapper from starting): a `mapper run` that
@@ -1878,10 +1918,11 @@ def test_twin_get_shows_a_failed_read_apart_from_the_last_good_value(tmp_path):
     lines = shown.stdout.splitlines()
     assert re.match(r"^property +reported +desired +delta  last good read +latest read$", lines[1]), lines
     temperature = next(line for line in lines if line.startswith("temperature "))
+    # (no mapper runs on this twin: each value is its last known one, and says so)
     assert re.match(r"^temperature +23\.2 Celsius +- +2026-11-22 09:13:20\.717Z  error at 2026-11-22"
-                    r" 09:13:23\.250Z \[Checksum did not validate\]$", temperature), temperature
+                    r" 09:13:23\.250Z \[Checksum did not validate\]; last known: mapper not running$", temperature), temperature
     count = next(line for line in lines if line.startswith("count "))
-    assert re.match(r"^count +8 +- +2026-11-22 09:13:23\.250Z  good$", count), count
+    assert re.match(r"^count +8 +- +2026-11-22 09:13:23\.250Z  good; last known: mapper not running$", count), count
     twin = json.loads(mapper("twin", "get", "room", "--config", str(config), "--json").stdout)
     assert {k: twin["properties"]["temperature"][k] for k in ("reported", "reportedTs", "quality", "qualityTs")} == {
         "reported": 23.2, "reportedTs": good_ms, "quality": "error", "qualityTs": failed_ms}
