@@ -634,3 +634,28 @@ def test_a_collect_cycle_below_the_measurement_interval_is_a_warning_at_its_line
         " (configData.min_interval_s), so at a collectCycle of 1000 ms (0 or left out: 1000) 2 of every 3 readings of"
         " 'humidity' repeat the last measurement as a new reading; set collectCycle: 3000 or more",
     ]
+
+
+def test_blinkas_import_time_warning_goes_into_the_log_not_to_stdout() -> None:
+    """Blinka prints `WARNING: GENERIC_X86 is not fully supported. Some features may not work.` (twice)
+    to stdout as the driver imports it on a machine that is not a Pi, outside the mapper's log (no
+    time, no logger, the journal's stdout). It is one WARNING of the mapper.dht logger now."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("adafruit_dht")
+    from adafruit_platformdetect import Detector
+
+    if Detector().chip.id != "GENERIC_X86":
+        pytest.skip("Blinka prints that warning on a PC only")
+    script = ("import logging, sys\n"
+              "logging.basicConfig(stream=sys.stderr, format='%(levelname)s %(name)s: %(message)s')\n"
+              "from devices.drivers.dht import _import_library, board_pin\n"
+              "_import_library()\n"
+              "try:\n    board_pin(4)\nexcept Exception as exc:\n    print('refused:', type(exc).__name__, file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=REPO)
+    assert done.returncode == 0 and done.stdout == "", done
+    said = ("WARNING mapper.dht: Blinka (adafruit_dht's library), as it was imported: GENERIC_X86 is not fully"
+            " supported. Some features may not work.")
+    assert done.stderr.count(said) == 1 and "refused: DriverError" in done.stderr, done.stderr

@@ -32,6 +32,7 @@ A DHT11's temperature below zero keeps its sign (`signed_dht11`: adafruit_dht 4.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import threading
@@ -112,10 +113,31 @@ class Measurement:
     taken_at: float
 
 
+# One import with stdout redirected at a time (_prints_logged): stdout is the process's.
+_IMPORTING = threading.Lock()
+
+
+@contextlib.contextmanager
+def _prints_logged() -> Iterator[None]:
+    """Blinka prints its warnings to stdout as it is imported (`WARNING: GENERIC_X86 is not fully
+    supported. ...` on a machine that is not a Pi, twice), outside the mapper's log: each line goes
+    into the log instead, once. A line another thread prints meanwhile is logged too, not lost."""
+    captured = io.StringIO()
+    with _IMPORTING:
+        try:
+            with contextlib.redirect_stdout(captured):
+                yield
+        finally:
+            for line in dict.fromkeys(text.strip() for text in captured.getvalue().splitlines()):
+                if line:
+                    log.warning("Blinka (adafruit_dht's library), as it was imported: %s", line.removeprefix("WARNING: "))
+
+
 def board_pin(bcm: int) -> Any:
     """The Blinka pin object for a BCM number (`board.D4` for 4)."""
     try:
-        import board  # noqa: PLC0415 - lazy: Blinka detects the board on import
+        with _prints_logged():
+            import board  # noqa: PLC0415 - lazy: Blinka detects the board on import
     except (ImportError, NotImplementedError, RuntimeError) as exc:
         raise DriverError(f"cannot load Blinka's `board` ({exc}); install the `pi` extra on a Raspberry Pi") from exc
     try:
@@ -134,7 +156,8 @@ def board_pin(bcm: int) -> Any:
 
 def _import_library() -> Any:
     try:
-        import adafruit_dht  # noqa: PLC0415 - lazy: a laptop runs without the Pi extra
+        with _prints_logged():
+            import adafruit_dht  # noqa: PLC0415 - lazy: a laptop runs without the Pi extra
     except ImportError as exc:
         from devices.extras import install_extra
 
