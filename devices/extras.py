@@ -1,5 +1,5 @@
 """The command that installs one of the mapper's extras (`pi`, `ml`, `kubeedge`) into this
-installation, for the errors that need one.
+installation, for the errors that need one, and which of the modules one brings are missing.
 
 The mapper is installed from its source tree (a checkout; /opt/mapper/src on a Pi, docs/raspberry-pi.md),
 not from PyPI: `pip install 'mapper[ml]'`, the advice these errors gave, installs whatever PyPI
