@@ -36,6 +36,8 @@ driver whose hardware forgets a setting when opened) is the exception: after eve
 its first read, the twin's last desired value, applied before or not, is written and read back as
 any desired value (an applied one becomes pending again first, as a new version), so the device
 comes back as it was asked to be and the twin shows no delta; a write that fails stays pending.
+A value refused for good (out of range, WriteError(retryable=False): its apply error says so) is
+left as it is: not written again at each open as a new version.
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
@@ -66,6 +68,10 @@ from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
 from twin.store import DesiredChange, NotWritable, TwinStore, UnknownProperty, VersionConflict
 
 log = logging.getLogger("mapper.device")
+# The twin's apply_error of a desired value refused for good (never written, not retried): a restore
+# at open leaves such a value as it is (_desired_to_restore).
+NOT_WRITTEN = "write failed: not written: "
+REFUSED_BY_DRIVER = "write refused by the driver: "
 # Out-of-range readings: one line per property a minute at most (a sensor stuck at 255 reads every cycle).
 _out_of_range_log = Throttle(burst=1, interval_s=60.0)
 
@@ -704,7 +710,7 @@ class DeviceRunner:
         try:
             value: Value = self.definition.desired_value(name, change.value)
         except ValueError as exc:  # (a property a reload removed since: refused here too)
-            error = f"write failed: not written: {exc}"
+            error = f"{NOT_WRITTEN}{exc}"
         else:
             try:
                 prop = self.definition.prop(name)
@@ -717,7 +723,7 @@ class DeviceRunner:
                 if exc.retryable:
                     error, failed = f"write failed: {exc}", True
                 else:  # the device can never take this value: done with, as a definition's refusal
-                    error = f"write refused by the driver: {exc}"
+                    error = f"{REFUSED_BY_DRIVER}{exc}"
             except Exception as exc:  # noqa: BLE001 - report any driver failure on the twin
                 error, failed = f"write failed: {exc}", True
             else:
@@ -839,6 +845,15 @@ def _desired_to_restore(
             if name in pending:
                 changes.append((pending[name], False))
             elif prop is not None and prop.desired is not None:
+                if prop.apply_error and prop.apply_error.startswith((NOT_WRITTEN, REFUSED_BY_DRIVER)):
+                    # Refused for good: writing it again at each open would bump its version, clear its
+                    # error and tell the listeners again, for a value the device can never take.
+                    refuser = ("driver refused" if prop.apply_error.startswith(REFUSED_BY_DRIVER)
+                               else "device's definition refused")
+                    log.info("%s/%s: the desired value %s is not restored: the %s it (%s); it stays so until a"
+                             " value is set again (mapper twin set)", device_id, name, shown(prop.desired, 200),
+                             refuser, prop.apply_error)
+                    continue
                 try:
                     value, version = store.set_desired(device_id, name, prop.desired)
                 except (NotWritable, UnknownProperty, ValueError) as exc:  # the twin's model changed since

@@ -982,6 +982,36 @@ async def test_a_setting_the_hardware_forgets_at_open_is_written_again_when_the_
                 assert set(since_start) == {1}, since_start
 
 
+async def test_a_value_the_driver_refused_for_good_is_not_restored_at_the_next_open(tmp_path, plugin_drivers,
+                                                                                   caplog):
+    """Desired 3 is a setting the sensor does not have: its write raises WriteError(retryable=False),
+    refused for good with its error in the twin. The restore at the next start wrote it again as a
+    new version (its error cleared, the driver asked again, the listeners told again), at every
+    start for ever; it now leaves a refused value as it is, and says so."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mapper.device")
+    _, config = _forgetful_sensor(tmp_path, {"restore": True, "refuse": [3]})
+    async with running_service(config) as service:
+        with reader(config) as twin:
+            _, version = twin.set_desired(SENSOR, "count", 3)
+            prop = await async_wait_for(lambda: (p := twin.device(SENSOR).properties["count"]).apply_error and p,
+                                        what="the value refused")
+            assert prop.apply_error.startswith("write refused by the driver:"), prop.apply_error
+            assert twin.pending_desired() == []
+        assert service.runners[SENSOR].driver.refused == [3]
+    async with running_service(config) as service:
+        runner = service.runners[SENSOR]
+        await async_wait_for(lambda: runner.reads >= 4, what="a few reads after the start")
+        with reader(config) as twin:
+            prop = twin.device(SENSOR).properties["count"]
+            assert (prop.desired, prop.desired_version, prop.reported) == (3, version, 1)
+            assert prop.apply_error.startswith("write refused by the driver:"), prop.apply_error
+            assert twin.pending_desired() == []
+        assert runner.driver.refused == []
+        assert "the desired value 3 is not restored: the driver refused it" in caplog.text
+
+
 async def test_a_restore_whose_write_fails_stays_pending_and_is_written_when_the_device_answers(
         tmp_path, plugin_drivers, caplog):
     """The sensor does not answer after the restart: the restore's write fails as any desired

@@ -19,6 +19,8 @@ Each is the simulated driver with one fault of a real bus, set per device in `sp
 - `forgetful`: its `count` is a setting the sensor forgets when opened (an oversampling register
   back at its reset value, 1), and `boot_value` says nothing (None), as its author first wrote it.
   `restore: true` makes `restore_desired` say yes for `count`. `writes` lists the values written to it.
+  A value in `refuse` is one the sensor does not have: its write raises WriteError(retryable=False)
+  and is counted in `refused`.
 """
 
 from __future__ import annotations
@@ -167,6 +169,7 @@ class PanickingDriver(SimulatedDriver):
 
 class ForgetfulConfig(SimulatedConfig):
     restore: bool = False
+    refuse: list[int] = []
 
 
 class ForgetfulDriver(SimulatedDriver):
@@ -179,6 +182,7 @@ class ForgetfulDriver(SimulatedDriver):
         super().__init__(device)
         self.setting = self.RESET
         self.writes: list[Any] = []
+        self.refused: list[Any] = []
 
     def open(self) -> None:
         super().open()
@@ -196,6 +200,9 @@ class ForgetfulDriver(SimulatedDriver):
             return super().write(prop, value)
         if self._broken:
             raise WriteError(f"{self.device.id}: the sensor is not responding")
+        if value in self.config.refuse:
+            self.refused.append(value)
+            raise WriteError(f"{self.device.id}: the sensor has no setting {value}", retryable=False)
         self.setting = value
         self.writes.append(value)
         return None
