@@ -871,9 +871,11 @@ def cmd_install_service(args: argparse.Namespace) -> int:
                 print(f"warning: {text}", file=sys.stderr)
         done = "a real install refuses it" if args.dry_run else "nothing was installed"
         if cannot_start and not args.force:
+            # (--force overrides these, not `refused`: offered plainly, it only led to a second refusal)
+            force = " (--force installs past these, not past the errors above)" if refused else \
+                " (or pass --force to install anyway)"
             print(f"error: the service could not start with this installation, so {done}: fix these"
-                  f"{' and the errors above' if refused else ''}, then run this again (or pass --force to install"
-                  " anyway):", file=sys.stderr)
+                  f"{' and the errors above' if refused else ''}, then run this again{force}:", file=sys.stderr)
             for text in cannot_start:
                 print(f"  - {text}", file=sys.stderr)
         return 1

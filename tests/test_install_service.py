@@ -621,6 +621,32 @@ def test_dry_run_makes_the_checks_a_real_install_makes(
     assert not (open_dir / "missing").exists() and not unit_file.parent.exists()
 
 
+def test_force_is_not_offered_past_an_error_it_does_not_override(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unit that cannot start (its config under /tmp) and an error --force does not override (a
+    twin.path that is not the service's) in one run: the summary said "(or pass --force to install
+    anyway)", and with --force the install was refused all the same. The summary now says --force
+    does not install past the errors above."""
+    devices = write_devices(tmp_path / "dev", ["a"])
+    config = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+    if not str(config.resolve()).startswith("/tmp/"):
+        pytest.skip("pytest's tmp_path is not under /tmp here")
+    unit_file = tmp_path / "systemd" / "mapper.service"
+    commands: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, *args, **kwargs: commands.append(cmd))
+    install = ["install-service", "--config", str(config), "--user", "nobody", "--groups", "--unit-file",
+               str(unit_file)]
+    assert main(install) == 1
+    lines = capsys.readouterr().err.splitlines()
+    assert any(line.startswith(f"error: {config.resolve()}: twin.path is ") for line in lines), lines
+    assert ("error: the service could not start with this installation, so nothing was installed: fix these and the"
+            " errors above, then run this again (--force installs past these, not past the errors above):") in lines
+    assert not any("pass --force to install anyway" in line for line in lines), lines
+
+    assert main([*install, "--force"]) == 1  # (as the summary said)
+    assert commands == [] and not unit_file.parent.exists()
+
+
 def test_install_refuses_a_unit_that_cannot_start_and_writes_nothing(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A config and device files under /tmp (which the unit's PrivateTmp=yes hides from the service):
