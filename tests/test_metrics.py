@@ -65,6 +65,22 @@ def metrics_port(mapper: MapperProcess) -> int:
     return int(re.search(r"metrics on http://127\.0\.0\.1:(\d+)/metrics", mapper.log()).group(1))
 
 
+def brokerless_mapper_serving_metrics(tmp_path: Path, *, cycle: int = 100,
+                                      env: dict[str, str] | None = None) -> MapperProcess:
+    """A `mapper run` (not started) of one good device read every `cycle` ms, no broker, metrics on a free port."""
+    devices = write_devices(tmp_path / "dev", ["good"], cycle=cycle)
+    mapper = MapperProcess(tmp_path, devices, None, env=env)
+    mapper.config.write_text(mapper.config.read_text() + LISTEN)
+    return mapper
+
+
+def port_once_healthy(mapper: MapperProcess) -> int:
+    """The started mapper's metrics port, once its /healthz answers 200."""
+    port = metrics_port(mapper)
+    wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+    return port
+
+
 def test_metrics_and_healthz_follow_the_devices_and_the_broker(broker, tmp_path: Path) -> None:
     """A good device and one that never answers, then the broker stopped and started: the states,
     read counts and errors, the MQTT connection and /healthz say what happened, the readings
@@ -132,12 +148,8 @@ def test_a_web_page_cannot_read_it_through_dns_rebinding_and_other_paths_are_not
     """On loopback a request whose Host names another machine is refused (a web page that rebound its
     name to 127.0.0.1); an IP address or localhost, as Prometheus on the Pi sends, is answered.
     No broker configured: /healthz says so and is 200."""
-    devices = write_devices(tmp_path / "dev", ["good"], cycle=100)
-    mapper = MapperProcess(tmp_path, devices, None)
-    mapper.config.write_text(mapper.config.read_text() + LISTEN)
-    with mapper:
-        port = metrics_port(mapper)
-        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+    with brokerless_mapper_serving_metrics(tmp_path) as mapper:
+        port = port_once_healthy(mapper)
         assert health(port)[1]["mqtt"] == "not configured"
         assert get(port, "/metrics", host="attacker.example:9108")[0] == 403
         assert get(port, "/metrics", host=f"localhost:{port}")[0] == 200
@@ -192,12 +204,9 @@ def test_a_twin_another_process_holds_locked_is_unhealthy_until_it_lets_go(tmp_p
     and the readings waiting; once it lets go, 200 and writable again."""
     from helpers import TwinLock
 
-    devices = write_devices(tmp_path / "dev", ["good"], cycle=50)
-    mapper = MapperProcess(tmp_path, devices, None, env={"MAPPER_TWIN__BUSY_TIMEOUT_MS": "50"})
-    mapper.config.write_text(mapper.config.read_text() + LISTEN)
+    mapper = brokerless_mapper_serving_metrics(tmp_path, cycle=50, env={"MAPPER_TWIN__BUSY_TIMEOUT_MS": "50"})
     with mapper:
-        port = metrics_port(mapper)
-        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+        port = port_once_healthy(mapper)
         lock = TwinLock(mapper.twin_path)
         try:
             wait_for(lambda: health(port)[0] == 503, timeout=15, what="/healthz 503 while the twin is locked")
@@ -252,12 +261,8 @@ def test_clients_that_hold_connections_open_get_503_beyond_the_limit_not_the_map
 
     from mapper.metrics import MAX_CONNECTIONS
 
-    devices = write_devices(tmp_path / "dev", ["good"], cycle=100)
-    mapper = MapperProcess(tmp_path, devices, None)
-    mapper.config.write_text(mapper.config.read_text() + LISTEN)
-    with mapper:
-        port = metrics_port(mapper)
-        wait_for(lambda: health(port)[0] == 200, what="/healthz 200 once ready")
+    with brokerless_mapper_serving_metrics(tmp_path) as mapper:
+        port = port_once_healthy(mapper)
         idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(MAX_CONNECTIONS)]
         try:
             status, _, body = wait_for(lambda: (r := get(port, "/healthz")) and r[0] == 503 and r,
