@@ -257,6 +257,15 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
         load([tmp_path], base=tmp_path)
 
 
+def definition_error_of_device_io(tmp_path: Path, properties: str) -> DefinitionError:
+    """The DefinitionError that loading MODEL and a device `io` with these properties (io.yaml) raises."""
+    (tmp_path / "model.yaml").write_text(MODEL)
+    (tmp_path / "io.yaml").write_text(device_yaml("io", properties))
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    return info.value
+
+
 @pytest.mark.parametrize(
     ("config", "message"),
     [
@@ -279,12 +288,9 @@ def test_dht_and_gpio_on_one_pin_conflict(tmp_path: Path) -> None:
 )
 def test_visitor_validation(tmp_path: Path, config: str, message: str) -> None:
     """Bad pin settings are definition errors that name the field and the fix."""
-    (tmp_path / "model.yaml").write_text(MODEL)
-    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % config))
-    with pytest.raises(DefinitionError) as info:
-        load([tmp_path], base=tmp_path)
-    assert message in str(info.value)
-    assert "io.yaml:9:" in str(info.value)
+    error = definition_error_of_device_io(tmp_path, RELAY % config)
+    assert message in str(error)
+    assert "io.yaml:9:" in str(error)
 
 
 def test_a_setting_that_does_not_fit_the_direction_is_reported_at_its_own_line(tmp_path: Path) -> None:
@@ -825,12 +831,9 @@ def test_close_switches_outputs_off_before_releasing_them(tmp_path: Path, wire: 
 def test_a_writable_property_on_an_input_pin_is_a_definition_error(tmp_path: Path) -> None:
     """A ReadWrite property on `direction: in` used to validate; then every desired value set on it
     failed at the device ("GPIO27 is an input; it cannot be set") and stayed a delta in the twin."""
-    (tmp_path / "model.yaml").write_text(MODEL)
-    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % "{pin: 27, direction: in}"))
-    with pytest.raises(DefinitionError) as info:
-        load([tmp_path], base=tmp_path)
-    assert str(info.value) == ("io.yaml:9: spec.properties[0].visitors: property 'relay' is ReadWrite in DeviceModel"
-                               " 'io-model', but GPIO27 is an input: use direction: out, or accessMode: ReadOnly")
+    error = definition_error_of_device_io(tmp_path, RELAY % "{pin: 27, direction: in}")
+    assert str(error) == ("io.yaml:9: spec.properties[0].visitors: property 'relay' is ReadWrite in DeviceModel"
+                          " 'io-model', but GPIO27 is an input: use direction: out, or accessMode: ReadOnly")
 
 
 def test_auto_off_on_a_read_only_output_is_a_definition_error(tmp_path: Path) -> None:
@@ -907,20 +910,14 @@ def test_restore_opens_the_output_off_and_asks_for_the_desired_value(tmp_path: P
     ],
 )
 def test_initial_takes_true_false_or_restore(tmp_path: Path, config: str, message: str) -> None:
-    (tmp_path / "model.yaml").write_text(MODEL)
-    (tmp_path / "io.yaml").write_text(device_yaml("io", RELAY % config))
-    with pytest.raises(DefinitionError) as info:
-        load([tmp_path], base=tmp_path)
-    assert message in str(info.value) and "io.yaml:9:" in str(info.value)
+    error = definition_error_of_device_io(tmp_path, RELAY % config)
+    assert message in str(error) and "io.yaml:9:" in str(error)
 
 
 def test_restore_on_a_read_only_output_is_a_definition_error(tmp_path: Path) -> None:
     """A ReadOnly property never has a desired value: `initial: restore` would leave the pin off without a word."""
-    (tmp_path / "model.yaml").write_text(MODEL)
-    (tmp_path / "io.yaml").write_text(device_yaml("io", BUTTON % "{pin: 17, direction: out, initial: restore}"))
-    with pytest.raises(DefinitionError) as info:
-        load([tmp_path], base=tmp_path)
-    assert str(info.value) == (
+    error = definition_error_of_device_io(tmp_path, BUTTON % "{pin: 17, direction: out, initial: restore}")
+    assert str(error) == (
         "io.yaml:9: spec.properties[0].visitors.configData.initial: property 'button' is not ReadWrite in DeviceModel"
         " 'io-model' (accessMode defaults to ReadOnly), so it never has a desired value for initial: restore to write"
         " to GPIO17: use accessMode: ReadWrite, or initial: true or false")
