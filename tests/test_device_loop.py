@@ -667,6 +667,16 @@ async def test_a_state_listener_failing_on_a_retried_state_does_not_stop_the_map
         await async_wait_for(lambda: runner.read_errors >= reads + 5, what="the device still read")
 
 
+def recording_applied(results: list[tuple[str, int, str | None]]):  # noqa: ANN201
+    """A `prepare` for running_service: each apply told to the service's listeners goes into `results`
+    as (property, version, error)."""
+    def listen(service):  # noqa: ANN001, ANN202
+        async def on_applied(change, error) -> None:  # noqa: ANN001
+            results.append((change.property, change.version, error))
+        service.applied_listeners.append(on_applied)
+    return listen
+
+
 @contextlib.contextmanager
 def retry_timers(prop: str) -> Iterator[tuple[list[float], list[int]]]:
     """The retry timers device loops request for `prop`'s failed writes, seen at the event loop's
@@ -707,14 +717,8 @@ async def test_a_desired_value_whose_write_fails_stays_pending_and_is_written_wh
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     results: list[tuple[str, int, str | None]] = []
-
-    def listen(service):  # noqa: ANN001, ANN202
-        async def on_applied(change, error) -> None:  # noqa: ANN001
-            results.append((change.property, change.version, error))
-        service.applied_listeners.append(on_applied)
-
     with retry_timers("power") as (delays, fired):
-        async with running_service(config, prepare=listen) as service:
+        async with running_service(config, prepare=recording_applied(results)) as service:
             runner = service.runners[GOOD1]
             driver = runner.driver
             attempts: list[int] = []  # at each write of the driver: how many retry timers had fired
@@ -758,14 +762,8 @@ async def test_a_value_the_driver_refuses_for_good_is_not_written_again(tmp_path
     devices = write_devices(tmp_path / "dev", ["good1"], cycle=50)
     config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
     results: list[tuple[str, int, str | None]] = []
-
-    def listen(service):  # noqa: ANN001, ANN202
-        async def on_applied(change, error) -> None:  # noqa: ANN001
-            results.append((change.property, change.version, error))
-        service.applied_listeners.append(on_applied)
-
     with retry_timers("count") as (delays, _fired):
-        async with running_service(config, prepare=listen) as service:
+        async with running_service(config, prepare=recording_applied(results)) as service:
             driver = service.runners[GOOD1].driver
             original = driver.write
             writes: list[object] = []
