@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -171,23 +172,16 @@ def test_a_health_the_cloud_forges_through_the_bridge_is_corrected_by_the_mapper
     topic = f"mapper/{node}/health"
     forged = b'{"twin":"unwritable","since":1,"cause":"disk full","readings_waiting":9}'
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=200)
-    cloud = MosquittoBroker("cloud.conf")
-    try:
-        with CompromisedCloud(cloud) as attacker, \
-                MosquittoBroker("mosquitto.conf", bridge_to=cloud, node=node) as edge, \
-                MapperProcess(tmp_path, devices, edge, node=node) as mapper, edge.client("app") as app:
-            attacker.wait_subscribed()
-            app.subscribe(topic)
-            next_matching(app, topic, lambda b: b["twin"] == "ok")  # the mapper's, at its connect
-            attacker.publish(topic, forged, retain=True)
-            assert app.next_message().payload == forged  # it did reach the Pi's apps
-            corrected = next_matching(app, topic, lambda b: True)
-            assert corrected["twin"] == "ok", corrected
-            assert json.loads(retained_value(edge, topic))["twin"] == "ok"  # what an app subscribing now is told
-            mapper.wait_log("another client published on the node's health")
-            assert mapper.stop() == 0
-    finally:
-        cloud.close()
+    with mapper_behind_a_compromised_cloud(tmp_path, devices, node) as (attacker, edge, mapper, app):
+        app.subscribe(topic)
+        next_matching(app, topic, lambda b: b["twin"] == "ok")  # the mapper's, at its connect
+        attacker.publish(topic, forged, retain=True)
+        assert app.next_message().payload == forged  # it did reach the Pi's apps
+        corrected = next_matching(app, topic, lambda b: True)
+        assert corrected["twin"] == "ok", corrected
+        assert json.loads(retained_value(edge, topic))["twin"] == "ok"  # what an app subscribing now is told
+        mapper.wait_log("another client published on the node's health")
+        assert mapper.stop() == 0
 
 
 def test_a_device_availability_and_state_the_cloud_forges_through_the_bridge_are_corrected(tmp_path):
@@ -201,27 +195,35 @@ def test_a_device_availability_and_state_the_cloud_forges_through_the_bridge_are
     node = "pi-test"
     availability, state = f"mapper/{node}/default/lamp/availability", f"mapper/{node}/default/lamp/state"
     devices = write_devices(tmp_path / "dev", ["lamp"], cycle=60_000)  # one reading a minute: no state meanwhile
+    with mapper_behind_a_compromised_cloud(tmp_path, devices, node) as (attacker, edge, mapper, app):
+        app.subscribe(availability)
+        app.subscribe(state)
+        next_message_on(app, state, lambda m: json.loads(m.payload)["state"] == "ok")  # after its `online`
+        attacker.publish(availability, b"offline", retain=True)
+        attacker.publish(state, b'{"state":"offline"}', retain=True)
+        # It did reach the Pi's apps (after any `online` of the mapper's still on its way), then the mapper's:
+        next_message_on(app, availability, lambda m: m.payload == b"offline")
+        assert next_message_on(app, state).payload == b'{"state":"offline"}'
+        assert next_message_on(app, availability).payload == b"online"
+        assert json.loads(next_message_on(app, state).payload)["state"] == "ok"
+        assert retained_value(edge, availability) == b"online"
+        assert json.loads(retained_value(edge, state))["state"] == "ok"
+        lines = [line for line in mapper.log().splitlines() if "another client published" in line]
+        assert lines and all("default/lamp/" in line and " WARNING " in line for line in lines), lines
+        assert mapper.stop() == 0
+
+
+@contextlib.contextmanager
+def mapper_behind_a_compromised_cloud(tmp_path, devices, node: str):  # noqa: ANN001, ANN201
+    """A mapper of `devices` on an edge broker bridged to a cloud broker the attacker holds, and an
+    app on the edge: (attacker, edge, mapper, app), once the bridge has subscribed at the cloud."""
     cloud = MosquittoBroker("cloud.conf")
     try:
         with CompromisedCloud(cloud) as attacker, \
                 MosquittoBroker("mosquitto.conf", bridge_to=cloud, node=node) as edge, \
                 MapperProcess(tmp_path, devices, edge, node=node) as mapper, edge.client("app") as app:
             attacker.wait_subscribed()
-            app.subscribe(availability)
-            app.subscribe(state)
-            next_message_on(app, state, lambda m: json.loads(m.payload)["state"] == "ok")  # after its `online`
-            attacker.publish(availability, b"offline", retain=True)
-            attacker.publish(state, b'{"state":"offline"}', retain=True)
-            # It did reach the Pi's apps (after any `online` of the mapper's still on its way), then the mapper's:
-            next_message_on(app, availability, lambda m: m.payload == b"offline")
-            assert next_message_on(app, state).payload == b'{"state":"offline"}'
-            assert next_message_on(app, availability).payload == b"online"
-            assert json.loads(next_message_on(app, state).payload)["state"] == "ok"
-            assert retained_value(edge, availability) == b"online"
-            assert json.loads(retained_value(edge, state))["state"] == "ok"
-            lines = [line for line in mapper.log().splitlines() if "another client published" in line]
-            assert lines and all("default/lamp/" in line and " WARNING " in line for line in lines), lines
-            assert mapper.stop() == 0
+            yield attacker, edge, mapper, app
     finally:
         cloud.close()
 
