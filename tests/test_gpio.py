@@ -932,6 +932,18 @@ def _relay_applied(config, value: bool, version: int = 0):  # noqa: ANN001, ANN2
     return check
 
 
+async def _relay_switched_on_then_stopped(tmp_path: Path, relay: str):  # noqa: ANN202
+    """A mapper of device io, the relay's configData `relay` (read every 50 ms), run until a desired on
+    was written and reported, then stopped: (its devices directory, its config, the on's version)."""
+    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    async with running_service(config):
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(_relay_applied(config, True), what="relay on")
+    return devices, config, on_version
+
+
 async def test_restore_brings_the_relay_back_on_after_a_restart_and_a_reload(tmp_path: Path) -> None:
     """`initial: restore`, active low: a relay switched on comes back on after a stop and start (the
     pin electrically low, reported true, no delta, nothing pending), and again when a reload changes
@@ -939,12 +951,7 @@ async def test_restore_brings_the_relay_back_on_after_a_restart_and_a_reload(tmp
     from mapper.cli import reload_devices
 
     relay = "{pin: 18, direction: out, active_low: true, initial: restore}"
-    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
-    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
-    async with running_service(config):
-        with TwinStore.open(config.twin.path) as store:
-            _, on_version = store.set_desired(IO, "relay", True)
-        await async_wait_for(_relay_applied(config, True), what="relay on")
+    devices, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
     before = len(history(config, "relay"))
 
     async with running_service(config) as service:
@@ -969,12 +976,7 @@ async def test_a_restored_relay_with_auto_off_is_switched_off_by_its_timer(tmp_p
     """A relay restored on gets its auto-off timer again, counted from the restore: when it fires
     (on the fake wire's clock), off becomes the desired value, and the next start leaves it off."""
     relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
-    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
-    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
-    async with running_service(config):
-        with TwinStore.open(config.twin.path) as store:
-            _, on_version = store.set_desired(IO, "relay", True)
-        await async_wait_for(_relay_applied(config, True), what="relay on")
+    _, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
 
     async with running_service(config) as service:
         await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay restored on")
