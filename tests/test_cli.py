@@ -566,24 +566,33 @@ def test_a_twin_sqlite_cannot_read_is_named_by_every_command_with_what_to_do(tmp
     assert todo in run.stderr and "Traceback" not in run.stderr
 
 
+@contextlib.contextmanager
+def lamp_synced_into_a_new_twin(tmp_path: Path):  # noqa: ANN201
+    """Device lamp, a config of it and its new twin (state/twin.db), open with the lamp synced into it:
+    (devices directory, config, twin, lamp's id, store)."""
+    from devices.loader import load
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        yield devices, config, twin, DeviceId("default", "lamp"), store
+
+
 def test_commands_other_than_run_never_migrate_a_twin_an_older_mapper_left(tmp_path):
     """`mapper devices`, `twin get` and `twin history` migrated the twin's schema: run after an upgrade
     of the package but before the restart, under the older mapper still running on it, which then
     could not start on it again, and the copy to go back to (docs/raspberry-pi.md) came too late.
     They now read it as it is (saying so on stderr) or say plainly that they cannot, and write
     nothing; `twin set` refuses it. Only `mapper run` migrates."""
-    from devices.loader import load
     from twin import migrations
     from twin.records import Reading
     from twin.store import TwinStore
 
     newest = len(migrations.MIGRATIONS)
-    devices = write_devices(tmp_path / "dev", ["lamp"])
-    twin = tmp_path / "state" / "twin.db"
-    config = write_config(tmp_path / "c.yaml", devices, twin)
-    lamp = DeviceId("default", "lamp")
-    with TwinStore.open(twin) as store:
-        store.sync_devices(load([devices]).devices.values())
+    with lamp_synced_into_a_new_twin(tmp_path) as (devices, config, twin, lamp, store):
         store.record([Reading(lamp, "count", 5, 1_000)])
         store.set_desired(lamp, "power", True)
     # The file as the mapper before the last migration left it (m008 only added `meta`).
@@ -1375,6 +1384,17 @@ def test_a_twin_path_that_cannot_be_a_file_is_a_config_error_with_file_and_line(
                              f" name the twin file in it (e.g. {tmp_path / 'adir' / 'twin.db'})\n"), result.stderr
 
 
+def assert_refused_saying(args: tuple[str, ...], said: str) -> None:
+    """`mapper *args` exits 1 and says `said`: as its last line, or, for install-service (which says
+    all its errors in one run), as its first error."""
+    result = mapper(*args)
+    assert result.returncode == 1, result
+    if args[0] == "install-service":  # the first of the install's errors, all said in one run
+        assert [line for line in result.stderr.splitlines() if line.startswith("error: ")][0] == said, result.stderr
+    else:
+        assert result.stderr.endswith(said + "\n"), result.stderr
+
+
 def test_a_password_file_that_is_not_utf8_is_an_error_naming_the_field(tmp_path):
     """A password file saved as UTF-16 (a Windows editor) or Latin-1: `mapper run` and
     `install-service` said `error: c.yaml: 'utf-8' codec can't decode byte 0xff ...`, naming neither
@@ -1386,14 +1406,9 @@ def test_a_password_file_that_is_not_utf8_is_an_error_naming_the_field(tmp_path)
     config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db",
                           extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: mapper\n  password_file: {secret}\n")
     for args in (("run", "--config", str(config)), ("install-service", "--config", str(config), "--dry-run")):
-        result = mapper(*args)
-        assert result.returncode == 1, result
         said = (f"error: {config}: mqtt.password_file: {secret} is not UTF-8 text (byte 0: invalid start byte); write"
                 " the password as one line of UTF-8")
-        if args[0] == "install-service":  # the first of the install's errors, all said in one run
-            assert [line for line in result.stderr.splitlines() if line.startswith("error: ")][0] == said, result.stderr
-        else:
-            assert result.stderr.endswith(said + "\n"), result.stderr
+        assert_refused_saying(args, said)
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
@@ -1414,14 +1429,9 @@ def test_an_empty_password_file_is_a_config_error_naming_the_field_and_the_file(
     for source, args in ((config, ("run", "--config", str(config))),
                          (config, ("install-service", "--config", str(config), "--dry-run")),
                          (worker, ("cloud-worker", "--config", str(worker)))):
-        result = mapper(*args)
-        assert result.returncode == 1, result
         said = (f"error: {source}: mqtt.password_file: {secret} is empty (or only white space): write the broker"
                 " password of user 'mapper' in it, as one line")
-        if args[0] == "install-service":  # the first of the install's errors, all said in one run
-            assert [line for line in result.stderr.splitlines() if line.startswith("error: ")][0] == said, result.stderr
-        else:
-            assert result.stderr.endswith(said + "\n"), result.stderr
+        assert_refused_saying(args, said)
     assert not (tmp_path / "twin.db").exists()  # nothing started
 
 
@@ -1600,17 +1610,11 @@ def test_twin_get_says_a_reported_value_is_the_last_known_one_when_its_device_or
     """After a restart that left a relay offline (its output switched off at the stop), `twin get`
     showed `power  true ... good`, as if it were the relay's state now; so too with no mapper running.
     The twin keeps the value (the last known one); each value's row says why it is not live."""
-    from devices.loader import load
     from mapper.cli import _lock_twin, _write_lock_owner
     from twin.records import Reading
     from twin.store import TwinStore
 
-    devices = write_devices(tmp_path / "dev", ["lamp"])
-    twin = tmp_path / "state" / "twin.db"
-    config = write_config(tmp_path / "c.yaml", devices, twin)
-    lamp = DeviceId("default", "lamp")
-    with TwinStore.open(twin) as store:
-        store.sync_devices(load([devices]).devices.values())
+    with lamp_synced_into_a_new_twin(tmp_path) as (_, config, twin, lamp, store):
         store.record([Reading(lamp, "power", True, 1_000)])
         store.set_state(lamp, "offline", "cannot open: the bus is gone")
 
