@@ -206,7 +206,16 @@ def test_a_twin_another_process_holds_locked_is_unhealthy_until_it_lets_go(tmp_p
 
     mapper = brokerless_mapper_serving_metrics(tmp_path, cycle=50, env={"MAPPER_TWIN__BUSY_TIMEOUT_MS": "50"})
     with mapper:
-        port = port_once_healthy(mapper)
+        port = metrics_port(mapper)
+        # Ready is the devices started, not their first reading: a device's start writes the twin too
+        # (its boot values), and a lock taken before that crashes its loop, which then restarts it
+        # seconds apart with no reading to commit, so /healthz stays 200 (what a busy machine showed).
+        # The device's first good reading (its state ok, after those boot values) comes first here.
+        def device_ok() -> bool:
+            status, body = health(port)
+            return status == 200 and body["devices"] == {"ok": 1}
+
+        wait_for(device_ok, what="/healthz 200 with the device ok")
         lock = TwinLock(mapper.twin_path)
         try:
             wait_for(lambda: health(port)[0] == 503, timeout=15, what="/healthz 503 while the twin is locked")
