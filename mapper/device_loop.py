@@ -39,6 +39,14 @@ comes back as it was asked to be and the twin shows no delta; a write that fails
 A value refused for good (out of range, WriteError(retryable=False): its apply error says so) is
 left as it is: not written again at each open as a new version.
 
+The twin writes of a start (the boot-state reset, the new version of a restored value) never stop
+the device from starting: while the twin cannot be written (another process holds its lock past
+its busy timeout, a full disk) the device reads as usual (its readings wait in the recorder), a
+restored value is written to the device at once from the twin's desired value (a read, which needs
+no write lock), and those twin writes are retried in the background, in that order, until they
+succeed or the runner stops. The late boot-state reset replaces only a desired version that was
+there at the start: one set and applied since is the device's state, not a value from before.
+
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
 """
@@ -51,6 +59,7 @@ import dataclasses
 import logging
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -362,10 +371,17 @@ class DeviceRunner:
         self.driver.on_change = lambda prop, settle_s: _soon(loop, self._note_change, prop, settle_s)
         self.driver.on_revert = lambda prop, value, reason: _soon(loop, self._note_revert, prop, value, reason)
         await self._open()
-        await self._sync_boot_values()
+        deferred: list[Callable[[], Awaitable[None]]] = []  # start-time twin writes the twin refused
+        try:
+            await self._sync_boot_values()
+        except (sqlite3.Error, OSError) as exc:
+            deferred.append(await self._boot_values_later(exc))
         if self._failed_writes:  # a crash-restart of this loop: the failed values' timers went with it
             self.retry_failed_desired()
-        await self._restore_desired()
+        try:
+            await self._restore_desired()
+        except (sqlite3.Error, OSError) as exc:
+            deferred.append(await self._restore_desired_unwritable(exc))
         by_cycle: dict[int, list[PropertyDefinition]] = {}
         for prop in self.definition.properties:
             by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
@@ -374,6 +390,65 @@ class DeviceRunner:
                 tg.create_task(self._collect(cycle_ms, props), name=f"collect[{self.id}/{cycle_ms}ms]")
             tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
             tg.create_task(self._change_loop(), name=f"changes[{self.id}]")
+            if deferred:
+                tg.create_task(self._start_writes_later(deferred), name=f"start-writes[{self.id}]")
+
+    # -- start-time twin writes while the twin cannot be written ------------------------------
+
+    def _twin_unwritable(self, what: str, exc: BaseException) -> None:
+        log.warning("%s: cannot write %s into the twin (%s); the device reads on meanwhile (its readings wait in"
+                    " memory) and the write is retried until the twin takes it", self.id, what, exc)
+
+    async def _boot_values_later(self, exc: BaseException) -> Callable[[], Awaitable[None]]:
+        """The boot-state reset the twin refused (another process's lock, a full disk): done once it
+        can be written, for the desired versions there now only (read: a read needs no write lock). A
+        value this run applies meanwhile is the device's state, not one from before the start."""
+        self._twin_unwritable("the reset of its writable properties to their boot state", exc)
+        assert self._twin is not None
+        device_id = self.id
+        properties = await self._twin(lambda s: s.device(device_id).properties)
+        versions = {name: prop.desired_version for name, prop in properties.items()}
+        return lambda: self._sync_boot_values(versions)
+
+    async def _restore_desired_unwritable(self, exc: BaseException) -> Callable[[], Awaitable[None]]:
+        """The restore (Driver.restore_desired) when the twin cannot be written: the twin's desired
+        values are read (a read needs no write lock) and written to the device now, before its first
+        read; the new versions, and the write and read-back that record them, once the twin takes writes."""
+        self._twin_unwritable("the restored desired values as new versions", exc)
+        assert self._twin is not None
+        names = [p.name for p in self.definition.properties if p.writable and self.driver.restore_desired(p)]
+        device_id = self.id
+        properties = await self._twin(lambda s: s.device(device_id).properties)
+        for name in names:
+            prop = properties.get(name)
+            if prop is None or prop.desired is None or (
+                    prop.apply_error and prop.apply_error.startswith((NOT_WRITTEN, REFUSED_BY_DRIVER))):
+                continue
+            try:
+                value = self.definition.desired_value(name, prop.desired)
+                async with self._io_lock:
+                    await self._call(self.driver.write, self.definition.prop(name), value)
+            except Exception as write_exc:  # noqa: BLE001 - written again with the new version, its error recorded then
+                log.warning("%s/%s: restoring the desired value %s failed: %s; written again once the twin takes"
+                            " writes", self.id, name, shown(prop.desired, 200), write_exc)
+            else:
+                log.info("%s/%s: restored the desired value %s after the open (its new version once the twin"
+                         " takes writes)", self.id, name, shown(prop.desired, 200))
+        return lambda: self._restore_desired(queue=True)
+
+    async def _start_writes_later(self, writes: list[Callable[[], Awaitable[None]]]) -> None:
+        """Retry the start's twin writes, in order, until each succeeds (or the runner stops)."""
+        attempt = 0
+        for write in writes:
+            while True:
+                try:
+                    await write()
+                    break
+                except (sqlite3.Error, OSError) as exc:
+                    attempt += 1
+                    log.debug("%s: the start's twin write still fails (%s); retried", self.id, exc)
+                    await asyncio.sleep(self._backoff(attempt))
+        log.info("%s: the start's twin writes are done, the twin takes writes again", self.id)
 
     async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
         """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up
@@ -651,8 +726,9 @@ class DeviceRunner:
             log.debug("%s: no twin state before a change (%s)", device_id, exc)
             return {}
 
-    async def _sync_boot_values(self) -> None:
-        """After open: an applied desired value that differs from the boot state becomes the boot state."""
+    async def _sync_boot_values(self, versions: dict[str, int] | None = None) -> None:
+        """After open: an applied desired value that differs from the boot state becomes the boot state.
+        `versions`: only a property whose desired version is still this one (a reset done late)."""
         boot: dict[str, Any] = {}
         for prop in self.definition.properties:
             value = self.driver.boot_value(prop) if prop.writable and not self.driver.restore_desired(prop) else None
@@ -660,7 +736,7 @@ class DeviceRunner:
                 boot[prop.name] = coerce(prop.type, value)
         if not boot or self._twin is None:
             return
-        seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot))
+        seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot, versions))
         for name, version in seen.items():
             self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
         for name, before, version in reset:
@@ -674,19 +750,23 @@ class DeviceRunner:
                             before.desired, boot[name], version)
             await self._settled_desired(name, boot[name], version, before)
 
-    async def _restore_desired(self) -> None:
+    async def _restore_desired(self, *, queue: bool = False) -> None:
         """After open, before the first read: write the twin's last desired value of each property
         whose driver asks for it (Driver.restore_desired), whether it was applied before or not.
 
         An applied one is made pending again first (the same value as a new desired version): the
         device does not have it until the write succeeds, so a write that fails leaves it pending
-        with its error and retried, as any failed write, and the next start writes it too."""
+        with its error and retried, as any failed write, and the next start writes it too.
+        `queue`: handed to the apply loop instead (a restore done late, the loops running)."""
         names = [p.name for p in self.definition.properties if p.writable and self.driver.restore_desired(p)]
         if not names or self._twin is None:
             return
         changes = await self._twin(lambda s: _desired_to_restore(s, self.id, names))
         for change, was_applied in changes:
             name = change.property
+            if queue:
+                self.submit_desired(change)  # (once: a version already seen is not queued again)
+                continue
             self._desired_seen[name] = max(change.version, self._desired_seen.get(name, 0))
             queued = self._desired.get(name)
             if queued is not None and queued.version <= change.version:
@@ -865,11 +945,12 @@ def _desired_to_restore(
 
 
 def _reset_to_boot(
-    store: TwinStore, device_id: DeviceId, boot: dict[str, Value],
+    store: TwinStore, device_id: DeviceId, boot: dict[str, Value], versions: dict[str, int] | None = None,
 ) -> tuple[dict[str, int], list[tuple[str, PropertyTwin, int]]]:
     """In the twin thread: for each property not waiting for a desired value, its desired version
     (after replacing an applied desired value that differs from the boot state), and the replaced
-    ones with their twin before (the twin document's `last`: read in the same transaction)."""
+    ones with their twin before (the twin document's `last`: read in the same transaction).
+    `versions`: a property whose desired version is no longer this one is left as it is."""
     seen: dict[str, int] = {}
     reset: list[tuple[str, PropertyTwin, int]] = []
     # One transaction: a desired value `mapper twin set` commits meanwhile is pending, not replaced.
@@ -880,6 +961,8 @@ def _reset_to_boot(
             prop = twin.properties.get(name)
             if prop is None or name in pending:
                 continue
+            if versions is not None and prop.desired_version != versions.get(name):
+                continue  # set (and applied) since the start: the device's state now, not a value from before
             if prop.desired is None or prop.desired == value:
                 seen[name] = prop.desired_version
                 continue

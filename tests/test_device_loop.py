@@ -208,6 +208,40 @@ async def test_a_device_stopped_while_its_driver_opens_is_closed_after_the_open(
         assert gated not in service.runners and GOOD1 in service.runners
 
 
+async def test_a_device_starting_while_another_process_holds_the_twin_locked_reads_and_resets_later(
+        tmp_path, plugin_drivers, caplog):
+    """A device whose open ends while another process holds the twin's write lock (a backup, a CLI
+    command). Its start writes its boot state into the twin (a switch that was on before opens off),
+    and that write failed with "database is locked": the loop crashed and restarted 2, 4, 8 ... s
+    apart, reading nothing for as long as the lock lasted. Now it reads at once (its readings wait
+    in memory), and the boot state reaches the twin once the lock is released."""
+    import logging
+
+    from helpers import TwinLock
+
+    caplog.set_level(logging.INFO, logger="mapper")
+    async with gated_device_opening(tmp_path) as (service, gated, runner, _task, _opened, gate):
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed write fails at once
+        with reader(service.config) as twin:
+            with twin.transaction():  # on before the start (a previous run's applied value)
+                _, version = twin.set_desired(gated, "power", True)
+                twin.mark_applied(gated, "power", version)
+            with TwinLock(service.config.twin.path) as lock:
+                gate.touch()  # the open returns: the device starts with the twin locked
+                await async_wait_for(lambda: runner.reads >= 9 and runner.state == "ok", what="reads under the lock")
+                assert twin.device(gated).properties["power"].desired is True  # not written yet
+                lock.release()
+            prop = await async_wait_for(lambda: (p := twin.device(gated).properties["power"]).desired is False and p,
+                                        what="the boot state in the twin once it takes writes")
+            assert (prop.desired_version, prop.apply_error, prop.delta) == (version + 1, None, False)
+            assert twin.pending_desired() == []
+    crashed = [r.getMessage() for r in caplog.records if "device loop crashed" in r.getMessage()]
+    assert crashed == []
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno == logging.WARNING and "cannot write the reset" in r.getMessage()]
+    assert len(warned) == 1 and "locked" in warned[0] and "retried" in warned[0], warned
+
+
 async def test_desired_values_the_definition_does_not_allow_are_refused_at_the_device(tmp_path):
     """Whoever wrote it (`mapper twin set` from another process here): a value outside the model's
     range never reaches the driver; it is refused with the reason on the twin. A property a
@@ -1036,3 +1070,33 @@ async def test_a_restore_whose_write_fails_stays_pending_and_is_written_when_the
             prop = twin.device(SENSOR).properties["count"]
             assert (prop.desired, prop.reported, prop.delta, prop.apply_error) == (8, 8, False, None)
         assert driver.writes == [8]
+
+
+async def test_a_setting_restored_while_the_twin_is_locked_is_written_before_the_first_read(tmp_path, plugin_drivers):
+    """The restore (Driver.restore_desired) of a device restarting while another process holds the
+    twin's write lock: the desired value is read (no write lock needed) and written to the device
+    before its first read, so no reading of the forgotten setting is taken; its new version, written
+    and read back, goes into the twin once the lock is released. The loop used to crash instead."""
+    from helpers import TwinLock
+
+    _, config = _forgetful_sensor(tmp_path, {"restore": True})
+    async with running_service(config) as service:
+        version = await _set_and_apply(config, 8)
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed write fails at once
+        with reader(config) as twin:
+            before = len(twin.history(SENSOR, "count", limit=100_000))
+            with TwinLock(config.twin.path) as lock:
+                definition = service.runners[SENSOR].definition
+                await service.stop_device(SENSOR)
+                service.start_device(definition, service._tg)  # noqa: SLF001 - as a reload restarts it
+                runner = service.runners[SENSOR]
+                await async_wait_for(lambda: runner.reads >= 6 and runner.state == "ok", what="reads under the lock")
+                assert runner.driver.writes[:1] == [8]
+                lock.release()
+            prop = await async_wait_for(
+                lambda: (p := twin.device(SENSOR).properties["count"]).desired_version > version and p.reported == 8
+                and not twin.pending_desired() and p, what="the restored value's new version applied in the twin")
+            assert (prop.desired, prop.desired_version, prop.delta, prop.apply_error) == (8, version + 1, False, None)
+            assert set(runner.driver.writes) == {8}
+            since_start = [value for _, value, _ in twin.history(SENSOR, "count", limit=100_000)[before:]]
+            assert since_start and set(since_start) == {8}, since_start
