@@ -231,8 +231,11 @@ async def test_a_device_starting_while_another_process_holds_the_twin_locked_rea
                 await async_wait_for(lambda: runner.reads >= 9 and runner.state == "ok", what="reads under the lock")
                 assert twin.device(gated).properties["power"].desired is True  # not written yet
                 lock.release()
-            prop = await async_wait_for(lambda: (p := twin.device(gated).properties["power"]).desired is False and p,
-                                        what="the boot state in the twin once it takes writes")
+            # (The reset and the readings that waited in memory commit separately, in either order:
+            # the delta goes once both are in.)
+            prop = await async_wait_for(
+                lambda: (p := twin.device(gated).properties["power"]).desired is False and not p.delta and p,
+                what="the boot state in the twin, and the readings that waited, once it takes writes")
             assert (prop.desired_version, prop.apply_error, prop.delta) == (version + 1, None, False)
             assert twin.pending_desired() == []
     crashed = [r.getMessage() for r in caplog.records if "device loop crashed" in r.getMessage()]
