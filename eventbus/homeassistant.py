@@ -178,6 +178,8 @@ class Discovery:
             config["payload_on"], config["payload_off"] = "ON", "OFF"  # the router takes both (devices.values)
         if kind in ("switch", "number", "text"):
             config["command_topic"] = f"{self.topics.telemetry(device, prop.name)}/set"
+        if kind == "text":  # as a JSON string: `/set` refuses an empty message and reads a leading `{` as an object
+            config["command_template"] = "{{ value | tojson }}"
         if kind == "number":
             bounded = prop.minimum is not None and prop.maximum is not None
             config["min"] = prop.minimum if prop.minimum is not None else -UNBOUNDED

@@ -344,6 +344,10 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     assert (gain["min"], gain["max"], gain["mode"]) == (-(2**53 - 1), 2**53 - 1, "box")
     assert level["command_topic"] == "mapper/pi1/lab/box.2/level/set"
     assert by_name["label"][1]["command_topic"] == "mapper/pi1/lab/box.2/label/set"
+    # A text goes as a JSON string: HA sends an emptied text field as an empty message, which `/set`
+    # refuses ("an empty message is no value"), and a text starting with `{` would be read as an object.
+    assert by_name["label"][1]["command_template"] == "{{ value | tojson }}"
+    assert "command_template" not in level and "command_template" not in by_name["door"][1]
     door = by_name["door"][1]
     assert (door["payload_on"], door["payload_off"], door["expire_after"]) == ("ON", "OFF", 25)  # 2 x 10 s + 5
     assert "state_class" not in door and "command_topic" not in door
