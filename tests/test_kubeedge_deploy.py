@@ -103,3 +103,38 @@ def test_container_build_copies_what_pyproject_names() -> None:
     copied = {src for line in build.splitlines() if line.startswith("COPY ") for src in line.split()[1:-1]}
     named = {project["readme"], *project["license-files"]}
     assert not named - copied, f"{sorted(named - copied)} not copied into the build stage"
+
+
+def _runtime_stage() -> tuple[dict[str, str], str]:
+    """The image's environment and working directory (ENV and WORKDIR of the last stage; `/` without one)."""
+    import shlex
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    workdir = "/"
+    for line in dockerfile.split("\nFROM ")[-1].splitlines():
+        if line.startswith("ENV "):
+            env.update(item.split("=", 1) for item in shlex.split(line[4:]))
+        elif line.startswith("WORKDIR "):
+            workdir = line.split(None, 1)[1].strip()
+    return env, workdir
+
+
+def test_daemonset_works_in_a_writable_directory() -> None:
+    """lgpio (under rpi-lgpio, the RPi.GPIO of 64-bit Pi OS) creates its notification pipes in the
+    working directory when it is imported, `LG_WD` naming it too (the systemd unit sets both to its
+    state directory). The DaemonSet's root filesystem is read-only, so the container's working
+    directory must be a writable mount, or the DHT's first read fails on a 64-bit Pi."""
+    _, daemonset = _documents(DEPLOY / "daemonset.yaml")
+    pod = daemonset["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    image_env, image_workdir = _runtime_stage()
+    env = image_env | {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+    workdir = container.get("workingDir", image_workdir)
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    configmaps = {v["name"] for v in pod["volumes"] if "configMap" in v}
+    writable = [m["mountPath"] for m in container["volumeMounts"]
+                if not m.get("readOnly") and m["name"] not in configmaps and not m["mountPath"].startswith("/dev/")]
+    assert any(workdir == p or workdir.startswith(p.rstrip("/") + "/") for p in writable), (
+        f"working directory {workdir!r} is on the read-only root filesystem (writable mounts: {writable})")
+    assert env.get("LG_WD") == workdir
