@@ -33,3 +33,15 @@ def test_device_mounts_only_on_nodes_labelled_for_gpio() -> None:
     (container,) = pod["containers"]
     # The device cgroup only lets a privileged container (or a device plugin) use the GPIO devices.
     assert container["securityContext"]["privileged"] is True
+
+
+def test_device_mounts_exist_on_every_supported_pi() -> None:
+    """The checked device mounts must be ones every Raspberry Pi the `pi` extra supports has: a Pi 5
+    has no /dev/gpiomem (it has /dev/gpiomem0..4, docs/raspberry-pi.md), so a mount of it would keep
+    the pod in ContainerCreating on every Pi 5, and the labelling instructions would exclude it.
+    /dev/gpiochip0 exists on all of them (rpi-lgpio and the DHT's libgpiod use the gpiochips)."""
+    pod = _pod()
+    dev_paths = {v["hostPath"]["path"] for v in pod["volumes"] if v.get("hostPath", {}).get("path", "").startswith("/dev")}
+    assert dev_paths == {"/dev/gpiochip0"}, dev_paths
+    docs = (REPO / "docs" / "kubeedge.md").read_text()
+    assert "ls -l /dev/gpiochip0`" in docs
