@@ -1017,10 +1017,14 @@ def _latest_reads(store: TwinStore, twin) -> dict[str, int]:  # noqa: ANN001
     return taken
 
 
-def _twin_json(twin, latest: dict[str, int]) -> dict:  # noqa: ANN001
+def _twin_json(twin, latest: dict[str, int], lock: LockState) -> dict:  # noqa: ANN001
+    """`live` false when the reported values are the last known ones, `notLive` why (as `twin get`'s
+    rows say it: `device offline`, `mapper not running`, `mapper starting`), else true and null."""
+    not_live = _not_live(twin.state, lock)
     return {
         "id": str(twin.id), "model": twin.model, "protocol": twin.protocol, "state": twin.state,
         "stateDetail": twin.state_detail, "lastOnline": twin.last_online, "lastReading": twin.last_reading_ts,
+        "live": not_live is None, "notLive": not_live,
         "properties": {
             name: {
                 "type": p.type, "writable": p.writable, "unit": p.unit,
@@ -1049,12 +1053,13 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         with store.snapshot():
             twin = store.device(DeviceId.parse(args.device))
             latest = _latest_reads(store, twin)
+    lock = _lock_state(config.twin.path)
     if args.json:
-        print(orjson.dumps(_twin_json(twin, latest), option=orjson.OPT_INDENT_2).decode())
+        print(orjson.dumps(_twin_json(twin, latest, lock), option=orjson.OPT_INDENT_2).decode())
         return 0
     print(f"{twin.id}  model={twin.model}  protocol={twin.protocol}  state={twin.state}"
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
-    stale = _not_live(twin.state, _lock_state(config.twin.path))
+    stale = _not_live(twin.state, lock)
     # The reported value is the last good reading's, shown with its time; a later reading that was
     # not good (an error, out of range) is shown apart, with its own time, not next to that value.
     rows = []
@@ -1426,7 +1431,8 @@ def cmd_devices(args: argparse.Namespace) -> int:
         losses = store.losses()  # as committed: a mapper whose twin cannot be written has more
         broker = _broker_note(store)
     outbox["undeliverable"] = losses["outbox_undeliverable"]
-    running, pid, starting, why = _lock_state(config.twin.path)
+    lock = _lock_state(config.twin.path)
+    running, pid, starting, why = lock
     if broker is not None:  # current only when noted by the mapper that runs now (else a crashed run's last word)
         broker["current"] = running is True and pid is not None and broker.get("pid") == pid
         # ... and fresh only when noted lately: it is noted again every BROKER_NOTE_REFRESH_S
@@ -1434,7 +1440,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
                             "broker": broker,
-                            "devices": [_twin_json(t, latest[t.id]) for t in rows], "outbox": outbox,
+                            "devices": [_twin_json(t, latest[t.id], lock) for t in rows], "outbox": outbox,
                             "readings_dropped": losses["readings_dropped"],
                             "readings_dropped_live": losses["readings_dropped_live"]},
                            option=orjson.OPT_INDENT_2).decode())

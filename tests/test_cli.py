@@ -1623,17 +1623,29 @@ def test_twin_get_says_a_reported_value_is_the_last_known_one_when_its_device_or
         assert shown.returncode == 0, shown
         return {line.split()[0]: line for line in shown.stdout.splitlines()[2:]}
 
+    def live() -> tuple[bool, str | None]:  # --json says it too (it said nothing of it)
+        as_json = json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
+        listed = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["devices"][0]
+        assert (listed["live"], listed["notLive"]) == (as_json["live"], as_json["notLive"]), (listed, as_json)
+        return as_json["live"], as_json["notLive"]
+
     assert rows()["power"].endswith(" good; last known: mapper not running"), rows()
+    assert live() == (False, "mapper not running")
     held = _lock_twin(twin)
     try:
+        _write_lock_owner(held, starting=True)
+        assert rows()["power"].endswith(" good; last known: mapper starting"), rows()
+        assert live() == (False, "mapper starting")
         _write_lock_owner(held, starting=False)  # a mapper runs (this process), the device is offline
         shown = rows()
         assert re.fullmatch(r"power +true +- +1970-01-01 00:00:01\.000Z +good; last known: device offline",
                             shown["power"]), shown
         assert shown["count"].split()[1:3] == ["-", "-"] and "last known" not in shown["count"], shown  # (no value)
+        assert live() == (False, "device offline")
         with TwinStore.open(twin) as store:
             store.set_state(lamp, "ok")
         assert rows()["power"].endswith(" good"), rows()  # live: as before
+        assert live() == (True, None)
     finally:
         held.close()
     as_json = json.loads(mapper("twin", "get", "lamp", "--config", str(config), "--json").stdout)
