@@ -110,12 +110,18 @@ def component(prop: PropertyDefinition) -> str:
     return "binary_sensor" if prop.type is PropertyType.BOOLEAN else "sensor"
 
 
-def value_template(name: str, boolean: bool = False) -> str:
+# A Home Assistant state holds at most this many characters: a longer one is refused (the entity
+# keeps its old state), so a text sensor's state is cut to it (a STRING's length is not in the model).
+MAX_STATE_CHARS = 255
+
+
+def value_template(name: str, boolean: bool = False, text: bool = False) -> str:
     """The property's value out of the device's state view; nothing (HA ignores it) while the view
     has none yet (its first reading of a slower property). Property names are letters, digits,
-    `_`, `-` and `.` (devices.ids): safe in quotes, and `value_json.<name>` would not take `-`."""
+    `_`, `-` and `.` (devices.ids): safe in quotes, and `value_json.<name>` would not take `-`.
+    `text`: a STRING sensor's, its first MAX_STATE_CHARS characters."""
     key = f"value_json['{name}']"
-    value = f"('ON' if {key} else 'OFF')" if boolean else key
+    value = f"('ON' if {key} else 'OFF')" if boolean else f"{key}[:{MAX_STATE_CHARS}]" if text else key
     return f"{{% if {key} is defined %}}{{{{ {value} }}}}{{% endif %}}"
 
 
@@ -149,7 +155,8 @@ class Discovery:
             "name": prop.name,
             "unique_id": f"{ident}_{prop.name}",
             "state_topic": self.topics.device_state(device),
-            "value_template": value_template(prop.name, boolean=prop.type is PropertyType.BOOLEAN),
+            "value_template": value_template(prop.name, boolean=prop.type is PropertyType.BOOLEAN,
+                                             text=kind == "sensor" and prop.type is PropertyType.STRING),
             "availability": [
                 {"topic": self.topics.node_availability(), "payload_available": "online",
                  "payload_not_available": "offline"},

@@ -301,6 +301,7 @@ THINGS = dedent("""\
         - {name: co2, type: FLOAT, accessMode: ReadOnly, unit: ppm}
         - {name: snapshot, type: BYTES, accessMode: ReadOnly}
         - {name: hot.water, type: FLOAT, accessMode: ReadOnly, unit: "°F"}
+        - {name: status, type: STRING, accessMode: ReadOnly}
     ---
     apiVersion: devices.kubeedge.io/v1beta1
     kind: Device
@@ -313,7 +314,8 @@ THINGS = dedent("""\
     f"    - {{name: {p}, visitors: {{protocolName: simulated, configData: {{kind: {k}}}}}, collectCycle: 5000,"
     f" reportCycle: 10000, reportToCloud: true}}\n"
     for p, k in (("level", "switch"), ("gain", "switch"), ("label", "switch"), ("door", "constant"),
-                 ("battery", "constant"), ("co2", "constant"), ("hot.water", "constant"), ("snapshot", "constant")))
+                 ("battery", "constant"), ("co2", "constant"), ("hot.water", "constant"), ("snapshot", "constant"),
+                 ("status", "constant")))
 
 
 def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
@@ -334,7 +336,7 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     by_name = {orjson.loads(body)["name"]: (topic, orjson.loads(body)) for topic, body in made.items()}
     assert {name: topic.split("/")[1] for name, (topic, _) in by_name.items()} == {
         "level": "number", "gain": "number", "label": "text", "door": "binary_sensor", "battery": "sensor",
-        "co2": "sensor", "hot.water": "sensor"}  # not `snapshot`: BYTES, no HA state holds it
+        "co2": "sensor", "hot.water": "sensor", "status": "sensor"}  # not `snapshot`: BYTES, no HA state holds it
     for topic, _ in by_name.values():
         prefix, _, node_id, object_id, last = topic.split("/")
         assert (prefix, node_id, last) == ("homeassistant", "pi1", "config") and ha_id(object_id) == object_id
@@ -357,6 +359,11 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     assert (hot["device_class"], hot["unit_of_measurement"], hot["state_class"]) == ("temperature", "°F", "measurement")
     assert hot["value_template"] == "{% if value_json['hot.water'] is defined %}{{ value_json['hot.water'] }}{% endif %}"
     assert hot["unique_id"] == "mapper_pi1_lab_box.2_hot.water"
+    # A text sensor's state is cut to HA's 255 characters (a longer one HA refuses, keeping the old one);
+    # a writable text is not (cut, it would be set back cut), nor a number.
+    assert by_name["status"][1]["value_template"] == (
+        "{% if value_json['status'] is defined %}{{ value_json['status'][:255] }}{% endif %}")
+    assert "[:255]" not in by_name["label"][1]["value_template"] and "state_class" not in by_name["status"][1]
     assert hot["device"]["name"] == "lab/box.2"
 
 
