@@ -320,7 +320,7 @@ class MetricsExtension:
         self._open.add(writer)
         try:
             async with asyncio.timeout(REQUEST_TIMEOUT_S):
-                head = await reader.readuntil(b"\r\n\r\n")
+                head = await _read_head(reader)
                 method, status, kind, body, headers = await self._answer(head)
                 writer.write(_response(status, kind, body, headers, head_only=method == "HEAD"))
                 await writer.drain()
@@ -356,6 +356,23 @@ class MetricsExtension:
         if target == "/":
             return method, 200, text, b"mapper: /metrics (Prometheus), /healthz\n", {}
         return method, 404, text, b"not found: /metrics, /healthz\n", {}
+
+
+async def _read_head(reader: asyncio.StreamReader) -> bytes:
+    """The request line and header lines, up to the empty line, joined by CRLF. A line may end
+    with a bare LF (RFC 9112 2.2 lets a server take it): a client sending those waited for the
+    timeout when only CRLF CRLF ended the head. LimitOverrunError past MAX_HEAD_BYTES."""
+    lines: list[bytes] = []
+    size = 0
+    while True:
+        line = await reader.readuntil(b"\n")
+        size += len(line)
+        if size > MAX_HEAD_BYTES:
+            raise asyncio.LimitOverrunError("request head over MAX_HEAD_BYTES", size)
+        line = line[:-1].removesuffix(b"\r")
+        if not line:
+            return b"\r\n".join(lines)
+        lines.append(line)
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",

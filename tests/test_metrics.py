@@ -3,6 +3,7 @@ from a real `mapper run` on a real broker with plain HTTP GETs; the listen addre
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import re
 import sys
@@ -154,6 +155,38 @@ def test_a_web_page_cannot_read_it_through_dns_rebinding_and_other_paths_are_not
         assert get(port, "/metrics", host="attacker.example:9108")[0] == 403
         assert get(port, "/metrics", host=f"localhost:{port}")[0] == 200
         assert get(port, "/nothing")[0] == 404
+        assert mapper.stop() == 0
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """What the server sends for `request`, sent as it is on a plain socket, until it closes (a reset:
+    what came before it; a server closing with some of the request unread resets)."""
+    import socket
+
+    answer = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:  # (under its 10 s REQUEST_TIMEOUT_S)
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            sock.sendall(request)
+            while chunk := sock.recv(65536):
+                answer += chunk
+    return answer
+
+
+def test_a_request_whose_lines_end_with_a_bare_lf_is_answered(tmp_path: Path) -> None:
+    """RFC 9112 lets a server take a bare LF as a line's end: the server waited for CRLF CRLF, so such
+    a client got nothing until the request timeout. Its headers are read too (the Host check)."""
+    from mapper.metrics import MAX_HEAD_BYTES
+
+    with brokerless_mapper_serving_metrics(tmp_path) as mapper:
+        port = port_once_healthy(mapper)
+        answer = raw_request(port, b"GET /healthz HTTP/1.1\nHost: 127.0.0.1\n\n")
+        assert answer.startswith(b"HTTP/1.1 200 OK\r\n") and b"Content-Type: application/json" in answer, answer
+        assert raw_request(port, b"GET /metrics HTTP/1.1\nHost: attacker.example\n\n").startswith(b"HTTP/1.1 403 ")
+        mixed = raw_request(port, b"GET /nothing HTTP/1.1\r\nHost: localhost\n\r\n")
+        assert mixed.startswith(b"HTTP/1.1 404 "), mixed
+        # A head longer than MAX_HEAD_BYTES, in short lines, is still closed unanswered.
+        assert raw_request(port, b"GET / HTTP/1.1\n" + b"X-Pad: 0123456789\n" * (MAX_HEAD_BYTES // 10) + b"\n") == b""
+        assert get(port, "/healthz")[0] == 200
         assert mapper.stop() == 0
 
 
