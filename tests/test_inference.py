@@ -1148,6 +1148,49 @@ async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_
         await _stop(r)
 
 
+async def test_a_worker_without_the_model_is_a_warning_that_says_what_to_do(tmp_path, broker, worker, caplog):
+    """A worker's `error` answer (it lacks the model or has another version of it) leaves the windows
+    provisional for good: the mapper's log says so at WARNING, naming the model, its cloud graph and the fix."""
+    import logging
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05, "resend_s": 60},
+                     broker=broker)
+    try:
+        request = await async_wait_for(lambda: next(iter(r.requests()), None), timeout=20, what="an offload")
+        error = {k: v for k, v in orjson.loads(_answer(worker, request)).items() if k != "logits"}
+        with caplog.at_level(logging.INFO, logger="mapper.inference"):
+            await r.send_result(orjson.dumps({**error, "error": "unknown model"}))
+            await async_wait_for(lambda: r.ext.status()["pipelines"]["default/probe-sensor-faults"]
+                                 ["results_rejected"].get("worker_error") == 1, what="the error counted")
+        [line] = [x for x in caplog.records if "result refused (worker_error)" in x.getMessage()]
+        sha = r.ext.pipelines[next(iter(r.ext.pipelines))].model.info.cloud_sha256[:16]
+        assert line.levelno == logging.WARNING
+        assert "worker 't' says 'unknown model'" in line.getMessage()
+        assert f"'{request['model']}' with cloud graph sha256 {sha}" in line.getMessage()
+        assert "give the worker the same version of the model (sensor_faults)" in line.getMessage()
+    finally:
+        await _stop(r)
+
+
+def test_the_worker_logs_requests_for_models_it_lacks(worker, caplog):
+    """The worker answers `unknown model` / `different cloud graph`: its own log says which node asked
+    for what, and what to do, not only a count at its stop."""
+    import logging
+
+    info = worker.models["sensor-faults-early-exit"].info
+    body = codec.OffloadRequest("0123456789abcdef", "n1", "d", "p", info.name, info.cloud_sha256[:16], 1, False,
+                                "int8", np.ones(32, np.float32)).to_json()
+    with caplog.at_level(logging.INFO, logger="mapper.worker"):
+        worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "model": "other"}))
+        worker.answer("mapper/n1/offload/request", orjson.dumps({**body, "cloud_sha256": "f" * 16}))
+    lines = [x for x in caplog.records if x.levelno == logging.WARNING]
+    assert len(lines) == 2
+    assert "node n1 asks for model 'other', which this worker does not have (it has: sensor-faults-early-exit)" \
+        in lines[0].getMessage() and "put the node's model directory into models_dir" in lines[0].getMessage()
+    assert f"sha256 ffffffffffffffff..., this worker has {info.cloud_sha256[:16]}..." in lines[1].getMessage()
+    assert "give the node and the worker the same version of the model" in lines[1].getMessage()
+
+
 async def test_late_results_are_refused_after_max_age(tmp_path, broker, worker):
     """A result after result_max_age_s is refused as late and the provisional answer stays."""
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.05,

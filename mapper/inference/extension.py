@@ -1102,12 +1102,13 @@ class InferenceExtension:
 
     # -- results ---------------------------------------------------------------------------
 
-    def _reject(self, reason: str, pipeline: Pipeline | None = None, detail: str = "") -> None:
+    def _reject(self, reason: str, pipeline: Pipeline | None = None, detail: str = "", hint: str = "",
+                level: int = logging.INFO) -> None:
         (pipeline.stats.counts if pipeline else self.counts)[f"rejected_{reason}"] += 1
         held = self._log_throttle(reason)
         if held is not None:
-            log.info("inference: result refused (%s)%s%s", reason, f": {detail[:200]}" if detail else "",
-                     held_note(held))
+            log.log(level, "inference: result refused (%s)%s%s%s", reason, f": {detail[:200]}" if detail else "",
+                    f"; {hint}" if hint else "", held_note(held))
 
     async def handle_result(self, topic: str, payload: bytes) -> None:
         """A message on our result topic; never raises."""
@@ -1152,7 +1153,11 @@ class InferenceExtension:
             return self._reject("late", w.pipeline, result.id)
         if result.error is not None:
             w.body = None  # the worker cannot serve it: sending again will not help
-            return self._reject("worker_error", w.pipeline, result.error)
+            return self._reject(
+                "worker_error", w.pipeline, f"worker {result.worker!r} says {result.error!r}",
+                f"{w.pipeline.id} keeps its edge answers, provisional, until a worker has model {info.name!r} with "
+                f"cloud graph sha256 {info.cloud_sha256[:16]}...: give the worker the same version of the model "
+                f"({w.pipeline.model.info.directory.name})", logging.WARNING)
         if result.logits is None or len(result.logits) != len(info.classes):
             return self._reject("mismatch", w.pipeline, "number of logits")
         del self._waiting[result.id]

@@ -210,6 +210,7 @@ class CloudWorker:
                 or not model.info.cloud_sha256.startswith(request.cloud_sha256)):
             self.refused += 1
             why = "unknown model" if model is None else "different cloud graph (sha256)"
+            self._model_refused(node, request.model, request.cloud_sha256, model)
             return result_topic, orjson.dumps(OffloadResult(**base, error=why).to_json())
         try:
             logits = model.cloud(request.cut)[0]
@@ -225,6 +226,22 @@ class CloudWorker:
         self.served += 1
         result = OffloadResult(**base, logits=tuple(float(v) for v in logits))
         return result_topic, orjson.dumps(result.to_json())
+
+    def _model_refused(self, node: str, name: str, sha: str, model: Any) -> None:
+        """A node asks for a model (or cloud graph) this worker does not have: its windows keep their
+        provisional edge answers until the worker gets the same model version. Logged a few times a minute."""
+        held = self._log_throttle("model")
+        if held is None:
+            return
+        if model is None:
+            log.warning("worker %s: node %s asks for model %r, which this worker does not have (it has: %s); put "
+                        "the node's model directory into models_dir (%s) and restart the worker%s", self.worker_id,
+                        node, name[:64], ", ".join(sorted(self.models)) or "none", self.settings.models_dir or default_models_dir(),
+                        held_note(held))
+        else:
+            log.warning("worker %s: node %s asks for model %r with cloud graph sha256 %s..., this worker has %s... "
+                        "(%s): give the node and the worker the same version of the model%s", self.worker_id, node,
+                        name[:64], sha[:16], model.info.cloud_sha256[:16], model.info.directory, held_note(held))
 
     def _client(self) -> aiomqtt.Client:
         s = self.settings.mqtt
