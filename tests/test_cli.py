@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -2550,3 +2551,26 @@ def test_a_sigterm_while_the_mapper_starts_is_a_clean_stop(tmp_path: Path) -> No
             proc.wait()
     assert "SIGTERM while starting: stopped before opening the twin or any device" in log_path.read_text()
     assert not twin.exists(), "a twin was opened"
+
+
+def test_a_sighup_does_not_end_the_cloud_worker(tmp_path):
+    """SIGHUP's default action ended `mapper cloud-worker` silently, answers owed lost (an operator
+    reloads the mapper that way). The worker now logs that it ignores it, runs on, and stops cleanly."""
+    with socket.socket() as probe:  # a port nothing listens on: the worker keeps retrying, no broker needed
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = tmp_path / "worker.yaml"
+    config.write_text(f"models: [sensor_faults]\nworker_id: w-hup\nmqtt:\n  url: mqtt://127.0.0.1:{port}\n")
+    log = tmp_path / "log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "mapper", "cloud-worker", "--config", str(config)],
+                                stdout=handle, stderr=subprocess.STDOUT, cwd=REPO)
+    try:
+        wait_for(lambda: "lost or refused" in log.read_text(), what="the worker's first connection attempt")
+        proc.send_signal(signal.SIGHUP)
+        wait_for(lambda: "SIGHUP ignored" in log.read_text(), what="the SIGHUP noted")
+        assert proc.poll() is None, log.read_text()
+        assert "restart it to load changed ones" in log.read_text()
+    finally:
+        assert stop_mapper(proc) == 0, log.read_text()
+    assert "worker w-hup stopped" in log.read_text()

@@ -382,6 +382,11 @@ def main(config_path: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
+        # SIGHUP's default action ended the worker without a word (and lost the answers it owed): an
+        # operator used to the mapper's reload sends it here too. The worker has nothing to reload.
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.warning(
+            "worker %s: SIGHUP ignored: the worker reads its config and models at start only; restart it to "
+            "load changed ones", worker.worker_id))
         task = asyncio.create_task(worker.run(), name="cloud-worker")
         # A worker whose connection task died (anything but a lost connection) stops, saying why,
         # instead of running on doing nothing.
