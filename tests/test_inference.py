@@ -189,10 +189,14 @@ def test_a_tampered_graph_is_refused(tmp_path):
     blob = bytearray((copy / "cloud.onnx").read_bytes())
     blob[-1] ^= 0x01
     (copy / "cloud.onnx").write_bytes(bytes(blob))
-    with pytest.raises(ModelError, match="sha256"):
+    with pytest.raises(ModelError, match="sha256") as refused:
         EarlyExitModel.load(copy)
+    assert "damaged or from another build than model.json; copy the model's directory whole" in str(refused.value)
     with pytest.raises(ModelError, match="not found"):
         EarlyExitModel.load(tmp_path / "nothing")
+    (copy / "cloud.onnx").unlink()  # a graph missing: it said only "not found"
+    with pytest.raises(ModelError, match="cloud.onnx: not found; copy it from the same build as sf/model.json"):
+        EarlyExitModel.load(copy)
 
 
 def test_edge_decisions_match_the_model_card_rule():
@@ -834,9 +838,12 @@ def worker():
     return CloudWorker(WorkerSettings(models=["sensor_faults"], worker_id="t"))
 
 
-async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker):
+async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker, caplog):
     """Uncertain windows are offloaded; after the deadline the edge answer stands provisionally; the
     cloud answer replaces it; duplicates, unknown, wrong-node, mismatched and malformed results are counted."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="mapper.inference")
     r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.3, "resend_s": 60},
                      broker=broker)
     try:
@@ -887,6 +894,12 @@ async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker
         assert stats()["results_ok"] == 1
         assert (await _row(r, other["id"]))["exit"] != "cloud"
         assert stats()["mean_edge_latency_us"] > 0
+        # The log says what did not match (it said "x 1718000000000" and "number of logits").
+        mismatches = [x.getMessage() for x in caplog.records if "result refused (mismatch)" in x.getMessage()]
+        assert f"answer for model 'x' created {other['created']}, the request was for '{other['model']}'" \
+            in mismatches[0], mismatches
+        assert "2 logits, model 'sensor-faults-early-exit' has 5 classes; the worker runs another version of the " \
+            "model: give it the node's (sensor_faults)" in mismatches[1], mismatches
     finally:
         await _stop(r)
     # Everything the mapper published has arrived: no second answer for the target, none for the other.

@@ -1140,7 +1140,8 @@ class InferenceExtension:
             return self._reject(reason, None, result.id)
         info = w.pipeline.model.info
         if result.model != info.name or result.created != w.created_ms:
-            return self._reject("mismatch", w.pipeline, f"{result.model} {result.created}")
+            return self._reject("mismatch", w.pipeline, f"answer for model {result.model[:64]!r} created {result.created}, "
+                                f"the request was for {info.name!r} created {w.created_ms}")
         now = _mono_ms()
         if now > w.expires_ms:
             if w.status == "pending":
@@ -1159,7 +1160,9 @@ class InferenceExtension:
                 f"cloud graph sha256 {info.cloud_sha256[:16]}...: give the worker the same version of the model "
                 f"({w.pipeline.model.info.directory.name})", logging.WARNING)
         if result.logits is None or len(result.logits) != len(info.classes):
-            return self._reject("mismatch", w.pipeline, "number of logits")
+            return self._reject("mismatch", w.pipeline, f"{len(result.logits or ())} logits, model {info.name!r} has "
+                                f"{len(info.classes)} classes", "the worker runs another version of the model: give it "
+                                f"the node's ({w.pipeline.model.info.directory.name})")
         del self._waiting[result.id]
         self._remember(self._done, result.id)
         label, confidence = w.pipeline.cloud_answer(result.logits)

@@ -103,10 +103,13 @@ class EarlyExitModel:
             try:
                 blob = path.read_bytes()
             except FileNotFoundError:
-                raise ModelError(f"{path}: not found") from None
+                raise ModelError(f"{path}: not found; copy it from the same build as {path.parent.name}/model.json "
+                                 f"(the model's directory as shipped, or as models/README.md rebuilds it)") from None
             digest = hashlib.sha256(blob).hexdigest()
             if digest != info.meta["sha256"].get(name):
-                raise ModelError(f"{path}: sha256 {digest[:16]}... does not match model.json; refusing to load it")
+                raise ModelError(f"{path}: sha256 {digest[:16]}... does not match model.json; refusing to load it: the "
+                                 f"file is damaged or from another build than model.json; copy the model's directory "
+                                 f"whole, from one build")
             sessions[part] = ort.InferenceSession(blob, session_options(), providers=["CPUExecutionProvider"])
         return cls(info, sessions.get("edge"), sessions.get("cloud"))
 
