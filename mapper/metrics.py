@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import sys
 import time
@@ -31,6 +30,7 @@ import orjson
 
 from mapper import __version__
 from mapper.device_loop import OFFLINE, OK, UNHEALTHY, UNKNOWN
+from mapper.host_header import names_this_machine
 from mapper.openssl import import_time_names
 from mapper.recorder import UNWRITABLE_AFTER
 from mapper.twin_disk import twin_write_cause
@@ -345,7 +345,7 @@ class MetricsExtension:
         if method not in ("GET", "HEAD"):
             return method, 405, text, b"only GET\n", {"Allow": "GET, HEAD"}
         headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-        if self.settings.loopback and (host := headers.get("host")) and not _names_this_machine(host):
+        if self.settings.loopback and (host := headers.get("host")) and not names_this_machine(host):
             return method, 403, text, b"the Host header names another machine\n", {}
         if target == "/metrics":
             self.scrapes += 1
@@ -383,21 +383,3 @@ def _response(status: int, kind: str, body: bytes, headers: dict[str, str], *, h
     lines = [f"HTTP/1.1 {status} {_REASONS[status]}", f"Content-Type: {kind}", f"Content-Length: {len(body)}",
              "Cache-Control: no-store", "Connection: close", *(f"{k}: {v}" for k, v in headers.items())]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
-
-
-def _names_this_machine(host: str) -> bool:
-    """Whether a Host header names this machine as a loopback listener is reached: an IP address
-    (with its port; IPv6 in brackets) or `localhost`. A name is what DNS rebinding sends."""
-    host = host.strip().lower()
-    if host.startswith("["):  # [IPv6]:port
-        name = host[1:host.find("]")] if "]" in host else host
-    else:
-        name = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    name = name.rstrip(".")
-    if name == "localhost":
-        return True
-    try:
-        ipaddress.ip_address(name)
-    except ValueError:
-        return False
-    return True

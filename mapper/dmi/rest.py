@@ -55,6 +55,7 @@ from devices.values import to_twin_string
 from mapper.dmi.lockout import AuthLockout
 from mapper.dmi.ratelimit import ClientBuckets
 from mapper.dmi.settings import ApiSettings
+from mapper.host_header import host_name, names_this_machine
 from mapper.logs import Throttle, held_note
 from twin.records import ERROR, GOOD
 from twin.store import TwinError
@@ -151,15 +152,9 @@ def addressed_elsewhere(headers: Mapping[str, str], allowed: Iterable[str]) -> s
     an IP address, `localhost`, `api.host` or one of `api.allowed_hosts` (a client sending no Host
     header at all, HTTP/1.0, is no browser)."""
     host = (headers.get("Host") or "").strip()
-    if not host:
+    if not host or names_this_machine(host, allowed):
         return None
-    name = host[1:host.find("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-    name = name.lower().rstrip(".")
-    with contextlib.suppress(ValueError):
-        ipaddress.ip_address(name)
-        return None
-    if name == "localhost" or name in {a.lower().rstrip(".") for a in allowed}:
-        return None
+    name = host_name(host)
     return (f"a request addressed to host {name[:60]!r} is refused (a page rebound by DNS would send that): "
             "add the name to api.allowed_hosts if it is this machine's")
 
