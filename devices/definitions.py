@@ -32,6 +32,41 @@ class MapAt:
         return self.file, self.line, self.field
 
 
+# The mapper's own keys in a property's `visitors.configData` (the one per-property free-form place
+# that survives kubectl and edgecore, which keep flat values only there): taken out before the
+# driver's Visitor reads the rest, so no driver sees them (devices.loader._report_on_change).
+REPORT_DEADBAND = "reportDeadband"
+REPORT_DEADBAND_PERCENT = "reportDeadbandPercent"
+REPORT_MAX_INTERVAL_MS = "reportMaxIntervalMs"
+REPORT_KEYS = (REPORT_DEADBAND, REPORT_DEADBAND_PERCENT, REPORT_MAX_INTERVAL_MS)
+# A silent sensor's heartbeat when reportMaxIntervalMs is not given (its reportCycle if that is longer).
+DEFAULT_REPORT_MAX_INTERVAL_MS = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Deadband:
+    """Report on change (opt-in per property): a reading is published when it moved by at least
+    `absolute` (or `percent` of the last published value's magnitude) from the last published one,
+    and at least once per `max_interval_ms` whatever it did (a heartbeat: a silent sensor is not a
+    dead one). Only MQTT publishing is reduced; the twin records every reading."""
+
+    absolute: float | None
+    percent: float | None
+    max_interval_ms: int
+
+    def moved(self, last: float, value: float) -> bool:
+        """Whether `value` is far enough from `last` (the last published) to be published."""
+        step = abs(value - last)
+        if self.absolute is not None:
+            return step >= self.absolute and step > 0
+        return step > 0 and step >= abs(last) * self.percent / 100
+
+    def describe(self) -> str:
+        """As `mapper validate` shows it."""
+        by = f"{self.absolute:g}" if self.absolute is not None else f"{self.percent:g}%"
+        return f"published on a change of {by} or more, else every {self.max_interval_ms / 1000:g} s"
+
+
 @dataclass(frozen=True, slots=True)
 class PropertyDefinition:
     name: str
@@ -56,6 +91,9 @@ class PropertyDefinition:
     # Where `anomaly_detection` is written (a device file's; None for edgecore's devices): not part
     # of the equality (moving the map down a line changes no pipeline).
     anomaly_at: MapAt | None = field(default=None, compare=False)
+    # Report on change (configData reportDeadband/reportDeadbandPercent/reportMaxIntervalMs), or None:
+    # published once per reportCycle as before.
+    deadband: Deadband | None = None
 
 
 @dataclass(frozen=True, slots=True)

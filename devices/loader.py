@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import re
 import typing
 from collections.abc import Callable, Iterable, Iterator
@@ -21,7 +22,18 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from devices.definitions import DeviceDefinition, MapAt, PropertyDefinition, merged_config
+from devices.definitions import (
+    DEFAULT_REPORT_MAX_INTERVAL_MS,
+    REPORT_DEADBAND,
+    REPORT_DEADBAND_PERCENT,
+    REPORT_KEYS,
+    REPORT_MAX_INTERVAL_MS,
+    Deadband,
+    DeviceDefinition,
+    MapAt,
+    PropertyDefinition,
+    merged_config,
+)
 from devices.drivers.base import Driver, load_driver
 from devices.errors import DefinitionError, DriverBroken, DriverNotFound, Problem, error_loc
 from devices import ids
@@ -584,7 +596,7 @@ def _refused_device_config(doc: _Doc, models: dict[tuple[str, str], _Entry], pro
         _validate_driver_model(driver.Visitor, (mprop.visitors.config_data if mprop.visitors else None, model_doc,
                                                 ("spec", "properties", j, "visitors", "configData")),
                                (visitor, doc, ("spec", "properties", i, "visitors", "configData")),
-                               problems, protocol, device_id)
+                               problems, protocol, device_id, REPORT_KEYS)
 
 
 def _name_warning(doc: _Doc, kind: str, name: str) -> Problem | None:
@@ -1038,7 +1050,14 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
              ("spec", "properties", j, "visitors", "configData")),
             (dprop.visitors.config_data if dprop.visitors else None, doc,
              ("spec", "properties", i, "visitors", "configData")),
-            problems, protocol, device_id,
+            problems, protocol, device_id, REPORT_KEYS,
+        )
+        deadband = _report_on_change(
+            (mprop.visitors.config_data if mprop.visitors else None, model_entry.doc,
+             ("spec", "properties", j, "visitors", "configData")),
+            (dprop.visitors.config_data if dprop.visitors else None, doc,
+             ("spec", "properties", i, "visitors", "configData")),
+            mprop.type, dprop.report_cycle or 1000, problems, device_id, dprop.name,
         )
         model_doc = model_entry.doc
         desired, desired_text = _desired(dprop, mprop, doc, i, problems,
@@ -1057,7 +1076,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             report_to_cloud=dprop.report_to_cloud, desired=desired, visitor=visitor,
             push_mqtt=push.mqtt if push else None,
             anomaly_detection=push.anomaly_detection if push else None,
-            description=mprop.description, desired_text=desired_text, anomaly_at=anomaly_at,
+            description=mprop.description, desired_text=desired_text, anomaly_at=anomaly_at, deadband=deadband,
         )
         if driver is not None and prop.writable and visitor is not None:
             unwritable = _not_writable(driver, prop, protocol, device_id, (model_doc, j), doc)
@@ -1135,11 +1154,14 @@ _Source = tuple[dict[str, Any] | None, _Doc, Path_]
 
 def _validate_driver_model(
     model: type[BaseModel] | None, model_level: _Source, device_level: _Source, problems: list[Problem],
-    protocol: str, device_id: DeviceId | str,
+    protocol: str, device_id: DeviceId | str, mapper_keys: tuple[str, ...] = (),
 ) -> Any:
-    """The model's configData overridden by the device's, validated by the driver's `model`; a
-    problem with a value from the model is reported in the model's document, at that value."""
+    """The model's configData overridden by the device's, without `mapper_keys` (the mapper's own, in
+    a visitor: REPORT_KEYS), validated by the driver's `model`; a problem with a value from the model
+    is reported in the model's document, at that value."""
     data = merged_config(model_level[0], device_level[0])
+    for key in mapper_keys:
+        data.pop(key, None)
     if model is None:
         return data
     try:
@@ -1158,6 +1180,59 @@ def _validate_driver_model(
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
                                 _driver_failed(protocol, f"{model.__name__} validation", exc)))
     return None
+
+
+def _report_on_change(model_level: _Source, device_level: _Source, kind: PropertyType, report_cycle_ms: int,
+                      problems: list[Problem], device_id: DeviceId, prop_name: str) -> Deadband | None:
+    """A property's report-on-change option from its visitors' configData (the model's overridden by
+    the device's, as the driver's keys are), or None when it has none; a problem goes to `problems`
+    at the key's line in the document that gives it (the device is then refused)."""
+    values: dict[str, tuple[Any, _Doc, Path_]] = {}
+    for data, doc, path in (model_level, device_level):
+        for key in REPORT_KEYS:
+            if data and key in data:
+                values[key] = (data[key], doc, (*path, key))
+    if not values:
+        return None
+    found: list[Problem] = []
+
+    def problem(key: str, message: str) -> None:
+        _, doc, path = values[key]
+        found.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                             f"device {device_id}, property {prop_name!r}: {message}"))
+
+    def number(key: str, least: float, strictly: bool) -> float | None:
+        if key not in values:
+            return None
+        value = values[key][0]
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            problem(key, f"{shown(value)} is not a number: write one, unquoted (e.g. {key}: 0.5)")
+        elif value < least or (strictly and value == least):
+            problem(key, f"{value:g} is {'not above' if strictly else 'below'} {least:g}")
+        else:
+            return float(value)
+        return None
+
+    absolute = number(REPORT_DEADBAND, 0, strictly=False)
+    percent = number(REPORT_DEADBAND_PERCENT, 0, strictly=True)
+    interval = number(REPORT_MAX_INTERVAL_MS, 0, strictly=True)
+    if interval is not None and interval != int(interval):
+        problem(REPORT_MAX_INTERVAL_MS, f"{interval:g} is not a whole number of milliseconds")
+    banded = [key for key in (REPORT_DEADBAND, REPORT_DEADBAND_PERCENT) if key in values]
+    if len(banded) == 2:
+        problem(REPORT_DEADBAND_PERCENT, f"give {REPORT_DEADBAND} (absolute) or {REPORT_DEADBAND_PERCENT}, not both")
+    elif not banded:
+        problem(REPORT_MAX_INTERVAL_MS, f"a heartbeat for report on change: it needs {REPORT_DEADBAND} (or"
+                                        f" {REPORT_DEADBAND_PERCENT}) beside it; without one every reading is"
+                                        " published once per reportCycle")
+    elif not kind.numeric:
+        problem(banded[0], f"a deadband needs a number: the property's type is {kind.value} (INT, FLOAT and DOUBLE"
+                           " properties take one)")
+    problems.extend(found)
+    if found:
+        return None
+    return Deadband(absolute=absolute, percent=percent, max_interval_ms=int(
+        interval if interval is not None else max(DEFAULT_REPORT_MAX_INTERVAL_MS, report_cycle_ms)))
 
 
 def _driver_failed(protocol: str, what: str, exc: Exception) -> str:

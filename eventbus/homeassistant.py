@@ -180,6 +180,8 @@ class Discovery:
             config["state_class"] = "measurement"
         if kind in ("sensor", "binary_sensor"):
             cycle_ms = max(prop.collect_cycle_ms, prop.report_cycle_ms, self.state_interval_ms)
+            if prop.deadband is not None:  # (a steady value goes out once per heartbeat only)
+                cycle_ms = max(cycle_ms, prop.deadband.max_interval_ms)
             config["expire_after"] = math.ceil(EXPIRE_CYCLES * cycle_ms / 1000) + EXPIRE_MARGIN_S
         if kind in ("binary_sensor", "switch"):
             config["payload_on"], config["payload_off"] = "ON", "OFF"  # the router takes both (devices.values)

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from devices.definitions import DeviceDefinition, PropertyDefinition
+from devices.definitions import Deadband, DeviceDefinition, PropertyDefinition
 from devices.drivers.base import load_driver
 from devices.errors import DriverNotFound
 from devices.ids import DeviceId
@@ -33,8 +33,8 @@ _PACKET_LEAST, _PACKET_MOST = 6, 10
 _SEQ_LEAST, _SEQ_MOST = 8, 27
 
 # (definition, topic, qos, retain, fed by change events, the body of its messages, published at all,
-# the body of its out-of-range readings' messages)
-_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any], bool, dict[str, Any]]
+# the body of its out-of-range readings' messages, its report-on-change deadband or None)
+_Route = tuple[PropertyDefinition, str, int, bool, bool, dict[str, Any], bool, dict[str, Any], Deadband | None]
 
 
 class Telemetry:
@@ -48,7 +48,11 @@ class Telemetry:
     a little early, within half a collect cycle, counts as on time), except that for a
     property whose driver reports changes (`Driver.reports_changes`: GPIO inputs and
     outputs) a reading whose value differs from the last one published is published at once,
-    so a button press and its release both go out. `pushMethod.mqtt`
+    so a button press and its release both go out. A property with a deadband (report on change,
+    `PropertyDefinition.deadband`: configData `reportDeadband`...) is not paced by `reportCycle`
+    but published when it moved by the deadband from the last value published, at once, and at
+    least once per its heartbeat (`_banded`); its readings in between are recorded in the twin
+    only, and refresh the state view only when another property's sends it. `pushMethod.mqtt`
     overrides topic, QoS and retain. Each device that published gets one retained state
     message with the latest value of every property, at most once per `state_interval_ms`
     of reading time (a dashboard's view; the property topics carry every reading), and at
@@ -187,9 +191,9 @@ class Telemetry:
                       "go to the property's topic %s instead", key[0], prop.name, push.topic, prefix, own)
             push = None  # (still published, as the log says, whatever reportToCloud says)
         if push is not None and push.topic:
-            route = (prop, push.topic, push.qos, push.retained, on_change, body, publish, out_of_range)
+            route = (prop, push.topic, push.qos, push.retained, on_change, body, publish, out_of_range, prop.deadband)
         else:
-            route = (prop, own, 1, False, on_change, body, publish, out_of_range)
+            route = (prop, own, 1, False, on_change, body, publish, out_of_range, prop.deadband)
         self._routes[key] = route
         return route
 
@@ -213,6 +217,24 @@ class Telemetry:
             return True
         return False
 
+    def _banded(self, key: tuple[DeviceId, str], prop: PropertyDefinition, deadband: Deadband,
+                reading: Reading) -> bool:
+        """Whether a reading of a report-on-change property is published (or counted for the state
+        view): its property's first, one that moved by the deadband from the last one published, one
+        `max_interval_ms` after it (the heartbeat, less half a collect cycle as in _due), or one
+        older than it (the clock went back: pacing starts again from it, as in _due). reportCycle
+        does not pace it: a jump goes out at once."""
+        last = self._last_sent.get(key)
+        taken = reading.taken_at_ms
+        previous = self._last_value.get(key, _NOTHING)
+        if (last is None or previous is _NOTHING or taken < last - prop.collect_cycle_ms
+                or taken - last >= deadband.max_interval_ms - prop.collect_cycle_ms // 2
+                or deadband.moved(previous, reading.value)):
+            self._last_sent[key] = taken
+            self._last_value[key] = reading.value
+            return True
+        return False
+
     def __call__(self, readings: list[Reading]) -> Iterable[OutMessage]:
         messages: list[OutMessage] = []
         touched: dict[DeviceId, tuple[int, int]] = {}  # device -> (newest reading time, slack)
@@ -230,13 +252,14 @@ class Telemetry:
             route = routes.get(key) or self._route(key)
             if route is None:
                 continue
-            prop, topic, qos, retain, on_change, body, publish, _ = route
+            prop, topic, qos, retain, on_change, body, publish, _, deadband = route
             fresh_from = self._fresh_from.get(device) if self._fresh_from else None
             if fresh_from is not None:
                 if reading.taken_at_ms <= fresh_from:
                     # Taken by the runner a definition change replaced: published on its topic as
                     # it was read, but not in the state view of the device as it runs now.
-                    if publish and self._due(key, prop, reading):
+                    if publish and (self._banded(key, prop, deadband, reading) if deadband is not None
+                                    else self._due(key, prop, reading)):
                         messages.append(OutMessage(topic, body, qos, retain, reading=reading))
                     continue
                 # The recorder keeps the order readings were taken in: all later ones are the new runner's.
@@ -245,7 +268,10 @@ class Telemetry:
             if values is None:
                 values = latest[device] = {}
             values[prop.name] = (reading.value, reading.taken_at_ms)
-            if on_change:
+            if deadband is not None:
+                if not self._banded(key, prop, deadband, reading):
+                    continue
+            elif on_change:
                 changed = self._last_value.get(key, _NOTHING) != reading.value
                 if not (self._due(key, prop, reading) or changed):
                     continue
@@ -294,7 +320,7 @@ class Telemetry:
         route = self._routes.get(key) or self._route(key)
         if route is None:
             return
-        prop, topic, qos, retain, _on_change, _body, publish, out_of_range = route
+        prop, topic, qos, retain, _on_change, _body, publish, out_of_range, _ = route
         if publish and self._due(key, prop, reading):
             messages.append(OutMessage(topic, out_of_range, qos, retain, reading=reading))
 
