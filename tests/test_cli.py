@@ -98,7 +98,7 @@ def test_drivers_lists_each_protocol_with_its_entry_point_package_and_why_one_ca
     lines = listed.stdout.splitlines()
     assert lines[0].split() == ["protocol", "driver", "from"], lines
     rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("not used: ")}
-    assert set(rows) == {"acme", "dht", "gpio", "modbus", "replay", "simulated"}, lines
+    assert set(rows) == {"acme", "dht", "ds18b20", "gpio", "modbus", "replay", "simulated"}, lines
     assert rows["acme"].split() == ["acme", "acme_bus:AcmeDriver", "mapper-acme", "0.3.1", "(blocking,",
                                     "timeout", "1.5", "s,", "writes)"], rows["acme"]
     assert rows["simulated"].split()[1:4] == ["devices.drivers.simulated:SimulatedDriver", "built", "in"]

@@ -31,7 +31,7 @@ Third parties register a driver without touching this package::
     [project.entry-points."mapper.drivers"]
     modbus = "mapper_modbus:ModbusDriver"
 
-A built-in protocol name (simulated, replay, dht, gpio) always means the built-in driver: an
+A built-in protocol name (simulated, replay, dht, gpio, ds18b20) always means the built-in driver: an
 entry point of another package with such a name is logged as a warning and not used.
 
 Drivers with `blocking = True` (a DHT11 read sleeps ~250 ms) are called from a worker
@@ -71,6 +71,7 @@ _BUILTIN = {
     "replay": "devices.drivers.replay:ReplayDriver",
     "dht": "devices.drivers.dht:DhtDriver",
     "gpio": "devices.drivers.gpio:GpioDriver",
+    "ds18b20": "devices.drivers.ds18b20:Ds18b20Driver",
 }
 
 
