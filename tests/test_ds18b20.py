@@ -214,6 +214,19 @@ def test_config_errors_name_file_line_and_fix(tmp_path: Path, old: str, new: str
     assert f"probe.yaml:{line_of(path, new.strip())}: spec.protocol.{message}" in str(info.value)
 
 
+def test_a_collect_cycle_shorter_than_a_read_is_a_warning_at_its_line(tmp_path: Path) -> None:
+    """The example's 5000 draws none; 500 (shorter than the ~750 ms read) runs, with a warning."""
+    assert load([EXAMPLE]).warnings == []
+    path = tmp_path / "probe.yaml"
+    path.write_text(EXAMPLE.read_text().replace("collectCycle: 5000", "collectCycle: 500"))
+    result = load([path], base=tmp_path)
+    assert PROBE in result.devices
+    assert [str(w) for w in result.warnings] == [
+        f"probe.yaml:{line_of(path, 'collectCycle: 500')}: spec.properties[0].collectCycle: a DS18B20 measures at"
+        " each read, which takes about 750 ms: at a collectCycle of 500 ms the reads of 'temperature' follow one"
+        " another without a pause and hold the 1-wire bus; set collectCycle: 1000 or more"]
+
+
 def test_an_id_as_printed_on_a_label_is_the_kernels_lower_case(tmp_path: Path) -> None:
     path = tmp_path / "probe.yaml"
     path.write_text(EXAMPLE.read_text().replace(f"sensor_id: {SENSOR}", f"sensor_id: {SENSOR.upper()}"))

@@ -55,6 +55,8 @@ _SENSOR_ID = re.compile(r"(10|22|28|3b|42)-[0-9a-f]{12}")
 # Every one of them measures -55 to +125 C.
 PHYSICAL = (-55.0, 125.0)
 POWER_ON_MILLIDEGREES = 85000
+# A 12-bit conversion (the sensor's default resolution), which the kernel waits for at each read.
+READ_MS = 750
 ENABLE_BUS = ("add dtoverlay=w1-gpio to /boot/firmware/config.txt (data line on GPIO4; dtoverlay=w1-gpio,gpiopin=N"
               " for another pin) and reboot")
 CHECK_WIRING = ("check the wiring: data to the w1 GPIO (GPIO4 by default), a 4.7 kOhm pull-up from data to 3.3 V,"
@@ -127,6 +129,17 @@ class Ds18b20Driver(Driver):
                 yield (f"spec.properties[{i}].visitors",
                        f"a DS18B20 reports its temperature in sixteenths of a degree: property {prop.name!r} must be"
                        f" FLOAT or DOUBLE in DeviceModel {device.model_name!r}, not {prop.type.value}")
+
+    @classmethod
+    def config_warnings(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
+        """A collectCycle shorter than a read (~750 ms: the kernel measures at each one): the reads
+        follow one another without a pause, and the other sensors of the bus wait for each."""
+        for i, prop in enumerate(device.properties):
+            if prop.collect_cycle_ms < READ_MS:
+                yield (f"spec.properties[{i}].collectCycle",
+                       f"a DS18B20 measures at each read, which takes about {READ_MS} ms: at a collectCycle of"
+                       f" {prop.collect_cycle_ms} ms the reads of {prop.name!r} follow one another without a pause"
+                       f" and hold the 1-wire bus; set collectCycle: 1000 or more")
 
     @classmethod
     def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
