@@ -43,7 +43,8 @@ class Telemetry:
     A property with `pushMethod.mqtt` is published to that topic whatever `reportToCloud` says
     (KubeEdge pushes so too); one without it is published to its own topic only with
     `reportToCloud: true` (what KubeEdge reports upstream). A property that is not published
-    still keeps its device's retained state view fresh, at the same pace. Either is published
+    still keeps its device's retained state view fresh, at the same pace; so does a reading out of
+    range (`_out_of_range`: not as the property's value). Either is published
     (or counted for the state view) at most once per `reportCycle` (a reading
     a little early, within half a collect cycle, counts as on time), except that for a
     property whose driver reports changes (`Driver.reports_changes`: GPIO inputs and
@@ -244,8 +245,12 @@ class Telemetry:
         documents = self.documents
         for reading in readings:
             if reading.quality != GOOD:
-                if reading.quality == OUT_OF_RANGE:
-                    self._out_of_range(reading, messages)
+                if reading.quality == OUT_OF_RANGE and (read := self._out_of_range(reading, messages)) is not None:
+                    # The device was read: its view goes on at its pace, with the last good values
+                    # (a dashboard's `expire_after` counts from the last view: Home Assistant's).
+                    device = reading.device_id
+                    if latest.get(device) and (device not in touched or touched[device][0] < reading.taken_at_ms):
+                        touched[device] = (reading.taken_at_ms, read.collect_cycle_ms // 2)
                 continue
             device = reading.device_id
             key = (device, reading.property)
@@ -309,20 +314,29 @@ class Telemetry:
                     messages.append(message)
         return messages
 
-    def _out_of_range(self, reading: Reading, messages: list[OutMessage]) -> None:
+    def _out_of_range(self, reading: Reading, messages: list[OutMessage]) -> PropertyDefinition | None:
         """A reading outside the model's minimum/maximum (or the sensor's rated range): published
         on its topic as the good ones are (at most once per reportCycle), marked `"quality":
         "out_of_range"`, so an app sees the boiler at 90 when its model says 80 at most (it was
         left out, and the property's topic and state view went on showing the last good value).
         It is not the property's value: the state view keeps the last good one, and the twin's
-        reported value too (the device's quality and its detail show it)."""
+        reported value too (the device's quality and its detail show it). Its property when it was
+        due (a report point): it then counts for the device's state view as a good reading does, which
+        goes out at its pace with its last good values and their `ts` (a device whose readings were
+        all out of range sent no view, and Home Assistant's `expire_after` made its entities
+        unavailable though the device was read). A reading its device's replaced runner took
+        (`_fresh_from`) does not count."""
         key = (reading.device_id, reading.property)
         route = self._routes.get(key) or self._route(key)
         if route is None:
-            return
+            return None
         prop, topic, qos, retain, _on_change, _body, publish, out_of_range, _ = route
-        if publish and self._due(key, prop, reading):
+        if not self._due(key, prop, reading):
+            return None
+        if publish:
             messages.append(OutMessage(topic, out_of_range, qos, retain, reading=reading))
+        fresh_from = self._fresh_from.get(reading.device_id) if self._fresh_from else None
+        return prop if fresh_from is None or reading.taken_at_ms > fresh_from else None
 
     def state_message(self, device: DeviceId, state: str | None = None) -> OutMessage | None:
         """The device's retained view: the latest value of each property read in this run, `ts`

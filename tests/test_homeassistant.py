@@ -386,3 +386,52 @@ def test_a_device_removed_while_the_broker_is_down_is_cleared_at_the_reconnect(b
         wait_for(lambda: set(retained(broker, t["filter"])) == {t["temperature"], t["humidity"]}, timeout=20,
                  interval=0.2, what="the relay's config cleared")
         assert mapper.stop() == 0
+
+
+GAUGE = dedent("""\
+    apiVersion: devices.kubeedge.io/v1beta1
+    kind: DeviceModel
+    metadata: {name: gauge-model, namespace: default}
+    spec:
+      protocol: simulated
+      properties:
+        - {name: level, type: INT, accessMode: ReadOnly, minimum: "0", maximum: "2"}
+    ---
+    apiVersion: devices.kubeedge.io/v1beta1
+    kind: Device
+    metadata: {name: gauge, namespace: default}
+    spec:
+      deviceModelRef: {name: gauge-model}
+      protocol: {protocolName: simulated, configData: {}}
+      properties:
+        - name: level
+          visitors: {protocolName: simulated, configData: {kind: counter}}
+          collectCycle: 200
+          reportCycle: 200
+          reportToCloud: true
+    """)
+
+
+def test_a_sensor_out_of_range_stays_available_with_its_last_good_value(broker_for, tmp_path: Path,
+                                                                       node: str) -> None:
+    """A device whose only property reads 0, 1, 2 (its model's maximum), then 3, 4, ... for good: its
+    readings are out of range, not its value. Its state view stopped with the last good reading, so
+    Home Assistant made the entity unavailable after `expire_after` (7 s) though the device was read
+    every 200 ms. The view now goes on at its pace with the last good value and that value's time."""
+    broker = broker_for(node)
+    state = f"mapper/{node}/default/gauge/state"
+    directory = tmp_path / "devices"
+    directory.mkdir()
+    (directory / "gauge.yaml").write_text(GAUGE)
+    with broker.client("homeassistant") as ha:
+        assert not ha.subscribe(state).is_failure
+        with MapperProcess(tmp_path, directory, broker, node=node, extra=HA_ON) as mapper:
+            last_good = state_where(ha, state, lambda view: view.get("level") == 2)
+            mapper.wait_log("recorded and published with quality out_of_range")
+            # The views that follow, while every reading is out of range (each one a state_interval_ms
+            # apart: 1 s; expire_after is 7 s). Before, none came.
+            later = [state_where(ha, state, lambda view: True) for _ in range(3)]
+            assert all(view["level"] == 2 and view["ts"] == last_good["ts"] and view["state"] == "ok"
+                       for view in later), later
+            assert mapper.stop() == 0
+

@@ -84,8 +84,29 @@ def test_readings_after_the_clock_went_back_are_still_published(tmp_path):
     assert [ts for topic, ts in after if topic == topics.device_state(D)] == [back, back + 1_000, back + 2_000]
     assert telemetry.state_message(D).body["ts"] == back + 2_000
     # An out-of-range reading older than the last one published is published too.
-    [m] = telemetry([Reading(D, "count", -1, back - 60_000, OUT_OF_RANGE, "below the minimum 0")])
-    assert m.topic == topics.telemetry(D, "count") and m.body["quality"] == "out_of_range"
+    out = list(telemetry([Reading(D, "count", -1, back - 60_000, OUT_OF_RANGE, "below the minimum 0")]))
+    [m] = [m for m in out if m.topic == topics.telemetry(D, "count")]
+    assert m.body["quality"] == "out_of_range"
+    # It counts for the state view as a good reading does (older than the last view: at once); the
+    # view keeps the last good values and their time.
+    assert [(v.body["count"], v.body["ts"]) for v in out if v is not m] == [((back + 2_000) // 100, back + 2_000)]
+
+def test_out_of_range_readings_keep_the_state_view_going_with_the_last_good_values(tmp_path):
+    """A device read on time whose readings are all out of range sent no state view, and a dashboard
+    that expires a value not refreshed in time (Home Assistant's `expire_after`) showed it
+    unavailable. Such readings count for the view's pace now; it holds the last good value and
+    its time. Before the device's first good reading they send none, and do not hold that one back."""
+    from twin.records import OUT_OF_RANGE
+
+    telemetry, topics = _factory(tmp_path, cycle=100, interval=1000)
+    state = topics.device_state(D)
+    assert state not in [m.topic for m in telemetry([Reading(D, "count", -1, 1_000, OUT_OF_RANGE, "below 0")])]
+    [first] = [m.body for m in telemetry([Reading(D, "count", 5, 1_100)]) if m.topic == state]
+    assert (first["count"], first["ts"]) == (5, 1_100)
+    views = [m.body for k in range(1, 26)
+             for m in telemetry([Reading(D, "count", -1, 1_100 + 100 * k, OUT_OF_RANGE, "below 0")]) if m.topic == state]
+    assert [(v["count"], v["ts"]) for v in views] == [(5, 1_100), (5, 1_100)]  # at 2.1 s and 3.1 s of reading time
+
 
 def _pushed(tmp_path: Path, topic: str, push_topics: PushTopics = PushTopics()) -> Telemetry:
     devices = write_devices(tmp_path / "devices", ["d"], cycle=100)
