@@ -473,6 +473,9 @@ class MqttBus:
         self.incoming_dropped_by: Counter[str] = Counter()  # the same, by incoming_kind() ("twin/get", "set", ...)
         self.refused_subscriptions: dict[str, str] = {}  # topic filter -> the broker's reason, this connection
         self.publishes_refused = 0      # messages of publish() the broker refused in its PUBACK (logged)
+        # Topics a publish() awaits the acknowledgement of (how many), and the refusals heard for them.
+        self._awaiting: Counter[str] = Counter()
+        self._refusals: dict[str, object] = {}
         # Cleared by hold_incoming() (a stop): messages are then left to the broker's session.
         self._taking = True
         self._idle = asyncio.Event()    # set while no message is being handled
@@ -795,6 +798,8 @@ class MqttBus:
         """A message of publish() (the node's availability, a reply sent directly) the broker refused
         in its PUBACK: logged naming its topic, and counted. The outbox's own refusals are the publisher's."""
         self.publishes_refused += 1
+        if topic in self._awaiting:  # (seen before aiomqtt's own handler ends the publish() waiting for it)
+            self._refusals[topic] = reason_code
         log_refused_publish(log, self._log_throttle, "the mapper's message", topic, reason_code, self.settings.username)
 
     def _drop_incoming(self, paho_client: object, message: aiomqtt.Message, queue: _IncomingQueue) -> None:
@@ -820,9 +825,11 @@ class MqttBus:
         cap = min(s.reconnect_max_s, s.reconnect_min_s * 2 ** min(attempt, 16))
         return random.uniform(s.reconnect_min_s, max(s.reconnect_min_s, cap))
 
-    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> object | None:
         """Publish and wait for the broker's acknowledgement (QoS 1). Raises MqttError when offline,
-        or as soon as the connection is lost while waiting.
+        or as soon as the connection is lost while waiting. Returns the broker's reason code when
+        its PUBACK refused the message (MQTT 5, from 0x80: its ACL denies the topic; logged by
+        _publish_refused), None when it took it (or, on MQTT 3.1.1, could not say otherwise).
 
         aiomqtt's publish waits for the acknowledgement or its timeout, not for the connection: a
         connection lost before the ack (a broker frozen right after the CONNACK, noticed by the
@@ -833,7 +840,15 @@ class MqttBus:
         client = self.client
         if client is None:
             raise aiomqtt.MqttError("not connected")
-        await publish_until_lost(client, topic, payload, qos=qos, retain=retain)
+        self._awaiting[topic] += 1
+        try:
+            await publish_until_lost(client, topic, payload, qos=qos, retain=retain)
+        finally:
+            self._awaiting[topic] -= 1
+            if not self._awaiting[topic]:
+                del self._awaiting[topic]
+            refused = self._refusals.pop(topic, None)
+        return refused
 
     def flush(self) -> None:
         """Write the messages handed over by publish_nowait now (call it before awaiting their acks)."""

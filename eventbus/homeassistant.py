@@ -23,7 +23,9 @@ Announced at every (re)connect and when HA's birth message (`<prefix>/status` = 
 after a reload, changed entities are announced again and those of removed devices or properties
 cleared (an empty retained config: HA deletes the entity). A config of this node's that the
 broker keeps and no definition makes any more (a device removed while the mapper was stopped)
-is cleared when it comes in on the subscription, if it is the mapper's (its unique_id).
+is cleared when it comes in on the subscription, if it is the mapper's (its unique_id). A config
+the broker refuses (MQTT 5's PUBACK: its ACL denies the topic) is not counted as announced: a
+WARNING says so, and it is tried again with the next publication (MQTT 3.1.1 cannot say it).
 """
 
 from __future__ import annotations
@@ -290,17 +292,33 @@ class HomeAssistantExtension:
         wanted = self._wanted
         changed = [t for t, body in wanted.items() if everything or self._sent.get(t) != body]
         gone = sorted({t for t in self._sent if t not in wanted} | {t for t in self._stale if t not in wanted})
+        announced = removed = 0
+        refused: dict[str, object] = {}  # topic -> the broker's reason
         for topic in changed:
             body = wanted[topic]
-            await bus.publish(topic, body, qos=1, retain=True)
+            if (reason := await bus.publish(topic, body, qos=1, retain=True)) is not None:
+                refused[topic] = reason  # not in `_sent`: announced again with the next change or connect
+                continue
             self._sent[topic] = body
+            announced += 1
         for topic in gone:
-            await bus.publish(topic, b"", qos=1, retain=True)  # HA deletes the entity
+            if (reason := await bus.publish(topic, b"", qos=1, retain=True)) is not None:  # HA deletes the entity
+                refused[topic] = reason  # the broker still holds it: cleared again with the next change or connect
+                continue
             self._sent.pop(topic, None)
             self._stale.discard(topic)
-        if changed or gone:
-            log.info("Home Assistant discovery: %d entit%s announced, %d removed", len(changed),
-                     "y" if len(changed) == 1 else "ies", len(gone))
+            removed += 1
+        if announced or removed:
+            log.info("Home Assistant discovery: %d entit%s announced, %d removed", announced,
+                     "y" if announced == 1 else "ies", removed)
+        if refused:
+            log.warning("Home Assistant discovery: %d entit%s refused by the broker (%s, on %s): Home Assistant does "
+                        "not get %s; the broker's ACL must let the mapper's user write %s (mosquitto/acl; with another "
+                        "prefix than homeassistant, change it there too). Tried again at the next reconnect, reload or Home "
+                        "Assistant birth",
+                        len(refused), "y" if len(refused) == 1 else "ies", next(iter(refused.values())),
+                        ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else ""),
+                        "it" if len(refused) == 1 else "them", self.discovery.ha.config_filter() if self.discovery else "")
 
     async def shutdown(self, service: MapperService) -> None:
         """Nothing to undo: the configs stay retained (a stop's availability says `offline`)."""

@@ -435,3 +435,18 @@ def test_a_sensor_out_of_range_stays_available_with_its_last_good_value(broker_f
                        for view in later), later
             assert mapper.stop() == 0
 
+
+
+def test_configs_the_broker_refuses_are_not_counted_as_announced(broker_for, tmp_path: Path, node: str) -> None:
+    """A prefix the broker's ACL does not grant the mapper (the shipped one grants homeassistant/ only):
+    the broker refuses every config (MQTT 5's PUBACK: Not authorized). The log said "3 entities
+    announced"; now it says they were refused, and why, and none is counted as announced."""
+    broker = broker_for(node)
+    extra = "homeassistant:\n  discovery: true\n  prefix: hass\n"
+    with MapperProcess(tmp_path, devices_dir(tmp_path, "room", "relay"), broker, node=node, extra=extra) as mapper:
+        mapper.wait_log("Home Assistant discovery: 3 entities refused by the broker")
+        line = next(line for line in mapper.log().splitlines() if "3 entities refused by the broker" in line)
+        assert " WARNING " in line and "Not authorized" in line and f"hass/+/{node}/+/config" in line, line
+        assert "entities announced" not in mapper.log()
+        assert mapper.stop() == 0
+    assert retained(broker, f"hass/+/{node}/+/config") == {}
