@@ -17,7 +17,8 @@ older HA, would then need the whole device rewritten; one topic per entity is cl
   name; ppm with `co2`), state_class `measurement` for numeric ReadOnly properties, expire_after
   two cycles plus 5 s;
 - a ReadWrite BOOLEAN is a `switch`, another writable number a `number` (min/max from the model),
-  a writable text a `text`; their command_topic is the property's `/set` topic (EventBus router).
+  a writable text a `text` (max 255 characters, HA's limit: a WARNING names those at announce);
+  their command_topic is the property's `/set` topic (EventBus router).
 
 Announced at every (re)connect and when HA's birth message (`<prefix>/status` = `online`) comes;
 after a reload, changed entities are announced again and those of removed devices or properties
@@ -191,6 +192,9 @@ class Discovery:
             config["command_topic"] = f"{self.topics.telemetry(device, prop.name)}/set"
         if kind == "text":  # as a JSON string: `/set` refuses an empty message and reads a leading `{` as an object
             config["command_template"] = "{{ value | tojson }}"
+            # HA's own default and its limit (a larger `max` makes it refuse the config); a STRING's
+            # length is not in the model: a longer value is said at announce (long_texts).
+            config["max"] = MAX_STATE_CHARS
         if kind == "number":
             bounded = prop.minimum is not None and prop.maximum is not None
             config["min"] = prop.minimum if prop.minimum is not None else -UNBOUNDED
@@ -198,6 +202,13 @@ class Discovery:
             config["step"] = 1 if prop.type is PropertyType.INT else 0.001
             config["mode"] = "auto" if bounded else "box"
         return config
+
+    def long_texts(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[tuple[DeviceId, str, str]]:
+        """The `text` entities, as (device, property, its `/set` topic): Home Assistant holds and sets
+        at most MAX_STATE_CHARS characters of them, and a STRING may be longer (64 KiB over `/set`)."""
+        return [(device_id, prop.name, f"{self.topics.telemetry(device_id, prop.name)}/set")
+                for device_id, definition in sorted(definitions.items()) for prop in definition.properties
+                if announced(prop) and component(prop) == "text"]
 
     def ours(self, payload: bytes) -> bool:
         """Whether a config on this node's topics is one the mapper made (not another program's that
@@ -225,6 +236,7 @@ class HomeAssistantExtension:
         self._stale: set[str] = set()  # this node's configs the broker holds that no definition makes
         self._all = False  # announce every entity again (a connect, HA's birth)
         self._due = asyncio.Event()
+        self._texts_said: set[tuple[DeviceId, str]] = set()  # text entities whose limit was logged (_say_texts)
 
     async def setup(self, service: MapperService) -> None:
         from mapper import __version__
@@ -244,6 +256,23 @@ class HomeAssistantExtension:
         self._wanted = self.discovery.configs(self._runnable(definitions))
         log.info("Home Assistant discovery: %d entities, on %s (announced at every connect and HA birth on %s)",
                  len(self._wanted), self.discovery.ha.config_filter(), self.discovery.ha.status())
+        self._say_texts(definitions)
+
+    def _say_texts(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
+        """A WARNING, once per property and process, for the writable STRINGs announced as a `text`:
+        Home Assistant neither shows a value longer than its 255 characters (it keeps the one
+        before) nor sets one; such a value goes over the property's own `/set` topic."""
+        assert self.discovery is not None
+        new = [t for t in self.discovery.long_texts(self._runnable(definitions)) if t[:2] not in self._texts_said]
+        if not new:
+            return
+        self._texts_said.update(t[:2] for t in new)
+        shown = ", ".join(f"{device}: {name} ({topic})" for device, name, topic in new[:3])
+        log.warning("Home Assistant discovery: %d writable STRING propert%s announced as a text entity of at most %d "
+                    "characters, Home Assistant's limit: a longer value is not shown there (it keeps the one before) "
+                    "and can be set only over the property's own /set topic: %s%s", len(new),
+                    "y" if len(new) == 1 else "ies", MAX_STATE_CHARS, shown,
+                    f" and {len(new) - 3} more" if len(new) > 3 else "")
 
     def _runnable(self, definitions: dict[DeviceId, DeviceDefinition]) -> dict[DeviceId, DeviceDefinition]:
         """The devices this mapper runs (not another node's, nor one without a driver), as the state views."""
@@ -254,6 +283,7 @@ class HomeAssistantExtension:
     def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
         assert self.discovery is not None
         self._wanted = self.discovery.configs(self._runnable(definitions))
+        self._say_texts(definitions)
         self._due.set()
 
     def _connected(self) -> None:

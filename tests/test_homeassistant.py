@@ -349,6 +349,8 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     # A text goes as a JSON string: HA sends an emptied text field as an empty message, which `/set`
     # refuses ("an empty message is no value"), and a text starting with `{` would be read as an object.
     assert by_name["label"][1]["command_template"] == "{{ value | tojson }}"
+    # HA's limit, said in the config (a `max` above 255 HA refuses): a longer text goes over `/set` only.
+    assert by_name["label"][1]["max"] == 255 and "max" not in by_name["status"][1]
     assert "command_template" not in level and "command_template" not in by_name["door"][1]
     door = by_name["door"][1]
     assert (door["payload_on"], door["payload_off"], door["expire_after"]) == ("ON", "OFF", 25)  # 2 x 10 s + 5
@@ -450,3 +452,53 @@ def test_configs_the_broker_refuses_are_not_counted_as_announced(broker_for, tmp
         assert "entities announced" not in mapper.log()
         assert mapper.stop() == 0
     assert retained(broker, f"hass/+/{node}/+/config") == {}
+
+
+SIGN = dedent("""\
+    apiVersion: devices.kubeedge.io/v1beta1
+    kind: DeviceModel
+    metadata: {name: sign-model, namespace: default}
+    spec:
+      protocol: simulated
+      properties:
+        - {name: message, type: STRING, accessMode: ReadWrite}
+    ---
+    apiVersion: devices.kubeedge.io/v1beta1
+    kind: Device
+    metadata: {name: sign, namespace: default}
+    spec:
+      deviceModelRef: {name: sign-model}
+      protocol: {protocolName: simulated, configData: {}}
+      properties:
+        - name: message
+          visitors: {protocolName: simulated, configData: {kind: constant, value: hello}}
+          collectCycle: 200
+          reportCycle: 200
+          reportToCloud: true
+    """)
+
+
+def test_a_writable_text_is_announced_within_home_assistants_limit_and_a_longer_one_goes_over_set(
+        broker_for, tmp_path: Path, node: str) -> None:
+    """A writable STRING's length is not in its model, and Home Assistant's text holds 255 characters
+    at most: its config says `max: 255` (HA's limit; a larger one it refuses), and the log says, once,
+    that a longer value can only be set over the property's own `/set` topic, which takes it."""
+    broker = broker_for(node)
+    topic = f"homeassistant/text/{node}/default_sign_message/config"
+    state = f"mapper/{node}/default/sign/state"
+    directory = tmp_path / "devices"
+    directory.mkdir()
+    (directory / "sign.yaml").write_text(SIGN)
+    with broker.client("homeassistant") as ha:
+        assert not ha.subscribe(topic).is_failure
+        assert not ha.subscribe(state).is_failure
+        with MapperProcess(tmp_path, directory, broker, node=node, extra=HA_ON) as mapper:
+            config = orjson.loads(configs(ha, {topic})[topic])
+            assert (config["max"], config["command_topic"]) == (255, f"mapper/{node}/default/sign/message/set")
+            line = next(line for line in mapper.log().splitlines() if "writable STRING" in line)
+            assert " WARNING " in line and "at most 255 characters" in line, line
+            assert f"default/sign: message (mapper/{node}/default/sign/message/set)" in line, line
+            long = "x" * 300  # (as Home Assistant's user, who may write this node's /set topics)
+            assert not ha.publish(config["command_topic"], orjson.dumps(long)).is_failure
+            state_where(ha, state, lambda view: view.get("message") == long)
+            assert mapper.stop() == 0
