@@ -342,13 +342,14 @@ class HomeAssistantExtension:
             log.info("Home Assistant discovery: %d entit%s announced, %d removed", announced,
                      "y" if announced == 1 else "ies", removed)
         if refused:
-            log.warning("Home Assistant discovery: %d entit%s refused by the broker (%s, on %s): Home Assistant does "
-                        "not get %s; the broker's ACL must let the mapper's user write %s (mosquitto/acl; with another "
-                        "prefix than homeassistant, change it there too). Tried again at the next reconnect, reload or Home "
-                        "Assistant birth",
-                        len(refused), "y" if len(refused) == 1 else "ies", next(iter(refused.values())),
-                        ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else ""),
-                        "it" if len(refused) == 1 else "them", self.discovery.ha.config_filter() if self.discovery else "")
+            assert self.discovery is not None
+            shown = ", ".join(sorted(refused)[:3]) + (f" and {len(refused) - 3} more" if len(refused) > 3 else "")
+            log.warning("Home Assistant discovery: %d entit%s refused by the broker (%s, on %s): Home Assistant does not "
+                        "get %s; the broker's ACL must let the mapper's user write %s (mosquitto/acl; with another prefix "
+                        "than homeassistant, change it there too). Tried again at the next reconnect, reload or Home "
+                        "Assistant birth", len(refused), "y" if len(refused) == 1 else "ies",
+                        next(iter(refused.values())), shown, "it" if len(refused) == 1 else "them",
+                        self.discovery.ha.config_filter())
 
     async def shutdown(self, service: MapperService) -> None:
         """Nothing to undo: the configs stay retained (a stop's availability says `offline`)."""
