@@ -259,16 +259,17 @@ class HomeAssistantExtension:
         self._say_texts(definitions)
 
     def _say_texts(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
-        """A WARNING, once per property and process, for the writable STRINGs announced as a `text`:
+        """An INFO line, once per property and process, for the writable STRINGs announced as a `text`:
         Home Assistant neither shows a value longer than its 255 characters (it keeps the one
-        before) nor sets one; such a value goes over the property's own `/set` topic."""
+        before) nor sets one; such a value goes over the property's own `/set` topic. Not a WARNING: it
+        is said at every start for a model as it should be written (a STRING's length is not in it)."""
         assert self.discovery is not None
         new = [t for t in self.discovery.long_texts(self._runnable(definitions)) if t[:2] not in self._texts_said]
         if not new:
             return
         self._texts_said.update(t[:2] for t in new)
         shown = ", ".join(f"{device}: {name} ({topic})" for device, name, topic in new[:3])
-        log.warning("Home Assistant discovery: %d writable STRING propert%s announced as a text entity of at most %d "
+        log.info("Home Assistant discovery: %d writable STRING propert%s announced as a text entity of at most %d "
                     "characters, Home Assistant's limit: a longer value is not shown there (it keeps the one before) "
                     "and can be set only over the property's own /set topic: %s%s", len(new),
                     "y" if len(new) == 1 else "ies", MAX_STATE_CHARS, shown,
