@@ -78,6 +78,26 @@ class LoadResult:
     other_node: dict[DeviceId, Problem] = field(default_factory=dict)
 
 
+def offline_warnings(result: LoadResult) -> list[str]:
+    """A warning for each device `mapper run` starts without running it: refused here (no driver for its
+    protocol, another node's: LoadResult.unrunnable), or left offline, its driver's library not installed
+    (Driver.not_installed: RPi.GPIO, adafruit_dht). `mapper validate --config` and install-service's
+    start checks both say them: each said ok to such a device."""
+    found = [f"{problem} (`mapper run` refuses this device and runs the others)"
+             for problem in result.unrunnable.values() if problem not in result.warnings]
+    for device_id, definition in sorted(result.devices.items()):
+        if device_id in result.unrunnable:
+            continue
+        try:
+            missing = load_driver(definition.protocol).not_installed(definition)
+        except Exception as exc:  # noqa: BLE001 - a third-party driver's bug: said, the check goes on
+            missing = f"its driver ({definition.protocol}) failed in its not_installed(): {type(exc).__name__}: {exc}"
+        if missing:
+            found.append(f"{definition.source}: device {device_id} would stay offline under `mapper run` (it cannot"
+                         f" open): {missing}")
+    return found
+
+
 def field_name(path: Iterable[str | int]) -> str:
     out = ""
     for part in path:

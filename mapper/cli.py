@@ -25,7 +25,7 @@ import orjson
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from devices.loader import LoadResult, load
+from devices.loader import LoadResult, load, offline_warnings
 from mapper import __version__, early_signals, logs, openssl
 from eventbus.settings import MqttSettings
 from mapper.config import MapperConfig, load_config
@@ -139,9 +139,7 @@ def _validate_config(path: str) -> int:
     problems += found
     warnings += said
     if result is not None:
-        warnings += [f"{problem} (`mapper run` refuses this device and runs the others)"
-                     for problem in result.unrunnable.values() if problem not in result.warnings]
-        warnings += _not_installed(result)
+        warnings += offline_warnings(result)
     for problem in problems:
         print(problem, file=sys.stderr)
     for warning in warnings:
@@ -248,25 +246,6 @@ def _lock_link_problem(lock_path: Path) -> str:
 def _lock_not_regular_problem(lock_path: Path) -> str:
     return (f"the twin's lock file {lock_path} is not a regular file: remove it (rm {lock_path}); `mapper run` makes"
             " the lock file itself")
-
-
-def _not_installed(result: LoadResult) -> list[str]:
-    """A warning for each device `mapper run` would start and leave offline, its driver's library not
-    installed here (Driver.not_installed: RPi.GPIO, adafruit_dht); validate --config said ok to them."""
-    from devices.drivers.base import load_driver
-
-    found = []
-    for device_id, definition in sorted(result.devices.items()):
-        if device_id in result.unrunnable:
-            continue
-        try:
-            missing = load_driver(definition.protocol).not_installed(definition)
-        except Exception as exc:  # noqa: BLE001 - a third-party driver's bug: said, the check goes on
-            missing = f"its driver ({definition.protocol}) failed in its not_installed(): {type(exc).__name__}: {exc}"
-        if missing:
-            found.append(f"{definition.source}: device {device_id} would stay offline under `mapper run` (it cannot"
-                         f" open): {missing}")
-    return found
 
 
 def _warned(warnings: Sequence[object]) -> str:

@@ -863,7 +863,10 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
     the device files' anomalyDetection maps) checked against the devices and the models, as the
     start checks them (mapper.inference.extension.config_problems), each FILE:LINE: FIELD: PROBLEM.
     Without numpy and onnxruntime the config's pipelines were refused already (check_installed);
-    the maps' pipelines are then only named in a warning: the service runs without them."""
+    the maps' pipelines are then only named in a warning: the service runs without them. The devices
+    it starts but does not run, or leaves offline (their driver's library not installed here), are
+    warnings, as `mapper validate --config` gives them (devices.loader.offline_warnings)."""
+    from devices.loader import offline_warnings
     from mapper.inference.extension import start_problems
     from mapper.inference.settings import InferenceSettings, local_maps, missing_ml_packages
 
@@ -874,6 +877,8 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
         return
     for problem in problems:
         yield True, str(problem)
+    for warning in offline_warnings(loaded):  # (as `mapper validate --config` says them)
+        yield False, warning
     if missing := missing_ml_packages():
         maps = [m for m in local_maps(config.inference or InferenceSettings(), loaded.devices)[0]
                 if m.settings is not None and m.device not in loaded.unrunnable]

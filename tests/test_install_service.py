@@ -774,6 +774,30 @@ def test_install_without_onnxruntime_says_what_it_cannot_check(open_dir: Path) -
     assert "inference.pipelines: need numpy and onnxruntime, not installed here" in done.stderr, done.stderr
 
 
+def test_install_warns_of_a_device_whose_drivers_library_is_not_installed(open_dir: Path) -> None:
+    """`mapper validate --config` warned of a GPIO relay whose RPi.GPIO is not installed (`mapper run`
+    starts it and it stays offline), but install-service's start checks said nothing and installed the
+    unit. They now give the same warning (devices.loader.offline_warnings); it does not stop the install,
+    as it does not stop `mapper run`."""
+    site = open_dir / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text("import sys\nsys.modules['RPi'] = None\nsys.modules['RPi.GPIO'] = None\n")
+    devices = open_dir / "dev"
+    devices.mkdir()
+    (devices / "relay.yaml").write_text((REPO / "devices/examples/pi/relay-gpio.yaml").read_text())
+    config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN)
+    done = subprocess.run([sys.executable, "-m", "mapper", "install-service", "--config", str(config), "--dry-run",
+                           "--user", "nobody", "--groups"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": f"{site}:{REPO}"})
+    assert "Traceback" not in done.stderr, done.stderr
+    warned = [line for line in done.stderr.splitlines() if "would stay offline" in line]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: {devices / 'relay.yaml'}:"), done.stderr
+    assert ("device default/fan-relay-pi would stay offline under `mapper run` (it cannot open): pins: rpi-gpio needs"
+            " RPi.GPIO, not installed here: install the `pi` extra (") in warned[0], warned
+    assert not any("would stay offline" in line for line in done.stderr.splitlines()
+                   if line.startswith("  - ")), done.stderr  # (a warning: not among what stops the install)
+
+
 def test_install_refuses_a_config_whose_twin_is_not_the_services(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit keeps the service's twin in /var/lib/mapper/twin.db (MAPPER_TWIN__PATH), while the
