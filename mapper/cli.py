@@ -1385,7 +1385,7 @@ def cmd_drivers(args: argparse.Namespace) -> int:
     if args.json:
         print(orjson.dumps({
             "drivers": [{"protocol": d.protocol, "driver": d.target, "package": d.package, "version": d.version,
-                         "builtin": d.builtin, "error": d.error,
+                         "builtin": d.builtin, "error": d.error, "warnings": list(d.warnings),
                          **(_driver_traits(d.driver) if d.driver is not None else {})} for d in listed],
             # (the table's "not used: ..." lines: "ignored" here read as another kind of entry point)
             "notUsed": [{"protocol": u.protocol, "driver": u.target, "package": u.package, "why": u.why}
@@ -1408,6 +1408,9 @@ def cmd_drivers(args: argparse.Namespace) -> int:
     for u in unused:
         print(f"not used: {u.package} registers protocol {u.protocol!r} ({u.target}), {u.why}:"
               " register the driver under another name")
+    for d in listed:  # (it runs: after the table, as the entry points not used)
+        for warning in d.warnings:
+            print(f"warning: {warning}")
     return 1 if any(d.error for d in listed) else 0
 
 
@@ -1641,8 +1644,20 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrWarnings(logging.Handler):
+    """What a command that sets up no logging (all but `run`) logs, on stderr as its own warnings are
+    written (`warning: ...`): the registry's warnings about a driver, printed bare by Python's default."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            print(f"{record.levelname.lower()}: {self.format(record)}", file=sys.stderr)
+        except Exception:  # noqa: BLE001 - as logging's own handlers do
+            self.handleError(record)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logging.lastResort = _StderrWarnings(logging.WARNING)  # (used only while no handler is set up)
     try:
         return args.fn(args)
     except DefinitionError as exc:

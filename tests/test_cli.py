@@ -109,12 +109,86 @@ def test_drivers_lists_each_protocol_with_its_entry_point_package_and_why_one_ca
     as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
     acme = next(d for d in as_json["drivers"] if d["protocol"] == "acme")
     assert acme == {"protocol": "acme", "driver": "acme_bus:AcmeDriver", "package": "mapper-acme",
-                    "version": "0.3.1", "builtin": False, "error": None, "blocking": True, "timeoutS": 1.5,
-                    "writes": True}
+                    "version": "0.3.1", "builtin": False, "error": None, "warnings": [], "blocking": True,
+                    "timeoutS": 1.5, "writes": True}
     assert set(as_json) == {"drivers", "notUsed"}, as_json  # named as the table names them
     assert as_json["notUsed"] == [{"protocol": "simulated", "driver": "acme_bus:AcmeDriver",
                                    "package": "mapper-acme", "why": "a built-in name"}]
     assert mapper("drivers").returncode == 0  # the built-in ones alone all load
+
+
+LENIENT_DRIVER = """\
+from pydantic import BaseModel, ConfigDict
+
+from devices.drivers.simulated import SimulatedDriver, SimulatedVisitor
+
+
+class Port(BaseModel):
+    number: int = 1
+
+
+class LaxConfig(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    speed: int = 9600
+    ports: list[Port] = []
+
+
+class LaxDriver(SimulatedDriver):
+    protocol = "lax-bus"
+    Config = LaxConfig
+    Visitor = SimulatedVisitor
+"""
+
+
+def test_a_driver_named_unlike_its_entry_point_or_taking_any_key_is_warned_about(tmp_path):
+    """A driver registered as `lax` whose class says protocol = 'lax-bus' was accepted without a word
+    (its messages named another protocol than the devices'), and one whose Config model does not forbid
+    unknown keys took a misspelt `sped: 19200` silently, the device running at the default speed. Both
+    are warned about, naming both names and the model with the fix: in `mapper drivers` (table and
+    JSON; exit 0: it runs) and once per process when the driver is loaded (`mapper validate`, two devices)."""
+    site = tmp_path / "site"
+    (site / "lax_bus").mkdir(parents=True)
+    (site / "lax_bus" / "__init__.py").write_text(LENIENT_DRIVER)
+    dist_info(site, "mapper-lax", "0.2", entry_points_txt="[mapper.drivers]\nlax = lax_bus:LaxDriver\n")
+    env = {"PYTHONPATH": str(site)}
+    named = ("mapper-lax registers lax_bus:LaxDriver as protocol 'lax', but its class says protocol = 'lax-bus':"
+             " devices of protocolName 'lax' run it, and its messages name 'lax-bus'; set protocol = 'lax' in the"
+             " class (or register it under 'lax-bus')")
+    fix = ("so a misspelt key in its spec.protocol.configData is accepted without a word and its setting left at the"
+           " default: add `model_config = ConfigDict(extra=\"forbid\")` to")
+    lax = (f"driver lax_bus:LaxDriver (protocol 'lax'): its Config model LaxConfig takes keys it does not know, {fix}"
+           " LaxConfig (from pydantic import ConfigDict)")
+    port = (f"driver lax_bus:LaxDriver (protocol 'lax'): its Config model Port (within LaxConfig) takes keys it does not"
+            f" know, {fix} Port (from pydantic import ConfigDict)")
+    expected = [named, lax, port]
+    listed = mapper("drivers", env=env)
+    assert listed.returncode == 0, listed
+    assert [line.removeprefix("warning: ") for line in listed.stdout.splitlines()
+            if line.startswith("warning: ")] == expected, listed.stdout
+    as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
+    assert {d["protocol"]: d["warnings"] for d in as_json["drivers"]} == {
+        "lax": expected, "dht": [], "gpio": [], "replay": [], "simulated": []}, as_json  # (the built-ins forbid)
+
+    devices = write_devices(tmp_path / "dev", ["a", "b"])
+    for path in devices.glob("*.yaml"):
+        path.write_text(path.read_text().replace("protocolName: simulated", "protocolName: lax")
+                        .replace("protocol: simulated", "protocol: lax"))
+    checked = mapper("validate", str(devices), env=env)
+    assert checked.returncode == 0, checked
+    for warning in expected:
+        assert checked.stderr.splitlines().count(f"warning: {warning}") == 1, checked.stderr
+
+
+def test_the_test_drivers_forbid_unknown_keys_and_are_named_as_registered():
+    """The drivers of tests/plugin_site, shipped as a third party ships one, draw no warning either."""
+    from plugin_drivers import installed
+
+    from devices.drivers.base import listing
+
+    with installed():
+        listed, _ = listing()
+    assert {d.protocol: d.warnings for d in listed if not d.builtin} == {
+        name: () for name in ("failing", "forgetful", "gated", "panicking", "slow")}
 
 
 def test_validate_ok_and_warns_about_missing_drivers(tmp_path):

@@ -52,6 +52,9 @@ def test_the_example_driver_is_listed_and_its_device_file_validates(tmp_path):
     row = next(line for line in listed.stdout.splitlines() if line.startswith("bme280 "))
     assert row.split() == ["bme280", "mapper_bme280:Bme280Driver", "mapper-bme280", "0.1.0", "(blocking,", "timeout",
                            "1", "s,", "writes)"], row
+    # Its models forbid unknown keys and its class is named as it is registered: no warning about it.
+    listed_json = orjson.loads(mapper("drivers", "--json", env=env).stdout)
+    assert next(d for d in listed_json["drivers"] if d["protocol"] == "bme280")["warnings"] == [], listed_json
     checked = mapper("validate", str(EXAMPLE / "bme280.yaml"), env=env)
     assert (checked.returncode, checked.stderr) == (0, ""), checked
     # Its settings are checked at their lines: a misspelt key, and two devices on one bus address.

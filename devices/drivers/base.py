@@ -32,7 +32,11 @@ Third parties register a driver without touching this package::
     modbus = "mapper_modbus:ModbusDriver"
 
 A built-in protocol name (simulated, replay, dht, gpio, ds18b20) always means the built-in driver: an
-entry point of another package with such a name is logged as a warning and not used.
+entry point of another package with such a name is logged as a warning and not used. The class's
+`protocol` should be the entry point's name, and its `Config` and `Visitor` models should refuse
+keys they do not know (`model_config = ConfigDict(extra="forbid")`), so that a misspelt key in a
+device file is an error at its line: a driver that does not is warned about once when it is
+loaded, and `mapper drivers` lists it with the fix (contract_warnings).
 
 Drivers with `blocking = True` (a DHT11 read sleeps ~250 ms) are called from a worker
 thread with a timeout by the device loop, so one slow sensor never stalls the others.
@@ -43,6 +47,7 @@ from __future__ import annotations
 import importlib
 import logging
 import site
+import typing
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib.metadata import Distribution, entry_points
@@ -209,6 +214,8 @@ _pth_added: set[Path] = set()
 # (protocol, target) of third-party entry points named like a built-in, and (protocol, targets) of
 # protocols two packages register, already warned about.
 _clashes_logged: set[tuple[str, Any]] = set()
+# (protocol, target) of drivers whose contract_warnings were logged: once per process.
+_contract_logged: set[tuple[str, str]] = set()
 
 
 def _entry_points(refresh: bool = False) -> dict[str, str]:
@@ -297,6 +304,7 @@ class Listed:
     version: str | None
     driver: type[Driver] | None  # None when it cannot be loaded ...
     error: str | None  # ... and why
+    warnings: tuple[str, ...] = ()  # what its author should fix (contract_warnings)
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +332,8 @@ def listing() -> tuple[list[Listed], list[Unused]]:
             driver, error = _import_driver(protocol, target), None
         except DriverBroken as exc:
             driver, error = None, exc.error
-        listed.append(Listed(protocol, target, builtin, package, version, driver, error))
+        warnings = tuple(contract_warnings(protocol, target, driver)) if driver is not None else ()
+        listed.append(Listed(protocol, target, builtin, package, version, driver, error, warnings))
     unused: list[Unused] = []
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         package = getattr(ep.dist, "name", None) or "a package"
@@ -346,7 +355,63 @@ def load_driver(protocol: str) -> type[Driver]:
     if target is None:
         loadable, broken = _protocols()
         raise DriverNotFound(protocol, loadable, broken)
-    return _import_driver(protocol, target)
+    driver = _import_driver(protocol, target)
+    if (protocol, target) not in _contract_logged:
+        _contract_logged.add((protocol, target))
+        for warning in contract_warnings(protocol, target, driver):
+            log.warning("%s", warning)
+    return driver
+
+
+# Where a device file gives each model its keys, for the warnings about a model that takes any key.
+_MODEL_PLACES = {"Config": "its spec.protocol.configData", "Visitor": "each property's visitors.configData"}
+
+
+def contract_warnings(protocol: str, target: str, driver: type[Driver]) -> list[str]:
+    """What is wrong with a driver that loads, for its author (logged once when it is loaded, and in
+    `mapper drivers`): its class's `protocol` not the name it is registered under (its messages then
+    name another protocol than the devices' protocolName), and each of its `Config`/`Visitor` models,
+    or a model within them, that does not forbid unknown keys: a misspelt key (`adress: 0x77`) is then
+    taken without a word, and the device runs with the default. The base class's AnyConfig, which a
+    driver that takes no configuration keeps, is not one."""
+    package = None if protocol in _BUILTIN else _packages.get(protocol)
+    found: list[str] = []
+    if driver.protocol != protocol:
+        found.append(f"{package or 'a package'} registers {target} as protocol {protocol!r}, but its class says"
+                     f" protocol = {driver.protocol!r}: devices of protocolName {protocol!r} run it, and its messages"
+                     f" name {driver.protocol!r}; set protocol = {protocol!r} in the class (or register it under"
+                     f" {driver.protocol!r})")
+    seen: set[type[BaseModel]] = {AnyConfig}
+    for attr in ("Config", "Visitor"):
+        for model, within in _models_taking_any_key(getattr(driver, attr), seen):
+            inside = f" (within {within.__name__})" if within is not None else ""
+            found.append(f"driver {target} (protocol {protocol!r}): its {attr} model {model.__name__}{inside} takes keys it does not know, so a"
+                         f" misspelt key in {_MODEL_PLACES[attr]} is accepted without a word and its setting left at"
+                         f" the default: add `model_config = ConfigDict(extra=\"forbid\")` to {model.__name__}"
+                         " (from pydantic import ConfigDict)")
+    return found
+
+
+def _models_taking_any_key(model: Any, seen: set[type[BaseModel]],
+                           within: type[BaseModel] | None = None) -> list[tuple[type[BaseModel], type[BaseModel] | None]]:
+    """(model, the model holding it or None) for `model` and the models its fields hold (`list[Pin]`,
+    `Faults | None`) whose extra keys are not forbidden; each model looked at once (`seen`)."""
+    if not (isinstance(model, type) and issubclass(model, BaseModel)) or model in seen:
+        return []
+    seen.add(model)
+    found = [] if model.model_config.get("extra") == "forbid" else [(model, within)]
+    for info in model.model_fields.values():
+        for inner in _annotation_types(info.annotation):
+            found += _models_taking_any_key(inner, seen, model)
+    return found
+
+
+def _annotation_types(annotation: Any) -> list[Any]:
+    """The classes an annotation names, its arguments' too (`dict[str, list[Pin]] | None`: str, Pin)."""
+    args = typing.get_args(annotation)
+    if not args:
+        return [annotation]
+    return [t for arg in args for t in _annotation_types(arg)]
 
 
 def _add_pth_paths(protocol: str) -> bool:
