@@ -132,7 +132,7 @@ def _validate_config(path: str) -> int:
             check(path)
         except ValueError as exc:
             problems.append(exc)
-    twin_problems, twin_warnings = _twin_place_problems(Path(config.twin.path))
+    twin_problems, twin_warnings = _twin_place_problems(Path(config.twin.path), Path(path))
     problems += [f"{path}: twin.path: {text}" for text in twin_problems]
     warnings += [f"{path}: twin.path: {text}" for text in twin_warnings]
     result, found, said = start_problems(config)
@@ -155,16 +155,24 @@ def _validate_config(path: str) -> int:
     return 0
 
 
-def _twin_place_problems(path: Path) -> tuple[list[str], list[str]]:
+def _twin_place_problems(path: Path, config_file: Path | None = None) -> tuple[list[str], list[str]]:
     """(what `mapper run` refuses, what it waits for) about where the twin is, as this user: a twin
     others could write (twin.store.check_owned: /tmp, a group-writable directory, a file another user
     owns), a lock file it does not follow (a symbolic link, not a regular file), a directory it cannot
     make or write, a twin file it cannot write; a read-only file system is waited for (a warning).
-    Found by looking only: nothing is made, and the twin is not opened."""
+    As root, who may write anywhere, the installed service's user instead when it runs `config_file`
+    on this twin (_service_runner). Found by looking only: nothing is made, and the twin is not opened."""
     problems: list[str] = []
     warnings: list[str] = []
+    runner, user, cannot_tell = _service_runner(path, config_file)
+    if cannot_tell is not None:
+        warnings.append(cannot_tell)
+
+    def allowed(target: Path, want: int) -> bool:
+        return os.access(target, want) and (runner is None or runner.denied(target, want) is None)
+
     try:
-        check_owned(path)
+        check_owned(path, None if runner is None else runner.uid)
     except TwinError as exc:
         problems.append(str(exc))
     except OSError:  # (a directory this user cannot look into: said below, as run's open would fail)
@@ -183,23 +191,45 @@ def _twin_place_problems(path: Path) -> tuple[list[str], list[str]]:
         warnings.append(f"the file system of {made} is read-only: `mapper run` waits for its twin {path} (it runs"
                         " no device) until it is remounted read-write (mount -o remount,rw)")
         return problems, warnings
-    user = _user_name()
-    denied = f"which this user ({user}) may not write (its mode, or an immutable flag: lsattr)"
+    denied = f"which {user} may not write (its mode, or an immutable flag: lsattr)"
+    run = "`mapper run`" if runner is None else "the service"
     from mapper.systemd import STATE_DIR
 
     if real.parent.is_relative_to(STATE_DIR) and STATE_DIR.is_relative_to(made) and STATE_DIR != made:
         # The service's state directory, not made yet: systemd makes it for the service (StateDirectory=).
-        if not os.access(made, os.W_OK | os.X_OK):
+        if runner is None and not os.access(made, os.W_OK | os.X_OK):
             warnings.append(f"{STATE_DIR} is not there yet: the service's systemd unit makes it (StateDirectory=),"
                             f" but a `mapper run` by hand as {user} could not ({_described_or(made)}, {denied})")
-    elif not os.access(made, os.W_OK | os.X_OK):
+    elif not allowed(made, os.W_OK | os.X_OK):
         doing = (f"cannot make the twin's directory {real.parent}" if made != real.parent
                  else "cannot make the twin, nor its -wal and -shm files, in it" if not real.exists()
                  else "cannot make the twin's -wal and -shm files beside it")
-        problems.append(f"{_described_or(made)}, {denied}: `mapper run` {doing}")
-    elif real.exists() and not os.access(real, os.R_OK | os.W_OK):
-        problems.append(f"{_described_or(real)}, {denied}: `mapper run` cannot write the twin")
+        problems.append(f"{_described_or(made)}, {denied}: {run} {doing}")
+    elif real.exists() and not allowed(real, os.R_OK | os.W_OK):
+        problems.append(f"{_described_or(real)}, {denied}: {run} cannot write the twin")
     return problems, warnings
+
+
+def _service_runner(twin: Path, config_file: Path | None) -> tuple[Any, str, str | None]:
+    """Whom to check the twin's place as: (None, `this user (NAME)`, None) for this process; as root,
+    for whom any place passes, the installed service's User= when it runs `config_file` on `twin`
+    (a mapper.systemd.ServiceUser, `the service's user (NAME, User= in UNIT)`, None). When that user
+    does not exist here, (None, `this user (root)`, the warning that it cannot be told)."""
+    here = f"this user ({_user_name()})"
+    if os.geteuid() != 0 or config_file is None:
+        return None, here, None
+    from mapper.systemd import ServiceUser, installed_service
+
+    service = installed_service()
+    if (service is None or service.config != config_file.resolve()
+            or service.twin != Path(os.path.normpath(os.path.abspath(twin))) or service.user in ("root", "0")):
+        return None, here, None
+    runner = ServiceUser.lookup(service.user, service.groups)
+    if runner.uid is None:
+        return None, here, (f"the mapper service ({service.unit_file}) runs this config as {service.user!r} (User=),"
+                            f" which does not exist here: whether it can write its twin {twin} cannot be told (checked"
+                            " as root, who can write anywhere); create the user, or run install-service again")
+    return runner, f"the service's user ({service.user}, User= in {service.unit_file})", None
 
 
 def _described_or(path: Path) -> str:

@@ -431,11 +431,13 @@ class InstalledService(NamedTuple):
     unit_file: Path
     config: Path  # the --config of its ExecStart=, resolved
     twin: Path    # the twin the service runs on: MAPPER_TWIN__PATH in the unit or a drop-in
+    user: str = "root"  # its User= (systemd's default: root)
+    groups: tuple[str, ...] = ()  # its SupplementaryGroups=
 
 
 def installed_service(unit_file: Path | None = None) -> InstalledService | None:
-    """The config and twin of the installed unit (`install-service`'s), from its ExecStart= and
-    Environment= lines and those of its drop-ins (`systemctl edit mapper`); None when there is no
+    """The config, twin and user of the installed unit (`install-service`'s), from its ExecStart=,
+    Environment=, User= and SupplementaryGroups= lines and those of its drop-ins (`systemctl edit mapper`); None when there is no
     such unit, it cannot be read, or it sets no twin (the service then uses the config's)."""
     import shlex
 
@@ -448,9 +450,14 @@ def installed_service(unit_file: Path | None = None) -> InstalledService | None:
     except (OSError, UnicodeError):
         return None
     config = twin = None
+    user, groups = "root", []
     for text in texts:
         for line in text.splitlines():
             key, _, value = line.strip().partition("=")
+            if key == "User":
+                user = value.strip() or "root"
+            elif key == "SupplementaryGroups":
+                groups = groups + value.split() if value.strip() else []  # (an empty one resets the list)
             if key not in ("ExecStart", "Environment"):
                 continue
             try:
@@ -466,7 +473,7 @@ def installed_service(unit_file: Path | None = None) -> InstalledService | None:
                         twin = Path(setting)
     if config is None or twin is None:
         return None
-    return InstalledService(unit_file, config.resolve(), Path(os.path.normpath(twin)))
+    return InstalledService(unit_file, config.resolve(), Path(os.path.normpath(twin)), user, tuple(groups))
 
 
 def existing_groups(names: Iterable[str]) -> tuple[list[str], list[str]]:

@@ -836,6 +836,59 @@ def test_install_refuses_a_config_whose_twin_is_not_the_services(
                  "--groups"]) == 0
 
 
+def test_validate_as_root_checks_the_twin_place_as_the_services_user(
+        open_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sudo mapper validate --config` checked the twin's place as root, whom modes do not stop: a twin
+    directory only root can write passed, and the service, running as its User=, then could not make
+    its twin; and a directory the service's user owns (as systemd's StateDirectory= leaves it) was
+    refused as another user's. With an installed unit running this config on this twin, the checks are
+    made as its user; when that user does not exist here, a warning says it cannot be told."""
+    import mapper.systemd
+
+    if os.geteuid() != 0:
+        pytest.skip("root's view of the twin's place is what this checks")
+    nobody = pwd.getpwnam("nobody")
+    state = open_dir / "state"
+    state.mkdir(mode=0o755)
+    twin = state / "twin.db"
+    config = write_config(open_dir / "mapper.yaml", write_devices(open_dir / "dev", ["a"]), twin)
+    unit_file = open_dir / "mapper.service"
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--user", "nobody", "--groups", "--other-twin"]) == 0
+    dropin = Path(f"{unit_file}.d")
+    dropin.mkdir()
+    (dropin / "twin.conf").write_text(f"[Service]\nEnvironment=MAPPER_TWIN__PATH={twin}\n")
+    monkeypatch.setattr(mapper.systemd, "UNIT_FILE", unit_file)
+    capsys.readouterr()
+    user = f"the service's user (nobody, User= in {unit_file})"
+
+    assert main(["validate", "--config", str(config)]) == 1  # root-only: root would pass, nobody cannot
+    err = capsys.readouterr().err
+    assert (f"{config}: twin.path: {state} is root:root 0755, which {user} may not write (its mode, or an immutable"
+            " flag: lsattr): the service cannot make the twin, nor its -wal and -shm files, in it") in err, err
+
+    os.chown(state, nobody.pw_uid, nobody.pw_gid)  # as StateDirectory= leaves it: nobody's
+    assert main(["validate", "--config", str(config)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    twin.write_text("")
+    twin.chmod(0o600)  # a twin root made (a `sudo mapper run` by hand): the service cannot open it
+    assert main(["validate", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"{config}: twin.path: refusing the twin {twin}: {twin} is root:root 0600, not nobody's" in err, err
+
+    twin.unlink()
+    os.chown(state, 0, 0)
+    (dropin / "user.conf").write_text("[Service]\nUser=mapper-no-such-user\n")
+    assert main(["validate", "--config", str(config)]) == 0
+    err = capsys.readouterr().err
+    assert (f"warning: {config}: twin.path: the mapper service ({unit_file}) runs this config as 'mapper-no-such-user'"
+            f" (User=), which does not exist here: whether it can write its twin {twin} cannot be told") in err, err
+
+    (dropin / "user.conf").write_text("[Service]\nUser=root\n")  # the service as root: root's view is the service's
+    assert main(["validate", "--config", str(config)]) == 0
+    assert "twin.path" not in capsys.readouterr().err
+
+
 def test_the_twin_commands_say_when_the_service_runs_their_config_on_another_twin(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit installed with --other-twin (or before install-service refused it), or a twin.path

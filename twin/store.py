@@ -459,8 +459,9 @@ def described(path: Path) -> str:
     return _described(path, os.stat(path))
 
 
-def check_owned(path: Path) -> None:
-    """Refuse (ForeignTwin) a twin that a local user other than this process's could write.
+def check_owned(path: Path, uid: int | None = None) -> None:
+    """Refuse (ForeignTwin) a twin that a local user other than this process's (or `uid`'s: the user
+    a service runs as, checked by root) could write.
 
     What is in the twin is what `mapper run` acts on: it publishes the outbox's rows with its
     broker login and applies the desired values to the devices. A user who can write the file (or
@@ -484,15 +485,15 @@ def check_owned(path: Path) -> None:
     not there, or cannot be looked at, is left to the open, which reports it)."""
     given = Path(os.path.abspath(path))
     real = Path(os.path.realpath(path))
+    euid = os.geteuid() if uid is None else uid
     if real != given:
-        _check_twin_directory(path, given.parent)
-    _check_twin_directory(path, real.parent)
+        _check_twin_directory(path, given.parent, euid)
+    _check_twin_directory(path, real.parent, euid)
     for name in (real, Path(f"{real}-wal"), Path(f"{real}-shm"), Path(f"{real}-journal")):
-        _check_twin_file(path, name)
+        _check_twin_file(path, name, euid)
 
 
-def _check_twin_directory(path: Path, directory: Path) -> None:
-    euid = os.geteuid()
+def _check_twin_directory(path: Path, directory: Path, euid: int) -> None:
     try:
         st = os.stat(directory)
     except OSError:  # not there (not made yet), or not reachable: nothing in it can be opened either
@@ -518,8 +519,7 @@ def _check_twin_directory(path: Path, directory: Path) -> None:
             f" `mkdir -m 700` one and name it in twin.path{own})")
 
 
-def _check_twin_file(path: Path, name: Path) -> None:
-    euid = os.geteuid()
+def _check_twin_file(path: Path, name: Path, euid: int) -> None:
     try:
         st = os.lstat(name)
     except FileNotFoundError:
