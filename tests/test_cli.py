@@ -167,7 +167,7 @@ def test_a_driver_named_unlike_its_entry_point_or_taking_any_key_is_warned_about
             if line.startswith("warning: ")] == expected, listed.stdout
     as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
     assert {d["protocol"]: d["warnings"] for d in as_json["drivers"]} == {
-        "lax": expected, "dht": [], "gpio": [], "replay": [], "simulated": []}, as_json  # (the built-ins forbid)
+        "lax": expected, "dht": [], "ds18b20": [], "gpio": [], "replay": [], "simulated": []}, as_json  # (the built-ins forbid)
 
     devices = write_devices(tmp_path / "dev", ["a", "b"])
     for path in devices.glob("*.yaml"):

@@ -179,7 +179,7 @@ def test_the_cli_lists_the_driver_and_validates_the_example(tmp_path: Path) -> N
     drivers = orjson.loads(mapper("drivers", "--json").stdout)["drivers"]
     assert {"protocol": "ds18b20", "driver": "devices.drivers.ds18b20:Ds18b20Driver", "package": None,
             "version": None, "builtin": True, "error": None, "blocking": True, "timeoutS": 5.0,
-            "writes": False} in drivers, drivers
+            "writes": False, "warnings": []} in drivers, drivers
     checked = mapper("validate", str(EXAMPLE))
     assert checked.returncode == 0 and checked.stdout.startswith("ok: 1 device(s), 1 model(s)"), checked
     bad = tmp_path / "probe.yaml"
