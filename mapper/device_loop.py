@@ -37,7 +37,14 @@ its first read, the twin's last desired value, applied before or not, is written
 any desired value (an applied one becomes pending again first, as a new version), so the device
 comes back as it was asked to be and the twin shows no delta; a write that fails stays pending.
 A value refused for good (out of range, WriteError(retryable=False): its apply error says so) is
-left as it is: not written again at each open as a new version.
+left as it is: not written again at each open as a new version. A restored value the driver sets
+back by itself after a while (`Driver.time_limit`: a GPIO output's auto_off_s) does not get that
+time again at each open, or a device loop (or mapper) restarting faster than it would keep a relay
+on for good: the new version keeps the time the value was set (desired_ts, wall clock: restarts lose
+the monotonic one), the value is written with what is left of the limit counted from then
+(`Driver.write_for`), and with nothing left it is not written: the property stays at its boot value,
+which becomes the desired value, as the driver's own auto-off does. A clock behind that time (a Pi
+without a real-time clock before its time sync) cannot tell how long it has been: nothing is left.
 
 The twin writes of a start (the boot-state reset, the new version of a restored value) never stop
 the device from starting: while the twin cannot be written (another process holds its lock past
@@ -71,7 +78,7 @@ from devices.errors import DriverError, DriverTimeout, NotReady, WriteError
 from devices.ids import DeviceId, shown
 from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
-from mapper.logs import Throttle, held_note
+from mapper.logs import Throttle, duration, held_note, utc
 from mapper.ticks import next_tick, sleep_until
 from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
 from twin.store import DesiredChange, NotWritable, TwinStore, UnknownProperty, VersionConflict
@@ -189,6 +196,9 @@ class DeviceRunner:
         self._failed_writes: dict[str, tuple[DesiredChange, str, int]] = {}
         self._retries: dict[str, asyncio.TimerHandle] = {}
         self._in_hand: dict[str, DesiredChange] = {}  # the apply loop's batch: being written, or next
+        # Per property, the desired version a restore made and when its value was set (desired_ts, ms):
+        # a driver's time limit counts from then (see _time_left).
+        self._restored: dict[str, tuple[int, int | None]] = {}
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
         # Per property, its last reading of any kind: (the loop's clock then, the reading, timed out).
         self._last_read: dict[str, tuple[float, Reading, bool]] = {}
@@ -426,8 +436,14 @@ class DeviceRunner:
                 continue
             try:
                 value = self.definition.desired_value(name, prop.desired)
+                definition = self.definition.prop(name)
+                left, spent = self._time_left(definition, value, prop.desired_ts)
+                if spent is not None:
+                    log.warning("%s/%s: the desired value %s is %s; its boot value becomes the desired value once"
+                                " the twin takes writes", self.id, name, shown(prop.desired, 200), spent)
+                    continue
                 async with self._io_lock:
-                    await self._call(self.driver.write, self.definition.prop(name), value)
+                    await self._write(definition, value, left)
             except Exception as write_exc:  # noqa: BLE001 - written again with the new version, its error recorded then
                 log.warning("%s/%s: restoring the desired value %s failed: %s; written again once the twin takes"
                             " writes", self.id, name, shown(prop.desired, 200), write_exc)
@@ -762,8 +778,9 @@ class DeviceRunner:
         if not names or self._twin is None:
             return
         changes = await self._twin(lambda s: _desired_to_restore(s, self.id, names))
-        for change, was_applied in changes:
+        for change, was_applied, set_at in changes:
             name = change.property
+            self._restored[name] = (change.version, set_at)
             if queue:
                 self.submit_desired(change)  # (once: a version already seen is not queued again)
                 continue
@@ -792,13 +809,22 @@ class DeviceRunner:
         except ValueError as exc:  # (a property a reload removed since: refused here too)
             error = f"{NOT_WRITTEN}{exc}"
         else:
+            prop = self.definition.prop(name)
+            restored = self._restored.get(name)
+            left: float | None = None
+            if restored is not None and restored[0] == change.version:
+                left, spent = self._time_left(prop, value, restored[1])
+                if spent is not None:
+                    # Not written: the device is still as open() left it (a GPIO output off).
+                    await self._revert(prop, self.driver.boot_value(prop), f"the desired value {shown(value, 200)}"
+                                       f" is {spent}")
+                    return
             try:
-                prop = self.definition.prop(name)
                 async with self._io_lock:
                     # A reading from before the write no longer answers an on-demand read (it
                     # would show the relay as it was before a write that has finished).
                     self._last_read.pop(name, None)
-                    await self._call(self.driver.write, prop, value)
+                    await self._write(prop, value, left)
             except WriteError as exc:
                 if exc.retryable:
                     error, failed = f"write failed: {exc}", True
@@ -839,6 +865,35 @@ class DeviceRunner:
             if entry is not None and entry[0].version == change.version:
                 self._failed_writes[name] = (change, "", entry[2])  # its error was not recorded: news next time
             raise
+
+    async def _write(self, prop: PropertyDefinition, value: Value, left: float | None) -> None:
+        """`left`: seconds left of the driver's time limit for a restored value (Driver.write_for)."""
+        if left is None:
+            await self._call(self.driver.write, prop, value)
+        else:
+            log.info("%s/%s: %s left of its auto-off", self.id, prop.name, duration(left))
+            await self._call(self.driver.write_for, prop, value, left)
+
+    def _time_left(self, prop: PropertyDefinition, value: Value, set_at: int | None) -> tuple[float | None, str | None]:
+        """For a restored value set at `set_at` (ms, wall clock): (seconds left of the driver's time
+        limit, None), or (None, None) when the driver sets no limit, or (0, why) when nothing is left."""
+        limit = self.driver.time_limit(prop, value)
+        if limit is None:
+            return None, None
+        now = now_ms()
+        if set_at is None:
+            return 0, (f"not written: the twin has no time of when it was set, so its {limit:g} s auto-off is taken"
+                       " as spent")
+        if set_at > now:
+            return 0, (f"not written: it was set at {utc(set_at / 1000)}, later than the clock says it is now"
+                       f" ({utc(now / 1000)}): the clock is behind (a Pi without a real-time clock before its time"
+                       f" sync?), so how long it has been on cannot be told, and its {limit:g} s auto-off is taken"
+                       " as spent")
+        left = limit - (now - set_at) / 1000
+        if left <= 0:
+            return 0, (f"not written: its {limit:g} s auto-off, counted from when it was set ({utc(set_at / 1000)}),"
+                       f" ran out at {utc(set_at / 1000 + limit)}")
+        return left, None
 
     async def _read_back(self, prop: PropertyDefinition, value: Value, attempts: int = 10) -> Reading:
         """Read until the device reports the written value (relays and LEDs take a moment)."""
@@ -911,19 +966,20 @@ def _store_applied_desired(
 
 def _desired_to_restore(
     store: TwinStore, device_id: DeviceId, names: list[str],
-) -> list[tuple[DesiredChange, bool]]:
+) -> list[tuple[DesiredChange, bool, int | None]]:
     """In the twin thread: the desired values of these properties to write now, each with whether
-    it was applied before. An applied one is stored again as a new version, pending until written;
-    a pending one is written as it is. One transaction: a value `mapper twin set` commits meanwhile
+    it was applied before and when it was set (desired_ts). An applied one is stored again as a new
+    version, pending until written, with the time it was set: a time limit keeps counting from then.
+    A pending one is written as it is. One transaction: a value `mapper twin set` commits meanwhile
     is the one written."""
-    changes: list[tuple[DesiredChange, bool]] = []
+    changes: list[tuple[DesiredChange, bool, int | None]] = []
     with store.transaction():
         pending = {c.property: c for c in store.pending_desired() if c.device_id == device_id}
         twin = store.device(device_id)
         for name in names:
             prop = twin.properties.get(name)
             if name in pending:
-                changes.append((pending[name], False))
+                changes.append((pending[name], False, prop.desired_ts if prop is not None else None))
             elif prop is not None and prop.desired is not None:
                 if prop.apply_error and prop.apply_error.startswith((NOT_WRITTEN, REFUSED_BY_DRIVER)):
                     # Refused for good: writing it again at each open would bump its version, clear its
@@ -935,12 +991,12 @@ def _desired_to_restore(
                              refuser, prop.apply_error)
                     continue
                 try:
-                    value, version = store.set_desired(device_id, name, prop.desired)
+                    value, version = store.set_desired(device_id, name, prop.desired, ts=prop.desired_ts)
                 except (NotWritable, UnknownProperty, ValueError) as exc:  # the twin's model changed since
                     log.warning("%s/%s: the desired value %s is not restored: %s", device_id, name,
                                 shown(prop.desired, 200), exc)
                     continue
-                changes.append((DesiredChange(device_id, name, value, version, prop), True))
+                changes.append((DesiredChange(device_id, name, value, version, prop), True, prop.desired_ts))
     return changes
 
 

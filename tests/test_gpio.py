@@ -167,6 +167,28 @@ def test_newer_write_cancels_pending_auto_off(tmp_path: Path, wire: FakePins, pi
     driver.close()
 
 
+def test_write_for_cuts_the_auto_off_to_what_is_left(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
+    """The driver's time limit is auto_off_s for an on only; write_for (a restore with time left)
+    switches off after the seconds given, never later than auto_off_s."""
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
+    driver = opened(defn, pins)
+    relay = defn.prop("relay")
+    assert (driver.time_limit(relay, True), driver.time_limit(relay, False)) == (60, None)
+    driver.write_for(relay, True, 10)
+    wire.advance(9.9)
+    assert driver.read(relay) is True
+    wire.advance(0.2)
+    assert driver.read(relay) is False
+    driver.write_for(relay, True, 1e6)  # more than auto_off_s: auto_off_s
+    wire.advance(60.1)
+    assert driver.read(relay) is False
+    assert wire.pin(18).states == [False, True, False, True, False]
+    driver.close()
+    plain = opened(definition(tmp_path, relay="{pin: 18, direction: out}"), pins)
+    assert plain.time_limit(plain.device.prop("relay"), True) is None
+    plain.close()
+
+
 def test_input_pull_up_reads_high_until_pressed(tmp_path: Path, wire: FakePins, pins: RPiGPIOPins) -> None:
     """A button to ground on a pulled-up input: released reads false, pressed reads true (active_low)."""
     defn = definition(tmp_path, button="{pin: 27, direction: in, pull: up, active_low: true}")
@@ -972,21 +994,35 @@ async def test_restore_brings_the_relay_back_on_after_a_restart_and_a_reload(tmp
         assert pin.states[:3] == [True, False, True]  # the old driver switched off as it closed, then released
 
 
+def _switched_on_ago(config, seconds: float) -> int:  # noqa: ANN001
+    """Make the relay's desired value one set `seconds` ago (wall clock; negative: in the future), as
+    if the mapper had been restarting since; returns its desired_ts (ms)."""
+    import contextlib
+    import sqlite3
+
+    set_at = time.time_ns() // 1_000_000 - int(seconds * 1000)
+    with contextlib.closing(sqlite3.connect(config.twin.path, isolation_level=None)) as db:
+        db.execute("UPDATE properties SET desired_ts=? WHERE device_id=? AND name='relay'", (set_at, str(IO)))
+    return set_at
+
+
 async def test_a_restored_relay_with_auto_off_is_switched_off_by_its_timer(tmp_path: Path) -> None:
-    """A relay restored on gets its auto-off timer again, counted from the restore: when it fires
-    (on the fake wire's clock), off becomes the desired value, and the next start leaves it off."""
+    """A relay restored on gets its auto-off timer again, with what is left of auto_off_s since it was
+    set: when it fires (on the fake wire's clock), off becomes the desired value, and the next start
+    leaves it off."""
     relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
     _, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
+    _switched_on_ago(config, 300)
 
     async with running_service(config) as service:
         await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay restored on")
         restored = on_version + 1
         wire = wire_of(service.runners[IO].driver)
-        wire.advance(599)
+        wire.advance(280)  # (the 20 s to spare: the wall clock this test takes from here)
         polls = service.runners[IO].reads
         await async_wait_for(lambda: service.runners[IO].reads >= polls + 2, what="two more polls")
         assert wire.pin(18).level is True  # not yet
-        wire.advance(2)
+        wire.advance(21)
         await async_wait_for(_relay_applied(config, False, restored + 1), what="switched off by the auto-off timer")
         assert twin_prop(config, "relay").desired_version == restored + 1
         assert wire.pin(18).states == [False, True, False]
@@ -994,6 +1030,97 @@ async def test_a_restored_relay_with_auto_off_is_switched_off_by_its_timer(tmp_p
     async with running_service(config) as service:
         await async_wait_for(_relay_applied(config, False, restored + 2), what="off restored")
         assert wire_of(service.runners[IO].driver).pin(18).states == [False]  # opened off, written off: never on
+
+
+async def test_a_restart_gives_a_restored_relay_only_what_is_left_of_its_auto_off(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """auto_off_s is a safety limit: a relay restored on is switched off auto_off_s after it was set on
+    (its desired_ts, wall clock), not auto_off_s after each start: a mapper or device loop restarting
+    more often than that kept the relay on for good. The restore's new version keeps the time the
+    value was set, so each later start counts from it too."""
+    caplog.set_level(logging.INFO, logger="mapper.device")
+    relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
+    _, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
+    set_at = _switched_on_ago(config, 570)  # 30 s left
+
+    for restart in (1, 2, 3):  # restarting: each start restores it on, none gives it more time
+        async with running_service(config) as service:
+            await async_wait_for(_relay_applied(config, True, on_version + restart), what="relay restored on")
+            assert twin_prop(config, "relay").desired_ts == set_at
+            wire = wire_of(service.runners[IO].driver)
+            assert wire.pin(18).states == [False, True]
+            if restart < 3:
+                continue
+            wire.advance(15)  # (the other 15 s: the wall clock this test takes)
+            polls = service.runners[IO].reads
+            await async_wait_for(lambda: service.runners[IO].reads >= polls + 2, what="two more polls")
+            assert wire.pin(18).level is True  # not yet
+            wire.advance(16)  # the 30 s left are over: it used to stay on 600 s from this start
+            await async_wait_for(_relay_applied(config, False, on_version + 4), what="switched off by its auto-off")
+            assert wire.pin(18).states == [False, True, False]
+    assert "s left of its auto-off" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("ago", "why"),
+    [
+        (601, "its 600 s auto-off, counted from when it was set ("),
+        (-3600, "the clock is behind (a Pi without a real-time clock before its time sync?), so how long it has"
+                " been on cannot be told, and its 600 s auto-off is taken as spent"),
+    ],
+)
+async def test_a_restored_relay_whose_auto_off_is_spent_is_not_switched_on(tmp_path: Path, ago: float, why: str,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """A relay whose auto_off_s has run out since it was set on (or whose time cannot be told: the clock
+    is behind it) is not switched on at the start: it stays off, and off becomes the desired value, as
+    the auto-off itself does; the next start leaves it off."""
+    caplog.set_level(logging.WARNING, logger="mapper.device")
+    relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
+    _, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
+    _switched_on_ago(config, ago)
+
+    async with running_service(config) as service:
+        await async_wait_for(_relay_applied(config, False, on_version + 1), what="off made the desired value")
+        polls = service.runners[IO].reads
+        await async_wait_for(lambda: service.runners[IO].reads >= polls + 2, what="two more polls")
+        assert wire_of(service.runners[IO].driver).pin(18).states == [False]  # opened off, never switched on
+        version = twin_prop(config, "relay").desired_version
+    assert "default/io/relay: the desired value True is not written: " in caplog.text and why in caplog.text
+    assert f"desired value is now False (version {version})" in caplog.text
+
+    async with running_service(config) as service:
+        await async_wait_for(_relay_applied(config, False, version + 1), what="off restored")
+        assert wire_of(service.runners[IO].driver).pin(18).states == [False]
+
+
+@pytest.mark.parametrize("ago", [570, 601])
+async def test_a_relay_restored_while_the_twin_is_locked_gets_only_what_is_left_of_its_auto_off(
+        tmp_path: Path, ago: float) -> None:
+    """While another process holds the twin's write lock, a restarting device's restore writes the
+    twin's desired value to the relay at once: with what is left of auto_off_s (570 s ago: 30 s), or
+    not at all (601 s ago: spent, off becomes the desired value once the twin takes writes)."""
+    from helpers import TwinLock
+
+    relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
+    _, config, on_version = await _relay_switched_on_then_stopped(tmp_path, relay)
+    _switched_on_ago(config, ago)
+    async with running_service(config) as service:
+        await async_wait_for(_relay_applied(config, ago < 600, on_version + 1), what="the first restore")
+        await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout=0"))  # a failed write fails at once
+        with TwinLock(config.twin.path) as lock:
+            definition = service.runners[IO].definition
+            await service.stop_device(IO)
+            service.start_device(definition, service._tg)  # noqa: SLF001 - as a reload restarts it
+            runner = service.runners[IO]
+            await async_wait_for(lambda: runner.reads >= 3, what="reads under the lock")
+            wire = wire_of(runner.driver)
+            assert wire.pin(18).states == ([False, True] if ago < 600 else [False])
+            lock.release()
+        if ago < 600:
+            await async_wait_for(_relay_applied(config, True, on_version + 2), what="the restored version applied")
+            wire.advance(40)  # 30 s left (and 10 s for this test's wall clock): it used to get 600 s again
+        await async_wait_for(_relay_applied(config, False), what="off the desired value")
+        assert wire.pin(18).level is False
 
 
 async def test_restore_after_a_crash_restart_of_the_device_loop(tmp_path: Path,

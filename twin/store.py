@@ -1775,9 +1775,12 @@ class TwinStore:
 
     def set_desired(
         self, device_id: DeviceId, name: str, raw: Any, *, expected_version: int | None = None,
-        messages: Sequence[OutMessage] = (),
+        messages: Sequence[OutMessage] = (), ts: int | None = None,
     ) -> tuple[Value, int]:
         """Validate and store a desired value; returns (typed value, new version).
+
+        `ts`: its desired_ts (ms), now by default; a restore that stores the same value again keeps
+        the one of the value it restores (when it was set: a time limit counts from it).
 
         Raises UnknownDevice, UnknownProperty, NotWritable, ValueError (type or range)
         or VersionConflict (when `expected_version` is older than the stored version).
@@ -1795,7 +1798,7 @@ class TwinStore:
             value = coerce(PropertyType(ptype), raw)
             if expected_version is not None and expected_version < version:
                 raise VersionConflict(device_id, name, expected_version, version)
-            new_version = self._set_desired(device_id, name, value, now_ms())
+            new_version = self._set_desired(device_id, name, value, now_ms() if ts is None else ts)
             self._enqueue(messages, now_ms())
         except BaseException:
             if not joined:

@@ -16,6 +16,9 @@ loop uses when a driver has them:
 - `restore_desired(prop)`: True when the device loop should write the twin's last desired value
   of a writable property once `open()` has returned (the hardware lost the setting on open, or the
   user asked for it: a GPIO output's `initial: restore`); it then takes the place of `boot_value`.
+- `time_limit(prop, value)` and `write_for(prop, value, seconds)`: a driver that sets a written value
+  back by itself after a while (a GPIO output's `auto_off_s`) says how long; a restored value then
+  gets only what is left of it, counted from when it was set (`write_for`), or none.
 - `rated_range(prop)`: the range the hardware is rated for; readings outside it are
   recorded `out_of_range` even when the device model declares no minimum/maximum.
 - `can_write(prop)` (a classmethod): whether `write` can set `prop`; by default, whether the
@@ -150,6 +153,20 @@ class Driver:
         sensor's oversampling), instead of starting it at boot_value. Off by default: an output then
         starts in its boot state, and never switches itself on after a restart."""
         return False
+
+    def time_limit(self, prop: PropertyDefinition, value: Any) -> float | None:
+        """Seconds after which the driver sets `value`, once written to `prop`, back to its boot_value
+        by itself (a safety limit: a GPIO output's auto_off_s when on), or None.
+
+        The device loop counts it across restarts for a restored value (restore_desired): from when
+        that value was set (its desired_ts), it writes it with what is left (write_for), or, with
+        nothing left, not at all: the property stays at its boot_value, which becomes the desired value."""
+        return None
+
+    def write_for(self, prop: PropertyDefinition, value: Any, seconds: float) -> None:
+        """Write `value` as `write` does, to be set back after `seconds` instead of the whole time_limit.
+        Override it with time_limit."""
+        self.write(prop, value)
 
     @classmethod
     def reports_changes(cls, prop: PropertyDefinition) -> bool:

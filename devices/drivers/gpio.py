@@ -26,7 +26,9 @@ and nothing switches the output on again until someone asks for it.
 An output with `initial: restore` (its property ReadWrite) comes back as it was asked to be: at
 every open (a start, a reload that changed its device, a restart of its device loop) the pin is set
 up off, then the device loop writes the twin's last desired value to it (`restore_desired`), as
-any desired value is written and read back; `auto_off_s` starts again, in full, from that write.
+any desired value is written and read back. Its `auto_off_s` does not start again: it counts from
+when that value was set (`time_limit`), so a restarting mapper cannot keep a relay on past it; with
+nothing left, the output stays off and off becomes the desired value.
 Without it (the default) a restart never switches a relay on by itself: an output starts in its
 `initial` state, and that state replaces the desired value.
 
@@ -212,7 +214,7 @@ class GpioDriver(Driver):
             out = self._outputs[v.pin] = _Output()
             if on:  # on from the start: the safety timer runs from now
                 with self._lock:
-                    self._arm_auto_off(prop, out, True)
+                    self._arm_auto_off(prop, out, True, v.auto_off_s)
             return
         self.pins.setup_input(v.pin, pull=v.pull)
         self._opened.append(v.pin)
@@ -255,6 +257,11 @@ class GpioDriver(Driver):
         v: GpioVisitor = prop.visitor
         return v.direction == "out" and v.initial == "restore"
 
+    def time_limit(self, prop: PropertyDefinition, value: object) -> float | None:
+        """An output switched on is switched off by itself after auto_off_s."""
+        v: GpioVisitor = prop.visitor
+        return v.auto_off_s if v.direction == "out" and value else None
+
     @classmethod
     def reports_changes(cls, prop: PropertyDefinition) -> bool:
         # Inputs on every edge, outputs on auto-off: every property of this driver.
@@ -295,6 +302,14 @@ class GpioDriver(Driver):
             raise ReadError(f"{self.device.id}/{prop.name}: {exc}", retryable=True) from exc
 
     def write(self, prop: PropertyDefinition, value: object) -> None:
+        self._write(prop, value, prop.visitor.auto_off_s)
+
+    def write_for(self, prop: PropertyDefinition, value: object, seconds: float) -> None:
+        """An on switched off after `seconds` (what is left of a restored value's auto_off_s), at most auto_off_s."""
+        limit = prop.visitor.auto_off_s
+        self._write(prop, value, None if limit is None else min(seconds, limit))
+
+    def _write(self, prop: PropertyDefinition, value: object, auto_off_s: float | None) -> None:
         v: GpioVisitor = prop.visitor
         if v.direction != "out":
             raise WriteError(f"{self.device.id}/{prop.name}: GPIO{v.pin} is an input; it cannot be set")
@@ -307,19 +322,18 @@ class GpioDriver(Driver):
                 self.pins.write(v.pin, on != v.active_low)
             except PinError as exc:
                 raise WriteError(f"{self.device.id}/{prop.name}: {exc}") from exc
-            self._arm_auto_off(prop, out, on)
+            self._arm_auto_off(prop, out, on, auto_off_s)
 
-    def _arm_auto_off(self, prop: PropertyDefinition, out: _Output, on: bool) -> None:
-        v: GpioVisitor = prop.visitor
+    def _arm_auto_off(self, prop: PropertyDefinition, out: _Output, on: bool, seconds: float | None) -> None:
         out.generation += 1
         if out.timer is not None:
             out.timer.cancel()
         out.timer = out.off_at = None
-        if on and v.auto_off_s is not None:
-            out.off_at = self.pins.ticks() + v.auto_off_s
+        if on and seconds is not None:
+            out.off_at = self.pins.ticks() + seconds
             # The timer switches off even if nobody reads; read() also checks the deadline,
             # which is what moves a backend with a simulated clock.
-            out.timer = threading.Timer(v.auto_off_s, self._auto_off, (prop, out.generation))
+            out.timer = threading.Timer(seconds, self._auto_off, (prop, out.generation))
             out.timer.daemon = True
             out.timer.name = f"gpio-auto-off[{self.device.id}/{prop.name}]"
             out.timer.start()
