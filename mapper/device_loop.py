@@ -958,7 +958,11 @@ def _soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -
 def _store_applied_desired(
     store: TwinStore, device_id: DeviceId, name: str, value: Value, *, expected_version: int | None = None,
 ) -> int:
-    """In the twin thread: store a desired value the device already has, as a new, applied version."""
+    """In the twin thread: store a desired value the device already has, as a new, applied version.
+    One transaction (joined, inside one): never seen, nor left, pending in between."""
+    if not store.conn.in_transaction:
+        with store.transaction():
+            return _store_applied_desired(store, device_id, name, value, expected_version=expected_version)
     _, version = store.set_desired(device_id, name, value, expected_version=expected_version)
     store.mark_applied(device_id, name, version)
     return version

@@ -796,6 +796,31 @@ async def test_auto_off_makes_off_the_desired_value(tmp_path: Path) -> None:
         assert twin_prop(config, "relay").desired_version == version + 1
 
 
+def test_a_value_the_driver_set_back_is_stored_applied_in_one_commit(tmp_path: Path) -> None:
+    """The auto-off's `false` (and a boot state's) is stored as a new desired version and marked
+    applied in one transaction: in two commits, a reader in between saw it pending (a flaky
+    test_auto_off_makes_off_the_desired_value), and a failure of the second (a full disk) left it
+    pending for good, to be written again at the next start. A trigger on the real twin file fails it."""
+    import contextlib
+    import sqlite3
+
+    from mapper.device_loop import _store_applied_desired
+
+    defn = definition(tmp_path, relay="{pin: 18, direction: out, auto_off_s: 60}")
+    path = tmp_path / "twin.db"
+    with TwinStore.open(path) as store:
+        store.sync_devices([defn])
+        _, version = store.set_desired(IO, "relay", True)
+        store.mark_applied(IO, "relay", version)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+            db.execute("CREATE TRIGGER refuse_applied BEFORE UPDATE OF applied_version ON properties"
+                       " BEGIN SELECT RAISE(ABORT, 'disk full'); END")
+        with pytest.raises(sqlite3.DatabaseError, match="disk full"):
+            _store_applied_desired(store, IO, "relay", False)
+        prop = store.device(IO).properties["relay"]
+        assert (prop.desired, prop.desired_version, store.pending_desired()) == (True, version, [])
+
+
 async def test_restart_does_not_reapply_an_applied_on(tmp_path: Path) -> None:
     """After a restart the relay stays in its boot state and desired becomes that state; a value set
     while the mapper was down is still applied."""
