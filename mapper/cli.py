@@ -1507,8 +1507,15 @@ def _broker_note(store) -> dict | None:  # noqa: ANN001 - TwinStore
 
     try:
         text = store.meta(BROKER_META)
+    except sqlite3.Error:
+        return None
+    return _parsed_broker_note(text)
+
+
+def _parsed_broker_note(text: str | None) -> dict | None:
+    try:
         note = orjson.loads(text) if text else None
-    except (sqlite3.Error, orjson.JSONDecodeError):
+    except orjson.JSONDecodeError:
         return None
     if not isinstance(note, dict) or not {"url", "connected", "since", "pid", "noted"} <= note.keys():
         return None
@@ -1540,6 +1547,112 @@ def _broker_line(note: dict | None, running: bool | None, pid: int | None, confi
         whose = f"by pid {note['pid']}; whether it still runs cannot be told"
     age = _age_text(time.time() * 1000 - note["noted"])
     return f"broker: last known {_fmt_ts(note['noted'])}, {age} ago ({whose}): {state}"
+
+
+# `mapper health`: how long the broker may stay unreachable before the mapper counts as unhealthy. A
+# restart brings no broker back (the mapper reconnects on its own): a probe acts only past this.
+HEALTH_BROKER_DOWN_S = 300.0
+
+
+def _health_stale_s(text: str) -> float:
+    value = _health_seconds(text)
+    if value <= BROKER_NOTE_REFRESH_S:
+        raise argparse.ArgumentTypeError(f"must be more than {BROKER_NOTE_REFRESH_S:g} (the running mapper notes"
+                                         f" its broker connection in the twin every {BROKER_NOTE_REFRESH_S:g} s),"
+                                         f" got {text}")
+    return value
+
+
+def _health_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # (also NaN)
+        raise argparse.ArgumentTypeError(f"must be 0 or more seconds, got {text}")
+    return value
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    """Exit 0 when the mapper running on the config's twin is healthy, else 1; one line says why (a
+    liveness or readiness probe's, a Docker HEALTHCHECK's). Told from what the running mapper leaves:
+    `<twin>.lock` (held: it runs; `<pid> starting`: not yet) and, with `mqtt:`, the note of its
+    broker connection it writes in the twin at each change and every BROKER_NOTE_REFRESH_S (not
+    written again for `--stale-s`: its twin refuses writes, or it is stuck). No broker is reached,
+    nothing is written or made (_read_broker_note)."""
+    config = _config(args.config)
+    healthy, reason, shown = _health(config, broker_down_s=args.broker_down_s, stale_s=args.stale_s)
+    if args.json:
+        print(orjson.dumps({"healthy": healthy, "reason": reason, **shown}).decode())
+    else:
+        print(f"{'healthy' if healthy else 'unhealthy'}: {reason}")
+    return 0 if healthy else 1
+
+
+_TWIN_NOT_WRITTEN = "its twin may refuse writes (a full or read-only disk; its log says why), or it is stuck"
+
+
+def _health(config: MapperConfig, *, broker_down_s: float, stale_s: float) -> tuple[bool, str, dict]:
+    """(healthy, why in one line, what it was told from) for `mapper health`."""
+    twin = Path(config.twin.path)
+    running, pid, starting, why = _lock_state(twin)
+    shown: dict[str, Any] = {"twin": str(twin), "mapper": {"running": running, "pid": pid, "starting": starting,
+                                                           "cannotTell": why}, "broker": None}
+    if running is None:
+        return False, f"cannot tell whether a mapper runs on the twin {twin}: {why}", shown
+    if not running:
+        return False, f"no mapper runs on the twin {twin} (nobody holds {_lock_path(twin)})", shown
+    who = f"the mapper (pid {pid if pid is not None else '?'})"
+    if starting:
+        return False, f"{who} is starting, not running yet (its log says what it waits for)", shown
+    if config.mqtt is None:
+        return True, f"{who} runs on the twin {twin} (no mqtt section: no broker to check)", shown
+    try:
+        note = _read_broker_note(twin)
+    except (OSError, sqlite3.Error) as exc:
+        return False, f"{who} runs, but its twin {twin} cannot be read here: {exc}", shown
+    shown["broker"] = note
+    now_ms = time.time() * 1000
+    if note is None or note["pid"] != pid:  # not noted yet by this run: it notes it once it tried the broker
+        with contextlib.suppress(OSError):  # (the lock says `<pid>` from when it ran: its mtime)
+            running_ms = _lock_path(twin).stat().st_mtime * 1000
+            if now_ms - running_ms > stale_s * 1000:
+                return False, (f"twin not written: {who} has run for {_age_text(now_ms - running_ms)} without"
+                               f" noting its broker connection in {twin} (it notes it every"
+                               f" {BROKER_NOTE_REFRESH_S:g} s): {_TWIN_NOT_WRITTEN}"), shown
+        return True, f"{who} runs; it has not noted its broker connection yet", shown
+    if now_ms - note["noted"] > stale_s * 1000:
+        return False, (f"twin not written for {_age_text(now_ms - note['noted'])}: {who} notes its broker"
+                       f" connection in {twin} every {BROKER_NOTE_REFRESH_S:g} s, last at {_fmt_ts(note['noted'])}:"
+                       f" {_TWIN_NOT_WRITTEN}"), shown
+    if note["connected"]:
+        return True, f"{who} runs, connected to {note['url']} since {_fmt_ts(note['since'])}", shown
+    down = f"{note['url']} unreachable for {_age_text(now_ms - note['since'])}, since {_fmt_ts(note['since'])}"
+    reason = f": {note['error']}" if note.get("error") else ""
+    if now_ms - note["since"] > broker_down_s * 1000:
+        return False, f"broker {down} (more than {broker_down_s:g} s){reason}", shown
+    return True, f"{who} runs; broker {down} (unhealthy after {broker_down_s:g} s){reason}", shown
+
+
+def _read_broker_note(twin: Path) -> dict | None:
+    """The broker note in the twin of a running mapper, read without writing or making anything: the
+    file opened read-only (`mode=ro`), its `-shm` too (`readonly_shm`: a reader marks what it reads
+    there, which changed the file every probe), and only with its `-wal` and `-shm` there (the
+    running mapper has it open): a reader of a twin nobody has open makes them (a clean stop removes
+    them)."""
+    real = os.path.realpath(twin)
+    for beside in (f"{real}-wal", f"{real}-shm"):
+        if not os.path.exists(beside):
+            raise OSError(f"{beside} is not there: the mapper does not have its twin open")
+    from twin.store import BROKER_META
+
+    conn = sqlite3.connect(f"{Path(real).as_uri()}?mode=ro&readonly_shm=1", uri=True, isolation_level=None, timeout=0.5)
+    try:
+        conn.execute("PRAGMA query_only=ON")
+        row = conn.execute("SELECT value FROM meta WHERE key=?", (BROKER_META,)).fetchone()
+    finally:
+        conn.close()
+    return _parsed_broker_note(row[0] if row else None)
 
 
 def _age_text(ms: float) -> str:
@@ -1661,6 +1774,17 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
     d.add_argument("--json", action="store_true", help=JSON_HELP)
     d.set_defaults(fn=cmd_devices)
+
+    he = _command(sub, "health", "exit 0 when the mapper running on this config's twin is healthy, else 1 with one"
+                  " line saying why (a probe's: reads its lock file and twin, writes nothing, reaches no broker)")
+    he.add_argument("--config", "-c", required=True, help="the config the mapper runs with (for its twin.path)")
+    he.add_argument("--json", action="store_true", help="print JSON instead of the line")
+    he.add_argument("--broker-down-s", type=_health_seconds, default=HEALTH_BROKER_DOWN_S, metavar="SECONDS",
+                    help=f"unhealthy once the broker has been unreachable this long (default {HEALTH_BROKER_DOWN_S:g})")
+    he.add_argument("--stale-s", type=_health_stale_s, default=BROKER_NOTE_STALE_S, metavar="SECONDS",
+                    help=f"unhealthy once the mapper has not noted its broker connection in the twin this long (it"
+                         f" does every {BROKER_NOTE_REFRESH_S:g} s; default {BROKER_NOTE_STALE_S:g})")
+    he.set_defaults(fn=cmd_health)
 
     dr = _command(sub, "drivers", "list the drivers installed, built in and from packages (the mapper.drivers entry"
                   " points), and any that cannot be loaded: exit 1 then")
