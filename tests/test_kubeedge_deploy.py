@@ -138,3 +138,45 @@ def test_daemonset_works_in_a_writable_directory() -> None:
     assert any(workdir == p or workdir.startswith(p.rstrip("/") + "/") for p in writable), (
         f"working directory {workdir!r} is on the read-only root filesystem (writable mounts: {writable})")
     assert env.get("LG_WD") == workdir
+
+
+def _health_config(command: list[str]) -> str:
+    """The config a `mapper health` command checks, the command parsed as `mapper` parses it."""
+    from mapper.cli import cmd_health, parser
+
+    assert command[0] == "mapper", command
+    args = parser().parse_args(command[1:])
+    assert args.fn is cmd_health, command
+    return args.config
+
+
+def test_daemonset_probes_the_mapper_s_health() -> None:
+    """The pod had no probe: a mapper stuck starting or gone unhealthy was never restarted, and a
+    rollout went on before the new pod ran. Startup, readiness and liveness probes now run `mapper
+    health` on the config the container runs, the startup probe leaving it minutes to start."""
+    _, daemonset = _documents(DEPLOY / "daemonset.yaml")
+    (container,) = daemonset["spec"]["template"]["spec"]["containers"]
+    run = container["args"]
+    config = run[run.index("--config") + 1]
+    probes = {kind: container[kind] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
+    for kind, probe in probes.items():
+        assert _health_config(probe["exec"]["command"]) == config, kind
+        assert probe["timeoutSeconds"] >= 5, kind  # a Python start on a small Pi
+    startup = probes["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    liveness = probes["livenessProbe"]
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] >= 60  # not at the first slow check
+
+
+def test_container_image_has_a_healthcheck_on_its_own_config() -> None:
+    """`docker run` of the image had no HEALTHCHECK: `docker ps` could not tell a stuck mapper."""
+    import json
+    import re
+
+    dockerfile = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    runtime = dockerfile.split("\nFROM ")[-1]
+    (check,) = [line for line in runtime.splitlines() if line.startswith("HEALTHCHECK ")]
+    command = json.loads(re.search(r" CMD (\[.*\])\s*$", check).group(1))
+    (cmd,) = [json.loads(line[4:]) for line in runtime.splitlines() if line.startswith("CMD ")]
+    assert _health_config(command) == cmd[cmd.index("--config") + 1]
+    assert "--start-period=" in check
