@@ -1613,13 +1613,19 @@ def _health(config: MapperConfig, *, broker_down_s: float, stale_s: float) -> tu
         return False, f"{who} runs, but its twin {twin} cannot be read here: {exc}", shown
     shown["broker"] = note
     now_ms = time.time() * 1000
-    if note is None or note["pid"] != pid:  # not noted yet by this run: it notes it once it tried the broker
-        with contextlib.suppress(OSError):  # (the lock says `<pid>` from when it ran: its mtime)
-            running_ms = _lock_path(twin).stat().st_mtime * 1000
-            if now_ms - running_ms > stale_s * 1000:
-                return False, (f"twin not written: {who} has run for {_age_text(now_ms - running_ms)} without"
-                               f" noting its broker connection in {twin} (it notes it every"
-                               f" {BROKER_NOTE_REFRESH_S:g} s): {_TWIN_NOT_WRITTEN}"), shown
+    try:  # (the lock says `<pid>` from when the mapper ran: its mtime)
+        running_ms: float | None = _lock_path(twin).stat().st_mtime * 1000
+    except OSError:
+        running_ms = None
+    # This run's note: its pid, and not a stale one from before it ran. A container's mapper is pid 1
+    # at every start: the previous run's last note has its pid too.
+    if note is None or note["pid"] != pid or (
+            running_ms is not None and note["noted"] < running_ms and now_ms - note["noted"] > stale_s * 1000):
+        # Not noted yet by this run: it notes it once it has tried the broker, and every minute.
+        if running_ms is not None and now_ms - running_ms > stale_s * 1000:
+            return False, (f"twin not written: {who} has run for {_age_text(now_ms - running_ms)} without"
+                           f" noting its broker connection in {twin} (it notes it every"
+                           f" {BROKER_NOTE_REFRESH_S:g} s): {_TWIN_NOT_WRITTEN}"), shown
         return True, f"{who} runs; it has not noted its broker connection yet", shown
     if now_ms - note["noted"] > stale_s * 1000:
         return False, (f"twin not written for {_age_text(now_ms - note['noted'])}: {who} notes its broker"

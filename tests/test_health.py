@@ -120,6 +120,16 @@ def test_health_says_when_the_running_mapper_no_longer_writes_its_twin(tmp_path)
 
         store.swap_meta(BROKER_META, json.dumps({"url": url, "connected": True, "since": hour_ago - 5000,
                                                  "error": None, "pid": os.getpid(), "noted": hour_ago}))
+        # An hour-old note with this pid, from before this run ran: an earlier run's (a container's mapper
+        # is pid 1 at every start), not this one's, which has just begun running.
+        os.utime(lock.fileno())
+        fresh_run = health(config)
+        assert fresh_run.returncode == 0, fresh_run
+        assert fresh_run.stdout == f"healthy: the mapper (pid {os.getpid()}) runs; it has not noted its broker" \
+                                   " connection yet\n", fresh_run.stdout
+
+        two_hours_ago = hour_ago / 1000 - 3600
+        os.utime(lock.fileno(), (two_hours_ago, two_hours_ago))  # this run's note, not renewed for an hour
         files = files_of(state)
         stale = health(config)
         assert files_of(state) == files
