@@ -895,7 +895,9 @@ async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker
         assert (await _row(r, other["id"]))["exit"] != "cloud"
         assert stats()["mean_edge_latency_us"] > 0
         # The log says what did not match (it said "x 1718000000000" and "number of logits").
-        mismatches = [x.getMessage() for x in caplog.records if "result refused (mismatch)" in x.getMessage()]
+        mismatched = [x for x in caplog.records if "result refused (mismatch)" in x.getMessage()]
+        assert {x.levelno for x in mismatched} == {logging.WARNING}  # another version of the model: look at it
+        mismatches = [x.getMessage() for x in mismatched]
         assert f"answer for model 'x' created {other['created']}, the request was for '{other['model']}'" \
             in mismatches[0], mismatches
         assert "2 logits, model 'sensor-faults-early-exit' has 5 classes; the worker runs another version of the " \
@@ -1157,6 +1159,8 @@ async def test_a_flood_of_garbage_results_is_counted_but_logged_a_few_times(tmp_
         assert r.ext.status()["results_rejected"] == {"malformed": 1000}
         refused = [x for x in caplog.records if "result refused (malformed)" in x.getMessage()]
         assert len(refused) == 10
+        # A worker that speaks another format is for someone to look at: WARNING (throttled, above), not INFO.
+        assert {x.levelno for x in refused} == {logging.WARNING}
     finally:
         await _stop(r)
 

@@ -1130,8 +1130,8 @@ class InferenceExtension:
             return self._reject("unknown", None, "no pipeline")
         try:
             result = decode_result(payload)
-        except CodecError as exc:
-            return self._reject(exc.reason, None, str(exc))
+        except CodecError as exc:  # a worker (or a client) that speaks another format: someone must look
+            return self._reject(exc.reason, None, str(exc), level=logging.WARNING)
         if result.node != self._service.config.node:
             return self._reject("wrong_node", None, result.node)
         w = self._waiting.get(result.id)
@@ -1141,7 +1141,7 @@ class InferenceExtension:
         info = w.pipeline.model.info
         if result.model != info.name or result.created != w.created_ms:
             return self._reject("mismatch", w.pipeline, f"answer for model {result.model[:64]!r} created {result.created}, "
-                                f"the request was for {info.name!r} created {w.created_ms}")
+                                f"the request was for {info.name!r} created {w.created_ms}", level=logging.WARNING)
         now = _mono_ms()
         if now > w.expires_ms:
             if w.status == "pending":
@@ -1162,7 +1162,7 @@ class InferenceExtension:
         if result.logits is None or len(result.logits) != len(info.classes):
             return self._reject("mismatch", w.pipeline, f"{len(result.logits or ())} logits, model {info.name!r} has "
                                 f"{len(info.classes)} classes", "the worker runs another version of the model: give it "
-                                f"the node's ({w.pipeline.model.info.directory.name})")
+                                f"the node's ({w.pipeline.model.info.directory.name})", logging.WARNING)
         del self._waiting[result.id]
         self._remember(self._done, result.id)
         label, confidence = w.pipeline.cloud_answer(result.logits)
