@@ -98,12 +98,13 @@ def watchdog_interval(env: Mapping[str, str], pid: int) -> float | None:
 def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] | None,
                 rejected_messages: int = 0, *, not_run: int = 0, readings_dropped: int = 0, undeliverable: int = 0,
                 views_left_out: int = 0, subscriptions_refused: Iterable[str] = (), other_mapper: str | None = None,
-                broker_down: str | None = None) -> str:
+                broker_down: str | None = None, cloud_silent: str | None = None) -> str:
     """`5 devices: 2 ok, 1 unhealthy, 2 not run (invalid, or waiting for their model or a resource); outbox 12
     queued, 5 dropped (outbox limits); 120 readings dropped (twin not writable); 3 messages undeliverable; state view
     of 1 device over the broker's packet limit, not sent (see the log); 4 MQTT messages refused; broker refused
     subscription(s) to mapper/n/+/+/+/set (see the log); ANOTHER MAPPER serves this node: host 'pi2', pid 812, ...
-    (see the log); MQTT broker not connected since 2026-11-30 21:24:08Z: [code:135] Not authorized (see the log)`
+    (see the log); MQTT broker not connected since 2026-11-30 21:24:08Z: [code:135] Not authorized (see the log);
+    no cloud worker answers since 2026-11-30 21:30:00Z, 3 offload(s) unanswered (see the log)`
     (pure, for STATUS=). `not_run`: the devices an extension keeps but
     does not run (MapperService.not_run, KubeEdge's), announced `offline` as the refused ones."""
     from mapper.service import NOT_RUN_WHY
@@ -135,6 +136,8 @@ def status_line(states: Iterable[str], refused: int, outbox: Mapping[str, int] |
         text += f"; ANOTHER MAPPER serves this node: {other_mapper} (see the log)"
     if broker_down:  # MqttBus.down_since/last_error: nothing leaves the Pi meanwhile (the outbox grows)
         text += f"; MQTT broker not connected since {broker_down} (see the log)"
+    if cloud_silent:  # InferenceExtension.cloud_silence: uncertain windows keep provisional edge answers meanwhile
+        text += f"; no cloud worker answers {cloud_silent} (see the log)"
     return text
 
 
@@ -280,6 +283,8 @@ class SystemdExtension:
         instance = getattr(service.bus, "instance", None)
         telemetry = getattr(service.bus, "telemetry", None)
         other = instance.current_other() if instance is not None else None
+        # (the inference extension, if any: mapper.inference.extension, imported only with a pipeline)
+        inference = next((ext for ext in getattr(service, "extensions", ()) if hasattr(ext, "cloud_silence")), None)
         broker_down = None
         if bus is not None and bus.down_since is not None and not bus.connected.is_set():
             since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(bus.down_since))
@@ -290,7 +295,8 @@ class SystemdExtension:
                            views_left_out=telemetry.views_over_limit if telemetry is not None else 0,
                            subscriptions_refused=bus.refused_subscriptions if bus else (),
                            other_mapper=other.describe() if other is not None else None,
-                           broker_down=broker_down)
+                           broker_down=broker_down,
+                           cloud_silent=inference.cloud_silence() if inference is not None else None)
 
 
 # -- the unit file (`mapper install-service`) --------------------------------------------------

@@ -3002,3 +3002,81 @@ async def test_a_desired_value_asked_for_earlier_is_not_set_after_a_later_one(tm
             refuse.execute("DELETE FROM test_refuse_updates")
         refuse.close()
         await _stop(r)
+
+
+async def test_a_silent_cloud_worker_is_a_warning_once_and_shown_until_one_answers(tmp_path, broker, worker, caplog,
+                                                                                   capsys):
+    """Offloads unanswered for resend_s with no result of any kind since: one WARNING, the silence in STATUS=
+    and on the derived device (`mapper devices`); the first result clears it, with one WARNING that says so.
+    (It was visible only in the INFO counters line.)"""
+    from helpers import write_config
+    from mapper import cli
+    from mapper.systemd import Notifier, SystemdExtension
+
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    derived = DeviceId.parse("default/probe-sensor-faults")
+    systemd = SystemdExtension(Notifier(str(tmp_path / "notify")))  # (its STATUS= line, without a systemd)
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.1, "resend_s": 1.0},
+                     broker=broker)
+    silent = lambda: [x for x in caplog.records if "no cloud worker answers" in x.getMessage()]  # noqa: E731
+    back = lambda: [x for x in caplog.records if "a cloud worker answers again" in x.getMessage()]  # noqa: E731
+    try:
+        await async_wait_for(lambda: silent(), timeout=20, what="the worker's silence noticed")
+        assert [x.levelno for x in silent()] == [logging.WARNING]
+        said = silent()[0].getMessage()
+        assert "offload(s) on mapper/" in said and "`mapper cloud-worker`" in said, said
+        assert r.ext.cloud_silence() is not None and r.ext.cloud_silence().startswith("since ")
+        status = await systemd._summary(r.service)
+        assert f"; no cloud worker answers {r.ext.cloud_silence()} (see the log)" in status, status
+        shown = await _until(lambda: r.service.twin(lambda s: s.device(derived)),
+                             lambda d: "no cloud worker answers" in (d.state_detail or ""),
+                             what="the silence on the derived device")
+        assert shown.state == "ok"  # its edge answers stand: it still decides
+        config = str(write_config(tmp_path / "c.yaml", tmp_path / "devices", tmp_path / "twin.db"))
+        capsys.readouterr()
+        assert await asyncio.to_thread(cli.main, ["devices", "--config", config]) == 0
+        row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(str(derived)))
+        assert "no cloud worker answers (since" in row, row
+        # More unanswered resends are no news: still the one line.
+        resent = r.ext.status()["pipelines"][str(derived)]["resent"]
+        await async_wait_for(lambda: r.ext.status()["pipelines"][str(derived)]["resent"] > resent, what="a resend")
+        assert len(silent()) == 1
+
+        await r.send_result(_answer(worker, r.requests()[-1]))
+        await async_wait_for(lambda: back(), what="the worker's answer noticed")
+        assert [x.levelno for x in back()] == [logging.WARNING] and r.ext.cloud_silence() is None
+        await _until(lambda: r.service.twin(lambda s: s.device(derived)),
+                     lambda d: (d.state, d.state_detail) == ("ok", "inference pipeline on default/probe"),
+                     what="the derived device's plain detail again")
+        status = await systemd._summary(r.service)
+        assert "cloud worker" not in status, status
+    finally:
+        systemd.notifier.close()
+        await _stop(r)
+
+
+async def test_the_derived_device_goes_offline_while_its_source_gives_no_steps_and_back(tmp_path, caplog):
+    """The source device unplugged mid-window: no fresh window can be built, so the derived device says
+    `offline` with why (it stayed `ok` with its last label for good); `ok` again at the source's first step."""
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    unplug = tmp_path / "unplugged"
+    derived = DeviceId.parse("default/probe-sensor-faults")
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.0},
+                     probe=f", fail_while_exists: {unplug}", loop=DeviceLoopSettings(max_backoff_s=0.2))
+    device = lambda: r.service.twin(lambda s: s.device(derived))  # noqa: E731
+    try:
+        await async_wait_for(lambda: r.ext.status()["pipelines"][str(derived)]["windows"] >= 1, timeout=20,
+                             what="a window")
+        assert ((await device()).state, (await device()).state_detail) == ("ok", "inference pipeline on default/probe")
+        unplug.touch()
+        offline = await _until(device, lambda d: d.state == "offline", what="the derived device offline")
+        assert offline.state_detail.startswith("no fresh window: default/probe is unhealthy and gave no step (a good "
+                                               "reading of temperature, humidity) for more than 1.03 s (max_gap_s)"), \
+            offline.state_detail
+        assert any(x.levelno == logging.WARNING and f"derived device {derived}: offline" in x.getMessage()
+                   for x in caplog.records)
+        unplug.unlink()
+        await _until(device, lambda d: (d.state, d.state_detail) == ("ok", "inference pipeline on default/probe"),
+                     what="the derived device ok again")
+    finally:
+        await _stop(r)

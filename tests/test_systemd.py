@@ -328,6 +328,8 @@ def test_status_line() -> None:
         "2 devices: 2 ok; 1 message undeliverable; state view of 1 device over the broker's packet limit, not sent "
         "(see the log)")
     assert status_line(["ok"], 0, {"depth": 0}, 250) == "1 device: 1 ok; outbox 0 queued; 250 MQTT messages refused"
+    assert status_line(["ok"], 0, None, cloud_silent="since 2026-11-30 21:30:00Z, 3 offload(s) unanswered") == (
+        "1 device: 1 ok; no cloud worker answers since 2026-11-30 21:30:00Z, 3 offload(s) unanswered (see the log)")
 
 
 async def test_status_counts_the_mqtt_messages_refused(tmp_path: Path, listener: NotifyListener,

@@ -62,6 +62,8 @@ TIMER_GRACE_S = 1.0
 STOP_FOLLOW_UPS_S = 5.0
 # A restore the twin refused (a lock held too long, a full disk) is tried again this long after.
 RESTORE_RETRY_S = 1.0
+# How often _watch looks at the derived devices' sources and at the cloud worker's silence.
+WATCH_S = 1.0
 
 
 def _now_ms() -> int:
@@ -354,6 +356,16 @@ class InferenceExtension:
         self.reloads = 0                           # device updates applied to the pipelines
         self.report_interval_s = self.settings.log_counters_s
         self._last_report: str | None = None
+        # The cloud worker's silence (_watch_cloud): when a result of any kind for this node last came, and
+        # since when the bus is connected (_mono_ms); since when no worker answers (wall ms, for people; None:
+        # one answers, or nothing was asked long enough).
+        self._heard_ms: int | None = None
+        self._bus_up_ms: int | None = None
+        self.cloud_silent_since_ms: int | None = None
+        self._silent_count = 0  # offloads unanswered when the silence was noticed
+        # What each derived device shows in the twin beyond its decisions: (state, detail) (_watch_sources).
+        self._shown: dict[DeviceId, tuple[str, str]] = {}
+        self._registered = 0  # _register calls (each resets what the derived devices show)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -475,6 +487,9 @@ class InferenceExtension:
             self.problems.append(problem)
             log.error("inference: %s; pipeline disabled", problem)
             built.pop(pid, None)
+        # (sync_derived made them `ok` with their plain detail: _watch_sources says more when there is more)
+        self._shown = {d.id: ("ok", d.detail) for d in devices if d.id in built}
+        self._registered += 1
         return built
 
     def _on_devices(self, definitions: dict[DeviceId, DeviceDefinition]) -> None:
@@ -645,6 +660,7 @@ class InferenceExtension:
             tg.create_task(self._timers(), name="inference-timers")
             tg.create_task(self._prune(), name="inference-prune")
             tg.create_task(self._report_loop(), name="inference-report")
+            tg.create_task(self._watch(), name="inference-watch")
 
     async def stop_requested(self, service: MapperService) -> None:
         """Before the event bus drains the outbox: cloud answers still waiting for a batch go in."""
@@ -1134,6 +1150,7 @@ class InferenceExtension:
             return self._reject(exc.reason, None, str(exc), level=logging.WARNING)
         if result.node != self._service.config.node:
             return self._reject("wrong_node", None, result.node)
+        self._worker_heard()
         w = self._waiting.get(result.id)
         if w is None:
             reason = "duplicate" if result.id in self._done else "late" if result.id in self._expired else "unknown"
@@ -1200,6 +1217,98 @@ class InferenceExtension:
         what a failed transaction or a given-up batch kept for the next try."""
         if self._results or self._unsaved:
             await self._due(_mono_ms(), results=True)
+
+    # -- what an operator sees: the cloud worker's silence, the sources' ----------------------
+
+    def _worker_heard(self) -> None:
+        """A result for this node came (any: an answer, a worker's error, a mismatch): a worker is there."""
+        self._heard_ms = _mono_ms()
+        if self.cloud_silent_since_ms is not None:
+            silent_s = max(0, _now_ms() - self.cloud_silent_since_ms) // 1000
+            self.cloud_silent_since_ms = None
+            log.warning("inference: a cloud worker answers again, after %d s without a result", silent_s)
+
+    async def _watch(self) -> None:
+        """Every WATCH_S: is a cloud worker answering, and can each pipeline still build fresh windows?"""
+        throttle = Throttle(burst=1, interval_s=600.0)
+        while True:
+            await asyncio.sleep(WATCH_S)
+            try:
+                self._watch_cloud(_mono_ms())
+                await self._watch_sources(_mono_ms())
+            except Exception:  # noqa: BLE001 - showing the state must never stop inference
+                if throttle("watch") is not None:
+                    log.exception("inference: cannot update the derived devices' states")
+
+    def _watch_cloud(self, now: int) -> None:
+        """No worker answers when an offload sent `resend_s` ago (its pipeline's; counted from when the bus
+        was last connected, if later) has no result, and no result of any kind came since it was sent:
+        WARNING once, shown in STATUS= and on the derived devices, until a result comes (_worker_heard).
+        A worker that is merely slow (past `deadline_s`, within `resend_s`) is not silent."""
+        if not self._bus_connected():
+            self._bus_up_ms = None  # the requests wait in the outbox meanwhile: not the worker's silence
+            return
+        if self._bus_up_ms is None:
+            self._bus_up_ms = now
+        if self.cloud_silent_since_ms is not None or not self._waiting:
+            return
+        heard, up = self._heard_ms, self._bus_up_ms
+        unanswered = [w for w in self._waiting.values()
+                      if w.body is not None and (heard is None or w.sent_ms > heard)
+                      and now - max(w.sent_ms, up) >= w.pipeline.settings.resend_s * 1000]
+        if not unanswered:
+            return
+        since = max(min(w.sent_ms for w in unanswered), up)
+        self.cloud_silent_since_ms = _now_ms() - (now - since)
+        self._silent_count = len(unanswered)
+        log.warning("inference: no cloud worker answers: %d offload(s) on %s have had no result for %g s or more "
+                    "(resend_s), and no result of any kind came since; uncertain windows keep their edge answers, "
+                    "provisional, and the requests are sent again every resend_s. Is a `mapper cloud-worker` with "
+                    "the model running and connected (docs/inference.md, The cloud worker), and does the bridge "
+                    "carry requests out and results in?", len(unanswered),
+                    self._topics.offload_request() if self._topics else "the request topic",
+                    round((now - since) / 1000, 1))
+
+    def cloud_silence(self) -> str | None:
+        """`since 2026-12-01 08:20:03Z, 3 offload(s) unanswered`, while no cloud worker answers (STATUS=)."""
+        if self.cloud_silent_since_ms is None:
+            return None
+        since = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.cloud_silent_since_ms / 1000))
+        return f"since {since}, {self._silent_count} offload(s) unanswered"
+
+    def _derived_state(self, p: Pipeline, now: int) -> tuple[str, str]:
+        """What the derived device of `p` should show: `offline` once its source has given no step for
+        longer than the window's gap limit (no fresh window can be built: the label would otherwise
+        look current for good), `ok` again at the source's first step; the cloud's silence in the detail."""
+        assert self._service is not None
+        steps, since = p.fed if p.fed is not None and p.fed[0] == p.builder.steps else (p.builder.steps, now)
+        p.fed = (steps, since)
+        plain = records.derived_device(str(p.id), p.model.info.name, str(p.source)).detail
+        gap_ms = p.builder.max_gap_ms
+        if gap_ms is not None and now - since > gap_ms:
+            runner = self._service.runners.get(p.source)
+            state = f"is {runner.state}" if runner is not None else "does not run"
+            return "offline", (f"no fresh window: {p.source} {state} and gave no step (a good reading of "
+                               f"{', '.join(dict.fromkeys(p.properties))}) for more than {gap_ms / 1000:g} s "
+                               "(max_gap_s); the label is an old window's")
+        if (silence := self.cloud_silence()) is not None:
+            return "ok", f"{plain}; no cloud worker answers ({silence}): uncertain windows keep the edge answer"
+        return "ok", plain
+
+    async def _watch_sources(self, now: int) -> None:
+        """Write each derived device's state (_derived_state) to the twin when it changed."""
+        for pid, p in list(self.pipelines.items()):
+            want = self._derived_state(p, now)
+            if self._shown.get(pid) == want:
+                continue
+            registered = self._registered
+            await self._twin(lambda s, pid=pid, want=want: s.set_state(pid, *want))
+            if self._registered != registered:
+                return  # the pipelines were registered again meanwhile (`ok`): the next round looks again
+            if want[0] != (self._shown.get(pid) or ("ok",))[0]:
+                log.log(logging.WARNING if want[0] != "ok" else logging.INFO, "inference: derived device %s: %s (%s)",
+                        pid, want[0], want[1])
+            self._shown[pid] = want
 
     # -- status ----------------------------------------------------------------------------
 

@@ -188,6 +188,8 @@ class Pipeline:
         self._replace_shown = False
         self._last_desired: dict[tuple[DeviceId, str], Any] = {}
         self._edge_runner: EdgeRunner | None = None
+        # (the builder's step count, when it last changed on _mono_ms): whether the source still feeds it
+        self.fed: tuple[int, int] | None = None
 
     def _check_actions(self, definitions: dict[DeviceId, DeviceDefinition]) -> list[Any]:
         classes = set(self.model.info.classes)

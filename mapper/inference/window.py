@@ -46,6 +46,7 @@ class WindowBuilder:
         self.gaps = 0
         self.skipped = 0
         self.clock_back = 0  # steps older than the previous one (the clock went back): restarts too
+        self.steps = 0  # live steps completed (subsampled ones too): whether the source still feeds the window
 
     def add(self, reading: Reading) -> Window | None:
         """Feed one reading of this device; returns a window when one is due."""
@@ -63,6 +64,7 @@ class WindowBuilder:
         return self._step(ts, values)
 
     def _step(self, ts: int, values: tuple[float, ...]) -> Window | None:
+        self.steps += 1
         last = self._last_step_ms
         if last is not None and ts < last:
             # The clock went back (a Pi without a real-time clock, corrected by its time sync): a
@@ -96,17 +98,17 @@ class WindowBuilder:
         once instead of after `length` new steps. Not used: readings whose newest is more than
         `max_gap_ms` before `now_ms` (the first live step would start over anyway), or after it
         (the clock went back, e.g. a Pi without a real-time clock booting before its time sync).
-        The gap and skip counters count live readings only. Returns the steps now buffered."""
+        The gap, skip and step counters count live readings only. Returns the steps now buffered."""
         if not readings:
             return len(self._steps)
         age = now_ms - readings[-1].taken_at_ms
         if age < 0 or (self.max_gap_ms is not None and age > self.max_gap_ms):
             return len(self._steps)
-        gaps, skipped, back = self.gaps, self.skipped, self.clock_back
+        gaps, skipped, back, steps = self.gaps, self.skipped, self.clock_back, self.steps
         for reading in readings:
             self.add(reading)
         self._current.clear()  # a step the history left unfinished is not finished by live readings
-        self.gaps, self.skipped, self.clock_back = gaps, skipped, back
+        self.gaps, self.skipped, self.clock_back, self.steps = gaps, skipped, back, steps
         return len(self._steps)
 
     def reset(self) -> None:
