@@ -30,6 +30,10 @@ refused them, its ACL or its packet limit, or paho did): the total `mapper devic
 node and the secrets): a fleet sees which nodes run which version, and whose config differs. `at`:
 when the message was made.
 
+Other extensions may add news of their own while it lasts (`note`): the inference's
+`"cloud_worker": {"answering": false, "since": <ms>, "unanswered": 3}` while no cloud worker answers
+its offloads (docs/inference.md); left out otherwise.
+
 Cheap: nothing per reading. The recorder calls `changed()` after each failed commit (once per
 retry, a second) and at the commit that ends an outage, the publisher after each message it drops
 as undeliverable; a message goes out on a change of `twin` at once, and otherwise at most every
@@ -90,7 +94,9 @@ class TwinHealth:
         self.interval_s = interval_s
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()  # one message at a time: the last made is the last sent
-        self._sent: tuple[str, int, int, int, int, int] | None = None  # (_summary) of the last one the broker took
+        self._sent: tuple[str, int, int, int, int, int, bytes] | None = None  # (_summary) of the last one taken
+        # Other news than the twin's (`note`), in every message while set: key -> JSON value.
+        self._notes: dict[str, object] = {}
         self._tried_at: float | None = None  # loop time of the last attempt
         self.published = 0  # messages the broker took
         self._own: deque[bytes] = deque(maxlen=OWN_KEPT)  # the last payloads sent (`heard`)
@@ -100,6 +106,15 @@ class TwinHealth:
 
     def changed(self) -> None:
         """The recorder's on_health: a commit failed, or one succeeded after failures."""
+        self._changed.set()
+
+    def note(self, key: str, value: object | None) -> None:
+        """Put `key: value` in every message from now on (None: leave it out again); sent as a change
+        of the counts are (at most every interval)."""
+        if value is None:
+            self._notes.pop(key, None)
+        else:
+            self._notes[key] = value
         self._changed.set()
 
     def connected(self) -> None:
@@ -125,12 +140,12 @@ class TwinHealth:
     def state(self) -> str:
         return "unwritable" if self._recorder.outage_failures >= UNWRITABLE_AFTER else "ok"
 
-    def _summary(self) -> tuple[str, int, int, int, int, int]:
-        """(twin, readings waiting, dropped, published live, dropped live, outbox undeliverable): what a
-        new message would say that matters."""
+    def _summary(self) -> tuple[str, int, int, int, int, int, bytes]:
+        """(twin, readings waiting, dropped, published live, dropped live, outbox undeliverable, notes): what
+        a new message would say that matters."""
         state, recorder = self.state(), self._recorder
         return (state, recorder.waiting() if state == "unwritable" else 0, recorder.dropped, recorder.published_live,
-                recorder.dropped_live, self._undeliverable())
+                recorder.dropped_live, self._undeliverable(), orjson.dumps(self._notes, option=orjson.OPT_SORT_KEYS))
 
     def payload(self) -> bytes:
         recorder = self._recorder
@@ -138,14 +153,14 @@ class TwinHealth:
         counts = {"readings_dropped": recorder.dropped, "readings_published_live": recorder.published_live,
                   "readings_dropped_live": recorder.dropped_live, "outbox_undeliverable": self._undeliverable()}
         if self.state() == "ok":
-            return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms, **counts, **self._about,
-                                 "at": now_ms})
+            return orjson.dumps({"twin": "ok", "since": recorder.writable_since_ms, **counts, **self._notes,
+                                 **self._about, "at": now_ms})
         error = recorder.last_error
         return orjson.dumps({
             "twin": "unwritable", "since": recorder.outage_since_ms,
             "cause": twin_write_cause(error, self._twin_path) if error is not None else "error",
             "error": str(innermost(error))[:ERROR_CHARS] if error is not None else "",
-            "readings_waiting": recorder.waiting(), **counts, **self._about, "at": now_ms})
+            "readings_waiting": recorder.waiting(), **counts, **self._notes, **self._about, "at": now_ms})
 
     async def publish(self) -> bool:
         """Publish the health as it is now (at a connect, or on a change); False when the broker

@@ -3020,6 +3020,8 @@ async def test_a_silent_cloud_worker_is_a_warning_once_and_shown_until_one_answe
                      broker=broker)
     silent = lambda: [x for x in caplog.records if "no cloud worker answers" in x.getMessage()]  # noqa: E731
     back = lambda: [x for x in caplog.records if "a cloud worker answers again" in x.getMessage()]  # noqa: E731
+    health = Listener(broker.client("app"), r.topics.health())  # the node's retained health (a fleet's view)
+    answering: asyncio.Task | None = None
     try:
         await async_wait_for(lambda: silent(), timeout=20, what="the worker's silence noticed")
         assert [x.levelno for x in silent()] == [logging.WARNING]
@@ -3037,12 +3039,28 @@ async def test_a_silent_cloud_worker_is_a_warning_once_and_shown_until_one_answe
         assert await asyncio.to_thread(cli.main, ["devices", "--config", config]) == 0
         row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(str(derived)))
         assert "no cloud worker answers (since" in row, row
+        await async_wait_for(lambda: any("cloud_worker" in b for b in health.bodies("/health")),
+                             what="the silence on the health topic")
+        said = next(b for b in health.bodies("/health") if "cloud_worker" in b)
+        assert said["cloud_worker"] == {"answering": False, "since": r.ext.cloud_silent_since_ms,
+                                        "unanswered": said["cloud_worker"]["unanswered"]}, said
+        assert said["cloud_worker"]["unanswered"] >= 1 and said["twin"] == "ok"
         # More unanswered resends are no news: still the one line.
         resent = r.ext.status()["pipelines"][str(derived)]["resent"]
         await async_wait_for(lambda: r.ext.status()["pipelines"][str(derived)]["resent"] > resent, what="a resend")
         assert len(silent()) == 1
 
-        await r.send_result(_answer(worker, r.requests()[-1]))
+        async def answer_every_request() -> None:
+            """A worker comes: it answers every request (the worker's own code), as `mapper cloud-worker` would."""
+            answered: set[str] = set()
+            while True:
+                fresh = [b for b in r.requests() if b["id"] not in answered]
+                if fresh:
+                    await r.send_result(*(_answer(worker, b) for b in fresh))
+                    answered |= {b["id"] for b in fresh}
+                await asyncio.sleep(0.05)
+
+        answering = asyncio.create_task(answer_every_request())
         await async_wait_for(lambda: back(), what="the worker's answer noticed")
         assert [x.levelno for x in back()] == [logging.WARNING] and r.ext.cloud_silence() is None
         await _until(lambda: r.service.twin(lambda s: s.device(derived)),
@@ -3050,7 +3068,13 @@ async def test_a_silent_cloud_worker_is_a_warning_once_and_shown_until_one_answe
                      what="the derived device's plain detail again")
         status = await systemd._summary(r.service)
         assert "cloud worker" not in status, status
+        await async_wait_for(lambda: "cloud_worker" not in health.bodies("/health")[-1],
+                             what="the health topic without the silence")
+        assert len(silent()) == 1 and len(back()) == 1
     finally:
+        if answering is not None:
+            answering.cancel()
+        health.probe.close()
         systemd.notifier.close()
         await _stop(r)
 

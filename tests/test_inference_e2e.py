@@ -193,9 +193,13 @@ def test_worker_down_provisional_then_final(broker, tmp_path, devices):
             provisional = {d["request_id"] for d in first if d["provisional"]}
             assert all(d["exit"] == "edge" for d in first if d["provisional"])
             assert not any(d["exit"] == "cloud" for d in first)
+            # Unanswered for resend_s: one WARNING, not only the INFO counters line.
+            wait_for(lambda: "WARNING mapper.inference: inference: no cloud worker answers" in mapper.log(),
+                     timeout=20, what="the worker's silence in the log")
             worker.start()
             later = decisions_seen(app, lambda s: any(d["exit"] == "cloud" and d["request_id"] in provisional
                                                       for d in s))
+            wait_for(lambda: "inference: a cloud worker answers again" in mapper.log(), what="its answers noticed")
             assert mapper.stop() == 0, mapper.log()[-2000:]
         worker.stop()
     finally:

@@ -1227,6 +1227,7 @@ class InferenceExtension:
             silent_s = max(0, _now_ms() - self.cloud_silent_since_ms) // 1000
             self.cloud_silent_since_ms = None
             log.warning("inference: a cloud worker answers again, after %d s without a result", silent_s)
+            self._note_health(None)
 
     async def _watch(self) -> None:
         """Every WATCH_S: is a cloud worker answering, and can each pipeline still build fresh windows?"""
@@ -1261,6 +1262,7 @@ class InferenceExtension:
         since = max(min(w.sent_ms for w in unanswered), up)
         self.cloud_silent_since_ms = _now_ms() - (now - since)
         self._silent_count = len(unanswered)
+        self._note_health({"answering": False, "since": self.cloud_silent_since_ms, "unanswered": len(unanswered)})
         log.warning("inference: no cloud worker answers: %d offload(s) on %s have had no result for %g s or more "
                     "(resend_s), and no result of any kind came since; uncertain windows keep their edge answers, "
                     "provisional, and the requests are sent again every resend_s. Is a `mapper cloud-worker` with "
@@ -1268,6 +1270,12 @@ class InferenceExtension:
                     "carry requests out and results in?", len(unanswered),
                     self._topics.offload_request() if self._topics else "the request topic",
                     round((now - since) / 1000, 1))
+
+    def _note_health(self, value: dict[str, Any] | None) -> None:
+        """The silence on the node's retained health topic (eventbus/health.py), for a fleet that watches MQTT."""
+        health = getattr(self._service.bus, "health", None) if self._service is not None else None
+        if health is not None:
+            health.note("cloud_worker", value)
 
     def cloud_silence(self) -> str | None:
         """`since 2026-12-01 08:20:03Z, 3 offload(s) unanswered`, while no cloud worker answers (STATUS=)."""
