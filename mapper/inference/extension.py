@@ -366,6 +366,7 @@ class InferenceExtension:
         # What each derived device shows in the twin beyond its decisions: (state, detail) (_watch_sources).
         self._shown: dict[DeviceId, tuple[str, str]] = {}
         self._registered = 0  # _register calls (each resets what the derived devices show)
+        self._stopping = False  # the mapper's stop began (stop_requested): _watch leaves the states be
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -664,6 +665,7 @@ class InferenceExtension:
 
     async def stop_requested(self, service: MapperService) -> None:
         """Before the event bus drains the outbox: cloud answers still waiting for a batch go in."""
+        self._stopping = True  # the devices stop now: their silence is no news for the derived devices
         await self.commit_results()
 
     async def before_stop(self, service: MapperService) -> None:
@@ -1234,6 +1236,8 @@ class InferenceExtension:
         throttle = Throttle(burst=1, interval_s=600.0)
         while True:
             await asyncio.sleep(WATCH_S)
+            if self._stopping:  # (the stop marks the derived devices `offline`, stopped, itself)
+                return
             try:
                 self._watch_cloud(_mono_ms())
                 await self._watch_sources(_mono_ms())
