@@ -33,7 +33,7 @@ from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
 from mapper.twin_disk import innermost as _innermost
-from mapper.twin_disk import twin_disk_problem, twin_write_cause, write_denied
+from mapper.twin_disk import lock_note, twin_disk_problem, twin_write_cause, write_denied
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
@@ -56,6 +56,9 @@ Hook = Callable[["MapperService"], Awaitable[None]]
 # StartLimitIntervalSec=300: ~30 s of restarts), and the mapper stayed down after the disk had room again.
 TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
+# A twin another process holds locked (past twin.busy_timeout_ms, which each try waits) is tried
+# again this soon: it is free again as soon as that process's transaction ends.
+TWIN_LOCKED_RETRY_S = 1.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
 TWIN_WAIT_TICK_S = 5.0
 # Why a device an extension keeps is not run (MapperService.not_run), in the running and STATUS= lines.
@@ -370,7 +373,10 @@ class MapperService:
         waited for: an ERROR naming the twin, the likely cause and what to do, then
         tries again after TWIN_RETRY_S (5 s, doubling up to 30 s), the ERROR again at most once a
         minute; extensions with `twin_waiting(service, why)` hear every TWIN_WAIT_TICK_S (systemd:
-        STATUS=, the start timeout extended; READY=1 only once running). Other errors stop the
+        STATUS=, the start timeout extended; READY=1 only once running). A twin another process
+        holds locked past twin.busy_timeout_ms (a backup, a `mapper twin set`, an sqlite3 shell
+        left in a transaction) is waited for likewise, with a WARNING naming the holder when the
+        kernel tells it (twin_disk.lock_holder); it used to stop the start. Other errors stop the
         start at once, naming the twin."""
         path = self.config.twin.path
         loop = asyncio.get_running_loop()
@@ -390,6 +396,9 @@ class MapperService:
                     with contextlib.suppress(Exception):
                         await worker.__aexit__(None, None, None)
                 problem = twin_disk_problem(exc, path)
+                locked = problem is None and twin_write_cause(exc, path) == "locked"
+                if locked:  # (another process's transaction ends by itself: a backup, a `mapper twin set`)
+                    problem = lock_note(path)
                 if problem is None:  # someone must act: the start stops, naming the twin (SQLite does not)
                     if (unusable := unusable_twin(path, exc)) is not None:  # a damaged page found by a write
                         raise unusable from exc
@@ -407,12 +416,17 @@ class MapperService:
                                 path, loop.time() - since, tries)
                 return worker
             now = loop.time()
-            if logged is None or logged[1] != kind or now - logged[0] >= TWIN_WAIT_LOG_S:
+            if locked:  # each try waited twin.busy_timeout_ms for the lock: the next one at once
+                if logged is None or logged[1] != kind or now - logged[0] >= TWIN_WAIT_LOG_S:
+                    log.warning("%s. The devices start once it is released; waiting %.0f s so far, %d tries; this"
+                                " line at most once a minute", error, now - since, tries)
+                    logged = (now, kind)
+            elif logged is None or logged[1] != kind or now - logged[0] >= TWIN_WAIT_LOG_S:
                 log.error("%s. The mapper waits for it, trying again every %g-%g s (no exit: systemd would give up"
                           " restarting it); waiting %.0f s so far, %d tries; this line at most once a minute",
                           error, *TWIN_RETRY_S, now - since, tries)
                 logged = (now, kind)
-            deadline = now + delay
+            deadline = now + (TWIN_LOCKED_RETRY_S if locked else delay)
             while (left := deadline - loop.time()) > 0:
                 status = f"waiting for the twin since {loop.time() - since:.0f} s ({tries} tries): {error}"
                 for ext in self.extensions:
@@ -425,7 +439,8 @@ class MapperService:
                         await stop.wait()
                 if stop.is_set():
                     return None
-            delay = min(delay * 2, TWIN_RETRY_S[1])
+            if not locked:
+                delay = min(delay * 2, TWIN_RETRY_S[1])
 
     async def _first_opens(self, limit_s: float = 30.0) -> None:
         """Wait (bounded) until every driver's first open() attempt returned: "running" means started."""

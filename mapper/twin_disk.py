@@ -116,3 +116,49 @@ def write_denied(path: Path) -> tuple[str, int] | None:
                 user = f"uid {os.geteuid()}"
             return f"{described(candidate)}, which this user ({user}) may not write", candidate.stat().st_uid
     return None
+
+
+# SQLite's WAL write lock: one byte of the -shm file (WALINDEX_LOCK_OFFSET 120 + WAL_WRITE_LOCK 0),
+# taken with a POSIX record lock (fcntl F_SETLK) by whoever writes: a `BEGIN IMMEDIATE` held open.
+_WAL_WRITE_LOCK_BYTE = 120
+
+
+def lock_holder(path: Path) -> str | None:
+    """`pid 1234 (sqlite3 /var/lib/mapper/twin.db)`: the process holding the twin's write lock, as
+    the kernel tells (F_GETLK on the -shm file's write-lock byte); None when it cannot say (no
+    lock held now, a holder in this very process, a platform whose struct flock differs)."""
+    import fcntl
+    import struct
+
+    if struct.calcsize("l") != 8:  # (struct flock below is 64-bit Linux's; a 32-bit one's may differ)
+        return None
+    flock = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
+    try:
+        fd = os.open(f"{path}-shm", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(flock, fcntl.F_WRLCK, os.SEEK_SET,
+                                                            _WAL_WRITE_LOCK_BYTE, 1, 0))
+        kind, _, _, _, pid = struct.unpack(flock, answer)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if kind == fcntl.F_UNLCK or pid <= 0:
+        return None
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            command = cmdline.read(300).replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        command = ""
+    return f"pid {pid} ({command})" if command else f"pid {pid}"
+
+
+def lock_note(path: Path) -> str:
+    """What to say about the twin's write lock held by another process: who holds it, if known,
+    and what to do."""
+    holder = lock_holder(path)
+    who = f"{holder} holds it" if holder else "its holder is not known (a process of another user, or this one)"
+    return (f"another process holds the twin's write lock ({who}: a backup, a `mapper twin` command, an sqlite3"
+            " shell left in a transaction?); it is waited for")

@@ -1,0 +1,103 @@
+"""Another process holds the twin's write lock while the mapper starts or reloads.
+
+`sqlite3 twin.db 'BEGIN IMMEDIATE;'` left open, a `mapper twin set` or a backup in progress: every
+write of the mapper waits twin.busy_timeout_ms for the lock, then fails with "database is locked".
+The start's device list write (TwinStore.sync_devices) used to stop `mapper run`, and a SIGHUP
+reload's was lost ("reload failed"). Both now wait for the lock, with a WARNING naming the process
+that holds it, and go on once it is released. The holder is a real process here: the kernel tells
+a lock's holder only to another process (F_GETLK).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from devices.ids import DeviceId
+from helpers import async_wait_for, running_service, write_config, write_devices
+from mapper.config import load_config
+from twin.store import TwinStore
+
+A, B = DeviceId("default", "a"), DeviceId("default", "b")
+
+
+class LockHolder:
+    """A process holding the twin's write lock (BEGIN IMMEDIATE) until `release()`."""
+
+    def __init__(self, twin: Path) -> None:
+        script = ("import sqlite3, sys; c = sqlite3.connect(sys.argv[1], isolation_level=None);"
+                  " c.execute('BEGIN IMMEDIATE'); print('held', flush=True); sys.stdin.read()")
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(twin)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None and self.proc.stdout.readline().strip() == "held"
+
+    def release(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()  # its transaction ends with it
+            self.proc.wait(10)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
+
+
+@pytest.fixture
+def holder_of(tmp_path: Path) -> Iterator:
+    holders: list[LockHolder] = []
+
+    def hold(twin: Path) -> LockHolder:
+        holders.append(LockHolder(twin))
+        return holders[-1]
+
+    yield hold
+    for holder in holders:
+        holder.release()
+
+
+def short_busy_config(tmp_path: Path, names: list[str], busy_ms: int = 200):  # noqa: ANN201
+    """A config whose twin waits `busy_ms` for a lock (30 s as shipped)."""
+    devices = write_devices(tmp_path / "dev", names, cycle=20)
+    path = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    path.write_text(path.read_text().replace("  batch_delay_ms: 5\n", f"  batch_delay_ms: 5\n  busy_timeout_ms: {busy_ms}\n"))
+    config = load_config(path)
+    assert config.twin.busy_timeout_ms == busy_ms
+    return config, devices
+
+
+def readings(config, device: DeviceId) -> int:  # noqa: ANN001
+    with TwinStore.open(config.twin.path) as twin:
+        return len(twin.history(device, "count", limit=1_000_000))
+
+
+async def test_a_start_waits_for_a_twin_another_process_holds_locked(tmp_path: Path, caplog, holder_of) -> None:
+    """Before: `mapper run` stopped after busy_timeout_ms with "cannot write the twin ... at start:
+    database is locked". Now it says who holds the lock and starts once the lock is released."""
+    caplog.set_level(logging.INFO)
+    config, _ = short_busy_config(tmp_path, ["a"])
+    TwinStore.open(config.twin.path).close()  # the twin file there, as after an earlier run
+    holder = holder_of(Path(config.twin.path))
+    from mapper.service import MapperService
+
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await async_wait_for(lambda: "write lock" in caplog.text or task.done(), what="the lock's warning")
+        assert not task.done(), task.exception() if not task.cancelled() else "cancelled"
+        warned = [r for r in caplog.records if "write lock" in r.getMessage()]
+        assert warned[0].levelno == logging.WARNING
+        assert f"pid {holder.proc.pid} (" in warned[0].getMessage() and "BEGIN IMMEDIATE" in warned[0].getMessage()
+        assert not service.ready.is_set()
+        holder.release()
+        async with asyncio.timeout(10):
+            await service.ready.wait()
+        await async_wait_for(lambda: readings(config, A) >= 3, what="the device's readings in the twin")
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
