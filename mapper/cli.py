@@ -770,6 +770,8 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
     at the next start only, named in the closing line (not "nothing changed" after a new `node`)."""
     import asyncio
 
+    from mapper.twin_disk import twin_write_cause
+
     reload_log = logging.getLogger("mapper.reload")
     reload_log.info("SIGHUP: reloading device files %s", ", ".join(map(str, config.devices)) or "(none)")
     checks = [check for ext in service.extensions if (check := getattr(ext, "config_problems", None)) is not None]
@@ -800,7 +802,16 @@ async def reload_devices(service, config: MapperConfig, *,  # noqa: ANN001
     for warning in result.warnings:
         reload_log.warning("%s", warning)
     apply = service.local_devices_handler or service.update_devices
-    changes = await apply(result)
+    while True:
+        # Another process holding the twin's lock (a backup, `mapper twin set`) is waited for before
+        # any device stops for the switch; the reload used to fail on it and be lost.
+        await service.wait_for_twin_lock(reload_log, "the reload")
+        try:
+            changes = await apply(result)
+            break
+        except sqlite3.Error as exc:  # locked again in between: the switch was undone, the previous devices run
+            if twin_write_cause(exc, service.config.twin.path) != "locked":
+                raise
     if refused := [str(device_id) for device_id in changes.get("refused", ())]:
         reload_log.warning("not run, refused at this reload: %s (the warnings above say why; `mapper devices` shows"
                            " it offline until its file is fixed and reloaded)", ", ".join(refused),

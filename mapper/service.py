@@ -552,6 +552,33 @@ class MapperService:
         else:
             log.info("mapper %s stopped: drivers closed, twin flushed", self.config.node)
 
+    async def wait_for_twin_lock(self, said: logging.Logger, what: str) -> None:
+        """Until the twin takes a write: while another process holds its lock past twin.busy_timeout_ms
+        (a backup, a `mapper twin set`, an sqlite3 shell), a WARNING naming the holder (at most once
+        a minute) and another try. Any other error is left to the write that follows to say.
+        `what`: what waits ("the reload"). MapperStopping once the stop began."""
+        path = self.config.twin.path
+        loop = asyncio.get_running_loop()
+        since, warned_at = loop.time(), None
+        while True:
+            if self._stopping:
+                raise MapperStopping(f"the mapper is stopping: {what} is not done")
+            try:
+                await self.twin(lambda s: s.take_write_lock())
+            except sqlite3.Error as exc:
+                if twin_write_cause(exc, path) != "locked":
+                    return
+                if warned_at is None or loop.time() - warned_at >= TWIN_WAIT_LOG_S:
+                    warned_at = loop.time()
+                    said.warning("%s waits for the twin %s: %s; the devices run as before meanwhile (waiting %.0f s"
+                                 " so far; this line at most once a minute)", what, path, lock_note(path),
+                                 loop.time() - since)
+                await asyncio.sleep(TWIN_LOCKED_RETRY_S)
+                continue
+            if warned_at is not None:
+                said.warning("the twin's write lock is released after %.0f s: %s goes on", loop.time() - since, what)
+            return
+
     async def update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
         """Switch to a new set of definitions, touching only devices that were added, changed or removed.
 

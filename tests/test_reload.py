@@ -210,11 +210,12 @@ def test_a_property_made_read_only_by_a_reload_drops_its_desired_value(mapper: M
 
 
 async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_path: Path) -> None:
-    """The twin refuses the reload's write (a lock held past its timeout, a full SD card) after
+    """The twin refuses a device update's write (a lock held past its timeout, a full SD card) after
     the changed and removed devices were stopped. The log says "reload failed; still running the
     previous devices", and so it must be: before, b (changed) and a (removed) stayed stopped,
     with no reading taken, until another SIGHUP. The refusal is real: another connection holds
-    the twin file's write lock (BEGIN IMMEDIATE), and the service's busy timeout is made short."""
+    the twin file's write lock (BEGIN IMMEDIATE), and the service's busy timeout is made short.
+    (A SIGHUP reload waits for such a lock now, tests/test_twin_lock.py; a DMI update is refused.)"""
     import sqlite3
 
     from devices.loader import load
@@ -233,7 +234,7 @@ async def test_a_reload_the_twin_refuses_keeps_the_previous_devices_running(tmp_
         try:
             lock.execute("BEGIN IMMEDIATE")  # the twin cannot be written until the ROLLBACK
             with pytest.raises(sqlite3.OperationalError, match="locked"):
-                await reload_devices(service, config)
+                await service.update_devices(load(config.devices))
         finally:
             lock.execute("ROLLBACK")
             lock.close()

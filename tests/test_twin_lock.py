@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from devices.ids import DeviceId
-from helpers import async_wait_for, running_service, write_config, write_devices
+from helpers import async_wait_for, device_yaml, running_service, write_config, write_devices
 from mapper.config import load_config
 from twin.store import TwinStore
 
@@ -101,3 +101,33 @@ async def test_a_start_waits_for_a_twin_another_process_holds_locked(tmp_path: P
         stop.set()
         async with asyncio.timeout(10):
             await task
+
+
+async def test_a_reload_waits_for_a_twin_another_process_holds_locked(tmp_path: Path, caplog, holder_of) -> None:
+    """Before: the reload's device list write failed after busy_timeout_ms ("reload failed; still
+    running the previous devices") and the reload was lost until another SIGHUP. Now it waits, the
+    previous devices reading on, says who holds the lock, and switches once it is released."""
+    from mapper.cli import reload_devices
+
+    caplog.set_level(logging.INFO)
+    config, devices = short_busy_config(tmp_path, ["a", "b"])
+    async with running_service(config) as service:
+        before = {d: r.definition.fingerprint for d, r in service.runners.items()}
+        (devices / "b.yaml").write_text(device_yaml("b", cycle=20, config="{seed: 7}"))
+        (devices / "a.yaml").unlink()
+        holder = holder_of(Path(config.twin.path))
+        reload = asyncio.create_task(reload_devices(service, config))
+        await async_wait_for(lambda: "the reload waits for the twin" in caplog.text or reload.done(),
+                             what="the reload's warning")
+        assert not reload.done(), reload.exception() if not reload.cancelled() else "cancelled"
+        assert f"pid {holder.proc.pid} (" in caplog.text
+        # Nothing stopped for the switch meanwhile: both devices still run their previous definitions.
+        assert {d: r.definition.fingerprint for d, r in service.runners.items()} == before
+        reads = {d: r.reads for d, r in service.runners.items()}
+        await async_wait_for(lambda: all(service.runners[d].reads > reads[d] + 3 for d in (A, B)),
+                             what="a and b still reading")
+        holder.release()
+        async with asyncio.timeout(10):
+            assert await reload
+        assert set(service.runners) == {B} and service.runners[B].definition.fingerprint != before[B]
+        assert "reload done: changed default/b; removed default/a" in caplog.text

@@ -812,6 +812,14 @@ class TwinStore:
 
     # -- transactions ----------------------------------------------------------------------
 
+    def take_write_lock(self) -> None:
+        """Take the write lock and let it go at once: waits the busy timeout for another process's
+        lock, then raises "database is locked" as a write would (a reload waits for it before it
+        stops a device)."""
+        if not self.conn.in_transaction:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("ROLLBACK")
+
     def _begin(self) -> None:
         self.conn.execute("BEGIN IMMEDIATE")
         self._tx_first_id = self._next_id
