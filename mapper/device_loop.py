@@ -53,6 +53,9 @@ restored value is written to the device at once from the twin's desired value (a
 no write lock), and those twin writes are retried in the background, in that order, until they
 succeed or the runner stops. The late boot-state reset replaces only a desired version that was
 there at the start: one set and applied since is the device's state, not a value from before.
+Likewise the record of a desired value's result (applied, or its write failed): a value written to
+the device while the twin refuses writes is recorded, and told to the apply listeners, once the
+twin takes them, in order after those writes (it used to crash and restart the device loop).
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
@@ -199,6 +202,11 @@ class DeviceRunner:
         # Per property, the desired version a restore made and when its value was set (desired_ts, ms):
         # a driver's time limit counts from then (see _time_left).
         self._restored: dict[str, tuple[int, int | None]] = {}
+        # Twin writes the twin refused (another process's lock, a full disk), retried in order in
+        # the background (_twin_writes_later); kept across a crash-restart of the loop.
+        self._twin_writes: list[Callable[[], Awaitable[None]]] = []
+        self._twin_writes_task: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
         # Per property, its last reading of any kind: (the loop's clock then, the reading, timed out).
         self._last_read: dict[str, tuple[float, Reading, bool]] = {}
@@ -381,7 +389,7 @@ class DeviceRunner:
         self.driver.on_change = lambda prop, settle_s: _soon(loop, self._note_change, prop, settle_s)
         self.driver.on_revert = lambda prop, value, reason: _soon(loop, self._note_revert, prop, value, reason)
         await self._open()
-        deferred: list[Callable[[], Awaitable[None]]] = []  # start-time twin writes the twin refused
+        deferred = self._twin_writes  # start-time twin writes the twin refused, after those still waiting
         try:
             await self._sync_boot_values()
         except (sqlite3.Error, OSError) as exc:
@@ -395,13 +403,17 @@ class DeviceRunner:
         by_cycle: dict[int, list[PropertyDefinition]] = {}
         for prop in self.definition.properties:
             by_cycle.setdefault(prop.collect_cycle_ms, []).append(prop)
-        async with asyncio.TaskGroup() as tg:
-            for cycle_ms, props in by_cycle.items():
-                tg.create_task(self._collect(cycle_ms, props), name=f"collect[{self.id}/{cycle_ms}ms]")
-            tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
-            tg.create_task(self._change_loop(), name=f"changes[{self.id}]")
-            if deferred:
-                tg.create_task(self._start_writes_later(deferred), name=f"start-writes[{self.id}]")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for cycle_ms, props in by_cycle.items():
+                    tg.create_task(self._collect(cycle_ms, props), name=f"collect[{self.id}/{cycle_ms}ms]")
+                tg.create_task(self._apply_loop(), name=f"apply[{self.id}]")
+                tg.create_task(self._change_loop(), name=f"changes[{self.id}]")
+                if deferred:
+                    self._twin_writes_task = tg.create_task(self._twin_writes_later(), name=f"twin-writes[{self.id}]")
+        finally:
+            self._tg = self._twin_writes_task = None
 
     # -- start-time twin writes while the twin cannot be written ------------------------------
 
@@ -452,19 +464,27 @@ class DeviceRunner:
                          " takes writes)", self.id, name, shown(prop.desired, 200))
         return lambda: self._restore_desired(queue=True)
 
-    async def _start_writes_later(self, writes: list[Callable[[], Awaitable[None]]]) -> None:
-        """Retry the start's twin writes, in order, until each succeeds (or the runner stops)."""
+    def _write_later(self, write: Callable[[], Awaitable[None]]) -> None:
+        """A twin write the twin refused, made once it takes writes, after those waiting before it."""
+        self._twin_writes.append(write)
+        if self._tg is not None and (self._twin_writes_task is None or self._twin_writes_task.done()):
+            self._twin_writes_task = self._tg.create_task(self._twin_writes_later(), name=f"twin-writes[{self.id}]")
+
+    async def _twin_writes_later(self) -> None:
+        """Retry the twin writes the twin refused (the start's, a desired value's result), in
+        order, until each succeeds (or the runner stops: what is left is kept for its next run)."""
         attempt = 0
-        for write in writes:
-            while True:
-                try:
-                    await write()
-                    break
-                except (sqlite3.Error, OSError) as exc:
-                    attempt += 1
-                    log.debug("%s: the start's twin write still fails (%s); retried", self.id, exc)
-                    await asyncio.sleep(self._backoff(attempt))
-        log.info("%s: the start's twin writes are done, the twin takes writes again", self.id)
+        writes = self._twin_writes
+        while writes:
+            try:
+                await writes[0]()
+            except (sqlite3.Error, OSError) as exc:
+                attempt += 1
+                log.debug("%s: a twin write that waits still fails (%s); retried", self.id, exc)
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            writes.pop(0)
+        log.info("%s: the twin writes that waited are done, the twin takes writes again", self.id)
 
     async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
         """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up
@@ -851,11 +871,21 @@ class DeviceRunner:
             else:
                 log.info("%s/%s: applied desired value %s (version %d)", self.id, name, shown(change.value, 200),
                          change.version)
+        if self._twin_writes:  # results that wait for the twin go first: the listeners hear them in order
+            self._write_later(lambda: self._on_applied(change, error, pending=failed))
+            return
         try:
             if failed:
                 await self._on_applied(change, error, pending=True)
             else:
                 await self._on_applied(change, error)
+        except (sqlite3.Error, OSError) as exc:
+            # The twin refused the record (another process's lock past its timeout, a full disk): the
+            # device has the value; the record is made once the twin takes writes. It used to crash
+            # the device loop, which restarted after a back-off, the device closed and opened again.
+            self._twin_unwritable(f"the result of the desired value {shown(change.value, 200)} of {name}"
+                                  f" (version {change.version})", exc)
+            self._write_later(lambda: self._on_applied(change, error, pending=failed))
         except BaseException:
             # Not marked applied in the twin (locked past its timeout, a full disk): it stays pending
             # there, so it must not stay "seen" here, or the restarted loop would skip it for good.

@@ -740,6 +740,9 @@ class MapperService:
                 log.exception("%s: device loop crashed (%s); restarting", runner.id, exc)
                 await runner.close_when_idle()
                 await asyncio.sleep(min(30.0, 2**attempt))
+                # A value the crash left pending (its apply not recorded) goes to the restarted loop
+                # now, not at the desired poll's backstop (10 s): this process's writes wake no poll.
+                self.desired_changed()
 
     async def _on_state(self, definition: DeviceDefinition, state: str, detail: str | None) -> None:
         """A device's state changed: into the twin, with the messages the listeners make of it.

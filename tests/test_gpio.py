@@ -1150,13 +1150,11 @@ async def test_a_relay_restored_while_the_twin_is_locked_gets_only_what_is_left_
 
 async def test_restore_after_a_crash_restart_of_the_device_loop(tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """The device loop crashes (the twin refused to record another output's apply: a trigger on the
-    real twin file) and is restarted: its driver is closed (every output off) and opened again. The
-    `initial: restore` relay comes back on, its desired value applied before and not touched by
-    the crash; without restore it would have been reset to its boot state."""
-    import contextlib
-    import sqlite3
-
+    """The device loop crashes (a bug while recording another output's apply, before the twin took
+    it; the twin refusing it, as this test had it, no longer crashes the loop: test_twin_lock.py) and is
+    restarted: its driver is closed (every output off) and opened again. The `initial: restore`
+    relay comes back on, its desired value applied before and not touched by the crash; without
+    restore it would have been reset to its boot state."""
     caplog.set_level(logging.ERROR, logger="mapper.service")
     devices = tmp_path / "dev"
     devices.mkdir()
@@ -1172,16 +1170,19 @@ async def test_restore_after_a_crash_restart_of_the_device_loop(tmp_path: Path,
             _, on_version = store.set_desired(IO, "relay", True)
         await async_wait_for(_relay_applied(config, True), what="relay on")
         wire = wire_of(runner.driver)
-        with contextlib.closing(sqlite3.connect(config.twin.path, isolation_level=None)) as db:
-            db.executescript(
-                "CREATE TABLE injected_failure (x); INSERT INTO injected_failure VALUES (1);"
-                "CREATE TRIGGER refuse_applied BEFORE UPDATE OF applied_version ON properties"
-                " WHEN NEW.name = 'lamp' AND EXISTS (SELECT 1 FROM injected_failure)"
-                " BEGIN SELECT RAISE(ABORT, 'disk full'); END;")
-            with TwinStore.open(config.twin.path) as store:
-                store.set_desired(IO, "lamp", True)
-            await async_wait_for(lambda: "device loop crashed" in caplog.text, what="the loop crashed")
-            db.execute("DELETE FROM injected_failure")  # the twin takes writes again
+        crashed: list[str] = []
+        on_applied = runner._on_applied
+
+        async def bug_once(change, error, **kwargs) -> None:  # noqa: ANN001, ANN003
+            if change.property == "lamp" and not crashed:
+                crashed.append(change.property)
+                raise RuntimeError("a bug while recording the apply")
+            await on_applied(change, error, **kwargs)
+
+        runner._on_applied = bug_once
+        with TwinStore.open(config.twin.path) as store:
+            store.set_desired(IO, "lamp", True)
+        await async_wait_for(lambda: "device loop crashed" in caplog.text, what="the loop crashed")
         await async_wait_for(lambda: twin_prop(config, "relay").desired_version == on_version + 1,
                              timeout=30, what="the relay restored by the restarted loop")
         await async_wait_for(_relay_applied(config, True, on_version + 1), what="relay on again")

@@ -131,3 +131,30 @@ async def test_a_reload_waits_for_a_twin_another_process_holds_locked(tmp_path: 
             assert await reload
         assert set(service.runners) == {B} and service.runners[B].definition.fingerprint != before[B]
         assert "reload done: changed default/b; removed default/a" in caplog.text
+
+
+async def test_a_desired_value_applied_while_the_twin_is_locked_is_recorded_once_released(
+        tmp_path: Path, caplog, holder_of) -> None:
+    """A desired value set just before another process took the twin's lock: the device loop writes
+    it to the device, then cannot record it (its read-back's commit, mark_applied). That crashed the
+    device loop ("device loop crashed"), which closed the device and restarted it after a back-off.
+    Now the device keeps reading and the record is made once the lock is released."""
+    caplog.set_level(logging.INFO)
+    config, _ = short_busy_config(tmp_path, ["a"])
+    async with running_service(config) as service:
+        runner = service.runners[A]
+        with TwinStore.open(config.twin.path) as twin:
+            twin.set_desired(A, "power", True)
+            holder = holder_of(Path(config.twin.path))  # (no await since the set: the mapper has not seen it)
+            await async_wait_for(lambda: "cannot write the result of the desired value True of power" in caplog.text
+                                 or "device loop crashed" in caplog.text, what="the record refused")
+            assert "device loop crashed" not in caplog.text
+            assert runner.driver._switch["power"][1] is True  # written to the device
+            assert [c.property for c in twin.pending_desired()] == ["power"]
+            reads = runner.reads
+            await async_wait_for(lambda: runner.reads > reads + 3, what="the device still reading")
+            holder.release()
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value recorded as applied")
+            assert twin.device(A).properties["power"].reported is True and twin.device(A).delta() == {}
+    assert "device loop crashed" not in caplog.text
+    assert caplog.text.count("applied desired value True") == 1  # written once, not again by a restarted loop
