@@ -159,6 +159,8 @@ def lock_note(path: Path) -> str:
     """What to say about the twin's write lock held by another process: who holds it, if known,
     and what to do."""
     holder = lock_holder(path)
-    who = f"{holder} holds it" if holder else "its holder is not known (a process of another user, or this one)"
-    return (f"another process holds the twin's write lock ({who}: a backup, a `mapper twin` command, an sqlite3"
-            " shell left in a transaction?); it is waited for")
+    if holder:
+        return (f"another process holds the twin's write lock: {holder}; it is waited for (an sqlite3 shell left in a"
+                " transaction lets go at its COMMIT or ROLLBACK)")
+    return ("another process holds the twin's write lock (a backup, a `mapper twin` command, an sqlite3 shell left in"
+            " a transaction?); it is waited for")
