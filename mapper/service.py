@@ -576,7 +576,7 @@ class MapperService:
                 await asyncio.sleep(TWIN_LOCKED_RETRY_S)
                 continue
             if warned_at is not None:
-                said.warning("the twin's write lock is released after %.0f s: %s goes on", loop.time() - since, what)
+                said.info("the twin's write lock is released after %.0f s: %s goes on", loop.time() - since, what)
             return
 
     async def update_devices(self, result: LoadResult) -> dict[str, list[DeviceId]]:
