@@ -226,12 +226,13 @@ class MapperService:
 
     # -- the twin --------------------------------------------------------------------------
 
-    def _open_store(self) -> TwinStore:
+    def _open_store(self, busy_timeout_s: float | None = None) -> TwinStore:
+        """`busy_timeout_s`: instead of twin.busy_timeout_ms (a start's tries for a locked twin)."""
         t = self.config.twin
         store = TwinStore.open(
             t.path, synchronous=t.synchronous, check_same_thread=False,
             outbox=OutboxLimits(max_rows=t.outbox_max_rows, max_bytes=t.outbox_max_bytes),
-            busy_timeout_s=t.busy_timeout_ms / 1000,
+            busy_timeout_s=t.busy_timeout_ms / 1000 if busy_timeout_s is None else busy_timeout_s,
         )
         store.on_outbox_dropped = self.outbox_drops.dropped
         return store
@@ -381,16 +382,23 @@ class MapperService:
         path = self.config.twin.path
         loop = asyncio.get_running_loop()
         delay, tries, since = TWIN_RETRY_S[0], 0, loop.time()
+        locked = False  # the last try met another process's lock
         logged: tuple[float, tuple[str, ...]] | None = None  # when the ERROR was last logged, and its kind
         while True:
             for hook in self.before_twin_open:
                 hook()
             tries += 1
-            worker, doing = StoreWorker(self._open_store), "open"
+            # After a try that waited twin.busy_timeout_ms for a lock, each waits TWIN_LOCKED_RETRY_S only:
+            # a stop meanwhile is not held up for 30 s (TimeoutStopSec=30 would kill the mapper).
+            opener = functools.partial(self._open_store, TWIN_LOCKED_RETRY_S) if locked else self._open_store
+            worker, doing = StoreWorker(opener), "open"
             try:
                 await worker.__aenter__()
                 doing = "write"
                 await self._start_up_writes(worker)
+                if locked:
+                    busy_ms = self.config.twin.busy_timeout_ms
+                    await worker.call(lambda s: s.conn.execute(f"PRAGMA busy_timeout={busy_ms}"))
             except Exception as exc:
                 if doing == "write":
                     with contextlib.suppress(Exception):

@@ -77,6 +77,9 @@ def readings(config, device: DeviceId) -> int:  # noqa: ANN001
 async def test_a_start_waits_for_a_twin_another_process_holds_locked(tmp_path: Path, caplog, holder_of) -> None:
     """Before: `mapper run` stopped after busy_timeout_ms with "cannot write the twin ... at start:
     database is locked". Now it says who holds the lock and starts once the lock is released."""
+    from mapper.service import TWIN_LOCKED_RETRY_S
+
+    assert TWIN_LOCKED_RETRY_S * 1000 != 200  # (the busy timeout below tells the two apart)
     caplog.set_level(logging.INFO)
     config, _ = short_busy_config(tmp_path, ["a"])
     TwinStore.open(config.twin.path).close()  # the twin file there, as after an earlier run
@@ -97,6 +100,9 @@ async def test_a_start_waits_for_a_twin_another_process_holds_locked(tmp_path: P
         async with asyncio.timeout(10):
             await service.ready.wait()
         await async_wait_for(lambda: readings(config, A) >= 3, what="the device's readings in the twin")
+        # The tries after the first wait 1 s each for the lock (a stop is not held up for
+        # busy_timeout_ms); the twin that started waits busy_timeout_ms again.
+        assert await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout").fetchone()[0]) == 200
     finally:
         stop.set()
         async with asyncio.timeout(10):
