@@ -53,9 +53,10 @@ restored value is written to the device at once from the twin's desired value (a
 no write lock), and those twin writes are retried in the background, in that order, until they
 succeed or the runner stops. The late boot-state reset replaces only a desired version that was
 there at the start: one set and applied since is the device's state, not a value from before.
-Likewise the record of a desired value's result (applied, or its write failed): a value written to
-the device while the twin refuses writes is recorded, and told to the apply listeners, once the
-twin takes them, in order after those writes (it used to crash and restart the device loop).
+Likewise the record of a desired value's result (applied, or its write failed) and a value the
+driver set back by itself (an auto-off) as the new desired value: made, and told to the apply
+listeners, once the twin takes writes, in order after those (the first used to crash and restart
+the device loop; the second was dropped, and `initial: restore` switched the relay on again).
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`.
@@ -66,6 +67,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import queue
 import random
@@ -716,15 +718,6 @@ class DeviceRunner:
             log.info("%s/%s: %s; ReadOnly, so only the reading %r is recorded", self.id, prop.name, reason,
                      reading.value)
             return
-        if self._flush is not None:
-            # The read-back first, then the desired value: the twin never shows the new desired
-            # version next to the old reported value.
-            try:
-                await self._flush()
-            except Exception as exc:  # noqa: BLE001 - the recorder keeps the reading and retries
-                log.warning("%s/%s: cannot commit the read-back yet (%s); the desired value is left as it is",
-                            self.id, prop.name, exc)
-                return
         if reading.quality != GOOD or reading.value != value:
             log.warning("%s/%s: %s, but the read-back is %r; the desired value is left as it is",
                         self.id, prop.name, reason, reading.value)
@@ -732,6 +725,27 @@ class DeviceRunner:
         if self._twin is None:
             return
         expected = self._desired_seen.get(prop.name, 0)
+        store = functools.partial(self._store_revert, prop, value, reason, last.get(prop.name), expected)
+        if self._twin_writes:  # after the twin writes that wait: in order
+            self._write_later(store)
+            return
+        try:
+            await store()
+        except (sqlite3.Error, OSError) as exc:
+            # The twin refused it (another process's lock, a full disk): made once it takes writes. It
+            # used to be dropped (the read-back's commit) or to crash the loop (the desired value's),
+            # leaving the old value desired: a relay an auto-off had switched off was switched on
+            # again by the next restore (`initial: restore`).
+            self._twin_unwritable(f"{prop.name}'s value {value!r} ({reason}) as its desired value", exc)
+            self._write_later(store)
+
+    async def _store_revert(self, prop: PropertyDefinition, value: Any, reason: str, last: PropertyTwin | None,
+                            expected: int) -> None:
+        """_revert's twin writes: the read-back committed first, then the desired value, so the twin
+        never shows the new desired version next to the old reported value."""
+        if self._flush is not None:
+            await self._flush()
+        assert self._twin is not None
         try:
             version = await self._twin(
                 lambda s: _store_applied_desired(s, self.id, prop.name, value, expected_version=expected))
@@ -742,12 +756,23 @@ class DeviceRunner:
             log.info("%s/%s: %s (ReadOnly in the twin: reported, no desired value)", self.id, prop.name, reason)
             return
         log.warning("%s/%s: %s: desired value is now %r (version %d)", self.id, prop.name, reason, value, version)
-        await self._settled_desired(prop.name, value, version, last.get(prop.name))
+        await self._settled_desired(prop.name, value, version, last)
 
     async def _settled_desired(self, name: str, value: Any, version: int, last: PropertyTwin | None) -> None:
+        """A desired version stored as applied already: its record and listeners (later, in order,
+        if the twin refuses it now)."""
         self._desired_seen[name] = max(version, self._desired_seen.get(name, 0))
         self._forget_failed(name, version)
-        await self._on_applied(DesiredChange(self.id, name, value, version, last), None)
+        change = DesiredChange(self.id, name, value, version, last)
+        if self._twin_writes and self._twin_writes_task is not asyncio.current_task():
+            self._write_later(lambda: self._on_applied(change, None))
+            return
+        try:
+            await self._on_applied(change, None)
+        except (sqlite3.Error, OSError) as exc:
+            self._twin_unwritable(f"the record of the desired value {shown(value, 200)} of {name} (version {version})",
+                                  exc)
+            self._write_later(lambda: self._on_applied(change, None))
 
     async def _twin_before(self) -> dict[str, PropertyTwin]:
         """The device's properties in the twin now, before a change is made: what the twin

@@ -164,3 +164,34 @@ async def test_a_desired_value_applied_while_the_twin_is_locked_is_recorded_once
             assert twin.device(A).properties["power"].reported is True and twin.device(A).delta() == {}
     assert "device loop crashed" not in caplog.text
     assert caplog.text.count("applied desired value True") == 1  # written once, not again by a restarted loop
+
+
+async def test_an_auto_off_while_the_twin_is_locked_becomes_the_desired_value_once_released(
+        tmp_path: Path, caplog, holder_of) -> None:
+    """A relay's auto-off fires while another process holds the twin's lock. Its read-back could not
+    be committed, and the auto-off was dropped ("cannot commit the read-back yet; the desired value
+    is left as it is"): the twin kept `on` desired, so the next restore (`initial: restore`) switched
+    the relay on again. Now the off becomes the desired value once the lock is released."""
+    from test_gpio import IO, RELAY, _relay_applied, cycles, twin_prop, wire_of, write_io
+
+    caplog.set_level(logging.INFO)
+    relay = "{pin: 18, direction: out, initial: restore, auto_off_s: 600}"
+    devices = write_io(tmp_path / "dev", cycles(RELAY % relay, 50))
+    path = write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db")
+    path.write_text(path.read_text().replace("  batch_delay_ms: 5\n", "  batch_delay_ms: 5\n  busy_timeout_ms: 200\n"))
+    config = load_config(path)
+    async with running_service(config) as service:
+        runner = service.runners[IO]
+        with TwinStore.open(config.twin.path) as store:
+            _, on_version = store.set_desired(IO, "relay", True)
+        await async_wait_for(_relay_applied(config, True, on_version), what="relay on")
+        holder = holder_of(Path(config.twin.path))
+        wire = wire_of(runner.driver)
+        wire.advance(601)  # the auto-off is due: it fires at the next read
+        await async_wait_for(lambda: "cannot write relay's value False" in caplog.text
+                             or "cannot commit the read-back yet" in caplog.text, what="the auto-off met the lock")
+        assert wire.pin(18).level is False
+        holder.release()
+        await async_wait_for(_relay_applied(config, False, on_version + 1), what="off the desired value")
+        assert twin_prop(config, "relay").desired_version == on_version + 1
+    assert "device loop crashed" not in caplog.text
