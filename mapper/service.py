@@ -56,8 +56,9 @@ Hook = Callable[["MapperService"], Awaitable[None]]
 # StartLimitIntervalSec=300: ~30 s of restarts), and the mapper stayed down after the disk had room again.
 TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
-# A twin another process holds locked (past twin.busy_timeout_ms, which each try waits) is tried
-# again this soon: it is free again as soon as that process's transaction ends.
+# A twin another process holds locked at start (past twin.busy_timeout_ms, which the first try
+# waits) is tried again this soon, each later try waiting this long for the lock; a SIGHUP reload
+# waiting for the lock tries again this soon. It is free as soon as that process's transaction ends.
 TWIN_LOCKED_RETRY_S = 1.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
 TWIN_WAIT_TICK_S = 5.0
@@ -424,7 +425,7 @@ class MapperService:
                                 path, loop.time() - since, tries)
                 return worker
             now = loop.time()
-            if locked:  # each try waited twin.busy_timeout_ms for the lock: the next one at once
+            if locked:  # the try waited for the lock itself (its busy timeout): the next one a second later
                 if logged is None or logged[1] != kind or now - logged[0] >= TWIN_WAIT_LOG_S:
                     log.warning("%s. The devices start once it is released; waiting %.0f s so far, %d tries; this"
                                 " line at most once a minute", error, now - since, tries)
