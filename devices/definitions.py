@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,17 @@ REPORT_MAX_INTERVAL_MS = "reportMaxIntervalMs"
 REPORT_KEYS = (REPORT_DEADBAND, REPORT_DEADBAND_PERCENT, REPORT_MAX_INTERVAL_MS)
 # A silent sensor's heartbeat when reportMaxIntervalMs is not given (its reportCycle if that is longer).
 DEFAULT_REPORT_MAX_INTERVAL_MS = 60_000
+# Calibration (devices.loader._calibration): reading = raw * valueScale + valueOffset, rounded to valueDigits.
+VALUE_SCALE = "valueScale"
+VALUE_OFFSET = "valueOffset"
+VALUE_DIGITS = "valueDigits"
+CALIBRATION_KEYS = (VALUE_SCALE, VALUE_OFFSET, VALUE_DIGITS)
+# Every key of the mapper's own in a visitor's configData: none reaches the driver's Visitor.
+MAPPER_KEYS = REPORT_KEYS + CALIBRATION_KEYS
+# A calibrated float is rounded to this many significant digits of its larger term (raw * scale, or
+# offset): float arithmetic leaves noise in the last ones (0.1 * 3 = 0.30000000000000004), and a
+# desired value written through the inverse must read back as itself (twin reported == desired).
+CALIBRATION_SIGNIFICANT_DIGITS = 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,54 @@ class Deadband:
         """As `mapper validate` shows it."""
         by = f"{self.absolute:g}" if self.absolute is not None else f"{self.percent:g}%"
         return f"published on a change of {by} or more, else every {self.max_interval_ms / 1000:g} s"
+
+
+@dataclass(frozen=True, slots=True)
+class Calibration:
+    """A numeric property's calibration (opt-in): every reading the driver returns becomes
+    `raw * scale + offset` (rounded to `digits` decimals when given) before anything else sees it
+    (range checks, twin, telemetry, inference); a desired value goes to the driver as
+    `(value - offset) / scale`. An INT property's scale and offset are whole numbers (the loader
+    refuses others), so its readings stay integers and its inverse is exact or refused."""
+
+    scale: float | int
+    offset: float | int
+    digits: int | None
+    integral: bool  # an INT property: integer arithmetic, no rounding
+
+    def reading(self, raw: Any) -> Any:
+        """The calibrated value of a driver's (coerced) reading."""
+        value = raw * self.scale + self.offset
+        if self.integral:
+            return value
+        largest = max(abs(raw * self.scale), abs(self.offset))
+        if largest == 0 or not math.isfinite(largest):
+            return value
+        decimals = CALIBRATION_SIGNIFICANT_DIGITS - 1 - math.floor(math.log10(largest))
+        if self.digits is not None and self.digits < decimals:
+            decimals = self.digits
+        return round(value, decimals)
+
+    def raw(self, value: Any) -> Any:
+        """What the driver is given for a desired `value` (in calibrated units), or ValueError when
+        no raw value reads back as it (an INT property's value between two steps of its scale)."""
+        if not self.integral:
+            return (value - self.offset) / self.scale
+        steps, left = divmod(value - self.offset, self.scale)
+        if left:
+            below = steps * self.scale + self.offset
+            raise ValueError(f"{value} cannot be written: the device takes whole raw values, which read as"
+                             f" raw * {self.scale} + {self.offset} (the nearest are {min(below, below + self.scale)}"
+                             f" and {max(below, below + self.scale)})")
+        return steps
+
+    def describe(self) -> str:
+        """As `mapper validate` shows it."""
+        formula = "raw" if self.scale == 1 else f"raw * {self.scale:g}"
+        if self.offset:
+            formula += f" {'-' if self.offset < 0 else '+'} {abs(self.offset):g}"
+        rounded = f", rounded to {self.digits} decimal(s)" if self.digits is not None else ""
+        return f"calibrated: {formula}{rounded}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +154,8 @@ class PropertyDefinition:
     # Report on change (configData reportDeadband/reportDeadbandPercent/reportMaxIntervalMs), or None:
     # published once per reportCycle as before.
     deadband: Deadband | None = None
+    # Calibration (configData valueScale/valueOffset/valueDigits), or None: readings as the driver gives them.
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +205,11 @@ class DeviceDefinition:
         why = range_problem(value, prop.minimum, prop.maximum)
         if why:
             raise ValueError(f"property {name!r}: {why}")
+        if prop.calibration is not None:
+            try:
+                prop.calibration.raw(value)
+            except ValueError as exc:
+                raise ValueError(f"property {name!r}: {exc}") from None
         return value
 
     @property

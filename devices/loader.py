@@ -23,11 +23,17 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from devices.definitions import (
+    CALIBRATION_KEYS,
     DEFAULT_REPORT_MAX_INTERVAL_MS,
+    MAPPER_KEYS,
     REPORT_DEADBAND,
     REPORT_DEADBAND_PERCENT,
     REPORT_KEYS,
     REPORT_MAX_INTERVAL_MS,
+    VALUE_DIGITS,
+    VALUE_OFFSET,
+    VALUE_SCALE,
+    Calibration,
     Deadband,
     DeviceDefinition,
     MapAt,
@@ -616,7 +622,7 @@ def _refused_device_config(doc: _Doc, models: dict[tuple[str, str], _Entry], pro
         _validate_driver_model(driver.Visitor, (mprop.visitors.config_data if mprop.visitors else None, model_doc,
                                                 ("spec", "properties", j, "visitors", "configData")),
                                (visitor, doc, ("spec", "properties", i, "visitors", "configData")),
-                               problems, protocol, device_id, REPORT_KEYS)
+                               problems, protocol, device_id, MAPPER_KEYS)
 
 
 def _name_warning(doc: _Doc, kind: str, name: str) -> Problem | None:
@@ -1064,21 +1070,15 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
                                     f"{f' and {len(declared) - 20} more' if len(declared) > 20 else ''})"
                                     + (f"; did you mean {close[0]!r}?" if close else "")))
             continue
-        visitor = _validate_driver_model(
-            driver.Visitor if driver else None,
-            (mprop.visitors.config_data if mprop.visitors else None, model_entry.doc,
-             ("spec", "properties", j, "visitors", "configData")),
-            (dprop.visitors.config_data if dprop.visitors else None, doc,
-             ("spec", "properties", i, "visitors", "configData")),
-            problems, protocol, device_id, REPORT_KEYS,
-        )
-        deadband = _report_on_change(
-            (mprop.visitors.config_data if mprop.visitors else None, model_entry.doc,
-             ("spec", "properties", j, "visitors", "configData")),
-            (dprop.visitors.config_data if dprop.visitors else None, doc,
-             ("spec", "properties", i, "visitors", "configData")),
-            mprop.type, dprop.report_cycle or 1000, problems, device_id, dprop.name,
-        )
+        model_visitor: _Source = (mprop.visitors.config_data if mprop.visitors else None, model_entry.doc,
+                                  ("spec", "properties", j, "visitors", "configData"))
+        device_visitor: _Source = (dprop.visitors.config_data if dprop.visitors else None, doc,
+                                   ("spec", "properties", i, "visitors", "configData"))
+        visitor = _validate_driver_model(driver.Visitor if driver else None, model_visitor, device_visitor,
+                                         problems, protocol, device_id, MAPPER_KEYS)
+        deadband = _report_on_change(model_visitor, device_visitor, mprop.type, dprop.report_cycle or 1000,
+                                     problems, device_id, dprop.name)
+        calibration = _calibration(model_visitor, device_visitor, mprop.type, problems, device_id, dprop.name)
         model_doc = model_entry.doc
         desired, desired_text = _desired(dprop, mprop, doc, i, problems,
                                          f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
@@ -1097,6 +1097,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             push_mqtt=push.mqtt if push else None,
             anomaly_detection=push.anomaly_detection if push else None,
             description=mprop.description, desired_text=desired_text, anomaly_at=anomaly_at, deadband=deadband,
+            calibration=calibration,
         )
         if driver is not None and prop.writable and visitor is not None:
             unwritable = _not_writable(driver, prop, protocol, device_id, (model_doc, j), doc)
@@ -1177,7 +1178,7 @@ def _validate_driver_model(
     protocol: str, device_id: DeviceId | str, mapper_keys: tuple[str, ...] = (),
 ) -> Any:
     """The model's configData overridden by the device's, without `mapper_keys` (the mapper's own, in
-    a visitor: REPORT_KEYS), validated by the driver's `model`; a problem with a value from the model
+    a visitor: MAPPER_KEYS), validated by the driver's `model`; a problem with a value from the model
     is reported in the model's document, at that value."""
     data = merged_config(model_level[0], device_level[0])
     for key in mapper_keys:
@@ -1202,57 +1203,112 @@ def _validate_driver_model(
     return None
 
 
-def _report_on_change(model_level: _Source, device_level: _Source, kind: PropertyType, report_cycle_ms: int,
-                      problems: list[Problem], device_id: DeviceId, prop_name: str) -> Deadband | None:
-    """A property's report-on-change option from its visitors' configData (the model's overridden by
-    the device's, as the driver's keys are), or None when it has none; a problem goes to `problems`
-    at the key's line in the document that gives it (the device is then refused)."""
-    values: dict[str, tuple[Any, _Doc, Path_]] = {}
-    for data, doc, path in (model_level, device_level):
-        for key in REPORT_KEYS:
-            if data and key in data:
-                values[key] = (data[key], doc, (*path, key))
-    if not values:
-        return None
-    found: list[Problem] = []
+class _MapperOptions:
+    """The mapper's own keys (`keys`, of MAPPER_KEYS) in a property's visitors' configData: the
+    model's overridden by the device's, as the driver's keys are; a problem is reported at the key's
+    line in the document that gives it (the device is then refused)."""
 
-    def problem(key: str, message: str) -> None:
-        _, doc, path = values[key]
-        found.append(Problem(doc.file, doc.line_of(path), field_name(path),
-                             f"device {device_id}, property {prop_name!r}: {message}"))
+    def __init__(self, keys: tuple[str, ...], model_level: _Source, device_level: _Source, device_id: DeviceId,
+                 prop_name: str) -> None:
+        self.values: dict[str, tuple[Any, _Doc, Path_]] = {}
+        for data, doc, path in (model_level, device_level):
+            for key in keys:
+                if data and key in data:
+                    self.values[key] = (data[key], doc, (*path, key))
+        self.found: list[Problem] = []
+        self._about = f"device {device_id}, property {prop_name!r}"
 
-    def number(key: str, least: float, strictly: bool) -> float | None:
-        if key not in values:
+    def problem(self, key: str, message: str) -> None:
+        _, doc, path = self.values[key]
+        self.found.append(Problem(doc.file, doc.line_of(path), field_name(path), f"{self._about}: {message}"))
+
+    def number(self, key: str, least: float | None = None, strictly: bool = False,
+               example: str = "0.5") -> float | None:
+        """The key's value as a finite number (at least, or above, `least`), or None: not given, or a problem."""
+        if key not in self.values:
             return None
-        value = values[key][0]
+        value = self.values[key][0]
         if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            problem(key, f"{shown(value)} is not a number: write one, unquoted (e.g. {key}: 0.5)")
-        elif value < least or (strictly and value == least):
-            problem(key, f"{value:g} is {'not above' if strictly else 'below'} {least:g}")
+            self.problem(key, f"{shown(value)} is not a number: write one, unquoted (e.g. {key}: {example})")
+        elif least is not None and (value < least or (strictly and value == least)):
+            self.problem(key, f"{value:g} is {'not above' if strictly else 'below'} {least:g}")
         else:
             return float(value)
         return None
 
-    absolute = number(REPORT_DEADBAND, 0, strictly=False)
-    percent = number(REPORT_DEADBAND_PERCENT, 0, strictly=True)
-    interval = number(REPORT_MAX_INTERVAL_MS, 0, strictly=True)
+    def done(self, problems: list[Problem]) -> bool:
+        """Whether the options are sound (their problems, if any, go to `problems`)."""
+        problems.extend(self.found)
+        return not self.found
+
+
+def _report_on_change(model_level: _Source, device_level: _Source, kind: PropertyType, report_cycle_ms: int,
+                      problems: list[Problem], device_id: DeviceId, prop_name: str) -> Deadband | None:
+    """A property's report-on-change option from its visitors' configData, or None when it has none."""
+    options = _MapperOptions(REPORT_KEYS, model_level, device_level, device_id, prop_name)
+    if not options.values:
+        return None
+    absolute = options.number(REPORT_DEADBAND, 0, strictly=False)
+    percent = options.number(REPORT_DEADBAND_PERCENT, 0, strictly=True)
+    interval = options.number(REPORT_MAX_INTERVAL_MS, 0, strictly=True)
     if interval is not None and interval != int(interval):
-        problem(REPORT_MAX_INTERVAL_MS, f"{interval:g} is not a whole number of milliseconds")
-    banded = [key for key in (REPORT_DEADBAND, REPORT_DEADBAND_PERCENT) if key in values]
+        options.problem(REPORT_MAX_INTERVAL_MS, f"{interval:g} is not a whole number of milliseconds")
+    banded = [key for key in (REPORT_DEADBAND, REPORT_DEADBAND_PERCENT) if key in options.values]
     if len(banded) == 2:
-        problem(REPORT_DEADBAND_PERCENT, f"give {REPORT_DEADBAND} (absolute) or {REPORT_DEADBAND_PERCENT}, not both")
+        options.problem(REPORT_DEADBAND_PERCENT,
+                        f"give {REPORT_DEADBAND} (absolute) or {REPORT_DEADBAND_PERCENT}, not both")
     elif not banded:
-        problem(REPORT_MAX_INTERVAL_MS, f"a heartbeat for report on change: it needs {REPORT_DEADBAND} (or"
-                                        f" {REPORT_DEADBAND_PERCENT}) beside it; without one every reading is"
-                                        " published once per reportCycle")
+        options.problem(REPORT_MAX_INTERVAL_MS, f"a heartbeat for report on change: it needs {REPORT_DEADBAND} (or"
+                                                f" {REPORT_DEADBAND_PERCENT}) beside it; without one every reading is"
+                                                " published once per reportCycle")
     elif not kind.numeric:
-        problem(banded[0], f"a deadband needs a number: the property's type is {kind.value} (INT, FLOAT and DOUBLE"
-                           " properties take one)")
-    problems.extend(found)
-    if found:
+        options.problem(banded[0], f"a deadband needs a number: the property's type is {kind.value} (INT, FLOAT and"
+                                   " DOUBLE properties take one)")
+    if not options.done(problems):
         return None
     return Deadband(absolute=absolute, percent=percent, max_interval_ms=int(
         interval if interval is not None else max(DEFAULT_REPORT_MAX_INTERVAL_MS, report_cycle_ms)))
+
+
+# valueDigits beyond this: a double holds about 15 significant digits.
+_MAX_VALUE_DIGITS = 15
+
+
+def _calibration(model_level: _Source, device_level: _Source, kind: PropertyType, problems: list[Problem],
+                 device_id: DeviceId, prop_name: str) -> Calibration | None:
+    """A property's calibration (valueScale, valueOffset, valueDigits) from its visitors' configData,
+    or None when it has none. An INT property takes whole-number scale and offset only (its readings
+    stay integers) and no valueDigits (it has no decimals to round)."""
+    options = _MapperOptions(CALIBRATION_KEYS, model_level, device_level, device_id, prop_name)
+    if not options.values:
+        return None
+    if not kind.numeric:
+        options.problem(next(iter(options.values)), f"calibration needs a number: the property's type is {kind.value}"
+                                                    " (INT, FLOAT and DOUBLE properties take one)")
+        options.done(problems)
+        return None
+    scale = options.number(VALUE_SCALE, example="1.8")
+    offset = options.number(VALUE_OFFSET, example="-1.5")
+    digits = options.number(VALUE_DIGITS, 0, example="1")
+    if scale == 0:
+        options.problem(VALUE_SCALE, "0 would make every reading the offset, and no desired value could be written:"
+                                     " give the factor raw readings are multiplied by (1 for none)")
+    if digits is not None and (digits != int(digits) or digits > _MAX_VALUE_DIGITS):
+        options.problem(VALUE_DIGITS, f"{digits:g} is not a whole number of decimals from 0 to {_MAX_VALUE_DIGITS}")
+    if kind is PropertyType.INT:
+        for key, number in ((VALUE_SCALE, scale), (VALUE_OFFSET, offset)):
+            if number is not None and number != int(number):
+                options.problem(key, f"{number:g} is not a whole number: an INT property's readings stay integers;"
+                                     " make the property FLOAT (or DOUBLE) for a fractional calibration")
+        if VALUE_DIGITS in options.values:
+            options.problem(VALUE_DIGITS, "an INT property has no decimals to round: valueDigits is for FLOAT and"
+                                          " DOUBLE properties")
+    if not options.done(problems):
+        return None
+    integral = kind is PropertyType.INT
+    scale, offset = (1.0 if scale is None else scale), (0.0 if offset is None else offset)
+    return Calibration(scale=int(scale) if integral else scale, offset=int(offset) if integral else offset,
+                       digits=None if digits is None else int(digits), integral=integral)
 
 
 def _driver_failed(protocol: str, what: str, exc: Exception) -> str:

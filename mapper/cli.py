@@ -94,17 +94,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     refused = (f"; {len(result.unrunnable)} of the devices would not run here: see the warnings"
                if result.unrunnable else "")
     print(f"ok: {len(result.devices)} device(s), {len(result.models)} model(s){_warned(result.warnings)}{refused}")
-    _print_report_on_change(result.devices)
+    _print_mapper_options(result.devices)
     return 0
 
 
-def _print_report_on_change(devices: dict) -> None:
-    """The properties published on change (visitors.configData reportDeadband...), one line each: the
-    mapper's own keys in a driver's configData, shown so a typo'd or forgotten one is seen."""
+def _print_mapper_options(devices: dict) -> None:
+    """The properties published on change (visitors.configData reportDeadband...) or calibrated
+    (valueScale...), one line each: the mapper's own keys in a driver's configData, shown so a typo'd
+    or forgotten one is seen."""
     for device_id, definition in sorted(devices.items(), key=lambda item: str(item[0])):
         for prop in definition.properties:
-            if prop.deadband is not None:
-                print(f"  {device_id} {prop.name}: {prop.deadband.describe()}")
+            for option in (prop.calibration, prop.deadband):
+                if option is not None:
+                    print(f"  {device_id} {prop.name}: {option.describe()}")
 
 
 def _validate_config(path: str) -> int:
@@ -151,7 +153,7 @@ def _validate_config(path: str) -> int:
     assert result is not None
     refused = f" ({len(result.unrunnable)} not run here: see the warnings)" if result.unrunnable else ""
     print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s){_warned(warnings)}")
-    _print_report_on_change(result.devices)
+    _print_mapper_options(result.devices)
     return 0
 
 

@@ -59,7 +59,10 @@ listeners, once the twin takes writes, in order after those (the first used to c
 the device loop; the second was dropped, and `initial: restore` switched the relay on again).
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
-recorded `out_of_range`.
+recorded `out_of_range`. A calibrated property's reading (PropertyDefinition.calibration) is
+calibrated first: the minimum/maximum are checked on it, the rated range on the raw value; a desired
+value goes to the driver through the inverse, and a value the driver gives by itself (a boot value,
+a revert) is calibrated as its readings are.
 """
 
 from __future__ import annotations
@@ -523,10 +526,14 @@ class DeviceRunner:
             await self._keeping(reading, self._failed(exc), on_demand)
             return reading, False, timed_out
         self.reads += 1
+        raw = value
+        if prop.calibration is not None:  # (the one test a property without one costs)
+            value = prop.calibration.reading(value)
         why = range_problem(value, prop.minimum, prop.maximum)
         rated = self._rated.get(prop.name)
-        if why is None and rated is not None and range_problem(value, *rated):
-            why = f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}"
+        if why is None and rated is not None and range_problem(raw, *rated):
+            why = (f"{value} is outside the sensor's rated range {rated[0]:g} to {rated[1]:g}" if raw is value else
+                   f"{value} (raw {raw}) is outside the sensor's rated range {rated[0]:g} to {rated[1]:g} (raw)")
         reading = Reading(self.id, prop.name, value, taken, OUT_OF_RANGE if why else GOOD, why)
         if why is not None and (held := _out_of_range_log((self.id, prop.name))) is not None:
             log.warning("%s: %s: %s: recorded and published with quality out_of_range, not as its value "
@@ -703,8 +710,8 @@ class DeviceRunner:
                 await self._revert(prop, value, reason)
 
     def _note_revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
-        """On the loop: the driver set `prop` back by itself; handled in the apply loop, in order."""
-        self._reverts[prop.name] = (prop, value, reason)
+        """On the loop: the driver set `prop` back by itself (to `value`, raw); handled in the apply loop, in order."""
+        self._reverts[prop.name] = (prop, _calibrated(prop, value), reason)
         self._desired_event.set()
 
     async def _revert(self, prop: PropertyDefinition, value: Any, reason: str) -> None:
@@ -794,7 +801,7 @@ class DeviceRunner:
         for prop in self.definition.properties:
             value = self.driver.boot_value(prop) if prop.writable and not self.driver.restore_desired(prop) else None
             if value is not None:
-                boot[prop.name] = coerce(prop.type, value)
+                boot[prop.name] = _calibrated(prop, coerce(prop.type, value))
         if not boot or self._twin is None:
             return
         seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot, versions))
@@ -861,8 +868,8 @@ class DeviceRunner:
                 left, spent = self._time_left(prop, value, restored[1])
                 if spent is not None:
                     # Not written: the device is still as open() left it (a GPIO output off).
-                    await self._revert(prop, self.driver.boot_value(prop), f"the desired value {shown(value, 200)}"
-                                       f" is {spent}")
+                    await self._revert(prop, _calibrated(prop, self.driver.boot_value(prop)),
+                                       f"the desired value {shown(value, 200)} is {spent}")
                     return
             try:
                 async with self._io_lock:
@@ -922,7 +929,10 @@ class DeviceRunner:
             raise
 
     async def _write(self, prop: PropertyDefinition, value: Value, left: float | None) -> None:
-        """`left`: seconds left of the driver's time limit for a restored value (Driver.write_for)."""
+        """`left`: seconds left of the driver's time limit for a restored value (Driver.write_for). A
+        calibrated property's driver is given the raw value (its readings are calibrated again)."""
+        if prop.calibration is not None:
+            value = prop.calibration.raw(value)
         if left is None:
             await self._call(self.driver.write, prop, value)
         else:
@@ -995,6 +1005,17 @@ class DriverThread:
                     future.set_exception(exc)
             if self._once:
                 return
+
+
+def _calibrated(prop: PropertyDefinition, raw: Any) -> Any:
+    """A value from the driver other than a reading (a boot value, a value it set back by itself) in
+    the property's calibrated units, as its readings are (None stays None)."""
+    if prop.calibration is None or raw is None:
+        return raw
+    try:
+        return prop.calibration.reading(coerce(prop.type, raw))
+    except ValueError:  # not of the property's type (the driver's bug): its read-back says so
+        return raw
 
 
 def _raised(exc: BaseException) -> str:
