@@ -1081,7 +1081,8 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         calibration = _calibration(model_visitor, device_visitor, mprop.type, problems, device_id, dprop.name)
         model_doc = model_entry.doc
         desired, desired_text = _desired(dprop, mprop, doc, i, problems,
-                                         f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}")
+                                         f"{model_doc.file}:{model_doc.line_of(('spec', 'properties', j))}",
+                                         calibration)
         push = dprop.push_method
         if push is not None and push.mqtt is not None and push.mqtt.topic and (
                 refusal := push_topics.refusal(device_id, dprop.name, push.mqtt.topic)) is not None:
@@ -1336,8 +1337,10 @@ def _desired_text(device: Device, model_entry: _Entry | None, doc: _Doc) -> Call
     return text_of
 
 
-def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str):
-    """(the typed desired value, the text it was read from), or (None, None): none given, or refused."""
+def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_where: str,
+             calibration: Calibration | None = None):
+    """(the typed desired value, the text it was read from), or (None, None): none given, or refused
+    (also one no raw value of a `calibration` reads back as)."""
     if dprop.desired is None or dprop.desired.value == "":
         return None, None
     path = ("spec", "properties", i, "desired", "value")
@@ -1356,6 +1359,11 @@ def _desired(dprop, mprop, doc: _Doc, i: int, problems: list[Problem], model_whe
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), f"{exc} for type {mprop.type.value}"))
         return None, None
     why = range_problem(value, mprop.min_value, mprop.max_value)
+    if why is None and calibration is not None:
+        try:
+            calibration.raw(value)
+        except ValueError as exc:
+            why = str(exc)
     if why:
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), why))
         return None, None

@@ -112,6 +112,18 @@ def test_an_int_desired_value_between_two_raw_steps_is_refused_with_the_nearest(
         definition.desired_value("level", 27)
 
 
+def test_a_files_desired_value_an_int_calibration_cannot_reach_is_an_error_at_its_line(tmp_path):
+    directory = tmp_path / "devices"
+    directory.mkdir()
+    (directory / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: level, type: INT, accessMode: ReadWrite}", "{kind: constant, valueScale: 10}",
+        settings="desired: {value: '27'}"))
+    with pytest.raises(DefinitionError) as caught:
+        load([directory])
+    [problem] = caught.value.problems
+    assert "desired.value" in str(problem) and "27 cannot be written" in str(problem), str(problem)
+
+
 PROBE_FILE = """\
 apiVersion: devices.kubeedge.io/v1beta1
 kind: DeviceModel
