@@ -57,6 +57,8 @@ Likewise the record of a desired value's result (applied, or its write failed) a
 driver set back by itself (an auto-off) as the new desired value: made, and told to the apply
 listeners, once the twin takes writes, in order after those (the first used to crash and restart
 the device loop; the second was dropped, and `initial: restore` switched the relay on again).
+The device's stop (a mapper stop, a reload) makes those still waiting, once more, in order
+(`write_what_waits`): a stop during their retry's back-off used to drop them.
 
 Readings outside the model's minimum/maximum, or outside the driver's `rated_range`, are
 recorded `out_of_range`. A calibrated property's reading (PropertyDefinition.calibration) is
@@ -490,6 +492,26 @@ class DeviceRunner:
                 continue
             writes.pop(0)
         log.info("%s: the twin writes that waited are done, the twin takes writes again", self.id)
+
+    async def write_what_waits(self) -> None:
+        """At the runner's stop (its loop ended): the twin writes that wait, tried once more, in order.
+        The twin may take writes again while they sit out their retry's back-off (up to
+        loop.max_backoff_s); a stop dropped them then: a desired value written to the device stayed
+        pending in the twin, and the next start wrote it again. What the twin still refuses is lost."""
+        writes = self._twin_writes
+        self._twin_writes_task = asyncio.current_task()  # (as _twin_writes_later: what they do is done in turn)
+        try:
+            while writes:
+                try:
+                    await writes[0]()
+                except (sqlite3.Error, OSError) as exc:
+                    log.warning("%s: stopping: %d twin write(s) that waited are not made (%s)", self.id, len(writes),
+                                exc)
+                    writes.clear()
+                    return
+                writes.pop(0)
+        finally:
+            self._twin_writes_task = None
 
     async def read_once(self, prop: PropertyDefinition, *, on_demand: bool = False) -> Reading:
         """`on_demand`: someone asked (REST, DMI GetDevice) and records the reading; if they give up

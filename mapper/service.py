@@ -717,7 +717,7 @@ class MapperService:
         self._write_held_state(device_id)
         self._state_written_at.pop(device_id, None)
         if runner is not None:
-            await to_the_end(runner.close_when_idle(), self._closing, f"{device_id}: releasing its driver")
+            await to_the_end(_release(runner), self._closing, f"{device_id}: releasing its driver")
 
     def start_device(self, definition: DeviceDefinition, tg: asyncio.TaskGroup, *, replaces: str | None = None) -> None:
         """Run a device; `replaces`: the state of its runner a reload stopped for a new definition."""
@@ -958,3 +958,10 @@ class MapperService:
 
 class _Stop(Exception):
     """Raised inside the task group to cancel every task on shutdown."""
+
+
+async def _release(runner: DeviceRunner) -> None:
+    """A stopped runner's driver closed, then the twin writes that wait for the twin made
+    (DeviceRunner.write_what_waits): a stop used to drop them."""
+    await runner.close_when_idle()
+    await runner.write_what_waits()

@@ -195,3 +195,27 @@ async def test_an_auto_off_while_the_twin_is_locked_becomes_the_desired_value_on
         await async_wait_for(_relay_applied(config, False, on_version + 1), what="off the desired value")
         assert twin_prop(config, "relay").desired_version == on_version + 1
     assert "device loop crashed" not in caplog.text
+
+
+async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(tmp_path: Path, caplog, holder_of) -> None:
+    """The record of a desired value applied while another process held the twin's lock waits out
+    its retry's back-off (up to loop.max_backoff_s). The lock released, a stop (or a reload that
+    changes the device) meanwhile dropped it: the value stayed pending in the twin, and the next
+    start wrote it to the device again (a relay with `initial: false` switched on by a restart).
+    Now the stop makes the writes that wait, in order, before it closes the device."""
+    caplog.set_level(logging.DEBUG, logger="mapper.device")
+    config, _ = short_busy_config(tmp_path, ["a"])
+    retried = "a twin write that waits still fails"
+    async with running_service(config) as service:
+        runner = service.runners[A]
+        with TwinStore.open(config.twin.path) as twin:
+            _, version = twin.set_desired(A, "power", True)
+            holder = holder_of(Path(config.twin.path))
+            # Four failed retries: the next one is at least 4 s away (its back-off), past this stop.
+            await async_wait_for(lambda: caplog.text.count(retried) >= 4, timeout=30, what="the record's retries")
+            assert runner.driver._switch["power"][1] is True  # written to the device
+            holder.release()
+    with TwinStore.open(config.twin.path) as twin:
+        assert twin.pending_desired() == []
+        power = twin.device(A).properties["power"]
+        assert (power.desired, power.desired_version, power.reported) == (True, version, True)
