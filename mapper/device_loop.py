@@ -504,9 +504,9 @@ class DeviceRunner:
             while writes:
                 try:
                     await writes[0]()
-                except (sqlite3.Error, OSError) as exc:
+                except Exception as exc:  # noqa: BLE001 - the stop goes on (a bug in one: not the stop's end)
                     log.warning("%s: stopping: %d twin write(s) that waited are not made (%s)", self.id, len(writes),
-                                exc)
+                                f"{type(exc).__name__}: {exc}")
                     writes.clear()
                     return
                 writes.pop(0)

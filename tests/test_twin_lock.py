@@ -219,3 +219,23 @@ async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(tmp_path: Pa
         assert twin.pending_desired() == []
         power = twin.device(A).properties["power"]
         assert (power.desired, power.desired_version, power.reported) == (True, version, True)
+
+
+async def test_a_write_that_waits_and_fails_at_the_stop_does_not_end_the_stop(tmp_path: Path, caplog) -> None:
+    """The stop's last try of the twin writes that wait: one that fails (here a bug) is said and
+    dropped with those after it; the stop goes on, every device closed and the twin flushed."""
+    caplog.set_level(logging.INFO)
+    config, _ = short_busy_config(tmp_path, ["a", "b"])
+    made: list[str] = []
+
+    async def bug() -> None:
+        raise RuntimeError("a bug in a twin write")
+
+    async def after() -> None:
+        made.append("after")
+
+    async with running_service(config) as service:
+        service.runners[A]._twin_writes.extend([bug, after])  # noqa: SLF001 - as the twin had refused them
+    assert "default/a: stopping: 2 twin write(s) that waited are not made (RuntimeError: a bug in a twin write)" \
+        in caplog.text
+    assert made == [] and "twin flushed" in caplog.text
