@@ -490,6 +490,9 @@ class DeviceRunner:
                 log.debug("%s: a twin write that waits still fails (%s); retried", self.id, exc)
                 await asyncio.sleep(self._backoff(attempt))
                 continue
+            except Exception:
+                writes.pop(0)  # a bug crashes the loop once, not each restarted one (the queue outlives it)
+                raise
             writes.pop(0)
         log.info("%s: the twin writes that waited are done, the twin takes writes again", self.id)
 

@@ -239,3 +239,25 @@ async def test_a_write_that_waits_and_fails_at_the_stop_does_not_end_the_stop(tm
     assert "default/a: stopping: 2 twin write(s) that waited are not made (RuntimeError: a bug in a twin write)" \
         in caplog.text
     assert made == [] and "twin flushed" in caplog.text
+
+
+async def test_a_write_that_waits_and_fails_for_a_bug_crashes_the_device_loop_once(tmp_path: Path, caplog) -> None:
+    """The twin writes that wait outlive a crash-restart of the device loop (they are made by the
+    restarted loop). One that fails for something other than the twin's refusal (a bug) crashed
+    the loop, and, still first in line, the restarted loop too, and so on for good, the device
+    closed and opened again at each restart. It crashes the loop once, as the same bug does when
+    the twin takes the write at once."""
+    caplog.set_level(logging.ERROR, logger="mapper.service")
+    config, _ = short_busy_config(tmp_path, ["a"])
+
+    async def bug() -> None:
+        raise RuntimeError("a bug in a twin write")
+
+    async with running_service(config) as service:
+        runner = service.runners[A]
+        runner._write_later(bug)  # noqa: SLF001 - as the twin had refused it
+        await async_wait_for(lambda: "device loop crashed" in caplog.text, what="the loop crashed")
+        reads = runner.reads
+        await async_wait_for(lambda: runner.reads > reads + 5 or caplog.text.count("device loop crashed") > 1,
+                             timeout=30, what="the restarted loop reading, or crashing again")
+        assert caplog.text.count("device loop crashed") == 1
