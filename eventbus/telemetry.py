@@ -330,11 +330,14 @@ class Telemetry:
         route = self._routes.get(key) or self._route(key)
         if route is None:
             return None
-        prop, topic, qos, retain, _on_change, _body, publish, out_of_range, _ = route
+        prop, topic, qos, retain, _on_change, _body, publish, out_of_range, deadband = route
         if not self._due(key, prop, reading):
             return None
         if publish:
             messages.append(OutMessage(topic, out_of_range, qos, retain, reading=reading))
+            if deadband is not None:
+                # The topic's last message is this one: the next good reading goes out, moved or not.
+                self._last_value.pop(key, None)
         fresh_from = self._fresh_from.get(reading.device_id) if self._fresh_from else None
         return prop if fresh_from is None or reading.taken_at_ms > fresh_from else None
 

@@ -16,7 +16,7 @@ from devices.ids import DeviceId
 from devices.loader import load
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
-from twin.records import Reading
+from twin.records import OUT_OF_RANGE, Reading
 from helpers import one_property_device
 from mapper_proc import REPO
 
@@ -108,6 +108,18 @@ def test_a_clock_gone_back_publishes_at_once(tmp_path):
     back = start - 3_600_000
     assert _published(telemetry, [(start, 5.0), (start + 100, 5.0), (back, 5.0), (back + 100, 5.0)]) == [
         (start, 5.0), (back, 5.0)]
+
+
+def test_a_good_value_after_an_out_of_range_message_goes_out_at_once(tmp_path):
+    """The topic's last message said out of range: the value back in range is news, deadband or not
+    (it waited for the heartbeat, a minute of the topic showing the sensor out of range)."""
+    telemetry = _telemetry(tmp_path, "reportDeadband: 5")
+    start = 1_700_000_000_000
+    assert _published(telemetry, [(start, 20.0)]) == [(start, 20.0)]
+    out = [m.body for m in telemetry([Reading(D, "level", 90.0, start + 100, OUT_OF_RANGE)])
+           if m.topic == TOPICS.telemetry(D, "level")]
+    assert out == [{"quality": "out_of_range"}]
+    assert _published(telemetry, [(start + 200, 20.0), (start + 300, 21.0)]) == [(start + 200, 20.0)]
 
 
 def test_properties_without_the_option_are_paced_by_their_report_cycle_as_before(tmp_path):
