@@ -17,7 +17,7 @@ older HA, would then need the whole device rewritten; one topic per entity is cl
   name; ppm with `co2`), state_class `measurement` for numeric ReadOnly properties, expire_after
   two cycles plus 5 s;
 - a ReadWrite BOOLEAN is a `switch`, another writable number a `number` (min/max from the model),
-  a writable text a `text` (max 255 characters, HA's limit: a WARNING names those at announce);
+  a writable text a `text` (max 255 characters, HA's limit: an INFO line names those at announce);
   their command_topic is the property's `/set` topic (EventBus router).
 
 Announced at every (re)connect and when HA's birth message (`<prefix>/status` = `online`) comes;
