@@ -53,7 +53,8 @@ class Telemetry:
     `PropertyDefinition.deadband`: configData `reportDeadband`...) is not paced by `reportCycle`
     but published when it moved by the deadband from the last value published, at once, and at
     least once per its heartbeat (`_banded`); its readings in between are recorded in the twin
-    only, and refresh the state view only when another property's sends it. `pushMethod.mqtt`
+    only, and refresh the state view only when another property's sends it, or when a published one's
+    view the state_interval_ms held back is owed (`_state_owed`). `pushMethod.mqtt`
     overrides topic, QoS and retain. Each device that published gets one retained state
     message with the latest value of every property, at most once per `state_interval_ms`
     of reading time (a dashboard's view; the property topics carry every reading), and at
@@ -81,6 +82,9 @@ class Telemetry:
         self._clock = clock  # (of the errors of state views left out, _over_limit)
         self.state_interval_ms = state_interval_ms
         self._state_sent: dict[DeviceId, int] = {}  # reading time of each device's last state message
+        # Devices whose published reading the state view's pacing held back: the next reading of a
+        # report-on-change property counts for the view, published or not (else the view waited for its heartbeat).
+        self._state_owed: set[DeviceId] = set()
         self._definitions = definitions
         self._last_sent: dict[tuple[DeviceId, str], int] = {}
         # Last value published, for properties fed by change events only.
@@ -153,6 +157,7 @@ class Telemetry:
                 continue
             self._latest.pop(device, None)
             self._state_sent.pop(device, None)
+            self._state_owed.discard(device)
             self._states.pop(device, None)
             for key in [k for k in self._last_sent if k[0] == device]:
                 del self._last_sent[key]
@@ -275,6 +280,8 @@ class Telemetry:
             values[prop.name] = (reading.value, reading.taken_at_ms)
             if deadband is not None:
                 if not self._banded(key, prop, deadband, reading):
+                    if device in self._state_owed and (device not in touched or touched[device][0] < reading.taken_at_ms):
+                        touched[device] = (reading.taken_at_ms, prop.collect_cycle_ms // 2)
                     continue
             elif on_change:
                 changed = self._last_value.get(key, _NOTHING) != reading.value
@@ -309,9 +316,12 @@ class Telemetry:
             # pacing starts again from it (with _due letting such readings through, see there).
             if last is None or ts - last >= interval - slack or device in changed_devices or ts < last:
                 sent[device] = ts
+                self._state_owed.discard(device)
                 message = self.state_message(device)
                 if message is not None:  # (always: the device has a value now)
                     messages.append(message)
+            else:
+                self._state_owed.add(device)
         return messages
 
     def _out_of_range(self, reading: Reading, messages: list[OutMessage]) -> PropertyDefinition | None:

@@ -122,6 +122,20 @@ def test_a_good_value_after_an_out_of_range_message_goes_out_at_once(tmp_path):
     assert _published(telemetry, [(start + 200, 20.0), (start + 300, 21.0)]) == [(start + 200, 20.0)]
 
 
+def test_a_jump_the_state_view_s_pacing_held_reaches_it_at_its_next_interval(tmp_path):
+    """A jump published soon after the last view (state_interval_ms not yet over) waited for the next
+    published reading, the heartbeat a minute later: Home Assistant, which reads the view, showed the
+    old value that long. The readings after it send the view once its interval is over."""
+    devices = load([_device(tmp_path, "{kind: constant, value: 0, reportDeadband: 5}")]).devices
+    telemetry = Telemetry(TOPICS, devices, state_interval_ms=1000)
+    start = 1_700_000_000_000
+    views = []
+    for ts, value in [(start, 20.0), *((start + 100 * k, 40.0) for k in range(2, 21))]:
+        views += [(ts, m.body["level"]) for m in telemetry([Reading(D, "level", value, ts)])
+                  if m.topic == TOPICS.device_state(D)]
+    assert views == [(start, 20.0), (start + 1000, 40.0)]
+
+
 def test_properties_without_the_option_are_paced_by_their_report_cycle_as_before(tmp_path):
     devices = load([_device(tmp_path, "{kind: constant, value: 0}")]).devices
     assert devices[D].prop("level").deadband is None
