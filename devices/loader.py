@@ -1210,9 +1210,14 @@ class _MapperOptions:
     line in the document that gives it (the device is then refused)."""
 
     def __init__(self, keys: tuple[str, ...], model_level: _Source, device_level: _Source, device_id: DeviceId,
-                 prop_name: str) -> None:
+                 prop_name: str, alternatives: tuple[str, ...] = ()) -> None:
+        """`alternatives`: keys of which one is given; one of them at the device replaces the model's
+        (its author cannot take the model's out)."""
         self.values: dict[str, tuple[Any, _Doc, Path_]] = {}
         for data, doc, path in (model_level, device_level):
+            if data and any(key in data for key in alternatives):
+                for key in alternatives:
+                    self.values.pop(key, None)
             for key in keys:
                 if data and key in data:
                     self.values[key] = (data[key], doc, (*path, key))
@@ -1246,7 +1251,8 @@ class _MapperOptions:
 def _report_on_change(model_level: _Source, device_level: _Source, kind: PropertyType, report_cycle_ms: int,
                       problems: list[Problem], device_id: DeviceId, prop_name: str) -> Deadband | None:
     """A property's report-on-change option from its visitors' configData, or None when it has none."""
-    options = _MapperOptions(REPORT_KEYS, model_level, device_level, device_id, prop_name)
+    options = _MapperOptions(REPORT_KEYS, model_level, device_level, device_id, prop_name,
+                             alternatives=(REPORT_DEADBAND, REPORT_DEADBAND_PERCENT))
     if not options.values:
         return None
     absolute = options.number(REPORT_DEADBAND, 0, strictly=False)

@@ -250,3 +250,16 @@ def test_a_models_visitor_gives_its_devices_the_option_and_a_device_overrides_it
         "probe", model_prop, "{kind: constant, reportDeadband: 0.1}", settings="collectCycle: 100"))
     band = load([devices]).devices[D].prop("level").deadband
     assert (band.absolute, band.percent, band.max_interval_ms) == (0.1, None, 5000)
+
+
+def test_a_device_s_percent_deadband_replaces_its_model_s_absolute_one(tmp_path):
+    """The device's deadband, of either kind, replaces the model's: it was refused as `not both` at the
+    device's line, which gives one only, and the device's author could not take the model's out."""
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    model_prop = ("{name: level, type: FLOAT, accessMode: ReadOnly, visitors: {protocolName: simulated,"
+                  " configData: {reportDeadband: 2, reportMaxIntervalMs: 5000}}}")
+    (devices / "probe.yaml").write_text(one_property_device(
+        "probe", model_prop, "{kind: constant, reportDeadbandPercent: 5}", settings="collectCycle: 100"))
+    band = load([devices]).devices[D].prop("level").deadband
+    assert (band.absolute, band.percent, band.max_interval_ms) == (None, 5.0, 5000)
