@@ -232,6 +232,7 @@ class EventBusExtension:
         self.publisher = OutboxPublisher(self.bus, service.worker, max_inflight=self.settings.max_inflight,
                                          ack_delay_s=ack_delay_s)
         service.recorder.message_factory = self.telemetry
+        service.lock_listeners.append(self._on_locks)
         # A state view larger than the broker takes is left out before it is queued (Telemetry._over_limit).
         self.telemetry.packet_limit = self.publisher.packet_limit
         service.recorder.on_outbox = self.publisher.offer
@@ -764,6 +765,11 @@ class EventBusExtension:
         if self._serving():
             messages.append(self._state_result(device, state))
         return messages
+
+    def _on_locks(self, locks: dict) -> None:
+        """The devices locked for maintenance changed: the next state view of each says so."""
+        if self.telemetry is not None:
+            self.telemetry.locks = locks
 
     def _serving(self) -> bool:
         return self.router is not None and self.router.serve_twin_protocol

@@ -29,7 +29,7 @@ from eventbus import payloads
 from eventbus.payloads import BadRequest
 from eventbus.topics import Incoming, Topics, parse
 from mapper.logs import Throttle, held_note
-from twin.store import NotWritable, OutMessage, UnknownDevice, UnknownProperty, VersionConflict
+from twin.store import DeviceLocked, NotWritable, OutMessage, UnknownDevice, UnknownProperty, VersionConflict
 
 if TYPE_CHECKING:
     from mapper.service import MapperService
@@ -305,6 +305,8 @@ class Router:
             raise NotOnNode(device, self.topics.node) from None
         except (UnknownProperty, NotWritable) as exc:
             raise BadRequest(400, str(exc)) from None
+        except DeviceLocked as exc:  # `mapper lock`: refused, not kept to write at the unlock
+            raise BadRequest(423, str(exc)) from None
 
     def _validated(self, device: DeviceId, name: str, raw: Any) -> Any:
         definition = self._definition(device)
@@ -469,5 +471,8 @@ class Router:
         kind = definition.prop(incoming.prop).type if definition.has_property(incoming.prop) else None
         raw = payloads.set_value(payload, kind)
         value = self._validated(incoming.device, incoming.prop, raw)
-        await self.service.twin(lambda s: s.set_desired(incoming.device, incoming.prop, value))
+        try:
+            await self.service.twin(lambda s: s.set_desired(incoming.device, incoming.prop, value))
+        except DeviceLocked as exc:  # `mapper lock`: refused (logged), not kept to write at the unlock
+            raise BadRequest(423, str(exc)) from None
         self.service.desired_changed()

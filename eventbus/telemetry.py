@@ -92,6 +92,7 @@ class Telemetry:
         # Each device's latest good value of each property read in this run, with its reading time.
         self._latest: dict[DeviceId, dict[str, tuple[Any, int]]] = {}
         self._states: dict[DeviceId, str] = {}
+        self.locks: dict[DeviceId, Any] = {}  # AdminLock by device: `locked` in its state view
         # Devices a definition change restarted: readings taken before that time are the old
         # runner's (still on their way through the recorder) and stay out of the state view.
         self._fresh_from: dict[DeviceId, int] = {}
@@ -367,6 +368,9 @@ class Telemetry:
         body: dict[str, Any] = {name: value for name, (value, _) in latest.items()}
         body["ts"] = max(taken for _, taken in latest.values())
         body["state"] = state or self._states.get(device, "unknown")
+        if (lock := self.locks.get(device)) is not None:  # `mapper lock`: writes refused
+            # `$`: no property can have this name (a door sensor's `locked` can)
+            body["$locked"] = {"since": lock.since_ms, "by": lock.by, "reason": lock.reason}
         topic = self.topics.device_state(device)
         if self.packet_limit is not None and self._over_limit(device, topic, body):
             return None

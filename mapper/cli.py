@@ -960,7 +960,8 @@ def _existing_twin(config: MapperConfig) -> Path:
 
 
 @contextlib.contextmanager
-def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -> Iterator[TwinStore]:
+def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True,
+              writer: str = "`mapper twin set`") -> Iterator[TwinStore]:
     """The twin of a command that reads it or (`sets`) sets a desired value, open while the `with` lasts.
 
     Not `owned`: these commands publish nothing and drive no device (root reads the service's twin,
@@ -974,9 +975,10 @@ def _open_twin(config: MapperConfig, *, sets: bool = False, note: bool = True) -
         found = store.schema_version
         if found < SCHEMA_VERSION:
             if sets:
-                raise OlderTwin(path, found, "`mapper twin set` writes nothing to it before it is migrated (migrated"
-                                " now, the older mapper that may still run on it could not start on it again): set"
-                                " the value once the new mapper runs")
+                raise OlderTwin(path, found, f"{writer} writes nothing to it before it is migrated (migrated"
+                                " now, the older mapper that may still run on it could not start on it again): "
+                                + ("set the value" if writer == "`mapper twin set`" else "run it again")
+                                + " once the new mapper runs")
         try:
             yield store
         except sqlite3.OperationalError as exc:
@@ -1058,6 +1060,8 @@ def _twin_json(twin, latest: dict[str, int], lock: LockState) -> dict:  # noqa: 
         "id": str(twin.id), "model": twin.model, "protocol": twin.protocol, "state": twin.state,
         "stateDetail": twin.state_detail, "lastOnline": twin.last_online, "lastReading": twin.last_reading_ts,
         "live": not_live is None, "notLive": not_live,
+        "locked": None if twin.lock is None else {"since": twin.lock.since_ms, "by": twin.lock.by,
+                                                  "reason": twin.lock.reason},
         "properties": {
             name: {
                 "type": p.type, "writable": p.writable, "unit": p.unit,
@@ -1092,6 +1096,8 @@ def cmd_twin_get(args: argparse.Namespace) -> int:
         return 0
     print(f"{twin.id}  model={twin.model}  protocol={twin.protocol}  state={twin.state}"
           + (f" ({twin.state_detail})" if twin.state_detail else ""))
+    if twin.lock is not None:
+        print(f"LOCKED: {twin.lock.describe(twin.id)}")
     stale = _not_live(twin.state, lock)
     # The reported value is the last good reading's, shown with its time; a later reading that was
     # not good (an error, out of range) is shown apart, with its own time, not next to that value.
@@ -1162,6 +1168,56 @@ def cmd_twin_set(args: argparse.Namespace) -> int:
     print(f"{device}/{args.property}: desired = {_json_text(value)} (version {version}); {applies}")
     if running is None:
         print(f"warning: cannot tell whether a mapper runs on {config.twin.path}: {why}", file=sys.stderr)
+    return 0
+
+
+def _lock_holder() -> str:
+    """Who locks a device, as the lock shows it: the person behind `sudo -u mapper` too."""
+    import getpass
+
+    user = getpass.getuser()
+    sudo_user = os.environ.get("SUDO_USER")
+    return f"{sudo_user} (as {user})" if sudo_user and sudo_user != user else user
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    """Lock a device for maintenance: a local command only (no MQTT or REST way to lock or unlock it)."""
+    config, _ = _twin_config(args)
+    device = DeviceId.parse(args.device)
+    try:
+        with _open_twin(config, sets=True, writer="`mapper lock`") as store:
+            lock, dropped = store.lock_device(device, _lock_holder(), args.reason or "")
+            twin = store.device(device)
+    except (sqlite3.Error, OSError) as exc:
+        if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
+            raise
+        raise ValueError(unwritable) from exc
+    print(lock.describe(device))
+    if dropped:
+        print(f"dropped the desired values not yet written ({', '.join(dropped)}): not written at the unlock either")
+    on = [f"{p.name}={_json_text(p.reported)}" for p in twin.properties.values() if p.writable and p.reported is True]
+    if on:  # the lock stops writes; it switches nothing off
+        print(f"note: the lock writes nothing: {', '.join(on)} as last reported; switch it off before the lock"
+              " if it must be off")
+    return 0
+
+
+def cmd_unlock(args: argparse.Namespace) -> int:
+    config, _ = _twin_config(args)
+    device = DeviceId.parse(args.device)
+    try:
+        with _open_twin(config, sets=True, writer="`mapper unlock`") as store:
+            lock = store.unlock_device(device)
+    except (sqlite3.Error, OSError) as exc:
+        if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
+            raise
+        raise ValueError(unwritable) from exc
+    if lock is None:
+        print(f"{device} was not locked")
+        return 0
+    print(f"{device} unlocked (locked since {_fmt_ts(lock.since_ms)} by {lock.by}"
+          + (f": {lock.reason}" if lock.reason else "") + "); the values refused meanwhile are not written: set them"
+          " again (mapper twin set, MQTT)")
     return 0
 
 
@@ -1497,7 +1553,10 @@ def cmd_devices(args: argparse.Namespace) -> int:
     wide = max([32, *(len(str(t.id)) for t in rows)])
     print(f"{'device':<{wide}} {'state':<10} {'last reading':<24} detail")
     for t in rows:
-        print(f"{str(t.id):<{wide}} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {t.state_detail or ''}")
+        locked = "" if t.lock is None else (f"LOCKED since {_fmt_ts(t.lock.since_ms)} by {t.lock.by}"
+                                             + (f": {t.lock.reason}" if t.lock.reason else "")
+                                             + ("; " if t.state_detail else ""))
+        print(f"{str(t.id):<{wide}} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {locked}{t.state_detail or ''}")
     print(f"outbox: {outbox['depth']} message(s), {outbox['bytes']} bytes queued; {outbox['dropped']} dropped by policy"
           f" (twin.outbox_max_rows, outbox_max_bytes); {outbox['undeliverable']} undeliverable"
           " (refused by the broker or over its packet limit)")
@@ -1760,6 +1819,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("value", help='read as an MQTT .../set payload is: true, 21.5, ON, plain text, or {"value": ...}')
     s.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
     s.set_defaults(fn=cmd_twin_set)
+
+    lk = _command(sub, "lock", "lock a device for maintenance: its values are still read, but nothing is written to"
+                  " it (MQTT, the twin protocol, REST, `mapper twin set`) until `mapper unlock`; survives restarts")
+    lk.add_argument("device", help=DEVICE_HELP)
+    lk.add_argument("--reason", "-r", help="why, shown with every refusal (\"pump rewiring, call Ann\")")
+    lk.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
+    lk.set_defaults(fn=cmd_lock)
+    ul = _command(sub, "unlock", "release a device's maintenance lock; nothing refused meanwhile is written")
+    ul.add_argument("device", help=DEVICE_HELP)
+    ul.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
+    ul.set_defaults(fn=cmd_unlock)
 
     i = _command(sub, "install-service", "write a systemd unit for this installation (run with sudo)")
     i.add_argument("--config", "-c", required=True, help="the config file the service runs with")

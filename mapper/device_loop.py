@@ -90,7 +90,7 @@ from devices.values import Value, coerce, range_problem
 from mapper.config import DeviceLoopSettings
 from mapper.logs import Throttle, duration, held_note, utc
 from mapper.ticks import next_tick, sleep_until
-from twin.records import ERROR, GOOD, OUT_OF_RANGE, PropertyTwin, Reading
+from twin.records import ERROR, GOOD, OUT_OF_RANGE, AdminLock, PropertyTwin, Reading
 from twin.store import DesiredChange, NotWritable, TwinStore, UnknownProperty, VersionConflict
 
 log = logging.getLogger("mapper.device")
@@ -827,6 +827,10 @@ class DeviceRunner:
             value = self.driver.boot_value(prop) if prop.writable and not self.driver.restore_desired(prop) else None
             if value is not None:
                 boot[prop.name] = _calibrated(prop, coerce(prop.type, value))
+        await self._settle_boot(boot, versions)
+
+    async def _settle_boot(self, boot: dict[str, Any], versions: dict[str, int] | None = None) -> None:
+        """_sync_boot_values for these properties' boot states."""
         if not boot or self._twin is None:
             return
         seen, reset = await self._twin(lambda s: _reset_to_boot(s, self.id, boot, versions))
@@ -853,6 +857,14 @@ class DeviceRunner:
         `queue`: handed to the apply loop instead (a restore done late, the loops running)."""
         names = [p.name for p in self.definition.properties if p.writable and self.driver.restore_desired(p)]
         if not names or self._twin is None:
+            return
+        if (lock := await self._admin_lock()) is not None:
+            # Locked for maintenance: left as open() set it, and that boot state becomes the desired
+            # value, or a start after the unlock would restore the value from before the lock.
+            log.warning("%s: no desired value is restored: %s", self.id, lock.describe(self.id))
+            boot = {p.name: coerce(p.type, v) for p in self.definition.properties
+                    if p.name in names and (v := self.driver.boot_value(p)) is not None}
+            await self._settle_boot(boot)
             return
         changes = await self._twin(lambda s: _desired_to_restore(s, self.id, names))
         for change, was_applied, set_at in changes:
@@ -882,10 +894,20 @@ class DeviceRunner:
         name = change.property
         change = dataclasses.replace(change, last=(await self._twin_before()).get(name))
         try:
+            lock = await self._admin_lock()
+        except (sqlite3.Error, OSError) as exc:
+            # Not known not to be locked: not written now; pending, and tried again as a failed write.
+            lock, error, failed = None, f"write failed: cannot tell whether it is locked for maintenance: {exc}", True
+        try:
             value: Value = self.definition.desired_value(name, change.value)
         except ValueError as exc:  # (a property a reload removed since: refused here too)
-            error = f"{NOT_WRITTEN}{exc}"
+            error, failed = f"{NOT_WRITTEN}{exc}", False
         else:
+            if lock is not None:
+                # Stored before `mapper lock` (or a retry of a failed write): never written while
+                # locked, nor at the unlock; refused for good, as the lock's own drop of it.
+                error = f"{NOT_WRITTEN}{lock.describe(self.id)}"
+        if error is None:
             prop = self.definition.prop(name)
             restored = self._restored.get(name)
             left: float | None = None
@@ -952,6 +974,14 @@ class DeviceRunner:
             if entry is not None and entry[0].version == change.version:
                 self._failed_writes[name] = (change, "", entry[2])  # its error was not recorded: news next time
             raise
+
+    async def _admin_lock(self) -> AdminLock | None:
+        """The device's maintenance lock (`mapper lock`) as the twin has it now: asked before each
+        write, as another process (the CLI) sets it."""
+        if self._twin is None:
+            return None
+        device_id = self.id
+        return await self._twin(lambda s: s.admin_lock(device_id))
 
     async def _write(self, prop: PropertyDefinition, value: Value, left: float | None) -> None:
         """`left`: seconds left of the driver's time limit for a restored value (Driver.write_for). A
@@ -1064,7 +1094,8 @@ def _store_applied_desired(
     if not store.conn.in_transaction:
         with store.transaction():
             return _store_applied_desired(store, device_id, name, value, expected_version=expected_version)
-    _, version = store.set_desired(device_id, name, value, expected_version=expected_version)
+    # `applied`: the device has it (an auto-off's off, a boot state), locked for maintenance or not.
+    _, version = store.set_desired(device_id, name, value, expected_version=expected_version, applied=True)
     store.mark_applied(device_id, name, version)
     return version
 
@@ -1079,6 +1110,9 @@ def _desired_to_restore(
     is the one written."""
     changes: list[tuple[DesiredChange, bool, int | None]] = []
     with store.transaction():
+        if (lock := store.admin_lock(device_id)) is not None:
+            log.warning("%s: no desired value is restored: %s", device_id, lock.describe(device_id))
+            return changes
         pending = {c.property: c for c in store.pending_desired() if c.device_id == device_id}
         twin = store.device(device_id)
         for name in names:

@@ -34,6 +34,7 @@ from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
 from mapper.twin_disk import innermost as _innermost
 from mapper.twin_disk import lock_note, twin_disk_problem, twin_write_cause, write_denied
+from twin.records import AdminLock
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
 log = logging.getLogger("mapper.service")
@@ -194,6 +195,9 @@ class MapperService:
         # Called on every device state change; the messages they return are queued in the same transaction.
         self.state_listeners: list[Callable[[DeviceDefinition, str, str | None], Iterable[OutMessage]]] = []
         self.applied_listeners: list[Callable[[DesiredChange, str | None], Awaitable[None]]] = []
+        # The devices locked for maintenance (`mapper lock`, another process), when they change.
+        self.lock_listeners: list[Callable[[dict[DeviceId, AdminLock]], None]] = []
+        self.locks: dict[DeviceId, AdminLock] = {}
         # Called with the new definitions whenever the running device set changes.
         self.device_listeners: list[Callable[[dict[DeviceId, DeviceDefinition]], None]] = []
         # Called once a switch of the device set (a reload, a KubeEdge update) is done, with the ids
@@ -905,6 +909,11 @@ class MapperService:
             if not woken and version == last_version:
                 continue
             last_version = version
+            locks = await self.twin(lambda s: s.admin_locks())
+            if locks != self.locks:
+                self.locks = locks
+                for listener in self.lock_listeners:
+                    listener(locks)
             for change in await self.twin(lambda s: s.pending_desired()):
                 runner = self.runners.get(change.device_id)
                 if runner is not None:

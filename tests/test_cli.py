@@ -670,9 +670,9 @@ def test_commands_other_than_run_never_migrate_a_twin_an_older_mapper_left(tmp_p
     with lamp_synced_into_a_new_twin(tmp_path) as (devices, config, twin, lamp, store):
         store.record([Reading(lamp, "count", 5, 1_000)])
         store.set_desired(lamp, "power", True)
-    # The file as the mapper before the last migration left it (m008 only added `meta`).
+    # The file as the mapper before the last migration left it (m009 only added `admin_locks`).
     with contextlib.closing(sqlite3.connect(twin, isolation_level=None)) as conn:
-        conn.execute("DROP TABLE meta")
+        conn.execute("DROP TABLE admin_locks")
         conn.execute(f"PRAGMA user_version = {newest - 1}")
     before = twin.read_bytes()
 
@@ -738,7 +738,7 @@ def test_an_older_twin_read_commands_open_but_cannot_read_is_said_on_one_line(tm
     with TwinStore.open(twin) as store:
         store.sync_devices(load([devices]).devices.values())
     with contextlib.closing(sqlite3.connect(twin, isolation_level=None)) as conn:
-        conn.execute("DROP TABLE meta")  # m008
+        conn.execute("DROP TABLE admin_locks")  # m009
         conn.execute("ALTER TABLE devices DROP COLUMN state_detail")
         conn.execute(f"PRAGMA user_version = {newest - 1}")
     config = write_config(tmp_path / "c.yaml", devices, twin)

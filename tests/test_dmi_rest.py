@@ -140,6 +140,25 @@ def test_writes_go_through_the_twin(tmp_path: Path) -> None:
 
 
 
+def test_a_write_to_a_locked_device_is_refused_with_423(tmp_path: Path) -> None:
+    """`mapper lock`: the REST write is refused with 423 Locked, saying by whom, why and how to
+    unlock; the twin keeps no desired value (none is written at the unlock). Unlocked, it is written."""
+    lamp = DeviceId("default", "lamp")
+
+    async def check(service, port: int) -> None:  # noqa: ANN001
+        await service.twin(lambda s: s.lock_device(lamp, "ann", "pump rewiring"))
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+        assert status == 423 and "locked for maintenance" in body and "pump rewiring" in body, (status, body)
+        assert "`mapper unlock default/lamp`" in body, body
+        twin = await service.twin(lambda s: s.device(lamp))
+        assert twin.properties["power"].desired is None and twin.lock is not None
+        await service.twin(lambda s: s.unlock_device(lamp))
+        status, body = await asyncio.to_thread(get, port, "/api/v1/devicemethod/default/lamp/SetPower/power/true")
+        assert status == 200, body
+
+    scenario(tmp_path, True, check)
+
+
 def test_a_device_whose_file_names_another_node_is_not_written(tmp_path: Path) -> None:
     """`spec.nodeName: node-b` in a file of a mapper of node my-pi: the device is not run here. Its
     write was taken all the same (200, the desired value stored, applied once the file moved the

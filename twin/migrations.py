@@ -247,6 +247,14 @@ def m008_meta(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
 
 
+@migration
+def m009_admin_locks(conn: sqlite3.Connection) -> None:
+    """`admin_locks`: devices locked for maintenance (`mapper lock`), with when, by whom and why.
+    A table of its own: sync_devices (a reload, a restart) never rewrites it, so a lock outlives both."""
+    conn.execute("CREATE TABLE admin_locks (device_id TEXT PRIMARY KEY, since_ms INTEGER NOT NULL,"
+                 " by TEXT NOT NULL, reason TEXT NOT NULL DEFAULT '')")
+
+
 def _run(conn: sqlite3.Connection, script: str) -> None:
     # Not executescript(): it commits first, and a migration must be one transaction.
     for statement in script.split(";"):

@@ -47,6 +47,23 @@ class PropertyTwin:
 
 
 @dataclass(frozen=True, slots=True)
+class AdminLock:
+    """A device locked for maintenance (`mapper lock`): no value is written to it until `mapper unlock`."""
+
+    since_ms: int
+    by: str
+    reason: str
+
+    def describe(self, device_id: DeviceId | str) -> str:
+        from datetime import UTC, datetime
+
+        since = datetime.fromtimestamp(self.since_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        why = f": {self.reason}" if self.reason else ""
+        return (f"{device_id} is locked for maintenance since {since} by {self.by}{why}; nothing is written to it"
+                f" until `mapper unlock {device_id}` (on the mapper's host)")
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceTwin:
     id: DeviceId
     model: str
@@ -57,6 +74,7 @@ class DeviceTwin:
     last_online: int | None
     last_reading_ts: int | None
     properties: dict[str, PropertyTwin]
+    lock: AdminLock | None = None
 
     def delta(self) -> dict[str, Value]:
         return {name: p.desired for name, p in self.properties.items() if p.delta and p.desired is not None}

@@ -43,7 +43,7 @@ from devices.definitions import DeviceDefinition
 from devices.ids import DeviceId, shown
 from devices.values import PropertyType, Value, coerce, range_problem
 from twin import migrations
-from twin.records import GOOD, DeviceTwin, PropertyTwin, Reading
+from twin.records import GOOD, AdminLock, DeviceTwin, PropertyTwin, Reading
 
 
 class TwinError(Exception):
@@ -64,6 +64,14 @@ class UnknownProperty(TwinError, LookupError):
 class NotWritable(TwinError, PermissionError):
     def __init__(self, device_id: DeviceId, name: str) -> None:
         super().__init__(f"property {name!r} of {device_id} is ReadOnly: desired values are refused")
+
+
+class DeviceLocked(TwinError, PermissionError):
+    """A desired value for a device locked for maintenance (`mapper lock`): refused, not kept for later."""
+
+    def __init__(self, device_id: DeviceId, lock: AdminLock) -> None:
+        self.lock = lock
+        super().__init__(f"refused: {lock.describe(device_id)}")
 
 
 class VersionConflict(TwinError):
@@ -1783,14 +1791,16 @@ class TwinStore:
 
     def set_desired(
         self, device_id: DeviceId, name: str, raw: Any, *, expected_version: int | None = None,
-        messages: Sequence[OutMessage] = (), ts: int | None = None,
+        messages: Sequence[OutMessage] = (), ts: int | None = None, applied: bool = False,
     ) -> tuple[Value, int]:
         """Validate and store a desired value; returns (typed value, new version).
 
         `ts`: its desired_ts (ms), now by default; a restore that stores the same value again keeps
         the one of the value it restores (when it was set: a time limit counts from it).
 
-        Raises UnknownDevice, UnknownProperty, NotWritable, ValueError (type or range)
+        Raises UnknownDevice, UnknownProperty, NotWritable, ValueError (type or range),
+        DeviceLocked (the device is locked for maintenance, unless `applied`: a value the device
+        has already, as an auto-off's, is recorded all the same)
         or VersionConflict (when `expected_version` is older than the stored version).
         Inside `transaction()` it joins that transaction (several values, all or nothing).
         """
@@ -1803,6 +1813,8 @@ class TwinStore:
             ptype, writable, version = self._property_row(device_id, name)
             if not writable:
                 raise NotWritable(device_id, name)
+            if not applied and (lock := self.admin_lock(device_id)) is not None:
+                raise DeviceLocked(device_id, lock)
             value = coerce(PropertyType(ptype), raw)
             if expected_version is not None and expected_version < version:
                 raise VersionConflict(device_id, name, expected_version, version)
@@ -1837,6 +1849,74 @@ class TwinStore:
         return self.conn.execute(
             "SELECT desired_version FROM properties WHERE device_id=? AND name=?", (str(device_id), name)
         ).fetchone()[0]
+
+    # -- maintenance locks ------------------------------------------------------------------
+
+    def admin_lock(self, device_id: DeviceId) -> AdminLock | None:
+        """The device's maintenance lock (`mapper lock`), or None. None on a twin from before
+        the locks (read as it is by `mapper devices`, `twin get`): nothing there can be locked."""
+        try:
+            row = self.conn.execute("SELECT since_ms, by, reason FROM admin_locks WHERE device_id=?",
+                                    (str(device_id),)).fetchone()
+        except sqlite3.OperationalError as exc:
+            if missing_schema(exc):
+                return None
+            raise
+        return None if row is None else AdminLock(*row)
+
+    def admin_locks(self) -> dict[DeviceId, AdminLock]:
+        """Every device's maintenance lock, by device (none on a twin from before the locks)."""
+        try:
+            rows = self.conn.execute("SELECT device_id, since_ms, by, reason FROM admin_locks").fetchall()
+        except sqlite3.OperationalError as exc:
+            if missing_schema(exc):
+                return {}
+            raise
+        return {DeviceId.parse(d): AdminLock(*rest) for d, *rest in rows}
+
+    def lock_device(self, device_id: DeviceId, by: str, reason: str = "") -> tuple[AdminLock, list[str]]:
+        """Lock the device for maintenance: every desired value is refused until unlock_device.
+        Returns the lock (the one already in force, if locked before) and the properties whose
+        pending desired values were dropped: refused for good, never written at the unlock (a
+        relay switched on by a command sent before the maintenance began would surprise the
+        person who unlocks it)."""
+        self._begin()
+        try:
+            if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
+                raise UnknownDevice(device_id)
+            lock = self.admin_lock(device_id)
+            if lock is None:
+                lock = AdminLock(now_ms(), by, reason)
+                self.conn.execute("INSERT INTO admin_locks (device_id, since_ms, by, reason) VALUES (?, ?, ?, ?)",
+                                  (str(device_id), lock.since_ms, lock.by, lock.reason))
+            dropped = [r[0] for r in self.conn.execute(
+                "SELECT name FROM properties WHERE device_id=? AND desired IS NOT NULL"
+                " AND desired_version > applied_version ORDER BY name", (str(device_id),))]
+            self.conn.execute(
+                "UPDATE properties SET applied_version=desired_version, apply_error=?"
+                " WHERE device_id=? AND desired IS NOT NULL AND desired_version > applied_version",
+                (f"not written: dropped when {device_id} was locked for maintenance; set it again after"
+                 f" `mapper unlock {device_id}`", str(device_id)))
+        except BaseException:
+            self._rollback()
+            raise
+        self._commit()
+        return lock, dropped
+
+    def unlock_device(self, device_id: DeviceId) -> AdminLock | None:
+        """Release the device's maintenance lock; returns it (None: it was not locked). Nothing
+        refused meanwhile is written now: a value is set again to be written."""
+        self._begin()
+        try:
+            if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
+                raise UnknownDevice(device_id)
+            lock = self.admin_lock(device_id)
+            self.conn.execute("DELETE FROM admin_locks WHERE device_id=?", (str(device_id),))
+        except BaseException:
+            self._rollback()
+            raise
+        self._commit()
+        return lock
 
     def pending_desired(self) -> list[DesiredChange]:
         """Desired values not yet applied to the device (newer than the last applied version).
@@ -1954,7 +2034,8 @@ class TwinStore:
             )
             for r in props.values()
         }
-        return DeviceTwin(device_id, row[0], row[1], row[2], row[3], row[4], row[5], last_reading, twins)
+        return DeviceTwin(device_id, row[0], row[1], row[2], row[3], row[4], row[5], last_reading, twins,
+                          self.admin_lock(device_id))
 
     def device_ids(self, *, active_only: bool = True) -> list[DeviceId]:
         where = " WHERE active=1" if active_only else ""

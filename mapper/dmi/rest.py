@@ -58,7 +58,7 @@ from mapper.dmi.settings import ApiSettings
 from mapper.host_header import host_name, names_this_machine
 from mapper.logs import Throttle, held_note
 from twin.records import ERROR, GOOD
-from twin.store import TwinError
+from twin.store import DeviceLocked, TwinError
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping
@@ -344,6 +344,8 @@ class RestApi:
             raise ApiError(HTTPStatus.BAD_REQUEST, str(exc)) from None
         try:
             self._on_loop(self.service.twin(lambda s: s.set_desired(definition.id, prop, data)))
+        except DeviceLocked as exc:  # `mapper lock`: refused, not kept to write at the unlock
+            raise ApiError(HTTPStatus.LOCKED, str(exc)) from None
         except PermissionError as exc:
             raise ApiError(HTTPStatus.FORBIDDEN, str(exc)) from None
         except (TwinError, ValueError) as exc:

@@ -1,0 +1,203 @@
+"""`mapper lock` / `mapper unlock`: a device locked for maintenance is read and reported, but
+nothing is written to it (MQTT /set, the twin protocol, REST, `mapper twin set`) until it is
+unlocked; an auto-off still switches an output off. Real Mosquitto, real twin files, the
+simulated driver and the GPIO driver on its fake pins."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from devices.ids import DeviceId
+from helpers import async_wait_for, async_wait_until, running_service, write_config, write_devices
+from mapper.config import load_config
+from mapper_proc import MapperProcess
+from test_gpio import MODEL, RELAY, device_yaml, wire_of
+from test_twin_protocol import HW, Sub, pub
+from twin.store import DeviceLocked, TwinStore
+
+REPO = Path(__file__).resolve().parents[1]
+LAMP = DeviceId("default", "lamp")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mapper", *args], capture_output=True, text=True, timeout=30,
+                          cwd=REPO)
+
+
+def test_a_locked_device_is_read_but_refuses_every_write_until_unlocked(broker, tmp_path):
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    with MapperProcess(tmp_path, devices, broker) as proc:
+        config = str(proc.config)
+        proc.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", f"{HW}/#", "mapper/test-node/default/lamp/#")
+        try:
+            sub.expect("mapper/test-node/default/lamp/state")
+            locked = cli("lock", "lamp", "--reason", "rewiring the pump", "--config", config)
+            assert locked.returncode == 0, locked
+            assert "default/lamp is locked for maintenance since " in locked.stdout
+            assert "rewiring the pump" in locked.stdout and "`mapper unlock default/lamp`" in locked.stdout
+            view = sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" in b)
+            assert view["$locked"]["reason"] == "rewiring the pump" and view["$locked"]["by"], view
+            # Still read and reported: the counter goes on.
+            seen = sub.expect("mapper/test-node/default/lamp/count")["value"]
+            sub.expect("mapper/test-node/default/lamp/count", lambda b: b["value"] > seen)
+
+            pub(broker, "mapper/test-node/default/lamp/power/set", "true")
+            proc.wait_log("refused set for default/lamp: 423 refused: default/lamp is locked for maintenance")
+            pub(broker, f"{HW}/twin/update",
+                '{"event_id":"e1","timestamp":0,"twin":{"power":{"expected":{"value":"true"}}}}')
+            result = sub.expect(f"{HW}/twin/update/result", lambda b: b.get("event_id") == "e1")
+            assert result["code"] == 423, result
+            assert "rewiring the pump" in result["reason"] and "`mapper unlock default/lamp`" in result["reason"]
+            refused = cli("twin", "set", "lamp", "power", "true", "--config", config)
+            assert refused.returncode == 1 and refused.stdout == "", refused
+            assert refused.stderr.startswith("error: refused: default/lamp is locked for maintenance since "), refused
+            assert "`mapper unlock default/lamp`" in refused.stderr
+
+            twin = json.loads(cli("twin", "get", "lamp", "--config", config, "--json").stdout)
+            assert twin["locked"]["reason"] == "rewiring the pump", twin
+            assert twin["properties"]["power"]["desired"] is None and twin["properties"]["power"]["reported"] is False
+            assert "LOCKED: default/lamp is locked for maintenance" in cli("twin", "get", "lamp", "--config",
+                                                                           config).stdout
+            assert "LOCKED since " in cli("devices", "--config", config).stdout
+
+            # The lock is in the twin: a restart keeps it.
+            assert proc.stop() == 0
+            proc.start()
+            proc.wait_log("connected to mqtt://", count=2)
+            sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" in b)
+            pub(broker, "mapper/test-node/default/lamp/power/set", "true")
+            proc.wait_log("refused set for default/lamp: 423", count=2)
+
+            unlocked = cli("unlock", "lamp", "--config", config)
+            assert unlocked.returncode == 0 and "default/lamp unlocked" in unlocked.stdout, unlocked
+            sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" not in b)
+            assert cli("twin", "set", "lamp", "power", "true", "--config", config).returncode == 0
+            sub.expect("mapper/test-node/default/lamp/power", lambda b: b["value"] is True)
+        finally:
+            sub.close()
+            assert proc.stop() == 0
+    assert "not locked" in cli("unlock", "lamp", "--config", config).stdout
+
+
+def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
+    """A value set before the lock and not yet written is never written: not while locked, not at
+    the unlock (a relay switched on by an old command would surprise the person who unlocks it)."""
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db")
+    from devices.loader import load
+
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.set_desired(LAMP, "power", True)  # no mapper runs: pending
+    locked = cli("lock", "lamp", "--config", str(config))
+    assert locked.returncode == 0, locked
+    assert "dropped the desired values not yet written (power)" in locked.stdout
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert store.pending_desired() == []
+        power = store.device(LAMP).properties["power"]
+        assert power.desired is True and "dropped when default/lamp was locked" in power.apply_error
+        with pytest.raises(DeviceLocked, match="mapper unlock default/lamp"):
+            store.set_desired(LAMP, "count", 3)
+    assert cli("unlock", "lamp", "--config", str(config)).returncode == 0
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert store.pending_desired() == []  # the unlock writes nothing
+    unknown = cli("lock", "lamb", "--config", str(config))
+    assert unknown.returncode == 1 and "did you mean default/lamp" in unknown.stderr, unknown
+
+
+def _relay_devices(tmp_path: Path, relay: str) -> Path:
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "model.yaml").write_text(MODEL)
+    (devices / "io.yaml").write_text(device_yaml("io", RELAY % relay).replace(
+        "visitors:", "collectCycle: 50\n    visitors:"))
+    return devices
+
+
+async def test_an_auto_off_still_switches_a_locked_relay_off(tmp_path):
+    """The safety direction is not blocked: the relay on when the lock came goes off at its
+    auto_off_s, and the twin takes `false` as its desired value; an on is refused."""
+    devices = _relay_devices(tmp_path, "{pin: 18, direction: out, auto_off_s: 0.5}")
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    io = DeviceId("default", "io")
+
+    def relay():
+        with TwinStore.open(config.twin.path) as store:
+            return store.device(io).properties["relay"]
+
+    async with running_service(config) as service:
+        wire = wire_of(service.runners[io].driver)
+        with TwinStore.open(config.twin.path) as store:
+            store.set_desired(io, "relay", True)
+        await async_wait_for(lambda: relay().reported is True, what="relay on")
+        with TwinStore.open(config.twin.path) as store:
+            store.lock_device(io, "ann", "pump rewiring")
+        await async_wait_for(lambda: relay().reported is False and relay().desired is False,
+                             what="the auto-off while locked")
+        assert wire.pin(18).level is False
+        with TwinStore.open(config.twin.path) as store, pytest.raises(DeviceLocked, match="pump rewiring"):
+            store.set_desired(io, "relay", True)
+        assert relay().apply_error is None
+
+
+async def test_a_locked_relay_is_not_restored_at_a_start(tmp_path):
+    """`initial: restore` writes the twin's last value at a start: not while locked, nor at the unlock."""
+    devices = _relay_devices(tmp_path, "{pin: 18, direction: out, initial: restore}")
+    config = load_config(write_config(tmp_path / "mapper.yaml", devices, tmp_path / "twin.db"))
+    io = DeviceId("default", "io")
+    async with running_service(config):
+        with TwinStore.open(config.twin.path) as store:
+            store.set_desired(io, "relay", True)
+
+        def on() -> bool:
+            with TwinStore.open(config.twin.path) as store:
+                return store.device(io).properties["relay"].reported is True
+
+        await async_wait_for(on, what="relay on")
+    with TwinStore.open(config.twin.path) as store:
+        store.lock_device(io, "ann", "")
+    async with running_service(config) as service:
+        wire = wire_of(service.runners[io].driver)
+        runner = service.runners[io]
+        await async_wait_for(lambda: runner.state == "ok", what="the relay's device open")
+        assert wire.pin(18).states.count(True) == 0, wire.pin(18).states  # never switched on
+        with TwinStore.open(config.twin.path) as store:
+            store.unlock_device(io)
+        assert await service.twin(lambda s: s.pending_desired()) == []  # nothing to write at the unlock
+        assert wire.pin(18).states.count(True) == 0, wire.pin(18).states
+        relay = await service.twin(lambda s: s.device(io).properties["relay"])
+        assert relay.desired is False and not relay.delta, relay  # the value from before the lock is gone
+    async with running_service(config) as service:  # so a start after the unlock does not restore it
+        runner = service.runners[io]
+        await async_wait_for(lambda: runner.state == "ok", what="the relay's device open")
+        assert wire_of(runner.driver).pin(18).states.count(True) == 0
+
+
+async def test_a_value_stored_just_before_the_lock_is_not_written(tmp_path):
+    """The device loop asks the twin before each write: a value that reached it as the lock was
+    taken (stored, not yet written, not dropped by the lock) is refused for good, not written."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    with TwinStore.open(config.twin.path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.set_desired(LAMP, "power", True)
+        # (as lock_device stores it, without its drop of the pending value: the race it loses)
+        store.conn.execute("INSERT INTO admin_locks (device_id, since_ms, by, reason) VALUES (?, 0, 'ann', 'x')",
+                           (str(LAMP),))
+    async with running_service(config) as service:
+        power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
+                                       lambda p: p.apply_error is not None, what="the value refused")
+        assert power.apply_error.startswith("write failed: not written: default/lamp is locked for maintenance"), power
+        assert await service.twin(lambda s: s.pending_desired()) == []  # refused for good: not at the unlock
+        await service.recorder.flush()
+        power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
+                                       lambda p: p.reported is not None, what="power read")
+        assert power.reported is False
