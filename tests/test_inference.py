@@ -1566,6 +1566,33 @@ async def test_pipeline_from_anomaly_detection_and_bad_targets_are_refused(tmp_p
         await _stop(r)
 
 
+async def test_a_decision_for_a_locked_device_is_not_set_and_is_sent_again_once_unlocked(tmp_path, caplog):
+    """`mapper lock`: a closed loop's set_desired is refused (logged a few lines a minute, not one a
+    decision), and the next decision that wants the value after the unlock sets it."""
+    from devices.loader import load
+
+    relay_id = DeviceId("default", "relay")
+    with TwinStore.open(tmp_path / "twin.db") as store:  # locked before the mapper starts, as `mapper lock` does
+        store.sync_devices(load([_devices(tmp_path)]).devices.values())
+        store.lock_device(relay_id, "ann", "pump rewiring")
+    caplog.set_level(logging.INFO, logger="mapper.inference")
+    refused = "inference: default/relay/power = True not set: refused: default/relay is locked for maintenance"
+    classes = ["normal", "spike", "stuck", "drift", "noise"]
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "threshold": 0.0, "actions": [
+        {"type": "set_desired", "device": "relay", "property": "power", "value": True, "when": classes}]})
+    try:
+        relay = lambda s: s.device(relay_id).properties["power"]  # noqa: E731
+        await async_wait_for(lambda: r.ext.counts["desired_refused"] >= 12, timeout=30, what="decisions refused")
+        said = [m for m in caplog.messages if m.startswith(refused)]
+        assert 1 <= len(said) <= 10, said  # (Throttle: 10 lines a minute)
+        assert (await r.service.twin(relay)).desired is None
+        await r.service.twin(lambda s: s.unlock_device(relay_id))
+        await _until(lambda: r.service.twin(relay), lambda p: p.desired is True,
+                     what="the relay's desired value set after the unlock")
+    finally:
+        await _stop(r)
+
+
 async def test_a_desired_value_the_twin_could_not_take_is_sent_again(tmp_path, caplog):
     """The closed loop's set_desired fails (the twin refuses the write): the next decision that
     wants the same value sends it again. It used to count as sent, so the relay was never set

@@ -42,7 +42,7 @@ from mapper.inference.settings import (InferenceSettings, LocalMap, PipelineSett
                                       from_anomaly_detection, local_maps, missing_ml_packages)
 from mapper.logs import Throttle, held_note
 from mapper.recorder import Extra
-from twin.store import OutboxRow, OutMessage
+from twin.store import DeviceLocked, OutboxRow, OutMessage
 
 if TYPE_CHECKING:
     from devices.loader import LoadResult
@@ -939,6 +939,14 @@ class InferenceExtension:
                 continue
             try:
                 await self._twin(lambda s, d=d: s.set_desired(d.device, d.property, d.value))
+            except DeviceLocked as exc:  # `mapper lock`: every decision would say it (a few lines a minute)
+                self.counts["desired_refused"] += 1
+                if (held := self._log_throttle("desired_locked")) is not None:
+                    log.warning("inference: %s/%s = %r not set: %s%s", d.device, d.property, d.value, exc,
+                                held_note(held))
+                for pipeline in self.pipelines.values():  # sent again with the next decision that wants it
+                    pipeline.forget_desired(d.device, d.property, d.value)
+                continue
             except Exception as exc:  # noqa: BLE001 - a wrong value must not stop inference
                 log.error("inference: cannot set %s/%s = %r: %s", d.device, d.property, d.value, exc)
                 for pipeline in self.pipelines.values():  # sent again with the next decision that wants it
