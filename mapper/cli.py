@@ -1186,12 +1186,15 @@ def cmd_lock(args: argparse.Namespace) -> int:
     device = DeviceId.parse(args.device)
     try:
         with _open_twin(config, sets=True, writer="`mapper lock`") as store:
-            lock, dropped = store.lock_device(device, _lock_holder(), args.reason or "")
+            lock, dropped, new = store.lock_device(device, _lock_holder(), args.reason or "")
             twin = store.device(device)
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
             raise
         raise ValueError(unwritable) from exc
+    if not new:  # its time, holder and reason stay the first lock's: the maintenance it stands for
+        print(f"already locked, left as it was: {lock.describe(device)}")
+        return 0
     print(lock.describe(device))
     if dropped:
         print(f"dropped the desired values not yet written ({', '.join(dropped)}): not written at the unlock either")

@@ -98,6 +98,9 @@ def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     locked = cli("lock", "lamp", "--config", str(config))
     assert locked.returncode == 0, locked
     assert "dropped the desired values not yet written (power)" in locked.stdout
+    again = cli("lock", "lamp", "--reason", "another", "--config", str(config))
+    assert again.returncode == 0 and again.stdout.startswith("already locked, left as it was: "), again
+    assert "another" not in again.stdout
     with TwinStore.open(tmp_path / "twin.db") as store:
         assert store.pending_desired() == []
         power = store.device(LAMP).properties["power"]
@@ -197,6 +200,29 @@ async def test_a_value_stored_just_before_the_lock_is_not_written(tmp_path):
                                        lambda p: p.apply_error is not None, what="the value refused")
         assert power.apply_error.startswith("write failed: not written: default/lamp is locked for maintenance"), power
         assert await service.twin(lambda s: s.pending_desired()) == []  # refused for good: not at the unlock
+        await service.recorder.flush()
+        power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
+                                       lambda p: p.reported is not None, what="power read")
+        assert power.reported is False
+
+
+async def test_a_desired_value_a_device_file_gives_while_locked_is_not_written(tmp_path):
+    """A Device's `desired:` (a local file's, or the Device edgecore sends in kubeedge mode) taken
+    up while the device is locked is stored, not written: the device loop refuses it for good."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = load_config(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    with TwinStore.open(config.twin.path) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.lock_device(LAMP, "ann", "pump rewiring")
+    lamp = devices / "lamp.yaml"
+    anchor = "    - name: power\n"
+    lamp.write_text(lamp.read_text().replace(anchor, anchor + '      desired: {value: "true"}\n'))
+    async with running_service(config) as service:
+        power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
+                                       lambda p: p.apply_error is not None, what="the file's value refused")
+        assert power.desired is True and "pump rewiring" in power.apply_error, power
         await service.recorder.flush()
         power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
                                        lambda p: p.reported is not None, what="power read")

@@ -1874,9 +1874,9 @@ class TwinStore:
             raise
         return {DeviceId.parse(d): AdminLock(*rest) for d, *rest in rows}
 
-    def lock_device(self, device_id: DeviceId, by: str, reason: str = "") -> tuple[AdminLock, list[str]]:
+    def lock_device(self, device_id: DeviceId, by: str, reason: str = "") -> tuple[AdminLock, list[str], bool]:
         """Lock the device for maintenance: every desired value is refused until unlock_device.
-        Returns the lock (the one already in force, if locked before) and the properties whose
+        Returns the lock (the one already in force, if locked before: then the bool is False) and the properties whose
         pending desired values were dropped: refused for good, never written at the unlock (a
         relay switched on by a command sent before the maintenance began would surprise the
         person who unlocks it)."""
@@ -1885,6 +1885,7 @@ class TwinStore:
             if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
                 raise UnknownDevice(device_id)
             lock = self.admin_lock(device_id)
+            new = lock is None
             if lock is None:
                 lock = AdminLock(now_ms(), by, reason)
                 self.conn.execute("INSERT INTO admin_locks (device_id, since_ms, by, reason) VALUES (?, ?, ?, ?)",
@@ -1901,7 +1902,7 @@ class TwinStore:
             self._rollback()
             raise
         self._commit()
-        return lock, dropped
+        return lock, dropped, new
 
     def unlock_device(self, device_id: DeviceId) -> AdminLock | None:
         """Release the device's maintenance lock; returns it (None: it was not locked). Nothing
