@@ -822,12 +822,16 @@ class DeviceRunner:
     async def _sync_boot_values(self, versions: dict[str, int] | None = None) -> None:
         """After open: an applied desired value that differs from the boot state becomes the boot state.
         `versions`: only a property whose desired version is still this one (a reset done late)."""
+        await self._settle_boot(self._boot_values(lambda p: p.writable and not self.driver.restore_desired(p)),
+                                versions)
+
+    def _boot_values(self, which: Callable[[PropertyDefinition], bool]) -> dict[str, Any]:
+        """The boot state (Driver.boot_value), calibrated as a reading is, of the properties `which` picks."""
         boot: dict[str, Any] = {}
         for prop in self.definition.properties:
-            value = self.driver.boot_value(prop) if prop.writable and not self.driver.restore_desired(prop) else None
-            if value is not None:
+            if which(prop) and (value := self.driver.boot_value(prop)) is not None:
                 boot[prop.name] = _calibrated(prop, coerce(prop.type, value))
-        await self._settle_boot(boot, versions)
+        return boot
 
     async def _settle_boot(self, boot: dict[str, Any], versions: dict[str, int] | None = None) -> None:
         """_sync_boot_values for these properties' boot states."""
@@ -862,9 +866,7 @@ class DeviceRunner:
             # Locked for maintenance: left as open() set it, and that boot state becomes the desired
             # value, or a start after the unlock would restore the value from before the lock.
             log.warning("%s: no desired value is restored: %s", self.id, lock.describe(self.id))
-            boot = {p.name: coerce(p.type, v) for p in self.definition.properties
-                    if p.name in names and (v := self.driver.boot_value(p)) is not None}
-            await self._settle_boot(boot)
+            await self._settle_boot(self._boot_values(lambda p: p.name in names))
             return
         changes = await self._twin(lambda s: _desired_to_restore(s, self.id, names))
         for change, was_applied, set_at in changes:
