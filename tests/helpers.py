@@ -149,6 +149,23 @@ def one_property_device(name: str, prop: str, visitor: str, *, settings: str, co
         """) + lines
 
 
+def the_problem_at_its_line(directory: Path, file_name: str, field: str) -> str:
+    """Loading `directory` fails; the one problem naming `field` (a visitors.configData key) is said
+    at its line of `file_name`. Its text, for what it says."""
+    import pytest
+
+    from devices.errors import DefinitionError
+    from devices.loader import load
+
+    with pytest.raises(DefinitionError) as caught:
+        load([directory])
+    [problem] = [p for p in caught.value.problems if field in str(p)]
+    text = str(problem)
+    assert text.startswith(f"{directory / file_name}:") and f"visitors.configData.{field}:" in text, text
+    assert problem.line is not None and problem.line > 1
+    return text
+
+
 def device_yaml(name: str, *, model: str = "thing-model", cycle: int = 50, config: str = "{}") -> str:
     return DEVICE.format(name=name, model=model, cycle=cycle, config=config)
 

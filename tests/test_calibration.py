@@ -16,7 +16,7 @@ from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import load
 from eventbus.topics import Topics
-from helpers import async_wait_for, one_property_device, running_service, write_config
+from helpers import async_wait_for, one_property_device, running_service, the_problem_at_its_line, write_config
 from mapper.config import load_config
 from mapper_proc import REPO, mqtt_block
 from test_ds18b20 import Received, _build_service
@@ -69,14 +69,8 @@ def _device(tmp_path: Path, visitor: str, *, kind: str = "FLOAT", access: str = 
     ("{kind: constant, valueDigits: 16}", "FLOAT", "valueDigits", "16 is not a whole number of decimals from 0 to 15"),
 ])
 def test_a_bad_calibration_is_an_error_at_its_line(tmp_path, visitor, kind, field, said):
-    directory = _device(tmp_path, visitor, kind=kind)
-    with pytest.raises(DefinitionError) as caught:
-        load([directory])
-    [problem] = [p for p in caught.value.problems if field in str(p)]
-    text = str(problem)
-    assert text.startswith(f"{directory / 'probe.yaml'}:") and f"visitors.configData.{field}:" in text, text
+    text = the_problem_at_its_line(_device(tmp_path, visitor, kind=kind), "probe.yaml", field)
     assert "device default/probe, property 'level'" in text and said in text, text
-    assert problem.line is not None and problem.line > 1
 
 
 def test_the_keys_are_not_given_to_the_driver_and_validate_shows_them(tmp_path):

@@ -11,13 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import load
 from eventbus.telemetry import Telemetry
 from eventbus.topics import Topics
 from twin.records import OUT_OF_RANGE, Reading
-from helpers import one_property_device
+from helpers import one_property_device, the_problem_at_its_line
 from mapper_proc import REPO
 
 D = DeviceId("default", "probe")
@@ -158,14 +157,8 @@ def test_properties_without_the_option_are_paced_by_their_report_cycle_as_before
     ("{kind: constant, reportDeadband: true}", "FLOAT", "reportDeadband", "True is not a number"),
 ])
 def test_a_bad_option_is_an_error_at_its_line(tmp_path, visitor, kind, field, said):
-    directory = _device(tmp_path, visitor, kind=kind)
-    with pytest.raises(DefinitionError) as caught:
-        load([directory])
-    [problem] = [p for p in caught.value.problems if field in str(p)]
-    text = str(problem)
-    assert text.startswith(f"{directory / 'probe.yaml'}:") and f"visitors.configData.{field}:" in text, text
+    text = the_problem_at_its_line(_device(tmp_path, visitor, kind=kind), "probe.yaml", field)
     assert "property 'level'" in text and said in text, text
-    assert problem.line is not None and problem.line > 1
 
 
 def test_the_options_are_not_given_to_the_driver_and_validate_shows_them(tmp_path):
