@@ -2401,6 +2401,7 @@ async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_wait
     more; deadlines and resends far off, so nothing else is sent again."""
     pid = "default/probe-ad"
     pending = await _left_pending(tmp_path, [3600])
+    earlier = {x["request_id"] for x in await _rows_after_stop(tmp_path, pid)}  # the previous run's requests
     stopped = tmp_path / "probe-unplugged"
     probe = f", fail_while_exists: '{stopped}'"
     r = await _start(tmp_path, {}, broker=broker, inference={"pipelines": [], "max_pending": 2}, probe=probe)
@@ -2417,6 +2418,11 @@ async def test_a_request_given_up_while_the_twin_refuses_the_restore_is_not_wait
         await async_wait_for(lambda: runner.read_errors > errors, what="a read of the stopped probe failed")
         await r.service.recorder.flush()  # the readings taken before it: their windows decided
         await asyncio.wait_for(ext.idle.wait(), 20)  # and the requests they gave up answered at the edge
+        # Each request this run made is in the twin by now, but reaches the worker through the outbox and
+        # the broker a moment later: what the worker received is read once all of them arrived.
+        made = {x["request_id"] for x in await r.decisions(pid) if x["request_id"]} - earlier
+        await async_wait_for(lambda: made <= {x["id"] for x in r.requests()}, timeout=20,
+                             what="this run's requests at the worker")
         sent = [x["id"] for x in r.requests()]
         given_up = stats()["expired"]
         assert given_up >= 2 and stats()["waiting"] == 2, stats()
