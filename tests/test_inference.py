@@ -851,6 +851,11 @@ async def test_offload_provisional_final_and_rejections(tmp_path, broker, worker
         stats = lambda: ext.status()["pipelines"]["default/probe-sensor-faults"]  # noqa: E731
         await async_wait_for(lambda: stats()["provisional"] >= 2 and stats()["edge_exits"] >= 2, timeout=20,
                              what="provisional decisions and edge exits")
+        # A request reaches the worker through the outbox and the broker a moment after its row is in the
+        # twin: what the worker received is read once two requests given up (provisional rows) have arrived.
+        await _until(r.decisions, lambda rows: len({x["request_id"] for x in rows if x["status"] == "provisional"}
+                                                   & {b["id"] for b in r.requests()}) >= 2,
+                     what="two requests given up, at the worker")
         requests = r.requests()
         assert requests and all(not b["audit"] and b["node"] == r.topics.node and b["enc"] == "int8"
                                 for b in requests)
