@@ -94,6 +94,14 @@ def test_guide_config_and_examples_load(tmp_path: Path) -> None:
     assert relay.prop("power").visitor.pin == 17 and "GPIO17, physical pin 11" in GUIDE.read_text()
 
 
+
+def test_the_ds18b20_example_is_wired_as_the_guide_wires_it() -> None:
+    """The guide puts the DS18B20 on GPIO22 (the DHT is on GPIO4); the example's wiring comment says the same."""
+    example = (REPO / "devices/examples/pi/water-temperature-ds18b20.yaml").read_text()
+    assert "| DATA (yellow) | GPIO22, physical pin 15" in GUIDE.read_text()
+    assert "data (yellow) to GPIO22 (physical pin 15" in example
+    assert "dtoverlay=w1-gpio,gpiopin=22" in example
+
 def guide_config_text() -> str:
     heredoc = re.search(r"<<'EOF'\n(.*?)\nEOF", GUIDE.read_text(), flags=re.S)
     assert heredoc is not None
