@@ -1200,8 +1200,10 @@ def cmd_lock(args: argparse.Namespace) -> int:
         print(f"dropped the desired values not yet written ({', '.join(dropped)}): not written at the unlock either")
     on = [f"{p.name}={_json_text(p.reported)}" for p in twin.properties.values() if p.writable and p.reported is True]
     if on:  # the lock stops writes; it switches nothing off
-        print(f"note: the lock writes nothing: {', '.join(on)} as last reported; switch it off before the lock"
-              " if it must be off")
+        prop = next(p.name for p in twin.properties.values() if p.writable and p.reported is True)
+        print(f"note: the lock writes nothing: {', '.join(on)} as last reported. If it must be off, unlock,"
+              f" switch it off and lock again: `mapper unlock {device}`, `mapper twin set {device} {prop} false`,"
+              f" then `mapper lock {device}`")
     return 0
 
 

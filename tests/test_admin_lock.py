@@ -18,6 +18,7 @@ from mapper.config import load_config
 from mapper_proc import MapperProcess
 from test_gpio import MODEL, RELAY, device_yaml, wire_of
 from test_twin_protocol import HW, Sub, pub
+from twin.records import Reading
 from twin.store import DeviceLocked, TwinStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,9 +96,14 @@ def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     with TwinStore.open(tmp_path / "twin.db") as store:
         store.sync_devices(load([devices]).devices.values())
         store.set_desired(LAMP, "power", True)  # no mapper runs: pending
+        store.record([Reading(LAMP, "power", True, 1_000)])  # and last read on (by hand, say)
     locked = cli("lock", "lamp", "--config", str(config))
     assert locked.returncode == 0, locked
     assert "dropped the desired values not yet written (power)" in locked.stdout
+    # The lock switches nothing: the note says how to have it off (once locked, no write can).
+    assert ("the lock writes nothing: power=true as last reported. If it must be off, unlock, switch it off and"
+            " lock again: `mapper unlock default/lamp`, `mapper twin set default/lamp power false`, then"
+            " `mapper lock default/lamp`") in locked.stdout, locked.stdout
     again = cli("lock", "lamp", "--reason", "another", "--config", str(config))
     assert again.returncode == 0 and again.stdout.startswith("already locked, left as it was: "), again
     assert "another" not in again.stdout
