@@ -16,7 +16,8 @@ older HA, would then need the whole device rewritten; one topic per entity is cl
 - unit, device_class where the unit says it without doubt (°C, °F; % with `humidity` in the
   name; ppm with `co2`), state_class `measurement` for numeric ReadOnly properties, expire_after
   two cycles plus 5 s;
-- a ReadWrite BOOLEAN is a `switch`, another writable number a `number` (min/max from the model),
+- a ReadWrite BOOLEAN is a `switch`, another writable number a `number` (min/max from the model;
+  an INT's step is 1, its |valueScale| when calibrated),
   a writable text a `text` (max 255 characters, HA's limit: an INFO line names those at announce);
   their command_topic is the property's `/set` topic (EventBus router).
 
@@ -200,6 +201,9 @@ class Discovery:
             config["min"] = prop.minimum if prop.minimum is not None else -UNBOUNDED
             config["max"] = prop.maximum if prop.maximum is not None else UNBOUNDED
             config["step"] = 1 if prop.type is PropertyType.INT else 0.001
+            if prop.type is PropertyType.INT and prop.calibration is not None:
+                # a calibrated INT takes only every |valueScale|-th value: `/set` refuses the others
+                config["step"] = abs(prop.calibration.scale)
             config["mode"] = "auto" if bounded else "box"
         return config
 

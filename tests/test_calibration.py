@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from devices.definitions import Calibration
@@ -235,3 +236,19 @@ def test_the_keys_as_edgecore_sends_them_make_the_calibration_written(tmp_path):
     visitor = "{kind: constant, " + ", ".join(f"{key}: {value}" for key, value in data.items()) + "}"
     assert load([_device(tmp_path, visitor)]).devices[PROBE].prop("level").calibration == Calibration(
         scale=0.1, offset=-1.5, digits=1, integral=False)
+
+
+def test_home_assistants_number_for_a_calibrated_int_steps_by_its_scale(tmp_path):
+    """An INT with valueScale 10 takes only every tenth value: a step of 1 would offer values the
+    `/set` refuses (27 with valueScale 10, valueOffset 5)."""
+    from eventbus.homeassistant import Discovery
+    from eventbus.settings import HomeAssistantSettings
+
+    (tmp_path / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: level, type: INT, accessMode: ReadWrite, minimum: -95, maximum: 105}",
+        "{kind: constant, valueScale: -10, valueOffset: 5}", settings="reportToCloud: true"))
+    definitions = load([tmp_path / "probe.yaml"]).devices
+    made = Discovery(HomeAssistantSettings(discovery=True), Topics("pi1"), "pi1", version="v",
+                     state_interval_ms=1000).configs(definitions)
+    (number,) = [orjson.loads(body) for topic, body in made.items() if topic.split("/")[1] == "number"]
+    assert number["step"] == 10
