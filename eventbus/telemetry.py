@@ -396,6 +396,9 @@ class Telemetry:
                 text += len(value)
         # (A JSON string takes at most 6 bytes a character: `\u001f`; a topic's UTF-8 at most 4.)
         most = fixed + 6 * (text + len(body["state"])) + _SEQ_MOST + 4 * len(topic) + _PACKET_MOST
+        if (lock := body.get("$locked")) is not None:  # its holder and reason are texts of any length
+            text += len(lock["by"]) + len(lock["reason"])
+            most += 6 * (len(lock["by"]) + len(lock["reason"])) + len('"$locked":{"since":,"by":"","reason":""},') + 20
         if fixed >= 0 and most <= limit:
             if self._oversize:
                 self._fits_again(device)
@@ -413,6 +416,8 @@ class Telemetry:
         if said is None or now - said >= OVERSIZE_LOG_INTERVAL_S:
             self._oversize[device] = now
             largest = sorted(((-len(v), n) for n, v in body.items() if n not in ("ts", "state") and isinstance(v, str)))
+            if (lock := body.get("$locked")) is not None:  # `mapper lock --reason`
+                largest = sorted([*largest, (-len(lock["reason"]), "the maintenance lock's reason")])
             shown = ", ".join(f"{n} ({-length} characters)" for length, n in largest[:3])
             more = f" and {len(largest) - 3} more" if len(largest) > 3 else ""
             log.error("%s: its state view is left out: its packet on %s would be %s%d bytes, over the broker's "

@@ -398,3 +398,26 @@ def test_a_state_view_over_the_packet_limit_is_left_out_with_one_error_until_it_
     # 100 control characters: 600 bytes if each were escaped as \u00XX, 200 as they are (\n).
     assert [v["note"] for v in views("\n" * 100, 2, 1_020_000)] == ["\n" * 100] * 2
     assert "fits the broker's packet limit again" in caplog.text
+
+
+def test_a_locked_devices_state_view_counts_its_lock_against_the_packet_limit(tmp_path, caplog):
+    """`$locked` (its holder and reason, of any length) is part of the view: a view the lock's
+    reason takes over the limit is left out, not handed to the publisher as if it fitted."""
+    from twin.records import AdminLock
+
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    (devices / "probe.yaml").write_text(one_property_device(
+        "probe", "{name: level, type: FLOAT, accessMode: ReadOnly}", "{kind: constant, value: 1}",
+        settings="collectCycle: 100\nreportToCloud: false"))
+    now = [1000.0]
+    telemetry = Telemetry(Topics("n1"), load([devices]).devices, state_interval_ms=1000, clock=lambda: now[0])
+    telemetry.packet_limit = lambda: (300, "a test limit")
+    probe = DeviceId("default", "probe")
+    telemetry.locks[probe] = AdminLock(1, "pid 1 (mapper lock)", "r" * 400)
+    out = []
+    for k in range(30):
+        now[0] += 0.1
+        out += telemetry([Reading(probe, "level", 1.0, 1_000_000 + 100 * k)])
+    assert [m for m in out if m.topic.endswith("/state")] == []
+    assert "the maintenance lock's reason (400 characters)" in caplog.text
