@@ -191,6 +191,32 @@ def test_the_test_drivers_forbid_unknown_keys_and_are_named_as_registered():
         name: () for name in ("failing", "forgetful", "gated", "panicking", "slow")}
 
 
+def test_a_visitor_field_named_as_a_mapper_key_is_warned_about():
+    """The loader takes the mapper's own configData keys (valueScale, reportDeadband ...) out before a
+    driver's Visitor reads the rest: a driver whose Visitor has a field of that name (an ADC driver's
+    own `valueScale`) would never be given it, without a word. Said among its contract warnings."""
+    from pydantic import BaseModel, ConfigDict, Field
+
+    from devices.drivers.base import contract_warnings
+    from devices.drivers.simulated import SimulatedDriver
+
+    class AdcVisitor(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        channel: int = 0
+        valueScale: float = 1.0  # noqa: N815 - named as a device file writes it
+        deadband: float = Field(0.0, alias="reportDeadband")
+
+    class AdcDriver(SimulatedDriver):
+        protocol = "adc"
+        Visitor = AdcVisitor
+
+    said = contract_warnings("adc", "adc_bus:AdcDriver", AdcDriver)
+    assert said == [
+        f"driver adc_bus:AdcDriver (protocol 'adc'): its Visitor field {field!r} has the name of the mapper's own"
+        f" visitors.configData key {key!r}, which the mapper takes out before the driver reads the rest: the driver"
+        " never gets it; rename the field" for field, key in (("valueScale", "valueScale"), ("deadband", "reportDeadband"))]
+
+
 def test_validate_ok_and_warns_about_missing_drivers(tmp_path):
     """`mapper validate` exits 0 for valid files and warns (stderr) about protocols without a driver."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))

@@ -406,7 +406,23 @@ def contract_warnings(protocol: str, target: str, driver: type[Driver]) -> list[
                          f" misspelt key in {_MODEL_PLACES[attr]} is accepted without a word and its setting left at"
                          f" the default: add `model_config = ConfigDict(extra=\"forbid\")` to {model.__name__}"
                          " (from pydantic import ConfigDict)")
+    found += _mapper_key_fields(protocol, target, driver.Visitor)
     return found
+
+
+def _mapper_key_fields(protocol: str, target: str, visitor: Any) -> list[str]:
+    """A Visitor field named as one of the mapper's own configData keys (calibration, report on
+    change: devices.definitions.MAPPER_KEYS): the loader takes such a key out before the driver
+    reads the rest, so the driver would never be given it."""
+    from devices.definitions import MAPPER_KEYS
+
+    if not (isinstance(visitor, type) and issubclass(visitor, BaseModel)):
+        return []
+    return [f"driver {target} (protocol {protocol!r}): its Visitor field {name!r} has the name of the mapper's own"
+            f" visitors.configData key {key!r}, which the mapper takes out before the driver reads the rest:"
+            f" the driver never gets it; rename the field"
+            for name, info in visitor.model_fields.items()
+            for key in {name, info.alias} & set(MAPPER_KEYS)]
 
 
 def _models_taking_any_key(model: Any, seen: set[type[BaseModel]],
