@@ -1531,9 +1531,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     lock = _lock_state(config.twin.path)
     running, pid, starting, why = lock
     if broker is not None:  # current only when noted by the mapper that runs now (else a crashed run's last word)
-        broker["current"] = running is True and pid is not None and broker.get("pid") == pid
+        now_ms = time.time() * 1000
+        broker["current"] = running is True and pid is not None and _noted_by_this_run(
+            broker, pid, _running_since_ms(config.twin.path), now_ms=now_ms, stale_s=BROKER_NOTE_STALE_S)
         # ... and fresh only when noted lately: it is noted again every BROKER_NOTE_REFRESH_S
-        broker["fresh"] = time.time() * 1000 - broker["noted"] <= BROKER_NOTE_STALE_S * 1000
+        broker["fresh"] = now_ms - broker["noted"] <= BROKER_NOTE_STALE_S * 1000
     if args.json:
         print(orjson.dumps({"mapper": {"running": running, "pid": pid, "starting": starting, "cannotTell": why},
                             "broker": broker,
@@ -1576,6 +1578,24 @@ def cmd_devices(args: argparse.Namespace) -> int:
 # A note of the MQTT connection older than this is not shown as current: the running mapper writes it
 # again every BROKER_NOTE_REFRESH_S, so it could not since (its twin refuses writes, or it is stuck).
 BROKER_NOTE_STALE_S = 3 * BROKER_NOTE_REFRESH_S
+
+
+def _running_since_ms(twin: Path) -> float | None:
+    """When the mapper holding `<twin>.lock` ran (its lock says `<pid>` from then: the file's mtime);
+    None when it cannot be told."""
+    try:
+        return _lock_path(twin).stat().st_mtime * 1000
+    except OSError:
+        return None
+
+
+def _noted_by_this_run(note: dict | None, pid: int | None, running_ms: float | None, *, now_ms: float,
+                       stale_s: float) -> bool:
+    """Whether the broker note is the running mapper's (`pid`, running since `running_ms`): its pid, and
+    not one older than `stale_s` from before it ran. A container's mapper is pid 1 at every start: the
+    previous run's last note has its pid too."""
+    return note is not None and note["pid"] == pid and not (
+        running_ms is not None and note["noted"] < running_ms and now_ms - note["noted"] > stale_s * 1000)
 
 
 def _broker_note(store) -> dict | None:  # noqa: ANN001 - TwinStore
@@ -1690,14 +1710,8 @@ def _health(config: MapperConfig, *, broker_down_s: float, stale_s: float) -> tu
         return False, f"{who} runs, but its twin {twin} cannot be read here: {exc}", shown
     shown["broker"] = note
     now_ms = time.time() * 1000
-    try:  # (the lock says `<pid>` from when the mapper ran: its mtime)
-        running_ms: float | None = _lock_path(twin).stat().st_mtime * 1000
-    except OSError:
-        running_ms = None
-    # This run's note: its pid, and not a stale one from before it ran. A container's mapper is pid 1
-    # at every start: the previous run's last note has its pid too.
-    if note is None or note["pid"] != pid or (
-            running_ms is not None and note["noted"] < running_ms and now_ms - note["noted"] > stale_s * 1000):
+    running_ms = _running_since_ms(twin)
+    if not _noted_by_this_run(note, pid, running_ms, now_ms=now_ms, stale_s=stale_s):
         # Not noted yet by this run: it notes it once it has tried the broker, and every minute.
         if running_ms is not None and now_ms - running_ms > stale_s * 1000:
             return False, (f"twin not written: {who} has run for {_age_text(now_ms - running_ms)} without"

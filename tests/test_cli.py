@@ -2557,6 +2557,8 @@ def test_devices_says_how_old_a_broker_note_the_running_mapper_has_not_renewed_i
         fcntl.flock(lock, fcntl.LOCK_EX)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
+        running_since = noted / 1000 - 3600  # running for two hours: the note is this run's
+        os.utime(lock.fileno(), (running_since, running_since))
         shown = mapper("devices", "--config", str(config))
         as_json = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["broker"]
     assert shown.returncode == 0, shown.stderr
@@ -2568,6 +2570,38 @@ def test_devices_says_how_old_a_broker_note_the_running_mapper_has_not_renewed_i
                      r" may refuse writes", line), line
     assert line.endswith(f": connected to {url} since {_fmt_ts(noted - 5000)}"), line
     assert as_json["current"] is True and as_json["fresh"] is False, as_json
+
+
+def test_devices_does_not_show_an_earlier_run_s_note_with_the_same_pid_as_this_run_s(tmp_path):
+    """A container's mapper is pid 1 at every start: the previous run's last broker note has the new
+    run's pid, and `mapper devices` showed it as this run's (current). A note older than
+    BROKER_NOTE_STALE_S written before the lock says the mapper ran (its mtime) is an earlier run's, as
+    `mapper health` counts it. (The running mapper: this process, holding the twin's lock, just begun.)"""
+    import fcntl
+    import time
+
+    from mapper.cli import _fmt_ts
+    from twin.store import BROKER_META, TwinStore
+
+    twin = tmp_path / "twin.db"
+    url = "mqtt://127.0.0.1:1883"
+    config = write_config(tmp_path / "c.yaml", write_devices(tmp_path / "dev", ["lamp"]), twin,
+                          extra=f"mqtt:\n  url: {url}\n")
+    noted = round((time.time() - 3600) * 1000)  # an hour ago, by an earlier run with this pid
+    with TwinStore.open(twin) as store:
+        store.swap_meta(BROKER_META, json.dumps({"url": url, "connected": True, "since": noted - 5000,
+                                                 "error": None, "pid": os.getpid(), "noted": noted}))
+    with open(f"{twin}.lock", "w") as lock:  # this run: running since now
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        shown = mapper("devices", "--config", str(config))
+        as_json = json.loads(mapper("devices", "--config", str(config), "--json").stdout)["broker"]
+    assert shown.returncode == 0, shown.stderr
+    line = next(line for line in shown.stdout.splitlines() if line.startswith("broker:"))
+    assert line.startswith(f"broker: last known {_fmt_ts(noted)}, "), line
+    assert f"(by pid {os.getpid()}, an earlier run; this one (pid {os.getpid()}) has noted nothing yet)" in line, line
+    assert as_json["current"] is False, as_json
 
 
 def test_the_running_mapper_notes_its_broker_connection_again_while_nothing_changes(broker, tmp_path, monkeypatch):
