@@ -33,6 +33,14 @@ def files_of(directory: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(directory.iterdir())}
 
 
+def health_touching_nothing(state: Path, config: Path, *args: str) -> subprocess.CompletedProcess:
+    """`mapper health`, asserting that it left every file of the state directory as it was."""
+    files = files_of(state)
+    done = health(config, *args)
+    assert files_of(state) == files, done
+    return done
+
+
 def test_health_follows_the_mapper_and_its_broker(tmp_path, broker_for):
     """Healthy while the mapper runs connected; still healthy while the broker has been unreachable for
     less than --broker-down-s, unhealthy past it (0 here: at once, so the test waits for no threshold);
@@ -87,10 +95,8 @@ def test_health_reads_a_stopped_mapper_s_twin_without_touching_it(tmp_path, brok
             run.start()
             wait_for(lambda: health_json(run.config)["healthy"], timeout=20, what="a healthy mapper")
             run.kill()
-        files = files_of(state)
-        assert health(run.config).returncode == 1
-        assert health(run.config, "--json").returncode == 1
-        assert files_of(state) == files, stopped
+        assert health_touching_nothing(state, run.config).returncode == 1, stopped
+        assert health_touching_nothing(state, run.config, "--json").returncode == 1, stopped
 
 
 def test_health_says_when_the_running_mapper_no_longer_writes_its_twin(tmp_path):
@@ -111,9 +117,7 @@ def test_health_says_when_the_running_mapper_no_longer_writes_its_twin(tmp_path)
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         os.utime(lock.fileno(), (hour_ago / 1000, hour_ago / 1000))  # running for an hour
-        files = files_of(state)
-        silent = health(config)
-        assert files_of(state) == files
+        silent = health_touching_nothing(state, config)
         assert silent.returncode == 1, silent
         assert silent.stdout.startswith(f"unhealthy: twin not written: the mapper (pid {os.getpid()}) has run for 60 min"
                                         f" without noting its broker connection in {twin}"), silent.stdout
@@ -130,9 +134,7 @@ def test_health_says_when_the_running_mapper_no_longer_writes_its_twin(tmp_path)
 
         two_hours_ago = hour_ago / 1000 - 3600
         os.utime(lock.fileno(), (two_hours_ago, two_hours_ago))  # this run's note, not renewed for an hour
-        files = files_of(state)
-        stale = health(config)
-        assert files_of(state) == files
+        stale = health_touching_nothing(state, config)
         assert stale.returncode == 1, stale
         assert stale.stdout.startswith(f"unhealthy: twin not written for 60 min: the mapper (pid {os.getpid()}) notes"
                                        f" its broker connection in {twin} every 60 s, last at "), stale.stdout
@@ -143,10 +145,8 @@ def test_health_says_when_the_running_mapper_no_longer_writes_its_twin(tmp_path)
         assert health(config).returncode == 0
 
         alone = write_config(tmp_path / "alone.yaml", tmp_path / "dev", twin)  # no mqtt: only whether it runs
-        files = files_of(state)
-        assert health(alone).stdout == (f"healthy: the mapper (pid {os.getpid()}) runs on the twin {twin}"
-                                        " (no mqtt section: no broker to check)\n")
-        assert files_of(state) == files
+        assert health_touching_nothing(state, alone).stdout == (
+            f"healthy: the mapper (pid {os.getpid()}) runs on the twin {twin} (no mqtt section: no broker to check)\n")
 
         lock.seek(0)
         lock.write(f"{os.getpid()} starting\n")

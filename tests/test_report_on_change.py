@@ -233,26 +233,26 @@ def test_home_assistant_keeps_a_report_on_change_sensor_available_between_heartb
     assert config["expire_after"] == 2 * 120 + 5
 
 
-def test_a_models_visitor_gives_its_devices_the_option_and_a_device_overrides_it(tmp_path):
-    """As for the driver's own keys, the model's visitors configData is overridden key by key by the device's."""
+def _deadband_under_a_banded_model(tmp_path: Path, device_visitor: str):  # noqa: ANN202 - a Deadband
+    """The deadband of a device with `device_visitor` whose model's visitor gives reportDeadband: 2
+    and reportMaxIntervalMs: 5000."""
     devices = tmp_path / "devices"
     devices.mkdir()
     model_prop = ("{name: level, type: FLOAT, accessMode: ReadOnly, visitors: {protocolName: simulated,"
                   " configData: {reportDeadband: 2, reportMaxIntervalMs: 5000}}}")
-    (devices / "probe.yaml").write_text(one_property_device(
-        "probe", model_prop, "{kind: constant, reportDeadband: 0.1}", settings="collectCycle: 100"))
-    band = load([devices]).devices[D].prop("level").deadband
+    (devices / "probe.yaml").write_text(one_property_device("probe", model_prop, device_visitor,
+                                                            settings="collectCycle: 100"))
+    return load([devices]).devices[D].prop("level").deadband
+
+
+def test_a_models_visitor_gives_its_devices_the_option_and_a_device_overrides_it(tmp_path):
+    """As for the driver's own keys, the model's visitors configData is overridden key by key by the device's."""
+    band = _deadband_under_a_banded_model(tmp_path, "{kind: constant, reportDeadband: 0.1}")
     assert (band.absolute, band.percent, band.max_interval_ms) == (0.1, None, 5000)
 
 
 def test_a_device_s_percent_deadband_replaces_its_model_s_absolute_one(tmp_path):
     """The device's deadband, of either kind, replaces the model's: it was refused as `not both` at the
     device's line, which gives one only, and the device's author could not take the model's out."""
-    devices = tmp_path / "devices"
-    devices.mkdir()
-    model_prop = ("{name: level, type: FLOAT, accessMode: ReadOnly, visitors: {protocolName: simulated,"
-                  " configData: {reportDeadband: 2, reportMaxIntervalMs: 5000}}}")
-    (devices / "probe.yaml").write_text(one_property_device(
-        "probe", model_prop, "{kind: constant, reportDeadbandPercent: 5}", settings="collectCycle: 100"))
-    band = load([devices]).devices[D].prop("level").deadband
+    band = _deadband_under_a_banded_model(tmp_path, "{kind: constant, reportDeadbandPercent: 5}")
     assert (band.absolute, band.percent, band.max_interval_ms) == (None, 5.0, 5000)
