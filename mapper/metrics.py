@@ -165,6 +165,9 @@ class MetricsExtension:
             devices["not_run"] = len(service.not_run)
         body = {"status": "unhealthy" if reasons else "ok", "ready": service.ready.is_set(), "twin": twin,
                 "mqtt": mqtt, "devices": dict(sorted(devices.items())), "version": __version__}
+        silences = [ext.cloud_worker_note() for ext in self._inference_extensions()]
+        if any(silences):  # not a reason: a restart brings no cloud worker back
+            body["cloud_worker"] = next(note for note in silences if note)
         if reasons:
             body["reasons"] = reasons
         return (503 if reasons else 200), body
@@ -283,13 +286,7 @@ class MetricsExtension:
     def _inference_families(self) -> list[Any]:
         """Each pipeline's windows and decisions by exit (edge: the early exit decided; offload: sent
         to the cloud worker), errors and alerts, when inference runs."""
-        module = sys.modules.get("mapper.inference.extension")  # (imported when a pipeline may run, only)
-        service = self._service
-        assert service is not None
-        if module is None:
-            return []
-        pipelines = {str(pid): p for ext in service.extensions if isinstance(ext, module.InferenceExtension)
-                     for pid, p in ext.pipelines.items()}
+        pipelines = {str(pid): p for ext in self._inference_extensions() for pid, p in ext.pipelines.items()}
         if not pipelines:
             return []
         windows = CounterMetricFamily("mapper_inference_windows", "Windows an inference pipeline ran on",
@@ -299,6 +296,11 @@ class MetricsExtension:
                                         labels=["pipeline", "exit"])
         errors = CounterMetricFamily("mapper_inference_errors", "Inference errors", labels=["pipeline"])
         alerts = CounterMetricFamily("mapper_inference_alerts", "Alerts raised", labels=["pipeline"])
+        silent = GaugeMetricFamily("mapper_inference_cloud_worker_silent_seconds", "Seconds since offloads began"
+                                   " to go unanswered with no result of any kind (no cloud worker answers;"
+                                   " 0 while one does or nothing waits)",
+                                   value=max((ext.silent_for_s() for ext in self._inference_extensions()),
+                                             default=0.0))
         for pid, pipeline in sorted(pipelines.items()):
             counts = pipeline.stats.counts
             windows.add_metric([pid], counts["windows"])
@@ -306,7 +308,14 @@ class MetricsExtension:
             decisions.add_metric([pid, "offload"], counts["offloads"])
             errors.add_metric([pid], counts["errors"])
             alerts.add_metric([pid], counts["alerts"])
-        return [windows, decisions, errors, alerts]
+        return [windows, decisions, errors, alerts, silent]
+
+    def _inference_extensions(self) -> list[Any]:
+        module = sys.modules.get("mapper.inference.extension")  # (imported when a pipeline may run, only)
+        service = self._service
+        assert service is not None
+        return [] if module is None else [ext for ext in service.extensions
+                                          if isinstance(ext, module.InferenceExtension)]
 
     # -- HTTP ------------------------------------------------------------------------------
 

@@ -295,6 +295,34 @@ def test_inference_decisions_are_counted_by_exit(tmp_path: Path) -> None:
         assert mapper.stop() == 0
 
 
+
+def test_a_silent_cloud_worker_shows_in_the_metrics_and_healthz_without_making_it_unhealthy(broker,
+                                                                                          tmp_path: Path) -> None:
+    """Offloads that no cloud worker answers (none runs): /metrics counts the seconds of silence and
+    /healthz's body says it as the health topic does, still 200 (a restart brings no worker back)."""
+    pytest.importorskip("onnxruntime")
+    from helpers import faulty_probe_yaml
+
+    devices = tmp_path / "dev"
+    devices.mkdir()
+    (devices / "probe.yaml").write_text(faulty_probe_yaml(25))
+    pipelines = ("inference:\n  pipelines:\n    - device: probe\n      model: sensor_faults\n"
+                 "      deadline_s: 0.1\n      resend_s: 1.0\n")
+    mapper = MapperProcess(tmp_path, devices, broker)
+    mapper.config.write_text(mapper.config.read_text() + LISTEN + pipelines)
+    with mapper:
+        port = metrics_port(mapper)
+        assert value(scrape(port), "mapper_inference_cloud_worker_silent_seconds") == 0
+        mapper.wait_log("no cloud worker answers", timeout=60)
+        samples = wait_for(lambda: (s := scrape(port)) and (value(s, "mapper_inference_cloud_worker_silent_seconds")
+                                                             or 0) > 0 and s, what="the silence in /metrics")
+        assert_documented(samples)
+        status, body = health(port)
+        assert status == 200 and body["status"] == "ok", body
+        assert body["cloud_worker"]["answering"] is False and body["cloud_worker"]["unanswered"] >= 1, body
+        assert mapper.stop() == 0
+
+
 def test_clients_that_hold_connections_open_get_503_beyond_the_limit_not_the_mapper_s_descriptors(
         tmp_path: Path) -> None:
     """MAX_CONNECTIONS clients connected and sending nothing: one more is answered 503 at once (not

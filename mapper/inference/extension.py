@@ -1274,7 +1274,7 @@ class InferenceExtension:
         since = max(min(w.sent_ms for w in unanswered), up)
         self.cloud_silent_since_ms = _now_ms() - (now - since)
         self._silent_count = len(unanswered)
-        self._note_health({"answering": False, "since": self.cloud_silent_since_ms, "unanswered": len(unanswered)})
+        self._note_health(self.cloud_worker_note())
         log.warning("inference: no cloud worker answers: %d offload(s) on %s have had no result for %g s or more "
                     "(resend_s), and no result of any kind came since; uncertain windows keep their edge answers, "
                     "provisional, and the requests are sent again every resend_s. Is a `mapper cloud-worker` with "
@@ -1288,6 +1288,18 @@ class InferenceExtension:
         health = getattr(self._service.bus, "health", None) if self._service is not None else None
         if health is not None:
             health.note("cloud_worker", value)
+
+    def cloud_worker_note(self) -> dict[str, Any] | None:
+        """The silence as the health topic says it (None while a cloud worker answers): /healthz too."""
+        if self.cloud_silent_since_ms is None:
+            return None
+        return {"answering": False, "since": self.cloud_silent_since_ms, "unanswered": self._silent_count}
+
+    def silent_for_s(self) -> float:
+        """Seconds no cloud worker has answered (0 while one does): /metrics."""
+        if self.cloud_silent_since_ms is None:
+            return 0.0
+        return max(0.0, (_now_ms() - self.cloud_silent_since_ms) / 1000)
 
     def cloud_silence(self) -> str | None:
         """`since 2026-12-01 08:20:03Z, 3 offload(s) unanswered`, while no cloud worker answers (STATUS=)."""
