@@ -8,7 +8,8 @@ Device `configData`::
 
 The property's visitor takes no settings (`configData: {}` or left out): the sensor measures
 temperature only. One device is one sensor; several sensors on one bus are several devices,
-each with its own `sensor_id` (`ls /sys/bus/w1/devices` lists them).
+each with its own `sensor_id` (`mapper discover` lists them and writes their devices:
+devices/w1.py).
 
 The kernel measures when the file is read: a read takes about 750 ms (12-bit resolution), so
 the device loop calls it in a worker thread (`blocking`), with `timeout_s`. The kernel reads one
@@ -167,88 +168,95 @@ class Ds18b20Driver(Driver):
             since = "the last good reading" if self.measurements else "the device was opened"
         return f"{counts} since {since}"
 
-    # -- reading -----------------------------------------------------------------------------
-
     def _measure(self) -> float:
-        where = self.config.w1_dir / self.config.sensor_id
-        name = f"{self.device.id}: {self.config.sensor_id}"
-        slave, millidegrees = where / "w1_slave", where / "temperature"
+        return read_celsius(self.config.w1_dir, self.config.sensor_id, f"{self.device.id}: {self.config.sensor_id}")
+
+
+# -- reading (the driver, and `mapper discover`) ---------------------------------------------
+
+
+def read_celsius(w1_dir: Path, sensor_id: str, name: str) -> float:
+    """One measurement of the sensor `sensor_id` listed in `w1_dir`, in degrees; W1ReadError if it
+    failed (`name` opens its message)."""
+    where = w1_dir / sensor_id
+    slave, millidegrees = where / "w1_slave", where / "temperature"
+    try:
         try:
-            try:
-                text, path = slave.read_text(errors="replace"), slave
-            except FileNotFoundError:
-                text, path = millidegrees.read_text(errors="replace"), millidegrees
+            text, path = slave.read_text(errors="replace"), slave
         except FileNotFoundError:
-            raise self._missing(name) from None
-        except OSError as exc:
-            raise W1ReadError("io", f"{name}: cannot read {exc.filename or where}: {exc.strerror or exc}: the kernel"
-                                    f" could not read the sensor; {CHECK_WIRING}") from exc
-        value = self._parse_w1_slave(name, text) if path is slave else self._parse_temperature(name, text)
-        if value == POWER_ON_MILLIDEGREES:
-            raise W1ReadError("power_on", f"{name}: read 85.000 C, the value a DS18B20 holds from power-on until it"
-                                          " has measured: the sensor reset before this read (a weak 3.3 V supply, or"
-                                          " parasite power without a strong pull-up: wire VDD to 3.3 V)")
-        celsius = value / 1000
-        low, high = PHYSICAL
-        if not low <= celsius <= high:
-            raise W1ReadError("implausible", f"{name}: {celsius:g} C is not a possible DS18B20 reading (it measures"
-                                             f" {low:g} to {high:g} C); {CHECK_WIRING}")
-        return celsius
+            text, path = millidegrees.read_text(errors="replace"), millidegrees
+    except FileNotFoundError:
+        raise _missing(w1_dir, sensor_id, name) from None
+    except OSError as exc:
+        raise W1ReadError("io", f"{name}: cannot read {exc.filename or where}: {exc.strerror or exc}: the kernel"
+                                f" could not read the sensor; {CHECK_WIRING}") from exc
+    value = _parse_w1_slave(name, text) if path is slave else _parse_temperature(name, text)
+    if value == POWER_ON_MILLIDEGREES:
+        raise W1ReadError("power_on", f"{name}: read 85.000 C, the value a DS18B20 holds from power-on until it"
+                                      " has measured: the sensor reset before this read (a weak 3.3 V supply, or"
+                                      " parasite power without a strong pull-up: wire VDD to 3.3 V)")
+    celsius = value / 1000
+    low, high = PHYSICAL
+    if not low <= celsius <= high:
+        raise W1ReadError("implausible", f"{name}: {celsius:g} C is not a possible DS18B20 reading (it measures"
+                                         f" {low:g} to {high:g} C); {CHECK_WIRING}")
+    return celsius
 
-    def _missing(self, name: str) -> W1ReadError:
-        """The sensor's directory is not there: no bus at all, or not this sensor, naming those that are."""
-        w1_dir = self.config.w1_dir
-        if (w1_dir / self.config.sensor_id).is_dir():
-            return W1ReadError("io", f"{name}: {w1_dir / self.config.sensor_id} has neither w1_slave nor temperature:"
-                                     " the w1-therm module is not loaded (sudo modprobe w1-therm)")
-        try:
-            entries = sorted(entry.name for entry in w1_dir.iterdir())
-        except FileNotFoundError:
-            return W1ReadError("no_bus", f"{name}: no 1-wire bus: {w1_dir} does not exist; to enable it, {ENABLE_BUS}")
-        except OSError as exc:
-            return W1ReadError("io", f"{name}: cannot list {w1_dir}: {exc.strerror or exc}")
-        sensors = [entry for entry in entries if _SENSOR_ID.fullmatch(entry)]
-        if not any(entry.startswith("w1_bus_master") for entry in entries):
-            found = f" ({w1_dir} lists no bus master); to enable it, {ENABLE_BUS}"
-        elif sensors:
-            found = f"; on the bus now: {', '.join(sensors)} (is sensor_id one of these?)"
-        else:
-            found = "; the bus lists no sensor at all"
-        return W1ReadError("missing", f"{name}: the sensor is not on the 1-wire bus (unplugged, or a loose wire):"
-                                      f" {CHECK_WIRING}{found}")
 
-    @staticmethod
-    def _parse_w1_slave(name: str, text: str) -> int:
-        """Millidegrees from w1_slave's two lines::
+def _missing(w1_dir: Path, sensor_id: str, name: str) -> W1ReadError:
+    """The sensor's directory is not there: no bus at all, or not this sensor, naming those that are."""
+    if (w1_dir / sensor_id).is_dir():
+        return W1ReadError("io", f"{name}: {w1_dir / sensor_id} has neither w1_slave nor temperature:"
+                                 " the w1-therm module is not loaded (sudo modprobe w1-therm)")
+    try:
+        entries = sorted(entry.name for entry in w1_dir.iterdir())
+    except FileNotFoundError:
+        return W1ReadError("no_bus", f"{name}: no 1-wire bus: {w1_dir} does not exist; to enable it, {ENABLE_BUS}")
+    except OSError as exc:
+        return W1ReadError("io", f"{name}: cannot list {w1_dir}: {exc.strerror or exc}")
+    sensors = [entry for entry in entries if _SENSOR_ID.fullmatch(entry)]
+    if not any(entry.startswith("w1_bus_master") for entry in entries):
+        found = f" ({w1_dir} lists no bus master); to enable it, {ENABLE_BUS}"
+    elif sensors:
+        found = f"; on the bus now: {', '.join(sensors)} (is sensor_id one of these?)"
+    else:
+        found = "; the bus lists no sensor at all"
+    return W1ReadError("missing", f"{name}: the sensor is not on the 1-wire bus (unplugged, or a loose wire):"
+                                  f" {CHECK_WIRING}{found}")
 
-            72 01 4b 46 7f ff 0e 10 57 : crc=57 YES
-            72 01 4b 46 7f ff 0e 10 57 t=23125
-        """
-        lines = text.splitlines()
-        first = lines[0].split() if lines else []
-        reading = re.search(r"\bt=(-?\d+)\s*$", lines[1]) if len(lines) > 1 else None
-        if not first or first[-1] not in ("YES", "NO") or reading is None:
-            shown = text.strip()[:120] or "nothing"
-            raise W1ReadError("garbled", f"{name}: w1_slave read {shown!r}, not a w1-therm answer: the kernel's read"
-                                         f" failed; {CHECK_WIRING}")
-        scratchpad = [byte for byte in first if re.fullmatch(r"[0-9a-f]{2}", byte)]
-        if first[-1] == "NO":
-            crc = first[-2] if len(first) > 1 else "crc"
-            raise W1ReadError("crc", f"{name}: CRC check failed ({crc} NO): the sensor's answer was corrupted on"
-                                     " the wire: noise or a weak pull-up; check the 4.7 kOhm pull-up from data to 3.3 V"
-                                     " and keep the cable short or shielded")
-        if scratchpad and all(byte == "00" for byte in scratchpad):
-            raise W1ReadError("no_answer", f"{name}: every byte read 00 (a CRC of zeros passes): the sensor did not"
-                                           " answer, the data line is held low (a short to ground, a sensor wired"
-                                           f" backwards, no supply); {CHECK_WIRING}")
-        return int(reading.group(1))
 
-    @staticmethod
-    def _parse_temperature(name: str, text: str) -> int:
-        """Millidegrees from `temperature` (newer kernels): `23125`; empty when the kernel's read failed."""
-        try:
-            return int(text.strip())
-        except ValueError:
-            shown = text.strip()[:120] or "nothing"
-            raise W1ReadError("garbled", f"{name}: temperature read {shown!r}, not millidegrees: the kernel's read"
-                                         f" failed; {CHECK_WIRING}") from None
+def _parse_w1_slave(name: str, text: str) -> int:
+    """Millidegrees from w1_slave's two lines::
+
+        72 01 4b 46 7f ff 0e 10 57 : crc=57 YES
+        72 01 4b 46 7f ff 0e 10 57 t=23125
+    """
+    lines = text.splitlines()
+    first = lines[0].split() if lines else []
+    reading = re.search(r"\bt=(-?\d+)\s*$", lines[1]) if len(lines) > 1 else None
+    if not first or first[-1] not in ("YES", "NO") or reading is None:
+        shown = text.strip()[:120] or "nothing"
+        raise W1ReadError("garbled", f"{name}: w1_slave read {shown!r}, not a w1-therm answer: the kernel's read"
+                                     f" failed; {CHECK_WIRING}")
+    scratchpad = [byte for byte in first if re.fullmatch(r"[0-9a-f]{2}", byte)]
+    if first[-1] == "NO":
+        crc = first[-2] if len(first) > 1 else "crc"
+        raise W1ReadError("crc", f"{name}: CRC check failed ({crc} NO): the sensor's answer was corrupted on"
+                                 " the wire: noise or a weak pull-up; check the 4.7 kOhm pull-up from data to 3.3 V"
+                                 " and keep the cable short or shielded")
+    if scratchpad and all(byte == "00" for byte in scratchpad):
+        raise W1ReadError("no_answer", f"{name}: every byte read 00 (a CRC of zeros passes): the sensor did not"
+                                       " answer, the data line is held low (a short to ground, a sensor wired"
+                                       f" backwards, no supply); {CHECK_WIRING}")
+    return int(reading.group(1))
+
+
+
+def _parse_temperature(name: str, text: str) -> int:
+    """Millidegrees from `temperature` (newer kernels): `23125`; empty when the kernel's read failed."""
+    try:
+        return int(text.strip())
+    except ValueError:
+        shown = text.strip()[:120] or "nothing"
+        raise W1ReadError("garbled", f"{name}: temperature read {shown!r}, not millidegrees: the kernel's read"
+                                     f" failed; {CHECK_WIRING}") from None
