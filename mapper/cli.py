@@ -113,8 +113,9 @@ def _validate_config(path: str) -> int:
     """`mapper validate --config`: what `mapper run` checks before it starts (the config with the
     environment's MAPPER_* overrides, what it needs installed, the broker password and TLS files, the
     API token and certificate, where its twin is (_twin_place_problems), the device files it names, its
-    inference pipelines against them), so that a config can be checked before it is pushed to a node,
-    without opening a twin, taking a lock or reaching a broker."""
+    inference pipelines against them; warnings about the host's 1-wire bus: devices.w1), so that a
+    config can be checked before it is pushed to a node, without opening a twin, taking a lock or
+    reaching a broker."""
     from mapper.inference.extension import start_problems
 
     config = _config(path)  # (its own problems: DefinitionError, printed by main)
@@ -142,6 +143,10 @@ def _validate_config(path: str) -> int:
     warnings += said
     if result is not None:
         warnings += offline_warnings(result)
+        from devices import w1
+
+        runnable = {k: v for k, v in result.devices.items() if k not in result.unrunnable}
+        warnings += w1.bus_warnings(runnable) + w1.pin_conflicts(runnable, w1.boot_config())
     for problem in problems:
         print(problem, file=sys.stderr)
     for warning in warnings:
@@ -1518,6 +1523,47 @@ def cmd_drivers(args: argparse.Namespace) -> int:
     return 1 if any(d.error for d in listed) else 0
 
 
+def cmd_discover(args: argparse.Namespace) -> int:
+    """The 1-wire temperature sensors on this host's bus, each read once: listed, as JSON, or as
+    the Device documents that run them (exit 1: no bus, or no sensor on it)."""
+    from devices import w1
+
+    bus = w1.discover(w1.w1_root(args.w1_root))
+    problem = bus.problem()
+    if args.json:
+        print(orjson.dumps({
+            "w1Root": str(bus.root), "bus": bool(bus.masters), "busMasters": bus.masters, "problem": problem,
+            "sensors": [{"id": s.id, "chip": s.chip, "celsius": s.celsius, "device": s.device_name,
+                         "error": None if s.error is None else str(s.error),
+                         "errorKind": None if s.error is None else s.error.kind} for s in bus.sensors],
+            "otherDevices": bus.others}).decode())
+        return 1 if problem else 0
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 1
+    if args.yaml:
+        try:
+            model = w1.example_model()
+        except OSError as exc:
+            print(f"error: cannot read the DeviceModel {w1.EXAMPLE_MODEL} the devices use: {exc}", file=sys.stderr)
+            return 1
+        print(f"# {len(bus.sensors)} 1-wire temperature sensor(s) found by `mapper discover` in {bus.root}: one Device"
+              " each.\n# The DeviceModel is the DS18B20 example's (devices/examples/pi/water-temperature-ds18b20.yaml):"
+              f" leave it out\n# where {w1.EXAMPLE_MODEL} is defined already; its minimum/maximum are for water: change"
+              " them for air.\n" + model + "---\n" + w1.device_documents(bus), end="")
+        return 0
+    print(f"1-wire bus {bus.root} ({', '.join(bus.masters)}): {len(bus.sensors)} temperature sensor(s)")
+    width = max(len(s.device_name) for s in bus.sensors)
+    for s in bus.sensors:
+        reading = f"{s.celsius:g} C" if s.error is None else f"read failed ({s.error.kind}): {s.error}"
+        print(f"  {s.id}  {s.chip:<8}  {s.device_name:<{width}}  {reading}")
+    if bus.others:
+        print(f"  not temperature sensors (no driver here reads them): {', '.join(bus.others)}")
+    print("`mapper discover --yaml > FILE` writes a device for each (the third column: its name), for `mapper"
+          " validate FILE` and your devices directory")
+    return 0
+
+
 def cmd_devices(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     with _open_twin(config) as store:
@@ -1898,6 +1944,16 @@ def parser() -> argparse.ArgumentParser:
                   " points), and any that cannot be loaded: exit 1 then")
     dr.add_argument("--json", action="store_true", help=JSON_HELP)
     dr.set_defaults(fn=cmd_drivers)
+
+    di = _command(sub, "discover", "list the 1-wire temperature sensors (DS18B20 ...) on this host's bus with a"
+                  " reading each, or write a Device for each (--yaml); exit 1 when there is no bus or no sensor")
+    di.add_argument("--w1-root", metavar="PATH", help="the kernel's w1 devices directory (default: $MAPPER_W1_ROOT,"
+                    " else /sys/bus/w1/devices)")
+    shown = di.add_mutually_exclusive_group()
+    shown.add_argument("--yaml", action="store_true", help="print a DeviceModel and one Device per sensor, ready to"
+                       " save in the devices directory")
+    shown.add_argument("--json", action="store_true", help=JSON_HELP)
+    di.set_defaults(fn=cmd_discover)
 
     w = _command(sub, "cloud-worker", "answer offloaded inference requests with cloud.onnx (MQTT 5 shared"
                  " subscription)")

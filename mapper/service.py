@@ -265,6 +265,10 @@ class MapperService:
         for warning in self.definitions.warnings:
             log.warning("%s", warning)
         runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
+        from devices import w1
+
+        for warning in w1.pin_conflicts(runnable, w1.boot_config()):  # (at start only: config.txt changes at a reboot)
+            log.warning("%s", warning)
         for device_id, problem in self.definitions.unrunnable.items():
             self.refused[device_id] = str(problem)
             log.error("refusing device %s: %s", device_id, problem)
