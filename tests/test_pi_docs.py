@@ -31,14 +31,19 @@ def shell_lines() -> list[str]:
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
 
 
+SHELL_OPERATORS = {"|", ">", ">>", "&&", "||", ";"}
+
+
 def mapper_commands() -> list[list[str]]:
-    """The arguments after each `.../mapper` executable in the guide's shell blocks."""
+    """The arguments after each `.../mapper` executable in the guide's shell blocks, up to a shell
+    operator (`mapper discover --yaml | sudo tee FILE`)."""
     commands = []
     for line in shell_lines():
         words = shlex.split(line)
         for i, word in enumerate(words):
             if word.endswith("/bin/mapper"):
-                commands.append(words[i + 1:])
+                args = words[i + 1:]
+                commands.append(next((args[:j] for j, arg in enumerate(args) if arg in SHELL_OPERATORS), args))
                 break
     return commands
 
@@ -48,7 +53,7 @@ def test_the_guide_still_has_the_mapper_commands_checked_below() -> None:
     blocks changed shape (another fence, another path), it would silently check nothing."""
     commands = mapper_commands()
     assert len(commands) >= 8, commands
-    for verb in ("--version", "validate", "run", "install-service", "devices", "twin"):
+    for verb in ("--version", "validate", "run", "install-service", "devices", "twin", "discover"):
         assert any(args[:1] == [verb] for args in commands), (verb, commands)
 
 
