@@ -30,6 +30,9 @@ BOOT_CONFIG_ENV = "MAPPER_BOOT_CONFIG"
 # Bookworm's and later images; older ones had it in /boot (Bookworm leaves a stub there pointing on).
 BOOT_CONFIGS = (Path("/boot/firmware/config.txt"), Path("/boot/config.txt"))
 W1_DEFAULT_PIN = 4  # `dtoverlay=w1-gpio` without gpiopin=
+# The pins each w1-gpio overlay holds, by parameter, with their defaults (the overlays' README).
+OVERLAY_PINS = {"w1-gpio": {"gpiopin": W1_DEFAULT_PIN}, "w1-gpio-pullup": {"gpiopin": W1_DEFAULT_PIN, "extpullup": 5}}
+PIN_ROLES = {"gpiopin": "data line", "extpullup": "pull-up drive (extpullup)"}
 ENABLE_OVERLAY = ("add `dtoverlay=w1-gpio,gpiopin=N` (N: the BCM number of the GPIO the sensors' data line is"
                   " wired to; without gpiopin, GPIO4) to /boot/firmware/config.txt (/boot/config.txt on images"
                   " older than Bookworm), then reboot")
@@ -55,16 +58,18 @@ def boot_config(env: Mapping[str, str] | None = None) -> Path | None:
     return next((path for path in BOOT_CONFIGS if path.is_file()), None)
 
 
-def w1_overlay_pins(config_txt: Path) -> list[tuple[int, int]]:
-    """(BCM pin, line) of each w1-gpio overlay config.txt loads: `dtoverlay=w1-gpio` (GPIO4),
-    `dtoverlay=w1-gpio,gpiopin=22`, or a `dtparam=gpiopin=22` line after it. Conditional sections
-    ([pi4], [cm4] ...) are not told apart: an overlay in any of them counts."""
+def w1_overlay_pins(config_txt: Path) -> list[tuple[int, int, str]]:
+    """(BCM pin, line, what the bus uses it for) of each pin a w1-gpio overlay in config.txt holds:
+    `dtoverlay=w1-gpio` (data on GPIO4), `dtoverlay=w1-gpio,gpiopin=22`, or a `dtparam=gpiopin=22`
+    line after it; w1-gpio-pullup holds a second pin, which drives the external pull-up (extpullup,
+    GPIO5 by default). Conditional sections ([pi4], [cm4] ...) are not told apart: an overlay in
+    any of them counts."""
     try:
         lines = config_txt.read_text(errors="replace").splitlines()
     except OSError:
         return []
-    found: list[list[int]] = []  # [pin, line]
-    current: list[int] | None = None  # the w1-gpio overlay that a dtparam= line sets a parameter of
+    found: list[tuple[dict[str, int], int]] = []  # (its pin parameters, its line)
+    current: dict[str, int] | None = None  # the w1-gpio overlay that a dtparam= line sets a parameter of
     for number, raw in enumerate(lines, 1):
         line = raw.split("#", 1)[0].strip()
         key, _, value = line.partition("=")
@@ -72,20 +77,21 @@ def w1_overlay_pins(config_txt: Path) -> list[tuple[int, int]]:
         if key == "dtoverlay":
             name, *params = [part.strip() for part in value.split(",")]
             current = None
-            if name in ("w1-gpio", "w1-gpio-pullup"):
-                current = [W1_DEFAULT_PIN, number]
-                found.append(current)
+            if name in OVERLAY_PINS:
+                current = dict(OVERLAY_PINS[name])
+                found.append((current, number))
                 _apply_params(current, params)
         elif key == "dtparam" and current is not None:
             _apply_params(current, [part.strip() for part in value.split(",")])
-    return [(pin, number) for pin, number in found]
+    return [(pin, number, PIN_ROLES[param]) for pins, number in found for param, pin in pins.items()]
 
 
-def _apply_params(overlay: list[int], params: list[str]) -> None:
+
+def _apply_params(overlay: dict[str, int], params: list[str]) -> None:
     for param in params:
-        name, _, value = param.partition("=")
-        if name.strip() == "gpiopin" and value.strip().isdigit():
-            overlay[0] = int(value)
+        name, _, value = (part.strip() for part in param.partition("="))
+        if name in overlay and value.isdigit():
+            overlay[name] = int(value)
 
 
 def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path | None) -> list[str]:
@@ -93,8 +99,8 @@ def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path
     GPIO property's pin) that config.txt gives the 1-wire bus."""
     if config_txt is None:
         return []
-    overlays = dict(w1_overlay_pins(config_txt))
-    if not overlays:
+    held = {pin: (number, role) for pin, number, role in w1_overlay_pins(config_txt)}
+    if not held:
         return []
     from devices.drivers.base import load_driver
 
@@ -106,12 +112,12 @@ def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path
             continue
         for resource, where in claims:
             kind, _, pin = resource.partition(":")
-            if kind == "gpio" and pin.isdigit() and int(pin) in overlays:
-                found.append(f"{definition.source}: device {device_id}: {where}: GPIO{pin} is the 1-wire bus's data"
-                             f" line ({config_txt}:{overlays[int(pin)]} loads the w1-gpio overlay on it): the kernel"
-                             f" holds the pin, so this {definition.protocol} device's reads fail or disturb the bus;"
-                             f" wire one of them to another GPIO (the overlay's: dtoverlay=w1-gpio,gpiopin=N, then"
-                             " reboot)")
+            if kind == "gpio" and pin.isdigit() and int(pin) in held:
+                number, role = held[int(pin)]
+                found.append(f"{definition.source}: device {device_id}: {where}: GPIO{pin} is the 1-wire bus's {role}"
+                             f" ({config_txt}:{number} loads the w1-gpio overlay on it): the kernel holds the pin, so"
+                             f" this {definition.protocol} device's reads fail or disturb the bus; wire one of them to"
+                             " another GPIO (the overlay's: dtoverlay=w1-gpio,gpiopin=N, then reboot)")
     return found
 
 

@@ -107,7 +107,8 @@ def test_discover_without_a_bus_says_how_to_enable_the_overlay(tmp_path: Path) -
     assert f"cannot list the w1 devices directory {tmp_path / 'a-file'}: Not a directory" in not_a_directory.stderr
     as_json = mapper("discover", "--json", "--w1-root", str(tmp_path / "absent"))
     assert as_json.returncode == 1, as_json
-    assert orjson.loads(as_json.stdout)["bus"] is False and "dtoverlay=w1-gpio" in orjson.loads(as_json.stdout)["problem"]
+    body = orjson.loads(as_json.stdout)
+    assert body["bus"] is False and "dtoverlay=w1-gpio" in body["problem"], body
 
 
 def test_discover_on_a_bus_without_sensors_says_what_to_check(tmp_path: Path) -> None:
@@ -158,12 +159,14 @@ def test_validate_config_warns_of_a_sensor_id_the_bus_does_not_list(tmp_path: Pa
 @pytest.mark.parametrize(
     ("config_txt", "pins"),
     [
-        ("dtoverlay=w1-gpio\n", [(4, 1)]),
-        ("[all]\ndtparam=audio=on\ndtoverlay=w1-gpio,gpiopin=22\n", [(22, 3)]),
-        ("dtoverlay=w1-gpio-pullup,gpiopin=17,pullup=1  # the shed probe\n", [(17, 1)]),
-        ("dtoverlay=w1-gpio\ndtparam=gpiopin=5\ndtoverlay=vc4-kms-v3d\ndtparam=gpiopin=6\n", [(5, 1)]),
+        ("dtoverlay=w1-gpio\n", [(4, 1, "data line")]),
+        ("[all]\ndtparam=audio=on\ndtoverlay=w1-gpio,gpiopin=22\n", [(22, 3, "data line")]),
+        ("dtoverlay=w1-gpio-pullup,gpiopin=17,pullup=1  # the shed probe\n",
+         [(17, 1, "data line"), (5, 1, "pull-up drive (extpullup)")]),
+        ("dtoverlay=w1-gpio\ndtparam=gpiopin=5\ndtoverlay=vc4-kms-v3d\ndtparam=gpiopin=6\n", [(5, 1, "data line")]),
         ("#dtoverlay=w1-gpio\ndtoverlay=i2c-gpio\n", []),
-        ("dtoverlay=w1-gpio,gpiopin=22\ndtoverlay=w1-gpio,gpiopin=27\n", [(22, 1), (27, 2)]),
+        ("dtoverlay=w1-gpio,gpiopin=22\ndtoverlay=w1-gpio-pullup,gpiopin=27,extpullup=23\n",
+         [(22, 1, "data line"), (27, 2, "data line"), (23, 2, "pull-up drive (extpullup)")]),
     ],
     ids=["default-gpio4", "gpiopin", "pullup-variant-comment", "dtparam", "commented-out", "two-buses"],
 )
@@ -200,6 +203,10 @@ def test_validate_config_warns_of_a_dht_or_gpio_device_on_the_overlays_pin(tmp_p
     assert "room-sensor-pi" not in moved.stderr, moved.stderr
     assert (f"device default/fan-relay-pi: spec.properties[0].visitors.configData.pin: GPIO22 is the 1-wire bus's"
             f" data line ({boot}:1") in moved.stderr, moved.stderr
+    boot.write_text("dtoverlay=w1-gpio-pullup,gpiopin=27,extpullup=22\n")  # (the pull-up's drive pin: the relay's)
+    drive = mapper("validate", "--config", str(config), env={"MAPPER_BOOT_CONFIG": str(boot)})
+    assert (f"device default/fan-relay-pi: spec.properties[0].visitors.configData.pin: GPIO22 is the 1-wire bus's"
+            f" pull-up drive (extpullup) ({boot}:1") in drive.stderr, drive.stderr
     boot.write_text("dtoverlay=w1-gpio,gpiopin=27\n")
     free = mapper("validate", "--config", str(config), env={"MAPPER_BOOT_CONFIG": str(boot)})
     assert free.returncode == 0 and "1-wire" not in free.stderr, free
