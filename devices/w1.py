@@ -38,9 +38,9 @@ ENABLE_OVERLAY = ("add `dtoverlay=w1-gpio,gpiopin=N` (N: the BCM number of the G
                   " older than Bookworm), then reboot")
 # The w1-therm families (as _SENSOR_ID), each chip's name: the Device names discover writes use it.
 CHIPS = {"10": "DS18S20", "22": "DS1822", "28": "DS18B20", "3b": "DS1825", "42": "DS28EA00"}
-# What `mapper discover --yaml` refers to: the DS18B20 example's DeviceModel (written out with the devices).
-EXAMPLE = Path(__file__).resolve().parent / "examples" / "pi" / "water-temperature-ds18b20.yaml"
-EXAMPLE_MODEL = "ds18b20-pi-model"
+# The DeviceModel `mapper discover --yaml` writes out with the devices: the sensor's whole range, so that
+# it fits air and water alike (the example's model, ds18b20-pi-model, narrows it to water's 0..60 C).
+MODEL = "ds18b20-model"
 
 
 def w1_root(given: str | None = None, env: Mapping[str, str] | None = None) -> Path:
@@ -213,15 +213,30 @@ def discover(root: Path) -> Bus:
     return Bus(root, exists=True, masters=masters, sensors=sensors, others=others)
 
 
-def example_model() -> str:
-    """The DS18B20 example's DeviceModel document, as the example writes it (OSError: not installed)."""
-    text = EXAMPLE.read_text()
-    model = text.split("\n---\n", 1)[0]
-    return model[model.index("apiVersion:"):].rstrip("\n") + "\n"
+def model_document() -> str:
+    """The DeviceModel the discovered devices use (MODEL): one FLOAT temperature, read-only, in Celsius,
+    over the DS18B20's range (-55..125 C); narrow minimum/maximum to what it measures and readings
+    outside are flagged out_of_range."""
+    return f"""apiVersion: devices.kubeedge.io/v1beta1
+kind: DeviceModel
+metadata:
+  name: {MODEL}
+  namespace: default
+spec:
+  protocol: ds18b20
+  properties:
+    - name: temperature
+      description: Temperature (1-wire)
+      type: FLOAT
+      accessMode: ReadOnly
+      minimum: "-55"
+      maximum: "125"
+      unit: Celsius
+"""
 
 
 def device_documents(bus: Bus) -> str:
-    """A Device document for each sensor, on the example's DeviceModel (EXAMPLE_MODEL)."""
+    """A Device document for each sensor, on the DeviceModel MODEL."""
     w1_dir = "" if bus.root == DEFAULT_W1_DIR else f"\n      w1_dir: {bus.root.absolute()}"
     documents = []
     for sensor in bus.sensors:
@@ -235,7 +250,7 @@ metadata:
   namespace: default
 spec:
   deviceModelRef:
-    name: {EXAMPLE_MODEL}
+    name: {MODEL}
   protocol:
     protocolName: ds18b20
     configData:

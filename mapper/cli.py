@@ -1542,15 +1542,10 @@ def cmd_discover(args: argparse.Namespace) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 1
     if args.yaml:
-        try:
-            model = w1.example_model()
-        except OSError as exc:
-            print(f"error: cannot read the DeviceModel {w1.EXAMPLE_MODEL} the devices use: {exc}", file=sys.stderr)
-            return 1
         print(f"# {len(bus.sensors)} 1-wire temperature sensor(s) found by `mapper discover` in {bus.root}: one Device"
-              " each.\n# The DeviceModel is the DS18B20 example's (devices/examples/pi/water-temperature-ds18b20.yaml):"
-              f" leave it out\n# where {w1.EXAMPLE_MODEL} is defined already; its minimum/maximum are for water: change"
-              " them for air.\n" + model + "---\n" + w1.device_documents(bus), end="")
+              f" each,\n# on the DeviceModel {w1.MODEL} (the sensor's whole range, -55..125 C): leave it out where it"
+              " is defined\n# already (in another file of the same directory, a model defined twice is refused).\n"
+              + w1.model_document() + "---\n" + w1.device_documents(bus), end="")
         return 0
     print(f"1-wire bus {bus.root} ({', '.join(bus.masters)}): {len(bus.sensors)} temperature sensor(s)")
     width = max(len(s.device_name) for s in bus.sensors)

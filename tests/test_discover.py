@@ -73,7 +73,8 @@ def test_discover_json_from_the_environments_root_shows_a_failed_read(bus: W1Bus
 
 
 def test_discover_yaml_is_accepted_by_validate_as_is(tmp_path: Path, bus: W1Bus) -> None:
-    """The Devices use the DS18B20 example's DeviceModel (ds18b20-pi-model), written out with them."""
+    """The Devices use a DeviceModel over the sensor's whole range (ds18b20-model), written out with them:
+    it needs no example file (a wheel install has none)."""
     written = mapper("discover", "--yaml", "--w1-root", str(bus.root))
     assert written.returncode == 0, written
     saved = tmp_path / "devices" / "w1.yaml"
@@ -83,7 +84,8 @@ def test_discover_yaml_is_accepted_by_validate_as_is(tmp_path: Path, bus: W1Bus)
     assert checked.returncode == 0, checked
     assert checked.stdout.startswith("ok: 2 device(s), 1 model(s)"), checked.stdout
     assert "warning" not in checked.stderr, checked.stderr
-    assert written.stdout.count("name: ds18b20-pi-model") == 3  # the model, and each device's reference to it
+    assert written.stdout.count("name: ds18b20-model") == 3  # the model, and each device's reference to it
+    assert 'minimum: "-55"' in written.stdout and 'maximum: "125"' in written.stdout
     assert "name: ds18b20-0316a2795bff" in written.stdout and "name: ds18s20-000802b4d8e1" in written.stdout
     # Run as they are, they read the bus they were found on: --config finds them there.
     config = write_config(tmp_path / "mapper.yaml", saved.parent, tmp_path / "state" / "twin.db")
