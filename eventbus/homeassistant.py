@@ -12,7 +12,10 @@ older HA, would then need the whole device rewritten; one topic per entity is cl
   property is named as those keys: devices.schema.RESERVED_PROPERTY_NAMES), so HA has every value
   again at its restart (the per-property telemetry is not retained);
 - availability: the node's availability (the mapper's last will: a crash) and the device's, both
-  `online`/`offline`, mode `all`;
+  `online`/`offline`, mode `all`; a control (switch, number, text) also the device's state view,
+  `locked` while it carries `$locked` (`mapper lock`: the mapper refuses every write, so HA shows the
+  control unavailable instead of one that snaps back), `online` without it (an unlocked device's
+  view, or an older mapper's); its sensors stay available, as the device is still read;
 - unit, device_class where the unit says it without doubt (°C, °F; % with `humidity` in the
   name; ppm with `co2`), state_class `measurement` for numeric ReadOnly properties, expire_after
   two cycles plus 5 s;
@@ -129,6 +132,12 @@ def value_template(name: str, boolean: bool = False, text: bool = False) -> str:
     return f"{{% if {key} is defined %}}{{{{ {value} }}}}{{% endif %}}"
 
 
+LOCK_AVAILABLE = "online"
+LOCK_NOT_AVAILABLE = "locked"
+# `$locked`: the lock ({since, by, reason}) while the device is locked, absent (or false) otherwise.
+LOCK_TEMPLATE = f"{{{{ '{LOCK_NOT_AVAILABLE}' if value_json['$locked'] | default(false) else '{LOCK_AVAILABLE}' }}}}"
+
+
 class Discovery:
     """The configs one set of definitions makes (topic -> payload), for one node."""
 
@@ -191,6 +200,10 @@ class Discovery:
             config["payload_on"], config["payload_off"] = "ON", "OFF"  # the router takes both (devices.values)
         if kind in ("switch", "number", "text"):
             config["command_topic"] = f"{self.topics.telemetry(device, prop.name)}/set"
+            # Unavailable while locked for maintenance (its state view's `$locked`): every write is refused then.
+            config["availability"].append({"topic": self.topics.device_state(device), "value_template": LOCK_TEMPLATE,
+                                           "payload_available": LOCK_AVAILABLE,
+                                           "payload_not_available": LOCK_NOT_AVAILABLE})
         if kind == "text":  # as a JSON string: `/set` refuses an empty message and reads a leading `{` as an object
             config["command_template"] = "{{ value | tojson }}"
             # HA's own default and its limit (a larger `max` makes it refuse the config); a STRING's

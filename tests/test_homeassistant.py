@@ -198,6 +198,50 @@ def test_a_sensor_and_a_switch_are_announced_and_the_switch_works(broker_for, tm
     assert set(retained(broker, t["filter"])) == {t["temperature"], t["humidity"], t["power"]}
 
 
+LOCK_AVAILABILITY = {"value_template": "{{ 'locked' if value_json['$locked'] | default(false) else 'online' }}",
+                     "payload_available": "online", "payload_not_available": "locked"}
+
+
+def test_a_locked_devices_controls_are_unavailable_and_its_sensors_are_not(broker_for, tmp_path: Path,
+                                                                          node: str) -> None:
+    """`mapper lock`: the mapper refuses every write, so HA showed a switch that snapped back with no
+    reason. A control's availability also reads the device's state view: `locked` while it carries
+    `$locked`, `online` without it (an unlocked device's view, an older mapper's). Sensors do not read it."""
+    import subprocess
+    import sys
+
+    broker = broker_for(node)
+    t = topics(node)
+    state = f"mapper/{node}/default/relay/state"
+    with broker.client("homeassistant") as ha:
+        assert not ha.subscribe(t["filter"]).is_failure
+        assert not ha.subscribe(state).is_failure
+        with MapperProcess(tmp_path, devices_dir(tmp_path, "room", "relay"), broker, node=node, extra=HA_ON) as mapper:
+            seen = configs(ha, {t["temperature"], t["power"]})
+            power, temperature = orjson.loads(seen[t["power"]]), orjson.loads(seen[t["temperature"]])
+            assert power["availability"] == [
+                {"topic": f"mapper/{node}/availability", "payload_available": "online", "payload_not_available": "offline"},
+                {"topic": f"mapper/{node}/default/relay/availability", "payload_available": "online",
+                 "payload_not_available": "offline"},
+                {"topic": state, **LOCK_AVAILABILITY}]
+            assert power["availability_mode"] == "all"  # the lock's `locked` alone makes it unavailable
+            assert [a["topic"] for a in temperature["availability"]] == [
+                f"mapper/{node}/availability", f"mapper/{node}/default/room/availability"]
+            # The view the template reads: no `$locked` while unlocked, the lock (a non-empty object) while locked.
+            assert "$locked" not in state_where(ha, state, lambda view: "power" in view)
+
+            def cli(*args: str) -> subprocess.CompletedProcess:
+                return subprocess.run([sys.executable, "-m", "mapper", *args, "--config", str(mapper.config)],
+                                      capture_output=True, text=True, timeout=30)
+
+            assert cli("lock", "relay").returncode == 0
+            locked = state_where(ha, state, lambda view: "$locked" in view)
+            assert locked["$locked"]["by"] and locked["$locked"]["reason"] == "", locked  # truthy with no reason too
+            assert cli("unlock", "relay").returncode == 0
+            state_where(ha, state, lambda view: "$locked" not in view)
+            assert mapper.stop() == 0
+
+
 def test_a_removed_device_is_cleared_by_a_reload_and_at_the_next_start(broker_for, tmp_path: Path,
                                                                        node: str) -> None:
     broker = broker_for(node)
@@ -352,6 +396,11 @@ def test_components_units_and_ids_from_the_model(tmp_path: Path) -> None:
     # HA's limit, said in the config (a `max` above 255 HA refuses): a longer text goes over `/set` only.
     assert by_name["label"][1]["max"] == 255 and "max" not in by_name["status"][1]
     assert "command_template" not in level and "command_template" not in by_name["door"][1]
+    # A control reads the maintenance lock from the state view; a sensor does not (it is still read).
+    for name, (_, config) in by_name.items():
+        lock = [a for a in config["availability"] if a["topic"] == "mapper/pi1/lab/box.2/state"]
+        assert lock == ([{"topic": "mapper/pi1/lab/box.2/state", **LOCK_AVAILABILITY}]
+                        if name in ("level", "gain", "label") else []), name
     door = by_name["door"][1]
     assert (door["payload_on"], door["payload_off"], door["expire_after"]) == ("ON", "OFF", 25)  # 2 x 10 s + 5
     assert "state_class" not in door and "command_topic" not in door
