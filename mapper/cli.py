@@ -1191,14 +1191,19 @@ def cmd_lock(args: argparse.Namespace) -> int:
     device = DeviceId.parse(args.device)
     try:
         with _open_twin(config, sets=True, writer="`mapper lock`") as store:
-            lock, dropped, new = store.lock_device(device, _lock_holder(), args.reason or "")
+            lock, dropped, before = store.lock_device(device, _lock_holder(), args.reason or "")
             twin = store.device(device)
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
             raise
         raise ValueError(unwritable) from exc
-    if not new:  # its time, holder and reason stay the first lock's: the maintenance it stands for
-        print(f"already locked, left as it was: {lock.describe(device)}")
+    if before is not None:  # its time and holder stay the first lock's: the maintenance it stands for
+        if lock.reason == before.reason:
+            print(f"already locked, left as it was: {lock.describe(device)}")
+        else:
+            was = repr(before.reason) if before.reason else "none"
+            print(f"already locked: its reason is now {lock.reason!r} (was {was}), its time and holder left as"
+                  f" they were: {lock.describe(device)}")
         return 0
     print(lock.describe(device))
     if dropped:

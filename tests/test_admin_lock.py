@@ -104,16 +104,29 @@ def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     assert ("the lock writes nothing: power=true as last reported. If it must be off, unlock, switch it off and"
             " lock again: `mapper unlock default/lamp`, `mapper twin set default/lamp power false`, then"
             " `mapper lock default/lamp`") in locked.stdout, locked.stdout
-    again = cli("lock", "lamp", "--reason", "another", "--config", str(config))
+    again = cli("lock", "lamp", "--config", str(config))
     assert again.returncode == 0 and again.stdout.startswith("already locked, left as it was: "), again
-    assert "another" not in again.stdout
+    first = again.stdout.removeprefix("already locked, left as it was: ")
+    assert first.startswith("default/lamp is locked for maintenance since ") and "dropped" not in again.stdout
+    # A new reason replaces the reason (an unlock to correct it would let writes through meanwhile);
+    # the lock's time and holder stay the first lock's.
+    reasoned = cli("lock", "lamp", "--reason", "another", "--config", str(config))
+    assert reasoned.returncode == 0, reasoned
+    assert reasoned.stdout == ("already locked: its reason is now 'another' (was none), its time and holder left as"
+                               f" they were: {first.replace('; nothing is written', ': another; nothing is written')}")
+    assert cli("lock", "lamp", "--reason", "another", "--config", str(config)).stdout.startswith(
+        "already locked, left as it was: ")
     with TwinStore.open(tmp_path / "twin.db") as store:
         assert store.pending_desired() == []
         power = store.device(LAMP).properties["power"]
         assert power.desired is True and "dropped when default/lamp was locked" in power.apply_error
         with pytest.raises(DeviceLocked, match="mapper unlock default/lamp"):
             store.set_desired(LAMP, "count", 3)
-    assert cli("unlock", "lamp", "--config", str(config)).returncode == 0
+        assert store.admin_lock(LAMP).reason == "another"
+    unlocked = cli("unlock", "lamp", "--config", str(config))
+    assert unlocked.returncode == 0 and "default/lamp unlocked (locked since " in unlocked.stdout, unlocked
+    not_locked = cli("unlock", "lamp", "--config", str(config))  # idempotent, and says so
+    assert not_locked.returncode == 0 and not_locked.stdout == "default/lamp was not locked\n", not_locked
     with TwinStore.open(tmp_path / "twin.db") as store:
         assert store.pending_desired() == []  # the unlock writes nothing
     unknown = cli("lock", "lamb", "--config", str(config))

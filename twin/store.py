@@ -1874,22 +1874,27 @@ class TwinStore:
             raise
         return {DeviceId.parse(d): AdminLock(*rest) for d, *rest in rows}
 
-    def lock_device(self, device_id: DeviceId, by: str, reason: str = "") -> tuple[AdminLock, list[str], bool]:
+    def lock_device(self, device_id: DeviceId, by: str,
+                    reason: str = "") -> tuple[AdminLock, list[str], AdminLock | None]:
         """Lock the device for maintenance: every desired value is refused until unlock_device.
-        Returns the lock (the one already in force, if locked before: then the bool is False) and the properties whose
-        pending desired values were dropped: refused for good, never written at the unlock (a
-        relay switched on by a command sent before the maintenance began would surprise the
-        person who unlocks it)."""
+        Returns the lock in force, the properties whose pending desired values were dropped
+        (refused for good, never written at the unlock: a relay switched on by a command sent
+        before the maintenance began would surprise the person who unlocks it), and the lock
+        already in force before (None: locked now). A locked device keeps its lock's time and
+        holder (the maintenance it stands for); a new, different `reason` replaces its reason, the
+        only way to correct one without an unlock (which would let writes through meanwhile)."""
         self._begin()
         try:
             if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
                 raise UnknownDevice(device_id)
-            lock = self.admin_lock(device_id)
-            new = lock is None
+            before = lock = self.admin_lock(device_id)
             if lock is None:
                 lock = AdminLock(now_ms(), by, reason)
                 self.conn.execute("INSERT INTO admin_locks (device_id, since_ms, by, reason) VALUES (?, ?, ?, ?)",
                                   (str(device_id), lock.since_ms, lock.by, lock.reason))
+            elif reason and reason != lock.reason:
+                lock = AdminLock(lock.since_ms, lock.by, reason)
+                self.conn.execute("UPDATE admin_locks SET reason=? WHERE device_id=?", (reason, str(device_id)))
             dropped = [r[0] for r in self.conn.execute(
                 "SELECT name FROM properties WHERE device_id=? AND desired IS NOT NULL"
                 " AND desired_version > applied_version ORDER BY name", (str(device_id),))]
@@ -1902,7 +1907,7 @@ class TwinStore:
             self._rollback()
             raise
         self._commit()
-        return lock, dropped, new
+        return lock, dropped, before
 
     def unlock_device(self, device_id: DeviceId) -> AdminLock | None:
         """Release the device's maintenance lock; returns it (None: it was not locked). Nothing
