@@ -1185,14 +1185,72 @@ def _lock_holder() -> str:
     return f"{sudo_user} (as {user})" if sudo_user and sudo_user != user else user
 
 
+def _defined_devices(config: MapperConfig) -> list[DeviceId] | None:
+    """The devices the config's device files define; None when they cannot be read (`mapper check`
+    says why). In `mode: kubeedge` edgecore's devices are not among them: the twin has those."""
+    try:
+        return sorted(config.load_devices().devices, key=str)
+    except (DefinitionError, OSError, ValueError):
+        return None
+
+
+def _not_defined(device: DeviceId, config_file: str, defined: list[DeviceId] | None,
+                 in_twin: list[DeviceId], twin: Path) -> ValueError:
+    """`mapper lock`/`unlock` of a device neither the config nor the twin has: the names it could have meant."""
+    known = sorted({*(defined or []), *in_twin}, key=str)
+    if meant := _device_meant(device, known):
+        return ValueError(f"unknown device {device}; did you mean {' or '.join(map(str, meant))}?")
+    if defined is None:
+        files = f"{config_file}'s device files cannot be read (`mapper check --config {config_file}` says why)"
+    elif not defined:
+        files = f"{config_file} defines no device"
+    else:
+        files = f"{config_file} defines {', '.join(map(str, defined[:8]))}" + (
+            f" and {len(defined) - 8} more" if len(defined) > 8 else "")
+    return ValueError(f"unknown device {device}: {files}, and the twin {twin} "
+                      + (f"has {', '.join(map(str, in_twin[:8]))}" if in_twin else "has no device"))
+
+
+def _make_twin_to_lock(config: MapperConfig, config_file: str) -> None:
+    """The twin for a `mapper lock` before the first `mapper run`, made as `mapper run` makes it (its
+    directory 0700, the file 0600, refused where others could write it, migrated) and by the user
+    who will run the mapper: made as root for a service that runs as another user, it would be
+    root's, which the service refuses (twin.store.check_owned) and may not even open."""
+    path = Path(config.twin.path)
+    if os.geteuid() == 0:
+        runner, user, _ = _service_runner(path, Path(config_file))
+        if runner is not None:
+            raise ValueError(f"no twin at {path} yet (the service has not run): made by root, it would be root's,"
+                             f" which {user} cannot use; lock it as that user: sudo -u {runner.name} mapper lock"
+                             f" ... --config {config_file}")
+    problems, _ = _twin_place_problems(path, Path(config_file))
+    if problems:
+        raise ValueError(f"no twin at {path} yet, and `mapper lock` cannot make it there: {'; '.join(problems)}")
+    with TwinStore.open(path, synchronous=config.twin.synchronous):
+        pass
+
+
 def cmd_lock(args: argparse.Namespace) -> int:
-    """Lock a device for maintenance: a local command only (no MQTT or REST way to lock or unlock it)."""
+    """Lock a device for maintenance: a local command only (no MQTT or REST way to lock or unlock it).
+    Also before the first `mapper run`, or before the first since the device was added: the lock
+    then holds from the device's first start (its file's `desired:` is refused, as any other)."""
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
+    defined = _defined_devices(config)
+    path = Path(config.twin.path)
+    made = False
     try:
+        if not path.is_file():
+            if device not in (defined or []):  # (before anything is made for a misspelt name)
+                raise _not_defined(device, args.config, defined, [], path)
+            _make_twin_to_lock(config, args.config)
+            made = True
         with _open_twin(config, sets=True, writer="`mapper lock`") as store:
-            lock, dropped, before = store.lock_device(device, _lock_holder(), args.reason or "")
-            twin = store.device(device)
+            in_twin = store.device_ids(active_only=False)
+            if device not in in_twin and device not in (defined or []):
+                raise _not_defined(device, args.config, defined, in_twin, path)
+            lock, dropped, before = store.lock_device(device, _lock_holder(), args.reason or "", defined=True)
+            twin = store.device(device) if device in in_twin else None
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
             raise
@@ -1206,6 +1264,13 @@ def cmd_lock(args: argparse.Namespace) -> int:
                   f" they were: {lock.describe(device)}")
         return 0
     print(lock.describe(device))
+    if made:
+        print(f"made the twin {path} (no `mapper run` had made it yet): the lock holds from the mapper's first start")
+    elif twin is None:
+        print(f"{device} is not in the twin yet (no `mapper run` since it was added): the lock holds from its first"
+              " start")
+    if twin is None:
+        return 0
     if dropped:
         print(f"dropped the desired values not yet written ({', '.join(dropped)}): not written at the unlock either")
     on = [f"{p.name}={_json_text(p.reported)}" for p in twin.properties.values() if p.writable and p.reported is True]
@@ -1220,9 +1285,19 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_unlock(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
+    defined = _defined_devices(config)
+    path = Path(config.twin.path)
+    if not path.is_file():
+        if device not in (defined or []):
+            raise _not_defined(device, args.config, defined, [], path)
+        print(f"{device} was not locked (no twin at {path} yet: no `mapper run` or `mapper lock` has made it)")
+        return 0  # (idempotent: nothing to release)
     try:
         with _open_twin(config, sets=True, writer="`mapper unlock`") as store:
-            lock = store.unlock_device(device)
+            in_twin = store.device_ids(active_only=False)
+            if device not in in_twin and device not in (defined or []) and store.admin_lock(device) is None:
+                raise _not_defined(device, args.config, defined, in_twin, path)
+            lock = store.unlock_device(device, defined=True)
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
             raise

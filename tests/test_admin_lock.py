@@ -246,3 +246,53 @@ async def test_a_desired_value_a_device_file_gives_while_locked_is_not_written(t
         power = await async_wait_until(lambda: service.twin(lambda s: s.device(LAMP).properties["power"]),
                                        lambda p: p.reported is not None, what="power read")
         assert power.reported is False
+
+
+def test_a_device_is_locked_before_the_first_run_and_a_name_no_config_defines_is_refused(broker, tmp_path):
+    """`mapper lock` needed a twin (`no twin at ...: mapper run creates it`): a device could not be
+    locked before the mapper's first start, nor one added to the config since its last. The twin is
+    now made as `mapper run` makes it, and the lock holds from the device's first start; a name that
+    neither the config nor the twin has is refused before anything is made, naming the config's devices."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    proc = MapperProcess(tmp_path, devices, broker, twin=tmp_path / "state" / "twin.db")
+    config = str(proc.config)
+    unknown = cli("lock", "pump", "--config", config)
+    assert unknown.returncode == 1 and unknown.stderr == (
+        f"error: unknown device default/pump: {config} defines default/lamp, and the twin {proc.twin_path} has no"
+        " device\n"), unknown
+    assert not (tmp_path / "state").exists()
+    not_locked = cli("unlock", "lamp", "--config", config)
+    assert not_locked.returncode == 0 and not_locked.stdout.startswith("default/lamp was not locked (no twin at "), \
+        not_locked
+    assert not (tmp_path / "state").exists()
+
+    locked = cli("lock", "lamp", "--reason", "wiring", "--config", config)
+    assert locked.returncode == 0, locked
+    assert locked.stdout.startswith("default/lamp is locked for maintenance since ")
+    assert (f"made the twin {proc.twin_path} (no `mapper run` had made it yet): the lock holds from the mapper's first"
+            " start") in locked.stdout
+    # As `mapper run` makes it: the directory and the file its user's alone, migrated.
+    assert (tmp_path / "state").stat().st_mode & 0o777 == 0o700 and proc.twin_path.stat().st_mode & 0o777 == 0o600
+    with proc:
+        proc.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "mapper/test-node/default/lamp/#")
+        try:
+            view = sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" in b)
+            assert view["$locked"]["reason"] == "wiring", view
+            pub(broker, "mapper/test-node/default/lamp/power/set", "true")
+            proc.wait_log("refused set for default/lamp: 423 refused: default/lamp is locked for maintenance")
+        finally:
+            sub.close()
+            assert proc.stop() == 0
+
+    # A device added to the config since the last run: locked before it is in the twin, unlocked too.
+    write_devices(tmp_path / "dev", ["lamp", "fan"], cycle=100)
+    added = cli("lock", "fan", "--config", config)
+    assert added.returncode == 0 and ("default/fan is not in the twin yet (no `mapper run` since it was added): the lock"
+                                      " holds from its first start") in added.stdout, added
+    misspelt = cli("lock", "fna", "--config", config)
+    assert misspelt.returncode == 1 and "did you mean default/fan?" in misspelt.stderr, misspelt
+    with TwinStore.open(proc.twin_path) as store:
+        assert set(store.admin_locks()) == {LAMP, DeviceId("default", "fan")}
+    assert cli("unlock", "fan", "--config", config).stdout.startswith("default/fan unlocked (locked since ")
+    assert cli("unlock", "fan", "--config", config).stdout == "default/fan was not locked\n"

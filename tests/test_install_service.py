@@ -889,6 +889,38 @@ def test_validate_as_root_checks_the_twin_place_as_the_services_user(
     assert "twin.path" not in capsys.readouterr().err
 
 
+def test_lock_before_the_services_first_run_as_root_says_to_run_it_as_the_services_user(
+        open_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mapper lock` makes the twin when no `mapper run` has: as root, for a service that runs as
+    another user, the twin would be root's, which the service refuses (not its own): it says to lock
+    as the service's user, and makes nothing. As that user (or with no such service) it makes it."""
+    import mapper.systemd
+
+    if os.geteuid() != 0:
+        pytest.skip("root locking for another user's service is what this checks")
+    state = open_dir / "state"
+    twin = state / "twin.db"
+    config = write_config(open_dir / "mapper.yaml", write_devices(open_dir / "dev", ["a"]), twin)
+    unit_file = open_dir / "mapper.service"
+    assert main(["install-service", "--force", "--config", str(config), "--unit-file", str(unit_file), "--unit-only",
+                 "--user", "nobody", "--groups", "--other-twin"]) == 0
+    Path(f"{unit_file}.d").mkdir()
+    Path(f"{unit_file}.d/twin.conf").write_text(f"[Service]\nEnvironment=MAPPER_TWIN__PATH={twin}\n")
+    monkeypatch.setattr(mapper.systemd, "UNIT_FILE", unit_file)
+    capsys.readouterr()
+    assert main(["lock", "a", "--config", str(config)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no twin at {twin} yet (the service has not run): made by root, it would be root's, which the"
+        f" service's user (nobody, User= in {unit_file}) cannot use; lock it as that user: sudo -u nobody mapper lock"
+        f" ... --config {config}\n")
+    assert not state.exists()
+
+    Path(f"{unit_file}.d/user.conf").write_text("[Service]\nUser=root\n")  # a service run as root: root makes it
+    assert main(["lock", "a", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith("default/a is locked for maintenance since ")
+    assert twin.stat().st_uid == 0
+
+
 def test_the_twin_commands_say_when_the_service_runs_their_config_on_another_twin(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """A unit installed with --other-twin (or before install-service refused it), or a twin.path

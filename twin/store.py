@@ -1874,18 +1874,20 @@ class TwinStore:
             raise
         return {DeviceId.parse(d): AdminLock(*rest) for d, *rest in rows}
 
-    def lock_device(self, device_id: DeviceId, by: str,
-                    reason: str = "") -> tuple[AdminLock, list[str], AdminLock | None]:
+    def lock_device(self, device_id: DeviceId, by: str, reason: str = "", *,
+                    defined: bool = False) -> tuple[AdminLock, list[str], AdminLock | None]:
         """Lock the device for maintenance: every desired value is refused until unlock_device.
         Returns the lock in force, the properties whose pending desired values were dropped
         (refused for good, never written at the unlock: a relay switched on by a command sent
         before the maintenance began would surprise the person who unlocks it), and the lock
         already in force before (None: locked now). A locked device keeps its lock's time and
         holder (the maintenance it stands for); a new, different `reason` replaces its reason, the
-        only way to correct one without an unlock (which would let writes through meanwhile)."""
+        only way to correct one without an unlock (which would let writes through meanwhile).
+        `defined`: the config defines the device, which may not be in the twin yet (no `mapper run`
+        since it was added): it is locked from its first start on."""
         self._begin()
         try:
-            if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
+            if not defined and not self._has_device(device_id):
                 raise UnknownDevice(device_id)
             before = lock = self.admin_lock(device_id)
             if lock is None:
@@ -1909,14 +1911,18 @@ class TwinStore:
         self._commit()
         return lock, dropped, before
 
-    def unlock_device(self, device_id: DeviceId) -> AdminLock | None:
+    def _has_device(self, device_id: DeviceId) -> bool:
+        return self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is not None
+
+    def unlock_device(self, device_id: DeviceId, *, defined: bool = False) -> AdminLock | None:
         """Release the device's maintenance lock; returns it (None: it was not locked). Nothing
-        refused meanwhile is written now: a value is set again to be written."""
+        refused meanwhile is written now: a value is set again to be written. A device locked
+        before it was in the twin (lock_device's `defined`) is unlocked too; `defined` as there."""
         self._begin()
         try:
-            if self.conn.execute("SELECT 1 FROM devices WHERE id=?", (str(device_id),)).fetchone() is None:
-                raise UnknownDevice(device_id)
             lock = self.admin_lock(device_id)
+            if lock is None and not defined and not self._has_device(device_id):
+                raise UnknownDevice(device_id)
             self.conn.execute("DELETE FROM admin_locks WHERE device_id=?", (str(device_id),))
         except BaseException:
             self._rollback()
