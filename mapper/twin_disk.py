@@ -123,30 +123,44 @@ def write_denied(path: Path) -> tuple[str, int] | None:
 _WAL_WRITE_LOCK_BYTE = 120
 
 
+def write_lock_pids(locks: str, device: int, inode: int, byte: int) -> list[int]:
+    """The pids holding a write lock over `byte` of the file (`device`, `inode`: its st_dev, st_ino)
+    in /proc/locks's text: POSIX and OFD record locks (an OFD lock's pid may be -1: left out), not
+    the requests waiting for one (`->`). The same text on every architecture, unlike struct flock
+    (F_GETLK), whose layout on 32-bit Linux (armv7l Raspberry Pi OS) is not 64-bit Linux's.
+
+        1: POSIX  ADVISORY  WRITE 1234 b3:02:131075 120 120"""
+    pids: list[int] = []
+    for line in locks.splitlines():
+        fields = line.split()
+        if len(fields) < 8 or fields[1] == "->" or fields[1] not in ("POSIX", "OFDLCK") or fields[3] != "WRITE":
+            continue
+        try:
+            pid = int(fields[4])
+            major, minor, ino = fields[5].split(":")
+            start, end = int(fields[6]), (None if fields[7] == "EOF" else int(fields[7]))
+            same_file = (int(major, 16), int(minor, 16), int(ino)) == (os.major(device), os.minor(device), inode)
+        except ValueError:
+            continue
+        if same_file and pid > 0 and start <= byte and (end is None or byte <= end):
+            pids.append(pid)
+    return pids
+
+
 def lock_holder(path: Path) -> str | None:
     """`pid 1234 (sqlite3 /var/lib/mapper/twin.db)`: the process holding the twin's write lock, as
-    the kernel tells (F_GETLK on the -shm file's write-lock byte); None when it cannot say (no
-    lock held now, a holder in this very process, a platform whose struct flock differs)."""
-    import fcntl
-    import struct
-
-    if struct.calcsize("l") != 8:  # (struct flock below is 64-bit Linux's; a 32-bit one's may differ)
-        return None
-    flock = "hhqqi4x"  # l_type, l_whence, l_start, l_len, l_pid
+    the kernel tells (/proc/locks: a write lock on the -shm file's write-lock byte); None when it
+    cannot say (no lock held now, a holder in this very process, no /proc/locks)."""
     try:
-        fd = os.open(f"{path}-shm", os.O_RDONLY)
+        shm = os.stat(f"{path}-shm")
+        with open("/proc/locks") as locks:
+            text = locks.read()
     except OSError:
         return None
-    try:
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, struct.pack(flock, fcntl.F_WRLCK, os.SEEK_SET,
-                                                            _WAL_WRITE_LOCK_BYTE, 1, 0))
-        kind, _, _, _, pid = struct.unpack(flock, answer)
-    except OSError:
+    pids = [pid for pid in write_lock_pids(text, shm.st_dev, shm.st_ino, _WAL_WRITE_LOCK_BYTE) if pid != os.getpid()]
+    if not pids:
         return None
-    finally:
-        os.close(fd)
-    if kind == fcntl.F_UNLCK or pid <= 0:
-        return None
+    pid = pids[0]
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
             command = cmdline.read(300).replace(b"\0", b" ").decode(errors="replace").strip()

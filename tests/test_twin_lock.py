@@ -4,8 +4,8 @@
 write of the mapper waits twin.busy_timeout_ms for the lock, then fails with "database is locked".
 The start's device list write (TwinStore.sync_devices) used to stop `mapper run`, and a SIGHUP
 reload's was lost ("reload failed"). Both now wait for the lock, with a WARNING naming the process
-that holds it, and go on once it is released. The holder is a real process here: the kernel tells
-a lock's holder only to another process (F_GETLK).
+that holds it, and go on once it is released. The holder is a real process here: a lock of the
+mapper's own process is not named (another process is what holds it up).
 """
 
 from __future__ import annotations
@@ -261,3 +261,49 @@ async def test_a_write_that_waits_and_fails_for_a_bug_crashes_the_device_loop_on
         await async_wait_for(lambda: runner.reads > reads + 5 or caplog.text.count("device loop crashed") > 1,
                              timeout=30, what="the restarted loop reading, or crashing again")
         assert caplog.text.count("device loop crashed") == 1
+
+
+def test_the_holder_is_read_from_proc_locks(tmp_path: Path, holder_of, monkeypatch) -> None:
+    """lock_holder packed a 64-bit Linux struct flock for F_GETLK and said nothing on 32-bit Linux
+    (armv7l Raspberry Pi OS): its lines named no holder there. It reads /proc/locks now, the same
+    text on every architecture. (A C long of 4 bytes, as there: nothing depends on it now.)"""
+    import struct
+
+    from mapper.twin_disk import lock_holder
+
+    calcsize = struct.calcsize
+    monkeypatch.setattr(struct, "calcsize", lambda fmt: 4 if fmt == "l" else calcsize(fmt))
+
+    twin = tmp_path / "twin.db"
+    TwinStore.open(twin).close()
+    assert lock_holder(twin) is None  # no lock held
+    holder = holder_of(twin)
+    named = lock_holder(twin)
+    assert named is not None and named.startswith(f"pid {holder.proc.pid} (") and "BEGIN IMMEDIATE" in named
+    holder.release()
+    assert lock_holder(twin) is None
+
+
+def test_the_lines_of_proc_locks_that_name_the_holder() -> None:
+    """Only a POSIX or OFD write lock over the byte of that very file names a holder: not a read
+    lock, another file (same inode on another device), a request waiting for the lock, an OFD
+    lock without a pid. Lines as an armv7l Raspberry Pi's kernel writes them (SD card b3:02)."""
+    import os
+
+    from mapper.twin_disk import write_lock_pids
+
+    device, inode = os.makedev(0xB3, 0x02), 131075
+    locks = "\n".join([
+        "1: POSIX  ADVISORY  READ  901 b3:02:131075 120 120",  # a read lock
+        "2: POSIX  ADVISORY  WRITE 902 b3:01:131075 120 120",  # the boot partition's file
+        "3: POSIX  ADVISORY  WRITE 903 b3:02:131076 120 120",  # another file
+        "4: POSIX  ADVISORY  WRITE 904 b3:02:131075 121 130",  # other bytes
+        "5: FLOCK  ADVISORY  WRITE 905 b3:02:131075 0 EOF",  # flock(), not SQLite's
+        "6: OFDLCK ADVISORY  WRITE -1 b3:02:131075 0 EOF",  # no pid to name
+        "7: POSIX  ADVISORY  WRITE 1234 b3:02:131075 120 120",
+        "7: -> POSIX  ADVISORY  WRITE 1300 b3:02:131075 120 120",  # waits for 1234's
+        "8: POSIX  ADVISORY  WRITE 1235 b3:02:131075 100 EOF",
+        "not a lock line",
+    ])
+    assert write_lock_pids(locks, device, inode, 120) == [1234, 1235]
+    assert write_lock_pids(locks, device, inode, 99) == []
