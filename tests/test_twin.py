@@ -728,6 +728,33 @@ def test_a_failed_write_stays_pending_with_its_error(twin):
     assert twin.pending_desired() == []
 
 
+def test_an_older_versions_result_made_after_a_newer_ones_leaves_the_newer_outcome(twin):
+    """mark_applied for an older version, made after the newer version's (a record that waited for
+    the twin's lock, retried after the newer value was applied): it set apply_error regardless,
+    putting the older value's outcome on the newer one. The twin keeps the newer outcome."""
+    _, v1 = twin.set_desired(D1, "power", True)
+    _, v2 = twin.set_desired(D1, "power", False)
+    twin.mark_applied(D1, "power", v2, "read back True after writing False")
+    twin.mark_applied(D1, "power", v1)  # v1 written fine, recorded late
+    prop = twin.device(D1).properties["power"]
+    assert (prop.desired, prop.desired_version, prop.apply_error) == (False, v2, "read back True after writing False")
+    assert twin.pending_desired() == []
+
+    _, v3 = twin.set_desired(D1, "power", True)
+    _, v4 = twin.set_desired(D1, "power", False)
+    twin.mark_applied(D1, "power", v4)
+    twin.mark_applied(D1, "power", v3, "read back False after writing True")  # v3's failure, recorded late
+    prop = twin.device(D1).properties["power"]
+    assert (prop.desired, prop.desired_version, prop.apply_error) == (False, v4, None)
+    assert twin.pending_desired() == []
+
+    _, v5 = twin.set_desired(D1, "power", True)
+    twin.mark_applied(D1, "power", v4, "read back True after writing False")  # older, while v5 is pending
+    prop = twin.device(D1).properties["power"]
+    assert prop.apply_error is None
+    assert [(c.property, c.version) for c in twin.pending_desired()] == [("power", v5)]
+
+
 def test_an_apply_error_goes_once_a_folded_reading_equals_the_desired_value(tmp_path, twin, monkeypatch):
     """A read-back that gave up too early (a slow relay): its apply error goes at the fold that
     reports the desired value, as seen by another process too. A value still pending (its write

@@ -1957,6 +1957,10 @@ class TwinStore:
         back-off, and when the device is `ok` again) and at the next start or reload. Never
         "applied" until a write succeeds. The error is stored only while `version` is still
         the desired version (a newer value cleared the error, and is applied next).
+
+        A result for an older version than the desired one (a record that waited for the twin,
+        made after a newer value's) leaves `apply_error` as it is: it used to put the older
+        value's outcome on the newer one (its error, or none over the newer one's error).
         """
         if pending:
             self.conn.execute(
@@ -1966,8 +1970,9 @@ class TwinStore:
             )
             return
         self.conn.execute(
-            "UPDATE properties SET applied_version=max(applied_version, ?), apply_error=? WHERE device_id=? AND name=?",
-            (version, error, str(device_id), name),
+            "UPDATE properties SET applied_version=max(applied_version, ?),"
+            " apply_error=CASE WHEN ? >= desired_version THEN ? ELSE apply_error END WHERE device_id=? AND name=?",
+            (version, version, error, str(device_id), name),
         )
 
     # -- reading the twin ------------------------------------------------------------------
