@@ -57,9 +57,9 @@ Hook = Callable[["MapperService"], Awaitable[None]]
 # StartLimitIntervalSec=300: ~30 s of restarts), and the mapper stayed down after the disk had room again.
 TWIN_RETRY_S = (5.0, 30.0)
 TWIN_WAIT_LOG_S = 60.0
-# A twin another process holds locked at start (past twin.busy_timeout_ms, which the first try
-# waits) is tried again this soon, each later try waiting this long for the lock; a SIGHUP reload
-# waiting for the lock tries again this soon. It is free as soon as that process's transaction ends.
+# A twin another process holds locked at start is tried again this soon, each try (the first one
+# too) waiting this long for the lock; a SIGHUP reload waiting for the lock tries again this soon.
+# It is free as soon as that process's transaction ends.
 TWIN_LOCKED_RETRY_S = 1.0
 # While waiting, extensions are told this often (systemd: STATUS=, EXTEND_TIMEOUT_USEC=, WATCHDOG=1).
 TWIN_WAIT_TICK_S = 5.0
@@ -384,9 +384,10 @@ class MapperService:
         tries again after TWIN_RETRY_S (5 s, doubling up to 30 s), the ERROR again at most once a
         minute; extensions with `twin_waiting(service, why)` hear every TWIN_WAIT_TICK_S (systemd:
         STATUS=, the start timeout extended; READY=1 only once running). A twin another process
-        holds locked past twin.busy_timeout_ms (a backup, a `mapper twin set`, an sqlite3 shell
-        left in a transaction) is waited for likewise, with a WARNING naming the holder when the
-        kernel tells it (twin_disk.lock_holder); it used to stop the start. Other errors stop the
+        holds locked (a backup, a `mapper twin set`, an sqlite3 shell left in a transaction) is
+        waited for likewise, each try waiting TWIN_LOCKED_RETRY_S for the lock, with a WARNING
+        naming the holder when the kernel tells it (twin_disk.lock_holder) after the first; it used
+        to stop the start. Other errors stop the
         start at once, naming the twin."""
         path = self.config.twin.path
         loop = asyncio.get_running_loop()
@@ -397,17 +398,18 @@ class MapperService:
             for hook in self.before_twin_open:
                 hook()
             tries += 1
-            # After a try that waited twin.busy_timeout_ms for a lock, each waits TWIN_LOCKED_RETRY_S only:
-            # a stop meanwhile is not held up for 30 s (TimeoutStopSec=30 would kill the mapper).
-            opener = functools.partial(self._open_store, TWIN_LOCKED_RETRY_S) if locked else self._open_store
+            # Each try waits at most TWIN_LOCKED_RETRY_S for another process's lock, the first one too:
+            # the WARNING naming the holder comes at once, not after twin.busy_timeout_ms (30 s) of
+            # silence, and a stop meanwhile is not held up for 30 s (TimeoutStopSec=30 would kill the
+            # mapper). The twin that started waits twin.busy_timeout_ms again.
+            busy_ms = self.config.twin.busy_timeout_ms
+            opener = functools.partial(self._open_store, min(TWIN_LOCKED_RETRY_S, busy_ms / 1000))
             worker, doing = StoreWorker(opener), "open"
             try:
                 await worker.__aenter__()
                 doing = "write"
                 await self._start_up_writes(worker)
-                if locked:
-                    busy_ms = self.config.twin.busy_timeout_ms
-                    await worker.call(lambda s: s.conn.execute(f"PRAGMA busy_timeout={busy_ms}"))
+                await worker.call(lambda s: s.conn.execute(f"PRAGMA busy_timeout={busy_ms}"))
             except Exception as exc:
                 if doing == "write":
                     with contextlib.suppress(Exception):

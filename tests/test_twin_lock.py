@@ -100,9 +100,40 @@ async def test_a_start_waits_for_a_twin_another_process_holds_locked(tmp_path: P
         async with asyncio.timeout(10):
             await service.ready.wait()
         await async_wait_for(lambda: readings(config, A) >= 3, what="the device's readings in the twin")
-        # The tries after the first wait 1 s each for the lock (a stop is not held up for
-        # busy_timeout_ms); the twin that started waits busy_timeout_ms again.
+        # Each try waits at most 1 s for the lock (a stop is not held up for busy_timeout_ms);
+        # the twin that started waits busy_timeout_ms again.
         assert await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout").fetchone()[0]) == 200
+    finally:
+        stop.set()
+        async with asyncio.timeout(10):
+            await task
+
+
+async def test_the_start_names_the_lock_holder_before_its_busy_timeout(tmp_path: Path, caplog, holder_of) -> None:
+    """The first try of the start waited twin.busy_timeout_ms (30 s as shipped) for the lock before
+    the WARNING naming the holder: the operator saw nothing meanwhile. Each try waits at most
+    TWIN_LOCKED_RETRY_S now, the first too: the WARNING comes while the holder still holds the
+    lock, long before the busy timeout (ten minutes here; the wait's own timeout bounds the test).
+    The twin that started waits the configured busy timeout."""
+    caplog.set_level(logging.INFO)
+    config, _ = short_busy_config(tmp_path, ["a"], busy_ms=600_000)
+    TwinStore.open(config.twin.path).close()
+    holder = holder_of(Path(config.twin.path))
+    from mapper.service import MapperService
+
+    service = MapperService(config)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        await async_wait_for(lambda: "write lock" in caplog.text or task.done(), timeout=30, what="the lock's warning")
+        assert not task.done(), task.exception() if not task.cancelled() else "cancelled"
+        assert holder.proc.poll() is None  # still holding it
+        warned = [r for r in caplog.records if "write lock" in r.getMessage()]
+        assert warned[0].levelno == logging.WARNING and f"pid {holder.proc.pid} (" in warned[0].getMessage()
+        holder.release()
+        async with asyncio.timeout(10):
+            await service.ready.wait()
+        assert await service.twin(lambda s: s.conn.execute("PRAGMA busy_timeout").fetchone()[0]) == 600_000
     finally:
         stop.set()
         async with asyncio.timeout(10):
