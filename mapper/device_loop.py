@@ -71,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -213,6 +214,8 @@ class DeviceRunner:
         # the background (_twin_writes_later); kept across a crash-restart of the loop.
         self._twin_writes: list[Callable[[], Awaitable[None]]] = []
         self._twin_writes_task: asyncio.Task[None] | None = None
+        # Set when the twin commits again after failed commits (twin_takes_writes): ends their back-off.
+        self._twin_writable = asyncio.Event()
         self._tg: asyncio.TaskGroup | None = None
         self._rated = {p.name: driver.rated_range(p) for p in definition.properties}
         # Per property, its last reading of any kind: (the loop's clock then, the reading, timed out).
@@ -477,23 +480,36 @@ class DeviceRunner:
         if self._tg is not None and (self._twin_writes_task is None or self._twin_writes_task.done()):
             self._twin_writes_task = self._tg.create_task(self._twin_writes_later(), name=f"twin-writes[{self.id}]")
 
+    def twin_takes_writes(self) -> None:
+        """The twin committed again after failed commits (another process let its lock go, the disk
+        has room): the twin writes that wait are tried now, not at the end of their back-off."""
+        self._twin_writable.set()
+
     async def _twin_writes_later(self) -> None:
         """Retry the twin writes the twin refused (the start's, a desired value's result), in
-        order, until each succeeds (or the runner stops: what is left is kept for its next run)."""
+        order, until each succeeds (or the runner stops: what is left is kept for its next run).
+
+        Each failed try backs off (up to loop.max_backoff_s), cut short once the twin commits again
+        (twin_takes_writes): after a long lock the records waited up to that long after its release.
+        A success starts the back-off over: the next write that fails is tried again soon."""
         attempt = 0
         writes = self._twin_writes
         while writes:
+            self._twin_writable.clear()  # (a commit from now on ends the back-off after this try)
             try:
                 await writes[0]()
             except (sqlite3.Error, OSError) as exc:
                 attempt += 1
                 log.debug("%s: a twin write that waits still fails (%s); retried", self.id, exc)
-                await asyncio.sleep(self._backoff(attempt))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._backoff(attempt)):
+                        await self._twin_writable.wait()
                 continue
             except Exception:
                 writes.pop(0)  # a bug crashes the loop once, not each restarted one (the queue outlives it)
                 raise
             writes.pop(0)
+            attempt = 0
         log.info("%s: the twin writes that waited are done, the twin takes writes again", self.id)
 
     async def write_what_waits(self) -> None:

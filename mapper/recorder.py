@@ -204,6 +204,9 @@ class Recorder:
         self.writable_since_ms = time.time_ns() // 1_000_000  # the start, or the end of the last outage
         # Told after each failed commit and at the commit that ends an outage (see the module's doc).
         self.on_health: Callable[[], None] | None = None
+        # Told at the commit that ends an outage: the twin takes writes again (the device loops'
+        # twin writes that wait are tried then, not at the end of their back-off).
+        self.on_writable_again: list[Callable[[], None]] = []
         self._has_data = asyncio.Event()
         self._full = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -447,6 +450,8 @@ class Recorder:
         self.writable_since_ms = time.time_ns() // 1_000_000
         if self.on_health is not None:
             self.on_health()
+        for listener in self.on_writable_again:
+            listener()
 
     def waiting(self) -> int:
         """Readings taken and not committed yet (pending, or in a batch whose commit failed), and

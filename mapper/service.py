@@ -242,6 +242,11 @@ class MapperService:
         store.on_outbox_dropped = self.outbox_drops.dropped
         return store
 
+    def _twin_writable_again(self) -> None:
+        """The recorder committed after failed commits: each device's twin writes that wait are tried now."""
+        for runner in self.runners.values():
+            runner.twin_takes_writes()
+
     async def twin(self, fn):  # noqa: ANN001, ANN201 - thin pass-through to the worker
         assert self.worker is not None
         return await self.worker.call(fn)
@@ -287,6 +292,7 @@ class MapperService:
             t = self.config.twin
             self.recorder = Recorder(worker, batch_max=t.batch_max, batch_delay_s=t.batch_delay_ms / 1000,
                                      max_waiting=t.waiting_max_readings, commit_interval_s=t.commit_interval_ms / 1000)
+            self.recorder.on_writable_again.append(self._twin_writable_again)
             for ext in self.extensions:
                 await ext.setup(self)
             await self._record_machine(worker)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -228,7 +229,8 @@ async def test_an_auto_off_while_the_twin_is_locked_becomes_the_desired_value_on
     assert "device loop crashed" not in caplog.text
 
 
-async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(tmp_path: Path, caplog, holder_of) -> None:
+async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(
+        tmp_path: Path, caplog, holder_of, monkeypatch) -> None:
     """The record of a desired value applied while another process held the twin's lock waits out
     its retry's back-off (up to loop.max_backoff_s). The lock released, a stop (or a reload that
     changes the device) meanwhile dropped it: the value stayed pending in the twin, and the next
@@ -239,6 +241,8 @@ async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(tmp_path: Pa
     retried = "a twin write that waits still fails"
     async with running_service(config) as service:
         runner = service.runners[A]
+        # The back-off not cut short by the twin's next commit (twin_takes_writes): the stop makes the record.
+        monkeypatch.setattr(runner, "twin_takes_writes", lambda: None)
         with TwinStore.open(config.twin.path) as twin:
             _, version = twin.set_desired(A, "power", True)
             holder = holder_of(Path(config.twin.path))
@@ -250,6 +254,56 @@ async def test_a_record_that_waits_for_the_twin_is_made_at_the_stop(tmp_path: Pa
         assert twin.pending_desired() == []
         power = twin.device(A).properties["power"]
         assert (power.desired, power.desired_version, power.reported) == (True, version, True)
+
+
+async def test_a_record_that_waited_out_a_long_lock_is_made_once_it_is_released(
+        tmp_path: Path, caplog, holder_of, monkeypatch) -> None:
+    """The record of a desired value applied while another process held the twin's lock sat out
+    its retry's back-off, which grows up to loop.max_backoff_s (30 s as shipped) with a long lock:
+    once the lock was released it waited for the rest of it. The back-off ends as soon as the twin
+    commits again (here the device's readings). An hour's back-off here: the wait's own timeout
+    bounds the test."""
+    caplog.set_level(logging.DEBUG, logger="mapper.device")
+    config, _ = short_busy_config(tmp_path, ["a"])
+    retried = "a twin write that waits still fails"
+    async with running_service(config) as service:
+        runner = service.runners[A]
+        monkeypatch.setattr(runner, "_backoff", lambda attempt: 3600.0)  # as after a long lock
+        with TwinStore.open(config.twin.path) as twin:
+            _, version = twin.set_desired(A, "power", True)
+            holder = holder_of(Path(config.twin.path))
+            await async_wait_for(lambda: retried in caplog.text, what="the record's first retry failed")
+            assert runner.driver._switch["power"][1] is True  # written to the device
+            holder.release()
+            await async_wait_for(lambda: twin.pending_desired() == [], what="the value recorded as applied")
+            power = twin.device(A).properties["power"]
+            assert (power.desired_version, power.reported, power.apply_error) == (version, True, None)
+            assert caplog.text.count(retried) == 1  # no try more: the back-off was cut short
+
+
+async def test_a_success_starts_the_back_off_of_the_twin_writes_that_wait_over(tmp_path: Path, monkeypatch) -> None:
+    """After a write that waited through many failed tries, the next write's first failure backed
+    off as the many tries' next one (up to loop.max_backoff_s): a success starts it over."""
+    config, _ = short_busy_config(tmp_path, ["a"])
+    attempts: list[int] = []
+    first_fails, second_fails = [3], [1]
+    made: list[str] = []
+
+    def write(name: str, fails: list[int]):  # noqa: ANN202
+        async def made_or_refused() -> None:
+            if fails[0]:
+                fails[0] -= 1
+                raise sqlite3.OperationalError("database is locked")
+            made.append(name)
+        return made_or_refused
+
+    async with running_service(config) as service:
+        runner = service.runners[A]
+        monkeypatch.setattr(runner, "_backoff", lambda attempt: attempts.append(attempt) or 0.01)
+        runner._write_later(write("first", first_fails))  # noqa: SLF001 - as the twin had refused them
+        runner._write_later(write("second", second_fails))  # noqa: SLF001
+        await async_wait_for(lambda: made == ["first", "second"], what="both writes made")
+    assert attempts == [1, 2, 3, 1]
 
 
 async def test_a_write_that_waits_and_fails_at_the_stop_does_not_end_the_stop(tmp_path: Path, caplog) -> None:
