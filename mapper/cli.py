@@ -1509,17 +1509,18 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict, dict]:
 def cmd_twin_history(args: argparse.Namespace) -> int:
     """Recent readings of one property, read with sqlite-utils (convenience, not the hot path), not
     through TwinStore.open: a twin too old for the other read commands still shows its history. A
-    column it lacks is said as they say it (OlderTwin), not as SQLite's "no such column"."""
+    column it lacks is said as they say it (OlderTwin), not as SQLite's "no such column". Opened so
+    that nothing is written, not even to the `-shm` (twin.store.connect_untouched)."""
     import sqlite_utils
 
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
-    from twin.store import cannot_open, connect_to_read
+    from twin.store import cannot_open, connect_untouched
 
     with _naming_the_twin(path):
         try:
-            conn = connect_to_read(path)  # read as it is: never migrated here (see _open_twin)
+            conn = connect_untouched(path)  # read as it is: never migrated here (see _open_twin)
         except sqlite3.OperationalError as exc:
             raise cannot_open(path, exc) from exc
     with _naming_the_twin(path), contextlib.closing(conn):

@@ -196,6 +196,11 @@ def write_config(path: Path, devices: Path, twin: Path, *, node: str = "test-nod
     return path
 
 
+def files_of(directory: Path) -> dict[str, tuple[int, int]]:
+    """Each file in `directory` with its mtime and size (a command that only reads left them as they were)."""
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(directory.iterdir())}
+
+
 def wait_for(check: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "condition") -> T:
     """Poll `check` until it returns something truthy; fail after `timeout` seconds.
 

@@ -1269,6 +1269,48 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
     assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
 
 
+@pytest.mark.parametrize("left_by", ["a running mapper", "a killed mapper", "a clean stop"])
+def test_twin_history_writes_nothing_to_the_twin_files(tmp_path, left_by):
+    """`twin history` beside the running mapper wrote its read mark to the twin's -shm (the file changed
+    at every run), and after a killed mapper the reader's close checkpointed the WAL it left into
+    the twin file: a read that wrote to the SD card. Now, as `mapper health`, every file of the twin's
+    directory is left as it was (mtime and size), whether a mapper has the twin open, one was
+    killed with readings in the WAL, or a clean stop left the twin file alone."""
+    from devices.loader import load
+    from helpers import files_of
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    state = tmp_path / "state"
+    state.mkdir()
+    twin = state / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([Reading(DeviceId("default", "lamp"), "count", n, 1_700_000_000_000 + n) for n in range(3)])
+    running = None
+    if left_by == "a running mapper":
+        running = TwinStore.open(twin)
+        running.record([Reading(DeviceId("default", "lamp"), "count", 777, 1_700_000_000_003)])
+    elif left_by == "a killed mapper":
+        subprocess.run([sys.executable, "-c", "import os, sys; from devices.ids import DeviceId;"
+                        " from twin.records import Reading; from twin.store import TwinStore;"
+                        " s = TwinStore.open(sys.argv[1]);"
+                        " s.record([Reading(DeviceId('default', 'lamp'), 'count', 777, 1_700_000_000_003)]);"
+                        " os._exit(0)", str(twin)], check=True, cwd=REPO)
+        assert (state / "twin.db-wal").stat().st_size > 0
+    try:
+        before = files_of(state)
+        for args in (("count", "--json"), ("count",)):
+            done = mapper("twin", "history", "lamp", *args, "--config", str(config))
+            assert done.returncode == 0 and ("777" in done.stdout) == (left_by != "a clean stop"), done
+            assert files_of(state) == before, (args, before, files_of(state))
+    finally:
+        if running is not None:
+            running.close()
+
+
 def test_twin_get_and_set_of_a_misspelt_device_or_property_name_the_one_meant(tmp_path):
     """`mapper twin set lamp powr true` said "device default/lamp has no property 'powr'", and
     `twin get lamp-1` "unknown device default/lamp-1", leaving the user to look the names up. The

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import wait_for, write_config, write_devices
+from helpers import files_of, wait_for, write_config, write_devices
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,11 +26,6 @@ def health_json(config: Path, *args: str) -> dict:
     shown = json.loads(done.stdout)
     assert done.returncode == (0 if shown["healthy"] else 1), (done.returncode, shown)
     return shown
-
-
-def files_of(directory: Path) -> dict[str, tuple[int, int]]:
-    """Each file in `directory` with its mtime and size."""
-    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(directory.iterdir())}
 
 
 def health_touching_nothing(state: Path, config: Path, *args: str) -> subprocess.CompletedProcess:

@@ -268,6 +268,28 @@ def connect_to_read(path: Path, *, timeout: float = 30.0, check_same_thread: boo
     return conn
 
 
+def connect_untouched(path: Path, *, timeout: float = 30.0) -> sqlite3.Connection:
+    """connect_to_read for a read that must leave the twin's files as they are (`mapper twin history`:
+    an export while the mapper runs). With the `-wal` and `-shm` there (a mapper has the twin open,
+    or one was killed) the file is opened read-only, its `-shm` too (`mode=ro`, `readonly_shm`, as
+    `mapper health` reads): no read mark is written to the `-shm`, and the WAL a killed mapper left
+    is not checkpointed into the twin at the close (connect_to_read's connection, the last one,
+    does that). Without them (a clean stop: the twin file holds everything) connect_to_read, which
+    makes them and removes them at its close, the twin file unchanged: read-only, SQLite cannot
+    open a WAL twin without its `-shm` (and leaves an empty `-wal` behind)."""
+    real = os.path.realpath(path)
+    if os.path.exists(f"{real}-wal") and os.path.exists(f"{real}-shm"):
+        conn = sqlite3.connect(f"{Path(real).as_uri()}?mode=ro&readonly_shm=1", uri=True, isolation_level=None,
+                               timeout=timeout)
+        try:
+            conn.execute("PRAGMA query_only=ON")
+            conn.execute("PRAGMA user_version").fetchone()  # (what opens the file)
+            return conn
+        except sqlite3.OperationalError:  # the mapper stopped meanwhile, and removed them
+            conn.close()
+    return connect_to_read(path, timeout=timeout)
+
+
 def _on_read_only_file_system(path: Path) -> bool:
     try:
         return bool(os.statvfs(Path(path).parent).f_flag & os.ST_RDONLY)
