@@ -7,8 +7,10 @@ import contextlib
 import difflib
 import errno
 import gc
+import itertools
 import logging
 import os
+import re
 import shlex
 import signal
 import sqlite3
@@ -16,7 +18,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +56,27 @@ def _history_count(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be at most {HISTORY_MAX_LIMIT:,} (the history keeps"
                                          f" twin.history_rows readings, 200,000 by default), got {value:,}")
     return value
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_DURATION_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+WHEN_FORMS = ("an ISO 8601 time (2026-12-01T08:00, 2026-12-01 08:00:00Z, 2026-12-01T09:00+01:00, 2026-12-01;"
+              " UTC unless it has Z or an offset) or a duration back from now (90s, 15m, 2h, 7d)")
+
+
+def _history_when(text: str) -> int:
+    """--since/--until: the epoch ms of an ISO 8601 time, UTC when it names no zone (a Pi without a
+    real-time clock keeps UTC, and its local zone may be unset), or of now minus a duration."""
+    duration = _DURATION.fullmatch(text.strip())
+    if duration:
+        return round(time.time() * 1000 - float(duration[1]) * _DURATION_MS[duration[2]])
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time nor a duration: {text!r}; give {WHEN_FORMS}") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return round(when.timestamp() * 1000)
 
 
 def _fmt_ts(ms: int | None) -> str:
@@ -1507,12 +1530,23 @@ def _valid_definitions(config: MapperConfig) -> tuple[dict, list, dict, dict]:
 
 
 def cmd_twin_history(args: argparse.Namespace) -> int:
-    """Recent readings of one property, read with sqlite-utils (convenience, not the hot path), not
-    through TwinStore.open: a twin too old for the other read commands still shows its history. A
-    column it lacks is said as they say it (OlderTwin), not as SQLite's "no such column". Opened so
-    that nothing is written, not even to the `-shm` (twin.store.connect_untouched)."""
-    import sqlite_utils
+    """Readings of one property or (`--all`) every property of a device, read with its own query,
+    not through TwinStore.open: a twin too old for the other read commands still shows its history.
+    A column it lacks is said as they say it (OlderTwin), not as SQLite's "no such column".
 
+    Opened so that nothing is written, not even to the `-shm` (twin.store.connect_untouched): an
+    export beside the running mapper takes no write lock. A time window is read with a scan of the
+    history (there is no index on it but the id: one would cost the insert hot path a write per
+    reading), its rows streamed from the cursor in time order; with --limit, only its newest N."""
+    if args.property is not None and args.all:
+        print("error: give PROPERTY or --all, not both (--all: every property of the device)", file=sys.stderr)
+        return 2
+    since, until = args.since, args.until
+    if since is not None and until is not None and since >= until:
+        print(f"error: --since ({_fmt_ts(since)}) must be before --until ({_fmt_ts(until)})", file=sys.stderr)
+        return 2
+    window = since is not None or until is not None
+    limit = args.limit if args.limit is not None else (None if window else HISTORY_DEFAULT_LIMIT)
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
     path = _existing_twin(config)
@@ -1528,35 +1562,126 @@ def cmd_twin_history(args: argparse.Namespace) -> int:
         if found > SCHEMA_VERSION:  # refused as TwinStore.open refuses it for the other commands
             raise NewerTwin(path, found)
         try:
-            rows = [(r["ts"], r["value"], r["quality"]) for r in sqlite_utils.Database(conn)["readings"].rows_where(
-                "device_id = ? and property = ?", [str(device), args.property], select="ts, value, quality",
-                order_by="id desc", limit=args.limit)]
+            conn.execute("BEGIN")  # one snapshot for the whole export, however long its output takes
+            rows = _history_rows(conn, str(device), args.property, since, until, limit)
+            first = next(rows, None)
         except sqlite3.OperationalError as exc:
             if found < SCHEMA_VERSION and missing_schema(exc):
                 raise OlderTwin(path, found, "this command cannot read it before it is migrated") from exc
             raise
-    rows.reverse()
-    if not rows:
-        # A typo in the device or property is said as such (raises), not as a property with no readings.
-        with _open_twin(config, note=False) as store:  # (said below: not before an error saying it cannot be read)
-            known = store.device(device).properties
-            if args.property not in known:
-                from twin.store import UnknownProperty
-
-                raise UnknownProperty(device, args.property, known)
-        if found < SCHEMA_VERSION:
+        if first is None:
+            conn.close()
+            return _no_history(config, path, found, device, args.property, window)
+        if found < SCHEMA_VERSION:  # said once something is shown, not before an error saying it cannot be read
             _note_older_twin(path, found)
-        print(f"no readings of {device}/{args.property} in {config.twin.path}", file=sys.stderr)
-        return 1
-    if found < SCHEMA_VERSION:  # said once something is shown, not before an error saying it cannot be read
-        _note_older_twin(path, found)
-    if args.json:
-        print(orjson.dumps([{"ts": ts, "value": orjson.loads(value) if value else None, "quality": quality}
-                            for ts, value, quality in rows]).decode())
-        return 0
-    for ts, value, quality in rows:
-        print(f"{_fmt_ts(ts)}  {value if value is not None else '-':>12}  {quality}")
+        _print_history(itertools.chain((first,), rows), str(device), args)
     return 0
+
+
+HISTORY_DEFAULT_LIMIT = 20  # `twin history` without --limit nor a time window
+
+
+def _history_rows(conn: sqlite3.Connection, device: str, prop: str | None, since: int | None, until: int | None,
+                  limit: int | None) -> Iterator[tuple[int, str, str | None, str, str | None]]:
+    """(ts, property, value as stored (JSON), quality, detail) in time order, from the cursor.
+
+    Without a window, the last `limit` readings recorded, found scanning backwards by id and
+    stopping at `limit` matches (m004: no index but the id). With one, a scan of the history
+    filtered on ts: rows ordered by ts (an SQLite sort, which spills to a temporary file rather
+    than grow), all of them, or (limit) the newest `limit`, kept in a bounded top-N sort."""
+    columns = {r[1] for r in conn.execute("PRAGMA table_info(readings)")}
+    detail = "detail" if "detail" in columns else "NULL"  # (m005 added it)
+    where, params = ["device_id = ?"], [device]
+    if prop is not None:
+        where.append("property = ?")
+        params.append(prop)
+    if since is not None:
+        where.append("ts >= ?")
+        params.append(since)
+    if until is not None:
+        where.append("ts < ?")
+        params.append(until)
+    select = f"SELECT ts, property, value, quality, {detail} FROM readings WHERE {' AND '.join(where)}"
+    if since is None and until is None:
+        newest = conn.execute(f"{select} ORDER BY id DESC LIMIT ?", (*params, limit)).fetchall()
+        newest.reverse()
+        newest.sort(key=lambda r: r[0])  # (stable: readings of the same ms in the order recorded)
+        return iter(newest)
+    if limit is not None:
+        newest = conn.execute(f"{select} ORDER BY ts DESC, id DESC LIMIT ?", (*params, limit)).fetchall()
+        return reversed(newest)
+    return conn.execute(f"{select} ORDER BY ts, id", params)
+
+
+def _no_history(config: MapperConfig, path: Path, found: int, device: DeviceId, prop: str | None,
+                window: bool) -> int:
+    """Exit 1 with why nothing was shown: a typo in the device or property is said as such (raises),
+    not as a property with no readings."""
+    with _open_twin(config, note=False) as store:  # (said below: not before an error saying it cannot be read)
+        known = store.device(device).properties
+        if prop is not None and prop not in known:
+            from twin.store import UnknownProperty
+
+            raise UnknownProperty(device, prop, known)
+    if found < SCHEMA_VERSION:
+        _note_older_twin(path, found)
+    what = f"{device}/{prop}" if prop is not None else str(device)
+    print(f"no readings of {what}{' in that time window' if window else ''} in {config.twin.path}", file=sys.stderr)
+    return 1
+
+
+def _csv_value(stored: str | None) -> str:
+    """A value for a CSV cell: a string as itself (commas, quotes and newlines are the csv module's
+    to quote), any other value as its JSON (21.5, true), none (an error reading) as an empty cell."""
+    if stored is None:
+        return ""
+    return orjson.loads(stored) if stored.startswith('"') else stored
+
+
+def _print_history(rows: Iterable[tuple[int, str, str | None, str, str | None]], device: str,
+                   args: argparse.Namespace) -> None:
+    out = sys.stdout
+    every = args.property is None
+    if args.csv:
+        import csv
+
+        writer, iso = csv.writer(out, lineterminator="\n"), _ts_formatter("T")
+        writer.writerow(HISTORY_CSV_COLUMNS)
+        for ts, prop, value, quality, detail in rows:
+            writer.writerow((iso(ts), ts, device, prop, _csv_value(value), quality, detail or ""))
+        return
+    if args.json:
+        out.write("[")
+        for n, (ts, prop, value, quality, _) in enumerate(rows):
+            shown = {"ts": ts, "property": prop} if every else {"ts": ts}
+            shown |= {"value": orjson.loads(value) if value else None, "quality": quality}
+            out.write(("," if n else "") + orjson.dumps(shown).decode())
+        out.write("]\n")
+        return
+    shown_ts = _ts_formatter(" ")  # (as _fmt_ts)
+    for ts, prop, value, quality, _ in rows:
+        named = f"{prop:<14} " if every else ""
+        out.write(f"{shown_ts(ts)}  {named}{value if value is not None else '-':>12}  {quality}\n")
+
+
+# `twin history --csv`: ts in ISO 8601 UTC with milliseconds, ts_ms the same as epoch milliseconds.
+HISTORY_CSV_COLUMNS = ("ts", "ts_ms", "device", "property", "value", "quality", "detail")
+
+
+def _ts_formatter(separator: str) -> Callable[[int], str]:
+    """Epoch ms as ISO 8601 UTC with milliseconds (2026-12-01T08:00:00.123Z with "T"), for many
+    rows: the date formatted once a day (datetime's formatting of each row was most of the time
+    a 200,000-row export took)."""
+    last: list = [None, ""]
+
+    def formatted(ms: int) -> str:
+        second, milli = divmod(ms, 1000)
+        day, into = divmod(second, 86_400)
+        if day != last[0]:
+            last[0], last[1] = day, time.strftime(f"%Y-%m-%d{separator}", time.gmtime(day * 86_400))
+        hour, into = divmod(into, 3600)
+        return f"{last[1]}{hour:02d}:{into // 60:02d}:{into % 60:02d}.{milli:03d}Z"
+    return formatted
 
 
 def _driver_traits(driver: Any) -> dict[str, Any]:
@@ -1901,6 +2026,18 @@ def cmd_cloud_worker(args: argparse.Namespace) -> int:
 
 
 # --config of the commands that read or set the twin of a mapper: the same file `mapper run` is given.
+HISTORY_EPILOG = """\
+Times: ts is when the reading was taken (the mapper's clock); --since is inclusive, --until
+exclusive, so windows follow each other without overlap. A bare time is UTC.
+A time window is printed whole, streamed as it is read (no row cap: add --limit to keep
+its newest N). Its rows are found by a scan of the history (twin.history_rows: 200,000
+by default), run on a snapshot taken at the start; the mapper goes on recording meanwhile.
+
+examples:
+  mapper twin history room-sensor temperature -c mapper.yaml               the last 20
+  mapper twin history room-sensor --all --since 24h --csv -c mapper.yaml > day.csv
+  mapper twin history room-sensor temperature --since 2026-12-01T08:00 --until 2026-12-01T09:00 --json -c mapper.yaml
+"""
 CONFIG_HELP = "the config file the mapper runs with (README, Config file): its twin.path is the twin this reads or sets"
 DEVICE_HELP = "namespace/name, or name for a device in namespace default"
 JSON_HELP = "print JSON instead of the table"
@@ -1991,13 +2128,25 @@ def parser() -> argparse.ArgumentParser:
                    help="install although the checks find that the service cannot start (printed as warnings)")
     i.set_defaults(fn=cmd_install_service)
 
-    h = _command(tsub, "history", "recent readings of one property, oldest first")
+    h = _command(tsub, "history", "readings of a property or of every property of a device, the last N or a time"
+                 " window, oldest first, as a table, JSON or CSV; writes nothing to the twin",
+                 epilog=HISTORY_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     h.add_argument("device", help=DEVICE_HELP)
-    h.add_argument("property", help="a property of the device")
-    h.add_argument("--limit", "-n", type=_history_count, default=20,
-                   help=f"readings to show, 1 to {HISTORY_MAX_LIMIT:,} (default 20)")
+    h.add_argument("property", nargs="?", help="a property of the device; none (or --all): every property")
+    h.add_argument("--all", "-a", action="store_true", help="every property of the device, in time order")
+    h.add_argument("--since", type=_history_when, metavar="WHEN",
+                   help=f"readings taken at or after WHEN: {WHEN_FORMS}")
+    h.add_argument("--until", type=_history_when, metavar="WHEN", help="readings taken before WHEN (as --since)")
+    h.add_argument("--limit", "-n", type=_history_count,
+                   help=f"the newest N readings (of the time window, if given), 1 to {HISTORY_MAX_LIMIT:,}; default"
+                        f" {HISTORY_DEFAULT_LIMIT} without --since/--until, every reading of the window with them")
     h.add_argument("--config", "-c", required=True, help=CONFIG_HELP)
-    h.add_argument("--json", action="store_true", help=JSON_HELP)
+    shown = h.add_mutually_exclusive_group()
+    shown.add_argument("--json", action="store_true", help=JSON_HELP)
+    shown.add_argument("--csv", action="store_true",
+                       help=f"print CSV ({','.join(HISTORY_CSV_COLUMNS)}): ts in ISO 8601 UTC with milliseconds,"
+                            " ts_ms in epoch milliseconds; a string value as it is, quoted as CSV needs, others as JSON"
+                            " (21.5, true); an error reading's value empty, its detail in detail")
     h.set_defaults(fn=cmd_twin_history)
 
     d = _command(sub, "devices", "whether a mapper runs; each device, its state and last reading; the outbox")

@@ -1269,6 +1269,165 @@ def test_twin_history_of_a_misspelt_device_or_property_says_so(tmp_path):
     assert none_yet.returncode == 1 and none_yet.stderr.startswith("no readings of default/lamp/count in "), none_yet
 
 
+LABELLED_MODEL = MODEL.format(model="thing-model") + """\
+    - name: label
+      type: STRING
+      accessMode: ReadOnly
+"""
+
+
+def _history_twin(tmp_path: Path, readings: list) -> Path:
+    """A config whose twin (tmp_path/state/twin.db) holds `readings` (Reading or (device, property,
+    value, ts[, quality, detail])), recorded through the store in that order; devices lamp and fan,
+    each with a STRING property `label` besides temperature, power and count."""
+    from devices.loader import load
+    from twin.records import Reading
+    from twin.store import TwinStore
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "fan"])
+    (devices / "model.yaml").write_text(LABELLED_MODEL)
+    for name in ("lamp", "fan"):
+        (devices / f"{name}.yaml").write_text(device_yaml(name).replace(
+            "  properties:\n", "  properties:\n    - name: label\n      visitors:\n        protocolName: simulated\n"
+            "        configData: {kind: constant, value: idle}\n", 1))
+    (tmp_path / "state").mkdir()
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin)
+    with TwinStore.open(twin) as store:
+        store.sync_devices(load([devices]).devices.values())
+        store.record([r if isinstance(r, Reading) else Reading(DeviceId("default", r[0]), *r[1:]) for r in readings])
+    return config
+
+
+def _ms(iso: str) -> int:
+    from datetime import datetime
+
+    return int(datetime.fromisoformat(iso).timestamp() * 1000)
+
+
+def test_twin_history_exports_a_time_window_given_as_iso_times(tmp_path):
+    """`twin history` showed the last N readings of one property only: a day's data could not be
+    had by time. --since (inclusive) and --until (exclusive) take ISO 8601 times, UTC when they name
+    no zone; a window without --limit prints all of it (here more than the default 20)."""
+    eight = _ms("2025-06-01T08:00:00+00:00")
+    inside = [("lamp", "count", n, eight + n * 60_000) for n in range(59)] + [("lamp", "count", 59, eight + 3_599_999)]
+    config = _history_twin(tmp_path, [("lamp", "count", -1, eight - 1), *inside,
+                                      ("lamp", "count", 60, eight + 3_600_000), ("fan", "count", 99, eight + 5)])
+
+    def shown(*args: str) -> list:
+        done = mapper("twin", "history", "lamp", "count", *args, "--json", "--config", str(config))
+        assert done.returncode == 0, done
+        return [r["value"] for r in json.loads(done.stdout)]
+
+    hour = list(range(60))
+    assert shown("--since", "2025-06-01T08:00", "--until", "2025-06-01T09:00") == hour  # bare: UTC
+    assert shown("--since", "2025-06-01T08:00:00Z", "--until", "2025-06-01 09:00:00.000Z") == hour
+    assert shown("--since", "2025-06-01T10:00+02:00", "--until", "2025-06-01T11:00+02:00") == hour
+    assert shown("--since", "2025-06-01T08:59:59.999") == [59, 60]
+    assert shown("--until", "2025-06-01T08:00") == [-1]
+    assert shown("--since", "2025-06-01", "--until", "2025-06-02") == [-1, *hour, 60]
+    assert shown("-n", "2", "--since", "2025-06-01T08:00", "--until", "2025-06-01T09:00") == [58, 59]  # its newest
+    assert shown() == list(range(41, 61))  # no window: the last 20, as before
+    empty = mapper("twin", "history", "lamp", "count", "--since", "2025-06-02", "--config", str(config))
+    assert empty.returncode == 1 and empty.stdout == "" and empty.stderr.startswith(
+        "no readings of default/lamp/count in that time window in "), empty
+
+
+def test_twin_history_takes_a_window_as_durations_back_from_now(tmp_path):
+    """--since 2h, --until 30m ...: s, m, h and d back from now (the readings here are minutes
+    apart from each edge, far more than the command takes to start)."""
+    import time
+
+    now = int(time.time() * 1000)
+    ago = {"3d": 3 * 86_400_000, "2h": 2 * 3_600_000, "40m": 40 * 60_000, "5m": 5 * 60_000, "now": 0}
+    config = _history_twin(tmp_path, [("lamp", "temperature", float(n), now - ms) for n, ms in enumerate(ago.values())])
+
+    def shown(*args: str) -> list:
+        done = mapper("twin", "history", "lamp", "temperature", *args, "--json", "--config", str(config))
+        assert done.returncode == 0, done
+        return [r["value"] for r in json.loads(done.stdout)]
+
+    assert shown("--since", "7d") == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert shown("--since", "1d") == [1.0, 2.0, 3.0, 4.0]
+    assert shown("--since", "3h", "--until", "1h") == [1.0]
+    assert shown("--since", "60m", "--until", "600s") == [2.0]
+    assert shown("--since", "1.5h", "-n", "1") == [4.0]
+
+
+@pytest.mark.parametrize("when", ["yesterday", "5w", "1y", "2h ago", "2026-13-01T08:00", "12:00", ""])
+def test_twin_history_refuses_a_time_it_cannot_read_naming_the_option_and_the_forms(tmp_path, when):
+    done = mapper("twin", "history", "lamp", "--since", when, "--config", str(tmp_path / "none.yaml"))
+    assert done.returncode == 2 and f"argument --since: not a time nor a duration: {when!r}" in done.stderr, done
+    assert "ISO 8601" in done.stderr and "UTC unless" in done.stderr and "(90s, 15m, 2h, 7d)" in done.stderr, done
+    until = mapper("twin", "history", "lamp", "--until", when, "--config", str(tmp_path / "none.yaml"))
+    assert until.returncode == 2 and "argument --until: not a time nor a duration" in until.stderr, until
+
+
+def test_twin_history_refuses_an_empty_window_and_a_property_with_all(tmp_path):
+    config = _history_twin(tmp_path, [("lamp", "count", 1, 1_700_000_000_000)])
+    backwards = mapper("twin", "history", "lamp", "--since", "1h", "--until", "2h", "--config", str(config))
+    assert backwards.returncode == 2 and backwards.stderr.startswith("error: --since (") and (
+        ") must be before --until (") in backwards.stderr, backwards
+    both = mapper("twin", "history", "lamp", "count", "--all", "--config", str(config))
+    assert both.returncode == 2 and both.stderr == (
+        "error: give PROPERTY or --all, not both (--all: every property of the device)\n"), both
+
+
+def test_twin_history_of_every_property_is_in_time_order_and_only_of_that_device(tmp_path):
+    """Without PROPERTY (or with --all) every property of the device, ordered by the time taken,
+    also a reading recorded after one taken later (a slow driver's)."""
+    t = 1_700_000_000_000
+    config = _history_twin(tmp_path, [("lamp", "temperature", 21.5, t), ("lamp", "count", 7, t + 2000),
+                                      ("fan", "count", 1, t + 2500), ("lamp", "power", True, t + 1000),
+                                      ("lamp", "label", "idle", t + 3000)])
+    for every in ((), ("--all",)):
+        done = mapper("twin", "history", "lamp", *every, "--json", "--config", str(config))
+        assert done.returncode == 0 and json.loads(done.stdout) == [
+            {"ts": t, "property": "temperature", "value": 21.5, "quality": "good"},
+            {"ts": t + 1000, "property": "power", "value": True, "quality": "good"},
+            {"ts": t + 2000, "property": "count", "value": 7, "quality": "good"},
+            {"ts": t + 3000, "property": "label", "value": "idle", "quality": "good"}], done
+    windowed = mapper("twin", "history", "lamp", "--since", "2023-01-01", "-n", "2", "--config", str(config))
+    assert windowed.returncode == 0 and windowed.stdout == (
+        "2023-11-14 22:13:22.000Z  count                     7  good\n"
+        '2023-11-14 22:13:23.000Z  label                "idle"  good\n'), windowed
+    newest = mapper("twin", "history", "lamp", "count", "--config", str(config))
+    assert newest.stdout == "2023-11-14 22:13:22.000Z             7  good\n", newest  # one property: as before
+
+
+def test_twin_history_csv_round_trips_awkward_strings(tmp_path):
+    """--csv: a header, ts in ISO 8601 UTC with milliseconds and in epoch ms; a string value as it
+    is, whatever its commas, quotes, newlines, leading spaces or letters (csv.reader gives it back);
+    numbers and booleans as JSON; an error reading's value empty, its detail in its column."""
+    import csv
+    import io
+
+    from twin.records import ERROR, Reading
+
+    lamp = DeviceId("default", "lamp")
+    awkward = ["a, b", 'say "hi", then go', "line one\nline two\r\nthree", "", "  padded  ", "température ✓",
+               '"quoted"', "=SUM(A1:A2)", "null", "42"]
+    t = 1_796_112_000_123  # 2026-12-01T08:00:00.123Z
+    readings = [("lamp", "label", text, t + n) for n, text in enumerate(awkward)]
+    readings += [("lamp", "temperature", 21.5, t + 100), ("lamp", "power", False, t + 101),
+                 Reading(lamp, "count", None, t + 102, ERROR, 'timeout, "bus" busy')]
+    config = _history_twin(tmp_path, readings)
+    done = subprocess.run([sys.executable, "-m", "mapper", "twin", "history", "lamp", "--all", "--since",
+                           "2026-12-01T08:00", "--csv", "--config", str(config)],
+                          capture_output=True, timeout=30, cwd=REPO)  # bytes: text=True would turn \r\n into \n
+    assert done.returncode == 0 and done.stderr == b"", done
+    rows = list(csv.reader(io.StringIO(done.stdout.decode(), newline="")))
+    assert rows[0] == ["ts", "ts_ms", "device", "property", "value", "quality", "detail"]
+    assert [r[4] for r in rows[1:len(awkward) + 1]] == awkward
+    assert rows[1][:4] == ["2026-12-01T08:00:00.123Z", str(t), "default/lamp", "label"]
+    assert rows[-3:] == [["2026-12-01T08:00:00.223Z", str(t + 100), "default/lamp", "temperature", "21.5", "good", ""],
+                         ["2026-12-01T08:00:00.224Z", str(t + 101), "default/lamp", "power", "false", "good", ""],
+                         ["2026-12-01T08:00:00.225Z", str(t + 102), "default/lamp", "count", "", "error",
+                          'timeout, "bus" busy']]
+    label = mapper("twin", "history", "lamp", "label", "-n", "1", "--csv", "--config", str(config))
+    assert label.returncode == 0 and list(csv.reader(io.StringIO(label.stdout, newline="")))[1][3:5] == ["label", "42"]
+
+
 @pytest.mark.parametrize("left_by", ["a running mapper", "a killed mapper", "a clean stop"])
 def test_twin_history_writes_nothing_to_the_twin_files(tmp_path, left_by):
     """`twin history` beside the running mapper wrote its read mark to the twin's -shm (the file changed
@@ -1302,7 +1461,7 @@ def test_twin_history_writes_nothing_to_the_twin_files(tmp_path, left_by):
         assert (state / "twin.db-wal").stat().st_size > 0
     try:
         before = files_of(state)
-        for args in (("count", "--json"), ("count",)):
+        for args in (("count", "--json"), ("--all", "--since", "2023-01-01", "--csv"), ("count",)):
             done = mapper("twin", "history", "lamp", *args, "--config", str(config))
             assert done.returncode == 0 and ("777" in done.stdout) == (left_by != "a clean stop"), done
             assert files_of(state) == before, (args, before, files_of(state))
