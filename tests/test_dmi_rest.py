@@ -696,7 +696,7 @@ async def history(service, device_id: DeviceId) -> list[tuple[int, Any, str]]:  
 
 def test_polling_reads_the_device_at_most_once_an_interval(tmp_path: Path) -> None:
     """Read-only GETs erased the twin's history: each read the device and added a history row, and
-    the history limit (twin.history_rows) is one for all devices, so a client polling one property
+    the history limit (twin.history_rows) was one for all devices, so a client polling one property
     as fast as it could pruned every other device's history away (and read a DHT11 faster than it
     allows). A GET within loop.on_demand_min_interval_s of the property's last reading (here the
     collect loop's first) is answered with that reading: no device read, no history row, and

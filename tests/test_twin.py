@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import orjson
 import pytest
@@ -22,6 +23,7 @@ from twin.store import (
     UnknownDevice,
     UnknownProperty,
     VersionConflict,
+    fair_cuts,
 )
 from helpers import write_devices
 
@@ -709,6 +711,94 @@ def test_stepped_pruning_goes_past_rows_still_waiting_for_the_broker(tmp_path):
         prune_in_steps(store)
         assert rows()[0] == 1000 + 500  # they go as any other reading
         assert len(store.outbox_pending(limit=10_000)) == 500
+
+
+def rows_per_property(store: TwinStore) -> dict[str, int]:
+    return dict(store.conn.execute("SELECT property, count(*) FROM readings GROUP BY property"))
+
+
+def prune_fully(store: TwinStore, max_rows: int, max_age_ms: int = 10**13, step: int = 100) -> None:
+    """Prune as the mapper does, in steps, until a call deletes less than a step."""
+    for _ in range(1000):
+        if store.prune_history(max_rows, max_age_ms, step=step) < step:
+            return
+    pytest.fail(f"still deleting full steps of {step} after 1000 calls")
+
+
+def test_fair_cuts_share_the_limit_among_the_holders():
+    """Water-filling: a holder under its share loses nothing, what it leaves unused goes to the others."""
+    assert fair_cuts({"a": 10, "b": 20}, 100) == {}
+    assert fair_cuts({"slow": 20, "fast": 4000}, 1000) == {"fast": 3020}
+    assert fair_cuts({"a": 600, "b": 600, "c": 100}, 1000) == {"a": 150, "b": 150}
+    assert fair_cuts({"a": 500, "b": 500, "c": 500}, 1000) == {"a": 167, "b": 167, "c": 166}
+    assert fair_cuts({"a": 5, "b": 5}, 0) == {"a": 5, "b": 5}
+
+
+def test_a_fast_property_does_not_prune_a_slow_ones_history(tmp_path):
+    """twin.history_rows was one limit for the oldest rows of all properties: a property read
+    fast pushed out a slow one's history (20 properties at 1 Hz: a sensor read once a minute
+    kept ~3 hours of its 7 days). Now the count rule cuts the properties over their fair share
+    only: the slow one keeps every row, the fast one is cut to the rest, the total to the
+    limit; also across a restart (the rows per property are counted again)."""
+    now = 10**12
+    for run in range(2):
+        with TwinStore.open(tmp_path / "twin.db") as store:
+            for k in range(100):
+                t = now + 1000 * (100 * run + k)
+                batch = [Reading(D1, "count", k * 20 + i, t + i) for i in range(20)]
+                if k % 10 == 0:
+                    batch.append(Reading(D1, "temperature", 20.0 + k, t))
+                store.record(batch)
+                prune_fully(store, max_rows=1000)
+                assert sum(rows_per_property(store).values()) <= 1000
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert rows_per_property(store) == {"count": 980, "temperature": 20}
+        assert len(store.history(D1, "temperature", limit=100)) == 20
+        values = [v for _ts, v, *_ in store.history(D1, "count", limit=2000)]
+        assert values == list(range(2000 - 980, 2000))  # the newest ones
+
+
+def test_fair_pruning_keeps_the_readings_waiting_for_the_broker(tmp_path):
+    """Rows carrying an unacknowledged message stay, on top of the limit, and do not count
+    against their property's share; once acknowledged they are rows like any other."""
+    now = 10**12
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        slow = [Reading(D1, "temperature", 20.0 + i, now + i) for i in range(30)]
+        waiting = store.record(slow, [OutMessage("t/temperature", {"unit": "C"}, reading=r) for r in slow])
+        store.record([Reading(D1, "count", i, now + 100 + i) for i in range(2000)])
+        prune_fully(store, max_rows=100)
+        assert rows_per_property(store) == {"count": 100, "temperature": 30}
+        assert len(store.outbox_pending(limit=100)) == 30
+        store.outbox_sent([row.id for row in waiting])  # the broker is back
+        prune_fully(store, max_rows=100)
+        assert rows_per_property(store) == {"count": 70, "temperature": 30}  # under its share (50): all kept
+
+
+def test_a_property_that_stops_keeps_its_rows_until_its_share_shrinks_or_they_age(tmp_path):
+    """A property that stops producing keeps its rows while they fit its share; a new property
+    shrinks the shares and it is cut to its own (its oldest rows go); the age rule still
+    deletes its rows once they are too old."""
+    now = 10**12
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        def produce(names: list[str], rounds: int, start: int) -> None:
+            for k in range(start, start + rounds):
+                store.record([Reading(D1, name, k, now + 1000 * k) for name in names])
+                prune_fully(store, max_rows=1000)
+
+        produce(["count", "temperature"], 600, 0)
+        assert rows_per_property(store) == {"count": 500, "temperature": 500}
+        produce(["count"], 600, 600)  # temperature stops
+        assert rows_per_property(store) == {"count": 500, "temperature": 500}
+        produce(["count", "humidity"], 600, 1200)  # a third property: shares of a third
+        kept = rows_per_property(store)
+        assert sorted(kept.values()) == [333, 333, 334] and set(kept) == {"count", "humidity", "temperature"}
+        kept_t = kept["temperature"]
+        assert [v for _ts, v, *_ in store.history(D1, "temperature", limit=1000)] == list(range(600 - kept_t, 600))
+        # Older than the age limit (judged from the old end): temperature's rows go, all of them.
+        max_age_ms = int(time.time() * 1000) - (now + 1000 * 1000)  # (the limit just before the 1000th round)
+        store.prune_history(1000, max_age_ms)
+        assert "temperature" not in rows_per_property(store)
+        assert rows_per_property(store)["humidity"] == 333
 
 
 def test_a_failed_write_stays_pending_with_its_error(twin):
