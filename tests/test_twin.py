@@ -745,7 +745,8 @@ def test_a_fast_property_does_not_prune_a_slow_ones_history(tmp_path):
         with TwinStore.open(tmp_path / "twin.db") as store:
             for k in range(100):
                 t = now + 1000 * (100 * run + k)
-                batch = [Reading(D1, "count", k * 20 + i, t + i) for i in range(20)]
+                # (every other one an error: those count toward the share as much as good ones)
+                batch = [Reading(D1, "count", k * 20 + i, t + i, quality=GOOD if i % 2 else ERROR) for i in range(20)]
                 if k % 10 == 0:
                     batch.append(Reading(D1, "temperature", 20.0 + k, t))
                 store.record(batch)
