@@ -473,19 +473,33 @@ def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics
     devices: dict[tuple[str, str], _Entry] = {}
     broken: dict[tuple[str, str], str] = {}
     refused: list[_Doc] = []
+    duplicates: list[_Entry] = []
     for doc in docs:
-        _parse(doc, models, devices, problems, broken, refused)
+        _parse(doc, models, devices, problems, broken, refused, duplicates)
     for doc in refused:
-        _refused_device_config(doc, models, problems)
+        _refused_device_config(doc, models, problems, broken)
     result = LoadResult(models={k: e.obj for k, e in models.items()})
     for key, entry in devices.items():
         _resolve(entry, models, result, problems, push_topics, broken, node, node_chosen)
+    for entry in duplicates:  # its own mistakes too (not run: the first of the name is), not only once renamed
+        _resolve(entry, models, LoadResult(), problems, push_topics, broken, node, node_chosen)
     _check_claims(result, devices, problems)
-    errors = [p for p in problems if p.severity == "error"]
+    errors = _by_file([p for p in problems if p.severity == "error"])
     result.warnings.extend(p for p in problems if p.severity != "error")
     if errors:
         raise DefinitionError(errors, result.warnings)
     return result
+
+
+def _by_file(problems: list[Problem]) -> list[Problem]:
+    """Each file's problems together, files in the order their first is found (a file's syntax and
+    schema errors come first): those found later, against other files (its DeviceModel not found, a
+    name taken twice, the driver's configData with the model's merged in), follow the file's own
+    rather than trailing after every other file's."""
+    order: dict[str, int] = {}
+    for problem in problems:
+        order.setdefault(problem.file, len(order))
+    return sorted(problems, key=lambda problem: order[problem.file])
 
 
 def _label(file: Path, base: Path | None) -> str:
@@ -509,11 +523,14 @@ def _model_key(doc: _Doc) -> tuple[str, str] | None:
 
 
 def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
-           broken: dict[tuple[str, str], str], refused: list[_Doc] | None = None) -> None:
+           broken: dict[tuple[str, str], str], refused: list[_Doc] | None = None,
+           duplicates: list[_Entry] | None = None) -> None:
     """Validate one document into `models` or `devices`. A DeviceModel refused here (its errors
     are in `problems`) is recorded in `broken`, {(namespace, name): "file:line"}, so that its
     devices say their model has errors, not that it does not exist; a Device refused by the schema
-    goes into `refused`, for its driver's configData to be checked all the same (_refused_device_config)."""
+    goes into `refused`, for its driver's configData to be checked all the same (_refused_device_config);
+    a second Device of a name already taken goes into `duplicates`, to be checked as the others are
+    (its model, its driver's configData), though it does not run."""
     data = doc.data
     if data is None:
         return
@@ -564,8 +581,10 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
             Problem(doc.file, doc.line_of(("metadata", "name")), "metadata.name",
                     f"duplicate {kind} {key[0]}/{key[1]} (first defined at {first.file}:{first.line_of(('metadata', 'name'))})")
         )
-        return
-    table[key] = _Entry(doc, obj)
+        if kind == "Device" and duplicates is not None:
+            duplicates.append(_Entry(doc, obj))
+    else:
+        table[key] = _Entry(doc, obj)
     if (problem := _name_warning(doc, kind, obj.metadata.name)) is not None:
         problems.append(problem)
     problems.extend(unknown_field_warnings(doc, obj))
@@ -579,14 +598,23 @@ def _parse(doc: _Doc, models: dict, devices: dict, problems: list[Problem],
     _check_unique_properties(doc, obj, problems)
 
 
-def _refused_device_config(doc: _Doc, models: dict[tuple[str, str], _Entry], problems: list[Problem]) -> None:
+def _refused_device_config(doc: _Doc, models: dict[tuple[str, str], _Entry], problems: list[Problem],
+                           broken: dict[tuple[str, str], str] | None = None) -> None:
     """The driver's configData problems of a Device the schema refused (its errors are in `problems`),
     read from the document as written, where they can be told: its protocol's driver is installed
     and its DeviceModel is valid (the model's configData is merged in). Without them a
-    `collectCycle: 1s` hid a `pin: GPIO17` until it was fixed, though every problem is to be listed."""
+    `collectCycle: 1s` hid a `pin: GPIO17` until it was fixed, though every problem is to be listed.
+    A DeviceModel no document defines is said too (one that is there with errors of its own is not:
+    those are listed already)."""
     spec = _raw(doc.data, ("spec",))
-    protocol, model_name = _raw(spec, ("protocol", "protocolName")), _raw(spec, ("deviceModelRef", "name"))
-    namespace, name = _raw(doc.data, ("metadata", "namespace")) or "default", _raw(doc.data, ("metadata", "name"))
+    model_name = _raw(spec, ("deviceModelRef", "name"))
+    namespace = _raw(doc.data, ("metadata", "namespace")) or "default"
+    if isinstance(model_name, str) and isinstance(namespace, str) and (namespace, model_name) not in models and (
+            (namespace, model_name) not in (broken or {})):
+        path = ("spec", "deviceModelRef", "name")
+        problems.append(Problem(doc.file, doc.line_of(path), field_name(path),
+                                _model_not_found(f"{namespace}/{model_name}", models)))
+    protocol, name = _raw(spec, ("protocol", "protocolName")), _raw(doc.data, ("metadata", "name"))
     if not all(isinstance(v, str) for v in (protocol, model_name, namespace, name)):
         return
     model_entry = models.get((namespace, model_name))
@@ -1032,8 +1060,7 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
             message = (f"DeviceModel {model_name} ({where}) has errors (above): its devices cannot start"
                        " until it is fixed")
         else:
-            known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
-            message = f"DeviceModel {model_name} not found (known: {known})"
+            message = _model_not_found(model_name, models)
         problems.append(Problem(doc.file, doc.line_of(path), field_name(path), message))
         return
     model: DeviceModel = model_entry.obj
@@ -1133,6 +1160,11 @@ def _resolve(entry: _Entry, models: dict[tuple[str, str], _Entry], result: LoadR
         if sum(p.severity == "error" for p in problems) > errors_before:
             return
     result.devices[device_id] = definition
+
+
+def _model_not_found(model_name: str, models: dict[tuple[str, str], _Entry]) -> str:
+    known = ", ".join(f"{m[0]}/{m[1]}" for m in models) or "none"
+    return f"DeviceModel {model_name} not found (known: {known})"
 
 
 def _anomaly_at(doc: _Doc, i: int, data: dict[str, Any]) -> MapAt:

@@ -180,6 +180,45 @@ def write_devices(directory: Path, names: list[str], *, cycle: int = 50, configs
     return directory
 
 
+def write_several_mistakes(directory: Path, shown_as: str = "") -> list[str]:
+    """A device directory with independent mistakes in six files: a YAML syntax error; a schema error
+    in a Device whose DeviceModel does not exist either; a Device of a missing DeviceModel; a name
+    taken twice, the second with a misspelt driver setting; a misspelt driver setting. Returns what
+    loading it says, in order, each "FILE:LINE: FIELD: PROBLEM" (first line only), FILE the file's
+    name after `shown_as` (how the directory is named in messages): every one of them, in one run."""
+    directory.mkdir(parents=True, exist_ok=True)
+
+    def line_of(text: str, part: str) -> int:
+        return next(n for n, line in enumerate(text.splitlines(), 1) if part in line)
+
+    files = {
+        "model.yaml": MODEL.format(model="thing-model"),
+        "a_syntax.yaml": device_yaml("a").replace("  namespace: default", "   namespace: default"),
+        "b_schema.yaml": device_yaml("b", model="b-model").replace("collectCycle: 50", "collectCycle: fast", 1),
+        "c_no_model.yaml": device_yaml("c", model="gone-model"),
+        "d_driver.yaml": device_yaml("d").replace("{kind: switch}", "{knd: switch}"),
+        "dup1.yaml": device_yaml("same"),
+        "dup2.yaml": device_yaml("same", config="{sede: 7}"),
+    }
+    for name, text in files.items():
+        (directory / name).write_text(text)
+    known = "known: default/thing-model"
+    said = [
+        "a_syntax.yaml:5: invalid YAML: line 5 is indented deeper than line 4 (3 spaces, not 2), so YAML reads it"
+        " as the rest of line 4's value: indent it 2 spaces, as 'name' on line 4, if it is a key beside it"
+        " (mapping values are not allowed in this context)",
+        f"b_schema.yaml:{line_of(files['b_schema.yaml'], 'fast')}: spec.properties[0].collectCycle: must be an"
+        " integer, got 'fast'",
+        f"b_schema.yaml:8: spec.deviceModelRef.name: DeviceModel default/b-model not found ({known})",
+        "dup2.yaml:4: metadata.name: duplicate Device default/same (first defined at {dir}dup1.yaml:4)",
+        "dup2.yaml:11: spec.protocol.configData.sede: unknown field, did you mean seed?",
+        f"c_no_model.yaml:8: spec.deviceModelRef.name: DeviceModel default/gone-model not found ({known})",
+        f"d_driver.yaml:{line_of(files['d_driver.yaml'], 'knd')}: spec.properties[1].visitors.configData.knd: unknown"
+        " field, did you mean kind?",
+    ]
+    return [shown_as + text.replace("{dir}", shown_as) for text in said]
+
+
 def write_config(path: Path, devices: Path, twin: Path, *, node: str = "test-node", extra: str = "") -> Path:
     path.write_text(dedent(f"""\
         node: {node}

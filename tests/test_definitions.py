@@ -9,7 +9,7 @@ import pytest
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
 from devices.loader import load
-from helpers import MODEL, device_yaml, dist_info
+from helpers import MODEL, device_yaml, dist_info, write_several_mistakes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -702,11 +702,11 @@ def test_a_misspelt_simulated_setting_is_an_error_at_its_line_with_the_setting_m
     known = "amplitude, base, drift, kind, lag_ms, noise, period_s, resolution, start, step, value"
     assert problems_of(tmp_path, {"m.yaml": model, "d.yaml": device}) == [
         f"d.yaml:{config}: spec.protocol.configData.faults.rat: unknown field, did you mean rate?",
-        f"m.yaml:{brokn}: spec.protocolConfigData.brokn: unknown field, did you mean broken? (in device default/d)",
         f"d.yaml:{config}: spec.protocol.configData.sed: unknown field, did you mean seed?",
         f"d.yaml:{visitor}: spec.properties[0].visitors.configData.knd: unknown field, did you mean kind?",
         f"d.yaml:{visitor}: spec.properties[0].visitors.configData.bas: unknown field, did you mean base?",
         f"d.yaml:{counter}: spec.properties[2].visitors.configData.zzzzz: unknown field (known here: {known}): remove it",
+        f"m.yaml:{brokn}: spec.protocolConfigData.brokn: unknown field, did you mean broken? (in device default/d)",
     ]
 
 
@@ -1449,3 +1449,14 @@ def test_a_schema_error_in_a_device_does_not_hide_its_driver_configdata_errors(t
     model_bad = bad.replace("type: BOOLEAN", "type: BOOL")
     problems = problems_of(tmp_path, {"relay.yaml": model_bad})
     assert not any("configData" in p for p in problems), problems
+
+
+def test_independent_mistakes_in_several_files_are_all_listed_in_one_run(tmp_path):
+    """A person with several mistakes saw some only once others were fixed: a Device the schema
+    refused (`collectCycle: fast`) was not told its DeviceModel does not exist, and a second Device
+    of a name already taken was not checked at all (its misspelt `sede` came after the rename).
+    Every mistake is listed in one run, each file's together, at its line and field."""
+    expected = write_several_mistakes(tmp_path)
+    with pytest.raises(DefinitionError) as info:
+        load([tmp_path], base=tmp_path)
+    assert [str(p).splitlines()[0] for p in info.value.problems] == expected
