@@ -142,22 +142,14 @@ def _validate_config(path: str) -> int:
     from mapper.inference.extension import start_problems
 
     config = _config(path)  # (its own problems: DefinitionError, printed by main)
-    problems: list[object] = []
+    problems: list[object] = list(_settings_problems(config, path))
     warnings: list[object] = []
-    checks = [config.check_installed]
     if config.mqtt is not None:
-        checks += [config.mqtt.check_password, config.mqtt.check_tls]
         warnings += [w.removeprefix("warning: ") for w in config.mqtt.exposed_secrets(path)]  # (said once below)
     if config.api is not None and config.api.enabled:
-        checks += [config.api.check_token, config.api.check_tls]
         warnings += [w.removeprefix("warning: ") for w in config.api.exposure_warnings(path)]  # as the API's start
     if config.metrics is not None:
         warnings += [w.removeprefix("warning: ") for w in config.metrics.exposure_warnings(path)]  # as at its start
-    for check in checks:
-        try:
-            check(path)
-        except ValueError as exc:
-            problems.append(exc)
     twin_problems, twin_warnings = _twin_place_problems(Path(config.twin.path), Path(path))
     problems += [f"{path}: twin.path: {text}" for text in twin_problems]
     warnings += [f"{path}: twin.path: {text}" for text in twin_warnings]
@@ -183,6 +175,23 @@ def _validate_config(path: str) -> int:
     print(f"ok: {path}: {len(result.devices)} device(s){refused}, {len(result.models)} model(s){_warned(warnings)}")
     _print_mapper_options(result.devices)
     return 0
+
+
+def _settings_problems(config: MapperConfig, path: str) -> list[ValueError]:
+    """What the config's settings need at start and lack (a package not installed, the broker's
+    password or TLS files, the API's token and certificate): every one, not the first alone."""
+    checks = [config.check_installed]
+    if config.mqtt is not None:
+        checks += [config.mqtt.check_password, config.mqtt.check_tls]
+    if config.api is not None and config.api.enabled:
+        checks += [config.api.check_token, config.api.check_tls]
+    problems = []
+    for check in checks:
+        try:
+            check(path)
+        except ValueError as exc:
+            problems.append(exc)
+    return problems
 
 
 def _twin_place_problems(path: Path, config_file: Path | None = None) -> tuple[list[str], list[str]]:
@@ -464,15 +473,15 @@ def _lock_cannot_be_made(lock_path: Path) -> str | None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = _config(args.config)
-    config.check_installed(args.config)
+    if problems := _settings_problems(config, args.config):
+        # With the device files' own (as `mapper validate --config` lists them): every mistake in one run.
+        from mapper.inference.extension import start_problems
+
+        _, found, warnings = start_problems(config)
+        raise DefinitionError([*(f"error: {p}" for p in problems), *found], warnings)  # type: ignore[list-item]
     if config.mqtt is not None:
-        config.mqtt.check_password(args.config)
-        config.mqtt.check_tls(args.config)
         for warning in config.mqtt.exposed_secrets(args.config):
             print(warning, file=sys.stderr)
-    if config.api is not None and config.api.enabled:
-        config.api.check_token(args.config)  # (its exposure warnings: logged by the API as it starts)
-        config.api.check_tls(args.config)
     if not config.load_openssl and (config.mqtt is None or not config.mqtt.uses_tls) and (
             config.api is None or not config.api.uses_tls):
         # Before asyncio, paho and aiomqtt import `ssl`: keeps OpenSSL out (-4.5 MiB RSS; mapper/openssl.py).

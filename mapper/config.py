@@ -464,13 +464,54 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
     except ValidationError as exc:
         from_env = _env_problems(exc, applied)
         problems = [from_env.get(i, p) for i, p in enumerate(validation_problems(exc, doc))]
-        raise DefinitionError(explain_unknown_fields(exc, problems, MapperConfig)) from None
+        problems = explain_unknown_fields(exc, problems, MapperConfig)
+        raise _with_device_problems(problems, _without_bad_sections(data, exc), path, doc, applied) from None
     base = path.parent
     twin = config.twin.model_copy(update={"path": _absolute(base, config.twin.path)})
     if (why := _twin_path_problem(twin.path)) is not None:
         variable = applied.get(("twin", "path"))
         where = (f"environment variable {variable}", None) if variable else (label, doc.line_of(("twin", "path")))
-        raise DefinitionError([Problem(*where, "twin.path", why)])
+        raise _with_device_problems([Problem(*where, "twin.path", why)], config, path, doc, applied)
+    return _resolved(config, path, doc, applied, twin)
+
+
+def _without_bad_sections(data: dict[str, Any], exc: ValidationError) -> MapperConfig | None:
+    """The config with its refused top-level settings left at their defaults (None when it still does
+    not validate, or when `devices` itself is refused): what names the device files, so that their
+    problems are listed with the config's, not found only once the config's are fixed."""
+    for _ in range(len(MapperConfig.model_fields)):
+        bad = {error_loc(error)[0] for error in exc.errors(include_url=False) if error_loc(error)}
+        if "devices" in bad or not bad & data.keys():
+            return None
+        data = {key: value for key, value in data.items() if key not in bad}
+        try:
+            return MapperConfig.model_validate(data)
+        except ValidationError as again:
+            exc = again
+    return None
+
+
+def _with_device_problems(problems: list[Problem], config: MapperConfig | None, path: Path, doc: Any,
+                          applied: dict[tuple[str, ...], str]) -> DefinitionError:
+    """The config's own problems, then those of the device files it names (each file's, then those
+    between files), as `mapper run` would find them once the config's were fixed: every mistake is
+    listed in one run, not one stage at a time. The config's settings that are refused are taken at
+    their defaults for the devices' checks (a device's nodeName against `node`, say)."""
+    if config is None or not config.devices:
+        return DefinitionError(problems)
+    try:
+        _resolved(config, path, doc, applied, config.twin).load_devices()
+    except DefinitionError as exc:
+        return DefinitionError([*problems, *exc.problems], exc.warnings)
+    return DefinitionError(problems)
+
+
+def _resolved(config: MapperConfig, path: Path, doc: Any, applied: dict[tuple[str, ...], str],
+              twin: TwinSettings) -> MapperConfig:
+    """The validated config with its paths relative to the config file's directory, remembering
+    where each setting was written."""
+    label = str(path)
+    base = path.parent
     update: dict[str, Any] = {"devices": [_absolute(base, d) for d in config.devices], "twin": twin}
     if config.mqtt is not None:
         update["mqtt"] = config.mqtt.relative_to(base)

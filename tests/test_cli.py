@@ -17,7 +17,8 @@ import pytest
 
 from devices.errors import DefinitionError
 from devices.ids import DeviceId
-from helpers import MODEL, catches, device_yaml, dist_info, wait_for, write_config, write_devices
+from helpers import (MODEL, catches, device_yaml, dist_info, wait_for, write_config, write_devices,
+                     write_several_mistakes)
 from mapper.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -2909,3 +2910,44 @@ def test_a_sighup_does_not_end_the_cloud_worker(tmp_path):
     finally:
         assert stop_mapper(proc) == 0, log.read_text()
     assert "worker w-hup stopped" in log.read_text()
+
+
+def _first_lines(stderr: str) -> list[str]:
+    """Each problem's own line, without the source lines a YAML syntax error quotes below it."""
+    return [line for line in stderr.splitlines() if not line.startswith(" ")]
+
+
+def test_mistakes_in_the_config_and_in_its_device_files_are_all_listed_in_one_run(tmp_path):
+    """A config file with a bad value (or a bad MAPPER_... override, or a password file that is not
+    there) made `mapper validate --config` and `mapper run` stop at it: the device files' mistakes
+    showed only once it was fixed, one stage at a time. Now the config's and the device files'
+    (each at its file, line and field) are listed in one run, and `run` still starts nothing."""
+    devices = tmp_path / "dev"
+    said = write_several_mistakes(devices, f"{devices}/")
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin, extra="bogus: 1\n")
+    config.write_text(config.read_text().replace("log_level: info", "log_level: loud"))
+    text = config.read_text().splitlines()
+    level, bogus = text.index("log_level: loud") + 1, text.index("bogus: 1") + 1
+    own = ["environment variable MAPPER_LOOP__FAILURE_THRESHOLD: loop.failure_threshold: must be an integer, got 'many'",
+           f"{config}:{level}: log_level: 'loud' is not allowed: must be 'debug', 'info', 'warning' or 'error'",
+           f"{config}:{bogus}: bogus: unknown field (known here: api, devices, homeassistant, inference, kubeedge,"
+           " load_openssl, log_level, loop, metrics, mode, mqtt, node, systemd, twin)"]
+    for args in (("validate", "--config", str(config)), ("run", "--config", str(config))):
+        result = mapper(*args, env={"MAPPER_LOOP__FAILURE_THRESHOLD": "many"})
+        assert result.returncode == 1, result
+        assert _first_lines(result.stderr) == own + said, result.stderr
+    validated = mapper("validate", str(devices))
+    assert validated.returncode == 1, validated
+    assert _first_lines(validated.stderr) == [*said, f"{len(said)} error(s)"], validated.stderr
+
+    missing = tmp_path / "mapper.password"
+    write_config(config, devices, twin, extra=f"mqtt:\n  url: mqtt://127.0.0.1:1\n  username: m\n  password_file: {missing}\n")
+    unread = f"{config}: mqtt.password_file: cannot read {missing}: No such file or directory"
+    result = mapper("run", "--config", str(config))
+    assert result.returncode == 1, result
+    assert _first_lines(result.stderr) == [f"error: {unread} (the mapper reads it as the user it runs as)", *said]
+    result = mapper("validate", "--config", str(config))
+    assert result.returncode == 1, result
+    assert _first_lines(result.stderr)[:-1] == [f"{unread} (the mapper reads it as the user it runs as)", *said]
+    assert not twin.parent.exists()  # nothing started, nothing made

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from devices.ids import DeviceId
-from helpers import catches, device_yaml, faulty_probe_yaml, wait_for, write_config, write_devices
+from helpers import (catches, device_yaml, faulty_probe_yaml, wait_for, write_config, write_devices,
+                     write_several_mistakes)
 from twin.store import TwinStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -887,3 +888,36 @@ def test_mapper_reload_fails_when_the_api_keeps_its_token_or_certificate(tmp_pat
         assert done.returncode == 0, done
         assert "api.tls: the REST API loaded its certificate" in mapper.log()
         mapper.stop()
+
+
+def test_a_reload_lists_the_config_files_and_the_device_files_mistakes_in_one_go(mapper: Mapper) -> None:
+    """Mistakes in several device files, and a bad value in mapper.yaml, SIGHUP: the refused reload
+    used to log the config file's alone, the device files' only at the SIGHUP after it was fixed.
+    Every one is logged at once, in order (each at its file, line and field), and the previous
+    config and devices run on; once the config is fixed, the device files' are all logged again."""
+    mapper.wait_log(r"mapper test-node running: 2 device")
+    said = write_several_mistakes(mapper.devices, "dev/")
+    good = mapper.config.read_text()
+    mapper.config.write_text(good.replace("log_level: info", "log_level: loud"))
+    level = good.splitlines().index("log_level: info") + 1
+    own = f"{mapper.config}:{level}: log_level: 'loud' is not allowed: must be 'debug', 'info', 'warning' or 'error'"
+
+    def refused_in_order(expected: list[str], log: str) -> None:
+        at = [log.find(f"ERROR mapper.reload: reload refused: {text}\n") for text in expected]
+        assert -1 not in at and at == sorted(at), log
+
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: .*error\(s\)")
+    refused_in_order([own, *said], log)
+    assert f"reload refused: {mapper.config}: {1 + len(said)} error(s); still running the previous config" in log, log
+
+    mapper.config.write_text(good)
+    mapper.proc.send_signal(signal.SIGHUP)
+    log = mapper.wait_log(r"reload refused: .*error\(s\)", count=2)
+    refused_in_order(said, log[log.index(f"{mapper.config}: {1 + len(said)} error(s)"):])
+    assert f"reload refused: {len(said)} error(s); still running the previous devices" in log, log
+    refused_at = {A: mapper.count(A), B: mapper.count(B)}
+    wait_for(lambda: mapper.counts_above({A: refused_at[A] + 5, B: refused_at[B] + 5}),
+             what="both devices still counting after the refused reloads")
+    assert "reload done" not in mapper.log()
+    mapper.stop()
