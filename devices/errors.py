@@ -38,11 +38,14 @@ class Problem:
 
 class DefinitionError(DeviceError, ValueError):
     """One or more definition files are invalid; `problems` lists every one, `warnings` the
-    warnings found alongside (still worth showing: "every problem is listed")."""
+    warnings found alongside (still worth showing: "every problem is listed"). `result`: the devices
+    that loaded without an error of their own (devices.loader.LoadResult; None when not known), for
+    the checks made of each device alone (its anomalyDetection map's keys) to be made all the same."""
 
-    def __init__(self, problems: list[Problem], warnings: list[Problem] | None = None) -> None:
+    def __init__(self, problems: list[Problem], warnings: list[Problem] | None = None, result: object = None) -> None:
         self.problems = problems
         self.warnings = list(warnings or ())
+        self.result = result
         super().__init__("\n".join(str(p) for p in problems))
 
 

@@ -484,14 +484,14 @@ def _validate(docs: list[_Doc], problems: list[Problem], push_topics: PushTopics
     for entry in duplicates:  # its own mistakes too (not run: the first of the name is), not only once renamed
         _resolve(entry, models, LoadResult(), problems, push_topics, broken, node, node_chosen)
     _check_claims(result, devices, problems)
-    errors = _by_file([p for p in problems if p.severity == "error"])
+    errors = by_file([p for p in problems if p.severity == "error"])
     result.warnings.extend(p for p in problems if p.severity != "error")
     if errors:
-        raise DefinitionError(errors, result.warnings)
+        raise DefinitionError(errors, result.warnings, result)
     return result
 
 
-def _by_file(problems: list[Problem]) -> list[Problem]:
+def by_file(problems: list[Problem]) -> list[Problem]:
     """Each file's problems together, files in the order their first is found (a file's syntax and
     schema errors come first): those found later, against other files (its DeviceModel not found, a
     name taken twice, the driver's configData with the model's merged in), follow the file's own

@@ -86,6 +86,7 @@ def _fmt_ts(ms: int | None) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from mapper.config import with_map_problems
     from mapper.inference.settings import local_maps
 
     if args.config is not None:
@@ -102,7 +103,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
         # The keys of the devices' anomalyDetection maps too (whether their models exist: `mapper run`).
         if problems := local_maps(None, result.devices)[1]:
             raise DefinitionError(problems, result.warnings)
-    except DefinitionError as exc:
+    except DefinitionError as caught:
+        exc = with_map_problems(caught, None)
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         for warning in exc.warnings:

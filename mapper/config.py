@@ -29,11 +29,11 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr,
 from devices import ids
 from devices.errors import DefinitionError, FieldError, Problem, error_loc
 from devices.extras import install_extra
-from devices.loader import (LoadResult, PushTopics, describe, device_file_problem, field_name, load, read_documents,
-                            validation_problems)
+from devices.loader import (LoadResult, PushTopics, by_file, describe, device_file_problem, field_name, load,
+                            read_documents, validation_problems)
 from eventbus.settings import HomeAssistantSettings, MqttSettings
 from mapper.dmi.settings import ApiSettings, KubeEdgeSettings
-from mapper.inference.settings import InferenceSettings, importable, missing_ml_packages
+from mapper.inference.settings import InferenceSettings, importable, local_maps, missing_ml_packages
 
 ENV_PREFIX = "MAPPER_"
 # The config's fingerprint (MapperConfig.fingerprint): hex digits of its sha256, and the keys whose
@@ -233,8 +233,11 @@ class MapperConfig(_Section):
         `node` is not runnable here (LoadResult.unrunnable)."""
         if not self.devices:
             return LoadResult()
-        return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node,
-                    node_chosen=self.node_chosen)
+        try:
+            return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node,
+                        node_chosen=self.node_chosen)
+        except DefinitionError as exc:
+            raise with_map_problems(exc, self.inference or InferenceSettings()) from None
 
     @property
     def node_chosen(self) -> bool:
@@ -473,6 +476,15 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Mappe
         where = (f"environment variable {variable}", None) if variable else (label, doc.line_of(("twin", "path")))
         raise _with_device_problems([Problem(*where, "twin.path", why)], config, path, doc, applied)
     return _resolved(config, path, doc, applied, twin)
+
+
+def with_map_problems(exc: DefinitionError, settings: InferenceSettings | None) -> DefinitionError:
+    """`exc` with the mistakes in the own keys of the anomalyDetection maps of the devices that did
+    load (an unknown key, no `model`): those need no other file, and were found only once every
+    other file's mistakes were fixed. (What needs the models or the other devices is for the start.)"""
+    if not isinstance(exc.result, LoadResult) or not (found := local_maps(settings, exc.result.devices)[1]):
+        return exc
+    return DefinitionError(by_file([*exc.problems, *found]), exc.warnings, exc.result)
 
 
 def _without_bad_sections(data: dict[str, Any], exc: ValidationError) -> MapperConfig | None:

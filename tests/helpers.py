@@ -180,10 +180,12 @@ def write_devices(directory: Path, names: list[str], *, cycle: int = 50, configs
     return directory
 
 
-def write_several_mistakes(directory: Path, shown_as: str = "") -> list[str]:
+def write_several_mistakes(directory: Path, shown_as: str = "", *, anomaly_map: bool = False) -> list[str]:
     """A device directory with independent mistakes in six files: a YAML syntax error; a schema error
     in a Device whose DeviceModel does not exist either; a Device of a missing DeviceModel; a name
-    taken twice, the second with a misspelt driver setting; a misspelt driver setting. Returns what
+    taken twice, the second with a misspelt driver setting; a misspelt driver setting; with
+    `anomaly_map`, a seventh: a misspelt key in a pushMethod.anomalyDetection map (checked by the
+    mapper, not the loader: `mapper validate`, `mapper run`, a reload). Returns what
     loading it says, in order, each "FILE:LINE: FIELD: PROBLEM" (first line only), FILE the file's
     name after `shown_as` (how the directory is named in messages): every one of them, in one run."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -200,6 +202,10 @@ def write_several_mistakes(directory: Path, shown_as: str = "") -> list[str]:
         "dup1.yaml": device_yaml("same"),
         "dup2.yaml": device_yaml("same", config="{sede: 7}"),
     }
+    if anomaly_map:
+        files["e_map.yaml"] = device_yaml("e").replace("collectCycle: 50\n", "collectCycle: 50\n      pushMethod:\n"
+                                                       "        anomalyDetection:\n          data:\n"
+                                                       "            model: sensor_faults\n            treshold: 0.5\n", 1)
     for name, text in files.items():
         (directory / name).write_text(text)
     known = "known: default/thing-model"
@@ -216,6 +222,12 @@ def write_several_mistakes(directory: Path, shown_as: str = "") -> list[str]:
         f"d_driver.yaml:{line_of(files['d_driver.yaml'], 'knd')}: spec.properties[1].visitors.configData.knd: unknown"
         " field, did you mean kind?",
     ]
+    if anomaly_map:
+        said.append(f"e_map.yaml:{line_of(files['e_map.yaml'], 'treshold')}: spec.properties[0].pushMethod."
+                    "anomalyDetection.data.treshold: default/e/temperature: unknown key(s) treshold (did you mean"
+                    " threshold?); known: model, name, properties, window, stride, threshold, score, auditShare,"
+                    " auditSeed, deadlineS, resendS, resultMaxAgeS, maxGapS, minStepS, encoding, publish, onlyChanges,"
+                    " alert, alertOn, setDevice, setProperty, setValue, setOn, setOtherwise")
     return [shown_as + text.replace("{dir}", shown_as) for text in said]
 
 

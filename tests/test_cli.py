@@ -2921,9 +2921,10 @@ def test_mistakes_in_the_config_and_in_its_device_files_are_all_listed_in_one_ru
     """A config file with a bad value (or a bad MAPPER_... override, or a password file that is not
     there) made `mapper validate --config` and `mapper run` stop at it: the device files' mistakes
     showed only once it was fixed, one stage at a time. Now the config's and the device files'
-    (each at its file, line and field) are listed in one run, and `run` still starts nothing."""
+    (each at its file, line and field) are listed in one run, and `run` still starts nothing. So is
+    a misspelt key in a device's anomalyDetection map, which waited for every other file to be right."""
     devices = tmp_path / "dev"
-    said = write_several_mistakes(devices, f"{devices}/")
+    said = write_several_mistakes(devices, f"{devices}/", anomaly_map=True)
     twin = tmp_path / "state" / "twin.db"
     config = write_config(tmp_path / "c.yaml", devices, twin, extra="bogus: 1\n")
     config.write_text(config.read_text().replace("log_level: info", "log_level: loud"))

@@ -896,7 +896,7 @@ def test_a_reload_lists_the_config_files_and_the_device_files_mistakes_in_one_go
     Every one is logged at once, in order (each at its file, line and field), and the previous
     config and devices run on; once the config is fixed, the device files' are all logged again."""
     mapper.wait_log(r"mapper test-node running: 2 device")
-    said = write_several_mistakes(mapper.devices, "dev/")
+    said = write_several_mistakes(mapper.devices, "dev/", anomaly_map=True)
     good = mapper.config.read_text()
     mapper.config.write_text(good.replace("log_level: info", "log_level: loud"))
     level = good.splitlines().index("log_level: info") + 1
