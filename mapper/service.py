@@ -33,7 +33,7 @@ from mapper.recorder import Recorder
 from mapper.store_worker import StoreWorker
 from mapper.ticks import next_tick, sleep_to_tick
 from mapper.twin_disk import innermost as _innermost
-from mapper.twin_disk import lock_note, twin_disk_problem, twin_write_cause, write_denied
+from mapper.twin_disk import lock_holder, lock_note, twin_disk_problem, twin_write_cause, write_denied
 from twin.records import AdminLock
 from twin.store import DesiredChange, OutboxLimits, OutMessage, TwinStore, unusable_twin
 
@@ -581,25 +581,40 @@ class MapperService:
         """Until the twin takes a write: while another process holds its lock past twin.busy_timeout_ms
         (a backup, a `mapper twin set`, an sqlite3 shell), a WARNING naming the holder (at most once
         a minute) and another try. Any other error is left to the write that follows to say.
-        `what`: what waits ("the reload"). MapperStopping once the stop began."""
+        `what`: what waits ("the reload"). MapperStopping once the stop began.
+
+        The try runs in the twin thread behind the device loops' commits, each waiting the busy
+        timeout (30 s as shipped) for the lock: a try not done after TWIN_LOCKED_RETRY_S names the
+        holder at once when the kernel tells one (twin_disk.lock_holder), not after that silence."""
         path = self.config.twin.path
         loop = asyncio.get_running_loop()
         since, warned_at = loop.time(), None
+
+        def warn(note: str) -> None:
+            nonlocal warned_at
+            warned_at = loop.time()
+            said.warning("%s waits for the twin %s: %s; the devices run as before meanwhile (waiting %.0f s"
+                         " so far; this line at most once a minute)", what, path, note, loop.time() - since)
+
         while True:
             if self._stopping:
                 raise MapperStopping(f"the mapper is stopping: {what} is not done")
+            attempt = asyncio.ensure_future(self.twin(lambda s: s.take_write_lock()))
             try:
-                await self.twin(lambda s: s.take_write_lock())
+                while not (await asyncio.wait({attempt}, timeout=TWIN_LOCKED_RETRY_S))[0]:
+                    if warned_at is None or loop.time() - warned_at >= TWIN_WAIT_LOG_S:
+                        if await asyncio.to_thread(lock_holder, path) is not None:  # (not a slow commit of ours)
+                            warn(await asyncio.to_thread(lock_note, path))
+                await attempt
             except sqlite3.Error as exc:
                 if twin_write_cause(exc, path) != "locked":
                     return
                 if warned_at is None or loop.time() - warned_at >= TWIN_WAIT_LOG_S:
-                    warned_at = loop.time()
-                    said.warning("%s waits for the twin %s: %s; the devices run as before meanwhile (waiting %.0f s"
-                                 " so far; this line at most once a minute)", what, path, lock_note(path),
-                                 loop.time() - since)
+                    warn(lock_note(path))
                 await asyncio.sleep(TWIN_LOCKED_RETRY_S)
                 continue
+            finally:
+                attempt.cancel()  # (a cancelled wait: the try itself runs on in the twin thread)
             if warned_at is not None:
                 said.info("the twin's write lock is released after %.0f s: %s goes on", loop.time() - since, what)
             return

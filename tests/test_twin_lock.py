@@ -171,6 +171,37 @@ async def test_a_reload_waits_for_a_twin_another_process_holds_locked(tmp_path: 
         assert "reload done: changed default/b; removed default/a" in caplog.text
 
 
+async def test_a_reload_names_the_lock_holder_before_its_busy_timeout(tmp_path: Path, caplog, holder_of) -> None:
+    """The reload's try of the write lock runs in the twin thread, behind the device loops'
+    commits, each waiting twin.busy_timeout_ms (30 s as shipped) for the lock: the WARNING naming
+    the holder came only after that, the operator seeing nothing meanwhile. A watcher on the event
+    loop names the holder once the try has waited TWIN_LOCKED_RETRY_S: the WARNING comes while the
+    holder still holds the lock (busy timeout ten minutes here; the wait's own timeout bounds the
+    test), and the reload completes once it lets go."""
+    from mapper.cli import reload_devices
+
+    caplog.set_level(logging.INFO)
+    config, devices = short_busy_config(tmp_path, ["a", "b"], busy_ms=600_000)
+    async with running_service(config) as service:
+        (devices / "a.yaml").unlink()
+        holder = holder_of(Path(config.twin.path))
+        reload = asyncio.create_task(reload_devices(service, config))
+        try:
+            await async_wait_for(lambda: "the reload waits for the twin" in caplog.text or reload.done(), timeout=30,
+                                 what="the reload's warning")
+            assert not reload.done(), reload.exception() if not reload.cancelled() else "cancelled"
+            assert holder.proc.poll() is None  # still holding it
+            warned = [r for r in caplog.records if "the reload waits for the twin" in r.getMessage()]
+            assert warned[0].levelno == logging.WARNING and f"pid {holder.proc.pid} (" in warned[0].getMessage()
+            assert set(service.runners) == {A, B}  # nothing switched yet
+        finally:  # (the stop's twin writes wait for it too, ten minutes)
+            holder.release()
+        async with asyncio.timeout(10):
+            assert await reload
+        assert set(service.runners) == {B}
+        assert "reload done: removed default/a" in caplog.text
+
+
 async def test_a_desired_value_applied_while_the_twin_is_locked_is_recorded_once_released(
         tmp_path: Path, caplog, holder_of) -> None:
     """A desired value set just before another process took the twin's lock: the device loop writes
