@@ -7,6 +7,8 @@
 - `pin_conflicts(devices, config_txt)`: a device claiming the GPIO pin that the w1-gpio overlay
   of the Pi's config.txt gives the 1-wire bus: the kernel holds that pin, so a DHT or a GPIO
   input or output there fails, or disturbs the bus.
+- `host_warnings(devices)`: both, as `mapper validate --config`, `mapper run`'s start and
+  `mapper install-service`'s start checks give them (one list, the same in all three).
 
 Both paths are the hardware boundary and can be pointed elsewhere: `MAPPER_W1_ROOT` (or
 `mapper discover --w1-root`) for the w1 devices directory, `MAPPER_BOOT_CONFIG` for config.txt.
@@ -119,6 +121,13 @@ def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path
                              f" this {definition.protocol} device's reads fail or disturb the bus; wire one of them to"
                              " another GPIO (the overlay's: dtoverlay=w1-gpio,gpiopin=N, then reboot)")
     return found
+
+
+def host_warnings(devices: Mapping[DeviceId, DeviceDefinition]) -> list[str]:
+    """The 1-wire warnings about the devices a mapper runs here (bus_warnings, then pin_conflicts
+    against the config.txt this host boots with): said by `mapper validate --config`, by `mapper
+    run` at its start and by `mapper install-service`'s start checks alike."""
+    return bus_warnings(devices) + pin_conflicts(devices, boot_config())
 
 
 def bus_warnings(devices: Mapping[DeviceId, DeviceDefinition]) -> list[str]:

@@ -163,7 +163,7 @@ def _validate_config(path: str) -> int:
         from devices import w1
 
         runnable = {k: v for k, v in result.devices.items() if k not in result.unrunnable}
-        warnings += w1.bus_warnings(runnable) + w1.pin_conflicts(runnable, w1.boot_config())
+        warnings += w1.host_warnings(runnable)  # (as the start and install-service say them)
     for problem in problems:
         print(problem, file=sys.stderr)
     for warning in warnings:

@@ -272,7 +272,7 @@ class MapperService:
         runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
         from devices import w1
 
-        for warning in w1.pin_conflicts(runnable, w1.boot_config()):  # (at start only: config.txt changes at a reboot)
+        for warning in w1.host_warnings(runnable):  # (at start only: config.txt changes at a reboot)
             log.warning("%s", warning)
         for device_id, problem in self.definitions.unrunnable.items():
             self.refused[device_id] = str(problem)

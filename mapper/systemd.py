@@ -878,7 +878,8 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
     Without numpy and onnxruntime the config's pipelines were refused already (check_installed);
     the maps' pipelines are then only named in a warning: the service runs without them. The devices
     it starts but does not run, or leaves offline (their driver's library not installed here), are
-    warnings, as `mapper validate --config` gives them (devices.loader.offline_warnings)."""
+    warnings, as `mapper validate --config` gives them (devices.loader.offline_warnings), and so are
+    the 1-wire ones (devices.w1.host_warnings: no bus for a ds18b20, a pin the w1-gpio overlay holds)."""
     from devices.loader import offline_warnings
     from mapper.inference.extension import start_problems
     from mapper.inference.settings import InferenceSettings, local_maps, missing_ml_packages
@@ -892,6 +893,10 @@ def start_checks(config: MapperConfig) -> Iterator[tuple[bool, str]]:
         yield True, str(problem)
     for warning in offline_warnings(loaded):  # (as `mapper validate --config` says them)
         yield False, warning
+    from devices import w1
+
+    for warning in w1.host_warnings({k: v for k, v in loaded.devices.items() if k not in loaded.unrunnable}):
+        yield False, warning  # (the 1-wire bus and config.txt's overlay pins, as validate and the start say them)
     if missing := missing_ml_packages():
         maps = [m for m in local_maps(config.inference or InferenceSettings(), loaded.devices)[0]
                 if m.settings is not None and m.device not in loaded.unrunnable]

@@ -8,6 +8,7 @@ config.txt, and points the real CLI at them (--w1-root or MAPPER_W1_ROOT; MAPPER
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -153,6 +154,23 @@ def test_validate_config_warns_of_a_sensor_id_the_bus_does_not_list(tmp_path: Pa
             " (`mapper discover` lists them)") in checked.stderr, checked.stderr
     right = mapper("validate", "--config", str(ds18b20_config(tmp_path, bus.root, PROBE)))
     assert right.returncode == 0 and "1-wire" not in right.stderr, right
+
+
+async def test_run_warns_at_start_of_a_ds18b20_without_a_bus(tmp_path: Path, caplog) -> None:
+    """`mapper run`'s start gives the 1-wire warnings `mapper validate --config` gives (one function,
+    devices.w1.host_warnings): it named the overlay's pin only, not a ds18b20 without a bus."""
+    from helpers import running_service
+
+    from mapper.config import load_config
+
+    caplog.set_level(logging.WARNING)
+    config = load_config(ds18b20_config(tmp_path, tmp_path / "w1"))
+    async with running_service(config):
+        pass
+    warned = [r for r in caplog.records if "no 1-wire bus here" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING, caplog.text
+    assert f"device default/water-temperature-pi: no 1-wire bus here: {tmp_path / 'w1'} does not exist" \
+        in warned[0].getMessage()
 
 
 # -- a GPIO pin the w1-gpio overlay holds ------------------------------------------------------

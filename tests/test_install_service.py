@@ -798,6 +798,35 @@ def test_install_warns_of_a_device_whose_drivers_library_is_not_installed(open_d
                    if line.startswith("  - ")), done.stderr  # (a warning: not among what stops the install)
 
 
+def test_install_gives_the_1_wire_warnings_of_validate(open_dir: Path) -> None:
+    """`mapper validate --config` warned of a ds18b20 device without a 1-wire bus and of a device on
+    the pin config.txt's w1-gpio overlay holds, but install-service's start checks said nothing of
+    them. The same function (devices.w1.host_warnings) gives them to both now, as warnings: they
+    do not stop the install, as they do not stop `mapper run`."""
+    devices = open_dir / "dev"
+    devices.mkdir()
+    no_bus = open_dir / "w1"  # (not there: the overlay not enabled)
+    (devices / "probe.yaml").write_text((REPO / "devices/examples/pi/water-temperature-ds18b20.yaml").read_text()
+                                        .replace("w1_dir: /sys/bus/w1/devices", f"w1_dir: {no_bus}"))
+    (devices / "relay.yaml").write_text((REPO / "devices/examples/pi/relay-gpio.yaml").read_text()
+                                        .replace("pins: rpi-gpio", "pins: fake").replace("pin: 17 ", "pin: 4 "))
+    boot = open_dir / "config.txt"
+    boot.write_text("dtoverlay=w1-gpio\n")  # GPIO4: the relay's
+    config = write_config(open_dir / "mapper.yaml", devices, SERVICE_TWIN)
+    env = {**os.environ, "MAPPER_BOOT_CONFIG": str(boot)}
+    validated = subprocess.run([sys.executable, "-m", "mapper", "validate", "--config", str(config)], cwd=REPO,
+                               capture_output=True, text=True, timeout=60, env=env)
+    one_wire = [line for line in validated.stderr.splitlines() if "1-wire" in line]
+    assert len(one_wire) == 2, validated.stderr
+    assert one_wire[0].startswith(f"warning: {devices / 'probe.yaml'}:") and f"{no_bus} does not exist" in one_wire[0]
+    assert one_wire[1].startswith(f"warning: {devices / 'relay.yaml'}:") and "GPIO4 is the 1-wire bus's" in one_wire[1]
+    done = subprocess.run([sys.executable, "-m", "mapper", "install-service", "--config", str(config), "--dry-run",
+                           "--user", "nobody", "--groups"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env=env)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert [line for line in done.stderr.splitlines() if "1-wire" in line] == one_wire, done.stderr
+
+
 def test_install_refuses_a_config_whose_twin_is_not_the_services(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     """The unit keeps the service's twin in /var/lib/mapper/twin.db (MAPPER_TWIN__PATH), while the
