@@ -1339,7 +1339,7 @@ def cmd_unlock(args: argparse.Namespace) -> int:
     if lock is None:
         print(f"{device} was not locked")
         return 0
-    print(f"{device} unlocked (locked since {_fmt_ts(lock.since_ms)} by {lock.by}"
+    print(f"{device} unlocked (locked since {lock.since_text} by {lock.by}"
           + (f": {lock.reason}" if lock.reason else "") + "); the values refused meanwhile are not written: set them"
           " again (mapper twin set, MQTT)")
     return 0
@@ -1818,7 +1818,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     wide = max([32, *(len(str(t.id)) for t in rows)])
     print(f"{'device':<{wide}} {'state':<10} {'last reading':<24} detail")
     for t in rows:
-        locked = "" if t.lock is None else (f"LOCKED since {_fmt_ts(t.lock.since_ms)} by {t.lock.by}"
+        locked = "" if t.lock is None else (f"LOCKED since {t.lock.since_text} by {t.lock.by}"
                                              + (f": {t.lock.reason}" if t.lock.reason else "")
                                              + ("; " if t.state_detail else ""))
         print(f"{str(t.id):<{wide}} {t.state:<10} {_fmt_ts(t.last_reading_ts):<24} {locked}{t.state_detail or ''}")

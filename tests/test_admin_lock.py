@@ -86,6 +86,38 @@ def test_a_locked_device_is_read_but_refuses_every_write_until_unlocked(broker, 
     assert "not locked" in cli("unlock", "lamp", "--config", config).stdout
 
 
+def test_every_command_shows_the_locks_time_in_one_format(tmp_path):
+    """`mapper lock` and `mapper twin get` said `since 2026-12-01 11:25:56 UTC`, `mapper unlock` and
+    `mapper devices` `since 2026-12-01 11:25:56.643Z`: the same lock's time, written two ways. All
+    four say it as the lock does now (AdminLock.since_text)."""
+    from datetime import UTC, datetime
+
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["lamp"])
+    config = str(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    locked = cli("lock", "lamp", "--reason", "wiring", "--config", config)
+    assert locked.returncode == 0, locked
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        lock = store.admin_lock(LAMP)
+    since = datetime.fromtimestamp(lock.since_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    by = lock.by
+    assert locked.stdout.splitlines()[0] == (f"default/lamp is locked for maintenance since {since} by {by}: wiring;"
+                                             " nothing is written to it until `mapper unlock default/lamp` (on the"
+                                             " mapper's host)"), locked.stdout
+    shown = cli("twin", "get", "lamp", "--config", config)
+    assert f"LOCKED: {locked.stdout.splitlines()[0]}" in shown.stdout.splitlines(), shown
+    listed = cli("devices", "--config", config)
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("default/lamp "))
+    assert f" LOCKED since {since} by {by}: wiring" in row, listed.stdout
+    unlocked = cli("unlock", "lamp", "--config", config)
+    assert unlocked.stdout.splitlines()[0] == (f"default/lamp unlocked (locked since {since} by {by}: wiring); the"
+                                               " values refused meanwhile are not written: set them again (mapper"
+                                               " twin set, MQTT)"), unlocked
+
+
 def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     """A value set before the lock and not yet written is never written: not while locked, not at
     the unlock (a relay switched on by an old command would surprise the person who unlocks it)."""

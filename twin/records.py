@@ -54,13 +54,18 @@ class AdminLock:
     by: str
     reason: str
 
-    def describe(self, device_id: DeviceId | str) -> str:
+    @property
+    def since_text(self) -> str:
+        """When it was locked, as every command shows it (`2026-12-01 11:25:56 UTC`: `mapper unlock` and
+        `mapper devices` used to show `...56.643Z`, the same time another way)."""
         from datetime import UTC, datetime
 
-        since = datetime.fromtimestamp(self.since_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        return datetime.fromtimestamp(self.since_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+    def describe(self, device_id: DeviceId | str) -> str:
         why = f": {self.reason}" if self.reason else ""
-        return (f"{device_id} is locked for maintenance since {since} by {self.by}{why}; nothing is written to it"
-                f" until `mapper unlock {device_id}` (on the mapper's host)")
+        return (f"{device_id} is locked for maintenance since {self.since_text} by {self.by}{why}; nothing is written"
+                f" to it until `mapper unlock {device_id}` (on the mapper's host)")
 
 
 @dataclass(frozen=True, slots=True)
