@@ -1285,10 +1285,18 @@ def cmd_lock(args: argparse.Namespace) -> int:
                 raise _not_defined(device, args.config, defined, in_twin, path)
             lock, dropped, before = store.lock_device(device, _lock_holder(), args.reason or "", defined=True)
             twin = store.device(device) if device in in_twin else None
+            # Removed from the config since a run (the twin keeps it, inactive): locked all the same.
+            gone = defined is not None and device not in defined and twin is not None and device not in (
+                store.device_ids())
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:
             raise
         raise ValueError(unwritable) from exc
+    if gone:
+        source = (f"neither {args.config} nor edgecore (at the last run) defines {device}" if config.mode == "kubeedge"
+                  else f"{args.config} does not define {device}")
+        print(f"warning: {source}: the twin {path} keeps it from an earlier run, inactive, and no mapper runs it; the"
+              f" lock holds if the device comes back (`mapper unlock {device}` releases it)", file=sys.stderr)
     if before is not None:  # its time and holder stay the first lock's: the maintenance it stands for
         if lock.reason == before.reason:
             print(f"already locked, left as it was: {lock.describe(device)}")

@@ -118,6 +118,35 @@ def test_every_command_shows_the_locks_time_in_one_format(tmp_path):
                                                " twin set, MQTT)"), unlocked
 
 
+def test_locking_a_device_the_config_no_longer_defines_warns(tmp_path):
+    """A device removed from the config stays in the twin, inactive: `mapper lock` locked it without
+    a word, as if a mapper ran it. The lock is still taken (it holds if the device comes back:
+    maintenance on a device taken out of the config for it), with a warning saying the config does
+    not define it."""
+    from devices.loader import load
+
+    devices = write_devices(tmp_path / "dev", ["lamp", "pump"])
+    config = str(write_config(tmp_path / "c.yaml", devices, tmp_path / "twin.db"))
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.sync_devices(load([devices]).devices.values())
+    (devices / "pump.yaml").unlink()  # removed from the config, as a reload or the next start makes it
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        store.deactivate_devices([LAMP])
+    pump = DeviceId("default", "pump")
+    locked = cli("lock", "pump", "--config", config)
+    assert locked.returncode == 0, locked
+    assert locked.stdout.startswith("default/pump is locked for maintenance since "), locked
+    assert locked.stderr == (f"warning: {config} does not define default/pump: the twin {tmp_path / 'twin.db'} keeps it"
+                             " from an earlier run, inactive, and no mapper runs it; the lock holds if the device comes"
+                             " back (`mapper unlock default/pump` releases it)\n"), locked
+    again = cli("lock", "pump", "--config", config)  # (locked already: said again, as the lock is)
+    assert again.returncode == 0 and again.stderr == locked.stderr, again
+    with TwinStore.open(tmp_path / "twin.db") as store:
+        assert set(store.admin_locks()) == {pump}
+    defined = cli("lock", "lamp", "--config", config)
+    assert defined.returncode == 0 and defined.stderr == "", defined
+
+
 def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     """A value set before the lock and not yet written is never written: not while locked, not at
     the unlock (a relay switched on by an old command would surprise the person who unlocks it)."""
