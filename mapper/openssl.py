@@ -85,12 +85,24 @@ def placeholder_active() -> bool:
     return isinstance(sys.modules.get("ssl"), _SslStandIn)
 
 
+class _InertContext:
+    """An SSLContext made at import time (pymodbus's TLS client has one as a default argument): made
+    while the stand-in lends its names, it fails at its first use, saying why."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __getattr__(self, name: str) -> object:
+        raise RuntimeError(f"ssl.SSLContext.{name}: {_WHY}")
+
+
 @contextlib.contextmanager
 def import_time_names() -> Iterator[None]:
     """While a library that reads a few of ssl's names at import time is imported, the stand-in holds
     them, then they go again (what asks for them later fails as before). prometheus_client's
     exposition (mapper/metrics.py) has them in the default arguments and annotations of its TLS
-    helpers, which the mapper never calls. No-op with the real ssl."""
+    helpers, which the mapper never calls; pymodbus's TLS client (devices/drivers/modbus.py) makes an
+    SSLContext as a default argument, which its TCP and serial clients never use. No-op with the real ssl."""
     module = sys.modules.get("ssl")
     if not isinstance(module, _SslStandIn):
         yield
@@ -98,8 +110,11 @@ def import_time_names() -> Iterator[None]:
     names = {"PROTOCOL_TLS_CLIENT": 16, "PROTOCOL_TLS_SERVER": 17, "TLSVersion": _NotLoaded("TLSVersion", (), {})}
     for name, value in names.items():
         setattr(module, name, value)
+    not_loaded = module.SSLContext
+    module.SSLContext = _InertContext
     try:
         yield
     finally:
+        module.SSLContext = not_loaded
         for name in names:
             delattr(module, name)

@@ -86,7 +86,7 @@ def test_drivers_lists_each_protocol_with_its_entry_point_package_and_why_one_ca
         "    blocking = True\n    timeout_s = 1.5\n\n    def write(self, prop, value):\n        pass\n")
     dist_info(site, "mapper-acme", "0.3.1", entry_points_txt="[mapper.drivers]\nacme = acme_bus:AcmeDriver\n"
               "simulated = acme_bus:AcmeDriver\n")
-    dist_info(site, "mapper-modbus", "1.0", entry_points_txt="[mapper.drivers]\nmodbus = mapper_modbus:ModbusDriver\n")
+    dist_info(site, "mapper-bacnet", "1.0", entry_points_txt="[mapper.drivers]\nbacnet = mapper_bacnet:BacnetDriver\n")
     env = {"PYTHONPATH": str(site)}
     twice = tmp_path / "twice"  # a second package registering `acme`: one of the two is used, the other said
     dist_info(twice, "acme-fork", "2.0", entry_points_txt="[mapper.drivers]\nacme = acme_fork:AcmeDriver\n")
@@ -99,12 +99,14 @@ def test_drivers_lists_each_protocol_with_its_entry_point_package_and_why_one_ca
     lines = listed.stdout.splitlines()
     assert lines[0].split() == ["protocol", "driver", "from"], lines
     rows = {line.split()[0]: line for line in lines[1:] if not line.startswith("not used: ")}
-    assert set(rows) == {"acme", "dht", "ds18b20", "gpio", "modbus", "replay", "simulated"}, lines
+    assert set(rows) == {"acme", "bacnet", "dht", "ds18b20", "gpio", "modbus", "replay", "simulated"}, lines
     assert rows["acme"].split() == ["acme", "acme_bus:AcmeDriver", "mapper-acme", "0.3.1", "(blocking,",
                                     "timeout", "1.5", "s,", "writes)"], rows["acme"]
     assert rows["simulated"].split()[1:4] == ["devices.drivers.simulated:SimulatedDriver", "built", "in"]
-    assert rows["modbus"].split()[1:4] == ["mapper_modbus:ModbusDriver", "mapper-modbus", "1.0:"], rows["modbus"]
-    assert "cannot be loaded: ModuleNotFoundError: No module named 'mapper_modbus'" in rows["modbus"]
+    assert rows["modbus"].split()[1:] == ["devices.drivers.modbus:ModbusDriver", "built", "in", "(blocking,", "timeout",
+                                          "7", "s,", "writes)"], rows["modbus"]
+    assert rows["bacnet"].split()[1:4] == ["mapper_bacnet:BacnetDriver", "mapper-bacnet", "1.0:"], rows["bacnet"]
+    assert "cannot be loaded: ModuleNotFoundError: No module named 'mapper_bacnet'" in rows["bacnet"]
     assert ("not used: mapper-acme registers protocol 'simulated' (acme_bus:AcmeDriver), a built-in name:"
             " register the driver under another name") in listed.stdout, listed.stdout
     as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
@@ -168,7 +170,7 @@ def test_a_driver_named_unlike_its_entry_point_or_taking_any_key_is_warned_about
             if line.startswith("warning: ")] == expected, listed.stdout
     as_json = json.loads(mapper("drivers", "--json", env=env).stdout)
     assert {d["protocol"]: d["warnings"] for d in as_json["drivers"]} == {
-        "lax": expected, "dht": [], "ds18b20": [], "gpio": [], "replay": [], "simulated": []}, as_json  # (the built-ins forbid)
+        "lax": expected, "dht": [], "ds18b20": [], "gpio": [], "modbus": [], "replay": [], "simulated": []}, as_json  # (the built-ins forbid)
 
     devices = write_devices(tmp_path / "dev", ["a", "b"])
     for path in devices.glob("*.yaml"):
@@ -2055,17 +2057,17 @@ def test_validate_prints_the_warnings_too_when_there_are_errors(tmp_path):
     """A device whose protocol has no driver (a warning) next to one with `collectCycle: -1` (an
     error): only the error was printed, though every problem is to be listed. Both are now."""
     (tmp_path / "m.yaml").write_text(MODEL.format(model="thing-model"))
-    (tmp_path / "modbus.yaml").write_text(MODEL.format(model="modbus-model").replace("protocol: simulated",
-                                                                                     "protocol: modbus"))
-    (tmp_path / "a.yaml").write_text(device_yaml("a", model="modbus-model").replace("protocolName: simulated",
-                                                                                    "protocolName: modbus"))
+    (tmp_path / "bacnet.yaml").write_text(MODEL.format(model="bacnet-model").replace("protocol: simulated",
+                                                                                     "protocol: bacnet"))
+    (tmp_path / "a.yaml").write_text(device_yaml("a", model="bacnet-model").replace("protocolName: simulated",
+                                                                                    "protocolName: bacnet"))
     (tmp_path / "b.yaml").write_text(device_yaml("b", cycle=-1))
     result = mapper("validate", str(tmp_path))
     assert result.returncode == 1
     lines = result.stderr.splitlines()
     assert f"{tmp_path}/b.yaml:17: spec.properties[0].collectCycle: must be >= 0" in lines, lines
     assert any(l.startswith(f"warning: {tmp_path}/a.yaml:10: spec.protocol.protocolName: device default/a: "
-                            "no driver installed for protocol 'modbus'") for l in lines), lines
+                            "no driver installed for protocol 'bacnet'") for l in lines), lines
     assert lines[-1] == "5 error(s), 1 warning(s)", lines
 
 

@@ -34,7 +34,7 @@ Third parties register a driver without touching this package::
     [project.entry-points."mapper.drivers"]
     modbus = "mapper_modbus:ModbusDriver"
 
-A built-in protocol name (simulated, replay, dht, gpio, ds18b20) always means the built-in driver: an
+A built-in protocol name (simulated, replay, dht, gpio, ds18b20, modbus) always means the built-in driver: an
 entry point of another package with such a name is logged as a warning and not used. The class's
 `protocol` should be the entry point's name, and its `Config` and `Visitor` models should refuse
 keys they do not know (`model_config = ConfigDict(extra="forbid")`), so that a misspelt key in a
@@ -80,6 +80,7 @@ _BUILTIN = {
     "dht": "devices.drivers.dht:DhtDriver",
     "gpio": "devices.drivers.gpio:GpioDriver",
     "ds18b20": "devices.drivers.ds18b20:Ds18b20Driver",
+    "modbus": "devices.drivers.modbus:ModbusDriver",
 }
 
 
