@@ -11,7 +11,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CRDS = Path(__file__).resolve().parent / "data" / "kubeedge-crds"  # vendored, see its README
 SHIPPED = sorted(
-    p for folder in ("devices/examples", "devices/examples/pi", "devices/examples/replay", "deploy/kubeedge",
+    p for folder in ("devices/examples", "devices/examples/pi", "devices/examples/replay", "devices/examples/modbus",
+                   "deploy/kubeedge",
                    "examples/drivers/mapper-bme280")
     for p in (REPO / folder).glob("*.yaml") if (REPO / folder).is_dir()
 )

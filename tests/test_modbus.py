@@ -28,7 +28,7 @@ from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: E402
 from brokers import MosquittoBroker, MqttProbe, free_port  # noqa: E402
 from devices.drivers.base import load_driver  # noqa: E402
 from devices.drivers.modbus import ModbusDriver  # noqa: E402
-from devices.errors import DefinitionError, ReadError, WriteError  # noqa: E402
+from devices.errors import DefinitionError, DriverError, ReadError, WriteError  # noqa: E402
 from devices.ids import DeviceId  # noqa: E402
 from devices.loader import load  # noqa: E402
 from mapper_proc import MapperProcess  # noqa: E402
@@ -127,7 +127,7 @@ class Slave:
         self.server: Any = None
 
     @staticmethod
-    def device() -> SimDevice:
+    def device(slave_id: int = SLAVE_ID) -> SimDevice:
         def block(layout: dict[int, list[int]], size: int = 32) -> list[SimData]:
             values = [0] * size
             for address, registers in layout.items():
@@ -135,7 +135,7 @@ class Slave:
             return [SimData(0, values=values, datatype=DataType.REGISTERS)]
 
         bits = [SimData(0, values=[True] + [False] * 15, datatype=DataType.BITS)]
-        return SimDevice(SLAVE_ID, simdata=(bits, list(bits), block(HOLDING_REGISTERS), block(INPUT_REGISTERS)))
+        return SimDevice(slave_id, simdata=(bits, list(bits), block(HOLDING_REGISTERS), block(INPUT_REGISTERS)))
 
     def _run(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
@@ -150,7 +150,7 @@ class Slave:
 
     def start_rtu(self, tty_path: str) -> Slave:
         async def start() -> Any:
-            server = ModbusSerialServer(self.device(), port=tty_path, baudrate=19200, parity="N", timeout=1)
+            server = ModbusSerialServer([self.device(), self.device(SLAVE_ID + 1)], port=tty_path, baudrate=19200, parity="N", timeout=1)
             await server.listen()
             return server
         self.server = self._run(start())
@@ -161,8 +161,8 @@ class Slave:
             server, self.server = self.server, None
             self._run(server.shutdown())
 
-    def get(self, table: int, address: int, count: int = 1) -> list[Any]:
-        return list(self._run(self.server.context.async_getValues(SLAVE_ID, table, address, count)))
+    def get(self, table: int, address: int, count: int = 1, *, slave_id: int = SLAVE_ID) -> list[Any]:
+        return list(self._run(self.server.context.async_getValues(slave_id, table, address, count)))
 
     def set(self, table: int, address: int, values: list[Any]) -> None:
         assert self._run(self.server.context.async_setValues(SLAVE_ID, table, address, values)) is None
@@ -424,6 +424,27 @@ def test_rtu_reads_and_writes_over_a_serial_line(tmp_path: Path) -> None:
             assert slave.get(HOLDING, 16) == [500]
             assert driver.read(defn.prop("setpoint")) == 250
             assert driver.read(defn.prop("relay")) is True
+            # A second slave on the same line (its own Device, as in KubeEdge) shares the port.
+            (tmp_path / "second").mkdir()
+            (tmp_path / "second" / "meter.yaml").write_text(device_yaml(0, config=config.replace(
+                f"slaveID: {SLAVE_ID}", f"slaveID: {SLAVE_ID + 1}")))
+            second = opened(load([tmp_path / "second" / "meter.yaml"], base=tmp_path).devices[METER])
+            try:
+                second.write(second.device.prop("setpoint"), 100)
+                assert slave.get(HOLDING, 16, slave_id=SLAVE_ID + 1) == [200]
+                assert (driver.read(defn.prop("setpoint")), second.read(second.device.prop("setpoint"))) == (250, 100)
+            finally:
+                second.close()
+            assert driver.read(defn.prop("i32")) == -100000  # the line stays open for the first
+            # One line, one setting: a device asking for another baud rate on it is refused, saying why.
+            (tmp_path / "second" / "meter.yaml").write_text(device_yaml(0, config=config.replace(
+                "baudRate: 19200", "baudRate: 9600").replace(f"slaveID: {SLAVE_ID}", f"slaveID: {SLAVE_ID + 1}")))
+            other = ModbusDriver(load([tmp_path / "second" / "meter.yaml"], base=tmp_path).devices[METER])
+            with pytest.raises(DriverError, match=r"is open for device\(s\) default/meter at 19200 8N1, and this device"
+                                                  r" asks for 9600 8N1: the slaves of one line share its settings"):
+                other.open()
+            other.close()
+            assert driver.read(defn.prop("i32")) == -100000
         finally:
             driver.close()
     finally:

@@ -25,8 +25,8 @@ def test_the_readme_driver_example_defines_its_models_without_warnings_and_requi
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         exec(compile(_driver_example(), "README.md (Adding a driver)", "exec"), namespace)  # noqa: S102
-    driver = namespace["ModbusDriver"]
-    assert driver.protocol == "modbus"
+    driver = namespace["BacnetDriver"]
+    assert driver.protocol == "bacnet"
     for model in (driver.Config, driver.Visitor):
         assert issubclass(model, BaseModel)
         assert [n for n, f in model.model_fields.items() if f.is_required()], f"{model.__name__} requires nothing"

@@ -41,7 +41,9 @@ nearest integer for integer types, and refused (not retryable) when it does not 
 
 One connection per device, opened in `open()` and shared by its properties' reads (the device loop
 calls them one at a time, in a worker thread: `blocking`); after a failed request it is closed and
-the next request connects again. No answer, a broken connection or a garbled frame is a retryable
+the next request connects again. Devices on one serial port (several slaves on one RS-485 line, one
+Device each as in KubeEdge) share its connection, one request at a time; they must give it the same
+line settings. No answer, a broken connection or a garbled frame is a retryable
 ReadError naming what to check; a Modbus exception response names the exception (an illegal data
 address: `offset`/`limit` outside what the slave has).
 """
@@ -53,7 +55,7 @@ import math
 import struct
 import threading
 from collections.abc import Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
@@ -281,7 +283,8 @@ class ModbusDriver(Driver):
         self.config: ModbusConfig
         # A request, then one connect and one more try: the device loop's limit on one call.
         self.timeout_s = 2 * self.config.timeout_s + 1.0
-        self._lock = threading.Lock()  # one request at a time on the connection
+        self._lock = threading.Lock()  # one request at a time on the connection (a serial line's: shared)
+        self._line: _Line | None = None
         self._client: Any = None
         self._exceptions: Any = None
         self._unit: dict[str, int] = {}
@@ -322,15 +325,6 @@ class ModbusDriver(Driver):
             return None
         return f"needs {' and '.join(missing)} (pymodbus, pyserial), not installed here: {install_hint()}"
 
-    @classmethod
-    def claims(cls, device: DeviceDefinition) -> Iterable[tuple[str, str]]:
-        """A serial line has one master: two devices on one serialPort would interleave their frames.
-        (Several slaves on one RS-485 line are one device per slave in KubeEdge's shape, which this
-        driver cannot share a port between yet: each opens it.)"""
-        config: ModbusConfig = device.protocol_config
-        if config.communicateMode == "RTU":
-            yield f"serial:{config.serialPort}", "spec.protocol.configData.serialPort"
-
     # -- lifecycle ---------------------------------------------------------------------------
 
     def open(self) -> None:
@@ -342,25 +336,39 @@ class ModbusDriver(Driver):
                 import pymodbus.exceptions  # noqa: PLC0415
         except ImportError as exc:
             raise DriverError(f"{self.device.id}: the modbus driver needs pymodbus ({exc}): {install_hint()}") from exc
+        self._exceptions = pymodbus.exceptions
         c = self.config
         if c.communicateMode == "TCP":
-            self._client = pymodbus.client.ModbusTcpClient(c.ip, port=c.port, timeout=c.timeout_s, retries=0)
+            client = pymodbus.client.ModbusTcpClient(c.ip, port=c.port, timeout=c.timeout_s, retries=0)
         else:
             try:
                 import serial  # noqa: F401, PLC0415 - pymodbus's serial client needs pyserial
             except ImportError as exc:
                 raise DriverError(f"{self.device.id}: Modbus RTU needs pyserial ({exc}): {install_hint()}") from exc
-            self._client = pymodbus.client.ModbusSerialClient(
-                c.serialPort, baudrate=c.baudRate, bytesize=c.dataBits, parity=c.parity, stopbits=c.stopBits,
-                timeout=c.timeout_s, retries=0)
-        self._exceptions = pymodbus.exceptions
+            client = None
         # pymodbus 3.10 renamed the requests' `slave=` to `device_id=`.
-        unit = "device_id" if "device_id" in inspect.signature(self._client.read_coils).parameters else "slave"
+        requests = pymodbus.client.ModbusTcpClient.read_coils
+        unit = "device_id" if "device_id" in inspect.signature(requests).parameters else "slave"
         self._unit = {unit: c.slaveID}
-        with self._lock:
-            self._connect()
+        self.close()  # (an open() after one that failed)
+        if client is not None:
+            self._client = client
+        else:
+            self._line = _Line.join(self, c, pymodbus.client.ModbusSerialClient)
+            self._client, self._lock = self._line.client, self._line.lock
+        try:
+            with self._lock:
+                self._connect()
+        except Exception:
+            self.close()
+            raise
 
     def close(self) -> None:
+        line, self._line = self._line, None
+        if line is not None:
+            self._client = None
+            line.leave(self)
+            return
         with self._lock:
             client, self._client = self._client, None
         if client is not None:
@@ -454,6 +462,50 @@ class ModbusDriver(Driver):
                                retryable=code in _RETRYABLE_EXCEPTIONS)
         self.failures, self.last_error = 0, ""
         return response
+
+
+class _Line:
+    """One serial port's client, shared by the devices (slaves) on it, with its lock: a line has one
+    master, and two requests at once would garble each other's frames."""
+
+    _open: ClassVar[dict[str, _Line]] = {}
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    def __init__(self, port: str, config: ModbusConfig, client: Any) -> None:
+        self.port = port
+        self.settings = (config.baudRate, config.dataBits, config.parity, config.stopBits)
+        self.client = client
+        self.lock = threading.Lock()
+        self.users: set[Any] = set()
+
+    @classmethod
+    def join(cls, driver: ModbusDriver, config: ModbusConfig, client_class: Any) -> _Line:
+        port = str(config.serialPort)
+        with cls._registry_lock:
+            line = cls._open.get(port)
+            if line is None:
+                line = cls._open[port] = cls(port, config, client_class(
+                    port, baudrate=config.baudRate, bytesize=config.dataBits, parity=config.parity,
+                    stopbits=config.stopBits, timeout=config.timeout_s, retries=0))
+            elif line.settings != (config.baudRate, config.dataBits, config.parity, config.stopBits):
+                b, d, p, s = line.settings
+                users = ", ".join(sorted({str(user.device.id) for user in line.users}))
+                raise DriverError(f"{driver.device.id}: {port} is open for device(s) {users}"
+                                  f" at {b} {d}{p}{s}, and this device asks for {config.baudRate} {config.dataBits}"
+                                  f"{config.parity}{config.stopBits}: the slaves of one line share its settings; make"
+                                  " baudRate, dataBits, parity and stopBits the same in each")
+            line.users.add(driver)
+            return line
+
+    def leave(self, driver: ModbusDriver) -> None:
+        with self._registry_lock:
+            self.users.discard(driver)
+            if self.users:
+                return
+            if self._open.get(self.port) is self:
+                del self._open[self.port]
+        with self.lock:
+            self.client.close()
 
 
 def _short(exc: BaseException) -> str:
