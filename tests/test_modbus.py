@@ -8,6 +8,7 @@ isRegisterSwap, dataType; communicateMode, ip, port as a string, slaveID)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import select
 import struct
@@ -259,9 +260,13 @@ def test_an_input_register_or_discrete_input_is_never_written(tmp_path: Path, sl
         [str(w) for w in loaded.warnings]
 
 
-def test_a_slave_gone_is_a_retryable_error_and_readings_resume_when_it_is_back(tmp_path: Path,
-                                                                              slave: tuple[Slave, int]) -> None:
+def test_a_slave_gone_is_a_retryable_error_and_readings_resume_when_it_is_back(
+        tmp_path: Path, slave: tuple[Slave, int], caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each failed request is one error reading saying what to check, not also an ERROR of pymodbus's
+    own in the log (each retry logged twice, once without the device's name)."""
     server, port = slave
+    monkeypatch.setattr(logging.getLogger("pymodbus"), "level", logging.NOTSET)  # as in a fresh process
+    caplog.set_level(logging.INFO)
     defn = definition(tmp_path, device_yaml(port))
     driver = opened(defn)
     prop = defn.prop("i16")
@@ -275,6 +280,7 @@ def test_a_slave_gone_is_a_retryable_error_and_readings_resume_when_it_is_back(t
             assert f"127.0.0.1:{port} slaveID {SLAVE_ID}" in str(failed.value)
             assert "check that the slave (or gateway) is on and reachable at ip and port" in str(failed.value)
         assert driver.health().startswith("2 failed request(s) in a row"), driver.health()
+        assert [r.getMessage() for r in caplog.records if r.name.startswith("pymodbus")] == []
         server.start_tcp(port)
         assert driver.read(prop) == -5
         assert driver.health() == "ok"

@@ -51,6 +51,7 @@ address: `offset`/`limit` outside what the slave has).
 from __future__ import annotations
 
 import inspect
+import logging
 import math
 import struct
 import threading
@@ -337,6 +338,7 @@ class ModbusDriver(Driver):
         except ImportError as exc:
             raise DriverError(f"{self.device.id}: the modbus driver needs pymodbus ({exc}): {install_hint()}") from exc
         self._exceptions = pymodbus.exceptions
+        _quiet_library_log()
         c = self.config
         if c.communicateMode == "TCP":
             client = pymodbus.client.ModbusTcpClient(c.ip, port=c.port, timeout=c.timeout_s, retries=0)
@@ -462,6 +464,15 @@ class ModbusDriver(Driver):
                                retryable=code in _RETRYABLE_EXCEPTIONS)
         self.failures, self.last_error = 0, ""
         return response
+
+
+def _quiet_library_log() -> None:
+    """pymodbus logs each failed connect and request as an ERROR: every retry of a slave that is off
+    would log twice, once without the device's name. The driver's errors say it all (state detail,
+    error readings); a level set on the `pymodbus` logger (to debug a bus) is kept."""
+    library = logging.getLogger("pymodbus")
+    if library.level == logging.NOTSET:
+        library.setLevel(logging.CRITICAL)
 
 
 class _Line:
