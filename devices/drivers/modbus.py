@@ -95,9 +95,11 @@ _RETRYABLE_EXCEPTIONS = {5, 6, 10, 11}
 
 
 def install_hint() -> str:
+    """The command for this installation (devices/extras.py: `pip install 'mapper[modbus]'` would install
+    whatever PyPI has under that name, into whichever environment that pip belongs to)."""
     from devices.extras import install_extra
 
-    return f"install the `modbus` extra (pip install 'mapper[modbus]'; from this installation: {install_extra('modbus')})"
+    return f"install the `modbus` extra ({install_extra('modbus')})"
 
 
 def _mode(value: Any) -> Any:
