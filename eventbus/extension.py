@@ -156,6 +156,8 @@ class EventBusExtension:
         self._views_overwritten: set[DeviceId] = set()
         self._views_restore: asyncio.Task[None] | None = None
         self._views_next = 0.0
+        # Sending the state views of devices whose maintenance lock changed (_on_locks).
+        self._lock_views: set[asyncio.Task[None]] = set()
         # Twin documents of reported values (_documents_due): each property as its last document
         # (or the twin at start) had it, for the next one's `last`. Read in the twin thread (the
         # documents' work), changed on the loop once their commit succeeded (_documented_now): the
@@ -442,6 +444,8 @@ class EventBusExtension:
         if self._views_restore is not None:
             self._views_restore.cancel()
             self._views_restore = None
+        for task in self._lock_views:
+            task.cancel()
 
     async def _on_node_availability(self, topic: str, payload: bytes) -> None:
         """A message on the node's availability topic (the mapper subscribes to it). `online` is the
@@ -767,9 +771,33 @@ class EventBusExtension:
         return messages
 
     def _on_locks(self, locks: dict) -> None:
-        """The devices locked for maintenance changed: the next state view of each says so."""
-        if self.telemetry is not None:
-            self.telemetry.locks = locks
+        """The devices locked for maintenance changed: the state view of each device whose lock changed
+        goes out at once (Home Assistant's controls follow its `$locked`). It waited for the device's
+        next report: a control stayed usable after `mapper lock`, and unavailable after `mapper unlock`,
+        for up to a reportCycle."""
+        if self.telemetry is None:
+            return
+        before, self.telemetry.locks = self.telemetry.locks, locks
+        changed = sorted(d for d in before.keys() | locks.keys() if before.get(d) != locks.get(d))
+        if changed and self._service is not None and not self._stopping:
+            task = asyncio.create_task(self._send_lock_views(self._service, changed), name="lock-state-views")
+            self._lock_views.add(task)
+            task.add_done_callback(self._lock_views.discard)
+
+    async def _send_lock_views(self, service: MapperService, devices: list[DeviceId]) -> None:
+        """The state views of `devices`, through the outbox (none before a device's first reading)."""
+        assert self.telemetry is not None
+        messages = [view for device in devices if (runner := service.runners.get(device)) is not None
+                    and runner.state != UNKNOWN and (view := self.telemetry.state_message(device)) is not None]
+        if not messages:
+            return
+        try:
+            rows = await service.twin(lambda s: s.record([], messages))
+        except Exception as exc:  # noqa: BLE001 - the device's next report sends it anyway
+            log.warning("cannot queue the state views of the devices whose lock changed: %s", exc)
+            return
+        if rows and self.publisher:
+            self.publisher.offer(rows)
 
     def _serving(self) -> bool:
         return self.router is not None and self.router.serve_twin_protocol

@@ -147,6 +147,29 @@ def test_locking_a_device_the_config_no_longer_defines_warns(tmp_path):
     assert defined.returncode == 0 and defined.stderr == "", defined
 
 
+def test_the_state_view_says_a_lock_and_an_unlock_at_once_not_at_the_next_report(broker, tmp_path):
+    """Home Assistant's controls follow the view's `$locked`: a device reported once an hour must not
+    keep its switch usable for up to an hour after `mapper lock`, nor unavailable after `mapper unlock`."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=3_600_000)
+    with MapperProcess(tmp_path, devices, broker) as proc:
+        config = str(proc.config)
+        proc.wait_log("connected to mqtt://")
+        sub = Sub(broker, "app", "mapper/test-node/default/lamp/state")
+        try:
+            sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" not in b)
+            assert cli("lock", "lamp", "--reason", "wiring", "--config", config).returncode == 0
+            view = sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" in b)
+            assert view["$locked"]["reason"] == "wiring", view
+            assert cli("lock", "lamp", "--reason", "wiring, call Ann", "--config", config).returncode == 0
+            sub.expect("mapper/test-node/default/lamp/state",
+                       lambda b: b.get("$locked", {}).get("reason") == "wiring, call Ann")
+            assert cli("unlock", "lamp", "--config", config).returncode == 0
+            sub.expect("mapper/test-node/default/lamp/state", lambda b: "$locked" not in b)
+        finally:
+            sub.close()
+            assert proc.stop() == 0
+
+
 def test_locking_drops_a_pending_value_and_an_unknown_device_is_named(tmp_path):
     """A value set before the lock and not yet written is never written: not while locked, not at
     the unlock (a relay switched on by an old command would surprise the person who unlocks it)."""
