@@ -65,7 +65,7 @@ def w1_overlay_pins(config_txt: Path) -> list[tuple[int, int, str]]:
     `dtoverlay=w1-gpio` (data on GPIO4), `dtoverlay=w1-gpio,gpiopin=22`, or a `dtparam=gpiopin=22`
     line after it; w1-gpio-pullup holds a second pin, which drives the external pull-up (extpullup,
     GPIO5 by default). Conditional sections ([pi4], [cm4] ...) are not told apart: an overlay in
-    any of them counts."""
+    any of them counts. The files config.txt includes are read by pin_conflicts (_held_pins)."""
     try:
         lines = config_txt.read_text(errors="replace").splitlines()
     except OSError:
@@ -89,6 +89,23 @@ def w1_overlay_pins(config_txt: Path) -> list[tuple[int, int, str]]:
 
 
 
+def _held_pins(config_txt: Path, seen: frozenset[Path] = frozenset()) -> list[tuple[int, Path, int, str]]:
+    """(BCM pin, file, line, what the bus uses it for) of config.txt's w1-gpio overlays and those of the
+    files it includes (`include extra.txt`: a file beside it, as the firmware reads it)."""
+    held = [(pin, config_txt, line, role) for pin, line, role in w1_overlay_pins(config_txt)]
+    try:
+        lines = config_txt.read_text(errors="replace").splitlines()
+    except OSError:
+        return held
+    for raw in lines:
+        command, _, name = raw.split("#", 1)[0].strip().partition(" ")
+        if command == "include" and name.strip():
+            included = config_txt.parent / name.strip()
+            if included not in seen and included != config_txt:
+                held += _held_pins(included, seen | {config_txt})
+    return held
+
+
 def _apply_params(overlay: dict[str, int], params: list[str]) -> None:
     for param in params:
         name, _, value = (part.strip() for part in param.partition("="))
@@ -101,7 +118,7 @@ def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path
     GPIO property's pin) that config.txt gives the 1-wire bus."""
     if config_txt is None:
         return []
-    held = {pin: (number, role) for pin, number, role in w1_overlay_pins(config_txt)}
+    held = {pin: (where, number, role) for pin, where, number, role in _held_pins(config_txt)}
     if not held:
         return []
     from devices.drivers.base import load_driver
@@ -115,9 +132,9 @@ def pin_conflicts(devices: Mapping[DeviceId, DeviceDefinition], config_txt: Path
         for resource, where in claims:
             kind, _, pin = resource.partition(":")
             if kind == "gpio" and pin.isdigit() and int(pin) in held:
-                number, role = held[int(pin)]
+                loaded_in, number, role = held[int(pin)]
                 found.append(f"{definition.source}: device {device_id}: {where}: GPIO{pin} is the 1-wire bus's {role}"
-                             f" ({config_txt}:{number} loads the w1-gpio overlay on it): the kernel holds the pin, so"
+                             f" ({loaded_in}:{number} loads the w1-gpio overlay on it): the kernel holds the pin, so"
                              f" this {definition.protocol} device's reads fail or disturb the bus; wire one of them to"
                              " another GPIO (the overlay's: dtoverlay=w1-gpio,gpiopin=N, then reboot)")
     return found

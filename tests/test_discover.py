@@ -232,6 +232,21 @@ def test_validate_config_warns_of_a_dht_or_gpio_device_on_the_overlays_pin(tmp_p
     assert free.returncode == 0 and "1-wire" not in free.stderr, free
 
 
+def test_validate_config_reads_the_overlay_in_a_file_config_txt_includes(tmp_path: Path) -> None:
+    """`include extra.txt` inserts the file beside config.txt, as the firmware does: its overlay holds the pin too."""
+    config = pi_devices(tmp_path, relay_pin=22)
+    boot = tmp_path / "config.txt"
+    boot.write_text("dtparam=audio=on\n[all]\ninclude w1.txt  # the sensors\n")
+    (tmp_path / "w1.txt").write_text("# 1-wire\ndtoverlay=w1-gpio,gpiopin=22\n")
+    checked = mapper("validate", "--config", str(config), env={"MAPPER_BOOT_CONFIG": str(boot)})
+    assert checked.returncode == 0, checked
+    assert (f"device default/fan-relay-pi: spec.properties[0].visitors.configData.pin: GPIO22 is the 1-wire bus's"
+            f" data line ({tmp_path / 'w1.txt'}:2 loads the w1-gpio overlay on it)") in checked.stderr, checked.stderr
+    boot.write_text("include config.txt\ninclude gone.txt\n")  # (itself, a missing file: nothing held, no loop)
+    free = mapper("validate", "--config", str(config), env={"MAPPER_BOOT_CONFIG": str(boot)})
+    assert free.returncode == 0 and "1-wire" not in free.stderr, free
+
+
 def room_line() -> int:
     """The line of the DHT example's Device document (where its warnings point)."""
     lines = DHT.read_text().splitlines()
