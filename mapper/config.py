@@ -7,6 +7,7 @@ Relative paths in the file are relative to the file's directory.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -227,15 +228,16 @@ class MapperConfig(_Section):
                 return f"environment variable {variable}", None, name
         return label, doc.line_of(path) if doc is not None else None, name
 
-    def load_devices(self) -> LoadResult:
+    def load_devices(self, *, node_known: bool = True) -> LoadResult:
         """The device files, loaded and validated (DefinitionError); an entry that does not exist
         is reported where the config names it. A device whose nodeName is another node than
-        `node` is not runnable here (LoadResult.unrunnable)."""
+        `node` is not runnable here (LoadResult.unrunnable); not `node_known` (the config's node is
+        refused), nodeName is not compared with it."""
         if not self.devices:
             return LoadResult()
         try:
-            return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(), node=self.node,
-                        node_chosen=self.node_chosen)
+            return load(self.devices, named_at=self._devices_named_at, push_topics=self.push_topics(),
+                        node=self.node if node_known else None, node_chosen=self.node_chosen)
         except DefinitionError as exc:
             raise with_map_problems(exc, self.inference or InferenceSettings()) from None
 
@@ -488,19 +490,56 @@ def with_map_problems(exc: DefinitionError, settings: InferenceSettings | None) 
 
 
 def _without_bad_sections(data: dict[str, Any], exc: ValidationError) -> MapperConfig | None:
-    """The config with its refused top-level settings left at their defaults (None when it still does
-    not validate, or when `devices` itself is refused): what names the device files, so that their
-    problems are listed with the config's, not found only once the config's are fixed."""
-    for _ in range(len(MapperConfig.model_fields)):
-        bad = {error_loc(error)[0] for error in exc.errors(include_url=False) if error_loc(error)}
-        if "devices" in bad or not bad & data.keys():
+    """The config with its refused settings left at their defaults (None when it still does not
+    validate, or when `devices` itself is refused): what names the device files, so that their
+    problems are listed with the config's, not found only once the config's are fixed. A refused key
+    alone is left out, not its whole section (a misspelt key in `inference:` left out its
+    `from_devices: false`, and the devices' maps were checked though the mapper does not read them);
+    the section, when the key is missing or inside a list."""
+    data = copy.deepcopy(data)
+    for _ in range(64):
+        locs = [error_loc(error) for error in exc.errors(include_url=False)]
+        if not locs or any(not loc or loc[0] == "devices" for loc in locs):
             return None
-        data = {key: value for key, value in data.items() if key not in bad}
+        if not all([_drop_setting(data, loc) for loc in locs]):
+            return None
         try:
             return MapperConfig.model_validate(data)
         except ValidationError as again:
             exc = again
     return None
+
+
+def _drop_setting(data: dict[str, Any], loc: tuple[str | int, ...]) -> bool:
+    """Leave out the setting at `loc` (through mappings only: a list's item leaves out the key holding
+    the list; a missing key, the mapping that lacks it). Whether anything was left out."""
+    keys: list[str] = []
+    for part in loc:
+        if not isinstance(part, str):
+            break
+        keys.append(part)
+    chain: list[tuple[dict[str, Any], str]] = []  # (mapping, its key on the way to loc)
+    mapping: Any = data
+    for key in keys:
+        if not isinstance(mapping, dict):
+            break
+        if key not in mapping:
+            if not chain:
+                return False
+            break
+        chain.append((mapping, key))
+        mapping = mapping[key]
+    if not chain:
+        return False
+    if len(chain) < len(keys) and not isinstance(mapping, dict):
+        pass  # (loc goes on below a value that is not a mapping: that value goes)
+    elif len(chain) < len(keys):
+        chain.pop()  # (its key is missing: the mapping lacking it goes)
+        if not chain:
+            return False
+    holder, key = chain[-1]
+    del holder[key]
+    return True
 
 
 def _with_device_problems(problems: list[Problem], config: MapperConfig | None, path: Path, doc: Any,
@@ -512,7 +551,9 @@ def _with_device_problems(problems: list[Problem], config: MapperConfig | None, 
     if config is None or not config.devices:
         return DefinitionError(problems)
     try:
-        _resolved(config, path, doc, applied, config.twin).load_devices()
+        # (A refused node is not the host name's default: a device's nodeName is not compared with either.)
+        _resolved(config, path, doc, applied, config.twin).load_devices(
+            node_known=not any(problem.field == "node" for problem in problems))
     except DefinitionError as exc:
         return DefinitionError([*problems, *exc.problems], exc.warnings)
     return DefinitionError(problems)

@@ -2954,3 +2954,29 @@ def test_mistakes_in_the_config_and_in_its_device_files_are_all_listed_in_one_ru
     assert result.returncode == 1, result
     assert _first_lines(result.stderr)[:-1] == [f"{unread} (the mapper reads it as the user it runs as)", *said]
     assert not twin.parent.exists()  # nothing started, nothing made
+
+
+def test_a_refused_setting_leaves_the_rest_of_its_section_for_the_device_check(tmp_path):
+    """The config's refused settings are taken at their defaults to check the device files; the key
+    alone, not its whole section: a misspelt key in `inference:` left out its `from_devices: false`
+    too, and a device's anomalyDetection map the mapper would not read was listed as a mistake. A
+    refused `node` is not compared with a device's nodeName (it said the config had no `node`)."""
+    devices = write_devices(tmp_path / "dev", ["lamp", "bad"], configs={})
+    (devices / "bad.yaml").write_text(device_yaml("bad").replace("{kind: switch}", "{knd: switch}"))
+    (devices / "lamp.yaml").write_text(
+        device_yaml("lamp").replace("spec:\n", "spec:\n  nodeName: kitchen\n", 1)
+        .replace("collectCycle: 50\n", "collectCycle: 50\n      pushMethod:\n        anomalyDetection:\n"
+                 "          data: {meant: for another tool}\n", 1))
+    twin = tmp_path / "state" / "twin.db"
+    config = write_config(tmp_path / "c.yaml", devices, twin, extra="inference:\n  from_devices: false\n  modles: {}\n")
+    config.write_text("node: Kitchen_1\n" + config.read_text().replace("node: test-node\n", ""))
+    for args in (("validate", "--config", str(config)), ("run", "--config", str(config))):
+        result = mapper(*args)
+        assert result.returncode == 1, result
+        assert "bad.yaml:" in result.stderr and "configData.knd: unknown field" in result.stderr, result.stderr
+        assert "lamp.yaml" not in result.stderr, result.stderr
+        assert "inference.modles: unknown field" in result.stderr and "'Kitchen_1'" in result.stderr, result.stderr
+    assert not twin.parent.exists()
+    config.write_text(config.read_text().replace("Kitchen_1", "kitchen").replace("  modles: {}\n", ""))
+    fixed = mapper("validate", "--config", str(config))  # (what it is once the config is right)
+    assert fixed.returncode == 1 and "lamp.yaml" not in fixed.stderr and "bad.yaml:" in fixed.stderr, fixed
