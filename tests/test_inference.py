@@ -3122,6 +3122,26 @@ async def test_a_silent_cloud_worker_is_a_warning_once_and_shown_until_one_answe
         await _stop(r)
 
 
+async def test_the_cloud_workers_silence_is_counted_on_the_monotonic_clock(tmp_path, broker, monkeypatch):
+    """/metrics' mapper_inference_cloud_worker_silent_seconds: a Pi without a real-time clock has its
+    wall clock stepped by timesyncd, often by hours; the silence's length must not move with it."""
+    from mapper.inference import extension
+
+    r = await _start(tmp_path, {"device": "probe", "model": "sensor_faults", "deadline_s": 0.1, "resend_s": 1.0},
+                     broker=broker)
+    try:
+        await async_wait_for(lambda: r.ext.cloud_silent_since_ms is not None, timeout=20,
+                             what="the worker's silence noticed")
+        before = r.ext.silent_for_s()
+        wall = extension._now_ms
+        monkeypatch.setattr(extension, "_now_ms", lambda: wall() + 3 * 3_600_000)  # stepped 3 h forward
+        assert before <= r.ext.silent_for_s() < before + 3600
+        monkeypatch.setattr(extension, "_now_ms", lambda: wall() - 3 * 3_600_000)  # and back
+        assert r.ext.silent_for_s() >= before
+    finally:
+        await _stop(r)
+
+
 async def test_the_derived_device_goes_offline_while_its_source_gives_no_steps_and_back(tmp_path, caplog):
     """The source device unplugged mid-window: no fresh window can be built, so the derived device says
     `offline` with why (it stayed `ok` with its last label for good); `ok` again at the source's first step."""

@@ -363,6 +363,7 @@ class InferenceExtension:
         self._bus_up_ms: int | None = None
         self.cloud_silent_since_ms: int | None = None
         self._silent_count = 0  # offloads unanswered when the silence was noticed
+        self._silent_since_mono: int | None = None  # the silence's start on _mono_ms: how long it lasts
         # What each derived device shows in the twin beyond its decisions: (state, detail) (_watch_sources).
         self._shown: dict[DeviceId, tuple[str, str]] = {}
         self._registered = 0  # _register calls (each resets what the derived devices show)
@@ -1234,8 +1235,8 @@ class InferenceExtension:
         """A result for this node came (any: an answer, a worker's error, a mismatch): a worker is there."""
         self._heard_ms = _mono_ms()
         if self.cloud_silent_since_ms is not None:
-            silent_s = max(0, _now_ms() - self.cloud_silent_since_ms) // 1000
-            self.cloud_silent_since_ms = None
+            silent_s = int(self.silent_for_s())
+            self.cloud_silent_since_ms = self._silent_since_mono = None
             log.warning("inference: a cloud worker answers again, after %d s without a result", silent_s)
             self._note_health(None)
 
@@ -1273,6 +1274,7 @@ class InferenceExtension:
             return
         since = max(min(w.sent_ms for w in unanswered), up)
         self.cloud_silent_since_ms = _now_ms() - (now - since)
+        self._silent_since_mono = since
         self._silent_count = len(unanswered)
         self._note_health(self.cloud_worker_note())
         log.warning("inference: no cloud worker answers: %d offload(s) on %s have had no result for %g s or more "
@@ -1296,10 +1298,11 @@ class InferenceExtension:
         return {"answering": False, "since": self.cloud_silent_since_ms, "unanswered": self._silent_count}
 
     def silent_for_s(self) -> float:
-        """Seconds no cloud worker has answered (0 while one does): /metrics."""
-        if self.cloud_silent_since_ms is None:
+        """Seconds no cloud worker has answered (0 while one does): /metrics. On _mono_ms: a step of the
+        wall clock (timesyncd at a Pi's boot) moved it by hours, or to 0 as if a worker answered."""
+        if self._silent_since_mono is None:
             return 0.0
-        return max(0.0, (_now_ms() - self.cloud_silent_since_ms) / 1000)
+        return max(0.0, (_mono_ms() - self._silent_since_mono) / 1000)
 
     def cloud_silence(self) -> str | None:
         """`since 2026-12-01 08:20:03Z, 3 offload(s) unanswered`, while no cloud worker answers (STATUS=)."""
