@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ CHIPS = {"10": "DS18S20", "22": "DS1822", "28": "DS18B20", "3b": "DS1825", "42":
 # The DeviceModel `mapper discover --yaml` writes out with the devices: the sensor's whole range, so that
 # it fits air and water alike (the example's model, ds18b20-pi-model, narrows it to water's 0..60 C).
 MODEL = "ds18b20-model"
+READ_TIMEOUT_S = 5.0  # a sensor's read, at most (the ds18b20 driver's default timeout_s)
 
 
 def w1_root(given: str | None = None, env: Mapping[str, str] | None = None) -> Path:
@@ -219,7 +221,8 @@ class Bus:
 
 
 def discover(root: Path) -> Bus:
-    """The w1-therm sensors in `root`, each read once (~0.75 s each: the kernel measures at each read)."""
+    """The w1-therm sensors in `root`, each read once (~0.75 s each: the kernel measures at each read,
+    one sensor of a bus at a time), each read given up after READ_TIMEOUT_S."""
     try:
         entries = sorted(entry.name for entry in root.iterdir())
     except FileNotFoundError:
@@ -230,13 +233,33 @@ def discover(root: Path) -> Bus:
     sensors, others = [], []
     for entry in entries:
         if _SENSOR_ID.fullmatch(entry):
-            try:
-                sensors.append(Sensor(entry, celsius=read_celsius(root, entry, entry)))
-            except W1ReadError as exc:
-                sensors.append(Sensor(entry, error=exc))
+            sensors.append(_read_bounded(root, entry))
         elif entry not in masters and re.fullmatch(r"[0-9a-f]{2}-[0-9a-f]{12}", entry):
             others.append(entry)
     return Bus(root, exists=True, masters=masters, sensors=sensors, others=others)
+
+
+def _read_bounded(root: Path, sensor_id: str, timeout_s: float = READ_TIMEOUT_S) -> Sensor:
+    """One read of a sensor, given up after `timeout_s` (the driver's default timeout_s): a read the
+    kernel never returns (a hung bus) left `mapper discover` waiting for ever, with nothing shown.
+    The read goes on in a daemon thread, which the command's exit ends."""
+    outcome: list[Sensor] = []
+
+    def read() -> None:
+        try:
+            outcome.append(Sensor(sensor_id, celsius=read_celsius(root, sensor_id, sensor_id)))
+        except W1ReadError as exc:
+            outcome.append(Sensor(sensor_id, error=exc))
+        except Exception as exc:  # noqa: BLE001 - shown as the sensor's failed read, not a traceback
+            outcome.append(Sensor(sensor_id, error=W1ReadError("io", f"{sensor_id}: {exc}")))
+
+    reader = threading.Thread(target=read, name=f"w1-read-{sensor_id}", daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if outcome:
+        return outcome[0]
+    return Sensor(sensor_id, error=W1ReadError("timeout", f"{sensor_id}: no answer within {timeout_s:g} s: the"
+                                                          f" kernel's read did not return; {CHECK_WIRING}"))
 
 
 def model_document() -> str:

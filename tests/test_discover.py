@@ -73,6 +73,20 @@ def test_discover_json_from_the_environments_root_shows_a_failed_read(bus: W1Bus
     assert "CRC check failed" in by_id["28-0000000000aa"]["error"]
 
 
+def test_discover_gives_up_a_read_that_never_returns_and_lists_the_others(bus: W1Bus) -> None:
+    """A sensor whose read the kernel never returns (a hung bus; here its w1_slave a FIFO nobody writes):
+    discover waited for ever, showing nothing. It is shown as a failed read (timeout), the others read."""
+    hung = bus.root / "28-00000000dead"
+    hung.mkdir()
+    os.mkfifo(hung / "w1_slave")
+    listed = mapper("discover", "--json", "--w1-root", str(bus.root))
+    assert listed.returncode == 0, listed
+    by_id = {s["id"]: s for s in orjson.loads(listed.stdout)["sensors"]}
+    assert by_id["28-00000000dead"]["errorKind"] == "timeout", by_id
+    assert "no answer within 5 s" in by_id["28-00000000dead"]["error"], by_id
+    assert by_id[PROBE]["celsius"] == 23.125, by_id
+
+
 def test_discover_yaml_is_accepted_by_validate_as_is(tmp_path: Path, bus: W1Bus) -> None:
     """The Devices use a DeviceModel over the sensor's whole range (ds18b20-model), written out with them:
     it needs no example file (a wheel install has none)."""
