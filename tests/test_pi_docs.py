@@ -198,3 +198,19 @@ def test_the_readme_parts_the_docs_point_to_are_there() -> None:
     for doc, name in sorted(named):
         there = re.search(rf"^(## |### )?{re.escape(name)}|\*\*`?{re.escape(name)}", readme, flags=re.M)
         assert there, f"{doc}: README, {name}: no such part of the README"
+
+
+def test_the_guides_discover_line_leaves_nothing_in_the_devices_directory_when_discover_fails(tmp_path: Path) -> None:
+    """The guide's `mapper discover --yaml` line, run as written (its paths pointed at tmp_path) on a Pi
+    whose bus is not enabled: `| sudo tee FILE` left an empty file in the devices directory, which the
+    mapper refuses (`no Device or DeviceModel in it`): its next start or reload failed."""
+    (line,) = [line for line in shell_lines() if line.startswith("/opt/mapper/venv/bin/mapper discover --yaml")]
+    devices = tmp_path / "devices"
+    devices.mkdir()
+    command = (line.replace("/opt/mapper/venv/bin/mapper", f"{shlex.quote(sys.executable)} -m mapper")
+               .replace("/etc/mapper/devices", str(devices)).replace("sudo ", ""))
+    ran = subprocess.run(["bash", "-c", command], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MAPPER_W1_ROOT": str(tmp_path / "no-bus"),
+                              "PYTHONPATH": str(REPO)})
+    assert "no 1-wire bus" in ran.stderr, ran
+    assert list(devices.iterdir()) == [], ran
