@@ -94,3 +94,17 @@ def test_every_field_of_the_crd_is_known_so_none_draws_an_unknown_field_warning(
                 check(sub, inner, f"{path}.{key}")
 
     check(version["schema"]["openAPIV3Schema"], model, "")
+
+
+def test_what_mapper_discover_writes_satisfies_crd(tmp_path):
+    """`mapper discover --yaml`'s DeviceModel and Devices (one sensor of each w1-therm family, read
+    off a fake bus) validate against KubeEdge's CRDs as the shipped examples do."""
+    from devices.w1 import Bus, Sensor, device_documents, model_document
+
+    sensors = [Sensor(f"{family}-0000000abc12", celsius=21.5) for family in ("10", "22", "28", "3b", "42")]
+    text = model_document() + "---\n" + device_documents(Bus(tmp_path, exists=True, masters=["w1_bus_master1"],
+                                                                 sensors=sensors))
+    documents = list(yaml.safe_load_all(text))
+    assert [d["kind"] for d in documents] == ["DeviceModel"] + ["Device"] * 5
+    for doc in documents:
+        jsonschema.validate(doc, crd_schema(doc["kind"]))
