@@ -272,7 +272,7 @@ class MapperService:
         runnable = {k: v for k, v in self.definitions.devices.items() if k not in self.definitions.unrunnable}
         from devices import w1
 
-        for warning in w1.host_warnings(runnable):  # (at start only: config.txt changes at a reboot)
+        for warning in w1.host_warnings(runnable):  # (a reload warns of the devices it starts only)
             log.warning("%s", warning)
         for device_id, problem in self.definitions.unrunnable.items():
             self.refused[device_id] = str(problem)
@@ -676,6 +676,11 @@ class MapperService:
             self.start_device(new[device_id], self._tg)
         for device_id in changed:
             self.start_device(new[device_id], self._tg, replaces=old[device_id].state)
+        from devices import w1
+
+        # (As at start, for the devices this switch starts: one moved onto the 1-wire pin is told why it fails.)
+        for warning in w1.host_warnings({k: new[k] for k in added + changed}):
+            log.warning("%s", warning)
         for device_id, runner in old.items():  # kept as it was: a reload retries its failed writes too
             if device_id in new and device_id not in changed:
                 runner.retry_failed_desired()

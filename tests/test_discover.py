@@ -285,3 +285,26 @@ def test_run_warns_once_at_start_of_a_device_on_the_overlays_pin(tmp_path: Path)
     text = log.read_text()
     assert text.count("GPIO4 is the 1-wire bus's data line") == 1, text
     assert "device default/fan-relay-pi: spec.properties[0].visitors.configData.pin: GPIO4" in text, text
+
+
+def test_a_reload_warns_of_a_device_it_moves_onto_the_overlays_pin(tmp_path: Path) -> None:
+    """The check ran at start only: a relay moved onto the bus's pin by a SIGHUP reload was not warned of."""
+    config = pi_devices(tmp_path, relay_pin=17)
+    (tmp_path / "devices" / "room.yaml").unlink()
+    boot = tmp_path / "config.txt"
+    boot.write_text("dtoverlay=w1-gpio\n")
+    log = tmp_path / "log"
+    with log.open("w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "mapper", "run", "--config", str(config)], stdout=handle,
+                                stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, "MAPPER_BOOT_CONFIG": str(boot)})
+    try:
+        wait_for(lambda: "running: 1 device(s)" in log.read_text(), timeout=30, what="the mapper running")
+        relay = tmp_path / "devices" / "relay.yaml"
+        relay.write_text(relay.read_text().replace("pin: 17 ", "pin: 4 "))
+        assert mapper("reload", "--config", str(config)).returncode == 0
+        wait_for(lambda: "GPIO4 is the 1-wire bus's data line" in log.read_text(), timeout=30,
+                 what="the reload's warning")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    assert "device default/fan-relay-pi: spec.properties[0].visitors.configData.pin: GPIO4" in log.read_text()
