@@ -1219,28 +1219,36 @@ def _lock_holder() -> str:
     return f"{sudo_user} (as {user})" if sudo_user and sudo_user != user else user
 
 
-def _defined_devices(config: MapperConfig) -> list[DeviceId] | None:
-    """The devices the config's device files define; None when they cannot be read (`mapper check`
-    says why). In `mode: kubeedge` edgecore's devices are not among them: the twin has those."""
+def _defined_devices(config: MapperConfig) -> tuple[list[DeviceId] | None, bool]:
+    """(The devices the config's device files define, whether all of them could be read.) A file
+    with a mistake leaves its own devices out, not the others': a device can be locked while another
+    file is being fixed. None when none can be read. In `mode: kubeedge` edgecore's devices are not
+    among them: the twin has those."""
     try:
-        return sorted(config.load_devices().devices, key=str)
-    except (DefinitionError, OSError, ValueError):
-        return None
+        return sorted(config.load_devices().devices, key=str), True
+    except DefinitionError as exc:
+        loaded = exc.result.devices if isinstance(exc.result, LoadResult) else {}
+        return (sorted(loaded, key=str) or None), False
+    except (OSError, ValueError):
+        return None, False
 
 
 def _not_defined(device: DeviceId, config_file: str, defined: list[DeviceId] | None,
-                 in_twin: list[DeviceId], twin: Path) -> ValueError:
+                 in_twin: list[DeviceId], twin: Path, all_read: bool = True) -> ValueError:
     """`mapper lock`/`unlock` of a device neither the config nor the twin has: the names it could have meant."""
     known = sorted({*(defined or []), *in_twin}, key=str)
     if meant := _device_meant(device, known):
         return ValueError(f"unknown device {device}; did you mean {' or '.join(map(str, meant))}?")
+    unread = f"`mapper validate --config {config_file}` says why"
     if defined is None:
-        files = f"{config_file}'s device files cannot be read (`mapper check --config {config_file}` says why)"
+        files = f"{config_file}'s device files cannot be read ({unread})"
     elif not defined:
         files = f"{config_file} defines no device"
     else:
         files = f"{config_file} defines {', '.join(map(str, defined[:8]))}" + (
             f" and {len(defined) - 8} more" if len(defined) > 8 else "")
+        if not all_read:
+            files += f" (some of its device files cannot be read: {unread})"
     return ValueError(f"unknown device {device}: {files}, and the twin {twin} "
                       + (f"has {', '.join(map(str, in_twin[:8]))}" if in_twin else "has no device"))
 
@@ -1270,19 +1278,19 @@ def cmd_lock(args: argparse.Namespace) -> int:
     then holds from the device's first start (its file's `desired:` is refused, as any other)."""
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
-    defined = _defined_devices(config)
+    defined, all_read = _defined_devices(config)
     path = Path(config.twin.path)
     made = False
     try:
         if not path.is_file():
             if device not in (defined or []):  # (before anything is made for a misspelt name)
-                raise _not_defined(device, args.config, defined, [], path)
+                raise _not_defined(device, args.config, defined, [], path, all_read)
             _make_twin_to_lock(config, args.config)
             made = True
         with _open_twin(config, sets=True, writer="`mapper lock`") as store:
             in_twin = store.device_ids(active_only=False)
             if device not in in_twin and device not in (defined or []):
-                raise _not_defined(device, args.config, defined, in_twin, path)
+                raise _not_defined(device, args.config, defined, in_twin, path, all_read)
             lock, dropped, before = store.lock_device(device, _lock_holder(), args.reason or "", defined=True)
             twin = store.device(device) if device in in_twin else None
             # Removed from the config since a run (the twin keeps it, inactive): locked all the same.
@@ -1327,18 +1335,18 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def cmd_unlock(args: argparse.Namespace) -> int:
     config, _ = _twin_config(args)
     device = DeviceId.parse(args.device)
-    defined = _defined_devices(config)
+    defined, all_read = _defined_devices(config)
     path = Path(config.twin.path)
     if not path.is_file():
         if device not in (defined or []):
-            raise _not_defined(device, args.config, defined, [], path)
+            raise _not_defined(device, args.config, defined, [], path, all_read)
         print(f"{device} was not locked (no twin at {path} yet: no `mapper run` or `mapper lock` has made it)")
         return 0  # (idempotent: nothing to release)
     try:
         with _open_twin(config, sets=True, writer="`mapper unlock`") as store:
             in_twin = store.device_ids(active_only=False)
             if device not in in_twin and device not in (defined or []) and store.admin_lock(device) is None:
-                raise _not_defined(device, args.config, defined, in_twin, path)
+                raise _not_defined(device, args.config, defined, in_twin, path, all_read)
             lock = store.unlock_device(device, defined=True)
     except (sqlite3.Error, OSError) as exc:
         if (unwritable := _unwritable_twin(Path(config.twin.path), exc)) is None:

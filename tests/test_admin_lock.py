@@ -380,3 +380,23 @@ def test_a_device_is_locked_before_the_first_run_and_a_name_no_config_defines_is
         assert set(store.admin_locks()) == {LAMP, DeviceId("default", "fan")}
     assert cli("unlock", "fan", "--config", config).stdout.startswith("default/fan unlocked (locked since ")
     assert cli("unlock", "fan", "--config", config).stdout == "default/fan was not locked\n"
+
+
+def test_a_device_is_locked_before_the_first_run_while_another_device_file_has_a_mistake(tmp_path):
+    """A mistake in one device file made every device unknown to `mapper lock` before the first run
+    (`device files cannot be read (mapper check ...)`, a command that does not exist): the lamp, whose
+    file is right, could not be locked while the other was being fixed."""
+    devices = write_devices(tmp_path / "dev", ["lamp"], cycle=100)
+    lamp = (devices / "lamp.yaml").read_text()
+    (devices / "other.yaml").write_text(lamp.replace("name: lamp", "name: other").replace("{kind: switch}",
+                                                                                         "{knd: switch}"))
+    twin = tmp_path / "state" / "twin.db"
+    config = str(write_config(tmp_path / "c.yaml", devices, twin))
+    unknown = cli("lock", "pump", "--config", config)
+    assert unknown.returncode == 1 and unknown.stderr == (
+        f"error: unknown device default/pump: {config} defines default/lamp (some of its device files cannot be"
+        f" read: `mapper validate --config {config}` says why), and the twin {twin} has no device\n"), unknown
+    assert not twin.parent.exists()
+    locked = cli("lock", "lamp", "--reason", "wiring", "--config", config)
+    assert locked.returncode == 0 and locked.stdout.startswith("default/lamp is locked for maintenance"), locked
+    assert cli("unlock", "lamp", "--config", config).stdout.startswith("default/lamp unlocked")
